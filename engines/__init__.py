@@ -1,0 +1,1 @@
+"""medusa_export.engines: TensorRT engine building from the exported ONNX."""

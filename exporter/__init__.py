@@ -1,0 +1,1 @@
+"""medusa_export.exporter: PyTorch side — model loading, Medusa heads, the reference backend, ONNX export, training."""

@@ -1,0 +1,223 @@
+"""Medusa heads: K residual-block stacks on the last hidden state, each with a vocabulary projection.
+
+    heads = MedusaHeads(HeadsConfig(hidden_size=576, vocab_size=49152, num_heads=4))
+    logits = heads(hidden, base_lm_head)          # [B, T, K, V]
+    save_heads(heads, "out/heads"); heads = load_heads("out/heads", base_config)
+
+Layouts: ``shared`` reuses the base model's ``lm_head`` (0.3M parameters per head at hidden 576),
+``own`` gives every head its own projection initialised from the base ``lm_head`` (Medusa-1 releases).
+Checkpoints are safetensors + ``config.json``; the reference formats (``medusa_lm_head.pt``,
+``medusa_lm_head.safetensors``) load too. Nothing is ever unpickled beyond plain tensors.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from medusa_export.runtime.errors import HeadsError
+
+HEADS_FORMAT = "medusa-export-heads"
+HEADS_FORMAT_VERSION = 1
+WEIGHTS_FILE = "heads.safetensors"
+
+
+@dataclass
+class HeadsConfig:
+    hidden_size: int
+    vocab_size: int
+    num_heads: int = 4
+    num_layers: int = 1
+    layout: str = "shared"  # "shared" | "own"
+    base_model: str = ""  # identity of the base model the heads were trained for
+
+    def __post_init__(self) -> None:
+        if self.layout not in ("shared", "own"):
+            raise HeadsError(f"heads layout {self.layout!r} is unknown: use 'shared' or 'own'")
+        if self.num_heads < 1 or self.num_layers < 1:
+            raise HeadsError(f"heads need num_heads >= 1 and num_layers >= 1, got {self.num_heads}, {self.num_layers}")
+
+
+class ResBlock(nn.Module):
+    """``h + SiLU(W h + b)`` with ``W`` zero-initialised, so a fresh head starts as the identity."""
+
+    def __init__(self, hidden_size: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(hidden_size, hidden_size)
+        nn.init.zeros_(self.linear.weight)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h + nn.functional.silu(self.linear(h))
+
+
+class MedusaHeads(nn.Module):
+    def __init__(self, config: HeadsConfig) -> None:
+        super().__init__()
+        self.config = config
+        # One fresh module per layer and head: `[ResBlock(h)] * n` would silently share weights.
+        self.blocks = nn.ModuleList(
+            nn.Sequential(*[ResBlock(config.hidden_size) for _ in range(config.num_layers)])
+            for _ in range(config.num_heads)
+        )
+        self.proj = nn.ModuleList(
+            nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+            for _ in range(config.num_heads if config.layout == "own" else 0)
+        )
+
+    def init_projections_from(self, lm_head: nn.Linear) -> None:
+        with torch.no_grad():
+            for p in self.proj:
+                p.weight.copy_(lm_head.weight)
+
+    def hidden(self, h: torch.Tensor) -> torch.Tensor:
+        """Per-head hidden states ``[..., K, H]`` (before the vocabulary projection)."""
+        return torch.stack([blk(h) for blk in self.blocks], dim=-2)
+
+    def forward(self, h: torch.Tensor, lm_head: nn.Module) -> torch.Tensor:
+        """Logits ``[..., K, V]`` for hidden states ``[..., H]``."""
+        hk = self.hidden(h)
+        if self.config.layout == "shared":
+            return lm_head(hk)
+        return torch.stack([p(hk[..., k, :]) for k, p in enumerate(self.proj)], dim=-2)
+
+
+def new_heads(base_config, num_heads: int = 4, num_layers: int = 1, layout: str = "shared",
+              lm_head: nn.Module | None = None, base_model: str = "") -> MedusaHeads:
+    """Freshly initialised heads for a base model config (a transformers config)."""
+    cfg = HeadsConfig(base_config.hidden_size, base_config.vocab_size, num_heads, num_layers, layout, base_model)
+    heads = MedusaHeads(cfg)
+    if layout == "own" and lm_head is not None:
+        heads.init_projections_from(lm_head)
+    return heads
+
+
+def save_heads(heads: MedusaHeads, out_dir: str | Path, extra: dict | None = None) -> Path:
+    """Write ``heads.safetensors`` + ``config.json``; returns the directory."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in heads.state_dict().items()}
+    tmp = out / (WEIGHTS_FILE + ".tmp")
+    save_file(state, str(tmp))
+    tmp.replace(out / WEIGHTS_FILE)
+    meta = {"format": HEADS_FORMAT, "format_version": HEADS_FORMAT_VERSION, **asdict(heads.config), **(extra or {})}
+    (out / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return out
+
+
+def load_heads(path: str | Path, base_config) -> MedusaHeads:
+    """Load our format or a reference format and check every key and shape against ``base_config``."""
+    path = Path(path)
+    if not path.exists():
+        raise HeadsError(f"heads path {path} does not exist: pass a directory written by train-heads or a Medusa checkpoint")
+    directory = path if path.is_dir() else path.parent
+    cfg_file = directory / "config.json"
+    meta = _read_json(cfg_file) if cfg_file.exists() else {}
+    if meta.get("format") == HEADS_FORMAT:
+        state = _read_tensors(directory / WEIGHTS_FILE)
+        cfg = HeadsConfig(**{k: meta[k] for k in ("hidden_size", "vocab_size", "num_heads", "num_layers", "layout")},
+                          base_model=meta.get("base_model", ""))
+    else:
+        state, cfg = _read_reference(path, meta, base_config)
+    _check_against_base(cfg, base_config, path)
+    heads = MedusaHeads(cfg)
+    _load_strict(heads, state, path)
+    return heads
+
+
+def _read_reference(path: Path, meta: dict, base_config) -> tuple[dict, HeadsConfig]:
+    """Reference layout: keys ``{head}.{layer}.linear.*`` and, with own projections, ``{head}.{L}.weight``."""
+    directory = path if path.is_dir() else path.parent
+    if path.is_file():
+        weights = path
+    else:
+        candidates = [directory / "medusa_lm_head.safetensors", directory / "medusa_lm_head.pt"]
+        weights = next((c for c in candidates if c.exists()), None)
+        if weights is None:
+            raise HeadsError(
+                f"no heads weights in {directory}: expected {WEIGHTS_FILE}, medusa_lm_head.safetensors or medusa_lm_head.pt"
+            )
+    raw = _read_tensors(weights)
+    raw = {k.removeprefix("medusa_head.").removeprefix("medusa."): v for k, v in raw.items()}
+    n_heads = meta.get("medusa_num_heads")
+    n_layers = meta.get("medusa_num_layers")
+    if n_heads is None or n_layers is None:
+        # Infer from the keys when config.json lacks the fields.
+        heads_seen = {int(k.split(".")[0]) for k in raw if k.split(".")[0].isdigit()}
+        layers_seen = {int(k.split(".")[1]) for k in raw if ".linear." in k}
+        if not heads_seen or not layers_seen:
+            raise HeadsError(f"{weights} has no keys like '0.0.linear.weight': not a Medusa heads checkpoint")
+        n_heads = n_heads or max(heads_seen) + 1
+        n_layers = n_layers or max(layers_seen) + 1
+    own = f"0.{n_layers}.weight" in raw
+    state = {}
+    for k, v in raw.items():
+        parts = k.split(".")
+        if len(parts) < 3 or not parts[0].isdigit() or not parts[1].isdigit():
+            raise HeadsError(f"unexpected key {k!r} in {weights}: not a Medusa heads checkpoint")
+        h, layer = int(parts[0]), int(parts[1])
+        if layer == n_layers and own:
+            state[f"proj.{h}.{'.'.join(parts[2:])}"] = v
+        else:
+            state[f"blocks.{h}.{layer}.{'.'.join(parts[2:])}"] = v
+    cfg = HeadsConfig(base_config.hidden_size, base_config.vocab_size, int(n_heads), int(n_layers),
+                      "own" if own else "shared", meta.get("base_model_name_or_path", ""))
+    return state, cfg
+
+
+def _read_tensors(file: Path) -> dict[str, torch.Tensor]:
+    if not file.exists():
+        raise HeadsError(f"heads weights {file} are missing: re-run train-heads or copy the file")
+    try:
+        if file.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(file))
+        # weights_only=True: plain tensors only, never arbitrary pickled objects.
+        obj = torch.load(file, map_location="cpu", weights_only=True)
+    except HeadsError:
+        raise
+    except Exception as e:  # corrupt file, pickle with code in it, ...
+        raise HeadsError(f"cannot read heads weights {file}: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise HeadsError(f"{file} is not a state dict of tensors")
+    return obj
+
+
+def _read_json(file: Path) -> dict:
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise HeadsError(f"{file} is not valid JSON ({e.msg}, line {e.lineno}): fix or re-save the heads") from None
+
+
+def _check_against_base(cfg: HeadsConfig, base_config, path: Path) -> None:
+    for name in ("hidden_size", "vocab_size"):
+        mine, theirs = getattr(cfg, name), getattr(base_config, name)
+        if mine != theirs:
+            raise HeadsError(
+                f"heads at {path} were made for {name}={mine} but the base model has {name}={theirs}: "
+                f"use heads trained for this model (medusa-export train-heads)"
+            )
+
+
+def _load_strict(heads: MedusaHeads, state: dict[str, torch.Tensor], path: Path) -> None:
+    """Every expected key present with its exact shape, and nothing extra (never ``strict=False``)."""
+    expected = heads.state_dict()
+    missing = sorted(set(expected) - set(state))
+    extra = sorted(set(state) - set(expected))
+    if missing:
+        raise HeadsError(f"heads at {path} lack tensor {missing[0]!r} (expected shape {tuple(expected[missing[0]].shape)})")
+    if extra:
+        raise HeadsError(f"heads at {path} have unexpected tensor {extra[0]!r}: the config does not describe these weights")
+    for k, v in expected.items():
+        if tuple(state[k].shape) != tuple(v.shape):
+            raise HeadsError(
+                f"heads tensor {k!r} at {path} has shape {tuple(state[k].shape)}, the base model needs {tuple(v.shape)}"
+            )
+    heads.load_state_dict({k: t.to(v.dtype) for k, t in state.items() for v in [expected[k]]}, strict=True)

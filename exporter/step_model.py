@@ -1,0 +1,64 @@
+"""The graph every backend runs: backbone (+ fused Medusa heads) with explicit mask, positions and KV,
+reduced to what decoding uses. The PyTorch backend calls it eagerly; the ONNX exporter traces it.
+
+    step = StepModel(hf_model, heads, head_topk=10, sample_topk=32)
+    outs = step(input_ids, position_ids, attention_mask, temperature, *past)   # tuple in io_table order
+
+I/O names, dtypes and axes: ``medusa_export.runtime.io_table``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .heads import MedusaHeads
+
+
+class StepModel(nn.Module):
+    def __init__(self, model: nn.Module, heads: MedusaHeads | None, head_topk: int = 10, sample_topk: int = 32) -> None:
+        super().__init__()
+        self.backbone = model.model  # the decoder stack (embeddings .. final norm)
+        self.lm_head = model.get_output_embeddings()
+        self.heads = heads
+        self.config = model.config
+        self.head_topk = head_topk
+        self.sample_topk = sample_topk
+
+    @property
+    def num_layers(self) -> int:
+        return self.config.num_hidden_layers
+
+    def forward(self, input_ids, position_ids, attention_mask, temperature, *past):
+        from transformers import DynamicCache
+
+        n = self.num_layers
+        # Sequence-major KV in, head-major for transformers' cache.
+        cache = DynamicCache(
+            ddp_cache_data=[(past[2 * i].transpose(1, 2), past[2 * i + 1].transpose(1, 2)) for i in range(n)],
+            config=self.config,
+        )
+        past_len = past[0].shape[1]
+        hidden = self.backbone(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache, use_cache=True
+        ).last_hidden_state  # [B, T, H]
+        logits = self.lm_head(hidden).float()  # [B, T, V]
+        outs = list(reduce_base_logits(logits, input_ids, temperature, self.sample_topk))
+        if self.heads is not None:
+            head_logits = self.heads(hidden, self.lm_head)  # [B, T, K, V]
+            outs.append(torch.topk(head_logits.float(), self.head_topk, dim=-1).indices)
+        for layer in cache.layers[:n]:
+            outs.append(layer.keys[:, :, past_len:].transpose(1, 2))
+            outs.append(layer.values[:, :, past_len:].transpose(1, 2))
+        return tuple(outs)
+
+
+def reduce_base_logits(logits: torch.Tensor, input_ids: torch.Tensor, temperature: torch.Tensor, sample_topk: int):
+    """Top-S ids and probabilities, the probability of every input token at every position, and entropy."""
+    top = torch.topk(logits, sample_topk, dim=-1)
+    logp = torch.log_softmax(logits / temperature, dim=-1)  # [B, T, V]
+    probs = logp.exp()
+    T = input_ids.shape[1]
+    input_probs = torch.gather(probs, 2, input_ids.unsqueeze(1).expand(-1, T, -1))  # [B, T, T]
+    entropy = -(probs * logp).sum(-1)
+    return top.indices, torch.gather(probs, 2, top.indices), input_probs, entropy

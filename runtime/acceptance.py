@@ -1,0 +1,57 @@
+"""Choosing the accepted path of a verified tree, and the bonus token after it.
+
+Greedy (lossless): a node is accepted when its token equals the base argmax at its parent, and
+all its ancestors were accepted; the longest accepted root-to-leaf prefix wins.
+Typical acceptance (Medusa paper): accept when p_parent(token) > min(epsilon, alpha * exp(-H_parent));
+ties between equally long paths go to the higher summed log-probability.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .backends.base import StepOutput
+from .tree import Tree
+
+
+@dataclass(frozen=True)
+class Acceptance:
+    nodes: np.ndarray  # accepted node indices, root first (length = accepted + 1)
+
+    @property
+    def accepted(self) -> int:
+        return len(self.nodes) - 1
+
+
+def accept_greedy(tree: Tree, tokens: np.ndarray, out: StepOutput) -> Acceptance:
+    paths = tree.paths_nodes  # [L, D+1]
+    parent, child = paths[:, :-1], paths[:, 1:]
+    match = (child >= 0) & (tokens[child] == out.next_ids[parent, 0])
+    lengths = np.cumprod(match, axis=1).sum(axis=1)
+    best = int(np.argmax(lengths))
+    return Acceptance(paths[best, : lengths[best] + 1])
+
+
+def accept_typical(tree: Tree, tokens: np.ndarray, out: StepOutput, epsilon: float, alpha: float) -> Acceptance:
+    paths = tree.paths_nodes
+    parent, child = paths[:, :-1], paths[:, 1:]
+    safe_child = np.where(child >= 0, child, 0)
+    p = out.input_probs[parent, safe_child]  # p_parent(child token)
+    threshold = np.minimum(epsilon, alpha * np.exp(-out.entropy[parent]))
+    match = (child >= 0) & (p > threshold)
+    accepted = np.cumprod(match, axis=1)
+    lengths = accepted.sum(axis=1)
+    score = (np.log(np.maximum(p, 1e-30)) * accepted).sum(axis=1)
+    # Longest first, then the most probable among the longest.
+    best = int(np.lexsort((-score, -lengths))[0])
+    return Acceptance(paths[best, : lengths[best] + 1])
+
+
+def next_token(out: StepOutput, row: int, temperature: float, rng: np.random.Generator) -> int:
+    """Greedy: the base argmax. Sampling: from the base model's top-S at `temperature`, renormalised."""
+    if temperature <= 0:
+        return int(out.next_ids[row, 0])
+    p = out.next_probs[row].astype(np.float64)
+    return int(out.next_ids[row, rng.choice(len(p), p=p / p.sum())])

@@ -1,0 +1,131 @@
+"""The small interface every backend implements (PyTorch reference, ONNX Runtime, TensorRT).
+
+A `Backend` is loaded once and shared; `new_session(capacity)` gives one request its own KV buffers.
+`Session.run` feeds T tokens after the committed prefix (the tree mask says which of the T each sees)
+and stages their KV rows; `Session.keep` commits some of them, in order. Nothing else crosses the
+boundary, so the decode loop is the same for every backend.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    num_heads: int  # Medusa heads (0: none)
+    head_topk: int  # ranks per head in `medusa_token_ids`
+    sample_topk: int  # ranks in `next_token_ids`
+    dtype: str = "float32"  # KV / model dtype: "float32" | "float16" | "bfloat16"
+
+
+@dataclass
+class StepOutput:
+    """Per-position results of one forward, all numpy, batch dimension dropped."""
+
+    next_ids: np.ndarray  # [T, S] int64, base model's top-S, best first
+    next_probs: np.ndarray  # [T, S] float32 at the requested temperature
+    input_probs: np.ndarray  # [T, T] float32, [i, j] = p_i(token j of the input)
+    entropy: np.ndarray  # [T] float32
+    medusa_ids: np.ndarray | None  # [T, K, R] int64, heads' top-R; None for vanilla runs
+
+
+class Session(ABC):
+    """One request's state on a backend: committed length, capacity, staged rows."""
+
+    capacity: int
+    length: int
+
+    @abstractmethod
+    def run(self, input_ids: np.ndarray, position_ids: np.ndarray, tree_mask: np.ndarray,
+            medusa: bool, temperature: float) -> StepOutput:
+        """Forward ``input_ids`` [T] after the committed prefix; ``tree_mask`` [T, T] bool."""
+
+    @abstractmethod
+    def keep(self, rows: np.ndarray) -> None:
+        """Commit the staged rows ``rows`` (indices into the last run's T, increasing) after the prefix."""
+
+
+class Backend(ABC):
+    name: str
+    dims: ModelDims
+    max_seq: int
+
+    @property
+    def has_medusa(self) -> bool:
+        return self.dims.num_heads > 0
+
+    @abstractmethod
+    def new_session(self, capacity: int | None = None) -> Session:
+        """A fresh request state with KV room for ``capacity`` tokens (default: the backend's max)."""
+
+
+class MaskBuffer:
+    """Builds the ``[1, 1, T, past+T]`` attention mask as a contiguous view of one reused flat buffer:
+    every new token sees the whole committed prefix, and the new tokens see each other per ``tree_mask``.
+    The buffer grows by doubling, so steady-state steps allocate nothing."""
+
+    def __init__(self) -> None:
+        self.buffer = np.zeros(0, bool)
+
+    def build(self, past: int, tree_mask: np.ndarray) -> np.ndarray:
+        t = tree_mask.shape[0]
+        need = t * (past + t)
+        if need > self.buffer.size:
+            self.buffer = np.zeros(max(need, 2 * self.buffer.size), bool)
+        m = self.buffer[:need].reshape(1, 1, t, past + t)
+        m[..., :past] = True
+        m[0, 0, :, past:] = tree_mask
+        return m
+
+
+class KVCache:
+    """Preallocated per-layer KV buffers, sequence-major ``[1, capacity, kv_heads, head_dim]``.
+
+    ``alloc(shape)`` makes one zeroed buffer: numpy by default; the PyTorch backend passes a torch
+    allocator (CPU or CUDA), and indexing works the same for both.
+
+    A step writes its T rows at ``[length:length+T]``; `keep` moves the accepted ones down to
+    ``[length:length+n]`` so rejected branches never stay visible.
+    """
+
+    def __init__(self, dims: ModelDims, capacity: int, alloc=None) -> None:
+        shape = (1, capacity, dims.num_kv_heads, dims.head_dim)
+        alloc = alloc or (lambda s: np.zeros(s, dims.dtype))
+        self.keys = [alloc(shape) for _ in range(dims.num_layers)]
+        self.values = [alloc(shape) for _ in range(dims.num_layers)]
+        self.capacity = capacity
+        self.length = 0
+        self.staged = 0
+
+    def buffers(self) -> list[np.ndarray]:
+        """Flat list in io_table order: layer 0 key, layer 0 value, layer 1 key, ..."""
+        return [b for pair in zip(self.keys, self.values) for b in pair]
+
+    def past(self) -> list[np.ndarray]:
+        return [b[:, : self.length] for b in self.buffers()]
+
+    def stage(self, t: int) -> list[np.ndarray]:
+        """Views where the next run's T new rows go."""
+        self.staged = t
+        return [b[:, self.length : self.length + t] for b in self.buffers()]
+
+    def keep(self, rows: np.ndarray) -> None:
+        rows = np.asarray(rows, np.int64)
+        if rows.size and (rows.max() >= self.staged or np.any(np.diff(rows) <= 0)):
+            raise ValueError(f"keep(rows={rows.tolist()}) needs increasing indices below {self.staged}")
+        n = len(rows)
+        if not np.array_equal(rows, np.arange(n)):
+            # rows[i] >= i, so copying in increasing order never overwrites a row still to be read.
+            src = (self.length + rows).tolist()
+            for b in self.buffers():
+                b[:, self.length : self.length + n] = b[:, src]
+        self.length += n
+        self.staged = 0

@@ -1,0 +1,1 @@
+"""The medusa-export command line."""

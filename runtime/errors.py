@@ -1,0 +1,35 @@
+"""Typed exceptions. Every message is one line that names the problem and the fix."""
+
+from __future__ import annotations
+
+
+class MedusaExportError(Exception):
+    """Base class: the CLI prints these as one line and exits with code 2."""
+
+
+class TreeError(MedusaExportError, ValueError):
+    """A `medusa_choices` tree is malformed or does not fit the heads / graph."""
+
+
+class HeadsError(MedusaExportError, ValueError):
+    """A Medusa heads checkpoint is missing, malformed, or does not match the base model."""
+
+
+class ModelError(MedusaExportError, ValueError):
+    """The base model cannot be loaded or is of an unsupported architecture."""
+
+
+class ArtifactError(MedusaExportError, ValueError):
+    """An artifact directory is missing files, corrupt, or from another version."""
+
+
+class InputError(MedusaExportError, ValueError):
+    """A request or data file is invalid (prompt too long, malformed JSONL, bad option)."""
+
+
+class BackendUnavailableError(MedusaExportError, RuntimeError):
+    """A backend's libraries or device are missing; the message says what to install."""
+
+
+class ExportValidationError(MedusaExportError, RuntimeError):
+    """The exported graph disagrees with PyTorch beyond tolerance."""

@@ -1,0 +1,155 @@
+"""Prompt in, text out: tokenizer + backend + tree + the decode loop, with stopping and streaming.
+
+    gen = Generator(backend, tokenizer, tree)
+    result = gen.generate("Hello", GenerationConfig(max_new_tokens=64))
+    for event in gen.stream("Hello"):            # text deltas as tokens are accepted
+        print(event.text, end="", flush=True)
+
+Each call has its own session (KV buffers), so one `Generator` serves several threads at once.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Iterator
+
+from .backends.base import Backend
+from .decode import DecodeStats, GenerationConfig, decode
+from .errors import InputError
+from .tokenizer import ChatTokenizer
+from .tree import Tree
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]  # new tokens only
+    new_tokens: int
+    steps: int
+    mean_accepted: float
+    tokens_per_s: float
+    finish_reason: str  # "stop" (EOS or stop string) | "length"
+    backend: str
+    medusa: bool
+    prompt_tokens: int = 0
+    prefill_ms: float = 0.0
+    step_ms: list[float] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        keys = ("text", "token_ids", "new_tokens", "steps", "mean_accepted", "tokens_per_s", "finish_reason",
+                "backend", "medusa", "prompt_tokens", "prefill_ms")
+        d = asdict(self)
+        return {k: d[k] for k in keys}
+
+
+@dataclass
+class StreamEvent:
+    text: str  # new text since the previous event
+    token_ids: list[int]  # tokens accepted in this step
+
+
+class Stream:
+    """Iterator of `StreamEvent`; ``.result`` holds the `GenerationResult` once exhausted."""
+
+    def __init__(self, events: Iterator[StreamEvent]) -> None:
+        self._events = events
+        self.result: GenerationResult | None = None
+
+    def __iter__(self) -> Iterator[StreamEvent]:
+        return self._events
+
+
+class Generator:
+    def __init__(self, backend: Backend, tokenizer: ChatTokenizer, tree: Tree | None) -> None:
+        self.backend = backend
+        self.tokenizer = tokenizer
+        self.tree = tree
+
+    def generate(self, prompt: str | list[int], cfg: GenerationConfig | None = None) -> GenerationResult:
+        stream = self.stream(prompt, cfg)
+        for _ in stream:
+            pass
+        return stream.result
+
+    def stream(self, prompt: str | list[int], cfg: GenerationConfig | None = None) -> Stream:
+        cfg = cfg or GenerationConfig()
+        ids = self.tokenizer.encode_prompt(prompt, chat=cfg.chat) if isinstance(prompt, str) else list(prompt)
+        if cfg.medusa and self.tree is None:
+            raise InputError("Medusa decoding asked for but no tree/heads are loaded: pass a tree or use --no-medusa")
+        if not ids:
+            raise InputError("the prompt is empty: give at least one token")
+        if cfg.max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be >= 1, got {cfg.max_new_tokens}")
+        if len(ids) + 1 > self.backend.max_seq:
+            raise InputError(
+                f"the prompt has {len(ids)} tokens but the maximum sequence is {self.backend.max_seq}: "
+                f"shorten the prompt or rebuild with a larger --max-seq"
+            )
+        stream = Stream(iter(()))
+        stream._events = self._events(ids, cfg, stream)
+        return stream
+
+    def _events(self, ids: list[int], cfg: GenerationConfig, stream: Stream) -> Iterator[StreamEvent]:
+        session = self.backend.new_session()
+        stats = DecodeStats()
+        eos = set(self.tokenizer.eos_token_ids)
+        new: list[int] = []
+        shown = ""
+        finish = None
+        t0 = time.perf_counter()
+        for chunk in decode(session, ids, self.tree if cfg.medusa else None, cfg, stats):
+            kept = []
+            for tok in chunk:
+                if tok in eos:
+                    finish = "stop"
+                    break
+                kept.append(tok)
+                if len(new) + len(kept) >= cfg.max_new_tokens:
+                    finish = "length"
+                    break
+            new += kept
+            text = self.tokenizer.decode(new)
+            cut = _find_stop(text, cfg.stop_strings, len(shown))
+            if cut is not None:
+                text, finish = text[:cut], "stop"
+            visible = text if finish else _safe_prefix(text, cfg.stop_strings)
+            if len(visible) > len(shown) or kept:
+                yield StreamEvent(visible[len(shown):], kept)
+                shown = visible
+            if finish:
+                break
+        elapsed = time.perf_counter() - t0
+        stream.result = GenerationResult(
+            text=shown,
+            token_ids=new,
+            new_tokens=len(new),
+            steps=stats.steps,
+            mean_accepted=round(stats.mean_accepted, 4),
+            tokens_per_s=round(len(new) / elapsed, 3) if elapsed > 0 else 0.0,
+            finish_reason=finish or stats.finish_reason or "length",
+            backend=self.backend.name,
+            medusa=bool(cfg.medusa and self.tree is not None),
+            prompt_tokens=len(ids),
+            prefill_ms=round(stats.prefill_s * 1e3, 3),
+            step_ms=[round(s * 1e3, 3) for s in stats.step_s],
+        )
+
+
+def _find_stop(text: str, stops: tuple[str, ...], start: int) -> int | None:
+    """Index where the earliest stop string begins (searching only text not yet shown, plus overlap)."""
+    hits = [i for s in stops if s for i in [text.find(s, max(0, start - len(s)))] if i >= 0]
+    return min(hits) if hits else None
+
+
+def _safe_prefix(text: str, stops: tuple[str, ...]) -> str:
+    """Hold back an incomplete UTF-8 character and any tail that could begin a stop string."""
+    end = len(text)
+    while end and text[end - 1] == "\ufffd":
+        end -= 1
+    for s in stops:
+        for k in range(min(len(s) - 1, end), 0, -1):
+            if text[end - k:end] == s[:k]:
+                end -= k
+                break
+    return text[:end]

@@ -1,0 +1,163 @@
+"""Medusa candidate trees: parse `medusa_choices` into the buffers decoding needs.
+
+A tree is a list of paths; ``(0, 2)`` is rank 0 of head 0 followed by rank 2 of head 1.
+Node 0 is the root (the base model's own next token); node ``i >= 1`` is ``paths[i-1]``
+after sorting by (depth, path). Candidate tokens come from one flat pool::
+
+    pool = [base_top1, head0_top0 .. head0_top{k-1}, head1_top0 .. ]   # 1 + K*k entries
+
+    tree = Tree.from_choices([(0,), (1,), (0, 0)], topk=10)
+    tree.source_index   # [0, 1, 2, 11]     index of each node's token in the pool
+    tree.depth          # [0, 1, 1, 2]      position offset of each node
+    tree.mask           # [4, 4] bool: node i attends to node j iff j is i or an ancestor
+    tree.paths_nodes    # [[0, 1, 3], [0, 2, -1]]  root-to-leaf node indices, -1 padded
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from .errors import TreeError
+
+Path_ = tuple[int, ...]
+
+# The reference implementation's sparse 63-node tree (Medusa `mc_sim_7b_63`), tuned for Vicuna-7B on A100.
+MC_SIM_7B_63: tuple[Path_, ...] = (
+    (0,), (0, 0), (1,), (0, 1), (2,), (0, 0, 0), (1, 0), (0, 2), (3,), (0, 3), (4,), (0, 4), (2, 0),
+    (0, 5), (0, 0, 1), (5,), (0, 6), (6,), (0, 7), (0, 1, 0), (1, 1), (7,), (0, 8), (0, 0, 2), (3, 0),
+    (0, 9), (8,), (9,), (1, 0, 0), (0, 2, 0), (1, 2), (0, 0, 3), (4, 0), (2, 1), (0, 0, 4), (0, 0, 5),
+    (0, 0, 0, 0), (0, 1, 1), (0, 0, 6), (0, 3, 0), (5, 0), (1, 3), (0, 0, 7), (0, 0, 8), (0, 0, 9),
+    (6, 0), (0, 4, 0), (1, 4), (7, 0), (0, 1, 2), (2, 0, 0), (3, 1), (2, 2), (8, 0), (0, 5, 0), (1, 5),
+    (1, 0, 1), (0, 2, 1), (9, 0), (0, 6, 0), (0, 0, 0, 1), (1, 6), (0, 7, 0),
+)
+
+# A small tree for CPUs, where step latency grows quickly past ~16 nodes: a 4-deep main chain
+# plus the runner-up of the first two heads. `calibrate-tree` finds a better one for given heads.
+CPU_SMALL_10: tuple[Path_, ...] = (
+    (0,), (1,), (0, 0), (0, 1), (1, 0), (0, 0, 0), (0, 0, 1), (0, 1, 0), (0, 0, 0, 0), (2,),
+)
+
+
+def chain(n: int) -> tuple[Path_, ...]:
+    """A single chain of the heads' top-1 guesses, ``n`` nodes deep."""
+    return tuple((0,) * d for d in range(1, n + 1))
+
+
+def preset_names() -> list[str]:
+    return ["mc_sim_7b_63", "cpu_small_10", "chain-N"]
+
+
+def load_choices(spec: str | Path | Sequence[Sequence[int]]) -> tuple[Path_, ...]:
+    """Resolve a preset name, a JSON file (a list of paths, or {"medusa_choices": [...]}), or a list."""
+    if not isinstance(spec, (str, Path)):
+        return tuple(tuple(int(r) for r in p) for p in spec)
+    name = str(spec)
+    if name == "mc_sim_7b_63":
+        return MC_SIM_7B_63
+    if name == "cpu_small_10":
+        return CPU_SMALL_10
+    if name.startswith("chain-"):
+        try:
+            n = int(name.split("-", 1)[1])
+        except ValueError:
+            raise TreeError(f"bad chain preset {name!r}: use chain-N with N a positive integer, e.g. chain-4") from None
+        if n < 1:
+            raise TreeError(f"bad chain preset {name!r}: N must be >= 1")
+        return chain(n)
+    path = Path(name)
+    if not path.exists():
+        raise TreeError(f"unknown tree {name!r}: give a preset ({', '.join(preset_names())}) or a JSON file path")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise TreeError(f"tree file {path} is not valid JSON ({e.msg} at line {e.lineno}): fix or regenerate it") from None
+    if isinstance(data, dict):
+        data = data.get("medusa_choices")
+    if not isinstance(data, list) or not all(isinstance(p, list) and all(isinstance(r, int) for r in p) for p in data):
+        raise TreeError(f"tree file {path} must hold a list of paths of integers (or {{'medusa_choices': [...]}})")
+    return tuple(tuple(p) for p in data)
+
+
+@dataclass(frozen=True)
+class Tree:
+    """Everything decoding needs about one tree, as small numpy arrays."""
+
+    choices: tuple[Path_, ...]  # sorted by (depth, path)
+    topk: int  # ranks per head in the candidate pool
+    source_index: np.ndarray  # [N] int64, node -> index into the candidate pool
+    depth: np.ndarray  # [N] int64, root = 0
+    parent: np.ndarray  # [N] int64, root = -1
+    mask: np.ndarray  # [N, N] bool, ancestors-or-self
+    paths_nodes: np.ndarray  # [L, max_depth + 1] int64, root-to-leaf node indices, -1 padded
+    extras: dict = field(default_factory=dict, compare=False)
+
+    @property
+    def num_nodes(self) -> int:
+        return int(self.depth.shape[0])
+
+    @property
+    def max_depth(self) -> int:
+        return int(self.depth.max())
+
+    @classmethod
+    def from_choices(cls, choices: Iterable[Sequence[int]], topk: int, num_heads: int | None = None) -> "Tree":
+        """Validate ``choices`` and build the buffers. Errors name the offending path."""
+        paths = [tuple(int(r) for r in p) for p in choices]
+        validate_choices(paths, topk=topk, num_heads=num_heads)
+        paths.sort(key=lambda p: (len(p), p))
+        index = {p: i + 1 for i, p in enumerate(paths)}
+        n = len(paths) + 1
+        source = np.zeros(n, np.int64)
+        depth = np.zeros(n, np.int64)
+        parent = np.full(n, -1, np.int64)
+        mask = np.eye(n, dtype=bool)
+        for p, i in index.items():
+            d = len(p)
+            source[i] = 1 + (d - 1) * topk + p[-1]
+            depth[i] = d
+            parent[i] = index.get(p[:-1], 0)
+            mask[i] = mask[parent[i]]
+            mask[i, i] = True
+        is_parent = np.zeros(n, bool)
+        is_parent[parent[1:]] = True
+        leaves = [i for i in range(n) if not is_parent[i]]
+        max_d = int(depth.max())
+        paths_nodes = np.full((len(leaves), max_d + 1), -1, np.int64)
+        for row, leaf in enumerate(leaves):
+            chain_ = []
+            node = leaf
+            while node >= 0:
+                chain_.append(node)
+                node = parent[node]
+            paths_nodes[row, : len(chain_)] = chain_[::-1]
+        return cls(tuple(paths), topk, source, depth, parent, mask, paths_nodes)
+
+    def to_json(self) -> list[list[int]]:
+        return [list(p) for p in self.choices]
+
+
+def validate_choices(paths: Sequence[Path_], topk: int, num_heads: int | None) -> None:
+    """Every prefix present, no duplicates, depth <= heads, 0 <= rank < topk."""
+    seen: set[Path_] = set()
+    for p in paths:
+        if len(p) == 0:
+            raise TreeError("tree has an empty path: the root is implicit, list only paths of length >= 1")
+        if p in seen:
+            raise TreeError(f"tree path {list(p)} appears twice: remove the duplicate")
+        seen.add(p)
+        if num_heads is not None and len(p) > num_heads:
+            raise TreeError(
+                f"tree path {list(p)} has depth {len(p)} but there are only {num_heads} Medusa heads: "
+                f"use a tree at most {num_heads} deep or heads with more heads"
+            )
+        bad = [r for r in p if r < 0 or r >= topk]
+        if bad:
+            raise TreeError(f"tree path {list(p)} uses rank {bad[0]}, outside 0..{topk - 1} (top-k is {topk})")
+    for p in paths:
+        if len(p) > 1 and p[:-1] not in seen:
+            raise TreeError(f"tree path {list(p)} has no parent {list(p[:-1])}: every prefix of a path must be a node")
