@@ -95,7 +95,9 @@ def check_architecture(config_file: Path) -> dict:
 def _from_pretrained(directory: Path):
     import torch
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
     try:
         model = AutoModelForCausalLM.from_pretrained(
             directory, dtype=torch.float32, local_files_only=True, attn_implementation="sdpa"

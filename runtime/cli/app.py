@@ -1,0 +1,58 @@
+"""`medusa-export`: build, generate, verify, bench, train-heads, calibrate-tree.
+
+Every command imports its heavy dependencies (torch, transformers, onnxruntime) only when it runs,
+so `medusa-export --help` stays fast. Library errors (`MedusaExportError`) become one line on stderr
+and exit code 2.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from typing import Callable
+
+import typer
+
+from ..errors import MedusaExportError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Export Medusa-accelerated LLMs to ONNX / TensorRT and run them.")
+
+
+@app.callback()
+def _root() -> None:
+    """Export Medusa-accelerated LLMs to ONNX / TensorRT and run them."""
+
+
+def cli_errors(fn: Callable) -> Callable:
+    """Turn library errors into one line on stderr and exit code 2 (no traceback)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except MedusaExportError as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            typer.echo("interrupted", err=True)
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def _register() -> None:
+    # Command modules import only typer at module level.
+    from . import generate_cmd  # noqa: F401
+
+
+def main() -> None:
+    _register()
+    try:
+        app()
+    except SystemExit as e:
+        sys.exit(e.code)
+
+
+if __name__ == "__main__":
+    main()

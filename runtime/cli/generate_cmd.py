@@ -1,0 +1,55 @@
+"""`medusa-export generate`: decode one prompt, streaming text, with Medusa or plain."""
+
+from __future__ import annotations
+
+import json
+from typing import Optional
+
+import typer
+
+from .app import app, cli_errors
+
+
+@app.command()
+@cli_errors
+def generate(
+    model: Optional[str] = typer.Argument(None, help="Artifact directory, HF model directory or .gguf file "
+                                          "(default: the built-in SmolLM2-135M-Instruct)."),
+    prompt: str = typer.Option(..., "--prompt", "-p", help="User prompt (the chat template is applied)."),
+    heads: Optional[str] = typer.Option(None, help="Medusa heads directory/file (torch backend); "
+                                        "'fresh' for untrained heads."),
+    tree: Optional[str] = typer.Option(None, help="Tree preset (mc_sim_7b_63, cpu_small_10, chain-N) or JSON file."),
+    backend: str = typer.Option("auto", help="torch | ort | trt (auto: ort for an artifact, else torch)."),
+    max_new_tokens: int = typer.Option(128, min=1),
+    temperature: float = typer.Option(0.0, min=0.0, help="0 = greedy (lossless); > 0 = typical acceptance."),
+    stop: list[str] = typer.Option([], help="Stop string (repeatable)."),
+    no_medusa: bool = typer.Option(False, "--no-medusa", help="Plain decoding, one token per step."),
+    no_chat: bool = typer.Option(False, "--no-chat", help="Do not apply the chat template."),
+    seed: Optional[int] = typer.Option(None, help="Seed for sampling."),
+    device: str = typer.Option("cpu", help="cpu | cuda (torch and ort backends)."),
+    max_seq: Optional[int] = typer.Option(None, help="KV capacity in tokens (default: the artifact's, or 2048)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of streaming text."),
+) -> None:
+    """Generate text for one prompt and report tokens/s and accepted tokens per step."""
+    from ..decode import GenerationConfig
+    from .loading import is_artifact, open_generator
+
+    chosen = backend if backend != "auto" else ("ort" if is_artifact(model) else "torch")
+    opened = open_generator(model, chosen, heads=heads, tree=tree, max_seq=max_seq, device=device)
+    cfg = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, stop_strings=tuple(stop),
+                           medusa=not no_medusa, seed=seed, chat=not no_chat)
+    if opened.notice and not no_medusa:
+        typer.echo(opened.notice, err=True)
+    stream = opened.generator.stream(prompt, cfg)
+    for event in stream:
+        if not as_json:
+            typer.echo(event.text, nl=False)
+    r = stream.result
+    if as_json:
+        typer.echo(json.dumps(r.to_json()))
+        return
+    mode = "medusa" if r.medusa else "vanilla"
+    typer.echo("")
+    typer.echo(f"[{mode} · {r.backend}] {r.new_tokens} tokens in {r.steps} steps, "
+               f"{r.mean_accepted:.2f} tokens/step, {r.tokens_per_s:.1f} tokens/s, "
+               f"prefill {r.prefill_ms:.0f} ms, finish: {r.finish_reason}", err=True)
