@@ -1,0 +1,234 @@
+"""Calibrate a Medusa tree to given heads on given hardware: measure, then search.
+
+    result = calibrate(backend, tokenizer, "prompts.jsonl", max_new_tokens=128, node_budget=63)
+    Path("tree.json").write_text(json.dumps(result))   # {"medusa_choices": [...], "calibration": {...}}
+
+1. Head accuracy: vanilla greedy decoding (one token per step, ``medusa=True`` so every step also
+   returns the heads' top-R). With the hidden state at position t the base model predicts t+1 and
+   head d predicts t+2+d, so head d's rank-r guess is scored against the greedy token at t+2+d.
+2. Latency: the median time of one ``session.run`` over T tokens after a ~200-token prefix.
+3. `tree_search.search_tree`: the tree with the most predicted tokens per second.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+
+from .backends.base import Backend
+from .errors import InputError
+from .tokenizer import ChatTokenizer
+from .tree_search import search_tree
+
+DEFAULT_SIZES: tuple[int, ...] = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class HeadAccuracy:
+    """Hit rates of head d's rank-r guess, ``[K, R]``.
+
+    ``marginal``: over every position where the truth for head d is known.
+    ``conditional``: over the positions where every earlier head had the truth somewhere in its
+    top-R, i.e. where a tree path could have reached depth d; this is what the tree model's
+    product of per-depth probabilities wants. Depths with no such position fall back to marginal.
+    """
+
+    conditional: np.ndarray  # [K, R] float64
+    marginal: np.ndarray  # [K, R] float64
+    positions: np.ndarray  # [K] positions scored for the marginal rate
+    conditional_positions: np.ndarray  # [K] positions scored for the conditional rate
+
+    def table(self, mode: str = "conditional") -> np.ndarray:
+        if mode not in ("conditional", "marginal"):
+            raise InputError(f"accuracy mode {mode!r} is unknown: use 'conditional' or 'marginal'")
+        return self.conditional if mode == "conditional" else self.marginal
+
+    def to_json(self) -> dict:
+        return {"conditional": self.conditional.tolist(), "marginal": self.marginal.tolist(),
+                "positions": self.positions.tolist(), "conditional_positions": self.conditional_positions.tolist()}
+
+
+def measure_head_accuracy(stream: Iterable[tuple[np.ndarray, Sequence[int]]]) -> HeadAccuracy:
+    """Accuracy from pairs ``(medusa_ids [K, R], future)``: ``future[d]`` is the true token for head d
+    (the greedy token at t+2+d); ``future`` may be shorter than K near the end of a sequence."""
+    hits = cond_hits = None
+    for ids, future in stream:
+        ids = np.asarray(ids)
+        if ids.ndim != 2:
+            raise InputError(f"medusa ids must be [heads, ranks], got shape {ids.shape}")
+        if hits is None:
+            k, r = ids.shape
+            hits, cond_hits = np.zeros((k, r)), np.zeros((k, r))
+            n, cond_n = np.zeros(k, np.int64), np.zeros(k, np.int64)
+        elif ids.shape != hits.shape:
+            raise InputError(f"medusa ids changed shape from {hits.shape} to {ids.shape}")
+        reachable = True
+        for d, tok in enumerate(list(future)[: ids.shape[0]]):
+            hit = ids[d] == int(tok)
+            hits[d] += hit
+            n[d] += 1
+            if reachable:
+                cond_hits[d] += hit
+                cond_n[d] += 1
+                reachable = bool(hit.any())
+    if hits is None or n[0] == 0:
+        raise InputError("no calibration positions: give prompts that leave room for at least 2 new tokens")
+    marginal = hits / np.maximum(n, 1)[:, None]
+    conditional = np.where(cond_n[:, None] > 0, cond_hits / np.maximum(cond_n, 1)[:, None], marginal)
+    return HeadAccuracy(conditional, marginal, n, cond_n)
+
+
+def head_predictions(backend: Backend, prompts: Iterable[Sequence[int]], max_new_tokens: int,
+                     eos_ids: Sequence[int] = ()) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Vanilla greedy decoding of every prompt; yields ``(medusa_ids [K, R], future [<= K])`` per
+    generated position (the last prompt position included)."""
+    if not backend.has_medusa:
+        raise InputError("calibration needs Medusa heads: load the backend with heads")
+    k = backend.dims.num_heads
+    eos = {int(e) for e in eos_ids}
+    for i, prompt in enumerate(prompts):
+        ids = [int(t) for t in prompt]
+        session = backend.new_session()
+        if not ids or len(ids) + 1 >= session.capacity:
+            raise InputError(f"calibration prompt {i} has {len(ids)} tokens: need 1..{session.capacity - 2} "
+                             f"to fit the backend's max_seq {session.capacity}")
+        n = len(ids)
+        out = session.run(np.asarray(ids, np.int64), np.arange(n), np.tri(n, dtype=bool), True, 1.0)
+        session.keep(np.arange(n))
+        tokens, heads = [int(out.next_ids[-1, 0])], [out.medusa_ids[-1]]
+        one = np.ones((1, 1), bool)
+        while len(tokens) < max_new_tokens and tokens[-1] not in eos and session.length + 1 <= session.capacity:
+            out = session.run(np.array([tokens[-1]]), np.array([session.length]), one, True, 1.0)
+            session.keep(np.arange(1))
+            tokens.append(int(out.next_ids[0, 0]))
+            heads.append(out.medusa_ids[0])
+        # heads[j] sits where tokens[j] is predicted, so head d's truth is tokens[j + 1 + d].
+        for j in range(len(tokens) - 1):
+            yield heads[j], np.asarray(tokens[j + 1 : j + 1 + k], np.int64)
+
+
+def measure_latency(backend: Backend, sizes: Sequence[int] = DEFAULT_SIZES, past: int = 200,
+                    repeats: int = 10, warmup: int = 2, seed: int = 0) -> dict[int, float]:
+    """Median seconds of one ``session.run`` of T tokens after a ``past``-token prefix, per T in ``sizes``.
+
+    ``past`` shrinks to fit the backend's ``max_seq``. Sizes are interleaved in every round so slow
+    drift (clocks, thermals) hits them all alike. Runs are never kept: each overwrites the staged rows.
+    """
+    sizes = sorted({int(s) for s in sizes})
+    if not sizes or sizes[0] < 1 or repeats < 1:
+        raise InputError(f"latency needs sizes >= 1 and repeats >= 1, got sizes={sizes}, repeats={repeats}")
+    session = backend.new_session()
+    past = min(past, session.capacity - sizes[-1])
+    if past < 1:
+        raise InputError(f"step size {sizes[-1]} does not fit the backend's max_seq {session.capacity}: "
+                         "measure smaller sizes or build with a larger max_seq")
+    rng = np.random.default_rng(seed)
+    vocab = backend.dims.vocab_size
+    medusa = backend.has_medusa
+    session.run(rng.integers(0, vocab, past), np.arange(past), np.tri(past, dtype=bool), medusa, 1.0)
+    session.keep(np.arange(past))
+    inputs = {t: (rng.integers(0, vocab, t), past + np.arange(t), np.tri(t, dtype=bool)) for t in sizes}
+    times: dict[int, list[float]] = {t: [] for t in sizes}
+    for round_ in range(warmup + repeats):
+        for t in sizes:
+            ids, pos, mask = inputs[t]
+            t0 = time.perf_counter()
+            session.run(ids, pos, mask, medusa, 1.0)
+            if round_ >= warmup:
+                times[t].append(time.perf_counter() - t0)
+    return {t: float(np.median(times[t])) for t in sizes}
+
+
+def load_prompts(path: str | Path) -> list[str]:
+    """Prompts from a JSONL file, one object with a ``"prompt"`` string per line (blank lines skipped)."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"prompts file {path} does not exist: give a JSONL file with a 'prompt' field per line")
+    prompts = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{path} line {lineno} is not valid JSON ({e.msg}): fix or remove it") from None
+        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"]:
+            raise InputError(f"{path} line {lineno} has no non-empty string 'prompt' field")
+        prompts.append(row["prompt"])
+    if not prompts:
+        raise InputError(f"prompts file {path} holds no prompts")
+    return prompts
+
+
+def _prompt_ids(tokenizer: ChatTokenizer | None, prompts: str | Path | Sequence[str | Sequence[int]], chat: bool) -> list[list[int]]:
+    items = load_prompts(prompts) if isinstance(prompts, (str, Path)) else list(prompts)
+    out = []
+    for i, p in enumerate(items):
+        if isinstance(p, str):
+            if tokenizer is None:
+                raise InputError("text prompts need a tokenizer: pass one, or give prompts as token-id lists")
+            out.append(tokenizer.encode_prompt(p, chat=chat))
+        else:
+            out.append([int(t) for t in p])
+        if not out[-1]:
+            raise InputError(f"calibration prompt {i} is empty after tokenization")
+    if not out:
+        raise InputError("no calibration prompts given")
+    return out
+
+
+def calibrate(backend: Backend, tokenizer: ChatTokenizer | None, prompts: str | Path | Sequence[str | Sequence[int]],
+              max_new_tokens: int = 128, node_budget: int = 63, *, sizes: Sequence[int] = DEFAULT_SIZES,
+              past: int = 200, repeats: int = 10, warmup: int = 2, accuracy: str = "conditional", chat: bool = True,
+              progress: Progress | None = None) -> dict:
+    """Measure head accuracy and step latency on ``backend`` and choose the tree with the most
+    predicted tokens per second. Returns ``{"medusa_choices": [...], "calibration": {...}}``, ready
+    for ``json.dump`` to a tree.json that `tree.load_choices` reads.
+
+    ``prompts``: a JSONL path, or a list of strings (need ``tokenizer``) or token-id lists.
+    ``node_budget``: most paths in the tree (the root not counted); the latency sizes are extended to
+    ``node_budget + 1`` when they stop short, so the search never extrapolates.
+    """
+    say = progress or (lambda _msg: None)
+    if max_new_tokens < 2:
+        raise InputError(f"max_new_tokens must be >= 2 to score any head, got {max_new_tokens}")
+    if node_budget < 1:
+        raise InputError(f"node budget must be >= 1, got {node_budget}")
+    mode = accuracy  # checked here, before the slow steps
+    if mode not in ("conditional", "marginal"):
+        raise InputError(f"accuracy mode {mode!r} is unknown: use 'conditional' or 'marginal'")
+    ids = _prompt_ids(tokenizer, prompts, chat)
+    eos = tuple(getattr(tokenizer, "eos_token_ids", ()) or ())
+    say(f"decoding {len(ids)} prompts (up to {max_new_tokens} tokens each) to score the heads")
+    t0 = time.perf_counter()
+    acc = measure_head_accuracy(head_predictions(backend, ids, max_new_tokens, eos))
+    decode_s = time.perf_counter() - t0
+    sizes = sorted({int(s) for s in sizes if int(s) <= node_budget + 1} | {1, node_budget + 1})
+    say(f"timing steps of {sizes} tokens ({repeats} repeats)")
+    table = measure_latency(backend, sizes, past=past, repeats=repeats, warmup=warmup)
+    result = search_tree(acc.table(mode), table, node_budget=node_budget)
+    say(f"chose {result.num_nodes} nodes: {result.expected_accepted:.2f} expected accepted, "
+        f"{result.tokens_per_s:.1f} tokens/s predicted ({result.baseline_tokens_per_s:.1f} without candidates)")
+    search = result.to_json()
+    choices = search.pop("medusa_choices")
+    calibration = {
+        "backend": backend.name,
+        "num_heads": backend.dims.num_heads,
+        "head_topk": backend.dims.head_topk,
+        "prompts": len(ids),
+        "max_new_tokens": max_new_tokens,
+        "node_budget": node_budget,
+        "accuracy_mode": mode,
+        "head_accuracy": acc.to_json(),
+        "decode_s": decode_s,
+        "latency": {"nodes": list(table), "median_s": list(table.values()),
+                    "past": min(past, backend.max_seq - sizes[-1]), "repeats": repeats},
+        **search,
+    }
+    return {"medusa_choices": choices, "calibration": calibration}

@@ -1,0 +1,191 @@
+"""Calibration: head accuracy bookkeeping, latency measurement and the end-to-end `calibrate` on a tiny
+random Llama with the PyTorch backend."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from medusa_export.runtime.calibration import (
+    HeadAccuracy,
+    calibrate,
+    head_predictions,
+    load_prompts,
+    measure_head_accuracy,
+    measure_latency,
+)
+from medusa_export.runtime.errors import InputError
+from medusa_export.runtime.tree import Tree, load_choices
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+NUM_HEADS = 3
+
+
+@pytest.fixture(scope="module")
+def backend():
+    from medusa_export.exporter.heads import new_heads
+    from medusa_export.exporter.torch_backend import TorchBackend
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=256)
+    model = transformers.LlamaForCausalLM(cfg)
+    heads = new_heads(cfg, num_heads=NUM_HEADS)
+    with torch.no_grad():
+        for p in heads.parameters():
+            p.normal_(0, 0.05)
+    # One thread: on a shared 2-core machine, intra-op threads contend and tiny steps get 100x slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield TorchBackend(model, heads, max_seq=256, head_topk=5, sample_topk=8)
+    torch.set_num_threads(threads)
+
+
+PROMPTS = [[1, 17, 42, 99, 7], [5, 6, 7, 8, 9, 10, 11], [200, 3]]
+
+
+def test_accuracy_from_hand_made_stream():
+    ids = np.array([[1, 2], [3, 4], [5, 6]])  # [K=3, R=2]
+    stream = [
+        (ids, [1, 4, 6]),  # head0 r0, head1 r1, head2 r1
+        (ids, [2, 9, 5]),  # head0 r1, head1 miss, head2 r0 (unreachable: not conditional)
+        (ids, [9, 3]),  # head0 miss, head1 r0 (not conditional), no truth for head2
+    ]
+    acc = measure_head_accuracy(stream)
+    np.testing.assert_allclose(acc.marginal, [[1 / 3, 1 / 3], [1 / 3, 1 / 3], [1 / 2, 1 / 2]])
+    np.testing.assert_allclose(acc.conditional, [[1 / 3, 1 / 3], [0, 1 / 2], [0, 1]])
+    assert acc.positions.tolist() == [3, 3, 2] and acc.conditional_positions.tolist() == [3, 2, 1]
+    assert acc.table("marginal") is acc.marginal
+    with pytest.raises(InputError):
+        acc.table("nope")
+
+
+def test_accuracy_falls_back_to_marginal_and_rejects_empty():
+    ids = np.array([[1], [2]])
+    acc = measure_head_accuracy([(ids, [9, 2]), (ids, [8, 2])])
+    assert acc.conditional_positions.tolist() == [2, 0]
+    np.testing.assert_allclose(acc.conditional, [[0], [1]])  # depth 1 never reachable: marginal
+    with pytest.raises(InputError):
+        measure_head_accuracy([])
+    with pytest.raises(InputError):
+        measure_head_accuracy([(ids, [1]), (np.zeros((3, 1)), [1])])
+
+
+def test_head_predictions_align_with_greedy_tokens(backend):
+    pairs = list(head_predictions(backend, [PROMPTS[0]], max_new_tokens=8))
+    assert len(pairs) == 7  # 8 greedy tokens; the last has no future
+    for ids, future in pairs:
+        assert ids.shape == (NUM_HEADS, 5) and 1 <= len(future) <= NUM_HEADS
+    # Future of position j is tokens j+1.., so consecutive futures overlap by one shift.
+    for (_, f0), (_, f1) in zip(pairs, pairs[1:]):
+        assert f0[1:].tolist() == f1[: len(f0) - 1].tolist()
+    # Same greedy stream as a plain full forward of the model.
+    full = list(PROMPTS[0])
+    with torch.no_grad():
+        for _ in range(8):
+            full.append(_argmax_next(backend, full))
+    greedy = full[len(PROMPTS[0]):]
+    assert [int(f[0]) for _, f in pairs] == greedy[1:]
+
+
+def _argmax_next(backend, ids):
+    model_out = backend.base_step.lm_head(backend.base_step.backbone(input_ids=torch.tensor([ids])).last_hidden_state)
+    return int(model_out[0, -1].argmax())
+
+
+def test_head_predictions_stop_at_eos_and_capacity(backend):
+    pairs = list(head_predictions(backend, [PROMPTS[0]], max_new_tokens=4))
+    first = int(pairs[0][1][0])  # the 2nd greedy token
+    short = list(head_predictions(backend, [PROMPTS[0]], max_new_tokens=4, eos_ids=[first]))
+    assert len(short) == 1
+    with pytest.raises(InputError):
+        list(head_predictions(backend, [list(range(255))], max_new_tokens=4))
+
+
+def test_measure_latency(backend):
+    table = measure_latency(backend, sizes=[8, 1, 4, 4], past=300, repeats=2, warmup=1)
+    assert list(table) == [1, 4, 8]  # past shrinks to fit max_seq=256
+    assert all(v > 0 for v in table.values())
+    with pytest.raises(InputError):
+        measure_latency(backend, sizes=[300])
+
+
+def test_calibrate_end_to_end(backend, tmp_path):
+    out = calibrate(backend, None, PROMPTS, max_new_tokens=10, node_budget=10,
+                    sizes=[1, 2, 4, 8, 64], past=200, repeats=1, warmup=1)
+    choices = out["medusa_choices"]
+    cal = out["calibration"]
+    tree = Tree.from_choices(choices, topk=backend.dims.head_topk, num_heads=NUM_HEADS)
+    assert 1 <= len(choices) <= 10 and tree.max_depth <= NUM_HEADS
+    acc = np.array(cal["head_accuracy"]["conditional"])
+    assert acc.shape == (NUM_HEADS, 5) and acc.min() >= 0 and acc.max() <= 1
+    assert np.array(cal["head_accuracy"]["marginal"]).shape == (NUM_HEADS, 5)
+    nodes = cal["latency"]["nodes"]
+    assert nodes == sorted(nodes) and nodes[0] == 1 and nodes[-1] == 11  # 64 dropped, budget + 1 added
+    assert all(s > 0 for s in cal["latency"]["median_s"])
+    assert [p["nodes"] for p in cal["curve"]] == list(range(1, 11))
+    assert cal["tokens_per_s"] == max(p["tokens_per_s"] for p in cal["curve"])
+    assert cal["num_nodes"] == len(choices)
+    # Round trip through tree.json.
+    f = tmp_path / "tree.json"
+    f.write_text(json.dumps(out))
+    assert [list(p) for p in load_choices(str(f))] == choices
+
+
+def test_calibrate_from_jsonl_with_tokenizer(backend, tmp_path):
+    class Tok:
+        eos_token_ids = ()
+
+        def encode_prompt(self, text, chat=True):
+            return [ord(c) % 256 for c in text]
+
+    f = tmp_path / "prompts.jsonl"
+    f.write_text('{"prompt": "hello there"}\n\n{"prompt": "abc"}\n')
+    out = calibrate(backend, Tok(), f, max_new_tokens=6, node_budget=4, sizes=[1, 2], repeats=1, warmup=0,
+                    accuracy="marginal")
+    assert out["calibration"]["prompts"] == 2 and out["calibration"]["accuracy_mode"] == "marginal"
+    assert out["calibration"]["latency"]["nodes"] == [1, 2, 5]
+    assert len(out["medusa_choices"]) <= 4
+
+
+def test_calibrate_rejects_bad_options(backend):
+    with pytest.raises(InputError):
+        calibrate(backend, None, PROMPTS, accuracy="bogus")
+    with pytest.raises(InputError):
+        calibrate(backend, None, ["text"], max_new_tokens=4)  # text without a tokenizer
+    with pytest.raises(InputError):
+        calibrate(backend, None, PROMPTS, max_new_tokens=1)
+    with pytest.raises(InputError):
+        calibrate(backend, None, PROMPTS, node_budget=0)
+
+
+@pytest.mark.parametrize("text,line", [
+    ('{"prompt": "a"}\nnot json\n', 2),
+    ('{"prompt": "a"}\n{"text": "b"}\n', 2),
+    ('{"prompt": ""}\n', 1),
+    ('["prompt"]\n', 1),
+])
+def test_load_prompts_names_bad_line(tmp_path, text, line):
+    f = tmp_path / "p.jsonl"
+    f.write_text(text)
+    with pytest.raises(InputError, match=f"line {line}"):
+        load_prompts(f)
+
+
+def test_load_prompts_missing_and_empty(tmp_path):
+    with pytest.raises(InputError, match="does not exist"):
+        load_prompts(tmp_path / "nope.jsonl")
+    (tmp_path / "e.jsonl").write_text("\n\n")
+    with pytest.raises(InputError, match="no prompts"):
+        load_prompts(tmp_path / "e.jsonl")
+    (tmp_path / "ok.jsonl").write_text('{"prompt": "x", "other": 1}\n')
+    assert load_prompts(tmp_path / "ok.jsonl") == ["x"]
+
+
+def test_head_accuracy_dataclass_json():
+    acc = HeadAccuracy(np.zeros((1, 2)), np.ones((1, 2)), np.array([3]), np.array([3]))
+    assert json.loads(json.dumps(acc.to_json()))["marginal"] == [[1.0, 1.0]]
