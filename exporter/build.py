@@ -1,0 +1,148 @@
+"""`medusa-export build`: model + heads -> a self-contained artifact directory.
+
+    build_artifact(None, "artifacts/smollm2", tree="cpu_small_10", dtype="float32", max_seq=2048)
+
+Steps: load, export the Medusa graph and the vanilla graph, validate both against PyTorch, write the
+tokenizer, the heads and, last, the manifest. Everything is written into ``<out>.partial-*`` and renamed
+into place only when complete, so a failed build never leaves a directory that looks like an artifact.
+"""
+
+from __future__ import annotations
+
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+from medusa_export.runtime import __version__, io_table
+from medusa_export.runtime.errors import InputError
+from medusa_export.runtime.manifest import FORMAT, FORMAT_VERSION, file_record, write_manifest
+from medusa_export.runtime.tree import Tree, load_choices
+
+from .heads import save_heads
+from .heads_source import resolve_heads
+from .model_loading import load_base_model
+from .onnx_export import OPSET, export_step_graph
+from .step_model import StepModel
+from .torch_backend import model_dims
+from .validate import validate_graph
+
+DTYPES = ("fp32", "fp16")
+_DTYPE_NAMES = {"fp32": "float32", "fp16": "float16"}
+DEFAULT_TREE = "cpu_small_10"
+
+
+def build_artifact(model: str | None, out: str | Path, heads: str | None = None, tree: str | None = None,
+                   dtype: str = "fp32", max_seq: int = 2048, head_topk: int = 10, sample_topk: int = 32,
+                   log: Callable[[str], None] = print) -> dict:
+    if dtype not in DTYPES:
+        raise InputError(f"--dtype {dtype!r} is not supported: use one of {', '.join(DTYPES)}")
+    if max_seq < 16:
+        raise InputError(f"--max-seq {max_seq} is too small: use at least 16")
+    out = Path(out)
+    t_start = time.perf_counter()
+    step_log = _StepLog(log)
+    with step_log("load model and heads"):
+        loaded = load_base_model(model)
+        chosen = resolve_heads(heads, loaded)
+    tree_spec = tree or _default_tree(chosen.path)
+    tree_obj = Tree.from_choices(load_choices(tree_spec), topk=head_topk, num_heads=chosen.heads.config.num_heads)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=out.name + ".partial-", dir=out.parent))
+    work.chmod(0o755)
+    try:
+        graphs, validation = {}, {}
+        dt = _DTYPE_NAMES[dtype]
+        for kind, h in (("medusa", chosen.heads), ("vanilla", None)):
+            step = StepModel(loaded.model, h, head_topk, sample_topk)
+            with step_log(f"export {kind} graph ({dtype})"):
+                export_step_graph(step, work / f"{kind}.onnx", dtype=dt)
+            with step_log(f"validate {kind} graph against PyTorch"):
+                validation[kind] = validate_graph(step, work / f"{kind}.onnx", dtype=dt)
+            graphs[kind] = _graph_record(kind, loaded.model.config.num_hidden_layers, h is not None)
+        loaded.tokenizer.save(work)
+        save_heads(chosen.heads, work / "heads")
+        dims = model_dims(loaded.model.config, chosen.heads, head_topk, sample_topk, dtype=dt)
+        manifest = _manifest(loaded, chosen, dims, tree_spec, tree_obj, max_seq, graphs, validation, work)
+        write_manifest(work, manifest)
+        _replace_dir(work, out)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    log(f"artifact ready: {out} ({time.perf_counter() - t_start:.0f} s)")
+    return manifest
+
+
+class _StepLog:
+    """Context manager that prints `name ...` and the seconds it took (progress for long steps)."""
+
+    def __init__(self, log: Callable[[str], None]) -> None:
+        self.log = log
+
+    def __call__(self, name: str):
+        self.name = name
+        return self
+
+    def __enter__(self):
+        self.t0 = time.perf_counter()
+        self.log(f"  {self.name} ...")
+
+    def __exit__(self, *exc):
+        if exc[0] is None:
+            self.log(f"  {self.name}: done in {time.perf_counter() - self.t0:.1f} s")
+
+
+def _default_tree(heads_path: str | None) -> str:
+    if heads_path and (Path(heads_path) / "tree.json").exists():
+        return str(Path(heads_path) / "tree.json")
+    return DEFAULT_TREE
+
+
+def _graph_record(kind: str, num_layers: int, medusa: bool) -> dict:
+    fmt = lambda ts: [{"name": t.name, "dtype": t.dtype, "axes": list(t.axes)} for t in ts]  # noqa: E731
+    return {"file": f"{kind}.onnx", "inputs": fmt(io_table.inputs(num_layers)),
+            "outputs": fmt(io_table.outputs(num_layers, medusa))}
+
+
+def _manifest(loaded, chosen, dims, tree_spec, tree_obj, max_seq, graphs, validation, work: Path) -> dict:
+    import onnx
+    import torch
+    import transformers
+
+    cfg = loaded.model.config
+    files = sorted(p for p in work.rglob("*") if p.is_file())
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "package_version": __version__,
+        "exporter": {"torch": torch.__version__, "transformers": transformers.__version__, "onnx": onnx.__version__,
+                     "opset": OPSET, "python": platform.python_version()},
+        "model": {**loaded.identity, "model_type": cfg.model_type, "hidden_size": cfg.hidden_size,
+                  "num_layers": cfg.num_hidden_layers, "vocab_size": cfg.vocab_size},
+        "heads": {"num_heads": chosen.heads.config.num_heads, "num_layers": chosen.heads.config.num_layers,
+                  "layout": chosen.heads.config.layout, "trained": chosen.trained, "source": chosen.path,
+                  "directory": "heads"},
+        "dims": dims.__dict__,
+        "dtype": dims.dtype,
+        "max_seq": max_seq,
+        "kv_layout": "[batch, sequence, kv_heads, head_dim]",
+        "tree": {"name": Path(tree_spec).stem if tree_spec.endswith(".json") else tree_spec,
+                 "medusa_choices": tree_obj.to_json(), "num_nodes": tree_obj.num_nodes},
+        "graphs": graphs,
+        "validation": validation,
+        "files": {str(p.relative_to(work)): file_record(p) for p in files},
+        "engines": {},
+    }
+
+
+def _replace_dir(work: Path, out: Path) -> None:
+    """Swap the finished directory into place; an old artifact is removed only after the swap."""
+    old = None
+    if out.exists():
+        old = out.with_name(out.name + f".old-{int(time.time())}")
+        out.rename(old)
+    work.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,98 @@
+"""Benchmark vanilla vs Medusa decoding per backend on a prompt set (``medusa-export bench``).
+
+    report = run_bench(artifact_dir, ["ort"], prompts, max_new_tokens=128, with_hf=True)
+
+Per row: tokens/s over the whole set (new tokens / wall time, prefill included), mean accepted tokens per
+step, step latency p50/p90, median prefill, and whether every output equals vanilla on that backend.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .decode import GenerationConfig
+from .generator import GenerationResult
+
+
+def summarize(backend: str, mode: str, results: list[GenerationResult], wall_s: float,
+              identical: bool | None) -> dict:
+    steps = [s for r in results for s in r.step_ms]
+    step_tokens = sum(r.new_tokens - 1 for r in results if r.new_tokens)
+    n_steps = sum(r.steps for r in results)
+    return {
+        "backend": backend,
+        "mode": mode,
+        "tokens_per_s": round(sum(r.new_tokens for r in results) / wall_s, 3),
+        "mean_accepted": round(step_tokens / n_steps, 4) if n_steps else None,
+        "step_ms_p50": round(float(np.percentile(steps, 50)), 3) if steps else None,
+        "step_ms_p90": round(float(np.percentile(steps, 90)), 3) if steps else None,
+        "prefill_ms": round(float(np.median([r.prefill_ms for r in results])), 3) if results else None,
+        "identical_to_vanilla": identical,
+        "new_tokens": sum(r.new_tokens for r in results),
+    }
+
+
+def run_bench(artifact: str | Path, backends: list[str], prompts: list[str], max_new_tokens: int = 128,
+              with_hf: bool = True, tree: str | None = None, threads: int | None = None,
+              progress: Callable[[str], None] | None = None) -> dict:
+    from tqdm import tqdm
+
+    from .api import MedusaRuntime
+
+    results: list[dict] = []
+    vanilla_tokens: dict[str, list[list[int]]] = {}
+    total = len(backends) * len(prompts) * 2 + (len(prompts) if with_hf else 0)
+    bar = tqdm(total=total, desc="bench", unit="gen", disable=progress is None)
+    manifest = None
+    for name in backends:
+        rt = MedusaRuntime.load(artifact, backend=name, tree=tree, threads=threads)
+        manifest = rt.manifest
+        rt.generate(prompts[0], max_new_tokens=8, medusa=False)  # warm-up (allocator, thread pool)
+        rt.generate(prompts[0], max_new_tokens=8, medusa=True)
+        for medusa in (False, True):
+            cfg = GenerationConfig(max_new_tokens=max_new_tokens, medusa=medusa)
+            runs, t0 = [], time.perf_counter()
+            for p in prompts:
+                runs.append(rt.generator.generate(p, cfg))
+                bar.update(1)
+            wall = time.perf_counter() - t0
+            if not medusa:
+                vanilla_tokens[name] = [r.token_ids for r in runs]
+            identical = all(r.token_ids == v for r, v in zip(runs, vanilla_tokens[name]))
+            results.append(summarize(name, "medusa" if medusa else "vanilla", runs, wall, identical))
+    if with_hf:
+        from medusa_export.exporter.hf_baseline import hf_generate_bench
+
+        row, hf_tokens = hf_generate_bench(manifest, prompts, max_new_tokens, on_prompt=lambda: bar.update(1))
+        ref = vanilla_tokens.get("torch") or next(iter(vanilla_tokens.values()), None)
+        row["identical_to_vanilla"] = ref is not None and hf_tokens == ref
+        results.append(row)
+    bar.close()
+    return {"model": manifest["model"]["name"] if manifest else None, "prompts": len(prompts),
+            "max_new_tokens": max_new_tokens, "tree": manifest["tree"] if manifest else None, "results": results}
+
+
+def plot(report: dict, path: str | Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report["results"]
+    labels = [f"{r['backend']}\n{r['mode']}" for r in rows]
+    values = [r["tokens_per_s"] for r in rows]
+    colors = ["#4C72B0" if r["mode"] == "vanilla" else "#DD8452" for r in rows]
+    fig, ax = plt.subplots(figsize=(1.6 * len(rows) + 2, 4))
+    bars = ax.bar(labels, values, color=colors)
+    for b, r in zip(bars, rows):
+        note = f"{r['tokens_per_s']:.1f}" + (f"\n{r['mean_accepted']:.2f} acc" if r["mode"] == "medusa" else "")
+        ax.annotate(note, (b.get_x() + b.get_width() / 2, b.get_height()), ha="center", va="bottom", fontsize=8)
+    ax.set_ylabel("tokens / s")
+    ax.set_title(f"{report['model']}: {report['prompts']} prompts, {report['max_new_tokens']} new tokens")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,47 @@
+"""`medusa-export bench`: vanilla vs Medusa for each backend, plus transformers `generate`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .app import app, cli_errors
+
+
+@app.command()
+@cli_errors
+def bench(
+    artifact: Path = typer.Argument(..., help="Artifact directory."),
+    backends: str = typer.Option("ort", help="Comma-separated: torch, ort, trt."),
+    prompts: Optional[Path] = typer.Option(None, help="JSONL prompts (default: shared/data/mt_bench.jsonl if found)."),
+    limit: Optional[int] = typer.Option(None, help="Use only the first N prompts."),
+    max_new_tokens: int = typer.Option(128, min=1),
+    tree: Optional[str] = typer.Option(None, help="Tree to use instead of the artifact's (must fit the graph)."),
+    threads: Optional[int] = typer.Option(None, help="Intra-op threads (default: all cores)."),
+    no_hf: bool = typer.Option(False, "--no-hf", help="Skip the transformers generate baseline."),
+    as_json: Optional[Path] = typer.Option(None, "--json", help="Write the report here."),
+    plot_file: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG bar chart of tokens/s here."),
+) -> None:
+    """Benchmark decoding speed: tokens/s, accepted length, step latency, identical outputs."""
+    from ..bench import plot, run_bench
+    from ..prompts import read_prompts
+    from .build_cmd import _default_prompts
+
+    names = [b.strip() for b in backends.split(",") if b.strip()]
+    texts = read_prompts(prompts or _default_prompts(), limit=limit)
+    report = run_bench(artifact, names, texts, max_new_tokens=max_new_tokens, with_hf=not no_hf, tree=tree,
+                       threads=threads, progress=typer.echo)
+    typer.echo(f"{'backend':<13}{'mode':<9}{'tok/s':>8}{'accepted':>10}{'step p50':>10}{'step p90':>10}"
+               f"{'prefill':>9}  identical")
+    for r in report["results"]:
+        fmt = lambda v, f: format(v, f) if v is not None else "-".rjust(int(f.split(".")[0]))  # noqa: E731
+        typer.echo(f"{r['backend']:<13}{r['mode']:<9}{fmt(r['tokens_per_s'], '8.2f')}{fmt(r['mean_accepted'], '10.2f')}"
+                   f"{fmt(r['step_ms_p50'], '10.1f')}{fmt(r['step_ms_p90'], '10.1f')}{fmt(r['prefill_ms'], '9.1f')}"
+                   f"  {r['identical_to_vanilla']}")
+    if as_json:
+        as_json.write_text(json.dumps(report, indent=2) + "\n")
+    if plot_file:
+        plot(report, plot_file)

@@ -1,0 +1,84 @@
+"""`medusa-export build` and `medusa-export verify`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .app import app, cli_errors
+
+
+@app.command()
+@cli_errors
+def build(
+    model: Optional[str] = typer.Argument(None, help="HF model directory or .gguf file (default: built-in SmolLM2)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Artifact directory to write."),
+    heads: Optional[str] = typer.Option(None, help="Medusa heads (default: shipped heads for the default model, "
+                                        "else fresh untrained heads); 'fresh' forces untrained heads."),
+    tree: Optional[str] = typer.Option(None, help="Tree preset or JSON file (default: the heads' calibrated tree, "
+                                       "else cpu_small_10)."),
+    dtype: str = typer.Option("fp32", help="fp32 | fp16"),
+    max_seq: int = typer.Option(2048, help="KV capacity (prompt + generated tokens)."),
+    engine: str = typer.Option("onnx", help="onnx | trt | all (trt needs TensorRT and a CUDA GPU)."),
+) -> None:
+    """Export model + fused heads to ONNX, validate against PyTorch, write a self-contained artifact."""
+    from medusa_export.exporter.build import build_artifact
+
+    if engine not in ("onnx", "trt", "all"):
+        raise typer.BadParameter(f"--engine {engine!r}: use onnx, trt or all")
+    build_artifact(model, out, heads=heads, tree=tree, dtype=dtype, max_seq=max_seq, log=typer.echo)
+    if engine != "onnx":
+        from medusa_export.engines.cli_entry import build_engines_for_artifact
+
+        build_engines_for_artifact(out, required=(engine == "trt"), log=typer.echo)
+
+
+@app.command()
+@cli_errors
+def verify(
+    artifact: Path = typer.Argument(..., help="Artifact directory."),
+    backends: str = typer.Option("torch,ort", help="Comma-separated; the first is the reference."),
+    prompts: Optional[Path] = typer.Option(None, help="JSONL prompts (default: 5 MT-Bench prompts if found)."),
+    limit: int = typer.Option(5, help="Number of prompts."),
+    max_new_tokens: int = typer.Option(48),
+    tolerance: Optional[float] = typer.Option(None, help="Max probability error (default 1e-3 fp32, 2e-2 fp16)."),
+    as_json: Optional[Path] = typer.Option(None, "--json", help="Write the full report here."),
+) -> None:
+    """Compare backends on real prompts: identical greedy tokens, top-1 agreement, probability error."""
+    from ..api import MedusaRuntime
+    from ..compare import compare_backends
+    from ..manifest import read_manifest
+    from ..prompts import read_prompts
+
+    manifest = read_manifest(artifact, check_hashes=True)
+    names = [b.strip() for b in backends.split(",") if b.strip()]
+    if len(names) < 2:
+        raise typer.BadParameter("--backends needs at least two, e.g. torch,ort")
+    texts = read_prompts(prompts or _default_prompts(), limit=limit)
+    gens = {n: MedusaRuntime.load(artifact, backend=n).generator for n in names}
+    tol = tolerance if tolerance is not None else (1e-3 if manifest["dtype"] == "float32" else 2e-2)
+    report = compare_backends(gens, texts, max_new_tokens=max_new_tokens, prob_tolerance=tol)
+    if as_json:
+        as_json.write_text(json.dumps(report, indent=2) + "\n")
+    ok = True
+    for n, s in report["summary"].items():
+        if not isinstance(s, dict):
+            continue
+        ok &= s["ok"]
+        typer.echo(f"{n} vs {names[0]}: vanilla identical {s['vanilla_identical']}/{len(texts)}, "
+                   f"medusa identical {s['medusa_identical']}/{len(texts)}, top-1 agreement {s['top1_agreement']:.4f}, "
+                   f"max prob error {s['max_prob_error']:.2e} (tolerance {tol:g}) -> {'OK' if s['ok'] else 'MISMATCH'}")
+    if not ok:
+        raise typer.Exit(1)
+
+
+def _default_prompts() -> Path:
+    here = Path.cwd()
+    for base in (here, *here.parents):
+        p = base / "shared" / "data" / "mt_bench.jsonl"
+        if p.exists():
+            return p
+    raise typer.BadParameter("no --prompts given and no shared/data/mt_bench.jsonl nearby: pass --prompts FILE.jsonl")

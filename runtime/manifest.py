@@ -1,0 +1,82 @@
+"""The artifact manifest: a versioned JSON that tells the runtime everything about an artifact directory.
+
+    manifest = read_manifest("artifacts/smollm2")     # checks format, version and files
+    dims = manifest_dims(manifest)
+
+Layout of an artifact directory::
+
+    manifest.json        this file (written last: a directory without it is not an artifact)
+    medusa.onnx          backbone + fused heads;  vanilla.onnx  backbone only (the honest baseline)
+    tokenizer.json, tokenizer_config.json, generation_config.json
+    heads/               the heads' safetensors + config (for the PyTorch reference / rebuilds)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from .backends.base import ModelDims
+from .errors import ArtifactError
+
+FORMAT = "medusa-export-artifact"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_record(path: Path) -> dict:
+    return {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+
+
+def write_manifest(directory: Path, manifest: dict) -> Path:
+    out = directory / MANIFEST
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    tmp.replace(out)
+    return out
+
+
+def read_manifest(directory: str | Path, check_hashes: bool = False) -> dict:
+    """Read and check the manifest: format, version, and every listed file present with its size
+    (and its sha256 when ``check_hashes``)."""
+    directory = Path(directory)
+    path = directory / MANIFEST
+    if not directory.is_dir():
+        raise ArtifactError(f"artifact directory {directory} does not exist: run `medusa-export build --out {directory}`")
+    if not path.exists():
+        raise ArtifactError(f"{directory} has no {MANIFEST}: not a complete artifact, rebuild it with `medusa-export build`")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ArtifactError(f"{path} is corrupt ({e.msg}, line {e.lineno}): rebuild the artifact") from None
+    if manifest.get("format") != FORMAT:
+        raise ArtifactError(f"{path} is not a medusa-export manifest (format {manifest.get('format')!r}): rebuild the artifact")
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ArtifactError(
+            f"{path} has manifest version {version}, this runtime reads version {FORMAT_VERSION}: "
+            f"rebuild the artifact with this medusa-export ({manifest.get('package_version', '?')} built it)"
+        )
+    for name, rec in manifest.get("files", {}).items():
+        f = directory / name
+        if not f.exists():
+            raise ArtifactError(f"artifact file {f} is missing: rebuild the artifact")
+        if f.stat().st_size != rec["bytes"]:
+            raise ArtifactError(f"artifact file {f} has {f.stat().st_size} bytes, the manifest says {rec['bytes']}: "
+                                f"it is truncated or replaced, rebuild the artifact")
+        if check_hashes and sha256_file(f) != rec["sha256"]:
+            raise ArtifactError(f"artifact file {f} does not match its sha256 in the manifest: it is corrupt, rebuild the artifact")
+    return manifest
+
+
+def manifest_dims(manifest: dict) -> ModelDims:
+    return ModelDims(**manifest["dims"])
