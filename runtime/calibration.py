@@ -22,6 +22,7 @@ import numpy as np
 
 from .backends.base import Backend
 from .errors import InputError
+from .prompts import read_prompts as load_prompts
 from .tokenizer import ChatTokenizer
 from .tree_search import search_tree
 
@@ -143,27 +144,6 @@ def measure_latency(backend: Backend, sizes: Sequence[int] = DEFAULT_SIZES, past
             if round_ >= warmup:
                 times[t].append(time.perf_counter() - t0)
     return {t: float(np.median(times[t])) for t in sizes}
-
-
-def load_prompts(path: str | Path) -> list[str]:
-    """Prompts from a JSONL file, one object with a ``"prompt"`` string per line (blank lines skipped)."""
-    path = Path(path)
-    if not path.exists():
-        raise InputError(f"prompts file {path} does not exist: give a JSONL file with a 'prompt' field per line")
-    prompts = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InputError(f"{path} line {lineno} is not valid JSON ({e.msg}): fix or remove it") from None
-        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"]:
-            raise InputError(f"{path} line {lineno} has no non-empty string 'prompt' field")
-        prompts.append(row["prompt"])
-    if not prompts:
-        raise InputError(f"prompts file {path} holds no prompts")
-    return prompts
 
 
 def _prompt_ids(tokenizer: ChatTokenizer | None, prompts: str | Path | Sequence[str | Sequence[int]], chat: bool) -> list[list[int]]:

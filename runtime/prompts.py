@@ -12,9 +12,10 @@ from .errors import InputError
 
 
 def read_prompts(path: str | Path, limit: int | None = None) -> list[str]:
+    """Non-empty prompts in file order; an `InputError` names the first bad line."""
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"prompts file {path} not found: pass a .jsonl file with one {{\"prompt\": ...}} per line")
+        raise InputError(f"prompts file {path} does not exist: pass a .jsonl file with one {{\"prompt\": ...}} per line")
     prompts = []
     for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
@@ -22,10 +23,10 @@ def read_prompts(path: str | Path, limit: int | None = None) -> list[str]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            raise InputError(f"{path}:{lineno}: not valid JSON ({e.msg}): fix that line") from None
+            raise InputError(f"{path} line {lineno}: not valid JSON ({e.msg}): fix that line") from None
         prompt = row.get("prompt") if isinstance(row, dict) else None
         if not isinstance(prompt, str) or not prompt.strip():
-            raise InputError(f"{path}:{lineno}: needs a non-empty string field \"prompt\"")
+            raise InputError(f"{path} line {lineno}: needs a non-empty string field \"prompt\"")
         prompts.append(prompt)
         if limit is not None and len(prompts) >= limit:
             break

@@ -43,7 +43,7 @@ def cli_errors(fn: Callable) -> Callable:
 
 def _register() -> None:
     # Command modules import only typer at module level.
-    from . import bench_cmd, build_cmd, generate_cmd  # noqa: F401
+    from . import bench_cmd, build_cmd, generate_cmd, train_cmd  # noqa: F401
 
 
 def main() -> None:

@@ -1,0 +1,45 @@
+"""`medusa-export train-heads` and `medusa-export calibrate-tree`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .app import app, cli_errors
+
+
+@app.command("calibrate-tree")
+@cli_errors
+def calibrate_tree(
+    artifact: Path = typer.Argument(..., help="Artifact directory (its heads and graph are measured)."),
+    data: Path = typer.Option(..., "--data", help="JSONL calibration prompts (e.g. train_prompts.jsonl)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Where to write tree.json."),
+    backend: str = typer.Option("ort", help="Backend whose step latency is measured: ort | trt | torch."),
+    limit: int = typer.Option(48, help="Number of calibration prompts."),
+    max_new_tokens: int = typer.Option(96, min=2),
+    node_budget: int = typer.Option(63, min=1, help="Largest tree considered (nodes without the root)."),
+    threads: Optional[int] = typer.Option(None, help="Intra-op threads, as you will serve with."),
+) -> None:
+    """Measure head accuracy and step latency vs tree size; write the tree with the best expected tokens/s."""
+    from ..api import MedusaRuntime
+    from ..calibration import calibrate
+    from ..prompts import read_prompts
+
+    texts = read_prompts(data, limit=limit)
+    rt = MedusaRuntime.load(artifact, backend=backend, threads=threads)
+    if not rt.generator.backend.has_medusa:
+        raise typer.BadParameter(f"{artifact} has no Medusa heads to calibrate")
+    result = calibrate(rt.generator.backend, rt.generator.tokenizer, texts, max_new_tokens=max_new_tokens,
+                       node_budget=node_budget, progress=typer.echo)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    c = result["calibration"]
+    acc = c["head_accuracy"]["marginal"]
+    typer.echo("head  top-1  top-5")
+    for d, row in enumerate(acc):
+        typer.echo(f"{d:>4}  {row[0]:.3f}  {sum(row[:5]):.3f}")
+    typer.echo(f"chosen tree: {c['num_nodes']} nodes, expected {c['expected_accepted'] + 1:.2f} tokens/step, "
+               f"predicted {c['tokens_per_s']:.1f} tokens/s vs {c['baseline_tokens_per_s']:.1f} vanilla -> {out}")
