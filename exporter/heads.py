@@ -34,6 +34,9 @@ class HeadsConfig:
     num_layers: int = 1
     layout: str = "shared"  # "shared" | "own"
     base_model: str = ""  # identity of the base model the heads were trained for
+    # > 0: heads score only this many token ids (`draft_ids`, e.g. the most frequent ones), which cuts the
+    # vocabulary projection (the heads' dominant cost) by vocab_size / draft_vocab_size.
+    draft_vocab_size: int = 0
 
     def __post_init__(self) -> None:
         if self.layout not in ("shared", "own"):
@@ -63,26 +66,54 @@ class MedusaHeads(nn.Module):
             nn.Sequential(*[ResBlock(config.hidden_size) for _ in range(config.num_layers)])
             for _ in range(config.num_heads)
         )
+        out_vocab = config.draft_vocab_size or config.vocab_size
         self.proj = nn.ModuleList(
-            nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+            nn.Linear(config.hidden_size, out_vocab, bias=False)
             for _ in range(config.num_heads if config.layout == "own" else 0)
         )
+        if config.draft_vocab_size:
+            self.register_buffer("draft_ids", torch.arange(config.draft_vocab_size, dtype=torch.long))
+        else:
+            self.draft_ids = None
 
     def init_projections_from(self, lm_head: nn.Linear) -> None:
         with torch.no_grad():
             for p in self.proj:
-                p.weight.copy_(lm_head.weight)
+                p.weight.copy_(lm_head.weight if self.draft_ids is None else lm_head.weight[self.draft_ids])
+
+    def to_token_ids(self, indices: torch.Tensor) -> torch.Tensor:
+        """Map indices into the heads' vocabulary (full or draft) to token ids."""
+        return indices if self.draft_ids is None else self.draft_ids[indices]
 
     def hidden(self, h: torch.Tensor) -> torch.Tensor:
         """Per-head hidden states ``[..., K, H]`` (before the vocabulary projection)."""
         return torch.stack([blk(h) for blk in self.blocks], dim=-2)
 
     def forward(self, h: torch.Tensor, lm_head: nn.Module) -> torch.Tensor:
-        """Logits ``[..., K, V]`` for hidden states ``[..., H]``."""
+        """Logits ``[..., K, V]`` for hidden states ``[..., H]`` (V = draft_vocab_size when set: map
+        indices with `to_token_ids`)."""
         hk = self.hidden(h)
         if self.config.layout == "shared":
-            return lm_head(hk)
+            if self.draft_ids is None:
+                return lm_head(hk)
+            return nn.functional.linear(hk, lm_head.weight[self.draft_ids])
         return torch.stack([p(hk[..., k, :]) for k, p in enumerate(self.proj)], dim=-2)
+
+
+def restrict_vocab(heads: MedusaHeads, token_ids: torch.Tensor, lm_head: nn.Module | None = None) -> MedusaHeads:
+    """A copy of ``heads`` that scores only ``token_ids`` (e.g. the most frequent tokens of the training data)."""
+    ids = torch.as_tensor(token_ids, dtype=torch.long).unique(sorted=True)
+    cfg = HeadsConfig(**{**asdict(heads.config), "draft_vocab_size": int(ids.numel())})
+    out = MedusaHeads(cfg)
+    out.blocks.load_state_dict(heads.blocks.state_dict())
+    out.draft_ids.copy_(ids)
+    with torch.no_grad():
+        for p_new, p_old in zip(out.proj, heads.proj):
+            full = p_old.weight if heads.draft_ids is None else None
+            if full is None:
+                raise HeadsError("restrict_vocab needs heads with a full-vocabulary projection")
+            p_new.weight.copy_(full[ids])
+    return out
 
 
 def new_heads(base_config, num_heads: int = 4, num_layers: int = 1, layout: str = "shared",
@@ -121,7 +152,7 @@ def load_heads(path: str | Path, base_config) -> MedusaHeads:
     if meta.get("format") == HEADS_FORMAT:
         state = _read_tensors(directory / WEIGHTS_FILE)
         cfg = HeadsConfig(**{k: meta[k] for k in ("hidden_size", "vocab_size", "num_heads", "num_layers", "layout")},
-                          base_model=meta.get("base_model", ""))
+                          base_model=meta.get("base_model", ""), draft_vocab_size=meta.get("draft_vocab_size", 0))
     else:
         state, cfg = _read_reference(path, meta, base_config)
     _check_against_base(cfg, base_config, path)

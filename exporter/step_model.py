@@ -46,7 +46,7 @@ class StepModel(nn.Module):
         outs = list(reduce_base_logits(logits, input_ids, temperature, self.sample_topk))
         if self.heads is not None:
             head_logits = self.heads(hidden, self.lm_head)  # [B, T, K, V]
-            outs.append(torch.topk(head_logits.float(), self.head_topk, dim=-1).indices)
+            outs.append(self.heads.to_token_ids(torch.topk(head_logits.float(), self.head_topk, dim=-1).indices))
         for layer in cache.layers[:n]:
             outs.append(layer.keys[:, :, past_len:].transpose(1, 2))
             outs.append(layer.values[:, :, past_len:].transpose(1, 2))
