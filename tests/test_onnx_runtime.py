@@ -209,3 +209,36 @@ def test_bench_report_shape(artifact):
     assert [(r["backend"], r["mode"]) for r in rows] == [("ort", "vanilla"), ("ort", "medusa")]
     assert all(r["identical_to_vanilla"] for r in rows)
     assert rows[0]["mean_accepted"] == 1.0 and rows[1]["tokens_per_s"] > 0
+
+
+def test_fp16_artifact(tiny_dirs, tmp_path):
+    """fp16 export validates, keeps fp16 KV buffers, and agrees with the fp32 reference on top-1."""
+    from medusa_export.exporter.build import build_artifact
+    from medusa_export.runtime.compare import compare_backends
+
+    out = tmp_path / "fp16"
+    m = build_artifact(str(tiny_dirs[0]), out, heads=str(tiny_dirs[1]), tree="chain-2", dtype="fp16", max_seq=96,
+                       log=lambda _m: None)
+    assert m["dtype"] == "float16" and m["validation"]["medusa"]["tolerance"] == 5e-2
+    rt = MedusaRuntime.load(out, backend="ort", threads=1)
+    s = rt.generator.backend.new_session()
+    assert s.kv.keys[0].dtype == np.float16
+    ref = MedusaRuntime.load(out, backend="torch", threads=1).generator
+    report = compare_backends({"torch": ref, "ort": rt.generator}, ["t5 t6 t7", "t1 t2 t3"], max_new_tokens=8,
+                              prob_tolerance=2e-2)
+    assert report["summary"]["ort"]["top1_agreement"] >= 0.9
+    assert report["summary"]["ort"]["max_prob_error"] < 2e-2
+
+
+def test_external_data_for_large_weights(tiny_model, tmp_path, monkeypatch):
+    """Over the 2 GB protobuf limit weights go to `<name>.onnx.data`; here the limit is lowered to force it."""
+    import onnxruntime as ort
+
+    from medusa_export.exporter import onnx_export
+    from medusa_export.exporter.step_model import StepModel
+
+    monkeypatch.setattr(onnx_export, "TWO_GB", 0)
+    path = onnx_export.export_step_graph(StepModel(tiny_model, None, 10, 8), tmp_path / "vanilla.onnx")
+    assert (tmp_path / "vanilla.onnx.data").stat().st_size > (tmp_path / "vanilla.onnx").stat().st_size
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert sess.get_outputs()[0].name == "next_token_ids"
