@@ -1,0 +1,52 @@
+"""Resumable training state in ``out_dir/checkpoint.pt``: heads, optimizer, scheduler, position in the run.
+
+Saved atomically; loaded only when its fingerprint (the run's arguments and data) matches, so a changed
+command starts afresh instead of mixing runs. Read back with ``weights_only=True``: plain tensors and
+numbers, never arbitrary pickled objects. Removed once the run has written its final heads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+
+FILE = "checkpoint.pt"
+_SKIP = ("resume", "progress", "threads", "checkpoint_every_s", "out_dir", "cache_dir")
+
+
+def path(out: Path) -> Path:
+    return Path(out) / FILE
+
+
+def fingerprint(args: dict) -> str:
+    """What must match for a checkpoint to continue (not the knobs that do not change the result)."""
+    kept = {k: v for k, v in args.items() if k not in _SKIP}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def save(out: Path, fp: str, heads, opt, sched, epoch: int, step_in_epoch: int, history: dict) -> None:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {"fingerprint": fp, "epoch": epoch, "step_in_epoch": step_in_epoch, "history": json.dumps(history),
+             "heads": heads.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict()}
+    tmp = path(out).with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path(out))
+
+
+def load(out: Path, fp: str) -> dict | None:
+    p = path(out)
+    if not p.exists():
+        return None
+    try:
+        state = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception:
+        return None  # a torn or foreign file: start afresh rather than fail
+    return state if state.get("fingerprint") == fp else None
+
+
+def remove(out: Path) -> None:
+    path(out).unlink(missing_ok=True)

@@ -1,0 +1,59 @@
+"""What ``medusa-export train-heads`` calls: one function taking the CLI's options, printing tqdm progress.
+
+    run_train_heads(None, "train_prompts.jsonl", "heads/smollm2", epochs=3, draft_vocab=8192)
+
+Also runnable directly (and under ``torchrun`` / ``accelerate launch``, see ``train.py``)::
+
+    python -m medusa_export.exporter.training.cli_entry --data train_prompts.jsonl --out heads/x --epochs 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import os
+from pathlib import Path
+from typing import Any
+
+from .train import train_heads
+
+_INT_OR_NONE = ("draft_vocab", "threads", "max_train_positions")
+
+
+def run_train_heads(model: Any, data: str | Path, out: str | Path, **options: Any) -> dict:
+    """Train Medusa heads for ``model`` (path, None for the default model, or a loaded model) on ``data``."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    known = set(inspect.signature(train_heads).parameters) - {"model_source", "data_file", "out_dir"}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        from medusa_export.runtime.errors import InputError
+
+        raise InputError(f"unknown train-heads option(s) {', '.join(unknown)}: known are {', '.join(sorted(known))}")
+    return train_heads(model, data, out, **{k: v for k, v in options.items() if v is not None or k == "draft_vocab"})
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="train-heads", description="Train Medusa-1 heads by self-distillation.")
+    p.add_argument("--model", default=None, help="HF directory or .gguf; default: SmolLM2-135M-Instruct")
+    p.add_argument("--data", required=True, help="prompts JSONL, one {\"prompt\": ...} per line")
+    p.add_argument("--out", required=True, help="output directory for the heads")
+    sig = inspect.signature(train_heads)
+    for name, par in sig.parameters.items():
+        if name in ("model_source", "data_file", "out_dir") or par.default is inspect.Parameter.empty:
+            continue
+        flag = "--" + name.replace("_", "-")
+        if isinstance(par.default, bool):
+            p.add_argument(flag, default=par.default, action=argparse.BooleanOptionalAction)
+        elif name in _INT_OR_NONE:
+            p.add_argument(flag, type=int, default=par.default)
+        elif name == "cache_dir":
+            p.add_argument(flag, default=None)
+        else:
+            p.add_argument(flag, type=type(par.default), default=par.default)
+    a = vars(p.parse_args(argv))
+    model, data, out = a.pop("model"), a.pop("data"), a.pop("out")
+    run_train_heads(model, data, out, **a)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,209 @@
+"""Head training on a tiny random Llama: data reading errors, batched self-distillation == unbatched,
+target alignment, loss going down, resumable data and checkpoints, and trained heads that load and decode
+losslessly (greedy Medusa output == vanilla output)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from conftest import TINY_VOCAB, make_tiny_model  # noqa: E402
+
+from medusa_export.exporter.heads import load_heads  # noqa: E402
+from medusa_export.exporter.training import train as train_mod  # noqa: E402
+from medusa_export.exporter.training.data import (  # noqa: E402
+    DistillConfig, DistilledData, distill, generate_batch, read_prompts)
+from medusa_export.exporter.training.examples import IGNORE, DraftVocab, build_examples, split_by_prompt  # noqa: E402
+from medusa_export.runtime.errors import HeadsError, InputError  # noqa: E402
+
+EOS = TINY_VOCAB - 1
+
+
+@dataclass
+class Loaded:
+    model: object
+    tokenizer: object
+    identity: dict
+
+
+@pytest.fixture(scope="module")
+def loaded(make_tokenizer, torch_single_thread):
+    return Loaded(make_tiny_model(3), make_tokenizer(eos_ids=(EOS,)), {"name": "tiny-llama", "sha256_16": "t"})
+
+
+@pytest.fixture(scope="module")
+def prompts_file(tmp_path_factory):
+    rng = np.random.default_rng(0)
+    path = tmp_path_factory.mktemp("data") / "prompts.jsonl"
+    rows = [{"prompt": " ".join(f"t{i}" for i in rng.integers(1, TINY_VOCAB - 1, rng.integers(2, 9)))}
+            for _ in range(24)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+OPTS = dict(epochs=4, lr=1e-2, batch_size=32, max_new_tokens=24, gen_batch_size=8, heldout_fraction=0.25,
+            progress=False, amp="none", seed=0)
+
+
+@pytest.fixture(scope="module")
+def trained(loaded, prompts_file, tmp_path_factory):
+    root = tmp_path_factory.mktemp("run")
+    report = train_mod.train_heads(loaded, prompts_file, root / "heads", cache_dir=root / "cache", **OPTS)
+    return root, report
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+@pytest.mark.parametrize("content, line", [
+    ('{"prompt": "a"}\n{"prompt": "b"\n', 2),
+    ('{"prompt": "a"}\n\n{"text": "b"}\n', 3),
+    ('{"prompt": "   "}\n', 1),
+    ('["prompt"]\n', 1),
+])
+def test_malformed_prompts_name_the_line(tmp_path, content, line):
+    f = tmp_path / "p.jsonl"
+    f.write_text(content)
+    with pytest.raises(InputError, match=f"line {line}"):
+        read_prompts(f)
+
+
+def test_empty_or_missing_prompts_file(tmp_path):
+    (tmp_path / "e.jsonl").write_text("\n \n")
+    with pytest.raises(InputError, match="empty"):
+        read_prompts(tmp_path / "e.jsonl")
+    with pytest.raises(InputError, match="does not exist"):
+        read_prompts(tmp_path / "nope.jsonl")
+
+
+def test_batched_generation_equals_unbatched(loaded):
+    """Left padding and rows leaving the batch must not change any row's tokens or hidden states."""
+    prompts = [[5, 6, 7, 8, 9], [1, 2, 3], [100, 200, 300, 17, 17, 17, 42], [250, 11]]
+    cfg = DistillConfig(max_new_tokens=12)
+    eos = {int(generate_batch(loaded.model, [prompts[1]], set(), cfg)["tokens"][4])}  # row 1 stops early
+    batched = generate_batch(loaded.model, prompts, eos, cfg)
+    off = np.concatenate([[0], np.cumsum(batched["seq_lens"])])
+    assert batched["seq_lens"][1] <= 5 and batched["seq_lens"].max() == 12
+    for r, p in enumerate(prompts):
+        single = generate_batch(loaded.model, [p], eos, cfg)
+        np.testing.assert_array_equal(batched["tokens"][off[r]:off[r + 1]], single["tokens"])
+        np.testing.assert_allclose(batched["hidden"][off[r]:off[r + 1]].astype(np.float32),
+                                   single["hidden"].astype(np.float32), atol=2e-3)
+
+
+def test_hidden_state_predicts_its_token(loaded):
+    """Stored H_j gives the stored g_j through lm_head: the pairs the head targets are built from."""
+    out = generate_batch(loaded.model, [[5, 6, 7]], set(), DistillConfig(max_new_tokens=8))
+    logits = loaded.model.get_output_embeddings()(torch.as_tensor(out["hidden"]).float())
+    np.testing.assert_array_equal(logits.argmax(-1).numpy(), out["tokens"])
+
+
+def test_targets_are_t_plus_2_plus_k():
+    data = DistilledData(np.zeros((7, 2), np.float16), np.array([10, 11, 12, 13, 20, 21, 22]),
+                         np.array([4, 3]), np.array([0, 1]))
+    ex = build_examples(data, num_heads=2)
+    # answer 0: H0..H3 -> g0..g3; head k at H_j predicts g_{j+1+k}; H3 (last) has no head target.
+    np.testing.assert_array_equal(ex.targets, [[11, 12], [12, 13], [13, IGNORE], [21, 22], [22, IGNORE]])
+    np.testing.assert_array_equal(ex.prompt_index, [0, 0, 0, 1, 1])
+    train, held = split_by_prompt(ex, 0.5, seed=0)
+    assert set(train.prompt_index).isdisjoint(held.prompt_index) and len(train) + len(held) == len(ex)
+
+
+def test_draft_vocab_remaps_and_drops_the_rest():
+    targets = np.array([[5, 5], [5, 7], [9, IGNORE]])
+    v = DraftVocab.from_targets(targets, size=2, vocab_size=16)
+    np.testing.assert_array_equal(v.ids, [5, 7])
+    assert v.coverage == pytest.approx(4 / 5)
+    np.testing.assert_array_equal(v.remap(targets, 16), [[0, 0], [0, 1], [IGNORE, IGNORE]])
+
+
+# -------------------------------------------------------------------------------------------- training
+
+
+def test_training_reduces_loss_and_writes_outputs(trained):
+    root, report = trained
+    out = root / "heads"
+    assert {"heads.safetensors", "config.json", "training.json", "eval.json"} <= {p.name for p in out.iterdir()}
+    assert not (out / "checkpoint.pt").exists()
+    first, last = report["initial_train_loss_per_head"], report["history"][-1]["train_loss_per_head"]
+    assert sum(last) < 0.7 * sum(first)
+    assert report["heldout_before_training"]["positions"] == report["heldout"]["positions"]
+    assert report["training_positions"] > 200 and report["heldout_positions"] > 0
+    saved = json.loads((out / "eval.json").read_text())
+    assert len(saved["top1"]) == 4 and len(saved["top5"]) == 4
+    rec = json.loads((out / "training.json").read_text())
+    assert rec["data_sha256"] and rec["seed"] == 0 and rec["wall_time_s"] > 0
+
+
+def test_trained_heads_decode_losslessly(trained, loaded):
+    from medusa_export.exporter.torch_backend import TorchBackend
+    from medusa_export.runtime.decode import GenerationConfig
+    from medusa_export.runtime.generator import Generator
+    from medusa_export.runtime.tree import Tree
+
+    heads = load_heads(trained[0] / "heads", loaded.model.config)
+    tree = Tree.from_choices([(0,), (1,), (0, 0), (0, 1), (0, 0, 0), (0, 0, 0, 0)], topk=10, num_heads=4)
+    gen = Generator(TorchBackend(loaded.model, heads, max_seq=128), loaded.tokenizer, tree)
+    for prompt in ("t5 t6 t7 t8", "t100 t3", "t250 t11 t250 t11"):
+        medusa = gen.generate(prompt, GenerationConfig(max_new_tokens=30, medusa=True))
+        vanilla = gen.generate(prompt, GenerationConfig(max_new_tokens=30, medusa=False))
+        assert medusa.token_ids == vanilla.token_ids
+        assert medusa.steps <= vanilla.steps
+
+
+def test_heads_for_another_model_are_refused(trained):
+    other = make_tiny_model(0)
+    other.config.vocab_size = TINY_VOCAB + 64
+    with pytest.raises(HeadsError, match="vocab_size"):
+        load_heads(trained[0] / "heads", other.config)
+    other.config.vocab_size, other.config.hidden_size = TINY_VOCAB, 96
+    with pytest.raises(HeadsError, match="hidden_size"):
+        load_heads(trained[0] / "heads", other.config)
+
+
+def test_rerun_reuses_data_and_resumes_after_interruption(trained, loaded, prompts_file, monkeypatch):
+    """Kill the run after epoch 1 (its checkpoint is on disk), rerun: same heads as the uninterrupted run."""
+    root, report = trained
+    out = root / "interrupted"
+    real_eval = train_mod.evaluate_heads
+    calls = {"n": 0}
+
+    def failing_eval(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 3:  # 1: before training, 2: after epoch 1, 3: after epoch 2
+            raise KeyboardInterrupt
+        return real_eval(*a, **kw)
+
+    monkeypatch.setattr(train_mod, "evaluate_heads", failing_eval)
+    with pytest.raises(KeyboardInterrupt):
+        train_mod.train_heads(loaded, prompts_file, out, cache_dir=root / "cache", **OPTS)
+    assert (out / "checkpoint.pt").exists()
+    monkeypatch.setattr(train_mod, "evaluate_heads", real_eval)
+    again = train_mod.train_heads(loaded, prompts_file, out, cache_dir=root / "cache", **OPTS)
+    assert again["distillation"]["generated_now_tokens"] == 0  # every shard came from the cache
+    assert again["resumed_from_epoch"] == 1 and len(again["history"]) == OPTS["epochs"]
+    a = load_heads(root / "heads", loaded.model.config).state_dict()
+    b = load_heads(out, loaded.model.config).state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+def test_draft_vocab_training_runs_and_evaluates_on_full_vocab(loaded, prompts_file, tmp_path):
+    report = train_mod.train_heads(loaded, prompts_file, tmp_path / "h", cache_dir=tmp_path / "c",
+                                   draft_vocab=64, **{**OPTS, "epochs": 1})
+    assert report["draft_vocab"]["size"] == 64 and 0 < report["draft_vocab"]["coverage"] <= 1
+    assert len(report["heldout"]["top1"]) == 4
+    load_heads(tmp_path / "h", loaded.model.config)
+
+
+def test_bad_options_are_input_errors(loaded, prompts_file, tmp_path):
+    with pytest.raises(InputError, match="layout"):
+        train_mod.train_heads(loaded, prompts_file, tmp_path / "h", layout="own", progress=False)
+    with pytest.raises(InputError, match="heldout_fraction"):
+        train_mod.train_heads(loaded, prompts_file, tmp_path / "h", heldout_fraction=1.5, progress=False)
