@@ -1,0 +1,191 @@
+"""Build TensorRT engines (serialized plans) from an artifact's ONNX graphs, and record them in its manifest.
+
+    build_engines("artifacts/gpu", BuildOptions(workspace_gib=8), log=print)
+
+For each graph (medusa, vanilla): parse the ONNX file with OnnxParser.parse_from_file (external weight
+files resolve next to it), add the prefill and step optimization profiles (`profiles.py`), apply the
+precision plan (`precision.py`), reuse a timing cache kept across builds, build, and write
+``<kind>.plan`` atomically. ``manifest["engines"][kind]`` records the plan file, the TensorRT version,
+GPU name and compute capability (checked by `compat.py` before loading), the precision, the profiles and
+the build time; ``manifest["files"]`` gets the plan's size and sha256.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from medusa_export.runtime import io_table
+from medusa_export.runtime.errors import MedusaExportError
+from medusa_export.runtime.manifest import file_record, read_manifest, write_manifest
+
+from . import availability, precision
+from .profiles import Profile, engine_profiles
+
+
+class EngineBuildError(MedusaExportError, RuntimeError):
+    """TensorRT could not parse or build a graph; the message carries TensorRT's first error."""
+
+
+@dataclass
+class BuildOptions:
+    workspace_gib: float | None = None  # builder scratch memory limit (None: TensorRT's default, the GPU's memory)
+    max_prompt: int | None = None  # prefill profile's largest T (default max_seq // 2; longer prompts run in chunks)
+    opt_prompt: int | None = None  # prefill T the kernels are tuned for
+    opt_past: int | None = None  # past length the step kernels are tuned for
+    strongly_typed: bool = True  # TensorRT 10 only: False builds weakly typed with BuilderFlag.FP16/BF16
+    allow_tf32: bool = False  # fp32 graphs: keep TensorRT's TF32 matmuls (faster, ~1e-3 relative error)
+    optimization_level: int | None = None  # IBuilderConfig.builder_optimization_level (0-5; TensorRT default 3)
+    timing_cache: str | Path | None = None  # default: $MEDUSA_EXPORT_CACHE/tensorrt/timing-<trt>-<sm>.cache
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("MEDUSA_EXPORT_CACHE", Path.home() / ".cache" / "medusa-export"))
+
+
+def default_timing_cache(tensorrt_version: str, device: availability.Device) -> Path:
+    """One cache per TensorRT version and GPU architecture (a cache from another one is rejected anyway)."""
+    return cache_root() / "tensorrt" / f"timing-{tensorrt_version}-{device.sm}.cache"
+
+
+def _atomic_write(path: Path, data) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _make_logger(trt, log: Callable[[str], None], verbose: bool = False):
+    """A TensorRT logger that keeps errors (for the exception message) and forwards warnings when verbose."""
+
+    class _Logger(trt.ILogger):
+        def __init__(self) -> None:
+            trt.ILogger.__init__(self)
+            self.errors: list[str] = []
+
+        def log(self, severity, msg) -> None:  # noqa: A003 - TensorRT's interface
+            level = int(severity)  # INTERNAL_ERROR 0, ERROR 1, WARNING 2, INFO 3, VERBOSE 4
+            if level <= 1:
+                self.errors.append(str(msg))
+            elif level == 2 and verbose:
+                log(f"    TensorRT: {msg}")
+
+        def last_error(self) -> str:
+            return self.errors[-1].splitlines()[0][:300] if self.errors else "see the TensorRT log above"
+
+    return _Logger()
+
+
+def _build_plan(trt, onnx_path: Path, plan: precision.PrecisionPlan, profiles: list[Profile], dims: dict,
+                options: BuildOptions, cache_path: Path, log: Callable[[str], None]):
+    logger = _make_logger(trt, log)
+    builder = trt.Builder(logger)
+    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if plan.strongly_typed else 0
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
+        first = errors[0].splitlines()[0][:300] if errors else logger.last_error()
+        raise EngineBuildError(f"TensorRT cannot parse {onnx_path.name}: {first}")
+    names = {network.get_input(i).name for i in range(network.num_inputs)}
+    expected = set(io_table.input_names(dims["num_layers"]))
+    if not expected <= names:
+        raise EngineBuildError(f"{onnx_path.name} lacks graph inputs {sorted(expected - names)[:4]}: rebuild the artifact")
+
+    config = builder.create_builder_config()
+    if options.workspace_gib:
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(options.workspace_gib * (1 << 30)))
+    for flag in plan.set_flags:
+        config.set_flag(getattr(trt.BuilderFlag, flag))
+    for flag in plan.clear_flags:
+        if hasattr(trt.BuilderFlag, flag):
+            config.clear_flag(getattr(trt.BuilderFlag, flag))
+    if options.optimization_level is not None:
+        config.builder_optimization_level = int(options.optimization_level)
+    for p in profiles:
+        prof = builder.create_optimization_profile()
+        for name, (lo, opt, hi) in p.shapes(dims["num_layers"], dims["num_kv_heads"], dims["head_dim"]).items():
+            prof.set_shape(name, lo, opt, hi)
+        if config.add_optimization_profile(prof) < 0:
+            raise EngineBuildError(f"TensorRT rejected the {p.name} profile {p.to_json()}: {logger.last_error()}")
+
+    cached = cache_path.read_bytes() if cache_path.exists() else b""
+    cache = config.create_timing_cache(cached)
+    if not config.set_timing_cache(cache, False):  # ignore_mismatch=False: a foreign cache is refused...
+        cache = config.create_timing_cache(b"")  # ...then start a fresh one
+        config.set_timing_cache(cache, False)
+
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise EngineBuildError(f"TensorRT could not build an engine from {onnx_path.name}: {logger.last_error()}")
+    try:
+        _atomic_write(cache_path, config.get_timing_cache().serialize())
+    except OSError as e:  # the cache only saves time; never fail a build on it
+        log(f"    (timing cache not saved: {e})")
+    return serialized
+
+
+def build_engine(directory: Path, manifest: dict, kind: str, options: BuildOptions,
+                 log: Callable[[str], None] = print) -> dict:
+    """Build ``<kind>.plan`` in ``directory``; returns its manifest record (the caller writes the manifest)."""
+    trt = availability.import_tensorrt()
+    status = availability.require()
+    dims = manifest["dims"]
+    graph = manifest["graphs"][kind]
+    onnx_path = directory / graph["file"]
+    profiles = engine_profiles(manifest, kind, options.max_prompt, options.opt_prompt, options.opt_past)
+    plan = precision.choose(manifest["dtype"], trt.__version__, options.strongly_typed, options.allow_tf32)
+    cache_path = Path(options.timing_cache) if options.timing_cache else default_timing_cache(trt.__version__, status.device)
+    t0 = time.perf_counter()
+    log(f"  build TensorRT {kind} engine ({plan.label}; profiles "
+        + ", ".join(f"{p.name} T={p.seq[0]}..{p.seq[2]} past<={p.past[2]}" for p in profiles) + ") ...")
+    try:
+        serialized = _build_plan(trt, onnx_path, plan, profiles, dims, options, cache_path, log)
+    except EngineBuildError as first:
+        weak = precision.fallback(plan, trt.__version__)
+        if weak is None:
+            raise
+        log(f"    strongly typed build failed ({first}); retrying {weak.label}")
+        plan = weak
+        serialized = _build_plan(trt, onnx_path, plan, profiles, dims, options, cache_path, log)
+    plan_file = f"{kind}.plan"
+    _atomic_write(directory / plan_file, serialized)
+    build_s = time.perf_counter() - t0
+    log(f"  build TensorRT {kind} engine: done in {build_s:.1f} s ({(directory / plan_file).stat().st_size / 2**20:.1f} MiB)")
+    return {
+        "file": plan_file,
+        "onnx": graph["file"],
+        "tensorrt_version": trt.__version__,
+        "gpu_name": status.device.name,
+        "compute_capability": status.device.compute_capability,
+        "cuda_runtime": status.cuda_runtime,
+        "precision": plan.label,
+        "strongly_typed": plan.strongly_typed,
+        "builder_flags": {"set": list(plan.set_flags), "clear": list(plan.clear_flags)},
+        "profiles": [p.to_json() for p in profiles],
+        "workspace_bytes": int(options.workspace_gib * (1 << 30)) if options.workspace_gib else None,
+        "timing_cache": str(cache_path),
+        "build_s": round(build_s, 2),
+    }
+
+
+def build_engines(directory: str | Path, options: BuildOptions | None = None, log: Callable[[str], None] = print,
+                  kinds: list[str] | None = None) -> dict:
+    """Build every graph's engine (or ``kinds``) and write them into the manifest; returns the manifest."""
+    directory = Path(directory)
+    options = options or BuildOptions()
+    manifest = read_manifest(directory)
+    for kind in kinds or list(manifest["graphs"]):
+        record = build_engine(directory, manifest, kind, options, log)
+        manifest.setdefault("engines", {})[kind] = record
+        manifest.setdefault("files", {})[record["file"]] = file_record(directory / record["file"])
+        write_manifest(directory, manifest)  # after each engine, so a finished one is never lost
+    return manifest

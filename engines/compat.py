@@ -1,0 +1,57 @@
+"""Is a serialized TensorRT engine usable here? (pure Python)
+
+A plan file only runs with the TensorRT version that built it and on GPUs of the same compute capability.
+The builder records both in ``manifest["engines"][kind]``; `check` compares them with this machine before
+anything is deserialised, so a stale engine fails with a one-line fix instead of a TensorRT crash.
+
+    check(record, Platform("10.5.0", "NVIDIA A10", "8.6"), directory="artifacts/gpu")
+    # ArtifactError: engine medusa.plan was built with TensorRT 10.3.0 for NVIDIA H100 (sm_90); this machine
+    # has TensorRT 10.5.0 / NVIDIA A10 (sm_86): rebuild with `medusa-export build --engine trt` ...
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from medusa_export.runtime.errors import ArtifactError
+
+
+@dataclass(frozen=True)
+class Platform:
+    tensorrt_version: str
+    gpu_name: str
+    compute_capability: str  # "9.0"
+
+
+def short_version(version: str, parts: int = 3) -> str:
+    return ".".join(str(version).split(".")[:parts])
+
+
+def sm(compute_capability: str) -> str:
+    return "sm_" + str(compute_capability).replace(".", "")
+
+
+def rebuild_hint(directory: str | None = None) -> str:
+    d = str(directory) if directory else "DIR"
+    return (f"rebuild with `medusa-export build --out {d} --engine trt` "
+            f"(or only the engines: `python -m medusa_export.engines {d}`)")
+
+
+def check(record: dict, current: Platform, directory: str | None = None) -> str | None:
+    """ArtifactError when the engine cannot run here; a warning string when it can but the GPU model differs
+    (same compute capability: TensorRT runs it, possibly with kernels tuned for the other GPU); else None."""
+    name = record.get("file", "engine")
+    built_v, built_gpu = str(record.get("tensorrt_version", "?")), str(record.get("gpu_name", "?"))
+    built_cc = str(record.get("compute_capability", "?"))
+    same_version = short_version(built_v) == short_version(current.tensorrt_version)
+    same_cc = built_cc == str(current.compute_capability)
+    if not (same_version and same_cc):
+        raise ArtifactError(
+            f"engine {name} was built with TensorRT {short_version(built_v)} for {built_gpu} ({sm(built_cc)}); "
+            f"this machine has TensorRT {short_version(current.tensorrt_version)} / {current.gpu_name} "
+            f"({sm(current.compute_capability)}): {rebuild_hint(directory)}"
+        )
+    if built_gpu != current.gpu_name:
+        return (f"engine {name} was tuned on {built_gpu}, this GPU is {current.gpu_name} (same {sm(built_cc)}): "
+                f"it runs, but rebuilding here may be faster")
+    return None

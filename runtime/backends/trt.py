@@ -1,0 +1,376 @@
+"""TensorRT backend: the artifact's serialized engines, device-resident KV cache, one execution context per session.
+
+    backend = TrtBackend("artifacts/gpu", manifest, dims)      # after `medusa-export build --engine trt`
+    session = backend.new_session()
+
+Mirrors the ONNX Runtime backend. The engines are checked against this machine (TensorRT version, GPU compute
+capability: `engines/compat.py`) and deserialised once per backend. Each session owns a CUDA stream, its
+execution contexts (contexts are not thread-safe) and one device allocation holding every layer's KV buffer,
+sequence-major ``[capacity, kv_heads, head_dim]``, so:
+
+* the committed prefix of a layer is contiguous: ``past_key_values.*`` is bound at the layer's base address
+  with shape ``[1, past, kv_heads, head_dim]``, no copy;
+* ``present.*`` (the T new rows) is bound at ``base + past * row_bytes`` so the rows land in place. TensorRT
+  wants 256-byte aligned tensor addresses; when a row is not a multiple of 256 bytes the rows go to an
+  aligned staging buffer and one 2-D device copy (all layers at once) puts them at ``past``;
+* `keep(rows)` compacts accepted rows with device-to-device copies, one ``cudaMemcpy2DAsync`` per run of
+  rows covering every layer (rows increase and ``rows[i] >= i``, so copying in order is safe).
+
+Inputs go host -> device into preallocated buffers, the reduced outputs (top-k ids, probabilities, entropy,
+head ids) come back, all on the session's stream, then one synchronize. Prompts longer than the prefill
+profile run in causal chunks. No torch; TensorRT and cuda-python are imported only here, lazily.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from medusa_export.engines import availability, compat
+from medusa_export.engines.profiles import Profile, plan_chunks, select
+
+from .. import io_table
+from ..errors import ArtifactError, InputError
+from . import cuda_buffers
+from .base import Backend, MaskBuffer, ModelDims, Session, StepOutput
+
+_ELEM_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+_NP_BY_TRT = {"INT64": np.int64, "INT32": np.int32, "FLOAT": np.float32, "HALF": np.float16, "BOOL": np.bool_,
+              "INT8": np.int8, "UINT8": np.uint8}
+REDUCED = ("next_token_ids", "next_token_probs", "input_token_probs", "entropy", "medusa_token_ids")
+POOL_SIZE = 4  # released sessions' device resources kept for reuse (a Generator opens one session per request)
+
+
+def _np_dtype(dtype) -> np.dtype:
+    name = getattr(dtype, "name", str(dtype)).split(".")[-1].upper()
+    if name not in _NP_BY_TRT:
+        raise ArtifactError(f"the TensorRT engine uses tensor type {name}, which this backend cannot read: rebuild the engine")
+    return np.dtype(_NP_BY_TRT[name])
+
+
+def _device_index(device: str | None) -> int:
+    if device in (None, "", "cpu", "cuda", "gpu", "auto"):
+        return 0  # the TensorRT backend always runs on a GPU; "cpu" is the CLI's default for other backends
+    if device.startswith("cuda:") and device[5:].isdigit():
+        return int(device[5:])
+    raise InputError(f"--device {device!r}: the TensorRT backend takes cuda or cuda:N")
+
+
+def row_moves(rows: np.ndarray) -> list[tuple[int, int, int]]:
+    """``(dst, src, count)`` copies (offsets after the committed prefix) that move staged rows ``rows`` to
+    ``0..n-1``. Consecutive rows with the same shift are merged, at most ``shift`` rows at a time so that a
+    copy's source and destination never overlap; in order, no copy overwrites a row still to be read."""
+    moves, i, n = [], 0, len(rows)
+    while i < n:
+        shift = int(rows[i]) - i
+        if shift == 0:
+            i += 1
+            continue
+        j = i
+        while j + 1 < n and int(rows[j + 1]) - (j + 1) == shift and j + 1 - i < shift:
+            j += 1
+        moves.append((i, int(rows[i]), j - i + 1))
+        i = j + 1
+    return moves
+
+
+@dataclass
+class _EngineInfo:
+    kind: str
+    engine: object
+    profiles: list[Profile]
+    dtypes: dict[str, np.dtype]  # every I/O tensor except the KV ones
+    reduced: tuple[str, ...]  # the small outputs copied back, in StepOutput order
+    max_t: int
+    max_total: int
+
+
+@dataclass
+class _Context:
+    ctx: object
+    arena: cuda_buffers.DeviceArena
+    ptr: dict[str, int]
+    profile: int = 0
+
+
+@dataclass
+class _Resources:
+    """A session's device state, returned to the backend's pool when the session is dropped."""
+    capacity: int
+    stream: object
+    kv: cuda_buffers.DeviceArena
+    contexts: dict[str, _Context] = field(default_factory=dict)
+
+
+class TrtBackend(Backend):
+    name = "trt"
+
+    def __init__(self, directory: str | Path, manifest: dict, dims: ModelDims, *, device: str | None = "cuda",
+                 threads: int | None = None, max_seq: int | None = None) -> None:
+        trt = availability.import_tensorrt()  # BackendUnavailableError: "TensorRT is not installed: pip install ..."
+        self.cuda = cuda_buffers.load_cuda()  # BackendUnavailableError: "cuda-python is not installed: ..."
+        index = _device_index(device)
+        status = availability.require(index)  # BackendUnavailableError: "no CUDA device found: ..."
+        self.cuda.set_device(index)
+        self.device_index = index  # the CUDA device is per thread: sessions set it again when it is not 0
+        self.trt, self.dims, self.directory = trt, dims, Path(directory)
+        self.max_seq = min(max_seq or manifest["max_seq"], manifest["max_seq"])
+        records = manifest.get("engines") or {}
+        needed = ["vanilla"] + (["medusa"] if dims.num_heads else [])
+        missing = [k for k in needed if k not in records]
+        if missing:
+            raise ArtifactError(f"{directory} has no TensorRT engine for the {' and '.join(missing)} graph: "
+                                f"{compat.rebuild_hint(directory)}")
+        here = compat.Platform(trt.__version__, status.device.name, status.device.compute_capability)
+        self.notes = [w for k in needed if (w := compat.check(records[k], here, str(directory)))]
+        if dims.dtype not in _ELEM_BYTES:
+            raise ArtifactError(f"KV dtype {dims.dtype!r} is not supported by the TensorRT backend")
+        self.logger = trt.Logger(trt.Logger.WARNING)
+        self.runtime = trt.Runtime(self.logger)
+        self.engines = {k: self._load(k, records[k]) for k in needed}
+        self.lock = threading.Lock()  # one step on the GPU at a time: contexts of one engine share its profiles
+        self._pool: list[_Resources] = []
+        self._pool_lock = threading.Lock()
+
+    def _load(self, kind: str, record: dict) -> _EngineInfo:
+        path = self.directory / record["file"]
+        if not path.is_file():
+            raise ArtifactError(f"TensorRT engine {path} is missing: {compat.rebuild_hint(self.directory)}")
+        engine = self.runtime.deserialize_cuda_engine(path.read_bytes())
+        if engine is None:
+            raise ArtifactError(f"TensorRT cannot deserialize {path} (corrupt, or built by another TensorRT): "
+                                f"{compat.rebuild_hint(self.directory)}")
+        trt, n = self.trt, self.dims.num_layers
+        names = {engine.get_tensor_name(i) for i in range(engine.num_io_tensors)}
+        medusa = kind == "medusa"
+        want_in, want_out = io_table.input_names(n), io_table.output_names(n, medusa)
+        lacking = [x for x in want_in + want_out if x not in names]
+        if lacking:
+            raise ArtifactError(f"engine {path.name} lacks tensors {lacking[:4]}: {compat.rebuild_hint(self.directory)}")
+        for x in want_in:
+            if engine.get_tensor_mode(x) != trt.TensorIOMode.INPUT:
+                raise ArtifactError(f"engine {path.name}: {x} is not an input: {compat.rebuild_hint(self.directory)}")
+        kv_dtype = _kv_np_dtype(engine.get_tensor_dtype("past_key_values.0.key"))
+        if kv_dtype.itemsize != _ELEM_BYTES[self.dims.dtype]:
+            raise ArtifactError(f"engine {path.name} has {kv_dtype.name} KV but the manifest says {self.dims.dtype}: "
+                                f"{compat.rebuild_hint(self.directory)}")
+        profiles = [Profile.from_json(p) for p in record["profiles"]]
+        if engine.num_optimization_profiles != len(profiles):
+            raise ArtifactError(f"engine {path.name} has {engine.num_optimization_profiles} optimization profiles, "
+                                f"the manifest lists {len(profiles)}: {compat.rebuild_hint(self.directory)}")
+        reduced = REDUCED if medusa else REDUCED[:4]
+        dtypes = {x: _np_dtype(engine.get_tensor_dtype(x)) for x in list(want_in[:4]) + list(reduced)}
+        return _EngineInfo(kind, engine, profiles, dtypes, reduced, max(p.seq[2] for p in profiles),
+                           max(p.total[2] for p in profiles))
+
+    # sessions -----------------------------------------------------------------------------------------
+    def new_session(self, capacity: int | None = None) -> Session:
+        return TrtSession(self, min(capacity or self.max_seq, self.max_seq))
+
+    def use_device(self) -> None:
+        if self.device_index:
+            self.cuda.set_device(self.device_index)
+
+    def _resources(self, capacity: int) -> _Resources:
+        self.use_device()
+        with self._pool_lock:
+            for i, r in enumerate(self._pool):
+                if r.capacity == capacity:
+                    return self._pool.pop(i)
+        d = self.dims
+        row = d.num_kv_heads * d.head_dim * _ELEM_BYTES[d.dtype]
+        layers = 2 * d.num_layers
+        max_t = max(e.max_t for e in self.engines.values())
+        sizes = [layers * cuda_buffers.round_up(capacity * row)]
+        if row % cuda_buffers.ALIGN:
+            sizes.append(layers * cuda_buffers.round_up(max_t * row))
+        stream = self.cuda.stream_create()
+        return _Resources(capacity, stream, cuda_buffers.DeviceArena(self.cuda, sizes))
+
+    def _release(self, res: _Resources) -> None:
+        with self._pool_lock:
+            if len(self._pool) < POOL_SIZE:
+                self._pool.append(res)
+                return
+        _destroy(self.cuda, res)
+
+    def _context(self, res: _Resources, kind: str) -> _Context:
+        c = res.contexts.get(kind)
+        if c is None:
+            e = self.engines[kind]
+            ctx = e.engine.create_execution_context()
+            if ctx is None:
+                raise RuntimeError(f"TensorRT could not create an execution context for the {kind} engine "
+                                   f"(out of GPU memory?)")
+            d = self.dims
+            sizes = {
+                "input_ids": e.max_t * e.dtypes["input_ids"].itemsize,
+                "position_ids": e.max_t * e.dtypes["position_ids"].itemsize,
+                "attention_mask": e.max_t * e.max_total * e.dtypes["attention_mask"].itemsize,
+                "temperature": e.dtypes["temperature"].itemsize,
+                "next_token_ids": e.max_t * d.sample_topk * e.dtypes["next_token_ids"].itemsize,
+                "next_token_probs": e.max_t * d.sample_topk * e.dtypes["next_token_probs"].itemsize,
+                "input_token_probs": e.max_t * e.max_t * e.dtypes["input_token_probs"].itemsize,
+                "entropy": e.max_t * e.dtypes["entropy"].itemsize,
+            }
+            if "medusa_token_ids" in e.reduced:
+                sizes["medusa_token_ids"] = e.max_t * d.num_heads * d.head_topk * e.dtypes["medusa_token_ids"].itemsize
+            arena = cuda_buffers.DeviceArena(self.cuda, list(sizes.values()))
+            c = res.contexts[kind] = _Context(ctx, arena, dict(zip(sizes, arena.ptrs)))
+        return c
+
+
+def _kv_np_dtype(dtype) -> np.dtype:
+    name = getattr(dtype, "name", str(dtype)).split(".")[-1].upper()
+    return np.dtype(np.float32) if name == "FLOAT" else np.dtype(np.float16)  # HALF and BF16: 2 bytes
+
+
+def _destroy(cuda, res: _Resources) -> None:
+    for c in res.contexts.values():
+        c.arena.free()
+    res.contexts.clear()
+    res.kv.free()
+    try:
+        cuda.stream_destroy(res.stream)
+    except Exception:  # interpreter shutdown or a dead context
+        pass
+
+
+class TrtSession(Session):
+    def __init__(self, backend: TrtBackend, capacity: int) -> None:
+        d = backend.dims
+        self.backend = backend
+        self.capacity = capacity
+        self.res = backend._resources(capacity)
+        self.cuda = backend.cuda
+        self.stream = self.res.stream
+        self.handle = self.cuda.handle(self.stream)
+        self.layers = 2 * d.num_layers
+        self.row = d.num_kv_heads * d.head_dim * _ELEM_BYTES[d.dtype]
+        self.pitch = cuda_buffers.round_up(capacity * self.row)
+        self.kv = self.res.kv.ptrs[0]
+        self.in_place = self.row % cuda_buffers.ALIGN == 0
+        self.stage = None if self.in_place else self.res.kv.ptrs[1]
+        self.stage_pitch = cuda_buffers.round_up(max(e.max_t for e in backend.engines.values()) * self.row)
+        self.past_names = io_table.kv_names(d.num_layers, "past_key_values")
+        self.present_names = io_table.kv_names(d.num_layers, "present")
+        self.masks = MaskBuffer()
+        self.temperature = np.ones(1, np.float32)
+        self._length = 0
+        self.staged = 0
+        weakref.finalize(self, backend._release, self.res)
+
+    @property
+    def length(self) -> int:
+        return self._length
+
+    def run(self, input_ids, position_ids, tree_mask, medusa, temperature) -> StepOutput:
+        kind = "medusa" if medusa else "vanilla"
+        b = self.backend
+        if kind not in b.engines:
+            raise ValueError("this backend has no Medusa heads: run with medusa=False")
+        e = b.engines[kind]
+        t, past = len(input_ids), self._length
+        if past + t > self.capacity:
+            raise ValueError(f"{t} new tokens after {past} exceed the session's KV capacity {self.capacity}")
+        tree_mask = np.asarray(tree_mask, bool)
+        runs = self._plan(e, t, past, tree_mask)
+        d = b.dims
+        shapes = {"next_token_ids": (t, d.sample_topk), "next_token_probs": (t, d.sample_topk),
+                  "input_token_probs": (t, t), "entropy": (t,), "medusa_token_ids": (t, d.num_heads, d.head_topk)}
+        out = {x: (np.zeros if x == "input_token_probs" else np.empty)(shapes[x], e.dtypes[x]) for x in e.reduced}
+        ids = np.asarray(input_ids)
+        pos = np.asarray(position_ids)
+        self.temperature[0] = temperature
+        blocks = []
+        b.use_device()
+        with b.lock:
+            c = b._context(self.res, kind)
+            for a, z, p in runs:
+                blocks.append(self._enqueue(e, c, ids[a:z], pos[a:z], tree_mask, a, z, p, out, len(runs) > 1))
+            self.cuda.synchronize(self.stream)
+        for a, z, block in blocks:
+            if block is not None:  # chunked prefill: only each chunk's own block of input_token_probs exists
+                out["input_token_probs"][a:z, a:z] = block
+        self.staged = t
+        ints = lambda x: out[x].astype(np.int64, copy=False)  # noqa: E731 - engines may emit int32 ids
+        return StepOutput(ints("next_token_ids"), out["next_token_probs"].astype(np.float32, copy=False),
+                          out["input_token_probs"].astype(np.float32, copy=False),
+                          out["entropy"].astype(np.float32, copy=False),
+                          ints("medusa_token_ids") if medusa else None)
+
+    def _plan(self, e: _EngineInfo, t: int, past: int, tree_mask: np.ndarray) -> list[tuple[int, int, int]]:
+        idx = select(e.profiles, t, past)
+        if idx is not None:
+            return [(0, t, idx)]
+        desc = "; ".join(f"{p.name}: T {p.seq[0]}..{p.seq[2]}, past {p.past[0]}..{p.past[2]}" for p in e.profiles)
+        if np.array_equal(tree_mask, np.tri(t, dtype=bool)):
+            runs = plan_chunks(e.profiles, t, past)
+            if runs is not None:
+                return runs
+            raise InputError(f"{t} tokens after {past} do not fit the {e.kind} engine's profiles ({desc}): "
+                             f"rebuild the engines with a larger --max-prompt")
+        raise InputError(f"a {t}-token tree step does not fit the {e.kind} engine's profiles ({desc}): use the "
+                         f"artifact's own tree, or rebuild the engines for this tree "
+                         f"(`medusa-export build --tree ... --engine trt`)")
+
+    def _enqueue(self, e: _EngineInfo, c: _Context, ids, pos, tree_mask, a: int, z: int, profile: int,
+                 out: dict, chunked: bool):
+        cuda, ctx, stream = self.cuda, c.ctx, self.stream
+        d = self.backend.dims
+        t = z - a
+        past = self._length + a
+        if c.profile != profile:
+            if not ctx.set_optimization_profile_async(profile, self.handle):
+                raise RuntimeError(f"TensorRT could not switch the {e.kind} context to profile {profile}")
+            c.profile = profile
+        # A chunk of a causal prefill sees every earlier chunk: they are part of its past.
+        mask = self.masks.build(past, tree_mask[a:z, a:z])
+        host = {"input_ids": np.ascontiguousarray(ids, e.dtypes["input_ids"]).reshape(1, t),
+                "position_ids": np.ascontiguousarray(pos, e.dtypes["position_ids"]).reshape(1, t),
+                "attention_mask": np.ascontiguousarray(mask, e.dtypes["attention_mask"]),
+                "temperature": self.temperature.astype(e.dtypes["temperature"], copy=False)}
+        for name, arr in host.items():
+            cuda.h2d(c.ptr[name], arr, stream)
+            if name != "temperature" and not ctx.set_input_shape(name, arr.shape):
+                raise RuntimeError(f"TensorRT rejected shape {arr.shape} for {name} (profile {profile})")
+            ctx.set_tensor_address(name, c.ptr[name])
+        kv_shape = (1, past, d.num_kv_heads, d.head_dim)
+        for j, name in enumerate(self.past_names):
+            if not ctx.set_input_shape(name, kv_shape):
+                raise RuntimeError(f"TensorRT rejected shape {kv_shape} for {name} (profile {profile})")
+            ctx.set_tensor_address(name, self.kv + j * self.pitch)
+        for j, name in enumerate(self.present_names):
+            dst = self.kv + j * self.pitch + past * self.row if self.in_place else self.stage + j * self.stage_pitch
+            ctx.set_tensor_address(name, dst)
+        for name in e.reduced:
+            ctx.set_tensor_address(name, c.ptr[name])
+        if not ctx.execute_async_v3(self.handle):
+            raise RuntimeError(f"TensorRT execution failed ({e.kind} engine, T={t}, past={past}, profile {profile})")
+        if not self.in_place:  # staged rows -> [past, past+t) of every layer, one 2-D copy
+            cuda.d2d_2d(self.kv + past * self.row, self.pitch, self.stage, self.stage_pitch, t * self.row,
+                        self.layers, stream)
+        block = None
+        for name in e.reduced:
+            if name == "input_token_probs" and chunked:
+                block = np.empty((t, t), e.dtypes[name])
+                cuda.d2h(block, c.ptr[name], stream)
+            else:
+                cuda.d2h(out[name][a:z], c.ptr[name], stream)
+        return a, z, block
+
+    def keep(self, rows) -> None:
+        rows = np.asarray(rows, np.int64)
+        if rows.size and (rows.max() >= self.staged or rows.min() < 0 or np.any(np.diff(rows) <= 0)):
+            raise ValueError(f"keep(rows={rows.tolist()}) needs increasing indices below {self.staged}")
+        base = self.kv + self._length * self.row
+        self.backend.use_device()
+        for dst, src, count in row_moves(rows):
+            self.cuda.d2d_2d(base + dst * self.row, self.pitch, base + src * self.row, self.pitch, count * self.row,
+                             self.layers, self.stream)
+        self._length += len(rows)
+        self.staged = 0

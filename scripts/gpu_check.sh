@@ -1,0 +1,105 @@
+#!/usr/bin/env bash
+# GPU check of the TensorRT path, in one command: build the default model's artifact with TensorRT engines,
+# verify TensorRT against ONNX Runtime, benchmark both, and keep every result as JSON in one directory.
+#
+# Written against: TensorRT 10.x Python API (10.3 or newer; strongly typed networks, execute_async_v3,
+# name-based tensor I/O) and TensorRT 11.x (strong typing only, no BuilderFlag.FP16); CUDA 12.x or 13.x
+# runtime through cuda-python (`cuda.bindings.runtime`, cuda-python >= 12.6); Python 3.11; an NVIDIA GPU
+# with compute capability 7.5 or newer (what TensorRT 10 supports).
+#
+# Usage (repository root, in an environment where `pip install -e '.[all,tensorrt]'` has been run):
+#     scripts/gpu_check.sh [RESULTS_DIR]                  # default results/gpu-<date>
+# Environment knobs: ARTIFACT (artifacts/gpu), DTYPE (fp32 | fp16), LIMIT (8 prompts), MAX_NEW_TOKENS (128),
+#     PROMPTS (shared/data/mt_bench.jsonl), SKIP_BUILD=1 (reuse ARTIFACT), TORCH_CHECK=1 (also run
+#     scripts/torch_cuda_check.py), PYTEST=0 (skip the GPU tests).
+# Exit code: 0 when every step passed, 1 when a check failed (see summary.json), 2 when TensorRT/CUDA are missing.
+set -uo pipefail
+
+results=${1:-results/gpu-$(date +%Y%m%d-%H%M%S)}
+art=${ARTIFACT:-artifacts/gpu}
+dtype=${DTYPE:-fp32}
+limit=${LIMIT:-8}
+new_tokens=${MAX_NEW_TOKENS:-128}
+prompts=${PROMPTS:-shared/data/mt_bench.jsonl}
+mkdir -p "$results"
+
+# 1. Prerequisites and versions (one line and exit 2 when TensorRT or the GPU is missing).
+python - "$results/environment.json" <<'EOF' || exit 2
+import importlib.metadata as md, json, platform, sys
+from medusa_export.engines import availability
+status = availability.check()
+def version(dist):
+    try:
+        return md.version(dist)
+    except md.PackageNotFoundError:
+        return None
+env = {"python": platform.python_version(), "ok": status.ok, "reason": status.reason,
+       "tensorrt": status.tensorrt_version, "cuda_runtime": status.cuda_runtime,
+       "gpu": status.device.name if status.device else None,
+       "compute_capability": status.device.compute_capability if status.device else None,
+       "packages": {d: version(d) for d in ("medusa-export", "tensorrt", "cuda-python", "cuda-bindings",
+                                            "onnxruntime", "onnxruntime-gpu", "onnx", "torch", "transformers", "polygraphy")}}
+try:
+    from medusa_export.runtime.backends.cuda_buffers import load_cuda
+    env["cuda_driver"] = load_cuda().driver_version()
+except Exception as e:
+    env["cuda_driver"] = f"unknown ({e})"
+open(sys.argv[1], "w").write(json.dumps(env, indent=2) + "\n")
+print(json.dumps(env))
+if not status.ok:
+    print(f"error: {status.reason}", file=sys.stderr)
+    sys.exit(2)
+EOF
+
+declare -A rc
+step() {  # step NAME LOGFILE COMMAND...: run, tee the log, remember the exit code
+    local name=$1 log=$2
+    shift 2
+    echo "== $name: $*"
+    "$@" 2>&1 | tee "$results/$log"
+    rc[$name]=${PIPESTATUS[0]}
+    echo "== $name: exit ${rc[$name]}"
+}
+
+# 2. Build: ONNX export + validation, then the TensorRT engines (recorded in the manifest).
+if [[ "${SKIP_BUILD:-0}" != 1 ]]; then
+    step build build.log medusa-export build --out "$art" --engine trt --dtype "$dtype"
+fi
+python - "$art" "$results/engines.json" <<'EOF'
+import json, sys
+m = json.load(open(f"{sys.argv[1]}/manifest.json"))
+json.dump({"dtype": m["dtype"], "max_seq": m["max_seq"], "tree": m["tree"]["name"], "engines": m.get("engines", {})},
+          open(sys.argv[2], "w"), indent=2)
+EOF
+
+# 3. Verify: identical greedy tokens (vanilla and Medusa), top-1 agreement, probability error vs ONNX Runtime.
+step verify verify.log medusa-export verify "$art" --backends ort,trt --prompts "$prompts" --limit "$limit" \
+    --max-new-tokens 64 --json "$results/verify.json"
+
+# 4. Bench: tokens/s, accepted tokens per step, step latency, for ONNX Runtime and TensorRT.
+step bench bench.log medusa-export bench "$art" --backends ort,trt --prompts "$prompts" --limit "$limit" \
+    --max-new-tokens "$new_tokens" --no-hf --json "$results/bench.json"
+
+# 5. The tests that need TensorRT and a GPU (skipped elsewhere), plus the rest of the engine tests.
+if [[ "${PYTEST:-1}" != 0 ]]; then
+    step pytest pytest.log python -m pytest -q -rs tests/test_engines.py tests/test_trt_backend.py
+fi
+
+# 6. Optional: the PyTorch-on-CUDA reference check.
+if [[ "${TORCH_CHECK:-0}" == 1 ]]; then
+    step torch_cuda torch_cuda.log python scripts/torch_cuda_check.py --prompts "$prompts" --limit "$limit" \
+        --out "$results/torch_cuda.json"
+fi
+
+# Summary.
+status=0
+summary="{"
+for name in "${!rc[@]}"; do
+    summary+="\"$name\": ${rc[$name]}, "
+    [[ ${rc[$name]} == 0 ]] || status=1
+done
+summary+="\"ok\": $([[ $status == 0 ]] && echo true || echo false)}"
+echo "$summary" | python -m json.tool > "$results/summary.json"
+cat "$results/summary.json"
+echo "results in $results"
+exit $status
