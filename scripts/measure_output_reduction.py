@@ -1,0 +1,87 @@
+"""Measure the graph-boundary choice: full logits out (base [T, V] + heads [T, K, V]) vs the in-graph
+reduction the artifact uses (top-k ids, input-token probabilities, entropy).
+
+    python scripts/measure_output_reduction.py [--tree-size 12] [--past 200] [--repeats 15]
+
+Exports both variants of the default model's Medusa graph to a temp dir and times ONNX Runtime steps
+at T = tree size, including the host-side work each variant leaves to the runtime (argmax / top-k in
+numpy for the full-logits variant).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from medusa_export.exporter.heads_source import resolve_heads
+from medusa_export.exporter.model_loading import load_base_model
+from medusa_export.exporter.onnx_export import dummy_inputs
+from medusa_export.exporter.step_model import StepModel
+
+
+class FullLogits(torch.nn.Module):
+    """Same backbone and heads, but ships raw logits (what a naive export does)."""
+
+    def __init__(self, step: StepModel) -> None:
+        super().__init__()
+        self.step = step
+
+    def forward(self, input_ids, position_ids, attention_mask, temperature, *past):
+        from transformers import DynamicCache
+
+        s = self.step
+        n = s.num_layers
+        cache = DynamicCache(ddp_cache_data=[(past[2 * i].transpose(1, 2), past[2 * i + 1].transpose(1, 2))
+                                             for i in range(n)], config=s.config)
+        hidden = s.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                            cache=cache, use_cache=True).last_hidden_state
+        return s.lm_head(hidden), s.heads(hidden, s.lm_head)
+
+
+def time_session(path: Path, feed: dict, repeats: int, post) -> float:
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    times = []
+    for i in range(repeats + 2):
+        t0 = time.perf_counter()
+        post(sess.run(None, feed))
+        if i >= 2:
+            times.append(time.perf_counter() - t0)
+    return float(np.median(times)) * 1e3
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tree-size", type=int, default=12)
+    ap.add_argument("--past", type=int, default=200)
+    ap.add_argument("--repeats", type=int, default=15)
+    args = ap.parse_args()
+    loaded = load_base_model(None)
+    step = StepModel(loaded.model, resolve_heads(None, loaded).heads)
+    names = [f"i{i}" for i in range(4 + 2 * step.num_layers)]
+    with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
+        reduced, full = Path(tmp) / "reduced.onnx", Path(tmp) / "full.onnx"
+        ex = dummy_inputs(step)
+        for module, path in ((step, reduced), (FullLogits(step), full)):
+            torch.onnx.export(module, ex, str(path), input_names=names, dynamo=False, opset_version=17,
+                              dynamic_axes={n: {0: "b", 1: "t"} for n in names[:2]} | {
+                                  names[2]: {0: "b", 2: "t", 3: "tot"}} | {n: {0: "b", 1: "p"} for n in names[4:]})
+        x = dummy_inputs(step, t=args.tree_size, past=args.past)
+        feed = {n: v[:1].numpy() for n, v in zip(names, x)}
+        feed[names[3]] = x[3].numpy()
+        t_reduced = time_session(reduced, feed, args.repeats, lambda o: o[0][0, :, 0])
+        t_full = time_session(full, feed, args.repeats,
+                              lambda o: (o[0][0].argmax(-1), np.argpartition(-o[1][0], 10, axis=-1)[..., :10]))
+    print(json.dumps({"tree_size": args.tree_size, "past": args.past, "reduced_in_graph_ms": round(t_reduced, 2),
+                      "full_logits_ms": round(t_full, 2)}))
+
+
+if __name__ == "__main__":
+    main()
