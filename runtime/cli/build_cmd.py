@@ -29,6 +29,10 @@ def build(
 
     if engine not in ("onnx", "trt", "all"):
         raise typer.BadParameter(f"--engine {engine!r}: use onnx, trt or all")
+    if engine != "onnx":
+        from medusa_export.engines.cli_entry import preflight
+
+        preflight(engine)  # fail before the long ONNX export when --engine trt cannot be honoured
     build_artifact(model, out, heads=heads, tree=tree, dtype=dtype, max_seq=max_seq, log=typer.echo)
     if engine != "onnx":
         from medusa_export.engines.cli_entry import build_engines_for_artifact

@@ -43,3 +43,36 @@ def calibrate_tree(
         typer.echo(f"{d:>4}  {row[0]:.3f}  {sum(row[:5]):.3f}")
     typer.echo(f"chosen tree: {c['num_nodes']} nodes, expected {c['expected_accepted'] + 1:.2f} tokens/step, "
                f"predicted {c['tokens_per_s']:.1f} tokens/s vs {c['baseline_tokens_per_s']:.1f} vanilla -> {out}")
+
+
+@app.command("train-heads")
+@cli_errors
+def train_heads(
+    model: Optional[str] = typer.Argument(None, help="HF model directory or .gguf (default: built-in SmolLM2)."),
+    data: Path = typer.Option(..., "--data", help="JSONL training prompts (never the evaluation set)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output heads directory (loads directly into build)."),
+    num_heads: int = typer.Option(4, min=1),
+    num_layers: int = typer.Option(1, min=1),
+    layout: str = typer.Option("shared", help="shared (reuse the base lm_head) | own (a projection per head)."),
+    epochs: int = typer.Option(3, min=1),
+    lr: float = typer.Option(1e-3),
+    batch_size: int = typer.Option(256, min=1),
+    seed: int = typer.Option(0),
+    max_new_tokens: int = typer.Option(256, min=4, help="Self-distilled answer length per prompt."),
+    temperature: float = typer.Option(0.0, min=0.0, help="Self-distillation sampling temperature (0 = greedy)."),
+    gen_batch_size: int = typer.Option(64, min=1, help="Prompts generated together."),
+    heldout_fraction: float = typer.Option(0.05, help="Prompts held out for the accuracy table."),
+    draft_vocab: Optional[int] = typer.Option(None, help="Score only the N most frequent tokens in the heads."),
+    max_train_positions: Optional[int] = typer.Option(None, help="Cap on training positions."),
+    threads: Optional[int] = typer.Option(None, help="torch intra-op threads."),
+    cache_dir: Optional[Path] = typer.Option(None, help="Where self-distilled shards are cached (resumable)."),
+    resume: bool = typer.Option(True, help="Resume from cached shards and checkpoints."),
+) -> None:
+    """Medusa-1: self-distil the base model's answers, then train heads on its frozen hidden states."""
+    from medusa_export.exporter.training.cli_entry import run_train_heads
+
+    options = dict(locals())
+    for key in ("model", "data", "out"):
+        options.pop(key)
+    record = run_train_heads(model, data, out, **options)
+    typer.echo(f"heads written to {out} ({record.get('train_positions', '?')} training positions)")
