@@ -52,7 +52,3 @@ def main() -> None:
         app()
     except SystemExit as e:
         sys.exit(e.code)
-
-
-if __name__ == "__main__":
-    main()
