@@ -16,7 +16,7 @@ from typing import Iterator
 
 from .backends.base import Backend
 from .decode import DecodeStats, GenerationConfig, decode
-from .errors import InputError
+from .errors import InputError, TreeError
 from .tokenizer import ChatTokenizer
 from .tree import Tree
 
@@ -62,6 +62,13 @@ class Stream:
 
 class Generator:
     def __init__(self, backend: Backend, tokenizer: ChatTokenizer, tree: Tree | None) -> None:
+        dims = backend.dims
+        if tree is not None and dims.num_heads and (tree.max_depth > dims.num_heads or tree.topk > dims.head_topk):
+            # Otherwise candidate assembly indexes past the heads' outputs (IndexError mid-generation).
+            raise TreeError(
+                f"tree of depth {tree.max_depth} with top-{tree.topk} ranks does not fit the backend's "
+                f"{dims.num_heads} heads with top-{dims.head_topk} each: use a smaller tree"
+            )
         self.backend = backend
         self.tokenizer = tokenizer
         self.tree = tree

@@ -21,7 +21,8 @@ from medusa_export.runtime.tree import Tree, load_choices
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from conftest import TINY_PROMPTS  # noqa: E402
+# Token-id prompts for the tiny model (the `tiny.reference` helper checks their argmax margins).
+TINY_PROMPTS = ([5, 6, 7, 8, 9], [1, 2, 3], [100, 200, 300, 17, 17, 17, 42], [250, 11, 250, 11, 250])
 
 N_NEW = 24
 
@@ -57,7 +58,7 @@ def test_vanilla_decode_matches_plain_hf_greedy(tiny):
 
 
 @given(case=lossless_cases())
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 def test_greedy_medusa_is_lossless_random_trees(tiny, case):
     k, layout, tree, prompt = case
     tokens, stats, session = tiny.run(tiny.backend(k, layout), prompt, tree, N_NEW)
@@ -356,3 +357,19 @@ def test_input_errors(tiny, make_tokenizer):
     # A text prompt goes through the tokenizer.
     res = gen.generate("t5 t6 t7 t8 t9", GenerationConfig(max_new_tokens=4))
     assert res.prompt_tokens == 5 and res.token_ids == tiny.reference([5, 6, 7, 8, 9], 4)
+
+
+@pytest.mark.parametrize("spec, topk", [("chain-4", 5), ("chain-2", 6), ("mc_sim_7b_63", 10)])
+def test_tree_that_does_not_fit_the_heads_is_refused_up_front(tiny, make_tokenizer, spec, topk):
+    """A tree deeper than the heads, or with more ranks than the backend's top-k, used to crash with an
+    IndexError in candidate assembly mid-generation."""
+    from medusa_export.runtime.errors import TreeError
+
+    backend = tiny.backend(2, "shared", head_topk=5)
+    tree = Tree.from_choices(load_choices(spec), topk=topk)
+    with pytest.raises(TreeError, match="2 heads with top-5"):
+        Generator(backend, make_tokenizer(), tree)
+    # Fitting trees (fewer ranks than the backend computes) are fine and lossless.
+    ok = Tree.from_choices([(0,), (1,), (0, 2)], topk=3, num_heads=2)
+    res = Generator(backend, make_tokenizer(), ok).generate(list(TINY_PROMPTS[0]), GenerationConfig(max_new_tokens=10))
+    assert res.token_ids == tiny.reference(TINY_PROMPTS[0], 10)
