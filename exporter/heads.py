@@ -46,7 +46,8 @@ class HeadsConfig:
 
 
 class ResBlock(nn.Module):
-    """``h + SiLU(W h + b)`` with ``W`` zero-initialised, so a fresh head starts as the identity."""
+    """``h + SiLU(W h + b)`` with ``W`` zero-initialised (as in Medusa): a fresh head is ``h + SiLU(b)``,
+    close to the base model's own prediction, which is where training starts from."""
 
     def __init__(self, hidden_size: int) -> None:
         super().__init__()

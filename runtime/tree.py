@@ -10,7 +10,7 @@ after sorting by (depth, path). Candidate tokens come from one flat pool::
     tree.source_index   # [0, 1, 2, 11]     index of each node's token in the pool
     tree.depth          # [0, 1, 1, 2]      position offset of each node
     tree.mask           # [4, 4] bool: node i attends to node j iff j is i or an ancestor
-    tree.paths_nodes    # [[0, 1, 3], [0, 2, -1]]  root-to-leaf node indices, -1 padded
+    tree.paths_nodes    # [[0, 2, -1], [0, 1, 3]]  root-to-leaf node indices (leaves in node order), -1 padded
 """
 
 from __future__ import annotations
