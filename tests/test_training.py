@@ -194,9 +194,10 @@ def test_rerun_reuses_data_and_resumes_after_interruption(trained, loaded, promp
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
 
 
-def test_draft_vocab_training_runs_and_evaluates_on_full_vocab(loaded, prompts_file, tmp_path):
+def test_draft_vocab_training_runs_and_evaluates_on_full_vocab(loaded, prompts_file, tmp_path, capsys):
     report = train_mod.train_heads(loaded, prompts_file, tmp_path / "h", cache_dir=tmp_path / "c",
-                                   draft_vocab=64, **{**OPTS, "epochs": 1})
+                                   draft_vocab=64, **{**OPTS, "epochs": 1, "progress": True})
+    assert "epoch 1/1" in capsys.readouterr().err  # tqdm bars on stderr
     assert report["draft_vocab"]["size"] == 64 and 0 < report["draft_vocab"]["coverage"] <= 1
     assert len(report["heldout"]["top1"]) == 4
     load_heads(tmp_path / "h", loaded.model.config)

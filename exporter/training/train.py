@@ -104,8 +104,8 @@ def train_heads(model_source: Any, data_file: str | Path, out_dir: str | Path, n
     gen_cfg = DistillConfig(max_new_tokens=max_new_tokens, batch_size=gen_batch_size, temperature=temperature, seed=seed)
     bar = _bar(progress and rank == 0, "self-distillation batches")
     data = distill(model, loaded.tokenizer, prompts, cache, gen_cfg, data_sha, model_identity(loaded.identity),
-                   progress=bar.update_to if bar else None)
-    if bar:
+                   progress=bar.update_to if bar is not None else None)
+    if bar is not None:
         bar.close()
     ex = build_examples(data, num_heads)
     train_ex, held_ex = split_by_prompt(ex, heldout_fraction, seed)
@@ -168,13 +168,13 @@ def train_heads(model_source: Any, data_file: str | Path, out_dir: str | Path, n
             running = per_head if running is None else 0.98 * running + 0.02 * per_head
             if initial is None:
                 initial = [round(float(x), 4) for x in per_head]
-            if bar:
+            if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{float(loss):.3f}", lr=f"{sched.get_last_lr()[0]:.1e}")
+                bar.set_postfix(loss=f"{float(loss.detach()):.3f}", lr=f"{sched.get_last_lr()[0]:.1e}")
             if rank == 0 and time.perf_counter() - last_ckpt > checkpoint_every_s:
                 ckpt.save(out, fingerprint, heads, opt, sched, epoch, step + 1, {"history": history, "initial": initial})
                 last_ckpt = time.perf_counter()
-        if bar:
+        if bar is not None:
             bar.close()
         start_step = 0
         if rank == 0:
