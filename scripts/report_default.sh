@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Reproduce the README's results on the default model (2-core CPU, fp32, ONNX Runtime):
+# calibrate the tree for the shipped heads, build the artifact, then benchmark on MT-Bench.
+# Usage: scripts/report_default.sh [RESULTS_DIR]   (run inside an environment from scripts/setup_env.sh)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export HF_HUB_OFFLINE=1
+res=${1:-scripts/results/default_cpu}
+mkdir -p "$res"
+train=../shared/data/train_prompts.jsonl
+mt=../shared/data/mt_bench.jsonl
+heads=exporter/shipped_heads/smollm2-135m-instruct
+# 1. Calibrate on training prompts (never MT-Bench) with a provisional artifact, then build with the result.
+medusa-export build --out artifacts/calib --tree chain-4
+medusa-export calibrate-tree artifacts/calib --data "$train" --out "$heads/tree.json" --limit "${CAL_PROMPTS:-48}" \
+  --node-budget "${NODE_BUDGET:-40}"
+rm -rf artifacts/calib
+medusa-export build --out artifacts/smollm2            # picks up $heads/tree.json
+# 2. Main run: all MT-Bench first turns, 128 new tokens, greedy, vanilla vs Medusa + transformers generate.
+medusa-export bench artifacts/smollm2 --prompts "$mt" --max-new-tokens 128 --json "$res/bench_calibrated.json" \
+  --plot "$res/bench_calibrated.png"
+# 3. Other trees on the same artifact (first N prompts, no transformers row).
+for tree in chain-4 mc_sim_7b_63; do
+  medusa-export bench artifacts/smollm2 --prompts "$mt" --limit "${TREE_PROMPTS:-20}" --max-new-tokens 128 \
+    --tree "$tree" --no-hf --json "$res/bench_$tree.json"
+done
+python scripts/ort_overhead.py artifacts/smollm2 > "$res/ort_overhead.json"
