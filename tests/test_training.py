@@ -186,7 +186,7 @@ def test_rerun_reuses_data_and_resumes_after_interruption(trained, loaded, promp
     assert (out / "checkpoint.pt").exists()
     monkeypatch.setattr(train_mod, "evaluate_heads", real_eval)
     again = train_mod.train_heads(loaded, prompts_file, out, cache_dir=root / "cache", **OPTS)
-    assert again["distillation"]["generated_now_tokens"] == 0  # every shard came from the cache
+    assert again["distillation"][0]["generated_now_tokens"] == 0  # every shard came from the cache
     assert again["resumed_from_epoch"] == 1 and len(again["history"]) == OPTS["epochs"]
     a = load_heads(root / "heads", loaded.model.config).state_dict()
     b = load_heads(out, loaded.model.config).state_dict()
@@ -194,10 +194,15 @@ def test_rerun_reuses_data_and_resumes_after_interruption(trained, loaded, promp
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
 
 
-def test_draft_vocab_training_runs_and_evaluates_on_full_vocab(loaded, prompts_file, tmp_path, capsys):
-    report = train_mod.train_heads(loaded, prompts_file, tmp_path / "h", cache_dir=tmp_path / "c",
-                                   draft_vocab=64, **{**OPTS, "epochs": 1, "progress": True})
+def test_draft_vocab_and_sampled_passes(trained, loaded, prompts_file, tmp_path, capsys):
+    """Draft-vocab training still evaluates over the full vocabulary; sampled extra answers add training
+    positions but never held-out ones (the held-out set stays the greedy answers of the same prompts)."""
+    report = train_mod.train_heads(loaded, prompts_file, tmp_path / "h", cache_dir=tmp_path / "c", draft_vocab=64,
+                                   extra_sampled_passes=1, **{**OPTS, "epochs": 1, "progress": True})
     assert "epoch 1/1" in capsys.readouterr().err  # tqdm bars on stderr
+    assert report["distillation"][1]["config"]["temperature"] == 0.7
+    assert report["heldout_positions"] == trained[1]["heldout_positions"]
+    assert report["training_positions"] > trained[1]["training_positions"]
     assert report["draft_vocab"]["size"] == 64 and 0 < report["draft_vocab"]["coverage"] <= 1
     assert len(report["heldout"]["top1"]) == 4
     load_heads(tmp_path / "h", loaded.model.config)

@@ -249,5 +249,8 @@ if __name__ == "__main__":
     import sys
 
     torch.set_num_threads(int(os.environ.get("MEDUSA_TRAIN_THREADS", "1")))
+    # argv: data_file cache_dir max_new_tokens batch_size [temperature seed]: the values train_heads uses.
     data_file, cache_dir, max_new, bs = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-    distill_worker(None, data_file, cache_dir, DistillConfig(max_new_tokens=max_new, batch_size=bs))
+    temp, seed = (float(sys.argv[5]), int(sys.argv[6])) if len(sys.argv) > 6 else (0.0, 0)
+    distill_worker(None, data_file, cache_dir, DistillConfig(max_new_tokens=max_new, batch_size=bs,
+                                                             temperature=temp, seed=seed))

@@ -50,6 +50,10 @@ def build_examples(data: DistilledData, num_heads: int) -> Examples:
     return Examples(data.hidden[keep], targets[keep], data.prompt_index[seq_of][keep])
 
 
+def concat(parts: list[Examples]) -> Examples:
+    return Examples(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("hidden", "targets", "prompt_index")))
+
+
 def split_by_prompt(ex: Examples, heldout_fraction: float, seed: int) -> tuple[Examples, Examples]:
     """A seeded random share of the prompts (at least one when the fraction is > 0) is held out."""
     prompts = np.unique(ex.prompt_index)

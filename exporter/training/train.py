@@ -23,6 +23,7 @@ import math
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,7 @@ from medusa_export.runtime.errors import InputError
 from . import checkpoint as ckpt
 from .data import DistillConfig, distill, file_sha256, model_identity, read_prompts
 from .evaluate import evaluate_heads, format_table
-from .examples import IGNORE, DraftVocab, build_examples, split_by_prompt
+from .examples import IGNORE, DraftVocab, build_examples, concat, split_by_prompt
 
 HEAD_DECAY = 0.8  # Medusa-1 weight of head k's loss: 0.8^k
 
@@ -80,12 +81,14 @@ def train_heads(model_source: Any, data_file: str | Path, out_dir: str | Path, n
                 resume: bool = True, progress: bool = True, gen_batch_size: int = 64, temperature: float = 0.0,
                 cache_dir: str | Path | None = None, amp: str = "auto", weight_decay: float = 0.0,
                 warmup_fraction: float = 0.03, threads: int | None = None, checkpoint_every_s: float = 300.0,
-                max_train_positions: int | None = None) -> dict:
+                max_train_positions: int | None = None, extra_sampled_passes: int = 0,
+                sample_temperature: float = 0.7) -> dict:
     """Train heads and write ``out_dir`` (heads + config.json, training.json, eval.json). Returns the record.
 
     ``model_source``: a path / None (default model) for ``load_base_model``, or an already loaded object with
     ``.model``, ``.tokenizer`` and ``.identity`` (tests). ``cache_dir``: where self-distilled shards live
-    (default ``$MEDUSA_EXPORT_CACHE/distill``).
+    (default ``$MEDUSA_EXPORT_CACHE/distill``). ``extra_sampled_passes``: more answers per prompt, sampled at
+    ``sample_temperature``, for training only (held-out accuracy is always measured on greedy answers).
     """
     args = {k: (str(v) if isinstance(v, Path) else v) for k, v in locals().items() if k != "model_source"}
     _check_options(epochs, lr, batch_size, heldout_fraction, draft_vocab, layout, amp, max_new_tokens)
@@ -102,13 +105,21 @@ def train_heads(model_source: Any, data_file: str | Path, out_dir: str | Path, n
     data_sha = file_sha256(data_file)
     cache = Path(cache_dir) if cache_dir else _default_cache()
     gen_cfg = DistillConfig(max_new_tokens=max_new_tokens, batch_size=gen_batch_size, temperature=temperature, seed=seed)
-    bar = _bar(progress and rank == 0, "self-distillation batches")
-    data = distill(model, loaded.tokenizer, prompts, cache, gen_cfg, data_sha, model_identity(loaded.identity),
-                   progress=bar.update_to if bar is not None else None)
-    if bar is not None:
-        bar.close()
-    ex = build_examples(data, num_heads)
-    train_ex, held_ex = split_by_prompt(ex, heldout_fraction, seed)
+    # Pass 0 (greedy by default) gives the held-out set; extra sampled passes add training answers only.
+    passes = [gen_cfg] + [replace(gen_cfg, temperature=sample_temperature, seed=seed + p)
+                          for p in range(1, extra_sampled_passes + 1)]
+    datas = []
+    for i, cfg in enumerate(passes):
+        bar = _bar(progress and rank == 0, f"self-distillation pass {i + 1}/{len(passes)} (T={cfg.temperature})")
+        datas.append(distill(model, loaded.tokenizer, prompts, cache, cfg, data_sha, model_identity(loaded.identity),
+                             progress=bar.update_to if bar is not None else None))
+        if bar is not None:
+            bar.close()
+    train_ex, held_ex = split_by_prompt(build_examples(datas[0], num_heads), heldout_fraction, seed)
+    held_prompts = np.unique(held_ex.prompt_index)
+    for d in datas[1:]:
+        extra = build_examples(d, num_heads)
+        train_ex = concat([train_ex, extra.subset(np.flatnonzero(~np.isin(extra.prompt_index, held_prompts)))])
     if max_train_positions and len(train_ex) > max_train_positions:
         train_ex = train_ex.subset(np.sort(np.random.default_rng(seed).permutation(len(train_ex))[:max_train_positions]))
     if len(train_ex) == 0:
@@ -170,7 +181,7 @@ def train_heads(model_source: Any, data_file: str | Path, out_dir: str | Path, n
                 initial = [round(float(x), 4) for x in per_head]
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{float(loss.detach()):.3f}", lr=f"{sched.get_last_lr()[0]:.1e}")
+                bar.set_postfix(loss=f"{float(loss.detach()):.3f}", lr=f"{sched.get_last_lr()[0]:.1e}", refresh=False)
             if rank == 0 and time.perf_counter() - last_ckpt > checkpoint_every_s:
                 ckpt.save(out, fingerprint, heads, opt, sched, epoch, step + 1, {"history": history, "initial": initial})
                 last_ckpt = time.perf_counter()
@@ -193,11 +204,11 @@ def train_heads(model_source: Any, data_file: str | Path, out_dir: str | Path, n
     final = history[-1]["heldout"] if history else evaluate_heads(heads, lm_weight, held_ex, device=device)
     _log(rank, "held-out accuracy (full vocabulary):\n" + format_table(final))
     record = {
-        "command": " ".join(sys.argv), "args": args, "data_file": str(data_file), "data_sha256": data_sha,
+        "command": _command_line(), "args": args, "data_file": str(data_file), "data_sha256": data_sha,
         "base_model": loaded.identity, "seed": seed, "training_positions": int(len(train_ex)),
         "heldout_positions": int(len(held_ex)), "heldout_prompts": int(len(np.unique(held_ex.prompt_index))),
-        "distillation": {k: data.stats.get(k) for k in ("positions", "answers", "skipped_long_prompts", "cache_dir",
-                                                        "generation_tokens_per_s", "generated_now_tokens")},
+        "distillation": [{k: d.stats.get(k) for k in ("config", "positions", "answers", "skipped_long_prompts", "cache_dir",
+                                                      "generation_tokens_per_s", "generated_now_tokens")} for d in datas],
         "draft_vocab": {"size": int(len(vocab.ids)), "coverage": round(vocab.coverage, 4),
                         "out_of_subset_targets": "dropped from the loss"} if vocab else None,
         "amp": amp, "steps": total, "world_size": world,
@@ -268,6 +279,13 @@ def _setup_distributed() -> tuple[int, int, torch.device]:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return dist.get_rank(), dist.get_world_size(), device
+
+
+def _command_line() -> str:
+    argv = list(sys.argv)
+    if argv and argv[0].endswith(("cli_entry.py", "train.py")):
+        argv[0] = "python -m medusa_export.exporter.training." + Path(argv[0]).stem
+    return " ".join(argv)
 
 
 def _default_cache() -> Path:
