@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
 
 from .model_loading import load_base_model
 
@@ -16,7 +15,7 @@ def hf_generate_bench(manifest: dict, prompts: list[str], max_new_tokens: int, o
     loaded = load_base_model(manifest["model"].get("source"))
     model, tok = loaded.model, loaded.tokenizer
     eos = list(tok.eos_token_ids) or None
-    tokens, prefill, t0, new = [], [], time.perf_counter(), 0
+    tokens, new = [], 0
     with torch.inference_mode():
         model.generate(torch.tensor([tok.encode_prompt(prompts[0])]), max_new_tokens=4, do_sample=False)  # warm-up
         t0 = time.perf_counter()

@@ -10,7 +10,6 @@ from __future__ import annotations
 import importlib.util
 from dataclasses import dataclass
 
-import numpy as np
 import pytest
 
 TINY_VOCAB = 320

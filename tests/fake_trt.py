@@ -1,0 +1,295 @@
+"""Stand-ins for CUDA and TensorRT used by tests/test_trt_backend.py (see its docstring)."""
+
+from __future__ import annotations
+
+import json
+import types
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from medusa_export.runtime.backends import cuda_buffers
+
+# ----------------------------------------------------------------------------------------------- fakes
+class FakeCuda:
+    """Device memory = one byte array; pointer = offset (never 0)."""
+
+    def __init__(self, nbytes: int = 1 << 24) -> None:
+        self.mem = np.zeros(nbytes, np.uint8)
+        self.next = 4096
+        self.live: dict[int, int] = {}
+        self.streams = 0
+        self.calls = {"d2d_2d": 0, "h2d": 0, "d2h": 0}
+
+    def malloc(self, n):
+        ptr = cuda_buffers.round_up(self.next)
+        assert ptr + n <= self.mem.size, "fake device out of memory"
+        self.next = ptr + n
+        self.live[ptr] = n
+        return ptr
+
+    def free(self, ptr):
+        assert self.live.pop(ptr, None) is not None, "double free"
+
+    def memset(self, ptr, value, n, stream):
+        self.mem[ptr:ptr + n] = value
+
+    def stream_create(self):
+        self.streams += 1
+        return self.streams
+
+    def stream_destroy(self, stream):
+        pass
+
+    def synchronize(self, stream):
+        pass
+
+    def set_device(self, index):
+        assert index == 0
+
+    @staticmethod
+    def handle(stream):
+        return int(stream)
+
+    def _check(self, ptr, n):
+        assert any(b <= ptr and ptr + n <= b + size for b, size in self.live.items()), f"access {ptr}+{n} outside allocations"
+
+    def h2d(self, dst, src, stream):
+        self.calls["h2d"] += 1
+        self._check(dst, src.nbytes)
+        self.mem[dst:dst + src.nbytes] = np.ascontiguousarray(src).view(np.uint8).reshape(-1)
+
+    def d2h(self, dst, src, stream):
+        self.calls["d2h"] += 1
+        assert dst.flags.c_contiguous
+        self._check(src, dst.nbytes)
+        dst.reshape(-1).view(np.uint8)[:] = self.mem[src:src + dst.nbytes]
+
+    def d2d(self, dst, src, n, stream):
+        self.d2d_2d(dst, n, src, n, n, 1, stream)
+
+    def d2d_2d(self, dst, dpitch, src, spitch, width, height, stream):
+        self.calls["d2d_2d"] += 1
+        assert width <= dpitch and width <= spitch
+        for r in range(height):
+            s, d = src + r * spitch, dst + r * dpitch
+            assert s + width <= d or d + width <= s, "overlapping device copy"
+            self._check(s, width)
+            self._check(d, width)
+            self.mem[d:d + width] = self.mem[s:s + width]
+
+    def read(self, ptr, dtype, shape):
+        n = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        return self.mem[ptr:ptr + n].view(dtype).reshape(shape).copy()
+
+    def write(self, ptr, array):
+        a = np.ascontiguousarray(array)
+        self._check(ptr, a.nbytes)
+        self.mem[ptr:ptr + a.nbytes] = a.view(np.uint8).reshape(-1)
+
+
+class _DT:
+    def __init__(self, name):
+        self.name = name
+
+    def __repr__(self):
+        return f"DataType.{self.name}"
+
+
+_ORT_TO_DT = {"tensor(int64)": "INT64", "tensor(float)": "FLOAT", "tensor(bool)": "BOOL", "tensor(float16)": "HALF"}
+_DT_TO_NP = {"INT64": np.int64, "FLOAT": np.float32, "BOOL": np.bool_, "HALF": np.float16}
+
+
+def fake_tensorrt(cuda: FakeCuda, version: str = "10.3.0", align: int = 256, record: dict | None = None,
+                  refuse_strongly_typed: bool = False):
+    record = record if record is not None else {}
+    trt = types.SimpleNamespace(__version__=version)
+    trt.NetworkDefinitionCreationFlag = types.SimpleNamespace(STRONGLY_TYPED=5)
+    trt.MemoryPoolType = types.SimpleNamespace(WORKSPACE="WORKSPACE")
+    trt.BuilderFlag = types.SimpleNamespace(FP16="FP16", BF16="BF16", TF32="TF32")
+    trt.TensorIOMode = types.SimpleNamespace(INPUT="INPUT", OUTPUT="OUTPUT")
+
+    class ILogger:
+        def __init__(self):
+            pass
+
+    class Logger(ILogger):
+        WARNING = 2
+
+        def __init__(self, level=None):
+            pass
+
+    class Network:
+        def __init__(self, flags):
+            self.flags, self.inputs = flags, []
+
+        @property
+        def num_inputs(self):
+            return len(self.inputs)
+
+        def get_input(self, i):
+            return types.SimpleNamespace(name=self.inputs[i])
+
+    class OnnxParser:
+        def __init__(self, network, logger):
+            self.network = network
+            self.num_errors = 0
+
+        def parse_from_file(self, path):
+            s = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+            self.network.inputs = [x.name for x in s.get_inputs()]
+            self.network.onnx = str(Path(path).resolve())
+            return True
+
+    class OptProfile:
+        def __init__(self):
+            self.shapes = {}
+
+        def set_shape(self, name, lo, opt, hi):
+            self.shapes[name] = (tuple(lo), tuple(opt), tuple(hi))
+
+    class TimingCache:
+        def __init__(self, data):
+            self.data = data
+
+        def serialize(self):
+            return b"timing:" + bytes(self.data)
+
+    class Config:
+        def __init__(self):
+            self.flags = {"TF32"}  # TensorRT enables TF32 by default
+            self.pools, self.profiles, self.cache = {}, [], None
+
+        def set_memory_pool_limit(self, pool, n):
+            self.pools[pool] = n
+
+        def set_flag(self, f):
+            self.flags.add(f)
+
+        def clear_flag(self, f):
+            self.flags.discard(f)
+
+        def add_optimization_profile(self, p):
+            self.profiles.append(p)
+            return len(self.profiles) - 1
+
+        def create_timing_cache(self, data):
+            return TimingCache(data)
+
+        def set_timing_cache(self, cache, ignore_mismatch):
+            self.cache = cache
+            return True
+
+        def get_timing_cache(self):
+            return self.cache
+
+    class Builder:
+        def __init__(self, logger):
+            pass
+
+        def create_network(self, flags):
+            return Network(flags)
+
+        def create_builder_config(self):
+            return Config()
+
+        def create_optimization_profile(self):
+            return OptProfile()
+
+        def build_serialized_network(self, network, config):
+            if refuse_strongly_typed and network.flags & (1 << 5):
+                record.setdefault("refused", []).append(network.onnx)
+                return None
+            for p in config.profiles:
+                for k in range(3):  # min, opt, max: each a consistent set of shapes
+                    t = p.shapes["input_ids"][k][1]
+                    past = p.shapes["past_key_values.0.key"][k][1]
+                    assert p.shapes["position_ids"][k] == (1, t)
+                    assert p.shapes["attention_mask"][k] == (1, 1, t, past + t)
+            record.setdefault("builds", []).append(
+                {"strongly_typed": bool(network.flags & (1 << 5)), "flags": sorted(config.flags),
+                 "pools": dict(config.pools), "cache_in": config.cache.data if config.cache else None})
+            plan = {"onnx": network.onnx, "profiles": [{k: [list(s) for s in v] for k, v in p.shapes.items()}
+                                                       for p in config.profiles]}
+            return json.dumps(plan).encode()
+
+    class Engine:
+        def __init__(self, plan):
+            self.session = ort.InferenceSession(plan["onnx"], providers=["CPUExecutionProvider"])
+            self.inputs = {x.name: _ORT_TO_DT[x.type] for x in self.session.get_inputs()}
+            self.outputs = {x.name: _ORT_TO_DT[x.type] for x in self.session.get_outputs()}
+            self.names = list(self.inputs) + list(self.outputs)
+            self.profiles = plan["profiles"]
+
+        @property
+        def num_io_tensors(self):
+            return len(self.names)
+
+        @property
+        def num_optimization_profiles(self):
+            return len(self.profiles)
+
+        def get_tensor_name(self, i):
+            return self.names[i]
+
+        def get_tensor_mode(self, name):
+            return "INPUT" if name in self.inputs else "OUTPUT"
+
+        def get_tensor_dtype(self, name):
+            return _DT(self.inputs.get(name) or self.outputs[name])
+
+        def create_execution_context(self):
+            record["contexts"] = record.get("contexts", 0) + 1
+            return Context(self)
+
+    class Context:
+        def __init__(self, engine):
+            self.engine, self.profile, self.shapes, self.addr = engine, 0, {}, {}
+
+        def set_optimization_profile_async(self, index, stream):
+            assert 0 <= index < len(self.engine.profiles)
+            self.profile, self.shapes = index, {}
+            record.setdefault("switches", []).append(index)
+            return True
+
+        def set_input_shape(self, name, shape):
+            lo, _, hi = self.engine.profiles[self.profile][name]
+            ok = len(shape) == len(lo) and all(a <= s <= b for a, s, b in zip(lo, shape, hi))
+            if ok:
+                self.shapes[name] = tuple(shape)
+            return ok
+
+        def set_tensor_address(self, name, ptr):
+            assert ptr % align == 0, f"{name} address {ptr} is not {align}-byte aligned"
+            self.addr[name] = ptr
+            return True
+
+        def execute_async_v3(self, stream):
+            e = self.engine
+            feeds = {}
+            for name, dt in e.inputs.items():
+                shape = self.shapes.get(name, (1,) if name == "temperature" else None)
+                assert shape is not None, f"no shape set for {name}"
+                feeds[name] = cuda.read(self.addr[name], _DT_TO_NP[dt], shape)
+            t, past = feeds["input_ids"].shape[1], feeds["past_key_values.0.key"].shape[1]
+            assert feeds["attention_mask"].shape == (1, 1, t, past + t)
+            outs = e.session.run(list(e.outputs), feeds)
+            for name, value in zip(e.outputs, outs):
+                cuda.write(self.addr[name], value.astype(_DT_TO_NP[e.outputs[name]]))
+            record["executions"] = record.get("executions", 0) + 1
+            return True
+
+    class Runtime:
+        def __init__(self, logger):
+            pass
+
+        def deserialize_cuda_engine(self, data):
+            try:
+                return Engine(json.loads(bytes(data)))
+            except ValueError:
+                return None
+
+    trt.ILogger, trt.Logger, trt.Builder, trt.OnnxParser, trt.Runtime = ILogger, Logger, Builder, OnnxParser, Runtime
+    trt.record = record
+    return trt
