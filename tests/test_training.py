@@ -201,6 +201,7 @@ def test_draft_vocab_and_sampled_passes(trained, loaded, prompts_file, tmp_path,
                                    extra_sampled_passes=1, **{**OPTS, "epochs": 1, "progress": True})
     assert "epoch 1/1" in capsys.readouterr().err  # tqdm bars on stderr
     assert report["distillation"][1]["config"]["temperature"] == 0.7
+    assert len(json.loads((tmp_path / "h" / "draft_vocab.json").read_text())["ids"]) == 64
     assert report["heldout_positions"] == trained[1]["heldout_positions"]
     assert report["training_positions"] > trained[1]["training_positions"]
     assert report["draft_vocab"]["size"] == 64 and 0 < report["draft_vocab"]["coverage"] <= 1

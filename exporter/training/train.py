@@ -220,6 +220,9 @@ def train_heads(model_source: Any, data_file: str | Path, out_dir: str | Path, n
     heads.to("cpu")
     save_heads(heads, out, extra={"trained_on": Path(data_file).name, "heldout_top1": final["top1"]})
     (out / "eval.json").write_text(json.dumps(final, indent=2) + "\n")
+    if vocab is not None:  # the subset trained on: `heads.restrict_vocab(heads, ids)` can reuse it at decode time
+        (out / "draft_vocab.json").write_text(json.dumps({"size": int(len(vocab.ids)), "coverage": round(vocab.coverage, 4),
+                                                          "ids": vocab.ids.tolist()}) + "\n")
     (out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
     ckpt.remove(out)
     if world > 1:
