@@ -21,7 +21,7 @@ import numpy as np
 
 from .backends.base import Backend
 from .errors import InputError
-from .prompts import read_prompts as load_prompts
+from .prompts import read_prompts
 from .tokenizer import ChatTokenizer
 from .tree_search import search_tree
 
@@ -146,7 +146,7 @@ def measure_latency(backend: Backend, sizes: Sequence[int] = DEFAULT_SIZES, past
 
 
 def _prompt_ids(tokenizer: ChatTokenizer | None, prompts: str | Path | Sequence[str | Sequence[int]], chat: bool) -> list[list[int]]:
-    items = load_prompts(prompts) if isinstance(prompts, (str, Path)) else list(prompts)
+    items = read_prompts(prompts) if isinstance(prompts, (str, Path)) else list(prompts)
     out = []
     for i, p in enumerate(items):
         if isinstance(p, str):

@@ -12,7 +12,6 @@ from medusa_export.runtime.calibration import (
     HeadAccuracy,
     calibrate,
     head_predictions,
-    load_prompts,
     measure_head_accuracy,
     measure_latency,
 )
@@ -161,29 +160,6 @@ def test_calibrate_rejects_bad_options(backend):
         calibrate(backend, None, PROMPTS, max_new_tokens=1)
     with pytest.raises(InputError):
         calibrate(backend, None, PROMPTS, node_budget=0)
-
-
-@pytest.mark.parametrize("text,line", [
-    ('{"prompt": "a"}\nnot json\n', 2),
-    ('{"prompt": "a"}\n{"text": "b"}\n', 2),
-    ('{"prompt": ""}\n', 1),
-    ('["prompt"]\n', 1),
-])
-def test_load_prompts_names_bad_line(tmp_path, text, line):
-    f = tmp_path / "p.jsonl"
-    f.write_text(text)
-    with pytest.raises(InputError, match=f"line {line}"):
-        load_prompts(f)
-
-
-def test_load_prompts_missing_and_empty(tmp_path):
-    with pytest.raises(InputError, match="does not exist"):
-        load_prompts(tmp_path / "nope.jsonl")
-    (tmp_path / "e.jsonl").write_text("\n\n")
-    with pytest.raises(InputError, match="no prompts"):
-        load_prompts(tmp_path / "e.jsonl")
-    (tmp_path / "ok.jsonl").write_text('{"prompt": "x", "other": 1}\n')
-    assert load_prompts(tmp_path / "ok.jsonl") == ["x"]
 
 
 def test_head_accuracy_dataclass_json():

@@ -4,19 +4,17 @@ stopping (EOS, length, stop strings, full KV buffer) and input errors through th
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from medusa_export.runtime.acceptance import accept_greedy, accept_typical, next_token
-from medusa_export.runtime.backends.base import Session, StepOutput
+from medusa_export.runtime.backends.base import StepOutput
 from medusa_export.runtime.decode import GenerationConfig, candidates
 from medusa_export.runtime.errors import InputError
 from medusa_export.runtime.generator import Generator
 from medusa_export.runtime.tree import Tree, load_choices
+from oracle import OracleSession
 
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
@@ -102,38 +100,6 @@ def test_some_steps_accept_several_tokens_with_random_heads(tiny):
 
 
 # ---------------------------------------------------------------------------------------------- oracle
-
-
-class OracleSession(Session):
-    """Wraps a real session and replaces the heads' guesses with the true future greedy tokens
-    (head k at position t proposes token t+2+k), at rank ``rank`` of each head's list. ``wrong`` makes
-    every guess a token that is never right instead."""
-
-    def __init__(self, inner, full: list[int], rank: int = 0, wrong: bool = False) -> None:
-        self.inner, self.full, self.rank, self.wrong = inner, full, rank, wrong
-        self.accepted_rows: list[list[int]] = []
-
-    capacity = property(lambda self: self.inner.capacity)
-    length = property(lambda self: self.inner.length)
-
-    def run(self, input_ids, position_ids, tree_mask, medusa, temperature):
-        out = self.inner.run(input_ids, position_ids, tree_mask, medusa, temperature)
-        ids = out.medusa_ids.copy()
-        _, k_heads, r = ids.shape
-        for i, pos in enumerate(np.asarray(position_ids).tolist()):
-            for k in range(k_heads):
-                j = pos + 2 + k
-                true = self.full[j] if j < len(self.full) else 0
-                others = [int(x) for x in ids[i, k] if x != true][: r - 1]
-                if self.wrong:
-                    ids[i, k] = others + [(true + 1) % 320] if (true + 1) % 320 not in others else others + [true + 2]
-                else:
-                    ids[i, k] = others[: self.rank] + [true] + others[self.rank:]
-        return replace(out, medusa_ids=ids)
-
-    def keep(self, rows):
-        self.accepted_rows.append(list(np.asarray(rows).tolist()))
-        self.inner.keep(rows)
 
 
 def oracle_run(tiny, k, layout, spec, prompt, rank=0, wrong=False, n=N_NEW):

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from medusa_export.runtime.backends.base import KVCache, MaskBuffer, ModelDims, Session
+from medusa_export.runtime.backends.base import KVCache, MaskBuffer, ModelDims
 from medusa_export.runtime.decode import DecodeStats, GenerationConfig, decode
 from medusa_export.runtime.tree import Tree, load_choices
+from oracle import OracleSession
 
 DIMS = ModelDims(num_layers=2, num_kv_heads=2, head_dim=3, vocab_size=10, num_heads=0, head_topk=1, sample_topk=1)
 
@@ -113,34 +113,6 @@ def test_mask_buffer_builds_prefix_and_tree_and_reuses_memory():
 # ---------------------------------------------------------------------------------------------- real model
 
 
-class OracleRank(Session):
-    """Puts the true future token at rank ``rank`` of every head, so paths through non-first children win
-    and `keep` has to move rows (accepted nodes are not 0..n-1)."""
-
-    def __init__(self, inner, full: list[int], rank: int) -> None:
-        self.inner, self.full, self.rank = inner, full, rank
-
-    capacity = property(lambda self: self.inner.capacity)
-    length = property(lambda self: self.inner.length)
-
-    def run(self, input_ids, position_ids, tree_mask, medusa, temperature):
-        out = self.inner.run(input_ids, position_ids, tree_mask, medusa, temperature)
-        if out.medusa_ids is None:
-            return out
-        ids = out.medusa_ids.copy()
-        _, k_heads, r = ids.shape
-        for i, pos in enumerate(np.asarray(position_ids).tolist()):
-            for k in range(k_heads):
-                j = pos + 2 + k
-                true = self.full[j] if j < len(self.full) else 0
-                others = [int(x) for x in ids[i, k] if x != true][: r - 1]
-                ids[i, k] = others[: self.rank] + [true] + others[self.rank:]
-        return replace(out, medusa_ids=ids)
-
-    def keep(self, rows):
-        self.inner.keep(rows)
-
-
 def hf_kv(model, ids: list[int]):
     """Per-layer (keys, values) of one plain forward, sequence-major [1, L, kv_heads, head_dim]."""
     import torch
@@ -176,7 +148,7 @@ def test_committed_kv_equals_plain_forward(tiny, spec, k, layout, oracle_rank):
     for prompt in ([5, 6, 7, 8, 9], [100, 200, 300, 17, 17, 17, 42]):
         session = backend.new_session()
         if oracle_rank is not None:
-            session = OracleRank(session, list(prompt) + tiny.reference(prompt, 40), oracle_rank)
+            session = OracleSession(session, list(prompt) + tiny.reference(prompt, 40), rank=oracle_rank)
         tokens, stats = run_chunks(session, list(prompt), tree, 20)
         assert tokens == tiny.reference(prompt, len(tokens))
         if oracle_rank is not None:

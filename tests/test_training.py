@@ -18,7 +18,7 @@ from conftest import TINY_VOCAB, make_tiny_model  # noqa: E402
 from medusa_export.exporter.heads import load_heads  # noqa: E402
 from medusa_export.exporter.training import train as train_mod  # noqa: E402
 from medusa_export.exporter.training.data import (  # noqa: E402
-    DistillConfig, DistilledData, distill, generate_batch, read_prompts)
+    DistillConfig, DistilledData, generate_batch)
 from medusa_export.exporter.training.examples import IGNORE, DraftVocab, build_examples, split_by_prompt  # noqa: E402
 from medusa_export.runtime.errors import HeadsError, InputError  # noqa: E402
 
@@ -61,25 +61,12 @@ def trained(loaded, prompts_file, tmp_path_factory):
 # ------------------------------------------------------------------------------------------------ data
 
 
-@pytest.mark.parametrize("content, line", [
-    ('{"prompt": "a"}\n{"prompt": "b"\n', 2),
-    ('{"prompt": "a"}\n\n{"text": "b"}\n', 3),
-    ('{"prompt": "   "}\n', 1),
-    ('["prompt"]\n', 1),
-])
-def test_malformed_prompts_name_the_line(tmp_path, content, line):
-    f = tmp_path / "p.jsonl"
-    f.write_text(content)
-    with pytest.raises(InputError, match=f"line {line}"):
-        read_prompts(f)
-
-
-def test_empty_or_missing_prompts_file(tmp_path):
-    (tmp_path / "e.jsonl").write_text("\n \n")
-    with pytest.raises(InputError, match="empty"):
-        read_prompts(tmp_path / "e.jsonl")
-    with pytest.raises(InputError, match="does not exist"):
-        read_prompts(tmp_path / "nope.jsonl")
+def test_train_heads_names_the_bad_prompts_line(loaded, tmp_path):
+    bad = tmp_path / "p.jsonl"
+    bad.write_text('{"prompt": "a"}\n{"text": "b"}\n')
+    with pytest.raises(InputError, match="line 2"):
+        train_mod.train_heads(loaded, bad, tmp_path / "h", cache_dir=tmp_path / "c", **OPTS)
+    assert not (tmp_path / "h").exists()
 
 
 def test_batched_generation_equals_unbatched(loaded):
@@ -202,6 +189,9 @@ def test_draft_vocab_and_sampled_passes(trained, loaded, prompts_file, tmp_path,
     assert "epoch 1/1" in capsys.readouterr().err  # tqdm bars on stderr
     assert report["distillation"][1]["config"]["temperature"] == 0.7
     assert len(json.loads((tmp_path / "h" / "draft_vocab.json").read_text())["ids"]) == 64
+    heldout = [json.loads(line)["prompt"] for line in (tmp_path / "h" / "heldout_prompts.jsonl").read_text().splitlines()]
+    assert len(heldout) == report["heldout_prompts"] > 0
+    assert set(heldout) <= {json.loads(line)["prompt"] for line in prompts_file.read_text().splitlines()}
     assert report["heldout_positions"] == trained[1]["heldout_positions"]
     assert report["training_positions"] > trained[1]["training_positions"]
     assert report["draft_vocab"]["size"] == 64 and 0 < report["draft_vocab"]["coverage"] <= 1

@@ -311,16 +311,20 @@ def test_trt_backend_without_tensorrt_raises_install_hint(tiny):
 
 
 # ------------------------------------------------------------------------ real TensorRT (GPU machines)
-@pytest.mark.gpu
-@pytest.mark.skipif(SKIP_REASON is not None, reason=SKIP_REASON or "")
-def test_real_tensorrt_matches_ort(tiny, tmp_path):
+def _real_engines(artifact, tmp_path):
+    """Copy the artifact, build real engines into it, and open it with ONNX Runtime and TensorRT."""
     from medusa_export.engines.cli_entry import build_engines_for_artifact
     from medusa_export.runtime.api import MedusaRuntime
 
-    art = _copy(tiny, tmp_path / "art")
+    art = _copy(artifact, tmp_path / "art")
     build_engines_for_artifact(art, required=True, log=print)
-    ref = MedusaRuntime.load(art, backend="ort").generator
-    gen = MedusaRuntime.load(art, backend="trt").generator
+    return MedusaRuntime.load(art, backend="ort").generator, MedusaRuntime.load(art, backend="trt").generator
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(SKIP_REASON is not None, reason=SKIP_REASON or "")
+def test_real_tensorrt_matches_ort(tiny, tmp_path):
+    ref, gen = _real_engines(tiny, tmp_path)
     for prompt in PROMPTS:
         for medusa in (False, True):
             assert gen.generate(prompt, _cfg(medusa, 10)).token_ids == ref.generate(prompt, _cfg(medusa, 10)).token_ids
@@ -329,13 +333,7 @@ def test_real_tensorrt_matches_ort(tiny, tmp_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(SKIP_REASON is not None, reason=SKIP_REASON or "")
 def test_real_tensorrt_aligned_rows_in_place(tiny_aligned, tmp_path):
-    from medusa_export.engines.cli_entry import build_engines_for_artifact
-    from medusa_export.runtime.api import MedusaRuntime
-
-    art = _copy(tiny_aligned, tmp_path / "art")
-    build_engines_for_artifact(art, required=True, log=print)
-    ref = MedusaRuntime.load(art, backend="ort").generator
-    gen = MedusaRuntime.load(art, backend="trt").generator
+    ref, gen = _real_engines(tiny_aligned, tmp_path)
     assert gen.backend.new_session().in_place
     for prompt in PROMPTS:
         assert gen.generate(prompt, _cfg(True, 10)).token_ids == ref.generate(prompt, _cfg(True, 10)).token_ids

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from medusa_export.runtime.errors import InputError
+from medusa_export.runtime.prompts import read_prompts
 
 CACHE_FORMAT = "medusa-export-distill-v1"
 
@@ -46,28 +47,6 @@ class DistilledData:
     seq_lens: np.ndarray  # [S] int64
     prompt_index: np.ndarray  # [S] int64: line order of the prompt in the data file
     stats: dict = field(default_factory=dict)
-
-
-def read_prompts(path: str | Path) -> list[str]:
-    """Prompts of a JSONL file, one ``{"prompt": ...}`` object a line; blank lines are ignored."""
-    path = Path(path)
-    if not path.exists():
-        raise InputError(f"prompts file {path} does not exist: pass a JSONL file with one {{\"prompt\": ...}} per line")
-    prompts = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InputError(f"{path} line {n} is not valid JSON ({e.msg}): fix that line") from None
-        prompt = row.get("prompt") if isinstance(row, dict) else None
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise InputError(f"{path} line {n} has no non-empty \"prompt\" string: every line needs one")
-        prompts.append(prompt)
-    if not prompts:
-        raise InputError(f"prompts file {path} is empty: it needs at least one {{\"prompt\": ...}} line")
-    return prompts
 
 
 def file_sha256(path: str | Path) -> str:

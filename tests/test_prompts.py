@@ -1,0 +1,39 @@
+"""Prompt files (JSON Lines with a "prompt" field): what is read, and errors that name the bad line."""
+
+from __future__ import annotations
+
+import pytest
+
+from medusa_export.runtime.errors import InputError
+from medusa_export.runtime.prompts import read_prompts
+
+
+@pytest.mark.parametrize("text, line", [
+    ('{"prompt": "a"}\nnot json\n', 2),
+    ('{"prompt": "a"}\n{"prompt": "b"\n', 2),
+    ('{"prompt": "a"}\n\n{"text": "b"}\n', 3),
+    ('{"prompt": ""}\n', 1),
+    ('{"prompt": "   "}\n', 1),
+    ('{"prompt": 3}\n', 1),
+    ('["prompt"]\n', 1),
+])
+def test_bad_line_is_named(tmp_path, text, line):
+    f = tmp_path / "p.jsonl"
+    f.write_text(text)
+    with pytest.raises(InputError, match=f"line {line}"):
+        read_prompts(f)
+
+
+def test_missing_and_empty_files(tmp_path):
+    with pytest.raises(InputError, match="does not exist"):
+        read_prompts(tmp_path / "nope.jsonl")
+    (tmp_path / "e.jsonl").write_text("\n \n")
+    with pytest.raises(InputError, match="no prompts"):
+        read_prompts(tmp_path / "e.jsonl")
+
+
+def test_reads_in_order_skips_blank_lines_ignores_extra_fields_and_limits(tmp_path):
+    f = tmp_path / "ok.jsonl"
+    f.write_text('{"prompt": "x", "other": 1}\n\n{"prompt": "y"}\n{"prompt": "z"}\n')
+    assert read_prompts(f) == ["x", "y", "z"]
+    assert read_prompts(f, limit=2) == ["x", "y"]
