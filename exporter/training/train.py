@@ -223,6 +223,8 @@ def train_heads(model_source: Any, data_file: str | Path, out_dir: str | Path, n
     if vocab is not None:  # the subset trained on: `heads.restrict_vocab(heads, ids)` can reuse it at decode time
         (out / "draft_vocab.json").write_text(json.dumps({"size": int(len(vocab.ids)), "coverage": round(vocab.coverage, 4),
                                                           "ids": vocab.ids.tolist()}) + "\n")
+    # Prompts the heads never saw: what `calibrate-tree` should measure them on (training prompts overstate them).
+    (out / "heldout_prompts.jsonl").write_text("".join(json.dumps({"prompt": prompts[i]}) + "\n" for i in held_prompts))
     (out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
     ckpt.remove(out)
     if world > 1:
