@@ -39,22 +39,34 @@ class FullLogits(torch.nn.Module):
         n = s.num_layers
         cache = DynamicCache(ddp_cache_data=[(past[2 * i].transpose(1, 2), past[2 * i + 1].transpose(1, 2))
                                              for i in range(n)], config=s.config)
+        past_len = past[0].shape[1]
         hidden = s.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                             cache=cache, use_cache=True).last_hidden_state
-        return s.lm_head(hidden), s.heads(hidden, s.lm_head)
+        new_kv = [t[:, :, past_len:].transpose(1, 2) for layer in cache.layers[:n] for t in (layer.keys, layer.values)]
+        return (s.lm_head(hidden), s.heads(hidden, s.lm_head), *new_kv)  # same KV rows out as the real graph
 
 
-def time_session(path: Path, feed: dict, repeats: int, post) -> float:
+def time_sessions(variants: dict[str, tuple[Path, object]], feed: dict, repeats: int) -> dict[str, float]:
+    """Median ms per step (run + host post-processing) of each variant, runs interleaved so that
+    machine noise (other processes, clock changes) hits every variant alike."""
     import onnxruntime as ort
 
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    times = []
+    opts = ort.SessionOptions()
+    # Idle sessions' threads would otherwise spin and steal the cores from the one being timed.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    sessions = {}
+    for name, (path, post) in variants.items():
+        sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        own_feed = {i.name: feed[i.name] for i in sess.get_inputs()}  # full-logits graph: no temperature input
+        sessions[name] = (sess, own_feed, post)
+    times: dict[str, list[float]] = {name: [] for name in variants}
     for i in range(repeats + 2):
-        t0 = time.perf_counter()
-        post(sess.run(None, feed))
-        if i >= 2:
-            times.append(time.perf_counter() - t0)
-    return float(np.median(times)) * 1e3
+        for name, (sess, own_feed, post) in sessions.items():
+            t0 = time.perf_counter()
+            post(sess.run(None, own_feed))
+            if i >= 2:
+                times[name].append(time.perf_counter() - t0)
+    return {name: round(float(np.median(t)) * 1e3, 2) for name, t in times.items()}
 
 
 def main() -> None:
@@ -76,11 +88,11 @@ def main() -> None:
         x = dummy_inputs(step, t=args.tree_size, past=args.past)
         feed = {n: v[:1].numpy() for n, v in zip(names, x)}
         feed[names[3]] = x[3].numpy()
-        t_reduced = time_session(reduced, feed, args.repeats, lambda o: o[0][0, :, 0])
-        t_full = time_session(full, feed, args.repeats,
-                              lambda o: (o[0][0].argmax(-1), np.argpartition(-o[1][0], 10, axis=-1)[..., :10]))
-    print(json.dumps({"tree_size": args.tree_size, "past": args.past, "reduced_in_graph_ms": round(t_reduced, 2),
-                      "full_logits_ms": round(t_full, 2)}))
+        ms = time_sessions({
+            "reduced_in_graph_ms": (reduced, lambda o: o[0][0, :, 0]),
+            "full_logits_ms": (full, lambda o: (o[0][0].argmax(-1), np.argpartition(-o[1][0], 10, axis=-1)[..., :10])),
+        }, feed, args.repeats)
+    print(json.dumps({"tree_size": args.tree_size, "past": args.past, **ms}))
 
 
 if __name__ == "__main__":
