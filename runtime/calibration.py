@@ -115,34 +115,48 @@ def head_predictions(backend: Backend, prompts: Iterable[Sequence[int]], max_new
 
 def measure_latency(backend: Backend, sizes: Sequence[int] = DEFAULT_SIZES, past: int = 200,
                     repeats: int = 10, warmup: int = 2, seed: int = 0) -> dict[int, float]:
-    """Median seconds of one ``session.run`` of T tokens after a ``past``-token prefix, per T in ``sizes``.
-
-    ``past`` shrinks to fit the backend's ``max_seq``. Sizes are interleaved in every round so slow
-    drift (clocks, thermals) hits them all alike. Runs are never kept: each overwrites the staged rows.
-    """
+    """Median seconds of one Medusa-graph ``session.run`` of T tokens after a ``past``-token prefix, per T
+    in ``sizes`` (see `measure_steps`)."""
     sizes = sorted({int(s) for s in sizes})
-    if not sizes or sizes[0] < 1 or repeats < 1:
-        raise InputError(f"latency needs sizes >= 1 and repeats >= 1, got sizes={sizes}, repeats={repeats}")
+    table = measure_steps(backend, [(t, backend.has_medusa) for t in sizes], past, repeats, warmup, seed)
+    return {t: table[(t, backend.has_medusa)] for t in sizes}
+
+
+def measure_steps(backend: Backend, cases: Sequence[tuple[int, bool]], past: int = 200, repeats: int = 10,
+                  warmup: int = 2, seed: int = 0) -> dict[tuple[int, bool], float]:
+    """Median seconds of one ``session.run`` per case ``(T, medusa graph?)`` after a ``past``-token prefix.
+
+    ``past`` shrinks to fit the backend's ``max_seq``. The cases of one graph are interleaved in every
+    round so slow drift (clocks, thermals) hits them all alike. Runs are never kept: each overwrites the
+    staged rows.
+    """
+    cases = sorted({(int(t), bool(m)) for t, m in cases})
+    if not cases or cases[0][0] < 1 or repeats < 1:
+        raise InputError(f"latency needs sizes >= 1 and repeats >= 1, got {cases}, repeats={repeats}")
+    largest = max(t for t, _ in cases)
     session = backend.new_session()
-    past = min(past, session.capacity - sizes[-1])
+    past = min(past, session.capacity - largest)
     if past < 1:
-        raise InputError(f"step size {sizes[-1]} does not fit the backend's max_seq {session.capacity}: "
+        raise InputError(f"step size {largest} does not fit the backend's max_seq {session.capacity}: "
                          "measure smaller sizes or build with a larger max_seq")
     rng = np.random.default_rng(seed)
     vocab = backend.dims.vocab_size
-    medusa = backend.has_medusa
-    session.run(rng.integers(0, vocab, past), np.arange(past), np.tri(past, dtype=bool), medusa, 1.0)
+    session.run(rng.integers(0, vocab, past), np.arange(past), np.tri(past, dtype=bool), False, 1.0)
     session.keep(np.arange(past))
-    inputs = {t: (rng.integers(0, vocab, t), past + np.arange(t), np.tri(t, dtype=bool)) for t in sizes}
-    times: dict[int, list[float]] = {t: [] for t in sizes}
-    for round_ in range(warmup + repeats):
-        for t in sizes:
-            ids, pos, mask = inputs[t]
-            t0 = time.perf_counter()
-            session.run(ids, pos, mask, medusa, 1.0)
-            if round_ >= warmup:
-                times[t].append(time.perf_counter() - t0)
-    return {t: float(np.median(times[t])) for t in sizes}
+    inputs = {t: (rng.integers(0, vocab, t), past + np.arange(t), np.tri(t, dtype=bool)) for t, _ in cases}
+    times: dict[tuple[int, bool], list[float]] = {c: [] for c in cases}
+    # One graph at a time: right after a switch, the other graph's idle worker threads (ONNX Runtime
+    # spins them) compete for the cores and inflate the next runs several-fold.
+    for graph in sorted({m for _, m in cases}):
+        group = [c for c in cases if c[1] == graph]
+        for round_ in range(warmup + repeats):
+            for t, medusa in group:
+                ids, pos, mask = inputs[t]
+                t0 = time.perf_counter()
+                session.run(ids, pos, mask, medusa, 1.0)
+                if round_ >= warmup:
+                    times[(t, medusa)].append(time.perf_counter() - t0)
+    return {c: float(np.median(v)) for c, v in times.items()}
 
 
 def _prompt_ids(tokenizer: ChatTokenizer | None, prompts: str | Path | Sequence[str | Sequence[int]], chat: bool) -> list[list[int]]:
@@ -190,10 +204,13 @@ def calibrate(backend: Backend, tokenizer: ChatTokenizer | None, prompts: str | 
     decode_s = time.perf_counter() - t0
     sizes = sorted({int(s) for s in sizes if int(s) <= node_budget + 1} | {1, node_budget + 1})
     say(f"timing steps of {sizes} tokens ({repeats} repeats)")
-    table = measure_latency(backend, sizes, past=past, repeats=repeats, warmup=warmup)
+    # The vanilla graph (no heads) at T=1 is what Medusa must beat; timed in the same rounds.
+    steps = measure_steps(backend, [(t, True) for t in sizes] + [(1, False)], past, repeats, warmup)
+    table = {t: steps[(t, True)] for t in sizes}
+    vanilla_tokens_per_s = 1.0 / steps[(1, False)]
     result = search_tree(acc.table(mode), table, node_budget=node_budget)
     say(f"chose {result.num_nodes} nodes: {result.expected_accepted:.2f} expected accepted, "
-        f"{result.tokens_per_s:.1f} tokens/s predicted ({result.baseline_tokens_per_s:.1f} without candidates)")
+        f"{result.tokens_per_s:.1f} tokens/s predicted ({vanilla_tokens_per_s:.1f} vanilla)")
     search = result.to_json()
     choices = search.pop("medusa_choices")
     calibration = {
@@ -207,7 +224,10 @@ def calibrate(backend: Backend, tokenizer: ChatTokenizer | None, prompts: str | 
         "head_accuracy": acc.to_json(),
         "decode_s": decode_s,
         "latency": {"nodes": list(table), "median_s": list(table.values()),
-                    "past": min(past, backend.max_seq - sizes[-1]), "repeats": repeats},
+                    "past": min(past, backend.max_seq - sizes[-1]), "repeats": repeats,
+                    "vanilla_median_s": steps[(1, False)]},
         **search,
+        "vanilla_tokens_per_s": vanilla_tokens_per_s,
+        "predicted_speedup": search["tokens_per_s"] / vanilla_tokens_per_s,
     }
     return {"medusa_choices": choices, "calibration": calibration}

@@ -14,6 +14,7 @@ from medusa_export.runtime.calibration import (
     head_predictions,
     measure_head_accuracy,
     measure_latency,
+    measure_steps,
 )
 from medusa_export.runtime.errors import InputError
 from medusa_export.runtime.tree import Tree, load_choices
@@ -113,6 +114,33 @@ def test_measure_latency(backend):
         measure_latency(backend, sizes=[300])
 
 
+def test_measure_steps_times_the_graph_each_case_names(backend):
+    seen = []
+
+    class Recording:  # the backend, with every run's (T, medusa) recorded
+        def __getattr__(self, name):
+            return getattr(backend, name)
+
+        def new_session(self, capacity=None):
+            session = backend.new_session(capacity)
+            run = session.run
+
+            def recorded(ids, pos, mask, medusa, temperature):
+                seen.append((len(ids), medusa))
+                return run(ids, pos, mask, medusa, temperature)
+
+            session.run = recorded
+            return session
+
+    table = measure_steps(Recording(), [(4, True), (1, False), (1, True)], past=20, repeats=3, warmup=1)
+    assert set(table) == {(1, False), (1, True), (4, True)} and all(v > 0 for v in table.values())
+    timed = seen[1:]  # after the prefill of the past
+    assert len(timed) == 3 * 4 and {c: timed.count(c) for c in table} == {c: 4 for c in table}
+    assert [m for _, m in timed] == [False] * 4 + [True] * 8  # one graph at a time, never interleaved
+    with pytest.raises(InputError):
+        measure_steps(backend, [])
+
+
 def test_calibrate_end_to_end(backend, tmp_path):
     out = calibrate(backend, None, PROMPTS, max_new_tokens=10, node_budget=10,
                     sizes=[1, 2, 4, 8, 64], past=200, repeats=1, warmup=1)
@@ -129,6 +157,8 @@ def test_calibrate_end_to_end(backend, tmp_path):
     assert [p["nodes"] for p in cal["curve"]] == list(range(1, 11))
     assert cal["tokens_per_s"] == max(p["tokens_per_s"] for p in cal["curve"])
     assert cal["num_nodes"] == len(choices)
+    assert cal["vanilla_tokens_per_s"] == pytest.approx(1 / cal["latency"]["vanilla_median_s"])
+    assert cal["predicted_speedup"] == pytest.approx(cal["tokens_per_s"] / cal["vanilla_tokens_per_s"])
     # Round trip through tree.json.
     f = tmp_path / "tree.json"
     f.write_text(json.dumps(out))
