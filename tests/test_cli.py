@@ -98,3 +98,54 @@ def test_bad_prompts_file_names_the_line(artifact, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "ok"}\n{oops\n')
     assert_one_line_error(cli("bench", str(artifact), "--prompts", str(bad)), "line 2")
+
+
+def test_calibrate_tree_writes_a_tree_that_build_and_generate_accept(artifact, tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "t5 t6 t7"}\n{"prompt": "t9 t8 t3"}\n')
+    out = tmp_path / "sub" / "tree.json"
+    proc = cli("calibrate-tree", str(artifact), "--data", str(prompts), "--out", str(out),
+               "--max-new-tokens", "8", "--node-budget", "6")
+    assert proc.returncode == 0, proc.stderr
+    cal = json.loads(out.read_text())["calibration"]
+    assert 1 <= cal["num_nodes"] <= 6 and cal["prompts"] == 2
+    assert f"{cal['vanilla_tokens_per_s']:.1f} vanilla" in proc.stdout  # baseline: the vanilla graph's step
+    assert abs(cal["predicted_speedup"] - cal["tokens_per_s"] / cal["vanilla_tokens_per_s"]) < 1e-9
+    assert ("do not pay" in proc.stderr) == (cal["predicted_speedup"] <= 1.0)
+    proc = cli("generate", str(artifact), "--prompt", "t5 t6", "--tree", str(out), "--max-new-tokens", "6", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["medusa"] is True
+
+
+def test_calibrate_tree_rejects_a_bad_prompts_file(artifact, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "ok"}\n{oops\n')
+    out = tmp_path / "tree.json"
+    assert_one_line_error(cli("calibrate-tree", str(artifact), "--data", str(bad), "--out", str(out)), "line 2")
+    assert not out.exists()
+
+
+def test_train_heads_options_reach_the_trainer(tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "hello"}\n')
+    out = tmp_path / "heads"
+    proc = cli("train-heads", "--data", str(prompts), "--out", str(out), "--extra-sampled-passes", "1",
+               "--sample-temperature", "0.5", "--amp", "bogus")
+    assert_one_line_error(proc, "amp", "bogus")  # checked by the trainer before any model is loaded
+    assert not out.exists()
+
+
+def test_train_heads_command_writes_heads_that_load(tiny_dirs, tmp_path):
+    model_dir, _ = tiny_dirs
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(f'{{"prompt": "t{i} t{i + 1} t{i + 2}"}}\n' for i in range(3, 40, 4)))
+    out = tmp_path / "heads"
+    proc = cli("train-heads", str(model_dir), "--data", str(prompts), "--out", str(out), "--num-heads", "2",
+               "--epochs", "1", "--max-new-tokens", "8", "--gen-batch-size", "4", "--heldout-fraction", "0.2",
+               "--extra-sampled-passes", "1", "--cache-dir", str(tmp_path / "cache"), "--threads", "1")
+    assert proc.returncode == 0, proc.stderr
+    assert f"heads written to {out}" in proc.stdout
+    record = json.loads((out / "training.json").read_text())
+    assert record["args"]["extra_sampled_passes"] == 1 and len(record["distillation"]) == 2
+    assert str(record["training_positions"]) in proc.stdout
+    assert {"config.json", "eval.json", "heldout_prompts.jsonl"} <= {p.name for p in out.iterdir()}

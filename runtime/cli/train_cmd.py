@@ -42,7 +42,11 @@ def calibrate_tree(
     for d, row in enumerate(acc):
         typer.echo(f"{d:>4}  {row[0]:.3f}  {sum(row[:5]):.3f}")
     typer.echo(f"chosen tree: {c['num_nodes']} nodes, expected {c['expected_accepted'] + 1:.2f} tokens/step, "
-               f"predicted {c['tokens_per_s']:.1f} tokens/s vs {c['baseline_tokens_per_s']:.1f} vanilla -> {out}")
+               f"predicted {c['tokens_per_s']:.1f} tokens/s vs {c['vanilla_tokens_per_s']:.1f} vanilla "
+               f"({c['predicted_speedup']:.2f}x, steps only) -> {out}")
+    if c["predicted_speedup"] <= 1.0:
+        typer.echo("warning: on this backend these heads do not pay for the tree; serve with --no-medusa, "
+                   "or train heads on more data", err=True)
 
 
 @app.command("train-heads")
@@ -60,6 +64,9 @@ def train_heads(
     seed: int = typer.Option(0),
     max_new_tokens: int = typer.Option(256, min=4, help="Self-distilled answer length per prompt."),
     temperature: float = typer.Option(0.0, min=0.0, help="Self-distillation sampling temperature (0 = greedy)."),
+    extra_sampled_passes: int = typer.Option(0, min=0, help="More answers per prompt, sampled, for training only."),
+    sample_temperature: float = typer.Option(0.7, min=0.0, help="Temperature of the extra sampled passes."),
+    amp: str = typer.Option("auto", help="Vocabulary projection in training: auto | bf16 | none (fp32)."),
     gen_batch_size: int = typer.Option(64, min=1, help="Prompts generated together."),
     heldout_fraction: float = typer.Option(0.05, help="Prompts held out for the accuracy table."),
     draft_vocab: Optional[int] = typer.Option(None, help="Score only the N most frequent tokens in the heads."),
@@ -69,10 +76,10 @@ def train_heads(
     resume: bool = typer.Option(True, help="Resume from cached shards and checkpoints."),
 ) -> None:
     """Medusa-1: self-distil the base model's answers, then train heads on its frozen hidden states."""
-    from medusa_export.exporter.training.cli_entry import run_train_heads
-
-    options = dict(locals())
+    options = dict(locals())  # before any import below adds names to locals()
     for key in ("model", "data", "out"):
         options.pop(key)
+    from medusa_export.exporter.training.cli_entry import run_train_heads
+
     record = run_train_heads(model, data, out, **options)
-    typer.echo(f"heads written to {out} ({record.get('train_positions', '?')} training positions)")
+    typer.echo(f"heads written to {out} ({record.get('training_positions', '?')} training positions)")
