@@ -149,3 +149,17 @@ def test_train_heads_command_writes_heads_that_load(tiny_dirs, tmp_path):
     assert record["args"]["extra_sampled_passes"] == 1 and len(record["distillation"]) == 2
     assert str(record["training_positions"]) in proc.stdout
     assert {"config.json", "eval.json", "heldout_prompts.jsonl"} <= {p.name for p in out.iterdir()}
+
+
+def test_build_command_makes_an_artifact_generate_runs(tiny_dirs, tmp_path):
+    model_dir, heads_dir = tiny_dirs
+    out = tmp_path / "art"
+    proc = cli("build", str(model_dir), "--heads", str(heads_dir), "--tree", "chain-2", "--max-seq", "64",
+               "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["tree"]["medusa_choices"] == [[0], [0, 0]] and manifest["max_seq"] == 64
+    proc = cli("generate", str(out), "--prompt", "t5 t6", "--max-new-tokens", "5", "--json")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["medusa"] is True and result["new_tokens"] == 5
