@@ -47,10 +47,10 @@ def run_bench(artifact: str | Path, backends: list[str], prompts: list[str], max
     vanilla_tokens: dict[str, list[list[int]]] = {}
     total = len(backends) * len(prompts) * 2 + (len(prompts) if with_hf else 0)
     bar = tqdm(total=total, desc="bench", unit="gen", disable=progress is None)
-    manifest = None
+    manifest, used_tree = None, None
     for name in backends:
         rt = MedusaRuntime.load(artifact, backend=name, tree=tree, threads=threads)
-        manifest = rt.manifest
+        manifest, used_tree = rt.manifest, rt.generator.tree
         rt.generate(prompts[0], max_new_tokens=8, medusa=False)  # warm-up (allocator, thread pool)
         rt.generate(prompts[0], max_new_tokens=8, medusa=True)
         for medusa in (False, True):
@@ -64,6 +64,8 @@ def run_bench(artifact: str | Path, backends: list[str], prompts: list[str], max
                 vanilla_tokens[name] = [r.token_ids for r in runs]
             identical = all(r.token_ids == v for r, v in zip(runs, vanilla_tokens[name]))
             results.append(summarize(name, "medusa" if medusa else "vanilla", runs, wall, identical))
+            if medusa:  # same backend, same artifact, same prompts
+                results[-1]["speedup_vs_vanilla"] = round(results[-1]["tokens_per_s"] / results[-2]["tokens_per_s"], 3)
     if with_hf:
         from medusa_export.exporter.hf_baseline import hf_generate_bench
 
@@ -73,7 +75,17 @@ def run_bench(artifact: str | Path, backends: list[str], prompts: list[str], max
         results.append(row)
     bar.close()
     return {"model": manifest["model"]["name"] if manifest else None, "prompts": len(prompts),
-            "max_new_tokens": max_new_tokens, "tree": manifest["tree"] if manifest else None, "results": results}
+            "max_new_tokens": max_new_tokens, "tree": _tree_record(manifest, tree, used_tree), "results": results}
+
+
+def _tree_record(manifest: dict | None, spec: str | None, tree) -> dict | None:
+    """The tree the Medusa rows ran with: the artifact's, or the ``--tree`` override."""
+    if manifest is None:
+        return None
+    if spec is None or tree is None:
+        return manifest["tree"]
+    return {"name": Path(spec).stem if spec.endswith(".json") else spec,
+            "medusa_choices": tree.to_json(), "num_nodes": tree.num_nodes}
 
 
 def plot(report: dict, path: str | Path) -> None:

@@ -209,6 +209,15 @@ def test_bench_report_shape(artifact):
     assert [(r["backend"], r["mode"]) for r in rows] == [("ort", "vanilla"), ("ort", "medusa")]
     assert all(r["identical_to_vanilla"] for r in rows)
     assert rows[0]["mean_accepted"] == 1.0 and rows[1]["tokens_per_s"] > 0
+    assert rows[1]["speedup_vs_vanilla"] == pytest.approx(rows[1]["tokens_per_s"] / rows[0]["tokens_per_s"], rel=1e-2)
+    assert report["tree"]["medusa_choices"] == [[0], [0, 0], [0, 0, 0]]  # the artifact's chain-3
+
+
+def test_bench_reports_the_tree_it_ran_with(artifact):
+    from medusa_export.runtime.bench import run_bench
+
+    report = run_bench(artifact, ["ort"], ["t5 t6"], max_new_tokens=4, with_hf=False, tree="chain-2")
+    assert report["tree"] == {"name": "chain-2", "medusa_choices": [[0], [0, 0]], "num_nodes": 3}
 
 
 def test_fp16_artifact(tiny_dirs, tmp_path):

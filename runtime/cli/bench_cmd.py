@@ -35,11 +35,12 @@ def bench(
     report = run_bench(artifact, names, texts, max_new_tokens=max_new_tokens, with_hf=not no_hf, tree=tree,
                        threads=threads, progress=typer.echo)
     typer.echo(f"{'backend':<13}{'mode':<9}{'tok/s':>8}{'accepted':>10}{'step p50':>10}{'step p90':>10}"
-               f"{'prefill':>9}  identical")
+               f"{'prefill':>9}{'speed-up':>10}  identical")
     for r in report["results"]:
         fmt = lambda v, f: format(v, f) if v is not None else "-".rjust(int(f.split(".")[0]))  # noqa: E731
         typer.echo(f"{r['backend']:<13}{r['mode']:<9}{fmt(r['tokens_per_s'], '8.2f')}{fmt(r['mean_accepted'], '10.2f')}"
                    f"{fmt(r['step_ms_p50'], '10.1f')}{fmt(r['step_ms_p90'], '10.1f')}{fmt(r['prefill_ms'], '9.1f')}"
+                   f"{fmt(r.get('speedup_vs_vanilla'), '9.2f')}{'x' if r.get('speedup_vs_vanilla') else ' '}"
                    f"  {r['identical_to_vanilla']}")
     if as_json:
         as_json.write_text(json.dumps(report, indent=2) + "\n")
