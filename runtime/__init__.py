@@ -21,8 +21,12 @@ def __getattr__(name: str):
         from .api import MedusaRuntime
 
         return MedusaRuntime
-    if name in ("GenerationConfig", "GenerationResult"):
-        from . import decode
+    if name == "GenerationConfig":
+        from .decode import GenerationConfig
 
-        return getattr(decode, name)
+        return GenerationConfig
+    if name == "GenerationResult":
+        from .generator import GenerationResult
+
+        return GenerationResult
     raise AttributeError(name)

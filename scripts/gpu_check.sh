@@ -20,7 +20,8 @@ art=${ARTIFACT:-artifacts/gpu}
 dtype=${DTYPE:-fp32}
 limit=${LIMIT:-8}
 new_tokens=${MAX_NEW_TOKENS:-128}
-prompts=${PROMPTS:-shared/data/mt_bench.jsonl}
+prompts=${PROMPTS:-../shared/data/mt_bench.jsonl}
+[ -f "$prompts" ] || prompts=shared/data/mt_bench.jsonl
 mkdir -p "$results"
 
 # 1. Prerequisites and versions (one line and exit 2 when TensorRT or the GPU is missing).

@@ -121,10 +121,11 @@ def test_runtime_imports_without_torch_or_transformers(artifact):
                 if name.split('.')[0] in ('torch', 'transformers'):
                     raise ImportError('blocked: ' + name)
         sys.meta_path.insert(0, Block())
-        from medusa_export.runtime import MedusaRuntime
+        from medusa_export.runtime import GenerationConfig, GenerationResult, MedusaRuntime
         rt = MedusaRuntime.load({str(artifact)!r}, backend='ort', threads=1)
         r = rt.generate([5, 6, 7], max_new_tokens=8, chat=False)
-        assert r.new_tokens >= 1, r
+        assert isinstance(r, GenerationResult) and r.new_tokens >= 1, r
+        assert GenerationConfig().medusa  # every name in __all__ resolves
         assert 'torch' not in sys.modules and 'transformers' not in sys.modules
         print('OK', r.token_ids)
     """)
