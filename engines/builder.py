@@ -22,7 +22,9 @@ from medusa_export.runtime import io_table
 from medusa_export.runtime.errors import MedusaExportError
 from medusa_export.runtime.manifest import file_record, read_manifest, write_manifest
 
-from . import availability, precision
+from medusa_export.runtime.backends import trt_availability as availability
+
+from . import precision
 from .profiles import Profile, engine_profiles
 
 

@@ -17,7 +17,7 @@ from typing import Callable
 
 from medusa_export.runtime.errors import BackendUnavailableError, MedusaExportError
 
-from . import availability
+from medusa_export.runtime.backends import trt_availability as availability
 
 
 def preflight(engine: str) -> None:

@@ -1,7 +1,7 @@
 """The PyTorch reference backend: the same `StepModel` the ONNX graph is traced from, run eagerly.
 
-    backend = TorchBackend.from_source(None, heads="heads/smollm2")      # default model, CPU
-    backend = TorchBackend.from_source(None, device="cuda")               # static buffers on the GPU
+    loaded = load_base_model(None)                                        # default model
+    backend = TorchBackend(loaded.model, resolve_heads(None, loaded).heads, device="cpu")   # or "cuda"
 
 Other backends are checked against this one.
 """
@@ -11,14 +11,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from medusa_export.runtime.backends.base import Backend, KVCache, ModelDims, Session, StepOutput, MaskBuffer
+from medusa_export.runtime import io_table
+from medusa_export.runtime.backends.base import Backend, KVCache, MaskBuffer, ModelDims, Session, StepOutput
 from medusa_export.runtime.errors import BackendUnavailableError
 
 from .heads import MedusaHeads
 from .step_model import StepModel
-
-_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
 
 def model_dims(config, heads: MedusaHeads | None, head_topk: int, sample_topk: int, dtype: str = "float32") -> ModelDims:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -50,16 +48,6 @@ class TorchBackend(Backend):
         self.dims = model_dims(model.config, heads, head_topk, sample_topk)
         self.max_seq = max_seq
 
-    @classmethod
-    def from_source(cls, source=None, heads=None, **kw) -> "TorchBackend":
-        from .heads_source import resolve_heads
-        from .model_loading import load_base_model
-
-        loaded = load_base_model(source)
-        backend = cls(loaded.model, resolve_heads(heads, loaded).heads, **kw)
-        backend.loaded = loaded
-        return backend
-
     def new_session(self, capacity: int | None = None) -> Session:
         return TorchSession(self, capacity or self.max_seq)
 
@@ -67,7 +55,7 @@ class TorchBackend(Backend):
 class TorchSession(Session):
     def __init__(self, backend: TorchBackend, capacity: int) -> None:
         self.backend = backend
-        dev, dt = backend.device, _TORCH_DTYPES[backend.dims.dtype]
+        dev, dt = backend.device, getattr(torch, backend.dims.dtype)
         self.kv = KVCache(backend.dims, capacity, alloc=lambda s: torch.zeros(s, dtype=dt, device=dev))
         self.capacity = capacity
         self.masks = MaskBuffer()
@@ -92,11 +80,10 @@ class TorchSession(Session):
             torch.tensor([temperature], dtype=torch.float32, device=dev),
             *self.kv.past(),
         )
-        n_red = 5 if medusa else 4
-        for dst, src in zip(self.kv.stage(t), outs[n_red:]):
-            dst.copy_(src)
-        host = [o[0].cpu().numpy() for o in outs[:n_red]]
-        return StepOutput(host[0], host[1], host[2], host[3], host[4] if medusa else None)
+        named = dict(zip(io_table.output_names(b.dims.num_layers, medusa), outs))
+        for dst, name in zip(self.kv.stage(t), io_table.kv_names(b.dims.num_layers, "present")):
+            dst.copy_(named[name])
+        return StepOutput.from_named({n: named[n][0].cpu().numpy() for n in io_table.reduced_names(medusa)})
 
     def keep(self, rows) -> None:
         self.kv.keep(rows)

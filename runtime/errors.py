@@ -33,3 +33,11 @@ class BackendUnavailableError(MedusaExportError, RuntimeError):
 
 class ExportValidationError(MedusaExportError, RuntimeError):
     """The exported graph disagrees with PyTorch beyond tolerance."""
+
+
+class EngineError(MedusaExportError, RuntimeError):
+    """A TensorRT engine or the CUDA runtime failed while running (out of memory, a rejected shape, a device error)."""
+
+
+class CheckpointError(MedusaExportError, RuntimeError):
+    """A training checkpoint cannot be read (corrupt or foreign): the message names the file and `--no-resume`."""

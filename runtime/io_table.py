@@ -1,5 +1,10 @@
-"""The one table of graph inputs and outputs: names, dtypes and axes. Export, validation, the manifest and
-every backend read it, so the names cannot drift apart.
+"""The one table of graph inputs and outputs: names, dtypes and axes. Export (dummy inputs, dynamic axes),
+validation, the manifest, every backend's bindings and buffer sizes, and the load-time check of a graph's
+I/O all read it, so nothing can drift apart.
+
+    for t in inputs(num_layers):
+        t.shape(dims, {BATCH: 1, SEQ: 4, PAST: 100, TOTAL: 104}), t.numpy_dtype(dims.dtype)
+    StepOutput.from_named({name: array, ...})     # reduced outputs, by name (runtime.backends.base)
 
 Names follow optimum / onnxruntime-genai. The KV cache is *sequence-major* (``[batch, seq, kv_heads,
 head_dim]``): a prefix ``[:past]`` of a preallocated buffer is then contiguous, so backends bind it
@@ -12,19 +17,49 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# Axis names
+import numpy as np
+
+# Symbolic axes (dynamic in the graph)
 BATCH, SEQ, PAST, TOTAL = "batch_size", "sequence_length", "past_sequence_length", "total_sequence_length"
+SYMBOLIC = (BATCH, SEQ, PAST, TOTAL)
+
+# The model dtype: what "float" tensors (the KV cache) hold in a graph of that dtype.
+MODEL_DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16)}
+_FIXED_DTYPES = {"int64": np.dtype(np.int64), "bool": np.dtype(np.bool_), "float32": np.dtype(np.float32)}
 
 
 @dataclass(frozen=True)
 class Tensor:
     name: str
-    dtype: str  # "int64" | "bool" | "float" (the model dtype) | "float32"
-    axes: tuple  # str = symbolic axis, int = fixed size, or a key of the model dims (e.g. "kv_heads")
+    dtype: str  # "int64" | "bool" | "float32" | "float" (= the model dtype, see MODEL_DTYPES)
+    axes: tuple  # symbolic axis names (SYMBOLIC) or `ModelDims` field names (fixed per artifact)
+    field: str | None = None  # the `StepOutput` field a reduced output fills
+
+    def numpy_dtype(self, model_dtype: str = "float32") -> np.dtype:
+        if self.dtype == "float":
+            return model_dtype_of(model_dtype)
+        return _FIXED_DTYPES[self.dtype]
+
+    def shape(self, dims, sizes: dict[str, int]) -> tuple[int, ...]:
+        """Concrete shape: symbolic axes from ``sizes``, the others from the artifact's ``dims``."""
+        fixed = self.fixed_sizes(dims)
+        return tuple(fixed[i] if i in fixed else sizes[a] for i, a in enumerate(self.axes))
+
+    def fixed_sizes(self, dims) -> dict[int, int]:
+        """``{axis index: size}`` of the axes that are not symbolic (literal sizes and `ModelDims` fields)."""
+        return {i: a if isinstance(a, int) else int(getattr(dims, a))
+                for i, a in enumerate(self.axes) if a not in SYMBOLIC}
 
 
-def inputs(num_layers: int) -> list[Tensor]:
-    table = [
+def model_dtype_of(name: str) -> np.dtype:
+    if name not in MODEL_DTYPES:
+        raise ValueError(f"model dtype {name!r} is not one of {', '.join(MODEL_DTYPES)}")
+    return MODEL_DTYPES[name]
+
+
+def token_inputs() -> list[Tensor]:
+    """The inputs other than the KV cache."""
+    return [
         Tensor("input_ids", "int64", (BATCH, SEQ)),
         Tensor("position_ids", "int64", (BATCH, SEQ)),
         # True = may attend. Past columns first, then the T new tokens (causal for prefill, the tree mask for a step).
@@ -32,24 +67,34 @@ def inputs(num_layers: int) -> list[Tensor]:
         # Softmax temperature for the probability outputs; greedy decoding ignores them.
         Tensor("temperature", "float32", (1,)),
     ]
+
+
+def inputs(num_layers: int) -> list[Tensor]:
+    table = token_inputs()
     for i in range(num_layers):
         for kind in ("key", "value"):
-            table.append(Tensor(f"past_key_values.{i}.{kind}", "float", (BATCH, PAST, "kv_heads", "head_dim")))
+            table.append(Tensor(f"past_key_values.{i}.{kind}", "float", (BATCH, PAST, "num_kv_heads", "head_dim")))
+    return table
+
+
+def reduced_outputs(medusa: bool) -> list[Tensor]:
+    """The small per-position outputs decoding reads (everything but the KV rows), in graph order."""
+    table = [
+        Tensor("next_token_ids", "int64", (BATCH, SEQ, "sample_topk"), "next_ids"),  # base top-S, best first
+        Tensor("next_token_probs", "float32", (BATCH, SEQ, "sample_topk"), "next_probs"),  # at `temperature`
+        Tensor("input_token_probs", "float32", (BATCH, SEQ, SEQ), "input_probs"),  # [b, i, j] = p_i(input_ids[b, j])
+        Tensor("entropy", "float32", (BATCH, SEQ), "entropy"),  # of p_i at `temperature`
+    ]
+    if medusa:
+        table.append(Tensor("medusa_token_ids", "int64", (BATCH, SEQ, "num_heads", "head_topk"), "medusa_ids"))
     return table
 
 
 def outputs(num_layers: int, medusa: bool) -> list[Tensor]:
-    table = [
-        Tensor("next_token_ids", "int64", (BATCH, SEQ, "sample_topk")),  # base top-S, best first
-        Tensor("next_token_probs", "float32", (BATCH, SEQ, "sample_topk")),  # their probabilities at `temperature`
-        Tensor("input_token_probs", "float32", (BATCH, SEQ, SEQ)),  # [b, i, j] = p_i(input_ids[b, j])
-        Tensor("entropy", "float32", (BATCH, SEQ)),  # of p_i at `temperature`
-    ]
-    if medusa:
-        table.append(Tensor("medusa_token_ids", "int64", (BATCH, SEQ, "num_heads", "head_topk")))
+    table = reduced_outputs(medusa)
     for i in range(num_layers):
         for kind in ("key", "value"):
-            table.append(Tensor(f"present.{i}.{kind}", "float", (BATCH, SEQ, "kv_heads", "head_dim")))
+            table.append(Tensor(f"present.{i}.{kind}", "float", (BATCH, SEQ, "num_kv_heads", "head_dim")))
     return table
 
 
@@ -59,6 +104,10 @@ def input_names(num_layers: int) -> list[str]:
 
 def output_names(num_layers: int, medusa: bool) -> list[str]:
     return [t.name for t in outputs(num_layers, medusa)]
+
+
+def reduced_names(medusa: bool) -> list[str]:
+    return [t.name for t in reduced_outputs(medusa)]
 
 
 def kv_names(num_layers: int, prefix: str) -> list[str]:

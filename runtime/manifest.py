@@ -1,7 +1,12 @@
 """The artifact manifest: a versioned JSON that tells the runtime everything about an artifact directory.
 
-    manifest = read_manifest("artifacts/smollm2")     # checks format, version and files
+    manifest = read_manifest("artifacts/smollm2")     # checks format, version, paths and file sizes
+    manifest = read_manifest(d, check_hashes=True)    # ... and every file's sha256 (what `verify` does)
     dims = manifest_dims(manifest)
+    path = artifact_file(d, manifest["graphs"]["medusa"]["file"])   # a path inside the artifact, or ArtifactError
+
+Every file the manifest names is relative to the artifact directory and must stay inside it: absolute
+names, ``..`` and symlinks that lead out are refused before anything is opened.
 
 Layout of an artifact directory::
 
@@ -15,7 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from .backends.base import ModelDims
 from .errors import ArtifactError
@@ -45,9 +50,37 @@ def write_manifest(directory: Path, manifest: dict) -> Path:
     return out
 
 
+def artifact_file(directory: str | Path, name: object) -> Path:
+    """``directory / name`` for a file the manifest names; ArtifactError unless ``name`` is a relative path
+    that stays inside the artifact (no absolute path, no ``..``, no symlink leading out)."""
+    directory = Path(directory)
+    text = name if isinstance(name, str) else ""
+    parts = PurePosixPath(text.replace("\\", "/")).parts
+    if (not text or PurePosixPath(text).is_absolute() or PureWindowsPath(text).is_absolute()
+            or PureWindowsPath(text).drive or ".." in parts):
+        raise ArtifactError(f"{directory / MANIFEST} names the file {name!r}, which is not a path inside the "
+                            f"artifact: refusing to read it; rebuild the artifact with `medusa-export build`")
+    path = directory / text
+    root = directory.resolve()
+    if not path.resolve().is_relative_to(root):
+        raise ArtifactError(f"artifact file {path} leads outside {directory} (a symlink): refusing to read it; "
+                            f"rebuild the artifact with `medusa-export build`")
+    return path
+
+
+def _named_files(manifest: dict) -> list:
+    """Every path the manifest names: the file records, graphs, engines and the heads directory."""
+    names = list(manifest.get("files", {}))
+    names += [g.get("file") for g in manifest.get("graphs", {}).values()]
+    names += [e.get(k) for e in (manifest.get("engines") or {}).values() for k in ("file", "onnx") if k in e]
+    if manifest.get("heads", {}).get("directory") is not None:
+        names.append(manifest["heads"]["directory"])
+    return names
+
+
 def read_manifest(directory: str | Path, check_hashes: bool = False) -> dict:
-    """Read and check the manifest: format, version, and every listed file present with its size
-    (and its sha256 when ``check_hashes``)."""
+    """Read and check the manifest: format, version, every named path inside the artifact, every listed
+    file present with its recorded size (and its sha256 when ``check_hashes``)."""
     directory = Path(directory)
     path = directory / MANIFEST
     if not directory.is_dir():
@@ -66,6 +99,8 @@ def read_manifest(directory: str | Path, check_hashes: bool = False) -> dict:
             f"{path} has manifest version {version}, this runtime reads version {FORMAT_VERSION}: "
             f"rebuild the artifact with this medusa-export ({manifest.get('package_version', '?')} built it)"
         )
+    for name in _named_files(manifest):  # all of them before any file is opened
+        artifact_file(directory, name)
     for name, rec in manifest.get("files", {}).items():
         f = directory / name
         if not f.exists():

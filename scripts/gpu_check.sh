@@ -27,7 +27,7 @@ mkdir -p "$results"
 # 1. Prerequisites and versions (one line and exit 2 when TensorRT or the GPU is missing).
 python - "$results/environment.json" <<'EOF' || exit 2
 import importlib.metadata as md, json, platform, sys
-from medusa_export.engines import availability
+from medusa_export.runtime.backends import trt_availability as availability
 status = availability.check()
 def version(dist):
     try:

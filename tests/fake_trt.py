@@ -32,9 +32,6 @@ class FakeCuda:
     def free(self, ptr):
         assert self.live.pop(ptr, None) is not None, "double free"
 
-    def memset(self, ptr, value, n, stream):
-        self.mem[ptr:ptr + n] = value
-
     def stream_create(self):
         self.streams += 1
         return self.streams
@@ -65,9 +62,6 @@ class FakeCuda:
         assert dst.flags.c_contiguous
         self._check(src, dst.nbytes)
         dst.reshape(-1).view(np.uint8)[:] = self.mem[src:src + dst.nbytes]
-
-    def d2d(self, dst, src, n, stream):
-        self.d2d_2d(dst, n, src, n, n, 1, stream)
 
     def d2d_2d(self, dst, dpitch, src, spitch, width, height, stream):
         self.calls["d2d_2d"] += 1

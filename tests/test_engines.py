@@ -11,10 +11,12 @@ import types
 import numpy as np
 import pytest
 
-from medusa_export.engines import availability, compat, precision
-from medusa_export.engines.availability import TENSORRT_HINT, Availability, Device
+from medusa_export.engines import precision
+from medusa_export.runtime.backends import trt_availability as availability, trt_compat as compat
+from medusa_export.runtime.backends.trt_availability import TENSORRT_HINT, Availability, Device
 from medusa_export.engines.cli_entry import build_engines_for_artifact, main, preflight
-from medusa_export.engines.profiles import Profile, engine_profiles, plan_chunks, select
+from medusa_export.engines.profiles import engine_profiles
+from medusa_export.runtime.backends.trt_profiles import Profile, plan_chunks, select
 from medusa_export.runtime.backends.cuda_buffers import Cuda, CudaError, DeviceArena
 from medusa_export.runtime.errors import ArtifactError, BackendUnavailableError
 

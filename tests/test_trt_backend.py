@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from medusa_export.engines import availability
-from medusa_export.engines.availability import Device
+from medusa_export.runtime.backends import trt_availability as availability
+from medusa_export.runtime.backends.trt_availability import Device
 from medusa_export.runtime.backends import cuda_buffers
 from medusa_export.runtime.backends.trt import row_moves
 from medusa_export.runtime.errors import BackendUnavailableError, InputError
@@ -186,7 +186,7 @@ def _check_against_ort(fakes, art, expect_in_place):
     build_engines_for_artifact(art, required=True, log=lambda s: None)
     ref = MedusaRuntime.load(art, backend="ort").generator
     gen = MedusaRuntime.load(art, backend="trt").generator
-    assert gen.backend.name == "trt" and gen.backend.notes == []
+    assert gen.backend.name == "trt" and gen.backend.notes == ()
     for prompt in PROMPTS:
         for medusa in (False, True):
             a = ref.generate(prompt, _cfg(medusa, 10))

@@ -9,9 +9,12 @@ boundary, so the decode loop is the same for every backend.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import Mapping
 
 import numpy as np
+
+from .. import io_table
 
 
 @dataclass(frozen=True)
@@ -36,12 +39,36 @@ class StepOutput:
     entropy: np.ndarray  # [T] float32
     medusa_ids: np.ndarray | None  # [T, K, R] int64, heads' top-R; None for vanilla runs
 
+    @classmethod
+    def from_named(cls, outputs: Mapping[str, np.ndarray]) -> "StepOutput":
+        """From a graph's reduced outputs keyed by their I/O-table names, batch dimension dropped. Each is
+        cast to the table's dtype (engines may emit int32 ids or fp16 probabilities); a missing
+        ``medusa_token_ids`` means a vanilla run."""
+        values = {t.field: np.asarray(outputs[t.name], t.numpy_dtype()) if t.name in outputs else None
+                  for t in io_table.reduced_outputs(medusa=True)}
+        missing = [f.name for f in fields(cls) if f.name != "medusa_ids" and values[f.name] is None]
+        if missing:
+            raise ValueError(f"step outputs lack {missing}: the graph does not follow the I/O table")
+        return cls(**values)
+
 
 class Session(ABC):
-    """One request's state on a backend: committed length, capacity, staged rows."""
+    """One request's state on a backend: committed length, capacity, staged rows.
+
+    Use as a context manager (or call `close`) to hand its buffers back at once; a finalizer only
+    catches sessions that were dropped without it."""
 
     capacity: int
     length: int
+
+    def close(self) -> None:
+        """Release the session's buffers (idempotent)."""
+
+    def __enter__(self) -> "Session":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     @abstractmethod
     def run(self, input_ids: np.ndarray, position_ids: np.ndarray, tree_mask: np.ndarray,
@@ -54,13 +81,26 @@ class Session(ABC):
 
 
 class Backend(ABC):
+    """A loaded model on one engine. ``notes``: things the user should see (e.g. an engine tuned on
+    another GPU). Close it (or use ``with``) to free its sessions, engines and device memory."""
+
     name: str
     dims: ModelDims
     max_seq: int
+    notes: tuple[str, ...] = ()
 
     @property
     def has_medusa(self) -> bool:
         return self.dims.num_heads > 0
+
+    def close(self) -> None:
+        """Release the loaded graphs or engines (idempotent); sessions opened from it must be closed first."""
+
+    def __enter__(self) -> "Backend":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     @abstractmethod
     def new_session(self, capacity: int | None = None) -> Session:
@@ -98,7 +138,7 @@ class KVCache:
 
     def __init__(self, dims: ModelDims, capacity: int, alloc=None) -> None:
         shape = (1, capacity, dims.num_kv_heads, dims.head_dim)
-        alloc = alloc or (lambda s: np.zeros(s, dims.dtype))
+        alloc = alloc or (lambda s: np.zeros(s, io_table.model_dtype_of(dims.dtype)))
         self.keys = [alloc(shape) for _ in range(dims.num_layers)]
         self.values = [alloc(shape) for _ in range(dims.num_layers)]
         self.capacity = capacity

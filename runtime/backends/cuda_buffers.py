@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import BackendUnavailableError
+from ..errors import BackendUnavailableError, EngineError
 
 ALIGN = 256  # TensorRT wants every tensor address aligned to 256 bytes (IExecutionContext::setTensorAddress)
 
@@ -40,8 +40,8 @@ def import_cudart():
         raise BackendUnavailableError(CUDA_PYTHON_HINT) from None
 
 
-class CudaError(RuntimeError):
-    pass
+class CudaError(EngineError):
+    """A CUDA runtime call failed; the CLI shows it as one line (exit 2)."""
 
 
 class Cuda:
@@ -61,7 +61,8 @@ class Cuda:
                 name = name.decode() if isinstance(name, bytes) else str(name)
             except Exception:  # pragma: no cover - best effort
                 name = str(err)
-            raise CudaError(f"{what} failed: {name}")
+            raise CudaError(f"{what} failed: {name} (check the GPU with nvidia-smi; out of memory: free it or "
+                            f"use a smaller --max-seq)")
         if not rest:
             return None
         return rest[0] if len(rest) == 1 else rest
@@ -96,9 +97,6 @@ class Cuda:
     def free(self, ptr: int) -> None:
         self._check(self.rt.cudaFree(ptr), "cudaFree")
 
-    def memset(self, ptr: int, value: int, nbytes: int, stream) -> None:
-        self._check(self.rt.cudaMemsetAsync(ptr, value, nbytes, stream), "cudaMemsetAsync")
-
     # streams ------------------------------------------------------------------------------------------
     def stream_create(self):
         return self._check(self.rt.cudaStreamCreate(), "cudaStreamCreate")
@@ -126,9 +124,6 @@ class Cuda:
         if not dst.flags.c_contiguous:
             raise ValueError("d2h needs a contiguous host array")
         self._check(self.rt.cudaMemcpyAsync(dst.ctypes.data, src, dst.nbytes, self.D2H, stream), "cudaMemcpyAsync D2H")
-
-    def d2d(self, dst: int, src: int, nbytes: int, stream) -> None:
-        self._check(self.rt.cudaMemcpyAsync(dst, src, nbytes, self.D2D, stream), "cudaMemcpyAsync D2D")
 
     def d2d_2d(self, dst: int, dpitch: int, src: int, spitch: int, width: int, height: int, stream) -> None:
         """``height`` rows of ``width`` bytes: row r goes from ``src + r*spitch`` to ``dst + r*dpitch``.

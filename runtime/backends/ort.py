@@ -1,8 +1,13 @@
 """ONNX Runtime backend: one InferenceSession per graph, I/O binding onto preallocated buffers.
 
+    with OrtBackend("artifacts/smollm2", manifest, dims, threads=2) as backend:
+        with backend.new_session() as session:
+            out = session.run(ids, positions, tree_mask, medusa=True, temperature=1.0)
+
 The KV cache is sequence-major, so the committed prefix ``[:, :past]`` of each buffer is contiguous and is
 bound as the ``past_key_values.*`` input without a copy, and ``present.*`` outputs are bound straight onto
-``[:, past:past+T]`` of the same buffers: a step copies nothing in proportion to the context.
+``[:, past:past+T]`` of the same buffers: a step copies nothing in proportion to the context. Each graph's
+inputs and outputs are checked against the I/O table when it is loaded.
 """
 
 from __future__ import annotations
@@ -13,9 +18,8 @@ import numpy as np
 
 from .. import io_table
 from ..errors import ArtifactError, BackendUnavailableError
+from ..manifest import artifact_file
 from .base import Backend, KVCache, MaskBuffer, ModelDims, Session, StepOutput
-
-_NP = {"float32": np.float32, "float16": np.float16}
 
 
 def _import_ort():
@@ -24,6 +28,35 @@ def _import_ort():
     except ImportError:
         raise BackendUnavailableError("onnxruntime is not installed: pip install 'medusa-export[ort]'") from None
     return ort
+
+
+def _ort_type(dtype: np.dtype) -> str:
+    """ONNX Runtime's name of a tensor type (``NodeArg.type``): numpy's name, but float32 is ``float``."""
+    return "tensor(float)" if dtype == np.float32 else f"tensor({dtype.name})"
+
+
+def check_graph_io(session, path: Path, dims: ModelDims, medusa: bool) -> None:
+    """ArtifactError naming the first tensor whose name, type or fixed size differs from the I/O table."""
+    for role, table, actual in (("input", io_table.inputs(dims.num_layers), session.get_inputs()),
+                                ("output", io_table.outputs(dims.num_layers, medusa), session.get_outputs())):
+        found = {a.name: a for a in actual}
+        extra = sorted(set(found) - {t.name for t in table})
+        if extra:
+            raise ArtifactError(f"{path.name} has an unexpected {role} {extra[0]!r}: it was not built by this "
+                                f"medusa-export, rebuild the artifact")
+        for t in table:
+            a = found.get(t.name)
+            if a is None:
+                raise ArtifactError(f"{path.name} lacks the {role} {t.name!r}: rebuild the artifact")
+            want = _ort_type(t.numpy_dtype(dims.dtype))
+            if a.type != want:
+                raise ArtifactError(f"{path.name}: {role} {t.name!r} is {a.type}, the I/O table says {want}: "
+                                    f"rebuild the artifact")
+            fixed = t.fixed_sizes(dims)
+            if len(a.shape) != len(t.axes) or any(a.shape[i] != size for i, size in fixed.items()):
+                raise ArtifactError(f"{path.name}: {role} {t.name!r} has shape {list(a.shape)}, the I/O table and "
+                                    f"manifest say {list(t.axes)} = {[fixed.get(i, ax) for i, ax in enumerate(t.axes)]}: "
+                                    f"rebuild the artifact")
 
 
 class OrtBackend(Backend):
@@ -45,16 +78,23 @@ class OrtBackend(Backend):
             opts.intra_op_num_threads = threads
         self.sessions = {}
         for kind, graph in manifest["graphs"].items():
-            path = Path(directory) / graph["file"]
+            path = artifact_file(directory, graph["file"])
             try:
-                self.sessions[kind] = ort.InferenceSession(str(path), opts, providers=providers)
+                session = ort.InferenceSession(str(path), opts, providers=providers)
             except Exception as e:  # onnxruntime raises its own exception types for bad files
                 raise ArtifactError(f"ONNX Runtime cannot load {path} ({str(e).splitlines()[0][:160]}): rebuild the artifact") from None
+            check_graph_io(session, path, dims, medusa=kind == "medusa")
+            self.sessions[kind] = session
         if dims.num_heads and "medusa" not in self.sessions:
             raise ArtifactError("the manifest lists Medusa heads but no medusa graph: rebuild the artifact")
 
     def new_session(self, capacity: int | None = None) -> Session:
+        if not self.sessions:
+            raise ValueError("this backend is closed")
         return OrtSession(self, min(capacity or self.max_seq, self.max_seq))
+
+    def close(self) -> None:
+        self.sessions = {}  # ONNX Runtime frees a session's memory when its last reference goes
 
 
 class OrtSession(Session):
@@ -64,17 +104,21 @@ class OrtSession(Session):
         self.kv = KVCache(backend.dims, capacity)
         self.masks = MaskBuffer()
         self.bindings = {k: s.io_binding() for k, s in backend.sessions.items()}
+        self.graphs = dict(backend.sessions)
         n = backend.dims.num_layers
         self.past_names = io_table.kv_names(n, "past_key_values")
         self.present_names = io_table.kv_names(n, "present")
+        self.reduced = {medusa: io_table.reduced_names(medusa) for medusa in (False, True)}
         self.temperature = np.ones(1, np.float32)
-        self.elem = _NP[backend.dims.dtype]
+        self.elem = io_table.model_dtype_of(backend.dims.dtype)
 
     @property
     def length(self) -> int:
-        return self.kv.length
+        return self.kv.length if self.kv is not None else 0
 
     def run(self, input_ids, position_ids, tree_mask, medusa, temperature) -> StepOutput:
+        if self.kv is None:
+            raise ValueError("this session is closed")
         kind = "medusa" if medusa else "vanilla"
         b = self.bindings[kind]
         t = len(input_ids)
@@ -87,14 +131,14 @@ class OrtSession(Session):
         b.bind_cpu_input("temperature", self.temperature)
         for name, view in zip(self.past_names, self.kv.past()):
             self._bind(b.bind_input, name, view)
-        reduced = io_table.output_names(self.backend.dims.num_layers, medusa)[: 5 if medusa else 4]
+        reduced = self.reduced[medusa]
         for name in reduced:  # small ([T, S], [T, T], ...): let ORT allocate them
             b.bind_output(name, "cpu")
         for name, view in zip(self.present_names, self.kv.stage(t)):
             self._bind(b.bind_output, name, view)
-        self.backend.sessions[kind].run_with_iobinding(b)
-        outs = [o.numpy()[0] for o in b.get_outputs()[: len(reduced)]]
-        return StepOutput(outs[0], outs[1], outs[2], outs[3], outs[4] if medusa else None)
+        self.graphs[kind].run_with_iobinding(b)
+        # get_outputs() follows the binding order: the reduced outputs first, as bound above.
+        return StepOutput.from_named({name: v.numpy()[0] for name, v in zip(reduced, b.get_outputs())})
 
     def _bind(self, bind, name: str, view: np.ndarray) -> None:
         # The views are contiguous slices of the preallocated buffers (sequence-major layout).
@@ -102,3 +146,6 @@ class OrtSession(Session):
 
     def keep(self, rows) -> None:
         self.kv.keep(rows)
+
+    def close(self) -> None:
+        self.bindings, self.graphs, self.kv = {}, {}, None

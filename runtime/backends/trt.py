@@ -4,7 +4,7 @@
     session = backend.new_session()
 
 Mirrors the ONNX Runtime backend. The engines are checked against this machine (TensorRT version, GPU compute
-capability: `engines/compat.py`) and deserialised once per backend. Each session owns a CUDA stream, its
+capability: `trt_compat.py`) and deserialised once per backend. Each session owns a CUDA stream, its
 execution contexts (contexts are not thread-safe) and one device allocation holding every layer's KV buffer,
 sequence-major ``[capacity, kv_heads, head_dim]``, so:
 
@@ -30,18 +30,16 @@ from pathlib import Path
 
 import numpy as np
 
-from medusa_export.engines import availability, compat
-from medusa_export.engines.profiles import Profile, plan_chunks, select
-
 from .. import io_table
-from ..errors import ArtifactError, InputError
-from . import cuda_buffers
+from ..errors import ArtifactError, EngineError, InputError
+from ..manifest import artifact_file
+from . import cuda_buffers, trt_availability as availability, trt_compat as compat
+from .trt_profiles import Profile, plan_chunks, select
 from .base import Backend, MaskBuffer, ModelDims, Session, StepOutput
 
-_ELEM_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+# TensorRT's tensor types as numpy reads them (engines may emit int32 ids where the graph has int64).
 _NP_BY_TRT = {"INT64": np.int64, "INT32": np.int32, "FLOAT": np.float32, "HALF": np.float16, "BOOL": np.bool_,
               "INT8": np.int8, "UINT8": np.uint8}
-REDUCED = ("next_token_ids", "next_token_probs", "input_token_probs", "entropy", "medusa_token_ids")
 POOL_SIZE = 4  # released sessions' device resources kept for reuse (a Generator opens one session per request)
 
 
@@ -84,7 +82,7 @@ class _EngineInfo:
     engine: object
     profiles: list[Profile]
     dtypes: dict[str, np.dtype]  # every I/O tensor except the KV ones
-    reduced: tuple[str, ...]  # the small outputs copied back, in StepOutput order
+    reduced: list[io_table.Tensor]  # the small outputs copied back
     max_t: int
     max_total: int
 
@@ -126,18 +124,21 @@ class TrtBackend(Backend):
             raise ArtifactError(f"{directory} has no TensorRT engine for the {' and '.join(missing)} graph: "
                                 f"{compat.rebuild_hint(directory)}")
         here = compat.Platform(trt.__version__, status.device.name, status.device.compute_capability)
-        self.notes = [w for k in needed if (w := compat.check(records[k], here, str(directory)))]
-        if dims.dtype not in _ELEM_BYTES:
-            raise ArtifactError(f"KV dtype {dims.dtype!r} is not supported by the TensorRT backend")
+        self.notes = tuple(w for k in needed if (w := compat.check(records[k], here, str(directory))))
+        if dims.dtype not in io_table.MODEL_DTYPES:
+            raise ArtifactError(f"KV dtype {dims.dtype!r} is not supported by the TensorRT backend: "
+                                f"rebuild with --dtype fp32 or fp16")
+        self.elem_bytes = io_table.model_dtype_of(dims.dtype).itemsize
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.runtime = trt.Runtime(self.logger)
         self.engines = {k: self._load(k, records[k]) for k in needed}
         self.lock = threading.Lock()  # one step on the GPU at a time: contexts of one engine share its profiles
         self._pool: list[_Resources] = []
         self._pool_lock = threading.Lock()
+        self._closed = False
 
     def _load(self, kind: str, record: dict) -> _EngineInfo:
-        path = self.directory / record["file"]
+        path = artifact_file(self.directory, record.get("file"))
         if not path.is_file():
             raise ArtifactError(f"TensorRT engine {path} is missing: {compat.rebuild_hint(self.directory)}")
         engine = self.runtime.deserialize_cuda_engine(path.read_bytes())
@@ -154,16 +155,16 @@ class TrtBackend(Backend):
         for x in want_in:
             if engine.get_tensor_mode(x) != trt.TensorIOMode.INPUT:
                 raise ArtifactError(f"engine {path.name}: {x} is not an input: {compat.rebuild_hint(self.directory)}")
-        kv_dtype = _kv_np_dtype(engine.get_tensor_dtype("past_key_values.0.key"))
-        if kv_dtype.itemsize != _ELEM_BYTES[self.dims.dtype]:
+        kv_dtype = _np_dtype(engine.get_tensor_dtype("past_key_values.0.key"))
+        if kv_dtype != io_table.model_dtype_of(self.dims.dtype):
             raise ArtifactError(f"engine {path.name} has {kv_dtype.name} KV but the manifest says {self.dims.dtype}: "
                                 f"{compat.rebuild_hint(self.directory)}")
         profiles = [Profile.from_json(p) for p in record["profiles"]]
         if engine.num_optimization_profiles != len(profiles):
             raise ArtifactError(f"engine {path.name} has {engine.num_optimization_profiles} optimization profiles, "
                                 f"the manifest lists {len(profiles)}: {compat.rebuild_hint(self.directory)}")
-        reduced = REDUCED if medusa else REDUCED[:4]
-        dtypes = {x: _np_dtype(engine.get_tensor_dtype(x)) for x in list(want_in[:4]) + list(reduced)}
+        reduced = io_table.reduced_outputs(medusa)
+        dtypes = {t.name: _np_dtype(engine.get_tensor_dtype(t.name)) for t in io_table.token_inputs() + reduced}
         return _EngineInfo(kind, engine, profiles, dtypes, reduced, max(p.seq[2] for p in profiles),
                            max(p.total[2] for p in profiles))
 
@@ -182,7 +183,7 @@ class TrtBackend(Backend):
                 if r.capacity == capacity:
                     return self._pool.pop(i)
         d = self.dims
-        row = d.num_kv_heads * d.head_dim * _ELEM_BYTES[d.dtype]
+        row = d.num_kv_heads * d.head_dim * self.elem_bytes
         layers = 2 * d.num_layers
         max_t = max(e.max_t for e in self.engines.values())
         sizes = [layers * cuda_buffers.round_up(capacity * row)]
@@ -191,9 +192,18 @@ class TrtBackend(Backend):
         stream = self.cuda.stream_create()
         return _Resources(capacity, stream, cuda_buffers.DeviceArena(self.cuda, sizes))
 
+    def close(self) -> None:
+        """Free the pooled device memory and streams and drop the engines (sessions must be closed first)."""
+        with self._pool_lock:
+            pool, self._pool = self._pool, []
+            self._closed = True
+        for res in pool:
+            _destroy(self.cuda, res)
+        self.engines = {}
+
     def _release(self, res: _Resources) -> None:
         with self._pool_lock:
-            if len(self._pool) < POOL_SIZE:
+            if len(self._pool) < POOL_SIZE and not self._closed:
                 self._pool.append(res)
                 return
         _destroy(self.cuda, res)
@@ -204,29 +214,14 @@ class TrtBackend(Backend):
             e = self.engines[kind]
             ctx = e.engine.create_execution_context()
             if ctx is None:
-                raise RuntimeError(f"TensorRT could not create an execution context for the {kind} engine "
-                                   f"(out of GPU memory?)")
-            d = self.dims
-            sizes = {
-                "input_ids": e.max_t * e.dtypes["input_ids"].itemsize,
-                "position_ids": e.max_t * e.dtypes["position_ids"].itemsize,
-                "attention_mask": e.max_t * e.max_total * e.dtypes["attention_mask"].itemsize,
-                "temperature": e.dtypes["temperature"].itemsize,
-                "next_token_ids": e.max_t * d.sample_topk * e.dtypes["next_token_ids"].itemsize,
-                "next_token_probs": e.max_t * d.sample_topk * e.dtypes["next_token_probs"].itemsize,
-                "input_token_probs": e.max_t * e.max_t * e.dtypes["input_token_probs"].itemsize,
-                "entropy": e.max_t * e.dtypes["entropy"].itemsize,
-            }
-            if "medusa_token_ids" in e.reduced:
-                sizes["medusa_token_ids"] = e.max_t * d.num_heads * d.head_topk * e.dtypes["medusa_token_ids"].itemsize
+                raise EngineError(f"TensorRT could not create an execution context for the {kind} engine: the GPU "
+                                  f"is probably out of memory; free it or use a smaller --max-seq")
+            largest = {io_table.BATCH: 1, io_table.SEQ: e.max_t, io_table.TOTAL: e.max_total}
+            sizes = {t.name: int(np.prod(t.shape(self.dims, largest))) * e.dtypes[t.name].itemsize
+                     for t in io_table.token_inputs() + e.reduced}
             arena = cuda_buffers.DeviceArena(self.cuda, list(sizes.values()))
             c = res.contexts[kind] = _Context(ctx, arena, dict(zip(sizes, arena.ptrs)))
         return c
-
-
-def _kv_np_dtype(dtype) -> np.dtype:
-    name = getattr(dtype, "name", str(dtype)).split(".")[-1].upper()
-    return np.dtype(np.float32) if name == "FLOAT" else np.dtype(np.float16)  # HALF and BF16: 2 bytes
 
 
 def _destroy(cuda, res: _Resources) -> None:
@@ -250,7 +245,7 @@ class TrtSession(Session):
         self.stream = self.res.stream
         self.handle = self.cuda.handle(self.stream)
         self.layers = 2 * d.num_layers
-        self.row = d.num_kv_heads * d.head_dim * _ELEM_BYTES[d.dtype]
+        self.row = d.num_kv_heads * d.head_dim * backend.elem_bytes
         self.pitch = cuda_buffers.round_up(capacity * self.row)
         self.kv = self.res.kv.ptrs[0]
         self.in_place = self.row % cuda_buffers.ALIGN == 0
@@ -262,13 +257,19 @@ class TrtSession(Session):
         self.temperature = np.ones(1, np.float32)
         self._length = 0
         self.staged = 0
-        weakref.finalize(self, backend._release, self.res)
+        # A safety net for sessions dropped without close(): the resources go back to the backend's pool.
+        self._release = weakref.finalize(self, backend._release, self.res)
 
     @property
     def length(self) -> int:
         return self._length
 
+    def close(self) -> None:
+        self._release()  # runs once; later calls do nothing
+
     def run(self, input_ids, position_ids, tree_mask, medusa, temperature) -> StepOutput:
+        if not self._release.alive:
+            raise ValueError("this session is closed")
         kind = "medusa" if medusa else "vanilla"
         b = self.backend
         if kind not in b.engines:
@@ -279,10 +280,9 @@ class TrtSession(Session):
             raise ValueError(f"{t} new tokens after {past} exceed the session's KV capacity {self.capacity}")
         tree_mask = np.asarray(tree_mask, bool)
         runs = self._plan(e, t, past, tree_mask)
-        d = b.dims
-        shapes = {"next_token_ids": (t, d.sample_topk), "next_token_probs": (t, d.sample_topk),
-                  "input_token_probs": (t, t), "entropy": (t,), "medusa_token_ids": (t, d.num_heads, d.head_topk)}
-        out = {x: (np.zeros if x == "input_token_probs" else np.empty)(shapes[x], e.dtypes[x]) for x in e.reduced}
+        step = {io_table.BATCH: 1, io_table.SEQ: t}
+        out = {x.name: (np.zeros if x.name == "input_token_probs" else np.empty)(x.shape(b.dims, step)[1:],
+                                                                                e.dtypes[x.name]) for x in e.reduced}
         ids = np.asarray(input_ids)
         pos = np.asarray(position_ids)
         self.temperature[0] = temperature
@@ -297,11 +297,7 @@ class TrtSession(Session):
             if block is not None:  # chunked prefill: only each chunk's own block of input_token_probs exists
                 out["input_token_probs"][a:z, a:z] = block
         self.staged = t
-        ints = lambda x: out[x].astype(np.int64, copy=False)  # noqa: E731 - engines may emit int32 ids
-        return StepOutput(ints("next_token_ids"), out["next_token_probs"].astype(np.float32, copy=False),
-                          out["input_token_probs"].astype(np.float32, copy=False),
-                          out["entropy"].astype(np.float32, copy=False),
-                          ints("medusa_token_ids") if medusa else None)
+        return StepOutput.from_named(out)
 
     def _plan(self, e: _EngineInfo, t: int, past: int, tree_mask: np.ndarray) -> list[tuple[int, int, int]]:
         idx = select(e.profiles, t, past)
@@ -326,7 +322,8 @@ class TrtSession(Session):
         past = self._length + a
         if c.profile != profile:
             if not ctx.set_optimization_profile_async(profile, self.handle):
-                raise RuntimeError(f"TensorRT could not switch the {e.kind} context to profile {profile}")
+                raise EngineError(f"TensorRT could not switch the {e.kind} context to profile {profile}: "
+                                  f"{compat.rebuild_hint(self.backend.directory)}")
             c.profile = profile
         # A chunk of a causal prefill sees every earlier chunk: they are part of its past.
         mask = self.masks.build(past, tree_mask[a:z, a:z])
@@ -337,25 +334,28 @@ class TrtSession(Session):
         for name, arr in host.items():
             cuda.h2d(c.ptr[name], arr, stream)
             if name != "temperature" and not ctx.set_input_shape(name, arr.shape):
-                raise RuntimeError(f"TensorRT rejected shape {arr.shape} for {name} (profile {profile})")
+                raise EngineError(f"TensorRT rejected shape {arr.shape} for {name} (profile {profile}): "
+                                  f"{compat.rebuild_hint(self.backend.directory)}")
             ctx.set_tensor_address(name, c.ptr[name])
         kv_shape = (1, past, d.num_kv_heads, d.head_dim)
         for j, name in enumerate(self.past_names):
             if not ctx.set_input_shape(name, kv_shape):
-                raise RuntimeError(f"TensorRT rejected shape {kv_shape} for {name} (profile {profile})")
+                raise EngineError(f"TensorRT rejected shape {kv_shape} for {name} (profile {profile}): "
+                                  f"{compat.rebuild_hint(self.backend.directory)}")
             ctx.set_tensor_address(name, self.kv + j * self.pitch)
         for j, name in enumerate(self.present_names):
             dst = self.kv + j * self.pitch + past * self.row if self.in_place else self.stage + j * self.stage_pitch
             ctx.set_tensor_address(name, dst)
-        for name in e.reduced:
-            ctx.set_tensor_address(name, c.ptr[name])
+        for x in e.reduced:
+            ctx.set_tensor_address(x.name, c.ptr[x.name])
         if not ctx.execute_async_v3(self.handle):
-            raise RuntimeError(f"TensorRT execution failed ({e.kind} engine, T={t}, past={past}, profile {profile})")
+            raise EngineError(f"TensorRT execution failed ({e.kind} engine, T={t}, past={past}, profile {profile}): "
+                              f"see the TensorRT log above; check the GPU with nvidia-smi")
         if not self.in_place:  # staged rows -> [past, past+t) of every layer, one 2-D copy
             cuda.d2d_2d(self.kv + past * self.row, self.pitch, self.stage, self.stage_pitch, t * self.row,
                         self.layers, stream)
         block = None
-        for name in e.reduced:
+        for name in (x.name for x in e.reduced):
             if name == "input_token_probs" and chunked:
                 block = np.empty((t, t), e.dtypes[name])
                 cuda.d2h(block, c.ptr[name], stream)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from medusa_export.runtime.errors import ArtifactError
+from ..errors import ArtifactError
 
 
 @dataclass(frozen=True)

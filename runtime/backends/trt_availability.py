@@ -13,8 +13,8 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
-from medusa_export.runtime.backends.cuda_buffers import import_cudart, load_cuda
-from medusa_export.runtime.errors import BackendUnavailableError
+from ..errors import BackendUnavailableError
+from .cuda_buffers import import_cudart, load_cuda
 
 MIN_TENSORRT_MAJOR = 10
 TENSORRT_HINT = "TensorRT is not installed: pip install tensorrt (needs a CUDA GPU)"

@@ -1,0 +1,105 @@
+"""TensorRT optimization profiles as the runtime reads them from the manifest, and which profile a step uses
+(pure Python).
+
+    profiles = [Profile.from_json(p) for p in manifest["engines"]["medusa"]["profiles"]]
+    select(profiles, t=11, past=300)         # index of the profile that runs this step, or None
+    plan_chunks(profiles, t=900, past=0)     # a long causal prefill split into runs that each fit
+
+Every profile is batch 1 and describes T new tokens after ``past`` cached ones; the attention mask is
+``[1, 1, T, past + T]`` and the KV inputs ``[1, past, kv_heads, head_dim]``. TensorRT checks the min, opt and
+max shapes of a profile as three consistent sets, so ``total = past + T`` holds at each of them. Which
+profiles an engine gets is the builder's choice (``medusa_export.engines.profiles``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .. import io_table
+
+
+@dataclass(frozen=True)
+class _KvDims:
+    num_kv_heads: int
+    head_dim: int
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    seq: tuple[int, int, int]  # T: min, opt, max
+    past: tuple[int, int, int]  # past length: min, opt, max
+
+    def __post_init__(self) -> None:
+        for label, r in (("T", self.seq), ("past", self.past)):
+            if not (0 <= r[0] <= r[1] <= r[2]):
+                raise ValueError(f"profile {self.name}: {label} range {r} is not min <= opt <= max")
+        if self.seq[0] < 1:
+            raise ValueError(f"profile {self.name}: T must be at least 1")
+
+    @property
+    def total(self) -> tuple[int, int, int]:
+        return tuple(p + t for p, t in zip(self.past, self.seq))
+
+    def fits(self, t: int, past: int) -> bool:
+        return self.seq[0] <= t <= self.seq[2] and self.past[0] <= past <= self.past[2]
+
+    def shapes(self, num_layers: int, kv_heads: int, head_dim: int) -> dict[str, tuple[tuple, tuple, tuple]]:
+        """(min, opt, max) shape of every dynamic graph input (``temperature`` is static and left out),
+        from the I/O table."""
+        dims = _KvDims(kv_heads, head_dim)
+        out = {}
+        for tensor in io_table.inputs(num_layers):
+            if tensor.name == "temperature":
+                continue
+            out[tensor.name] = tuple(
+                tensor.shape(dims, {io_table.BATCH: 1, io_table.SEQ: t, io_table.PAST: p, io_table.TOTAL: p + t})
+                for t, p in zip(self.seq, self.past))
+        return out
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "seq": list(self.seq), "past": list(self.past), "total": list(self.total)}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Profile":
+        return cls(d["name"], tuple(d["seq"]), tuple(d["past"]))
+
+
+def select(profiles: list[Profile], t: int, past: int) -> int | None:
+    """Index of the profile for T new tokens after ``past``: the narrowest T range that fits (a fixed-T
+    step profile wins over the prefill range), or None."""
+    fitting = [i for i, p in enumerate(profiles) if p.fits(t, past)]
+    if not fitting:
+        return None
+    return min(fitting, key=lambda i: (profiles[i].seq[2] - profiles[i].seq[0], i))
+
+
+def plan_chunks(profiles: list[Profile], t: int, past: int) -> list[tuple[int, int, int]] | None:
+    """Split T tokens after ``past`` into ``(start, end, profile)`` runs that each fit a profile, largest
+    first; one run when a profile fits all T. None when no split fits. Only valid for a causal mask (each
+    run sees the runs before it as its past)."""
+    whole = select(profiles, t, past)
+    if whole is not None:
+        return [(0, t, whole)]
+    runs, a = [], 0
+    while a < t:
+        best = None
+        for i, p in enumerate(profiles):
+            if not p.past[0] <= past + a <= p.past[2]:
+                continue
+            n = min(t - a, p.seq[2])
+            if n >= p.seq[0] and (best is None or n > best[1]):
+                best = (i, n)
+        if best is None:
+            return None
+        runs.append((a, a + best[1], best[0]))
+        a += best[1]
+    return runs
+
+
+def max_tokens(profiles: list[Profile]) -> int:
+    return max(p.seq[2] for p in profiles)
+
+
+def max_total(profiles: list[Profile]) -> int:
+    return max(p.total[2] for p in profiles)
