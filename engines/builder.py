@@ -174,7 +174,7 @@ def build_engine(directory: Path, manifest: dict, kind: str, options: BuildOptio
         "builder_flags": {"set": list(plan.set_flags), "clear": list(plan.clear_flags)},
         "profiles": [p.to_json() for p in profiles],
         "workspace_bytes": int(options.workspace_gib * (1 << 30)) if options.workspace_gib else None,
-        "timing_cache": str(cache_path),
+        "timing_cache": cache_path.name,  # the file name only: the manifest travels, the cache stays here
         "build_s": round(build_s, 2),
     }
 

@@ -1,25 +1,35 @@
-"""The PyTorch reference for an artifact: the base model it was built from plus the heads it carries."""
+"""The PyTorch reference for an artifact: the base model it was built from plus the heads it carries.
+
+The manifest records the model's identity, not a path: the model is found with `locate_model` (the built-in
+model, where this machine last loaded it, or ``model=PATH``) and must have the recorded fingerprint.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from medusa_export.runtime.errors import ArtifactError
+from medusa_export.runtime.manifest import artifact_file
 
 from .heads import load_heads
-from .model_loading import load_base_model
+from .model_loading import LoadedModel, check_same_model, load_base_model, locate_model
 from .torch_backend import TorchBackend
 
 
+def artifact_base_model(manifest: dict, model: str | None = None) -> LoadedModel:
+    """The base model an artifact was built from (ModelError naming ``--model`` when it is not found here)."""
+    record = manifest["model"]
+    loaded = load_base_model(locate_model(record, model))
+    check_same_model(loaded, record)
+    return loaded
+
+
 def torch_backend_for_artifact(directory: Path, manifest: dict, device: str = "cpu", threads: int | None = None,
-                               max_seq: int | None = None) -> TorchBackend:
-    source = manifest["model"].get("source")
-    try:
-        loaded = load_base_model(source)
-    except Exception as e:
-        raise ArtifactError(f"the artifact's base model {source!r} cannot be loaded for the PyTorch reference: {e}") from None
+                               max_seq: int | None = None, model: str | None = None) -> TorchBackend:
+    loaded = artifact_base_model(manifest, model)
     dims = manifest["dims"]
-    heads = load_heads(Path(directory) / manifest["heads"]["directory"], loaded.model.config) if dims["num_heads"] else None
+    heads = None
+    if dims["num_heads"]:
+        heads = load_heads(artifact_file(directory, manifest["heads"]["directory"]), loaded.model.config)
     if threads:
         import torch
 

@@ -2,16 +2,16 @@
 
     build_artifact(None, "artifacts/smollm2", tree="cpu_small_10", dtype="float32", max_seq=2048)
 
-Steps: load, export the Medusa graph and the vanilla graph, validate both against PyTorch, write the
-tokenizer, the heads and, last, the manifest. Everything is written into ``<out>.partial-*`` and renamed
-into place only when complete, so a failed build never leaves a directory that looks like an artifact.
+Steps: check ``out`` (only a new or empty directory, or an earlier artifact, is replaced: `output_dir`), load,
+export the Medusa graph and the vanilla graph, validate both against PyTorch, write the tokenizer, the heads
+and, last, the manifest. Everything is written into ``<out>.partial-*`` and renamed into place only when
+complete, so a failed or interrupted build leaves the earlier artifact as it was and nothing that looks like one.
 """
 
 from __future__ import annotations
 
 import platform
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -25,6 +25,8 @@ from .heads import save_heads
 from .heads_source import resolve_heads
 from .model_loading import load_base_model
 from .onnx_export import OPSET, export_step_graph
+from .output_dir import check_out_dir, new_work_dir, replace_dir
+from .provenance import content_sha256
 from .step_model import StepModel
 from .torch_backend import model_dims
 from .validate import validate_graph
@@ -42,6 +44,7 @@ def build_artifact(model: str | None, out: str | Path, heads: str | None = None,
     if max_seq < 16:
         raise InputError(f"--max-seq {max_seq} is too small: use at least 16")
     out = Path(out)
+    check_out_dir(out)  # before the long export
     t_start = time.perf_counter()
     step_log = _StepLog(log)
     with step_log("load model and heads"):
@@ -49,9 +52,7 @@ def build_artifact(model: str | None, out: str | Path, heads: str | None = None,
         chosen = resolve_heads(heads, loaded)
     tree_spec = tree or _default_tree(chosen.path)
     tree_obj = Tree.from_choices(load_choices(tree_spec), topk=head_topk, num_heads=chosen.heads.config.num_heads)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=out.name + ".partial-", dir=out.parent))
-    work.chmod(0o755)
+    work = new_work_dir(out)
     try:
         graphs, validation = {}, {}
         dt = _DTYPE_NAMES[dtype]
@@ -67,7 +68,7 @@ def build_artifact(model: str | None, out: str | Path, heads: str | None = None,
         dims = model_dims(loaded.model.config, chosen.heads, head_topk, sample_topk, dtype=dt)
         manifest = _manifest(loaded, chosen, dims, tree_spec, tree_obj, max_seq, graphs, validation, work)
         write_manifest(work, manifest)
-        _replace_dir(work, out)
+        replace_dir(work, out)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
@@ -119,11 +120,13 @@ def _manifest(loaded, chosen, dims, tree_spec, tree_obj, max_seq, graphs, valida
         "package_version": __version__,
         "exporter": {"torch": torch.__version__, "transformers": transformers.__version__, "onnx": onnx.__version__,
                      "opset": OPSET, "python": platform.python_version()},
-        "model": {**loaded.identity, "model_type": cfg.model_type, "hidden_size": cfg.hidden_size,
+        # Names and sha256 only: the manifest travels with the artifact, machine paths would not mean anything.
+        "model": {**loaded.identity, "sha256": content_sha256(loaded.path) if loaded.path else None,
+                  "model_type": cfg.model_type, "hidden_size": cfg.hidden_size,
                   "num_layers": cfg.num_hidden_layers, "vocab_size": cfg.vocab_size},
         "heads": {"num_heads": chosen.heads.config.num_heads, "num_layers": chosen.heads.config.num_layers,
-                  "layout": chosen.heads.config.layout, "trained": chosen.trained, "source": chosen.path,
-                  "directory": "heads"},
+                  "layout": chosen.heads.config.layout, "trained": chosen.trained, "source": chosen.source_name,
+                  "sha256": content_sha256(chosen.path) if chosen.path else None, "directory": "heads"},
         "dims": dims.__dict__,
         "dtype": dims.dtype,
         "max_seq": max_seq,
@@ -135,14 +138,3 @@ def _manifest(loaded, chosen, dims, tree_spec, tree_obj, max_seq, graphs, valida
         "files": {str(p.relative_to(work)): file_record(p) for p in files},
         "engines": {},
     }
-
-
-def _replace_dir(work: Path, out: Path) -> None:
-    """Swap the finished directory into place; an old artifact is removed only after the swap."""
-    old = None
-    if out.exists():
-        old = out.with_name(out.name + f".old-{int(time.time())}")
-        out.rename(old)
-    work.rename(out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

@@ -156,6 +156,11 @@ def load_heads(path: str | Path, base_config) -> MedusaHeads:
                           base_model=meta.get("base_model", ""), draft_vocab_size=meta.get("draft_vocab_size", 0))
     else:
         state, cfg = _read_reference(path, meta, base_config)
+    return heads_from_state(state, cfg, base_config, path)
+
+
+def heads_from_state(state: dict[str, torch.Tensor], cfg: HeadsConfig, base_config, path: Path) -> MedusaHeads:
+    """Heads with exactly these tensors (every key and shape checked against ``cfg`` and the base model)."""
     _check_against_base(cfg, base_config, path)
     heads = MedusaHeads(cfg)
     _load_strict(heads, state, path)
@@ -174,7 +179,12 @@ def _read_reference(path: Path, meta: dict, base_config) -> tuple[dict, HeadsCon
             raise HeadsError(
                 f"no heads weights in {directory}: expected {WEIGHTS_FILE}, medusa_lm_head.safetensors or medusa_lm_head.pt"
             )
-    raw = _read_tensors(weights)
+    return reference_state(_read_tensors(weights), meta, base_config, weights)
+
+
+def reference_state(raw: dict[str, torch.Tensor], meta: dict, base_config, weights: Path) -> tuple[dict, HeadsConfig]:
+    """Our state dict and config from reference-layout tensors (``medusa_head.`` prefix optional) and the
+    Medusa settings of ``meta`` (``medusa_num_heads``, ``medusa_num_layers``; inferred from the keys if absent)."""
     raw = {k.removeprefix("medusa_head.").removeprefix("medusa."): v for k, v in raw.items()}
     n_heads = meta.get("medusa_num_heads")
     n_layers = meta.get("medusa_num_layers")

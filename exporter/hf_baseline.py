@@ -5,14 +5,16 @@ from __future__ import annotations
 import time
 
 
-from .model_loading import load_base_model
+from .artifact_reference import artifact_base_model
 
 
-def hf_generate_bench(manifest: dict, prompts: list[str], max_new_tokens: int, on_prompt=lambda: None):
-    """Returns (bench row, generated token lists). Stops on the tokenizer's EOS like the runtime does."""
+def hf_generate_bench(manifest: dict, prompts: list[str], max_new_tokens: int, on_prompt=lambda: None,
+                      model: str | None = None):
+    """Returns (bench row, generated token lists). Stops on the tokenizer's EOS like the runtime does.
+    ``model``: the artifact's base model, when this machine does not know where it is."""
     import torch
 
-    loaded = load_base_model(manifest["model"].get("source"))
+    loaded = artifact_base_model(manifest, model)
     model, tok = loaded.model, loaded.tokenizer
     eos = list(tok.eos_token_ids) or None
     tokens, new = [], 0

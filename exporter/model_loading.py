@@ -7,6 +7,12 @@
 GGUF files are dequantised to fp32 by transformers, which takes ~20 s for the default model; the result
 is cached as safetensors under ``$MEDUSA_EXPORT_CACHE`` (default ``~/.cache/medusa-export``) so later loads
 take about a second. Nothing is ever fetched from a hub.
+
+What artifacts and training records keep of a model is its *identity*: a name, a portable ``source``
+(``"default"`` for the built-in model, else the directory's or file's name: never a path of this machine)
+and a content fingerprint. Where the model lives on this machine is remembered outside the artifact
+(``$MEDUSA_EXPORT_CACHE/models/locations.json``), so `verify` and `bench` find an artifact's base model here,
+and elsewhere are told to pass it with ``--model``.
 """
 
 from __future__ import annotations
@@ -31,7 +37,8 @@ DEFAULT_ALIASES = (None, "", "default", DEFAULT_MODEL_NAME)
 class LoadedModel:
     model: object  # a transformers *ForCausalLM in eval mode, fp32
     tokenizer: ChatTokenizer
-    identity: dict  # {"name", "source", "sha256_16"}: what the heads and artifacts record
+    identity: dict  # {"name", "source", "sha256_16"}: what the heads and artifacts record (no machine paths)
+    path: Path | None = None  # where it was loaded from on this machine (never recorded)
 
 
 def cache_root() -> Path:
@@ -68,16 +75,71 @@ def load_base_model(source: str | os.PathLike | None = None) -> LoadedModel:
     """Load model + tokenizer in fp32 eval mode, checking the architecture first."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     path = resolve_source(source)
+    builtin = source is None or str(source) in DEFAULT_ALIASES
     if path.is_file() and path.suffix == ".gguf":
         directory = _gguf_to_cached_dir(path)
-        identity = {"name": _gguf_name(path), "source": str(path), "sha256_16": directory.name}
+        identity = {"name": _gguf_name(path), "sha256_16": directory.name}
     elif path.is_dir():
         directory = path
-        identity = {"name": path.name, "source": str(path.resolve()), "sha256_16": _dir_fingerprint(path)}
+        identity = {"name": path.name, "sha256_16": _dir_fingerprint(path)}
     else:
         raise ModelError(f"model path {path} is neither a directory nor a .gguf file")
+    identity["source"] = "default" if builtin else path.name
     check_architecture(directory / "config.json")
-    return LoadedModel(_from_pretrained(directory), _tokenizer_from_dir(directory), identity)
+    loaded = LoadedModel(_from_pretrained(directory), _tokenizer_from_dir(directory), identity, path.resolve())
+    if not builtin:
+        remember_location(identity["sha256_16"], path.resolve())
+    return loaded
+
+
+def _locations_file() -> Path:
+    return cache_root() / "models" / "locations.json"
+
+
+def remember_location(fingerprint: str, path: Path) -> None:
+    """Note where the model with this fingerprint lives on this machine (best effort: only a convenience)."""
+    f = _locations_file()
+    try:
+        known = json.loads(f.read_text()) if f.exists() else {}
+        if known.get(fingerprint) == str(path):
+            return
+        known[fingerprint] = str(path)
+        f.parent.mkdir(parents=True, exist_ok=True)
+        tmp = f.with_name(f"{f.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(known, indent=1) + "\n")
+        tmp.replace(f)
+    except (OSError, ValueError):
+        pass
+
+
+def locate_model(identity: dict, override: str | os.PathLike | None = None) -> str | None:
+    """What to pass to `load_base_model` for the model an artifact records: ``override`` if given, the
+    built-in model, or where this machine last loaded a model with that fingerprint; ModelError if unknown.
+    The caller checks the loaded model's fingerprint against the record (`check_same_model`)."""
+    if override is not None:
+        return str(override)
+    source = str(identity.get("source", ""))
+    if source in ("default", DEFAULT_MODEL_NAME):
+        return None
+    if Path(source).is_absolute() and Path(source).exists():  # artifacts written before portable records
+        return source
+    f = _locations_file()
+    try:
+        known = json.loads(f.read_text()) if f.exists() else {}
+    except (OSError, ValueError):
+        known = {}
+    where = known.get(identity.get("sha256_16", ""))
+    if where and Path(where).exists():
+        return where
+    raise ModelError(f"the base model {identity.get('name', source)!r} (fingerprint {identity.get('sha256_16')}) "
+                     f"is not known on this machine: pass its directory or .gguf file with --model PATH")
+
+
+def check_same_model(loaded: LoadedModel, identity: dict) -> None:
+    want = identity.get("sha256_16")
+    if want and loaded.identity["sha256_16"] != want:
+        raise ModelError(f"model {loaded.identity['name']!r} (fingerprint {loaded.identity['sha256_16']}) is not the "
+                         f"one the artifact was built from ({identity.get('name')!r}, {want}): pass that model with --model")
 
 
 def check_architecture(config_file: Path) -> dict:

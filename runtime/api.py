@@ -6,7 +6,9 @@
     for event in rt.stream("Tell me a story", temperature=0.7, seed=1):
         print(event.text, end="")
 
-Each call gets its own session (KV buffers and I/O bindings); the loaded graph is shared.
+Each call gets its own session (KV buffers and I/O bindings); the loaded graph is shared. ``rt.notes``
+holds what the user should be told (e.g. a TensorRT engine tuned on another GPU). ``rt.close()`` (or
+``with MedusaRuntime.load(...) as rt:``) frees the graphs or engines and device memory at once.
 """
 
 from __future__ import annotations
@@ -29,13 +31,30 @@ class MedusaRuntime:
 
     @classmethod
     def load(cls, directory: str | Path, backend: str = "ort", tree: str | None = None, device: str = "cpu",
-             threads: int | None = None, max_seq: int | None = None, check_hashes: bool = False) -> "MedusaRuntime":
+             threads: int | None = None, max_seq: int | None = None, check_hashes: bool = False,
+             model: str | None = None) -> "MedusaRuntime":
+        """``check_hashes``: verify every file's sha256 (sizes are always checked). ``model``: the base model's
+        directory or .gguf for the PyTorch reference backend, when this machine does not know where it is."""
         directory = Path(directory)
         manifest = read_manifest(directory, check_hashes=check_hashes)
         dims = manifest_dims(manifest)
         tokenizer = ChatTokenizer.from_directory(directory)
-        engine = open_backend(directory, manifest, backend, device=device, threads=threads, max_seq=max_seq)
+        options = {"model": model} if backend == "torch" else {}
+        engine = open_backend(directory, manifest, backend, device=device, threads=threads, max_seq=max_seq, **options)
         return cls(manifest, Generator(engine, tokenizer, artifact_tree(manifest, dims, tree)))
+
+    @property
+    def notes(self) -> tuple[str, ...]:
+        return tuple(self.generator.backend.notes)
+
+    def close(self) -> None:
+        self.generator.backend.close()
+
+    def __enter__(self) -> "MedusaRuntime":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def generate(self, prompt: str | list[int], **options) -> GenerationResult:
         return self.generator.generate(prompt, GenerationConfig(**options))

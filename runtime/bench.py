@@ -21,7 +21,7 @@ from .generator import GenerationResult
 def summarize(backend: str, mode: str, results: list[GenerationResult], wall_s: float,
               identical: bool | None) -> dict:
     steps = [s for r in results for s in r.step_ms]
-    step_tokens = sum(r.new_tokens - 1 for r in results if r.new_tokens)
+    step_tokens = sum(r.step_tokens for r in results)  # the one definition: `decode.DecodeStats.mean_accepted`
     n_steps = sum(r.steps for r in results)
     return {
         "backend": backend,
@@ -38,7 +38,11 @@ def summarize(backend: str, mode: str, results: list[GenerationResult], wall_s: 
 
 def run_bench(artifact: str | Path, backends: list[str], prompts: list[str], max_new_tokens: int = 128,
               with_hf: bool = True, tree: str | None = None, threads: int | None = None,
-              progress: Callable[[str], None] | None = None) -> dict:
+              progress: Callable[[str], None] | None = None,
+              measured: Callable[[dict], None] | None = None, model: str | None = None) -> dict:
+    """Vanilla and Medusa rows per backend, then (``with_hf``) the transformers row. ``measured(report)`` is
+    called with the runtime rows before the optional baseline runs, so they are saved whatever happens next.
+    ``model``: the artifact's base model (torch backend and baseline) when this machine does not know it."""
     from tqdm import tqdm
 
     from .api import MedusaRuntime
@@ -47,35 +51,41 @@ def run_bench(artifact: str | Path, backends: list[str], prompts: list[str], max
     vanilla_tokens: dict[str, list[list[int]]] = {}
     total = len(backends) * len(prompts) * 2 + (len(prompts) if with_hf else 0)
     bar = tqdm(total=total, desc="bench", unit="gen", disable=progress is None)
-    manifest, used_tree = None, None
+    manifest, used_tree, notes = None, None, []
     for name in backends:
-        rt = MedusaRuntime.load(artifact, backend=name, tree=tree, threads=threads)
-        manifest, used_tree = rt.manifest, rt.generator.tree
-        rt.generate(prompts[0], max_new_tokens=8, medusa=False)  # warm-up (allocator, thread pool)
-        rt.generate(prompts[0], max_new_tokens=8, medusa=True)
-        for medusa in (False, True):
-            cfg = GenerationConfig(max_new_tokens=max_new_tokens, medusa=medusa)
-            runs, t0 = [], time.perf_counter()
-            for p in prompts:
-                runs.append(rt.generator.generate(p, cfg))
-                bar.update(1)
-            wall = time.perf_counter() - t0
-            if not medusa:
-                vanilla_tokens[name] = [r.token_ids for r in runs]
-            identical = all(r.token_ids == v for r, v in zip(runs, vanilla_tokens[name]))
-            results.append(summarize(name, "medusa" if medusa else "vanilla", runs, wall, identical))
-            if medusa:  # same backend, same artifact, same prompts
-                results[-1]["speedup_vs_vanilla"] = round(results[-1]["tokens_per_s"] / results[-2]["tokens_per_s"], 3)
+        with MedusaRuntime.load(artifact, backend=name, tree=tree, threads=threads, model=model) as rt:
+            manifest, used_tree = rt.manifest, rt.generator.tree
+            notes += [n for n in rt.notes if n not in notes]
+            rt.generate(prompts[0], max_new_tokens=8, medusa=False)  # warm-up (allocator, thread pool)
+            rt.generate(prompts[0], max_new_tokens=8, medusa=True)
+            for medusa in (False, True):
+                cfg = GenerationConfig(max_new_tokens=max_new_tokens, medusa=medusa)
+                runs, t0 = [], time.perf_counter()
+                for p in prompts:
+                    runs.append(rt.generator.generate(p, cfg))
+                    bar.update(1)
+                wall = time.perf_counter() - t0
+                if not medusa:
+                    vanilla_tokens[name] = [r.token_ids for r in runs]
+                identical = all(r.token_ids == v for r, v in zip(runs, vanilla_tokens[name]))
+                results.append(summarize(name, "medusa" if medusa else "vanilla", runs, wall, identical))
+                if medusa:  # same backend, same artifact, same prompts
+                    results[-1]["speedup_vs_vanilla"] = round(results[-1]["tokens_per_s"] / results[-2]["tokens_per_s"], 3)
+    report = {"model": manifest["model"]["name"] if manifest else None, "prompts": len(prompts),
+              "max_new_tokens": max_new_tokens, "tree": _tree_record(manifest, tree, used_tree), "results": results,
+              "notes": notes}
+    if measured is not None:
+        measured(report)
     if with_hf:
         from medusa_export.exporter.hf_baseline import hf_generate_bench
 
-        row, hf_tokens = hf_generate_bench(manifest, prompts, max_new_tokens, on_prompt=lambda: bar.update(1))
+        row, hf_tokens = hf_generate_bench(manifest, prompts, max_new_tokens, on_prompt=lambda: bar.update(1),
+                                           model=model)
         ref = vanilla_tokens.get("torch") or next(iter(vanilla_tokens.values()), None)
         row["identical_to_vanilla"] = ref is not None and hf_tokens == ref
         results.append(row)
     bar.close()
-    return {"model": manifest["model"]["name"] if manifest else None, "prompts": len(prompts),
-            "max_new_tokens": max_new_tokens, "tree": _tree_record(manifest, tree, used_tree), "results": results}
+    return report
 
 
 def _tree_record(manifest: dict | None, spec: str | None, tree) -> dict | None:

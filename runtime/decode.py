@@ -46,6 +46,9 @@ class DecodeStats:
 
     @property
     def mean_accepted(self) -> float:
+        """Mean accepted tokens per step, the one definition used everywhere (CLI, results, bench): tokens a
+        verification step produced (accepted draft tokens + the base model's own next token; exactly 1 for
+        vanilla decoding) averaged over steps. The prefill's first token is not a step."""
         return self.step_tokens / self.steps if self.steps else 0.0
 
 

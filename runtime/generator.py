@@ -16,6 +16,7 @@ from typing import Iterator
 
 from .backends.base import Backend
 from .decode import DecodeStats, GenerationConfig, decode
+from .detokenize import IncrementalDetokenizer
 from .errors import InputError, TreeError
 from .tokenizer import ChatTokenizer
 from .tree import Tree
@@ -26,8 +27,8 @@ class GenerationResult:
     text: str
     token_ids: list[int]  # new tokens only
     new_tokens: int
-    steps: int
-    mean_accepted: float
+    steps: int  # verification forwards after the prefill
+    mean_accepted: float  # step_tokens / steps: tokens per step, the base model's own token included
     tokens_per_s: float
     finish_reason: str  # "stop" (EOS or stop string) | "length"
     backend: str
@@ -35,10 +36,11 @@ class GenerationResult:
     prompt_tokens: int = 0
     prefill_ms: float = 0.0
     step_ms: list[float] = field(default_factory=list)
+    step_tokens: int = 0  # tokens the steps produced (may exceed new_tokens - 1 when EOS or the limit cut a step)
 
     def to_json(self) -> dict:
-        keys = ("text", "token_ids", "new_tokens", "steps", "mean_accepted", "tokens_per_s", "finish_reason",
-                "backend", "medusa", "prompt_tokens", "prefill_ms")
+        keys = ("text", "token_ids", "new_tokens", "steps", "step_tokens", "mean_accepted", "tokens_per_s",
+                "finish_reason", "backend", "medusa", "prompt_tokens", "prefill_ms")
         d = asdict(self)
         return {k: d[k] for k in keys}
 
@@ -98,37 +100,41 @@ class Generator:
         return stream
 
     def _events(self, ids: list[int], cfg: GenerationConfig, stream: Stream) -> Iterator[StreamEvent]:
-        session = self.backend.new_session()
         stats = DecodeStats()
         eos = set(self.tokenizer.eos_token_ids)
+        detok = IncrementalDetokenizer(self.tokenizer.decode)
+        tail_len = max((len(s) for s in cfg.stop_strings), default=1) - 1
         new: list[int] = []
-        shown = ""
+        shown: list[str] = []
+        pending = ""  # decoded text not shown yet (it may begin a stop string)
         finish = None
         t0 = time.perf_counter()
-        for chunk in decode(session, ids, self.tree if cfg.medusa else None, cfg, stats):
-            kept = []
-            for tok in chunk:
-                if tok in eos:
-                    finish = "stop"
+        with self.backend.new_session() as session:
+            for chunk in decode(session, ids, self.tree if cfg.medusa else None, cfg, stats):
+                kept = []
+                for tok in chunk:
+                    if tok in eos:
+                        finish = "stop"
+                        break
+                    kept.append(tok)
+                    if len(new) + len(kept) >= cfg.max_new_tokens:
+                        finish = "length"
+                        break
+                new += kept
+                pending += detok.push(kept) + (detok.flush() if finish else "")
+                cut = _find_stop(_tail(shown, tail_len), pending, cfg.stop_strings)
+                if cut is not None:
+                    pending, finish = pending[:cut], "stop"
+                visible = pending if finish else _safe_prefix(pending, cfg.stop_strings)
+                if visible or kept:
+                    yield StreamEvent(visible, kept)
+                    shown.append(visible)
+                    pending = pending[len(visible):]
+                if finish:
                     break
-                kept.append(tok)
-                if len(new) + len(kept) >= cfg.max_new_tokens:
-                    finish = "length"
-                    break
-            new += kept
-            text = self.tokenizer.decode(new)
-            cut = _find_stop(text, cfg.stop_strings, len(shown))
-            if cut is not None:
-                text, finish = text[:cut], "stop"
-            visible = text if finish else _safe_prefix(text, cfg.stop_strings)
-            if len(visible) > len(shown) or kept:
-                yield StreamEvent(visible[len(shown):], kept)
-                shown = visible
-            if finish:
-                break
         elapsed = time.perf_counter() - t0
         stream.result = GenerationResult(
-            text=shown,
+            text="".join(shown),
             token_ids=new,
             new_tokens=len(new),
             steps=stats.steps,
@@ -140,20 +146,31 @@ class Generator:
             prompt_tokens=len(ids),
             prefill_ms=round(stats.prefill_s * 1e3, 3),
             step_ms=[round(s * 1e3, 3) for s in stats.step_s],
+            step_tokens=stats.step_tokens,
         )
 
 
-def _find_stop(text: str, stops: tuple[str, ...], start: int) -> int | None:
-    """Index where the earliest stop string begins (searching only text not yet shown, plus overlap)."""
-    hits = [i for s in stops if s for i in [text.find(s, max(0, start - len(s)))] if i >= 0]
-    return min(hits) if hits else None
+def _tail(pieces: list[str], n: int) -> str:
+    """The last ``n`` characters of the text shown so far (only the last few pieces are read)."""
+    out = ""
+    for piece in reversed(pieces):
+        if len(out) >= n:
+            break
+        out = piece + out
+    return out[-n:] if n else ""
+
+
+def _find_stop(shown_tail: str, pending: str, stops: tuple[str, ...]) -> int | None:
+    """Where in ``pending`` the text must be cut for the earliest stop string, which may begin in the
+    already-shown tail (then at 0); None when there is none."""
+    text = shown_tail + pending
+    hits = [i for s in stops if s for i in [text.find(s)] if i >= 0]
+    return max(0, min(hits) - len(shown_tail)) if hits else None
 
 
 def _safe_prefix(text: str, stops: tuple[str, ...]) -> str:
-    """Hold back an incomplete UTF-8 character and any tail that could begin a stop string."""
+    """Hold back any tail that could begin a stop string (unfinished characters are held by the detokenizer)."""
     end = len(text)
-    while end and text[end - 1] == "\ufffd":
-        end -= 1
     for s in stops:
         for k in range(min(len(s) - 1, end), 0, -1):
             if text[end - k:end] == s[:k]:

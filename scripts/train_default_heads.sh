@@ -30,6 +30,6 @@ mkdir -p work-cache
 python -m medusa_export.exporter.training.cli_entry --data "$DATA" --out "$OUT" --cache-dir "$CACHE" \
     --max-new-tokens "$MAX_NEW" --gen-batch-size "$GEN_BATCH" --threads 1 \
     --extra-sampled-passes 1 --sample-temperature 0.7 \
-    --num-heads 4 --num-layers 1 --layout shared --seed "$SEED" --heldout-fraction 0.05 \
+    --num-heads 4 --num-layers 1 --seed "$SEED" --heldout-fraction 0.05 \
     --epochs 4 --lr 3e-3 --batch-size 256 --draft-vocab 8192 --amp auto "$@"
 wait

@@ -1,8 +1,9 @@
 """Resumable training state in ``out_dir/checkpoint.pt``: heads, optimizer, scheduler, position in the run.
 
 Saved atomically; loaded only when its fingerprint (the run's arguments and data) matches, so a changed
-command starts afresh instead of mixing runs. Read back with ``weights_only=True``: plain tensors and
-numbers, never arbitrary pickled objects. Removed once the run has written its final heads.
+command starts afresh (and says so) instead of mixing runs. A checkpoint that cannot be read is an error
+naming the file and ``--no-resume``, never a silent restart. Read back with ``weights_only=True``: plain
+tensors and numbers, never arbitrary pickled objects. Removed once the run has written its final heads.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import json
 from pathlib import Path
 
 import torch
+
+from medusa_export.runtime.errors import CheckpointError
 
 FILE = "checkpoint.pt"
 _SKIP = ("resume", "progress", "threads", "checkpoint_every_s", "out_dir", "cache_dir")
@@ -37,15 +40,24 @@ def save(out: Path, fp: str, heads, opt, sched, epoch: int, step_in_epoch: int, 
     tmp.replace(path(out))
 
 
-def load(out: Path, fp: str) -> dict | None:
+def load(out: Path, fp: str, log=lambda _msg: None) -> dict | None:
+    """The saved state of this run, or None (no checkpoint, or one from another run: logged). CheckpointError
+    when the file cannot be read."""
     p = path(out)
     if not p.exists():
         return None
     try:
         state = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception:
-        return None  # a torn or foreign file: start afresh rather than fail
-    return state if state.get("fingerprint") == fp else None
+        if not isinstance(state, dict) or not {"fingerprint", "heads", "optimizer", "scheduler"} <= set(state):
+            raise ValueError("not a train-heads checkpoint")
+    except Exception as e:  # a torn write, another program's file, a pickle with code in it
+        first = (str(e).splitlines() or [type(e).__name__])[0][:120]
+        raise CheckpointError(f"checkpoint {p} cannot be read ({first}): delete it, or start afresh with "
+                              f"--no-resume") from None
+    if state["fingerprint"] != fp:
+        log(f"ignoring {p}: it belongs to a run with other arguments or data (starting afresh)")
+        return None
+    return state
 
 
 def remove(out: Path) -> None:

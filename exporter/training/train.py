@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from medusa_export.exporter.heads import MedusaHeads, new_heads, save_heads
+from medusa_export.exporter.provenance import portable_command, portable_path
 from medusa_export.runtime.errors import InputError
 
 from . import checkpoint as ckpt
@@ -76,7 +77,7 @@ def lr_lambda(total_steps: int, warmup_steps: int):
 
 
 def train_heads(model_source: Any, data_file: str | Path, out_dir: str | Path, num_heads: int = 4, num_layers: int = 1,
-                layout: str = "shared", epochs: int = 3, lr: float = 1e-3, batch_size: int = 256, seed: int = 0,
+                epochs: int = 3, lr: float = 1e-3, batch_size: int = 256, seed: int = 0,
                 max_new_tokens: int = 256, heldout_fraction: float = 0.05, draft_vocab: int | None = None,
                 resume: bool = True, progress: bool = True, gen_batch_size: int = 64, temperature: float = 0.0,
                 cache_dir: str | Path | None = None, amp: str = "auto", weight_decay: float = 0.0,
@@ -91,7 +92,10 @@ def train_heads(model_source: Any, data_file: str | Path, out_dir: str | Path, n
     ``sample_temperature``, for training only (held-out accuracy is always measured on greedy answers).
     """
     args = {k: (str(v) if isinstance(v, Path) else v) for k, v in locals().items() if k != "model_source"}
-    _check_options(epochs, lr, batch_size, heldout_fraction, draft_vocab, layout, amp, max_new_tokens)
+    # What training.json records: no absolute paths of this machine (the record ships with the heads).
+    recorded_args = {k: portable_path(v) if k in ("data_file", "out_dir", "cache_dir") and v is not None else v
+                     for k, v in args.items()}
+    _check_options(epochs, lr, batch_size, heldout_fraction, draft_vocab, amp, max_new_tokens)
     t_start = time.perf_counter()
     if threads:
         torch.set_num_threads(threads)
@@ -131,8 +135,9 @@ def train_heads(model_source: Any, data_file: str | Path, out_dir: str | Path, n
     amp = _pick_amp(amp, device)
 
     torch.manual_seed(seed)
-    heads = new_heads(config, num_heads=num_heads, num_layers=num_layers, layout=layout,
-                      lm_head=model.get_output_embeddings(), base_model=loaded.identity.get("name", "")).to(device)
+    # Shared layout (the base lm_head, frozen): own projections are 28M parameters per head at a 49k vocabulary.
+    heads = new_heads(config, num_heads=num_heads, num_layers=num_layers, layout="shared",
+                      base_model=loaded.identity.get("name", "")).to(device)
     proj = lm_weight[torch.as_tensor(vocab.ids, device=device)] if vocab else lm_weight
     loss_mod = HeadsLoss(heads, proj, amp)
     trainable = loss_mod
@@ -143,7 +148,7 @@ def train_heads(model_source: Any, data_file: str | Path, out_dir: str | Path, n
     total = steps_per_epoch * epochs
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total, max(1, int(total * warmup_fraction))))
     fingerprint = ckpt.fingerprint({**args, "data_sha256": data_sha, "positions": len(train_ex), "world": world})
-    state = ckpt.load(out, fingerprint) if resume else None
+    state = ckpt.load(out, fingerprint, log=lambda m: _log(rank, m)) if resume else None
     start_epoch, start_step, history, initial = 0, 0, [], None
     if state is not None:
         heads.load_state_dict(state["heads"])
@@ -204,11 +209,12 @@ def train_heads(model_source: Any, data_file: str | Path, out_dir: str | Path, n
     final = history[-1]["heldout"] if history else evaluate_heads(heads, lm_weight, held_ex, device=device)
     _log(rank, "held-out accuracy (full vocabulary):\n" + format_table(final))
     record = {
-        "command": _command_line(), "args": args, "data_file": str(data_file), "data_sha256": data_sha,
+        "command": _command_line(), "args": recorded_args, "data_file": portable_path(data_file), "data_sha256": data_sha,
         "base_model": loaded.identity, "seed": seed, "training_positions": int(len(train_ex)),
         "heldout_positions": int(len(held_ex)), "heldout_prompts": int(len(np.unique(held_ex.prompt_index))),
-        "distillation": [{k: d.stats.get(k) for k in ("config", "positions", "answers", "skipped_long_prompts", "cache_dir",
-                                                      "generation_tokens_per_s", "generated_now_tokens")} for d in datas],
+        "distillation": [{**{k: d.stats.get(k) for k in ("config", "positions", "answers", "skipped_long_prompts",
+                                                          "generation_tokens_per_s", "generated_now_tokens")},
+                          "cache_dir": portable_path(d.stats["cache_dir"])} for d in datas],
         "draft_vocab": {"size": int(len(vocab.ids)), "coverage": round(vocab.coverage, 4),
                         "out_of_subset_targets": "dropped from the loss"} if vocab else None,
         "amp": amp, "steps": total, "world_size": world,
@@ -232,7 +238,7 @@ def train_heads(model_source: Any, data_file: str | Path, out_dir: str | Path, n
     return record
 
 
-def _check_options(epochs, lr, batch_size, heldout_fraction, draft_vocab, layout, amp, max_new_tokens) -> None:
+def _check_options(epochs, lr, batch_size, heldout_fraction, draft_vocab, amp, max_new_tokens) -> None:
     if epochs < 1 or batch_size < 1 or max_new_tokens < 2:
         raise InputError(f"need epochs >= 1, batch_size >= 1, max_new_tokens >= 2 (got {epochs}, {batch_size}, {max_new_tokens})")
     if not lr > 0:
@@ -241,9 +247,6 @@ def _check_options(epochs, lr, batch_size, heldout_fraction, draft_vocab, layout
         raise InputError(f"heldout_fraction must be in [0, 1), got {heldout_fraction}")
     if draft_vocab is not None and draft_vocab < 2:
         raise InputError(f"draft_vocab must be >= 2 tokens (or None for the full vocabulary), got {draft_vocab}")
-    if layout != "shared":
-        raise InputError(f"layout {layout!r} cannot be trained here: only 'shared' (own projections are 28M "
-                         f"parameters per head at a 49k vocabulary, beyond a CPU budget)")
     if amp not in ("auto", "bf16", "none"):
         raise InputError(f"amp must be 'auto', 'bf16' or 'none', got {amp!r}")
 
@@ -290,7 +293,7 @@ def _command_line() -> str:
     argv = list(sys.argv)
     if argv and argv[0].endswith(("cli_entry.py", "train.py")):
         argv[0] = "python -m medusa_export.exporter.training." + Path(argv[0]).stem
-    return " ".join(argv)
+    return portable_command(argv)
 
 
 def _default_cache() -> Path:

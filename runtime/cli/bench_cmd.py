@@ -21,19 +21,39 @@ def bench(
     max_new_tokens: int = typer.Option(128, min=1),
     tree: Optional[str] = typer.Option(None, help="Tree to use instead of the artifact's (must fit the graph)."),
     threads: Optional[int] = typer.Option(None, help="Intra-op threads (default: all cores)."),
-    no_hf: bool = typer.Option(False, "--no-hf", help="Skip the transformers generate baseline."),
+    hf: Optional[bool] = typer.Option(None, "--hf/--no-hf", help="The transformers generate baseline (default: "
+                                      "when torch and transformers are installed)."),
+    model: Optional[str] = typer.Option(None, help="The artifact's base model (directory or .gguf) for the torch "
+                                        "backend and the baseline, when this machine has not loaded it before."),
     as_json: Optional[Path] = typer.Option(None, "--json", help="Write the report here."),
     plot_file: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG bar chart of tokens/s here."),
 ) -> None:
     """Benchmark decoding speed: tokens/s, accepted length, step latency, identical outputs."""
+    from .. import extras
     from ..bench import plot, run_bench
     from ..prompts import read_prompts
     from .build_cmd import _default_prompts
 
     names = [b.strip() for b in backends.split(",") if b.strip()]
+    if "torch" in names:
+        extras.require("bench --backends torch", "torch")
+    if hf:
+        extras.require("bench --hf (the transformers baseline)", "torch")
+    elif hf is None:
+        hf = extras.available(*extras.EXTRAS["torch"])
+        if not hf:
+            typer.echo("note: skipping the transformers baseline: torch/transformers are not installed "
+                       "(pip install 'medusa-export[torch]')", err=True)
     texts = read_prompts(prompts or _default_prompts(), limit=limit)
-    report = run_bench(artifact, names, texts, max_new_tokens=max_new_tokens, with_hf=not no_hf, tree=tree,
-                       threads=threads, progress=typer.echo)
+
+    def save(report: dict) -> None:  # the runtime rows first, before the optional baseline
+        for note in report.get("notes", []):
+            typer.echo(f"note: {note}", err=True)
+        if as_json:
+            as_json.write_text(json.dumps(report, indent=2) + "\n")
+
+    report = run_bench(artifact, names, texts, max_new_tokens=max_new_tokens, with_hf=hf, tree=tree,
+                       threads=threads, progress=typer.echo, measured=save, model=model)
     typer.echo(f"{'backend':<13}{'mode':<9}{'tok/s':>8}{'accepted':>10}{'step p50':>10}{'step p90':>10}"
                f"{'prefill':>9}{'speed-up':>10}  identical")
     for r in report["results"]:

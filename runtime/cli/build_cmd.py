@@ -24,11 +24,20 @@ def build(
     max_seq: int = typer.Option(2048, help="KV capacity (prompt + generated tokens)."),
     engine: str = typer.Option("onnx", help="onnx | trt | all (trt needs TensorRT and a CUDA GPU)."),
 ) -> None:
-    """Export model + fused heads to ONNX, validate against PyTorch, write a self-contained artifact."""
-    from medusa_export.exporter.build import build_artifact
+    """Export model + fused heads to ONNX, validate against PyTorch, write a self-contained artifact.
+
+    --out must be a new or empty directory or an earlier artifact (which is replaced only once the new one is
+    complete); anything else is refused before any work starts."""
+    from .. import extras
 
     if engine not in ("onnx", "trt", "all"):
         raise typer.BadParameter(f"--engine {engine!r}: use onnx, trt or all")
+    from medusa_export.exporter.output_dir import check_out_dir
+
+    check_out_dir(out)
+    extras.require("build", "export")
+    from medusa_export.exporter.build import build_artifact
+
     if engine != "onnx":
         from medusa_export.engines.cli_entry import preflight
 
@@ -44,27 +53,40 @@ def build(
 @cli_errors
 def verify(
     artifact: Path = typer.Argument(..., help="Artifact directory."),
-    backends: str = typer.Option("torch,ort", help="Comma-separated; the first is the reference."),
+    backends: str = typer.Option("torch,ort", help="Comma-separated; the first is the reference (torch: PyTorch)."),
+    model: Optional[str] = typer.Option(None, help="The artifact's base model (directory or .gguf) for the PyTorch "
+                                        "reference, when this machine has not loaded it before."),
     prompts: Optional[Path] = typer.Option(None, help="JSONL prompts (default: 5 MT-Bench prompts if found)."),
     limit: int = typer.Option(5, help="Number of prompts."),
     max_new_tokens: int = typer.Option(48),
     tolerance: Optional[float] = typer.Option(None, help="Max probability error (default 1e-3 fp32, 2e-2 fp16)."),
     as_json: Optional[Path] = typer.Option(None, "--json", help="Write the full report here."),
 ) -> None:
-    """Compare backends on real prompts: identical greedy tokens, top-1 agreement, probability error."""
+    """Compare backends on real prompts: identical greedy tokens, top-1 agreement, probability error.
+    Checks every artifact file's sha256 first (loading checks only sizes)."""
+    from .. import extras
     from ..api import MedusaRuntime
     from ..compare import compare_backends
     from ..manifest import read_manifest
     from ..prompts import read_prompts
 
-    manifest = read_manifest(artifact, check_hashes=True)
     names = [b.strip() for b in backends.split(",") if b.strip()]
     if len(names) < 2:
         raise typer.BadParameter("--backends needs at least two, e.g. torch,ort")
+    if "torch" in names:
+        extras.require("verify against the PyTorch reference (--backends torch,...; or compare ort,trt)", "torch")
+    manifest = read_manifest(artifact, check_hashes=True)
     texts = read_prompts(prompts or _default_prompts(), limit=limit)
-    gens = {n: MedusaRuntime.load(artifact, backend=n).generator for n in names}
+    runtimes = [MedusaRuntime.load(artifact, backend=n, model=model) for n in names]
+    for note in dict.fromkeys(n for rt in runtimes for n in rt.notes):
+        typer.echo(f"note: {note}", err=True)
     tol = tolerance if tolerance is not None else (1e-3 if manifest["dtype"] == "float32" else 2e-2)
-    report = compare_backends(gens, texts, max_new_tokens=max_new_tokens, prob_tolerance=tol)
+    try:
+        report = compare_backends({n: rt.generator for n, rt in zip(names, runtimes)}, texts,
+                                  max_new_tokens=max_new_tokens, prob_tolerance=tol)
+    finally:
+        for rt in runtimes:
+            rt.close()
     if as_json:
         as_json.write_text(json.dumps(report, indent=2) + "\n")
     ok = True

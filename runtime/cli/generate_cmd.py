@@ -40,10 +40,15 @@ def generate(
                            medusa=not no_medusa, seed=seed, chat=not no_chat)
     if opened.notice and not no_medusa:
         typer.echo(opened.notice, err=True)
-    stream = opened.generator.stream(prompt, cfg)
-    for event in stream:
-        if not as_json:
-            typer.echo(event.text, nl=False)
+    for note in opened.notes:
+        typer.echo(f"note: {note}", err=True)
+    try:
+        stream = opened.generator.stream(prompt, cfg)
+        for event in stream:
+            if not as_json:
+                typer.echo(event.text, nl=False)
+    finally:
+        opened.generator.backend.close()
     r = stream.result
     if as_json:
         typer.echo(json.dumps(r.to_json()))

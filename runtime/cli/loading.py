@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from .. import extras
 from ..errors import InputError
 from ..generator import Generator
 from ..tree import Tree, load_choices
@@ -16,8 +17,9 @@ DEFAULT_TREE = "cpu_small_10"
 @dataclass
 class Opened:
     generator: Generator
-    notice: str  # e.g. "freshly initialised heads" — shown to the user
+    notice: str  # e.g. "freshly initialised heads" — shown to the user when Medusa decoding is on
     model_name: str
+    notes: tuple[str, ...] = ()  # the backend's notes (e.g. a TensorRT engine tuned on another GPU): always shown
 
 
 def is_artifact(path: str | None) -> bool:
@@ -37,6 +39,7 @@ def open_generator(model: str | None, backend: str = "torch", heads: str | None 
 
 
 def _open_torch(model, heads, tree, max_seq, device) -> Opened:
+    extras.require("decoding a model with PyTorch (not an artifact)", "torch")
     from medusa_export.exporter.heads_source import resolve_heads
     from medusa_export.exporter.model_loading import load_base_model
     from medusa_export.exporter.torch_backend import TorchBackend
@@ -63,7 +66,9 @@ def _open_artifact(path: Path, backend, heads, tree, max_seq, device, threads) -
     if heads is not None:
         raise InputError("--heads applies to a model, not an artifact: the artifact's heads are fused into its graph; "
                          "rebuild with `medusa-export build --heads PATH`")
+    if backend == "torch":
+        extras.require("--backend torch (the PyTorch reference)", "torch")
     rt = MedusaRuntime.load(path, backend=backend, tree=tree, device=device, threads=threads, max_seq=max_seq)
     notice = "" if rt.manifest.get("heads", {}).get("trained", True) else \
         "note: this artifact was built with freshly initialised (untrained) heads"
-    return Opened(rt.generator, notice, rt.manifest["model"]["name"])
+    return Opened(rt.generator, notice, rt.manifest["model"]["name"], rt.notes)

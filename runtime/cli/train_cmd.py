@@ -24,10 +24,13 @@ def calibrate_tree(
     threads: Optional[int] = typer.Option(None, help="Intra-op threads, as you will serve with."),
 ) -> None:
     """Measure head accuracy and step latency vs tree size; write the tree with the best expected tokens/s."""
+    from .. import extras
     from ..api import MedusaRuntime
     from ..calibration import calibrate
     from ..prompts import read_prompts
 
+    if backend == "torch":
+        extras.require("calibrate-tree --backend torch", "torch")
     texts = read_prompts(data, limit=limit)
     rt = MedusaRuntime.load(artifact, backend=backend, threads=threads)
     if not rt.generator.backend.has_medusa:
@@ -57,7 +60,6 @@ def train_heads(
     out: Path = typer.Option(..., "--out", "-o", help="Output heads directory (loads directly into build)."),
     num_heads: int = typer.Option(4, min=1),
     num_layers: int = typer.Option(1, min=1),
-    layout: str = typer.Option("shared", help="shared (reuse the base lm_head) | own (a projection per head)."),
     epochs: int = typer.Option(3, min=1),
     lr: float = typer.Option(1e-3),
     batch_size: int = typer.Option(256, min=1),
@@ -75,10 +77,16 @@ def train_heads(
     cache_dir: Optional[Path] = typer.Option(None, help="Where self-distilled shards are cached (resumable)."),
     resume: bool = typer.Option(True, help="Resume from cached shards and checkpoints."),
 ) -> None:
-    """Medusa-1: self-distil the base model's answers, then train heads on its frozen hidden states."""
+    """Medusa-1: self-distil the base model's answers, then train heads on its frozen hidden states.
+
+    The heads reuse the base model's lm_head (the shared layout); heads with their own projections (the
+    reference's Medusa-1 releases) load in build and generate but are not trained here."""
     options = dict(locals())  # before any import below adds names to locals()
     for key in ("model", "data", "out"):
         options.pop(key)
+    from .. import extras
+
+    extras.require("train-heads", "train")
     from medusa_export.exporter.training.cli_entry import run_train_heads
 
     record = run_train_heads(model, data, out, **options)
