@@ -103,6 +103,7 @@ def remember_location(fingerprint: str, path: Path) -> None:
         known = json.loads(f.read_text()) if f.exists() else {}
         if known.get(fingerprint) == str(path):
             return
+        known = {k: v for k, v in known.items() if Path(v).exists()}  # forget models that are gone
         known[fingerprint] = str(path)
         f.parent.mkdir(parents=True, exist_ok=True)
         tmp = f.with_name(f"{f.name}.{os.getpid()}.tmp")

@@ -234,6 +234,8 @@ def fake_tensorrt(cuda: FakeCuda, version: str = "10.3.0", align: int = 256, rec
             return _DT(self.inputs.get(name) or self.outputs[name])
 
         def create_execution_context(self):
+            if record.get("fail") == "context":  # what TensorRT does when the GPU is out of memory
+                return None
             record["contexts"] = record.get("contexts", 0) + 1
             return Context(self)
 
@@ -260,6 +262,8 @@ def fake_tensorrt(cuda: FakeCuda, version: str = "10.3.0", align: int = 256, rec
             return True
 
         def execute_async_v3(self, stream):
+            if record.get("fail") == "execute":
+                return False
             e = self.engine
             feeds = {}
             for name, dt in e.inputs.items():

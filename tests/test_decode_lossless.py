@@ -247,6 +247,21 @@ def test_eos_stops(tiny, make_tokenizer, medusa):
     res = gen.generate(list(prompt), GenerationConfig(max_new_tokens=N_NEW, medusa=medusa))
     assert res.finish_reason == "stop"
     assert res.token_ids == ref[:first] and eos not in res.token_ids
+    # One definition of tokens per step: what the steps produced (EOS included), over the steps.
+    assert res.mean_accepted == pytest.approx(res.step_tokens / res.steps, abs=1e-4)
+    if not medusa:
+        assert res.mean_accepted == 1.0 and res.step_tokens == res.steps == res.new_tokens  # EOS ended the last step
+
+
+def test_bench_rows_use_the_same_definition(tiny, make_tokenizer):
+    from medusa_export.runtime.bench import summarize
+
+    prompt = TINY_PROMPTS[0]
+    eos = tiny.reference(prompt, N_NEW)[6]
+    gen = Generator(tiny.backend(), make_tokenizer(eos_ids=(eos,)), None)
+    res = gen.generate(list(prompt), GenerationConfig(max_new_tokens=N_NEW, medusa=False))
+    assert res.finish_reason == "stop"
+    assert summarize("torch", "vanilla", [res, res], 1.0, True)["mean_accepted"] == 1.0  # was (new-1)/steps < 1
 
 
 @pytest.mark.parametrize("n", [1, 2, 7, 13])

@@ -253,5 +253,9 @@ def test_cuda_wrapper_unpacks_results_and_reports_errors():
     arena.free()
     assert calls[-1] == ("cudaFree", (4096,))
     failing = Cuda(_fake_cudart(fail="cudaMalloc")[0])
-    with pytest.raises(CudaError, match=r"cudaMalloc\(100 bytes\) failed: cudaErrorMemoryAllocation"):
+    with pytest.raises(CudaError, match=r"cudaMalloc\(100 bytes\) failed: cudaErrorMemoryAllocation") as err:
         failing.malloc(100)
+    # typed: the CLI's handler turns it into one line and exit 2
+    from medusa_export.runtime.errors import EngineError, MedusaExportError
+
+    assert isinstance(err.value, EngineError) and isinstance(err.value, MedusaExportError)

@@ -240,6 +240,59 @@ def test_fp16_artifact(tiny_dirs, tmp_path):
     assert report["summary"]["ort"]["max_prob_error"] < 2e-2
 
 
+def test_fp16_export_leaves_the_callers_model_alone(tiny, tmp_path):
+    """Export and validation of an fp16 graph work on a copy: the caller's weights keep dtype and values."""
+    import torch
+
+    from medusa_export.exporter.onnx_export import export_step_graph
+    from medusa_export.exporter.step_model import StepModel
+    from medusa_export.exporter.validate import validate_graph
+
+    from conftest import make_heads
+
+    step = StepModel(tiny.model, make_heads(tiny.model, NUM_HEADS, seed=7), 10, 8)  # the artifact's heads
+    before = {k: v.clone() for k, v in step.state_dict().items()}
+    export_step_graph(step, tmp_path / "m.onnx", dtype="float16")
+    report = validate_graph(step, tmp_path / "m.onnx", dtype="float16")
+    assert report["tolerance"] == 5e-2
+    after = step.state_dict()
+    for k, v in before.items():
+        assert after[k].dtype == torch.float32 and torch.equal(after[k], v), k
+
+
+def test_medusa2_model_directory_loads_with_its_heads(tiny, make_tokenizer, tmp_path):
+    """The reference's Medusa-2 layout: `medusa_head.*` tensors in the model's safetensors, the Medusa settings
+    in config.json. `build` takes it with no --heads; greedy Medusa equals greedy vanilla on every backend."""
+    from safetensors.torch import load_file, save_file
+
+    from conftest import make_heads
+    from medusa_export.exporter.build import build_artifact
+
+    model_dir = tmp_path / "medusa2"
+    tiny.model.save_pretrained(model_dir)
+    make_tokenizer(eos_ids=()).save(model_dir)
+    heads = make_heads(tiny.model, 3, seed=21)
+    weights = load_file(str(model_dir / "model.safetensors"))
+    weights.update({"medusa_head." + k.removeprefix("blocks."): v for k, v in heads.state_dict().items()})
+    save_file(weights, str(model_dir / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps({**cfg, "medusa_num_heads": 3, "medusa_num_layers": 1}))
+
+    m = build_artifact(str(model_dir), tmp_path / "art", tree="chain-3", max_seq=96, log=lambda _m: None)
+    assert m["heads"]["source"] == "model" and m["heads"]["trained"] and m["dims"]["num_heads"] == 3
+    ort_rt = MedusaRuntime.load(tmp_path / "art", backend="ort", threads=1)
+    torch_rt = MedusaRuntime.load(tmp_path / "art", backend="torch", threads=1)
+    fused = torch_rt.generator.backend.medusa_step.heads.state_dict()
+    for k, v in heads.state_dict().items():
+        assert np.array_equal(fused[k].numpy(), v.numpy()), k  # the heads inside the model, not fresh ones
+    for prompt in TINY_PROMPTS:
+        ref = _tokens(ort_rt, prompt, medusa=False)
+        assert _tokens(ort_rt, prompt, medusa=True) == ref
+        assert _tokens(torch_rt, prompt, medusa=True) == ref == _tokens(torch_rt, prompt, medusa=False)
+    accepted = ort_rt.generate(list(TINY_PROMPTS[0]), max_new_tokens=24).mean_accepted
+    assert accepted > 1.0  # the heads guess right sometimes: they are the model's heads, not fresh ones
+
+
 def test_external_data_for_large_weights(tiny_model, tmp_path, monkeypatch):
     """Over the 2 GB protobuf limit weights go to `<name>.onnx.data`; here the limit is lowered to force it."""
     import onnxruntime as ort
@@ -252,3 +305,14 @@ def test_external_data_for_large_weights(tiny_model, tmp_path, monkeypatch):
     assert (tmp_path / "vanilla.onnx.data").stat().st_size > (tmp_path / "vanilla.onnx").stat().st_size
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     assert sess.get_outputs()[0].name == "next_token_ids"
+
+
+def test_ort_sessions_and_runtime_close(artifact):
+    with MedusaRuntime.load(artifact, backend="ort", threads=1) as rt:
+        assert rt.notes == ()
+        with rt.generator.backend.new_session() as s:
+            s.run(np.array([5, 6]), np.arange(2), np.tri(2, dtype=bool), True, 1.0)
+        with pytest.raises(ValueError, match="closed"):
+            s.run(np.array([5]), np.arange(1), np.ones((1, 1), bool), True, 1.0)
+    with pytest.raises(ValueError, match="closed"):
+        rt.generator.backend.new_session()

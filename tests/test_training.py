@@ -181,6 +181,33 @@ def test_rerun_reuses_data_and_resumes_after_interruption(trained, loaded, promp
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
 
 
+def test_corrupt_checkpoint_is_an_error_not_a_silent_restart(trained, loaded, prompts_file, tmp_path, capsys):
+    from medusa_export.runtime.errors import CheckpointError
+
+    root, _ = trained
+    out = tmp_path / "h"
+    out.mkdir()
+    (out / "checkpoint.pt").write_bytes(b"\x80\x04 torn write")
+    opts = {**OPTS, "epochs": 1}
+    with pytest.raises(CheckpointError, match=r"checkpoint .*checkpoint\.pt cannot be read .*--no-resume"):
+        train_mod.train_heads(loaded, prompts_file, out, cache_dir=root / "cache", **opts)
+    assert not (out / "config.json").exists()
+    report = train_mod.train_heads(loaded, prompts_file, out, cache_dir=root / "cache", resume=False, **opts)
+    assert report["resumed_from_epoch"] is None and (out / "config.json").exists()
+    # A readable checkpoint of another run (other arguments) is skipped, and the log says so.
+    torch.save({"fingerprint": "other", "heads": {}, "optimizer": {}, "scheduler": {}}, out / "checkpoint.pt")
+    train_mod.train_heads(loaded, prompts_file, out, cache_dir=root / "cache", **opts)
+    assert "belongs to a run with other arguments" in capsys.readouterr().err
+
+
+def test_training_record_holds_no_machine_paths(trained):
+    root, report = trained
+    text = (root / "heads" / "training.json").read_text()
+    assert str(root) not in text and "/tmp" not in text
+    record = json.loads(text)
+    assert record["data_file"] == "prompts.jsonl" and len(record["data_sha256"]) == 64
+
+
 def test_draft_vocab_and_sampled_passes(trained, loaded, prompts_file, tmp_path, capsys):
     """Draft-vocab training still evaluates over the full vocabulary; sampled extra answers add training
     positions but never held-out ones (the held-out set stays the greedy answers of the same prompts)."""
