@@ -3,7 +3,8 @@
     build_artifact(None, "artifacts/smollm2", tree="cpu_small_10", dtype="float32", max_seq=2048)
 
 Steps: check ``out`` (only a new or empty directory, or an earlier artifact, is replaced: `output_dir`), load,
-export the Medusa graph and the vanilla graph, validate both against PyTorch, write the tokenizer, the heads
+export the Medusa graph and the vanilla graph, fold their constants (`onnx_cleanup`), validate both against
+PyTorch, write the tokenizer, the heads
 and, last, the manifest. Everything is written into ``<out>.partial-*`` and renamed into place only when
 complete, so a failed or interrupted build leaves the earlier artifact as it was and nothing that looks like one.
 """
@@ -24,6 +25,7 @@ from medusa_export.runtime.tree import Tree, load_choices
 from .heads import save_heads
 from .heads_source import resolve_heads
 from .model_loading import load_base_model
+from .onnx_cleanup import fold_constants
 from .onnx_export import OPSET, export_step_graph
 from .output_dir import check_out_dir, new_work_dir, replace_dir
 from .provenance import content_sha256
@@ -60,9 +62,12 @@ def build_artifact(model: str | None, out: str | Path, heads: str | None = None,
             step = StepModel(loaded.model, h, head_topk, sample_topk)
             with step_log(f"export {kind} graph ({dtype})"):
                 export_step_graph(step, work / f"{kind}.onnx", dtype=dt)
+            with step_log(f"fold constants in the {kind} graph (Polygraphy)"):
+                cleanup = fold_constants(work / f"{kind}.onnx")
             with step_log(f"validate {kind} graph against PyTorch"):
                 validation[kind] = validate_graph(step, work / f"{kind}.onnx", dtype=dt)
-            graphs[kind] = _graph_record(kind, loaded.model.config.num_hidden_layers, h is not None)
+            graphs[kind] = {**_graph_record(kind, loaded.model.config.num_hidden_layers, h is not None),
+                            "cleanup": cleanup}
         loaded.tokenizer.save(work)
         save_heads(chosen.heads, work / "heads")
         dims = model_dims(loaded.model.config, chosen.heads, head_topk, sample_topk, dtype=dt)

@@ -18,7 +18,7 @@ from .errors import BackendUnavailableError
 EXTRAS = {
     "torch": ("torch", "transformers"),
     "train": ("torch", "transformers"),
-    "export": ("torch", "transformers", "onnx"),
+    "export": ("torch", "transformers", "onnx", "polygraphy", "onnx_graphsurgeon"),
 }
 
 
