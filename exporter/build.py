@@ -19,30 +19,38 @@ from typing import Callable
 
 from medusa_export.runtime import __version__, io_table
 from medusa_export.runtime.errors import InputError
-from medusa_export.runtime.manifest import FORMAT, FORMAT_VERSION, file_record, write_manifest
+from medusa_export.runtime.manifest import FORMAT, FORMAT_VERSION, ONNXRUNTIME, PORTABLE, file_record, write_manifest
 from medusa_export.runtime.tree import Tree, load_choices
 
 from .heads import save_heads
 from .heads_source import resolve_heads
 from .model_loading import load_base_model
+from .fused_backbone import check_supported
+from .fused_graph import export_fused_graph
 from .onnx_cleanup import fold_constants
 from .onnx_export import OPSET, export_step_graph
+from .quantize import QUANTIZED, quantize_graph
 from .output_dir import check_out_dir, new_work_dir, replace_dir
 from .provenance import content_sha256
 from .step_model import StepModel
 from .torch_backend import model_dims
 from .validate import validate_graph
 
-DTYPES = ("fp32", "fp16")
-_DTYPE_NAMES = {"fp32": "float32", "fp16": "float16"}
+DTYPES = ("fp32", "fp16", *QUANTIZED)  # int8 / int4: quantized weights, fp32 activations and KV cache
+GRAPH_FORMATS = (ONNXRUNTIME, PORTABLE)
+_DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "int8": "float32", "int4": "float32"}  # graph / KV dtype
 DEFAULT_TREE = "cpu_small_10"
 
 
 def build_artifact(model: str | None, out: str | Path, heads: str | None = None, tree: str | None = None,
                    dtype: str = "fp32", max_seq: int = 2048, head_topk: int = 10, sample_topk: int = 32,
-                   log: Callable[[str], None] = print) -> dict:
+                   graph: str = ONNXRUNTIME, log: Callable[[str], None] = print) -> dict:
+    """``graph``: "onnxruntime" (fused operators, head-major shared KV cache: ONNX Runtime only) or "portable"
+    (standard operators: ONNX Runtime and TensorRT)."""
     if dtype not in DTYPES:
         raise InputError(f"--dtype {dtype!r} is not supported: use one of {', '.join(DTYPES)}")
+    if graph not in GRAPH_FORMATS:
+        raise InputError(f"--graph {graph!r} is not known: use one of {', '.join(GRAPH_FORMATS)}")
     if max_seq < 16:
         raise InputError(f"--max-seq {max_seq} is too small: use at least 16")
     out = Path(out)
@@ -58,20 +66,34 @@ def build_artifact(model: str | None, out: str | Path, heads: str | None = None,
     try:
         graphs, validation = {}, {}
         dt = _DTYPE_NAMES[dtype]
+        layout = io_table.HEAD_MAJOR_SHARED if graph == ONNXRUNTIME else io_table.SEQUENCE_MAJOR
+        if graph == ONNXRUNTIME:
+            check_supported(loaded.model.config)  # before any export: the portable graph covers the rest
         for kind, h in (("medusa", chosen.heads), ("vanilla", None)):
             step = StepModel(loaded.model, h, head_topk, sample_topk)
-            with step_log(f"export {kind} graph ({dtype})"):
-                export_step_graph(step, work / f"{kind}.onnx", dtype=dt)
+            path = work / f"{kind}.onnx"
+            with step_log(f"export {kind} graph ({dtype}, {graph})"):
+                if graph == ONNXRUNTIME:
+                    export_fused_graph(step, path, dtype=dt, max_positions=max_seq)
+                else:
+                    export_step_graph(step, path, dtype=dt)
             with step_log(f"fold constants in the {kind} graph (Polygraphy)"):
-                cleanup = fold_constants(work / f"{kind}.onnx")
+                cleanup = fold_constants(path)
+            record = {**_graph_record(kind, loaded.model.config.num_hidden_layers, h is not None, layout),
+                      "cleanup": cleanup}
+            if dtype in QUANTIZED:
+                with step_log(f"quantize the {kind} graph's weights ({dtype})"):
+                    record["quantization"] = quantize_graph(path, dtype)
             with step_log(f"validate {kind} graph against PyTorch"):
-                validation[kind] = validate_graph(step, work / f"{kind}.onnx", dtype=dt)
-            graphs[kind] = {**_graph_record(kind, loaded.model.config.num_hidden_layers, h is not None),
-                            "cleanup": cleanup}
+                # A quantized graph differs from PyTorch by design: its errors are recorded, and its quality is
+                # measured on real text (`quality`), not held to the fp32 tolerance.
+                validation[kind] = validate_graph(step, path, dtype=dt, kv_layout=layout, enforce=dtype not in QUANTIZED)
+            graphs[kind] = record
         loaded.tokenizer.save(work)
         save_heads(chosen.heads, work / "heads")
         dims = model_dims(loaded.model.config, chosen.heads, head_topk, sample_topk, dtype=dt)
         manifest = _manifest(loaded, chosen, dims, tree_spec, tree_obj, max_seq, graphs, validation, work)
+        manifest.update(graph_format=graph, kv_layout=layout, weights=dtype)
         write_manifest(work, manifest)
         replace_dir(work, out)
     except BaseException:
@@ -106,10 +128,10 @@ def _default_tree(heads_path: str | None) -> str:
     return DEFAULT_TREE
 
 
-def _graph_record(kind: str, num_layers: int, medusa: bool) -> dict:
+def _graph_record(kind: str, num_layers: int, medusa: bool, layout: str) -> dict:
     fmt = lambda ts: [{"name": t.name, "dtype": t.dtype, "axes": list(t.axes)} for t in ts]  # noqa: E731
-    return {"file": f"{kind}.onnx", "inputs": fmt(io_table.inputs(num_layers)),
-            "outputs": fmt(io_table.outputs(num_layers, medusa))}
+    return {"file": f"{kind}.onnx", "inputs": fmt(io_table.inputs(num_layers, layout)),
+            "outputs": fmt(io_table.outputs(num_layers, medusa, layout))}
 
 
 def _manifest(loaded, chosen, dims, tree_spec, tree_obj, max_seq, graphs, validation, work: Path) -> dict:
@@ -135,7 +157,6 @@ def _manifest(loaded, chosen, dims, tree_spec, tree_obj, max_seq, graphs, valida
         "dims": dims.__dict__,
         "dtype": dims.dtype,
         "max_seq": max_seq,
-        "kv_layout": "[batch, sequence, kv_heads, head_dim]",
         "tree": {"name": Path(tree_spec).stem if tree_spec.endswith(".json") else tree_spec,
                  "medusa_choices": tree_obj.to_json(), "num_nodes": tree_obj.num_nodes},
         "graphs": graphs,

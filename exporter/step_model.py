@@ -42,15 +42,33 @@ class StepModel(nn.Module):
         hidden = self.backbone(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache, use_cache=True
         ).last_hidden_state  # [B, T, H]
+        outs = self.reduced_outputs(hidden, input_ids, temperature)
+        for layer in cache.layers[:n]:
+            outs.append(layer.keys[:, :, past_len:].transpose(1, 2))
+            outs.append(layer.values[:, :, past_len:].transpose(1, 2))
+        return tuple(outs)
+
+
+    def reduced_outputs(self, hidden, input_ids, temperature) -> list:
+        """From the final hidden states [B, T, H] to the reduced outputs, in I/O-table order."""
         logits = self.lm_head(hidden).float()  # [B, T, V]
         outs = list(reduce_base_logits(logits, input_ids, temperature, self.sample_topk))
         if self.heads is not None:
             head_logits = self.heads(hidden, self.lm_head)  # [B, T, K, V]
             outs.append(self.heads.to_token_ids(torch.topk(head_logits.float(), self.head_topk, dim=-1).indices))
-        for layer in cache.layers[:n]:
-            outs.append(layer.keys[:, :, past_len:].transpose(1, 2))
-            outs.append(layer.values[:, :, past_len:].transpose(1, 2))
-        return tuple(outs)
+        return outs
+
+
+class ReducedTail(nn.Module):
+    """`StepModel.reduced_outputs` as a module (hidden, input_ids, temperature -> reduced outputs): the part of
+    the step the fused ONNX Runtime graph traces from PyTorch, after its hand-built decoder stack."""
+
+    def __init__(self, step: StepModel) -> None:
+        super().__init__()
+        self.step = step
+
+    def forward(self, hidden, input_ids, temperature):
+        return tuple(self.step.reduced_outputs(hidden, input_ids, temperature))
 
 
 def reduce_base_logits(logits: torch.Tensor, input_ids: torch.Tensor, temperature: torch.Tensor, sample_topk: int):

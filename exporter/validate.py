@@ -3,8 +3,8 @@
     report = validate_graph(step, "out/medusa.onnx", dtype="float32")   # raises ExportValidationError
 
 Float outputs: max absolute error per output against a tolerance per dtype. Id outputs (top-k indices)
-can legitimately differ where two logits are within rounding of each other, so they are compared as
-the fraction of mismatching entries.
+can legitimately differ where two logits are within rounding of each other, so their top-1 is compared, as
+the fraction of positions (and heads) where it differs.
 """
 
 from __future__ import annotations
@@ -20,16 +20,19 @@ from medusa_export.runtime.errors import ExportValidationError
 from .onnx_export import dummy_inputs
 from .step_model import StepModel
 
-# (T, past): prefill-like, single token, tree-sized
-SHAPES = ((7, 0), (1, 9), (12, 20))
+# (T, past, tree): prefill-like, single token, a tree step (a random tree mask, positions past + depth)
+SHAPES = ((7, 0, False), (1, 9, False), (12, 20, True))
 TOLERANCE = {"float32": 1e-3, "float16": 5e-2}
 MAX_ID_MISMATCH = 0.02
 
 
-def validate_graph(step: StepModel, onnx_path, dtype: str = "float32", threads: int | None = None) -> dict:
+def validate_graph(step: StepModel, onnx_path, dtype: str = "float32", threads: int | None = None,
+                   kv_layout: str = io_table.SEQUENCE_MAJOR, enforce: bool = True) -> dict:
+    """Max errors per output at every shape; ExportValidationError beyond tolerance when ``enforce``."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
+    opts.log_severity_level = 3  # errors only: the optimizer's notes on nodes it leaves are not for users
     if threads:
         opts.intra_op_num_threads = threads
     sess = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
@@ -42,21 +45,46 @@ def validate_graph(step: StepModel, onnx_path, dtype: str = "float32", threads: 
     ref_step = step if dtype == "float32" else copy.deepcopy(step).to(torch_dtype).float()
     worst: dict[str, float] = {}
     gen = torch.Generator().manual_seed(0)
-    for t, past in SHAPES:
+    head_major = kv_layout == io_table.HEAD_MAJOR_SHARED
+    for t, past, tree in SHAPES:
         torch.manual_seed(int(torch.randint(0, 1 << 30, (1,), generator=gen)))
         inputs = _single(dummy_inputs(ref_step, t=t, past=max(past, 2)), past)
+        if tree:
+            inputs = _with_tree(inputs, past, gen)
         with torch.no_grad():
             ref = [r.float().numpy() if r.is_floating_point() else r.numpy() for r in ref_step(*inputs)]
-        feed = {n: (v.to(torch_dtype) if v.is_floating_point() and n.startswith("past") else v).numpy()
-                for n, v in zip(names_in, inputs)}
+        feed = {}
+        for n, v in zip(names_in, inputs):
+            if n.startswith("past"):
+                v = v.to(torch_dtype).transpose(1, 2) if head_major else v.to(torch_dtype)  # [1, kvh, past, hd]
+            feed[n] = v.contiguous().numpy()
         got = sess.run(None, feed)
         for name, g, r in zip(names_out, got, ref):
-            err = float(np.mean(g != r)) if r.dtype == np.int64 else float(np.abs(g.astype(np.float64) - r).max())
+            if head_major and name.startswith("present."):  # the whole cache: compare its T new rows
+                g = g[:, :, past:].transpose(0, 2, 1, 3)
+            # Ids: the top-1 of each position (and head) must agree; lower ranks of near-equal logits may swap.
+            err = float(np.mean(g[..., 0] != r[..., 0])) if r.dtype == np.int64 else float(np.abs(g.astype(np.float64) - r).max())
             worst[name] = max(worst.get(name, 0.0), err)
-    _check(worst, dtype)
-    return {"shapes": [list(s) for s in SHAPES], "max_abs_error": worst, "tolerance": TOLERANCE[dtype],
-            "max_id_mismatch": MAX_ID_MISMATCH}
+    if enforce:
+        _check(worst, dtype)
+    return {"shapes": [list(s) for s in SHAPES], "max_abs_error": worst, "tolerance": TOLERANCE[dtype] if enforce else None,
+            "max_id_mismatch": MAX_ID_MISMATCH if enforce else None}
 
+
+def _with_tree(inputs: tuple, past: int, gen: torch.Generator) -> tuple:
+    """The same inputs with a random tree among the T new tokens: each node sees the past, its ancestors and
+    itself, and sits at position past + depth (siblings share a position), as in a Medusa step."""
+    ids, pos, mask, temp, *kv = inputs
+    t = ids.shape[1]
+    parent = [-1] + [int(torch.randint(0, i, (1,), generator=gen)) for i in range(1, t)]
+    tree = torch.eye(t, dtype=torch.bool)
+    depth = torch.zeros(t, dtype=torch.long)
+    for i in range(1, t):
+        tree[i] |= tree[parent[i]]
+        depth[i] = depth[parent[i]] + 1
+    mask = mask.clone()
+    mask[0, 0, :, past:] = tree
+    return (ids, (past + depth)[None], mask, temp, *kv)
 
 def _single(inputs: tuple, past: int) -> tuple:
     """Batch 1, and trim the past to ``past`` rows (0 allowed) keeping mask/positions consistent."""

@@ -21,7 +21,14 @@ import numpy as np
 
 # Symbolic axes (dynamic in the graph)
 BATCH, SEQ, PAST, TOTAL = "batch_size", "sequence_length", "past_sequence_length", "total_sequence_length"
-SYMBOLIC = (BATCH, SEQ, PAST, TOTAL)
+CAPACITY = "max_sequence_length"  # a KV buffer's full length (shared-buffer graphs)
+SYMBOLIC = (BATCH, SEQ, PAST, TOTAL, CAPACITY)
+
+# KV cache layouts. Sequence-major (the portable graph, every backend): the past is a prefix view of the buffer
+# and ``present.*`` holds only the T new rows. Head-major shared (the fused ONNX Runtime graph): past and
+# present are the same whole buffer, bound to the same memory; GroupQueryAttention writes the new rows in place.
+SEQUENCE_MAJOR, HEAD_MAJOR_SHARED = "sequence-major", "head-major-shared"
+KV_LAYOUTS = (SEQUENCE_MAJOR, HEAD_MAJOR_SHARED)
 
 # The model dtype: what "float" tensors (the KV cache) hold in a graph of that dtype.
 MODEL_DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16)}
@@ -69,11 +76,19 @@ def token_inputs() -> list[Tensor]:
     ]
 
 
-def inputs(num_layers: int) -> list[Tensor]:
+def _kv_axes(kv_layout: str, new_rows: bool) -> tuple:
+    if kv_layout == HEAD_MAJOR_SHARED:
+        return (BATCH, "num_kv_heads", CAPACITY, "head_dim")
+    if kv_layout == SEQUENCE_MAJOR:
+        return (BATCH, SEQ if new_rows else PAST, "num_kv_heads", "head_dim")
+    raise ValueError(f"unknown KV layout {kv_layout!r}: one of {', '.join(KV_LAYOUTS)}")
+
+
+def inputs(num_layers: int, kv_layout: str = SEQUENCE_MAJOR) -> list[Tensor]:
     table = token_inputs()
     for i in range(num_layers):
         for kind in ("key", "value"):
-            table.append(Tensor(f"past_key_values.{i}.{kind}", "float", (BATCH, PAST, "num_kv_heads", "head_dim")))
+            table.append(Tensor(f"past_key_values.{i}.{kind}", "float", _kv_axes(kv_layout, False)))
     return table
 
 
@@ -90,11 +105,11 @@ def reduced_outputs(medusa: bool) -> list[Tensor]:
     return table
 
 
-def outputs(num_layers: int, medusa: bool) -> list[Tensor]:
+def outputs(num_layers: int, medusa: bool, kv_layout: str = SEQUENCE_MAJOR) -> list[Tensor]:
     table = reduced_outputs(medusa)
     for i in range(num_layers):
         for kind in ("key", "value"):
-            table.append(Tensor(f"present.{i}.{kind}", "float", (BATCH, SEQ, "num_kv_heads", "head_dim")))
+            table.append(Tensor(f"present.{i}.{kind}", "float", _kv_axes(kv_layout, True)))
     return table
 
 

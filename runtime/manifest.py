@@ -22,12 +22,15 @@ import hashlib
 import json
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
+from . import io_table
 from .backends.base import ModelDims
 from .errors import ArtifactError
 
 FORMAT = "medusa-export-artifact"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: kv_layout / graph_format name the graphs' kind (version 1 artifacts: portable graphs)
+READABLE_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
+PORTABLE, ONNXRUNTIME = "portable", "onnxruntime"  # graph formats: standard ops (ORT + TensorRT) / fused (ORT only)
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -94,7 +97,7 @@ def read_manifest(directory: str | Path, check_hashes: bool = False) -> dict:
     if manifest.get("format") != FORMAT:
         raise ArtifactError(f"{path} is not a medusa-export manifest (format {manifest.get('format')!r}): rebuild the artifact")
     version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         raise ArtifactError(
             f"{path} has manifest version {version}, this runtime reads version {FORMAT_VERSION}: "
             f"rebuild the artifact with this medusa-export ({manifest.get('package_version', '?')} built it)"
@@ -115,3 +118,13 @@ def read_manifest(directory: str | Path, check_hashes: bool = False) -> dict:
 
 def manifest_dims(manifest: dict) -> ModelDims:
     return ModelDims(**manifest["dims"])
+
+
+def kv_layout(manifest: dict) -> str:
+    """The graphs' KV layout (``io_table.KV_LAYOUTS``); version 1 artifacts are sequence-major."""
+    layout = manifest.get("kv_layout", io_table.SEQUENCE_MAJOR)
+    return layout if layout in io_table.KV_LAYOUTS else io_table.SEQUENCE_MAJOR
+
+
+def graph_format(manifest: dict) -> str:
+    return manifest.get("graph_format", PORTABLE)

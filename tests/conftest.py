@@ -210,3 +210,15 @@ def artifact(tiny_dirs, tmp_path_factory):
     build_artifact(str(model_dir), out, heads=str(heads_dir), tree="chain-3",
                    max_seq=128, log=lambda _m: None)
     return out
+
+
+@pytest.fixture(scope="session")
+def portable_artifact(tiny_dirs, tmp_path_factory):
+    """The same model, heads and tree as `artifact`, as portable graphs (standard operators, sequence-major KV)."""
+    from medusa_export.exporter.build import build_artifact
+
+    model_dir, heads_dir = tiny_dirs
+    out = tmp_path_factory.mktemp("art") / "tiny-portable"
+    build_artifact(str(model_dir), out, heads=str(heads_dir), tree="chain-3", max_seq=128, graph="portable",
+                   log=lambda _m: None)
+    return out

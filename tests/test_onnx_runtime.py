@@ -39,20 +39,25 @@ def _tokens(rt, prompt, medusa, tree=None, n=24):
     return gen.generate(list(prompt), GenerationConfig(max_new_tokens=n, medusa=medusa)).token_ids
 
 
-def test_manifest_records_graphs_and_validation(artifact):
+@pytest.mark.parametrize("which", ["artifact", "portable_artifact"])
+def test_manifest_records_graphs_and_validation(which, request):
     import onnx
 
+    artifact = request.getfixturevalue(which)
     m = json.loads((artifact / "manifest.json").read_text())
-    assert m["format_version"] == 1 and m["dims"]["num_heads"] == NUM_HEADS
+    assert m["format_version"] == 2 and m["dims"]["num_heads"] == NUM_HEADS
     assert {"medusa", "vanilla"} <= set(m["graphs"])
     assert set(m["files"]) >= {"medusa.onnx", "vanilla.onnx", "tokenizer.json", "heads/heads.safetensors"}
     for kind in ("medusa", "vanilla"):
         errs = m["validation"][kind]["max_abs_error"]
         assert errs["next_token_probs"] < 1e-3 and errs["present.0.key"] < 1e-3
         cleanup = m["graphs"][kind]["cleanup"]  # Polygraphy folded the traced shape arithmetic before validation
-        assert cleanup["tool"].startswith("polygraphy") and cleanup["nodes_after"] < 0.8 * cleanup["nodes_before"]
+        assert cleanup["tool"].startswith("polygraphy") and cleanup["nodes_after"] < cleanup["nodes_before"]
+        if m["graph_format"] == "portable":  # the traced graph's shape arithmetic: most of it folds away
+            assert cleanup["nodes_after"] < 0.8 * cleanup["nodes_before"]
         assert len(onnx.load(str(artifact / f"{kind}.onnx"), load_external_data=False).graph.node) == cleanup["nodes_after"]
-    onnx.checker.check_model(str(artifact / "medusa.onnx"))
+    if m["graph_format"] == "portable":  # standard operators only (the fused graph has ONNX Runtime's own)
+        onnx.checker.check_model(str(artifact / "medusa.onnx"))
 
 
 @pytest.mark.parametrize("prompt", TINY_PROMPTS)
@@ -93,7 +98,7 @@ def test_ort_step_output_matches_torch(runtimes):
         toks = np.array([5, 6, 7, 8])
         out = s.run(toks, s.length + tree.depth, tree.mask, True, 0.7)
         s.keep(np.array([0, 2]))
-        outs[name] = (out, np.asarray(s.kv.keys[1][:, : s.length]))
+        outs[name] = (out, np.asarray(s.kv.rows(0, s.length)[2]))  # layer 1 keys, whatever the layout
     (a, ka), (b, kb) = outs["torch"], outs["ort"]
     np.testing.assert_array_equal(a.next_ids, b.next_ids)
     np.testing.assert_array_equal(a.medusa_ids, b.medusa_ids)

@@ -79,7 +79,7 @@ def _build_tiny(root: Path, kv_heads: int, max_seq: int = 48, dtype: str = "fp32
     try:
         model = _tiny_model(root / "model", kv_heads)
         build_artifact(str(model), root / "art", heads="fresh", tree="cpu_small_10", max_seq=max_seq,
-                       dtype=dtype, log=lambda s: None)
+                       dtype=dtype, graph="portable", log=lambda s: None)
     finally:
         torch.set_num_threads(threads)
     return root / "art"

@@ -127,7 +127,12 @@ class MaskBuffer:
 
 
 class KVCache:
-    """Preallocated per-layer KV buffers, sequence-major ``[1, capacity, kv_heads, head_dim]``.
+    """Preallocated per-layer KV buffers in the graph's layout (``io_table.KV_LAYOUTS``):
+
+    * sequence-major ``[1, capacity, kv_heads, head_dim]``: `past` is the committed prefix (a contiguous view,
+      bound without a copy) and `stage` the view where the step's T new rows go;
+    * head-major shared ``[1, kv_heads, capacity, head_dim]``: `past` and `stage` are the whole buffers (the
+      graph reads ``[:length]`` and writes its T rows at ``length`` in place).
 
     ``alloc(shape)`` makes one zeroed buffer: numpy by default; the PyTorch backend passes a torch
     allocator (CPU or CUDA), and indexing works the same for both.
@@ -136,8 +141,14 @@ class KVCache:
     ``[length:length+n]`` so rejected branches never stay visible.
     """
 
-    def __init__(self, dims: ModelDims, capacity: int, alloc=None) -> None:
-        shape = (1, capacity, dims.num_kv_heads, dims.head_dim)
+    def __init__(self, dims: ModelDims, capacity: int, alloc=None, layout: str = io_table.SEQUENCE_MAJOR) -> None:
+        if layout == io_table.HEAD_MAJOR_SHARED:
+            shape, self.axis = (1, dims.num_kv_heads, capacity, dims.head_dim), 2
+        elif layout == io_table.SEQUENCE_MAJOR:
+            shape, self.axis = (1, capacity, dims.num_kv_heads, dims.head_dim), 1
+        else:
+            raise ValueError(f"unknown KV layout {layout!r}")
+        self.layout = layout
         alloc = alloc or (lambda s: np.zeros(s, io_table.model_dtype_of(dims.dtype)))
         self.keys = [alloc(shape) for _ in range(dims.num_layers)]
         self.values = [alloc(shape) for _ in range(dims.num_layers)]
@@ -145,17 +156,30 @@ class KVCache:
         self.length = 0
         self.staged = 0
 
+    def _rows(self, index) -> tuple:
+        """An index that selects ``index`` along the sequence axis."""
+        return (slice(None),) * self.axis + (index,)
+
     def buffers(self) -> list[np.ndarray]:
         """Flat list in io_table order: layer 0 key, layer 0 value, layer 1 key, ..."""
         return [b for pair in zip(self.keys, self.values) for b in pair]
 
     def past(self) -> list[np.ndarray]:
-        return [b[:, : self.length] for b in self.buffers()]
+        if self.layout == io_table.HEAD_MAJOR_SHARED:
+            return self.buffers()
+        return [b[self._rows(slice(0, self.length))] for b in self.buffers()]
 
     def stage(self, t: int) -> list[np.ndarray]:
-        """Views where the next run's T new rows go."""
+        """Where the next run's T new rows go (the whole buffers in the shared layout)."""
         self.staged = t
-        return [b[:, self.length : self.length + t] for b in self.buffers()]
+        if self.layout == io_table.HEAD_MAJOR_SHARED:
+            return self.buffers()
+        return [b[self._rows(slice(self.length, self.length + t))] for b in self.buffers()]
+
+    def rows(self, start: int, stop: int) -> list[np.ndarray]:
+        """Rows ``[start, stop)`` of every buffer, sequence-major ``[1, n, kv_heads, head_dim]`` (for checks)."""
+        out = [b[self._rows(slice(start, stop))] for b in self.buffers()]
+        return out if self.axis == 1 else [r.transpose(0, 2, 1, 3) for r in out]
 
     def keep(self, rows: np.ndarray) -> None:
         rows = np.asarray(rows, np.int64)
@@ -165,7 +189,8 @@ class KVCache:
         if not np.array_equal(rows, np.arange(n)):
             # rows[i] >= i, so copying in increasing order never overwrites a row still to be read.
             src = (self.length + rows).tolist()
+            dst = self._rows(slice(self.length, self.length + n))
             for b in self.buffers():
-                b[:, self.length : self.length + n] = b[:, src]
+                b[dst] = b[self._rows(src)]
         self.length += n
         self.staged = 0

@@ -18,7 +18,7 @@ import numpy as np
 
 from .. import io_table
 from ..errors import ArtifactError, BackendUnavailableError
-from ..manifest import artifact_file
+from ..manifest import ONNXRUNTIME, artifact_file, graph_format, kv_layout
 from .base import Backend, KVCache, MaskBuffer, ModelDims, Session, StepOutput
 
 
@@ -30,15 +30,31 @@ def _import_ort():
     return ort
 
 
+# GroupQueryAttention with position_ids and attention_bias (a tree mask) on CPU: ONNX Runtime 1.22 and later.
+MIN_FUSED_VERSION = (1, 22)
+
+
+def check_fused_support(version: str) -> None:
+    """BackendUnavailableError when this ONNX Runtime cannot run the fused graph's operators."""
+    try:
+        have = tuple(int(x) for x in version.split(".")[:2])
+    except ValueError:
+        return  # a development build: let loading tell
+    if have < MIN_FUSED_VERSION:
+        need = ".".join(map(str, MIN_FUSED_VERSION))
+        raise BackendUnavailableError(f"the fused ONNX Runtime graph needs onnxruntime >= {need} (this is {version}): "
+                                      f"pip install -U 'onnxruntime>={need}', or build with --graph portable")
+
+
 def _ort_type(dtype: np.dtype) -> str:
     """ONNX Runtime's name of a tensor type (``NodeArg.type``): numpy's name, but float32 is ``float``."""
     return "tensor(float)" if dtype == np.float32 else f"tensor({dtype.name})"
 
 
-def check_graph_io(session, path: Path, dims: ModelDims, medusa: bool) -> None:
+def check_graph_io(session, path: Path, dims: ModelDims, medusa: bool, layout: str = io_table.SEQUENCE_MAJOR) -> None:
     """ArtifactError naming the first tensor whose name, type or fixed size differs from the I/O table."""
-    for role, table, actual in (("input", io_table.inputs(dims.num_layers), session.get_inputs()),
-                                ("output", io_table.outputs(dims.num_layers, medusa), session.get_outputs())):
+    for role, table, actual in (("input", io_table.inputs(dims.num_layers, layout), session.get_inputs()),
+                                ("output", io_table.outputs(dims.num_layers, medusa, layout), session.get_outputs())):
         found = {a.name: a for a in actual}
         extra = sorted(set(found) - {t.name for t in table})
         if extra:
@@ -67,6 +83,9 @@ class OrtBackend(Backend):
         ort = _import_ort()
         self.dims = dims
         self.max_seq = min(max_seq or manifest["max_seq"], manifest["max_seq"])
+        self.kv_layout = kv_layout(manifest)
+        if graph_format(manifest) == ONNXRUNTIME:
+            check_fused_support(ort.__version__)
         providers = ["CPUExecutionProvider"]
         if device == "cuda":
             if "CUDAExecutionProvider" not in ort.get_available_providers():
@@ -74,6 +93,7 @@ class OrtBackend(Backend):
             providers.insert(0, "CUDAExecutionProvider")
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.log_severity_level = 3  # errors only: the optimizer's notes on nodes it leaves are not for users
         if threads:
             opts.intra_op_num_threads = threads
         self.sessions = {}
@@ -83,7 +103,7 @@ class OrtBackend(Backend):
                 session = ort.InferenceSession(str(path), opts, providers=providers)
             except Exception as e:  # onnxruntime raises its own exception types for bad files
                 raise ArtifactError(f"ONNX Runtime cannot load {path} ({str(e).splitlines()[0][:160]}): rebuild the artifact") from None
-            check_graph_io(session, path, dims, medusa=kind == "medusa")
+            check_graph_io(session, path, dims, medusa=kind == "medusa", layout=self.kv_layout)
             self.sessions[kind] = session
         if dims.num_heads and "medusa" not in self.sessions:
             raise ArtifactError("the manifest lists Medusa heads but no medusa graph: rebuild the artifact")
@@ -101,7 +121,8 @@ class OrtSession(Session):
     def __init__(self, backend: OrtBackend, capacity: int) -> None:
         self.backend = backend
         self.capacity = capacity
-        self.kv = KVCache(backend.dims, capacity)
+        self.kv = KVCache(backend.dims, capacity, layout=backend.kv_layout)  # shared layout: past and present
+        # are then the same whole buffers, bound as both input and output below
         self.masks = MaskBuffer()
         self.bindings = {k: s.io_binding() for k, s in backend.sessions.items()}
         self.graphs = dict(backend.sessions)

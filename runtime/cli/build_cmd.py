@@ -20,29 +20,52 @@ def build(
                                         "else fresh untrained heads); 'fresh' forces untrained heads."),
     tree: Optional[str] = typer.Option(None, help="Tree preset or JSON file (default: the heads' calibrated tree, "
                                        "else cpu_small_10)."),
-    dtype: str = typer.Option("fp32", help="fp32 | fp16"),
+    dtype: str = typer.Option("fp32", help="Weights: fp32 | fp16 | int8 | int4 (int8/int4: ONNX Runtime only, "
+                              "activations and KV cache stay fp32)."),
     max_seq: int = typer.Option(2048, help="KV capacity (prompt + generated tokens)."),
     engine: str = typer.Option("onnx", help="onnx | trt | all (trt needs TensorRT and a CUDA GPU)."),
+    graph: Optional[str] = typer.Option(None, help="onnxruntime (fused operators, ONNX Runtime only; the default "
+                                        "with --engine onnx) | portable (standard operators, also for TensorRT; "
+                                        "the default with --engine trt|all)."),
 ) -> None:
     """Export model + fused heads to ONNX, validate against PyTorch, write a self-contained artifact.
 
     --out must be a new or empty directory or an earlier artifact (which is replaced only once the new one is
     complete); anything else is refused before any work starts."""
     from .. import extras
+    from ..errors import InputError
+    from ..manifest import ONNXRUNTIME, PORTABLE
 
     if engine not in ("onnx", "trt", "all"):
-        raise typer.BadParameter(f"--engine {engine!r}: use onnx, trt or all")
+        raise InputError(f"--engine {engine!r}: use onnx, trt or all")
+    graph = graph or (ONNXRUNTIME if engine == "onnx" else PORTABLE)
+    if graph not in (ONNXRUNTIME, PORTABLE):
+        raise InputError(f"--graph {graph!r}: use {ONNXRUNTIME} or {PORTABLE}")
+    if dtype not in ("fp32", "fp16", "int8", "int4"):
+        raise InputError(f"--dtype {dtype!r}: use fp32, fp16, int8 or int4")
+    if engine != "onnx" and dtype in ("int8", "int4"):
+        raise InputError(f"--dtype {dtype} quantizes to ONNX Runtime's MatMulNBits, which TensorRT cannot take: "
+                         f"use --dtype fp32 or fp16 with --engine {engine}")
+    if engine != "onnx" and graph != PORTABLE:
+        raise InputError(f"--engine {engine} needs --graph {PORTABLE}: TensorRT cannot parse the fused "
+                         f"ONNX Runtime operators")
     from medusa_export.exporter.output_dir import check_out_dir
 
     check_out_dir(out)
     extras.require("build", "export")
+    if graph == ONNXRUNTIME:
+        import onnxruntime
+
+        from ..backends.ort import check_fused_support
+
+        check_fused_support(onnxruntime.__version__)
     from medusa_export.exporter.build import build_artifact
 
     if engine != "onnx":
         from medusa_export.engines.cli_entry import preflight
 
         preflight(engine)  # fail before the long ONNX export when --engine trt cannot be honoured
-    build_artifact(model, out, heads=heads, tree=tree, dtype=dtype, max_seq=max_seq, log=typer.echo)
+    build_artifact(model, out, heads=heads, tree=tree, dtype=dtype, max_seq=max_seq, graph=graph, log=typer.echo)
     if engine != "onnx":
         from medusa_export.engines.cli_entry import build_engines_for_artifact
 

@@ -1,0 +1,91 @@
+"""The ONNX Runtime-targeted step graph: the hand-built fused decoder stack (`fused_backbone`) followed by the
+traced reduction tail (lm_head, top-k, probabilities, entropy, Medusa heads: `step_model.ReducedTail`).
+
+    export_fused_graph(step, "out/medusa.onnx", dtype="float32", max_positions=2048)
+
+Same inputs and reduced outputs as the portable graph (`onnx_export`), but a head-major shared KV cache
+(``io_table.HEAD_MAJOR_SHARED``) and com.microsoft operators, so only ONNX Runtime runs it; TensorRT parses
+the portable graph.
+"""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+import warnings
+from pathlib import Path
+
+import onnx
+import torch
+from onnx import helper
+
+from medusa_export.runtime import io_table
+
+from .fused_backbone import MS, fused_backbone
+from .onnx_export import OPSET, TWO_GB
+from .step_model import ReducedTail, StepModel
+
+
+def export_fused_graph(step: StepModel, path: str | Path, dtype: str = "float32", max_positions: int = 2048) -> Path:
+    path = Path(path)
+    medusa = step.heads is not None
+    backbone = fused_backbone(step.backbone, step.config, max_positions, dtype)
+    tail = _export_tail(step, dtype)
+    graph = _append_tail(backbone, tail.graph, medusa, step.num_layers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)],
+                              producer_name="medusa-export")
+    model.ir_version = tail.ir_version
+    size = sum(t.ByteSize() for t in graph.initializer)
+    if size > TWO_GB:
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=path.name + ".data")
+    else:
+        onnx.save_model(model, str(path))
+    # No onnx.checker here: it rejects ONNX Runtime's own operators; ONNX Runtime loads the graph and
+    # `validate` compares it with PyTorch.
+    return path
+
+
+def _export_tail(step: StepModel, dtype: str) -> onnx.ModelProto:
+    """Trace hidden -> reduced outputs (lm_head, reduction, heads) at the graph's dtype."""
+    torch_dtype = getattr(torch, io_table.model_dtype_of(dtype).name)
+    if any(p.dtype != torch_dtype for p in step.parameters()):
+        step = copy.deepcopy(step).to(torch_dtype)  # never the caller's model
+    tail = ReducedTail(step.eval())
+    names = io_table.reduced_names(step.heads is not None)
+    hidden = torch.randn(2, 3, step.config.hidden_size, dtype=torch_dtype)  # sizes >= 2: not specialised
+    ids = torch.randint(0, step.config.vocab_size, (2, 3))
+    axes = {"hidden": {0: io_table.BATCH, 1: io_table.SEQ}, "input_ids": {0: io_table.BATCH, 1: io_table.SEQ}}
+    for t in io_table.reduced_outputs(step.heads is not None):
+        axes[t.name] = {i: a for i, a in enumerate(t.axes) if a in io_table.SYMBOLIC}
+    with tempfile.TemporaryDirectory() as tmp, torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = Path(tmp) / "tail.onnx"
+        torch.onnx.export(tail, (hidden, ids, torch.ones(1)), str(out), input_names=["hidden", "input_ids", "temperature"],
+                          output_names=names, dynamic_axes=axes, opset_version=OPSET, do_constant_folding=True,
+                          dynamo=False)
+        return onnx.load(str(out))
+
+
+def _append_tail(backbone: onnx.GraphProto, tail: onnx.GraphProto, medusa: bool, num_layers: int) -> onnx.GraphProto:
+    """One graph: the backbone's nodes, then the tail's with its internal names prefixed (no collisions); the
+    tail reads the backbone's ``hidden`` and the shared ``input_ids`` / ``temperature`` inputs."""
+    shared = {"hidden", "input_ids", "temperature", *io_table.reduced_names(medusa), ""}
+    rename = lambda name: name if name in shared else f"tail/{name}"  # noqa: E731
+    nodes = list(backbone.node)
+    for node in tail.node:
+        node = copy.deepcopy(node)
+        node.input[:] = [rename(x) for x in node.input]
+        node.output[:] = [rename(x) for x in node.output]
+        node.name = rename(node.name)
+        nodes.append(node)
+    inits = list(backbone.initializer)
+    for init in tail.initializer:
+        init = copy.deepcopy(init)
+        init.name = rename(init.name)
+        inits.append(init)
+    temperature = next(i for i in tail.input if i.name == "temperature")
+    table = {t.name: i for i, t in enumerate(io_table.inputs(num_layers, io_table.HEAD_MAJOR_SHARED))}
+    inputs = sorted([*backbone.input, temperature], key=lambda i: table[i.name])
+    presents = [o for o in backbone.output if o.name.startswith("present.")]
+    return helper.make_graph(nodes, "medusa_export_fused", inputs, list(tail.output) + presents, inits)

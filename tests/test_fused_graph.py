@@ -1,0 +1,170 @@
+"""The fused ONNX Runtime graph (GroupQueryAttention with the tree mask as attention bias, shared KV buffers)
+and quantized artifacts: same results as the portable graph, lossless Medusa on every dtype, and a tree mask
+that keeps sibling branches apart."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+pytest.importorskip("onnxruntime")
+onnx = pytest.importorskip("onnx")
+
+from conftest import NUM_ARTIFACT_HEADS as NUM_HEADS  # noqa: E402
+from conftest import TINY_PROMPTS  # noqa: E402
+from test_cli import assert_one_line_error, cli  # noqa: E402
+
+from medusa_export.runtime import io_table  # noqa: E402
+from medusa_export.runtime.api import MedusaRuntime, artifact_tree  # noqa: E402
+from medusa_export.runtime.decode import GenerationConfig  # noqa: E402
+from medusa_export.runtime.tree import Tree  # noqa: E402
+
+
+def _nodes(path):
+    return len(onnx.load(str(path), load_external_data=False).graph.node)
+
+
+def _tokens(rt, prompt, medusa, tree=None, n=20):
+    gen = rt.generator
+    if tree is not None:
+        gen = type(gen)(gen.backend, gen.tokenizer, artifact_tree(rt.manifest, gen.backend.dims, tree))
+    return gen.generate(list(prompt), GenerationConfig(max_new_tokens=n, medusa=medusa)).token_ids
+
+
+@pytest.fixture(scope="module")
+def fused(artifact):
+    return MedusaRuntime.load(artifact, backend="ort", threads=1)
+
+
+@pytest.fixture(scope="module")
+def portable(portable_artifact):
+    return MedusaRuntime.load(portable_artifact, backend="ort", threads=1)
+
+
+@pytest.fixture(scope="module")
+def quantized(tiny_dirs, tmp_path_factory):
+    """int8 and int4 artifacts of the tiny model (fused graphs)."""
+    from medusa_export.exporter.build import build_artifact
+
+    out = {}
+    for dtype in ("int8", "int4"):
+        path = tmp_path_factory.mktemp(dtype) / "art"
+        build_artifact(str(tiny_dirs[0]), path, heads=str(tiny_dirs[1]), tree="chain-3", max_seq=128, dtype=dtype,
+                       log=lambda _m: None)
+        out[dtype] = (MedusaRuntime.load(path, backend="ort", threads=1), path)
+    return out
+
+
+def test_fused_artifact_is_small_and_recorded(artifact, portable_artifact):
+    m = json.loads((artifact / "manifest.json").read_text())
+    assert (m["graph_format"], m["kv_layout"], m["weights"]) == ("onnxruntime", io_table.HEAD_MAJOR_SHARED, "fp32")
+    layers = m["dims"]["num_layers"]
+    fused, plain = _nodes(artifact / "vanilla.onnx"), _nodes(portable_artifact / "vanilla.onnx")
+    assert fused < plain / 3 and fused <= 12 * layers + 40  # ~11 per layer plus the embedding and the tail
+    ops = {n.op_type for n in onnx.load(str(artifact / "medusa.onnx"), load_external_data=False).graph.node}
+    assert {"GroupQueryAttention", "SkipSimplifiedLayerNormalization"} <= ops
+
+
+def test_fused_step_equals_portable_step(fused, portable):
+    """Same inputs: a prefill then a tree step; probabilities, head ids and the committed KV rows agree."""
+    tree = Tree.from_choices([[0], [1], [0, 0], [0, 1], [1, 0], [0, 0, 0]], topk=10, num_heads=NUM_HEADS)
+    outs = {}
+    for name, rt in (("fused", fused), ("portable", portable)):
+        with rt.generator.backend.new_session() as s:
+            p = np.array(TINY_PROMPTS[2])
+            s.run(p, np.arange(len(p)), np.tri(len(p), dtype=bool), True, 1.0)
+            s.keep(np.arange(len(p)))
+            toks = np.arange(5, 5 + tree.num_nodes)
+            out = s.run(toks, s.length + tree.depth, tree.mask, True, 0.8)
+            s.keep(np.array([0, 1, 4]))
+            outs[name] = (out, [np.array(r) for r in s.kv.rows(0, s.length)])
+    (a, ka), (b, kb) = outs["fused"], outs["portable"]
+    np.testing.assert_array_equal(a.next_ids[:, 0], b.next_ids[:, 0])
+    np.testing.assert_array_equal(a.medusa_ids, b.medusa_ids)
+    np.testing.assert_allclose(a.next_probs, b.next_probs, atol=1e-5)
+    np.testing.assert_allclose(a.input_probs, b.input_probs, atol=1e-5)
+    for x, y in zip(ka, kb):
+        np.testing.assert_allclose(x, y, atol=1e-5)
+
+
+def test_tree_mask_keeps_sibling_branches_apart(fused):
+    """Every node of a tree step gets exactly what a plain causal run of its own root-to-node path gets: with
+    the mask dropped (nodes seeing siblings and their subtrees), these would differ."""
+    tree = Tree.from_choices([[0], [1], [2], [0, 0], [1, 0], [0, 0, 0]], topk=10, num_heads=NUM_HEADS)
+    prompt = np.array(TINY_PROMPTS[0])
+    tokens = np.array([7, 11, 13, 17, 19, 23, 29])  # root and six nodes, all different
+    with fused.generator.backend.new_session() as s:
+        s.run(prompt, np.arange(len(prompt)), np.tri(len(prompt), dtype=bool), False, 1.0)
+        s.keep(np.arange(len(prompt)))
+        step = s.run(tokens, len(prompt) + tree.depth, tree.mask, False, 1.0)
+    differs = False
+    for node in range(tree.num_nodes):
+        path = [node]
+        while tree.parent[path[-1]] >= 0:
+            path.append(int(tree.parent[path[-1]]))
+        path = path[::-1]
+        with fused.generator.backend.new_session() as s:
+            ids = np.concatenate([prompt, tokens[path]])
+            plain = s.run(ids, np.arange(len(ids)), np.tri(len(ids), dtype=bool), False, 1.0)
+        np.testing.assert_allclose(step.next_probs[node], plain.next_probs[-1], atol=1e-5)
+        np.testing.assert_allclose(step.entropy[node], plain.entropy[-1], atol=1e-4)
+        with fused.generator.backend.new_session() as s:  # the same node seeing all earlier nodes instead
+            s.run(prompt, np.arange(len(prompt)), np.tri(len(prompt), dtype=bool), False, 1.0)
+            s.keep(np.arange(len(prompt)))
+            causal = s.run(tokens, len(prompt) + tree.depth, np.tri(len(tokens), dtype=bool), False, 1.0)
+        differs |= not np.allclose(causal.next_probs[node], plain.next_probs[-1], atol=1e-5)
+    assert differs  # the check above can fail: without the tree mask the nodes' outputs change
+
+
+@st.composite
+def trees(draw, max_depth=NUM_HEADS, topk=10):
+    nodes = {()}
+    for _ in range(draw(st.integers(1, 14))):
+        parent = draw(st.sampled_from(sorted(p for p in nodes if len(p) < max_depth)))
+        nodes.add(parent + (draw(st.integers(0, topk - 1)),))
+    return sorted(p for p in nodes if p)
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(tree=trees(), which=st.integers(0, len(TINY_PROMPTS) - 1), dtype=st.sampled_from(["fp32", "int8", "int4"]))
+def test_greedy_medusa_equals_greedy_vanilla_on_every_dtype(fused, quantized, tree, which, dtype):
+    rt = fused if dtype == "fp32" else quantized[dtype][0]
+    prompt = TINY_PROMPTS[which]
+    assert _tokens(rt, prompt, True, tree=tree, n=16) == _tokens(rt, prompt, False, n=16)
+
+
+def test_quantized_artifacts_record_their_recipe(quantized):
+    for dtype, (rt, path) in quantized.items():
+        m = rt.manifest
+        assert m["weights"] == dtype and m["dtype"] == "float32"  # activations and KV stay fp32
+        for kind in ("medusa", "vanilla"):
+            q = m["graphs"][kind]["quantization"]
+            assert q["name"] == dtype and q["method"] == "MatMulNBits" and q["bits"] == int(dtype[3:])
+            assert q["matmuls_quantized"] >= 4 * m["dims"]["num_layers"] and q["matmuls_left_fp"] == 0
+        ops = {n.op_type for n in onnx.load(str(path / "medusa.onnx"), load_external_data=False).graph.node}
+        assert "MatMulNBits" in ops and "MatMul" not in ops
+
+
+def test_bad_dtype_and_engine_combinations_fail_before_work(tiny_dirs, tmp_path):
+    model = str(tiny_dirs[0])
+    out = tmp_path / "a"
+    assert_one_line_error(cli("build", model, "--out", str(out), "--dtype", "int3"), "int3", "fp32, fp16, int8 or int4")
+    assert_one_line_error(cli("build", model, "--out", str(out), "--dtype", "int4", "--engine", "trt"),
+                          "MatMulNBits", "TensorRT")
+    assert_one_line_error(cli("build", model, "--out", str(out), "--graph", "onnxruntime", "--engine", "all"),
+                          "--graph portable")
+    assert not out.exists()
+
+
+def test_old_onnxruntime_is_refused_for_the_fused_graph(artifact, monkeypatch):
+    import onnxruntime
+
+    from medusa_export.runtime.errors import BackendUnavailableError
+
+    monkeypatch.setattr(onnxruntime, "__version__", "1.21.1")
+    with pytest.raises(BackendUnavailableError, match=r"onnxruntime >= 1\.22 \(this is 1\.21\.1\).*--graph portable"):
+        MedusaRuntime.load(artifact, backend="ort")
