@@ -90,15 +90,33 @@ def fused_backbone(decoder, cfg, max_positions: int, dtype: str = "float32"):
     g = _Graph(np_dtype)
     f = ONNX_DTYPE[dtype]
 
-    # Per step, shared by every layer: the GQA lengths and the additive mask.
-    width = g.op("Shape", ["attention_mask"], "mask_width", start=3, end=4)[0]  # [1] = past + T
-    total = g.op("Cast", [g.op("Squeeze", [width], "total_i64")[0]], "total", to=TensorProto.INT32)[0]
+    # Per step, shared by every layer: the GQA lengths and the additive mask, for T + 1 query rows. ONNX Runtime's
+    # GroupQueryAttention computes a one-row step with other arithmetic than a several-row step (last-bit
+    # differences, which int8 activation quantization then amplifies). One extra row, a copy of the last, keeps
+    # every step on the several-row path, so a tree node gets exactly the numbers a one-token step gets and greedy
+    # Medusa stays token-for-token equal to greedy vanilla at every dtype. No real row sees the extra one (its key
+    # column is masked); its KV row lands one past the step's rows and is overwritten later.
+    last = g.weight("last", np.array([-1], np.int64), cast=False)
+    end = g.weight("end", np.array([np.iinfo(np.int64).max], np.int64), cast=False)
     one = g.weight("one_i64", np.array([1], np.int64), cast=False)
+    axis1, axis2, axis3 = (g.weight(f"axis{a}", np.array([a], np.int64), cast=False) for a in (1, 2, 3))
+    positions = g.op("Concat", ["position_ids", g.op("Slice", ["position_ids", last, end, axis1], "last_position")[0]],
+                     "positions_padded", axis=1)[0]
+    last_row = g.op("Slice", ["attention_mask", last, end, axis2], "mask_last_row")[0]  # [B, 1, 1, past + T]
+    some_col = g.op("Slice", ["attention_mask", last, end, axis3], "mask_last_col")[0]
+    hidden_col = g.op("Xor", [some_col, some_col], "mask_false_col")[0]  # [B, 1, T, 1]: all False
+    rows = g.op("Concat", ["attention_mask", last_row], "mask_rows", axis=2)[0]  # [B, 1, T + 1, past + T]
+    col = g.op("Concat", [hidden_col, g.op("Slice", [last_row, last, end, axis3], "mask_true_corner")[0]],
+               "mask_extra_col", axis=2)[0]  # [B, 1, T + 1, 1]: False for real rows, True for the extra one
+    mask = g.op("Concat", [rows, col], "mask_padded", axis=3)[0]  # [B, 1, T + 1, past + T + 1]
+    width = g.op("Shape", [mask], "mask_width", start=3, end=4)[0]  # [1] = past + T + 1
+    total = g.op("Cast", [g.op("Squeeze", [width], "total_i64")[0]], "total", to=TensorProto.INT32)[0]
     seqlens = g.op("Cast", [g.op("Sub", [width, one], "last_index")[0]], "seqlens_k", to=TensorProto.INT32)[0]
     zero = g.weight("zero", np.array(0.0))
     neg = g.weight("neg_inf", np.array(-np.inf))
-    bias = g.op("Where", ["attention_mask", zero, neg], "attention_bias")[0]  # [B, 1, T, past + T]
-    cos, sin = _rotary_cache(decoder, max_positions, hd)
+    bias = g.op("Where", [mask, zero, neg], "attention_bias")[0]
+    zero_i = g.weight("zero_i64", np.array([0], np.int64), cast=False)
+    cos, sin = _rotary_cache(decoder, max_positions + 1, hd)  # + the extra row: GQA wants rows >= total
     cos, sin = g.weight("cos_cache", cos), g.weight("sin_cache", sin)
 
     split = g.weight("gate_up_split", np.array([cfg.intermediate_size] * 2, np.int64), cast=False)
@@ -114,10 +132,13 @@ def fused_backbone(decoder, cfg, max_positions: int, dtype: str = "float32"):
             qkv_b = np.concatenate([sd[attn + f"{k}_proj.bias"] for k in "qkv"], 0)
             qkv = g.op("Add", [qkv, g.weight(f"L{i}/qkv.bias", qkv_b)], f"L{i}/qkv_bias")[0]
         k_name, v_name = f"past_key_values.{i}.key", f"past_key_values.{i}.value"
-        gqa = g.op("GroupQueryAttention", [qkv, "", "", k_name, v_name, seqlens, total, cos, sin, "position_ids", bias],
+        qkv = g.op("Concat", [qkv, g.op("Slice", [qkv, last, end, axis1], f"L{i}/qkv_last")[0]], f"L{i}/qkv_padded",
+                   axis=1)[0]
+        gqa = g.op("GroupQueryAttention", [qkv, "", "", k_name, v_name, seqlens, total, cos, sin, positions, bias],
                    f"L{i}/attention", outputs=3, domain=MS, num_heads=nh, kv_num_heads=kvh, do_rotary=1)
         g.nodes[-1].output[1:] = [f"present.{i}.key", f"present.{i}.value"]
-        out = g.op("MatMul", [gqa[0], g.weight(f"L{i}/o.weight", sd[attn + "o_proj.weight"].T)], f"L{i}/o")[0]
+        attended = g.op("Slice", [gqa[0], zero_i, last, axis1], f"L{i}/attention_rows")[0]  # drop the extra row
+        out = g.op("MatMul", [attended, g.weight(f"L{i}/o.weight", sd[attn + "o_proj.weight"].T)], f"L{i}/o")[0]
         if attn + "o_proj.bias" in sd:
             out = g.op("Add", [out, g.weight(f"L{i}/o.bias", sd[attn + "o_proj.bias"])], f"L{i}/o_bias")[0]
         normed, residual = _norm(g, f"L{i}/post_norm", residual, out, sd[p + "post_attention_layernorm.weight"], eps)

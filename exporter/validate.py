@@ -61,7 +61,7 @@ def validate_graph(step: StepModel, onnx_path, dtype: str = "float32", threads: 
         got = sess.run(None, feed)
         for name, g, r in zip(names_out, got, ref):
             if head_major and name.startswith("present."):  # the whole cache: compare its T new rows
-                g = g[:, :, past:].transpose(0, 2, 1, 3)
+                g = g[:, :, past:past + t].transpose(0, 2, 1, 3)
             # Ids: the top-1 of each position (and head) must agree; lower ranks of near-equal logits may swap.
             err = float(np.mean(g[..., 0] != r[..., 0])) if r.dtype == np.int64 else float(np.abs(g.astype(np.float64) - r).max())
             worst[name] = max(worst.get(name, 0.0), err)

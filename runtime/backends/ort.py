@@ -121,8 +121,10 @@ class OrtSession(Session):
     def __init__(self, backend: OrtBackend, capacity: int) -> None:
         self.backend = backend
         self.capacity = capacity
-        self.kv = KVCache(backend.dims, capacity, layout=backend.kv_layout)  # shared layout: past and present
-        # are then the same whole buffers, bound as both input and output below
+        # Shared layout: past and present are the same whole buffers, bound as both input and output below; the
+        # fused graph writes one row more than the step's T (see exporter/fused_backbone.py), hence the spare row.
+        shared = backend.kv_layout == io_table.HEAD_MAJOR_SHARED
+        self.kv = KVCache(backend.dims, capacity + shared, layout=backend.kv_layout)
         self.masks = MaskBuffer()
         self.bindings = {k: s.io_binding() for k, s in backend.sessions.items()}
         self.graphs = dict(backend.sessions)
