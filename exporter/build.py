@@ -22,18 +22,18 @@ from medusa_export.runtime.errors import InputError
 from medusa_export.runtime.manifest import FORMAT, FORMAT_VERSION, ONNXRUNTIME, PORTABLE, file_record, write_manifest
 from medusa_export.runtime.tree import Tree, load_choices
 
+from .fused_backbone import check_supported
+from .fused_graph import export_fused_graph
 from .heads import save_heads
 from .heads_source import resolve_heads
 from .model_loading import load_base_model
-from .fused_backbone import check_supported
-from .fused_graph import export_fused_graph
 from .onnx_cleanup import fold_constants
 from .onnx_export import OPSET, export_step_graph
-from .quantize import QUANTIZED, quantize_graph
 from .output_dir import check_out_dir, new_work_dir, replace_dir
 from .provenance import content_sha256
+from .quantize import QUANTIZED, quantize_graph
 from .step_model import StepModel
-from .torch_backend import model_dims
+from .torch_backend import TorchBackend, model_dims
 from .validate import validate_graph
 
 DTYPES = ("fp32", "fp16", *QUANTIZED)  # int8 / int4: quantized weights, fp32 activations and KV cache
@@ -44,9 +44,12 @@ DEFAULT_TREE = "cpu_small_10"
 
 def build_artifact(model: str | None, out: str | Path, heads: str | None = None, tree: str | None = None,
                    dtype: str = "fp32", max_seq: int = 2048, head_topk: int = 10, sample_topk: int = 32,
-                   graph: str = ONNXRUNTIME, log: Callable[[str], None] = print) -> dict:
+                   graph: str = ONNXRUNTIME, quality_prompts: list[str] | None = None,
+                   log: Callable[[str], None] = print) -> dict:
     """``graph``: "onnxruntime" (fused operators, head-major shared KV cache: ONNX Runtime only) or "portable"
-    (standard operators: ONNX Runtime and TensorRT)."""
+    (standard operators: ONNX Runtime and TensorRT). ``quality_prompts``: for int8/int4, prompts on which the
+    quantized graph's teacher-forced top-1 agreement and perplexity change against the fp32 model are measured
+    and stored in the manifest (``manifest["quality"]``)."""
     if dtype not in DTYPES:
         raise InputError(f"--dtype {dtype!r} is not supported: use one of {', '.join(DTYPES)}")
     if graph not in GRAPH_FORMATS:
@@ -95,6 +98,14 @@ def build_artifact(model: str | None, out: str | Path, heads: str | None = None,
         manifest = _manifest(loaded, chosen, dims, tree_spec, tree_obj, max_seq, graphs, validation, work)
         manifest.update(graph_format=graph, kv_layout=layout, weights=dtype)
         write_manifest(work, manifest)
+        if dtype in QUANTIZED and quality_prompts:
+            with step_log(f"measure {dtype} quality against fp32 ({len(quality_prompts)} prompts)"):
+                manifest["quality"] = _quality(loaded, work, quality_prompts, max_seq)
+            write_manifest(work, manifest)
+            q = manifest["quality"]
+            log(f"  quality: top-1 agreement {q['top1_agreement']:.4f} (bar {q['bar']}), perplexity "
+                f"{q['perplexity_reference']:.3f} -> {q['perplexity']:.3f} ({q['perplexity_change']:+.2%})"
+                + ("" if q.get("passes") else f": below the bar, prefer a higher-precision --dtype"))
         replace_dir(work, out)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
@@ -120,6 +131,17 @@ class _StepLog:
     def __exit__(self, *exc):
         if exc[0] is None:
             self.log(f"  {self.name}: done in {time.perf_counter() - self.t0:.1f} s")
+
+
+def _quality(loaded, work: Path, prompts: list[str], max_seq: int) -> dict:
+    """Teacher-forced agreement of the quantized graph with the fp32 PyTorch model on its own greedy answers."""
+    from medusa_export.runtime.api import MedusaRuntime
+    from medusa_export.runtime.generator import Generator
+    from medusa_export.runtime.quality import quality
+
+    reference = Generator(TorchBackend(loaded.model, None, max_seq=max_seq), loaded.tokenizer, None)
+    with MedusaRuntime.load(work, backend="ort") as rt:
+        return quality(reference, rt.generator, prompts)
 
 
 def _default_tree(heads_path: str | None) -> str:

@@ -31,7 +31,7 @@ def compare_backends(generators: dict[str, Generator], prompts: list[str], max_n
             row[f"{mode}_identical"] = {n: outs[n] == outs[ref_name] for n in names[1:]}
             row[f"{mode}_first_divergence"] = {n: _first_diff(outs[n], outs[ref_name]) for n in names[1:]}
         ids = ref.tokenizer.encode_prompt(prompt) + outs[ref_name]
-        forced = {n: _teacher_forced(g, ids) for n, g in generators.items()}
+        forced = {n: teacher_forced(g, ids) for n, g in generators.items()}
         for n in names[1:]:
             a, b = forced[ref_name], forced[n]
             row[f"{n}_top1_agreement"] = float(np.mean(a.next_ids[:, 0] == b.next_ids[:, 0]))
@@ -52,10 +52,11 @@ def compare_backends(generators: dict[str, Generator], prompts: list[str], max_n
     return {"summary": summary, "rows": rows}
 
 
-def _teacher_forced(gen: Generator, ids: list[int]):
-    session = gen.backend.new_session(len(ids) + 1)
+def teacher_forced(gen: Generator, ids: list[int]):
+    """One causal forward of ``ids`` (no Medusa): the base model's outputs at every position."""
     n = len(ids)
-    return session.run(np.asarray(ids, np.int64), np.arange(n), np.tri(n, dtype=bool), False, 1.0)
+    with gen.backend.new_session(n + 1) as session:
+        return session.run(np.asarray(ids, np.int64), np.arange(n), np.tri(n, dtype=bool), False, 1.0)
 
 
 def _first_diff(a: list[int], b: list[int]) -> int | None:

@@ -54,7 +54,7 @@ def quantized(tiny_dirs, tmp_path_factory):
     for dtype in ("int8", "int4"):
         path = tmp_path_factory.mktemp(dtype) / "art"
         build_artifact(str(tiny_dirs[0]), path, heads=str(tiny_dirs[1]), tree="chain-3", max_seq=128, dtype=dtype,
-                       log=lambda _m: None)
+                       quality_prompts=["t5 t6 t7", "t9 t8 t3"], log=lambda _m: None)
         out[dtype] = (MedusaRuntime.load(path, backend="ort", threads=1), path)
     return out
 
@@ -147,6 +147,26 @@ def test_quantized_artifacts_record_their_recipe(quantized):
             assert q["matmuls_quantized"] >= 4 * m["dims"]["num_layers"] and q["matmuls_left_fp"] == 0
         ops = {n.op_type for n in onnx.load(str(path / "medusa.onnx"), load_external_data=False).graph.node}
         assert "MatMulNBits" in ops and "MatMul" not in ops
+
+
+def test_quantized_quality_is_measured_and_stored(quantized):
+    for dtype, (rt, _path) in quantized.items():
+        q = rt.manifest["quality"]
+        assert q["prompts"] == 2 and q["positions"] > 0 and 0.0 <= q["top1_agreement"] <= 1.0
+        assert q["perplexity"] > 0 and q["passes"] == (q["top1_agreement"] >= q["bar"])
+    # int8 keeps more of the fp32 model than int4
+    assert quantized["int8"][0].manifest["quality"]["top1_agreement"] >= quantized["int4"][0].manifest["quality"]["top1_agreement"]
+
+
+def test_verify_reports_quality_for_quantized_artifacts(quantized, tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "t5 t6 t7"}\n{"prompt": "t9 t8"}\n')
+    out = tmp_path / "v.json"
+    proc = cli("verify", str(quantized["int8"][1]), "--prompts", str(prompts), "--max-new-tokens", "8", "--json", str(out))
+    summary = json.loads(out.read_text())["summary"]["ort"]
+    assert "(int8) vs torch" in proc.stdout and "top-1 agreement" in proc.stdout
+    assert proc.returncode == (0 if summary["ok"] else 1), proc.stdout + proc.stderr
+    assert summary["ok"] == (summary["medusa_equals_vanilla"] == 2 and summary["quality"]["passes"])
 
 
 def test_bad_dtype_and_engine_combinations_fail_before_work(tiny_dirs, tmp_path):

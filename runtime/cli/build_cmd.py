@@ -24,6 +24,9 @@ def build(
                               "activations and KV cache stay fp32)."),
     max_seq: int = typer.Option(2048, help="KV capacity (prompt + generated tokens)."),
     engine: str = typer.Option("onnx", help="onnx | trt | all (trt needs TensorRT and a CUDA GPU)."),
+    quality_prompts: Optional[Path] = typer.Option(None, help="int8/int4: JSONL prompts to measure top-1 agreement "
+                                                   "and perplexity change against fp32 on (default: 10 MT-Bench "
+                                                   "prompts if shared/data is nearby, else none)."),
     graph: Optional[str] = typer.Option(None, help="onnxruntime (fused operators, ONNX Runtime only; the default "
                                         "with --engine onnx) | portable (standard operators, also for TensorRT; "
                                         "the default with --engine trt|all)."),
@@ -65,7 +68,17 @@ def build(
         from medusa_export.engines.cli_entry import preflight
 
         preflight(engine)  # fail before the long ONNX export when --engine trt cannot be honoured
-    build_artifact(model, out, heads=heads, tree=tree, dtype=dtype, max_seq=max_seq, graph=graph, log=typer.echo)
+    texts = None
+    if dtype in ("int8", "int4"):
+        from ..prompts import read_prompts
+
+        source = quality_prompts or _nearby_prompts()
+        texts = read_prompts(source, limit=10) if source else None
+        if texts is None:
+            typer.echo("note: no --quality-prompts and no shared/data/mt_bench.jsonl nearby: the quantized graph's "
+                       "quality is not measured (run `medusa-export verify` later)", err=True)
+    build_artifact(model, out, heads=heads, tree=tree, dtype=dtype, max_seq=max_seq, graph=graph,
+                   quality_prompts=texts, log=typer.echo)
     if engine != "onnx":
         from medusa_export.engines.cli_entry import build_engines_for_artifact
 
@@ -104,9 +117,13 @@ def verify(
     for note in dict.fromkeys(n for rt in runtimes for n in rt.notes):
         typer.echo(f"note: {note}", err=True)
     tol = tolerance if tolerance is not None else (1e-3 if manifest["dtype"] == "float32" else 2e-2)
+    quantized = manifest.get("weights") in ("int8", "int4")
     try:
-        report = compare_backends({n: rt.generator for n, rt in zip(names, runtimes)}, texts,
-                                  max_new_tokens=max_new_tokens, prob_tolerance=tol)
+        if quantized:
+            report = _verify_quantized(names, runtimes, texts, max_new_tokens)
+        else:
+            report = compare_backends({n: rt.generator for n, rt in zip(names, runtimes)}, texts,
+                                      max_new_tokens=max_new_tokens, prob_tolerance=tol)
     finally:
         for rt in runtimes:
             rt.close()
@@ -117,6 +134,12 @@ def verify(
         if not isinstance(s, dict):
             continue
         ok &= s["ok"]
+        if quantized:
+            q = s["quality"]
+            typer.echo(f"{n} ({manifest['weights']}) vs {names[0]}: greedy Medusa == greedy vanilla on {n} "
+                       f"{s['medusa_equals_vanilla']}/{len(texts)}, top-1 agreement {q['top1_agreement']:.4f} "
+                       f"(bar {q['bar']}), perplexity {q['perplexity_change']:+.2%} -> {'OK' if s['ok'] else 'MISMATCH'}")
+            continue
         typer.echo(f"{n} vs {names[0]}: vanilla identical {s['vanilla_identical']}/{len(texts)}, "
                    f"medusa identical {s['medusa_identical']}/{len(texts)}, top-1 agreement {s['top1_agreement']:.4f}, "
                    f"max prob error {s['max_prob_error']:.2e} (tolerance {tol:g}) -> {'OK' if s['ok'] else 'MISMATCH'}")
@@ -124,10 +147,35 @@ def verify(
         raise typer.Exit(1)
 
 
-def _default_prompts() -> Path:
+def _verify_quantized(names: list[str], runtimes: list, texts: list[str], max_new_tokens: int) -> dict:
+    """A quantized artifact is not token-identical to the fp32 reference by design: what must hold is greedy
+    Medusa == greedy vanilla on the quantized backend itself, and top-1 agreement with the reference."""
+    from ..decode import GenerationConfig
+    from ..quality import quality
+
+    reference = runtimes[0].generator
+    summary = {"reference": names[0]}
+    for n, rt in zip(names[1:], runtimes[1:]):
+        gen = rt.generator
+        same = sum(gen.generate(p, GenerationConfig(max_new_tokens=max_new_tokens, medusa=True)).token_ids ==
+                   gen.generate(p, GenerationConfig(max_new_tokens=max_new_tokens, medusa=False)).token_ids
+                   for p in texts)
+        q = quality(reference, gen, texts, max_new_tokens)
+        summary[n] = {"medusa_equals_vanilla": same, "quality": q, "ok": same == len(texts) and q.get("passes", False)}
+    return {"summary": summary}
+
+
+def _nearby_prompts() -> Path | None:
     here = Path.cwd()
     for base in (here, *here.parents):
         p = base / "shared" / "data" / "mt_bench.jsonl"
         if p.exists():
             return p
-    raise typer.BadParameter("no --prompts given and no shared/data/mt_bench.jsonl nearby: pass --prompts FILE.jsonl")
+    return None
+
+
+def _default_prompts() -> Path:
+    found = _nearby_prompts()
+    if found is None:
+        raise typer.BadParameter("no --prompts given and no shared/data/mt_bench.jsonl nearby: pass --prompts FILE.jsonl")
+    return found
