@@ -19,13 +19,14 @@ come from the attention mask's width, so the graph's inputs are those of the por
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 
 from medusa_export.runtime import io_table
 from medusa_export.runtime.errors import ModelError
 
-ONNX_DTYPE = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16}
 MS = "com.microsoft"
 
 
@@ -88,7 +89,7 @@ def fused_backbone(decoder, cfg, max_positions: int, dtype: str = "float32"):
     eps = float(cfg.rms_norm_eps)
     sd = {"model." + k: v.detach().float().numpy() for k, v in decoder.state_dict().items()}
     g = _Graph(np_dtype)
-    f = ONNX_DTYPE[dtype]
+    f = helper.np_dtype_to_tensor_dtype(np_dtype)
 
     # Per step, shared by every layer: the GQA lengths and the additive mask, for T + 1 query rows. ONNX Runtime's
     # GroupQueryAttention computes a one-row step with other arithmetic than a several-row step (last-bit
@@ -153,9 +154,9 @@ def fused_backbone(decoder, cfg, max_positions: int, dtype: str = "float32"):
     g.nodes.append(helper.make_node("Identity", [hidden], ["hidden"], name="hidden"))
 
     tensors = {t.name: t for t in io_table.inputs(n, io_table.HEAD_MAJOR_SHARED)}
-    sym = lambda t: [a if a in io_table.SYMBOLIC else {"num_kv_heads": kvh, "head_dim": hd}.get(a, a)  # noqa: E731
-                     for a in t.axes]
-    onnx_type = lambda t: f if t.dtype == "float" else {"int64": TensorProto.INT64, "bool": TensorProto.BOOL}[t.dtype]  # noqa: E731
+    kv_dims = SimpleNamespace(num_kv_heads=kvh, head_dim=hd)
+    sym = lambda t: [t.fixed_sizes(kv_dims).get(i, a) for i, a in enumerate(t.axes)]  # noqa: E731 - symbolic stay names
+    onnx_type = lambda t: helper.np_dtype_to_tensor_dtype(t.numpy_dtype(dtype))  # noqa: E731
     inputs = [helper.make_tensor_value_info(name, onnx_type(t), sym(t)) for name, t in tensors.items()
               if name != "temperature"]
     outputs = [helper.make_tensor_value_info("hidden", f, [io_table.BATCH, io_table.SEQ, cfg.hidden_size])]

@@ -38,8 +38,11 @@ def quantize_graph(path: Path, recipe_name: str) -> dict:
     if recipe["method"] == "MatMulNBits":
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
+        keep = [n.name for n in model.graph.node if n.op_type == "MatMul" and
+                any(part in n.name for part in recipe.get("keep_fp32", ()))]
         q = MatMulNBitsQuantizer(model, bits=recipe["bits"], block_size=recipe["block_size"],
-                                 is_symmetric=recipe["symmetric"], accuracy_level=recipe["accuracy_level"])
+                                 is_symmetric=recipe["symmetric"], accuracy_level=recipe["accuracy_level"],
+                                 nodes_to_exclude=keep)
         q.process()
         quantized = q.model.model
     else:

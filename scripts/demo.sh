@@ -14,4 +14,4 @@ medusa-export generate "$out" --prompt "Give me three tips for writing clear tec
 prompts=../shared/data/mt_bench.jsonl
 [ -f "$prompts" ] || prompts=shared/data/mt_bench.jsonl
 medusa-export bench "$out" --prompts "$prompts" --limit "${BENCH_PROMPTS:-8}" --max-new-tokens 128 \
-  --json "$out/bench.json" --plot "$out/bench.png"
+  --json "$(dirname "$out")/bench.json" --plot "$(dirname "$out")/bench.png"   # beside the artifact, not in it

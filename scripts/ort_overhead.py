@@ -46,8 +46,10 @@ def main() -> None:
     past = args.past + args.steps // 2
     feed = {"input_ids": np.array([[1]], np.int64), "position_ids": np.array([[past]], np.int64),
             "attention_mask": np.ones((1, 1, 1, past + 1), bool), "temperature": np.ones(1, np.float32)}
+    head_major = backend.kv_layout == io_table.HEAD_MAJOR_SHARED  # then a past of exactly `past` rows, unshared
+    shape = (1, dims.num_kv_heads, past, dims.head_dim) if head_major else (1, past, dims.num_kv_heads, dims.head_dim)
     for name in io_table.kv_names(n, "past_key_values"):
-        feed[name] = rng.standard_normal((1, past, dims.num_kv_heads, dims.head_dim)).astype(np.float32) * 0.1
+        feed[name] = rng.standard_normal(shape).astype(np.float32) * 0.1
     bare_ms = []
     for _ in range(args.steps):
         t0 = time.perf_counter()
