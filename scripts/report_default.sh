@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Reproduce the README's results on the default model (2-core CPU, fp32, ONNX Runtime):
-# calibrate the tree for the shipped heads, build the artifact, then benchmark on MT-Bench.
+# Reproduce the README's results on the default model (2-core CPU, ONNX Runtime): calibrate the tree for the
+# shipped heads, build the artifact (fused fp32 graphs), benchmark on MT-Bench; then the portable graphs and the
+# int8 / int4 artifacts side by side, step latency by tree size and past, streaming cost.
 # Usage: scripts/report_default.sh [RESULTS_DIR]   (run inside an environment from scripts/setup_env.sh)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,3 +26,14 @@ for tree in chain-4 mc_sim_7b_63; do
     --tree "$tree" --no-hf --json "$res/bench_$tree.json"
 done
 python scripts/ort_overhead.py artifacts/smollm2 > "$res/ort_overhead.json"
+# 4. The same model as portable fp32 graphs and with quantized weights (fused graphs): speed, identical, quality.
+medusa-export build --out artifacts/smollm2-portable --graph portable
+medusa-export build --out artifacts/smollm2-int8 --dtype int8 --quality-prompts "$mt"
+medusa-export build --out artifacts/smollm2-int4 --dtype int4 --quality-prompts "$mt"
+for a in portable int8 int4; do
+  medusa-export bench "artifacts/smollm2-$a" --prompts "$mt" --limit "${TREE_PROMPTS:-20}" --max-new-tokens 128 \
+    --no-hf --json "$res/bench_$a.json"
+done
+python scripts/step_latency.py artifacts/smollm2-portable artifacts/smollm2 artifacts/smollm2-int8 \
+  artifacts/smollm2-int4 --json "$res/step_latency.json"
+python scripts/bench_streaming.py artifacts/smollm2 --json "$res/streaming.json"

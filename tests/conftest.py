@@ -222,3 +222,18 @@ def portable_artifact(tiny_dirs, tmp_path_factory):
     build_artifact(str(model_dir), out, heads=str(heads_dir), tree="chain-3", max_seq=128, graph="portable",
                    log=lambda _m: None)
     return out
+
+
+def random_trees(max_depth: int, topk: int = 10, max_nodes: int = 14):
+    """Hypothesis strategy: a valid `medusa_choices` tree (every prefix present) of up to ``max_nodes`` nodes."""
+    from hypothesis import strategies as st
+
+    @st.composite
+    def trees(draw):
+        nodes = {()}
+        for _ in range(draw(st.integers(1, max_nodes))):
+            parent = draw(st.sampled_from(sorted(p for p in nodes if len(p) < max_depth)))
+            nodes.add(parent + (draw(st.integers(0, topk - 1)),))
+        return sorted(p for p in nodes if p)
+
+    return trees()

@@ -15,7 +15,7 @@ pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
 
 from conftest import NUM_ARTIFACT_HEADS as NUM_HEADS  # noqa: E402
-from conftest import TINY_PROMPTS  # noqa: E402
+from conftest import TINY_PROMPTS, random_trees  # noqa: E402
 from test_cli import assert_one_line_error, cli  # noqa: E402
 
 from medusa_export.runtime import io_table  # noqa: E402
@@ -120,17 +120,9 @@ def test_tree_mask_keeps_sibling_branches_apart(fused):
     assert differs  # the check above can fail: without the tree mask the nodes' outputs change
 
 
-@st.composite
-def trees(draw, max_depth=NUM_HEADS, topk=10):
-    nodes = {()}
-    for _ in range(draw(st.integers(1, 14))):
-        parent = draw(st.sampled_from(sorted(p for p in nodes if len(p) < max_depth)))
-        nodes.add(parent + (draw(st.integers(0, topk - 1)),))
-    return sorted(p for p in nodes if p)
-
-
 @settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(tree=trees(), which=st.integers(0, len(TINY_PROMPTS) - 1), dtype=st.sampled_from(["fp32", "int8", "int4"]))
+@given(tree=random_trees(NUM_HEADS), which=st.integers(0, len(TINY_PROMPTS) - 1),
+       dtype=st.sampled_from(["fp32", "int8", "int4"]))
 def test_greedy_medusa_equals_greedy_vanilla_on_every_dtype(fused, quantized, tree, which, dtype):
     rt = fused if dtype == "fp32" else quantized[dtype][0]
     prompt = TINY_PROMPTS[which]

@@ -17,7 +17,7 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 
 from conftest import NUM_ARTIFACT_HEADS as NUM_HEADS  # noqa: E402
-from conftest import TINY_PROMPTS  # noqa: E402
+from conftest import TINY_PROMPTS, random_trees  # noqa: E402
 
 from medusa_export.runtime.api import MedusaRuntime  # noqa: E402
 from medusa_export.runtime.decode import GenerationConfig  # noqa: E402
@@ -68,17 +68,8 @@ def test_ort_greedy_matches_torch_vanilla_and_medusa(runtimes, prompt):
     assert _tokens(runtimes["torch"], prompt, medusa=True) == ref
 
 
-@st.composite
-def trees(draw, max_depth=NUM_HEADS, topk=10):
-    nodes = {()}
-    for _ in range(draw(st.integers(1, 14))):
-        parent = draw(st.sampled_from(sorted(p for p in nodes if len(p) < max_depth)))
-        nodes.add(parent + (draw(st.integers(0, topk - 1)),))
-    return sorted(p for p in nodes if p)
-
-
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(tree=trees(), which=st.integers(0, len(TINY_PROMPTS) - 1))
+@given(tree=random_trees(NUM_HEADS), which=st.integers(0, len(TINY_PROMPTS) - 1))
 def test_ort_medusa_lossless_on_random_trees(runtimes, tree, which):
     prompt = TINY_PROMPTS[which]
     assert _tokens(runtimes["ort"], prompt, True, tree=tree, n=16) == _tokens(runtimes["torch"], prompt, False, n=16)
