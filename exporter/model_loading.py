@@ -220,6 +220,11 @@ def _gguf_to_cached_dir(gguf: Path) -> Path:
     tmp.mkdir(parents=True, exist_ok=True)
     # save_pretrained refuses GGUF-loaded models; the state dict (tied weights handled) and config suffice.
     save_model(model, str(tmp / "model.safetensors"))
+    # A plain fp32 directory now: drop the GGUF quantization record (other tools would refuse the weights) and
+    # name the architecture (the GGUF loader leaves it empty).
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.config.architectures = model.config.architectures or [type(model).__name__]
     model.config.to_json_file(tmp / "config.json")
     tok.save_pretrained(tmp)
     (tmp / "complete").write_text("ok\n")
