@@ -20,8 +20,8 @@ from typing import Callable
 
 from medusa_export.runtime import io_table
 from medusa_export.runtime.errors import MedusaExportError
-from medusa_export.runtime.errors import ArtifactError
-from medusa_export.runtime.manifest import PORTABLE, file_record, graph_format, read_manifest, write_manifest
+from medusa_export.runtime.backends.trt_compat import require_portable
+from medusa_export.runtime.manifest import file_record, read_manifest, write_manifest
 
 from medusa_export.runtime.backends import trt_availability as availability
 
@@ -186,9 +186,7 @@ def build_engines(directory: str | Path, options: BuildOptions | None = None, lo
     directory = Path(directory)
     options = options or BuildOptions()
     manifest = read_manifest(directory)
-    if graph_format(manifest) != PORTABLE:
-        raise ArtifactError(f"{directory} holds ONNX Runtime graphs (fused operators TensorRT cannot parse): rebuild "
-                            f"it with `medusa-export build --out {directory} --engine trt` (portable graphs)")
+    require_portable(manifest, directory)
     for kind in kinds or list(manifest["graphs"]):
         record = build_engine(directory, manifest, kind, options, log)
         manifest.setdefault("engines", {})[kind] = record

@@ -3,9 +3,8 @@
     build_artifact(None, "artifacts/smollm2", tree="cpu_small_10", dtype="float32", max_seq=2048)
 
 Steps: check ``out`` (only a new or empty directory, or an earlier artifact, is replaced: `output_dir`), load,
-export the Medusa graph and the vanilla graph, fold their constants (`onnx_cleanup`), validate both against
-PyTorch, write the tokenizer, the heads
-and, last, the manifest. Everything is written into ``<out>.partial-*`` and renamed into place only when
+export the Medusa graph and the vanilla graph, fold their constants (`onnx_cleanup`), quantize them (`quantize`,
+int8/int4), validate both against PyTorch, write the tokenizer, the heads and, last, the manifest. Everything is written into ``<out>.partial-*`` and renamed into place only when
 complete, so a failed or interrupted build leaves the earlier artifact as it was and nothing that looks like one.
 """
 
@@ -19,7 +18,8 @@ from typing import Callable
 
 from medusa_export.runtime import __version__, io_table
 from medusa_export.runtime.errors import InputError
-from medusa_export.runtime.manifest import FORMAT, FORMAT_VERSION, ONNXRUNTIME, PORTABLE, file_record, write_manifest
+from medusa_export.runtime.manifest import (FORMAT, FORMAT_VERSION, ONNXRUNTIME, PORTABLE, WEIGHTS, file_record,
+                                             write_manifest)
 from medusa_export.runtime.tree import Tree, load_choices
 
 from .fused_backbone import check_supported
@@ -36,7 +36,7 @@ from .step_model import StepModel
 from .torch_backend import TorchBackend, model_dims
 from .validate import validate_graph
 
-DTYPES = ("fp32", "fp16", *QUANTIZED)  # int8 / int4: quantized weights, fp32 activations and KV cache
+DTYPES = WEIGHTS  # int8 / int4: quantized weights, fp32 activations and KV cache
 GRAPH_FORMATS = (ONNXRUNTIME, PORTABLE)
 _DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "int8": "float32", "int4": "float32"}  # graph / KV dtype
 DEFAULT_TREE = "cpu_small_10"

@@ -21,11 +21,13 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from medusa_export.runtime.manifest import QUANTIZED_WEIGHTS
+
 RECIPES = {
     "int4": {"method": "MatMulNBits", "bits": 4, "block_size": 32, "symmetric": True, "accuracy_level": 4},
     "int8": {"method": "MatMulNBits", "bits": 8, "block_size": 32, "symmetric": True, "accuracy_level": 4},
 }
-QUANTIZED = tuple(RECIPES)  # the `build --dtype` values that quantize
+QUANTIZED = QUANTIZED_WEIGHTS  # the `build --dtype` values that quantize: one recipe each
 
 
 def quantize_graph(path: Path, recipe_name: str) -> dict:

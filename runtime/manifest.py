@@ -31,6 +31,8 @@ FORMAT_VERSION = 2  # 2: kv_layout / graph_format name the graphs' kind (version
 READABLE_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
 PORTABLE, ONNXRUNTIME = "portable", "onnxruntime"  # graph formats: standard ops (ORT + TensorRT) / fused (ORT only)
+WEIGHTS = ("fp32", "fp16", "int8", "int4")  # manifest["weights"] (`build --dtype`)
+QUANTIZED_WEIGHTS = ("int8", "int4")  # MatMulNBits weights: fp32 activations and KV cache, ONNX Runtime only
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:

@@ -190,3 +190,16 @@ def test_fused_graph_runs_to_a_full_kv_buffer(artifact):
         assert r.finish_reason == "length" and len(TINY_PROMPTS[1]) + r.new_tokens >= 128 - 4
     medusa, vanilla = runs[True].token_ids, runs[False].token_ids  # Medusa may stop a few tokens early (no room
     assert medusa == vanilla[:len(medusa)]                        # for a whole tree at the end)
+
+
+def test_fused_onnxruntime_artifacts_are_refused_by_the_tensorrt_path(artifact):
+    """The fused graph's com.microsoft operators are for ONNX Runtime: the builder and the backend both say to
+    rebuild with portable graphs, before TensorRT is even looked for."""
+    from medusa_export.engines.builder import build_engines
+    from medusa_export.runtime.api import MedusaRuntime
+    from medusa_export.runtime.errors import ArtifactError
+
+    for attempt in (lambda: build_engines(artifact, log=lambda s: None),
+                    lambda: MedusaRuntime.load(artifact, backend="trt")):
+        with pytest.raises(ArtifactError, match="holds ONNX Runtime graphs.*--engine trt"):
+            attempt()

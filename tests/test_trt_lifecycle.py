@@ -76,3 +76,4 @@ def test_engine_tuned_on_another_gpu_is_a_note_the_user_sees(fakes, tiny, tmp_pa
     code, err = _cli_in_process("generate", str(art), "--backend", "trt", "--prompt", "w5 w6", "--no-chat",
                                 "--max-new-tokens", "3")
     assert code == 0 and "note: engine medusa.plan was tuned on Fake H100" in err, err
+

@@ -4,10 +4,11 @@
         with backend.new_session() as session:
             out = session.run(ids, positions, tree_mask, medusa=True, temperature=1.0)
 
-The KV cache is sequence-major, so the committed prefix ``[:, :past]`` of each buffer is contiguous and is
-bound as the ``past_key_values.*`` input without a copy, and ``present.*`` outputs are bound straight onto
-``[:, past:past+T]`` of the same buffers: a step copies nothing in proportion to the context. Each graph's
-inputs and outputs are checked against the I/O table when it is loaded.
+Either KV layout of the manifest (``io_table.KV_LAYOUTS``), bound onto preallocated buffers so that a step
+copies nothing in proportion to the context: sequence-major (portable graphs), the committed prefix
+``[:, :past]`` is bound as ``past_key_values.*`` and ``present.*`` onto ``[:, past:past+T]``; head-major shared
+(fused graphs), each whole buffer is bound as both, and GroupQueryAttention writes the new rows in place. Each
+graph's inputs and outputs are checked against the I/O table when it is loaded.
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ import numpy as np
 
 from .. import io_table
 from ..errors import ArtifactError, EngineError, InputError
-from ..manifest import PORTABLE, artifact_file, graph_format
+from ..manifest import artifact_file
 from . import cuda_buffers, trt_availability as availability, trt_compat as compat
 from .trt_profiles import Profile, plan_chunks, select
 from .base import Backend, MaskBuffer, ModelDims, Session, StepOutput
@@ -109,6 +109,7 @@ class TrtBackend(Backend):
 
     def __init__(self, directory: str | Path, manifest: dict, dims: ModelDims, *, device: str | None = "cuda",
                  threads: int | None = None, max_seq: int | None = None) -> None:
+        compat.require_portable(manifest, directory)  # before looking for TensorRT: this artifact can never run
         trt = availability.import_tensorrt()  # BackendUnavailableError: "TensorRT is not installed: pip install ..."
         self.cuda = cuda_buffers.load_cuda()  # BackendUnavailableError: "cuda-python is not installed: ..."
         index = _device_index(device)
@@ -117,9 +118,6 @@ class TrtBackend(Backend):
         self.device_index = index  # the CUDA device is per thread: sessions set it again when it is not 0
         self.trt, self.dims, self.directory = trt, dims, Path(directory)
         self.max_seq = min(max_seq or manifest["max_seq"], manifest["max_seq"])
-        if graph_format(manifest) != PORTABLE:
-            raise ArtifactError(f"{directory} holds ONNX Runtime graphs (fused operators TensorRT cannot parse): "
-                                f"{compat.rebuild_hint(directory)}")
         records = manifest.get("engines") or {}
         needed = ["vanilla"] + (["medusa"] if dims.num_heads else [])
         missing = [k for k in needed if k not in records]

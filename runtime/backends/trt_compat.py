@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import ArtifactError
+from ..manifest import PORTABLE, graph_format
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,13 @@ def rebuild_hint(directory: str | None = None) -> str:
     d = str(directory) if directory else "DIR"
     return (f"rebuild with `medusa-export build --out {d} --engine trt` "
             f"(or only the engines: `python -m medusa_export.engines {d}`)")
+
+
+def require_portable(manifest: dict, directory) -> None:
+    """ArtifactError unless the artifact holds portable graphs: TensorRT cannot parse the fused ONNX Runtime ones."""
+    if graph_format(manifest) != PORTABLE:
+        raise ArtifactError(f"{directory} holds ONNX Runtime graphs (fused operators TensorRT cannot parse): "
+                            f"rebuild it with `medusa-export build --out {directory} --engine trt` (portable graphs)")
 
 
 def check(record: dict, current: Platform, directory: str | None = None) -> str | None:

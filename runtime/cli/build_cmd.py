@@ -37,16 +37,16 @@ def build(
     complete); anything else is refused before any work starts."""
     from .. import extras
     from ..errors import InputError
-    from ..manifest import ONNXRUNTIME, PORTABLE
+    from ..manifest import ONNXRUNTIME, PORTABLE, QUANTIZED_WEIGHTS, WEIGHTS
 
     if engine not in ("onnx", "trt", "all"):
         raise InputError(f"--engine {engine!r}: use onnx, trt or all")
     graph = graph or (ONNXRUNTIME if engine == "onnx" else PORTABLE)
     if graph not in (ONNXRUNTIME, PORTABLE):
         raise InputError(f"--graph {graph!r}: use {ONNXRUNTIME} or {PORTABLE}")
-    if dtype not in ("fp32", "fp16", "int8", "int4"):
-        raise InputError(f"--dtype {dtype!r}: use fp32, fp16, int8 or int4")
-    if engine != "onnx" and dtype in ("int8", "int4"):
+    if dtype not in WEIGHTS:
+        raise InputError(f"--dtype {dtype!r}: use {', '.join(WEIGHTS[:-1])} or {WEIGHTS[-1]}")
+    if engine != "onnx" and dtype in QUANTIZED_WEIGHTS:
         raise InputError(f"--dtype {dtype} quantizes to ONNX Runtime's MatMulNBits, which TensorRT cannot take: "
                          f"use --dtype fp32 or fp16 with --engine {engine}")
     if engine != "onnx" and graph != PORTABLE:
@@ -69,7 +69,7 @@ def build(
 
         preflight(engine)  # fail before the long ONNX export when --engine trt cannot be honoured
     texts = None
-    if dtype in ("int8", "int4"):
+    if dtype in QUANTIZED_WEIGHTS:
         from ..prompts import read_prompts
 
         source = quality_prompts or _nearby_prompts()
@@ -103,7 +103,7 @@ def verify(
     from .. import extras
     from ..api import MedusaRuntime
     from ..compare import compare_backends
-    from ..manifest import read_manifest
+    from ..manifest import QUANTIZED_WEIGHTS, read_manifest
     from ..prompts import read_prompts
 
     names = [b.strip() for b in backends.split(",") if b.strip()]
@@ -117,7 +117,7 @@ def verify(
     for note in dict.fromkeys(n for rt in runtimes for n in rt.notes):
         typer.echo(f"note: {note}", err=True)
     tol = tolerance if tolerance is not None else (1e-3 if manifest["dtype"] == "float32" else 2e-2)
-    quantized = manifest.get("weights") in ("int8", "int4")
+    quantized = manifest.get("weights") in QUANTIZED_WEIGHTS
     try:
         if quantized:
             report = _verify_quantized(names, runtimes, texts, max_new_tokens)
