@@ -75,14 +75,17 @@ def build_artifact(model: str | None, out: str | Path, heads: str | None = None,
         for kind, h in (("medusa", chosen.heads), ("vanilla", None)):
             step = StepModel(loaded.model, h, head_topk, sample_topk)
             path = work / f"{kind}.onnx"
+            # Fused graphs verify the tree per root-to-leaf path (exact, runtime/tree_paths.py): as many attention
+            # groups as the tree has paths.
+            paths = len(tree_obj.paths_nodes) if graph == ONNXRUNTIME and h is not None else 1
             with step_log(f"export {kind} graph ({dtype}, {graph})"):
                 if graph == ONNXRUNTIME:
-                    export_fused_graph(step, path, dtype=dt, max_positions=max_seq)
+                    export_fused_graph(step, path, dtype=dt, max_positions=max_seq, paths=paths)
                 else:
                     export_step_graph(step, path, dtype=dt)
             with step_log(f"fold constants in the {kind} graph (Polygraphy)"):
                 cleanup = fold_constants(path)
-            record = {**_graph_record(kind, loaded.model.config.num_hidden_layers, h is not None, layout),
+            record = {**_graph_record(kind, loaded.model.config.num_hidden_layers, h is not None, layout, paths),
                       "cleanup": cleanup}
             if dtype in QUANTIZED:
                 with step_log(f"quantize the {kind} graph's weights ({dtype})"):
@@ -90,7 +93,8 @@ def build_artifact(model: str | None, out: str | Path, heads: str | None = None,
             with step_log(f"validate {kind} graph against PyTorch"):
                 # A quantized graph differs from PyTorch by design: its errors are recorded, and its quality is
                 # measured on real text (`quality`), not held to the fp32 tolerance.
-                validation[kind] = validate_graph(step, path, dtype=dt, kv_layout=layout, enforce=dtype not in QUANTIZED)
+                validation[kind] = validate_graph(step, path, dtype=dt, kv_layout=layout, enforce=dtype not in QUANTIZED,
+                                                  paths=paths)
             graphs[kind] = record
         loaded.tokenizer.save(work)
         save_heads(chosen.heads, work / "heads")
@@ -150,10 +154,11 @@ def _default_tree(heads_path: str | None) -> str:
     return DEFAULT_TREE
 
 
-def _graph_record(kind: str, num_layers: int, medusa: bool, layout: str) -> dict:
+def _graph_record(kind: str, num_layers: int, medusa: bool, layout: str, paths: int) -> dict:
     fmt = lambda ts: [{"name": t.name, "dtype": t.dtype, "axes": list(t.axes)} for t in ts]  # noqa: E731
-    return {"file": f"{kind}.onnx", "inputs": fmt(io_table.inputs(num_layers, layout)),
-            "outputs": fmt(io_table.outputs(num_layers, medusa, layout))}
+    record = {"file": f"{kind}.onnx", "inputs": fmt(io_table.inputs(num_layers, layout, paths)),
+              "outputs": fmt(io_table.outputs(num_layers, medusa, layout, paths))}
+    return {**record, "paths": paths} if layout == io_table.HEAD_MAJOR_SHARED else record
 
 
 def _manifest(loaded, chosen, dims, tree_spec, tree_obj, max_seq, graphs, validation, work: Path) -> dict:

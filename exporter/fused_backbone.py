@@ -11,6 +11,10 @@ Per layer::
     MatMul (o)  ->  SkipSimplifiedLayerNormalization  ->  MatMul (packed gate|up) -> Split -> SiLU(gate)*up
     MatMul (down)
 
+A Medusa graph built with ``paths`` > 1 runs attention once per root-to-leaf path of the tree, each path a group
+of heads on its own copy of the cache, so every node's numbers equal a one-token step's bit for bit
+(runtime/tree_paths.py); the matmuls still run once per node.
+
 KV cache: head-major ``[batch, kv_heads, capacity, head_dim]`` buffers that are both ``past_key_values.*``
 and ``present.*`` (ONNX Runtime's shared-buffer mode: GroupQueryAttention writes the T new rows at
 ``past`` in place when the two are bound to the same memory). ``seqlens_k`` / ``total_sequence_length``
@@ -77,10 +81,15 @@ def _rotary_cache(decoder, max_positions: int, head_dim: int) -> tuple[np.ndarra
     return cos[:, :half], sin[:, :half]
 
 
-def fused_backbone(decoder, cfg, max_positions: int, dtype: str = "float32"):
+def fused_backbone(decoder, cfg, max_positions: int, dtype: str = "float32", paths: int = 1):
     """GraphProto for ``decoder`` (a transformers ``*Model``: embeddings .. final norm) with config ``cfg``:
     inputs input_ids, position_ids, attention_mask, past_key_values.*; outputs hidden ([batch, seq, hidden],
-    after the final norm) and present.*."""
+    after the final norm) and present.*.
+
+    ``paths`` > 1: attention runs per root-to-leaf path of the tree (runtime/tree_paths.py), each path a group
+    of heads with its own copy of the KV cache (``[1, paths * kv_heads, capacity, head_dim]``); the step's
+    attention rows are depths, mapped from and back to nodes by the inputs ``path_rows`` / ``node_rows``, and
+    ``attention_mask`` is causal over those rows."""
     check_supported(cfg)
     np_dtype = io_table.model_dtype_of(dtype)
     n, nh = cfg.num_hidden_layers, cfg.num_attention_heads
@@ -101,7 +110,12 @@ def fused_backbone(decoder, cfg, max_positions: int, dtype: str = "float32"):
     end = g.weight("end", np.array([np.iinfo(np.int64).max], np.int64), cast=False)
     one = g.weight("one_i64", np.array([1], np.int64), cast=False)
     axis1, axis2, axis3 = (g.weight(f"axis{a}", np.array([a], np.int64), cast=False) for a in (1, 2, 3))
-    positions = g.op("Concat", ["position_ids", g.op("Slice", ["position_ids", last, end, axis1], "last_position")[0]],
+    row_positions = "position_ids"
+    if paths > 1:  # the rows' positions: those of the longest path (path 0), one per depth
+        first_path = g.op("Gather", ["path_rows", g.weight("zero_index", np.array(0, np.int64), cast=False)],
+                          "first_path", axis=1)[0]
+        row_positions = g.op("Gather", ["position_ids", first_path], "row_positions", axis=1)[0]
+    positions = g.op("Concat", [row_positions, g.op("Slice", [row_positions, last, end, axis1], "last_position")[0]],
                      "positions_padded", axis=1)[0]
     last_row = g.op("Slice", ["attention_mask", last, end, axis2], "mask_last_row")[0]  # [B, 1, 1, past + T]
     some_col = g.op("Slice", ["attention_mask", last, end, axis3], "mask_last_col")[0]
@@ -121,6 +135,8 @@ def fused_backbone(decoder, cfg, max_positions: int, dtype: str = "float32"):
     cos, sin = g.weight("cos_cache", cos), g.weight("sin_cache", sin)
 
     split = g.weight("gate_up_split", np.array([cfg.intermediate_size] * 2, np.int64), cast=False)
+    qkv_split = g.weight("qkv_split", np.array([nh * hd, kvh * hd, kvh * hd], np.int64), cast=False)
+    merge_paths = g.weight("merge_paths", np.array([0, 0, -1], np.int64), cast=False)
     x = g.op("Gather", [g.weight("embed_tokens", sd["model.embed_tokens.weight"]), "input_ids"], "embed", axis=0)[0]
     residual, pending = x, None  # pending: the last sub-layer's output, added to the residual by the next norm
     for i in range(n):
@@ -133,12 +149,23 @@ def fused_backbone(decoder, cfg, max_positions: int, dtype: str = "float32"):
             qkv_b = np.concatenate([sd[attn + f"{k}_proj.bias"] for k in "qkv"], 0)
             qkv = g.op("Add", [qkv, g.weight(f"L{i}/qkv.bias", qkv_b)], f"L{i}/qkv_bias")[0]
         k_name, v_name = f"past_key_values.{i}.key", f"past_key_values.{i}.value"
+        if paths > 1:
+            qkv = g.op("Gather", [qkv, "path_rows"], f"L{i}/path_rows", axis=1)[0]  # [1, depths, paths, q|k|v]
         qkv = g.op("Concat", [qkv, g.op("Slice", [qkv, last, end, axis1], f"L{i}/qkv_last")[0]], f"L{i}/qkv_padded",
                    axis=1)[0]
+        if paths > 1:  # packed [q | k | v] of heads grouped by path: head h of path b is head b * heads + h
+            parts = g.op("Split", [qkv, qkv_split], f"L{i}/path_split", outputs=3, axis=3)
+            flat = [g.op("Reshape", [x, merge_paths], f"L{i}/path_{n}")[0] for x, n in zip(parts, "qkv")]
+            qkv = g.op("Concat", flat, f"L{i}/path_heads", axis=2)[0]
         gqa = g.op("GroupQueryAttention", [qkv, "", "", k_name, v_name, seqlens, total, cos, sin, positions, bias],
-                   f"L{i}/attention", outputs=3, domain=MS, num_heads=nh, kv_num_heads=kvh, do_rotary=1)
+                   f"L{i}/attention", outputs=3, domain=MS, num_heads=paths * nh, kv_num_heads=paths * kvh,
+                   do_rotary=1)
         g.nodes[-1].output[1:] = [f"present.{i}.key", f"present.{i}.value"]
         attended = g.op("Slice", [gqa[0], zero_i, last, axis1], f"L{i}/attention_rows")[0]  # drop the extra row
+        if paths > 1:  # [1, depths, paths * heads * hd] -> each node's row
+            flat = g.op("Reshape", [attended, g.weight("path_out_shape", np.array([0, -1, nh * hd], np.int64),
+                                                       cast=False)], f"L{i}/path_out")[0]
+            attended = g.op("Gather", [flat, "node_rows"], f"L{i}/node_rows", axis=1)[0]
         out = g.op("MatMul", [attended, g.weight(f"L{i}/o.weight", sd[attn + "o_proj.weight"].T)], f"L{i}/o")[0]
         if attn + "o_proj.bias" in sd:
             out = g.op("Add", [out, g.weight(f"L{i}/o.bias", sd[attn + "o_proj.bias"])], f"L{i}/o_bias")[0]
@@ -153,7 +180,7 @@ def fused_backbone(decoder, cfg, max_positions: int, dtype: str = "float32"):
     hidden, _ = _norm(g, "final_norm", residual, pending, sd["model.norm.weight"], eps)
     g.nodes.append(helper.make_node("Identity", [hidden], ["hidden"], name="hidden"))
 
-    tensors = {t.name: t for t in io_table.inputs(n, io_table.HEAD_MAJOR_SHARED)}
+    tensors = {t.name: t for t in io_table.inputs(n, io_table.HEAD_MAJOR_SHARED, paths)}
     kv_dims = SimpleNamespace(num_kv_heads=kvh, head_dim=hd)
     sym = lambda t: [t.fixed_sizes(kv_dims).get(i, a) for i, a in enumerate(t.axes)]  # noqa: E731 - symbolic stay names
     onnx_type = lambda t: helper.np_dtype_to_tensor_dtype(t.numpy_dtype(dtype))  # noqa: E731
@@ -161,7 +188,7 @@ def fused_backbone(decoder, cfg, max_positions: int, dtype: str = "float32"):
               if name != "temperature"]
     outputs = [helper.make_tensor_value_info("hidden", f, [io_table.BATCH, io_table.SEQ, cfg.hidden_size])]
     outputs += [helper.make_tensor_value_info(t.name, f, sym(t))
-                for t in io_table.outputs(n, False, io_table.HEAD_MAJOR_SHARED) if t.name.startswith("present.")]
+                for t in io_table.outputs(n, False, io_table.HEAD_MAJOR_SHARED, paths) if t.name.startswith("present.")]
     return helper.make_graph(g.nodes, "fused_backbone", inputs, outputs, g.inits)
 
 

@@ -26,12 +26,15 @@ from .onnx_export import OPSET, TWO_GB
 from .step_model import ReducedTail, StepModel
 
 
-def export_fused_graph(step: StepModel, path: str | Path, dtype: str = "float32", max_positions: int = 2048) -> Path:
+def export_fused_graph(step: StepModel, path: str | Path, dtype: str = "float32", max_positions: int = 2048,
+                       paths: int = 1) -> Path:
+    """``paths`` > 1: attention per root-to-leaf path of trees of up to that many paths (exact verification,
+    see `fused_backbone`)."""
     path = Path(path)
     medusa = step.heads is not None
-    backbone = fused_backbone(step.backbone, step.config, max_positions, dtype)
+    backbone = fused_backbone(step.backbone, step.config, max_positions, dtype, paths)
     tail = _export_tail(step, dtype)
-    graph = _append_tail(backbone, tail.graph, medusa, step.num_layers)
+    graph = _append_tail(backbone, tail.graph, medusa, step.num_layers, paths)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)],
                               producer_name="medusa-export")
     model.ir_version = tail.ir_version
@@ -67,7 +70,8 @@ def _export_tail(step: StepModel, dtype: str) -> onnx.ModelProto:
         return onnx.load(str(out))
 
 
-def _append_tail(backbone: onnx.GraphProto, tail: onnx.GraphProto, medusa: bool, num_layers: int) -> onnx.GraphProto:
+def _append_tail(backbone: onnx.GraphProto, tail: onnx.GraphProto, medusa: bool, num_layers: int,
+                 paths: int) -> onnx.GraphProto:
     """One graph: the backbone's nodes, then the tail's with its internal names prefixed (no collisions); the
     tail reads the backbone's ``hidden`` and the shared ``input_ids`` / ``temperature`` inputs."""
     shared = {"hidden", "input_ids", "temperature", *io_table.reduced_names(medusa), ""}
@@ -85,7 +89,7 @@ def _append_tail(backbone: onnx.GraphProto, tail: onnx.GraphProto, medusa: bool,
         init.name = rename(init.name)
         inits.append(init)
     temperature = next(i for i in tail.input if i.name == "temperature")
-    table = {t.name: i for i, t in enumerate(io_table.inputs(num_layers, io_table.HEAD_MAJOR_SHARED))}
+    table = {t.name: i for i, t in enumerate(io_table.inputs(num_layers, io_table.HEAD_MAJOR_SHARED, paths))}
     inputs = sorted([*backbone.input, temperature], key=lambda i: table[i.name])
     presents = [o for o in backbone.output if o.name.startswith("present.")]
     return helper.make_graph(nodes, "medusa_export_fused", inputs, list(tail.output) + presents, inits)

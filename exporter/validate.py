@@ -16,6 +16,7 @@ import torch
 
 from medusa_export.runtime import io_table
 from medusa_export.runtime.errors import ExportValidationError
+from medusa_export.runtime.tree_paths import PathBatch
 
 from .onnx_export import dummy_inputs
 from .step_model import StepModel
@@ -27,8 +28,9 @@ MAX_ID_MISMATCH = 0.02
 
 
 def validate_graph(step: StepModel, onnx_path, dtype: str = "float32", threads: int | None = None,
-                   kv_layout: str = io_table.SEQUENCE_MAJOR, enforce: bool = True) -> dict:
-    """Max errors per output at every shape; ExportValidationError beyond tolerance when ``enforce``."""
+                   kv_layout: str = io_table.SEQUENCE_MAJOR, enforce: bool = True, paths: int = 1) -> dict:
+    """Max errors per output at every shape; ExportValidationError beyond tolerance when ``enforce``.
+    ``paths`` > 1: a fused graph that verifies trees per path (its tree step has at most that many)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -50,7 +52,7 @@ def validate_graph(step: StepModel, onnx_path, dtype: str = "float32", threads: 
         torch.manual_seed(int(torch.randint(0, 1 << 30, (1,), generator=gen)))
         inputs = _single(dummy_inputs(ref_step, t=t, past=max(past, 2)), past)
         if tree:
-            inputs = _with_tree(inputs, past, gen)
+            inputs = _with_tree(inputs, past, gen, paths)
         with torch.no_grad():
             ref = [r.float().numpy() if r.is_floating_point() else r.numpy() for r in ref_step(*inputs)]
         feed = {}
@@ -58,10 +60,11 @@ def validate_graph(step: StepModel, onnx_path, dtype: str = "float32", threads: 
             if n.startswith("past"):
                 v = v.to(torch_dtype).transpose(1, 2) if head_major else v.to(torch_dtype)  # [1, kvh, past, hd]
             feed[n] = v.contiguous().numpy()
+        batch = _path_feed(feed, past, paths) if paths > 1 else None
         got = sess.run(None, feed)
         for name, g, r in zip(names_out, got, ref):
             if head_major and name.startswith("present."):  # the whole cache: compare its T new rows
-                g = g[:, :, past:past + t].transpose(0, 2, 1, 3)
+                g = _node_rows(g, past, batch) if batch else g[:, :, past:past + t].transpose(0, 2, 1, 3)
             # Ids: the top-1 of each position (and head) must agree; lower ranks of near-equal logits may swap.
             err = float(np.mean(g[..., 0] != r[..., 0])) if r.dtype == np.int64 else float(np.abs(g.astype(np.float64) - r).max())
             worst[name] = max(worst.get(name, 0.0), err)
@@ -71,20 +74,44 @@ def validate_graph(step: StepModel, onnx_path, dtype: str = "float32", threads: 
             "max_id_mismatch": MAX_ID_MISMATCH if enforce else None}
 
 
-def _with_tree(inputs: tuple, past: int, gen: torch.Generator) -> tuple:
+def _with_tree(inputs: tuple, past: int, gen: torch.Generator, paths: int) -> tuple:
     """The same inputs with a random tree among the T new tokens: each node sees the past, its ancestors and
-    itself, and sits at position past + depth (siblings share a position), as in a Medusa step."""
+    itself, and sits at position past + depth (siblings share a position), as in a Medusa step. A graph that
+    verifies per path (``paths`` > 1) gets a tree of at most that many paths."""
     ids, pos, mask, temp, *kv = inputs
     t = ids.shape[1]
-    parent = [-1] + [int(torch.randint(0, i, (1,), generator=gen)) for i in range(1, t)]
     tree = torch.eye(t, dtype=torch.bool)
     depth = torch.zeros(t, dtype=torch.long)
+    leaves = {0}
     for i in range(1, t):
-        tree[i] |= tree[parent[i]]
-        depth[i] = depth[parent[i]] + 1
+        pool = list(range(i)) if paths == 1 or len(leaves) < paths else sorted(leaves)
+        parent = pool[int(torch.randint(0, len(pool), (1,), generator=gen))]
+        leaves = (leaves - {parent}) | {i}
+        tree[i] |= tree[parent]
+        depth[i] = depth[parent] + 1
     mask = mask.clone()
     mask[0, 0, :, past:] = tree
     return (ids, (past + depth)[None], mask, temp, *kv)
+
+
+def _path_feed(feed: dict, past: int, paths: int) -> PathBatch:
+    """Turn a masked-tree feed into a per-path graph's: rows by depth, a causal mask over them, the path
+    inputs, and one copy of the past per path (head groups)."""
+    batch = PathBatch.from_mask(feed["attention_mask"][0, 0, :, past:], paths)
+    width = batch.path_rows.shape[0]
+    mask = np.ones((1, 1, width, past + width), bool)
+    mask[0, 0, :, past:] = np.tri(width, dtype=bool)
+    feed.update(attention_mask=mask, path_rows=batch.path_rows, node_rows=batch.node_rows)
+    for name in [n for n in feed if n.startswith("past_key_values.")]:
+        feed[name] = np.concatenate([feed[name]] * paths, axis=1)
+    return batch
+
+
+def _node_rows(present: np.ndarray, past: int, batch: PathBatch) -> np.ndarray:
+    """A per-path graph's new KV rows, back in node order: ``[1, nodes, kv_heads, head_dim]``."""
+    groups = present.reshape(present.shape[0], batch.paths, -1, *present.shape[2:])  # [1, P, kvh, len, hd]
+    depth, path = np.divmod(batch.node_rows, batch.paths)
+    return groups[0, path, :, past + depth][None]
 
 def _single(inputs: tuple, past: int) -> tuple:
     """Batch 1, and trim the past to ``past`` rows (0 allowed) keeping mask/positions consistent."""

@@ -22,7 +22,9 @@ import numpy as np
 # Symbolic axes (dynamic in the graph)
 BATCH, SEQ, PAST, TOTAL = "batch_size", "sequence_length", "past_sequence_length", "total_sequence_length"
 CAPACITY = "max_sequence_length"  # a KV buffer's full length (shared-buffer graphs)
-SYMBOLIC = (BATCH, SEQ, PAST, TOTAL, CAPACITY)
+# Graphs that verify a tree per path (runtime/tree_paths.py): rows per path, paths, and the KV heads of all paths.
+PATH_DEPTH, NUM_PATHS, PATH_KV_HEADS = "path_depth", "num_paths", "path_kv_heads"
+SYMBOLIC = (BATCH, SEQ, PAST, TOTAL, CAPACITY, PATH_DEPTH, NUM_PATHS, PATH_KV_HEADS)
 
 # KV cache layouts. Sequence-major (the portable graph, every backend): the past is a prefix view of the buffer
 # and ``present.*`` holds only the T new rows. Head-major shared (the fused ONNX Runtime graph): past and
@@ -76,20 +78,28 @@ def token_inputs() -> list[Tensor]:
     ]
 
 
-def _kv_axes(kv_layout: str, new_rows: bool) -> tuple:
+def path_inputs() -> list[Tensor]:
+    """The extra inputs of a graph that verifies a tree per path (``paths`` > 1)."""
+    return [
+        Tensor("path_rows", "int64", (PATH_DEPTH, NUM_PATHS)),  # node at each depth of each path
+        Tensor("node_rows", "int64", (SEQ,)),  # depth * paths + path each node is read from
+    ]
+
+
+def _kv_axes(kv_layout: str, new_rows: bool, paths: int = 1) -> tuple:
     if kv_layout == HEAD_MAJOR_SHARED:
-        return (BATCH, "num_kv_heads", CAPACITY, "head_dim")
+        return (BATCH, "num_kv_heads" if paths == 1 else PATH_KV_HEADS, CAPACITY, "head_dim")
     if kv_layout == SEQUENCE_MAJOR:
         return (BATCH, SEQ if new_rows else PAST, "num_kv_heads", "head_dim")
     raise ValueError(f"unknown KV layout {kv_layout!r}: one of {', '.join(KV_LAYOUTS)}")
 
 
-def inputs(num_layers: int, kv_layout: str = SEQUENCE_MAJOR) -> list[Tensor]:
+def inputs(num_layers: int, kv_layout: str = SEQUENCE_MAJOR, paths: int = 1) -> list[Tensor]:
     table = token_inputs()
     for i in range(num_layers):
         for kind in ("key", "value"):
-            table.append(Tensor(f"past_key_values.{i}.{kind}", "float", _kv_axes(kv_layout, False)))
-    return table
+            table.append(Tensor(f"past_key_values.{i}.{kind}", "float", _kv_axes(kv_layout, False, paths)))
+    return table + (path_inputs() if paths > 1 else [])
 
 
 def reduced_outputs(medusa: bool) -> list[Tensor]:
@@ -105,11 +115,11 @@ def reduced_outputs(medusa: bool) -> list[Tensor]:
     return table
 
 
-def outputs(num_layers: int, medusa: bool, kv_layout: str = SEQUENCE_MAJOR) -> list[Tensor]:
+def outputs(num_layers: int, medusa: bool, kv_layout: str = SEQUENCE_MAJOR, paths: int = 1) -> list[Tensor]:
     table = reduced_outputs(medusa)
     for i in range(num_layers):
         for kind in ("key", "value"):
-            table.append(Tensor(f"present.{i}.{kind}", "float", _kv_axes(kv_layout, True)))
+            table.append(Tensor(f"present.{i}.{kind}", "float", _kv_axes(kv_layout, True, paths)))
     return table
 
 

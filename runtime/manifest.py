@@ -130,3 +130,9 @@ def kv_layout(manifest: dict) -> str:
 
 def graph_format(manifest: dict) -> str:
     return manifest.get("graph_format", PORTABLE)
+
+
+def graph_paths(manifest: dict, kind: str) -> int | None:
+    """Root-to-leaf paths a fused graph verifies exactly (runtime/tree_paths.py); None: a masked tree step
+    (portable graphs, and fused graphs built before per-path verification)."""
+    return manifest["graphs"][kind].get("paths")

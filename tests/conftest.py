@@ -7,6 +7,8 @@ contend and tiny steps get many times slower.
 
 from __future__ import annotations
 
+import json
+
 import importlib.util
 from dataclasses import dataclass
 
@@ -186,6 +188,9 @@ def default_model():
 
 # ---- a tiny model saved as a real directory, and an artifact built from it (ONNX / CLI tests) ----
 NUM_ARTIFACT_HEADS = 3
+# The tiny artifacts' tree: 9 nodes, 3 deep, 4 root-to-leaf paths (a fused graph verifies up to 4 per step).
+ARTIFACT_TREE = [[0], [1], [2], [0, 0], [0, 1], [1, 0], [0, 0, 0], [0, 1, 0]]
+ARTIFACT_PATHS = 4
 
 
 @pytest.fixture(scope="session")
@@ -198,7 +203,13 @@ def tiny_dirs(tmp_path_factory, tiny_model, make_tokenizer):
     tiny_model.save_pretrained(model_dir)
     make_tokenizer(eos_ids=(TINY_VOCAB - 1,)).save(model_dir)
     heads_dir = save_heads(make_heads(tiny_model, NUM_ARTIFACT_HEADS, seed=7), root / "heads")
+    (root / "artifact_tree.json").write_text(json.dumps(ARTIFACT_TREE))
     return model_dir, heads_dir
+
+
+def artifact_tree_file(tiny_dirs) -> str:
+    """`ARTIFACT_TREE` as the JSON file `build --tree` takes."""
+    return str(tiny_dirs[0].parent / "artifact_tree.json")
 
 
 @pytest.fixture(scope="session")
@@ -207,7 +218,7 @@ def artifact(tiny_dirs, tmp_path_factory):
 
     model_dir, heads_dir = tiny_dirs
     out = tmp_path_factory.mktemp("art") / "tiny"
-    build_artifact(str(model_dir), out, heads=str(heads_dir), tree="chain-3",
+    build_artifact(str(model_dir), out, heads=str(heads_dir), tree=artifact_tree_file(tiny_dirs),
                    max_seq=128, log=lambda _m: None)
     return out
 
@@ -219,21 +230,29 @@ def portable_artifact(tiny_dirs, tmp_path_factory):
 
     model_dir, heads_dir = tiny_dirs
     out = tmp_path_factory.mktemp("art") / "tiny-portable"
-    build_artifact(str(model_dir), out, heads=str(heads_dir), tree="chain-3", max_seq=128, graph="portable",
+    build_artifact(str(model_dir), out, heads=str(heads_dir), tree=artifact_tree_file(tiny_dirs), max_seq=128, graph="portable",
                    log=lambda _m: None)
     return out
 
 
-def random_trees(max_depth: int, topk: int = 10, max_nodes: int = 14):
-    """Hypothesis strategy: a valid `medusa_choices` tree (every prefix present) of up to ``max_nodes`` nodes."""
+def random_trees(max_depth: int, topk: int = 10, max_nodes: int = 14, max_paths: int | None = None):
+    """Hypothesis strategy: a valid `medusa_choices` tree (every prefix present) of up to ``max_nodes`` nodes
+    and, when given, at most ``max_paths`` root-to-leaf paths."""
     from hypothesis import strategies as st
 
     @st.composite
     def trees(draw):
-        nodes = {()}
+        nodes, leaves = {()}, {()}
         for _ in range(draw(st.integers(1, max_nodes))):
-            parent = draw(st.sampled_from(sorted(p for p in nodes if len(p) < max_depth)))
-            nodes.add(parent + (draw(st.integers(0, topk - 1)),))
+            full = max_paths is not None and len(leaves) >= max_paths
+            pool = sorted(p for p in (leaves if full else nodes) if len(p) < max_depth)
+            if not pool:
+                break
+            parent = draw(st.sampled_from(pool))
+            child = parent + (draw(st.integers(0, topk - 1)),)
+            if child not in nodes:
+                nodes.add(child)
+                leaves = (leaves - {parent}) | {child}
         return sorted(p for p in nodes if p)
 
     return trees()

@@ -17,7 +17,7 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 
 from conftest import NUM_ARTIFACT_HEADS as NUM_HEADS  # noqa: E402
-from conftest import TINY_PROMPTS, random_trees  # noqa: E402
+from conftest import ARTIFACT_PATHS, ARTIFACT_TREE, TINY_PROMPTS, random_trees  # noqa: E402
 
 from medusa_export.runtime.api import MedusaRuntime  # noqa: E402
 from medusa_export.runtime.decode import GenerationConfig  # noqa: E402
@@ -69,31 +69,34 @@ def test_ort_greedy_matches_torch_vanilla_and_medusa(runtimes, prompt):
 
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(tree=random_trees(NUM_HEADS), which=st.integers(0, len(TINY_PROMPTS) - 1))
+@given(tree=random_trees(NUM_HEADS, max_paths=ARTIFACT_PATHS), which=st.integers(0, len(TINY_PROMPTS) - 1))
 def test_ort_medusa_lossless_on_random_trees(runtimes, tree, which):
     prompt = TINY_PROMPTS[which]
     assert _tokens(runtimes["ort"], prompt, True, tree=tree, n=16) == _tokens(runtimes["torch"], prompt, False, n=16)
 
 
 def test_ort_step_output_matches_torch(runtimes):
-    """Same inputs, same outputs: probabilities and KV rows of a tree step."""
-    from medusa_export.runtime.tree import Tree, load_choices
+    """Same inputs, same outputs: probabilities and KV rows of a tree step, and the committed rows of an
+    accepted path that is not the first (the fused graph verifies per path, each in its own KV slot)."""
+    from medusa_export.runtime.tree import Tree
 
-    tree = Tree.from_choices(load_choices("chain-3"), topk=10, num_heads=NUM_HEADS)
+    tree = Tree.from_choices(ARTIFACT_TREE, topk=10, num_heads=NUM_HEADS)
     outs = {}
     for name, rt in runtimes.items():
         s = rt.generator.backend.new_session()
         p = np.array(TINY_PROMPTS[2])
         s.run(p, np.arange(len(p)), np.tri(len(p), dtype=bool), True, 1.0)
         s.keep(np.arange(len(p)))
-        toks = np.array([5, 6, 7, 8])
+        toks = np.array([5, 6, 7, 8, 9, 10, 11, 12, 13])
         out = s.run(toks, s.length + tree.depth, tree.mask, True, 0.7)
-        s.keep(np.array([0, 2]))
+        s.keep(np.array([0, 2, 6]))  # root -> (1,) -> (1, 0)
         outs[name] = (out, np.asarray(s.kv.rows(0, s.length)[2]))  # layer 1 keys, whatever the layout
     (a, ka), (b, kb) = outs["torch"], outs["ort"]
     np.testing.assert_array_equal(a.next_ids, b.next_ids)
     np.testing.assert_array_equal(a.medusa_ids, b.medusa_ids)
-    np.testing.assert_allclose(a.input_probs, b.input_probs, atol=1e-5)
+    parent = tree.parent[1:]  # what acceptance reads: p_parent(child token)
+    np.testing.assert_allclose(a.input_probs[parent, np.arange(1, tree.num_nodes)],
+                               b.input_probs[parent, np.arange(1, tree.num_nodes)], atol=1e-5)
     np.testing.assert_allclose(a.entropy, b.entropy, atol=1e-4)
     np.testing.assert_allclose(ka, kb, atol=1e-5)
 
@@ -210,7 +213,7 @@ def test_bench_report_shape(artifact):
     assert all(r["identical_to_vanilla"] for r in rows)
     assert rows[0]["mean_accepted"] == 1.0 and rows[1]["tokens_per_s"] > 0
     assert rows[1]["speedup_vs_vanilla"] == pytest.approx(rows[1]["tokens_per_s"] / rows[0]["tokens_per_s"], rel=1e-2)
-    assert report["tree"]["medusa_choices"] == [[0], [0, 0], [0, 0, 0]]  # the artifact's chain-3
+    assert report["tree"]["medusa_choices"] == ARTIFACT_TREE  # the artifact's tree
 
 
 def test_bench_reports_the_tree_it_ran_with(artifact):
@@ -231,7 +234,7 @@ def test_fp16_artifact(tiny_dirs, tmp_path):
     assert m["dtype"] == "float16" and m["validation"]["medusa"]["tolerance"] == 5e-2
     rt = MedusaRuntime.load(out, backend="ort", threads=1)
     s = rt.generator.backend.new_session()
-    assert s.kv.keys[0].dtype == np.float16
+    assert s.kv.buffers()[0].dtype == np.float16
     ref = MedusaRuntime.load(out, backend="torch", threads=1).generator
     report = compare_backends({"torch": ref, "ort": rt.generator}, ["t5 t6 t7", "t1 t2 t3"], max_new_tokens=8,
                               prob_tolerance=2e-2)

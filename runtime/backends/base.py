@@ -88,6 +88,7 @@ class Backend(ABC):
     dims: ModelDims
     max_seq: int
     notes: tuple[str, ...] = ()
+    max_paths: int | None = None  # root-to-leaf paths of a tree the Medusa graph verifies (None: any)
 
     @property
     def has_medusa(self) -> bool:
@@ -108,21 +109,22 @@ class Backend(ABC):
 
 
 class MaskBuffer:
-    """Builds the ``[1, 1, T, past+T]`` attention mask as a contiguous view of one reused flat buffer:
+    """Builds the ``[batch, 1, T, past+T]`` attention mask as a contiguous view of one reused flat buffer:
     every new token sees the whole committed prefix, and the new tokens see each other per ``tree_mask``.
     The buffer grows by doubling, so steady-state steps allocate nothing."""
 
     def __init__(self) -> None:
         self.buffer = np.zeros(0, bool)
 
-    def build(self, past: int, tree_mask: np.ndarray) -> np.ndarray:
+    def build(self, past: int, tree_mask: np.ndarray, batch: int = 1) -> np.ndarray:
+        """``[batch, 1, T, past + T]``, the same mask for every batch row."""
         t = tree_mask.shape[0]
-        need = t * (past + t)
+        need = batch * t * (past + t)
         if need > self.buffer.size:
             self.buffer = np.zeros(max(need, 2 * self.buffer.size), bool)
-        m = self.buffer[:need].reshape(1, 1, t, past + t)
+        m = self.buffer[:need].reshape(batch, 1, t, past + t)
         m[..., :past] = True
-        m[0, 0, :, past:] = tree_mask
+        m[:, 0, :, past:] = tree_mask
         return m
 
 

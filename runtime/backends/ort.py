@@ -7,8 +7,11 @@
 Either KV layout of the manifest (``io_table.KV_LAYOUTS``), bound onto preallocated buffers so that a step
 copies nothing in proportion to the context: sequence-major (portable graphs), the committed prefix
 ``[:, :past]`` is bound as ``past_key_values.*`` and ``present.*`` onto ``[:, past:past+T]``; head-major shared
-(fused graphs), each whole buffer is bound as both, and GroupQueryAttention writes the new rows in place. Each
-graph's inputs and outputs are checked against the I/O table when it is loaded.
+(fused graphs), each whole buffer is bound as both, and GroupQueryAttention writes the new rows in place. A
+fused Medusa graph verifies a tree per root-to-leaf path (runtime/tree_paths.py: bit-identical to plain
+decoding): the session keeps one KV slot per path (`SlotCache`), binds them as the graph's head groups, and
+commits the accepted path's rows from its slot. Each graph's inputs and outputs are checked against the I/O
+table when it is loaded.
 """
 
 from __future__ import annotations
@@ -19,8 +22,10 @@ import numpy as np
 
 from .. import io_table
 from ..errors import ArtifactError, BackendUnavailableError
-from ..manifest import ONNXRUNTIME, artifact_file, graph_format, kv_layout
+from ..manifest import ONNXRUNTIME, artifact_file, graph_format, graph_paths, kv_layout
+from ..tree_paths import PathBatch
 from .base import Backend, KVCache, MaskBuffer, ModelDims, Session, StepOutput
+from .slot_cache import SlotCache
 
 
 def _import_ort():
@@ -52,10 +57,12 @@ def _ort_type(dtype: np.dtype) -> str:
     return "tensor(float)" if dtype == np.float32 else f"tensor({dtype.name})"
 
 
-def check_graph_io(session, path: Path, dims: ModelDims, medusa: bool, layout: str = io_table.SEQUENCE_MAJOR) -> None:
+def check_graph_io(session, path: Path, dims: ModelDims, medusa: bool, layout: str = io_table.SEQUENCE_MAJOR,
+                   paths: int = 1) -> None:
     """ArtifactError naming the first tensor whose name, type or fixed size differs from the I/O table."""
-    for role, table, actual in (("input", io_table.inputs(dims.num_layers, layout), session.get_inputs()),
-                                ("output", io_table.outputs(dims.num_layers, medusa, layout), session.get_outputs())):
+    for role, table, actual in (("input", io_table.inputs(dims.num_layers, layout, paths), session.get_inputs()),
+                                ("output", io_table.outputs(dims.num_layers, medusa, layout, paths),
+                                 session.get_outputs())):
         found = {a.name: a for a in actual}
         extra = sorted(set(found) - {t.name for t in table})
         if extra:
@@ -85,6 +92,9 @@ class OrtBackend(Backend):
         self.dims = dims
         self.max_seq = min(max_seq or manifest["max_seq"], manifest["max_seq"])
         self.kv_layout = kv_layout(manifest)
+        # Per graph: root-to-leaf paths it verifies exactly, one head group each (None: a masked tree step).
+        self.paths = {kind: graph_paths(manifest, kind) for kind in manifest["graphs"]}
+        self.max_paths = self.paths.get("medusa")
         if graph_format(manifest) == ONNXRUNTIME:
             check_fused_support(ort.__version__)
         providers = ["CPUExecutionProvider"]
@@ -104,7 +114,8 @@ class OrtBackend(Backend):
                 session = ort.InferenceSession(str(path), opts, providers=providers)
             except Exception as e:  # onnxruntime raises its own exception types for bad files
                 raise ArtifactError(f"ONNX Runtime cannot load {path} ({str(e).splitlines()[0][:160]}): rebuild the artifact") from None
-            check_graph_io(session, path, dims, medusa=kind == "medusa", layout=self.kv_layout)
+            check_graph_io(session, path, dims, medusa=kind == "medusa", layout=self.kv_layout,
+                           paths=self.paths[kind] or 1)
             self.sessions[kind] = session
         if dims.num_heads and "medusa" not in self.sessions:
             raise ArtifactError("the manifest lists Medusa heads but no medusa graph: rebuild the artifact")
@@ -125,7 +136,9 @@ class OrtSession(Session):
         # Shared layout: past and present are the same whole buffers, bound as both input and output below; the
         # fused graph writes one row more than the step's T (see exporter/fused_backbone.py), hence the spare row.
         shared = backend.kv_layout == io_table.HEAD_MAJOR_SHARED
-        self.kv = KVCache(backend.dims, capacity + shared, layout=backend.kv_layout)
+        self.kv = SlotCache(backend.dims, capacity + 1) if shared else KVCache(backend.dims, capacity)
+        self.batch: PathBatch | None = None  # the last run's paths, when its graph verifies per path
+        self._batches: dict[tuple, PathBatch] = {}
         self.masks = MaskBuffer()
         self.bindings = {k: s.io_binding() for k, s in backend.sessions.items()}
         self.graphs = dict(backend.sessions)
@@ -150,26 +163,43 @@ class OrtSession(Session):
         b.clear_binding_outputs()
         b.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, np.int64).reshape(1, t))
         b.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, np.int64).reshape(1, t))
+        paths = self.backend.paths.get(kind) or 1
+        self.batch = self._path_batch(tree_mask, paths) if paths > 1 else None
+        if self.batch is not None:  # attention rows are depths, one head group per path, causal in each
+            b.bind_cpu_input("path_rows", self.batch.path_rows)
+            b.bind_cpu_input("node_rows", self.batch.node_rows)
+            tree_mask = np.tri(self.batch.path_rows.shape[0], dtype=bool)
         b.bind_cpu_input("attention_mask", self.masks.build(self.kv.length, tree_mask))
         self.temperature[0] = temperature
         b.bind_cpu_input("temperature", self.temperature)
-        for name, view in zip(self.past_names, self.kv.past()):
+        staged = self.kv.stage(len(tree_mask), paths) if paths > 1 else self.kv.stage(t)
+        for name, view in zip(self.past_names, staged if isinstance(self.kv, SlotCache) else self.kv.past()):
             self._bind(b.bind_input, name, view)
         reduced = self.reduced[medusa]
         for name in reduced:  # small ([T, S], [T, T], ...): let ORT allocate them
             b.bind_output(name, "cpu")
-        for name, view in zip(self.present_names, self.kv.stage(t)):
+        for name, view in zip(self.present_names, staged):
             self._bind(b.bind_output, name, view)
         self.graphs[kind].run_with_iobinding(b)
         # get_outputs() follows the binding order: the reduced outputs first, as bound above.
         return StepOutput.from_named({name: v.numpy()[0] for name, v in zip(reduced, b.get_outputs())})
+
+    def _path_batch(self, tree_mask: np.ndarray, paths: int) -> PathBatch:
+        key = (tree_mask.shape, np.packbits(tree_mask).tobytes(), paths)
+        if key not in self._batches:  # one tree per generation: derive its paths once
+            self._batches[key] = PathBatch.from_mask(tree_mask, paths)
+        return self._batches[key]
 
     def _bind(self, bind, name: str, view: np.ndarray) -> None:
         # The views are contiguous slices of the preallocated buffers (sequence-major layout).
         bind(name, "cpu", 0, self.elem, list(view.shape), view.ctypes.data)
 
     def keep(self, rows) -> None:
-        self.kv.keep(rows)
+        if self.batch is None:
+            self.kv.keep(rows)
+        else:  # the accepted nodes are the first rows of a path, in that path's slot
+            self.kv.keep(np.arange(len(rows)), slot=self.batch.path_of(rows))
+            self.batch = None
 
     def close(self) -> None:
         self.bindings, self.graphs, self.kv = {}, {}, None

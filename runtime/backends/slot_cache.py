@@ -1,0 +1,81 @@
+"""Head-major shared KV buffers with several copies ("slots") of one request's cache, for exact tree
+verification per path (`runtime.tree_paths`): path b's head group reads and writes slot b.
+
+    kv = SlotCache(dims, capacity)
+    views = kv.stage(t, slots=3)     # per layer [1, 3 * kv_heads, capacity, head_dim]; slots 1, 2 brought up to date
+    ...graph writes rows [length, length + t) of each slot...
+    kv.keep(np.arange(n), slot=2)    # commit the first n rows of slot 2 (an accepted path)
+
+Slot 0 always holds the committed cache. The others are brought up to date lazily, only the rows they miss,
+just before a batch uses them, so plain steps copy nothing and a path step copies a few rows per slot. All
+layers live in one array, so each copy is one numpy operation.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .. import io_table
+from .base import ModelDims
+
+
+class SlotCache:
+    layout = io_table.HEAD_MAJOR_SHARED
+
+    def __init__(self, dims: ModelDims, capacity: int, slots: int = 1) -> None:
+        self.dims, self.capacity = dims, capacity
+        self.store = self._alloc(slots)
+        self.synced = [0] * slots  # rows [0, synced[s]) of slot s equal slot 0's
+        self.length = 0
+        self.staged = 0
+        self.used = 1  # slots the last run wrote
+
+    def _alloc(self, slots: int) -> np.ndarray:
+        d = self.dims
+        shape = (2 * d.num_layers, slots, d.num_kv_heads, self.capacity, d.head_dim)
+        return np.zeros(shape, io_table.model_dtype_of(d.dtype))
+
+    @property
+    def slots(self) -> int:
+        return self.store.shape[1]
+
+    def buffers(self, slots: int = 1) -> list[np.ndarray]:
+        """Per layer, key then value (io_table order): slots ``[0, slots)`` as one ``[1, slots * kv_heads,
+        capacity, head_dim]`` view (the head groups of a per-path graph)."""
+        _, _, kvh, cap, hd = self.store.shape
+        return [self.store[j, :slots].reshape(1, slots * kvh, cap, hd) for j in range(self.store.shape[0])]
+
+    def stage(self, t: int, slots: int = 1) -> list[np.ndarray]:
+        """The buffers the next run reads and writes (its T rows land at ``length`` in each slot)."""
+        if slots > self.slots:
+            grown = self._alloc(slots)
+            grown[:, : self.slots] = self.store
+            self.store, self.synced = grown, self.synced + [0] * (slots - self.slots)
+        for s in range(1, slots):
+            lo = self.synced[s]
+            if lo < self.length:
+                self.store[:, s, :, lo:self.length] = self.store[:, 0, :, lo:self.length]
+                self.synced[s] = self.length
+        self.staged, self.used = t, slots
+        return self.buffers(slots)
+
+    def keep(self, rows: np.ndarray, slot: int = 0) -> None:
+        """Commit the staged ``rows`` (increasing) of ``slot`` after the prefix; slot 0 receives them."""
+        rows = np.asarray(rows, np.int64)
+        if rows.size and (rows.max() >= self.staged or np.any(np.diff(rows) <= 0)) or slot >= self.used:
+            raise ValueError(f"keep(rows={rows.tolist()}, slot={slot}) needs increasing rows below {self.staged} "
+                             f"of a slot below {self.used}")
+        start, n = self.length, len(rows)
+        if slot or not np.array_equal(rows, np.arange(n)):
+            src = self.store[:, slot][:, :, start + rows]  # fancy index: a copy, safe to write back
+            self.store[:, 0, :, start:start + n] = src
+        for s in range(1, self.used):  # the run overwrote their rows from `start`
+            self.synced[s] = min(self.synced[s], start)
+        if slot and np.array_equal(rows, np.arange(n)):
+            self.synced[slot] = start + n
+        self.length += n
+        self.staged = 0
+
+    def rows(self, start: int, stop: int) -> list[np.ndarray]:
+        """Committed rows ``[start, stop)`` per buffer, sequence-major ``[1, n, kv_heads, head_dim]`` (checks)."""
+        return [b[:, :, start:stop].transpose(0, 2, 1, 3) for b in self.buffers(1)]

@@ -1,0 +1,94 @@
+"""Per-path tree verification, the parts that need no graph: a tree mask's paths (`PathBatch`) and the KV
+slots each path runs on (`SlotCache`). The graph side (bit-identical to plain steps) is in test_fused_graph."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from medusa_export.runtime.backends.base import ModelDims
+from medusa_export.runtime.backends.slot_cache import SlotCache
+from medusa_export.runtime.errors import TreeError
+from medusa_export.runtime.generator import Generator
+from medusa_export.runtime.tree import Tree
+from medusa_export.runtime.tree_paths import PathBatch, count_paths
+
+from conftest import random_trees
+
+DIMS = ModelDims(num_layers=2, num_kv_heads=2, head_dim=3, vocab_size=10, num_heads=3, head_topk=4, sample_topk=1)
+
+
+def test_paths_by_hand():
+    tree = Tree.from_choices([[0], [1], [0, 0]], topk=4)  # nodes: root, (0,), (1,), (0, 0)
+    batch = PathBatch.from_mask(tree.mask, paths=3)
+    assert batch.path_rows.tolist() == [[0, 0, 0], [1, 2, 1], [3, 2, 3]]  # longest first; padded by repeats
+    assert batch.lengths.tolist() == [3, 2, 3]
+    assert batch.node_rows.tolist() == [0, 3, 4, 6]  # depth * paths + path
+    assert batch.path_of(np.array([0, 2])) == 1 and batch.path_of(np.array([0, 1, 3])) == 0
+    with pytest.raises(ValueError, match="not a root-to-node chain"):
+        batch.path_of(np.array([0, 3]))
+
+
+def test_a_causal_mask_is_one_path():
+    batch = PathBatch.from_mask(np.tri(5, dtype=bool), paths=2)
+    assert batch.path_rows[:, 0].tolist() == list(range(5)) and batch.node_rows.tolist() == [0, 2, 4, 6, 8]
+
+
+@settings(max_examples=60, deadline=None)
+@given(choices=random_trees(4, topk=4, max_nodes=12))
+def test_every_node_is_read_from_a_path_that_holds_it(choices):
+    tree = Tree.from_choices(choices, topk=4)
+    p = count_paths(tree.mask)
+    assert p == len(tree.paths_nodes)
+    batch = PathBatch.from_mask(tree.mask, paths=p + 1)
+    depth, path = np.divmod(batch.node_rows, batch.paths)
+    assert (batch.path_rows[depth, path] == np.arange(tree.num_nodes)).all()
+    assert (depth == tree.depth).all()
+    for b in range(batch.paths):  # each path is a root-to-leaf chain
+        rows = batch.path_rows[: batch.lengths[b], b]
+        assert all(tree.parent[c] == a for a, c in zip(rows, rows[1:]))
+
+
+def test_bad_masks_and_too_many_paths_are_refused():
+    tree = Tree.from_choices([[0], [1], [2]], topk=4)
+    with pytest.raises(ValueError, match="3 root-to-leaf paths but the graph verifies at most 2"):
+        PathBatch.from_mask(tree.mask, paths=2)
+    with pytest.raises(ValueError, match="ancestor before"):
+        PathBatch.from_mask(np.ones((3, 3), bool), paths=4)
+    with pytest.raises(ValueError, match="not a tree"):  # node 2 sees node 1 but not node 1's parent
+        PathBatch.from_mask(np.array([[1, 0, 0], [1, 1, 0], [0, 1, 1]], bool), paths=4)
+
+
+def test_generator_refuses_a_tree_with_more_paths_than_the_graph(make_tokenizer):
+    class Fixed:  # the one attribute Generator reads before decoding
+        dims, max_paths = DIMS, 2
+
+    with pytest.raises(TreeError, match="3 root-to-leaf paths .* at most 2"):
+        Generator(Fixed(), make_tokenizer(), Tree.from_choices([[0], [1], [2]], topk=4))
+
+
+def _write(views: list[np.ndarray], slots: int, start: int, t: int, tag: int) -> None:
+    """Rows [start, start + t) of each slot: tag * 1000 + slot * 100 + row."""
+    for v in views:
+        groups = v.reshape(slots, DIMS.num_kv_heads, *v.shape[2:])
+        for s in range(slots):
+            groups[s, :, start:start + t] = (tag * 1000 + s * 100 + np.arange(t))[None, :, None]
+
+
+def test_slot_cache_commits_a_path_and_syncs_the_others_lazily():
+    kv = SlotCache(DIMS, capacity=16)
+    _write(kv.stage(4), 1, 0, 4, tag=1)
+    kv.keep(np.arange(4))  # prefill on slot 0
+    views = kv.stage(3, slots=3)  # slots 1, 2 get the prefix now
+    assert kv.slots == 3 and all((kv.store[:, s, :, :4] == kv.store[:, 0, :, :4]).all() for s in (1, 2))
+    _write(views, 3, 4, 3, tag=2)
+    kv.keep(np.arange(2), slot=2)  # the accepted path ran on slot 2: its first two rows
+    assert kv.length == 6
+    assert kv.store[0, 0, 0, 4:6, 0].tolist() == [2200, 2201]
+    assert kv.synced == [0, 4, 6]  # slot 1 holds another path's rows from 4 on; slot 2 holds the commit
+    kv.stage(3, slots=3)
+    assert all((kv.store[:, s, :, :6] == kv.store[:, 0, :, :6]).all() for s in (1, 2))
+    with pytest.raises(ValueError, match="increasing rows"):
+        kv.keep(np.array([1, 0]), slot=1)
+    with pytest.raises(ValueError, match="slot below 3"):
+        kv.keep(np.arange(1), slot=3)
