@@ -135,8 +135,8 @@ def fused_backbone(decoder, cfg, max_positions: int, dtype: str = "float32", pat
     cos, sin = g.weight("cos_cache", cos), g.weight("sin_cache", sin)
 
     split = g.weight("gate_up_split", np.array([cfg.intermediate_size] * 2, np.int64), cast=False)
-    qkv_split = g.weight("qkv_split", np.array([nh * hd, kvh * hd, kvh * hd], np.int64), cast=False)
     merge_paths = g.weight("merge_paths", np.array([0, 0, -1], np.int64), cast=False)
+    pack_paths = g.weight("pack_paths", _packed_order(paths, nh * hd, kvh * hd), cast=False)
     x = g.op("Gather", [g.weight("embed_tokens", sd["model.embed_tokens.weight"]), "input_ids"], "embed", axis=0)[0]
     residual, pending = x, None  # pending: the last sub-layer's output, added to the residual by the next norm
     for i in range(n):
@@ -154,9 +154,8 @@ def fused_backbone(decoder, cfg, max_positions: int, dtype: str = "float32", pat
         qkv = g.op("Concat", [qkv, g.op("Slice", [qkv, last, end, axis1], f"L{i}/qkv_last")[0]], f"L{i}/qkv_padded",
                    axis=1)[0]
         if paths > 1:  # packed [q | k | v] of heads grouped by path: head h of path b is head b * heads + h
-            parts = g.op("Split", [qkv, qkv_split], f"L{i}/path_split", outputs=3, axis=3)
-            flat = [g.op("Reshape", [x, merge_paths], f"L{i}/path_{n}")[0] for x, n in zip(parts, "qkv")]
-            qkv = g.op("Concat", flat, f"L{i}/path_heads", axis=2)[0]
+            flat = g.op("Reshape", [qkv, merge_paths], f"L{i}/path_flat")[0]  # [1, depths + 1, paths * (q|k|v)]
+            qkv = g.op("Gather", [flat, pack_paths], f"L{i}/path_heads", axis=2)[0]
         gqa = g.op("GroupQueryAttention", [qkv, "", "", k_name, v_name, seqlens, total, cos, sin, positions, bias],
                    f"L{i}/attention", outputs=3, domain=MS, num_heads=paths * nh, kv_num_heads=paths * kvh,
                    do_rotary=1)
@@ -190,6 +189,15 @@ def fused_backbone(decoder, cfg, max_positions: int, dtype: str = "float32", pat
     outputs += [helper.make_tensor_value_info(t.name, f, sym(t))
                 for t in io_table.outputs(n, False, io_table.HEAD_MAJOR_SHARED, paths) if t.name.startswith("present.")]
     return helper.make_graph(g.nodes, "fused_backbone", inputs, outputs, g.inits)
+
+
+def _packed_order(paths: int, q: int, kv: int) -> np.ndarray:
+    """Columns of ``[q_0 k_0 v_0 | q_1 k_1 v_1 | ...]`` (one q|k|v block per path) in GroupQueryAttention's
+    packed order ``[q_0 q_1 .. | k_0 k_1 .. | v_0 v_1 ..]``."""
+    block = q + 2 * kv
+    starts = np.arange(paths) * block
+    parts = [(starts[:, None] + off + np.arange(n)).reshape(-1) for off, n in ((0, q), (q, kv), (q + kv, kv))]
+    return np.concatenate(parts).astype(np.int64)
 
 
 def _norm(g: _Graph, name: str, residual: str, pending: str | None, weight, eps: float) -> tuple[str, str]:
