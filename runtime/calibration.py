@@ -208,7 +208,9 @@ def calibrate(backend: Backend, tokenizer: ChatTokenizer | None, prompts: str | 
     steps = measure_steps(backend, [(t, True) for t in sizes] + [(1, False)], past, repeats, warmup)
     table = {t: steps[(t, True)] for t in sizes}
     vanilla_tokens_per_s = 1.0 / steps[(1, False)]
-    result = search_tree(acc.table(mode), table, node_budget=node_budget)
+    # A fused graph verifies at most the paths of the tree it was built for, each with its own attention pass,
+    # and its measured step times include them: search only trees it can run at those times.
+    result = search_tree(acc.table(mode), table, node_budget=node_budget, max_paths=backend.max_paths)
     say(f"chose {result.num_nodes} nodes: {result.expected_accepted:.2f} expected accepted, "
         f"{result.tokens_per_s:.1f} tokens/s predicted ({vanilla_tokens_per_s:.1f} vanilla)")
     search = result.to_json()
@@ -220,6 +222,7 @@ def calibrate(backend: Backend, tokenizer: ChatTokenizer | None, prompts: str | 
         "prompts": len(ids),
         "max_new_tokens": max_new_tokens,
         "node_budget": node_budget,
+        "max_paths": backend.max_paths,
         "accuracy_mode": mode,
         "head_accuracy": acc.to_json(),
         "decode_s": decode_s,

@@ -126,10 +126,12 @@ def expected_accepted(choices: Sequence[Sequence[int]], acc: Sequence[Sequence[f
 
 
 def best_first_order(acc: Sequence[Sequence[float]] | np.ndarray, max_nodes: int,
-                     max_depth: int | None = None) -> list[tuple[Path_, float]]:
+                     max_depth: int | None = None, max_paths: int | None = None) -> list[tuple[Path_, float]]:
     """Up to ``max_nodes`` paths with their values, in decreasing value; every prefix comes first.
 
-    Ties go to the shallower, then the lexicographically smaller path, so the order is deterministic.
+    ``max_paths``: every prefix of the order is a tree of at most that many root-to-leaf paths (a node that
+    would branch off a non-leaf once the trees have that many is passed over). Ties go to the shallower,
+    then the lexicographically smaller path, so the order is deterministic.
     """
     a = check_accuracy(acc)
     depth_cap = a.shape[0] if max_depth is None else min(max_depth, a.shape[0])
@@ -137,8 +139,13 @@ def best_first_order(acc: Sequence[Sequence[float]] | np.ndarray, max_nodes: int
     heap: list[tuple[float, int, Path_]] = [(-a[0, r], 1, (r,)) for r in range(ranks)]
     heapq.heapify(heap)
     order: list[tuple[Path_, float]] = []
+    leaves: set[Path_] = {()}
     while heap and len(order) < max_nodes:
         neg, d, path = heapq.heappop(heap)
+        branches = path[:-1] not in leaves  # its parent has a child already: one more path
+        if branches and max_paths is not None and len(leaves) >= max_paths:
+            continue  # its parent never becomes a leaf again: passed over for good
+        leaves = (leaves - {path[:-1]}) | {path}
         order.append((path, -neg))
         if d < depth_cap:
             for r in range(ranks):
@@ -147,17 +154,19 @@ def best_first_order(acc: Sequence[Sequence[float]] | np.ndarray, max_nodes: int
 
 
 def search_tree(acc: Sequence[Sequence[float]] | np.ndarray, latency: LatencyFn | Mapping[int, float],
-                node_budget: int, max_depth: int | None = None, min_nodes: int = 1) -> TreeSearchResult:
+                node_budget: int, max_depth: int | None = None, min_nodes: int = 1,
+                max_paths: int | None = None) -> TreeSearchResult:
     """The tree of ``min_nodes..node_budget`` paths with the most predicted tokens per second.
 
     ``acc`` is ``[heads, ranks]``; ``latency`` maps T (nodes including the root) to seconds, either
     a callable or a measured table (see `LatencyModel`). ``node_budget`` counts paths, not the root.
+    ``max_paths``: at most that many root-to-leaf paths (a fused graph verifies a fixed number exactly).
     """
     a = check_accuracy(acc)
     if node_budget < 1 or min_nodes < 1 or min_nodes > node_budget:
         raise InputError(f"node budget must be >= 1 (and >= min_nodes={min_nodes}), got {node_budget}")
     lat = latency if callable(latency) else LatencyModel(latency)
-    order = best_first_order(a, node_budget, max_depth)
+    order = best_first_order(a, node_budget, max_depth, max_paths)
     if len(order) < min_nodes:
         raise InputError(f"only {len(order)} tree nodes exist with these heads, fewer than min_nodes={min_nodes}")
     cum = np.cumsum([v for _, v in order])

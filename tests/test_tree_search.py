@@ -149,3 +149,17 @@ def test_bad_budget_and_latency():
         search_tree(REALISTIC, lambda t: 0.0, node_budget=3)
     with pytest.raises(InputError):
         LatencyModel({})
+
+
+@pytest.mark.parametrize("max_paths", [1, 2, 3])
+def test_max_paths_bounds_every_tree_on_the_curve(max_paths):
+    """A fused graph verifies a fixed number of root-to-leaf paths: every candidate tree respects it, and
+    without the bound the same heads would branch more."""
+    order = best_first_order(REALISTIC, 40, max_paths=max_paths)
+    for n in range(1, len(order) + 1):
+        tree = Tree.from_choices([p for p, _ in order[:n]], topk=REALISTIC.shape[1])
+        assert len(tree.paths_nodes) <= max_paths
+    res = search_tree(REALISTIC, lambda t: 0.01 + 0.0001 * t, node_budget=40, max_paths=max_paths)
+    assert len(Tree.from_choices(res.choices, topk=REALISTIC.shape[1]).paths_nodes) <= max_paths
+    free = search_tree(REALISTIC, lambda t: 0.01 + 0.0001 * t, node_budget=40)
+    assert len(Tree.from_choices(free.choices, topk=REALISTIC.shape[1]).paths_nodes) > max_paths
