@@ -63,7 +63,7 @@ def build_artifact(model: str | None, out: str | Path, heads: str | None = None,
     with step_log("load model and heads"):
         loaded = load_base_model(model)
         chosen = resolve_heads(heads, loaded)
-    tree_spec = tree or _default_tree(chosen.path)
+    tree_spec = tree or _default_tree(chosen.path, dtype)
     tree_obj = Tree.from_choices(load_choices(tree_spec), topk=head_topk, num_heads=chosen.heads.config.num_heads)
     work = new_work_dir(out)
     try:
@@ -148,9 +148,12 @@ def _quality(loaded, work: Path, prompts: list[str], max_seq: int) -> dict:
         return quality(reference, rt.generator, prompts)
 
 
-def _default_tree(heads_path: str | None) -> str:
-    if heads_path and (Path(heads_path) / "tree.json").exists():
-        return str(Path(heads_path) / "tree.json")
+def _default_tree(heads_path: str | None, dtype: str = "fp32") -> str:
+    """The heads' calibrated tree for this weight dtype (``tree_int8.json``: step costs differ by dtype), else
+    their ``tree.json``, else the built-in default."""
+    for name in (f"tree_{dtype}.json", "tree.json"):
+        if heads_path and (Path(heads_path) / name).exists():
+            return str(Path(heads_path) / name)
     return DEFAULT_TREE
 
 

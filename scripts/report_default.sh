@@ -20,16 +20,23 @@ medusa-export build --out artifacts/smollm2            # picks up $heads/tree.js
 # 2. Main run: all MT-Bench first turns, 128 new tokens, greedy, vanilla vs Medusa + transformers generate.
 medusa-export bench artifacts/smollm2 --prompts "$mt" --max-new-tokens 128 --json "$res/bench_calibrated.json" \
   --plot "$res/bench_calibrated.png"
-# 3. Other trees on the same artifact (first N prompts, no transformers row).
-for tree in chain-4 mc_sim_7b_63; do
-  medusa-export bench artifacts/smollm2 --prompts "$mt" --limit "${TREE_PROMPTS:-20}" --max-new-tokens 128 \
-    --tree "$tree" --no-hf --json "$res/bench_$tree.json"
-done
-python scripts/ort_overhead.py artifacts/smollm2 > "$res/ort_overhead.json"
-# 4. The same model as portable fp32 graphs and with quantized weights (fused graphs): speed, identical, quality.
+# 3. Other trees: chain-4 on the same artifact; the GPU-sized mc_sim_7b_63 (42 paths) on the portable graphs
+#    (masked tree step: a fused graph verifies only as many paths as its own tree has).
 medusa-export build --out artifacts/smollm2-portable --graph portable
-medusa-export build --out artifacts/smollm2-int8 --dtype int8 --quality-prompts "$mt"
-medusa-export build --out artifacts/smollm2-int4 --dtype int4 --quality-prompts "$mt"
+medusa-export bench artifacts/smollm2 --prompts "$mt" --limit "${TREE_PROMPTS:-20}" --max-new-tokens 128 \
+  --tree chain-4 --no-hf --json "$res/bench_chain-4.json"
+medusa-export bench artifacts/smollm2-portable --prompts "$mt" --limit "${TREE_PROMPTS:-20}" --max-new-tokens 128 \
+  --tree mc_sim_7b_63 --no-hf --json "$res/bench_mc_sim_7b_63.json"
+python scripts/ort_overhead.py artifacts/smollm2 > "$res/ort_overhead.json"
+# 4. Quantized weights (fused graphs), each with a tree calibrated on its own step costs, then speed, identical,
+#    quality side by side with the portable and fp32 graphs.
+for d in int8 int4; do
+  medusa-export build --out "artifacts/calib-$d" --dtype "$d" --tree chain-4
+  medusa-export calibrate-tree "artifacts/calib-$d" --data "$heads/heldout_prompts.jsonl" --out "$heads/tree_$d.json" \
+    --node-budget "${NODE_BUDGET:-40}"
+  rm -rf "artifacts/calib-$d"
+  medusa-export build --out "artifacts/smollm2-$d" --dtype "$d" --quality-prompts "$mt"   # picks up tree_$d.json
+done
 for a in portable int8 int4; do
   medusa-export bench "artifacts/smollm2-$a" --prompts "$mt" --limit "${TREE_PROMPTS:-20}" --max-new-tokens 128 \
     --no-hf --json "$res/bench_$a.json"
