@@ -38,6 +38,7 @@ class DecodeStats:
     prefill_s: float = 0.0
     step_s: list[float] = field(default_factory=list)  # one per verification forward
     step_tokens: int = 0  # tokens produced by verification steps
+    accepted: list[int] = field(default_factory=list)  # draft tokens accepted per step (0 for vanilla)
     finish_reason: str | None = None  # "length" when the KV buffer is full
 
     @property
@@ -91,6 +92,7 @@ def decode(session: Session, prompt_ids: list[int], tree: Tree | None, cfg: Gene
         new = [int(t) for t in tokens[acc_nodes[1:]]] + [root]
         stats.step_s.append(time.perf_counter() - t0)
         stats.step_tokens += len(new)
+        stats.accepted.append(len(new) - 1)
         yield new
 
 

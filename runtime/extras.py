@@ -19,6 +19,8 @@ EXTRAS = {
     "torch": ("torch", "transformers"),
     "train": ("torch", "transformers"),
     "export": ("torch", "transformers", "onnx", "polygraphy", "onnx_graphsurgeon"),
+    "serve": ("fastapi", "uvicorn", "prometheus_client"),
+    "ray": ("ray",),
 }
 
 

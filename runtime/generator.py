@@ -37,6 +37,8 @@ class GenerationResult:
     prefill_ms: float = 0.0
     step_ms: list[float] = field(default_factory=list)
     step_tokens: int = 0  # tokens the steps produced (may exceed new_tokens - 1 when EOS or the limit cut a step)
+    step_accepted: list[int] = field(default_factory=list)  # draft tokens each step accepted
+    draft_depth: int = 0  # draft positions each step proposed (the tree's depth; 0 without Medusa)
 
     def to_json(self) -> dict:
         keys = ("text", "token_ids", "new_tokens", "steps", "step_tokens", "mean_accepted", "tokens_per_s",
@@ -154,6 +156,8 @@ class Generator:
             prefill_ms=round(stats.prefill_s * 1e3, 3),
             step_ms=[round(s * 1e3, 3) for s in stats.step_s],
             step_tokens=stats.step_tokens,
+            step_accepted=list(stats.accepted),
+            draft_depth=self.tree.max_depth if cfg.medusa and self.tree is not None else 0,
         )
 
 

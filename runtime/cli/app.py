@@ -1,4 +1,4 @@
-"""`medusa-export`: build, generate, verify, bench, train-heads, calibrate-tree.
+"""`medusa-export`: build, generate, verify, bench, serve, train-heads, calibrate-tree.
 
 Every command imports its heavy dependencies (torch, transformers, onnxruntime) only when it runs,
 so `medusa-export --help` stays fast. Library errors (`MedusaExportError`) become one line on stderr
@@ -43,7 +43,7 @@ def cli_errors(fn: Callable) -> Callable:
 
 def _register() -> None:
     # Command modules import only typer at module level.
-    from . import bench_cmd, build_cmd, generate_cmd, train_cmd  # noqa: F401
+    from . import bench_cmd, build_cmd, generate_cmd, serve_cmd, train_cmd  # noqa: F401
 
 
 def main() -> None:

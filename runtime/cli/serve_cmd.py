@@ -1,0 +1,48 @@
+"""`medusa-export serve`: the OpenAI-compatible server (or a Ray Serve deployment with --ray)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+from .app import app, cli_errors
+
+
+@app.command()
+@cli_errors
+def serve(
+    artifact: str = typer.Argument(..., help="Artifact directory (medusa-export build --out DIR)."),
+    host: str = typer.Option("127.0.0.1", help="Address to bind (0.0.0.0 to serve other machines)."),
+    port: int = typer.Option(8000, min=0, max=65535),
+    backend: str = typer.Option("ort", help="ort | trt"),
+    workers: int = typer.Option(1, min=1, help="Decode workers (threads); the CPU threads are split between them."),
+    max_queue: int = typer.Option(8, min=0, help="Requests that may wait for a worker; more get HTTP 429."),
+    api_key: Optional[str] = typer.Option(None, envvar="MEDUSA_EXPORT_API_KEY",
+                                          help="Require 'Authorization: Bearer KEY' on /v1 routes."),
+    threads: Optional[int] = typer.Option(None, min=1, help="ONNX Runtime threads per worker (default: cores / workers)."),
+    tree: Optional[str] = typer.Option(None, help="Tree to use instead of the artifact's (must fit its graph)."),
+    request_timeout: float = typer.Option(300.0, min=0.1, help="Seconds per request, queueing included."),
+    max_body_bytes: int = typer.Option(1 << 20, min=1024, help="Largest request body accepted."),
+    served_model_name: Optional[str] = typer.Option(None, help="Model id clients use (default: the artifact's)."),
+    ray: bool = typer.Option(False, "--ray", help="Run as a Ray Serve deployment (pip install 'medusa-export[ray]')."),
+    replicas: int = typer.Option(1, min=1, help="Ray Serve replicas (with --ray)."),
+) -> None:
+    """Serve an artifact over the OpenAI API (chat/completions, completions, models) with Prometheus metrics."""
+    from ..errors import InputError
+    from ..serve.app import ServeSettings
+
+    if backend not in ("ort", "trt"):
+        raise InputError(f"unknown backend {backend!r}: choose ort or trt")
+    settings = ServeSettings(workers=workers, max_queue=max_queue, timeout_s=request_timeout, api_key=api_key,
+                             max_body_bytes=max_body_bytes, model_name=served_model_name)
+    if ray:
+        from ..serve.ray_app import run_ray
+
+        run_ray(artifact, host=host, port=port, backend=backend, settings=settings, replicas=replicas,
+                threads=threads, tree=tree, log=lambda m: typer.echo(m, err=True))
+        return
+    from ..serve.server import run_server
+
+    run_server(artifact, host=host, port=port, backend=backend, settings=settings, threads=threads, tree=tree,
+               log=lambda m: typer.echo(m, err=True))

@@ -1,0 +1,209 @@
+"""The OpenAI-compatible HTTP app (FastAPI) around one loaded artifact.
+
+    app = create_app(runtime, ServeSettings(workers=1, max_queue=8))
+    # uvicorn.run(app, host="127.0.0.1", port=8000)   -- or `medusa-export serve ARTIFACT`
+
+Routes: POST /v1/chat/completions, POST /v1/completions (both with ``stream``), GET /v1/models, GET /health
+(alive), GET /ready (artifact loaded and accepting), GET /metrics (Prometheus). Every response carries
+``usage`` and ``metrics.speculative_decoding`` (per-request acceptance). Errors are OpenAI-style bodies.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import json
+import time
+import uuid
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from ..generator import GenerationResult, StreamEvent
+from .metrics import ServerMetrics, accepted_per_position
+from .requests import ApiError, Job, ServedModel, parse_chat, parse_completion
+from .scheduler import Finished, Scheduler
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    workers: int = 1  # decode threads; ONNX Runtime threads are split between them
+    max_queue: int = 8  # requests that may wait for a worker before new ones get 429
+    timeout_s: float = 300.0  # per request, queueing included
+    api_key: str | None = None
+    max_body_bytes: int = 1 << 20
+    model_name: str | None = None  # default: the artifact's model name
+
+
+def create_app(runtime, settings: ServeSettings = ServeSettings()) -> FastAPI:
+    generator = runtime.generator
+    name = settings.model_name or runtime.manifest["model"]["name"]
+    model = ServedModel(name, generator.tokenizer, generator.backend.max_seq, generator.tree is not None)
+    metrics = ServerMetrics(name)
+    sched = Scheduler(generator, settings.workers, settings.max_queue, settings.timeout_s, metrics)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app):
+        yield
+        await sched.drain(deadline_s=5.0)  # uvicorn has let in-flight requests finish (its graceful timeout)
+
+    app = FastAPI(title="medusa-export", lifespan=lifespan)
+    app.state.scheduler, app.state.metrics = sched, metrics
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_request: Request, e: ApiError):
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready():
+        if not sched.accepting:
+            raise ApiError(503, "shutting down", type_="server_error")
+        return {"status": "ready", "model": name}
+
+    @app.get("/metrics")
+    async def prometheus():
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        _authorize(request, settings.api_key)
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": int(time.time()),
+                                            "owned_by": "medusa-export", "max_model_len": model.max_seq}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        _authorize(request, settings.api_key)
+        return await _complete(parse_chat(await _json_body(request, settings.max_body_bytes), model))
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        _authorize(request, settings.api_key)
+        return await _complete(parse_completion(await _json_body(request, settings.max_body_bytes), model))
+
+    async def _complete(job: Job):
+        rid = ("chatcmpl-" if job.chat else "cmpl-") + uuid.uuid4().hex
+        events = sched.run(job)
+        first = await _first(events)  # admission errors (429, 503) surface here, before any response starts
+        if job.stream:
+            return StreamingResponse(_sse(rid, job, name, first, events), media_type="text/event-stream")
+        async with contextlib.aclosing(events):
+            texts = [first.text] if isinstance(first, StreamEvent) else []
+            done = first if isinstance(first, Finished) else None
+            async for item in events:
+                if isinstance(item, Finished):
+                    done = item
+                else:
+                    texts.append(item.text)
+        if done is None or done.result is None:
+            raise ApiError(504, f"the request did not finish within {settings.timeout_s:g} s", type_="server_error")
+        return JSONResponse(_response(rid, job, name, "".join(texts), done.result))
+
+    return app
+
+
+async def _first(events: AsyncIterator):
+    try:
+        return await events.__anext__()
+    except StopAsyncIteration:
+        return None
+
+
+async def _sse(rid: str, job: Job, name: str, first, events: AsyncIterator) -> AsyncIterator[str]:
+    created = int(time.time())
+    kind = "chat.completion.chunk" if job.chat else "text_completion"
+
+    def chunk(text: str | None, finish: str | None, role: bool = False) -> str:
+        if job.chat:
+            delta = ({"role": "assistant"} if role else {}) | ({"content": text} if text is not None else {})
+            choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+        else:
+            choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
+        return _data({"id": rid, "object": kind, "created": created, "model": name, "choices": [choice]})
+
+    async with contextlib.aclosing(events):
+        if job.chat:
+            yield chunk("", None, role=True)
+        item = first
+        while item is not None:
+            if isinstance(item, Finished):
+                if item.result is None:
+                    yield _data(ApiError(504, "the request timed out", type_="server_error").body())
+                else:
+                    yield chunk(None if job.chat else "", item.result.finish_reason)
+                    if job.include_usage:
+                        yield _data({"id": rid, "object": kind, "created": created, "model": name, "choices": [],
+                                     "usage": _usage(job, item.result), "metrics": _spec(item.result)})
+                break
+            if item.text:
+                yield chunk(item.text, None)
+            try:
+                item = await events.__anext__()
+            except StopAsyncIteration:
+                item = None
+            except ApiError as e:
+                yield _data(e.body())
+                break
+    yield "data: [DONE]\n\n"
+
+
+def _data(obj: dict) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def _response(rid: str, job: Job, name: str, text: str, result: GenerationResult) -> dict:
+    if job.chat:
+        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": result.finish_reason,
+                  "logprobs": None}
+    else:
+        choice = {"index": 0, "text": text, "finish_reason": result.finish_reason, "logprobs": None}
+    return {"id": rid, "object": "chat.completion" if job.chat else "text_completion", "created": int(time.time()),
+            "model": name, "choices": [choice], "usage": _usage(job, result), "metrics": _spec(result)}
+
+
+def _usage(job: Job, result: GenerationResult) -> dict:
+    prompt = len(job.prompt_ids)
+    return {"prompt_tokens": prompt, "completion_tokens": result.new_tokens, "total_tokens": prompt + result.new_tokens}
+
+
+def _spec(result: GenerationResult) -> dict:
+    """Per-request acceptance: what users of speculative decoding ask for first."""
+    return {"speculative_decoding": {
+        "medusa": result.medusa,
+        "steps": result.steps,
+        "mean_accepted_tokens_per_step": result.mean_accepted,
+        "draft_tokens": len(result.step_accepted) * result.draft_depth,
+        "accepted_tokens": sum(result.step_accepted) if result.medusa else 0,
+        "accepted_tokens_per_position": accepted_per_position(result.step_accepted, result.draft_depth),
+    }}
+
+
+def _authorize(request, api_key: str | None) -> None:
+    if api_key is None:
+        return
+    header = request.headers.get("authorization", "")
+    token = header[7:] if header.lower().startswith("bearer ") else ""
+    if not hmac.compare_digest(token.encode(), api_key.encode()):
+        raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer KEY'", type_="authentication_error",
+                       code="invalid_api_key")
+
+
+async def _json_body(request, limit: int):
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, f"the request body is larger than {limit} bytes", code="request_too_large")
+    body = b""
+    async for part in request.stream():
+        body += part
+        if len(body) > limit:
+            raise ApiError(413, f"the request body is larger than {limit} bytes", code="request_too_large")
+    try:
+        return json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ApiError(400, f"the request body is not valid JSON ({e})") from None

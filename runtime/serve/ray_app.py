@@ -1,0 +1,67 @@
+"""The same OpenAI app as a Ray Serve deployment: Ray does the replicas, placement, autoscaling and the HTTP
+proxy's load balancing; each replica loads the artifact once and runs `create_app` (bounded queue, metrics).
+
+    medusa-export serve ARTIFACT --ray --replicas 2                      # a local Ray, or the one RAY_ADDRESS names
+    serve run medusa_export.runtime.serve.ray_app:app_builder artifact=/path/to/artifact replicas=2 workers=1
+
+On a cluster: `ray start --head` on one machine, `ray start --address HEAD:6379` on the others (or KubeRay's
+RayService with the `serve run` import path above); every machine needs the artifact at the same path.
+Autoscaling: pass ``autoscaling='{"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 1}'``
+to `app_builder` instead of ``replicas``. A replica takes ``workers + max_queue`` requests at a time (Ray's
+``max_ongoing_requests``), so the HTTP proxy spreads the rest over replicas instead of queueing them on one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from .app import ServeSettings, create_app
+
+
+def deployment(artifact: str, backend: str = "ort", settings: ServeSettings = ServeSettings(), replicas: int = 1,
+               threads: int | None = None, tree: str | None = None, autoscaling: dict | None = None):
+    """A bound Ray Serve application serving ``artifact``."""
+    from ray import serve
+
+    threads = threads or 1
+    artifact = os.path.abspath(artifact)
+
+    def build_app():  # runs in each replica
+        from ..api import MedusaRuntime
+
+        runtime = MedusaRuntime.load(artifact, backend=backend, tree=tree, threads=threads)
+        return create_app(runtime, settings)
+
+    scaling = {"autoscaling_config": autoscaling} if autoscaling else {"num_replicas": replicas}
+    medusa = serve.deployment(serve.ingress(build_app)(), name="medusa",
+                              max_ongoing_requests=settings.workers + settings.max_queue,
+                              ray_actor_options={"num_cpus": threads * settings.workers}, **scaling)
+    return medusa.bind()
+
+
+def app_builder(args: dict):
+    """`serve run medusa_export.runtime.serve.ray_app:app_builder artifact=DIR [replicas=N] [workers=N]
+    [max_queue=N] [threads=N] [api_key=KEY] [autoscaling=JSON]`."""
+    settings = ServeSettings(workers=int(args.get("workers", 1)), max_queue=int(args.get("max_queue", 8)),
+                             api_key=args.get("api_key"), timeout_s=float(args.get("timeout_s", 300)))
+    autoscaling = args.get("autoscaling")
+    return deployment(args["artifact"], args.get("backend", "ort"), settings, int(args.get("replicas", 1)),
+                      int(args["threads"]) if "threads" in args else None, args.get("tree"),
+                      json.loads(autoscaling) if isinstance(autoscaling, str) else autoscaling)
+
+
+def run_ray(artifact: str, host: str = "127.0.0.1", port: int = 8000, backend: str = "ort",
+            settings: ServeSettings = ServeSettings(), replicas: int = 1, threads: int | None = None,
+            tree: str | None = None, log=print) -> None:
+    """Start (or join, with RAY_ADDRESS) a Ray cluster, deploy, and block until interrupted."""
+    from .. import extras
+
+    extras.require("serve --ray", "ray")
+    import ray
+    from ray import serve
+
+    ray.init(address=os.environ.get("RAY_ADDRESS"), ignore_reinit_error=True)
+    serve.start(http_options={"host": host, "port": port})
+    log(f"Ray Serve: {replicas} replica(s) of {artifact} on http://{host}:{port} (Ctrl-C stops)")
+    serve.run(deployment(artifact, backend, settings, replicas, threads, tree), blocking=True)

@@ -1,0 +1,165 @@
+"""OpenAI request bodies -> a validated `Job` (token ids + `GenerationConfig`), or an `ApiError` that becomes an
+OpenAI-style error response. Parameters the runtime cannot honour are refused, never silently ignored.
+
+    job = parse_chat(body, ctx)         # POST /v1/chat/completions
+    job = parse_completion(body, ctx)   # POST /v1/completions
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ..decode import GenerationConfig
+from ..tokenizer import ChatTokenizer
+
+
+class ApiError(Exception):
+    """An HTTP error with an OpenAI-style body: ``{"error": {"message", "type", "param", "code"}}``."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """What requests are checked against."""
+
+    name: str
+    tokenizer: ChatTokenizer
+    max_seq: int  # prompt + new tokens must fit
+    medusa: bool  # the artifact has heads
+
+
+@dataclass
+class Job:
+    prompt_ids: list[int]
+    config: GenerationConfig
+    stream: bool
+    include_usage: bool
+    chat: bool  # chat.completion(s) objects, else text_completion
+
+
+# Accepted and honoured, or accepted when they ask for what the runtime does anyway.
+_COMMON = {"model", "max_tokens", "max_completion_tokens", "temperature", "stop", "seed", "stream", "stream_options",
+           "medusa", "user", "n", "top_p", "presence_penalty", "frequency_penalty", "logprobs", "top_logprobs",
+           "logit_bias", "response_format", "tools", "tool_choice", "parallel_tool_calls", "functions",
+           "function_call", "best_of", "echo", "suffix", "service_tier", "store", "metadata", "prompt", "messages"}
+# Parameter -> the value that means "not used"; anything else is refused with 400.
+_NEUTRAL: dict[str, Any] = {"n": 1, "top_p": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0,
+                            "logprobs": None, "top_logprobs": None, "logit_bias": None, "tools": None,
+                            "tool_choice": None, "functions": None, "function_call": None, "best_of": 1,
+                            "echo": False, "suffix": None, "parallel_tool_calls": None}
+
+
+def parse_chat(body: Any, model: ServedModel) -> Job:
+    body = _object(body)
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "'messages' must be a non-empty list of {role, content} objects", param="messages")
+    rendered = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "developer"):
+            raise ApiError(400, f"messages[{i}] needs a role of system, user, assistant or developer",
+                           param=f"messages[{i}].role")
+        rendered.append({"role": "system" if m["role"] == "developer" else m["role"],
+                         "content": _content(m.get("content"), i)})
+    tok = model.tokenizer
+    text = tok.render_chat(rendered) if tok.chat_template else "\n".join(m["content"] for m in rendered)
+    ids = tok.encode(text)
+    return _job(body, model, ids, chat=True, response_format=body.get("response_format"))
+
+
+def parse_completion(body: Any, model: ServedModel) -> Job:
+    body = _object(body)
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1:
+        prompt = prompt[0]
+    if isinstance(prompt, str) and prompt:
+        ids = model.tokenizer.encode(prompt)
+    elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        ids = list(prompt)
+    else:
+        raise ApiError(400, "'prompt' must be a non-empty string, a list with one string, or a list of token ids "
+                       "(one prompt per request)", param="prompt")
+    return _job(body, model, ids, chat=False)
+
+
+def _object(body: Any) -> dict:
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    return body
+
+
+def _content(content: Any, i: int) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in content):
+        return "".join(str(p.get("text", "")) for p in content)
+    raise ApiError(400, f"messages[{i}].content must be a string or a list of text parts (no images or audio)",
+                   param=f"messages[{i}].content")
+
+
+def _job(body: dict, model: ServedModel, ids: list[int], chat: bool, response_format: Any = None) -> Job:
+    unknown = sorted(set(body) - _COMMON)
+    if unknown:
+        raise ApiError(400, f"unknown parameter {unknown[0]!r}", param=unknown[0])
+    name = body.get("model")
+    if name is not None and name != model.name:
+        raise ApiError(404, f"the model {name!r} does not exist: this server serves {model.name!r}", param="model",
+                       code="model_not_found", type_="not_found_error")
+    for key, neutral in _NEUTRAL.items():
+        if key in body and body[key] is not None and body[key] != neutral:
+            raise ApiError(400, f"{key}={body[key]!r} is not supported by this server (leave it at {neutral!r})",
+                           param=key)
+    if response_format not in (None, {"type": "text"}):
+        raise ApiError(400, "response_format other than text is not supported", param="response_format")
+    if not ids:
+        raise ApiError(400, "the prompt is empty after tokenization", param="prompt")
+    vocab = model.tokenizer.tokenizer.get_vocab_size()
+    if any(t < 0 or t >= vocab for t in ids):
+        raise ApiError(400, f"prompt token ids must be in 0..{vocab - 1}", param="prompt")
+    room = model.max_seq - len(ids)
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    if max_tokens is None:
+        max_tokens = room
+    elif not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
+        raise ApiError(400, f"max_tokens must be a positive integer, got {max_tokens!r}", param="max_tokens")
+    if room < 1 or max_tokens > room:
+        raise ApiError(400, f"the prompt ({len(ids)} tokens) plus max_tokens ({max_tokens}) exceeds the model's "
+                       f"maximum sequence of {model.max_seq} tokens: shorten the prompt or lower max_tokens",
+                       param="max_tokens", code="context_length_exceeded")
+    temperature = body.get("temperature")
+    if temperature is None:
+        temperature = 1.0  # OpenAI's default; 0 is greedy, the lossless mode
+    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not 0 <= temperature <= 2:
+        raise ApiError(400, f"temperature must be a number in [0, 2], got {temperature!r}", param="temperature")
+    medusa = body.get("medusa", True)
+    if not isinstance(medusa, bool):
+        raise ApiError(400, "medusa must be true or false", param="medusa")
+    stream = body.get("stream", False)
+    options = body.get("stream_options") or {}
+    if not isinstance(stream, bool) or not isinstance(options, dict):
+        raise ApiError(400, "stream must be a boolean and stream_options an object", param="stream")
+    seed = body.get("seed")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+        raise ApiError(400, "seed must be an integer", param="seed")
+    config = GenerationConfig(max_new_tokens=max_tokens, temperature=float(temperature), stop_strings=_stops(body),
+                              medusa=medusa and model.medusa, seed=seed, chat=False)
+    return Job(ids, config, stream, bool(options.get("include_usage")), chat)
+
+
+def _stops(body: dict) -> tuple[str, ...]:
+    stop = body.get("stop")
+    if stop is None:
+        return ()
+    stops = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, list) or len(stops) > 4 or not all(isinstance(s, str) and s for s in stops):
+        raise ApiError(400, "stop must be a non-empty string or a list of up to 4 of them", param="stop")
+    return tuple(stops)

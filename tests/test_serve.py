@@ -1,0 +1,300 @@
+"""`medusa-export serve` against a real uvicorn on 127.0.0.1, started with the project's own command, driven by
+the official `openai` client (and raw HTTP for what the client will not send): lossless greedy through the
+server, streaming, stop, usage, per-request acceptance, overload (429), disconnect, bad requests, metrics."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+pytest.importorskip("prometheus_client")
+openai = pytest.importorskip("openai")
+
+KEY = "sk-test-key"
+PROMPT = "t5 t6 t7"
+LONG = 1500  # tokens of a request that must still be running while others arrive
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def long_artifact(tiny_dirs, tmp_path_factory):
+    """The tiny model with room for long answers (a few seconds of decoding), so requests overlap."""
+    from conftest import artifact_tree_file
+
+    from medusa_export.exporter.build import build_artifact
+
+    out = tmp_path_factory.mktemp("serve") / "art"
+    build_artifact(str(tiny_dirs[0]), out, heads=str(tiny_dirs[1]), tree=artifact_tree_file(tiny_dirs),
+                   max_seq=2048, log=lambda _m: None)
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(long_artifact):
+    port = _free_port()
+    cmd = [sys.executable, "-m", "medusa_export.runtime.cli", "serve", str(long_artifact), "--port", str(port),
+           "--workers", "1", "--max-queue", "1", "--threads", "1", "--api-key", KEY]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    for _ in range(600):  # bounded: 60 s
+        if proc.poll() is not None:
+            pytest.fail(f"serve exited: {proc.stdout.read()}")
+        try:
+            if _get(base + "/ready")[0] == 200:
+                break
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    else:
+        proc.kill()
+        pytest.fail("serve did not become ready")
+    yield base
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server + "/v1", api_key=KEY, max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def runtime(long_artifact):
+    from medusa_export.runtime.api import MedusaRuntime
+
+    return MedusaRuntime.load(long_artifact, backend="ort", threads=1)
+
+
+def _get(url: str, headers: dict | None = None) -> tuple[int, bytes]:
+    req = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def _post(url: str, body: bytes | dict, key: str | None = KEY) -> tuple[int, dict, object]:
+    """(status, JSON body, headers: case-insensitive ``.get``)."""
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+    req = urllib.request.Request(url, data=data, headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, json.loads(r.read()), r.headers
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read()), e.headers
+
+
+def _metric(base: str, name: str, labels: str = "") -> float:
+    text = _get(base + "/metrics")[1].decode()
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(f"medusa_export:{name}{{") and labels in line:
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def _model(client) -> str:
+    return client.models.list().data[0].id
+
+
+# ------------------------------------------------------------------------------------------- lossless, API
+
+
+def test_greedy_chat_streamed_equals_plain_equals_runtime_and_vanilla(client, runtime):
+    ids = runtime.generator.tokenizer.encode(PROMPT)
+    want = runtime.generate(ids, max_new_tokens=40, medusa=False)  # greedy vanilla
+    assert runtime.generate(ids, max_new_tokens=40).token_ids == want.token_ids
+    msgs = [{"role": "user", "content": PROMPT}]
+    plain = client.chat.completions.create(model=_model(client), messages=msgs, max_tokens=40, temperature=0)
+    assert plain.choices[0].message.content == want.text
+    assert plain.choices[0].finish_reason == "length"
+    assert (plain.usage.prompt_tokens, plain.usage.completion_tokens) == (len(ids), 40)
+    spec = plain.model_extra["metrics"]["speculative_decoding"]
+    assert spec["medusa"] and spec["steps"] >= 1 and spec["mean_accepted_tokens_per_step"] >= 1
+    assert sum(spec["accepted_tokens_per_position"][:1]) <= spec["steps"]
+    chunks = list(client.chat.completions.create(model=_model(client), messages=msgs, max_tokens=40, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == want.text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].usage.completion_tokens == 40 and not chunks[-1].choices
+    off = client.chat.completions.create(model=_model(client), messages=msgs, max_tokens=40, temperature=0,
+                                         extra_body={"medusa": False})
+    assert off.choices[0].message.content == want.text
+    assert off.model_extra["metrics"]["speculative_decoding"]["medusa"] is False
+
+
+def test_stop_and_completions(client, runtime):
+    ids = runtime.generator.tokenizer.encode(PROMPT)
+    words = runtime.generate(ids, max_new_tokens=12, medusa=False).text.split()
+    stop = words[5]
+    cut = client.chat.completions.create(model=_model(client), messages=[{"role": "user", "content": PROMPT}],
+                                         max_tokens=12, temperature=0, stop=[stop])
+    out = cut.choices[0].message.content
+    assert stop not in out and " ".join(words).startswith(out.rstrip()) and cut.choices[0].finish_reason == "stop"
+    comp = client.completions.create(model=_model(client), prompt=PROMPT, max_tokens=12, temperature=0)
+    assert comp.choices[0].text == " ".join(words) and comp.usage.completion_tokens == 12
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model=_model(client), prompt=PROMPT, max_tokens=12, temperature=0, stream=True) if c.choices)
+    assert streamed == comp.choices[0].text
+
+
+# ------------------------------------------------------------------------------------------- bad requests
+
+
+@pytest.mark.parametrize("body, status, param", [
+    (b"{not json", 400, None),
+    ({"model": "gpt-4", "messages": [{"role": "user", "content": PROMPT}]}, 404, "model"),
+    ({"messages": [{"role": "user", "content": PROMPT}], "n": 2}, 400, "n"),
+    ({"messages": [{"role": "user", "content": PROMPT}], "max_tokens": -3}, 400, "max_tokens"),
+    ({"messages": [{"role": "user", "content": PROMPT}], "logprobs": True}, 400, "logprobs"),
+    ({"messages": [{"role": "user", "content": " ".join(["t9"] * 2100)}], "max_tokens": 4}, 400, "max_tokens"),
+    ({"messages": [{"role": "user", "content": PROMPT}], "max_tokens": 2047}, 400, "max_tokens"),
+    ({"messages": []}, 400, "messages"),
+])
+def test_bad_requests_get_openai_errors(server, body, status, param):
+    code, err, _ = _post(server + "/v1/chat/completions", body)
+    assert code == status and err["error"]["message"] and err["error"]["param"] == param
+    assert _get(server + "/health")[0] == 200  # still up
+
+
+def test_api_key_is_required(server):
+    body = {"messages": [{"role": "user", "content": PROMPT}], "max_tokens": 2}
+    for key in (None, "sk-wrong"):
+        code, err, _ = _post(server + "/v1/chat/completions", body, key=key)
+        assert code == 401 and err["error"]["code"] == "invalid_api_key"
+    assert _get(server + "/v1/models")[0] == 401
+    assert _get(server + "/v1/models", {"Authorization": f"Bearer {KEY}"})[0] == 200
+
+
+def test_request_body_limit(server):
+    code, err, _ = _post(server + "/v1/completions", {"prompt": "t1 " * 400_000, "max_tokens": 1})
+    assert code == 413 and "larger than" in err["error"]["message"]
+
+
+# ------------------------------------------------------------------------------------------- load
+
+
+def test_full_queue_gets_429_and_the_server_keeps_serving(server):
+    """1 worker, --max-queue 1: of several concurrent long requests, one runs, one waits, the rest get 429."""
+    results: list[tuple[int, dict]] = []
+    body = {"prompt": PROMPT, "max_tokens": 400, "temperature": 0, "medusa": False}
+
+    def call() -> None:
+        code, payload, headers = _post(server + "/v1/completions", body)
+        results.append((code, headers))
+
+    threads = [threading.Thread(target=call) for _ in range(5)]
+    for t in threads:
+        t.start()
+        time.sleep(0.05)
+    for t in threads:
+        t.join(timeout=120)
+    codes = sorted(c for c, _ in results)
+    assert codes.count(200) >= 2 and codes.count(429) >= 1 and set(codes) <= {200, 429}, codes
+    assert all(h.get("Retry-After") for c, h in results if c == 429)
+    assert _post(server + "/v1/completions", {**body, "max_tokens": 3})[0] == 200
+
+
+def test_disconnect_mid_stream_stops_decoding(server):
+    host, port = server.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    body = json.dumps({"prompt": PROMPT, "max_tokens": LONG, "temperature": 0, "stream": True, "medusa": False})
+    conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"})
+    resp = conn.getresponse()
+    assert resp.status == 200 and resp.read1(64)  # the first chunk arrived: decoding runs
+    before = _metric(server, "decode_steps_total")
+    conn.sock.shutdown(socket.SHUT_RDWR)
+    conn.close()
+    time.sleep(1.0)
+    settled = _metric(server, "decode_steps_total")
+    time.sleep(1.0)
+    assert _metric(server, "decode_steps_total") == settled  # no worker is decoding any more
+    assert settled - before < LONG / 2  # it stopped well before the end
+    assert _metric(server, "num_requests_running") == 0
+
+
+# ------------------------------------------------------------------------------------------- metrics
+
+
+def test_metrics_reconcile_with_per_request_statistics(client, server):
+    before = {n: _metric(server, n) for n in ("generation_tokens_total", "spec_decode_num_accepted_tokens_total",
+                                              "spec_decode_num_drafts_total", "spec_decode_num_draft_tokens_total",
+                                              "e2e_request_latency_seconds_count")}
+    usage, accepted, steps, drafts = 0, 0, 0, 0
+    for i, medusa in enumerate((True, True, False)):
+        r = client.completions.create(model=_model(client), prompt=f"t{5 + i} t6 t7", max_tokens=30, temperature=0,
+                                      extra_body={"medusa": medusa})
+        spec = r.model_extra["metrics"]["speculative_decoding"]
+        usage += r.usage.completion_tokens
+        accepted += spec["accepted_tokens"]
+        drafts += spec["draft_tokens"]
+        steps += spec["steps"] if medusa else 0
+        assert sum(spec["accepted_tokens_per_position"]) == spec["accepted_tokens"]
+    after = {n: _metric(server, n) for n in before}
+    assert after["generation_tokens_total"] - before["generation_tokens_total"] == usage
+    assert after["spec_decode_num_accepted_tokens_total"] - before["spec_decode_num_accepted_tokens_total"] == accepted
+    assert after["spec_decode_num_drafts_total"] - before["spec_decode_num_drafts_total"] == steps
+    assert after["spec_decode_num_draft_tokens_total"] - before["spec_decode_num_draft_tokens_total"] == drafts
+    assert after["e2e_request_latency_seconds_count"] - before["e2e_request_latency_seconds_count"] == 3
+    text = _get(server + "/metrics")[1].decode()
+    for name in ("time_to_first_token_seconds", "inter_token_latency_seconds", "request_queue_time_seconds",
+                 "num_requests_waiting", "spec_decode_num_accepted_tokens_per_pos", "tokens_per_step"):
+        assert f"medusa_export:{name}" in text
+
+
+def test_graceful_shutdown_finishes_in_flight_and_refuses_new(long_artifact):
+    """SIGTERM: the running stream still ends with [DONE]; new connections are refused; the process exits."""
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "medusa_export.runtime.cli", "serve", str(long_artifact),
+                             "--port", str(port), "--threads", "1"], env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(600):  # bounded: 60 s
+            try:
+                if _get(f"http://127.0.0.1:{port}/ready")[0] == 200:
+                    break
+            except OSError:
+                time.sleep(0.1)
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        body = json.dumps({"prompt": PROMPT, "max_tokens": LONG, "temperature": 0, "stream": True, "medusa": False})
+        conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        assert resp.status == 200 and resp.read1(64)
+        proc.terminate()
+        time.sleep(0.5)
+        with pytest.raises(OSError):  # the listening socket is closed: no new requests
+            _get(f"http://127.0.0.1:{port}/health")
+        rest = resp.read().decode()
+        assert rest.rstrip().endswith("data: [DONE]") and '"finish_reason": "length"' in rest
+        assert proc.wait(timeout=60) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once drained
+    finally:
+        if proc.poll() is None:
+            proc.kill()
