@@ -298,3 +298,36 @@ def test_graceful_shutdown_finishes_in_flight_and_refuses_new(long_artifact):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+@pytest.mark.slow
+def test_ray_serve_two_replicas_answer_and_stream(long_artifact, runtime):
+    """The same app on Ray Serve: two replicas on a local 2-CPU Ray both answer; streaming works through the proxy."""
+    ray = pytest.importorskip("ray")
+    serve = pytest.importorskip("ray.serve")
+    from medusa_export.runtime.serve.app import ServeSettings
+    from medusa_export.runtime.serve.ray_app import deployment
+
+    port = _free_port()
+    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(deployment(str(long_artifact), settings=ServeSettings(workers=1, max_queue=2), replicas=2, threads=1),
+                  name="medusa", route_prefix="/")
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=120)
+        want = runtime.generate(runtime.generator.tokenizer.encode(PROMPT), max_new_tokens=16, medusa=False).text
+        replicas = set()
+        for _ in range(30):  # bounded: the proxy spreads requests over the replicas
+            raw = client.completions.with_raw_response.create(model=_model(client), prompt=PROMPT, max_tokens=16,
+                                                              temperature=0)
+            assert raw.parse().choices[0].text == want
+            replicas.add(raw.headers["x-served-by"])
+            if len(replicas) == 2:
+                break
+        assert len(replicas) == 2
+        streamed = "".join(c.choices[0].text for c in client.completions.create(
+            model=_model(client), prompt=PROMPT, max_tokens=16, temperature=0, stream=True) if c.choices)
+        assert streamed == want
+    finally:
+        serve.shutdown()
+        ray.shutdown()

@@ -13,6 +13,8 @@ from __future__ import annotations
 import contextlib
 import hmac
 import json
+import os
+import socket
 import time
 import uuid
 from dataclasses import dataclass
@@ -43,6 +45,7 @@ def create_app(runtime, settings: ServeSettings = ServeSettings()) -> FastAPI:
     model = ServedModel(name, generator.tokenizer, generator.backend.max_seq, generator.tree is not None)
     metrics = ServerMetrics(name)
     sched = Scheduler(generator, settings.workers, settings.max_queue, settings.timeout_s, metrics)
+    served_by = {"X-Served-By": f"{socket.gethostname()}:{os.getpid()}"}  # which replica answered (Ray Serve)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app):
@@ -92,7 +95,8 @@ def create_app(runtime, settings: ServeSettings = ServeSettings()) -> FastAPI:
         events = sched.run(job)
         first = await _first(events)  # admission errors (429, 503) surface here, before any response starts
         if job.stream:
-            return StreamingResponse(_sse(rid, job, name, first, events), media_type="text/event-stream")
+            return StreamingResponse(_sse(rid, job, name, first, events), media_type="text/event-stream",
+                                     headers=served_by)
         async with contextlib.aclosing(events):
             texts = [first.text] if isinstance(first, StreamEvent) else []
             done = first if isinstance(first, Finished) else None
@@ -103,7 +107,7 @@ def create_app(runtime, settings: ServeSettings = ServeSettings()) -> FastAPI:
                     texts.append(item.text)
         if done is None or done.result is None:
             raise ApiError(504, f"the request did not finish within {settings.timeout_s:g} s", type_="server_error")
-        return JSONResponse(_response(rid, job, name, "".join(texts), done.result))
+        return JSONResponse(_response(rid, job, name, "".join(texts), done.result), headers=served_by)
 
     return app
 
