@@ -7,8 +7,9 @@ proxy's load balancing; each replica loads the artifact once and runs `create_ap
 On a cluster: `ray start --head` on one machine, `ray start --address HEAD:6379` on the others (or KubeRay's
 RayService with the `serve run` import path above); every machine needs the artifact at the same path.
 Autoscaling: pass ``autoscaling='{"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 1}'``
-to `app_builder` instead of ``replicas``. A replica takes ``workers + max_queue`` requests at a time (Ray's
-``max_ongoing_requests``), so the HTTP proxy spreads the rest over replicas instead of queueing them on one.
+to `app_builder` instead of ``replicas``. A replica takes ``workers`` requests at a time (Ray's
+``max_ongoing_requests``; one per decode worker, as measured best on a CPU), so the HTTP proxy queues the rest
+and hands each to the next free replica instead of queueing it behind a busy one.
 """
 
 from __future__ import annotations
@@ -34,8 +35,9 @@ def deployment(artifact: str, backend: str = "ort", settings: ServeSettings = Se
         return create_app(runtime, settings)
 
     scaling = {"autoscaling_config": autoscaling} if autoscaling else {"num_replicas": replicas}
-    medusa = serve.deployment(serve.ingress(build_app)(), name="medusa",
-                              max_ongoing_requests=settings.workers + settings.max_queue,
+    # One request per decode worker on a replica: the rest wait in Ray's proxy, which hands each to the next
+    # free replica instead of queueing it behind a busy one.
+    medusa = serve.deployment(serve.ingress(build_app)(), name="medusa", max_ongoing_requests=settings.workers,
                               ray_actor_options={"num_cpus": threads * settings.workers}, **scaling)
     return medusa.bind()
 
