@@ -109,32 +109,28 @@ class Backend(ABC):
 
 
 class MaskBuffer:
-    """Builds the ``[batch, 1, T, past+T]`` attention mask as a contiguous view of one reused flat buffer:
+    """Builds the ``[1, 1, T, past+T]`` attention mask as a contiguous view of one reused flat buffer:
     every new token sees the whole committed prefix, and the new tokens see each other per ``tree_mask``.
     The buffer grows by doubling, so steady-state steps allocate nothing."""
 
     def __init__(self) -> None:
         self.buffer = np.zeros(0, bool)
 
-    def build(self, past: int, tree_mask: np.ndarray, batch: int = 1) -> np.ndarray:
-        """``[batch, 1, T, past + T]``, the same mask for every batch row."""
+    def build(self, past: int, tree_mask: np.ndarray) -> np.ndarray:
         t = tree_mask.shape[0]
-        need = batch * t * (past + t)
+        need = t * (past + t)
         if need > self.buffer.size:
             self.buffer = np.zeros(max(need, 2 * self.buffer.size), bool)
-        m = self.buffer[:need].reshape(batch, 1, t, past + t)
+        m = self.buffer[:need].reshape(1, 1, t, past + t)
         m[..., :past] = True
-        m[:, 0, :, past:] = tree_mask
+        m[0, 0, :, past:] = tree_mask
         return m
 
 
 class KVCache:
-    """Preallocated per-layer KV buffers in the graph's layout (``io_table.KV_LAYOUTS``):
-
-    * sequence-major ``[1, capacity, kv_heads, head_dim]``: `past` is the committed prefix (a contiguous view,
-      bound without a copy) and `stage` the view where the step's T new rows go;
-    * head-major shared ``[1, kv_heads, capacity, head_dim]``: `past` and `stage` are the whole buffers (the
-      graph reads ``[:length]`` and writes its T rows at ``length`` in place).
+    """Preallocated per-layer sequence-major KV buffers ``[1, capacity, kv_heads, head_dim]``: `past` is the
+    committed prefix (a contiguous view, bound without a copy) and `stage` the view where the step's T new
+    rows go. (Fused graphs' head-major shared buffers: `slot_cache.SlotCache`.)
 
     ``alloc(shape)`` makes one zeroed buffer: numpy by default; the PyTorch backend passes a torch
     allocator (CPU or CUDA), and indexing works the same for both.
@@ -143,14 +139,8 @@ class KVCache:
     ``[length:length+n]`` so rejected branches never stay visible.
     """
 
-    def __init__(self, dims: ModelDims, capacity: int, alloc=None, layout: str = io_table.SEQUENCE_MAJOR) -> None:
-        if layout == io_table.HEAD_MAJOR_SHARED:
-            shape, self.axis = (1, dims.num_kv_heads, capacity, dims.head_dim), 2
-        elif layout == io_table.SEQUENCE_MAJOR:
-            shape, self.axis = (1, capacity, dims.num_kv_heads, dims.head_dim), 1
-        else:
-            raise ValueError(f"unknown KV layout {layout!r}")
-        self.layout = layout
+    def __init__(self, dims: ModelDims, capacity: int, alloc=None) -> None:
+        shape = (1, capacity, dims.num_kv_heads, dims.head_dim)
         alloc = alloc or (lambda s: np.zeros(s, io_table.model_dtype_of(dims.dtype)))
         self.keys = [alloc(shape) for _ in range(dims.num_layers)]
         self.values = [alloc(shape) for _ in range(dims.num_layers)]
@@ -158,30 +148,21 @@ class KVCache:
         self.length = 0
         self.staged = 0
 
-    def _rows(self, index) -> tuple:
-        """An index that selects ``index`` along the sequence axis."""
-        return (slice(None),) * self.axis + (index,)
-
     def buffers(self) -> list[np.ndarray]:
         """Flat list in io_table order: layer 0 key, layer 0 value, layer 1 key, ..."""
         return [b for pair in zip(self.keys, self.values) for b in pair]
 
     def past(self) -> list[np.ndarray]:
-        if self.layout == io_table.HEAD_MAJOR_SHARED:
-            return self.buffers()
-        return [b[self._rows(slice(0, self.length))] for b in self.buffers()]
+        return [b[:, : self.length] for b in self.buffers()]
 
     def stage(self, t: int) -> list[np.ndarray]:
-        """Where the next run's T new rows go (the whole buffers in the shared layout)."""
+        """Where the next run's T new rows go."""
         self.staged = t
-        if self.layout == io_table.HEAD_MAJOR_SHARED:
-            return self.buffers()
-        return [b[self._rows(slice(self.length, self.length + t))] for b in self.buffers()]
+        return [b[:, self.length:self.length + t] for b in self.buffers()]
 
     def rows(self, start: int, stop: int) -> list[np.ndarray]:
-        """Rows ``[start, stop)`` of every buffer, sequence-major ``[1, n, kv_heads, head_dim]`` (for checks)."""
-        out = [b[self._rows(slice(start, stop))] for b in self.buffers()]
-        return out if self.axis == 1 else [r.transpose(0, 2, 1, 3) for r in out]
+        """Rows ``[start, stop)`` of every buffer, ``[1, n, kv_heads, head_dim]`` (for checks)."""
+        return [b[:, start:stop] for b in self.buffers()]
 
     def keep(self, rows: np.ndarray) -> None:
         rows = np.asarray(rows, np.int64)
@@ -191,8 +172,7 @@ class KVCache:
         if not np.array_equal(rows, np.arange(n)):
             # rows[i] >= i, so copying in increasing order never overwrites a row still to be read.
             src = (self.length + rows).tolist()
-            dst = self._rows(slice(self.length, self.length + n))
             for b in self.buffers():
-                b[dst] = b[self._rows(src)]
+                b[:, self.length:self.length + n] = b[:, src]
         self.length += n
         self.staged = 0

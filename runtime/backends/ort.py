@@ -172,13 +172,16 @@ class OrtSession(Session):
         b.bind_cpu_input("attention_mask", self.masks.build(self.kv.length, tree_mask))
         self.temperature[0] = temperature
         b.bind_cpu_input("temperature", self.temperature)
-        staged = self.kv.stage(len(tree_mask), paths) if paths > 1 else self.kv.stage(t)
-        for name, view in zip(self.past_names, staged if isinstance(self.kv, SlotCache) else self.kv.past()):
+        if isinstance(self.kv, SlotCache):  # shared: past and present are the same whole buffers
+            past = present = self.kv.stage(len(tree_mask), paths)
+        else:
+            present, past = self.kv.stage(t), self.kv.past()
+        for name, view in zip(self.past_names, past):
             self._bind(b.bind_input, name, view)
         reduced = self.reduced[medusa]
         for name in reduced:  # small ([T, S], [T, T], ...): let ORT allocate them
             b.bind_output(name, "cpu")
-        for name, view in zip(self.present_names, staged):
+        for name, view in zip(self.present_names, present):
             self._bind(b.bind_output, name, view)
         self.graphs[kind].run_with_iobinding(b)
         # get_outputs() follows the binding order: the reduced outputs first, as bound above.
@@ -191,7 +194,7 @@ class OrtSession(Session):
         return self._batches[key]
 
     def _bind(self, bind, name: str, view: np.ndarray) -> None:
-        # The views are contiguous slices of the preallocated buffers (sequence-major layout).
+        # The views are contiguous slices of the preallocated buffers (either layout).
         bind(name, "cpu", 0, self.elem, list(view.shape), view.ctypes.data)
 
     def keep(self, rows) -> None:

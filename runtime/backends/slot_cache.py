@@ -20,8 +20,6 @@ from .base import ModelDims
 
 
 class SlotCache:
-    layout = io_table.HEAD_MAJOR_SHARED
-
     def __init__(self, dims: ModelDims, capacity: int, slots: int = 1) -> None:
         self.dims, self.capacity = dims, capacity
         self.store = self._alloc(slots)
