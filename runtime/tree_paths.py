@@ -67,12 +67,6 @@ class PathBatch:
         raise ValueError(f"nodes {nodes.tolist()} are not a root-to-node chain of the verified tree")
 
 
-def count_paths(mask: np.ndarray) -> int:
-    """Root-to-leaf paths of a tree mask (its leaves)."""
-    mask = np.asarray(mask, bool)
-    return int((~(mask & ~np.eye(mask.shape[0], dtype=bool)).any(axis=0)).sum())
-
-
 def _check_tree_mask(mask: np.ndarray) -> None:
     """ValueError unless ``mask`` is an ancestors-or-self mask with ancestors before their descendants."""
     n = mask.shape[0]
