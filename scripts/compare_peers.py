@@ -4,7 +4,7 @@ with the reason.
 
     python scripts/compare_peers.py --prompts ../shared/data/mt_bench.jsonl --limit 20 --threads 2 \\
         --ours artifacts/smollm2 artifacts/smollm2-int8 --genai genai-int4/ --gguf model.Q8_0.gguf \\
-        --json peers.json
+        --json peers.json --plot peers.png
 
 * ours: each artifact, vanilla and Medusa (ONNX Runtime);
 * onnxruntime-genai (``pip install onnxruntime-genai``): a model directory from its builder on the same weights,
@@ -15,7 +15,7 @@ with the reason.
 
 Per row: decode tokens/s (after the first token), end-to-end tokens/s (prefill included), median time to first
 token, and agreement with the first artifact's fp32 greedy vanilla tokens (share of prompts with the same answer
-and share of answer tokens before the first difference).
+and share of answer tokens before the first difference). GGUFs of the same weights: scripts/make_ggufs.py.
 """
 
 from __future__ import annotations
@@ -117,6 +117,7 @@ def main() -> None:
     ap.add_argument("--genai", type=Path, nargs="*", default=[], help="onnxruntime-genai model directories")
     ap.add_argument("--gguf", type=Path, nargs="*", default=[], help="GGUF files for llama.cpp")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--plot", type=Path, help="PNG bar chart of decode and end-to-end tokens/s per row")
     args = ap.parse_args()
     prompts = read_prompts(args.prompts, limit=args.limit)
     rows, reference, skipped = [], None, []
@@ -144,6 +145,28 @@ def main() -> None:
     if args.json:
         args.json.write_text(json.dumps({"prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
                                          "threads": args.threads, "rows": rows, "skipped": skipped}, indent=2) + "\n")
+    if args.plot:
+        plot(rows, args.plot, f"{len(prompts)} prompts, {args.max_new_tokens} new tokens, {args.threads} threads")
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    y = np.arange(len(rows))
+    fig, ax = plt.subplots(figsize=(9, 0.45 * len(rows) + 1.5))
+    ax.barh(y + 0.2, [r["decode_tokens_per_s"] for r in rows], 0.4, label="decode tok/s", color="#4C72B0")
+    ax.barh(y - 0.2, [r["e2e_tokens_per_s"] for r in rows], 0.4, label="end-to-end tok/s", color="#DD8452")
+    ax.set_yticks(y, [r["name"] for r in rows], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("tokens / s")
+    ax.set_title(title)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
