@@ -11,9 +11,10 @@ with the reason.
   ``python -m onnxruntime_genai.models.builder -i HF_DIR -o OUT -p int4 -e cpu`` (HF_DIR: the fp32 directory
   medusa-export caches for the default model under ``$MEDUSA_EXPORT_CACHE/models/``);
 * llama.cpp through llama-cpp-python on GGUF files of the same weights (scripts/make_ggufs.py). It compiles
-  from source: here ``CMAKE_ARGS="-DGGML_NATIVE=ON" CMAKE_BUILD_PARALLEL_LEVEL=2 pip install llama-cpp-python``
-  built 0.3.36 (193 compile steps, ~10 min on these 2 cores, gcc 12, OpenMP); use
-  ``CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON"`` for a portable AVX2 build.
+  from source; on this VM the native build (``CMAKE_ARGS="-DGGML_NATIVE=ON"``) compiled but died with "Illegal
+  instruction", the portable AVX2 build runs: ``CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON
+  -DGGML_F16C=ON -DGGML_AVX512=OFF" CMAKE_BUILD_PARALLEL_LEVEL=2 pip install llama-cpp-python`` (0.3.36, 193
+  compile steps, ~8 min on 2 cores, gcc 12).
 
 Per row: decode tokens/s (after the first token), end-to-end tokens/s (prefill included), median time to first
 token, and agreement with the first artifact's fp32 greedy vanilla tokens (share of prompts with the same answer
