@@ -110,6 +110,7 @@ class Generator:
 
     def _events(self, ids: list[int], cfg: GenerationConfig, stream: Stream) -> Iterator[StreamEvent]:
         stats = DecodeStats()
+        tree = self.tree if cfg.medusa else None  # `stream` refused Medusa without a tree
         eos = set(self.tokenizer.eos_token_ids)
         detok = IncrementalDetokenizer(self.tokenizer.decode)
         tail_len = max((len(s) for s in cfg.stop_strings), default=1) - 1
@@ -119,7 +120,7 @@ class Generator:
         finish = None
         t0 = time.perf_counter()
         with self.backend.new_session() as session:
-            for chunk in decode(session, ids, self.tree if cfg.medusa else None, cfg, stats):
+            for chunk in decode(session, ids, tree, cfg, stats):
                 kept = []
                 for tok in chunk:
                     if tok in eos:
@@ -151,13 +152,13 @@ class Generator:
             tokens_per_s=round(len(new) / elapsed, 3) if elapsed > 0 else 0.0,
             finish_reason=finish or stats.finish_reason or "length",
             backend=self.backend.name,
-            medusa=bool(cfg.medusa and self.tree is not None),
+            medusa=tree is not None,
             prompt_tokens=len(ids),
             prefill_ms=round(stats.prefill_s * 1e3, 3),
             step_ms=[round(s * 1e3, 3) for s in stats.step_s],
             step_tokens=stats.step_tokens,
             step_accepted=list(stats.accepted),
-            draft_depth=self.tree.max_depth if cfg.medusa and self.tree is not None else 0,
+            draft_depth=tree.max_depth if tree is not None else 0,
         )
 
 

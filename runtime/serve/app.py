@@ -183,7 +183,7 @@ def _spec(result: GenerationResult) -> dict:
         "steps": result.steps,
         "mean_accepted_tokens_per_step": result.mean_accepted,
         "draft_tokens": len(result.step_accepted) * result.draft_depth,
-        "accepted_tokens": sum(result.step_accepted) if result.medusa else 0,
+        "accepted_tokens": sum(result.step_accepted),  # 0 per step without Medusa
         "accepted_tokens_per_position": accepted_per_position(result.step_accepted, result.draft_depth),
     }}
 
@@ -199,14 +199,15 @@ def _authorize(request, api_key: str | None) -> None:
 
 
 async def _json_body(request, limit: int):
+    too_large = ApiError(413, f"the request body is larger than {limit} bytes", code="request_too_large")
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise ApiError(413, f"the request body is larger than {limit} bytes", code="request_too_large")
+        raise too_large  # refused before reading it
     body = b""
     async for part in request.stream():
         body += part
         if len(body) > limit:
-            raise ApiError(413, f"the request body is larger than {limit} bytes", code="request_too_large")
+            raise too_large
     try:
         return json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

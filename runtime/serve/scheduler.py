@@ -27,8 +27,6 @@ from .requests import ApiError, Job
 @dataclass
 class Finished:
     result: GenerationResult | None  # None when cancelled (disconnect, timeout, shutdown)
-    record: RequestRecord
-    timed_out: bool = False
 
 
 class Scheduler:
@@ -109,7 +107,7 @@ class Scheduler:
         if isinstance(result, Exception):
             raise ApiError(500, f"decoding failed: {type(result).__name__}: {str(result)[:200]}",
                            type_="server_error") from result
-        yield Finished(result, rec, timed_out)
+        yield Finished(result)
 
     def _work(self, job: Job, queue: asyncio.Queue, loop: asyncio.AbstractEventLoop, cancel: threading.Event) -> None:
         """On a worker thread: decode, handing each step's event to the event loop; stop when cancelled."""
