@@ -3,6 +3,7 @@
 # shipped heads, build the artifact (fused fp32 graphs), benchmark on MT-Bench; then the portable graphs and the
 # int8 / int4 artifacts side by side, step latency by tree size and past, streaming cost.
 # Usage: scripts/report_default.sh [RESULTS_DIR]   (run inside an environment from scripts/setup_env.sh)
+#        HEADS_ONLY=1 scripts/report_default.sh ...  stops after step 3 (what new heads change)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1
@@ -20,6 +21,7 @@ medusa-export build --out artifacts/smollm2            # picks up $heads/tree.js
 # 2. Main run: all MT-Bench first turns, 128 new tokens, greedy, vanilla vs Medusa + transformers generate.
 medusa-export bench artifacts/smollm2 --prompts "$mt" --max-new-tokens 128 --json "$res/bench_calibrated.json" \
   --plot "$res/bench_calibrated.png"
+python scripts/head_accuracy.py artifacts/smollm2 --prompts "$mt" --max-new-tokens 128 --json "$res/head_accuracy.json"
 # 3. Other trees: chain-4 on the same artifact; the GPU-sized mc_sim_7b_63 (42 paths) on the portable graphs
 #    (masked tree step: a fused graph verifies only as many paths as its own tree has).
 medusa-export build --out artifacts/smollm2-portable --graph portable
@@ -27,6 +29,7 @@ medusa-export bench artifacts/smollm2 --prompts "$mt" --limit "${TREE_PROMPTS:-2
   --tree chain-4 --no-hf --json "$res/bench_chain-4.json"
 medusa-export bench artifacts/smollm2-portable --prompts "$mt" --limit "${TREE_PROMPTS:-20}" --max-new-tokens 128 \
   --tree mc_sim_7b_63 --no-hf --json "$res/bench_mc_sim_7b_63.json"
+[ -n "${HEADS_ONLY:-}" ] && exit 0
 python scripts/ort_overhead.py artifacts/smollm2 > "$res/ort_overhead.json"
 # 4. Quantized weights (fused graphs), each with a tree calibrated on its own step costs, then speed, identical,
 #    quality side by side with the portable and fp32 graphs.

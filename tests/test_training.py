@@ -17,8 +17,11 @@ from conftest import TINY_VOCAB, make_tiny_model  # noqa: E402
 
 from medusa_export.exporter.heads import load_heads  # noqa: E402
 from medusa_export.exporter.training import train as train_mod  # noqa: E402
+from medusa_export.exporter.training import data as data_mod  # noqa: E402
+from medusa_export.exporter.training.continuous_batching import answer_all  # noqa: E402
 from medusa_export.exporter.training.data import (  # noqa: E402
-    DistillConfig, DistilledData, generate_batch)
+    DistillConfig, DistilledData, distill, generate_batch)
+from medusa_export.exporter.training.static_decoder import StaticDecoder  # noqa: E402
 from medusa_export.exporter.training.examples import IGNORE, DraftVocab, build_examples, split_by_prompt  # noqa: E402
 from medusa_export.runtime.errors import HeadsError, InputError  # noqa: E402
 
@@ -82,6 +85,82 @@ def test_batched_generation_equals_unbatched(loaded):
         np.testing.assert_array_equal(batched["tokens"][off[r]:off[r + 1]], single["tokens"])
         np.testing.assert_allclose(batched["hidden"][off[r]:off[r + 1]].astype(np.float32),
                                    single["hidden"].astype(np.float32), atol=2e-3)
+
+
+def _answers(model, prompts, eos, max_new, slots, temperature=0.0, seeds=None):
+    dec = StaticDecoder(model, slots=slots, capacity=max(map(len, prompts)) + max_new)
+    return {i: (h, t) for i, h, t in answer_all(dec, model.get_output_embeddings().weight, prompts, eos, max_new,
+                                                 temperature, seeds)}
+
+
+def test_static_cache_engine_equals_the_transformers_forward(loaded):
+    """Continuous batching (3 slots for 9 prompts: slots are refilled mid-run) gives every prompt exactly the
+    tokens, and the hidden states, of decoding it alone with the transformers forward."""
+    rng = np.random.default_rng(1)
+    prompts = [[int(x) for x in rng.integers(1, TINY_VOCAB - 1, n)] for n in rng.integers(2, 12, 9)]
+    cfg = DistillConfig(max_new_tokens=16)
+    eos = {int(generate_batch(loaded.model, [prompts[0]], set(), cfg)["tokens"][3])}  # some answers end early
+    got = _answers(loaded.model, prompts, eos, 16, slots=3)
+    lengths = set()
+    for i, p in enumerate(prompts):
+        ref = generate_batch(loaded.model, [p], eos, cfg)
+        hidden, tokens = got[i]
+        np.testing.assert_array_equal(tokens, ref["tokens"])
+        np.testing.assert_allclose(hidden.astype(np.float32), ref["hidden"].astype(np.float32), atol=2e-3)
+        lengths.add(len(tokens))
+    assert len(lengths) > 1 and max(lengths) == 16  # early ends and full-length answers both happened
+
+
+def test_sampled_answers_do_not_depend_on_the_batch(loaded):
+    prompts = [[5, 6, 7], [9, 10], [100, 200, 300, 17], [250, 11, 12, 13, 14]]
+    seeds = [11, 12, 13, 14]
+    two = _answers(loaded.model, prompts, set(), 10, slots=2, temperature=1.0, seeds=seeds)
+    four = _answers(loaded.model, prompts, set(), 10, slots=4, temperature=1.0, seeds=seeds)
+    greedy = _answers(loaded.model, prompts, set(), 10, slots=4)
+    for i in range(4):
+        np.testing.assert_array_equal(two[i][1], four[i][1])
+    assert any(not np.array_equal(two[i][1], greedy[i][1]) for i in range(4))  # it did sample
+
+
+def test_distillation_resumes_without_repeating_finished_shards(loaded, tmp_path, monkeypatch):
+    """Interrupt after the first shards are on disk; the rerun generates only the prompts of the others and
+    ends with the same data as an uninterrupted run."""
+    prompts = [" ".join(f"t{(7 * i + j) % 500 + 1}" for j in range(2 + i % 5)) for i in range(10)]
+    cfg = DistillConfig(max_new_tokens=6, batch_size=3, shard_size=3)
+    full = distill(loaded.model, loaded.tokenizer, prompts, tmp_path / "full", cfg, "sha", "m")
+    real_answers = data_mod._answers
+    seen: list[int] = []
+
+    def interrupted(model, encoded, order, eos, cfg):
+        for n, item in enumerate(real_answers(model, encoded, order, eos, cfg)):
+            if n == 7:
+                raise KeyboardInterrupt
+            seen.append(item[0])
+            yield item
+
+    monkeypatch.setattr(data_mod, "_answers", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        distill(loaded.model, loaded.tokenizer, prompts, tmp_path / "run", cfg, "sha", "m")
+    root = next((tmp_path / "run").iterdir())
+    written = sorted(p.name for p in root.glob("shard_*.npz"))
+    assert 0 < len(written) < 4 and not list(root.glob("*.tmp.npz"))
+    stamps = {name: (root / name).stat().st_mtime_ns for name in written}
+    index = json.loads((root / "index.json").read_text())
+    assert index["shards"] == 4
+
+    def spying(model, encoded, order, eos, cfg):
+        seen.clear()
+        seen.extend(order)
+        yield from real_answers(model, encoded, order, eos, cfg)
+
+    monkeypatch.setattr(data_mod, "_answers", spying)
+    again = distill(loaded.model, loaded.tokenizer, prompts, tmp_path / "run", cfg, "sha", "m")
+    done_before = {int(i) for name in written for i in np.load(root / name)["prompt_index"]}
+    assert seen and done_before.isdisjoint(seen) and len(done_before) + len(seen) == 10
+    assert {name: (root / name).stat().st_mtime_ns for name in written} == stamps  # not rewritten
+    assert again.stats["generated_now_shards"] == 4 - len(written)
+    for field in ("tokens", "seq_lens", "prompt_index"):
+        np.testing.assert_array_equal(getattr(again, field), getattr(full, field))
 
 
 def test_hidden_state_predicts_its_token(loaded):
@@ -206,6 +285,9 @@ def test_training_record_holds_no_machine_paths(trained):
     assert str(root) not in text and "/tmp" not in text
     record = json.loads(text)
     assert record["data_file"] == "prompts.jsonl" and len(record["data_sha256"]) == 64
+    data = record["data"]  # provenance: the source file's hash, the filters and what each removed
+    assert data["source"] == "jsonl" and len(data["sha256"]) == 64 and data["excluded_eval_set"] == "mt_bench"
+    assert data["counts"]["input"] == 24 and data["counts"]["kept"] == data["prompts"]
 
 
 def test_draft_vocab_and_sampled_passes(trained, loaded, prompts_file, tmp_path, capsys):
@@ -233,3 +315,9 @@ def test_bad_options_are_input_errors(loaded, prompts_file, tmp_path):
         run_train_heads(loaded, prompts_file, tmp_path / "h", layout="own", progress=False)
     with pytest.raises(InputError, match="heldout_fraction"):
         train_mod.train_heads(loaded, prompts_file, tmp_path / "h", heldout_fraction=1.5, progress=False)
+    with pytest.raises(InputError, match="distill engine"):
+        train_mod.train_heads(loaded, prompts_file, tmp_path / "h", distill_engine="vllm", progress=False)
+    if not torch.cuda.is_available():
+        with pytest.raises(InputError, match="--device cuda: this PyTorch sees no CUDA device"):
+            train_mod.train_heads(loaded, prompts_file, tmp_path / "h", device="cuda", progress=False)
+    assert not (tmp_path / "h").exists()

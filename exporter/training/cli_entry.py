@@ -35,7 +35,7 @@ def run_train_heads(model: Any, data: str | Path, out: str | Path, **options: An
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="train-heads", description="Train Medusa-1 heads by self-distillation.")
     p.add_argument("--model", default=None, help="HF directory or .gguf; default: SmolLM2-135M-Instruct")
-    p.add_argument("--data", required=True, help="prompts JSONL, one {\"prompt\": ...} per line")
+    p.add_argument("--data", required=True, help="'sharegpt' or a prompts JSONL, one {\"prompt\": ...} per line")
     p.add_argument("--out", required=True, help="output directory for the heads")
     sig = inspect.signature(train_heads)
     for name, par in sig.parameters.items():
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> None:
             p.add_argument(flag, default=par.default, action=argparse.BooleanOptionalAction)
         elif name in _INT_OR_NONE:
             p.add_argument(flag, type=int, default=par.default)
-        elif name == "cache_dir":
+        elif name in ("cache_dir", "exclude_eval"):
             p.add_argument(flag, default=None)
         else:
             p.add_argument(flag, type=type(par.default), default=par.default)

