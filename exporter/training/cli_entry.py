@@ -18,11 +18,29 @@ from typing import Any
 from .train import train_heads
 
 _INT_OR_NONE = ("draft_vocab", "threads", "max_train_positions")
+# train-heads options that only --mode medusa2 reads (Medusa2Options fields)
+_MEDUSA2_ONLY = ("init_heads", "joint_epochs", "lora_rank", "lora_alpha", "lora_targets", "backbone_lr",
+                 "lm_weight", "heads_weight", "seq_batch_size", "max_train_sequences")
 
 
-def run_train_heads(model: Any, data: str | Path, out: str | Path, **options: Any) -> dict:
-    """Train Medusa heads for ``model`` (path, None for the default model, or a loaded model) on ``data``."""
+def run_train_heads(model: Any, data: str | Path, out: str | Path, mode: str = "medusa1", **options: Any) -> dict:
+    """Train Medusa heads for ``model`` (path, None for the default model, or a loaded model) on ``data``.
+
+    ``mode="medusa2"``: Medusa-2 (``medusa2.train_medusa2``); its own options (``Medusa2Options`` fields) go
+    with the shared ones, ``epochs`` being the heads warm-up and ``lr`` the heads' rate."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if mode not in ("medusa1", "medusa2"):
+        from medusa_export.runtime.errors import InputError
+
+        raise InputError(f"mode must be 'medusa1' or 'medusa2', got {mode!r}")
+    if mode == "medusa2":
+        return _run_medusa2(model, data, out, options)
+    stray = sorted(k for k, v in options.items() if k in _MEDUSA2_ONLY and v is not None)
+    if stray:
+        from medusa_export.runtime.errors import InputError
+
+        raise InputError(f"{', '.join(stray)}: only for --mode medusa2")
+    options = {k: v for k, v in options.items() if k not in _MEDUSA2_ONLY}
     known = set(inspect.signature(train_heads).parameters) - {"model_source", "data_file", "out_dir"}
     unknown = sorted(set(options) - known)
     if unknown:
@@ -30,6 +48,23 @@ def run_train_heads(model: Any, data: str | Path, out: str | Path, **options: An
 
         raise InputError(f"unknown train-heads option(s) {', '.join(unknown)}: known are {', '.join(sorted(known))}")
     return train_heads(model, data, out, **{k: v for k, v in options.items() if v is not None or k == "draft_vocab"})
+
+
+def _run_medusa2(model: Any, data: str | Path, out: str | Path, options: dict) -> dict:
+    from dataclasses import fields
+
+    from .medusa2 import Medusa2Options, train_medusa2
+
+    own = {f.name for f in fields(Medusa2Options)}
+    chosen = {k: v for k, v in options.items() if k in own and v is not None}
+    chosen.setdefault("warmup_epochs", options.get("epochs") or 1)  # Medusa-1's epochs and lr drive the warm-up
+    chosen.setdefault("heads_lr", options.get("lr") or Medusa2Options.heads_lr)
+    opts = Medusa2Options(**chosen)
+    rest = {k: v for k, v in options.items() if k not in own and k not in ("epochs", "lr") and v is not None}
+    for k in ("temperature", "extra_sampled_passes", "sample_temperature", "max_train_positions", "later_turns",
+              "distill_engine", "resume", "checkpoint_every_s"):
+        rest.pop(k, None)  # Medusa-1-only knobs: the joint phase trains on the greedy answers
+    return train_medusa2(model, data, out, opts, **rest)
 
 
 def main(argv: list[str] | None = None) -> None:

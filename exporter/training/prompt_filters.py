@@ -174,11 +174,15 @@ class EvalFingerprints:
                 raise InputError(f"{path} is not a {FINGERPRINTS_FORMAT} file: pass a prompts .jsonl instead")
             return cls(data["name"], data["questions"])
         rows = []
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
-            if line.strip():
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
                 row = json.loads(line)
                 texts = [row["prompt"]] + [t for t in row.get("turns", []) if t != row["prompt"]]
-                rows += [(f"{row.get('id', n)}#{k}", t) for k, t in enumerate(texts)]
+            except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+                raise InputError(f"evaluation set {path} line {n}: expected {{\"prompt\": ...}} JSON") from None
+            rows += [(f"{row.get('id', n)}#{k}", t) for k, t in enumerate(texts) if isinstance(t, str)]
         if not rows:
             raise InputError(f"evaluation set {path} has no prompts: pass a .jsonl with one {{\"prompt\": ...}} per line")
         return cls.from_prompts(path.stem, rows)

@@ -1,4 +1,5 @@
-"""Where training prompts come from: ``--data sharegpt`` (the PyPI package) or a prompts JSONL file.
+"""Where training prompts come from: ``--data sharegpt`` (the PyPI package), a ShareGPT-format ``.json``
+or a prompts JSONL file.
 
     ps = load_prompt_set("sharegpt")
     ps.prompts        # filtered, in source order
@@ -15,6 +16,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from medusa_export.runtime.errors import InputError
 from medusa_export.runtime.manifest import sha256_file
 from medusa_export.runtime.prompts import read_prompts
 
@@ -40,13 +42,18 @@ def load_prompt_set(data: str | Path, filters: PromptFilter | None = None, exclu
                     later_turns: bool = False) -> PromptSet:
     """Read and filter prompts. ``exclude``: an evaluation prompts JSONL or fingerprints JSON (default MT-Bench)."""
     fingerprints = EvalFingerprints.from_file(exclude) if exclude else shipped_eval_fingerprints()
-    if str(data) == SHAREGPT:
-        path = sharegpt.sharegpt_file()
+    sharegpt_like = str(data) == SHAREGPT or str(data).endswith(".json")
+    if sharegpt_like:  # the package's file, or a ShareGPT-format export of one's own
+        path = sharegpt.sharegpt_file() if str(data) == SHAREGPT else Path(data)
+        if not path.is_file():
+            raise InputError(f"data file {path} does not exist: pass 'sharegpt', a ShareGPT .json or a prompts .jsonl")
         convs, report = sharegpt.read_conversations(path)
         rows = sharegpt.human_prompts(convs, later_turns=later_turns)
         raw = [text for _, text in rows]
-        source = {"source": SHAREGPT, "package": sharegpt.PACKAGE, "version": sharegpt.package_version(),
-                  "file": path.name, "reader": report.as_dict(), "later_turns": later_turns}
+        source = {"source": SHAREGPT if str(data) == SHAREGPT else "sharegpt-format", "file": path.name,
+                  "reader": report.as_dict(), "later_turns": later_turns}
+        if str(data) == SHAREGPT:
+            source.update(package=sharegpt.PACKAGE, version=sharegpt.package_version())
         filters = filters or PromptFilter()
     else:
         path = Path(data)

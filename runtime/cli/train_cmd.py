@@ -82,6 +82,20 @@ def train_heads(
     threads: Optional[int] = typer.Option(None, help="torch intra-op threads."),
     cache_dir: Optional[Path] = typer.Option(None, help="Where self-distilled shards are cached (resumable)."),
     resume: bool = typer.Option(True, help="Resume from cached shards and checkpoints."),
+    mode: str = typer.Option("medusa1", help="medusa1: heads on the frozen backbone; medusa2: backbone (LoRA) and "
+                                             "heads jointly, written as a model directory (OUT) for build."),
+    init_heads: Optional[str] = typer.Option(None, help="medusa2: start from these heads (else a Medusa-1 warm-up of "
+                                                        "--epochs)."),
+    joint_epochs: Optional[int] = typer.Option(None, help="medusa2: epochs of joint training (default 1)."),
+    lora_rank: Optional[int] = typer.Option(None, help="medusa2: LoRA rank (default 16; 0 = full fine-tuning)."),
+    lora_alpha: Optional[int] = typer.Option(None, help="medusa2: LoRA alpha (default 32)."),
+    lora_targets: Optional[str] = typer.Option(None, help="medusa2: comma-separated linear layers to adapt."),
+    backbone_lr: Optional[float] = typer.Option(None, help="medusa2: backbone learning rate (default 2e-4); "
+                                                           "--lr is the heads'."),
+    lm_weight: Optional[float] = typer.Option(None, help="medusa2: weight of KL(original || fine-tuned) (default 1)."),
+    heads_weight: Optional[float] = typer.Option(None, help="medusa2: weight of the Medusa loss (default 0.2)."),
+    seq_batch_size: Optional[int] = typer.Option(None, help="medusa2: sequences per joint step (default 8)."),
+    max_train_sequences: Optional[int] = typer.Option(None, help="medusa2: cap on joint-training sequences."),
 ) -> None:
     """Medusa-1: self-distil the base model's answers, then train heads on its frozen hidden states.
 
@@ -96,4 +110,9 @@ def train_heads(
     from medusa_export.exporter.training.cli_entry import run_train_heads
 
     record = run_train_heads(model, data, out, **options)
-    typer.echo(f"heads written to {out} ({record.get('training_positions', '?')} training positions)")
+    if mode == "medusa2":
+        b = record["eval"]["backbone_vs_original"]
+        typer.echo(f"Medusa-2 model written to {out} (build it as MODEL): top-1 agreement with the original "
+                   f"{b['top1_agreement']:.4f}, mean KL {b['mean_kl']:.4g} on held-out answers")
+    else:
+        typer.echo(f"heads written to {out} ({record.get('training_positions', '?')} training positions)")

@@ -1,0 +1,307 @@
+"""Medusa-2: fine-tune the backbone together with the heads, keeping it close to the original model.
+
+    record = train_medusa2(None, "sharegpt", "models/smollm2-medusa2", Medusa2Options(init_heads="heads/mine"))
+    # models/smollm2-medusa2: model.safetensors (merged backbone + medusa_head.*), config.json, tokenizer files
+
+Data: the Medusa-1 self-distillation cache (each prompt followed by the original model's greedy answer).
+Loss per batch of those sequences, over the answer positions:
+    lm_weight * KL(original || fine-tuned)  +  heads_weight * sum_k 0.8^k CE(head_k, token t+2+k)
+The KL keeps the fine-tuned model's next-token distribution where the original's was; with LoRA the original
+is the same weights with the adapters switched off (peft's ``disable_adapter``), so no second copy is held
+(full fine-tuning, ``lora_rank=0``, keeps a frozen copy: fine for small models).
+Phases: the heads warm up first (Medusa-1 on the frozen backbone, or start from ``init_heads``), so their large
+early loss cannot pull the backbone around; then backbone and heads train jointly, each with its own rate.
+The output is a Medusa-2 model directory: ``build MODEL_DIR`` takes it with no ``--heads``, and its vanilla
+baseline is the fine-tuned backbone itself.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from medusa_export.exporter.heads import MedusaHeads, load_heads
+from medusa_export.runtime.errors import HeadsError, InputError
+
+from .data import DistillConfig, DistilledData, distill, model_identity
+from .evaluate import evaluate_heads
+from .examples import IGNORE, DraftVocab, Examples, build_examples, split_by_prompt
+from .prompt_source import load_prompt_set
+from .train import HeadsLoss, _default_cache, _resolve_model, _setup_distributed, lr_lambda, train_heads
+
+DEFAULT_LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+
+
+@dataclass
+class Medusa2Options:
+    init_heads: str | None = None  # start from these heads instead of a Medusa-1 warm-up
+    warmup_epochs: int = 1  # Medusa-1 epochs of the heads warm-up (when init_heads is None)
+    joint_epochs: int = 1
+    lora_rank: int = 16  # 0: full fine-tuning of the decoder layers
+    lora_alpha: int = 32
+    lora_targets: str = DEFAULT_LORA_TARGETS
+    backbone_lr: float = 2e-4
+    heads_lr: float = 1e-3
+    lm_weight: float = 1.0  # weight of KL(original || fine-tuned)
+    heads_weight: float = 0.2  # weight of the Medusa loss in the joint phase (the paper's lambda_0)
+    seq_batch_size: int = 8  # sequences per joint step
+    max_train_sequences: int | None = None
+
+
+def train_medusa2(model_source: Any, data_file: str | Path, out_dir: str | Path, opts: Medusa2Options,
+                  num_heads: int = 4, num_layers: int = 1, seed: int = 0, max_new_tokens: int = 256,
+                  heldout_fraction: float = 0.05, gen_batch_size: int = 64, cache_dir: str | Path | None = None,
+                  draft_vocab: int | None = None, threads: int | None = None, progress: bool = True,
+                  exclude_eval: str | None = None, device: str = "auto", **medusa1: Any) -> dict:
+    """Warm up the heads, train backbone + heads jointly, write the Medusa-2 model directory. Returns the record."""
+    _check(opts)
+    lora = _peft() if opts.lora_rank > 0 else None
+    t0 = time.perf_counter()
+    if threads:
+        torch.set_num_threads(threads)
+    _, _, dev = _setup_distributed(device)
+    loaded = _resolve_model(model_source)
+    model = loaded.model.to(dev).eval()
+    if lora is not None:
+        _check_lora_targets(model, opts.lora_targets)
+    out = Path(out_dir)
+    work = out.with_name(out.name + ".partial")
+    work.mkdir(parents=True, exist_ok=True)
+    shared = dict(seed=seed, max_new_tokens=max_new_tokens, heldout_fraction=heldout_fraction,
+                  gen_batch_size=gen_batch_size, cache_dir=cache_dir, threads=threads, progress=progress,
+                  exclude_eval=exclude_eval, device=device)
+    if opts.init_heads:
+        heads = load_heads(opts.init_heads, model.config)
+        _check_heads_model(heads, loaded.identity, opts.init_heads)
+        warmup = {"init_heads": Path(opts.init_heads).name}
+    else:
+        record = train_heads(loaded, data_file, work / "warmup-heads", num_heads=num_heads, num_layers=num_layers,
+                             epochs=opts.warmup_epochs, lr=opts.heads_lr, draft_vocab=draft_vocab, **shared, **medusa1)
+        heads = load_heads(work / "warmup-heads", model.config)
+        warmup = {"medusa1_epochs": opts.warmup_epochs, "heldout": record["heldout"]}
+    heads = heads.to(dev)
+
+    prompt_set = load_prompt_set(data_file, exclude=exclude_eval)
+    cfg = DistillConfig(max_new_tokens=max_new_tokens, batch_size=gen_batch_size, seed=seed)
+    data = distill(model, loaded.tokenizer, prompt_set.prompts, cache_dir or _default_cache(), cfg,
+                   prompt_set.sha256, model_identity(loaded.identity), progress=None)
+    train_seqs, held_seqs = _sequences(data, prompt_set.prompts, loaded.tokenizer, heads.config.num_heads,
+                                       heldout_fraction, seed)
+    if opts.max_train_sequences:
+        train_seqs = train_seqs[:opts.max_train_sequences]
+
+    teacher = None if lora is not None else copy.deepcopy(model).eval()
+    student = _trainable_backbone(model, opts, lora)
+    lm_weight = model.get_output_embeddings().weight.detach()
+    vocab = DraftVocab.from_targets(np.concatenate([s.targets for s in train_seqs]), draft_vocab,
+                                    model.config.vocab_size) if draft_vocab else None
+    proj = lm_weight[torch.as_tensor(vocab.ids, device=dev)] if vocab else lm_weight
+    heads_loss = HeadsLoss(heads, proj, "none")
+    backbone_params = [p for p in student.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW([{"params": backbone_params, "lr": opts.backbone_lr},
+                             {"params": list(heads.parameters()), "lr": opts.heads_lr}], weight_decay=0.0)
+    steps = opts.joint_epochs * math.ceil(len(train_seqs) / opts.seq_batch_size)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(steps, max(1, steps // 20)))
+    before = _evaluate(model, teacher, lora, student, heads, lm_weight, held_seqs, dev, adapters=False)
+    history, rng = [], np.random.default_rng(seed)
+    for epoch in range(opts.joint_epochs):
+        order = rng.permutation(len(train_seqs))
+        for s in range(0, len(order), opts.seq_batch_size):
+            batch = [train_seqs[i] for i in order[s:s + opts.seq_batch_size]]
+            kl, medusa, per_head = _joint_loss(model, teacher, lora, student, heads_loss, batch, vocab, dev)
+            loss = opts.lm_weight * kl + opts.heads_weight * medusa
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            history.append({"kl": round(kl.item(), 5), "medusa": round(medusa.item(), 4),
+                            "per_head": [round(float(x), 4) for x in per_head]})
+    after = _evaluate(model, teacher, lora, student, heads, lm_weight, held_seqs, dev, adapters=True)
+    merged = student.merge_and_unload() if lora is not None else model
+    eval_record = {"backbone_vs_original": after["backbone"], "heads_before_joint": before["heads"],
+                   "heads_after_joint": after["heads"], "heldout_sequences": len(held_seqs)}
+    record = {"mode": "medusa2", "options": asdict(opts), "base_model": loaded.identity,
+              "data": {**prompt_set.provenance, "prompts": len(prompt_set.prompts)}, "warmup": warmup,
+              "train_sequences": len(train_seqs), "joint_steps": steps, "seed": seed,
+              "loss_first_steps": history[:5], "loss_last_steps": history[-5:], "eval": eval_record,
+              "wall_time_s": round(time.perf_counter() - t0, 1)}
+    _write_model_dir(work, merged.to("cpu"), heads.to("cpu"), loaded, record)
+    if out.exists():
+        shutil.rmtree(out)
+    work.replace(out)
+    return record
+
+
+@dataclass
+class Sequence:
+    ids: np.ndarray  # prompt + answer token ids
+    first: int  # index of the hidden state that produced answer token 0 (the prompt's last position)
+    targets: np.ndarray  # [A, K] head targets per answer position (IGNORE past the answer)
+    prompt_index: int
+
+
+def _sequences(data: DistilledData, prompts: list[str], tokenizer, num_heads: int, heldout_fraction: float,
+               seed: int) -> tuple[list[Sequence], list[Sequence]]:
+    """One sequence per self-distilled answer; held-out prompts exactly as Medusa-1 splits them."""
+    ex = build_examples(DistilledData(np.zeros((len(data.tokens), 1), np.float16), data.tokens, data.seq_lens,
+                                      data.prompt_index), num_heads)
+    _, held = split_by_prompt(ex, heldout_fraction, seed)
+    held_prompts = set(np.unique(held.prompt_index).tolist())
+    offsets = np.concatenate([[0], np.cumsum(data.seq_lens)])
+    train, heldout = [], []
+    for a, pi in enumerate(data.prompt_index.tolist()):
+        answer = data.tokens[offsets[a]:offsets[a + 1]]
+        prompt = np.asarray(tokenizer.encode_prompt(prompts[pi]), np.int64)
+        targets = np.full((len(answer), num_heads), IGNORE, np.int64)
+        for k in range(num_heads):
+            targets[:max(0, len(answer) - 1 - k), k] = answer[1 + k:]
+        seq = Sequence(np.concatenate([prompt, answer]), len(prompt) - 1, targets, pi)
+        (heldout if pi in held_prompts else train).append(seq)
+    return train, heldout
+
+
+def _forward_hidden(model, batch: list[Sequence], dev) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Final-norm hidden states at every answer position of the batch: [N, H], plus their (row, col) index."""
+    width = max(len(s.ids) for s in batch)
+    ids = torch.zeros(len(batch), width, dtype=torch.long, device=dev)
+    mask = torch.zeros_like(ids)
+    rows, cols = [], []
+    for r, s in enumerate(batch):
+        ids[r, :len(s.ids)] = torch.as_tensor(s.ids)
+        mask[r, :len(s.ids)] = 1
+        n = len(s.targets)
+        rows += [r] * n
+        cols += range(s.first, s.first + n)
+    hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
+    return hidden[torch.tensor(rows), torch.tensor(cols)], torch.tensor(rows), torch.tensor(cols)
+
+
+def _original_hidden(model, teacher, lora, student, batch, dev) -> torch.Tensor:
+    with torch.no_grad():
+        if lora is None:
+            return _forward_hidden(teacher, batch, dev)[0]
+        with student.disable_adapter():
+            return _forward_hidden(model, batch, dev)[0]
+
+
+def _kl(teacher_h: torch.Tensor, student_h: torch.Tensor, lm_weight: torch.Tensor) -> torch.Tensor:
+    """Mean over positions of KL(p_original || p_finetuned), full vocabulary."""
+    log_t = torch.log_softmax(teacher_h @ lm_weight.T, dim=-1)
+    log_s = torch.log_softmax(student_h @ lm_weight.T, dim=-1)
+    return (log_t.exp() * (log_t - log_s)).sum(-1).mean()
+
+
+def _joint_loss(model, teacher, lora, student, heads_loss: HeadsLoss, batch, vocab, dev):
+    hs = _forward_hidden(model, batch, dev)[0]
+    ht = _original_hidden(model, teacher, lora, student, batch, dev)
+    lm_weight = model.get_output_embeddings().weight
+    kl = _kl(ht, hs, lm_weight.detach())
+    targets = torch.as_tensor(np.concatenate([s.targets for s in batch]), device=dev)
+    if vocab is not None:
+        targets = torch.as_tensor(vocab.remap(targets.cpu().numpy(), lm_weight.shape[0]), device=dev)
+    medusa, per_head = heads_loss(hs, targets)
+    return kl, medusa, per_head
+
+
+@torch.no_grad()
+def _evaluate(model, teacher, lora, student, heads, lm_weight, held: list[Sequence], dev, adapters: bool) -> dict:
+    """Fine-tuned vs original on held-out answers (teacher-forced top-1 agreement, mean KL) and the heads'
+    held-out accuracy on the current backbone (``adapters=False``: on the original, i.e. before joint training)."""
+    agree = total = 0
+    kl_sum = 0.0
+    hidden, targets = [], []
+    for s in range(0, len(held), 8):
+        batch = held[s:s + 8]
+        ht = _original_hidden(model, teacher, lora, student, batch, dev)
+        hs = _forward_hidden(model, batch, dev)[0] if adapters else ht
+        agree += int(((hs @ lm_weight.T).argmax(-1) == (ht @ lm_weight.T).argmax(-1)).sum())
+        total += len(hs)
+        kl_sum += float(_kl(ht, hs, lm_weight)) * len(hs)
+        hidden.append(hs.float().cpu().numpy())
+        targets.append(np.concatenate([x.targets for x in batch]))
+    ex = Examples(np.concatenate(hidden), np.concatenate(targets),
+                  np.concatenate([[x.prompt_index] * len(x.targets) for x in held]))
+    keep = np.flatnonzero(ex.targets[:, 0] != IGNORE)
+    return {"backbone": {"top1_agreement": round(agree / max(1, total), 5), "mean_kl": round(kl_sum / max(1, total), 6),
+                         "positions": total},
+            "heads": evaluate_heads(heads, lm_weight, ex.subset(keep), device=dev)}
+
+
+def _trainable_backbone(model, opts: Medusa2Options, lora):
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if lora is None:  # full fine-tuning of the decoder layers; embeddings and lm_head (the heads' projection) stay
+        for p in model.model.layers.parameters():
+            p.requires_grad_(True)
+        model.train()
+        return model
+    config = lora.LoraConfig(r=opts.lora_rank, lora_alpha=opts.lora_alpha, lora_dropout=0.0, bias="none",
+                             target_modules=opts.lora_targets.split(","))
+    student = lora.get_peft_model(model, config)
+    student.train()
+    return student
+
+
+def _write_model_dir(work: Path, model, heads: MedusaHeads, loaded, record: dict) -> None:
+    """The reference's Medusa-2 layout: backbone and ``medusa_head.*`` in one safetensors, settings in config.json."""
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if getattr(model.config, "tie_word_embeddings", False):
+        state.pop("lm_head.weight", None)  # tied: transformers re-ties it from the embedding at load
+    for k, v in heads.state_dict().items():
+        if k.startswith("blocks."):
+            state["medusa_head." + k.removeprefix("blocks.")] = v.detach().contiguous()
+    save_file(state, str(work / "model.safetensors"), metadata={"format": "pt"})
+    cfg = model.config.to_dict()
+    cfg.pop("quantization_config", None)
+    cfg.update(medusa_num_heads=heads.config.num_heads, medusa_num_layers=heads.config.num_layers,
+               base_model_name_or_path=loaded.identity.get("name", ""))
+    (work / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    loaded.tokenizer.save(work)
+    (work / "eval.json").write_text(json.dumps(record["eval"], indent=2) + "\n")
+    (work / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+    shutil.rmtree(work / "warmup-heads", ignore_errors=True)
+
+
+def _check(opts: Medusa2Options) -> None:
+    if opts.joint_epochs < 1 or opts.warmup_epochs < 1 or opts.seq_batch_size < 1:
+        raise InputError("medusa2 needs joint_epochs, warmup_epochs and seq_batch_size >= 1")
+    if opts.lora_rank < 0 or (opts.lora_rank > 0 and opts.lora_alpha <= 0):
+        raise InputError(f"LoRA rank must be >= 0 (0: full fine-tuning) and alpha > 0, got {opts.lora_rank}, {opts.lora_alpha}")
+    if not (opts.backbone_lr > 0 and opts.heads_lr > 0 and opts.lm_weight >= 0 and opts.heads_weight > 0):
+        raise InputError("medusa2 needs backbone_lr, heads_lr, heads_weight > 0 and lm_weight >= 0")
+
+
+def _peft():
+    try:
+        import peft
+    except ImportError:
+        raise InputError("--mode medusa2 with LoRA needs peft: pip install 'medusa-export[train]' "
+                         "(or --lora-rank 0 for full fine-tuning)") from None
+    return peft
+
+
+def _check_lora_targets(model, targets: str) -> None:
+    names = {name.rsplit(".", 1)[-1] for name, mod in model.model.layers.named_modules() if isinstance(mod, nn.Linear)}
+    unknown = [t for t in targets.split(",") if t not in names]
+    if unknown or not targets:
+        raise InputError(f"LoRA target(s) {', '.join(unknown) or '(none)'} are not linear layers of this "
+                         f"{model.config.model_type} model: choose from {', '.join(sorted(names))}")
+
+
+def _check_heads_model(heads: MedusaHeads, identity: dict, path: str) -> None:
+    trained_for = heads.config.base_model
+    if trained_for and identity.get("name") and trained_for != identity["name"]:
+        raise HeadsError(f"heads {path} were trained for {trained_for!r}, not {identity['name']!r}: "
+                         "warm up on this model (omit --init-heads) or pass its own heads")
