@@ -159,6 +159,7 @@ def test_distillation_resumes_without_repeating_finished_shards(loaded, tmp_path
     assert seen and done_before.isdisjoint(seen) and len(done_before) + len(seen) == 10
     assert {name: (root / name).stat().st_mtime_ns for name in written} == stamps  # not rewritten
     assert again.stats["generated_now_shards"] == 4 - len(written)
+    assert again.stats["all_shards_tokens_per_s"] > 0  # each shard kept its generation time
     for field in ("tokens", "seq_lens", "prompt_index"):
         np.testing.assert_array_equal(getattr(again, field), getattr(full, field))
 

@@ -98,10 +98,13 @@ def distill(model, tokenizer, prompts: list[str], cache_dir: str | Path, cfg: Di
     if absent:
         raise InputError(f"self-distillation shards {absent[:5]} are missing from {root}: rerun to generate them")
     data = _load_shards(root, len(shards))
+    timed = data.stats.pop("generation_s", None)
     data.stats = {**index, "cache_dir": str(root), "positions": int(len(data.tokens)), "answers": int(len(data.seq_lens)),
                   "generated_now_shards": len(todo), "generated_now_tokens": fresh,
                   "device": str(next(model.parameters()).device.type),
-                  "generation_tokens_per_s": round(fresh / gen_s, 2) if fresh else None}
+                  "generation_tokens_per_s": round(fresh / gen_s, 2) if fresh else None,
+                  # over every shard that recorded its time (all of them, however many runs made them)
+                  "all_shards_tokens_per_s": round(timed[1] / timed[0], 2) if timed and timed[0] > 0 else None}
     return data
 
 
@@ -115,7 +118,7 @@ def _generate_shards(model, tokenizer, encoded: list[list[int]], shards: list[tu
     shard_of = {i: b for b, rows in shards for i in rows}
     pending = {b: {} for b, _ in shards}
     rows_of = dict(shards)
-    generated = 0
+    generated, since = 0, time.perf_counter()
     for n, (i, hidden, tokens) in enumerate(_answers(model, encoded, order, eos, cfg), start=1):
         b = shard_of[i]
         pending[b][i] = (hidden, tokens)
@@ -126,7 +129,10 @@ def _generate_shards(model, tokenizer, encoded: list[list[int]], shards: list[tu
             _save_shard(_shard_path(root, b), hidden=np.concatenate([h for h, _ in answers]),
                         tokens=np.concatenate([t for _, t in answers]),
                         seq_lens=np.asarray([len(t) for _, t in answers], np.int64),
-                        prompt_index=np.asarray(rows_of[b], np.int64))
+                        prompt_index=np.asarray(rows_of[b], np.int64),
+                        # generation time since the previous shard: the rate survives interruptions
+                        generation_s=np.float64(time.perf_counter() - since))
+            since = time.perf_counter()
         if progress is not None:
             progress(n)
     return generated
@@ -225,4 +231,7 @@ def _save_shard(path: Path, **arrays: np.ndarray) -> None:
 def _load_shards(root: Path, n: int) -> DistilledData:
     parts = [np.load(_shard_path(root, b)) for b in range(n)]
     cat = lambda k: np.concatenate([p[k] for p in parts])  # noqa: E731
-    return DistilledData(cat("hidden"), cat("tokens"), cat("seq_lens"), cat("prompt_index"))
+    data = DistilledData(cat("hidden"), cat("tokens"), cat("seq_lens"), cat("prompt_index"))
+    if all("generation_s" in p for p in parts):  # (seconds, tokens) of the whole cache
+        data.stats["generation_s"] = (sum(float(p["generation_s"]) for p in parts), int(len(data.tokens)))
+    return data

@@ -226,7 +226,7 @@ def train_heads(model_source: Any, data_file: str | Path, out_dir: str | Path, n
         "heldout_positions": int(len(held_ex)), "heldout_prompts": int(len(np.unique(held_ex.prompt_index))),
         "distillation": [{**{k: d.stats.get(k) for k in ("config", "positions", "answers", "skipped_long_prompts",
                                                           "generation_tokens_per_s", "generated_now_tokens",
-                                                          "device")},
+                                                          "all_shards_tokens_per_s", "device")},
                           "cache_dir": portable_path(d.stats["cache_dir"])} for d in datas],
         "draft_vocab": {"size": int(len(vocab.ids)), "coverage": round(vocab.coverage, 4),
                         "out_of_subset_targets": "dropped from the loss"} if vocab else None,
