@@ -21,6 +21,6 @@ mkdir -p work-cache
 python -m medusa_export.exporter.training.cli_entry --data sharegpt --out "$OUT" --cache-dir "$CACHE" \
     --max-new-tokens 192 --gen-batch-size 128 --threads 2 \
     --num-heads 4 --num-layers 1 --seed 0 --heldout-fraction 0.04 \
-    --epochs 2 --lr 3e-3 --batch-size 256 --draft-vocab 8192 --amp auto "$@"
+    --epochs 1 --lr 3e-3 --batch-size 256 --draft-vocab 8192 --amp auto "$@"
 echo "heads in $OUT: check eval.json, then copy heads.safetensors config.json training.json eval.json"
 echo "draft_vocab.json heldout_prompts.jsonl into exporter/shipped_heads/smollm2-135m-instruct and recalibrate the trees"
