@@ -256,3 +256,31 @@ def random_trees(max_depth: int, topk: int = 10, max_nodes: int = 14, max_paths:
         return sorted(p for p in nodes if p)
 
     return trees()
+
+
+@dataclass
+class LoadedTiny:
+    """What training takes as a loaded model: ``.model``, ``.tokenizer``, ``.identity``."""
+
+    model: object
+    tokenizer: object
+    identity: dict
+
+
+def loaded_tiny(make_tokenizer, eos: int = TINY_VOCAB - 1) -> LoadedTiny:
+    return LoadedTiny(make_tiny_model(3), make_tokenizer(eos_ids=(eos,)), {"name": "tiny-llama", "sha256_16": "t"})
+
+
+@pytest.fixture(scope="session")
+def tiny_prompts_file(tmp_path_factory):
+    """24 random prompts of 2-8 toy words, as a prompts JSONL."""
+    import json
+
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    path = tmp_path_factory.mktemp("data") / "prompts.jsonl"
+    rows = [{"prompt": " ".join(f"t{i}" for i in rng.integers(1, TINY_VOCAB - 1, rng.integers(2, 9)))}
+            for _ in range(24)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path

@@ -4,10 +4,7 @@ losslessly on every backend), the warm-up leaving the backbone alone, and bad in
 
 from __future__ import annotations
 
-import json
 import sys
-from dataclasses import dataclass
-
 import numpy as np
 import pytest
 
@@ -15,7 +12,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
-from conftest import TINY_PROMPTS, TINY_VOCAB, make_tiny_model  # noqa: E402
+from conftest import TINY_PROMPTS, TINY_VOCAB, loaded_tiny, make_tiny_model  # noqa: E402
 
 from medusa_export.exporter.training import medusa2 as m2  # noqa: E402
 from medusa_export.exporter.training.medusa2 import Medusa2Options, train_medusa2  # noqa: E402
@@ -27,25 +24,13 @@ COMMON = dict(num_heads=3, max_new_tokens=24, gen_batch_size=8, heldout_fraction
 OPTS = Medusa2Options(warmup_epochs=3, joint_epochs=6, heads_lr=1e-2, backbone_lr=2e-3, seq_batch_size=4)
 
 
-@dataclass
-class Loaded:
-    model: object
-    tokenizer: object
-    identity: dict
-
-
 @pytest.fixture(scope="module")
-def prompts_file(tmp_path_factory):
-    rng = np.random.default_rng(0)
-    path = tmp_path_factory.mktemp("m2data") / "prompts.jsonl"
-    rows = [{"prompt": " ".join(f"t{i}" for i in rng.integers(1, TINY_VOCAB - 1, rng.integers(2, 9)))}
-            for _ in range(24)]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+def prompts_file(tiny_prompts_file):
+    return tiny_prompts_file
 
 
 def _loaded(make_tokenizer):
-    return Loaded(make_tiny_model(3), make_tokenizer(eos_ids=(EOS,)), {"name": "tiny-llama", "sha256_16": "t"})
+    return loaded_tiny(make_tokenizer, EOS)
 
 
 @pytest.fixture(scope="module")

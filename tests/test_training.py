@@ -5,7 +5,6 @@ losslessly (greedy Medusa output == vanilla output)."""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -13,7 +12,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from conftest import TINY_VOCAB, make_tiny_model  # noqa: E402
+from conftest import TINY_VOCAB, loaded_tiny, make_tiny_model  # noqa: E402
 
 from medusa_export.exporter.heads import load_heads  # noqa: E402
 from medusa_export.exporter.training import train as train_mod  # noqa: E402
@@ -28,26 +27,14 @@ from medusa_export.runtime.errors import HeadsError, InputError  # noqa: E402
 EOS = TINY_VOCAB - 1
 
 
-@dataclass
-class Loaded:
-    model: object
-    tokenizer: object
-    identity: dict
-
-
 @pytest.fixture(scope="module")
 def loaded(make_tokenizer, torch_single_thread):
-    return Loaded(make_tiny_model(3), make_tokenizer(eos_ids=(EOS,)), {"name": "tiny-llama", "sha256_16": "t"})
+    return loaded_tiny(make_tokenizer, EOS)
 
 
 @pytest.fixture(scope="module")
-def prompts_file(tmp_path_factory):
-    rng = np.random.default_rng(0)
-    path = tmp_path_factory.mktemp("data") / "prompts.jsonl"
-    rows = [{"prompt": " ".join(f"t{i}" for i in rng.integers(1, TINY_VOCAB - 1, rng.integers(2, 9)))}
-            for _ in range(24)]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+def prompts_file(tiny_prompts_file):
+    return tiny_prompts_file
 
 
 OPTS = dict(epochs=4, lr=1e-2, batch_size=32, max_new_tokens=24, gen_batch_size=8, heldout_fraction=0.25,
