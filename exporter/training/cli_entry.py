@@ -15,6 +15,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from medusa_export.runtime.errors import InputError
+
 from .train import train_heads
 
 _INT_OR_NONE = ("draft_vocab", "threads", "max_train_positions")
@@ -30,22 +32,16 @@ def run_train_heads(model: Any, data: str | Path, out: str | Path, mode: str = "
     with the shared ones, ``epochs`` being the heads warm-up and ``lr`` the heads' rate."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if mode not in ("medusa1", "medusa2"):
-        from medusa_export.runtime.errors import InputError
-
         raise InputError(f"mode must be 'medusa1' or 'medusa2', got {mode!r}")
     if mode == "medusa2":
         return _run_medusa2(model, data, out, options)
     stray = sorted(k for k, v in options.items() if k in _MEDUSA2_ONLY and v is not None)
     if stray:
-        from medusa_export.runtime.errors import InputError
-
         raise InputError(f"{', '.join(stray)}: only for --mode medusa2")
     options = {k: v for k, v in options.items() if k not in _MEDUSA2_ONLY}
     known = set(inspect.signature(train_heads).parameters) - {"model_source", "data_file", "out_dir"}
     unknown = sorted(set(options) - known)
     if unknown:
-        from medusa_export.runtime.errors import InputError
-
         raise InputError(f"unknown train-heads option(s) {', '.join(unknown)}: known are {', '.join(sorted(known))}")
     return train_heads(model, data, out, **{k: v for k, v in options.items() if v is not None or k == "draft_vocab"})
 

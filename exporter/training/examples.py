@@ -54,14 +54,18 @@ def concat(parts: list[Examples]) -> Examples:
     return Examples(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("hidden", "targets", "prompt_index")))
 
 
-def split_by_prompt(ex: Examples, heldout_fraction: float, seed: int) -> tuple[Examples, Examples]:
-    """A seeded random share of the prompts (at least one when the fraction is > 0) is held out."""
-    prompts = np.unique(ex.prompt_index)
+def heldout_prompts(prompt_ids: np.ndarray, heldout_fraction: float, seed: int) -> np.ndarray:
+    """A seeded random share of the distinct ``prompt_ids`` (at least one when the fraction is > 0)."""
+    prompts = np.unique(prompt_ids)
     n_held = int(round(len(prompts) * heldout_fraction))
     if heldout_fraction > 0:
         n_held = min(max(n_held, 1), len(prompts) - 1)
-    held = np.random.default_rng(seed).permutation(prompts)[:max(n_held, 0)]
-    is_held = np.isin(ex.prompt_index, held)
+    return np.random.default_rng(seed).permutation(prompts)[:max(n_held, 0)]
+
+
+def split_by_prompt(ex: Examples, heldout_fraction: float, seed: int) -> tuple[Examples, Examples]:
+    """The examples of the held-out prompts (``heldout_prompts``) apart from the rest."""
+    is_held = np.isin(ex.prompt_index, heldout_prompts(ex.prompt_index, heldout_fraction, seed))
     return ex.subset(np.flatnonzero(~is_held)), ex.subset(np.flatnonzero(is_held))
 
 

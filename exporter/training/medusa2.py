@@ -35,7 +35,7 @@ from medusa_export.runtime.errors import HeadsError, InputError
 
 from .data import DistillConfig, DistilledData, distill, model_identity
 from .evaluate import evaluate_heads
-from .examples import IGNORE, DraftVocab, Examples, build_examples, split_by_prompt
+from .examples import IGNORE, DraftVocab, Examples, heldout_prompts
 from .prompt_source import load_prompt_set
 from .train import HeadsLoss, _default_cache, _resolve_model, _setup_distributed, lr_lambda, train_heads
 
@@ -153,10 +153,8 @@ class Sequence:
 def _sequences(data: DistilledData, prompts: list[str], tokenizer, num_heads: int, heldout_fraction: float,
                seed: int) -> tuple[list[Sequence], list[Sequence]]:
     """One sequence per self-distilled answer; held-out prompts exactly as Medusa-1 splits them."""
-    ex = build_examples(DistilledData(np.zeros((len(data.tokens), 1), np.float16), data.tokens, data.seq_lens,
-                                      data.prompt_index), num_heads)
-    _, held = split_by_prompt(ex, heldout_fraction, seed)
-    held_prompts = set(np.unique(held.prompt_index).tolist())
+    # Medusa-1 draws the held-out share from the prompts with a training example: answers of 2+ tokens.
+    held_prompts = set(heldout_prompts(data.prompt_index[data.seq_lens >= 2], heldout_fraction, seed).tolist())
     offsets = np.concatenate([[0], np.cumsum(data.seq_lens)])
     train, heldout = [], []
     for a, pi in enumerate(data.prompt_index.tolist()):

@@ -42,17 +42,17 @@ def load_prompt_set(data: str | Path, filters: PromptFilter | None = None, exclu
                     later_turns: bool = False) -> PromptSet:
     """Read and filter prompts. ``exclude``: an evaluation prompts JSONL or fingerprints JSON (default MT-Bench)."""
     fingerprints = EvalFingerprints.from_file(exclude) if exclude else shipped_eval_fingerprints()
-    sharegpt_like = str(data) == SHAREGPT or str(data).endswith(".json")
-    if sharegpt_like:  # the package's file, or a ShareGPT-format export of one's own
-        path = sharegpt.sharegpt_file() if str(data) == SHAREGPT else Path(data)
+    bundled = str(data) == SHAREGPT
+    if bundled or str(data).endswith(".json"):  # the package's file, or a ShareGPT-format export of one's own
+        path = sharegpt.sharegpt_file() if bundled else Path(data)
         if not path.is_file():
             raise InputError(f"data file {path} does not exist: pass 'sharegpt', a ShareGPT .json or a prompts .jsonl")
         convs, report = sharegpt.read_conversations(path)
         rows = sharegpt.human_prompts(convs, later_turns=later_turns)
         raw = [text for _, text in rows]
-        source = {"source": SHAREGPT if str(data) == SHAREGPT else "sharegpt-format", "file": path.name,
+        source = {"source": SHAREGPT if bundled else "sharegpt-format", "file": path.name,
                   "reader": report.as_dict(), "later_turns": later_turns}
-        if str(data) == SHAREGPT:
+        if bundled:
             source.update(package=sharegpt.PACKAGE, version=sharegpt.package_version())
         filters = filters or PromptFilter()
     else:
@@ -65,4 +65,4 @@ def load_prompt_set(data: str | Path, filters: PromptFilter | None = None, exclu
     keep, counts = filter_prompts(raw, filters, fingerprints)
     provenance = {**source, "filters": asdict(filters), "excluded_eval_set": fingerprints.name,
                   "excluded_eval_questions": len(fingerprints.questions), "counts": counts}
-    return PromptSet(SHAREGPT if str(data) == SHAREGPT else path.name, [raw[i] for i in keep], provenance)
+    return PromptSet(SHAREGPT if bundled else path.name, [raw[i] for i in keep], provenance)
