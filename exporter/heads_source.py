@@ -49,7 +49,8 @@ def resolve_heads(spec: str | Path | None, loaded: LoadedModel, num_heads: int =
     if spec is None and loaded.path is not None and loaded.path.is_dir():
         embedded = load_embedded_heads(loaded.path, config)
         if embedded is not None:
-            return ChosenHeads(embedded, "heads inside the model (Medusa-2 layout)", True, str(loaded.path), "model")
+            return _with_draft_vocab(ChosenHeads(embedded, "heads inside the model (Medusa-2 layout)", True,
+                                                 str(loaded.path), "model"), draft_vocab)
     if spec is None and loaded.identity.get("name") == DEFAULT_MODEL_NAME and (SHIPPED_HEADS_DIR / "config.json").exists():
         chosen = ChosenHeads(load_heads(SHIPPED_HEADS_DIR, config), "shipped trained heads", True,
                              str(SHIPPED_HEADS_DIR), f"shipped/{SHIPPED_HEADS_DIR.name}")

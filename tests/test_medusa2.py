@@ -4,7 +4,9 @@ losslessly on every backend), the warm-up leaving the backbone alone, and bad in
 
 from __future__ import annotations
 
+import json
 import sys
+
 import numpy as np
 import pytest
 
@@ -91,6 +93,53 @@ def test_model_directory_builds_and_decodes_losslessly(run, tmp_path):
     ref = tuned.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
                          eos_token_id=None, pad_token_id=0)[0, len(TINY_PROMPTS[0]):].tolist()
     assert got == ref
+
+
+def test_interrupted_joint_phase_resumes_to_the_same_model(make_tokenizer, prompts_file, tmp_path, monkeypatch, run):
+    """Stop the joint phase mid-epoch (checkpoint on disk), rerun the same command: the warm-up is not repeated
+    and the model written equals an uninterrupted run's. Also: the heads' draft vocabulary goes with the model
+    directory (decoding scores what they trained on), and the sequence caps draw seeded subsets."""
+    from safetensors.torch import load_file
+
+    from medusa_export.exporter.heads_source import resolve_heads
+    from medusa_export.exporter.model_loading import load_base_model
+
+    opts = Medusa2Options(**{**OPTS.__dict__, "joint_epochs": 2, "max_train_sequences": 6,
+                             "max_heldout_sequences": 2})
+    common = {**COMMON, "draft_vocab": 64, "cache_dir": run[0] / "cache"}
+    whole = train_medusa2(_loaded(make_tokenizer), prompts_file, tmp_path / "whole", opts, **common)
+    assert whole["train_sequences"] == 6 and whole["eval"]["heldout_sequences"] == 2
+
+    class Killed(Exception):
+        pass
+
+    real, calls = m2._joint_loss, []
+
+    def dies_on_third_step(*a, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            raise Killed
+        return real(*a, **kw)
+
+    monkeypatch.setattr(m2, "_joint_loss", dies_on_third_step)
+    with pytest.raises(Killed):
+        train_medusa2(_loaded(make_tokenizer), prompts_file, tmp_path / "cut", opts, checkpoint_every_s=0, **common)
+    assert (tmp_path / "cut.partial" / "checkpoint.pt").exists() and not (tmp_path / "cut").exists()
+    monkeypatch.setattr(m2, "_joint_loss", real)
+    warmups = []
+    monkeypatch.setattr(m2, "train_heads", lambda *a, **kw: warmups.append(1))
+    again = train_medusa2(_loaded(make_tokenizer), prompts_file, tmp_path / "cut", opts, **common)
+    assert warmups == [] and again["resumed_at"] == [1, 0]  # 6 sequences / 4 per step: 2 steps an epoch
+    assert again["loss_last_steps"] == whole["loss_last_steps"]
+    a, b = load_file(str(tmp_path / "whole" / "model.safetensors")), load_file(str(tmp_path / "cut" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not (tmp_path / "cut" / "checkpoint.pt").exists() and not (tmp_path / "cut.partial").exists()
+    vocab = json.loads((tmp_path / "cut" / "draft_vocab.json").read_text())
+    assert vocab["size"] == 64 and again["draft_vocab"]["size"] == 64
+    chosen = resolve_heads(None, load_base_model(tmp_path / "cut"))
+    assert chosen.source_name == "model" and chosen.heads.draft_ids.tolist() == vocab["ids"]
+    held = (tmp_path / "cut" / "heldout_prompts.jsonl").read_text().splitlines()
+    assert 1 <= len(held) <= 2
 
 
 def test_heads_warm_up_leaves_the_backbone_unchanged(make_tokenizer, prompts_file, tmp_path, monkeypatch):

@@ -30,11 +30,14 @@ def fingerprint(args: dict) -> str:
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def save(out: Path, fp: str, heads, opt, sched, epoch: int, step_in_epoch: int, history: dict) -> None:
+def save(out: Path, fp: str, heads, opt, sched, epoch: int, step_in_epoch: int, history: dict,
+         extra: dict | None = None) -> None:
+    """``extra``: further tensors to keep (Medusa-2 adds its trainable backbone weights)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     state = {"fingerprint": fp, "epoch": epoch, "step_in_epoch": step_in_epoch, "history": json.dumps(history),
-             "heads": heads.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict()}
+             "heads": heads.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+             **(extra or {})}
     tmp = path(out).with_suffix(".tmp")
     torch.save(state, tmp)
     tmp.replace(path(out))

@@ -22,7 +22,7 @@ from .train import train_heads
 _INT_OR_NONE = ("draft_vocab", "threads", "max_train_positions")
 # train-heads options that only --mode medusa2 reads (Medusa2Options fields)
 _MEDUSA2_ONLY = ("init_heads", "joint_epochs", "lora_rank", "lora_alpha", "lora_targets", "backbone_lr",
-                 "lm_weight", "heads_weight", "seq_batch_size", "max_train_sequences")
+                 "lm_weight", "heads_weight", "seq_batch_size", "max_train_sequences", "max_heldout_sequences")
 
 
 def run_train_heads(model: Any, data: str | Path, out: str | Path, mode: str = "medusa1", **options: Any) -> dict:
@@ -58,7 +58,7 @@ def _run_medusa2(model: Any, data: str | Path, out: str | Path, options: dict) -
     opts = Medusa2Options(**chosen)
     rest = {k: v for k, v in options.items() if k not in own and k not in ("epochs", "lr") and v is not None}
     for k in ("temperature", "extra_sampled_passes", "sample_temperature", "max_train_positions", "later_turns",
-              "distill_engine", "resume", "checkpoint_every_s"):
+              "distill_engine"):
         rest.pop(k, None)  # Medusa-1-only knobs: the joint phase trains on the greedy answers
     return train_medusa2(model, data, out, opts, **rest)
 

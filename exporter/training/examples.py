@@ -12,7 +12,9 @@ so neighbouring positions of one answer cannot leak from training into the held-
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -88,6 +90,16 @@ class DraftVocab:
         size = min(size, vocab_size)
         ids = np.sort(np.argsort(-counts, kind="stable")[:size])
         return cls(ids.astype(np.int64), float(counts[ids].sum() / max(1, counts.sum())))
+
+    def save(self, path: Path) -> None:
+        """``draft_vocab.json``: the subset trained on, which decoding reuses (``heads.restrict_vocab``)."""
+        Path(path).write_text(json.dumps({"size": int(len(self.ids)), "coverage": round(self.coverage, 4),
+                                          "ids": self.ids.tolist()}) + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> "DraftVocab":
+        meta = json.loads(Path(path).read_text())
+        return cls(np.asarray(meta["ids"], np.int64), float(meta.get("coverage", 0.0)))
 
     def remap(self, targets: np.ndarray, vocab_size: int) -> np.ndarray:
         """Full ids -> subset ids; outside the subset (and IGNORE) -> IGNORE."""

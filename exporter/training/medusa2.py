@@ -21,6 +21,7 @@ import copy
 import json
 import math
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,11 +34,12 @@ from torch import nn
 from medusa_export.exporter.heads import MedusaHeads, load_heads
 from medusa_export.runtime.errors import HeadsError, InputError
 
+from . import checkpoint as ckpt
 from .data import DistillConfig, DistilledData, distill, model_identity
 from .evaluate import evaluate_heads
 from .examples import IGNORE, DraftVocab, Examples, heldout_prompts
 from .prompt_source import load_prompt_set
-from .train import HeadsLoss, _default_cache, _resolve_model, _setup_distributed, lr_lambda, train_heads
+from .train import HeadsLoss, _bar, _default_cache, _resolve_model, _setup_distributed, lr_lambda, train_heads
 
 DEFAULT_LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 
@@ -55,15 +57,21 @@ class Medusa2Options:
     lm_weight: float = 1.0  # weight of KL(original || fine-tuned)
     heads_weight: float = 0.2  # weight of the Medusa loss in the joint phase (the paper's lambda_0)
     seq_batch_size: int = 8  # sequences per joint step
-    max_train_sequences: int | None = None
+    max_train_sequences: int | None = None  # a seeded random subset (shards are in prompt-length order)
+    max_heldout_sequences: int | None = None  # the same for the held-out evaluation (its cost: 3 forwards each)
 
 
 def train_medusa2(model_source: Any, data_file: str | Path, out_dir: str | Path, opts: Medusa2Options,
                   num_heads: int = 4, num_layers: int = 1, seed: int = 0, max_new_tokens: int = 256,
                   heldout_fraction: float = 0.05, gen_batch_size: int = 64, cache_dir: str | Path | None = None,
                   draft_vocab: int | None = None, threads: int | None = None, progress: bool = True,
-                  exclude_eval: str | None = None, device: str = "auto", **medusa1: Any) -> dict:
-    """Warm up the heads, train backbone + heads jointly, write the Medusa-2 model directory. Returns the record."""
+                  exclude_eval: str | None = None, device: str = "auto", resume: bool = True,
+                  checkpoint_every_s: float = 300.0, **medusa1: Any) -> dict:
+    """Warm up the heads, train backbone + heads jointly, write the Medusa-2 model directory. Returns the record.
+
+    ``OUT.partial`` holds the run until it is complete: the warm-up heads and a checkpoint of the joint phase
+    (trainable backbone weights, heads, optimizer; every ``checkpoint_every_s``), so a rerun of the same
+    command continues where an interrupted one stopped (``resume=False`` starts afresh)."""
     _check(opts)
     lora = _peft() if opts.lora_rank > 0 else None
     t0 = time.perf_counter()
@@ -76,19 +84,22 @@ def train_medusa2(model_source: Any, data_file: str | Path, out_dir: str | Path,
         _check_lora_targets(model, opts.lora_targets)
     out = Path(out_dir)
     work = out.with_name(out.name + ".partial")
-    work.mkdir(parents=True, exist_ok=True)
     shared = dict(seed=seed, max_new_tokens=max_new_tokens, heldout_fraction=heldout_fraction,
                   gen_batch_size=gen_batch_size, cache_dir=cache_dir, threads=threads, progress=progress,
                   exclude_eval=exclude_eval, device=device)
+    if not resume:
+        shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True, exist_ok=True)
     if opts.init_heads:
-        heads = load_heads(opts.init_heads, model.config)
+        heads_dir = Path(opts.init_heads)
+        heads = load_heads(heads_dir, model.config)
         _check_heads_model(heads, loaded.identity, opts.init_heads)
-        warmup = {"init_heads": Path(opts.init_heads).name}
+        warmup = {"init_heads": heads_dir.name}
     else:
-        record = train_heads(loaded, data_file, work / "warmup-heads", num_heads=num_heads, num_layers=num_layers,
-                             epochs=opts.warmup_epochs, lr=opts.heads_lr, draft_vocab=draft_vocab, **shared, **medusa1)
-        heads = load_heads(work / "warmup-heads", model.config)
-        warmup = {"medusa1_epochs": opts.warmup_epochs, "heldout": record["heldout"]}
+        heads_dir = work / "warmup-heads"
+        warmup = _warm_up(loaded, data_file, heads_dir, opts, dict(num_heads=num_heads, num_layers=num_layers,
+                                                                   draft_vocab=draft_vocab, **shared, **medusa1))
+        heads = load_heads(heads_dir, model.config)
     heads = heads.to(dev)
 
     prompt_set = load_prompt_set(data_file, exclude=exclude_eval)
@@ -97,14 +108,14 @@ def train_medusa2(model_source: Any, data_file: str | Path, out_dir: str | Path,
                    prompt_set.sha256, model_identity(loaded.identity), progress=None)
     train_seqs, held_seqs = _sequences(data, prompt_set.prompts, loaded.tokenizer, heads.config.num_heads,
                                        heldout_fraction, seed)
-    if opts.max_train_sequences:
-        train_seqs = train_seqs[:opts.max_train_sequences]
+    train_seqs = _subset(train_seqs, opts.max_train_sequences, seed)
+    held_seqs = _subset(held_seqs, opts.max_heldout_sequences, seed + 1)
 
     teacher = None if lora is not None else copy.deepcopy(model).eval()
     student = _trainable_backbone(model, opts, lora)
     lm_weight = model.get_output_embeddings().weight.detach()
-    vocab = DraftVocab.from_targets(np.concatenate([s.targets for s in train_seqs]), draft_vocab,
-                                    model.config.vocab_size) if draft_vocab else None
+    vocab = _draft_vocab(heads_dir if heads_dir.is_dir() else heads_dir.parent, train_seqs, draft_vocab,
+                         model.config.vocab_size)
     proj = lm_weight[torch.as_tensor(vocab.ids, device=dev)] if vocab else lm_weight
     heads_loss = HeadsLoss(heads, proj, "none")
     backbone_params = [p for p in student.parameters() if p.requires_grad]
@@ -112,12 +123,34 @@ def train_medusa2(model_source: Any, data_file: str | Path, out_dir: str | Path,
                              {"params": list(heads.parameters()), "lr": opts.heads_lr}], weight_decay=0.0)
     steps = opts.joint_epochs * math.ceil(len(train_seqs) / opts.seq_batch_size)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(steps, max(1, steps // 20)))
-    before = _evaluate(model, teacher, lora, student, heads, lm_weight, held_seqs, dev, adapters=False)
-    history, rng = [], np.random.default_rng(seed)
-    for epoch in range(opts.joint_epochs):
-        order = rng.permutation(len(train_seqs))
-        for s in range(0, len(order), opts.seq_batch_size):
-            batch = [train_seqs[i] for i in order[s:s + opts.seq_batch_size]]
+    fingerprint = ckpt.fingerprint({**asdict(opts), "data_sha256": prompt_set.sha256, "seed": seed,
+                                    "train_sequences": len(train_seqs), "max_new_tokens": max_new_tokens,
+                                    "heldout_fraction": heldout_fraction, "draft_vocab": draft_vocab,
+                                    "model": loaded.identity, "warmup": warmup})
+    state = ckpt.load(work, fingerprint, log=_log) if resume else None
+    if state is not None:
+        heads.load_state_dict(state["heads"])
+        _load_trainable(student, state["backbone"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        saved = json.loads(state["history"])
+        before, history, start = saved["before"], saved["history"], (state["epoch"], state["step_in_epoch"])
+        _log(f"resuming the joint phase at epoch {start[0] + 1}, step {start[1]} from {ckpt.path(work)}")
+    else:
+        before = _evaluate(model, teacher, lora, student, heads, lm_weight, held_seqs, dev, adapters=False)
+        history, start = [], (0, 0)
+
+    def save_checkpoint(epoch: int, step: int) -> None:
+        ckpt.save(work, fingerprint, heads, opt, sched, epoch, step, {"before": before, "history": history},
+                  extra={"backbone": _trainable_state(student)})
+
+    per_epoch = math.ceil(len(train_seqs) / opts.seq_batch_size)
+    bar = _bar(progress, "joint training", total=steps, initial=start[0] * per_epoch + start[1])
+    last_save = time.perf_counter()
+    for epoch in range(start[0], opts.joint_epochs):
+        order = np.random.default_rng(seed * 1000 + epoch).permutation(len(train_seqs))  # the same after a resume
+        for step in range(start[1] if epoch == start[0] else 0, per_epoch):
+            batch = [train_seqs[i] for i in order[step * opts.seq_batch_size:(step + 1) * opts.seq_batch_size]]
             kl, medusa, per_head = _joint_loss(model, teacher, lora, student, heads_loss, batch, vocab, dev)
             loss = opts.lm_weight * kl + opts.heads_weight * medusa
             opt.zero_grad(set_to_none=True)
@@ -126,6 +159,14 @@ def train_medusa2(model_source: Any, data_file: str | Path, out_dir: str | Path,
             sched.step()
             history.append({"kl": round(kl.item(), 5), "medusa": round(medusa.item(), 4),
                             "per_head": [round(float(x), 4) for x in per_head]})
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(kl=f"{kl.item():.4f}", medusa=f"{medusa.item():.3f}", refresh=False)
+            if time.perf_counter() - last_save > checkpoint_every_s:
+                save_checkpoint(*divmod(epoch * per_epoch + step + 1, per_epoch))  # (epoch, step) to resume at
+                last_save = time.perf_counter()
+    if bar is not None:
+        bar.close()
     after = _evaluate(model, teacher, lora, student, heads, lm_weight, held_seqs, dev, adapters=True)
     merged = student.merge_and_unload() if lora is not None else model
     eval_record = {"backbone_vs_original": after["backbone"], "heads_before_joint": before["heads"],
@@ -133,13 +174,81 @@ def train_medusa2(model_source: Any, data_file: str | Path, out_dir: str | Path,
     record = {"mode": "medusa2", "options": asdict(opts), "base_model": loaded.identity,
               "data": {**prompt_set.provenance, "prompts": len(prompt_set.prompts)}, "warmup": warmup,
               "train_sequences": len(train_seqs), "joint_steps": steps, "seed": seed,
-              "loss_first_steps": history[:5], "loss_last_steps": history[-5:], "eval": eval_record,
+              "draft_vocab": {"size": int(len(vocab.ids)), "coverage": round(vocab.coverage, 4)} if vocab else None,
+              "loss_first_steps": history[:5], "loss_last_steps": history[-5:],
+              "loss_curve": _loss_curve(history), "eval": eval_record,
+              "resumed_at": list(start) if state is not None else None,
               "wall_time_s": round(time.perf_counter() - t0, 1)}
     _write_model_dir(work, merged.to("cpu"), heads.to("cpu"), loaded, record)
+    if vocab is not None:  # decoding scores the tokens the heads trained on (heads_source reads it beside the model)
+        vocab.save(work / "draft_vocab.json")
+    held_prompts = sorted({s.prompt_index for s in held_seqs})
+    (work / "heldout_prompts.jsonl").write_text("".join(json.dumps({"prompt": prompt_set.prompts[i]}) + "\n"
+                                                        for i in held_prompts))
+    ckpt.remove(work)
     if out.exists():
         shutil.rmtree(out)
     work.replace(out)
     return record
+
+
+def _warm_up(loaded, data_file, heads_dir: Path, opts: Medusa2Options, args: dict) -> dict:
+    """Medusa-1 on the frozen backbone into ``heads_dir``, skipped when a finished warm-up of the same settings
+    is already there (a resumed run)."""
+    marker = heads_dir / "medusa2_warmup.json"
+    settings = json.dumps({"epochs": opts.warmup_epochs, "lr": opts.heads_lr, "data": str(data_file),
+                           **{k: v for k, v in args.items() if k not in ("progress", "threads", "device", "cache_dir")}},
+                          sort_keys=True, default=str)
+    if marker.exists() and json.loads(marker.read_text()).get("settings") == settings:
+        _log(f"reusing the finished heads warm-up in {heads_dir}")
+        return json.loads(marker.read_text())["warmup"]
+    record = train_heads(loaded, data_file, heads_dir, epochs=opts.warmup_epochs, lr=opts.heads_lr, **args)
+    warmup = {"medusa1_epochs": opts.warmup_epochs, "heldout": record["heldout"]}
+    marker.write_text(json.dumps({"settings": settings, "warmup": warmup}) + "\n")
+    return warmup
+
+
+def _subset(seqs: list, limit: int | None, seed: int) -> list:
+    """At most ``limit`` items, drawn at random (seeded) and kept in their order."""
+    if not limit or limit >= len(seqs):
+        return seqs
+    keep = np.sort(np.random.default_rng(seed).choice(len(seqs), limit, replace=False))
+    return [seqs[i] for i in keep]
+
+
+def _draft_vocab(heads_dir: Path, train_seqs: list, size: int | None, vocab_size: int) -> DraftVocab | None:
+    """The heads' own draft vocabulary when they have one (warm-up or ``init_heads``): the joint phase then trains
+    the tokens they score at decode time. Else one from the training targets when ``size`` is set."""
+    if (heads_dir / "draft_vocab.json").exists():
+        return DraftVocab.load(heads_dir / "draft_vocab.json")
+    if size:
+        return DraftVocab.from_targets(np.concatenate([s.targets for s in train_seqs]), size, vocab_size)
+    return None
+
+
+def _trainable_state(model) -> dict:
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _load_trainable(model, state: dict) -> None:
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in state.items():
+            params[name].copy_(value)
+
+
+def _loss_curve(history: list[dict], points: int = 20) -> list[dict]:
+    """Mean KL and Medusa loss over ``points`` equal slices of the joint phase (the learning curve)."""
+    if not history:
+        return []
+    edges = np.linspace(0, len(history), min(points, len(history)) + 1).astype(int)
+    return [{"steps": int(b), "kl": round(float(np.mean([h["kl"] for h in history[a:b]])), 5),
+             "medusa": round(float(np.mean([h["medusa"] for h in history[a:b]])), 4)}
+            for a, b in zip(edges[:-1], edges[1:])]
+
+
+def _log(msg: str) -> None:
+    print(f"[medusa2] {msg}", file=sys.stderr, flush=True)
 
 
 @dataclass

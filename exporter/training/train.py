@@ -240,8 +240,7 @@ def train_heads(model_source: Any, data_file: str | Path, out_dir: str | Path, n
     save_heads(heads, out, extra={"trained_on": prompt_set.name, "heldout_top1": final["top1"]})
     (out / "eval.json").write_text(json.dumps(final, indent=2) + "\n")
     if vocab is not None:  # the subset trained on: `heads.restrict_vocab(heads, ids)` can reuse it at decode time
-        (out / "draft_vocab.json").write_text(json.dumps({"size": int(len(vocab.ids)), "coverage": round(vocab.coverage, 4),
-                                                          "ids": vocab.ids.tolist()}) + "\n")
+        vocab.save(out / "draft_vocab.json")
     # Prompts the heads never saw: what `calibrate-tree` should measure them on (training prompts overstate them).
     (out / "heldout_prompts.jsonl").write_text("".join(json.dumps({"prompt": prompts[i]}) + "\n" for i in held_prompts))
     (out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
