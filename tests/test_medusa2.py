@@ -142,6 +142,22 @@ def test_interrupted_joint_phase_resumes_to_the_same_model(make_tokenizer, promp
     assert 1 <= len(held) <= 2
 
 
+def test_epoch_batches_cover_every_sequence_once_and_group_similar_lengths():
+    rng = np.random.default_rng(3)
+    seqs = [m2.Sequence(np.zeros(n, np.int64), 0, np.zeros((1, 1), np.int64), i)
+            for i, n in enumerate(rng.integers(5, 700, 1003))]
+    batches = m2._epoch_batches(seqs, 8, seed=7)
+    assert len(batches) == -(-1003 // 8) and sorted(i for b in batches for i in b) == list(range(1003))
+    assert batches == m2._epoch_batches(seqs, 8, seed=7) and batches != m2._epoch_batches(seqs, 8, seed=8)
+
+    def padding(bs):  # padded positions / real positions, what a CPU step pays for
+        lens = [[len(seqs[i].ids) for i in b] for b in bs]
+        return sum(len(x) * max(x) - sum(x) for x in lens) / sum(map(sum, lens))
+
+    shuffled = np.random.default_rng(7).permutation(1003).tolist()
+    assert padding(batches) < 0.2 * padding([shuffled[i:i + 8] for i in range(0, 1003, 8)])
+
+
 def test_heads_warm_up_leaves_the_backbone_unchanged(make_tokenizer, prompts_file, tmp_path, monkeypatch):
     loaded = _loaded(make_tokenizer)
     before = {k: v.clone() for k, v in loaded.model.state_dict().items()}

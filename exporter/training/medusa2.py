@@ -148,9 +148,9 @@ def train_medusa2(model_source: Any, data_file: str | Path, out_dir: str | Path,
     bar = _bar(progress, "joint training", total=steps, initial=start[0] * per_epoch + start[1])
     last_save = time.perf_counter()
     for epoch in range(start[0], opts.joint_epochs):
-        order = np.random.default_rng(seed * 1000 + epoch).permutation(len(train_seqs))  # the same after a resume
+        batches = _epoch_batches(train_seqs, opts.seq_batch_size, seed * 1000 + epoch)  # the same after a resume
         for step in range(start[1] if epoch == start[0] else 0, per_epoch):
-            batch = [train_seqs[i] for i in order[step * opts.seq_batch_size:(step + 1) * opts.seq_batch_size]]
+            batch = [train_seqs[i] for i in batches[step]]
             kl, medusa, per_head = _joint_loss(model, teacher, lora, student, heads_loss, batch, vocab, dev)
             loss = opts.lm_weight * kl + opts.heads_weight * medusa
             opt.zero_grad(set_to_none=True)
@@ -214,6 +214,20 @@ def _subset(seqs: list, limit: int | None, seed: int) -> list:
         return seqs
     keep = np.sort(np.random.default_rng(seed).choice(len(seqs), limit, replace=False))
     return [seqs[i] for i in keep]
+
+
+def _epoch_batches(seqs: list, size: int, seed: int, pool_batches: int = 16) -> list[list[int]]:
+    """Seeded shuffle, then sequences of similar length batched together within pools of ``pool_batches``
+    batches (padded positions cost as much as real ones), the batches themselves in shuffled order.
+    ``ceil(len(seqs) / size)`` batches: only the last pool can end in a short one."""
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(seqs))
+    pool = size * pool_batches
+    batches = []
+    for s in range(0, len(order), pool):
+        chunk = sorted(order[s:s + pool].tolist(), key=lambda i: len(seqs[i].ids))
+        batches += [chunk[b:b + size] for b in range(0, len(chunk), size)]
+    return [batches[i] for i in rng.permutation(len(batches))]
 
 
 def _draft_vocab(heads_dir: Path, train_seqs: list, size: int | None, vocab_size: int) -> DraftVocab | None:
