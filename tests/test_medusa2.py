@@ -146,9 +146,13 @@ def test_epoch_batches_cover_every_sequence_once_and_group_similar_lengths():
     rng = np.random.default_rng(3)
     seqs = [m2.Sequence(np.zeros(n, np.int64), 0, np.zeros((1, 1), np.int64), i)
             for i, n in enumerate(rng.integers(5, 700, 1003))]
-    batches = m2._epoch_batches(seqs, 8, seed=7)
+    batches = m2._epoch_batches(seqs, 8, 10**9, seed=7)
     assert len(batches) == -(-1003 // 8) and sorted(i for b in batches for i in b) == list(range(1003))
-    assert batches == m2._epoch_batches(seqs, 8, seed=7) and batches != m2._epoch_batches(seqs, 8, seed=8)
+    assert batches == m2._epoch_batches(seqs, 8, 10**9, seed=7) and batches != m2._epoch_batches(seqs, 8, 10**9, seed=8)
+    capped = m2._epoch_batches(seqs, 8, 1500, seed=7)  # a token budget: fewer long sequences per batch
+    assert sorted(i for b in capped for i in b) == list(range(1003))
+    assert all(len(b) <= 8 and len(b) * max(len(seqs[i].ids) for i in b) <= 1500 for b in capped)
+    assert len(capped) > len(batches)
 
     def padding(bs):  # padded positions / real positions, what a CPU step pays for
         lens = [[len(seqs[i].ids) for i in b] for b in bs]

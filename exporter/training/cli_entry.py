@@ -22,7 +22,8 @@ from .train import train_heads
 _INT_OR_NONE = ("draft_vocab", "threads", "max_train_positions")
 # train-heads options that only --mode medusa2 reads (Medusa2Options fields)
 _MEDUSA2_ONLY = ("init_heads", "joint_epochs", "lora_rank", "lora_alpha", "lora_targets", "backbone_lr",
-                 "lm_weight", "heads_weight", "seq_batch_size", "max_train_sequences", "max_heldout_sequences")
+                 "lm_weight", "heads_weight", "seq_batch_size", "max_train_sequences", "max_heldout_sequences",
+                 "max_batch_tokens")
 
 
 def run_train_heads(model: Any, data: str | Path, out: str | Path, mode: str = "medusa1", **options: Any) -> dict:

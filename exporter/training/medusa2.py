@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import shutil
 import sys
 import time
@@ -56,7 +55,8 @@ class Medusa2Options:
     heads_lr: float = 1e-3
     lm_weight: float = 1.0  # weight of KL(original || fine-tuned)
     heads_weight: float = 0.2  # weight of the Medusa loss in the joint phase (the paper's lambda_0)
-    seq_batch_size: int = 8  # sequences per joint step
+    seq_batch_size: int = 8  # sequences per joint step, at most
+    max_batch_tokens: int = 4096  # padded tokens per joint step, at most (activations for backward grow with it)
     max_train_sequences: int | None = None  # a seeded random subset (shards are in prompt-length order)
     max_heldout_sequences: int | None = None  # the same for the held-out evaluation (its cost: 3 forwards each)
 
@@ -110,6 +110,7 @@ def train_medusa2(model_source: Any, data_file: str | Path, out_dir: str | Path,
                                        heldout_fraction, seed)
     train_seqs = _subset(train_seqs, opts.max_train_sequences, seed)
     held_seqs = _subset(held_seqs, opts.max_heldout_sequences, seed + 1)
+    del data  # the joint phase recomputes hidden states; the cached ones (fp16, [positions, H]) are not needed
 
     teacher = None if lora is not None else copy.deepcopy(model).eval()
     student = _trainable_backbone(model, opts, lora)
@@ -121,7 +122,9 @@ def train_medusa2(model_source: Any, data_file: str | Path, out_dir: str | Path,
     backbone_params = [p for p in student.parameters() if p.requires_grad]
     opt = torch.optim.AdamW([{"params": backbone_params, "lr": opts.backbone_lr},
                              {"params": list(heads.parameters()), "lr": opts.heads_lr}], weight_decay=0.0)
-    steps = opts.joint_epochs * math.ceil(len(train_seqs) / opts.seq_batch_size)
+    epochs = [_epoch_batches(train_seqs, opts.seq_batch_size, opts.max_batch_tokens, seed * 1000 + e)
+              for e in range(opts.joint_epochs)]  # seeded: the same after a resume
+    steps = sum(map(len, epochs))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(steps, max(1, steps // 20)))
     fingerprint = ckpt.fingerprint({**asdict(opts), "data_sha256": prompt_set.sha256, "seed": seed,
                                     "train_sequences": len(train_seqs), "max_new_tokens": max_new_tokens,
@@ -144,13 +147,11 @@ def train_medusa2(model_source: Any, data_file: str | Path, out_dir: str | Path,
         ckpt.save(work, fingerprint, heads, opt, sched, epoch, step, {"before": before, "history": history},
                   extra={"backbone": _trainable_state(student)})
 
-    per_epoch = math.ceil(len(train_seqs) / opts.seq_batch_size)
-    bar = _bar(progress, "joint training", total=steps, initial=start[0] * per_epoch + start[1])
+    bar = _bar(progress, "joint training", total=steps, initial=sum(map(len, epochs[:start[0]])) + start[1])
     last_save = time.perf_counter()
     for epoch in range(start[0], opts.joint_epochs):
-        batches = _epoch_batches(train_seqs, opts.seq_batch_size, seed * 1000 + epoch)  # the same after a resume
-        for step in range(start[1] if epoch == start[0] else 0, per_epoch):
-            batch = [train_seqs[i] for i in batches[step]]
+        for step in range(start[1] if epoch == start[0] else 0, len(epochs[epoch])):
+            batch = [train_seqs[i] for i in epochs[epoch][step]]
             kl, medusa, per_head = _joint_loss(model, teacher, lora, student, heads_loss, batch, vocab, dev)
             loss = opts.lm_weight * kl + opts.heads_weight * medusa
             opt.zero_grad(set_to_none=True)
@@ -163,7 +164,8 @@ def train_medusa2(model_source: Any, data_file: str | Path, out_dir: str | Path,
                 bar.update(1)
                 bar.set_postfix(kl=f"{kl.item():.4f}", medusa=f"{medusa.item():.3f}", refresh=False)
             if time.perf_counter() - last_save > checkpoint_every_s:
-                save_checkpoint(*divmod(epoch * per_epoch + step + 1, per_epoch))  # (epoch, step) to resume at
+                done = step + 1 == len(epochs[epoch])
+                save_checkpoint(epoch + 1 if done else epoch, 0 if done else step + 1)  # where to resume
                 last_save = time.perf_counter()
     if bar is not None:
         bar.close()
@@ -216,17 +218,22 @@ def _subset(seqs: list, limit: int | None, seed: int) -> list:
     return [seqs[i] for i in keep]
 
 
-def _epoch_batches(seqs: list, size: int, seed: int, pool_batches: int = 16) -> list[list[int]]:
+def _epoch_batches(seqs: list, size: int, max_tokens: int, seed: int, pool_batches: int = 16) -> list[list[int]]:
     """Seeded shuffle, then sequences of similar length batched together within pools of ``pool_batches``
-    batches (padded positions cost as much as real ones), the batches themselves in shuffled order.
-    ``ceil(len(seqs) / size)`` batches: only the last pool can end in a short one."""
+    batches (padded positions cost as much as real ones), the batches in shuffled order. A batch holds at most
+    ``size`` sequences and ``max_tokens`` padded tokens (a longer sequence goes alone)."""
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(seqs))
     pool = size * pool_batches
-    batches = []
+    batches: list[list[int]] = []
     for s in range(0, len(order), pool):
-        chunk = sorted(order[s:s + pool].tolist(), key=lambda i: len(seqs[i].ids))
-        batches += [chunk[b:b + size] for b in range(0, len(chunk), size)]
+        batch: list[int] = []
+        for i in sorted(order[s:s + pool].tolist(), key=lambda i: len(seqs[i].ids)):  # ascending: i is the longest
+            if batch and (len(batch) == size or (len(batch) + 1) * len(seqs[i].ids) > max_tokens):
+                batches.append(batch)
+                batch = []
+            batch.append(i)
+        batches.append(batch)
     return [batches[i] for i in rng.permutation(len(batches))]
 
 
@@ -295,15 +302,15 @@ def _forward_hidden(model, batch: list[Sequence], dev) -> tuple[torch.Tensor, to
     """Final-norm hidden states at every answer position of the batch: [N, H], plus their (row, col) index."""
     width = max(len(s.ids) for s in batch)
     ids = torch.zeros(len(batch), width, dtype=torch.long, device=dev)
-    mask = torch.zeros_like(ids)
     rows, cols = [], []
     for r, s in enumerate(batch):
         ids[r, :len(s.ids)] = torch.as_tensor(s.ids)
-        mask[r, :len(s.ids)] = 1
         n = len(s.targets)
         rows += [r] * n
         cols += range(s.first, s.first + n)
-    hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
+    # Right padding under the causal mask: a real position never sees a pad, so no attention mask is needed,
+    # and without one SDPA keeps to its fused kernel instead of materialising [B, heads, L, L] scores.
+    hidden = model.model(input_ids=ids).last_hidden_state
     return hidden[torch.tensor(rows), torch.tensor(cols)], torch.tensor(rows), torch.tensor(cols)
 
 
@@ -396,8 +403,8 @@ def _write_model_dir(work: Path, model, heads: MedusaHeads, loaded, record: dict
 
 
 def _check(opts: Medusa2Options) -> None:
-    if opts.joint_epochs < 1 or opts.warmup_epochs < 1 or opts.seq_batch_size < 1:
-        raise InputError("medusa2 needs joint_epochs, warmup_epochs and seq_batch_size >= 1")
+    if min(opts.joint_epochs, opts.warmup_epochs, opts.seq_batch_size, opts.max_batch_tokens) < 1:
+        raise InputError("medusa2 needs joint_epochs, warmup_epochs, seq_batch_size and max_batch_tokens >= 1")
     if opts.lora_rank < 0 or (opts.lora_rank > 0 and opts.lora_alpha <= 0):
         raise InputError(f"LoRA rank must be >= 0 (0: full fine-tuning) and alpha > 0, got {opts.lora_rank}, {opts.lora_alpha}")
     if not (opts.backbone_lr > 0 and opts.heads_lr > 0 and opts.lm_weight >= 0 and opts.heads_weight > 0):

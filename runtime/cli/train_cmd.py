@@ -95,6 +95,8 @@ def train_heads(
     lm_weight: Optional[float] = typer.Option(None, help="medusa2: weight of KL(original || fine-tuned) (default 1)."),
     heads_weight: Optional[float] = typer.Option(None, help="medusa2: weight of the Medusa loss (default 0.2)."),
     seq_batch_size: Optional[int] = typer.Option(None, help="medusa2: sequences per joint step (default 8)."),
+    max_batch_tokens: Optional[int] = typer.Option(None, help="medusa2: padded tokens per joint step, at most "
+                                                              "(default 4096; memory grows with it)."),
     max_train_sequences: Optional[int] = typer.Option(None, help="medusa2: cap on joint-training sequences "
                                                                  "(a seeded random subset)."),
     max_heldout_sequences: Optional[int] = typer.Option(None, help="medusa2: cap on held-out sequences evaluated "
