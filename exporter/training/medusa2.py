@@ -108,6 +108,7 @@ def train_medusa2(model_source: Any, data_file: str | Path, out_dir: str | Path,
                    prompt_set.sha256, model_identity(loaded.identity), progress=None)
     train_seqs, held_seqs = _sequences(data, prompt_set.prompts, loaded.tokenizer, heads.config.num_heads,
                                        heldout_fraction, seed)
+    held_prompts = sorted({s.prompt_index for s in held_seqs})  # all of them go to heldout_prompts.jsonl
     train_seqs = _subset(train_seqs, opts.max_train_sequences, seed)
     held_seqs = _subset(held_seqs, opts.max_heldout_sequences, seed + 1)
     del data  # the joint phase recomputes hidden states; the cached ones (fp16, [positions, H]) are not needed
@@ -172,7 +173,8 @@ def train_medusa2(model_source: Any, data_file: str | Path, out_dir: str | Path,
     after = _evaluate(model, teacher, lora, student, heads, lm_weight, held_seqs, dev, adapters=True)
     merged = student.merge_and_unload() if lora is not None else model
     eval_record = {"backbone_vs_original": after["backbone"], "heads_before_joint": before["heads"],
-                   "heads_after_joint": after["heads"], "heldout_sequences": len(held_seqs)}
+                   "heads_after_joint": after["heads"], "heldout_sequences": len(held_seqs),
+                   "heldout_prompts": len(held_prompts)}
     record = {"mode": "medusa2", "options": asdict(opts), "base_model": loaded.identity,
               "data": {**prompt_set.provenance, "prompts": len(prompt_set.prompts)}, "warmup": warmup,
               "train_sequences": len(train_seqs), "joint_steps": steps, "seed": seed,
@@ -184,7 +186,6 @@ def train_medusa2(model_source: Any, data_file: str | Path, out_dir: str | Path,
     _write_model_dir(work, merged.to("cpu"), heads.to("cpu"), loaded, record)
     if vocab is not None:  # decoding scores the tokens the heads trained on (heads_source reads it beside the model)
         vocab.save(work / "draft_vocab.json")
-    held_prompts = sorted({s.prompt_index for s in held_seqs})
     (work / "heldout_prompts.jsonl").write_text("".join(json.dumps({"prompt": prompt_set.prompts[i]}) + "\n"
                                                         for i in held_prompts))
     ckpt.remove(work)
