@@ -17,6 +17,7 @@ and elsewhere are told to pass it with ``--model``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -162,12 +163,37 @@ def _from_pretrained(directory: Path):
 
     hf_logging.disable_progress_bar()
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            directory, dtype=torch.float32, local_files_only=True, attn_implementation="sdpa"
-        )
+        with _medusa_heads_expected(directory):
+            model = AutoModelForCausalLM.from_pretrained(
+                directory, dtype=torch.float32, local_files_only=True, attn_implementation="sdpa"
+            )
     except (OSError, ValueError) as e:
         raise ModelError(f"cannot load model from {directory}: {str(e).splitlines()[0][:200]}") from None
     return model.eval()
+
+
+@contextlib.contextmanager
+def _medusa_heads_expected(directory: Path):
+    """A Medusa-2 directory keeps its heads (``medusa_head.*``) beside the backbone's weights: they are read
+    separately (heads_source), so the backbone's loader should not report them as unexpected keys."""
+    try:
+        config = json.loads((directory / "config.json").read_text())
+    except (OSError, ValueError):
+        config = {}
+    if "medusa_num_heads" not in config:
+        yield
+        return
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(AutoConfig.from_pretrained(directory, local_files_only=True))]
+    name, unset = "_keys_to_ignore_on_load_unexpected", object()
+    saved = cls.__dict__.get(name, unset)
+    setattr(cls, name, [*(getattr(cls, name) or []), r"^medusa_head\."])
+    try:
+        yield
+    finally:
+        delattr(cls, name) if saved is unset else setattr(cls, name, saved)
 
 
 def _tokenizer_from_dir(directory: Path) -> ChatTokenizer:

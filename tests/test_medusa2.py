@@ -162,6 +162,28 @@ def test_epoch_batches_cover_every_sequence_once_and_group_similar_lengths():
     assert padding(batches) < 0.2 * padding([shuffled[i:i + 8] for i in range(0, 1003, 8)])
 
 
+def test_loading_the_model_directory_does_not_report_its_heads_as_unexpected(run):
+    import logging
+
+    from transformers import LlamaForCausalLM
+
+    from medusa_export.exporter.model_loading import load_base_model
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+
+    seen, handler, hf = [], Keep(), logging.getLogger("transformers")
+    before = LlamaForCausalLM.__dict__.get("_keys_to_ignore_on_load_unexpected")
+    hf.addHandler(handler)
+    try:
+        load_base_model(run[0] / "model")
+    finally:
+        hf.removeHandler(handler)
+    assert not [m for m in seen if "medusa_head" in m]
+    assert LlamaForCausalLM.__dict__.get("_keys_to_ignore_on_load_unexpected") == before  # restored
+
+
 def test_heads_warm_up_leaves_the_backbone_unchanged(make_tokenizer, prompts_file, tmp_path, monkeypatch):
     loaded = _loaded(make_tokenizer)
     before = {k: v.clone() for k, v in loaded.model.state_dict().items()}
