@@ -18,6 +18,7 @@ from conftest import TINY_PROMPTS, TINY_VOCAB, loaded_tiny, make_tiny_model  # n
 
 from medusa_export.exporter.training import medusa2 as m2  # noqa: E402
 from medusa_export.exporter.training.medusa2 import Medusa2Options, train_medusa2  # noqa: E402
+from medusa_export.exporter.training.medusa2_batches import Sequence, epoch_batches  # noqa: E402
 from medusa_export.runtime.errors import HeadsError, InputError  # noqa: E402
 
 EOS = TINY_VOCAB - 1
@@ -144,12 +145,12 @@ def test_interrupted_joint_phase_resumes_to_the_same_model(make_tokenizer, promp
 
 def test_epoch_batches_cover_every_sequence_once_and_group_similar_lengths():
     rng = np.random.default_rng(3)
-    seqs = [m2.Sequence(np.zeros(n, np.int64), 0, np.zeros((1, 1), np.int64), i)
+    seqs = [Sequence(np.zeros(n, np.int64), 0, np.zeros((1, 1), np.int64), i)
             for i, n in enumerate(rng.integers(5, 700, 1003))]
-    batches = m2._epoch_batches(seqs, 8, 10**9, seed=7)
+    batches = epoch_batches(seqs, 8, 10**9, seed=7)
     assert len(batches) == -(-1003 // 8) and sorted(i for b in batches for i in b) == list(range(1003))
-    assert batches == m2._epoch_batches(seqs, 8, 10**9, seed=7) and batches != m2._epoch_batches(seqs, 8, 10**9, seed=8)
-    capped = m2._epoch_batches(seqs, 8, 1500, seed=7)  # a token budget: fewer long sequences per batch
+    assert batches == epoch_batches(seqs, 8, 10**9, seed=7) and batches != epoch_batches(seqs, 8, 10**9, seed=8)
+    capped = epoch_batches(seqs, 8, 1500, seed=7)  # a token budget: fewer long sequences per batch
     assert sorted(i for b in capped for i in b) == list(range(1003))
     assert all(len(b) <= 8 and len(b) * max(len(seqs[i].ids) for i in b) <= 1500 for b in capped)
     assert len(capped) > len(batches)

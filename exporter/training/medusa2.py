@@ -34,9 +34,10 @@ from medusa_export.exporter.heads import MedusaHeads, load_heads
 from medusa_export.runtime.errors import HeadsError, InputError
 
 from . import checkpoint as ckpt
-from .data import DistillConfig, DistilledData, distill, model_identity
+from .data import DistillConfig, distill, model_identity
 from .evaluate import evaluate_heads
-from .examples import IGNORE, DraftVocab, Examples, heldout_prompts
+from .examples import IGNORE, DraftVocab, Examples
+from .medusa2_batches import Sequence, answer_sequences, epoch_batches, seeded_subset
 from .prompt_source import load_prompt_set
 from .train import HeadsLoss, _bar, _default_cache, _resolve_model, _setup_distributed, lr_lambda, train_heads
 
@@ -106,11 +107,11 @@ def train_medusa2(model_source: Any, data_file: str | Path, out_dir: str | Path,
     cfg = DistillConfig(max_new_tokens=max_new_tokens, batch_size=gen_batch_size, seed=seed)
     data = distill(model, loaded.tokenizer, prompt_set.prompts, cache_dir or _default_cache(), cfg,
                    prompt_set.sha256, model_identity(loaded.identity), progress=None)
-    train_seqs, held_seqs = _sequences(data, prompt_set.prompts, loaded.tokenizer, heads.config.num_heads,
-                                       heldout_fraction, seed)
+    train_seqs, held_seqs = answer_sequences(data, prompt_set.prompts, loaded.tokenizer, heads.config.num_heads,
+                                             heldout_fraction, seed)
     held_prompts = sorted({s.prompt_index for s in held_seqs})  # all of them go to heldout_prompts.jsonl
-    train_seqs = _subset(train_seqs, opts.max_train_sequences, seed)
-    held_seqs = _subset(held_seqs, opts.max_heldout_sequences, seed + 1)
+    train_seqs = seeded_subset(train_seqs, opts.max_train_sequences, seed)
+    held_seqs = seeded_subset(held_seqs, opts.max_heldout_sequences, seed + 1)
     del data  # the joint phase recomputes hidden states; the cached ones (fp16, [positions, H]) are not needed
 
     teacher = None if lora is not None else copy.deepcopy(model).eval()
@@ -123,7 +124,7 @@ def train_medusa2(model_source: Any, data_file: str | Path, out_dir: str | Path,
     backbone_params = [p for p in student.parameters() if p.requires_grad]
     opt = torch.optim.AdamW([{"params": backbone_params, "lr": opts.backbone_lr},
                              {"params": list(heads.parameters()), "lr": opts.heads_lr}], weight_decay=0.0)
-    epochs = [_epoch_batches(train_seqs, opts.seq_batch_size, opts.max_batch_tokens, seed * 1000 + e)
+    epochs = [epoch_batches(train_seqs, opts.seq_batch_size, opts.max_batch_tokens, seed * 1000 + e)
               for e in range(opts.joint_epochs)]  # seeded: the same after a resume
     steps = sum(map(len, epochs))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(steps, max(1, steps // 20)))
@@ -211,33 +212,6 @@ def _warm_up(loaded, data_file, heads_dir: Path, opts: Medusa2Options, args: dic
     return warmup
 
 
-def _subset(seqs: list, limit: int | None, seed: int) -> list:
-    """At most ``limit`` items, drawn at random (seeded) and kept in their order."""
-    if not limit or limit >= len(seqs):
-        return seqs
-    keep = np.sort(np.random.default_rng(seed).choice(len(seqs), limit, replace=False))
-    return [seqs[i] for i in keep]
-
-
-def _epoch_batches(seqs: list, size: int, max_tokens: int, seed: int, pool_batches: int = 16) -> list[list[int]]:
-    """Seeded shuffle, then sequences of similar length batched together within pools of ``pool_batches``
-    batches (padded positions cost as much as real ones), the batches in shuffled order. A batch holds at most
-    ``size`` sequences and ``max_tokens`` padded tokens (a longer sequence goes alone)."""
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(len(seqs))
-    pool = size * pool_batches
-    batches: list[list[int]] = []
-    for s in range(0, len(order), pool):
-        batch: list[int] = []
-        for i in sorted(order[s:s + pool].tolist(), key=lambda i: len(seqs[i].ids)):  # ascending: i is the longest
-            if batch and (len(batch) == size or (len(batch) + 1) * len(seqs[i].ids) > max_tokens):
-                batches.append(batch)
-                batch = []
-            batch.append(i)
-        batches.append(batch)
-    return [batches[i] for i in rng.permutation(len(batches))]
-
-
 def _draft_vocab(heads_dir: Path, train_seqs: list, size: int | None, vocab_size: int) -> DraftVocab | None:
     """The heads' own draft vocabulary when they have one (warm-up or ``init_heads``): the joint phase then trains
     the tokens they score at decode time. Else one from the training targets when ``size`` is set."""
@@ -271,32 +245,6 @@ def _loss_curve(history: list[dict], points: int = 20) -> list[dict]:
 
 def _log(msg: str) -> None:
     print(f"[medusa2] {msg}", file=sys.stderr, flush=True)
-
-
-@dataclass
-class Sequence:
-    ids: np.ndarray  # prompt + answer token ids
-    first: int  # index of the hidden state that produced answer token 0 (the prompt's last position)
-    targets: np.ndarray  # [A, K] head targets per answer position (IGNORE past the answer)
-    prompt_index: int
-
-
-def _sequences(data: DistilledData, prompts: list[str], tokenizer, num_heads: int, heldout_fraction: float,
-               seed: int) -> tuple[list[Sequence], list[Sequence]]:
-    """One sequence per self-distilled answer; held-out prompts exactly as Medusa-1 splits them."""
-    # Medusa-1 draws the held-out share from the prompts with a training example: answers of 2+ tokens.
-    held_prompts = set(heldout_prompts(data.prompt_index[data.seq_lens >= 2], heldout_fraction, seed).tolist())
-    offsets = np.concatenate([[0], np.cumsum(data.seq_lens)])
-    train, heldout = [], []
-    for a, pi in enumerate(data.prompt_index.tolist()):
-        answer = data.tokens[offsets[a]:offsets[a + 1]]
-        prompt = np.asarray(tokenizer.encode_prompt(prompts[pi]), np.int64)
-        targets = np.full((len(answer), num_heads), IGNORE, np.int64)
-        for k in range(num_heads):
-            targets[:max(0, len(answer) - 1 - k), k] = answer[1 + k:]
-        seq = Sequence(np.concatenate([prompt, answer]), len(prompt) - 1, targets, pi)
-        (heldout if pi in held_prompts else train).append(seq)
-    return train, heldout
 
 
 def _forward_hidden(model, batch: list[Sequence], dev) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
