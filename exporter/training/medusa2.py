@@ -200,12 +200,12 @@ def _warm_up(loaded, data_file, heads_dir: Path, opts: Medusa2Options, args: dic
     """Medusa-1 on the frozen backbone into ``heads_dir``, skipped when a finished warm-up of the same settings
     is already there (a resumed run)."""
     marker = heads_dir / "medusa2_warmup.json"
-    settings = json.dumps({"epochs": opts.warmup_epochs, "lr": opts.heads_lr, "data": str(data_file),
-                           **{k: v for k, v in args.items() if k not in ("progress", "threads", "device", "cache_dir")}},
-                          sort_keys=True, default=str)
-    if marker.exists() and json.loads(marker.read_text()).get("settings") == settings:
+    settings = ckpt.fingerprint({"epochs": opts.warmup_epochs, "lr": opts.heads_lr, "data": str(data_file),
+                                 **{k: v for k, v in args.items() if k != "device"}})
+    done = json.loads(marker.read_text()) if marker.exists() else {}
+    if done.get("settings") == settings:
         _log(f"reusing the finished heads warm-up in {heads_dir}")
-        return json.loads(marker.read_text())["warmup"]
+        return done["warmup"]
     record = train_heads(loaded, data_file, heads_dir, epochs=opts.warmup_epochs, lr=opts.heads_lr, **args)
     warmup = {"medusa1_epochs": opts.warmup_epochs, "heldout": record["heldout"]}
     marker.write_text(json.dumps({"settings": settings, "warmup": warmup}) + "\n")
