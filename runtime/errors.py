@@ -41,3 +41,7 @@ class EngineError(MedusaExportError, RuntimeError):
 
 class CheckpointError(MedusaExportError, RuntimeError):
     """A training checkpoint cannot be read (corrupt or foreign): the message names the file and `--no-resume`."""
+
+
+class TrainingError(MedusaExportError, RuntimeError):
+    """A training run went wrong in a way its inputs did not cause (e.g. distributed ranks out of step)."""

@@ -23,7 +23,7 @@ _INT_OR_NONE = ("draft_vocab", "threads", "max_train_positions")
 # train-heads options that only --mode medusa2 reads (Medusa2Options fields)
 _MEDUSA2_ONLY = ("init_heads", "joint_epochs", "lora_rank", "lora_alpha", "lora_targets", "backbone_lr",
                  "lm_weight", "heads_weight", "seq_batch_size", "max_train_sequences", "max_heldout_sequences",
-                 "max_batch_tokens")
+                 "max_batch_tokens", "head_lrs")
 
 
 def run_train_heads(model: Any, data: str | Path, out: str | Path, mode: str = "medusa1", **options: Any) -> dict:
@@ -65,10 +65,16 @@ def _run_medusa2(model: Any, data: str | Path, out: str | Path, options: dict) -
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="train-heads", description="Train Medusa-1 heads by self-distillation.")
+    from dataclasses import fields
+
+    from .medusa2 import Medusa2Options
+
+    p = argparse.ArgumentParser(prog="train-heads", description="Train Medusa heads by self-distillation "
+                                "(--mode medusa2: the backbone jointly, written as a model directory).")
     p.add_argument("--model", default=None, help="HF directory or .gguf; default: SmolLM2-135M-Instruct")
     p.add_argument("--data", required=True, help="'sharegpt' or a prompts JSONL, one {\"prompt\": ...} per line")
     p.add_argument("--out", required=True, help="output directory for the heads")
+    p.add_argument("--mode", default="medusa1", choices=("medusa1", "medusa2"))
     sig = inspect.signature(train_heads)
     for name, par in sig.parameters.items():
         if name in ("model_source", "data_file", "out_dir") or par.default is inspect.Parameter.empty:
@@ -82,6 +88,10 @@ def main(argv: list[str] | None = None) -> None:
             p.add_argument(flag, default=None)
         else:
             p.add_argument(flag, type=type(par.default), default=par.default)
+    for f in fields(Medusa2Options):  # unset (None) unless given: medusa1 refuses them, medusa2 has defaults
+        if f.name != "warmup_epochs":  # --epochs is the warm-up's
+            kind = {"int": int, "float": float}.get(str(f.type).split(" ")[0], str)
+            p.add_argument("--" + f.name.replace("_", "-"), type=kind, default=None)
     a = vars(p.parse_args(argv))
     model, data, out = a.pop("model"), a.pop("data"), a.pop("out")
     run_train_heads(model, data, out, **a)

@@ -34,12 +34,14 @@ from medusa_export.exporter.heads import MedusaHeads, load_heads
 from medusa_export.runtime.errors import HeadsError, InputError
 
 from . import checkpoint as ckpt
-from .data import DistillConfig, distill, model_identity
-from .evaluate import evaluate_heads
-from .examples import IGNORE, DraftVocab, Examples
-from .medusa2_batches import Sequence, answer_sequences, epoch_batches, seeded_subset
+from .data import DistillConfig, model_identity
+from .examples import DraftVocab
+from .medusa2_batches import answer_sequences, epoch_batches, seeded_subset
+from .medusa2_loss import evaluate_joint, joint_loss
 from .prompt_source import load_prompt_set
-from .train import HeadsLoss, _bar, _default_cache, _resolve_model, _setup_distributed, lr_lambda, train_heads
+from .distributed import (assert_in_sync, average_gradients, average_values, barrier, broadcast_parameters,
+                          end_distributed, rank_share, setup_distributed)
+from .train import HeadsLoss, _bar, _default_cache, _resolve_model, distill_on_ranks, lr_lambda, train_heads
 
 DEFAULT_LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 
@@ -54,6 +56,7 @@ class Medusa2Options:
     lora_targets: str = DEFAULT_LORA_TARGETS
     backbone_lr: float = 2e-4
     heads_lr: float = 1e-3
+    head_lrs: str | None = None  # the joint phase's rate per head, comma-separated (default: heads_lr for each)
     lm_weight: float = 1.0  # weight of KL(original || fine-tuned)
     heads_weight: float = 0.2  # weight of the Medusa loss in the joint phase (the paper's lambda_0)
     seq_batch_size: int = 8  # sequences per joint step, at most
@@ -72,13 +75,18 @@ def train_medusa2(model_source: Any, data_file: str | Path, out_dir: str | Path,
 
     ``OUT.partial`` holds the run until it is complete: the warm-up heads and a checkpoint of the joint phase
     (trainable backbone weights, heads, optimizer; every ``checkpoint_every_s``), so a rerun of the same
-    command continues where an interrupted one stopped (``resume=False`` starts afresh)."""
+    command continues where an interrupted one stopped (``resume=False`` starts afresh).
+    Under ``torchrun`` each rank trains on its share of every epoch's batches, gradients are averaged, and
+    rank 0 evaluates and writes (the others return ``{}``)."""
     _check(opts)
+    if opts.head_lrs and not opts.init_heads:
+        _parse_head_lrs(opts.head_lrs, num_heads)
     lora = _peft() if opts.lora_rank > 0 else None
     t0 = time.perf_counter()
     if threads:
         torch.set_num_threads(threads)
-    _, _, dev = _setup_distributed(device)
+    rank, world, dev, owned = setup_distributed(device)
+    log = _log if rank == 0 else (lambda _m: None)
     loaded = _resolve_model(model_source)
     model = loaded.model.to(dev).eval()
     if lora is not None:
@@ -88,25 +96,29 @@ def train_medusa2(model_source: Any, data_file: str | Path, out_dir: str | Path,
     shared = dict(seed=seed, max_new_tokens=max_new_tokens, heldout_fraction=heldout_fraction,
                   gen_batch_size=gen_batch_size, cache_dir=cache_dir, threads=threads, progress=progress,
                   exclude_eval=exclude_eval, device=device)
-    if not resume:
+    if not resume and rank == 0:
         shutil.rmtree(work, ignore_errors=True)
+    barrier(world)
     work.mkdir(parents=True, exist_ok=True)
     if opts.init_heads:
         heads_dir = Path(opts.init_heads)
         heads = load_heads(heads_dir, model.config)
         _check_heads_model(heads, loaded.identity, opts.init_heads)
+        _head_groups(heads, opts)  # --head-lrs must fit these heads before any training
         warmup = {"init_heads": heads_dir.name}
     else:
         heads_dir = work / "warmup-heads"
         warmup = _warm_up(loaded, data_file, heads_dir, opts, dict(num_heads=num_heads, num_layers=num_layers,
-                                                                   draft_vocab=draft_vocab, **shared, **medusa1))
+                                                                   draft_vocab=draft_vocab, **shared, **medusa1),
+                          rank, world, log)
         heads = load_heads(heads_dir, model.config)
     heads = heads.to(dev)
 
     prompt_set = load_prompt_set(data_file, exclude=exclude_eval)
     cfg = DistillConfig(max_new_tokens=max_new_tokens, batch_size=gen_batch_size, seed=seed)
-    data = distill(model, loaded.tokenizer, prompt_set.prompts, cache_dir or _default_cache(), cfg,
-                   prompt_set.sha256, model_identity(loaded.identity), progress=None)
+    data = distill_on_ranks(model, rank, world, tokenizer=loaded.tokenizer, prompts=prompt_set.prompts,
+                            cache_dir=cache_dir or _default_cache(), cfg=cfg, data_sha256=prompt_set.sha256,
+                            model_id=model_identity(loaded.identity))
     train_seqs, held_seqs = answer_sequences(data, prompt_set.prompts, loaded.tokenizer, heads.config.num_heads,
                                              heldout_fraction, seed)
     held_prompts = sorted({s.prompt_index for s in held_seqs})  # all of them go to heldout_prompts.jsonl
@@ -115,6 +127,7 @@ def train_medusa2(model_source: Any, data_file: str | Path, out_dir: str | Path,
     del data  # the joint phase recomputes hidden states; the cached ones (fp16, [positions, H]) are not needed
 
     teacher = None if lora is not None else copy.deepcopy(model).eval()
+    torch.manual_seed(seed)  # the adapters' initialisation
     student = _trainable_backbone(model, opts, lora)
     lm_weight = model.get_output_embeddings().weight.detach()
     vocab = _draft_vocab(heads_dir if heads_dir.is_dir() else heads_dir.parent, train_seqs, draft_vocab,
@@ -122,17 +135,20 @@ def train_medusa2(model_source: Any, data_file: str | Path, out_dir: str | Path,
     proj = lm_weight[torch.as_tensor(vocab.ids, device=dev)] if vocab else lm_weight
     heads_loss = HeadsLoss(heads, proj, "none")
     backbone_params = [p for p in student.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW([{"params": backbone_params, "lr": opts.backbone_lr},
-                             {"params": list(heads.parameters()), "lr": opts.heads_lr}], weight_decay=0.0)
-    epochs = [epoch_batches(train_seqs, opts.seq_batch_size, opts.max_batch_tokens, seed * 1000 + e)
-              for e in range(opts.joint_epochs)]  # seeded: the same after a resume
+    trained = backbone_params + list(heads.parameters())
+    broadcast_parameters(trained, world)
+    opt = torch.optim.AdamW([{"params": backbone_params, "lr": opts.backbone_lr}] + _head_groups(heads, opts),
+                            weight_decay=0.0)
+    # Seeded (the same after a resume); under torchrun each rank takes its share of every epoch's batches.
+    epochs = [rank_share(epoch_batches(train_seqs, opts.seq_batch_size, opts.max_batch_tokens, seed * 1000 + e),
+                         rank, world) for e in range(opts.joint_epochs)]
     steps = sum(map(len, epochs))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(steps, max(1, steps // 20)))
     fingerprint = ckpt.fingerprint({**asdict(opts), "data_sha256": prompt_set.sha256, "seed": seed,
                                     "train_sequences": len(train_seqs), "max_new_tokens": max_new_tokens,
                                     "heldout_fraction": heldout_fraction, "draft_vocab": draft_vocab,
-                                    "model": loaded.identity, "warmup": warmup})
-    state = ckpt.load(work, fingerprint, log=_log) if resume else None
+                                    "model": loaded.identity, "warmup": warmup, "world": world})
+    state = ckpt.load(work, fingerprint, log=log) if resume else None
     if state is not None:
         heads.load_state_dict(state["heads"])
         _load_trainable(student, state["backbone"])
@@ -140,45 +156,51 @@ def train_medusa2(model_source: Any, data_file: str | Path, out_dir: str | Path,
         sched.load_state_dict(state["scheduler"])
         saved = json.loads(state["history"])
         before, history, start = saved["before"], saved["history"], (state["epoch"], state["step_in_epoch"])
-        _log(f"resuming the joint phase at epoch {start[0] + 1}, step {start[1]} from {ckpt.path(work)}")
-    else:
-        before = _evaluate(model, teacher, lora, student, heads, lm_weight, held_seqs, dev, adapters=False)
+        log(f"resuming the joint phase at epoch {start[0] + 1}, step {start[1]} from {ckpt.path(work)}")
+    else:  # rank 0 alone evaluates (the others wait at their first gradient average)
+        before = evaluate_joint(model, teacher, lora, student, heads, lm_weight, held_seqs, dev, adapters=False) \
+            if rank == 0 else None
         history, start = [], (0, 0)
 
     def save_checkpoint(epoch: int, step: int) -> None:
         ckpt.save(work, fingerprint, heads, opt, sched, epoch, step, {"before": before, "history": history},
                   extra={"backbone": _trainable_state(student)})
 
-    bar = _bar(progress, "joint training", total=steps, initial=sum(map(len, epochs[:start[0]])) + start[1])
+    bar = _bar(progress and rank == 0, "joint training", total=steps, initial=sum(map(len, epochs[:start[0]])) + start[1])
     last_save = time.perf_counter()
     for epoch in range(start[0], opts.joint_epochs):
         for step in range(start[1] if epoch == start[0] else 0, len(epochs[epoch])):
             batch = [train_seqs[i] for i in epochs[epoch][step]]
-            kl, medusa, per_head = _joint_loss(model, teacher, lora, student, heads_loss, batch, vocab, dev)
+            kl, medusa, per_head = joint_loss(model, teacher, lora, student, heads_loss, batch, vocab, dev)
             loss = opts.lm_weight * kl + opts.heads_weight * medusa
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            average_gradients(trained, world)
             opt.step()
             sched.step()
-            history.append({"kl": round(kl.item(), 5), "medusa": round(medusa.item(), 4),
-                            "per_head": [round(float(x), 4) for x in per_head]})
+            kl, medusa, *per_head = average_values(torch.stack([kl, medusa, *per_head]).detach(), world).tolist()
+            history.append({"kl": round(kl, 5), "medusa": round(medusa, 4), "per_head": [round(x, 4) for x in per_head]})
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(kl=f"{kl.item():.4f}", medusa=f"{medusa.item():.3f}", refresh=False)
-            if time.perf_counter() - last_save > checkpoint_every_s:
+                bar.set_postfix(kl=f"{kl:.4f}", medusa=f"{medusa:.3f}", refresh=False)
+            if rank == 0 and time.perf_counter() - last_save > checkpoint_every_s:
                 done = step + 1 == len(epochs[epoch])
                 save_checkpoint(epoch + 1 if done else epoch, 0 if done else step + 1)  # where to resume
                 last_save = time.perf_counter()
     if bar is not None:
         bar.close()
-    after = _evaluate(model, teacher, lora, student, heads, lm_weight, held_seqs, dev, adapters=True)
+    assert_in_sync(trained, world)
+    if rank != 0:
+        end_distributed(world, owned)
+        return {}
+    after = evaluate_joint(model, teacher, lora, student, heads, lm_weight, held_seqs, dev, adapters=True)
     merged = student.merge_and_unload() if lora is not None else model
     eval_record = {"backbone_vs_original": after["backbone"], "heads_before_joint": before["heads"],
                    "heads_after_joint": after["heads"], "heldout_sequences": len(held_seqs),
                    "heldout_prompts": len(held_prompts)}
     record = {"mode": "medusa2", "options": asdict(opts), "base_model": loaded.identity,
               "data": {**prompt_set.provenance, "prompts": len(prompt_set.prompts)}, "warmup": warmup,
-              "train_sequences": len(train_seqs), "joint_steps": steps, "seed": seed,
+              "train_sequences": len(train_seqs), "joint_steps": steps, "world_size": world, "seed": seed,
               "draft_vocab": {"size": int(len(vocab.ids)), "coverage": round(vocab.coverage, 4)} if vocab else None,
               "loss_first_steps": history[:5], "loss_last_steps": history[-5:],
               "loss_curve": _loss_curve(history), "eval": eval_record,
@@ -193,23 +215,27 @@ def train_medusa2(model_source: Any, data_file: str | Path, out_dir: str | Path,
     if out.exists():
         shutil.rmtree(out)
     work.replace(out)
+    end_distributed(world, owned)
     return record
 
 
-def _warm_up(loaded, data_file, heads_dir: Path, opts: Medusa2Options, args: dict) -> dict:
-    """Medusa-1 on the frozen backbone into ``heads_dir``, skipped when a finished warm-up of the same settings
-    is already there (a resumed run)."""
+def _warm_up(loaded, data_file, heads_dir: Path, opts: Medusa2Options, args: dict, rank: int, world: int,
+             log) -> dict:
+    """Medusa-1 on the frozen backbone into ``heads_dir`` (distributed like any Medusa-1 run; rank 0 writes),
+    skipped when a finished warm-up of the same settings is already there (a resumed run)."""
     marker = heads_dir / "medusa2_warmup.json"
     settings = ckpt.fingerprint({"epochs": opts.warmup_epochs, "lr": opts.heads_lr, "data": str(data_file),
                                  **{k: v for k, v in args.items() if k != "device"}})
     done = json.loads(marker.read_text()) if marker.exists() else {}
     if done.get("settings") == settings:
-        _log(f"reusing the finished heads warm-up in {heads_dir}")
+        log(f"reusing the finished heads warm-up in {heads_dir}")
         return done["warmup"]
     record = train_heads(loaded, data_file, heads_dir, epochs=opts.warmup_epochs, lr=opts.heads_lr, **args)
-    warmup = {"medusa1_epochs": opts.warmup_epochs, "heldout": record["heldout"]}
-    marker.write_text(json.dumps({"settings": settings, "warmup": warmup}) + "\n")
-    return warmup
+    if rank == 0:
+        warmup = {"medusa1_epochs": opts.warmup_epochs, "heldout": record["heldout"]}
+        marker.write_text(json.dumps({"settings": settings, "warmup": warmup}) + "\n")
+    barrier(world)  # the other ranks read what rank 0 wrote: the same heads and record everywhere
+    return json.loads(marker.read_text())["warmup"]
 
 
 def _draft_vocab(heads_dir: Path, train_seqs: list, size: int | None, vocab_size: int) -> DraftVocab | None:
@@ -220,6 +246,25 @@ def _draft_vocab(heads_dir: Path, train_seqs: list, size: int | None, vocab_size
     if size:
         return DraftVocab.from_targets(np.concatenate([s.targets for s in train_seqs]), size, vocab_size)
     return None
+
+
+def _head_groups(heads: MedusaHeads, opts: Medusa2Options) -> list[dict]:
+    """Optimizer groups of the heads: one rate for all, or head k at ``head_lrs[k]`` (its projection with it)."""
+    if not opts.head_lrs:
+        return [{"params": list(heads.parameters()), "lr": opts.heads_lr}]
+    rates = _parse_head_lrs(opts.head_lrs, heads.config.num_heads)
+    own = [list(heads.proj[k].parameters()) if len(heads.proj) else [] for k in range(len(rates))]
+    return [{"params": list(heads.blocks[k].parameters()) + own[k], "lr": r} for k, r in enumerate(rates)]
+
+
+def _parse_head_lrs(text: str, num_heads: int) -> list[float]:
+    try:
+        rates = [float(x) for x in text.split(",")]
+    except ValueError:
+        rates = []
+    if len(rates) != num_heads or not all(r > 0 for r in rates):
+        raise InputError(f"--head-lrs {text!r}: give {num_heads} positive rates, comma-separated (one per head)")
+    return rates
 
 
 def _trainable_state(model) -> dict:
@@ -245,73 +290,6 @@ def _loss_curve(history: list[dict], points: int = 20) -> list[dict]:
 
 def _log(msg: str) -> None:
     print(f"[medusa2] {msg}", file=sys.stderr, flush=True)
-
-
-def _forward_hidden(model, batch: list[Sequence], dev) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Final-norm hidden states at every answer position of the batch: [N, H], plus their (row, col) index."""
-    width = max(len(s.ids) for s in batch)
-    ids = torch.zeros(len(batch), width, dtype=torch.long, device=dev)
-    rows, cols = [], []
-    for r, s in enumerate(batch):
-        ids[r, :len(s.ids)] = torch.as_tensor(s.ids)
-        n = len(s.targets)
-        rows += [r] * n
-        cols += range(s.first, s.first + n)
-    # Right padding under the causal mask: a real position never sees a pad, so no attention mask is needed,
-    # and without one SDPA keeps to its fused kernel instead of materialising [B, heads, L, L] scores.
-    hidden = model.model(input_ids=ids).last_hidden_state
-    return hidden[torch.tensor(rows), torch.tensor(cols)], torch.tensor(rows), torch.tensor(cols)
-
-
-def _original_hidden(model, teacher, lora, student, batch, dev) -> torch.Tensor:
-    with torch.no_grad():
-        if lora is None:
-            return _forward_hidden(teacher, batch, dev)[0]
-        with student.disable_adapter():
-            return _forward_hidden(model, batch, dev)[0]
-
-
-def _kl(teacher_h: torch.Tensor, student_h: torch.Tensor, lm_weight: torch.Tensor) -> torch.Tensor:
-    """Mean over positions of KL(p_original || p_finetuned), full vocabulary."""
-    log_t = torch.log_softmax(teacher_h @ lm_weight.T, dim=-1)
-    log_s = torch.log_softmax(student_h @ lm_weight.T, dim=-1)
-    return (log_t.exp() * (log_t - log_s)).sum(-1).mean()
-
-
-def _joint_loss(model, teacher, lora, student, heads_loss: HeadsLoss, batch, vocab, dev):
-    hs = _forward_hidden(model, batch, dev)[0]
-    ht = _original_hidden(model, teacher, lora, student, batch, dev)
-    lm_weight = model.get_output_embeddings().weight
-    kl = _kl(ht, hs, lm_weight.detach())
-    targets = torch.as_tensor(np.concatenate([s.targets for s in batch]), device=dev)
-    if vocab is not None:
-        targets = torch.as_tensor(vocab.remap(targets.cpu().numpy(), lm_weight.shape[0]), device=dev)
-    medusa, per_head = heads_loss(hs, targets)
-    return kl, medusa, per_head
-
-
-@torch.no_grad()
-def _evaluate(model, teacher, lora, student, heads, lm_weight, held: list[Sequence], dev, adapters: bool) -> dict:
-    """Fine-tuned vs original on held-out answers (teacher-forced top-1 agreement, mean KL) and the heads'
-    held-out accuracy on the current backbone (``adapters=False``: on the original, i.e. before joint training)."""
-    agree = total = 0
-    kl_sum = 0.0
-    hidden, targets = [], []
-    for s in range(0, len(held), 8):
-        batch = held[s:s + 8]
-        ht = _original_hidden(model, teacher, lora, student, batch, dev)
-        hs = _forward_hidden(model, batch, dev)[0] if adapters else ht
-        agree += int(((hs @ lm_weight.T).argmax(-1) == (ht @ lm_weight.T).argmax(-1)).sum())
-        total += len(hs)
-        kl_sum += float(_kl(ht, hs, lm_weight)) * len(hs)
-        hidden.append(hs.float().cpu().numpy())
-        targets.append(np.concatenate([x.targets for x in batch]))
-    ex = Examples(np.concatenate(hidden), np.concatenate(targets),
-                  np.concatenate([[x.prompt_index] * len(x.targets) for x in held]))
-    keep = np.flatnonzero(ex.targets[:, 0] != IGNORE)
-    return {"backbone": {"top1_agreement": round(agree / max(1, total), 5), "mean_kl": round(kl_sum / max(1, total), 6),
-                         "positions": total},
-            "heads": evaluate_heads(heads, lm_weight, ex.subset(keep), device=dev)}
 
 
 def _trainable_backbone(model, opts: Medusa2Options, lora):

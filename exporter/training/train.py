@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import replace
@@ -37,6 +36,7 @@ from medusa_export.runtime.errors import InputError
 
 from . import checkpoint as ckpt
 from .data import DistillConfig, distill, model_identity
+from .distributed import barrier, end_distributed, setup_distributed
 from .evaluate import evaluate_heads, format_table
 from .examples import IGNORE, DraftVocab, build_examples, concat, split_by_prompt
 from .prompt_source import load_prompt_set
@@ -106,7 +106,7 @@ def train_heads(model_source: Any, data_file: str | Path, out_dir: str | Path, n
         torch.set_num_threads(threads)
     prompt_set = load_prompt_set(data_file, exclude=exclude_eval, later_turns=later_turns)
     prompts, data_sha = prompt_set.prompts, prompt_set.sha256
-    rank, world, device = _setup_distributed(device)
+    rank, world, device, owned = setup_distributed(device)
     loaded = _resolve_model(model_source)
     model = loaded.model.to(device).eval()
     for p in model.parameters():
@@ -121,12 +121,9 @@ def train_heads(model_source: Any, data_file: str | Path, out_dir: str | Path, n
     datas = []
     for i, cfg in enumerate(passes):
         bar = _bar(progress and rank == 0, f"self-distillation pass {i + 1}/{len(passes)} (T={cfg.temperature})")
-        run = dict(tokenizer=loaded.tokenizer, prompts=prompts, cache_dir=cache, cfg=cfg, data_sha256=data_sha,
-                   model_id=model_identity(loaded.identity))
-        if world > 1:  # each rank its share of the shards, then everyone reads all of them
-            distill(model, **run, worker=(rank, world), collect=False)
-            torch.distributed.barrier()
-        datas.append(distill(model, **run, progress=bar.update_to if bar is not None else None))
+        datas.append(distill_on_ranks(model, rank, world, bar.update_to if bar is not None else None,
+                                      tokenizer=loaded.tokenizer, prompts=prompts, cache_dir=cache, cfg=cfg,
+                                      data_sha256=data_sha, model_id=model_identity(loaded.identity)))
         if bar is not None:
             bar.close()
     train_ex, held_ex = split_by_prompt(build_examples(datas[0], num_heads), heldout_fraction, seed)
@@ -213,9 +210,9 @@ def train_heads(model_source: Any, data_file: str | Path, out_dir: str | Path, n
             ckpt.save(out, fingerprint, heads, opt, sched, epoch + 1, 0, {"history": history, "initial": initial})
             last_ckpt = time.perf_counter()
     train_s = time.perf_counter() - t_train
-    if world > 1:
-        torch.distributed.barrier()
+    barrier(world)
     if rank != 0:
+        end_distributed(world, owned)
         return {}
     final = history[-1]["heldout"] if history else evaluate_heads(heads, lm_weight, held_ex, device=device)
     _log(rank, "held-out accuracy (full vocabulary):\n" + format_table(final))
@@ -245,8 +242,7 @@ def train_heads(model_source: Any, data_file: str | Path, out_dir: str | Path, n
     (out / "heldout_prompts.jsonl").write_text("".join(json.dumps({"prompt": prompts[i]}) + "\n" for i in held_prompts))
     (out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
     ckpt.remove(out)
-    if world > 1:
-        torch.distributed.destroy_process_group()
+    end_distributed(world, owned)  # not when a caller (Medusa-2's warm-up) set the group up: it goes on with it
     return record
 
 
@@ -286,25 +282,13 @@ def _resolve_model(source: Any):
     return load_base_model(source)
 
 
-def _setup_distributed(device: str = "auto") -> tuple[int, int, torch.device]:
-    if device not in ("auto", "cpu", "cuda"):
-        raise InputError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device cuda: this PyTorch sees no CUDA device (install a CUDA build of torch, or use --device cpu)")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1, torch.device("cuda" if device != "cpu" and torch.cuda.is_available() else "cpu")
-    import torch.distributed as dist
-
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local)
-        device = torch.device("cuda", local)
-    else:
-        device = torch.device("cpu")
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), dist.get_world_size(), device
+def distill_on_ranks(model, rank: int, world: int, progress=None, **run: Any):
+    """The self-distillation data: each rank generates its share of the shards (the cache directory must be
+    shared), waits for the others, then every rank reads all of them."""
+    if world > 1:
+        distill(model, **run, worker=(rank, world), collect=False)
+        barrier(world)
+    return distill(model, **run, progress=progress)
 
 
 def _command_line() -> str:

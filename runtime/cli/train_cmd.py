@@ -92,6 +92,8 @@ def train_heads(
     lora_targets: Optional[str] = typer.Option(None, help="medusa2: comma-separated linear layers to adapt."),
     backbone_lr: Optional[float] = typer.Option(None, help="medusa2: backbone learning rate (default 2e-4); "
                                                            "--lr is the heads'."),
+    head_lrs: Optional[str] = typer.Option(None, help="medusa2: the joint phase's rate per head, comma-separated "
+                                                      "(e.g. 1e-3,1e-3,2e-3,2e-3; default --lr for each)."),
     lm_weight: Optional[float] = typer.Option(None, help="medusa2: weight of KL(original || fine-tuned) (default 1)."),
     heads_weight: Optional[float] = typer.Option(None, help="medusa2: weight of the Medusa loss (default 0.2)."),
     seq_batch_size: Optional[int] = typer.Option(None, help="medusa2: sequences per joint step (default 8)."),
@@ -115,6 +117,8 @@ def train_heads(
     from medusa_export.exporter.training.cli_entry import run_train_heads
 
     record = run_train_heads(model, data, out, **options)
+    if not record:  # a torchrun rank other than 0: rank 0 wrote and reports
+        return
     if mode == "medusa2":
         b = record["eval"]["backbone_vs_original"]
         typer.echo(f"Medusa-2 model written to {out} (build it as MODEL): top-1 agreement with the original "

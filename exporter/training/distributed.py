@@ -1,0 +1,112 @@
+"""Several processes on one training run (``torchrun`` / ``accelerate launch``): set-up, a rank's share of the
+work, gradient averaging, and a check that the ranks still hold the same weights.
+
+    rank, world, device, owned = setup_distributed("auto")
+    ...; loss.backward(); average_gradients(params, world); opt.step()
+    assert_in_sync(params, world)                   # before rank 0 writes what it trained
+    end_distributed(world, owned)
+
+``WORLD_SIZE`` unset or 1: a single process, every helper a no-op. NCCL on CUDA, gloo on CPU.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from medusa_export.runtime.errors import InputError, TrainingError
+
+
+def setup_distributed(device: str = "auto") -> tuple[int, int, torch.device, bool]:
+    """(rank, world size, this rank's device, whether this call created the process group: its owner ends it)."""
+    if device not in ("auto", "cpu", "cuda"):
+        raise InputError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda: this PyTorch sees no CUDA device (install a CUDA build of torch, or use --device cpu)")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, torch.device("cuda" if device != "cpu" and torch.cuda.is_available() else "cpu"), False
+    import torch.distributed as dist
+
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if device != "cpu" and torch.cuda.is_available():
+        torch.cuda.set_device(local)
+        dev = torch.device("cuda", local)
+    else:
+        dev = torch.device("cpu")
+    owned = not dist.is_initialized()
+    if owned:
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), dev, owned
+
+
+def end_distributed(world: int, owned: bool) -> None:
+    if world > 1 and owned:
+        torch.distributed.destroy_process_group()
+
+
+def barrier(world: int) -> None:
+    if world > 1:
+        torch.distributed.barrier()
+
+
+def rank_share(items: list, rank: int, world: int) -> list:
+    """Rank r's items r, r + world, ...; every rank gets the same count (the short ones wrap around), so all
+    ranks run the same number of steps and no collective waits for a rank that has finished."""
+    if world <= 1:
+        return items
+    steps = -(-len(items) // world)
+    return [items[(rank + world * s) % len(items)] for s in range(steps)]
+
+
+def _flat(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([t.reshape(-1).float() for t in tensors])
+
+
+def average_gradients(params: list[torch.Tensor], world: int) -> None:
+    """Mean of every rank's gradient, in place (one all-reduce over a flat buffer): the data-parallel step."""
+    if world <= 1:
+        return
+    with_grad = [p for p in params if p.grad is not None]
+    flat = _flat([p.grad for p in with_grad])
+    torch.distributed.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for p in with_grad:
+        n = p.grad.numel()
+        p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
+        offset += n
+
+
+def average_values(values: torch.Tensor, world: int) -> torch.Tensor:
+    """The ranks' mean of a small tensor (the logged losses of one step)."""
+    if world <= 1:
+        return values
+    values = values.detach().clone().float()
+    torch.distributed.all_reduce(values)
+    return values / world
+
+
+def broadcast_parameters(params: list[torch.Tensor], world: int) -> None:
+    """Rank 0's values everywhere (freshly initialised adapters must start equal on every rank)."""
+    if world <= 1:
+        return
+    with torch.no_grad():
+        for p in params:
+            torch.distributed.broadcast(p.data, 0)
+
+
+def assert_in_sync(params: list[torch.Tensor], world: int) -> None:
+    """TrainingError when the ranks' weights differ (gradients not averaged, a rank on other data, ...)."""
+    if world <= 1:
+        return
+    with torch.no_grad():
+        flat = _flat([p.detach() for p in params]).double()
+        mine = torch.stack([flat.sum(), (flat * torch.arange(1, len(flat) + 1, dtype=flat.dtype, device=flat.device)).sum()])
+        lo, hi = mine.clone(), mine.clone()
+        torch.distributed.all_reduce(lo, op=torch.distributed.ReduceOp.MIN)
+        torch.distributed.all_reduce(hi, op=torch.distributed.ReduceOp.MAX)
+    if not torch.equal(lo, hi):
+        raise TrainingError(f"the {world} ranks ended with different weights: a rank skipped the gradient average "
+                            "(run every rank with the same command and data)")
