@@ -293,3 +293,21 @@ def test_cli_mode_medusa2_refuses_bad_lora_settings(tmp_path):
     result = CliRunner().invoke(app, ["train-heads", "--data", str(data), "--out", str(tmp_path / "m"),
                                       "--lora-rank", "8"])
     assert result.exit_code == 2 and "only for --mode medusa2" in result.stderr
+
+
+def test_runs_table_reports_each_run_from_its_record(run, tmp_path, capsys):
+    """scripts/medusa2_runs.py (the README's sweep table): one row per run, its figures read from training.json."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("medusa2_runs", Path(__file__).parents[1] / "scripts" / "medusa2_runs.py")
+    runs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(runs)
+    runs.main([str(run[0] / "model")])
+    table = capsys.readouterr().out.splitlines()
+    b = run[1]["eval"]["backbone_vs_original"]
+    assert len(table) == 3 and table[2].startswith("| model | 1 | 0.01 | ")
+    assert f"{b['top1_agreement']:.3f}".lstrip("0") in table[2]
+    (tmp_path / "training.json").write_text(json.dumps({"mode": "medusa1"}))
+    with pytest.raises(SystemExit, match="not a Medusa-2 training record"):
+        runs.main([str(tmp_path)])
