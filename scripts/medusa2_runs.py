@@ -27,13 +27,16 @@ def load_record(path: Path) -> dict:
     return record
 
 
+def _num(x: float | None) -> str:
+    return "—" if x is None else f"{x:.3f}".removeprefix("0")  # None: no held-out positions
+
+
 def row(name: str, r: dict) -> list[str]:
     o, ev = r["options"], r["eval"]
     b, before, after = ev["backbone_vs_original"], ev["heads_before_joint"], ev["heads_after_joint"]
-    top1 = " / ".join(f"{x:.3f}".lstrip("0") for x in after["top1"])
     return [name, f"{o['lm_weight']:g}", o.get("head_lrs") or f"{o['heads_lr']:g}", str(r["train_sequences"]),
-            str(r["joint_steps"]), f"{b['top1_agreement']:.3f}".lstrip("0"), f"{b['mean_kl']:.3f}".lstrip("0"),
-            top1, f"{before['chain_accept']:.3f} → {after['chain_accept']:.3f}"]
+            str(r["joint_steps"]), _num(b["top1_agreement"]), _num(b["mean_kl"]),
+            " / ".join(map(_num, after["top1"])), f"{_num(before['chain_accept'])} → {_num(after['chain_accept'])}"]
 
 
 def main(argv: list[str] | None = None) -> None:

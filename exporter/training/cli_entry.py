@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import os
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ _INT_OR_NONE = ("draft_vocab", "threads", "max_train_positions")
 # train-heads options that only --mode medusa2 reads (Medusa2Options fields)
 _MEDUSA2_ONLY = ("init_heads", "joint_epochs", "lora_rank", "lora_alpha", "lora_targets", "backbone_lr",
                  "lm_weight", "heads_weight", "seq_batch_size", "max_train_sequences", "max_heldout_sequences",
-                 "max_batch_tokens", "head_lrs")
+                 "max_batch_tokens", "head_lrs", "heads_lr")
 
 
 def run_train_heads(model: Any, data: str | Path, out: str | Path, mode: str = "medusa1", **options: Any) -> dict:
@@ -88,9 +89,10 @@ def main(argv: list[str] | None = None) -> None:
             p.add_argument(flag, default=None)
         else:
             p.add_argument(flag, type=type(par.default), default=par.default)
+    hints = typing.get_type_hints(Medusa2Options)
     for f in fields(Medusa2Options):  # unset (None) unless given: medusa1 refuses them, medusa2 has defaults
-        if f.name != "warmup_epochs":  # --epochs is the warm-up's
-            kind = {"int": int, "float": float}.get(str(f.type).split(" ")[0], str)
+        if f.name not in ("warmup_epochs", "heads_lr"):  # --epochs and --lr are the warm-up's and the heads'
+            kind = next((t for t in (int, float) if t in (hints[f.name], *typing.get_args(hints[f.name]))), str)
             p.add_argument("--" + f.name.replace("_", "-"), type=kind, default=None)
     a = vars(p.parse_args(argv))
     model, data, out = a.pop("model"), a.pop("data"), a.pop("out")

@@ -6,12 +6,16 @@ work, gradient averaging, and a check that the ranks still hold the same weights
     assert_in_sync(params, world)                   # before rank 0 writes what it trained
     end_distributed(world, owned)
 
-``WORLD_SIZE`` unset or 1: a single process, every helper a no-op. NCCL on CUDA, gloo on CPU.
+``WORLD_SIZE`` unset or 1: a single process, every helper a no-op. NCCL on CUDA, gloo on CPU. Rank 0 alone
+evaluates and writes while the others wait at their next collective, so the group's timeout is generous
+(``MEDUSA_DIST_TIMEOUT_S``, default 2 h). Ranks read what rank 0 wrote (warm-up heads, checkpoints): the
+output and cache directories must be on a filesystem every rank sees.
 """
 
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 
 import torch
 
@@ -37,7 +41,8 @@ def setup_distributed(device: str = "auto") -> tuple[int, int, torch.device, boo
         dev = torch.device("cpu")
     owned = not dist.is_initialized()
     if owned:
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        timeout = timedelta(seconds=float(os.environ.get("MEDUSA_DIST_TIMEOUT_S", 7200)))
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=timeout)
     return dist.get_rank(), dist.get_world_size(), dev, owned
 
 
@@ -60,23 +65,32 @@ def rank_share(items: list, rank: int, world: int) -> list:
     return [items[(rank + world * s) % len(items)] for s in range(steps)]
 
 
-def _flat(tensors: list[torch.Tensor]) -> torch.Tensor:
-    return torch.cat([t.reshape(-1).float() for t in tensors])
+def _buckets(tensors: list[torch.Tensor], elements: int) -> list[list[torch.Tensor]]:
+    """Consecutive groups of at most ``elements`` values (one tensor alone when it is larger)."""
+    groups: list[list[torch.Tensor]] = [[]]
+    size = 0
+    for t in tensors:
+        if groups[-1] and size + t.numel() > elements:
+            groups.append([])
+            size = 0
+        groups[-1].append(t)
+        size += t.numel()
+    return [g for g in groups if g]
 
 
-def average_gradients(params: list[torch.Tensor], world: int) -> None:
-    """Mean of every rank's gradient, in place (one all-reduce over a flat buffer): the data-parallel step."""
+def average_gradients(params: list[torch.Tensor], world: int, bucket_elements: int = 1 << 24) -> None:
+    """Mean of every rank's gradient, in place: the data-parallel step. One all-reduce per flat bucket of at
+    most ``bucket_elements`` values (few calls, bounded extra memory even for full fine-tuning)."""
     if world <= 1:
         return
-    with_grad = [p for p in params if p.grad is not None]
-    flat = _flat([p.grad for p in with_grad])
-    torch.distributed.all_reduce(flat)
-    flat /= world
-    offset = 0
-    for p in with_grad:
-        n = p.grad.numel()
-        p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
-        offset += n
+    for group in _buckets([p.grad for p in params if p.grad is not None], bucket_elements):
+        flat = torch.cat([g.reshape(-1) for g in group])
+        torch.distributed.all_reduce(flat)
+        flat /= world
+        offset = 0
+        for g in group:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
 
 
 def average_values(values: torch.Tensor, world: int) -> torch.Tensor:
@@ -101,12 +115,25 @@ def assert_in_sync(params: list[torch.Tensor], world: int) -> None:
     """TrainingError when the ranks' weights differ (gradients not averaged, a rank on other data, ...)."""
     if world <= 1:
         return
-    with torch.no_grad():
-        flat = _flat([p.detach() for p in params]).double()
-        mine = torch.stack([flat.sum(), (flat * torch.arange(1, len(flat) + 1, dtype=flat.dtype, device=flat.device)).sum()])
-        lo, hi = mine.clone(), mine.clone()
-        torch.distributed.all_reduce(lo, op=torch.distributed.ReduceOp.MIN)
-        torch.distributed.all_reduce(hi, op=torch.distributed.ReduceOp.MAX)
+    with torch.no_grad():  # two checksums per tensor (plain and position-weighted sums), no copy of the weights
+        sums = [torch.stack([p.double().sum(), (p.double().reshape(-1) * _ramp(p)).sum()]) for p in params]
+    agree(torch.cat(sums), world, "the ranks ended with different weights: a rank skipped the gradient average "
+                                  "(run every rank with the same command and data)")
+
+
+def _ramp(p: torch.Tensor) -> torch.Tensor:
+    return torch.linspace(1.0, 2.0, p.numel(), dtype=torch.float64, device=p.device)
+
+
+def agree(values: torch.Tensor, world: int, problem: str) -> None:
+    """TrainingError(``problem``) unless every rank holds the same ``values`` (a position to resume at, a count)."""
+    if world <= 1:
+        return
+    values = torch.as_tensor(values, dtype=torch.float64)
+    if torch.distributed.get_backend() == "nccl":  # NCCL reduces device tensors only
+        values = values.cuda()
+    lo, hi = values.clone(), values.clone()
+    torch.distributed.all_reduce(lo, op=torch.distributed.ReduceOp.MIN)
+    torch.distributed.all_reduce(hi, op=torch.distributed.ReduceOp.MAX)
     if not torch.equal(lo, hi):
-        raise TrainingError(f"the {world} ranks ended with different weights: a rank skipped the gradient average "
-                            "(run every rank with the same command and data)")
+        raise TrainingError(f"{world} ranks: {problem}")

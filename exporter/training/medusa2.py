@@ -39,7 +39,7 @@ from .examples import DraftVocab
 from .medusa2_batches import answer_sequences, epoch_batches, seeded_subset
 from .medusa2_loss import evaluate_joint, joint_loss
 from .prompt_source import load_prompt_set
-from .distributed import (assert_in_sync, average_gradients, average_values, barrier, broadcast_parameters,
+from .distributed import (agree, assert_in_sync, average_gradients, average_values, barrier, broadcast_parameters,
                           end_distributed, rank_share, setup_distributed)
 from .train import HeadsLoss, _bar, _default_cache, _resolve_model, distill_on_ranks, lr_lambda, train_heads
 
@@ -157,10 +157,12 @@ def train_medusa2(model_source: Any, data_file: str | Path, out_dir: str | Path,
         saved = json.loads(state["history"])
         before, history, start = saved["before"], saved["history"], (state["epoch"], state["step_in_epoch"])
         log(f"resuming the joint phase at epoch {start[0] + 1}, step {start[1]} from {ckpt.path(work)}")
-    else:  # rank 0 alone evaluates (the others wait at their first gradient average)
+    else:  # rank 0 alone evaluates (the others wait at the next collective)
         before = evaluate_joint(model, teacher, lora, student, heads, lm_weight, held_seqs, dev, adapters=False) \
             if rank == 0 else None
         history, start = [], (0, 0)
+    agree(torch.tensor([*start, len(train_seqs)]), world, "they would start at different steps or on different "
+          f"data: put {work} and the cache directory on a filesystem every rank sees")
 
     def save_checkpoint(epoch: int, step: int) -> None:
         ckpt.save(work, fingerprint, heads, opt, sched, epoch, step, {"before": before, "history": history},
