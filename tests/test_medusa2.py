@@ -97,6 +97,32 @@ def test_model_directory_builds_and_decodes_losslessly(run, tmp_path):
     assert len(expected) >= 4 and got == expected
 
 
+def test_weights_restore_from_the_delta_alone(run, make_tokenizer, tmp_path):
+    """A GPU run brings back the directory without model.safetensors: the LoRA adapters and heads in
+    medusa2_delta.safetensors rebuild it, tensor for tensor, from the base model; another base model is refused."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from medusa_export.exporter.training.medusa2_delta import DELTA_FILE, restore_weights
+    from medusa_export.runtime.errors import ModelError
+
+    model_dir = run[0] / "model"
+    back = tmp_path / "back"
+    shutil.copytree(model_dir, back, ignore=shutil.ignore_patterns("model.safetensors"))
+    assert (back / DELTA_FILE).stat().st_size < 0.5 * (model_dir / "model.safetensors").stat().st_size
+    restore_weights(back, _loaded(make_tokenizer))
+    a, b = load_file(str(model_dir / "model.safetensors")), load_file(str(back / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    other = _loaded(make_tokenizer)
+    other.identity["sha256_16"] = "another"
+    with pytest.raises(ModelError, match="pass that model with --model"):
+        restore_weights(back, other)
+    (back / DELTA_FILE).unlink()
+    with pytest.raises(InputError, match=f"no {DELTA_FILE}"):
+        restore_weights(back, _loaded(make_tokenizer))
+
+
 def test_interrupted_joint_phase_resumes_to_the_same_model(make_tokenizer, prompts_file, tmp_path, monkeypatch, run):
     """Stop the joint phase mid-epoch (checkpoint on disk), rerun the same command: the warm-up is not repeated
     and the model written equals an uninterrupted run's. Also: the heads' draft vocabulary goes with the model

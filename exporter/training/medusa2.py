@@ -37,6 +37,7 @@ from . import checkpoint as ckpt
 from .data import DistillConfig, model_identity
 from .examples import DraftVocab
 from .medusa2_batches import answer_sequences, epoch_batches, seeded_subset
+from .medusa2_delta import model_weights, save_delta
 from .medusa2_loss import evaluate_joint, joint_loss
 from .prompt_source import load_prompt_set
 from .distributed import (agree, assert_in_sync, average_gradients, average_values, barrier, broadcast_parameters,
@@ -196,6 +197,7 @@ def train_medusa2(model_source: Any, data_file: str | Path, out_dir: str | Path,
         end_distributed(world, owned)
         return {}
     after = evaluate_joint(model, teacher, lora, student, heads, lm_weight, held_seqs, dev, adapters=True)
+    adapters = _trainable_state(student) if lora is not None else None  # before the merge folds them in
     merged = student.merge_and_unload() if lora is not None else model
     eval_record = {"backbone_vs_original": after["backbone"], "heads_before_joint": before["heads"],
                    "heads_after_joint": after["heads"], "heldout_sequences": len(held_seqs),
@@ -209,6 +211,8 @@ def train_medusa2(model_source: Any, data_file: str | Path, out_dir: str | Path,
               "resumed_at": list(start) if state is not None else None,
               "wall_time_s": round(time.perf_counter() - t0, 1)}
     _write_model_dir(work, merged.to("cpu"), heads.to("cpu"), loaded, record)
+    if adapters is not None:  # the run without the model's size: restore_weights rebuilds model.safetensors from it
+        save_delta(work, adapters, _heads_tensors(heads))
     if vocab is not None:  # decoding scores the tokens the heads trained on (heads_source reads it beside the model)
         vocab.save(work / "draft_vocab.json")
     (work / "heldout_prompts.jsonl").write_text("".join(json.dumps({"prompt": prompt_set.prompts[i]}) + "\n"
@@ -313,13 +317,7 @@ def _write_model_dir(work: Path, model, heads: MedusaHeads, loaded, record: dict
     """The reference's Medusa-2 layout: backbone and ``medusa_head.*`` in one safetensors, settings in config.json."""
     from safetensors.torch import save_file
 
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    if getattr(model.config, "tie_word_embeddings", False):
-        state.pop("lm_head.weight", None)  # tied: transformers re-ties it from the embedding at load
-    for k, v in heads.state_dict().items():
-        if k.startswith("blocks."):
-            state["medusa_head." + k.removeprefix("blocks.")] = v.detach().contiguous()
-    save_file(state, str(work / "model.safetensors"), metadata={"format": "pt"})
+    save_file(model_weights(model, _heads_tensors(heads)), str(work / "model.safetensors"), metadata={"format": "pt"})
     cfg = model.config.to_dict()
     cfg.pop("quantization_config", None)
     cfg.update(medusa_num_heads=heads.config.num_heads, medusa_num_layers=heads.config.num_layers,
@@ -329,6 +327,11 @@ def _write_model_dir(work: Path, model, heads: MedusaHeads, loaded, record: dict
     (work / "eval.json").write_text(json.dumps(record["eval"], indent=2) + "\n")
     (work / "training.json").write_text(json.dumps(record, indent=2) + "\n")
     shutil.rmtree(work / "warmup-heads", ignore_errors=True)
+
+
+def _heads_tensors(heads: MedusaHeads) -> dict[str, torch.Tensor]:
+    return {"medusa_head." + k.removeprefix("blocks."): v.detach().cpu().contiguous()
+            for k, v in heads.state_dict().items() if k.startswith("blocks.")}
 
 
 def _check(opts: Medusa2Options) -> None:
