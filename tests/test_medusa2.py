@@ -371,7 +371,7 @@ def test_runs_table_reports_each_run_from_its_record(run, tmp_path, capsys):
     runs.main([str(run[0] / "model")])
     table = capsys.readouterr().out.splitlines()
     b = run[1]["eval"]["backbone_vs_original"]
-    assert len(table) == 3 and table[2].startswith("| model | 1 | 0.01 | ")
+    assert len(table) == 3 and table[2].startswith(f"| model | {OPTS.lm_weight:g} | 0.01 | ")
     assert f"{b['top1_agreement']:.3f}".lstrip("0") in table[2]
     (tmp_path / "training.json").write_text(json.dumps({"mode": "medusa1"}))
     with pytest.raises(SystemExit, match="not a Medusa-2 training record"):

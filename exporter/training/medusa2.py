@@ -58,7 +58,7 @@ class Medusa2Options:
     backbone_lr: float = 2e-4
     heads_lr: float = 1e-3
     head_lrs: str | None = None  # the joint phase's rate per head, comma-separated (default: heads_lr for each)
-    lm_weight: float = 1.0  # weight of KL(original || fine-tuned)
+    lm_weight: float = 5.0  # weight of KL(original || fine-tuned); 5 kept the default model at 97 % agreement
     heads_weight: float = 0.2  # weight of the Medusa loss in the joint phase (the paper's lambda_0)
     seq_batch_size: int = 8  # sequences per joint step, at most
     max_batch_tokens: int = 4096  # padded tokens per joint step, at most (activations for backward grow with it)
