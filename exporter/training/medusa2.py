@@ -35,13 +35,13 @@ from medusa_export.runtime.errors import HeadsError, InputError
 
 from . import checkpoint as ckpt
 from .data import DistillConfig, model_identity
+from .distributed import (agree, assert_in_sync, average_gradients, average_values, barrier, broadcast_parameters,
+                          end_distributed, rank_share, setup_distributed)
 from .examples import DraftVocab
 from .medusa2_batches import answer_sequences, epoch_batches, seeded_subset
 from .medusa2_delta import model_weights, save_delta
 from .medusa2_loss import evaluate_joint, joint_loss
 from .prompt_source import load_prompt_set
-from .distributed import (agree, assert_in_sync, average_gradients, average_values, barrier, broadcast_parameters,
-                          end_distributed, rank_share, setup_distributed)
 from .train import HeadsLoss, _bar, _default_cache, _resolve_model, distill_on_ranks, lr_lambda, train_heads
 
 DEFAULT_LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
@@ -169,7 +169,8 @@ def train_medusa2(model_source: Any, data_file: str | Path, out_dir: str | Path,
         ckpt.save(work, fingerprint, heads, opt, sched, epoch, step, {"before": before, "history": history},
                   extra={"backbone": _trainable_state(student)})
 
-    bar = _bar(progress and rank == 0, "joint training", total=steps, initial=sum(map(len, epochs[:start[0]])) + start[1])
+    done_steps = sum(map(len, epochs[:start[0]])) + start[1]
+    bar = _bar(progress and rank == 0, "joint training", total=steps, initial=done_steps)
     last_save = time.perf_counter()
     for epoch in range(start[0], opts.joint_epochs):
         for step in range(start[1] if epoch == start[0] else 0, len(epochs[epoch])):

@@ -94,7 +94,8 @@ def train_heads(
                                                            "--lr is the heads'."),
     head_lrs: Optional[str] = typer.Option(None, help="medusa2: the joint phase's rate per head, comma-separated "
                                                       "(e.g. 1e-3,1e-3,2e-3,2e-3; default --lr for each)."),
-    lm_weight: Optional[float] = typer.Option(None, help="medusa2: weight of KL(original || fine-tuned) (default 5; lower trades agreement with the original for speed)."),
+    lm_weight: Optional[float] = typer.Option(None, help="medusa2: weight of KL(original || fine-tuned) (default 5; "
+                                                         "lower trades agreement with the original for speed)."),
     heads_weight: Optional[float] = typer.Option(None, help="medusa2: weight of the Medusa loss (default 0.2)."),
     seq_batch_size: Optional[int] = typer.Option(None, help="medusa2: sequences per joint step (default 8)."),
     max_batch_tokens: Optional[int] = typer.Option(None, help="medusa2: padded tokens per joint step, at most "
