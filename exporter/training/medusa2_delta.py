@@ -60,7 +60,7 @@ def restore_weights(model_dir: str | Path, base: Any = None) -> Path:
     loaded = base if hasattr(base, "model") else load_base_model(locate_model(record["base_model"], base))
     check_same_model(loaded, record["base_model"])
     tensors = load_file(str(delta))
-    student = _trainable_backbone(loaded.model.float().eval(), opts, _peft())
+    student = _trainable_backbone(loaded.model.eval(), opts, _peft())  # as loaded for training (fp32)
     _load_trainable(student, {k.removeprefix(_LORA): v for k, v in tensors.items() if k.startswith(_LORA)})
     merged = student.merge_and_unload()
     heads_state = {k: v for k, v in tensors.items() if not k.startswith(_LORA)}
