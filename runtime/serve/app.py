@@ -3,13 +3,16 @@
     app = create_app(runtime, ServeSettings(workers=1, max_queue=8))
     # uvicorn.run(app, host="127.0.0.1", port=8000)   -- or `medusa-export serve ARTIFACT`
 
-Routes: POST /v1/chat/completions, POST /v1/completions (both with ``stream``), GET /v1/models, GET /health
-(alive), GET /ready (artifact loaded and accepting), GET /metrics (Prometheus). Every response carries
-``usage`` and ``metrics.speculative_decoding`` (per-request acceptance). Errors are OpenAI-style bodies.
+Routes: POST /v1/chat/completions, POST /v1/completions (both with ``stream``), GET /v1/models and
+/v1/models/{id}, GET /health (alive), GET /ready (artifact loaded and accepting), GET /metrics (Prometheus).
+Every response carries ``usage`` and ``metrics.speculative_decoding`` (per-request acceptance). Every error,
+an unknown route included, is an OpenAI-style body. No /docs, /redoc or /openapi.json: the API is OpenAI's.
+A client that disconnects, streaming or not, stops its decoding at the next step.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
 import json
@@ -22,11 +25,12 @@ from typing import AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
 
-from ..generator import GenerationResult, StreamEvent
+from ..generator import GenerationResult
 from .metrics import ServerMetrics, accepted_per_position
 from .requests import ApiError, Job, ServedModel, parse_chat, parse_completion
-from .scheduler import Finished, Scheduler
+from .scheduler import Finished, Request as Admitted, Scheduler
 
 
 @dataclass(frozen=True)
@@ -50,14 +54,22 @@ def create_app(runtime, settings: ServeSettings = ServeSettings()) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(_app):
         yield
-        await sched.drain(deadline_s=5.0)  # uvicorn has let in-flight requests finish (its graceful timeout)
+        # uvicorn has let in-flight requests finish (its graceful timeout); `serve` exits 0 only on a clean drain.
+        app.state.drained_cleanly = await sched.drain(deadline_s=5.0)
 
-    app = FastAPI(title="medusa-export", lifespan=lifespan)
-    app.state.scheduler, app.state.metrics = sched, metrics
+    app = FastAPI(title="medusa-export", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.scheduler, app.state.metrics, app.state.drained_cleanly = sched, metrics, None
 
     @app.exception_handler(ApiError)
     async def _api_error(_request: Request, e: ApiError):
         return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(request: Request, e: HTTPException):  # unknown routes (404), wrong methods (405)
+        what = {404: f"no route {request.url.path!r:.100}: see /v1/models, /v1/chat/completions, /v1/completions",
+                405: f"{request.method} is not allowed on {request.url.path!r:.100}"}.get(e.status_code, str(e.detail))
+        err = ApiError(e.status_code, what, type_="not_found_error" if e.status_code == 404 else "invalid_request_error")
+        return JSONResponse(err.body(), status_code=e.status_code, headers=e.headers)
 
     @app.get("/health")
     async def health():
@@ -74,52 +86,87 @@ def create_app(runtime, settings: ServeSettings = ServeSettings()) -> FastAPI:
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)
 
+    def model_card() -> dict:
+        return {"id": name, "object": "model", "created": int(time.time()), "owned_by": "medusa-export",
+                "max_model_len": model.max_seq}
+
     @app.get("/v1/models")
     async def models(request: Request):
         _authorize(request, settings.api_key)
-        return {"object": "list", "data": [{"id": name, "object": "model", "created": int(time.time()),
-                                            "owned_by": "medusa-export", "max_model_len": model.max_seq}]}
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model_info(request: Request, model_id: str):
+        _authorize(request, settings.api_key)
+        if model_id != name:
+            raise ApiError(404, f"the model {model_id!r:.80} does not exist: this server serves {name!r}",
+                           param="model", code="model_not_found", type_="not_found_error")
+        return model_card()
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
         _authorize(request, settings.api_key)
-        return await _complete(parse_chat(await _json_body(request, settings.max_body_bytes), model))
+        return await _complete(request, parse_chat(await _json_body(request, settings.max_body_bytes), model))
 
     @app.post("/v1/completions")
     async def completions(request: Request):
         _authorize(request, settings.api_key)
-        return await _complete(parse_completion(await _json_body(request, settings.max_body_bytes), model))
+        return await _complete(request, parse_completion(await _json_body(request, settings.max_body_bytes), model))
 
-    async def _complete(job: Job):
+    async def _complete(http: Request, job: Job):
         rid = ("chatcmpl-" if job.chat else "cmpl-") + uuid.uuid4().hex
-        events = sched.run(job)
-        first = await _first(events)  # admission errors (429, 503) surface here, before any response starts
+        admitted = sched.submit(job)  # 429 / 503 here, before any response starts
         if job.stream:
-            return StreamingResponse(_sse(rid, job, name, first, events), media_type="text/event-stream",
-                                     headers=served_by)
-        async with contextlib.aclosing(events):
-            texts = [first.text] if isinstance(first, StreamEvent) else []
-            done = first if isinstance(first, Finished) else None
-            async for item in events:
+            return _StreamOf(admitted, _sse(rid, job, name, admitted), media_type="text/event-stream",
+                             headers=served_by)
+        watcher = asyncio.create_task(_cancel_on_disconnect(http, admitted))
+        texts, done = [], None
+        try:
+            async for item in admitted.events():
                 if isinstance(item, Finished):
                     done = item
                 else:
                     texts.append(item.text)
-        if done is None or done.result is None:
-            raise ApiError(504, f"the request did not finish within {settings.timeout_s:g} s", type_="server_error")
-        return JSONResponse(_response(rid, job, name, "".join(texts), done.result), headers=served_by)
+        finally:
+            watcher.cancel()
+            admitted.cancel()  # no-op once it finished
+        result = _result_or_error(done, settings.timeout_s)
+        return JSONResponse(_response(rid, job, name, "".join(texts), result), headers=served_by)
 
     return app
 
 
-async def _first(events: AsyncIterator):
-    try:
-        return await events.__anext__()
-    except StopAsyncIteration:
-        return None
+class _StreamOf(StreamingResponse):
+    """A streamed answer that cancels its request however the response ends (disconnect included)."""
+
+    def __init__(self, admitted: Admitted, content, **kw) -> None:
+        super().__init__(content, **kw)
+        self.admitted = admitted
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.admitted.cancel()
 
 
-async def _sse(rid: str, job: Job, name: str, first, events: AsyncIterator) -> AsyncIterator[str]:
+async def _cancel_on_disconnect(http: Request, admitted: Admitted) -> None:
+    """The body has been read, so the next ASGI message is the client's disconnect."""
+    while (await http.receive())["type"] != "http.disconnect":
+        pass
+    admitted.cancel()
+
+
+def _result_or_error(done: Finished | None, timeout_s: float) -> GenerationResult:
+    if done is not None and done.error is not None:
+        raise ApiError(500, f"decoding failed: {type(done.error).__name__}: {str(done.error)[:200]}",
+                       type_="server_error")
+    if done is None or done.result is None or done.reason == "timeout":
+        raise ApiError(504, f"the request did not finish within {timeout_s:g} s", type_="server_error")
+    return done.result
+
+
+async def _sse(rid: str, job: Job, name: str, admitted: Admitted) -> AsyncIterator[str]:
     created = int(time.time())
     kind = "chat.completion.chunk" if job.chat else "text_completion"
 
@@ -131,29 +178,23 @@ async def _sse(rid: str, job: Job, name: str, first, events: AsyncIterator) -> A
             choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
         return _data({"id": rid, "object": kind, "created": created, "model": name, "choices": [choice]})
 
-    async with contextlib.aclosing(events):
-        if job.chat:
-            yield chunk("", None, role=True)
-        item = first
-        while item is not None:
-            if isinstance(item, Finished):
-                if item.result is None:
-                    yield _data(ApiError(504, "the request timed out", type_="server_error").body())
-                else:
-                    yield chunk(None if job.chat else "", item.result.finish_reason)
-                    if job.include_usage:
-                        yield _data({"id": rid, "object": kind, "created": created, "model": name, "choices": [],
-                                     "usage": _usage(job, item.result), "metrics": _spec(item.result)})
-                break
+    if job.chat:
+        yield chunk("", None, role=True)
+    async for item in admitted.events():
+        if not isinstance(item, Finished):
             if item.text:
                 yield chunk(item.text, None)
-            try:
-                item = await events.__anext__()
-            except StopAsyncIteration:
-                item = None
-            except ApiError as e:
-                yield _data(e.body())
-                break
+            continue
+        try:
+            result = _result_or_error(item, 0)
+        except ApiError as e:
+            yield _data(ApiError(e.status, "the request timed out" if e.status == 504 else e.message,
+                                 type_="server_error").body())
+            break
+        yield chunk(None if job.chat else "", result.finish_reason)
+        if job.include_usage:
+            yield _data({"id": rid, "object": kind, "created": created, "model": name, "choices": [],
+                         "usage": _usage(job, result), "metrics": _spec(result)})
     yield "data: [DONE]\n\n"
 
 
@@ -211,4 +252,6 @@ async def _json_body(request, limit: int):
     try:
         return json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ApiError(400, f"the request body is not valid JSON ({e})") from None
+        raise ApiError(400, f"the request body is not valid JSON ({str(e)[:120]})") from None
+    except RecursionError:
+        raise ApiError(400, "the request body nests JSON too deeply: send a flat OpenAI request") from None

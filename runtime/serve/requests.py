@@ -7,11 +7,13 @@ OpenAI-style error response. Parameters the runtime cannot honour are refused, n
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
 from ..decode import GenerationConfig
-from ..tokenizer import ChatTokenizer
+from ..errors import InputError
+from ..tokenizer import ChatTokenizer, check_text
 
 
 class ApiError(Exception):
@@ -48,17 +50,23 @@ class Job:
 
 # Accepted and honoured, or accepted when they ask for what the runtime does anyway.
 _COMMON = {"model", "max_tokens", "max_completion_tokens", "temperature", "stop", "seed", "stream", "stream_options",
-           "medusa", "user", "n", "top_p", "presence_penalty", "frequency_penalty", "logprobs", "top_logprobs",
-           "logit_bias", "response_format", "tools", "tool_choice", "parallel_tool_calls", "functions",
-           "function_call", "best_of", "echo", "suffix", "service_tier", "store", "metadata", "prompt", "messages"}
-# Parameter -> the value that means "not used"; anything else is refused with 400.
-_NEUTRAL: dict[str, Any] = {"n": 1, "top_p": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0,
-                            "logprobs": None, "top_logprobs": None, "logit_bias": None, "tools": None,
-                            "tool_choice": None, "functions": None, "function_call": None, "best_of": 1,
-                            "echo": False, "suffix": None, "parallel_tool_calls": None}
+           "medusa", "ignore_eos", "user", "n", "top_p", "presence_penalty", "frequency_penalty", "logprobs",
+           "top_logprobs", "logit_bias", "response_format", "tools", "tool_choice", "parallel_tool_calls",
+           "functions", "function_call", "best_of", "echo", "suffix", "service_tier", "store", "metadata", "prompt",
+           "messages"}
+# Parameter -> the values that mean "not used" (the API's defaults and "off" values); anything else is a 400.
+_NEUTRAL: dict[str, tuple] = {
+    "n": (1,), "best_of": (1,), "top_p": (1,), "presence_penalty": (0,), "frequency_penalty": (0,),
+    "logprobs": (None, False), "top_logprobs": (None, 0), "logit_bias": (None, {}), "echo": (None, False),
+    "suffix": (None, ""), "tools": (None, []), "tool_choice": (None, "none"), "parallel_tool_calls": (None, True, False),
+    "functions": (None, []), "function_call": (None, "none"), "response_format": (None, {"type": "text"}),
+}
+_SEED_RANGE = (-(2 ** 63), 2 ** 64 - 1)  # what vLLM accepts: signed or unsigned 64-bit
 
 
 def parse_chat(body: Any, model: ServedModel) -> Job:
+    """Messages go through the chat template with their text as data (`ChatTokenizer.encode_chat`). A final
+    assistant message is continued (a prefill): the answer picks up where its text ends."""
     body = _object(body)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
@@ -70,19 +78,19 @@ def parse_chat(body: Any, model: ServedModel) -> Job:
                            param=f"messages[{i}].role")
         rendered.append({"role": "system" if m["role"] == "developer" else m["role"],
                          "content": _content(m.get("content"), i)})
-    tok = model.tokenizer
-    text = tok.render_chat(rendered) if tok.chat_template else "\n".join(m["content"] for m in rendered)
-    ids = tok.encode(text)
-    return _job(body, model, ids, chat=True, response_format=body.get("response_format"))
+    continue_final = rendered[-1]["role"] == "assistant"
+    ids = _tokenize(lambda: model.tokenizer.encode_chat(rendered, continue_final=continue_final), "messages")
+    return _job(body, model, ids, chat=True)
 
 
 def parse_completion(body: Any, model: ServedModel) -> Job:
+    """A raw prompt: special tokens written in it are parsed as such (it is the caller's whole input)."""
     body = _object(body)
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1:
         prompt = prompt[0]
     if isinstance(prompt, str) and prompt:
-        ids = model.tokenizer.encode(prompt)
+        ids = _tokenize(lambda: model.tokenizer.encode(prompt), "prompt")
     elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
         ids = list(prompt)
     else:
@@ -100,38 +108,55 @@ def _object(body: Any) -> dict:
 def _content(content: Any, i: int) -> str:
     if isinstance(content, str):
         return content
-    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in content):
-        return "".join(str(p.get("text", "")) for p in content)
+    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" and
+                                         isinstance(p.get("text", ""), str) for p in content):
+        return "".join(p.get("text", "") for p in content)
     raise ApiError(400, f"messages[{i}].content must be a string or a list of text parts (no images or audio)",
                    param=f"messages[{i}].content")
 
 
-def _job(body: dict, model: ServedModel, ids: list[int], chat: bool, response_format: Any = None) -> Job:
+def _tokenize(encode, param: str) -> list[int]:
+    try:
+        return encode()
+    except InputError as e:  # e.g. a lone surrogate: not valid Unicode
+        raise ApiError(400, f"{param}: {e}", param=param) from None
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equality that does not take True for 1 (JSON booleans are not numbers)."""
+    return isinstance(a, bool) == isinstance(b, bool) and a == b
+
+
+def _job(body: dict, model: ServedModel, ids: list[int], chat: bool) -> Job:
     unknown = sorted(set(body) - _COMMON)
     if unknown:
         raise ApiError(400, f"unknown parameter {unknown[0]!r}", param=unknown[0])
     name = body.get("model")
     if name is not None and name != model.name:
-        raise ApiError(404, f"the model {name!r} does not exist: this server serves {model.name!r}", param="model",
+        raise ApiError(404, f"the model {name!r:.80} does not exist: this server serves {model.name!r}", param="model",
                        code="model_not_found", type_="not_found_error")
     for key, neutral in _NEUTRAL.items():
-        if key in body and body[key] is not None and body[key] != neutral:
-            raise ApiError(400, f"{key}={body[key]!r} is not supported by this server (leave it at {neutral!r})",
-                           param=key)
-    if response_format not in (None, {"type": "text"}):
-        raise ApiError(400, "response_format other than text is not supported", param="response_format")
+        if key in body and not any(_same(body[key], v) for v in neutral):
+            allowed = " or ".join(json.dumps(v) for v in neutral)
+            raise ApiError(400, f"{key}={json.dumps(body[key])[:60]} is not supported by this server "
+                           f"(leave it out or send {allowed})", param=key)
     if not ids:
         raise ApiError(400, "the prompt is empty after tokenization", param="prompt")
-    vocab = model.tokenizer.tokenizer.get_vocab_size()
+    vocab = model.tokenizer.vocab_size
     if any(t < 0 or t >= vocab for t in ids):
         raise ApiError(400, f"prompt token ids must be in 0..{vocab - 1}", param="prompt")
     room = model.max_seq - len(ids)
+    if room < 1:
+        raise ApiError(400, f"the prompt ({len(ids)} tokens) leaves no room in the model's maximum sequence of "
+                       f"{model.max_seq} tokens: shorten the prompt", param="messages" if chat else "prompt",
+                       code="context_length_exceeded")
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     if max_tokens is None:
         max_tokens = room
     elif not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
-        raise ApiError(400, f"max_tokens must be a positive integer, got {max_tokens!r}", param="max_tokens")
-    if room < 1 or max_tokens > room:
+        raise ApiError(400, f"max_tokens must be a positive integer, got {json.dumps(max_tokens)[:40]}",
+                       param="max_tokens")
+    if max_tokens > room:
         raise ApiError(400, f"the prompt ({len(ids)} tokens) plus max_tokens ({max_tokens}) exceeds the model's "
                        f"maximum sequence of {model.max_seq} tokens: shorten the prompt or lower max_tokens",
                        param="max_tokens", code="context_length_exceeded")
@@ -139,20 +164,29 @@ def _job(body: dict, model: ServedModel, ids: list[int], chat: bool, response_fo
     if temperature is None:
         temperature = 1.0  # OpenAI's default; 0 is greedy, the lossless mode
     if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not 0 <= temperature <= 2:
-        raise ApiError(400, f"temperature must be a number in [0, 2], got {temperature!r}", param="temperature")
-    medusa = body.get("medusa", True)
-    if not isinstance(medusa, bool):
-        raise ApiError(400, "medusa must be true or false", param="medusa")
+        raise ApiError(400, f"temperature must be a number in [0, 2], got {json.dumps(temperature)[:40]}",
+                       param="temperature")
+    medusa, ignore_eos = body.get("medusa", True), body.get("ignore_eos", False)
+    for key, value in (("medusa", medusa), ("ignore_eos", ignore_eos)):
+        if not isinstance(value, bool):
+            raise ApiError(400, f"{key} must be true or false", param=key)
     stream = body.get("stream", False)
-    options = body.get("stream_options") or {}
-    if not isinstance(stream, bool) or not isinstance(options, dict):
-        raise ApiError(400, "stream must be a boolean and stream_options an object", param="stream")
+    if not isinstance(stream, bool):
+        raise ApiError(400, "stream must be true or false", param="stream")
+    options = body.get("stream_options")
+    if options is not None and not stream:
+        raise ApiError(400, "stream_options is only allowed with stream: true", param="stream_options")
+    if options is not None and not (isinstance(options, dict) and set(options) <= {"include_usage"}
+                                    and isinstance(options.get("include_usage", False), bool)):
+        raise ApiError(400, "stream_options must be an object with the boolean include_usage", param="stream_options")
     seed = body.get("seed")
-    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
-        raise ApiError(400, "seed must be an integer", param="seed")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)
+                             or not _SEED_RANGE[0] <= seed <= _SEED_RANGE[1]):
+        raise ApiError(400, f"seed must be an integer in [{_SEED_RANGE[0]}, {_SEED_RANGE[1]}]", param="seed")
     config = GenerationConfig(max_new_tokens=max_tokens, temperature=float(temperature), stop_strings=_stops(body),
-                              medusa=medusa and model.medusa, seed=seed, chat=False)
-    return Job(ids, config, stream, bool(options.get("include_usage")), chat)
+                              medusa=medusa and model.medusa, seed=None if seed is None else seed % 2 ** 64,
+                              chat=False, ignore_eos=ignore_eos)
+    return Job(ids, config, stream, bool((options or {}).get("include_usage")), chat)
 
 
 def _stops(body: dict) -> tuple[str, ...]:
@@ -162,4 +196,4 @@ def _stops(body: dict) -> tuple[str, ...]:
     stops = [stop] if isinstance(stop, str) else stop
     if not isinstance(stops, list) or len(stops) > 4 or not all(isinstance(s, str) and s for s in stops):
         raise ApiError(400, "stop must be a non-empty string or a list of up to 4 of them", param="stop")
-    return tuple(stops)
+    return tuple(_tokenize(lambda: check_text(s), "stop") for s in stops)

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import os
+import signal
 
 from .. import extras
 from .app import ServeSettings, create_app
@@ -18,7 +19,8 @@ def default_threads(workers: int) -> int:
 
 def run_server(artifact: str, host: str = "127.0.0.1", port: int = 8000, backend: str = "ort",
                settings: ServeSettings = ServeSettings(), threads: int | None = None, tree: str | None = None,
-               shutdown_deadline_s: float = 30.0, log=print) -> None:
+               shutdown_deadline_s: float = 30.0, log=print) -> bool:
+    """Serve until SIGINT/SIGTERM; True when every admitted request had ended when it stopped (a clean drain)."""
     extras.require("serve", "serve")
     import uvicorn
 
@@ -31,7 +33,12 @@ def run_server(artifact: str, host: str = "127.0.0.1", port: int = 8000, backend
     log(f"serving {settings.model_name or runtime.manifest['model']['name']} from {artifact} on http://{host}:{port} "
         f"({settings.workers} decode worker(s), queue {settings.max_queue}, {backend})")
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=shutdown_deadline_s)
+    # uvicorn drains on SIGTERM, then raises the signal again under the handler it found: with this one in place
+    # the process ends by returning, so a clean drain exits 0 (what process managers expect), not 143.
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)
     try:
         uvicorn.Server(config).run()
     finally:
+        signal.signal(signal.SIGTERM, previous)
         runtime.close()
+    return app.state.drained_cleanly is not False

@@ -1,0 +1,118 @@
+"""Shared by the server tests: an artifact with a ChatML tokenizer, a `medusa-export serve` process on
+127.0.0.1 (started with the project's own command, bounded waits), and small raw-HTTP helpers for what the
+`openai` client will not send."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from contextlib import contextmanager
+
+import pytest
+
+KEY = "sk-test-key"
+PROMPT = "t5 t6 t7"
+LONG = 1500  # tokens of a request that must still be running while others arrive
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def build_chat_artifact(tiny_dirs, root) -> object:
+    """The tiny model with the toy ChatML tokenizer and room for long answers (a few seconds of decoding)."""
+    from conftest import artifact_tree_file, make_chat_tokenizer
+
+    from medusa_export.exporter.build import build_artifact
+
+    model_dir = root / "model"
+    shutil.copytree(tiny_dirs[0], model_dir)
+    make_chat_tokenizer().save(model_dir)
+    out = root / "art"
+    build_artifact(str(model_dir), out, heads=str(tiny_dirs[1]), tree=artifact_tree_file(tiny_dirs),
+                   max_seq=2048, log=lambda _m: None)
+    return out
+
+
+def wait_ready(base: str, proc: subprocess.Popen, seconds: float = 60) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:  # bounded
+        if proc.poll() is not None:
+            pytest.fail(f"serve exited with {proc.returncode}: {proc.stdout.read() if proc.stdout else ''}")
+        try:
+            if get(base + "/ready")[0] == 200:
+                return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    proc.kill()
+    pytest.fail("serve did not become ready")
+
+
+@contextmanager
+def serving(artifact, *options: str):
+    """``medusa-export serve ARTIFACT OPTIONS`` on a free port; yields (base URL, process); stops it after."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "medusa_export.runtime.cli", "serve", str(artifact), "--port", str(port), *options]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ,
+                            "HF_HUB_OFFLINE": "1"}, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(base, proc)
+        yield base, proc
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def get(url: str, headers: dict | None = None) -> tuple[int, bytes]:
+    req = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def post(url: str, body: bytes | dict, key: str | None = KEY) -> tuple[int, dict, object]:
+    """(status, JSON body, headers: case-insensitive ``.get``)."""
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+    req = urllib.request.Request(url, data=data, headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, json.loads(r.read()), r.headers
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read()), e.headers
+
+
+def metric(base: str, name: str, labels: str = "") -> float:
+    text = get(base + "/metrics")[1].decode()
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(f"medusa_export:{name}{{") and labels in line:
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def wait_idle(base: str, seconds: float = 30) -> None:
+    """Until no request is running or waiting (bounded)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if metric(base, "num_requests_running") == 0 and metric(base, "num_requests_waiting") == 0:
+            return
+        time.sleep(0.05)
+    pytest.fail("the server did not become idle")
