@@ -5,9 +5,9 @@
 For each graph (medusa, vanilla): parse the ONNX file with OnnxParser.parse_from_file (external weight
 files resolve next to it), add the prefill and step optimization profiles (`profiles.py`), apply the
 precision plan (`precision.py`), reuse a timing cache kept across builds, build, and write
-``<kind>.plan`` atomically. ``manifest["engines"][kind]`` records the plan file, the TensorRT version,
-GPU name and compute capability (checked by `compat.py` before loading), the precision, the profiles and
-the build time; ``manifest["files"]`` gets the plan's size and sha256.
+``<kind>.plan`` atomically. ``manifest.engines[kind]`` (an `EngineRecord`) records the plan file, the TensorRT
+version, GPU name and compute capability (checked by `runtime/backends/trt_compat.py` before loading), the
+precision, the profiles and the build time; ``manifest.files`` gets the plan's size and sha256.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from typing import Callable
 from medusa_export.runtime import io_table
 from medusa_export.runtime.errors import MedusaExportError
 from medusa_export.runtime.backends.trt_compat import require_portable
-from medusa_export.runtime.manifest import file_record, read_manifest, write_manifest
+from medusa_export.runtime.backends.base import ModelDims
+from medusa_export.runtime.manifest import BuilderFlags, EngineRecord, Manifest, file_record
 
 from medusa_export.runtime.backends import trt_availability as availability
 
@@ -87,7 +88,7 @@ def _make_logger(trt, log: Callable[[str], None], verbose: bool = False):
     return _Logger()
 
 
-def _build_plan(trt, onnx_path: Path, plan: precision.PrecisionPlan, profiles: list[Profile], dims: dict,
+def _build_plan(trt, onnx_path: Path, plan: precision.PrecisionPlan, profiles: list[Profile], dims: ModelDims,
                 options: BuildOptions, cache_path: Path, log: Callable[[str], None]):
     logger = _make_logger(trt, log)
     builder = trt.Builder(logger)
@@ -99,7 +100,7 @@ def _build_plan(trt, onnx_path: Path, plan: precision.PrecisionPlan, profiles: l
         first = errors[0].splitlines()[0][:300] if errors else logger.last_error()
         raise EngineBuildError(f"TensorRT cannot parse {onnx_path.name}: {first}")
     names = {network.get_input(i).name for i in range(network.num_inputs)}
-    expected = set(io_table.input_names(dims["num_layers"]))
+    expected = set(io_table.input_names(dims.num_layers))
     if not expected <= names:
         raise EngineBuildError(f"{onnx_path.name} lacks graph inputs {sorted(expected - names)[:4]}: rebuild the artifact")
 
@@ -115,10 +116,10 @@ def _build_plan(trt, onnx_path: Path, plan: precision.PrecisionPlan, profiles: l
         config.builder_optimization_level = int(options.optimization_level)
     for p in profiles:
         prof = builder.create_optimization_profile()
-        for name, (lo, opt, hi) in p.shapes(dims["num_layers"], dims["num_kv_heads"], dims["head_dim"]).items():
+        for name, (lo, opt, hi) in p.shapes(dims.num_layers, dims.num_kv_heads, dims.head_dim).items():
             prof.set_shape(name, lo, opt, hi)
         if config.add_optimization_profile(prof) < 0:
-            raise EngineBuildError(f"TensorRT rejected the {p.name} profile {p.to_json()}: {logger.last_error()}")
+            raise EngineBuildError(f"TensorRT rejected the {p.name} profile (T {p.seq}, past {p.past}): {logger.last_error()}")
 
     cached = cache_path.read_bytes() if cache_path.exists() else b""
     cache = config.create_timing_cache(cached)
@@ -136,16 +137,16 @@ def _build_plan(trt, onnx_path: Path, plan: precision.PrecisionPlan, profiles: l
     return serialized
 
 
-def build_engine(directory: Path, manifest: dict, kind: str, options: BuildOptions,
-                 log: Callable[[str], None] = print) -> dict:
+def build_engine(directory: Path, manifest: Manifest, kind: str, options: BuildOptions,
+                 log: Callable[[str], None] = print) -> EngineRecord:
     """Build ``<kind>.plan`` in ``directory``; returns its manifest record (the caller writes the manifest)."""
     trt = availability.import_tensorrt()
     status = availability.require()
-    dims = manifest["dims"]
-    graph = manifest["graphs"][kind]
-    onnx_path = directory / graph["file"]
+    dims = manifest.dims
+    graph = manifest.graphs[kind]
+    onnx_path = directory / graph.file
     profiles = engine_profiles(manifest, kind, options.max_prompt, options.opt_prompt, options.opt_past)
-    plan = precision.choose(manifest["dtype"], trt.__version__, options.strongly_typed, options.allow_tf32)
+    plan = precision.choose(dims.dtype, trt.__version__, options.strongly_typed, options.allow_tf32)
     cache_path = Path(options.timing_cache) if options.timing_cache else default_timing_cache(trt.__version__, status.device)
     t0 = time.perf_counter()
     log(f"  build TensorRT {kind} engine ({plan.label}; profiles "
@@ -163,33 +164,27 @@ def build_engine(directory: Path, manifest: dict, kind: str, options: BuildOptio
     _atomic_write(directory / plan_file, serialized)
     build_s = time.perf_counter() - t0
     log(f"  build TensorRT {kind} engine: done in {build_s:.1f} s ({(directory / plan_file).stat().st_size / 2**20:.1f} MiB)")
-    return {
-        "file": plan_file,
-        "onnx": graph["file"],
-        "tensorrt_version": trt.__version__,
-        "gpu_name": status.device.name,
-        "compute_capability": status.device.compute_capability,
-        "cuda_runtime": status.cuda_runtime,
-        "precision": plan.label,
-        "strongly_typed": plan.strongly_typed,
-        "builder_flags": {"set": list(plan.set_flags), "clear": list(plan.clear_flags)},
-        "profiles": [p.to_json() for p in profiles],
-        "workspace_bytes": int(options.workspace_gib * (1 << 30)) if options.workspace_gib else None,
-        "timing_cache": cache_path.name,  # the file name only: the manifest travels, the cache stays here
-        "build_s": round(build_s, 2),
-    }
+    return EngineRecord(
+        file=plan_file, onnx=graph.file, tensorrt_version=str(trt.__version__), gpu_name=status.device.name,
+        compute_capability=str(status.device.compute_capability), cuda_runtime=status.cuda_runtime,
+        precision=plan.label, strongly_typed=plan.strongly_typed,
+        builder_flags=BuilderFlags(list(plan.set_flags), list(plan.clear_flags)),
+        profiles=[p.to_record() for p in profiles],
+        workspace_bytes=int(options.workspace_gib * (1 << 30)) if options.workspace_gib else None,
+        timing_cache=cache_path.name,  # the file name only: the manifest travels, the cache stays here
+        build_s=round(build_s, 2))
 
 
 def build_engines(directory: str | Path, options: BuildOptions | None = None, log: Callable[[str], None] = print,
-                  kinds: list[str] | None = None) -> dict:
+                  kinds: list[str] | None = None) -> Manifest:
     """Build every graph's engine (or ``kinds``) and write them into the manifest; returns the manifest."""
     directory = Path(directory)
     options = options or BuildOptions()
-    manifest = read_manifest(directory)
+    manifest = Manifest.read(directory)
     require_portable(manifest, directory)
-    for kind in kinds or list(manifest["graphs"]):
+    for kind in kinds or list(manifest.graphs):
         record = build_engine(directory, manifest, kind, options, log)
-        manifest.setdefault("engines", {})[kind] = record
-        manifest.setdefault("files", {})[record["file"]] = file_record(directory / record["file"])
-        write_manifest(directory, manifest)  # after each engine, so a finished one is never lost
+        manifest = manifest.replace(engines={**manifest.engines, kind: record},
+                                    files={**manifest.files, record.file: file_record(directory / record.file)})
+        manifest.write(directory)  # after each engine, so a finished one is never lost
     return manifest

@@ -14,22 +14,23 @@ The `Profile` type and the run-time choice of a profile live with the TensorRT b
 from __future__ import annotations
 
 from medusa_export.runtime.backends.trt_profiles import Profile
+from medusa_export.runtime.manifest import Manifest
 
 DEFAULT_OPT_PROMPT = 128  # typical chat prompt after the template
 DEFAULT_OPT_PAST = 256  # typical context during generation
 
 
-def engine_profiles(manifest: dict, kind: str, max_prompt: int | None = None, opt_prompt: int | None = None,
+def engine_profiles(manifest: Manifest, kind: str, max_prompt: int | None = None, opt_prompt: int | None = None,
                     opt_past: int | None = None) -> list[Profile]:
     """The profiles for graph ``kind`` ("medusa" | "vanilla"): prefill first, then the step profile."""
-    max_seq = int(manifest["max_seq"])
+    max_seq = manifest.max_seq
     max_prompt = max(1, max_seq // 2) if max_prompt is None else int(max_prompt)
     if not 1 <= max_prompt <= max_seq:
         raise ValueError(f"max_prompt {max_prompt} must be between 1 and max_seq {max_seq}")
     opt_t = min(max_prompt, opt_prompt or DEFAULT_OPT_PROMPT)
     prefill = Profile("prefill", (1, opt_t, max_prompt), (0, 0, max_seq - max_prompt))
     if kind == "medusa":
-        t, name = int(manifest["tree"]["num_nodes"]), "tree"
+        t, name = manifest.tree.num_nodes, "tree"
     elif kind == "vanilla":
         t, name = 1, "decode"
     else:

@@ -1,5 +1,5 @@
 """The decoder stack of a Llama-family model as an ONNX Runtime graph of fused operators, written directly from
-the weights (no tracing): about 11 nodes per layer instead of the ~115 a traced graph keeps.
+the weights (no tracing): 14 nodes per layer (a chain graph) instead of the ~115 a traced graph keeps.
 
     graph = fused_backbone(hf_model.model, hf_model.config, max_positions=2048)   # GraphProto, output "hidden"
 
@@ -14,6 +14,12 @@ Per layer::
 A Medusa graph built with ``paths`` > 1 runs attention once per root-to-leaf path of the tree, each path a group
 of heads on its own copy of the cache, so every node's numbers equal a one-token step's bit for bit
 (runtime/tree_paths.py); the matmuls still run once per node.
+
+``pad_rows``: every matmul runs on T + 1 rows, the extra one a copy of the last token's, dropped at the end of
+the graph. ONNX Runtime's int4 ``MatMulNBits`` computes a one-row product with other arithmetic than a product
+of several rows on AVX2 CPUs (measured: the same row differs in the last bits between M = 1 and M >= 2, while
+its result is the same for every M >= 2), so without the extra row a one-token step and a tree node would
+differ, and greedy Medusa would leave greedy vanilla. The build turns it on for int4 weights.
 
 KV cache: head-major ``[batch, kv_heads, capacity, head_dim]`` buffers that are both ``past_key_values.*``
 and ``present.*`` (ONNX Runtime's shared-buffer mode: GroupQueryAttention writes the T new rows at
@@ -81,7 +87,94 @@ def _rotary_cache(decoder, max_positions: int, head_dim: int) -> tuple[np.ndarra
     return cos[:, :half], sin[:, :half]
 
 
-def fused_backbone(decoder, cfg, max_positions: int, dtype: str = "float32", paths: int = 1):
+class Decoder:
+    """The decoder stack's weights and the graph under construction; `layers` writes every layer around an
+    attention block the caller supplies (one row set per step, or per lane)."""
+
+    def __init__(self, decoder, cfg, max_positions: int, dtype: str) -> None:
+        check_supported(cfg)
+        self.np_dtype = io_table.model_dtype_of(dtype)
+        self.cfg, self.dtype = cfg, dtype
+        self.n, self.nh = cfg.num_hidden_layers, cfg.num_attention_heads
+        self.kvh = getattr(cfg, "num_key_value_heads", None) or self.nh
+        self.hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.nh
+        self.eps = float(cfg.rms_norm_eps)
+        self.sd = {"model." + k: v.detach().float().numpy() for k, v in decoder.state_dict().items()}
+        self.g = g = _Graph(self.np_dtype)
+        self.f = helper.np_dtype_to_tensor_dtype(self.np_dtype)
+        self.last = g.weight("last", np.array([-1], np.int64), cast=False)
+        self.end = g.weight("end", np.array([np.iinfo(np.int64).max], np.int64), cast=False)
+        self.one = g.weight("one_i64", np.array([1], np.int64), cast=False)
+        self.zero_i = g.weight("zero_i64", np.array([0], np.int64), cast=False)
+        self.axis1, self.axis2, self.axis3 = (g.weight(f"axis{a}", np.array([a], np.int64), cast=False)
+                                              for a in (1, 2, 3))
+        cos, sin = _rotary_cache(decoder, max_positions + 1, self.hd)  # + the extra row: GQA wants rows >= total
+        self.cos, self.sin = g.weight("cos_cache", cos), g.weight("sin_cache", sin)
+
+    def pad_last(self, x: str, name: str, axis: int = 1) -> str:
+        """``x`` with a copy of its last entry along ``axis`` appended."""
+        at = {1: self.axis1, 2: self.axis2, 3: self.axis3}[axis]
+        tail = self.g.op("Slice", [x, self.last, self.end, at], f"{name}_last")[0]
+        return self.g.op("Concat", [x, tail], f"{name}_padded", axis=axis)[0]
+
+    def lengths(self, bias: str, name: str) -> tuple[str, str]:
+        """GroupQueryAttention's seqlens_k and total_sequence_length from an additive bias' width."""
+        g = self.g
+        width = g.op("Shape", [bias], f"{name}/width", start=3, end=4)[0]  # [1] = past + rows
+        total = g.op("Cast", [g.op("Squeeze", [width], f"{name}/total_i64")[0]], f"{name}/total", to=TensorProto.INT32)[0]
+        seqlens = g.op("Cast", [g.op("Sub", [width, self.one], f"{name}/last_index")[0]], f"{name}/seqlens_k",
+                       to=TensorProto.INT32)[0]
+        return seqlens, total
+
+    def gqa(self, name: str, qkv: str, k: str, v: str, seqlens: str, total: str, positions: str, bias: str,
+            groups: int = 1) -> list[str]:
+        return self.g.op("GroupQueryAttention", [qkv, "", "", k, v, seqlens, total, self.cos, self.sin, positions, bias],
+                         name, outputs=3, domain=MS, num_heads=groups * self.nh, kv_num_heads=groups * self.kvh,
+                         do_rotary=1)
+
+    def embed(self, input_ids: str = "input_ids") -> str:
+        return self.g.op("Gather", [self.g.weight("embed_tokens", self.sd["model.embed_tokens.weight"]), input_ids],
+                         "embed", axis=0)[0]
+
+    def layers(self, x: str, attention) -> str:
+        """Every decoder layer on rows ``x``; ``attention(i, qkv)`` maps layer i's packed q|k|v rows to attended rows.
+        Returns the final-normed hidden rows."""
+        g, sd, cfg, eps = self.g, self.sd, self.cfg, self.eps
+        split = g.weight("gate_up_split", np.array([cfg.intermediate_size] * 2, np.int64), cast=False)
+        residual, pending = x, None  # pending: the last sub-layer's output, added to the residual by the next norm
+        for i in range(self.n):
+            p = f"model.layers.{i}."
+            normed, residual = _norm(g, f"L{i}/input_norm", residual, pending, sd[p + "input_layernorm.weight"], eps)
+            attn = p + "self_attn."
+            qkv_w = np.concatenate([sd[attn + f"{k}_proj.weight"] for k in "qkv"], 0).T  # [H, (nh + 2 kvh) hd]
+            qkv = g.op("MatMul", [normed, g.weight(f"L{i}/qkv.weight", qkv_w)], f"L{i}/qkv")[0]
+            if attn + "q_proj.bias" in sd:
+                qkv_b = np.concatenate([sd[attn + f"{k}_proj.bias"] for k in "qkv"], 0)
+                qkv = g.op("Add", [qkv, g.weight(f"L{i}/qkv.bias", qkv_b)], f"L{i}/qkv_bias")[0]
+            attended = attention(i, qkv)
+            out = g.op("MatMul", [attended, g.weight(f"L{i}/o.weight", sd[attn + "o_proj.weight"].T)], f"L{i}/o")[0]
+            if attn + "o_proj.bias" in sd:
+                out = g.op("Add", [out, g.weight(f"L{i}/o.bias", sd[attn + "o_proj.bias"])], f"L{i}/o_bias")[0]
+            normed, residual = _norm(g, f"L{i}/post_norm", residual, out, sd[p + "post_attention_layernorm.weight"], eps)
+            mlp = p + "mlp."
+            gate_up_w = np.concatenate([sd[mlp + "gate_proj.weight"], sd[mlp + "up_proj.weight"]], 0).T
+            gate_up = g.op("MatMul", [normed, g.weight(f"L{i}/gate_up.weight", gate_up_w)], f"L{i}/gate_up")[0]
+            gate, up = g.op("Split", [gate_up, split], f"L{i}/split", outputs=2, axis=-1)
+            silu = g.op("Mul", [gate, g.op("Sigmoid", [gate], f"L{i}/sigmoid")[0]], f"L{i}/silu")[0]
+            act = g.op("Mul", [silu, up], f"L{i}/act")[0]
+            pending = g.op("MatMul", [act, g.weight(f"L{i}/down.weight", sd[mlp + "down_proj.weight"].T)],
+                           f"L{i}/down")[0]
+        hidden, _ = _norm(g, "final_norm", residual, pending, sd["model.norm.weight"], eps)
+        return hidden
+
+    def value_info(self, tensor: io_table.Tensor):
+        kv_dims = SimpleNamespace(num_kv_heads=self.kvh, head_dim=self.hd)
+        shape = [tensor.fixed_sizes(kv_dims).get(i, a) for i, a in enumerate(tensor.axes)]  # symbolic stay names
+        return helper.make_tensor_value_info(tensor.name, helper.np_dtype_to_tensor_dtype(tensor.numpy_dtype(self.dtype)),
+                                             shape)
+
+
+def fused_backbone(decoder, cfg, max_positions: int, dtype: str = "float32", paths: int = 1, pad_rows: bool = False):
     """GraphProto for ``decoder`` (a transformers ``*Model``: embeddings .. final norm) with config ``cfg``:
     inputs input_ids, position_ids, attention_mask, past_key_values.*; outputs hidden ([batch, seq, hidden],
     after the final norm) and present.*.
@@ -90,104 +183,66 @@ def fused_backbone(decoder, cfg, max_positions: int, dtype: str = "float32", pat
     of heads with its own copy of the KV cache (``[1, paths * kv_heads, capacity, head_dim]``); the step's
     attention rows are depths, mapped from and back to nodes by the inputs ``path_rows`` / ``node_rows``, and
     ``attention_mask`` is causal over those rows."""
-    check_supported(cfg)
-    np_dtype = io_table.model_dtype_of(dtype)
-    n, nh = cfg.num_hidden_layers, cfg.num_attention_heads
-    kvh = getattr(cfg, "num_key_value_heads", None) or nh
-    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // nh
-    eps = float(cfg.rms_norm_eps)
-    sd = {"model." + k: v.detach().float().numpy() for k, v in decoder.state_dict().items()}
-    g = _Graph(np_dtype)
-    f = helper.np_dtype_to_tensor_dtype(np_dtype)
-
+    d = Decoder(decoder, cfg, max_positions, dtype)
+    g, nh, kvh, hd = d.g, d.nh, d.kvh, d.hd
     # Per step, shared by every layer: the GQA lengths and the additive mask, for T + 1 query rows. ONNX Runtime's
     # GroupQueryAttention computes a one-row step with other arithmetic than a several-row step (last-bit
     # differences, which int8 activation quantization then amplifies). One extra row, a copy of the last, keeps
     # every step on the several-row path, so a tree node gets exactly the numbers a one-token step gets and greedy
     # Medusa stays token-for-token equal to greedy vanilla at every dtype. No real row sees the extra one (its key
-    # column is masked); its KV row lands one past the step's rows and is overwritten later.
-    last = g.weight("last", np.array([-1], np.int64), cast=False)
-    end = g.weight("end", np.array([np.iinfo(np.int64).max], np.int64), cast=False)
-    one = g.weight("one_i64", np.array([1], np.int64), cast=False)
-    axis1, axis2, axis3 = (g.weight(f"axis{a}", np.array([a], np.int64), cast=False) for a in (1, 2, 3))
+    # column is masked); its KV row lands one past the step's rows and is overwritten later. The lanes graph
+    # (`exporter/lanes_graph.py`) gives each sequence exactly these inputs, built on the host (`padded_bias`).
     row_positions = "position_ids"
     if paths > 1:  # the rows' positions: those of the longest path (path 0), one per depth
         first_path = g.op("Gather", ["path_rows", g.weight("zero_index", np.array(0, np.int64), cast=False)],
                           "first_path", axis=1)[0]
         row_positions = g.op("Gather", ["position_ids", first_path], "row_positions", axis=1)[0]
-    positions = g.op("Concat", [row_positions, g.op("Slice", [row_positions, last, end, axis1], "last_position")[0]],
-                     "positions_padded", axis=1)[0]
-    last_row = g.op("Slice", ["attention_mask", last, end, axis2], "mask_last_row")[0]  # [B, 1, 1, past + T]
-    some_col = g.op("Slice", ["attention_mask", last, end, axis3], "mask_last_col")[0]
+    positions = d.pad_last(row_positions, "positions")
+    last_row = g.op("Slice", ["attention_mask", d.last, d.end, d.axis2], "mask_last_row")[0]  # [B, 1, 1, past + T]
+    some_col = g.op("Slice", ["attention_mask", d.last, d.end, d.axis3], "mask_last_col")[0]
     hidden_col = g.op("Xor", [some_col, some_col], "mask_false_col")[0]  # [B, 1, T, 1]: all False
     rows = g.op("Concat", ["attention_mask", last_row], "mask_rows", axis=2)[0]  # [B, 1, T + 1, past + T]
-    col = g.op("Concat", [hidden_col, g.op("Slice", [last_row, last, end, axis3], "mask_true_corner")[0]],
+    col = g.op("Concat", [hidden_col, g.op("Slice", [last_row, d.last, d.end, d.axis3], "mask_true_corner")[0]],
                "mask_extra_col", axis=2)[0]  # [B, 1, T + 1, 1]: False for real rows, True for the extra one
     mask = g.op("Concat", [rows, col], "mask_padded", axis=3)[0]  # [B, 1, T + 1, past + T + 1]
-    width = g.op("Shape", [mask], "mask_width", start=3, end=4)[0]  # [1] = past + T + 1
-    total = g.op("Cast", [g.op("Squeeze", [width], "total_i64")[0]], "total", to=TensorProto.INT32)[0]
-    seqlens = g.op("Cast", [g.op("Sub", [width, one], "last_index")[0]], "seqlens_k", to=TensorProto.INT32)[0]
-    zero = g.weight("zero", np.array(0.0))
-    neg = g.weight("neg_inf", np.array(-np.inf))
-    bias = g.op("Where", [mask, zero, neg], "attention_bias")[0]
-    zero_i = g.weight("zero_i64", np.array([0], np.int64), cast=False)
-    cos, sin = _rotary_cache(decoder, max_positions + 1, hd)  # + the extra row: GQA wants rows >= total
-    cos, sin = g.weight("cos_cache", cos), g.weight("sin_cache", sin)
-
-    split = g.weight("gate_up_split", np.array([cfg.intermediate_size] * 2, np.int64), cast=False)
+    bias = g.op("Where", [mask, g.weight("zero", np.array(0.0)), g.weight("neg_inf", np.array(-np.inf))],
+                "attention_bias")[0]
+    seqlens, total = d.lengths(bias, "step")
     merge_paths = g.weight("merge_paths", np.array([0, 0, -1], np.int64), cast=False)
     pack_paths = g.weight("pack_paths", _packed_order(paths, nh * hd, kvh * hd), cast=False)
-    x = g.op("Gather", [g.weight("embed_tokens", sd["model.embed_tokens.weight"]), "input_ids"], "embed", axis=0)[0]
-    residual, pending = x, None  # pending: the last sub-layer's output, added to the residual by the next norm
-    for i in range(n):
-        p = f"model.layers.{i}."
-        normed, residual = _norm(g, f"L{i}/input_norm", residual, pending, sd[p + "input_layernorm.weight"], eps)
-        attn = p + "self_attn."
-        qkv_w = np.concatenate([sd[attn + f"{k}_proj.weight"] for k in "qkv"], 0).T  # [H, (nh + 2 kvh) hd]
-        qkv = g.op("MatMul", [normed, g.weight(f"L{i}/qkv.weight", qkv_w)], f"L{i}/qkv")[0]
-        if attn + "q_proj.bias" in sd:
-            qkv_b = np.concatenate([sd[attn + f"{k}_proj.bias"] for k in "qkv"], 0)
-            qkv = g.op("Add", [qkv, g.weight(f"L{i}/qkv.bias", qkv_b)], f"L{i}/qkv_bias")[0]
-        k_name, v_name = f"past_key_values.{i}.key", f"past_key_values.{i}.value"
+    out_shape = g.weight("path_out_shape", np.array([0, -1, nh * hd], np.int64), cast=False)
+
+    def attention(i: int, qkv: str) -> str:
         if paths > 1:
             qkv = g.op("Gather", [qkv, "path_rows"], f"L{i}/path_rows", axis=1)[0]  # [1, depths, paths, q|k|v]
-        qkv = g.op("Concat", [qkv, g.op("Slice", [qkv, last, end, axis1], f"L{i}/qkv_last")[0]], f"L{i}/qkv_padded",
-                   axis=1)[0]
+        if paths > 1 or not pad_rows:  # attention's extra row (a padded step already has it)
+            qkv = d.pad_last(qkv, f"L{i}/qkv")
         if paths > 1:  # packed [q | k | v] of heads grouped by path: head h of path b is head b * heads + h
             flat = g.op("Reshape", [qkv, merge_paths], f"L{i}/path_flat")[0]  # [1, depths + 1, paths * (q|k|v)]
             qkv = g.op("Gather", [flat, pack_paths], f"L{i}/path_heads", axis=2)[0]
-        gqa = g.op("GroupQueryAttention", [qkv, "", "", k_name, v_name, seqlens, total, cos, sin, positions, bias],
-                   f"L{i}/attention", outputs=3, domain=MS, num_heads=paths * nh, kv_num_heads=paths * kvh,
-                   do_rotary=1)
+        gqa = d.gqa(f"L{i}/attention", qkv, f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens,
+                    total, positions, bias, groups=paths)
         g.nodes[-1].output[1:] = [f"present.{i}.key", f"present.{i}.value"]
-        attended = g.op("Slice", [gqa[0], zero_i, last, axis1], f"L{i}/attention_rows")[0]  # drop the extra row
+        if pad_rows and paths == 1:
+            return gqa[0]
+        attended = g.op("Slice", [gqa[0], d.zero_i, d.last, d.axis1], f"L{i}/attention_rows")[0]  # drop extra row
         if paths > 1:  # [1, depths, paths * heads * hd] -> each node's row
-            flat = g.op("Reshape", [attended, g.weight("path_out_shape", np.array([0, -1, nh * hd], np.int64),
-                                                       cast=False)], f"L{i}/path_out")[0]
+            flat = g.op("Reshape", [attended, out_shape], f"L{i}/path_out")[0]
             attended = g.op("Gather", [flat, "node_rows"], f"L{i}/node_rows", axis=1)[0]
-        out = g.op("MatMul", [attended, g.weight(f"L{i}/o.weight", sd[attn + "o_proj.weight"].T)], f"L{i}/o")[0]
-        if attn + "o_proj.bias" in sd:
-            out = g.op("Add", [out, g.weight(f"L{i}/o.bias", sd[attn + "o_proj.bias"])], f"L{i}/o_bias")[0]
-        normed, residual = _norm(g, f"L{i}/post_norm", residual, out, sd[p + "post_attention_layernorm.weight"], eps)
-        mlp = p + "mlp."
-        gate_up_w = np.concatenate([sd[mlp + "gate_proj.weight"], sd[mlp + "up_proj.weight"]], 0).T
-        gate_up = g.op("MatMul", [normed, g.weight(f"L{i}/gate_up.weight", gate_up_w)], f"L{i}/gate_up")[0]
-        gate, up = g.op("Split", [gate_up, split], f"L{i}/split", outputs=2, axis=-1)
-        silu = g.op("Mul", [gate, g.op("Sigmoid", [gate], f"L{i}/sigmoid")[0]], f"L{i}/silu")[0]
-        act = g.op("Mul", [silu, up], f"L{i}/act")[0]
-        pending = g.op("MatMul", [act, g.weight(f"L{i}/down.weight", sd[mlp + "down_proj.weight"].T)], f"L{i}/down")[0]
-    hidden, _ = _norm(g, "final_norm", residual, pending, sd["model.norm.weight"], eps)
-    g.nodes.append(helper.make_node("Identity", [hidden], ["hidden"], name="hidden"))
+            if pad_rows:
+                attended = d.pad_last(attended, f"L{i}/out")
+        return attended
 
-    tensors = {t.name: t for t in io_table.inputs(n, io_table.HEAD_MAJOR_SHARED, paths)}
-    kv_dims = SimpleNamespace(num_kv_heads=kvh, head_dim=hd)
-    sym = lambda t: [t.fixed_sizes(kv_dims).get(i, a) for i, a in enumerate(t.axes)]  # noqa: E731 - symbolic stay names
-    onnx_type = lambda t: helper.np_dtype_to_tensor_dtype(t.numpy_dtype(dtype))  # noqa: E731
-    inputs = [helper.make_tensor_value_info(name, onnx_type(t), sym(t)) for name, t in tensors.items()
-              if name != "temperature"]
-    outputs = [helper.make_tensor_value_info("hidden", f, [io_table.BATCH, io_table.SEQ, cfg.hidden_size])]
-    outputs += [helper.make_tensor_value_info(t.name, f, sym(t))
-                for t in io_table.outputs(n, False, io_table.HEAD_MAJOR_SHARED, paths) if t.name.startswith("present.")]
+    x = d.embed()
+    if pad_rows:  # the extra row through every matmul (see the module docstring)
+        x = d.pad_last(x, "embed")
+    hidden = d.layers(x, attention)
+    g.nodes.append(helper.make_node("Identity", [hidden], ["hidden"], name="hidden"))
+    inputs = [d.value_info(t) for t in io_table.inputs(d.n, io_table.HEAD_MAJOR_SHARED, paths) if t.name != "temperature"]
+    rows = "padded_rows" if pad_rows else io_table.SEQ
+    outputs = [helper.make_tensor_value_info("hidden", d.f, [io_table.BATCH, rows, cfg.hidden_size])]
+    outputs += [d.value_info(t) for t in io_table.outputs(d.n, False, io_table.HEAD_MAJOR_SHARED, paths)
+                if t.name.startswith("present.")]
     return helper.make_graph(g.nodes, "fused_backbone", inputs, outputs, g.inits)
 
 

@@ -27,40 +27,45 @@ from .step_model import ReducedTail, StepModel
 
 
 def export_fused_graph(step: StepModel, path: str | Path, dtype: str = "float32", max_positions: int = 2048,
-                       paths: int = 1) -> Path:
+                       paths: int = 1, min_rows: int = 1) -> Path:
     """``paths`` > 1: attention per root-to-leaf path of trees of up to that many paths (exact verification,
-    see `fused_backbone`)."""
+    see `fused_backbone`). ``min_rows`` 2: every matmul runs on at least two rows (see `fused_backbone`)."""
     path = Path(path)
     medusa = step.heads is not None
-    backbone = fused_backbone(step.backbone, step.config, max_positions, dtype, paths)
-    tail = _export_tail(step, dtype)
+    backbone = fused_backbone(step.backbone, step.config, max_positions, dtype, paths, pad_rows=min_rows > 1)
+    tail = _export_tail(step, dtype, padded=min_rows > 1)
     graph = _append_tail(backbone, tail.graph, medusa, step.num_layers, paths)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)],
                               producer_name="medusa-export")
     model.ir_version = tail.ir_version
-    size = sum(t.ByteSize() for t in graph.initializer)
-    if size > TWO_GB:
+    return save_graph(model, path)
+
+
+def save_graph(model: onnx.ModelProto, path: Path) -> Path:
+    """Weights inline, or beside the graph in ``<name>.data`` past protobuf's 2 GB. No onnx.checker here: it rejects
+    ONNX Runtime's own operators; ONNX Runtime loads the graph and `validate` compares it with PyTorch."""
+    if sum(t.ByteSize() for t in model.graph.initializer) > TWO_GB:
         onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=path.name + ".data")
     else:
         onnx.save_model(model, str(path))
-    # No onnx.checker here: it rejects ONNX Runtime's own operators; ONNX Runtime loads the graph and
-    # `validate` compares it with PyTorch.
     return path
 
 
-def _export_tail(step: StepModel, dtype: str) -> onnx.ModelProto:
-    """Trace hidden -> reduced outputs (lm_head, reduction, heads) at the graph's dtype."""
+def _export_tail(step: StepModel, dtype: str, padded: bool = False) -> onnx.ModelProto:
+    """Trace hidden -> reduced outputs (lm_head, reduction, heads) at the graph's dtype (``padded``: hidden has one
+    extra last row, projected and then dropped)."""
     torch_dtype = getattr(torch, io_table.model_dtype_of(dtype).name)
     if any(p.dtype != torch_dtype for p in step.parameters()):
         step = copy.deepcopy(step).to(torch_dtype)  # never the caller's model
-    tail = ReducedTail(step.eval())
+    tail = ReducedTail(step.eval(), padded)
     names = io_table.reduced_names(step.heads is not None)
-    hidden = torch.randn(2, 3, step.config.hidden_size, dtype=torch_dtype)  # sizes >= 2: not specialised
+    hidden = torch.randn(2, 3 + padded, step.config.hidden_size, dtype=torch_dtype)  # sizes >= 2: not specialised
     ids = torch.randint(0, step.config.vocab_size, (2, 3))
-    axes = {"hidden": {0: io_table.BATCH, 1: io_table.SEQ}, "input_ids": {0: io_table.BATCH, 1: io_table.SEQ}}
+    rows = "padded_rows" if padded else io_table.SEQ  # hidden's rows: T, or T + 1 with the extra row
+    axes = {"hidden": {0: io_table.BATCH, 1: rows}, "input_ids": {0: io_table.BATCH, 1: io_table.SEQ}}
     for t in io_table.reduced_outputs(step.heads is not None):
-        axes[t.name] = {i: a for i, a in enumerate(t.axes) if a in io_table.SYMBOLIC}
+        axes[t.name] = {i: a for i, a in enumerate(t.axes) if io_table.is_symbolic(a)}
     with tempfile.TemporaryDirectory() as tmp, torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         out = Path(tmp) / "tail.onnx"
@@ -72,9 +77,21 @@ def _export_tail(step: StepModel, dtype: str) -> onnx.ModelProto:
 
 def _append_tail(backbone: onnx.GraphProto, tail: onnx.GraphProto, medusa: bool, num_layers: int,
                  paths: int) -> onnx.GraphProto:
-    """One graph: the backbone's nodes, then the tail's with its internal names prefixed (no collisions); the
-    tail reads the backbone's ``hidden`` and the shared ``input_ids`` / ``temperature`` inputs."""
-    shared = {"hidden", "input_ids", "temperature", *io_table.reduced_names(medusa), ""}
+    """One graph: the backbone's nodes, then the tail's; the tail reads the backbone's ``hidden`` and the shared
+    ``input_ids`` / ``temperature`` inputs."""
+    merged = _append_tail_nodes(backbone, tail, {"hidden", "input_ids", "temperature", *io_table.reduced_names(medusa)})
+    temperature = next(i for i in tail.input if i.name == "temperature")
+    table = {t.name: i for i, t in enumerate(io_table.inputs(num_layers, io_table.HEAD_MAJOR_SHARED, paths))}
+    inputs = sorted([*backbone.input, temperature], key=lambda i: table[i.name])
+    presents = [o for o in backbone.output if o.name.startswith("present.")]
+    return helper.make_graph(list(merged.node), "medusa_export_fused", inputs, list(tail.output) + presents,
+                             list(merged.initializer))
+
+
+def _append_tail_nodes(backbone: onnx.GraphProto, tail: onnx.GraphProto, shared: set[str]) -> onnx.GraphProto:
+    """The backbone's nodes and initializers, then the tail's with their internal names prefixed (no collisions);
+    names in ``shared`` connect the two. Inputs and outputs are the caller's to set."""
+    shared = shared | {""}
     rename = lambda name: name if name in shared else f"tail/{name}"  # noqa: E731
     nodes = list(backbone.node)
     for node in tail.node:
@@ -88,8 +105,4 @@ def _append_tail(backbone: onnx.GraphProto, tail: onnx.GraphProto, medusa: bool,
         init = copy.deepcopy(init)
         init.name = rename(init.name)
         inits.append(init)
-    temperature = next(i for i in tail.input if i.name == "temperature")
-    table = {t.name: i for i, t in enumerate(io_table.inputs(num_layers, io_table.HEAD_MAJOR_SHARED, paths))}
-    inputs = sorted([*backbone.input, temperature], key=lambda i: table[i.name])
-    presents = [o for o in backbone.output if o.name.startswith("present.")]
-    return helper.make_graph(nodes, "medusa_export_fused", inputs, list(tail.output) + presents, inits)
+    return helper.make_graph(nodes, "merged", [], [], inits)

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import time
 
+from medusa_export.runtime.manifest import Manifest
 
 from .artifact_reference import artifact_base_model
 
 
-def hf_generate_bench(manifest: dict, prompts: list[str], max_new_tokens: int, on_prompt=lambda: None,
+def hf_generate_bench(manifest: Manifest, prompts: list[str], max_new_tokens: int, on_prompt=lambda: None,
                       model: str | None = None):
     """Returns (bench row, generated token lists). Stops on the tokenizer's EOS like the runtime does.
     ``model``: the artifact's base model, when this machine does not know where it is."""

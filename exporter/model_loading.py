@@ -123,8 +123,6 @@ def locate_model(identity: dict, override: str | os.PathLike | None = None) -> s
     source = str(identity.get("source", ""))
     if source in ("default", DEFAULT_MODEL_NAME):
         return None
-    if Path(source).is_absolute() and Path(source).exists():  # artifacts written before portable records
-        return source
     f = _locations_file()
     try:
         known = json.loads(f.read_text()) if f.exists() else {}

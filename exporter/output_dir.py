@@ -11,20 +11,13 @@ A directory that holds anything but an artifact's own files (those its manifest 
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
 from medusa_export.runtime.errors import InputError
-from medusa_export.runtime.manifest import FORMAT, MANIFEST
-
-
-def _foreign_files(out: Path, manifest: dict) -> list[Path]:
-    """Files under ``out`` that its manifest does not list (someone else's)."""
-    listed = set(manifest.get("files", {})) | {MANIFEST}
-    return sorted(p for p in out.rglob("*") if not p.is_dir() and p.relative_to(out).as_posix() not in listed)
+from medusa_export.runtime.manifest import MANIFEST, listed_files
 
 
 def check_out_dir(out: Path) -> None:
@@ -37,14 +30,11 @@ def check_out_dir(out: Path) -> None:
         raise InputError(f"--out {out} is an existing file, not an artifact directory: choose another --out")
     if not any(out.iterdir()):
         return
-    try:
-        manifest = json.loads((out / MANIFEST).read_text())
-    except (OSError, ValueError):
-        manifest = None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+    listed = listed_files(out)
+    if listed is None:
         raise InputError(f"--out {out} exists and is not a medusa-export artifact (no {MANIFEST} of ours): "
                          f"refusing to replace it; choose a new or empty directory")
-    foreign = _foreign_files(out, manifest)
+    foreign = sorted(p for p in out.rglob("*") if not p.is_dir() and p.relative_to(out).as_posix() not in listed)
     if foreign:
         raise InputError(f"--out {out} is an artifact but also holds {foreign[0].relative_to(out)} (not one of its "
                          f"files): move it out, or choose another --out")

@@ -4,9 +4,9 @@
 
 Every MatMul whose weight is a constant is quantized: the decoder's, the lm_head and the heads' projection
 (a recipe may keep named ones in fp32: ``keep_fp32``). The recipes were chosen by measurement on the reference
-CPU (README, "Fast graphs and quantized weights"): the cost of a T=1 step, the cost of each extra tree node,
+CPU (docs/quantization.md): the cost of a T=1 step, the cost of each extra tree node,
 quality against fp32, and whether a row's result depends on the other rows of the step (necessary for greedy
-Medusa to equal greedy vanilla, though not sufficient: see the README):
+Medusa to equal greedy vanilla, though not sufficient: see docs/quantization.md):
 
 * ``MatMulNBits`` with ``accuracy_level`` 4 quantizes activations per block of each row: a row's result is
   bit-identical whatever the other rows of the step (checked for every matrix shape of the default model);
@@ -21,13 +21,15 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from medusa_export.runtime.manifest import QUANTIZED_WEIGHTS
-
+# min_rows: the rows every quantized matmul must see for a row's result not to depend on how many there are
+# (the graph pads a one-token step to two rows: `fused_backbone` ``pad_rows``). Measured on an AVX2 CPU with
+# ONNX Runtime 1.2x: int4 MatMulNBits gives a different last bit at M = 1 than at M >= 2; int8 does not.
 RECIPES = {
-    "int4": {"method": "MatMulNBits", "bits": 4, "block_size": 32, "symmetric": True, "accuracy_level": 4},
-    "int8": {"method": "MatMulNBits", "bits": 8, "block_size": 32, "symmetric": True, "accuracy_level": 4},
+    "int4": {"method": "MatMulNBits", "bits": 4, "block_size": 32, "symmetric": True, "accuracy_level": 4,
+             "min_rows": 2},
+    "int8": {"method": "MatMulNBits", "bits": 8, "block_size": 32, "symmetric": True, "accuracy_level": 4,
+             "min_rows": 1},
 }
-QUANTIZED = QUANTIZED_WEIGHTS  # the `build --dtype` values that quantize: one recipe each
 
 
 def quantize_graph(path: Path, recipe_name: str) -> dict:
@@ -35,7 +37,8 @@ def quantize_graph(path: Path, recipe_name: str) -> dict:
     import onnxruntime
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    recipe = RECIPES[recipe_name]
+    recipe = dict(RECIPES[recipe_name])
+    recipe.pop("min_rows")  # a property of the graph around the weights, recorded with the recipe
     logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)  # it reports every node it skips
     model = onnx.load(str(path))
     before = sum(n.op_type == "MatMul" for n in model.graph.node)
@@ -49,5 +52,5 @@ def quantize_graph(path: Path, recipe_name: str) -> dict:
     quantized = q.model.model
     left = sum(n.op_type == "MatMul" for n in quantized.graph.node)
     onnx.save_model(quantized, str(path))
-    return {"name": recipe_name, **recipe, "tool": f"onnxruntime {onnxruntime.__version__}",
+    return {"name": recipe_name, **RECIPES[recipe_name], "tool": f"onnxruntime {onnxruntime.__version__}",
             "matmuls_quantized": before - left, "matmuls_left_fp": left}

@@ -49,12 +49,17 @@ class StepModel(nn.Module):
         return tuple(outs)
 
 
-    def reduced_outputs(self, hidden, input_ids, temperature) -> list:
-        """From the final hidden states [B, T, H] to the reduced outputs, in I/O-table order."""
+    def reduced_outputs(self, hidden, input_ids, temperature, padded: bool = False) -> list:
+        """From the final hidden states [B, T, H] to the reduced outputs, in I/O-table order. ``padded``: ``hidden``
+        carries one extra last row (a copy of the last token's) that the projections see and the outputs drop."""
         logits = self.lm_head(hidden).float()  # [B, T, V]
+        if padded:
+            logits = logits[:, :-1]
         outs = list(reduce_base_logits(logits, input_ids, temperature, self.sample_topk))
         if self.heads is not None:
             head_logits = self.heads(hidden, self.lm_head)  # [B, T, K, V]
+            if padded:
+                head_logits = head_logits[:, :-1]
             outs.append(self.heads.to_token_ids(torch.topk(head_logits.float(), self.head_topk, dim=-1).indices))
         return outs
 
@@ -63,12 +68,29 @@ class ReducedTail(nn.Module):
     """`StepModel.reduced_outputs` as a module (hidden, input_ids, temperature -> reduced outputs): the part of
     the step the fused ONNX Runtime graph traces from PyTorch, after its hand-built decoder stack."""
 
+    def __init__(self, step: StepModel, padded: bool = False) -> None:
+        super().__init__()
+        self.step, self.padded = step, padded
+
+    def forward(self, hidden, input_ids, temperature):
+        return tuple(self.step.reduced_outputs(hidden, input_ids, temperature, self.padded))
+
+
+class LanesTail(nn.Module):
+    """The lanes graph's tail (hidden [B, R, H], row_temperature [B, R] -> per row: the base model's top-S ids,
+    their probabilities at the row's temperature, the entropy): the same operations as `ReducedTail`'s base part,
+    row by row, so a row's numbers equal a one-sequence step's."""
+
     def __init__(self, step: StepModel) -> None:
         super().__init__()
         self.step = step
 
-    def forward(self, hidden, input_ids, temperature):
-        return tuple(self.step.reduced_outputs(hidden, input_ids, temperature))
+    def forward(self, hidden, row_temperature):
+        logits = self.step.lm_head(hidden).float()  # [B, R, V]
+        top = torch.topk(logits, self.step.sample_topk, dim=-1)
+        logp = torch.log_softmax(logits / row_temperature.unsqueeze(-1), dim=-1)
+        probs = logp.exp()
+        return top.indices, torch.gather(probs, 2, top.indices), -(probs * logp).sum(-1)
 
 
 def reduce_base_logits(logits: torch.Tensor, input_ids: torch.Tensor, temperature: torch.Tensor, sample_topk: int):

@@ -10,7 +10,7 @@ Nothing here imports torch or transformers; the PyTorch reference backend lives 
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = ["MedusaRuntime", "GenerationConfig", "GenerationResult", "__version__"]
 

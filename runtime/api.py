@@ -17,16 +17,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .decode import GenerationConfig
-from .errors import InputError, TreeError
+from .errors import ArtifactError, InputError, TreeError
 from .generator import GenerationResult, Generator, Stream
-from .manifest import manifest_dims, read_manifest
+from .manifest import Manifest
 from .tokenizer import ChatTokenizer
 from .tree import Tree, load_choices
 
 
 @dataclass
 class MedusaRuntime:
-    manifest: dict
+    manifest: Manifest
     generator: Generator
 
     @classmethod
@@ -36,12 +36,15 @@ class MedusaRuntime:
         """``check_hashes``: verify every file's sha256 (sizes are always checked). ``model``: the base model's
         directory or .gguf for the PyTorch reference backend, when this machine does not know where it is."""
         directory = Path(directory)
-        manifest = read_manifest(directory, check_hashes=check_hashes)
-        dims = manifest_dims(manifest)
+        manifest = Manifest.read(directory, check_hashes=check_hashes)
         tokenizer = ChatTokenizer.from_directory(directory)
+        if tokenizer.vocab_size > manifest.dims.vocab_size:
+            raise ArtifactError(f"{directory / 'tokenizer.json'} has {tokenizer.vocab_size} tokens but the model "
+                                f"{manifest.dims.vocab_size}: it belongs to another model, rebuild the artifact")
+        chosen_tree = artifact_tree(manifest, tree)
         options = {"model": model} if backend == "torch" else {}
         engine = open_backend(directory, manifest, backend, device=device, threads=threads, max_seq=max_seq, **options)
-        return cls(manifest, Generator(engine, tokenizer, artifact_tree(manifest, dims, tree)))
+        return cls(manifest, Generator(engine, tokenizer, chosen_tree))
 
     @property
     def notes(self) -> tuple[str, ...]:
@@ -62,28 +65,43 @@ class MedusaRuntime:
     def stream(self, prompt: str | list[int], **options) -> Stream:
         return self.generator.stream(prompt, GenerationConfig(**options))
 
+    def chat(self, messages: list[dict], **options) -> GenerationResult:
+        """A conversation (``[{"role": ..., "content": ...}, ...]``) under the model's chat template. Message
+        text is data: only the template's own markers become control tokens. A final assistant message is
+        continued."""
+        return self.generate(self.chat_ids(messages), **options)
 
-def artifact_tree(manifest: dict, dims, spec: str | None) -> Tree | None:
+    def stream_chat(self, messages: list[dict], **options) -> Stream:
+        return self.stream(self.chat_ids(messages), **options)
+
+    def chat_ids(self, messages: list[dict]) -> list[int]:
+        if not messages or not all(isinstance(m, dict) and isinstance(m.get("content"), str) and
+                                   m.get("role") in ("system", "user", "assistant") for m in messages):
+            raise InputError("messages must be a non-empty list of {\"role\": system|user|assistant, \"content\": str}")
+        return self.generator.tokenizer.encode_chat(messages, continue_final=messages[-1]["role"] == "assistant")
+
+
+def artifact_tree(manifest: Manifest, spec: str | None) -> Tree | None:
     """The artifact's own tree, or another one that fits its graph (depth <= heads, rank < graph top-k)."""
+    dims = manifest.dims
     if not dims.num_heads:
         return None
-    choices = load_choices(spec) if spec else manifest["tree"]["medusa_choices"]
+    choices = load_choices(spec) if spec else manifest.tree.medusa_choices
     try:
         return Tree.from_choices(choices, topk=dims.head_topk, num_heads=dims.num_heads)
     except TreeError as e:
         raise TreeError(f"{e} (the exported graph has {dims.num_heads} heads with top-{dims.head_topk} each)") from None
 
 
-def open_backend(directory: Path, manifest: dict, backend: str, **options):
-    dims = manifest_dims(manifest)
+def open_backend(directory: Path, manifest: Manifest, backend: str, **options):
     if backend == "ort":
         from .backends.ort import OrtBackend
 
-        return OrtBackend(directory, manifest, dims, **options)
+        return OrtBackend(directory, manifest, **options)
     if backend == "trt":
         from .backends.trt import TrtBackend
 
-        return TrtBackend(directory, manifest, dims, **options)
+        return TrtBackend(directory, manifest, **options)
     if backend == "torch":
         from medusa_export.exporter.artifact_reference import torch_backend_for_artifact
 

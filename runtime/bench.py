@@ -1,6 +1,7 @@
 """Benchmark vanilla vs Medusa decoding per backend on a prompt set (``medusa-export bench``).
 
-    report = run_bench(artifact_dir, ["ort"], prompts, max_new_tokens=128, with_hf=True)
+    report = run_bench(artifact_dir, ["ort"], prompts, max_new_tokens=128)
+    report = run_bench(artifact_dir, ["ort"], prompts, baseline=hf_generate_bench)   # + the transformers row
 
 Per row: tokens/s over the whole set (new tokens / wall time, prefill included), mean accepted tokens per
 step, step latency p50/p90, median prefill, and whether every output equals vanilla on that backend.
@@ -16,6 +17,7 @@ import numpy as np
 
 from .decode import GenerationConfig
 from .generator import GenerationResult
+from .typed_json import to_json
 
 
 def summarize(backend: str, mode: str, results: list[GenerationResult], wall_s: float,
@@ -37,19 +39,20 @@ def summarize(backend: str, mode: str, results: list[GenerationResult], wall_s: 
 
 
 def run_bench(artifact: str | Path, backends: list[str], prompts: list[str], max_new_tokens: int = 128,
-              with_hf: bool = True, tree: str | None = None, threads: int | None = None,
+              baseline: Callable | None = None, tree: str | None = None, threads: int | None = None,
               progress: Callable[[str], None] | None = None,
               measured: Callable[[dict], None] | None = None, model: str | None = None) -> dict:
-    """Vanilla and Medusa rows per backend, then (``with_hf``) the transformers row. ``measured(report)`` is
-    called with the runtime rows before the optional baseline runs, so they are saved whatever happens next.
-    ``model``: the artifact's base model (torch backend and baseline) when this machine does not know it."""
+    """Vanilla and Medusa rows per backend, then the ``baseline`` row (the CLI passes the transformers one:
+    ``exporter.hf_baseline.hf_generate_bench``). ``measured(report)`` is called with the runtime rows before the
+    optional baseline runs, so they are saved whatever happens next. ``model``: the artifact's base model (torch
+    backend and baseline) when this machine does not know it."""
     from tqdm import tqdm
 
     from .api import MedusaRuntime
 
     results: list[dict] = []
     vanilla_tokens: dict[str, list[list[int]]] = {}
-    total = len(backends) * len(prompts) * 2 + (len(prompts) if with_hf else 0)
+    total = len(backends) * len(prompts) * 2 + (len(prompts) if baseline else 0)
     bar = tqdm(total=total, desc="bench", unit="gen", disable=progress is None)
     manifest, used_tree, notes = None, None, []
     for name in backends:
@@ -71,16 +74,13 @@ def run_bench(artifact: str | Path, backends: list[str], prompts: list[str], max
                 results.append(summarize(name, "medusa" if medusa else "vanilla", runs, wall, identical))
                 if medusa:  # same backend, same artifact, same prompts
                     results[-1]["speedup_vs_vanilla"] = round(results[-1]["tokens_per_s"] / results[-2]["tokens_per_s"], 3)
-    report = {"model": manifest["model"]["name"] if manifest else None, "prompts": len(prompts),
+    report = {"model": manifest.model.name if manifest else None, "prompts": len(prompts),
               "max_new_tokens": max_new_tokens, "tree": _tree_record(manifest, tree, used_tree), "results": results,
               "notes": notes}
     if measured is not None:
         measured(report)
-    if with_hf:
-        from medusa_export.exporter.hf_baseline import hf_generate_bench
-
-        row, hf_tokens = hf_generate_bench(manifest, prompts, max_new_tokens, on_prompt=lambda: bar.update(1),
-                                           model=model)
+    if baseline is not None:
+        row, hf_tokens = baseline(manifest, prompts, max_new_tokens, on_prompt=lambda: bar.update(1), model=model)
         ref = vanilla_tokens.get("torch") or next(iter(vanilla_tokens.values()), None)
         row["identical_to_vanilla"] = ref is not None and hf_tokens == ref
         results.append(row)
@@ -88,12 +88,12 @@ def run_bench(artifact: str | Path, backends: list[str], prompts: list[str], max
     return report
 
 
-def _tree_record(manifest: dict | None, spec: str | None, tree) -> dict | None:
+def _tree_record(manifest, spec: str | None, tree) -> dict | None:
     """The tree the Medusa rows ran with: the artifact's, or the ``--tree`` override."""
     if manifest is None:
         return None
     if spec is None or tree is None:
-        return manifest["tree"]
+        return to_json(manifest.tree)
     return {"name": Path(spec).stem if spec.endswith(".json") else spec,
             "medusa_choices": tree.to_json(), "num_nodes": tree.num_nodes}
 

@@ -36,7 +36,10 @@ def compare_backends(generators: dict[str, Generator], prompts: list[str], max_n
             a, b = forced[ref_name], forced[n]
             row[f"{n}_top1_agreement"] = float(np.mean(a.next_ids[:, 0] == b.next_ids[:, 0]))
             same = a.next_ids[:, 0] == b.next_ids[:, 0]
-            row[f"{n}_max_prob_error"] = float(np.abs(a.next_probs[same, 0] - b.next_probs[same, 0]).max())
+            # Where the top-1 differs the probabilities are of different tokens; with no agreeing position at all
+            # the error is unbounded (and the top-1 agreement of 0 says why).
+            row[f"{n}_max_prob_error"] = (float(np.abs(a.next_probs[same, 0] - b.next_probs[same, 0]).max())
+                                          if same.any() else float("inf"))
         rows.append(row)
     summary = {"reference": ref_name, "prompts": len(prompts), "max_new_tokens": max_new_tokens,
                "prob_tolerance": prob_tolerance}

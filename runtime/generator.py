@@ -16,8 +16,8 @@ from typing import Iterator
 
 from .backends.base import Backend
 from .decode import DecodeStats, GenerationConfig, decode
-from .detokenize import IncrementalDetokenizer
 from .errors import InputError, TreeError
+from .text_output import StreamEvent, TextOutput
 from .tokenizer import ChatTokenizer
 from .tree import Tree
 
@@ -45,12 +45,6 @@ class GenerationResult:
                 "finish_reason", "backend", "medusa", "prompt_tokens", "prefill_ms")
         d = asdict(self)
         return {k: d[k] for k in keys}
-
-
-@dataclass
-class StreamEvent:
-    text: str  # new text since the previous event
-    token_ids: list[int]  # tokens accepted in this step
 
 
 class Stream:
@@ -111,89 +105,38 @@ class Generator:
     def _events(self, ids: list[int], cfg: GenerationConfig, stream: Stream) -> Iterator[StreamEvent]:
         stats = DecodeStats()
         tree = self.tree if cfg.medusa else None  # `stream` refused Medusa without a tree
-        eos = set() if cfg.ignore_eos else set(self.tokenizer.eos_token_ids)
-        detok = IncrementalDetokenizer(self.tokenizer.decode)
-        tail_len = max((len(s) for s in cfg.stop_strings), default=1) - 1
-        new: list[int] = []
-        shown: list[str] = []
-        pending = ""  # decoded text not shown yet (it may begin a stop string)
-        finish = None
+        out = TextOutput(self.tokenizer, cfg)
         t0 = time.perf_counter()
         try:
             with self.backend.new_session() as session:
                 for chunk in decode(session, ids, tree, cfg, stats):
-                    kept = []
-                    for tok in chunk:
-                        if tok in eos:
-                            finish = "stop"
-                            break
-                        kept.append(tok)
-                        if len(new) + len(kept) >= cfg.max_new_tokens:
-                            finish = "length"
-                            break
-                    new += kept
-                    pending += detok.push(kept) + (detok.flush() if finish else "")
-                    cut = _find_stop(_tail(shown, tail_len), pending, cfg.stop_strings)
-                    if cut is not None:
-                        pending, finish = pending[:cut], "stop"
-                    visible = pending if finish else _safe_prefix(pending, cfg.stop_strings)
-                    if visible or kept:
-                        shown.append(visible)
-                        pending = pending[len(visible):]
-                        yield StreamEvent(visible, kept)
-                    if finish:
+                    event = out.push(chunk)
+                    if event is not None:
+                        yield event
+                    if out.finish:
                         break
                 else:
-                    finish = stats.finish_reason or "length"
+                    out.finish = stats.finish_reason or "length"
         finally:  # also when the consumer stops early (closes the stream): the result says "abort"
-            stream.result = self._result(shown, new, stats, finish or "abort", tree, len(ids), t0)
+            stream.result = result_of(out, stats, out.finish or "abort", self.backend.name, tree, len(ids), t0)
 
-    def _result(self, shown: list[str], new: list[int], stats: DecodeStats, finish: str, tree: Tree | None,
-                prompt_tokens: int, t0: float) -> GenerationResult:
-        elapsed = time.perf_counter() - t0
-        return GenerationResult(
-            text="".join(shown),
-            token_ids=new,
-            new_tokens=len(new),
-            steps=stats.steps,
-            mean_accepted=round(stats.mean_accepted, 4),
-            tokens_per_s=round(len(new) / elapsed, 3) if elapsed > 0 else 0.0,
-            finish_reason=finish,
-            backend=self.backend.name,
-            medusa=tree is not None,
-            prompt_tokens=prompt_tokens,
-            prefill_ms=round(stats.prefill_s * 1e3, 3),
-            step_ms=[round(s * 1e3, 3) for s in stats.step_s],
-            step_tokens=stats.step_tokens,
-            step_accepted=list(stats.accepted),
-            draft_depth=tree.max_depth if tree is not None else 0,
-        )
-
-
-def _tail(pieces: list[str], n: int) -> str:
-    """The last ``n`` characters of the text shown so far (only the last few pieces are read)."""
-    out = ""
-    for piece in reversed(pieces):
-        if len(out) >= n:
-            break
-        out = piece + out
-    return out[-n:] if n else ""
-
-
-def _find_stop(shown_tail: str, pending: str, stops: tuple[str, ...]) -> int | None:
-    """Where in ``pending`` the text must be cut for the earliest stop string, which may begin in the
-    already-shown tail (then at 0); None when there is none."""
-    text = shown_tail + pending
-    hits = [i for s in stops if s for i in [text.find(s)] if i >= 0]
-    return max(0, min(hits) - len(shown_tail)) if hits else None
-
-
-def _safe_prefix(text: str, stops: tuple[str, ...]) -> str:
-    """Hold back any tail that could begin a stop string (unfinished characters are held by the detokenizer)."""
-    end = len(text)
-    for s in stops:
-        for k in range(min(len(s) - 1, end), 0, -1):
-            if text[end - k:end] == s[:k]:
-                end -= k
-                break
-    return text[:end]
+def result_of(out: TextOutput, stats: DecodeStats, finish: str, backend: str, tree: Tree | None, prompt_tokens: int,
+              t0: float) -> GenerationResult:
+    elapsed = time.perf_counter() - t0
+    return GenerationResult(
+        text=out.text,
+        token_ids=list(out.new),
+        new_tokens=len(out.new),
+        steps=stats.steps,
+        mean_accepted=round(stats.mean_accepted, 4),
+        tokens_per_s=round(len(out.new) / elapsed, 3) if elapsed > 0 else 0.0,
+        finish_reason=finish,
+        backend=backend,
+        medusa=tree is not None,
+        prompt_tokens=prompt_tokens,
+        prefill_ms=round(stats.prefill_s * 1e3, 3),
+        step_ms=[round(s * 1e3, 3) for s in stats.step_s],
+        step_tokens=stats.step_tokens,
+        step_accepted=list(stats.accepted),
+        draft_depth=tree.max_depth if tree is not None else 0,
+    )

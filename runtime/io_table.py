@@ -24,7 +24,14 @@ BATCH, SEQ, PAST, TOTAL = "batch_size", "sequence_length", "past_sequence_length
 CAPACITY = "max_sequence_length"  # a KV buffer's full length (shared-buffer graphs)
 # Graphs that verify a tree per path (runtime/tree_paths.py): rows per path, paths, and the KV heads of all paths.
 PATH_DEPTH, NUM_PATHS, PATH_KV_HEADS = "path_depth", "num_paths", "path_kv_heads"
-SYMBOLIC = (BATCH, SEQ, PAST, TOTAL, CAPACITY, PATH_DEPTH, NUM_PATHS, PATH_KV_HEADS)
+# The lanes graph (several sequences per step, `runtime/backends/ort_lanes.py`): all lanes' rows, and per lane b
+# its own sizes, named f"lane{b}_..." (symbolic too).
+ROWS, LANE_OFFSETS = "rows", "lanes_plus_one"
+SYMBOLIC = (BATCH, SEQ, PAST, TOTAL, CAPACITY, PATH_DEPTH, NUM_PATHS, PATH_KV_HEADS, ROWS, LANE_OFFSETS)
+
+
+def is_symbolic(axis) -> bool:
+    return axis in SYMBOLIC or (isinstance(axis, str) and axis.startswith("lane"))
 
 # KV cache layouts. Sequence-major (the portable graph, every backend): the past is a prefix view of the buffer
 # and ``present.*`` holds only the T new rows. Head-major shared (the fused ONNX Runtime graph): past and
@@ -57,7 +64,7 @@ class Tensor:
     def fixed_sizes(self, dims) -> dict[int, int]:
         """``{axis index: size}`` of the axes that are not symbolic (literal sizes and `ModelDims` fields)."""
         return {i: a if isinstance(a, int) else int(getattr(dims, a))
-                for i, a in enumerate(self.axes) if a not in SYMBOLIC}
+                for i, a in enumerate(self.axes) if not is_symbolic(a)}
 
 
 def model_dtype_of(name: str) -> np.dtype:
@@ -120,6 +127,38 @@ def outputs(num_layers: int, medusa: bool, kv_layout: str = SEQUENCE_MAJOR, path
     for i in range(num_layers):
         for kind in ("key", "value"):
             table.append(Tensor(f"present.{i}.{kind}", "float", _kv_axes(kv_layout, True, paths)))
+    return table
+
+
+def lane_kv_names(num_layers: int, lane: int, prefix: str) -> list[str]:
+    return [f"{prefix}.{i}.{lane}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
+
+
+def lanes_inputs(num_layers: int, lanes: int) -> list[Tensor]:
+    """The lanes graph: the rows of every lane back to back (lane b's rows are ``lane_rows[b]:lane_rows[b + 1]``),
+    and per lane the exact inputs a one-sequence step gives GroupQueryAttention: positions and additive bias of its
+    rows plus the extra row (`runtime.lanes.padded_bias`), and its own head-major KV buffers."""
+    table = [Tensor("input_ids", "int64", (BATCH, ROWS)), Tensor("lane_rows", "int64", (LANE_OFFSETS,)),
+             Tensor("row_temperature", "float32", (BATCH, ROWS))]
+    for b in range(lanes):
+        rows, total, capacity = f"lane{b}_rows", f"lane{b}_total", f"lane{b}_capacity"
+        table += [Tensor(f"position_ids.{b}", "int64", (BATCH, rows)),
+                  Tensor(f"attention_bias.{b}", "float", (BATCH, 1, rows, total))]
+        table += [Tensor(name, "float", (BATCH, "num_kv_heads", capacity, "head_dim"))
+                  for name in lane_kv_names(num_layers, b, "past_key_values")]
+    return table
+
+
+def lanes_reduced_outputs() -> list[Tensor]:
+    """What a lane step returns per row: the base model's top-S and their probabilities, and the entropy."""
+    return [t for t in reduced_outputs(False) if t.name != "input_token_probs"]
+
+
+def lanes_outputs(num_layers: int, lanes: int) -> list[Tensor]:
+    table = [Tensor(t.name, t.dtype, (BATCH, ROWS, *t.axes[2:]), t.field) for t in lanes_reduced_outputs()]
+    for b in range(lanes):
+        table += [Tensor(name, "float", (BATCH, "num_kv_heads", f"lane{b}_capacity", "head_dim"))
+                  for name in lane_kv_names(num_layers, b, "present")]
     return table
 
 

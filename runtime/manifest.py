@@ -1,11 +1,15 @@
-"""The artifact manifest: a versioned JSON that tells the runtime everything about an artifact directory.
+"""The artifact spec: `Manifest`, the typed form of an artifact's ``manifest.json``, checked once when read.
 
-    manifest = read_manifest("artifacts/smollm2")     # checks format, version, paths and file sizes
-    manifest = read_manifest(d, check_hashes=True)    # ... and every file's sha256 (what `verify` does)
-    dims = manifest_dims(manifest)
-    path = artifact_file(d, manifest["graphs"]["medusa"]["file"])   # a path inside the artifact, or ArtifactError
+    manifest = Manifest.read("artifacts/smollm2")                  # format, version, every field, paths, sizes
+    manifest = Manifest.read(d, check_hashes=True)                 # ... and every file's sha256 (`verify`)
+    manifest.dims.num_layers, manifest.graphs["medusa"].paths, manifest.tree.medusa_choices
+    path = artifact_file(d, manifest.graphs["medusa"].file)       # a path inside the artifact, or ArtifactError
+    manifest.write(d)                                              # atomically (build and the engine builder)
 
-Every file the manifest names is relative to the artifact directory and must stay inside it: absolute
+Build (`exporter/build.py`) and the engine builder (`engines/builder.py`) write it; everything else reads these
+dataclasses, never the JSON. A manifest of another format version is refused with the version that wrote it;
+a field of the wrong type or value is refused with its dotted path (``graphs.medusa.paths must be an integer,
+not a string``). Every file it names is relative to the artifact directory and must stay inside it: absolute
 names, ``..`` and symlinks that lead out are refused before anything is opened.
 
 Layout of an artifact directory::
@@ -18,21 +22,339 @@ Layout of an artifact directory::
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import re
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import Any, Literal
 
-from . import io_table
+from . import __version__, io_table
 from .backends.base import ModelDims
 from .errors import ArtifactError
+from .typed_json import FieldError, parse, to_json
 
 FORMAT = "medusa-export-artifact"
-FORMAT_VERSION = 2  # 2: kv_layout / graph_format name the graphs' kind (version 1 artifacts: portable graphs)
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3  # 3: the typed spec (every field checked; graph_format, kv_layout and weights required)
 MANIFEST = "manifest.json"
 PORTABLE, ONNXRUNTIME = "portable", "onnxruntime"  # graph formats: standard ops (ORT + TensorRT) / fused (ORT only)
-WEIGHTS = ("fp32", "fp16", "int8", "int4")  # manifest["weights"] (`build --dtype`)
+GRAPH_FORMATS = (ONNXRUNTIME, PORTABLE)
+WEIGHTS = ("fp32", "fp16", "int8", "int4")  # `build --dtype`
 QUANTIZED_WEIGHTS = ("int8", "int4")  # MatMulNBits weights: fp32 activations and KV cache, ONNX Runtime only
+GRAPH_KINDS = ("medusa", "vanilla", "lanes")  # lanes: several sequences per step (continuous batching)
+_KV_LAYOUT_OF = {ONNXRUNTIME: io_table.HEAD_MAJOR_SHARED, PORTABLE: io_table.SEQUENCE_MAJOR}
+_DTYPE_OF = {"fp32": "float32", "fp16": "float16", "int8": "float32", "int4": "float32"}  # graph / KV dtype
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def _positive(obj: Any, *names: str, minimum: int = 1) -> None:
+    for name in names:
+        if getattr(obj, name) < minimum:
+            raise FieldError(name, f"must be at least {minimum}, not {getattr(obj, name)}")
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    sha256: str
+    bytes: int
+
+    def __post_init__(self) -> None:
+        if not _SHA256.fullmatch(self.sha256):
+            raise FieldError("sha256", "must be 64 lowercase hex digits")
+        _positive(self, "bytes", minimum=0)
+
+
+@dataclass(frozen=True)
+class ExporterRecord:
+    """The versions that exported the graphs."""
+
+    torch: str
+    transformers: str
+    onnx: str
+    opset: int
+    python: str
+
+
+@dataclass(frozen=True)
+class ModelRecord:
+    """The base model by name and content (never a machine path): ``source`` is "default" or the file's name."""
+
+    name: str
+    source: str
+    sha256_16: str  # fingerprint `locate_model` finds the model by
+    sha256: str | None
+    model_type: str
+    hidden_size: int
+    num_layers: int
+    vocab_size: int
+
+
+@dataclass(frozen=True)
+class HeadsRecord:
+    num_heads: int
+    num_layers: int
+    layout: Literal["shared", "own"]
+    trained: bool
+    source: str | None  # "shipped/<name>", "model" (a Medusa-2 directory), a directory's name, or None (fresh)
+    sha256: str | None
+    directory: str | None  # the heads' files inside the artifact (for the PyTorch reference)
+
+
+@dataclass(frozen=True)
+class TreeRecord:
+    name: str
+    medusa_choices: list[list[int]]
+    num_nodes: int  # with the root
+
+    def __post_init__(self) -> None:
+        if self.num_nodes != len(self.medusa_choices) + 1:
+            raise FieldError("num_nodes", f"must be len(medusa_choices) + 1 = {len(self.medusa_choices) + 1}, "
+                             f"not {self.num_nodes}")
+
+
+@dataclass(frozen=True)
+class TensorRecord:
+    name: str
+    dtype: str
+    axes: list[str | int]
+
+
+@dataclass(frozen=True)
+class CleanupRecord:
+    tool: str
+    nodes_before: int
+    nodes_after: int
+
+
+@dataclass(frozen=True)
+class QuantizationRecord:
+    """The recipe `exporter/quantize.py` applied."""
+
+    name: Literal["int8", "int4"]
+    method: str
+    bits: int
+    block_size: int
+    symmetric: bool
+    accuracy_level: int
+    min_rows: int  # rows every quantized matmul sees at least (2: a one-token step carries one extra row)
+    tool: str
+    matmuls_quantized: int
+    matmuls_left_fp: int
+
+
+@dataclass(frozen=True)
+class GraphRecord:
+    file: str
+    inputs: list[TensorRecord]
+    outputs: list[TensorRecord]
+    paths: int = 1  # root-to-leaf paths the graph verifies exactly, one attention group each (fused graphs)
+    lanes: int = 0  # sequences one step of the lanes graph takes (0: a one-sequence graph)
+    cleanup: CleanupRecord | None = None
+    quantization: QuantizationRecord | None = None
+
+    def __post_init__(self) -> None:
+        _positive(self, "paths")
+        _positive(self, "lanes", minimum=0)
+
+
+@dataclass(frozen=True)
+class QualityRecord:
+    """A quantized graph against the fp32 model on real text (`runtime.quality`)."""
+
+    prompts: int
+    positions: int
+    max_new_tokens: int
+    top1_agreement: float
+    perplexity_reference: float
+    perplexity: float
+    perplexity_change: float
+    bar: float
+    passes: bool
+
+
+@dataclass(frozen=True)
+class ProfileRecord:
+    name: str
+    seq: tuple[int, int, int]  # new tokens: min, opt, max
+    past: tuple[int, int, int]
+    total: tuple[int, int, int]
+
+
+@dataclass(frozen=True)
+class BuilderFlags:
+    set: list[str]
+    clear: list[str]
+
+
+@dataclass(frozen=True)
+class EngineRecord:
+    """A TensorRT plan and what it runs on (checked by `backends/trt_compat.py` before loading)."""
+
+    file: str
+    onnx: str
+    tensorrt_version: str
+    gpu_name: str
+    compute_capability: str
+    cuda_runtime: str | None
+    precision: str
+    strongly_typed: bool
+    builder_flags: BuilderFlags
+    profiles: list[ProfileRecord]
+    workspace_bytes: int | None
+    timing_cache: str  # a file name only: the cache stays on the machine that built
+    build_s: float
+
+
+@dataclass(frozen=True)
+class Manifest:
+    format: str
+    format_version: int
+    package_version: str
+    exporter: ExporterRecord
+    model: ModelRecord
+    heads: HeadsRecord
+    dims: ModelDims
+    max_seq: int
+    tree: TreeRecord
+    graph_format: Literal["onnxruntime", "portable"]
+    kv_layout: Literal["sequence-major", "head-major-shared"]
+    weights: Literal["fp32", "fp16", "int8", "int4"]
+    graphs: dict[str, GraphRecord]
+    validation: dict[str, dict[str, Any]]  # per graph: the errors measured against PyTorch (a report)
+    files: dict[str, FileRecord]
+    engines: dict[str, EngineRecord] = field(default_factory=dict)
+    quality: QualityRecord | None = None
+
+    def __post_init__(self) -> None:
+        _positive(self, "max_seq", minimum=16)
+        if self.kv_layout != _KV_LAYOUT_OF[self.graph_format]:
+            raise FieldError("kv_layout", f"must be {_KV_LAYOUT_OF[self.graph_format]!r} for {self.graph_format} graphs")
+        if self.dims.dtype != _DTYPE_OF[self.weights]:
+            raise FieldError("dims.dtype", f"must be {_DTYPE_OF[self.weights]!r} for {self.weights} weights")
+        expected = {"vanilla"} | ({"medusa"} if self.dims.num_heads else set())
+        if set(self.graphs) - {"lanes"} != expected:
+            raise FieldError("graphs", f"must hold the graphs {sorted(expected)} (and lanes), not {sorted(self.graphs)}")
+        if "lanes" in self.graphs and (self.graphs["lanes"].lanes < 2 or self.graph_format != ONNXRUNTIME):
+            raise FieldError("graphs.lanes.lanes", "must be at least 2, in a fused (onnxruntime) artifact")
+        if any(g.lanes for kind, g in self.graphs.items() if kind != "lanes"):
+            raise FieldError("graphs", "only the lanes graph has lanes")
+        for kind, graph in self.graphs.items():
+            if graph.paths > 1 and (kind != "medusa" or self.graph_format != ONNXRUNTIME):
+                raise FieldError(f"graphs.{kind}.paths", "can exceed 1 only for the fused medusa graph")
+            if (graph.quantization is not None) != (self.weights in QUANTIZED_WEIGHTS):
+                raise FieldError(f"graphs.{kind}.quantization", f"must be {'set' if self.quantized else 'null'} "
+                                 f"for {self.weights} weights")
+        if self.heads.num_heads != self.dims.num_heads:
+            raise FieldError("heads.num_heads", f"must equal dims.num_heads ({self.dims.num_heads})")
+        if (self.model.num_layers, self.model.vocab_size) != (self.dims.num_layers, self.dims.vocab_size):
+            raise FieldError("model", "num_layers and vocab_size must equal those of dims")
+        if self.engines and self.graph_format != PORTABLE:
+            raise FieldError("engines", "TensorRT engines need portable graphs")
+        for kind in self.engines:
+            if kind not in self.graphs:
+                raise FieldError(f"engines.{kind}", "names no graph of this artifact")
+
+    @property
+    def quantized(self) -> bool:
+        return self.weights in QUANTIZED_WEIGHTS
+
+    @property
+    def has_heads(self) -> bool:
+        return self.dims.num_heads > 0
+
+    @property
+    def lanes(self) -> int:
+        """Sequences one batched step takes (0: no lanes graph; sequences then take turns)."""
+        return self.graphs["lanes"].lanes if "lanes" in self.graphs else 0
+
+    def named_files(self) -> list[str]:
+        """Every path the manifest names: the file records, graphs, engines and the heads directory."""
+        names = list(self.files) + [g.file for g in self.graphs.values()]
+        names += [n for e in self.engines.values() for n in (e.file, e.onnx)]
+        return names + ([self.heads.directory] if self.heads.directory is not None else [])
+
+    def replace(self, **changes) -> "Manifest":
+        return dataclasses.replace(self, **changes)
+
+    def to_json(self) -> dict:
+        return to_json(self)
+
+    @classmethod
+    def from_json(cls, data: Any, source: str = MANIFEST) -> "Manifest":
+        """Check the format and version first (their message names the version that wrote it), then every field."""
+        if not isinstance(data, dict):
+            raise ArtifactError(f"{source} must hold a JSON object, not {type(data).__name__}: rebuild the artifact "
+                                f"with `medusa-export build`")
+        if data.get("format") != FORMAT:
+            raise ArtifactError(f"{source} is not a medusa-export manifest (format {data.get('format')!r:.40}): "
+                                f"rebuild the artifact with `medusa-export build`")
+        version, writer = data.get("format_version"), data.get("package_version")
+        if version != FORMAT_VERSION:
+            other = f", or load it with medusa-export {writer!s:.20}" if writer != __version__ else ""
+            raise ArtifactError(
+                f"{source} is artifact format version {version!r:.20}, written by medusa-export {writer!s:.20}; this "
+                f"medusa-export {__version__} reads version {FORMAT_VERSION}: rebuild the artifact with this version "
+                f"(`medusa-export build`){other}")
+        try:
+            return parse(cls, data)
+        except FieldError as e:
+            raise ArtifactError(f"{source}: field {e.path or '(top level)'} {e.problem}: rebuild the artifact with "
+                                f"`medusa-export build`") from None
+
+    @classmethod
+    def read(cls, directory: str | Path, check_hashes: bool = False) -> "Manifest":
+        """Read and check the manifest: format, version, every field, every named path inside the artifact, every
+        listed file present with its recorded size (and its sha256 when ``check_hashes``)."""
+        directory = Path(directory)
+        path = directory / MANIFEST
+        if not directory.is_dir():
+            raise ArtifactError(f"artifact directory {directory} does not exist: run `medusa-export build --out {directory}`")
+        if not path.is_file():
+            raise ArtifactError(f"{directory} has no {MANIFEST}: not a complete artifact, rebuild it with `medusa-export build`")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+            why = f"{e.msg}, line {e.lineno}" if isinstance(e, json.JSONDecodeError) else type(e).__name__
+            raise ArtifactError(f"{path} is corrupt ({why}): rebuild the artifact") from None
+        manifest = cls.from_json(data, str(path))
+        for name in manifest.named_files():  # all of them before any file is opened
+            artifact_file(directory, name)
+        for name, rec in manifest.files.items():
+            f = directory / name
+            if not f.is_file():
+                raise ArtifactError(f"artifact file {f} is missing: rebuild the artifact")
+            if f.stat().st_size != rec.bytes:
+                raise ArtifactError(f"artifact file {f} has {f.stat().st_size} bytes, the manifest says {rec.bytes}: "
+                                    f"it is truncated or replaced, rebuild the artifact")
+            if check_hashes and sha256_file(f) != rec.sha256:
+                raise ArtifactError(f"artifact file {f} does not match its sha256 in the manifest: it is corrupt, "
+                                    f"rebuild the artifact")
+        for kind, graph in manifest.graphs.items():
+            if graph.file not in manifest.files:
+                raise ArtifactError(f"{path}: field graphs.{kind}.file names {graph.file!r}, which files does not "
+                                    f"list: rebuild the artifact")
+        return manifest
+
+    def write(self, directory: str | Path) -> Path:
+        """Write ``manifest.json`` atomically (a reader never sees half of it)."""
+        out = Path(directory) / MANIFEST
+        tmp = out.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.to_json(), indent=2) + "\n")
+        tmp.replace(out)
+        return out
+
+
+def listed_files(directory: str | Path) -> set[str] | None:
+    """The files an artifact directory's manifest lists (with ``manifest.json``) — of any format version, so that
+    `build --out` can replace an artifact an older medusa-export wrote; None when there is no manifest of ours."""
+    try:
+        data = json.loads((Path(directory) / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return None
+    if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("files", {}), dict):
+        return None
+    return {str(name) for name in data.get("files", {})} | {MANIFEST}
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -43,16 +365,17 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def file_record(path: Path) -> dict:
-    return {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+def file_record(path: Path) -> FileRecord:
+    return FileRecord(sha256_file(path), path.stat().st_size)
 
 
-def write_manifest(directory: Path, manifest: dict) -> Path:
-    out = directory / MANIFEST
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    tmp.replace(out)
-    return out
+def graph_dtype(weights: str) -> str:
+    """The graphs' float dtype (and the KV cache's) for a `build --dtype`."""
+    return _DTYPE_OF[weights]
+
+
+def kv_layout_of(graph_format: str) -> str:
+    return _KV_LAYOUT_OF[graph_format]
 
 
 def artifact_file(directory: str | Path, name: object) -> Path:
@@ -71,68 +394,3 @@ def artifact_file(directory: str | Path, name: object) -> Path:
         raise ArtifactError(f"artifact file {path} leads outside {directory} (a symlink): refusing to read it; "
                             f"rebuild the artifact with `medusa-export build`")
     return path
-
-
-def _named_files(manifest: dict) -> list:
-    """Every path the manifest names: the file records, graphs, engines and the heads directory."""
-    names = list(manifest.get("files", {}))
-    names += [g.get("file") for g in manifest.get("graphs", {}).values()]
-    names += [e.get(k) for e in (manifest.get("engines") or {}).values() for k in ("file", "onnx") if k in e]
-    if manifest.get("heads", {}).get("directory") is not None:
-        names.append(manifest["heads"]["directory"])
-    return names
-
-
-def read_manifest(directory: str | Path, check_hashes: bool = False) -> dict:
-    """Read and check the manifest: format, version, every named path inside the artifact, every listed
-    file present with its recorded size (and its sha256 when ``check_hashes``)."""
-    directory = Path(directory)
-    path = directory / MANIFEST
-    if not directory.is_dir():
-        raise ArtifactError(f"artifact directory {directory} does not exist: run `medusa-export build --out {directory}`")
-    if not path.exists():
-        raise ArtifactError(f"{directory} has no {MANIFEST}: not a complete artifact, rebuild it with `medusa-export build`")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ArtifactError(f"{path} is corrupt ({e.msg}, line {e.lineno}): rebuild the artifact") from None
-    if manifest.get("format") != FORMAT:
-        raise ArtifactError(f"{path} is not a medusa-export manifest (format {manifest.get('format')!r}): rebuild the artifact")
-    version = manifest.get("format_version")
-    if version not in READABLE_VERSIONS:
-        raise ArtifactError(
-            f"{path} has manifest version {version}, this runtime reads version {FORMAT_VERSION}: "
-            f"rebuild the artifact with this medusa-export ({manifest.get('package_version', '?')} built it)"
-        )
-    for name in _named_files(manifest):  # all of them before any file is opened
-        artifact_file(directory, name)
-    for name, rec in manifest.get("files", {}).items():
-        f = directory / name
-        if not f.exists():
-            raise ArtifactError(f"artifact file {f} is missing: rebuild the artifact")
-        if f.stat().st_size != rec["bytes"]:
-            raise ArtifactError(f"artifact file {f} has {f.stat().st_size} bytes, the manifest says {rec['bytes']}: "
-                                f"it is truncated or replaced, rebuild the artifact")
-        if check_hashes and sha256_file(f) != rec["sha256"]:
-            raise ArtifactError(f"artifact file {f} does not match its sha256 in the manifest: it is corrupt, rebuild the artifact")
-    return manifest
-
-
-def manifest_dims(manifest: dict) -> ModelDims:
-    return ModelDims(**manifest["dims"])
-
-
-def kv_layout(manifest: dict) -> str:
-    """The graphs' KV layout (``io_table.KV_LAYOUTS``); version 1 artifacts are sequence-major."""
-    layout = manifest.get("kv_layout", io_table.SEQUENCE_MAJOR)
-    return layout if layout in io_table.KV_LAYOUTS else io_table.SEQUENCE_MAJOR
-
-
-def graph_format(manifest: dict) -> str:
-    return manifest.get("graph_format", PORTABLE)
-
-
-def graph_paths(manifest: dict, kind: str) -> int | None:
-    """Root-to-leaf paths a fused graph verifies exactly (runtime/tree_paths.py); None: a masked tree step
-    (portable graphs, and fused graphs built before per-path verification)."""
-    return manifest["graphs"][kind].get("paths")

@@ -1,6 +1,12 @@
-"""Prompt files: JSON Lines with a "prompt" field per line (extra fields ignored).
+"""Prompt files: JSON Lines with a "prompt" field per line (extra fields ignored), and the packaged prompt set.
 
-    prompts = read_prompts("../shared/data/mt_bench.jsonl", limit=10)
+    prompts = read_prompts("question.jsonl", limit=10)     # a file the user passes
+    prompts = read_prompts(None, limit=8)                  # the packaged set (PACKAGED_PROMPTS)
+
+The packaged set (``runtime/data/prompts.jsonl``: 40 prompts written for this project, across writing, reasoning,
+math, coding, extraction, knowledge and role-play) is what `bench`, `verify`, `calibrate-tree` and the quantized
+build's quality check use when no file is given, so every command runs from the package alone. MT-Bench, the
+reporting set, is a file the user passes (FastChat publishes it as ``question.jsonl``; see docs/results.md).
 """
 
 from __future__ import annotations
@@ -10,26 +16,44 @@ from pathlib import Path
 
 from .errors import InputError
 
+PACKAGED_PROMPTS = Path(__file__).resolve().parent / "data" / "prompts.jsonl"
 
-def read_prompts(path: str | Path, limit: int | None = None) -> list[str]:
-    """Non-empty prompts in file order; an `InputError` names the first bad line."""
-    path = Path(path)
+
+def read_prompts(path: str | Path | None, limit: int | None = None) -> list[str]:
+    """Non-empty prompts in file order (``path`` None: the packaged set); an `InputError` names the first bad
+    line. Rows may give the prompt as ``"prompt"`` or, as MT-Bench's ``question.jsonl`` does, as the first of
+    ``"turns"``."""
+    path = Path(path) if path is not None else PACKAGED_PROMPTS
     if not path.is_file():
         raise InputError(f"prompts file {path} does not exist: pass a .jsonl file with one {{\"prompt\": ...}} per line")
     prompts = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path} is not UTF-8 text ({e.reason}): pass a JSON Lines file") from None
+    for lineno, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InputError(f"{path} line {lineno}: not valid JSON ({e.msg}): fix that line") from None
-        prompt = row.get("prompt") if isinstance(row, dict) else None
+        except (json.JSONDecodeError, RecursionError) as e:
+            raise InputError(f"{path} line {lineno}: not valid JSON ({getattr(e, 'msg', 'nested too deeply')}): "
+                             f"fix that line") from None
+        prompt = _prompt_of(row)
         if not isinstance(prompt, str) or not prompt.strip():
-            raise InputError(f"{path} line {lineno}: needs a non-empty string field \"prompt\"")
+            raise InputError(f"{path} line {lineno}: needs a non-empty string field \"prompt\" (or \"turns\")")
         prompts.append(prompt)
         if limit is not None and len(prompts) >= limit:
             break
     if not prompts:
         raise InputError(f"prompts file {path} has no prompts: add lines like {{\"prompt\": \"...\"}}")
     return prompts
+
+
+def _prompt_of(row: object) -> object:
+    if not isinstance(row, dict):
+        return None
+    if "prompt" in row:
+        return row["prompt"]
+    turns = row.get("turns")
+    return turns[0] if isinstance(turns, list) and turns else None

@@ -1,7 +1,7 @@
 """Quality of a quantized artifact against its full-precision reference, on real text.
 
-    q = quality(reference_generator, quantized_generator, prompts, max_new_tokens=64)
-    q["top1_agreement"], q["perplexity_change"]
+    q = quality(reference_generator, quantized_generator, prompts, max_new_tokens=64)   # a QualityRecord
+    q.top1_agreement, q.perplexity_change, q.passes
 
 For each prompt the reference answers greedily; both then read prompt + answer in one teacher-forced pass.
 ``top1_agreement``: the fraction of answer positions where both predict the same next token.
@@ -18,12 +18,14 @@ import numpy as np
 
 from .compare import teacher_forced
 from .decode import GenerationConfig
+from .errors import InputError
 from .generator import Generator
+from .manifest import QualityRecord
 
 TOP1_BAR = 0.98  # teacher-forced top-1 agreement a quantized artifact needs with its fp32 reference
 
 
-def quality(reference: Generator, candidate: Generator, prompts: list[str], max_new_tokens: int = 64) -> dict:
+def quality(reference: Generator, candidate: Generator, prompts: list[str], max_new_tokens: int = 64) -> QualityRecord:
     agree = total = 0
     nll = {"reference": 0.0, "candidate": 0.0}
     for prompt in prompts:
@@ -40,10 +42,11 @@ def quality(reference: Generator, candidate: Generator, prompts: list[str], max_
             p = out.input_probs[rows, rows + 1].astype(np.float64)  # p_i(token i + 1)
             nll[name] -= float(np.log(np.maximum(p, 1e-30)).sum())
     if not total:
-        return {"prompts": len(prompts), "positions": 0}
+        raise InputError(f"the reference answered none of the {len(prompts)} quality prompts with a token: pass "
+                         f"other prompts")
     ppl = {k: math.exp(v / total) for k, v in nll.items()}
-    return {"prompts": len(prompts), "positions": total, "max_new_tokens": max_new_tokens,
-            "top1_agreement": round(agree / total, 4), "perplexity_reference": round(ppl["reference"], 4),
-            "perplexity": round(ppl["candidate"], 4),
-            "perplexity_change": round(ppl["candidate"] / ppl["reference"] - 1, 4), "bar": TOP1_BAR,
-            "passes": agree / total >= TOP1_BAR}
+    return QualityRecord(prompts=len(prompts), positions=total, max_new_tokens=max_new_tokens,
+                         top1_agreement=round(agree / total, 4), perplexity_reference=round(ppl["reference"], 4),
+                         perplexity=round(ppl["candidate"], 4),
+                         perplexity_change=round(ppl["candidate"] / ppl["reference"] - 1, 4), bar=TOP1_BAR,
+                         passes=agree / total >= TOP1_BAR)

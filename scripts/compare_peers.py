@@ -52,7 +52,7 @@ def _summary(name: str, runs: list[dict], reference: list[list[int]] | None) -> 
 def run_ours(artifact: Path, prompts: list[str], max_new: int, threads: int) -> list[tuple[str, list[dict]]]:
     rows = []
     with MedusaRuntime.load(artifact, backend="ort", threads=threads) as rt:
-        weights = rt.manifest.get("weights", rt.manifest["dtype"])
+        weights = rt.manifest.weights
         rt.generate(prompts[0], max_new_tokens=8)  # warm-up
         for medusa in (False, True):
             runs = []

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The main job on the built-in default model: set up, build the artifact (ONNX, trained heads, calibrated
-# tree), generate with Medusa, and show the speed-up over vanilla decoding on MT-Bench prompts.
+# tree), generate with Medusa, and show the speed-up over vanilla decoding. Needs nothing beside the clone:
+# the bench uses the packaged prompt set unless PROMPTS names a JSONL file (e.g. MT-Bench's question.jsonl).
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 cd "$here"
@@ -11,7 +12,5 @@ bash scripts/setup_env.sh "$venv"
 out=${ARTIFACT:-artifacts/smollm2}
 medusa-export build --out "$out"
 medusa-export generate "$out" --prompt "Give me three tips for writing clear technical documentation." --max-new-tokens 96
-prompts=../shared/data/mt_bench.jsonl
-[ -f "$prompts" ] || prompts=shared/data/mt_bench.jsonl
-medusa-export bench "$out" --prompts "$prompts" --limit "${BENCH_PROMPTS:-8}" --max-new-tokens 128 \
+medusa-export bench "$out" ${PROMPTS:+--prompts "$PROMPTS"} --limit "${BENCH_PROMPTS:-8}" --max-new-tokens 128 \
   --json "$(dirname "$out")/bench.json" --plot "$(dirname "$out")/bench.png"   # beside the artifact, not in it

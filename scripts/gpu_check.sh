@@ -10,7 +10,7 @@
 # Usage (repository root, in an environment where `pip install -e '.[all,tensorrt]'` has been run):
 #     scripts/gpu_check.sh [RESULTS_DIR]                  # default results/gpu-<date>
 # Environment knobs: ARTIFACT (artifacts/gpu), DTYPE (fp32 | fp16), LIMIT (8 prompts), MAX_NEW_TOKENS (128),
-#     PROMPTS (shared/data/mt_bench.jsonl), SKIP_BUILD=1 (reuse ARTIFACT), TORCH_CHECK=1 (also run
+#     PROMPTS (a JSONL; default: the packaged prompt set), SKIP_BUILD=1 (reuse ARTIFACT), TORCH_CHECK=1 (also run
 #     scripts/torch_cuda_check.py), PYTEST=0 (skip the GPU tests).
 # Exit code: 0 when every step passed, 1 when a check failed (see summary.json), 2 when TensorRT/CUDA are missing.
 set -uo pipefail
@@ -20,8 +20,7 @@ art=${ARTIFACT:-artifacts/gpu}
 dtype=${DTYPE:-fp32}
 limit=${LIMIT:-8}
 new_tokens=${MAX_NEW_TOKENS:-128}
-prompts=${PROMPTS:-../shared/data/mt_bench.jsonl}
-[ -f "$prompts" ] || prompts=shared/data/mt_bench.jsonl
+prompts=${PROMPTS:-}   # empty: the packaged prompt set
 mkdir -p "$results"
 
 # 1. Prerequisites and versions (one line and exit 2 when TensorRT or the GPU is missing).
@@ -74,11 +73,11 @@ json.dump({"dtype": m["dtype"], "max_seq": m["max_seq"], "tree": m["tree"]["name
 EOF
 
 # 3. Verify: identical greedy tokens (vanilla and Medusa), top-1 agreement, probability error vs ONNX Runtime.
-step verify verify.log medusa-export verify "$art" --backends ort,trt --prompts "$prompts" --limit "$limit" \
+step verify verify.log medusa-export verify "$art" --backends ort,trt ${prompts:+--prompts "$prompts"} --limit "$limit" \
     --max-new-tokens 64 --json "$results/verify.json"
 
 # 4. Bench: tokens/s, accepted tokens per step, step latency, for ONNX Runtime and TensorRT.
-step bench bench.log medusa-export bench "$art" --backends ort,trt --prompts "$prompts" --limit "$limit" \
+step bench bench.log medusa-export bench "$art" --backends ort,trt ${prompts:+--prompts "$prompts"} --limit "$limit" \
     --max-new-tokens "$new_tokens" --no-hf --json "$results/bench.json"
 
 # 5. The tests that need TensorRT and a GPU (skipped elsewhere), plus the rest of the engine tests.
@@ -88,7 +87,7 @@ fi
 
 # 6. Optional: the PyTorch-on-CUDA reference check.
 if [[ "${TORCH_CHECK:-0}" == 1 ]]; then
-    step torch_cuda torch_cuda.log python scripts/torch_cuda_check.py --prompts "$prompts" --limit "$limit" \
+    step torch_cuda torch_cuda.log python scripts/torch_cuda_check.py ${prompts:+--prompts "$prompts"} --limit "$limit" \
         --out "$results/torch_cuda.json"
 fi
 

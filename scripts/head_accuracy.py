@@ -40,7 +40,7 @@ def main() -> None:
     top1 = acc.marginal[:, 0]
     top5 = acc.marginal[:, :5].sum(axis=1)
     chain = float(np.sum(np.cumprod(acc.conditional[:, 0])))  # expected extra tokens of a chain of top-1s
-    report = {"artifact": a.artifact.name, "heads_sha256": rt.manifest.get("heads", {}).get("sha256"),
+    report = {"artifact": a.artifact.name, "heads_sha256": rt.manifest.heads.sha256,
               "prompts": len(ids), "max_new_tokens": a.max_new_tokens, "positions": acc.positions.tolist(),
               "top1": [round(float(x), 4) for x in top1], "top5": [round(float(x), 4) for x in top5],
               "chain_expected_accepted": round(1 + chain, 4), "decode_s": round(seconds, 1)}

@@ -35,7 +35,7 @@ def main() -> None:
     rows = []
     for n in a.positions:
         out = a.out / f"positions-{n}"
-        cmd = [sys.executable, "-m", "medusa_export.exporter.training.cli_entry", *RECIPE, "--out", str(out),
+        cmd = [sys.executable, "-m", "medusa_export.runtime.cli", "train-heads", *RECIPE, "--out", str(out),
                "--cache-dir", a.cache_dir, "--epochs", str(a.epochs), "--threads", str(a.threads),
                "--max-train-positions", str(n), "--no-progress", *extra]
         subprocess.run(cmd, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})

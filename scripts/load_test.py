@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from medusa_export.runtime.prompts import read_prompts
+
 
 def start_server(artifact: str, workers: int, max_queue: int) -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
@@ -98,10 +100,10 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8])
     ap.add_argument("--requests", type=int, default=16)
     ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--prompts", type=Path, default=Path(__file__).resolve().parents[2] / "shared/data/mt_bench.jsonl")
+    ap.add_argument("--prompts", type=Path, default=None, help="JSONL prompts (default: the packaged set)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
-    prompts = [json.loads(line)["prompt"] for line in args.prompts.read_text().splitlines() if line.strip()]
+    prompts = read_prompts(args.prompts)
     report = {"artifact": args.artifact, "cpus": os.cpu_count(), "max_tokens": args.max_tokens, "rows": []}
     for workers in args.workers:
         proc, base = start_server(args.artifact, workers, max_queue=max(args.concurrency))

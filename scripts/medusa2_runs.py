@@ -4,7 +4,7 @@ and what held-out evaluation says of it (backbone agreement with the original, h
 
     python scripts/medusa2_runs.py models/smollm2-medusa2 scripts/results/default_cpu/medusa2/training_lm5.json
 
-Each argument is a Medusa-2 model directory or a training.json. Prints a markdown table (the README's
+Each argument is a Medusa-2 model directory or a training.json. Prints a markdown table (docs/results.md's
 learning curve and weight sweep are made with it).
 """
 

@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
-# Reproduce the README's results on the default model (2-core CPU, ONNX Runtime): calibrate the tree for the
+# Reproduce the figures of docs/results.md on the default model (2-core CPU, ONNX Runtime): calibrate the tree for the
 # shipped heads, build the artifact (fused fp32 graphs), benchmark on MT-Bench; then the portable graphs and the
 # int8 / int4 artifacts side by side, step latency by tree size and past, streaming cost.
-# Usage: scripts/report_default.sh [RESULTS_DIR]   (run inside an environment from scripts/setup_env.sh)
+# Usage: MT_BENCH=question.jsonl scripts/report_default.sh [RESULTS_DIR]   (inside an environment from scripts/setup_env.sh;
+#        MT_BENCH: FastChat's MT-Bench questions, see docs/results.md)
 #        HEADS_ONLY=1 scripts/report_default.sh ...  stops after step 3 (what new heads change)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1
 res=${1:-scripts/results/default_cpu}
 mkdir -p "$res"
-mt=../shared/data/mt_bench.jsonl
+mt=${MT_BENCH:?set MT_BENCH to the MT-Bench question.jsonl (see docs/results.md)}
 heads=exporter/shipped_heads/smollm2-135m-instruct
 # 1. Calibrate with a provisional artifact, then build with the result. Calibration prompts: the training
 #    set's held-out prompts (never MT-Bench; prompts the heads trained on overstate their accuracy).

@@ -58,7 +58,7 @@ def matmul_share(directory: Path, threads: int, past: int = 256) -> dict:
         opts.enable_profiling = True
         opts.profile_file_prefix = str(Path(tmp) / "prof")
         opts.log_severity_level = 3
-        path = directory / rt.manifest["graphs"]["vanilla"]["file"]
+        path = directory / rt.manifest.graphs["vanilla"].file
         backend.sessions["vanilla"] = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         time_step(backend, 1, past, False, 20)
         trace = json.loads(Path(backend.sessions["vanilla"].end_profiling()).read_text())
@@ -89,9 +89,9 @@ def main() -> None:
     for d in args.artifacts:
         rt = MedusaRuntime.load(d, backend="ort", threads=args.threads)
         b, m = rt.generator.backend, rt.manifest
-        row = {"graph_format": m.get("graph_format", "portable"), "weights": m.get("weights", m["dtype"]),
+        row = {"graph_format": m.graph_format, "weights": m.weights,
                "vanilla_t1_past256_ms": time_step(b, 1, 256, False, args.runs)}
-        if m["max_seq"] > 2010:
+        if m.max_seq > 2010:
             row["vanilla_t1_past2000_ms"] = time_step(b, 1, 2000, False, args.runs)
         row["medusa_ms_by_T_past256"] = {t: time_step(b, t, 256, True, args.runs) for t in (1, 2, 4, 8, 16)}
         rt.close()

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """GPU check without TensorRT: the PyTorch reference backend on CUDA, Medusa vs vanilla, one JSON out.
 
-    python scripts/torch_cuda_check.py --prompts shared/data/mt_bench.jsonl            # CUDA, 8 prompts
-    python scripts/torch_cuda_check.py --prompts shared/data/mt_bench.jsonl --device cpu --limit 2 --max-new-tokens 8
+    python scripts/torch_cuda_check.py                                    # CUDA, 8 packaged prompts
+    python scripts/torch_cuda_check.py --prompts question.jsonl --device cpu --limit 2 --max-new-tokens 8
 
 For the default model (SmolLM2-135M-Instruct + its shipped or fresh heads) and each tree (mc_sim_7b_63,
 cpu_small_10): greedy Medusa must give exactly the greedy vanilla tokens on every prompt (lossless), and the
@@ -56,17 +56,10 @@ def ensure_package() -> None:
         setattr(root, sub, module)
 
 
-def default_prompts() -> Path | None:
-    for base in (Path.cwd(), *Path.cwd().parents, REPO, *REPO.parents):
-        p = base / "shared" / "data" / "mt_bench.jsonl"
-        if p.exists():
-            return p
-    return None
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--prompts", type=Path, default=None, help="JSONL with a \"prompt\" field per line")
+    ap.add_argument("--prompts", type=Path, default=None, help="JSONL with a \"prompt\" field per line "
+                    "(default: the packaged prompt set; MT-Bench: FastChat's question.jsonl)")
     ap.add_argument("--limit", type=int, default=8, help="number of prompts")
     ap.add_argument("--device", default="cuda", help="cuda | cuda:N | cpu")
     ap.add_argument("--max-new-tokens", type=int, default=96)
@@ -84,10 +77,9 @@ def main() -> int:
             m for m in missing if "--no-deps" not in m) + "".join(
             f"\n  and: pip install {m}" for m in missing if "--no-deps" in m), file=sys.stderr)
         return 2
-    prompts_path = args.prompts or default_prompts()
-    if prompts_path is None or not prompts_path.exists():
-        print(f"prompts file not found ({prompts_path or 'shared/data/mt_bench.jsonl'}): pass --prompts FILE.jsonl",
-              file=sys.stderr)
+    prompts_path = args.prompts
+    if prompts_path is not None and not prompts_path.exists():
+        print(f"prompts file not found ({prompts_path}): pass --prompts FILE.jsonl", file=sys.stderr)
         return 2
     ensure_package()
 

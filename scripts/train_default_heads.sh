@@ -18,7 +18,7 @@ CACHE=${CACHE:-work-cache/distill}
 OUT=${OUT:-work-cache/heads-sharegpt}
 mkdir -p work-cache
 
-python -m medusa_export.exporter.training.cli_entry --data sharegpt --out "$OUT" --cache-dir "$CACHE" \
+python -m medusa_export.runtime.cli train-heads --data sharegpt --out "$OUT" --cache-dir "$CACHE" \
     --max-new-tokens 192 --gen-batch-size 128 --threads 2 \
     --num-heads 4 --num-layers 1 --seed 0 --heldout-fraction 0.04 \
     --epochs 1 --lr 3e-3 --batch-size 256 --draft-vocab 8192 --amp auto "$@"

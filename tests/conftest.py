@@ -13,6 +13,7 @@ import importlib.util
 from dataclasses import dataclass
 
 import pytest
+from medusa_export.exporter.build_options import BuildOptions  # noqa: E402
 
 TINY_VOCAB = 320
 # Prompts for the tiny model (token ids); the greedy references of all of them have clear argmax
@@ -239,8 +240,7 @@ def artifact(tiny_dirs, tmp_path_factory):
 
     model_dir, heads_dir = tiny_dirs
     out = tmp_path_factory.mktemp("art") / "tiny"
-    build_artifact(str(model_dir), out, heads=str(heads_dir), tree=artifact_tree_file(tiny_dirs),
-                   max_seq=128, log=lambda _m: None)
+    build_artifact(str(model_dir), out, BuildOptions(heads=str(heads_dir), tree=artifact_tree_file(tiny_dirs), max_seq=128), log=lambda _m: None)
     return out
 
 
@@ -251,8 +251,7 @@ def portable_artifact(tiny_dirs, tmp_path_factory):
 
     model_dir, heads_dir = tiny_dirs
     out = tmp_path_factory.mktemp("art") / "tiny-portable"
-    build_artifact(str(model_dir), out, heads=str(heads_dir), tree=artifact_tree_file(tiny_dirs), max_seq=128, graph="portable",
-                   log=lambda _m: None)
+    build_artifact(str(model_dir), out, BuildOptions(heads=str(heads_dir), tree=artifact_tree_file(tiny_dirs), max_seq=128, graph="portable"), log=lambda _m: None)
     return out
 
 

@@ -16,6 +16,7 @@ import urllib.request
 from contextlib import contextmanager
 
 import pytest
+from medusa_export.exporter.build_options import BuildOptions  # noqa: E402
 
 KEY = "sk-test-key"
 PROMPT = "t5 t6 t7"
@@ -38,8 +39,7 @@ def build_chat_artifact(tiny_dirs, root) -> object:
     shutil.copytree(tiny_dirs[0], model_dir)
     make_chat_tokenizer().save(model_dir)
     out = root / "art"
-    build_artifact(str(model_dir), out, heads=str(tiny_dirs[1]), tree=artifact_tree_file(tiny_dirs),
-                   max_seq=2048, log=lambda _m: None)
+    build_artifact(str(model_dir), out, BuildOptions(heads=str(tiny_dirs[1]), tree=artifact_tree_file(tiny_dirs), max_seq=2048), log=lambda _m: None)
     return out
 
 

@@ -17,6 +17,7 @@ from test_cli import assert_one_line_error, cli  # noqa: E402
 
 from medusa_export.runtime.api import MedusaRuntime  # noqa: E402
 from medusa_export.runtime.errors import ArtifactError, InputError  # noqa: E402
+from medusa_export.exporter.build_options import BuildOptions  # noqa: E402
 
 
 def _tree(directory):
@@ -66,8 +67,7 @@ def test_build_replaces_an_earlier_artifact(tiny_dirs, artifact, tmp_path):
 
     out = _copy(artifact, tmp_path, "art")
     assert json.loads((out / "manifest.json").read_text())["tree"]["medusa_choices"] != [[0], [1]]
-    build_artifact(str(tiny_dirs[0]), out, heads=str(tiny_dirs[1]), tree="chain-1",
-                   max_seq=64, log=lambda _m: None)
+    build_artifact(str(tiny_dirs[0]), out, BuildOptions(heads=str(tiny_dirs[1]), tree="chain-1", max_seq=64), log=lambda _m: None)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["tree"]["medusa_choices"] == [[0]] and manifest["max_seq"] == 64
     assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]  # the old one is gone, nothing else left
@@ -84,8 +84,7 @@ def test_interrupted_build_leaves_the_earlier_artifact_intact(tiny_dirs, artifac
 
     monkeypatch.setattr(build_mod, "validate_graph", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        build_mod.build_artifact(str(tiny_dirs[0]), out, heads=str(tiny_dirs[1]), tree="chain-2", max_seq=64,
-                                 log=lambda _m: None)
+        build_mod.build_artifact(str(tiny_dirs[0]), out, BuildOptions(heads=str(tiny_dirs[1]), tree="chain-2", max_seq=64), log=lambda _m: None)
     assert _tree(out) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]
 

@@ -12,9 +12,9 @@ GENERATE_KEYS = {"text", "token_ids", "new_tokens", "steps", "mean_accepted", "t
                  "backend", "medusa"}
 
 
-def cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+def cli(*args: str, timeout: int = 600, cwd=None) -> subprocess.CompletedProcess:
     code = "import sys; from medusa_export.runtime.cli.app import main; sys.argv[0] = 'medusa-export'; main()"
-    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=timeout, cwd=cwd)
 
 
 def assert_one_line_error(proc: subprocess.CompletedProcess, *words: str) -> None:
@@ -94,6 +94,26 @@ def test_verify_and_bench_commands(artifact, tmp_path):
     assert (tmp_path / "b.png").stat().st_size > 1000
 
 
+def test_commands_need_nothing_outside_the_package_and_the_artifact(artifact, tmp_path):
+    """From an empty working directory, with no prompts given, bench, verify and calibrate-tree run on the packaged
+    prompt set, and write nothing but the files they were asked to write."""
+    from medusa_export.runtime.prompts import read_prompts
+
+    here = tmp_path / "empty"
+    here.mkdir()
+    n = len(read_prompts(None, limit=2))
+    out = tmp_path / "b.json"
+    proc = cli("bench", str(artifact), "--limit", "2", "--max-new-tokens", "3", "--no-hf", "--json", str(out), cwd=here)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(out.read_text())["prompts"] == n
+    proc = cli("verify", str(artifact), "--limit", "2", "--max-new-tokens", "3", cwd=here)
+    assert proc.returncode == 0 and "ort vs torch" in proc.stdout, proc.stderr
+    proc = cli("calibrate-tree", str(artifact), "--limit", "2", "--max-new-tokens", "4", "--node-budget", "3",
+               "--out", str(tmp_path / "tree.json"), cwd=here)
+    assert proc.returncode == 0 and (tmp_path / "tree.json").exists(), proc.stderr
+    assert list(here.iterdir()) == []
+
+
 def test_bad_prompts_file_names_the_line(artifact, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "ok"}\n{oops\n')
@@ -125,13 +145,27 @@ def test_calibrate_tree_rejects_a_bad_prompts_file(artifact, tmp_path):
     assert not out.exists()
 
 
-def test_train_heads_options_reach_the_trainer(tmp_path):
+def test_train_heads_options_reach_the_trainer(tmp_path, monkeypatch):
+    pytest.importorskip("torch")
+    from typer.testing import CliRunner
+
+    from medusa_export.exporter.training import train as train_mod
+    from medusa_export.exporter.training.options import Medusa1Options
+    from medusa_export.runtime.cli.app import _register, app
+
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"prompt": "hello"}\n')
     out = tmp_path / "heads"
+    seen = []
+    monkeypatch.setattr(train_mod, "train_heads", lambda model, data, o, options: seen.append(options) or {})
+    _register()
+    result = CliRunner().invoke(app, ["train-heads", "--data", str(prompts), "--out", str(out),
+                                      "--extra-sampled-passes", "1", "--sample-temperature", "0.5", "--amp", "bf16"])
+    assert result.exit_code == 0, result.output
+    assert seen == [Medusa1Options(extra_sampled_passes=1, sample_temperature=0.5, amp="bf16")]
     proc = cli("train-heads", "--data", str(prompts), "--out", str(out), "--extra-sampled-passes", "1",
                "--sample-temperature", "0.5", "--amp", "bogus")
-    assert_one_line_error(proc, "amp", "bogus")  # checked by the trainer before any model is loaded
+    assert_one_line_error(proc, "--amp", "bogus")  # refused with the options, before any model is loaded
     assert not out.exists()
 
 
@@ -147,6 +181,7 @@ def test_train_heads_command_writes_heads_that_load(tiny_dirs, tmp_path):
     assert f"heads written to {out}" in proc.stdout
     record = json.loads((out / "training.json").read_text())
     assert record["args"]["extra_sampled_passes"] == 1 and len(record["distillation"]) == 2
+    assert (record["args"]["num_heads"], record["args"]["epochs"], record["args"]["threads"]) == (2, 1, 1)
     assert str(record["training_positions"]) in proc.stdout
     assert {"config.json", "eval.json", "heldout_prompts.jsonl"} <= {p.name for p in out.iterdir()}
 

@@ -1,18 +1,16 @@
-"""End to end on the real default model: build the artifact, then ONNX Runtime vs PyTorch on MT-Bench prompts."""
+"""End to end on the real default model: build the artifact, then ONNX Runtime vs PyTorch on the packaged prompts."""
 
 from __future__ import annotations
-
-import json
-from pathlib import Path
 
 import pytest
 
 from conftest import requires_default_model
+from medusa_export.exporter.build_options import BuildOptions  # noqa: E402
+from medusa_export.runtime.manifest import Manifest  # noqa: E402
 
 pytestmark = [pytest.mark.slow, requires_default_model]
 pytest.importorskip("onnxruntime")
 
-MT_BENCH = Path(__file__).resolve().parents[2] / "shared" / "data" / "mt_bench.jsonl"
 N_PROMPTS, N_TOKENS = 4, 40
 
 
@@ -31,17 +29,17 @@ def default_artifact(tmp_path_factory, default_model):
         fresh = randomise_heads(new_heads(model.config, num_heads=4, lm_head=model.get_output_embeddings()), 3, 0.02)
         heads = str(save_heads(fresh, root / "heads"))
     out = root / "artifact"
-    build_artifact(None, out, heads=heads, max_seq=1024, log=lambda _m: None)
+    build_artifact(None, out, BuildOptions(heads=heads, max_seq=1024), log=lambda _m: None)
     return out
 
 
 def _prompts() -> list[str]:
-    if not MT_BENCH.exists():
-        pytest.skip(f"{MT_BENCH} not found")
-    return [json.loads(line)["prompt"] for line in MT_BENCH.read_text().splitlines()[:N_PROMPTS]]
+    from medusa_export.runtime.prompts import read_prompts
+
+    return read_prompts(None)[::10][:N_PROMPTS]  # the packaged set: one per category group
 
 
-def test_ort_matches_torch_on_mt_bench(default_artifact):
+def test_ort_matches_torch_on_packaged_prompts(default_artifact):
     from medusa_export.runtime.api import MedusaRuntime
     from medusa_export.runtime.compare import compare_backends
 
@@ -73,12 +71,12 @@ def test_int8_branching_tree_is_lossless_on_the_real_model(default_artifact, tmp
     from medusa_export.runtime.api import MedusaRuntime
     from medusa_export.runtime.errors import TreeError
 
-    heads = json.loads((default_artifact / "manifest.json").read_text())["heads"]
+    heads = str(default_artifact / Manifest.read(default_artifact).heads.directory)
     out = tmp_path / "int8"
-    build_artifact(None, out, heads=str(default_artifact / heads["directory"]), tree="cpu_small_10", max_seq=512,
-                   dtype="int8", log=lambda _m: None)
+    build_artifact(None, out, BuildOptions(heads=heads, tree="cpu_small_10", max_seq=512, dtype="int8"),
+                   log=lambda _m: None)
     rt = MedusaRuntime.load(out, backend="ort")
-    assert rt.manifest["graphs"]["medusa"]["paths"] == 5
+    assert rt.manifest.graphs["medusa"].paths == 5
     for p in _prompts()[:3]:
         van = rt.generate(p, max_new_tokens=64, medusa=False)
         med = rt.generate(p, max_new_tokens=64, medusa=True)

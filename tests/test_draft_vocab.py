@@ -12,6 +12,7 @@ from conftest import TINY_PROMPTS, make_heads
 
 from medusa_export.exporter.heads import load_heads, restrict_vocab, save_heads
 from medusa_export.runtime.tree import Tree, load_choices
+from medusa_export.exporter.build_options import BuildOptions  # noqa: E402
 
 KEEP = torch.tensor([3, 5, 17, 42, 99, 100, 200, 250, 251, 300, 301, 302, 310])
 
@@ -72,9 +73,9 @@ def test_artifact_with_draft_vocab_heads_matches_torch(tiny_dirs, tmp_path):
         (heads / f.name).write_bytes(f.read_bytes())
     (heads / "draft_vocab.json").write_text(json.dumps({"ids": list(range(1, 320, 3))}))
     out = tmp_path / "art"
-    m = build_artifact(str(model_dir), out, heads=str(heads), tree="chain-3", max_seq=96, log=lambda _m: None)
+    m = build_artifact(str(model_dir), out, BuildOptions(heads=str(heads), tree="chain-3", max_seq=96), log=lambda _m: None)
     assert json.loads((out / "heads" / "config.json").read_text())["draft_vocab_size"] == len(range(1, 320, 3))
     gens = {b: MedusaRuntime.load(out, backend=b, threads=1).generator for b in ("torch", "ort")}
     report = compare_backends(gens, ["t5 t6 t7", "t1 t2"], max_new_tokens=10)
     assert report["summary"]["ort"]["ok"], report
-    assert m["heads"]["layout"] == "shared"
+    assert m.heads.layout == "shared"

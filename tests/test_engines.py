@@ -3,7 +3,6 @@ availability fallbacks of `build --engine trt|all`, and the one-line CLI errors.
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import types
@@ -14,15 +13,16 @@ import pytest
 from medusa_export.engines import precision
 from medusa_export.runtime.backends import trt_availability as availability, trt_compat as compat
 from medusa_export.runtime.backends.trt_availability import TENSORRT_HINT, Availability, Device
-from medusa_export.engines.cli_entry import build_engines_for_artifact, main, preflight
+from medusa_export.engines.cli_entry import build_engines_for_artifact, preflight
 from medusa_export.engines.profiles import engine_profiles
 from medusa_export.runtime.backends.trt_profiles import Profile, plan_chunks, select
 from medusa_export.runtime.backends.cuda_buffers import Cuda, CudaError, DeviceArena
 from medusa_export.runtime.errors import ArtifactError, BackendUnavailableError
+from manifest_samples import sample_engine_record, sample_manifest, write_fake_artifact  # noqa: E402
 
 SKIP_REASON = availability.skip_reason()
-MANIFEST = {"max_seq": 2048, "tree": {"num_nodes": 11}, "dtype": "float16",
-            "dims": {"num_layers": 3, "num_kv_heads": 3, "head_dim": 64}}
+MANIFEST = sample_manifest(num_heads=4, weights="fp16", max_seq=2048, num_layers=3,
+                           tree=[[0], [1], [2], [0, 0], [0, 1], [1, 0], [0, 0, 0], [0, 0, 1], [0, 1, 0], [0, 0, 0, 0]])
 
 
 @pytest.fixture
@@ -64,13 +64,13 @@ def test_prefill_and_step_profile_ranges():
     assert (decode.seq, decode.past) == ((1, 1, 1), (0, 256, 2047))
     prefill, _ = engine_profiles(MANIFEST, "medusa", max_prompt=2048, opt_prompt=64)
     assert (prefill.seq, prefill.past) == ((1, 64, 2048), (0, 0, 0))
-    small = engine_profiles({**MANIFEST, "max_seq": 64}, "medusa")
+    small = engine_profiles(MANIFEST.replace(max_seq=64), "medusa")
     assert small[0].seq == (1, 32, 32) and small[1].past == (0, 53, 53)
     with pytest.raises(ValueError, match="max_prompt"):
         engine_profiles(MANIFEST, "medusa", max_prompt=4096)
     with pytest.raises(ValueError, match="min <= opt <= max"):
         Profile("bad", (1, 5, 3), (0, 0, 0))
-    assert Profile.from_json(tree.to_json()) == tree
+    assert Profile.from_record(tree.to_record()) == tree
 
 
 def test_profile_selection_and_chunking():
@@ -106,7 +106,7 @@ def test_precision_policy():
 
 
 # ----------------------------------------------------------------------------------------------- compat
-RECORD = {"file": "medusa.plan", "tensorrt_version": "10.3.0.26", "gpu_name": "NVIDIA H100", "compute_capability": "9.0"}
+RECORD = sample_engine_record()
 
 
 def test_compat_ok_and_warning():
@@ -180,25 +180,19 @@ def test_engine_trt_raises(no_tensorrt, tmp_path):
     preflight("onnx")
 
 
-def test_engines_module_cli_exits_2(no_tensorrt, tmp_path, capsys):
-    assert main([str(tmp_path)]) == 2
-    err = capsys.readouterr().err
-    assert err == "error: TensorRT is not installed: pip install tensorrt (needs a CUDA GPU)\n"
+def test_build_engines_command_exits_2(no_tensorrt, tmp_path):
+    from typer.testing import CliRunner
+
+    from medusa_export.runtime.cli.app import _register, app
+
+    _register()
+    r = CliRunner().invoke(app, ["build-engines", str(tmp_path)])
+    assert r.exit_code == 2
+    assert r.output.strip().splitlines()[-1] == "error: TensorRT is not installed: pip install tensorrt (needs a CUDA GPU)"
 
 
 def _fake_artifact(directory):
-    from tokenizers import Tokenizer, models
-
-    directory.mkdir()
-    Tokenizer(models.WordLevel({"<unk>": 0, "a": 1}, unk_token="<unk>")).save(str(directory / "tokenizer.json"))
-    manifest = {"format": "medusa-export-artifact", "format_version": 1, "package_version": "0.1.0",
-                "model": {"name": "tiny"}, "heads": {"trained": False},
-                "dims": {"num_layers": 1, "num_kv_heads": 1, "head_dim": 8, "vocab_size": 2, "num_heads": 0,
-                         "head_topk": 1, "sample_topk": 1, "dtype": "float32"},
-                "dtype": "float32", "max_seq": 32, "tree": {"medusa_choices": [], "num_nodes": 1},
-                "graphs": {}, "files": {}, "engines": {}}
-    (directory / "manifest.json").write_text(json.dumps(manifest))
-    return directory
+    return write_fake_artifact(directory, sample_manifest(graph_format="portable"))
 
 
 def test_generate_backend_trt_exits_2_with_one_line(tmp_path):

@@ -22,6 +22,8 @@ from medusa_export.runtime import io_table  # noqa: E402
 from medusa_export.runtime.api import MedusaRuntime, artifact_tree  # noqa: E402
 from medusa_export.runtime.decode import GenerationConfig  # noqa: E402
 from medusa_export.runtime.tree import Tree  # noqa: E402
+from medusa_export.exporter.build_options import BuildOptions  # noqa: E402
+from manifest_samples import assert_round_trips  # noqa: E402
 
 
 def _nodes(path):
@@ -31,7 +33,7 @@ def _nodes(path):
 def _tokens(rt, prompt, medusa, tree=None, n=20):
     gen = rt.generator
     if tree is not None:
-        gen = type(gen)(gen.backend, gen.tokenizer, artifact_tree(rt.manifest, gen.backend.dims, tree))
+        gen = type(gen)(gen.backend, gen.tokenizer, artifact_tree(rt.manifest, tree))
     return gen.generate(list(prompt), GenerationConfig(max_new_tokens=n, medusa=medusa)).token_ids
 
 
@@ -53,8 +55,7 @@ def quantized(tiny_dirs, tmp_path_factory):
     out = {}
     for dtype in ("int8", "int4"):
         path = tmp_path_factory.mktemp(dtype) / "art"
-        build_artifact(str(tiny_dirs[0]), path, heads=str(tiny_dirs[1]), tree=artifact_tree_file(tiny_dirs), max_seq=128, dtype=dtype,
-                       quality_prompts=["t5 t6 t7", "t9 t8 t3"], log=lambda _m: None)
+        build_artifact(str(tiny_dirs[0]), path, BuildOptions(heads=str(tiny_dirs[1]), tree=artifact_tree_file(tiny_dirs), max_seq=128, dtype=dtype), quality_prompts=["t5 t6 t7", "t9 t8 t3"], log=lambda _m: None)
         out[dtype] = (MedusaRuntime.load(path, backend="ort", threads=1), path)
     return out
 
@@ -167,22 +168,23 @@ def test_greedy_medusa_equals_greedy_vanilla_on_every_dtype(fused, quantized, tr
 def test_quantized_artifacts_record_their_recipe(quantized):
     for dtype, (rt, path) in quantized.items():
         m = rt.manifest
-        assert m["weights"] == dtype and m["dtype"] == "float32"  # activations and KV stay fp32
+        assert assert_round_trips(path) == m  # the typed spec reads back exactly what the build wrote
+        assert m.weights == dtype and m.dims.dtype == "float32"  # activations and KV stay fp32
         for kind in ("medusa", "vanilla"):
-            q = m["graphs"][kind]["quantization"]
-            assert q["name"] == dtype and q["method"] == "MatMulNBits" and q["bits"] == int(dtype[3:])
-            assert q["matmuls_quantized"] >= 4 * m["dims"]["num_layers"] and q["matmuls_left_fp"] == 0
+            q = m.graphs[kind].quantization
+            assert q.name == dtype and q.method == "MatMulNBits" and q.bits == int(dtype[3:])
+            assert q.matmuls_quantized >= 4 * m.dims.num_layers and q.matmuls_left_fp == 0
         ops = {n.op_type for n in onnx.load(str(path / "medusa.onnx"), load_external_data=False).graph.node}
         assert "MatMulNBits" in ops and "MatMul" not in ops
 
 
 def test_quantized_quality_is_measured_and_stored(quantized):
     for dtype, (rt, _path) in quantized.items():
-        q = rt.manifest["quality"]
-        assert q["prompts"] == 2 and q["positions"] > 0 and 0.0 <= q["top1_agreement"] <= 1.0
-        assert q["perplexity"] > 0 and q["passes"] == (q["top1_agreement"] >= q["bar"])
+        q = rt.manifest.quality
+        assert q.prompts == 2 and q.positions > 0 and 0.0 <= q.top1_agreement <= 1.0
+        assert q.perplexity > 0 and q.passes == (q.top1_agreement >= q.bar)
     # int8 keeps more of the fp32 model than int4
-    assert quantized["int8"][0].manifest["quality"]["top1_agreement"] >= quantized["int4"][0].manifest["quality"]["top1_agreement"]
+    assert quantized["int8"][0].manifest.quality.top1_agreement >= quantized["int4"][0].manifest.quality.top1_agreement
 
 
 def test_verify_reports_quality_for_quantized_artifacts(quantized, tmp_path):

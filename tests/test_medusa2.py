@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -17,14 +18,18 @@ pytest.importorskip("peft")
 from conftest import TINY_PROMPTS, TINY_VOCAB, loaded_tiny, make_tiny_model  # noqa: E402
 
 from medusa_export.exporter.training import medusa2 as m2  # noqa: E402
-from medusa_export.exporter.training.medusa2 import Medusa2Options, train_medusa2  # noqa: E402
+from medusa_export.exporter.training.medusa2 import train_medusa2  # noqa: E402
 from medusa_export.exporter.training.medusa2_batches import Sequence, epoch_batches  # noqa: E402
+from medusa_export.exporter.training.options import Medusa1Options, Medusa2Options  # noqa: E402
 from medusa_export.runtime.errors import HeadsError, InputError  # noqa: E402
+from medusa_export.exporter.build_options import BuildOptions  # noqa: E402
 
 EOS = TINY_VOCAB - 1
 KL_BOUND = 0.05  # nats: the default lm_weight keeps the tuned model this close to the original on held-out answers
-COMMON = dict(num_heads=3, max_new_tokens=24, gen_batch_size=8, heldout_fraction=0.25, progress=False, seed=0)
-OPTS = Medusa2Options(warmup_epochs=3, joint_epochs=6, heads_lr=1e-2, backbone_lr=2e-3, seq_batch_size=4)
+# The heads warm up for 3 Medusa-1 epochs at 1e-2 (also the heads' rate in the joint phase).
+COMMON = Medusa1Options(num_heads=3, max_new_tokens=24, gen_batch_size=8, heldout_fraction=0.25, progress=False, seed=0,
+                        epochs=3, lr=1e-2)
+OPTS = Medusa2Options(joint_epochs=6, backbone_lr=2e-3, seq_batch_size=4)
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +45,8 @@ def _loaded(make_tokenizer):
 def run(make_tokenizer, prompts_file, tmp_path_factory, torch_single_thread):
     root = tmp_path_factory.mktemp("m2run")
     original = {k: v.clone() for k, v in make_tiny_model(3).state_dict().items()}
-    record = train_medusa2(_loaded(make_tokenizer), prompts_file, root / "model", OPTS, cache_dir=root / "cache",
-                           **COMMON)
+    record = train_medusa2(_loaded(make_tokenizer), prompts_file, root / "model",
+                           replace(COMMON, cache_dir=root / "cache"), OPTS)
     return root, record, original
 
 
@@ -55,9 +60,9 @@ def test_joint_training_lowers_the_medusa_loss_and_stays_close_to_the_original(r
 
 def test_the_kl_term_is_what_keeps_the_backbone_close(make_tokenizer, prompts_file, tmp_path, run):
     """Without it (lm_weight 0) the same run drifts much further from the original. (A random tiny model's
-    next-token margins are too flat for top-1 agreement to mean much; the real model's is in the README.)"""
+    next-token margins are too flat for top-1 agreement to mean much; the real model's is in docs/results.md.)"""
     free = train_medusa2(_loaded(make_tokenizer), prompts_file, tmp_path / "free",
-                         Medusa2Options(**{**OPTS.__dict__, "lm_weight": 0.0}), cache_dir=run[0] / "cache", **COMMON)
+                         replace(COMMON, cache_dir=run[0] / "cache"), replace(OPTS, lm_weight=0.0))
     tied, loose = run[1]["eval"]["backbone_vs_original"], free["eval"]["backbone_vs_original"]
     assert loose["mean_kl"] > 1.2 * tied["mean_kl"]
 
@@ -77,8 +82,8 @@ def test_model_directory_builds_and_decodes_losslessly(run, tmp_path):
     assert any(k.startswith("medusa_head.") for k in weights)
     changed = [k for k, v in original.items() if k in weights and not torch.equal(v, weights[k])]
     assert any("layers" in k for k in changed)  # the LoRA update was merged into the backbone
-    m = build_artifact(str(model_dir), tmp_path / "art", tree="chain-3", max_seq=96, log=lambda _m: None)
-    assert m["heads"]["source"] == "model" and m["dims"]["num_heads"] == 3
+    m = build_artifact(str(model_dir), tmp_path / "art", BuildOptions(tree="chain-3", max_seq=96), log=lambda _m: None)
+    assert m.heads.source == "model" and m.dims.num_heads == 3
     for backend in ("ort", "torch"):
         with MedusaRuntime.load(tmp_path / "art", backend=backend, threads=1) as rt:
             for prompt in TINY_PROMPTS:
@@ -132,10 +137,9 @@ def test_interrupted_joint_phase_resumes_to_the_same_model(make_tokenizer, promp
     from medusa_export.exporter.heads_source import resolve_heads
     from medusa_export.exporter.model_loading import load_base_model
 
-    opts = Medusa2Options(**{**OPTS.__dict__, "joint_epochs": 2, "max_train_sequences": 6,
-                             "max_heldout_sequences": 2})
-    common = {**COMMON, "draft_vocab": 64, "cache_dir": run[0] / "cache"}
-    whole = train_medusa2(_loaded(make_tokenizer), prompts_file, tmp_path / "whole", opts, **common)
+    opts = replace(OPTS, joint_epochs=2, max_train_sequences=6, max_heldout_sequences=2)
+    common = replace(COMMON, draft_vocab=64, cache_dir=run[0] / "cache")
+    whole = train_medusa2(_loaded(make_tokenizer), prompts_file, tmp_path / "whole", common, opts)
     assert whole["train_sequences"] == 6 and whole["eval"]["heldout_sequences"] == 2
 
     class Killed(Exception):
@@ -151,12 +155,13 @@ def test_interrupted_joint_phase_resumes_to_the_same_model(make_tokenizer, promp
 
     monkeypatch.setattr(m2, "joint_loss", dies_on_third_step)
     with pytest.raises(Killed):
-        train_medusa2(_loaded(make_tokenizer), prompts_file, tmp_path / "cut", opts, checkpoint_every_s=0, **common)
+        train_medusa2(_loaded(make_tokenizer), prompts_file, tmp_path / "cut", replace(common, checkpoint_every_s=0),
+                      opts)
     assert (tmp_path / "cut.partial" / "checkpoint.pt").exists() and not (tmp_path / "cut").exists()
     monkeypatch.setattr(m2, "joint_loss", real)
     warmups = []
     monkeypatch.setattr(m2, "train_heads", lambda *a, **kw: warmups.append(1))
-    again = train_medusa2(_loaded(make_tokenizer), prompts_file, tmp_path / "cut", opts, **common)
+    again = train_medusa2(_loaded(make_tokenizer), prompts_file, tmp_path / "cut", common, opts)
     assert warmups == [] and again["resumed_at"] == [1, 0]  # 6 sequences / 4 per step: 2 steps an epoch
     assert again["loss_last_steps"] == whole["loss_last_steps"]
     a, b = load_file(str(tmp_path / "whole" / "model.safetensors")), load_file(str(tmp_path / "cut" / "model.safetensors"))
@@ -181,28 +186,31 @@ def test_head_lrs_give_each_head_its_own_rate(make_tokenizer, prompts_file, tmp_
     loaded = _loaded(make_tokenizer)
     start = make_heads(loaded.model, 3, seed=5)
     save_heads(start, tmp_path / "start")
-    opts = Medusa2Options(**{**OPTS.__dict__, "init_heads": str(tmp_path / "start"), "joint_epochs": 2,
-                             "head_lrs": "1e-9,1e-2,1e-2", "max_train_sequences": 6, "max_heldout_sequences": 2})
-    train_medusa2(loaded, prompts_file, tmp_path / "m", opts, cache_dir=run[0] / "cache", **COMMON)
+    opts = replace(OPTS, init_heads=str(tmp_path / "start"), joint_epochs=2, head_lrs="1e-9,1e-2,1e-2",
+                   max_train_sequences=6, max_heldout_sequences=2)
+    common = replace(COMMON, cache_dir=run[0] / "cache")
+    train_medusa2(loaded, prompts_file, tmp_path / "m", common, opts)
     after = load_file(str(tmp_path / "m" / "model.safetensors"))
     moved = [max(float((after["medusa_head." + k.removeprefix("blocks.")] - v).abs().max())
                  for k, v in start.state_dict().items() if k.startswith(f"blocks.{h}.")) for h in range(3)]
     assert moved[0] < 1e-6 < 1e-3 < min(moved[1:])
-    for bad in ("1e-3,1e-3", "1e-3,0,1e-3", "fast,1e-3,1e-3"):
-        with pytest.raises(InputError, match="--head-lrs .*3 positive rates"):
-            train_medusa2(_loaded(make_tokenizer), prompts_file, tmp_path / "bad",
-                          Medusa2Options(**{**opts.__dict__, "head_lrs": bad}), cache_dir=run[0] / "cache", **COMMON)
+    with pytest.raises(InputError, match="--head-lrs '1e-3,1e-3': give 3 positive rates"):  # init_heads has 3
+        train_medusa2(_loaded(make_tokenizer), prompts_file, tmp_path / "bad", common,
+                      replace(opts, head_lrs="1e-3,1e-3"))
+    for bad in ("1e-3,0,1e-3", "fast,1e-3,1e-3", ""):  # refused as they are given, before any model
+        with pytest.raises(InputError, match=f"--head-lrs '{bad}': give positive rates"):
+            replace(opts, head_lrs=bad)
     monkeypatch.setattr(m2, "train_heads", lambda *a, **kw: pytest.fail("warm-up started before --head-lrs was checked"))
     with pytest.raises(InputError, match="--head-lrs .*3 positive rates"):  # no init_heads: checked before the warm-up
-        train_medusa2(_loaded(make_tokenizer), prompts_file, tmp_path / "bad",
-                      Medusa2Options(**{**opts.__dict__, "init_heads": None, "head_lrs": "1e-3"}),
-                      cache_dir=run[0] / "cache", **COMMON)
+        train_medusa2(_loaded(make_tokenizer), prompts_file, tmp_path / "bad", common,
+                      replace(opts, init_heads=None, head_lrs="1e-3"))
 
 
 def test_torchrun_two_ranks_share_the_batches_and_end_in_step(tiny_dirs, prompts_file, tmp_path):
-    """The documented launch, `torchrun ... cli_entry --mode medusa2`, on 2 CPU ranks (gloo): the Medusa-1 warm-up
-    and the joint phase run data-parallel (each rank half of every epoch's batches, gradients averaged: the ranks
-    must end with equal weights, else TrainingError), and rank 0 alone writes the model directory."""
+    """The documented launch, `torchrun ... -m medusa_export.runtime.cli train-heads --mode medusa2`, on 2 CPU ranks
+    (gloo): the Medusa-1 warm-up and the joint phase run data-parallel (each rank half of every epoch's batches,
+    gradients averaged: the ranks must end with equal weights, else TrainingError), and rank 0 alone writes the
+    model directory and reports it."""
     import os
     import socket
     import subprocess
@@ -212,14 +220,15 @@ def test_torchrun_two_ranks_share_the_batches_and_end_in_step(tiny_dirs, prompts
         port = s.getsockname()[1]
     out = tmp_path / "m2"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-           "--master-port", str(port), "-m", "medusa_export.exporter.training.cli_entry", "--mode", "medusa2",
-           "--model", str(tiny_dirs[0]), "--data", str(prompts_file), "--out", str(out), "--num-heads", "3",
+           "--master-port", str(port), "-m", "medusa_export.runtime.cli", "train-heads", "--mode", "medusa2",
+           str(tiny_dirs[0]), "--data", str(prompts_file), "--out", str(out), "--num-heads", "3",
            "--max-new-tokens", "24", "--gen-batch-size", "8", "--heldout-fraction", "0.25", "--epochs", "3",
            "--lr", "1e-2", "--joint-epochs", "6", "--backbone-lr", "2e-3", "--seq-batch-size", "4",
            "--cache-dir", str(tmp_path / "cache"), "--threads", "1", "--no-progress", "--device", "cpu"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("Medusa-2 model written to") == 1, done.stdout  # rank 1 reports nothing
     record = json.loads((out / "training.json").read_text())
     assert record["world_size"] == 2 and record["warmup"]["medusa1_epochs"] == 3
     batches = -(-record["train_sequences"] // 4)  # short sequences: one length pool, 4 to a batch
@@ -241,27 +250,33 @@ def test_rank_share_splits_the_batches_between_ranks():
     assert sorted(i for s in even for b in s for i in b) == list(range(6))  # disjoint and complete
 
 
-def test_cli_entry_runs_either_mode(monkeypatch, tmp_path):
-    """The torchrun entry point: Medusa-1 takes its own options (none of Medusa-2's leak in as strays),
-    --mode medusa2 reads the Medusa-2 flags with their types."""
-    from medusa_export.exporter.training import cli_entry
+def test_train_heads_command_runs_either_mode(monkeypatch, tmp_path):
+    """Medusa-1 gets its options and nothing of Medusa-2's; --mode medusa2 reads the Medusa-2 flags with their
+    types, --epochs and --lr being the warm-up's and the heads' rate; a Medusa-2 flag with --mode medusa1 is refused
+    in one line before any training."""
+    from typer.testing import CliRunner
 
-    import functools
+    from medusa_export.exporter.training import train as train_mod
+    from medusa_export.runtime.cli.app import _register, app
 
     seen = {}
-    monkeypatch.setattr(cli_entry, "train_heads", functools.wraps(cli_entry.train_heads)(  # same flags
-        lambda m, d, o, **kw: seen.update(medusa1=kw) or {}))
-    monkeypatch.setattr(m2, "train_medusa2", lambda m, d, o, opts, **kw: seen.update(medusa2=opts) or {})
-    base = ["--data", "p.jsonl", "--out", str(tmp_path / "o")]
-    cli_entry.main(base + ["--epochs", "2"])
-    assert seen["medusa1"]["epochs"] == 2 and "head_lrs" not in seen["medusa1"]
-    cli_entry.main(base + ["--mode", "medusa2", "--lm-weight", "2.5", "--lora-rank", "8", "--head-lrs", "1e-3,2e-3",
-                           "--max-train-sequences", "10", "--lr", "3e-3"])
-    opts = seen["medusa2"]
-    assert (opts.lm_weight, opts.lora_rank, opts.head_lrs, opts.max_train_sequences, opts.heads_lr) == \
-        (2.5, 8, "1e-3,2e-3", 10, 3e-3)
-    with pytest.raises(InputError, match="only for --mode medusa2"):
-        cli_entry.main(base + ["--lm-weight", "2"])
+    monkeypatch.setattr(train_mod, "train_heads", lambda m, d, o, opts: seen.update(medusa1=opts) or {})
+    monkeypatch.setattr(m2, "train_medusa2", lambda m, d, o, m1, opts: seen.update(warmup=m1, medusa2=opts) or {})
+    _register()
+    base = ["train-heads", "--data", "p.jsonl", "--out", str(tmp_path / "o")]
+    assert CliRunner().invoke(app, base + ["--epochs", "2"]).exit_code == 0
+    assert seen == {"medusa1": Medusa1Options(epochs=2)}
+    seen.clear()
+    result = CliRunner().invoke(app, base + ["--mode", "medusa2", "--lm-weight", "2.5", "--lora-rank", "8",
+                                             "--head-lrs", "1e-3,2e-3", "--max-train-sequences", "10", "--lr", "3e-3"])
+    assert result.exit_code == 0, result.output
+    assert seen == {"warmup": Medusa1Options(lr=3e-3),
+                    "medusa2": Medusa2Options(lm_weight=2.5, lora_rank=8, head_lrs="1e-3,2e-3", max_train_sequences=10)}
+    seen.clear()
+    result = CliRunner().invoke(app, base + ["--lm-weight", "2", "--joint-epochs", "3"])
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert result.exit_code == 2 and lines == ["error: --joint-epochs, --lm-weight: only for --mode medusa2"]
+    assert seen == {}
 
 
 def test_epoch_batches_cover_every_sequence_once_and_group_similar_lengths():
@@ -320,26 +335,26 @@ def test_heads_warm_up_leaves_the_backbone_unchanged(make_tokenizer, prompts_fil
 
     monkeypatch.setattr(m2, "_trainable_backbone", stop)
     with pytest.raises(Stop):
-        train_medusa2(loaded, prompts_file, tmp_path / "m", Medusa2Options(warmup_epochs=2), cache_dir=tmp_path / "c",
-                      **COMMON)
+        train_medusa2(loaded, prompts_file, tmp_path / "m", replace(COMMON, epochs=2, cache_dir=tmp_path / "c"),
+                      Medusa2Options())
     assert not (tmp_path / "m").exists()
 
 
 def test_bad_input_is_one_line(make_tokenizer, prompts_file, tmp_path, monkeypatch):
+    common = replace(COMMON, cache_dir=tmp_path / "c")
     with pytest.raises(InputError, match="LoRA target.*attn_proj.*choose from .*q_proj") as e:
-        train_medusa2(_loaded(make_tokenizer), prompts_file, tmp_path / "m", Medusa2Options(lora_targets="attn_proj"),
-                      cache_dir=tmp_path / "c", **COMMON)
+        train_medusa2(_loaded(make_tokenizer), prompts_file, tmp_path / "m", common,
+                      Medusa2Options(lora_targets="attn_proj"))
     assert "\n" not in str(e.value)
     from medusa_export.exporter.heads import new_heads, save_heads
 
     loaded = _loaded(make_tokenizer)
     save_heads(new_heads(loaded.model.config, num_heads=3, base_model="another-model"), tmp_path / "other")
     with pytest.raises(HeadsError, match="trained for 'another-model'"):
-        train_medusa2(loaded, prompts_file, tmp_path / "m", Medusa2Options(init_heads=str(tmp_path / "other")),
-                      cache_dir=tmp_path / "c", **COMMON)
+        train_medusa2(loaded, prompts_file, tmp_path / "m", common, Medusa2Options(init_heads=str(tmp_path / "other")))
     monkeypatch.setitem(sys.modules, "peft", None)
     with pytest.raises(InputError, match=r"peft.*medusa-export\[train\]"):
-        train_medusa2(loaded, prompts_file, tmp_path / "m", Medusa2Options(), cache_dir=tmp_path / "c", **COMMON)
+        train_medusa2(loaded, prompts_file, tmp_path / "m", common, Medusa2Options())
     assert not (tmp_path / "m").exists()
 
 
@@ -361,7 +376,7 @@ def test_cli_mode_medusa2_refuses_bad_lora_settings(tmp_path):
 
 
 def test_runs_table_reports_each_run_from_its_record(run, tmp_path, capsys):
-    """scripts/medusa2_runs.py (the README's sweep table): one row per run, its figures read from training.json."""
+    """scripts/medusa2_runs.py (the sweep table of docs/results.md): one row per run, its figures read from training.json."""
     import importlib.util
     from pathlib import Path
 

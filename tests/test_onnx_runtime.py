@@ -22,6 +22,8 @@ from conftest import ARTIFACT_PATHS, ARTIFACT_TREE, TINY_PROMPTS, random_trees  
 from medusa_export.runtime.api import MedusaRuntime  # noqa: E402
 from medusa_export.runtime.decode import GenerationConfig  # noqa: E402
 from medusa_export.runtime.errors import ArtifactError, InputError, TreeError  # noqa: E402
+from medusa_export.exporter.build_options import BuildOptions  # noqa: E402
+from manifest_samples import assert_round_trips  # noqa: E402
 
 
 
@@ -35,7 +37,7 @@ def _tokens(rt, prompt, medusa, tree=None, n=24):
     if tree is not None:
         from medusa_export.runtime.api import artifact_tree
 
-        gen = type(gen)(gen.backend, gen.tokenizer, artifact_tree(rt.manifest, gen.backend.dims, tree))
+        gen = type(gen)(gen.backend, gen.tokenizer, artifact_tree(rt.manifest, tree))
     return gen.generate(list(prompt), GenerationConfig(max_new_tokens=n, medusa=medusa)).token_ids
 
 
@@ -45,7 +47,7 @@ def test_manifest_records_graphs_and_validation(which, request):
 
     artifact = request.getfixturevalue(which)
     m = json.loads((artifact / "manifest.json").read_text())
-    assert m["format_version"] == 2 and m["dims"]["num_heads"] == NUM_HEADS
+    assert m["format_version"] == 3 and m["dims"]["num_heads"] == NUM_HEADS
     assert {"medusa", "vanilla"} <= set(m["graphs"])
     assert set(m["files"]) >= {"medusa.onnx", "vanilla.onnx", "tokenizer.json", "heads/heads.safetensors"}
     for kind in ("medusa", "vanilla"):
@@ -199,15 +201,14 @@ def test_failed_build_leaves_nothing(tiny_dirs, tmp_path, monkeypatch):
     monkeypatch.setattr(build_mod, "validate_graph", fail)
     out = tmp_path / "art"
     with pytest.raises(ExportValidationError):
-        build_mod.build_artifact(str(tiny_dirs[0]), out, heads=str(tiny_dirs[1]), tree="chain-2", max_seq=64,
-                                 log=lambda _m: None)
+        build_mod.build_artifact(str(tiny_dirs[0]), out, BuildOptions(heads=str(tiny_dirs[1]), tree="chain-2", max_seq=64), log=lambda _m: None)
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
 
 def test_bench_report_shape(artifact):
     from medusa_export.runtime.bench import run_bench
 
-    report = run_bench(artifact, ["ort"], ["t5 t6 t7", "t1 t2"], max_new_tokens=6, with_hf=False)
+    report = run_bench(artifact, ["ort"], ["t5 t6 t7", "t1 t2"], max_new_tokens=6)
     rows = report["results"]
     assert [(r["backend"], r["mode"]) for r in rows] == [("ort", "vanilla"), ("ort", "medusa")]
     assert all(r["identical_to_vanilla"] for r in rows)
@@ -219,7 +220,7 @@ def test_bench_report_shape(artifact):
 def test_bench_reports_the_tree_it_ran_with(artifact):
     from medusa_export.runtime.bench import run_bench
 
-    report = run_bench(artifact, ["ort"], ["t5 t6"], max_new_tokens=4, with_hf=False, tree="chain-2")
+    report = run_bench(artifact, ["ort"], ["t5 t6"], max_new_tokens=4, tree="chain-2")
     assert report["tree"] == {"name": "chain-2", "medusa_choices": [[0], [0, 0]], "num_nodes": 3}
 
 
@@ -229,9 +230,9 @@ def test_fp16_artifact(tiny_dirs, tmp_path):
     from medusa_export.runtime.compare import compare_backends
 
     out = tmp_path / "fp16"
-    m = build_artifact(str(tiny_dirs[0]), out, heads=str(tiny_dirs[1]), tree="chain-2", dtype="fp16", max_seq=96,
-                       log=lambda _m: None)
-    assert m["dtype"] == "float16" and m["validation"]["medusa"]["tolerance"] == 5e-2
+    m = build_artifact(str(tiny_dirs[0]), out, BuildOptions(heads=str(tiny_dirs[1]), tree="chain-2", dtype="fp16", max_seq=96), log=lambda _m: None)
+    assert m.dims.dtype == "float16" and m.validation["medusa"]["tolerance"] == 5e-2
+    assert assert_round_trips(out) == m
     rt = MedusaRuntime.load(out, backend="ort", threads=1)
     s = rt.generator.backend.new_session()
     assert s.kv.buffers()[0].dtype == np.float16
@@ -280,8 +281,9 @@ def test_medusa2_model_directory_loads_with_its_heads(tiny, make_tokenizer, tmp_
     cfg = json.loads((model_dir / "config.json").read_text())
     (model_dir / "config.json").write_text(json.dumps({**cfg, "medusa_num_heads": 3, "medusa_num_layers": 1}))
 
-    m = build_artifact(str(model_dir), tmp_path / "art", tree="chain-3", max_seq=96, log=lambda _m: None)
-    assert m["heads"]["source"] == "model" and m["heads"]["trained"] and m["dims"]["num_heads"] == 3
+    m = build_artifact(str(model_dir), tmp_path / "art", BuildOptions(tree="chain-3", max_seq=96), log=lambda _m: None)
+    assert m.heads.source == "model" and m.heads.trained and m.dims.num_heads == 3
+    assert assert_round_trips(tmp_path / "art") == m
     ort_rt = MedusaRuntime.load(tmp_path / "art", backend="ort", threads=1)
     torch_rt = MedusaRuntime.load(tmp_path / "art", backend="torch", threads=1)
     fused = torch_rt.generator.backend.medusa_step.heads.state_dict()
@@ -318,3 +320,57 @@ def test_ort_sessions_and_runtime_close(artifact):
             s.run(np.array([5]), np.arange(1), np.ones((1, 1), bool), True, 1.0)
     with pytest.raises(ValueError, match="closed"):
         rt.generator.backend.new_session()
+
+
+class _Shifted:
+    """A backend whose base model always ranks another token first: its top-1 never agrees with the original."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def new_session(self, capacity=None):
+        from dataclasses import replace
+
+        inner = self.inner.new_session(capacity)
+        vocab = self.inner.dims.vocab_size
+
+        class Session:
+            capacity, length = property(lambda s: inner.capacity), property(lambda s: inner.length)
+
+            def run(s, *args):
+                out = inner.run(*args)
+                return replace(out, next_ids=(out.next_ids + 1) % vocab)
+
+            def keep(s, rows):
+                inner.keep(rows)
+
+            def __enter__(s):
+                return s
+
+            def __exit__(s, *exc):
+                inner.close()
+
+        return Session()
+
+
+def test_compare_reports_backends_that_never_agree(artifact):
+    """`verify`'s comparison with no position where the top-1 agrees: a report (agreement 0, error unbounded,
+    not OK), not a crash on an empty selection."""
+    from medusa_export.runtime.compare import compare_backends
+    from medusa_export.runtime.generator import Generator
+
+    gen = MedusaRuntime.load(artifact, backend="ort", threads=1).generator
+    shifted = Generator(_Shifted(gen.backend), gen.tokenizer, gen.tree)
+    report = compare_backends({"ort": gen, "shifted": shifted}, ["t5 t6 t7"], max_new_tokens=4)
+    s = report["summary"]["shifted"]
+    assert s["top1_agreement"] == 0.0 and s["max_prob_error"] == float("inf") and s["ok"] is False
+
+
+def test_ort_refuses_a_gpu_device_in_one_line(artifact):
+    from medusa_export.runtime.errors import BackendUnavailableError
+
+    with pytest.raises(BackendUnavailableError, match=r"--device cuda is not supported by the ONNX Runtime backend"):
+        MedusaRuntime.load(artifact, backend="ort", device="cuda")

@@ -78,7 +78,7 @@ def test_decode_work_per_token_stays_flat():
 def test_stop_string_helpers():
     """A tail that may begin a stop string is held back; a stop found in held text cuts there (the decode loop
     itself is covered by test_decode_lossless's stop-string test)."""
-    from medusa_export.runtime.generator import _find_stop, _safe_prefix
+    from medusa_export.runtime.text_output import _find_stop, _safe_prefix
 
     assert _safe_prefix("hello wor", ("world",)) == "hello "
     assert _find_stop("wor", "ld and more", ("world",)) == 0  # began in the shown tail: cut at once

@@ -5,6 +5,7 @@ losslessly (greedy Medusa output == vanilla output)."""
 from __future__ import annotations
 
 import json
+from dataclasses import asdict, fields, replace
 
 import numpy as np
 import pytest
@@ -22,6 +23,7 @@ from medusa_export.exporter.training.data import (  # noqa: E402
     DistillConfig, DistilledData, distill, generate_batch)
 from medusa_export.exporter.training.static_decoder import StaticDecoder  # noqa: E402
 from medusa_export.exporter.training.examples import IGNORE, DraftVocab, build_examples, split_by_prompt  # noqa: E402
+from medusa_export.exporter.training.options import Medusa1Options, Medusa2Options  # noqa: E402
 from medusa_export.runtime.errors import HeadsError, InputError  # noqa: E402
 
 EOS = TINY_VOCAB - 1
@@ -37,14 +39,14 @@ def prompts_file(tiny_prompts_file):
     return tiny_prompts_file
 
 
-OPTS = dict(epochs=4, lr=1e-2, batch_size=32, max_new_tokens=24, gen_batch_size=8, heldout_fraction=0.25,
-            progress=False, amp="none", seed=0)
+OPTS = Medusa1Options(epochs=4, lr=1e-2, batch_size=32, max_new_tokens=24, gen_batch_size=8, heldout_fraction=0.25,
+                      progress=False, amp="none", seed=0)
 
 
 @pytest.fixture(scope="module")
 def trained(loaded, prompts_file, tmp_path_factory):
     root = tmp_path_factory.mktemp("run")
-    report = train_mod.train_heads(loaded, prompts_file, root / "heads", cache_dir=root / "cache", **OPTS)
+    report = train_mod.train_heads(loaded, prompts_file, root / "heads", replace(OPTS, cache_dir=root / "cache"))
     return root, report
 
 
@@ -55,7 +57,7 @@ def test_train_heads_names_the_bad_prompts_line(loaded, tmp_path):
     bad = tmp_path / "p.jsonl"
     bad.write_text('{"prompt": "a"}\n{"text": "b"}\n')
     with pytest.raises(InputError, match="line 2"):
-        train_mod.train_heads(loaded, bad, tmp_path / "h", cache_dir=tmp_path / "c", **OPTS)
+        train_mod.train_heads(loaded, bad, tmp_path / "h", replace(OPTS, cache_dir=tmp_path / "c"))
     assert not (tmp_path / "h").exists()
 
 
@@ -236,12 +238,12 @@ def test_rerun_reuses_data_and_resumes_after_interruption(trained, loaded, promp
 
     monkeypatch.setattr(train_mod, "evaluate_heads", failing_eval)
     with pytest.raises(KeyboardInterrupt):
-        train_mod.train_heads(loaded, prompts_file, out, cache_dir=root / "cache", **OPTS)
+        train_mod.train_heads(loaded, prompts_file, out, replace(OPTS, cache_dir=root / "cache"))
     assert (out / "checkpoint.pt").exists()
     monkeypatch.setattr(train_mod, "evaluate_heads", real_eval)
-    again = train_mod.train_heads(loaded, prompts_file, out, cache_dir=root / "cache", **OPTS)
+    again = train_mod.train_heads(loaded, prompts_file, out, replace(OPTS, cache_dir=root / "cache"))
     assert again["distillation"][0]["generated_now_tokens"] == 0  # every shard came from the cache
-    assert again["resumed_from_epoch"] == 1 and len(again["history"]) == OPTS["epochs"]
+    assert again["resumed_from_epoch"] == 1 and len(again["history"]) == OPTS.epochs
     a = load_heads(root / "heads", loaded.model.config).state_dict()
     b = load_heads(out, loaded.model.config).state_dict()
     for k in a:
@@ -255,15 +257,15 @@ def test_corrupt_checkpoint_is_an_error_not_a_silent_restart(trained, loaded, pr
     out = tmp_path / "h"
     out.mkdir()
     (out / "checkpoint.pt").write_bytes(b"\x80\x04 torn write")
-    opts = {**OPTS, "epochs": 1}
+    opts = replace(OPTS, epochs=1, cache_dir=root / "cache")
     with pytest.raises(CheckpointError, match=r"checkpoint .*checkpoint\.pt cannot be read .*--no-resume"):
-        train_mod.train_heads(loaded, prompts_file, out, cache_dir=root / "cache", **opts)
+        train_mod.train_heads(loaded, prompts_file, out, opts)
     assert not (out / "config.json").exists()
-    report = train_mod.train_heads(loaded, prompts_file, out, cache_dir=root / "cache", resume=False, **opts)
+    report = train_mod.train_heads(loaded, prompts_file, out, replace(opts, resume=False))
     assert report["resumed_from_epoch"] is None and (out / "config.json").exists()
     # A readable checkpoint of another run (other arguments) is skipped, and the log says so.
     torch.save({"fingerprint": "other", "heads": {}, "optimizer": {}, "scheduler": {}}, out / "checkpoint.pt")
-    train_mod.train_heads(loaded, prompts_file, out, cache_dir=root / "cache", **opts)
+    train_mod.train_heads(loaded, prompts_file, out, opts)
     assert "belongs to a run with other arguments" in capsys.readouterr().err
 
 
@@ -281,8 +283,8 @@ def test_training_record_holds_no_machine_paths(trained):
 def test_draft_vocab_and_sampled_passes(trained, loaded, prompts_file, tmp_path, capsys):
     """Draft-vocab training still evaluates over the full vocabulary; sampled extra answers add training
     positions but never held-out ones (the held-out set stays the greedy answers of the same prompts)."""
-    report = train_mod.train_heads(loaded, prompts_file, tmp_path / "h", cache_dir=tmp_path / "c", draft_vocab=64,
-                                   extra_sampled_passes=1, **{**OPTS, "epochs": 1, "progress": True})
+    opts = replace(OPTS, cache_dir=tmp_path / "c", draft_vocab=64, extra_sampled_passes=1, epochs=1, progress=True)
+    report = train_mod.train_heads(loaded, prompts_file, tmp_path / "h", opts)
     assert "epoch 1/1" in capsys.readouterr().err  # tqdm bars on stderr
     assert report["distillation"][1]["config"]["temperature"] == 0.7
     assert len(json.loads((tmp_path / "h" / "draft_vocab.json").read_text())["ids"]) == 64
@@ -296,16 +298,86 @@ def test_draft_vocab_and_sampled_passes(trained, loaded, prompts_file, tmp_path,
     load_heads(tmp_path / "h", loaded.model.config)
 
 
-def test_bad_options_are_input_errors(loaded, prompts_file, tmp_path):
-    from medusa_export.exporter.training.cli_entry import run_train_heads
+@pytest.mark.parametrize("field, value, message", [
+    ("heldout_fraction", 1.5, "--heldout-fraction 1.5 must be in [0, 1)"),
+    ("distill_engine", "vllm", "--distill-engine 'vllm' must be one of auto, static, hf"),
+    ("amp", "fp8", "--amp 'fp8' must be one of auto, bf16, none"),
+    ("device", "tpu", "--device 'tpu' must be one of auto, cpu, cuda"),
+    ("draft_vocab", 1, "--draft-vocab 1 must be >= 2"),
+    ("epochs", 0, "--epochs 0 must be >= 1"),
+    ("lr", 0.0, "--lr 0.0 must be > 0"),
+    ("extra_sampled_passes", -1, "--extra-sampled-passes -1 must be >= 0"),
+])
+def test_bad_options_are_refused_on_construction(field, value, message):
+    with pytest.raises(InputError) as e:
+        Medusa1Options(**{field: value})
+    assert str(e.value) == message
 
-    with pytest.raises(InputError, match="unknown train-heads option.*layout"):  # only the shared layout trains
-        run_train_heads(loaded, prompts_file, tmp_path / "h", layout="own", progress=False)
-    with pytest.raises(InputError, match="heldout_fraction"):
-        train_mod.train_heads(loaded, prompts_file, tmp_path / "h", heldout_fraction=1.5, progress=False)
-    with pytest.raises(InputError, match="distill engine"):
-        train_mod.train_heads(loaded, prompts_file, tmp_path / "h", distill_engine="vllm", progress=False)
-    if not torch.cuda.is_available():
-        with pytest.raises(InputError, match="--device cuda: this PyTorch sees no CUDA device"):
-            train_mod.train_heads(loaded, prompts_file, tmp_path / "h", device="cuda", progress=False)
+
+def test_train_record_keeps_the_runs_arguments(trained):
+    """training.json's args: the data and output paths plus every option, as the run had them."""
+    root, report = trained
+    assert report["args"] == {"data_file": "prompts.jsonl", "out_dir": "heads",
+                              **asdict(replace(OPTS, cache_dir="cache"))}
+
+
+def test_no_cuda_is_one_line_before_any_output(loaded, prompts_file, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(InputError, match="--device cuda: this PyTorch sees no CUDA device"):
+        train_mod.train_heads(loaded, prompts_file, tmp_path / "h", Medusa1Options(device="cuda", progress=False))
     assert not (tmp_path / "h").exists()
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+
+def _invoke(monkeypatch, *args: str) -> tuple[object, dict]:
+    """Run `train-heads` in-process with the trainers replaced by spies; returns the result and what they got."""
+    from typer.testing import CliRunner
+
+    from medusa_export.exporter.training import medusa2 as m2
+    from medusa_export.runtime.cli.app import _register, app
+
+    seen: dict = {}
+    monkeypatch.setattr(train_mod, "train_heads", lambda m, d, o, opts: seen.update(medusa1=opts) or {})
+    monkeypatch.setattr(m2, "train_medusa2", lambda m, d, o, m1, opts: seen.update(medusa1=m1, medusa2=opts) or {})
+    _register()
+    return CliRunner().invoke(app, ["train-heads", "--data", "p.jsonl", "--out", "o", *args]), seen
+
+
+def test_train_heads_flags_left_out_are_the_dataclass_values(monkeypatch):
+    """Every option of the dataclasses is a flag, and a flag not given is the dataclass field's value: changing a
+    default in one place and not the other fails here."""
+    import typer.main
+
+    from medusa_export.runtime.cli.app import _register, app
+
+    _register()
+    command = typer.main.get_command(app).commands["train-heads"]
+    flags = {p.name for p in command.params}
+    assert {f.name for f in fields(Medusa1Options)} | {f.name for f in fields(Medusa2Options)} <= flags
+    result, seen = _invoke(monkeypatch)
+    assert result.exit_code == 0, result.output
+    assert seen == {"medusa1": Medusa1Options()}
+    result, seen = _invoke(monkeypatch, "--mode", "medusa2")
+    assert result.exit_code == 0, result.output
+    assert seen == {"medusa1": Medusa1Options(), "medusa2": Medusa2Options()}
+
+
+def test_train_heads_flags_reach_the_options(monkeypatch, tmp_path):
+    result, seen = _invoke(monkeypatch, "--num-heads", "3", "--epochs", "2", "--lr", "3e-3", "--draft-vocab", "64",
+                           "--amp", "bf16", "--no-progress", "--no-resume", "--later-turns", "--cache-dir",
+                           str(tmp_path), "--warmup-fraction", "0.1", "--checkpoint-every-s", "5", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert seen["medusa1"] == Medusa1Options(num_heads=3, epochs=2, lr=3e-3, draft_vocab=64, amp="bf16",
+                                             progress=False, resume=False, later_turns=True, cache_dir=tmp_path,
+                                             warmup_fraction=0.1, checkpoint_every_s=5.0, device="cpu")
+
+
+def test_train_heads_bad_value_is_one_line_exit_2(monkeypatch):
+    for args, words in ((["--heldout-fraction", "1.5"], "--heldout-fraction 1.5 must be in [0, 1)"),
+                        (["--mode", "medusa3"], "--mode 'medusa3' must be one of medusa1, medusa2")):
+        result, seen = _invoke(monkeypatch, *args)
+        lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+        assert result.exit_code == 2 and lines == [f"error: {words}"] and seen == {}

@@ -4,10 +4,10 @@ the static-cache distillation engine against the transformers forward, and resum
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from medusa_export.exporter.training import sharegpt
@@ -16,7 +16,6 @@ from medusa_export.exporter.training.prompt_filters import (EvalFingerprints, Pr
 from medusa_export.exporter.training.prompt_source import load_prompt_set
 from medusa_export.runtime.errors import InputError
 
-MT_BENCH = Path(__file__).resolve().parents[2] / "shared" / "data" / "mt_bench.jsonl"
 
 
 def _conv(i: int, first: str = "human") -> dict:
@@ -121,18 +120,33 @@ def test_fingerprints_round_trip_without_the_text(tmp_path):
     assert keep == [1]
 
 
-@pytest.mark.skipif(not MT_BENCH.is_file(), reason="needs ../shared/data/mt_bench.jsonl")
-def test_shipped_fingerprints_exclude_every_mt_bench_question():
-    rows = [json.loads(line) for line in MT_BENCH.read_text().splitlines() if line.strip()]
-    questions = [t for r in rows for t in r["turns"]]
+def _exclusion_holds(questions: list[str], fingerprints) -> None:
+    """Every question, and every near copy of it (upper-cased with a tail added; one word changed), is excluded."""
     appended = [q.upper() + " Thanks, that is all." for q in questions]
     # One word changed: only for questions long enough that one word is a small part of them.
     reworded = [q.replace(" the ", " a ", 1) for q in questions if len(q.split()) >= 12 and " the " in q]
     near = appended + reworded
-    _, counts = filter_prompts(questions + near, PromptFilter(min_chars=1, english_only=False),
-                               exclude=shipped_eval_fingerprints())
-    assert len(reworded) > 50
+    _, counts = filter_prompts(questions + near, PromptFilter(min_chars=1, english_only=False), exclude=fingerprints)
     assert counts["kept"] == 0 and counts["eval_overlap"] == len(questions) + len(near)
+
+
+def test_evaluation_fingerprints_exclude_copies_and_near_copies(tmp_path):
+    """The exclusion the shipped MT-Bench fingerprints rely on, on the packaged prompt set as the evaluation set;
+    and the packaged prompts (written for this project) are no copies of MT-Bench. With the MT-Bench file at
+    hand (``MEDUSA_EXPORT_MT_BENCH=question.jsonl``), the shipped fingerprints are checked against it too."""
+    from medusa_export.runtime.prompts import PACKAGED_PROMPTS, read_prompts
+
+    packaged = read_prompts(None)
+    fp = EvalFingerprints.from_prompts("packaged", [("packaged", q) for q in packaged])
+    fp.save(tmp_path / "fp.json")
+    _exclusion_holds(packaged, EvalFingerprints.from_file(tmp_path / "fp.json"))
+    keep, _ = filter_prompts(packaged, PromptFilter(min_chars=1), exclude=shipped_eval_fingerprints())
+    assert len(keep) == len(packaged), "a packaged prompt copies an MT-Bench question"
+    mt_bench = os.environ.get("MEDUSA_EXPORT_MT_BENCH")
+    if mt_bench:
+        rows = [json.loads(line) for line in Path(mt_bench).read_text().splitlines() if line.strip()]
+        _exclusion_holds([t for r in rows for t in r["turns"]], shipped_eval_fingerprints())
+    assert PACKAGED_PROMPTS.is_file()
 
 
 def test_duplicates_length_and_language_filters():

@@ -245,5 +245,11 @@ def test_chain_presets(n):
 
 
 def test_preset_names_all_load():
+    """Every preset the help text names loads as a valid tree of the size it is known by."""
+    sizes = {"mc_sim_7b_63": 63, "cpu_small_10": 10, "chain-4": 4}
     for name in preset_names():
-        load_choices(name.replace("chain-N", "chain-4"))
+        name = name.replace("chain-N", "chain-4")
+        tree = Tree.from_choices(load_choices(name), topk=10, num_heads=5)
+        assert tree.num_nodes - 1 == sizes.pop(name), name
+    assert not sizes
+    assert load_choices("chain-3") == ((0,), (0, 0), (0, 0, 0))

@@ -36,6 +36,8 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("onnx")
 
 from fake_trt import FakeCuda, fake_tensorrt  # noqa: E402
+from medusa_export.exporter.build_options import BuildOptions  # noqa: E402
+from manifest_samples import assert_round_trips  # noqa: E402
 
 SKIP_REASON = availability.skip_reason()
 
@@ -78,8 +80,7 @@ def _build_tiny(root: Path, kv_heads: int, max_seq: int = 48, dtype: str = "fp32
     torch.set_num_threads(1)
     try:
         model = _tiny_model(root / "model", kv_heads)
-        build_artifact(str(model), root / "art", heads="fresh", tree="cpu_small_10", max_seq=max_seq,
-                       dtype=dtype, graph="portable", log=lambda s: None)
+        build_artifact(str(model), root / "art", BuildOptions(heads="fresh", tree="cpu_small_10", max_seq=max_seq, dtype=dtype, graph="portable"), log=lambda s: None)
     finally:
         torch.set_num_threads(threads)
     return root / "art"
@@ -144,24 +145,23 @@ def test_row_moves_never_overlap_and_compact():
 
 def test_builder_records_engines_in_manifest(fakes, tiny, tmp_path):
     from medusa_export.engines.cli_entry import build_engines_for_artifact
-    from medusa_export.runtime.manifest import read_manifest
+    from medusa_export.runtime.manifest import Manifest
 
     art = _copy(tiny, tmp_path / "art")
     lines = []
     manifest = build_engines_for_artifact(art, required=True, log=lines.append, workspace_gib=2)
     assert any("TensorRT 10.3.0 on Fake H100 (sm_90" in s for s in lines)
-    again = read_manifest(art, check_hashes=True)  # plan files listed with size and sha256
-    assert again["engines"] == manifest["engines"]
+    again = Manifest.read(art, check_hashes=True)  # plan files listed with size and sha256
+    assert again.engines == manifest.engines and assert_round_trips(art) == again
     for kind, step in (("medusa", ("tree", 11)), ("vanilla", ("decode", 1))):
-        rec = again["engines"][kind]
-        assert rec["file"] == f"{kind}.plan" and (art / rec["file"]).exists()
-        assert (rec["tensorrt_version"], rec["gpu_name"], rec["compute_capability"]) == ("10.3.0", "Fake H100", "9.0")
-        assert rec["precision"] == "fp32 strongly typed -TF32"
-        names = [p["name"] for p in rec["profiles"]]
-        assert names == ["prefill", step[0]]
-        assert rec["profiles"][1]["seq"] == [step[1]] * 3
-        assert rec["profiles"][0]["seq"][2] == 24 and rec["profiles"][0]["past"] == [0, 0, 24]
-        assert rec["build_s"] >= 0 and rec["workspace_bytes"] == 2 << 30
+        rec = again.engines[kind]
+        assert rec.file == f"{kind}.plan" and (art / rec.file).exists()
+        assert (rec.tensorrt_version, rec.gpu_name, rec.compute_capability) == ("10.3.0", "Fake H100", "9.0")
+        assert rec.precision == "fp32 strongly typed -TF32"
+        assert [p.name for p in rec.profiles] == ["prefill", step[0]]
+        assert rec.profiles[1].seq == (step[1],) * 3
+        assert rec.profiles[0].seq[2] == 24 and rec.profiles[0].past == (0, 0, 24)
+        assert rec.build_s >= 0 and rec.workspace_bytes == 2 << 30
     builds = fakes.record["builds"]
     assert all(b["strongly_typed"] and "TF32" not in b["flags"] for b in builds)
     assert builds[0]["pools"] == {"WORKSPACE": 2 << 30}
@@ -243,7 +243,7 @@ def test_fp16_graph_strongly_typed_then_weak_fallback(fakes, tiny_fp16, tmp_path
 
     art = _copy(tiny_fp16, tmp_path / "a")
     manifest = build_engines_for_artifact(art, required=True, log=lambda s: None)
-    assert {r["precision"] for r in manifest["engines"].values()} == {"fp16 strongly typed"}
+    assert {r.precision for r in manifest.engines.values()} == {"fp16 strongly typed"}
     assert all(b["strongly_typed"] and "FP16" not in b["flags"] for b in fakes.record["builds"])
     ref = MedusaRuntime.load(art, backend="ort").generator
     gen = MedusaRuntime.load(art, backend="trt").generator
@@ -258,7 +258,7 @@ def test_fp16_graph_strongly_typed_then_weak_fallback(fakes, tiny_fp16, tmp_path
     art2 = _copy(tiny_fp16, tmp_path / "b")
     lines = []
     manifest = build_engines_for_artifact(art2, required=True, log=lines.append)
-    assert {r["precision"] for r in manifest["engines"].values()} == {"fp16 weakly typed +FP16"}
+    assert {r.precision for r in manifest.engines.values()} == {"fp16 weakly typed +FP16"}
     assert any("strongly typed build failed" in s and "retrying fp16 weakly typed +FP16" in s for s in lines)
     assert [b["strongly_typed"] for b in weak.record["builds"]] == [False, False]
     assert all("FP16" in b["flags"] for b in weak.record["builds"])

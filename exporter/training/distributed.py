@@ -23,9 +23,8 @@ from medusa_export.runtime.errors import InputError, TrainingError
 
 
 def setup_distributed(device: str = "auto") -> tuple[int, int, torch.device, bool]:
-    """(rank, world size, this rank's device, whether this call created the process group: its owner ends it)."""
-    if device not in ("auto", "cpu", "cuda"):
-        raise InputError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
+    """(rank, world size, this rank's device, whether this call created the process group: its owner ends it).
+    ``device``: auto | cpu | cuda (the options checked the name)."""
     if device == "cuda" and not torch.cuda.is_available():
         raise InputError("--device cuda: this PyTorch sees no CUDA device (install a CUDA build of torch, or use --device cpu)")
     world = int(os.environ.get("WORLD_SIZE", "1"))

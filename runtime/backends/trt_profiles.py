@@ -1,7 +1,7 @@
 """TensorRT optimization profiles as the runtime reads them from the manifest, and which profile a step uses
 (pure Python).
 
-    profiles = [Profile.from_json(p) for p in manifest["engines"]["medusa"]["profiles"]]
+    profiles = [Profile.from_record(p) for p in manifest.engines["medusa"].profiles]
     select(profiles, t=11, past=300)         # index of the profile that runs this step, or None
     plan_chunks(profiles, t=900, past=0)     # a long causal prefill split into runs that each fit
 
@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .. import io_table
+from ..manifest import ProfileRecord
 
 
 @dataclass(frozen=True)
@@ -57,12 +58,12 @@ class Profile:
                 for t, p in zip(self.seq, self.past))
         return out
 
-    def to_json(self) -> dict:
-        return {"name": self.name, "seq": list(self.seq), "past": list(self.past), "total": list(self.total)}
+    def to_record(self) -> ProfileRecord:
+        return ProfileRecord(self.name, self.seq, self.past, self.total)
 
     @classmethod
-    def from_json(cls, d: dict) -> "Profile":
-        return cls(d["name"], tuple(d["seq"]), tuple(d["past"]))
+    def from_record(cls, record: ProfileRecord) -> "Profile":
+        return cls(record.name, tuple(record.seq), tuple(record.past))
 
 
 def select(profiles: list[Profile], t: int, past: int) -> int | None:

@@ -16,7 +16,8 @@ from .app import app, cli_errors
 def bench(
     artifact: Path = typer.Argument(..., help="Artifact directory."),
     backends: str = typer.Option("ort", help="Comma-separated: torch, ort, trt."),
-    prompts: Optional[Path] = typer.Option(None, help="JSONL prompts (default: shared/data/mt_bench.jsonl if found)."),
+    prompts: Optional[Path] = typer.Option(None, help="JSONL prompts (default: the packaged prompt set; for the "
+                                           "MT-Bench figures pass FastChat's question.jsonl)."),
     limit: Optional[int] = typer.Option(None, help="Use only the first N prompts."),
     max_new_tokens: int = typer.Option(128, min=1),
     tree: Optional[str] = typer.Option(None, help="Tree to use instead of the artifact's (must fit the graph)."),
@@ -32,7 +33,6 @@ def bench(
     from .. import extras
     from ..bench import plot, run_bench
     from ..prompts import read_prompts
-    from .build_cmd import _default_prompts
 
     names = [b.strip() for b in backends.split(",") if b.strip()]
     if "torch" in names:
@@ -44,7 +44,7 @@ def bench(
         if not hf:
             typer.echo("note: skipping the transformers baseline: torch/transformers are not installed "
                        "(pip install 'medusa-export[torch]')", err=True)
-    texts = read_prompts(prompts or _default_prompts(), limit=limit)
+    texts = read_prompts(prompts, limit=limit)
 
     def save(report: dict) -> None:  # the runtime rows first, before the optional baseline
         for note in report.get("notes", []):
@@ -52,7 +52,10 @@ def bench(
         if as_json:
             as_json.write_text(json.dumps(report, indent=2) + "\n")
 
-    report = run_bench(artifact, names, texts, max_new_tokens=max_new_tokens, with_hf=hf, tree=tree,
+    baseline = None
+    if hf:
+        from medusa_export.exporter.hf_baseline import hf_generate_bench as baseline
+    report = run_bench(artifact, names, texts, max_new_tokens=max_new_tokens, baseline=baseline, tree=tree,
                        threads=threads, progress=typer.echo, measured=save, model=model)
     typer.echo(f"{'backend':<13}{'mode':<9}{'tok/s':>8}{'accepted':>10}{'step p50':>10}{'step p90':>10}"
                f"{'prefill':>9}{'speed-up':>10}  identical")

@@ -8,7 +8,12 @@ from typing import Optional
 
 import typer
 
+from medusa_export.exporter.build_options import BuildOptions
+
+from ..manifest import ONNXRUNTIME
 from .app import app, cli_errors
+
+_DEFAULTS = BuildOptions()
 
 
 @app.command()
@@ -20,13 +25,13 @@ def build(
                                         "else fresh untrained heads); 'fresh' forces untrained heads."),
     tree: Optional[str] = typer.Option(None, help="Tree preset or JSON file (default: the heads' calibrated tree, "
                                        "else cpu_small_10)."),
-    dtype: str = typer.Option("fp32", help="Weights: fp32 | fp16 | int8 | int4 (int8/int4: ONNX Runtime only, "
-                              "activations and KV cache stay fp32)."),
-    max_seq: int = typer.Option(2048, help="KV capacity (prompt + generated tokens)."),
-    engine: str = typer.Option("onnx", help="onnx | trt | all (trt needs TensorRT and a CUDA GPU)."),
+    dtype: str = typer.Option(_DEFAULTS.dtype, help="Weights: fp32 | fp16 | int8 | int4 (int8/int4: ONNX Runtime "
+                              "only, activations and KV cache stay fp32)."),
+    max_seq: int = typer.Option(_DEFAULTS.max_seq, help="KV capacity (prompt + generated tokens)."),
+    engine: str = typer.Option(_DEFAULTS.engine, help="onnx | trt | all (trt needs TensorRT and a CUDA GPU)."),
     quality_prompts: Optional[Path] = typer.Option(None, help="int8/int4: JSONL prompts to measure top-1 agreement "
-                                                   "and perplexity change against fp32 on (default: 10 MT-Bench "
-                                                   "prompts if shared/data is nearby, else none)."),
+                                                   "and perplexity change against fp32 on (default: 10 of the "
+                                                   "packaged prompts)."),
     graph: Optional[str] = typer.Option(None, help="onnxruntime (fused operators, ONNX Runtime only; the default "
                                         "with --engine onnx) | portable (standard operators, also for TensorRT; "
                                         "the default with --engine trt|all)."),
@@ -35,28 +40,16 @@ def build(
 
     --out must be a new or empty directory or an earlier artifact (which is replaced only once the new one is
     complete); anything else is refused before any work starts."""
-    from .. import extras
-    from ..errors import InputError
-    from ..manifest import ONNXRUNTIME, PORTABLE, QUANTIZED_WEIGHTS, WEIGHTS
-
-    if engine not in ("onnx", "trt", "all"):
-        raise InputError(f"--engine {engine!r}: use onnx, trt or all")
-    graph = graph or (ONNXRUNTIME if engine == "onnx" else PORTABLE)
-    if graph not in (ONNXRUNTIME, PORTABLE):
-        raise InputError(f"--graph {graph!r}: use {ONNXRUNTIME} or {PORTABLE}")
-    if dtype not in WEIGHTS:
-        raise InputError(f"--dtype {dtype!r}: use {', '.join(WEIGHTS[:-1])} or {WEIGHTS[-1]}")
-    if engine != "onnx" and dtype in QUANTIZED_WEIGHTS:
-        raise InputError(f"--dtype {dtype} quantizes to ONNX Runtime's MatMulNBits, which TensorRT cannot take: "
-                         f"use --dtype fp32 or fp16 with --engine {engine}")
-    if engine != "onnx" and graph != PORTABLE:
-        raise InputError(f"--engine {engine} needs --graph {PORTABLE}: TensorRT cannot parse the fused "
-                         f"ONNX Runtime operators")
     from medusa_export.exporter.output_dir import check_out_dir
 
+    from .. import extras
+    from ..prompts import read_prompts
+
+    options = BuildOptions(heads=heads, tree=tree, dtype=dtype, max_seq=max_seq, graph=graph, engine=engine)
     check_out_dir(out)
+    texts = read_prompts(quality_prompts, limit=10) if options.quantized else None
     extras.require("build", "export")
-    if graph == ONNXRUNTIME:
+    if options.graph == ONNXRUNTIME:
         import onnxruntime
 
         from ..backends.ort import check_fused_support
@@ -68,21 +61,33 @@ def build(
         from medusa_export.engines.cli_entry import preflight
 
         preflight(engine)  # fail before the long ONNX export when --engine trt cannot be honoured
-    texts = None
-    if dtype in QUANTIZED_WEIGHTS:
-        from ..prompts import read_prompts
-
-        source = quality_prompts or _nearby_prompts()
-        texts = read_prompts(source, limit=10) if source else None
-        if texts is None:
-            typer.echo("note: no --quality-prompts and no shared/data/mt_bench.jsonl nearby: the quantized graph's "
-                       "quality is not measured (run `medusa-export verify` later)", err=True)
-    build_artifact(model, out, heads=heads, tree=tree, dtype=dtype, max_seq=max_seq, graph=graph,
-                   quality_prompts=texts, log=typer.echo)
+    build_artifact(model, out, options, quality_prompts=texts, log=typer.echo)
     if engine != "onnx":
         from medusa_export.engines.cli_entry import build_engines_for_artifact
 
         build_engines_for_artifact(out, required=(engine == "trt"), log=typer.echo)
+
+
+@app.command("build-engines")
+@cli_errors
+def build_engines(
+    artifact: Path = typer.Argument(..., help="Artifact directory with portable graphs (build --engine trt|all)."),
+    workspace_gib: Optional[float] = typer.Option(None, help="Builder workspace limit in GiB."),
+    max_prompt: Optional[int] = typer.Option(None, help="Largest prefill chunk (default max_seq // 2)."),
+    opt_prompt: Optional[int] = typer.Option(None, help="Prefill length to tune for (default 128)."),
+    opt_past: Optional[int] = typer.Option(None, help="Context length to tune steps for (default 256)."),
+    allow_tf32: bool = typer.Option(False, "--allow-tf32", help="fp32 graphs: allow TF32 matmuls."),
+    weakly_typed: bool = typer.Option(False, "--weakly-typed", help="TensorRT 10: weak typing + BuilderFlag.FP16/BF16."),
+    optimization_level: Optional[int] = typer.Option(None, help="Builder optimization level 0-5."),
+    timing_cache: Optional[Path] = typer.Option(None, help="Timing cache file (reused across builds)."),
+) -> None:
+    """(Re)build only the TensorRT engines of an artifact and record them in its manifest."""
+    from medusa_export.engines.cli_entry import build_engines_for_artifact
+
+    build_engines_for_artifact(artifact, required=True, log=typer.echo, workspace_gib=workspace_gib,
+                               max_prompt=max_prompt, opt_prompt=opt_prompt, opt_past=opt_past, allow_tf32=allow_tf32,
+                               strongly_typed=not weakly_typed, optimization_level=optimization_level,
+                               timing_cache=timing_cache)
 
 
 @app.command()
@@ -92,7 +97,7 @@ def verify(
     backends: str = typer.Option("torch,ort", help="Comma-separated; the first is the reference (torch: PyTorch)."),
     model: Optional[str] = typer.Option(None, help="The artifact's base model (directory or .gguf) for the PyTorch "
                                         "reference, when this machine has not loaded it before."),
-    prompts: Optional[Path] = typer.Option(None, help="JSONL prompts (default: 5 MT-Bench prompts if found)."),
+    prompts: Optional[Path] = typer.Option(None, help="JSONL prompts (default: the packaged prompt set)."),
     limit: int = typer.Option(5, help="Number of prompts."),
     max_new_tokens: int = typer.Option(48),
     tolerance: Optional[float] = typer.Option(None, help="Max probability error (default 1e-3 fp32, 2e-2 fp16)."),
@@ -103,7 +108,7 @@ def verify(
     from .. import extras
     from ..api import MedusaRuntime
     from ..compare import compare_backends
-    from ..manifest import QUANTIZED_WEIGHTS, read_manifest
+    from ..manifest import Manifest
     from ..prompts import read_prompts
 
     names = [b.strip() for b in backends.split(",") if b.strip()]
@@ -111,13 +116,13 @@ def verify(
         raise typer.BadParameter("--backends needs at least two, e.g. torch,ort")
     if "torch" in names:
         extras.require("verify against the PyTorch reference (--backends torch,...; or compare ort,trt)", "torch")
-    manifest = read_manifest(artifact, check_hashes=True)
-    texts = read_prompts(prompts or _default_prompts(), limit=limit)
+    manifest = Manifest.read(artifact, check_hashes=True)
+    texts = read_prompts(prompts, limit=limit)
     runtimes = [MedusaRuntime.load(artifact, backend=n, model=model) for n in names]
     for note in dict.fromkeys(n for rt in runtimes for n in rt.notes):
         typer.echo(f"note: {note}", err=True)
-    tol = tolerance if tolerance is not None else (1e-3 if manifest["dtype"] == "float32" else 2e-2)
-    quantized = manifest.get("weights") in QUANTIZED_WEIGHTS
+    tol = tolerance if tolerance is not None else (1e-3 if manifest.dims.dtype == "float32" else 2e-2)
+    quantized = manifest.quantized
     try:
         if quantized:
             report = _verify_quantized(names, runtimes, texts, max_new_tokens)
@@ -136,7 +141,7 @@ def verify(
         ok &= s["ok"]
         if quantized:
             q = s["quality"]
-            typer.echo(f"{n} ({manifest['weights']}) vs {names[0]}: greedy Medusa == greedy vanilla on {n} "
+            typer.echo(f"{n} ({manifest.weights}) vs {names[0]}: greedy Medusa == greedy vanilla on {n} "
                        f"{s['medusa_equals_vanilla']}/{len(texts)}, top-1 agreement {q['top1_agreement']:.4f} "
                        f"(bar {q['bar']}), perplexity {q['perplexity_change']:+.2%} -> {'OK' if s['ok'] else 'MISMATCH'}")
             continue
@@ -152,6 +157,7 @@ def _verify_quantized(names: list[str], runtimes: list, texts: list[str], max_ne
     Medusa == greedy vanilla on the quantized backend itself, and top-1 agreement with the reference."""
     from ..decode import GenerationConfig
     from ..quality import quality
+    from ..typed_json import to_json
 
     reference = runtimes[0].generator
     summary = {"reference": names[0]}
@@ -161,21 +167,5 @@ def _verify_quantized(names: list[str], runtimes: list, texts: list[str], max_ne
                    gen.generate(p, GenerationConfig(max_new_tokens=max_new_tokens, medusa=False)).token_ids
                    for p in texts)
         q = quality(reference, gen, texts, max_new_tokens)
-        summary[n] = {"medusa_equals_vanilla": same, "quality": q, "ok": same == len(texts) and q.get("passes", False)}
+        summary[n] = {"medusa_equals_vanilla": same, "quality": to_json(q), "ok": same == len(texts) and q.passes}
     return {"summary": summary}
-
-
-def _nearby_prompts() -> Path | None:
-    here = Path.cwd()
-    for base in (here, *here.parents):
-        p = base / "shared" / "data" / "mt_bench.jsonl"
-        if p.exists():
-            return p
-    return None
-
-
-def _default_prompts() -> Path:
-    found = _nearby_prompts()
-    if found is None:
-        raise typer.BadParameter("no --prompts given and no shared/data/mt_bench.jsonl nearby: pass --prompts FILE.jsonl")
-    return found

@@ -26,7 +26,7 @@ def generate(
     no_medusa: bool = typer.Option(False, "--no-medusa", help="Plain decoding, one token per step."),
     no_chat: bool = typer.Option(False, "--no-chat", help="Do not apply the chat template."),
     seed: Optional[int] = typer.Option(None, help="Seed for sampling."),
-    device: str = typer.Option("cpu", help="cpu | cuda (torch and ort backends)."),
+    device: str = typer.Option("cpu", help="cpu | cuda (the torch backend; trt always runs on the GPU)."),
     max_seq: Optional[int] = typer.Option(None, help="KV capacity in tokens (default: the artifact's, or 2048)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of streaming text."),
 ) -> None:

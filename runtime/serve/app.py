@@ -45,7 +45,7 @@ class ServeSettings:
 
 def create_app(runtime, settings: ServeSettings = ServeSettings()) -> FastAPI:
     generator = runtime.generator
-    name = settings.model_name or runtime.manifest["model"]["name"]
+    name = settings.model_name or runtime.manifest.model.name
     model = ServedModel(name, generator.tokenizer, generator.backend.max_seq, generator.tree is not None)
     metrics = ServerMetrics(name)
     sched = Scheduler(generator, settings.workers, settings.max_queue, settings.timeout_s, metrics)

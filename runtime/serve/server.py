@@ -30,7 +30,7 @@ def run_server(artifact: str, host: str = "127.0.0.1", port: int = 8000, backend
     app = create_app(runtime, settings)
     for note in runtime.notes:
         log(f"note: {note}")
-    log(f"serving {settings.model_name or runtime.manifest['model']['name']} from {artifact} on http://{host}:{port} "
+    log(f"serving {settings.model_name or runtime.manifest.model.name} from {artifact} on http://{host}:{port} "
         f"({settings.workers} decode worker(s), queue {settings.max_queue}, {backend})")
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=shutdown_deadline_s)
     # uvicorn drains on SIGTERM, then raises the signal again under the handler it found: with this one in place

@@ -1,0 +1,64 @@
+"""What `medusa-export build` is asked to make, checked in one place (no torch here: the CLI checks options
+before it imports anything heavy).
+
+    options = BuildOptions(dtype="int8", max_seq=1024)         # InputError naming the flag when it is wrong
+    build_artifact(None, "artifacts/smollm2-int8", options)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from medusa_export.runtime.errors import InputError
+from medusa_export.runtime.manifest import GRAPH_FORMATS, ONNXRUNTIME, PORTABLE, QUANTIZED_WEIGHTS, WEIGHTS
+
+ENGINES = ("onnx", "trt", "all")  # onnx: ONNX Runtime only; trt: also TensorRT engines (required); all: when possible
+DEFAULT_TREE = "cpu_small_10"  # when the heads carry no calibrated tree
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    heads: str | None = None  # heads path, "fresh", or None (shipped / embedded / fresh)
+    tree: str | None = None  # preset or JSON file; None: the heads' calibrated tree for this dtype, else DEFAULT_TREE
+    dtype: str = "fp32"  # weights (int8/int4: ONNX Runtime's MatMulNBits; activations and KV cache stay fp32)
+    max_seq: int = 2048  # KV capacity: prompt + generated tokens
+    graph: str | None = None  # onnxruntime (fused, ONNX Runtime only) | portable; None: by engine
+    engine: str = "onnx"
+    max_num_seqs: int = 8  # lanes of the batched graph (sequences one step takes); 1: no batched graph
+    head_topk: int = 10  # ranks per head the graph returns (a tree's ranks must stay below)
+    sample_topk: int = 32  # base-model ranks the graph returns (sampling and typical acceptance)
+
+    def __post_init__(self) -> None:
+        if self.engine not in ENGINES:
+            raise InputError(f"--engine {self.engine!r}: use onnx, trt or all")
+        if self.graph is None:
+            object.__setattr__(self, "graph", ONNXRUNTIME if self.engine == "onnx" else PORTABLE)
+        if self.graph not in GRAPH_FORMATS:
+            raise InputError(f"--graph {self.graph!r}: use {ONNXRUNTIME} or {PORTABLE}")
+        if self.dtype not in WEIGHTS:
+            raise InputError(f"--dtype {self.dtype!r}: use {', '.join(WEIGHTS[:-1])} or {WEIGHTS[-1]}")
+        if self.engine != "onnx" and self.dtype in QUANTIZED_WEIGHTS:
+            raise InputError(f"--dtype {self.dtype} quantizes to ONNX Runtime's MatMulNBits, which TensorRT cannot "
+                             f"take: use --dtype fp32 or fp16 with --engine {self.engine}")
+        if self.dtype in QUANTIZED_WEIGHTS and self.graph != ONNXRUNTIME:
+            raise InputError(f"--dtype {self.dtype} needs --graph {ONNXRUNTIME}: quantized weights are built for "
+                             f"ONNX Runtime's fused graph")
+        if self.engine != "onnx" and self.graph != PORTABLE:
+            raise InputError(f"--engine {self.engine} needs --graph {PORTABLE}: TensorRT cannot parse the fused "
+                             f"ONNX Runtime operators")
+        if self.max_seq < 16:
+            raise InputError(f"--max-seq {self.max_seq} is too small: use at least 16")
+        if not 1 <= self.max_num_seqs <= 64:
+            raise InputError(f"--max-num-seqs {self.max_num_seqs}: use 1..64 (1 builds no batched graph)")
+        for flag, value in (("head-topk", self.head_topk), ("sample-topk", self.sample_topk)):
+            if not 1 <= value <= 64:
+                raise InputError(f"--{flag} {value}: use 1..64")
+
+    @property
+    def quantized(self) -> bool:
+        return self.dtype in QUANTIZED_WEIGHTS
+
+    @property
+    def lanes(self) -> int:
+        """Lanes of the batched graph: fused artifacts only (the portable graph's attention takes a mask, not lanes)."""
+        return self.max_num_seqs if self.max_num_seqs > 1 and self.graph == ONNXRUNTIME else 0

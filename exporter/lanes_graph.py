@@ -1,0 +1,109 @@
+"""The lanes graph: one ONNX Runtime step for several sequences at once, each answer exactly what it would be
+alone.
+
+    export_lanes_graph(step, "out/lanes.onnx", lanes=8, dtype="float32", max_positions=2048)
+
+Every matmul runs once over the rows of all lanes back to back (a prefill chunk, or one token per decoding
+sequence); only attention runs per lane, as one GroupQueryAttention call on that sequence's own KV buffers with
+exactly the inputs a one-sequence step gives it (its rows plus the extra row, positions, additive bias: built on
+the host by `runtime.lanes`). ONNX Runtime's GroupQueryAttention refuses more than one new row per sequence with a
+past at batch > 1, and a batched one-row call computes with other arithmetic than the several-row call a
+one-sequence step makes; one call per lane keeps both facts harmless. Matmuls, norms and the vocabulary
+reduction compute each row independently of the others (checked by tests on every weight dtype), so a row's
+numbers do not depend on what shares the step.
+
+A lane with no rows (fewer sequences than lanes) costs no matmul row: its attention runs on one zero row against
+a scratch buffer the runtime binds, and its output is dropped.
+"""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import helper
+
+from medusa_export.runtime import io_table
+
+from .fused_backbone import MS, Decoder
+from .fused_graph import _append_tail_nodes, save_graph
+from .onnx_export import OPSET
+from .step_model import LanesTail, StepModel
+
+
+def lanes_backbone(decoder, cfg, max_positions: int, dtype: str, lanes: int) -> onnx.GraphProto:
+    d = Decoder(decoder, cfg, max_positions, dtype)
+    g = d.g
+    width = (d.nh + 2 * d.kvh) * d.hd
+    zero_row = g.weight("zero_row", np.zeros((1, 1, width)))  # what an empty lane's attention reads
+    bounds = []
+    for b in range(lanes):  # each lane's row range and GQA lengths, shared by every layer
+        start = g.op("Slice", ["lane_rows", g.weight(f"lane{b}/at", np.array([b], np.int64), cast=False),
+                               g.weight(f"lane{b}/next", np.array([b + 1], np.int64), cast=False)], f"lane{b}/start")[0]
+        end = g.op("Slice", ["lane_rows", g.weight(f"lane{b}/at_end", np.array([b + 1], np.int64), cast=False),
+                             g.weight(f"lane{b}/next_end", np.array([b + 2], np.int64), cast=False)], f"lane{b}/end")[0]
+        bounds.append((start, end, *d.lengths(f"attention_bias.{b}", f"lane{b}")))
+
+    def attention(i: int, qkv: str) -> str:
+        outs = []
+        for b, (start, end, seqlens, total) in enumerate(bounds):
+            rows = g.op("Slice", [qkv, start, end, d.axis1], f"L{i}/lane{b}/rows")[0]  # [1, S_b, q|k|v]
+            # the extra row: a copy of the lane's last row, or the zero row when the lane is empty
+            with_zero = g.op("Concat", [zero_row, rows], f"L{i}/lane{b}/with_zero", axis=1)[0]
+            extra = g.op("Slice", [with_zero, d.last, d.end, d.axis1], f"L{i}/lane{b}/extra")[0]
+            padded = g.op("Concat", [rows, extra], f"L{i}/lane{b}/padded", axis=1)[0]
+            k, v = (f"past_key_values.{i}.{b}.{kind}" for kind in ("key", "value"))
+            gqa = d.gqa(f"L{i}/lane{b}/attention", padded, k, v, seqlens, total, f"position_ids.{b}",
+                        f"attention_bias.{b}")
+            g.nodes[-1].output[1:] = [f"present.{i}.{b}.key", f"present.{i}.{b}.value"]
+            outs.append(g.op("Slice", [gqa[0], d.zero_i, d.last, d.axis1], f"L{i}/lane{b}/out")[0])
+        return g.op("Concat", outs, f"L{i}/lanes", axis=1)[0]
+
+    hidden = d.layers(d.embed(), attention)
+    g.nodes.append(helper.make_node("Identity", [hidden], ["hidden"], name="hidden"))
+    inputs = [d.value_info(t) for t in io_table.lanes_inputs(d.n, lanes) if t.name != "row_temperature"]
+    outputs = [helper.make_tensor_value_info("hidden", d.f, [io_table.BATCH, io_table.ROWS, cfg.hidden_size])]
+    outputs += [d.value_info(t) for t in io_table.lanes_outputs(d.n, lanes) if t.name.startswith("present.")]
+    return helper.make_graph(g.nodes, "lanes_backbone", inputs, outputs, g.inits)
+
+
+def export_lanes_graph(step: StepModel, path: str | Path, lanes: int, dtype: str = "float32",
+                       max_positions: int = 2048) -> Path:
+    path = Path(path)
+    backbone = lanes_backbone(step.backbone, step.config, max_positions, dtype, lanes)
+    tail = _export_tail(step, dtype)
+    graph = _append_tail_nodes(backbone, tail.graph, shared={"hidden", "row_temperature",
+                                                              *(t.name for t in io_table.lanes_reduced_outputs())})
+    table = {t.name: i for i, t in enumerate(io_table.lanes_inputs(step.num_layers, lanes))}
+    temperature = next(i for i in tail.graph.input if i.name == "row_temperature")
+    inputs = sorted([*backbone.input, temperature], key=lambda i: table[i.name])
+    presents = [o for o in backbone.output if o.name.startswith("present.")]
+    graph = helper.make_graph(list(graph.node), "medusa_export_lanes", inputs, list(tail.graph.output) + presents,
+                              list(graph.initializer))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)],
+                              producer_name="medusa-export")
+    model.ir_version = tail.ir_version
+    return save_graph(model, path)
+
+
+def _export_tail(step: StepModel, dtype: str) -> onnx.ModelProto:
+    torch_dtype = getattr(torch, io_table.model_dtype_of(dtype).name)
+    if any(p.dtype != torch_dtype for p in step.parameters()):
+        step = copy.deepcopy(step).to(torch_dtype)  # never the caller's model
+    names = [t.name for t in io_table.lanes_reduced_outputs()]
+    hidden = torch.randn(1, 3, step.config.hidden_size, dtype=torch_dtype)  # sizes >= 2: not specialised
+    axes = {"hidden": {0: io_table.BATCH, 1: io_table.ROWS}, "row_temperature": {0: io_table.BATCH, 1: io_table.ROWS}}
+    for t in io_table.lanes_outputs(step.num_layers, 0):
+        axes[t.name] = {i: a for i, a in enumerate(t.axes) if io_table.is_symbolic(a)}
+    with tempfile.TemporaryDirectory() as tmp, torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = Path(tmp) / "tail.onnx"
+        torch.onnx.export(LanesTail(step.eval()), (hidden, torch.ones(1, 3)), str(out),
+                          input_names=["hidden", "row_temperature"], output_names=names, dynamic_axes=axes,
+                          opset_version=OPSET, do_constant_folding=True, dynamo=False)
+        return onnx.load(str(out))

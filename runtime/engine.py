@@ -1,0 +1,275 @@
+"""Continuous batching: many sequences decode together, each answer exactly what it would be alone.
+
+    engine = Engine(generator, lanes, max_num_seqs=8, max_num_batched_tokens=256)
+    seq = engine.add(prompt_ids, GenerationConfig(max_new_tokens=64), sink=print)   # StreamEvent..., then a result
+    while engine.step():          # one step of every running sequence (or run it on a thread: `EngineThread`)
+        pass
+
+Sequences join and leave at every step. A step is one of two kinds:
+
+* alone (one running sequence, or an artifact without a lanes graph): the one-sequence graphs, with the Medusa tree
+  when the request asks for it. On a CPU a tree node costs about what a sequence's row costs in a batch, so
+  speculation pays only when nothing else could use the step (`docs/serving.md`, "Speculation under load");
+* batched: one lanes step (`backends/ort_lanes.py`) over all running sequences: each decoding sequence feeds its
+  next token, each prefilling one a chunk of its prompt, within ``max_num_batched_tokens`` rows, so a long prompt
+  delays the others by at most one chunk.
+
+Both kinds compute every row exactly as a one-sequence step does, so a sequence's tokens do not depend on what
+ran beside it, when it joined, or whether its steps were trees (tests/test_engine.py). Every sequence's KV cache
+is preallocated once (``max_num_seqs`` slots) and reused.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from .acceptance import next_token
+from .backends.base import Session
+from .backends.ort_lanes import Lane, OrtLanes
+from .decode import Cursor, DecodeStats, GenerationConfig, prefill, step
+from .errors import InputError
+from .generator import GenerationResult, Generator, result_of
+from .text_output import StreamEvent, TextOutput
+
+
+@dataclass
+class Sequence:
+    prompt: list[int]
+    cfg: GenerationConfig
+    sink: Callable[[StreamEvent | GenerationResult | Exception], None]  # events, then the result or the error
+    session: Session | None = None  # while it holds a KV slot
+    out: TextOutput | None = None
+    stats: DecodeStats = field(default_factory=DecodeStats)
+    cursor: Cursor | None = None  # set once the whole prompt is in the cache
+    fed: int = 0  # prompt tokens in the KV cache
+    cancelled: str | None = None  # "abort" | "timeout" | ...: stop at the next step
+    t0: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class StepRecord:
+    """What one engine step did (metrics: batch size per step, how often speculation ran)."""
+
+    sequences: int
+    rows: int
+    speculative: bool
+    seconds: float
+
+
+class Engine:
+    def __init__(self, generator: Generator, lanes: OrtLanes | None, max_num_seqs: int = 8,
+                 max_num_batched_tokens: int = 256, on_step: Callable[[StepRecord], None] | None = None) -> None:
+        if lanes is not None and max_num_seqs > lanes.lanes:
+            raise InputError(f"--max-num-seqs {max_num_seqs} exceeds the artifact's lanes graph ({lanes.lanes} lanes): "
+                             f"lower it, or rebuild with --max-num-seqs {max_num_seqs}")
+        if max_num_batched_tokens < max_num_seqs:
+            raise InputError(f"--max-num-batched-tokens {max_num_batched_tokens} must be at least --max-num-seqs "
+                             f"{max_num_seqs} (one row per running sequence)")
+        self.gen, self.lanes = generator, lanes
+        self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
+        self.on_step = on_step
+        backend = generator.backend
+        self.free = [backend.new_session() for _ in range(max_num_seqs)]  # preallocated KV slots, reused
+        self.kv_bytes = sum(s.kv.store.nbytes for s in self.free if hasattr(s, "kv"))
+        self.waiting: list[Sequence] = []
+        self.running: list[Sequence] = []
+        self.lock = threading.Lock()  # waiting / cancellation may change from other threads
+
+    # ---- requests -------------------------------------------------------------------------------------
+    def add(self, prompt: list[int], cfg: GenerationConfig, sink: Callable) -> Sequence:
+        """Queue a request; InputError when it could never run (its prompt plus max_new_tokens do not fit)."""
+        gen = self.gen
+        if cfg.medusa and gen.tree is None:
+            raise InputError("Medusa decoding asked for but no tree/heads are loaded: pass a tree or use --no-medusa")
+        if not prompt or cfg.max_new_tokens < 1:
+            raise InputError("a request needs a prompt and max_new_tokens >= 1")
+        if len(prompt) + cfg.max_new_tokens > gen.backend.max_seq:
+            raise InputError(f"the prompt ({len(prompt)} tokens) plus max_new_tokens ({cfg.max_new_tokens}) exceeds "
+                             f"the maximum sequence of {gen.backend.max_seq} tokens")
+        seq = Sequence(list(prompt), cfg, sink)
+        with self.lock:
+            self.waiting.append(seq)
+        return seq
+
+    def cancel(self, seq: Sequence, reason: str = "abort") -> None:
+        """Stop ``seq`` at the next step (from any thread); its slot is freed then, the others carry on."""
+        seq.cancelled = seq.cancelled or reason
+
+    @property
+    def idle(self) -> bool:
+        return not (self.running or self.waiting)
+
+    # ---- one step -------------------------------------------------------------------------------------
+    def step(self) -> bool:
+        """Admit waiting requests into free slots, run one step, retire what ended. False when idle."""
+        self._admit()
+        self._retire()
+        if not self.running:
+            return bool(self.waiting)
+        t0 = time.perf_counter()
+        live = list(self.running)
+        try:
+            if len(live) == 1 or self.lanes is None:
+                rows, spec = 0, False
+                for seq in live:  # without a lanes graph, one sequence after the other
+                    r, s = self._alone(seq)
+                    rows, spec = rows + r, spec or s
+            else:
+                rows, spec = self._batched(live), False
+        except Exception as e:  # noqa: BLE001 - the backend failed: these requests end with it, the engine stays up
+            self.fail(e)
+            return True
+        self._retire()
+        if self.on_step is not None:
+            self.on_step(StepRecord(len(live), rows, spec, time.perf_counter() - t0))
+        return True
+
+    def _admit(self) -> None:
+        with self.lock:
+            while self.waiting and self.free and len(self.running) < self.max_num_seqs:
+                seq = self.waiting.pop(0)
+                if seq.cancelled:
+                    self._finish(seq, seq.cancelled)
+                    continue
+                seq.session, seq.out = self.free.pop(), TextOutput(self.gen.tokenizer, seq.cfg)
+                seq.session.reset()
+                self.running.append(seq)
+
+    def _alone(self, seq: Sequence) -> tuple[int, bool]:
+        """One step of ``seq`` on the one-sequence graphs (its whole remaining prompt, or a (tree) step)."""
+        tree = self.gen.tree if seq.cfg.medusa else None
+        if seq.cursor is None:
+            t0 = time.perf_counter()
+            rest = seq.prompt[seq.fed:]
+            rng = np.random.default_rng(seq.cfg.seed)
+            seq.cursor = prefill(seq.session, rest, tree is not None, seq.cfg, rng)
+            seq.fed = len(seq.prompt)
+            seq.stats.prefill_s += time.perf_counter() - t0
+            self._emit(seq, [seq.cursor.root])
+            return len(rest), False
+        speculative = tree is not None and seq.cursor.heads is not None
+        new = step(seq.session, seq.cursor, tree, seq.cfg, seq.stats)
+        if new is None:
+            seq.out.finish = seq.out.finish or "length"
+        else:
+            self._emit(seq, new)
+        return (tree.num_nodes if speculative else 1), speculative
+
+    def _batched(self, live: list[Sequence]) -> int:
+        """One lanes step: each decoding sequence's next token, then prompt chunks within the token budget."""
+        budget = self.max_num_batched_tokens - sum(seq.cursor is not None for seq in live)
+        lanes, chosen = [], []
+        for seq in live:
+            if seq.cursor is not None:
+                if seq.session.length + 2 > seq.session.capacity:
+                    seq.out.finish = seq.out.finish or "length"
+                    continue
+                tokens = [seq.cursor.root]
+            else:
+                take = min(len(seq.prompt) - seq.fed, budget)
+                if take < 1:
+                    continue  # no budget left this step: its next chunk waits one step
+                budget -= take
+                tokens = seq.prompt[seq.fed:seq.fed + take]
+            temperature = seq.cfg.temperature if seq.cfg.temperature > 0 else 1.0
+            lanes.append(Lane(seq.session.kv, np.asarray(tokens, np.int64), temperature))
+            chosen.append(seq)
+        if not lanes:
+            return 0
+        t0 = time.perf_counter()
+        outs = self.lanes.run(lanes)
+        seconds = time.perf_counter() - t0
+        for seq, lane, out in zip(chosen, lanes, outs):
+            if seq.cursor is None:  # a prompt chunk: done once the whole prompt is in
+                seq.fed += len(lane.tokens)
+                seq.stats.prefill_s += seconds
+                if seq.fed == len(seq.prompt):
+                    rng = np.random.default_rng(seq.cfg.seed)
+                    seq.cursor = Cursor(next_token(out, len(lane.tokens) - 1, seq.cfg.temperature, rng), None, rng)
+                    self._emit(seq, [seq.cursor.root])
+            else:
+                seq.cursor.root = next_token(out, 0, seq.cfg.temperature, seq.cursor.rng)
+                seq.cursor.heads = None  # the lanes graph runs no heads
+                seq.stats.record_step(seconds, 1)
+                self._emit(seq, [seq.cursor.root])
+        return sum(len(lane.tokens) for lane in lanes)
+
+    # ---- results --------------------------------------------------------------------------------------
+    def _emit(self, seq: Sequence, tokens: list[int]) -> None:
+        event = seq.out.push(tokens)
+        if event is not None:
+            seq.sink(event)
+
+    def _retire(self) -> None:
+        """Hand back the slots of sequences that ended or were cancelled; send their results."""
+        for seq in [s for s in self.running if s.out.finish or s.cancelled]:
+            self.running.remove(seq)
+            self.free.append(seq.session)
+            seq.session = None
+            self._finish(seq, seq.out.finish if seq.out.finish and not seq.cancelled else seq.cancelled)
+
+    def _finish(self, seq: Sequence, finish: str) -> None:
+        out = seq.out or TextOutput(self.gen.tokenizer, seq.cfg)
+        tree = self.gen.tree if seq.cfg.medusa else None
+        seq.sink(result_of(out, seq.stats, finish, self.gen.backend.name, tree, len(seq.prompt), seq.t0))
+
+    def fail(self, error: Exception) -> None:
+        """A step failed: every running sequence ends with ``error`` (their caches may be half-written); queued
+        ones carry on."""
+        for seq in list(self.running):
+            self.running.remove(seq)
+            self.free.append(seq.session)
+            seq.session = None
+            seq.sink(error)
+
+    def close(self) -> None:
+        """Cancel everything still queued or running (each gets its result) and free the KV slots."""
+        with self.lock:
+            for seq in self.waiting + self.running:
+                seq.cancelled = seq.cancelled or "abort"
+            for seq in self.waiting:
+                self._finish(seq, seq.cancelled)
+            self.waiting = []
+        self._retire()
+        for session in self.free:
+            session.close()
+        self.free = []
+
+
+class EngineThread:
+    """An engine stepping on its own thread while there is work; `submit` wakes it (services, the server)."""
+
+    def __init__(self, engine: Engine, name: str = "medusa-engine") -> None:
+        self.engine = engine
+        self.wake = threading.Event()
+        self.stopping = False
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self.thread.start()
+
+    def submit(self, prompt: list[int], cfg: GenerationConfig, sink: Callable) -> Sequence:
+        seq = self.engine.add(prompt, cfg, sink)
+        self.wake.set()
+        return seq
+
+    def _loop(self) -> None:
+        while not self.stopping:
+            self.wake.wait()
+            self.wake.clear()
+            try:
+                while not self.stopping and self.engine.step():
+                    pass
+            except Exception as e:  # noqa: BLE001 - a bug outside the backend calls: end the running requests
+                self.error = e
+                self.engine.fail(e)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self.stopping = True
+        self.wake.set()
+        self.thread.join(timeout)
+        self.engine.close()

@@ -1,0 +1,92 @@
+"""Tokens in, text out, for one answer: end of sequence, the token budget, stop strings, incremental detokenizing.
+
+    out = TextOutput(tokenizer, cfg)
+    event = out.push([5, 6, 7])     # a StreamEvent (text shown so far may hold back a possible stop string), or None
+    out.finish                      # None, "stop" or "length" once the answer is complete
+
+The decode loop (one sequence) and the batched engine (many) both hand each step's tokens to one of these, so
+stopping and streaming are the same whichever produced the tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .decode import GenerationConfig
+from .detokenize import IncrementalDetokenizer
+
+
+@dataclass
+class StreamEvent:
+    text: str  # new text since the previous event
+    token_ids: list[int]  # tokens accepted in this step
+
+
+class TextOutput:
+    def __init__(self, tokenizer, cfg: GenerationConfig) -> None:
+        self.cfg = cfg
+        self.eos = set() if cfg.ignore_eos else set(tokenizer.eos_token_ids)
+        self.detok = IncrementalDetokenizer(tokenizer.decode)
+        self.tail_len = max((len(s) for s in cfg.stop_strings), default=1) - 1
+        self.new: list[int] = []
+        self.shown: list[str] = []
+        self.pending = ""  # decoded text not shown yet (it may begin a stop string)
+        self.finish: str | None = None
+
+    @property
+    def text(self) -> str:
+        return "".join(self.shown)
+
+    def push(self, chunk: list[int]) -> StreamEvent | None:
+        """Take one step's tokens; the event to show, if any. Tokens after an end are dropped."""
+        if self.finish:
+            return None
+        kept = []
+        for tok in chunk:
+            if tok in self.eos:
+                self.finish = "stop"
+                break
+            kept.append(tok)
+            if len(self.new) + len(kept) >= self.cfg.max_new_tokens:
+                self.finish = "length"
+                break
+        self.new += kept
+        self.pending += self.detok.push(kept) + (self.detok.flush() if self.finish else "")
+        cut = _find_stop(_tail(self.shown, self.tail_len), self.pending, self.cfg.stop_strings)
+        if cut is not None:
+            self.pending, self.finish = self.pending[:cut], "stop"
+        visible = self.pending if self.finish else _safe_prefix(self.pending, self.cfg.stop_strings)
+        if not (visible or kept):
+            return None
+        self.shown.append(visible)
+        self.pending = self.pending[len(visible):]
+        return StreamEvent(visible, kept)
+
+
+def _tail(pieces: list[str], n: int) -> str:
+    """The last ``n`` characters of the text shown so far (only the last few pieces are read)."""
+    out = ""
+    for piece in reversed(pieces):
+        if len(out) >= n:
+            break
+        out = piece + out
+    return out[-n:] if n else ""
+
+
+def _find_stop(shown_tail: str, pending: str, stops: tuple[str, ...]) -> int | None:
+    """Where in ``pending`` the text must be cut for the earliest stop string, which may begin in the
+    already-shown tail (then at 0); None when there is none."""
+    text = shown_tail + pending
+    hits = [i for s in stops if s for i in [text.find(s)] if i >= 0]
+    return max(0, min(hits) - len(shown_tail)) if hits else None
+
+
+def _safe_prefix(text: str, stops: tuple[str, ...]) -> str:
+    """Hold back any tail that could begin a stop string (unfinished characters are held by the detokenizer)."""
+    end = len(text)
+    for s in stops:
+        for k in range(min(len(s) - 1, end), 0, -1):
+            if text[end - k:end] == s[:k]:
+                end -= k
+                break
+    return text[:end]

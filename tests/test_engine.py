@@ -1,0 +1,187 @@
+"""The batched engine: each answer is exactly what it is alone, whatever shares the step, whenever it joined,
+Medusa on or off, on every weight dtype; sequences that end free their slot at the next step and leave the others
+unchanged; a backend failure ends the affected requests with an error, not the engine; prompts are fed in chunks
+within the token budget, so a long prompt never stalls the running streams."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from conftest import artifact_tree_file, make_chat_tokenizer
+
+from medusa_export.exporter.build_options import BuildOptions
+from medusa_export.runtime.decode import GenerationConfig
+from medusa_export.runtime.engine import Engine
+from medusa_export.runtime.generator import GenerationResult
+
+pytest.importorskip("onnxruntime")
+LANES = 3
+RNG = np.random.default_rng(11)
+PROMPTS = [RNG.integers(1, 300, n).tolist() for n in (5, 30, 2, 12, 47, 3)]
+
+
+@pytest.fixture(scope="module")
+def runtimes(tiny_dirs, tmp_path_factory):
+    """The tiny model with a chat tokenizer, built with a 3-lane batched graph for fp32, int8 and int4 weights."""
+    import shutil
+
+    from medusa_export.exporter.build import build_artifact
+    from medusa_export.runtime.api import MedusaRuntime
+
+    root = tmp_path_factory.mktemp("engine")
+    shutil.copytree(tiny_dirs[0], root / "model")
+    make_chat_tokenizer().save(root / "model")
+    out = {}
+    for dtype in ("fp32", "int8", "int4"):
+        build_artifact(str(root / "model"), root / dtype,
+                       BuildOptions(heads=str(tiny_dirs[1]), tree=artifact_tree_file(tiny_dirs), max_seq=256,
+                                    dtype=dtype, max_num_seqs=LANES), log=lambda _m: None)
+        out[dtype] = MedusaRuntime.load(root / dtype, threads=1)
+    return out
+
+
+def _config(i: int, medusa: bool | None = None, n: int = 24) -> GenerationConfig:
+    return GenerationConfig(max_new_tokens=n, medusa=bool(i % 2) if medusa is None else medusa, ignore_eos=True)
+
+
+def _alone(rt, prompts, configs) -> list[list[int]]:
+    return [rt.generator.generate(p, c).token_ids for p, c in zip(prompts, configs)]
+
+
+def _engine_run(rt, prompts, configs, arrivals: list[int], budget: int = 16, **kw) -> tuple[dict, list]:
+    """Run the engine, adding request i at step ``arrivals[i]``; returns {i: final item} and the step records."""
+    finals, steps = {}, []
+    engine = Engine(rt.generator, rt.generator.backend.lanes, max_num_seqs=LANES, max_num_batched_tokens=budget,
+                    on_step=steps.append, **kw)
+    pending = sorted(range(len(prompts)), key=lambda i: arrivals[i])
+    n = 0
+    while pending or not engine.idle:
+        while pending and arrivals[pending[0]] <= n:
+            i = pending.pop(0)
+            engine.add(prompts[i], configs[i], lambda x, i=i: finals.__setitem__(i, x)
+                       if isinstance(x, (GenerationResult, Exception)) else None)
+        engine.step()
+        n += 1
+        assert n < 5000  # bounded
+    return finals, steps
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "int8", "int4"])
+def test_every_answer_equals_its_answer_alone(runtimes, dtype):
+    """Six requests, three lanes, staggered arrivals, Medusa on for half of them: every sequence's tokens equal its
+    tokens decoded alone (and alone, greedy Medusa equals greedy vanilla)."""
+    rt = runtimes[dtype]
+    configs = [_config(i) for i in range(len(PROMPTS))]
+    alone = _alone(rt, PROMPTS, configs)
+    vanilla = _alone(rt, PROMPTS, [_config(i, medusa=False) for i in range(len(PROMPTS))])
+    assert alone == vanilla
+    finals, steps = _engine_run(rt, PROMPTS, configs, arrivals=[0, 0, 3, 5, 5, 40])
+    assert [finals[i].token_ids for i in range(len(PROMPTS))] == alone
+    assert max(s.sequences for s in steps) == LANES and any(s.speculative for s in steps)
+    assert all(finals[i].finish_reason == "length" for i in finals)
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(arrivals=st.lists(st.integers(0, 30), min_size=4, max_size=4), budget=st.integers(LANES, 40),
+       medusa=st.lists(st.booleans(), min_size=4, max_size=4))
+def test_any_schedule_gives_the_same_answers(runtimes, arrivals, budget, medusa):
+    rt = runtimes["fp32"]
+    prompts = PROMPTS[1:5]
+    configs = [_config(i, m, n=16) for i, m in enumerate(medusa)]
+    finals, steps = _engine_run(rt, prompts, configs, arrivals, budget=budget)
+    assert [finals[i].token_ids for i in range(4)] == _alone(rt, prompts, configs)
+    assert all(s.rows <= budget for s in steps if s.sequences > 1)
+
+
+def test_prompts_are_fed_in_chunks_and_running_streams_get_a_token_every_step(runtimes):
+    """A 47-token prompt arrives while two sequences decode: every batched step stays within the budget of 8
+    rows, and each running stream gets its token at every step while the prompt goes in, chunk by chunk."""
+    rt = runtimes["fp32"]
+    configs = [_config(0, medusa=False, n=40), _config(1, medusa=False, n=40), _config(2, medusa=False, n=4)]
+    tokens_seen = {0: [], 1: []}
+    finals, steps = {}, []
+    engine = Engine(rt.generator, rt.generator.backend.lanes, max_num_seqs=LANES, max_num_batched_tokens=8,
+                    on_step=steps.append)
+    for i, p in enumerate(PROMPTS[:2]):
+        engine.add(p, configs[i], lambda x, i=i: tokens_seen[i].append(len(x.token_ids))
+                   if hasattr(x, "text") and not isinstance(x, GenerationResult) else finals.__setitem__(i, x))
+    for _ in range(5):
+        engine.step()
+    before = [len(tokens_seen[0]), len(tokens_seen[1])]
+    engine.add(PROMPTS[4], configs[2], lambda x: finals.__setitem__(2, x) if isinstance(x, GenerationResult) else None)
+    chunk_steps = 0
+    while 2 not in finals:
+        engine.step()
+        chunk_steps += 1
+    assert chunk_steps >= 47 // 6  # the prompt took several steps: 6 rows a step beside two decoding streams
+    assert [len(tokens_seen[0]), len(tokens_seen[1])] == [b + chunk_steps for b in before]  # one token per step each
+    assert all(s.rows <= 8 for s in steps)
+
+
+def test_ended_sequences_free_their_slot_and_leave_the_others_unchanged(runtimes):
+    """One request stops on a stop string, one is cancelled mid-way (a disconnect), one has a short budget: the
+    queued ones take their slots at the next step, and every other answer is exactly its answer alone."""
+    rt = runtimes["fp32"]
+    tok = rt.generator.tokenizer
+    configs = [_config(i, n=20) for i in range(len(PROMPTS))]
+    alone = _alone(rt, PROMPTS, configs)
+    stop_word = tok.decode(alone[0][5:6]).strip()
+    configs[0] = GenerationConfig(max_new_tokens=20, stop_strings=(stop_word,), ignore_eos=True)
+    configs[2] = _config(2, n=3)
+    finals, order = {}, []
+    engine = Engine(rt.generator, rt.generator.backend.lanes, max_num_seqs=LANES, max_num_batched_tokens=32)
+    seqs = []
+    for i, p in enumerate(PROMPTS):
+        def sink(x, i=i):
+            if isinstance(x, (GenerationResult, Exception)):
+                finals[i] = x
+                order.append(i)
+        seqs.append(engine.add(p, configs[i], sink))
+    for _ in range(3):
+        engine.step()
+    assert seqs[1].session is not None and 1 not in finals
+    engine.cancel(seqs[1])
+    engine.step()
+    assert seqs[1].session is None and finals[1].finish_reason == "abort"  # its slot is free at the next step
+    while engine.step():
+        assert len(engine.running) + len(engine.free) == LANES
+    assert finals[0].finish_reason == "stop" and stop_word not in finals[0].text
+    assert finals[2].finish_reason == "length" and len(finals[2].token_ids) == 3
+    for i in (3, 4, 5):
+        assert finals[i].token_ids == alone[i], i
+    assert len(engine.free) == LANES  # every slot back
+
+
+def test_a_backend_failure_ends_its_requests_not_the_engine(runtimes, monkeypatch):
+    rt = runtimes["fp32"]
+    lanes = rt.generator.backend.lanes
+    real = lanes.run
+    calls = {"n": 0}
+
+    def flaky(batch):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("ONNX Runtime: out of memory")
+        return real(batch)
+
+    monkeypatch.setattr(lanes, "run", flaky)
+    configs = [_config(0, medusa=False, n=8)] * 4
+    finals, _ = _engine_run(rt, PROMPTS[:4], configs, arrivals=[0, 0, 0, 50])
+    failed = [i for i in finals if isinstance(finals[i], Exception)]
+    assert failed and all("out of memory" in str(finals[i]) for i in failed)
+    assert 3 not in failed and finals[3].token_ids == _alone(rt, PROMPTS[3:4], configs[3:4])[0]
+
+
+def test_requests_that_cannot_fit_are_refused_before_they_take_a_slot(runtimes):
+    from medusa_export.runtime.errors import InputError
+
+    rt = runtimes["fp32"]
+    engine = Engine(rt.generator, rt.generator.backend.lanes, max_num_seqs=2)
+    with pytest.raises(InputError, match="exceeds the maximum sequence of 256"):
+        engine.add(PROMPTS[4], GenerationConfig(max_new_tokens=250), lambda x: None)
+    assert engine.idle and len(engine.free) == 2
+    with pytest.raises(InputError, match="max-num-seqs 4 exceeds the artifact's lanes graph"):
+        Engine(rt.generator, rt.generator.backend.lanes, max_num_seqs=4)

@@ -1,0 +1,129 @@
+"""The artifact spec: every manifest the build writes reads back exactly, and every malformed manifest,
+tokenizer file or config is refused by the commands with exit 2 and one line naming the file and the field."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from manifest_samples import assert_round_trips, sample_manifest
+from test_cli import assert_one_line_error
+
+from medusa_export.runtime.errors import ArtifactError
+from medusa_export.runtime.manifest import FORMAT_VERSION, Manifest
+
+
+@pytest.mark.parametrize("which", ["artifact", "portable_artifact"])
+def test_built_manifests_round_trip(which, request):
+    m = assert_round_trips(request.getfixturevalue(which))
+    assert m.format_version == FORMAT_VERSION and m.dims.num_heads == 3 and set(m.graphs) == {"medusa", "vanilla"}
+
+
+def test_sample_manifest_round_trips_and_checks_across_fields():
+    m = sample_manifest(num_heads=2)
+    assert Manifest.from_json(m.to_json()) == m
+    bad = m.to_json() | {"kv_layout": "head-major-shared"}  # portable graphs are sequence-major
+    with pytest.raises(ArtifactError, match="field kv_layout must be 'sequence-major' for portable graphs"):
+        Manifest.from_json(bad)
+
+
+def _edit_manifest(data: dict, path: str | tuple, value) -> dict:
+    """Set (or with ``value`` DELETE remove) the dotted ``path`` (or tuple of keys) in a copy of ``data``."""
+    data = json.loads(json.dumps(data))
+    *parents, last = path.split(".") if isinstance(path, str) else path
+    node = data
+    for key in parents:
+        node = node[key]
+    if value is DELETE:
+        del node[last]
+    else:
+        node[last] = value
+    return data
+
+
+DELETE = object()
+# (file, how to break it, words the one-line error must hold)
+BROKEN = [
+    ("manifest.json", b"[]", ["manifest.json", "JSON object"]),
+    ("manifest.json", b"{not json", ["manifest.json", "corrupt"]),
+    ("manifest.json", ("dims", DELETE), ["manifest.json", "field dims is missing"]),
+    ("manifest.json", (("files", "medusa.onnx"), 7), ["manifest.json", "field files.medusa.onnx must be an object"]),
+    ("manifest.json", ("graphs.medusa.paths", "4"), ["field graphs.medusa.paths must be an integer"]),
+    ("manifest.json", ("dims.num_layers", 0), ["field dims.num_layers must be an integer of at least 1"]),
+    ("manifest.json", ("dims.dtype", "float64"), ["field dims.dtype"]),
+    ("manifest.json", ("weights", "int3"), ["field weights must be one of"]),
+    ("manifest.json", ("tree.num_nodes", 3), ["field tree.num_nodes must be len(medusa_choices) + 1"]),
+    ("manifest.json", ("tree.medusa_choices", [[0, "a"]]), ["field tree.medusa_choices[0][1] must be an integer"]),
+    ("manifest.json", ("graphs.vanilla", DELETE), ["field graphs must hold the graphs"]),
+    ("manifest.json", ("heads.num_heads", 2), ["field heads.num_heads must equal dims.num_heads"]),
+    ("manifest.json", ("max_seq", 8), ["field max_seq must be at least 16"]),
+    ("manifest.json", ("adapters", {}), ["field adapters is not a field of this format"]),
+    ("manifest.json", ("format_version", 99), ["format version 99, written by medusa-export 0.2.0", "reads version 3"]),
+    ("tokenizer_config.json", "garbage", ["tokenizer_config.json is not valid JSON"]),
+    ("tokenizer_config.json", b"[1, 2]", ["tokenizer_config.json must hold a JSON object"]),
+    ("tokenizer_config.json", {"chat_template": 5}, ["tokenizer_config.json: field chat_template must be a string"]),
+    ("tokenizer_config.json", {"eos_token": ["x"]}, ["tokenizer_config.json: field eos_token must be a string"]),
+    ("generation_config.json", {"eos_token_id": "x"}, ["generation_config.json: field eos_token_id"]),
+    ("generation_config.json", {"eos_token_id": [99999]}, ["generation_config.json: field eos_token_id"]),
+    ("tokenizer.json", "garbage", ["tokenizer.json is corrupt"]),
+]
+
+
+def _break(art, name: str, how) -> None:
+    """Break ``name`` in ``art``; "garbage" keeps the file's size (so the size check passes) and the manifest."""
+    path = art / name
+    if how == "garbage":
+        path.write_bytes(b"\x00garbage" * (path.stat().st_size // 8) + b"!" * (path.stat().st_size % 8))
+        return
+    if name == "manifest.json" and isinstance(how, tuple):
+        data = _edit_manifest(json.loads(path.read_text()), *how)
+    elif isinstance(how, bytes):
+        path.write_bytes(how)
+        data = None
+    else:
+        data = how
+    if data is not None:
+        path.write_text(json.dumps(data))
+    if name != "manifest.json":  # keep the manifest's record of the file in step, so the file itself is read
+        manifest = json.loads((art / "manifest.json").read_text())
+        from medusa_export.runtime.manifest import file_record
+
+        rec = file_record(path)
+        manifest["files"][name] = {"sha256": rec.sha256, "bytes": rec.bytes}
+        (art / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("name, how, words", BROKEN, ids=[f"{n}-{i}" for i, (n, _, _) in enumerate(BROKEN)])
+def test_malformed_artifact_files_are_one_line_errors(artifact, tmp_path, name, how, words):
+    art = tmp_path / "art"
+    shutil.copytree(artifact, art)
+    _break(art, name, how)
+    code = "import sys; from medusa_export.runtime.cli.app import main; sys.argv[0] = 'medusa-export'; main()"
+    proc = subprocess.run([sys.executable, "-c", code, "generate", str(art), "-p", "t5 t6", "--max-new-tokens", "2"],
+                          capture_output=True, text=True, timeout=120)
+    assert_one_line_error(proc, *words)
+
+
+@pytest.mark.parametrize("name, how, words", [BROKEN[0], BROKEN[3], BROKEN[16]])
+def test_serve_refuses_malformed_artifacts_in_one_line(artifact, tmp_path, name, how, words):
+    pytest.importorskip("uvicorn")
+    art = tmp_path / "art"
+    shutil.copytree(artifact, art)
+    _break(art, name, how)
+    code = "import sys; from medusa_export.runtime.cli.app import main; sys.argv[0] = 'medusa-export'; main()"
+    proc = subprocess.run([sys.executable, "-c", code, "serve", str(art), "--port", "0"], capture_output=True,
+                          text=True, timeout=120)
+    assert_one_line_error(proc, *words)
+
+
+def test_a_manifest_from_another_release_names_the_release_that_wrote_it():
+    data = sample_manifest().to_json() | {"format_version": 4, "package_version": "0.9.1"}
+    with pytest.raises(ArtifactError) as e:
+        Manifest.from_json(data, "art/manifest.json")
+    assert str(e.value) == ("art/manifest.json is artifact format version 4, written by medusa-export 0.9.1; this "
+                            "medusa-export 0.2.0 reads version 3: rebuild the artifact with this version "
+                            "(`medusa-export build`), or load it with medusa-export 0.9.1")
