@@ -12,8 +12,10 @@ one-sequence step makes; one call per lane keeps both facts harmless. Matmuls, n
 reduction compute each row independently of the others (checked by tests on every weight dtype), so a row's
 numbers do not depend on what shares the step.
 
-A lane with no rows (fewer sequences than lanes) costs no matmul row: its attention runs on one zero row against
-a scratch buffer the runtime binds, and its output is dropped.
+Per layer the lanes cost one Gather and one Split (each lane's rows and extra row, by host-built indices), one
+GroupQueryAttention each, and a Concat and Gather back: a few nodes, not a few per lane. A lane with no rows
+(fewer sequences than lanes) costs no matmul row: its attention runs on one zero row against a scratch buffer the
+runtime binds, and its output is dropped.
 """
 
 from __future__ import annotations
@@ -41,28 +43,23 @@ def lanes_backbone(decoder, cfg, max_positions: int, dtype: str, lanes: int) -> 
     g = d.g
     width = (d.nh + 2 * d.kvh) * d.hd
     zero_row = g.weight("zero_row", np.zeros((1, 1, width)))  # what an empty lane's attention reads
-    bounds = []
-    for b in range(lanes):  # each lane's row range and GQA lengths, shared by every layer
-        start = g.op("Slice", ["lane_rows", g.weight(f"lane{b}/at", np.array([b], np.int64), cast=False),
-                               g.weight(f"lane{b}/next", np.array([b + 1], np.int64), cast=False)], f"lane{b}/start")[0]
-        end = g.op("Slice", ["lane_rows", g.weight(f"lane{b}/at_end", np.array([b + 1], np.int64), cast=False),
-                             g.weight(f"lane{b}/next_end", np.array([b + 2], np.int64), cast=False)], f"lane{b}/end")[0]
-        bounds.append((start, end, *d.lengths(f"attention_bias.{b}", f"lane{b}")))
+    lengths = [d.lengths(f"attention_bias.{b}", f"lane{b}") for b in range(lanes)]  # shared by every layer
 
     def attention(i: int, qkv: str) -> str:
+        # Every lane's rows plus its extra row, in lane order (host-built indices into [zero row; rows]), split
+        # into one GroupQueryAttention input per lane; the real rows of the outputs gathered back in row order.
+        rows = g.op("Concat", [zero_row, qkv], f"L{i}/with_zero", axis=1)[0]
+        padded = g.op("Gather", [rows, "lane_gather"], f"L{i}/lane_rows", axis=1)[0]
+        per_lane = g.op("Split", [padded, "lane_sizes"], f"L{i}/lanes", outputs=lanes, axis=1)
         outs = []
-        for b, (start, end, seqlens, total) in enumerate(bounds):
-            rows = g.op("Slice", [qkv, start, end, d.axis1], f"L{i}/lane{b}/rows")[0]  # [1, S_b, q|k|v]
-            # the extra row: a copy of the lane's last row, or the zero row when the lane is empty
-            with_zero = g.op("Concat", [zero_row, rows], f"L{i}/lane{b}/with_zero", axis=1)[0]
-            extra = g.op("Slice", [with_zero, d.last, d.end, d.axis1], f"L{i}/lane{b}/extra")[0]
-            padded = g.op("Concat", [rows, extra], f"L{i}/lane{b}/padded", axis=1)[0]
+        for b, (seqlens, total) in enumerate(lengths):
             k, v = (f"past_key_values.{i}.{b}.{kind}" for kind in ("key", "value"))
-            gqa = d.gqa(f"L{i}/lane{b}/attention", padded, k, v, seqlens, total, f"position_ids.{b}",
+            gqa = d.gqa(f"L{i}/lane{b}/attention", per_lane[b], k, v, seqlens, total, f"position_ids.{b}",
                         f"attention_bias.{b}")
             g.nodes[-1].output[1:] = [f"present.{i}.{b}.key", f"present.{i}.{b}.value"]
-            outs.append(g.op("Slice", [gqa[0], d.zero_i, d.last, d.axis1], f"L{i}/lane{b}/out")[0])
-        return g.op("Concat", outs, f"L{i}/lanes", axis=1)[0]
+            outs.append(gqa[0])
+        attended = g.op("Concat", outs, f"L{i}/lanes_out", axis=1)[0]
+        return g.op("Gather", [attended, "row_gather"], f"L{i}/rows_out", axis=1)[0]
 
     hidden = d.layers(d.embed(), attention)
     g.nodes.append(helper.make_node("Identity", [hidden], ["hidden"], name="hidden"))

@@ -5,6 +5,9 @@
     result = rt.generate("Explain KV caches in one line.", max_new_tokens=64)
     for event in rt.stream("Tell me a story", temperature=0.7, seed=1):
         print(event.text, end="")
+    results = rt.generate_many(["Hi!", "Name three colours."], max_new_tokens=32)   # batched, same answers
+    with rt.batcher() as b:                                                       # services that batch themselves
+        handle = b.submit("Explain KV caches.", max_new_tokens=64)
 
 Each call gets its own session (KV buffers and I/O bindings); the loaded graph is shared. ``rt.notes``
 holds what the user should be told (e.g. a TensorRT engine tuned on another GPU). ``rt.close()`` (or
@@ -64,6 +67,20 @@ class MedusaRuntime:
 
     def stream(self, prompt: str | list[int], **options) -> Stream:
         return self.generator.stream(prompt, GenerationConfig(**options))
+
+    def generate_many(self, prompts: list[str | list[int]], max_num_seqs: int | None = None,
+                      max_num_batched_tokens: int = 256, **options) -> list[GenerationResult]:
+        """Decode every prompt with continuous batching (the artifact's lanes graph); each result is exactly what
+        `generate` gives it alone. Results in prompt order."""
+        from .batcher import generate_many
+
+        return generate_many(self.generator, prompts, max_num_seqs, max_num_batched_tokens, **options)
+
+    def batcher(self, max_num_seqs: int | None = None, max_num_batched_tokens: int = 256):
+        """A `Batcher`: submit requests from any thread, each decoded in the shared batch (`runtime.batcher`)."""
+        from .batcher import Batcher
+
+        return Batcher(self.generator, max_num_seqs, max_num_batched_tokens)
 
     def chat(self, messages: list[dict], **options) -> GenerationResult:
         """A conversation (``[{"role": ..., "content": ...}, ...]``) under the model's chat template. Message

@@ -17,6 +17,7 @@ import numpy as np
 
 from .decode import GenerationConfig
 from .generator import GenerationResult
+from .machine import machine_info
 from .typed_json import to_json
 
 
@@ -41,8 +42,9 @@ def summarize(backend: str, mode: str, results: list[GenerationResult], wall_s: 
 def run_bench(artifact: str | Path, backends: list[str], prompts: list[str], max_new_tokens: int = 128,
               baseline: Callable | None = None, tree: str | None = None, threads: int | None = None,
               progress: Callable[[str], None] | None = None,
-              measured: Callable[[dict], None] | None = None, model: str | None = None) -> dict:
-    """Vanilla and Medusa rows per backend, then the ``baseline`` row (the CLI passes the transformers one:
+              measured: Callable[[dict], None] | None = None, model: str | None = None, concurrency: int = 1) -> dict:
+    """Vanilla and Medusa rows per backend (``concurrency`` > 1: also both with that many requests decoded
+    together by the batched engine, all prompts submitted at once), then the ``baseline`` row (the CLI passes the transformers one:
     ``exporter.hf_baseline.hf_generate_bench``). ``measured(report)`` is called with the runtime rows before the
     optional baseline runs, so they are saved whatever happens next. ``model``: the artifact's base model (torch
     backend and baseline) when this machine does not know it."""
@@ -52,7 +54,7 @@ def run_bench(artifact: str | Path, backends: list[str], prompts: list[str], max
 
     results: list[dict] = []
     vanilla_tokens: dict[str, list[list[int]]] = {}
-    total = len(backends) * len(prompts) * 2 + (len(prompts) if baseline else 0)
+    total = len(backends) * len(prompts) * (2 + 2 * (concurrency > 1)) + (len(prompts) if baseline else 0)
     bar = tqdm(total=total, desc="bench", unit="gen", disable=progress is None)
     manifest, used_tree, notes = None, None, []
     for name in backends:
@@ -74,7 +76,15 @@ def run_bench(artifact: str | Path, backends: list[str], prompts: list[str], max
                 results.append(summarize(name, "medusa" if medusa else "vanilla", runs, wall, identical))
                 if medusa:  # same backend, same artifact, same prompts
                     results[-1]["speedup_vs_vanilla"] = round(results[-1]["tokens_per_s"] / results[-2]["tokens_per_s"], 3)
-    report = {"model": manifest.model.name if manifest else None, "prompts": len(prompts),
+            if concurrency > 1:
+                single = results[-2]["tokens_per_s"]
+                for medusa in (False, True):
+                    row = concurrent_row(rt, name, prompts, GenerationConfig(max_new_tokens=max_new_tokens,
+                                                                             medusa=medusa), concurrency,
+                                         vanilla_tokens[name], on_done=lambda: bar.update(1))
+                    row["speedup_vs_single_stream_vanilla"] = round(row["tokens_per_s"] / single, 3)
+                    results.append(row)
+    report = {"model": manifest.model.name if manifest else None, "machine": machine_info(), "prompts": len(prompts),
               "max_new_tokens": max_new_tokens, "tree": _tree_record(manifest, tree, used_tree), "results": results,
               "notes": notes}
     if measured is not None:
@@ -86,6 +96,38 @@ def run_bench(artifact: str | Path, backends: list[str], prompts: list[str], max
         results.append(row)
     bar.close()
     return report
+
+
+def concurrent_row(rt, backend: str, prompts: list[str], cfg: GenerationConfig, concurrency: int,
+                   reference: list[list[int]], on_done: Callable[[], None] = lambda: None) -> dict:
+    """Every prompt submitted at once to a batched engine of ``concurrency`` sequences: aggregate tokens/s, the
+    batch size of its steps, how many steps speculated, and whether every answer equals its single-stream one."""
+    from .engine import Engine
+
+    steps, results = [], [None] * len(prompts)
+    engine = Engine(rt.generator, rt.generator.backend.lanes, concurrency, max(256, concurrency), on_step=steps.append)
+
+    def sink(item, i):
+        if isinstance(item, (GenerationResult, Exception)):
+            results[i] = item
+            on_done()
+
+    t0 = time.perf_counter()
+    for i, p in enumerate(prompts):
+        engine.add(rt.generator.prompt_ids(p, cfg), cfg, lambda item, i=i: sink(item, i))
+    while engine.step():
+        pass
+    wall = time.perf_counter() - t0
+    engine.close()
+    errors = [r for r in results if isinstance(r, Exception)]
+    if errors:
+        raise errors[0]
+    row = summarize(backend, ("medusa" if cfg.medusa else "vanilla") + f" x{concurrency}", results, wall,
+                    all(r.token_ids == v for r, v in zip(results, reference)))
+    batch = [s.sequences for s in steps]
+    row.update(concurrency=concurrency, steps=len(steps), mean_batch=round(float(np.mean(batch)), 3) if batch else None,
+               speculative_steps=sum(s.speculative for s in steps))
+    return row
 
 
 def _tree_record(manifest, spec: str | None, tree) -> dict | None:

@@ -43,12 +43,14 @@ class Sequence:
     cfg: GenerationConfig
     sink: Callable[[StreamEvent | GenerationResult | Exception], None]  # events, then the result or the error
     session: Session | None = None  # while it holds a KV slot
+    slot: int = -1  # which: also its lane in batched steps (a lane keeps its KV bindings)
     out: TextOutput | None = None
     stats: DecodeStats = field(default_factory=DecodeStats)
     cursor: Cursor | None = None  # set once the whole prompt is in the cache
     fed: int = 0  # prompt tokens in the KV cache
     cancelled: str | None = None  # "abort" | "timeout" | ...: stop at the next step
     t0: float = field(default_factory=time.perf_counter)
+    admitted_at: float | None = None  # when it took a KV slot
 
 
 @dataclass
@@ -74,8 +76,9 @@ class Engine:
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
         self.on_step = on_step
         backend = generator.backend
-        self.free = [backend.new_session() for _ in range(max_num_seqs)]  # preallocated KV slots, reused
-        self.kv_bytes = sum(s.kv.store.nbytes for s in self.free if hasattr(s, "kv"))
+        self.slots = [backend.new_session() for _ in range(max_num_seqs)]  # preallocated KV, reused
+        self.free = list(range(max_num_seqs))[::-1]  # slot indices; pop() gives the lowest
+        self.kv_bytes = sum(getattr(getattr(s, "kv", None), "store", np.zeros(0)).nbytes for s in self.slots)
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
         self.lock = threading.Lock()  # waiting / cancellation may change from other threads
@@ -136,9 +139,20 @@ class Engine:
                 if seq.cancelled:
                     self._finish(seq, seq.cancelled)
                     continue
-                seq.session, seq.out = self.free.pop(), TextOutput(self.gen.tokenizer, seq.cfg)
-                seq.session.reset()
+                seq.slot = self.free.pop()
+                seq.session = self.slots[seq.slot] = self._fresh(self.slots[seq.slot])
+                seq.out = TextOutput(self.gen.tokenizer, seq.cfg)
+                seq.admitted_at = time.perf_counter()
                 self.running.append(seq)
+
+    def _fresh(self, session: Session) -> Session:
+        """``session`` emptied for a new sequence (a new one on backends that cannot reuse theirs)."""
+        try:
+            session.reset()
+            return session
+        except NotImplementedError:
+            session.close()
+            return self.gen.backend.new_session()
 
     def _alone(self, seq: Sequence) -> tuple[int, bool]:
         """One step of ``seq`` on the one-sequence graphs (its whole remaining prompt, or a (tree) step)."""
@@ -163,7 +177,8 @@ class Engine:
     def _batched(self, live: list[Sequence]) -> int:
         """One lanes step: each decoding sequence's next token, then prompt chunks within the token budget."""
         budget = self.max_num_batched_tokens - sum(seq.cursor is not None for seq in live)
-        lanes, chosen = [], []
+        lanes: list[Lane | None] = [None] * self.max_num_seqs
+        chosen = []
         for seq in live:
             if seq.cursor is not None:
                 if seq.session.length + 2 > seq.session.capacity:
@@ -177,14 +192,15 @@ class Engine:
                 budget -= take
                 tokens = seq.prompt[seq.fed:seq.fed + take]
             temperature = seq.cfg.temperature if seq.cfg.temperature > 0 else 1.0
-            lanes.append(Lane(seq.session.kv, np.asarray(tokens, np.int64), temperature))
+            lanes[seq.slot] = Lane(seq.session.kv, np.asarray(tokens, np.int64), temperature)
             chosen.append(seq)
-        if not lanes:
+        if not chosen:
             return 0
         t0 = time.perf_counter()
         outs = self.lanes.run(lanes)
         seconds = time.perf_counter() - t0
-        for seq, lane, out in zip(chosen, lanes, outs):
+        for seq in chosen:
+            lane, out = lanes[seq.slot], outs[seq.slot]
             if seq.cursor is None:  # a prompt chunk: done once the whole prompt is in
                 seq.fed += len(lane.tokens)
                 seq.stats.prefill_s += seconds
@@ -197,7 +213,7 @@ class Engine:
                 seq.cursor.heads = None  # the lanes graph runs no heads
                 seq.stats.record_step(seconds, 1)
                 self._emit(seq, [seq.cursor.root])
-        return sum(len(lane.tokens) for lane in lanes)
+        return sum(len(lane.tokens) for lane in lanes if lane)
 
     # ---- results --------------------------------------------------------------------------------------
     def _emit(self, seq: Sequence, tokens: list[int]) -> None:
@@ -208,10 +224,13 @@ class Engine:
     def _retire(self) -> None:
         """Hand back the slots of sequences that ended or were cancelled; send their results."""
         for seq in [s for s in self.running if s.out.finish or s.cancelled]:
-            self.running.remove(seq)
-            self.free.append(seq.session)
-            seq.session = None
+            self._release(seq)
             self._finish(seq, seq.out.finish if seq.out.finish and not seq.cancelled else seq.cancelled)
+
+    def _release(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.free.append(seq.slot)
+        seq.session, seq.slot = None, -1
 
     def _finish(self, seq: Sequence, finish: str) -> None:
         out = seq.out or TextOutput(self.gen.tokenizer, seq.cfg)
@@ -222,9 +241,7 @@ class Engine:
         """A step failed: every running sequence ends with ``error`` (their caches may be half-written); queued
         ones carry on."""
         for seq in list(self.running):
-            self.running.remove(seq)
-            self.free.append(seq.session)
-            seq.session = None
+            self._release(seq)
             seq.sink(error)
 
     def close(self) -> None:
@@ -236,9 +253,9 @@ class Engine:
                 self._finish(seq, seq.cancelled)
             self.waiting = []
         self._retire()
-        for session in self.free:
+        for session in self.slots:
             session.close()
-        self.free = []
+        self.slots, self.free = [], []
 
 
 class EngineThread:

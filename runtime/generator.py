@@ -86,6 +86,14 @@ class Generator:
 
     def stream(self, prompt: str | list[int], cfg: GenerationConfig | None = None) -> Stream:
         cfg = cfg or GenerationConfig()
+        ids = self.prompt_ids(prompt, cfg)
+        stream = Stream(iter(()))
+        stream._events = self._events(ids, cfg, stream)
+        return stream
+
+    def prompt_ids(self, prompt: str | list[int], cfg: GenerationConfig) -> list[int]:
+        """The prompt's token ids (text under the chat template when ``cfg.chat``), or InputError when the request
+        cannot run: Medusa without heads, an empty prompt, no room for one new token."""
         ids = self.tokenizer.encode_prompt(prompt, chat=cfg.chat) if isinstance(prompt, str) else list(prompt)
         if cfg.medusa and self.tree is None:
             raise InputError("Medusa decoding asked for but no tree/heads are loaded: pass a tree or use --no-medusa")
@@ -98,9 +106,7 @@ class Generator:
                 f"the prompt has {len(ids)} tokens but the maximum sequence is {self.backend.max_seq}: "
                 f"shorten the prompt or rebuild with a larger --max-seq"
             )
-        stream = Stream(iter(()))
-        stream._events = self._events(ids, cfg, stream)
-        return stream
+        return ids
 
     def _events(self, ids: list[int], cfg: GenerationConfig, stream: Stream) -> Iterator[StreamEvent]:
         stats = DecodeStats()

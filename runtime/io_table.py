@@ -26,8 +26,8 @@ CAPACITY = "max_sequence_length"  # a KV buffer's full length (shared-buffer gra
 PATH_DEPTH, NUM_PATHS, PATH_KV_HEADS = "path_depth", "num_paths", "path_kv_heads"
 # The lanes graph (several sequences per step, `runtime/backends/ort_lanes.py`): all lanes' rows, and per lane b
 # its own sizes, named f"lane{b}_..." (symbolic too).
-ROWS, LANE_OFFSETS = "rows", "lanes_plus_one"
-SYMBOLIC = (BATCH, SEQ, PAST, TOTAL, CAPACITY, PATH_DEPTH, NUM_PATHS, PATH_KV_HEADS, ROWS, LANE_OFFSETS)
+ROWS, LANE_ROWS, LANES = "rows", "lane_rows", "lanes"
+SYMBOLIC = (BATCH, SEQ, PAST, TOTAL, CAPACITY, PATH_DEPTH, NUM_PATHS, PATH_KV_HEADS, ROWS, LANE_ROWS, LANES)
 
 
 def is_symbolic(axis) -> bool:
@@ -135,10 +135,13 @@ def lane_kv_names(num_layers: int, lane: int, prefix: str) -> list[str]:
 
 
 def lanes_inputs(num_layers: int, lanes: int) -> list[Tensor]:
-    """The lanes graph: the rows of every lane back to back (lane b's rows are ``lane_rows[b]:lane_rows[b + 1]``),
-    and per lane the exact inputs a one-sequence step gives GroupQueryAttention: positions and additive bias of its
-    rows plus the extra row (`runtime.lanes.padded_bias`), and its own head-major KV buffers."""
-    table = [Tensor("input_ids", "int64", (BATCH, ROWS)), Tensor("lane_rows", "int64", (LANE_OFFSETS,)),
+    """The lanes graph: the rows of every lane back to back, where each lane's attention rows come from
+    (``lane_gather``: indices into [a zero row; the rows], lane by lane, each lane's rows then its extra row;
+    ``lane_sizes``: rows + 1 per lane) and where the real rows go back (``row_gather``), and per lane the exact
+    inputs a one-sequence step gives GroupQueryAttention: positions and additive bias of its rows plus the extra
+    row (`backends.ort_lanes.padded_bias`), and its own head-major KV buffers."""
+    table = [Tensor("input_ids", "int64", (BATCH, ROWS)), Tensor("lane_gather", "int64", (LANE_ROWS,)),
+             Tensor("lane_sizes", "int64", (LANES,)), Tensor("row_gather", "int64", (ROWS,)),
              Tensor("row_temperature", "float32", (BATCH, ROWS))]
     for b in range(lanes):
         rows, total, capacity = f"lane{b}_rows", f"lane{b}_total", f"lane{b}_capacity"

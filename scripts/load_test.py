@@ -1,12 +1,14 @@
 """Load benchmark of `medusa-export serve` (not a test): requests/s, output tokens/s, time to first token and
-inter-token latency (p50/p99), errors, at several concurrency levels, Medusa on vs off, for each worker count.
+inter-token latency (p50/p99), errors, at several concurrency levels, Medusa on vs off, for each
+``--max-num-seqs`` (requests the server decodes together).
 
-    python scripts/load_test.py ARTIFACT [--workers 1 2] [--concurrency 1 2 4 8] [--requests 16]
-                                [--max-tokens 64] [--prompts mt_bench.jsonl] [--json out.json]
+    python scripts/load_test.py ARTIFACT [--max-num-seqs 1 8] [--concurrency 1 2 4 8] [--requests 16]
+                                [--max-tokens 64] [--prompts question.jsonl] [--json out.json]
 
-Each worker count gets its own server, started with the project's command on 127.0.0.1 and stopped after.
-Streaming chat completions (greedy) through the official `openai` client; each level sends ``--requests``
-requests with at most ``concurrency`` in flight (below the queue limit, so errors must be 0).
+Each setting gets its own server, started with the project's command on 127.0.0.1 and stopped after.
+Streaming chat completions (greedy, ``ignore_eos`` so every answer has ``--max-tokens`` tokens) through the
+official `openai` client; each level sends ``--requests`` requests with at most ``concurrency`` in flight (below
+the admission limits, so errors must be 0).
 """
 
 from __future__ import annotations
@@ -24,15 +26,16 @@ from pathlib import Path
 
 import numpy as np
 
+from medusa_export.runtime.machine import machine_info
 from medusa_export.runtime.prompts import read_prompts
 
 
-def start_server(artifact: str, workers: int, max_queue: int) -> tuple[subprocess.Popen, str]:
+def start_server(artifact: str, max_num_seqs: int, max_queue: int) -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "medusa_export.runtime.cli", "serve", artifact, "--port", str(port),
-           "--workers", str(workers), "--max-queue", str(max_queue)]
+           "--max-num-seqs", str(max_num_seqs), "--max-queue", str(max_queue)]
     proc = subprocess.Popen(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     base = f"http://127.0.0.1:{port}"
     for _ in range(1200):  # bounded: 120 s
@@ -52,7 +55,7 @@ async def one(client, model: str, prompt: str, max_tokens: int, medusa: bool) ->
     try:
         stream = await client.chat.completions.create(
             model=model, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens, temperature=0,
-            stream=True, stream_options={"include_usage": True}, extra_body={"medusa": medusa})
+            stream=True, stream_options={"include_usage": True}, extra_body={"medusa": medusa, "ignore_eos": True})
         async for chunk in stream:
             now = time.perf_counter()
             if chunk.choices and chunk.choices[0].delta.content:
@@ -96,7 +99,7 @@ async def level(base: str, prompts: list[str], concurrency: int, n: int, max_tok
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("artifact")
-    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--max-num-seqs", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8])
     ap.add_argument("--requests", type=int, default=16)
     ap.add_argument("--max-tokens", type=int, default=64)
@@ -104,14 +107,14 @@ def main() -> None:
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     prompts = read_prompts(args.prompts)
-    report = {"artifact": args.artifact, "cpus": os.cpu_count(), "max_tokens": args.max_tokens, "rows": []}
-    for workers in args.workers:
-        proc, base = start_server(args.artifact, workers, max_queue=max(args.concurrency))
+    report = {"artifact": args.artifact, "machine": machine_info(), "max_tokens": args.max_tokens, "rows": []}
+    for seqs in args.max_num_seqs:
+        proc, base = start_server(args.artifact, seqs, max_queue=max(args.concurrency))
         try:
             for medusa in (True, False):
                 for c in args.concurrency:
-                    row = {"workers": workers, **asyncio.run(level(base, prompts, c, args.requests, args.max_tokens,
-                                                                     medusa))}
+                    row = {"max_num_seqs": seqs, **asyncio.run(level(base, prompts, c, args.requests,
+                                                                       args.max_tokens, medusa))}
                     report["rows"].append(row)
                     print(json.dumps(row), flush=True)
         finally:

@@ -73,7 +73,7 @@ def test_int8_branching_tree_is_lossless_on_the_real_model(default_artifact, tmp
 
     heads = str(default_artifact / Manifest.read(default_artifact).heads.directory)
     out = tmp_path / "int8"
-    build_artifact(None, out, BuildOptions(heads=heads, tree="cpu_small_10", max_seq=512, dtype="int8"),
+    build_artifact(None, out, BuildOptions(heads=heads, tree="cpu_small_10", max_seq=512, dtype="int8", max_num_seqs=1),
                    log=lambda _m: None)
     rt = MedusaRuntime.load(out, backend="ort")
     assert rt.manifest.graphs["medusa"].paths == 5
@@ -83,3 +83,26 @@ def test_int8_branching_tree_is_lossless_on_the_real_model(default_artifact, tmp
         assert med.token_ids == van.token_ids, p[:40]
     with pytest.raises(TreeError, match="at most 5"):
         MedusaRuntime.load(out, backend="ort", tree="mc_sim_7b_63")
+
+
+def test_batched_answers_equal_answers_alone_on_the_real_model(default_artifact):
+    """The default model's artifact (with its 8-lane batched graph): four packaged prompts decoded together, Medusa
+    on for half of them, give every answer token for token as alone; the build recorded the lanes check."""
+    from medusa_export.runtime.api import MedusaRuntime
+    from medusa_export.runtime.decode import GenerationConfig
+    from medusa_export.runtime.engine import Engine
+    from medusa_export.runtime.generator import GenerationResult
+
+    rt = MedusaRuntime.load(default_artifact, backend="ort")
+    assert rt.manifest.lanes == 8 and rt.manifest.validation["lanes"]["exact"] is True
+    prompts = _prompts()
+    configs = [GenerationConfig(max_new_tokens=N_TOKENS, medusa=bool(i % 2)) for i in range(len(prompts))]
+    alone = [rt.generator.generate(p, c).token_ids for p, c in zip(prompts, configs)]
+    finals = {}
+    engine = Engine(rt.generator, rt.generator.backend.lanes, max_num_seqs=4, max_num_batched_tokens=64)
+    for i, (p, c) in enumerate(zip(prompts, configs)):
+        engine.add(rt.generator.prompt_ids(p, c), c,
+                   lambda x, i=i: finals.__setitem__(i, x) if isinstance(x, GenerationResult) else None)
+    while engine.step():
+        pass
+    assert [finals[i].token_ids for i in range(len(prompts))] == alone

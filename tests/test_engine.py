@@ -185,3 +185,27 @@ def test_requests_that_cannot_fit_are_refused_before_they_take_a_slot(runtimes):
     assert engine.idle and len(engine.free) == 2
     with pytest.raises(InputError, match="max-num-seqs 4 exceeds the artifact's lanes graph"):
         Engine(rt.generator, rt.generator.backend.lanes, max_num_seqs=4)
+
+
+def test_library_batching_gives_the_answers_alone(runtimes):
+    """`generate_many` and a `batcher` fed from several threads: every result equals `generate` alone."""
+    import threading
+
+    rt = runtimes["int8"]
+    opts = dict(max_new_tokens=12, ignore_eos=True)
+    alone = [rt.generate(p, **opts).token_ids for p in PROMPTS]
+    assert [r.token_ids for r in rt.generate_many(PROMPTS, **opts)] == alone
+    assert [r.token_ids for r in rt.generate_many(PROMPTS, max_num_seqs=2, medusa=False, **opts)] == alone
+    got = {}
+    with rt.batcher() as batcher:
+        def client(i):
+            stream = batcher.submit(PROMPTS[i], **opts)
+            tokens = [t for event in stream for t in event.token_ids]
+            got[i] = (tokens, stream.result.token_ids)
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(len(PROMPTS))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+    assert all(got[i] == (alone[i], alone[i]) for i in range(len(PROMPTS)))

@@ -28,7 +28,7 @@ def long_artifact(tiny_dirs, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(long_artifact):
-    with serving(long_artifact, "--workers", "1", "--max-queue", "1", "--threads", "1", "--api-key", KEY) as (base, _):
+    with serving(long_artifact, "--max-num-seqs", "1", "--max-queue", "1", "--threads", "1", "--api-key", KEY) as (base, _):
         yield base
 
 

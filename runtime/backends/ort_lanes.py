@@ -1,7 +1,7 @@
 """The lanes graph on ONNX Runtime: one step over the rows of several sequences (`exporter/lanes_graph.py`).
 
     lanes = OrtLanes(session, dims, lanes=8)
-    outs = lanes.run([Lane(kv_a, tokens_a, temperature), Lane(kv_b, tokens_b, 0.0)])   # one output per lane
+    outs = lanes.run([Lane(kv_a, tokens_a, 1.0), None, Lane(kv_b, tokens_b, 0.7)])   # lane i: a sequence or None
     outs[0].next_ids            # [rows of lane 0, S]; the lanes' new KV rows are committed in their caches
 
 Each lane is one sequence: a prefill chunk or its next token, after the rows its KV cache holds. Its KV buffers
@@ -55,6 +55,10 @@ def padded_positions(past: int, rows: int) -> np.ndarray:
 
 
 class OrtLanes:
+    """Bindings persist across steps: a lane's KV buffers are bound again only when another cache takes the lane
+    (binding them costs ~25 µs a tensor, 120 per lane for the default model: more than a step's attention), so
+    callers keep each sequence in the same lane (`Engine` uses its KV slot's index)."""
+
     def __init__(self, session, dims: ModelDims, lanes: int) -> None:
         self.session, self.dims, self.lanes = session, dims, lanes
         self.binding = session.io_binding()
@@ -62,41 +66,62 @@ class OrtLanes:
         n = dims.num_layers
         self.past = [io_table.lane_kv_names(n, b, "past_key_values") for b in range(lanes)]
         self.present = [io_table.lane_kv_names(n, b, "present") for b in range(lanes)]
-        self.scratch = SlotCache(dims, 2)  # what an empty lane's attention writes
+        self.scratch = [SlotCache(dims, 2) for _ in range(lanes)]  # what an empty lane's attention writes
+        self.bound: list[tuple | None] = [None] * lanes
+        for name in _REDUCED:  # first: get_outputs() follows the order of first binding
+            self.binding.bind_output(name, "cpu")
 
-    def run(self, lanes: list[Lane]) -> list[LaneOutput]:
-        if not 1 <= len(lanes) <= self.lanes:
-            raise ValueError(f"a lanes step takes 1 to {self.lanes} sequences, got {len(lanes)}")
+    def run(self, lanes: list[Lane | None]) -> list[LaneOutput | None]:
+        """One step; ``lanes[i]`` is lane i's sequence (None: empty). One output per lane (None where empty)."""
+        if len(lanes) > self.lanes or not any(lanes):
+            raise ValueError(f"a lanes step takes 1 to {self.lanes} sequences")
         b = self.binding
-        b.clear_binding_inputs()
-        b.clear_binding_outputs()
-        for name in _REDUCED:  # first: get_outputs() follows the binding order
-            b.bind_output(name, "cpu")
-        offsets, temps = [0], []
+        offsets, temps, gather, sizes = [0], [], [], []
         for i in range(self.lanes):
             lane = lanes[i] if i < len(lanes) else None
-            kv, past, rows = (lane.kv, lane.kv.length, len(lane.tokens)) if lane else (self.scratch, 0, 0)
+            kv, past, rows = (lane.kv, lane.kv.length, len(lane.tokens)) if lane else (self.scratch[i], 0, 0)
             if lane:
                 if past + rows + 1 > kv.capacity:
                     raise ValueError(f"lane {i}: {past} + {rows} rows do not fit a KV buffer of {kv.capacity}")
                 temps += [lane.temperature] * rows
                 kv.stage(rows, 1)
+            start = offsets[-1] + 1  # + 1: index 0 is the zero row
+            gather += list(range(start, start + rows)) + [start + rows - 1 if rows else 0]  # rows, extra row
+            sizes.append(rows + 1)
             offsets.append(offsets[-1] + rows)
             b.bind_cpu_input(f"position_ids.{i}", padded_positions(past, rows))
             b.bind_cpu_input(f"attention_bias.{i}", padded_bias(past, rows, self.elem) if lane else
                              np.zeros((1, 1, 1, 1), self.elem))
-            for name_in, name_out, view in zip(self.past[i], self.present[i], kv.buffers(1)):
-                b.bind_input(name_in, "cpu", 0, self.elem, list(view.shape), view.ctypes.data)
-                b.bind_output(name_out, "cpu", 0, self.elem, list(view.shape), view.ctypes.data)
-        tokens = np.concatenate([lane.tokens for lane in lanes]).astype(np.int64)
+            self._bind_kv(i, kv)
+        tokens = np.concatenate([lane.tokens for lane in lanes if lane]).astype(np.int64)
         b.bind_cpu_input("input_ids", tokens[None])
-        b.bind_cpu_input("lane_rows", np.asarray(offsets, np.int64))
+        b.bind_cpu_input("lane_gather", np.asarray(gather, np.int64))
+        b.bind_cpu_input("lane_sizes", np.asarray(sizes, np.int64))
+        lane_starts = np.cumsum([0] + sizes[:-1])
+        b.bind_cpu_input("row_gather", np.concatenate([lane_starts[i] + np.arange(offsets[i + 1] - offsets[i])
+                                                        for i in range(self.lanes)]).astype(np.int64))
         b.bind_cpu_input("row_temperature", np.asarray(temps, np.float32)[None])
+        for name in _REDUCED:  # unallocated again: their shapes change with the rows
+            b.bind_output(name, "cpu")
         self.session.run_with_iobinding(b)
         ids, probs, entropy = (v.numpy()[0] for v in b.get_outputs()[:len(_REDUCED)])
-        outs = []
-        for i, lane in enumerate(lanes):
+        outs: list[LaneOutput | None] = []
+        for i in range(len(lanes)):
+            lane = lanes[i]
+            if lane is None:
+                outs.append(None)
+                continue
             lane.kv.keep(np.arange(len(lane.tokens)))
             rows = slice(offsets[i], offsets[i + 1])
             outs.append(LaneOutput(ids[rows], probs[rows], entropy[rows]))
         return outs
+
+    def _bind_kv(self, i: int, kv: SlotCache) -> None:
+        key = (id(kv.store), kv.store.ctypes.data)
+        if self.bound[i] == key:
+            return
+        b = self.binding
+        for name_in, name_out, view in zip(self.past[i], self.present[i], kv.buffers(1)):
+            b.bind_input(name_in, "cpu", 0, self.elem, list(view.shape), view.ctypes.data)
+            b.bind_output(name_out, "cpu", 0, self.elem, list(view.shape), view.ctypes.data)
+        self.bound[i] = key

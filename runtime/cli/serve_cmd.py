@@ -16,11 +16,14 @@ def serve(
     host: str = typer.Option("127.0.0.1", help="Address to bind (0.0.0.0 to serve other machines)."),
     port: int = typer.Option(8000, min=0, max=65535),
     backend: str = typer.Option("ort", help="ort | trt"),
-    workers: int = typer.Option(1, min=1, help="Decode workers (threads); the CPU threads are split between them."),
-    max_queue: int = typer.Option(8, min=0, help="Requests that may wait for a worker; more get HTTP 429."),
+    max_num_seqs: Optional[int] = typer.Option(None, min=1, help="Requests decoded together, one step for all "
+                                               "(default: the artifact's --max-num-seqs lanes; 1 without them)."),
+    max_num_batched_tokens: int = typer.Option(256, min=1, help="Rows one step takes: a token per decoding "
+                                               "request plus prompt chunks (a long prompt delays others by one chunk)."),
+    max_queue: int = typer.Option(8, min=0, help="Requests that may wait for a place; more get HTTP 429."),
     api_key: Optional[str] = typer.Option(None, envvar="MEDUSA_EXPORT_API_KEY",
                                           help="Require 'Authorization: Bearer KEY' on /v1 routes."),
-    threads: Optional[int] = typer.Option(None, min=1, help="ONNX Runtime threads per worker (default: cores / workers)."),
+    threads: Optional[int] = typer.Option(None, min=1, help="ONNX Runtime threads (default: all cores)."),
     tree: Optional[str] = typer.Option(None, help="Tree to use instead of the artifact's (must fit its graph)."),
     request_timeout: float = typer.Option(300.0, min=0.1, help="Seconds per request, queueing included."),
     max_body_bytes: int = typer.Option(1 << 20, min=1024, help="Largest request body accepted."),
@@ -34,7 +37,8 @@ def serve(
 
     if backend not in ("ort", "trt"):
         raise InputError(f"unknown backend {backend!r}: choose ort or trt")
-    settings = ServeSettings(workers=workers, max_queue=max_queue, timeout_s=request_timeout, api_key=api_key,
+    settings = ServeSettings(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                             max_queue=max_queue, timeout_s=request_timeout, api_key=api_key,
                              max_body_bytes=max_body_bytes, model_name=served_model_name)
     if ray:
         from ..serve.ray_app import run_ray

@@ -1,6 +1,6 @@
 """The OpenAI-compatible HTTP app (FastAPI) around one loaded artifact.
 
-    app = create_app(runtime, ServeSettings(workers=1, max_queue=8))
+    app = create_app(runtime, ServeSettings(max_num_seqs=8, max_queue=8))
     # uvicorn.run(app, host="127.0.0.1", port=8000)   -- or `medusa-export serve ARTIFACT`
 
 Routes: POST /v1/chat/completions, POST /v1/completions (both with ``stream``), GET /v1/models and
@@ -35,8 +35,9 @@ from .scheduler import Finished, Request as Admitted, Scheduler
 
 @dataclass(frozen=True)
 class ServeSettings:
-    workers: int = 1  # decode threads; ONNX Runtime threads are split between them
-    max_queue: int = 8  # requests that may wait for a worker before new ones get 429
+    max_num_seqs: int | None = None  # requests decoded together (default: the artifact's lanes, else 1)
+    max_num_batched_tokens: int = 256  # rows of one engine step: one per decoding request, plus prompt chunks
+    max_queue: int = 8  # requests that may wait for a place before new ones get 429
     timeout_s: float = 300.0  # per request, queueing included
     api_key: str | None = None
     max_body_bytes: int = 1 << 20
@@ -48,7 +49,8 @@ def create_app(runtime, settings: ServeSettings = ServeSettings()) -> FastAPI:
     name = settings.model_name or runtime.manifest.model.name
     model = ServedModel(name, generator.tokenizer, generator.backend.max_seq, generator.tree is not None)
     metrics = ServerMetrics(name)
-    sched = Scheduler(generator, settings.workers, settings.max_queue, settings.timeout_s, metrics)
+    seqs = settings.max_num_seqs or max(1, generator.backend.lanes.lanes if generator.backend.lanes else 1)
+    sched = Scheduler(generator, seqs, settings.max_num_batched_tokens, settings.max_queue, settings.timeout_s, metrics)
     served_by = {"X-Served-By": f"{socket.gethostname()}:{os.getpid()}"}  # which replica answered (Ray Serve)
 
     @contextlib.asynccontextmanager

@@ -67,10 +67,19 @@ class ServerMetrics:
         self.tokens_per_step = Histogram(P + "tokens_per_step", "Tokens one verification step produced "
                                          "(accepted drafts + the model's own token).", lab, registry=r,
                                          buckets=tuple(range(1, 11)))
-        self.steps = Counter(P + "decode_steps", "Decode steps run (Medusa or plain).", lab, registry=r)
+        self.steps = Counter(P + "decode_steps", "Engine steps run (one forward of every running request).", lab,
+                             registry=r)
+        self.batch = Histogram(P + "step_batch_size", "Requests one engine step decoded together.", lab, registry=r,
+                               buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64))
+        self.speculative = Counter(P + "speculative_steps", "Engine steps that verified a Medusa tree (a request "
+                                   "running alone).", lab, registry=r)
 
-    def step(self) -> None:
-        self.steps.labels(**self.labels).inc()
+    def step(self, batch: int = 1, speculative: bool = False) -> None:
+        lab = self.labels
+        self.steps.labels(**lab).inc()
+        self.batch.labels(**lab).observe(batch)
+        if speculative:
+            self.speculative.labels(**lab).inc()
 
     def finished(self, rec: RequestRecord) -> None:
         lab = self.labels

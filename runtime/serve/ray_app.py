@@ -2,14 +2,14 @@
 proxy's load balancing; each replica loads the artifact once and runs `create_app` (bounded queue, metrics).
 
     medusa-export serve ARTIFACT --ray --replicas 2                      # a local Ray, or the one RAY_ADDRESS names
-    serve run medusa_export.runtime.serve.ray_app:app_builder artifact=/path/to/artifact replicas=2 workers=1
+    serve run medusa_export.runtime.serve.ray_app:app_builder artifact=/path/to/artifact replicas=2 max_num_seqs=8
 
 On a cluster: `ray start --head` on one machine, `ray start --address HEAD:6379` on the others (or KubeRay's
 RayService with the `serve run` import path above); every machine needs the artifact at the same path.
 Autoscaling: pass ``autoscaling='{"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 1}'``
-to `app_builder` instead of ``replicas``. A replica takes ``workers`` requests at a time (Ray's
-``max_ongoing_requests``; one per decode worker, as measured best on a CPU), so the HTTP proxy queues the rest
-and hands each to the next free replica instead of queueing it behind a busy one.
+to `app_builder` instead of ``replicas``. A replica takes ``max_num_seqs`` requests at a time (Ray's
+``max_ongoing_requests``: what its engine decodes together), so the HTTP proxy queues the rest and hands each to
+the next free replica instead of queueing it behind a busy one.
 """
 
 from __future__ import annotations
@@ -37,15 +37,17 @@ def deployment(artifact: str, backend: str = "ort", settings: ServeSettings = Se
     scaling = {"autoscaling_config": autoscaling} if autoscaling else {"num_replicas": replicas}
     # One request per decode worker on a replica: the rest wait in Ray's proxy, which hands each to the next
     # free replica instead of queueing it behind a busy one.
-    medusa = serve.deployment(serve.ingress(build_app)(), name="medusa", max_ongoing_requests=settings.workers,
-                              ray_actor_options={"num_cpus": threads * settings.workers}, **scaling)
+    ongoing = settings.max_num_seqs or 8
+    medusa = serve.deployment(serve.ingress(build_app)(), name="medusa", max_ongoing_requests=ongoing,
+                              ray_actor_options={"num_cpus": threads}, **scaling)
     return medusa.bind()
 
 
 def app_builder(args: dict):
-    """`serve run medusa_export.runtime.serve.ray_app:app_builder artifact=DIR [replicas=N] [workers=N]
+    """`serve run medusa_export.runtime.serve.ray_app:app_builder artifact=DIR [replicas=N] [max_num_seqs=N]
     [max_queue=N] [threads=N] [api_key=KEY] [autoscaling=JSON]`."""
-    settings = ServeSettings(workers=int(args.get("workers", 1)), max_queue=int(args.get("max_queue", 8)),
+    seqs = int(args["max_num_seqs"]) if "max_num_seqs" in args else None
+    settings = ServeSettings(max_num_seqs=seqs, max_queue=int(args.get("max_queue", 8)),
                              api_key=args.get("api_key"), timeout_s=float(args.get("timeout_s", 300)))
     autoscaling = args.get("autoscaling")
     return deployment(args["artifact"], args.get("backend", "ort"), settings, int(args.get("replicas", 1)),

@@ -1,16 +1,17 @@
-"""Bounded admission in front of N decode workers (threads; ONNX Runtime releases the GIL while it runs).
+"""Admission and request lifetimes in front of the batched engine (`runtime.engine`), which decodes every running
+request together on one thread (ONNX Runtime releases the GIL while it runs).
 
-    sched = Scheduler(generator, workers=1, max_queue=8, timeout_s=300, metrics=m)
+    sched = Scheduler(generator, max_num_seqs=8, max_num_batched_tokens=256, max_queue=8, timeout_s=300, metrics=m)
     request = sched.submit(job)           # ApiError 429 / 503 at once, before anything is awaited
     async for item in request.events():   # StreamEvent ..., then one Finished
         ...
-    request.cancel()                      # the client went away: decoding stops at the next step
+    request.cancel()                      # the client went away: its sequence leaves the batch at the next step
 
-Admission counts every request from `submit` until its decoding has ended, under one lock: at most
-``workers + max_queue`` are admitted at a time, however many arrive in the same instant, and each is counted
-out exactly once, whether it finished, failed, was cancelled while waiting or running, or timed out. The
-request's worker (not its consumer) records its metrics, so a request whose client vanished is still counted,
-with ``finished_reason`` "abort" (or "timeout"). `drain` stops admission and waits for what is admitted.
+Admission counts every request from `submit` until the engine has handed back its result, under one lock: at
+most ``max_num_seqs`` run and ``max_queue`` wait, however many arrive in the same instant, and each is counted out
+exactly once, whether it finished, failed, was cancelled or timed out. The engine (not the consumer) reports each
+request's end, so a request whose client vanished is still recorded, with ``finished_reason`` "abort" (or
+"timeout"). `drain` stops admission and waits for what is admitted.
 """
 
 from __future__ import annotations
@@ -18,20 +19,21 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import AsyncIterator
 
-from ..generator import GenerationResult, Generator, StreamEvent
+from ..engine import Engine, EngineThread, Sequence, StepRecord
+from ..generator import GenerationResult, Generator
+from ..text_output import StreamEvent
 from .metrics import RequestRecord, ServerMetrics
 from .requests import ApiError, Job
 
 
 @dataclass
 class Finished:
-    result: GenerationResult | None  # the whole result when decoding ended by itself (or was cut short: "abort")
+    result: GenerationResult | None  # the whole result (also when cut short: finish_reason "abort" / "timeout")
     error: Exception | None = None  # the backend failed
-    reason: str | None = None  # "timeout" | "abort" | "shutdown" when it was stopped from outside
+    reason: str | None = None  # "timeout" | "abort" when it was stopped from outside
 
 
 class Request:
@@ -41,17 +43,16 @@ class Request:
         self.scheduler, self.job, self.loop = scheduler, job, loop
         self.arrived = time.perf_counter()
         self.queue: asyncio.Queue = asyncio.Queue()
-        self.stop = threading.Event()  # the worker checks it after every step
+        self.record = RequestRecord(len(job.prompt_ids), 0, 0.0, None, 0.0)
+        self.last_token: float | None = None
+        self.sequence: Sequence | None = None
         self.stop_reason: str | None = None
-        self.state = "waiting"  # -> "running" -> "done" (changed under the scheduler's lock)
         self.timer: asyncio.TimerHandle | None = None
 
-    def put(self, item: StreamEvent | Finished) -> None:
-        """Hand an item to the consumer (thread-safe)."""
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
-
     def cancel(self, reason: str = "abort") -> None:
-        self.scheduler.cancel(self, reason)
+        if self.sequence is not None and self.stop_reason is None:
+            self.stop_reason = reason
+            self.scheduler.engine.cancel(self.sequence, reason)
 
     async def events(self) -> AsyncIterator[StreamEvent | Finished]:
         while True:
@@ -62,102 +63,89 @@ class Request:
 
 
 class Scheduler:
-    def __init__(self, generator: Generator, workers: int, max_queue: int, timeout_s: float,
-                 metrics: ServerMetrics) -> None:
-        self.generator, self.workers, self.max_queue, self.timeout_s = generator, workers, max_queue, timeout_s
-        self.metrics = metrics
-        self.executor = ThreadPoolExecutor(workers, thread_name_prefix="medusa-decode")
+    def __init__(self, generator: Generator, max_num_seqs: int, max_num_batched_tokens: int, max_queue: int,
+                 timeout_s: float, metrics: ServerMetrics) -> None:
+        self.max_num_seqs, self.max_queue, self.timeout_s, self.metrics = max_num_seqs, max_queue, timeout_s, metrics
+        self.engine = Engine(generator, generator.backend.lanes, max_num_seqs=max_num_seqs,
+                             max_num_batched_tokens=max_num_batched_tokens, on_step=self._on_step)
+        self.thread = EngineThread(self.engine)
         self.lock = threading.Lock()
-        self.waiting = self.running = 0
+        self.admitted = 0
         self.accepting = True
 
-    # ---- admission (event loop) -----------------------------------------------------------------------
+    @property
+    def running(self) -> int:
+        return len(self.engine.running)
+
+    @property
+    def waiting(self) -> int:
+        return self.admitted - self.running
+
     def submit(self, job: Job) -> Request:
-        """Admit ``job`` or raise ApiError at once: 503 while shutting down, 429 when ``workers + max_queue``
+        """Admit ``job`` or raise ApiError at once: 503 while shutting down, 429 when ``max_num_seqs + max_queue``
         requests are already admitted."""
         with self.lock:
             if not self.accepting:
                 refused = ("shutdown", ApiError(503, "the server is shutting down: retry on another replica",
                                                 type_="server_error", headers={"Retry-After": "1"}))
-            elif self.waiting + self.running >= self.workers + self.max_queue:
+            elif self.admitted >= self.max_num_seqs + self.max_queue:
                 refused = ("queue_full", ApiError(
                     429, f"the server is busy ({self.running} running, {self.waiting} waiting, queue limit "
                     f"{self.max_queue}): retry later", type_="rate_limit_error", headers={"Retry-After": "1"}))
             else:
                 refused = None
-                self.waiting += 1
+                self.admitted += 1
         if refused:
             self.metrics.rejected.labels(**self.metrics.labels, reason=refused[0]).inc()
             raise refused[1]
         request = Request(self, job, asyncio.get_running_loop())
-        self._gauges()
+        try:
+            request.sequence = self.thread.submit(job.prompt_ids, job.config, lambda item: self._sink(request, item))
+        except Exception:
+            self._count_out()
+            raise
         request.timer = request.loop.call_later(self.timeout_s, request.cancel, "timeout")
-        self.executor.submit(self._work, request)
+        self._gauges()
         return request
 
-    def cancel(self, request: Request, reason: str) -> None:
-        """Stop ``request``: a waiting one is counted out at once, a running one after its current step."""
-        with self.lock:
-            if request.state == "done" or request.stop.is_set():
-                return
-            request.stop_reason = reason
-            request.stop.set()
-            was_waiting = request.state == "waiting"
-            if was_waiting:
-                request.state = "done"
-                self.waiting -= 1
-        if was_waiting:
-            self._record(request, RequestRecord(len(request.job.prompt_ids), 0, 0.0, None, 0.0), reason)
-            request.put(Finished(None, reason=reason))
-
-    # ---- decoding (worker thread) ---------------------------------------------------------------------
-    def _work(self, request: Request) -> None:
-        with self.lock:
-            if request.state != "waiting":
-                return  # cancelled or timed out while it waited: already counted out
-            request.state = "running"
-            self.waiting -= 1
-            self.running += 1
-        started = time.perf_counter()
-        self._gauges()
-        rec = RequestRecord(len(request.job.prompt_ids), 0, started - request.arrived, None, 0.0)
-        stream, error, last = None, None, None
-        try:
-            stream = self.generator.stream(request.job.prompt_ids, request.job.config)
-            events = iter(stream)
-            try:
-                for event in events:
-                    self.metrics.step()
-                    last = _note_tokens(rec, request.arrived, last, len(event.token_ids))
-                    request.put(event)
-                    if request.stop.is_set():
-                        break
-            finally:
-                events.close()  # ends the generator: its session (KV buffers) is released now
-        except Exception as e:  # noqa: BLE001 - reported to this request; the worker and the server stay up
-            error = e
-        result = stream.result if stream is not None else None
-        with self.lock:
-            request.state = "done"
-            self.running -= 1
-        reason = request.stop_reason if request.stop.is_set() else None
-        self._record(request, rec, reason or ("error" if error else None), result)
-        request.put(Finished(result if error is None else None, error, reason))
+    # ---- on the engine thread ---------------------------------------------------------------------------
+    def _sink(self, request: Request, item) -> None:
+        rec, now = request.record, time.perf_counter()
+        if isinstance(item, StreamEvent):
+            if rec.ttft_s is None:
+                rec.queue_s = (request.sequence.admitted_at or now) - request.arrived
+            request.last_token = _note_tokens(rec, request.arrived, request.last_token, len(item.token_ids))
+            request.loop.call_soon_threadsafe(request.queue.put_nowait, item)
+            return
+        error = item if isinstance(item, Exception) else None
+        result = item if isinstance(item, GenerationResult) else None
+        rec.e2e_s = now - request.arrived
+        if rec.ttft_s is None:
+            rec.queue_s = ((request.sequence.admitted_at if request.sequence else None) or now) - request.arrived
+        if result is not None:
+            rec.step_accepted, rec.draft_depth, rec.finish_reason = (result.step_accepted, result.draft_depth,
+                                                                     result.finish_reason)
+        else:
+            rec.finish_reason = "error"
+        self.metrics.finished(rec)
+        self._count_out()
+        finished = Finished(result, error, request.stop_reason)
+        request.loop.call_soon_threadsafe(request.queue.put_nowait, finished)
         request.loop.call_soon_threadsafe(request.timer.cancel)
 
-    def _record(self, request: Request, rec: RequestRecord, reason: str | None,
-                result: GenerationResult | None = None) -> None:
-        rec.e2e_s = time.perf_counter() - request.arrived
-        if result is not None:
-            rec.step_accepted, rec.draft_depth = result.step_accepted, result.draft_depth
-        rec.finish_reason = reason or (result.finish_reason if result is not None else "abort")
-        self.metrics.finished(rec)
+    def _on_step(self, step: StepRecord) -> None:
+        self.metrics.step(step.sequences, step.speculative)
+        self._gauges()
+
+    def _count_out(self) -> None:
+        with self.lock:
+            self.admitted -= 1
         self._gauges()
 
     def _gauges(self) -> None:
         lab = self.metrics.labels
-        self.metrics.waiting.labels(**lab).set(self.waiting)
         self.metrics.running.labels(**lab).set(self.running)
+        self.metrics.waiting.labels(**lab).set(max(self.waiting, 0))
 
     # ---- shutdown -------------------------------------------------------------------------------------
     async def drain(self, deadline_s: float) -> bool:
@@ -165,10 +153,10 @@ class Scheduler:
         with self.lock:
             self.accepting = False
         end = time.perf_counter() + deadline_s
-        while (self.running or self.waiting) and time.perf_counter() < end:
+        while self.admitted and time.perf_counter() < end:
             await asyncio.sleep(0.05)
-        clean = not (self.running or self.waiting)
-        self.executor.shutdown(wait=False, cancel_futures=True)
+        clean = not self.admitted
+        self.thread.stop()
         return clean
 
 

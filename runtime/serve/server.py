@@ -1,6 +1,6 @@
 """Load an artifact and serve it with uvicorn (what `medusa-export serve` runs).
 
-    run_server("artifacts/smollm2", host="127.0.0.1", port=8000, settings=ServeSettings(workers=1))
+    run_server("artifacts/smollm2", host="127.0.0.1", port=8000, settings=ServeSettings(max_num_seqs=8))
 """
 
 from __future__ import annotations
@@ -12,11 +12,6 @@ from .. import extras
 from .app import ServeSettings, create_app
 
 
-def default_threads(workers: int) -> int:
-    """ONNX Runtime threads per decode worker: the cores shared out (decode steps are compute-bound here)."""
-    return max(1, (os.cpu_count() or 1) // workers)
-
-
 def run_server(artifact: str, host: str = "127.0.0.1", port: int = 8000, backend: str = "ort",
                settings: ServeSettings = ServeSettings(), threads: int | None = None, tree: str | None = None,
                shutdown_deadline_s: float = 30.0, log=print) -> bool:
@@ -26,12 +21,15 @@ def run_server(artifact: str, host: str = "127.0.0.1", port: int = 8000, backend
 
     from ..api import MedusaRuntime
 
-    runtime = MedusaRuntime.load(artifact, backend=backend, tree=tree, threads=threads or default_threads(settings.workers))
+    runtime = MedusaRuntime.load(artifact, backend=backend, tree=tree, threads=threads or os.cpu_count())
     app = create_app(runtime, settings)
     for note in runtime.notes:
         log(f"note: {note}")
+    engine = app.state.scheduler.engine
     log(f"serving {settings.model_name or runtime.manifest.model.name} from {artifact} on http://{host}:{port} "
-        f"({settings.workers} decode worker(s), queue {settings.max_queue}, {backend})")
+        f"({backend}; {engine.max_num_seqs} sequences per step, {engine.max_num_batched_tokens} tokens per step, "
+        f"queue {settings.max_queue}; KV cache preallocated for {engine.max_num_seqs} sequences of "
+        f"{runtime.generator.backend.max_seq} tokens: {engine.kv_bytes / 2**20:.0f} MiB)")
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=shutdown_deadline_s)
     # uvicorn drains on SIGTERM, then raises the signal again under the handler it found: with this one in place
     # the process ends by returning, so a clean drain exits 0 (what process managers expect), not 143.
