@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .decode import GenerationConfig
+from .engine import DEFAULT_MAX_NUM_BATCHED_TOKENS
 from .errors import ArtifactError, InputError, TreeError
 from .generator import GenerationResult, Generator, Stream
 from .manifest import Manifest
@@ -69,14 +70,14 @@ class MedusaRuntime:
         return self.generator.stream(prompt, GenerationConfig(**options))
 
     def generate_many(self, prompts: list[str | list[int]], max_num_seqs: int | None = None,
-                      max_num_batched_tokens: int = 256, **options) -> list[GenerationResult]:
+                      max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS, **options) -> list[GenerationResult]:
         """Decode every prompt with continuous batching (the artifact's lanes graph); each result is exactly what
         `generate` gives it alone. Results in prompt order."""
         from .batcher import generate_many
 
         return generate_many(self.generator, prompts, max_num_seqs, max_num_batched_tokens, **options)
 
-    def batcher(self, max_num_seqs: int | None = None, max_num_batched_tokens: int = 256):
+    def batcher(self, max_num_seqs: int | None = None, max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS):
         """A `Batcher`: submit requests from any thread, each decoded in the shared batch (`runtime.batcher`)."""
         from .batcher import Batcher
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import queue
 
 from .decode import GenerationConfig
-from .engine import Engine, EngineThread, Sequence
+from .engine import DEFAULT_MAX_NUM_BATCHED_TOKENS, Engine, EngineThread, Sequence
 from .generator import GenerationResult, Generator
 from .text_output import StreamEvent
 
@@ -53,7 +53,7 @@ class BatchedStream:
 
 
 class Batcher:
-    def __init__(self, generator: Generator, max_num_seqs: int | None = None, max_num_batched_tokens: int = 256) -> None:
+    def __init__(self, generator: Generator, max_num_seqs: int | None = None, max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS) -> None:
         lanes = generator.backend.lanes
         seqs = max_num_seqs or (lanes.lanes if lanes else 1)
         self.generator = generator
@@ -77,7 +77,7 @@ class Batcher:
 
 
 def generate_many(generator: Generator, prompts: list[str | list[int]], max_num_seqs: int | None = None,
-                  max_num_batched_tokens: int = 256, **options) -> list[GenerationResult]:
+                  max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS, **options) -> list[GenerationResult]:
     """Every prompt decoded by one batched engine on this thread; the results in prompt order."""
     lanes = generator.backend.lanes
     engine = Engine(generator, lanes, max_num_seqs or (lanes.lanes if lanes else 1), max_num_batched_tokens)

@@ -102,10 +102,11 @@ def concurrent_row(rt, backend: str, prompts: list[str], cfg: GenerationConfig, 
                    reference: list[list[int]], on_done: Callable[[], None] = lambda: None) -> dict:
     """Every prompt submitted at once to a batched engine of ``concurrency`` sequences: aggregate tokens/s, the
     batch size of its steps, how many steps speculated, and whether every answer equals its single-stream one."""
-    from .engine import Engine
+    from .engine import DEFAULT_MAX_NUM_BATCHED_TOKENS, Engine
 
     steps, results = [], [None] * len(prompts)
-    engine = Engine(rt.generator, rt.generator.backend.lanes, concurrency, max(256, concurrency), on_step=steps.append)
+    engine = Engine(rt.generator, rt.generator.backend.lanes, concurrency, max(DEFAULT_MAX_NUM_BATCHED_TOKENS, concurrency),
+                    on_step=steps.append)
 
     def sink(item, i):
         if isinstance(item, (GenerationResult, Exception)):

@@ -1,6 +1,6 @@
 """Continuous batching: many sequences decode together, each answer exactly what it would be alone.
 
-    engine = Engine(generator, lanes, max_num_seqs=8, max_num_batched_tokens=256)
+    engine = Engine(generator, lanes, max_num_seqs=8, max_num_batched_tokens=64)
     seq = engine.add(prompt_ids, GenerationConfig(max_new_tokens=64), sink=print)   # StreamEvent..., then a result
     while engine.step():          # one step of every running sequence (or run it on a thread: `EngineThread`)
         pass
@@ -36,6 +36,11 @@ from .errors import InputError
 from .generator import GenerationResult, Generator, result_of
 from .text_output import StreamEvent, TextOutput
 
+# Rows one step takes. Prefill is compute-bound on a CPU (a 64-row chunk beside seven decoding streams took 0.39 s
+# on the measured 2-core machine, 256 rows 1.3 s): a small chunk bounds how long the running streams wait for their
+# next token, while a long prompt's total prefill time hardly changes (docs/results.md, "Mixed load").
+DEFAULT_MAX_NUM_BATCHED_TOKENS = 64
+
 
 @dataclass
 class Sequence:
@@ -65,7 +70,7 @@ class StepRecord:
 
 class Engine:
     def __init__(self, generator: Generator, lanes: OrtLanes | None, max_num_seqs: int = 8,
-                 max_num_batched_tokens: int = 256, on_step: Callable[[StepRecord], None] | None = None) -> None:
+                 max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS, on_step: Callable[[StepRecord], None] | None = None) -> None:
         if lanes is not None and max_num_seqs > lanes.lanes:
             raise InputError(f"--max-num-seqs {max_num_seqs} exceeds the artifact's lanes graph ({lanes.lanes} lanes): "
                              f"lower it, or rebuild with --max-num-seqs {max_num_seqs}")

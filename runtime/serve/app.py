@@ -27,6 +27,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
+from ..engine import DEFAULT_MAX_NUM_BATCHED_TOKENS
 from ..generator import GenerationResult
 from .metrics import ServerMetrics, accepted_per_position
 from .requests import ApiError, Job, ServedModel, parse_chat, parse_completion
@@ -36,7 +37,7 @@ from .scheduler import Finished, Request as Admitted, Scheduler
 @dataclass(frozen=True)
 class ServeSettings:
     max_num_seqs: int | None = None  # requests decoded together (default: the artifact's lanes, else 1)
-    max_num_batched_tokens: int = 256  # rows of one engine step: one per decoding request, plus prompt chunks
+    max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS  # rows of one engine step (decode + chunks)
     max_queue: int = 8  # requests that may wait for a place before new ones get 429
     timeout_s: float = 300.0  # per request, queueing included
     api_key: str | None = None

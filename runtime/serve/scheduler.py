@@ -1,7 +1,7 @@
 """Admission and request lifetimes in front of the batched engine (`runtime.engine`), which decodes every running
 request together on one thread (ONNX Runtime releases the GIL while it runs).
 
-    sched = Scheduler(generator, max_num_seqs=8, max_num_batched_tokens=256, max_queue=8, timeout_s=300, metrics=m)
+    sched = Scheduler(generator, max_num_seqs=8, max_num_batched_tokens=64, max_queue=8, timeout_s=300, metrics=m)
     request = sched.submit(job)           # ApiError 429 / 503 at once, before anything is awaited
     async for item in request.events():   # StreamEvent ..., then one Finished
         ...
