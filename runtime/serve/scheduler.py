@@ -50,9 +50,10 @@ class Request:
         self.timer: asyncio.TimerHandle | None = None
 
     def cancel(self, reason: str = "abort") -> None:
-        if self.sequence is not None and self.stop_reason is None:
+        if self.stop_reason is None:
             self.stop_reason = reason
-            self.scheduler.engine.cancel(self.sequence, reason)
+            if self.sequence is not None:  # else `submit` passes it on once the engine has the request
+                self.scheduler.engine.cancel(self.sequence, reason)
 
     async def events(self) -> AsyncIterator[StreamEvent | Finished]:
         while True:
@@ -99,12 +100,15 @@ class Scheduler:
             self.metrics.rejected.labels(**self.metrics.labels, reason=refused[0]).inc()
             raise refused[1]
         request = Request(self, job, asyncio.get_running_loop())
-        try:
+        request.timer = request.loop.call_later(self.timeout_s, request.cancel, "timeout")
+        try:  # the engine thread may report on it before `submit` returns: everything it reads is set already
             request.sequence = self.thread.submit(job.prompt_ids, job.config, lambda item: self._sink(request, item))
+            if request.stop_reason:
+                self.engine.cancel(request.sequence, request.stop_reason)
         except Exception:
+            request.timer.cancel()
             self._count_out()
             raise
-        request.timer = request.loop.call_later(self.timeout_s, request.cancel, "timeout")
         self._gauges()
         return request
 
@@ -113,7 +117,7 @@ class Scheduler:
         rec, now = request.record, time.perf_counter()
         if isinstance(item, StreamEvent):
             if rec.ttft_s is None:
-                rec.queue_s = (request.sequence.admitted_at or now) - request.arrived
+                rec.queue_s = (_admitted_at(request) or now) - request.arrived
             request.last_token = _note_tokens(rec, request.arrived, request.last_token, len(item.token_ids))
             request.loop.call_soon_threadsafe(request.queue.put_nowait, item)
             return
@@ -121,7 +125,7 @@ class Scheduler:
         result = item if isinstance(item, GenerationResult) else None
         rec.e2e_s = now - request.arrived
         if rec.ttft_s is None:
-            rec.queue_s = ((request.sequence.admitted_at if request.sequence else None) or now) - request.arrived
+            rec.queue_s = (_admitted_at(request) or now) - request.arrived
         if result is not None:
             rec.step_accepted, rec.draft_depth, rec.finish_reason = (result.step_accepted, result.draft_depth,
                                                                      result.finish_reason)
@@ -158,6 +162,10 @@ class Scheduler:
         clean = not self.admitted
         self.thread.stop()
         return clean
+
+
+def _admitted_at(request: Request) -> float | None:
+    return request.sequence.admitted_at if request.sequence is not None else None
 
 
 def _note_tokens(rec: RequestRecord, arrived: float, last: float | None, n: int) -> float | None:
