@@ -27,7 +27,7 @@ from medusa_export.runtime.manifest import (FORMAT, FORMAT_VERSION, ONNXRUNTIME,
 from medusa_export.runtime.errors import ExportValidationError
 from medusa_export.runtime.tree import Tree, load_choices
 
-from .build_options import DEFAULT_TREE, BuildOptions
+from medusa_export.runtime.build_options import DEFAULT_TREE, BuildOptions
 from .fused_backbone import check_supported
 from .fused_graph import export_fused_graph
 from .heads import save_heads

@@ -13,7 +13,7 @@ import importlib.util
 from dataclasses import dataclass
 
 import pytest
-from medusa_export.exporter.build_options import BuildOptions  # noqa: E402
+from medusa_export.runtime.build_options import BuildOptions  # noqa: E402
 
 TINY_VOCAB = 320
 # Prompts for the tiny model (token ids); the greedy references of all of them have clear argmax

@@ -16,7 +16,7 @@ import urllib.request
 from contextlib import contextmanager
 
 import pytest
-from medusa_export.exporter.build_options import BuildOptions  # noqa: E402
+from medusa_export.runtime.build_options import BuildOptions  # noqa: E402
 
 KEY = "sk-test-key"
 PROMPT = "t5 t6 t7"

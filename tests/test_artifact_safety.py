@@ -17,7 +17,7 @@ from test_cli import assert_one_line_error, cli  # noqa: E402
 
 from medusa_export.runtime.api import MedusaRuntime  # noqa: E402
 from medusa_export.runtime.errors import ArtifactError, InputError  # noqa: E402
-from medusa_export.exporter.build_options import BuildOptions  # noqa: E402
+from medusa_export.runtime.build_options import BuildOptions  # noqa: E402
 
 
 def _tree(directory):

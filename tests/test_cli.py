@@ -150,7 +150,7 @@ def test_train_heads_options_reach_the_trainer(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
     from medusa_export.exporter.training import train as train_mod
-    from medusa_export.exporter.training.options import Medusa1Options
+    from medusa_export.runtime.training_options import Medusa1Options
     from medusa_export.runtime.cli.app import _register, app
 
     prompts = tmp_path / "p.jsonl"

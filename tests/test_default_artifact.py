@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from conftest import requires_default_model
-from medusa_export.exporter.build_options import BuildOptions  # noqa: E402
+from medusa_export.runtime.build_options import BuildOptions  # noqa: E402
 from medusa_export.runtime.manifest import Manifest  # noqa: E402
 
 pytestmark = [pytest.mark.slow, requires_default_model]

@@ -12,7 +12,7 @@ from conftest import TINY_PROMPTS, make_heads
 
 from medusa_export.exporter.heads import load_heads, restrict_vocab, save_heads
 from medusa_export.runtime.tree import Tree, load_choices
-from medusa_export.exporter.build_options import BuildOptions  # noqa: E402
+from medusa_export.runtime.build_options import BuildOptions  # noqa: E402
 
 KEEP = torch.tensor([3, 5, 17, 42, 99, 100, 200, 250, 251, 300, 301, 302, 310])
 

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from conftest import artifact_tree_file, make_chat_tokenizer
 
-from medusa_export.exporter.build_options import BuildOptions
+from medusa_export.runtime.build_options import BuildOptions
 from medusa_export.runtime.decode import GenerationConfig
 from medusa_export.runtime.engine import Engine
 from medusa_export.runtime.generator import GenerationResult

@@ -22,7 +22,7 @@ from medusa_export.runtime import io_table  # noqa: E402
 from medusa_export.runtime.api import MedusaRuntime, artifact_tree  # noqa: E402
 from medusa_export.runtime.decode import GenerationConfig  # noqa: E402
 from medusa_export.runtime.tree import Tree  # noqa: E402
-from medusa_export.exporter.build_options import BuildOptions  # noqa: E402
+from medusa_export.runtime.build_options import BuildOptions  # noqa: E402
 from manifest_samples import assert_round_trips  # noqa: E402
 
 

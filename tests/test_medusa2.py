@@ -20,9 +20,9 @@ from conftest import TINY_PROMPTS, TINY_VOCAB, loaded_tiny, make_tiny_model  # n
 from medusa_export.exporter.training import medusa2 as m2  # noqa: E402
 from medusa_export.exporter.training.medusa2 import train_medusa2  # noqa: E402
 from medusa_export.exporter.training.medusa2_batches import Sequence, epoch_batches  # noqa: E402
-from medusa_export.exporter.training.options import Medusa1Options, Medusa2Options  # noqa: E402
+from medusa_export.runtime.training_options import Medusa1Options, Medusa2Options  # noqa: E402
 from medusa_export.runtime.errors import HeadsError, InputError  # noqa: E402
-from medusa_export.exporter.build_options import BuildOptions  # noqa: E402
+from medusa_export.runtime.build_options import BuildOptions  # noqa: E402
 
 EOS = TINY_VOCAB - 1
 KL_BOUND = 0.05  # nats: the default lm_weight keeps the tuned model this close to the original on held-out answers

@@ -22,7 +22,7 @@ from conftest import ARTIFACT_PATHS, ARTIFACT_TREE, TINY_PROMPTS, random_trees  
 from medusa_export.runtime.api import MedusaRuntime  # noqa: E402
 from medusa_export.runtime.decode import GenerationConfig  # noqa: E402
 from medusa_export.runtime.errors import ArtifactError, InputError, TreeError  # noqa: E402
-from medusa_export.exporter.build_options import BuildOptions  # noqa: E402
+from medusa_export.runtime.build_options import BuildOptions  # noqa: E402
 from manifest_samples import assert_round_trips  # noqa: E402
 
 

@@ -23,7 +23,7 @@ from medusa_export.exporter.training.data import (  # noqa: E402
     DistillConfig, DistilledData, distill, generate_batch)
 from medusa_export.exporter.training.static_decoder import StaticDecoder  # noqa: E402
 from medusa_export.exporter.training.examples import IGNORE, DraftVocab, build_examples, split_by_prompt  # noqa: E402
-from medusa_export.exporter.training.options import Medusa1Options, Medusa2Options  # noqa: E402
+from medusa_export.runtime.training_options import Medusa1Options, Medusa2Options  # noqa: E402
 from medusa_export.runtime.errors import HeadsError, InputError  # noqa: E402
 
 EOS = TINY_VOCAB - 1

@@ -36,7 +36,7 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("onnx")
 
 from fake_trt import FakeCuda, fake_tensorrt  # noqa: E402
-from medusa_export.exporter.build_options import BuildOptions  # noqa: E402
+from medusa_export.runtime.build_options import BuildOptions  # noqa: E402
 from manifest_samples import assert_round_trips  # noqa: E402
 
 SKIP_REASON = availability.skip_reason()

@@ -43,7 +43,7 @@ from .examples import DraftVocab
 from .medusa2_batches import answer_sequences, epoch_batches, seeded_subset
 from .medusa2_delta import model_weights, save_delta
 from .medusa2_loss import evaluate_joint, joint_loss
-from .options import Medusa1Options, Medusa2Options
+from medusa_export.runtime.training_options import Medusa1Options, Medusa2Options
 from .prompt_source import load_prompt_set
 from .train import HeadsLoss, _bar, _resolve_model, distill_passes, lr_lambda, train_heads
 

@@ -49,7 +49,7 @@ def restore_weights(model_dir: str | Path, base: Any = None) -> Path:
     from medusa_export.exporter.model_loading import check_same_model, load_base_model, locate_model
 
     from .medusa2 import _load_trainable, _peft, _trainable_backbone
-    from .options import Medusa2Options
+    from medusa_export.runtime.training_options import Medusa2Options
 
     model_dir = Path(model_dir)
     delta, record_file = model_dir / DELTA_FILE, model_dir / "training.json"

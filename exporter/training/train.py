@@ -40,7 +40,7 @@ from .data import DistillConfig, distill, model_identity
 from .distributed import barrier, end_distributed, setup_distributed
 from .evaluate import evaluate_heads, format_table
 from .examples import IGNORE, DraftVocab, build_examples, concat, split_by_prompt
-from .options import Medusa1Options
+from medusa_export.runtime.training_options import Medusa1Options
 from .prompt_source import load_prompt_set
 
 HEAD_DECAY = 0.8  # Medusa-1 weight of head k's loss: 0.8^k

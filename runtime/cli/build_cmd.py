@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from medusa_export.exporter.build_options import BuildOptions
+from ..build_options import BuildOptions
 
 from ..manifest import ONNXRUNTIME
 from .app import app, cli_errors

@@ -10,8 +10,8 @@ from typing import Any, Optional
 import typer
 
 # The option dataclasses (no torch): every default of train-heads is theirs.
-from medusa_export.exporter.training.options import Medusa1Options as M1
-from medusa_export.exporter.training.options import Medusa2Options as M2
+from ..training_options import Medusa1Options as M1
+from ..training_options import Medusa2Options as M2
 
 from ..errors import InputError
 from .app import app, cli_errors

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from medusa_export.runtime.errors import InputError
-from medusa_export.runtime.manifest import GRAPH_FORMATS, ONNXRUNTIME, PORTABLE, QUANTIZED_WEIGHTS, WEIGHTS
+from .errors import InputError
+from .manifest import GRAPH_FORMATS, ONNXRUNTIME, PORTABLE, QUANTIZED_WEIGHTS, WEIGHTS
 
 ENGINES = ("onnx", "trt", "all")  # onnx: ONNX Runtime only; trt: also TensorRT engines (required); all: when possible
 DEFAULT_TREE = "cpu_small_10"  # when the heads carry no calibrated tree
