@@ -1,7 +1,7 @@
 """Greedy answers of two artifacts side by side (e.g. the original model and its Medusa-2 fine-tune).
 
     python scripts/compare_answers.py artifacts/smollm2 artifacts/smollm2-medusa2 \\
-        --prompts ../shared/data/mt_bench.jsonl --limit 5 --markdown answers.md --json answers.json
+        --prompts question.jsonl --limit 5 --markdown answers.md --json answers.json
 
 Each prompt is decoded greedily by both artifacts' vanilla graphs (their own backbones). Reports, per prompt,
 how many leading tokens agree, the share of positions with the same token and each answer's share of repeated

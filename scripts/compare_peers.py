@@ -2,7 +2,7 @@
 token budget, greedy, same thread count. Peers are optional: a row whose tool is not installed is skipped
 with the reason.
 
-    python scripts/compare_peers.py --prompts ../shared/data/mt_bench.jsonl --limit 20 --threads 2 \\
+    python scripts/compare_peers.py --prompts question.jsonl --limit 20 --threads 2 \\
         --ours artifacts/smollm2 artifacts/smollm2-int8 --genai genai-int4/ --gguf model.Q8_0.gguf \\
         --json peers.json --plot peers.png
 

@@ -1,6 +1,6 @@
 """Per-head accuracy of an artifact's heads while decoding a prompt set (greedy), for reports.
 
-    python scripts/head_accuracy.py artifacts/smollm2 --prompts ../shared/data/mt_bench.jsonl --json acc.json
+    python scripts/head_accuracy.py artifacts/smollm2 --prompts question.jsonl --json acc.json
 
 Each prompt is decoded greedily (128 new tokens by default); at every position head d's top-1 / top-5 is scored
 against the token the base model produces d + 2 positions ahead (the calibration's measurement, on whatever
