@@ -14,6 +14,7 @@ next step; closing the batcher cancels what is left.
 from __future__ import annotations
 
 import queue
+from typing import Callable
 
 from .decode import GenerationConfig
 from .engine import DEFAULT_MAX_NUM_BATCHED_TOKENS, Engine, EngineThread, Sequence
@@ -54,16 +55,14 @@ class BatchedStream:
 
 class Batcher:
     def __init__(self, generator: Generator, max_num_seqs: int | None = None, max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS) -> None:
-        lanes = generator.backend.lanes
-        seqs = max_num_seqs or (lanes.lanes if lanes else 1)
         self.generator = generator
-        self.thread = EngineThread(Engine(generator, lanes, seqs, max_num_batched_tokens))
+        self.thread = EngineThread(Engine(generator, max_num_seqs, max_num_batched_tokens))
 
     def submit(self, prompt: str | list[int], **options) -> BatchedStream:
         cfg = GenerationConfig(**options)
         stream = BatchedStream()
         stream.engine = self.thread.engine
-        stream.sequence = self.thread.submit(self.generator.prompt_ids(prompt, cfg), cfg, stream._sink)
+        stream.sequence = self.thread.submit(prompt, cfg, stream._sink)
         return stream
 
     def close(self) -> None:
@@ -77,16 +76,22 @@ class Batcher:
 
 
 def generate_many(generator: Generator, prompts: list[str | list[int]], max_num_seqs: int | None = None,
-                  max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS, **options) -> list[GenerationResult]:
-    """Every prompt decoded by one batched engine on this thread; the results in prompt order."""
-    lanes = generator.backend.lanes
-    engine = Engine(generator, lanes, max_num_seqs or (lanes.lanes if lanes else 1), max_num_batched_tokens)
+                  max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS, on_step: Callable | None = None,
+                  on_result: Callable[[], None] = lambda: None, **options) -> list[GenerationResult]:
+    """Every prompt decoded by one batched engine on this thread; the results in prompt order. ``on_step`` gets
+    each step's `StepRecord`, ``on_result`` is called as each request ends (progress)."""
+    engine = Engine(generator, max_num_seqs, max_num_batched_tokens, on_step=on_step)
     cfg = GenerationConfig(**options)
     results: list = [None] * len(prompts)
+
+    def sink(i: int, item) -> None:
+        if not isinstance(item, StreamEvent):
+            results[i] = item
+            on_result()
+
     try:
         for i, prompt in enumerate(prompts):
-            engine.add(generator.prompt_ids(prompt, cfg), cfg,
-                       lambda item, i=i: results.__setitem__(i, item) if not isinstance(item, StreamEvent) else None)
+            engine.add(prompt, cfg, lambda item, i=i: sink(i, item))
         while engine.step():
             pass
     finally:

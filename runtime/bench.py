@@ -10,6 +10,7 @@ step, step latency p50/p90, median prefill, and whether every output equals vani
 from __future__ import annotations
 
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
@@ -102,27 +103,14 @@ def concurrent_row(rt, backend: str, prompts: list[str], cfg: GenerationConfig, 
                    reference: list[list[int]], on_done: Callable[[], None] = lambda: None) -> dict:
     """Every prompt submitted at once to a batched engine of ``concurrency`` sequences: aggregate tokens/s, the
     batch size of its steps, how many steps speculated, and whether every answer equals its single-stream one."""
-    from .engine import DEFAULT_MAX_NUM_BATCHED_TOKENS, Engine
+    from .batcher import generate_many
+    from .engine import DEFAULT_MAX_NUM_BATCHED_TOKENS
 
-    steps, results = [], [None] * len(prompts)
-    engine = Engine(rt.generator, rt.generator.backend.lanes, concurrency, max(DEFAULT_MAX_NUM_BATCHED_TOKENS, concurrency),
-                    on_step=steps.append)
-
-    def sink(item, i):
-        if isinstance(item, (GenerationResult, Exception)):
-            results[i] = item
-            on_done()
-
+    steps: list = []
     t0 = time.perf_counter()
-    for i, p in enumerate(prompts):
-        engine.add(rt.generator.prompt_ids(p, cfg), cfg, lambda item, i=i: sink(item, i))
-    while engine.step():
-        pass
+    results = generate_many(rt.generator, prompts, concurrency, max(DEFAULT_MAX_NUM_BATCHED_TOKENS, concurrency),
+                            on_step=steps.append, on_result=on_done, **asdict(cfg))
     wall = time.perf_counter() - t0
-    engine.close()
-    errors = [r for r in results if isinstance(r, Exception)]
-    if errors:
-        raise errors[0]
     row = summarize(backend, ("medusa" if cfg.medusa else "vanilla") + f" x{concurrency}", results, wall,
                     all(r.token_ids == v for r, v in zip(results, reference)))
     batch = [s.sequences for s in steps]

@@ -1,6 +1,6 @@
 """Continuous batching: many sequences decode together, each answer exactly what it would be alone.
 
-    engine = Engine(generator, lanes, max_num_seqs=8, max_num_batched_tokens=64)
+    engine = Engine(generator, max_num_seqs=8, max_num_batched_tokens=64)   # batches on generator.backend.lanes
     seq = engine.add(prompt_ids, GenerationConfig(max_new_tokens=64), sink=print)   # StreamEvent..., then a result
     while engine.step():          # one step of every running sequence (or run it on a thread: `EngineThread`)
         pass
@@ -69,8 +69,12 @@ class StepRecord:
 
 
 class Engine:
-    def __init__(self, generator: Generator, lanes: OrtLanes | None, max_num_seqs: int = 8,
-                 max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS, on_step: Callable[[StepRecord], None] | None = None) -> None:
+    def __init__(self, generator: Generator, max_num_seqs: int | None = None,
+                 max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS,
+                 on_step: Callable[[StepRecord], None] | None = None) -> None:
+        """``max_num_seqs``: sequences running at once (default: the lanes of the backend's batched graph, else 1)."""
+        lanes: OrtLanes | None = generator.backend.lanes
+        max_num_seqs = max_num_seqs or (lanes.lanes if lanes else 1)
         if lanes is not None and max_num_seqs > lanes.lanes:
             raise InputError(f"--max-num-seqs {max_num_seqs} exceeds the artifact's lanes graph ({lanes.lanes} lanes): "
                              f"lower it, or rebuild with --max-num-seqs {max_num_seqs}")
@@ -89,17 +93,15 @@ class Engine:
         self.lock = threading.Lock()  # waiting / cancellation may change from other threads
 
     # ---- requests -------------------------------------------------------------------------------------
-    def add(self, prompt: list[int], cfg: GenerationConfig, sink: Callable) -> Sequence:
-        """Queue a request; InputError when it could never run (its prompt plus max_new_tokens do not fit)."""
+    def add(self, prompt: str | list[int], cfg: GenerationConfig, sink: Callable) -> Sequence:
+        """Queue a request (text, encoded as `Generator.prompt_ids` does, or token ids); InputError when it could
+        never run: what `prompt_ids` refuses, or a prompt plus max_new_tokens that do not fit."""
         gen = self.gen
-        if cfg.medusa and gen.tree is None:
-            raise InputError("Medusa decoding asked for but no tree/heads are loaded: pass a tree or use --no-medusa")
-        if not prompt or cfg.max_new_tokens < 1:
-            raise InputError("a request needs a prompt and max_new_tokens >= 1")
+        prompt = gen.prompt_ids(prompt, cfg)
         if len(prompt) + cfg.max_new_tokens > gen.backend.max_seq:
             raise InputError(f"the prompt ({len(prompt)} tokens) plus max_new_tokens ({cfg.max_new_tokens}) exceeds "
                              f"the maximum sequence of {gen.backend.max_seq} tokens")
-        seq = Sequence(list(prompt), cfg, sink)
+        seq = Sequence(prompt, cfg, sink)
         with self.lock:
             self.waiting.append(seq)
         return seq
@@ -274,7 +276,7 @@ class EngineThread:
         self.thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self.thread.start()
 
-    def submit(self, prompt: list[int], cfg: GenerationConfig, sink: Callable) -> Sequence:
+    def submit(self, prompt: str | list[int], cfg: GenerationConfig, sink: Callable) -> Sequence:
         seq = self.engine.add(prompt, cfg, sink)
         self.wake.set()
         return seq

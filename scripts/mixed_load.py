@@ -29,7 +29,7 @@ def run(rt, prompts: list[list[int]], long_prompt: list[int], budget: int, strea
     cfg = GenerationConfig(max_new_tokens=96, medusa=False, ignore_eos=True)
     stamps: dict[int, list[float]] = {i: [] for i in range(streams)}
     finals: dict[int, GenerationResult] = {}
-    engine = Engine(rt.generator, rt.generator.backend.lanes, streams + 1, budget)
+    engine = Engine(rt.generator, streams + 1, budget)
 
     def sink(i):
         def take(item):

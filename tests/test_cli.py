@@ -84,12 +84,15 @@ def test_verify_and_bench_commands(artifact, tmp_path):
     assert json.loads((tmp_path / "v.json").read_text())["summary"]["ort"]["ok"] is True
     pytest.importorskip("matplotlib")
     proc = cli("bench", str(artifact), "--prompts", str(prompts), "--max-new-tokens", "6", "--backends", "ort,torch",
-               "--json", str(tmp_path / "b.json"), "--plot", str(tmp_path / "b.png"))
+               "--concurrency", "2", "--json", str(tmp_path / "b.json"), "--plot", str(tmp_path / "b.png"))
     assert proc.returncode == 0, proc.stderr
     report = json.loads((tmp_path / "b.json").read_text())
     assert set(report) >= {"model", "prompts", "max_new_tokens", "results"}
     modes = {(r["backend"], r["mode"]) for r in report["results"]}
-    assert modes >= {("ort", "vanilla"), ("ort", "medusa"), ("torch", "medusa"), ("transformers", "vanilla")}
+    assert modes >= {("ort", "vanilla"), ("ort", "medusa"), ("torch", "medusa"), ("transformers", "vanilla"),
+                     ("ort", "vanilla x2"), ("ort", "medusa x2")}
+    batched = [r for r in report["results"] if r["mode"].endswith(" x2")]
+    assert all(r["concurrency"] == 2 and r["steps"] > 0 and r["new_tokens"] > 0 for r in batched)
     assert all(r["identical_to_vanilla"] for r in report["results"])
     assert (tmp_path / "b.png").stat().st_size > 1000
 

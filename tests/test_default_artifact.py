@@ -99,9 +99,9 @@ def test_batched_answers_equal_answers_alone_on_the_real_model(default_artifact)
     configs = [GenerationConfig(max_new_tokens=N_TOKENS, medusa=bool(i % 2)) for i in range(len(prompts))]
     alone = [rt.generator.generate(p, c).token_ids for p, c in zip(prompts, configs)]
     finals = {}
-    engine = Engine(rt.generator, rt.generator.backend.lanes, max_num_seqs=4, max_num_batched_tokens=64)
+    engine = Engine(rt.generator, max_num_seqs=4, max_num_batched_tokens=64)
     for i, (p, c) in enumerate(zip(prompts, configs)):
-        engine.add(rt.generator.prompt_ids(p, c), c,
+        engine.add(p, c,
                    lambda x, i=i: finals.__setitem__(i, x) if isinstance(x, GenerationResult) else None)
     while engine.step():
         pass

@@ -54,7 +54,7 @@ def _alone(rt, prompts, configs) -> list[list[int]]:
 def _engine_run(rt, prompts, configs, arrivals: list[int], budget: int = 16, **kw) -> tuple[dict, list]:
     """Run the engine, adding request i at step ``arrivals[i]``; returns {i: final item} and the step records."""
     finals, steps = {}, []
-    engine = Engine(rt.generator, rt.generator.backend.lanes, max_num_seqs=LANES, max_num_batched_tokens=budget,
+    engine = Engine(rt.generator, max_num_seqs=LANES, max_num_batched_tokens=budget,
                     on_step=steps.append, **kw)
     pending = sorted(range(len(prompts)), key=lambda i: arrivals[i])
     n = 0
@@ -103,7 +103,7 @@ def test_prompts_are_fed_in_chunks_and_running_streams_get_a_token_every_step(ru
     configs = [_config(0, medusa=False, n=40), _config(1, medusa=False, n=40), _config(2, medusa=False, n=4)]
     tokens_seen = {0: [], 1: []}
     finals, steps = {}, []
-    engine = Engine(rt.generator, rt.generator.backend.lanes, max_num_seqs=LANES, max_num_batched_tokens=8,
+    engine = Engine(rt.generator, max_num_seqs=LANES, max_num_batched_tokens=8,
                     on_step=steps.append)
     for i, p in enumerate(PROMPTS[:2]):
         engine.add(p, configs[i], lambda x, i=i: tokens_seen[i].append(len(x.token_ids))
@@ -132,7 +132,7 @@ def test_ended_sequences_free_their_slot_and_leave_the_others_unchanged(runtimes
     configs[0] = GenerationConfig(max_new_tokens=20, stop_strings=(stop_word,), ignore_eos=True)
     configs[2] = _config(2, n=3)
     finals, order = {}, []
-    engine = Engine(rt.generator, rt.generator.backend.lanes, max_num_seqs=LANES, max_num_batched_tokens=32)
+    engine = Engine(rt.generator, max_num_seqs=LANES, max_num_batched_tokens=32)
     seqs = []
     for i, p in enumerate(PROMPTS):
         def sink(x, i=i):
@@ -179,12 +179,12 @@ def test_requests_that_cannot_fit_are_refused_before_they_take_a_slot(runtimes):
     from medusa_export.runtime.errors import InputError
 
     rt = runtimes["fp32"]
-    engine = Engine(rt.generator, rt.generator.backend.lanes, max_num_seqs=2)
+    engine = Engine(rt.generator, max_num_seqs=2)
     with pytest.raises(InputError, match="exceeds the maximum sequence of 256"):
         engine.add(PROMPTS[4], GenerationConfig(max_new_tokens=250), lambda x: None)
     assert engine.idle and len(engine.free) == 2
     with pytest.raises(InputError, match="max-num-seqs 4 exceeds the artifact's lanes graph"):
-        Engine(rt.generator, rt.generator.backend.lanes, max_num_seqs=4)
+        Engine(rt.generator, max_num_seqs=4)
 
 
 def test_library_batching_gives_the_answers_alone(runtimes):

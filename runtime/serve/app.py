@@ -50,8 +50,7 @@ def create_app(runtime, settings: ServeSettings = ServeSettings()) -> FastAPI:
     name = settings.model_name or runtime.manifest.model.name
     model = ServedModel(name, generator.tokenizer, generator.backend.max_seq, generator.tree is not None)
     metrics = ServerMetrics(name)
-    seqs = settings.max_num_seqs or max(1, generator.backend.lanes.lanes if generator.backend.lanes else 1)
-    sched = Scheduler(generator, seqs, settings.max_num_batched_tokens, settings.max_queue, settings.timeout_s, metrics)
+    sched = Scheduler(generator, settings.max_num_seqs, settings.max_num_batched_tokens, settings.max_queue, settings.timeout_s, metrics)
     served_by = {"X-Served-By": f"{socket.gethostname()}:{os.getpid()}"}  # which replica answered (Ray Serve)
 
     @contextlib.asynccontextmanager

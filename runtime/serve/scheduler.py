@@ -64,11 +64,11 @@ class Request:
 
 
 class Scheduler:
-    def __init__(self, generator: Generator, max_num_seqs: int, max_num_batched_tokens: int, max_queue: int,
+    def __init__(self, generator: Generator, max_num_seqs: int | None, max_num_batched_tokens: int, max_queue: int,
                  timeout_s: float, metrics: ServerMetrics) -> None:
-        self.max_num_seqs, self.max_queue, self.timeout_s, self.metrics = max_num_seqs, max_queue, timeout_s, metrics
-        self.engine = Engine(generator, generator.backend.lanes, max_num_seqs=max_num_seqs,
-                             max_num_batched_tokens=max_num_batched_tokens, on_step=self._on_step)
+        self.max_queue, self.timeout_s, self.metrics = max_queue, timeout_s, metrics
+        self.engine = Engine(generator, max_num_seqs, max_num_batched_tokens, on_step=self._on_step)
+        self.max_num_seqs = self.engine.max_num_seqs
         self.thread = EngineThread(self.engine)
         self.lock = threading.Lock()
         self.admitted = 0
