@@ -37,14 +37,20 @@ def summarize(backend: str, mode: str, results: list[GenerationResult], wall_s: 
         "prefill_ms": round(float(np.median([r.prefill_ms for r in results])), 3) if results else None,
         "identical_to_vanilla": identical,
         "new_tokens": sum(r.new_tokens for r in results),
+        # Accepted draft tokens per step by source, and context draft rows verified per step.
+        "accepted_heads": round(sum(r.accepted_heads for r in results) / n_steps, 4) if n_steps else None,
+        "accepted_context": round(sum(r.accepted_context for r in results) / n_steps, 4) if n_steps else None,
+        "context_rows": round(sum(r.context_rows for r in results) / n_steps, 4) if n_steps else None,
     }
 
 
 def run_bench(artifact: str | Path, backends: list[str], prompts: list[str], max_new_tokens: int = 128,
               baseline: Callable | None = None, tree: str | None = None, threads: int | None = None,
               progress: Callable[[str], None] | None = None,
-              measured: Callable[[dict], None] | None = None, model: str | None = None, concurrency: int = 1) -> dict:
-    """Vanilla and Medusa rows per backend (``concurrency`` > 1: also both with that many requests decoded
+              measured: Callable[[dict], None] | None = None, model: str | None = None, concurrency: int = 1,
+              context_drafts: bool = True) -> dict:
+    """Rows per backend: vanilla, the heads alone ("medusa"), heads and context drafts ("medusa+context"; "context"
+    without heads) (``concurrency`` > 1: also vanilla and the last with that many requests decoded
     together by the batched engine, all prompts submitted at once), then the ``baseline`` row (the CLI passes the transformers one:
     ``exporter.hf_baseline.hf_generate_bench``). ``measured(report)`` is called with the runtime rows before the
     optional baseline runs, so they are saved whatever happens next. ``model``: the artifact's base model (torch
@@ -55,35 +61,35 @@ def run_bench(artifact: str | Path, backends: list[str], prompts: list[str], max
 
     results: list[dict] = []
     vanilla_tokens: dict[str, list[list[int]]] = {}
-    total = len(backends) * len(prompts) * (2 + 2 * (concurrency > 1)) + (len(prompts) if baseline else 0)
+    total = len(backends) * len(prompts) * (3 + 2 * (concurrency > 1)) + (len(prompts) if baseline else 0)
     bar = tqdm(total=total, desc="bench", unit="gen", disable=progress is None)
     manifest, used_tree, notes = None, None, []
     for name in backends:
         with MedusaRuntime.load(artifact, backend=name, tree=tree, threads=threads, model=model) as rt:
             manifest, used_tree = rt.manifest, rt.generator.tree
             notes += [n for n in rt.notes if n not in notes]
-            rt.generate(prompts[0], max_new_tokens=8, medusa=False)  # warm-up (allocator, thread pool)
-            rt.generate(prompts[0], max_new_tokens=8, medusa=True)
-            for medusa in (False, True):
-                cfg = GenerationConfig(max_new_tokens=max_new_tokens, medusa=medusa)
+            modes = bench_modes(rt.generator.tree is not None, context_drafts)
+            for _, options in modes:  # warm-up (allocator, thread pool)
+                rt.generate(prompts[0], max_new_tokens=8, **options)
+            for mode, options in modes:
+                cfg = GenerationConfig(max_new_tokens=max_new_tokens, **options)
                 runs, t0 = [], time.perf_counter()
                 for p in prompts:
                     runs.append(rt.generator.generate(p, cfg))
                     bar.update(1)
                 wall = time.perf_counter() - t0
-                if not medusa:
-                    vanilla_tokens[name] = [r.token_ids for r in runs]
+                if mode == "vanilla":
+                    vanilla_tokens[name], single = [r.token_ids for r in runs], wall
                 identical = all(r.token_ids == v for r, v in zip(runs, vanilla_tokens[name]))
-                results.append(summarize(name, "medusa" if medusa else "vanilla", runs, wall, identical))
-                if medusa:  # same backend, same artifact, same prompts
-                    results[-1]["speedup_vs_vanilla"] = round(results[-1]["tokens_per_s"] / results[-2]["tokens_per_s"], 3)
+                results.append(summarize(name, mode, runs, wall, identical))
+                if mode != "vanilla":  # same backend, same artifact, same prompts
+                    results[-1]["speedup_vs_vanilla"] = round(single / wall, 3)
             if concurrency > 1:
-                single = results[-2]["tokens_per_s"]
-                for medusa in (False, True):
-                    row = concurrent_row(rt, name, prompts, GenerationConfig(max_new_tokens=max_new_tokens,
-                                                                             medusa=medusa), concurrency,
-                                         vanilla_tokens[name], on_done=lambda: bar.update(1))
-                    row["speedup_vs_single_stream_vanilla"] = round(row["tokens_per_s"] / single, 3)
+                single_rate = results[-len(modes)]["tokens_per_s"]
+                for mode, options in (modes[0], modes[-1]):
+                    row = concurrent_row(rt, name, prompts, GenerationConfig(max_new_tokens=max_new_tokens, **options),
+                                         concurrency, vanilla_tokens[name], mode, on_done=lambda: bar.update(1))
+                    row["speedup_vs_single_stream_vanilla"] = round(row["tokens_per_s"] / single_rate, 3)
                     results.append(row)
     report = {"model": manifest.model.name if manifest else None, "machine": machine_info(), "prompts": len(prompts),
               "max_new_tokens": max_new_tokens, "tree": _tree_record(manifest, tree, used_tree), "results": results,
@@ -99,8 +105,18 @@ def run_bench(artifact: str | Path, backends: list[str], prompts: list[str], max
     return report
 
 
+def bench_modes(heads: bool, context_drafts: bool = True) -> list[tuple[str, dict]]:
+    """(mode, GenerationConfig options) of the single-stream rows: vanilla first, the default decoding last."""
+    modes = [("vanilla", {"medusa": False})]
+    if heads:
+        modes.append(("medusa", {"context_drafts": False}))
+    if context_drafts:
+        modes.append(("medusa+context" if heads else "context", {}))
+    return modes
+
+
 def concurrent_row(rt, backend: str, prompts: list[str], cfg: GenerationConfig, concurrency: int,
-                   reference: list[list[int]], on_done: Callable[[], None] = lambda: None) -> dict:
+                   reference: list[list[int]], mode: str, on_done: Callable[[], None] = lambda: None) -> dict:
     """Every prompt submitted at once to a batched engine of ``concurrency`` sequences: aggregate tokens/s, the
     batch size of its steps, how many steps speculated, and whether every answer equals its single-stream one."""
     from .batcher import generate_many
@@ -111,7 +127,7 @@ def concurrent_row(rt, backend: str, prompts: list[str], cfg: GenerationConfig, 
     results = generate_many(rt.generator, prompts, concurrency, max(DEFAULT_MAX_NUM_BATCHED_TOKENS, concurrency),
                             on_step=steps.append, on_result=on_done, **asdict(cfg))
     wall = time.perf_counter() - t0
-    row = summarize(backend, ("medusa" if cfg.medusa else "vanilla") + f" x{concurrency}", results, wall,
+    row = summarize(backend, f"{mode} x{concurrency}", results, wall,
                     all(r.token_ids == v for r, v in zip(results, reference)))
     batch = [s.sequences for s in steps]
     row.update(concurrency=concurrency, steps=len(steps), mean_batch=round(float(np.mean(batch)), 3) if batch else None,
@@ -142,7 +158,7 @@ def plot(report: dict, path: str | Path) -> None:
     fig, ax = plt.subplots(figsize=(1.6 * len(rows) + 2, 4))
     bars = ax.bar(labels, values, color=colors)
     for b, r in zip(bars, rows):
-        note = f"{r['tokens_per_s']:.1f}" + (f"\n{r['mean_accepted']:.2f} acc" if r["mode"] == "medusa" else "")
+        note = f"{r['tokens_per_s']:.1f}" + (f"\n{r['mean_accepted']:.2f} acc" if r["mode"] != "vanilla" else "")
         ax.annotate(note, (b.get_x() + b.get_width() / 2, b.get_height()), ha="center", va="bottom", fontsize=8)
     ax.set_ylabel("tokens / s")
     ax.set_title(f"{report['model']}: {report['prompts']} prompts, {report['max_new_tokens']} new tokens")

@@ -1,11 +1,12 @@
-"""The decode loop: prefill, then Medusa steps (or plain steps), on any backend.
+"""The decode loop: prefill, then speculative steps (or plain steps), on any backend.
 
-    for chunk in decode(session, prompt_ids, tree, cfg, stats):   # chunk = tokens final this step
+    for chunk in decode(session, prompt_ids, tree, cfg, stats, spec):   # chunk = tokens final this step
         ...
 
-Each Medusa step: candidates from the heads' top-k at the last accepted node, one forward over the
-tree, acceptance, commit of the accepted rows, and the base model's own next token (so every step
-yields at least one token). Stopping (EOS, stop strings, max tokens) is the caller's job.
+Each speculative step: candidates from the heads' top-k at the last accepted node and, for greedy requests, a
+chain of context drafts (`context_drafts.py`) as many as pay (`speculation.py`), merged into one tree
+(`step_tree.py`); one forward over it, acceptance, commit of the accepted rows, and the base model's own next
+token (so every step yields at least one token). Stopping (EOS, stop strings, max tokens) is the caller's job.
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ import numpy as np
 
 from .acceptance import accept_greedy, accept_typical, next_token
 from .backends.base import Session
+from .context_drafts import DEFAULT_MAX_DRAFT, ContextIndex
+from .speculation import Speculation
+from .step_tree import CONTEXT, HEADS, StepTree
 from .tree import Tree
 
 
@@ -28,7 +32,8 @@ class GenerationConfig:
     typical_epsilon: float = 0.09
     typical_alpha: float = 0.3
     stop_strings: tuple[str, ...] = ()
-    medusa: bool = True
+    medusa: bool = True  # speculate: the heads' tree, and context drafts when greedy
+    context_drafts: bool = True  # greedy speculation also verifies continuations found in the context
     seed: int | None = None
     chat: bool = True  # apply the chat template when the model has one
     ignore_eos: bool = False  # decode past end-of-sequence tokens up to max_new_tokens (benchmarks, as vLLM's)
@@ -41,6 +46,11 @@ class DecodeStats:
     step_tokens: int = 0  # tokens produced by verification steps
     accepted: list[int] = field(default_factory=list)  # draft tokens accepted per step (0 for vanilla)
     finish_reason: str | None = None  # "length" when the KV buffer is full
+    accepted_heads: int = 0  # accepted draft tokens that the heads proposed (shared nodes count here)
+    accepted_context: int = 0  # ... that only the context drafts proposed
+    context_rows: int = 0  # context draft rows verified
+    last_rows: int = 0  # rows of the last verification step
+    draft_depth: int = 0  # the deepest draft position any step verified (heads' tree or context drafts)
 
     @property
     def steps(self) -> int:
@@ -74,56 +84,159 @@ class Cursor:
     root: int
     heads: np.ndarray | None  # [K, R] the heads' top-R at the root's predecessor
     rng: np.random.Generator
+    context: ContextIndex | None = None  # the sequence so far, root included (greedy speculation only)
+    shadow: tuple[StepTree, list[int]] | None = None  # heads' guesses not verified, and the tokens that came after
+
+    def advance(self, new: list[int], spec: Speculation) -> None:
+        """``new`` (ending with the new root) became final: the lookup index grows, unverified heads' guesses are
+        scored."""
+        if self.context is not None:
+            self.context.extend(new)
+        score_shadow(self, new, spec)
+
+
+def uses_context(cfg: GenerationConfig) -> bool:
+    return cfg.medusa and cfg.context_drafts and cfg.temperature <= 0
 
 
 def prefill(session: Session, prompt_ids: list[int], medusa: bool, cfg: GenerationConfig,
-            rng: np.random.Generator) -> Cursor:
-    """Feed the prompt (after whatever the session already holds) in one causal run; the first new token."""
-    n, past = len(prompt_ids), session.length
-    out = session.run(np.asarray(prompt_ids, np.int64), past + np.arange(n), np.tri(n, dtype=bool), medusa, _temp(cfg))
+            rng: np.random.Generator, start: int = 0) -> Cursor:
+    """Feed the prompt from ``start`` (the session holds the tokens before it) in one causal run; the first new
+    token."""
+    n, past = len(prompt_ids) - start, session.length
+    out = session.run(np.asarray(prompt_ids[start:], np.int64), past + np.arange(n), np.tri(n, dtype=bool), medusa,
+                      _temp(cfg))
     session.keep(np.arange(n))
-    root = next_token(out, n - 1, cfg.temperature, rng)
-    return Cursor(root, out.medusa_ids[n - 1] if out.medusa_ids is not None else None, rng)
+    return start_cursor(prompt_ids, out, n - 1, cfg, rng)
 
 
-def step(session: Session, cursor: Cursor, tree: Tree | None, cfg: GenerationConfig,
-         stats: DecodeStats) -> list[int] | None:
-    """One verification step: the tree of the heads' candidates (``tree`` and heads at hand) or the root alone;
-    the tokens it makes final, or None when the KV buffer is full. A Medusa sequence without heads' guesses
-    (after a batched step) takes one plain step on the Medusa graph to get them."""
-    medusa = tree is not None and cursor.heads is not None
-    tokens = candidates(tree, cursor.root, cursor.heads) if medusa else np.array([cursor.root])
-    if session.length + len(tokens) > session.capacity:
+def start_cursor(prompt_ids: list[int], out, row: int, cfg: GenerationConfig, rng: np.random.Generator) -> Cursor:
+    """The cursor after a prompt whose last row is ``row`` of ``out``."""
+    root = next_token(out, row, cfg.temperature, rng)
+    heads = out.medusa_ids[row] if getattr(out, "medusa_ids", None) is not None else None
+    return Cursor(root, heads, rng, ContextIndex([*prompt_ids, root]) if uses_context(cfg) else None)
+
+
+def plan(cursor: Cursor, tree: Tree | None, spec: Speculation, room: int, max_paths: int | None) -> StepTree:
+    """This step's candidates, the best by expected tokens per second (`speculation.py`) of: the root alone, a chain of
+    context drafts, the heads' tree with or without drafts merged in; within ``room`` rows and the graph's
+    ``max_paths`` (paths it verifies exactly). With ``tree`` every step runs the Medusa graph, whatever the plan:
+    switching graphs costs more than the heads (ONNX Runtime's idle threads of the graph that ran last spin for a
+    while and take the cores from the next one: measured twice a step's time)."""
+    root = StepTree.chain(cursor.root, [])
+    heads = StepTree.heads(tree, candidates(tree, cursor.root, cursor.heads)) if (
+        tree is not None and cursor.heads is not None and tree.num_nodes <= room) else None
+    draft = cursor.context.propose(min(DEFAULT_MAX_DRAFT, room - 1)) if cursor.context is not None else None
+    q = spec.rates.cumulative(draft.ngram, len(draft.tokens)) if draft else np.zeros(0)
+    options = [(1.0 + q[:n].sum(), n + 1, n, False) for n in range(len(q) + 1)]  # (tokens, rows, drafts, heads)
+    if heads is not None:
+        p_node = spec.node_rates(tree)
+        walked = heads.shared(draft.tokens) if draft else []
+        paths = heads.num_paths + (0 if walked and heads.is_leaf(walked[-1]) else 1)  # once the draft leaves the tree
+        for n in range(len(q) + 1):
+            k = min(n, len(walked))
+            if n > k and (max_paths is not None and paths > max_paths or tree.num_nodes + n - k > room):
+                break
+            gain = np.maximum(q[:k] - p_node[walked[:k]], 0).sum() + q[k:n].sum()
+            options.append((p_node.sum() + gain, tree.num_nodes + n - k, n, True))
+    most = max(rows for _, rows, _, _ in options)
+    t = spec.alone_cost[tree is not None].table(most)
+    tokens, rows, n, use_heads = max(options, key=lambda o: o[0] / t[o[1]])
+    if use_heads:
+        return heads.with_draft(draft.tokens[:n], draft.ngram) if n else heads
+    if heads is not None and cursor.shadow is None:
+        cursor.shadow = (heads, [])  # scored against the tokens that follow, so the heads' rates stay measured
+    return StepTree.chain(cursor.root, draft.tokens[:n], draft.ngram) if n else root
+
+
+def step(session: Session, cursor: Cursor, tree: Tree | None, cfg: GenerationConfig, stats: DecodeStats,
+         spec: Speculation, max_paths: int | None = None) -> list[int] | None:
+    """One verification step; the tokens it makes final, or None when the KV buffer is full."""
+    room = session.capacity - session.length
+    if room < 1:
         stats.finish_reason = "length"
         return None
+    p = plan(cursor, tree, spec, room, max_paths)
     t0 = time.perf_counter()
-    depth = tree.depth if medusa else np.zeros(1, np.int64)
-    mask = tree.mask if medusa else np.ones((1, 1), bool)
-    out = session.run(tokens, session.length + depth, mask, tree is not None, _temp(cfg))
-    if not medusa:
-        acc_nodes = np.zeros(1, np.int64)
-    elif cfg.temperature <= 0:
-        acc_nodes = accept_greedy(tree, tokens, out).nodes
-    else:
-        acc_nodes = accept_typical(tree, tokens, out, cfg.typical_epsilon, cfg.typical_alpha).nodes
+    out = session.run(p.tokens, session.length + p.depth, p.mask, tree is not None, _temp(cfg))
+    acc_nodes = accept(p, out, cfg)
     session.keep(acc_nodes)
+    seconds = time.perf_counter() - t0
+    spec.alone_cost[tree is not None].record(p.num_nodes, seconds)
+    stats.last_rows = p.num_nodes
+    return finish_step(cursor, p, acc_nodes, out, cfg, stats, spec, seconds)
+
+
+def accept(p: StepTree, out, cfg: GenerationConfig) -> np.ndarray:
+    """The accepted nodes of a verified plan, root first (greedy, or typical acceptance when sampling)."""
+    if p.num_nodes == 1:
+        return np.zeros(1, np.int64)
+    if cfg.temperature <= 0:
+        return accept_greedy(p, p.tokens, out).nodes
+    return accept_typical(p, p.tokens, out, cfg.typical_epsilon, cfg.typical_alpha).nodes
+
+
+def finish_step(cursor: Cursor, p: StepTree, acc_nodes: np.ndarray, out, cfg: GenerationConfig, stats: DecodeStats,
+                spec: Speculation, seconds: float) -> list[int]:
+    """After a verification (one-sequence or batched step) whose accepted rows are committed: the next root, the
+    tokens made final, and what the step teaches about the drafts and the heads."""
     last = int(acc_nodes[-1])
     cursor.root = next_token(out, last, cfg.temperature, cursor.rng)
-    cursor.heads = out.medusa_ids[last] if out.medusa_ids is not None else None
-    new = [int(t) for t in tokens[acc_nodes[1:]]] + [cursor.root]
-    stats.record_step(time.perf_counter() - t0, len(new))
+    medusa_ids = getattr(out, "medusa_ids", None)  # a lanes step runs no heads
+    cursor.heads = medusa_ids[last] if medusa_ids is not None else None
+    new = [int(t) for t in p.tokens[acc_nodes[1:]]] + [cursor.root]
+    stats.record_step(seconds, len(new))
+    record_sources(p, acc_nodes, new, spec, stats)
+    cursor.advance(new, spec)
     return new
 
 
+def score_shadow(cursor: Cursor, new: list[int], spec: Speculation) -> None:
+    """Once the tokens after an unverified heads' tree are known: which of its nodes greedy would have accepted."""
+    if cursor.shadow is None:
+        return
+    heads, after = cursor.shadow
+    after += new
+    if len(after) < heads.depth.max():
+        return
+    matched = np.zeros(heads.num_nodes, bool)
+    matched[0] = True
+    for i in range(1, heads.num_nodes):  # parents first; siblings hold distinct tokens: one match per depth
+        matched[i] = matched[heads.parent[i]] and heads.tokens[i] == after[heads.depth[i] - 1]
+    spec.record_heads(np.flatnonzero(matched[1:]) + 1)
+    cursor.shadow = None
+
+
+def record_sources(p: StepTree, acc_nodes: np.ndarray, new: list[int], spec: Speculation, stats: DecodeStats) -> None:
+    """Accepted tokens by source, and what the step teaches about the drafts' acceptance."""
+    sources = p.source[acc_nodes[1:]]
+    stats.draft_depth = max(stats.draft_depth, int(p.depth.max()))
+    stats.accepted_heads += int((sources == HEADS).sum())
+    stats.accepted_context += int((sources == CONTEXT).sum())
+    stats.context_rows += int((p.source == CONTEXT).sum())
+    if (p.source == HEADS).any():
+        spec.record_heads(acc_nodes[p.source[acc_nodes] == HEADS])
+    if p.draft:
+        spec.rates.record(p.ngram, p.drafted, agreeing(p.draft, new))
+
+
+def agreeing(draft: list[int], new: list[int]) -> int:
+    """How many leading draft tokens the step's final tokens confirm."""
+    return next((j for j, (a, b) in enumerate(zip(draft, new)) if a != b), min(len(draft), len(new)))
+
+
 def decode(session: Session, prompt_ids: list[int], tree: Tree | None, cfg: GenerationConfig,
-           stats: DecodeStats) -> Iterator[list[int]]:
-    """One sequence alone: prefill, then steps until the caller stops reading or the KV buffer is full."""
+           stats: DecodeStats, spec: Speculation | None = None, max_paths: int | None = None) -> Iterator[list[int]]:
+    """One sequence alone: prefill, then steps until the caller stops reading or the KV buffer is full. ``spec``:
+    what earlier requests measured (a `Generator` shares one, and chooses ``tree`` with `Speculation.heads_for`),
+    else measured from this one only."""
     tree = tree if cfg.medusa else None
+    spec = spec or Speculation()
     t0 = time.perf_counter()
     cursor = prefill(session, prompt_ids, tree is not None, cfg, np.random.default_rng(cfg.seed))
     stats.prefill_s = time.perf_counter() - t0
     yield [cursor.root]
-    while (new := step(session, cursor, tree, cfg, stats)) is not None:
+    while (new := step(session, cursor, tree, cfg, stats, spec, max_paths)) is not None:
         yield new
 
 

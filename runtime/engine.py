@@ -7,12 +7,13 @@
 
 Sequences join and leave at every step. A step is one of two kinds:
 
-* alone (one running sequence, or an artifact without a lanes graph): the one-sequence graphs, with the Medusa tree
-  when the request asks for it. On a CPU a tree node costs about what a sequence's row costs in a batch, so
-  speculation pays only when nothing else could use the step (`docs/serving.md`, "Speculation under load");
+* alone (one running sequence, or an artifact without a lanes graph): the one-sequence graphs, with the heads'
+  tree and context drafts when the request speculates (`decode.step`);
 * batched: one lanes step (`backends/ort_lanes.py`) over all running sequences: each decoding sequence feeds its
-  next token, each prefilling one a chunk of its prompt, within ``max_num_batched_tokens`` rows, so a long prompt
-  delays the others by at most one chunk.
+  next token and, for greedy ones, the context drafts that pay in a step of that many rows (`speculation.py`);
+  each prefilling one a chunk of its prompt, within ``max_num_batched_tokens`` rows, so a long prompt delays the
+  others by at most one chunk. The lanes graph runs no heads: a batch row costs about what a tree node costs, so
+  under load only drafts likely to be accepted are verified (`docs/serving.md`, "Speculation under load").
 
 Both kinds compute every row exactly as a one-sequence step does, so a sequence's tokens do not depend on what
 ran beside it, when it joined, or whether its steps were trees (tests/test_engine.py). Every sequence's KV cache
@@ -28,13 +29,15 @@ from typing import Callable
 
 import numpy as np
 
-from .acceptance import next_token
 from .backends.base import Session
 from .backends.ort_lanes import Lane, OrtLanes
-from .decode import Cursor, DecodeStats, GenerationConfig, prefill, step
+from .context_drafts import DEFAULT_MAX_DRAFT, Draft
+from .decode import Cursor, DecodeStats, GenerationConfig, accept, finish_step, prefill, start_cursor, step
 from .errors import InputError
 from .generator import GenerationResult, Generator, result_of
+from .step_tree import StepTree
 from .text_output import StreamEvent, TextOutput
+from .tree import Tree
 
 # Rows one step takes. Prefill is compute-bound on a CPU (a 64-row chunk beside seven decoding streams took 0.39 s
 # on the measured 2-core machine, 256 rows 1.3 s): a small chunk bounds how long the running streams wait for their
@@ -42,7 +45,7 @@ from .text_output import StreamEvent, TextOutput
 DEFAULT_MAX_NUM_BATCHED_TOKENS = 64
 
 
-@dataclass
+@dataclass(eq=False)  # compared and hashed by identity (a request)
 class Sequence:
     prompt: list[int]
     cfg: GenerationConfig
@@ -56,6 +59,7 @@ class Sequence:
     cancelled: str | None = None  # "abort" | "timeout" | ...: stop at the next step
     t0: float = field(default_factory=time.perf_counter)
     admitted_at: float | None = None  # when it took a KV slot
+    tree: Tree | None = None  # the heads' tree its one-sequence steps use (`Speculation.heads_for`)
 
 
 @dataclass
@@ -130,7 +134,7 @@ class Engine:
                     r, s = self._alone(seq)
                     rows, spec = rows + r, spec or s
             else:
-                rows, spec = self._batched(live), False
+                rows, spec = self._batched(live)
         except Exception as e:  # noqa: BLE001 - the backend failed: these requests end with it, the engine stays up
             self.fail(e)
             return True
@@ -150,6 +154,7 @@ class Engine:
                 seq.session = self.slots[seq.slot] = self._fresh(self.slots[seq.slot])
                 seq.out = TextOutput(self.gen.tokenizer, seq.cfg)
                 seq.admitted_at = time.perf_counter()
+                seq.tree = self.gen.spec.heads_for(self.gen.tree) if seq.cfg.medusa else None
                 self.running.append(seq)
 
     def _fresh(self, session: Session) -> Session:
@@ -163,64 +168,88 @@ class Engine:
 
     def _alone(self, seq: Sequence) -> tuple[int, bool]:
         """One step of ``seq`` on the one-sequence graphs (its whole remaining prompt, or a (tree) step)."""
-        tree = self.gen.tree if seq.cfg.medusa else None
+        tree = seq.tree
         if seq.cursor is None:
             t0 = time.perf_counter()
-            rest = seq.prompt[seq.fed:]
+            rest = len(seq.prompt) - seq.fed
             rng = np.random.default_rng(seq.cfg.seed)
-            seq.cursor = prefill(seq.session, rest, tree is not None, seq.cfg, rng)
+            seq.cursor = prefill(seq.session, seq.prompt, tree is not None, seq.cfg, rng, start=seq.fed)
             seq.fed = len(seq.prompt)
             seq.stats.prefill_s += time.perf_counter() - t0
             self._emit(seq, [seq.cursor.root])
-            return len(rest), False
-        speculative = tree is not None and seq.cursor.heads is not None
-        new = step(seq.session, seq.cursor, tree, seq.cfg, seq.stats)
+            return rest, False
+        new = step(seq.session, seq.cursor, tree, seq.cfg, seq.stats, self.gen.spec, self.gen.backend.max_paths)
         if new is None:
             seq.out.finish = seq.out.finish or "length"
-        else:
-            self._emit(seq, new)
-        return (tree.num_nodes if speculative else 1), speculative
+            return 0, False
+        self._emit(seq, new)
+        return seq.stats.last_rows, seq.stats.last_rows > 1
 
-    def _batched(self, live: list[Sequence]) -> int:
-        """One lanes step: each decoding sequence's next token, then prompt chunks within the token budget."""
+    def _batched(self, live: list[Sequence]) -> tuple[int, bool]:
+        """One lanes step: each decoding sequence's next token and the context drafts that pay, prompt chunks
+        within the token budget (before drafts)."""
         budget = self.max_num_batched_tokens - sum(seq.cursor is not None for seq in live)
         lanes: list[Lane | None] = [None] * self.max_num_seqs
-        chosen = []
+        chosen, decoding, chunks = [], [], 0
         for seq in live:
             if seq.cursor is not None:
                 if seq.session.length + 2 > seq.session.capacity:
                     seq.out.finish = seq.out.finish or "length"
                     continue
+                decoding.append(seq)
                 tokens = [seq.cursor.root]
             else:
                 take = min(len(seq.prompt) - seq.fed, budget)
                 if take < 1:
                     continue  # no budget left this step: its next chunk waits one step
                 budget -= take
+                chunks += take
                 tokens = seq.prompt[seq.fed:seq.fed + take]
             temperature = seq.cfg.temperature if seq.cfg.temperature > 0 else 1.0
             lanes[seq.slot] = Lane(seq.session.kv, np.asarray(tokens, np.int64), temperature)
             chosen.append(seq)
         if not chosen:
-            return 0
+            return 0, False
+        drafts = self._drafts(decoding, len(decoding) + chunks, budget)
+        for seq, draft in drafts.items():
+            lanes[seq.slot].tokens = np.asarray([seq.cursor.root, *draft.tokens], np.int64)
         t0 = time.perf_counter()
         outs = self.lanes.run(lanes)
         seconds = time.perf_counter() - t0
+        rows = sum(len(lane.tokens) for lane in lanes if lane)
+        self.gen.spec.batched_cost.record(rows, seconds)
         for seq in chosen:
             lane, out = lanes[seq.slot], outs[seq.slot]
             if seq.cursor is None:  # a prompt chunk: done once the whole prompt is in
+                seq.session.kv.keep(np.arange(len(lane.tokens)))
                 seq.fed += len(lane.tokens)
                 seq.stats.prefill_s += seconds
                 if seq.fed == len(seq.prompt):
                     rng = np.random.default_rng(seq.cfg.seed)
-                    seq.cursor = Cursor(next_token(out, len(lane.tokens) - 1, seq.cfg.temperature, rng), None, rng)
+                    seq.cursor = start_cursor(seq.prompt, out, len(lane.tokens) - 1, seq.cfg, rng)
                     self._emit(seq, [seq.cursor.root])
             else:
-                seq.cursor.root = next_token(out, 0, seq.cfg.temperature, seq.cursor.rng)
-                seq.cursor.heads = None  # the lanes graph runs no heads
-                seq.stats.record_step(seconds, 1)
-                self._emit(seq, [seq.cursor.root])
-        return sum(len(lane.tokens) for lane in lanes if lane)
+                self._advance(seq, out, drafts.get(seq), seconds)
+        return rows, bool(drafts)
+
+    def _drafts(self, decoding: list[Sequence], rows: int, budget: int) -> dict:
+        """The context drafts worth verifying in this lanes step, by sequence (`speculation.StepCost.worth`)."""
+        found = {seq: seq.cursor.context.propose(DEFAULT_MAX_DRAFT) for seq in decoding if seq.cursor.context}
+        found = {seq: d for seq, d in found.items() if d is not None}
+        if not found:
+            return {}
+        spec = self.gen.spec
+        room = {seq: min(len(d.tokens), seq.session.capacity - seq.session.length - 2) for seq, d in found.items()}
+        chains = [spec.rates.cumulative(d.ngram, room[seq]) for seq, d in found.items()]
+        take = spec.batched_cost.worth(chains, len(decoding), rows, budget)
+        return {seq: Draft(d.tokens[:n], d.ngram) for (seq, d), n in zip(found.items(), take) if n}
+
+    def _advance(self, seq: Sequence, out, draft: Draft | None, seconds: float) -> None:
+        """A decoding sequence's lanes step: its root and drafts, a chain verified as a one-sequence step is."""
+        p = StepTree.chain(seq.cursor.root, draft.tokens, draft.ngram) if draft else StepTree.chain(seq.cursor.root, [])
+        acc_nodes = accept(p, out, seq.cfg)  # only greedy sequences have drafts
+        seq.session.kv.keep(acc_nodes)
+        self._emit(seq, finish_step(seq.cursor, p, acc_nodes, out, seq.cfg, seq.stats, self.gen.spec, seconds))
 
     # ---- results --------------------------------------------------------------------------------------
     def _emit(self, seq: Sequence, tokens: list[int]) -> None:
@@ -241,7 +270,7 @@ class Engine:
 
     def _finish(self, seq: Sequence, finish: str) -> None:
         out = seq.out or TextOutput(self.gen.tokenizer, seq.cfg)
-        tree = self.gen.tree if seq.cfg.medusa else None
+        tree = seq.tree
         seq.sink(result_of(out, seq.stats, finish, self.gen.backend.name, tree, len(seq.prompt), seq.t0))
 
     def fail(self, error: Exception) -> None:

@@ -15,8 +15,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Iterator
 
 from .backends.base import Backend
-from .decode import DecodeStats, GenerationConfig, decode
+from .decode import DecodeStats, GenerationConfig, decode, uses_context
 from .errors import InputError, TreeError
+from .speculation import Speculation
 from .text_output import StreamEvent, TextOutput
 from .tokenizer import ChatTokenizer
 from .tree import Tree
@@ -38,7 +39,10 @@ class GenerationResult:
     step_ms: list[float] = field(default_factory=list)
     step_tokens: int = 0  # tokens the steps produced (may exceed new_tokens - 1 when EOS or the limit cut a step)
     step_accepted: list[int] = field(default_factory=list)  # draft tokens each step accepted
-    draft_depth: int = 0  # draft positions each step proposed (the tree's depth; 0 without Medusa)
+    draft_depth: int = 0  # the deepest draft position a step verified (0: no speculation)
+    accepted_heads: int = 0  # accepted draft tokens the heads proposed
+    accepted_context: int = 0  # accepted draft tokens only the context drafts proposed
+    context_rows: int = 0  # context draft rows verified
 
     def to_json(self) -> dict:
         keys = ("text", "token_ids", "new_tokens", "steps", "step_tokens", "mean_accepted", "tokens_per_s",
@@ -77,6 +81,7 @@ class Generator:
         self.backend = backend
         self.tokenizer = tokenizer
         self.tree = tree
+        self.spec = Speculation()  # acceptance and step cost measured on this backend, shared by its requests
 
     def generate(self, prompt: str | list[int], cfg: GenerationConfig | None = None) -> GenerationResult:
         stream = self.stream(prompt, cfg)
@@ -95,8 +100,9 @@ class Generator:
         """The prompt's token ids (text under the chat template when ``cfg.chat``), or InputError when the request
         cannot run: Medusa without heads, an empty prompt, no room for one new token."""
         ids = self.tokenizer.encode_prompt(prompt, chat=cfg.chat) if isinstance(prompt, str) else list(prompt)
-        if cfg.medusa and self.tree is None:
-            raise InputError("Medusa decoding asked for but no tree/heads are loaded: pass a tree or use --no-medusa")
+        if cfg.medusa and self.tree is None and not uses_context(cfg):
+            raise InputError("this speculative decoding needs Medusa heads and none are loaded (without heads only "
+                             "greedy requests speculate, from context drafts): use temperature 0, or --no-medusa")
         if not ids:
             raise InputError("the prompt is empty: give at least one token")
         if cfg.max_new_tokens < 1:
@@ -110,12 +116,12 @@ class Generator:
 
     def _events(self, ids: list[int], cfg: GenerationConfig, stream: Stream) -> Iterator[StreamEvent]:
         stats = DecodeStats()
-        tree = self.tree if cfg.medusa else None  # `stream` refused Medusa without a tree
+        tree = self.spec.heads_for(self.tree) if cfg.medusa else None  # None: plain, or context drafts only
         out = TextOutput(self.tokenizer, cfg)
         t0 = time.perf_counter()
         try:
             with self.backend.new_session() as session:
-                for chunk in decode(session, ids, tree, cfg, stats):
+                for chunk in decode(session, ids, tree, cfg, stats, self.spec, self.backend.max_paths):
                     event = out.push(chunk)
                     if event is not None:
                         yield event
@@ -144,5 +150,8 @@ def result_of(out: TextOutput, stats: DecodeStats, finish: str, backend: str, tr
         step_ms=[round(s * 1e3, 3) for s in stats.step_s],
         step_tokens=stats.step_tokens,
         step_accepted=list(stats.accepted),
-        draft_depth=tree.max_depth if tree is not None else 0,
+        draft_depth=stats.draft_depth,
+        accepted_heads=stats.accepted_heads,
+        accepted_context=stats.accepted_context,
+        context_rows=stats.context_rows,
     )

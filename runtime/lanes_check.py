@@ -23,6 +23,7 @@ def lanes_exactness(backend, prompts: list[list[int]], steps: int = 3) -> dict:
     for _ in range(steps + 1):
         outs = lanes.run([Lane(s.kv, tokens, 1.0) for s, tokens in zip(sessions, feed)])  # lanes 0..n-1
         for i, out in enumerate(outs):
+            sessions[i].kv.keep(np.arange(len(feed[i])))
             together[i].append(out.next_probs)
         feed = [np.array([out.next_ids[-1, 0]], np.int64) for out in outs]
     worst, exact = 0.0, True

@@ -81,7 +81,7 @@ def run_decode(backend, prompt, tree, n: int, **cfg):
 
     session = backend.new_session()
     stats = DecodeStats()
-    config = GenerationConfig(medusa=tree is not None, **cfg)
+    config = GenerationConfig(**{"medusa": tree is not None, **cfg})
     tokens = take(decode(session, list(prompt), tree, config, stats), n)
     return tokens, stats, session
 

@@ -89,8 +89,8 @@ def test_verify_and_bench_commands(artifact, tmp_path):
     report = json.loads((tmp_path / "b.json").read_text())
     assert set(report) >= {"model", "prompts", "max_new_tokens", "results"}
     modes = {(r["backend"], r["mode"]) for r in report["results"]}
-    assert modes >= {("ort", "vanilla"), ("ort", "medusa"), ("torch", "medusa"), ("transformers", "vanilla"),
-                     ("ort", "vanilla x2"), ("ort", "medusa x2")}
+    assert modes >= {("ort", "vanilla"), ("ort", "medusa"), ("ort", "medusa+context"), ("torch", "medusa+context"),
+                     ("transformers", "vanilla"), ("ort", "vanilla x2"), ("ort", "medusa+context x2")}
     batched = [r for r in report["results"] if r["mode"].endswith(" x2")]
     assert all(r["concurrency"] == 2 and r["steps"] > 0 and r["new_tokens"] > 0 for r in batched)
     assert all(r["identical_to_vanilla"] for r in report["results"])

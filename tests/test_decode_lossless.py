@@ -110,7 +110,7 @@ def oracle_run(tiny, k, layout, spec, prompt, rank=0, wrong=False, n=N_NEW):
     session = OracleSession(tiny.backend(k, layout).new_session(), full, rank, wrong)
     stats = DecodeStats()
     out = []
-    for chunk in decode(session, list(prompt), tree, GenerationConfig(), stats):
+    for chunk in decode(session, list(prompt), tree, GenerationConfig(context_drafts=False), stats):  # heads only
         out += chunk
         if len(out) >= n:
             break
@@ -333,8 +333,13 @@ def test_input_errors(tiny, make_tokenizer):
         gen.generate([])
     with pytest.raises(InputError, match="max_new_tokens"):
         gen.generate([1, 2], GenerationConfig(max_new_tokens=0))
-    with pytest.raises(InputError, match="tree"):
-        Generator(backend, make_tokenizer(), None).generate([1, 2], GenerationConfig(medusa=True))
+    headless = Generator(backend, make_tokenizer(), None)
+    with pytest.raises(InputError, match="needs Medusa heads"):
+        headless.generate([1, 2], GenerationConfig(medusa=True, temperature=0.7))
+    with pytest.raises(InputError, match="needs Medusa heads"):
+        headless.generate([1, 2], GenerationConfig(medusa=True, context_drafts=False))
+    # Greedy speculation without heads: context drafts alone, the same tokens.
+    assert headless.generate([1, 2], GenerationConfig(max_new_tokens=6)).token_ids == tiny.reference([1, 2], 6)
     # A text prompt goes through the tokenizer.
     res = gen.generate("t5 t6 t7 t8 t9", GenerationConfig(max_new_tokens=4))
     assert res.prompt_tokens == 5 and res.token_ids == tiny.reference([5, 6, 7, 8, 9], 4)

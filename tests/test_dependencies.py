@@ -160,7 +160,8 @@ def test_torch_free_generate_and_bench_run_to_the_end(artifact, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "skipping the transformers baseline" in proc.stderr and "medusa-export[torch]" in proc.stderr
     report = json.loads(out.read_text())
-    assert [(r["backend"], r["mode"]) for r in report["results"]] == [("ort", "vanilla"), ("ort", "medusa")]
+    assert [(r["backend"], r["mode"]) for r in report["results"]] == [("ort", "vanilla"), ("ort", "medusa"),
+                                                                         ("ort", "medusa+context")]
 
 
 def test_torch_free_commands_that_need_torch_refuse_in_one_line(artifact, tmp_path):

@@ -84,6 +84,22 @@ def test_every_answer_equals_its_answer_alone(runtimes, dtype):
     assert all(finals[i].finish_reason == "length" for i in finals)
 
 
+REPEATING = [[7, 8, 9, 10] * 4, [3, 4] * 6, PROMPTS[1] * 2, PROMPTS[3] + PROMPTS[3][:6]]
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "int8", "int4"])
+def test_context_drafts_in_batched_steps_change_no_answer(runtimes, dtype):
+    """Greedy sequences verify context drafts in the lanes steps (the prompts repeat, and so does the tiny model):
+    every answer equals plain greedy decoding alone, and drafts were accepted while others shared the step."""
+    rt = runtimes[dtype]
+    configs = [_config(0, medusa=True, n=32)] * len(REPEATING)
+    vanilla = _alone(rt, REPEATING, [_config(0, medusa=False, n=32)] * len(REPEATING))
+    finals, steps = _engine_run(rt, REPEATING, configs, arrivals=[0, 0, 2, 9])
+    assert [finals[i].token_ids for i in range(len(REPEATING))] == vanilla
+    assert any(s.speculative and s.sequences > 1 for s in steps)
+    assert sum(finals[i].accepted_context for i in finals) > 0
+
+
 @settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(arrivals=st.lists(st.integers(0, 30), min_size=4, max_size=4), budget=st.integers(LANES, 40),
        medusa=st.lists(st.booleans(), min_size=4, max_size=4))

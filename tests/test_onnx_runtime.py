@@ -210,10 +210,15 @@ def test_bench_report_shape(artifact):
 
     report = run_bench(artifact, ["ort"], ["t5 t6 t7", "t1 t2"], max_new_tokens=6)
     rows = report["results"]
-    assert [(r["backend"], r["mode"]) for r in rows] == [("ort", "vanilla"), ("ort", "medusa")]
+    assert [(r["backend"], r["mode"]) for r in rows] == [("ort", "vanilla"), ("ort", "medusa"),
+                                                          ("ort", "medusa+context")]
     assert all(r["identical_to_vanilla"] for r in rows)
     assert rows[0]["mean_accepted"] == 1.0 and rows[1]["tokens_per_s"] > 0
-    assert rows[1]["speedup_vs_vanilla"] == pytest.approx(rows[1]["tokens_per_s"] / rows[0]["tokens_per_s"], rel=1e-2)
+    assert rows[0]["accepted_heads"] == rows[0]["accepted_context"] == rows[1]["accepted_context"] == 0
+    assert rows[1]["context_rows"] == 0 and rows[2]["context_rows"] > 0  # the tiny model's answers repeat
+    for row in rows[1:]:
+        assert row["speedup_vs_vanilla"] == pytest.approx(row["tokens_per_s"] / rows[0]["tokens_per_s"], rel=1e-2)
+        assert row["mean_accepted"] == pytest.approx(1 + row["accepted_heads"] + row["accepted_context"], abs=1e-3)
     assert report["tree"]["medusa_choices"] == ARTIFACT_TREE  # the artifact's tree
 
 
@@ -293,7 +298,8 @@ def test_medusa2_model_directory_loads_with_its_heads(tiny, make_tokenizer, tmp_
         ref = _tokens(ort_rt, prompt, medusa=False)
         assert _tokens(ort_rt, prompt, medusa=True) == ref
         assert _tokens(torch_rt, prompt, medusa=True) == ref == _tokens(torch_rt, prompt, medusa=False)
-    accepted = ort_rt.generate(list(TINY_PROMPTS[0]), max_new_tokens=24).mean_accepted
+    fresh = MedusaRuntime.load(tmp_path / "art", backend="ort", threads=1)  # nothing measured yet: the heads run
+    accepted = fresh.generate(list(TINY_PROMPTS[0]), max_new_tokens=24, context_drafts=False).mean_accepted
     assert accepted > 1.0  # the heads guess right sometimes: they are the model's heads, not fresh ones
 
 

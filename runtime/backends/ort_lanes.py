@@ -2,11 +2,13 @@
 
     lanes = OrtLanes(session, dims, lanes=8)
     outs = lanes.run([Lane(kv_a, tokens_a, 1.0), None, Lane(kv_b, tokens_b, 0.7)])   # lane i: a sequence or None
-    outs[0].next_ids            # [rows of lane 0, S]; the lanes' new KV rows are committed in their caches
+    outs[0].next_ids            # [rows of lane 0, S]
+    kv_a.keep(np.arange(n))     # commit the first n of lane 0's new KV rows (all of a prompt chunk, the accepted
+                                # part of a chain of drafts)
 
-Each lane is one sequence: a prefill chunk or its next token, after the rows its KV cache holds. Its KV buffers
-(a `SlotCache`'s slot 0, the same memory its own one-sequence session uses) are bound as the lane's past and
-present, and GroupQueryAttention writes the new rows in place. The attention inputs are built here exactly as the
+Each lane is one sequence: a prefill chunk, or its next token and a chain of drafts, after the rows its KV cache
+holds. Its KV buffers (a `SlotCache`'s slot 0, the same memory its own one-sequence session uses) are bound as the
+lane's past and present, and GroupQueryAttention writes the new rows in place. The attention inputs are built here exactly as the
 one-sequence graph builds them from its mask (`padded_bias`), so a lane's numbers equal a one-sequence step's.
 """
 
@@ -111,7 +113,6 @@ class OrtLanes:
             if lane is None:
                 outs.append(None)
                 continue
-            lane.kv.keep(np.arange(len(lane.tokens)))
             rows = slice(offsets[i], offsets[i + 1])
             outs.append(LaneOutput(ids[rows], probs[rows], entropy[rows]))
         return outs

@@ -24,6 +24,8 @@ def bench(
     threads: Optional[int] = typer.Option(None, help="Intra-op threads (default: all cores)."),
     concurrency: int = typer.Option(1, min=1, help="Also decode every prompt with this many requests batched together "
                                     "(the batched engine; aggregate tokens/s and whether each answer is unchanged)."),
+    context_drafts: bool = typer.Option(True, "--context-drafts/--no-context-drafts", help="The row with context "
+                                        "drafts (prompt lookup) beside the heads' tree (the default decoding)."),
     hf: Optional[bool] = typer.Option(None, "--hf/--no-hf", help="The transformers generate baseline (default: "
                                       "when torch and transformers are installed)."),
     model: Optional[str] = typer.Option(None, help="The artifact's base model (directory or .gguf) for the torch "
@@ -58,13 +60,14 @@ def bench(
     if hf:
         from medusa_export.exporter.hf_baseline import hf_generate_bench as baseline
     report = run_bench(artifact, names, texts, max_new_tokens=max_new_tokens, baseline=baseline, tree=tree,
-                       threads=threads, progress=typer.echo, measured=save, model=model, concurrency=concurrency)
-    typer.echo(f"{'backend':<13}{'mode':<12}{'tok/s':>8}{'accepted':>10}{'step p50':>10}{'step p90':>10}"
+                       threads=threads, progress=typer.echo, measured=save, model=model, concurrency=concurrency,
+                       context_drafts=context_drafts)
+    typer.echo(f"{'backend':<13}{'mode':<19}{'tok/s':>8}{'accepted':>10}{'step p50':>10}{'step p90':>10}"
                f"{'prefill':>9}{'speed-up':>10}  identical")
     for r in report["results"]:  # speed-up: Medusa over vanilla; batched rows over the single-stream vanilla row
         fmt = lambda v, f: format(v, f) if v is not None else "-".rjust(int(f.split(".")[0]))  # noqa: E731
         up = r.get("speedup_vs_vanilla") or r.get("speedup_vs_single_stream_vanilla")
-        typer.echo(f"{r['backend']:<13}{r['mode']:<12}{fmt(r['tokens_per_s'], '8.2f')}{fmt(r['mean_accepted'], '10.2f')}"
+        typer.echo(f"{r['backend']:<13}{r['mode']:<19}{fmt(r['tokens_per_s'], '8.2f')}{fmt(r['mean_accepted'], '10.2f')}"
                    f"{fmt(r['step_ms_p50'], '10.1f')}{fmt(r['step_ms_p90'], '10.1f')}{fmt(r['prefill_ms'], '9.1f')}"
                    f"{fmt(up, '9.2f')}{'x' if up else ' '}  {r['identical_to_vanilla']}")
     if as_json:

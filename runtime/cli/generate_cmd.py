@@ -24,6 +24,9 @@ def generate(
     temperature: float = typer.Option(0.0, min=0.0, help="0 = greedy (lossless); > 0 = typical acceptance."),
     stop: list[str] = typer.Option([], help="Stop string (repeatable)."),
     no_medusa: bool = typer.Option(False, "--no-medusa", help="Plain decoding, one token per step."),
+    no_context_drafts: bool = typer.Option(False, "--no-context-drafts", help="Speculate with the heads' tree only "
+                                           "(by default greedy decoding also verifies continuations found in the "
+                                           "context)."),
     no_chat: bool = typer.Option(False, "--no-chat", help="Do not apply the chat template."),
     seed: Optional[int] = typer.Option(None, help="Seed for sampling."),
     device: str = typer.Option("cpu", help="cpu | cuda (the torch backend; trt always runs on the GPU)."),
@@ -31,13 +34,13 @@ def generate(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of streaming text."),
 ) -> None:
     """Generate text for one prompt and report tokens/s and accepted tokens per step."""
-    from ..decode import GenerationConfig
+    from ..decode import GenerationConfig, uses_context
     from .loading import is_artifact, open_generator
 
     chosen = backend if backend != "auto" else ("ort" if is_artifact(model) else "torch")
     opened = open_generator(model, chosen, heads=heads, tree=tree, max_seq=max_seq, device=device)
     cfg = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, stop_strings=tuple(stop),
-                           medusa=not no_medusa, seed=seed, chat=not no_chat)
+                           medusa=not no_medusa, seed=seed, chat=not no_chat, context_drafts=not no_context_drafts)
     if opened.notice and not no_medusa:
         typer.echo(opened.notice, err=True)
     for note in opened.notes:
@@ -53,8 +56,10 @@ def generate(
     if as_json:
         typer.echo(json.dumps(r.to_json()))
         return
-    mode = "medusa" if r.medusa else "vanilla"
+    mode = "+".join(["medusa"] * r.medusa + ["context"] * uses_context(cfg)) or "vanilla"
     typer.echo("")
-    typer.echo(f"[{mode} · {r.backend}] {r.new_tokens} tokens in {r.steps} steps, "
-               f"{r.mean_accepted:.2f} tokens/step, {r.tokens_per_s:.1f} tokens/s, "
-               f"prefill {r.prefill_ms:.0f} ms, finish: {r.finish_reason}", err=True)
+    sources = "" if no_medusa else \
+        f" (accepted drafts: {r.accepted_heads} from the heads, {r.accepted_context} from the context)"
+    typer.echo(f"[{mode} · {r.backend}] {r.new_tokens} tokens in {r.steps} steps, {r.mean_accepted:.2f} tokens/step"
+               f"{sources}, {r.tokens_per_s:.1f} tokens/s, prefill {r.prefill_ms:.0f} ms, finish: {r.finish_reason}",
+               err=True)

@@ -28,6 +28,9 @@ def serve(
     request_timeout: float = typer.Option(300.0, min=0.1, help="Seconds per request, queueing included."),
     max_body_bytes: int = typer.Option(1 << 20, min=1024, help="Largest request body accepted."),
     served_model_name: Optional[str] = typer.Option(None, help="Model id clients use (default: the artifact's)."),
+    no_context_drafts: bool = typer.Option(False, "--no-context-drafts", help="Greedy requests speculate with the "
+                                           "heads' tree only (by default they also verify continuations found in "
+                                           "their context)."),
     ray: bool = typer.Option(False, "--ray", help="Run as a Ray Serve deployment (pip install 'medusa-export[ray]')."),
     replicas: int = typer.Option(1, min=1, help="Ray Serve replicas (with --ray)."),
 ) -> None:
@@ -39,7 +42,8 @@ def serve(
         raise InputError(f"unknown backend {backend!r}: choose ort or trt")
     settings = ServeSettings(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                              max_queue=max_queue, timeout_s=request_timeout, api_key=api_key,
-                             max_body_bytes=max_body_bytes, model_name=served_model_name)
+                             max_body_bytes=max_body_bytes, model_name=served_model_name,
+                             context_drafts=not no_context_drafts)
     if ray:
         from ..serve.ray_app import run_ray
 

@@ -39,6 +39,7 @@ class ServeSettings:
     max_num_seqs: int | None = None  # requests decoded together (default: the artifact's lanes, else 1)
     max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS  # rows of one engine step (decode + chunks)
     max_queue: int = 8  # requests that may wait for a place before new ones get 429
+    context_drafts: bool = True  # greedy requests also verify continuations found in their context
     timeout_s: float = 300.0  # per request, queueing included
     api_key: str | None = None
     max_body_bytes: int = 1 << 20
@@ -48,7 +49,8 @@ class ServeSettings:
 def create_app(runtime, settings: ServeSettings = ServeSettings()) -> FastAPI:
     generator = runtime.generator
     name = settings.model_name or runtime.manifest.model.name
-    model = ServedModel(name, generator.tokenizer, generator.backend.max_seq, generator.tree is not None)
+    model = ServedModel(name, generator.tokenizer, generator.backend.max_seq, generator.tree is not None,
+                        settings.context_drafts)
     metrics = ServerMetrics(name)
     sched = Scheduler(generator, settings.max_num_seqs, settings.max_num_batched_tokens, settings.max_queue, settings.timeout_s, metrics)
     served_by = {"X-Served-By": f"{socket.gethostname()}:{os.getpid()}"}  # which replica answered (Ray Serve)

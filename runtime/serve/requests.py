@@ -37,6 +37,7 @@ class ServedModel:
     tokenizer: ChatTokenizer
     max_seq: int  # prompt + new tokens must fit
     medusa: bool  # the artifact has heads
+    context_drafts: bool = True  # greedy requests speculate from their context too (also without heads)
 
 
 @dataclass
@@ -184,7 +185,8 @@ def _job(body: dict, model: ServedModel, ids: list[int], chat: bool) -> Job:
                              or not _SEED_RANGE[0] <= seed <= _SEED_RANGE[1]):
         raise ApiError(400, f"seed must be an integer in [{_SEED_RANGE[0]}, {_SEED_RANGE[1]}]", param="seed")
     config = GenerationConfig(max_new_tokens=max_tokens, temperature=float(temperature), stop_strings=_stops(body),
-                              medusa=medusa and model.medusa, seed=None if seed is None else seed % 2 ** 64,
+                              medusa=medusa and (model.medusa or model.context_drafts and temperature == 0),
+                              context_drafts=model.context_drafts, seed=None if seed is None else seed % 2 ** 64,
                               chat=False, ignore_eos=ignore_eos)
     return Job(ids, config, stream, bool((options or {}).get("include_usage")), chat)
 

@@ -1,0 +1,150 @@
+"""How many draft rows a step should verify: acceptance rates and step cost, both measured while decoding.
+
+    spec = Speculation()
+    q = spec.rates.cumulative(draft.ngram, len(draft.tokens))   # P(the first j+1 drafts are all accepted)
+    n = spec.batched_cost.worth([q], expected=8, rows=8, limit=8)[0]   # how many of them pay in a batched step
+    spec.rates.record(draft.ngram, proposed=n, accepted=a)            # after the step
+    spec.batched_cost.record(rows, seconds)
+
+A step takes the drafts, most probable first, that maximise its expected tokens per second ``(E + sum q_j) /
+t(R + n)``: ``E`` the tokens it makes without them, ``q_j`` a draft's probability of being accepted (with all
+before it), ``t(R)`` the step's time at ``R`` rows. On a CPU a row costs a
+few percent of a one-sequence step, so when a sequence runs alone most drafts pay; in a full batch the step makes
+one token per sequence and only confident drafts do (docs/serving.md, "Speculation under load").
+
+The step time ``t(R)`` is measured on the steps this process runs (`StepCost`); rates are counted per matched n-gram length and depth, conditional on the parent being
+accepted. Both start from priors measured on the default model (docs/results.md).
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+
+from .context_drafts import DEFAULT_MAX_DRAFT, DEFAULT_MAX_NGRAM
+
+# Priors until the process has measured its own. Rates: prompt lookup on the default model accepted its first
+# draft 30 % of the time after a 1-token match, 55 % after 2, 70 % after 3 (deeper drafts ~70-85 % given their
+# parent). Cost: a tree node added ~1.5-2.6 ms to a ~27-34 ms fp32 step.
+PRIOR_FIRST = {1: 0.3, 2: 0.55, 3: 0.7}
+PRIOR_DEEPER = 0.7
+PRIOR_WEIGHT = 10.0  # the priors count as this many observations
+PRIOR_ROW_SHARE = 0.06  # one more row, as a share of a one-row step
+EXPLORE_EVERY = 8  # requests: one in eight runs the heads whatever they are expected to give
+PRIOR_HEADS_NODE = 0.3  # a heads' node at depth d: accepted 0.3 ** d of the time (the shipped heads' first: ~0.3)
+
+
+class AcceptanceRates:
+    """Conditional acceptance of context drafts by matched n-gram length and depth."""
+
+    def __init__(self, max_ngram: int = DEFAULT_MAX_NGRAM, max_draft: int = DEFAULT_MAX_DRAFT) -> None:
+        first = np.array([PRIOR_FIRST.get(n, PRIOR_FIRST[max(PRIOR_FIRST)]) for n in range(max_ngram + 1)])
+        prior = np.full((max_ngram + 1, max_draft), PRIOR_DEEPER)
+        prior[:, 0] = first
+        self.accepted = prior * PRIOR_WEIGHT
+        self.proposed = np.full_like(prior, PRIOR_WEIGHT)
+        self.lock = threading.Lock()
+
+    def cumulative(self, ngram: int, n: int) -> np.ndarray:
+        """[n] probability that drafts 0..j are all accepted."""
+        n = min(n, self.proposed.shape[1])
+        return np.cumprod(self.accepted[ngram, :n] / self.proposed[ngram, :n])
+
+    def record(self, ngram: int, proposed: int, accepted: int) -> None:
+        """A step verified ``proposed`` drafts of a chain; its first ``accepted`` were right (each was tried only
+        if its parent was accepted)."""
+        tried = min(accepted + 1, proposed, self.proposed.shape[1])
+        with self.lock:
+            self.proposed[ngram, :tried] += 1
+            self.accepted[ngram, :min(accepted, tried)] += 1
+
+
+class StepCost:
+    """Step seconds by rows, measured: a running mean per row count, unmeasured counts estimated from the nearest
+    measured one below (a row adds ``PRIOR_ROW_SHARE`` of it), never less than a smaller count's. A table, not a
+    line: on the measured CPU 5 rows cost 1.23x one row but 8 rows 1.71x (another matmul kernel takes over)."""
+
+    def __init__(self, max_rows: int = 256) -> None:
+        self.seconds = np.zeros(max_rows + 1)
+        self.count = np.zeros(max_rows + 1)
+        self.lock = threading.Lock()
+
+    def record(self, rows: int, seconds: float) -> None:
+        if 1 <= rows < len(self.seconds):
+            with self.lock:  # a mean of the first ten, then an exponential one (a busier machine is followed)
+                self.count[rows] += 1
+                self.seconds[rows] += (seconds - self.seconds[rows]) / min(self.count[rows], 10)
+
+    def table(self, upto: int) -> np.ndarray:
+        """[upto + 1] estimated seconds of a step of r rows (index 0 unused)."""
+        upto = min(upto, len(self.seconds) - 1)
+        t, measured = self.seconds[:upto + 1].copy(), self.count[:upto + 1] > 0
+        known = np.flatnonzero(measured[1:]) + 1
+        base_r, base_t = (known[0], t[known[0]]) if len(known) else (1, 0.03)
+        for r in range(1, upto + 1):
+            if measured[r]:
+                base_r, base_t = r, t[r]
+            else:  # from the nearest measured count below (or the first measured, above, scaled down)
+                t[r] = base_t * (1 + PRIOR_ROW_SHARE * (r - base_r)) if r > base_r else \
+                    base_t / (1 + PRIOR_ROW_SHARE * (base_r - r))
+        return np.concatenate(([0.0], np.maximum.accumulate(t[1:])))
+
+    def worth(self, chains: list[np.ndarray], expected: float, rows: int, limit: int) -> list[int]:
+        """How many rows of each chain (``chains[i][j]``: probability that its drafts 0..j are all accepted) to add
+        to a step of ``rows`` rows that already expects ``expected`` tokens, at most ``limit`` more: the most probable
+        drafts first, as many as maximise expected tokens per second."""
+        order = sorted((-q, j, i) for i, c in enumerate(chains) for j, q in enumerate(c))[:max(limit, 0)]
+        if not order:
+            return [0] * len(chains)
+        t = self.table(rows + len(order))
+        gains = expected + np.cumsum([-neg_q for neg_q, _, _ in order])
+        rates = np.concatenate(([expected / t[rows]], gains / t[rows + 1:rows + 1 + len(order)]))
+        best = int(np.argmax(rates))  # how many of ``order`` to take; parents sort before their children
+        take = [0] * len(chains)
+        for _, j, i in order[:best]:
+            take[i] = max(take[i], j + 1)
+        return take
+
+
+class Speculation:
+    """What one backend's decoding has measured: draft acceptance, and step cost alone and batched."""
+
+    def __init__(self) -> None:
+        self.rates = AcceptanceRates()
+        self.alone_cost = {True: StepCost(), False: StepCost()}  # one-sequence steps, by graph: Medusa, vanilla
+        self.requests = 0
+        self.batched_cost = StepCost()
+        self.lock = threading.Lock()
+        self.node_hits: np.ndarray | None = None  # per node of the heads' tree: times accepted
+        self.heads_steps = 0.0  # steps that verified the heads' tree
+
+    def heads_for(self, tree):
+        """The heads' tree for a new request when the heads are expected to pay on this machine (their tree on the
+        Medusa graph beats a plain step on the vanilla graph), and for every ``EXPLORE_EVERY``-th request anyway, so
+        that both stay measured; else None: the request runs the vanilla graph, with context drafts only. Decided
+        per request: switching graphs between steps costs more than it saves (docs/speculation.md)."""
+        if tree is None:
+            return None
+        self.requests += 1
+        n = tree.num_nodes
+        pays = self.node_rates(tree).sum() / self.alone_cost[True].table(n)[n] >= 1 / self.alone_cost[False].table(1)[1]
+        return tree if pays or self.requests % EXPLORE_EVERY == 0 else None
+
+    def node_rates(self, tree) -> np.ndarray:
+        """[N] how often each node of the heads' tree was accepted (root: 1)."""
+        if self.node_hits is None or len(self.node_hits) != tree.num_nodes:
+            self.node_hits = PRIOR_HEADS_NODE ** tree.depth * PRIOR_WEIGHT  # a prior of PRIOR_WEIGHT steps
+            self.heads_steps = PRIOR_WEIGHT
+        rates = self.node_hits / self.heads_steps
+        rates[0] = 1.0
+        return rates
+
+    def record_heads(self, accepted_nodes: np.ndarray) -> None:
+        """A step verified the heads' tree (its nodes keep their indices when drafts are merged in)."""
+        if self.node_hits is not None:
+            with self.lock:
+                decay = 1.0 if self.heads_steps < 100 else 0.99  # follow what the heads do on recent text
+                self.node_hits *= decay
+                self.heads_steps = self.heads_steps * decay + 1
+                self.node_hits[accepted_nodes[accepted_nodes < len(self.node_hits)]] += 1
