@@ -4,7 +4,7 @@ optional: a row whose tool is not installed is skipped with the reason.
 
     python scripts/compare_peers.py --prompts question.jsonl --limit 16 --threads 2 --concurrency 1 8 \\
         --ours artifacts/smollm2 artifacts/smollm2-int8 --openvino ov-fp32/ ov-int8/ \\
-        --genai genai-fp32/ genai-int8/ --gguf model.Q8_0.gguf --json peers.json --plot peers.png
+        --genai genai-fp32/ genai-int8/ --ct2 ct2-fp32/ --gguf model.Q8_0.gguf --json peers.json --plot peers.png
 
 At each ``--concurrency`` N the prompts run closed-loop, N in flight (a request starts when one ends); N = 1 is
 one stream at a time. Rows (`peer_runners.py`):
@@ -19,6 +19,8 @@ one stream at a time. Rows (`peer_runners.py`):
 * onnxruntime-genai (``pip install onnxruntime-genai``): a model directory from its builder,
   ``python -m onnxruntime_genai.models.builder -i HF_DIR -o OUT -p fp32|int8|int4 -e cpu``: plain and its n-gram
   speculation alone, static batches of N for N > 1;
+* CTranslate2 (``pip install ctranslate2``) on a directory from
+  ``ct2-transformers-converter --model HF_DIR --output_dir OUT --quantization float32|int8``: batches of N;
 * llama.cpp through llama-cpp-python on GGUF files of the same weights (scripts/make_ggufs.py), N = 1 only. It
   compiles from source; where the native build (``CMAKE_ARGS="-DGGML_NATIVE=ON"``) dies with "Illegal
   instruction", the portable AVX2 build runs: ``CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON
@@ -42,7 +44,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from peer_runners import Run, run_genai, run_llama_cpp, run_openvino, run_ours  # noqa: E402
+from peer_runners import Run, run_ctranslate2, run_genai, run_llama_cpp, run_openvino, run_ours  # noqa: E402
 
 from medusa_export.runtime.api import MedusaRuntime  # noqa: E402
 from medusa_export.runtime.machine import machine_info  # noqa: E402
@@ -68,7 +70,8 @@ def summarize(name: str, concurrency: int, runs: list[Run], reference: list[list
     return row
 
 
-def peer_jobs(args, prompts: list[list[int]], eos: set[int], pad_id: int) -> list[tuple[str, str, int, object]]:
+def peer_jobs(args, prompts: list[list[int]], eos: set[int], pad_id: int,
+              id_to_token) -> list[tuple[str, str, int, object]]:
     """(tool, row name, concurrency, thunk returning runs) for every peer row asked for."""
     n, t = args.max_new_tokens, args.threads
     jobs = []
@@ -90,6 +93,10 @@ def peer_jobs(args, prompts: list[list[int]], eos: set[int], pad_id: int) -> lis
             if c == 1:
                 jobs.append(("onnxruntime-genai", f"onnxruntime-genai n-gram speculation ({d.name})", c,
                              lambda d=d: run_genai(d, prompts, n, 1, eos, t, pad_id, ngram=True)))
+        for d in args.ct2:
+            kind = f"batch {c}" if c > 1 else "plain"
+            jobs.append(("ctranslate2", f"CTranslate2 {kind} ({d.name})", c,
+                         lambda d=d, c=c: run_ctranslate2(d, prompts, n, c, eos, t, id_to_token)))
         if c == 1:
             for g in args.gguf:
                 jobs.append(("llama.cpp", f"llama.cpp ({g.name})", c, lambda g=g: run_llama_cpp(g, prompts, n, eos, t)))
@@ -107,6 +114,7 @@ def main() -> None:
     ap.add_argument("--openvino", type=Path, nargs="*", default=[], help="OpenVINO IR directories (optimum-cli)")
     ap.add_argument("--openvino-defaults", action="store_true", help="also OpenVINO's default precisions")
     ap.add_argument("--genai", type=Path, nargs="*", default=[], help="onnxruntime-genai model directories")
+    ap.add_argument("--ct2", type=Path, nargs="*", default=[], help="CTranslate2 model directories")
     ap.add_argument("--gguf", type=Path, nargs="*", default=[], help="GGUF files for llama.cpp")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--plot", type=Path, help="PNG bar chart of tokens/s per row")
@@ -134,7 +142,7 @@ def main() -> None:
                     reference = reference or [r.ids for r in runs]  # the first artifact's vanilla row, alone
                     mode = "medusa+context" if medusa else "vanilla"
                     add(f"medusa-export {weights} {mode} ({artifact.name})", c, runs)
-    for tool, name, c, job in peer_jobs(args, prompts, eos, pad_id):
+    for tool, name, c, job in peer_jobs(args, prompts, eos, pad_id, tokenizer.tokenizer.id_to_token):
         try:
             runs = job()
         except ImportError as e:

@@ -7,6 +7,7 @@ its tokens reached the caller. Every tool is optional: its import happens inside
   for concurrency > 1;
 * onnxruntime-genai: its ``Generator`` alone (plain, or with its n-gram speculation) or a static batch of ``concurrency`` prompts (left-padded), which is
   what its Python API offers for several prompts at once;
+* CTranslate2: ``Generator.generate_batch`` on batches of ``concurrency`` prompts;
 * llama.cpp (llama-cpp-python): one stream at a time.
 """
 
@@ -224,6 +225,35 @@ def run_genai(model_dir: Path, prompts: list[list[int]], max_new: int, concurren
                 new, seen[row] = [int(t) for t in seq[seen[row]:]], len(seq)
                 if batch_runs[row].deliver(new, eos, max_new):
                     live.discard(row)
+        now = time.perf_counter()
+        for run in batch_runs:
+            run.done = run.done or now
+        runs += batch_runs
+    return runs
+
+
+# ------------------------------------------------------------------------------------------------ CTranslate2
+
+
+def run_ctranslate2(model_dir: Path, prompts: list[list[int]], max_new: int, concurrency: int, eos: set[int],
+                    threads: int, id_to_token: Callable[[int], str]) -> list[Run]:
+    """Batches of ``concurrency`` prompts through ``generate_batch`` (greedy), tokens recorded as its per-token
+    callback reports them. CTranslate2 takes prompts as token strings."""
+    import ctranslate2
+
+    gen = ctranslate2.Generator(str(model_dir), device="cpu", intra_threads=threads)
+    runs = []
+    for start in range(0, len(prompts), concurrency):
+        batch = prompts[start:start + concurrency]
+        t0 = time.perf_counter()
+        batch_runs = [Run(t0) for _ in batch]
+
+        def on_token(step, batch_runs=batch_runs) -> bool:
+            batch_runs[step.batch_id].deliver([step.token_id], eos, max_new)
+            return False  # go on
+
+        gen.generate_batch([[id_to_token(i) for i in ids] for ids in batch], max_length=max_new, sampling_topk=1,
+                           beam_size=1, include_prompt_in_result=False, callback=on_token)
         now = time.perf_counter()
         for run in batch_runs:
             run.done = run.done or now
