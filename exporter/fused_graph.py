@@ -15,7 +15,9 @@ import tempfile
 import warnings
 from pathlib import Path
 
+import numpy as np
 import onnx
+import onnx.numpy_helper
 import torch
 from onnx import helper
 
@@ -34,7 +36,7 @@ def export_fused_graph(step: StepModel, path: str | Path, dtype: str = "float32"
     medusa = step.heads is not None
     backbone = fused_backbone(step.backbone, step.config, max_positions, dtype, paths, pad_rows=min_rows > 1)
     tail = _export_tail(step, dtype, padded=min_rows > 1)
-    graph = _append_tail(backbone, tail.graph, medusa, step.num_layers, paths)
+    graph = _append_tail(select_output_rows(backbone, padded=min_rows > 1), tail.graph, medusa, step.num_layers, paths)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)],
                               producer_name="medusa-export")
     model.ir_version = tail.ir_version
@@ -75,14 +77,39 @@ def _export_tail(step: StepModel, dtype: str, padded: bool = False) -> onnx.Mode
         return onnx.load(str(out))
 
 
+def select_output_rows(backbone: onnx.GraphProto, padded: bool) -> onnx.GraphProto:
+    """The backbone with its ``hidden`` cut to the rows of the input ``output_rows`` (`io_table.row_selection_input`):
+    the tail after it (lm_head, reductions, heads: a fifth of a prefill's time, more with heads) then runs on the
+    rows decoding reads, not on every prompt row. ``padded``: the backbone's extra last row follows the selected
+    ones, so the tail's matmuls still see at least two rows (see `fused_backbone`)."""
+    backbone = copy.deepcopy(backbone)
+    last = next(n for n in backbone.node if n.name == "hidden")
+    last.output[0] = "hidden_all"
+    selected = "hidden_selected" if padded else "hidden"
+    nodes = [helper.make_node("Gather", ["hidden_all", "output_rows"], [selected], name="output_rows/gather", axis=1)]
+    if padded:
+        backbone.initializer.extend([onnx.numpy_helper.from_array(np.array([v], np.int64), name) for name, v in
+                                     (("output_rows/minus_one", -1), ("output_rows/end", np.iinfo(np.int64).max),
+                                      ("output_rows/axis", 1))])
+        nodes += [helper.make_node("Slice", ["hidden_all", "output_rows/minus_one", "output_rows/end", "output_rows/axis"],
+                                   ["hidden_extra"], name="output_rows/extra_row"),
+                  helper.make_node("Concat", ["hidden_selected", "hidden_extra"], ["hidden"], name="output_rows/rows",
+                                   axis=1)]
+    backbone.node.extend(nodes)
+    t = io_table.row_selection_input()
+    backbone.input.append(helper.make_tensor_value_info(t.name, onnx.TensorProto.INT64, list(t.axes)))
+    return backbone
+
+
 def _append_tail(backbone: onnx.GraphProto, tail: onnx.GraphProto, medusa: bool, num_layers: int,
                  paths: int) -> onnx.GraphProto:
     """One graph: the backbone's nodes, then the tail's; the tail reads the backbone's ``hidden`` and the shared
     ``input_ids`` / ``temperature`` inputs."""
     merged = _append_tail_nodes(backbone, tail, {"hidden", "input_ids", "temperature", *io_table.reduced_names(medusa)})
     temperature = next(i for i in tail.input if i.name == "temperature")
-    table = {t.name: i for i, t in enumerate(io_table.inputs(num_layers, io_table.HEAD_MAJOR_SHARED, paths))}
-    inputs = sorted([*backbone.input, temperature], key=lambda i: table[i.name])
+    table = {t.name: i for i, t in enumerate([*io_table.inputs(num_layers, io_table.HEAD_MAJOR_SHARED, paths),
+                                              io_table.row_selection_input()])}
+    inputs = sorted([*backbone.input, temperature], key=lambda i: table[i.name])  # output_rows last
     presents = [o for o in backbone.output if o.name.startswith("present.")]
     return helper.make_graph(list(merged.node), "medusa_export_fused", inputs, list(tail.output) + presents,
                              list(merged.initializer))

@@ -98,7 +98,7 @@ def reduce_base_logits(logits: torch.Tensor, input_ids: torch.Tensor, temperatur
     top = torch.topk(logits, sample_topk, dim=-1)
     logp = torch.log_softmax(logits / temperature, dim=-1)  # [B, T, V]
     probs = logp.exp()
-    T = input_ids.shape[1]
-    input_probs = torch.gather(probs, 2, input_ids.unsqueeze(1).expand(-1, T, -1))  # [B, T, T]
+    rows = logits.shape[1]  # T, or the rows a graph with `output_rows` selected
+    input_probs = torch.gather(probs, 2, input_ids.unsqueeze(1).expand(-1, rows, -1))  # [B, rows, T]
     entropy = -(probs * logp).sum(-1)
     return top.indices, torch.gather(probs, 2, top.indices), input_probs, entropy

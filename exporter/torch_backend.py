@@ -65,7 +65,8 @@ class TorchSession(Session):
         return self.kv.length
 
     @torch.inference_mode()
-    def run(self, input_ids, position_ids, tree_mask, medusa, temperature) -> StepOutput:
+    def run(self, input_ids, position_ids, tree_mask, medusa, temperature, out_rows=None) -> StepOutput:
+        # out_rows: every row is computed and returned (see `Session.run`)
         b = self.backend
         step = b.medusa_step if medusa else b.base_step
         if step is None:

@@ -61,6 +61,8 @@ def validate_graph(step: StepModel, onnx_path, dtype: str = "float32", threads: 
                 v = v.to(torch_dtype).transpose(1, 2) if head_major else v.to(torch_dtype)  # [1, kvh, past, hd]
             feed[n] = v.contiguous().numpy()
         batch = _path_feed(feed, past, paths) if paths > 1 else None
+        if "output_rows" in names_in:  # every row's outputs, as the reference computes them
+            feed["output_rows"] = np.arange(t, dtype=np.int64)
         got = sess.run(None, feed)
         for name, g, r in zip(names_out, got, ref):
             if head_major and name.startswith("present."):  # the whole cache: compare its T new rows

@@ -105,9 +105,9 @@ def prefill(session: Session, prompt_ids: list[int], medusa: bool, cfg: Generati
     token."""
     n, past = len(prompt_ids) - start, session.length
     out = session.run(np.asarray(prompt_ids[start:], np.int64), past + np.arange(n), np.tri(n, dtype=bool), medusa,
-                      _temp(cfg))
+                      _temp(cfg), out_rows=np.array([n - 1]))  # only the last row's outputs are read
     session.keep(np.arange(n))
-    return start_cursor(prompt_ids, out, n - 1, cfg, rng)
+    return start_cursor(prompt_ids, out, -1, cfg, rng)
 
 
 def start_cursor(prompt_ids: list[int], out, row: int, cfg: GenerationConfig, rng: np.random.Generator) -> Cursor:

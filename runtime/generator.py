@@ -70,7 +70,8 @@ class Stream:
         return self._events
 
     def close(self) -> None:
-        """Stop now: the session is released and ``result`` says "abort" (unless it had finished)."""
+        """Stop now: the session is released and ``result`` says "abort" unless it had finished (None when no
+        event was read: nothing ran)."""
         self._events.close()
 
 

@@ -27,7 +27,9 @@ PATH_DEPTH, NUM_PATHS, PATH_KV_HEADS = "path_depth", "num_paths", "path_kv_heads
 # The lanes graph (several sequences per step, `runtime/backends/ort_lanes.py`): all lanes' rows, and per lane b
 # its own sizes, named f"lane{b}_..." (symbolic too).
 ROWS, LANE_ROWS, LANES = "rows", "lane_rows", "lanes"
-SYMBOLIC = (BATCH, SEQ, PAST, TOTAL, CAPACITY, PATH_DEPTH, NUM_PATHS, PATH_KV_HEADS, ROWS, LANE_ROWS, LANES)
+# Graphs that take ``output_rows``: how many rows their per-position outputs have.
+OUTPUT_ROWS = "output_rows"
+SYMBOLIC = (BATCH, SEQ, PAST, TOTAL, CAPACITY, PATH_DEPTH, NUM_PATHS, PATH_KV_HEADS, ROWS, LANE_ROWS, LANES, OUTPUT_ROWS)
 
 
 def is_symbolic(axis) -> bool:
@@ -91,6 +93,13 @@ def path_inputs() -> list[Tensor]:
         Tensor("path_rows", "int64", (PATH_DEPTH, NUM_PATHS)),  # node at each depth of each path
         Tensor("node_rows", "int64", (SEQ,)),  # depth * paths + path each node is read from
     ]
+
+
+def row_selection_input() -> Tensor:
+    """An optional last input of the fused one-sequence graphs (artifacts built before it lack it): the rows of the
+    step whose per-position outputs the graph computes (lm_head, reductions, heads), in order. A prompt needs only
+    its last row's; a tree step all of them. ``input_token_probs`` is then [B, R, T]."""
+    return Tensor("output_rows", "int64", (OUTPUT_ROWS,))
 
 
 def _kv_axes(kv_layout: str, new_rows: bool, paths: int = 1) -> tuple:

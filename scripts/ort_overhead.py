@@ -46,6 +46,8 @@ def main() -> None:
     past = args.past + args.steps // 2
     feed = {"input_ids": np.array([[1]], np.int64), "position_ids": np.array([[past]], np.int64),
             "attention_mask": np.ones((1, 1, 1, past + 1), bool), "temperature": np.ones(1, np.float32)}
+    if backend.selects_rows.get("vanilla"):  # graphs that compute outputs only for the rows asked
+        feed["output_rows"] = np.zeros(1, np.int64)
     head_major = backend.kv_layout == io_table.HEAD_MAJOR_SHARED  # then a past of exactly `past` rows, unshared
     shape = (1, dims.num_kv_heads, past, dims.head_dim) if head_major else (1, past, dims.num_kv_heads, dims.head_dim)
     for name in io_table.kv_names(n, "past_key_values"):

@@ -25,8 +25,8 @@ class OracleSession(Session):
     capacity = property(lambda self: self.inner.capacity)
     length = property(lambda self: self.inner.length)
 
-    def run(self, input_ids, position_ids, tree_mask, medusa, temperature):
-        out = self.inner.run(input_ids, position_ids, tree_mask, medusa, temperature)
+    def run(self, input_ids, position_ids, tree_mask, medusa, temperature, out_rows=None):
+        out = self.inner.run(input_ids, position_ids, tree_mask, medusa, temperature)  # every row (`Session.run`)
         if out.medusa_ids is None:  # a vanilla step: nothing to rewrite
             return out
         ids = out.medusa_ids.copy()

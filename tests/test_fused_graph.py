@@ -93,6 +93,32 @@ def test_fused_step_equals_portable_step(fused, portable):
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "int8", "int4"])
+@pytest.mark.parametrize("medusa", [False, True])
+def test_a_prompt_computes_outputs_for_its_last_row_only(fused, quantized, dtype, medusa):
+    """The fused graphs take ``output_rows``: a prefill asks for its last row and gets exactly, bit for bit, that
+    row of the all-rows run (int8/int4: the padded extra row keeps the tail's matmuls on two rows), with the same
+    KV rows; the decode loop reads it as row -1."""
+    rt = fused if dtype == "fp32" else quantized[dtype][0]
+    backend = rt.generator.backend
+    assert backend.selects_rows == {"vanilla": True, "medusa": True}
+    prompt = np.array(TINY_PROMPTS[2] * 3)
+    n = len(prompt)
+    runs = {}
+    for rows in (None, np.array([n - 1]), np.array([2, n - 1])):
+        with backend.new_session() as s:
+            out = s.run(prompt, np.arange(n), np.tri(n, dtype=bool), medusa, 0.7, out_rows=rows)
+            s.keep(np.arange(n))
+            runs[0 if rows is None else len(rows)] = (out, [np.array(r) for r in s.kv.rows(0, n)])
+    (full, kv_full), (last, kv_last), (two, _) = runs[0], runs[1], runs[2]
+    assert len(full.next_ids) == n and len(last.next_ids) == 1 and len(two.next_ids) == 2
+    for name in ("next_ids", "next_probs", "entropy", "input_probs") + (("medusa_ids",) if medusa else ()):
+        np.testing.assert_array_equal(getattr(last, name)[-1], getattr(full, name)[n - 1])
+        np.testing.assert_array_equal(getattr(two, name), getattr(full, name)[[2, n - 1]])
+    for x, y in zip(kv_full, kv_last):
+        np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "int8", "int4"])
 def test_tree_step_is_bit_identical_to_plain_one_token_steps(fused, quantized, dtype):
     """The guarantee behind lossless Medusa at every dtype: each node of a tree step (per-path attention)
     gets exactly, bit for bit, what plain decoding computes for the same token at the same position, one token

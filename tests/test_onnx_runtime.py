@@ -368,8 +368,8 @@ class _Shifted:
         class Session:
             capacity, length = property(lambda s: inner.capacity), property(lambda s: inner.length)
 
-            def run(s, *args):
-                out = inner.run(*args)
+            def run(s, *args, **options):
+                out = inner.run(*args, **options)
                 return replace(out, next_ids=(out.next_ids + 1) % vocab)
 
             def keep(s, rows):

@@ -88,8 +88,11 @@ class Session(ABC):
 
     @abstractmethod
     def run(self, input_ids: np.ndarray, position_ids: np.ndarray, tree_mask: np.ndarray,
-            medusa: bool, temperature: float) -> StepOutput:
-        """Forward ``input_ids`` [T] after the committed prefix; ``tree_mask`` [T, T] bool."""
+            medusa: bool, temperature: float, out_rows: np.ndarray | None = None) -> StepOutput:
+        """Forward ``input_ids`` [T] after the committed prefix; ``tree_mask`` [T, T] bool. ``out_rows``: the rows
+        whose per-position outputs the caller reads (None: all). A backend whose graph can compute only those
+        returns them, in order; others return all T rows, so a caller that wants the last asked row reads row
+        -1 (and asks only for a last row)."""
 
     @abstractmethod
     def keep(self, rows: np.ndarray) -> None:

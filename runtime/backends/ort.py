@@ -64,8 +64,11 @@ def check_graph_io(session, path: Path, dims: ModelDims, medusa: bool, layout: s
     n = dims.num_layers
     tables = ((io_table.lanes_inputs(n, lanes), io_table.lanes_outputs(n, lanes)) if lanes else
               (io_table.inputs(n, layout, paths), io_table.outputs(n, medusa, layout, paths)))
+    optional = [] if lanes else [io_table.row_selection_input()]  # newer fused graphs; older ones lack it
     for role, table, actual in (("input", tables[0], session.get_inputs()), ("output", tables[1], session.get_outputs())):
         found = {a.name: a for a in actual}
+        if role == "input":
+            table = table + [t for t in optional if t.name in found]
         extra = sorted(set(found) - {t.name for t in table})
         if extra:
             raise ArtifactError(f"{path.name} has an unexpected {role} {extra[0]!r}: it was not built by this "
@@ -122,6 +125,8 @@ class OrtBackend(Backend):
             self.sessions[kind] = session
         lanes = self.sessions.pop("lanes", None)  # not a one-sequence graph: the engine runs it
         self.lanes = OrtLanes(lanes, dims, manifest.lanes) if lanes is not None else None
+        # Graphs that compute their per-position outputs only for the rows asked (`io_table.row_selection_input`).
+        self.selects_rows = {kind: any(i.name == "output_rows" for i in s.get_inputs()) for kind, s in self.sessions.items()}
 
     def new_session(self, capacity: int | None = None) -> Session:
         if not self.sessions:
@@ -160,12 +165,15 @@ class OrtSession(Session):
     def length(self) -> int:
         return self.kv.length if self.kv is not None else 0
 
-    def run(self, input_ids, position_ids, tree_mask, medusa, temperature) -> StepOutput:
+    def run(self, input_ids, position_ids, tree_mask, medusa, temperature, out_rows=None) -> StepOutput:
         if self.kv is None:
             raise ValueError("this session is closed")
         kind = "medusa" if medusa else "vanilla"
         b = self.bindings[kind]
         t = len(input_ids)
+        if self.backend.selects_rows.get(kind):
+            b.bind_cpu_input("output_rows", np.arange(t, dtype=np.int64) if out_rows is None else
+                             np.ascontiguousarray(out_rows, np.int64))
         # Inputs are rebound every step (a rebind replaces); the KV buffers only when their memory changed: binding
         # 4 x layers tensors costs more host time than the rest of the step's Python.
         b.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, np.int64).reshape(1, t))

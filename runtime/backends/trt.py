@@ -266,7 +266,8 @@ class TrtSession(Session):
     def close(self) -> None:
         self._release()  # runs once; later calls do nothing
 
-    def run(self, input_ids, position_ids, tree_mask, medusa, temperature) -> StepOutput:
+    def run(self, input_ids, position_ids, tree_mask, medusa, temperature, out_rows=None) -> StepOutput:
+        # out_rows: every row is computed and returned (see `Session.run`)
         if not self._release.alive:
             raise ValueError("this session is closed")
         kind = "medusa" if medusa else "vanilla"
