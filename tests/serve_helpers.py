@@ -23,6 +23,20 @@ PROMPT = "t5 t6 t7"
 LONG = 1500  # tokens of a request that must still be running while others arrive
 
 
+def openai_client(base: str):
+    """The `openai` client the server tests use: this server, its key, no retries."""
+    import openai
+
+    return openai.OpenAI(base_url=base + "/v1", api_key=KEY, max_retries=0, timeout=120)
+
+
+def load_runtime(artifact):
+    """The same artifact in-process (one thread), for the answers a request must equal."""
+    from medusa_export.runtime.api import MedusaRuntime
+
+    return MedusaRuntime.load(artifact, backend="ort", threads=1)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

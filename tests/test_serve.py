@@ -18,7 +18,7 @@ pytest.importorskip("prometheus_client")
 openai = pytest.importorskip("openai")
 
 from serve_helpers import (KEY, LONG, PROMPT, build_chat_artifact, free_port as _free_port, get as _get,  # noqa: E402
-                           metric as _metric, post as _post, serving, wait_idle)
+                           load_runtime, metric as _metric, openai_client, post as _post, serving, wait_idle)
 
 
 @pytest.fixture(scope="module")
@@ -34,14 +34,12 @@ def server(long_artifact):
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=server + "/v1", api_key=KEY, max_retries=0, timeout=120)
+    return openai_client(server)
 
 
 @pytest.fixture(scope="module")
 def runtime(long_artifact):
-    from medusa_export.runtime.api import MedusaRuntime
-
-    return MedusaRuntime.load(long_artifact, backend="ort", threads=1)
+    return load_runtime(long_artifact)
 
 
 def _model(client) -> str:
