@@ -59,7 +59,8 @@ def summarize(name: str, concurrency: int, runs: list[Run], reference: list[list
     decode = [(len(r.ids) - 1) / (r.done - r.arrivals[0]) for r in runs if len(r.ids) > 1 and r.done > r.arrivals[0]]
     ms = lambda v, q: round(1e3 * float(np.percentile(v, q)), 1) if len(v) else None  # noqa: E731
     row = {"name": name, "concurrency": concurrency, "new_tokens": tokens,
-           "tokens_per_s": round(tokens / wall, 2), "stream_decode_tokens_per_s": round(float(np.mean(decode)), 2),
+           "tokens_per_s": round(tokens / wall, 2),
+           "stream_decode_tokens_per_s": round(float(np.mean(decode)), 2) if decode else None,
            "ttft_ms_p50": ms(ttft, 50), "ttft_ms_p99": ms(ttft, 99), "gap_ms_p50": ms(gaps, 50),
            "gap_ms_p99": ms(gaps, 99)}
     if reference is not None:
@@ -126,6 +127,8 @@ def main() -> None:
     def add(name: str, c: int, runs: list[Run]) -> None:
         rows.append(summarize(name, c, runs, reference))
         print(json.dumps(rows[-1]), flush=True)
+        if args.json:  # after every row: a long comparison that stops keeps what it measured
+            write_json(args.json, len(prompts), args, rows, skipped)
 
     with MedusaRuntime.load(args.ours[0], backend="ort") as rt:
         tokenizer = rt.generator.tokenizer
@@ -148,21 +151,31 @@ def main() -> None:
         except ImportError as e:
             skipped.append(f"{name}: {tool} not installed ({e.name})")
             continue
+        except Exception as e:  # noqa: BLE001 - one tool failing (a wrong directory, a changed API) loses its row only
+            skipped.append(f"{name}: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+            print("skipped:", skipped[-1], flush=True)
+            continue
         add(name, c, runs)
     print(f"\n{'row':<62}{'N':>3}{'tok/s':>8}{'stream':>8}{'TTFT p50/p99':>15}{'gap p50/p99':>14}{'identical':>10}"
           f"{'agree':>7}")
+    num = lambda v, w: f"{v:>{w}.0f}" if v is not None else f"{'-':>{w}}"  # noqa: E731
     for r in rows:
-        print(f"{r['name'][:61]:<62}{r['concurrency']:>3}{r['tokens_per_s']:>8.1f}{r['stream_decode_tokens_per_s']:>8.1f}"
-              f"{r['ttft_ms_p50']:>8.0f}/{r['ttft_ms_p99']:<6.0f}{r['gap_ms_p50']:>7.0f}/{r['gap_ms_p99']:<6.0f}"
+        print(f"{r['name'][:61]:<62}{r['concurrency']:>3}{r['tokens_per_s']:>8.1f}"
+              f"{num(r['stream_decode_tokens_per_s'], 8)}{num(r['ttft_ms_p50'], 8)}/{num(r['ttft_ms_p99'], 6)}"
+              f"{num(r['gap_ms_p50'], 7)}/{num(r['gap_ms_p99'], 6)}"
               f"{r.get('identical_to_reference', '-'):>10}{r.get('agreement', 0):>7.3f}")
     for s in skipped:
         print("skipped:", s)
     if args.json:
-        args.json.write_text(json.dumps({"prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
-                                         "threads": args.threads, "concurrency": args.concurrency,
-                                         "machine": machine_info(), "rows": rows, "skipped": skipped}, indent=2) + "\n")
+        write_json(args.json, len(prompts), args, rows, skipped)
     if args.plot:
         plot(rows, args.plot, f"{len(prompts)} prompts, {args.max_new_tokens} new tokens, {args.threads} threads")
+
+
+def write_json(path: Path, prompts: int, args, rows: list[dict], skipped: list[str]) -> None:
+    path.write_text(json.dumps({"prompts": prompts, "max_new_tokens": args.max_new_tokens, "threads": args.threads,
+                                "concurrency": args.concurrency, "machine": machine_info(), "rows": rows,
+                                "skipped": skipped}, indent=2) + "\n")
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
@@ -173,7 +186,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 
     y = np.arange(len(rows))
     fig, ax = plt.subplots(figsize=(9, 0.45 * len(rows) + 1.5))
-    ax.barh(y + 0.2, [r["stream_decode_tokens_per_s"] for r in rows], 0.4, label="per-stream decode tok/s",
+    ax.barh(y + 0.2, [r["stream_decode_tokens_per_s"] or 0 for r in rows], 0.4, label="per-stream decode tok/s",
             color="#4C72B0")
     ax.barh(y - 0.2, [r["tokens_per_s"] for r in rows], 0.4, label="aggregate tok/s (prefill included)",
             color="#DD8452")

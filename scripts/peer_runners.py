@@ -5,8 +5,8 @@ its tokens reached the caller. Every tool is optional: its import happens inside
 * ours: the artifact's batched engine (``runtime.engine``) or, alone, one stream at a time;
 * OpenVINO GenAI: ``LLMPipeline`` alone (plain, or with its prompt-lookup speculation), ``ContinuousBatchingPipeline``
   for concurrency > 1;
-* onnxruntime-genai: its ``Generator`` alone (plain, or with its n-gram speculation) or a static batch of ``concurrency`` prompts (left-padded), which is
-  what its Python API offers for several prompts at once;
+* onnxruntime-genai: its ``Generator`` alone (plain, or with its n-gram speculation) or a static batch of
+  ``concurrency`` prompts (padded on the right), which is what its Python API offers for several prompts at once;
 * CTranslate2: ``Generator.generate_batch`` on batches of ``concurrency`` prompts;
 * llama.cpp (llama-cpp-python): one stream at a time.
 """
@@ -32,6 +32,8 @@ class Run:
 
     def deliver(self, tokens: list[int], eos: set[int], max_new: int) -> bool:
         """Record tokens that arrived together; True once the request is complete (EOS or the budget)."""
+        if self.done:  # ended before: a tool that goes on past one of our EOS ids gets nothing more counted
+            return True
         now, before, ended = time.perf_counter(), len(self.ids), False
         for t in tokens:
             if t in eos or len(self.ids) >= max_new:
@@ -101,7 +103,8 @@ def run_ours(rt, prompts: list[list[int]], max_new: int, concurrency: int, medus
         engine.add(prompts[i], cfg, lambda item, i=i: sink(i, item))
 
     def step() -> list[int]:
-        engine.step()
+        if not engine.step() and not ended:
+            raise RuntimeError("the engine went idle with requests unfinished")
         out = list(ended)
         ended.clear()
         return out
@@ -133,24 +136,26 @@ def run_openvino(model_dir: Path, prompts: list[list[int]], max_new: int, concur
     props = openvino_properties(threads, exact)
     cfg = ov_genai.GenerationConfig()
     cfg.max_new_tokens, cfg.do_sample = max_new, False
-    cfg.eos_token_id = min(eos)
+    cfg.eos_token_id, cfg.stop_token_ids = min(eos), set(eos)
     if prompt_lookup:  # OpenVINO's defaults in its sample: 3-gram match, 5 tokens proposed
         cfg.num_assistant_tokens, cfg.max_ngram_size = 5, 3
     if concurrency == 1:
         pipe = ov_genai.LLMPipeline(str(model_dir), "CPU", prompt_lookup=True, **props) if prompt_lookup else \
             ov_genai.LLMPipeline(str(model_dir), "CPU", **props)
+        pipe.generate(_ov_inputs(ov, ov_genai, prompts[0]), _ov_warm_config(ov_genai, cfg))  # warm-up, as ours gets
         runs = []
         for ids in prompts:
             run = Run(time.perf_counter())
-            inputs = ov_genai.TokenizedInputs(ov.Tensor(np.asarray([ids], np.int64)),
-                                              ov.Tensor(np.ones((1, len(ids)), np.int64)))
-            pipe.generate(inputs, cfg, _ov_streamer(ov_genai, run, eos, max_new))
+            pipe.generate(_ov_inputs(ov, ov_genai, ids), cfg, _ov_streamer(ov_genai, run, eos, max_new))
             run.done = run.done or time.perf_counter()
             runs.append(run)
         return runs
     sched = ov_genai.SchedulerConfig()
     sched.max_num_seqs, sched.cache_size = concurrency, 1  # GB of KV cache: ample for 8 x 2k tokens
     pipe = ov_genai.ContinuousBatchingPipeline(str(model_dir), sched, "CPU", props)
+    pipe.add_request(len(prompts), ov.Tensor(np.asarray([prompts[0]], np.int64)), _ov_warm_config(ov_genai, cfg))
+    while pipe.has_non_finished_requests():  # warm-up
+        pipe.step()
     runs: list[Run | None] = [None] * len(prompts)
     handles: dict[int, object] = {}
 
@@ -175,6 +180,18 @@ def run_openvino(model_dir: Path, prompts: list[list[int]], max_new: int, concur
     return runs
 
 
+def _ov_inputs(ov, ov_genai, ids: list[int]):
+    return ov_genai.TokenizedInputs(ov.Tensor(np.asarray([ids], np.int64)), ov.Tensor(np.ones((1, len(ids)), np.int64)))
+
+
+def _ov_warm_config(ov_genai, cfg):
+    warm = ov_genai.GenerationConfig()
+    warm.max_new_tokens, warm.do_sample = 4, False
+    if cfg.num_assistant_tokens:
+        warm.num_assistant_tokens, warm.max_ngram_size = cfg.num_assistant_tokens, cfg.max_ngram_size
+    return warm
+
+
 def _ov_streamer(ov_genai, run: Run, eos: set[int], max_new: int):
     class Recorder(ov_genai.StreamerBase):
         def write(self, token):
@@ -192,22 +209,29 @@ def _ov_streamer(ov_genai, run: Run, eos: set[int], max_new: int):
 
 def run_genai(model_dir: Path, prompts: list[list[int]], max_new: int, concurrency: int, eos: set[int],
               threads: int, pad_id: int, ngram: bool = False) -> list[Run]:
-    """Static batches of ``concurrency`` prompts, left-padded with ``pad_id`` (a token the prompts do not hold:
-    onnxruntime-genai masks every position that holds the pad token). ``ngram``: its n-gram speculation (3-gram
-    match, 5 drafts), one stream at a time."""
+    """Static batches of ``concurrency`` prompts, padded on the right with ``pad_id`` as onnxruntime-genai's own
+    batch encoding does (left padding garbles its answers), ``pad_id`` a token the prompts do not hold: it masks
+    every position that holds the pad token. ``ngram``: its n-gram speculation (3-gram match, 5 drafts), one
+    stream at a time."""
     import onnxruntime_genai as og
 
     config = og.Config(str(model_dir))
     config.overlay(json.dumps({"model": {"pad_token_id": pad_id,
                                          "decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
     model = og.Model(config)
+    warm = og.GeneratorParams(model)
+    warm.set_search_options(do_sample=False, max_length=len(prompts[0]) + 4, batch_size=1)
+    gen = og.Generator(model, warm)
+    gen.append_tokens(np.asarray([prompts[0]], np.int32))
+    while not gen.is_done():  # warm-up
+        gen.generate_next_token()
     runs = []
     for start in range(0, len(prompts), concurrency):
         batch = prompts[start:start + concurrency]
         width = max(map(len, batch))
         padded = np.full((len(batch), width), pad_id, np.int32)
         for row, ids in enumerate(batch):
-            padded[row, width - len(ids):] = ids
+            padded[row, :len(ids)] = ids
         params = og.GeneratorParams(model)
         params.set_search_options(do_sample=False, max_length=width + max_new, batch_size=len(batch))
         if ngram:
@@ -242,6 +266,7 @@ def run_ctranslate2(model_dir: Path, prompts: list[list[int]], max_new: int, con
     import ctranslate2
 
     gen = ctranslate2.Generator(str(model_dir), device="cpu", intra_threads=threads)
+    gen.generate_batch([[id_to_token(i) for i in prompts[0]]], max_length=4, sampling_topk=1)  # warm-up
     runs = []
     for start in range(0, len(prompts), concurrency):
         batch = prompts[start:start + concurrency]
@@ -253,7 +278,8 @@ def run_ctranslate2(model_dir: Path, prompts: list[list[int]], max_new: int, con
             return False  # go on
 
         gen.generate_batch([[id_to_token(i) for i in ids] for ids in batch], max_length=max_new, sampling_topk=1,
-                           beam_size=1, include_prompt_in_result=False, callback=on_token)
+                           beam_size=1, include_prompt_in_result=False, callback=on_token,
+                           end_token=[id_to_token(i) for i in sorted(eos)])
         now = time.perf_counter()
         for run in batch_runs:
             run.done = run.done or now
@@ -267,7 +293,10 @@ def run_ctranslate2(model_dir: Path, prompts: list[list[int]], max_new: int, con
 def run_llama_cpp(gguf: Path, prompts: list[list[int]], max_new: int, eos: set[int], threads: int) -> list[Run]:
     from llama_cpp import Llama
 
-    llm = Llama(model_path=str(gguf), n_ctx=2048, n_threads=threads, n_batch=512, verbose=False)
+    llm = Llama(model_path=str(gguf), n_ctx=2048, n_threads=threads, n_threads_batch=threads, n_batch=512,
+                verbose=False)
+    for _, _tok in zip(range(4), llm.generate(prompts[0], temp=0.0, top_k=1, reset=True)):  # warm-up
+        pass
     runs = []
     for ids in prompts:
         llm.reset()

@@ -36,6 +36,7 @@ def test_delivery_stops_at_eos_and_at_the_budget(runners):
     assert not run.deliver([5, 6], eos={9}, max_new=10)
     assert run.deliver([7, 9, 8], eos={9}, max_new=10)  # EOS ends it; what follows EOS is dropped
     assert run.ids == [5, 6, 7] and len(run.arrivals) == 2 and run.done >= run.arrivals[-1]
+    assert run.deliver([4, 4], eos={9}, max_new=10) and run.ids == [5, 6, 7]  # a tool that goes on past our EOS
     capped = runners.Run(submitted=0.0)
     assert capped.deliver([1, 2, 3], eos=set(), max_new=2) and capped.ids == [1, 2]
     empty = runners.Run(submitted=0.0)
