@@ -126,7 +126,8 @@ class OrtBackend(Backend):
         lanes = self.sessions.pop("lanes", None)  # not a one-sequence graph: the engine runs it
         self.lanes = OrtLanes(lanes, dims, manifest.lanes) if lanes is not None else None
         # Graphs that compute their per-position outputs only for the rows asked (`io_table.row_selection_input`).
-        self.selects_rows = {kind: any(i.name == "output_rows" for i in s.get_inputs()) for kind, s in self.sessions.items()}
+        name = io_table.row_selection_input().name
+        self.selects_rows = {kind: any(i.name == name for i in s.get_inputs()) for kind, s in self.sessions.items()}
 
     def new_session(self, capacity: int | None = None) -> Session:
         if not self.sessions:
