@@ -15,7 +15,8 @@ numbers do not depend on what shares the step.
 Per layer the lanes cost one Gather and one Split (each lane's rows and extra row, by host-built indices), one
 GroupQueryAttention each, and a Concat and Gather back: a few nodes, not a few per lane. A lane with no rows
 (fewer sequences than lanes) costs no matmul row: its attention runs on one zero row against a scratch buffer the
-runtime binds, and its output is dropped.
+runtime binds, and its output is dropped. The tail (lm_head, reductions) runs on the rows named by ``output_rows``
+(`io_table.row_selection_input`): a prompt chunk needs at most its last row's.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from onnx import helper
 from medusa_export.runtime import io_table
 
 from .fused_backbone import MS, Decoder
-from .fused_graph import _append_tail_nodes, save_graph
+from .fused_graph import _append_tail_nodes, save_graph, select_output_rows
 from .onnx_export import OPSET
 from .step_model import LanesTail, StepModel
 
@@ -72,13 +73,15 @@ def lanes_backbone(decoder, cfg, max_positions: int, dtype: str, lanes: int) -> 
 def export_lanes_graph(step: StepModel, path: str | Path, lanes: int, dtype: str = "float32",
                        max_positions: int = 2048) -> Path:
     path = Path(path)
-    backbone = lanes_backbone(step.backbone, step.config, max_positions, dtype, lanes)
+    # The tail (lm_head, reductions) runs on the rows the host asks for: a prompt chunk's last row or none.
+    backbone = select_output_rows(lanes_backbone(step.backbone, step.config, max_positions, dtype, lanes), padded=False)
     tail = _export_tail(step, dtype)
     graph = _append_tail_nodes(backbone, tail.graph, shared={"hidden", "row_temperature",
                                                               *(t.name for t in io_table.lanes_reduced_outputs())})
-    table = {t.name: i for i, t in enumerate(io_table.lanes_inputs(step.num_layers, lanes))}
+    table = {t.name: i for i, t in enumerate([*io_table.lanes_inputs(step.num_layers, lanes),
+                                              io_table.row_selection_input()])}
     temperature = next(i for i in tail.graph.input if i.name == "row_temperature")
-    inputs = sorted([*backbone.input, temperature], key=lambda i: table[i.name])
+    inputs = sorted([*backbone.input, temperature], key=lambda i: table[i.name])  # output_rows last
     presents = [o for o in backbone.output if o.name.startswith("present.")]
     graph = helper.make_graph(list(graph.node), "medusa_export_lanes", inputs, list(tail.graph.output) + presents,
                               list(graph.initializer))

@@ -206,7 +206,8 @@ class Engine:
                 chunks += take
                 tokens = seq.prompt[seq.fed:seq.fed + take]
             temperature = seq.cfg.temperature if seq.cfg.temperature > 0 else 1.0
-            lanes[seq.slot] = Lane(seq.session.kv, np.asarray(tokens, np.int64), temperature)
+            outputs = None if seq.cursor is not None else int(seq.fed + len(tokens) == len(seq.prompt))  # last row
+            lanes[seq.slot] = Lane(seq.session.kv, np.asarray(tokens, np.int64), temperature, outputs)
             chosen.append(seq)
         if not chosen:
             return 0, False
@@ -226,7 +227,7 @@ class Engine:
                 seq.stats.prefill_s += seconds
                 if seq.fed == len(seq.prompt):
                     rng = np.random.default_rng(seq.cfg.seed)
-                    seq.cursor = start_cursor(seq.prompt, out, len(lane.tokens) - 1, seq.cfg, rng)
+                    seq.cursor = start_cursor(seq.prompt, out, -1, seq.cfg, rng)
                     self._emit(seq, [seq.cursor.root])
             else:
                 self._advance(seq, out, drafts.get(seq), seconds)

@@ -96,9 +96,10 @@ def path_inputs() -> list[Tensor]:
 
 
 def row_selection_input() -> Tensor:
-    """An optional last input of the fused one-sequence graphs (artifacts built before it lack it): the rows of the
-    step whose per-position outputs the graph computes (lm_head, reductions, heads), in order. A prompt needs only
-    its last row's; a tree step all of them. ``input_token_probs`` is then [B, R, T]."""
+    """An optional last input of the fused graphs, one-sequence and lanes (artifacts built before it lack it): the
+    rows of the step whose per-position outputs the graph computes (lm_head, reductions, heads), in order. A prompt
+    needs only its last row's; a tree step all of them. ``input_token_probs`` is then [B, R, T]; in the lanes graph
+    ``row_temperature`` and every output have one row per selected row."""
     return Tensor("output_rows", "int64", (OUTPUT_ROWS,))
 
 

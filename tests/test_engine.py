@@ -24,14 +24,20 @@ PROMPTS = [RNG.integers(1, 300, n).tolist() for n in (5, 30, 2, 12, 47, 3)]
 
 
 @pytest.fixture(scope="module")
-def runtimes(tiny_dirs, tmp_path_factory):
-    """The tiny model with a chat tokenizer, built with a 3-lane batched graph for fp32, int8 and int4 weights."""
+def engine_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("engine")
+
+
+@pytest.fixture(scope="module")
+def runtimes(tiny_dirs, engine_root):
+    """The tiny model with a chat tokenizer, built with a 3-lane batched graph for fp32, int8 and int4 weights
+    (artifacts in ``engine_root / dtype``)."""
     import shutil
 
     from medusa_export.exporter.build import build_artifact
     from medusa_export.runtime.api import MedusaRuntime
 
-    root = tmp_path_factory.mktemp("engine")
+    root = engine_root
     shutil.copytree(tiny_dirs[0], root / "model")
     make_chat_tokenizer().save(root / "model")
     out = {}
@@ -98,6 +104,64 @@ def test_context_drafts_in_batched_steps_change_no_answer(runtimes, dtype):
     assert [finals[i].token_ids for i in range(len(REPEATING))] == vanilla
     assert any(s.speculative and s.sequences > 1 for s in steps)
     assert sum(finals[i].accepted_context for i in finals) > 0
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "int8", "int4"])
+def test_a_lanes_step_computes_outputs_for_the_rows_asked_only(runtimes, dtype):
+    """``Lane.outputs``: a prompt chunk asks for its last row (or none before its last chunk); those rows equal,
+    bit for bit, the same rows of a step that computes every row, whatever the others ask, down to a step with a
+    single row asked (int4: padded to two rows for the tail's matmuls) and one with none."""
+    from medusa_export.runtime.backends.ort_lanes import Lane
+
+    backend = runtimes[dtype].generator.backend
+    lanes = backend.lanes
+    assert lanes.selects_rows
+    feeds = [np.asarray(PROMPTS[1][:9], np.int64), np.asarray(PROMPTS[3], np.int64), np.asarray([7], np.int64)]
+
+    def step(outputs):
+        sessions = [backend.new_session() for _ in feeds]
+        outs = lanes.run([Lane(s.kv, f, 0.8, o) for s, f, o in zip(sessions, feeds, outputs)])
+        for s in sessions:
+            s.close()
+        return outs
+
+    full = step([None, None, None])
+    for outputs in ([1, None, None], [1, 0, 1], [0, 1, 0], [0, 0, 0], [3, 2, 0]):
+        for out, whole, n in zip(step(outputs), full, outputs):
+            rows = len(whole.next_ids) if n is None else n
+            assert len(out.next_ids) == rows
+            for name in ("next_ids", "next_probs", "entropy"):
+                np.testing.assert_array_equal(getattr(out, name), getattr(whole, name)[len(whole.next_ids) - rows:])
+
+
+def test_a_lanes_graph_without_row_selection_still_runs(runtimes, engine_root, tmp_path):
+    """Artifacts built before ``output_rows``: their lanes graph computes every row and the runtime hands each lane
+    the rows it asked for, equal to a selecting graph's."""
+    import onnx
+    import onnxruntime as ort
+
+    from medusa_export.runtime.backends.ort_lanes import Lane, OrtLanes
+
+    backend = runtimes["fp32"].generator.backend
+    model = onnx.load(str(engine_root / "fp32" / "lanes.onnx"))
+    gather = next(n for n in model.graph.node if n.name == "output_rows/gather")
+    gather.op_type, gather.input[:] = "Identity", gather.input[:1]
+    del gather.attribute[:]
+    model.graph.input.remove(next(i for i in model.graph.input if i.name == "output_rows"))
+    onnx.save(model, str(tmp_path / "old_lanes.onnx"))
+    old = OrtLanes(ort.InferenceSession(str(tmp_path / "old_lanes.onnx"), providers=["CPUExecutionProvider"]),
+                   backend.dims, LANES)
+    assert not old.selects_rows
+    feeds, outputs = [np.asarray(PROMPTS[1][:9], np.int64), np.asarray([7, 8], np.int64)], [1, None]
+    runs = []
+    for lanes in (old, backend.lanes):
+        sessions = [backend.new_session() for _ in feeds]
+        runs.append(lanes.run([Lane(s.kv, f, 0.8, o) for s, f, o in zip(sessions, feeds, outputs)]))
+        for s in sessions:
+            s.close()
+    for a, b in zip(*runs):
+        assert len(a.next_ids) == len(b.next_ids)
+        np.testing.assert_array_equal(a.next_probs, b.next_probs)
 
 
 @settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -64,7 +64,7 @@ def check_graph_io(session, path: Path, dims: ModelDims, medusa: bool, layout: s
     n = dims.num_layers
     tables = ((io_table.lanes_inputs(n, lanes), io_table.lanes_outputs(n, lanes)) if lanes else
               (io_table.inputs(n, layout, paths), io_table.outputs(n, medusa, layout, paths)))
-    optional = [] if lanes else [io_table.row_selection_input()]  # newer fused graphs; older ones lack it
+    optional = [io_table.row_selection_input()]  # newer fused graphs; older ones lack it
     for role, table, actual in (("input", tables[0], session.get_inputs()), ("output", tables[1], session.get_outputs())):
         found = {a.name: a for a in actual}
         if role == "input":
@@ -86,6 +86,12 @@ def check_graph_io(session, path: Path, dims: ModelDims, medusa: bool, layout: s
                 raise ArtifactError(f"{path.name}: {role} {t.name!r} has shape {list(a.shape)}, the I/O table and "
                                     f"manifest say {list(t.axes)} = {[fixed.get(i, ax) for i, ax in enumerate(t.axes)]}: "
                                     f"rebuild the artifact")
+
+
+def _min_rows(manifest: Manifest) -> int:
+    """Rows every quantized matmul of the lanes graph must see (`exporter/quantize.RECIPES`); 1 for float weights."""
+    q = manifest.graphs["lanes"].quantization if "lanes" in manifest.graphs else None
+    return q.min_rows if q is not None else 1
 
 
 class OrtBackend(Backend):
@@ -124,7 +130,7 @@ class OrtBackend(Backend):
                            lanes=graph.lanes)
             self.sessions[kind] = session
         lanes = self.sessions.pop("lanes", None)  # not a one-sequence graph: the engine runs it
-        self.lanes = OrtLanes(lanes, dims, manifest.lanes) if lanes is not None else None
+        self.lanes = OrtLanes(lanes, dims, manifest.lanes, _min_rows(manifest)) if lanes is not None else None
         # Graphs that compute their per-position outputs only for the rows asked (`io_table.row_selection_input`).
         name = io_table.row_selection_input().name
         self.selects_rows = {kind: any(i.name == name for i in s.get_inputs()) for kind, s in self.sessions.items()}

@@ -2,7 +2,7 @@
 
     lanes = OrtLanes(session, dims, lanes=8)
     outs = lanes.run([Lane(kv_a, tokens_a, 1.0), None, Lane(kv_b, tokens_b, 0.7)])   # lane i: a sequence or None
-    outs[0].next_ids            # [rows of lane 0, S]
+    outs[0].next_ids            # [rows of lane 0, S] (its last ``Lane.outputs`` rows when set)
     kv_a.keep(np.arange(n))     # commit the first n of lane 0's new KV rows (all of a prompt chunk, the accepted
                                 # part of a chain of drafts)
 
@@ -30,6 +30,7 @@ class Lane:
     kv: SlotCache  # the sequence's cache; its rows [0, kv.length) are the past
     tokens: np.ndarray  # [t] int64, t >= 1
     temperature: float  # of this sequence's probabilities (1.0 for greedy)
+    outputs: int | None = None  # outputs for its last this many rows (a prompt chunk: 1, or 0 before the last); None: all
 
 
 @dataclass
@@ -61,8 +62,10 @@ class OrtLanes:
     (binding them costs ~25 µs a tensor, 120 per lane for the default model: more than a step's attention), so
     callers keep each sequence in the same lane (`Engine` uses its KV slot's index)."""
 
-    def __init__(self, session, dims: ModelDims, lanes: int) -> None:
-        self.session, self.dims, self.lanes = session, dims, lanes
+    def __init__(self, session, dims: ModelDims, lanes: int, min_rows: int = 1) -> None:
+        self.session, self.dims, self.lanes, self.min_rows = session, dims, lanes, min_rows
+        # Graphs built with `io_table.row_selection_input` run lm_head and the reductions on the rows asked only.
+        self.selects_rows = any(i.name == io_table.row_selection_input().name for i in session.get_inputs())
         self.binding = session.io_binding()
         self.elem = io_table.model_dtype_of(dims.dtype)
         n = dims.num_layers
@@ -78,14 +81,16 @@ class OrtLanes:
         if len(lanes) > self.lanes or not any(lanes):
             raise ValueError(f"a lanes step takes 1 to {self.lanes} sequences")
         b = self.binding
-        offsets, temps, gather, sizes = [0], [], [], []
+        offsets, temps, gather, sizes, wanted = [0], [], [], [], []
         for i in range(self.lanes):
             lane = lanes[i] if i < len(lanes) else None
             kv, past, rows = (lane.kv, lane.kv.length, len(lane.tokens)) if lane else (self.scratch[i], 0, 0)
             if lane:
                 if past + rows + 1 > kv.capacity:
                     raise ValueError(f"lane {i}: {past} + {rows} rows do not fit a KV buffer of {kv.capacity}")
-                temps += [lane.temperature] * rows
+                first = rows - (rows if lane.outputs is None else min(lane.outputs, rows))
+                wanted += range(offsets[-1] + first, offsets[-1] + rows)
+                temps += [lane.temperature] * (rows - first)
                 kv.stage(rows, 1)
             start = offsets[-1] + 1  # + 1: index 0 is the zero row
             gather += list(range(start, start + rows)) + [start + rows - 1 if rows else 0]  # rows, extra row
@@ -102,20 +107,38 @@ class OrtLanes:
         lane_starts = np.cumsum([0] + sizes[:-1])
         b.bind_cpu_input("row_gather", np.concatenate([lane_starts[i] + np.arange(offsets[i + 1] - offsets[i])
                                                         for i in range(self.lanes)]).astype(np.int64))
+        selected, temps = self._selection(wanted, temps, offsets[-1])
         b.bind_cpu_input("row_temperature", np.asarray(temps, np.float32)[None])
         for name in _REDUCED:  # unallocated again: their shapes change with the rows
             b.bind_output(name, "cpu")
         self.session.run_with_iobinding(b)
         ids, probs, entropy = (v.numpy()[0] for v in b.get_outputs()[:len(_REDUCED)])
+        where = {row: i for i, row in enumerate(selected)}  # output row of each step row computed
         outs: list[LaneOutput | None] = []
-        for i in range(len(lanes)):
-            lane = lanes[i]
+        for lane, start in zip(lanes, offsets):
             if lane is None:
                 outs.append(None)
                 continue
-            rows = slice(offsets[i], offsets[i + 1])
-            outs.append(LaneOutput(ids[rows], probs[rows], entropy[rows]))
+            rows = len(lane.tokens)
+            first = rows - (rows if lane.outputs is None else min(lane.outputs, rows))
+            at = [where[start + r] for r in range(first, rows)]
+            outs.append(LaneOutput(ids[at], probs[at], entropy[at]))
         return outs
+
+    def _selection(self, wanted: list[int], temps: list[float], rows: int) -> tuple[list[int], list[float]]:
+        """The step rows the tail computes and their temperatures, bound as ``output_rows``: the wanted rows, padded
+        with copies of the first to at least one row and ``min_rows`` (a quantized matmul's last bits depend on
+        whether it sees one row or more: `exporter/quantize.RECIPES`). Graphs without the input compute every row."""
+        if not self.selects_rows:
+            all_temps = np.ones(rows, np.float32)
+            all_temps[wanted] = temps
+            return list(range(rows)), list(all_temps)
+        pad = max(1, min(self.min_rows, rows)) - len(wanted)
+        if pad > 0:
+            first = wanted[0] if wanted else 0
+            wanted, temps = [first] * pad + wanted, [temps[0] if temps else 1.0] * pad + temps
+        self.binding.bind_cpu_input(io_table.row_selection_input().name, np.asarray(wanted, np.int64))
+        return wanted, temps
 
     def _bind_kv(self, i: int, kv: SlotCache) -> None:
         key = (id(kv.store), kv.store.ctypes.data)
