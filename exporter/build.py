@@ -37,7 +37,7 @@ from .onnx_cleanup import fold_constants
 from .onnx_export import OPSET, export_step_graph
 from .output_dir import check_out_dir, new_work_dir, replace_dir
 from .provenance import content_sha256
-from .quantize import RECIPES, quantize_graph
+from .quantize import CALIBRATION, RECIPES, quantize_graph
 from .step_model import StepModel
 from .torch_backend import TorchBackend, model_dims
 from .validate import validate_graph
@@ -61,6 +61,9 @@ def build_artifact(model: str | None, out: str | Path, options: BuildOptions = B
         check_supported(loaded.model.config)  # before any export: the portable graph covers the rest
     work = new_work_dir(out)
     try:
+        if options.quantized and RECIPES[options.dtype]["smooth_alpha"]:
+            with step_log(f"smooth activations for {options.dtype} ({CALIBRATION.stop - CALIBRATION.start} packaged prompts)"):
+                _smooth(loaded, RECIPES[options.dtype]["smooth_alpha"])
         graphs, validation = {}, {}
         for kind, h in (("medusa", chosen.heads), ("vanilla", None)):
             graphs[kind], validation[kind] = _export_graph(loaded, kind, h, tree_obj, options, work, step_log)
@@ -91,6 +94,17 @@ def build_artifact(model: str | None, out: str | Path, options: BuildOptions = B
         raise
     log(f"artifact ready: {out} ({time.perf_counter() - t_start:.0f} s)")
     return manifest
+
+
+def _smooth(loaded, alpha: float) -> None:
+    """Fold SmoothQuant scales into the loaded model (`smoothing`), in place: every graph is exported from the same
+    smoothed weights, and the quality reference is the same model in exact arithmetic."""
+    from medusa_export.runtime.prompts import read_prompts
+
+    from .smoothing import smooth_activations
+
+    texts = read_prompts(None, limit=CALIBRATION.stop)[CALIBRATION]
+    smooth_activations(loaded.model, [loaded.tokenizer.encode_prompt(t) for t in texts], alpha)
 
 
 def _export_graph(loaded, kind: str, heads, tree: Tree, options: BuildOptions, work: Path,

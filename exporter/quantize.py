@@ -24,12 +24,17 @@ from pathlib import Path
 # min_rows: the rows every quantized matmul must see for a row's result not to depend on how many there are
 # (the graph pads a one-token step to two rows: `fused_backbone` ``pad_rows``). Measured on an AVX2 CPU with
 # ONNX Runtime 1.2x: int4 MatMulNBits gives a different last bit at M = 1 than at M >= 2; int8 does not.
+# smooth_alpha: SmoothQuant migration strength folded into the weights before quantizing (`smoothing`; 0: none),
+# calibrated on the packaged prompts CALIBRATION (the build's default quality check reads the first 10, not these).
+# Measured on the default model: int8 top-1 agreement with fp32 96.1 % -> 97.3 % on 40 held-out ShareGPT prompts;
+# int4 was not measured with it.
 RECIPES = {
     "int4": {"method": "MatMulNBits", "bits": 4, "block_size": 32, "symmetric": True, "accuracy_level": 4,
-             "min_rows": 2},
+             "min_rows": 2, "smooth_alpha": 0.0},
     "int8": {"method": "MatMulNBits", "bits": 8, "block_size": 32, "symmetric": True, "accuracy_level": 4,
-             "min_rows": 1},
+             "min_rows": 1, "smooth_alpha": 0.5},
 }
+CALIBRATION = slice(10, 40)
 
 
 def quantize_graph(path: Path, recipe_name: str) -> dict:
@@ -38,7 +43,8 @@ def quantize_graph(path: Path, recipe_name: str) -> dict:
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     recipe = dict(RECIPES[recipe_name])
-    recipe.pop("min_rows")  # a property of the graph around the weights, recorded with the recipe
+    for key in ("min_rows", "smooth_alpha"):  # properties of the graph and weights around it, recorded with it
+        recipe.pop(key)
     logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)  # it reports every node it skips
     model = onnx.load(str(path))
     before = sum(n.op_type == "MatMul" for n in model.graph.node)

@@ -141,6 +141,7 @@ class QuantizationRecord:
     tool: str
     matmuls_quantized: int
     matmuls_left_fp: int
+    smooth_alpha: float = 0.0  # SmoothQuant strength folded into the weights before quantizing (0: none)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,69 @@
+"""Activation smoothing before int8 weights (SmoothQuant, Xiao et al. 2023, arXiv 2211.10438): a per-channel scale
+moved from the activations into the weights, so the quantized matmuls see inputs without outlier channels.
+
+    scales = smooth_activations(model, calibration_ids, alpha=0.5)   # in place, on a copy you own
+
+`MatMulNBits` at accuracy level 4 quantizes each row's activations per block of 32 channels at run time. The
+RMSNorm outputs that feed q/k/v and gate/up carry a few channels far larger than the rest, so the block holding
+one loses the others' precision. For channel j, with ``a_j`` the largest |activation| seen on calibration text and
+``w_j`` the largest |weight| reading it, ``s_j = a_j ** alpha / w_j ** (1 - alpha)``: the norm's weight is divided
+by s and the projections' input rows multiplied by it. In exact arithmetic the model is unchanged (fp32 differs in
+the last bits); only the quantized graphs are built from the smoothed copy.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Scales are kept within [1 / LIMIT, LIMIT]: a channel that never fired on the calibration text keeps its weight.
+LIMIT = 100.0
+
+
+def _groups(layer) -> list[tuple[str, torch.nn.Module, list[torch.nn.Linear]]]:
+    """(name, RMSNorm, the projections reading its output) of one Llama / Mistral / Qwen2 decoder layer."""
+    attn, mlp = layer.self_attn, layer.mlp
+    return [("qkv", layer.input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj]),
+            ("gate_up", layer.post_attention_layernorm, [mlp.gate_proj, mlp.up_proj])]
+
+
+@torch.no_grad()
+def activation_maxima(model, calibration_ids: list[list[int]]) -> dict[tuple[int, str], torch.Tensor]:
+    """Per layer and group, the largest |input| of each channel over every token of the calibration sequences."""
+    maxima: dict[tuple[int, str], torch.Tensor] = {}
+    hooks = []
+
+    def record(key):
+        def hook(_module, inputs):
+            x = inputs[0].detach().abs().reshape(-1, inputs[0].shape[-1]).amax(0).float()
+            maxima[key] = torch.maximum(maxima[key], x) if key in maxima else x
+        return hook
+
+    for i, layer in enumerate(model.model.layers):
+        for name, _norm, linears in _groups(layer):
+            hooks.append(linears[0].register_forward_pre_hook(record((i, name))))  # all of a group read one input
+    try:
+        for ids in calibration_ids:
+            model(torch.tensor([ids]))
+    finally:
+        for h in hooks:
+            h.remove()
+    return maxima
+
+
+@torch.no_grad()
+def smooth_activations(model, calibration_ids: list[list[int]], alpha: float) -> dict[tuple[int, str], torch.Tensor]:
+    """Fold SmoothQuant scales into ``model`` (in place) from its activations on ``calibration_ids``; the scales."""
+    if not calibration_ids or not 0.0 < alpha < 1.0:
+        raise ValueError("smoothing needs calibration sequences and 0 < alpha < 1")
+    maxima = activation_maxima(model, calibration_ids)
+    scales = {}
+    for i, layer in enumerate(model.model.layers):
+        for name, norm, linears in _groups(layer):
+            a = maxima[(i, name)].clamp(min=1e-5)
+            w = torch.cat([lin.weight for lin in linears]).abs().amax(0).float().clamp(min=1e-5)
+            s = (a ** alpha / w ** (1 - alpha)).clamp(1 / LIMIT, LIMIT)
+            norm.weight.div_(s.to(norm.weight.dtype))
+            for lin in linears:
+                lin.weight.mul_(s.to(lin.weight.dtype))  # [out, in]: scales the input channels
+            scales[(i, name)] = s
+    return scales
