@@ -32,6 +32,11 @@ class Lane:
     temperature: float  # of this sequence's probabilities (1.0 for greedy)
     outputs: int | None = None  # outputs for its last this many rows (a prompt chunk: 1, or 0 before the last); None: all
 
+    def first_output(self) -> int:
+        """The first of its rows whose outputs the step returns."""
+        rows = len(self.tokens)
+        return rows - (rows if self.outputs is None else min(self.outputs, rows))
+
 
 @dataclass
 class LaneOutput:
@@ -88,7 +93,7 @@ class OrtLanes:
             if lane:
                 if past + rows + 1 > kv.capacity:
                     raise ValueError(f"lane {i}: {past} + {rows} rows do not fit a KV buffer of {kv.capacity}")
-                first = rows - (rows if lane.outputs is None else min(lane.outputs, rows))
+                first = lane.first_output()
                 wanted += range(offsets[-1] + first, offsets[-1] + rows)
                 temps += [lane.temperature] * (rows - first)
                 kv.stage(rows, 1)
@@ -119,9 +124,7 @@ class OrtLanes:
             if lane is None:
                 outs.append(None)
                 continue
-            rows = len(lane.tokens)
-            first = rows - (rows if lane.outputs is None else min(lane.outputs, rows))
-            at = [where[start + r] for r in range(first, rows)]
+            at = [where[start + r] for r in range(lane.first_output(), len(lane.tokens))]
             outs.append(LaneOutput(ids[at], probs[at], entropy[at]))
         return outs
 
