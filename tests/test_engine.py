@@ -106,28 +106,28 @@ def test_context_drafts_in_batched_steps_change_no_answer(runtimes, dtype):
     assert sum(finals[i].accepted_context for i in finals) > 0
 
 
+def _lanes_step(backend, lanes, feeds, outputs, temperature: float = 0.8):
+    """One ``lanes`` step of fresh sequences: ``feeds[i]`` with ``Lane.outputs`` ``outputs[i]``, in lanes 0.."""
+    from medusa_export.runtime.backends.ort_lanes import Lane
+
+    sessions = [backend.new_session() for _ in feeds]
+    outs = lanes.run([Lane(s.kv, f, temperature, o) for s, f, o in zip(sessions, feeds, outputs)])
+    for s in sessions:
+        s.close()
+    return outs
+
+
 @pytest.mark.parametrize("dtype", ["fp32", "int8", "int4"])
 def test_a_lanes_step_computes_outputs_for_the_rows_asked_only(runtimes, dtype):
     """``Lane.outputs``: a prompt chunk asks for its last row (or none before its last chunk); those rows equal,
     bit for bit, the same rows of a step that computes every row, whatever the others ask, down to a step with a
     single row asked (int4: padded to two rows for the tail's matmuls) and one with none."""
-    from medusa_export.runtime.backends.ort_lanes import Lane
-
     backend = runtimes[dtype].generator.backend
-    lanes = backend.lanes
-    assert lanes.selects_rows
+    assert backend.lanes.selects_rows
     feeds = [np.asarray(PROMPTS[1][:9], np.int64), np.asarray(PROMPTS[3], np.int64), np.asarray([7], np.int64)]
-
-    def step(outputs):
-        sessions = [backend.new_session() for _ in feeds]
-        outs = lanes.run([Lane(s.kv, f, 0.8, o) for s, f, o in zip(sessions, feeds, outputs)])
-        for s in sessions:
-            s.close()
-        return outs
-
-    full = step([None, None, None])
+    full = _lanes_step(backend, backend.lanes, feeds, [None, None, None])
     for outputs in ([1, None, None], [1, 0, 1], [0, 1, 0], [0, 0, 0], [3, 2, 0]):
-        for out, whole, n in zip(step(outputs), full, outputs):
+        for out, whole, n in zip(_lanes_step(backend, backend.lanes, feeds, outputs), full, outputs):
             rows = len(whole.next_ids) if n is None else n
             assert len(out.next_ids) == rows
             for name in ("next_ids", "next_probs", "entropy"):
@@ -140,7 +140,7 @@ def test_a_lanes_graph_without_row_selection_still_runs(runtimes, engine_root, t
     import onnx
     import onnxruntime as ort
 
-    from medusa_export.runtime.backends.ort_lanes import Lane, OrtLanes
+    from medusa_export.runtime.backends.ort_lanes import OrtLanes
 
     backend = runtimes["fp32"].generator.backend
     model = onnx.load(str(engine_root / "fp32" / "lanes.onnx"))
@@ -153,12 +153,7 @@ def test_a_lanes_graph_without_row_selection_still_runs(runtimes, engine_root, t
                    backend.dims, LANES)
     assert not old.selects_rows
     feeds, outputs = [np.asarray(PROMPTS[1][:9], np.int64), np.asarray([7, 8], np.int64)], [1, None]
-    runs = []
-    for lanes in (old, backend.lanes):
-        sessions = [backend.new_session() for _ in feeds]
-        runs.append(lanes.run([Lane(s.kv, f, 0.8, o) for s, f, o in zip(sessions, feeds, outputs)]))
-        for s in sessions:
-            s.close()
+    runs = [_lanes_step(backend, lanes, feeds, outputs) for lanes in (old, backend.lanes)]
     for a, b in zip(*runs):
         assert len(a.next_ids) == len(b.next_ids)
         np.testing.assert_array_equal(a.next_probs, b.next_probs)
