@@ -26,6 +26,7 @@ from ..manifest import ONNXRUNTIME, Manifest, artifact_file
 from ..tree_paths import PathBatch
 from .base import Backend, KVCache, MaskBuffer, ModelDims, Session, StepOutput
 from .ort_lanes import OrtLanes
+from .ort_outputs import first_outputs
 from .slot_cache import SlotCache
 
 
@@ -207,7 +208,7 @@ class OrtSession(Session):
         for name in reduced:  # small ([T, S], [T, T], ...): let ORT allocate them (shapes change with T)
             b.bind_output(name, "cpu")
         self.graphs[kind].run_with_iobinding(b)
-        return StepOutput.from_named({name: v.numpy()[0] for name, v in zip(reduced, b.get_outputs())})
+        return StepOutput.from_named({name: v[0] for name, v in zip(reduced, first_outputs(b, len(reduced)))})
 
     def _bind_kv(self, b, past: list[np.ndarray], present: list[np.ndarray]) -> None:
         for name, view in zip(self.past_names, past):

@@ -20,6 +20,7 @@ import numpy as np
 
 from .. import io_table
 from .base import ModelDims
+from .ort_outputs import first_outputs
 from .slot_cache import SlotCache
 
 _REDUCED = [t.name for t in io_table.lanes_reduced_outputs()]
@@ -117,7 +118,7 @@ class OrtLanes:
         for name in _REDUCED:  # unallocated again: their shapes change with the rows
             b.bind_output(name, "cpu")
         self.session.run_with_iobinding(b)
-        ids, probs, entropy = (v.numpy()[0] for v in b.get_outputs()[:len(_REDUCED)])
+        ids, probs, entropy = (v[0] for v in first_outputs(b, len(_REDUCED)))
         where = {row: i for i, row in enumerate(selected)}  # output row of each step row computed
         outs: list[LaneOutput | None] = []
         for lane, start in zip(lanes, offsets):

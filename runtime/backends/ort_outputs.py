@@ -1,0 +1,16 @@
+"""The reduced outputs of an ONNX Runtime IOBinding run, read without wrapping every bound output."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def first_outputs(binding, n: int) -> list[np.ndarray]:
+    """The first ``n`` outputs of ``binding`` (in the order they were first bound) as numpy arrays.
+
+    `IOBinding.get_outputs()` wraps every bound output in a Python OrtValue, the KV buffers included: 64 for a
+    one-sequence step of the default model (~70 µs), ~480 for an 8-lane step. The binding's native vector is
+    indexed directly instead (~5 µs) when this ONNX Runtime exposes it."""
+    native = getattr(binding, "_iobinding", None)
+    values = native.get_outputs() if native is not None else binding.get_outputs()
+    return [values[i].numpy() for i in range(n)]
