@@ -127,6 +127,8 @@ def plan(cursor: Cursor, tree: Tree | None, spec: Speculation, room: int, max_pa
     heads = StepTree.heads(tree, candidates(tree, cursor.root, cursor.heads)) if (
         tree is not None and cursor.heads is not None and tree.num_nodes <= room) else None
     draft = cursor.context.propose(min(DEFAULT_MAX_DRAFT, room - 1)) if cursor.context is not None else None
+    if heads is None and draft is None:
+        return root  # nothing to weigh (vanilla decoding, or no draft this step)
     q = spec.rates.cumulative(draft.ngram, len(draft.tokens)) if draft else np.zeros(0)
     options = [(1.0 + q[:n].sum(), n + 1, n, False) for n in range(len(q) + 1)]  # (tokens, rows, drafts, heads)
     if heads is not None:
@@ -209,6 +211,8 @@ def score_shadow(cursor: Cursor, new: list[int], spec: Speculation) -> None:
 
 def record_sources(p: StepTree, acc_nodes: np.ndarray, new: list[int], spec: Speculation, stats: DecodeStats) -> None:
     """Accepted tokens by source, and what the step teaches about the drafts' acceptance."""
+    if p.num_nodes == 1:  # the root alone: no drafts, nothing to count
+        return
     sources = p.source[acc_nodes[1:]]
     stats.draft_depth = max(stats.draft_depth, int(p.depth.max()))
     stats.accepted_heads += int((sources == HEADS).sum())

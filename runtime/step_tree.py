@@ -14,6 +14,7 @@ acceptance statistics by source.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from functools import lru_cache
 
 import numpy as np
 
@@ -53,11 +54,7 @@ class StepTree:
 
     @classmethod
     def chain(cls, root: int, draft: list[int], ngram: int = 0) -> "StepTree":
-        n = 1 + len(draft)
-        source = np.full(n, CONTEXT, np.int8)
-        source[0] = ROOT
-        return cls(np.asarray([root, *draft], np.int64), np.arange(-1, n - 1), np.arange(n), np.tri(n, dtype=bool),
-                   np.arange(n)[None], source, tuple(draft), ngram)
+        return cls(np.asarray([root, *draft], np.int64), *_chain_shape(1 + len(draft)), tuple(draft), ngram)
 
     def shared(self, draft: list[int]) -> list[int]:
         """The nodes the draft walks down from the root while its tokens equal theirs (those it shares)."""
@@ -96,3 +93,15 @@ class StepTree:
         source = np.concatenate([self.source, np.full(extra, CONTEXT, np.int8)])
         return StepTree(np.concatenate([self.tokens, draft[k:]]).astype(np.int64), parent, depth, mask,
                         np.stack(rows), source, tuple(draft), ngram)
+
+
+@lru_cache(maxsize=64)
+def _chain_shape(n: int) -> tuple[np.ndarray, ...]:
+    """parent, depth, mask, paths_nodes and source of an ``n``-node chain: built once per length (a decoding step
+    makes a chain every step; these arrays are only ever read)."""
+    source = np.full(n, CONTEXT, np.int8)
+    source[0] = ROOT
+    arrays = (np.arange(-1, n - 1), np.arange(n), np.tri(n, dtype=bool), np.arange(n)[None], source)
+    for a in arrays:
+        a.flags.writeable = False
+    return arrays

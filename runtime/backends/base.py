@@ -41,6 +41,10 @@ class ModelDims:
             raise FieldError("sample_topk", "and head_topk must not exceed vocab_size")
 
 
+# (graph name, StepOutput field, dtype) of every reduced output: read at every step, built once.
+_REDUCED_FIELDS = tuple((t.name, t.field, t.numpy_dtype()) for t in io_table.reduced_outputs(medusa=True))
+
+
 @dataclass
 class StepOutput:
     """Per-position results of one forward, all numpy, batch dimension dropped."""
@@ -56,8 +60,8 @@ class StepOutput:
         """From a graph's reduced outputs keyed by their I/O-table names, batch dimension dropped. Each is
         cast to the table's dtype (engines may emit int32 ids or fp16 probabilities); a missing
         ``medusa_token_ids`` means a vanilla run."""
-        values = {t.field: np.asarray(outputs[t.name], t.numpy_dtype()) if t.name in outputs else None
-                  for t in io_table.reduced_outputs(medusa=True)}
+        values = {field: np.asarray(outputs[name], dtype) if name in outputs else None
+                  for name, field, dtype in _REDUCED_FIELDS}
         missing = [f.name for f in fields(cls) if f.name != "medusa_ids" and values[f.name] is None]
         if missing:
             raise ValueError(f"step outputs lack {missing}: the graph does not follow the I/O table")

@@ -196,9 +196,10 @@ class OrtSession(Session):
         self.temperature[0] = temperature
         b.bind_cpu_input("temperature", self.temperature)
         if isinstance(self.kv, SlotCache):  # shared: past and present are the same whole buffers
-            views = self.kv.stage(len(tree_mask), paths)
+            self.kv.prepare(len(tree_mask), paths)
             key = (paths, id(self.kv.store), self.kv.store.ctypes.data)
             if self.kv_bound.get(kind) != key:
+                views = self.kv.buffers(paths)
                 self._bind_kv(b, views, views)
                 self.kv_bound[kind] = key
         else:  # sequence-major: the past view grows every step

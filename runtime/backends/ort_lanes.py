@@ -97,7 +97,7 @@ class OrtLanes:
                 first = lane.first_output()
                 wanted += range(offsets[-1] + first, offsets[-1] + rows)
                 temps += [lane.temperature] * (rows - first)
-                kv.stage(rows, 1)
+                kv.prepare(rows, 1)
             start = offsets[-1] + 1  # + 1: index 0 is the zero row
             gather += list(range(start, start + rows)) + [start + rows - 1 if rows else 0]  # rows, extra row
             sizes.append(rows + 1)

@@ -51,6 +51,12 @@ class SlotCache:
 
     def stage(self, t: int, slots: int = 1) -> list[np.ndarray]:
         """The buffers the next run reads and writes (its T rows land at ``length`` in each slot)."""
+        self.prepare(t, slots)
+        return self.buffers(slots)
+
+    def prepare(self, t: int, slots: int = 1) -> None:
+        """`stage` without making the views (sessions whose bindings already hold these buffers: 60 views a step
+        for the default model)."""
         if slots > self.slots:
             grown = self._alloc(slots)
             grown[:, : self.slots] = self.store
@@ -61,11 +67,16 @@ class SlotCache:
                 self.store[:, s, :, lo:self.length] = self.store[:, 0, :, lo:self.length]
                 self.synced[s] = self.length
         self.staged, self.used = t, slots
-        return self.buffers(slots)
 
     def keep(self, rows: np.ndarray, slot: int = 0) -> None:
         """Commit the staged ``rows`` (increasing) of ``slot`` after the prefix; slot 0 receives them."""
         rows = np.asarray(rows, np.int64)
+        if slot == 0 and len(rows) == 1 and rows[0] == 0 and self.staged:  # a plain step's one row: nothing moves
+            self.length += 1
+            self.staged = 0
+            for s in range(1, self.used):
+                self.synced[s] = min(self.synced[s], self.length - 1)
+            return
         if rows.size and (rows.max() >= self.staged or np.any(np.diff(rows) <= 0)) or slot >= self.used:
             raise ValueError(f"keep(rows={rows.tolist()}, slot={slot}) needs increasing rows below {self.staged} "
                              f"of a slot below {self.used}")

@@ -1,0 +1,129 @@
+"""int8 variants beyond the shipped recipe, by top-1 agreement with fp32 (teacher-forced on the fp32 artifact's greedy
+answers): the shipped smoothing (q/k/v and gate/up inputs, strength 0.5) plus smoothing of the ``down_proj`` inputs
+(folded into ``up_proj``'s output rows) and / or the ``o_proj`` inputs (folded into ``v_proj``, one scale per KV
+channel), and MatMuls kept in fp32 by name.
+
+    python scripts/int8_variants.py artifacts/smollm2 artifacts/smollm2-int8 --extra down,o --keep lm_head \
+        --prompts train_prompts.jsonl --first 100 --count 40
+
+Only the vanilla graph of a copy of the int8 artifact is rebuilt; one JSON line per prompt set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+
+import onnx
+import torch
+
+from medusa_export.exporter.fused_graph import export_fused_graph
+from medusa_export.exporter.model_loading import load_base_model
+from medusa_export.exporter.onnx_cleanup import fold_constants
+from medusa_export.exporter.quantize import CALIBRATION, RECIPES
+from medusa_export.exporter.smoothing import LIMIT, smooth_activations
+from medusa_export.exporter.step_model import StepModel
+from medusa_export.runtime.api import MedusaRuntime
+from medusa_export.runtime.prompts import read_prompts
+from medusa_export.runtime.quality import quality
+
+
+@torch.no_grad()
+def input_maxima(model, calibration: list[list[int]], attr: str) -> list[torch.Tensor]:
+    """Per layer, the largest |input| of each channel of the projection ``attr`` ("mlp.down_proj", ...)."""
+    maxima: dict[int, torch.Tensor] = {}
+    hooks = []
+    for i, layer in enumerate(model.model.layers):
+        def record(_m, inputs, i=i):
+            x = inputs[0].abs().reshape(-1, inputs[0].shape[-1]).amax(0).float()
+            maxima[i] = torch.maximum(maxima[i], x) if i in maxima else x
+        hooks.append(layer.get_submodule(attr).register_forward_pre_hook(record))
+    try:
+        for ids in calibration:
+            model(torch.tensor([ids]))
+    finally:
+        for h in hooks:
+            h.remove()
+    return [maxima[i] for i in range(len(model.model.layers))]
+
+
+def scale(a: torch.Tensor, w: torch.Tensor, alpha: float) -> torch.Tensor:
+    return (a.clamp(min=1e-5) ** alpha / w.clamp(min=1e-5) ** (1 - alpha)).clamp(1 / LIMIT, LIMIT)
+
+
+@torch.no_grad()
+def smooth_more(model, calibration: list[list[int]], extra: list[str], alpha: float) -> None:
+    cfg = model.config
+    kvh, group = cfg.num_key_value_heads, cfg.num_attention_heads // cfg.num_key_value_heads
+    hd = cfg.hidden_size // cfg.num_attention_heads
+    if "down" in extra:
+        for layer, a in zip(model.model.layers, input_maxima(model, calibration, "mlp.down_proj")):
+            s = scale(a, layer.mlp.down_proj.weight.abs().amax(0), alpha)
+            layer.mlp.up_proj.weight.div_(s[:, None])
+            layer.mlp.down_proj.weight.mul_(s)
+    if "o" in extra:  # one scale per channel of a KV head, shared by the query heads of its group
+        for layer, a in zip(model.model.layers, input_maxima(model, calibration, "self_attn.o_proj")):
+            o = layer.self_attn.o_proj
+            s = scale(a.view(kvh, group, hd).amax(1), o.weight.abs().amax(0).view(kvh, group, hd).amax(1), alpha)
+            layer.self_attn.v_proj.weight.div_(s.reshape(-1)[:, None])
+            o.weight.mul_(s[:, None, :].expand(kvh, group, hd).reshape(-1))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("fp32_artifact")
+    ap.add_argument("int8_artifact")
+    ap.add_argument("--extra", default="", help="comma-separated: down, o")
+    ap.add_argument("--keep", default="", help="comma-separated MatMul name parts kept in fp32 (e.g. lm_head)")
+    ap.add_argument("--alpha", type=float, default=0.5)
+    ap.add_argument("--prompts", default=None, help="JSONL prompts (default: the packaged set)")
+    ap.add_argument("--first", type=int, default=0)
+    ap.add_argument("--count", type=int, default=10)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    torch.set_num_threads(args.threads)
+    loaded = load_base_model(None)
+    model, tok = loaded.model.eval(), loaded.tokenizer
+    calibration = [tok.encode_prompt(t) for t in read_prompts(None, limit=CALIBRATION.stop)[CALIBRATION]]
+    smooth_activations(model, calibration, RECIPES["int8"]["smooth_alpha"])
+    smooth_more(model, calibration, [x for x in args.extra.split(",") if x], args.alpha)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp) / "variant"
+        shutil.copytree(args.int8_artifact, work)
+        path = work / "vanilla.onnx"
+        export_fused_graph(StepModel(model, None, 10, 32), path, dtype="float32", max_positions=2048)
+        fold_constants(path)
+        graph = onnx.load(str(path))
+        keep = [n.name for n in graph.graph.node if n.op_type == "MatMul"
+                and any(k in n.name for k in args.keep.split(",") if k)]
+        recipe = RECIPES["int8"]
+        q = MatMulNBitsQuantizer(graph, bits=recipe["bits"], block_size=recipe["block_size"],
+                                 is_symmetric=recipe["symmetric"], accuracy_level=recipe["accuracy_level"],
+                                 nodes_to_exclude=keep)
+        q.process()
+        onnx.save_model(q.model.model, str(path))
+        manifest = json.loads((work / "manifest.json").read_text())
+        data = path.read_bytes()
+        manifest["files"]["vanilla.onnx"] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+        (work / "manifest.json").write_text(json.dumps(manifest))
+        reference = MedusaRuntime.load(args.fp32_artifact, threads=args.threads).generator
+        candidate = MedusaRuntime.load(work, threads=args.threads).generator
+        prompts = read_prompts(Path(args.prompts) if args.prompts else None,
+                               limit=args.first + args.count)[args.first:]
+        r = quality(reference, candidate, prompts)
+        print(json.dumps({"extra": args.extra, "keep_fp32": args.keep, "alpha": args.alpha, "prompts": args.prompts,
+                          "first": args.first, "count": len(prompts), "positions": r.positions,
+                          "top1": r.top1_agreement, "perplexity_change": r.perplexity_change,
+                          "matmuls_kept": len(keep)}))
+
+
+if __name__ == "__main__":
+    main()
