@@ -253,3 +253,15 @@ def test_preset_names_all_load():
         assert tree.num_nodes - 1 == sizes.pop(name), name
     assert not sizes
     assert load_choices("chain-3") == ((0,), (0, 0), (0, 0, 0))
+
+
+def test_a_chain_shares_its_read_only_structure_per_length():
+    from medusa_export.runtime.step_tree import StepTree
+
+    a, b = StepTree.chain(5, [7, 9]), StepTree.chain(6, [8, 10], ngram=2)
+    assert a.tokens.tolist() == [5, 7, 9] and b.tokens.tolist() == [6, 8, 10]
+    assert a.parent.tolist() == [-1, 0, 1] and a.depth.tolist() == [0, 1, 2] and a.paths_nodes.tolist() == [[0, 1, 2]]
+    assert (a.mask == np.tri(3, dtype=bool)).all() and a.source.tolist() == [0, 2, 2]
+    assert a.mask is b.mask and not a.mask.flags.writeable  # built once, never written
+    merged = StepTree.chain(5, []).with_draft([7, 9], 3)  # a draft merged into a one-node chain copies, not writes
+    assert merged.tokens.tolist() == [5, 7, 9] and merged.parent.tolist() == [-1, 0, 1]

@@ -91,3 +91,21 @@ def test_slot_cache_commits_a_path_and_syncs_the_others_lazily():
         kv.keep(np.array([1, 0]), slot=1)
     with pytest.raises(ValueError, match="slot below 3"):
         kv.keep(np.arange(1), slot=3)
+
+
+def test_slot_cache_one_row_commit_after_a_path_step():
+    """A plain step's `keep([0])` (committed without moving a row) after a path step: the row the run wrote in slot 0
+    is kept, the other slots are marked stale from it, and nothing is staged any more."""
+    kv = SlotCache(DIMS, capacity=16)
+    _write(kv.stage(4), 1, 0, 4, tag=1)
+    kv.keep(np.arange(4))
+    _write(kv.stage(2, slots=3), 3, 4, 2, tag=2)
+    kv.keep(np.arange(1), slot=2)  # the accepted path's first row, from slot 2
+    _write(kv.stage(1, slots=3), 3, 5, 1, tag=3)  # a one-row step on three slots
+    kv.keep(np.zeros(1, np.int64))
+    assert (kv.length, kv.staged, kv.synced) == (6, 0, [0, 5, 5])
+    assert kv.store[0, 0, 0, 4:6, 0].tolist() == [2200, 3000]
+    kv.stage(1, slots=3)  # the stale row 5 of slots 1 and 2 is brought up to date
+    assert all((kv.store[:, s, :, :6] == kv.store[:, 0, :, :6]).all() for s in (1, 2))
+    with pytest.raises(ValueError, match="increasing rows"):
+        kv.keep(np.array([1]))  # one row, but not the first: the general path's check
