@@ -27,10 +27,10 @@ def _groups(layer) -> list[tuple[str, torch.nn.Module, list[torch.nn.Linear]]]:
 
 
 @torch.no_grad()
-def activation_maxima(model, calibration_ids: list[list[int]]) -> dict[tuple[int, str], torch.Tensor]:
-    """Per layer and group, the largest |input| of each channel over every token of the calibration sequences."""
-    maxima: dict[tuple[int, str], torch.Tensor] = {}
-    hooks = []
+def input_maxima(model, calibration_ids: list[list[int]], modules: dict) -> dict:
+    """For each of ``modules`` (key -> module of ``model``), the largest |input| of each channel over every token of
+    the calibration sequences."""
+    maxima: dict = {}
 
     def record(key):
         def hook(_module, inputs):
@@ -38,9 +38,7 @@ def activation_maxima(model, calibration_ids: list[list[int]]) -> dict[tuple[int
             maxima[key] = torch.maximum(maxima[key], x) if key in maxima else x
         return hook
 
-    for i, layer in enumerate(model.model.layers):
-        for name, _norm, linears in _groups(layer):
-            hooks.append(linears[0].register_forward_pre_hook(record((i, name))))  # all of a group read one input
+    hooks = [module.register_forward_pre_hook(record(key)) for key, module in modules.items()]
     try:
         for ids in calibration_ids:
             model(torch.tensor([ids]))
@@ -48,6 +46,13 @@ def activation_maxima(model, calibration_ids: list[list[int]]) -> dict[tuple[int
         for h in hooks:
             h.remove()
     return maxima
+
+
+def activation_maxima(model, calibration_ids: list[list[int]]) -> dict[tuple[int, str], torch.Tensor]:
+    """Per layer and group, the largest |input| of each channel over every token of the calibration sequences."""
+    first = {(i, name): linears[0] for i, layer in enumerate(model.model.layers)  # all of a group read one input
+             for name, _norm, linears in _groups(layer)}
+    return input_maxima(model, calibration_ids, first)
 
 
 @torch.no_grad()

@@ -26,30 +26,18 @@ from medusa_export.exporter.fused_graph import export_fused_graph
 from medusa_export.exporter.model_loading import load_base_model
 from medusa_export.exporter.onnx_cleanup import fold_constants
 from medusa_export.exporter.quantize import CALIBRATION, RECIPES
-from medusa_export.exporter.smoothing import LIMIT, smooth_activations
+from medusa_export.exporter.smoothing import LIMIT, input_maxima, smooth_activations
 from medusa_export.exporter.step_model import StepModel
 from medusa_export.runtime.api import MedusaRuntime
 from medusa_export.runtime.prompts import read_prompts
 from medusa_export.runtime.quality import quality
 
 
-@torch.no_grad()
-def input_maxima(model, calibration: list[list[int]], attr: str) -> list[torch.Tensor]:
+def layer_input_maxima(model, calibration: list[list[int]], attr: str) -> list[torch.Tensor]:
     """Per layer, the largest |input| of each channel of the projection ``attr`` ("mlp.down_proj", ...)."""
-    maxima: dict[int, torch.Tensor] = {}
-    hooks = []
-    for i, layer in enumerate(model.model.layers):
-        def record(_m, inputs, i=i):
-            x = inputs[0].abs().reshape(-1, inputs[0].shape[-1]).amax(0).float()
-            maxima[i] = torch.maximum(maxima[i], x) if i in maxima else x
-        hooks.append(layer.get_submodule(attr).register_forward_pre_hook(record))
-    try:
-        for ids in calibration:
-            model(torch.tensor([ids]))
-    finally:
-        for h in hooks:
-            h.remove()
-    return [maxima[i] for i in range(len(model.model.layers))]
+    layers = model.model.layers
+    maxima = input_maxima(model, calibration, {i: layer.get_submodule(attr) for i, layer in enumerate(layers)})
+    return [maxima[i] for i in range(len(layers))]
 
 
 def scale(a: torch.Tensor, w: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -62,12 +50,12 @@ def smooth_more(model, calibration: list[list[int]], extra: list[str], alpha: fl
     kvh, group = cfg.num_key_value_heads, cfg.num_attention_heads // cfg.num_key_value_heads
     hd = cfg.hidden_size // cfg.num_attention_heads
     if "down" in extra:
-        for layer, a in zip(model.model.layers, input_maxima(model, calibration, "mlp.down_proj")):
+        for layer, a in zip(model.model.layers, layer_input_maxima(model, calibration, "mlp.down_proj")):
             s = scale(a, layer.mlp.down_proj.weight.abs().amax(0), alpha)
             layer.mlp.up_proj.weight.div_(s[:, None])
             layer.mlp.down_proj.weight.mul_(s)
     if "o" in extra:  # one scale per channel of a KV head, shared by the query heads of its group
-        for layer, a in zip(model.model.layers, input_maxima(model, calibration, "self_attn.o_proj")):
+        for layer, a in zip(model.model.layers, layer_input_maxima(model, calibration, "self_attn.o_proj")):
             o = layer.self_attn.o_proj
             s = scale(a.view(kvh, group, hd).amax(1), o.weight.abs().amax(0).view(kvh, group, hd).amax(1), alpha)
             layer.self_attn.v_proj.weight.div_(s.reshape(-1)[:, None])
