@@ -69,10 +69,12 @@ def main() -> None:
     ap.add_argument("--extra", default="", help="comma-separated: down, o")
     ap.add_argument("--keep", default="", help="comma-separated MatMul name parts kept in fp32 (e.g. lm_head)")
     ap.add_argument("--alpha", type=float, default=0.5)
+    ap.add_argument("--block-size", type=int, default=None, help="weight (and activation) block (default: the recipe's)")
     ap.add_argument("--prompts", default=None, help="JSONL prompts (default: the packaged set)")
     ap.add_argument("--first", type=int, default=0)
     ap.add_argument("--count", type=int, default=10)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--keep-dir", default=None, help="also copy the variant artifact here (for timing it)")
     args = ap.parse_args()
     logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
@@ -93,7 +95,8 @@ def main() -> None:
         keep = [n.name for n in graph.graph.node if n.op_type == "MatMul"
                 and any(k in n.name for k in args.keep.split(",") if k)]
         recipe = RECIPES["int8"]
-        q = MatMulNBitsQuantizer(graph, bits=recipe["bits"], block_size=recipe["block_size"],
+        block = args.block_size or recipe["block_size"]
+        q = MatMulNBitsQuantizer(graph, bits=recipe["bits"], block_size=block,
                                  is_symmetric=recipe["symmetric"], accuracy_level=recipe["accuracy_level"],
                                  nodes_to_exclude=keep)
         q.process()
@@ -107,7 +110,9 @@ def main() -> None:
         prompts = read_prompts(Path(args.prompts) if args.prompts else None,
                                limit=args.first + args.count)[args.first:]
         r = quality(reference, candidate, prompts)
-        print(json.dumps({"extra": args.extra, "keep_fp32": args.keep, "alpha": args.alpha, "prompts": args.prompts,
+        if args.keep_dir:
+            shutil.copytree(work, args.keep_dir)
+        print(json.dumps({"extra": args.extra, "keep_fp32": args.keep, "alpha": args.alpha, "block_size": block, "prompts": args.prompts,
                           "first": args.first, "count": len(prompts), "positions": r.positions,
                           "top1": r.top1_agreement, "perplexity_change": r.perplexity_change,
                           "matmuls_kept": len(keep)}))
