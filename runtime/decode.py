@@ -142,7 +142,7 @@ def plan(cursor: Cursor, tree: Tree | None, spec: Speculation, room: int, max_pa
             gain = np.maximum(q[:k] - p_node[walked[:k]], 0).sum() + q[k:n].sum()
             options.append((p_node.sum() + gain, tree.num_nodes + n - k, n, True))
     most = max(rows for _, rows, _, _ in options)
-    t = spec.alone_cost[tree is not None].table(most)
+    t = spec.alone_table(tree is not None, most)
     tokens, rows, n, use_heads = max(options, key=lambda o: o[0] / t[o[1]])
     if use_heads:
         return heads.with_draft(draft.tokens[:n], draft.ngram) if n else heads

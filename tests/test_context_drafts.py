@@ -203,3 +203,19 @@ def test_server_requests_speculate_from_the_context_without_heads(heads, server_
     cfg = parse_completion({"prompt": [1, 2, 3], "temperature": temperature, "medusa": medusa}, model).config
     assert cfg.medusa == speculates and cfg.context_drafts == server_drafts
     assert uses_context(cfg) == (speculates and server_drafts and temperature == 0)
+
+
+def test_an_unmeasured_graph_borrows_the_other_graphs_step_cost():
+    from medusa_export.runtime.speculation import EXPLORE_EVERY, Speculation
+
+    tree = Tree.from_choices([[0], [0, 0]], topk=4)  # prior: 1 + 0.3 + 0.09 tokens per step
+    spec = Speculation()
+    for _ in range(5):
+        spec.alone_cost[False].record(1, 0.010)  # a fast machine: 10 ms vanilla steps, the heads never measured
+    assert np.allclose(spec.alone_table(True, 3), spec.alone_table(False, 3))
+    assert spec.heads_for(tree) is tree  # tried at once, not after EXPLORE_EVERY requests
+    for _ in range(5):
+        spec.alone_cost[True].record(3, 0.030)  # measured: the heads' steps cost 3x a plain one here
+    assert spec.alone_table(True, 3)[3] == pytest.approx(0.030)
+    assert [spec.heads_for(tree) for _ in range(EXPLORE_EVERY - 2)] == [None] * (EXPLORE_EVERY - 2)
+    assert spec.heads_for(tree) is tree  # the EXPLORE_EVERY-th request measures them again
