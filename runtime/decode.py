@@ -117,15 +117,19 @@ def start_cursor(prompt_ids: list[int], out, row: int, cfg: GenerationConfig, rn
     return Cursor(root, heads, rng, ContextIndex([*prompt_ids, root]) if uses_context(cfg) else None)
 
 
-def plan(cursor: Cursor, tree: Tree | None, spec: Speculation, room: int, max_paths: int | None) -> StepTree:
+def plan(cursor: Cursor, tree: Tree | None, spec: Speculation, room: int, max_paths: int | None,
+         whole_tree: bool = False) -> StepTree:
     """This step's candidates, the best by expected tokens per second (`speculation.py`) of: the root alone, a chain of
     context drafts, the heads' tree with or without drafts merged in; within ``room`` rows and the graph's
     ``max_paths`` (paths it verifies exactly). With ``tree`` every step runs the Medusa graph, whatever the plan:
     switching graphs costs more than the heads (ONNX Runtime's idle threads of the graph that ran last spin for a
-    while and take the cores from the next one: measured twice a step's time)."""
+    while and take the cores from the next one: measured twice a step's time). ``whole_tree``: the Medusa graph takes
+    only its whole tree (a TensorRT engine's fixed-shape step profile), so a step with the heads verifies exactly it."""
     root = StepTree.chain(cursor.root, [])
     heads = StepTree.heads(tree, candidates(tree, cursor.root, cursor.heads)) if (
         tree is not None and cursor.heads is not None and tree.num_nodes <= room) else None
+    if whole_tree and heads is not None:
+        return heads
     draft = cursor.context.propose(min(DEFAULT_MAX_DRAFT, room - 1)) if cursor.context is not None else None
     if heads is None and draft is None:
         return root  # nothing to weigh (vanilla decoding, or no draft this step)
@@ -152,13 +156,13 @@ def plan(cursor: Cursor, tree: Tree | None, spec: Speculation, room: int, max_pa
 
 
 def step(session: Session, cursor: Cursor, tree: Tree | None, cfg: GenerationConfig, stats: DecodeStats,
-         spec: Speculation, max_paths: int | None = None) -> list[int] | None:
+         spec: Speculation, max_paths: int | None = None, whole_tree: bool = False) -> list[int] | None:
     """One verification step; the tokens it makes final, or None when the KV buffer is full."""
     room = session.capacity - session.length
     if room < 1:
         stats.finish_reason = "length"
         return None
-    p = plan(cursor, tree, spec, room, max_paths)
+    p = plan(cursor, tree, spec, room, max_paths, whole_tree)
     t0 = time.perf_counter()
     out = session.run(p.tokens, session.length + p.depth, p.mask, tree is not None, _temp(cfg))
     acc_nodes = accept(p, out, cfg)
@@ -230,7 +234,8 @@ def agreeing(draft: list[int], new: list[int]) -> int:
 
 
 def decode(session: Session, prompt_ids: list[int], tree: Tree | None, cfg: GenerationConfig,
-           stats: DecodeStats, spec: Speculation | None = None, max_paths: int | None = None) -> Iterator[list[int]]:
+           stats: DecodeStats, spec: Speculation | None = None, max_paths: int | None = None,
+           whole_tree: bool = False) -> Iterator[list[int]]:
     """One sequence alone: prefill, then steps until the caller stops reading or the KV buffer is full. ``spec``:
     what earlier requests measured (a `Generator` shares one, and chooses ``tree`` with `Speculation.heads_for`),
     else measured from this one only."""
@@ -240,7 +245,7 @@ def decode(session: Session, prompt_ids: list[int], tree: Tree | None, cfg: Gene
     cursor = prefill(session, prompt_ids, tree is not None, cfg, np.random.default_rng(cfg.seed))
     stats.prefill_s = time.perf_counter() - t0
     yield [cursor.root]
-    while (new := step(session, cursor, tree, cfg, stats, spec, max_paths)) is not None:
+    while (new := step(session, cursor, tree, cfg, stats, spec, max_paths, whole_tree)) is not None:
         yield new
 
 

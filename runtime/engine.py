@@ -178,7 +178,8 @@ class Engine:
             seq.stats.prefill_s += time.perf_counter() - t0
             self._emit(seq, [seq.cursor.root])
             return rest, False
-        new = step(seq.session, seq.cursor, tree, seq.cfg, seq.stats, self.gen.spec, self.gen.backend.max_paths)
+        b = self.gen.backend
+        new = step(seq.session, seq.cursor, tree, seq.cfg, seq.stats, self.gen.spec, b.max_paths, b.whole_tree_steps)
         if new is None:
             seq.out.finish = seq.out.finish or "length"
             return 0, False

@@ -133,7 +133,8 @@ class Generator:
         t0 = time.perf_counter()
         try:
             with self.backend.new_session() as session:
-                for chunk in decode(session, ids, tree, cfg, stats, self.spec, self.backend.max_paths):
+                for chunk in decode(session, ids, tree, cfg, stats, self.spec, self.backend.max_paths,
+                                    self.backend.whole_tree_steps):
                     event = out.push(chunk)
                     if event is not None:
                         yield event

@@ -219,3 +219,21 @@ def test_an_unmeasured_graph_borrows_the_other_graphs_step_cost():
     assert spec.alone_table(True, 3)[3] == pytest.approx(0.030)
     assert [spec.heads_for(tree) for _ in range(EXPLORE_EVERY - 2)] == [None] * (EXPLORE_EVERY - 2)
     assert spec.heads_for(tree) is tree  # the EXPLORE_EVERY-th request measures them again
+
+
+def test_a_backend_that_takes_only_the_whole_tree_gets_exactly_the_heads_tree():
+    from medusa_export.runtime.decode import Cursor, plan
+    from medusa_export.runtime.speculation import Speculation
+
+    tree = Tree.from_choices([[0], [0, 0]], topk=4)
+    heads = np.arange(40, dtype=np.int64).reshape(4, 10)  # [K, R] the heads' top-R guesses
+    context = ContextIndex([1, 2, 3, 9, 1, 2, 3])  # "1 2 3" seen before: a draft [9, 1, 2, 3] is proposed
+    spec = Speculation()
+    for _ in range(3):
+        spec.alone_cost[True].record(1, 0.010)  # root-only steps look far cheaper than the tree...
+        spec.alone_cost[True].record(3, 0.050)
+    free = plan(Cursor(3, heads, np.random.default_rng(0), context), tree, spec, room=100, max_paths=None)
+    assert free.num_nodes != tree.num_nodes  # ...so a backend taking any shape gets another plan
+    whole = plan(Cursor(3, heads, np.random.default_rng(0), context), tree, spec, room=100, max_paths=None,
+                 whole_tree=True)
+    assert whole.num_nodes == tree.num_nodes and whole.tokens.tolist() == [3, 0, 10] and not whole.draft

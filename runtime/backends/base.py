@@ -112,6 +112,7 @@ class Backend(ABC):
     max_seq: int
     notes: tuple[str, ...] = ()
     max_paths: int | None = None  # root-to-leaf paths of a tree the Medusa graph verifies (None: any)
+    whole_tree_steps = False  # the Medusa graph's steps take only its whole tree (TensorRT's fixed-shape profile)
     lanes = None  # the batched (lanes) graph's runner, when the artifact has one (ONNX Runtime: `OrtLanes`)
 
     @property

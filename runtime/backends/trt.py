@@ -106,6 +106,7 @@ class _Resources:
 
 class TrtBackend(Backend):
     name = "trt"
+    whole_tree_steps = True  # the Medusa engine's step profile has the tree's node count as its only T
 
     def __init__(self, directory: str | Path, manifest: Manifest, *, device: str | None = "cuda",
                  threads: int | None = None, max_seq: int | None = None) -> None:
@@ -279,6 +280,10 @@ class TrtSession(Session):
         if past + t > self.capacity:
             raise ValueError(f"{t} new tokens after {past} exceed the session's KV capacity {self.capacity}")
         tree_mask = np.asarray(tree_mask, bool)
+        if medusa and not self._fits(e, t, past, tree_mask) and self._fits(b.engines["vanilla"], t, past, tree_mask):
+            # Near the end of the KV capacity the heads' tree no longer fits and the Medusa engine's profiles take
+            # only the tree's shape there: the step runs on the vanilla engine (same KV buffers), without heads.
+            kind, e = "vanilla", b.engines["vanilla"]
         runs = self._plan(e, t, past, tree_mask)
         step = {io_table.BATCH: 1, io_table.SEQ: t}
         out = {x.name: (np.zeros if x.name == "input_token_probs" else np.empty)(x.shape(b.dims, step)[1:],
@@ -298,6 +303,13 @@ class TrtSession(Session):
                 out["input_token_probs"][a:z, a:z] = block
         self.staged = t
         return StepOutput.from_named(out)
+
+    def _fits(self, e: _EngineInfo, t: int, past: int, tree_mask: np.ndarray) -> bool:
+        try:
+            self._plan(e, t, past, tree_mask)
+        except InputError:
+            return False
+        return True
 
     def _plan(self, e: _EngineInfo, t: int, past: int, tree_mask: np.ndarray) -> list[tuple[int, int, int]]:
         idx = select(e.profiles, t, past)
