@@ -192,7 +192,8 @@ def _check_against_ort(fakes, art, expect_in_place):
             a = ref.generate(prompt, _cfg(medusa, 10))
             b = gen.generate(prompt, _cfg(medusa, 10))
             assert b.token_ids == a.token_ids, (prompt, medusa)
-            assert b.steps == a.steps
+            # Step counts may differ: the plans follow each backend's measured step times, and the TensorRT Medusa
+            # engine verifies the whole tree at every step (`whole_tree_steps`); the tokens may not.
     session = gen.backend.new_session()
     assert session.in_place is expect_in_place
     # Contexts and KV buffers come from the pool: 2 contexts per released session at most, not per request.
