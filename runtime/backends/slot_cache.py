@@ -71,22 +71,19 @@ class SlotCache:
     def keep(self, rows: np.ndarray, slot: int = 0) -> None:
         """Commit the staged ``rows`` (increasing) of ``slot`` after the prefix; slot 0 receives them."""
         rows = np.asarray(rows, np.int64)
-        if slot == 0 and len(rows) == 1 and rows[0] == 0 and self.staged:  # a plain step's one row: nothing moves
-            self.length += 1
-            self.staged = 0
-            for s in range(1, self.used):
-                self.synced[s] = min(self.synced[s], self.length - 1)
-            return
-        if rows.size and (rows.max() >= self.staged or np.any(np.diff(rows) <= 0)) or slot >= self.used:
+        n = len(rows)
+        # Increasing rows: the last is the largest. Scalar checks first: a plain step commits its one row every step.
+        if n and (rows[-1] >= self.staged or n > 1 and np.any(np.diff(rows) <= 0)) or slot >= self.used:
             raise ValueError(f"keep(rows={rows.tolist()}, slot={slot}) needs increasing rows below {self.staged} "
                              f"of a slot below {self.used}")
-        start, n = self.length, len(rows)
-        if slot or not np.array_equal(rows, np.arange(n)):
+        start = self.length
+        prefix = n == 0 or rows[0] == 0 and rows[-1] == n - 1  # increasing: exactly the first n staged rows
+        if slot or not prefix:
             src = self.store[:, slot][:, :, start + rows]  # fancy index: a copy, safe to write back
             self.store[:, 0, :, start:start + n] = src
         for s in range(1, self.used):  # the run overwrote their rows from `start`
             self.synced[s] = min(self.synced[s], start)
-        if slot and np.array_equal(rows, np.arange(n)):
+        if slot and prefix:
             self.synced[slot] = start + n
         self.length += n
         self.staged = 0
