@@ -235,6 +235,26 @@ def _destroy(cuda, res: _Resources) -> None:
         pass
 
 
+def _runs(e: _EngineInfo, t: int, past: int, tree_mask: np.ndarray) -> list[tuple[int, int, int]] | None:
+    """``(start, end, profile)`` runs of a T-token step after ``past`` on engine ``e``: one profile, or causal
+    chunks; None when its profiles cannot take it."""
+    idx = select(e.profiles, t, past)
+    if idx is not None:
+        return [(0, t, idx)]
+    return plan_chunks(e.profiles, t, past) if np.array_equal(tree_mask, np.tri(t, dtype=bool)) else None
+
+
+def _no_profile(e: _EngineInfo, t: int, past: int, tree_mask: np.ndarray) -> None:
+    """The one-line error for a step no profile of ``e`` takes."""
+    desc = "; ".join(f"{p.name}: T {p.seq[0]}..{p.seq[2]}, past {p.past[0]}..{p.past[2]}" for p in e.profiles)
+    if np.array_equal(tree_mask, np.tri(t, dtype=bool)):
+        raise InputError(f"{t} tokens after {past} do not fit the {e.kind} engine's profiles ({desc}): "
+                         f"rebuild the engines with a larger --max-prompt")
+    raise InputError(f"a {t}-token tree step does not fit the {e.kind} engine's profiles ({desc}): use the "
+                     f"artifact's own tree, or rebuild the engines for this tree "
+                     f"(`medusa-export build --tree ... --engine trt`)")
+
+
 class TrtSession(Session):
     def __init__(self, backend: TrtBackend, capacity: int) -> None:
         d = backend.dims
@@ -280,11 +300,15 @@ class TrtSession(Session):
         if past + t > self.capacity:
             raise ValueError(f"{t} new tokens after {past} exceed the session's KV capacity {self.capacity}")
         tree_mask = np.asarray(tree_mask, bool)
-        if medusa and not self._fits(e, t, past, tree_mask) and self._fits(b.engines["vanilla"], t, past, tree_mask):
+        runs = _runs(e, t, past, tree_mask)
+        if runs is None and medusa:
             # Near the end of the KV capacity the heads' tree no longer fits and the Medusa engine's profiles take
             # only the tree's shape there: the step runs on the vanilla engine (same KV buffers), without heads.
-            kind, e = "vanilla", b.engines["vanilla"]
-        runs = self._plan(e, t, past, tree_mask)
+            plain = b.engines["vanilla"]
+            if (plain_runs := _runs(plain, t, past, tree_mask)) is not None:
+                kind, e, runs = "vanilla", plain, plain_runs
+        if runs is None:
+            _no_profile(e, t, past, tree_mask)
         step = {io_table.BATCH: 1, io_table.SEQ: t}
         out = {x.name: (np.zeros if x.name == "input_token_probs" else np.empty)(x.shape(b.dims, step)[1:],
                                                                                 e.dtypes[x.name]) for x in e.reduced}
@@ -303,28 +327,6 @@ class TrtSession(Session):
                 out["input_token_probs"][a:z, a:z] = block
         self.staged = t
         return StepOutput.from_named(out)
-
-    def _fits(self, e: _EngineInfo, t: int, past: int, tree_mask: np.ndarray) -> bool:
-        try:
-            self._plan(e, t, past, tree_mask)
-        except InputError:
-            return False
-        return True
-
-    def _plan(self, e: _EngineInfo, t: int, past: int, tree_mask: np.ndarray) -> list[tuple[int, int, int]]:
-        idx = select(e.profiles, t, past)
-        if idx is not None:
-            return [(0, t, idx)]
-        desc = "; ".join(f"{p.name}: T {p.seq[0]}..{p.seq[2]}, past {p.past[0]}..{p.past[2]}" for p in e.profiles)
-        if np.array_equal(tree_mask, np.tri(t, dtype=bool)):
-            runs = plan_chunks(e.profiles, t, past)
-            if runs is not None:
-                return runs
-            raise InputError(f"{t} tokens after {past} do not fit the {e.kind} engine's profiles ({desc}): "
-                             f"rebuild the engines with a larger --max-prompt")
-        raise InputError(f"a {t}-token tree step does not fit the {e.kind} engine's profiles ({desc}): use the "
-                         f"artifact's own tree, or rebuild the engines for this tree "
-                         f"(`medusa-export build --tree ... --engine trt`)")
 
     def _enqueue(self, e: _EngineInfo, c: _Context, ids, pos, tree_mask, a: int, z: int, profile: int,
                  out: dict, chunked: bool):
