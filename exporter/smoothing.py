@@ -55,6 +55,12 @@ def activation_maxima(model, calibration_ids: list[list[int]]) -> dict[tuple[int
     return input_maxima(model, calibration_ids, first)
 
 
+def smoothing_scales(a: torch.Tensor, w: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Per channel ``a ** alpha / w ** (1 - alpha)`` from its largest |activation| ``a`` and largest |weight| ``w``,
+    within [1 / LIMIT, LIMIT]."""
+    return (a.clamp(min=1e-5) ** alpha / w.clamp(min=1e-5) ** (1 - alpha)).clamp(1 / LIMIT, LIMIT)
+
+
 @torch.no_grad()
 def smooth_activations(model, calibration_ids: list[list[int]], alpha: float) -> dict[tuple[int, str], torch.Tensor]:
     """Fold SmoothQuant scales into ``model`` (in place) from its activations on ``calibration_ids``; the scales."""
@@ -64,9 +70,8 @@ def smooth_activations(model, calibration_ids: list[list[int]], alpha: float) ->
     scales = {}
     for i, layer in enumerate(model.model.layers):
         for name, norm, linears in _groups(layer):
-            a = maxima[(i, name)].clamp(min=1e-5)
-            w = torch.cat([lin.weight for lin in linears]).abs().amax(0).float().clamp(min=1e-5)
-            s = (a ** alpha / w ** (1 - alpha)).clamp(1 / LIMIT, LIMIT)
+            s = smoothing_scales(maxima[(i, name)], torch.cat([lin.weight for lin in linears]).abs().amax(0).float(),
+                                 alpha)
             norm.weight.div_(s.to(norm.weight.dtype))
             for lin in linears:
                 lin.weight.mul_(s.to(lin.weight.dtype))  # [out, in]: scales the input channels

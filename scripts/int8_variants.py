@@ -26,7 +26,7 @@ from medusa_export.exporter.fused_graph import export_fused_graph
 from medusa_export.exporter.model_loading import load_base_model
 from medusa_export.exporter.onnx_cleanup import fold_constants
 from medusa_export.exporter.quantize import CALIBRATION, RECIPES
-from medusa_export.exporter.smoothing import LIMIT, input_maxima, smooth_activations
+from medusa_export.exporter.smoothing import input_maxima, smooth_activations, smoothing_scales
 from medusa_export.exporter.step_model import StepModel
 from medusa_export.runtime.api import MedusaRuntime
 from medusa_export.runtime.prompts import read_prompts
@@ -40,10 +40,6 @@ def layer_input_maxima(model, calibration: list[list[int]], attr: str) -> list[t
     return [maxima[i] for i in range(len(layers))]
 
 
-def scale(a: torch.Tensor, w: torch.Tensor, alpha: float) -> torch.Tensor:
-    return (a.clamp(min=1e-5) ** alpha / w.clamp(min=1e-5) ** (1 - alpha)).clamp(1 / LIMIT, LIMIT)
-
-
 @torch.no_grad()
 def smooth_more(model, calibration: list[list[int]], extra: list[str], alpha: float) -> None:
     cfg = model.config
@@ -51,13 +47,14 @@ def smooth_more(model, calibration: list[list[int]], extra: list[str], alpha: fl
     hd = cfg.hidden_size // cfg.num_attention_heads
     if "down" in extra:
         for layer, a in zip(model.model.layers, layer_input_maxima(model, calibration, "mlp.down_proj")):
-            s = scale(a, layer.mlp.down_proj.weight.abs().amax(0), alpha)
+            s = smoothing_scales(a, layer.mlp.down_proj.weight.abs().amax(0), alpha)
             layer.mlp.up_proj.weight.div_(s[:, None])
             layer.mlp.down_proj.weight.mul_(s)
     if "o" in extra:  # one scale per channel of a KV head, shared by the query heads of its group
         for layer, a in zip(model.model.layers, layer_input_maxima(model, calibration, "self_attn.o_proj")):
             o = layer.self_attn.o_proj
-            s = scale(a.view(kvh, group, hd).amax(1), o.weight.abs().amax(0).view(kvh, group, hd).amax(1), alpha)
+            w = o.weight.abs().amax(0).view(kvh, group, hd).amax(1)
+            s = smoothing_scales(a.view(kvh, group, hd).amax(1), w, alpha)
             layer.self_attn.v_proj.weight.div_(s.reshape(-1)[:, None])
             o.weight.mul_(s[:, None, :].expand(kvh, group, hd).reshape(-1))
 
