@@ -380,33 +380,3 @@ def test_ort_refuses_a_gpu_device_in_one_line(artifact):
 
     with pytest.raises(BackendUnavailableError, match=r"--device cuda is not supported by the ONNX Runtime backend"):
         MedusaRuntime.load(artifact, backend="ort", device="cuda")
-
-
-def test_first_outputs_reads_the_bound_outputs_in_binding_order():
-    import onnxruntime as ort
-    from onnx import TensorProto, helper
-
-    from medusa_export.runtime.backends.ort_outputs import first_outputs
-
-    nodes = [helper.make_node("Neg", ["x"], ["a"]), helper.make_node("Abs", ["x"], ["b"]),
-             helper.make_node("Identity", ["x"], ["c"])]
-    info = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [3]) for n in "xabc"]
-    model = helper.make_model(helper.make_graph(nodes, "g", info[:1], info[1:]),
-                              opset_imports=[helper.make_opsetid("", 17)])
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    binding = session.io_binding()
-    x = np.array([1.0, -2.0, 3.0], np.float32)
-    binding.bind_cpu_input("x", x)
-    for name in ("b", "a", "c"):  # the order of first binding, not the graph's
-        binding.bind_output(name, "cpu")
-    session.run_with_iobinding(binding)
-    native = first_outputs(binding, 2)
-
-    class PublicOnly:  # an IOBinding without the native vector: the public API is used
-        def get_outputs(self):
-            return binding.get_outputs()
-
-    for got in (native, first_outputs(PublicOnly(), 2)):
-        assert len(got) == 2
-        np.testing.assert_array_equal(got[0], np.abs(x))
-        np.testing.assert_array_equal(got[1], -x)
