@@ -20,9 +20,14 @@ import numpy as np
 from .acceptance import accept_greedy, accept_typical, next_token
 from .backends.base import Session
 from .context_drafts import DEFAULT_MAX_DRAFT, ContextIndex
+from .errors import InputError
 from .speculation import Speculation
 from .step_tree import CONTEXT, HEADS, StepTree
 from .tree import Tree
+
+
+MIN_TEMPERATURE = 1e-5  # lower temperatures decode greedily (as vLLM): sampling there is argmax, and in float32
+# the logits / temperature of a temperature near 1e-38 overflow to NaN probabilities
 
 
 @dataclass
@@ -37,6 +42,12 @@ class GenerationConfig:
     seed: int | None = None
     chat: bool = True  # apply the chat template when the model has one
     ignore_eos: bool = False  # decode past end-of-sequence tokens up to max_new_tokens (benchmarks, as vLLM's)
+
+    def __post_init__(self) -> None:
+        t = self.temperature
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 <= t < float("inf"):
+            raise InputError(f"temperature must be a finite number >= 0 (0 = greedy), got {t!r}")
+        self.temperature = float(t) if t >= MIN_TEMPERATURE else 0.0
 
 
 @dataclass
@@ -103,11 +114,17 @@ def prefill(session: Session, prompt_ids: list[int], medusa: bool, cfg: Generati
             rng: np.random.Generator, start: int = 0) -> Cursor:
     """Feed the prompt from ``start`` (the session holds the tokens before it) in one causal run; the first new
     token."""
-    n, past = len(prompt_ids) - start, session.length
-    out = session.run(np.asarray(prompt_ids[start:], np.int64), past + np.arange(n), np.tri(n, dtype=bool), medusa,
-                      _temp(cfg), out_rows=np.array([n - 1]))  # only the last row's outputs are read
+    return start_cursor(prompt_ids, feed(session, prompt_ids[start:], medusa, cfg), -1, cfg, rng)
+
+
+def feed(session: Session, tokens: list[int], medusa: bool, cfg: GenerationConfig):
+    """Prompt tokens after the session's, in one causal run, kept; the outputs of their last row (a prefill reads
+    only those; a prompt chunk before the last, none)."""
+    n, past = len(tokens), session.length
+    out = session.run(np.asarray(tokens, np.int64), past + np.arange(n), np.tri(n, dtype=bool), medusa, _temp(cfg),
+                      out_rows=np.array([n - 1]))
     session.keep(np.arange(n))
-    return start_cursor(prompt_ids, out, -1, cfg, rng)
+    return out
 
 
 def start_cursor(prompt_ids: list[int], out, row: int, cfg: GenerationConfig, rng: np.random.Generator) -> Cursor:

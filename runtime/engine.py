@@ -25,19 +25,22 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, TypeVar
 
 import numpy as np
 
 from .backends.base import Session
 from .backends.ort_lanes import Lane, OrtLanes
 from .context_drafts import DEFAULT_MAX_DRAFT, Draft
-from .decode import Cursor, DecodeStats, GenerationConfig, accept, finish_step, prefill, start_cursor, step
+from .decode import (Cursor, DecodeStats, GenerationConfig, accept, feed, finish_step, prefill, start_cursor,
+                     step)
 from .errors import InputError
 from .generator import GenerationResult, Generator, result_of
 from .step_tree import StepTree
 from .text_output import StreamEvent, TextOutput
 from .tree import Tree
+
+T = TypeVar("T")
 
 # Rows one step takes. Prefill is compute-bound on a CPU (a 64-row chunk beside seven decoding streams took 0.39 s
 # on the measured 2-core machine, 256 rows 1.3 s): a small chunk bounds how long the running streams wait for their
@@ -127,17 +130,17 @@ class Engine:
             return bool(self.waiting)
         t0 = time.perf_counter()
         live = list(self.running)
-        try:
-            if len(live) == 1 or self.lanes is None:
-                rows, spec = 0, False
-                for seq in live:  # without a lanes graph, one sequence after the other
-                    r, s = self._alone(seq)
-                    rows, spec = rows + r, spec or s
-            else:
+        if len(live) == 1 or self.lanes is None:
+            rows, spec = 0, False
+            for seq in live:  # without a lanes graph, one sequence after the other
+                r, s = self._isolated(seq, self._alone) or (0, False)
+                rows, spec = rows + r, spec or s
+        else:
+            try:
                 rows, spec = self._batched(live)
-        except Exception as e:  # noqa: BLE001 - the backend failed: these requests end with it, the engine stays up
-            self.fail(e)
-            return True
+            except Exception as e:  # noqa: BLE001 - the backend failed: these requests end with it, the engine stays up
+                self.fail(e)
+                return True
         self._retire()
         if self.on_step is not None:
             self.on_step(StepRecord(len(live), rows, spec, time.perf_counter() - t0))
@@ -145,11 +148,13 @@ class Engine:
 
     def _admit(self) -> None:
         with self.lock:
+            # Cancelled requests leave the queue at once, free slots or not (their place in the server's queue
+            # is released when their result is handed back).
+            for seq in [s for s in self.waiting if s.cancelled]:
+                self.waiting.remove(seq)
+                self._finish(seq, seq.cancelled)
             while self.waiting and self.free and len(self.running) < self.max_num_seqs:
                 seq = self.waiting.pop(0)
-                if seq.cancelled:
-                    self._finish(seq, seq.cancelled)
-                    continue
                 seq.slot = self.free.pop()
                 seq.session = self.slots[seq.slot] = self._fresh(self.slots[seq.slot])
                 seq.out = TextOutput(self.gen.tokenizer, seq.cfg)
@@ -167,17 +172,24 @@ class Engine:
             return self.gen.backend.new_session()
 
     def _alone(self, seq: Sequence) -> tuple[int, bool]:
-        """One step of ``seq`` on the one-sequence graphs (its whole remaining prompt, or a (tree) step)."""
+        """One step of ``seq`` on the one-sequence graphs (a chunk of its prompt, or a (tree) step). With a lanes
+        graph the prompt goes in chunks of the step budget, so that requests arriving meanwhile join within one
+        chunk; without one, whole (the requests run one after the other anyway)."""
         tree = seq.tree
         if seq.cursor is None:
             t0 = time.perf_counter()
-            rest = len(seq.prompt) - seq.fed
-            rng = np.random.default_rng(seq.cfg.seed)
-            seq.cursor = prefill(seq.session, seq.prompt, tree is not None, seq.cfg, rng, start=seq.fed)
-            seq.fed = len(seq.prompt)
+            take = len(seq.prompt) - seq.fed
+            if self.lanes is not None:
+                take = min(take, self.max_num_batched_tokens)
+            if seq.fed + take < len(seq.prompt):
+                feed(seq.session, seq.prompt[seq.fed:seq.fed + take], tree is not None, seq.cfg)
+            else:
+                rng = np.random.default_rng(seq.cfg.seed)
+                seq.cursor = prefill(seq.session, seq.prompt, tree is not None, seq.cfg, rng, start=seq.fed)
+                self._emit(seq, [seq.cursor.root])
+            seq.fed += take
             seq.stats.prefill_s += time.perf_counter() - t0
-            self._emit(seq, [seq.cursor.root])
-            return rest, False
+            return take, False
         b = self.gen.backend
         new = step(seq.session, seq.cursor, tree, seq.cfg, seq.stats, self.gen.spec, b.max_paths, b.whole_tree_steps)
         if new is None:
@@ -221,18 +233,31 @@ class Engine:
         rows = sum(len(lane.tokens) for lane in lanes if lane)
         self.gen.spec.batched_cost.record(rows, seconds)
         for seq in chosen:
-            lane, out = lanes[seq.slot], outs[seq.slot]
-            if seq.cursor is None:  # a prompt chunk: done once the whole prompt is in
-                seq.session.kv.keep(np.arange(len(lane.tokens)))
-                seq.fed += len(lane.tokens)
-                seq.stats.prefill_s += seconds
-                if seq.fed == len(seq.prompt):
-                    rng = np.random.default_rng(seq.cfg.seed)
-                    seq.cursor = start_cursor(seq.prompt, out, -1, seq.cfg, rng)
-                    self._emit(seq, [seq.cursor.root])
-            else:
-                self._advance(seq, out, drafts.get(seq), seconds)
+            self._isolated(seq, lambda s: self._take(s, lanes[s.slot], outs[s.slot], drafts.get(s), seconds))
         return rows, bool(drafts)
+
+    def _take(self, seq: Sequence, lane: Lane, out, draft: Draft | None, seconds: float) -> None:
+        """A sequence's share of a lanes step: its prompt chunk kept, or its tokens accepted."""
+        if seq.cursor is None:  # a prompt chunk: done once the whole prompt is in
+            seq.session.kv.keep(np.arange(len(lane.tokens)))
+            seq.fed += len(lane.tokens)
+            seq.stats.prefill_s += seconds
+            if seq.fed == len(seq.prompt):
+                rng = np.random.default_rng(seq.cfg.seed)
+                seq.cursor = start_cursor(seq.prompt, out, -1, seq.cfg, rng)
+                self._emit(seq, [seq.cursor.root])
+        else:
+            self._advance(seq, out, draft, seconds)
+
+    def _isolated(self, seq: Sequence, work: Callable[[Sequence], T]) -> T | None:
+        """``work(seq)``; if it raises, that sequence alone ends with the error (its cache may be half-written) and
+        the others carry on: one request's failure (a backend error in its own step, its sampling) is not theirs."""
+        try:
+            return work(seq)
+        except Exception as e:  # noqa: BLE001
+            self._release(seq)
+            seq.sink(e)
+            return None
 
     def _drafts(self, decoding: list[Sequence], rows: int, budget: int) -> dict:
         """The context drafts worth verifying in this lanes step, by sequence (`speculation.StepCost.worth`)."""

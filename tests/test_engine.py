@@ -284,3 +284,44 @@ def test_library_batching_gives_the_answers_alone(runtimes):
         for t in threads:
             t.join(timeout=120)
     assert all(got[i] == (alone[i], alone[i]) for i in range(len(PROMPTS)))
+
+
+def test_a_long_prompt_alone_goes_in_chunks_and_a_newcomer_joins_within_one(runtimes):
+    """Alone, a 47-token prompt is fed in chunks of the budget (8 rows), so a request arriving meanwhile is decoding
+    before that prefill ends, instead of waiting for all of it; both answers are their answers alone."""
+    rt = runtimes["fp32"]
+    configs = [_config(0, medusa=True, n=6), _config(1, medusa=False, n=6)]
+    finals, steps = _engine_run(rt, [PROMPTS[4], PROMPTS[2]], configs, arrivals=[0, 2], budget=8)
+    assert [s.rows for s in steps[:2]] == [8, 8] and all(s.sequences == 1 for s in steps[:2])
+    assert steps[2].sequences == 2 and sum(s.rows for s in steps[:3]) < 47  # joined while the prompt went in
+    assert [finals[i].token_ids for i in range(2)] == _alone(rt, [PROMPTS[4], PROMPTS[2]], configs)
+
+
+def test_cancelled_requests_leave_the_queue_while_every_slot_is_busy(runtimes):
+    """A request cancelled while queued (its client disconnected) gets its result at the next step, not when a
+    slot frees: its place in a server's queue is released then."""
+    rt = runtimes["fp32"]
+    engine = Engine(rt.generator, max_num_seqs=LANES)
+    finals = {}
+    sink = lambda i: (lambda x: finals.__setitem__(i, x) if isinstance(x, GenerationResult) else None)  # noqa: E731
+    for i in range(LANES):
+        engine.add(PROMPTS[i], _config(i, n=40), sink(i))
+    queued = engine.add(PROMPTS[3], _config(3, n=40), sink(3))
+    engine.step()
+    assert len(engine.running) == LANES and engine.waiting == [queued]
+    engine.cancel(queued)
+    engine.step()
+    assert engine.waiting == [] and finals[3].finish_reason == "abort" and len(engine.running) == LANES
+
+
+def test_a_request_failing_in_its_own_share_of_a_step_ends_alone(runtimes):
+    """One sequence's acceptance raising (here a sampling request whose temperature was set below float32's range
+    after validation: NaN probabilities, as a 1e-300 from a client once gave) ends that request with the error; the
+    sequences sharing its steps carry on, each with its answer alone."""
+    rt = runtimes["fp32"]
+    configs = [_config(i, medusa=False, n=10) for i in range(3)]
+    broken = GenerationConfig(max_new_tokens=10, temperature=0.7, seed=1, medusa=False)
+    broken.temperature = 1e-300
+    finals, _ = _engine_run(rt, PROMPTS[:3] + [PROMPTS[3]], configs + [broken], arrivals=[0, 0, 3, 0])
+    assert isinstance(finals[3], Exception)
+    assert [finals[i].token_ids for i in range(3)] == _alone(rt, PROMPTS[:3], configs)
