@@ -13,12 +13,14 @@ message's text as plain text. A message without such markers tokenizes exactly a
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from .errors import InputError
 
 # Private-use code points: they never occur in the template's own text, and trim/strip leave them alone.
 _OPEN, _CLOSE = "\ue000", "\ue001"
+_SENTINEL = re.compile(f"{_OPEN}(\\d+){_CLOSE}")
 
 
 @dataclass
@@ -63,11 +65,10 @@ class ChatTemplate:
 
 
 def _split(rendered: str) -> list[tuple[str, int | None]]:
-    """Template text (index None) and message sentinels (the message's index), in order."""
+    """Template text (index None) and message sentinels (the message's index), in order. One pass (a partition
+    loop copied the rest of the text per message: quadratic in a long conversation)."""
+    parts = _SENTINEL.split(rendered)  # text, index, text, index, ..., text
     out: list[tuple[str, int | None]] = []
-    rest = rendered
-    while _OPEN in rest:
-        before, _, after = rest.partition(_OPEN)
-        index, _, rest = after.partition(_CLOSE)
-        out += [(before, None), ("", int(index))]
-    return out + [(rest, None)]
+    for k in range(0, len(parts) - 1, 2):
+        out += [(parts[k], None), ("", int(parts[k + 1]))]
+    return out + [(parts[-1], None)]

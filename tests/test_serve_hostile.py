@@ -166,6 +166,8 @@ def test_non_streaming_client_that_disconnects_stops_its_decoding(server):
     ("/v1/completions", b'{"prompt": "t5", "response_format": {"type": "json_object"}}', 400, "response_format"),
     ("/v1/completions", b'{"prompt": "t5", "stream_options": {"include_usage": true}}', 400, "stream_options"),
     ("/v1/completions", b'{"prompt": "t5", "n": true}', 400, "n"),
+    ("/v1/completions", b'{"prompt": "t5", "max_tokens": ' + b"1" * 5000 + b"}", 400, None),  # beyond int()'s digits
+    ("/v1/completions/", b'{"prompt": "t5"}', 404, None),  # not an empty redirect
 ])
 def test_bad_input_is_a_400_never_a_500(server, path, raw, status, param):
     code, body, _ = post(server + path, raw)
@@ -177,6 +179,14 @@ def test_bad_input_is_a_400_never_a_500(server, path, raw, status, param):
 def test_off_values_and_any_64_bit_seed_are_accepted(server, extra):
     code, body, _ = post(server + "/v1/chat/completions", _chat([{"role": "user", "content": PROMPT}], **extra))
     assert code == 200 and body["choices"][0]["message"]["role"] == "assistant", body
+
+
+def test_a_temperature_below_floats_range_decodes_greedily(server):
+    """1e-300 once reached the graph as float32 0: NaN probabilities, a 500 for it and for every request in its step."""
+    answers = [post(server + "/v1/completions", {"prompt": PROMPT, "max_tokens": 6, "temperature": t, "seed": 3})
+               for t in (1e-300, 0)]
+    assert [a[0] for a in answers] == [200, 200]
+    assert answers[0][1]["choices"][0]["text"] == answers[1][1]["choices"][0]["text"]
 
 
 def test_prompt_beyond_the_context_without_max_tokens_says_so_plainly(server):

@@ -25,9 +25,12 @@ from typing import AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from ..engine import DEFAULT_MAX_NUM_BATCHED_TOKENS
+from ..errors import InputError
 from ..generator import GenerationResult
 from .metrics import ServerMetrics, accepted_per_position
 from .requests import ApiError, Job, ServedModel, parse_chat, parse_completion
@@ -44,6 +47,13 @@ class ServeSettings:
     api_key: str | None = None
     max_body_bytes: int = 1 << 20
     model_name: str | None = None  # default: the artifact's model name
+
+    def __post_init__(self) -> None:
+        key = self.api_key
+        if key is not None and not (key.isascii() and key.isprintable() and key.strip() == key and key):
+            # HTTP header values are ASCII; clients encode others differently (UTF-8 or latin-1), so they would fail
+            raise InputError("--api-key must be a non-empty key of printable ASCII characters without surrounding "
+                             "spaces: choose another key")
 
 
 def create_app(runtime, settings: ServeSettings = ServeSettings()) -> FastAPI:
@@ -62,6 +72,7 @@ def create_app(runtime, settings: ServeSettings = ServeSettings()) -> FastAPI:
         app.state.drained_cleanly = await sched.drain(deadline_s=5.0)
 
     app = FastAPI(title="medusa-export", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.router.redirect_slashes = False  # /v1/completions/ is an unknown route (404 body), not an empty 307
     app.state.scheduler, app.state.metrics, app.state.drained_cleanly = sched, metrics, None
 
     @app.exception_handler(ApiError)
@@ -110,12 +121,18 @@ def create_app(runtime, settings: ServeSettings = ServeSettings()) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
         _authorize(request, settings.api_key)
-        return await _complete(request, parse_chat(await _json_body(request, settings.max_body_bytes), model))
+        return await _complete(request, await _parsed(request, parse_chat))
 
     @app.post("/v1/completions")
     async def completions(request: Request):
         _authorize(request, settings.api_key)
-        return await _complete(request, parse_completion(await _json_body(request, settings.max_body_bytes), model))
+        return await _complete(request, await _parsed(request, parse_completion))
+
+    async def _parsed(request: Request, parse) -> Job:
+        """The request's Job. Decoding JSON, the chat template and tokenization take up to seconds for a body near
+        the size limit: off the event loop, so that other requests and streams carry on meanwhile."""
+        body = await _read_body(request, settings.max_body_bytes)
+        return await run_in_threadpool(lambda: parse(_json(body), model))
 
     async def _complete(http: Request, job: Job):
         rid = ("chatcmpl-" if job.chat else "cmpl-") + uuid.uuid4().hex
@@ -243,19 +260,26 @@ def _authorize(request, api_key: str | None) -> None:
                        code="invalid_api_key")
 
 
-async def _json_body(request, limit: int):
+async def _read_body(request, limit: int) -> bytes:
     too_large = ApiError(413, f"the request body is larger than {limit} bytes", code="request_too_large")
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise too_large  # refused before reading it
-    body = b""
-    async for part in request.stream():
-        body += part
-        if len(body) > limit:
-            raise too_large
+    body = bytearray()
+    try:
+        async for part in request.stream():
+            body += part
+            if len(body) > limit:
+                raise too_large
+    except ClientDisconnect:  # nobody reads this answer; it ends the handler quietly
+        raise ApiError(400, "the client disconnected before sending the whole request body") from None
+    return bytes(body)
+
+
+def _json(body: bytes):
     try:
         return json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError, and integers beyond Python's 4,300 digits
         raise ApiError(400, f"the request body is not valid JSON ({str(e)[:120]})") from None
     except RecursionError:
         raise ApiError(400, "the request body nests JSON too deeply: send a flat OpenAI request") from None

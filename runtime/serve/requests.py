@@ -1,5 +1,7 @@
 """OpenAI request bodies -> a validated `Job` (token ids + `GenerationConfig`), or an `ApiError` that becomes an
-OpenAI-style error response. Parameters the runtime cannot honour are refused, never silently ignored.
+OpenAI-style error response. Parameters the runtime cannot honour are refused, never silently ignored; a JSON
+``null`` means "not given" for every optional parameter (as OpenAI's API reads it). Accepted and without effect on
+the answer: ``user``, ``store``, ``metadata``, ``service_tier`` (bookkeeping of OpenAI's own service).
 
     job = parse_chat(body, ctx)         # POST /v1/chat/completions
     job = parse_completion(body, ctx)   # POST /v1/completions
@@ -11,7 +13,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from ..decode import GenerationConfig
+from ..decode import MIN_TEMPERATURE, GenerationConfig
 from ..errors import InputError
 from ..tokenizer import ChatTokenizer, check_text
 
@@ -53,8 +55,8 @@ class Job:
 _COMMON = {"model", "max_tokens", "max_completion_tokens", "temperature", "stop", "seed", "stream", "stream_options",
            "medusa", "ignore_eos", "user", "n", "top_p", "presence_penalty", "frequency_penalty", "logprobs",
            "top_logprobs", "logit_bias", "response_format", "tools", "tool_choice", "parallel_tool_calls",
-           "functions", "function_call", "best_of", "echo", "suffix", "service_tier", "store", "metadata", "prompt",
-           "messages"}
+           "functions", "function_call", "best_of", "echo", "suffix", "service_tier", "store", "metadata"}
+_MESSAGE_KEYS = {"role", "content"}  # a message's other fields (name, tool_calls, ...) are not rendered: refused
 # Parameter -> the values that mean "not used" (the API's defaults and "off" values); anything else is a 400.
 _NEUTRAL: dict[str, tuple] = {
     "n": (1,), "best_of": (1,), "top_p": (1,), "presence_penalty": (0,), "frequency_penalty": (0,),
@@ -68,7 +70,7 @@ _SEED_RANGE = (-(2 ** 63), 2 ** 64 - 1)  # what vLLM accepts: signed or unsigned
 def parse_chat(body: Any, model: ServedModel) -> Job:
     """Messages go through the chat template with their text as data (`ChatTokenizer.encode_chat`). A final
     assistant message is continued (a prefill): the answer picks up where its text ends."""
-    body = _object(body)
+    body = _present(_object(body), "messages", other="prompt", other_endpoint="/v1/completions")
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "'messages' must be a non-empty list of {role, content} objects", param="messages")
@@ -77,6 +79,10 @@ def parse_chat(body: Any, model: ServedModel) -> Job:
         if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "developer"):
             raise ApiError(400, f"messages[{i}] needs a role of system, user, assistant or developer",
                            param=f"messages[{i}].role")
+        extra = sorted(k for k, v in m.items() if k not in _MESSAGE_KEYS and v is not None)
+        if extra:
+            raise ApiError(400, f"messages[{i}].{extra[0]} is not supported (this server renders only role and "
+                           f"content): leave it out", param=f"messages[{i}].{extra[0]}")
         rendered.append({"role": "system" if m["role"] == "developer" else m["role"],
                          "content": _content(m.get("content"), i)})
     continue_final = rendered[-1]["role"] == "assistant"
@@ -86,10 +92,10 @@ def parse_chat(body: Any, model: ServedModel) -> Job:
 
 def parse_completion(body: Any, model: ServedModel) -> Job:
     """A raw prompt: special tokens written in it are parsed as such (it is the caller's whole input)."""
-    body = _object(body)
+    body = _present(_object(body), "prompt", other="messages", other_endpoint="/v1/chat/completions")
     prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1:
-        prompt = prompt[0]
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]  # a batch of one prompt (one token id alone stays a list of ids)
     if isinstance(prompt, str) and prompt:
         ids = _tokenize(lambda: model.tokenizer.encode(prompt), "prompt")
     elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
@@ -103,6 +109,14 @@ def parse_completion(body: Any, model: ServedModel) -> Job:
 def _object(body: Any) -> dict:
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
+    return body
+
+
+def _present(body: dict, own: str, other: str, other_endpoint: str) -> dict:
+    """The parameters given (null: not given); the other endpoint's input is refused, not ignored."""
+    body = {k: v for k, v in body.items() if v is not None}
+    if other in body:
+        raise ApiError(400, f"'{other}' belongs to {other_endpoint}; this endpoint reads '{own}'", param=other)
     return body
 
 
@@ -129,7 +143,7 @@ def _same(a: Any, b: Any) -> bool:
 
 
 def _job(body: dict, model: ServedModel, ids: list[int], chat: bool) -> Job:
-    unknown = sorted(set(body) - _COMMON)
+    unknown = sorted(set(body) - _COMMON - {"prompt", "messages"})
     if unknown:
         raise ApiError(400, f"unknown parameter {unknown[0]!r}", param=unknown[0])
     name = body.get("model")
@@ -167,6 +181,7 @@ def _job(body: dict, model: ServedModel, ids: list[int], chat: bool) -> Job:
     if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not 0 <= temperature <= 2:
         raise ApiError(400, f"temperature must be a number in [0, 2], got {json.dumps(temperature)[:40]}",
                        param="temperature")
+    temperature = float(temperature) if temperature >= MIN_TEMPERATURE else 0.0  # below it: greedy (as vLLM)
     medusa, ignore_eos = body.get("medusa", True), body.get("ignore_eos", False)
     for key, value in (("medusa", medusa), ("ignore_eos", ignore_eos)):
         if not isinstance(value, bool):
@@ -184,7 +199,7 @@ def _job(body: dict, model: ServedModel, ids: list[int], chat: bool) -> Job:
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)
                              or not _SEED_RANGE[0] <= seed <= _SEED_RANGE[1]):
         raise ApiError(400, f"seed must be an integer in [{_SEED_RANGE[0]}, {_SEED_RANGE[1]}]", param="seed")
-    config = GenerationConfig(max_new_tokens=max_tokens, temperature=float(temperature), stop_strings=_stops(body),
+    config = GenerationConfig(max_new_tokens=max_tokens, temperature=temperature, stop_strings=_stops(body),
                               medusa=medusa and (model.medusa or model.context_drafts and temperature == 0),
                               context_drafts=model.context_drafts, seed=None if seed is None else seed % 2 ** 64,
                               chat=False, ignore_eos=ignore_eos)

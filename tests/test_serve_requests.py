@@ -1,0 +1,109 @@
+"""OpenAI request bodies -> Jobs (`runtime/serve/requests.py`) and the body reader, without a server: what a
+client may send and what it gets back. Found by attacking `serve`: nulls that overrode given values, a one-token
+prompt refused, inputs of the other endpoint silently ignored, tiny temperatures that reached the graph as 0,
+integers too long for Python's int(), a client gone mid-body."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+pytest.importorskip("fastapi")
+
+from conftest import IM_START, make_chat_tokenizer  # noqa: E402
+
+from medusa_export.runtime.decode import MIN_TEMPERATURE, GenerationConfig  # noqa: E402
+from medusa_export.runtime.errors import InputError  # noqa: E402
+from medusa_export.runtime.serve.app import ServeSettings, _json, _read_body  # noqa: E402
+from medusa_export.runtime.serve.requests import ApiError, ServedModel, parse_chat, parse_completion  # noqa: E402
+
+MODEL = ServedModel("m", make_chat_tokenizer(), max_seq=64, medusa=True)
+USER = [{"role": "user", "content": "t5 t6"}]
+
+
+def _refused(parse, body: dict) -> ApiError:
+    with pytest.raises(ApiError) as e:
+        parse(body, MODEL)
+    assert e.value.status == 400 and e.value.message
+    return e.value
+
+
+def test_null_means_not_given():
+    """`max_completion_tokens: null` used to replace a given max_tokens with "up to the context's end"."""
+    job = parse_completion({"prompt": "t5", "max_tokens": 3, "max_completion_tokens": None, "n": None, "top_p": None,
+                            "stream": None, "medusa": None, "ignore_eos": None, "presence_penalty": None}, MODEL)
+    assert job.config.max_new_tokens == 3 and not job.stream and job.config.medusa and not job.config.ignore_eos
+    chat = parse_chat({"messages": [{"role": "user", "content": "t5", "name": None}], "max_tokens": None}, MODEL)
+    assert chat.config.max_new_tokens == MODEL.max_seq - len(chat.prompt_ids)
+    assert parse_completion({"prompt": "t5", "max_tokens": 9, "max_completion_tokens": 4}, MODEL).config.max_new_tokens == 4
+
+
+def test_a_prompt_of_one_token_id_is_a_prompt():
+    assert parse_completion({"prompt": [5]}, MODEL).prompt_ids == [5]
+    assert parse_completion({"prompt": [[5, 6]]}, MODEL).prompt_ids == [5, 6]
+    assert parse_completion({"prompt": ["t5 t6"]}, MODEL).prompt_ids == [5, 6]
+    assert "0..319" in _refused(parse_completion, {"prompt": [320]}).message  # the range, not a shape complaint
+    assert "0..319" in _refused(parse_completion, {"prompt": [-1]}).message
+
+
+@pytest.mark.parametrize("parse, body, param", [
+    (parse_chat, {"messages": USER, "prompt": "t5"}, "prompt"),  # the other endpoint's input
+    (parse_completion, {"prompt": "t5", "messages": USER}, "messages"),
+    (parse_chat, {"messages": [{"role": "user", "content": "t5", "name": "bob"}]}, "messages[0].name"),
+    (parse_chat, {"messages": [{"role": "user", "content": "t5", "tool_calls": []}]}, "messages[0].tool_calls"),
+])
+def test_inputs_this_endpoint_does_not_read_are_refused(parse, body, param):
+    assert _refused(parse, body).param == param
+
+
+def test_bookkeeping_fields_are_accepted():
+    job = parse_chat({"messages": USER, "user": "u1", "store": True, "metadata": {"k": "v"}, "service_tier": "auto"},
+                     MODEL)
+    assert job.prompt_ids.count(IM_START) == 2
+
+
+@pytest.mark.parametrize("t", [1e-300, 5e-324, 1e-38, MIN_TEMPERATURE / 2])
+def test_temperatures_too_small_to_sample_decode_greedily(t):
+    """Such a temperature reached the graph as float32 0 (NaN probabilities: a 500 that also failed every request
+    sharing the step); below MIN_TEMPERATURE sampling is argmax anyway."""
+    job = parse_completion({"prompt": "t5", "temperature": t}, MODEL)
+    assert job.config.temperature == 0.0 and job.config.medusa
+    assert GenerationConfig(temperature=t).temperature == 0.0
+    assert parse_completion({"prompt": "t5", "temperature": MIN_TEMPERATURE}, MODEL).config.temperature == MIN_TEMPERATURE
+
+
+@pytest.mark.parametrize("t", [float("nan"), float("inf"), -0.5, "0.5", True])
+def test_the_library_refuses_temperatures_that_are_not_finite_non_negative_numbers(t):
+    with pytest.raises(InputError, match="temperature must be a finite number >= 0"):
+        GenerationConfig(temperature=t)
+
+
+@pytest.mark.parametrize("raw", [b'{"prompt": "t5", "max_tokens": ' + b"1" * 5000 + b"}",  # beyond int()'s limit
+                                 b'{"prompt": "t5", "seed": -' + b"9" * 4400 + b"}", b"\xff\xfe{", b'{"prompt": '])
+def test_bodies_python_cannot_decode_are_400s(raw):
+    with pytest.raises(ApiError) as e:
+        _json(raw)
+    assert e.value.status == 400 and "not valid JSON" in e.value.message
+
+
+def test_a_client_gone_mid_body_ends_the_request_quietly():
+    from starlette.requests import ClientDisconnect
+
+    class Gone:
+        headers = {"content-length": "500"}
+
+        async def stream(self):
+            yield b'{"prompt": '
+            raise ClientDisconnect()
+
+    with pytest.raises(ApiError) as e:
+        asyncio.run(_read_body(Gone(), 1 << 20))
+    assert e.value.status == 400 and "disconnected" in e.value.message
+
+
+@pytest.mark.parametrize("key", ["sk-ü-key", "", " padded", "tab\tkey"])
+def test_api_keys_clients_cannot_send_exactly_are_refused_at_start(key):
+    with pytest.raises(InputError, match="--api-key must be"):
+        ServeSettings(api_key=key)
+    assert ServeSettings(api_key="sk-abc_123").api_key == "sk-abc_123"
