@@ -43,6 +43,12 @@ CPU_SMALL_10: tuple[Path_, ...] = (
 )
 
 
+# Far beyond any tree worth verifying (the reference's largest is 63 nodes, 4 deep), small enough that building a
+# tree's [N, N] buffers and its chain preset stays instant: a bound checked before anything is built.
+MAX_TREE_NODES = 1024
+MAX_TREE_DEPTH = 64
+
+
 def chain(n: int) -> tuple[Path_, ...]:
     """A single chain of the heads' top-1 guesses, ``n`` nodes deep."""
     return tuple((0,) * d for d in range(1, n + 1))
@@ -66,21 +72,34 @@ def load_choices(spec: str | Path | Sequence[Sequence[int]]) -> tuple[Path_, ...
             n = int(name.split("-", 1)[1])
         except ValueError:
             raise TreeError(f"bad chain preset {name!r}: use chain-N with N a positive integer, e.g. chain-4") from None
-        if n < 1:
-            raise TreeError(f"bad chain preset {name!r}: N must be >= 1")
+        if not 1 <= n <= MAX_TREE_DEPTH:
+            raise TreeError(f"bad chain preset {name!r}: N must be in 1..{MAX_TREE_DEPTH} (and at most the heads)")
         return chain(n)
     path = Path(name)
     if not path.exists():
         raise TreeError(f"unknown tree {name!r}: give a preset ({', '.join(preset_names())}) or a JSON file path")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise TreeError(f"tree file {path} is not valid JSON ({e.msg} at line {e.lineno}): fix or regenerate it") from None
+    data = _read_tree_file(path)
     if isinstance(data, dict):
         data = data.get("medusa_choices")
-    if not isinstance(data, list) or not all(isinstance(p, list) and all(isinstance(r, int) for r in p) for p in data):
+    if not isinstance(data, list) or not all(isinstance(p, list) and all(isinstance(r, int) and not isinstance(r, bool)
+                                                                         for r in p) for p in data):
         raise TreeError(f"tree file {path} must hold a list of paths of integers (or {{'medusa_choices': [...]}})")
+    if len(data) > MAX_TREE_NODES or any(len(p) > MAX_TREE_DEPTH for p in data):
+        raise TreeError(f"tree file {path} has {len(data)} paths up to {max(map(len, data), default=0)} deep: at most "
+                        f"{MAX_TREE_NODES} paths of depth {MAX_TREE_DEPTH} are accepted; give a smaller tree")
     return tuple(tuple(p) for p in data)
+
+
+def _read_tree_file(path: Path):
+    """The JSON in ``path``, or a TreeError naming what is wrong with the file."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise TreeError(f"tree file {path} is not valid JSON ({e.msg} at line {e.lineno}): fix or regenerate it") from None
+    except (UnicodeDecodeError, ValueError, RecursionError):  # binary, integers beyond 4,300 digits, deep nesting
+        raise TreeError(f"tree file {path} is not a JSON list of paths: give a tree JSON file or a preset") from None
+    except OSError as e:  # a directory, unreadable
+        raise TreeError(f"cannot read tree file {path} ({e.strerror or e}): give a tree JSON file or a preset") from None
 
 
 @dataclass(frozen=True)

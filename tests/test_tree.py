@@ -171,10 +171,32 @@ def test_unknown_preset_names_it():
     assert "no_such_tree" in str(e.value) and "mc_sim_7b_63" in str(e.value)
 
 
-@pytest.mark.parametrize("name", ["chain-x", "chain-0", "chain--2", "chain-"])
+@pytest.mark.parametrize("name", ["chain-x", "chain-0", "chain--2", "chain-", "chain-65", "chain-200000"])
 def test_bad_chain_preset(name):
+    """chain-200000 built 2e10 tuples before any depth check ran (a hang): the bound comes first."""
     with pytest.raises(TreeError, match="chain"):
         load_choices(name)
+
+
+@pytest.mark.parametrize("content, needle", [
+    (b"\x7fELF\x02\x01\x01\x00\xff\xfe", "not a JSON list of paths"),  # a binary file
+    (b"[" * 100_000, "not a JSON list of paths"),  # nesting beyond the recursion limit
+    (b"[[" + b"1" * 5000 + b"]]", "not a JSON list of paths"),  # an integer beyond int()'s 4,300 digits
+    (json.dumps([[i % 10] for i in range(2000)]).encode(), "at most 1024 paths"),
+    (json.dumps([[0] * d for d in range(1, 70)]).encode(), "depth 64"),
+    (b"[[0], [true]]", "list of paths of integers"),
+])
+def test_tree_files_that_are_not_trees_are_tree_errors(tmp_path, content, needle):
+    f = tmp_path / "tree.json"
+    f.write_bytes(content)
+    with pytest.raises(TreeError, match=needle) as e:
+        load_choices(f)
+    assert str(f) in str(e.value)
+
+
+def test_a_directory_as_tree_file_is_a_tree_error(tmp_path):
+    with pytest.raises(TreeError, match="cannot read tree file"):
+        load_choices(tmp_path)
 
 
 def test_bad_json_file_names_it(tmp_path):
