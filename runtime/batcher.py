@@ -59,7 +59,7 @@ class Batcher:
         self.thread = EngineThread(Engine(generator, max_num_seqs, max_num_batched_tokens))
 
     def submit(self, prompt: str | list[int], **options) -> BatchedStream:
-        cfg = GenerationConfig(**options)
+        cfg = GenerationConfig.from_options(**options)
         stream = BatchedStream()
         stream.engine = self.thread.engine
         stream.sequence = self.thread.submit(prompt, cfg, stream._sink)
@@ -81,7 +81,7 @@ def generate_many(generator: Generator, prompts: list[str | list[int]], max_num_
     """Every prompt decoded by one batched engine on this thread; the results in prompt order. ``on_step`` gets
     each step's `StepRecord`, ``on_result`` is called as each request ends (progress)."""
     engine = Engine(generator, max_num_seqs, max_num_batched_tokens, on_step=on_step)
-    cfg = GenerationConfig(**options)
+    cfg = GenerationConfig.from_options(**options)
     results: list = [None] * len(prompts)
 
     def sink(i: int, item) -> None:

@@ -12,7 +12,7 @@ token (so every step yields at least one token). Stopping (EOS, stop strings, ma
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Iterator
 
 import numpy as np
@@ -44,10 +44,42 @@ class GenerationConfig:
     ignore_eos: bool = False  # decode past end-of-sequence tokens up to max_new_tokens (benchmarks, as vLLM's)
 
     def __post_init__(self) -> None:
+        """Every option checked once, here, for the library, the CLI and the server alike (a bad value surfaced
+        as a numpy or ONNX Runtime error deep in decoding)."""
         t = self.temperature
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 <= t < float("inf"):
-            raise InputError(f"temperature must be a finite number >= 0 (0 = greedy), got {t!r}")
+        if not _is_number(t) or not 0 <= t < float("inf"):
+            raise InputError(f"temperature must be a finite number >= 0 (0 = greedy), got {t!r:.40}")
         self.temperature = float(t) if t >= MIN_TEMPERATURE else 0.0
+        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r:.40}")
+        if self.seed is not None:
+            if not _is_int(self.seed) or not -2 ** 63 <= self.seed < 2 ** 64:
+                raise InputError(f"seed must be an integer in [-2**63, 2**64), got {self.seed!r:.40}")
+            self.seed = int(self.seed) % 2 ** 64  # a negative seed names the same generator as its unsigned form
+        stops = (self.stop_strings,) if isinstance(self.stop_strings, str) else self.stop_strings
+        if not isinstance(stops, (list, tuple)) or not all(isinstance(x, str) and x for x in stops):
+            raise InputError(f"stop_strings must be non-empty strings, got {self.stop_strings!r:.60}")
+        self.stop_strings = tuple(stops)
+        for name in ("medusa", "context_drafts", "chat", "ignore_eos"):
+            if not isinstance(getattr(self, name), bool):
+                raise InputError(f"{name} must be True or False, got {getattr(self, name)!r:.40}")
+
+    @classmethod
+    def from_options(cls, **options) -> "GenerationConfig":
+        """``GenerationConfig(**options)``, with an unknown option an InputError naming it rather than a TypeError."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise InputError(f"unknown option {unknown[0]!r}: the options are {', '.join(sorted(known))}")
+        return cls(**options)
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
 
 
 @dataclass

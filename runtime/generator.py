@@ -14,6 +14,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Iterator
 
+import numpy as np
+
 from .backends.base import Backend
 from .decode import DecodeStats, GenerationConfig, decode, uses_context
 from .errors import InputError, TreeError
@@ -111,20 +113,30 @@ class Generator:
     def prompt_ids(self, prompt: str | list[int], cfg: GenerationConfig) -> list[int]:
         """The prompt's token ids (text under the chat template when ``cfg.chat``), or InputError when the request
         cannot run: Medusa without heads, an empty prompt, no room for one new token."""
-        ids = self.tokenizer.encode_prompt(prompt, chat=cfg.chat) if isinstance(prompt, str) else list(prompt)
+        ids = self.tokenizer.encode_prompt(prompt, chat=cfg.chat) if isinstance(prompt, str) else self._token_ids(prompt)
         if cfg.medusa and self.tree is None and not uses_context(cfg):
             raise InputError("this speculative decoding needs Medusa heads and none are loaded (without heads only "
                              "greedy requests speculate, from context drafts): use temperature 0, or --no-medusa")
         if not ids:
             raise InputError("the prompt is empty: give at least one token")
-        if cfg.max_new_tokens < 1:
-            raise InputError(f"max_new_tokens must be >= 1, got {cfg.max_new_tokens}")
         if len(ids) + 1 > self.backend.max_seq:
             raise InputError(
                 f"the prompt has {len(ids)} tokens but the maximum sequence is {self.backend.max_seq}: "
                 f"shorten the prompt or rebuild with a larger --max-seq"
             )
         return ids
+
+    def _token_ids(self, prompt) -> list[int]:
+        """A prompt given as token ids, each checked against the vocabulary (an id outside it failed inside ONNX
+        Runtime, and -1 wrapped around to the last token)."""
+        vocab = self.backend.dims.vocab_size
+        try:
+            ids = list(prompt)
+        except TypeError:
+            raise InputError(f"the prompt must be text or a list of token ids, got {type(prompt).__name__}") from None
+        if not all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) and 0 <= t < vocab for t in ids):
+            raise InputError(f"prompt token ids must be integers in 0..{vocab - 1}")
+        return [int(t) for t in ids]
 
     def _events(self, ids: list[int], cfg: GenerationConfig, outcome: list) -> Iterator[StreamEvent]:
         stats = DecodeStats()
