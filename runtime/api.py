@@ -64,10 +64,10 @@ class MedusaRuntime:
         self.close()
 
     def generate(self, prompt: str | list[int], **options) -> GenerationResult:
-        return self.generator.generate(prompt, GenerationConfig(**options))
+        return self.generator.generate(prompt, GenerationConfig.from_options(**options))
 
     def stream(self, prompt: str | list[int], **options) -> Stream:
-        return self.generator.stream(prompt, GenerationConfig(**options))
+        return self.generator.stream(prompt, GenerationConfig.from_options(**options))
 
     def generate_many(self, prompts: list[str | list[int]], max_num_seqs: int | None = None,
                       max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS, **options) -> list[GenerationResult]:

@@ -55,3 +55,25 @@ def test_a_negative_seed_is_its_unsigned_form(rt):
 def test_generate_many_refuses_an_unknown_option(rt):
     with pytest.raises(InputError, match="unknown option 'max_tokens'"):
         rt.generate_many([[5, 6]], max_tokens=3)
+
+
+def test_generate_refuses_an_unknown_option(rt):
+    with pytest.raises(InputError, match="unknown option 'max_tokens'"):
+        rt.generate([5, 6], max_tokens=3)
+
+
+@pytest.mark.parametrize("threads", [0, -1, 10 ** 11, 2.5])
+def test_thread_counts_onnx_runtime_cannot_take_are_refused(artifact, threads):
+    from medusa_export.runtime.api import MedusaRuntime
+
+    with pytest.raises(InputError, match="threads must be an integer"):
+        MedusaRuntime.load(artifact, threads=threads)
+
+
+def test_a_closed_runtime_says_so(artifact):
+    from medusa_export.runtime.api import MedusaRuntime
+
+    runtime = MedusaRuntime.load(artifact, threads=1)
+    runtime.close()
+    with pytest.raises(InputError, match="closed"):
+        runtime.generate([5, 6], max_new_tokens=2)

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import io_table
-from ..errors import ArtifactError, BackendUnavailableError
+from ..errors import ArtifactError, BackendUnavailableError, InputError
 from ..manifest import ONNXRUNTIME, Manifest, artifact_file
 from ..tree_paths import PathBatch
 from .base import Backend, KVCache, MaskBuffer, ModelDims, Session, StepOutput
@@ -40,6 +40,7 @@ def _import_ort():
 
 # GroupQueryAttention with position_ids and attention_bias (a tree mask) on CPU: ONNX Runtime 1.22 and later.
 MIN_FUSED_VERSION = (1, 22)
+MAX_THREADS = 4096  # ONNX Runtime's pybind layer takes a C int; larger counts failed there as a TypeError
 
 
 def check_fused_support(version: str) -> None:
@@ -118,6 +119,8 @@ class OrtBackend(Backend):
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3  # errors only: the optimizer's notes on nodes it leaves are not for users
+        if threads is not None and not (isinstance(threads, int) and 1 <= threads <= MAX_THREADS):
+            raise InputError(f"threads must be an integer in 1..{MAX_THREADS}, got {threads!r:.40}")
         if threads:
             opts.intra_op_num_threads = threads
         self.sessions = {}
@@ -138,7 +141,7 @@ class OrtBackend(Backend):
 
     def new_session(self, capacity: int | None = None) -> Session:
         if not self.sessions:
-            raise ValueError("this backend is closed")
+            raise InputError("this runtime is closed: load the artifact again (MedusaRuntime.load)")
         return OrtSession(self, min(capacity or self.max_seq, self.max_seq))
 
     def close(self) -> None:
