@@ -16,6 +16,7 @@ holds what the user should be told (e.g. a TensorRT engine tuned on another GPU)
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +40,8 @@ class MedusaRuntime:
              model: str | None = None) -> "MedusaRuntime":
         """``check_hashes``: verify every file's sha256 (sizes are always checked). ``model``: the base model's
         directory or .gguf for the PyTorch reference backend, when this machine does not know where it is."""
+        if not isinstance(directory, (str, os.PathLike)):
+            raise InputError(f"the artifact directory must be a path, not {type(directory).__name__}")
         directory = Path(directory)
         manifest = Manifest.read(directory, check_hashes=check_hashes)
         tokenizer = ChatTokenizer.from_directory(directory)

@@ -33,7 +33,7 @@ from typing import Any, Literal
 from . import __version__, io_table
 from .backends.base import ModelDims
 from .errors import ArtifactError
-from .typed_json import FieldError, parse, to_json
+from .typed_json import FieldError, parse, read_json, to_json
 
 FORMAT = "medusa-export-artifact"
 FORMAT_VERSION = 3  # 3: the typed spec (every field checked; graph_format, kv_layout and weights required)
@@ -307,30 +307,15 @@ class Manifest:
     def read(cls, directory: str | Path, check_hashes: bool = False) -> "Manifest":
         """Read and check the manifest: format, version, every field, every named path inside the artifact, every
         listed file present with its recorded size (and its sha256 when ``check_hashes``)."""
-        directory = Path(directory)
+        directory = _artifact_dir(directory)
         path = directory / MANIFEST
-        if not directory.is_dir():
-            raise ArtifactError(f"artifact directory {directory} does not exist: run `medusa-export build --out {directory}`")
-        if not path.is_file():
+        if not _is_file(path):
             raise ArtifactError(f"{directory} has no {MANIFEST}: not a complete artifact, rebuild it with `medusa-export build`")
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-            why = f"{e.msg}, line {e.lineno}" if isinstance(e, json.JSONDecodeError) else type(e).__name__
-            raise ArtifactError(f"{path} is corrupt ({why}): rebuild the artifact") from None
-        manifest = cls.from_json(data, str(path))
+        manifest = cls.from_json(read_json(path), str(path))
         for name in manifest.named_files():  # all of them before any file is opened
             artifact_file(directory, name)
         for name, rec in manifest.files.items():
-            f = directory / name
-            if not f.is_file():
-                raise ArtifactError(f"artifact file {f} is missing: rebuild the artifact")
-            if f.stat().st_size != rec.bytes:
-                raise ArtifactError(f"artifact file {f} has {f.stat().st_size} bytes, the manifest says {rec.bytes}: "
-                                    f"it is truncated or replaced, rebuild the artifact")
-            if check_hashes and sha256_file(f) != rec.sha256:
-                raise ArtifactError(f"artifact file {f} does not match its sha256 in the manifest: it is corrupt, "
-                                    f"rebuild the artifact")
+            _check_file(directory / name, rec, check_hashes)
         for kind, graph in manifest.graphs.items():
             if graph.file not in manifest.files:
                 raise ArtifactError(f"{path}: field graphs.{kind}.file names {graph.file!r}, which files does not "
@@ -381,17 +366,76 @@ def kv_layout_of(graph_format: str) -> str:
 
 def artifact_file(directory: str | Path, name: object) -> Path:
     """``directory / name`` for a file the manifest names; ArtifactError unless ``name`` is a relative path
-    that stays inside the artifact (no absolute path, no ``..``, no symlink leading out)."""
+    that stays inside the artifact (no absolute path, no ``..``, no NUL byte, no symlink leading out or in a
+    loop)."""
     directory = Path(directory)
     text = name if isinstance(name, str) else ""
     parts = PurePosixPath(text.replace("\\", "/")).parts
-    if (not text or PurePosixPath(text).is_absolute() or PureWindowsPath(text).is_absolute()
+    if (not text or "\0" in text or PurePosixPath(text).is_absolute() or PureWindowsPath(text).is_absolute()
             or PureWindowsPath(text).drive or ".." in parts):
         raise ArtifactError(f"{directory / MANIFEST} names the file {name!r}, which is not a path inside the "
                             f"artifact: refusing to read it; rebuild the artifact with `medusa-export build`")
     path = directory / text
-    root = directory.resolve()
-    if not path.resolve().is_relative_to(root):
+    try:
+        inside = path.resolve().is_relative_to(directory.resolve())
+    except (OSError, RuntimeError) as e:  # RuntimeError: a symlink loop (Python < 3.13)
+        raise ArtifactError(f"artifact file {path} cannot be resolved ({_why(e)}): rebuild the artifact with "
+                            f"`medusa-export build`") from None
+    if not inside:
         raise ArtifactError(f"artifact file {path} leads outside {directory} (a symlink): refusing to read it; "
                             f"rebuild the artifact with `medusa-export build`")
     return path
+
+
+def _artifact_dir(directory: str | Path) -> Path:
+    """``directory`` as a Path, or ArtifactError saying why it is not an artifact directory (absent, a file)."""
+    directory = Path(directory)
+    if "\0" in str(directory):
+        raise ArtifactError(f"artifact directory {str(directory)!r} contains a NUL byte: give the directory "
+                            f"`medusa-export build --out` wrote")
+    if not _present(directory):
+        raise ArtifactError(f"artifact directory {directory} does not exist: run `medusa-export build --out {directory}`")
+    if not directory.is_dir():
+        raise ArtifactError(f"{directory} is not a directory: give the artifact directory `medusa-export build --out` "
+                            f"wrote")
+    return directory
+
+
+def _present(path: Path) -> bool:
+    """Whether anything is at ``path`` (a dangling or looping symlink too); ArtifactError when the file system
+    cannot say (a name too long, no permission)."""
+    try:
+        return path.is_symlink() or path.exists()
+    except OSError as e:
+        raise ArtifactError(f"{path} cannot be read ({_why(e)}): give the artifact directory `medusa-export build "
+                            f"--out` wrote") from None
+
+
+def _is_file(path: Path) -> bool:
+    """Whether ``path`` is a regular file; ArtifactError when the file system cannot say (a name too long, no
+    permission): `Path.is_file` raises for those."""
+    try:
+        return path.is_file()
+    except OSError as e:
+        raise ArtifactError(f"artifact file {path} cannot be read ({_why(e)}): rebuild the artifact") from None
+
+
+def _check_file(path: Path, rec: FileRecord, check_hashes: bool) -> None:
+    """A listed file is a regular file of its recorded size (and sha256 when ``check_hashes``)."""
+    if not _is_file(path):
+        raise ArtifactError(f"artifact file {path} is missing (or not a regular file): rebuild the artifact")
+    try:
+        size = path.stat().st_size
+        if size != rec.bytes:
+            raise ArtifactError(f"artifact file {path} has {size} bytes, the manifest says {rec.bytes}: it is "
+                                f"truncated or replaced, rebuild the artifact")
+        if check_hashes and sha256_file(path) != rec.sha256:
+            raise ArtifactError(f"artifact file {path} does not match its sha256 in the manifest: it is corrupt, "
+                                f"rebuild the artifact")
+    except OSError as e:
+        raise ArtifactError(f"artifact file {path} cannot be read ({_why(e)}): rebuild the artifact") from None
+
+
+def _why(e: BaseException) -> str:
+    """An OS error's reason without the path it repeats."""
+    return getattr(e, "strerror", None) or str(e)[:80] or type(e).__name__

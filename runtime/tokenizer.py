@@ -21,6 +21,7 @@ from pathlib import Path
 
 from .chat_template import ChatTemplate
 from .errors import ArtifactError, InputError
+from .typed_json import read_json
 
 
 @dataclass
@@ -149,17 +150,15 @@ def _read_text(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
-        raise ArtifactError(f"{path} cannot be read as UTF-8 text ({e}): rebuild the artifact") from None
+        why = getattr(e, "strerror", None) or str(e)[:80]
+        raise ArtifactError(f"{path} cannot be read as UTF-8 text ({why}): rebuild the artifact") from None
 
 
 def _json_object(path: Path) -> dict:
     """A JSON object file, ``{}`` when it is absent; ArtifactError naming the file otherwise."""
     if not path.exists():
         return {}
-    try:
-        value = json.loads(_read_text(path))
-    except json.JSONDecodeError as e:
-        raise ArtifactError(f"{path} is not valid JSON ({e.msg}, line {e.lineno}): rebuild the artifact") from None
+    value = read_json(path, fix="rebuild the artifact")
     if not isinstance(value, dict):
         raise ArtifactError(f"{path} must hold a JSON object, not {type(value).__name__}: rebuild the artifact")
     return value
@@ -188,5 +187,14 @@ def _eos_ids(path: Path, vocab: int) -> list[int]:
     ids = value if isinstance(value, list) else [] if value is None else [value]
     if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab for i in ids):
         raise ArtifactError(f"{path}: field eos_token_id must be a token id or a list of them in 0..{vocab - 1}, "
-                            f"got {value!r:.60}: rebuild the artifact")
+                            f"got {_preview(value)}: rebuild the artifact")
     return ids
+
+
+def _preview(value: object) -> str:
+    """A short, one-line form of a JSON value for a message (repr of a deep or huge value could itself fail)."""
+    try:
+        text = repr(value)
+    except (RecursionError, ValueError):
+        return f"a {type(value).__name__}"
+    return text if len(text) <= 60 else text[:57] + "..."

@@ -2,6 +2,7 @@
 
     spec = parse(Manifest, json.loads(text))      # FieldError("graphs.medusa.paths", "must be an integer, not str")
     data = to_json(spec)                          # plain dicts, lists and scalars again
+    value = read_json(path)                       # an artifact's JSON file, or ArtifactError naming it
 
 Driven by the dataclasses' type hints: nested dataclasses, ``int``, ``float``, ``str``, ``bool``, ``Literal``,
 ``X | None``, ``list[X]``, ``tuple[X, ...]``, ``dict[str, X]`` and ``Any`` (kept as it is). A field without
@@ -12,8 +13,14 @@ a default must be present, a key that is no field is refused, and a dataclass's 
 from __future__ import annotations
 
 import dataclasses
+import json
 import types
+from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+
+from .errors import ArtifactError
+
+REBUILD = "rebuild the artifact with `medusa-export build`"
 
 
 class FieldError(ValueError):
@@ -93,6 +100,26 @@ def _parse_dataclass(cls: type, value: Any, path: str) -> Any:
         raise FieldError(path, str(e)) from None
 
 
+def read_json(path: Path, fix: str = REBUILD) -> Any:
+    """The JSON value in ``path``. Every way an artifact's file can fail to be JSON (unreadable, not UTF-8, a
+    syntax error, an integer past int()'s 4,300 digits, nesting deeper than the recursion limit) is an
+    ArtifactError naming the file and ``fix``: json.loads alone raises ValueError or RecursionError for some."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ArtifactError(f"{path} is not UTF-8 text (byte {e.start}): {fix}") from None
+    except OSError as e:
+        raise ArtifactError(f"{path} cannot be read ({e.strerror or type(e).__name__}): {fix}") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ArtifactError(f"{path} is not valid JSON ({e.msg}, line {e.lineno}): {fix}") from None
+    except RecursionError:
+        raise ArtifactError(f"{path} is not usable JSON (nested too deeply): {fix}") from None
+    except ValueError as e:  # e.g. an integer with more digits than int() converts
+        raise ArtifactError(f"{path} is not usable JSON ({str(e).split(';')[0][:100]}): {fix}") from None
+
+
 def to_json(obj: Any) -> Any:
     """Plain JSON values: dataclasses become objects (every field), tuples lists."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
@@ -125,4 +152,4 @@ def _describe(tp: Any) -> str:
     return {int: "an integer", float: "a number", str: "a string", bool: "a boolean"}.get(tp, str(tp))
 
 
-__all__ = ["FieldError", "parse", "to_json"]
+__all__ = ["FieldError", "parse", "read_json", "to_json"]

@@ -50,7 +50,7 @@ DELETE = object()
 # (file, how to break it, words the one-line error must hold)
 BROKEN = [
     ("manifest.json", b"[]", ["manifest.json", "JSON object"]),
-    ("manifest.json", b"{not json", ["manifest.json", "corrupt"]),
+    ("manifest.json", b"{not json", ["manifest.json", "not valid JSON"]),
     ("manifest.json", ("dims", DELETE), ["manifest.json", "field dims is missing"]),
     ("manifest.json", (("files", "medusa.onnx"), 7), ["manifest.json", "field files.medusa.onnx must be an object"]),
     ("manifest.json", ("graphs.medusa.paths", "4"), ["field graphs.medusa.paths must be an integer"]),
@@ -71,6 +71,11 @@ BROKEN = [
     ("generation_config.json", {"eos_token_id": "x"}, ["generation_config.json: field eos_token_id"]),
     ("generation_config.json", {"eos_token_id": [99999]}, ["generation_config.json: field eos_token_id"]),
     ("tokenizer.json", "garbage", ["tokenizer.json is corrupt"]),
+    # JSON that json.loads refuses with ValueError or RecursionError, not JSONDecodeError
+    ("manifest.json", b'{"max_seq": ' + b"9" * 5000 + b"}", ["manifest.json is not usable JSON", "4300 digits"]),
+    ("manifest.json", b"[" * 100000 + b"]" * 100000, ["manifest.json is not usable JSON (nested too deeply)"]),
+    ("generation_config.json", b'{"eos_token_id": ' + b"1" * 5000 + b"}", ["generation_config.json is not usable"]),
+    ("tokenizer_config.json", b"[" * 100000 + b"]" * 100000, ["tokenizer_config.json is not usable JSON"]),
 ]
 
 

@@ -1,0 +1,108 @@
+"""Every way an artifact's file can fail to read is an ArtifactError: names with a NUL byte, symlink loops, names
+too long, unreadable JSON, a path that is a file. Found by attacking the loader."""
+
+from __future__ import annotations
+
+import errno
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("onnxruntime")
+
+from test_cli import assert_one_line_error, cli  # noqa: E402
+
+from medusa_export.runtime.api import MedusaRuntime  # noqa: E402
+from medusa_export.runtime.errors import ArtifactError, InputError  # noqa: E402
+from medusa_export.runtime.manifest import Manifest, artifact_file  # noqa: E402
+
+
+@pytest.fixture
+def art(artifact, tmp_path) -> Path:
+    """A copy of the tiny artifact to break."""
+    return shutil.copytree(artifact, tmp_path / "art")
+
+
+def _manifest(art: Path) -> dict:
+    return json.loads((art / "manifest.json").read_text())
+
+
+def _write_manifest(art: Path, data: dict) -> None:
+    (art / "manifest.json").write_text(json.dumps(data))
+
+
+def _generate(art: Path, *extra: str):
+    return cli("generate", str(art), "-p", "t1 t2", "--max-new-tokens", "2", *extra)
+
+
+# ------------------------------------------------------------------------------ paths that do not resolve
+def test_a_file_name_with_a_nul_byte_is_refused(art):
+    data = _manifest(art)
+    data["files"]["a\u0000b"] = data["files"]["tokenizer.json"]
+    _write_manifest(art, data)
+    with pytest.raises(ArtifactError, match="not a path inside the artifact"):
+        Manifest.read(art)
+    assert_one_line_error(_generate(art), "not a path inside the artifact")
+
+
+def test_a_symlink_loop_is_refused(art):
+    (art / "vanilla.onnx").unlink()
+    (art / "vanilla.onnx").symlink_to("vanilla.onnx")
+    with pytest.raises(ArtifactError, match="vanilla.onnx cannot be resolved"):
+        Manifest.read(art)
+    assert_one_line_error(_generate(art), "vanilla.onnx cannot be resolved")
+
+
+def test_a_file_name_too_long_for_the_file_system_is_refused(art):
+    data = _manifest(art)
+    data["files"]["a" * 5000] = data["files"]["tokenizer.json"]
+    _write_manifest(art, data)
+    with pytest.raises(ArtifactError, match="cannot be read"):
+        Manifest.read(art)
+
+
+def test_an_os_error_reading_the_manifest_is_an_artifact_error(art, monkeypatch):
+    real = Path.read_text
+
+    def failing(self, *a, **k):
+        if self.name == "manifest.json":
+            raise OSError(errno.EIO, "Input/output error")
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(Path, "read_text", failing)
+    with pytest.raises(ArtifactError, match=r"manifest.json cannot be read \(Input/output error\)"):
+        Manifest.read(art)
+
+
+@pytest.mark.parametrize("text, words", [
+    ("9" * 5000, "Exceeds the limit (4300 digits)"),
+    ("[" * 100000 + "]" * 100000, "nested too deeply"),
+    ("{nope", "is not valid JSON"),
+])
+def test_read_json_names_the_file_for_every_json_failure(tmp_path, text, words):
+    from medusa_export.runtime.typed_json import read_json
+
+    path = tmp_path / "generation_config.json"
+    path.write_text(text)
+    with pytest.raises(ArtifactError) as e:
+        read_json(path)
+    assert str(e.value).startswith(str(path)) and words in str(e.value) and "\n" not in str(e.value)
+
+
+# ------------------------------------------------------------------------------------ the directory
+def test_a_file_given_as_the_artifact_is_not_a_directory(tmp_path):
+    f = tmp_path / "passwd"
+    f.write_text("x")
+    with pytest.raises(ArtifactError, match="passwd is not a directory"):
+        MedusaRuntime.load(f)
+    with pytest.raises(ArtifactError, match="does not exist"):
+        MedusaRuntime.load(tmp_path / "absent")
+    with pytest.raises(InputError, match="must be a path"):
+        MedusaRuntime.load(None)
+
+
+def test_artifact_file_refuses_a_nul_byte_before_touching_the_file_system(tmp_path):
+    with pytest.raises(ArtifactError, match="not a path inside the artifact"):
+        artifact_file(tmp_path, "x\u0000.onnx")
