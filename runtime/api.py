@@ -44,7 +44,7 @@ class MedusaRuntime:
             raise InputError(f"the artifact directory must be a path, not {type(directory).__name__}")
         directory = Path(directory)
         manifest = Manifest.read(directory, check_hashes=check_hashes)
-        tokenizer = ChatTokenizer.from_directory(directory)
+        tokenizer = ChatTokenizer.from_artifact(directory, manifest)
         if tokenizer.vocab_size > manifest.dims.vocab_size:
             raise ArtifactError(f"{directory / 'tokenizer.json'} has {tokenizer.vocab_size} tokens but the model "
                                 f"{manifest.dims.vocab_size}: it belongs to another model, rebuild the artifact")

@@ -4,13 +4,15 @@
     manifest = Manifest.read(d, check_hashes=True)                 # ... and every file's sha256 (`verify`)
     manifest.dims.num_layers, manifest.graphs["medusa"].paths, manifest.tree.medusa_choices
     path = artifact_file(d, manifest.graphs["medusa"].file)       # a path inside the artifact, or ArtifactError
+    path = manifest.listed_file(d, "chat_template.jinja")         # None unless listed; there but unlisted: error
     manifest.write(d)                                              # atomically (build and the engine builder)
 
 Build (`exporter/build.py`) and the engine builder (`engines/builder.py`) write it; everything else reads these
 dataclasses, never the JSON. A manifest of another format version is refused with the version that wrote it;
 a field of the wrong type or value is refused with its dotted path (``graphs.medusa.paths must be an integer,
 not a string``). Every file it names is relative to the artifact directory and must stay inside it: absolute
-names, ``..`` and symlinks that lead out are refused before anything is opened.
+names, ``..`` and symlinks that lead out are refused before anything is opened. Only listed files are read:
+a tokenizer-side file (`TOKENIZER_FILES`) there but not listed is refused.
 
 Layout of an artifact directory::
 
@@ -38,6 +40,8 @@ from .typed_json import FieldError, parse, read_json, to_json
 FORMAT = "medusa-export-artifact"
 FORMAT_VERSION = 3  # 3: the typed spec (every field checked; graph_format, kv_layout and weights required)
 MANIFEST = "manifest.json"
+# Read by fixed name (runtime/tokenizer.py), so only when the manifest lists them; one present but not listed is refused.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja")
 PORTABLE, ONNXRUNTIME = "portable", "onnxruntime"  # graph formats: standard ops (ORT + TensorRT) / fused (ORT only)
 GRAPH_FORMATS = (ONNXRUNTIME, PORTABLE)
 WEIGHTS = ("fp32", "fp16", "int8", "int4")  # `build --dtype`
@@ -306,9 +310,10 @@ class Manifest:
     @classmethod
     def read(cls, directory: str | Path, check_hashes: bool = False) -> "Manifest":
         """Read and check the manifest: format, version, every field, every named path inside the artifact, every
-        listed file present with its recorded size (and its sha256 when ``check_hashes``)."""
+        listed file present with its recorded size (and its sha256 when ``check_hashes``), no tokenizer-side file
+        present that it does not list."""
         directory = _artifact_dir(directory)
-        path = directory / MANIFEST
+        path = artifact_file(directory, MANIFEST)
         if not _is_file(path):
             raise ArtifactError(f"{directory} has no {MANIFEST}: not a complete artifact, rebuild it with `medusa-export build`")
         manifest = cls.from_json(read_json(path), str(path))
@@ -320,7 +325,22 @@ class Manifest:
             if graph.file not in manifest.files:
                 raise ArtifactError(f"{path}: field graphs.{kind}.file names {graph.file!r}, which files does not "
                                     f"list: rebuild the artifact")
+        for name in TOKENIZER_FILES:
+            manifest.listed_file(directory, name)
         return manifest
+
+    def listed_file(self, directory: str | Path, name: str) -> Path | None:
+        """The path of ``name`` when the manifest lists it (inside the artifact), None when it neither lists it
+        nor is it there. A file that is there but not listed is an ArtifactError: the loader reads only what the
+        manifest lists (and checks), so a file dropped into the artifact is refused rather than used or ignored."""
+        directory = Path(directory)
+        if name in self.files:
+            return artifact_file(directory, name)
+        path = directory / name
+        if _present(path):
+            raise ArtifactError(f"{path} is in the artifact but {MANIFEST} does not list it: remove it, or rebuild "
+                                f"the artifact with `medusa-export build`")
+        return None
 
     def write(self, directory: str | Path) -> Path:
         """Write ``manifest.json`` atomically (a reader never sees half of it)."""

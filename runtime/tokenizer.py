@@ -18,10 +18,14 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
 from .chat_template import ChatTemplate
 from .errors import ArtifactError, InputError
 from .typed_json import read_json
+
+if TYPE_CHECKING:
+    from .manifest import Manifest
 
 
 @dataclass
@@ -50,26 +54,40 @@ class ChatTokenizer:
 
     @classmethod
     def from_directory(cls, directory: str | Path) -> "ChatTokenizer":
+        """From a model directory (transformers' files): whichever of them are there."""
+        directory = Path(directory)
+        return cls._from_files(lambda name: directory / name if (directory / name).exists() else None, directory)
+
+    @classmethod
+    def from_artifact(cls, directory: str | Path, manifest: "Manifest") -> "ChatTokenizer":
+        """From an artifact: only the files its manifest lists (inside it, size-checked like the graphs); a
+        tokenizer-side file there that the manifest does not list is an ArtifactError (`Manifest.listed_file`)."""
+        directory = Path(directory)
+        return cls._from_files(lambda name: manifest.listed_file(directory, name), directory)
+
+    @classmethod
+    def _from_files(cls, locate: Callable[[str], Path | None], directory: Path) -> "ChatTokenizer":
+        """``locate(name)``: the path to read for one of `TOKENIZER_FILES`, or None when there is none."""
         from tokenizers import Tokenizer
 
-        directory = Path(directory)
-        tj = directory / "tokenizer.json"
-        if not tj.exists():
-            raise ArtifactError(f"{tj} is missing: rebuild the artifact (medusa-export build)")
+        tj = locate("tokenizer.json")
+        if tj is None:
+            raise ArtifactError(f"{directory / 'tokenizer.json'} is missing: rebuild the artifact (medusa-export build)")
         try:
             tokenizer = Tokenizer.from_file(str(tj))
         except Exception as e:  # tokenizers raises plain Exceptions for unreadable files
             raise ArtifactError(f"{tj} is corrupt ({str(e)[:120]}): rebuild the artifact") from None
-        cfg = _json_object(directory / "tokenizer_config.json")
-        template = _optional_str(cfg, "chat_template", directory / "tokenizer_config.json")
-        if (directory / "chat_template.jinja").exists():
-            template = _read_text(directory / "chat_template.jinja")
-        eos = _token_text(cfg, "eos_token", directory / "tokenizer_config.json")
-        bos = _token_text(cfg, "bos_token", directory / "tokenizer_config.json")
+        cfg_path = locate("tokenizer_config.json")
+        cfg = _json_object(cfg_path)
+        template = _optional_str(cfg, "chat_template", cfg_path)
+        jinja = locate("chat_template.jinja")
+        if jinja is not None:
+            template = _read_text(jinja)
+        eos = _token_text(cfg, "eos_token", cfg_path)
+        bos = _token_text(cfg, "bos_token", cfg_path)
         eos_ids = [tokenizer.token_to_id(eos)] if eos else []
-        eos_ids += _eos_ids(directory / "generation_config.json", tokenizer.get_vocab_size())
-        ids = tuple(dict.fromkeys(i for i in eos_ids if i is not None))
-        return cls(tokenizer, template, ids, bos, eos)
+        eos_ids += _eos_ids(locate("generation_config.json"), tokenizer.get_vocab_size())
+        return cls(tokenizer, template, tuple(dict.fromkeys(i for i in eos_ids if i is not None)), bos, eos)
 
     def save(self, directory: str | Path) -> None:
         """Write what `from_directory` reads (used when building an artifact)."""
@@ -154,9 +172,9 @@ def _read_text(path: Path) -> str:
         raise ArtifactError(f"{path} cannot be read as UTF-8 text ({why}): rebuild the artifact") from None
 
 
-def _json_object(path: Path) -> dict:
-    """A JSON object file, ``{}`` when it is absent; ArtifactError naming the file otherwise."""
-    if not path.exists():
+def _json_object(path: Path | None) -> dict:
+    """A JSON object file, ``{}`` when there is none (``path`` None); ArtifactError naming the file otherwise."""
+    if path is None:
         return {}
     value = read_json(path, fix="rebuild the artifact")
     if not isinstance(value, dict):
@@ -182,7 +200,7 @@ def _token_text(cfg: dict, key: str, path: Path) -> str | None:
     return value
 
 
-def _eos_ids(path: Path, vocab: int) -> list[int]:
+def _eos_ids(path: Path | None, vocab: int) -> list[int]:
     value = _json_object(path).get("eos_token_id")
     ids = value if isinstance(value, list) else [] if value is None else [value]
     if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab for i in ids):

@@ -1,5 +1,6 @@
-"""Every way an artifact's file can fail to read is an ArtifactError: names with a NUL byte, symlink loops, names
-too long, unreadable JSON, a path that is a file. Found by attacking the loader."""
+"""The loader reads only what the manifest lists, inside the artifact, and every way a file can fail to read is an
+ArtifactError: tokenizer-side files dropped in or symlinked out, a manifest.json symlinked out, names with a NUL
+byte, symlink loops, names too long, unreadable JSON, a path that is a file. Found by attacking the loader."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from test_cli import assert_one_line_error, cli  # noqa: E402
 
 from medusa_export.runtime.api import MedusaRuntime  # noqa: E402
 from medusa_export.runtime.errors import ArtifactError, InputError  # noqa: E402
-from medusa_export.runtime.manifest import Manifest, artifact_file  # noqa: E402
+from medusa_export.runtime.manifest import Manifest, artifact_file, file_record  # noqa: E402
 
 
 @pytest.fixture
@@ -33,8 +34,80 @@ def _write_manifest(art: Path, data: dict) -> None:
     (art / "manifest.json").write_text(json.dumps(data))
 
 
+def _list(art: Path, name: str) -> None:
+    """Record ``name`` in the manifest's files with its current size and sha256, as build would."""
+    data = _manifest(art)
+    rec = file_record(art / name)
+    data["files"][name] = {"sha256": rec.sha256, "bytes": rec.bytes}
+    _write_manifest(art, data)
+
+
+def _unlist(art: Path, name: str) -> None:
+    data = _manifest(art)
+    del data["files"][name]
+    _write_manifest(art, data)
+
+
 def _generate(art: Path, *extra: str):
     return cli("generate", str(art), "-p", "t1 t2", "--max-new-tokens", "2", *extra)
+
+
+# ------------------------------------------------------------------ only listed tokenizer-side files are read
+def test_a_chat_template_dropped_into_the_artifact_is_refused(art):
+    (art / "chat_template.jinja").write_text("{{ 'HIJACK' }}")
+    with pytest.raises(ArtifactError, match="chat_template.jinja is in the artifact but manifest.json does not list"):
+        Manifest.read(art, check_hashes=True)  # what verify checks first
+    with pytest.raises(ArtifactError, match="does not list it"):
+        MedusaRuntime.load(art)
+    assert_one_line_error(_generate(art), "chat_template.jinja", "does not list it", "remove it")
+
+
+def test_a_listed_chat_template_is_used(art):
+    (art / "chat_template.jinja").write_text("{% for m in messages %}{{ m['content'] }} {% endfor %}t9")
+    _list(art, "chat_template.jinja")
+    rt = MedusaRuntime.load(art)
+    assert rt.generator.tokenizer.encode_chat([{"role": "user", "content": "t5 t6"}]) == [5, 6, 9]
+
+
+@pytest.mark.parametrize("name", ["chat_template.jinja", "tokenizer_config.json", "tokenizer.json"])
+def test_an_unlisted_tokenizer_file_symlinked_out_of_the_artifact_is_never_opened(art, tmp_path, name):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("root:x:0:0")
+    if (art / name).exists():
+        (art / name).unlink()
+        _unlist(art, name)
+    (art / name).symlink_to(secret)
+    with pytest.raises(ArtifactError, match=f"{name} is in the artifact but manifest.json does not list it"):
+        MedusaRuntime.load(art)
+
+
+def test_a_listed_tokenizer_file_symlinked_out_of_the_artifact_is_refused(art, tmp_path):
+    outside = tmp_path / "tokenizer.json"
+    (art / "tokenizer.json").rename(outside)
+    (art / "tokenizer.json").symlink_to(outside)  # same bytes: size and sha256 still match
+    with pytest.raises(ArtifactError, match="leads outside"):
+        MedusaRuntime.load(art)
+
+
+def test_an_unlisted_tokenizer_json_is_missing_not_read(art):
+    (art / "tokenizer.json").unlink()
+    _unlist(art, "tokenizer.json")
+    with pytest.raises(ArtifactError, match="tokenizer.json is missing"):
+        MedusaRuntime.load(art)
+
+
+def test_a_manifest_symlinked_out_of_the_artifact_is_refused(art, tmp_path):
+    outside = tmp_path / "manifest.json"
+    (art / "manifest.json").rename(outside)
+    (art / "manifest.json").symlink_to(outside)
+    with pytest.raises(ArtifactError, match="manifest.json leads outside"):
+        MedusaRuntime.load(art)
+
+
+def test_unlisted_external_data_beside_a_graph_is_refused(art):
+    (art / "vanilla.onnx.data").write_bytes(b"\0" * 64)
+    with pytest.raises(ArtifactError, match="vanilla.onnx.data is in the artifact but manifest.json does not list"):
+        MedusaRuntime.load(art)
 
 
 # ------------------------------------------------------------------------------ paths that do not resolve

@@ -126,6 +126,9 @@ class OrtBackend(Backend):
         self.sessions = {}
         for kind, graph in manifest.graphs.items():
             path = artifact_file(directory, graph.file)
+            # Build keeps weights past 2 GB in `<file>.data` and lists it; one there but not listed is refused.
+            # (A graph naming other external-data files is not checked: ONNX Runtime opens what the graph names.)
+            manifest.listed_file(directory, graph.file + ".data")
             try:
                 session = ort.InferenceSession(str(path), opts, providers=providers)
             except Exception as e:  # onnxruntime raises its own exception types for bad files
