@@ -8,6 +8,7 @@ and exit code 2.
 from __future__ import annotations
 
 import functools
+import signal
 import sys
 from typing import Callable
 
@@ -24,8 +25,18 @@ def _root() -> None:
     """Export Medusa-accelerated LLMs to ONNX / TensorRT and run them."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that the same cleanup runs (a build removes its OUT.partial-* directory)."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    """The first SIGTERM unwinds the command; a second one ends the process at once (the default action)."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    raise Terminated()
+
+
 def cli_errors(fn: Callable) -> Callable:
-    """Turn library errors into one line on stderr and exit code 2 (no traceback)."""
+    """Turn library errors into one line on stderr and exit code 2 (no traceback); Ctrl-C exits 130, SIGTERM 143."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -34,6 +45,9 @@ def cli_errors(fn: Callable) -> Callable:
         except MedusaExportError as e:
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(2) from None
+        except Terminated:
+            typer.echo("terminated", err=True)
+            raise typer.Exit(143) from None
         except KeyboardInterrupt:
             typer.echo("interrupted", err=True)
             raise typer.Exit(130) from None
@@ -48,6 +62,7 @@ def _register() -> None:
 
 def main() -> None:
     _register()
+    signal.signal(signal.SIGTERM, _on_sigterm)  # `serve` puts its own in place while it drains (serve/server.py)
     try:
         app()
     except SystemExit as e:
