@@ -24,6 +24,8 @@ def read_prompts(path: str | Path | None, limit: int | None = None) -> list[str]
     line. Rows may give the prompt as ``"prompt"`` or, as MT-Bench's ``question.jsonl`` does, as the first of
     ``"turns"``."""
     path = Path(path) if path is not None else PACKAGED_PROMPTS
+    if limit is not None and limit < 1:
+        raise InputError(f"a prompt limit of {limit}: ask for at least one prompt")
     if not path.is_file():
         raise InputError(f"prompts file {path} does not exist: pass a .jsonl file with one {{\"prompt\": ...}} per line")
     prompts = []
@@ -42,6 +44,7 @@ def read_prompts(path: str | Path | None, limit: int | None = None) -> list[str]
         prompt = _prompt_of(row)
         if not isinstance(prompt, str) or not prompt.strip():
             raise InputError(f"{path} line {lineno}: needs a non-empty string field \"prompt\" (or \"turns\")")
+        _check_text(prompt, path, lineno)
         prompts.append(prompt)
         if limit is not None and len(prompts) >= limit:
             break
@@ -57,3 +60,13 @@ def _prompt_of(row: object) -> object:
         return row["prompt"]
     turns = row.get("turns")
     return turns[0] if isinstance(turns, list) and turns else None
+
+
+def _check_text(prompt: str, path: Path, lineno: int) -> None:
+    """JSON escapes can spell a lone surrogate ("\\udcff"), which is no text: the tokenizer would fail later
+    without naming the file or the line."""
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InputError(f"{path} line {lineno}: the prompt holds {prompt[e.start]!a}, a lone surrogate, not text: "
+                         f"fix that line") from None
