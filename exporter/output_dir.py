@@ -1,9 +1,14 @@
-"""Where `build` writes: only a new directory, an empty one, or an earlier medusa-export artifact is replaced.
+"""Where commands write, checked before any long work: `build` replaces only a new directory, an empty one, or an
+earlier medusa-export artifact; `train-heads` only a new or empty directory or its own earlier output; report
+files (``--json``, ``--plot``, ``calibrate-tree --out``) go into a directory that exists and takes new files.
 
     check_out_dir(Path("artifacts/smollm2"))        # before any export work: InputError otherwise
     work = new_work_dir(out)                         # artifacts/smollm2.partial-XXXX, next to it
     ... write everything into work ...
     replace_dir(work, out)                           # the swap; the old artifact is removed only after it
+
+    check_out_file(Path("bench.json"), "--json")      # not a directory, its directory exists and is writable
+    check_train_out_dir(Path("heads/mine"), "medusa1")
 
 A directory that holds anything but an artifact's own files (those its manifest lists) is never touched:
 ``build --out ~/work`` must not delete ``~/work``. No torch here, so the CLI checks before the long export.
@@ -11,6 +16,8 @@ A directory that holds anything but an artifact's own files (those its manifest 
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import tempfile
 import time
@@ -24,11 +31,10 @@ def check_out_dir(out: Path) -> None:
     """InputError (one line, naming the path) unless ``out`` may be replaced by a new artifact."""
     if out.is_symlink():
         raise InputError(f"--out {out} is a symbolic link: give a real directory path for the artifact")
-    if not out.exists():
-        return
-    if not out.is_dir():
+    if out.exists() and not out.is_dir():
         raise InputError(f"--out {out} is an existing file, not an artifact directory: choose another --out")
-    if not any(out.iterdir()):
+    check_can_create(out, "--out")  # the work directory is made beside ``out``
+    if not out.exists() or not any(out.iterdir()):
         return
     listed = listed_files(out)
     if listed is None:
@@ -38,6 +44,93 @@ def check_out_dir(out: Path) -> None:
     if foreign:
         raise InputError(f"--out {out} is an artifact but also holds {foreign[0].relative_to(out)} (not one of its "
                          f"files): move it out, or choose another --out")
+
+
+def check_can_create(path: Path, flag: str) -> None:
+    """InputError unless ``path`` (or a sibling of it) can be created: the nearest existing directory above it must
+    be a directory that takes new entries. Probed by making and removing an empty directory there, since
+    permission bits say nothing for root or for /proc."""
+    above = Path(os.path.abspath(path)).parent
+    while not above.exists() and above != above.parent:
+        above = above.parent
+    if not above.is_dir():
+        raise InputError(f"{flag} {path}: {above} is a file, not a directory: choose a path under a directory")
+    _probe(above, flag, path)
+
+
+def _probe(directory: Path, flag: str, path: Path) -> None:
+    """InputError unless an entry can be made in ``directory`` (made and removed again: nothing is left)."""
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".medusa-export-probe-", dir=directory))
+    except OSError as e:
+        raise InputError(f"{flag} {path}: cannot create files in {directory} ({e.strerror}): choose a writable "
+                         f"directory") from None
+
+
+def check_dir_path(path: Path, flag: str) -> None:
+    """InputError unless ``path`` is a directory that takes new files, or one that can be made."""
+    if path.exists() and not path.is_dir():
+        raise InputError(f"{flag} {path} is an existing file, not a directory: choose another {flag}")
+    if path.is_dir():
+        _probe(path, flag, path)
+    else:
+        check_can_create(path, flag)
+
+
+def check_out_file(path: Path, flag: str, make_parents: bool = False) -> None:
+    """InputError unless a file can be written at ``path``: not a directory, not under a file, its directory
+    existing (or, with ``make_parents``, creatable) and writable. Called before the work whose result it holds."""
+    if path.is_dir():
+        raise InputError(f"{flag} {path} is a directory: give the path of a file to write")
+    if not make_parents and not path.parent.is_dir():
+        what = "is a file" if path.parent.exists() else "does not exist"
+        raise InputError(f"{flag} {path}: the directory {path.parent} {what}: create it first or choose another path")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise InputError(f"{flag} {path} is not writable: choose another path")
+    check_can_create(path, flag)
+
+
+# What train-heads writes (exporter/heads.py HEADS_FORMAT, exporter/training/checkpoint.py FILE; no torch here).
+HEADS_FORMAT = "medusa-export-heads"
+CHECKPOINT_FILES = {"checkpoint.pt", "checkpoint.tmp"}
+
+
+def check_train_out_dir(out: Path, mode: str) -> None:
+    """InputError unless `train-heads --mode MODE --out OUT` may write ``out``: a new or empty directory, or this
+    mode's own earlier output (medusa1: a heads directory, or an interrupted run's checkpoint alone, which it
+    resumes; medusa2: a Medusa-2 model directory, which it replaces whole)."""
+    check_dir_path(out, "--out")
+    if mode == "medusa2":  # it writes OUT.partial beside OUT, then swaps it in
+        check_can_create(out, "--out")
+    if not out.exists() or not any(out.iterdir()):
+        return
+    own = _is_heads_dir(out) if mode == "medusa1" else _is_medusa2_dir(out)
+    if not own:
+        kind = "heads directory" if mode == "medusa1" else "Medusa-2 model directory"
+        raise InputError(f"--out {out} is not empty and not a {kind} written by train-heads: refusing to overwrite "
+                         f"it; choose a new or empty directory")
+
+
+def _is_heads_dir(out: Path) -> bool:
+    """train-heads' heads (config.json of our heads format), or an interrupted run: its checkpoint and nothing else."""
+    config = _read_json(out / "config.json")
+    if config is not None:
+        return config.get("format") == HEADS_FORMAT
+    return not (out / "config.json").exists() and {p.name for p in out.iterdir()} <= CHECKPOINT_FILES
+
+
+def _is_medusa2_dir(out: Path) -> bool:
+    """A model directory train-heads --mode medusa2 wrote: Medusa heads in config.json, mode in training.json."""
+    config, record = _read_json(out / "config.json"), _read_json(out / "training.json")
+    return bool(config and record and "medusa_num_heads" in config and record.get("mode") == "medusa2")
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def new_work_dir(out: Path) -> Path:

@@ -37,8 +37,11 @@ def bench(
     from .. import extras
     from ..bench import plot, run_bench
     from ..prompts import read_prompts
+    from .checks import at_least, backend_list
 
-    names = [b.strip() for b in backends.split(",") if b.strip()]
+    names = backend_list(backends)
+    at_least("--limit", limit)
+    _check_outputs(as_json, plot_file)
     if "torch" in names:
         extras.require("bench --backends torch", "torch")
     if hf:
@@ -49,6 +52,7 @@ def bench(
             typer.echo("note: skipping the transformers baseline: torch/transformers are not installed "
                        "(pip install 'medusa-export[torch]')", err=True)
     texts = read_prompts(prompts, limit=limit)
+    _check_concurrency(artifact, names, concurrency)
 
     def save(report: dict) -> None:  # the runtime rows first, before the optional baseline
         for note in report.get("notes", []):
@@ -74,3 +78,34 @@ def bench(
         as_json.write_text(json.dumps(report, indent=2) + "\n")
     if plot_file:
         plot(report, plot_file)
+
+
+def _check_outputs(as_json: Optional[Path], plot_file: Optional[Path]) -> None:
+    """Refuse report paths that cannot be written before the benchmark runs, not after it."""
+    from medusa_export.exporter.output_dir import check_out_file
+
+    from .. import extras
+    from ..errors import BackendUnavailableError
+
+    if as_json is not None:
+        check_out_file(as_json, "--json")
+    if plot_file is not None:
+        check_out_file(plot_file, "--plot")
+        if not extras.available("matplotlib"):
+            raise BackendUnavailableError("bench --plot needs matplotlib, which is not installed: "
+                                          "pip install 'medusa-export[bench]'")
+
+
+def _check_concurrency(artifact: Path, names: list[str], concurrency: int) -> None:
+    """ONNX Runtime batches on the artifact's lanes graph: more requests than it has lanes cannot run together,
+    which the batched rows would only find out after the single-stream rows."""
+    from ..errors import InputError
+    from ..manifest import Manifest
+
+    if concurrency < 2 or "ort" not in names:
+        return
+    lanes = Manifest.read(artifact).lanes
+    if lanes and concurrency > lanes:
+        raise InputError(f"--concurrency {concurrency} exceeds the artifact's lanes graph ({lanes} lanes): use at most "
+                         f"{lanes}, or rebuild the artifact with more lanes (`medusa-export build --max-num-seqs N`, "
+                         f"N up to 64)")

@@ -35,6 +35,9 @@ def build(
     graph: Optional[str] = typer.Option(None, help="onnxruntime (fused operators, ONNX Runtime only; the default "
                                         "with --engine onnx) | portable (standard operators, also for TensorRT; "
                                         "the default with --engine trt|all)."),
+    max_num_seqs: int = typer.Option(_DEFAULTS.max_num_seqs, help="Lanes of the batched graph: sequences one step "
+                                     "decodes together (the most `serve --max-num-seqs` and `bench --concurrency` "
+                                     "can use); 1..64, 1 builds no batched graph. Fused graphs only."),
 ) -> None:
     """Export model + fused heads to ONNX, validate against PyTorch, write a self-contained artifact.
 
@@ -45,7 +48,8 @@ def build(
     from .. import extras
     from ..prompts import read_prompts
 
-    options = BuildOptions(heads=heads, tree=tree, dtype=dtype, max_seq=max_seq, graph=graph, engine=engine)
+    options = BuildOptions(heads=heads, tree=tree, dtype=dtype, max_seq=max_seq, graph=graph, engine=engine,
+                           max_num_seqs=max_num_seqs)
     check_out_dir(out)
     texts = read_prompts(quality_prompts, limit=10) if options.quantized else None
     extras.require("build", "export")
@@ -110,10 +114,14 @@ def verify(
     from ..compare import compare_backends
     from ..manifest import Manifest
     from ..prompts import read_prompts
+    from .checks import at_least, backend_list
 
-    names = [b.strip() for b in backends.split(",") if b.strip()]
-    if len(names) < 2:
-        raise typer.BadParameter("--backends needs at least two, e.g. torch,ort")
+    names = backend_list(backends, minimum=2)
+    at_least("--limit", limit)
+    if as_json is not None:
+        from medusa_export.exporter.output_dir import check_out_file
+
+        check_out_file(as_json, "--json")
     if "torch" in names:
         extras.require("verify against the PyTorch reference (--backends torch,...; or compare ort,trt)", "torch")
     manifest = Manifest.read(artifact, check_hashes=True)

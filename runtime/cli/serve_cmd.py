@@ -17,7 +17,8 @@ def serve(
     port: int = typer.Option(8000, min=0, max=65535),
     backend: str = typer.Option("ort", help="ort | trt"),
     max_num_seqs: Optional[int] = typer.Option(None, min=1, help="Requests decoded together, one step for all "
-                                               "(default: the artifact's --max-num-seqs lanes; 1 without them)."),
+                                               "(default: the artifact's lanes, set by `build --max-num-seqs`; 1 "
+                                               "without them)."),
     max_num_batched_tokens: int = typer.Option(64, min=1, help="Rows one step takes: a token per decoding "
                                                "request plus prompt chunks (a long prompt delays others by one chunk)."),
     max_queue: int = typer.Option(8, min=0, help="Requests that may wait for a place; more get HTTP 429."),

@@ -31,17 +31,23 @@ def calibrate_tree(
     threads: Optional[int] = typer.Option(None, help="Intra-op threads, as you will serve with."),
 ) -> None:
     """Measure head accuracy and step latency vs tree size; write the tree with the best expected tokens/s."""
+    from medusa_export.exporter.output_dir import check_out_file
+
     from .. import extras
     from ..api import MedusaRuntime
     from ..calibration import calibrate
     from ..prompts import read_prompts
+    from .checks import at_least
 
+    at_least("--limit", limit)
+    check_out_file(out, "--out", make_parents=True)  # before the measurements, not after them
     if backend == "torch":
         extras.require("calibrate-tree --backend torch", "torch")
     texts = read_prompts(data, limit=limit)
     rt = MedusaRuntime.load(artifact, backend=backend, threads=threads)
     if not rt.generator.backend.has_medusa:
-        raise typer.BadParameter(f"{artifact} has no Medusa heads to calibrate")
+        raise InputError(f"{artifact} has no Medusa heads to calibrate: build it with heads (`medusa-export build "
+                         f"--heads ...`)")
     result = calibrate(rt.generator.backend, rt.generator.tokenizer, texts, max_new_tokens=max_new_tokens,
                        node_budget=node_budget, progress=typer.echo)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -148,6 +154,7 @@ def train_heads(
         max_train_sequences=max_train_sequences, max_heldout_sequences=max_heldout_sequences))
     from .. import extras
 
+    _check_train_paths(out, mode, cache_dir)
     extras.require("train-heads", "train")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     record = _train(model, data, out, medusa1, medusa2)
@@ -159,6 +166,16 @@ def train_heads(
                    f"{b['top1_agreement']:.4f}, mean KL {b['mean_kl']:.4g} on held-out answers")
     else:
         typer.echo(f"heads written to {out} ({record.get('training_positions', '?')} training positions)")
+
+
+def _check_train_paths(out: Path, mode: str, cache_dir: Optional[Path]) -> None:
+    """Refuse, before the distillation, an --out that is not train-heads' own (another directory's files would be
+    overwritten: the base model's config.json) and a --cache-dir that cannot be a directory."""
+    from medusa_export.exporter.output_dir import check_dir_path, check_train_out_dir
+
+    check_train_out_dir(out, mode)
+    if cache_dir is not None:
+        check_dir_path(cache_dir, "--cache-dir")
 
 
 def _medusa2_options(mode: str, given: dict[str, Any]) -> M2 | None:

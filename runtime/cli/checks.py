@@ -1,0 +1,29 @@
+"""Checks of command-line values that the library cannot make for the CLI: they name the flag, raise `InputError`
+(one line, exit code 2) and run before any model or artifact is loaded."""
+
+from __future__ import annotations
+
+from ..errors import InputError
+from .loading import BACKENDS
+
+
+def backend_list(text: str, minimum: int = 1) -> list[str]:
+    """``--backends a,b``: known names, none empty, none twice (a duplicate would compare or time nothing new)."""
+    names = [b.strip() for b in text.split(",")]
+    if any(not n for n in names) or len(names) < minimum:
+        example = "torch,ort" if minimum > 1 else "ort"
+        raise InputError(f"--backends {text!r}: give at least {minimum} comma-separated backend name"
+                         f"{'s' * (minimum > 1)} from {', '.join(BACKENDS)}, e.g. {example}")
+    unknown = [n for n in names if n not in BACKENDS]
+    if unknown:
+        raise InputError(f"--backends: unknown backend {unknown[0]!r}: choose from {', '.join(BACKENDS)}")
+    twice = [n for i, n in enumerate(names) if n in names[:i]]
+    if twice:
+        raise InputError(f"--backends {text!r} names {twice[0]} twice: give each backend once")
+    return names
+
+
+def at_least(flag: str, value: int | None, minimum: int = 1, hint: str = "") -> None:
+    """InputError when ``value`` was given and is below ``minimum`` (None: not given, the default applies)."""
+    if value is not None and value < minimum:
+        raise InputError(f"{flag} {value}: use {minimum} or more{hint}")

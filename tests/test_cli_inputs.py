@@ -1,0 +1,176 @@
+"""Bad command-line input is refused in one line before any long work: output paths, train-heads' --out and
+--cache-dir, backend lists, limits, --max-seq, and --concurrency beyond the artifact's lanes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from test_cli import assert_one_line_error, cli
+
+from medusa_export.runtime.errors import InputError
+
+
+def refused_before_work(proc: subprocess.CompletedProcess, *words: str) -> None:
+    """One error line and nothing else: no progress, no table, no model loaded (stdout stays empty)."""
+    assert_one_line_error(proc, *words)
+    assert proc.stdout == "", proc.stdout
+
+
+# ------------------------------------------------------------------------------------------- output paths
+
+
+def test_report_paths_are_checked_before_the_work(artifact, tmp_path):
+    missing = tmp_path / "missing" / "x.json"
+    a = str(artifact)
+    bench = ("bench", a, "--no-hf", "--limit", "1", "--max-new-tokens", "2")
+    refused_before_work(cli(*bench, "--json", str(missing)), "--json", "does not exist")
+    refused_before_work(cli(*bench, "--json", str(tmp_path)), "--json", "is a directory")
+    refused_before_work(cli(*bench, "--plot", str(tmp_path / "missing" / "x.png")), "--plot", "does not exist")
+    verify = ("verify", a, "--backends", "ort,torch", "--limit", "1", "--max-new-tokens", "2")
+    refused_before_work(cli(*verify, "--json", str(missing)), "--json", "does not exist")
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    calibrate = ("calibrate-tree", a, "--limit", "1", "--max-new-tokens", "2", "--node-budget", "2")
+    refused_before_work(cli(*calibrate, "--out", str(tmp_path)), "--out", "is a directory")
+    refused_before_work(cli(*calibrate, "--out", str(afile / "tree.json")), "--out", "is a file")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]  # the probes left nothing behind
+
+
+def test_build_out_under_a_file_or_unwritable_is_refused_before_loading(tiny_dirs, tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    model_dir, heads_dir = tiny_dirs
+    build = ("build", str(model_dir), "--heads", str(heads_dir), "--max-seq", "64")
+    refused_before_work(cli(*build, "--out", str(afile / "sub")), "--out", "is a file")
+    refused_before_work(cli(*build, "--out", "/proc/medusa-export-test"), "--out", "cannot create files in /proc")
+
+
+def test_check_out_file_accepts_a_writable_path_and_leaves_nothing(tmp_path):
+    from medusa_export.exporter.output_dir import check_out_file
+
+    check_out_file(tmp_path / "report.json", "--json")
+    check_out_file(tmp_path / "new" / "deeper" / "tree.json", "--out", make_parents=True)
+    with pytest.raises(InputError, match="does not exist"):
+        check_out_file(tmp_path / "new" / "tree.json", "--out")
+    assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------------------------------- train-heads --out
+
+
+@pytest.fixture
+def train_args(tiny_dirs, tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "t1 t2"}\n')
+    return ("train-heads", str(tiny_dirs[0]), "--data", str(prompts), "--max-new-tokens", "2", "--epochs", "1")
+
+
+def test_train_heads_refuses_an_out_it_did_not_write(tiny_dirs, tmp_path, train_args):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_dirs[0], model)
+    before = {p.name: p.read_bytes() for p in model.iterdir()}
+    refused_before_work(cli(*train_args, "--out", str(model)), "--out", "not a heads directory")
+    refused_before_work(cli(*train_args, "--out", str(model), "--mode", "medusa2"), "not a Medusa-2 model directory")
+    assert {p.name: p.read_bytes() for p in model.iterdir()} == before  # the base model's config.json is intact
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    refused_before_work(cli(*train_args, "--out", str(afile)), "--out", "is an existing file")
+    refused_before_work(cli(*train_args, "--out", str(afile / "heads")), "--out", "is a file")
+    refused_before_work(cli(*train_args, "--out", str(tmp_path / "h"), "--cache-dir", str(afile)),
+                        "--cache-dir", "is an existing file")
+    assert not (tmp_path / "h").exists()
+
+
+def test_train_heads_out_may_be_its_own_earlier_output(tiny_dirs, tmp_path):
+    """A heads directory (rerun: replaced), an interrupted run's checkpoint (rerun: resumed), a Medusa-2 model
+    directory for --mode medusa2; never the same with another program's files instead."""
+    from medusa_export.exporter.output_dir import check_train_out_dir
+
+    check_train_out_dir(tiny_dirs[1], "medusa1")  # save_heads' output, as train-heads writes it
+    interrupted = tmp_path / "interrupted"
+    interrupted.mkdir()
+    (interrupted / "checkpoint.pt").write_bytes(b"state")
+    check_train_out_dir(interrupted, "medusa1")
+    (interrupted / "notes.txt").write_text("mine")
+    with pytest.raises(InputError, match="not a heads directory"):
+        check_train_out_dir(interrupted, "medusa1")
+    medusa2 = tmp_path / "m2"
+    medusa2.mkdir()
+    (medusa2 / "config.json").write_text(json.dumps({"model_type": "llama", "medusa_num_heads": 2}))
+    (medusa2 / "training.json").write_text(json.dumps({"mode": "medusa2"}))
+    check_train_out_dir(medusa2, "medusa2")
+    with pytest.raises(InputError, match="not a heads directory"):
+        check_train_out_dir(medusa2, "medusa1")
+    with pytest.raises(InputError, match="not a Medusa-2 model directory"):
+        check_train_out_dir(tiny_dirs[1], "medusa2")
+
+
+def test_train_out_check_knows_what_train_heads_writes():
+    """output_dir names these without importing torch; they must stay the trainer's."""
+    from medusa_export.exporter import heads
+    from medusa_export.exporter.output_dir import CHECKPOINT_FILES, HEADS_FORMAT
+    from medusa_export.exporter.training import checkpoint
+
+    assert HEADS_FORMAT == heads.HEADS_FORMAT
+    assert CHECKPOINT_FILES == {checkpoint.FILE, Path(checkpoint.FILE).with_suffix(".tmp").name}
+
+
+# ------------------------------------------------------------------------------------------- backends and limits
+
+
+def test_backend_lists_with_duplicates_or_empty_names_are_refused(artifact):
+    a = str(artifact)
+    refused_before_work(cli("verify", a, "--backends", "ort,ort", "--limit", "1"), "ort twice")
+    refused_before_work(cli("verify", a, "--backends", "ort", "--limit", "1"), "at least 2")
+    refused_before_work(cli("bench", a, "--backends", ",", "--limit", "1", "--no-hf"), "--backends")
+    refused_before_work(cli("bench", a, "--backends", "ort,ort", "--limit", "1", "--no-hf"), "ort twice")
+
+
+@pytest.mark.parametrize("limit", ["0", "-1"])
+def test_limit_below_one_is_refused(artifact, tmp_path, limit):
+    a = str(artifact)
+    refused_before_work(cli("bench", a, "--limit", limit, "--no-hf"), f"--limit {limit}")
+    refused_before_work(cli("verify", a, "--backends", "torch,ort", "--limit", limit), f"--limit {limit}")
+    refused_before_work(cli("calibrate-tree", a, "--limit", limit, "--out", str(tmp_path / "t.json")),
+                        f"--limit {limit}")
+
+
+def test_generate_max_seq_below_one_is_refused(artifact):
+    for value in ("0", "-5"):
+        refused_before_work(cli("generate", str(artifact), "--prompt", "t1", "--max-seq", value),
+                            f"--max-seq {value}", "leave it out")
+
+
+# ------------------------------------------------------------------------------------------- lanes
+
+
+def test_bench_concurrency_beyond_the_lanes_is_refused_before_running(artifact):
+    lanes = json.loads((artifact / "manifest.json").read_text())["graphs"]["lanes"]["lanes"]
+    proc = cli("bench", str(artifact), "--limit", "1", "--no-hf", "--max-new-tokens", "2",
+               "--concurrency", str(lanes + 1))
+    refused_before_work(proc, f"--concurrency {lanes + 1}", f"({lanes} lanes)", "medusa-export build --max-num-seqs")
+
+
+def test_engine_names_the_build_option_that_sets_the_lanes(artifact):
+    from medusa_export.runtime import MedusaRuntime
+    from medusa_export.runtime.engine import Engine
+
+    with MedusaRuntime.load(artifact) as rt:
+        lanes = rt.generator.backend.lanes.lanes
+        with pytest.raises(InputError, match=rf"`medusa-export build --max-num-seqs {lanes + 1}`"):
+            Engine(rt.generator, max_num_seqs=lanes + 1)
+
+
+def test_build_max_num_seqs_sets_the_lanes(tiny_dirs, tmp_path):
+    model_dir, heads_dir = tiny_dirs
+    out = tmp_path / "art"
+    proc = cli("build", str(model_dir), "--heads", str(heads_dir), "--tree", "chain-2", "--max-seq", "64",
+               "--max-num-seqs", "2", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((out / "manifest.json").read_text())["graphs"]["lanes"]["lanes"] == 2
+    refused_before_work(cli("build", str(model_dir), "--max-num-seqs", "0", "--out", str(tmp_path / "b")),
+                        "--max-num-seqs 0")
