@@ -12,7 +12,7 @@ dataclasses, never the JSON. A manifest of another format version is refused wit
 a field of the wrong type or value is refused with its dotted path (``graphs.medusa.paths must be an integer,
 not a string``). Every file it names is relative to the artifact directory and must stay inside it: absolute
 names, ``..`` and symlinks that lead out are refused before anything is opened. Only listed files are read:
-a tokenizer-side file (`TOKENIZER_FILES`) there but not listed is refused.
+a tokenizer-side file (`TOKENIZER_FILES`) there but not listed is refused. Sizes have upper bounds (`LIMITS`).
 
 Layout of an artifact directory::
 
@@ -52,10 +52,27 @@ _DTYPE_OF = {"fp32": "float32", "fp16": "float16", "int8": "float32", "int4": "f
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
+# Upper bounds far above any real model or build (`build` allows up to 64 lanes, 64 head / sample ranks): a
+# manifest past one would make the runtime allocate terabytes or fail deep inside numpy.
+LIMITS = {"max_seq": 1 << 20, "paths": 512, "lanes": 1024, "num_nodes": 4096}
+DIMS_LIMITS = {"num_layers": 1024, "num_kv_heads": 1024, "head_dim": 4096, "vocab_size": 1 << 22, "num_heads": 64,
+               "head_topk": 1024, "sample_topk": 1024}
+
+
 def _positive(obj: Any, *names: str, minimum: int = 1) -> None:
+    """FieldError naming the first field below ``minimum`` or above its bound in `LIMITS`."""
     for name in names:
-        if getattr(obj, name) < minimum:
-            raise FieldError(name, f"must be at least {minimum}, not {getattr(obj, name)}")
+        value = getattr(obj, name)
+        if value < minimum:
+            raise FieldError(name, f"must be at least {minimum}, not {value}")
+        if name in LIMITS and value > LIMITS[name]:
+            raise FieldError(name, f"must be at most {LIMITS[name]}, not {_short(value)}")
+
+
+def _short(value: int) -> str:
+    """An integer for a message: a huge one as its digit count (a manifest may hold thousands of digits)."""
+    text = str(value)
+    return text if len(text) <= 20 else f"an integer of {len(text)} digits"
 
 
 @dataclass(frozen=True)
@@ -112,6 +129,7 @@ class TreeRecord:
     num_nodes: int  # with the root
 
     def __post_init__(self) -> None:
+        _positive(self, "num_nodes")
         if self.num_nodes != len(self.medusa_choices) + 1:
             raise FieldError("num_nodes", f"must be len(medusa_choices) + 1 = {len(self.medusa_choices) + 1}, "
                              f"not {self.num_nodes}")
@@ -233,6 +251,9 @@ class Manifest:
 
     def __post_init__(self) -> None:
         _positive(self, "max_seq", minimum=16)
+        for name, most in DIMS_LIMITS.items():
+            if getattr(self.dims, name) > most:
+                raise FieldError(f"dims.{name}", f"must be at most {most}, not {_short(getattr(self.dims, name))}")
         if self.kv_layout != _KV_LAYOUT_OF[self.graph_format]:
             raise FieldError("kv_layout", f"must be {_KV_LAYOUT_OF[self.graph_format]!r} for {self.graph_format} graphs")
         if self.dims.dtype != _DTYPE_OF[self.weights]:

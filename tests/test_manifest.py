@@ -76,6 +76,12 @@ BROKEN = [
     ("manifest.json", b"[" * 100000 + b"]" * 100000, ["manifest.json is not usable JSON (nested too deeply)"]),
     ("generation_config.json", b'{"eos_token_id": ' + b"1" * 5000 + b"}", ["generation_config.json is not usable"]),
     ("tokenizer_config.json", b"[" * 100000 + b"]" * 100000, ["tokenizer_config.json is not usable JSON"]),
+    # sizes past the spec's bounds (the runtime would allocate them)
+    ("manifest.json", ("max_seq", 10**10), ["field max_seq must be at most 1048576, not 10000000000"]),
+    ("manifest.json", ("max_seq", 10**19), ["field max_seq must be at most 1048576"]),
+    ("manifest.json", ("graphs.medusa.paths", 10**6), ["field graphs.medusa.paths must be at most 512"]),
+    ("manifest.json", ("graphs.lanes.lanes", 5000), ["field graphs.lanes.lanes must be at most 1024"]),
+    ("manifest.json", ("dims.num_kv_heads", 10**9), ["field dims.num_kv_heads must be at most 1024"]),
 ]
 
 
