@@ -85,9 +85,9 @@ class ChatTokenizer:
             template = _read_text(jinja)
         eos = _token_text(cfg, "eos_token", cfg_path)
         bos = _token_text(cfg, "bos_token", cfg_path)
-        eos_ids = [tokenizer.token_to_id(eos)] if eos else []
+        eos_ids = [_token_id(tokenizer, eos, cfg_path)] if eos else []
         eos_ids += _eos_ids(locate("generation_config.json"), tokenizer.get_vocab_size())
-        return cls(tokenizer, template, tuple(dict.fromkeys(i for i in eos_ids if i is not None)), bos, eos)
+        return cls(tokenizer, template, tuple(dict.fromkeys(eos_ids)), bos, eos)
 
     def save(self, directory: str | Path) -> None:
         """Write what `from_directory` reads (used when building an artifact)."""
@@ -198,6 +198,16 @@ def _token_text(cfg: dict, key: str, path: Path) -> str | None:
     if value is not None and not isinstance(value, str):
         raise ArtifactError(f"{path}: field {key} must be a string, not {type(value).__name__}: rebuild the artifact")
     return value
+
+
+def _token_id(tokenizer, text: str, path: Path) -> int:
+    """The id of a special token named in tokenizer_config.json: one the tokenizer lacks would leave the model
+    without its end-of-sequence token (generation would run to max_new_tokens), so it is refused."""
+    token_id = tokenizer.token_to_id(text)
+    if token_id is None:
+        raise ArtifactError(f"{path}: field eos_token {text!r:.60} is not a token of tokenizer.json: it belongs to "
+                            f"another tokenizer, rebuild the artifact")
+    return token_id
 
 
 def _eos_ids(path: Path | None, vocab: int) -> list[int]:

@@ -82,6 +82,9 @@ BROKEN = [
     ("manifest.json", ("graphs.medusa.paths", 10**6), ["field graphs.medusa.paths must be at most 512"]),
     ("manifest.json", ("graphs.lanes.lanes", 5000), ["field graphs.lanes.lanes must be at most 1024"]),
     ("manifest.json", ("dims.num_kv_heads", 10**9), ["field dims.num_kv_heads must be at most 1024"]),
+    # an end-of-sequence token the tokenizer does not know
+    ("tokenizer_config.json", {"eos_token": "nonexistent-token"},
+     ["tokenizer_config.json: field eos_token 'nonexistent-token' is not a token of tokenizer.json"]),
 ]
 
 
