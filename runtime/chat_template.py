@@ -9,6 +9,11 @@ template's own markers (``<|im_end|>\\n<|im_start|>system ...``) open turns of i
 rendered once with each message's text replaced by a sentinel, which tells which characters the template
 wrote; the tokenizer (`runtime.tokenizer`) then parses special tokens only inside those, and reads every
 message's text as plain text. A message without such markers tokenizes exactly as before.
+
+The template is compiled, and tried on one user message, when a `ChatTemplate` is made (when the artifact
+loads): one that fails is an ArtifactError naming where it came from. It runs in Hugging Face's environment
+(sandboxed, ``raise_exception``, ``strftime_now``, ``{% break %}``); its ``raise_exception(msg)``, and any other
+error while it renders a request's messages, is an InputError (serve answers 400).
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from .errors import InputError
+from .errors import ArtifactError, InputError
 
 # Private-use code points: they never occur in the template's own text, and trim/strip leave them alone.
 _OPEN, _CLOSE = "\ue000", "\ue001"
@@ -28,16 +33,35 @@ class ChatTemplate:
     source: str
     bos_token: str = ""
     eos_token: str = ""
+    origin: str = "the chat template"  # where the source came from (a file, or a file's field), for messages
     _compiled: object = field(default=None, repr=False, compare=False)
 
-    def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        if self._compiled is None:
-            from jinja2.sandbox import ImmutableSandboxedEnvironment
+    def __post_init__(self) -> None:
+        """Compile now, so that a template that cannot work is refused when the artifact loads, not at the
+        first chat request; then render one user message, which every chat template must accept."""
+        try:
+            self._compiled = _environment().from_string(self.source)
+        except Exception as e:  # TemplateSyntaxError (and TemplateAssertionError: an unknown filter or test)
+            line = f", line {e.lineno}" if getattr(e, "lineno", None) else ""
+            raise ArtifactError(f"{self.origin} does not compile as a Jinja template ({_one_line(e)}{line}): "
+                                f"fix the template or remove it, then rebuild the artifact") from None
+        try:
+            self.render([{"role": "user", "content": "Hello"}])
+        except InputError as e:
+            raise ArtifactError(f"{self.origin} fails on a conversation of one user message ({e}): fix the "
+                                f"template or remove it, then rebuild the artifact") from None
 
-            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-            self._compiled = env.from_string(self.source)
-        return self._compiled.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                     bos_token=self.bos_token, eos_token=self.eos_token)
+    def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """The conversation as the template writes it. The template's own refusal (``raise_exception``) and
+        any error while it runs are InputErrors: a chat request the template cannot take, a 400 from serve."""
+        try:
+            return self._compiled.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                         bos_token=self.bos_token, eos_token=self.eos_token)
+        except InputError:  # raise_exception: the template's own refusal
+            raise
+        except Exception as e:  # the template is code: UndefinedError, TypeError, an over-large range, ...
+            raise InputError(f"the chat template cannot render these messages ({type(e).__name__}: "
+                             f"{_one_line(e)}): send the roles and fields this model's template expects") from None
 
     def pieces(self, messages: list[dict], continue_final: bool = False) -> list[tuple[str, bool]]:
         """The rendered conversation as ``(text, written_by_the_template)`` pieces, in order.
@@ -62,6 +86,35 @@ class ChatTemplate:
                                  "cannot be continued: end the conversation with a user message")
             pieces = pieces[: last[-1] + 1]
         return [(text, index is None) for text, index in pieces if text]
+
+
+def raise_exception(message: object) -> None:
+    """The function Hugging Face chat templates call to refuse a conversation (e.g. roles out of order): an
+    InputError with the template's message."""
+    raise InputError(f"the chat template refuses these messages: {_one_line(message)}")
+
+
+def strftime_now(fmt: str) -> str:
+    """Today's date, as Hugging Face templates get it (Llama 3.1's writes it into its system turn)."""
+    from datetime import datetime
+
+    return datetime.now().strftime(fmt)
+
+
+def _environment():
+    """The environment Hugging Face renders chat templates in: sandboxed, trim / lstrip blocks, loop controls
+    (``{% break %}``), ``raise_exception`` and ``strftime_now``."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.globals.update(raise_exception=raise_exception, strftime_now=strftime_now)
+    return env
+
+
+def _one_line(e: object) -> str:
+    """An exception's (or a template's) message on one line, cut short: it may be long or multi-line."""
+    text = " ".join(str(getattr(e, "message", None) or e).split())
+    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def _split(rendered: str) -> list[tuple[str, int | None]]:

@@ -35,6 +35,7 @@ class ChatTokenizer:
     eos_token_ids: tuple[int, ...] = ()
     bos_token: str | None = None
     eos_token: str | None = None
+    template_origin: str = "the chat template"  # where the template came from, for its error messages
     _text: object = field(default=None, repr=False, compare=False)  # the same, reading special tokens as text
     _template: ChatTemplate | None = field(default=None, repr=False, compare=False)
     _specials: re.Pattern | None = field(default=None, repr=False, compare=False)
@@ -50,7 +51,8 @@ class ChatTokenizer:
         # Leftmost match, longest first: what the tokenizer's own added-token split does.
         self._specials = re.compile("|".join(map(re.escape, sorted(special, key=len, reverse=True)))) if special else None
         if self.chat_template:
-            self._template = ChatTemplate(self.chat_template, self.bos_token or "", self.eos_token or "")
+            self._template = ChatTemplate(self.chat_template, self.bos_token or "", self.eos_token or "",
+                                          origin=self.template_origin)
 
     @classmethod
     def from_directory(cls, directory: str | Path) -> "ChatTokenizer":
@@ -79,15 +81,15 @@ class ChatTokenizer:
             raise ArtifactError(f"{tj} is corrupt ({str(e)[:120]}): rebuild the artifact") from None
         cfg_path = locate("tokenizer_config.json")
         cfg = _json_object(cfg_path)
-        template = _optional_str(cfg, "chat_template", cfg_path)
+        template, origin = _optional_str(cfg, "chat_template", cfg_path), f"{cfg_path} field chat_template"
         jinja = locate("chat_template.jinja")
         if jinja is not None:
-            template = _read_text(jinja)
+            template, origin = _read_text(jinja), str(jinja)
         eos = _token_text(cfg, "eos_token", cfg_path)
         bos = _token_text(cfg, "bos_token", cfg_path)
         eos_ids = [_token_id(tokenizer, eos, cfg_path)] if eos else []
         eos_ids += _eos_ids(locate("generation_config.json"), tokenizer.get_vocab_size())
-        return cls(tokenizer, template, tuple(dict.fromkeys(eos_ids)), bos, eos)
+        return cls(tokenizer, template, tuple(dict.fromkeys(eos_ids)), bos, eos, template_origin=origin)
 
     def save(self, directory: str | Path) -> None:
         """Write what `from_directory` reads (used when building an artifact)."""

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from conftest import CHATML, IM_END, IM_START, make_chat_tokenizer
 
-from medusa_export.runtime.errors import InputError
+from medusa_export.runtime.errors import ArtifactError, InputError
 from medusa_export.runtime.tokenizer import ChatTokenizer
 
 MARKERS = ["<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|im_", "start|>", "<|", "|>", "system", "\n", " "]
@@ -118,3 +118,62 @@ def test_default_model_tokenizer_keeps_message_text_as_text(default_model):
     benign = [{"role": "user", "content": "Explain KV caches in two sentences."}]
     assert tok.encode_chat(benign) == tok.encode(tok.render_chat(benign))
     assert tok.encode_prompt("Explain KV caches in two sentences.") == tok.encode_chat(benign)
+
+
+# --------------------------------------------------------------- templates that fail: typed, and when they fail
+# Mistral's and Llama 2's way of refusing a conversation: raise_exception, which Hugging Face provides.
+ALTERNATING = ("{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+               "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+               "{% endif %}{{ m['content'] + ' ' }}{% endfor %}")
+
+
+def _with_template(template: str) -> ChatTokenizer:
+    return ChatTokenizer(make_chat_tokenizer().tokenizer, chat_template=template, eos_token_ids=(IM_END,),
+                         template_origin="art/chat_template.jinja")
+
+
+@pytest.mark.parametrize("template, words", [
+    ("{% for %}", "art/chat_template.jinja does not compile as a Jinja template (Expected an expression"),
+    ("{{ messages | no_such_filter }}", "No filter named 'no_such_filter'"),
+    ("{{ raise_exception('no') }}", "art/chat_template.jinja fails on a conversation of one user message"),
+    ("{{ foo.bar.baz }}", "fails on a conversation of one user message (the chat template cannot render"),
+])
+def test_a_template_that_cannot_work_is_refused_when_made(template, words):
+    with pytest.raises(ArtifactError) as e:
+        _with_template(template)
+    assert words in str(e.value) and "fix the template or remove it" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_raise_exception_refuses_the_conversation_as_an_input_error():
+    tok = _with_template(ALTERNATING)
+    assert tok.encode_chat([{"role": "user", "content": "t5"}, {"role": "assistant", "content": "t6"}]) == [5, 6]
+    with pytest.raises(InputError, match=r"^the chat template refuses these messages: Conversation roles must "
+                                         r"alternate user/assistant/user/assistant/\.\.\.$"):
+        tok.encode_chat([{"role": "user", "content": "t5"}, {"role": "user", "content": "t6"}])
+
+
+def test_any_other_render_error_is_an_input_error():
+    tok = _with_template("{% for m in messages %}{{ m['content'] }}{% if m['role'] == 'assistant' %}"
+                         "{{ m.tool_calls[0] }}{% endif %}{% endfor %}")
+    with pytest.raises(InputError, match="cannot render these messages \\(UndefinedError: 'dict object' has no "
+                                         "attribute 'tool_calls'\\)"):
+        tok.encode_chat([{"role": "user", "content": "t5"}, {"role": "assistant", "content": "t6"}])
+    big = _with_template("{% if messages | length > 1 %}{% for i in range(10 ** 9) %}x{% endfor %}{% endif %}")
+    with pytest.raises(InputError, match="OverflowError"):  # the sandbox's cap on range()
+        big.render_chat([{"role": "user", "content": "t5"}, {"role": "user", "content": "t6"}])
+
+
+def test_hugging_face_template_helpers_are_there():
+    tok = _with_template("{% for m in messages %}{% if loop.index > 1 %}{% break %}{% endif %}{{ m['content'] }}"
+                         "{% endfor %} {{ strftime_now('%Y') | length }}")
+    assert tok.render_chat([{"role": "user", "content": "t5"}, {"role": "user", "content": "t6"}]) == "t5 4"
+
+
+def test_serve_answers_a_template_refusal_with_400():
+    pytest.importorskip("fastapi")
+    from medusa_export.runtime.serve.requests import ApiError, ServedModel, parse_chat
+
+    model = ServedModel("m", _with_template(ALTERNATING), max_seq=64, medusa=True)
+    with pytest.raises(ApiError) as e:
+        parse_chat({"messages": [{"role": "user", "content": "t5"}, {"role": "user", "content": "t6"}]}, model)
+    assert e.value.status == 400 and "Conversation roles must alternate" in e.value.message

@@ -85,6 +85,10 @@ BROKEN = [
     # an end-of-sequence token the tokenizer does not know
     ("tokenizer_config.json", {"eos_token": "nonexistent-token"},
      ["tokenizer_config.json: field eos_token 'nonexistent-token' is not a token of tokenizer.json"]),
+    # chat templates that do not compile: refused at load, not at the first chat request
+    ("chat_template.jinja", b"{% for %}", ["chat_template.jinja does not compile", "fix the template or remove it"]),
+    ("tokenizer_config.json", {"chat_template": "{% for %}"},
+     ["tokenizer_config.json field chat_template does not compile"]),
 ]
 
 
@@ -123,7 +127,7 @@ def test_malformed_artifact_files_are_one_line_errors(artifact, tmp_path, name, 
     assert_one_line_error(proc, *words)
 
 
-@pytest.mark.parametrize("name, how, words", [BROKEN[0], BROKEN[3], BROKEN[16]])
+@pytest.mark.parametrize("name, how, words", [BROKEN[0], BROKEN[3], BROKEN[16], BROKEN[-2]])
 def test_serve_refuses_malformed_artifacts_in_one_line(artifact, tmp_path, name, how, words):
     pytest.importorskip("uvicorn")
     art = tmp_path / "art"
