@@ -38,9 +38,10 @@ def read_prompts(path: str | Path | None, limit: int | None = None) -> list[str]
             continue
         try:
             row = json.loads(line)
-        except (json.JSONDecodeError, RecursionError) as e:
-            raise InputError(f"{path} line {lineno}: not valid JSON ({getattr(e, 'msg', 'nested too deeply')}): "
-                             f"fix that line") from None
+        except (ValueError, RecursionError) as e:  # ValueError: JSONDecodeError, or an integer of > 4,300 digits
+            why = e.msg if isinstance(e, json.JSONDecodeError) else \
+                "nested too deeply" if isinstance(e, RecursionError) else "an integer with too many digits"
+            raise InputError(f"{path} line {lineno}: not valid JSON ({why}): fix that line") from None
         prompt = _prompt_of(row)
         if not isinstance(prompt, str) or not prompt.strip():
             raise InputError(f"{path} line {lineno}: needs a non-empty string field \"prompt\" (or \"turns\")")

@@ -139,6 +139,11 @@ def test_limit_below_one_is_refused(artifact, tmp_path, limit):
                         f"--limit {limit}")
 
 
+def test_bench_refuses_a_missing_artifact_or_no_threads_before_its_progress_bar(artifact, tmp_path):
+    refused_before_work(cli("bench", str(tmp_path / "none"), "--limit", "1", "--no-hf"), "does not exist")
+    refused_before_work(cli("bench", str(artifact), "--limit", "1", "--no-hf", "--threads", "0"), "--threads 0")
+
+
 def test_generate_max_seq_below_one_is_refused(artifact):
     for value in ("0", "-5"):
         refused_before_work(cli("generate", str(artifact), "--prompt", "t1", "--max-seq", value),

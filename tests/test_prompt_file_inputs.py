@@ -25,3 +25,10 @@ def test_a_prompt_that_is_no_text_names_the_file_and_the_line(tmp_path):
     path.write_text('{"prompt": "fine"}\n{"prompt": "\\udcff"}\n')
     with pytest.raises(InputError, match=re.escape(f"{path} line 2: ") + ".*lone surrogate"):
         read_prompts(path)
+
+
+def test_an_integer_too_long_to_parse_is_a_bad_line_not_a_crash(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "fine"}\n{"prompt": "t1", "x": ' + "1" * 5000 + "}\n")
+    with pytest.raises(InputError, match=re.escape(f"{path} line 2: not valid JSON (an integer with too many digits)")):
+        read_prompts(path)

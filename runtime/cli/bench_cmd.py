@@ -41,6 +41,7 @@ def bench(
 
     names = backend_list(backends)
     at_least("--limit", limit)
+    at_least("--threads", threads, hint=", or leave it out for all cores")
     _check_outputs(as_json, plot_file)
     if "torch" in names:
         extras.require("bench --backends torch", "torch")
@@ -52,7 +53,7 @@ def bench(
             typer.echo("note: skipping the transformers baseline: torch/transformers are not installed "
                        "(pip install 'medusa-export[torch]')", err=True)
     texts = read_prompts(prompts, limit=limit)
-    _check_concurrency(artifact, names, concurrency)
+    _check_artifact(artifact, names, concurrency)
 
     def save(report: dict) -> None:  # the runtime rows first, before the optional baseline
         for note in report.get("notes", []):
@@ -96,16 +97,15 @@ def _check_outputs(as_json: Optional[Path], plot_file: Optional[Path]) -> None:
                                           "pip install 'medusa-export[bench]'")
 
 
-def _check_concurrency(artifact: Path, names: list[str], concurrency: int) -> None:
-    """ONNX Runtime batches on the artifact's lanes graph: more requests than it has lanes cannot run together,
-    which the batched rows would only find out after the single-stream rows."""
+def _check_artifact(artifact: Path, names: list[str], concurrency: int) -> None:
+    """The artifact's manifest, read before the benchmark starts its progress bar. ONNX Runtime batches on the
+    artifact's lanes graph: more requests than it has lanes cannot run together, which the batched rows would
+    only find out after the single-stream rows."""
     from ..errors import InputError
     from ..manifest import Manifest
 
-    if concurrency < 2 or "ort" not in names:
-        return
     lanes = Manifest.read(artifact).lanes
-    if lanes and concurrency > lanes:
+    if concurrency > 1 and "ort" in names and lanes and concurrency > lanes:
         raise InputError(f"--concurrency {concurrency} exceeds the artifact's lanes graph ({lanes} lanes): use at most "
                          f"{lanes}, or rebuild the artifact with more lanes (`medusa-export build --max-num-seqs N`, "
                          f"N up to 64)")
