@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .errors import InputError
-from .manifest import GRAPH_FORMATS, ONNXRUNTIME, PORTABLE, QUANTIZED_WEIGHTS, WEIGHTS
+from .manifest import GRAPH_FORMATS, LIMITS, ONNXRUNTIME, PORTABLE, QUANTIZED_WEIGHTS, WEIGHTS
 
 ENGINES = ("onnx", "trt", "all")  # onnx: ONNX Runtime only; trt: also TensorRT engines (required); all: when possible
 DEFAULT_TREE = "cpu_small_10"  # when the heads carry no calibrated tree
@@ -48,6 +48,8 @@ class BuildOptions:
                              f"ONNX Runtime operators")
         if self.max_seq < 16:
             raise InputError(f"--max-seq {self.max_seq} is too small: use at least 16")
+        if self.max_seq > LIMITS["max_seq"]:  # an artifact loading would refuse
+            raise InputError(f"--max-seq {self.max_seq} is too large: use at most {LIMITS['max_seq']}")
         if not 1 <= self.max_num_seqs <= 64:
             raise InputError(f"--max-num-seqs {self.max_num_seqs}: use 1..64 (1 builds no batched graph)")
         for flag, value in (("head-topk", self.head_topk), ("sample-topk", self.sample_topk)):

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from medusa_export.runtime.detokenize import IncrementalDetokenizer
+from medusa_export.runtime.manifest import Manifest
 from medusa_export.runtime.tokenizer import ChatTokenizer
 
 TEXT = ("Speculative decoding drafts several tokens and verifies them in one forward pass. Medusa adds small heads "
@@ -32,7 +33,7 @@ def main() -> None:
     ap.add_argument("--bucket", type=int, default=250)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
-    tok = ChatTokenizer.from_directory(args.artifact)
+    tok = ChatTokenizer.from_artifact(args.artifact, Manifest.read(args.artifact))
     base = tok.encode(TEXT)
     ids = (base * (args.tokens // len(base) + 1))[: args.tokens]
     rng = np.random.default_rng(0)

@@ -179,3 +179,12 @@ def test_build_max_num_seqs_sets_the_lanes(tiny_dirs, tmp_path):
     assert json.loads((out / "manifest.json").read_text())["graphs"]["lanes"]["lanes"] == 2
     refused_before_work(cli("build", str(model_dir), "--max-num-seqs", "0", "--out", str(tmp_path / "b")),
                         "--max-num-seqs 0")
+
+
+@pytest.mark.parametrize("max_seq, needle", [(8, "too small"), (1 << 21, "too large: use at most 1048576")])
+def test_build_max_seq_outside_what_loading_takes_is_refused(max_seq, needle):
+    """Above the manifest's bound a build wrote an artifact that loading then refused (or failed in torch first)."""
+    from medusa_export.runtime.build_options import BuildOptions
+
+    with pytest.raises(InputError, match=needle):
+        BuildOptions(max_seq=max_seq)
