@@ -381,3 +381,20 @@ def test_train_heads_bad_value_is_one_line_exit_2(monkeypatch):
         result, seen = _invoke(monkeypatch, *args)
         lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
         assert result.exit_code == 2 and lines == [f"error: {words}"] and seen == {}
+
+
+@pytest.mark.parametrize("mode", ["medusa1", "medusa2"])
+def test_library_training_refuses_to_write_over_another_directory(tmp_path, mode):
+    """As `train-heads --out` does: before any model loads or distillation runs (the library used to replace a
+    model directory's config.json with the heads')."""
+    from medusa_export.exporter.training.medusa2 import train_medusa2
+    from medusa_export.exporter.training.train import train_heads
+    from medusa_export.runtime.errors import InputError
+
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text('{"model_type": "llama"}')
+    train = train_heads if mode == "medusa1" else train_medusa2
+    with pytest.raises(InputError, match="not empty"):
+        train("never-loaded", "never-read.jsonl", model_dir)
+    assert (model_dir / "config.json").read_text() == '{"model_type": "llama"}'

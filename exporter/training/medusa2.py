@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from medusa_export.exporter.heads import MedusaHeads, load_heads
+from medusa_export.exporter.output_dir import check_train_out_dir
 from medusa_export.runtime.errors import HeadsError, InputError
 
 from . import checkpoint as ckpt
@@ -62,6 +63,7 @@ def train_medusa2(model_source: Any, data_file: str | Path, out_dir: str | Path,
     Under ``torchrun`` each rank trains on its share of every epoch's batches, gradients are averaged, and
     rank 0 evaluates and writes (the others return ``{}``)."""
     m1 = medusa1
+    check_train_out_dir(Path(out_dir), "medusa2")  # before the warm-up: it replaces OUT whole when done
     if not opts.init_heads:
         opts.head_rates(m1.num_heads)  # refused before the warm-up, not after it
     lora = _peft() if opts.lora_rank > 0 else None

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from medusa_export.exporter.heads import MedusaHeads, new_heads, save_heads
+from medusa_export.exporter.output_dir import check_train_out_dir
 from medusa_export.exporter.provenance import portable_command, portable_path
 from medusa_export.runtime.errors import InputError
 
@@ -92,6 +93,7 @@ def train_heads(model_source: Any, data_file: str | Path, out_dir: str | Path,
     pass 0's answers; ``options.extra_sampled_passes`` add training answers only.
     """
     o = options
+    check_train_out_dir(Path(out_dir), "medusa1")  # before distillation: never over another directory's files
     args = run_arguments(data_file, out_dir, o)
     t_start = time.perf_counter()
     if o.threads:
