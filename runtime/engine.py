@@ -8,7 +8,8 @@
 Sequences join and leave at every step. A step is one of two kinds:
 
 * alone (one running sequence, or an artifact without a lanes graph): the one-sequence graphs, with the heads'
-  tree and context drafts when the request speculates (`decode.step`);
+  tree and context drafts when the request speculates (`decode.step`); with a lanes graph its prompt goes in
+  chunks of ``max_num_batched_tokens``, so that a request arriving meanwhile joins within one chunk;
 * batched: one lanes step (`backends/ort_lanes.py`) over all running sequences: each decoding sequence feeds its
   next token and, for greedy ones, the context drafts that pay in a step of that many rows (`speculation.py`);
   each prefilling one a chunk of its prompt, within ``max_num_batched_tokens`` rows, so a long prompt delays the
