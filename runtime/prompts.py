@@ -12,6 +12,7 @@ reporting set, is a file the user passes (FastChat publishes it as ``question.js
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 from .errors import InputError
@@ -26,23 +27,10 @@ def read_prompts(path: str | Path | None, limit: int | None = None) -> list[str]
     path = Path(path) if path is not None else PACKAGED_PROMPTS
     if limit is not None and limit < 1:
         raise InputError(f"a prompt limit of {limit}: ask for at least one prompt")
-    if not path.is_file():
-        raise InputError(f"prompts file {path} does not exist: pass a .jsonl file with one {{\"prompt\": ...}} per line")
+    check_jsonl_file(path, "prompts file")
     prompts = []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as e:
-        raise InputError(f"{path} is not UTF-8 text ({e.reason}): pass a JSON Lines file") from None
-    for lineno, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except (ValueError, RecursionError) as e:  # ValueError: JSONDecodeError, or an integer of > 4,300 digits
-            why = e.msg if isinstance(e, json.JSONDecodeError) else \
-                "nested too deeply" if isinstance(e, RecursionError) else "an integer with too many digits"
-            raise InputError(f"{path} line {lineno}: not valid JSON ({why}): fix that line") from None
-        prompt = _prompt_of(row)
+    for lineno, row in jsonl_rows(path):
+        prompt = prompt_of(row)
         if not isinstance(prompt, str) or not prompt.strip():
             raise InputError(f"{path} line {lineno}: needs a non-empty string field \"prompt\" (or \"turns\")")
         _check_text(prompt, path, lineno)
@@ -54,7 +42,40 @@ def read_prompts(path: str | Path | None, limit: int | None = None) -> list[str]
     return prompts
 
 
-def _prompt_of(row: object) -> object:
+def check_jsonl_file(path: Path, what: str) -> None:
+    """A one-line `InputError` unless ``path`` is a readable file (a directory is named as one, not as missing)."""
+    if path.is_dir():
+        raise InputError(f"{what} {path} is a directory: pass a .jsonl file with one {{\"prompt\": ...}} per line")
+    if not path.is_file():
+        raise InputError(f"{what} {path} does not exist: pass a .jsonl file with one {{\"prompt\": ...}} per line")
+
+
+def jsonl_rows(path: Path) -> Iterator[tuple[int, object]]:
+    """(line number, decoded JSON) of every non-blank line; an `InputError` names the first line that is not JSON.
+
+    Lines end at "\\n" (or "\\r\\n") only: JSON strings may hold U+2028, U+0085 and the like raw (what
+    ``json.dumps(ensure_ascii=False)`` writes), which ``str.splitlines`` would take for line ends."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path} is not UTF-8 text ({e.reason}): pass a JSON Lines file") from None
+    except OSError as e:
+        raise InputError(f"cannot read {path}: {e.strerror}: pass a readable JSON Lines file") from None
+    for lineno, line in enumerate(text.split("\n"), start=1):
+        line = line.removesuffix("\r")
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except (ValueError, RecursionError) as e:  # ValueError: JSONDecodeError, or an integer of > 4,300 digits
+            why = e.msg if isinstance(e, json.JSONDecodeError) else \
+                "nested too deeply" if isinstance(e, RecursionError) else "an integer with too many digits"
+            raise InputError(f"{path} line {lineno}: not valid JSON ({why}): fix that line") from None
+        yield lineno, row
+
+
+def prompt_of(row: object) -> object:
+    """A row's prompt: ``"prompt"``, else the first of ``"turns"`` (None when neither is there)."""
     if not isinstance(row, dict):
         return None
     if "prompt" in row:

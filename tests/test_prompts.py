@@ -37,3 +37,28 @@ def test_reads_in_order_skips_blank_lines_ignores_extra_fields_and_limits(tmp_pa
     f.write_text('{"prompt": "x", "other": 1}\n\n{"prompt": "y"}\n{"prompt": "z"}\n')
     assert read_prompts(f) == ["x", "y", "z"]
     assert read_prompts(f, limit=2) == ["x", "y"]
+
+
+@pytest.mark.parametrize("char", ["\u2028", "\u2029", "\u0085"])
+def test_raw_line_separators_inside_a_string_stay_in_the_prompt(tmp_path, char):
+    """json.dumps(ensure_ascii=False) writes these raw; only "\\n" ends a JSON Lines line."""
+    import json
+
+    f = tmp_path / "p.jsonl"
+    f.write_text("".join(json.dumps({"prompt": p}, ensure_ascii=False) + "\n" for p in [f"a{char}b", "c"]),
+                 encoding="utf-8")
+    assert read_prompts(f) == [f"a{char}b", "c"]
+
+
+def test_crlf_line_ends_are_read(tmp_path):
+    f = tmp_path / "p.jsonl"
+    f.write_bytes(b'{"prompt": "x"}\r\n\r\n{"prompt": "y"}\r\nnot json\r\n')
+    with pytest.raises(InputError, match="line 4"):
+        read_prompts(f)
+    assert read_prompts(f, limit=2) == ["x", "y"]
+
+
+def test_a_directory_is_named_as_a_directory(tmp_path):
+    with pytest.raises(InputError, match="is a directory") as e:
+        read_prompts(tmp_path)
+    assert "does not exist" not in str(e.value)
