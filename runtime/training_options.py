@@ -11,6 +11,7 @@ model or the heads (LoRA targets that exist, one ``--head-lrs`` rate per head) i
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -120,18 +121,32 @@ def _flag(name: str) -> str:
 
 
 def _at_least(opts: Any, low: float, *names: str) -> None:
-    """Each of ``names`` >= ``low`` (None passes: the option is unset)."""
+    """Each of ``names`` finite and >= ``low`` (None passes: the option is unset)."""
     for name in names:
         value = getattr(opts, name)
-        if value is not None and value < low:
-            raise InputError(f"{_flag(name)} {value} must be >= {low}")
+        if value is not None:
+            _check_finite(name, value, f">= {low}")
+            if value < low:
+                raise InputError(f"{_flag(name)} {value} must be >= {low}")
 
 
 def _positive(opts: Any, *names: str) -> None:
     for name in names:
         value = getattr(opts, name)
+        _check_finite(name, value, "> 0")
         if not value > 0:
             raise InputError(f"{_flag(name)} {value} must be > 0")
+
+
+def _check_finite(name: str, value: Any, bound: str) -> None:
+    """inf and nan pass comparisons they should fail (nan < 0 is False): they trained NaN heads or failed deep
+    inside torch after the model loaded."""
+    try:
+        finite = math.isfinite(value)
+    except (TypeError, OverflowError):  # not a number (refused by the comparison after), or a huge int
+        return
+    if not finite:
+        raise InputError(f"{_flag(name)} {value} is not a finite number: give a number {bound}")
 
 
 def _one_of(opts: Any, name: str, choices: tuple[str, ...]) -> None:
@@ -147,6 +162,6 @@ def _rates(text: str | None) -> list[float] | None:
         rates = [float(x) for x in text.split(",")]
     except ValueError:
         rates = []
-    if not rates or not all(r > 0 for r in rates):
-        raise InputError(f"--head-lrs {text!r}: give positive rates, comma-separated (one per head)")
+    if not rates or not all(math.isfinite(r) and r > 0 for r in rates):
+        raise InputError(f"--head-lrs {text!r}: give positive rates, finite and comma-separated (one per head)")
     return rates

@@ -314,6 +314,26 @@ def test_bad_options_are_refused_on_construction(field, value, message):
     assert str(e.value) == message
 
 
+@pytest.mark.parametrize("field, value", [("lr", float("inf")), ("lr", float("nan")), ("weight_decay", float("nan")),
+                                          ("weight_decay", float("inf")), ("temperature", float("nan")),
+                                          ("sample_temperature", float("inf")), ("checkpoint_every_s", float("nan"))])
+def test_non_finite_medusa1_options_are_refused(field, value):
+    """inf and nan slip past >= / > checks: --lr inf wrote NaN heads, --temperature nan failed after the model load."""
+    with pytest.raises(InputError) as e:
+        Medusa1Options(**{field: value})
+    flag = "--" + field.replace("_", "-")
+    assert str(e.value).startswith(f"{flag} {value} is not a finite number: give a number ")
+
+
+@pytest.mark.parametrize("field, value", [("lm_weight", float("nan")), ("lm_weight", float("inf")),
+                                          ("backbone_lr", float("inf")), ("heads_weight", float("inf")),
+                                          ("head_lrs", "inf,inf"), ("head_lrs", "1e-3,nan")])
+def test_non_finite_medusa2_options_are_refused(field, value):
+    with pytest.raises(InputError, match="finite") as e:
+        Medusa2Options(**{field: value})
+    assert "\n" not in str(e.value) and ("--" + field.replace("_", "-")) in str(e.value)
+
+
 def test_train_record_keeps_the_runs_arguments(trained):
     """training.json's args: the data and output paths plus every option, as the run had them."""
     root, report = trained
