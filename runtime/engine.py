@@ -82,6 +82,10 @@ class Engine:
                  on_step: Callable[[StepRecord], None] | None = None) -> None:
         """``max_num_seqs``: sequences running at once (default: the lanes of the backend's batched graph, else 1)."""
         lanes: OrtLanes | None = generator.backend.lanes
+        for name, value in (("max_num_seqs", max_num_seqs), ("max_num_batched_tokens", max_num_batched_tokens)):
+            if not (value is None and name == "max_num_seqs") and not (
+                    isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+                raise InputError(f"{name} must be an integer >= 1, got {value!r:.40}")
         max_num_seqs = max_num_seqs or (lanes.lanes if lanes else 1)
         if lanes is not None and max_num_seqs > lanes.lanes:
             raise InputError(f"--max-num-seqs {max_num_seqs} exceeds the artifact's lanes graph ({lanes.lanes} lanes): "
@@ -103,12 +107,9 @@ class Engine:
     # ---- requests -------------------------------------------------------------------------------------
     def add(self, prompt: str | list[int], cfg: GenerationConfig, sink: Callable) -> Sequence:
         """Queue a request (text, encoded as `Generator.prompt_ids` does, or token ids); InputError when it could
-        never run: what `prompt_ids` refuses, or a prompt plus max_new_tokens that do not fit."""
-        gen = self.gen
-        prompt = gen.prompt_ids(prompt, cfg)
-        if len(prompt) + cfg.max_new_tokens > gen.backend.max_seq:
-            raise InputError(f"the prompt ({len(prompt)} tokens) plus max_new_tokens ({cfg.max_new_tokens}) exceeds "
-                             f"the maximum sequence of {gen.backend.max_seq} tokens")
+        never run (what `prompt_ids` refuses). As with `generate`, a request whose answer reaches the end of the KV
+        capacity ends there with finish reason "length" (the server refuses such requests before they queue)."""
+        prompt = self.gen.prompt_ids(prompt, cfg)
         seq = Sequence(prompt, cfg, sink)
         with self.lock:
             self.waiting.append(seq)
@@ -207,7 +208,7 @@ class Engine:
         chosen, decoding, chunks = [], [], 0
         for seq in live:
             if seq.cursor is not None:
-                if seq.session.length + 2 > seq.session.capacity:
+                if seq.session.length + 1 > seq.session.capacity:  # as alone: the next token needs one row
                     seq.out.finish = seq.out.finish or "length"
                     continue
                 decoding.append(seq)
@@ -267,7 +268,7 @@ class Engine:
         if not found:
             return {}
         spec = self.gen.spec
-        room = {seq: min(len(d.tokens), seq.session.capacity - seq.session.length - 2) for seq, d in found.items()}
+        room = {seq: min(len(d.tokens), seq.session.capacity - seq.session.length - 1) for seq, d in found.items()}
         chains = [spec.rates.cumulative(d.ngram, room[seq]) for seq, d in found.items()]
         take = spec.batched_cost.worth(chains, len(decoding), rows, budget)
         return {seq: Draft(d.tokens[:n], d.ngram) for (seq, d), n in zip(found.items(), take) if n}
@@ -329,12 +330,16 @@ class EngineThread:
         self.engine = engine
         self.wake = threading.Event()
         self.stopping = False
+        self.submitting = threading.Lock()
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self.thread.start()
 
     def submit(self, prompt: str | list[int], cfg: GenerationConfig, sink: Callable) -> Sequence:
-        seq = self.engine.add(prompt, cfg, sink)
+        with self.submitting:  # a request added after stop() would wait for a thread that is gone
+            if self.stopping:
+                raise InputError("this batcher is closed: open a new one (MedusaRuntime.batcher())")
+            seq = self.engine.add(prompt, cfg, sink)
         self.wake.set()
         return seq
 
@@ -350,7 +355,8 @@ class EngineThread:
                 self.engine.fail(e)
 
     def stop(self, timeout: float = 30.0) -> None:
-        self.stopping = True
+        with self.submitting:
+            self.stopping = True
         self.wake.set()
         self.thread.join(timeout)
         self.engine.close()

@@ -255,11 +255,23 @@ def test_requests_that_cannot_fit_are_refused_before_they_take_a_slot(runtimes):
 
     rt = runtimes["fp32"]
     engine = Engine(rt.generator, max_num_seqs=2)
-    with pytest.raises(InputError, match="exceeds the maximum sequence of 256"):
-        engine.add(PROMPTS[4], GenerationConfig(max_new_tokens=250), lambda x: None)
+    with pytest.raises(InputError, match="maximum sequence is 256"):
+        engine.add(list(range(1, 257)), GenerationConfig(max_new_tokens=1), lambda x: None)
     assert engine.idle and len(engine.free) == 2
     with pytest.raises(InputError, match="max-num-seqs 4 exceeds the artifact's lanes graph"):
         Engine(rt.generator, max_num_seqs=4)
+    for bad in ({"max_num_seqs": 0}, {"max_num_seqs": -1}, {"max_num_seqs": "2"}, {"max_num_batched_tokens": None}):
+        with pytest.raises(InputError, match="must be an integer >= 1"):  # -1 made no slots: step() spun forever
+            Engine(rt.generator, **bad)
+
+
+def test_an_answer_reaching_the_end_of_the_cache_ends_there_as_alone(runtimes):
+    """As `generate` does (finish reason "length"), not refused: the server refuses such requests itself."""
+    rt = runtimes["fp32"]
+    cfg = GenerationConfig(max_new_tokens=250, medusa=False, ignore_eos=True)
+    alone = rt.generator.generate(PROMPTS[4], cfg)
+    batched = rt.generate_many([PROMPTS[4], PROMPTS[0]], max_new_tokens=250, medusa=False, ignore_eos=True)[0]
+    assert alone.finish_reason == batched.finish_reason == "length" and batched.token_ids == alone.token_ids
 
 
 def test_library_batching_gives_the_answers_alone(runtimes):
