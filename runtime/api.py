@@ -17,7 +17,8 @@ holds what the user should be told (e.g. a TensorRT engine tuned on another GPU)
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+import weakref
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .decode import GenerationConfig
@@ -33,6 +34,7 @@ from .tree import Tree, load_choices
 class MedusaRuntime:
     manifest: Manifest
     generator: Generator
+    _batchers: weakref.WeakSet = field(default_factory=weakref.WeakSet, repr=False)
 
     @classmethod
     def load(cls, directory: str | Path, backend: str = "ort", tree: str | None = None, device: str = "cpu",
@@ -42,6 +44,8 @@ class MedusaRuntime:
         directory or .gguf for the PyTorch reference backend, when this machine does not know where it is."""
         if not isinstance(directory, (str, os.PathLike)):
             raise InputError(f"the artifact directory must be a path, not {type(directory).__name__}")
+        if max_seq is not None and not (isinstance(max_seq, int) and not isinstance(max_seq, bool) and max_seq >= 1):
+            raise InputError(f"max_seq must be an integer >= 1 (None: the artifact's), got {max_seq!r:.40}")
         directory = Path(directory)
         manifest = Manifest.read(directory, check_hashes=check_hashes)
         tokenizer = ChatTokenizer.from_artifact(directory, manifest)
@@ -58,6 +62,9 @@ class MedusaRuntime:
         return tuple(self.generator.backend.notes)
 
     def close(self) -> None:
+        """Stop the batchers this runtime opened (their requests end as cancelled), then free the backend."""
+        for batcher in list(self._batchers):
+            batcher.close()
         self.generator.backend.close()
 
     def __enter__(self) -> "MedusaRuntime":
@@ -84,7 +91,9 @@ class MedusaRuntime:
         """A `Batcher`: submit requests from any thread, each decoded in the shared batch (`runtime.batcher`)."""
         from .batcher import Batcher
 
-        return Batcher(self.generator, max_num_seqs, max_num_batched_tokens)
+        batcher = Batcher(self.generator, max_num_seqs, max_num_batched_tokens)
+        self._batchers.add(batcher)  # closed with the runtime: its thread must not outlive the backend
+        return batcher
 
     def chat(self, messages: list[dict], **options) -> GenerationResult:
         """A conversation (``[{"role": ..., "content": ...}, ...]``) under the model's chat template. Message

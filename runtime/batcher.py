@@ -18,6 +18,7 @@ from typing import Callable
 
 from .decode import GenerationConfig
 from .engine import DEFAULT_MAX_NUM_BATCHED_TOKENS, Engine, EngineThread, Sequence
+from .errors import InputError
 from .generator import GenerationResult, Generator
 from .text_output import StreamEvent
 
@@ -28,6 +29,7 @@ class BatchedStream:
     def __init__(self) -> None:
         self.items: queue.Queue = queue.Queue()
         self.result: GenerationResult | None = None
+        self.error: Exception | None = None  # kept: every later wait() or iteration raises it again
         self.sequence: Sequence | None = None
         self.engine: Engine | None = None
 
@@ -36,8 +38,11 @@ class BatchedStream:
 
     def __iter__(self):
         while self.result is None:
+            if self.error is not None:
+                raise self.error
             item = self.items.get()
             if isinstance(item, Exception):
+                self.error = item
                 raise item
             if isinstance(item, GenerationResult):
                 self.result = item
@@ -59,6 +64,7 @@ class Batcher:
         self.thread = EngineThread(Engine(generator, max_num_seqs, max_num_batched_tokens))
 
     def submit(self, prompt: str | list[int], **options) -> BatchedStream:
+        """Queue a request (InputError when it could never run, or when this batcher is closed)."""
         cfg = GenerationConfig.from_options(**options)
         stream = BatchedStream()
         stream.engine = self.thread.engine
@@ -80,8 +86,11 @@ def generate_many(generator: Generator, prompts: list[str | list[int]], max_num_
                   on_result: Callable[[], None] = lambda: None, **options) -> list[GenerationResult]:
     """Every prompt decoded by one batched engine on this thread; the results in prompt order. ``on_step`` gets
     each step's `StepRecord`, ``on_result`` is called as each request ends (progress)."""
-    engine = Engine(generator, max_num_seqs, max_num_batched_tokens, on_step=on_step)
+    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, (list, tuple)):
+        raise InputError(f"prompts must be a list of prompts (texts or lists of token ids), not "
+                         f"{type(prompts).__name__}: for one prompt use generate()")
     cfg = GenerationConfig.from_options(**options)
+    engine = Engine(generator, max_num_seqs, max_num_batched_tokens, on_step=on_step)
     results: list = [None] * len(prompts)
 
     def sink(i: int, item) -> None:

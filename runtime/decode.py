@@ -50,6 +50,11 @@ class GenerationConfig:
         if not _is_number(t) or not 0 <= t < float("inf"):
             raise InputError(f"temperature must be a finite number >= 0 (0 = greedy), got {t!r:.40}")
         self.temperature = float(t) if t >= MIN_TEMPERATURE else 0.0
+        for name, rule, ok in (("typical_epsilon", "in [0, 1]", lambda v: 0 <= v <= 1),
+                               ("typical_alpha", "finite and >= 0", lambda v: 0 <= v < float("inf"))):
+            v = getattr(self, name)
+            if not _is_number(v) or not ok(v):
+                raise InputError(f"{name} must be a number {rule}, got {v!r:.40}")
         if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r:.40}")
         if self.seed is not None:

@@ -130,10 +130,10 @@ class Generator:
         """A prompt given as token ids, each checked against the vocabulary (an id outside it failed inside ONNX
         Runtime, and -1 wrapped around to the last token)."""
         vocab = self.backend.dims.vocab_size
-        try:
-            ids = list(prompt)
-        except TypeError:
-            raise InputError(f"the prompt must be text or a list of token ids, got {type(prompt).__name__}") from None
+        if not isinstance(prompt, (list, tuple, np.ndarray)) or getattr(prompt, "ndim", 1) != 1:
+            # bytes, sets, dicts and iterators are not token ids in order
+            raise InputError(f"the prompt must be text or a list of token ids, got {type(prompt).__name__}")
+        ids = list(prompt)
         if not all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) and 0 <= t < vocab for t in ids):
             raise InputError(f"prompt token ids must be integers in 0..{vocab - 1}")
         return [int(t) for t in ids]

@@ -77,3 +77,71 @@ def test_a_closed_runtime_says_so(artifact):
     runtime.close()
     with pytest.raises(InputError, match="closed"):
         runtime.generate([5, 6], max_new_tokens=2)
+
+
+# ------------------------------------------------------------------------------------------- batching misuse
+def test_a_closed_batcher_refuses_new_requests(artifact):
+    """submit() after close() returned a handle whose wait() blocked forever (the engine thread was gone)."""
+    from medusa_export.runtime.api import MedusaRuntime
+
+    with MedusaRuntime.load(artifact, threads=1) as runtime:
+        batcher = runtime.batcher()
+        batcher.close()
+        with pytest.raises(InputError, match="batcher is closed"):
+            batcher.submit([5, 6], max_new_tokens=2)
+
+
+def test_closing_the_runtime_stops_its_batchers(artifact):
+    from medusa_export.runtime.api import MedusaRuntime
+
+    runtime = MedusaRuntime.load(artifact, threads=1)
+    batcher = runtime.batcher()
+    running = batcher.submit([5, 6], max_new_tokens=100, ignore_eos=True, medusa=False)
+    runtime.close()
+    assert running.wait().finish_reason == "abort"
+    with pytest.raises(InputError, match="batcher is closed"):
+        batcher.submit([5, 6], max_new_tokens=2)
+
+
+def test_a_failed_request_raises_on_every_wait(rt, monkeypatch):
+    """The error was taken off the queue once: a second wait() blocked forever."""
+    from medusa_export.runtime import engine as engine_mod
+
+    def broken(*args, **kw):
+        raise RuntimeError("backend broke")
+
+    with rt.batcher() as batcher:
+        monkeypatch.setattr(engine_mod, "step", broken)  # its first decoding step, alone
+        handle = batcher.submit([5, 6, 7], max_new_tokens=4, medusa=False)
+        for _ in range(2):
+            with pytest.raises(RuntimeError, match="backend broke"):
+                handle.wait()
+
+
+@pytest.mark.parametrize("prompts", ["Hello", b"Hi", None, (p for p in [[5]])])
+def test_generate_many_needs_a_list_of_prompts(rt, prompts):
+    """A string was decoded as one prompt per character."""
+    with pytest.raises(InputError, match="prompts must be a list"):
+        rt.generate_many(prompts, max_new_tokens=2)
+
+
+@pytest.mark.parametrize("prompt", [b"Hi", {5, 6}, {5: 1}, iter([5, 6])])
+def test_prompts_that_are_not_ordered_token_ids_are_refused(rt, prompt):
+    """bytes ran as the token ids 72, 105; sets and dicts in whatever order they iterate."""
+    with pytest.raises(InputError, match="prompt must be text or a list of token ids"):
+        rt.generate(prompt, max_new_tokens=2)
+
+
+@pytest.mark.parametrize("max_seq", [-5, 0, 2.5, True])
+def test_max_seq_must_be_a_positive_integer(artifact, max_seq):
+    from medusa_export.runtime.api import MedusaRuntime
+
+    with pytest.raises(InputError, match="max_seq must be an integer >= 1"):
+        MedusaRuntime.load(artifact, max_seq=max_seq)
+
+
+@pytest.mark.parametrize("options", [{"typical_epsilon": "x"}, {"typical_epsilon": -1}, {"typical_alpha": float("nan")},
+                                     {"typical_alpha": float("inf")}])
+def test_typical_acceptance_options_are_checked(options):
+    with pytest.raises(InputError, match="typical_"):
+        GenerationConfig(temperature=0.5, **options)
