@@ -33,7 +33,7 @@ def read_prompts(path: str | Path | None, limit: int | None = None) -> list[str]
         prompt = prompt_of(row)
         if not isinstance(prompt, str) or not prompt.strip():
             raise InputError(f"{path} line {lineno}: needs a non-empty string field \"prompt\" (or \"turns\")")
-        _check_text(prompt, path, lineno)
+        check_text(prompt, path, lineno)
         prompts.append(prompt)
         if limit is not None and len(prompts) >= limit:
             break
@@ -84,7 +84,7 @@ def prompt_of(row: object) -> object:
     return turns[0] if isinstance(turns, list) and turns else None
 
 
-def _check_text(prompt: str, path: Path, lineno: int) -> None:
+def check_text(prompt: str, path: Path, lineno: int) -> None:
     """JSON escapes can spell a lone surrogate ("\\udcff"), which is no text: the tokenizer would fail later
     without naming the file or the line."""
     try:

@@ -224,3 +224,42 @@ def test_a_bad_evaluation_set_is_one_line(tmp_path):
         EvalFingerprints.from_file(bad)
     with pytest.raises(InputError, match="does not exist"):
         EvalFingerprints.from_file(tmp_path / "missing.jsonl")
+
+
+def test_an_mt_bench_question_file_is_an_evaluation_set(tmp_path):
+    """question.jsonl has only "turns": bench and verify read it, so --exclude-eval takes it, every turn excluded."""
+    q = tmp_path / "question.jsonl"
+    q.write_text(json.dumps({"question_id": 81, "turns": ["Compose an engaging travel blog post about a recent "
+                                                          "trip to Hawaii.", "Rewrite your previous response "
+                                                          "starting every sentence with the letter A."]}) + "\n")
+    fp = EvalFingerprints.from_file(q)
+    assert [x["id"] for x in fp.questions] == ["81#0", "81#1"]
+    keep, counts = filter_prompts(["Compose an engaging travel blog post about a recent trip to Hawaii.",
+                                   "Rewrite your previous response starting every sentence with the letter A.",
+                                   "What is the boiling point of water at sea level?"], PromptFilter(), fp)
+    assert keep == [2] and counts["eval_overlap"] == 2
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{bad", "is not a medusa-export-eval-fingerprints-v1 JSON file"),
+    ("[1, 2]", "is not a medusa-export-eval-fingerprints-v1 JSON file"),
+    ('"text"', "is not a medusa-export-eval-fingerprints-v1 JSON file"),
+    ('{"format": "medusa-export-eval-fingerprints-v1"}', "malformed"),
+    ('{"format": "medusa-export-eval-fingerprints-v1", "name": "x", "questions": [{"id": "a"}]}', "malformed"),
+])
+def test_a_bad_fingerprints_json_is_one_line(tmp_path, content, message):
+    bad = tmp_path / "fp.json"
+    bad.write_text(content)
+    with pytest.raises(InputError, match=message) as e:
+        EvalFingerprints.from_file(bad)
+    assert str(bad) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_bad_evaluation_row_or_a_directory_is_one_line(tmp_path):
+    with pytest.raises(InputError, match="is a directory"):
+        EvalFingerprints.from_file(tmp_path)
+    for row in ('{"turns": []}', '{"turns": [1]}', '{"prompt": null, "turns": ["x"]}', '{"prompt": "\\udcff"}'):
+        bad = tmp_path / "eval.jsonl"
+        bad.write_text('{"prompt": "fine"}\n' + row + "\n")
+        with pytest.raises(InputError, match="line 2"):
+            EvalFingerprints.from_file(bad)

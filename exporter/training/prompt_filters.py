@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from medusa_export.runtime.errors import InputError
+from medusa_export.runtime.prompts import check_jsonl_file, check_text, jsonl_rows, prompt_of
 
 _WORD = re.compile(r"[^\W_]+", re.UNICODE)
 SHINGLE = 3
@@ -164,28 +165,41 @@ class EvalFingerprints:
 
     @classmethod
     def from_file(cls, path: str | Path) -> "EvalFingerprints":
-        """A fingerprints JSON (this format) or a prompts JSONL whose rows' "prompt" and "turns" are excluded."""
+        """A fingerprints JSON (this format) or a prompts JSONL of the formats ``read_prompts`` takes (``"prompt"``,
+        or MT-Bench's ``"turns"``); every turn of a row is excluded, not only the first."""
         path = Path(path)
-        if not path.is_file():
-            raise InputError(f"evaluation set {path} does not exist: pass a prompts .jsonl or a fingerprints .json")
-        if path.suffix == ".json":
-            data = json.loads(path.read_text())
-            if data.get("format") != FINGERPRINTS_FORMAT:
-                raise InputError(f"{path} is not a {FINGERPRINTS_FORMAT} file: pass a prompts .jsonl instead")
-            return cls(data["name"], data["questions"])
+        if path.suffix == ".json" and path.is_file():
+            return cls._from_json(path)
+        check_jsonl_file(path, "evaluation set")
         rows = []
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                texts = [row["prompt"]] + [t for t in row.get("turns", []) if t != row["prompt"]]
-            except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
-                raise InputError(f"evaluation set {path} line {n}: expected {{\"prompt\": ...}} JSON") from None
-            rows += [(f"{row.get('id', n)}#{k}", t) for k, t in enumerate(texts) if isinstance(t, str)]
+        for n, row in jsonl_rows(path):
+            texts = _eval_texts(row)
+            if texts is None:
+                raise InputError(f"evaluation set {path} line {n}: expected {{\"prompt\": ...}} or {{\"turns\": [...]}} "
+                                 "JSON with non-empty text: fix that line")
+            for text in texts:
+                check_text(text, path, n)
+            rows += [(f"{row.get('question_id', row.get('id', n))}#{k}", t) for k, t in enumerate(texts)]
         if not rows:
             raise InputError(f"evaluation set {path} has no prompts: pass a .jsonl with one {{\"prompt\": ...}} per line")
         return cls.from_prompts(path.stem, rows)
+
+    @classmethod
+    def _from_json(cls, path: Path) -> "EvalFingerprints":
+        """A saved fingerprints file; anything else is a one-line `InputError`, not a crash in the filter."""
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, RecursionError, OSError):  # JSONDecodeError, UnicodeDecodeError, unreadable
+            data = None
+        if not isinstance(data, dict) or data.get("format") != FINGERPRINTS_FORMAT:
+            raise InputError(f"evaluation set {path} is not a {FINGERPRINTS_FORMAT} JSON file: pass a prompts "
+                             ".jsonl, or a file written by EvalFingerprints.save")
+        questions = data.get("questions")
+        if not isinstance(data.get("name"), str) or not isinstance(questions, list) \
+                or not all(_fingerprint_shaped(q) for q in questions):
+            raise InputError(f"evaluation set {path}: its \"name\" or \"questions\" are malformed: regenerate it "
+                             "with EvalFingerprints.save, or pass the prompts .jsonl")
+        return cls(data["name"], questions)
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps({"format": FINGERPRINTS_FORMAT, **asdict(self)}) + "\n")
@@ -212,6 +226,21 @@ class EvalFingerprints:
                     hits.add(key)
                     break
         return hits
+
+
+def _eval_texts(row: object) -> list[str] | None:
+    """The prompt (as ``read_prompts`` takes it) and every other turn of an evaluation row; None if it has none."""
+    first = prompt_of(row)
+    if not isinstance(first, str) or not first.strip():
+        return None
+    turns = row.get("turns") if isinstance(row.get("turns"), list) else []
+    return [first] + [t for t in turns if isinstance(t, str) and t.strip() and t != first]
+
+
+def _fingerprint_shaped(q: object) -> bool:
+    """One saved question: what ``matches`` reads."""
+    return (isinstance(q, dict) and isinstance(q.get("text_sha256"), str) and isinstance(q.get("shingles"), list)
+            and all(isinstance(x, int) for x in q["shingles"]))
 
 
 def shipped_eval_fingerprints() -> EvalFingerprints:
