@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -263,3 +264,22 @@ def test_a_bad_evaluation_row_or_a_directory_is_one_line(tmp_path):
         bad.write_text('{"prompt": "fine"}\n' + row + "\n")
         with pytest.raises(InputError, match="line 2"):
             EvalFingerprints.from_file(bad)
+
+
+@pytest.mark.parametrize("record", ["[" * 100_000, '{"conversations": ' + "[" * 100_000])
+def test_a_deeply_nested_record_is_one_line_naming_it(tmp_path, record):
+    path = tmp_path / "deep.json"
+    path.write_text("[" + json.dumps(_conv(0)) + ", " + record)
+    with pytest.raises(InputError, match=re.escape(f"{path} record 2 ") + ".*nested too deeply"):
+        sharegpt.read_conversations(path)
+
+
+def test_a_lone_surrogate_in_a_human_turn_names_the_file_and_the_record(tmp_path):
+    path = tmp_path / "s.json"
+    bad = {"id": "x7", "conversations": [{"from": "human", "value": "\udcff the quick brown fox"}]}
+    answer = {"id": "ok", "conversations": [{"from": "human", "value": "fine"}, {"from": "gpt", "value": "\udcff"}]}
+    path.write_text(json.dumps([_conv(0), answer, bad]))  # json.dumps writes the surrogate as the escape "\udcff"
+    with pytest.raises(InputError, match=re.escape(f"{path} record 3 (id 'x7'): ") + ".*lone surrogate"):
+        sharegpt.read_conversations(path)
+    path.write_text(json.dumps([_conv(0), answer]))  # in an answer, never tokenized: read as it is
+    assert len(sharegpt.read_conversations(path)[0]) == 2

@@ -11,6 +11,7 @@ and an unfinished last record ends the read (counted as truncated).
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 from dataclasses import asdict, dataclass, field
@@ -76,7 +77,7 @@ def read_conversations(path: str | Path) -> tuple[list[Conversation], ReadReport
                          "{\"conversations\": [{\"from\": ..., \"value\": ...}]} records")
     decoder, report, convs = json.JSONDecoder(), ReadReport(), []
     i = start + 1
-    while True:
+    for number in itertools.count(1):
         i = _SEPARATORS.match(text, i).end()
         if i >= len(text) or text[i] == "]":
             break
@@ -85,12 +86,16 @@ def read_conversations(path: str | Path) -> tuple[list[Conversation], ReadReport
         except json.JSONDecodeError:
             report.truncated, report.unread_bytes = True, len(text) - i
             break
+        except RecursionError:  # the record's end cannot be found, so neither can the next record's start
+            raise InputError(f"{path} record {number} (character {i}) is nested too deeply to read: remove or fix "
+                             "that record") from None
         conv = _conversation(record)
         if conv is None:
             report.skipped += 1
             if len(report.skipped_examples) < 3:
-                report.skipped_examples.append(str(record)[:80])
+                report.skipped_examples.append(_preview(record))
         else:
+            _check_human_text(conv, path, number)
             convs.append(conv)
     report.recovered = len(convs)
     if not convs:
@@ -108,6 +113,25 @@ def _conversation(record: object) -> Conversation | None:
             return None
         turns.append((turn["from"], turn["value"]))
     return Conversation(str(record.get("id", "")), turns)
+
+
+def _preview(record: object) -> str:
+    try:
+        return str(record)[:80]
+    except RecursionError:
+        return "<nested too deeply to show>"
+
+
+def _check_human_text(conv: Conversation, path: Path, number: int) -> None:
+    """A JSON escape can spell a lone surrogate ("\\udcff"), which is no text: the tokenizer would refuse the
+    prompt later without naming the file or the record."""
+    for text in (text for role, text in conv.turns if role == "human"):  # the prompts; answers are not read
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            named = f" (id {conv.id!r})" if conv.id else ""
+            raise InputError(f"{path} record {number}{named}: a human turn holds {text[e.start]!a}, a lone "
+                             "surrogate, not text: fix or remove that record") from None
 
 
 def human_prompts(convs: list[Conversation], later_turns: bool = False) -> list[tuple[str, str]]:
