@@ -32,35 +32,48 @@ class TextOutput:
         self.shown: list[str] = []
         self.pending = ""  # decoded text not shown yet (it may begin a stop string)
         self.finish: str | None = None
+        self.cut = False  # the text was cut at a stop string
 
     @property
     def text(self) -> str:
         return "".join(self.shown)
 
     def push(self, chunk: list[int]) -> StreamEvent | None:
-        """Take one step's tokens; the event to show, if any. Tokens after an end are dropped."""
+        """Take one step's tokens; the event to show, if any. Tokens after an end are dropped: after an end of
+        sequence, the budget, or the token that completes a stop string (tokens are detokenized one at a time, as
+        plain decoding makes them, so a speculative step keeps and counts exactly the tokens plain decoding would)."""
         if self.finish:
             return None
-        kept = []
+        kept, tail = [], _tail(self.shown, self.tail_len)
         for tok in chunk:
             if tok in self.eos:
                 self.finish = "stop"
                 break
             kept.append(tok)
+            self.pending += self.detok.push([tok])
+            if self._cut_at_stop(tail):
+                break
             if len(self.new) + len(kept) >= self.cfg.max_new_tokens:
                 self.finish = "length"
                 break
         self.new += kept
-        self.pending += self.detok.push(kept) + (self.detok.flush() if self.finish else "")
-        cut = _find_stop(_tail(self.shown, self.tail_len), self.pending, self.cfg.stop_strings)
-        if cut is not None:
-            self.pending, self.finish = self.pending[:cut], "stop"
+        if self.finish and not self.cut:
+            self.pending += self.detok.flush()
+            self._cut_at_stop(tail)  # a stop string completed by the held-back end of the text
         visible = self.pending if self.finish else _safe_prefix(self.pending, self.cfg.stop_strings)
         if not (visible or kept):
             return None
         self.shown.append(visible)
         self.pending = self.pending[len(visible):]
         return StreamEvent(visible, kept)
+
+    def _cut_at_stop(self, tail: str) -> bool:
+        """Cut the pending text at the earliest complete stop string, if any (the answer then ends: "stop")."""
+        cut = _find_stop(tail, self.pending, self.cfg.stop_strings) if self.cfg.stop_strings else None
+        if cut is None:
+            return False
+        self.pending, self.finish, self.cut = self.pending[:cut], "stop", True
+        return True
 
 
 def _tail(pieces: list[str], n: int) -> str:

@@ -83,3 +83,17 @@ def test_stop_string_helpers():
     assert _safe_prefix("hello wor", ("world",)) == "hello "
     assert _find_stop("wor", "ld and more", ("world",)) == 0  # began in the shown tail: cut at once
     assert _find_stop("", "say world now", ("world",)) == 4
+
+
+@pytest.mark.parametrize("chunks", [[[5, 6, 7, 8, 9]], [[5], [6, 7, 8, 9]], [[5], [6], [7], [8], [9]]])
+def test_a_stop_string_ends_the_answer_at_the_token_that_completes_it(make_tokenizer, chunks):
+    """However the tokens arrive (one speculative step, or one per step as plain decoding makes them), the answer
+    keeps and counts the tokens up to the one that completes the stop string: the usage reported with Medusa on
+    once counted every token of the last accepted step (14 vs 9 completion tokens for the same text)."""
+    from medusa_export.runtime.decode import GenerationConfig
+    from medusa_export.runtime.text_output import TextOutput
+
+    out = TextOutput(make_tokenizer(), GenerationConfig(stop_strings=("t7",)))
+    events = [e for c in chunks if (e := out.push(c)) is not None]
+    assert out.finish == "stop" and out.new == [5, 6, 7] and out.text == "t5 t6 "
+    assert [t for e in events for t in e.token_ids] == [5, 6, 7]
