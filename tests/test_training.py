@@ -61,6 +61,20 @@ def test_train_heads_names_the_bad_prompts_line(loaded, tmp_path):
     assert not (tmp_path / "h").exists()
 
 
+def test_every_prompt_filtered_out_is_refused_before_distillation(loaded, prompts_file, tmp_path):
+    opts = replace(OPTS, cache_dir=tmp_path / "c", exclude_eval=prompts_file)
+    with pytest.raises(InputError, match="no prompts left after filtering"):
+        train_mod.train_heads(loaded, prompts_file, tmp_path / "h", opts)
+    assert not (tmp_path / "h").exists() and not (tmp_path / "c").exists()
+
+
+def test_every_prompt_too_long_is_an_input_error_not_a_numpy_one(loaded, tmp_path):
+    with pytest.raises(InputError, match="none of the 2 prompts has 1 to 2 tokens"):
+        distill(loaded.model, loaded.tokenizer, ["t1 t2 t3", "t4 t5 t6"], tmp_path / "c",
+                DistillConfig(max_new_tokens=2, max_prompt_tokens=2), "sha", "m")
+    assert not (tmp_path / "c").exists()
+
+
 def test_batched_generation_equals_unbatched(loaded):
     """Left padding and rows leaving the batch must not change any row's tokens or hidden states."""
     prompts = [[5, 6, 7, 8, 9], [1, 2, 3], [100, 200, 300, 17, 17, 17, 42], [250, 11]]

@@ -283,3 +283,17 @@ def test_a_lone_surrogate_in_a_human_turn_names_the_file_and_the_record(tmp_path
         sharegpt.read_conversations(path)
     path.write_text(json.dumps([_conv(0), answer]))  # in an answer, never tokenized: read as it is
     assert len(sharegpt.read_conversations(path)[0]) == 2
+
+
+def test_no_prompt_left_after_filtering_is_one_line_with_the_counts(tmp_path):
+    """Was numpy's "need at least one array to concatenate" after the model had loaded and distilled nothing."""
+    data = tmp_path / "p.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"question number {i} about the weather today"}) + "\n"
+                            for i in range(3)))
+    with pytest.raises(InputError, match=r"p\.jsonl: no prompts left after filtering \(input 3, eval_overlap 3\): "
+                                         r".*--exclude-eval"):
+        load_prompt_set(data, exclude=data)
+    short = tmp_path / "short.json"
+    short.write_text(json.dumps([{"conversations": [{"from": "human", "value": "hi"}]}]))
+    with pytest.raises(InputError, match=r"short\.json: no prompts left after filtering \(input 1, too_short 1\)"):
+        load_prompt_set(short)

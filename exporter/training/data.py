@@ -73,9 +73,12 @@ def distill(model, tokenizer, prompts: list[str], cache_dir: str | Path, cfg: Di
     """
     key = cache_key(data_sha256, model_id, cfg)
     root = Path(cache_dir) / key
-    root.mkdir(parents=True, exist_ok=True)
     encoded = [tokenizer.encode_prompt(p) for p in prompts]
     keep = [i for i, ids in enumerate(encoded) if 0 < len(ids) <= cfg.max_prompt_tokens]
+    if not keep:
+        raise InputError(f"none of the {len(prompts)} prompts has 1 to {cfg.max_prompt_tokens} tokens under the chat "
+                         "template: pass shorter prompts")
+    root.mkdir(parents=True, exist_ok=True)
     # Similar lengths side by side: little padding in prefill and short attention spans per step. The order is
     # deterministic, so shard b always holds the same prompts.
     keep.sort(key=lambda i: (len(encoded[i]), i))

@@ -63,6 +63,15 @@ def load_prompt_set(data: str | Path, filters: PromptFilter | None = None, exclu
         filters = filters or PromptFilter(min_chars=1, max_chars=1 << 30, english_only=False)
     source["sha256"] = sha256_file(path)
     keep, counts = filter_prompts(raw, filters, fingerprints)
+    if not keep:
+        hint = ", or another --exclude-eval set (it removes every prompt it holds)" if counts.get("eval_overlap") else ""
+        raise InputError(f"{path.name}: no prompts left after filtering ({_removed(counts)}): pass prompts these "
+                         f"filters keep{hint}")
     provenance = {**source, "filters": asdict(filters), "excluded_eval_set": fingerprints.name,
                   "excluded_eval_questions": len(fingerprints.questions), "counts": counts}
     return PromptSet(SHAREGPT if bundled else path.name, [raw[i] for i in keep], provenance)
+
+
+def _removed(counts: dict) -> str:
+    """``input 4, eval_overlap 4``: what came in and each filter that removed something."""
+    return ", ".join(f"{k} {v}" for k, v in counts.items() if k == "input" or (v and k != "kept"))
