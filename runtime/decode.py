@@ -216,7 +216,9 @@ def step(session: Session, cursor: Cursor, tree: Tree | None, cfg: GenerationCon
     if room < 1:
         stats.finish_reason = "length"
         return None
-    p = plan(cursor, tree, spec, room, max_paths, whole_tree)
+    # Sampling: the heads' whole tree at every step (typical acceptance draws from the rng per verified tree), so a
+    # seed gives one answer whatever this process has measured.
+    p = plan(cursor, tree, spec, room, max_paths, whole_tree or cfg.temperature > 0)
     t0 = time.perf_counter()
     out = session.run(p.tokens, session.length + p.depth, p.mask, tree is not None, _temp(cfg))
     acc_nodes = accept(p, out, cfg)

@@ -161,7 +161,10 @@ class Engine:
                 seq.session = self.slots[seq.slot] = self._fresh(self.slots[seq.slot])
                 seq.out = TextOutput(self.gen.tokenizer, seq.cfg)
                 seq.admitted_at = time.perf_counter()
-                seq.tree = self.gen.spec.heads_for(self.gen.tree) if seq.cfg.medusa else None
+                # A sampled request decodes plainly here: a lanes step runs no heads, so with them its sample would
+                # depend on whether it ran alone; a seed then gives one answer whatever shares the batch.
+                greedy = seq.cfg.temperature == 0
+                seq.tree = self.gen.spec.heads_for(self.gen.tree) if seq.cfg.medusa and greedy else None
                 self.running.append(seq)
 
     def _fresh(self, session: Session) -> Session:

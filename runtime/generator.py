@@ -140,7 +140,9 @@ class Generator:
 
     def _events(self, ids: list[int], cfg: GenerationConfig, outcome: list) -> Iterator[StreamEvent]:
         stats = DecodeStats()
-        tree = self.spec.heads_for(self.tree) if cfg.medusa else None  # None: plain, or context drafts only
+        # None: plain, or context drafts only. A sample depends on the trees verified: the artifact's, not one
+        # chosen by measured costs, so that a seed gives one answer.
+        tree = None if not cfg.medusa else self.tree if cfg.temperature > 0 else self.spec.heads_for(self.tree)
         out = TextOutput(self.tokenizer, cfg)
         t0 = time.perf_counter()
         try:

@@ -145,3 +145,21 @@ def test_max_seq_must_be_a_positive_integer(artifact, max_seq):
 def test_typical_acceptance_options_are_checked(options):
     with pytest.raises(InputError, match="typical_"):
         GenerationConfig(temperature=0.5, **options)
+
+
+def test_a_seed_gives_one_sample_whatever_the_process_measured(rt):
+    """With the heads, sampled steps verified the tree or not depending on measured step costs and exploration (one
+    request in eight), so the same seed gave another answer now and then (typical acceptance draws per verified
+    tree); now a sampled request verifies the heads' whole tree at every step alone, and decodes plainly batched
+    (the lanes run no heads)."""
+    opts = dict(max_new_tokens=12, temperature=0.9, seed=7, ignore_eos=True)
+    first = rt.generate([5, 17, 3], **opts)
+    spec = rt.generator.spec  # now the heads' graph looks far too slow to pay
+    for rows in range(1, 9):
+        spec.alone_cost[True].record(rows, 10.0 * rows)
+        spec.alone_cost[False].record(rows, 0.001)
+    again = rt.generate([5, 17, 3], **opts)
+    assert again.token_ids == first.token_ids
+    assert again.draft_depth == first.draft_depth == rt.generator.tree.max_depth  # the tree, every step
+    batched = rt.generate_many([[5, 17, 3], [9, 9]], **opts)[0]
+    assert batched.token_ids == rt.generate([5, 17, 3], medusa=False, **opts).token_ids
