@@ -207,8 +207,11 @@ class Engine:
         """One lanes step: each decoding sequence's next token and the context drafts that pay, prompt chunks
         within the token budget (before drafts)."""
         budget = self.max_num_batched_tokens - sum(seq.cursor is not None for seq in live)
+        prefilling = [seq for seq in live if seq.cursor is None]
+        takes = dict(zip(prefilling, fair_shares([len(seq.prompt) - seq.fed for seq in prefilling], budget)))
+        budget -= sum(takes.values())
         lanes: list[Lane | None] = [None] * self.max_num_seqs
-        chosen, decoding, chunks = [], [], 0
+        chosen, decoding, chunks = [], [], sum(takes.values())
         for seq in live:
             if seq.cursor is not None:
                 if seq.session.length + 1 > seq.session.capacity:  # as alone: the next token needs one row
@@ -217,12 +220,9 @@ class Engine:
                 decoding.append(seq)
                 tokens = [seq.cursor.root]
             else:
-                take = min(len(seq.prompt) - seq.fed, budget)
-                if take < 1:
+                if takes[seq] < 1:
                     continue  # no budget left this step: its next chunk waits one step
-                budget -= take
-                chunks += take
-                tokens = seq.prompt[seq.fed:seq.fed + take]
+                tokens = seq.prompt[seq.fed:seq.fed + takes[seq]]
             temperature = seq.cfg.temperature if seq.cfg.temperature > 0 else 1.0
             outputs = None if seq.cursor is not None else int(seq.fed + len(tokens) == len(seq.prompt))  # last row
             lanes[seq.slot] = Lane(seq.session.kv, np.asarray(tokens, np.int64), temperature, outputs)
@@ -324,6 +324,17 @@ class Engine:
         for session in self.slots:
             session.close()
         self.slots, self.free = [], []
+
+
+def fair_shares(remaining: list[int], budget: int) -> list[int]:
+    """Rows of a step's budget for each prompt still going in: equal shares, a prompt needing less than its share
+    taking only what it needs and leaving the rest to the others (max-min fair). A short prompt arriving during a
+    long one's prefill goes in at once instead of after it, and no prompt is starved by later ones."""
+    shares = [0] * len(remaining)
+    for k, i in enumerate(sorted(range(len(remaining)), key=lambda i: (remaining[i], -i))):  # ties: earlier first
+        shares[i] = min(remaining[i], max(budget, 0) // (len(remaining) - k))
+        budget -= shares[i]
+    return shares
 
 
 class EngineThread:

@@ -337,3 +337,33 @@ def test_a_request_failing_in_its_own_share_of_a_step_ends_alone(runtimes):
     finals, _ = _engine_run(rt, PROMPTS[:3] + [PROMPTS[3]], configs + [broken], arrivals=[0, 0, 3, 0])
     assert isinstance(finals[3], Exception)
     assert [finals[i].token_ids for i in range(3)] == _alone(rt, PROMPTS[:3], configs)
+
+
+def test_a_short_prompt_arriving_during_a_long_prefill_goes_in_at_once():
+    """Prompts share a step's budget fairly: a 2-token prompt arriving while a 47-token one goes in 8 rows at a time
+    took no row until the long one was in (its first token came after the whole long prefill)."""
+    from medusa_export.runtime.engine import fair_shares
+
+    assert fair_shares([40, 2], 8) == [6, 2] and fair_shares([40, 40], 8) == [4, 4]
+    assert fair_shares([1, 1, 1], 3) == [1, 1, 1] and fair_shares([5, 3, 9], 4) == [1, 1, 2]
+    assert fair_shares([3, 3, 3], 2) == [1, 1, 0]  # the latest waits, never the earliest
+
+
+def test_the_newcomer_gets_its_first_token_before_the_long_prompt(runtimes):
+    rt = runtimes["fp32"]
+    configs = [_config(0, medusa=False, n=4), _config(1, medusa=False, n=4)]
+    firsts = []
+    engine = Engine(rt.generator, max_num_seqs=LANES, max_num_batched_tokens=8)
+    finals = {}
+    for i, p in enumerate([PROMPTS[4], PROMPTS[2]]):
+        def sink(x, i=i):
+            if isinstance(x, GenerationResult):
+                finals[i] = x
+            elif i not in firsts:
+                firsts.append(i)
+        engine.add(p, configs[i], sink)
+        engine.step()  # the long prompt's first chunk goes in alone
+    while engine.step():
+        pass
+    assert firsts == [1, 0]
+    assert [finals[i].token_ids for i in range(2)] == _alone(rt, [PROMPTS[4], PROMPTS[2]], configs)
