@@ -17,6 +17,7 @@ from typing import Callable
 import numpy as np
 
 from .decode import GenerationConfig
+from .errors import InputError
 from .generator import GenerationResult
 from .machine import machine_info
 from .typed_json import to_json
@@ -59,6 +60,7 @@ def run_bench(artifact: str | Path, backends: list[str], prompts: list[str], max
 
     from .api import MedusaRuntime
 
+    check_room(artifact, prompts, max_new_tokens)
     results: list[dict] = []
     vanilla_tokens: dict[str, list[list[int]]] = {}
     total = len(backends) * len(prompts) * (3 + 2 * (concurrency > 1)) + (len(prompts) if baseline else 0)
@@ -103,6 +105,26 @@ def run_bench(artifact: str | Path, backends: list[str], prompts: list[str], max
         results.append(row)
     bar.close()
     return report
+
+
+def check_room(artifact: str | Path, prompts: list[str], max_new_tokens: int) -> None:
+    """InputError unless every prompt (under the chat template, as the rows encode it) plus ``max_new_tokens`` fits
+    the artifact's max_seq. Checked before any row: an answer cut at the KV capacity ends early and differently
+    alone and batched, so its tokens/s and "identical" would measure the capacity, not the decoding."""
+    from .manifest import Manifest
+    from .tokenizer import ChatTokenizer
+
+    manifest = Manifest.read(artifact)
+    tokenizer = ChatTokenizer.from_artifact(Path(artifact), manifest)
+    lengths = [len(tokenizer.encode_prompt(p, chat=True)) for p in prompts]
+    longest = max(range(len(lengths)), key=lengths.__getitem__, default=None)
+    if longest is None or lengths[longest] + max_new_tokens <= manifest.max_seq:
+        return
+    room = manifest.max_seq - lengths[longest]
+    fix = f"use --max-new-tokens {room} or less" if room >= 1 else "shorten that prompt or leave it out"
+    raise InputError(f"--max-new-tokens {max_new_tokens}: prompt {longest + 1} ({lengths[longest]} tokens) plus "
+                     f"{max_new_tokens} new tokens exceeds the artifact's max_seq {manifest.max_seq}: {fix}, or "
+                     f"rebuild the artifact with a larger `medusa-export build --max-seq`")
 
 
 def bench_modes(heads: bool, context_drafts: bool = True) -> list[tuple[str, dict]]:
@@ -158,10 +180,17 @@ def plot(report: dict, path: str | Path) -> None:
     fig, ax = plt.subplots(figsize=(1.6 * len(rows) + 2, 4))
     bars = ax.bar(labels, values, color=colors)
     for b, r in zip(bars, rows):
-        note = f"{r['tokens_per_s']:.1f}" + (f"\n{r['mean_accepted']:.2f} acc" if r["mode"] != "vanilla" else "")
+        note = f"{r['tokens_per_s']:.1f}" + (f"\n{_accepted(r)} acc" if r["mode"] != "vanilla" else "")
         ax.annotate(note, (b.get_x() + b.get_width() / 2, b.get_height()), ha="center", va="bottom", fontsize=8)
     ax.set_ylabel("tokens / s")
     ax.set_title(f"{report['model']}: {report['prompts']} prompts, {report['max_new_tokens']} new tokens")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _accepted(row: dict) -> str:
+    """A row's mean accepted tokens per step; "-" for a row without steps (every answer ended at the prefill's
+    token, e.g. max_new_tokens 1), whose mean is None."""
+    value = row.get("mean_accepted")
+    return "-" if value is None else f"{value:.2f}"

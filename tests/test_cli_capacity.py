@@ -1,0 +1,91 @@
+"""Options checked against the artifact before the work, in one line: --max-new-tokens against max_seq (bench,
+verify), verify's --tolerance, calibrate-tree's --node-budget, prompt lengths and --model; and the bench plot of
+rows without steps."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from test_cli import cli
+from test_cli_inputs import refused_before_work
+
+from medusa_export.runtime.errors import InputError
+
+
+def prompts_file(tmp_path, *prompts: str, name: str = "p.jsonl"):
+    path = tmp_path / name
+    path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    return path
+
+
+def prompt_tokens(artifact, text: str) -> int:
+    """Tokens of ``text`` as bench and verify encode it (the chat template, when the artifact has one)."""
+    from medusa_export.runtime.manifest import Manifest
+    from medusa_export.runtime.tokenizer import ChatTokenizer
+
+    return len(ChatTokenizer.from_artifact(artifact, Manifest.read(artifact)).encode_prompt(text, chat=True))
+
+
+def max_seq(artifact) -> int:
+    return json.loads((artifact / "manifest.json").read_text())["max_seq"]
+
+
+# ------------------------------------------------------------------------------------------- bench
+
+
+def test_bench_refuses_answers_beyond_max_seq_before_any_row(artifact, tmp_path):
+    """The batched rows refused such a request only after every single-stream row, and no JSON was written."""
+    prompts = prompts_file(tmp_path, "t5 t6 t7", "t9 t8 t7 t6 t5 t4")
+    room = max_seq(artifact) - prompt_tokens(artifact, "t9 t8 t7 t6 t5 t4")
+    report = tmp_path / "b.json"
+    proc = cli("bench", str(artifact), "--prompts", str(prompts), "--no-hf", "--concurrency", "2",
+               "--max-new-tokens", str(room + 1), "--json", str(report))
+    refused_before_work(proc, f"--max-new-tokens {room + 1}", "prompt 2", f"max_seq {max_seq(artifact)}",
+                        f"--max-new-tokens {room} or less")
+    assert not report.exists()
+
+
+def test_bench_at_max_seq_runs_every_row_alike(artifact, tmp_path):
+    """At the largest --max-new-tokens that fits, single-stream and batched rows decode the same answers."""
+    prompts = prompts_file(tmp_path, "t9 t8 t7 t6 t5 t4")
+    room = max_seq(artifact) - prompt_tokens(artifact, "t9 t8 t7 t6 t5 t4")
+    report = tmp_path / "b.json"
+    proc = cli("bench", str(artifact), "--prompts", str(prompts), "--no-hf", "--concurrency", "2",
+               "--max-new-tokens", str(room), "--json", str(report))
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(report.read_text())["results"]
+    assert {r["mode"] for r in rows} >= {"vanilla", "vanilla x2", "medusa+context x2"}
+    assert all(r["identical_to_vanilla"] for r in rows), rows
+
+
+def test_run_bench_checks_the_room_before_loading(artifact, monkeypatch):
+    from medusa_export.runtime import api
+    from medusa_export.runtime.bench import run_bench
+
+    def no_load(*_a, **_k):
+        raise AssertionError("the runtime loaded before the check")
+
+    monkeypatch.setattr(api.MedusaRuntime, "load", no_load)
+    with pytest.raises(InputError, match=r"--max-new-tokens 500: prompt 1 .* max_seq 128"):
+        run_bench(artifact, ["ort"], ["t1 t2"], max_new_tokens=500)
+
+
+def test_plot_draws_rows_without_steps(tmp_path):
+    """With --max-new-tokens 1 every answer ends at the prefill's token: no steps, mean_accepted None."""
+    pytest.importorskip("matplotlib")
+    from medusa_export.runtime.bench import plot
+
+    row = {"backend": "ort", "tokens_per_s": 12.5, "mean_accepted": None}
+    report = {"model": "m", "prompts": 2, "max_new_tokens": 1,
+              "results": [{**row, "mode": "vanilla"}, {**row, "mode": "medusa"}, {**row, "mode": "medusa x2"}]}
+    plot(report, tmp_path / "b.png")
+    assert (tmp_path / "b.png").stat().st_size > 1000
+
+
+def test_bench_plot_with_one_new_token(artifact, tmp_path):
+    pytest.importorskip("matplotlib")
+    proc = cli("bench", str(artifact), "--limit", "1", "--no-hf", "--max-new-tokens", "1", "--plot",
+               str(tmp_path / "b.png"))
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert (tmp_path / "b.png").stat().st_size > 1000
