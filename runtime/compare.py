@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from .decode import GenerationConfig
+from .errors import InputError
 from .generator import Generator
 
 
@@ -31,6 +32,9 @@ def compare_backends(generators: dict[str, Generator], prompts: list[str], max_n
             row[f"{mode}_identical"] = {n: outs[n] == outs[ref_name] for n in names[1:]}
             row[f"{mode}_first_divergence"] = {n: _first_diff(outs[n], outs[ref_name]) for n in names[1:]}
         ids = ref.tokenizer.encode_prompt(prompt) + outs[ref_name]
+        # An answer that ran to the KV capacity ends with one token more than fits: its last token has no position.
+        ids = ids[: min(g.backend.max_seq for g in generators.values())]
+        row["teacher_forced_tokens"] = len(ids)
         forced = {n: teacher_forced(g, ids) for n, g in generators.items()}
         for n in names[1:]:
             a, b = forced[ref_name], forced[n]
@@ -56,8 +60,12 @@ def compare_backends(generators: dict[str, Generator], prompts: list[str], max_n
 
 
 def teacher_forced(gen: Generator, ids: list[int]):
-    """One causal forward of ``ids`` (no Medusa): the base model's outputs at every position."""
+    """One causal forward of ``ids`` (no Medusa): the base model's outputs at every position. InputError when
+    ``ids`` exceed the backend's max_seq (the backend would fail deep inside its graph)."""
     n = len(ids)
+    if n > gen.backend.max_seq:
+        raise InputError(f"a teacher-forced forward of {n} tokens exceeds the maximum sequence of "
+                         f"{gen.backend.max_seq}: ask for fewer new tokens (--max-new-tokens)")
     with gen.backend.new_session(n + 1) as session:
         return session.run(np.asarray(ids, np.int64), np.arange(n), np.tri(n, dtype=bool), False, 1.0)
 

@@ -89,3 +89,39 @@ def test_bench_plot_with_one_new_token(artifact, tmp_path):
                str(tmp_path / "b.png"))
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
     assert (tmp_path / "b.png").stat().st_size > 1000
+
+
+# ------------------------------------------------------------------------------------------- verify
+
+
+def test_verify_refuses_new_tokens_that_cannot_fit_or_none(artifact, tmp_path):
+    a = str(artifact)
+    prompts = prompts_file(tmp_path, "t5 t6 t7")
+    room = max_seq(artifact) - prompt_tokens(artifact, "t5 t6 t7")
+    refused_before_work(cli("verify", a, "--backends", "ort,torch", "--prompts", str(prompts), "--max-new-tokens",
+                            "500"), "--max-new-tokens 500", f"max_seq {max_seq(artifact)}",
+                        f"--max-new-tokens {room} or less")
+    for value in ("0", "-3"):
+        refused_before_work(cli("verify", a, "--backends", "ort,torch", "--max-new-tokens", value),
+                            f"--max-new-tokens {value}", "1 or more")
+
+
+@pytest.mark.parametrize("value", ["nan", "-1", "inf"])
+def test_verify_refuses_a_tolerance_no_error_can_meet(artifact, value):
+    """A NaN tolerance failed every comparison (MISMATCH, exit 1); a negative one could never pass."""
+    refused_before_work(cli("verify", str(artifact), "--backends", "ort,torch", "--limit", "1", "--tolerance", value),
+                        "--tolerance", "finite number of 0 or more")
+
+
+def test_compare_backends_scores_answers_that_ran_to_the_capacity(artifact):
+    """An answer ended by the KV capacity is one token longer than fits one forward: the teacher-forced pass
+    scores the positions that fit (it failed inside ONNX Runtime)."""
+    from medusa_export.runtime import MedusaRuntime
+    from medusa_export.runtime.compare import compare_backends, teacher_forced
+
+    with MedusaRuntime.load(artifact) as a, MedusaRuntime.load(artifact) as b:
+        report = compare_backends({"ort": a.generator, "again": b.generator}, ["t5 t6 t7"], max_new_tokens=500)
+        assert report["summary"]["again"]["ok"] is True
+        assert report["rows"][0]["teacher_forced_tokens"] == max_seq(artifact)
+        with pytest.raises(InputError, match="exceeds the maximum sequence of 128"):
+            teacher_forced(a.generator, [5] * (max_seq(artifact) + 1))

@@ -114,10 +114,13 @@ def verify(
     from ..compare import compare_backends
     from ..manifest import Manifest
     from ..prompts import read_prompts
-    from .checks import at_least, backend_list
+    from ..bench import check_room
+    from .checks import at_least, backend_list, non_negative
 
     names = backend_list(backends, minimum=2)
     at_least("--limit", limit)
+    at_least("--max-new-tokens", max_new_tokens)
+    non_negative("--tolerance", tolerance, hint=" (e.g. 1e-3), or leave it out for the dtype's default")
     if as_json is not None:
         from medusa_export.exporter.output_dir import check_out_file
 
@@ -126,6 +129,7 @@ def verify(
         extras.require("verify against the PyTorch reference (--backends torch,...; or compare ort,trt)", "torch")
     manifest = Manifest.read(artifact, check_hashes=True)
     texts = read_prompts(prompts, limit=limit)
+    check_room(artifact, texts, max_new_tokens)  # before the PyTorch model loads
     runtimes = [MedusaRuntime.load(artifact, backend=n, model=model) for n in names]
     for note in dict.fromkeys(n for rt in runtimes for n in rt.notes):
         typer.echo(f"note: {note}", err=True)

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import math
+
 from ..errors import InputError
 from .loading import BACKENDS
 
@@ -27,3 +29,10 @@ def at_least(flag: str, value: int | None, minimum: int = 1, hint: str = "") -> 
     """InputError when ``value`` was given and is below ``minimum`` (None: not given, the default applies)."""
     if value is not None and value < minimum:
         raise InputError(f"{flag} {value}: use {minimum} or more{hint}")
+
+
+def non_negative(flag: str, value: float | None, hint: str = "") -> None:
+    """InputError when ``value`` was given and is negative or not finite (a NaN bound compares false with every
+    error, so a check against it fails whatever the numbers are)."""
+    if value is not None and not (math.isfinite(value) and value >= 0):
+        raise InputError(f"{flag} {value}: give a finite number of 0 or more{hint}")
