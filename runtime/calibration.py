@@ -21,7 +21,7 @@ import numpy as np
 
 from .backends.base import Backend
 from .errors import InputError
-from .prompts import read_prompts
+from .prompts import jsonl_rows, read_prompts
 from .tokenizer import ChatTokenizer
 from .tree_search import search_tree
 
@@ -96,7 +96,7 @@ def head_predictions(backend: Backend, prompts: Iterable[Sequence[int]], max_new
         ids = [int(t) for t in prompt]
         session = backend.new_session()
         if not ids or len(ids) + 1 >= session.capacity:
-            raise InputError(f"calibration prompt {i} has {len(ids)} tokens: need 1..{session.capacity - 2} "
+            raise InputError(f"calibration prompt {i + 1} has {len(ids)} tokens: need 1..{session.capacity - 2} "
                              f"to fit the backend's max_seq {session.capacity}")
         n = len(ids)
         out = session.run(np.asarray(ids, np.int64), np.arange(n), np.tri(n, dtype=bool), True, 1.0)
@@ -159,7 +159,37 @@ def measure_steps(backend: Backend, cases: Sequence[tuple[int, bool]], past: int
     return {c: float(np.median(v)) for c, v in times.items()}
 
 
-def _prompt_ids(tokenizer: ChatTokenizer | None, prompts: str | Path | Sequence[str | Sequence[int]], chat: bool) -> list[list[int]]:
+def check_node_budget(node_budget: int, max_seq: int) -> None:
+    """The latency table times a step of ``node_budget + 1`` tokens after at least one token of past: a budget
+    beyond that would be refused only after every prompt was decoded."""
+    if node_budget + 2 > max_seq:
+        raise InputError(f"--node-budget {node_budget} does not fit the artifact's max_seq {max_seq} (a step of "
+                         f"{node_budget + 1} tokens after one of past): use --node-budget {max_seq - 2} or less, or "
+                         f"rebuild the artifact with a larger --max-seq")
+
+
+def check_prompt_lengths(ids: Sequence[Sequence[int]], max_seq: int, name: Callable[[int], str]) -> None:
+    """Every prompt must leave room for its first new token and one more step (`head_predictions`); checked
+    before the decoding so that a long prompt is not found after the others took minutes. ``name(i)`` says where
+    prompt ``i`` (0-based) came from."""
+    most = max_seq - 2
+    for i, p in enumerate(ids):
+        if len(p) > most:
+            raise InputError(f"{name(i)}: the calibration prompt has {len(p)} tokens but at most {most} fit the "
+                             f"artifact's max_seq {max_seq}: shorten it or leave it out")
+
+
+def prompt_names(path: str | Path | None) -> Callable[[int], str]:
+    """Where prompt ``i`` of a prompts file (read in file order, one per non-blank line) sits: "FILE line N"
+    (1-based); without a file, "calibration prompt N"."""
+    if path is None:
+        return lambda i: f"calibration prompt {i + 1}"
+    lines = [lineno for lineno, _ in jsonl_rows(Path(path))]
+    return lambda i: f"{path} line {lines[i]}" if i < len(lines) else f"{path} prompt {i + 1}"
+
+
+def _prompt_ids(tokenizer: ChatTokenizer | None, prompts: str | Path | Sequence[str | Sequence[int]], chat: bool,
+                name: Callable[[int], str]) -> list[list[int]]:
     items = read_prompts(prompts) if isinstance(prompts, (str, Path)) else list(prompts)
     out = []
     for i, p in enumerate(items):
@@ -170,7 +200,7 @@ def _prompt_ids(tokenizer: ChatTokenizer | None, prompts: str | Path | Sequence[
         else:
             out.append([int(t) for t in p])
         if not out[-1]:
-            raise InputError(f"calibration prompt {i} is empty after tokenization")
+            raise InputError(f"{name(i)} is empty after tokenization")
     if not out:
         raise InputError("no calibration prompts given")
     return out
@@ -196,7 +226,10 @@ def calibrate(backend: Backend, tokenizer: ChatTokenizer | None, prompts: str | 
     mode = accuracy  # checked here, before the slow steps
     if mode not in ("conditional", "marginal"):
         raise InputError(f"accuracy mode {mode!r} is unknown: use 'conditional' or 'marginal'")
-    ids = _prompt_ids(tokenizer, prompts, chat)
+    check_node_budget(node_budget, backend.max_seq)
+    name = prompt_names(prompts if isinstance(prompts, (str, Path)) else None)
+    ids = _prompt_ids(tokenizer, prompts, chat, name)
+    check_prompt_lengths(ids, backend.max_seq, name)
     eos = tuple(getattr(tokenizer, "eos_token_ids", ()) or ())
     say(f"decoding {len(ids)} prompts (up to {max_new_tokens} tokens each) to score the heads")
     t0 = time.perf_counter()

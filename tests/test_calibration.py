@@ -195,3 +195,29 @@ def test_calibrate_rejects_bad_options(backend):
 def test_head_accuracy_dataclass_json():
     acc = HeadAccuracy(np.zeros((1, 2)), np.ones((1, 2)), np.array([3]), np.array([3]))
     assert json.loads(json.dumps(acc.to_json()))["marginal"] == [[1.0, 1.0]]
+
+
+def test_calibrate_checks_budget_and_prompt_lengths_before_decoding(backend, monkeypatch, tmp_path):
+    """A node budget beyond max_seq, or a prompt too long for it, was refused only after decoding the prompts before
+    it, with a 0-based index and no file line."""
+    from medusa_export.runtime import calibration
+
+    def no_decoding(*_a, **_k):
+        raise AssertionError("decoded before the check")
+
+    monkeypatch.setattr(calibration, "head_predictions", no_decoding)
+    with pytest.raises(InputError, match=r"--node-budget 255 does not fit the artifact's max_seq 256.*254 or less"):
+        calibrate(backend, None, PROMPTS, node_budget=255)
+    with pytest.raises(InputError, match=r"calibration prompt 2: the calibration prompt has 300 tokens.* 254 fit"):
+        calibrate(backend, None, [[1, 2, 3], [7] * 300], node_budget=4)
+
+    class Tok:
+        eos_token_ids = ()
+
+        def encode_prompt(self, text, chat=True):
+            return [ord(c) % 256 for c in text]
+
+    f = tmp_path / "prompts.jsonl"
+    f.write_text('{"prompt": "short"}\n\n{"prompt": "' + "x" * 300 + '"}\n')
+    with pytest.raises(InputError, match=rf"{f} line 3: the calibration prompt has 300 tokens"):
+        calibrate(backend, Tok(), f, node_budget=4)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -12,9 +13,11 @@ GENERATE_KEYS = {"text", "token_ids", "new_tokens", "steps", "mean_accepted", "t
                  "backend", "medusa"}
 
 
-def cli(*args: str, timeout: int = 600, cwd=None) -> subprocess.CompletedProcess:
+def cli(*args: str, timeout: int = 600, cwd=None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """``env``: variables set on top of this process's environment."""
     code = "import sys; from medusa_export.runtime.cli.app import main; sys.argv[0] = 'medusa-export'; main()"
-    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=timeout, cwd=cwd)
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=timeout, cwd=cwd,
+                          env={**os.environ, **env} if env else None)
 
 
 def assert_one_line_error(proc: subprocess.CompletedProcess, *words: str) -> None:

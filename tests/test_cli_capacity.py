@@ -125,3 +125,41 @@ def test_compare_backends_scores_answers_that_ran_to_the_capacity(artifact):
         assert report["rows"][0]["teacher_forced_tokens"] == max_seq(artifact)
         with pytest.raises(InputError, match="exceeds the maximum sequence of 128"):
             teacher_forced(a.generator, [5] * (max_seq(artifact) + 1))
+
+
+# ------------------------------------------------------------------------------------------- calibrate-tree
+
+
+def test_calibrate_tree_refuses_a_node_budget_beyond_max_seq_before_decoding(artifact, tmp_path):
+    out = tmp_path / "tree.json"
+    n = max_seq(artifact)
+    refused_before_work(cli("calibrate-tree", str(artifact), "--limit", "1", "--node-budget", str(n - 1), "--out",
+                            str(out)), f"--node-budget {n - 1}", f"max_seq {n}", f"--node-budget {n - 2} or less")
+    assert not out.exists()
+
+
+def test_calibrate_tree_names_the_file_and_line_of_a_long_prompt_before_decoding(artifact, tmp_path):
+    data = tmp_path / "cal.jsonl"
+    long = " ".join(f"t{i % 300 + 1}" for i in range(200))
+    data.write_text(json.dumps({"prompt": "t1 t2"}) + "\n\n" + json.dumps({"prompt": long}) + "\n")
+    out = tmp_path / "tree.json"
+    refused_before_work(cli("calibrate-tree", str(artifact), "--data", str(data), "--out", str(out)),
+                        f"{data} line 3", f"max_seq {max_seq(artifact)}")
+    assert not out.exists()
+
+
+def test_calibrate_tree_torch_backend_takes_model(artifact, tiny_dirs, tmp_path):
+    """On a machine that has not loaded the base model, the error asks for --model PATH, which calibrate-tree
+    must then take."""
+    pytest.importorskip("torch")
+    fresh = {"MEDUSA_EXPORT_CACHE": str(tmp_path / "cache")}
+    args = ("calibrate-tree", str(artifact), "--backend", "torch", "--limit", "1", "--max-new-tokens", "4",
+            "--node-budget", "3")
+    out = tmp_path / "tree.json"
+    refused = cli(*args, "--out", str(out), env=fresh)
+    assert refused.returncode == 2 and "--model PATH" in refused.stderr, refused.stderr
+    proc = cli(*args, "--model", str(tiny_dirs[0]), "--out", str(out), env=fresh)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(out.read_text())["calibration"]["backend"] == "torch"
+    refused_before_work(cli("calibrate-tree", str(artifact), "--model", str(tiny_dirs[0]), "--out",
+                            str(tmp_path / "t2.json")), "--model", "--backend torch")

@@ -29,6 +29,8 @@ def calibrate_tree(
     max_new_tokens: int = typer.Option(96, min=2),
     node_budget: int = typer.Option(63, min=1, help="Largest tree considered (nodes without the root)."),
     threads: Optional[int] = typer.Option(None, help="Intra-op threads, as you will serve with."),
+    model: Optional[str] = typer.Option(None, help="With --backend torch: the artifact's base model (directory or "
+                                        ".gguf), when this machine has not loaded it before."),
 ) -> None:
     """Measure head accuracy and step latency vs tree size; write the tree with the best expected tokens/s."""
     from medusa_export.exporter.output_dir import check_out_file
@@ -43,8 +45,12 @@ def calibrate_tree(
     check_out_file(out, "--out", make_parents=True)  # before the measurements, not after them
     if backend == "torch":
         extras.require("calibrate-tree --backend torch", "torch")
+    elif model is not None:
+        raise InputError(f"--model is the base model of --backend torch; --backend {backend} runs the artifact's "
+                         f"own graphs: leave --model out")
     texts = read_prompts(data, limit=limit)
-    rt = MedusaRuntime.load(artifact, backend=backend, threads=threads)
+    _check_fits(artifact, texts, data, node_budget)
+    rt = MedusaRuntime.load(artifact, backend=backend, threads=threads, model=model)
     if not rt.generator.backend.has_medusa:
         raise InputError(f"{artifact} has no Medusa heads to calibrate: build it with heads (`medusa-export build "
                          f"--heads ...`)")
@@ -63,6 +69,21 @@ def calibrate_tree(
     if c["predicted_speedup"] <= 1.0:
         typer.echo("warning: on this backend these heads do not pay for the tree; serve with --no-medusa, "
                    "or train heads on more data", err=True)
+
+
+def _check_fits(artifact: Path, texts: list[str], data: Optional[Path], node_budget: int) -> None:
+    """--node-budget and every prompt against the artifact's max_seq, before any backend loads (calibrate checks
+    them again, but only after loading the backend)."""
+    from ..calibration import check_node_budget, check_prompt_lengths, prompt_names
+    from ..manifest import Manifest
+    from ..prompts import PACKAGED_PROMPTS
+    from ..tokenizer import ChatTokenizer
+
+    manifest = Manifest.read(artifact)
+    check_node_budget(node_budget, manifest.max_seq)
+    tokenizer = ChatTokenizer.from_artifact(artifact, manifest)
+    ids = [tokenizer.encode_prompt(t, chat=True) for t in texts]
+    check_prompt_lengths(ids, manifest.max_seq, prompt_names(data if data is not None else PACKAGED_PROMPTS))
 
 
 @app.command("train-heads")
