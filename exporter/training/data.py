@@ -17,20 +17,25 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import time
+import zipfile
+import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NoReturn
 
 import numpy as np
 import torch
 
-from medusa_export.runtime.errors import InputError
+from medusa_export.runtime.errors import CheckpointError, InputError
 
 from .continuous_batching import answer_all
 from .static_decoder import StaticDecoder, unsupported
 
 CACHE_FORMAT = "medusa-export-distill-v2"
+_SHARD_ARRAYS = ("hidden", "tokens", "seq_lens", "prompt_index")
+_NO_RESUME = "--no-resume to generate the distillation cache again"
 
 
 @dataclass
@@ -78,14 +83,14 @@ def distill(model, tokenizer, prompts: list[str], cache_dir: str | Path, cfg: Di
     if not keep:
         raise InputError(f"none of the {len(prompts)} prompts has 1 to {cfg.max_prompt_tokens} tokens under the chat "
                          "template: pass shorter prompts")
-    root.mkdir(parents=True, exist_ok=True)
+    _make_root(root)
     # Similar lengths side by side: little padding in prefill and short attention spans per step. The order is
     # deterministic, so shard b always holds the same prompts.
     keep.sort(key=lambda i: (len(encoded[i]), i))
     shards = [keep[i:i + cfg.shard_size] for i in range(0, len(keep), cfg.shard_size)]
     index = {"format": CACHE_FORMAT, "key": key, "data_sha256": data_sha256, "model": model_id, "config": asdict(cfg),
              "prompts": len(prompts), "skipped_long_prompts": len(prompts) - len(keep), "shards": len(shards)}
-    (root / "index.json").write_text(json.dumps(index, indent=2) + "\n")
+    _write_index(root / "index.json", index)
     missing = [b for b in range(len(shards)) if not _shard_path(root, b).exists()]
     todo = [b for b in missing if b % worker[1] == worker[0]]
     done_prompts = len(keep) - sum(len(shards[b]) for b in missing)
@@ -100,7 +105,8 @@ def distill(model, tokenizer, prompts: list[str], cache_dir: str | Path, cfg: Di
     absent = [b for b in range(len(shards)) if not _shard_path(root, b).exists()]
     if absent:
         raise InputError(f"self-distillation shards {absent[:5]} are missing from {root}: rerun to generate them")
-    data = _load_shards(root, len(shards))
+    lm_head = model.get_output_embeddings().weight
+    data = _load_shards(root, shards, width=lm_head.shape[1], vocab=lm_head.shape[0])
     timed = data.stats.pop("generation_s", None)
     data.stats = {**index, "cache_dir": str(root), "positions": int(len(data.tokens)), "answers": int(len(data.seq_lens)),
                   "generated_now_shards": len(todo), "generated_now_tokens": fresh,
@@ -225,16 +231,106 @@ def model_identity(identity: dict) -> str:
     return f"{identity.get('name', '')}@{identity.get('sha256_16', '')}"
 
 
+def discard_cache(cache_dir: str | Path, cfg: DistillConfig, data_sha256: str = "", model_id: str = "") -> None:
+    """Remove this run's shards (its key's directory only, never the rest of ``cache_dir``): ``--no-resume``
+    generates every answer again, and replaces a damaged cache whatever is in it."""
+    root = Path(cache_dir) / cache_key(data_sha256, model_id, cfg)
+    try:
+        if root.is_dir() and not root.is_symlink():
+            shutil.rmtree(root)
+        elif root.exists() or root.is_symlink():
+            root.unlink()
+    except OSError as e:
+        raise CheckpointError(f"cannot remove the distillation cache {root} ({e.strerror}): delete it by hand") from None
+
+
+def _make_root(root: Path) -> None:
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:  # the key's path is a file: not a cache this program wrote
+        raise CheckpointError(f"distillation cache {root} is a file, not a directory: delete it, or rerun with "
+                              f"{_NO_RESUME}") from None
+    except OSError as e:
+        raise InputError(f"cannot create the distillation cache {root} ({e.strerror}): pass another --cache-dir") from None
+
+
+def _write_index(path: Path, index: dict) -> None:
+    try:
+        path.write_text(json.dumps(index, indent=2) + "\n")
+    except OSError as e:
+        raise CheckpointError(f"cannot write {path} ({e.strerror}): delete {path.parent}, or rerun with "
+                              f"{_NO_RESUME}") from None
+
+
 def _save_shard(path: Path, **arrays: np.ndarray) -> None:
+    """Atomically: an interrupted write leaves a ``.tmp.npz``, never a torn shard."""
     tmp = path.with_name(path.stem + ".tmp.npz")
-    np.savez(tmp, **arrays)
-    tmp.replace(path)
+    try:
+        np.savez(tmp, **arrays)
+        tmp.replace(path)
+    except OSError as e:
+        raise CheckpointError(f"cannot write the distillation shard {path} ({e.strerror}): free disk space, delete "
+                              f"{path.parent}, or rerun with {_NO_RESUME}") from None
 
 
-def _load_shards(root: Path, n: int) -> DistilledData:
-    parts = [np.load(_shard_path(root, b)) for b in range(n)]
+def _load_shards(root: Path, shards: list[list[int]], width: int, vocab: int) -> DistilledData:
+    """Every shard, checked against the prompts it must hold and the model's hidden size and vocabulary."""
+    parts = [_load_shard(_shard_path(root, b), rows, width, vocab) for b, rows in enumerate(shards)]
     cat = lambda k: np.concatenate([p[k] for p in parts])  # noqa: E731
     data = DistilledData(cat("hidden"), cat("tokens"), cat("seq_lens"), cat("prompt_index"))
     if all("generation_s" in p for p in parts):  # (seconds, tokens) of the whole cache
         data.stats["generation_s"] = (sum(float(p["generation_s"]) for p in parts), int(len(data.tokens)))
     return data
+
+
+def _load_shard(path: Path, rows: list[int], width: int, vocab: int) -> dict[str, np.ndarray]:
+    """One shard's arrays, or a `CheckpointError` naming it: a torn, foreign or hand-made file must not crash
+    deep in numpy nor train on another run's answers."""
+    try:
+        arrays = _read_npz(path)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+        _bad_shard(path, _reason(e))
+    problem = _shard_problem(arrays, rows, width, vocab)
+    if problem:
+        _bad_shard(path, problem)
+    return arrays
+
+
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    loaded = np.load(path, allow_pickle=False)
+    if not isinstance(loaded, np.lib.npyio.NpzFile):
+        raise ValueError("a single .npy array, not an .npz archive")
+    with loaded:
+        return {k: loaded[k] for k in loaded.files}
+
+
+def _shard_problem(a: dict[str, np.ndarray], rows: list[int], width: int, vocab: int) -> str | None:
+    """What is wrong with a shard's arrays (None: nothing)."""
+    missing = [k for k in _SHARD_ARRAYS if k not in a]
+    if missing:
+        return f"no {', '.join(missing)} array"
+    hidden, tokens, seq_lens, index = (a[k] for k in _SHARD_ARRAYS)
+    if hidden.ndim != 2 or hidden.shape[1] != width or hidden.dtype.kind != "f":
+        return f"hidden states of shape {hidden.shape} ({hidden.dtype}), not [positions, {width}] floats"
+    if any(x.ndim != 1 or x.dtype.kind not in "iu" for x in (tokens, seq_lens, index)):
+        return "tokens, seq_lens and prompt_index must be 1-D integer arrays"
+    if not np.array_equal(index, rows):
+        return "it holds other prompts than this run's (another run's shard)"
+    if (seq_lens < 0).any() or int(seq_lens.sum()) != len(tokens) or len(tokens) != len(hidden):
+        return "its answer lengths do not add up to its positions"
+    if len(tokens) and (tokens.min() < 0 or tokens.max() >= vocab):
+        return f"tokens outside the model's vocabulary of {vocab}"
+    if "generation_s" in a and (a["generation_s"].size != 1 or a["generation_s"].dtype.kind not in "fiu"):
+        return "generation_s is not a number"
+    return None
+
+
+def _reason(e: Exception) -> str:
+    """The error's first sentence: numpy's pickle refusal runs on for three lines."""
+    text = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+    return (text.split(". ")[0].splitlines() or [type(e).__name__])[0][:120]
+
+
+def _bad_shard(path: Path, why: str) -> NoReturn:
+    raise CheckpointError(f"distillation shard {path} cannot be read ({why}): delete it, or rerun with "
+                          f"{_NO_RESUME}") from None

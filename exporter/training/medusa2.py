@@ -95,8 +95,11 @@ def train_medusa2(model_source: Any, data_file: str | Path, out_dir: str | Path,
     heads = heads.to(dev)
 
     prompt_set = load_prompt_set(data_file, exclude=m1.exclude_eval, later_turns=m1.later_turns)
-    # Pass 0's answers only: the extra sampled passes are the warm-up's.
-    data = distill_passes(model, loaded, prompt_set, replace(m1, extra_sampled_passes=0), rank, world)[0]
+    # Pass 0's answers only: the extra sampled passes are the warm-up's. A warm-up of this process has just made
+    # them (afresh under --no-resume): reuse them rather than generate them twice.
+    fresh_warmup = not opts.init_heads
+    data = distill_passes(model, loaded, prompt_set, replace(m1, extra_sampled_passes=0,
+                                                             resume=m1.resume or fresh_warmup), rank, world)[0]
     train_seqs, held_seqs = answer_sequences(data, prompt_set.prompts, loaded.tokenizer, heads.config.num_heads,
                                              m1.heldout_fraction, m1.seed)
     held_prompts = sorted({s.prompt_index for s in held_seqs})  # all of them go to heldout_prompts.jsonl

@@ -37,7 +37,7 @@ from medusa_export.exporter.provenance import portable_command, portable_path
 from medusa_export.runtime.errors import InputError
 
 from . import checkpoint as ckpt
-from .data import DistillConfig, distill, model_identity
+from .data import DistillConfig, discard_cache, distill, model_identity
 from .distributed import barrier, end_distributed, setup_distributed
 from .evaluate import evaluate_heads, format_table
 from .examples import IGNORE, DraftVocab, build_examples, concat, split_by_prompt
@@ -232,7 +232,7 @@ def distill_passes(model, loaded, prompt_set, o: Medusa1Options, rank: int, worl
     datas, cache = [], cache_dir(o)
     for i, cfg in enumerate(passes):
         bar = _bar(o.progress and rank == 0, f"self-distillation pass {i + 1}/{len(passes)} (T={cfg.temperature})")
-        datas.append(distill_on_ranks(model, rank, world, bar.update_to if bar is not None else None,
+        datas.append(distill_on_ranks(model, rank, world, bar.update_to if bar is not None else None, resume=o.resume,
                                       tokenizer=loaded.tokenizer, prompts=prompt_set.prompts, cache_dir=cache, cfg=cfg,
                                       data_sha256=prompt_set.sha256, model_id=model_identity(loaded.identity)))
         if bar is not None:
@@ -286,9 +286,14 @@ def _resolve_model(source: Any):
     return load_base_model(source)
 
 
-def distill_on_ranks(model, rank: int, world: int, progress=None, **run: Any):
+def distill_on_ranks(model, rank: int, world: int, progress=None, resume: bool = True, **run: Any):
     """The self-distillation data: each rank generates its share of the shards (the cache directory must be
-    shared), waits for the others, then every rank reads all of them."""
+    shared), waits for the others, then every rank reads all of them. ``resume=False`` (``--no-resume``): rank 0
+    first removes this run's shards, so all are generated again (a damaged cache is replaced, not read)."""
+    if not resume:
+        if rank == 0:
+            discard_cache(run["cache_dir"], run["cfg"], run.get("data_sha256", ""), run.get("model_id", ""))
+        barrier(world)
     if world > 1:
         distill(model, **run, worker=(rank, world), collect=False)
         barrier(world)
