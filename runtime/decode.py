@@ -49,7 +49,7 @@ class GenerationConfig:
         t = self.temperature
         if not _is_number(t) or not 0 <= t < float("inf"):
             raise InputError(f"temperature must be a finite number >= 0 (0 = greedy), got {t!r:.40}")
-        self.temperature = float(t) if t >= MIN_TEMPERATURE else 0.0
+        self.temperature = effective_temperature(t)
         for name, rule, ok in (("typical_epsilon", "in [0, 1]", lambda v: 0 <= v <= 1),
                                ("typical_alpha", "finite and >= 0", lambda v: 0 <= v < float("inf"))):
             v = getattr(self, name)
@@ -77,6 +77,11 @@ class GenerationConfig:
         if unknown:
             raise InputError(f"unknown option {unknown[0]!r}: the options are {', '.join(sorted(known))}")
         return cls(**options)
+
+
+def effective_temperature(t: float) -> float:
+    """The temperature decoding uses: below MIN_TEMPERATURE, 0 (greedy)."""
+    return float(t) if t >= MIN_TEMPERATURE else 0.0
 
 
 def _is_int(x) -> bool:

@@ -209,9 +209,10 @@ class Engine:
         budget = self.max_num_batched_tokens - sum(seq.cursor is not None for seq in live)
         prefilling = [seq for seq in live if seq.cursor is None]
         takes = dict(zip(prefilling, fair_shares([len(seq.prompt) - seq.fed for seq in prefilling], budget)))
-        budget -= sum(takes.values())
+        chunks = sum(takes.values())
+        budget -= chunks
         lanes: list[Lane | None] = [None] * self.max_num_seqs
-        chosen, decoding, chunks = [], [], sum(takes.values())
+        chosen, decoding = [], []
         for seq in live:
             if seq.cursor is not None:
                 if seq.session.length + 1 > seq.session.capacity:  # as alone: the next token needs one row

@@ -32,7 +32,6 @@ class TextOutput:
         self.shown: list[str] = []
         self.pending = ""  # decoded text not shown yet (it may begin a stop string)
         self.finish: str | None = None
-        self.cut = False  # the text was cut at a stop string
 
     @property
     def text(self) -> str:
@@ -44,20 +43,21 @@ class TextOutput:
         plain decoding makes them, so a speculative step keeps and counts exactly the tokens plain decoding would)."""
         if self.finish:
             return None
-        kept, tail = [], _tail(self.shown, self.tail_len)
+        kept, tail, cut = [], _tail(self.shown, self.tail_len), False
         for tok in chunk:
             if tok in self.eos:
                 self.finish = "stop"
                 break
             kept.append(tok)
             self.pending += self.detok.push([tok])
-            if self._cut_at_stop(tail):
+            cut = self._cut_at_stop(tail)
+            if cut:
                 break
             if len(self.new) + len(kept) >= self.cfg.max_new_tokens:
                 self.finish = "length"
                 break
         self.new += kept
-        if self.finish and not self.cut:
+        if self.finish and not cut:
             self.pending += self.detok.flush()
             self._cut_at_stop(tail)  # a stop string completed by the held-back end of the text
         visible = self.pending if self.finish else _safe_prefix(self.pending, self.cfg.stop_strings)
@@ -72,7 +72,7 @@ class TextOutput:
         cut = _find_stop(tail, self.pending, self.cfg.stop_strings) if self.cfg.stop_strings else None
         if cut is None:
             return False
-        self.pending, self.finish, self.cut = self.pending[:cut], "stop", True
+        self.pending, self.finish = self.pending[:cut], "stop"
         return True
 
 

@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from ..decode import MIN_TEMPERATURE, GenerationConfig
+from ..decode import GenerationConfig, effective_temperature
 from ..errors import InputError
 from ..tokenizer import ChatTokenizer, check_text
 
@@ -181,7 +181,7 @@ def _job(body: dict, model: ServedModel, ids: list[int], chat: bool) -> Job:
     if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not 0 <= temperature <= 2:
         raise ApiError(400, f"temperature must be a number in [0, 2], got {json.dumps(temperature)[:40]}",
                        param="temperature")
-    temperature = float(temperature) if temperature >= MIN_TEMPERATURE else 0.0  # below it: greedy (as vLLM)
+    temperature = effective_temperature(temperature)  # the server decides speculation on what decoding will use
     medusa, ignore_eos = body.get("medusa", True), body.get("ignore_eos", False)
     for key, value in (("medusa", medusa), ("ignore_eos", ignore_eos)):
         if not isinstance(value, bool):
