@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from medusa_export.runtime.manifest import Manifest, artifact_file
+from medusa_export.runtime.artifact_files import artifact_file
+from medusa_export.runtime.manifest import Manifest
 
 from .heads import load_heads
 from .model_loading import LoadedModel, check_same_model, load_base_model, locate_model

@@ -12,7 +12,7 @@ import hashlib
 import os
 from pathlib import Path
 
-from medusa_export.runtime.manifest import sha256_file
+from medusa_export.runtime.artifact_files import sha256_file
 
 _CONTENT_PATTERNS = ("config.json", "*.safetensors", "*.gguf", "*.pt", "*.bin")
 

@@ -3,7 +3,7 @@
     manifest = Manifest.read("artifacts/smollm2")                  # format, version, every field, paths, sizes
     manifest = Manifest.read(d, check_hashes=True)                 # ... and every file's sha256 (`verify`)
     manifest.dims.num_layers, manifest.graphs["medusa"].paths, manifest.tree.medusa_choices
-    path = artifact_file(d, manifest.graphs["medusa"].file)       # a path inside the artifact, or ArtifactError
+    path = artifact_file(d, manifest.graphs["medusa"].file)       # `artifact_files`: inside the artifact, or ArtifactError
     path = manifest.listed_file(d, "chat_template.jinja")         # None unless listed; there but unlisted: error
     manifest.write(d)                                              # atomically (build and the engine builder)
 
@@ -25,21 +25,21 @@ Layout of an artifact directory::
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import re
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath, PureWindowsPath
+from pathlib import Path
 from typing import Any, Literal
 
 from . import __version__, io_table
 from .backends.base import ModelDims
+from .artifact_files import (MANIFEST, artifact_dir, artifact_file, check_file, is_file, present,
+                             sha256_file)
 from .errors import ArtifactError
 from .typed_json import FieldError, parse, read_json, to_json
 
 FORMAT = "medusa-export-artifact"
 FORMAT_VERSION = 3  # 3: the typed spec (every field checked; graph_format, kv_layout and weights required)
-MANIFEST = "manifest.json"
 # Read by fixed name (runtime/tokenizer.py), so only when the manifest lists them; one present but not listed is refused.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja")
 PORTABLE, ONNXRUNTIME = "portable", "onnxruntime"  # graph formats: standard ops (ORT + TensorRT) / fused (ORT only)
@@ -333,15 +333,15 @@ class Manifest:
         """Read and check the manifest: format, version, every field, every named path inside the artifact, every
         listed file present with its recorded size (and its sha256 when ``check_hashes``), no tokenizer-side file
         present that it does not list."""
-        directory = _artifact_dir(directory)
+        directory = artifact_dir(directory)
         path = artifact_file(directory, MANIFEST)
-        if not _is_file(path):
+        if not is_file(path):
             raise ArtifactError(f"{directory} has no {MANIFEST}: not a complete artifact, rebuild it with `medusa-export build`")
         manifest = cls.from_json(read_json(path), str(path))
         for name in manifest.named_files():  # all of them before any file is opened
             artifact_file(directory, name)
         for name, rec in manifest.files.items():
-            _check_file(directory / name, rec, check_hashes)
+            check_file(directory / name, rec, check_hashes)
         for kind, graph in manifest.graphs.items():
             if graph.file not in manifest.files:
                 raise ArtifactError(f"{path}: field graphs.{kind}.file names {graph.file!r}, which files does not "
@@ -358,7 +358,7 @@ class Manifest:
         if name in self.files:
             return artifact_file(directory, name)
         path = directory / name
-        if _present(path):
+        if present(path):
             raise ArtifactError(f"{path} is in the artifact but {MANIFEST} does not list it: remove it, or rebuild "
                                 f"the artifact with `medusa-export build`")
         return None
@@ -384,14 +384,6 @@ def listed_files(directory: str | Path) -> set[str] | None:
     return {str(name) for name in data.get("files", {})} | {MANIFEST}
 
 
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def file_record(path: Path) -> FileRecord:
     return FileRecord(sha256_file(path), path.stat().st_size)
 
@@ -403,80 +395,3 @@ def graph_dtype(weights: str) -> str:
 
 def kv_layout_of(graph_format: str) -> str:
     return _KV_LAYOUT_OF[graph_format]
-
-
-def artifact_file(directory: str | Path, name: object) -> Path:
-    """``directory / name`` for a file the manifest names; ArtifactError unless ``name`` is a relative path
-    that stays inside the artifact (no absolute path, no ``..``, no NUL byte, no symlink leading out or in a
-    loop)."""
-    directory = Path(directory)
-    text = name if isinstance(name, str) else ""
-    parts = PurePosixPath(text.replace("\\", "/")).parts
-    if (not text or "\0" in text or PurePosixPath(text).is_absolute() or PureWindowsPath(text).is_absolute()
-            or PureWindowsPath(text).drive or ".." in parts):
-        raise ArtifactError(f"{directory / MANIFEST} names the file {name!r}, which is not a path inside the "
-                            f"artifact: refusing to read it; rebuild the artifact with `medusa-export build`")
-    path = directory / text
-    try:
-        inside = path.resolve().is_relative_to(directory.resolve())
-    except (OSError, RuntimeError) as e:  # RuntimeError: a symlink loop (Python < 3.13)
-        raise ArtifactError(f"artifact file {path} cannot be resolved ({_why(e)}): rebuild the artifact with "
-                            f"`medusa-export build`") from None
-    if not inside:
-        raise ArtifactError(f"artifact file {path} leads outside {directory} (a symlink): refusing to read it; "
-                            f"rebuild the artifact with `medusa-export build`")
-    return path
-
-
-def _artifact_dir(directory: str | Path) -> Path:
-    """``directory`` as a Path, or ArtifactError saying why it is not an artifact directory (absent, a file)."""
-    directory = Path(directory)
-    if "\0" in str(directory):
-        raise ArtifactError(f"artifact directory {str(directory)!r} contains a NUL byte: give the directory "
-                            f"`medusa-export build --out` wrote")
-    if not _present(directory):
-        raise ArtifactError(f"artifact directory {directory} does not exist: run `medusa-export build --out {directory}`")
-    if not directory.is_dir():
-        raise ArtifactError(f"{directory} is not a directory: give the artifact directory `medusa-export build --out` "
-                            f"wrote")
-    return directory
-
-
-def _present(path: Path) -> bool:
-    """Whether anything is at ``path`` (a dangling or looping symlink too); ArtifactError when the file system
-    cannot say (a name too long, no permission)."""
-    try:
-        return path.is_symlink() or path.exists()
-    except OSError as e:
-        raise ArtifactError(f"{path} cannot be read ({_why(e)}): give the artifact directory `medusa-export build "
-                            f"--out` wrote") from None
-
-
-def _is_file(path: Path) -> bool:
-    """Whether ``path`` is a regular file; ArtifactError when the file system cannot say (a name too long, no
-    permission): `Path.is_file` raises for those."""
-    try:
-        return path.is_file()
-    except OSError as e:
-        raise ArtifactError(f"artifact file {path} cannot be read ({_why(e)}): rebuild the artifact") from None
-
-
-def _check_file(path: Path, rec: FileRecord, check_hashes: bool) -> None:
-    """A listed file is a regular file of its recorded size (and sha256 when ``check_hashes``)."""
-    if not _is_file(path):
-        raise ArtifactError(f"artifact file {path} is missing (or not a regular file): rebuild the artifact")
-    try:
-        size = path.stat().st_size
-        if size != rec.bytes:
-            raise ArtifactError(f"artifact file {path} has {size} bytes, the manifest says {rec.bytes}: it is "
-                                f"truncated or replaced, rebuild the artifact")
-        if check_hashes and sha256_file(path) != rec.sha256:
-            raise ArtifactError(f"artifact file {path} does not match its sha256 in the manifest: it is corrupt, "
-                                f"rebuild the artifact")
-    except OSError as e:
-        raise ArtifactError(f"artifact file {path} cannot be read ({_why(e)}): rebuild the artifact") from None
-
-
-def _why(e: BaseException) -> str:
-    """An OS error's reason without the path it repeats."""
-    return getattr(e, "strerror", None) or str(e)[:80] or type(e).__name__

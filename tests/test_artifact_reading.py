@@ -17,7 +17,8 @@ from test_cli import assert_one_line_error, cli  # noqa: E402
 
 from medusa_export.runtime.api import MedusaRuntime  # noqa: E402
 from medusa_export.runtime.errors import ArtifactError, InputError  # noqa: E402
-from medusa_export.runtime.manifest import Manifest, artifact_file, file_record  # noqa: E402
+from medusa_export.runtime.artifact_files import artifact_file  # noqa: E402
+from medusa_export.runtime.manifest import Manifest, file_record  # noqa: E402
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from medusa_export.runtime.errors import InputError
-from medusa_export.runtime.manifest import sha256_file
+from medusa_export.runtime.artifact_files import sha256_file
 from medusa_export.runtime.prompts import read_prompts
 
 from . import sharegpt

@@ -22,7 +22,8 @@ import numpy as np
 
 from .. import io_table
 from ..errors import ArtifactError, BackendUnavailableError, InputError
-from ..manifest import ONNXRUNTIME, Manifest, artifact_file
+from ..artifact_files import artifact_file
+from ..manifest import ONNXRUNTIME, Manifest
 from ..tree_paths import PathBatch
 from .base import Backend, KVCache, MaskBuffer, ModelDims, Session, StepOutput
 from .ort_lanes import OrtLanes

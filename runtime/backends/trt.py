@@ -32,7 +32,8 @@ import numpy as np
 
 from .. import io_table
 from ..errors import ArtifactError, EngineError, InputError
-from ..manifest import EngineRecord, Manifest, artifact_file
+from ..artifact_files import artifact_file
+from ..manifest import EngineRecord, Manifest
 from . import cuda_buffers, trt_availability as availability, trt_compat as compat
 from .trt_profiles import Profile, plan_chunks, select
 from .base import Backend, MaskBuffer, Session, StepOutput

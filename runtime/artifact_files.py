@@ -1,0 +1,101 @@
+"""Where an artifact's files are and whether they are intact: paths the manifest names, kept inside the artifact
+(no absolute path, ``..``, NUL byte, or symlink leading out or in a loop), and each listed file's size and sha256.
+Every failure is an ArtifactError naming the file (`runtime.manifest` reads the manifest through these).
+
+    path = artifact_file(directory, "vanilla.onnx")     # or ArtifactError
+    check_file(path, record, check_hashes=True)         # record: a FileRecord (sha256, bytes)
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path, PurePosixPath, PureWindowsPath
+
+from .errors import ArtifactError
+
+MANIFEST = "manifest.json"
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def artifact_file(directory: str | Path, name: object) -> Path:
+    """``directory / name`` for a file the manifest names; ArtifactError unless ``name`` is a relative path
+    that stays inside the artifact (no absolute path, no ``..``, no NUL byte, no symlink leading out or in a
+    loop)."""
+    directory = Path(directory)
+    text = name if isinstance(name, str) else ""
+    parts = PurePosixPath(text.replace("\\", "/")).parts
+    if (not text or "\0" in text or PurePosixPath(text).is_absolute() or PureWindowsPath(text).is_absolute()
+            or PureWindowsPath(text).drive or ".." in parts):
+        raise ArtifactError(f"{directory / MANIFEST} names the file {name!r}, which is not a path inside the "
+                            f"artifact: refusing to read it; rebuild the artifact with `medusa-export build`")
+    path = directory / text
+    try:
+        inside = path.resolve().is_relative_to(directory.resolve())
+    except (OSError, RuntimeError) as e:  # RuntimeError: a symlink loop (Python < 3.13)
+        raise ArtifactError(f"artifact file {path} cannot be resolved ({_why(e)}): rebuild the artifact with "
+                            f"`medusa-export build`") from None
+    if not inside:
+        raise ArtifactError(f"artifact file {path} leads outside {directory} (a symlink): refusing to read it; "
+                            f"rebuild the artifact with `medusa-export build`")
+    return path
+
+
+def artifact_dir(directory: str | Path) -> Path:
+    """``directory`` as a Path, or ArtifactError saying why it is not an artifact directory (absent, a file)."""
+    directory = Path(directory)
+    if "\0" in str(directory):
+        raise ArtifactError(f"artifact directory {str(directory)!r} contains a NUL byte: give the directory "
+                            f"`medusa-export build --out` wrote")
+    if not present(directory):
+        raise ArtifactError(f"artifact directory {directory} does not exist: run `medusa-export build --out {directory}`")
+    if not directory.is_dir():
+        raise ArtifactError(f"{directory} is not a directory: give the artifact directory `medusa-export build --out` "
+                            f"wrote")
+    return directory
+
+
+def present(path: Path) -> bool:
+    """Whether anything is at ``path`` (a dangling or looping symlink too); ArtifactError when the file system
+    cannot say (a name too long, no permission)."""
+    try:
+        return path.is_symlink() or path.exists()
+    except OSError as e:
+        raise ArtifactError(f"{path} cannot be read ({_why(e)}): give the artifact directory `medusa-export build "
+                            f"--out` wrote") from None
+
+
+def is_file(path: Path) -> bool:
+    """Whether ``path`` is a regular file; ArtifactError when the file system cannot say (a name too long, no
+    permission): `Path.is_file` raises for those."""
+    try:
+        return path.is_file()
+    except OSError as e:
+        raise ArtifactError(f"artifact file {path} cannot be read ({_why(e)}): rebuild the artifact") from None
+
+
+def check_file(path: Path, rec, check_hashes: bool) -> None:
+    """A listed file is a regular file of its recorded size (and sha256 when ``check_hashes``)."""
+    if not is_file(path):
+        raise ArtifactError(f"artifact file {path} is missing (or not a regular file): rebuild the artifact")
+    try:
+        size = path.stat().st_size
+        if size != rec.bytes:
+            raise ArtifactError(f"artifact file {path} has {size} bytes, the manifest says {rec.bytes}: it is "
+                                f"truncated or replaced, rebuild the artifact")
+        if check_hashes and sha256_file(path) != rec.sha256:
+            raise ArtifactError(f"artifact file {path} does not match its sha256 in the manifest: it is corrupt, "
+                                f"rebuild the artifact")
+    except OSError as e:
+        raise ArtifactError(f"artifact file {path} cannot be read ({_why(e)}): rebuild the artifact") from None
+
+
+def _why(e: BaseException) -> str:
+    """An OS error's reason without the path it repeats."""
+    return getattr(e, "strerror", None) or str(e)[:80] or type(e).__name__
