@@ -13,22 +13,11 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from conftest import loaded_tiny  # noqa: E402
-from test_training import EOS, OPTS  # noqa: E402
+from test_training import OPTS, loaded, prompts_file  # noqa: E402,F401 - the fixtures, one instance per module
 
 from medusa_export.exporter.training import data as data_mod  # noqa: E402
 from medusa_export.exporter.training import train as train_mod  # noqa: E402
 from medusa_export.exporter.training.data import DistillConfig, distill  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def loaded(make_tokenizer, torch_single_thread):
-    return loaded_tiny(make_tokenizer, EOS)
-
-
-@pytest.fixture(scope="module")
-def prompts_file(tiny_prompts_file):
-    return tiny_prompts_file
 
 
 def test_distillation_resumes_without_repeating_finished_shards(loaded, tmp_path, monkeypatch):
