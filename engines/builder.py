@@ -27,7 +27,7 @@ from medusa_export.runtime.manifest import BuilderFlags, EngineRecord, Manifest,
 from medusa_export.runtime.backends import trt_availability as availability
 
 from . import precision
-from .profiles import Profile, engine_profiles
+from .profiles import DEFAULT_BATCH_TOKENS, Profile, engine_profiles
 
 
 class EngineBuildError(MedusaExportError, RuntimeError):
@@ -44,6 +44,8 @@ class BuildOptions:
     allow_tf32: bool = False  # fp32 graphs: keep TensorRT's TF32 matmuls (faster, ~1e-3 relative error)
     optimization_level: int | None = None  # IBuilderConfig.builder_optimization_level (0-5; TensorRT default 3)
     timing_cache: str | Path | None = None  # default: $MEDUSA_EXPORT_CACHE/tensorrt/timing-<trt>-<sm>.cache
+    max_num_seqs: int = 1  # > 1: the vanilla engine gets a batch profile for that many sequences per step
+    batch_tokens: int = DEFAULT_BATCH_TOKENS  # the batch profile's rows per sequence (more run in causal chunks)
 
 
 def cache_root() -> Path:
@@ -145,12 +147,14 @@ def build_engine(directory: Path, manifest: Manifest, kind: str, options: BuildO
     dims = manifest.dims
     graph = manifest.graphs[kind]
     onnx_path = directory / graph.file
-    profiles = engine_profiles(manifest, kind, options.max_prompt, options.opt_prompt, options.opt_past)
+    profiles = engine_profiles(manifest, kind, options.max_prompt, options.opt_prompt, options.opt_past,
+                               options.max_num_seqs, options.batch_tokens)
     plan = precision.choose(dims.dtype, trt.__version__, options.strongly_typed, options.allow_tf32)
     cache_path = Path(options.timing_cache) if options.timing_cache else default_timing_cache(trt.__version__, status.device)
     t0 = time.perf_counter()
     log(f"  build TensorRT {kind} engine ({plan.label}; profiles "
-        + ", ".join(f"{p.name} T={p.seq[0]}..{p.seq[2]} past<={p.past[2]}" for p in profiles) + ") ...")
+        + ", ".join(f"{p.name} T={p.seq[0]}..{p.seq[2]} past<={p.past[2]}" + (f" x{p.batch[2]}" if p.batched else "")
+                    for p in profiles) + ") ...")
     try:
         serialized = _build_plan(trt, onnx_path, plan, profiles, dims, options, cache_path, log)
     except EngineBuildError as first:

@@ -1,6 +1,7 @@
 """TensorRT optimization profiles for the step graphs, computed from the artifact manifest (pure Python).
 
     profiles = engine_profiles(manifest, "medusa")    # [prefill, tree]; "vanilla" -> [prefill, decode]
+    engine_profiles(manifest, "vanilla", max_num_seqs=8)  # [prefill, decode, batch]
     profiles[1].shapes(num_layers=30, kv_heads=3, head_dim=64)["attention_mask"]  # (min, opt, max) shapes
 
 The `Profile` type and the run-time choice of a profile live with the TensorRT backend
@@ -8,7 +9,9 @@ The `Profile` type and the run-time choice of a profile live with the TensorRT b
 
 * prefill: T in [1, max_prompt], past in [0, max_seq - max_prompt] (a longer prompt runs in chunks);
 * tree:    T = the tree's node count (min = opt = max), past in [0, max_seq - T];
-* decode:  T = 1 (the vanilla graph's one-token steps), past in [0, max_seq - 1].
+* decode:  T = 1 (the vanilla graph's one-token steps), past in [0, max_seq - 1];
+* batch:   (vanilla, ``max_num_seqs`` > 1) 1 to max_num_seqs sequences of T in [1, batch_tokens] rows each (a
+  token and its drafts, or a prompt chunk; opt 1), past in [0, max_seq - 1]: the batched steps (`trt_lanes.py`).
 """
 
 from __future__ import annotations
@@ -18,11 +21,14 @@ from medusa_export.runtime.manifest import Manifest
 
 DEFAULT_OPT_PROMPT = 128  # typical chat prompt after the template
 DEFAULT_OPT_PAST = 256  # typical context during generation
+DEFAULT_BATCH_TOKENS = 64  # rows per sequence of a batched step (the engine's default --max-num-batched-tokens)
 
 
 def engine_profiles(manifest: Manifest, kind: str, max_prompt: int | None = None, opt_prompt: int | None = None,
-                    opt_past: int | None = None) -> list[Profile]:
-    """The profiles for graph ``kind`` ("medusa" | "vanilla"): prefill first, then the step profile."""
+                    opt_past: int | None = None, max_num_seqs: int = 1,
+                    batch_tokens: int = DEFAULT_BATCH_TOKENS) -> list[Profile]:
+    """The profiles for graph ``kind`` ("medusa" | "vanilla"): prefill first, then the step profile, then (vanilla,
+    ``max_num_seqs`` > 1) the batch profile last."""
     max_seq = manifest.max_seq
     max_prompt = max(1, max_seq // 2) if max_prompt is None else int(max_prompt)
     if not 1 <= max_prompt <= max_seq:
@@ -38,7 +44,12 @@ def engine_profiles(manifest: Manifest, kind: str, max_prompt: int | None = None
     if t >= max_seq:
         raise ValueError(f"a {name} step of {t} tokens does not fit max_seq {max_seq}")
     room = max_seq - t
-    step = Profile(name, (t, t, t), (0, min(room, opt_past or DEFAULT_OPT_PAST), room))
-    return [prefill, step]
+    opt = min(room, opt_past or DEFAULT_OPT_PAST)
+    step = Profile(name, (t, t, t), (0, opt, room))
+    if kind == "medusa" or max_num_seqs < 2:
+        return [prefill, step]
+    rows = max(1, min(batch_tokens, max_seq))
+    batch = Profile("batch", (1, 1, rows), (0, opt, max_seq - 1), (1, max_num_seqs, max_num_seqs))
+    return [prefill, step, batch]
 
 

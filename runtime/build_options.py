@@ -62,5 +62,6 @@ class BuildOptions:
 
     @property
     def lanes(self) -> int:
-        """Lanes of the batched graph: fused artifacts only (the portable graph's attention takes a mask, not lanes)."""
+        """Lanes of the batched ONNX Runtime graph: fused artifacts only (portable artifacts batch in the TensorRT
+        vanilla engine's batch profile, for ``max_num_seqs`` sequences: `engines/profiles.py`)."""
         return self.max_num_seqs if self.max_num_seqs > 1 and self.graph == ONNXRUNTIME else 0

@@ -31,7 +31,7 @@ from typing import Callable, TypeVar
 import numpy as np
 
 from .backends.base import Session
-from .backends.ort_lanes import Lane, OrtLanes
+from .backends.lanes import Lane, LanesRunner
 from .context_drafts import DEFAULT_MAX_DRAFT, Draft
 from .decode import (Cursor, DecodeStats, GenerationConfig, accept, feed, finish_step, prefill, start_cursor,
                      step)
@@ -81,7 +81,7 @@ class Engine:
                  max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS,
                  on_step: Callable[[StepRecord], None] | None = None) -> None:
         """``max_num_seqs``: sequences running at once (default: the lanes of the backend's batched graph, else 1)."""
-        lanes: OrtLanes | None = generator.backend.lanes
+        lanes: LanesRunner | None = generator.backend.lanes
         for name, value in (("max_num_seqs", max_num_seqs), ("max_num_batched_tokens", max_num_batched_tokens)):
             if not (value is None and name == "max_num_seqs") and not (
                     isinstance(value, int) and not isinstance(value, bool) and value >= 1):
@@ -226,7 +226,7 @@ class Engine:
                 tokens = seq.prompt[seq.fed:seq.fed + takes[seq]]
             temperature = seq.cfg.temperature if seq.cfg.temperature > 0 else 1.0
             outputs = None if seq.cursor is not None else int(seq.fed + len(tokens) == len(seq.prompt))  # last row
-            lanes[seq.slot] = Lane(seq.session.kv, np.asarray(tokens, np.int64), temperature, outputs)
+            lanes[seq.slot] = Lane(seq.session, np.asarray(tokens, np.int64), temperature, outputs)
             chosen.append(seq)
         if not chosen:
             return 0, False
@@ -245,7 +245,7 @@ class Engine:
     def _take(self, seq: Sequence, lane: Lane, out, draft: Draft | None, seconds: float) -> None:
         """A sequence's share of a lanes step: its prompt chunk kept, or its tokens accepted."""
         if seq.cursor is None:  # a prompt chunk: done once the whole prompt is in
-            seq.session.kv.keep(np.arange(len(lane.tokens)))
+            self.lanes.keep(seq.session, np.arange(len(lane.tokens)))
             seq.fed += len(lane.tokens)
             seq.stats.prefill_s += seconds
             if seq.fed == len(seq.prompt):
@@ -281,7 +281,7 @@ class Engine:
         """A decoding sequence's lanes step: its root and drafts, a chain verified as a one-sequence step is."""
         p = StepTree.chain(seq.cursor.root, draft.tokens, draft.ngram) if draft else StepTree.chain(seq.cursor.root, [])
         acc_nodes = accept(p, out, seq.cfg)  # only greedy sequences have drafts
-        seq.session.kv.keep(acc_nodes)
+        self.lanes.keep(seq.session, acc_nodes)
         self._emit(seq, finish_step(seq.cursor, p, acc_nodes, out, seq.cfg, seq.stats, self.gen.spec, seconds))
 
     # ---- results --------------------------------------------------------------------------------------

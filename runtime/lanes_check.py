@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .backends.ort_lanes import Lane
+from .backends.lanes import Lane
 
 
 def lanes_exactness(backend, prompts: list[list[int]], steps: int = 3) -> dict:
@@ -21,9 +21,9 @@ def lanes_exactness(backend, prompts: list[list[int]], steps: int = 3) -> dict:
     together: list[list[np.ndarray]] = [[] for _ in prompts]
     feed = [np.asarray(p, np.int64) for p in prompts]
     for _ in range(steps + 1):
-        outs = lanes.run([Lane(s.kv, tokens, 1.0) for s, tokens in zip(sessions, feed)])  # lanes 0..n-1
+        outs = lanes.run([Lane(s, tokens, 1.0) for s, tokens in zip(sessions, feed)])  # lanes 0..n-1
         for i, out in enumerate(outs):
-            sessions[i].kv.keep(np.arange(len(feed[i])))
+            lanes.keep(sessions[i], np.arange(len(feed[i])))
             together[i].append(out.next_probs)
         feed = [np.array([out.next_ids[-1, 0]], np.int64) for out in outs]
     worst, exact = 0.0, True

@@ -202,6 +202,7 @@ class ProfileRecord:
     seq: tuple[int, int, int]  # new tokens: min, opt, max
     past: tuple[int, int, int]
     total: tuple[int, int, int]
+    batch: tuple[int, int, int] = (1, 1, 1)  # sequences per step; > 1 only in the vanilla engine's "batch" profile
 
 
 @dataclass(frozen=True)

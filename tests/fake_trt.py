@@ -63,6 +63,10 @@ class FakeCuda:
         self._check(src, dst.nbytes)
         dst.reshape(-1).view(np.uint8)[:] = self.mem[src:src + dst.nbytes]
 
+    def memset(self, dst, value, n, stream):
+        self._check(dst, n)
+        self.mem[dst:dst + n] = value
+
     def d2d_2d(self, dst, dpitch, src, spitch, width, height, stream):
         self.calls["d2d_2d"] += 1
         assert width <= dpitch and width <= spitch
@@ -197,10 +201,10 @@ def fake_tensorrt(cuda: FakeCuda, version: str = "10.3.0", align: int = 256, rec
                 return None
             for p in config.profiles:
                 for k in range(3):  # min, opt, max: each a consistent set of shapes
-                    t = p.shapes["input_ids"][k][1]
-                    past = p.shapes["past_key_values.0.key"][k][1]
-                    assert p.shapes["position_ids"][k] == (1, t)
-                    assert p.shapes["attention_mask"][k] == (1, 1, t, past + t)
+                    b, t = p.shapes["input_ids"][k]
+                    b_kv, past = p.shapes["past_key_values.0.key"][k][:2]
+                    assert p.shapes["position_ids"][k] == (b, t) and b_kv == b
+                    assert p.shapes["attention_mask"][k] == (b, 1, t, past + t)
             record.setdefault("builds", []).append(
                 {"strongly_typed": bool(network.flags & (1 << 5)), "flags": sorted(config.flags),
                  "pools": dict(config.pools), "cache_in": config.cache.data if config.cache else None})
@@ -270,8 +274,9 @@ def fake_tensorrt(cuda: FakeCuda, version: str = "10.3.0", align: int = 256, rec
                 shape = self.shapes.get(name, (1,) if name == "temperature" else None)
                 assert shape is not None, f"no shape set for {name}"
                 feeds[name] = cuda.read(self.addr[name], _DT_TO_NP[dt], shape)
-            t, past = feeds["input_ids"].shape[1], feeds["past_key_values.0.key"].shape[1]
-            assert feeds["attention_mask"].shape == (1, 1, t, past + t)
+            (b, t), past = feeds["input_ids"].shape, feeds["past_key_values.0.key"].shape[1]
+            assert feeds["attention_mask"].shape == (b, 1, t, past + t)
+            record.setdefault("shapes", []).append((b, t, past))
             outs = e.session.run(list(e.outputs), feeds)
             for name, value in zip(e.outputs, outs):
                 cuda.write(self.addr[name], value.astype(_DT_TO_NP[e.outputs[name]]))

@@ -108,10 +108,10 @@ def test_context_drafts_in_batched_steps_change_no_answer(runtimes, dtype):
 
 def _lanes_step(backend, lanes, feeds, outputs, temperature: float = 0.8):
     """One ``lanes`` step of fresh sequences: ``feeds[i]`` with ``Lane.outputs`` ``outputs[i]``, in lanes 0.."""
-    from medusa_export.runtime.backends.ort_lanes import Lane
+    from medusa_export.runtime.backends.lanes import Lane
 
     sessions = [backend.new_session() for _ in feeds]
-    outs = lanes.run([Lane(s.kv, f, temperature, o) for s, f, o in zip(sessions, feeds, outputs)])
+    outs = lanes.run([Lane(s, f, temperature, o) for s, f, o in zip(sessions, feeds, outputs)])
     for s in sessions:
         s.close()
     return outs

@@ -113,7 +113,7 @@ class Backend(ABC):
     notes: tuple[str, ...] = ()
     max_paths: int | None = None  # root-to-leaf paths of a tree the Medusa graph verifies (None: any)
     whole_tree_steps = False  # the Medusa graph's steps take only its whole tree (TensorRT's fixed-shape profile)
-    lanes = None  # the batched (lanes) graph's runner, when the artifact has one (ONNX Runtime: `OrtLanes`)
+    lanes = None  # the batched-step runner (`lanes.LanesRunner`), when the artifact has one: `OrtLanes`, `TrtLanes`
 
     @property
     def has_medusa(self) -> bool:

@@ -125,6 +125,9 @@ class Cuda:
             raise ValueError("d2h needs a contiguous host array")
         self._check(self.rt.cudaMemcpyAsync(dst.ctypes.data, src, dst.nbytes, self.D2H, stream), "cudaMemcpyAsync D2H")
 
+    def memset(self, dst: int, value: int, nbytes: int, stream) -> None:
+        self._check(self.rt.cudaMemsetAsync(dst, value, nbytes, stream), "cudaMemsetAsync")
+
     def d2d_2d(self, dst: int, dpitch: int, src: int, spitch: int, width: int, height: int, stream) -> None:
         """``height`` rows of ``width`` bytes: row r goes from ``src + r*spitch`` to ``dst + r*dpitch``.
         One call moves the same KV rows in every layer (layers are ``pitch`` bytes apart)."""

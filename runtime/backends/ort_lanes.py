@@ -1,49 +1,27 @@
 """The lanes graph on ONNX Runtime: one step over the rows of several sequences (`exporter/lanes_graph.py`).
 
     lanes = OrtLanes(session, dims, lanes=8)
-    outs = lanes.run([Lane(kv_a, tokens_a, 1.0), None, Lane(kv_b, tokens_b, 0.7)])   # lane i: a sequence or None
-    outs[0].next_ids            # [rows of lane 0, S] (its last ``Lane.outputs`` rows when set)
-    kv_a.keep(np.arange(n))     # commit the first n of lane 0's new KV rows (all of a prompt chunk, the accepted
-                                # part of a chain of drafts)
+    outs = lanes.run([Lane(session_a, tokens_a, 1.0), None, Lane(session_b, tokens_b, 0.7)])   # `lanes.Lane`
+    lanes.keep(session_a, np.arange(n))   # commit the first n of lane 0's new KV rows (all of a prompt chunk, the
+                                          # accepted part of a chain of drafts)
 
-Each lane is one sequence: a prefill chunk, or its next token and a chain of drafts, after the rows its KV cache
-holds. Its KV buffers (a `SlotCache`'s slot 0, the same memory its own one-sequence session uses) are bound as the
-lane's past and present, and GroupQueryAttention writes the new rows in place. The attention inputs are built here exactly as the
+Each lane is one sequence (the contract: `lanes.py`): a prefill chunk, or its next token and a chain of drafts,
+after the rows its KV cache holds. Its KV buffers (its `OrtSession`'s `SlotCache` slot 0, the same memory the
+one-sequence graphs use) are bound as the lane's past and present, and GroupQueryAttention writes the new rows in place. The attention inputs are built here exactly as the
 one-sequence graph builds them from its mask (`padded_bias`), so a lane's numbers equal a one-sequence step's.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
 from .. import io_table
-from .base import ModelDims
+from .base import ModelDims, Session
+from .lanes import Lane, LaneOutput
 from .ort_outputs import first_outputs
 from .slot_cache import SlotCache
 
 _REDUCED = [t.name for t in io_table.lanes_reduced_outputs()]
-
-
-@dataclass
-class Lane:
-    kv: SlotCache  # the sequence's cache; its rows [0, kv.length) are the past
-    tokens: np.ndarray  # [t] int64, t >= 1
-    temperature: float  # of this sequence's probabilities (1.0 for greedy)
-    outputs: int | None = None  # outputs for its last this many rows (a prompt chunk: 1, or 0 before the last); None: all
-
-    def first_output(self) -> int:
-        """The first of its rows whose outputs the step returns."""
-        rows = len(self.tokens)
-        return rows - (rows if self.outputs is None else min(self.outputs, rows))
-
-
-@dataclass
-class LaneOutput:
-    next_ids: np.ndarray  # [t, S]
-    next_probs: np.ndarray  # [t, S]
-    entropy: np.ndarray  # [t]
 
 
 def padded_bias(past: int, rows: int, dtype=np.float32) -> np.ndarray:
@@ -90,7 +68,8 @@ class OrtLanes:
         offsets, temps, gather, sizes, wanted = [0], [], [], [], []
         for i in range(self.lanes):
             lane = lanes[i] if i < len(lanes) else None
-            kv, past, rows = (lane.kv, lane.kv.length, len(lane.tokens)) if lane else (self.scratch[i], 0, 0)
+            kv = lane.session.kv if lane else self.scratch[i]
+            past, rows = (kv.length, len(lane.tokens)) if lane else (0, 0)
             if lane:
                 if past + rows + 1 > kv.capacity:
                     raise ValueError(f"lane {i}: {past} + {rows} rows do not fit a KV buffer of {kv.capacity}")
@@ -128,6 +107,9 @@ class OrtLanes:
             at = [where[start + r] for r in range(lane.first_output(), len(lane.tokens))]
             outs.append(LaneOutput(ids[at], probs[at], entropy[at]))
         return outs
+
+    def keep(self, session: Session, rows: np.ndarray) -> None:
+        session.kv.keep(rows)  # slot 0, where the lane's rows went
 
     def _selection(self, wanted: list[int], temps: list[float], rows: int) -> tuple[list[int], list[float]]:
         """The step rows the tail computes and their temperatures, bound as ``output_rows``: the wanted rows, padded

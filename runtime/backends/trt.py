@@ -37,6 +37,7 @@ from ..manifest import EngineRecord, Manifest
 from . import cuda_buffers, trt_availability as availability, trt_compat as compat
 from .trt_profiles import Profile, plan_chunks, select
 from .base import Backend, MaskBuffer, Session, StepOutput
+from .trt_lanes import TrtLanes
 
 # TensorRT's tensor types as numpy reads them (engines may emit int32 ids where the graph has int64).
 _NP_BY_TRT = {"INT64": np.int64, "INT32": np.int32, "FLOAT": np.float32, "HALF": np.float16, "BOOL": np.bool_,
@@ -84,8 +85,9 @@ class _EngineInfo:
     profiles: list[Profile]
     dtypes: dict[str, np.dtype]  # every I/O tensor except the KV ones
     reduced: list[io_table.Tensor]  # the small outputs copied back
-    max_t: int
+    max_t: int  # largest T and past + T of its one-sequence profiles
     max_total: int
+    batch_profile: int | None = None  # index of its batch profile (the vanilla engine, built with --max-num-seqs > 1)
 
 
 @dataclass
@@ -133,6 +135,8 @@ class TrtBackend(Backend):
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.runtime = trt.Runtime(self.logger)
         self.engines = {k: self._load(k, records[k]) for k in needed}
+        batch = self.engines["vanilla"].batch_profile
+        self.lanes = TrtLanes(self, self.engines["vanilla"], batch) if batch is not None else None
         self.lock = threading.Lock()  # one step on the GPU at a time: contexts of one engine share its profiles
         self._pool: list[_Resources] = []
         self._pool_lock = threading.Lock()
@@ -166,8 +170,10 @@ class TrtBackend(Backend):
                                 f"the manifest lists {len(profiles)}: {compat.rebuild_hint(self.directory)}")
         reduced = io_table.reduced_outputs(medusa)
         dtypes = {t.name: _np_dtype(engine.get_tensor_dtype(t.name)) for t in io_table.token_inputs() + reduced}
-        return _EngineInfo(kind, engine, profiles, dtypes, reduced, max(p.seq[2] for p in profiles),
-                           max(p.total[2] for p in profiles))
+        single = [p for p in profiles if not p.batched]
+        batch = next((i for i, p in enumerate(profiles) if p.batched), None)
+        return _EngineInfo(kind, engine, profiles, dtypes, reduced, max(p.seq[2] for p in single),
+                           max(p.total[2] for p in single), batch)
 
     # sessions -----------------------------------------------------------------------------------------
     def new_session(self, capacity: int | None = None) -> Session:
@@ -200,7 +206,9 @@ class TrtBackend(Backend):
             self._closed = True
         for res in pool:
             _destroy(self.cuda, res)
-        self.engines = {}
+        if self.lanes is not None:
+            self.lanes.close()
+        self.engines, self.lanes = {}, None
 
     def _release(self, res: _Resources) -> None:
         with self._pool_lock:
@@ -247,7 +255,8 @@ def _runs(e: _EngineInfo, t: int, past: int, tree_mask: np.ndarray) -> list[tupl
 
 def _no_profile(e: _EngineInfo, t: int, past: int, tree_mask: np.ndarray) -> None:
     """The one-line error for a step no profile of ``e`` takes."""
-    desc = "; ".join(f"{p.name}: T {p.seq[0]}..{p.seq[2]}, past {p.past[0]}..{p.past[2]}" for p in e.profiles)
+    desc = "; ".join(f"{p.name}: T {p.seq[0]}..{p.seq[2]}, past {p.past[0]}..{p.past[2]}" for p in e.profiles
+                     if not p.batched)
     if np.array_equal(tree_mask, np.tri(t, dtype=bool)):
         raise InputError(f"{t} tokens after {past} do not fit the {e.kind} engine's profiles ({desc}): "
                          f"rebuild the engines with a larger --max-prompt")
@@ -377,6 +386,10 @@ class TrtSession(Session):
             else:
                 cuda.d2h(out[name][a:z], c.ptr[name], stream)
         return a, z, block
+
+    def stage_rows(self, t: int) -> None:
+        """A batched step (`trt_lanes.py`) wrote ``t`` new rows at ``[length, length + t)``: `keep` commits them."""
+        self.staged = t
 
     def keep(self, rows) -> None:
         rows = np.asarray(rows, np.int64)

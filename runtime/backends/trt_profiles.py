@@ -5,10 +5,12 @@
     select(profiles, t=11, past=300)         # index of the profile that runs this step, or None
     plan_chunks(profiles, t=900, past=0)     # a long causal prefill split into runs that each fit
 
-Every profile is batch 1 and describes T new tokens after ``past`` cached ones; the attention mask is
-``[1, 1, T, past + T]`` and the KV inputs ``[1, past, kv_heads, head_dim]``. TensorRT checks the min, opt and
-max shapes of a profile as three consistent sets, so ``total = past + T`` holds at each of them. Which
-profiles an engine gets is the builder's choice (``medusa_export.engines.profiles``).
+A profile describes B sequences of T new tokens after ``past`` cached ones; the attention mask is
+``[B, 1, T, past + T]`` and the KV inputs ``[B, past, kv_heads, head_dim]``. One-sequence profiles (B = 1) serve a
+session's steps (`select`, `plan_chunks`); the vanilla engine's "batch" profile (B up to the lanes) serves the
+batched steps (`trt_lanes.py`). TensorRT checks the min, opt and max shapes of a profile as three consistent sets,
+so ``total = past + T`` holds at each of them. Which profiles an engine gets is the builder's choice
+(``medusa_export.engines.profiles``).
 """
 
 from __future__ import annotations
@@ -30,13 +32,19 @@ class Profile:
     name: str
     seq: tuple[int, int, int]  # T: min, opt, max
     past: tuple[int, int, int]  # past length: min, opt, max
+    batch: tuple[int, int, int] = (1, 1, 1)  # sequences per step: min, opt, max
 
     def __post_init__(self) -> None:
-        for label, r in (("T", self.seq), ("past", self.past)):
+        for label, r in (("T", self.seq), ("past", self.past), ("batch", self.batch)):
             if not (0 <= r[0] <= r[1] <= r[2]):
                 raise ValueError(f"profile {self.name}: {label} range {r} is not min <= opt <= max")
-        if self.seq[0] < 1:
-            raise ValueError(f"profile {self.name}: T must be at least 1")
+        if self.seq[0] < 1 or self.batch[0] < 1:
+            raise ValueError(f"profile {self.name}: T and the batch must be at least 1")
+
+    @property
+    def batched(self) -> bool:
+        """Takes several sequences per step (the batch profile), not a session's one."""
+        return self.batch[2] > 1
 
     @property
     def total(self) -> tuple[int, int, int]:
@@ -54,22 +62,22 @@ class Profile:
             if tensor.name == "temperature":
                 continue
             out[tensor.name] = tuple(
-                tensor.shape(dims, {io_table.BATCH: 1, io_table.SEQ: t, io_table.PAST: p, io_table.TOTAL: p + t})
-                for t, p in zip(self.seq, self.past))
+                tensor.shape(dims, {io_table.BATCH: b, io_table.SEQ: t, io_table.PAST: p, io_table.TOTAL: p + t})
+                for t, p, b in zip(self.seq, self.past, self.batch))
         return out
 
     def to_record(self) -> ProfileRecord:
-        return ProfileRecord(self.name, self.seq, self.past, self.total)
+        return ProfileRecord(self.name, self.seq, self.past, self.total, self.batch)
 
     @classmethod
     def from_record(cls, record: ProfileRecord) -> "Profile":
-        return cls(record.name, tuple(record.seq), tuple(record.past))
+        return cls(record.name, tuple(record.seq), tuple(record.past), tuple(record.batch))
 
 
 def select(profiles: list[Profile], t: int, past: int) -> int | None:
-    """Index of the profile for T new tokens after ``past``: the narrowest T range that fits (a fixed-T
-    step profile wins over the prefill range), or None."""
-    fitting = [i for i, p in enumerate(profiles) if p.fits(t, past)]
+    """Index of the one-sequence profile for T new tokens after ``past``: the narrowest T range that fits (a
+    fixed-T step profile wins over the prefill range), or None."""
+    fitting = [i for i, p in enumerate(profiles) if not p.batched and p.fits(t, past)]
     if not fitting:
         return None
     return min(fitting, key=lambda i: (profiles[i].seq[2] - profiles[i].seq[0], i))
@@ -86,7 +94,7 @@ def plan_chunks(profiles: list[Profile], t: int, past: int) -> list[tuple[int, i
     while a < t:
         best = None
         for i, p in enumerate(profiles):
-            if not p.past[0] <= past + a <= p.past[2]:
+            if p.batched or not p.past[0] <= past + a <= p.past[2]:
                 continue
             n = min(t - a, p.seq[2])
             if n >= p.seq[0] and (best is None or n > best[1]):
@@ -99,8 +107,8 @@ def plan_chunks(profiles: list[Profile], t: int, past: int) -> list[tuple[int, i
 
 
 def max_tokens(profiles: list[Profile]) -> int:
-    return max(p.seq[2] for p in profiles)
+    return max(p.seq[2] for p in profiles if not p.batched)
 
 
 def max_total(profiles: list[Profile]) -> int:
-    return max(p.total[2] for p in profiles)
+    return max(p.total[2] for p in profiles if not p.batched)

@@ -37,7 +37,8 @@ def build(
                                         "the default with --engine trt|all)."),
     max_num_seqs: int = typer.Option(_DEFAULTS.max_num_seqs, help="Lanes of the batched graph: sequences one step "
                                      "decodes together (the most `serve --max-num-seqs` and `bench --concurrency` "
-                                     "can use); 1..64, 1 builds no batched graph. Fused graphs only."),
+                                     "can use); 1..64, 1 builds no batched graph. Fused graphs: the lanes graph; "
+                                     "--engine trt|all: the vanilla engine's batch profile."),
 ) -> None:
     """Export model + fused heads to ONNX, validate against PyTorch, write a self-contained artifact.
 
@@ -69,7 +70,7 @@ def build(
     if engine != "onnx":
         from medusa_export.engines.cli_entry import build_engines_for_artifact
 
-        build_engines_for_artifact(out, required=(engine == "trt"), log=typer.echo)
+        build_engines_for_artifact(out, required=(engine == "trt"), log=typer.echo, max_num_seqs=options.max_num_seqs)
 
 
 @app.command("build-engines")
@@ -84,6 +85,8 @@ def build_engines(
     weakly_typed: bool = typer.Option(False, "--weakly-typed", help="TensorRT 10: weak typing + BuilderFlag.FP16/BF16."),
     optimization_level: Optional[int] = typer.Option(None, help="Builder optimization level 0-5."),
     timing_cache: Optional[Path] = typer.Option(None, help="Timing cache file (reused across builds)."),
+    max_num_seqs: int = typer.Option(_DEFAULTS.max_num_seqs, min=1, max=64, help="Sequences one batched step takes "
+                                     "(the vanilla engine's batch profile; 1: none)."),
 ) -> None:
     """(Re)build only the TensorRT engines of an artifact and record them in its manifest."""
     from medusa_export.engines.cli_entry import build_engines_for_artifact
@@ -91,7 +94,7 @@ def build_engines(
     build_engines_for_artifact(artifact, required=True, log=typer.echo, workspace_gib=workspace_gib,
                                max_prompt=max_prompt, opt_prompt=opt_prompt, opt_past=opt_past, allow_tf32=allow_tf32,
                                strongly_typed=not weakly_typed, optimization_level=optimization_level,
-                               timing_cache=timing_cache)
+                               timing_cache=timing_cache, max_num_seqs=max_num_seqs)
 
 
 @app.command()
