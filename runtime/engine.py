@@ -88,7 +88,7 @@ class Engine:
                 raise InputError(f"{name} must be an integer >= 1, got {value!r:.40}")
         max_num_seqs = max_num_seqs or (lanes.lanes if lanes else 1)
         if lanes is not None and max_num_seqs > lanes.lanes:
-            raise InputError(f"--max-num-seqs {max_num_seqs} exceeds the artifact's lanes graph ({lanes.lanes} lanes): "
+            raise InputError(f"--max-num-seqs {max_num_seqs} exceeds the artifact's batched steps ({lanes.lanes} lanes): "
                              f"lower it, or rebuild with `medusa-export build --max-num-seqs {max_num_seqs}`")
         if max_num_batched_tokens < max_num_seqs:
             raise InputError(f"--max-num-batched-tokens {max_num_batched_tokens} must be at least --max-num-seqs "

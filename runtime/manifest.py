@@ -295,6 +295,12 @@ class Manifest:
         """Sequences one batched step takes (0: no lanes graph; sequences then take turns)."""
         return self.graphs["lanes"].lanes if "lanes" in self.graphs else 0
 
+    @property
+    def engine_lanes(self) -> int:
+        """Sequences one batched TensorRT step takes (the vanilla engine's batch profile; 0: none)."""
+        record = self.engines.get("vanilla")
+        return max((p.batch[2] for p in record.profiles if p.batch[2] > 1), default=0) if record else 0
+
     def named_files(self) -> list[str]:
         """Every path the manifest names: the file records, graphs, engines and the heads directory."""
         names = list(self.files) + [g.file for g in self.graphs.values()]

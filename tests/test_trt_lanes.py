@@ -123,3 +123,13 @@ def test_engines_without_a_batch_profile_take_turns(fakes, tiny, tmp_path):
     alone = [rt.generator.generate(p, _cfg(False, 8)).token_ids for p in PROMPTS[:2]]
     assert [r.token_ids for r in rt.generate_many(PROMPTS[:2], max_new_tokens=8, medusa=False, chat=False)] == alone
     rt.close()
+
+
+def test_bench_refuses_more_concurrency_than_the_batch_profile_takes(batched):
+    from medusa_export.runtime.cli.bench_cmd import _check_artifact
+    from medusa_export.runtime.errors import InputError
+
+    art, _ = batched
+    _check_artifact(art, ["trt"], 3)
+    with pytest.raises(InputError, match="--concurrency 4 exceeds the artifact's batched trt steps \\(3 sequences\\)"):
+        _check_artifact(art, ["trt"], 4)

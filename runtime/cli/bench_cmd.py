@@ -99,13 +99,14 @@ def _check_outputs(as_json: Optional[Path], plot_file: Optional[Path]) -> None:
 
 def _check_artifact(artifact: Path, names: list[str], concurrency: int) -> None:
     """The artifact's manifest, read before the benchmark starts its progress bar. ONNX Runtime batches on the
-    artifact's lanes graph: more requests than it has lanes cannot run together, which the batched rows would
-    only find out after the single-stream rows."""
+    artifact's lanes graph, TensorRT in the vanilla engine's batch profile: more requests than they take cannot run
+    together, which the batched rows would only find out after the single-stream rows."""
     from ..errors import InputError
     from ..manifest import Manifest
 
-    lanes = Manifest.read(artifact).lanes
-    if concurrency > 1 and "ort" in names and lanes and concurrency > lanes:
-        raise InputError(f"--concurrency {concurrency} exceeds the artifact's lanes graph ({lanes} lanes): use at most "
-                         f"{lanes}, or rebuild the artifact with more lanes (`medusa-export build --max-num-seqs N`, "
-                         f"N up to 64)")
+    manifest = Manifest.read(artifact)
+    for name, lanes in (("ort", manifest.lanes), ("trt", manifest.engine_lanes)):
+        if concurrency > 1 and name in names and lanes and concurrency > lanes:
+            raise InputError(f"--concurrency {concurrency} exceeds the artifact's batched {name} steps ({lanes} "
+                             f"sequences): use at most {lanes}, or rebuild the artifact with more "
+                             f"(`medusa-export build --max-num-seqs N`, N up to 64)")
