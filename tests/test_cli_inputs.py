@@ -188,3 +188,23 @@ def test_build_max_seq_outside_what_loading_takes_is_refused(max_seq, needle):
 
     with pytest.raises(InputError, match=needle):
         BuildOptions(max_seq=max_seq)
+
+
+# ------------------------------------------------------------------------------------------- usage errors
+
+
+@pytest.mark.parametrize("args, words", [
+    (("generate", "--bogus"), ("No such option: --bogus", "medusa-export generate --help")),
+    (("bench",), ("Missing argument", "medusa-export bench --help")),
+    (("serve", "x", "--max-num-seqs", "0"), ("--max-num-seqs", "greater than or equal to 1")),
+    (("generate", "--max-new-tokens", "many"), ("--max-new-tokens", "valid integer")),
+])
+def test_usage_errors_are_one_line_naming_the_help(args, words):
+    """Typer's own checks (unknown options, ranges, missing arguments, types) end like every other bad input: one
+    line on stderr, exit code 2, the command's --help named."""
+    refused_before_work(cli(*args), *words)
+
+
+def test_help_still_prints_and_exits_0():
+    proc = cli("generate", "--help")
+    assert proc.returncode == 0 and "--max-new-tokens" in proc.stdout

@@ -131,5 +131,5 @@ def test_bench_refuses_more_concurrency_than_the_batch_profile_takes(batched):
 
     art, _ = batched
     _check_artifact(art, ["trt"], 3)
-    with pytest.raises(InputError, match="--concurrency 4 exceeds the artifact's batched trt steps \\(3 sequences\\)"):
+    with pytest.raises(InputError, match="--concurrency 4 exceeds the artifact's TensorRT batch profile \\(3 sequences\\)"):
         _check_artifact(art, ["trt"], 4)

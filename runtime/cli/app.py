@@ -1,8 +1,8 @@
 """`medusa-export`: build, generate, verify, bench, serve, train-heads, calibrate-tree.
 
 Every command imports its heavy dependencies (torch, transformers, onnxruntime) only when it runs,
-so `medusa-export --help` stays fast. Library errors (`MedusaExportError`) become one line on stderr
-and exit code 2.
+so `medusa-export --help` stays fast. Library errors (`MedusaExportError`) and usage errors (an unknown
+option, a value out of its range, a missing argument) become one line on stderr and exit code 2.
 """
 
 from __future__ import annotations
@@ -60,10 +60,34 @@ def _register() -> None:
     from . import bench_cmd, build_cmd, generate_cmd, serve_cmd, train_cmd  # noqa: F401
 
 
+def _click_errors():
+    """The click exception classes typer raises (typer >= 0.20 carries its own copy of click)."""
+    try:
+        from typer._click import exceptions
+    except ImportError:
+        from click import exceptions
+    return exceptions
+
+
 def main() -> None:
+    errors = _click_errors()
     _register()
     signal.signal(signal.SIGTERM, _on_sigterm)  # `serve` puts its own in place while it drains (serve/server.py)
     try:
-        app()
+        code = app(standalone_mode=False)
+    except errors.NoArgsIsHelpError as e:  # a bare command: its help, as click would show it
+        typer.echo(e.ctx.get_help(), err=True)
+        sys.exit(2)
+    except errors.UsageError as e:  # an unknown option, a value out of range, a missing argument
+        command = e.ctx.command_path if e.ctx else "medusa-export"
+        typer.echo(f"error: {e.format_message()} (see `{command} --help`)", err=True)
+        sys.exit(2)
+    except errors.ClickException as e:
+        typer.echo(f"error: {e.format_message()}", err=True)
+        sys.exit(e.exit_code)
+    except typer.Abort:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
     except SystemExit as e:
         sys.exit(e.code)
+    sys.exit(code if isinstance(code, int) else 0)

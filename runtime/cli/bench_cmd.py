@@ -105,8 +105,8 @@ def _check_artifact(artifact: Path, names: list[str], concurrency: int) -> None:
     from ..manifest import Manifest
 
     manifest = Manifest.read(artifact)
-    for name, lanes in (("ort", manifest.lanes), ("trt", manifest.engine_lanes)):
+    for name, lanes, what in (("ort", manifest.lanes, f"lanes graph ({manifest.lanes} lanes)"),
+                              ("trt", manifest.engine_lanes, f"TensorRT batch profile ({manifest.engine_lanes} sequences)")):
         if concurrency > 1 and name in names and lanes and concurrency > lanes:
-            raise InputError(f"--concurrency {concurrency} exceeds the artifact's batched {name} steps ({lanes} "
-                             f"sequences): use at most {lanes}, or rebuild the artifact with more "
-                             f"(`medusa-export build --max-num-seqs N`, N up to 64)")
+            raise InputError(f"--concurrency {concurrency} exceeds the artifact's {what}: use at most {lanes}, or "
+                             f"rebuild the artifact with more (`medusa-export build --max-num-seqs N`, N up to 64)")
