@@ -71,6 +71,21 @@ def test_run_bench_checks_the_room_before_loading(artifact, monkeypatch):
         run_bench(artifact, ["ort"], ["t1 t2"], max_new_tokens=500)
 
 
+def test_bench_keeps_the_rows_measured_before_a_later_backend_fails(artifact, tmp_path):
+    """`--backends ort,trt` on a fused artifact: the TensorRT backend cannot load it, after the ONNX Runtime rows ran.
+    The command fails in one line and the --json report holds those rows and why it stopped."""
+    from test_cli import cli
+
+    report = tmp_path / "bench.json"
+    proc = cli("bench", str(artifact), "--backends", "ort,trt", "--no-hf", "--limit", "1", "--max-new-tokens", "3",
+               "--json", str(report))
+    assert proc.returncode == 2 and "error: " in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    saved = json.loads(report.read_text())
+    assert [r["backend"] for r in saved["results"]] == ["ort"] * 3
+    assert saved["incomplete"].startswith("stopped after 3 rows: ") and "portable" in saved["incomplete"]
+    assert "rows measured before it stopped are in" in proc.stderr
+
+
 def test_plot_draws_rows_without_steps(tmp_path):
     """With --max-new-tokens 1 every answer ends at the prefill's token: no steps, mean_accepted None."""
     pytest.importorskip("matplotlib")

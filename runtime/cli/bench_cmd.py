@@ -60,6 +60,9 @@ def bench(
             typer.echo(f"note: {note}", err=True)
         if as_json:
             as_json.write_text(json.dumps(report, indent=2) + "\n")
+            if report.get("incomplete"):
+                typer.echo(f"note: the {len(report['results'])} rows measured before it stopped are in {as_json}",
+                           err=True)
 
     baseline = None
     if hf:
