@@ -38,6 +38,7 @@ from .onnx_export import OPSET, export_step_graph
 from .output_dir import check_out_dir, new_work_dir, replace_dir
 from .provenance import content_sha256
 from .quantize import CALIBRATION, RECIPES, quantize_graph
+from .shared_weights import share_weights
 from .step_model import StepModel
 from .torch_backend import TorchBackend, model_dims
 from .validate import validate_graph
@@ -69,6 +70,8 @@ def build_artifact(model: str | None, out: str | Path, options: BuildOptions = B
             graphs[kind], validation[kind] = _export_graph(loaded, kind, h, tree_obj, options, work, step_log)
         if options.lanes:
             graphs["lanes"] = _export_lanes(loaded, options, work, step_log)
+        with step_log("store the graphs' weights once (weights.bin)"):
+            share_weights(work, [g.file for g in graphs.values()])
         loaded.tokenizer.save(work)
         save_heads(chosen.heads, work / "heads")
         dims = model_dims(loaded.model.config, chosen.heads, options.head_topk, options.sample_topk,

@@ -16,6 +16,7 @@ table when it is loaded.
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -124,24 +125,38 @@ class OrtBackend(Backend):
             raise InputError(f"threads must be an integer in 1..{MAX_THREADS}, got {threads!r:.40}")
         if threads:
             opts.intra_op_num_threads = threads
-        self.sessions = {}
-        for kind, graph in manifest.graphs.items():
-            path = artifact_file(directory, graph.file)
-            # Build keeps weights past 2 GB in `<file>.data` and lists it; one there but not listed is refused.
-            # (A graph naming other external-data files is not checked: ONNX Runtime opens what the graph names.)
-            manifest.listed_file(directory, graph.file + ".data")
-            try:
-                session = ort.InferenceSession(str(path), opts, providers=providers)
-            except Exception as e:  # onnxruntime raises its own exception types for bad files
-                raise ArtifactError(f"ONNX Runtime cannot load {path} ({str(e).splitlines()[0][:160]}): rebuild the artifact") from None
-            check_graph_io(session, path, dims, medusa=kind == "medusa", layout=self.kv_layout, paths=self.paths[kind],
-                           lanes=graph.lanes)
-            self.sessions[kind] = session
-        lanes = self.sessions.pop("lanes", None)  # not a one-sequence graph: the engine runs it
-        self.lanes = OrtLanes(lanes, dims, manifest.lanes, _min_rows(manifest)) if lanes is not None else None
+        self.directory, self.manifest, self.opts, self.providers = directory, manifest, opts, providers
+        self.sessions = {kind: self._open(kind) for kind in manifest.graphs if kind != "lanes"}
+        # The lanes graph (the engine's batched steps) opens at first use: decoding one sequence at a time never
+        # needs it, and each open graph holds its own prepacked weights (~0.6 GB for the default fp32 model).
+        self._lanes: OrtLanes | None = None
+        self._lanes_lock = threading.Lock()
         # Graphs that compute their per-position outputs only for the rows asked (`io_table.row_selection_input`).
         name = io_table.row_selection_input().name
         self.selects_rows = {kind: any(i.name == name for i in s.get_inputs()) for kind, s in self.sessions.items()}
+
+    def _open(self, kind: str):
+        """An ONNX Runtime session of the manifest's graph ``kind``, its inputs and outputs checked."""
+        ort, graph, directory = _import_ort(), self.manifest.graphs[kind], self.directory
+        path = artifact_file(directory, graph.file)
+        # Build keeps weights past 2 GB in `<file>.data` and lists it; one there but not listed is refused.
+        # (A graph naming other external-data files is not checked: ONNX Runtime opens what the graph names.)
+        self.manifest.listed_file(directory, graph.file + ".data")
+        try:
+            session = ort.InferenceSession(str(path), self.opts, providers=self.providers)
+        except Exception as e:  # onnxruntime raises its own exception types for bad files
+            raise ArtifactError(f"ONNX Runtime cannot load {path} ({str(e).splitlines()[0][:160]}): rebuild the artifact") from None
+        check_graph_io(session, path, self.dims, medusa=kind == "medusa", layout=self.kv_layout, paths=self.paths[kind],
+                       lanes=graph.lanes)
+        return session
+
+    @property
+    def lanes(self) -> OrtLanes | None:
+        """The batched steps' runner on the lanes graph (None without one), opened at the first call."""
+        with self._lanes_lock:
+            if self._lanes is None and self.sessions and "lanes" in self.manifest.graphs:
+                self._lanes = OrtLanes(self._open("lanes"), self.dims, self.manifest.lanes, _min_rows(self.manifest))
+            return self._lanes
 
     def new_session(self, capacity: int | None = None) -> Session:
         if not self.sessions:
@@ -149,7 +164,8 @@ class OrtBackend(Backend):
         return OrtSession(self, min(capacity or self.max_seq, self.max_seq))
 
     def close(self) -> None:
-        self.sessions, self.lanes = {}, None  # ONNX Runtime frees a session's memory when its last reference goes
+        with self._lanes_lock:  # ONNX Runtime frees a session's memory when its last reference goes
+            self.sessions, self._lanes = {}, None
 
 
 class OrtSession(Session):
