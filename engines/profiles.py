@@ -10,8 +10,9 @@ The `Profile` type and the run-time choice of a profile live with the TensorRT b
 * prefill: T in [1, max_prompt], past in [0, max_seq - max_prompt] (a longer prompt runs in chunks);
 * tree:    T = the tree's node count (min = opt = max), past in [0, max_seq - T];
 * decode:  T = 1 (the vanilla graph's one-token steps), past in [0, max_seq - 1];
-* batch:   (vanilla, ``max_num_seqs`` > 1) 1 to max_num_seqs sequences of T in [1, batch_tokens] rows each (a
-  token and its drafts, or a prompt chunk; opt 1), past in [0, max_seq - 1]: the batched steps (`trt_lanes.py`).
+* batch:   (vanilla, ``max_num_seqs`` > 1) 1 to max_num_seqs sequences of T in [1, min(batch_tokens, max_prompt //
+  max_num_seqs)] rows each (a token and its drafts, or a prompt chunk; opt 1), past in [0, max_seq - 1]: the batched
+  steps (`trt_lanes.py`).
 """
 
 from __future__ import annotations
@@ -48,7 +49,9 @@ def engine_profiles(manifest: Manifest, kind: str, max_prompt: int | None = None
     step = Profile(name, (t, t, t), (0, opt, room))
     if kind == "medusa" or max_num_seqs < 2:
         return [prefill, step]
-    rows = max(1, min(batch_tokens, max_seq))
+    # B x T rows at most what the prefill profile takes: a context's activation memory is sized for the largest profile
+    # (TensorRT's default static allocation), so the batch profile adds none to it.
+    rows = max(1, min(batch_tokens, max_prompt // max_num_seqs))
     batch = Profile("batch", (1, 1, rows), (0, opt, max_seq - 1), (1, max_num_seqs, max_num_seqs))
     return [prefill, step, batch]
 

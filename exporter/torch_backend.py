@@ -64,6 +64,10 @@ class TorchSession(Session):
     def length(self) -> int:
         return self.kv.length
 
+    @property
+    def kv_bytes(self) -> int:
+        return self.kv.nbytes
+
     @torch.inference_mode()
     def run(self, input_ids, position_ids, tree_mask, medusa, temperature, out_rows=None) -> StepOutput:
         # out_rows: every row is computed and returned (see `Session.run`)

@@ -99,7 +99,7 @@ class Engine:
         backend = generator.backend
         self.slots = [backend.new_session() for _ in range(max_num_seqs)]  # preallocated KV, reused
         self.free = list(range(max_num_seqs))[::-1]  # slot indices; pop() gives the lowest
-        self.kv_bytes = sum(getattr(getattr(s, "kv", None), "store", np.zeros(0)).nbytes for s in self.slots)
+        self.kv_bytes = sum(s.kv_bytes for s in self.slots)
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
         self.lock = threading.Lock()  # waiting / cancellation may change from other threads

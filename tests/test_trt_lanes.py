@@ -44,11 +44,14 @@ def test_the_vanilla_engine_gets_a_batch_profile(batched):
     assert all(p.batch == (1, 1, 1) for p in vanilla.profiles[:2] + medusa.profiles)
 
 
-def test_batched_answers_equal_the_answers_alone(batched, fakes):
+def test_batched_answers_equal_the_answers_alone(batched, fakes, monkeypatch):
     """Four greedy requests through three lanes (arrivals staggered by the engine's admission), prompts longer
-    than the profile's rows among them: each answer equals its answer alone, on TensorRT and on ONNX Runtime."""
+    than the profile's rows among them, the batch past growing from 4 rows: each answer equals its answer alone,
+    on TensorRT and on ONNX Runtime."""
     from medusa_export.runtime.api import MedusaRuntime
+    from medusa_export.runtime.backends import trt_lanes
 
+    monkeypatch.setattr(trt_lanes, "MIN_PAST_ROWS", 4)
     art, _ = batched
     ort_gen = MedusaRuntime.load(art, backend="ort").generator
     rt = MedusaRuntime.load(art, backend="trt")
@@ -133,3 +136,64 @@ def test_bench_refuses_more_concurrency_than_the_batch_profile_takes(batched):
     _check_artifact(art, ["trt"], 3)
     with pytest.raises(InputError, match="--concurrency 4 exceeds the artifact's TensorRT batch profile \\(3 sequences\\)"):
         _check_artifact(art, ["trt"], 4)
+
+
+def test_the_batch_past_grows_with_the_longest_prefix_and_frees_the_old_one(batched, fakes, monkeypatch):
+    """The batch past starts small and doubles (or jumps to what a step needs) instead of holding every lane's
+    whole capacity twice; the replaced buffer is freed; Engine.kv_bytes counts the sessions' KV."""
+    from medusa_export.runtime.api import MedusaRuntime
+    from medusa_export.runtime.backends import trt_lanes
+    from medusa_export.runtime.backends.lanes import Lane
+    from medusa_export.runtime.engine import Engine
+
+    monkeypatch.setattr(trt_lanes, "MIN_PAST_ROWS", 4)
+    art, _ = batched
+    rt = MedusaRuntime.load(art, backend="trt")
+    lanes = rt.generator.backend.lanes
+    grown = []
+    # 4 rows to start; 7 needs 8 (doubled); 20 goes in chunks of 8 rows (16 after 2 chunks), then its step needs 20: 32
+    for prefix in (2, 3, 7, 20):
+        sessions = [rt.generator.backend.new_session() for _ in range(2)]
+        for s in sessions:
+            lanes.run([Lane(s, np.arange(3, 3 + prefix), 1.0)])
+            lanes.keep(s, np.arange(prefix))
+        before = set(fakes.cuda.live)
+        lanes.run([Lane(s, np.array([5]), 1.0) for s in sessions])
+        for s in sessions:
+            lanes.keep(s, np.arange(1))
+        grown.append(lanes.device.past_rows)
+        assert lanes.kv_bytes >= 2 * prefix * lanes.row * lanes.layers
+        if prefix == 20:  # the step itself regrew the buffer: the old one is freed, a new one made
+            assert set(fakes.cuda.live) - before and before - set(fakes.cuda.live)
+        for s in sessions:
+            s.close()
+    assert grown == [4, 4, 8, 32]
+    engine = Engine(rt.generator)
+    assert engine.kv_bytes == 3 * engine.slots[0].layers * engine.slots[0].pitch > 0
+    engine.close()
+    rt.close()
+
+
+def test_a_closed_session_is_refused(batched):
+    from medusa_export.runtime.api import MedusaRuntime
+    from medusa_export.runtime.backends.lanes import Lane
+
+    art, _ = batched
+    rt = MedusaRuntime.load(art, backend="trt")
+    session = rt.generator.backend.new_session()
+    session.close()
+    with pytest.raises(ValueError, match="lane 0: its session is closed"):
+        rt.generator.backend.lanes.run([Lane(session, np.array([5, 6]), 1.0)])
+    rt.close()
+
+
+def test_the_batch_profile_takes_no_more_rows_than_the_prefill_profile(batched):
+    """A context's activation memory follows its largest profile: B x T of the batch profile stays within the
+    prefill profile's T, so adding it costs the session contexts nothing."""
+    from medusa_export.engines.profiles import engine_profiles
+
+    _, manifest = batched
+    for seqs in (2, 3, 8, 24, 64):
+        prefill, _, batch = engine_profiles(manifest, "vanilla", max_num_seqs=seqs)
+        assert batch.batch == (1, seqs, seqs) and batch.seq[2] == max(1, min(64, prefill.seq[2] // seqs))
+        assert batch.batch[2] * batch.seq[2] <= max(prefill.seq[2], seqs)

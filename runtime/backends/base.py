@@ -77,6 +77,11 @@ class Session(ABC):
     capacity: int
     length: int
 
+    @property
+    def kv_bytes(self) -> int:
+        """Bytes its preallocated KV cache holds (what the server reports at start)."""
+        return 0
+
     def close(self) -> None:
         """Release the session's buffers (idempotent)."""
 
@@ -172,6 +177,10 @@ class KVCache:
         self.capacity = capacity
         self.length = 0
         self.staged = 0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(b.nbytes) for b in self.buffers())  # numpy arrays and torch tensors alike
 
     def buffers(self) -> list[np.ndarray]:
         """Flat list in io_table order: layer 0 key, layer 0 value, layer 1 key, ..."""

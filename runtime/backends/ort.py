@@ -196,6 +196,10 @@ class OrtSession(Session):
     def length(self) -> int:
         return self.kv.length if self.kv is not None else 0
 
+    @property
+    def kv_bytes(self) -> int:
+        return self.kv.nbytes if self.kv is not None else 0
+
     def run(self, input_ids, position_ids, tree_mask, medusa, temperature, out_rows=None) -> StepOutput:
         if self.kv is None:
             raise ValueError("this session is closed")

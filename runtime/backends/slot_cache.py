@@ -40,6 +40,10 @@ class SlotCache:
         self.used = 1
 
     @property
+    def nbytes(self) -> int:
+        return int(self.store.nbytes)
+
+    @property
     def slots(self) -> int:
         return self.store.shape[1]
 

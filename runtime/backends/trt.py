@@ -294,6 +294,10 @@ class TrtSession(Session):
     def length(self) -> int:
         return self._length
 
+    @property
+    def kv_bytes(self) -> int:
+        return self.layers * self.pitch
+
     def close(self) -> None:
         self._release()  # runs once; later calls do nothing
 

@@ -36,14 +36,18 @@ from .lanes import Lane, LaneOutput
 _OUTPUTS = ("next_token_ids", "next_token_probs", "entropy")  # what a lane's output holds
 
 
+MIN_PAST_ROWS = 256  # the batch past's first size in rows per lane; it doubles as longer prefixes arrive
+
+
 @dataclass
 class _Device:
     stream: object
     ctx: object
     inputs: cuda_buffers.DeviceArena  # token inputs and reduced outputs, one piece each
     ptr: dict[str, int]
-    past: cuda_buffers.DeviceArena  # every layer's [B, P, kv_heads, head_dim] batch past
     stage: cuda_buffers.DeviceArena  # every layer's [B, T, kv_heads, head_dim] present rows
+    past: cuda_buffers.DeviceArena | None = None  # every layer's [B, P, kv_heads, head_dim] batch past
+    past_rows: int = 0  # the longest prefix per lane it has room for
 
 
 class TrtLanes:
@@ -63,6 +67,8 @@ class TrtLanes:
         if len(lanes) > self.lanes or not any(lanes):
             raise ValueError(f"a batched step takes 1 to {self.lanes} sequences")
         for i, lane in enumerate(lanes):
+            if lane and not lane.session._release.alive:
+                raise ValueError(f"lane {i}: its session is closed")
             if lane and lane.session.length + len(lane.tokens) > lane.session.capacity:
                 raise ValueError(f"lane {i}: {lane.session.length} + {len(lane.tokens)} rows do not fit a KV buffer "
                                  f"of {lane.session.capacity}")
@@ -97,15 +103,15 @@ class TrtLanes:
     def keep(self, session, rows: np.ndarray) -> None:
         session.keep(rows)
 
+    @property
+    def kv_bytes(self) -> int:
+        """Device bytes the batch past holds now (it grows with the longest prefix, up to lanes x max_seq rows)."""
+        return self.device.past.nbytes if self.device is not None and self.device.past is not None else 0
+
     def close(self) -> None:
         dev, self.device = self.device, None
         if dev is not None:
-            for arena in (dev.inputs, dev.past, dev.stage):
-                arena.free()
-            try:
-                self.backend.cuda.stream_destroy(dev.stream)
-            except Exception:  # interpreter shutdown or a dead context
-                pass
+            _free(self.backend.cuda, dev.stream, dev.inputs, dev.stage, dev.past)
 
     # ---- one execution ------------------------------------------------------------------------------------
     def _execute(self, dev: _Device, lanes: list[Lane], start: int, temperature: float) -> list[tuple]:
@@ -117,6 +123,7 @@ class TrtLanes:
         n, t, p = len(lanes), max(len(x) for x in tokens), max(pasts)
         if p > self.max_past:
             raise ValueError(f"a batched step after {p} tokens exceeds the batch profile's past ({self.max_past})")
+        past_base = self._past(dev, p)
         ids = np.zeros((n, t), e.dtypes["input_ids"])
         pos = np.zeros((n, t), e.dtypes["position_ids"])
         mask = np.zeros((n, 1, t, p + t), bool)
@@ -131,7 +138,7 @@ class TrtLanes:
         for i, (lane, past) in enumerate(zip(lanes, pasts)):  # each lane's prefix into the batch past, all layers
             if past:
                 s = lane.session
-                cuda.d2d_2d(dev.past.base + i * p * self.row, past_pitch, s.kv, s.pitch, past * self.row,
+                cuda.d2d_2d(past_base + i * p * self.row, past_pitch, s.kv, s.pitch, past * self.row,
                             self.layers, stream)
         ctx = dev.ctx
         host = {"input_ids": ids, "position_ids": pos, "attention_mask": mask.astype(e.dtypes["attention_mask"]),
@@ -144,12 +151,13 @@ class TrtLanes:
         kv_shape = (n, p, *self._kv_dims())
         for j, name in enumerate(self.past_names):
             self._shape(name, kv_shape)
-            ctx.set_tensor_address(name, dev.past.base + j * past_pitch)
+            ctx.set_tensor_address(name, past_base + j * past_pitch)
         for j, name in enumerate(self.present_names):
             ctx.set_tensor_address(name, dev.stage.base + j * stage_pitch)
         for x in e.reduced:
             ctx.set_tensor_address(x.name, dev.ptr[x.name])
         if not ctx.execute_async_v3(cuda.handle(stream)):
+            cuda.synchronize(stream)  # the gathers already queued finish before the caller frees anything
             raise EngineError(f"TensorRT execution failed (vanilla engine, batched step of {n} x {t} rows after up to "
                               f"{p}): see the TensorRT log above; check the GPU with nvidia-smi")
         for i, (lane, past, row_ids) in enumerate(zip(lanes, pasts, tokens)):  # each lane's new rows into its session
@@ -165,6 +173,7 @@ class TrtLanes:
 
     def _shape(self, name: str, shape: tuple) -> None:
         if not self.device.ctx.set_input_shape(name, shape):
+            self.backend.cuda.synchronize(self.device.stream)
             raise EngineError(f"TensorRT rejected shape {shape} for {name} (batch profile): rebuild the engines "
                               f"(`medusa-export build-engines ARTIFACT --max-num-seqs {self.lanes}`)")
 
@@ -181,18 +190,48 @@ class TrtLanes:
         if ctx is None:
             raise EngineError("TensorRT could not create an execution context for batched steps: the GPU is probably "
                               "out of memory; free it, or use a smaller --max-seq or --max-num-seqs")
-        stream = cuda.stream_create()
-        if not ctx.set_optimization_profile_async(self.profile, cuda.handle(stream)):
-            raise EngineError(f"TensorRT could not switch a context to the batch profile ({self.profile}): rebuild "
-                              f"the engines")
-        largest = {io_table.BATCH: self.lanes, io_table.SEQ: self.max_rows, io_table.TOTAL: self.max_past + self.max_rows}
-        sizes = {t.name: int(np.prod(t.shape(b.dims, largest))) * e.dtypes[t.name].itemsize
-                 for t in io_table.token_inputs() + e.reduced}
-        inputs = cuda_buffers.DeviceArena(cuda, list(sizes.values()))
-        past = cuda_buffers.DeviceArena(cuda, [self.layers * cuda_buffers.round_up(self.lanes * self.max_past * self.row)])
-        stage = cuda_buffers.DeviceArena(cuda, [self.layers * cuda_buffers.round_up(self.lanes * self.max_rows * self.row)])
-        # Rows past a lane's own prefix are masked, but a masked key's value still meets a zero weight: they must
-        # hold numbers (earlier prefixes or zeros), never uninitialised NaNs.
-        cuda.memset(past.base, 0, past.nbytes, stream)
-        self.device = _Device(stream, ctx, inputs, dict(zip(sizes, inputs.ptrs)), past, stage)
+        stream, arenas = cuda.stream_create(), []
+        try:
+            if not ctx.set_optimization_profile_async(self.profile, cuda.handle(stream)):
+                raise EngineError(f"TensorRT could not switch a context to the batch profile ({self.profile}): "
+                                  f"rebuild the engines")
+            largest = {io_table.BATCH: self.lanes, io_table.SEQ: self.max_rows,
+                       io_table.TOTAL: self.max_past + self.max_rows}
+            sizes = {t.name: int(np.prod(t.shape(b.dims, largest))) * e.dtypes[t.name].itemsize
+                     for t in io_table.token_inputs() + e.reduced}
+            arenas.append(cuda_buffers.DeviceArena(cuda, list(sizes.values())))
+            arenas.append(cuda_buffers.DeviceArena(
+                cuda, [self.layers * cuda_buffers.round_up(self.lanes * self.max_rows * self.row)]))
+        except BaseException:
+            _free(cuda, stream, *arenas)
+            raise
+        self.device = _Device(stream, ctx, arenas[0], dict(zip(sizes, arenas[0].ptrs)), arenas[1])
         return self.device
+
+    def _past(self, dev: _Device, rows: int) -> int:
+        """The batch past's base address, with room for ``rows`` per lane: it starts at `MIN_PAST_ROWS` and doubles
+        (up to the profile's past) as longer prefixes arrive, rather than holding lanes x max_seq rows from the
+        start (a second copy of every lane's whole KV capacity)."""
+        if rows > dev.past_rows or dev.past is None:
+            need = min(max(MIN_PAST_ROWS, 2 * dev.past_rows, rows), self.max_past)
+            cuda = self.backend.cuda
+            cuda.synchronize(dev.stream)  # the old buffer may still be read by the last execution
+            if dev.past is not None:
+                dev.past.free()
+                dev.past, dev.past_rows = None, 0
+            dev.past = cuda_buffers.DeviceArena(cuda, [self.layers * cuda_buffers.round_up(self.lanes * need * self.row)])
+            # Rows past a lane's own prefix are masked, but a masked key's value still meets a zero weight: they
+            # must hold numbers (earlier prefixes or zeros), never uninitialised NaNs.
+            cuda.memset(dev.past.base, 0, dev.past.nbytes, dev.stream)
+            dev.past_rows = need
+        return dev.past.base
+
+
+def _free(cuda, stream, *arenas) -> None:
+    for arena in arenas:
+        if arena is not None:
+            arena.free()
+    try:
+        cuda.stream_destroy(stream)
+    except Exception:  # interpreter shutdown or a dead context
+        pass
