@@ -79,10 +79,12 @@ step verify verify.log medusa-export verify "$art" --backends ort,trt ${prompts:
 # 4. Bench: tokens/s, accepted tokens per step, step latency, for ONNX Runtime and TensorRT.
 step bench bench.log medusa-export bench "$art" --backends ort,trt ${prompts:+--prompts "$prompts"} --limit "$limit" \
     --max-new-tokens "$new_tokens" --no-hf --json "$results/bench.json"
+step bench_c8 bench_c8.log medusa-export bench "$art" --backends trt ${prompts:+--prompts "$prompts"} --limit "$limit" \
+    --max-new-tokens "$new_tokens" --no-hf --concurrency 8 --json "$results/bench_concurrency8.json"
 
 # 5. The tests that need TensorRT and a GPU (skipped elsewhere), plus the rest of the engine tests.
 if [[ "${PYTEST:-1}" != 0 ]]; then
-    step pytest pytest.log python -m pytest -q -rs tests/test_engines.py tests/test_trt_backend.py
+    step pytest pytest.log python -m pytest -q -rs tests/test_engines.py tests/test_trt_backend.py tests/test_trt_lanes.py
 fi
 
 # 6. Optional: the PyTorch-on-CUDA reference check.

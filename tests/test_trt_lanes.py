@@ -16,7 +16,10 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
+from medusa_export.runtime.backends import trt_availability as availability  # noqa: E402
 from test_trt_backend import _cfg, _copy, fakes, tiny  # noqa: E402,F401 - fixtures shared with that module
+
+SKIP_REASON = availability.skip_reason()
 
 # Prompts of 2 to 30 tokens: the longer ones exceed the batch profile's 8 rows and go in causal chunks.
 PROMPTS = [[5, 17, 42, 99, 7, 8, 9], [200, 3], list(range(3, 33)), [11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21]]
@@ -197,3 +200,19 @@ def test_the_batch_profile_takes_no_more_rows_than_the_prefill_profile(batched):
         prefill, _, batch = engine_profiles(manifest, "vanilla", max_num_seqs=seqs)
         assert batch.batch == (1, seqs, seqs) and batch.seq[2] == max(1, min(64, prefill.seq[2] // seqs))
         assert batch.batch[2] * batch.seq[2] <= max(prefill.seq[2], seqs)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(SKIP_REASON is not None, reason=SKIP_REASON or "")
+def test_real_tensorrt_batched_answers_equal_the_answers_alone(tiny, tmp_path):
+    """On a GPU with TensorRT: the batch profile is built and batched greedy answers equal the answers alone (not
+    guaranteed bit for bit on TensorRT, see docs/tensorrt.md; on a tiny fp32 model the tokens should agree)."""
+    from medusa_export.runtime.api import MedusaRuntime
+
+    art = _copy(tiny, tmp_path / "art")
+    _engines(art, max_num_seqs=3, batch_tokens=8)
+    with MedusaRuntime.load(art, backend="trt") as rt:
+        assert rt.generator.backend.lanes is not None
+        alone = [rt.generator.generate(p, _cfg(False, 12)).token_ids for p in PROMPTS]
+        together = rt.generate_many(PROMPTS, max_new_tokens=12, medusa=False, chat=False)
+        assert [r.token_ids for r in together] == alone
