@@ -21,6 +21,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from .quantized_embedding import embed_from_lm_head
+
 # min_rows: the rows every quantized matmul must see for a row's result not to depend on how many there are
 # (the graph pads a one-token step to two rows: `fused_backbone` ``pad_rows``). Measured on an AVX2 CPU with
 # ONNX Runtime 1.2x: int4 MatMulNBits gives a different last bit at M = 1 than at M >= 2; int8 does not.
@@ -57,6 +59,8 @@ def quantize_graph(path: Path, recipe_name: str) -> dict:
     q.process()
     quantized = q.model.model
     left = sum(n.op_type == "MatMul" for n in quantized.graph.node)
+    embedding = embed_from_lm_head(quantized, recipe["bits"], recipe["block_size"])
     onnx.save_model(quantized, str(path))
     return {"name": recipe_name, **RECIPES[recipe_name], "tool": f"onnxruntime {onnxruntime.__version__}",
-            "matmuls_quantized": before - left, "matmuls_left_fp": left}
+            "matmuls_quantized": before - left, "matmuls_left_fp": left,
+            "embedding": "GatherBlockQuantized on the lm_head's weights" if embedding else "fp32"}

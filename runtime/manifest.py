@@ -164,6 +164,7 @@ class QuantizationRecord:
     matmuls_quantized: int
     matmuls_left_fp: int
     smooth_alpha: float = 0.0  # SmoothQuant strength folded into the weights before quantizing (0: none)
+    embedding: str = "fp32"  # the token embedding: fp32, or read from the tied lm_head's quantized weights
 
 
 @dataclass(frozen=True)
