@@ -96,6 +96,29 @@ def check_file(path: Path, rec, check_hashes: bool) -> None:
         raise ArtifactError(f"artifact file {path} cannot be read ({_why(e)}): rebuild the artifact") from None
 
 
+_LOCATION = b"\x0a\x08location\x12"  # an ONNX external-data entry: key "location" (field 1), then its value (field 2)
+
+
+def external_data_names(graph: Path) -> set[str]:
+    """The files an ONNX graph file names as external data, read from its bytes (the runtime has no ``onnx``
+    package; the graph files are small once their weights live in ``weights.bin``)."""
+    try:
+        data = graph.read_bytes()
+    except OSError as e:
+        raise ArtifactError(f"artifact file {graph} cannot be read ({_why(e)}): rebuild the artifact") from None
+    names, at = set(), data.find(_LOCATION)
+    while at >= 0:
+        i, length, shift = at + len(_LOCATION), 0, 0
+        while i < len(data) and shift < 35:  # the value's length, a varint
+            length |= (data[i] & 0x7F) << shift
+            shift, i = shift + 7, i + 1
+            if not data[i - 1] & 0x80:
+                break
+        names.add(data[i:i + length].decode("utf-8", "replace"))
+        at = data.find(_LOCATION, i)
+    return names
+
+
 def _why(e: BaseException) -> str:
     """An OS error's reason without the path it repeats."""
     return getattr(e, "strerror", None) or str(e)[:80] or type(e).__name__

@@ -81,11 +81,12 @@ class Engine:
                  max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS,
                  on_step: Callable[[StepRecord], None] | None = None) -> None:
         """``max_num_seqs``: sequences running at once (default: the lanes of the backend's batched graph, else 1)."""
-        lanes: LanesRunner | None = generator.backend.lanes
         for name, value in (("max_num_seqs", max_num_seqs), ("max_num_batched_tokens", max_num_batched_tokens)):
             if not (value is None and name == "max_num_seqs") and not (
                     isinstance(value, int) and not isinstance(value, bool) and value >= 1):
                 raise InputError(f"{name} must be an integer >= 1, got {value!r:.40}")
+        # One sequence at a time never takes a batched step: its graph (its memory) is not opened then.
+        lanes: LanesRunner | None = None if max_num_seqs == 1 else generator.backend.lanes
         max_num_seqs = max_num_seqs or (lanes.lanes if lanes else 1)
         if lanes is not None and max_num_seqs > lanes.lanes:
             raise InputError(f"--max-num-seqs {max_num_seqs} exceeds the artifact's batched steps ({lanes.lanes} lanes): "

@@ -23,13 +23,21 @@ import numpy as np
 
 from .. import io_table
 from ..errors import ArtifactError, BackendUnavailableError, InputError
-from ..artifact_files import artifact_file
+from ..artifact_files import MANIFEST, artifact_file, check_file, external_data_names
 from ..manifest import ONNXRUNTIME, Manifest
 from ..tree_paths import PathBatch
 from .base import Backend, KVCache, MaskBuffer, ModelDims, Session, StepOutput
+from .ort_errors import reason, run_bound
 from .ort_lanes import OrtLanes
 from .ort_outputs import first_outputs
 from .slot_cache import SlotCache
+
+
+def _manifest_bytes(directory) -> bytes | None:
+    try:
+        return (Path(directory) / MANIFEST).read_bytes()
+    except OSError:
+        return None
 
 
 def _import_ort():
@@ -120,12 +128,13 @@ class OrtBackend(Backend):
         providers = ["CPUExecutionProvider"]
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.log_severity_level = 3  # errors only: the optimizer's notes on nodes it leaves are not for users
+        opts.log_severity_level = 4  # fatal only: its errors reach the user as our one-line errors instead
         if threads is not None and not (isinstance(threads, int) and 1 <= threads <= MAX_THREADS):
             raise InputError(f"threads must be an integer in 1..{MAX_THREADS}, got {threads!r:.40}")
         if threads:
             opts.intra_op_num_threads = threads
         self.directory, self.manifest, self.opts, self.providers = directory, manifest, opts, providers
+        self.loaded_manifest = _manifest_bytes(directory)  # what a graph opened later must still belong to
         self.sessions = {kind: self._open(kind) for kind in manifest.graphs if kind != "lanes"}
         # The lanes graph (the engine's batched steps) opens at first use: decoding one sequence at a time never
         # needs it, and each open graph holds its own prepacked weights (~0.6 GB for the default fp32 model).
@@ -139,13 +148,20 @@ class OrtBackend(Backend):
         """An ONNX Runtime session of the manifest's graph ``kind``, its inputs and outputs checked."""
         ort, graph, directory = _import_ort(), self.manifest.graphs[kind], self.directory
         path = artifact_file(directory, graph.file)
+        if _manifest_bytes(directory) != self.loaded_manifest:  # a graph opened after load (lanes): same artifact?
+            raise ArtifactError(f"{directory} changed on disk after it was loaded (rebuilt or replaced): load it again")
         # Build keeps weights past 2 GB in `<file>.data` and lists it; one there but not listed is refused.
-        # (A graph naming other external-data files is not checked: ONNX Runtime opens what the graph names.)
         self.manifest.listed_file(directory, graph.file + ".data")
+        for name in sorted(external_data_names(path)):  # the files ONNX Runtime would read: listed, checked ones only
+            if name not in self.manifest.files:
+                raise ArtifactError(f"{path} reads its weights from {name!r}, which the manifest does not list: "
+                                    f"rebuild the artifact")
+            check_file(artifact_file(directory, name), self.manifest.files[name], check_hashes=False)
+        check_file(path, self.manifest.files[graph.file], check_hashes=False)
         try:
             session = ort.InferenceSession(str(path), self.opts, providers=self.providers)
         except Exception as e:  # onnxruntime raises its own exception types for bad files
-            raise ArtifactError(f"ONNX Runtime cannot load {path} ({str(e).splitlines()[0][:160]}): rebuild the artifact") from None
+            raise ArtifactError(f"ONNX Runtime cannot load {path} ({reason(e)}): rebuild the artifact") from None
         check_graph_io(session, path, self.dims, medusa=kind == "medusa", layout=self.kv_layout, paths=self.paths[kind],
                        lanes=graph.lanes)
         return session
@@ -235,7 +251,7 @@ class OrtSession(Session):
         reduced = self.reduced[kind]
         for name in reduced:  # small ([T, S], [T, T], ...): let ORT allocate them (shapes change with T)
             b.bind_output(name, "cpu")
-        self.graphs[kind].run_with_iobinding(b)
+        run_bound(self.graphs[kind], b, f"{kind} graph")
         return StepOutput.from_named({name: v[0] for name, v in zip(reduced, first_outputs(b, len(reduced)))})
 
     def _bind_kv(self, b, past: list[np.ndarray], present: list[np.ndarray]) -> None:

@@ -13,11 +13,14 @@ one-sequence graph builds them from its mask (`padded_bias`), so a lane's number
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
 from .. import io_table
 from .base import ModelDims, Session
 from .lanes import Lane, LaneOutput
+from .ort_errors import run_bound
 from .ort_outputs import first_outputs
 from .slot_cache import SlotCache
 
@@ -57,11 +60,16 @@ class OrtLanes:
         self.present = [io_table.lane_kv_names(n, b, "present") for b in range(lanes)]
         self.scratch = [SlotCache(dims, 2) for _ in range(lanes)]  # what an empty lane's attention writes
         self.bound: list[tuple | None] = [None] * lanes
+        self.lock = threading.Lock()
         for name in _REDUCED:  # first: get_outputs() follows the order of first binding
             self.binding.bind_output(name, "cpu")
 
     def run(self, lanes: list[Lane | None]) -> list[LaneOutput | None]:
         """One step; ``lanes[i]`` is lane i's sequence (None: empty). One output per lane (None where empty)."""
+        with self.lock:  # one binding serves every engine on this backend (two batchers, two generate_many calls)
+            return self._run(lanes)
+
+    def _run(self, lanes: list[Lane | None]) -> list[LaneOutput | None]:
         if len(lanes) > self.lanes or not any(lanes):
             raise ValueError(f"a lanes step takes 1 to {self.lanes} sequences")
         b = self.binding
@@ -96,7 +104,7 @@ class OrtLanes:
         b.bind_cpu_input("row_temperature", np.asarray(temps, np.float32)[None])
         for name in _REDUCED:  # unallocated again: their shapes change with the rows
             b.bind_output(name, "cpu")
-        self.session.run_with_iobinding(b)
+        run_bound(self.session, b, "lanes graph")
         ids, probs, entropy = (v[0] for v in first_outputs(b, len(_REDUCED)))
         where = {row: i for i, row in enumerate(selected)}  # output row of each step row computed
         outs: list[LaneOutput | None] = []

@@ -1,0 +1,131 @@
+"""The shared weights file and the graphs opened after load: only listed, unchanged files are read; failures
+while running are one-line typed errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+
+import numpy as np
+import pytest
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+
+from medusa_export.runtime.errors import ArtifactError, EngineError  # noqa: E402
+
+
+def _copy(artifact, tmp_path, name="copy"):
+    return shutil.copytree(artifact, tmp_path / name)
+
+
+def _manifest(art) -> dict:
+    return json.loads((art / "manifest.json").read_text())
+
+
+def _write_manifest(art, m: dict) -> None:
+    (art / "manifest.json").write_text(json.dumps(m))
+
+
+def test_a_weights_file_the_manifest_does_not_list_is_refused(artifact, tmp_path):
+    from medusa_export.runtime.api import MedusaRuntime
+
+    art = _copy(artifact, tmp_path)
+    m = _manifest(art)
+    del m["files"]["weights.bin"]
+    _write_manifest(art, m)
+    with pytest.raises(ArtifactError, match="reads its weights from 'weights.bin', which the manifest does not list"):
+        MedusaRuntime.load(art)
+
+
+def test_a_graph_naming_another_unlisted_file_is_refused(artifact, tmp_path):
+    """A graph edited to read its external data from a file of its own choosing, inside the artifact but not
+    listed (so never size- or hash-checked): refused before ONNX Runtime opens it."""
+    from medusa_export.runtime.api import MedusaRuntime
+
+    art = _copy(artifact, tmp_path)
+    shutil.copy(art / "weights.bin", art / "extra.bin")
+    path = art / "vanilla.onnx"
+    model = onnx.load(str(path), load_external_data=False)
+    for t in model.graph.initializer:
+        for entry in t.external_data:
+            if entry.key == "location":
+                entry.value = "extra.bin"
+    onnx.save_model(model, str(path))
+    m = _manifest(art)
+    m["files"]["vanilla.onnx"]["bytes"] = path.stat().st_size
+    _write_manifest(art, m)
+    with pytest.raises(ArtifactError, match="vanilla.onnx reads its weights from 'extra.bin', which the manifest "
+                                            "does not list"):
+        MedusaRuntime.load(art)
+
+
+def test_an_artifact_replaced_after_load_is_not_read_by_the_lanes_graph(artifact, tmp_path):
+    """The lanes graph opens at the first batched step: if the artifact was rebuilt or replaced meanwhile, that step
+    refuses (its graph would belong to another build) instead of mixing two artifacts."""
+    from medusa_export.runtime.api import MedusaRuntime
+
+    art = _copy(artifact, tmp_path)
+    with MedusaRuntime.load(art) as rt:
+        alone = rt.generate([5, 6, 7], max_new_tokens=3, chat=False).token_ids
+        m = _manifest(art)
+        m["package_version"] = m["package_version"] + "+rebuilt"
+        _write_manifest(art, m)
+        with pytest.raises(ArtifactError, match="changed on disk after it was loaded"):
+            rt.generate_many([[5, 6, 7], [8, 9]], max_new_tokens=3, chat=False)
+        assert rt.generate([5, 6, 7], max_new_tokens=3, chat=False).token_ids == alone  # the open graphs carry on
+
+
+def test_a_graph_failing_while_it_runs_is_a_one_line_engine_error(artifact, tmp_path):
+    """The Medusa graph's index tables in weights.bin overwritten in place, same size (loading checks sizes, not
+    hashes): they point nowhere and ONNX Runtime fails mid-step. The library raises EngineError, the CLI prints
+    one line naming `verify`."""
+    from medusa_export.runtime.api import MedusaRuntime
+    from test_cli import assert_one_line_error, cli
+
+    art = _copy(artifact, tmp_path)
+    regions = [{e.key: e.value for e in t.external_data}
+               for t in onnx.load(str(art / "medusa.onnx"), load_external_data=False).graph.initializer
+               if t.data_location == onnx.TensorProto.EXTERNAL and t.data_type == onnx.TensorProto.INT64]
+    assert regions
+    with open(art / "weights.bin", "r+b") as f:
+        for r in regions:
+            f.seek(int(r["offset"]))
+            f.write(b"\x7f" * int(r["length"]))
+    with MedusaRuntime.load(art) as rt, pytest.raises(EngineError, match="verify"):
+        rt.generate([5, 6, 7], max_new_tokens=3, chat=False)
+    proc = cli("generate", str(art), "--prompt", "t5 t6", "--no-chat", "--max-new-tokens", "3")
+    assert_one_line_error(proc, "ONNX Runtime failed running", "medusa-export verify")
+
+
+def test_two_batchers_on_one_runtime_each_get_the_answers_alone(artifact):
+    """Two engines share the backend's one lanes graph (two batchers, two generate_many calls on threads): their
+    steps take turns on it, and every answer is the answer alone."""
+    from medusa_export.runtime.api import MedusaRuntime
+
+    prompts = [[5, 6, 7], [8, 9], [100, 200, 300, 17], [250, 11, 250]]
+    with MedusaRuntime.load(artifact) as rt:
+        alone = [rt.generate(p, max_new_tokens=8, chat=False).token_ids for p in prompts]
+        results, errors = {}, []
+
+        def run(k):
+            try:
+                results[k] = [r.token_ids for r in rt.generate_many(prompts, max_new_tokens=8, chat=False)]
+            except Exception as e:  # noqa: BLE001 - reported below
+                errors.append(e)
+
+        threads = [threading.Thread(target=run, args=(k,)) for k in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert not errors and all(results[k] == alone for k in range(3)), errors
+
+
+def test_an_engine_of_one_sequence_does_not_open_the_lanes_graph(artifact):
+    from medusa_export.runtime.api import MedusaRuntime
+
+    with MedusaRuntime.load(artifact) as rt:
+        out = rt.generate_many([[5, 6, 7], [8, 9]], max_num_seqs=1, max_new_tokens=4, chat=False)
+        assert rt.generator.backend._lanes is None and len(out) == 2
