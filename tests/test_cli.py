@@ -84,7 +84,10 @@ def test_verify_and_bench_commands(artifact, tmp_path):
                "--json", str(tmp_path / "v.json"))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "ort vs torch" in proc.stdout and "OK" in proc.stdout
-    assert json.loads((tmp_path / "v.json").read_text())["summary"]["ort"]["ok"] is True
+    verified = json.loads((tmp_path / "v.json").read_text())
+    assert verified["summary"]["ort"]["ok"] is True
+    assert "ort batched steps (lanes graph) vs one-sequence steps: 2 prompts together, identical -> OK" in proc.stdout
+    assert verified["lanes"]["ort"]["exact"] is True and verified["lanes"]["ort"]["sequences"] == 2
     pytest.importorskip("matplotlib")
     proc = cli("bench", str(artifact), "--prompts", str(prompts), "--max-new-tokens", "6", "--backends", "ort,torch",
                "--concurrency", "2", "--json", str(tmp_path / "b.json"), "--plot", str(tmp_path / "b.png"))

@@ -129,3 +129,21 @@ def test_an_engine_of_one_sequence_does_not_open_the_lanes_graph(artifact):
     with MedusaRuntime.load(artifact) as rt:
         out = rt.generate_many([[5, 6, 7], [8, 9]], max_num_seqs=1, max_new_tokens=4, chat=False)
         assert rt.generator.backend._lanes is None and len(out) == 2
+
+
+def test_verify_opens_the_lanes_graph(artifact, tmp_path):
+    """Loading leaves the lanes graph for the first batched step; verify opens it, so a damaged lanes graph fails
+    verify (one line) rather than the first batched request of a server."""
+    from test_cli import assert_one_line_error, cli
+
+    art = _copy(artifact, tmp_path)
+    path = art / "lanes.onnx"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    m = _manifest(art)
+    m["files"]["lanes.onnx"]["bytes"] = path.stat().st_size
+    import hashlib
+
+    m["files"]["lanes.onnx"]["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    _write_manifest(art, m)
+    proc = cli("verify", str(art), "--backends", "ort,torch", "--limit", "1", "--max-new-tokens", "2")
+    assert_one_line_error(proc, "lanes.onnx", "rebuild the artifact")

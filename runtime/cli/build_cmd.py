@@ -144,6 +144,7 @@ def verify(
         else:
             report = compare_backends({n: rt.generator for n, rt in zip(names, runtimes)}, texts,
                                       max_new_tokens=max_new_tokens, prob_tolerance=tol)
+        report["lanes"] = _verify_lanes(names, runtimes, texts)
     finally:
         for rt in runtimes:
             rt.close()
@@ -163,8 +164,28 @@ def verify(
         typer.echo(f"{n} vs {names[0]}: vanilla identical {s['vanilla_identical']}/{len(texts)}, "
                    f"medusa identical {s['medusa_identical']}/{len(texts)}, top-1 agreement {s['top1_agreement']:.4f}, "
                    f"max prob error {s['max_prob_error']:.2e} (tolerance {tol:g}) -> {'OK' if s['ok'] else 'MISMATCH'}")
+    for n, lanes in report["lanes"].items():
+        ok &= lanes["exact"]
+        typer.echo(f"{n} batched steps (lanes graph) vs one-sequence steps: {lanes['sequences']} prompts together, "
+                   f"{'identical -> OK' if lanes['exact'] else 'DIFFERENT -> MISMATCH'} (max probability difference "
+                   f"{lanes['max_abs_difference']:.1e})")
     if not ok:
         raise typer.Exit(1)
+
+
+def _verify_lanes(names: list[str], runtimes: list, texts: list[str]) -> dict:
+    """Per ONNX Runtime backend with a lanes graph: the prompts prefilled together, then decoded together for three
+    steps, against one-sequence steps, bit for bit (`lanes_check`): what batched serving's answers rest on. This
+    also opens the lanes graph, which loading alone leaves for the first batched step."""
+    from ..lanes_check import lanes_exactness
+
+    out = {}
+    for name, rt in zip(names, runtimes):
+        backend = rt.generator.backend
+        if name == "ort" and backend.lanes is not None:
+            prompts = [rt.generator.tokenizer.encode_prompt(t)[:48] for t in texts]
+            out[name] = lanes_exactness(backend, prompts[: backend.lanes.lanes])
+    return out
 
 
 def _verify_quantized(names: list[str], runtimes: list, texts: list[str], max_new_tokens: int) -> dict:
