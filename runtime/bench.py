@@ -53,9 +53,9 @@ def run_bench(artifact: str | Path, backends: list[str], prompts: list[str], max
     """Rows per backend: vanilla, the heads alone ("medusa"), heads and context drafts ("medusa+context"; "context"
     without heads) (``concurrency`` > 1: also vanilla and the last with that many requests decoded
     together by the batched engine, all prompts submitted at once), then the ``baseline`` row (the CLI passes the transformers one:
-    ``exporter.hf_baseline.hf_generate_bench``). ``measured(report)`` is called with the runtime rows before the
-    optional baseline runs, and with the rows so far (``incomplete`` says why) when a backend fails or the run is
-    stopped, so they are saved whatever happens next. ``model``: the artifact's base model (torch
+    ``exporter.hf_baseline.hf_generate_bench``). ``measured(report)`` is called after every row, and with the rows
+    so far (``incomplete`` says why) when a backend or the baseline fails or the run is stopped, so what was measured
+    is saved whatever happens next. ``model``: the artifact's base model (torch
     backend and baseline) when this machine does not know it."""
     from tqdm import tqdm
 
@@ -74,37 +74,43 @@ def run_bench(artifact: str | Path, backends: list[str], prompts: list[str], max
                 "max_new_tokens": max_new_tokens, "tree": _tree_record(manifest, tree, run["tree"]),
                 "results": results, "notes": run["notes"]}
 
+    def add(row: dict) -> None:  # each row is saved as soon as it is measured
+        results.append(row)
+        if measured is not None:
+            measured(report())
+
     try:
         for name in backends:
             with MedusaRuntime.load(artifact, backend=name, tree=tree, threads=threads, model=model) as rt:
                 run["manifest"], run["tree"] = rt.manifest, rt.generator.tree
                 run["notes"] += [n for n in rt.notes if n not in run["notes"]]
-                results += backend_rows(rt, name, prompts, max_new_tokens, concurrency, context_drafts, vanilla_tokens,
-                                        bar.update)
-    except BaseException as e:  # a later backend failed, or the run was stopped: the rows measured so far are kept
+                backend_rows(rt, name, prompts, max_new_tokens, concurrency, context_drafts, vanilla_tokens,
+                             bar.update, add)
+        if baseline is not None:
+            row, hf_tokens = baseline(run["manifest"], prompts, max_new_tokens, on_prompt=lambda: bar.update(1),
+                                      model=model)
+            ref = vanilla_tokens.get("torch") or next(iter(vanilla_tokens.values()), None)
+            row["identical_to_vanilla"] = ref is not None and hf_tokens == ref
+            add(row)
+    except BaseException as e:  # a backend failed, or the run was stopped: the rows measured so far are kept
         if results and measured is not None:
-            measured({**report(), "incomplete": f"stopped after {len(results)} rows: {type(e).__name__}: {e}"[:400]})
+            why = str(e) or type(e).__name__
+            measured({**report(), "incomplete": f"stopped after {len(results)} rows: {type(e).__name__}: {why}"[:400]})
         raise
-    final = report()
-    if measured is not None:
-        measured(final)
-    if baseline is not None:
-        row, hf_tokens = baseline(run["manifest"], prompts, max_new_tokens, on_prompt=lambda: bar.update(1), model=model)
-        ref = vanilla_tokens.get("torch") or next(iter(vanilla_tokens.values()), None)
-        row["identical_to_vanilla"] = ref is not None and hf_tokens == ref
-        results.append(row)
-    bar.close()
-    return final
+    finally:
+        bar.close()
+    return report()
 
 
 def backend_rows(rt, name: str, prompts: list[str], max_new_tokens: int, concurrency: int, context_drafts: bool,
-                 vanilla_tokens: dict[str, list[list[int]]], tick: Callable[[], None]) -> list[dict]:
-    """One backend's rows: every single-stream mode (`bench_modes`), then with ``concurrency`` > 1 the batched
-    vanilla and default rows. Records the backend's vanilla tokens in ``vanilla_tokens``."""
+                 vanilla_tokens: dict[str, list[list[int]]], tick: Callable[[], None],
+                 add: Callable[[dict], None]) -> None:
+    """One backend's rows, each handed to ``add`` once measured: every single-stream mode (`bench_modes`), then
+    with ``concurrency`` > 1 the batched vanilla and default rows. Records the backend's vanilla tokens in
+    ``vanilla_tokens``."""
     modes = bench_modes(rt.generator.tree is not None, context_drafts)
     for _, options in modes:  # warm-up (allocator, thread pool)
         rt.generate(prompts[0], max_new_tokens=8, **options)
-    rows: list[dict] = []
     for mode, options in modes:
         cfg = GenerationConfig(max_new_tokens=max_new_tokens, **options)
         runs, t0 = [], time.perf_counter()
@@ -115,17 +121,18 @@ def backend_rows(rt, name: str, prompts: list[str], max_new_tokens: int, concurr
         if mode == "vanilla":
             vanilla_tokens[name], single = [r.token_ids for r in runs], wall
         identical = all(r.token_ids == v for r, v in zip(runs, vanilla_tokens[name]))
-        rows.append(summarize(name, mode, runs, wall, identical))
-        if mode != "vanilla":  # same backend, same artifact, same prompts
-            rows[-1]["speedup_vs_vanilla"] = round(single / wall, 3)
+        row = summarize(name, mode, runs, wall, identical)
+        if mode == "vanilla":
+            single_rate = row["tokens_per_s"]
+        else:  # same backend, same artifact, same prompts
+            row["speedup_vs_vanilla"] = round(single / wall, 3)
+        add(row)
     if concurrency > 1:
-        single_rate = rows[0]["tokens_per_s"]
         for mode, options in (modes[0], modes[-1]):
             row = concurrent_row(rt, name, prompts, GenerationConfig(max_new_tokens=max_new_tokens, **options),
                                  concurrency, vanilla_tokens[name], mode, on_done=tick)
             row["speedup_vs_single_stream_vanilla"] = round(row["tokens_per_s"] / single_rate, 3)
-            rows.append(row)
-    return rows
+            add(row)
 
 
 def check_room(artifact: str | Path, prompts: list[str], max_new_tokens: int) -> None:

@@ -86,6 +86,29 @@ def test_bench_keeps_the_rows_measured_before_a_later_backend_fails(artifact, tm
     assert "rows measured before it stopped are in" in proc.stderr
 
 
+def test_bench_keeps_each_row_as_it_is_measured(artifact, tmp_path):
+    """One backend whose batched rows fail (its lanes graph is damaged, found at the first batched step): the
+    single-stream rows measured before are in --json, with why it stopped."""
+    import hashlib
+    import shutil
+
+    from test_cli import cli
+
+    art = shutil.copytree(artifact, tmp_path / "art")
+    lanes = art / "lanes.onnx"
+    lanes.write_bytes(lanes.read_bytes()[:1000])
+    m = json.loads((art / "manifest.json").read_text())
+    m["files"]["lanes.onnx"] = {"bytes": 1000, "sha256": hashlib.sha256(lanes.read_bytes()).hexdigest()}
+    (art / "manifest.json").write_text(json.dumps(m))
+    report = tmp_path / "bench.json"
+    proc = cli("bench", str(art), "--no-hf", "--limit", "1", "--max-new-tokens", "3", "--concurrency", "2",
+               "--json", str(report))
+    assert proc.returncode == 2 and "lanes.onnx" in proc.stderr, proc.stderr
+    saved = json.loads(report.read_text())
+    assert [r["mode"] for r in saved["results"]] == ["vanilla", "medusa", "medusa+context"]
+    assert "lanes.onnx" in saved["incomplete"] and list(tmp_path.glob(".bench.json.tmp-*")) == []
+
+
 def test_plot_draws_rows_without_steps(tmp_path):
     """With --max-new-tokens 1 every answer ends at the prefill's token: no steps, mean_accepted None."""
     pytest.importorskip("matplotlib")

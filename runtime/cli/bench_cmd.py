@@ -55,11 +55,15 @@ def bench(
     texts = read_prompts(prompts, limit=limit)
     _check_artifact(artifact, names, concurrency)
 
-    def save(report: dict) -> None:  # the runtime rows first, before the optional baseline
+    shown: set[str] = set()
+
+    def save(report: dict) -> None:  # after every row: a run that stops keeps what it measured
         for note in report.get("notes", []):
-            typer.echo(f"note: {note}", err=True)
+            if note not in shown:
+                shown.add(note)
+                typer.echo(f"note: {note}", err=True)
         if as_json:
-            as_json.write_text(json.dumps(report, indent=2) + "\n")
+            _write_json(as_json, report)
             if report.get("incomplete"):
                 typer.echo(f"note: the {len(report['results'])} rows measured before it stopped are in {as_json}",
                            err=True)
@@ -79,9 +83,21 @@ def bench(
                    f"{fmt(r['step_ms_p50'], '10.1f')}{fmt(r['step_ms_p90'], '10.1f')}{fmt(r['prefill_ms'], '9.1f')}"
                    f"{fmt(up, '9.2f')}{'x' if up else ' '}  {r['identical_to_vanilla']}")
     if as_json:
-        as_json.write_text(json.dumps(report, indent=2) + "\n")
+        _write_json(as_json, report)
     if plot_file:
         plot(report, plot_file)
+
+
+def _write_json(path: Path, report: dict) -> None:
+    """Replace ``path`` whole (a reader, or a run stopped mid-write, never sees half a report)."""
+    import os
+
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(report, indent=2) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _check_outputs(as_json: Optional[Path], plot_file: Optional[Path]) -> None:
