@@ -250,3 +250,22 @@ def test_serve_help_names_the_ray_extra():
     out = subprocess.run([sys.executable, "-m", "medusa_export.runtime.cli", "serve", "--help"], capture_output=True,
                          text=True, env={**os.environ, "COLUMNS": "200"}, timeout=60).stdout
     assert "medusa-export[ray]" in out
+
+
+def test_a_busy_port_or_an_empty_host_is_one_line_before_the_model_loads(artifact, tmp_path):
+    """A port another process listens on, and an empty --host (which the socket layer reads as every interface):
+    refused in one line, exit 2, before any model is loaded (no "serving ..." line)."""
+    from test_cli import assert_one_line_error, cli
+
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen(1)
+    try:
+        proc = cli("serve", str(artifact), "--port", str(busy.getsockname()[1]), timeout=120)
+    finally:
+        busy.close()
+    assert_one_line_error(proc, "cannot listen on 127.0.0.1:", "choose another --port")
+    assert "serving" not in proc.stdout + proc.stderr
+    assert_one_line_error(cli("serve", str(artifact), "--host", "", timeout=120), "--host is empty")
+    assert_one_line_error(cli("serve", str(artifact), "--host", "no-such-host.invalid", timeout=120),
+                          "cannot resolve it")

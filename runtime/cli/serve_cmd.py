@@ -41,6 +41,8 @@ def serve(
 
     if backend not in ("ort", "trt"):
         raise InputError(f"unknown backend {backend!r}: choose ort or trt")
+    if not host.strip():  # an empty address means every interface to the socket layer: never by accident
+        raise InputError("--host is empty: give an address (127.0.0.1: this machine only; 0.0.0.0: every interface)")
     settings = ServeSettings(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                              max_queue=max_queue, timeout_s=request_timeout, api_key=api_key,
                              max_body_bytes=max_body_bytes, model_name=served_model_name,

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 
 from .. import extras
+from ..errors import InputError
 from .app import ServeSettings, create_app
 
 
@@ -21,7 +23,12 @@ def run_server(artifact: str, host: str = "127.0.0.1", port: int = 8000, backend
 
     from ..api import MedusaRuntime
 
-    runtime = MedusaRuntime.load(artifact, backend=backend, tree=tree, threads=threads or os.cpu_count())
+    sock = listening_socket(host, port)  # before the model loads: a busy port fails at once, in one line
+    try:
+        runtime = MedusaRuntime.load(artifact, backend=backend, tree=tree, threads=threads or os.cpu_count())
+    except BaseException:
+        sock.close()
+        raise
     app = create_app(runtime, settings)
     for note in runtime.notes:
         log(f"note: {note}")
@@ -35,8 +42,28 @@ def run_server(artifact: str, host: str = "127.0.0.1", port: int = 8000, backend
     # the process ends by returning, so a clean drain exits 0 (what process managers expect), not 143.
     previous = signal.signal(signal.SIGTERM, lambda *_: None)
     try:
-        uvicorn.Server(config).run()
+        uvicorn.Server(config).run(sockets=[sock])
     finally:
         signal.signal(signal.SIGTERM, previous)
         runtime.close()
     return app.state.drained_cleanly is not False
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``host:port`` for uvicorn to serve on; InputError naming the cause when it cannot be
+    (the port is taken, the address is not this machine's, the name does not resolve)."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+    except (OSError, UnicodeError) as e:
+        raise InputError(f"--host {host!r}: cannot resolve it ({getattr(e, 'strerror', None) or e}): give an IP "
+                         f"address such as 127.0.0.1") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as e:
+        sock.close()
+        raise InputError(f"cannot listen on {host}:{port} ({e.strerror or e}): choose another --port, or stop what "
+                         f"uses it") from None
+    sock.set_inheritable(True)
+    return sock
