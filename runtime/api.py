@@ -46,6 +46,9 @@ class MedusaRuntime:
             raise InputError(f"the artifact directory must be a path, not {type(directory).__name__}")
         if max_seq is not None and not (isinstance(max_seq, int) and not isinstance(max_seq, bool) and max_seq >= 1):
             raise InputError(f"max_seq must be an integer >= 1 (None: the artifact's), got {max_seq!r:.40}")
+        for name, value in (("the artifact directory", directory), ("--tree", tree), ("--model", model)):
+            if value is not None and not str(value).strip():  # an empty value must not stand for "the default"
+                raise InputError(f"{name} is empty: give a value, or leave it out for the default")
         directory = Path(directory)
         manifest = Manifest.read(directory, check_hashes=check_hashes)
         tokenizer = ChatTokenizer.from_artifact(directory, manifest)

@@ -205,6 +205,14 @@ def test_usage_errors_are_one_line_naming_the_help(args, words):
     refused_before_work(cli(*args), *words)
 
 
+def test_empty_values_are_refused_not_read_as_the_default(artifact):
+    """An empty MODEL ran the built-in model and an empty --tree the artifact's own: both refused."""
+    refused_before_work(cli("generate", "", "--prompt", "x"), "MODEL is empty")
+    refused_before_work(cli("generate", str(artifact), "--tree", "", "--prompt", "x"), "--tree is empty")
+    refused_before_work(cli("generate", str(artifact), "--prompt"), "requires an argument",
+                        "medusa-export generate --help")
+
+
 def test_help_still_prints_and_exits_0():
     proc = cli("generate", "--help")
     assert proc.returncode == 0 and "--max-new-tokens" in proc.stdout

@@ -60,6 +60,10 @@ def _register() -> None:
     from . import bench_cmd, build_cmd, generate_cmd, serve_cmd, train_cmd  # noqa: F401
 
 
+def app_commands() -> set[str]:
+    return {c.name or c.callback.__name__.replace("_", "-") for c in app.registered_commands}
+
+
 def _click_errors():
     """The click exception classes typer raises (typer >= 0.20 carries its own copy of click)."""
     try:
@@ -79,7 +83,8 @@ def main() -> None:
         typer.echo(e.ctx.get_help(), err=True)
         sys.exit(2)
     except errors.UsageError as e:  # an unknown option, a value out of range, a missing argument
-        command = e.ctx.command_path if e.ctx else "medusa-export"
+        named = sys.argv[1] if len(sys.argv) > 1 and sys.argv[1] in app_commands() else None
+        command = e.ctx.command_path if e.ctx else "medusa-export" + (f" {named}" if named else "")
         typer.echo(f"error: {e.format_message()} (see `{command} --help`)", err=True)
         sys.exit(2)
     except errors.ClickException as e:

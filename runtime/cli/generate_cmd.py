@@ -35,10 +35,14 @@ def generate(
 ) -> None:
     """Generate text for one prompt and report tokens/s and accepted tokens per step."""
     from ..decode import GenerationConfig, uses_context
+    from ..errors import InputError
     from .checks import at_least
     from .loading import is_artifact, open_generator
 
     at_least("--max-seq", max_seq, hint=", or leave it out for the artifact's own (2048 for a model)")
+    if model is not None and not model.strip():  # an empty MODEL would run the built-in model
+        raise InputError("MODEL is empty: give an artifact, model directory or .gguf, or leave it out for the "
+                         "built-in model")
     chosen = backend if backend != "auto" else ("ort" if is_artifact(model) else "torch")
     opened = open_generator(model, chosen, heads=heads, tree=tree, max_seq=max_seq, device=device)
     cfg = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, stop_strings=tuple(stop),
