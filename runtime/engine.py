@@ -186,7 +186,7 @@ class Engine:
             t0 = time.perf_counter()
             take = len(seq.prompt) - seq.fed
             if self.lanes is not None:
-                take = min(take, self.max_num_batched_tokens)
+                take = min(take, self.gen.backend.alone_prefill_chunk or self.max_num_batched_tokens)
             if seq.fed + take < len(seq.prompt):
                 feed(seq.session, seq.prompt[seq.fed:seq.fed + take], tree is not None, seq.cfg)
             else:

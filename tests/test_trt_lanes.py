@@ -216,3 +216,17 @@ def test_real_tensorrt_batched_answers_equal_the_answers_alone(tiny, tmp_path):
         alone = [rt.generator.generate(p, _cfg(False, 12)).token_ids for p in PROMPTS]
         together = rt.generate_many(PROMPTS, max_new_tokens=12, medusa=False, chat=False)
         assert [r.token_ids for r in together] == alone
+
+
+def test_a_request_alone_feeds_its_prompt_in_prefill_profile_chunks(batched, fakes):
+    """With a batch profile the engine chunks a lone request's prompt so that newcomers can join; on TensorRT a
+    chunk is as large as the prefill profile takes (24 here), not --max-num-batched-tokens (8): a 30-token prompt
+    goes in two executions of the one-sequence engine, not four."""
+    from medusa_export.runtime.api import MedusaRuntime
+
+    art, _ = batched
+    with MedusaRuntime.load(art, backend="trt") as rt:
+        assert rt.generator.backend.alone_prefill_chunk == 24
+        fakes.record["shapes"] = []
+        rt.generate_many([list(range(3, 33))], max_num_batched_tokens=8, max_new_tokens=1, medusa=False, chat=False)
+        assert [t for b, t, _ in fakes.record["shapes"]][:2] == [24, 6]

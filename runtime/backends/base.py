@@ -119,6 +119,9 @@ class Backend(ABC):
     max_paths: int | None = None  # root-to-leaf paths of a tree the Medusa graph verifies (None: any)
     whole_tree_steps = False  # the Medusa graph's steps take only its whole tree (TensorRT's fixed-shape profile)
     lanes = None  # the batched-step runner (`lanes.LanesRunner`), when the artifact has one: `OrtLanes`, `TrtLanes`
+    # Rows of a prompt chunk a request running alone feeds per step when others may join (None: the engine's
+    # --max-num-batched-tokens). On a GPU a chunk costs about as much as one token, so its prefill profile's size.
+    alone_prefill_chunk: int | None = None
 
     @property
     def has_medusa(self) -> bool:

@@ -135,6 +135,7 @@ class TrtBackend(Backend):
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.runtime = trt.Runtime(self.logger)
         self.engines = {k: self._load(k, records[k]) for k in needed}
+        self.alone_prefill_chunk = self.engines["vanilla"].max_t  # the prefill profile's largest T (max_prompt)
         batch = self.engines["vanilla"].batch_profile
         self.lanes = TrtLanes(self, self.engines["vanilla"], batch) if batch is not None else None
         self.lock = threading.Lock()  # one step on the GPU at a time: contexts of one engine share its profiles
