@@ -201,3 +201,13 @@ def test_calibrate_tree_torch_backend_takes_model(artifact, tiny_dirs, tmp_path)
     assert json.loads(out.read_text())["calibration"]["backend"] == "torch"
     refused_before_work(cli("calibrate-tree", str(artifact), "--model", str(tiny_dirs[0]), "--out",
                             str(tmp_path / "t2.json")), "--model", "--backend torch")
+
+
+def test_bench_says_when_its_concurrent_rows_are_not_batched(portable_artifact):
+    """A portable artifact on ONNX Runtime has no lanes graph: its xN rows run the requests in turn, and the report
+    says so instead of passing them off as batched."""
+    from medusa_export.runtime.bench import run_bench
+
+    report = run_bench(portable_artifact, ["ort"], ["t5 t6 t7", "t1 t2"], max_new_tokens=3, concurrency=2)
+    assert any("no batched steps" in n and "x2 rows take their requests in turn" in n for n in report["notes"])
+    assert any(r["mode"].endswith(" x2") for r in report["results"])
