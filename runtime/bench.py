@@ -84,7 +84,7 @@ def run_bench(artifact: str | Path, backends: list[str], prompts: list[str], max
             with MedusaRuntime.load(artifact, backend=name, tree=tree, threads=threads, model=model) as rt:
                 run["manifest"], run["tree"] = rt.manifest, rt.generator.tree
                 run["notes"] += [n for n in rt.notes if n not in run["notes"]]
-                if concurrency > 1 and rt.generator.backend.lanes is None:
+                if concurrency > 1 and not (rt.manifest.engine_lanes if name == "trt" else rt.manifest.lanes):
                     run["notes"].append(f"{name}: the artifact has no batched steps (no lanes graph or TensorRT batch "
                                         f"profile), so its x{concurrency} rows take their requests in turn")
                 backend_rows(rt, name, prompts, max_new_tokens, concurrency, context_drafts, vanilla_tokens,

@@ -59,7 +59,8 @@ def matmul_share(directory: Path, threads: int, past: int = 256) -> dict:
         opts.profile_file_prefix = str(Path(tmp) / "prof")
         opts.log_severity_level = 3
         path = directory / rt.manifest.graphs["vanilla"].file
-        backend.sessions["vanilla"] = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        backend.sessions["vanilla"] = session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        backend.selects_rows["vanilla"] = any(i.name == "output_rows" for i in session.get_inputs())
         time_step(backend, 1, past, False, 20)
         trace = json.loads(Path(backend.sessions["vanilla"].end_profiling()).read_text())
     model_runs = sorted((ev["ts"], ev["ts"] + ev["dur"]) for ev in trace

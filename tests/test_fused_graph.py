@@ -100,6 +100,8 @@ def test_a_prompt_computes_outputs_for_its_last_row_only(fused, quantized, dtype
     KV rows; the decode loop reads it as row -1."""
     rt = fused if dtype == "fp32" else quantized[dtype][0]
     backend = rt.generator.backend
+    for kind in ("vanilla", "medusa"):
+        backend.graph(kind)  # graphs open at their first use
     assert backend.selects_rows == {"vanilla": True, "medusa": True}
     prompt = np.array(TINY_PROMPTS[2] * 3)
     n = len(prompt)

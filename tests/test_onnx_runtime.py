@@ -92,15 +92,18 @@ def test_the_graphs_share_one_weights_file(which, request):
     assert len(data) < 1.5 * per_graph["medusa"] < sum(per_graph.values())  # about one graph's weights, not all
 
 
-def test_the_lanes_graph_opens_at_its_first_batched_step(artifact):
-    """Decoding one sequence at a time never opens the lanes graph (each open graph holds its own copy of the
-    weights); the first batched call does, once."""
+def test_graphs_open_at_their_first_use(artifact):
+    """Each open graph holds its own copy of the weights: loading opens the graph a default request runs, the
+    vanilla graph opens at the first request without the heads, the lanes graph at the first batched call."""
     from medusa_export.runtime.api import MedusaRuntime
 
     with MedusaRuntime.load(artifact, backend="ort") as rt:
         backend = rt.generator.backend
+        assert list(backend.sessions) == ["medusa"]  # the graph a default request runs; the others at first use
         alone = rt.generate([5, 6, 7], max_new_tokens=4, chat=False).token_ids
-        assert backend._lanes is None
+        assert backend._lanes is None and "vanilla" not in backend.sessions
+        rt.generate([5, 6, 7], max_new_tokens=4, chat=False, medusa=False)
+        assert sorted(backend.sessions) == ["medusa", "vanilla"]
         together = rt.generate_many([[5, 6, 7], [8, 9]], max_new_tokens=4, chat=False)
         assert backend._lanes is not None and backend.lanes is backend._lanes
         assert together[0].token_ids == alone

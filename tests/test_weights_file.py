@@ -57,7 +57,7 @@ def test_a_graph_naming_another_unlisted_file_is_refused(artifact, tmp_path):
     m["files"]["vanilla.onnx"]["bytes"] = path.stat().st_size
     _write_manifest(art, m)
     with pytest.raises(ArtifactError, match="vanilla.onnx reads its weights from 'extra.bin', which the manifest "
-                                            "does not list"):
+                                            "does not list"):  # every graph's files are checked at load
         MedusaRuntime.load(art)
 
 

@@ -135,20 +135,36 @@ class OrtBackend(Backend):
             opts.intra_op_num_threads = threads
         self.directory, self.manifest, self.opts, self.providers = directory, manifest, opts, providers
         self.loaded_manifest = _manifest_bytes(directory)  # what a graph opened later must still belong to
-        self.sessions = {kind: self._open(kind) for kind in manifest.graphs if kind != "lanes"}
-        # The lanes graph (the engine's batched steps) opens at first use: decoding one sequence at a time never
-        # needs it, and each open graph holds its own prepacked weights (~0.6 GB for the default fp32 model).
+        # Each open graph holds its own prepacked weights (~0.6 GB for the default fp32 model), so graphs open at
+        # their first use: the one a request with the artifact's defaults runs at load (a damaged one fails there),
+        # the other one-sequence graph and the lanes graph (batched steps) when a request or the engine needs them.
+        self.sessions: dict = {}
+        self.selects_rows: dict[str, bool] = {}  # per open graph: computes outputs for the rows asked only
         self._lanes: OrtLanes | None = None
-        self._lanes_lock = threading.Lock()
-        # Graphs that compute their per-position outputs only for the rows asked (`io_table.row_selection_input`).
-        name = io_table.row_selection_input().name
-        self.selects_rows = {kind: any(i.name == name for i in s.get_inputs()) for kind, s in self.sessions.items()}
+        self._lock = threading.Lock()
+        self._closed = False
+        for kind in manifest.graphs:  # every graph's files now, its session at its first use
+            self._check_files(kind)
+        self.graph("medusa" if dims.num_heads else "vanilla")
 
     def _open(self, kind: str):
         """An ONNX Runtime session of the manifest's graph ``kind``, its inputs and outputs checked."""
-        ort, graph, directory = _import_ort(), self.manifest.graphs[kind], self.directory
+        ort, graph = _import_ort(), self.manifest.graphs[kind]
+        path = self._check_files(kind)
+        try:
+            session = ort.InferenceSession(str(path), self.opts, providers=self.providers)
+        except Exception as e:  # onnxruntime raises its own exception types for bad files
+            raise ArtifactError(f"ONNX Runtime cannot load {path} ({reason(e)}): rebuild the artifact") from None
+        check_graph_io(session, path, self.dims, medusa=kind == "medusa", layout=self.kv_layout, paths=self.paths[kind],
+                       lanes=graph.lanes)
+        return session
+
+    def _check_files(self, kind: str) -> Path:
+        """Graph ``kind``'s file and every file it reads weights from: listed in the manifest, of their recorded
+        sizes, in the artifact loaded (not one rebuilt since). Its path."""
+        graph, directory = self.manifest.graphs[kind], self.directory
         path = artifact_file(directory, graph.file)
-        if _manifest_bytes(directory) != self.loaded_manifest:  # a graph opened after load (lanes): same artifact?
+        if _manifest_bytes(directory) != self.loaded_manifest:  # a graph opened after load: the same artifact?
             raise ArtifactError(f"{directory} changed on disk after it was loaded (rebuilt or replaced): load it again")
         # Build keeps weights past 2 GB in `<file>.data` and lists it; one there but not listed is refused.
         self.manifest.listed_file(directory, graph.file + ".data")
@@ -158,30 +174,36 @@ class OrtBackend(Backend):
                                     f"rebuild the artifact")
             check_file(artifact_file(directory, name), self.manifest.files[name], check_hashes=False)
         check_file(path, self.manifest.files[graph.file], check_hashes=False)
-        try:
-            session = ort.InferenceSession(str(path), self.opts, providers=self.providers)
-        except Exception as e:  # onnxruntime raises its own exception types for bad files
-            raise ArtifactError(f"ONNX Runtime cannot load {path} ({reason(e)}): rebuild the artifact") from None
-        check_graph_io(session, path, self.dims, medusa=kind == "medusa", layout=self.kv_layout, paths=self.paths[kind],
-                       lanes=graph.lanes)
-        return session
+        return path
+
+    def graph(self, kind: str):
+        """The session of one-sequence graph ``kind`` ("medusa" | "vanilla"), opened at its first use."""
+        with self._lock:
+            if self._closed:
+                raise InputError("this runtime is closed: load the artifact again (MedusaRuntime.load)")
+            if kind not in self.sessions:
+                session = self._open(kind)
+                name = io_table.row_selection_input().name
+                self.selects_rows[kind] = any(i.name == name for i in session.get_inputs())
+                self.sessions[kind] = session
+            return self.sessions[kind]
 
     @property
     def lanes(self) -> OrtLanes | None:
         """The batched steps' runner on the lanes graph (None without one), opened at the first call."""
-        with self._lanes_lock:
-            if self._lanes is None and self.sessions and "lanes" in self.manifest.graphs:
+        with self._lock:
+            if self._lanes is None and not self._closed and "lanes" in self.manifest.graphs:
                 self._lanes = OrtLanes(self._open("lanes"), self.dims, self.manifest.lanes, _min_rows(self.manifest))
             return self._lanes
 
     def new_session(self, capacity: int | None = None) -> Session:
-        if not self.sessions:
+        if self._closed:
             raise InputError("this runtime is closed: load the artifact again (MedusaRuntime.load)")
         return OrtSession(self, min(capacity or self.max_seq, self.max_seq))
 
     def close(self) -> None:
-        with self._lanes_lock:  # ONNX Runtime frees a session's memory when its last reference goes
-            self.sessions, self._lanes = {}, None
+        with self._lock:  # ONNX Runtime frees a session's memory when its last reference goes
+            self.sessions, self._lanes, self._closed = {}, None, True
 
 
 class OrtSession(Session):
@@ -195,15 +217,12 @@ class OrtSession(Session):
         self.batch: PathBatch | None = None  # the last run's paths, when its graph verifies per path
         self._batches: dict[tuple, PathBatch] = {}
         self.masks = MaskBuffer()
-        self.bindings = {k: s.io_binding() for k, s in backend.sessions.items()}
-        self.graphs = dict(backend.sessions)
+        self.bindings: dict = {}  # per graph, made at this session's first step on it (`_binding`)
+        self.graphs: dict = {}
+        self.reduced: dict[str, list[str]] = {}
         n = backend.dims.num_layers
         self.past_names = io_table.kv_names(n, "past_key_values")
         self.present_names = io_table.kv_names(n, "present")
-        self.reduced = {kind: io_table.reduced_names(kind == "medusa") for kind in self.bindings}
-        for kind, b in self.bindings.items():  # first: get_outputs() follows the order of first binding
-            for name in self.reduced[kind]:
-                b.bind_output(name, "cpu")
         self.kv_bound: dict[str, tuple] = {}  # per graph, the KV memory its binding holds
         self.temperature = np.ones(1, np.float32)
         self.elem = io_table.model_dtype_of(backend.dims.dtype)
@@ -220,7 +239,7 @@ class OrtSession(Session):
         if self.kv is None:
             raise ValueError("this session is closed")
         kind = "medusa" if medusa else "vanilla"
-        b = self.bindings[kind]
+        b = self._binding(kind)
         t = len(input_ids)
         if self.backend.selects_rows.get(kind):
             b.bind_cpu_input("output_rows", np.arange(t, dtype=np.int64) if out_rows is None else
@@ -253,6 +272,17 @@ class OrtSession(Session):
             b.bind_output(name, "cpu")
         run_bound(self.graphs[kind], b, f"{kind} graph")
         return StepOutput.from_named({name: v[0] for name, v in zip(reduced, first_outputs(b, len(reduced)))})
+
+    def _binding(self, kind: str):
+        """This session's I/O binding on graph ``kind`` (the graph opened if no session has run it yet)."""
+        b = self.bindings.get(kind)
+        if b is None:
+            graph = self.backend.graph(kind)
+            b = self.bindings[kind] = graph.io_binding()
+            self.graphs[kind], self.reduced[kind] = graph, io_table.reduced_names(kind == "medusa")
+            for name in self.reduced[kind]:  # first: get_outputs() follows the order of first binding
+                b.bind_output(name, "cpu")
+        return b
 
     def _bind_kv(self, b, past: list[np.ndarray], present: list[np.ndarray]) -> None:
         for name, view in zip(self.past_names, past):
