@@ -143,9 +143,11 @@ class OrtBackend(Backend):
         self._lanes: OrtLanes | None = None
         self._lock = threading.Lock()
         self._closed = False
-        for kind in manifest.graphs:  # every graph's files now, its session at its first use
-            self._check_files(kind)
-        self.graph("medusa" if dims.num_heads else "vanilla")
+        first = "medusa" if dims.num_heads else "vanilla"
+        self.graph(first)  # its files checked as it opens
+        for kind in manifest.graphs:  # the others' files now, their sessions at their first use
+            if kind != first:
+                self._check_files(kind)
 
     def _open(self, kind: str):
         """An ONNX Runtime session of the manifest's graph ``kind``, its inputs and outputs checked."""
