@@ -35,7 +35,7 @@ from ..errors import ArtifactError, EngineError, InputError
 from ..artifact_files import artifact_file
 from ..manifest import EngineRecord, Manifest
 from . import cuda_buffers, trt_availability as availability, trt_compat as compat
-from .trt_profiles import Profile, plan_chunks, select
+from .trt_profiles import Profile, no_profile, step_runs
 from .base import Backend, MaskBuffer, Session, StepOutput
 from .trt_lanes import TrtLanes
 
@@ -245,27 +245,6 @@ def _destroy(cuda, res: _Resources) -> None:
         pass
 
 
-def _runs(e: _EngineInfo, t: int, past: int, tree_mask: np.ndarray) -> list[tuple[int, int, int]] | None:
-    """``(start, end, profile)`` runs of a T-token step after ``past`` on engine ``e``: one profile, or causal
-    chunks; None when its profiles cannot take it."""
-    idx = select(e.profiles, t, past)
-    if idx is not None:
-        return [(0, t, idx)]
-    return plan_chunks(e.profiles, t, past) if np.array_equal(tree_mask, np.tri(t, dtype=bool)) else None
-
-
-def _no_profile(e: _EngineInfo, t: int, past: int, tree_mask: np.ndarray) -> None:
-    """The one-line error for a step no profile of ``e`` takes."""
-    desc = "; ".join(f"{p.name}: T {p.seq[0]}..{p.seq[2]}, past {p.past[0]}..{p.past[2]}" for p in e.profiles
-                     if not p.batched)
-    if np.array_equal(tree_mask, np.tri(t, dtype=bool)):
-        raise InputError(f"{t} tokens after {past} do not fit the {e.kind} engine's profiles ({desc}): "
-                         f"rebuild the engines with a larger --max-prompt")
-    raise InputError(f"a {t}-token tree step does not fit the {e.kind} engine's profiles ({desc}): use the "
-                     f"artifact's own tree, or rebuild the engines for this tree "
-                     f"(`medusa-export build --tree ... --engine trt`)")
-
-
 class TrtSession(Session):
     def __init__(self, backend: TrtBackend, capacity: int) -> None:
         d = backend.dims
@@ -315,15 +294,15 @@ class TrtSession(Session):
         if past + t > self.capacity:
             raise ValueError(f"{t} new tokens after {past} exceed the session's KV capacity {self.capacity}")
         tree_mask = np.asarray(tree_mask, bool)
-        runs = _runs(e, t, past, tree_mask)
+        runs = step_runs(e.profiles, t, past, tree_mask)
         if runs is None and medusa:
             # Near the end of the KV capacity the heads' tree no longer fits and the Medusa engine's profiles take
             # only the tree's shape there: the step runs on the vanilla engine (same KV buffers), without heads.
             plain = b.engines["vanilla"]
-            if (plain_runs := _runs(plain, t, past, tree_mask)) is not None:
+            if (plain_runs := step_runs(plain.profiles, t, past, tree_mask)) is not None:
                 kind, e, runs = "vanilla", plain, plain_runs
         if runs is None:
-            _no_profile(e, t, past, tree_mask)
+            no_profile(e.kind, e.profiles, t, past, tree_mask)
         step = {io_table.BATCH: 1, io_table.SEQ: t}
         out = {x.name: (np.zeros if x.name == "input_token_probs" else np.empty)(x.shape(b.dims, step)[1:],
                                                                                 e.dtypes[x.name]) for x in e.reduced}

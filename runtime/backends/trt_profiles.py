@@ -4,6 +4,7 @@
     profiles = [Profile.from_record(p) for p in manifest.engines["medusa"].profiles]
     select(profiles, t=11, past=300)         # index of the profile that runs this step, or None
     plan_chunks(profiles, t=900, past=0)     # a long causal prefill split into runs that each fit
+    step_runs(profiles, t, past, tree_mask)  # either of those for a step; no_profile(...) its one-line error
 
 A profile describes B sequences of T new tokens after ``past`` cached ones; the attention mask is
 ``[B, 1, T, past + T]`` and the KV inputs ``[B, past, kv_heads, head_dim]``. One-sequence profiles (B = 1) serve a
@@ -17,7 +18,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from .. import io_table
+from ..errors import InputError
 from ..manifest import ProfileRecord
 
 
@@ -106,9 +110,23 @@ def plan_chunks(profiles: list[Profile], t: int, past: int) -> list[tuple[int, i
     return runs
 
 
-def max_tokens(profiles: list[Profile]) -> int:
-    return max(p.seq[2] for p in profiles if not p.batched)
+
+def step_runs(profiles: list[Profile], t: int, past: int, tree_mask: np.ndarray) -> list[tuple[int, int, int]] | None:
+    """``(start, end, profile)`` runs of a T-token step after ``past`` on an engine with ``profiles``: one profile,
+    or causal chunks (a causal ``tree_mask`` only); None when its profiles cannot take it."""
+    idx = select(profiles, t, past)
+    if idx is not None:
+        return [(0, t, idx)]
+    return plan_chunks(profiles, t, past) if np.array_equal(tree_mask, np.tri(t, dtype=bool)) else None
 
 
-def max_total(profiles: list[Profile]) -> int:
-    return max(p.total[2] for p in profiles if not p.batched)
+def no_profile(kind: str, profiles: list[Profile], t: int, past: int, tree_mask: np.ndarray) -> None:
+    """The one-line InputError for a step no one-sequence profile of the ``kind`` engine takes."""
+    desc = "; ".join(f"{p.name}: T {p.seq[0]}..{p.seq[2]}, past {p.past[0]}..{p.past[2]}" for p in profiles
+                     if not p.batched)
+    if np.array_equal(tree_mask, np.tri(t, dtype=bool)):
+        raise InputError(f"{t} tokens after {past} do not fit the {kind} engine's profiles ({desc}): "
+                         f"rebuild the engines with a larger --max-prompt")
+    raise InputError(f"a {t}-token tree step does not fit the {kind} engine's profiles ({desc}): use the "
+                     f"artifact's own tree, or rebuild the engines for this tree "
+                     f"(`medusa-export build --tree ... --engine trt`)")
