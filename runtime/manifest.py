@@ -36,6 +36,7 @@ from .backends.base import ModelDims
 from .artifact_files import (MANIFEST, artifact_dir, artifact_file, check_file, is_file, present,
                              sha256_file)
 from .errors import ArtifactError
+from .plan_records import BuilderFlags, EngineRecord, ProfileRecord  # noqa: F401 - part of the spec
 from .typed_json import FieldError, parse, read_json, to_json
 
 FORMAT = "medusa-export-artifact"
@@ -195,40 +196,6 @@ class QualityRecord:
     perplexity_change: float
     bar: float
     passes: bool
-
-
-@dataclass(frozen=True)
-class ProfileRecord:
-    name: str
-    seq: tuple[int, int, int]  # new tokens: min, opt, max
-    past: tuple[int, int, int]
-    total: tuple[int, int, int]
-    batch: tuple[int, int, int] = (1, 1, 1)  # sequences per step; > 1 only in the vanilla engine's "batch" profile
-
-
-@dataclass(frozen=True)
-class BuilderFlags:
-    set: list[str]
-    clear: list[str]
-
-
-@dataclass(frozen=True)
-class EngineRecord:
-    """A TensorRT plan and what it runs on (checked by `backends/trt_compat.py` before loading)."""
-
-    file: str
-    onnx: str
-    tensorrt_version: str
-    gpu_name: str
-    compute_capability: str
-    cuda_runtime: str | None
-    precision: str
-    strongly_typed: bool
-    builder_flags: BuilderFlags
-    profiles: list[ProfileRecord]
-    workspace_bytes: int | None
-    timing_cache: str  # a file name only: the cache stays on the machine that built
-    build_s: float
 
 
 @dataclass(frozen=True)
