@@ -7,7 +7,6 @@ import json
 import shutil
 import threading
 
-import numpy as np
 import pytest
 
 onnx = pytest.importorskip("onnx")
@@ -26,6 +25,53 @@ def _manifest(art) -> dict:
 
 def _write_manifest(art, m: dict) -> None:
     (art / "manifest.json").write_text(json.dumps(m))
+
+
+@pytest.mark.parametrize("which", ["artifact", "portable_artifact"])
+def test_the_graphs_share_one_weights_file(which, request):
+    """Every initializer of 1 KiB or more lives in weights.bin, each distinct content once (the graphs' shared
+    backbone weights are stored once), at 4 KiB aligned offsets; the graph files hold no weights of their own."""
+    import hashlib
+
+    import onnx
+
+    artifact = request.getfixturevalue(which)
+    m = json.loads((artifact / "manifest.json").read_text())
+    assert "weights.bin" in m["files"] and not list(artifact.glob("*.onnx.data"))
+    data = (artifact / "weights.bin").read_bytes()
+    regions, references, per_graph = {}, 0, {}
+    for kind, graph in m["graphs"].items():
+        model = onnx.load(str(artifact / graph["file"]), load_external_data=False)
+        for t in model.graph.initializer:
+            if t.data_location != onnx.TensorProto.EXTERNAL:
+                assert len(t.raw_data) < 1024, t.name
+                continue
+            info = {e.key: e.value for e in t.external_data}
+            offset, length = int(info["offset"]), int(info["length"])
+            assert info["location"] == "weights.bin" and offset % 4096 == 0
+            regions.setdefault(hashlib.sha256(data[offset:offset + length]).digest(), set()).add(offset)
+            references += 1
+            per_graph[kind] = per_graph.get(kind, 0) + length
+    assert all(len(offsets) == 1 for offsets in regions.values())  # one copy per distinct content
+    assert references > len(regions)  # the graphs share weights
+    assert len(data) < 1.5 * per_graph["medusa"] < sum(per_graph.values())  # about one graph's weights, not all
+
+
+def test_graphs_open_at_their_first_use(artifact):
+    """Each open graph holds its own copy of the weights: loading opens the graph a default request runs, the
+    vanilla graph opens at the first request without the heads, the lanes graph at the first batched call."""
+    from medusa_export.runtime.api import MedusaRuntime
+
+    with MedusaRuntime.load(artifact, backend="ort") as rt:
+        backend = rt.generator.backend
+        assert list(backend.sessions) == ["medusa"]  # the graph a default request runs; the others at first use
+        alone = rt.generate([5, 6, 7], max_new_tokens=4, chat=False).token_ids
+        assert backend._lanes is None and "vanilla" not in backend.sessions
+        rt.generate([5, 6, 7], max_new_tokens=4, chat=False, medusa=False)
+        assert sorted(backend.sessions) == ["medusa", "vanilla"]
+        together = rt.generate_many([[5, 6, 7], [8, 9]], max_new_tokens=4, chat=False)
+        assert backend._lanes is not None and backend.lanes is backend._lanes
+        assert together[0].token_ids == alone
 
 
 def test_a_weights_file_the_manifest_does_not_list_is_refused(artifact, tmp_path):
