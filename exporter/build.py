@@ -121,9 +121,11 @@ def _export_graph(loaded, kind: str, heads, tree: Tree, options: BuildOptions, w
     # as the tree has paths.
     paths = len(tree.paths_nodes) if fused and heads is not None else 1
     min_rows = RECIPES[options.dtype]["min_rows"] if options.quantized else 1
+    rotation = RECIPES[options.dtype]["rotation"] if options.quantized else 0
     with step_log(f"export {kind} graph ({options.dtype}, {options.graph})"):
         if fused:
-            export_fused_graph(step, path, dtype=dt, max_positions=options.max_seq, paths=paths, min_rows=min_rows)
+            export_fused_graph(step, path, dtype=dt, max_positions=options.max_seq, paths=paths, min_rows=min_rows,
+                               rotation=rotation)
         else:
             export_step_graph(step, path, dtype=dt)
     with step_log(f"fold constants in the {kind} graph (Polygraphy)"):
@@ -171,7 +173,8 @@ def _export_lanes(loaded, options: BuildOptions, work: Path, step_log) -> GraphR
     path = work / "lanes.onnx"
     step = StepModel(loaded.model, None, options.head_topk, options.sample_topk)
     with step_log(f"export the batched graph ({options.lanes} lanes, {options.dtype})"):
-        export_lanes_graph(step, path, options.lanes, graph_dtype(options.dtype), options.max_seq)
+        export_lanes_graph(step, path, options.lanes, graph_dtype(options.dtype), options.max_seq,
+                           RECIPES[options.dtype]["rotation"] if options.quantized else 0)
     with step_log("fold constants in the batched graph (Polygraphy)"):
         cleanup = CleanupRecord(**fold_constants(path))
     quantization = None

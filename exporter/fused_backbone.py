@@ -11,6 +11,9 @@ Per layer::
     MatMul (o)  ->  SkipSimplifiedLayerNormalization  ->  MatMul (packed gate|up) -> Split -> SiLU(gate)*up
     MatMul (down)
 
+int8 graphs turn each of a layer's 4 matmul inputs per block first (``rotation``, `rotation.py`: a Reshape, an fp32
+MatMul and a Reshape each), with the weights turned back.
+
 A Medusa graph built with ``paths`` > 1 runs attention once per root-to-leaf path of the tree, each path a group
 of heads on its own copy of the cache, so every node's numbers equal a one-token step's bit for bit
 (runtime/tree_paths.py); the matmuls still run once per node.
@@ -36,6 +39,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from medusa_export.runtime import io_table
 from medusa_export.runtime.errors import ModelError
+
+from .rotation import InputRotation
 
 MS = "com.microsoft"
 
@@ -91,8 +96,12 @@ class Decoder:
     """The decoder stack's weights and the graph under construction; `layers` writes every layer around an
     attention block the caller supplies (one row set per step, or per lane)."""
 
-    def __init__(self, decoder, cfg, max_positions: int, dtype: str) -> None:
+    def __init__(self, decoder, cfg, max_positions: int, dtype: str, rotation: int = 0) -> None:
+        """``rotation`` > 0: every decoder matmul's input turned per block of up to that many columns at run time,
+        its weight the other way (`rotation`; for quantized graphs)."""
         check_supported(cfg)
+        self.rotation = InputRotation(rotation) if rotation else None
+        self.rotation_constants: set[str] = set()  # the rotation matrices and shapes added so far
         self.np_dtype = io_table.model_dtype_of(dtype)
         self.cfg, self.dtype = cfg, dtype
         self.n, self.nh = cfg.num_hidden_layers, cfg.num_attention_heads
@@ -126,6 +135,26 @@ class Decoder:
                        to=TensorProto.INT32)[0]
         return seqlens, total
 
+    def project(self, x: str, w: np.ndarray, name: str) -> str:
+        """``x @ w`` (w: [in, out]); with a rotation, x turned per block by a MatMul named ``{name}/rotation``,
+        which quantization leaves in fp32, and w's rows turned back: the same product in exact arithmetic."""
+        g = self.g
+        if self.rotation is not None:
+            width, block = w.shape[0], self.rotation.block_of(w.shape[0])
+            names = self.rotation_constants
+            if f"rotation{block}" not in names:
+                names.add(f"rotation{block}")
+                g.weight(f"rotation{block}", self.rotation.matrix(block))
+                g.weight(f"rotation{block}/blocks", np.array([0, 0, -1, block], np.int64), cast=False)
+            if f"rotation/width{width}" not in names:
+                names.add(f"rotation/width{width}")
+                g.weight(f"rotation/width{width}", np.array([0, 0, width], np.int64), cast=False)
+            blocks = g.op("Reshape", [x, f"rotation{block}/blocks"], f"{name}/rotation_in")[0]
+            turned = g.op("MatMul", [blocks, f"rotation{block}"], f"{name}/rotation")[0]
+            x = g.op("Reshape", [turned, f"rotation/width{width}"], f"{name}/rotation_out")[0]
+            w = self.rotation.weight(w)
+        return g.op("MatMul", [x, g.weight(f"{name}.weight", w)], name)[0]
+
     def gqa(self, name: str, qkv: str, k: str, v: str, seqlens: str, total: str, positions: str, bias: str,
             groups: int = 1) -> list[str]:
         return self.g.op("GroupQueryAttention", [qkv, "", "", k, v, seqlens, total, self.cos, self.sin, positions, bias],
@@ -147,23 +176,22 @@ class Decoder:
             normed, residual = _norm(g, f"L{i}/input_norm", residual, pending, sd[p + "input_layernorm.weight"], eps)
             attn = p + "self_attn."
             qkv_w = np.concatenate([sd[attn + f"{k}_proj.weight"] for k in "qkv"], 0).T  # [H, (nh + 2 kvh) hd]
-            qkv = g.op("MatMul", [normed, g.weight(f"L{i}/qkv.weight", qkv_w)], f"L{i}/qkv")[0]
+            qkv = self.project(normed, qkv_w, f"L{i}/qkv")
             if attn + "q_proj.bias" in sd:
                 qkv_b = np.concatenate([sd[attn + f"{k}_proj.bias"] for k in "qkv"], 0)
                 qkv = g.op("Add", [qkv, g.weight(f"L{i}/qkv.bias", qkv_b)], f"L{i}/qkv_bias")[0]
             attended = attention(i, qkv)
-            out = g.op("MatMul", [attended, g.weight(f"L{i}/o.weight", sd[attn + "o_proj.weight"].T)], f"L{i}/o")[0]
+            out = self.project(attended, sd[attn + "o_proj.weight"].T, f"L{i}/o")
             if attn + "o_proj.bias" in sd:
                 out = g.op("Add", [out, g.weight(f"L{i}/o.bias", sd[attn + "o_proj.bias"])], f"L{i}/o_bias")[0]
             normed, residual = _norm(g, f"L{i}/post_norm", residual, out, sd[p + "post_attention_layernorm.weight"], eps)
             mlp = p + "mlp."
             gate_up_w = np.concatenate([sd[mlp + "gate_proj.weight"], sd[mlp + "up_proj.weight"]], 0).T
-            gate_up = g.op("MatMul", [normed, g.weight(f"L{i}/gate_up.weight", gate_up_w)], f"L{i}/gate_up")[0]
+            gate_up = self.project(normed, gate_up_w, f"L{i}/gate_up")
             gate, up = g.op("Split", [gate_up, split], f"L{i}/split", outputs=2, axis=-1)
             silu = g.op("Mul", [gate, g.op("Sigmoid", [gate], f"L{i}/sigmoid")[0]], f"L{i}/silu")[0]
             act = g.op("Mul", [silu, up], f"L{i}/act")[0]
-            pending = g.op("MatMul", [act, g.weight(f"L{i}/down.weight", sd[mlp + "down_proj.weight"].T)],
-                           f"L{i}/down")[0]
+            pending = self.project(act, sd[mlp + "down_proj.weight"].T, f"L{i}/down")
         hidden, _ = _norm(g, "final_norm", residual, pending, sd["model.norm.weight"], eps)
         return hidden
 
@@ -174,7 +202,8 @@ class Decoder:
                                              shape)
 
 
-def fused_backbone(decoder, cfg, max_positions: int, dtype: str = "float32", paths: int = 1, pad_rows: bool = False):
+def fused_backbone(decoder, cfg, max_positions: int, dtype: str = "float32", paths: int = 1, pad_rows: bool = False,
+                   rotation: int = 0):
     """GraphProto for ``decoder`` (a transformers ``*Model``: embeddings .. final norm) with config ``cfg``:
     inputs input_ids, position_ids, attention_mask, past_key_values.*; outputs hidden ([batch, seq, hidden],
     after the final norm) and present.*.
@@ -183,7 +212,7 @@ def fused_backbone(decoder, cfg, max_positions: int, dtype: str = "float32", pat
     of heads with its own copy of the KV cache (``[1, paths * kv_heads, capacity, head_dim]``); the step's
     attention rows are depths, mapped from and back to nodes by the inputs ``path_rows`` / ``node_rows``, and
     ``attention_mask`` is causal over those rows."""
-    d = Decoder(decoder, cfg, max_positions, dtype)
+    d = Decoder(decoder, cfg, max_positions, dtype, rotation)
     g, nh, kvh, hd = d.g, d.nh, d.kvh, d.hd
     # Per step, shared by every layer: the GQA lengths and the additive mask, for T + 1 query rows. ONNX Runtime's
     # GroupQueryAttention computes a one-row step with other arithmetic than a several-row step (last-bit

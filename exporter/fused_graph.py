@@ -29,12 +29,14 @@ from .step_model import ReducedTail, StepModel
 
 
 def export_fused_graph(step: StepModel, path: str | Path, dtype: str = "float32", max_positions: int = 2048,
-                       paths: int = 1, min_rows: int = 1) -> Path:
+                       paths: int = 1, min_rows: int = 1, rotation: int = 0) -> Path:
     """``paths`` > 1: attention per root-to-leaf path of trees of up to that many paths (exact verification,
-    see `fused_backbone`). ``min_rows`` 2: every matmul runs on at least two rows (see `fused_backbone`)."""
+    see `fused_backbone`). ``min_rows`` 2: every matmul runs on at least two rows (see `fused_backbone`).
+    ``rotation`` > 0: the decoder's matmul inputs turned per block (`rotation`), for quantized graphs."""
     path = Path(path)
     medusa = step.heads is not None
-    backbone = fused_backbone(step.backbone, step.config, max_positions, dtype, paths, pad_rows=min_rows > 1)
+    backbone = fused_backbone(step.backbone, step.config, max_positions, dtype, paths, pad_rows=min_rows > 1,
+                              rotation=rotation)
     tail = _export_tail(step, dtype, padded=min_rows > 1)
     graph = _append_tail(select_output_rows(backbone, padded=min_rows > 1), tail.graph, medusa, step.num_layers, paths)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)],

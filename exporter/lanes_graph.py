@@ -39,8 +39,8 @@ from .onnx_export import OPSET
 from .step_model import LanesTail, StepModel
 
 
-def lanes_backbone(decoder, cfg, max_positions: int, dtype: str, lanes: int) -> onnx.GraphProto:
-    d = Decoder(decoder, cfg, max_positions, dtype)
+def lanes_backbone(decoder, cfg, max_positions: int, dtype: str, lanes: int, rotation: int = 0) -> onnx.GraphProto:
+    d = Decoder(decoder, cfg, max_positions, dtype, rotation)
     g = d.g
     width = (d.nh + 2 * d.kvh) * d.hd
     zero_row = g.weight("zero_row", np.zeros((1, 1, width)))  # what an empty lane's attention reads
@@ -71,10 +71,11 @@ def lanes_backbone(decoder, cfg, max_positions: int, dtype: str, lanes: int) -> 
 
 
 def export_lanes_graph(step: StepModel, path: str | Path, lanes: int, dtype: str = "float32",
-                       max_positions: int = 2048) -> Path:
+                       max_positions: int = 2048, rotation: int = 0) -> Path:
     path = Path(path)
     # The tail (lm_head, reductions) runs on the rows the host asks for: a prompt chunk's last row or none.
-    backbone = select_output_rows(lanes_backbone(step.backbone, step.config, max_positions, dtype, lanes), padded=False)
+    backbone = select_output_rows(lanes_backbone(step.backbone, step.config, max_positions, dtype, lanes, rotation),
+                                  padded=False)
     tail = _export_tail(step, dtype)
     graph = _append_tail_nodes(backbone, tail.graph, shared={"hidden", "row_temperature",
                                                               *(t.name for t in io_table.lanes_reduced_outputs())})

@@ -30,11 +30,15 @@ from .quantized_embedding import embed_from_lm_head
 # calibrated on the packaged prompts CALIBRATION (the build's default quality check reads the first 10, not these).
 # Measured on the default model: int8 top-1 agreement with fp32 96.1 % -> 97.3 % on 40 held-out ShareGPT prompts;
 # int4 was not measured with it.
+# rotation: the decoder matmuls' inputs turned per block of up to this many columns by a randomized Hadamard
+# matrix, undone in the weights (`rotation`; 0: none). Measured on the default model with smoothing: int8 top-1
+# agreement 97.5 % -> 98.3 % and 97.3 % -> 98.1 % on two held-out prompt sets (blocks of 32; blocks of up to 128:
+# 98.0 % / 97.5 %), for about 3 % of a one-token step.
 RECIPES = {
     "int4": {"method": "MatMulNBits", "bits": 4, "block_size": 32, "symmetric": True, "accuracy_level": 4,
-             "min_rows": 2, "smooth_alpha": 0.0},
+             "min_rows": 2, "smooth_alpha": 0.0, "rotation": 0},
     "int8": {"method": "MatMulNBits", "bits": 8, "block_size": 32, "symmetric": True, "accuracy_level": 4,
-             "min_rows": 1, "smooth_alpha": 0.5},
+             "min_rows": 1, "smooth_alpha": 0.5, "rotation": 32},
 }
 CALIBRATION = slice(10, 40)
 
@@ -45,20 +49,23 @@ def quantize_graph(path: Path, recipe_name: str) -> dict:
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     recipe = dict(RECIPES[recipe_name])
-    for key in ("min_rows", "smooth_alpha"):  # properties of the graph and weights around it, recorded with it
+    for key in ("min_rows", "smooth_alpha", "rotation"):  # properties of the graph and weights around it, recorded with it
         recipe.pop(key)
     logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)  # it reports every node it skips
     model = onnx.load(str(path))
-    before = sum(n.op_type == "MatMul" for n in model.graph.node)
+    weight_matmuls = lambda graph: sum(n.op_type == "MatMul" and not n.name.endswith("/rotation")  # noqa: E731
+                                       for n in graph.node)
+    before = weight_matmuls(model.graph)
 
+    # The input rotations (`rotation`) transform activations: they stay fp32.
     keep = [n.name for n in model.graph.node if n.op_type == "MatMul" and
-            any(part in n.name for part in recipe.get("keep_fp32", ()))]
+            (n.name.endswith("/rotation") or any(part in n.name for part in recipe.get("keep_fp32", ())))]
     q = MatMulNBitsQuantizer(model, bits=recipe["bits"], block_size=recipe["block_size"],
                              is_symmetric=recipe["symmetric"], accuracy_level=recipe["accuracy_level"],
                              nodes_to_exclude=keep)
     q.process()
     quantized = q.model.model
-    left = sum(n.op_type == "MatMul" for n in quantized.graph.node)
+    left = weight_matmuls(quantized.graph)
     embedding = embed_from_lm_head(quantized, recipe["bits"], recipe["block_size"])
     onnx.save_model(quantized, str(path))
     return {"name": recipe_name, **RECIPES[recipe_name], "tool": f"onnxruntime {onnxruntime.__version__}",

@@ -166,6 +166,7 @@ class QuantizationRecord:
     matmuls_left_fp: int
     smooth_alpha: float = 0.0  # SmoothQuant strength folded into the weights before quantizing (0: none)
     embedding: str = "fp32"  # the token embedding: fp32, or read from the tied lm_head's quantized weights
+    rotation: int = 0  # largest block of the decoder matmuls' input rotation (`exporter/rotation.py`; 0: none)
 
 
 @dataclass(frozen=True)

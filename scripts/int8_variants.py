@@ -1,7 +1,7 @@
 """int8 variants beyond the shipped recipe, by top-1 agreement with fp32 (teacher-forced on the fp32 artifact's greedy
 answers): the shipped smoothing (q/k/v and gate/up inputs, strength 0.5) plus smoothing of the ``down_proj`` inputs
 (folded into ``up_proj``'s output rows) and / or the ``o_proj`` inputs (folded into ``v_proj``, one scale per KV
-channel), and MatMuls kept in fp32 by name.
+channel), MatMuls kept in fp32 by name, and the input rotation's block (``--rotation``; 0: none).
 
     python scripts/int8_variants.py artifacts/smollm2 artifacts/smollm2-int8 --extra down,o --keep lm_head \
         --prompts train_prompts.jsonl --first 100 --count 40
@@ -67,6 +67,8 @@ def main() -> None:
     ap.add_argument("--keep", default="", help="comma-separated MatMul name parts kept in fp32 (e.g. lm_head)")
     ap.add_argument("--alpha", type=float, default=0.5)
     ap.add_argument("--block-size", type=int, default=None, help="weight (and activation) block (default: the recipe's)")
+    ap.add_argument("--rotation", type=int, default=RECIPES["int8"]["rotation"],
+                    help="largest block of the input rotation (exporter/rotation.py; 0: none; default: the recipe's)")
     ap.add_argument("--prompts", default=None, help="JSONL prompts (default: the packaged set)")
     ap.add_argument("--first", type=int, default=0)
     ap.add_argument("--count", type=int, default=10)
@@ -86,11 +88,12 @@ def main() -> None:
         work = Path(tmp) / "variant"
         shutil.copytree(args.int8_artifact, work)
         path = work / "vanilla.onnx"
-        export_fused_graph(StepModel(model, None, 10, 32), path, dtype="float32", max_positions=2048)
+        export_fused_graph(StepModel(model, None, 10, 32), path, dtype="float32", max_positions=2048,
+                           rotation=args.rotation)
         fold_constants(path)
         graph = onnx.load(str(path))
         keep = [n.name for n in graph.graph.node if n.op_type == "MatMul"
-                and any(k in n.name for k in args.keep.split(",") if k)]
+                and (n.name.endswith("/rotation") or any(k in n.name for k in args.keep.split(",") if k))]
         recipe = RECIPES["int8"]
         block = args.block_size or recipe["block_size"]
         q = MatMulNBitsQuantizer(graph, bits=recipe["bits"], block_size=block,
@@ -109,10 +112,11 @@ def main() -> None:
         r = quality(reference, candidate, prompts)
         if args.keep_dir:
             shutil.copytree(work, args.keep_dir)
-        print(json.dumps({"extra": args.extra, "keep_fp32": args.keep, "alpha": args.alpha, "block_size": block, "prompts": args.prompts,
+        print(json.dumps({"extra": args.extra, "keep_fp32": args.keep, "alpha": args.alpha, "block_size": block,
+                          "rotation": args.rotation, "prompts": args.prompts,
                           "first": args.first, "count": len(prompts), "positions": r.positions,
                           "top1": r.top1_agreement, "perplexity_change": r.perplexity_change,
-                          "matmuls_kept": len(keep)}))
+                          "matmuls_kept": sum(not k.endswith("/rotation") for k in keep)}))
 
 
 if __name__ == "__main__":

@@ -203,8 +203,13 @@ def test_quantized_artifacts_record_their_recipe(quantized):
             assert q.name == dtype and q.method == "MatMulNBits" and q.bits == int(dtype[3:])
             assert q.matmuls_quantized >= 4 * m.dims.num_layers and q.matmuls_left_fp == 0
             assert q.smooth_alpha == {"int8": 0.5, "int4": 0.0}[dtype]  # int8 weights come from a smoothed model
-        ops = {n.op_type for n in onnx.load(str(path / "medusa.onnx"), load_external_data=False).graph.node}
-        assert "MatMulNBits" in ops and "MatMul" not in ops
+            assert q.rotation == {"int8": 32, "int4": 0}[dtype]
+        nodes = onnx.load(str(path / "medusa.onnx"), load_external_data=False).graph.node
+        assert "MatMulNBits" in {n.op_type for n in nodes}
+        # the only fp32 MatMuls left: int8's input rotations, one before each of a layer's 4 weight matmuls
+        rotations = [n.name for n in nodes if n.op_type == "MatMul"]
+        assert all(name.endswith("/rotation") for name in rotations)
+        assert len(rotations) == (4 * m.dims.num_layers if dtype == "int8" else 0)
 
 
 def test_quantized_quality_is_measured_and_stored(quantized):
