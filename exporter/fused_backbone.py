@@ -101,7 +101,7 @@ class Decoder:
         its weight the other way (`rotation`; for quantized graphs)."""
         check_supported(cfg)
         self.rotation = InputRotation(rotation) if rotation else None
-        self.rotation_constants: set[str] = set()  # the rotation matrices and shapes added so far
+        self.shared_constants: set[str] = set()  # names of the initializers `_constant` added
         self.np_dtype = io_table.model_dtype_of(dtype)
         self.cfg, self.dtype = cfg, dtype
         self.n, self.nh = cfg.num_hidden_layers, cfg.num_attention_heads
@@ -138,22 +138,27 @@ class Decoder:
     def project(self, x: str, w: np.ndarray, name: str) -> str:
         """``x @ w`` (w: [in, out]); with a rotation, x turned per block by a MatMul named ``{name}/rotation``,
         which quantization leaves in fp32, and w's rows turned back: the same product in exact arithmetic."""
-        g = self.g
-        if self.rotation is not None:
-            width, block = w.shape[0], self.rotation.block_of(w.shape[0])
-            names = self.rotation_constants
-            if f"rotation{block}" not in names:
-                names.add(f"rotation{block}")
-                g.weight(f"rotation{block}", self.rotation.matrix(block))
-                g.weight(f"rotation{block}/blocks", np.array([0, 0, -1, block], np.int64), cast=False)
-            if f"rotation/width{width}" not in names:
-                names.add(f"rotation/width{width}")
-                g.weight(f"rotation/width{width}", np.array([0, 0, width], np.int64), cast=False)
-            blocks = g.op("Reshape", [x, f"rotation{block}/blocks"], f"{name}/rotation_in")[0]
-            turned = g.op("MatMul", [blocks, f"rotation{block}"], f"{name}/rotation")[0]
-            x = g.op("Reshape", [turned, f"rotation/width{width}"], f"{name}/rotation_out")[0]
+        block = self.rotation.block_of(w.shape[0]) if self.rotation else 1
+        if block > 1:  # an odd width has no block to turn
+            x = self._turn(x, w.shape[0], block, name)
             w = self.rotation.weight(w)
-        return g.op("MatMul", [x, g.weight(f"{name}.weight", w)], name)[0]
+        return self.g.op("MatMul", [x, self.g.weight(f"{name}.weight", w)], name)[0]
+
+    def _turn(self, x: str, width: int, block: int, name: str) -> str:
+        """``x`` [batch, rows, width] with every block of its columns times the rotation matrix."""
+        g = self.g
+        matrix = self._constant(f"rotation{block}", self.rotation.matrix(block), cast=True)
+        blocks = self._constant(f"rotation{block}/blocks", np.array([0, 0, -1, block], np.int64))
+        rows = self._constant(f"rotation/width{width}", np.array([0, 0, width], np.int64))
+        turned = g.op("MatMul", [g.op("Reshape", [x, blocks], f"{name}/rotation_in")[0], matrix], f"{name}/rotation")[0]
+        return g.op("Reshape", [turned, rows], f"{name}/rotation_out")[0]
+
+    def _constant(self, name: str, value: np.ndarray, cast: bool = False) -> str:
+        """An initializer shared by every layer, added at its first use."""
+        if name not in self.shared_constants:
+            self.shared_constants.add(name)
+            self.g.weight(name, value, cast=cast)
+        return name
 
     def gqa(self, name: str, qkv: str, k: str, v: str, seqlens: str, total: str, positions: str, bias: str,
             groups: int = 1) -> list[str]:
