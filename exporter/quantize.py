@@ -33,7 +33,7 @@ from .quantized_embedding import embed_from_lm_head
 # rotation: the decoder matmuls' inputs turned per block of up to this many columns by a randomized Hadamard
 # matrix, undone in the weights (`rotation`; 0: none). Measured on the default model with smoothing: int8 top-1
 # agreement 97.5 % -> 98.3 % and 97.3 % -> 98.1 % on two held-out prompt sets (blocks of 32; blocks of up to 128:
-# 98.0 % / 97.5 %), for about 3 % of a one-token step.
+# 98.0 % / 97.5 %), for 3-5 % of a one-token step.
 RECIPES = {
     "int4": {"method": "MatMulNBits", "bits": 4, "block_size": 32, "symmetric": True, "accuracy_level": 4,
              "min_rows": 2, "smooth_alpha": 0.0, "rotation": 0},
