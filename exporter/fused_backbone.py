@@ -40,7 +40,7 @@ from onnx import TensorProto, helper, numpy_helper
 from medusa_export.runtime import io_table
 from medusa_export.runtime.errors import ModelError
 
-from .rotation import InputRotation
+from .rotation import SUFFIX, InputRotation
 
 MS = "com.microsoft"
 
@@ -137,7 +137,7 @@ class Decoder:
 
     def project(self, x: str, w: np.ndarray, name: str) -> str:
         """``x @ w`` (w: [in, out]); with a rotation, x turned per block by a MatMul named ``{name}/rotation``,
-        which quantization leaves in fp32, and w's rows turned back: the same product in exact arithmetic."""
+        (`rotation.SUFFIX`), which quantization leaves in fp32, and w's rows turned back: the same product in exact arithmetic."""
         block = self.rotation.block_of(w.shape[0]) if self.rotation else 1
         if block > 1:  # an odd width has no block to turn
             x = self._turn(x, w.shape[0], block, name)
@@ -148,9 +148,9 @@ class Decoder:
         """``x`` [batch, rows, width] with every block of its columns times the rotation matrix."""
         g = self.g
         matrix = self._constant(f"rotation{block}", self.rotation.matrix(block), cast=True)
-        blocks = self._constant(f"rotation{block}/blocks", np.array([0, 0, -1, block], np.int64))
+        blocks = self._constant(f"rotation{block}/blocks{width}", np.array([0, 0, width // block, block], np.int64))
         rows = self._constant(f"rotation/width{width}", np.array([0, 0, width], np.int64))
-        turned = g.op("MatMul", [g.op("Reshape", [x, blocks], f"{name}/rotation_in")[0], matrix], f"{name}/rotation")[0]
+        turned = g.op("MatMul", [g.op("Reshape", [x, blocks], f"{name}/rotation_in")[0], matrix], name + SUFFIX)[0]
         return g.op("Reshape", [turned, rows], f"{name}/rotation_out")[0]
 
     def _constant(self, name: str, value: np.ndarray, cast: bool = False) -> str:

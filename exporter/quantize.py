@@ -3,7 +3,8 @@
     record = quantize_graph(Path("out/medusa.onnx"), "int4")    # rewrites the file, returns the recipe record
 
 Every MatMul whose weight is a constant is quantized: the decoder's, the lm_head and the heads' projection
-(a recipe may keep named ones in fp32: ``keep_fp32``). The recipes were chosen by measurement on the reference
+(a recipe may keep named ones in fp32: ``keep_fp32``), except the input rotations (`rotation`), which transform
+activations. The recipes were chosen by measurement on the reference
 CPU (docs/quantization.md): the cost of a T=1 step, the cost of each extra tree node,
 quality against fp32, and whether a row's result depends on the other rows of the step (necessary for greedy
 Medusa to equal greedy vanilla, though not sufficient: see docs/quantization.md):
@@ -22,6 +23,7 @@ import logging
 from pathlib import Path
 
 from .quantized_embedding import embed_from_lm_head
+from .rotation import is_rotation
 
 # min_rows: the rows every quantized matmul must see for a row's result not to depend on how many there are
 # (the graph pads a one-token step to two rows: `fused_backbone` ``pad_rows``). Measured on an AVX2 CPU with
@@ -53,21 +55,23 @@ def quantize_graph(path: Path, recipe_name: str) -> dict:
         recipe.pop(key)
     logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)  # it reports every node it skips
     model = onnx.load(str(path))
-    weight_matmuls = lambda graph: sum(n.op_type == "MatMul" and not n.name.endswith("/rotation")  # noqa: E731
-                                       for n in graph.node)
-    before = weight_matmuls(model.graph)
+    before = _weight_matmuls(model.graph)
 
-    # The input rotations (`rotation`) transform activations: they stay fp32.
     keep = [n.name for n in model.graph.node if n.op_type == "MatMul" and
-            (n.name.endswith("/rotation") or any(part in n.name for part in recipe.get("keep_fp32", ())))]
+            (is_rotation(n.name) or any(part in n.name for part in recipe.get("keep_fp32", ())))]
     q = MatMulNBitsQuantizer(model, bits=recipe["bits"], block_size=recipe["block_size"],
                              is_symmetric=recipe["symmetric"], accuracy_level=recipe["accuracy_level"],
                              nodes_to_exclude=keep)
     q.process()
     quantized = q.model.model
-    left = weight_matmuls(quantized.graph)
+    left = _weight_matmuls(quantized.graph)
     embedding = embed_from_lm_head(quantized, recipe["bits"], recipe["block_size"])
     onnx.save_model(quantized, str(path))
     return {"name": recipe_name, **RECIPES[recipe_name], "tool": f"onnxruntime {onnxruntime.__version__}",
             "matmuls_quantized": before - left, "matmuls_left_fp": left,
             "embedding": "GatherBlockQuantized on the lm_head's weights" if embedding else "fp32"}
+
+
+def _weight_matmuls(graph) -> int:
+    """MatMuls left to quantize or left fp32 by choice; the input rotations are not counted."""
+    return sum(n.op_type == "MatMul" and not is_rotation(n.name) for n in graph.node)

@@ -3,7 +3,7 @@ block): ``x @ W == (x @ R) @ (R.T @ W)`` for an orthogonal ``R`` applied to each
 
     r = InputRotation(max_block=32)
     w_rotated = r.weight(w)                   # [in, out] with every block of ``in`` rows turned by R.T
-    x_rotated = r.block_of(w.shape[0])        # the graph applies R to each block of x's columns at run time
+    block = r.block_of(w.shape[0])            # the graph turns each block of x's columns by r.matrix(block)
 
 Why: ``MatMulNBits`` at accuracy level 4 quantizes the activations to int8 per block of 32 values of each row, so
 one outlier channel sets the scale of its whole block and the small values beside it lose their bits. A
@@ -20,6 +20,11 @@ from __future__ import annotations
 import numpy as np
 
 SEED = 0  # the random signs of the Hadamard matrix: fixed, so a rebuild gives the same graph
+SUFFIX = "/rotation"  # the name of every turning MatMul ends so: quantization leaves them fp32
+
+
+def is_rotation(node_name: str) -> bool:
+    return node_name.endswith(SUFFIX)
 
 
 def hadamard(n: int) -> np.ndarray:

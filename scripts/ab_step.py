@@ -44,6 +44,9 @@ def main() -> None:
                 s.run(token, position, mask, False, 1.0)  # not kept: every step at the same past
                 if i >= WARMUP:
                     times[k].append((time.perf_counter() - t0) * 1e3)
+    for s, rt in zip(sessions, runtimes):
+        s.close()
+        rt.close()
     print(json.dumps({a: {"steps": len(t), "p10_ms": round(float(np.percentile(t, 10)), 3),
                           "p50_ms": round(float(np.median(t)), 3)} for a, t in zip(args.artifacts, times)}))
 

@@ -26,6 +26,7 @@ from medusa_export.exporter.fused_graph import export_fused_graph
 from medusa_export.exporter.model_loading import load_base_model
 from medusa_export.exporter.onnx_cleanup import fold_constants
 from medusa_export.exporter.quantize import CALIBRATION, RECIPES
+from medusa_export.exporter.rotation import is_rotation
 from medusa_export.exporter.smoothing import input_maxima, smooth_activations, smoothing_scales
 from medusa_export.exporter.step_model import StepModel
 from medusa_export.runtime.api import MedusaRuntime
@@ -93,7 +94,7 @@ def main() -> None:
         fold_constants(path)
         graph = onnx.load(str(path))
         keep = [n.name for n in graph.graph.node if n.op_type == "MatMul"
-                and (n.name.endswith("/rotation") or any(k in n.name for k in args.keep.split(",") if k))]
+                and (is_rotation(n.name) or any(k in n.name for k in args.keep.split(",") if k))]
         recipe = RECIPES["int8"]
         block = args.block_size or recipe["block_size"]
         q = MatMulNBitsQuantizer(graph, bits=recipe["bits"], block_size=block,
@@ -116,7 +117,7 @@ def main() -> None:
                           "rotation": args.rotation, "prompts": args.prompts,
                           "first": args.first, "count": len(prompts), "positions": r.positions,
                           "top1": r.top1_agreement, "perplexity_change": r.perplexity_change,
-                          "matmuls_kept": sum(not k.endswith("/rotation") for k in keep)}))
+                          "matmuls_kept": sum(not is_rotation(k) for k in keep)}))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Input rotations for quantized graphs (`exporter/rotation.py`): an orthogonal turn of each block of a matmul's
-input, undone in its weight, leaves the product unchanged; in a graph the product's rows stay independent."""
+input, undone in its weight, leaves the product unchanged (row independence and lossless Medusa on rotated int8
+graphs: tests/test_fused_graph.py and tests/test_engine.py, whose int8 artifacts carry the rotation)."""
 
 from __future__ import annotations
 
@@ -58,6 +59,7 @@ def test_a_rotated_fused_graph_computes_the_models_function(tmp_path, paths):
     tolerance (`validate_graph` raises otherwise), one-sequence and per-path tree steps alike."""
     pytest.importorskip("onnxruntime")
     pytest.importorskip("torch")
+    onnx = pytest.importorskip("onnx")
     from conftest import make_tiny_model
 
     from medusa_export.exporter.fused_graph import export_fused_graph
@@ -70,7 +72,7 @@ def test_a_rotated_fused_graph_computes_the_models_function(tmp_path, paths):
     heads = MedusaHeads(HeadsConfig(model.config.hidden_size, model.config.vocab_size, num_heads=2))
     step = StepModel(model, heads, 10, 32)
     path = export_fused_graph(step, tmp_path / "medusa.onnx", paths=paths, rotation=32)
-    nodes = __import__("onnx").load(str(path)).graph.node
+    nodes = onnx.load(str(path)).graph.node
     assert sum(n.name.endswith("/rotation") for n in nodes) == 4 * model.config.num_hidden_layers
     report = validate_graph(step, path, kv_layout=io_table.HEAD_MAJOR_SHARED, paths=paths)
     assert max(report["max_abs_error"].values()) <= report["tolerance"]
