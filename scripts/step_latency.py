@@ -67,16 +67,19 @@ def matmul_share(directory: Path, threads: int, past: int = 256) -> dict:
                         if ev.get("cat") == "Session" and ev["name"] == "model_run")
     after_prefill = model_runs[0][1]  # the first run is the 256-token prefill: not a T=1 step
     runs = len(model_runs) - 1
-    per_op = defaultdict(float)
+    per_op, tail = defaultdict(float), 0.0
     for ev in trace:
         if ev.get("cat") == "Node" and ev["name"].endswith("_kernel_time") and ev["ts"] >= after_prefill:
             per_op[ev["args"]["op_name"]] += ev["dur"]
+            if ev["name"].startswith("tail/") and "lm_head" not in ev["name"]:  # the vocabulary reduction
+                tail += ev["dur"]
     total = sum(per_op.values())
     mm = sum(v for k, v in per_op.items() if k in MATMULS)
     top = sorted(per_op.items(), key=lambda kv: -kv[1])[:6]
     return {"kernel_ms_per_step": round(total / 1e3 / max(runs, 1), 2), "matmul_share": round(mm / total, 3),
             "outside_matmuls_share": round(1 - mm / total, 3),
-            "top_ops_ms_per_step": {k: round(v / 1e3 / max(runs, 1), 2) for k, v in top}}
+            "top_ops_ms_per_step": {k: round(v / 1e3 / max(runs, 1), 2) for k, v in top},
+            "reduction_tail_ms_per_step": round(tail / 1e3 / max(runs, 1), 3)}
 
 
 def main() -> None:
