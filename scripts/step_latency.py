@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from medusa_export.runtime.api import MedusaRuntime
+from medusa_export.runtime.backends.ort_outputs import selects_rows
 
 MATMULS = ("MatMul", "MatMulNBits", "MatMulInteger", "Gemm", "DynamicQuantizeMatMul", "MatMulIntegerToFloat")
 
@@ -60,7 +61,7 @@ def matmul_share(directory: Path, threads: int, past: int = 256) -> dict:
         opts.log_severity_level = 3
         path = directory / rt.manifest.graphs["vanilla"].file
         backend.sessions["vanilla"] = session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        backend.selects_rows["vanilla"] = any(i.name == "output_rows" for i in session.get_inputs())
+        backend.selects_rows["vanilla"] = selects_rows(session)
         time_step(backend, 1, past, False, 20)
         trace = json.loads(Path(backend.sessions["vanilla"].end_profiling()).read_text())
     model_runs = sorted((ev["ts"], ev["ts"] + ev["dur"]) for ev in trace

@@ -29,7 +29,7 @@ from ..tree_paths import PathBatch
 from .base import Backend, KVCache, MaskBuffer, ModelDims, Session, StepOutput
 from .ort_errors import reason, run_bound
 from .ort_lanes import OrtLanes
-from .ort_outputs import first_outputs
+from .ort_outputs import first_outputs, selects_rows
 from .slot_cache import SlotCache
 
 
@@ -185,8 +185,7 @@ class OrtBackend(Backend):
                 raise InputError("this runtime is closed: load the artifact again (MedusaRuntime.load)")
             if kind not in self.sessions:
                 session = self._open(kind)
-                name = io_table.row_selection_input().name
-                self.selects_rows[kind] = any(i.name == name for i in session.get_inputs())
+                self.selects_rows[kind] = selects_rows(session)
                 self.sessions[kind] = session
             return self.sessions[kind]
 

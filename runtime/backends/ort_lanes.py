@@ -21,7 +21,7 @@ from .. import io_table
 from .base import ModelDims, Session
 from .lanes import Lane, LaneOutput
 from .ort_errors import run_bound
-from .ort_outputs import first_outputs
+from .ort_outputs import first_outputs, selects_rows
 from .slot_cache import SlotCache
 
 _REDUCED = [t.name for t in io_table.lanes_reduced_outputs()]
@@ -51,8 +51,7 @@ class OrtLanes:
 
     def __init__(self, session, dims: ModelDims, lanes: int, min_rows: int = 1) -> None:
         self.session, self.dims, self.lanes, self.min_rows = session, dims, lanes, min_rows
-        # Graphs built with `io_table.row_selection_input` run lm_head and the reductions on the rows asked only.
-        self.selects_rows = any(i.name == io_table.row_selection_input().name for i in session.get_inputs())
+        self.selects_rows = selects_rows(session)
         self.binding = session.io_binding()
         self.elem = io_table.model_dtype_of(dims.dtype)
         n = dims.num_layers

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .. import io_table
+
 
 def first_outputs(binding, n: int) -> list[np.ndarray]:
     """The first ``n`` outputs of ``binding`` (in the order they were first bound) as numpy arrays.
@@ -14,3 +16,9 @@ def first_outputs(binding, n: int) -> list[np.ndarray]:
     native = getattr(binding, "_iobinding", None)
     values = native.get_outputs() if native is not None else binding.get_outputs()
     return [values[i].numpy() for i in range(n)]
+
+
+def selects_rows(session) -> bool:
+    """Whether a graph runs lm_head and the reductions on the rows asked only (`io_table.row_selection_input`;
+    graphs built before it compute every row)."""
+    return any(i.name == io_table.row_selection_input().name for i in session.get_inputs())
