@@ -62,9 +62,9 @@ def build_artifact(model: str | None, out: str | Path, options: BuildOptions = B
         check_supported(loaded.model.config)  # before any export: the portable graph covers the rest
     work = new_work_dir(out)
     try:
-        if options.quantized and RECIPES[options.dtype]["smooth_alpha"]:
+        if alpha := _recipe(options, "smooth_alpha", 0.0):
             with step_log(f"smooth activations for {options.dtype} ({CALIBRATION.stop - CALIBRATION.start} packaged prompts)"):
-                _smooth(loaded, RECIPES[options.dtype]["smooth_alpha"])
+                _smooth(loaded, alpha)
         graphs, validation = {}, {}
         for kind, h in (("medusa", chosen.heads), ("vanilla", None)):
             graphs[kind], validation[kind] = _export_graph(loaded, kind, h, tree_obj, options, work, step_log)
@@ -110,6 +110,11 @@ def _smooth(loaded, alpha: float) -> None:
     smooth_activations(loaded.model, [loaded.tokenizer.encode_prompt(t) for t in texts], alpha)
 
 
+def _recipe(options: BuildOptions, key: str, unquantized):
+    """A property of the quantization recipe the graphs are exported for (``unquantized`` for fp32 / fp16)."""
+    return RECIPES[options.dtype][key] if options.quantized else unquantized
+
+
 def _export_graph(loaded, kind: str, heads, tree: Tree, options: BuildOptions, work: Path,
                   step_log) -> tuple[GraphRecord, dict]:
     """Export, fold, quantize and validate one graph; its manifest record and validation report."""
@@ -120,8 +125,8 @@ def _export_graph(loaded, kind: str, heads, tree: Tree, options: BuildOptions, w
     # Fused graphs verify the tree per root-to-leaf path (exact, runtime/tree_paths.py): as many attention groups
     # as the tree has paths.
     paths = len(tree.paths_nodes) if fused and heads is not None else 1
-    min_rows = RECIPES[options.dtype]["min_rows"] if options.quantized else 1
-    rotation = RECIPES[options.dtype]["rotation"] if options.quantized else 0
+    min_rows = _recipe(options, "min_rows", 1)
+    rotation = _recipe(options, "rotation", 0)
     with step_log(f"export {kind} graph ({options.dtype}, {options.graph})"):
         if fused:
             export_fused_graph(step, path, dtype=dt, max_positions=options.max_seq, paths=paths, min_rows=min_rows,
@@ -174,7 +179,7 @@ def _export_lanes(loaded, options: BuildOptions, work: Path, step_log) -> GraphR
     step = StepModel(loaded.model, None, options.head_topk, options.sample_topk)
     with step_log(f"export the batched graph ({options.lanes} lanes, {options.dtype})"):
         export_lanes_graph(step, path, options.lanes, graph_dtype(options.dtype), options.max_seq,
-                           RECIPES[options.dtype]["rotation"] if options.quantized else 0)
+                           _recipe(options, "rotation", 0))
     with step_log("fold constants in the batched graph (Polygraphy)"):
         cleanup = CleanupRecord(**fold_constants(path))
     quantization = None

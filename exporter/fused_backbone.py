@@ -136,8 +136,9 @@ class Decoder:
         return seqlens, total
 
     def project(self, x: str, w: np.ndarray, name: str) -> str:
-        """``x @ w`` (w: [in, out]); with a rotation, x turned per block by a MatMul named ``{name}/rotation``,
-        (`rotation.SUFFIX`), which quantization leaves in fp32, and w's rows turned back: the same product in exact arithmetic."""
+        """``x @ w`` (w: [in, out]). With a rotation, x is turned per block by a MatMul named ``name`` +
+        `rotation.SUFFIX` (quantization leaves it fp32) and w's rows are turned back: the same product in exact
+        arithmetic."""
         block = self.rotation.block_of(w.shape[0]) if self.rotation else 1
         if block > 1:  # an odd width has no block to turn
             x = self._turn(x, w.shape[0], block, name)

@@ -110,7 +110,6 @@ def plan_chunks(profiles: list[Profile], t: int, past: int) -> list[tuple[int, i
     return runs
 
 
-
 def step_runs(profiles: list[Profile], t: int, past: int, tree_mask: np.ndarray) -> list[tuple[int, int, int]] | None:
     """``(start, end, profile)`` runs of a T-token step after ``past`` on an engine with ``profiles``: one profile,
     or causal chunks (a causal ``tree_mask`` only); None when its profiles cannot take it."""
