@@ -39,6 +39,7 @@ from .output_dir import check_out_dir, new_work_dir, replace_dir
 from .provenance import content_sha256
 from .quantize import CALIBRATION, RECIPES, quantize_graph
 from .shared_weights import share_weights
+from .source_grid import on_4bit_grid
 from .step_model import StepModel
 from .torch_backend import TorchBackend, model_dims
 from .validate import validate_graph
@@ -62,14 +63,19 @@ def build_artifact(model: str | None, out: str | Path, options: BuildOptions = B
         check_supported(loaded.model.config)  # before any export: the portable graph covers the rest
     work = new_work_dir(out)
     try:
-        if alpha := _recipe(options, "smooth_alpha", 0.0):
+        # Weights already on a 4-bit grid (a Q4_0 / Q4_1 GGUF) are kept exactly by int4: decided before smoothing,
+        # which would move them off it.
+        grid = options.dtype == "int4" and on_4bit_grid(loaded.model)
+        if grid:
+            log("  int4: the decoder's weights are already a 4-bit grid: kept exactly, not smoothed")
+        if (alpha := _recipe(options, "smooth_alpha", 0.0)) and not grid:
             with step_log(f"smooth activations for {options.dtype} ({CALIBRATION.stop - CALIBRATION.start} packaged prompts)"):
                 _smooth(loaded, alpha)
         graphs, validation = {}, {}
         for kind, h in (("medusa", chosen.heads), ("vanilla", None)):
-            graphs[kind], validation[kind] = _export_graph(loaded, kind, h, tree_obj, options, work, step_log)
+            graphs[kind], validation[kind] = _export_graph(loaded, kind, h, tree_obj, options, work, step_log, grid)
         if options.lanes:
-            graphs["lanes"] = _export_lanes(loaded, options, work, step_log)
+            graphs["lanes"] = _export_lanes(loaded, options, work, step_log, grid)
         with step_log("store the graphs' weights once (weights.bin)"):
             share_weights(work, [g.file for g in graphs.values()])
         loaded.tokenizer.save(work)
@@ -116,8 +122,9 @@ def _recipe(options: BuildOptions, key: str, unquantized):
 
 
 def _export_graph(loaded, kind: str, heads, tree: Tree, options: BuildOptions, work: Path,
-                  step_log) -> tuple[GraphRecord, dict]:
-    """Export, fold, quantize and validate one graph; its manifest record and validation report."""
+                  step_log, grid: bool = False) -> tuple[GraphRecord, dict]:
+    """Export, fold, quantize and validate one graph; its manifest record and validation report. ``grid``: the
+    weights are a 4-bit grid that int4 keeps exactly (`source_grid`)."""
     dt, fused = graph_dtype(options.dtype), options.graph == ONNXRUNTIME
     layout = kv_layout_of(options.graph)
     step = StepModel(loaded.model, heads, options.head_topk, options.sample_topk)
@@ -138,7 +145,7 @@ def _export_graph(loaded, kind: str, heads, tree: Tree, options: BuildOptions, w
     quantization = None
     if options.quantized:
         with step_log(f"quantize the {kind} graph's weights ({options.dtype})"):
-            quantization = QuantizationRecord(**quantize_graph(path, options.dtype))
+            quantization = QuantizationRecord(**quantize_graph(path, options.dtype, source_grid=grid))
     with step_log(f"validate {kind} graph against PyTorch"):
         # A quantized graph differs from PyTorch by design: its errors are recorded, and its quality is measured
         # on real text (`quality`), not held to the fp32 tolerance.
@@ -170,7 +177,7 @@ class _StepLog:
             self.log(f"  {self.name}: done in {time.perf_counter() - self.t0:.1f} s")
 
 
-def _export_lanes(loaded, options: BuildOptions, work: Path, step_log) -> GraphRecord:
+def _export_lanes(loaded, options: BuildOptions, work: Path, step_log, grid: bool = False) -> GraphRecord:
     """The batched graph (`lanes_graph`): exported, folded and quantized like the others; validated against the
     one-sequence graphs once the artifact is assembled (`_check_lanes`)."""
     from .lanes_graph import export_lanes_graph
@@ -185,7 +192,7 @@ def _export_lanes(loaded, options: BuildOptions, work: Path, step_log) -> GraphR
     quantization = None
     if options.quantized:
         with step_log(f"quantize the batched graph's weights ({options.dtype})"):
-            quantization = QuantizationRecord(**quantize_graph(path, options.dtype))
+            quantization = QuantizationRecord(**quantize_graph(path, options.dtype, source_grid=grid))
     n = loaded.model.config.num_hidden_layers
     tensors = lambda ts: [TensorRecord(t.name, t.dtype, list(t.axes)) for t in ts]  # noqa: E731
     return GraphRecord(file=path.name, inputs=tensors(io_table.lanes_inputs(n, options.lanes)),

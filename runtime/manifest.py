@@ -167,6 +167,8 @@ class QuantizationRecord:
     smooth_alpha: float = 0.0  # SmoothQuant strength folded into the weights before quantizing (0: none)
     embedding: str = "fp32"  # the token embedding: fp32, or read from the tied lm_head's quantized weights
     rotation: int = 0  # largest block of the decoder matmuls' input rotation (`exporter/rotation.py`; 0: none)
+    source_grid: int = 0  # MatMuls whose weights were already a 4- or 8-bit grid (GGUF Q4_1 / Q4_0 / Q8_0), kept exactly
+    other_bits: int = 0  # with source_grid: the bits of the other weight MatMuls (0: all at ``bits``)
 
 
 @dataclass(frozen=True)
