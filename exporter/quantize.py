@@ -4,7 +4,8 @@
 
 Every MatMul whose weight is a constant is quantized: the decoder's, the lm_head and the heads' projection
 (a recipe may keep named ones in fp32: ``keep_fp32``), except the input rotations (`rotation`), which transform
-activations. The recipes were chosen by measurement on the reference
+activations. int4 of a model whose decoder weights already are 4-bit blocks (``source_grid``: a Q4_1 / Q4_0 GGUF,
+as the built-in model) keeps those blocks exactly and takes 8 bits for the rest (`source_grid`). The recipes were chosen by measurement on the reference
 CPU (docs/quantization.md): the cost of a T=1 step, the cost of each extra tree node,
 quality against fp32, and whether a row's result depends on the other rows of the step (necessary for greedy
 Medusa to equal greedy vanilla, though not sufficient: see docs/quantization.md):
@@ -55,7 +56,7 @@ GRID_REST_BITS = 8
 def quantize_graph(path: Path, recipe_name: str, source_grid: bool = False) -> dict:
     """Quantize the graph at ``path`` in place by ``recipe_name``; its record for the manifest. ``source_grid``
     (int4, when `source_grid.on_4bit_grid` holds for the model): the weights already on a 4-bit grid are kept
-    exactly (`source_grid`), every other weight MatMul (the lm_head, the heads) is quantized to 8 bits."""
+    exactly (`source_grid`), every other weight MatMul (the lm_head, the heads) takes 8 bits, a Q8_0 one exactly."""
     import onnx
     import onnxruntime
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
