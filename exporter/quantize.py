@@ -86,7 +86,8 @@ def quantize_graph(path: Path, recipe_name: str, source_grid: bool = False) -> d
               "embedding": "GatherBlockQuantized on the lm_head's weights" if embedding else "fp32",
               "source_grid": kept_exact}
     if source_grid:  # the source's grid is kept: neither smoothed nor rotated (either would move the weights off it)
-        record.update(smooth_alpha=0.0, rotation=0, other_bits=bits)
+        asymmetric = any(is_offset(n.name) for n in quantized.graph.node)  # Q4_1 blocks keep their offsets
+        record.update(smooth_alpha=0.0, rotation=0, other_bits=bits, symmetric=not asymmetric)
     return record
 
 

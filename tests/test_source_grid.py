@@ -16,14 +16,23 @@ K, N = 96, 40
 
 
 def q4_grid(rng, shape, symmetric=False) -> np.ndarray:
-    """A weight [in, out] on a GGUF Q4_1 grid (``d * q + m`` per block of 32 inputs, d and m stored in fp16 as GGUF
-    does; Q4_0 when ``symmetric``)."""
+    """A weight [in, out] on a GGUF grid, per block of 32 inputs, d and m stored in fp16 as GGUF does: Q4_1
+    (``d * q + m``, m the block's minimum, every level used), or, ``symmetric``, Q4_0 as llama.cpp writes it
+    (``d = largest / -8`` with the largest-magnitude value's sign, ``d * (q - 8)``, not every level used)."""
     k, n = shape
-    q = rng.integers(0, 16, (n, k // 32, 32)).astype(np.float32)
-    q[..., 0], q[..., 1] = 0, 15  # every block spans the grid, as a quantizer's blocks do
-    d = rng.uniform(0.002, 0.02, (n, k // 32, 1)).astype(np.float16).astype(np.float32)
-    m = -8 * d if symmetric else rng.uniform(-0.2, 0.0, (n, k // 32, 1)).astype(np.float16).astype(np.float32)
-    return (d * q + m).astype(np.float32).reshape(n, k).T.copy()
+    x = rng.standard_normal((n, k // 32, 32)) * rng.uniform(0.02, 0.2, (n, k // 32, 1))
+    if symmetric:
+        largest = np.take_along_axis(x, np.abs(x).argmax(-1)[..., None], -1)
+        d = (largest / -8).astype(np.float16).astype(np.float32)
+        q = np.clip(np.rint(x / d) + 8, 0, 15)
+        blocks = d * (q - 8)
+    else:
+        low = x.min(-1, keepdims=True).astype(np.float16).astype(np.float32)
+        d = ((x.max(-1, keepdims=True) - low) / 15).astype(np.float16).astype(np.float32)
+        q = np.clip(np.rint((x - low) / d), 0, 15)
+        q[..., 0], q[..., 1] = 0, 15  # every block spans the grid, as Q4_1's blocks do
+        blocks = d * q + low
+    return blocks.astype(np.float32).reshape(n, k).T.copy()
 
 
 def one_matmul(path, w: np.ndarray) -> None:
@@ -52,7 +61,7 @@ def dequantized(model) -> np.ndarray:
     q = np.stack([packed & 15, packed >> 4], axis=-1).reshape(N, -1, 32).astype(np.float64)
     w = d[..., None] * (q - 8)
     if "w_offsets" in inits:
-        w = w + inits["w_offsets"].T[..., None]
+        w = w + inits["w_offsets"].T[..., None].astype(np.float64)
     return w.reshape(N, K).T.astype(np.float32)
 
 
@@ -61,31 +70,56 @@ def test_grid_weights_are_kept_bit_for_bit(tmp_path, symmetric):
     rng = np.random.default_rng(0)
     w = q4_grid(rng, (K, N), symmetric)
     q, d, m = grid_of(w)
-    assert q.dtype == np.uint8 and q.max() == 15 and np.array_equal((d[..., None] * q + m[..., None]).astype(np.float32),
-                                                                   w.T.reshape(N, K // 32, 32))
+    assert q.dtype == np.uint8 and q.max() <= 15
+    assert np.array_equal((d[..., None] * q + m[..., None]).astype(np.float32), w.T.reshape(N, K // 32, 32))
+    if symmetric:
+        assert (d < 0).any() and (d > 0).any() and (q.max(-1) < 15).any()  # llama.cpp's Q4_0: d of either sign
     path = tmp_path / "g.onnx"
     one_matmul(path, w)
     n, model = rewrite(path, accuracy_level=4)
     ops = [node.op_type for node in model.graph.node]
     # Q4_0 is MatMulNBits' own symmetric grid: no offset term; Q4_1 adds the per-block offsets
-    assert n == 1 and ops == (["MatMulNBits"] if symmetric else ["MatMulNBits", "Reshape", "ReduceSum", "MatMul", "Add"])
-    assert np.abs(dequantized(model) - w).max() <= 1e-6 * np.abs(w).max()
+    assert n == 1 and ops == (["MatMulNBits"] if symmetric else ["MatMulNBits", "MatMul", "MatMul", "Add"])
+    assert np.array_equal(dequantized(model), w)
+    assert "w" not in {t.name for t in model.graph.initializer}  # the fp32 weight left the graph
 
 
-def test_the_rewritten_matmul_computes_the_same_product(tmp_path):
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_the_rewritten_matmul_computes_the_same_product(tmp_path, symmetric):
     rng = np.random.default_rng(1)
-    w = q4_grid(rng, (K, N))
+    w = q4_grid(rng, (K, N), symmetric)
     x = rng.standard_normal((1, 5, K)).astype(np.float32)
     path = tmp_path / "g.onnx"
     one_matmul(path, w)
     exact = x.astype(np.float64) @ w.astype(np.float64)
-    _, _ = rewrite(path, accuracy_level=1)  # fp32 activations: only rounding differs
+    rewrite(path, accuracy_level=1)  # fp32 activations: only rounding differs
     assert np.abs(run(path, x) - exact).max() <= 1e-5 * np.abs(exact).max()
     one_matmul(path, w)
-    _, _ = rewrite(path, accuracy_level=4)  # int8 activations per block of 32: close, and each row by itself
+    rewrite(path, accuracy_level=4)  # int8 activations per block of 32: close, and each row by itself
     y = run(path, x)
     assert np.abs(y - exact).max() <= 2e-2 * np.abs(exact).max()
     assert np.array_equal(run(path, x[:, :2]), y[:, :2]) and np.array_equal(run(path, x[:, 2:]), y[:, 2:])
+
+
+def test_inputs_of_any_rank_and_weights_read_twice(tmp_path):
+    """The heads read the lm_head with [batch, rows, heads, hidden] inputs; a weight may feed several MatMuls."""
+    rng = np.random.default_rng(5)
+    w = q4_grid(rng, (K, N))
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["y"], name="a"), helper.make_node("MatMul", ["x2", "w"], ["y2"], name="b")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, None, 3, K]),
+                                           helper.make_tensor_value_info("x2", TensorProto.FLOAT, [None, K])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None),
+                               helper.make_tensor_value_info("y2", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(w, "w")])
+    path = tmp_path / "g.onnx"
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    n, model = rewrite(path, accuracy_level=1)
+    assert n == 2 and sum(node.op_type == "MatMulNBits" for node in model.graph.node) == 2
+    x, x2 = rng.standard_normal((1, 2, 3, K)).astype(np.float32), rng.standard_normal((4, K)).astype(np.float32)
+    y, y2 = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x, "x2": x2})
+    for got, inp in ((y, x), (y2, x2)):
+        exact = inp.astype(np.float64) @ w.astype(np.float64)
+        assert got.shape == exact.shape and np.abs(got - exact).max() <= 1e-5 * np.abs(exact).max()
 
 
 def test_weights_off_the_grid_are_left_alone(tmp_path):
