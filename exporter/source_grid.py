@@ -13,7 +13,7 @@ again on another grid (``MatMulNBits``' symmetric one) adds a second rounding to
 the first term ``d * (q - 8)`` per block, the second two small fp32 MatMuls (the sums of each block of 32 input
 values, then the offsets; left out when every block has ``m = -8 d``, as in Q4_0). The weights are then the source's, bit for bit;
 what differs from fp32 is only ``MatMulNBits``' int8 activations (accuracy level 4). Measured on the default model
-(docs/quantization.md): 96.4-97.8 % top-1 agreement on four prompt sets, perplexity within 0.3 %.
+(docs/quantization.md): 95.2-97.6 % top-1 agreement on four prompt sets, perplexity within 0.34 %.
 
 Every row is computed by itself (the block sums and the correction are per row), so a row's numbers do not depend
 on the other rows of the step, as ``MatMulNBits`` alone.
