@@ -68,10 +68,11 @@ def quantize_graph(path: Path, recipe_name: str, source_grid: bool = False) -> d
     model = onnx.load(str(path))
     before = _weight_matmuls(model.graph)
     fp32_kept = lambda name: is_rotation(name) or any(part in name for part in recipe.get("keep_fp32", ()))  # noqa: E731
-    kept_exact = exact_4bit_matmuls(model, recipe["accuracy_level"], skip=fp32_kept) if source_grid else 0
-    bits = GRID_REST_BITS if source_grid else recipe["bits"]
-    if source_grid:  # a Q8_0 weight beside the 4-bit ones (the built-in model's tied embedding / lm_head) kept too
-        kept_exact += exact_8bit_matmuls(model, recipe["accuracy_level"], skip=fp32_kept)
+    kept_exact, bits = 0, recipe["bits"]
+    if source_grid:  # the 4-bit blocks, and a Q8_0 weight beside them (the built-in model's tied lm_head), as they are
+        kept_exact = (exact_4bit_matmuls(model, recipe["accuracy_level"], skip=fp32_kept)
+                      + exact_8bit_matmuls(model, recipe["accuracy_level"], skip=fp32_kept))
+        bits = GRID_REST_BITS
     keep = [n.name for n in model.graph.node if n.op_type == "MatMul" and (fp32_kept(n.name) or is_offset(n.name))]
     q = MatMulNBitsQuantizer(model, bits=bits, block_size=recipe["block_size"],
                              is_symmetric=recipe["symmetric"], accuracy_level=recipe["accuracy_level"],

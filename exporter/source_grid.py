@@ -33,6 +33,13 @@ def is_offset(node_name: str) -> bool:
     return node_name.endswith(OFFSET_SUFFIXES)
 
 
+def _blocks(w: np.ndarray) -> np.ndarray | None:
+    """``w`` [in, out] as float64 blocks ``[out, in / 32, 32]`` of 32 consecutive inputs; None without whole blocks."""
+    if w.ndim != 2 or w.shape[0] % BLOCK:
+        return None
+    return w.T.astype(np.float64).reshape(w.shape[1], w.shape[0] // BLOCK, BLOCK)
+
+
 def grid_of(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     """``w`` [in, out] as ``(q [out, in / 32, 32] uint8, d [out, in / 32], m [out, in / 32])`` with
     ``w == d * q + m`` exactly in float32 per block of 32 inputs; None if ``w`` is not on such a grid.
@@ -40,39 +47,35 @@ def grid_of(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     Each block is tried as llama.cpp writes Q4_0 (``d`` = the value of largest magnitude / -8, ``m = -8 d``, d of
     either sign; such a block need not use every level) and as it writes Q4_1 (``m`` the block's minimum, ``d`` its
     range / 15: the block spans q = 0..15)."""
-    if w.ndim != 2 or w.shape[0] % BLOCK:
+    blocks = _blocks(w)
+    if blocks is None:
         return None
-    k, n = w.shape
-    blocks = w.T.astype(np.float64).reshape(n, k // BLOCK, BLOCK)
-    low, high = blocks.min(-1), blocks.max(-1)
-    largest = np.take_along_axis(blocks, np.abs(blocks).argmax(-1)[..., None], -1)[..., 0]
-    found = None
-    # Q4_0 first (m = -8 d): a block it fits needs no offset term, although it may fit the Q4_1 form too
-    for step, offset in ((largest / -ZERO, largest), ((high - low) / LEVELS, low)):
+
+    def fit(step: np.ndarray, offset: np.ndarray):
+        """Levels of every block on the grid ``step * q + offset``, and which blocks that grid holds exactly."""
         q = np.rint((blocks - offset[..., None]) / np.where(step == 0, 1.0, step)[..., None])
         ok = ((q >= 0) & (q <= LEVELS)).all(-1)
         ok &= ((step[..., None] * q + offset[..., None]).astype(np.float32) == blocks.astype(np.float32)).all(-1)
-        if found is None:
-            found = (np.where(ok[..., None], q, 0), step, offset, ok)
-        else:  # blocks the first form missed
-            q0, step0, offset0, ok0 = found
-            use = ~ok0 & ok
-            found = (np.where(use[..., None], q, q0), np.where(use, step, step0), np.where(use, offset, offset0),
-                     ok0 | ok)
-    q, step, offset, ok = found
-    if not ok.all():
+        return q, step, offset, ok
+
+    largest = np.take_along_axis(blocks, np.abs(blocks).argmax(-1)[..., None], -1)[..., 0]
+    q4_0 = fit(largest / -ZERO, largest)  # first: a block it fits needs no offset term, though Q4_1's form may fit too
+    low = blocks.min(-1)
+    q4_1 = fit((blocks.max(-1) - low) / LEVELS, low)
+    if not (q4_0[3] | q4_1[3]).all():
         return None
-    return q.astype(np.uint8), step, offset
+    first = q4_0[3]
+    q = np.where(first[..., None], q4_0[0], q4_1[0])
+    return q.astype(np.uint8), np.where(first, q4_0[1], q4_1[1]), np.where(first, q4_0[2], q4_1[2])
 
 
 def grid8_of(w: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     """``w`` [in, out] as ``(q [out, in / 32, 32] int8 in -127..127, d [out, in / 32])`` with ``w == d * q`` exactly
     in float32 per block of 32 inputs (GGUF's Q8_0: ``d = max|w| / 127``); None if ``w`` is not on such a grid.
     ONNX Runtime's own 8-bit quantizer divides by 128 instead, which moves every weight of a Q8_0 tensor."""
-    if w.ndim != 2 or w.shape[0] % BLOCK:
+    blocks = _blocks(w)
+    if blocks is None:
         return None
-    k, n = w.shape
-    blocks = w.T.astype(np.float64).reshape(n, k // BLOCK, BLOCK)
     step = np.abs(blocks).max(-1) / 127
     q = np.rint(blocks / np.where(step == 0, 1.0, step)[..., None])
     if not np.array_equal((step[..., None] * q).astype(np.float32), blocks.astype(np.float32)):
@@ -118,6 +121,8 @@ def exact_4bit_matmuls(model, accuracy_level: int, skip=lambda name: False) -> i
     ``MatMulNBits`` plus its offset term; the number rewritten. ``skip(node_name)``: MatMuls left alone."""
     from onnx import helper, numpy_helper
 
+    sums_added: set[int] = set()
+
     def convert(w: str, array: np.ndarray):
         grid = grid_of(array)
         if grid is None:
@@ -129,9 +134,13 @@ def exact_4bit_matmuls(model, accuracy_level: int, skip=lambda name: False) -> i
                 numpy_helper.from_array(step.reshape(-1).astype(np.float32), f"{w}_scales")]
         offset = (low + ZERO * step).T.astype(np.float32)  # [in / 32, out]: what d * (q - 8) leaves out per block
         if offset.any():
-            sums = np.zeros((blocks * BLOCK, blocks), np.float32)  # column b adds up block b of a row's inputs
-            sums[np.arange(blocks * BLOCK), np.arange(blocks * BLOCK) // BLOCK] = 1.0
-            data += [numpy_helper.from_array(offset, f"{w}_offsets"), numpy_helper.from_array(sums, f"{w}_block_sums")]
+            data.append(numpy_helper.from_array(offset, f"{w}_offsets"))
+            width = blocks * BLOCK
+            if width not in sums_added:  # one block-sums matrix per input width, shared by its MatMuls
+                sums_added.add(width)
+                sums = np.zeros((width, blocks), np.float32)  # column b adds up block b of a row's inputs
+                sums[np.arange(width), np.arange(width) // BLOCK] = 1.0
+                data.append(numpy_helper.from_array(sums, f"grid_block_sums{width}"))
         return data, (n, blocks, bool(offset.any()))
 
     def rewrite(node, converted) -> list:
@@ -143,7 +152,7 @@ def exact_4bit_matmuls(model, accuracy_level: int, skip=lambda name: False) -> i
                                   accuracy_level=accuracy_level)]
         if has_offsets:  # MatMuls, so any rank of x works (the heads' input is [batch, rows, heads, hidden])
             nodes += [
-                helper.make_node("MatMul", [x, f"{w}_block_sums"], [f"{name}/block_sums"],
+                helper.make_node("MatMul", [x, f"grid_block_sums{blocks * BLOCK}"], [f"{name}/block_sums"],
                                  name=name + OFFSET_SUFFIXES[0]),
                 helper.make_node("MatMul", [f"{name}/block_sums", f"{w}_offsets"], [f"{name}/offsets"],
                                  name=name + OFFSET_SUFFIXES[1]),
@@ -165,11 +174,12 @@ def _rewrite_weight_matmuls(model, skip, convert, rewrite) -> int:
     nodes, rewritten = [], 0
     for node in graph.node:
         w = node.input[1] if node.op_type == "MatMul" and len(node.input) == 2 else None
-        if w in inits and not skip(node.name) and w not in converted:
+        eligible = w in inits and not skip(node.name)
+        if eligible and w not in converted:
             converted[w] = convert(w, numpy_helper.to_array(inits[w]))
             if converted[w] is not None:
                 graph.initializer.extend(converted[w][0])
-        if w in inits and not skip(node.name) and converted.get(w) is not None:
+        if eligible and converted[w] is not None:
             nodes += rewrite(node, converted[w])
             rewritten += 1
         else:
