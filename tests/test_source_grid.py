@@ -187,22 +187,19 @@ def test_int4_of_a_grid_model_keeps_its_weights_and_stays_lossless(grid_model_di
 
 
 def test_a_q8_0_tied_lm_head_is_kept_exactly_and_the_embedding_gathers_from_it(tmp_path):
+    from test_quantized_embedding import H as hidden
+    from test_quantized_embedding import V as vocab
+    from test_quantized_embedding import _graph
+
     from medusa_export.exporter.quantize import quantize_graph
 
-    vocab, hidden = 80, 64
     rng = np.random.default_rng(4)
     d = rng.uniform(0.002, 0.02, (vocab, hidden // 32, 1)).astype(np.float16).astype(np.float32)
     q = rng.integers(-127, 128, (vocab, hidden // 32, 32)).astype(np.float32)
     q[..., 0] = 127  # Q8_0: d = max|w| / 127
     table = (d * q).reshape(vocab, hidden)
-    nodes = [helper.make_node("Gather", ["embed_tokens", "ids"], ["h"], name="embed"),
-             helper.make_node("MatMul", ["h", "lm_head_t"], ["logits"], name="lm_head")]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, [None])],
-                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [None, vocab])],
-                              [numpy_helper.from_array(table, "embed_tokens"),
-                               numpy_helper.from_array(np.ascontiguousarray(table.T), "lm_head_t")])
     path = tmp_path / "g.onnx"
-    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    _graph(path, table, table)  # the tied embedding and lm_head of an exported graph
     record = quantize_graph(path, "int4", source_grid=True)
     assert record["source_grid"] == 1 and record["other_bits"] == 8 and record["smooth_alpha"] == 0.0
     assert record["embedding"] == "GatherBlockQuantized on the lm_head's weights"
