@@ -114,6 +114,9 @@ def backend_rows(rt, name: str, prompts: list[str], max_new_tokens: int, concurr
     modes = bench_modes(rt.generator.tree is not None, context_drafts)
     for _, options in modes:  # warm-up (allocator, thread pool)
         rt.generate(prompts[0], max_new_tokens=8, **options)
+    if concurrency > 1:  # and of batched steps: the lanes graph opens (~1.7 s for the default model) and runs once
+        concurrent_row(rt, name, prompts[:concurrency], GenerationConfig(max_new_tokens=8), concurrency,
+                       [[]] * concurrency, "warm-up")
     for mode, options in modes:
         cfg = GenerationConfig(max_new_tokens=max_new_tokens, **options)
         runs, t0 = [], time.perf_counter()

@@ -3,11 +3,13 @@ slots each path runs on (`SlotCache`). The graph side (bit-identical to plain st
 
 from __future__ import annotations
 
+import mmap
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from medusa_export.runtime.backends.base import ModelDims
-from medusa_export.runtime.backends.slot_cache import SlotCache
+from medusa_export.runtime.backends.slot_cache import SlotCache, small_page_zeros
 from medusa_export.runtime.errors import TreeError
 from medusa_export.runtime.generator import Generator
 from medusa_export.runtime.tree import Tree
@@ -109,3 +111,30 @@ def test_slot_cache_one_row_commit_after_a_path_step():
     assert all((kv.store[:, s, :, :6] == kv.store[:, 0, :, :6]).all() for s in (1, 2))
     with pytest.raises(ValueError, match="increasing rows"):
         kv.keep(np.array([1]))  # one row, but not the first: the general path's check
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_kv_stores_are_zeroed_private_mappings(dtype):
+    """A store is its own anonymous mapping (kept off transparent huge pages where the OS has them), zeroed,
+    writable, and independent of every other store; a growing SlotCache copies its rows into a new one."""
+    a, b = small_page_zeros((2, 3, 4097), dtype), small_page_zeros((2, 3, 4097), dtype)
+    assert a.dtype == dtype and a.shape == (2, 3, 4097) and a.flags.writeable and not a.any()
+    a[1, 2, 4096] = 7
+    assert b.sum() == 0 and a.sum() == 7  # no shared memory
+    assert isinstance(_memory_of(a), mmap.mmap)
+    assert small_page_zeros((0, 3), dtype).shape == (0, 3)
+    kv = SlotCache(DIMS, capacity=16)
+    assert isinstance(_memory_of(kv.store), mmap.mmap)
+    _write(kv.stage(4), 1, 0, 4, tag=1)
+    kv.keep(np.arange(4))
+    before = kv.store[:, 0, :, :4].copy()
+    kv.stage(1, slots=2)  # grows into a new store
+    assert (kv.store[:, 0, :, :4] == before).all() and (kv.store[:, 1, :, :4] == before).all()
+
+
+def _memory_of(array: np.ndarray):
+    """What owns an array's memory (past views and buffer wrappers)."""
+    owner = array
+    while isinstance(owner, (np.ndarray, memoryview)):
+        owner = owner.obj if isinstance(owner, memoryview) else owner.base
+    return owner

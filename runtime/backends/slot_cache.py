@@ -13,6 +13,8 @@ layers live in one array, so each copy is one numpy operation.
 
 from __future__ import annotations
 
+import mmap
+
 import numpy as np
 
 from .. import io_table
@@ -31,7 +33,7 @@ class SlotCache:
     def _alloc(self, slots: int) -> np.ndarray:
         d = self.dims
         shape = (2 * d.num_layers, slots, d.num_kv_heads, self.capacity, d.head_dim)
-        return np.zeros(shape, io_table.model_dtype_of(d.dtype))
+        return small_page_zeros(shape, io_table.model_dtype_of(d.dtype))
 
     def reset(self) -> None:
         """Empty, keeping the memory (a new sequence in a reused slot)."""
@@ -95,3 +97,22 @@ class SlotCache:
     def rows(self, start: int, stop: int) -> list[np.ndarray]:
         """Committed rows ``[start, stop)`` per buffer, sequence-major ``[1, n, kv_heads, head_dim]`` (checks)."""
         return [b[:, :, start:stop].transpose(0, 2, 1, 3) for b in self.buffers(1)]
+
+
+def small_page_zeros(shape: tuple[int, ...], dtype) -> np.ndarray:
+    """A zeroed array in its own anonymous memory mapping, kept off transparent huge pages.
+
+    numpy puts arrays of 4 MiB and more on huge pages (madvise). For a KV store that costs twice: the first touch of
+    each 2 MiB page zeroes all of it (a step touches every layer and head, so the first step of a new store faulted in
+    the whole 94 MiB: 0.2-0.25 s each for the default model on the measured machine, until the kernel had huge pages
+    to spare), and batched steps over eight stores ran slower (36.0 vs 48.2 ms median for eight sequences, fp32;
+    docs/results.md, "KV memory pages"). Small pages are faulted in as rows are written, so a store costs memory for
+    the rows it holds, not for its capacity."""
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    if nbytes == 0:
+        return np.zeros(shape, dtype)
+    memory = mmap.mmap(-1, nbytes)  # anonymous: zero-filled, unmapped when the array is freed
+    if hasattr(mmap, "MADV_NOHUGEPAGE"):  # Linux
+        memory.madvise(mmap.MADV_NOHUGEPAGE)
+    return np.frombuffer(memory, dtype).reshape(shape)
