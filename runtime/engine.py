@@ -124,6 +124,34 @@ class Engine:
     def idle(self) -> bool:
         return not (self.running or self.waiting)
 
+    def warm_up(self) -> float:
+        """Run every kind of step once before requests arrive: batched steps, and a sequence alone with and without
+        the heads. Each graph opens at its first use and its first run is slow (the default model: ~1.7 s to open
+        one), which would otherwise land on whichever request first needs that kind of step. What the warm-up
+        measured (acceptance, step costs of first runs) is then forgotten. Seconds taken."""
+        from .speculation import Speculation
+
+        if not self.idle:
+            raise RuntimeError("warm_up() is for an engine no request has reached yet")
+        prompt = [0]  # one token: fits any capacity; the answers (up to 4 tokens, EOS or not) are thrown away
+        t0, on_step, self.on_step = time.perf_counter(), self.on_step, None
+        failed: list[Exception] = []
+        sink = lambda item: failed.append(item) if isinstance(item, Exception) else None  # noqa: E731
+        try:
+            # Two together (batched steps, or one after the other without a lanes graph); the longer one ends
+            # alone without the heads; a third runs alone with them.
+            for batch in ([(2, True), (4, False)], [(3, True)]):
+                for tokens, medusa in batch:
+                    self.add(prompt, GenerationConfig(max_new_tokens=tokens, medusa=medusa, ignore_eos=True), sink)
+                while self.step():
+                    pass
+        finally:
+            self.on_step = on_step
+        if failed:
+            raise failed[0]
+        self.gen.spec = Speculation()
+        return time.perf_counter() - t0
+
     # ---- one step -------------------------------------------------------------------------------------
     def step(self) -> bool:
         """Admit waiting requests into free slots, run one step, retire what ended. False when idle."""

@@ -367,3 +367,35 @@ def test_the_newcomer_gets_its_first_token_before_the_long_prompt(runtimes):
         pass
     assert firsts == [1, 0]
     assert [finals[i].token_ids for i in range(2)] == _alone(rt, [PROMPTS[4], PROMPTS[2]], configs)
+
+
+def test_warm_up_runs_every_kind_of_step_before_requests_arrive(runtimes, engine_root):
+    """`serve` warms its engine: batched steps and a sequence alone with and without the heads run once (the
+    vanilla graph opens then, not on the first request that needs it); what they measured is forgotten, no step
+    is reported, every slot is free again, and requests afterwards get their answers alone."""
+    from medusa_export.runtime.api import MedusaRuntime
+
+    with MedusaRuntime.load(engine_root / "fp32", threads=1) as rt:
+        backend = rt.generator.backend
+        assert set(backend.sessions) == {"medusa"}  # the other one-sequence graph opens at its first use
+        steps = []
+        engine = Engine(rt.generator, max_num_seqs=LANES, on_step=steps.append)
+        before = rt.generator.spec
+        assert engine.warm_up() > 0
+        assert set(backend.sessions) == {"medusa", "vanilla"} and engine.idle and steps == []
+        assert before.batched_cost.measured and before.alone_cost[True].measured and before.alone_cost[False].measured
+        fresh = rt.generator.spec
+        assert fresh is not before and not fresh.batched_cost.measured and fresh.requests == 0
+        assert sorted(engine.free) == list(range(LANES))
+        finals = {}
+        for i in range(3):
+            engine.add(PROMPTS[i], _config(i), lambda x, i=i: finals.__setitem__(i, x) if isinstance(x, GenerationResult) else None)
+        for _ in range(500):
+            if not engine.step():
+                break
+        assert [finals[i].token_ids for i in range(3)] == _alone(rt, PROMPTS[:3], [_config(i) for i in range(3)])
+        assert len(steps) > 0
+        engine.add(PROMPTS[0], _config(0), lambda x: None)
+        with pytest.raises(RuntimeError, match="no request has reached"):
+            engine.warm_up()
+        engine.close()

@@ -33,6 +33,12 @@ def run_server(artifact: str, host: str = "127.0.0.1", port: int = 8000, backend
     for note in runtime.notes:
         log(f"note: {note}")
     engine = app.state.scheduler.engine
+    try:
+        log(f"warmed up: every kind of step ran once ({engine.warm_up():.1f} s)")
+    except BaseException:
+        sock.close()
+        runtime.close()
+        raise
     log(f"serving {settings.model_name or runtime.manifest.model.name} from {artifact} on http://{host}:{port} "
         f"({backend}; {engine.max_num_seqs} sequences per step, {engine.max_num_batched_tokens} tokens per step, "
         f"queue {settings.max_queue}; KV cache preallocated for {engine.max_num_seqs} sequences of "
