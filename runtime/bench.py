@@ -114,9 +114,6 @@ def backend_rows(rt, name: str, prompts: list[str], max_new_tokens: int, concurr
     modes = bench_modes(rt.generator.tree is not None, context_drafts)
     for _, options in modes:  # warm-up (allocator, thread pool)
         rt.generate(prompts[0], max_new_tokens=8, **options)
-    if concurrency > 1:  # and of batched steps: the lanes graph opens (~1.7 s for the default model) and runs once
-        concurrent_row(rt, name, prompts[:concurrency], GenerationConfig(max_new_tokens=8), concurrency,
-                       [[]] * concurrency, "warm-up")
     for mode, options in modes:
         cfg = GenerationConfig(max_new_tokens=max_new_tokens, **options)
         runs, t0 = [], time.perf_counter()
@@ -134,6 +131,9 @@ def backend_rows(rt, name: str, prompts: list[str], max_new_tokens: int, concurr
             row["speedup_vs_vanilla"] = round(single / wall, 3)
         add(row)
     if concurrency > 1:
+        # Warm-up of batched steps too: the lanes graph opens (~1.7 s for the default model) and runs once.
+        concurrent_row(rt, name, prompts[:concurrency], GenerationConfig(max_new_tokens=8), concurrency,
+                       [[]] * concurrency, "warm-up")
         for mode, options in (modes[0], modes[-1]):
             row = concurrent_row(rt, name, prompts, GenerationConfig(max_new_tokens=max_new_tokens, **options),
                                  concurrency, vanilla_tokens[name], mode, on_done=tick)
