@@ -41,8 +41,9 @@ def run_server(artifact: str, host: str = "127.0.0.1", port: int = 8000, backend
         raise
     log(f"serving {settings.model_name or runtime.manifest.model.name} from {artifact} on http://{host}:{port} "
         f"({backend}; {engine.max_num_seqs} sequences per step, {engine.max_num_batched_tokens} tokens per step, "
-        f"queue {settings.max_queue}; KV cache preallocated for {engine.max_num_seqs} sequences of "
-        f"{runtime.generator.backend.max_seq} tokens: {engine.kv_bytes / 2**20:.0f} MiB)")
+        f"queue {settings.max_queue}; KV cache reserved for {engine.max_num_seqs} sequences of "
+        f"{runtime.generator.backend.max_seq} tokens: {engine.kv_bytes / 2**20:.0f} MiB"
+        f"{', resident as rows fill' if backend == 'ort' else ''})")
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=shutdown_deadline_s)
     # uvicorn drains on SIGTERM, then raises the signal again under the handler it found: with this one in place
     # the process ends by returning, so a clean drain exits 0 (what process managers expect), not 143.
