@@ -85,8 +85,11 @@ async def level(base: str, prompts: list[str], concurrency: int, n: int, max_tok
             return await one(client, model, prompts[i % len(prompts)], max_tokens, medusa)
 
     t0 = time.perf_counter()
-    rows = await asyncio.gather(*(bounded(i) for i in range(n)))
-    wall = time.perf_counter() - t0
+    try:
+        rows = await asyncio.gather(*(bounded(i) for i in range(n)))
+        wall = time.perf_counter() - t0
+    finally:
+        await client.close()  # on this loop: closed after asyncio.run ends, its connections raised "loop is closed"
     ok = [r for r in rows if "error" not in r]
     pct = lambda xs, q: round(float(np.percentile(xs, q)) * 1e3, 1) if xs else None  # noqa: E731
     ttft, itl = [r["ttft_s"] for r in ok], [g for r in ok for g in r["itl_s"]]
