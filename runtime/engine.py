@@ -37,6 +37,7 @@ from .decode import (Cursor, DecodeStats, GenerationConfig, accept, feed, finish
                      step)
 from .errors import InputError
 from .generator import GenerationResult, Generator, result_of
+from .speculation import Speculation
 from .step_tree import StepTree
 from .text_output import StreamEvent, TextOutput
 from .tree import Tree
@@ -128,13 +129,13 @@ class Engine:
         """Run every kind of step once before requests arrive: batched steps, and a sequence alone with and without
         the heads. Each graph opens at its first use and its first run is slow (the default model: ~1.7 s to open
         one), which would otherwise land on whichever request first needs that kind of step. What the warm-up
-        measured (acceptance, step costs of first runs) is then forgotten. Seconds taken."""
-        from .speculation import Speculation
-
+        measured (acceptance, step costs of first runs) is not kept. Seconds taken."""
         if not self.idle:
             raise RuntimeError("warm_up() is for an engine no request has reached yet")
-        prompt = [0]  # one token: fits any capacity; the answers (up to 4 tokens, EOS or not) are thrown away
+        # One token: fits any capacity. The answers (up to 4 tokens, EOS or not) are thrown away.
+        spec, prompt = self.gen.spec, [0]
         t0, on_step, self.on_step = time.perf_counter(), self.on_step, None
+        self.gen.spec = _WarmUpSpeculation()  # the heads' tree whenever asked: the Medusa graph must run too
         failed: list[Exception] = []
         sink = lambda item: failed.append(item) if isinstance(item, Exception) else None  # noqa: E731
         try:
@@ -146,10 +147,9 @@ class Engine:
                 while self.step():
                     pass
         finally:
-            self.on_step = on_step
+            self.on_step, self.gen.spec = on_step, spec
         if failed:
             raise failed[0]
-        self.gen.spec = Speculation()
         return time.perf_counter() - t0
 
     # ---- one step -------------------------------------------------------------------------------------
@@ -354,6 +354,14 @@ class Engine:
         for session in self.slots:
             session.close()
         self.slots, self.free = [], []
+
+
+class _WarmUpSpeculation(Speculation):
+    """`Engine.warm_up`'s measurements, kept apart from the backend's, and the heads' tree for every request that
+    asks for it (the real one gives it only where the heads are expected to pay)."""
+
+    def heads_for(self, tree):
+        return tree
 
 
 def fair_shares(remaining: list[int], budget: int) -> list[int]:

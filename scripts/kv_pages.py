@@ -2,7 +2,8 @@
 puts on transparent huge pages from 4 MiB), each measured in fresh processes, the two kinds alternating.
 
 Per process: the first and second one-token `generate` (a new KV store each), the first and second lanes step over
-eight new sessions (one row each), and the growth of resident memory from making the eight sessions to their holding 256 tokens each.
+eight new sessions (one row each), and the growth of resident memory from making the eight sessions to their
+holding 256 tokens each.
 
 Then, in one process, steady-state lanes steps over eight sessions of each kind holding ``--past`` tokens: blocks of
 decode steps (one row per session), the kinds alternating, the first step of a block (it rebinds the KV buffers)
