@@ -39,9 +39,12 @@ class MedusaRuntime:
     @classmethod
     def load(cls, directory: str | Path, backend: str = "ort", tree: str | None = None, device: str = "cpu",
              threads: int | None = None, max_seq: int | None = None, check_hashes: bool = False,
-             model: str | None = None) -> "MedusaRuntime":
+             model: str | None = None, plain: bool = False) -> "MedusaRuntime":
         """``check_hashes``: verify every file's sha256 (sizes are always checked). ``model``: the base model's
-        directory or .gguf for the PyTorch reference backend, when this machine does not know where it is."""
+        directory or .gguf for the PyTorch reference backend, when this machine does not know where it is.
+        ``plain``: the caller decodes without the heads, so on ONNX Runtime the vanilla graph opens at load instead
+        of the Medusa one (each open graph holds its own weights; one opened later costs its first request ~1.7 s
+        for the default model)."""
         if not isinstance(directory, (str, os.PathLike)):
             raise InputError(f"the artifact directory must be a path, not {type(directory).__name__}")
         if max_seq is not None and not (isinstance(max_seq, int) and not isinstance(max_seq, bool) and max_seq >= 1):
@@ -56,7 +59,10 @@ class MedusaRuntime:
             raise ArtifactError(f"{directory / 'tokenizer.json'} has {tokenizer.vocab_size} tokens but the model "
                                 f"{manifest.dims.vocab_size}: it belongs to another model, rebuild the artifact")
         chosen_tree = artifact_tree(manifest, tree)
-        options = {"model": model} if backend == "torch" else {}
+        if not isinstance(plain, bool):
+            raise InputError(f"plain must be True or False, got {plain!r:.40}")
+        options = {"model": model} if backend == "torch" else \
+            {"first_graph": "vanilla"} if plain and backend == "ort" and "vanilla" in manifest.graphs else {}
         engine = open_backend(directory, manifest, backend, device=device, threads=threads, max_seq=max_seq, **options)
         return cls(manifest, Generator(engine, tokenizer, chosen_tree))
 

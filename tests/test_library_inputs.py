@@ -163,3 +163,18 @@ def test_a_seed_gives_one_sample_whatever_the_process_measured(rt):
     assert again.draft_depth == first.draft_depth == rt.generator.tree.max_depth  # the tree, every step
     batched = rt.generate_many([[5, 17, 3], [9, 9]], **opts)[0]
     assert batched.token_ids == rt.generate([5, 17, 3], medusa=False, **opts).token_ids
+
+
+def test_a_plain_runtime_opens_the_vanilla_graph_at_load(rt, artifact):
+    """`load(plain=True)` (what `generate --no-medusa` uses): the vanilla graph opens at load instead of the Medusa
+    graph, and the answers are those of a default runtime; a non-bool is refused."""
+    from medusa_export.runtime.api import MedusaRuntime
+
+    with MedusaRuntime.load(artifact, threads=1, plain=True) as plain:
+        assert list(plain.generator.backend.sessions) == ["vanilla"]
+        ids = [5, 17, 3, 9]
+        assert plain.generate(ids, max_new_tokens=6, medusa=False).token_ids == \
+            rt.generate(ids, max_new_tokens=6, medusa=False).token_ids
+    assert list(rt.generator.backend.sessions)[0] == "medusa"
+    with pytest.raises(InputError, match="plain must be True or False"):
+        MedusaRuntime.load(artifact, plain="yes")

@@ -110,7 +110,9 @@ class OrtBackend(Backend):
     name = "ort"
 
     def __init__(self, directory: str | Path, manifest: Manifest, *, threads: int | None = None,
-                 device: str = "cpu", max_seq: int | None = None) -> None:
+                 device: str = "cpu", max_seq: int | None = None, first_graph: str | None = None) -> None:
+        """``first_graph``: the graph opened at load ("medusa" | "vanilla"; default: the one a request with the
+        artifact's defaults runs)."""
         ort = _import_ort()
         self.dims = dims = manifest.dims
         self.max_seq = min(max_seq or manifest.max_seq, manifest.max_seq)
@@ -143,7 +145,10 @@ class OrtBackend(Backend):
         self._lanes: OrtLanes | None = None
         self._lock = threading.Lock()
         self._closed = False
-        first = "medusa" if dims.num_heads else "vanilla"
+        first = first_graph or ("medusa" if dims.num_heads else "vanilla")
+        if first not in ("medusa", "vanilla") or first not in manifest.graphs:
+            raise InputError(f"first_graph {first!r}: choose one of this artifact's one-sequence graphs "
+                             f"({', '.join(k for k in ('medusa', 'vanilla') if k in manifest.graphs)})")
         self.graph(first)  # its files checked as it opens
         for kind in manifest.graphs:  # the others' files now, their sessions at their first use
             if kind != first:

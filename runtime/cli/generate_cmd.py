@@ -44,7 +44,7 @@ def generate(
         raise InputError("MODEL is empty: give an artifact, model directory or .gguf, or leave it out for the "
                          "built-in model")
     chosen = backend if backend != "auto" else ("ort" if is_artifact(model) else "torch")
-    opened = open_generator(model, chosen, heads=heads, tree=tree, max_seq=max_seq, device=device)
+    opened = open_generator(model, chosen, heads=heads, tree=tree, max_seq=max_seq, device=device, plain=no_medusa)
     cfg = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, stop_strings=tuple(stop),
                            medusa=not no_medusa, seed=seed, chat=not no_chat, context_drafts=not no_context_drafts)
     if opened.notice and not no_medusa:

@@ -27,11 +27,13 @@ def is_artifact(path: str | None) -> bool:
 
 
 def open_generator(model: str | None, backend: str = "torch", heads: str | None = None, tree: str | None = None,
-                   max_seq: int | None = None, device: str = "cpu", threads: int | None = None) -> Opened:
+                   max_seq: int | None = None, device: str = "cpu", threads: int | None = None,
+                   plain: bool = False) -> Opened:
+    """``plain``: decoding without the heads (`MedusaRuntime.load`'s option of that name)."""
     if backend not in BACKENDS:
         raise InputError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
     if is_artifact(model):
-        return _open_artifact(Path(model), backend, heads, tree, max_seq, device, threads)
+        return _open_artifact(Path(model), backend, heads, tree, max_seq, device, threads, plain)
     if backend != "torch":
         raise InputError(f"backend {backend!r} runs an artifact directory: run `medusa-export build --out DIR` first "
                          f"and pass DIR (got {model or 'the default model'})")
@@ -60,7 +62,7 @@ def _shipped_tree(heads_path: str | None) -> str | None:
     return None
 
 
-def _open_artifact(path: Path, backend, heads, tree, max_seq, device, threads) -> Opened:
+def _open_artifact(path: Path, backend, heads, tree, max_seq, device, threads, plain: bool = False) -> Opened:
     from ..api import MedusaRuntime
 
     if heads is not None:
@@ -68,7 +70,8 @@ def _open_artifact(path: Path, backend, heads, tree, max_seq, device, threads) -
                          "rebuild with `medusa-export build --heads PATH`")
     if backend == "torch":
         extras.require("--backend torch (the PyTorch reference)", "torch")
-    rt = MedusaRuntime.load(path, backend=backend, tree=tree, device=device, threads=threads, max_seq=max_seq)
+    rt = MedusaRuntime.load(path, backend=backend, tree=tree, device=device, threads=threads, max_seq=max_seq,
+                            plain=plain)
     notice = "" if rt.manifest.heads.trained else \
         "note: this artifact was built with freshly initialised (untrained) heads"
     return Opened(rt.generator, notice, rt.manifest.model.name, rt.notes)
