@@ -129,7 +129,9 @@ class Engine:
         """Run every kind of step once before requests arrive: batched steps, and a sequence alone with and without
         the heads. Each graph opens at its first use and its first run is slow (the default model: ~1.7 s to open
         one), which would otherwise land on whichever request first needs that kind of step. What the warm-up
-        measured (acceptance, step costs of first runs) is not kept. Seconds taken."""
+        measured (acceptance, step costs of first runs) is not kept. Seconds taken. Call it before the engine is
+        shared (no request submitted, no other thread stepping it): it swaps the generator's speculation state
+        while it runs."""
         if not self.idle:
             raise RuntimeError("warm_up() is for an engine no request has reached yet")
         # One token: fits any capacity. The answers (up to 4 tokens, EOS or not) are thrown away.
@@ -146,6 +148,12 @@ class Engine:
                     self.add(prompt, GenerationConfig(max_new_tokens=tokens, medusa=medusa, ignore_eos=True), sink)
                 while self.step():
                     pass
+        except BaseException:  # a step itself failed: its requests leave, so the engine is idle again
+            with self.lock:
+                self.waiting.clear()
+            for seq in list(self.running):
+                self._release(seq)
+            raise
         finally:
             self.on_step, self.gen.spec = on_step, spec
         if failed:

@@ -77,15 +77,15 @@ async def level(base: str, prompts: list[str], concurrency: int, n: int, max_tok
     import openai
 
     client = openai.AsyncOpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=600)
-    model = (await client.models.list()).data[0].id
     gate = asyncio.Semaphore(concurrency)
-
-    async def bounded(i: int) -> dict:
-        async with gate:
-            return await one(client, model, prompts[i % len(prompts)], max_tokens, medusa)
-
-    t0 = time.perf_counter()
     try:
+        model = (await client.models.list()).data[0].id
+
+        async def bounded(i: int) -> dict:
+            async with gate:
+                return await one(client, model, prompts[i % len(prompts)], max_tokens, medusa)
+
+        t0 = time.perf_counter()
         rows = await asyncio.gather(*(bounded(i) for i in range(n)))
         wall = time.perf_counter() - t0
     finally:

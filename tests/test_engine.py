@@ -409,3 +409,15 @@ def test_warm_up_runs_every_kind_of_step_before_requests_arrive(runtimes, engine
         with pytest.raises(RuntimeError, match="no request has reached"):
             engine.warm_up()
         engine.close()
+        failing = Engine(rt.generator, max_num_seqs=LANES)
+
+        def boom() -> None:
+            raise RuntimeError("no slot")
+
+        monkeypatch.setattr(failing, "_admit", boom)
+        with pytest.raises(RuntimeError, match="no slot"):
+            failing.warm_up()
+        assert failing.idle and rt.generator.spec is before  # left as it was: warm_up may be called again
+        monkeypatch.undo()
+        assert failing.warm_up() > 0
+        failing.close()

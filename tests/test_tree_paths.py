@@ -4,6 +4,7 @@ slots each path runs on (`SlotCache`). The graph side (bit-identical to plain st
 from __future__ import annotations
 
 import mmap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -115,9 +116,15 @@ def test_slot_cache_one_row_commit_after_a_path_step():
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
 def test_kv_stores_are_zeroed_private_mappings(dtype):
-    """A store is its own anonymous mapping (kept off transparent huge pages where the OS has them), zeroed,
+    """A store is its own private anonymous mapping (kept off transparent huge pages where the OS has them), zeroed,
     writable, and independent of every other store; a growing SlotCache copies its rows into a new one."""
     a, b = small_page_zeros((2, 3, 4097), dtype), small_page_zeros((2, 3, 4097), dtype)
+    maps = Path("/proc/self/maps")
+    if maps.exists():  # Linux: private ("p"), not shared ("s") as mmap's default would be (forks would share it)
+        address = a.ctypes.data
+        spans = [line.split() for line in maps.read_text().splitlines()]
+        perms = [f[1] for f in spans if int(f[0].split("-")[0], 16) <= address < int(f[0].split("-")[1], 16)]
+        assert perms and perms[0].endswith("p"), perms
     assert a.dtype == dtype and a.shape == (2, 3, 4097) and a.flags.writeable and not a.any()
     a[1, 2, 4096] = 7
     assert b.sum() == 0 and a.sum() == 7  # no shared memory

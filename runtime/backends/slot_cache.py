@@ -65,7 +65,9 @@ class SlotCache:
         for the default model)."""
         if slots > self.slots:
             grown = self._alloc(slots)
-            grown[:, : self.slots] = self.store
+            # The committed rows only (the other slots' synced rows are among them): copying whole buffers would
+            # fault in their full capacity.
+            grown[:, : self.slots, :, : self.length] = self.store[:, :, :, : self.length]
             self.store, self.synced = grown, self.synced + [0] * (slots - self.slots)
         for s in range(1, slots):
             lo = self.synced[s]
@@ -100,19 +102,24 @@ class SlotCache:
 
 
 def small_page_zeros(shape: tuple[int, ...], dtype) -> np.ndarray:
-    """A zeroed array in its own anonymous memory mapping, kept off transparent huge pages.
+    """A zeroed array in its own private anonymous memory mapping, kept off transparent huge pages.
 
-    numpy puts arrays of 4 MiB and more on huge pages (madvise). For a KV store that costs twice: the first touch of
-    each 2 MiB page zeroes all of it (a step touches every layer and head, so the first step of a new store faulted in
-    the whole 94 MiB: 0.2-0.25 s each for the default model on the measured machine, until the kernel had huge pages
-    to spare), and batched steps over eight stores ran slower (36.0 vs 48.2 ms median for eight sequences, fp32;
-    docs/results.md, "KV memory pages"). Small pages are faulted in as rows are written, so a store costs memory for
-    the rows it holds, not for its capacity."""
+    numpy puts arrays of 4 MiB and more on huge pages (madvise). A step touches every layer's and head's buffer of a
+    KV store, so on huge pages the first step of a new store faulted in all of it (90 MiB for the default model),
+    zeroing 2 MiB per fault: 0.2-0.25 s per store in a fresh process on the measured machine (docs/results.md, "KV
+    memory pages"). On small pages a store is faulted in as rows are written: it costs memory for the rows it has
+    held, not for its capacity."""
     dtype = np.dtype(dtype)
     nbytes = int(np.prod(shape)) * dtype.itemsize
     if nbytes == 0:
         return np.zeros(shape, dtype)
-    memory = mmap.mmap(-1, nbytes)  # anonymous: zero-filled, unmapped when the array is freed
+    # Private (as malloc's memory: not shared with a forked child); fd -1 makes it anonymous: zero-filled,
+    # unmapped when the array is freed. Windows' mmap takes no flags (and has no transparent huge pages).
+    private = {"flags": mmap.MAP_PRIVATE} if hasattr(mmap, "MAP_PRIVATE") else {}
+    memory = mmap.mmap(-1, nbytes, **private)
     if hasattr(mmap, "MADV_NOHUGEPAGE"):  # Linux
-        memory.madvise(mmap.MADV_NOHUGEPAGE)
+        try:
+            memory.madvise(mmap.MADV_NOHUGEPAGE)
+        except OSError:  # a kernel built without transparent huge pages refuses the advice: nothing to avoid
+            pass
     return np.frombuffer(memory, dtype).reshape(shape)

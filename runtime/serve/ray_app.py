@@ -32,7 +32,9 @@ def deployment(artifact: str, backend: str = "ort", settings: ServeSettings = Se
         from ..api import MedusaRuntime
 
         runtime = MedusaRuntime.load(artifact, backend=backend, tree=tree, threads=threads)
-        return create_app(runtime, settings)
+        app = create_app(runtime, settings)
+        app.state.scheduler.engine.warm_up()  # as `serve`: before the replica takes requests
+        return app
 
     scaling = {"autoscaling_config": autoscaling} if autoscaling else {"num_replicas": replicas}
     # One request per decode worker on a replica: the rest wait in Ray's proxy, which hands each to the next
