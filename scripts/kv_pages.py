@@ -67,7 +67,8 @@ def measure(artifact: str, kind: str, threads: int) -> dict:
 
 
 def steady(artifact: str, threads: int, past: int, blocks: int = 10, steps: int = 6) -> dict:
-    """Median ms of an 8-session decode step at ``past`` tokens, per kind of store."""
+    """Median ms of an 8-session decode step at ``past`` tokens, per kind of store; "small_pages_reused": small-page
+    stores that held longer sequences before (a server's reused slots), so the steps fault in no new pages."""
     from medusa_export.runtime.api import MedusaRuntime
     from medusa_export.runtime.backends import slot_cache
     from medusa_export.runtime.backends.lanes import Lane
@@ -75,17 +76,24 @@ def steady(artifact: str, threads: int, past: int, blocks: int = 10, steps: int 
     rt = MedusaRuntime.load(artifact, threads=threads)
     backend, small = rt.generator.backend, slot_cache.small_page_zeros
     lanes, rng, sets = backend.lanes, np.random.default_rng(0), {}
-    for kind in KINDS:
-        slot_cache.small_page_zeros = small if kind == "small_pages" else lambda shape, dtype: np.zeros(shape, dtype)
+
+    def fill(i: int, session, tokens: int) -> None:
+        for start in range(0, tokens, 100):
+            step = [None] * lanes.lanes
+            step[i] = Lane(session, rng.integers(100, 5000, min(100, tokens - start)), 1.0, 1)
+            lanes.run(step)
+            lanes.keep(session, np.arange(len(step[i].tokens)))
+
+    for kind in KINDS + ("small_pages_reused",):
+        slot_cache.small_page_zeros = small if kind != "numpy_zeros" else lambda shape, dtype: np.zeros(shape, dtype)
         sets[kind] = [backend.new_session() for _ in range(lanes.lanes)]
         for i, session in enumerate(sets[kind]):
-            for start in range(0, past, 100):
-                step = [None] * lanes.lanes
-                step[i] = Lane(session, rng.integers(100, 5000, min(100, past - start)), 1.0, 1)
-                lanes.run(step)
-                lanes.keep(session, np.arange(len(step[i].tokens)))
+            if kind == "small_pages_reused":
+                fill(i, session, past + blocks * (steps + 1) + 32)
+                session.reset()
+            fill(i, session, past)
     slot_cache.small_page_zeros = small
-    times: dict[str, list[float]] = {kind: [] for kind in KINDS}
+    times: dict[str, list[float]] = {kind: [] for kind in sets}
     for _ in range(blocks):
         for kind, sessions in sets.items():
             for k in range(steps + 1):
