@@ -20,8 +20,8 @@ from .decode import GenerationConfig
 from .errors import InputError
 from .generator import GenerationResult
 from .machine import machine_info
-from .speculation import Speculation
 from .typed_json import to_json
+from .warm_up import warm_up_backend
 
 
 def summarize(backend: str, mode: str, results: list[GenerationResult], wall_s: float,
@@ -132,14 +132,7 @@ def backend_rows(rt, name: str, prompts: list[str], max_new_tokens: int, concurr
             row["speedup_vs_vanilla"] = round(single / wall, 3)
         add(row)
     if concurrency > 1:
-        # Warm-up of batched steps too: the lanes graph opens (~1.7 s for the default model) and runs once; its
-        # first-run step times go to a speculation state of its own, not the one that steers the rows' drafts.
-        spec, rt.generator.spec = rt.generator.spec, Speculation()
-        try:
-            concurrent_row(rt, name, prompts[:concurrency], GenerationConfig(max_new_tokens=8), concurrency,
-                           [[]] * concurrency, "warm-up")
-        finally:
-            rt.generator.spec = spec
+        warm_up_backend(rt.generator)  # batched steps too: the lanes graph opens (~1.7 s for the default model)
         for mode, options in (modes[0], modes[-1]):
             row = concurrent_row(rt, name, prompts, GenerationConfig(max_new_tokens=max_new_tokens, **options),
                                  concurrency, vanilla_tokens[name], mode, on_done=tick)

@@ -37,7 +37,6 @@ from .decode import (Cursor, DecodeStats, GenerationConfig, accept, feed, finish
                      step)
 from .errors import InputError
 from .generator import GenerationResult, Generator, result_of
-from .speculation import Speculation
 from .step_tree import StepTree
 from .text_output import StreamEvent, TextOutput
 from .tree import Tree
@@ -124,41 +123,6 @@ class Engine:
     @property
     def idle(self) -> bool:
         return not (self.running or self.waiting)
-
-    def warm_up(self) -> float:
-        """Run every kind of step once before requests arrive: batched steps, and a sequence alone with and without
-        the heads. Each graph opens at its first use and its first run is slow (the default model: ~1.7 s to open
-        one), which would otherwise land on whichever request first needs that kind of step. What the warm-up
-        measured (acceptance, step costs of first runs) is not kept. Seconds taken. Call it before the engine is
-        shared (no request submitted, no other thread stepping it): it swaps the generator's speculation state
-        while it runs."""
-        if not self.idle:
-            raise RuntimeError("warm_up() is for an engine no request has reached yet")
-        # One token: fits any capacity. The answers (up to 4 tokens, EOS or not) are thrown away.
-        spec, prompt = self.gen.spec, [0]
-        t0, on_step, self.on_step = time.perf_counter(), self.on_step, None
-        self.gen.spec = _WarmUpSpeculation()  # the heads' tree whenever asked: the Medusa graph must run too
-        failed: list[Exception] = []
-        sink = lambda item: failed.append(item) if isinstance(item, Exception) else None  # noqa: E731
-        try:
-            # Two together (batched steps, or one after the other without a lanes graph); the longer one ends
-            # alone without the heads; a third runs alone with them.
-            for batch in ([(2, True), (4, False)], [(3, True)]):
-                for tokens, medusa in batch:
-                    self.add(prompt, GenerationConfig(max_new_tokens=tokens, medusa=medusa, ignore_eos=True), sink)
-                while self.step():
-                    pass
-        except BaseException:  # a step itself failed: its requests leave, so the engine is idle again
-            with self.lock:
-                self.waiting.clear()
-            for seq in list(self.running):
-                self._release(seq)
-            raise
-        finally:
-            self.on_step, self.gen.spec = on_step, spec
-        if failed:
-            raise failed[0]
-        return time.perf_counter() - t0
 
     # ---- one step -------------------------------------------------------------------------------------
     def step(self) -> bool:
@@ -362,14 +326,6 @@ class Engine:
         for session in self.slots:
             session.close()
         self.slots, self.free = [], []
-
-
-class _WarmUpSpeculation(Speculation):
-    """`Engine.warm_up`'s measurements, kept apart from the backend's, and the heads' tree for every request that
-    asks for it (the real one gives it only where the heads are expected to pay)."""
-
-    def heads_for(self, tree):
-        return tree
 
 
 def fair_shares(remaining: list[int], budget: int) -> list[int]:

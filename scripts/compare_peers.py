@@ -47,9 +47,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from peer_runners import Run, run_ctranslate2, run_genai, run_llama_cpp, run_openvino, run_ours  # noqa: E402
 
 from medusa_export.runtime.api import MedusaRuntime  # noqa: E402
-from medusa_export.runtime.engine import Engine  # noqa: E402
 from medusa_export.runtime.machine import machine_info  # noqa: E402
 from medusa_export.runtime.prompts import read_prompts  # noqa: E402
+from medusa_export.runtime.warm_up import warm_up_backend  # noqa: E402
 
 
 def summarize(name: str, concurrency: int, runs: list[Run], reference: list[list[int]] | None) -> dict:
@@ -141,10 +141,7 @@ def main() -> None:
             # Warm-up: every graph a row uses opens and runs once here, not inside the first row that needs it
             # (the vanilla graph opened in the vanilla rows' timing before: ~1.7 s for the default model).
             rt.generate(prompts[0], max_new_tokens=8)
-            lanes = rt.generator.backend.lanes
-            warm = Engine(rt.generator, min(max(args.concurrency), lanes.lanes) if lanes else 1)
-            warm.warm_up()
-            warm.close()
+            warm_up_backend(rt.generator)
             weights = rt.manifest.weights
             for c in args.concurrency:
                 for medusa in (False, True):

@@ -14,7 +14,6 @@ from conftest import artifact_tree_file, make_chat_tokenizer
 
 from medusa_export.runtime.build_options import BuildOptions
 from medusa_export.runtime.decode import GenerationConfig
-from medusa_export.runtime import engine as engine_module
 from medusa_export.runtime.engine import Engine
 from medusa_export.runtime.generator import GenerationResult
 
@@ -369,55 +368,3 @@ def test_the_newcomer_gets_its_first_token_before_the_long_prompt(runtimes):
     assert firsts == [1, 0]
     assert [finals[i].token_ids for i in range(2)] == _alone(rt, [PROMPTS[4], PROMPTS[2]], configs)
 
-
-def test_warm_up_runs_every_kind_of_step_before_requests_arrive(runtimes, engine_root, monkeypatch):
-    """`serve` warms its engine: batched steps and a sequence alone with and without the heads run once (the
-    vanilla graph opens then, not on the first request that needs it); what they measured is forgotten, no step
-    is reported, every slot is free again, and requests afterwards get their answers alone."""
-    from medusa_export.runtime.api import MedusaRuntime
-
-    with MedusaRuntime.load(engine_root / "fp32", threads=1) as rt:
-        backend = rt.generator.backend
-        assert set(backend.sessions) == {"medusa"}  # the other one-sequence graph opens at its first use
-        steps = []
-        engine = Engine(rt.generator, max_num_seqs=LANES, on_step=steps.append)
-        before = rt.generator.spec
-        warmed = []
-
-        class Recorded(engine_module._WarmUpSpeculation):
-            def __init__(self) -> None:
-                super().__init__()
-                warmed.append(self)
-
-        monkeypatch.setattr(engine_module, "_WarmUpSpeculation", Recorded)
-        assert engine.warm_up() > 0
-        assert set(backend.sessions) == {"medusa", "vanilla"} and engine.idle and steps == []
-        (spec,) = warmed  # a batched step, and one-sequence steps on both graphs (the Medusa one with its tree)
-        assert spec.batched_cost.measured and spec.alone_cost[True].measured and spec.alone_cost[False].measured
-        assert rt.generator.spec is before and not before.batched_cost.measured and before.requests == 0
-        assert sorted(engine.free) == list(range(LANES))
-        finals = {}
-        for i in range(3):
-            engine.add(PROMPTS[i], _config(i),
-                       lambda x, i=i: finals.__setitem__(i, x) if isinstance(x, GenerationResult) else None)
-        for _ in range(500):
-            if not engine.step():
-                break
-        assert [finals[i].token_ids for i in range(3)] == _alone(rt, PROMPTS[:3], [_config(i) for i in range(3)])
-        assert len(steps) > 0
-        engine.add(PROMPTS[0], _config(0), lambda x: None)
-        with pytest.raises(RuntimeError, match="no request has reached"):
-            engine.warm_up()
-        engine.close()
-        failing = Engine(rt.generator, max_num_seqs=LANES)
-
-        def boom() -> None:
-            raise RuntimeError("no slot")
-
-        monkeypatch.setattr(failing, "_admit", boom)
-        with pytest.raises(RuntimeError, match="no slot"):
-            failing.warm_up()
-        assert failing.idle and rt.generator.spec is before  # left as it was: warm_up may be called again
-        monkeypatch.undo()
-        assert failing.warm_up() > 0
-        failing.close()

@@ -30,10 +30,11 @@ def deployment(artifact: str, backend: str = "ort", settings: ServeSettings = Se
 
     def build_app():  # runs in each replica
         from ..api import MedusaRuntime
+        from ..warm_up import warm_up
 
         runtime = MedusaRuntime.load(artifact, backend=backend, tree=tree, threads=threads)
         app = create_app(runtime, settings)
-        app.state.scheduler.engine.warm_up()  # as `serve`: before the replica takes requests
+        warm_up(app.state.scheduler.engine)  # as `serve`: before the replica takes requests
         return app
 
     scaling = {"autoscaling_config": autoscaling} if autoscaling else {"num_replicas": replicas}

@@ -11,6 +11,7 @@ import socket
 
 from .. import extras
 from ..errors import InputError
+from ..warm_up import warm_up
 from .app import ServeSettings, create_app
 
 
@@ -34,7 +35,7 @@ def run_server(artifact: str, host: str = "127.0.0.1", port: int = 8000, backend
         log(f"note: {note}")
     engine = app.state.scheduler.engine
     try:
-        log(f"warmed up: every kind of step ran once ({engine.warm_up():.1f} s)")
+        log(f"warmed up: every kind of step ran once ({warm_up(engine):.1f} s)")
     except BaseException:
         sock.close()
         runtime.close()
