@@ -49,6 +49,8 @@ class MedusaRuntime:
             raise InputError(f"the artifact directory must be a path, not {type(directory).__name__}")
         if max_seq is not None and not (isinstance(max_seq, int) and not isinstance(max_seq, bool) and max_seq >= 1):
             raise InputError(f"max_seq must be an integer >= 1 (None: the artifact's), got {max_seq!r:.40}")
+        if not isinstance(plain, bool):
+            raise InputError(f"plain must be True or False, got {plain!r:.40}")
         for name, value in (("the artifact directory", directory), ("--tree", tree), ("--model", model)):
             if value is not None and not str(value).strip():  # an empty value must not stand for "the default"
                 raise InputError(f"{name} is empty: give a value, or leave it out for the default")
@@ -59,8 +61,6 @@ class MedusaRuntime:
             raise ArtifactError(f"{directory / 'tokenizer.json'} has {tokenizer.vocab_size} tokens but the model "
                                 f"{manifest.dims.vocab_size}: it belongs to another model, rebuild the artifact")
         chosen_tree = artifact_tree(manifest, tree)
-        if not isinstance(plain, bool):
-            raise InputError(f"plain must be True or False, got {plain!r:.40}")
         options = {"model": model} if backend == "torch" else \
             {"first_graph": "vanilla"} if plain and backend == "ort" and "vanilla" in manifest.graphs else {}
         engine = open_backend(directory, manifest, backend, device=device, threads=threads, max_seq=max_seq, **options)

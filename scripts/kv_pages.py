@@ -22,7 +22,23 @@ import time
 
 import numpy as np
 
+from medusa_export.runtime.backends.lanes import Lane
+
 KINDS = ("numpy_zeros", "small_pages")
+
+
+def numpy_zeros(shape: tuple[int, ...], dtype) -> np.ndarray:
+    """The allocation KV stores had before: numpy's, on transparent huge pages from 4 MiB."""
+    return np.zeros(shape, dtype)
+
+
+def fill(lanes, rng, i: int, session, tokens: int, chunk: int) -> None:
+    """``tokens`` random tokens into ``session``, in lane ``i`` alone, ``chunk`` rows per lanes step."""
+    for start in range(0, tokens, chunk):
+        step = [None] * lanes.lanes
+        step[i] = Lane(session, rng.integers(100, 5000, min(chunk, tokens - start)), 1.0, 1)
+        lanes.run(step)
+        lanes.keep(session, np.arange(len(step[i].tokens)))
 
 
 def rss_mib() -> float:
@@ -34,10 +50,9 @@ def measure(artifact: str, kind: str, threads: int) -> dict:
     """One process's figures (run in a child: page-fault costs depend on what the process touched before)."""
     from medusa_export.runtime.api import MedusaRuntime
     from medusa_export.runtime.backends import slot_cache
-    from medusa_export.runtime.backends.lanes import Lane
 
     if kind == "numpy_zeros":
-        slot_cache.small_page_zeros = lambda shape, dtype: np.zeros(shape, dtype)
+        slot_cache.small_page_zeros = numpy_zeros
     rt = MedusaRuntime.load(artifact, threads=threads)
     out = {"alloc": kind}
     for name in ("first_generate_ms", "second_generate_ms"):
@@ -55,12 +70,8 @@ def measure(artifact: str, kind: str, threads: int) -> dict:
         out[name] = round((time.perf_counter() - t0) * 1e3, 1)
         for s in sessions:
             lanes.keep(s, np.arange(1))
-    for i, s in enumerate(sessions):  # 2 + 254 more tokens each, in chunks of 127
-        for _ in range(2):
-            step = [None] * len(sessions)
-            step[i] = Lane(s, rng.integers(100, 5000, 127), 1.0, 1)
-            lanes.run(step)
-            lanes.keep(s, np.arange(127))
+    for i, s in enumerate(sessions):  # 2 + 254 more tokens each
+        fill(lanes, rng, i, s, 254, chunk=127)
     out.update(kv_reserved_mib=round(sum(s.kv_bytes for s in sessions) / 2**20),
                rss_growth_8x256_tokens_mib=round(rss_mib() - before))
     return out
@@ -71,27 +82,18 @@ def steady(artifact: str, threads: int, past: int, blocks: int = 10, steps: int 
     stores that held longer sequences before (a server's reused slots), so the steps fault in no new pages."""
     from medusa_export.runtime.api import MedusaRuntime
     from medusa_export.runtime.backends import slot_cache
-    from medusa_export.runtime.backends.lanes import Lane
 
     rt = MedusaRuntime.load(artifact, threads=threads)
     backend, small = rt.generator.backend, slot_cache.small_page_zeros
     lanes, rng, sets = backend.lanes, np.random.default_rng(0), {}
-
-    def fill(i: int, session, tokens: int) -> None:
-        for start in range(0, tokens, 100):
-            step = [None] * lanes.lanes
-            step[i] = Lane(session, rng.integers(100, 5000, min(100, tokens - start)), 1.0, 1)
-            lanes.run(step)
-            lanes.keep(session, np.arange(len(step[i].tokens)))
-
     for kind in KINDS + ("small_pages_reused",):
-        slot_cache.small_page_zeros = small if kind != "numpy_zeros" else lambda shape, dtype: np.zeros(shape, dtype)
+        slot_cache.small_page_zeros = small if kind != "numpy_zeros" else numpy_zeros
         sets[kind] = [backend.new_session() for _ in range(lanes.lanes)]
         for i, session in enumerate(sets[kind]):
             if kind == "small_pages_reused":
-                fill(i, session, past + blocks * (steps + 1) + 32)
+                fill(lanes, rng, i, session, past + blocks * (steps + 1) + 32, chunk=100)
                 session.reset()
-            fill(i, session, past)
+            fill(lanes, rng, i, session, past, chunk=100)
     slot_cache.small_page_zeros = small
     times: dict[str, list[float]] = {kind: [] for kind in sets}
     for _ in range(blocks):

@@ -106,7 +106,7 @@ def small_page_zeros(shape: tuple[int, ...], dtype) -> np.ndarray:
 
     numpy puts arrays of 4 MiB and more on huge pages (madvise). A step touches every layer's and head's buffer of a
     KV store, so on huge pages the first step of a new store faulted in all of it (90 MiB for the default model),
-    zeroing 2 MiB per fault: 0.2-0.25 s per store in a fresh process on the measured machine (docs/results.md, "KV
+    zeroing 2 MiB per fault: 0.15-0.25 s per store in a fresh process on the measured machine (docs/results.md, "KV
     memory pages"). On small pages a store is faulted in as rows are written: it costs memory for the rows it has
     held, not for its capacity."""
     dtype = np.dtype(dtype)
