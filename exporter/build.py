@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Callable
 
 from medusa_export.runtime import __version__, io_table
-from medusa_export.runtime.manifest import (FORMAT, FORMAT_VERSION, ONNXRUNTIME, CleanupRecord, ExporterRecord,
-                                             GraphRecord, HeadsRecord, Manifest, ModelRecord, QualityRecord,
+from medusa_export.runtime.manifest import (FORMAT, FORMAT_VERSION, ONNXRUNTIME, CleanupRecord, DraftsRecord,
+                                             ExporterRecord, GraphRecord, HeadsRecord, Manifest, ModelRecord, QualityRecord,
                                              QuantizationRecord, TensorRecord, TreeRecord, file_record, graph_dtype,
                                              kv_layout_of)
 from medusa_export.runtime.errors import ExportValidationError
@@ -52,6 +52,10 @@ def build_artifact(model: str | None, out: str | Path, options: BuildOptions = B
     model are measured and stored in the manifest (``manifest.quality``)."""
     out = Path(out)
     check_out_dir(out)  # before the long export
+    if options.corpus_drafts == "sharegpt":
+        from .training.sharegpt import sharegpt_file
+
+        sharegpt_file()  # InputError naming the package now, not after the export
     t_start = time.perf_counter()
     step_log = _StepLog(log)
     with step_log("load model and heads"):
@@ -79,10 +83,11 @@ def build_artifact(model: str | None, out: str | Path, options: BuildOptions = B
         with step_log("store the graphs' weights once (weights.bin)"):
             share_weights(work, [g.file for g in graphs.values()])
         loaded.tokenizer.save(work)
+        drafts = _corpus_table(loaded.tokenizer, options, work, step_log)
         save_heads(chosen.heads, work / "heads")
         dims = model_dims(loaded.model.config, chosen.heads, options.head_topk, options.sample_topk,
                           dtype=graph_dtype(options.dtype))
-        manifest = _manifest(loaded, chosen, dims, tree_spec, tree_obj, options, graphs, validation, work)
+        manifest = _manifest(loaded, chosen, dims, tree_spec, tree_obj, options, graphs, validation, work, drafts)
         manifest.write(work)
         if options.lanes:
             with step_log("check that a batched step equals one-sequence steps, bit for bit"):
@@ -103,6 +108,23 @@ def build_artifact(model: str | None, out: str | Path, options: BuildOptions = B
         raise
     log(f"artifact ready: {out} ({time.perf_counter() - t_start:.0f} s)")
     return manifest
+
+
+def _corpus_table(tokenizer, options: BuildOptions, work: Path, step_log) -> DraftsRecord | None:
+    """The corpus-draft table (`corpus_table`), when asked for; its manifest record."""
+    if options.corpus_drafts == "none":
+        return None
+    from medusa_export.runtime.corpus_drafts import FILE
+
+    from .corpus_table import MIN_COUNT, count_table, encode_texts, sharegpt_answers
+
+    with step_log("count the corpus-draft table (ShareGPT assistant turns)"):
+        texts, source = sharegpt_answers()
+        streams = encode_texts(tokenizer, texts)
+        table = count_table(streams, tokenizer.vocab_size)
+        table.save(work / FILE)
+    return DraftsRecord(file=FILE, source=source, corpus_tokens=int(sum(len(s) for s in streams)),
+                        max_ngram=table.max_ngram, min_count=MIN_COUNT, entries=table.entries)
 
 
 def _smooth(loaded, alpha: float) -> None:
@@ -240,7 +262,7 @@ def _default_tree(heads_path: str | None, dtype: str = "fp32") -> str:
 
 
 def _manifest(loaded, chosen, dims, tree_spec: str, tree: Tree, options: BuildOptions, graphs: dict,
-              validation: dict, work: Path) -> Manifest:
+              validation: dict, work: Path, drafts: DraftsRecord | None = None) -> Manifest:
     import onnx
     import torch
     import transformers
@@ -265,4 +287,4 @@ def _manifest(loaded, chosen, dims, tree_spec: str, tree: Tree, options: BuildOp
                         medusa_choices=tree.to_json(), num_nodes=tree.num_nodes),
         graph_format=options.graph, kv_layout=kv_layout_of(options.graph), weights=options.dtype,
         graphs=graphs, validation=validation,
-        files={p.relative_to(work).as_posix(): file_record(p) for p in files})
+        files={p.relative_to(work).as_posix(): file_record(p) for p in files}, drafts=drafts)

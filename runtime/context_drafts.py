@@ -27,6 +27,11 @@ DEFAULT_MAX_DRAFT = 8
 class Draft:
     tokens: list[int]  # candidates for the tokens after the sequence's last one
     ngram: int  # length of the matched suffix (longer matches are accepted more often)
+    kind: int | None = None  # acceptance-rate class (`speculation.AcceptanceRates`); None: ``ngram`` (the context's)
+
+    @property
+    def rate_kind(self) -> int:
+        return self.ngram if self.kind is None else self.kind
 
 
 class ContextIndex:

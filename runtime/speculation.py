@@ -1,9 +1,10 @@
 """How many draft rows a step should verify: acceptance rates and step cost, both measured while decoding.
 
     spec = Speculation()
-    q = spec.rates.cumulative(draft.ngram, len(draft.tokens))   # P(the first j+1 drafts are all accepted)
+    draft = spec.propose(context_index, 8)                       # prompt lookup, or the artifact's corpus table
+    q = spec.rates.cumulative(draft.rate_kind, len(draft.tokens))   # P(the first j+1 drafts are all accepted)
     n = spec.batched_cost.worth([q], expected=8, rows=8, limit=8)[0]   # how many of them pay in a batched step
-    spec.rates.record(draft.ngram, proposed=n, accepted=a)            # after the step
+    spec.rates.record(draft.rate_kind, proposed=n, accepted=a)        # after the step
     spec.batched_cost.record(rows, seconds)
 
 A step takes the drafts, most probable first, that maximise its expected tokens per second ``(E + sum q_j) /
@@ -22,13 +23,18 @@ import threading
 
 import numpy as np
 
-from .context_drafts import DEFAULT_MAX_DRAFT, DEFAULT_MAX_NGRAM
+from .context_drafts import DEFAULT_MAX_DRAFT, ContextIndex, Draft
+from .corpus_drafts import MAX_NGRAM, NUM_KINDS, SHARE_CLASSES, CorpusTable, rate_kind
 
 # Priors until the process has measured its own. Rates: prompt lookup on the default model accepted its first
 # draft 30 % of the time after a 1-token match, 55 % after 2, 70 % after 3 (deeper drafts ~70-85 % given their
 # parent). Cost: a tree node added ~1.5-2.6 ms to a ~27-34 ms fp32 step.
 PRIOR_FIRST = {1: 0.3, 2: 0.55, 3: 0.7}
 PRIOR_DEEPER = 0.7
+# The ShareGPT table's first draft on the default model's answers to held-out prompts (train_prompts.jsonl
+# [100:160]), by matched n-gram length and share class (below .25, .25-.5, above): ~.12-.15 / .25-.3 / .35-.45.
+PRIOR_CORPUS_FIRST = {n: (0.13, 0.27, 0.4) for n in range(1, MAX_NGRAM + 1)}
+PRIOR_CORPUS_DEEPER = 0.55
 PRIOR_WEIGHT = 10.0  # the priors count as this many observations
 PRIOR_ROW_SHARE = 0.06  # one more row, as a share of a one-row step
 EXPLORE_EVERY = 8  # requests: one in eight runs the heads whatever they are expected to give
@@ -36,28 +42,31 @@ PRIOR_HEADS_NODE = 0.3  # a heads' node at depth d: accepted 0.3 ** d of the tim
 
 
 class AcceptanceRates:
-    """Conditional acceptance of context drafts by matched n-gram length and depth."""
+    """Conditional acceptance of drafts by kind (`Draft.rate_kind`: a context draft's matched n-gram length, or a
+    corpus draft's class) and depth."""
 
-    def __init__(self, max_ngram: int = DEFAULT_MAX_NGRAM, max_draft: int = DEFAULT_MAX_DRAFT) -> None:
-        first = np.array([PRIOR_FIRST.get(n, PRIOR_FIRST[max(PRIOR_FIRST)]) for n in range(max_ngram + 1)])
-        prior = np.full((max_ngram + 1, max_draft), PRIOR_DEEPER)
-        prior[:, 0] = first
+    def __init__(self, max_draft: int = DEFAULT_MAX_DRAFT) -> None:
+        prior = np.full((NUM_KINDS, max_draft), PRIOR_DEEPER)
+        prior[:, 0] = [PRIOR_FIRST.get(n, PRIOR_FIRST[max(PRIOR_FIRST)]) for n in range(NUM_KINDS)]
+        for n, firsts in PRIOR_CORPUS_FIRST.items():
+            for share, first in zip((0.0, *SHARE_CLASSES), firsts):
+                prior[rate_kind(n, share)] = [first, *[PRIOR_CORPUS_DEEPER] * (max_draft - 1)]
         self.accepted = prior * PRIOR_WEIGHT
         self.proposed = np.full_like(prior, PRIOR_WEIGHT)
         self.lock = threading.Lock()
 
-    def cumulative(self, ngram: int, n: int) -> np.ndarray:
-        """[n] probability that drafts 0..j are all accepted."""
+    def cumulative(self, kind: int, n: int) -> np.ndarray:
+        """[n] probability that drafts 0..j of a draft of this kind are all accepted."""
         n = min(n, self.proposed.shape[1])
-        return np.cumprod(self.accepted[ngram, :n] / self.proposed[ngram, :n])
+        return np.cumprod(self.accepted[kind, :n] / self.proposed[kind, :n])
 
-    def record(self, ngram: int, proposed: int, accepted: int) -> None:
+    def record(self, kind: int, proposed: int, accepted: int) -> None:
         """A step verified ``proposed`` drafts of a chain; its first ``accepted`` were right (each was tried only
         if its parent was accepted)."""
         tried = min(accepted + 1, proposed, self.proposed.shape[1])
         with self.lock:
-            self.proposed[ngram, :tried] += 1
-            self.accepted[ngram, :min(accepted, tried)] += 1
+            self.proposed[kind, :tried] += 1
+            self.accepted[kind, :min(accepted, tried)] += 1
 
 
 class StepCost:
@@ -122,6 +131,16 @@ class Speculation:
         self.lock = threading.Lock()
         self.node_hits: np.ndarray | None = None  # per node of the heads' tree: times accepted
         self.heads_steps = 0.0  # steps that verified the heads' tree
+        self.corpus: CorpusTable | None = None  # the artifact's corpus-draft table, if it has one
+
+    def propose(self, context: ContextIndex, max_tokens: int) -> Draft | None:
+        """The draft a sequence's step should weigh: the context's (prompt lookup) or the corpus table's, whichever
+        expects more accepted tokens by the rates measured so far."""
+        drafts = [context.propose(max_tokens)]
+        if self.corpus is not None:
+            drafts.append(self.corpus.propose(context.tokens, max_tokens))
+        return max((d for d in drafts if d is not None), default=None,
+                   key=lambda d: self.rates.cumulative(d.rate_kind, len(d.tokens)).sum())
 
     def heads_for(self, tree):
         """The heads' tree for a new request when the heads are expected to pay on this machine (their tree on the

@@ -32,7 +32,7 @@ class StepTree:
     paths_nodes: np.ndarray  # [L, max_depth + 1] root-to-leaf node indices, -1 padded
     source: np.ndarray  # [N] int8: ROOT, HEADS or CONTEXT
     draft: tuple[int, ...] = ()  # the context draft merged in (some of its tokens may share heads' nodes)
-    ngram: int = 0  # the matched n-gram length it came from
+    kind: int = 0  # the draft's acceptance-rate class (`Draft.rate_kind`)
 
     @property
     def drafted(self) -> int:
@@ -53,8 +53,8 @@ class StepTree:
         return cls(np.asarray(tokens, np.int64), tree.parent, tree.depth, tree.mask, tree.paths_nodes, source)
 
     @classmethod
-    def chain(cls, root: int, draft: list[int], ngram: int = 0) -> "StepTree":
-        return cls(np.asarray([root, *draft], np.int64), *_chain_shape(1 + len(draft)), tuple(draft), ngram)
+    def chain(cls, root: int, draft: list[int], kind: int = 0) -> "StepTree":
+        return cls(np.asarray([root, *draft], np.int64), *_chain_shape(1 + len(draft)), tuple(draft), kind)
 
     def shared(self, draft: list[int]) -> list[int]:
         """The nodes the draft walks down from the root while its tokens equal theirs (those it shares)."""
@@ -69,14 +69,14 @@ class StepTree:
     def is_leaf(self, node: int) -> bool:
         return not (self.parent == node).any()
 
-    def with_draft(self, draft: list[int], ngram: int = 0) -> "StepTree":
-        """This tree plus ``draft`` (matched on an ``ngram``-token suffix) as a chain below the root, sharing the
+    def with_draft(self, draft: list[int], kind: int = 0) -> "StepTree":
+        """This tree plus ``draft`` (of acceptance-rate class ``kind``) as a chain below the root, sharing the
         nodes it agrees with."""
         walked = self.shared(draft)
         node, k = (walked[-1] if walked else 0), len(walked)
         extra = len(draft) - k
         if extra == 0:
-            return replace(self, draft=tuple(draft), ngram=ngram)
+            return replace(self, draft=tuple(draft), kind=kind)
         n = self.num_nodes
         new = np.arange(n, n + extra)
         parent = np.concatenate([self.parent, np.concatenate(([node], new[:-1]))])
@@ -92,7 +92,7 @@ class StepTree:
         rows = [np.pad(p, (0, width - len(p)), constant_values=-1) for p in [*paths, chain_]]
         source = np.concatenate([self.source, np.full(extra, CONTEXT, np.int8)])
         return StepTree(np.concatenate([self.tokens, draft[k:]]).astype(np.int64), parent, depth, mask,
-                        np.stack(rows), source, tuple(draft), ngram)
+                        np.stack(rows), source, tuple(draft), kind)
 
 
 @lru_cache(maxsize=64)

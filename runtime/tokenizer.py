@@ -100,6 +100,15 @@ class ChatTokenizer:
         (directory / "generation_config.json").write_text(json.dumps({"eos_token_id": list(self.eos_token_ids)}) + "\n")
 
     @property
+    def plain_text_tokenizer(self):
+        """The tokenizer that reads special-token markup as characters (`encode_text`'s), for batch encoding."""
+        return self._text
+
+    @property
+    def special_ids(self) -> frozenset[int]:
+        return self._special_set
+
+    @property
     def vocab_size(self) -> int:
         return self.tokenizer.get_vocab_size()
 

@@ -37,6 +37,7 @@ def warm_up(engine: Engine) -> float:
     spec, prompt = gen.spec, [0]
     t0, on_step, engine.on_step = time.perf_counter(), engine.on_step, None
     gen.spec = _WarmUpSpeculation()  # the heads' tree whenever asked: the Medusa graph must run too
+    gen.spec.corpus = spec.corpus
     failed: list[Exception] = []
     sink = lambda item: failed.append(item) if isinstance(item, Exception) else None  # noqa: E731
     try:

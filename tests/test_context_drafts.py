@@ -85,8 +85,8 @@ def _heads_plan():
 def test_a_draft_shares_the_nodes_it_agrees_with_and_branches_where_it_leaves():
     plan = _heads_plan()
     assert plan.tokens.tolist() == [5, 10, 11, 20, 21, 30]
-    same = plan.with_draft([10, 20, 30], ngram=2)  # exactly the main chain: nothing new
-    assert same.num_nodes == plan.num_nodes and same.drafted == 3 and same.ngram == 2
+    same = plan.with_draft([10, 20, 30], kind=2)  # exactly the main chain: nothing new
+    assert same.num_nodes == plan.num_nodes and same.drafted == 3 and same.kind == 2
     extended = plan.with_draft([10, 20, 30, 40])  # one past the leaf: the leaf's path grows, no new path
     assert extended.num_nodes == 7 and extended.num_paths == plan.num_paths
     assert extended.parent[6] == 5 and extended.source[6] == CONTEXT and extended.depth[6] == 4
@@ -143,7 +143,7 @@ def test_unmeasured_row_counts_are_estimated_from_the_nearest_measured_ones():
 
 
 def test_acceptance_rates_learn_by_depth():
-    rates = AcceptanceRates(max_ngram=3, max_draft=4)
+    rates = AcceptanceRates(max_draft=4)
     before = rates.cumulative(3, 4)
     assert np.all(np.diff(before) < 0)
     for _ in range(50):

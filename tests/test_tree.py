@@ -280,7 +280,7 @@ def test_preset_names_all_load():
 def test_a_chain_shares_its_read_only_structure_per_length():
     from medusa_export.runtime.step_tree import StepTree
 
-    a, b = StepTree.chain(5, [7, 9]), StepTree.chain(6, [8, 10], ngram=2)
+    a, b = StepTree.chain(5, [7, 9]), StepTree.chain(6, [8, 10], kind=2)
     assert a.tokens.tolist() == [5, 7, 9] and b.tokens.tolist() == [6, 8, 10]
     assert a.parent.tolist() == [-1, 0, 1] and a.depth.tolist() == [0, 1, 2] and a.paths_nodes.tolist() == [[0, 1, 2]]
     assert (a.mask == np.tri(3, dtype=bool)).all() and a.source.tolist() == [0, 2, 2]

