@@ -55,7 +55,8 @@ def build_artifact(model: str | None, out: str | Path, options: BuildOptions = B
     if options.corpus_drafts == "sharegpt":
         from .training.sharegpt import sharegpt_file
 
-        sharegpt_file()  # InputError naming the package now, not after the export
+        sharegpt_file("--corpus-drafts sharegpt (the default for the built-in model; --corpus-drafts none builds "
+                      "without it)", "export")  # InputError naming the package now, not after the export
     t_start = time.perf_counter()
     step_log = _StepLog(log)
     with step_log("load model and heads"):

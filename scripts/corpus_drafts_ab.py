@@ -1,0 +1,83 @@
+"""Corpus drafts side by side in one process: each prompt decoded greedily without speculation, with the default
+speculation and no corpus table (heads + context drafts), and with the artifact's table too; the three in rotating
+order per prompt, so they share the machine's state. Reports tokens/s (decoding and prefill), tokens per step,
+accepted draft tokens per step by source and draft rows per step, and checks every answer against vanilla.
+
+    python scripts/corpus_drafts_ab.py ARTIFACT --prompts question.jsonl --limit 16 [--max-new-tokens 128]
+        [--threads 2] [--no-heads] [--json out.json]
+
+ARTIFACT must carry a corpus-draft table (`build --corpus-drafts sharegpt`; the built-in model's default).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+
+from medusa_export.runtime.api import MedusaRuntime
+from medusa_export.runtime.machine import machine_info
+from medusa_export.runtime.prompts import read_prompts
+
+MODES = ("vanilla", "speculation, no table", "speculation + table")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("artifact")
+    ap.add_argument("--prompts", default=None)
+    ap.add_argument("--limit", type=int, default=16)
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-heads", action="store_true", help="drafts only: the heads' tree is never verified")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    rt = MedusaRuntime.load(args.artifact, threads=args.threads)
+    gen = rt.generator
+    table = gen.spec.corpus
+    if table is None:
+        raise SystemExit(f"{args.artifact} has no corpus-draft table: build it with --corpus-drafts sharegpt")
+    if args.no_heads:
+        gen.tree = None
+    prompts = read_prompts(args.prompts, limit=args.limit)
+    totals = {m: {"tokens": 0, "seconds": 0.0, "steps": 0, "accepted_heads": 0, "accepted_context": 0,
+                  "context_rows": 0, "identical": 0} for m in MODES}
+    rt.generate(prompts[0], max_new_tokens=8)  # opens and runs both graphs once before anything is timed
+    rt.generate(prompts[0], max_new_tokens=8, medusa=False)
+    for i, prompt in enumerate(prompts):
+        answers = {}
+        for mode in np.roll(MODES, -i):
+            gen.spec.corpus = table if mode == "speculation + table" else None
+            r = rt.generate(prompt, max_new_tokens=args.max_new_tokens, medusa=mode != "vanilla")
+            t = totals[mode]
+            t["tokens"] += r.new_tokens
+            t["seconds"] += r.new_tokens / r.tokens_per_s
+            t["steps"] += r.steps
+            for key in ("accepted_heads", "accepted_context", "context_rows"):
+                t[key] += getattr(r, key)
+            answers[mode] = r.token_ids
+        for mode in MODES:
+            totals[mode]["identical"] += answers[mode] == answers["vanilla"]
+    rows = {}
+    for mode, t in totals.items():
+        steps = max(t["steps"], 1)
+        rows[mode] = {"tokens_per_s": round(t["tokens"] / t["seconds"], 2), "tokens_per_step": round(t["tokens"] / steps, 3),
+                      **{k: round(t[k] / steps, 3) for k in ("accepted_heads", "accepted_context", "context_rows")},
+                      "identical": f"{t['identical']}/{len(prompts)}"}
+    base = rows["vanilla"]["tokens_per_s"]
+    for mode, row in rows.items():
+        row["speed_up"] = round(row["tokens_per_s"] / base, 3)
+        print(f"{mode:24s} {row['tokens_per_s']:7.2f} tok/s  {row['speed_up']:.2f}x  {row['tokens_per_step']:.2f} tok/step  "
+              f"accepted heads {row['accepted_heads']:.2f} / drafts {row['accepted_context']:.2f}  draft rows "
+              f"{row['context_rows']:.2f}  identical {row['identical']}")
+    report = {"artifact": args.artifact, "prompts": args.prompts, "limit": args.limit,
+              "max_new_tokens": args.max_new_tokens, "threads": args.threads, "heads": not args.no_heads,
+              "machine": machine_info(), "rows": rows}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
