@@ -18,6 +18,7 @@ token took, in 255ths), and ``meta`` (int64: bits, max_ngram).
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,7 @@ from .context_drafts import DEFAULT_MAX_NGRAM, Draft
 from .errors import ArtifactError
 
 FILE = "corpus_drafts.npz"
+MAX_UNPACKED = 4 << 30  # bytes the arrays may take once read (the default model's: 38 MB)
 SHARE_CLASSES = (0.25, 0.5)  # a first draft's share below .25, below .5, or above: how often it was right measured
 MAX_NGRAM = 4
 
@@ -66,6 +68,7 @@ class CorpusTable:
         """ArtifactError (one line, naming the fix) for a file that is not such a table for this vocabulary."""
         path = Path(path)
         try:
+            _check_members(path)
             with np.load(path, allow_pickle=False) as z:
                 meta = z["meta"]
                 bits, max_ngram = int(meta[0]), int(meta[1])
@@ -73,7 +76,7 @@ class CorpusTable:
                     raise ValueError(f"its bits / max_ngram ({bits}, {max_ngram}) do not fit a {vocab_size}-token "
                                      f"vocabulary")
                 arrays = [(z[f"keys_{n}"], z[f"next_{n}"], z[f"share_{n}"]) for n in range(1, max_ngram + 1)]
-        except (OSError, KeyError, ValueError, IndexError, TypeError) as e:
+        except (OSError, KeyError, ValueError, IndexError, TypeError, zipfile.BadZipFile) as e:
             raise ArtifactError(f"{path} is not a corpus-draft table ({str(e)[:120]}): rebuild the artifact "
                                 f"(medusa-export build)") from None
         for n, (k, t, s) in enumerate(arrays, 1):
@@ -86,6 +89,7 @@ class CorpusTable:
         return cls(*map(list, zip(*arrays)), bits)
 
     def save(self, path: str | Path) -> None:
+        """Uncompressed, so loading reads no more than the file holds."""
         arrays = {"meta": np.array([self.bits, self.max_ngram], np.int64)}
         for n in range(1, self.max_ngram + 1):
             arrays |= {f"keys_{n}": self.keys[n - 1], f"next_{n}": self.nexts[n - 1], f"share_{n}": self.shares[n - 1]}
@@ -113,3 +117,14 @@ class CorpusTable:
             out.append(found[0])
             suffix = (suffix + [found[0]])[-self.max_ngram:]
         return Draft(out, first[1], rate_kind(first[1], first[2])) if out else None
+
+
+def _check_members(path: Path) -> None:
+    """Only the table's arrays, of a bounded size once read (a compressed member could unpack to any size)."""
+    with zipfile.ZipFile(path) as z:
+        members = z.infolist()
+    allowed = {"meta.npy"} | {f"{a}_{n}.npy" for a in ("keys", "next", "share") for n in range(1, MAX_NGRAM + 1)}
+    if any(m.filename not in allowed for m in members):
+        raise ValueError(f"it holds other members ({next(m.filename for m in members if m.filename not in allowed)!r:.40})")
+    if sum(m.file_size for m in members) > MAX_UNPACKED:
+        raise ValueError(f"its arrays would take more than {MAX_UNPACKED >> 30} GiB")

@@ -87,7 +87,8 @@ def test_save_and_load_round_trip(tmp_path):
     assert back.entries == table.entries and back.propose([1, 2], 4) == table.propose([1, 2], 4)
 
 
-@pytest.mark.parametrize("damage", ["garbage", "missing", "other_vocab", "unsorted", "token_out_of_range", "no_meta"])
+@pytest.mark.parametrize("damage", ["garbage", "missing", "other_vocab", "unsorted", "token_out_of_range", "no_meta",
+                                    "extra_member", "bomb"])
 def test_a_malformed_table_is_a_one_line_artifact_error(tmp_path, damage):
     path = tmp_path / FILE
     table = count_table([np.arange(40) % 7], vocab_size=TINY_VOCAB, min_count=1)
@@ -100,13 +101,24 @@ def test_a_malformed_table_is_a_one_line_artifact_error(tmp_path, damage):
         arrays["next_1"] = arrays["next_1"] + np.uint32(TINY_VOCAB)
     if damage == "no_meta":
         del arrays["meta"]
+    if damage == "extra_member":
+        arrays["payload"] = np.zeros(3)
     np.savez(path, **arrays)
+    if damage == "bomb":  # a compressed member that would unpack to more than the limit
+        from medusa_export.runtime import corpus_drafts
+
+        np.savez_compressed(path, **(arrays | {"share_1": np.zeros(1 << 20, np.uint8)}))
+        corpus_drafts.MAX_UNPACKED, limit = 1 << 19, corpus_drafts.MAX_UNPACKED
     if damage == "garbage":
         path.write_bytes(b"not a zip file")
     if damage == "missing":
         path.unlink()
-    with pytest.raises(ArtifactError) as e:
-        CorpusTable.load(path, 1 << 20 if damage == "other_vocab" else TINY_VOCAB)
+    try:
+        with pytest.raises(ArtifactError) as e:
+            CorpusTable.load(path, 1 << 20 if damage == "other_vocab" else TINY_VOCAB)
+    finally:
+        if damage == "bomb":
+            corpus_drafts.MAX_UNPACKED = limit
     assert "\n" not in str(e.value) and "rebuild the artifact" in str(e.value)
 
 
