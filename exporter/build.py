@@ -84,7 +84,7 @@ def build_artifact(model: str | None, out: str | Path, options: BuildOptions = B
         with step_log("store the graphs' weights once (weights.bin)"):
             share_weights(work, [g.file for g in graphs.values()])
         loaded.tokenizer.save(work)
-        drafts = _corpus_table(loaded.tokenizer, options, work, step_log)
+        drafts = _corpus_table(loaded.tokenizer, loaded.model.config.vocab_size, options, work, step_log)
         save_heads(chosen.heads, work / "heads")
         dims = model_dims(loaded.model.config, chosen.heads, options.head_topk, options.sample_topk,
                           dtype=graph_dtype(options.dtype))
@@ -111,8 +111,9 @@ def build_artifact(model: str | None, out: str | Path, options: BuildOptions = B
     return manifest
 
 
-def _corpus_table(tokenizer, options: BuildOptions, work: Path, step_log) -> DraftsRecord | None:
-    """The corpus-draft table (`corpus_table`), when asked for; its manifest record."""
+def _corpus_table(tokenizer, vocab_size: int, options: BuildOptions, work: Path, step_log) -> DraftsRecord | None:
+    """The corpus-draft table (`corpus_table`), when asked for; its manifest record. ``vocab_size``: the model's
+    (`manifest.dims`, what loading checks the table against), which may exceed the tokenizer's."""
     if options.corpus_drafts == "none":
         return None
     from medusa_export.runtime.corpus_drafts import FILE
@@ -122,7 +123,7 @@ def _corpus_table(tokenizer, options: BuildOptions, work: Path, step_log) -> Dra
     with step_log("count the corpus-draft table (ShareGPT assistant turns)"):
         texts, source = sharegpt_answers()
         streams = encode_texts(tokenizer, texts)
-        table = count_table(streams, tokenizer.vocab_size)
+        table = count_table(streams, vocab_size)
         table.save(work / FILE)
     return DraftsRecord(file=FILE, source=source, corpus_tokens=int(sum(len(s) for s in streams)),
                         max_ngram=table.max_ngram, min_count=MIN_COUNT, entries=table.entries)

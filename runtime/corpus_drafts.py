@@ -27,7 +27,7 @@ from .context_drafts import DEFAULT_MAX_NGRAM, Draft
 from .errors import ArtifactError
 
 FILE = "corpus_drafts.npz"
-MAX_UNPACKED = 4 << 30  # bytes the arrays may take once read (the default model's: 38 MB)
+MAX_UNPACKED = 4 << 30  # bytes one array may take (the default model's table: 38 MB in all)
 SHARE_CLASSES = (0.25, 0.5)  # a first draft's share below .25, below .5, or above: how often it was right measured
 MAX_NGRAM = 4
 
@@ -76,7 +76,8 @@ class CorpusTable:
                     raise ValueError(f"its bits / max_ngram ({bits}, {max_ngram}) do not fit a {vocab_size}-token "
                                      f"vocabulary")
                 arrays = [(z[f"keys_{n}"], z[f"next_{n}"], z[f"share_{n}"]) for n in range(1, max_ngram + 1)]
-        except (OSError, KeyError, ValueError, IndexError, TypeError, zipfile.BadZipFile) as e:
+        except (OSError, KeyError, ValueError, IndexError, TypeError, OverflowError, MemoryError,
+                zipfile.BadZipFile) as e:
             raise ArtifactError(f"{path} is not a corpus-draft table ({str(e)[:120]}): rebuild the artifact "
                                 f"(medusa-export build)") from None
         for n, (k, t, s) in enumerate(arrays, 1):
@@ -120,11 +121,21 @@ class CorpusTable:
 
 
 def _check_members(path: Path) -> None:
-    """Only the table's arrays, of a bounded size once read (a compressed member could unpack to any size)."""
+    """Only the table's arrays, stored uncompressed, each 1-D of the expected type and no larger than its member:
+    what reading them allocates is bounded by the file's size, which loading has checked against the manifest."""
+    kinds = {"meta": np.int64, "keys": np.uint64, "next": np.uint32, "share": np.uint8}
     with zipfile.ZipFile(path) as z:
-        members = z.infolist()
-    allowed = {"meta.npy"} | {f"{a}_{n}.npy" for a in ("keys", "next", "share") for n in range(1, MAX_NGRAM + 1)}
-    if any(m.filename not in allowed for m in members):
-        raise ValueError(f"it holds other members ({next(m.filename for m in members if m.filename not in allowed)!r:.40})")
-    if sum(m.file_size for m in members) > MAX_UNPACKED:
-        raise ValueError(f"its arrays would take more than {MAX_UNPACKED >> 30} GiB")
+        for m in z.infolist():
+            name = m.filename.removesuffix(".npy")
+            kind = name.split("_")[0]
+            if not m.filename.endswith(".npy") or kind not in kinds or (kind == "meta") != (name == "meta") or (
+                    kind != "meta" and name.removeprefix(f"{kind}_") not in {str(n) for n in range(1, MAX_NGRAM + 1)}):
+                raise ValueError(f"it holds another member ({m.filename!r:.40})")
+            if m.compress_type != zipfile.ZIP_STORED or m.file_size > MAX_UNPACKED:
+                raise ValueError(f"{m.filename} is compressed or too large")
+            with z.open(m) as f:
+                version = np.lib.format.read_magic(f)
+                shape, fortran, dtype = (np.lib.format.read_array_header_1_0(f) if version == (1, 0) else
+                                         np.lib.format.read_array_header_2_0(f))
+                if len(shape) != 1 or dtype != np.dtype(kinds[kind]) or shape[0] * dtype.itemsize > m.file_size:
+                    raise ValueError(f"{m.filename} is not a 1-D {np.dtype(kinds[kind]).name} array of its size")

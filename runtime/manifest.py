@@ -301,7 +301,10 @@ class Manifest:
         return dataclasses.replace(self, **changes)
 
     def to_json(self) -> dict:
-        return to_json(self)
+        data = to_json(self)
+        if data.get("drafts") is None:  # an artifact without a table stays readable by releases before the field
+            data.pop("drafts", None)
+        return data
 
     @classmethod
     def from_json(cls, data: Any, source: str = MANIFEST) -> "Manifest":

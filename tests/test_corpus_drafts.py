@@ -88,7 +88,7 @@ def test_save_and_load_round_trip(tmp_path):
 
 
 @pytest.mark.parametrize("damage", ["garbage", "missing", "other_vocab", "unsorted", "token_out_of_range", "no_meta",
-                                    "extra_member", "bomb"])
+                                    "extra_member", "compressed", "forged_header"])
 def test_a_malformed_table_is_a_one_line_artifact_error(tmp_path, damage):
     path = tmp_path / FILE
     table = count_table([np.arange(40) % 7], vocab_size=TINY_VOCAB, min_count=1)
@@ -104,22 +104,34 @@ def test_a_malformed_table_is_a_one_line_artifact_error(tmp_path, damage):
     if damage == "extra_member":
         arrays["payload"] = np.zeros(3)
     np.savez(path, **arrays)
-    if damage == "bomb":  # a compressed member that would unpack to more than the limit
-        from medusa_export.runtime import corpus_drafts
+    if damage == "compressed":  # a compressed member could unpack to any size
+        np.savez_compressed(path, **arrays)
+    if damage == "forged_header":  # a header claiming 10^13 keys over 16 bytes of data
+        import io
+        import zipfile
 
-        np.savez_compressed(path, **(arrays | {"share_1": np.zeros(1 << 20, np.uint8)}))
-        corpus_drafts.MAX_UNPACKED, limit = 1 << 19, corpus_drafts.MAX_UNPACKED
+        header = io.BytesIO()
+        np.lib.format.write_array_header_1_0(header, {"descr": "<u8", "fortran_order": False, "shape": (10 ** 13,)})
+        with zipfile.ZipFile(path, "w") as z:
+            for name, array in arrays.items():
+                if name != "keys_1":
+                    z.writestr(f"{name}.npy", _npy_bytes(array))
+            z.writestr("keys_1.npy", header.getvalue() + bytes(16))
     if damage == "garbage":
         path.write_bytes(b"not a zip file")
     if damage == "missing":
         path.unlink()
-    try:
-        with pytest.raises(ArtifactError) as e:
-            CorpusTable.load(path, 1 << 20 if damage == "other_vocab" else TINY_VOCAB)
-    finally:
-        if damage == "bomb":
-            corpus_drafts.MAX_UNPACKED = limit
+    with pytest.raises(ArtifactError) as e:
+        CorpusTable.load(path, 1 << 20 if damage == "other_vocab" else TINY_VOCAB)
     assert "\n" not in str(e.value) and "rebuild the artifact" in str(e.value)
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    import io
+
+    out = io.BytesIO()
+    np.save(out, array)
+    return out.getvalue()
 
 
 # ---------------------------------------------------------------------------------------- choosing a draft
@@ -130,7 +142,7 @@ def test_the_draft_expected_to_give_more_tokens_is_chosen():
     spec.corpus = count_table([np.array([1, 2, 3, 4])] * 5, vocab_size=16, min_count=1)
     seq = [1, 2]  # the context holds no earlier "2": only the table drafts
     assert spec.propose(ContextIndex(seq), 3) == Draft([3, 4], 2, rate_kind(2, 1.0))
-    seq = [5, 6, 7, 5, 6, 7, 5, 6]  # "7 5 6" came before, followed by 7 5 6: a 3-gram context draft
+    seq = [5, 6, 7, 5, 6, 7, 5, 6]  # "7 5 6" came before, followed by "7 5 6": a 3-gram context draft
     context = ContextIndex(seq)
     assert spec.propose(context, 3) == context.propose(3)  # the table knows neither 6 nor 5 6
     for _ in range(100):  # the context's 2-gram drafts turn out always wrong, the table's always right
@@ -159,6 +171,7 @@ def test_greedy_with_corpus_drafts_equals_plain_greedy(tiny, spec_name):
     tree = Tree.from_choices(load_choices(spec_name), topk=10, num_heads=4) if spec_name else None
     spec = Speculation()
     spec.corpus = _own_answers_table(tiny, backend)
+    corpus_tried = spec.rates.proposed[CORPUS_KINDS].sum()
     accepted = 0
     for prompt in [*TINY_PROMPTS, [9, 9, 9], [5, 6, 7, 8, 10]]:
         stats = DecodeStats()
@@ -166,6 +179,15 @@ def test_greedy_with_corpus_drafts_equals_plain_greedy(tiny, spec_name):
         assert tokens == tiny.reference(prompt, 40), prompt
         accepted += stats.accepted_context
     assert accepted > 0
+    assert spec.rates.accepted[CORPUS_KINDS].sum() > _prior_accepted(spec, CORPUS_KINDS)  # the table's drafts were
+    assert spec.rates.proposed[CORPUS_KINDS].sum() > corpus_tried  # verified, and some accepted
+
+
+CORPUS_KINDS = slice(rate_kind(1, 0.0), None)  # the acceptance classes of corpus drafts
+
+
+def _prior_accepted(spec: Speculation, kinds: slice) -> float:
+    return Speculation().rates.accepted[kinds].sum()
 
 
 def _with_table(artifact, tmp_path, table: CorpusTable):
@@ -190,6 +212,7 @@ def test_an_artifact_with_a_table_drafts_from_it_alone_and_batched(artifact, tmp
     with MedusaRuntime.load(art) as rt:
         assert rt.generator.spec.corpus is not None and rt.manifest.drafts.entries > 0
         alone = [rt.generate(p, max_new_tokens=24) for p in prompts]
+        assert rt.generator.spec.rates.accepted[CORPUS_KINDS].sum() > _prior_accepted(rt.generator.spec, CORPUS_KINDS)
         assert [r.token_ids for r in alone] == plain
         assert sum(r.step_tokens - r.steps for r in alone) > 0  # drafts were accepted
         batched = rt.generate_many(prompts, max_new_tokens=24)

