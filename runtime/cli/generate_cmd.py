@@ -65,7 +65,7 @@ def generate(
     mode = "+".join(["medusa"] * r.medusa + ["context"] * uses_context(cfg)) or "vanilla"
     typer.echo("")
     sources = "" if no_medusa else \
-        f" (accepted drafts: {r.accepted_heads} from the heads, {r.accepted_context} from the context)"
+        f" (accepted drafts: {r.accepted_heads} from the heads, {r.accepted_context} from context or corpus drafts)"
     typer.echo(f"[{mode} · {r.backend}] {r.new_tokens} tokens in {r.steps} steps, {r.mean_accepted:.2f} tokens/step"
                f"{sources}, {r.tokens_per_s:.1f} tokens/s, prefill {r.prefill_ms:.0f} ms, finish: {r.finish_reason}",
                err=True)
