@@ -213,6 +213,20 @@ def test_empty_values_are_refused_not_read_as_the_default(artifact):
                         "medusa-export generate --help")
 
 
+@pytest.mark.parametrize("args, flag", [
+    (("bench", "ARTIFACT", "--json", ""), "--json"),
+    (("bench", "ARTIFACT", "--prompts", ""), "--prompts"),
+    (("bench", ""), "ARTIFACT"),
+    (("verify", "ARTIFACT", "--json", ""), "--json"),
+    (("calibrate-tree", "ARTIFACT", "--out", ""), "--out"),
+    (("build", "--out", ""), "--out"),
+])
+def test_empty_paths_are_refused_not_read_as_the_current_directory(artifact, args, flag):
+    """As a path an empty string is ".": `bench --json ''` said '--json . is a directory', a name never typed."""
+    args = [str(artifact) if a == "ARTIFACT" else a for a in args]
+    refused_before_work(cli(*args), flag, "an empty path")
+
+
 def test_help_still_prints_and_exits_0():
     proc = cli("generate", "--help")
     assert proc.returncode == 0 and "--max-new-tokens" in proc.stdout

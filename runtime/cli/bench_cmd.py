@@ -9,14 +9,15 @@ from typing import Optional
 import typer
 
 from .app import app, cli_errors
+from .checks import path_value
 
 
 @app.command()
 @cli_errors
 def bench(
-    artifact: Path = typer.Argument(..., help="Artifact directory."),
+    artifact: Path = typer.Argument(..., parser=path_value, metavar="ARTIFACT", help="Artifact directory."),
     backends: str = typer.Option("ort", help="Comma-separated: torch, ort, trt."),
-    prompts: Optional[Path] = typer.Option(None, help="JSONL prompts (default: the packaged prompt set; for the "
+    prompts: Optional[Path] = typer.Option(None, parser=path_value, help="JSONL prompts (default: the packaged prompt set; for the "
                                            "MT-Bench figures pass FastChat's question.jsonl)."),
     limit: Optional[int] = typer.Option(None, help="Use only the first N prompts."),
     max_new_tokens: int = typer.Option(128, min=1),
@@ -30,8 +31,8 @@ def bench(
                                       "when torch and transformers are installed)."),
     model: Optional[str] = typer.Option(None, help="The artifact's base model (directory or .gguf) for the torch "
                                         "backend and the baseline, when this machine has not loaded it before."),
-    as_json: Optional[Path] = typer.Option(None, "--json", help="Write the report here."),
-    plot_file: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG bar chart of tokens/s here."),
+    as_json: Optional[Path] = typer.Option(None, "--json", parser=path_value, help="Write the report here."),
+    plot_file: Optional[Path] = typer.Option(None, "--plot", parser=path_value, help="Write a PNG bar chart of tokens/s here."),
 ) -> None:
     """Benchmark decoding speed: tokens/s, accepted length, step latency, identical outputs."""
     from .. import extras

@@ -4,6 +4,9 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
+
+import typer
 
 from ..errors import InputError
 from .loading import BACKENDS
@@ -36,3 +39,13 @@ def non_negative(flag: str, value: float | None, hint: str = "") -> None:
     error, so a check against it fails whatever the numbers are)."""
     if value is not None and not (math.isfinite(value) and value >= 0):
         raise InputError(f"{flag} {value}: give a finite number of 0 or more{hint}")
+
+
+def path_value(value) -> Path:
+    """The parser of every path option and argument: an empty string is refused (as a path it reads as ".", the
+    current directory, and the error named a directory the user never typed)."""
+    if isinstance(value, Path):
+        return value
+    if not str(value).strip():
+        raise typer.BadParameter("an empty path: give the name of a file or directory")
+    return Path(value)
