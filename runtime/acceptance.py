@@ -26,12 +26,24 @@ class Acceptance:
 
 
 def accept_greedy(tree: Tree, tokens: np.ndarray, out: StepOutput) -> Acceptance:
-    paths = tree.paths_nodes  # [L, D+1]
-    parent, child = paths[:, :-1], paths[:, 1:]
-    match = (child >= 0) & (tokens[child] == out.next_ids[parent, 0])
-    lengths = np.cumprod(match, axis=1).sum(axis=1)
-    best = int(np.argmax(lengths))
-    return Acceptance(paths[best, : lengths[best] + 1])
+    """Nodes are walked in Python on lists: on a CPU the step before has just streamed the weights through the caches,
+    and each numpy call on these few-element arrays then costs ~10x its warm time (a vectorised version took ~150 us
+    a step, this one ~25)."""
+    nxt = out.next_ids[:, 0].tolist()
+    toks, parent = tokens.tolist(), tree.parent.tolist()
+    # Parents come before their children, and siblings hold distinct tokens: the accepted nodes form one chain, and
+    # the last accepted index is its deepest node.
+    accepted, extended, last = [True] + [False] * (len(toks) - 1), [False] * len(toks), 0
+    for i in range(1, len(toks)):
+        p = parent[i]
+        if accepted[p] and not extended[p] and toks[i] == nxt[p]:
+            accepted[i] = extended[p] = True
+            last = i
+    nodes = []
+    while last >= 0:
+        nodes.append(last)
+        last = parent[last]
+    return Acceptance(np.asarray(nodes[::-1], np.int64))
 
 
 def accept_typical(tree: Tree, tokens: np.ndarray, out: StepOutput, epsilon: float, alpha: float) -> Acceptance:

@@ -192,20 +192,23 @@ def plan(cursor: Cursor, tree: Tree | None, spec: Speculation, room: int, max_pa
     draft = spec.propose(cursor.context, min(DEFAULT_MAX_DRAFT, room - 1)) if cursor.context is not None else None
     if heads is None and draft is None:
         return root  # nothing to weigh (vanilla decoding, or no draft this step)
-    q = spec.rates.cumulative(draft.rate_kind, len(draft.tokens)) if draft else np.zeros(0)
-    options = [(1.0 + q[:n].sum(), n + 1, n, False) for n in range(len(q) + 1)]  # (tokens, rows, drafts, heads)
+    q = spec.rates.cumulative(draft.rate_kind, len(draft.tokens)) if draft else []
+    upto = [0.0]  # upto[n]: expected accepted tokens of the draft's first n (lists: see `AcceptanceRates.conditional`)
+    for x in q:
+        upto.append(upto[-1] + x)
+    options = [(1.0 + upto[n], n + 1, n, False) for n in range(len(q) + 1)]  # (tokens, rows, drafts, heads)
     if heads is not None:
-        p_node = spec.node_rates(tree)
+        p_node = spec.node_rates(tree).tolist()
         walked = heads.shared(draft.tokens) if draft else []
         paths = heads.num_paths + (0 if walked and heads.is_leaf(walked[-1]) else 1)  # once the draft leaves the tree
         for n in range(len(q) + 1):
             k = min(n, len(walked))
             if n > k and (max_paths is not None and paths > max_paths or tree.num_nodes + n - k > room):
                 break
-            gain = np.maximum(q[:k] - p_node[walked[:k]], 0).sum() + q[k:n].sum()
-            options.append((p_node.sum() + gain, tree.num_nodes + n - k, n, True))
+            gain = sum(max(q[j] - p_node[walked[j]], 0.0) for j in range(k)) + upto[n] - upto[k]
+            options.append((sum(p_node) + gain, tree.num_nodes + n - k, n, True))
     most = max(rows for _, rows, _, _ in options)
-    t = spec.alone_table(tree is not None, most)
+    t = spec.alone_table(tree is not None, most).tolist()
     tokens, rows, n, use_heads = max(options, key=lambda o: o[0] / t[o[1]])
     if use_heads:
         return heads.with_draft(draft.tokens[:n], draft.rate_kind) if n else heads
@@ -251,9 +254,11 @@ def finish_step(cursor: Cursor, p: StepTree, acc_nodes: np.ndarray, out, cfg: Ge
     cursor.root = next_token(out, last, cfg.temperature, cursor.rng)
     medusa_ids = getattr(out, "medusa_ids", None)  # a lanes step runs no heads
     cursor.heads = medusa_ids[last] if medusa_ids is not None else None
-    new = [int(t) for t in p.tokens[acc_nodes[1:]]] + [cursor.root]
+    accepted = acc_nodes.tolist()
+    tokens = p.tokens.tolist()
+    new = [tokens[i] for i in accepted[1:]] + [cursor.root]
     stats.record_step(seconds, len(new))
-    record_sources(p, acc_nodes, new, spec, stats)
+    record_sources(p, accepted, new, spec, stats)
     cursor.advance(new, spec)
     return new
 
@@ -274,17 +279,19 @@ def score_shadow(cursor: Cursor, new: list[int], spec: Speculation) -> None:
     cursor.shadow = None
 
 
-def record_sources(p: StepTree, acc_nodes: np.ndarray, new: list[int], spec: Speculation, stats: DecodeStats) -> None:
-    """Accepted tokens by source, and what the step teaches about the drafts' acceptance."""
+def record_sources(p: StepTree, accepted: list[int], new: list[int], spec: Speculation, stats: DecodeStats) -> None:
+    """Accepted tokens by source, and what the step teaches about the drafts' acceptance (``accepted``: the accepted
+    nodes, root first)."""
     if p.num_nodes == 1:  # the root alone: no drafts, nothing to count
         return
-    sources = p.source[acc_nodes[1:]]
-    stats.draft_depth = max(stats.draft_depth, int(p.depth.max()))
-    stats.accepted_heads += int((sources == HEADS).sum())
-    stats.accepted_context += int((sources == CONTEXT).sum())
-    stats.context_rows += int((p.source == CONTEXT).sum())
-    if (p.source == HEADS).any():
-        spec.record_heads(acc_nodes[p.source[acc_nodes] == HEADS])
+    source = p.source.tolist()
+    kinds = [source[i] for i in accepted[1:]]
+    stats.draft_depth = max(stats.draft_depth, p.paths_nodes.shape[1] - 1)  # paths are padded to the deepest
+    stats.accepted_heads += kinds.count(HEADS)
+    stats.accepted_context += kinds.count(CONTEXT)
+    stats.context_rows += source.count(CONTEXT)
+    if HEADS in source:
+        spec.record_heads(np.asarray([i for i in accepted if source[i] == HEADS], np.int64))
     if p.draft:
         spec.rates.record(p.kind, p.drafted, agreeing(p.draft, new))
 

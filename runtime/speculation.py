@@ -53,12 +53,18 @@ class AcceptanceRates:
                 prior[rate_kind(n, share)] = [first, *[PRIOR_CORPUS_DEEPER] * (max_draft - 1)]
         self.accepted = prior * PRIOR_WEIGHT
         self.proposed = np.full_like(prior, PRIOR_WEIGHT)
+        # The conditional rates as lists, read every step in Python: numpy calls on a few elements cost ~10x their
+        # warm time right after a step has streamed the weights through the CPU's caches.
+        self.conditional = (self.accepted / self.proposed).tolist()
         self.lock = threading.Lock()
 
-    def cumulative(self, kind: int, n: int) -> np.ndarray:
+    def cumulative(self, kind: int, n: int) -> list[float]:
         """[n] probability that drafts 0..j of a draft of this kind are all accepted."""
-        n = min(n, self.proposed.shape[1])
-        return np.cumprod(self.accepted[kind, :n] / self.proposed[kind, :n])
+        out, p = [], 1.0
+        for rate in self.conditional[kind][:n]:
+            p *= rate
+            out.append(p)
+        return out
 
     def record(self, kind: int, proposed: int, accepted: int) -> None:
         """A step verified ``proposed`` drafts of a chain; its first ``accepted`` were right (each was tried only
@@ -67,6 +73,7 @@ class AcceptanceRates:
         with self.lock:
             self.proposed[kind, :tried] += 1
             self.accepted[kind, :min(accepted, tried)] += 1
+            self.conditional[kind] = (self.accepted[kind] / self.proposed[kind]).tolist()
 
 
 class StepCost:
@@ -90,18 +97,23 @@ class StepCost:
         return bool(self.count[1:].any())
 
     def table(self, upto: int) -> np.ndarray:
-        """[upto + 1] estimated seconds of a step of r rows (index 0 unused)."""
+        """[upto + 1] estimated seconds of a step of r rows (index 0 unused). Computed on lists (see
+        `AcceptanceRates.conditional`)."""
         upto = min(upto, len(self.seconds) - 1)
-        t, measured = self.seconds[:upto + 1].copy(), self.count[:upto + 1] > 0
-        known = np.flatnonzero(measured[1:]) + 1
-        base_r, base_t = (known[0], t[known[0]]) if len(known) else (1, 0.03)
+        seconds, count = self.seconds[:upto + 1].tolist(), self.count[:upto + 1].tolist()
+        known = [r for r in range(1, upto + 1) if count[r]]
+        base_r, base_t = (known[0], seconds[known[0]]) if known else (1, 0.03)
+        t, slowest = [0.0], 0.0
         for r in range(1, upto + 1):
-            if measured[r]:
-                base_r, base_t = r, t[r]
+            if count[r]:
+                base_r, base_t = r, seconds[r]
+                estimate = base_t
             else:  # from the nearest measured count below (or the first measured, above, scaled down)
-                t[r] = base_t * (1 + PRIOR_ROW_SHARE * (r - base_r)) if r > base_r else \
+                estimate = base_t * (1 + PRIOR_ROW_SHARE * (r - base_r)) if r > base_r else \
                     base_t / (1 + PRIOR_ROW_SHARE * (base_r - r))
-        return np.concatenate(([0.0], np.maximum.accumulate(t[1:])))
+            slowest = max(slowest, estimate)  # never less than a smaller count's
+            t.append(slowest)
+        return np.array(t)
 
     def worth(self, chains: list[np.ndarray], expected: float, rows: int, limit: int) -> list[int]:
         """How many rows of each chain (``chains[i][j]``: probability that its drafts 0..j are all accepted) to add
@@ -140,7 +152,7 @@ class Speculation:
         if self.corpus is not None:
             drafts.append(self.corpus.propose(context.tokens, max_tokens))
         return max((d for d in drafts if d is not None), default=None,
-                   key=lambda d: self.rates.cumulative(d.rate_kind, len(d.tokens)).sum())
+                   key=lambda d: sum(self.rates.cumulative(d.rate_kind, len(d.tokens))))
 
     def heads_for(self, tree):
         """The heads' tree for a new request when the heads are expected to pay on this machine (their tree on the

@@ -57,17 +57,20 @@ class StepTree:
         return cls(np.asarray([root, *draft], np.int64), *_chain_shape(1 + len(draft)), tuple(draft), kind)
 
     def shared(self, draft: list[int]) -> list[int]:
-        """The nodes the draft walks down from the root while its tokens equal theirs (those it shares)."""
+        """The nodes the draft walks down from the root while its tokens equal theirs (those it shares). On lists:
+        see `acceptance.accept_greedy`."""
+        parent, tokens = self.parent.tolist(), self.tokens.tolist()
         nodes: list[int] = []
         for token in draft:
-            match = np.flatnonzero((self.parent == (nodes[-1] if nodes else 0)) & (self.tokens == token))
-            if not len(match):
+            at = nodes[-1] if nodes else 0
+            match = next((i for i in range(at + 1, len(tokens)) if parent[i] == at and tokens[i] == token), None)
+            if match is None:
                 break
-            nodes.append(int(match[0]))
+            nodes.append(match)
         return nodes
 
     def is_leaf(self, node: int) -> bool:
-        return not (self.parent == node).any()
+        return node not in self.parent.tolist()
 
     def with_draft(self, draft: list[int], kind: int = 0) -> "StepTree":
         """This tree plus ``draft`` (of acceptance-rate class ``kind``) as a chain below the root, sharing the

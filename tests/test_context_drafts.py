@@ -144,11 +144,12 @@ def test_unmeasured_row_counts_are_estimated_from_the_nearest_measured_ones():
 
 def test_acceptance_rates_learn_by_depth():
     rates = AcceptanceRates(max_draft=4)
-    before = rates.cumulative(3, 4)
-    assert np.all(np.diff(before) < 0)
+    before = np.array(rates.cumulative(3, 4))
+    assert len(before) == 4 and np.all(np.diff(before) < 0)
+    assert np.allclose(before, np.cumprod(rates.accepted[3] / rates.proposed[3]))
     for _ in range(50):
         rates.record(3, proposed=4, accepted=4)
-    assert np.all(rates.cumulative(3, 4) > before) and rates.cumulative(1, 2)[0] < before[0]
+    assert np.all(np.array(rates.cumulative(3, 4)) > before) and rates.cumulative(1, 2)[0] < before[0]
     for _ in range(200):
         rates.record(3, proposed=4, accepted=0)  # the first is always wrong: the deeper ones are never tried
     assert rates.cumulative(3, 1)[0] < 0.3
