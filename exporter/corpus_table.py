@@ -42,33 +42,36 @@ def encode_texts(tokenizer, texts: list[str], batch: int = 4096) -> list[np.ndar
 
 
 def count_table(streams: list[np.ndarray], vocab_size: int, max_ngram: int = MAX_NGRAM,
-                min_count: int = MIN_COUNT) -> CorpusTable:
+                min_count: int = MIN_COUNT, weights: list[int] | None = None) -> CorpusTable:
+    """``weights[i]``: how many times stream i counts (default 1 each); ``min_count`` is in these units."""
     bits = bits_for(vocab_size)
     max_ngram = min(max_ngram, 64 // bits)
     ids = np.concatenate(streams).astype(np.uint64) if streams else np.zeros(0, np.uint64)
-    text = np.repeat(np.arange(len(streams)), [len(s) for s in streams])
+    lengths = [len(s) for s in streams]
+    text = np.repeat(np.arange(len(streams)), lengths)
+    weight = np.repeat(np.asarray(weights if weights is not None else [1] * len(streams), np.int64), lengths)
     keys, nexts, shares = [], [], []
     for n in range(1, max_ngram + 1):
-        k, t, s = _ngram_table(ids, text, n, bits, min_count)
+        k, t, s = _ngram_table(ids, text, weight, n, bits, min_count)
         keys.append(k)
         nexts.append(t)
         shares.append(s)
     return CorpusTable(keys, nexts, shares, bits)
 
 
-def _ngram_table(ids: np.ndarray, text: np.ndarray, n: int, bits: int, min_count: int):
+def _ngram_table(ids: np.ndarray, text: np.ndarray, weight: np.ndarray, n: int, bits: int, min_count: int):
     m = max(len(ids) - n, 0)
     key = np.zeros(m, np.uint64)
     for j in range(n):
         key = (key << np.uint64(bits)) | ids[j:j + m]
     within = text[:m] == text[n:n + m]  # n-gram and next token in one text
-    key, nxt = key[within], ids[n:n + m][within]
+    key, nxt, w = key[within], ids[n:n + m][within], weight[:m][within]
     order = np.lexsort((nxt, key))
-    key, nxt = key[order], nxt[order]
+    key, nxt, w = key[order], nxt[order], w[order]
     new_pair = np.r_[True, (key[1:] != key[:-1]) | (nxt[1:] != nxt[:-1])] if len(key) else np.zeros(0, bool)
     starts = np.flatnonzero(new_pair)
     pair_key, pair_next = key[starts], nxt[starts]
-    pair_count = np.diff(np.r_[starts, len(key)])
+    pair_count = np.add.reduceat(w, starts) if len(starts) else np.zeros(0, np.int64)
     # Per key: the most frequent next token (ties: the smallest id), and the key's total count.
     order = np.lexsort((pair_next, -pair_count, pair_key))
     pair_key, pair_next, pair_count = pair_key[order], pair_next[order], pair_count[order]

@@ -24,12 +24,13 @@ from medusa_export.runtime.speculation import Speculation
 # ------------------------------------------------------------------------------------------------ the table
 
 
-def _brute_force(streams: list[list[int]], n: int, min_count: int) -> dict:
-    """n-gram -> (most frequent next token, smallest id on ties; its share in 255ths), kept from min_count on."""
+def _brute_force(streams: list[list[int]], n: int, min_count: int, weights: list[int] | None = None) -> dict:
+    """n-gram -> (most frequent next token, smallest id on ties; its share in 255ths), kept from min_count on; stream
+    i counted ``weights[i]`` times."""
     follow: dict[tuple, Counter] = {}
-    for s in streams:
+    for s, w in zip(streams, weights or [1] * len(streams)):
         for i in range(len(s) - n):
-            follow.setdefault(tuple(s[i:i + n]), Counter())[s[i + n]] += 1
+            follow.setdefault(tuple(s[i:i + n]), Counter())[s[i + n]] += w
     out = {}
     for gram, counts in follow.items():
         best = min(counts, key=lambda t: (-counts[t], t))
@@ -38,13 +39,16 @@ def _brute_force(streams: list[list[int]], n: int, min_count: int) -> dict:
     return out
 
 
-@given(streams=st.lists(st.lists(st.integers(0, 5), max_size=30), max_size=6), min_count=st.integers(1, 3))
+@given(streams=st.lists(st.lists(st.integers(0, 5), max_size=30), max_size=6), min_count=st.integers(1, 3),
+       data=st.data())
 @settings(max_examples=60, deadline=None)
-def test_the_table_keeps_each_phrases_most_frequent_next_token(streams, min_count):
-    table = count_table([np.asarray(s, np.int64) for s in streams], vocab_size=6, min_count=min_count)
+def test_the_table_keeps_each_phrases_most_frequent_next_token(streams, min_count, data):
+    weights = data.draw(st.none() | st.lists(st.integers(1, 4), min_size=len(streams), max_size=len(streams)))
+    table = count_table([np.asarray(s, np.int64) for s in streams], vocab_size=6, min_count=min_count,
+                        weights=weights)
     assert table.max_ngram == 4
     for n in range(1, 5):
-        expected = _brute_force(streams, n, min_count)
+        expected = _brute_force(streams, n, min_count, weights)
         keys = table.keys[n - 1]
         assert len(keys) == len(expected) and np.all(np.diff(keys.astype(np.float64)) > 0)
         for gram, (token, share) in expected.items():
