@@ -19,6 +19,7 @@ token took, in 255ths), and ``meta`` (int64: bits, max_ngram).
 from __future__ import annotations
 
 import zipfile
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -97,9 +98,17 @@ class CorpusTable:
         with open(path, "wb") as f:
             np.savez(f, **arrays)
 
-    def lookup(self, suffix: list[int]) -> tuple[int, int, float] | None:
-        """(next token, n, share) for the longest known suffix of ``suffix``, or None."""
-        for n in range(min(self.max_ngram, len(suffix)), 0, -1):
+    def lookup(self, suffix: list[int], longest: int | None = None) -> tuple[int, int, float] | None:
+        """(next token, n, share) for the longest known suffix of ``suffix`` (of at most ``longest`` tokens), or
+        None."""
+        return self._lookup(tuple(suffix[-min(self.max_ngram, longest or self.max_ngram):]))
+
+    # Cached: the suffixes a draft accepted in one step walked through are looked up again in the next, and each
+    # search of the arrays costs ~100 us right after a step (the caches hold the weights). The table lives as long
+    # as its artifact, so the cache holding it does too.
+    @lru_cache(maxsize=1 << 14)
+    def _lookup(self, suffix: tuple[int, ...]) -> tuple[int, int, float] | None:
+        for n in range(len(suffix), 0, -1):
             keys = self.keys[n - 1]
             key = np.uint64(pack(suffix[-n:], self.bits))
             i = int(np.searchsorted(keys, key))
@@ -108,15 +117,18 @@ class CorpusTable:
         return None
 
     def propose(self, tokens: list[int], max_tokens: int) -> Draft | None:
-        """The table's greedy continuation of ``tokens`` (up to ``max_tokens``), classed by its first token's match."""
-        suffix, out, first = list(tokens[-self.max_ngram:]), [], None
+        """The table's greedy continuation of ``tokens`` (up to ``max_tokens``), classed by its first token's match.
+        After a match of n tokens the next one is at most n + 1 long: every key's first n tokens, followed by its
+        last, were counted as often, so they are a key too."""
+        suffix, out, first, longest = list(tokens[-self.max_ngram:]), [], None, None
         for _ in range(max(max_tokens, 0)):
-            found = self.lookup(suffix)
+            found = self.lookup(suffix, longest)
             if found is None:
                 break
             first = first or found
             out.append(found[0])
             suffix = (suffix + [found[0]])[-self.max_ngram:]
+            longest = found[1] + 1
         return Draft(out, first[1], rate_kind(first[1], first[2])) if out else None
 
 
