@@ -161,6 +161,9 @@ def test_non_streaming_client_that_disconnects_stops_its_decoding(server):
     ("/v1/completions", b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", 400, None),  # RecursionError
     ("/v1/completions", b'{"prompt": "t5 \\ud800 t6", "max_tokens": 2}', 400, "prompt"),  # a lone surrogate
     ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "\\ud800"}]}', 400, "messages"),
+    ("/v1/completions", b'{"prompt": "t5", "\\ud800": 1}', 400, "\\ud800"),  # named in the body: escaped
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "t5", "\\udc80": "x"}]}', 400,
+     "messages[0].\\udc80"),
     ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "t5"}], "stop": ["\\udfff"]}', 400, "stop"),
     ("/v1/completions", b'{"prompt": "t5", "seed": 18446744073709551616}', 400, "seed"),
     ("/v1/completions", b'{"prompt": "t5", "response_format": {"type": "json_object"}}', 400, "response_format"),

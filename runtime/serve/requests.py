@@ -23,12 +23,19 @@ class ApiError(Exception):
 
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
                  code: str | None = None, headers: dict[str, str] | None = None) -> None:
+        # A request's own text (an unknown field's name) may hold lone surrogates, which a UTF-8 body cannot carry:
+        # escaped, or rendering the 400 failed as a 500.
+        message, param = _encodable(message), None if param is None else _encodable(param)
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
         self.headers = headers or {}
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def _encodable(text: str) -> str:
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 @dataclass(frozen=True)
