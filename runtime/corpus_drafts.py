@@ -77,8 +77,8 @@ class CorpusTable:
                     raise ValueError(f"its bits / max_ngram ({bits}, {max_ngram}) do not fit a {vocab_size}-token "
                                      f"vocabulary")
                 arrays = [(z[f"keys_{n}"], z[f"next_{n}"], z[f"share_{n}"]) for n in range(1, max_ngram + 1)]
-        except (OSError, KeyError, ValueError, IndexError, TypeError, OverflowError, MemoryError,
-                zipfile.BadZipFile) as e:
+        except Exception as e:  # noqa: BLE001 (any failure to read it, e.g. an encrypted member's RuntimeError, a
+            # forged directory's EOFError, which the CLI would have shown as an interrupt, means the same)
             raise ArtifactError(f"{path} is not a corpus-draft table ({str(e)[:120]}): rebuild the artifact "
                                 f"(medusa-export build)") from None
         for n, (k, t, s) in enumerate(arrays, 1):
@@ -133,11 +133,16 @@ class CorpusTable:
 
 
 def _check_members(path: Path) -> None:
-    """Only the table's arrays, stored uncompressed, each 1-D of the expected type and no larger than its member:
-    what reading them allocates is bounded by the file's size, which loading has checked against the manifest."""
+    """Only the table's arrays, stored uncompressed (members no larger in all than the file itself), each 1-D of the
+    expected type and no larger than its member: what reading them allocates is bounded by the file's real size,
+    which loading has checked against the manifest."""
     kinds = {"meta": np.int64, "keys": np.uint64, "next": np.uint32, "share": np.uint8}
+    size = path.stat().st_size
     with zipfile.ZipFile(path) as z:
-        for m in z.infolist():
+        members = z.infolist()
+        if sum(m.file_size for m in members) > size:  # the directory's sizes are not the bytes the file holds
+            raise ValueError("its members claim more bytes than the file holds")
+        for m in members:
             name = m.filename.removesuffix(".npy")
             kind = name.split("_")[0]
             if not m.filename.endswith(".npy") or kind not in kinds or (kind == "meta") != (name == "meta") or (

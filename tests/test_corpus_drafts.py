@@ -92,7 +92,7 @@ def test_save_and_load_round_trip(tmp_path):
 
 
 @pytest.mark.parametrize("damage", ["garbage", "missing", "other_vocab", "unsorted", "token_out_of_range", "no_meta",
-                                    "extra_member", "compressed", "forged_header"])
+                                    "extra_member", "compressed", "forged_header", "encrypted", "forged_directory"])
 def test_a_malformed_table_is_a_one_line_artifact_error(tmp_path, damage):
     path = tmp_path / FILE
     table = count_table([np.arange(40) % 7], vocab_size=TINY_VOCAB, min_count=1)
@@ -121,6 +121,8 @@ def test_a_malformed_table_is_a_one_line_artifact_error(tmp_path, damage):
                 if name != "keys_1":
                     z.writestr(f"{name}.npy", _npy_bytes(array))
             z.writestr("keys_1.npy", header.getvalue() + bytes(16))
+    if damage in ("encrypted", "forged_directory"):  # zipfile raised RuntimeError, and EOFError (the CLI: "interrupted")
+        _patch_directory(path, b"keys_1.npy", damage)
     if damage == "garbage":
         path.write_bytes(b"not a zip file")
     if damage == "missing":
@@ -128,6 +130,24 @@ def test_a_malformed_table_is_a_one_line_artifact_error(tmp_path, damage):
     with pytest.raises(ArtifactError) as e:
         CorpusTable.load(path, 1 << 20 if damage == "other_vocab" else TINY_VOCAB)
     assert "\n" not in str(e.value) and "rebuild the artifact" in str(e.value)
+
+
+def _patch_directory(path, member: bytes, damage: str) -> None:
+    """Set a member's encryption flag (local and central headers), or make the central directory claim 4 GiB."""
+    import struct
+
+    data = bytearray(path.read_bytes())
+    for signature, flags_at, sizes_at in ((b"PK\x03\x04", 6, None), (b"PK\x01\x02", 8, 20)):
+        i = data.find(signature)
+        while i >= 0:
+            name_at = i + (30 if signature == b"PK\x03\x04" else 46)
+            if data[name_at:name_at + len(member)] == member:
+                if damage == "encrypted":
+                    data[i + flags_at] |= 1
+                elif sizes_at is not None:
+                    struct.pack_into("<II", data, i + sizes_at, 0xFFFFFFF0, 0xFFFFFFF0)
+            i = data.find(signature, i + 4)
+    path.write_bytes(bytes(data))
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:

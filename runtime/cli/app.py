@@ -90,7 +90,10 @@ def main() -> None:
     except errors.ClickException as e:
         typer.echo(f"error: {e.format_message()}", err=True)
         sys.exit(e.exit_code)
-    except typer.Abort:
+    except typer.Abort as e:
+        if isinstance(e.__cause__, EOFError):  # click turns any EOFError into an Abort: a truncated file, not Ctrl-D
+            typer.echo(f"error: a file ended early ({str(e.__cause__)[:120] or 'EOFError'})", err=True)
+            sys.exit(1)
         typer.echo("interrupted", err=True)
         sys.exit(130)
     except SystemExit as e:
