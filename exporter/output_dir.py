@@ -82,12 +82,26 @@ def check_out_file(path: Path, flag: str, make_parents: bool = False) -> None:
     existing (or, with ``make_parents``, creatable) and writable. Called before the work whose result it holds."""
     if path.is_dir():
         raise InputError(f"{flag} {path} is a directory: give the path of a file to write")
+    if path.exists() and not path.is_file():  # written whole and swapped in: a device or FIFO would be replaced
+        raise InputError(f"{flag} {path} is not a regular file (a device, FIFO or socket): give the path of a file")
     if not make_parents and not path.parent.is_dir():
         what = "is a file" if path.parent.exists() else "does not exist"
         raise InputError(f"{flag} {path}: the directory {path.parent} {what}: create it first or choose another path")
     if path.exists() and not os.access(path, os.W_OK):
         raise InputError(f"{flag} {path} is not writable: choose another path")
     check_can_create(path, flag)
+
+
+def write_report(path: Path, text: str) -> None:
+    """Replace the file at ``path`` whole (a reader, or a run stopped mid-write, never sees half a report); through
+    a symbolic link, its target is replaced, not the link."""
+    target = path.resolve() if path.is_symlink() else path
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 # What train-heads writes (exporter/heads.py HEADS_FORMAT, exporter/training/checkpoint.py FILE; no torch here).

@@ -40,6 +40,24 @@ def test_report_paths_are_checked_before_the_work(artifact, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]  # the probes left nothing behind
 
 
+def test_reports_are_written_through_links_and_never_over_a_fifo(artifact, tmp_path):
+    """`bench --json` wrote its report over whatever the path named: a symbolic link became a file, a FIFO (or, as
+    root, a device such as /dev/full) was replaced."""
+    import os
+
+    bench = ("bench", str(artifact), "--no-hf", "--limit", "1", "--max-new-tokens", "2", "--json")
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    refused_before_work(cli(*bench, str(fifo)), "--json", "not a regular file")
+    assert fifo.is_fifo()
+    target, link = tmp_path / "target.json", tmp_path / "link.json"
+    target.write_text("old")
+    link.symlink_to(target)
+    proc = cli(*bench, str(link))
+    assert proc.returncode == 0, proc.stderr
+    assert link.is_symlink() and json.loads(target.read_text())["results"]
+
+
 def test_build_out_under_a_file_or_unwritable_is_refused_before_loading(tiny_dirs, tmp_path):
     afile = tmp_path / "afile"
     afile.write_text("x")

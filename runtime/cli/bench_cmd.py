@@ -90,15 +90,9 @@ def bench(
 
 
 def _write_json(path: Path, report: dict) -> None:
-    """Replace ``path`` whole (a reader, or a run stopped mid-write, never sees half a report)."""
-    import os
+    from medusa_export.exporter.output_dir import write_report
 
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(report, indent=2) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_report(path, json.dumps(report, indent=2) + "\n")
 
 
 def _check_outputs(as_json: Optional[Path], plot_file: Optional[Path]) -> None:

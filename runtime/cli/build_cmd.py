@@ -156,7 +156,9 @@ def verify(
         for rt in runtimes:
             rt.close()
     if as_json:
-        as_json.write_text(json.dumps(report, indent=2) + "\n")
+        from medusa_export.exporter.output_dir import write_report
+
+        write_report(as_json, json.dumps(report, indent=2) + "\n")
     ok = True
     for n, s in report["summary"].items():
         if not isinstance(s, dict):
