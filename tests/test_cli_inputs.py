@@ -245,6 +245,17 @@ def test_empty_paths_are_refused_not_read_as_the_current_directory(artifact, arg
     refused_before_work(cli(*args), flag, "an empty path")
 
 
+LONG = "a" * 300  # beyond the system's file name limit: every existence check raised OSError (ENAMETOOLONG)
+
+
+@pytest.mark.parametrize("args", [("generate", LONG, "--prompt", "x"), ("generate", "ARTIFACT", "--tree", LONG),
+                                  ("bench", "ARTIFACT", "--prompts", LONG), ("bench", "ARTIFACT", "--json", LONG),
+                                  ("build", "--out", f"{LONG}/x")])
+def test_a_file_name_beyond_the_systems_limit_is_one_line(artifact, args):
+    args = [str(artifact) if a == "ARTIFACT" else a for a in args]
+    refused_before_work(cli(*args), "File name too long", "give a shorter path")
+
+
 def test_help_still_prints_and_exits_0():
     proc = cli("generate", "--help")
     assert proc.returncode == 0 and "--max-new-tokens" in proc.stdout

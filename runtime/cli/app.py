@@ -7,6 +7,7 @@ option, a value out of its range, a missing argument) become one line on stderr 
 
 from __future__ import annotations
 
+import errno
 import functools
 import signal
 import sys
@@ -51,6 +52,15 @@ def cli_errors(fn: Callable) -> Callable:
         except KeyboardInterrupt:
             typer.echo("interrupted", err=True)
             raise typer.Exit(130) from None
+        except OSError as e:
+            if e.filename is None:
+                raise
+            # A path the user gave that the system cannot even look up (every existence check raises these), or a
+            # file the system refused to read or write: one line naming it, not a traceback.
+            bad_name = e.errno in (errno.ENAMETOOLONG, errno.ELOOP)
+            hint = ": give a shorter path" if e.errno == errno.ENAMETOOLONG else ""
+            typer.echo(f"error: {e.strerror or e}: {str(e.filename)[:120]}{hint}", err=True)
+            raise typer.Exit(2 if bad_name else 1) from None
 
     return wrapper
 
