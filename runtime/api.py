@@ -52,7 +52,9 @@ class MedusaRuntime:
             raise InputError(f"max_seq must be an integer >= 1 (None: the artifact's), got {max_seq!r:.40}")
         if not isinstance(plain, bool):
             raise InputError(f"plain must be True or False, got {plain!r:.40}")
-        for name, value in (("the artifact directory", directory), ("--tree", tree), ("--model", model)):
+        if not str(directory).strip():
+            raise InputError("the artifact directory is empty: give the directory `medusa-export build` wrote")
+        for name, value in (("--tree", tree), ("--model", model)):
             if value is not None and not str(value).strip():  # an empty value must not stand for "the default"
                 raise InputError(f"{name} is empty: give a value, or leave it out for the default")
         directory = Path(directory)
@@ -67,8 +69,7 @@ class MedusaRuntime:
         engine = open_backend(directory, manifest, backend, device=device, threads=threads, max_seq=max_seq, **options)
         generator = Generator(engine, tokenizer, chosen_tree)
         if manifest.drafts is not None:  # greedy speculation also drafts from the artifact's corpus table
-            generator.spec.corpus = CorpusTable.load(manifest.listed_file(directory, manifest.drafts.file),
-                                                     manifest.dims.vocab_size)
+            generator.spec.corpus = _corpus_table(directory, manifest)
         return cls(manifest, generator)
 
     @property
@@ -123,6 +124,17 @@ class MedusaRuntime:
                                    m.get("role") in ("system", "user", "assistant") for m in messages):
             raise InputError("messages must be a non-empty list of {\"role\": system|user|assistant, \"content\": str}")
         return self.generator.tokenizer.encode_chat(messages, continue_final=messages[-1]["role"] == "assistant")
+
+
+def _corpus_table(directory: Path, manifest: Manifest) -> CorpusTable:
+    """The artifact's corpus-draft table, which must be the one its manifest describes."""
+    record = manifest.drafts
+    path = manifest.listed_file(directory, record.file)
+    table = CorpusTable.load(path, manifest.dims.vocab_size)
+    if (table.max_ngram, table.entries) != (record.max_ngram, record.entries):
+        raise ArtifactError(f"{path} holds {table.entries} entries of up to {table.max_ngram}-grams but the manifest "
+                            f"records {record.entries} of up to {record.max_ngram}-grams: rebuild the artifact")
+    return table
 
 
 def artifact_tree(manifest: Manifest, spec: str | None) -> Tree | None:

@@ -28,6 +28,7 @@ from .tree import Tree
 
 MIN_TEMPERATURE = 1e-5  # lower temperatures decode greedily (as vLLM): sampling there is argmax, and in float32
 # the logits / temperature of a temperature near 1e-38 overflow to NaN probabilities
+MAX_TEMPERATURE = float(np.finfo(np.float32).max)  # the graphs take it as float32: above, it is infinite there
 
 
 @dataclass
@@ -47,8 +48,8 @@ class GenerationConfig:
         """Every option checked once, here, for the library, the CLI and the server alike (a bad value surfaced
         as a numpy or ONNX Runtime error deep in decoding)."""
         t = self.temperature
-        if not _is_number(t) or not 0 <= t < float("inf"):
-            raise InputError(f"temperature must be a finite number >= 0 (0 = greedy), got {t!r:.40}")
+        if not _is_number(t) or not 0 <= t <= MAX_TEMPERATURE:
+            raise InputError(f"temperature must be a number in [0, {MAX_TEMPERATURE:.3g}] (0 = greedy), got {t!r:.40}")
         self.temperature = effective_temperature(t)
         for name, rule, ok in (("typical_epsilon", "in [0, 1]", lambda v: 0 <= v <= 1),
                                ("typical_alpha", "finite and >= 0", lambda v: 0 <= v < float("inf"))):

@@ -227,6 +227,9 @@ def test_empty_values_are_refused_not_read_as_the_default(artifact):
     """An empty MODEL ran the built-in model and an empty --tree the artifact's own: both refused."""
     refused_before_work(cli("generate", "", "--prompt", "x"), "MODEL is empty")
     refused_before_work(cli("generate", str(artifact), "--tree", "", "--prompt", "x"), "--tree is empty")
+    refused_before_work(cli("serve", "", timeout=120), "artifact directory is empty", "medusa-export build")
+    refused_before_work(cli("serve", str(artifact), "--served-model-name", " ", timeout=120),
+                        "--served-model-name is empty")
     refused_before_work(cli("generate", str(artifact), "--prompt"), "requires an argument",
                         "medusa-export generate --help")
 

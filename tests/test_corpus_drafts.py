@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import shutil
 from collections import Counter
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -254,6 +255,18 @@ def test_a_manifest_naming_an_unlisted_table_or_a_damaged_one_is_refused(artifac
     with pytest.raises(ArtifactError) as e:
         MedusaRuntime.load(art)
     assert "corpus-draft table" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_table_other_than_the_one_the_manifest_records_is_refused(artifact, tmp_path):
+    """The record's entries and n-gram lengths are the table's: a record that disagrees (edited, or another table
+    swapped in and relisted) is refused rather than trusted."""
+    from medusa_export.runtime import MedusaRuntime
+
+    art = _with_table(artifact, tmp_path, count_table([np.arange(30) % 5], vocab_size=TINY_VOCAB, min_count=1))
+    m = Manifest.read(art)
+    m.replace(drafts=replace(m.drafts, entries=m.drafts.entries + 1)).write(art)
+    with pytest.raises(ArtifactError, match="the manifest records"):
+        MedusaRuntime.load(art)
 
 
 def test_an_unknown_corpus_source_is_refused_before_any_work():

@@ -272,3 +272,38 @@ def test_a_busy_port_or_an_empty_host_is_one_line_before_the_model_loads(artifac
     assert_one_line_error(cli("serve", str(artifact), "--host", "", timeout=120), "--host is empty")
     assert_one_line_error(cli("serve", str(artifact), "--host", "no-such-host.invalid", timeout=120),
                           "cannot resolve it")
+
+
+def test_the_start_line_names_the_port_clients_reach():
+    """`serve --port 0` listens where the system chose and said http://127.0.0.1:0; IPv6 addresses need brackets."""
+    from medusa_export.runtime.serve.server import listening_socket, server_url
+
+    sock = listening_socket("127.0.0.1", 0)
+    try:
+        assert server_url(sock) == f"http://127.0.0.1:{sock.getsockname()[1]}" and sock.getsockname()[1] > 0
+    finally:
+        sock.close()
+    if socket.has_ipv6:
+        try:
+            sock = listening_socket("::1", 0)
+        except Exception:  # noqa: BLE001 - no IPv6 loopback on this machine
+            return
+        try:
+            assert server_url(sock) == f"http://[::1]:{sock.getsockname()[1]}"
+        finally:
+            sock.close()
+
+
+def test_stream_options_with_a_null_include_usage_is_not_given(server):
+    """null means "not given" across the API (docs/serving.md): a stream with it runs, without a usage chunk."""
+    host, port = server.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=120)
+    body = {"prompt": PROMPT, "max_tokens": 2, "stream": True, "stream_options": {"include_usage": None}}
+    try:
+        conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json",
+                                                                   "Authorization": f"Bearer {KEY}"})
+        r = conn.getresponse()
+        text = r.read().decode()
+    finally:
+        conn.close()
+    assert r.status == 200 and text.rstrip().endswith("data: [DONE]") and '"usage"' not in text.split("[DONE]")[0]

@@ -41,6 +41,9 @@ def serve(
 
     if backend not in ("ort", "trt"):
         raise InputError(f"unknown backend {backend!r}: choose ort or trt")
+    if served_model_name is not None and not served_model_name.strip():  # was silently the artifact's name
+        raise InputError("--served-model-name is empty: give the model id clients send, or leave it out for the "
+                         "artifact's")
     if not host.strip():  # an empty address means every interface to the socket layer: never by accident
         raise InputError("--host is empty: give an address (127.0.0.1: this machine only; 0.0.0.0: every interface)")
     settings = ServeSettings(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,

@@ -200,7 +200,7 @@ def _job(body: dict, model: ServedModel, ids: list[int], chat: bool) -> Job:
     if options is not None and not stream:
         raise ApiError(400, "stream_options is only allowed with stream: true", param="stream_options")
     if options is not None and not (isinstance(options, dict) and set(options) <= {"include_usage"}
-                                    and isinstance(options.get("include_usage", False), bool)):
+                                    and isinstance(options.get("include_usage", False), (bool, type(None)))):
         raise ApiError(400, "stream_options must be an object with the boolean include_usage", param="stream_options")
     seed = body.get("seed")
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)

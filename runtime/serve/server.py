@@ -40,7 +40,7 @@ def run_server(artifact: str, host: str = "127.0.0.1", port: int = 8000, backend
         sock.close()
         runtime.close()
         raise
-    log(f"serving {settings.model_name or runtime.manifest.model.name} from {artifact} on http://{host}:{port} "
+    log(f"serving {settings.model_name or runtime.manifest.model.name} from {artifact} on {server_url(sock)} "
         f"({backend}; {engine.max_num_seqs} sequences per step, {engine.max_num_batched_tokens} tokens per step, "
         f"queue {settings.max_queue}; KV cache reserved for {engine.max_num_seqs} sequences of "
         f"{runtime.generator.backend.max_seq} tokens: {engine.kv_bytes / 2**20:.0f} MiB"
@@ -55,6 +55,12 @@ def run_server(artifact: str, host: str = "127.0.0.1", port: int = 8000, backend
         signal.signal(signal.SIGTERM, previous)
         runtime.close()
     return app.state.drained_cleanly is not False
+
+
+def server_url(sock: socket.socket) -> str:
+    """Where clients reach the bound socket: the port the system chose for --port 0, an IPv6 address in brackets."""
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 def listening_socket(host: str, port: int) -> socket.socket:
