@@ -21,6 +21,7 @@ import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .corpus_drafts import FILE as CORPUS_FILE
 from .corpus_drafts import CorpusTable
 from .decode import GenerationConfig
 from .engine import DEFAULT_MAX_NUM_BATCHED_TOKENS
@@ -70,6 +71,8 @@ class MedusaRuntime:
         generator = Generator(engine, tokenizer, chosen_tree)
         if manifest.drafts is not None:  # greedy speculation also drafts from the artifact's corpus table
             generator.spec.corpus = _corpus_table(directory, manifest)
+        else:  # a table dropped into an artifact that has none is refused, not ignored (as every unlisted file)
+            manifest.listed_file(directory, CORPUS_FILE)
         return cls(manifest, generator)
 
     @property

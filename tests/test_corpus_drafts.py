@@ -267,6 +267,9 @@ def test_a_table_other_than_the_one_the_manifest_records_is_refused(artifact, tm
     m.replace(drafts=replace(m.drafts, entries=m.drafts.entries + 1)).write(art)
     with pytest.raises(ArtifactError, match="the manifest records"):
         MedusaRuntime.load(art)
+    m.replace(drafts=None, files={k: v for k, v in m.files.items() if k != FILE}).write(art)
+    with pytest.raises(ArtifactError, match="does not list it"):  # a table the manifest does not know of
+        MedusaRuntime.load(art)
 
 
 def test_an_unknown_corpus_source_is_refused_before_any_work():
