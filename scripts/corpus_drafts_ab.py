@@ -1,6 +1,7 @@
 """Corpus drafts side by side in one process: each prompt decoded greedily without speculation, with the default
-speculation and no corpus table (heads + context drafts), and with the artifact's table too; the three in rotating
-order per prompt, so they share the machine's state. Reports tokens/s (decoding and prefill), tokens per step,
+speculation and no corpus table (heads + context drafts), with the artifact's table too, and (an artifact with heads)
+with the table but never the heads (drafts on the vanilla graph); in rotating order per prompt, so they share the
+machine's state. Reports tokens/s (decoding and prefill), tokens per step,
 accepted draft tokens per step by source and draft rows per step, and checks every answer against vanilla.
 
     python scripts/corpus_drafts_ab.py ARTIFACT --prompts question.jsonl --limit 16 [--max-new-tokens 128]
@@ -20,7 +21,7 @@ from medusa_export.runtime.api import MedusaRuntime
 from medusa_export.runtime.machine import machine_info
 from medusa_export.runtime.prompts import read_prompts
 
-MODES = ("vanilla", "speculation, no table", "speculation + table")
+MODES = ("vanilla", "speculation, no table", "speculation + table", "drafts + table, no heads")
 
 
 def main() -> None:
@@ -38,17 +39,19 @@ def main() -> None:
     table = gen.spec.corpus
     if table is None:
         raise SystemExit(f"{args.artifact} has no corpus-draft table: build it with --corpus-drafts sharegpt")
-    if args.no_heads:
-        gen.tree = None
+    heads = None if args.no_heads else gen.tree
+    gen.tree = heads
+    modes = MODES if heads is not None else MODES[:3]
     prompts = read_prompts(args.prompts, limit=args.limit)
     totals = {m: {"tokens": 0, "seconds": 0.0, "steps": 0, "accepted_heads": 0, "accepted_context": 0,
-                  "context_rows": 0, "identical": 0} for m in MODES}
+                  "context_rows": 0, "identical": 0} for m in modes}
     rt.generate(prompts[0], max_new_tokens=8)  # opens and runs both graphs once before anything is timed
     rt.generate(prompts[0], max_new_tokens=8, medusa=False)
     for i, prompt in enumerate(prompts):
         answers = {}
-        for mode in np.roll(MODES, -i):
-            gen.spec.corpus = table if mode == "speculation + table" else None
+        for mode in np.roll(modes, -i):
+            gen.spec.corpus = table if "table" in mode and "no table" not in mode else None
+            gen.tree = None if mode.endswith("no heads") else heads
             r = rt.generate(prompt, max_new_tokens=args.max_new_tokens, medusa=mode != "vanilla")
             t = totals[mode]
             t["tokens"] += r.new_tokens
@@ -57,7 +60,7 @@ def main() -> None:
             for key in ("accepted_heads", "accepted_context", "context_rows"):
                 t[key] += getattr(r, key)
             answers[mode] = r.token_ids
-        for mode in MODES:
+        for mode in modes:
             totals[mode]["identical"] += answers[mode] == answers["vanilla"]
     rows = {}
     for mode, t in totals.items():
