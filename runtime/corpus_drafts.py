@@ -18,7 +18,6 @@ token took, in 255ths), and ``meta`` (int64: bits, max_ngram).
 
 from __future__ import annotations
 
-import zipfile
 from functools import lru_cache
 from pathlib import Path
 
@@ -26,9 +25,9 @@ import numpy as np
 
 from .context_drafts import DEFAULT_MAX_NGRAM, Draft
 from .errors import ArtifactError
+from .npz_arrays import read_arrays
 
 FILE = "corpus_drafts.npz"
-MAX_UNPACKED = 4 << 30  # bytes one array may take (the default model's table: 38 MB in all)
 SHARE_CLASSES = (0.25, 0.5)  # a first draft's share below .25, below .5, or above: how often it was right measured
 MAX_NGRAM = 4
 
@@ -69,16 +68,14 @@ class CorpusTable:
         """ArtifactError (one line, naming the fix) for a file that is not such a table for this vocabulary."""
         path = Path(path)
         try:
-            _check_members(path)
-            with np.load(path, allow_pickle=False) as z:
-                meta = z["meta"]
-                bits, max_ngram = int(meta[0]), int(meta[1])
-                if bits != bits_for(vocab_size) or not 1 <= max_ngram <= min(MAX_NGRAM, 64 // bits):
-                    raise ValueError(f"its bits / max_ngram ({bits}, {max_ngram}) do not fit a {vocab_size}-token "
-                                     f"vocabulary")
-                arrays = [(z[f"keys_{n}"], z[f"next_{n}"], z[f"share_{n}"]) for n in range(1, max_ngram + 1)]
-        except Exception as e:  # noqa: BLE001 (any failure to read it, e.g. an encrypted member's RuntimeError, a
-            # forged directory's EOFError, which the CLI would have shown as an interrupt, means the same)
+            z = read_arrays(path, _member_dtype)
+            meta = z["meta"]
+            bits, max_ngram = int(meta[0]), int(meta[1])
+            if bits != bits_for(vocab_size) or not 1 <= max_ngram <= min(MAX_NGRAM, 64 // bits):
+                raise ValueError(f"its bits / max_ngram ({bits}, {max_ngram}) do not fit a {vocab_size}-token "
+                                 f"vocabulary")
+            arrays = [(z[f"keys_{n}"], z[f"next_{n}"], z[f"share_{n}"]) for n in range(1, max_ngram + 1)]
+        except (OSError, KeyError, ValueError, IndexError) as e:
             raise ArtifactError(f"{path} is not a corpus-draft table ({str(e)[:120]}): rebuild the artifact "
                                 f"(medusa-export build)") from None
         for n, (k, t, s) in enumerate(arrays, 1):
@@ -132,27 +129,10 @@ class CorpusTable:
         return Draft(out, first[1], rate_kind(first[1], first[2])) if out else None
 
 
-def _check_members(path: Path) -> None:
-    """Only the table's arrays, stored uncompressed (members no larger in all than the file itself), each 1-D of the
-    expected type and no larger than its member: what reading them allocates is bounded by the file's real size,
-    which loading has checked against the manifest."""
-    kinds = {"meta": np.int64, "keys": np.uint64, "next": np.uint32, "share": np.uint8}
-    size = path.stat().st_size
-    with zipfile.ZipFile(path) as z:
-        members = z.infolist()
-        if sum(m.file_size for m in members) > size:  # the directory's sizes are not the bytes the file holds
-            raise ValueError("its members claim more bytes than the file holds")
-        for m in members:
-            name = m.filename.removesuffix(".npy")
-            kind = name.split("_")[0]
-            if not m.filename.endswith(".npy") or kind not in kinds or (kind == "meta") != (name == "meta") or (
-                    kind != "meta" and name.removeprefix(f"{kind}_") not in {str(n) for n in range(1, MAX_NGRAM + 1)}):
-                raise ValueError(f"it holds another member ({m.filename!r:.40})")
-            if m.compress_type != zipfile.ZIP_STORED or m.file_size > MAX_UNPACKED:
-                raise ValueError(f"{m.filename} is compressed or too large")
-            with z.open(m) as f:
-                version = np.lib.format.read_magic(f)
-                shape, fortran, dtype = (np.lib.format.read_array_header_1_0(f) if version == (1, 0) else
-                                         np.lib.format.read_array_header_2_0(f))
-                if len(shape) != 1 or dtype != np.dtype(kinds[kind]) or shape[0] * dtype.itemsize > m.file_size:
-                    raise ValueError(f"{m.filename} is not a 1-D {np.dtype(kinds[kind]).name} array of its size")
+def _member_dtype(name: str):
+    """The dtype of a table member (`npz_arrays.read_arrays`), None for a name a table does not hold."""
+    if name == "meta":
+        return np.int64
+    kind, _, n = name.partition("_")
+    ok = n in {str(i) for i in range(1, MAX_NGRAM + 1)}
+    return {"keys": np.uint64, "next": np.uint32, "share": np.uint8}.get(kind) if ok else None
