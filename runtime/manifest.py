@@ -196,9 +196,11 @@ class DraftsRecord:
     max_ngram: int
     min_count: int  # n-grams seen fewer times were left out
     entries: int
+    answers_tokens: int = 0  # the model's own answers counted too (`exporter/own_answers.py`), in tokens
+    answers_weight: int = 0  # how many times each of those counted
 
     def __post_init__(self) -> None:
-        _positive(self, "corpus_tokens", "entries", minimum=0)
+        _positive(self, "corpus_tokens", "entries", "answers_tokens", "answers_weight", minimum=0)
         _positive(self, "max_ngram", "min_count")
 
 
@@ -302,8 +304,13 @@ class Manifest:
 
     def to_json(self) -> dict:
         data = to_json(self)
-        if data.get("drafts") is None:  # an artifact without a table stays readable by releases before the field
+        # Fields added since the format version (none of their defaults) are left out: an artifact that does not use
+        # them stays readable by releases before them.
+        if data.get("drafts") is None:
             data.pop("drafts", None)
+        elif not data["drafts"]["answers_tokens"]:
+            for name in ("answers_tokens", "answers_weight"):
+                data["drafts"].pop(name)
         return data
 
     @classmethod

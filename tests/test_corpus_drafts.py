@@ -277,3 +277,60 @@ def test_an_unknown_corpus_source_is_refused_before_any_work():
 
     with pytest.raises(InputError, match="--corpus-drafts 'wiki'"):
         BuildOptions(corpus_drafts="wiki")
+
+
+# ---------------------------------------------------------------------------------------- the model's own answers
+
+
+def test_answers_round_trip_and_a_malformed_file_is_one_line(tmp_path):
+    from medusa_export.exporter.own_answers import load_answers, save_answers
+
+    answers = [np.array([5, 6, 7]), np.array([], np.int64), np.array([70_000, 1])]  # a wide id: stored as uint32
+    save_answers(tmp_path / "a.npz", answers)
+    assert [a.tolist() for a in load_answers(tmp_path / "a.npz", 80_000)] == [a.tolist() for a in answers]
+    for name, arrays in {"beyond the vocabulary": {"tokens": np.array([9], np.uint16), "lengths": np.array([1])},
+                         "lengths": {"tokens": np.array([1, 2], np.uint16), "lengths": np.array([3])},
+                         "negative": {"tokens": np.array([1, 2], np.uint16), "lengths": np.array([3, -1])},
+                         "other member": {"tokens": np.array([1], np.uint16), "lengths": np.array([1]), "x": np.ones(1)},
+                         "missing": {"tokens": np.array([1], np.uint16)}}.items():
+        np.savez(tmp_path / "bad.npz", **arrays)
+        with pytest.raises(InputError) as e:
+            load_answers(tmp_path / "bad.npz", 8)
+        assert "\n" not in str(e.value) and "train-heads" in str(e.value), name
+
+
+def test_the_build_counts_the_models_answers_over_the_corpus(monkeypatch, tmp_path, make_tokenizer):
+    """Where the corpus and the model's answers (beside its heads) continue a phrase differently, the table follows
+    the model; the record says how many of its tokens counted and how often."""
+    from medusa_export.exporter import build, corpus_table
+    from medusa_export.exporter.own_answers import FILE as ANSWERS
+    from medusa_export.exporter.own_answers import WEIGHT, save_answers
+    from medusa_export.runtime.build_options import BuildOptions
+
+    tok = make_tokenizer()
+    corpus = [tok.plain_text_tokenizer.encode("t1 t2 t3 t4", add_special_tokens=False).ids] * 10
+    monkeypatch.setattr(corpus_table, "sharegpt_answers", lambda: (["t1 t2 t3 t4"] * 10, "ten lines"))
+    heads = tmp_path / "heads"
+    heads.mkdir()
+    own = [np.asarray(corpus[0][:2] + corpus[0][:1])]  # the model says "t1 t2 t1"
+    save_answers(heads / ANSWERS, own)
+    log = build._StepLog(lambda _: None)
+    record = build._corpus_table(tok, TINY_VOCAB, BuildOptions(corpus_drafts="sharegpt"), tmp_path, log, str(heads))
+    table = CorpusTable.load(tmp_path / FILE, TINY_VOCAB)
+    assert table.lookup(corpus[0][:2])[0] == corpus[0][0]  # the model's continuation, not the corpus's t3
+    assert table.lookup(corpus[0][1:3])[0] == corpus[0][3]  # elsewhere the corpus's
+    assert (record.answers_tokens, record.answers_weight) == (3, WEIGHT) and "own answers" in record.source
+    plain = build._corpus_table(tok, TINY_VOCAB, BuildOptions(corpus_drafts="sharegpt"), tmp_path, log, None)
+    assert plain.answers_tokens == 0 and CorpusTable.load(tmp_path / FILE, TINY_VOCAB).lookup(corpus[0][:2])[0] == \
+        corpus[0][2]
+
+
+def test_the_answers_fields_are_written_only_when_answers_counted(artifact, tmp_path):
+    """A table without the model's answers keeps the manifest readable by releases before the fields."""
+    art = _with_table(artifact, tmp_path, count_table([np.arange(30) % 5], vocab_size=TINY_VOCAB, min_count=1))
+    m = Manifest.read(art)
+    assert "answers_tokens" not in m.to_json()["drafts"]
+    m = m.replace(drafts=replace(m.drafts, answers_tokens=30, answers_weight=1000))
+    assert m.to_json()["drafts"]["answers_weight"] == 1000 and Manifest.from_json(m.to_json()).drafts == m.drafts
+    with pytest.raises(FieldError, match="answers_tokens"):
+        replace(m.drafts, answers_tokens=-1)

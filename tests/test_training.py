@@ -251,6 +251,20 @@ def test_training_record_holds_no_machine_paths(trained):
     assert data["counts"]["input"] == 24 and data["counts"]["kept"] == data["prompts"]
 
 
+def test_the_training_prompts_greedy_answers_are_kept_for_the_corpus_table(trained, loaded):
+    """answers.npz holds the distilled greedy answers of the training prompts only (held-out ones measure the heads),
+    each ending where the model ended it."""
+    from medusa_export.exporter.own_answers import FILE, load_answers
+
+    root, report = trained
+    answers = load_answers(root / "heads" / FILE, loaded.model.config.vocab_size)
+    distilled = report["distillation"][0]
+    assert len(answers) == distilled["answers"] - report["heldout_prompts"] > 0
+    assert sum(len(a) for a in answers) < distilled["positions"] and all(len(a) for a in answers)
+    eos = set(loaded.tokenizer.eos_token_ids)
+    assert all(int(a[-1]) in eos or len(a) == OPTS.max_new_tokens for a in answers)
+
+
 def test_draft_vocab_and_sampled_passes(trained, loaded, prompts_file, tmp_path, capsys):
     """Draft-vocab training still evaluates over the full vocabulary; sampled extra answers add training
     positions but never held-out ones (the held-out set stays the greedy answers of the same prompts)."""

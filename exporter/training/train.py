@@ -32,6 +32,8 @@ import torch
 from torch import nn
 
 from medusa_export.exporter.heads import MedusaHeads, new_heads, save_heads
+from medusa_export.exporter.own_answers import FILE as ANSWERS
+from medusa_export.exporter.own_answers import answers_without, save_answers
 from medusa_export.exporter.output_dir import check_train_out_dir
 from medusa_export.exporter.provenance import portable_command, portable_path
 from medusa_export.runtime.errors import InputError
@@ -216,6 +218,9 @@ def train_heads(model_source: Any, data_file: str | Path, out_dir: str | Path,
         vocab.save(out / "draft_vocab.json")
     # Prompts the heads never saw: what `calibrate-tree` should measure them on (training prompts overstate them).
     (out / "heldout_prompts.jsonl").write_text("".join(json.dumps({"prompt": prompts[i]}) + "\n" for i in held_prompts))
+    if o.temperature == 0:  # the model's own greedy answers: `build` counts them into its corpus-draft table
+        d = datas[0]
+        save_answers(out / ANSWERS, answers_without(d.tokens, d.seq_lens, d.prompt_index, held_prompts))
     (out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
     ckpt.remove(out)
     end_distributed(world, owned)  # not when a caller (Medusa-2's warm-up) set the group up: it goes on with it

