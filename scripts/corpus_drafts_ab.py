@@ -5,7 +5,10 @@ machine's state. Reports tokens/s (decoding and prefill), tokens per step,
 accepted draft tokens per step by source and draft rows per step, and checks every answer against vanilla.
 
     python scripts/corpus_drafts_ab.py ARTIFACT --prompts question.jsonl --limit 16 [--max-new-tokens 128]
-        [--threads 2] [--no-heads] [--json out.json]
+        [--threads 2] [--no-heads] [--other-table OTHER/corpus_drafts.npz] [--json out.json]
+
+``--other-table``: one more row, speculation with another build's table for the same model (e.g. one built without
+the model's own answers), so that two tables are compared on the same graphs in one run.
 
 ARTIFACT must carry a corpus-draft table (`build --corpus-drafts sharegpt`; the built-in model's default).
 """
@@ -18,6 +21,7 @@ import json
 import numpy as np
 
 from medusa_export.runtime.api import MedusaRuntime
+from medusa_export.runtime.corpus_drafts import CorpusTable
 from medusa_export.runtime.machine import machine_info
 from medusa_export.runtime.prompts import read_prompts
 
@@ -32,6 +36,7 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-heads", action="store_true", help="drafts only: the heads' tree is never verified")
+    ap.add_argument("--other-table", default=None, help="another table for this model: one more row")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     rt = MedusaRuntime.load(args.artifact, threads=args.threads)
@@ -42,6 +47,10 @@ def main() -> None:
     heads = None if args.no_heads else gen.tree
     gen.tree = heads
     modes = MODES if heads is not None else MODES[:3]
+    tables = {mode: table for mode in modes if "table" in mode and "no table" not in mode}
+    if args.other_table:
+        modes = (*modes, "speculation + other table")
+        tables[modes[-1]] = CorpusTable.load(args.other_table, rt.manifest.dims.vocab_size)
     prompts = read_prompts(args.prompts, limit=args.limit)
     totals = {m: {"tokens": 0, "seconds": 0.0, "steps": 0, "accepted_heads": 0, "accepted_context": 0,
                   "context_rows": 0, "identical": 0} for m in modes}
@@ -50,7 +59,7 @@ def main() -> None:
     for i, prompt in enumerate(prompts):
         answers = {}
         for mode in np.roll(modes, -i):
-            gen.spec.corpus = table if "table" in mode and "no table" not in mode else None
+            gen.spec.corpus = tables.get(mode)
             gen.tree = None if mode.endswith("no heads") else heads
             r = rt.generate(prompt, max_new_tokens=args.max_new_tokens, medusa=mode != "vanilla")
             t = totals[mode]
@@ -71,11 +80,12 @@ def main() -> None:
     base = rows["vanilla"]["tokens_per_s"]
     for mode, row in rows.items():
         row["speed_up"] = round(row["tokens_per_s"] / base, 3)
-        print(f"{mode:24s} {row['tokens_per_s']:7.2f} tok/s  {row['speed_up']:.2f}x  {row['tokens_per_step']:.2f} tok/step  "
+        print(f"{mode:26s} {row['tokens_per_s']:7.2f} tok/s  {row['speed_up']:.2f}x  {row['tokens_per_step']:.2f} tok/step  "
               f"accepted heads {row['accepted_heads']:.2f} / drafts {row['accepted_context']:.2f}  draft rows "
               f"{row['context_rows']:.2f}  identical {row['identical']}")
     report = {"artifact": args.artifact, "prompts": args.prompts, "limit": args.limit,
               "max_new_tokens": args.max_new_tokens, "threads": args.threads, "heads": not args.no_heads,
+              "other_table": args.other_table,
               "machine": machine_info(), "rows": rows}
     if args.json:
         with open(args.json, "w") as f:
