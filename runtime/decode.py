@@ -235,7 +235,10 @@ def step(session: Session, cursor: Cursor, tree: Tree | None, cfg: GenerationCon
     seconds = time.perf_counter() - t0
     spec.alone_cost[tree is not None].record(p.num_nodes, seconds)
     stats.last_rows = p.num_nodes
-    return finish_step(cursor, p, acc_nodes, out, cfg, stats, spec, seconds)
+    new = finish_step(cursor, p, acc_nodes, out, cfg, stats, spec, seconds)
+    if cfg.medusa and cfg.temperature <= 0:  # what `Speculation.heads_for` weighs the two graphs by
+        spec.record_delivered(tree is not None, len(new), seconds)
+    return new
 
 
 def accept(p: StepTree, out, cfg: GenerationConfig) -> np.ndarray:
