@@ -4,6 +4,11 @@ for a bare IOBinding loop that feeds the same graph the same shared KV buffers a
 Measured directly (wall time minus time inside the engine), so the engine's own run-to-run noise cancels out.
 
     python scripts/ort_overhead.py artifacts/smollm2 [--tokens 128] [--repeats 5] [--threads 2] [--json out.json]
+        [--speculate --prompts question.jsonl --limit 16]
+
+``--speculate``: a third row, greedy speculative decoding as `generate` runs it (heads and drafts as the runtime
+chooses) on each prompt of ``--prompts``, not capped by ``ignore_eos``; its host time covers planning the drafts,
+acceptance and the statistics too. The bare loop has no counterpart there.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from medusa_export.runtime.api import MedusaRuntime
 from medusa_export.runtime.backends.ort_outputs import first_outputs
 from medusa_export.runtime.decode import GenerationConfig
 from medusa_export.runtime.machine import machine_info
+from medusa_export.runtime.prompts import read_prompts
 
 PROMPT = "Compose an engaging travel blog post about a recent trip to Hawaii."
 
@@ -43,13 +49,20 @@ class EngineClock:
         self.seconds = 0.0
 
 
-def through_runtime(gen, prompt_ids: list[int], tokens: int, clock: EngineClock) -> tuple[float, float]:
+def through_runtime(gen, prompt_ids: list[int], tokens: int, clock: EngineClock,
+                    speculate: bool = False) -> tuple[float, float]:
     """(host, engine) seconds per generated token through `Generator.generate`, prefill included."""
     clock.reset()
     t0 = time.perf_counter()
-    out = gen.generate(prompt_ids, GenerationConfig(max_new_tokens=tokens, medusa=False, ignore_eos=True))
+    out = gen.generate(prompt_ids, GenerationConfig(max_new_tokens=tokens, medusa=speculate, ignore_eos=not speculate))
     wall = time.perf_counter() - t0
     return (wall - clock.seconds) / out.new_tokens, clock.seconds / out.new_tokens
+
+
+def speculating(gen, prompts: list[list[int]], tokens: int, clock: EngineClock) -> tuple[float, float]:
+    """(host, engine) seconds per generated token of greedy speculative decoding over ``prompts``."""
+    runs = [through_runtime(gen, p, tokens, clock, speculate=True) for p in prompts]
+    return tuple(float(np.mean(v)) for v in zip(*runs))
 
 
 def bare_loop(backend, prompt_ids: list[int], tokens: int, clock: EngineClock) -> tuple[float, float]:
@@ -87,6 +100,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--speculate", action="store_true", help="also greedy speculative decoding on --prompts")
+    ap.add_argument("--prompts", default=None, help="JSONL prompts for --speculate (default: the packaged set)")
+    ap.add_argument("--limit", type=int, default=16)
     args = ap.parse_args()
     clock = EngineClock()
     rt = MedusaRuntime.load(args.artifact, backend="ort", threads=args.threads)
@@ -94,10 +110,18 @@ def main() -> None:
     prompt_ids = gen.tokenizer.encode_prompt(PROMPT)
     through_runtime(gen, prompt_ids, 16, clock), bare_loop(gen.backend, prompt_ids, 16, clock)  # warm-up
     runs = {"runtime": [], "bare": []}
+    chats = [gen.tokenizer.encode_prompt(p) for p in read_prompts(args.prompts, limit=args.limit)] if args.speculate \
+        else []
+    if chats:
+        runs["speculating"] = []
+        speculating(gen, chats[:2], 16, clock)  # warm-up: both graphs, drafts
     for _ in range(args.repeats):
         runs["runtime"].append(through_runtime(gen, prompt_ids, args.tokens, clock))
         runs["bare"].append(bare_loop(gen.backend, prompt_ids, args.tokens, clock))
-    report = {"artifact": args.artifact, "tokens": args.tokens, "repeats": args.repeats, "threads": args.threads}
+        if chats:
+            runs["speculating"].append(speculating(gen, chats, args.tokens, clock))
+    report = {"artifact": args.artifact, "tokens": args.tokens, "repeats": args.repeats, "threads": args.threads,
+              "prompts": args.prompts if chats else None, "limit": args.limit if chats else None}
     for name, values in runs.items():
         host, engine = (float(np.median(v)) * 1e3 for v in zip(*values))
         report[name] = {"host_ms_per_token_p50": round(host, 3), "engine_ms_per_token_p50": round(engine, 3),
