@@ -132,11 +132,11 @@ def _corpus_table(tokenizer, vocab_size: int, options: BuildOptions, work: Path,
         table = count_table(streams + answers, vocab_size, weights=[1] * len(streams) + [WEIGHT] * len(answers))
         table.save(work / FILE)
     answers_tokens = int(sum(len(a) for a in answers))
-    if answers:
+    if answers_tokens:
         source += f"; the model's own answers beside its heads ({len(answers)} answers, each counted {WEIGHT} times)"
     return DraftsRecord(file=FILE, source=source, corpus_tokens=int(sum(len(s) for s in streams)),
                         max_ngram=table.max_ngram, min_count=MIN_COUNT, entries=table.entries,
-                        answers_tokens=answers_tokens, answers_weight=WEIGHT if answers else 0)
+                        answers_tokens=answers_tokens, answers_weight=WEIGHT if answers_tokens else 0)
 
 
 def _smooth(loaded, alpha: float) -> None:

@@ -80,6 +80,11 @@ def check_dir_path(path: Path, flag: str) -> None:
 def check_out_file(path: Path, flag: str, make_parents: bool = False) -> None:
     """InputError unless a file can be written at ``path``: not a directory, not under a file, its directory
     existing (or, with ``make_parents``, creatable) and writable. Called before the work whose result it holds."""
+    if path.is_symlink():  # the report replaces the link's target: check that instead
+        try:
+            path = path.resolve(strict=False)
+        except (RuntimeError, OSError):
+            raise InputError(f"{flag} {path} is a loop of symbolic links: give the path of a file") from None
     if path.is_dir():
         raise InputError(f"{flag} {path} is a directory: give the path of a file to write")
     if path.exists() and not path.is_file():  # written whole and swapped in: a device or FIFO would be replaced

@@ -48,7 +48,7 @@ def load_answers(path: str | Path, vocab_size: int) -> list[np.ndarray]:
     try:
         arrays = read_arrays(path, {"tokens": (np.uint16, np.uint32), "lengths": np.int64})
         tokens, lengths = arrays["tokens"], arrays["lengths"]
-        if (lengths < 0).any() or int(lengths.sum()) != len(tokens):
+        if (lengths < 0).any() or sum(lengths.tolist()) != len(tokens):  # Python ints: an int64 sum could wrap
             raise ValueError("its lengths do not add up to its tokens")
         if len(tokens) and int(tokens.max()) >= vocab_size:
             raise ValueError(f"it holds token ids beyond the model's {vocab_size}-token vocabulary")

@@ -1,7 +1,7 @@
 """Choosing the accepted path of a verified tree, and the bonus token after it.
 
 Greedy (lossless): a node is accepted when its token equals the base argmax at its parent, and
-all its ancestors were accepted; the longest accepted root-to-leaf prefix wins.
+all its ancestors were accepted; the deepest accepted node and its path win.
 Typical acceptance (Medusa paper): accept when p_parent(token) > min(epsilon, alpha * exp(-H_parent));
 ties between equally long paths go to the higher summed log-probability.
 """
@@ -26,23 +26,24 @@ class Acceptance:
 
 
 def accept_greedy(tree: Tree, tokens: np.ndarray, out: StepOutput) -> Acceptance:
-    """Nodes are walked in Python on lists: on a CPU the step before has just streamed the weights through the caches,
-    and each numpy call on these few-element arrays then costs ~10x its warm time (a vectorised version took ~150 us
-    a step, this one ~25)."""
+    """The deepest node whose every ancestor, and itself, holds its parent's argmax (the first such at that depth),
+    with its path. Walked in Python on lists: on a CPU the step before has just streamed the weights through the
+    caches, and each numpy call on these few-element arrays then costs ~10x its warm time (a vectorised version took
+    ~150 us a step, this one ~25)."""
     nxt = out.next_ids[:, 0].tolist()
     toks, parent = tokens.tolist(), tree.parent.tolist()
-    # Parents come before their children, and siblings hold distinct tokens: the accepted nodes form one chain, and
-    # the last accepted index is its deepest node.
-    accepted, extended, last = [True] + [False] * (len(toks) - 1), [False] * len(toks), 0
+    depth = [0] + [-1] * (len(toks) - 1)  # -1: not accepted; parents come before their children
+    best = 0
     for i in range(1, len(toks)):
         p = parent[i]
-        if accepted[p] and not extended[p] and toks[i] == nxt[p]:
-            accepted[i] = extended[p] = True
-            last = i
+        if depth[p] >= 0 and toks[i] == nxt[p]:
+            depth[i] = depth[p] + 1
+            if depth[i] > depth[best]:
+                best = i
     nodes = []
-    while last >= 0:
-        nodes.append(last)
-        last = parent[last]
+    while best >= 0:
+        nodes.append(best)
+        best = parent[best]
     return Acceptance(np.asarray(nodes[::-1], np.int64))
 
 

@@ -18,7 +18,6 @@ token took, in 255ths), and ``meta`` (int64: bits, max_ngram).
 
 from __future__ import annotations
 
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +29,7 @@ from .npz_arrays import read_arrays
 FILE = "corpus_drafts.npz"
 SHARE_CLASSES = (0.25, 0.5)  # a first draft's share below .25, below .5, or above: how often it was right measured
 MAX_NGRAM = 4
+CACHE_ENTRIES = 1 << 14  # suffixes `CorpusTable.lookup` remembers before it starts again
 
 
 def rate_kind(ngram: int, share: float) -> int:
@@ -57,6 +57,7 @@ def pack(tokens, bits: int) -> int:
 class CorpusTable:
     def __init__(self, keys: list[np.ndarray], nexts: list[np.ndarray], shares: list[np.ndarray], bits: int) -> None:
         self.keys, self.nexts, self.shares, self.bits = keys, nexts, shares, bits  # index n - 1
+        self._cache: dict = {}  # suffix -> `lookup`'s answer (dict operations are atomic: threads may share it)
         self.max_ngram = len(keys)
 
     @property
@@ -97,14 +98,17 @@ class CorpusTable:
 
     def lookup(self, suffix: list[int], longest: int | None = None) -> tuple[int, int, float] | None:
         """(next token, n, share) for the longest known suffix of ``suffix`` (of at most ``longest`` tokens), or
-        None."""
-        return self._lookup(tuple(suffix[-min(self.max_ngram, longest or self.max_ngram):]))
+        None. Cached: the suffixes a draft accepted in one step walked through are looked up again in the next, and
+        each search of the arrays costs ~100 us right after a step (the caches hold the weights)."""
+        key = tuple(suffix[-min(self.max_ngram, longest or self.max_ngram):])
+        found = self._cache.get(key, self._cache)
+        if found is self._cache:
+            if len(self._cache) >= CACHE_ENTRIES:
+                self._cache.clear()
+            found = self._cache[key] = self._search(key)
+        return found
 
-    # Cached: the suffixes a draft accepted in one step walked through are looked up again in the next, and each
-    # search of the arrays costs ~100 us right after a step (the caches hold the weights). The table lives as long
-    # as its artifact, so the cache holding it does too.
-    @lru_cache(maxsize=1 << 14)
-    def _lookup(self, suffix: tuple[int, ...]) -> tuple[int, int, float] | None:
+    def _search(self, suffix: tuple[int, ...]) -> tuple[int, int, float] | None:
         for n in range(len(suffix), 0, -1):
             keys = self.keys[n - 1]
             key = np.uint64(pack(suffix[-n:], self.bits))
@@ -115,8 +119,9 @@ class CorpusTable:
 
     def propose(self, tokens: list[int], max_tokens: int) -> Draft | None:
         """The table's greedy continuation of ``tokens`` (up to ``max_tokens``), classed by its first token's match.
-        After a match of n tokens the next one is at most n + 1 long: every key's first n tokens, followed by its
-        last, were counted as often, so they are a key too."""
+        After a match of n tokens the next one is at most n + 1 long: a key's first n tokens were followed by its last
+        at least as often as the key itself was counted (n-grams never span texts), so they, and their shorter
+        suffixes, are keys too."""
         suffix, out, first, longest = list(tokens[-self.max_ngram:]), [], None, None
         for _ in range(max(max_tokens, 0)):
             found = self.lookup(suffix, longest)

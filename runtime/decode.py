@@ -200,6 +200,7 @@ def plan(cursor: Cursor, tree: Tree | None, spec: Speculation, room: int, max_pa
     options = [(1.0 + upto[n], n + 1, n, False) for n in range(len(q) + 1)]  # (tokens, rows, drafts, heads)
     if heads is not None:
         p_node = spec.node_rates(tree).tolist()
+        heads_tokens = sum(p_node)
         walked = heads.shared(draft.tokens) if draft else []
         paths = heads.num_paths + (0 if walked and heads.is_leaf(walked[-1]) else 1)  # once the draft leaves the tree
         for n in range(len(q) + 1):
@@ -207,7 +208,7 @@ def plan(cursor: Cursor, tree: Tree | None, spec: Speculation, room: int, max_pa
             if n > k and (max_paths is not None and paths > max_paths or tree.num_nodes + n - k > room):
                 break
             gain = sum(max(q[j] - p_node[walked[j]], 0.0) for j in range(k)) + upto[n] - upto[k]
-            options.append((sum(p_node) + gain, tree.num_nodes + n - k, n, True))
+            options.append((heads_tokens + gain, tree.num_nodes + n - k, n, True))
     most = max(rows for _, rows, _, _ in options)
     t = spec.alone_table(tree is not None, most).tolist()
     tokens, rows, n, use_heads = max(options, key=lambda o: o[0] / t[o[1]])
@@ -227,6 +228,7 @@ def step(session: Session, cursor: Cursor, tree: Tree | None, cfg: GenerationCon
         return None
     # Sampling: the heads' whole tree at every step (typical acceptance draws from the rng per verified tree), so a
     # seed gives one answer whatever this process has measured.
+    t_plan = time.perf_counter()
     p = plan(cursor, tree, spec, room, max_paths, whole_tree or cfg.temperature > 0)
     t0 = time.perf_counter()
     out = session.run(p.tokens, session.length + p.depth, p.mask, tree is not None, _temp(cfg))
@@ -237,7 +239,7 @@ def step(session: Session, cursor: Cursor, tree: Tree | None, cfg: GenerationCon
     stats.last_rows = p.num_nodes
     new = finish_step(cursor, p, acc_nodes, out, cfg, stats, spec, seconds)
     if cfg.medusa and cfg.temperature <= 0:  # what `Speculation.heads_for` weighs the two graphs by
-        spec.record_delivered(tree is not None, len(new), seconds)
+        spec.record_delivered(tree is not None, len(new), time.perf_counter() - t_plan)
     return new
 
 

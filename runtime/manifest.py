@@ -308,7 +308,7 @@ class Manifest:
         # them stays readable by releases before them.
         if data.get("drafts") is None:
             data.pop("drafts", None)
-        elif not data["drafts"]["answers_tokens"]:
+        elif not (data["drafts"]["answers_tokens"] or data["drafts"]["answers_weight"]):
             for name in ("answers_tokens", "answers_weight"):
                 data["drafts"].pop(name)
         return data

@@ -40,7 +40,7 @@ PRIOR_ROW_SHARE = 0.06  # one more row, as a share of a one-row step
 EXPLORE_EVERY = 8  # requests: one in eight runs the heads whatever they are expected to give
 PRIOR_HEADS_NODE = 0.3  # a heads' node at depth d: accepted 0.3 ** d of the time (the shipped heads' first: ~0.3)
 DELIVERED_DECAY = 0.995  # per step of a graph: its delivered rate follows its last few hundred steps
-MIN_DELIVERED_S = 1.0  # seconds of greedy speculative steps each graph needs before delivered rates decide
+MIN_DELIVERED_STEPS = 64  # greedy speculative steps each graph needs before delivered rates decide
 
 
 class AcceptanceRates:
@@ -146,9 +146,9 @@ class Speculation:
         self.node_hits: np.ndarray | None = None  # per node of the heads' tree: times accepted
         self.heads_steps = 0.0  # steps that verified the heads' tree
         self.corpus: CorpusTable | None = None  # the artifact's corpus-draft table, if it has one
-        # Per graph (Medusa: True), tokens and seconds of greedy speculative one-sequence steps, decayed: what each
-        # delivered with whatever drafts rode along.
-        self.delivered = {True: [0.0, 0.0], False: [0.0, 0.0]}
+        # Per graph (Medusa: True), tokens and seconds of greedy speculative one-sequence steps, decayed (what each
+        # delivered with whatever drafts rode along), and the number of such steps.
+        self.delivered = {True: [0.0, 0.0, 0], False: [0.0, 0.0, 0]}
 
     def propose(self, context: ContextIndex, max_tokens: int) -> Draft | None:
         """The draft a sequence's step should weigh: the context's (prompt lookup) or the corpus table's, whichever
@@ -160,29 +160,33 @@ class Speculation:
                    key=lambda d: sum(self.rates.cumulative(d.rate_kind, len(d.tokens))))
 
     def heads_for(self, tree):
-        """The heads' tree for a new request when the heads are expected to pay on this machine, and for every
-        ``EXPLORE_EVERY``-th request anyway, so that both graphs stay measured; else None: the request runs the
-        vanilla graph, with drafts only. Once both graphs have run greedy speculative steps for ``MIN_DELIVERED_S``,
-        the one that delivered more tokens per second decides (drafts ride on both, and the Medusa graph computes
-        its heads on every row); before that, the heads' tree alone against a plain step. Decided per request:
-        switching graphs between steps costs more than it saves (docs/speculation.md)."""
+        """The heads' tree for a new request when the heads are expected to pay on this machine, else None (the
+        vanilla graph, with drafts only); every ``EXPLORE_EVERY``-th request the other choice, so that both graphs
+        stay measured. Once both graphs have run ``MIN_DELIVERED_STEPS`` greedy speculative steps, the one that
+        delivered more tokens per second decides (drafts ride on both, and the Medusa graph computes its heads on
+        every row); before that, the heads' tree alone against a plain step. Decided per request: switching graphs
+        between steps costs more than it saves (docs/speculation.md)."""
         if tree is None:
             return None
         self.requests += 1
-        (medusa_tokens, medusa_s), (vanilla_tokens, vanilla_s) = self.delivered[True], self.delivered[False]
-        if min(medusa_s, vanilla_s) >= MIN_DELIVERED_S:
+        (medusa_tokens, medusa_s, medusa_steps), (vanilla_tokens, vanilla_s, vanilla_steps) = \
+            self.delivered[True], self.delivered[False]
+        if min(medusa_steps, vanilla_steps) >= MIN_DELIVERED_STEPS:
             pays = medusa_tokens / medusa_s >= vanilla_tokens / vanilla_s
         else:
             n = tree.num_nodes
             pays = self.node_rates(tree).sum() / self.alone_table(True, n)[n] >= 1 / self.alone_table(False, 1)[1]
-        return tree if pays or self.requests % EXPLORE_EVERY == 0 else None
+        explore = self.requests % EXPLORE_EVERY == 0
+        return tree if pays != explore else None
 
     def record_delivered(self, medusa: bool, tokens: int, seconds: float) -> None:
-        """A greedy speculative one-sequence step on the Medusa (or vanilla) graph made ``tokens`` in ``seconds``."""
+        """A greedy speculative one-sequence step on the Medusa (or vanilla) graph made ``tokens`` in ``seconds``
+        (planning included)."""
         with self.lock:
             d = self.delivered[medusa]
             d[0] = d[0] * DELIVERED_DECAY + tokens
             d[1] = d[1] * DELIVERED_DECAY + seconds
+            d[2] += 1
 
     def alone_table(self, medusa: bool, upto: int) -> np.ndarray:
         """[upto + 1] estimated seconds of a one-sequence step by rows on the Medusa (or vanilla) graph. A graph not

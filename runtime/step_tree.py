@@ -4,7 +4,7 @@
     plan = plan.with_draft(draft_tokens)                             # + a chain from the context
     plan = StepTree.chain(root, draft_tokens)                        # drafts alone (no heads)
     out = session.run(plan.tokens, past + plan.depth, plan.mask, ...)
-    accept_greedy(plan, plan.tokens, out)                            # uses plan.paths_nodes
+    accept_greedy(plan, plan.tokens, out)                            # walks plan.parent
 
 A draft walks down the heads' tree while its tokens equal a node's (those nodes are shared) and continues as new
 nodes from where it leaves it, so no candidate is verified twice. ``source`` says where each node came from, for

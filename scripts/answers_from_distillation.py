@@ -33,6 +33,11 @@ def main() -> None:
     prompts = load_prompt_set(args.data)
     if prompts.sha256 != index["data_sha256"]:
         raise SystemExit(f"{args.cache} was distilled from another prompt set than --data {args.data}")
+    if index["config"]["temperature"] != 0:
+        raise SystemExit(f"{args.cache} holds sampled answers: the table wants the model's greedy ones")
+    trained = json.loads((args.heads / "training.json").read_text()).get("base_model", {})
+    if trained.get("sha256_16") and trained["sha256_16"] not in index["model"]:
+        raise SystemExit(f"{args.cache} was distilled from {index['model']}, not the model these heads were trained on")
     count = index["shards"] if args.shards is None else args.shards
     paths = [args.cache / f"shard_{b:05d}.npz" for b in range(count)]
     missing = [p.name for p in paths if not p.exists()]

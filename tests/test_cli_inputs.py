@@ -50,6 +50,12 @@ def test_reports_are_written_through_links_and_never_over_a_fifo(artifact, tmp_p
     os.mkfifo(fifo)
     refused_before_work(cli(*bench, str(fifo)), "--json", "not a regular file")
     assert fifo.is_fifo()
+    loop_a, loop_b, dangling = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "d.json"
+    loop_a.symlink_to(loop_b)
+    loop_b.symlink_to(loop_a)
+    refused_before_work(cli(*bench, str(loop_a)), "--json", "loop of symbolic links")
+    dangling.symlink_to(tmp_path / "missing" / "x.json")
+    refused_before_work(cli(*bench, str(dangling)), "--json", "does not exist")
     target, link = tmp_path / "target.json", tmp_path / "link.json"
     target.write_text("old")
     link.symlink_to(target)

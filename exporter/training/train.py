@@ -221,6 +221,8 @@ def train_heads(model_source: Any, data_file: str | Path, out_dir: str | Path,
     if o.temperature == 0:  # the model's own greedy answers: `build` counts them into its corpus-draft table
         d = datas[0]
         save_answers(out / ANSWERS, answers_without(d.tokens, d.seq_lens, d.prompt_index, held_prompts))
+    else:  # sampled answers are not what greedy verification accepts; an earlier run's must not stay beside these heads
+        (out / ANSWERS).unlink(missing_ok=True)
     (out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
     ckpt.remove(out)
     end_distributed(world, owned)  # not when a caller (Medusa-2's warm-up) set the group up: it goes on with it

@@ -47,5 +47,5 @@ def path_value(value) -> Path:
     if isinstance(value, Path):
         return value
     if not str(value).strip():
-        raise typer.BadParameter("an empty path: give the name of a file or directory")
+        raise typer.BadParameter("an empty path (nothing, or only spaces): give the name of a file or directory")
     return Path(value)
