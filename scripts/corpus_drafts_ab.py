@@ -10,6 +10,10 @@ accepted draft tokens per step by source and draft rows per step, and checks eve
 ``--other-table``: one more row, speculation with another build's table for the same model (e.g. one built without
 the model's own answers), so that two tables are compared on the same graphs in one run.
 
+The rows share one process's speculation state (acceptance rates, step costs, each graph's delivered rate), as the
+requests of one server do: the row without the heads feeds the vanilla graph's delivered rate, which the rows with
+the heads then weigh when they choose a graph (`Speculation.heads_for`).
+
 ARTIFACT must carry a corpus-draft table (`build --corpus-drafts sharegpt`; the built-in model's default).
 """
 
