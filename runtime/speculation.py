@@ -161,8 +161,8 @@ class Speculation:
 
     def heads_for(self, tree):
         """The heads' tree for a new request when the heads are expected to pay on this machine, else None (the
-        vanilla graph, with drafts only); every ``EXPLORE_EVERY``-th request the other choice, so that both graphs
-        stay measured. Once both graphs have run ``MIN_DELIVERED_STEPS`` greedy speculative steps, the one that
+        vanilla graph, with drafts only); every ``EXPLORE_EVERY``-th request (every other one until both graphs are
+        measured) the other choice, so that both graphs stay measured. Once both graphs have run ``MIN_DELIVERED_STEPS`` greedy speculative steps, the one that
         delivered more tokens per second decides (drafts ride on both, and the Medusa graph computes its heads on
         every row); before that, the heads' tree alone against a plain step. Decided per request: switching graphs
         between steps costs more than it saves (docs/speculation.md)."""
@@ -171,12 +171,14 @@ class Speculation:
         self.requests += 1
         (medusa_tokens, medusa_s, medusa_steps), (vanilla_tokens, vanilla_s, vanilla_steps) = \
             self.delivered[True], self.delivered[False]
-        if min(medusa_steps, vanilla_steps) >= MIN_DELIVERED_STEPS:
+        measured = min(medusa_steps, vanilla_steps) >= MIN_DELIVERED_STEPS
+        if measured:
             pays = medusa_tokens / medusa_s >= vanilla_tokens / vanilla_s
         else:
             n = tree.num_nodes
             pays = self.node_rates(tree).sum() / self.alone_table(True, n)[n] >= 1 / self.alone_table(False, 1)[1]
-        explore = self.requests % EXPLORE_EVERY == 0
+        # Until both graphs are measured every other request tries the other one: a few requests, not eight, decide.
+        explore = self.requests % (EXPLORE_EVERY if measured else 2) == 0
         return tree if pays != explore else None
 
     def record_delivered(self, medusa: bool, tokens: int, seconds: float) -> None:

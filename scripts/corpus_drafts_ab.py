@@ -10,9 +10,9 @@ accepted draft tokens per step by source and draft rows per step, and checks eve
 ``--other-table``: one more row, speculation with another build's table for the same model (e.g. one built without
 the model's own answers), so that two tables are compared on the same graphs in one run.
 
-The rows share one process's speculation state (acceptance rates, step costs, each graph's delivered rate), as the
-requests of one server do: the row without the heads feeds the vanilla graph's delivered rate, which the rows with
-the heads then weigh when they choose a graph (`Speculation.heads_for`).
+Each row has its own speculation state (acceptance rates, step costs, each graph's delivered rate), as a process
+running only that configuration would: with one shared state the rows' drafts were chosen by their mixed acceptance
+(two tables' drafts share rate classes) and the row without the heads fed the graph choice of the others.
 
 ARTIFACT must carry a corpus-draft table (`build --corpus-drafts sharegpt`; the built-in model's default).
 """
@@ -28,6 +28,7 @@ from medusa_export.runtime.api import MedusaRuntime
 from medusa_export.runtime.corpus_drafts import CorpusTable
 from medusa_export.runtime.machine import machine_info
 from medusa_export.runtime.prompts import read_prompts
+from medusa_export.runtime.speculation import Speculation
 
 MODES = ("vanilla", "speculation, no table", "speculation + table", "drafts + table, no heads")
 
@@ -60,9 +61,11 @@ def main() -> None:
                   "context_rows": 0, "identical": 0} for m in modes}
     rt.generate(prompts[0], max_new_tokens=8)  # opens and runs both graphs once before anything is timed
     rt.generate(prompts[0], max_new_tokens=8, medusa=False)
+    states = {mode: Speculation() for mode in modes}
     for i, prompt in enumerate(prompts):
         answers = {}
         for mode in np.roll(modes, -i):
+            gen.spec = states[mode]
             gen.spec.corpus = tables.get(mode)
             gen.tree = None if mode.endswith("no heads") else heads
             r = rt.generate(prompt, max_new_tokens=args.max_new_tokens, medusa=mode != "vanilla")
