@@ -162,10 +162,11 @@ class Speculation:
     def heads_for(self, tree):
         """The heads' tree for a new request when the heads are expected to pay on this machine, else None (the
         vanilla graph, with drafts only); every ``EXPLORE_EVERY``-th request (every other one until both graphs are
-        measured) the other choice, so that both graphs stay measured. Once both graphs have run ``MIN_DELIVERED_STEPS`` greedy speculative steps, the one that
-        delivered more tokens per second decides (drafts ride on both, and the Medusa graph computes its heads on
-        every row); before that, the heads' tree alone against a plain step. Decided per request: switching graphs
-        between steps costs more than it saves (docs/speculation.md)."""
+        measured) the other choice, so that both graphs stay measured. Once both graphs have run
+        ``MIN_DELIVERED_STEPS`` greedy speculative steps, the one that delivered more tokens per second decides
+        (drafts ride on both, and the Medusa graph computes its heads on every row); before that, the heads' tree
+        alone against a plain step. Decided per request: switching graphs between steps costs more than it saves
+        (docs/speculation.md)."""
         if tree is None:
             return None
         self.requests += 1

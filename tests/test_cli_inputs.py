@@ -257,7 +257,8 @@ def test_empty_paths_are_refused_not_read_as_the_current_directory(artifact, arg
 LONG = "a" * 300  # beyond the system's file name limit: every existence check raised OSError (ENAMETOOLONG)
 
 
-@pytest.mark.parametrize("args", [("generate", LONG, "--prompt", "x"), ("generate", "ARTIFACT", "--tree", LONG, "--prompt", "x"),
+@pytest.mark.parametrize("args", [("generate", LONG, "--prompt", "x"),
+                                  ("generate", "ARTIFACT", "--tree", LONG, "--prompt", "x"),
                                   ("bench", "ARTIFACT", "--prompts", LONG), ("bench", "ARTIFACT", "--json", LONG),
                                   ("build", "--out", f"{LONG}/x")])
 def test_a_file_name_beyond_the_systems_limit_is_one_line(artifact, args):

@@ -9,16 +9,16 @@ from typing import Optional
 import typer
 
 from .app import app, cli_errors
-from .checks import path_value
+from .checks import path_argument, path_option
 
 
 @app.command()
 @cli_errors
 def bench(
-    artifact: Path = typer.Argument(..., parser=path_value, metavar="ARTIFACT", help="Artifact directory."),
+    artifact: Path = path_argument(help="Artifact directory."),
     backends: str = typer.Option("ort", help="Comma-separated: torch, ort, trt."),
-    prompts: Optional[Path] = typer.Option(None, parser=path_value, help="JSONL prompts (default: the packaged prompt set; for the "
-                                           "MT-Bench figures pass FastChat's question.jsonl)."),
+    prompts: Optional[Path] = path_option(None, help="JSONL prompts (default: the packaged prompt set; for the "
+                                          "MT-Bench figures pass FastChat's question.jsonl)."),
     limit: Optional[int] = typer.Option(None, help="Use only the first N prompts."),
     max_new_tokens: int = typer.Option(128, min=1),
     tree: Optional[str] = typer.Option(None, help="Tree to use instead of the artifact's (must fit the graph)."),
@@ -31,8 +31,8 @@ def bench(
                                       "when torch and transformers are installed)."),
     model: Optional[str] = typer.Option(None, help="The artifact's base model (directory or .gguf) for the torch "
                                         "backend and the baseline, when this machine has not loaded it before."),
-    as_json: Optional[Path] = typer.Option(None, "--json", parser=path_value, help="Write the report here."),
-    plot_file: Optional[Path] = typer.Option(None, "--plot", parser=path_value, help="Write a PNG bar chart of tokens/s here."),
+    as_json: Optional[Path] = path_option(None, "--json", help="Write the report here."),
+    plot_file: Optional[Path] = path_option(None, "--plot", help="Write a PNG bar chart of tokens/s here."),
 ) -> None:
     """Benchmark decoding speed: tokens/s, accepted length, step latency, identical outputs."""
     from .. import extras

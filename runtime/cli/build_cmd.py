@@ -12,7 +12,7 @@ from ..build_options import BuildOptions
 
 from ..manifest import ONNXRUNTIME
 from .app import app, cli_errors
-from .checks import path_value
+from .checks import path_argument, path_option
 
 _DEFAULTS = BuildOptions()
 
@@ -21,7 +21,7 @@ _DEFAULTS = BuildOptions()
 @cli_errors
 def build(
     model: Optional[str] = typer.Argument(None, help="HF model directory or .gguf file (default: built-in SmolLM2)."),
-    out: Path = typer.Option(..., "--out", "-o", parser=path_value, help="Artifact directory to write."),
+    out: Path = path_option(..., "--out", "-o", help="Artifact directory to write."),
     heads: Optional[str] = typer.Option(None, help="Medusa heads (default: shipped heads for the default model, "
                                         "else fresh untrained heads); 'fresh' forces untrained heads."),
     tree: Optional[str] = typer.Option(None, help="Tree preset or JSON file (default: the heads' calibrated tree, "
@@ -30,9 +30,9 @@ def build(
                               "only, activations and KV cache stay fp32)."),
     max_seq: int = typer.Option(_DEFAULTS.max_seq, help="KV capacity (prompt + generated tokens)."),
     engine: str = typer.Option(_DEFAULTS.engine, help="onnx | trt | all (trt needs TensorRT and a CUDA GPU)."),
-    quality_prompts: Optional[Path] = typer.Option(None, parser=path_value, help="int8/int4: JSONL prompts to measure top-1 agreement "
-                                                   "and perplexity change against fp32 on (default: 10 of the "
-                                                   "packaged prompts)."),
+    quality_prompts: Optional[Path] = path_option(None, help="int8/int4: JSONL prompts to measure top-1 agreement "
+                                                  "and perplexity change against fp32 on (default: 10 of the "
+                                                  "packaged prompts)."),
     graph: Optional[str] = typer.Option(None, help="onnxruntime (fused operators, ONNX Runtime only; the default "
                                         "with --engine onnx) | portable (standard operators, also for TensorRT; "
                                         "the default with --engine trt|all)."),
@@ -84,7 +84,7 @@ def build(
 @app.command("build-engines")
 @cli_errors
 def build_engines(
-    artifact: Path = typer.Argument(..., parser=path_value, metavar="ARTIFACT", help="Artifact directory with portable graphs (build --engine trt|all)."),
+    artifact: Path = path_argument(help="Artifact directory with portable graphs (build --engine trt|all)."),
     workspace_gib: Optional[float] = typer.Option(None, help="Builder workspace limit in GiB."),
     max_prompt: Optional[int] = typer.Option(None, help="Largest prefill chunk (default max_seq // 2)."),
     opt_prompt: Optional[int] = typer.Option(None, help="Prefill length to tune for (default 128)."),
@@ -92,7 +92,7 @@ def build_engines(
     allow_tf32: bool = typer.Option(False, "--allow-tf32", help="fp32 graphs: allow TF32 matmuls."),
     weakly_typed: bool = typer.Option(False, "--weakly-typed", help="TensorRT 10: weak typing + BuilderFlag.FP16/BF16."),
     optimization_level: Optional[int] = typer.Option(None, help="Builder optimization level 0-5."),
-    timing_cache: Optional[Path] = typer.Option(None, parser=path_value, help="Timing cache file (reused across builds)."),
+    timing_cache: Optional[Path] = path_option(None, help="Timing cache file (reused across builds)."),
     max_num_seqs: int = typer.Option(_DEFAULTS.max_num_seqs, min=1, max=64, help="Sequences one batched step takes "
                                      "(the vanilla engine's batch profile; 1: none)."),
 ) -> None:
@@ -108,15 +108,15 @@ def build_engines(
 @app.command()
 @cli_errors
 def verify(
-    artifact: Path = typer.Argument(..., parser=path_value, metavar="ARTIFACT", help="Artifact directory."),
+    artifact: Path = path_argument(help="Artifact directory."),
     backends: str = typer.Option("torch,ort", help="Comma-separated; the first is the reference (torch: PyTorch)."),
     model: Optional[str] = typer.Option(None, help="The artifact's base model (directory or .gguf) for the PyTorch "
                                         "reference, when this machine has not loaded it before."),
-    prompts: Optional[Path] = typer.Option(None, parser=path_value, help="JSONL prompts (default: the packaged prompt set)."),
+    prompts: Optional[Path] = path_option(None, help="JSONL prompts (default: the packaged prompt set)."),
     limit: int = typer.Option(5, help="Number of prompts."),
     max_new_tokens: int = typer.Option(48),
     tolerance: Optional[float] = typer.Option(None, help="Max probability error (default 1e-3 fp32, 2e-2 fp16)."),
-    as_json: Optional[Path] = typer.Option(None, "--json", parser=path_value, help="Write the full report here."),
+    as_json: Optional[Path] = path_option(None, "--json", help="Write the full report here."),
 ) -> None:
     """Compare backends on real prompts: identical greedy tokens, top-1 agreement, probability error.
     Checks every artifact file's sha256 first (loading checks only sizes)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -49,3 +50,13 @@ def path_value(value) -> Path:
     if not str(value).strip():
         raise typer.BadParameter("an empty path (nothing, or only spaces): give the name of a file or directory")
     return Path(value)
+
+
+def path_option(default: Any, *names: str, help: str) -> Any:
+    """A typer option that holds a path, read by `path_value`."""
+    return typer.Option(default, *names, parser=path_value, help=help)
+
+
+def path_argument(help: str) -> Any:
+    """The required ARTIFACT argument, read by `path_value`."""
+    return typer.Argument(..., parser=path_value, metavar="ARTIFACT", help=help)

