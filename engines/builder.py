@@ -23,6 +23,7 @@ from medusa_export.runtime.errors import MedusaExportError
 from medusa_export.runtime.backends.trt_compat import require_portable
 from medusa_export.runtime.backends.base import ModelDims
 from medusa_export.runtime.manifest import BuilderFlags, EngineRecord, Manifest, file_record
+from medusa_export.runtime.whole_file import write_whole
 
 from medusa_export.runtime.backends import trt_availability as availability
 
@@ -59,14 +60,7 @@ def default_timing_cache(tensorrt_version: str, device: availability.Device) -> 
 
 def _atomic_write(path: Path, data) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    write_whole(path, lambda f: f.write(data))
 
 
 def _make_logger(trt, log: Callable[[str], None], verbose: bool = False):

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from medusa_export.runtime.errors import InputError
 from medusa_export.runtime.manifest import MANIFEST, listed_files
+from medusa_export.runtime.whole_file import write_whole
 
 
 def check_out_dir(out: Path) -> None:
@@ -100,13 +101,7 @@ def check_out_file(path: Path, flag: str, make_parents: bool = False) -> None:
 def write_report(path: Path, text: str) -> None:
     """Replace the file at ``path`` whole (a reader, or a run stopped mid-write, never sees half a report); through
     a symbolic link, its target is replaced, not the link."""
-    target = path.resolve() if path.is_symlink() else path
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_whole(path.resolve() if path.is_symlink() else path, lambda f: f.write(text.encode()))
 
 
 # What train-heads writes (exporter/heads.py HEADS_FORMAT, exporter/training/checkpoint.py FILE; no torch here).

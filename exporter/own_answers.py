@@ -14,13 +14,13 @@ beyond 65,536: every answer, one after another, its end-of-sequence token includ
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 
 from medusa_export.runtime.errors import InputError
 from medusa_export.runtime.npz_arrays import read_arrays
+from medusa_export.runtime.whole_file import write_whole
 
 FILE = "answers.npz"
 # How many times one of the model's answers counts against one ShareGPT turn. Simulated on the default model's
@@ -30,17 +30,11 @@ WEIGHT = 1000
 
 
 def save_answers(path: str | Path, answers: list[np.ndarray]) -> None:
-    """Write ``answers`` (token id arrays) whole: to a temporary name, then renamed over ``path``."""
-    path = Path(path)
+    """Write ``answers`` (token id arrays) whole (`write_whole`)."""
     tokens = np.concatenate([np.asarray(a, np.int64) for a in answers]) if answers else np.zeros(0, np.int64)
     dtype = np.uint16 if not len(tokens) or int(tokens.max()) < 1 << 16 else np.uint32
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            np.savez(f, tokens=tokens.astype(dtype), lengths=np.asarray([len(a) for a in answers], np.int64))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    lengths = np.asarray([len(a) for a in answers], np.int64)
+    write_whole(Path(path), lambda f: np.savez(f, tokens=tokens.astype(dtype), lengths=lengths))
 
 
 def load_answers(path: str | Path, vocab_size: int) -> list[np.ndarray]:

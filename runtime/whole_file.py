@@ -1,0 +1,22 @@
+"""Writing a file whole: into a temporary name beside it, then renamed over it, so that a reader (or a run stopped
+mid-write) sees the old file or the new one, never half of one.
+
+    write_whole(path, lambda f: f.write(data))           # bytes
+    write_whole(path, lambda f: np.savez(f, **arrays))   # anything that writes to a binary file
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import BinaryIO, Callable
+
+
+def write_whole(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
