@@ -13,7 +13,8 @@ Variants (`without_extra_row`, `without_rotation`; both where the graph has both
   expects the turn, so the numbers are wrong.
 
 The variants time what such a graph would cost; they never decode anything. Only one-sequence graphs with one
-path and no padded matmul rows (fp32, fp16, int8; not int4 graphs built with ``min_rows`` 2).
+path and no padded matmul rows (fp32, fp16, int8; not int4 graphs built with ``min_rows`` 2). Each variant is held
+in memory with its weights (protobuf's 2 GB limit: models up to about 500 M parameters in fp32).
 """
 
 from __future__ import annotations
@@ -26,10 +27,12 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from medusa_export.runtime import io_table
 from medusa_export.runtime.machine import machine_info
 from medusa_export.runtime.manifest import Manifest
 
 ROTATION_IN, ROTATION_OUT = "/rotation_in", "/rotation_out"
+WARMUP = 5  # steps of each run not counted: they warm the caches
 
 
 def _rewire(graph: onnx.GraphProto, old: str, new: str) -> None:
@@ -116,14 +119,15 @@ class BareLoop:
         d = manifest.dims
         rng = np.random.default_rng(0)
         shape = (1, d.num_kv_heads, manifest.max_seq, d.head_dim)  # values only need to be finite
-        self.kv = [(0.3 * rng.standard_normal(shape)).astype(np.float32) for _ in range(2 * d.num_layers)]
+        dtype = io_table.model_dtype_of(d.dtype)  # the KV cache's (fp16 graphs keep it in fp16)
+        self.kv = [(0.3 * rng.standard_normal(shape)).astype(dtype) for _ in range(2 * d.num_layers)]
         self.binding = b = self.session.io_binding()
         names = {i.name for i in self.session.get_inputs()}
         for k, buf in enumerate(self.kv):
             layer, kind = divmod(k, 2)
             suffix = f"{layer}.{('key', 'value')[kind]}"
-            b.bind_input(f"past_key_values.{suffix}", "cpu", 0, np.float32, list(shape), buf.ctypes.data)
-            b.bind_output(f"present.{suffix}", "cpu", 0, np.float32, list(shape), buf.ctypes.data)
+            b.bind_input(f"past_key_values.{suffix}", "cpu", 0, dtype, list(shape), buf.ctypes.data)
+            b.bind_output(f"present.{suffix}", "cpu", 0, dtype, list(shape), buf.ctypes.data)
         b.bind_cpu_input("temperature", np.ones(1, np.float32))
         if "output_rows" in names:
             b.bind_cpu_input("output_rows", np.zeros(1, np.int64))
@@ -148,11 +152,13 @@ class BareLoop:
             out = self.step(token, past + k)
             times.append(time.perf_counter() - t0)
             token = int(out["next_token_ids"].reshape(-1)[0])
-        return float(np.median(times[5:])) * 1e3  # the first steps warm the caches
+        return float(np.median(times[WARMUP:])) * 1e3
 
 
 def measure(artifact: Path, pasts: list[int], steps: int, repeats: int, threads: int) -> dict:
     manifest = Manifest.read(artifact)
+    if steps <= WARMUP:
+        raise SystemExit(f"--steps must be more than the {WARMUP} warm-up steps, got {steps}")
     if max(pasts) + steps >= manifest.max_seq:
         raise SystemExit(f"--past {max(pasts)} + {steps} steps do not fit the artifact's {manifest.max_seq} tokens")
     loops = {name: BareLoop(graph, manifest, threads)

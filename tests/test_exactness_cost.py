@@ -56,9 +56,9 @@ def test_without_the_extra_row_attention_reads_the_steps_own_rows(cost, artifact
     before, after = _ops(graphs["as built"]), _ops(graphs["without extra row"])
     layers = manifest.dims.num_layers
     assert sum(n.op_type == "GroupQueryAttention" for n in after) == layers
-    # per layer the row's Slice and Concat before attention and the Slice after it; the shared padded positions
-    # and mask went with them
-    assert len(before) - len(after) >= 3 * layers + 2
+    # per layer the row's Slice and Concat before attention and the Slice after it; shared by the layers, the
+    # padded positions (a Slice and a Concat) and the padded mask (seven nodes) went with them
+    assert len(before) - len(after) == 3 * layers + 9
     assert not [n.name for n in after if "padded" in n.name or n.name.endswith("/attention_rows")]
     producers = {o: n for n in after for o in n.output}
     for gqa in (n for n in after if n.op_type == "GroupQueryAttention"):
