@@ -71,8 +71,8 @@ class ServerMetrics:
                              registry=r)
         self.batch = Histogram(P + "step_batch_size", "Requests one engine step decoded together.", lab, registry=r,
                                buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64))
-        self.speculative = Counter(P + "speculative_steps", "Engine steps that verified a Medusa tree (a request "
-                                   "running alone).", lab, registry=r)
+        self.speculative = Counter(P + "speculative_steps", "Engine steps that verified drafts (the heads' tree or "
+                                   "context and corpus drafts), batched steps included.", lab, registry=r)
 
     def step(self, batch: int = 1, speculative: bool = False) -> None:
         lab = self.labels
