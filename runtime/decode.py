@@ -211,7 +211,12 @@ def plan(cursor: Cursor, tree: Tree | None, spec: Speculation, room: int, max_pa
             options.append((heads_tokens + gain, tree.num_nodes + n - k, n, True))
     most = max(rows for _, rows, _, _ in options)
     t = spec.alone_table(tree is not None, most).tolist()
-    tokens, rows, n, use_heads = max(options, key=lambda o: o[0] / t[o[1]])
+    best = max(options, key=lambda o: o[0] / t[o[1]])
+    if heads is not None:  # this step without the heads, on the vanilla graph: what `Speculation.heads_for` weighs
+        t_vanilla = spec.alone_table(False, most).tolist()
+        alone = max((o for o in options if not o[3]), key=lambda o: o[0] / t_vanilla[o[1]])
+        spec.record_paired(best[0], t[best[1]], alone[0], t_vanilla[alone[1]])
+    tokens, rows, n, use_heads = best
     if use_heads:
         return heads.with_draft(draft.tokens[:n], draft.rate_kind) if n else heads
     if heads is not None and cursor.shadow is None:
@@ -228,7 +233,6 @@ def step(session: Session, cursor: Cursor, tree: Tree | None, cfg: GenerationCon
         return None
     # Sampling: the heads' whole tree at every step (typical acceptance draws from the rng per verified tree), so a
     # seed gives one answer whatever this process has measured.
-    t_plan = time.perf_counter()
     p = plan(cursor, tree, spec, room, max_paths, whole_tree or cfg.temperature > 0)
     t0 = time.perf_counter()
     out = session.run(p.tokens, session.length + p.depth, p.mask, tree is not None, _temp(cfg))
@@ -237,10 +241,7 @@ def step(session: Session, cursor: Cursor, tree: Tree | None, cfg: GenerationCon
     seconds = time.perf_counter() - t0
     spec.alone_cost[tree is not None].record(p.num_nodes, seconds)
     stats.last_rows = p.num_nodes
-    new = finish_step(cursor, p, acc_nodes, out, cfg, stats, spec, seconds)
-    if cfg.medusa and cfg.temperature <= 0:  # what `Speculation.heads_for` weighs the two graphs by
-        spec.record_delivered(tree is not None, len(new), time.perf_counter() - t_plan)
-    return new
+    return finish_step(cursor, p, acc_nodes, out, cfg, stats, spec, seconds)
 
 
 def accept(p: StepTree, out, cfg: GenerationConfig) -> np.ndarray:

@@ -39,8 +39,8 @@ PRIOR_WEIGHT = 10.0  # the priors count as this many observations
 PRIOR_ROW_SHARE = 0.06  # one more row, as a share of a one-row step
 EXPLORE_EVERY = 8  # requests: one in eight runs the heads whatever they are expected to give
 PRIOR_HEADS_NODE = 0.3  # a heads' node at depth d: accepted 0.3 ** d of the time (the shipped heads' first: ~0.3)
-DELIVERED_DECAY = 0.995  # per step of a graph: its delivered rate follows its last few hundred steps
-MIN_DELIVERED_STEPS = 64  # greedy speculative steps each graph needs before delivered rates decide
+PAIRED_DECAY = 0.995  # per step: the two graphs' expected rates follow the last few hundred Medusa-graph steps
+MIN_PAIRED_STEPS = 64  # Medusa-graph steps weighed both ways before they decide which graph runs a request
 
 
 class AcceptanceRates:
@@ -146,9 +146,9 @@ class Speculation:
         self.node_hits: np.ndarray | None = None  # per node of the heads' tree: times accepted
         self.heads_steps = 0.0  # steps that verified the heads' tree
         self.corpus: CorpusTable | None = None  # the artifact's corpus-draft table, if it has one
-        # Per graph (Medusa: True), tokens and seconds of greedy speculative one-sequence steps, decayed (what each
-        # delivered with whatever drafts rode along), and the number of such steps.
-        self.delivered = {True: [0.0, 0.0, 0], False: [0.0, 0.0, 0]}
+        # The same steps weighed on both graphs (`record_paired`), decayed: expected tokens and seconds of each
+        # Medusa-graph step's plan, of the best drafts-only plan for it on the vanilla graph, and their number.
+        self.paired = [0.0, 0.0, 0.0, 0.0, 0]
 
     def propose(self, context: ContextIndex, max_tokens: int) -> Draft | None:
         """The draft a sequence's step should weigh: the context's (prompt lookup) or the corpus table's, whichever
@@ -162,17 +162,17 @@ class Speculation:
     def heads_for(self, tree):
         """The heads' tree for a new request when the heads are expected to pay on this machine, else None (the
         vanilla graph, with drafts only); every ``EXPLORE_EVERY``-th request (every other one until both graphs are
-        measured) the other choice, so that both graphs stay measured. Once both graphs have run
-        ``MIN_DELIVERED_STEPS`` greedy speculative steps, the one that delivered more tokens per second decides
-        (drafts ride on both, and the Medusa graph computes its heads on every row); before that, the heads' tree
-        alone against a plain step. Decided per request: switching graphs between steps costs more than it saves
-        (docs/speculation.md)."""
+        measured) the other choice, so that both graphs stay measured. Once ``MIN_PAIRED_STEPS`` Medusa-graph steps
+        were weighed both ways and the vanilla graph's step cost is measured, the expected tokens per second of the
+        same steps on each graph decide (drafts ride on both, and the Medusa graph computes its heads on every row);
+        before that, the heads' tree alone against a plain step. The same steps, not each graph's own requests:
+        one answer draws several times as many tokens per step as another, which would swamp the difference.
+        Decided per request: switching graphs between steps costs more than it saves (docs/speculation.md)."""
         if tree is None:
             return None
         self.requests += 1
-        (medusa_tokens, medusa_s, medusa_steps), (vanilla_tokens, vanilla_s, vanilla_steps) = \
-            self.delivered[True], self.delivered[False]
-        measured = min(medusa_steps, vanilla_steps) >= MIN_DELIVERED_STEPS
+        medusa_tokens, medusa_s, vanilla_tokens, vanilla_s, steps = self.paired
+        measured = steps >= MIN_PAIRED_STEPS and self.alone_cost[False].measured
         if measured:
             pays = medusa_tokens / medusa_s >= vanilla_tokens / vanilla_s
         else:
@@ -182,14 +182,14 @@ class Speculation:
         explore = self.requests % (EXPLORE_EVERY if measured else 2) == 0
         return tree if pays != explore else None
 
-    def record_delivered(self, medusa: bool, tokens: int, seconds: float) -> None:
-        """A greedy speculative one-sequence step on the Medusa (or vanilla) graph made ``tokens`` in ``seconds``
-        (planning included)."""
+    def record_paired(self, medusa_tokens: float, medusa_s: float, vanilla_tokens: float, vanilla_s: float) -> None:
+        """A greedy step on the Medusa graph, weighed both ways: its plan's expected tokens and seconds there, and
+        those of the best plan without the heads on the vanilla graph (`decode.plan`)."""
         with self.lock:
-            d = self.delivered[medusa]
-            d[0] = d[0] * DELIVERED_DECAY + tokens
-            d[1] = d[1] * DELIVERED_DECAY + seconds
-            d[2] += 1
+            p = self.paired
+            for k, value in enumerate((medusa_tokens, medusa_s, vanilla_tokens, vanilla_s)):
+                p[k] = p[k] * PAIRED_DECAY + value
+            p[4] += 1
 
     def alone_table(self, medusa: bool, upto: int) -> np.ndarray:
         """[upto + 1] estimated seconds of a one-sequence step by rows on the Medusa (or vanilla) graph. A graph not

@@ -10,7 +10,7 @@ accepted draft tokens per step by source and draft rows per step, and checks eve
 ``--other-table``: one more row, speculation with another build's table for the same model (e.g. one built without
 the model's own answers), so that two tables are compared on the same graphs in one run.
 
-Each row has its own speculation state (acceptance rates, step costs, each graph's delivered rate), as a process
+Each row has its own speculation state (acceptance rates, step costs, the two graphs' weighed steps), as a process
 running only that configuration would: with one shared state the rows' drafts were chosen by their mixed acceptance
 (two tables' drafts share rate classes) and the row without the heads fed the graph choice of the others.
 

@@ -218,7 +218,7 @@ def test_an_unmeasured_graph_borrows_the_other_graphs_step_cost():
     for _ in range(5):
         spec.alone_cost[True].record(3, 0.030)  # measured: the heads' steps cost 3x a plain one here
     assert spec.alone_table(True, 3)[3] == pytest.approx(0.030)
-    # Not worth it by the measured costs, but until both graphs have delivered steps every other request tries them
+    # Not worth it by the measured costs, but until steps were weighed on both graphs every other request tries them
     assert [spec.heads_for(tree) is tree for _ in range(4)] == [True, False, True, False]
 
 
@@ -240,28 +240,52 @@ def test_a_backend_that_takes_only_the_whole_tree_gets_exactly_the_heads_tree():
     assert whole.num_nodes == tree.num_nodes and whole.tokens.tolist() == [3, 0, 10] and not whole.draft
 
 
-def test_once_both_graphs_ran_the_one_that_delivered_more_runs_the_requests():
-    """With drafts riding on both graphs, the heads' tree alone says little: the measured tokens per second of each
-    graph's greedy speculative steps decide, however short the steps, and the other graph still runs every
-    EXPLORE_EVERY-th request, whichever won."""
-    from medusa_export.runtime.speculation import EXPLORE_EVERY, MIN_DELIVERED_STEPS, Speculation
+def test_once_the_same_steps_were_weighed_on_both_graphs_the_faster_one_runs_the_requests():
+    """With drafts riding on both graphs, the heads' tree alone says little: the expected tokens per second of the
+    same steps on each graph decide, and the other graph still runs every EXPLORE_EVERY-th request, whichever won."""
+    from medusa_export.runtime.speculation import EXPLORE_EVERY, MIN_PAIRED_STEPS, Speculation
 
     tree = Tree.from_choices([[0], [0, 0]], topk=4)
     spec = Speculation()
     for _ in range(5):
-        spec.alone_cost[False].record(1, 0.004)
         spec.alone_cost[True].record(3, 0.0044)  # by the prior rule the heads pay
+    for _ in range(MIN_PAIRED_STEPS):  # the heads add nothing the drafts do not, and their graph is slower
+        spec.record_paired(1.2, 0.0044, 1.2, 0.0040)
     spec.requests = 2  # not an exploring request next
-    assert spec.heads_for(tree) is tree
+    assert spec.heads_for(tree) is tree  # the vanilla graph's cost is not measured yet: the prior rule decides
 
     def decisions() -> tuple[int, int]:
         made = [spec.heads_for(tree) for _ in range(EXPLORE_EVERY)]
         return sum(d is tree for d in made), sum(d is None for d in made)
 
-    for _ in range(MIN_DELIVERED_STEPS):  # 4 ms steps: fast ones count as soon as slow ones
-        spec.record_delivered(True, 1, 0.004)  # the Medusa graph: 250 tokens/s
-        spec.record_delivered(False, 2, 0.004)  # drafts on the vanilla graph: 500 tokens/s
+    for _ in range(5):
+        spec.alone_cost[False].record(1, 0.004)
     assert decisions() == (1, EXPLORE_EVERY - 1)
-    for _ in range(8 * MIN_DELIVERED_STEPS):
-        spec.record_delivered(True, 3, 0.004)  # the heads now deliver more: vanilla is still tried in turn
+    for _ in range(8 * MIN_PAIRED_STEPS):
+        spec.record_paired(2.0, 0.0044, 1.2, 0.0040)  # the heads now add 0.8 tokens a step: vanilla still tried
     assert decisions() == (EXPLORE_EVERY - 1, 1)
+
+
+def test_a_step_on_the_medusa_graph_is_weighed_on_both_graphs():
+    """`plan` on the Medusa graph records its own plan by that graph's step costs and the best plan without the
+    heads by the vanilla graph's; a step on the vanilla graph records nothing."""
+    from medusa_export.runtime.decode import Cursor, plan
+    from medusa_export.runtime.speculation import Speculation
+
+    tree = Tree.from_choices([[0], [0, 0]], topk=4)
+    heads = np.arange(40, dtype=np.int64).reshape(4, 10)
+    spec = Speculation()
+    for rows, seconds in ((1, 0.012), (3, 0.013), (5, 0.014)):
+        spec.alone_cost[True].record(rows, seconds)
+    spec.alone_cost[False].record(1, 0.010)
+    cursor = Cursor(3, heads, np.random.default_rng(0), ContextIndex([1, 2, 3, 9, 1, 2, 3]))  # a draft [9, 1, 2, 3]
+    chosen = plan(cursor, tree, spec, room=100, max_paths=None)
+    medusa_tokens, medusa_s, vanilla_tokens, vanilla_s, steps = spec.paired
+    assert steps == 1 and medusa_tokens >= 1 and vanilla_tokens >= 1
+    assert medusa_s == pytest.approx(spec.alone_table(True, chosen.num_nodes)[chosen.num_nodes])
+    vanilla = spec.alone_table(False, 5).tolist()
+    assert any(vanilla_s == pytest.approx(t) for t in vanilla[1:])
+    assert vanilla_tokens / vanilla_s >= 1 / vanilla[1]  # at least the root alone, the vanilla graph's plain step
+    plan(Cursor(3, None, np.random.default_rng(0), ContextIndex([1, 2, 3, 9, 1, 2, 3])), None, spec, room=100,
+         max_paths=None)
+    assert spec.paired[4] == 1
