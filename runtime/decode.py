@@ -188,8 +188,8 @@ def plan(cursor: Cursor, tree: Tree | None, spec: Speculation, room: int, max_pa
     root = StepTree.chain(cursor.root, [])
     heads = StepTree.heads(tree, candidates(tree, cursor.root, cursor.heads)) if (
         tree is not None and cursor.heads is not None and tree.num_nodes <= room) else None
-    if whole_tree and heads is not None:
-        return heads
+    if whole_tree and heads is not None and cursor.context is None:
+        return heads  # sampling, or no drafts to weigh against it
     draft = spec.propose(cursor.context, min(DEFAULT_MAX_DRAFT, room - 1)) if cursor.context is not None else None
     if heads is None and draft is None:
         return root  # nothing to weigh (vanilla decoding, or no draft this step)
@@ -203,7 +203,7 @@ def plan(cursor: Cursor, tree: Tree | None, spec: Speculation, room: int, max_pa
         heads_tokens = sum(p_node)
         walked = heads.shared(draft.tokens) if draft else []
         paths = heads.num_paths + (0 if walked and heads.is_leaf(walked[-1]) else 1)  # once the draft leaves the tree
-        for n in range(len(q) + 1):
+        for n in range(1 if whole_tree else len(q) + 1):  # a whole-tree backend verifies the heads' tree alone
             k = min(n, len(walked))
             if n > k and (max_paths is not None and paths > max_paths or tree.num_nodes + n - k > room):
                 break
@@ -211,17 +211,26 @@ def plan(cursor: Cursor, tree: Tree | None, spec: Speculation, room: int, max_pa
             options.append((heads_tokens + gain, tree.num_nodes + n - k, n, True))
     most = max(rows for _, rows, _, _ in options)
     t = spec.alone_table(tree is not None, most).tolist()
-    best = max(options, key=lambda o: o[0] / t[o[1]])
-    if heads is not None:  # this step without the heads, on the vanilla graph: what `Speculation.heads_for` weighs
-        t_vanilla = spec.alone_table(False, most).tolist()
-        alone = max((o for o in options if not o[3]), key=lambda o: o[0] / t_vanilla[o[1]])
-        spec.record_paired(best[0], t[best[1]], alone[0], t_vanilla[alone[1]])
+    best = options[-1] if whole_tree and heads is not None else max(options, key=lambda o: o[0] / t[o[1]])
+    if heads is not None and cursor.context is not None:
+        weigh_both_graphs(spec, options, best, t)
     tokens, rows, n, use_heads = best
     if use_heads:
         return heads.with_draft(draft.tokens[:n], draft.rate_kind) if n else heads
     if heads is not None and cursor.shadow is None:
         cursor.shadow = (heads, [])  # scored against the tokens that follow, so the heads' rates stay measured
     return StepTree.chain(cursor.root, draft.tokens[:n], draft.rate_kind) if n else root
+
+
+def weigh_both_graphs(spec: Speculation, options: list[tuple], best: tuple, t: list[float]) -> None:
+    """A Medusa-graph step's plan ``best`` (by this graph's step costs ``t``) next to the best of its ``options``
+    without the heads by the vanilla graph's step costs: what `Speculation.heads_for` weighs. Only once the vanilla
+    graph's cost is measured: borrowed from the Medusa graph, it would make the heads win by construction."""
+    if not spec.alone_cost[False].measured:
+        return
+    t_vanilla = spec.alone_table(False, len(t) - 1).tolist()
+    alone = max((o for o in options if not o[3]), key=lambda o: o[0] / t_vanilla[o[1]])
+    spec.record_paired(best[0], t[best[1]], alone[0], t_vanilla[alone[1]])
 
 
 def step(session: Session, cursor: Cursor, tree: Tree | None, cfg: GenerationConfig, stats: DecodeStats,

@@ -170,11 +170,12 @@ class Speculation:
         Decided per request: switching graphs between steps costs more than it saves (docs/speculation.md)."""
         if tree is None:
             return None
-        self.requests += 1
-        medusa_tokens, medusa_s, vanilla_tokens, vanilla_s, steps = self.paired
+        with self.lock:  # a whole record, not one half-updated by a step on another thread
+            self.requests += 1
+            medusa_tokens, medusa_s, vanilla_tokens, vanilla_s, steps = self.paired
         measured = steps >= MIN_PAIRED_STEPS and self.alone_cost[False].measured
-        if measured:
-            pays = medusa_tokens / medusa_s >= vanilla_tokens / vanilla_s
+        if measured:  # tokens per second on each graph, compared without dividing
+            pays = medusa_tokens * vanilla_s >= vanilla_tokens * medusa_s
         else:
             n = tree.num_nodes
             pays = self.node_rates(tree).sum() / self.alone_table(True, n)[n] >= 1 / self.alone_table(False, 1)[1]

@@ -249,17 +249,22 @@ def test_once_the_same_steps_were_weighed_on_both_graphs_the_faster_one_runs_the
     spec = Speculation()
     for _ in range(5):
         spec.alone_cost[True].record(3, 0.0044)  # by the prior rule the heads pay
-    for _ in range(MIN_PAIRED_STEPS):  # the heads add nothing the drafts do not, and their graph is slower
+    for _ in range(MIN_PAIRED_STEPS - 1):  # the heads add nothing the drafts do not, and their graph is slower
         spec.record_paired(1.2, 0.0044, 1.2, 0.0040)
+    for _ in range(5):
+        spec.alone_cost[False].record(1, 0.004)
     spec.requests = 2  # not an exploring request next
-    assert spec.heads_for(tree) is tree  # the vanilla graph's cost is not measured yet: the prior rule decides
+    assert spec.heads_for(tree) is tree  # one step short of MIN_PAIRED_STEPS: the prior rule decides
+    spec.record_paired(1.2, 0.0044, 1.2, 0.0040)
+    spec.alone_cost[False].count[:] = 0  # as if the vanilla graph had never run
+    spec.requests = 2
+    assert spec.heads_for(tree) is tree  # its cost not measured: the prior rule decides
 
     def decisions() -> tuple[int, int]:
         made = [spec.heads_for(tree) for _ in range(EXPLORE_EVERY)]
         return sum(d is tree for d in made), sum(d is None for d in made)
 
-    for _ in range(5):
-        spec.alone_cost[False].record(1, 0.004)
+    spec.alone_cost[False].record(1, 0.004)
     assert decisions() == (1, EXPLORE_EVERY - 1)
     for _ in range(8 * MIN_PAIRED_STEPS):
         spec.record_paired(2.0, 0.0044, 1.2, 0.0040)  # the heads now add 0.8 tokens a step: vanilla still tried
@@ -268,24 +273,38 @@ def test_once_the_same_steps_were_weighed_on_both_graphs_the_faster_one_runs_the
 
 def test_a_step_on_the_medusa_graph_is_weighed_on_both_graphs():
     """`plan` on the Medusa graph records its own plan by that graph's step costs and the best plan without the
-    heads by the vanilla graph's; a step on the vanilla graph records nothing."""
+    heads by the vanilla graph's, whole-tree backends included; nothing while the vanilla graph's cost is only
+    borrowed, for a request without drafts, or for a step on the vanilla graph."""
     from medusa_export.runtime.decode import Cursor, plan
     from medusa_export.runtime.speculation import Speculation
 
     tree = Tree.from_choices([[0], [0, 0]], topk=4)
     heads = np.arange(40, dtype=np.int64).reshape(4, 10)
+    seen = [1, 2, 3, 9, 1, 2, 3]  # "1 2 3" seen before: a draft [9, 1, 2, 3]
     spec = Speculation()
     for rows, seconds in ((1, 0.012), (3, 0.013), (5, 0.014)):
         spec.alone_cost[True].record(rows, seconds)
+
+    def cursor(context=True, with_heads=True):
+        return Cursor(3, heads if with_heads else None, np.random.default_rng(0),
+                      ContextIndex(seen) if context else None)
+
+    plan(cursor(), tree, spec, room=100, max_paths=None)
+    assert spec.paired[4] == 0  # the vanilla graph's cost is not measured yet
     spec.alone_cost[False].record(1, 0.010)
-    cursor = Cursor(3, heads, np.random.default_rng(0), ContextIndex([1, 2, 3, 9, 1, 2, 3]))  # a draft [9, 1, 2, 3]
-    chosen = plan(cursor, tree, spec, room=100, max_paths=None)
+    chosen = plan(cursor(), tree, spec, room=100, max_paths=None)
     medusa_tokens, medusa_s, vanilla_tokens, vanilla_s, steps = spec.paired
-    assert steps == 1 and medusa_tokens >= 1 and vanilla_tokens >= 1
+    assert steps == 1 and medusa_tokens >= 1
     assert medusa_s == pytest.approx(spec.alone_table(True, chosen.num_nodes)[chosen.num_nodes])
-    vanilla = spec.alone_table(False, 5).tolist()
-    assert any(vanilla_s == pytest.approx(t) for t in vanilla[1:])
-    assert vanilla_tokens / vanilla_s >= 1 / vanilla[1]  # at least the root alone, the vanilla graph's plain step
-    plan(Cursor(3, None, np.random.default_rng(0), ContextIndex([1, 2, 3, 9, 1, 2, 3])), None, spec, room=100,
-         max_paths=None)
-    assert spec.paired[4] == 1
+    draft = spec.propose(ContextIndex(seen), 8)
+    q = spec.rates.cumulative(draft.rate_kind, len(draft.tokens))
+    vanilla = spec.alone_table(False, 8).tolist()
+    best = max(((1 + sum(q[:n]), vanilla[n + 1]) for n in range(len(q) + 1)), key=lambda o: o[0] / o[1])
+    assert (vanilla_tokens, vanilla_s) == pytest.approx(best)  # the best chain of the drafts, by the vanilla graph's
+    whole = plan(cursor(), tree, spec, room=100, max_paths=None, whole_tree=True)
+    assert whole.num_nodes == tree.num_nodes and spec.paired[4] == 2  # weighed as the whole tree it verifies
+    assert spec.paired[1] - medusa_s * 0.995 == pytest.approx(spec.alone_table(True, 3)[3])
+    plan(cursor(context=False), tree, spec, room=100, max_paths=None)  # no drafts: nothing to weigh against
+    plan(cursor(with_heads=False), tree, spec, room=100, max_paths=None)  # no heads' guesses this step
+    plan(cursor(), None, spec, room=100, max_paths=None)  # the vanilla graph
+    assert spec.paired[4] == 2
