@@ -91,12 +91,13 @@ def without_rotation(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def variants(model_path: Path) -> dict[str, bytes]:
-    """The graph as built and each variant that applies to it, serialized (weights included)."""
+    """The graph as built and each variant that applies to it, serialized (weights included). The weights file is
+    read once; each variant edits a fresh copy parsed from the graph as built."""
     out = {"as built": onnx.load(str(model_path)).SerializeToString()}
     edits = {"without extra row": [without_extra_row], "without rotation": [without_rotation],
              "without either": [without_extra_row, without_rotation]}
     for name, fns in edits.items():
-        model = onnx.load(str(model_path))
+        model = onnx.load_from_string(out["as built"])
         try:
             for fn in fns:
                 model = fn(model)
