@@ -226,6 +226,7 @@ def _gguf_to_cached_dir(gguf: Path) -> Path:
     """Dequantise once with transformers and keep the result as a plain HF directory."""
     out = cache_root() / "models" / _file_fingerprint(gguf)
     if (out / "complete").exists():
+        normalize_byte_level_tokenizer(out / "tokenizer.json")  # a directory an older conversion left
         return out
     import torch
     from safetensors.torch import save_model
@@ -251,6 +252,7 @@ def _gguf_to_cached_dir(gguf: Path) -> Path:
     model.config.architectures = model.config.architectures or [type(model).__name__]
     model.config.to_json_file(tmp / "config.json")
     tok.save_pretrained(tmp)
+    normalize_byte_level_tokenizer(tmp / "tokenizer.json")
     (tmp / "complete").write_text("ok\n")
     if out.exists():
         import shutil
@@ -258,3 +260,28 @@ def _gguf_to_cached_dir(gguf: Path) -> Path:
         shutil.rmtree(out)
     tmp.rename(out)
     return out
+
+
+def normalize_byte_level_tokenizer(path: Path) -> bool:
+    """Make a byte-level BPE tokenizer converted from GGUF what the model's own tokenizer.json is: no unknown token,
+    no byte fallback, the plain byte-level decoder. True if the file changed.
+
+    Some transformers releases (5.17) convert a GGUF ``gpt2`` tokenizer with ``unk_token`` set to the end-of-text
+    token and a SentencePiece-style decoder: a character outside the vocabulary (a control character such as
+    U+0013) then encodes to end-of-text, and a literal U+2581 decodes to a space, while later releases drop the
+    character and keep the text. Normalising gives the same ids and text whichever release made the directory.
+    """
+    spec = json.loads(path.read_text(encoding="utf-8"))
+    model, decoder = spec.get("model") or {}, spec.get("decoder") or {}
+    if model.get("type") != "BPE" or "ByteLevel" not in json.dumps(spec.get("pre_tokenizer")):
+        return False
+    before = json.dumps(spec, sort_keys=True)
+    model.update(unk_token=None, byte_fallback=False, fuse_unk=False)
+    if decoder.get("type") == "Sequence":  # keep its byte-level step alone
+        spec["decoder"] = next((d for d in decoder.get("decoders", []) if d.get("type") == "ByteLevel"), decoder)
+    if json.dumps(spec, sort_keys=True) == before:
+        return False
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(spec, ensure_ascii=False), encoding="utf-8")
+    tmp.replace(path)
+    return True

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .heads import MedusaHeads
+from .hf_compat import cache_kwargs
 
 
 class StepModel(nn.Module):
@@ -40,7 +41,8 @@ class StepModel(nn.Module):
         )
         past_len = past[0].shape[1]
         hidden = self.backbone(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache, use_cache=True
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
+            **cache_kwargs(self.backbone, cache),
         ).last_hidden_state  # [B, T, H]
         outs = self.reduced_outputs(hidden, input_ids, temperature)
         for layer in cache.layers[:n]:

@@ -30,6 +30,7 @@ import torch
 
 from medusa_export.runtime.errors import CheckpointError, InputError
 
+from ..hf_compat import cache_kwargs
 from .continuous_batching import answer_all
 from .static_decoder import StaticDecoder, unsupported
 
@@ -183,7 +184,8 @@ def generate_batch(model, prompts: list[list[int]], eos: set[int], cfg: DistillC
     ids, mask = ids.to(device), mask.to(device)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     cache = DynamicCache(config=model.config)
-    h = model.model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True).last_hidden_state[:, -1]
+    h = model.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
+                    **cache_kwargs(model.model, cache)).last_hidden_state[:, -1]
     next_pos = pos[:, -1] + 1
     gen = torch.Generator(device="cpu").manual_seed(seed)
     alive = torch.arange(B)  # original row of every row still in the batch
@@ -207,7 +209,7 @@ def generate_batch(model, prompts: list[list[int]], eos: set[int], cfg: DistillC
             alive, mask, next_pos, nxt = alive[keep], mask[keep.to(device)], next_pos[keep.to(device)], nxt[keep.to(device)]
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
         h = model.model(input_ids=nxt.view(-1, 1), attention_mask=mask, position_ids=next_pos.view(-1, 1),
-                        cache=cache, use_cache=True).last_hidden_state[:, 0]
+                        use_cache=True, **cache_kwargs(model.model, cache)).last_hidden_state[:, 0]
         next_pos = next_pos + 1
     return {
         "hidden": torch.stack([x for row in hid for x in row]).numpy(),
