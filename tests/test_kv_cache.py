@@ -118,7 +118,8 @@ def hf_kv(model, ids: list[int]):
     import torch
 
     with torch.inference_mode():
-        cache = model(torch.tensor([ids]), use_cache=True).cache
+        out = model(torch.tensor([ids]), use_cache=True)
+    cache = out.cache if hasattr(out, "cache") else out.past_key_values  # named `cache` in later transformers 5.x releases
     return [(layer.keys.transpose(1, 2), layer.values.transpose(1, 2)) for layer in cache.layers]
 
 
