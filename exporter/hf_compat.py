@@ -18,5 +18,8 @@ def _cache_argument(forward) -> str:
 
 
 def cache_kwargs(decoder, cache) -> dict:
-    """``{"cache": cache}`` or ``{"past_key_values": cache}``: whichever ``decoder.forward`` takes."""
+    """``{"cache": cache}`` or ``{"past_key_values": cache}``: whichever ``decoder.forward`` takes. A
+    ``torch.compile`` wrapper is looked through; a forward that names neither gets ``past_key_values``, which the
+    releases that renamed it still accept."""
+    decoder = getattr(decoder, "_orig_mod", decoder)
     return {_cache_argument(type(decoder).forward): cache}

@@ -271,17 +271,27 @@ def normalize_byte_level_tokenizer(path: Path) -> bool:
     U+0013) then encodes to end-of-text, and a literal U+2581 decodes to a space, while later releases drop the
     character and keep the text. Normalising gives the same ids and text whichever release made the directory.
     """
-    spec = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        spec = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False  # the tokenizer's own loading says what is wrong with the file
     model, decoder = spec.get("model") or {}, spec.get("decoder") or {}
     if model.get("type") != "BPE" or "ByteLevel" not in json.dumps(spec.get("pre_tokenizer")):
         return False
-    before = json.dumps(spec, sort_keys=True)
-    model.update(unk_token=None, byte_fallback=False, fuse_unk=False)
-    if decoder.get("type") == "Sequence":  # keep its byte-level step alone
-        spec["decoder"] = next((d for d in decoder.get("decoders", []) if d.get("type") == "ByteLevel"), decoder)
-    if json.dumps(spec, sort_keys=True) == before:
+    # A decoder sequence around a byte-level step: keep that step alone.
+    byte_level = next((d for d in decoder.get("decoders", []) if d.get("type") == "ByteLevel"), None) \
+        if decoder.get("type") == "Sequence" else None
+    if model.get("unk_token") is None and not model.get("byte_fallback") and not model.get("fuse_unk") \
+            and byte_level is None:
         return False
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(spec, ensure_ascii=False), encoding="utf-8")
-    tmp.replace(path)
+    model.update(unk_token=None, byte_fallback=False, fuse_unk=False)
+    if byte_level is not None:
+        spec["decoder"] = byte_level
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # two processes loading at once write apart
+    try:
+        tmp.write_text(json.dumps(spec, ensure_ascii=False), encoding="utf-8")
+        tmp.replace(path)
+    except OSError:  # a read-only cache: load it as it is
+        tmp.unlink(missing_ok=True)
+        return False
     return True

@@ -12,8 +12,8 @@
 # Usage (repository root, in an environment where `pip install -e '.[all,tensorrt]'` has been run):
 #     scripts/gpu_check.sh [RESULTS_DIR]                  # default results/gpu-<date>
 # Environment knobs: ARTIFACT (artifacts/gpu), DTYPE (fp32 | fp16), LIMIT (8 prompts), MAX_NEW_TOKENS (128),
-#     PROMPTS (a JSONL; default: the packaged prompt set), SKIP_BUILD=1 (reuse ARTIFACT), TORCH_CHECK=0 (skip
-#     scripts/torch_cuda_check.py), PYTEST=0 (skip the GPU tests), TRAIN_HEADS=1 (also distil and train the default
+#     PROMPTS (a JSONL; default: the packaged prompt set), SKIP_BUILD=1 (reuse ARTIFACT), TORCH_CHECK=0|1 (run
+#     scripts/torch_cuda_check.py; default: when PyTorch sees a CUDA device), PYTEST=0 (skip the GPU tests), TRAIN_HEADS=1 (also distil and train the default
 #     heads on CUDA with scripts/train_default_heads.sh into RESULTS_DIR/heads; EPOCHS, default 1).
 # Exit code: 0 when every step that ran passed, 1 when a check failed (see summary.json), 2 when neither TensorRT
 # nor a CUDA device for PyTorch is there.
@@ -67,6 +67,9 @@ case $? in
     3) trt=0 ;;
     *) exit 2 ;;
 esac
+# The PyTorch check runs by default where PyTorch sees a CUDA device (a TensorRT image may have none).
+torch_cuda=$(python -c 'import json, sys; print(int(bool(json.load(open(sys.argv[1]))["torch_cuda_device"])))' \
+    "$results/environment.json")
 
 declare -A rc
 step() {  # step NAME LOGFILE COMMAND...: run, tee the log, remember the exit code
@@ -107,7 +110,7 @@ EOF
 fi
 
 # 6. The PyTorch-on-CUDA reference check: Medusa vs vanilla on the PyTorch backend, greedy equality and step latency.
-if [[ "${TORCH_CHECK:-1}" == 1 ]]; then
+if [[ "${TORCH_CHECK:-$torch_cuda}" == 1 ]]; then
     step torch_cuda torch_cuda.log python scripts/torch_cuda_check.py ${prompts:+--prompts "$prompts"} --limit "$limit" \
         --max-new-tokens "$new_tokens" --out "$results/torch_cuda.json"
 fi

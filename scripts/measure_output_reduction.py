@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from medusa_export.exporter.heads_source import resolve_heads
+from medusa_export.exporter.hf_compat import cache_kwargs
 from medusa_export.exporter.model_loading import load_base_model
 from medusa_export.exporter.onnx_export import dummy_inputs
 from medusa_export.exporter.step_model import StepModel
@@ -41,7 +42,7 @@ class FullLogits(torch.nn.Module):
                                              for i in range(n)], config=s.config)
         past_len = past[0].shape[1]
         hidden = s.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                            cache=cache, use_cache=True).last_hidden_state
+                            use_cache=True, **cache_kwargs(s.backbone, cache)).last_hidden_state
         new_kv = [t[:, :, past_len:].transpose(1, 2) for layer in cache.layers[:n] for t in (layer.keys, layer.values)]
         return (s.lm_head(hidden), s.heads(hidden, s.lm_head), *new_kv)  # same KV rows out as the real graph
 

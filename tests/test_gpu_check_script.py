@@ -34,23 +34,39 @@ def test_no_tensorrt_and_no_cuda_is_exit_2_with_one_line(tmp_path):
     assert not (tmp_path / "r" / "summary.json").exists()
 
 
-def test_without_tensorrt_the_tensorrt_steps_are_skipped(tmp_path):
-    """A `python` first on PATH that answers the prerequisites step as a PyTorch-only GPU machine would (exit 3)
-    and hands every other call to this interpreter: no TensorRT step runs, the summary says so."""
-    shim = tmp_path / "bin"
+def _pytorch_only_gpu(tmp_path: Path, **extra: str) -> tuple[dict, Path]:
+    """The environment of a GPU image without TensorRT: PyTorch reports a CUDA device (a sitecustomize stand-in
+    patches torch.cuda), and a `medusa-export` first on PATH records any call (the TensorRT steps use it)."""
+    site, shim = tmp_path / "site", tmp_path / "bin"
+    site.mkdir()
     shim.mkdir()
-    (shim / "python").write_text(
-        "#!/usr/bin/env bash\n"
-        'if [[ "$1" == - && "$2" == */environment.json ]]; then\n'
-        "  cat >/dev/null; echo '{\"ok\": false}' > \"$2\"; echo 'skipping the TensorRT steps: stand-in' >&2; exit 3\n"
-        "fi\n"
-        f'exec "{sys.executable}" "$@"\n')
-    (shim / "python").chmod(0o755)
-    (shim / "medusa-export").write_text("#!/usr/bin/env bash\necho called >> \"$(dirname \"$0\")/medusa-export.calls\"\n")
+    (site / "sitecustomize.py").write_text(
+        "import torch\n"
+        "torch.cuda.is_available = lambda: True\n"
+        "torch.cuda.get_device_name = lambda *args: 'Stand-in GPU'\n")
+    (shim / "medusa-export").write_text(f"#!/usr/bin/env bash\necho \"$*\" >> {shim / 'calls'}\n")
     (shim / "medusa-export").chmod(0o755)
-    env = {**os.environ, "PATH": f"{shim}:{os.environ['PATH']}", "TORCH_CHECK": "0"}
+    path = f"{shim}:{Path(sys.executable).parent}:{os.environ['PATH']}"
+    return {**os.environ, "PATH": path, "PYTHONPATH": str(site), **extra}, shim / "calls"
+
+
+def test_without_tensorrt_the_tensorrt_steps_are_skipped(tmp_path):
+    pytest.importorskip("torch")
+    env, calls = _pytorch_only_gpu(tmp_path, TORCH_CHECK="0")
     done = run(tmp_path / "r", env)
     assert done.returncode == 0, done.stderr
-    assert "skipping the TensorRT steps" in done.stderr
-    assert not (shim / "medusa-export.calls").exists()  # no build, verify or bench
+    assert "skipping the TensorRT steps: TensorRT is not installed" in done.stderr
+    assert not calls.exists()  # no build, verify or bench
+    assert json.loads((tmp_path / "r" / "environment.json").read_text())["torch_cuda_device"] == "Stand-in GPU"
     assert json.loads((tmp_path / "r" / "summary.json").read_text()) == {"tensorrt": False, "ok": True}
+
+
+def test_the_pytorch_check_runs_by_default_where_pytorch_sees_cuda(tmp_path):
+    """TORCH_CHECK unset: the check runs (and fails here, where the CUDA device is a stand-in): exit 1."""
+    pytest.importorskip("torch")
+    env, calls = _pytorch_only_gpu(tmp_path)
+    env.pop("TORCH_CHECK", None)
+    done = run(tmp_path / "r", env)
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert done.returncode == 1 and summary["tensorrt"] is False and summary["ok"] is False
+    assert summary["torch_cuda"] != 0 and not calls.exists()

@@ -30,6 +30,21 @@ def test_the_cache_goes_under_the_name_the_forward_takes():
         assert len(kwargs) == 1 and decoder.forward(**kwargs) is marker
 
 
+def test_a_compiled_wrapper_is_looked_through():
+    """torch.compile's wrapper takes ``*args``: the wrapped module's forward decides."""
+
+    class Compiled:
+        def __init__(self, inner):
+            self._orig_mod = inner
+
+        def forward(self, *args, **kwargs):
+            return self._orig_mod.forward(*args, **kwargs)
+
+    marker = object()
+    assert cache_kwargs(Compiled(NewDecoder()), marker) == {"cache": marker}
+    assert cache_kwargs(Compiled(OldDecoder()), marker) == {"past_key_values": marker}
+
+
 def test_the_installed_decoder_fills_the_callers_cache(tiny_model):
     """With this machine's transformers: a forward through `cache_kwargs` writes the new keys into our cache."""
     import torch
@@ -84,3 +99,18 @@ def test_other_tokenizers_are_left_alone(tmp_path):
     text = path.read_text()
     assert normalize_byte_level_tokenizer(path) is False
     assert path.read_text() == text and json.loads(text)["model"]["unk_token"] == "[UNK]"
+
+
+def test_a_file_it_cannot_read_or_write_is_left_to_the_loader(tmp_path, monkeypatch):
+    assert normalize_byte_level_tokenizer(tmp_path / "missing.json") is False
+    (tmp_path / "broken.json").write_text("{not json")
+    assert normalize_byte_level_tokenizer(tmp_path / "broken.json") is False
+    path = _byte_level_file(tmp_path, convert_like_5_17=True)
+    before = path.read_text()
+
+    def read_only(self, target):
+        raise PermissionError(13, "Read-only file system")
+
+    monkeypatch.setattr(type(path), "replace", read_only)  # a read-only cache directory
+    assert normalize_byte_level_tokenizer(path) is False
+    assert path.read_text() == before and not list(tmp_path.glob("*.tmp"))
