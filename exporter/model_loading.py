@@ -27,6 +27,7 @@ from pathlib import Path
 
 from medusa_export.runtime.errors import ModelError
 from medusa_export.runtime.tokenizer import ChatTokenizer
+from medusa_export.runtime.whole_file import write_whole
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -107,9 +108,7 @@ def remember_location(fingerprint: str, path: Path) -> None:
         known = {k: v for k, v in known.items() if Path(v).exists()}  # forget models that are gone
         known[fingerprint] = str(path)
         f.parent.mkdir(parents=True, exist_ok=True)
-        tmp = f.with_name(f"{f.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(known, indent=1) + "\n")
-        tmp.replace(f)
+        write_whole(f, lambda out: out.write((json.dumps(known, indent=1) + "\n").encode()))
     except (OSError, ValueError):
         pass
 
@@ -287,11 +286,8 @@ def normalize_byte_level_tokenizer(path: Path) -> bool:
     model.update(unk_token=None, byte_fallback=False, fuse_unk=False)
     if byte_level is not None:
         spec["decoder"] = byte_level
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # two processes loading at once write apart
-    try:
-        tmp.write_text(json.dumps(spec, ensure_ascii=False), encoding="utf-8")
-        tmp.replace(path)
+    try:  # whole, through a per-process name: two processes loading at once write apart
+        write_whole(path, lambda f: f.write(json.dumps(spec, ensure_ascii=False).encode("utf-8")))
     except OSError:  # a read-only cache: load it as it is
-        tmp.unlink(missing_ok=True)
         return False
     return True

@@ -13,8 +13,9 @@
 #     scripts/gpu_check.sh [RESULTS_DIR]                  # default results/gpu-<date>
 # Environment knobs: ARTIFACT (artifacts/gpu), DTYPE (fp32 | fp16), LIMIT (8 prompts), MAX_NEW_TOKENS (128),
 #     PROMPTS (a JSONL; default: the packaged prompt set), SKIP_BUILD=1 (reuse ARTIFACT), TORCH_CHECK=0|1 (run
-#     scripts/torch_cuda_check.py; default: when PyTorch sees a CUDA device), PYTEST=0 (skip the GPU tests), TRAIN_HEADS=1 (also distil and train the default
-#     heads on CUDA with scripts/train_default_heads.sh into RESULTS_DIR/heads; EPOCHS, default 1).
+#     scripts/torch_cuda_check.py; default: when PyTorch sees a CUDA device), PYTEST=0 (skip the GPU tests),
+#     TRAIN_HEADS=1 (also distil and train the default heads on CUDA with scripts/train_default_heads.sh into
+#     RESULTS_DIR/heads; EPOCHS, default 1).
 # Exit code: 0 when every step that ran passed, 1 when a check failed (see summary.json), 2 when neither TensorRT
 # nor a CUDA device for PyTorch is there.
 set -uo pipefail
