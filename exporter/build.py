@@ -171,7 +171,7 @@ def _export_graph(loaded, kind: str, heads, tree: Tree, options: BuildOptions, w
     with step_log(f"export {kind} graph ({options.dtype}, {options.graph})"):
         if fused:
             export_fused_graph(step, path, dtype=dt, max_positions=options.max_seq, paths=paths, min_rows=min_rows,
-                               rotation=rotation)
+                               rotation=rotation, attention=options.attention)
         else:
             export_step_graph(step, path, dtype=dt)
     with step_log(f"fold constants in the {kind} graph (Polygraphy)"):
@@ -183,7 +183,8 @@ def _export_graph(loaded, kind: str, heads, tree: Tree, options: BuildOptions, w
     with step_log(f"validate {kind} graph against PyTorch"):
         # A quantized graph differs from PyTorch by design: its errors are recorded, and its quality is measured
         # on real text (`quality`), not held to the fp32 tolerance.
-        validation = validate_graph(step, path, dtype=dt, kv_layout=layout, enforce=not options.quantized, paths=paths)
+        validation = validate_graph(step, path, dtype=dt, kv_layout=layout, enforce=not options.quantized, paths=paths,
+                                    attention=options.attention)
     n = loaded.model.config.num_hidden_layers
     tensors = lambda ts: [TensorRecord(t.name, t.dtype, list(t.axes)) for t in ts]  # noqa: E731
     record = GraphRecord(file=path.name, inputs=tensors(io_table.inputs(n, layout, paths)),
@@ -220,7 +221,7 @@ def _export_lanes(loaded, options: BuildOptions, work: Path, step_log, grid: boo
     step = StepModel(loaded.model, None, options.head_topk, options.sample_topk)
     with step_log(f"export the batched graph ({options.lanes} lanes, {options.dtype})"):
         export_lanes_graph(step, path, options.lanes, graph_dtype(options.dtype), options.max_seq,
-                           _recipe(options, "rotation", 0))
+                           _recipe(options, "rotation", 0), options.attention)
     with step_log("fold constants in the batched graph (Polygraphy)"):
         cleanup = CleanupRecord(**fold_constants(path))
     quantization = None
@@ -299,4 +300,5 @@ def _manifest(loaded, chosen, dims, tree_spec: str, tree: Tree, options: BuildOp
                         medusa_choices=tree.to_json(), num_nodes=tree.num_nodes),
         graph_format=options.graph, kv_layout=kv_layout_of(options.graph), weights=options.dtype,
         graphs=graphs, validation=validation,
-        files={p.relative_to(work).as_posix(): file_record(p) for p in files}, drafts=drafts)
+        files={p.relative_to(work).as_posix(): file_record(p) for p in files}, drafts=drafts,
+        attention=options.attention)

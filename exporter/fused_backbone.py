@@ -37,7 +37,7 @@ from types import SimpleNamespace
 import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 
-from medusa_export.runtime import io_table
+from medusa_export.runtime import io_table, kernels
 from medusa_export.runtime.errors import ModelError
 
 from .rotation import SUFFIX, InputRotation
@@ -96,10 +96,12 @@ class Decoder:
     """The decoder stack's weights and the graph under construction; `layers` writes every layer around an
     attention block the caller supplies (one row set per step, or per lane)."""
 
-    def __init__(self, decoder, cfg, max_positions: int, dtype: str, rotation: int = 0) -> None:
+    def __init__(self, decoder, cfg, max_positions: int, dtype: str, rotation: int = 0, attention: str = "gqa") -> None:
         """``rotation`` > 0: every decoder matmul's input turned per block of up to that many columns at run time,
-        its weight the other way (`rotation`; for quantized graphs)."""
+        its weight the other way (`rotation`; for quantized graphs). ``attention`` "kernel": the project's
+        RowAttention op (`runtime/kernels`) instead of GroupQueryAttention, same inputs and outputs."""
         check_supported(cfg)
+        self.attention = attention
         self.rotation = InputRotation(rotation) if rotation else None
         self.shared_constants: set[str] = set()  # names of the initializers `_constant` added
         self.np_dtype = io_table.model_dtype_of(dtype)
@@ -163,9 +165,14 @@ class Decoder:
 
     def gqa(self, name: str, qkv: str, k: str, v: str, seqlens: str, total: str, positions: str, bias: str,
             groups: int = 1) -> list[str]:
+        """Attention over ``qkv`` rows whose last row is the extra row (see `fused_backbone`): GroupQueryAttention,
+        or RowAttention, which computes each row by itself and skips the extra row."""
+        heads = dict(num_heads=groups * self.nh, kv_num_heads=groups * self.kvh)
+        if self.attention == "kernel":
+            return self.g.op(kernels.OP, [qkv, k, v, seqlens, total, self.cos, self.sin, positions, bias], name,
+                             outputs=3, domain=kernels.DOMAIN, skip_last_row=1, **heads)
         return self.g.op("GroupQueryAttention", [qkv, "", "", k, v, seqlens, total, self.cos, self.sin, positions, bias],
-                         name, outputs=3, domain=MS, num_heads=groups * self.nh, kv_num_heads=groups * self.kvh,
-                         do_rotary=1)
+                         name, outputs=3, domain=MS, do_rotary=1, **heads)
 
     def embed(self, input_ids: str = "input_ids") -> str:
         return self.g.op("Gather", [self.g.weight("embed_tokens", self.sd["model.embed_tokens.weight"]), input_ids],
@@ -208,8 +215,14 @@ class Decoder:
                                              shape)
 
 
+def model_opsets(onnx_opset: int, attention: str) -> list:
+    """A fused graph's opset imports: ONNX, com.microsoft and, with the attention kernel, its domain."""
+    out = [helper.make_opsetid("", onnx_opset), helper.make_opsetid(MS, 1)]
+    return out + [helper.make_opsetid(kernels.DOMAIN, 1)] if attention == "kernel" else out
+
+
 def fused_backbone(decoder, cfg, max_positions: int, dtype: str = "float32", paths: int = 1, pad_rows: bool = False,
-                   rotation: int = 0):
+                   rotation: int = 0, attention: str = "gqa"):
     """GraphProto for ``decoder`` (a transformers ``*Model``: embeddings .. final norm) with config ``cfg``:
     inputs input_ids, position_ids, attention_mask, past_key_values.*; outputs hidden ([batch, seq, hidden],
     after the final norm) and present.*.
@@ -218,7 +231,7 @@ def fused_backbone(decoder, cfg, max_positions: int, dtype: str = "float32", pat
     of heads with its own copy of the KV cache (``[1, paths * kv_heads, capacity, head_dim]``); the step's
     attention rows are depths, mapped from and back to nodes by the inputs ``path_rows`` / ``node_rows``, and
     ``attention_mask`` is causal over those rows."""
-    d = Decoder(decoder, cfg, max_positions, dtype, rotation)
+    d = Decoder(decoder, cfg, max_positions, dtype, rotation, attention)
     g, nh, kvh, hd = d.g, d.nh, d.kvh, d.hd
     # Per step, shared by every layer: the GQA lengths and the additive mask, for T + 1 query rows. ONNX Runtime's
     # GroupQueryAttention computes a one-row step with other arithmetic than a several-row step (last-bit

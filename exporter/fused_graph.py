@@ -23,24 +23,24 @@ from onnx import helper
 
 from medusa_export.runtime import io_table
 
-from .fused_backbone import MS, fused_backbone
+from .fused_backbone import fused_backbone, model_opsets
 from .onnx_export import OPSET, TWO_GB
 from .step_model import ReducedTail, StepModel
 
 
 def export_fused_graph(step: StepModel, path: str | Path, dtype: str = "float32", max_positions: int = 2048,
-                       paths: int = 1, min_rows: int = 1, rotation: int = 0) -> Path:
+                       paths: int = 1, min_rows: int = 1, rotation: int = 0, attention: str = "gqa") -> Path:
     """``paths`` > 1: attention per root-to-leaf path of trees of up to that many paths (exact verification,
     see `fused_backbone`). ``min_rows`` 2: every matmul runs on at least two rows (see `fused_backbone`).
-    ``rotation`` > 0: the decoder's matmul inputs turned per block (`rotation`), for quantized graphs."""
+    ``rotation`` > 0: the decoder's matmul inputs turned per block (`rotation`), for quantized graphs.
+    ``attention`` "kernel": RowAttention (`runtime/kernels`) instead of GroupQueryAttention."""
     path = Path(path)
     medusa = step.heads is not None
     backbone = fused_backbone(step.backbone, step.config, max_positions, dtype, paths, pad_rows=min_rows > 1,
-                              rotation=rotation)
+                              rotation=rotation, attention=attention)
     tail = _export_tail(step, dtype, padded=min_rows > 1)
     graph = _append_tail(select_output_rows(backbone, padded=min_rows > 1), tail.graph, medusa, step.num_layers, paths)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)],
-                              producer_name="medusa-export")
+    model = helper.make_model(graph, opset_imports=model_opsets(OPSET, attention), producer_name="medusa-export")
     model.ir_version = tail.ir_version
     return save_graph(model, path)
 

@@ -33,14 +33,15 @@ from onnx import helper
 
 from medusa_export.runtime import io_table
 
-from .fused_backbone import MS, Decoder
+from .fused_backbone import Decoder, model_opsets
 from .fused_graph import _append_tail_nodes, save_graph, select_output_rows
 from .onnx_export import OPSET
 from .step_model import LanesTail, StepModel
 
 
-def lanes_backbone(decoder, cfg, max_positions: int, dtype: str, lanes: int, rotation: int = 0) -> onnx.GraphProto:
-    d = Decoder(decoder, cfg, max_positions, dtype, rotation)
+def lanes_backbone(decoder, cfg, max_positions: int, dtype: str, lanes: int, rotation: int = 0,
+                   attention: str = "gqa") -> onnx.GraphProto:
+    d = Decoder(decoder, cfg, max_positions, dtype, rotation, attention)
     g = d.g
     width = (d.nh + 2 * d.kvh) * d.hd
     zero_row = g.weight("zero_row", np.zeros((1, 1, width)))  # what an empty lane's attention reads
@@ -71,11 +72,11 @@ def lanes_backbone(decoder, cfg, max_positions: int, dtype: str, lanes: int, rot
 
 
 def export_lanes_graph(step: StepModel, path: str | Path, lanes: int, dtype: str = "float32",
-                       max_positions: int = 2048, rotation: int = 0) -> Path:
+                       max_positions: int = 2048, rotation: int = 0, attention: str = "gqa") -> Path:
     path = Path(path)
     # The tail (lm_head, reductions) runs on the rows the host asks for: a prompt chunk's last row or none.
-    backbone = select_output_rows(lanes_backbone(step.backbone, step.config, max_positions, dtype, lanes, rotation),
-                                  padded=False)
+    backbone = select_output_rows(lanes_backbone(step.backbone, step.config, max_positions, dtype, lanes, rotation,
+                                                 attention), padded=False)
     tail = _export_tail(step, dtype)
     graph = _append_tail_nodes(backbone, tail.graph, shared={"hidden", "row_temperature",
                                                               *(t.name for t in io_table.lanes_reduced_outputs())})
@@ -86,8 +87,7 @@ def export_lanes_graph(step: StepModel, path: str | Path, lanes: int, dtype: str
     presents = [o for o in backbone.output if o.name.startswith("present.")]
     graph = helper.make_graph(list(graph.node), "medusa_export_lanes", inputs, list(tail.graph.output) + presents,
                               list(graph.initializer))
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)],
-                              producer_name="medusa-export")
+    model = helper.make_model(graph, opset_imports=model_opsets(OPSET, attention), producer_name="medusa-export")
     model.ir_version = tail.ir_version
     return save_graph(model, path)
 

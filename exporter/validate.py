@@ -14,7 +14,7 @@ import copy
 import numpy as np
 import torch
 
-from medusa_export.runtime import io_table
+from medusa_export.runtime import io_table, kernels
 from medusa_export.runtime.errors import ExportValidationError
 from medusa_export.runtime.tree_paths import PathBatch
 
@@ -28,7 +28,8 @@ MAX_ID_MISMATCH = 0.02
 
 
 def validate_graph(step: StepModel, onnx_path, dtype: str = "float32", threads: int | None = None,
-                   kv_layout: str = io_table.SEQUENCE_MAJOR, enforce: bool = True, paths: int = 1) -> dict:
+                   kv_layout: str = io_table.SEQUENCE_MAJOR, enforce: bool = True, paths: int = 1,
+                   attention: str = "gqa") -> dict:
     """Max errors per output at every shape; ExportValidationError beyond tolerance when ``enforce``.
     ``paths`` > 1: a fused graph that verifies trees per path (its tree step has at most that many)."""
     import onnxruntime as ort
@@ -37,6 +38,7 @@ def validate_graph(step: StepModel, onnx_path, dtype: str = "float32", threads: 
     opts.log_severity_level = 3  # errors only: the optimizer's notes on nodes it leaves are not for users
     if threads:
         opts.intra_op_num_threads = threads
+    kernels.register(opts, attention)
     sess = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
     names_in = [i.name for i in sess.get_inputs()]
     names_out = [o.name for o in sess.get_outputs()]

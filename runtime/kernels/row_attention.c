@@ -1,0 +1,371 @@
+/* RowAttention: GroupQueryAttention's job (rotary embedding at explicit positions, new K/V rows written into the
+   cache in place, causal attention with an additive bias over the cache) computed so that each query row's numbers
+   depend only on its own query, the keys and values it sees and its bias row: never on how many rows the step has,
+   on the other rows, or on the threads. A one-token step, a tree node and a lane of a batched step therefore agree
+   to the last bit, with no extra query row (docs/graphs.md, "The attention kernel").
+
+   An ONNX Runtime custom-op library: `RegisterCustomOps` adds the domain "medusa_export" with one op.
+   Inputs: qkv [1, S, (nh + 2 kvh) hd] packed q | k | v; past_key, past_value [1, kvh, cap, hd]; seqlens_k int32 [1]
+   (total - 1); total_sequence_length int32 (past + S); cos_cache, sin_cache [positions, hd / 2]; position_ids int64
+   [1, S]; attention_bias [1, 1, S, total] (0 or -inf). Outputs: [1, S, nh hd]; present_key, present_value (the past
+   buffers, the S new rows written at past .. total - 1: bind them to the same memory to skip a copy).
+   Attributes: num_heads, kv_num_heads; skip_last_row = 1: the last row is not computed (its output is zeros, its K/V
+   row not written), for graphs that carry an extra row for another operator's sake.
+
+   The C API is used through its function table by index (ONNX Runtime's C API is append-only, so indices are
+   stable across versions); the few declarations needed are written out below. AVX2 + FMA. */
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* ---- the ONNX Runtime C API, the part used ------------------------------------------------------------------- */
+typedef struct OrtStatus OrtStatus;
+typedef struct OrtKernelInfo OrtKernelInfo;
+typedef struct OrtKernelContext OrtKernelContext;
+typedef struct OrtValue OrtValue;
+typedef struct OrtTensorTypeAndShapeInfo OrtTypeShape;
+typedef struct OrtSessionOptions OrtSessionOptions;
+typedef struct OrtCustomOpDomain OrtCustomOpDomain;
+typedef void *const *OrtApiTable;
+typedef struct {
+  OrtApiTable (*GetApi)(uint32_t version);
+  const char *(*GetVersionString)(void);
+} OrtApiBase;
+
+enum { ELEM_FLOAT = 1, ELEM_INT32 = 6, ELEM_INT64 = 7 };
+enum { ORT_INVALID_ARGUMENT = 2, ORT_FAIL = 1 };
+enum { API_VERSION = 16 };  /* CreateKernelV2 / KernelComputeV2 and KernelContext_ParallelFor (ONNX Runtime >= 1.16) */
+
+enum {  /* indices into OrtApi */
+  API_CreateStatus = 0, API_CreateCustomOpDomain = 26, API_CustomOpDomain_Add = 27, API_AddCustomOpDomain = 28,
+  API_GetTensorMutableData = 51, API_GetTensorElementType = 60, API_GetDimensionsCount = 61, API_GetDimensions = 62,
+  API_GetTensorTypeAndShape = 65, API_KernelInfoGetAttribute_int64 = 86, API_KernelContext_GetInputCount = 88,
+  API_KernelContext_GetInput = 90, API_KernelContext_GetOutput = 91, API_ReleaseStatus = 93,
+  API_ReleaseTensorTypeAndShapeInfo = 99, API_KernelContext_ParallelFor = 274,
+};
+
+static OrtApiTable api;
+#define CALL(name, type) ((type)api[API_##name])
+
+typedef struct OrtCustomOp OrtCustomOp;
+struct OrtCustomOp {
+  uint32_t version;
+  void *(*CreateKernel)(const OrtCustomOp *, OrtApiTable, const OrtKernelInfo *);
+  const char *(*GetName)(const OrtCustomOp *);
+  const char *(*GetExecutionProviderType)(const OrtCustomOp *);
+  int (*GetInputType)(const OrtCustomOp *, size_t);
+  size_t (*GetInputTypeCount)(const OrtCustomOp *);
+  int (*GetOutputType)(const OrtCustomOp *, size_t);
+  size_t (*GetOutputTypeCount)(const OrtCustomOp *);
+  void (*KernelCompute)(void *, OrtKernelContext *);
+  void (*KernelDestroy)(void *);
+  int (*GetInputCharacteristic)(const OrtCustomOp *, size_t);
+  int (*GetOutputCharacteristic)(const OrtCustomOp *, size_t);
+  int (*GetInputMemoryType)(const OrtCustomOp *, size_t);
+  int (*GetVariadicInputMinArity)(const OrtCustomOp *);
+  int (*GetVariadicInputHomogeneity)(const OrtCustomOp *);
+  int (*GetVariadicOutputMinArity)(const OrtCustomOp *);
+  int (*GetVariadicOutputHomogeneity)(const OrtCustomOp *);
+  OrtStatus *(*CreateKernelV2)(const OrtCustomOp *, OrtApiTable, const OrtKernelInfo *, void **);
+  OrtStatus *(*KernelComputeV2)(void *, OrtKernelContext *);
+};
+
+static OrtStatus *error(const char *message) {
+  return CALL(CreateStatus, OrtStatus *(*)(int, const char *))(ORT_INVALID_ARGUMENT, message);
+}
+
+/* ---- arithmetic ------------------------------------------------------------------------------------------------ */
+static inline float hsum8(__m256 v) {  /* one fixed order for every sum */
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+  return _mm_cvtss_f32(s);
+}
+
+static inline float hmax8(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 1));
+  return _mm_cvtss_f32(m);
+}
+
+/* exp(x) for x <= 0 (a score minus the row's maximum); exactly 0 where x is -inf (a masked key). Cephes' expf
+   polynomial after the usual range reduction. */
+static inline __m256 exp8(__m256 x) {
+  __m256 masked = _mm256_cmp_ps(x, _mm256_set1_ps(-INFINITY), _CMP_EQ_OQ);
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+  __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  __m256i scale = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_andnot_ps(masked, _mm256_mul_ps(p, _mm256_castsi256_ps(scale)));
+}
+
+/* Rotary embedding, rotate-half form (Llama): the halves of x turned by the position's angles. */
+static void rotate(const float *x, float *out, const float *cos, const float *sin, int hd) {
+  int h = hd / 2;
+  for (int d = 0; d < h; d++) {
+    out[d] = x[d] * cos[d] - x[d + h] * sin[d];
+    out[d + h] = x[d + h] * cos[d] + x[d] * sin[d];
+  }
+}
+
+/* One query row of one head over keys 0 .. n - 1: scores (n rounded up to 8) is scratch; hd a multiple of 8, at
+   most 256. Inlined with hd a constant for the common head sizes, so the accumulators stay in registers. The
+   arithmetic of a key's score, the softmax sums and the weighted values never depend on n beyond the keys seen. */
+static inline __attribute__((always_inline)) void attend_hd(const float *q, const float *K, const float *V,
+                                                            const float *bias, int n, int hd, float scale,
+                                                            float *scores, float *out) {
+  int n8 = (n + 7) & ~7, blocks = hd / 8, j = 0;
+  for (; j + 4 <= n; j += 4) {  /* four keys at a time: independent chains, each key's sum as below */
+    const float *k = K + (size_t)j * hd;
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (int b = 0; b < blocks; b++) {
+      __m256 qb = _mm256_loadu_ps(q + 8 * b);
+      a0 = _mm256_fmadd_ps(qb, _mm256_loadu_ps(k + 8 * b), a0);
+      a1 = _mm256_fmadd_ps(qb, _mm256_loadu_ps(k + hd + 8 * b), a1);
+      a2 = _mm256_fmadd_ps(qb, _mm256_loadu_ps(k + 2 * hd + 8 * b), a2);
+      a3 = _mm256_fmadd_ps(qb, _mm256_loadu_ps(k + 3 * hd + 8 * b), a3);
+    }
+    scores[j] = hsum8(a0) * scale + bias[j];
+    scores[j + 1] = hsum8(a1) * scale + bias[j + 1];
+    scores[j + 2] = hsum8(a2) * scale + bias[j + 2];
+    scores[j + 3] = hsum8(a3) * scale + bias[j + 3];
+  }
+  for (; j < n; j++) {
+    const float *k = K + (size_t)j * hd;
+    __m256 a0 = _mm256_setzero_ps();
+    for (int b = 0; b < blocks; b++) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + 8 * b), _mm256_loadu_ps(k + 8 * b), a0);
+    scores[j] = hsum8(a0) * scale + bias[j];
+  }
+  for (j = n; j < n8; j++) scores[j] = -INFINITY;
+  __m256 m8 = _mm256_set1_ps(-INFINITY);
+  for (j = 0; j < n8; j += 8) m8 = _mm256_max_ps(m8, _mm256_loadu_ps(scores + j));
+  float m = hmax8(m8);
+  if (m == -INFINITY) {  /* sees nothing */
+    memset(out, 0, sizeof(float) * hd);
+    return;
+  }
+  __m256 mv = _mm256_set1_ps(m), sum8 = _mm256_setzero_ps();
+  for (j = 0; j < n8; j += 8) {
+    __m256 p = exp8(_mm256_sub_ps(_mm256_loadu_ps(scores + j), mv));
+    _mm256_storeu_ps(scores + j, p);
+    sum8 = _mm256_add_ps(sum8, p);
+  }
+  __m256 acc[32];
+  for (int b = 0; b < blocks; b++) acc[b] = _mm256_setzero_ps();
+  for (j = 0; j < n; j++) {
+    if (scores[j] == 0.0f) continue;  /* a masked key adds exactly nothing */
+    __m256 p = _mm256_set1_ps(scores[j]);
+    const float *v = V + (size_t)j * hd;
+    for (int b = 0; b < blocks; b++) acc[b] = _mm256_fmadd_ps(p, _mm256_loadu_ps(v + 8 * b), acc[b]);
+  }
+  __m256 inv = _mm256_set1_ps(1.0f / hsum8(sum8));
+  for (int b = 0; b < blocks; b++) _mm256_storeu_ps(out + 8 * b, _mm256_mul_ps(acc[b], inv));
+}
+
+static void attend(const float *q, const float *K, const float *V, const float *bias, int n, int hd, float scale,
+                   float *scores, float *out) {
+  switch (hd) {
+    case 64: attend_hd(q, K, V, bias, n, 64, scale, scores, out); break;
+    case 128: attend_hd(q, K, V, bias, n, 128, scale, scores, out); break;
+    default: attend_hd(q, K, V, bias, n, hd, scale, scores, out);
+  }
+}
+
+/* ---- the op ---------------------------------------------------------------------------------------------------- */
+typedef struct {
+  int64_t heads, kv_heads, skip_last_row;
+} Kernel;
+
+typedef struct {  /* one step's shapes and pointers, shared by the threads */
+  const float *qkv, *kcache, *vcache, *cos, *sin, *bias;
+  const int64_t *pos;
+  float *out;
+  int rows, computed, past, heads, kv_heads, hd, cap;
+} Step;
+
+static void head_rows(void *data, size_t h) {  /* every computed row of query head h */
+  const Step *s = (const Step *)data;
+  int total = s->past + s->rows, width = (s->heads + 2 * s->kv_heads) * s->hd, kh = (int)h / (s->heads / s->kv_heads);
+  float q[256], stack[2048], *scores = total + 8 <= 2048 ? stack : malloc(sizeof(float) * (total + 8));
+  if (!scores) return;  /* left as zeros: the caller checked sizes, so this is out of memory */
+  const float *K = s->kcache + (size_t)kh * s->cap * s->hd, *V = s->vcache + (size_t)kh * s->cap * s->hd;
+  for (int i = 0; i < s->computed; i++) {
+    const float *c = s->cos + s->pos[i] * (s->hd / 2), *sn = s->sin + s->pos[i] * (s->hd / 2);
+    rotate(s->qkv + (size_t)i * width + h * s->hd, q, c, sn, s->hd);
+    attend(q, K, V, s->bias + (size_t)i * total, s->past + i + 1, s->hd, 1.0f / sqrtf((float)s->hd), scores,
+           s->out + ((size_t)i * s->heads + h) * s->hd);
+  }
+  if (scores != stack) free(scores);
+}
+
+static void write_rows(const Step *s, float *kcache, float *vcache) {
+  int width = (s->heads + 2 * s->kv_heads) * s->hd;
+  for (int i = 0; i < s->computed; i++) {
+    const float *c = s->cos + s->pos[i] * (s->hd / 2), *sn = s->sin + s->pos[i] * (s->hd / 2);
+    for (int kh = 0; kh < s->kv_heads; kh++) {
+      const float *row = s->qkv + (size_t)i * width;
+      size_t at = ((size_t)kh * s->cap + s->past + i) * s->hd;
+      rotate(row + (s->heads + kh) * s->hd, kcache + at, c, sn, s->hd);
+      memcpy(vcache + at, row + (s->heads + s->kv_heads + kh) * s->hd, sizeof(float) * s->hd);
+    }
+  }
+}
+
+/* An input's data, element type and shape (up to 4 dimensions; ndims 0 with any_rank: dims[0] is the element
+   count, whatever the rank). */
+static OrtStatus *input(OrtKernelContext *ctx, size_t index, int type, size_t ndims, int64_t *dims, void **data,
+                        int any_rank) {
+  const OrtValue *value = NULL;
+  OrtTypeShape *info = NULL;
+  OrtStatus *st = CALL(KernelContext_GetInput, OrtStatus *(*)(OrtKernelContext *, size_t, const OrtValue **))(ctx, index, &value);
+  if (st || !value) return st ? st : error("RowAttention: an input is missing");
+  if ((st = CALL(GetTensorTypeAndShape, OrtStatus *(*)(const OrtValue *, OrtTypeShape **))(value, &info))) return st;
+  int elem = 0;
+  size_t count = 0;
+  CALL(GetTensorElementType, OrtStatus *(*)(const OrtTypeShape *, int *))(info, &elem);
+  CALL(GetDimensionsCount, OrtStatus *(*)(const OrtTypeShape *, size_t *))(info, &count);
+  int64_t shape[4] = {1, 1, 1, 1};
+  if (count <= 4) CALL(GetDimensions, OrtStatus *(*)(const OrtTypeShape *, int64_t *, size_t))(info, shape, count);
+  CALL(ReleaseTensorTypeAndShapeInfo, void (*)(OrtTypeShape *))(info);
+  if (any_rank && count <= 4) {
+    dims[0] = shape[0] * shape[1] * shape[2] * shape[3];
+    count = ndims;
+  } else if (count == ndims) {
+    memcpy(dims, shape, sizeof(int64_t) * ndims);
+  }
+  if (elem != type || count != ndims) {
+    static const char *names[] = {"qkv", "past_key", "past_value", "seqlens_k", "total_sequence_length", "cos_cache",
+                                  "sin_cache", "position_ids", "attention_bias"};
+    char message[160];  /* CreateStatus copies it */
+    snprintf(message, sizeof message, "RowAttention: input %s has element type %d and rank %zu, expected %d and %zu",
+             names[index], elem, count, type, ndims);
+    return error(message);
+  }
+  return CALL(GetTensorMutableData, OrtStatus *(*)(OrtValue *, void **))((OrtValue *)value, data);
+}
+
+static OrtStatus *output(OrtKernelContext *ctx, size_t index, const int64_t *dims, size_t ndims, float **data) {
+  OrtValue *value = NULL;
+  OrtStatus *st = CALL(KernelContext_GetOutput, OrtStatus *(*)(OrtKernelContext *, size_t, const int64_t *, size_t, OrtValue **))(
+      ctx, index, dims, ndims, &value);
+  if (st) return st;
+  return CALL(GetTensorMutableData, OrtStatus *(*)(OrtValue *, void **))(value, (void **)data);
+}
+
+static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
+  const Kernel *k = (const Kernel *)kernel;
+  int64_t qd[3] = {0}, kd[4] = {0}, vd[4] = {0}, sd[1] = {0}, td[1] = {0}, cd[2] = {0}, nd[2] = {0}, pd[1] = {0},
+          bd[4] = {0};
+  void *qkv, *pk, *pv, *seqlens, *total, *cos, *sin, *pos, *bias;
+  OrtStatus *st;
+  if ((st = input(ctx, 0, ELEM_FLOAT, 3, qd, &qkv, 0)) || (st = input(ctx, 1, ELEM_FLOAT, 4, kd, &pk, 0)) ||
+      (st = input(ctx, 2, ELEM_FLOAT, 4, vd, &pv, 0)) || (st = input(ctx, 3, ELEM_INT32, 1, sd, &seqlens, 1)) ||
+      (st = input(ctx, 4, ELEM_INT32, 1, td, &total, 1)) || (st = input(ctx, 5, ELEM_FLOAT, 2, cd, &cos, 0)) ||
+      (st = input(ctx, 6, ELEM_FLOAT, 2, nd, &sin, 0)) || (st = input(ctx, 7, ELEM_INT64, 1, pd, &pos, 1)) ||
+      (st = input(ctx, 8, ELEM_FLOAT, 4, bd, &bias, 0)))
+    return st;
+  int rows = (int)qd[1], hd = (int)kd[3], in_cap = (int)kd[2], tot = *(const int32_t *)total;
+  int heads = (int)k->heads, kv_heads = (int)k->kv_heads, past = tot - rows;
+  if (qd[0] != 1 || kd[0] != 1 || rows < 1 || kd[1] != kv_heads || memcmp(kd, vd, sizeof kd) ||
+      qd[2] != (int64_t)(heads + 2 * kv_heads) * hd || hd % 8 || hd > 256 || cd[1] * 2 != hd || nd[0] != cd[0] ||
+      nd[1] != cd[1])
+    return error("RowAttention: qkv, cache or rotary shapes do not match the op's heads");
+  int cap = in_cap > tot ? in_cap : tot;  /* present: the past buffer, or a larger one when the past is shorter */
+  if (sd[0] != 1 || td[0] != 1 || past < 0 || past > in_cap || *(const int32_t *)seqlens != tot - 1 || pd[0] != rows ||
+      bd[0] != 1 || bd[1] != 1 || bd[2] != rows || bd[3] != tot) {
+    char message[240];
+    snprintf(message, sizeof message, "RowAttention: %d rows, total length %d (seqlens_k %d), %lld positions and a "
+             "bias of [%lld, %lld, %lld, %lld] do not fit each other or a cache of %d rows", rows, tot,
+             *(const int32_t *)seqlens, (long long)pd[0], (long long)bd[0], (long long)bd[1], (long long)bd[2],
+             (long long)bd[3], in_cap);
+    return error(message);
+  }
+  const int64_t *p = (const int64_t *)pos;
+  for (int i = 0; i < rows; i++)
+    if (p[i] < 0 || p[i] >= cd[0]) return error("RowAttention: a position is outside the rotary cache");
+  int64_t od[3] = {1, rows, (int64_t)heads * hd}, cd4[4] = {1, kv_heads, cap, hd};
+  float *out, *key, *value;
+  if ((st = output(ctx, 0, od, 3, &out)) || (st = output(ctx, 1, cd4, 4, &key)) || (st = output(ctx, 2, cd4, 4, &value)))
+    return st;
+  for (int kh = 0; kh < kv_heads; kh++) {  /* not bound in place: present = the past rows, then the new rows */
+    size_t row_bytes = sizeof(float) * (size_t)hd;
+    if (key != (float *)pk) memcpy(key + (size_t)kh * cap * hd, (float *)pk + (size_t)kh * in_cap * hd, row_bytes * past);
+    if (value != (float *)pv) memcpy(value + (size_t)kh * cap * hd, (float *)pv + (size_t)kh * in_cap * hd, row_bytes * past);
+  }
+  Step s = {qkv, key, value, cos, sin, bias, p, out, rows, rows - (k->skip_last_row && rows > 1 ? 1 : 0), past,
+            heads, kv_heads, hd, cap};
+  if (s.computed < rows) memset(out + (size_t)s.computed * heads * hd, 0, sizeof(float) * heads * hd);
+  write_rows(&s, key, value);
+  return CALL(KernelContext_ParallelFor, OrtStatus *(*)(OrtKernelContext *, void (*)(void *, size_t), size_t, size_t, void *))(
+      ctx, head_rows, (size_t)heads, 0, &s);
+}
+
+static OrtStatus *create(const OrtCustomOp *op, OrtApiTable table, const OrtKernelInfo *info, void **kernel) {
+  (void)op; (void)table;
+  Kernel *k = calloc(1, sizeof(Kernel));
+  if (!k) return error("RowAttention: out of memory");
+  OrtStatus *(*attr)(const OrtKernelInfo *, const char *, int64_t *) =
+      CALL(KernelInfoGetAttribute_int64, OrtStatus *(*)(const OrtKernelInfo *, const char *, int64_t *));
+  OrtStatus *st;
+  if ((st = attr(info, "num_heads", &k->heads)) || (st = attr(info, "kv_num_heads", &k->kv_heads))) {
+    free(k);
+    return st;
+  }
+  if ((st = attr(info, "skip_last_row", &k->skip_last_row))) {  /* optional */
+    CALL(ReleaseStatus, void (*)(OrtStatus *))(st);
+    k->skip_last_row = 0;
+  }
+  if (k->heads < 1 || k->kv_heads < 1 || k->heads % k->kv_heads) {
+    free(k);
+    return error("RowAttention: num_heads must be a positive multiple of kv_num_heads");
+  }
+  *kernel = k;
+  return NULL;
+}
+
+static const char *name(const OrtCustomOp *op) { (void)op; return "RowAttention"; }
+static const char *provider(const OrtCustomOp *op) { (void)op; return "CPUExecutionProvider"; }
+static int input_type(const OrtCustomOp *op, size_t i) {
+  (void)op;
+  return i == 3 || i == 4 ? ELEM_INT32 : i == 7 ? ELEM_INT64 : ELEM_FLOAT;
+}
+static size_t input_count(const OrtCustomOp *op) { (void)op; return 9; }
+static int output_type(const OrtCustomOp *op, size_t i) { (void)op; (void)i; return ELEM_FLOAT; }
+static size_t output_count(const OrtCustomOp *op) { (void)op; return 3; }
+static void destroy(void *kernel) { free(kernel); }
+static int required(const OrtCustomOp *op, size_t i) { (void)op; (void)i; return 1; /* INPUT_OUTPUT_REQUIRED */ }
+static int cpu_memory(const OrtCustomOp *op, size_t i) { (void)op; (void)i; return 0; /* OrtMemTypeDefault */ }
+static int one(const OrtCustomOp *op) { (void)op; return 1; }
+
+static OrtCustomOp row_attention = {
+    .version = API_VERSION, .GetName = name, .GetExecutionProviderType = provider, .GetInputType = input_type,
+    .GetInputTypeCount = input_count, .GetOutputType = output_type, .GetOutputTypeCount = output_count,
+    .KernelDestroy = destroy, .GetInputCharacteristic = required, .GetOutputCharacteristic = required,
+    .GetInputMemoryType = cpu_memory, .GetVariadicInputMinArity = one, .GetVariadicInputHomogeneity = one,
+    .GetVariadicOutputMinArity = one, .GetVariadicOutputHomogeneity = one, .CreateKernelV2 = create,
+    .KernelComputeV2 = compute,
+};
+
+__attribute__((visibility("default"))) OrtStatus *RegisterCustomOps(OrtSessionOptions *options, const OrtApiBase *base) {
+  api = base->GetApi(API_VERSION);
+  if (!api) return NULL;  /* an ONNX Runtime older than the op needs: its sessions will not find the op */
+  OrtCustomOpDomain *domain = NULL;  /* kept for the process' lifetime: sessions refer to it */
+  OrtStatus *st = CALL(CreateCustomOpDomain, OrtStatus *(*)(const char *, OrtCustomOpDomain **))("medusa_export", &domain);
+  if (st) return st;
+  if ((st = CALL(CustomOpDomain_Add, OrtStatus *(*)(OrtCustomOpDomain *, const OrtCustomOp *))(domain, &row_attention)))
+    return st;
+  return CALL(AddCustomOpDomain, OrtStatus *(*)(OrtSessionOptions *, OrtCustomOpDomain *))(options, domain);
+}
