@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from medusa_export.runtime import kernels
+
 
 def fold_constants(path: Path) -> dict:
     import onnx
@@ -23,8 +25,11 @@ def fold_constants(path: Path) -> dict:
 
     model = onnx.load(str(path))
     before = len(model.graph.node)
+    # ONNX Runtime's symbolic shape inference does not know the attention kernel's op; where it fails it saves its
+    # partial model into the current directory, so graphs with the op use ONNX's shape inference only.
+    ort_shapes = all(o.domain != kernels.DOMAIN for o in model.opset_import)
     with G_LOGGER.verbosity(G_LOGGER.ERROR):  # Polygraphy reports every pass on stdout otherwise
-        folded = polygraphy_fold(model, error_ok=True)
+        folded = polygraphy_fold(model, error_ok=True, allow_onnxruntime_shape_inference=ort_shapes)
     after = len(folded.graph.node)
     if after < before:
         if path.with_name(path.name + ".data").exists():  # the export kept weights outside (> 2 GB)

@@ -260,3 +260,15 @@ def test_loading_without_a_compiler_is_a_one_line_error(kernel_runtimes, tmp_pat
     proc = cli("generate", directory, "--prompt", "t5 t6", "--max-new-tokens", "2",
                env={"MEDUSA_EXPORT_KERNEL_DIR": str(tmp_path), "CC": str(tmp_path / "no-such-cc")})
     assert_one_line_error(proc, "C compiler")
+
+
+def test_a_kernel_build_writes_nothing_outside_its_artifact(tiny_dirs, tmp_path, monkeypatch):
+    """ONNX Runtime's shape inference, which cannot infer the kernel's op, would save its partial model into the
+    current directory: the constant folding of kernel graphs does not use it."""
+    from medusa_export.exporter.build import build_artifact
+
+    monkeypatch.chdir(tmp_path)
+    build_artifact(str(tiny_dirs[0]), tmp_path / "art", BuildOptions(heads=str(tiny_dirs[1]), max_seq=64,
+                                                                     tree=artifact_tree_file(tiny_dirs),
+                                                                     attention="kernel"), log=lambda _m: None)
+    assert [p.name for p in tmp_path.iterdir()] == ["art"]
