@@ -121,34 +121,32 @@ static void rotate(const float *x, float *out, const float *cos, const float *si
   }
 }
 
-/* One query row of one head over keys 0 .. n - 1: scores (n rounded up to 8) is scratch; hd a multiple of 8, at
-   most 256. Inlined with hd a constant for the common head sizes, so the accumulators stay in registers. The
-   arithmetic of a key's score, the softmax sums and the weighted values never depend on n beyond the keys seen. */
-static inline __attribute__((always_inline)) void attend_hd(const float *q, const float *K, const float *V,
-                                                            const float *bias, int n, int hd, float scale,
-                                                            float *scores, float *out) {
-  int n8 = (n + 7) & ~7, blocks = hd / 8, j = 0;
-  for (; j + 4 <= n; j += 4) {  /* four keys at a time: independent chains, each key's sum as below */
+enum { TILE = 4 };  /* query rows of one head that share each key's load */
+
+/* Scores of up to TILE query rows of one head: row t sees keys 0 .. n[t] - 1 and gets -inf beyond (up to the last
+   row's n). Each row's score of a key is one fused multiply-add chain over the head's 8-float blocks, then one fixed
+   horizontal sum: the same numbers whatever the other rows of the tile. Inlined with hd a constant for the common
+   head sizes. */
+static inline __attribute__((always_inline)) void scores_hd(const float *const *q, int rows, const float *K,
+                                                            const float *const *bias, const int *n, int hd,
+                                                            float scale, float *const *scores) {
+  int blocks = hd / 8, last = n[rows - 1];
+  for (int j = 0; j < last; j++) {
     const float *k = K + (size_t)j * hd;
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    __m256 acc[TILE];
+    for (int t = 0; t < rows; t++) acc[t] = _mm256_setzero_ps();
     for (int b = 0; b < blocks; b++) {
-      __m256 qb = _mm256_loadu_ps(q + 8 * b);
-      a0 = _mm256_fmadd_ps(qb, _mm256_loadu_ps(k + 8 * b), a0);
-      a1 = _mm256_fmadd_ps(qb, _mm256_loadu_ps(k + hd + 8 * b), a1);
-      a2 = _mm256_fmadd_ps(qb, _mm256_loadu_ps(k + 2 * hd + 8 * b), a2);
-      a3 = _mm256_fmadd_ps(qb, _mm256_loadu_ps(k + 3 * hd + 8 * b), a3);
+      __m256 kb = _mm256_loadu_ps(k + 8 * b);
+      for (int t = 0; t < rows; t++) acc[t] = _mm256_fmadd_ps(_mm256_loadu_ps(q[t] + 8 * b), kb, acc[t]);
     }
-    scores[j] = hsum8(a0) * scale + bias[j];
-    scores[j + 1] = hsum8(a1) * scale + bias[j + 1];
-    scores[j + 2] = hsum8(a2) * scale + bias[j + 2];
-    scores[j + 3] = hsum8(a3) * scale + bias[j + 3];
+    for (int t = 0; t < rows; t++) scores[t][j] = j < n[t] ? hsum8(acc[t]) * scale + bias[t][j] : -INFINITY;
   }
-  for (; j < n; j++) {
-    const float *k = K + (size_t)j * hd;
-    __m256 a0 = _mm256_setzero_ps();
-    for (int b = 0; b < blocks; b++) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + 8 * b), _mm256_loadu_ps(k + 8 * b), a0);
-    scores[j] = hsum8(a0) * scale + bias[j];
-  }
+}
+
+/* One row's softmax over its n scores (rounded up to 8 with -inf; masked keys are exactly 0) and the weighted sum
+   of the values: both in one fixed order over the keys. */
+static inline __attribute__((always_inline)) void weigh_hd(const float *V, int n, int hd, float *scores, float *out) {
+  int n8 = (n + 7) & ~7, blocks = hd / 8, j;
   for (j = n; j < n8; j++) scores[j] = -INFINITY;
   __m256 m8 = _mm256_set1_ps(-INFINITY);
   for (j = 0; j < n8; j += 8) m8 = _mm256_max_ps(m8, _mm256_loadu_ps(scores + j));
@@ -175,12 +173,32 @@ static inline __attribute__((always_inline)) void attend_hd(const float *q, cons
   for (int b = 0; b < blocks; b++) _mm256_storeu_ps(out + 8 * b, _mm256_mul_ps(acc[b], inv));
 }
 
-static void attend(const float *q, const float *K, const float *V, const float *bias, int n, int hd, float scale,
-                   float *scores, float *out) {
-  switch (hd) {
-    case 64: attend_hd(q, K, V, bias, n, 64, scale, scores, out); break;
-    case 128: attend_hd(q, K, V, bias, n, 128, scale, scores, out); break;
-    default: attend_hd(q, K, V, bias, n, hd, scale, scores, out);
+/* A tile of query rows of one head: scores together, then each row's softmax and values. */
+static inline __attribute__((always_inline)) void attend_hd(const float *const *q, int rows, const float *K,
+                                                            const float *V, const float *const *bias, const int *n,
+                                                            int hd, float scale, float *const *scores,
+                                                            float *const *out) {
+  scores_hd(q, rows, K, bias, n, hd, scale, scores);
+  for (int t = 0; t < rows; t++) weigh_hd(V, n[t], hd, scores[t], out[t]);
+}
+
+/* Full tiles and single rows get their own inlined copies (row and head counts constant: accumulators in
+   registers); both compute each row alike. */
+static void attend(const float *const *q, int rows, const float *K, const float *V, const float *const *bias,
+                   const int *n, int hd, float scale, float *const *scores, float *const *out) {
+  if (rows == TILE) {
+    switch (hd) {
+      case 64: attend_hd(q, TILE, K, V, bias, n, 64, scale, scores, out); return;
+      case 128: attend_hd(q, TILE, K, V, bias, n, 128, scale, scores, out); return;
+      default: attend_hd(q, TILE, K, V, bias, n, hd, scale, scores, out); return;
+    }
+  }
+  for (int t = 0; t < rows; t++) {
+    switch (hd) {
+      case 64: attend_hd(q + t, 1, K, V, bias + t, n + t, 64, scale, scores + t, out + t); break;
+      case 128: attend_hd(q + t, 1, K, V, bias + t, n + t, 128, scale, scores + t, out + t); break;
+      default: attend_hd(q + t, 1, K, V, bias + t, n + t, hd, scale, scores + t, out + t);
+    }
   }
 }
 
@@ -196,19 +214,31 @@ typedef struct {  /* one step's shapes and pointers, shared by the threads */
   int rows, computed, past, heads, kv_heads, hd, cap;
 } Step;
 
-static void head_rows(void *data, size_t h) {  /* every computed row of query head h */
+static void head_rows(void *data, size_t h) {  /* every computed row of query head h, TILE rows at a time */
   const Step *s = (const Step *)data;
   int total = s->past + s->rows, width = (s->heads + 2 * s->kv_heads) * s->hd, kh = (int)h / (s->heads / s->kv_heads);
-  float q[256], stack[2048], *scores = total + 8 <= 2048 ? stack : malloc(sizeof(float) * (total + 8));
-  if (!scores) return;  /* left as zeros: the caller checked sizes, so this is out of memory */
+  size_t stride = (size_t)total + 8;
+  float q[TILE][256], stack[TILE * 1024], *buf = TILE * stride <= TILE * 1024 ? stack : malloc(sizeof(float) * TILE * stride);
+  if (!buf) return;  /* left as zeros: the caller checked sizes, so this is out of memory */
   const float *K = s->kcache + (size_t)kh * s->cap * s->hd, *V = s->vcache + (size_t)kh * s->cap * s->hd;
-  for (int i = 0; i < s->computed; i++) {
-    const float *c = s->cos + s->pos[i] * (s->hd / 2), *sn = s->sin + s->pos[i] * (s->hd / 2);
-    rotate(s->qkv + (size_t)i * width + h * s->hd, q, c, sn, s->hd);
-    attend(q, K, V, s->bias + (size_t)i * total, s->past + i + 1, s->hd, 1.0f / sqrtf((float)s->hd), scores,
-           s->out + ((size_t)i * s->heads + h) * s->hd);
+  float scale = 1.0f / sqrtf((float)s->hd);
+  for (int i0 = 0; i0 < s->computed; i0 += TILE) {
+    int rows = s->computed - i0 < TILE ? s->computed - i0 : TILE, n[TILE];
+    const float *qs[TILE], *bias[TILE];
+    float *scores[TILE], *out[TILE];
+    for (int t = 0; t < rows; t++) {
+      int i = i0 + t;
+      const float *c = s->cos + s->pos[i] * (s->hd / 2), *sn = s->sin + s->pos[i] * (s->hd / 2);
+      rotate(s->qkv + (size_t)i * width + h * s->hd, q[t], c, sn, s->hd);
+      qs[t] = q[t];
+      bias[t] = s->bias + (size_t)i * total;
+      n[t] = s->past + i + 1;
+      scores[t] = buf + t * stride;
+      out[t] = s->out + ((size_t)i * s->heads + h) * s->hd;
+    }
+    attend(qs, rows, K, V, bias, n, s->hd, scale, scores, out);
   }
-  if (scores != stack) free(scores);
+  if (buf != stack) free(buf);
 }
 
 static void write_rows(const Step *s, float *kcache, float *vcache) {
