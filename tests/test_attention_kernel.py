@@ -18,7 +18,7 @@ from onnx import TensorProto, helper  # noqa: E402
 
 import test_engine as engine_tests  # noqa: E402
 import test_fused_graph as fused_tests  # noqa: E402
-from conftest import TINY_PROMPTS, artifact_tree_file, make_chat_tokenizer  # noqa: E402
+from conftest import TINY_PROMPTS, artifact_tree_file  # noqa: E402
 from test_cli import assert_one_line_error, cli  # noqa: E402
 
 from medusa_export.runtime import kernels  # noqa: E402
@@ -195,24 +195,8 @@ def test_a_manifest_refuses_the_kernel_on_portable_graphs():
 # ---- artifacts built with the kernel ----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def kernel_runtimes(tiny_dirs, tmp_path_factory):
-    """The tiny model with a chat tokenizer, built with --attention kernel and a 3-lane batched graph, fp32, int8 and
-    int4."""
-    import shutil
-
-    from medusa_export.exporter.build import build_artifact
-    from medusa_export.runtime.api import MedusaRuntime
-
-    root = tmp_path_factory.mktemp("kernel")
-    shutil.copytree(tiny_dirs[0], root / "model")
-    make_chat_tokenizer().save(root / "model")
-    out = {}
-    for dtype in ("fp32", "int8", "int4"):
-        build_artifact(str(root / "model"), root / dtype,
-                       BuildOptions(heads=str(tiny_dirs[1]), tree=artifact_tree_file(tiny_dirs), max_seq=256,
-                                    dtype=dtype, max_num_seqs=engine_tests.LANES, attention="kernel"),
-                       quality_prompts=["t5 t6 t7"] if dtype != "fp32" else None, log=lambda _m: None)
-        out[dtype] = MedusaRuntime.load(root / dtype, threads=1)
-    return out
+    """The engine tests' artifacts (fp32, int8, int4; 3 lanes; a chat tokenizer), built with --attention kernel."""
+    return engine_tests.build_runtimes(tiny_dirs, tmp_path_factory.mktemp("kernel"), attention="kernel")
 
 
 def test_kernel_artifacts_record_it_and_hold_no_group_query_attention(kernel_runtimes):

@@ -28,25 +28,28 @@ def engine_root(tmp_path_factory):
     return tmp_path_factory.mktemp("engine")
 
 
-@pytest.fixture(scope="module")
-def runtimes(tiny_dirs, engine_root):
+def build_runtimes(tiny_dirs, root, **options) -> dict:
     """The tiny model with a chat tokenizer, built with a 3-lane batched graph for fp32, int8 and int4 weights
-    (artifacts in ``engine_root / dtype``)."""
+    (artifacts in ``root / dtype``; ``options``: more `BuildOptions`), loaded."""
     import shutil
 
     from medusa_export.exporter.build import build_artifact
     from medusa_export.runtime.api import MedusaRuntime
 
-    root = engine_root
     shutil.copytree(tiny_dirs[0], root / "model")
     make_chat_tokenizer().save(root / "model")
     out = {}
     for dtype in ("fp32", "int8", "int4"):
         build_artifact(str(root / "model"), root / dtype,
                        BuildOptions(heads=str(tiny_dirs[1]), tree=artifact_tree_file(tiny_dirs), max_seq=256,
-                                    dtype=dtype, max_num_seqs=LANES), log=lambda _m: None)
+                                    dtype=dtype, max_num_seqs=LANES, **options), log=lambda _m: None)
         out[dtype] = MedusaRuntime.load(root / dtype, threads=1)
     return out
+
+
+@pytest.fixture(scope="module")
+def runtimes(tiny_dirs, engine_root):
+    return build_runtimes(tiny_dirs, engine_root)
 
 
 def _config(i: int, medusa: bool | None = None, n: int = 24) -> GenerationConfig:
