@@ -36,12 +36,12 @@ COS = np.cos(np.arange(CAP)[:, None] * INV[None]).astype(np.float32)
 SIN = np.sin(np.arange(CAP)[:, None] * INV[None]).astype(np.float32)
 
 
-def _session(kind: str):
+def _session(kind: str, outputs=("out", "present_key", "present_value"), heads: int = HEADS):
     """One attention node over a [1, kv_heads, CAP, hd] cache: RowAttention or GroupQueryAttention."""
     inputs = ["qkv", "past_key", "past_value", "seqlens_k", "total", "cos", "sin", "position_ids", "bias"]
     if kind == "kernel":
-        node = helper.make_node(kernels.OP, inputs, ["out", "present_key", "present_value"], domain=kernels.DOMAIN,
-                                num_heads=HEADS, kv_num_heads=KV_HEADS)
+        node = helper.make_node(kernels.OP, inputs, list(outputs), domain=kernels.DOMAIN, num_heads=heads,
+                                kv_num_heads=KV_HEADS)
     else:
         node = helper.make_node("GroupQueryAttention", [inputs[0], "", "", *inputs[1:]],
                                 ["out", "present_key", "present_value"], domain="com.microsoft", num_heads=HEADS,
@@ -55,8 +55,9 @@ def _session(kind: str):
         helper.make_tensor_value_info("cos", f, [CAP, HD // 2]), helper.make_tensor_value_info("sin", f, [CAP, HD // 2]),
         helper.make_tensor_value_info("position_ids", TensorProto.INT64, [1, "S"]),
         helper.make_tensor_value_info("bias", f, [1, 1, "S", "T"])],
-        [helper.make_tensor_value_info("out", f, [1, "S", HEADS * HD]),
-         helper.make_tensor_value_info("present_key", f, cache), helper.make_tensor_value_info("present_value", f, cache)])
+        [v for v in (helper.make_tensor_value_info("out", f, [1, "S", HEADS * HD]),
+                     helper.make_tensor_value_info("present_key", f, cache),
+                     helper.make_tensor_value_info("present_value", f, cache)) if v.name in outputs])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1),
                                                     helper.make_opsetid(kernels.DOMAIN, 1)])
     opts = ort.SessionOptions()
@@ -128,6 +129,7 @@ def test_a_present_not_bound_in_place_holds_the_same(sessions):
     np.testing.assert_array_equal(copied[0], bound[0])
     for a, b in zip(copied[1:], bound[1:]):
         np.testing.assert_array_equal(a[:, :, :34], b[:, :, :34])
+        assert not a[:, :, 34:].any()  # nothing of ONNX Runtime's earlier use of that memory
     empty = dict(feeds, past_key=feeds["past_key"][:, :, :0].copy(), past_value=feeds["past_value"][:, :, :0].copy(),
                  seqlens_k=np.array([3], np.int32), total=np.array(4, np.int32), bias=feeds["bias"][..., 30:].copy(),
                  position_ids=np.arange(4, dtype=np.int64)[None])
@@ -149,6 +151,25 @@ def test_inputs_that_do_not_fit_are_refused_with_a_reason(sessions, change, word
     with pytest.raises(Exception) as e:
         sessions["kernel"].run(None, feeds)
     assert "RowAttention: " in str(e.value) and words in str(e.value)
+
+
+def test_a_nan_is_passed_on_not_hidden(sessions):
+    """A NaN in a key reaches the rows of the heads that read it, as in GroupQueryAttention."""
+    feeds = _feeds(np.random.default_rng(4), 2, 20)
+    feeds["past_key"][0, 0, 5] = np.nan  # KV head 0: query heads 0 .. 2
+    ours, theirs = _bound(sessions["kernel"], feeds)[0], _bound(sessions["gqa"], feeds)[0]
+    per_head = ours.reshape(2, HEADS, HD)
+    assert np.isnan(per_head[:, :HEADS // KV_HEADS]).all() and np.isfinite(per_head[:, HEADS // KV_HEADS:]).all()
+    assert (np.isnan(ours) == np.isnan(theirs)).all()
+
+
+@pytest.mark.parametrize("outputs,heads", [(("out", "", ""), HEADS), (("out", "present_key", "present_value"), 1 << 40)])
+def test_a_malformed_node_is_refused_not_run(outputs, heads):
+    """A node without its cache outputs, or with absurd head counts, fails with an error (before, the first
+    crashed the process)."""
+    with pytest.raises(Exception) as e:
+        _session("kernel", outputs, heads).run(None, _feeds(np.random.default_rng(0), 2, 10))
+    assert "RowAttention" in str(e.value) or "output" in str(e.value)
 
 
 def test_the_library_is_compiled_once_per_source_and_compiler(tmp_path, monkeypatch):

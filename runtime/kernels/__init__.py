@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shlex
 import shutil
 import subprocess
+import tempfile
 import threading
 from pathlib import Path
 
@@ -26,10 +28,13 @@ from ..machine import machine_info
 SOURCE = Path(__file__).with_name("row_attention.c")
 DOMAIN = "medusa_export"  # the custom ops' domain in the graphs
 OP = "RowAttention"
-FLAGS = ["-O3", "-mavx2", "-mfma", "-fPIC", "-shared", "-fvisibility=hidden", "-std=c11"]
+# -ffp-contract=off: no multiply-add the source does not write, so every path computes a row alike
+FLAGS = ["-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fPIC", "-shared", "-fvisibility=hidden", "-std=c11"]
+LIBS = ["-lm"]
 NEEDS = ("avx2", "fma")
 _lock = threading.Lock()
-_built: dict[str, str] = {}
+_built: dict[str, str] = {}  # by source-and-compiler key: the library's path
+_versions: dict[str, str] = {}  # by compiler command: its --version output
 
 
 def register(opts, attention: str) -> None:
@@ -45,19 +50,23 @@ def kernel_dir() -> Path:
     return Path(cache) / "medusa-export" / "kernels"
 
 
-def _compiler() -> str:
+def _compiler() -> list[str]:
+    """The compiler command (``$CC`` may carry words, e.g. ``ccache gcc``)."""
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not cc:
         raise BackendUnavailableError("the attention kernel needs a C compiler and none was found: install gcc (or "
                                       "set CC), or use an artifact built with --attention gqa")
-    return cc
+    return shlex.split(cc)
 
 
-def _compiler_version(cc: str) -> str:
-    try:
-        return subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
-    except (OSError, subprocess.SubprocessError) as e:
-        raise BackendUnavailableError(f"the C compiler {cc!r} does not run ({e}): install gcc or set CC") from None
+def _compiler_version(cc: list[str]) -> str:
+    key = " ".join(cc)
+    if key not in _versions:  # once per process and compiler
+        try:
+            _versions[key] = subprocess.run([*cc, "--version"], capture_output=True, text=True, timeout=60).stdout
+        except (OSError, subprocess.SubprocessError) as e:
+            raise BackendUnavailableError(f"the C compiler {key!r} does not run ({e}): install gcc or set CC") from None
+    return _versions[key]
 
 
 def library_path() -> str:
@@ -68,7 +77,7 @@ def library_path() -> str:
                                       f"missing here): use an artifact built with --attention gqa")
     cc = _compiler()
     source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join(FLAGS).encode() + _compiler_version(cc).encode()).hexdigest()[:16]
+    key = hashlib.sha256(source + " ".join(FLAGS + LIBS).encode() + _compiler_version(cc).encode()).hexdigest()[:16]
     with _lock:
         if key in _built:
             return _built[key]
@@ -80,26 +89,30 @@ def library_path() -> str:
         return _built[key]
 
 
-def _compile(cc: str, directory: Path, path: Path) -> None:
-    """Into a temporary name beside ``path``, then renamed: another process sees no file or a whole one."""
+def _compile(cc: list[str], directory: Path, path: Path) -> None:
+    """Into a unique temporary name beside ``path``, then renamed: another process sees no file or a whole one."""
+    name = " ".join(cc)
     try:
         directory.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+        os.close(fd)
     except OSError as e:
-        raise BackendUnavailableError(f"cannot create the kernel directory {directory} ({e.strerror}): set "
+        raise BackendUnavailableError(f"cannot write to the kernel directory {directory} ({e.strerror}): set "
                                       f"MEDUSA_EXPORT_KERNEL_DIR to a writable directory") from None
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = Path(tmp_name)
     try:
-        done = subprocess.run([cc, *FLAGS, "-o", str(tmp), str(SOURCE)], capture_output=True, text=True, timeout=300)
+        done = subprocess.run([*cc, *FLAGS, "-o", str(tmp), str(SOURCE), *LIBS], capture_output=True, text=True,
+                              timeout=300)
         if done.returncode != 0:
             first = (done.stderr.strip().splitlines() or ["no message"])[0]
-            raise BackendUnavailableError(f"compiling the attention kernel with {cc} failed ({first[:200]}): install "
+            raise BackendUnavailableError(f"compiling the attention kernel with {name} failed ({first[:200]}): install "
                                           f"gcc >= 9 or use an artifact built with --attention gqa")
         os.replace(tmp, path)
     except OSError as e:
         raise BackendUnavailableError(f"cannot write the attention kernel to {directory} ({e.strerror}): set "
                                       f"MEDUSA_EXPORT_KERNEL_DIR to a writable directory") from None
     except subprocess.TimeoutExpired:
-        raise BackendUnavailableError(f"compiling the attention kernel with {cc} took over 300 s: check the "
+        raise BackendUnavailableError(f"compiling the attention kernel with {name} took over 300 s: check the "
                                       f"compiler") from None
     finally:
         tmp.unlink(missing_ok=True)

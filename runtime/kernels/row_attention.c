@@ -78,11 +78,18 @@ static OrtStatus *error(const char *message) {
 }
 
 /* ---- arithmetic ------------------------------------------------------------------------------------------------ */
-static inline float hsum8(__m256 v) {  /* one fixed order for every sum */
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-  return _mm_cvtss_f32(s);
+/* The one order every 8-lane sum uses: ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7)). */
+static inline float hsum8(__m256 v) {
+  __m128 a = _mm_hadd_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));  /* x0+x1, x2+x3, x4+x5, x6+x7 */
+  __m128 b = _mm_hadd_ps(a, a);
+  return _mm_cvtss_f32(_mm_add_ss(b, _mm_movehdup_ps(b)));
+}
+
+/* The sums of eight vectors at once, lane k = hsum8(a[k]) exactly (the same pairs in the same order). */
+static inline __m256 hsum8x8(const __m256 *a) {
+  __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+  __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
 }
 
 static inline float hmax8(__m256 v) {
@@ -92,10 +99,10 @@ static inline float hmax8(__m256 v) {
   return _mm_cvtss_f32(m);
 }
 
-/* exp(x) for x <= 0 (a score minus the row's maximum); exactly 0 where x is -inf (a masked key). Cephes' expf
-   polynomial after the usual range reduction. */
+/* exp(x) for x <= 0 (a score minus the row's maximum); exactly 0 below -87 (a masked key's -inf, or a weight
+   under 1.6e-38), so such keys add nothing. Cephes' expf polynomial after the usual range reduction. */
 static inline __m256 exp8(__m256 x) {
-  __m256 masked = _mm256_cmp_ps(x, _mm256_set1_ps(-INFINITY), _CMP_EQ_OQ);
+  __m256 masked = _mm256_cmp_ps(x, _mm256_set1_ps(-87.0f), _CMP_LT_OQ);
   x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
   __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -124,22 +131,37 @@ static void rotate(const float *x, float *out, const float *cos, const float *si
 enum { TILE = 4 };  /* query rows of one head that share each key's load */
 
 /* Scores of up to TILE query rows of one head: row t sees keys 0 .. n[t] - 1 and gets -inf beyond (up to the last
-   row's n). Each row's score of a key is one fused multiply-add chain over the head's 8-float blocks, then one fixed
-   horizontal sum: the same numbers whatever the other rows of the tile. Inlined with hd a constant for the common
-   head sizes. */
+   row's n). A row's score of a key is one fused multiply-add chain over the head's 8-float blocks, the `hsum8` order
+   over its lanes, times the scale, plus the bias: keys go eight at a time (`hsum8x8`) and the last few one at a
+   time, with the same arithmetic, so a score depends on nothing but its row and key. The rows of a tile reuse each
+   block of keys from the L1 cache. */
 static inline __attribute__((always_inline)) void scores_hd(const float *const *q, int rows, const float *K,
                                                             const float *const *bias, const int *n, int hd,
                                                             float scale, float *const *scores) {
-  int blocks = hd / 8, last = n[rows - 1];
-  for (int j = 0; j < last; j++) {
-    const float *k = K + (size_t)j * hd;
-    __m256 acc[TILE];
-    for (int t = 0; t < rows; t++) acc[t] = _mm256_setzero_ps();
-    for (int b = 0; b < blocks; b++) {
-      __m256 kb = _mm256_loadu_ps(k + 8 * b);
-      for (int t = 0; t < rows; t++) acc[t] = _mm256_fmadd_ps(_mm256_loadu_ps(q[t] + 8 * b), kb, acc[t]);
+  int blocks = hd / 8, last = n[rows - 1], j0 = 0;
+  const __m256 scale8 = _mm256_set1_ps(scale), lane = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7);
+  for (; j0 + 8 <= last; j0 += 8) {
+    const float *k = K + (size_t)j0 * hd;
+    for (int t = 0; t < rows; t++) {
+      __m256 acc[8];
+      for (int key = 0; key < 8; key++) acc[key] = _mm256_setzero_ps();
+      for (int b = 0; b < blocks; b++) {
+        __m256 qb = _mm256_loadu_ps(q[t] + 8 * b);
+        for (int key = 0; key < 8; key++) acc[key] = _mm256_fmadd_ps(qb, _mm256_loadu_ps(k + key * hd + 8 * b), acc[key]);
+      }
+      __m256 sc = _mm256_add_ps(_mm256_mul_ps(hsum8x8(acc), scale8), _mm256_loadu_ps(bias[t] + j0));
+      __m256 seen = _mm256_cmp_ps(lane, _mm256_set1_ps((float)(n[t] - j0)), _CMP_LT_OQ);
+      _mm256_storeu_ps(scores[t] + j0, _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), sc, seen));
     }
-    for (int t = 0; t < rows; t++) scores[t][j] = j < n[t] ? hsum8(acc[t]) * scale + bias[t][j] : -INFINITY;
+  }
+  for (int j = j0; j < last; j++) {
+    const float *k = K + (size_t)j * hd;
+    for (int t = 0; t < rows; t++) {
+      __m256 acc = _mm256_setzero_ps();
+      for (int b = 0; b < blocks; b++) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q[t] + 8 * b), _mm256_loadu_ps(k + 8 * b), acc);
+      __m128 sc = _mm_add_ss(_mm_mul_ss(_mm_set_ss(hsum8(acc)), _mm_set_ss(scale)), _mm_set_ss(bias[t][j]));
+      scores[t][j] = j < n[t] ? _mm_cvtss_f32(sc) : -INFINITY;
+    }
   }
 }
 
@@ -148,8 +170,16 @@ static inline __attribute__((always_inline)) void scores_hd(const float *const *
 static inline __attribute__((always_inline)) void weigh_hd(const float *V, int n, int hd, float *scores, float *out) {
   int n8 = (n + 7) & ~7, blocks = hd / 8, j;
   for (j = n; j < n8; j++) scores[j] = -INFINITY;
-  __m256 m8 = _mm256_set1_ps(-INFINITY);
-  for (j = 0; j < n8; j += 8) m8 = _mm256_max_ps(m8, _mm256_loadu_ps(scores + j));
+  __m256 m8 = _mm256_set1_ps(-INFINITY), nan8 = _mm256_setzero_ps();
+  for (j = 0; j < n8; j += 8) {
+    __m256 x = _mm256_loadu_ps(scores + j);
+    m8 = _mm256_max_ps(m8, x);
+    nan8 = _mm256_or_ps(nan8, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+  }
+  if (_mm256_movemask_ps(nan8)) {  /* a NaN in the query, a key or the bias: passed on, as the math would */
+    for (int d = 0; d < hd; d++) out[d] = NAN;
+    return;
+  }
   float m = hmax8(m8);
   if (m == -INFINITY) {  /* sees nothing */
     memset(out, 0, sizeof(float) * hd);
@@ -210,7 +240,7 @@ typedef struct {
 typedef struct {  /* one step's shapes and pointers, shared by the threads */
   const float *qkv, *kcache, *vcache, *cos, *sin, *bias;
   const int64_t *pos;
-  float *out;
+  float *out, *scratch;  /* scratch: per query head, TILE rows of scores (stride total + 8) */
   int rows, computed, past, heads, kv_heads, hd, cap;
 } Step;
 
@@ -218,8 +248,7 @@ static void head_rows(void *data, size_t h) {  /* every computed row of query he
   const Step *s = (const Step *)data;
   int total = s->past + s->rows, width = (s->heads + 2 * s->kv_heads) * s->hd, kh = (int)h / (s->heads / s->kv_heads);
   size_t stride = (size_t)total + 8;
-  float q[TILE][256], stack[TILE * 1024], *buf = TILE * stride <= TILE * 1024 ? stack : malloc(sizeof(float) * TILE * stride);
-  if (!buf) return;  /* left as zeros: the caller checked sizes, so this is out of memory */
+  float q[TILE][256], *buf = s->scratch + h * TILE * stride;
   const float *K = s->kcache + (size_t)kh * s->cap * s->hd, *V = s->vcache + (size_t)kh * s->cap * s->hd;
   float scale = 1.0f / sqrtf((float)s->hd);
   for (int i0 = 0; i0 < s->computed; i0 += TILE) {
@@ -238,7 +267,6 @@ static void head_rows(void *data, size_t h) {  /* every computed row of query he
     }
     attend(qs, rows, K, V, bias, n, s->hd, scale, scores, out);
   }
-  if (buf != stack) free(buf);
 }
 
 static void write_rows(const Step *s, float *kcache, float *vcache) {
@@ -265,11 +293,12 @@ static OrtStatus *input(OrtKernelContext *ctx, size_t index, int type, size_t nd
   if ((st = CALL(GetTensorTypeAndShape, OrtStatus *(*)(const OrtValue *, OrtTypeShape **))(value, &info))) return st;
   int elem = 0;
   size_t count = 0;
-  CALL(GetTensorElementType, OrtStatus *(*)(const OrtTypeShape *, int *))(info, &elem);
-  CALL(GetDimensionsCount, OrtStatus *(*)(const OrtTypeShape *, size_t *))(info, &count);
   int64_t shape[4] = {1, 1, 1, 1};
-  if (count <= 4) CALL(GetDimensions, OrtStatus *(*)(const OrtTypeShape *, int64_t *, size_t))(info, shape, count);
+  if (!(st = CALL(GetTensorElementType, OrtStatus *(*)(const OrtTypeShape *, int *))(info, &elem)) &&
+      !(st = CALL(GetDimensionsCount, OrtStatus *(*)(const OrtTypeShape *, size_t *))(info, &count)) && count <= 4)
+    st = CALL(GetDimensions, OrtStatus *(*)(const OrtTypeShape *, int64_t *, size_t))(info, shape, count);
   CALL(ReleaseTensorTypeAndShapeInfo, void (*)(OrtTypeShape *))(info);
+  if (st) return st;
   if (any_rank && count <= 4) {
     dims[0] = shape[0] * shape[1] * shape[2] * shape[3];
     count = ndims;
@@ -292,6 +321,7 @@ static OrtStatus *output(OrtKernelContext *ctx, size_t index, const int64_t *dim
   OrtStatus *st = CALL(KernelContext_GetOutput, OrtStatus *(*)(OrtKernelContext *, size_t, const int64_t *, size_t, OrtValue **))(
       ctx, index, dims, ndims, &value);
   if (st) return st;
+  if (!value) return error("RowAttention: an output is missing (the node must name all three)");
   return CALL(GetTensorMutableData, OrtStatus *(*)(OrtValue *, void **))(value, (void **)data);
 }
 
@@ -307,14 +337,17 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
       (st = input(ctx, 6, ELEM_FLOAT, 2, nd, &sin, 0)) || (st = input(ctx, 7, ELEM_INT64, 1, pd, &pos, 1)) ||
       (st = input(ctx, 8, ELEM_FLOAT, 4, bd, &bias, 0)))
     return st;
+  if (sd[0] != 1 || td[0] != 1) return error("RowAttention: seqlens_k and total_sequence_length must hold one value each");
+  if (qd[1] > (1 << 24) || kd[2] > (1 << 24) || kd[3] > 256 || kd[1] > 4096)
+    return error("RowAttention: more rows, cache rows or head size than the op takes (2^24, 2^24, 256)");
   int rows = (int)qd[1], hd = (int)kd[3], in_cap = (int)kd[2], tot = *(const int32_t *)total;
   int heads = (int)k->heads, kv_heads = (int)k->kv_heads, past = tot - rows;
   if (qd[0] != 1 || kd[0] != 1 || rows < 1 || kd[1] != kv_heads || memcmp(kd, vd, sizeof kd) ||
-      qd[2] != (int64_t)(heads + 2 * kv_heads) * hd || hd % 8 || hd > 256 || cd[1] * 2 != hd || nd[0] != cd[0] ||
+      qd[2] != (int64_t)(heads + 2 * kv_heads) * hd || hd < 8 || hd % 8 || hd > 256 || cd[1] * 2 != hd || nd[0] != cd[0] ||
       nd[1] != cd[1])
     return error("RowAttention: qkv, cache or rotary shapes do not match the op's heads");
   int cap = in_cap > tot ? in_cap : tot;  /* present: the past buffer, or a larger one when the past is shorter */
-  if (sd[0] != 1 || td[0] != 1 || past < 0 || past > in_cap || *(const int32_t *)seqlens != tot - 1 || pd[0] != rows ||
+  if (past < 0 || past > in_cap || *(const int32_t *)seqlens != tot - 1 || pd[0] != rows ||
       bd[0] != 1 || bd[1] != 1 || bd[2] != rows || bd[3] != tot) {
     char message[240];
     snprintf(message, sizeof message, "RowAttention: %d rows, total length %d (seqlens_k %d), %lld positions and a "
@@ -330,17 +363,27 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
   float *out, *key, *value;
   if ((st = output(ctx, 0, od, 3, &out)) || (st = output(ctx, 1, cd4, 4, &key)) || (st = output(ctx, 2, cd4, 4, &value)))
     return st;
-  for (int kh = 0; kh < kv_heads; kh++) {  /* not bound in place: present = the past rows, then the new rows */
-    size_t row_bytes = sizeof(float) * (size_t)hd;
-    if (key != (float *)pk) memcpy(key + (size_t)kh * cap * hd, (float *)pk + (size_t)kh * in_cap * hd, row_bytes * past);
-    if (value != (float *)pv) memcpy(value + (size_t)kh * cap * hd, (float *)pv + (size_t)kh * in_cap * hd, row_bytes * past);
+  for (int kh = 0; kh < kv_heads; kh++) {  /* not bound in place: present = the past rows, the new rows, zeros */
+    size_t row_bytes = sizeof(float) * (size_t)hd, head = (size_t)kh * cap * hd;
+    if (key != (float *)pk) {
+      memcpy(key + head, (float *)pk + (size_t)kh * in_cap * hd, row_bytes * past);
+      memset(key + head + (size_t)past * hd, 0, row_bytes * (cap - past));
+    }
+    if (value != (float *)pv) {
+      memcpy(value + head, (float *)pv + (size_t)kh * in_cap * hd, row_bytes * past);
+      memset(value + head + (size_t)past * hd, 0, row_bytes * (cap - past));
+    }
   }
-  Step s = {qkv, key, value, cos, sin, bias, p, out, rows, rows - (k->skip_last_row && rows > 1 ? 1 : 0), past,
+  Step s = {qkv, key, value, cos, sin, bias, p, out, NULL, rows, rows - (k->skip_last_row && rows > 1 ? 1 : 0), past,
             heads, kv_heads, hd, cap};
   if (s.computed < rows) memset(out + (size_t)s.computed * heads * hd, 0, sizeof(float) * heads * hd);
   write_rows(&s, key, value);
-  return CALL(KernelContext_ParallelFor, OrtStatus *(*)(OrtKernelContext *, void (*)(void *, size_t), size_t, size_t, void *))(
+  s.scratch = malloc(sizeof(float) * (size_t)heads * TILE * ((size_t)tot + 8));
+  if (!s.scratch) return error("RowAttention: out of memory for the scores");
+  st = CALL(KernelContext_ParallelFor, OrtStatus *(*)(OrtKernelContext *, void (*)(void *, size_t), size_t, size_t, void *))(
       ctx, head_rows, (size_t)heads, 0, &s);
+  free(s.scratch);
+  return st;
 }
 
 static OrtStatus *create(const OrtCustomOp *op, OrtApiTable table, const OrtKernelInfo *info, void **kernel) {
@@ -358,9 +401,9 @@ static OrtStatus *create(const OrtCustomOp *op, OrtApiTable table, const OrtKern
     CALL(ReleaseStatus, void (*)(OrtStatus *))(st);
     k->skip_last_row = 0;
   }
-  if (k->heads < 1 || k->kv_heads < 1 || k->heads % k->kv_heads) {
+  if (k->heads < 1 || k->kv_heads < 1 || k->heads > 4096 || k->kv_heads > 4096 || k->heads % k->kv_heads) {
     free(k);
-    return error("RowAttention: num_heads must be a positive multiple of kv_num_heads");
+    return error("RowAttention: num_heads must be a multiple of kv_num_heads, both 1 .. 4096");
   }
   *kernel = k;
   return NULL;
@@ -376,7 +419,7 @@ static size_t input_count(const OrtCustomOp *op) { (void)op; return 9; }
 static int output_type(const OrtCustomOp *op, size_t i) { (void)op; (void)i; return ELEM_FLOAT; }
 static size_t output_count(const OrtCustomOp *op) { (void)op; return 3; }
 static void destroy(void *kernel) { free(kernel); }
-static int required(const OrtCustomOp *op, size_t i) { (void)op; (void)i; return 1; /* INPUT_OUTPUT_REQUIRED */ }
+static int required(const OrtCustomOp *op, size_t i) { (void)op; (void)i; return 0; /* INPUT_OUTPUT_REQUIRED */ }
 static int cpu_memory(const OrtCustomOp *op, size_t i) { (void)op; (void)i; return 0; /* OrtMemTypeDefault */ }
 static int one(const OrtCustomOp *op) { (void)op; return 1; }
 
@@ -390,8 +433,14 @@ static OrtCustomOp row_attention = {
 };
 
 __attribute__((visibility("default"))) OrtStatus *RegisterCustomOps(OrtSessionOptions *options, const OrtApiBase *base) {
-  api = base->GetApi(API_VERSION);
-  if (!api) return NULL;  /* an ONNX Runtime older than the op needs: its sessions will not find the op */
+  OrtApiTable table = base->GetApi(API_VERSION);
+  if (!table) {  /* an ONNX Runtime older than 1.16: say so through the oldest table */
+    OrtApiTable first = base->GetApi(1);
+    return first ? ((OrtStatus * (*)(int, const char *)) first[API_CreateStatus])(
+                       ORT_FAIL, "the medusa_export attention kernel needs onnxruntime >= 1.16")
+                 : NULL;
+  }
+  __atomic_store_n(&api, table, __ATOMIC_RELEASE);  /* the same table for every registration in a process */
   OrtCustomOpDomain *domain = NULL;  /* kept for the process' lifetime: sessions refer to it */
   OrtStatus *st = CALL(CreateCustomOpDomain, OrtStatus *(*)(const char *, OrtCustomOpDomain **))("medusa_export", &domain);
   if (st) return st;
