@@ -52,6 +52,10 @@ def build_artifact(model: str | None, out: str | Path, options: BuildOptions = B
     model are measured and stored in the manifest (``manifest.quality``)."""
     out = Path(out)
     check_out_dir(out)  # before the long export
+    if options.attention == "kernel":
+        from medusa_export.runtime import kernels
+
+        kernels.library_path()  # compiled now (or a one-line error) rather than after the export
     if options.corpus_drafts == "sharegpt":
         from .training.sharegpt import sharegpt_file
 

@@ -260,6 +260,14 @@ def test_kernel_answers_equal_group_query_attention_answers(kernel_runtimes, art
             assert fused_tests._tokens(kernel_runtimes["fp32"], prompt, False) == fused_tests._tokens(gqa, prompt, False)
 
 
+def test_a_kernel_build_without_a_compiler_fails_before_any_work(tmp_path):
+    out = tmp_path / "art"
+    proc = cli("build", "--out", str(out), "--attention", "kernel", "--corpus-drafts", "none",
+               env={"MEDUSA_EXPORT_KERNEL_DIR": str(tmp_path / "kernels"), "CC": str(tmp_path / "no-such-cc")})
+    assert_one_line_error(proc, "C compiler")
+    assert "load model" not in proc.stdout and (not out.exists() or not any(out.iterdir()))
+
+
 def test_loading_without_a_compiler_is_a_one_line_error(kernel_runtimes, tmp_path):
     directory = str(kernel_runtimes["fp32"].generator.backend.directory)
     proc = cli("generate", directory, "--prompt", "t5 t6", "--max-new-tokens", "2",
