@@ -182,6 +182,20 @@ def test_the_library_is_compiled_once_per_source_and_compiler(tmp_path, monkeypa
     assert kernels.library_path() == path and (tmp_path / path.split("/")[-1]).stat().st_mtime_ns == stamp
 
 
+def test_without_a_compiler_a_library_compiled_before_is_used(tmp_path, monkeypatch):
+    monkeypatch.setenv("MEDUSA_EXPORT_KERNEL_DIR", str(tmp_path))
+    monkeypatch.setattr(kernels, "_built", {})
+    path = kernels.library_path()  # compiled here, as an image build step would
+    monkeypatch.setattr(kernels, "_built", {})
+    monkeypatch.setattr(kernels, "_versions", {})
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    assert kernels.library_path() == path
+    monkeypatch.setattr(kernels, "SOURCE", tmp_path / "edited.c")  # another source: nothing to reuse
+    (tmp_path / "edited.c").write_text("/* edited */\n")
+    with pytest.raises(BackendUnavailableError, match="does not run"):
+        kernels.library_path()
+
+
 def test_no_compiler_or_a_failing_one_is_a_one_line_error(tmp_path, monkeypatch):
     monkeypatch.setenv("MEDUSA_EXPORT_KERNEL_DIR", str(tmp_path))
     monkeypatch.setattr(kernels, "_built", {})

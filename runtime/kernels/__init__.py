@@ -5,10 +5,12 @@ use and cached.
     opts.register_custom_ops_library(path)         # before opening a graph built with --attention kernel
 
 Artifacts built with ``--attention kernel`` run their attention in it (docs/graphs.md, "The attention kernel").
-It needs a C compiler (``$CC``, else ``cc`` or ``gcc``) and a CPU with AVX2 and FMA; without them loading such an
-artifact fails in one line. The library goes to ``$MEDUSA_EXPORT_KERNEL_DIR``, else
-``$XDG_CACHE_HOME/medusa-export/kernels`` (``~/.cache/...``), named by a hash of the source and the compiler, so
-an edited source or another compiler builds a new file and never reuses a stale one.
+It needs a CPU with AVX2 and FMA, and a C compiler (``$CC``, else ``cc`` or ``gcc``) the first time; without them
+loading such an artifact fails in one line. The library goes to ``$MEDUSA_EXPORT_KERNEL_DIR``, else
+``$XDG_CACHE_HOME/medusa-export/kernels`` (``~/.cache/...``), named by a hash of the source and flags and one of
+the compiler, so an edited source or another compiler builds a new file and never reuses a stale one. A machine
+without a compiler uses a library compiled from the same source into that directory before (say, while a container
+image was built); the library is never taken from an artifact, which would make loading one run its code.
 """
 
 from __future__ import annotations
@@ -70,18 +72,25 @@ def _compiler_version(cc: list[str]) -> str:
 
 
 def library_path() -> str:
-    """The compiled library's path, building it first if this source and compiler have none yet."""
+    """The compiled library's path, building it first if this source and compiler have none yet. Without a
+    compiler, a library compiled from this source before into the same directory (by any compiler) is used."""
     missing = [f for f in NEEDS if f not in machine_info()["flags"]]
     if missing:
         raise BackendUnavailableError(f"the attention kernel needs a CPU with {' and '.join(NEEDS)} ({', '.join(missing)} "
                                       f"missing here): use an artifact built with --attention gqa")
-    cc = _compiler()
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join(FLAGS + LIBS).encode() + _compiler_version(cc).encode()).hexdigest()[:16]
+    source = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS + LIBS).encode()).hexdigest()[:16]
+    directory = kernel_dir()
+    try:
+        cc = _compiler()
+        key = f"{source}-{hashlib.sha256(_compiler_version(cc).encode()).hexdigest()[:8]}"
+    except BackendUnavailableError:
+        earlier = sorted(directory.glob(f"row_attention-{source}-*.so"))  # e.g. compiled when an image was built
+        if earlier:
+            return str(earlier[-1])
+        raise
     with _lock:
         if key in _built:
             return _built[key]
-        directory = kernel_dir()
         path = directory / f"row_attention-{key}.so"
         if not path.exists():
             _compile(cc, directory, path)
