@@ -7,7 +7,7 @@ use and cached.
 Artifacts built with ``--attention kernel`` run their attention in it (docs/graphs.md, "The attention kernel").
 It needs a CPU with AVX2 and FMA, and a C compiler (``$CC``, else ``cc`` or ``gcc``) the first time; without them
 loading such an artifact fails in one line. The library goes to ``$MEDUSA_EXPORT_KERNEL_DIR``, else
-``$XDG_CACHE_HOME/medusa-export/kernels`` (``~/.cache/...``), named by a hash of the source and flags and one of
+``$MEDUSA_EXPORT_CACHE/kernels`` (``~/.cache/medusa-export/kernels``), named by a hash of the source and flags and one of
 the compiler, so an edited source or another compiler builds a new file and never reuses a stale one. A machine
 without a compiler uses a library compiled from the same source into that directory before (say, while a container
 image was built); the library is never taken from an artifact, which would make loading one run its code.
@@ -46,10 +46,11 @@ def register(opts, attention: str) -> None:
 
 
 def kernel_dir() -> Path:
+    """``$MEDUSA_EXPORT_KERNEL_DIR``, else ``kernels`` in the project's cache (``$MEDUSA_EXPORT_CACHE``, default
+    ``~/.cache/medusa-export``, as for the built-in model)."""
     if os.environ.get("MEDUSA_EXPORT_KERNEL_DIR"):
         return Path(os.environ["MEDUSA_EXPORT_KERNEL_DIR"])
-    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(cache) / "medusa-export" / "kernels"
+    return Path(os.environ.get("MEDUSA_EXPORT_CACHE", Path.home() / ".cache" / "medusa-export")) / "kernels"
 
 
 def _compiler() -> list[str]:
