@@ -25,6 +25,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from medusa_export.runtime.cache_dir import cache_root
 from medusa_export.runtime.errors import ModelError
 from medusa_export.runtime.tokenizer import ChatTokenizer
 from medusa_export.runtime.whole_file import write_whole
@@ -41,10 +42,6 @@ class LoadedModel:
     tokenizer: ChatTokenizer
     identity: dict  # {"name", "source", "sha256_16"}: what the heads and artifacts record (no machine paths)
     path: Path | None = None  # where it was loaded from on this machine (never recorded)
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("MEDUSA_EXPORT_CACHE", Path.home() / ".cache" / "medusa-export"))
 
 
 def default_gguf_path() -> Path:

@@ -24,6 +24,7 @@ import tempfile
 import threading
 from pathlib import Path
 
+from ..cache_dir import cache_root
 from ..errors import BackendUnavailableError
 from ..machine import machine_info
 
@@ -50,7 +51,7 @@ def kernel_dir() -> Path:
     ``~/.cache/medusa-export``, as for the built-in model)."""
     if os.environ.get("MEDUSA_EXPORT_KERNEL_DIR"):
         return Path(os.environ["MEDUSA_EXPORT_KERNEL_DIR"])
-    return Path(os.environ.get("MEDUSA_EXPORT_CACHE", Path.home() / ".cache" / "medusa-export")) / "kernels"
+    return cache_root() / "kernels"
 
 
 def _compiler() -> list[str]:
