@@ -42,8 +42,7 @@ enum { API_VERSION = 16 };  /* CreateKernelV2 / KernelComputeV2 and KernelContex
 enum {  /* indices into OrtApi */
   API_CreateStatus = 0, API_CreateCustomOpDomain = 26, API_CustomOpDomain_Add = 27, API_AddCustomOpDomain = 28,
   API_GetTensorMutableData = 51, API_GetTensorElementType = 60, API_GetDimensionsCount = 61, API_GetDimensions = 62,
-  API_GetTensorTypeAndShape = 65, API_KernelInfoGetAttribute_int64 = 86, API_KernelContext_GetInputCount = 88,
-  API_KernelContext_GetInput = 90, API_KernelContext_GetOutput = 91, API_ReleaseStatus = 93,
+  API_GetTensorTypeAndShape = 65, API_KernelInfoGetAttribute_int64 = 86, API_KernelContext_GetInput = 90, API_KernelContext_GetOutput = 91, API_ReleaseStatus = 93,
   API_ReleaseTensorTypeAndShapeInfo = 99, API_KernelContext_ParallelFor = 274,
 };
 
