@@ -1,7 +1,7 @@
 """Where the batched engine's time goes at a given concurrency: per artifact and mode (vanilla, speculation), the
-aggregate tokens/s, the number of steps, the seconds in lanes steps that decode only and in those that also take a
-prompt chunk, and the mean rows and milliseconds of a decode-only step. Prompts are the first ``--limit`` of a JSONL
-file (chat template applied), closed loop with ``--concurrency`` in flight, greedy.
+aggregate tokens/s, the seconds in lanes steps that decode only and in those that also take a prompt chunk, and the
+mean rows and milliseconds of a decode-only step. The requests run as `compare_peers.py` runs ours (closed loop,
+``--concurrency`` in flight, greedy, `peer_runners.run_ours`) on the first ``--limit`` prompts of a JSONL file.
 
     python scripts/engine_split.py artifacts/smollm2 artifacts/smollm2-kernel --prompts mt_bench.jsonl \\
         [--limit 16] [--concurrency 8] [--max-new-tokens 128] [--threads 2] [--json engine_split.json]
@@ -12,14 +12,16 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import sys
 import time
+from pathlib import Path
 
-from medusa_export.runtime.api import MedusaRuntime
-from medusa_export.runtime.decode import GenerationConfig
-from medusa_export.runtime.engine import Engine
-from medusa_export.runtime.generator import GenerationResult
-from medusa_export.runtime.machine import machine_info
-from medusa_export.runtime.prompts import read_prompts
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from peer_runners import run_ours  # noqa: E402
+
+from medusa_export.runtime.api import MedusaRuntime  # noqa: E402
+from medusa_export.runtime.machine import machine_info  # noqa: E402
+from medusa_export.runtime.prompts import read_prompts  # noqa: E402
 
 
 def split(rt, prompts: list[list[int]], concurrency: int, max_new: int, medusa: bool) -> dict:
@@ -37,21 +39,11 @@ def split(rt, prompts: list[list[int]], concurrency: int, max_new: int, medusa: 
 
     lanes.run = timed
     try:
-        engine, done, pending = Engine(rt.generator, concurrency), {}, list(range(len(prompts)))
-        cfg = GenerationConfig(max_new_tokens=max_new, temperature=0.0, medusa=medusa)
-        steps, t0 = 0, time.perf_counter()
-        while pending or not engine.idle:
-            while pending and len(engine.running) + len(engine.waiting) < concurrency:
-                i = pending.pop(0)
-                engine.add(prompts[i], cfg, lambda x, i=i: done.__setitem__(i, x) if isinstance(x, GenerationResult)
-                           else None)
-            engine.step()
-            steps += 1
-        wall = time.perf_counter() - t0
+        runs = run_ours(rt, prompts, max_new, concurrency, medusa)
     finally:
         lanes.run = run
-    tokens = sum(len(r.token_ids) for r in done.values())
-    return {"medusa": medusa, "tokens_per_s": round(tokens / wall, 1), "wall_s": round(wall, 2), "steps": steps,
+    wall = max(r.done for r in runs) - min(r.submitted for r in runs)
+    return {"medusa": medusa, "tokens_per_s": round(sum(len(r.ids) for r in runs) / wall, 1), "wall_s": round(wall, 2),
             "decode_only_s": round(seconds["decode"], 2), "decode_only_steps": count["decode"],
             "decode_rows_per_step": round(rows["decode"] / max(count["decode"], 1), 2),
             "ms_per_decode_step": round(1e3 * seconds["decode"] / max(count["decode"], 1), 1),

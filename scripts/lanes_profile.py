@@ -15,14 +15,19 @@ import argparse
 import collections
 import json
 import os
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 
-from medusa_export.runtime.api import MedusaRuntime
-from medusa_export.runtime.backends.lanes import Lane
-from medusa_export.runtime.machine import machine_info
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from kv_pages import fill  # noqa: E402
+
+from medusa_export.runtime.api import MedusaRuntime  # noqa: E402
+from medusa_export.runtime.backends.lanes import Lane  # noqa: E402
+from medusa_export.runtime.machine import machine_info  # noqa: E402
 
 COUNTED = 30
 
@@ -36,11 +41,7 @@ def profile(artifact: str, past: int, sequences: int, steps: int, threads: int, 
     sessions = [backend.new_session() for _ in range(sequences)]
     rng = np.random.default_rng(0)
     for i, s in enumerate(sessions):  # the past, in chunks of 100 rows, one sequence at a time
-        for start in range(0, past, 100):
-            step = [None] * lanes.lanes
-            step[i] = Lane(s, rng.integers(100, 5000, min(100, past - start)), 1.0, 1)
-            lanes.run(step)
-            lanes.keep(s, np.arange(len(step[i].tokens)))
+        fill(lanes, rng, i, s, past, chunk=100)
     wall = []
     for _ in range(steps):
         t0 = time.perf_counter()
