@@ -15,7 +15,12 @@ numbers do not depend on what shares the step.
 Per layer the lanes cost one Gather and one Split (each lane's rows and extra row, by host-built indices), one
 GroupQueryAttention each, and a Concat and Gather back: a few nodes, not a few per lane. A lane with no rows
 (fewer sequences than lanes) costs no matmul row: its attention runs on one zero row against a scratch buffer the
-runtime binds, and its output is dropped. The tail (lm_head, reductions) runs on the rows named by ``output_rows``
+runtime binds, and its output is dropped.
+
+Built with ``--attention kernel``, a layer's attention is one LanesAttention call (`runtime/kernels`) on the rows as
+they are: it takes every lane's positions, bias and KV buffers at once, computes each lane's rows exactly as
+RowAttention computes them in the one-sequence graph, and spreads (lane, head) work over the threads. No Gather,
+Split or Concat, and no ``lane_gather`` / ``row_gather`` inputs. The tail (lm_head, reductions) runs on the rows named by ``output_rows``
 (`io_table.row_selection_input`): a prompt chunk needs at most its last row's.
 """
 
@@ -31,7 +36,7 @@ import onnx
 import torch
 from onnx import helper
 
-from medusa_export.runtime import io_table
+from medusa_export.runtime import io_table, kernels
 
 from .fused_backbone import Decoder, model_opsets
 from .fused_graph import _append_tail_nodes, save_graph, select_output_rows
@@ -43,6 +48,22 @@ def lanes_backbone(decoder, cfg, max_positions: int, dtype: str, lanes: int, rot
                    attention: str = "gqa") -> onnx.GraphProto:
     d = Decoder(decoder, cfg, max_positions, dtype, rotation, attention)
     g = d.g
+    kv = [[f"past_key_values.{i}.{b}.{kind}" for b in range(lanes) for kind in ("key", "value")] for i in range(d.n)]
+    present = [[f"present.{i}.{b}.{kind}" for b in range(lanes) for kind in ("key", "value")] for i in range(d.n)]
+
+    def kernel_attention(i: int, qkv: str) -> str:
+        # One LanesAttention call per layer on the rows as they are, lane by lane: each lane's rows computed as
+        # RowAttention computes them alone (the lane's extra row in its positions and bias is not read).
+        per_lane = [x for b in range(lanes) for x in (f"position_ids.{b}", f"attention_bias.{b}", *kv[i][2 * b:2 * b + 2])]
+        outs = g.op(kernels.LANES_OP, [qkv, "lane_sizes", d.cos, d.sin, *per_lane], f"L{i}/attention",
+                    outputs=1 + 2 * lanes, domain=kernels.DOMAIN, num_heads=d.nh, kv_num_heads=d.kvh)
+        g.nodes[-1].output[1:] = present[i]
+        return outs[0]
+
+    if attention == "kernel":
+        hidden = d.layers(d.embed(), kernel_attention)
+        return _lanes_graph(d, hidden, lanes, gathers=False)
+
     width = (d.nh + 2 * d.kvh) * d.hd
     zero_row = g.weight("zero_row", np.zeros((1, 1, width)))  # what an empty lane's attention reads
     lengths = [d.lengths(f"attention_bias.{b}", f"lane{b}") for b in range(lanes)]  # shared by every layer
@@ -55,17 +76,21 @@ def lanes_backbone(decoder, cfg, max_positions: int, dtype: str, lanes: int, rot
         per_lane = g.op("Split", [padded, "lane_sizes"], f"L{i}/lanes", outputs=lanes, axis=1)
         outs = []
         for b, (seqlens, total) in enumerate(lengths):
-            k, v = (f"past_key_values.{i}.{b}.{kind}" for kind in ("key", "value"))
-            gqa = d.gqa(f"L{i}/lane{b}/attention", per_lane[b], k, v, seqlens, total, f"position_ids.{b}",
-                        f"attention_bias.{b}")
-            g.nodes[-1].output[1:] = [f"present.{i}.{b}.key", f"present.{i}.{b}.value"]
+            gqa = d.gqa(f"L{i}/lane{b}/attention", per_lane[b], *kv[i][2 * b:2 * b + 2], seqlens, total,
+                        f"position_ids.{b}", f"attention_bias.{b}")
+            g.nodes[-1].output[1:] = present[i][2 * b:2 * b + 2]
             outs.append(gqa[0])
         attended = g.op("Concat", outs, f"L{i}/lanes_out", axis=1)[0]
         return g.op("Gather", [attended, "row_gather"], f"L{i}/rows_out", axis=1)[0]
 
-    hidden = d.layers(d.embed(), attention)
+    return _lanes_graph(d, d.layers(d.embed(), attention), lanes)
+
+
+def _lanes_graph(d: Decoder, hidden: str, lanes: int, gathers: bool = True) -> onnx.GraphProto:
+    """The backbone graph around ``hidden`` (``gathers``: whether it reads ``lane_gather`` and ``row_gather``)."""
+    g, cfg = d.g, d.cfg
     g.nodes.append(helper.make_node("Identity", [hidden], ["hidden"], name="hidden"))
-    inputs = [d.value_info(t) for t in io_table.lanes_inputs(d.n, lanes) if t.name != "row_temperature"]
+    inputs = [d.value_info(t) for t in io_table.lanes_inputs(d.n, lanes, gathers) if t.name != "row_temperature"]
     outputs = [helper.make_tensor_value_info("hidden", d.f, [io_table.BATCH, io_table.ROWS, cfg.hidden_size])]
     outputs += [d.value_info(t) for t in io_table.lanes_outputs(d.n, lanes) if t.name.startswith("present.")]
     return helper.make_graph(g.nodes, "lanes_backbone", inputs, outputs, g.inits)

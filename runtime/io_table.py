@@ -144,15 +144,18 @@ def lane_kv_names(num_layers: int, lane: int, prefix: str) -> list[str]:
     return [f"{prefix}.{i}.{lane}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
 
 
-def lanes_inputs(num_layers: int, lanes: int) -> list[Tensor]:
+def lanes_inputs(num_layers: int, lanes: int, gathers: bool = True) -> list[Tensor]:
     """The lanes graph: the rows of every lane back to back, where each lane's attention rows come from
     (``lane_gather``: indices into [a zero row; the rows], lane by lane, each lane's rows then its extra row;
     ``lane_sizes``: rows + 1 per lane) and where the real rows go back (``row_gather``), and per lane the exact
     inputs a one-sequence step gives GroupQueryAttention: positions and additive bias of its rows plus the extra
-    row (`backends.ort_lanes.padded_bias`), and its own head-major KV buffers."""
+    row (`backends.ort_lanes.padded_bias`), and its own head-major KV buffers. ``gathers`` False: the graph built
+    with the attention kernel, which reads each lane's rows where they are (no ``lane_gather`` / ``row_gather``)."""
     table = [Tensor("input_ids", "int64", (BATCH, ROWS)), Tensor("lane_gather", "int64", (LANE_ROWS,)),
              Tensor("lane_sizes", "int64", (LANES,)), Tensor("row_gather", "int64", (ROWS,)),
              Tensor("row_temperature", "float32", (BATCH, ROWS))]
+    if not gathers:
+        table = [t for t in table if t.name not in ("lane_gather", "row_gather")]
     for b in range(lanes):
         rows, total, capacity = f"lane{b}_rows", f"lane{b}_total", f"lane{b}_capacity"
         table += [Tensor(f"position_ids.{b}", "int64", (BATCH, rows)),

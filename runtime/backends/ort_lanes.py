@@ -53,6 +53,8 @@ class OrtLanes:
         self.session, self.dims, self.lanes, self.min_rows = session, dims, lanes, min_rows
         self.selects_rows = selects_rows(session)
         self.binding = session.io_binding()
+        # Graphs built with the attention kernel read each lane's rows where they are: no gather indices.
+        self.gathers = "lane_gather" in {i.name for i in session.get_inputs()}
         self.elem = io_table.model_dtype_of(dims.dtype)
         n = dims.num_layers
         self.past = [io_table.lane_kv_names(n, b, "past_key_values") for b in range(lanes)]
@@ -94,11 +96,12 @@ class OrtLanes:
             self._bind_kv(i, kv)
         tokens = np.concatenate([lane.tokens for lane in lanes if lane]).astype(np.int64)
         b.bind_cpu_input("input_ids", tokens[None])
-        b.bind_cpu_input("lane_gather", np.asarray(gather, np.int64))
         b.bind_cpu_input("lane_sizes", np.asarray(sizes, np.int64))
-        lane_starts = np.cumsum([0] + sizes[:-1])
-        b.bind_cpu_input("row_gather", np.concatenate([lane_starts[i] + np.arange(offsets[i + 1] - offsets[i])
-                                                        for i in range(self.lanes)]).astype(np.int64))
+        if self.gathers:
+            b.bind_cpu_input("lane_gather", np.asarray(gather, np.int64))
+            lane_starts = np.cumsum([0] + sizes[:-1])
+            b.bind_cpu_input("row_gather", np.concatenate([lane_starts[i] + np.arange(offsets[i + 1] - offsets[i])
+                                                            for i in range(self.lanes)]).astype(np.int64))
         selected, temps = self._selection(wanted, temps, offsets[-1])
         b.bind_cpu_input("row_temperature", np.asarray(temps, np.float32)[None])
         for name in _REDUCED:  # unallocated again: their shapes change with the rows

@@ -30,7 +30,8 @@ from ..machine import machine_info
 
 SOURCE = Path(__file__).with_name("row_attention.c")
 DOMAIN = "medusa_export"  # the custom ops' domain in the graphs
-OP = "RowAttention"
+OP = "RowAttention"  # one sequence
+LANES_OP = "LanesAttention"  # the sequences of a batched step, in one call
 # -ffp-contract=off: no multiply-add the source does not write, so every path computes a row alike
 FLAGS = ["-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fPIC", "-shared", "-fvisibility=hidden", "-std=c11"]
 LIBS = ["-lm"]

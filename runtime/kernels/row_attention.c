@@ -4,8 +4,9 @@
    on the other rows, or on the threads. A one-token step, a tree node and a lane of a batched step therefore agree
    to the last bit, with no extra query row (docs/graphs.md, "The attention kernel").
 
-   An ONNX Runtime custom-op library: `RegisterCustomOps` adds the domain "medusa_export" with one op.
-   Inputs: qkv [1, S, (nh + 2 kvh) hd] packed q | k | v; past_key, past_value [1, kvh, cap, hd]; seqlens_k int32 [1]
+   An ONNX Runtime custom-op library: `RegisterCustomOps` adds the domain "medusa_export" with two ops, RowAttention
+   (one sequence) and LanesAttention (the sequences of a batched step in one call, below).
+   RowAttention inputs: qkv [1, S, (nh + 2 kvh) hd] packed q | k | v; past_key, past_value [1, kvh, cap, hd]; seqlens_k int32 [1]
    (total - 1); total_sequence_length int32 (past + S); cos_cache, sin_cache [positions, hd / 2]; position_ids int64
    [1, S]; attention_bias [1, 1, S, total] (0 or -inf). Outputs: [1, S, nh hd]; present_key, present_value (the past
    buffers, the S new rows written at past .. total - 1: bind them to the same memory to skip a copy).
@@ -42,7 +43,8 @@ enum { API_VERSION = 16 };  /* CreateKernelV2 / KernelComputeV2 and KernelContex
 enum {  /* indices into OrtApi */
   API_CreateStatus = 0, API_CreateCustomOpDomain = 26, API_CustomOpDomain_Add = 27, API_AddCustomOpDomain = 28,
   API_GetTensorMutableData = 51, API_GetTensorElementType = 60, API_GetDimensionsCount = 61, API_GetDimensions = 62,
-  API_GetTensorTypeAndShape = 65, API_KernelInfoGetAttribute_int64 = 86, API_KernelContext_GetInput = 90, API_KernelContext_GetOutput = 91, API_ReleaseStatus = 93,
+  API_GetTensorTypeAndShape = 65, API_KernelInfoGetAttribute_int64 = 86, API_KernelContext_GetInputCount = 88,
+  API_KernelContext_GetOutputCount = 89, API_KernelContext_GetInput = 90, API_KernelContext_GetOutput = 91, API_ReleaseStatus = 93,
   API_ReleaseTensorTypeAndShapeInfo = 99, API_KernelContext_ParallelFor = 274,
 };
 
@@ -236,36 +238,42 @@ typedef struct {
   int64_t heads, kv_heads, skip_last_row;
 } Kernel;
 
-typedef struct {  /* one step's shapes and pointers, shared by the threads */
+typedef struct {  /* one sequence's step: shapes and pointers, shared by the threads */
   const float *qkv, *kcache, *vcache, *cos, *sin, *bias;
   const int64_t *pos;
-  float *out, *scratch;  /* scratch: per query head, TILE rows of scores (stride total + 8) */
+  float *out, *scratch;  /* scratch (RowAttention): per query head, TILE rows of scores (stride `width` + 8) */
   int rows, computed, past, heads, kv_heads, hd, cap;
+  int width;  /* the bias' row length: keys up to past + rows (a lane's bias also has its extra row's key) */
 } Step;
 
-static void head_rows(void *data, size_t h) {  /* every computed row of query head h, TILE rows at a time */
-  const Step *s = (const Step *)data;
-  int total = s->past + s->rows, width = (s->heads + 2 * s->kv_heads) * s->hd, kh = (int)h / (s->heads / s->kv_heads);
-  size_t stride = (size_t)total + 8;
-  float q[TILE][256], *buf = s->scratch + h * TILE * stride;
+/* Rows r0 .. r1 - 1 of query head h, TILE rows at a time; buf: TILE rows of scores (stride width + 8). */
+static void head_block(const Step *s, int h, int r0, int r1, float *buf) {
+  int qkv_width = (s->heads + 2 * s->kv_heads) * s->hd, kh = h / (s->heads / s->kv_heads);
+  size_t stride = (size_t)s->width + 8;
+  float q[TILE][256];
   const float *K = s->kcache + (size_t)kh * s->cap * s->hd, *V = s->vcache + (size_t)kh * s->cap * s->hd;
   float scale = 1.0f / sqrtf((float)s->hd);
-  for (int i0 = 0; i0 < s->computed; i0 += TILE) {
-    int rows = s->computed - i0 < TILE ? s->computed - i0 : TILE, n[TILE];
+  for (int i0 = r0; i0 < r1; i0 += TILE) {
+    int rows = r1 - i0 < TILE ? r1 - i0 : TILE, n[TILE];
     const float *qs[TILE], *bias[TILE];
     float *scores[TILE], *out[TILE];
     for (int t = 0; t < rows; t++) {
       int i = i0 + t;
       const float *c = s->cos + s->pos[i] * (s->hd / 2), *sn = s->sin + s->pos[i] * (s->hd / 2);
-      rotate(s->qkv + (size_t)i * width + h * s->hd, q[t], c, sn, s->hd);
+      rotate(s->qkv + (size_t)i * qkv_width + h * s->hd, q[t], c, sn, s->hd);
       qs[t] = q[t];
-      bias[t] = s->bias + (size_t)i * total;
+      bias[t] = s->bias + (size_t)i * s->width;
       n[t] = s->past + i + 1;
       scores[t] = buf + t * stride;
       out[t] = s->out + ((size_t)i * s->heads + h) * s->hd;
     }
     attend(qs, rows, K, V, bias, n, s->hd, scale, scores, out);
   }
+}
+
+static void head_rows(void *data, size_t h) {  /* RowAttention: every computed row of query head h */
+  const Step *s = (const Step *)data;
+  head_block(s, (int)h, 0, s->computed, s->scratch + h * TILE * ((size_t)s->width + 8));
 }
 
 static void write_rows(const Step *s, float *kcache, float *vcache) {
@@ -281,14 +289,28 @@ static void write_rows(const Step *s, float *kcache, float *vcache) {
   }
 }
 
+/* The name of a RowAttention or LanesAttention input, for messages. */
+static const char *input_name(const char *op, size_t index) {
+  static const char *row[] = {"qkv", "past_key", "past_value", "seqlens_k", "total_sequence_length", "cos_cache",
+                              "sin_cache", "position_ids", "attention_bias"};
+  static const char *lanes[] = {"qkv", "lane_sizes", "cos_cache", "sin_cache"};
+  static const char *lane[] = {"position_ids", "attention_bias", "past_key", "past_value"};
+  if (op[0] == 'R') return index < 9 ? row[index] : "?";
+  return index < 4 ? lanes[index] : lane[(index - 4) % 4];
+}
+
 /* An input's data, element type and shape (up to 4 dimensions; ndims 0 with any_rank: dims[0] is the element
    count, whatever the rank). */
-static OrtStatus *input(OrtKernelContext *ctx, size_t index, int type, size_t ndims, int64_t *dims, void **data,
-                        int any_rank) {
+static OrtStatus *input(OrtKernelContext *ctx, size_t index, const char *what, int type, size_t ndims, int64_t *dims,
+                        void **data, int any_rank) {
   const OrtValue *value = NULL;
   OrtTypeShape *info = NULL;
   OrtStatus *st = CALL(KernelContext_GetInput, OrtStatus *(*)(OrtKernelContext *, size_t, const OrtValue **))(ctx, index, &value);
-  if (st || !value) return st ? st : error("RowAttention: an input is missing");
+  if (st || !value) {
+    char message[160];
+    snprintf(message, sizeof message, "%s: input %s is missing", what, input_name(what, index));
+    return st ? st : error(message);
+  }
   if ((st = CALL(GetTensorTypeAndShape, OrtStatus *(*)(const OrtValue *, OrtTypeShape **))(value, &info))) return st;
   int elem = 0;
   size_t count = 0;
@@ -305,11 +327,9 @@ static OrtStatus *input(OrtKernelContext *ctx, size_t index, int type, size_t nd
     memcpy(dims, shape, sizeof(int64_t) * ndims);
   }
   if (elem != type || count != ndims) {
-    static const char *names[] = {"qkv", "past_key", "past_value", "seqlens_k", "total_sequence_length", "cos_cache",
-                                  "sin_cache", "position_ids", "attention_bias"};
-    char message[160];  /* CreateStatus copies it */
-    snprintf(message, sizeof message, "RowAttention: input %s has element type %d and rank %zu, expected %d and %zu",
-             names[index], elem, count, type, ndims);
+    char message[200];  /* CreateStatus copies it */
+    snprintf(message, sizeof message, "%s: input %s has element type %d and rank %zu, expected %d and %zu", what,
+             input_name(what, index), elem, count, type, ndims);
     return error(message);
   }
   return CALL(GetTensorMutableData, OrtStatus *(*)(OrtValue *, void **))((OrtValue *)value, data);
@@ -320,8 +340,24 @@ static OrtStatus *output(OrtKernelContext *ctx, size_t index, const int64_t *dim
   OrtStatus *st = CALL(KernelContext_GetOutput, OrtStatus *(*)(OrtKernelContext *, size_t, const int64_t *, size_t, OrtValue **))(
       ctx, index, dims, ndims, &value);
   if (st) return st;
-  if (!value) return error("RowAttention: an output is missing (the node must name all three)");
+  if (!value) return error("an attention output is missing (the node must name all of them)");
   return CALL(GetTensorMutableData, OrtStatus *(*)(OrtValue *, void **))(value, (void **)data);
+}
+
+/* Present caches not bound in place: the past rows, then zeros where the new rows go. */
+static void copy_past(float *key, const float *pk, float *value, const float *pv, int kv_heads, int hd, int in_cap,
+                      int cap, int past) {
+  for (int kh = 0; kh < kv_heads; kh++) {
+    size_t row_bytes = sizeof(float) * (size_t)hd, head = (size_t)kh * cap * hd;
+    if (key != pk) {
+      memcpy(key + head, pk + (size_t)kh * in_cap * hd, row_bytes * past);
+      memset(key + head + (size_t)past * hd, 0, row_bytes * (cap - past));
+    }
+    if (value != pv) {
+      memcpy(value + head, pv + (size_t)kh * in_cap * hd, row_bytes * past);
+      memset(value + head + (size_t)past * hd, 0, row_bytes * (cap - past));
+    }
+  }
 }
 
 static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
@@ -330,11 +366,12 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
           bd[4] = {0};
   void *qkv, *pk, *pv, *seqlens, *total, *cos, *sin, *pos, *bias;
   OrtStatus *st;
-  if ((st = input(ctx, 0, ELEM_FLOAT, 3, qd, &qkv, 0)) || (st = input(ctx, 1, ELEM_FLOAT, 4, kd, &pk, 0)) ||
-      (st = input(ctx, 2, ELEM_FLOAT, 4, vd, &pv, 0)) || (st = input(ctx, 3, ELEM_INT32, 1, sd, &seqlens, 1)) ||
-      (st = input(ctx, 4, ELEM_INT32, 1, td, &total, 1)) || (st = input(ctx, 5, ELEM_FLOAT, 2, cd, &cos, 0)) ||
-      (st = input(ctx, 6, ELEM_FLOAT, 2, nd, &sin, 0)) || (st = input(ctx, 7, ELEM_INT64, 1, pd, &pos, 1)) ||
-      (st = input(ctx, 8, ELEM_FLOAT, 4, bd, &bias, 0)))
+  const char *R = "RowAttention";
+  if ((st = input(ctx, 0, R, ELEM_FLOAT, 3, qd, &qkv, 0)) || (st = input(ctx, 1, R, ELEM_FLOAT, 4, kd, &pk, 0)) ||
+      (st = input(ctx, 2, R, ELEM_FLOAT, 4, vd, &pv, 0)) || (st = input(ctx, 3, R, ELEM_INT32, 1, sd, &seqlens, 1)) ||
+      (st = input(ctx, 4, R, ELEM_INT32, 1, td, &total, 1)) || (st = input(ctx, 5, R, ELEM_FLOAT, 2, cd, &cos, 0)) ||
+      (st = input(ctx, 6, R, ELEM_FLOAT, 2, nd, &sin, 0)) || (st = input(ctx, 7, R, ELEM_INT64, 1, pd, &pos, 1)) ||
+      (st = input(ctx, 8, R, ELEM_FLOAT, 4, bd, &bias, 0)))
     return st;
   if (sd[0] != 1 || td[0] != 1) return error("RowAttention: seqlens_k and total_sequence_length must hold one value each");
   if (qd[1] > (1 << 24) || kd[2] > (1 << 24) || kd[3] > 256 || kd[1] > 4096)
@@ -362,19 +399,9 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
   float *out, *key, *value;
   if ((st = output(ctx, 0, od, 3, &out)) || (st = output(ctx, 1, cd4, 4, &key)) || (st = output(ctx, 2, cd4, 4, &value)))
     return st;
-  for (int kh = 0; kh < kv_heads; kh++) {  /* not bound in place: present = the past rows, the new rows, zeros */
-    size_t row_bytes = sizeof(float) * (size_t)hd, head = (size_t)kh * cap * hd;
-    if (key != (float *)pk) {
-      memcpy(key + head, (float *)pk + (size_t)kh * in_cap * hd, row_bytes * past);
-      memset(key + head + (size_t)past * hd, 0, row_bytes * (cap - past));
-    }
-    if (value != (float *)pv) {
-      memcpy(value + head, (float *)pv + (size_t)kh * in_cap * hd, row_bytes * past);
-      memset(value + head + (size_t)past * hd, 0, row_bytes * (cap - past));
-    }
-  }
+  copy_past(key, (const float *)pk, value, (const float *)pv, kv_heads, hd, in_cap, cap, past);
   Step s = {qkv, key, value, cos, sin, bias, p, out, NULL, rows, rows - (k->skip_last_row && rows > 1 ? 1 : 0), past,
-            heads, kv_heads, hd, cap};
+            heads, kv_heads, hd, cap, tot};
   if (s.computed < rows) memset(out + (size_t)s.computed * heads * hd, 0, sizeof(float) * heads * hd);
   write_rows(&s, key, value);
   s.scratch = malloc(sizeof(float) * (size_t)heads * TILE * ((size_t)tot + 8));
@@ -382,6 +409,127 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
   st = CALL(KernelContext_ParallelFor, OrtStatus *(*)(OrtKernelContext *, void (*)(void *, size_t), size_t, size_t, void *))(
       ctx, head_rows, (size_t)heads, 0, &s);
   free(s.scratch);
+  return st;
+}
+
+/* ---- LanesAttention: the sequences of a batched step in one call --------------------------------------------- */
+/* Inputs: qkv [1, R, (nh + 2 kvh) hd], the real rows of every lane back to back in lane order; lane_sizes int64 [L],
+   each lane's rows + 1 (the lanes graph's count, whose + 1 is the extra row a one-sequence graph carries; no extra
+   row is read here); cos_cache, sin_cache; then four per lane (variadic): position_ids int64 [1, rows + 1] and
+   attention_bias [1, 1, rows + 1, past + rows + 1], the same inputs RowAttention gets in the one-sequence graph (their
+   last row, the extra row's, is not read), past_key and past_value [1, kvh, cap, hd]. Outputs: [1, R, nh hd]; per
+   lane present_key and present_value (bind them to the past's memory). Each lane's rows are computed exactly as
+   RowAttention computes them with skip_last_row; a lane of no rows writes nothing. The work items are (lane, query
+   head, block of up to BLOCK_ROWS rows), spread over the session's threads: decoding steps of one row per lane keep
+   both threads busy, where one call per lane split nine heads over two threads. */
+enum { LANE_INPUTS = 4, LANES_FIXED = 4, BLOCK_ROWS = 32, MAX_LANES = 256 };
+
+typedef struct {
+  int lane, head, r0, r1;
+} Item;
+
+typedef struct {
+  const Step *steps;
+  const Item *items;
+  int failed;  /* an item found no memory for its scores: the call fails */
+} Work;
+
+static void lane_item(void *data, size_t i) {
+  Work *w = (Work *)data;
+  const Item *it = &w->items[i];
+  const Step *s = &w->steps[it->lane];
+  float *buf = malloc(sizeof(float) * TILE * ((size_t)s->width + 8));
+  if (!buf) {
+    __atomic_store_n(&w->failed, 1, __ATOMIC_RELAXED);
+    return;
+  }
+  head_block(s, it->head, it->r0, it->r1, buf);
+  free(buf);
+}
+
+static OrtStatus *lanes_compute(void *kernel, OrtKernelContext *ctx) {
+  const Kernel *k = (const Kernel *)kernel;
+  const char *L = "LanesAttention";
+  int heads = (int)k->heads, kv_heads = (int)k->kv_heads;
+  int64_t qd[3] = {0}, ld[1] = {0}, cd[2] = {0}, nd[2] = {0};
+  void *qkv, *sizes, *cos, *sin;
+  OrtStatus *st;
+  if ((st = input(ctx, 0, L, ELEM_FLOAT, 3, qd, &qkv, 0)) || (st = input(ctx, 1, L, ELEM_INT64, 1, ld, &sizes, 0)) ||
+      (st = input(ctx, 2, L, ELEM_FLOAT, 2, cd, &cos, 0)) || (st = input(ctx, 3, L, ELEM_FLOAT, 2, nd, &sin, 0)))
+    return st;
+  size_t count = 0;
+  if ((st = CALL(KernelContext_GetInputCount, OrtStatus *(*)(const OrtKernelContext *, size_t *))(ctx, &count)))
+    return st;
+  int lanes = (int)ld[0];
+  if (lanes < 1 || lanes > MAX_LANES || count != (size_t)(LANES_FIXED + LANE_INPUTS * lanes)) {
+    char message[200];
+    snprintf(message, sizeof message, "LanesAttention: %zu inputs for %lld lanes; expected 4 + 4 per lane (1 .. %d lanes)",
+             count, (long long)ld[0], MAX_LANES);
+    return error(message);
+  }
+  int hd = (int)cd[1] * 2, width = (heads + 2 * kv_heads) * hd;
+  if (qd[0] != 1 || qd[1] > (1 << 24) || hd < 8 || hd % 8 || hd > 256 || qd[2] != width || nd[0] != cd[0] || nd[1] != cd[1])
+    return error("LanesAttention: qkv or rotary shapes do not match the op's heads");
+  int64_t od[3] = {1, qd[1], (int64_t)heads * hd};
+  float *out = NULL;
+  if ((st = output(ctx, 0, od, 3, &out))) return st;
+  Step *steps = calloc((size_t)lanes, sizeof(Step));
+  Item *items = NULL;
+  if (!steps) return error("LanesAttention: out of memory");
+  const int64_t *lane_rows = (const int64_t *)sizes;
+  int64_t offset = 0, n_items = 0;
+  for (int b = 0; b < lanes && !st; b++) {
+    int64_t pd[2] = {0}, bd[4] = {0}, kd[4] = {0}, vd[4] = {0};
+    void *pos, *bias, *pk, *pv;
+    size_t at = LANES_FIXED + (size_t)LANE_INPUTS * b;
+    if ((st = input(ctx, at, L, ELEM_INT64, 2, pd, &pos, 0)) || (st = input(ctx, at + 1, L, ELEM_FLOAT, 4, bd, &bias, 0)) ||
+        (st = input(ctx, at + 2, L, ELEM_FLOAT, 4, kd, &pk, 0)) || (st = input(ctx, at + 3, L, ELEM_FLOAT, 4, vd, &pv, 0)))
+      break;
+    int64_t rows = lane_rows[b] - 1, tot = bd[3], in_cap = kd[2], past = tot - rows - 1;
+    if (rows < 0 || rows > qd[1] - offset || pd[0] != 1 || pd[1] != rows + 1 || bd[0] != 1 || bd[1] != 1 ||
+        bd[2] != rows + 1 || past < 0 || past > in_cap || tot > (1 << 24) || kd[0] != 1 || kd[1] != kv_heads ||
+        kd[3] != hd || memcmp(kd, vd, sizeof kd)) {
+      char message[240];
+      snprintf(message, sizeof message, "LanesAttention: lane %d: %lld rows, positions [%lld, %lld], a bias of [%lld, "
+               "%lld, %lld, %lld] and a cache of %lld rows do not fit each other or the %lld rows left of qkv", b,
+               (long long)rows, (long long)pd[0], (long long)pd[1], (long long)bd[0], (long long)bd[1],
+               (long long)bd[2], (long long)bd[3], (long long)in_cap, (long long)(qd[1] - offset));
+      st = error(message);
+      break;
+    }
+    const int64_t *p = (const int64_t *)pos;
+    for (int i = 0; i < rows && !st; i++)
+      if (p[i] < 0 || p[i] >= cd[0]) st = error("LanesAttention: a position is outside the rotary cache");
+    int cap = (int)(in_cap > tot ? in_cap : tot);
+    int64_t cd4[4] = {1, kv_heads, cap, hd};
+    float *key, *value;
+    if (st || (st = output(ctx, 1 + 2 * (size_t)b, cd4, 4, &key)) || (st = output(ctx, 2 + 2 * (size_t)b, cd4, 4, &value)))
+      break;
+    copy_past(key, (const float *)pk, value, (const float *)pv, kv_heads, hd, (int)in_cap, cap, (int)past);
+    steps[b] = (Step){(const float *)qkv + offset * width, key, value, cos, sin, bias, p,
+                      out + offset * heads * hd, NULL, (int)rows, (int)rows, (int)past, heads, kv_heads, hd, cap, (int)tot};
+    n_items += (int64_t)heads * ((rows + BLOCK_ROWS - 1) / BLOCK_ROWS);
+    offset += rows;
+  }
+  if (!st && offset != qd[1]) st = error("LanesAttention: the lanes' rows do not add up to qkv's rows");
+  if (!st && n_items && !(items = malloc(sizeof(Item) * (size_t)n_items))) st = error("LanesAttention: out of memory");
+  if (!st) {
+    int64_t i = 0;
+    for (int b = 0; b < lanes; b++) {
+      const Step *s = &steps[b];
+      write_rows(s, (float *)s->kcache, (float *)s->vcache);
+      for (int h = 0; h < heads; h++)
+        for (int r0 = 0; r0 < s->rows; r0 += BLOCK_ROWS)
+          items[i++] = (Item){b, h, r0, r0 + BLOCK_ROWS < s->rows ? r0 + BLOCK_ROWS : s->rows};
+    }
+    Work work = {steps, items, 0};
+    if (n_items)
+      st = CALL(KernelContext_ParallelFor, OrtStatus *(*)(OrtKernelContext *, void (*)(void *, size_t), size_t, size_t, void *))(
+          ctx, lane_item, (size_t)n_items, 0, &work);
+    if (!st && work.failed) st = error("LanesAttention: out of memory for the scores");
+  }
+  free(items);
+  free(steps);
   return st;
 }
 
@@ -431,6 +579,29 @@ static OrtCustomOp row_attention = {
     .KernelComputeV2 = compute,
 };
 
+static const char *lanes_name(const OrtCustomOp *op) { (void)op; return "LanesAttention"; }
+static int lanes_input_type(const OrtCustomOp *op, size_t i) {
+  (void)op;
+  return i == 1 ? ELEM_INT64 : i == 4 ? 0 /* UNDEFINED: the per-lane inputs are of several types */ : ELEM_FLOAT;
+}
+static size_t lanes_input_count(const OrtCustomOp *op) { (void)op; return LANES_FIXED + 1; }
+static size_t lanes_output_count(const OrtCustomOp *op) { (void)op; return 2; }
+static int lanes_input_kind(const OrtCustomOp *op, size_t i) { (void)op; return i == LANES_FIXED ? 2 : 0; /* VARIADIC */ }
+static int lanes_output_kind(const OrtCustomOp *op, size_t i) { (void)op; return i == 1 ? 2 : 0; }
+static int lanes_min_inputs(const OrtCustomOp *op) { (void)op; return LANE_INPUTS; }
+static int lanes_min_outputs(const OrtCustomOp *op) { (void)op; return 2; }
+static int zero(const OrtCustomOp *op) { (void)op; return 0; }
+
+static OrtCustomOp lanes_attention = {
+    .version = API_VERSION, .GetName = lanes_name, .GetExecutionProviderType = provider,
+    .GetInputType = lanes_input_type, .GetInputTypeCount = lanes_input_count, .GetOutputType = output_type,
+    .GetOutputTypeCount = lanes_output_count, .KernelDestroy = destroy, .GetInputCharacteristic = lanes_input_kind,
+    .GetOutputCharacteristic = lanes_output_kind, .GetInputMemoryType = cpu_memory,
+    .GetVariadicInputMinArity = lanes_min_inputs, .GetVariadicInputHomogeneity = zero,
+    .GetVariadicOutputMinArity = lanes_min_outputs, .GetVariadicOutputHomogeneity = one, .CreateKernelV2 = create,
+    .KernelComputeV2 = lanes_compute,
+};
+
 __attribute__((visibility("default"))) OrtStatus *RegisterCustomOps(OrtSessionOptions *options, const OrtApiBase *base) {
   OrtApiTable table = base->GetApi(API_VERSION);
   if (!table) {  /* an ONNX Runtime older than 1.16: say so through the oldest table */
@@ -443,7 +614,8 @@ __attribute__((visibility("default"))) OrtStatus *RegisterCustomOps(OrtSessionOp
   OrtCustomOpDomain *domain = NULL;  /* kept for the process' lifetime: sessions refer to it */
   OrtStatus *st = CALL(CreateCustomOpDomain, OrtStatus *(*)(const char *, OrtCustomOpDomain **))("medusa_export", &domain);
   if (st) return st;
-  if ((st = CALL(CustomOpDomain_Add, OrtStatus *(*)(OrtCustomOpDomain *, const OrtCustomOp *))(domain, &row_attention)))
-    return st;
+  OrtStatus *(*add)(OrtCustomOpDomain *, const OrtCustomOp *) =
+      CALL(CustomOpDomain_Add, OrtStatus *(*)(OrtCustomOpDomain *, const OrtCustomOp *));
+  if ((st = add(domain, &row_attention)) || (st = add(domain, &lanes_attention))) return st;
   return CALL(AddCustomOpDomain, OrtStatus *(*)(OrtSessionOptions *, OrtCustomOpDomain *))(options, domain);
 }
