@@ -156,7 +156,7 @@ def _smooth(loaded, alpha: float) -> None:
 
 def _recipe(options: BuildOptions, key: str, unquantized):
     """A property of the quantization recipe the graphs are exported for (``unquantized`` for fp32 / fp16)."""
-    return RECIPES[options.dtype][key] if options.quantized else unquantized
+    return RECIPES[options.recipe][key] if options.quantized else unquantized
 
 
 def _export_graph(loaded, kind: str, heads, tree: Tree, options: BuildOptions, work: Path,
@@ -183,7 +183,7 @@ def _export_graph(loaded, kind: str, heads, tree: Tree, options: BuildOptions, w
     quantization = None
     if options.quantized:
         with step_log(f"quantize the {kind} graph's weights ({options.dtype})"):
-            quantization = QuantizationRecord(**quantize_graph(path, options.dtype, source_grid=grid))
+            quantization = QuantizationRecord(**quantize_graph(path, options.recipe, source_grid=grid))
     with step_log(f"validate {kind} graph against PyTorch"):
         # A quantized graph differs from PyTorch by design: its errors are recorded, and its quality is measured
         # on real text (`quality`), not held to the fp32 tolerance.
@@ -231,7 +231,7 @@ def _export_lanes(loaded, options: BuildOptions, work: Path, step_log, grid: boo
     quantization = None
     if options.quantized:
         with step_log(f"quantize the batched graph's weights ({options.dtype})"):
-            quantization = QuantizationRecord(**quantize_graph(path, options.dtype, source_grid=grid))
+            quantization = QuantizationRecord(**quantize_graph(path, options.recipe, source_grid=grid))
     n = loaded.model.config.num_hidden_layers
     tensors = lambda ts: [TensorRecord(t.name, t.dtype, list(t.axes)) for t in ts]  # noqa: E731
     return GraphRecord(file=path.name, inputs=tensors(io_table.lanes_inputs(n, options.lanes, gathers=options.attention != "kernel")),

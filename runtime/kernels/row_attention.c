@@ -36,7 +36,7 @@ typedef struct {
   const char *(*GetVersionString)(void);
 } OrtApiBase;
 
-enum { ELEM_FLOAT = 1, ELEM_INT32 = 6, ELEM_INT64 = 7 };
+enum { ELEM_FLOAT = 1, ELEM_UINT8 = 2, ELEM_INT32 = 6, ELEM_INT64 = 7 };
 enum { ORT_INVALID_ARGUMENT = 2, ORT_FAIL = 1 };
 enum { API_VERSION = 16 };  /* CreateKernelV2 / KernelComputeV2 and KernelContext_ParallelFor (ONNX Runtime >= 1.16) */
 
@@ -533,6 +533,149 @@ static OrtStatus *lanes_compute(void *kernel, OrtKernelContext *ctx) {
   return st;
 }
 
+/* ---- int8 matmuls with activations quantized per row ---------------------------------------------------------- */
+/* RowQuantize: x float [..., K] -> q uint8 [..., K], scale float [..., 1]: each row by itself, symmetric,
+   q = clamp(round_half_even(x * (127 / max|x|)), -127, 127) + 128 and scale = max|x| / 127 (a row of zeros: scale 1,
+   q 128; a row holding a NaN or an infinity: scale NaN, so its products come out NaN). ScaleRows: y int32 [..., N]
+   (MatMulInteger of q with zero point 128 against int8 weights), the rows' scales and the weights' column scales
+   col float [N] -> float [..., N] = (float(y) * row scale) * column scale. The integer product is exact, so a row's
+   result depends on nothing but the row: batched, tree and one-token steps agree to the bit. */
+enum { MAX_RANK = 8 };
+
+static OrtStatus *any_input(OrtKernelContext *ctx, size_t index, int type, int64_t *dims, size_t *ndims, void **data,
+                            const char *what) {
+  const OrtValue *value = NULL;
+  OrtTypeShape *info = NULL;
+  OrtStatus *st = CALL(KernelContext_GetInput, OrtStatus *(*)(OrtKernelContext *, size_t, const OrtValue **))(ctx, index, &value);
+  if (st || !value) return st ? st : error("an int8 row op's input is missing");
+  if ((st = CALL(GetTensorTypeAndShape, OrtStatus *(*)(const OrtValue *, OrtTypeShape **))(value, &info))) return st;
+  int elem = 0;
+  if (!(st = CALL(GetTensorElementType, OrtStatus *(*)(const OrtTypeShape *, int *))(info, &elem)) &&
+      !(st = CALL(GetDimensionsCount, OrtStatus *(*)(const OrtTypeShape *, size_t *))(info, ndims)) && *ndims <= MAX_RANK)
+    st = CALL(GetDimensions, OrtStatus *(*)(const OrtTypeShape *, int64_t *, size_t))(info, dims, *ndims);
+  CALL(ReleaseTensorTypeAndShapeInfo, void (*)(OrtTypeShape *))(info);
+  if (st) return st;
+  if (elem != type || *ndims < 1 || *ndims > MAX_RANK) {
+    char message[160];
+    snprintf(message, sizeof message, "%s has element type %d and rank %zu, expected %d and 1 .. %d", what, elem,
+             *ndims, type, MAX_RANK);
+    return error(message);
+  }
+  return CALL(GetTensorMutableData, OrtStatus *(*)(OrtValue *, void **))((OrtValue *)value, data);
+}
+
+static OrtStatus *any_output(OrtKernelContext *ctx, size_t index, const int64_t *dims, size_t ndims, void **data) {
+  OrtValue *value = NULL;
+  OrtStatus *st = CALL(KernelContext_GetOutput, OrtStatus *(*)(OrtKernelContext *, size_t, const int64_t *, size_t, OrtValue **))(
+      ctx, index, dims, ndims, &value);
+  if (st) return st;
+  if (!value) return error("an int8 row op's output is missing (the node must name all of them)");
+  return CALL(GetTensorMutableData, OrtStatus *(*)(OrtValue *, void **))(value, data);
+}
+
+static OrtStatus *quantize_compute(void *kernel, OrtKernelContext *ctx) {
+  (void)kernel;
+  int64_t dims[MAX_RANK];
+  size_t nd = 0;
+  void *in, *q, *sc;
+  OrtStatus *st;
+  if ((st = any_input(ctx, 0, ELEM_FLOAT, dims, &nd, &in, "RowQuantize: x"))) return st;
+  int64_t k = dims[nd - 1], rows = 1;
+  for (size_t i = 0; i + 1 < nd; i++) rows *= dims[i];
+  int64_t sdims[MAX_RANK];
+  memcpy(sdims, dims, sizeof(int64_t) * nd);
+  sdims[nd - 1] = 1;
+  if ((st = any_output(ctx, 0, dims, nd, &q)) || (st = any_output(ctx, 1, sdims, nd, &sc))) return st;
+  const float *x = (const float *)in;
+  uint8_t *out = (uint8_t *)q;
+  float *scale = (float *)sc;
+  for (int64_t r = 0; r < rows; r++) {
+    const float *row = x + r * k;
+    uint8_t *qr = out + r * k;
+    const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff)), big = _mm256_set1_ps(3.0e38f);
+    __m256 m8 = _mm256_setzero_ps(), bad8 = _mm256_setzero_ps();
+    int64_t j = 0;
+    for (; j + 8 <= k; j += 8) {
+      __m256 a = _mm256_and_ps(_mm256_loadu_ps(row + j), abs_mask);
+      bad8 = _mm256_or_ps(bad8, _mm256_cmp_ps(a, big, _CMP_NLE_UQ));  /* NaN or beyond: not <= 3e38 */
+      m8 = _mm256_max_ps(m8, a);
+    }
+    float m = hmax8(m8);
+    int bad = _mm256_movemask_ps(bad8) != 0;
+    for (; j < k; j++) {
+      float a = fabsf(row[j]);
+      if (!(a <= 3.0e38f)) bad = 1;
+      m = a > m ? a : m;
+    }
+    if (bad || m == 0.0f) {
+      scale[r] = bad ? NAN : 1.0f;
+      memset(qr, 128, (size_t)k);
+      continue;
+    }
+    scale[r] = m / 127.0f;
+    float inv_m = 127.0f / m;
+    const __m256 inv = _mm256_set1_ps(inv_m), lo = _mm256_set1_ps(-127.0f), hi = _mm256_set1_ps(127.0f);
+    const __m256i offset = _mm256_set1_epi32(128), order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    j = 0;
+    for (; j + 32 <= k; j += 32) {  /* four vectors of 8 -> 32 bytes, packed in order */
+      __m256i v[4];
+      for (int t = 0; t < 4; t++) {
+        __m256 f = _mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(row + j + 8 * t), inv),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        v[t] = _mm256_add_epi32(_mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(f, lo), hi)), offset);
+      }
+      __m256i packed = _mm256_packus_epi16(_mm256_packus_epi32(v[0], v[1]), _mm256_packus_epi32(v[2], v[3]));
+      _mm256_storeu_si256((__m256i *)(qr + j), _mm256_permutevar8x32_epi32(packed, order));
+    }
+    for (; j < k; j++) {
+      __m128 v = _mm_round_ss(_mm_setzero_ps(), _mm_mul_ss(_mm_set_ss(row[j]), _mm_set_ss(inv_m)),
+                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      float f = _mm_cvtss_f32(v);
+      f = f < -127.0f ? -127.0f : f > 127.0f ? 127.0f : f;
+      qr[j] = (uint8_t)((int)f + 128);
+    }
+  }
+  return NULL;
+}
+
+static OrtStatus *scale_rows_compute(void *kernel, OrtKernelContext *ctx) {
+  (void)kernel;
+  int64_t yd[MAX_RANK], sd[MAX_RANK], cd[MAX_RANK];
+  size_t yn = 0, sn = 0, cn = 0;
+  void *y, *rs, *cs, *o;
+  OrtStatus *st;
+  if ((st = any_input(ctx, 0, ELEM_INT32, yd, &yn, &y, "ScaleRows: y")) ||
+      (st = any_input(ctx, 1, ELEM_FLOAT, sd, &sn, &rs, "ScaleRows: row_scale")) ||
+      (st = any_input(ctx, 2, ELEM_FLOAT, cd, &cn, &cs, "ScaleRows: column_scale")))
+    return st;
+  int64_t n = yd[yn - 1], rows = 1;
+  for (size_t i = 0; i + 1 < yn; i++) rows *= yd[i];
+  int ok = sn == yn && sd[sn - 1] == 1 && cn == 1 && cd[0] == n;
+  for (size_t i = 0; ok && i + 1 < yn; i++) ok = sd[i] == yd[i];
+  if (!ok) return error("ScaleRows: row_scale must be y's shape with a last size of 1, column_scale y's last size");
+  if ((st = any_output(ctx, 0, yd, yn, &o))) return st;
+  const int32_t *yi = (const int32_t *)y;
+  const float *row_scale = (const float *)rs, *col = (const float *)cs;
+  float *out = (float *)o;
+  for (int64_t r = 0; r < rows; r++) {
+    const __m256 s = _mm256_set1_ps(row_scale[r]);
+    const int32_t *yr = yi + r * n;
+    float *orow = out + r * n;
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8)
+      _mm256_storeu_ps(orow + j, _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_loadu_si256((const __m256i *)(yr + j))), s),
+                                               _mm256_loadu_ps(col + j)));
+    for (; j < n; j++) orow[j] = ((float)yr[j] * row_scale[r]) * col[j];
+  }
+  return NULL;
+}
+
+static OrtStatus *create_plain(const OrtCustomOp *op, OrtApiTable table, const OrtKernelInfo *info, void **kernel) {
+  (void)op; (void)table; (void)info;
+  *kernel = calloc(1, sizeof(Kernel));
+  return *kernel ? NULL : error("out of memory");
+}
+
 static OrtStatus *create(const OrtCustomOp *op, OrtApiTable table, const OrtKernelInfo *info, void **kernel) {
   (void)op; (void)table;
   Kernel *k = calloc(1, sizeof(Kernel));
@@ -602,6 +745,33 @@ static OrtCustomOp lanes_attention = {
     .KernelComputeV2 = lanes_compute,
 };
 
+static const char *quantize_name(const OrtCustomOp *op) { (void)op; return "RowQuantize"; }
+static int quantize_output_type(const OrtCustomOp *op, size_t i) { (void)op; return i == 0 ? ELEM_UINT8 : ELEM_FLOAT; }
+static int float_type(const OrtCustomOp *op, size_t i) { (void)op; (void)i; return ELEM_FLOAT; }
+static size_t one_count(const OrtCustomOp *op) { (void)op; return 1; }
+static size_t two_count(const OrtCustomOp *op) { (void)op; return 2; }
+static size_t three_count(const OrtCustomOp *op) { (void)op; return 3; }
+static const char *scale_rows_name(const OrtCustomOp *op) { (void)op; return "ScaleRows"; }
+static int scale_rows_input_type(const OrtCustomOp *op, size_t i) { (void)op; return i == 0 ? ELEM_INT32 : ELEM_FLOAT; }
+
+static OrtCustomOp row_quantize = {
+    .version = API_VERSION, .GetName = quantize_name, .GetExecutionProviderType = provider, .GetInputType = float_type,
+    .GetInputTypeCount = one_count, .GetOutputType = quantize_output_type, .GetOutputTypeCount = two_count,
+    .KernelDestroy = destroy, .GetInputCharacteristic = required, .GetOutputCharacteristic = required,
+    .GetInputMemoryType = cpu_memory, .GetVariadicInputMinArity = one, .GetVariadicInputHomogeneity = one,
+    .GetVariadicOutputMinArity = one, .GetVariadicOutputHomogeneity = one, .CreateKernelV2 = create_plain,
+    .KernelComputeV2 = quantize_compute,
+};
+
+static OrtCustomOp scale_rows = {
+    .version = API_VERSION, .GetName = scale_rows_name, .GetExecutionProviderType = provider,
+    .GetInputType = scale_rows_input_type, .GetInputTypeCount = three_count, .GetOutputType = float_type,
+    .GetOutputTypeCount = one_count, .KernelDestroy = destroy, .GetInputCharacteristic = required,
+    .GetOutputCharacteristic = required, .GetInputMemoryType = cpu_memory, .GetVariadicInputMinArity = one,
+    .GetVariadicInputHomogeneity = one, .GetVariadicOutputMinArity = one, .GetVariadicOutputHomogeneity = one,
+    .CreateKernelV2 = create_plain, .KernelComputeV2 = scale_rows_compute,
+};
+
 __attribute__((visibility("default"))) OrtStatus *RegisterCustomOps(OrtSessionOptions *options, const OrtApiBase *base) {
   OrtApiTable table = base->GetApi(API_VERSION);
   if (!table) {  /* an ONNX Runtime older than 1.16: say so through the oldest table */
@@ -616,6 +786,8 @@ __attribute__((visibility("default"))) OrtStatus *RegisterCustomOps(OrtSessionOp
   if (st) return st;
   OrtStatus *(*add)(OrtCustomOpDomain *, const OrtCustomOp *) =
       CALL(CustomOpDomain_Add, OrtStatus *(*)(OrtCustomOpDomain *, const OrtCustomOp *));
-  if ((st = add(domain, &row_attention)) || (st = add(domain, &lanes_attention))) return st;
+  if ((st = add(domain, &row_attention)) || (st = add(domain, &lanes_attention)) || (st = add(domain, &row_quantize)) ||
+      (st = add(domain, &scale_rows)))
+    return st;
   return CALL(AddCustomOpDomain, OrtStatus *(*)(OrtSessionOptions *, OrtCustomOpDomain *))(options, domain);
 }
