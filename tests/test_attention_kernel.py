@@ -514,11 +514,12 @@ def test_a_row_quantized_matmul_computes_each_row_by_itself(rows, row, k, seed):
 
 def test_a_row_quantized_matmul_takes_zero_rows_and_passes_a_nan_on():
     session, _ = _rows_matmul_session(16, 8)
-    x = np.ones((1, 3, 16), np.float32)
+    x = np.ones((1, 4, 16), np.float32)
     x[0, 0] = 0.0
     x[0, 2, 5] = np.nan
+    x[0, 3] = 1e-40  # subnormals only: 127 / max would overflow; taken as zeros
     y = session.run(None, {"x": x})[0][0]
-    assert (y[0] == 0).all() and np.isfinite(y[1]).all() and np.isnan(y[2]).all()
+    assert (y[0] == 0).all() and np.isfinite(y[1]).all() and np.isnan(y[2]).all() and (y[3] == 0).all()
 
 
 def test_build_options_check_int8_matmul_rows():

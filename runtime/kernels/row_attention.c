@@ -15,6 +15,7 @@
 
    The C API is used through its function table by index (ONNX Runtime's C API is append-only, so indices are
    stable across versions); the few declarations needed are written out below. AVX2 + FMA. */
+#include <float.h>
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
@@ -535,8 +536,8 @@ static OrtStatus *lanes_compute(void *kernel, OrtKernelContext *ctx) {
 
 /* ---- int8 matmuls with activations quantized per row ---------------------------------------------------------- */
 /* RowQuantize: x float [..., K] -> q uint8 [..., K], scale float [..., 1]: each row by itself, symmetric,
-   q = clamp(round_half_even(x * (127 / max|x|)), -127, 127) + 128 and scale = max|x| / 127 (a row of zeros: scale 1,
-   q 128; a row holding a NaN or an infinity: scale NaN, so its products come out NaN). ScaleRows: y int32 [..., N]
+   q = clamp(round_half_even(x * (127 / max|x|)), -127, 127) + 128 and scale = max|x| / 127 (a row of zeros, or of
+   subnormals only: scale 1, q 128; a row holding a NaN or an infinity: scale NaN, so its products come out NaN). ScaleRows: y int32 [..., N]
    (MatMulInteger of q with zero point 128 against int8 weights), the rows' scales and the weights' column scales
    col float [N] -> float [..., N] = (float(y) * row scale) * column scale. The integer product is exact, so a row's
    result depends on nothing but the row: batched, tree and one-token steps agree to the bit. */
@@ -592,22 +593,22 @@ static OrtStatus *quantize_compute(void *kernel, OrtKernelContext *ctx) {
   for (int64_t r = 0; r < rows; r++) {
     const float *row = x + r * k;
     uint8_t *qr = out + r * k;
-    const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff)), big = _mm256_set1_ps(3.0e38f);
+    const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff)), big = _mm256_set1_ps(FLT_MAX);
     __m256 m8 = _mm256_setzero_ps(), bad8 = _mm256_setzero_ps();
     int64_t j = 0;
     for (; j + 8 <= k; j += 8) {
       __m256 a = _mm256_and_ps(_mm256_loadu_ps(row + j), abs_mask);
-      bad8 = _mm256_or_ps(bad8, _mm256_cmp_ps(a, big, _CMP_NLE_UQ));  /* NaN or beyond: not <= 3e38 */
+      bad8 = _mm256_or_ps(bad8, _mm256_cmp_ps(a, big, _CMP_NLE_UQ));  /* NaN or infinity: not <= FLT_MAX */
       m8 = _mm256_max_ps(m8, a);
     }
     float m = hmax8(m8);
     int bad = _mm256_movemask_ps(bad8) != 0;
     for (; j < k; j++) {
       float a = fabsf(row[j]);
-      if (!(a <= 3.0e38f)) bad = 1;
+      if (!(a <= FLT_MAX)) bad = 1;
       m = a > m ? a : m;
     }
-    if (bad || m == 0.0f) {
+    if (bad || m < FLT_MIN) {  /* zeros, or subnormals whose 127 / max would overflow: a row of zeros */
       scale[r] = bad ? NAN : 1.0f;
       memset(qr, 128, (size_t)k);
       continue;
