@@ -40,12 +40,13 @@ COS = np.cos(np.arange(CAP)[:, None] * INV[None]).astype(np.float32)
 SIN = np.sin(np.arange(CAP)[:, None] * INV[None]).astype(np.float32)
 
 
-def _session(kind: str, outputs=("out", "present_key", "present_value"), heads: int = HEADS):
-    """One attention node over a [1, kv_heads, CAP, hd] cache: RowAttention or GroupQueryAttention."""
+def _session(kind: str, outputs=("out", "present_key", "present_value"), heads: int = HEADS, **attributes):
+    """One attention node over a [1, kv_heads, CAP, hd] cache: RowAttention (with ``attributes``) or
+    GroupQueryAttention."""
     inputs = ["qkv", "past_key", "past_value", "seqlens_k", "total", "cos", "sin", "position_ids", "bias"]
     if kind == "kernel":
         node = helper.make_node(kernels.OP, inputs, list(outputs), domain=kernels.DOMAIN, num_heads=heads,
-                                kv_num_heads=KV_HEADS)
+                                kv_num_heads=KV_HEADS, **attributes)
     else:
         node = helper.make_node("GroupQueryAttention", [inputs[0], "", "", *inputs[1:]],
                                 ["out", "present_key", "present_value"], domain="com.microsoft", num_heads=HEADS,
@@ -240,26 +241,7 @@ def _bound_lanes(session, feeds: dict, lanes: int) -> tuple[np.ndarray, list]:
 @pytest.fixture(scope="module")
 def row_kernel():
     """RowAttention as the one-sequence graphs use it: the extra row skipped."""
-    inputs = ["qkv", "past_key", "past_value", "seqlens_k", "total", "cos", "sin", "position_ids", "bias"]
-    node = helper.make_node(kernels.OP, inputs, ["out", "present_key", "present_value"], domain=kernels.DOMAIN,
-                            num_heads=HEADS, kv_num_heads=KV_HEADS, skip_last_row=1)
-    f, cache = TensorProto.FLOAT, [1, KV_HEADS, "capacity", HD]
-    graph = helper.make_graph([node], "attention", [
-        helper.make_tensor_value_info("qkv", f, [1, "S", "width"]), helper.make_tensor_value_info("past_key", f, cache),
-        helper.make_tensor_value_info("past_value", f, cache),
-        helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, [1]),
-        helper.make_tensor_value_info("total", TensorProto.INT32, []),
-        helper.make_tensor_value_info("cos", f, [CAP, HD // 2]), helper.make_tensor_value_info("sin", f, [CAP, HD // 2]),
-        helper.make_tensor_value_info("position_ids", TensorProto.INT64, [1, "S"]),
-        helper.make_tensor_value_info("bias", f, [1, 1, "S", "T"])],
-        [helper.make_tensor_value_info("out", f, [1, "S", HEADS * HD]),
-         helper.make_tensor_value_info("present_key", f, cache), helper.make_tensor_value_info("present_value", f, cache)])
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 2
-    kernels.register(opts, "kernel")
-    return ort.InferenceSession(helper.make_model(graph, opset_imports=[
-        helper.make_opsetid("", 17), helper.make_opsetid(kernels.DOMAIN, 1)]).SerializeToString(), opts,
-        providers=["CPUExecutionProvider"])
+    return _session("kernel", skip_last_row=1)
 
 
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
