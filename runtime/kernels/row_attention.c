@@ -336,13 +336,18 @@ static OrtStatus *input(OrtKernelContext *ctx, size_t index, const char *what, i
   return CALL(GetTensorMutableData, OrtStatus *(*)(OrtValue *, void **))((OrtValue *)value, data);
 }
 
-static OrtStatus *output(OrtKernelContext *ctx, size_t index, const int64_t *dims, size_t ndims, float **data) {
+/* Output ``index`` allocated with ``dims``, and its data. */
+static OrtStatus *any_output(OrtKernelContext *ctx, size_t index, const int64_t *dims, size_t ndims, void **data) {
   OrtValue *value = NULL;
   OrtStatus *st = CALL(KernelContext_GetOutput, OrtStatus *(*)(OrtKernelContext *, size_t, const int64_t *, size_t, OrtValue **))(
       ctx, index, dims, ndims, &value);
   if (st) return st;
-  if (!value) return error("an attention output is missing (the node must name all of them)");
-  return CALL(GetTensorMutableData, OrtStatus *(*)(OrtValue *, void **))(value, (void **)data);
+  if (!value) return error("an output of a medusa_export op is missing (the node must name all of them)");
+  return CALL(GetTensorMutableData, OrtStatus *(*)(OrtValue *, void **))(value, data);
+}
+
+static OrtStatus *output(OrtKernelContext *ctx, size_t index, const int64_t *dims, size_t ndims, float **data) {
+  return any_output(ctx, index, dims, ndims, (void **)data);
 }
 
 /* Present caches not bound in place: the past rows, then zeros where the new rows go. */
@@ -565,15 +570,6 @@ static OrtStatus *any_input(OrtKernelContext *ctx, size_t index, int type, int64
   return CALL(GetTensorMutableData, OrtStatus *(*)(OrtValue *, void **))((OrtValue *)value, data);
 }
 
-static OrtStatus *any_output(OrtKernelContext *ctx, size_t index, const int64_t *dims, size_t ndims, void **data) {
-  OrtValue *value = NULL;
-  OrtStatus *st = CALL(KernelContext_GetOutput, OrtStatus *(*)(OrtKernelContext *, size_t, const int64_t *, size_t, OrtValue **))(
-      ctx, index, dims, ndims, &value);
-  if (st) return st;
-  if (!value) return error("an int8 row op's output is missing (the node must name all of them)");
-  return CALL(GetTensorMutableData, OrtStatus *(*)(OrtValue *, void **))(value, data);
-}
-
 static OrtStatus *quantize_compute(void *kernel, OrtKernelContext *ctx) {
   (void)kernel;
   int64_t dims[MAX_RANK];
@@ -714,14 +710,18 @@ static int required(const OrtCustomOp *op, size_t i) { (void)op; (void)i; return
 static int cpu_memory(const OrtCustomOp *op, size_t i) { (void)op; (void)i; return 0; /* OrtMemTypeDefault */ }
 static int one(const OrtCustomOp *op) { (void)op; return 1; }
 
-static OrtCustomOp row_attention = {
-    .version = API_VERSION, .GetName = name, .GetExecutionProviderType = provider, .GetInputType = input_type,
-    .GetInputTypeCount = input_count, .GetOutputType = output_type, .GetOutputTypeCount = output_count,
-    .KernelDestroy = destroy, .GetInputCharacteristic = required, .GetOutputCharacteristic = required,
-    .GetInputMemoryType = cpu_memory, .GetVariadicInputMinArity = one, .GetVariadicInputHomogeneity = one,
-    .GetVariadicOutputMinArity = one, .GetVariadicOutputHomogeneity = one, .CreateKernelV2 = create,
-    .KernelComputeV2 = compute,
-};
+/* An op of fixed inputs and outputs, all required. */
+#define FIXED_OP(NAME, IN_TYPE, IN_COUNT, OUT_TYPE, OUT_COUNT, CREATE, COMPUTE)                                      \
+  {                                                                                                                  \
+    .version = API_VERSION, .GetName = NAME, .GetExecutionProviderType = provider, .GetInputType = IN_TYPE,          \
+    .GetInputTypeCount = IN_COUNT, .GetOutputType = OUT_TYPE, .GetOutputTypeCount = OUT_COUNT,                       \
+    .KernelDestroy = destroy, .GetInputCharacteristic = required, .GetOutputCharacteristic = required,              \
+    .GetInputMemoryType = cpu_memory, .GetVariadicInputMinArity = one, .GetVariadicInputHomogeneity = one,          \
+    .GetVariadicOutputMinArity = one, .GetVariadicOutputHomogeneity = one, .CreateKernelV2 = CREATE,               \
+    .KernelComputeV2 = COMPUTE,                                                                                      \
+  }
+
+static OrtCustomOp row_attention = FIXED_OP(name, input_type, input_count, output_type, output_count, create, compute);
 
 static const char *lanes_name(const OrtCustomOp *op) { (void)op; return "LanesAttention"; }
 static int lanes_input_type(const OrtCustomOp *op, size_t i) {
@@ -755,23 +755,10 @@ static size_t three_count(const OrtCustomOp *op) { (void)op; return 3; }
 static const char *scale_rows_name(const OrtCustomOp *op) { (void)op; return "ScaleRows"; }
 static int scale_rows_input_type(const OrtCustomOp *op, size_t i) { (void)op; return i == 0 ? ELEM_INT32 : ELEM_FLOAT; }
 
-static OrtCustomOp row_quantize = {
-    .version = API_VERSION, .GetName = quantize_name, .GetExecutionProviderType = provider, .GetInputType = float_type,
-    .GetInputTypeCount = one_count, .GetOutputType = quantize_output_type, .GetOutputTypeCount = two_count,
-    .KernelDestroy = destroy, .GetInputCharacteristic = required, .GetOutputCharacteristic = required,
-    .GetInputMemoryType = cpu_memory, .GetVariadicInputMinArity = one, .GetVariadicInputHomogeneity = one,
-    .GetVariadicOutputMinArity = one, .GetVariadicOutputHomogeneity = one, .CreateKernelV2 = create_plain,
-    .KernelComputeV2 = quantize_compute,
-};
-
-static OrtCustomOp scale_rows = {
-    .version = API_VERSION, .GetName = scale_rows_name, .GetExecutionProviderType = provider,
-    .GetInputType = scale_rows_input_type, .GetInputTypeCount = three_count, .GetOutputType = float_type,
-    .GetOutputTypeCount = one_count, .KernelDestroy = destroy, .GetInputCharacteristic = required,
-    .GetOutputCharacteristic = required, .GetInputMemoryType = cpu_memory, .GetVariadicInputMinArity = one,
-    .GetVariadicInputHomogeneity = one, .GetVariadicOutputMinArity = one, .GetVariadicOutputHomogeneity = one,
-    .CreateKernelV2 = create_plain, .KernelComputeV2 = scale_rows_compute,
-};
+static OrtCustomOp row_quantize = FIXED_OP(quantize_name, float_type, one_count, quantize_output_type, two_count,
+                                           create_plain, quantize_compute);
+static OrtCustomOp scale_rows = FIXED_OP(scale_rows_name, scale_rows_input_type, three_count, float_type, one_count,
+                                         create_plain, scale_rows_compute);
 
 __attribute__((visibility("default"))) OrtStatus *RegisterCustomOps(OrtSessionOptions *options, const OrtApiBase *base) {
   OrtApiTable table = base->GetApi(API_VERSION);
