@@ -178,9 +178,10 @@ def test_a_malformed_node_is_refused_not_run(outputs, heads):
 
 
 # ---- LanesAttention: the lanes of a batched step in one call ------------------------------------------------------
-def _lanes_session(lanes: int, node_inputs: int | None = None):
+def _lanes_session(lanes: int, node_inputs: int | None = None, extra_outputs: int = 0):
     """One LanesAttention node over ``lanes`` lanes, each with its own [1, kv_heads, CAP, hd] cache (``node_inputs``:
-    give the node that many inputs instead, to see a malformed node refused)."""
+    give the node that many inputs instead, ``extra_outputs``: that many more outputs, to see a malformed node
+    refused)."""
     f, cache = TensorProto.FLOAT, [1, KV_HEADS, "capacity", HD]
     inputs = [helper.make_tensor_value_info("qkv", f, [1, "R", WIDTH]),
               helper.make_tensor_value_info("lane_sizes", TensorProto.INT64, ["L"]),
@@ -192,6 +193,7 @@ def _lanes_session(lanes: int, node_inputs: int | None = None):
                    helper.make_tensor_value_info(f"past_key.{b}", f, cache),
                    helper.make_tensor_value_info(f"past_value.{b}", f, cache)]
         outputs += [helper.make_tensor_value_info(f"present_{kind}.{b}", f, cache) for kind in ("key", "value")]
+    outputs += [helper.make_tensor_value_info(f"extra.{i}", f, cache) for i in range(extra_outputs)]
     names = [i.name for i in inputs][:node_inputs]
     node = helper.make_node(kernels.LANES_OP, names, [o.name for o in outputs], domain=kernels.DOMAIN,
                             num_heads=HEADS, kv_num_heads=KV_HEADS)
@@ -280,7 +282,7 @@ def test_lanes_attention_not_bound_in_place_holds_the_same():
     (lambda f: f.update({"position_ids.1": f["position_ids.1"] + CAP}), "position is outside the rotary cache"),
     (lambda f: f.update({"bias.0": np.zeros((1, 1, 3, CAP + 4), np.float32)}), "lane 0"),  # a past beyond the cache
     (lambda f: f.update({"bias.1": f["bias.1"][..., :1, :].copy()}), "lane 1"),
-    (lambda f: f.update(lane_sizes=f["lane_sizes"][:1].copy()), "inputs for 1 lanes"),
+    (lambda f: f.update(lane_sizes=f["lane_sizes"][:1].copy()), "12 inputs and 5 outputs for 1 lanes"),
 ])
 def test_lanes_attention_refuses_inputs_that_do_not_fit(change, words):
     feeds, _ = _lane_feeds(np.random.default_rng(0), [(2, 5), (3, 9)])
@@ -288,6 +290,12 @@ def test_lanes_attention_refuses_inputs_that_do_not_fit(change, words):
     with pytest.raises(Exception) as e:
         _lanes_session(2).run(None, feeds)
     assert "LanesAttention: " in str(e.value) and words in str(e.value)
+
+
+def test_a_lanes_node_with_more_outputs_than_its_lanes_is_refused():
+    feeds, _ = _lane_feeds(np.random.default_rng(0), [(2, 5), (3, 9)])
+    with pytest.raises(Exception, match="LanesAttention: 12 inputs and 6 outputs for 2 lanes"):
+        _lanes_session(2, extra_outputs=1).run(None, feeds)
 
 
 def test_a_lanes_node_with_a_lane_half_given_is_refused():
@@ -495,11 +503,12 @@ def test_a_row_quantized_matmul_computes_each_row_by_itself(rows, row, k, seed):
 
 
 def test_a_row_quantized_matmul_takes_zero_rows_and_passes_a_nan_on():
-    session, _ = _rows_matmul_session(16, 8)
-    x = np.ones((1, 4, 16), np.float32)
+    session, _ = _rows_matmul_session(40, 8)
+    x = np.ones((1, 4, 40), np.float32)  # 32 columns in the vector path, 8 in the scalar one
     x[0, 0] = 0.0
     x[0, 2, 5] = np.nan
-    x[0, 3] = 1e-40  # subnormals only: 127 / max would overflow; taken as zeros
+    x[0, 3] = 0.0
+    x[0, 3, [0, 11]] = 1e-37, 5e-38  # so small that 127 / max overflows: taken as zeros
     y = session.run(None, {"x": x})[0][0]
     assert (y[0] == 0).all() and np.isfinite(y[1]).all() and np.isnan(y[2]).all() and (y[3] == 0).all()
 

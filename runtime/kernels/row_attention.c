@@ -463,17 +463,19 @@ static OrtStatus *lanes_compute(void *kernel, OrtKernelContext *ctx) {
   if ((st = input(ctx, 0, L, ELEM_FLOAT, 3, qd, &qkv, 0)) || (st = input(ctx, 1, L, ELEM_INT64, 1, ld, &sizes, 0)) ||
       (st = input(ctx, 2, L, ELEM_FLOAT, 2, cd, &cos, 0)) || (st = input(ctx, 3, L, ELEM_FLOAT, 2, nd, &sin, 0)))
     return st;
-  size_t count = 0;
-  if ((st = CALL(KernelContext_GetInputCount, OrtStatus *(*)(const OrtKernelContext *, size_t *))(ctx, &count)))
+  size_t count = 0, outputs = 0;
+  if ((st = CALL(KernelContext_GetInputCount, OrtStatus *(*)(const OrtKernelContext *, size_t *))(ctx, &count)) ||
+      (st = CALL(KernelContext_GetOutputCount, OrtStatus *(*)(const OrtKernelContext *, size_t *))(ctx, &outputs)))
     return st;
-  int lanes = (int)ld[0];
-  if (lanes < 1 || lanes > MAX_LANES || count != (size_t)(LANES_FIXED + LANE_INPUTS * lanes)) {
+  if (ld[0] < 1 || ld[0] > MAX_LANES || count != (size_t)(LANES_FIXED + LANE_INPUTS * ld[0]) ||
+      outputs != (size_t)(1 + 2 * ld[0])) {
     char message[200];
-    snprintf(message, sizeof message, "LanesAttention: %zu inputs for %lld lanes; expected 4 + 4 per lane (1 .. %d lanes)",
-             count, (long long)ld[0], MAX_LANES);
+    snprintf(message, sizeof message, "LanesAttention: %zu inputs and %zu outputs for %lld lanes; expected 4 + 4 per "
+             "lane and 1 + 2 per lane (1 .. %d lanes)", count, outputs, (long long)ld[0], MAX_LANES);
     return error(message);
   }
-  int hd = (int)cd[1] * 2, width = (heads + 2 * kv_heads) * hd;
+  if (cd[1] < 4 || cd[1] > 128) return error("LanesAttention: the rotary cache's width must be head_size / 2, 4 .. 128");
+  int lanes = (int)ld[0], hd = (int)cd[1] * 2, width = (heads + 2 * kv_heads) * hd;
   if (qd[0] != 1 || qd[1] > (1 << 24) || hd < 8 || hd % 8 || hd > 256 || qd[2] != width || nd[0] != cd[0] || nd[1] != cd[1])
     return error("LanesAttention: qkv or rotary shapes do not match the op's heads");
   int64_t od[3] = {1, qd[1], (int64_t)heads * hd};
@@ -491,8 +493,9 @@ static OrtStatus *lanes_compute(void *kernel, OrtKernelContext *ctx) {
     if ((st = input(ctx, at, L, ELEM_INT64, 2, pd, &pos, 0)) || (st = input(ctx, at + 1, L, ELEM_FLOAT, 4, bd, &bias, 0)) ||
         (st = input(ctx, at + 2, L, ELEM_FLOAT, 4, kd, &pk, 0)) || (st = input(ctx, at + 3, L, ELEM_FLOAT, 4, vd, &pv, 0)))
       break;
-    int64_t rows = lane_rows[b] - 1, tot = bd[3], in_cap = kd[2], past = tot - rows - 1;
-    if (rows < 0 || rows > qd[1] - offset || pd[0] != 1 || pd[1] != rows + 1 || bd[0] != 1 || bd[1] != 1 ||
+    int64_t rows = lane_rows[b] >= 1 && lane_rows[b] <= qd[1] + 1 ? lane_rows[b] - 1 : -1;
+    int64_t tot = bd[3], in_cap = kd[2], past = tot - rows - 1;
+    if (rows < 0 || in_cap > (1 << 24) || rows > qd[1] - offset || pd[0] != 1 || pd[1] != rows + 1 || bd[0] != 1 || bd[1] != 1 ||
         bd[2] != rows + 1 || past < 0 || past > in_cap || tot > (1 << 24) || kd[0] != 1 || kd[1] != kv_heads ||
         kd[3] != hd || memcmp(kd, vd, sizeof kd)) {
       char message[240];
@@ -604,13 +607,13 @@ static OrtStatus *quantize_compute(void *kernel, OrtKernelContext *ctx) {
       if (!(a <= FLT_MAX)) bad = 1;
       m = a > m ? a : m;
     }
-    if (bad || m < FLT_MIN) {  /* zeros, or subnormals whose 127 / max would overflow: a row of zeros */
+    float inv_m = 127.0f / m;
+    if (bad || !(inv_m <= FLT_MAX)) {  /* zeros, or so small that 127 / max overflows: a row of zeros */
       scale[r] = bad ? NAN : 1.0f;
       memset(qr, 128, (size_t)k);
       continue;
     }
     scale[r] = m / 127.0f;
-    float inv_m = 127.0f / m;
     const __m256 inv = _mm256_set1_ps(inv_m), lo = _mm256_set1_ps(-127.0f), hi = _mm256_set1_ps(127.0f);
     const __m256i offset = _mm256_set1_epi32(128), order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
     j = 0;
