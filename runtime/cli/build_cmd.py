@@ -48,7 +48,7 @@ def build(
     attention: str = typer.Option(_DEFAULTS.attention, help="Fused graphs' attention: gqa (ONNX Runtime's "
                                   "GroupQueryAttention) | kernel (the project's row-independent kernel, compiled on "
                                   "the machine that loads the artifact: needs a C compiler and AVX2 + FMA; no "
-                                  "extra query row, one cheap call per sequence in batched steps)."),
+                                  "extra query row, one call per layer for all sequences in batched steps)."),
     int8_matmul: str = typer.Option(_DEFAULTS.int8_matmul, "--int8-matmul", help="int8 weights' matmuls: blocks "
                                     "(ONNX Runtime's MatMulNBits, activations quantized per block of 32) | rows "
                                     "(MatMulInteger on activations quantized per row by the kernel library: a cost "
