@@ -67,7 +67,9 @@ def main() -> None:
     ap.add_argument("int8_artifact")
     ap.add_argument("--extra", default="", help="comma-separated: down, o")
     ap.add_argument("--keep", default="", help="comma-separated MatMul name parts kept in fp32 (e.g. lm_head)")
-    ap.add_argument("--alpha", type=float, default=0.5)
+    ap.add_argument("--alpha", type=float, default=0.5, help="strength of the --extra smoothing")
+    ap.add_argument("--main-alpha", type=float, default=RECIPES["int8"]["smooth_alpha"],
+                    help="strength of the recipe's own smoothing (q/k/v and gate/up inputs)")
     ap.add_argument("--block-size", type=int, default=None, help="weight (and activation) block (default: the recipe's)")
     ap.add_argument("--rotation", type=int, default=RECIPES["int8"]["rotation"],
                     help="largest block of the input rotation (exporter/rotation.py; 0: none; default: the recipe's)")
@@ -88,7 +90,7 @@ def main() -> None:
     loaded = load_base_model(None)
     model, tok = loaded.model.eval(), loaded.tokenizer
     calibration = [tok.encode_prompt(t) for t in read_prompts(None, limit=CALIBRATION.stop)[CALIBRATION]]
-    smooth_activations(model, calibration, RECIPES["int8"]["smooth_alpha"])
+    smooth_activations(model, calibration, args.main_alpha)
     smooth_more(model, calibration, [x for x in args.extra.split(",") if x], args.alpha)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp) / "variant"
@@ -121,7 +123,7 @@ def main() -> None:
         r = quality(reference, candidate, prompts)
         if args.keep_dir:
             shutil.copytree(work, args.keep_dir)
-        print(json.dumps({"matmul": args.matmul, "blocks_for": args.blocks_for, "extra": args.extra, "keep_fp32": args.keep, "alpha": args.alpha, "block_size": block,
+        print(json.dumps({"matmul": args.matmul, "blocks_for": args.blocks_for, "extra": args.extra, "main_alpha": args.main_alpha, "keep_fp32": args.keep, "alpha": args.alpha, "block_size": block,
                           "rotation": args.rotation, "prompts": args.prompts,
                           "first": args.first, "count": len(prompts), "positions": r.positions,
                           "top1": r.top1_agreement, "perplexity_change": r.perplexity_change,
