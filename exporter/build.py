@@ -234,7 +234,8 @@ def _export_lanes(loaded, options: BuildOptions, work: Path, step_log, grid: boo
             quantization = QuantizationRecord(**quantize_graph(path, options.recipe, source_grid=grid))
     n = loaded.model.config.num_hidden_layers
     tensors = lambda ts: [TensorRecord(t.name, t.dtype, list(t.axes)) for t in ts]  # noqa: E731
-    return GraphRecord(file=path.name, inputs=tensors(io_table.lanes_inputs(n, options.lanes, gathers=options.attention != "kernel")),
+    inputs = io_table.lanes_inputs(n, options.lanes, gathers=options.attention != "kernel")
+    return GraphRecord(file=path.name, inputs=tensors(inputs),
                        outputs=tensors(io_table.lanes_outputs(n, options.lanes)), lanes=options.lanes,
                        cleanup=cleanup, quantization=quantization)
 

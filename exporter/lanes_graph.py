@@ -48,16 +48,17 @@ def lanes_backbone(decoder, cfg, max_positions: int, dtype: str, lanes: int, rot
                    attention: str = "gqa") -> onnx.GraphProto:
     d = Decoder(decoder, cfg, max_positions, dtype, rotation, attention)
     g = d.g
-    kv = [[f"past_key_values.{i}.{b}.{kind}" for b in range(lanes) for kind in ("key", "value")] for i in range(d.n)]
-    present = [[f"present.{i}.{b}.{kind}" for b in range(lanes) for kind in ("key", "value")] for i in range(d.n)]
+    past = [io_table.lane_kv_names(d.n, b, "past_key_values") for b in range(lanes)]
+    present = [io_table.lane_kv_names(d.n, b, "present") for b in range(lanes)]
+    kv = lambda names, i, b: names[b][2 * i:2 * i + 2]  # noqa: E731 (lane b's key and value of layer i)
 
     def kernel_attention(i: int, qkv: str) -> str:
         # One LanesAttention call per layer on the rows as they are, lane by lane: each lane's rows computed as
         # RowAttention computes them alone (the lane's extra row in its positions and bias is not read).
-        per_lane = [x for b in range(lanes) for x in (f"position_ids.{b}", f"attention_bias.{b}", *kv[i][2 * b:2 * b + 2])]
+        per_lane = [x for b in range(lanes) for x in (f"position_ids.{b}", f"attention_bias.{b}", *kv(past, i, b))]
         outs = g.op(kernels.LANES_OP, [qkv, "lane_sizes", d.cos, d.sin, *per_lane], f"L{i}/attention",
                     outputs=1 + 2 * lanes, domain=kernels.DOMAIN, num_heads=d.nh, kv_num_heads=d.kvh)
-        g.nodes[-1].output[1:] = present[i]
+        g.nodes[-1].output[1:] = [x for b in range(lanes) for x in kv(present, i, b)]
         return outs[0]
 
     if attention == "kernel":
@@ -76,9 +77,9 @@ def lanes_backbone(decoder, cfg, max_positions: int, dtype: str, lanes: int, rot
         per_lane = g.op("Split", [padded, "lane_sizes"], f"L{i}/lanes", outputs=lanes, axis=1)
         outs = []
         for b, (seqlens, total) in enumerate(lengths):
-            gqa = d.gqa(f"L{i}/lane{b}/attention", per_lane[b], *kv[i][2 * b:2 * b + 2], seqlens, total,
+            gqa = d.gqa(f"L{i}/lane{b}/attention", per_lane[b], *kv(past, i, b), seqlens, total,
                         f"position_ids.{b}", f"attention_bias.{b}")
-            g.nodes[-1].output[1:] = present[i][2 * b:2 * b + 2]
+            g.nodes[-1].output[1:] = kv(present, i, b)
             outs.append(gqa[0])
         attended = g.op("Concat", outs, f"L{i}/lanes_out", axis=1)[0]
         return g.op("Gather", [attended, "row_gather"], f"L{i}/rows_out", axis=1)[0]

@@ -77,37 +77,30 @@ def quantize_graph(path: Path, recipe_name: str, source_grid: bool = False) -> d
     model = onnx.load(str(path))
     before = _weight_matmuls(model.graph)
     fp32_kept = lambda name: is_rotation(name) or any(part in name for part in recipe.get("keep_fp32", ()))  # noqa: E731
-    if recipe["method"] == "MatMulInteger":
+    rows = recipe["method"] == "MatMulInteger"
+    if rows:  # per row first; what that leaves (the base lm_head) takes the int8 recipe's blocks below
         from .quantize_rows import quantize_rows
 
         quantize_rows(model, keep=lambda name: fp32_kept(name) or any(part in name for part in ROWS_BLOCKS_FOR))
-        blocks = RECIPES["int8"]
-        q = MatMulNBitsQuantizer(model, bits=8, block_size=blocks["block_size"], is_symmetric=blocks["symmetric"],
-                                 accuracy_level=blocks["accuracy_level"],
-                                 nodes_to_exclude=[n.name for n in model.graph.node if n.op_type == "MatMul" and fp32_kept(n.name)])
-        q.process()
-        model = q.model.model
-        onnx.save_model(model, str(path))
-        return {"name": "int8", **RECIPES[recipe_name], "tool": f"onnxruntime {onnxruntime.__version__}",
-                "matmuls_quantized": before - _weight_matmuls(model.graph),
-                "matmuls_left_fp": _weight_matmuls(model.graph), "embedding": "fp32", "source_grid": 0}
-    kept_exact, bits = 0, recipe["bits"]
+    blocks = RECIPES["int8"] if rows else recipe
+    kept_exact, bits = 0, blocks["bits"]
     if source_grid:  # the 4-bit blocks, and a Q8_0 weight beside them (the built-in model's tied lm_head), as they are
         kept_exact = (exact_4bit_matmuls(model, recipe["accuracy_level"], skip=fp32_kept)
                       + exact_8bit_matmuls(model, recipe["accuracy_level"], skip=fp32_kept))
         bits = GRID_REST_BITS
     keep = [n.name for n in model.graph.node if n.op_type == "MatMul" and (fp32_kept(n.name) or is_offset(n.name))]
-    q = MatMulNBitsQuantizer(model, bits=bits, block_size=recipe["block_size"],
-                             is_symmetric=recipe["symmetric"], accuracy_level=recipe["accuracy_level"],
+    q = MatMulNBitsQuantizer(model, bits=bits, block_size=blocks["block_size"],
+                             is_symmetric=blocks["symmetric"], accuracy_level=blocks["accuracy_level"],
                              nodes_to_exclude=keep)
     q.process()
     quantized = q.model.model
     left = _weight_matmuls(quantized.graph)
-    embedding = embed_from_lm_head(quantized, bits, recipe["block_size"])
+    # Per-row graphs keep the fp32 embedding (measured with it; docs/quantization.md)
+    embedding = not rows and embed_from_lm_head(quantized, bits, blocks["block_size"])
     onnx.save_model(quantized, str(path))
-    record = {"name": recipe_name, **RECIPES[recipe_name], "tool": f"onnxruntime {onnxruntime.__version__}",
-              "matmuls_quantized": before - left, "matmuls_left_fp": left,
-              "embedding": "GatherBlockQuantized on the lm_head's weights" if embedding else "fp32",
+    record = {"name": "int8" if rows else recipe_name, **RECIPES[recipe_name],
+              "tool": f"onnxruntime {onnxruntime.__version__}", "matmuls_quantized": before - left,
+              "matmuls_left_fp": left, "embedding": "GatherBlockQuantized on the lm_head's weights" if embedding else "fp32",
               "source_grid": kept_exact}
     if source_grid:  # the source's grid is kept: neither smoothed nor rotated (either would move the weights off it)
         asymmetric = any(is_offset(n.name) for n in quantized.graph.node)  # Q4_1 blocks keep their offsets

@@ -74,10 +74,11 @@ def check_graph_io(session, path: Path, dims: ModelDims, medusa: bool, layout: s
                    paths: int = 1, lanes: int = 0, attention: str = "gqa") -> None:
     """ArtifactError naming the first tensor whose name, type or fixed size differs from the I/O table."""
     n = dims.num_layers
-    tables = ((io_table.lanes_inputs(n, lanes, gathers=attention != "kernel"), io_table.lanes_outputs(n, lanes)) if lanes else
+    gathers = attention != "kernel"
+    tables = ((io_table.lanes_inputs(n, lanes, gathers), io_table.lanes_outputs(n, lanes)) if lanes else
               (io_table.inputs(n, layout, paths), io_table.outputs(n, medusa, layout, paths)))
     optional = [io_table.row_selection_input()]  # newer fused graphs; older ones lack it
-    if lanes and attention == "kernel":  # kernel lanes graphs built before LanesAttention gather rows per lane
+    if lanes and not gathers:  # kernel lanes graphs built before LanesAttention gather rows per lane
         optional += [t for t in io_table.lanes_inputs(n, lanes) if t.name in ("lane_gather", "row_gather")]
     for role, table, actual in (("input", tables[0], session.get_inputs()), ("output", tables[1], session.get_outputs())):
         found = {a.name: a for a in actual}

@@ -300,27 +300,42 @@ static const char *input_name(const char *op, size_t index) {
   return index < 4 ? lanes[index] : lane[(index - 4) % 4];
 }
 
+enum { MAX_RANK = 8 };
+
+/* Input ``index``: its value (NULL when the node gives none), element type and shape (the dimensions are read when
+   there are at most MAX_RANK of them). */
+static OrtStatus *tensor_of(OrtKernelContext *ctx, size_t index, const OrtValue **value, int *elem, int64_t *shape,
+                            size_t *count) {
+  OrtTypeShape *info = NULL;
+  *value = NULL;
+  OrtStatus *st = CALL(KernelContext_GetInput, OrtStatus *(*)(OrtKernelContext *, size_t, const OrtValue **))(ctx, index, value);
+  if (st || !*value) return st;
+  if ((st = CALL(GetTensorTypeAndShape, OrtStatus *(*)(const OrtValue *, OrtTypeShape **))(*value, &info))) return st;
+  if (!(st = CALL(GetTensorElementType, OrtStatus *(*)(const OrtTypeShape *, int *))(info, elem)) &&
+      !(st = CALL(GetDimensionsCount, OrtStatus *(*)(const OrtTypeShape *, size_t *))(info, count)) && *count <= MAX_RANK)
+    st = CALL(GetDimensions, OrtStatus *(*)(const OrtTypeShape *, int64_t *, size_t))(info, shape, *count);
+  CALL(ReleaseTensorTypeAndShapeInfo, void (*)(OrtTypeShape *))(info);
+  return st;
+}
+
+static OrtStatus *data_of(const OrtValue *value, void **data) {
+  return CALL(GetTensorMutableData, OrtStatus *(*)(OrtValue *, void **))((OrtValue *)value, data);
+}
+
 /* An input's data, element type and shape (up to 4 dimensions; ndims 0 with any_rank: dims[0] is the element
    count, whatever the rank). */
 static OrtStatus *input(OrtKernelContext *ctx, size_t index, const char *what, int type, size_t ndims, int64_t *dims,
                         void **data, int any_rank) {
   const OrtValue *value = NULL;
-  OrtTypeShape *info = NULL;
-  OrtStatus *st = CALL(KernelContext_GetInput, OrtStatus *(*)(OrtKernelContext *, size_t, const OrtValue **))(ctx, index, &value);
+  int elem = 0;
+  size_t count = 0;
+  int64_t shape[MAX_RANK] = {1, 1, 1, 1, 1, 1, 1, 1};
+  OrtStatus *st = tensor_of(ctx, index, &value, &elem, shape, &count);
   if (st || !value) {
     char message[160];
     snprintf(message, sizeof message, "%s: input %s is missing", what, input_name(what, index));
     return st ? st : error(message);
   }
-  if ((st = CALL(GetTensorTypeAndShape, OrtStatus *(*)(const OrtValue *, OrtTypeShape **))(value, &info))) return st;
-  int elem = 0;
-  size_t count = 0;
-  int64_t shape[4] = {1, 1, 1, 1};
-  if (!(st = CALL(GetTensorElementType, OrtStatus *(*)(const OrtTypeShape *, int *))(info, &elem)) &&
-      !(st = CALL(GetDimensionsCount, OrtStatus *(*)(const OrtTypeShape *, size_t *))(info, &count)) && count <= 4)
-    st = CALL(GetDimensions, OrtStatus *(*)(const OrtTypeShape *, int64_t *, size_t))(info, shape, count);
-  CALL(ReleaseTensorTypeAndShapeInfo, void (*)(OrtTypeShape *))(info);
-  if (st) return st;
   if (any_rank && count <= 4) {
     dims[0] = shape[0] * shape[1] * shape[2] * shape[3];
     count = ndims;
@@ -333,7 +348,7 @@ static OrtStatus *input(OrtKernelContext *ctx, size_t index, const char *what, i
              input_name(what, index), elem, count, type, ndims);
     return error(message);
   }
-  return CALL(GetTensorMutableData, OrtStatus *(*)(OrtValue *, void **))((OrtValue *)value, data);
+  return data_of(value, data);
 }
 
 /* Output ``index`` allocated with ``dims``, and its data. */
@@ -343,7 +358,7 @@ static OrtStatus *any_output(OrtKernelContext *ctx, size_t index, const int64_t 
       ctx, index, dims, ndims, &value);
   if (st) return st;
   if (!value) return error("an output of a medusa_export op is missing (the node must name all of them)");
-  return CALL(GetTensorMutableData, OrtStatus *(*)(OrtValue *, void **))(value, data);
+  return data_of(value, data);
 }
 
 static OrtStatus *output(OrtKernelContext *ctx, size_t index, const int64_t *dims, size_t ndims, float **data) {
@@ -549,28 +564,20 @@ static OrtStatus *lanes_compute(void *kernel, OrtKernelContext *ctx) {
    (MatMulInteger of q with zero point 128 against int8 weights), the rows' scales and the weights' column scales
    col float [N] -> float [..., N] = (float(y) * row scale) * column scale. The integer product is exact, so a row's
    result depends on nothing but the row: batched, tree and one-token steps agree to the bit. */
-enum { MAX_RANK = 8 };
-
+/* An input of rank 1 .. MAX_RANK: its data, shape and rank. */
 static OrtStatus *any_input(OrtKernelContext *ctx, size_t index, int type, int64_t *dims, size_t *ndims, void **data,
                             const char *what) {
   const OrtValue *value = NULL;
-  OrtTypeShape *info = NULL;
-  OrtStatus *st = CALL(KernelContext_GetInput, OrtStatus *(*)(OrtKernelContext *, size_t, const OrtValue **))(ctx, index, &value);
-  if (st || !value) return st ? st : error("an int8 row op's input is missing");
-  if ((st = CALL(GetTensorTypeAndShape, OrtStatus *(*)(const OrtValue *, OrtTypeShape **))(value, &info))) return st;
   int elem = 0;
-  if (!(st = CALL(GetTensorElementType, OrtStatus *(*)(const OrtTypeShape *, int *))(info, &elem)) &&
-      !(st = CALL(GetDimensionsCount, OrtStatus *(*)(const OrtTypeShape *, size_t *))(info, ndims)) && *ndims <= MAX_RANK)
-    st = CALL(GetDimensions, OrtStatus *(*)(const OrtTypeShape *, int64_t *, size_t))(info, dims, *ndims);
-  CALL(ReleaseTensorTypeAndShapeInfo, void (*)(OrtTypeShape *))(info);
-  if (st) return st;
+  OrtStatus *st = tensor_of(ctx, index, &value, &elem, dims, ndims);
+  if (st || !value) return st ? st : error("an int8 row op's input is missing");
   if (elem != type || *ndims < 1 || *ndims > MAX_RANK) {
     char message[160];
     snprintf(message, sizeof message, "%s has element type %d and rank %zu, expected %d and 1 .. %d", what, elem,
              *ndims, type, MAX_RANK);
     return error(message);
   }
-  return CALL(GetTensorMutableData, OrtStatus *(*)(OrtValue *, void **))((OrtValue *)value, data);
+  return data_of(value, data);
 }
 
 static OrtStatus *quantize_compute(void *kernel, OrtKernelContext *ctx) {
