@@ -1,0 +1,123 @@
+"""int8 matmuls on activations quantized per row (`build --int8-matmul rows`, `exporter/quantize_rows.py`): a row
+of a row-quantized matmul computed by itself and close to the fp32 product, zero and NaN rows handled, the options
+checked; on tiny artifacts, tree nodes bit-identical to one-token steps, greedy Medusa equal to greedy vanilla,
+batched answers equal to answers alone."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import test_attention_kernel  # noqa: F401 (skips this module where the kernel cannot run)
+import test_engine as engine_tests  # noqa: E402
+import test_fused_graph as fused_tests  # noqa: E402
+from conftest import TINY_PROMPTS  # noqa: E402
+from onnx import TensorProto, helper  # noqa: E402
+from test_cli import assert_one_line_error, cli  # noqa: E402
+
+from medusa_export.runtime import kernels  # noqa: E402
+from medusa_export.runtime.build_options import BuildOptions  # noqa: E402
+from medusa_export.runtime.errors import InputError  # noqa: E402
+
+ort = pytest.importorskip("onnxruntime")
+
+def _rows_matmul_session(k: int, n: int, seed: int = 0):
+    """x [1, S, k] @ W [k, n] as `quantize_rows` writes it; W's fp32 values returned too."""
+    from onnx import numpy_helper
+
+    from medusa_export.exporter.quantize_rows import quantize_rows
+
+    w = np.random.default_rng(seed).standard_normal((k, n), dtype=np.float32)
+    f = TensorProto.FLOAT
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], "proj")], "mm",
+                              [helper.make_tensor_value_info("x", f, [1, "S", k])],
+                              [helper.make_tensor_value_info("y", f, [1, "S", n])], [numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    assert quantize_rows(model, keep=lambda _name: False) == 1
+    assert [n.op_type for n in model.graph.node] == [kernels.QUANTIZE_OP, "MatMulInteger", kernels.SCALE_OP]
+    assert "w" not in {i.name for i in model.graph.initializer}  # the fp32 weight is gone
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 2
+    kernels.register(opts, "kernel")
+    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"]), w
+
+
+@settings(max_examples=15, deadline=None)
+@given(rows=st.integers(2, 20), row=st.integers(0, 19), k=st.sampled_from([8, 40, 64]), seed=st.integers(0, 999))
+def test_a_row_quantized_matmul_computes_each_row_by_itself(rows, row, k, seed):
+    """A row's product is bit-identical alone and among others, and close to the fp32 product."""
+    session, w = _rows_matmul_session(k, 24, seed)
+    row = min(row, rows - 1)
+    x = np.random.default_rng(seed + 1).standard_normal((1, rows, k), dtype=np.float32) * 3
+    many = session.run(None, {"x": x})[0]
+    one = session.run(None, {"x": x[:, row:row + 1].copy()})[0]
+    np.testing.assert_array_equal(many[0, row], one[0, 0])
+    exact = x[0] @ w
+    assert np.abs(many[0] - exact).max() <= 0.03 * np.abs(exact).max()
+
+
+def test_a_row_quantized_matmul_takes_zero_rows_and_passes_a_nan_on():
+    session, _ = _rows_matmul_session(40, 8)
+    x = np.ones((1, 4, 40), np.float32)  # 32 columns in the vector path, 8 in the scalar one
+    x[0, 0] = 0.0
+    x[0, 2, 5] = np.nan
+    x[0, 3] = 0.0
+    x[0, 3, [0, 11]] = 1e-37, 5e-38  # so small that 127 / max overflows: taken as zeros
+    y = session.run(None, {"x": x})[0][0]
+    assert (y[0] == 0).all() and np.isfinite(y[1]).all() and np.isnan(y[2]).all() and (y[3] == 0).all()
+
+
+def test_build_options_check_int8_matmul_rows():
+    for bad in (dict(dtype="int8", int8_matmul="rows"), dict(dtype="fp32", attention="kernel", int8_matmul="rows")):
+        with pytest.raises(InputError, match="--int8-matmul rows needs --dtype int8 and --attention kernel"):
+            BuildOptions(**bad)
+    with pytest.raises(InputError, match="--int8-matmul 'nibbles'"):
+        BuildOptions(int8_matmul="nibbles")
+    assert BuildOptions(dtype="int8", attention="kernel", int8_matmul="rows").recipe == "int8_rows"
+
+
+@pytest.fixture(scope="module")
+def rows_runtimes(tiny_dirs, tmp_path_factory):
+    """fp32 and int8 with --int8-matmul rows, both with the attention kernel (3 lanes, a chat tokenizer)."""
+    return engine_tests.build_runtimes(tiny_dirs, tmp_path_factory.mktemp("rows"), dtypes=("fp32", "int8"),
+                                       int8={"int8_matmul": "rows"}, attention="kernel")
+
+
+def test_row_quantized_artifacts_record_and_hold_integer_matmuls(rows_runtimes):
+    import onnx
+
+    rt = rows_runtimes["int8"]
+    for kind, graph in rt.manifest.graphs.items():
+        q = graph.quantization
+        assert q.name == "int8" and q.method == "MatMulInteger" and q.matmuls_left_fp == 0 and q.rotation == 32
+        ops = [n.op_type for n in onnx.load(str(rt.generator.backend.directory / graph.file),
+                                            load_external_data=False).graph.node]
+        assert ops.count("MatMulInteger") == ops.count(kernels.QUANTIZE_OP) == ops.count(kernels.SCALE_OP) >= 4 * 2
+        assert ops.count("MatMulNBits") == 1  # the base lm_head, as blocks (`quantize.ROWS_BLOCKS_FOR`)
+
+
+def test_row_quantized_tree_nodes_are_bit_identical_to_one_token_steps(rows_runtimes):
+    fused_tests.test_tree_step_is_bit_identical_to_plain_one_token_steps(
+        rows_runtimes["fp32"], {"int8": (rows_runtimes["int8"], None)}, "int8")
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(tree=fused_tests.random_trees(fused_tests.NUM_HEADS, max_paths=fused_tests.ARTIFACT_PATHS),
+       which=st.integers(0, len(TINY_PROMPTS) - 1))
+def test_row_quantized_greedy_medusa_equals_greedy_vanilla(rows_runtimes, tree, which):
+    rt, prompt = rows_runtimes["int8"], TINY_PROMPTS[which]
+    assert fused_tests._tokens(rt, prompt, True, tree=tree, n=16) == fused_tests._tokens(rt, prompt, False, n=16)
+
+
+def test_row_quantized_batched_answers_equal_answers_alone(rows_runtimes):
+    engine_tests.test_every_answer_equals_its_answer_alone(rows_runtimes, "int8")
+    engine_tests.test_context_drafts_in_batched_steps_change_no_answer(rows_runtimes, "int8")
+
+
+def test_the_cli_refuses_int8_matmul_rows_without_the_kernel(tmp_path):
+    out = tmp_path / "art"
+    proc = cli("build", "--out", str(out), "--dtype", "int8", "--int8-matmul", "rows")
+    assert_one_line_error(proc, "--int8-matmul rows needs --dtype int8 and --attention kernel")
+    assert not out.exists() or not any(out.iterdir())
