@@ -91,7 +91,7 @@ def build_artifact(model: str | None, out: str | Path, options: BuildOptions = B
         drafts = _corpus_table(loaded.tokenizer, loaded.model.config.vocab_size, options, work, step_log, chosen.path)
         save_heads(chosen.heads, work / "heads")
         dims = model_dims(loaded.model.config, chosen.heads, options.head_topk, options.sample_topk,
-                          dtype=graph_dtype(options.dtype))
+                          dtype=graph_dtype(options.dtype), kv_dtype=options.kv_dtype)
         manifest = _manifest(loaded, chosen, dims, tree_spec, tree_obj, options, graphs, validation, work, drafts)
         manifest.write(work)
         if options.lanes:
@@ -175,7 +175,7 @@ def _export_graph(loaded, kind: str, heads, tree: Tree, options: BuildOptions, w
     with step_log(f"export {kind} graph ({options.dtype}, {options.graph})"):
         if fused:
             export_fused_graph(step, path, dtype=dt, max_positions=options.max_seq, paths=paths, min_rows=min_rows,
-                               rotation=rotation, attention=options.attention)
+                               rotation=rotation, attention=options.attention, kv_dtype=options.kv_dtype)
         else:
             export_step_graph(step, path, dtype=dt)
     with step_log(f"fold constants in the {kind} graph (Polygraphy)"):
@@ -188,7 +188,7 @@ def _export_graph(loaded, kind: str, heads, tree: Tree, options: BuildOptions, w
         # A quantized graph differs from PyTorch by design: its errors are recorded, and its quality is measured
         # on real text (`quality`), not held to the fp32 tolerance.
         validation = validate_graph(step, path, dtype=dt, kv_layout=layout, enforce=not options.quantized, paths=paths,
-                                    attention=options.attention)
+                                    attention=options.attention, kv_dtype=options.kv_dtype)
     n = loaded.model.config.num_hidden_layers
     tensors = lambda ts: [TensorRecord(t.name, t.dtype, list(t.axes)) for t in ts]  # noqa: E731
     record = GraphRecord(file=path.name, inputs=tensors(io_table.inputs(n, layout, paths)),
@@ -225,7 +225,7 @@ def _export_lanes(loaded, options: BuildOptions, work: Path, step_log, grid: boo
     step = StepModel(loaded.model, None, options.head_topk, options.sample_topk)
     with step_log(f"export the batched graph ({options.lanes} lanes, {options.dtype})"):
         export_lanes_graph(step, path, options.lanes, graph_dtype(options.dtype), options.max_seq,
-                           _recipe(options, "rotation", 0), options.attention)
+                           _recipe(options, "rotation", 0), options.attention, options.kv_dtype)
     with step_log("fold constants in the batched graph (Polygraphy)"):
         cleanup = CleanupRecord(**fold_constants(path))
     quantization = None

@@ -96,12 +96,18 @@ class Decoder:
     """The decoder stack's weights and the graph under construction; `layers` writes every layer around an
     attention block the caller supplies (one row set per step, or per lane)."""
 
-    def __init__(self, decoder, cfg, max_positions: int, dtype: str, rotation: int = 0, attention: str = "gqa") -> None:
+    def __init__(self, decoder, cfg, max_positions: int, dtype: str, rotation: int = 0, attention: str = "gqa",
+                 kv_dtype: str | None = None) -> None:
         """``rotation`` > 0: every decoder matmul's input turned per block of up to that many columns at run time,
         its weight the other way (`rotation`; for quantized graphs). ``attention`` "kernel": the project's
-        RowAttention op (`runtime/kernels`) instead of GroupQueryAttention, same inputs and outputs."""
+        RowAttention op (`runtime/kernels`) instead of GroupQueryAttention, same inputs and outputs.
+        ``kv_dtype`` "float16" (kernel only): the K / V caches in fp16 (RowAttention16, LanesAttention16)."""
         check_supported(cfg)
+        if kv_dtype not in (None, dtype) and (attention != "kernel" or kv_dtype != "float16"):
+            raise ValueError(f"a {kv_dtype} KV cache in a {dtype} graph needs the attention kernel and float16")
         self.attention = attention
+        self.kv_dtype = kv_dtype or dtype
+        self.kv_half = self.kv_dtype != dtype  # the kernel's fp16-cache ops
         self.rotation = InputRotation(rotation) if rotation else None
         self.shared_constants: set[str] = set()  # names of the initializers `_constant` added
         self.np_dtype = io_table.model_dtype_of(dtype)
@@ -169,7 +175,7 @@ class Decoder:
         or RowAttention, which computes each row by itself and skips the extra row."""
         heads = dict(num_heads=groups * self.nh, kv_num_heads=groups * self.kvh)
         if self.attention == "kernel":
-            return self.g.op(kernels.OP, [qkv, k, v, seqlens, total, self.cos, self.sin, positions, bias], name,
+            return self.g.op(kernels.row_op(self.kv_half), [qkv, k, v, seqlens, total, self.cos, self.sin, positions, bias], name,
                              outputs=3, domain=kernels.DOMAIN, skip_last_row=1, **heads)
         return self.g.op("GroupQueryAttention", [qkv, "", "", k, v, seqlens, total, self.cos, self.sin, positions, bias],
                          name, outputs=3, domain=MS, do_rotary=1, **heads)
@@ -211,8 +217,8 @@ class Decoder:
     def value_info(self, tensor: io_table.Tensor):
         kv_dims = SimpleNamespace(num_kv_heads=self.kvh, head_dim=self.hd)
         shape = [tensor.fixed_sizes(kv_dims).get(i, a) for i, a in enumerate(tensor.axes)]  # symbolic stay names
-        return helper.make_tensor_value_info(tensor.name, helper.np_dtype_to_tensor_dtype(tensor.numpy_dtype(self.dtype)),
-                                             shape)
+        dtype = tensor.numpy_dtype(self.kv_dtype if tensor.kv else self.dtype)
+        return helper.make_tensor_value_info(tensor.name, helper.np_dtype_to_tensor_dtype(dtype), shape)
 
 
 def model_opsets(onnx_opset: int, attention: str) -> list:
@@ -222,7 +228,7 @@ def model_opsets(onnx_opset: int, attention: str) -> list:
 
 
 def fused_backbone(decoder, cfg, max_positions: int, dtype: str = "float32", paths: int = 1, pad_rows: bool = False,
-                   rotation: int = 0, attention: str = "gqa"):
+                   rotation: int = 0, attention: str = "gqa", kv_dtype: str | None = None):
     """GraphProto for ``decoder`` (a transformers ``*Model``: embeddings .. final norm) with config ``cfg``:
     inputs input_ids, position_ids, attention_mask, past_key_values.*; outputs hidden ([batch, seq, hidden],
     after the final norm) and present.*.
@@ -231,7 +237,7 @@ def fused_backbone(decoder, cfg, max_positions: int, dtype: str = "float32", pat
     of heads with its own copy of the KV cache (``[1, paths * kv_heads, capacity, head_dim]``); the step's
     attention rows are depths, mapped from and back to nodes by the inputs ``path_rows`` / ``node_rows``, and
     ``attention_mask`` is causal over those rows."""
-    d = Decoder(decoder, cfg, max_positions, dtype, rotation, attention)
+    d = Decoder(decoder, cfg, max_positions, dtype, rotation, attention, kv_dtype)
     g, nh, kvh, hd = d.g, d.nh, d.kvh, d.hd
     # Per step, shared by every layer: the GQA lengths and the additive mask, for T + 1 query rows. ONNX Runtime's
     # GroupQueryAttention computes a one-row step with other arithmetic than a several-row step (last-bit

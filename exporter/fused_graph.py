@@ -29,7 +29,8 @@ from .step_model import ReducedTail, StepModel
 
 
 def export_fused_graph(step: StepModel, path: str | Path, dtype: str = "float32", max_positions: int = 2048,
-                       paths: int = 1, min_rows: int = 1, rotation: int = 0, attention: str = "gqa") -> Path:
+                       paths: int = 1, min_rows: int = 1, rotation: int = 0, attention: str = "gqa",
+                       kv_dtype: str | None = None) -> Path:
     """``paths`` > 1: attention per root-to-leaf path of trees of up to that many paths (exact verification,
     see `fused_backbone`). ``min_rows`` 2: every matmul runs on at least two rows (see `fused_backbone`).
     ``rotation`` > 0: the decoder's matmul inputs turned per block (`rotation`), for quantized graphs.
@@ -37,7 +38,7 @@ def export_fused_graph(step: StepModel, path: str | Path, dtype: str = "float32"
     path = Path(path)
     medusa = step.heads is not None
     backbone = fused_backbone(step.backbone, step.config, max_positions, dtype, paths, pad_rows=min_rows > 1,
-                              rotation=rotation, attention=attention)
+                              rotation=rotation, attention=attention, kv_dtype=kv_dtype)
     tail = _export_tail(step, dtype, padded=min_rows > 1)
     graph = _append_tail(select_output_rows(backbone, padded=min_rows > 1), tail.graph, medusa, step.num_layers, paths)
     model = helper.make_model(graph, opset_imports=model_opsets(OPSET, attention), producer_name="medusa-export")

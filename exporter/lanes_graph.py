@@ -45,8 +45,8 @@ from .step_model import LanesTail, StepModel
 
 
 def lanes_backbone(decoder, cfg, max_positions: int, dtype: str, lanes: int, rotation: int = 0,
-                   attention: str = "gqa") -> onnx.GraphProto:
-    d = Decoder(decoder, cfg, max_positions, dtype, rotation, attention)
+                   attention: str = "gqa", kv_dtype: str | None = None) -> onnx.GraphProto:
+    d = Decoder(decoder, cfg, max_positions, dtype, rotation, attention, kv_dtype)
     g = d.g
     past = [io_table.lane_kv_names(d.n, b, "past_key_values") for b in range(lanes)]
     present = [io_table.lane_kv_names(d.n, b, "present") for b in range(lanes)]
@@ -56,7 +56,7 @@ def lanes_backbone(decoder, cfg, max_positions: int, dtype: str, lanes: int, rot
         # One LanesAttention call per layer on the rows as they are, lane by lane: each lane's rows computed as
         # RowAttention computes them alone (the lane's extra row in its positions and bias is not read).
         per_lane = [x for b in range(lanes) for x in (f"position_ids.{b}", f"attention_bias.{b}", *kv(past, i, b))]
-        outs = g.op(kernels.LANES_OP, [qkv, "lane_sizes", d.cos, d.sin, *per_lane], f"L{i}/attention",
+        outs = g.op(kernels.lanes_op(d.kv_half), [qkv, "lane_sizes", d.cos, d.sin, *per_lane], f"L{i}/attention",
                     outputs=1 + 2 * lanes, domain=kernels.DOMAIN, num_heads=d.nh, kv_num_heads=d.kvh)
         g.nodes[-1].output[1:] = [x for b in range(lanes) for x in kv(present, i, b)]
         return outs[0]
@@ -98,11 +98,12 @@ def _lanes_graph(d: Decoder, hidden: str, lanes: int, gathers: bool = True) -> o
 
 
 def export_lanes_graph(step: StepModel, path: str | Path, lanes: int, dtype: str = "float32",
-                       max_positions: int = 2048, rotation: int = 0, attention: str = "gqa") -> Path:
+                       max_positions: int = 2048, rotation: int = 0, attention: str = "gqa",
+                       kv_dtype: str | None = None) -> Path:
     path = Path(path)
     # The tail (lm_head, reductions) runs on the rows the host asks for: a prompt chunk's last row or none.
     backbone = select_output_rows(lanes_backbone(step.backbone, step.config, max_positions, dtype, lanes, rotation,
-                                                 attention), padded=False)
+                                                 attention, kv_dtype), padded=False)
     tail = _export_tail(step, dtype)
     graph = _append_tail_nodes(backbone, tail.graph, shared={"hidden", "row_temperature",
                                                               *(t.name for t in io_table.lanes_reduced_outputs())})

@@ -18,7 +18,8 @@ from medusa_export.runtime.errors import BackendUnavailableError
 from .heads import MedusaHeads
 from .step_model import StepModel
 
-def model_dims(config, heads: MedusaHeads | None, head_topk: int, sample_topk: int, dtype: str = "float32") -> ModelDims:
+def model_dims(config, heads: MedusaHeads | None, head_topk: int, sample_topk: int, dtype: str = "float32",
+               kv_dtype: str | None = None) -> ModelDims:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     return ModelDims(
         num_layers=config.num_hidden_layers,
@@ -29,6 +30,7 @@ def model_dims(config, heads: MedusaHeads | None, head_topk: int, sample_topk: i
         head_topk=head_topk,
         sample_topk=sample_topk,
         dtype=dtype,
+        kv_dtype=kv_dtype,
     )
 
 

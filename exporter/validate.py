@@ -29,9 +29,10 @@ MAX_ID_MISMATCH = 0.02
 
 def validate_graph(step: StepModel, onnx_path, dtype: str = "float32", threads: int | None = None,
                    kv_layout: str = io_table.SEQUENCE_MAJOR, enforce: bool = True, paths: int = 1,
-                   attention: str = "gqa") -> dict:
+                   attention: str = "gqa", kv_dtype: str | None = None) -> dict:
     """Max errors per output at every shape; ExportValidationError beyond tolerance when ``enforce``.
-    ``paths`` > 1: a fused graph that verifies trees per path (its tree step has at most that many)."""
+    ``paths`` > 1: a fused graph that verifies trees per path (its tree step has at most that many).
+    ``kv_dtype`` "float16": the graph's caches are fp16 (fed rounded; the tolerance is fp16's)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -43,6 +44,7 @@ def validate_graph(step: StepModel, onnx_path, dtype: str = "float32", threads: 
     names_in = [i.name for i in sess.get_inputs()]
     names_out = [o.name for o in sess.get_outputs()]
     torch_dtype = getattr(torch, io_table.model_dtype_of(dtype).name)
+    kv_torch = getattr(torch, io_table.model_dtype_of(kv_dtype or dtype).name)
     # The reference runs in fp32 on the weights the graph holds: for a reduced-precision graph, a copy with
     # its weights rounded through that dtype (so this checks the export, not the rounding; the caller's model
     # is left as it is).
@@ -53,6 +55,8 @@ def validate_graph(step: StepModel, onnx_path, dtype: str = "float32", threads: 
     for t, past, tree in SHAPES:
         torch.manual_seed(int(torch.randint(0, 1 << 30, (1,), generator=gen)))
         inputs = _single(dummy_inputs(ref_step, t=t, past=max(past, 2)), past)
+        if kv_torch != torch_dtype:  # the past as the graph's cache holds it: only the step's own rounding differs
+            inputs = (*inputs[:4], *(k.to(kv_torch).to(torch_dtype) for k in inputs[4:]))
         if tree:
             inputs = _with_tree(inputs, past, gen, paths)
         with torch.no_grad():
@@ -60,7 +64,7 @@ def validate_graph(step: StepModel, onnx_path, dtype: str = "float32", threads: 
         feed = {}
         for n, v in zip(names_in, inputs):
             if n.startswith("past"):
-                v = v.to(torch_dtype).transpose(1, 2) if head_major else v.to(torch_dtype)  # [1, kvh, past, hd]
+                v = v.to(kv_torch).transpose(1, 2) if head_major else v.to(kv_torch)  # [1, kvh, past, hd]
             feed[n] = v.contiguous().numpy()
         batch = _path_feed(feed, past, paths) if paths > 1 else None
         if "output_rows" in names_in:  # every row's outputs, as the reference computes them
@@ -72,9 +76,11 @@ def validate_graph(step: StepModel, onnx_path, dtype: str = "float32", threads: 
             # Ids: the top-1 of each position (and head) must agree; lower ranks of near-equal logits may swap.
             err = float(np.mean(g[..., 0] != r[..., 0])) if r.dtype == np.int64 else float(np.abs(g.astype(np.float64) - r).max())
             worst[name] = max(worst.get(name, 0.0), err)
+    tolerance_of = kv_dtype or dtype  # an fp16 cache rounds every key and value: fp16's tolerance
     if enforce:
-        _check(worst, dtype)
-    return {"shapes": [list(s) for s in SHAPES], "max_abs_error": worst, "tolerance": TOLERANCE[dtype] if enforce else None,
+        _check(worst, tolerance_of)
+    return {"shapes": [list(s) for s in SHAPES], "max_abs_error": worst,
+            "tolerance": TOLERANCE[tolerance_of] if enforce else None,
             "max_id_mismatch": MAX_ID_MISMATCH if enforce else None}
 
 

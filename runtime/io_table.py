@@ -52,11 +52,16 @@ class Tensor:
     dtype: str  # "int64" | "bool" | "float32" | "float" (= the model dtype, see MODEL_DTYPES)
     axes: tuple  # symbolic axis names (SYMBOLIC) or `ModelDims` field names (fixed per artifact)
     field: str | None = None  # the `StepOutput` field a reduced output fills
+    kv: bool = False  # a K or V cache: "float" means the cache's dtype (`ModelDims.cache_dtype`)
 
     def numpy_dtype(self, model_dtype: str = "float32") -> np.dtype:
         if self.dtype == "float":
             return model_dtype_of(model_dtype)
         return _FIXED_DTYPES[self.dtype]
+
+    def dtype_in(self, dims) -> np.dtype:
+        """The numpy dtype in an artifact of ``dims``: a cache's dtype for K / V tensors, else the model's."""
+        return self.numpy_dtype(dims.cache_dtype if self.kv else dims.dtype)
 
     def shape(self, dims, sizes: dict[str, int]) -> tuple[int, ...]:
         """Concrete shape: symbolic axes from ``sizes``, the others from the artifact's ``dims``."""
@@ -115,7 +120,7 @@ def inputs(num_layers: int, kv_layout: str = SEQUENCE_MAJOR, paths: int = 1) -> 
     table = token_inputs()
     for i in range(num_layers):
         for kind in ("key", "value"):
-            table.append(Tensor(f"past_key_values.{i}.{kind}", "float", _kv_axes(kv_layout, False, paths)))
+            table.append(Tensor(f"past_key_values.{i}.{kind}", "float", _kv_axes(kv_layout, False, paths), kv=True))
     return table + (path_inputs() if paths > 1 else [])
 
 
@@ -136,7 +141,7 @@ def outputs(num_layers: int, medusa: bool, kv_layout: str = SEQUENCE_MAJOR, path
     table = reduced_outputs(medusa)
     for i in range(num_layers):
         for kind in ("key", "value"):
-            table.append(Tensor(f"present.{i}.{kind}", "float", _kv_axes(kv_layout, True, paths)))
+            table.append(Tensor(f"present.{i}.{kind}", "float", _kv_axes(kv_layout, True, paths), kv=True))
     return table
 
 
@@ -160,7 +165,7 @@ def lanes_inputs(num_layers: int, lanes: int, gathers: bool = True) -> list[Tens
         rows, total, capacity = f"lane{b}_rows", f"lane{b}_total", f"lane{b}_capacity"
         table += [Tensor(f"position_ids.{b}", "int64", (BATCH, rows)),
                   Tensor(f"attention_bias.{b}", "float", (BATCH, 1, rows, total))]
-        table += [Tensor(name, "float", (BATCH, "num_kv_heads", capacity, "head_dim"))
+        table += [Tensor(name, "float", (BATCH, "num_kv_heads", capacity, "head_dim"), kv=True)
                   for name in lane_kv_names(num_layers, b, "past_key_values")]
     return table
 
@@ -173,7 +178,7 @@ def lanes_reduced_outputs() -> list[Tensor]:
 def lanes_outputs(num_layers: int, lanes: int) -> list[Tensor]:
     table = [Tensor(t.name, t.dtype, (BATCH, ROWS, *t.axes[2:]), t.field) for t in lanes_reduced_outputs()]
     for b in range(lanes):
-        table += [Tensor(name, "float", (BATCH, "num_kv_heads", f"lane{b}_capacity", "head_dim"))
+        table += [Tensor(name, "float", (BATCH, "num_kv_heads", f"lane{b}_capacity", "head_dim"), kv=True)
                   for name in lane_kv_names(num_layers, b, "present")]
     return table
 

@@ -28,7 +28,7 @@ from medusa_export.runtime.errors import BackendUnavailableError, InputError  # 
 from medusa_export.runtime.typed_json import FieldError  # noqa: E402
 
 if [f for f in kernels.NEEDS if f not in kernels.machine_info()["flags"]]:
-    pytest.skip("the attention kernel needs AVX2 and FMA", allow_module_level=True)
+    pytest.skip("the attention kernel needs AVX2, FMA and F16C", allow_module_level=True)
 
 HEADS, KV_HEADS, HD, CAP = 6, 2, 16, 96
 WIDTH = (HEADS + 2 * KV_HEADS) * HD
@@ -37,29 +37,31 @@ COS = np.cos(np.arange(CAP)[:, None] * INV[None]).astype(np.float32)
 SIN = np.sin(np.arange(CAP)[:, None] * INV[None]).astype(np.float32)
 
 
-def _session(kind: str, outputs=("out", "present_key", "present_value"), heads: int = HEADS, **attributes):
-    """One attention node over a [1, kv_heads, CAP, hd] cache: RowAttention (with ``attributes``) or
-    GroupQueryAttention."""
+def _session(kind: str, outputs=("out", "present_key", "present_value"), heads: int = HEADS, half: bool = False,
+             **attributes):
+    """One attention node over a [1, kv_heads, CAP, hd] cache: RowAttention (with ``attributes``; ``half``:
+    RowAttention16 over fp16 caches) or GroupQueryAttention."""
     inputs = ["qkv", "past_key", "past_value", "seqlens_k", "total", "cos", "sin", "position_ids", "bias"]
     if kind == "kernel":
-        node = helper.make_node(kernels.OP, inputs, list(outputs), domain=kernels.DOMAIN, num_heads=heads,
+        node = helper.make_node(kernels.row_op(half), inputs, list(outputs), domain=kernels.DOMAIN, num_heads=heads,
                                 kv_num_heads=KV_HEADS, **attributes)
     else:
         node = helper.make_node("GroupQueryAttention", [inputs[0], "", "", *inputs[1:]],
                                 ["out", "present_key", "present_value"], domain="com.microsoft", num_heads=HEADS,
                                 kv_num_heads=KV_HEADS, do_rotary=1)
     f, cache = TensorProto.FLOAT, [1, KV_HEADS, "capacity", HD]
+    kv = TensorProto.FLOAT16 if half else f
     graph = helper.make_graph([node], "attention", [
-        helper.make_tensor_value_info("qkv", f, [1, "S", "width"]), helper.make_tensor_value_info("past_key", f, cache),
-        helper.make_tensor_value_info("past_value", f, cache),
+        helper.make_tensor_value_info("qkv", f, [1, "S", "width"]), helper.make_tensor_value_info("past_key", kv, cache),
+        helper.make_tensor_value_info("past_value", kv, cache),
         helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, [1]),
         helper.make_tensor_value_info("total", TensorProto.INT32, []),
         helper.make_tensor_value_info("cos", f, [CAP, HD // 2]), helper.make_tensor_value_info("sin", f, [CAP, HD // 2]),
         helper.make_tensor_value_info("position_ids", TensorProto.INT64, [1, "S"]),
         helper.make_tensor_value_info("bias", f, [1, 1, "S", "T"])],
         [v for v in (helper.make_tensor_value_info("out", f, [1, "S", HEADS * HD]),
-                     helper.make_tensor_value_info("present_key", f, cache),
-                     helper.make_tensor_value_info("present_value", f, cache)) if v.name in outputs])
+                     helper.make_tensor_value_info("present_key", kv, cache),
+                     helper.make_tensor_value_info("present_value", kv, cache)) if v.name in outputs])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1),
                                                     helper.make_opsetid(kernels.DOMAIN, 1)])
     opts = ort.SessionOptions()
@@ -73,13 +75,14 @@ def sessions():
     return {kind: _session(kind) for kind in ("kernel", "gqa")}
 
 
-def _feeds(rng, rows: int, past: int, masked: float = 0.0) -> dict:
-    """A step of ``rows`` causal rows after ``past`` cached ones; ``masked``: share of the past hidden by the bias."""
+def _feeds(rng, rows: int, past: int, masked: float = 0.0, half: bool = False) -> dict:
+    """A step of ``rows`` causal rows after ``past`` cached ones; ``masked``: share of the past hidden by the bias;
+    ``half``: fp16 caches."""
     bias = np.zeros((1, 1, rows, past + rows), np.float32)
     bias[..., :past][:, :, :, rng.random(past) < masked] = -np.inf
     return {"qkv": rng.standard_normal((1, rows, WIDTH), dtype=np.float32),
-            "past_key": rng.standard_normal((1, KV_HEADS, CAP, HD), dtype=np.float32),
-            "past_value": rng.standard_normal((1, KV_HEADS, CAP, HD), dtype=np.float32),
+            "past_key": rng.standard_normal((1, KV_HEADS, CAP, HD), dtype=np.float32).astype(np.float16 if half else np.float32),
+            "past_value": rng.standard_normal((1, KV_HEADS, CAP, HD), dtype=np.float32).astype(np.float16 if half else np.float32),
             "seqlens_k": np.array([past + rows - 1], np.int32), "total": np.array(past + rows, np.int32),
             "cos": COS, "sin": SIN, "position_ids": np.arange(past, past + rows, dtype=np.int64)[None], "bias": bias}
 
@@ -94,8 +97,8 @@ def _bound(session, feeds: dict) -> list[np.ndarray]:
     cache = {name: feeds[name].copy() for name in ("past_key", "past_value")}
     for name, out in (("past_key", "present_key"), ("past_value", "present_value")):
         buf = cache[name]
-        b.bind_input(name, "cpu", 0, np.float32, list(buf.shape), buf.ctypes.data)
-        b.bind_output(out, "cpu", 0, np.float32, list(buf.shape), buf.ctypes.data)
+        b.bind_input(name, "cpu", 0, buf.dtype, list(buf.shape), buf.ctypes.data)
+        b.bind_output(out, "cpu", 0, buf.dtype, list(buf.shape), buf.ctypes.data)
     session.run_with_iobinding(b)
     return [b.copy_outputs_to_cpu()[0], cache["past_key"], cache["past_value"]]
 

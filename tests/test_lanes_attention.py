@@ -17,11 +17,12 @@ from onnx import TensorProto, helper  # noqa: E402
 
 from medusa_export.runtime import kernels  # noqa: E402
 
-def _lanes_session(lanes: int, node_inputs: int | None = None, extra_outputs: int = 0):
+def _lanes_session(lanes: int, node_inputs: int | None = None, extra_outputs: int = 0, half: bool = False):
     """One LanesAttention node over ``lanes`` lanes, each with its own [1, kv_heads, CAP, hd] cache (``node_inputs``:
     give the node that many inputs instead, ``extra_outputs``: that many more outputs, to see a malformed node
-    refused)."""
+    refused; ``half``: LanesAttention16 over fp16 caches)."""
     f, cache = TensorProto.FLOAT, [1, KV_HEADS, "capacity", HD]
+    kv = TensorProto.FLOAT16 if half else f
     inputs = [helper.make_tensor_value_info("qkv", f, [1, "R", WIDTH]),
               helper.make_tensor_value_info("lane_sizes", TensorProto.INT64, ["L"]),
               helper.make_tensor_value_info("cos", f, [CAP, HD // 2]), helper.make_tensor_value_info("sin", f, [CAP, HD // 2])]
@@ -29,12 +30,12 @@ def _lanes_session(lanes: int, node_inputs: int | None = None, extra_outputs: in
     for b in range(lanes):
         inputs += [helper.make_tensor_value_info(f"position_ids.{b}", TensorProto.INT64, [1, f"S{b}"]),
                    helper.make_tensor_value_info(f"bias.{b}", f, [1, 1, f"S{b}", f"T{b}"]),
-                   helper.make_tensor_value_info(f"past_key.{b}", f, cache),
-                   helper.make_tensor_value_info(f"past_value.{b}", f, cache)]
-        outputs += [helper.make_tensor_value_info(f"present_{kind}.{b}", f, cache) for kind in ("key", "value")]
-    outputs += [helper.make_tensor_value_info(f"extra.{i}", f, cache) for i in range(extra_outputs)]
+                   helper.make_tensor_value_info(f"past_key.{b}", kv, cache),
+                   helper.make_tensor_value_info(f"past_value.{b}", kv, cache)]
+        outputs += [helper.make_tensor_value_info(f"present_{kind}.{b}", kv, cache) for kind in ("key", "value")]
+    outputs += [helper.make_tensor_value_info(f"extra.{i}", kv, cache) for i in range(extra_outputs)]
     names = [i.name for i in inputs][:node_inputs]
-    node = helper.make_node(kernels.LANES_OP, names, [o.name for o in outputs], domain=kernels.DOMAIN,
+    node = helper.make_node(kernels.lanes_op(half), names, [o.name for o in outputs], domain=kernels.DOMAIN,
                             num_heads=HEADS, kv_num_heads=KV_HEADS)
     graph = helper.make_graph([node], "lanes", [i for i in inputs if i.name in names], outputs)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(kernels.DOMAIN, 1)])
@@ -44,13 +45,13 @@ def _lanes_session(lanes: int, node_inputs: int | None = None, extra_outputs: in
     return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
 
-def _lane_feeds(rng, shape: list[tuple[int, int]]) -> tuple[dict, list[dict]]:
+def _lane_feeds(rng, shape: list[tuple[int, int]], half: bool = False) -> tuple[dict, list[dict]]:
     """A batched step of lanes with (rows, past) each, and each lane's one-sequence RowAttention feeds: its rows plus
     the extra row (a copy of its last, or one zero row for a lane of none), as the lanes graph's host builds them."""
     lanes_feeds, alone = {"cos": COS, "sin": SIN}, []
     qkv = []
     for b, (rows, past) in enumerate(shape):
-        one = _feeds(rng, rows + 1, past, masked=0.2)
+        one = _feeds(rng, rows + 1, past, masked=0.2, half=half)
         one["qkv"][:, rows] = one["qkv"][:, rows - 1] if rows else 0.0
         one["position_ids"][:, rows] = one["position_ids"][:, rows - 1] if rows else past
         alone.append(one)
@@ -72,27 +73,29 @@ def _bound_lanes(session, feeds: dict, lanes: int) -> tuple[np.ndarray, list]:
     for lane in range(lanes):
         cache = [feeds[f"past_{kind}.{lane}"].copy() for kind in ("key", "value")]
         for kind, buf in zip(("key", "value"), cache):
-            b.bind_input(f"past_{kind}.{lane}", "cpu", 0, np.float32, list(buf.shape), buf.ctypes.data)
-            b.bind_output(f"present_{kind}.{lane}", "cpu", 0, np.float32, list(buf.shape), buf.ctypes.data)
+            b.bind_input(f"past_{kind}.{lane}", "cpu", 0, buf.dtype, list(buf.shape), buf.ctypes.data)
+            b.bind_output(f"present_{kind}.{lane}", "cpu", 0, buf.dtype, list(buf.shape), buf.ctypes.data)
         caches.append(cache)
     session.run_with_iobinding(b)
     return b.copy_outputs_to_cpu()[0], caches
 
 
 @pytest.fixture(scope="module")
-def row_kernel():
-    """RowAttention as the one-sequence graphs use it: the extra row skipped."""
-    return _session("kernel", skip_last_row=1)
+def row_kernels():
+    """RowAttention and RowAttention16 as the one-sequence graphs use them: the extra row skipped."""
+    return {half: _session("kernel", skip_last_row=1, half=half) for half in (False, True)}
 
 
+@pytest.mark.parametrize("half", [False, True])
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(shape=st.lists(st.tuples(st.integers(0, 40), st.integers(0, 50)), min_size=1, max_size=5), seed=st.integers(0, 999))
-def test_lanes_attention_gives_each_lane_exactly_its_one_sequence_rows(row_kernel, shape, seed):
+def test_lanes_attention_gives_each_lane_exactly_its_one_sequence_rows(row_kernels, half, shape, seed):
     """Every lane's rows and new KV rows are bit-identical to RowAttention's on that lane alone (with its extra row,
     as the one-sequence graph runs it), whatever the other lanes hold; a lane of no rows writes nothing. Rows up to
-    40 cross the op's blocks of 32 rows."""
-    feeds, alone = _lane_feeds(np.random.default_rng(seed), shape)
-    out, caches = _bound_lanes(_lanes_session(len(shape)), feeds, len(shape))
+    40 cross the op's blocks of 32 rows. Alike over fp16 caches (LanesAttention16 against RowAttention16)."""
+    row_kernel = row_kernels[half]
+    feeds, alone = _lane_feeds(np.random.default_rng(seed), shape, half)
+    out, caches = _bound_lanes(_lanes_session(len(shape), half=half), feeds, len(shape))
     at = 0
     for (rows, past), one, (key, value) in zip(shape, alone, caches):
         ref_out, ref_key, ref_value = _bound(row_kernel, one)
@@ -101,6 +104,21 @@ def test_lanes_attention_gives_each_lane_exactly_its_one_sequence_rows(row_kerne
         np.testing.assert_array_equal(value[:, :, :past + rows], ref_value[:, :, :past + rows])
         np.testing.assert_array_equal(key[:, :, past + rows:], one["past_key"][:, :, past + rows:])  # nothing beyond
         at += rows
+
+
+@pytest.mark.parametrize("half", [False, True])
+@pytest.mark.parametrize("pasts", [[0, 7, 33], [5, 64, 1, 90, 17, 40, 8, 75]])
+def test_decoding_lanes_computed_per_kv_head_keep_their_one_sequence_rows(row_kernels, half, pasts):
+    """Lanes of one row each (a decoding step) run one work item per KV head, its query heads sharing the key loads:
+    each lane's row and KV row still equal RowAttention's on that lane alone, bit for bit."""
+    shape = [(1, past) for past in pasts]
+    feeds, alone = _lane_feeds(np.random.default_rng(len(pasts)), shape, half)
+    out, caches = _bound_lanes(_lanes_session(len(shape), half=half), feeds, len(shape))
+    for lane, (one, (key, value)) in enumerate(zip(alone, caches)):
+        ref_out, ref_key, ref_value = _bound(row_kernels[half], one)
+        np.testing.assert_array_equal(out[0, lane], ref_out[0, 0])
+        np.testing.assert_array_equal(key[:, :, :pasts[lane] + 1], ref_key[:, :, :pasts[lane] + 1])
+        np.testing.assert_array_equal(value[:, :, :pasts[lane] + 1], ref_value[:, :, :pasts[lane] + 1])
 
 
 def test_lanes_attention_not_bound_in_place_holds_the_same():

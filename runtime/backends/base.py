@@ -27,7 +27,8 @@ class ModelDims:
     num_heads: int  # Medusa heads (0: none)
     head_topk: int  # ranks per head in `medusa_token_ids`
     sample_topk: int  # ranks in `next_token_ids`
-    dtype: str = "float32"  # KV / model dtype: "float32" | "float16"
+    dtype: str = "float32"  # model dtype (activations, and the KV cache unless kv_dtype): "float32" | "float16"
+    kv_dtype: str | None = None  # the KV cache's, where it differs: "float16" caches of an fp32 kernel graph
 
     def __post_init__(self) -> None:
         """Sizes an artifact's manifest may not get wrong (`runtime.manifest` reads them through this)."""
@@ -35,10 +36,21 @@ class ModelDims:
             value, least = getattr(self, name), 0 if name == "num_heads" else 1
             if not isinstance(value, int) or isinstance(value, bool) or value < least:
                 raise FieldError(name, f"must be an integer of at least {least}, not {value!r:.20}")
-        if self.dtype not in io_table.MODEL_DTYPES:
-            raise FieldError("dtype", f"must be one of {', '.join(map(repr, io_table.MODEL_DTYPES))}, not {self.dtype!r:.20}")
+        for name in ("dtype", "kv_dtype"):
+            value = getattr(self, name)
+            if value not in io_table.MODEL_DTYPES and (name == "dtype" or value is not None):
+                raise FieldError(name, f"must be one of {', '.join(map(repr, io_table.MODEL_DTYPES))}, not {value!r:.20}")
         if self.sample_topk > self.vocab_size or self.head_topk > self.vocab_size:
             raise FieldError("sample_topk", "and head_topk must not exceed vocab_size")
+
+    @property
+    def cache_dtype(self) -> str:
+        """What the KV cache holds: ``kv_dtype``, else the model dtype."""
+        return self.kv_dtype or self.dtype
+
+    @property
+    def cache_np(self) -> np.dtype:
+        return io_table.model_dtype_of(self.cache_dtype)
 
 
 # (graph name, StepOutput field, dtype) of every reduced output: read at every step, built once.
@@ -174,7 +186,7 @@ class KVCache:
 
     def __init__(self, dims: ModelDims, capacity: int, alloc=None) -> None:
         shape = (1, capacity, dims.num_kv_heads, dims.head_dim)
-        alloc = alloc or (lambda s: np.zeros(s, io_table.model_dtype_of(dims.dtype)))
+        alloc = alloc or (lambda s: np.zeros(s, dims.cache_np))
         self.keys = [alloc(shape) for _ in range(dims.num_layers)]
         self.values = [alloc(shape) for _ in range(dims.num_layers)]
         self.capacity = capacity

@@ -92,7 +92,7 @@ def check_graph_io(session, path: Path, dims: ModelDims, medusa: bool, layout: s
             a = found.get(t.name)
             if a is None:
                 raise ArtifactError(f"{path.name} lacks the {role} {t.name!r}: rebuild the artifact")
-            want = _ort_type(t.numpy_dtype(dims.dtype))
+            want = _ort_type(t.dtype_in(dims))
             if a.type != want:
                 raise ArtifactError(f"{path.name}: {role} {t.name!r} is {a.type}, the I/O table says {want}: "
                                     f"rebuild the artifact")
@@ -235,7 +235,7 @@ class OrtSession(Session):
         self.present_names = io_table.kv_names(n, "present")
         self.kv_bound: dict[str, tuple] = {}  # per graph, the KV memory its binding holds
         self.temperature = np.ones(1, np.float32)
-        self.elem = io_table.model_dtype_of(backend.dims.dtype)
+        self.elem = backend.dims.cache_np  # the KV buffers'
 
     @property
     def length(self) -> int:

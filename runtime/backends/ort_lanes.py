@@ -55,7 +55,7 @@ class OrtLanes:
         self.binding = session.io_binding()
         # Graphs built with the attention kernel read each lane's rows where they are: no gather indices.
         self.gathers = "lane_gather" in {i.name for i in session.get_inputs()}
-        self.elem = io_table.model_dtype_of(dims.dtype)
+        self.elem, self.kv_elem = io_table.model_dtype_of(dims.dtype), dims.cache_np
         n = dims.num_layers
         self.past = [io_table.lane_kv_names(n, b, "past_key_values") for b in range(lanes)]
         self.present = [io_table.lane_kv_names(n, b, "present") for b in range(lanes)]
@@ -142,6 +142,6 @@ class OrtLanes:
             return
         b = self.binding
         for name_in, name_out, view in zip(self.past[i], self.present[i], kv.buffers(1)):
-            b.bind_input(name_in, "cpu", 0, self.elem, list(view.shape), view.ctypes.data)
-            b.bind_output(name_out, "cpu", 0, self.elem, list(view.shape), view.ctypes.data)
+            b.bind_input(name_in, "cpu", 0, self.kv_elem, list(view.shape), view.ctypes.data)
+            b.bind_output(name_out, "cpu", 0, self.kv_elem, list(view.shape), view.ctypes.data)
         self.bound[i] = key

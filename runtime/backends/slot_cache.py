@@ -17,7 +17,6 @@ import mmap
 
 import numpy as np
 
-from .. import io_table
 from .base import ModelDims
 
 
@@ -33,7 +32,7 @@ class SlotCache:
     def _alloc(self, slots: int) -> np.ndarray:
         d = self.dims
         shape = (2 * d.num_layers, slots, d.num_kv_heads, self.capacity, d.head_dim)
-        return small_page_zeros(shape, io_table.model_dtype_of(d.dtype))
+        return small_page_zeros(shape, d.cache_np)
 
     def reset(self) -> None:
         """Empty, keeping the memory (a new sequence in a reused slot)."""

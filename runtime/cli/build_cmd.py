@@ -47,12 +47,15 @@ def build(
                                      "--engine trt|all: the vanilla engine's batch profile."),
     attention: str = typer.Option(_DEFAULTS.attention, help="Fused graphs' attention: gqa (ONNX Runtime's "
                                   "GroupQueryAttention) | kernel (the project's row-independent kernel, compiled on "
-                                  "the machine that loads the artifact: needs a C compiler and AVX2 + FMA; no "
+                                  "the machine that loads the artifact: needs a C compiler and AVX2 + FMA + F16C; no "
                                   "extra query row, one call per layer for all sequences in batched steps)."),
     int8_matmul: str = typer.Option(_DEFAULTS.int8_matmul, "--int8-matmul", help="int8 weights' matmuls: blocks "
                                     "(ONNX Runtime's MatMulNBits, activations quantized per block of 32) | rows "
                                     "(MatMulInteger on activations quantized per row by the kernel library: a cost "
                                     "nearly flat in rows on CPUs with VNNI / AMX; needs --attention kernel)."),
+    kv_cache_dtype: str = typer.Option(_DEFAULTS.kv_cache_dtype, "--kv-cache-dtype", help="The KV cache's dtype: auto "
+                                       "(the graphs' dtype) | fp16 (half the bytes each step reads; keys and values "
+                                       "rounded to fp16 as they are written; needs --attention kernel)."),
 ) -> None:
     """Export model + fused heads to ONNX, validate against PyTorch, write a self-contained artifact.
 
@@ -67,7 +70,7 @@ def build(
         corpus_drafts = "sharegpt" if model is None else "none"
     options = BuildOptions(heads=heads, tree=tree, dtype=dtype, max_seq=max_seq, graph=graph, engine=engine,
                            max_num_seqs=max_num_seqs, corpus_drafts=corpus_drafts, attention=attention,
-                           int8_matmul=int8_matmul)
+                           int8_matmul=int8_matmul, kv_cache_dtype=kv_cache_dtype)
     check_out_dir(out)
     texts = read_prompts(quality_prompts, limit=10) if options.quantized else None
     extras.require("build", "export")

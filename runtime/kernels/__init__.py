@@ -5,7 +5,7 @@ use and cached.
     opts.register_custom_ops_library(path)         # before opening a graph built with --attention kernel
 
 Artifacts built with ``--attention kernel`` run their attention in it (docs/graphs.md, "The attention kernel").
-It needs a CPU with AVX2 and FMA, and a C compiler (``$CC``, else ``cc`` or ``gcc``) the first time; without them
+It needs a CPU with AVX2, FMA and F16C, and a C compiler (``$CC``, else ``cc`` or ``gcc``) the first time; without them
 loading such an artifact fails in one line. The library goes to ``$MEDUSA_EXPORT_KERNEL_DIR``, else
 ``$MEDUSA_EXPORT_CACHE/kernels`` (``~/.cache/medusa-export/kernels``), named by a hash of the source and flags and one of
 the compiler, so an edited source or another compiler builds a new file and never reuses a stale one. A machine
@@ -32,14 +32,25 @@ SOURCE = Path(__file__).with_name("row_attention.c")
 DOMAIN = "medusa_export"  # the custom ops' domain in the graphs
 OP = "RowAttention"  # one sequence
 LANES_OP = "LanesAttention"  # the sequences of a batched step, in one call
+KV16_SUFFIX = "16"  # RowAttention16, LanesAttention16: the same ops over fp16 K/V caches
 QUANTIZE_OP, SCALE_OP = "RowQuantize", "ScaleRows"  # int8 matmuls on activations quantized per row
 # -ffp-contract=off: no multiply-add the source does not write, so every path computes a row alike
-FLAGS = ["-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fPIC", "-shared", "-fvisibility=hidden", "-std=c11"]
+FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fPIC", "-shared", "-fvisibility=hidden", "-std=c11"]
 LIBS = ["-lm"]
-NEEDS = ("avx2", "fma")
+NEEDS = ("avx2", "fma", "f16c")
 _lock = threading.Lock()
 _built: dict[str, str] = {}  # by source-and-compiler key: the library's path
 _versions: dict[str, str] = {}  # by compiler command: its --version output
+
+
+def row_op(half: bool) -> str:
+    """The one-sequence attention op for fp32 (``half`` False) or fp16 caches."""
+    return OP + KV16_SUFFIX if half else OP
+
+
+def lanes_op(half: bool) -> str:
+    """The batched-step attention op for fp32 or fp16 caches."""
+    return LANES_OP + KV16_SUFFIX if half else LANES_OP
 
 
 def register(opts, attention: str) -> None:

@@ -4,8 +4,10 @@
    on the other rows, or on the threads. A one-token step, a tree node and a lane of a batched step therefore agree
    to the last bit, with no extra query row (docs/graphs.md, "The attention kernel").
 
-   An ONNX Runtime custom-op library: `RegisterCustomOps` adds the domain "medusa_export" with two ops, RowAttention
-   (one sequence) and LanesAttention (the sequences of a batched step in one call, below).
+   An ONNX Runtime custom-op library: `RegisterCustomOps` adds the domain "medusa_export" with RowAttention (one
+   sequence) and LanesAttention (the sequences of a batched step in one call, below), each also over fp16 K/V caches
+   (RowAttention16, LanesAttention16: half the bytes a step reads; new rows rounded to the nearest fp16 as they are
+   written, every key and value widened exactly by F16C as it is read, the rest in fp32), and the int8 row ops.
    RowAttention inputs: qkv [1, S, (nh + 2 kvh) hd] packed q | k | v; past_key, past_value [1, kvh, cap, hd]; seqlens_k int32 [1]
    (total - 1); total_sequence_length int32 (past + S); cos_cache, sin_cache [positions, hd / 2]; position_ids int64
    [1, S]; attention_bias [1, 1, S, total] (0 or -inf). Outputs: [1, S, nh hd]; present_key, present_value (the past
@@ -14,7 +16,7 @@
    row not written), for graphs that carry an extra row for another operator's sake.
 
    The C API is used through its function table by index (ONNX Runtime's C API is append-only, so indices are
-   stable across versions); the few declarations needed are written out below. AVX2 + FMA. */
+   stable across versions); the few declarations needed are written out below. AVX2 + FMA + F16C. */
 #include <float.h>
 #include <immintrin.h>
 #include <math.h>
@@ -37,7 +39,7 @@ typedef struct {
   const char *(*GetVersionString)(void);
 } OrtApiBase;
 
-enum { ELEM_FLOAT = 1, ELEM_UINT8 = 2, ELEM_INT32 = 6, ELEM_INT64 = 7 };
+enum { ELEM_FLOAT = 1, ELEM_UINT8 = 2, ELEM_INT32 = 6, ELEM_INT64 = 7, ELEM_FLOAT16 = 10 };
 enum { ORT_INVALID_ARGUMENT = 2, ORT_FAIL = 1 };
 enum { API_VERSION = 16 };  /* CreateKernelV2 / KernelComputeV2 and KernelContext_ParallelFor (ONNX Runtime >= 1.16) */
 
@@ -132,24 +134,53 @@ static void rotate(const float *x, float *out, const float *cos, const float *si
 
 enum { TILE = 4 };  /* query rows of one head that share each key's load */
 
+/* Eight floats of a K or V cache at element ``at``: fp32, or fp16 widened (exactly) by F16C. ``half`` is a constant
+   in every inlined copy, so each copy has one kind of load. */
+static inline __attribute__((always_inline)) __m256 load_kv(const void *cache, size_t at, int half) {
+  return half ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)cache + at)))
+              : _mm256_loadu_ps((const float *)cache + at);
+}
+
+enum { PREFETCH_KEYS = 32 };  /* how far ahead of the keys and values being read their cache lines are asked for */
+
+/* ``count`` elements of a cache from element ``at`` on, asked into the L1 cache (a hint: past the buffer's end it
+   reads nothing). */
+static inline __attribute__((always_inline)) void prefetch_rows(const void *cache, size_t at, int count, int half) {
+  const char *p = (const char *)cache + at * (half ? 2 : 4);
+  for (int b = 0; b < count * (half ? 2 : 4); b += 64) _mm_prefetch(p + b, _MM_HINT_T0);
+}
+
+/* ``hd`` floats into a cache at element ``at``: copied (fp32), or rounded to the nearest fp16 (ties to even; beyond
+   65504 an infinity). */
+static void store_kv(void *cache, size_t at, const float *x, int hd, int half) {
+  if (!half) {
+    memcpy((float *)cache + at, x, sizeof(float) * hd);
+    return;
+  }
+  uint16_t *dst = (uint16_t *)cache + at;
+  for (int d = 0; d < hd; d += 8)
+    _mm_storeu_si128((__m128i *)(dst + d), _mm256_cvtps_ph(_mm256_loadu_ps(x + d), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+
 /* Scores of up to TILE query rows of one head: row t sees keys 0 .. n[t] - 1 and gets -inf beyond (up to the last
    row's n). A row's score of a key is one fused multiply-add chain over the head's 8-float blocks, the `hsum8` order
    over its lanes, times the scale, plus the bias: keys go eight at a time (`hsum8x8`) and the last few one at a
    time, with the same arithmetic, so a score depends on nothing but its row and key. The rows of a tile reuse each
    block of keys from the L1 cache. */
-static inline __attribute__((always_inline)) void scores_hd(const float *const *q, int rows, const float *K,
+static inline __attribute__((always_inline)) void scores_hd(const float *const *q, int rows, const void *K, int half,
                                                             const float *const *bias, const int *n, int hd,
                                                             float scale, float *const *scores) {
   int blocks = hd / 8, last = n[rows - 1], j0 = 0;
   const __m256 scale8 = _mm256_set1_ps(scale), lane = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7);
   for (; j0 + 8 <= last; j0 += 8) {
-    const float *k = K + (size_t)j0 * hd;
+    size_t k = (size_t)j0 * hd;
+    prefetch_rows(K, k + PREFETCH_KEYS * (size_t)hd, 8 * hd, half);
     for (int t = 0; t < rows; t++) {
       __m256 acc[8];
       for (int key = 0; key < 8; key++) acc[key] = _mm256_setzero_ps();
       for (int b = 0; b < blocks; b++) {
         __m256 qb = _mm256_loadu_ps(q[t] + 8 * b);
-        for (int key = 0; key < 8; key++) acc[key] = _mm256_fmadd_ps(qb, _mm256_loadu_ps(k + key * hd + 8 * b), acc[key]);
+        for (int key = 0; key < 8; key++) acc[key] = _mm256_fmadd_ps(qb, load_kv(K, k + key * hd + 8 * b, half), acc[key]);
       }
       __m256 sc = _mm256_add_ps(_mm256_mul_ps(hsum8x8(acc), scale8), _mm256_loadu_ps(bias[t] + j0));
       __m256 seen = _mm256_cmp_ps(lane, _mm256_set1_ps((float)(n[t] - j0)), _CMP_LT_OQ);
@@ -157,10 +188,10 @@ static inline __attribute__((always_inline)) void scores_hd(const float *const *
     }
   }
   for (int j = j0; j < last; j++) {
-    const float *k = K + (size_t)j * hd;
+    size_t k = (size_t)j * hd;
     for (int t = 0; t < rows; t++) {
       __m256 acc = _mm256_setzero_ps();
-      for (int b = 0; b < blocks; b++) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q[t] + 8 * b), _mm256_loadu_ps(k + 8 * b), acc);
+      for (int b = 0; b < blocks; b++) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q[t] + 8 * b), load_kv(K, k + 8 * b, half), acc);
       __m128 sc = _mm_add_ss(_mm_mul_ss(_mm_set_ss(hsum8(acc)), _mm_set_ss(scale)), _mm_set_ss(bias[t][j]));
       scores[t][j] = j < n[t] ? _mm_cvtss_f32(sc) : -INFINITY;
     }
@@ -169,7 +200,8 @@ static inline __attribute__((always_inline)) void scores_hd(const float *const *
 
 /* One row's softmax over its n scores (rounded up to 8 with -inf; masked keys are exactly 0) and the weighted sum
    of the values: both in one fixed order over the keys. */
-static inline __attribute__((always_inline)) void weigh_hd(const float *V, int n, int hd, float *scores, float *out) {
+static inline __attribute__((always_inline)) void weigh_hd(const void *V, int half, int n, int hd, float *scores,
+                                                           float *out) {
   int n8 = (n + 7) & ~7, blocks = hd / 8, j;
   for (j = n; j < n8; j++) scores[j] = -INFINITY;
   __m256 m8 = _mm256_set1_ps(-INFINITY), nan8 = _mm256_setzero_ps();
@@ -198,53 +230,69 @@ static inline __attribute__((always_inline)) void weigh_hd(const float *V, int n
   for (j = 0; j < n; j++) {
     if (scores[j] == 0.0f) continue;  /* a masked key adds exactly nothing */
     __m256 p = _mm256_set1_ps(scores[j]);
-    const float *v = V + (size_t)j * hd;
-    for (int b = 0; b < blocks; b++) acc[b] = _mm256_fmadd_ps(p, _mm256_loadu_ps(v + 8 * b), acc[b]);
+    size_t v = (size_t)j * hd;
+    if ((j & 7) == 0) prefetch_rows(V, v + PREFETCH_KEYS * (size_t)hd, 8 * hd, half);
+    for (int b = 0; b < blocks; b++) acc[b] = _mm256_fmadd_ps(p, load_kv(V, v + 8 * b, half), acc[b]);
   }
   __m256 inv = _mm256_set1_ps(1.0f / hsum8(sum8));
   for (int b = 0; b < blocks; b++) _mm256_storeu_ps(out + 8 * b, _mm256_mul_ps(acc[b], inv));
 }
 
 /* A tile of query rows of one head: scores together, then each row's softmax and values. */
-static inline __attribute__((always_inline)) void attend_hd(const float *const *q, int rows, const float *K,
-                                                            const float *V, const float *const *bias, const int *n,
-                                                            int hd, float scale, float *const *scores,
+static inline __attribute__((always_inline)) void attend_hd(const float *const *q, int rows, const void *K,
+                                                            const void *V, int half, const float *const *bias,
+                                                            const int *n, int hd, float scale, float *const *scores,
                                                             float *const *out) {
-  scores_hd(q, rows, K, bias, n, hd, scale, scores);
-  for (int t = 0; t < rows; t++) weigh_hd(V, n[t], hd, scores[t], out[t]);
+  scores_hd(q, rows, K, half, bias, n, hd, scale, scores);
+  for (int t = 0; t < rows; t++) weigh_hd(V, half, n[t], hd, scores[t], out[t]);
 }
 
-/* Full tiles and single rows get their own inlined copies (row and head counts constant: accumulators in
-   registers); both compute each row alike. */
-static void attend(const float *const *q, int rows, const float *K, const float *V, const float *const *bias,
-                   const int *n, int hd, float scale, float *const *scores, float *const *out) {
-  if (rows == TILE) {
-    switch (hd) {
-      case 64: attend_hd(q, TILE, K, V, bias, n, 64, scale, scores, out); return;
-      case 128: attend_hd(q, TILE, K, V, bias, n, 128, scale, scores, out); return;
-      default: attend_hd(q, TILE, K, V, bias, n, hd, scale, scores, out); return;
-    }
+/* Full tiles, tiles of 3 and single rows get their own inlined copies (row and head counts and the cache's type constant:
+   accumulators in registers); all compute each row alike. */
+static inline __attribute__((always_inline)) void attend_as(const float *const *q, int rows, const void *K,
+                                                            const void *V, const int half, const float *const *bias,
+                                                            const int *n, int hd, float scale, float *const *scores,
+                                                            float *const *out) {
+#define ATTEND_TILE(R)                                                                                                \
+  switch (hd) {                                                                                                      \
+    case 64: attend_hd(q, R, K, V, half, bias, n, 64, scale, scores, out); return;                                   \
+    case 128: attend_hd(q, R, K, V, half, bias, n, 128, scale, scores, out); return;                                 \
+    default: attend_hd(q, R, K, V, half, bias, n, hd, scale, scores, out); return;                                   \
   }
+  if (rows == TILE) ATTEND_TILE(TILE)
+  if (rows == 3) ATTEND_TILE(3)  /* three query heads per KV head, as the default model has (`group_rows`) */
+#undef ATTEND_TILE
   for (int t = 0; t < rows; t++) {
     switch (hd) {
-      case 64: attend_hd(q + t, 1, K, V, bias + t, n + t, 64, scale, scores + t, out + t); break;
-      case 128: attend_hd(q + t, 1, K, V, bias + t, n + t, 128, scale, scores + t, out + t); break;
-      default: attend_hd(q + t, 1, K, V, bias + t, n + t, hd, scale, scores + t, out + t);
+      case 64: attend_hd(q + t, 1, K, V, half, bias + t, n + t, 64, scale, scores + t, out + t); break;
+      case 128: attend_hd(q + t, 1, K, V, half, bias + t, n + t, 128, scale, scores + t, out + t); break;
+      default: attend_hd(q + t, 1, K, V, half, bias + t, n + t, hd, scale, scores + t, out + t);
     }
   }
+}
+
+static void attend(const float *const *q, int rows, const void *K, const void *V, int half, const float *const *bias,
+                   const int *n, int hd, float scale, float *const *scores, float *const *out) {
+  if (half)
+    attend_as(q, rows, K, V, 1, bias, n, hd, scale, scores, out);
+  else
+    attend_as(q, rows, K, V, 0, bias, n, hd, scale, scores, out);
 }
 
 /* ---- the op ---------------------------------------------------------------------------------------------------- */
 typedef struct {
   int64_t heads, kv_heads, skip_last_row;
+  int half;  /* the caches are fp16 (RowAttention16, LanesAttention16) */
 } Kernel;
 
 typedef struct {  /* one sequence's step: shapes and pointers, shared by the threads */
-  const float *qkv, *kcache, *vcache, *cos, *sin, *bias;
+  const float *qkv, *cos, *sin, *bias;
+  void *kcache, *vcache;  /* [kvh, cap, hd] each: fp32, or fp16 when ``half`` */
   const int64_t *pos;
   float *out, *scratch;  /* scratch (RowAttention): per query head, TILE rows of scores (stride `width` + 8) */
   int rows, computed, past, heads, kv_heads, hd, cap;
   int width;  /* the bias' row length: keys up to past + rows (a lane's bias also has its extra row's key) */
+  int half;
 } Step;
 
 /* Rows r0 .. r1 - 1 of query head h, TILE rows at a time; buf: TILE rows of scores (stride width + 8). */
@@ -252,7 +300,8 @@ static void head_block(const Step *s, int h, int r0, int r1, float *buf) {
   int qkv_width = (s->heads + 2 * s->kv_heads) * s->hd, kh = h / (s->heads / s->kv_heads);
   size_t stride = (size_t)s->width + 8;
   float q[TILE][256];
-  const float *K = s->kcache + (size_t)kh * s->cap * s->hd, *V = s->vcache + (size_t)kh * s->cap * s->hd;
+  size_t head = (size_t)kh * s->cap * s->hd, bytes = s->half ? 2 : 4;
+  const void *K = (const char *)s->kcache + head * bytes, *V = (const char *)s->vcache + head * bytes;
   float scale = 1.0f / sqrtf((float)s->hd);
   for (int i0 = r0; i0 < r1; i0 += TILE) {
     int rows = r1 - i0 < TILE ? r1 - i0 : TILE, n[TILE];
@@ -268,7 +317,35 @@ static void head_block(const Step *s, int h, int r0, int r1, float *buf) {
       scores[t] = buf + t * stride;
       out[t] = s->out + ((size_t)i * s->heads + h) * s->hd;
     }
-    attend(qs, rows, K, V, bias, n, s->hd, scale, scores, out);
+    attend(qs, rows, K, V, s->half, bias, n, s->hd, scale, scores, out);
+  }
+}
+
+/* Rows r0 .. r1 - 1 of every query head of KV head kh, the group's heads (up to TILE at a time) as the rows of one
+   tile, so they share each key's load and fp16 widening: a score depends on nothing but its query and key
+   (`scores_hd`), so each head's row is the same as `head_block` computes it. buf: TILE rows of scores. */
+static void group_rows(const Step *s, int kh, int r0, int r1, float *buf) {
+  int qkv_width = (s->heads + 2 * s->kv_heads) * s->hd, group = s->heads / s->kv_heads;
+  size_t stride = (size_t)s->width + 8, head = (size_t)kh * s->cap * s->hd, bytes = s->half ? 2 : 4;
+  const void *K = (const char *)s->kcache + head * bytes, *V = (const char *)s->vcache + head * bytes;
+  float q[TILE][256], scale = 1.0f / sqrtf((float)s->hd);
+  for (int i = r0; i < r1; i++) {
+    const float *c = s->cos + s->pos[i] * (s->hd / 2), *sn = s->sin + s->pos[i] * (s->hd / 2);
+    for (int h0 = 0; h0 < group; h0 += TILE) {
+      int heads = group - h0 < TILE ? group - h0 : TILE, n[TILE];
+      const float *qs[TILE], *bias[TILE];
+      float *scores[TILE], *out[TILE];
+      for (int t = 0; t < heads; t++) {
+        int h = kh * group + h0 + t;
+        rotate(s->qkv + (size_t)i * qkv_width + h * s->hd, q[t], c, sn, s->hd);
+        qs[t] = q[t];
+        bias[t] = s->bias + (size_t)i * s->width;
+        n[t] = s->past + i + 1;
+        scores[t] = buf + t * stride;
+        out[t] = s->out + ((size_t)i * s->heads + h) * s->hd;
+      }
+      attend(qs, heads, K, V, s->half, bias, n, s->hd, scale, scores, out);
+    }
   }
 }
 
@@ -277,15 +354,19 @@ static void head_rows(void *data, size_t h) {  /* RowAttention: every computed r
   head_block(s, (int)h, 0, s->computed, s->scratch + h * TILE * ((size_t)s->width + 8));
 }
 
-static void write_rows(const Step *s, float *kcache, float *vcache) {
+/* The step's new K (rotated) and V rows into the cache, before any row attends: every row reads its keys from the
+   cache, so an fp16 cache rounds a key alike whether it is new in this step or past. */
+static void write_rows(const Step *s) {
   int width = (s->heads + 2 * s->kv_heads) * s->hd;
+  float key[256];
   for (int i = 0; i < s->computed; i++) {
     const float *c = s->cos + s->pos[i] * (s->hd / 2), *sn = s->sin + s->pos[i] * (s->hd / 2);
     for (int kh = 0; kh < s->kv_heads; kh++) {
       const float *row = s->qkv + (size_t)i * width;
       size_t at = ((size_t)kh * s->cap + s->past + i) * s->hd;
-      rotate(row + (s->heads + kh) * s->hd, kcache + at, c, sn, s->hd);
-      memcpy(vcache + at, row + (s->heads + s->kv_heads + kh) * s->hd, sizeof(float) * s->hd);
+      rotate(row + (s->heads + kh) * s->hd, key, c, sn, s->hd);
+      store_kv(s->kcache, at, key, s->hd, s->half);
+      store_kv(s->vcache, at, row + (s->heads + s->kv_heads + kh) * s->hd, s->hd, s->half);
     }
   }
 }
@@ -365,18 +446,19 @@ static OrtStatus *output(OrtKernelContext *ctx, size_t index, const int64_t *dim
   return any_output(ctx, index, dims, ndims, (void **)data);
 }
 
-/* Present caches not bound in place: the past rows, then zeros where the new rows go. */
-static void copy_past(float *key, const float *pk, float *value, const float *pv, int kv_heads, int hd, int in_cap,
-                      int cap, int past) {
+/* Present caches not bound in place: the past rows, then zeros where the new rows go (elements of ``bytes``). */
+static void copy_past(void *key, const void *pk, void *value, const void *pv, int kv_heads, int hd, int in_cap, int cap,
+                      int past, size_t bytes) {
+  size_t row_bytes = bytes * (size_t)hd;
   for (int kh = 0; kh < kv_heads; kh++) {
-    size_t row_bytes = sizeof(float) * (size_t)hd, head = (size_t)kh * cap * hd;
+    size_t head = (size_t)kh * cap * row_bytes, in_head = (size_t)kh * in_cap * row_bytes;
     if (key != pk) {
-      memcpy(key + head, pk + (size_t)kh * in_cap * hd, row_bytes * past);
-      memset(key + head + (size_t)past * hd, 0, row_bytes * (cap - past));
+      memcpy((char *)key + head, (const char *)pk + in_head, row_bytes * past);
+      memset((char *)key + head + row_bytes * past, 0, row_bytes * (cap - past));
     }
     if (value != pv) {
-      memcpy(value + head, pv + (size_t)kh * in_cap * hd, row_bytes * past);
-      memset(value + head + (size_t)past * hd, 0, row_bytes * (cap - past));
+      memcpy((char *)value + head, (const char *)pv + in_head, row_bytes * past);
+      memset((char *)value + head + row_bytes * past, 0, row_bytes * (cap - past));
     }
   }
 }
@@ -388,8 +470,9 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
   void *qkv, *pk, *pv, *seqlens, *total, *cos, *sin, *pos, *bias;
   OrtStatus *st;
   const char *R = "RowAttention";
-  if ((st = input(ctx, 0, R, ELEM_FLOAT, 3, qd, &qkv, 0)) || (st = input(ctx, 1, R, ELEM_FLOAT, 4, kd, &pk, 0)) ||
-      (st = input(ctx, 2, R, ELEM_FLOAT, 4, vd, &pv, 0)) || (st = input(ctx, 3, R, ELEM_INT32, 1, sd, &seqlens, 1)) ||
+  int half = k->half, kv_elem = half ? ELEM_FLOAT16 : ELEM_FLOAT;
+  if ((st = input(ctx, 0, R, ELEM_FLOAT, 3, qd, &qkv, 0)) || (st = input(ctx, 1, R, kv_elem, 4, kd, &pk, 0)) ||
+      (st = input(ctx, 2, R, kv_elem, 4, vd, &pv, 0)) || (st = input(ctx, 3, R, ELEM_INT32, 1, sd, &seqlens, 1)) ||
       (st = input(ctx, 4, R, ELEM_INT32, 1, td, &total, 1)) || (st = input(ctx, 5, R, ELEM_FLOAT, 2, cd, &cos, 0)) ||
       (st = input(ctx, 6, R, ELEM_FLOAT, 2, nd, &sin, 0)) || (st = input(ctx, 7, R, ELEM_INT64, 1, pd, &pos, 1)) ||
       (st = input(ctx, 8, R, ELEM_FLOAT, 4, bd, &bias, 0)))
@@ -417,14 +500,17 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
   for (int i = 0; i < rows; i++)
     if (p[i] < 0 || p[i] >= cd[0]) return error("RowAttention: a position is outside the rotary cache");
   int64_t od[3] = {1, rows, (int64_t)heads * hd}, cd4[4] = {1, kv_heads, cap, hd};
-  float *out, *key, *value;
-  if ((st = output(ctx, 0, od, 3, &out)) || (st = output(ctx, 1, cd4, 4, &key)) || (st = output(ctx, 2, cd4, 4, &value)))
+  float *out;
+  void *key, *value;
+  if ((st = output(ctx, 0, od, 3, &out)) || (st = any_output(ctx, 1, cd4, 4, &key)) ||
+      (st = any_output(ctx, 2, cd4, 4, &value)))
     return st;
-  copy_past(key, (const float *)pk, value, (const float *)pv, kv_heads, hd, in_cap, cap, past);
-  Step s = {qkv, key, value, cos, sin, bias, p, out, NULL, rows, rows - (k->skip_last_row && rows > 1 ? 1 : 0), past,
-            heads, kv_heads, hd, cap, tot};
+  copy_past(key, pk, value, pv, kv_heads, hd, in_cap, cap, past, half ? 2 : 4);
+  Step s = {.qkv = qkv, .cos = cos, .sin = sin, .bias = bias, .kcache = key, .vcache = value, .pos = p, .out = out,
+            .rows = rows, .computed = rows - (k->skip_last_row && rows > 1 ? 1 : 0), .past = past, .heads = heads,
+            .kv_heads = kv_heads, .hd = hd, .cap = cap, .width = tot, .half = half};
   if (s.computed < rows) memset(out + (size_t)s.computed * heads * hd, 0, sizeof(float) * heads * hd);
-  write_rows(&s, key, value);
+  write_rows(&s);
   s.scratch = malloc(sizeof(float) * (size_t)heads * TILE * ((size_t)tot + 8));
   if (!s.scratch) return error("RowAttention: out of memory for the scores");
   st = CALL(KernelContext_ParallelFor, OrtStatus *(*)(OrtKernelContext *, void (*)(void *, size_t), size_t, size_t, void *))(
@@ -441,12 +527,14 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
    last row, the extra row's, is not read), past_key and past_value [1, kvh, cap, hd]. Outputs: [1, R, nh hd]; per
    lane present_key and present_value (bind them to the past's memory). Each lane's rows are computed exactly as
    RowAttention computes them with skip_last_row; a lane of no rows writes nothing. The work items are (lane, query
-   head, block of up to BLOCK_ROWS rows), spread over the session's threads: decoding steps of one row per lane keep
-   both threads busy, where one call per lane split nine heads over two threads. */
+   head, block of up to BLOCK_ROWS rows), or (lane, KV head) for a decoding lane (`grouped_lane`), spread over the
+   session's threads: decoding steps of one row per lane keep both threads busy, where one call per lane split nine
+   heads over two threads. */
 enum { LANE_INPUTS = 4, LANES_FIXED = 4, BLOCK_ROWS = 32, MAX_LANES = 256 };
 
 typedef struct {
   int lane, head, r0, r1;
+  int grouped;  /* head is a KV head: its query heads together (`group_rows`) */
 } Item;
 
 typedef struct {
@@ -454,6 +542,10 @@ typedef struct {
   const Item *items;
   int failed;  /* an item found no memory for its scores: the call fails */
 } Work;
+
+/* A decoding lane (one row) of a step of several lanes is one item per KV head (its query heads share the key loads);
+   other lanes are items per query head and block of rows, which a tile of rows already shares. */
+static int grouped_lane(const Step *s, int lanes) { return s->rows == 1 && lanes > 1; }
 
 static void lane_item(void *data, size_t i) {
   Work *w = (Work *)data;
@@ -464,7 +556,10 @@ static void lane_item(void *data, size_t i) {
     __atomic_store_n(&w->failed, 1, __ATOMIC_RELAXED);
     return;
   }
-  head_block(s, it->head, it->r0, it->r1, buf);
+  if (it->grouped)
+    group_rows(s, it->head, it->r0, it->r1, buf);
+  else
+    head_block(s, it->head, it->r0, it->r1, buf);
   free(buf);
 }
 
@@ -501,12 +596,13 @@ static OrtStatus *lanes_compute(void *kernel, OrtKernelContext *ctx) {
   if (!steps) return error("LanesAttention: out of memory");
   const int64_t *lane_rows = (const int64_t *)sizes;
   int64_t offset = 0, n_items = 0;
+  int half = k->half, kv_elem = half ? ELEM_FLOAT16 : ELEM_FLOAT;
   for (int b = 0; b < lanes && !st; b++) {
     int64_t pd[2] = {0}, bd[4] = {0}, kd[4] = {0}, vd[4] = {0};
     void *pos, *bias, *pk, *pv;
     size_t at = LANES_FIXED + (size_t)LANE_INPUTS * b;
     if ((st = input(ctx, at, L, ELEM_INT64, 2, pd, &pos, 0)) || (st = input(ctx, at + 1, L, ELEM_FLOAT, 4, bd, &bias, 0)) ||
-        (st = input(ctx, at + 2, L, ELEM_FLOAT, 4, kd, &pk, 0)) || (st = input(ctx, at + 3, L, ELEM_FLOAT, 4, vd, &pv, 0)))
+        (st = input(ctx, at + 2, L, kv_elem, 4, kd, &pk, 0)) || (st = input(ctx, at + 3, L, kv_elem, 4, vd, &pv, 0)))
       break;
     int64_t rows = lane_rows[b] >= 1 && lane_rows[b] <= qd[1] + 1 ? lane_rows[b] - 1 : -1;
     int64_t tot = bd[3], in_cap = kd[2], past = tot - rows - 1;
@@ -526,13 +622,15 @@ static OrtStatus *lanes_compute(void *kernel, OrtKernelContext *ctx) {
       if (p[i] < 0 || p[i] >= cd[0]) st = error("LanesAttention: a position is outside the rotary cache");
     int cap = (int)(in_cap > tot ? in_cap : tot);
     int64_t cd4[4] = {1, kv_heads, cap, hd};
-    float *key, *value;
-    if (st || (st = output(ctx, 1 + 2 * (size_t)b, cd4, 4, &key)) || (st = output(ctx, 2 + 2 * (size_t)b, cd4, 4, &value)))
+    void *key, *value;
+    if (st || (st = any_output(ctx, 1 + 2 * (size_t)b, cd4, 4, &key)) || (st = any_output(ctx, 2 + 2 * (size_t)b, cd4, 4, &value)))
       break;
-    copy_past(key, (const float *)pk, value, (const float *)pv, kv_heads, hd, (int)in_cap, cap, (int)past);
-    steps[b] = (Step){(const float *)qkv + offset * width, key, value, cos, sin, bias, p,
-                      out + offset * heads * hd, NULL, (int)rows, (int)rows, (int)past, heads, kv_heads, hd, cap, (int)tot};
-    n_items += (int64_t)heads * ((rows + BLOCK_ROWS - 1) / BLOCK_ROWS);
+    copy_past(key, pk, value, pv, kv_heads, hd, (int)in_cap, cap, (int)past, half ? 2 : 4);
+    steps[b] = (Step){.qkv = (const float *)qkv + offset * width, .cos = cos, .sin = sin, .bias = bias, .kcache = key,
+                      .vcache = value, .pos = p, .out = out + offset * heads * hd, .rows = (int)rows,
+                      .computed = (int)rows, .past = (int)past, .heads = heads, .kv_heads = kv_heads, .hd = hd,
+                      .cap = cap, .width = (int)tot, .half = half};
+    n_items += grouped_lane(&steps[b], lanes) ? kv_heads : (int64_t)heads * ((rows + BLOCK_ROWS - 1) / BLOCK_ROWS);
     offset += rows;
   }
   if (!st && offset != qd[1]) st = error("LanesAttention: the lanes' rows do not add up to qkv's rows");
@@ -541,10 +639,14 @@ static OrtStatus *lanes_compute(void *kernel, OrtKernelContext *ctx) {
     int64_t i = 0;
     for (int b = 0; b < lanes; b++) {
       const Step *s = &steps[b];
-      write_rows(s, (float *)s->kcache, (float *)s->vcache);
+      write_rows(s);
+      if (grouped_lane(s, lanes)) {
+        for (int kh = 0; kh < kv_heads; kh++) items[i++] = (Item){b, kh, 0, 1, 1};
+        continue;
+      }
       for (int h = 0; h < heads; h++)
         for (int r0 = 0; r0 < s->rows; r0 += BLOCK_ROWS)
-          items[i++] = (Item){b, h, r0, r0 + BLOCK_ROWS < s->rows ? r0 + BLOCK_ROWS : s->rows};
+          items[i++] = (Item){b, h, r0, r0 + BLOCK_ROWS < s->rows ? r0 + BLOCK_ROWS : s->rows, 0};
     }
     Work work = {steps, items, 0};
     if (n_items)
@@ -683,8 +785,7 @@ static OrtStatus *create_plain(const OrtCustomOp *op, OrtApiTable table, const O
   return *kernel ? NULL : error("out of memory");
 }
 
-static OrtStatus *create(const OrtCustomOp *op, OrtApiTable table, const OrtKernelInfo *info, void **kernel) {
-  (void)op; (void)table;
+static OrtStatus *create_as(const OrtKernelInfo *info, void **kernel, int half) {
   Kernel *k = calloc(1, sizeof(Kernel));
   if (!k) return error("RowAttention: out of memory");
   OrtStatus *(*attr)(const OrtKernelInfo *, const char *, int64_t *) =
@@ -702,8 +803,19 @@ static OrtStatus *create(const OrtCustomOp *op, OrtApiTable table, const OrtKern
     free(k);
     return error("RowAttention: num_heads must be a multiple of kv_num_heads, both 1 .. 4096");
   }
+  k->half = half;
   *kernel = k;
   return NULL;
+}
+
+static OrtStatus *create(const OrtCustomOp *op, OrtApiTable table, const OrtKernelInfo *info, void **kernel) {
+  (void)op; (void)table;
+  return create_as(info, kernel, 0);
+}
+
+static OrtStatus *create16(const OrtCustomOp *op, OrtApiTable table, const OrtKernelInfo *info, void **kernel) {
+  (void)op; (void)table;
+  return create_as(info, kernel, 1);
 }
 
 static const char *name(const OrtCustomOp *op) { (void)op; return "RowAttention"; }
@@ -712,8 +824,10 @@ static int input_type(const OrtCustomOp *op, size_t i) {
   (void)op;
   return i == 3 || i == 4 ? ELEM_INT32 : i == 7 ? ELEM_INT64 : ELEM_FLOAT;
 }
+static int input_type16(const OrtCustomOp *op, size_t i) { return i == 1 || i == 2 ? ELEM_FLOAT16 : input_type(op, i); }
 static size_t input_count(const OrtCustomOp *op) { (void)op; return 9; }
 static int output_type(const OrtCustomOp *op, size_t i) { (void)op; (void)i; return ELEM_FLOAT; }
+static int output_type16(const OrtCustomOp *op, size_t i) { (void)op; return i == 0 ? ELEM_FLOAT : ELEM_FLOAT16; }
 static size_t output_count(const OrtCustomOp *op) { (void)op; return 3; }
 static void destroy(void *kernel) { free(kernel); }
 static int required(const OrtCustomOp *op, size_t i) { (void)op; (void)i; return 0; /* INPUT_OUTPUT_REQUIRED */ }
@@ -732,6 +846,9 @@ static int one(const OrtCustomOp *op) { (void)op; return 1; }
   }
 
 static OrtCustomOp row_attention = FIXED_OP(name, input_type, input_count, output_type, output_count, create, compute);
+static const char *name16(const OrtCustomOp *op) { (void)op; return "RowAttention16"; }
+static OrtCustomOp row_attention16 = FIXED_OP(name16, input_type16, input_count, output_type16, output_count, create16,
+                                              compute);
 
 static const char *lanes_name(const OrtCustomOp *op) { (void)op; return "LanesAttention"; }
 static int lanes_input_type(const OrtCustomOp *op, size_t i) {
@@ -746,15 +863,21 @@ static int lanes_min_inputs(const OrtCustomOp *op) { (void)op; return LANE_INPUT
 static int lanes_min_outputs(const OrtCustomOp *op) { (void)op; return 2; }
 static int zero(const OrtCustomOp *op) { (void)op; return 0; }
 
-static OrtCustomOp lanes_attention = {
-    .version = API_VERSION, .GetName = lanes_name, .GetExecutionProviderType = provider,
-    .GetInputType = lanes_input_type, .GetInputTypeCount = lanes_input_count, .GetOutputType = output_type,
-    .GetOutputTypeCount = lanes_output_count, .KernelDestroy = destroy, .GetInputCharacteristic = lanes_input_kind,
-    .GetOutputCharacteristic = lanes_output_kind, .GetInputMemoryType = cpu_memory,
-    .GetVariadicInputMinArity = lanes_min_inputs, .GetVariadicInputHomogeneity = zero,
-    .GetVariadicOutputMinArity = lanes_min_outputs, .GetVariadicOutputHomogeneity = one, .CreateKernelV2 = create,
-    .KernelComputeV2 = lanes_compute,
-};
+/* LanesAttention and LanesAttention16: variadic per-lane inputs of several types, one type of present outputs. */
+#define LANES_OP(NAME, OUT_TYPE, CREATE)                                                                            \
+  {                                                                                                                  \
+    .version = API_VERSION, .GetName = NAME, .GetExecutionProviderType = provider,                                  \
+    .GetInputType = lanes_input_type, .GetInputTypeCount = lanes_input_count, .GetOutputType = OUT_TYPE,          \
+    .GetOutputTypeCount = lanes_output_count, .KernelDestroy = destroy, .GetInputCharacteristic = lanes_input_kind, \
+    .GetOutputCharacteristic = lanes_output_kind, .GetInputMemoryType = cpu_memory,                                 \
+    .GetVariadicInputMinArity = lanes_min_inputs, .GetVariadicInputHomogeneity = zero,                              \
+    .GetVariadicOutputMinArity = lanes_min_outputs, .GetVariadicOutputHomogeneity = one, .CreateKernelV2 = CREATE, \
+    .KernelComputeV2 = lanes_compute,                                                                                \
+  }
+
+static OrtCustomOp lanes_attention = LANES_OP(lanes_name, output_type, create);
+static const char *lanes_name16(const OrtCustomOp *op) { (void)op; return "LanesAttention16"; }
+static OrtCustomOp lanes_attention16 = LANES_OP(lanes_name16, output_type16, create16);
 
 static const char *quantize_name(const OrtCustomOp *op) { (void)op; return "RowQuantize"; }
 static int quantize_output_type(const OrtCustomOp *op, size_t i) { (void)op; return i == 0 ? ELEM_UINT8 : ELEM_FLOAT; }
@@ -784,8 +907,8 @@ __attribute__((visibility("default"))) OrtStatus *RegisterCustomOps(OrtSessionOp
   if (st) return st;
   OrtStatus *(*add)(OrtCustomOpDomain *, const OrtCustomOp *) =
       CALL(CustomOpDomain_Add, OrtStatus *(*)(OrtCustomOpDomain *, const OrtCustomOp *));
-  if ((st = add(domain, &row_attention)) || (st = add(domain, &lanes_attention)) || (st = add(domain, &row_quantize)) ||
-      (st = add(domain, &scale_rows)))
+  if ((st = add(domain, &row_attention)) || (st = add(domain, &lanes_attention)) || (st = add(domain, &row_attention16)) ||
+      (st = add(domain, &lanes_attention16)) || (st = add(domain, &row_quantize)) || (st = add(domain, &scale_rows)))
     return st;
   return CALL(AddCustomOpDomain, OrtStatus *(*)(OrtSessionOptions *, OrtCustomOpDomain *))(options, domain);
 }
