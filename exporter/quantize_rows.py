@@ -10,18 +10,25 @@ Each MatMul of a constant fp32 weight W [K, N] becomes three nodes:
 
 W8 = round(W / c) with c = max|W[:, n]| / 127 per column. The integer product is exact and both custom ops work
 row by row, so a row's result depends on nothing but the row: batched, tree and one-token steps agree to the bit.
+
+Where x is the input rotation's output (`rotation`: Reshape, MatMul by ``diag(signs) H / sqrt(B)``, Reshape back),
+RowQuantize takes the unturned input and the signs instead and turns each row itself (a fast Walsh-Hadamard
+transform), and the three nodes go: no [B, B] MatMul per input, so wider rotation blocks cost next to nothing.
 ONNX Runtime runs u8 x s8 MatMulInteger on VNNI / AMX int8 kernels where the CPU has them, at a cost nearly flat in
 the number of rows (docs/quantization.md).
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 
 import numpy as np
 from onnx import helper, numpy_helper
 
 from medusa_export.runtime import kernels
+
+from .rotation import hadamard, is_rotation
 
 ZERO_POINT = 128  # the quantized activations' offset: uint8 q = int8 value + 128
 
@@ -32,7 +39,8 @@ def quantize_rows(model, keep: Callable[[str], bool]) -> int:
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
     zero = "rows_int8/zero_point"
-    nodes, count = [], 0
+    nodes, count, fused = [], 0, set()
+    turns = _rotation_chains(graph, inits)
     for node in graph.node:
         weight = inits.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
         if weight is None or keep(node.name) or len(weight.dims) != 2:
@@ -46,7 +54,12 @@ def quantize_rows(model, keep: Callable[[str], bool]) -> int:
         q, s, y = f"{name}/rows_q", f"{name}/rows_scale", f"{name}/rows_int32"
         graph.initializer.extend([numpy_helper.from_array(w8, f"{name}/weight_int8"),
                                   numpy_helper.from_array(scale, f"{name}/column_scale")])
-        nodes += [helper.make_node(kernels.QUANTIZE_OP, [node.input[0]], [q, s], f"{name}/row_quantize",
+        source = [node.input[0]]
+        if node.input[0] in turns:  # the rotation's input and signs, its three nodes dropped
+            x, signs, chain = turns[node.input[0]]
+            source = [x, _signs_initializer(graph, signs)]
+            fused.update(chain)
+        nodes += [helper.make_node(kernels.QUANTIZE_OP, source, [q, s], f"{name}/row_quantize",
                                    domain=kernels.DOMAIN),
                   helper.make_node("MatMulInteger", [q, f"{name}/weight_int8", zero], [y], f"{name}/matmul_integer"),
                   helper.make_node(kernels.SCALE_OP, [y, s, f"{name}/column_scale"], list(node.output),
@@ -55,7 +68,7 @@ def quantize_rows(model, keep: Callable[[str], bool]) -> int:
     if count:
         graph.initializer.append(numpy_helper.from_array(np.array(ZERO_POINT, np.uint8), zero))
     del graph.node[:]
-    graph.node.extend(nodes)
+    graph.node.extend(n for n in nodes if n.output[0] not in fused)
     used = {i for n in graph.node for i in n.input}
     kept = [i for i in graph.initializer if i.name in used]
     del graph.initializer[:]
@@ -63,3 +76,46 @@ def quantize_rows(model, keep: Callable[[str], bool]) -> int:
     if not any(o.domain == kernels.DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(kernels.DOMAIN, 1))
     return count
+
+
+def _rotation_chains(graph, inits: dict) -> dict:
+    """Per tensor that is an input rotation's output read by nothing else but one node: (the rotation's input, its
+    signs, the outputs of its three nodes, which name them). Only rotations by ``diag(signs) @ hadamard(B)`` (`rotation.InputRotation`)."""
+    producer = {o: n for n in graph.node for o in n.output}
+    readers: dict[str, int] = {}
+    for n in graph.node:
+        for i in n.input:
+            readers[i] = readers.get(i, 0) + 1
+    chains = {}
+    for out_reshape in graph.node:
+        turn = producer.get(out_reshape.input[0]) if out_reshape.op_type == "Reshape" else None
+        if turn is None or turn.op_type != "MatMul" or not is_rotation(turn.name) or turn.input[1] not in inits:
+            continue
+        in_reshape = producer.get(turn.input[0])
+        if in_reshape is None or in_reshape.op_type != "Reshape":
+            continue
+        signs = _hadamard_signs(numpy_helper.to_array(inits[turn.input[1]]))
+        if signs is None or any(readers.get(t, 0) != 1 for t in (in_reshape.output[0], turn.output[0],
+                                                                   out_reshape.output[0])):
+            continue
+        chains[out_reshape.output[0]] = (in_reshape.input[0], signs, {in_reshape.output[0], turn.output[0],
+                                                                    out_reshape.output[0]})
+    return chains
+
+
+def _hadamard_signs(matrix: np.ndarray) -> np.ndarray | None:
+    """``s`` where ``matrix`` is ``diag(s) @ hadamard(B)`` (B a power of two), else None."""
+    b = matrix.shape[0]
+    if matrix.ndim != 2 or matrix.shape != (b, b) or b < 2 or b & (b - 1):
+        return None
+    signs = np.sign(matrix[:, 0]).astype(np.float32)
+    return signs if np.allclose(matrix, signs[:, None] * hadamard(b), atol=1e-6) else None
+
+
+def _signs_initializer(graph, signs: np.ndarray) -> str:
+    """The name of an initializer holding ``signs``, added at their first use (every layer's rotation of a block
+    size shares one matrix, so one initializer serves them all)."""
+    name = f"rows_int8/rotation_signs{len(signs)}_{hashlib.sha256(signs.tobytes()).hexdigest()[:8]}"
+    if name not in {i.name for i in graph.initializer}:
+        graph.initializer.append(numpy_helper.from_array(signs, name))
+    return name

@@ -69,6 +69,97 @@ def test_a_row_quantized_matmul_takes_zero_rows_and_passes_a_nan_on():
     assert (y[0] == 0).all() and np.isfinite(y[1]).all() and np.isnan(y[2]).all() and (y[3] == 0).all()
 
 
+def _rotated_matmul_model(k: int, n: int, block: int, seed: int = 0):
+    """x [1, S, k] turned per block by `InputRotation` (Reshape, MatMul named */rotation, Reshape) and multiplied by
+    the weight turned back, as `fused_backbone` writes a rotated projection; W's fp32 values returned too."""
+    from onnx import numpy_helper
+
+    from medusa_export.exporter.rotation import SUFFIX, InputRotation
+
+    r = InputRotation(block)
+    w = np.random.default_rng(seed).standard_normal((k, n), dtype=np.float32)
+    f, b = TensorProto.FLOAT, r.block_of(k)
+    inits = [numpy_helper.from_array(r.matrix(b).astype(np.float32), "R"),
+             numpy_helper.from_array(np.array([0, 0, k // b, b], np.int64), "blocks"),
+             numpy_helper.from_array(np.array([0, 0, k], np.int64), "rows"),
+             numpy_helper.from_array(r.weight(w), "w")]
+    nodes = [helper.make_node("Reshape", ["x", "blocks"], ["xb"], "proj/rotation_in"),
+             helper.make_node("MatMul", ["xb", "R"], ["tb"], "proj" + SUFFIX),
+             helper.make_node("Reshape", ["tb", "rows"], ["t"], "proj/rotation_out"),
+             helper.make_node("MatMul", ["t", "w"], ["y"], "proj")]
+    graph = helper.make_graph(nodes, "mm", [helper.make_tensor_value_info("x", f, [1, "S", k])],
+                              [helper.make_tensor_value_info("y", f, [1, "S", n])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), w
+
+
+def _kernel_session(model):
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 2
+    kernels.register(opts, "kernel")
+    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
+@settings(max_examples=10, deadline=None)
+@given(rows=st.integers(2, 12), row=st.integers(0, 11), k=st.sampled_from([64, 96, 192]), block=st.sampled_from([8, 32, 64]),
+       seed=st.integers(0, 999))
+def test_a_rotated_input_is_turned_inside_row_quantize(rows, row, k, block, seed):
+    """The rotation's Reshape / MatMul / Reshape go, RowQuantize takes the input and the signs; the product stays
+    close to x @ W, and a row among many is bit-identical to the row alone."""
+    from medusa_export.exporter.quantize_rows import quantize_rows
+    from medusa_export.exporter.rotation import is_rotation
+
+    model, w = _rotated_matmul_model(k, 24, block, seed)
+    assert quantize_rows(model, keep=is_rotation) == 1
+    ops = [(n.op_type, len(n.input)) for n in model.graph.node]
+    assert ops == [(kernels.QUANTIZE_OP, 2), ("MatMulInteger", 3), (kernels.SCALE_OP, 3)]
+    assert {i.name for i in model.graph.initializer} >= {model.graph.node[0].input[1]} and "R" not in {
+        i.name for i in model.graph.initializer}
+    session = _kernel_session(model)
+    row = min(row, rows - 1)
+    x = np.random.default_rng(seed + 1).standard_normal((1, rows, k), dtype=np.float32) * 3
+    x[0, :, seed % k] *= 30  # an outlier channel, which the rotation spreads
+    many = session.run(None, {"x": x})[0]
+    np.testing.assert_array_equal(many[0, row], session.run(None, {"x": x[:, row:row + 1].copy()})[0][0, 0])
+    exact = x[0] @ w
+    assert np.abs(many[0] - exact).max() <= 0.03 * np.abs(exact).max()
+
+
+@pytest.mark.parametrize("block", [2, 16, 64])
+def test_row_quantize_turns_each_block_by_the_signed_hadamard_matrix(block):
+    """q and the scale of a turned row dequantize to x @ diag(signs) H / sqrt(B) within half a step."""
+    from medusa_export.exporter.rotation import InputRotation
+
+    f, k = TensorProto.FLOAT, 128
+    node = helper.make_node(kernels.QUANTIZE_OP, ["x", "signs"], ["q", "scale"], domain=kernels.DOMAIN)
+    graph = helper.make_graph([node], "q", [helper.make_tensor_value_info("x", f, ["S", "K"]),
+                                            helper.make_tensor_value_info("signs", f, [block])],
+                              [helper.make_tensor_value_info("q", TensorProto.UINT8, ["S", "K"]),
+                               helper.make_tensor_value_info("scale", f, ["S", 1])])
+    session = _kernel_session(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                                        helper.make_opsetid(kernels.DOMAIN, 1)]))
+    matrix = InputRotation(block).matrix(block)
+    signs = np.sign(matrix[:, 0]).astype(np.float32)
+    x = np.random.default_rng(block).standard_normal((5, k)).astype(np.float32)
+    q, scale = session.run(None, {"x": x, "signs": signs})
+    turned = (x.reshape(5, k // block, block).astype(np.float64) @ matrix).reshape(5, k)
+    assert np.all(np.abs((q.astype(np.float64) - 128) * scale - turned) <= scale * 0.5 + 1e-5)
+    with pytest.raises(Exception, match="RowQuantize: signs must be"):
+        session.run(None, {"x": x[:, :96].copy() if block == 64 else x[:, :3].copy(), "signs": signs})
+    # the transform's exact arithmetic: the butterflies of spans 1, 2, 4, ... in float32, as the scalar code does
+    z = (x * np.tile(signs, k // block)).reshape(5, k // block, block)
+    h = 1
+    while h < block:
+        pairs = z.reshape(5, k // block, block // (2 * h), 2, h)
+        a, c = pairs[:, :, :, 0].copy(), pairs[:, :, :, 1].copy()
+        pairs[:, :, :, 0], pairs[:, :, :, 1] = a + c, a - c
+        h *= 2
+    z = z.reshape(5, k)
+    peak = np.abs(z).max(axis=1, keepdims=True)
+    expected_q = np.clip(np.rint(z * (np.float32(127) / peak)), -127, 127).astype(np.int32) + 128
+    np.testing.assert_array_equal(q, expected_q.astype(np.uint8))
+    np.testing.assert_array_equal(scale, peak / np.float32(127) * (np.float32(1) / np.sqrt(np.float32(block))))
+
+
 def test_build_options_check_int8_matmul_rows():
     for bad in (dict(dtype="int8", int8_matmul="rows"), dict(dtype="fp32", attention="kernel", int8_matmul="rows")):
         with pytest.raises(InputError, match="--int8-matmul rows needs --dtype int8 and --attention kernel"):

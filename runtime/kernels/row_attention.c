@@ -660,9 +660,13 @@ static OrtStatus *lanes_compute(void *kernel, OrtKernelContext *ctx) {
 }
 
 /* ---- int8 matmuls with activations quantized per row ---------------------------------------------------------- */
-/* RowQuantize: x float [..., K] -> q uint8 [..., K], scale float [..., 1]: each row by itself, symmetric,
-   q = clamp(round_half_even(x * (127 / max|x|)), -127, 127) + 128 and scale = max|x| / 127 (a row of zeros, or of
-   subnormals only: scale 1, q 128; a row holding a NaN or an infinity: scale NaN, so its products come out NaN). ScaleRows: y int32 [..., N]
+/* RowQuantize: x float [..., K] (and optionally signs float [B]) -> q uint8 [..., K], scale float [..., 1]: each row
+   by itself, symmetric, q = clamp(round_half_even(x * (127 / max|x|)), -127, 127) + 128 and scale = max|x| / 127 (a
+   row of zeros, or of subnormals only: scale 1, q 128; a row holding a NaN or an infinity: scale NaN, so its
+   products come out NaN). With signs, each block of B columns is first turned by diag(signs) H / sqrt(B) (H the
+   Sylvester Hadamard matrix, B a power of two dividing K): the fast Walsh-Hadamard transform of the signed block, in
+   one fixed order, the 1 / sqrt(B) taken into the row's scale. This is the input rotation (`exporter/rotation.py`)
+   the graph otherwise runs as a MatMul of [B, B] before the quantization: O(B log B) per block, and no extra nodes. ScaleRows: y int32 [..., N]
    (MatMulInteger of q with zero point 128 against int8 weights), the rows' scales and the weights' column scales
    col float [N] -> float [..., N] = (float(y) * row scale) * column scale. The integer product is exact, so a row's
    result depends on nothing but the row: batched, tree and one-token steps agree to the bit. */
@@ -682,6 +686,63 @@ static OrtStatus *any_input(OrtKernelContext *ctx, size_t index, int type, int64
   return data_of(value, data);
 }
 
+/* One row's blocks of ``block`` columns times diag(signs) H, unnormalized: the butterflies stage by stage (spans 1, 2,
+   4, ...), so every path through the transform sums in one fixed order. From blocks of 8 on, the spans below 8 run
+   inside a vector (the same additions and subtractions of the same pairs) and the others across vectors. */
+static void turn_row(const float *x, float *out, const float *signs, int64_t k, int block) {
+  for (int64_t b0 = 0; b0 < k; b0 += block) {
+    float *z = out + b0;
+    int h = 1;
+    if (block >= 8) {
+      for (int i = 0; i < block; i += 8) {
+        __m256 v = _mm256_mul_ps(_mm256_loadu_ps(x + b0 + i), _mm256_loadu_ps(signs + i)), t;
+        t = _mm256_permute_ps(v, 0xB1);  /* span 1: lanes 1 0 3 2 */
+        v = _mm256_blend_ps(_mm256_add_ps(v, t), _mm256_sub_ps(t, v), 0xAA);
+        t = _mm256_permute_ps(v, 0x4E);  /* span 2: lanes 2 3 0 1 */
+        v = _mm256_blend_ps(_mm256_add_ps(v, t), _mm256_sub_ps(t, v), 0xCC);
+        t = _mm256_permute2f128_ps(v, v, 0x01);  /* span 4: the halves swapped */
+        v = _mm256_blend_ps(_mm256_add_ps(v, t), _mm256_sub_ps(t, v), 0xF0);
+        _mm256_storeu_ps(z + i, v);
+      }
+      for (h = 8; h < block; h *= 2)
+        for (int i = 0; i < block; i += 2 * h)
+          for (int j = i; j < i + h; j += 8) {
+            __m256 a = _mm256_loadu_ps(z + j), c = _mm256_loadu_ps(z + j + h);
+            _mm256_storeu_ps(z + j, _mm256_add_ps(a, c));
+            _mm256_storeu_ps(z + j + h, _mm256_sub_ps(a, c));
+          }
+      continue;
+    }
+    for (int i = 0; i < block; i++) z[i] = x[b0 + i] * signs[i];
+    for (; h < block; h *= 2)
+      for (int i = 0; i < block; i += 2 * h)
+        for (int j = i; j < i + h; j++) {
+          float a = z[j], c = z[j + h];
+          z[j] = a + c;
+          z[j + h] = a - c;
+        }
+  }
+}
+
+/* RowQuantize's optional signs: NULL when the node gives none; else their block, a power of two dividing k. */
+static OrtStatus *quantize_signs(OrtKernelContext *ctx, int64_t k, const float **signs, int *block) {
+  const OrtValue *value = NULL;
+  int elem = 0;
+  size_t count = 0;
+  int64_t dims[MAX_RANK] = {0};
+  void *data = NULL;
+  *signs = NULL;
+  OrtStatus *st = tensor_of(ctx, 1, &value, &elem, dims, &count);
+  if (st || !value) return st;
+  if (elem != ELEM_FLOAT || count != 1 || dims[0] < 2 || dims[0] > 4096 || (dims[0] & (dims[0] - 1)) || k % dims[0])
+    return error("RowQuantize: signs must be a float vector whose length is a power of two, 2 .. 4096, dividing the "
+                 "rows' length");
+  if ((st = data_of(value, &data))) return st;
+  *signs = (const float *)data;
+  *block = (int)dims[0];
+  return NULL;
+}
+
 static OrtStatus *quantize_compute(void *kernel, OrtKernelContext *ctx) {
   (void)kernel;
   int64_t dims[MAX_RANK];
@@ -691,16 +752,25 @@ static OrtStatus *quantize_compute(void *kernel, OrtKernelContext *ctx) {
   if ((st = any_input(ctx, 0, ELEM_FLOAT, dims, &nd, &in, "RowQuantize: x"))) return st;
   int64_t k = dims[nd - 1], rows = 1;
   for (size_t i = 0; i + 1 < nd; i++) rows *= dims[i];
+  const float *signs = NULL;
+  int block = 1;
+  if ((st = quantize_signs(ctx, k, &signs, &block))) return st;
   int64_t sdims[MAX_RANK];
   memcpy(sdims, dims, sizeof(int64_t) * nd);
   sdims[nd - 1] = 1;
   if ((st = any_output(ctx, 0, dims, nd, &q)) || (st = any_output(ctx, 1, sdims, nd, &sc))) return st;
   const float *x = (const float *)in;
   uint8_t *out = (uint8_t *)q;
-  float *scale = (float *)sc;
+  float *scale = (float *)sc, *turned = NULL;
+  const float norm = signs ? 1.0f / sqrtf((float)block) : 1.0f;  /* H / sqrt(B): taken into the scale */
+  if (signs && rows && !(turned = malloc(sizeof(float) * (size_t)k))) return error("RowQuantize: out of memory");
   for (int64_t r = 0; r < rows; r++) {
     const float *row = x + r * k;
     uint8_t *qr = out + r * k;
+    if (signs) {
+      turn_row(row, turned, signs, k, block);
+      row = turned;
+    }
     const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff)), big = _mm256_set1_ps(FLT_MAX);
     __m256 m8 = _mm256_setzero_ps(), bad8 = _mm256_setzero_ps();
     int64_t j = 0;
@@ -722,7 +792,7 @@ static OrtStatus *quantize_compute(void *kernel, OrtKernelContext *ctx) {
       memset(qr, 128, (size_t)k);
       continue;
     }
-    scale[r] = m / 127.0f;
+    scale[r] = m / 127.0f * norm;
     const __m256 inv = _mm256_set1_ps(inv_m), lo = _mm256_set1_ps(-127.0f), hi = _mm256_set1_ps(127.0f);
     const __m256i offset = _mm256_set1_epi32(128), order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
     j = 0;
@@ -744,6 +814,7 @@ static OrtStatus *quantize_compute(void *kernel, OrtKernelContext *ctx) {
       qr[j] = (uint8_t)((int)f + 128);
     }
   }
+  free(turned);
   return NULL;
 }
 
@@ -834,21 +905,22 @@ static int required(const OrtCustomOp *op, size_t i) { (void)op; (void)i; return
 static int cpu_memory(const OrtCustomOp *op, size_t i) { (void)op; (void)i; return 0; /* OrtMemTypeDefault */ }
 static int one(const OrtCustomOp *op) { (void)op; return 1; }
 
-/* An op of fixed inputs and outputs, all required. */
-#define FIXED_OP(NAME, IN_TYPE, IN_COUNT, OUT_TYPE, OUT_COUNT, CREATE, COMPUTE)                                      \
+/* An op of fixed inputs and outputs (all required but those INPUT_KIND calls optional). */
+#define FIXED_OP(NAME, IN_TYPE, IN_COUNT, OUT_TYPE, OUT_COUNT, CREATE, COMPUTE, INPUT_KIND)                                      \
   {                                                                                                                  \
     .version = API_VERSION, .GetName = NAME, .GetExecutionProviderType = provider, .GetInputType = IN_TYPE,          \
     .GetInputTypeCount = IN_COUNT, .GetOutputType = OUT_TYPE, .GetOutputTypeCount = OUT_COUNT,                       \
-    .KernelDestroy = destroy, .GetInputCharacteristic = required, .GetOutputCharacteristic = required,              \
+    .KernelDestroy = destroy, .GetInputCharacteristic = INPUT_KIND, .GetOutputCharacteristic = required,              \
     .GetInputMemoryType = cpu_memory, .GetVariadicInputMinArity = one, .GetVariadicInputHomogeneity = one,          \
     .GetVariadicOutputMinArity = one, .GetVariadicOutputHomogeneity = one, .CreateKernelV2 = CREATE,               \
     .KernelComputeV2 = COMPUTE,                                                                                      \
   }
 
-static OrtCustomOp row_attention = FIXED_OP(name, input_type, input_count, output_type, output_count, create, compute);
+static OrtCustomOp row_attention = FIXED_OP(name, input_type, input_count, output_type, output_count, create, compute,
+                                            required);
 static const char *name16(const OrtCustomOp *op) { (void)op; return "RowAttention16"; }
 static OrtCustomOp row_attention16 = FIXED_OP(name16, input_type16, input_count, output_type16, output_count, create16,
-                                              compute);
+                                              compute, required);
 
 static const char *lanes_name(const OrtCustomOp *op) { (void)op; return "LanesAttention"; }
 static int lanes_input_type(const OrtCustomOp *op, size_t i) {
@@ -888,10 +960,11 @@ static size_t three_count(const OrtCustomOp *op) { (void)op; return 3; }
 static const char *scale_rows_name(const OrtCustomOp *op) { (void)op; return "ScaleRows"; }
 static int scale_rows_input_type(const OrtCustomOp *op, size_t i) { (void)op; return i == 0 ? ELEM_INT32 : ELEM_FLOAT; }
 
-static OrtCustomOp row_quantize = FIXED_OP(quantize_name, float_type, one_count, quantize_output_type, two_count,
-                                           create_plain, quantize_compute);
+static int second_optional(const OrtCustomOp *op, size_t i) { (void)op; return i == 1; /* INPUT_OUTPUT_OPTIONAL */ }
+static OrtCustomOp row_quantize = FIXED_OP(quantize_name, float_type, two_count, quantize_output_type, two_count,
+                                           create_plain, quantize_compute, second_optional);
 static OrtCustomOp scale_rows = FIXED_OP(scale_rows_name, scale_rows_input_type, three_count, float_type, one_count,
-                                         create_plain, scale_rows_compute);
+                                         create_plain, scale_rows_compute, required);
 
 __attribute__((visibility("default"))) OrtStatus *RegisterCustomOps(OrtSessionOptions *options, const OrtApiBase *base) {
   OrtApiTable table = base->GetApi(API_VERSION);
