@@ -34,8 +34,9 @@ ZERO_POINT = 128  # the quantized activations' offset: uint8 q = int8 value + 12
 
 
 def quantize_rows(model, keep: Callable[[str], bool]) -> int:
-    """Rewrite every MatMul of ``model`` whose weight is a constant 2-D float initializer (and not ``keep(name)``);
-    the number rewritten. Initializers no node reads any more are dropped."""
+    """Rewrite every MatMul of ``model`` whose weight is a constant 2-D float initializer (and not ``keep(name)``,
+    nor an input rotation's, which is folded into the RowQuantize it feeds or left fp32); the number rewritten.
+    Initializers no node reads any more are dropped."""
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
     zero = "rows_int8/zero_point"
@@ -43,7 +44,7 @@ def quantize_rows(model, keep: Callable[[str], bool]) -> int:
     turns = _rotation_chains(graph, inits)
     for node in graph.node:
         weight = inits.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
-        if weight is None or keep(node.name) or len(weight.dims) != 2:
+        if weight is None or keep(node.name) or is_rotation(node.name) or len(weight.dims) != 2:
             nodes.append(node)
             continue
         w = numpy_helper.to_array(weight).astype(np.float32)
@@ -82,7 +83,7 @@ def _rotation_chains(graph, inits: dict) -> dict:
     """Per tensor that is an input rotation's output read by nothing else but one node: (the rotation's input, its
     signs, the outputs of its three nodes, which name them). Only rotations by ``diag(signs) @ hadamard(B)`` (`rotation.InputRotation`)."""
     producer = {o: n for n in graph.node for o in n.output}
-    readers: dict[str, int] = {}
+    readers: dict[str, int] = {o.name: 1 for o in graph.output}  # a graph output counts as a reader
     for n in graph.node:
         for i in n.input:
             readers[i] = readers.get(i, 0) + 1

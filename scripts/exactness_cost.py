@@ -27,7 +27,6 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from medusa_export.runtime import io_table
 from medusa_export.runtime.machine import machine_info
 from medusa_export.runtime.manifest import Manifest
 
@@ -120,7 +119,7 @@ class BareLoop:
         d = manifest.dims
         rng = np.random.default_rng(0)
         shape = (1, d.num_kv_heads, manifest.max_seq, d.head_dim)  # values only need to be finite
-        dtype = io_table.model_dtype_of(d.dtype)  # the KV cache's (fp16 graphs keep it in fp16)
+        dtype = d.cache_np  # the KV cache's (fp16 graphs, and --kv-cache-dtype fp16, keep it in fp16)
         self.kv = [(0.3 * rng.standard_normal(shape)).astype(dtype) for _ in range(2 * d.num_layers)]
         self.binding = b = self.session.io_binding()
         names = {i.name for i in self.session.get_inputs()}

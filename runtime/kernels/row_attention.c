@@ -143,15 +143,15 @@ static inline __attribute__((always_inline)) __m256 load_kv(const void *cache, s
 
 enum { PREFETCH_KEYS = 32 };  /* how far ahead of the keys and values being read their cache lines are asked for */
 
-/* ``count`` elements of a cache from element ``at`` on, asked into the L1 cache (a hint: past the buffer's end it
-   reads nothing). */
+/* ``count`` elements of a cache from element ``at`` on, asked into the L1 cache (callers ask only for rows they will
+   read). */
 static inline __attribute__((always_inline)) void prefetch_rows(const void *cache, size_t at, int count, int half) {
   const char *p = (const char *)cache + at * (half ? 2 : 4);
   for (int b = 0; b < count * (half ? 2 : 4); b += 64) _mm_prefetch(p + b, _MM_HINT_T0);
 }
 
-/* ``hd`` floats into a cache at element ``at``: copied (fp32), or rounded to the nearest fp16 (ties to even; beyond
-   65504 an infinity). */
+/* ``hd`` floats into a cache at element ``at``: copied (fp32), or rounded to the nearest fp16 (ties to even; from
+   65520 on an infinity, whose attention then comes out NaN, as the math would). */
 static void store_kv(void *cache, size_t at, const float *x, int hd, int half) {
   if (!half) {
     memcpy((float *)cache + at, x, sizeof(float) * hd);
@@ -174,7 +174,7 @@ static inline __attribute__((always_inline)) void scores_hd(const float *const *
   const __m256 scale8 = _mm256_set1_ps(scale), lane = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7);
   for (; j0 + 8 <= last; j0 += 8) {
     size_t k = (size_t)j0 * hd;
-    prefetch_rows(K, k + PREFETCH_KEYS * (size_t)hd, 8 * hd, half);
+    if (j0 + PREFETCH_KEYS + 8 <= last) prefetch_rows(K, k + PREFETCH_KEYS * (size_t)hd, 8 * hd, half);
     for (int t = 0; t < rows; t++) {
       __m256 acc[8];
       for (int key = 0; key < 8; key++) acc[key] = _mm256_setzero_ps();
@@ -228,10 +228,10 @@ static inline __attribute__((always_inline)) void weigh_hd(const void *V, int ha
   __m256 acc[32];
   for (int b = 0; b < blocks; b++) acc[b] = _mm256_setzero_ps();
   for (j = 0; j < n; j++) {
+    size_t v = (size_t)j * hd;
+    if ((j & 7) == 0 && j + PREFETCH_KEYS + 8 <= n) prefetch_rows(V, v + PREFETCH_KEYS * (size_t)hd, 8 * hd, half);
     if (scores[j] == 0.0f) continue;  /* a masked key adds exactly nothing */
     __m256 p = _mm256_set1_ps(scores[j]);
-    size_t v = (size_t)j * hd;
-    if ((j & 7) == 0) prefetch_rows(V, v + PREFETCH_KEYS * (size_t)hd, 8 * hd, half);
     for (int b = 0; b < blocks; b++) acc[b] = _mm256_fmadd_ps(p, load_kv(V, v + 8 * b, half), acc[b]);
   }
   __m256 inv = _mm256_set1_ps(1.0f / hsum8(sum8));
@@ -763,7 +763,7 @@ static OrtStatus *quantize_compute(void *kernel, OrtKernelContext *ctx) {
   uint8_t *out = (uint8_t *)q;
   float *scale = (float *)sc, *turned = NULL;
   const float norm = signs ? 1.0f / sqrtf((float)block) : 1.0f;  /* H / sqrt(B): taken into the scale */
-  if (signs && rows && !(turned = malloc(sizeof(float) * (size_t)k))) return error("RowQuantize: out of memory");
+  if (signs && rows && k && !(turned = malloc(sizeof(float) * (size_t)k))) return error("RowQuantize: out of memory");
   for (int64_t r = 0; r < rows; r++) {
     const float *row = x + r * k;
     uint8_t *qr = out + r * k;
