@@ -133,3 +133,15 @@ def test_a_manifest_refuses_an_fp16_cache_without_the_kernel(fp16_cache_runtimes
     m = fp16_cache_runtimes["fp32"].manifest
     with pytest.raises(FieldError, match="dims.kv_dtype"):
         m.replace(attention="gqa")
+
+
+def test_verify_checks_an_fp16_cache_as_an_approximation(fp16_cache_runtimes, tmp_path):
+    """`verify` holds an fp16-cache artifact to what an approximation must keep: greedy Medusa equal to greedy
+    vanilla on its own backend and top-1 agreement with the fp32 reference, not token identity with it."""
+    directory = fp16_cache_runtimes["fp32"].generator.backend.directory
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "t5 t6 t7"}\n{"prompt": "t9 t8"}\n')
+    proc = cli("verify", str(directory), "--model", str(directory.parent / "model"), "--prompts", str(prompts),
+               "--max-new-tokens", "8")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "ort (fp32, float16 KV cache) vs torch: greedy Medusa == greedy vanilla on ort 2/2" in proc.stdout
