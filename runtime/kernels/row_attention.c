@@ -295,58 +295,54 @@ typedef struct {  /* one sequence's step: shapes and pointers, shared by the thr
   int half;
 } Step;
 
-/* Rows r0 .. r1 - 1 of query head h, TILE rows at a time; buf: TILE rows of scores (stride width + 8). */
-static void head_block(const Step *s, int h, int r0, int r1, float *buf) {
-  int qkv_width = (s->heads + 2 * s->kv_heads) * s->hd, kh = h / (s->heads / s->kv_heads);
-  size_t stride = (size_t)s->width + 8;
-  float q[TILE][256];
+typedef struct {  /* up to TILE (row, query head) pairs of one KV head, attended together */
+  const float *q[TILE], *bias[TILE];
+  float *scores[TILE], *out[TILE];
+  int n[TILE];
+  float rotated[TILE][256];  /* the queries, turned at their rows' positions */
+} Tile;
+
+/* Entry t of a tile: row i of query head h; its scores in buf's row t (stride width + 8). */
+static void tile_entry(const Step *s, Tile *tile, int t, int i, int h, float *buf) {
+  int qkv_width = (s->heads + 2 * s->kv_heads) * s->hd;
+  const float *c = s->cos + s->pos[i] * (s->hd / 2), *sn = s->sin + s->pos[i] * (s->hd / 2);
+  rotate(s->qkv + (size_t)i * qkv_width + h * s->hd, tile->rotated[t], c, sn, s->hd);
+  tile->q[t] = tile->rotated[t];
+  tile->bias[t] = s->bias + (size_t)i * s->width;
+  tile->n[t] = s->past + i + 1;
+  tile->scores[t] = buf + t * ((size_t)s->width + 8);
+  tile->out[t] = s->out + ((size_t)i * s->heads + h) * s->hd;
+}
+
+/* The tile's ``count`` entries against KV head kh's keys and values. */
+static void attend_tile(const Step *s, Tile *tile, int count, int kh) {
   size_t head = (size_t)kh * s->cap * s->hd, bytes = s->half ? 2 : 4;
-  const void *K = (const char *)s->kcache + head * bytes, *V = (const char *)s->vcache + head * bytes;
-  float scale = 1.0f / sqrtf((float)s->hd);
+  attend(tile->q, count, (const char *)s->kcache + head * bytes, (const char *)s->vcache + head * bytes, s->half,
+         tile->bias, tile->n, s->hd, 1.0f / sqrtf((float)s->hd), tile->scores, tile->out);
+}
+
+/* Rows r0 .. r1 - 1 of query head h, TILE rows at a time; buf: TILE rows of scores. */
+static void head_block(const Step *s, int h, int r0, int r1, float *buf) {
+  Tile tile;
   for (int i0 = r0; i0 < r1; i0 += TILE) {
-    int rows = r1 - i0 < TILE ? r1 - i0 : TILE, n[TILE];
-    const float *qs[TILE], *bias[TILE];
-    float *scores[TILE], *out[TILE];
-    for (int t = 0; t < rows; t++) {
-      int i = i0 + t;
-      const float *c = s->cos + s->pos[i] * (s->hd / 2), *sn = s->sin + s->pos[i] * (s->hd / 2);
-      rotate(s->qkv + (size_t)i * qkv_width + h * s->hd, q[t], c, sn, s->hd);
-      qs[t] = q[t];
-      bias[t] = s->bias + (size_t)i * s->width;
-      n[t] = s->past + i + 1;
-      scores[t] = buf + t * stride;
-      out[t] = s->out + ((size_t)i * s->heads + h) * s->hd;
-    }
-    attend(qs, rows, K, V, s->half, bias, n, s->hd, scale, scores, out);
+    int rows = r1 - i0 < TILE ? r1 - i0 : TILE;
+    for (int t = 0; t < rows; t++) tile_entry(s, &tile, t, i0 + t, h, buf);
+    attend_tile(s, &tile, rows, h / (s->heads / s->kv_heads));
   }
 }
 
-/* Rows r0 .. r1 - 1 of every query head of KV head kh, the group's heads (up to TILE at a time) as the rows of one
+/* Rows r0 .. r1 - 1 of every query head of KV head kh, the group's heads (up to TILE at a time) as the entries of one
    tile, so they share each key's load and fp16 widening: a score depends on nothing but its query and key
    (`scores_hd`), so each head's row is the same as `head_block` computes it. buf: TILE rows of scores. */
 static void group_rows(const Step *s, int kh, int r0, int r1, float *buf) {
-  int qkv_width = (s->heads + 2 * s->kv_heads) * s->hd, group = s->heads / s->kv_heads;
-  size_t stride = (size_t)s->width + 8, head = (size_t)kh * s->cap * s->hd, bytes = s->half ? 2 : 4;
-  const void *K = (const char *)s->kcache + head * bytes, *V = (const char *)s->vcache + head * bytes;
-  float q[TILE][256], scale = 1.0f / sqrtf((float)s->hd);
-  for (int i = r0; i < r1; i++) {
-    const float *c = s->cos + s->pos[i] * (s->hd / 2), *sn = s->sin + s->pos[i] * (s->hd / 2);
+  int group = s->heads / s->kv_heads;
+  Tile tile;
+  for (int i = r0; i < r1; i++)
     for (int h0 = 0; h0 < group; h0 += TILE) {
-      int heads = group - h0 < TILE ? group - h0 : TILE, n[TILE];
-      const float *qs[TILE], *bias[TILE];
-      float *scores[TILE], *out[TILE];
-      for (int t = 0; t < heads; t++) {
-        int h = kh * group + h0 + t;
-        rotate(s->qkv + (size_t)i * qkv_width + h * s->hd, q[t], c, sn, s->hd);
-        qs[t] = q[t];
-        bias[t] = s->bias + (size_t)i * s->width;
-        n[t] = s->past + i + 1;
-        scores[t] = buf + t * stride;
-        out[t] = s->out + ((size_t)i * s->heads + h) * s->hd;
-      }
-      attend(qs, heads, K, V, s->half, bias, n, s->hd, scale, scores, out);
+      int heads = group - h0 < TILE ? group - h0 : TILE;
+      for (int t = 0; t < heads; t++) tile_entry(s, &tile, t, i, kh * group + h0 + t, buf);
+      attend_tile(s, &tile, heads, kh);
     }
-  }
 }
 
 static void head_rows(void *data, size_t h) {  /* RowAttention: every computed row of query head h */
