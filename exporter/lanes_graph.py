@@ -20,8 +20,10 @@ runtime binds, and its output is dropped.
 Built with ``--attention kernel``, a layer's attention is one LanesAttention call (`runtime/kernels`) on the rows as
 they are: it takes every lane's positions, bias and KV buffers at once, computes each lane's rows exactly as
 RowAttention computes them in the one-sequence graph, and spreads (lane, head) work over the threads. No Gather,
-Split or Concat, and no ``lane_gather`` / ``row_gather`` inputs. The tail (lm_head, reductions) runs on the rows named by ``output_rows``
-(`io_table.row_selection_input`): a prompt chunk needs at most its last row's.
+Split or Concat, and no ``lane_gather`` / ``row_gather`` inputs.
+
+The tail (lm_head, reductions) runs on the rows named by ``output_rows`` (`io_table.row_selection_input`): a prompt
+chunk needs at most its last row's.
 """
 
 from __future__ import annotations

@@ -40,7 +40,7 @@ def quantize_rows(model, keep: Callable[[str], bool]) -> int:
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
     zero = "rows_int8/zero_point"
-    nodes, count, fused = [], 0, set()
+    nodes, count, fused, signs_names = [], 0, set(), {}
     turns = _rotation_chains(graph, inits)
     for node in graph.node:
         weight = inits.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
@@ -58,7 +58,7 @@ def quantize_rows(model, keep: Callable[[str], bool]) -> int:
         source = [node.input[0]]
         if node.input[0] in turns:  # the rotation's input and signs, its three nodes dropped
             x, signs, chain = turns[node.input[0]]
-            source = [x, _signs_initializer(graph, signs)]
+            source = [x, _signs_initializer(graph, signs, signs_names)]
             fused.update(chain)
         nodes += [helper.make_node(kernels.QUANTIZE_OP, source, [q, s], f"{name}/row_quantize",
                                    domain=kernels.DOMAIN),
@@ -81,7 +81,8 @@ def quantize_rows(model, keep: Callable[[str], bool]) -> int:
 
 def _rotation_chains(graph, inits: dict) -> dict:
     """Per tensor that is an input rotation's output read by nothing else but one node: (the rotation's input, its
-    signs, the outputs of its three nodes, which name them). Only rotations by ``diag(signs) @ hadamard(B)`` (`rotation.InputRotation`)."""
+    signs, the outputs of its three nodes, which name them). Only rotations by ``diag(signs) @ hadamard(B)``
+    (`rotation.InputRotation`)."""
     producer = {o: n for n in graph.node for o in n.output}
     readers: dict[str, int] = {o.name: 1 for o in graph.output}  # a graph output counts as a reader
     for n in graph.node:
@@ -113,10 +114,11 @@ def _hadamard_signs(matrix: np.ndarray) -> np.ndarray | None:
     return signs if np.allclose(matrix, signs[:, None] * hadamard(b), atol=1e-6) else None
 
 
-def _signs_initializer(graph, signs: np.ndarray) -> str:
-    """The name of an initializer holding ``signs``, added at their first use (every layer's rotation of a block
-    size shares one matrix, so one initializer serves them all)."""
-    name = f"rows_int8/rotation_signs{len(signs)}_{hashlib.sha256(signs.tobytes()).hexdigest()[:8]}"
-    if name not in {i.name for i in graph.initializer}:
-        graph.initializer.append(numpy_helper.from_array(signs, name))
-    return name
+def _signs_initializer(graph, signs: np.ndarray, added: dict[bytes, str]) -> str:
+    """The name of an initializer holding ``signs``, added at their first use and remembered in ``added`` (every
+    layer's rotation of a block size shares one matrix, so one initializer serves them all)."""
+    key = signs.tobytes()
+    if key not in added:
+        added[key] = f"rows_int8/rotation_signs{len(signs)}_{hashlib.sha256(key).hexdigest()[:8]}"
+        graph.initializer.append(numpy_helper.from_array(signs, added[key]))
+    return added[key]

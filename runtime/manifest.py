@@ -108,8 +108,7 @@ class Manifest:
             raise FieldError("model", "num_layers and vocab_size must equal those of dims")
         if self.attention == "kernel" and self.graph_format != ONNXRUNTIME:
             raise FieldError("attention", "can be 'kernel' only in a fused (onnxruntime) artifact")
-        if self.dims.kv_dtype not in (None, self.dims.dtype) and (self.attention != "kernel" or
-                                                                self.dims.kv_dtype != "float16"):
+        if self.dims.cache_differs and (self.attention != "kernel" or self.dims.kv_dtype != "float16"):
             raise FieldError("dims.kv_dtype", "can differ from dims.dtype only as 'float16' with attention 'kernel'")
         if self.engines and self.graph_format != PORTABLE:
             raise FieldError("engines", "TensorRT engines need portable graphs")

@@ -39,9 +39,9 @@ def test_an_fp16_cache_holds_the_rounded_rows_and_attends_as_fp32_does(kernels_b
     out32, *cache32 = _bound(kernels_by_cache[False], feeds)
     out16, *cache16 = _bound(kernels_by_cache[True], half)
     assert all(c.dtype == np.float16 for c in cache16)
-    for c32, c16 in zip(cache32, cache16):
+    for name, c32, c16 in zip(("past_key", "past_value"), cache32, cache16):
         np.testing.assert_array_equal(c16[:, :, :past + rows], c32[:, :, :past + rows].astype(np.float16))
-        np.testing.assert_array_equal(c16[:, :, past + rows:], half["past_key" if c16 is cache16[0] else "past_value"][:, :, past + rows:])
+        np.testing.assert_array_equal(c16[:, :, past + rows:], half[name][:, :, past + rows:])
     np.testing.assert_allclose(out16, out32, atol=5e-3)
 
 

@@ -52,6 +52,11 @@ class ModelDims:
     def cache_np(self) -> np.dtype:
         return io_table.model_dtype_of(self.cache_dtype)
 
+    @property
+    def cache_differs(self) -> bool:
+        """The KV cache holds another dtype than the model's (an fp16 cache of an fp32 kernel graph)."""
+        return self.cache_dtype != self.dtype
+
 
 # (graph name, StepOutput field, dtype) of every reduced output: read at every step, built once.
 _REDUCED_FIELDS = tuple((t.name, t.field, t.numpy_dtype()) for t in io_table.reduced_outputs(medusa=True))

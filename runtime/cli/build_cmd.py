@@ -158,8 +158,8 @@ def verify(
         typer.echo(f"note: {note}", err=True)
     tol = tolerance if tolerance is not None else (1e-3 if manifest.dims.dtype == "float32" else 2e-2)
     # Quantized weights and an fp16 KV cache approximate the reference by design: checked as approximations.
-    quantized = manifest.quantized or manifest.dims.cache_dtype != manifest.dims.dtype
-    kind = manifest.weights + (f", {manifest.dims.cache_dtype} KV cache" if manifest.dims.kv_dtype else "")
+    quantized = manifest.quantized or manifest.dims.cache_differs
+    kind = manifest.weights + (f", {manifest.dims.cache_dtype} KV cache" if manifest.dims.cache_differs else "")
     try:
         if quantized:
             report = _verify_quantized(names, runtimes, texts, max_new_tokens)

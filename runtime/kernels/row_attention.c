@@ -523,7 +523,7 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
    last row, the extra row's, is not read), past_key and past_value [1, kvh, cap, hd]. Outputs: [1, R, nh hd]; per
    lane present_key and present_value (bind them to the past's memory). Each lane's rows are computed exactly as
    RowAttention computes them with skip_last_row; a lane of no rows writes nothing. The work items are (lane, query
-   head, block of up to BLOCK_ROWS rows), or (lane, KV head) for a decoding lane (`grouped_lane`), spread over the
+   head, block of up to BLOCK_ROWS rows), or (lane, KV head) for a decoding lane (`lane_items`), spread over the
    session's threads: decoding steps of one row per lane keep both threads busy, where one call per lane split nine
    heads over two threads. */
 enum { LANE_INPUTS = 4, LANES_FIXED = 4, BLOCK_ROWS = 32, MAX_LANES = 256 };
@@ -539,9 +539,21 @@ typedef struct {
   int failed;  /* an item found no memory for its scores: the call fails */
 } Work;
 
-/* A decoding lane (one row) of a step of several lanes is one item per KV head (its query heads share the key loads);
-   other lanes are items per query head and block of rows, which a tile of rows already shares. */
-static int grouped_lane(const Step *s, int lanes) { return s->rows == 1 && lanes > 1; }
+/* Lane b's work items, written to ``out`` unless it is NULL; their count. A decoding lane (one row) of a step of
+   several lanes is one item per KV head (its query heads share the key loads); other lanes are items per query head
+   and block of rows, which a tile of rows already shares. */
+static int64_t lane_items(const Step *s, int b, int lanes, Item *out) {
+  int64_t n = 0;
+  if (s->rows == 1 && lanes > 1) {
+    for (int kh = 0; kh < s->kv_heads; kh++, n++)
+      if (out) out[n] = (Item){b, kh, 0, 1, 1};
+    return n;
+  }
+  for (int h = 0; h < s->heads; h++)
+    for (int r0 = 0; r0 < s->rows; r0 += BLOCK_ROWS, n++)
+      if (out) out[n] = (Item){b, h, r0, r0 + BLOCK_ROWS < s->rows ? r0 + BLOCK_ROWS : s->rows, 0};
+  return n;
+}
 
 static void lane_item(void *data, size_t i) {
   Work *w = (Work *)data;
@@ -626,7 +638,7 @@ static OrtStatus *lanes_compute(void *kernel, OrtKernelContext *ctx) {
                       .vcache = value, .pos = p, .out = out + offset * heads * hd, .rows = (int)rows,
                       .computed = (int)rows, .past = (int)past, .heads = heads, .kv_heads = kv_heads, .hd = hd,
                       .cap = cap, .width = (int)tot, .half = half};
-    n_items += grouped_lane(&steps[b], lanes) ? kv_heads : (int64_t)heads * ((rows + BLOCK_ROWS - 1) / BLOCK_ROWS);
+    n_items += lane_items(&steps[b], b, lanes, NULL);
     offset += rows;
   }
   if (!st && offset != qd[1]) st = error("LanesAttention: the lanes' rows do not add up to qkv's rows");
@@ -634,15 +646,8 @@ static OrtStatus *lanes_compute(void *kernel, OrtKernelContext *ctx) {
   if (!st) {
     int64_t i = 0;
     for (int b = 0; b < lanes; b++) {
-      const Step *s = &steps[b];
-      write_rows(s);
-      if (grouped_lane(s, lanes)) {
-        for (int kh = 0; kh < kv_heads; kh++) items[i++] = (Item){b, kh, 0, 1, 1};
-        continue;
-      }
-      for (int h = 0; h < heads; h++)
-        for (int r0 = 0; r0 < s->rows; r0 += BLOCK_ROWS)
-          items[i++] = (Item){b, h, r0, r0 + BLOCK_ROWS < s->rows ? r0 + BLOCK_ROWS : s->rows, 0};
+      write_rows(&steps[b]);
+      i += lane_items(&steps[b], b, lanes, items + i);
     }
     Work work = {steps, items, 0};
     if (n_items)
@@ -662,10 +667,11 @@ static OrtStatus *lanes_compute(void *kernel, OrtKernelContext *ctx) {
    products come out NaN). With signs, each block of B columns is first turned by diag(signs) H / sqrt(B) (H the
    Sylvester Hadamard matrix, B a power of two dividing K): the fast Walsh-Hadamard transform of the signed block, in
    one fixed order, the 1 / sqrt(B) taken into the row's scale. This is the input rotation (`exporter/rotation.py`)
-   the graph otherwise runs as a MatMul of [B, B] before the quantization: O(B log B) per block, and no extra nodes. ScaleRows: y int32 [..., N]
-   (MatMulInteger of q with zero point 128 against int8 weights), the rows' scales and the weights' column scales
-   col float [N] -> float [..., N] = (float(y) * row scale) * column scale. The integer product is exact, so a row's
-   result depends on nothing but the row: batched, tree and one-token steps agree to the bit. */
+   the graph otherwise runs as a MatMul of [B, B] before the quantization: O(B log B) per block, and no extra nodes.
+   ScaleRows: y int32 [..., N] (MatMulInteger of q with zero point 128 against int8 weights), the rows' scales and
+   the weights' column scales col float [N] -> float [..., N] = (float(y) * row scale) * column scale. The integer
+   product is exact, so a row's result depends on nothing but the row: batched, tree and one-token steps agree to
+   the bit. */
 /* An input of rank 1 .. MAX_RANK: its data, shape and rank. */
 static OrtStatus *any_input(OrtKernelContext *ctx, size_t index, int type, int64_t *dims, size_t *ndims, void **data,
                             const char *what) {
