@@ -30,7 +30,7 @@ from medusa_export.runtime.typed_json import FieldError  # noqa: E402
 if [f for f in kernels.NEEDS if f not in kernels.machine_info()["flags"]]:
     pytest.skip("the attention kernel needs AVX2, FMA and F16C", allow_module_level=True)
 
-HEADS, KV_HEADS, HD, CAP = 6, 2, 16, 96
+HEADS, KV_HEADS, HD, CAP = 6, 2, 16, 640  # room for rows of three 256-key chunks
 WIDTH = (HEADS + 2 * KV_HEADS) * HD
 INV = 1 / (10000 ** (np.arange(0, HD, 2) / HD))
 COS = np.cos(np.arange(CAP)[:, None] * INV[None]).astype(np.float32)
@@ -103,7 +103,8 @@ def _bound(session, feeds: dict) -> list[np.ndarray]:
     return [b.copy_outputs_to_cpu()[0], cache["past_key"], cache["past_value"]]
 
 
-@pytest.mark.parametrize("rows,past,masked", [(1, 0, 0.0), (2, 37, 0.0), (5, 20, 0.3), (9, 70, 0.0)])
+@pytest.mark.parametrize("rows,past,masked", [(1, 0, 0.0), (2, 37, 0.0), (5, 20, 0.3), (9, 70, 0.0), (1, 600, 0.3),
+                                              (7, 250, 0.0), (3, 511, 0.5)])
 def test_the_kernel_computes_what_group_query_attention_computes(sessions, rows, past, masked):
     feeds = _feeds(np.random.default_rng(rows + past), rows, past, masked)
     ours, theirs = _bound(sessions["kernel"], feeds), _bound(sessions["gqa"], feeds)
@@ -113,18 +114,25 @@ def test_the_kernel_computes_what_group_query_attention_computes(sessions, rows,
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(rows=st.integers(2, 12), past=st.integers(0, 60), row=st.integers(0, 11), seed=st.integers(0, 1000))
+@given(rows=st.integers(2, 12), past=st.one_of(st.integers(0, 60), st.integers(240, 600)), row=st.integers(0, 11),
+       seed=st.integers(0, 1000))
 def test_each_row_is_computed_by_itself(sessions, rows, past, row, seed):
-    """Row ``row`` of a ``rows``-row step equals, bit for bit, the same row run alone after the rows before it."""
+    """Row ``row`` of a ``rows``-row step equals, bit for bit, the same row run alone after the rows before it (alone,
+    a row's key chunks go to the threads one by one; in a step of rows, one thread walks them)."""
     row = min(row, rows - 1)
     feeds = _feeds(np.random.default_rng(seed), rows, past)
     out, key, value = _bound(sessions["kernel"], feeds)
-    alone = dict(feeds, qkv=feeds["qkv"][:, row:row + 1].copy(), past_key=key, past_value=value,
-                 seqlens_k=np.array([past + row], np.int32), total=np.array(past + row + 1, np.int32),
-                 position_ids=feeds["position_ids"][:, row:row + 1].copy(),
-                 bias=feeds["bias"][:, :, row:row + 1, :past + row + 1].copy())
-    one = _bound(sessions["kernel"], alone)
-    np.testing.assert_array_equal(one[0][0, 0], out[0, row])
+    np.testing.assert_array_equal(_bound(sessions["kernel"], _alone(feeds, key, value, row))[0][0, 0], out[0, row])
+
+
+def _alone(feeds: dict, key: np.ndarray, value: np.ndarray, row: int) -> dict:
+    """Row ``row`` of a step's feeds as a one-row step of its own, after the rows before it (``key``, ``value``:
+    the caches the whole step wrote)."""
+    past = int(feeds["total"]) - feeds["qkv"].shape[1]
+    return dict(feeds, qkv=feeds["qkv"][:, row:row + 1].copy(), past_key=key, past_value=value,
+                seqlens_k=np.array([past + row], np.int32), total=np.array(past + row + 1, np.int32),
+                position_ids=feeds["position_ids"][:, row:row + 1].copy(),
+                bias=feeds["bias"][:, :, row:row + 1, :past + row + 1].copy())
 
 
 def test_a_present_not_bound_in_place_holds_the_same(sessions):
@@ -140,6 +148,34 @@ def test_a_present_not_bound_in_place_holds_the_same(sessions):
                  position_ids=np.arange(4, dtype=np.int64)[None])
     out, key, _ = sessions["kernel"].run(None, empty)  # a prompt with no cache yet: present is allocated
     assert key.shape == (1, KV_HEADS, 4, HD) and np.isfinite(out).all()
+
+
+@pytest.mark.parametrize("hidden", [range(0, 300), range(256, 512), range(0, 599)])
+def test_rows_whose_key_chunks_are_masked_whole_or_in_part(sessions, hidden):
+    """Keys go in chunks of 256; a chunk the bias hides entirely adds nothing, in one row alone or in a step of rows,
+    and the rows still agree with GroupQueryAttention."""
+    feeds = _feeds(np.random.default_rng(len(hidden)), 3, 600)
+    feeds["bias"][..., list(hidden)] = -np.inf
+    out, key, value = _bound(sessions["kernel"], feeds)
+    np.testing.assert_allclose(out, _bound(sessions["gqa"], feeds)[0], atol=2e-5, rtol=1e-5)
+    np.testing.assert_array_equal(_bound(sessions["kernel"], _alone(feeds, key, value, 0))[0][0, 0], out[0, 0])
+
+
+def test_heads_of_a_row_that_weigh_different_keys_zero_keep_their_own_sums(sessions):
+    """Query head 0's query 40x larger: most of its weights underflow to exactly 0 on keys its KV head's other query
+    heads still weigh. Alone (decoding), a row's heads share each value load and skip such a key for that head only:
+    bit-identical to the row in a step of rows, where each head goes by itself, even where the skipped key's value is
+    infinite (head 0 stays finite; the heads that weigh it do not)."""
+    feeds = _feeds(np.random.default_rng(9), 3, 600)
+    feeds["qkv"][..., :HD] *= 40
+    key = _bound(sessions["kernel"], feeds)[1]
+    q, h = feeds["qkv"][0, 0, :HD], HD // 2  # row 0's head 0, turned at its position as the kernel turns it
+    turned = np.concatenate([q[:h] * COS[600] - q[h:] * SIN[600], q[h:] * COS[600] + q[:h] * SIN[600]])
+    feeds["past_value"][0, 0, int(np.argmin(key[0, 0, :600] @ turned))] = np.inf  # a key head 0 weighs 0
+    out, key, value = _bound(sessions["kernel"], feeds)
+    assert np.isfinite(out[0, 0, :HD]).all() and not np.isfinite(out[0, 0, HD:3 * HD]).all()
+    for row in range(3):
+        np.testing.assert_array_equal(_bound(sessions["kernel"], _alone(feeds, key, value, row))[0][0, 0], out[0, row])
 
 
 @pytest.mark.parametrize("change,words", [
@@ -158,12 +194,14 @@ def test_inputs_that_do_not_fit_are_refused_with_a_reason(sessions, change, word
     assert "RowAttention: " in str(e.value) and words in str(e.value)
 
 
-def test_a_nan_is_passed_on_not_hidden(sessions):
-    """A NaN in a key reaches the rows of the heads that read it, as in GroupQueryAttention."""
-    feeds = _feeds(np.random.default_rng(4), 2, 20)
-    feeds["past_key"][0, 0, 5] = np.nan  # KV head 0: query heads 0 .. 2
+@pytest.mark.parametrize("rows,past,at", [(2, 20, 5), (1, 500, 300), (3, 500, 20)])
+def test_a_nan_is_passed_on_not_hidden(sessions, rows, past, at):
+    """A NaN in a key, in any chunk of the keys, reaches the rows of the heads that read it, as in
+    GroupQueryAttention."""
+    feeds = _feeds(np.random.default_rng(4), rows, past)
+    feeds["past_key"][0, 0, at] = np.nan  # KV head 0: query heads 0 .. 2
     ours, theirs = _bound(sessions["kernel"], feeds)[0], _bound(sessions["gqa"], feeds)[0]
-    per_head = ours.reshape(2, HEADS, HD)
+    per_head = ours.reshape(rows, HEADS, HD)
     assert np.isnan(per_head[:, :HEADS // KV_HEADS]).all() and np.isfinite(per_head[:, HEADS // KV_HEADS:]).all()
     assert (np.isnan(ours) == np.isnan(theirs)).all()
 

@@ -96,6 +96,12 @@ static inline __m256 hsum8x8(const __m256 *a) {
   return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
 }
 
+/* The sums of four vectors at once, lane k = hsum8(a[k]) exactly (the same pairs in the same order). */
+static inline __m128 hsum8x4(const __m256 *a) {
+  __m256 u = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+  return _mm_add_ps(_mm256_castps256_ps128(u), _mm256_extractf128_ps(u, 1));
+}
+
 static inline float hmax8(__m256 v) {
   __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   m = _mm_max_ps(m, _mm_movehl_ps(m, m));
@@ -162,19 +168,48 @@ static void store_kv(void *cache, size_t at, const float *x, int hd, int half) {
     _mm_storeu_si128((__m128i *)(dst + d), _mm256_cvtps_ph(_mm256_loadu_ps(x + d), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 }
 
-/* Scores of up to TILE query rows of one head: row t sees keys 0 .. n[t] - 1 and gets -inf beyond (up to the last
-   row's n). A row's score of a key is one fused multiply-add chain over the head's 8-float blocks, the `hsum8` order
-   over its lanes, times the scale, plus the bias: keys go eight at a time (`hsum8x8`) and the last few one at a
-   time, with the same arithmetic, so a score depends on nothing but its row and key. The rows of a tile reuse each
-   block of keys from the L1 cache. */
+/* A row's keys go in chunks of CHUNK at fixed offsets (0, CHUNK, 2 CHUNK, ...). Each chunk gives a partial: its
+   maximum score, the sum of its exponentials and their weighted sum of values, all against its own maximum; the
+   partials are then merged in chunk order (`merge_parts`). The numbers depend on the keys' offsets only, never on
+   who computes a chunk, so the chunks of one decoding row can go to different threads; a row of up to CHUNK keys is
+   exactly one softmax. */
+enum { CHUNK = 256 };  /* keys per chunk, a multiple of 8 */
+
+static inline int chunks_of(int n) { return (n + CHUNK - 1) / CHUNK; }
+static inline size_t part_floats(int hd) { return 2 + (size_t)hd; }  /* max, sum, hd weighted values */
+
+/* Scores of up to TILE query rows of one head over the keys j0 .. j0 + CHUNK - 1 (j0 a multiple of CHUNK): row t
+   sees keys 0 .. n[t] - 1 and gets -inf beyond (up to the last row's n); key j's score goes to scores[t][j - j0].
+   A row's score of a key is one fused multiply-add chain over the head's 8-float blocks, the `hsum8` order over its
+   lanes, times the scale, plus the bias: keys go eight at a time (`hsum8x8`) and the last few one at a time, with
+   the same arithmetic, so a score depends on nothing but its row and key. The rows of a tile reuse each block of
+   keys from the L1 cache. */
 static inline __attribute__((always_inline)) void scores_hd(const float *const *q, int rows, const void *K, int half,
                                                             const float *const *bias, const int *n, int hd,
-                                                            float scale, float *const *scores) {
-  int blocks = hd / 8, last = n[rows - 1], j0 = 0;
+                                                            float scale, float *const *scores, int j0) {
+  int blocks = hd / 8, last = n[rows - 1], end = last < j0 + CHUNK ? last : j0 + CHUNK, j = j0;
   const __m256 scale8 = _mm256_set1_ps(scale), lane = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7);
-  for (; j0 + 8 <= last; j0 += 8) {
-    size_t k = (size_t)j0 * hd;
-    if (j0 + PREFETCH_KEYS + 8 <= last) prefetch_rows(K, k + PREFETCH_KEYS * (size_t)hd, 8 * hd, half);
+  if (rows <= 3) /* few rows: four keys at a time, each key block widened once for all rows (12 accumulators) */
+    for (; j + 4 <= end; j += 4) {
+      size_t k = (size_t)j * hd;
+      if ((j & 7) == 0 && j + PREFETCH_KEYS + 8 <= last) prefetch_rows(K, k + PREFETCH_KEYS * (size_t)hd, 8 * hd, half);
+      __m256 acc[3][4];
+      for (int t = 0; t < rows; t++)
+        for (int key = 0; key < 4; key++) acc[t][key] = _mm256_setzero_ps();
+      for (int b = 0; b < blocks; b++)
+        for (int key = 0; key < 4; key++) {
+          __m256 kb = load_kv(K, k + key * hd + 8 * b, half);
+          for (int t = 0; t < rows; t++) acc[t][key] = _mm256_fmadd_ps(_mm256_loadu_ps(q[t] + 8 * b), kb, acc[t][key]);
+        }
+      for (int t = 0; t < rows; t++) {
+        __m128 sc = _mm_add_ps(_mm_mul_ps(hsum8x4(acc[t]), _mm256_castps256_ps128(scale8)), _mm_loadu_ps(bias[t] + j));
+        __m128 seen = _mm_cmp_ps(_mm256_castps256_ps128(lane), _mm_set1_ps((float)(n[t] - j)), _CMP_LT_OQ);
+        _mm_storeu_ps(scores[t] + (j - j0), _mm_blendv_ps(_mm_set1_ps(-INFINITY), sc, seen));
+      }
+    }
+  for (; j + 8 <= end; j += 8) {
+    size_t k = (size_t)j * hd;
+    if (j + PREFETCH_KEYS + 8 <= last) prefetch_rows(K, k + PREFETCH_KEYS * (size_t)hd, 8 * hd, half);
     for (int t = 0; t < rows; t++) {
       __m256 acc[8];
       for (int key = 0; key < 8; key++) acc[key] = _mm256_setzero_ps();
@@ -182,69 +217,141 @@ static inline __attribute__((always_inline)) void scores_hd(const float *const *
         __m256 qb = _mm256_loadu_ps(q[t] + 8 * b);
         for (int key = 0; key < 8; key++) acc[key] = _mm256_fmadd_ps(qb, load_kv(K, k + key * hd + 8 * b, half), acc[key]);
       }
-      __m256 sc = _mm256_add_ps(_mm256_mul_ps(hsum8x8(acc), scale8), _mm256_loadu_ps(bias[t] + j0));
-      __m256 seen = _mm256_cmp_ps(lane, _mm256_set1_ps((float)(n[t] - j0)), _CMP_LT_OQ);
-      _mm256_storeu_ps(scores[t] + j0, _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), sc, seen));
+      __m256 sc = _mm256_add_ps(_mm256_mul_ps(hsum8x8(acc), scale8), _mm256_loadu_ps(bias[t] + j));
+      __m256 seen = _mm256_cmp_ps(lane, _mm256_set1_ps((float)(n[t] - j)), _CMP_LT_OQ);
+      _mm256_storeu_ps(scores[t] + (j - j0), _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), sc, seen));
     }
   }
-  for (int j = j0; j < last; j++) {
+  for (; j < end; j++) {
     size_t k = (size_t)j * hd;
     for (int t = 0; t < rows; t++) {
       __m256 acc = _mm256_setzero_ps();
       for (int b = 0; b < blocks; b++) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q[t] + 8 * b), load_kv(K, k + 8 * b, half), acc);
       __m128 sc = _mm_add_ss(_mm_mul_ss(_mm_set_ss(hsum8(acc)), _mm_set_ss(scale)), _mm_set_ss(bias[t][j]));
-      scores[t][j] = j < n[t] ? _mm_cvtss_f32(sc) : -INFINITY;
+      scores[t][j - j0] = j < n[t] ? _mm_cvtss_f32(sc) : -INFINITY;
     }
   }
 }
 
-/* One row's softmax over its n scores (rounded up to 8 with -inf; masked keys are exactly 0) and the weighted sum
-   of the values: both in one fixed order over the keys. */
-static inline __attribute__((always_inline)) void weigh_hd(const void *V, int half, int n, int hd, float *scores,
-                                                           float *out) {
-  int n8 = (n + 7) & ~7, blocks = hd / 8, j;
-  for (j = n; j < n8; j++) scores[j] = -INFINITY;
+/* One row's softmax numerators over the chunk at key j0, of which it sees ``count`` keys: its scores (rounded up to 8
+   with -inf) turned in place into exp(score - the chunk's maximum) (masked keys exactly 0). part: max (NaN when a
+   score is NaN: a NaN in the query, a key or the bias, passed on as the math would), then sum. Whether the row has
+   values to weigh: its maximum is finite. */
+static inline __attribute__((always_inline)) int softmax_chunk(int count, float *scores, float *part) {
+  int n8 = (count + 7) & ~7, j;
+  for (j = count; j < n8; j++) scores[j] = -INFINITY;
   __m256 m8 = _mm256_set1_ps(-INFINITY), nan8 = _mm256_setzero_ps();
   for (j = 0; j < n8; j += 8) {
     __m256 x = _mm256_loadu_ps(scores + j);
     m8 = _mm256_max_ps(m8, x);
     nan8 = _mm256_or_ps(nan8, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
   }
-  if (_mm256_movemask_ps(nan8)) {  /* a NaN in the query, a key or the bias: passed on, as the math would */
-    for (int d = 0; d < hd; d++) out[d] = NAN;
-    return;
-  }
-  float m = hmax8(m8);
-  if (m == -INFINITY) {  /* sees nothing */
-    memset(out, 0, sizeof(float) * hd);
-    return;
-  }
+  float m = _mm256_movemask_ps(nan8) ? NAN : hmax8(m8);
+  part[0] = m;
+  if (!(m > -INFINITY)) return 0;  /* NaN, or sees nothing in this chunk: the merge skips it */
   __m256 mv = _mm256_set1_ps(m), sum8 = _mm256_setzero_ps();
   for (j = 0; j < n8; j += 8) {
     __m256 p = exp8(_mm256_sub_ps(_mm256_loadu_ps(scores + j), mv));
     _mm256_storeu_ps(scores + j, p);
     sum8 = _mm256_add_ps(sum8, p);
   }
-  __m256 acc[32];
-  for (int b = 0; b < blocks; b++) acc[b] = _mm256_setzero_ps();
-  for (j = 0; j < n; j++) {
-    size_t v = (size_t)j * hd;
-    if ((j & 7) == 0 && j + PREFETCH_KEYS + 8 <= n) prefetch_rows(V, v + PREFETCH_KEYS * (size_t)hd, 8 * hd, half);
-    if (scores[j] == 0.0f) continue;  /* a masked key adds exactly nothing */
-    __m256 p = _mm256_set1_ps(scores[j]);
-    for (int b = 0; b < blocks; b++) acc[b] = _mm256_fmadd_ps(p, load_kv(V, v + 8 * b, half), acc[b]);
-  }
-  __m256 inv = _mm256_set1_ps(1.0f / hsum8(sum8));
-  for (int b = 0; b < blocks; b++) _mm256_storeu_ps(out + 8 * b, _mm256_mul_ps(acc[b], inv));
+  part[1] = hsum8(sum8);
+  return 1;
 }
 
-/* A tile of query rows of one head: scores together, then each row's softmax and values. */
+/* One row's weighted sum of the chunk's values (weights p, ``count`` keys from j0; ``ahead`` keys from j0 on exist,
+   for the prefetch) into part + 2, in one fixed order over the keys; a key of weight 0 adds exactly nothing. */
+static inline __attribute__((always_inline)) void weigh_chunk(const void *V, int half, int j0, int count, int ahead,
+                                                              int hd, const float *p, float *part) {
+  __m256 acc[32];
+  for (int b = 0; b < hd / 8; b++) acc[b] = _mm256_setzero_ps();
+  for (int j = 0; j < count; j++) {
+    size_t v = (size_t)(j0 + j) * hd;
+    if ((j & 7) == 0 && j + PREFETCH_KEYS + 8 <= ahead) prefetch_rows(V, v + PREFETCH_KEYS * (size_t)hd, 8 * hd, half);
+    if (p[j] == 0.0f) continue;
+    __m256 w = _mm256_set1_ps(p[j]);
+    for (int b = 0; b < hd / 8; b++) acc[b] = _mm256_fmadd_ps(w, load_kv(V, v + 8 * b, half), acc[b]);
+  }
+  for (int b = 0; b < hd / 8; b++) _mm256_storeu_ps(part + 2 + 8 * b, acc[b]);
+}
+
+/* `weigh_chunk` for ``rows`` (2 or 3) rows that see the same ``count`` keys (one row's query heads), each value
+   block widened once for all of them: every row gets the same multiply-adds in the same order as alone (a key a
+   row weighs 0 is skipped for that row only). hd in passes of up to 32 (12 accumulators). */
+static inline __attribute__((always_inline)) void weigh_shared(const void *V, int half, int j0, int count, int ahead,
+                                                               int rows, int hd, float *const *p, float *const *parts) {
+  for (int b0 = 0; b0 < hd / 8; b0 += 4) {
+    int nb = hd / 8 - b0 < 4 ? hd / 8 - b0 : 4;
+    __m256 acc[3][4];
+    for (int t = 0; t < rows; t++)
+      for (int b = 0; b < nb; b++) acc[t][b] = _mm256_setzero_ps();
+    for (int j = 0; j < count; j++) {
+      size_t v = (size_t)(j0 + j) * hd + 8 * b0;
+      if (b0 == 0 && (j & 7) == 0 && j + PREFETCH_KEYS + 8 <= ahead)
+        prefetch_rows(V, v + PREFETCH_KEYS * (size_t)hd, 8 * hd, half);
+      int all = 1;
+      for (int t = 0; t < rows; t++) all &= p[t][j] != 0.0f;
+      for (int b = 0; b < nb; b++) {
+        __m256 vb = load_kv(V, v + 8 * b, half);
+        for (int t = 0; t < rows; t++)
+          if (all || p[t][j] != 0.0f) acc[t][b] = _mm256_fmadd_ps(_mm256_set1_ps(p[t][j]), vb, acc[t][b]);
+      }
+    }
+    for (int t = 0; t < rows; t++)
+      for (int b = 0; b < nb; b++) _mm256_storeu_ps(parts[t] + 2 + 8 * (b0 + b), acc[t][b]);
+  }
+}
+
+/* A row's output from the partials of its ``chunks`` chunks (``stride`` floats apart), merged in chunk order: each
+   chunk's sums times exp(its maximum - the row's), which is exactly 1 for the chunk that holds the maximum, so a
+   row of one chunk is its softmax's acc / sum. A NaN partial makes the row NaN; a row that sees no key is 0. */
+static void merge_parts(const float *part, int chunks, size_t stride, int hd, float *out) {
+  float m = -INFINITY;
+  for (int c = 0; c < chunks; c++) {
+    float mc = part[c * stride];
+    if (mc != mc) {
+      for (int d = 0; d < hd; d++) out[d] = NAN;
+      return;
+    }
+    m = mc > m ? mc : m;
+  }
+  if (m == -INFINITY) {
+    memset(out, 0, sizeof(float) * hd);
+    return;
+  }
+  __m256 acc[32];
+  float sum = 0.0f;
+  for (int b = 0; b < hd / 8; b++) acc[b] = _mm256_setzero_ps();
+  for (int c = 0; c < chunks; c++) {
+    const float *p = part + c * stride;
+    if (p[0] == -INFINITY) continue;
+    float w = expf(p[0] - m);
+    __m256 w8 = _mm256_set1_ps(w);
+    sum += p[1] * w;
+    for (int b = 0; b < hd / 8; b++) acc[b] = _mm256_add_ps(acc[b], _mm256_mul_ps(_mm256_loadu_ps(p + 2 + 8 * b), w8));
+  }
+  __m256 inv = _mm256_set1_ps(1.0f / sum);
+  for (int b = 0; b < hd / 8; b++) _mm256_storeu_ps(out + 8 * b, _mm256_mul_ps(acc[b], inv));
+}
+
+/* A tile of query rows of one head over the chunk at j0: scores together, then each row's partial (rows that see
+   no key of the chunk get none). */
 static inline __attribute__((always_inline)) void attend_hd(const float *const *q, int rows, const void *K,
                                                             const void *V, int half, const float *const *bias,
                                                             const int *n, int hd, float scale, float *const *scores,
-                                                            float *const *out) {
-  scores_hd(q, rows, K, half, bias, n, hd, scale, scores);
-  for (int t = 0; t < rows; t++) weigh_hd(V, half, n[t], hd, scores[t], out[t]);
+                                                            float *const *parts, int j0) {
+  scores_hd(q, rows, K, half, bias, n, hd, scale, scores, j0);
+  int live[TILE], all = rows > 1 && rows <= 3 && n[0] == n[rows - 1];
+  for (int t = 0; t < rows; t++) {
+    live[t] = n[t] > j0 && softmax_chunk(n[t] - j0 < CHUNK ? n[t] - j0 : CHUNK, scores[t], parts[t]);
+    all &= live[t];
+  }
+  if (all) {  /* one row's query heads: the value loads shared */
+    weigh_shared(V, half, j0, n[0] - j0 < CHUNK ? n[0] - j0 : CHUNK, n[0] - j0, rows, hd, scores, parts);
+    return;
+  }
+  for (int t = 0; t < rows; t++)
+    if (live[t]) weigh_chunk(V, half, j0, n[t] - j0 < CHUNK ? n[t] - j0 : CHUNK, n[t] - j0, hd, scores[t], parts[t]);
 }
 
 /* Full tiles, tiles of 3 and single rows get their own inlined copies (row and head counts and the cache's type constant:
@@ -252,31 +359,31 @@ static inline __attribute__((always_inline)) void attend_hd(const float *const *
 static inline __attribute__((always_inline)) void attend_as(const float *const *q, int rows, const void *K,
                                                             const void *V, const int half, const float *const *bias,
                                                             const int *n, int hd, float scale, float *const *scores,
-                                                            float *const *out) {
+                                                            float *const *parts, int j0) {
 #define ATTEND_TILE(R)                                                                                                \
   switch (hd) {                                                                                                      \
-    case 64: attend_hd(q, R, K, V, half, bias, n, 64, scale, scores, out); return;                                   \
-    case 128: attend_hd(q, R, K, V, half, bias, n, 128, scale, scores, out); return;                                 \
-    default: attend_hd(q, R, K, V, half, bias, n, hd, scale, scores, out); return;                                   \
+    case 64: attend_hd(q, R, K, V, half, bias, n, 64, scale, scores, parts, j0); return;                             \
+    case 128: attend_hd(q, R, K, V, half, bias, n, 128, scale, scores, parts, j0); return;                           \
+    default: attend_hd(q, R, K, V, half, bias, n, hd, scale, scores, parts, j0); return;                             \
   }
   if (rows == TILE) ATTEND_TILE(TILE)
-  if (rows == 3) ATTEND_TILE(3)  /* three query heads per KV head, as the default model has (`group_rows`) */
+  if (rows == 3) ATTEND_TILE(3)  /* three query heads per KV head, as the default model has (`group_chunk`) */
 #undef ATTEND_TILE
   for (int t = 0; t < rows; t++) {
     switch (hd) {
-      case 64: attend_hd(q + t, 1, K, V, half, bias + t, n + t, 64, scale, scores + t, out + t); break;
-      case 128: attend_hd(q + t, 1, K, V, half, bias + t, n + t, 128, scale, scores + t, out + t); break;
-      default: attend_hd(q + t, 1, K, V, half, bias + t, n + t, hd, scale, scores + t, out + t);
+      case 64: attend_hd(q + t, 1, K, V, half, bias + t, n + t, 64, scale, scores + t, parts + t, j0); break;
+      case 128: attend_hd(q + t, 1, K, V, half, bias + t, n + t, 128, scale, scores + t, parts + t, j0); break;
+      default: attend_hd(q + t, 1, K, V, half, bias + t, n + t, hd, scale, scores + t, parts + t, j0);
     }
   }
 }
 
 static void attend(const float *const *q, int rows, const void *K, const void *V, int half, const float *const *bias,
-                   const int *n, int hd, float scale, float *const *scores, float *const *out) {
+                   const int *n, int hd, float scale, float *const *scores, float *const *parts, int j0) {
   if (half)
-    attend_as(q, rows, K, V, 1, bias, n, hd, scale, scores, out);
+    attend_as(q, rows, K, V, 1, bias, n, hd, scale, scores, parts, j0);
   else
-    attend_as(q, rows, K, V, 0, bias, n, hd, scale, scores, out);
+    attend_as(q, rows, K, V, 0, bias, n, hd, scale, scores, parts, j0);
 }
 
 /* ---- the op ---------------------------------------------------------------------------------------------------- */
@@ -289,65 +396,76 @@ typedef struct {  /* one sequence's step: shapes and pointers, shared by the thr
   const float *qkv, *cos, *sin, *bias;
   void *kcache, *vcache;  /* [kvh, cap, hd] each: fp32, or fp16 when ``half`` */
   const int64_t *pos;
-  float *out, *scratch;  /* scratch (RowAttention): per query head, TILE rows of scores (stride `width` + 8) */
+  float *out;
+  float *parts;  /* a decoding step's (one computed row): its heads' chunk partials, [heads][chunks][part_floats] */
   int rows, computed, past, heads, kv_heads, hd, cap;
   int width;  /* the bias' row length: keys up to past + rows (a lane's bias also has its extra row's key) */
+  int chunks;  /* a decoding step's: chunks_of(past + 1) */
   int half;
 } Step;
 
 typedef struct {  /* up to TILE (row, query head) pairs of one KV head, attended together */
   const float *q[TILE], *bias[TILE];
-  float *scores[TILE], *out[TILE];
+  float *scores[TILE], *parts[TILE], *out[TILE];  /* parts[t]: entry t's partials, chunk after chunk */
   int n[TILE];
   float rotated[TILE][256];  /* the queries, turned at their rows' positions */
+  float score_rows[TILE][CHUNK];
 } Tile;
 
-/* Entry t of a tile: row i of query head h; its scores in buf's row t (stride width + 8). */
-static void tile_entry(const Step *s, Tile *tile, int t, int i, int h, float *buf) {
+/* Entry t of a tile: row i of query head h, its chunks' partials at ``parts``. */
+static void tile_entry(const Step *s, Tile *tile, int t, int i, int h, float *parts) {
   int qkv_width = (s->heads + 2 * s->kv_heads) * s->hd;
   const float *c = s->cos + s->pos[i] * (s->hd / 2), *sn = s->sin + s->pos[i] * (s->hd / 2);
   rotate(s->qkv + (size_t)i * qkv_width + h * s->hd, tile->rotated[t], c, sn, s->hd);
   tile->q[t] = tile->rotated[t];
   tile->bias[t] = s->bias + (size_t)i * s->width;
   tile->n[t] = s->past + i + 1;
-  tile->scores[t] = buf + t * ((size_t)s->width + 8);
+  tile->scores[t] = tile->score_rows[t];
+  tile->parts[t] = parts;
   tile->out[t] = s->out + ((size_t)i * s->heads + h) * s->hd;
 }
 
-/* The tile's ``count`` entries against KV head kh's keys and values. */
-static void attend_tile(const Step *s, Tile *tile, int count, int kh) {
+/* The tile's ``count`` entries over chunk c of KV head kh's keys and values. */
+static void attend_chunk(const Step *s, Tile *tile, int count, int kh, int c) {
   size_t head = (size_t)kh * s->cap * s->hd, bytes = s->half ? 2 : 4;
+  float *parts[TILE];
+  for (int t = 0; t < count; t++) parts[t] = tile->parts[t] + c * part_floats(s->hd);
   attend(tile->q, count, (const char *)s->kcache + head * bytes, (const char *)s->vcache + head * bytes, s->half,
-         tile->bias, tile->n, s->hd, 1.0f / sqrtf((float)s->hd), tile->scores, tile->out);
+         tile->bias, tile->n, s->hd, 1.0f / sqrtf((float)s->hd), tile->scores, parts, c * CHUNK);
 }
 
-/* Rows r0 .. r1 - 1 of query head h, TILE rows at a time; buf: TILE rows of scores. */
-static void head_block(const Step *s, int h, int r0, int r1, float *buf) {
+/* Rows r0 .. r1 - 1 of query head h, TILE rows at a time: each tile's chunks in turn, then each row's merged.
+   parts: room for TILE rows' partials of chunks_of(width) chunks. */
+static void head_block(const Step *s, int h, int r0, int r1, float *parts) {
+  size_t per_row = (size_t)chunks_of(s->width) * part_floats(s->hd);
   Tile tile;
   for (int i0 = r0; i0 < r1; i0 += TILE) {
     int rows = r1 - i0 < TILE ? r1 - i0 : TILE;
-    for (int t = 0; t < rows; t++) tile_entry(s, &tile, t, i0 + t, h, buf);
-    attend_tile(s, &tile, rows, h / (s->heads / s->kv_heads));
+    for (int t = 0; t < rows; t++) tile_entry(s, &tile, t, i0 + t, h, parts + t * per_row);
+    for (int c = 0; c < chunks_of(tile.n[rows - 1]); c++) attend_chunk(s, &tile, rows, h / (s->heads / s->kv_heads), c);
+    for (int t = 0; t < rows; t++) merge_parts(tile.parts[t], chunks_of(tile.n[t]), part_floats(s->hd), s->hd, tile.out[t]);
   }
 }
 
-/* Rows r0 .. r1 - 1 of every query head of KV head kh, the group's heads (up to TILE at a time) as the entries of one
-   tile, so they share each key's load and fp16 widening: a score depends on nothing but its query and key
-   (`scores_hd`), so each head's row is the same as `head_block` computes it. buf: TILE rows of scores. */
-static void group_rows(const Step *s, int kh, int r0, int r1, float *buf) {
-  int group = s->heads / s->kv_heads;
+/* Chunk c of a decoding step's row for query heads h0 .. h1 - 1 of KV head kh, up to TILE heads as the entries of
+   one tile, so they share each key's load and fp16 widening (a score depends on nothing but its query and key, so
+   each head's partial is the one `head_block` computes). The partials go to the step's ``parts``
+   (`merge_decoding`). */
+static void group_chunk(const Step *s, int kh, int h0, int h1, int c) {
+  size_t per_head = (size_t)s->chunks * part_floats(s->hd);
   Tile tile;
-  for (int i = r0; i < r1; i++)
-    for (int h0 = 0; h0 < group; h0 += TILE) {
-      int heads = group - h0 < TILE ? group - h0 : TILE;
-      for (int t = 0; t < heads; t++) tile_entry(s, &tile, t, i, kh * group + h0 + t, buf);
-      attend_tile(s, &tile, heads, kh);
-    }
+  for (int g = h0; g < h1; g += TILE) {
+    int heads = h1 - g < TILE ? h1 - g : TILE;
+    for (int t = 0; t < heads; t++) tile_entry(s, &tile, t, 0, g + t, s->parts + (g + t) * per_head);
+    attend_chunk(s, &tile, heads, kh, c);
+  }
 }
 
-static void head_rows(void *data, size_t h) {  /* RowAttention: every computed row of query head h */
-  const Step *s = (const Step *)data;
-  head_block(s, (int)h, 0, s->computed, s->scratch + h * TILE * ((size_t)s->width + 8));
+/* A decoding step's output: each head's chunks merged. */
+static void merge_decoding(const Step *s) {
+  size_t per_head = (size_t)s->chunks * part_floats(s->hd);
+  for (int h = 0; h < s->heads; h++)
+    merge_parts(s->parts + h * per_head, s->chunks, part_floats(s->hd), s->hd, s->out + (size_t)h * s->hd);
 }
 
 /* The step's new K (rotated) and V rows into the cache, before any row attends: every row reads its keys from the
@@ -365,6 +483,98 @@ static void write_rows(const Step *s) {
       store_kv(s->vcache, at, row + (s->heads + s->kv_heads + kh) * s->hd, s->hd, s->half);
     }
   }
+}
+
+/* ---- work items: RowAttention's step or LanesAttention's steps over the session's threads ---------------------- */
+enum { BLOCK_ROWS = 32 };
+
+typedef struct {
+  int step, head, r0, r1;
+  int chunk;  /* -1: rows r0 .. r1 - 1 of query head `head` (`head_block`); else chunk `chunk` of a decoding step's
+                 row for query heads r0 .. r1 - 1, all of KV head `head` (`group_chunk`) */
+} Item;
+
+typedef struct {
+  const Step *steps;
+  const Item *items;
+  int failed;  /* an item found no memory for its partials: the call fails */
+} Work;
+
+/* Step b's work items (of ``steps`` in the call), written to ``out`` unless it is NULL; their count. A decoding step
+   (one computed row) is one item per KV head and chunk, its query heads together; when it is the call's only step
+   and its keys are one chunk, one item per query head instead, so that it still spreads over the threads (nine heads
+   rather than three KV heads). Other steps are items per query head and block of rows, which a tile of rows shares.
+   Items only decide who computes what: every row's numbers are the same whichever way. */
+static int64_t step_items(const Step *s, int b, int steps, Item *out) {
+  int64_t n = 0;
+  if (s->computed == 1) {
+    int group = s->heads / s->kv_heads, each = s->chunks == 1 && steps == 1 ? 1 : group;
+    for (int c = 0; c < s->chunks; c++)
+      for (int h = 0; h < s->heads; h += each, n++)
+        if (out) out[n] = (Item){b, h / group, h, h + each, c};
+    return n;
+  }
+  for (int h = 0; h < s->heads; h++)
+    for (int r0 = 0; r0 < s->computed; r0 += BLOCK_ROWS, n++)
+      if (out) out[n] = (Item){b, h, r0, r0 + BLOCK_ROWS < s->computed ? r0 + BLOCK_ROWS : s->computed, -1};
+  return n;
+}
+
+static void run_item(void *data, size_t i) {
+  Work *w = (Work *)data;
+  const Item *it = &w->items[i];
+  const Step *s = &w->steps[it->step];
+  if (it->chunk >= 0) {
+    group_chunk(s, it->head, it->r0, it->r1, it->chunk);
+    return;
+  }
+  float *parts = malloc(sizeof(float) * TILE * (size_t)chunks_of(s->width) * part_floats(s->hd));
+  if (!parts) {
+    __atomic_store_n(&w->failed, 1, __ATOMIC_RELAXED);
+    return;
+  }
+  head_block(s, it->head, it->r0, it->r1, parts);
+  free(parts);
+}
+
+/* The steps' attention: their new K/V rows into the caches, the work items over the threads, then the decoding
+   steps' chunks merged. ``op`` names the op in messages. */
+static OrtStatus *attend_steps(OrtKernelContext *ctx, Step *steps, int count, const char *op) {
+  int64_t n_items = 0;
+  size_t n_parts = 0;
+  for (int b = 0; b < count; b++) {
+    Step *s = &steps[b];
+    write_rows(s);
+    s->chunks = chunks_of(s->past + 1);
+    if (s->computed == 1) n_parts += (size_t)s->heads * s->chunks * part_floats(s->hd);
+    n_items += step_items(s, b, count, NULL);
+  }
+  Item *items = n_items ? malloc(sizeof(Item) * (size_t)n_items) : NULL;
+  float *parts = n_parts ? malloc(sizeof(float) * n_parts) : NULL;
+  OrtStatus *st = NULL;
+  char message[120];
+  snprintf(message, sizeof message, "%s: out of memory for the attention's partial sums", op);
+  if ((n_items && !items) || (n_parts && !parts)) st = error(message);
+  int64_t i = 0;
+  size_t at = 0;
+  for (int b = 0; b < count && !st; b++) {
+    Step *s = &steps[b];
+    if (s->computed == 1) {
+      s->parts = parts + at;
+      at += (size_t)s->heads * s->chunks * part_floats(s->hd);
+    }
+    i += step_items(s, b, count, items + i);
+  }
+  Work work = {steps, items, 0};
+  if (!st && n_items)
+    st = CALL(KernelContext_ParallelFor, OrtStatus *(*)(OrtKernelContext *, void (*)(void *, size_t), size_t, size_t, void *))(
+        ctx, run_item, (size_t)n_items, 0, &work);
+  if (!st && work.failed) st = error(message);
+  for (int b = 0; b < count && !st; b++)
+    if (steps[b].computed == 1) merge_decoding(&steps[b]);
+  free(parts);
+  free(items);
+  return st;
 }
 
 /* The name of a RowAttention or LanesAttention input, for messages. */
@@ -506,13 +716,7 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
             .rows = rows, .computed = rows - (k->skip_last_row && rows > 1 ? 1 : 0), .past = past, .heads = heads,
             .kv_heads = kv_heads, .hd = hd, .cap = cap, .width = tot, .half = half};
   if (s.computed < rows) memset(out + (size_t)s.computed * heads * hd, 0, sizeof(float) * heads * hd);
-  write_rows(&s);
-  s.scratch = malloc(sizeof(float) * (size_t)heads * TILE * ((size_t)tot + 8));
-  if (!s.scratch) return error("RowAttention: out of memory for the scores");
-  st = CALL(KernelContext_ParallelFor, OrtStatus *(*)(OrtKernelContext *, void (*)(void *, size_t), size_t, size_t, void *))(
-      ctx, head_rows, (size_t)heads, 0, &s);
-  free(s.scratch);
-  return st;
+  return attend_steps(ctx, &s, 1, R);
 }
 
 /* ---- LanesAttention: the sequences of a batched step in one call --------------------------------------------- */
@@ -522,54 +726,10 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
    attention_bias [1, 1, rows + 1, past + rows + 1], the same inputs RowAttention gets in the one-sequence graph (their
    last row, the extra row's, is not read), past_key and past_value [1, kvh, cap, hd]. Outputs: [1, R, nh hd]; per
    lane present_key and present_value (bind them to the past's memory). Each lane's rows are computed exactly as
-   RowAttention computes them with skip_last_row; a lane of no rows writes nothing. The work items are (lane, query
-   head, block of up to BLOCK_ROWS rows), or (lane, KV head) for a decoding lane (`lane_items`), spread over the
-   session's threads: decoding steps of one row per lane keep both threads busy, where one call per lane split nine
-   heads over two threads. */
-enum { LANE_INPUTS = 4, LANES_FIXED = 4, BLOCK_ROWS = 32, MAX_LANES = 256 };
-
-typedef struct {
-  int lane, head, r0, r1;
-  int grouped;  /* head is a KV head: its query heads together (`group_rows`) */
-} Item;
-
-typedef struct {
-  const Step *steps;
-  const Item *items;
-  int failed;  /* an item found no memory for its scores: the call fails */
-} Work;
-
-/* Lane b's work items, written to ``out`` unless it is NULL; their count. A decoding lane (one row) of a step of
-   several lanes is one item per KV head (its query heads share the key loads); other lanes are items per query head
-   and block of rows, which a tile of rows already shares. */
-static int64_t lane_items(const Step *s, int b, int lanes, Item *out) {
-  int64_t n = 0;
-  if (s->rows == 1 && lanes > 1) {
-    for (int kh = 0; kh < s->kv_heads; kh++, n++)
-      if (out) out[n] = (Item){b, kh, 0, 1, 1};
-    return n;
-  }
-  for (int h = 0; h < s->heads; h++)
-    for (int r0 = 0; r0 < s->rows; r0 += BLOCK_ROWS, n++)
-      if (out) out[n] = (Item){b, h, r0, r0 + BLOCK_ROWS < s->rows ? r0 + BLOCK_ROWS : s->rows, 0};
-  return n;
-}
-
-static void lane_item(void *data, size_t i) {
-  Work *w = (Work *)data;
-  const Item *it = &w->items[i];
-  const Step *s = &w->steps[it->lane];
-  float *buf = malloc(sizeof(float) * TILE * ((size_t)s->width + 8));
-  if (!buf) {
-    __atomic_store_n(&w->failed, 1, __ATOMIC_RELAXED);
-    return;
-  }
-  if (it->grouped)
-    group_rows(s, it->head, it->r0, it->r1, buf);
-  else
-    head_block(s, it->head, it->r0, it->r1, buf);
-  free(buf);
-}
+   RowAttention computes them with skip_last_row; a lane of no rows writes nothing. All lanes' work items
+   (`step_items`) go over the session's threads together: decoding steps of one row per lane keep both threads busy,
+   where one call per lane split nine heads over two threads. */
+enum { LANE_INPUTS = 4, LANES_FIXED = 4, MAX_LANES = 256 };
 
 static OrtStatus *lanes_compute(void *kernel, OrtKernelContext *ctx) {
   const Kernel *k = (const Kernel *)kernel;
@@ -600,10 +760,9 @@ static OrtStatus *lanes_compute(void *kernel, OrtKernelContext *ctx) {
   float *out = NULL;
   if ((st = output(ctx, 0, od, 3, &out))) return st;
   Step *steps = calloc((size_t)lanes, sizeof(Step));
-  Item *items = NULL;
   if (!steps) return error("LanesAttention: out of memory");
   const int64_t *lane_rows = (const int64_t *)sizes;
-  int64_t offset = 0, n_items = 0;
+  int64_t offset = 0;
   int half = k->half, kv_elem = half ? ELEM_FLOAT16 : ELEM_FLOAT;
   for (int b = 0; b < lanes && !st; b++) {
     int64_t pd[2] = {0}, bd[4] = {0}, kd[4] = {0}, vd[4] = {0};
@@ -638,24 +797,10 @@ static OrtStatus *lanes_compute(void *kernel, OrtKernelContext *ctx) {
                       .vcache = value, .pos = p, .out = out + offset * heads * hd, .rows = (int)rows,
                       .computed = (int)rows, .past = (int)past, .heads = heads, .kv_heads = kv_heads, .hd = hd,
                       .cap = cap, .width = (int)tot, .half = half};
-    n_items += lane_items(&steps[b], b, lanes, NULL);
     offset += rows;
   }
   if (!st && offset != qd[1]) st = error("LanesAttention: the lanes' rows do not add up to qkv's rows");
-  if (!st && n_items && !(items = malloc(sizeof(Item) * (size_t)n_items))) st = error("LanesAttention: out of memory");
-  if (!st) {
-    int64_t i = 0;
-    for (int b = 0; b < lanes; b++) {
-      write_rows(&steps[b]);
-      i += lane_items(&steps[b], b, lanes, items + i);
-    }
-    Work work = {steps, items, 0};
-    if (n_items)
-      st = CALL(KernelContext_ParallelFor, OrtStatus *(*)(OrtKernelContext *, void (*)(void *, size_t), size_t, size_t, void *))(
-          ctx, lane_item, (size_t)n_items, 0, &work);
-    if (!st && work.failed) st = error("LanesAttention: out of memory for the scores");
-  }
-  free(items);
+  if (!st) st = attend_steps(ctx, steps, lanes, L);
   free(steps);
   return st;
 }
