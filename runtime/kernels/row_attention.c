@@ -490,8 +490,8 @@ enum { BLOCK_ROWS = 32 };
 
 typedef struct {
   int step, head, r0, r1;
-  int chunk;  /* -1: rows r0 .. r1 - 1 of query head `head` (`head_block`); else chunk `chunk` of a decoding step's
-                 row for query heads r0 .. r1 - 1, all of KV head `head` (`group_chunk`) */
+  int c0, c1;  /* c0 -1: rows r0 .. r1 - 1 of query head `head` (`head_block`); else chunks c0 .. c1 - 1 of a
+                  decoding step's row for query heads r0 .. r1 - 1, all of KV head `head` (`group_chunk`) */
 } Item;
 
 typedef struct {
@@ -501,22 +501,23 @@ typedef struct {
 } Work;
 
 /* Step b's work items (of ``steps`` in the call), written to ``out`` unless it is NULL; their count. A decoding step
-   (one computed row) is one item per KV head and chunk, its query heads together; when it is the call's only step
-   and its keys are one chunk, one item per query head instead, so that it still spreads over the threads (nine heads
-   rather than three KV heads). Other steps are items per query head and block of rows, which a tile of rows shares.
-   Items only decide who computes what: every row's numbers are the same whichever way. */
+   (one computed row) among several is one item per KV head, its query heads together; the call's only decoding step
+   is one item per KV head and chunk, so that a long context spreads over the threads, or, when its keys are one
+   chunk, one item per query head (nine heads rather than three KV heads). Other steps are items per query head and
+   block of rows, which a tile of rows shares. Items only decide who computes what: every row's numbers are the same
+   whichever way. */
 static int64_t step_items(const Step *s, int b, int steps, Item *out) {
   int64_t n = 0;
   if (s->computed == 1) {
-    int group = s->heads / s->kv_heads, each = s->chunks == 1 && steps == 1 ? 1 : group;
-    for (int c = 0; c < s->chunks; c++)
+    int group = s->heads / s->kv_heads, each = s->chunks == 1 && steps == 1 ? 1 : group, span = steps == 1 ? 1 : s->chunks;
+    for (int c = 0; c < s->chunks; c += span)
       for (int h = 0; h < s->heads; h += each, n++)
-        if (out) out[n] = (Item){b, h / group, h, h + each, c};
+        if (out) out[n] = (Item){b, h / group, h, h + each, c, c + span};
     return n;
   }
   for (int h = 0; h < s->heads; h++)
     for (int r0 = 0; r0 < s->computed; r0 += BLOCK_ROWS, n++)
-      if (out) out[n] = (Item){b, h, r0, r0 + BLOCK_ROWS < s->computed ? r0 + BLOCK_ROWS : s->computed, -1};
+      if (out) out[n] = (Item){b, h, r0, r0 + BLOCK_ROWS < s->computed ? r0 + BLOCK_ROWS : s->computed, -1, -1};
   return n;
 }
 
@@ -524,8 +525,8 @@ static void run_item(void *data, size_t i) {
   Work *w = (Work *)data;
   const Item *it = &w->items[i];
   const Step *s = &w->steps[it->step];
-  if (it->chunk >= 0) {
-    group_chunk(s, it->head, it->r0, it->r1, it->chunk);
+  if (it->c0 >= 0) {
+    for (int c = it->c0; c < it->c1; c++) group_chunk(s, it->head, it->r0, it->r1, c);
     return;
   }
   float *parts = malloc(sizeof(float) * TILE * (size_t)chunks_of(s->width) * part_floats(s->hd));
