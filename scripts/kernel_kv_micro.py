@@ -1,8 +1,9 @@
 """The attention kernel's cost by KV cache type: one LanesAttention (or LanesAttention16) call of the default model's
 shape (9 query heads, 3 KV heads, head size 64), one new row per lane, at several pasts and lane counts, 30 caches
-used in turn (one per layer, so they are not all hot in the CPU's caches).
+used in turn (one per layer, so they are not all hot in the CPU's caches; ``--caches 400`` puts them beyond a large
+L3, as a real step's weights push them out).
 
-    python scripts/kernel_kv_micro.py [--pasts 256 1000 2000] [--lanes 1 8] [--repeats 5] [--json out.json]
+    python scripts/kernel_kv_micro.py [--pasts 256 1000 2000] [--lanes 1 8] [--repeats 5] [--caches 30] [--json out.json]
 
 Prints µs per call (median of the repeats' means) for fp32 and fp16 caches, side by side, and the machine's flags.
 """
@@ -48,12 +49,14 @@ def session(lanes: int, half: bool, threads: int) -> ort.InferenceSession:
     return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
 
-def measure(past: int, lanes: int, half: bool, threads: int, repeats: int, calls: int = 60) -> float:
-    """µs per call: the median over ``repeats`` of the mean over ``calls`` calls, cycling through the layers' caches."""
+def measure(past: int, lanes: int, half: bool, threads: int, repeats: int, layers: int = LAYERS) -> float:
+    """µs per call: the median over ``repeats`` of the mean over max(60, ``layers``) calls, cycling through ``layers``
+    caches."""
+    calls = max(60, layers)
     rng = np.random.default_rng(0)
     dtype, cap = np.float16 if half else np.float32, past + 16
     s = session(lanes, half, threads)
-    caches = [[rng.standard_normal((2, 1, KV_HEADS, cap, HD)).astype(dtype) for _ in range(lanes)] for _ in range(LAYERS)]
+    caches = [[rng.standard_normal((2, 1, KV_HEADS, cap, HD)).astype(dtype) for _ in range(lanes)] for _ in range(layers)]
     cos, sin = (np.cos(np.arange(cap)[:, None] * 0.01 * np.arange(1, HD // 2 + 1)).astype(np.float32),
                 np.sin(np.arange(cap)[:, None] * 0.01 * np.arange(1, HD // 2 + 1)).astype(np.float32))
     bindings = []
@@ -77,7 +80,7 @@ def measure(past: int, lanes: int, half: bool, threads: int, repeats: int, calls
     for _ in range(repeats):
         t0 = time.perf_counter()
         for i in range(calls):
-            s.run_with_iobinding(bindings[i % LAYERS])
+            s.run_with_iobinding(bindings[i % layers])
         means.append((time.perf_counter() - t0) / calls * 1e6)
     return float(np.median(means))
 
@@ -88,16 +91,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lanes", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--caches", type=int, default=LAYERS, help="caches used in turn, one per call")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     rows = []
     for lanes in args.lanes:
         for past in args.pasts:
-            fp32, fp16 = (measure(past, lanes, half, args.threads, args.repeats) for half in (False, True))
+            fp32, fp16 = (measure(past, lanes, half, args.threads, args.repeats, args.caches) for half in (False, True))
             rows.append({"lanes": lanes, "past": past, "fp32_us": round(fp32, 1), "fp16_us": round(fp16, 1),
                          "fp16_over_fp32": round(fp16 / fp32, 3)})
             print(json.dumps(rows[-1]), flush=True)
-    out = {"machine": machine_info(), "threads": args.threads, "repeats": args.repeats, "rows": rows}
+    out = {"machine": machine_info(), "threads": args.threads, "repeats": args.repeats, "caches": args.caches,
+           "rows": rows}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)
