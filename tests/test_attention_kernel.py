@@ -161,6 +161,20 @@ def test_rows_whose_key_chunks_are_masked_whole_or_in_part(sessions, hidden):
     np.testing.assert_array_equal(_bound(sessions["kernel"], _alone(feeds, key, value, 0))[0][0, 0], out[0, 0])
 
 
+def test_a_chunk_far_below_the_rows_maximum_adds_nothing(sessions):
+    """Keys 0 .. 255 (the first chunk) biased 100 below the others: their weights are below exp(-87), exactly 0 as in
+    one softmax, so an infinite value among them adds nothing, alone or in a step of rows; a row that sees no key at
+    all is 0."""
+    feeds = _feeds(np.random.default_rng(11), 3, 600)
+    feeds["bias"][..., :256] -= 100
+    feeds["past_value"][0, :, 10] = np.inf
+    out, key, value = _bound(sessions["kernel"], feeds)
+    assert np.isfinite(out).all()
+    np.testing.assert_array_equal(_bound(sessions["kernel"], _alone(feeds, key, value, 0))[0][0, 0], out[0, 0])
+    feeds["bias"][...] = -np.inf
+    assert not _bound(sessions["kernel"], feeds)[0].any()
+
+
 def test_heads_of_a_row_that_weigh_different_keys_zero_keep_their_own_sums(sessions):
     """Query head 0's query 40x larger: most of its weights underflow to exactly 0 on keys its KV head's other query
     heads still weigh. Alone (decoding), a row's heads share each value load and skip such a key for that head only:

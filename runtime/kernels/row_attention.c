@@ -303,8 +303,8 @@ static inline __attribute__((always_inline)) void weigh_shared(const void *V, in
 }
 
 /* A row's output from the partials of its ``chunks`` chunks (``stride`` floats apart), merged in chunk order: each
-   chunk's sums times exp(its maximum - the row's), which is exactly 1 for the chunk that holds the maximum, so a
-   row of one chunk is its softmax's acc / sum. A NaN partial makes the row NaN; a row that sees no key is 0. */
+   chunk's sums times exp(its maximum - the row's), so a row of one chunk is its softmax's acc / sum. A NaN partial
+   makes the row NaN; a row that sees no key is 0. */
 static void merge_parts(const float *part, int chunks, size_t stride, int hd, float *out) {
   float m = -INFINITY;
   for (int c = 0; c < chunks; c++) {
@@ -324,8 +324,11 @@ static void merge_parts(const float *part, int chunks, size_t stride, int hd, fl
   for (int b = 0; b < hd / 8; b++) acc[b] = _mm256_setzero_ps();
   for (int c = 0; c < chunks; c++) {
     const float *p = part + c * stride;
-    if (p[0] == -INFINITY) continue;
-    float w = expf(p[0] - m);
+    /* The chunk's weight by the kernel's own exp: exactly 1 for a chunk that holds the maximum (also an infinite
+       one), exactly 0 from 87 below it, where the chunk's keys are as masked as a single softmax's would be: skipped,
+       so an infinite value among them adds nothing. */
+    float w = p[0] == m ? 1.0f : _mm256_cvtss_f32(exp8(_mm256_set1_ps(p[0] - m)));
+    if (w == 0.0f) continue;
     __m256 w8 = _mm256_set1_ps(w);
     sum += p[1] * w;
     for (int b = 0; b < hd / 8; b++) acc[b] = _mm256_add_ps(acc[b], _mm256_mul_ps(_mm256_loadu_ps(p + 2 + 8 * b), w8));
@@ -450,7 +453,7 @@ static void head_block(const Step *s, int h, int r0, int r1, float *parts) {
 /* Chunk c of a decoding step's row for query heads h0 .. h1 - 1 of KV head kh, up to TILE heads as the entries of
    one tile, so they share each key's load and fp16 widening (a score depends on nothing but its query and key, so
    each head's partial is the one `head_block` computes). The partials go to the step's ``parts``
-   (`merge_decoding`). */
+   (`merge_heads`). */
 static void group_chunk(const Step *s, int kh, int h0, int h1, int c) {
   size_t per_head = (size_t)s->chunks * part_floats(s->hd);
   Tile tile;
@@ -461,10 +464,10 @@ static void group_chunk(const Step *s, int kh, int h0, int h1, int c) {
   }
 }
 
-/* A decoding step's output: each head's chunks merged. */
-static void merge_decoding(const Step *s) {
+/* A decoding step's output for query heads h0 .. h1 - 1: each head's chunks merged. */
+static void merge_heads(const Step *s, int h0, int h1) {
   size_t per_head = (size_t)s->chunks * part_floats(s->hd);
-  for (int h = 0; h < s->heads; h++)
+  for (int h = h0; h < h1; h++)
     merge_parts(s->parts + h * per_head, s->chunks, part_floats(s->hd), s->hd, s->out + (size_t)h * s->hd);
 }
 
@@ -506,10 +509,13 @@ typedef struct {
    chunk, one item per query head (nine heads rather than three KV heads). Other steps are items per query head and
    block of rows, which a tile of rows shares. Items only decide who computes what: every row's numbers are the same
    whichever way. */
+static int chunks_split(const Step *s, int steps) { return s->computed == 1 && steps == 1 && s->chunks > 1; }
+
 static int64_t step_items(const Step *s, int b, int steps, Item *out) {
   int64_t n = 0;
   if (s->computed == 1) {
-    int group = s->heads / s->kv_heads, each = s->chunks == 1 && steps == 1 ? 1 : group, span = steps == 1 ? 1 : s->chunks;
+    int group = s->heads / s->kv_heads, each = s->chunks == 1 && steps == 1 ? 1 : group;
+    int span = chunks_split(s, steps) ? 1 : s->chunks;
     for (int c = 0; c < s->chunks; c += span)
       for (int h = 0; h < s->heads; h += each, n++)
         if (out) out[n] = (Item){b, h / group, h, h + each, c, c + span};
@@ -527,6 +533,7 @@ static void run_item(void *data, size_t i) {
   const Step *s = &w->steps[it->step];
   if (it->c0 >= 0) {
     for (int c = it->c0; c < it->c1; c++) group_chunk(s, it->head, it->r0, it->r1, c);
+    if (it->c1 - it->c0 == s->chunks) merge_heads(s, it->r0, it->r1);  /* all its chunks here: no waiting */
     return;
   }
   float *parts = malloc(sizeof(float) * TILE * (size_t)chunks_of(s->width) * part_floats(s->hd));
@@ -538,8 +545,8 @@ static void run_item(void *data, size_t i) {
   free(parts);
 }
 
-/* The steps' attention: their new K/V rows into the caches, the work items over the threads, then the decoding
-   steps' chunks merged. ``op`` names the op in messages. */
+/* The steps' attention: their new K/V rows into the caches, the work items over the threads, then the chunks of a
+   decoding step whose chunks went to different items merged. ``op`` names the op in messages. */
 static OrtStatus *attend_steps(OrtKernelContext *ctx, Step *steps, int count, const char *op) {
   int64_t n_items = 0;
   size_t n_parts = 0;
@@ -572,7 +579,7 @@ static OrtStatus *attend_steps(OrtKernelContext *ctx, Step *steps, int count, co
         ctx, run_item, (size_t)n_items, 0, &work);
   if (!st && work.failed) st = error(message);
   for (int b = 0; b < count && !st; b++)
-    if (steps[b].computed == 1) merge_decoding(&steps[b]);
+    if (chunks_split(&steps[b], count)) merge_heads(&steps[b], 0, steps[b].heads);
   free(parts);
   free(items);
   return st;
