@@ -109,8 +109,9 @@ def test_lanes_attention_gives_each_lane_exactly_its_one_sequence_rows(row_kerne
 @pytest.mark.parametrize("half", [False, True])
 @pytest.mark.parametrize("pasts", [[0, 7, 33], [5, 64, 1, 90, 17, 40, 8, 75], [255, 256, 600, 3], [511]])
 def test_decoding_lanes_computed_per_kv_head_keep_their_one_sequence_rows(row_kernels, half, pasts):
-    """Lanes of one row each (a decoding step) run one work item per KV head and chunk of 256 keys, its query heads
-    sharing the key loads: each lane's row and KV row still equal RowAttention's on that lane alone, bit for bit."""
+    """Lanes of one row each (a decoding step) run one work item per KV head (all its chunks of 256 keys), its query
+    heads sharing the key loads; a one-row step alone goes by halves of its chunks: each lane's row and KV row still
+    equal RowAttention's on that lane alone, bit for bit."""
     shape = [(1, past) for past in pasts]
     feeds, alone = _lane_feeds(np.random.default_rng(len(pasts)), shape, half)
     out, caches = _bound_lanes(_lanes_session(len(shape), half=half), feeds, len(shape))
