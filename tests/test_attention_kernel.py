@@ -122,17 +122,18 @@ def test_each_row_is_computed_by_itself(sessions, rows, past, row, seed):
     row = min(row, rows - 1)
     feeds = _feeds(np.random.default_rng(seed), rows, past)
     out, key, value = _bound(sessions["kernel"], feeds)
-    np.testing.assert_array_equal(_bound(sessions["kernel"], _alone(feeds, key, value, row))[0][0, 0], out[0, row])
+    np.testing.assert_array_equal(_alone(sessions["kernel"], feeds, key, value, row), out[0, row])
 
 
-def _alone(feeds: dict, key: np.ndarray, value: np.ndarray, row: int) -> dict:
-    """Row ``row`` of a step's feeds as a one-row step of its own, after the rows before it (``key``, ``value``:
-    the caches the whole step wrote)."""
+def _alone(session, feeds: dict, key: np.ndarray, value: np.ndarray, row: int) -> np.ndarray:
+    """The output of row ``row`` of a step's feeds run as a one-row step of its own, after the rows before it
+    (``key``, ``value``: the caches the whole step wrote)."""
     past = int(feeds["total"]) - feeds["qkv"].shape[1]
-    return dict(feeds, qkv=feeds["qkv"][:, row:row + 1].copy(), past_key=key, past_value=value,
-                seqlens_k=np.array([past + row], np.int32), total=np.array(past + row + 1, np.int32),
-                position_ids=feeds["position_ids"][:, row:row + 1].copy(),
-                bias=feeds["bias"][:, :, row:row + 1, :past + row + 1].copy())
+    one = dict(feeds, qkv=feeds["qkv"][:, row:row + 1].copy(), past_key=key, past_value=value,
+               seqlens_k=np.array([past + row], np.int32), total=np.array(past + row + 1, np.int32),
+               position_ids=feeds["position_ids"][:, row:row + 1].copy(),
+               bias=feeds["bias"][:, :, row:row + 1, :past + row + 1].copy())
+    return _bound(session, one)[0][0, 0]
 
 
 def test_a_present_not_bound_in_place_holds_the_same(sessions):
@@ -158,7 +159,7 @@ def test_rows_whose_key_chunks_are_masked_whole_or_in_part(sessions, hidden):
     feeds["bias"][..., list(hidden)] = -np.inf
     out, key, value = _bound(sessions["kernel"], feeds)
     np.testing.assert_allclose(out, _bound(sessions["gqa"], feeds)[0], atol=2e-5, rtol=1e-5)
-    np.testing.assert_array_equal(_bound(sessions["kernel"], _alone(feeds, key, value, 0))[0][0, 0], out[0, 0])
+    np.testing.assert_array_equal(_alone(sessions["kernel"], feeds, key, value, 0), out[0, 0])
 
 
 def test_a_chunk_far_below_the_rows_maximum_adds_nothing(sessions):
@@ -170,7 +171,7 @@ def test_a_chunk_far_below_the_rows_maximum_adds_nothing(sessions):
     feeds["past_value"][0, :, 10] = np.inf
     out, key, value = _bound(sessions["kernel"], feeds)
     assert np.isfinite(out).all()
-    np.testing.assert_array_equal(_bound(sessions["kernel"], _alone(feeds, key, value, 0))[0][0, 0], out[0, 0])
+    np.testing.assert_array_equal(_alone(sessions["kernel"], feeds, key, value, 0), out[0, 0])
     feeds["bias"][...] = -np.inf
     assert not _bound(sessions["kernel"], feeds)[0].any()
 
@@ -189,7 +190,7 @@ def test_heads_of_a_row_that_weigh_different_keys_zero_keep_their_own_sums(sessi
     out, key, value = _bound(sessions["kernel"], feeds)
     assert np.isfinite(out[0, 0, :HD]).all() and not np.isfinite(out[0, 0, HD:3 * HD]).all()
     for row in range(3):
-        np.testing.assert_array_equal(_bound(sessions["kernel"], _alone(feeds, key, value, row))[0][0, 0], out[0, row])
+        np.testing.assert_array_equal(_alone(sessions["kernel"], feeds, key, value, row), out[0, row])
 
 
 @pytest.mark.parametrize("change,words", [

@@ -181,15 +181,16 @@ static inline size_t part_floats(int hd) { return 2 + (size_t)hd; }  /* max, sum
 /* Scores of up to TILE query rows of one head over the keys j0 .. j0 + CHUNK - 1 (j0 a multiple of CHUNK): row t
    sees keys 0 .. n[t] - 1 and gets -inf beyond (up to the last row's n); key j's score goes to scores[t][j - j0].
    A row's score of a key is one fused multiply-add chain over the head's 8-float blocks, the `hsum8` order over its
-   lanes, times the scale, plus the bias: keys go eight at a time (`hsum8x8`) and the last few one at a time, with
-   the same arithmetic, so a score depends on nothing but its row and key. The rows of a tile reuse each block of
-   keys from the L1 cache. */
+   lanes, times the scale, plus the bias: keys go four at a time for up to three rows (each key block loaded and
+   widened once for all of them, `hsum8x4`), else eight at a time (`hsum8x8`, the rows reusing each block of keys
+   from the L1 cache), and the last few one at a time, with the same arithmetic, so a score depends on nothing but
+   its row and key. */
 static inline __attribute__((always_inline)) void scores_hd(const float *const *q, int rows, const void *K, int half,
                                                             const float *const *bias, const int *n, int hd,
                                                             float scale, float *const *scores, int j0) {
   int blocks = hd / 8, last = n[rows - 1], end = last < j0 + CHUNK ? last : j0 + CHUNK, j = j0;
   const __m256 scale8 = _mm256_set1_ps(scale), lane = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7);
-  if (rows <= 3) /* few rows: four keys at a time, each key block widened once for all rows (12 accumulators) */
+  if (rows <= 3) /* 12 accumulators: three rows by four keys */
     for (; j + 4 <= end; j += 4) {
       size_t k = (size_t)j * hd;
       if ((j & 7) == 0 && j + PREFETCH_KEYS + 8 <= last) prefetch_rows(K, k + PREFETCH_KEYS * (size_t)hd, 8 * hd, half);
@@ -344,17 +345,18 @@ static inline __attribute__((always_inline)) void attend_hd(const float *const *
                                                             const int *n, int hd, float scale, float *const *scores,
                                                             float *const *parts, int j0) {
   scores_hd(q, rows, K, half, bias, n, hd, scale, scores, j0);
-  int live[TILE], all = rows > 1 && rows <= 3 && n[0] == n[rows - 1];
+  int live[TILE], count[TILE], all = rows > 1 && rows <= 3 && n[0] == n[rows - 1];
   for (int t = 0; t < rows; t++) {
-    live[t] = n[t] > j0 && softmax_chunk(n[t] - j0 < CHUNK ? n[t] - j0 : CHUNK, scores[t], parts[t]);
+    count[t] = n[t] - j0 < CHUNK ? n[t] - j0 : CHUNK;  /* the chunk's keys row t sees */
+    live[t] = count[t] > 0 && softmax_chunk(count[t], scores[t], parts[t]);
     all &= live[t];
   }
   if (all) {  /* one row's query heads: the value loads shared */
-    weigh_shared(V, half, j0, n[0] - j0 < CHUNK ? n[0] - j0 : CHUNK, n[0] - j0, rows, hd, scores, parts);
+    weigh_shared(V, half, j0, count[0], n[0] - j0, rows, hd, scores, parts);
     return;
   }
   for (int t = 0; t < rows; t++)
-    if (live[t]) weigh_chunk(V, half, j0, n[t] - j0 < CHUNK ? n[t] - j0 : CHUNK, n[t] - j0, hd, scores[t], parts[t]);
+    if (live[t]) weigh_chunk(V, half, j0, count[t], n[t] - j0, hd, scores[t], parts[t]);
 }
 
 /* Full tiles, tiles of 3 and single rows get their own inlined copies (row and head counts and the cache's type constant:
@@ -450,25 +452,26 @@ static void head_block(const Step *s, int h, int r0, int r1, float *parts) {
   }
 }
 
+/* The floats of one query head's partials in a decoding step's ``parts``: one per chunk. */
+static inline size_t head_parts(const Step *s) { return (size_t)s->chunks * part_floats(s->hd); }
+
 /* Chunk c of a decoding step's row for query heads h0 .. h1 - 1 of KV head kh, up to TILE heads as the entries of
    one tile, so they share each key's load and fp16 widening (a score depends on nothing but its query and key, so
    each head's partial is the one `head_block` computes). The partials go to the step's ``parts``
    (`merge_heads`). */
 static void group_chunk(const Step *s, int kh, int h0, int h1, int c) {
-  size_t per_head = (size_t)s->chunks * part_floats(s->hd);
   Tile tile;
   for (int g = h0; g < h1; g += TILE) {
     int heads = h1 - g < TILE ? h1 - g : TILE;
-    for (int t = 0; t < heads; t++) tile_entry(s, &tile, t, 0, g + t, s->parts + (g + t) * per_head);
+    for (int t = 0; t < heads; t++) tile_entry(s, &tile, t, 0, g + t, s->parts + (g + t) * head_parts(s));
     attend_chunk(s, &tile, heads, kh, c);
   }
 }
 
 /* A decoding step's output for query heads h0 .. h1 - 1: each head's chunks merged. */
 static void merge_heads(const Step *s, int h0, int h1) {
-  size_t per_head = (size_t)s->chunks * part_floats(s->hd);
   for (int h = h0; h < h1; h++)
-    merge_parts(s->parts + h * per_head, s->chunks, part_floats(s->hd), s->hd, s->out + (size_t)h * s->hd);
+    merge_parts(s->parts + h * head_parts(s), s->chunks, part_floats(s->hd), s->hd, s->out + (size_t)h * s->hd);
 }
 
 /* The step's new K (rotated) and V rows into the cache, before any row attends: every row reads its keys from the
@@ -507,9 +510,9 @@ typedef struct {
    (one computed row) among several is one item per KV head, its query heads together; the call's only decoding step
    is two items per KV head, each half of its chunks, so that a long context spreads over the threads in long
    contiguous reads (a thread streams a KV head's keys and values from memory faster in runs of 100 KB than of one
-   chunk's 32 KB), or, when its keys are one chunk, one item per query head (nine heads rather than three KV heads). Other steps are items per query head and
-   block of rows, which a tile of rows shares. Items only decide who computes what: every row's numbers are the same
-   whichever way. */
+   chunk's 32 KB), or, when its keys are one chunk, one item per query head (nine heads rather than three KV heads).
+   Other steps are items per query head and block of rows, which a tile of rows shares. Items only decide who
+   computes what: every row's numbers are the same whichever way. */
 static int chunks_split(const Step *s, int steps) { return s->computed == 1 && steps == 1 && s->chunks > 1; }
 
 static int64_t step_items(const Step *s, int b, int steps, Item *out) {
@@ -555,7 +558,7 @@ static OrtStatus *attend_steps(OrtKernelContext *ctx, Step *steps, int count, co
     Step *s = &steps[b];
     write_rows(s);
     s->chunks = chunks_of(s->past + 1);
-    if (s->computed == 1) n_parts += (size_t)s->heads * s->chunks * part_floats(s->hd);
+    if (s->computed == 1) n_parts += s->heads * head_parts(s);
     n_items += step_items(s, b, count, NULL);
   }
   Item *items = n_items ? malloc(sizeof(Item) * (size_t)n_items) : NULL;
@@ -570,7 +573,7 @@ static OrtStatus *attend_steps(OrtKernelContext *ctx, Step *steps, int count, co
     Step *s = &steps[b];
     if (s->computed == 1) {
       s->parts = parts + at;
-      at += (size_t)s->heads * s->chunks * part_floats(s->hd);
+      at += s->heads * head_parts(s);
     }
     i += step_items(s, b, count, items + i);
   }
