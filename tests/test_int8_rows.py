@@ -58,6 +58,25 @@ def test_a_row_quantized_matmul_computes_each_row_by_itself(rows, row, k, seed):
     assert np.abs(many[0] - exact).max() <= 0.03 * np.abs(exact).max()
 
 
+@pytest.mark.parametrize("turned", [False, True])
+def test_a_row_quantized_matmul_over_many_rows_computes_each_row_by_itself(turned):
+    """Enough rows and columns that RowQuantize (with and without the input rotation) and ScaleRows spread them over
+    ONNX Runtime's threads: each row equals the row alone."""
+    from medusa_export.exporter.quantize_rows import quantize_rows
+
+    if turned:
+        model, _ = _rotated_matmul_model(256, 256, 32)
+        quantize_rows(model, keep=lambda _name: False)
+        session = _kernel_session(model)
+    else:
+        session, _ = _rows_matmul_session(256, 256)
+    x = np.random.default_rng(3).standard_normal((1, 90, 256), dtype=np.float32)  # 23,040 values each way
+    x[0, 50] = 0.0
+    many = session.run(None, {"x": x})[0]
+    for r in (0, 7, 8, 45, 50, 89):
+        np.testing.assert_array_equal(many[0, r], session.run(None, {"x": x[:, r:r + 1].copy()})[0][0, 0])
+
+
 def test_a_row_quantized_matmul_takes_zero_rows_and_passes_a_nan_on():
     session, _ = _rows_matmul_session(40, 8)
     x = np.ones((1, 4, 40), np.float32)  # 32 columns in the vector path, 8 in the scalar one

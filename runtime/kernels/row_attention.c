@@ -902,6 +902,117 @@ static OrtStatus *quantize_signs(OrtKernelContext *ctx, int64_t k, const float *
   return NULL;
 }
 
+/* One row of RowQuantize: turned first when ``signs`` is given (into ``turned``, k floats). */
+static void quantize_row(const float *row, uint8_t *qr, float *scale, int64_t k, const float *signs, int block,
+                         float *turned) {
+  if (signs) {
+    turn_row(row, turned, signs, k, block);
+    row = turned;
+  }
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff)), big = _mm256_set1_ps(FLT_MAX);
+  __m256 m8 = _mm256_setzero_ps(), bad8 = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 8 <= k; j += 8) {
+    __m256 a = _mm256_and_ps(_mm256_loadu_ps(row + j), abs_mask);
+    bad8 = _mm256_or_ps(bad8, _mm256_cmp_ps(a, big, _CMP_NLE_UQ));  /* NaN or infinity: not <= FLT_MAX */
+    m8 = _mm256_max_ps(m8, a);
+  }
+  float m = hmax8(m8);
+  int bad = _mm256_movemask_ps(bad8) != 0;
+  for (; j < k; j++) {
+    float a = fabsf(row[j]);
+    if (!(a <= FLT_MAX)) bad = 1;
+    m = a > m ? a : m;
+  }
+  float inv_m = 127.0f / m;
+  if (bad || !(inv_m <= FLT_MAX)) {  /* zeros, or so small that 127 / max overflows: a row of zeros */
+    *scale = bad ? NAN : 1.0f;
+    memset(qr, 128, (size_t)k);
+    return;
+  }
+  *scale = m / 127.0f * (signs ? 1.0f / sqrtf((float)block) : 1.0f);  /* H / sqrt(B): taken into the scale */
+  const __m256 inv = _mm256_set1_ps(inv_m), lo = _mm256_set1_ps(-127.0f), hi = _mm256_set1_ps(127.0f);
+  const __m256i offset = _mm256_set1_epi32(128), order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  j = 0;
+  for (; j + 32 <= k; j += 32) {  /* four vectors of 8 -> 32 bytes, packed in order */
+    __m256i v[4];
+    for (int t = 0; t < 4; t++) {
+      __m256 f = _mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(row + j + 8 * t), inv),
+                                 _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      v[t] = _mm256_add_epi32(_mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(f, lo), hi)), offset);
+    }
+    __m256i packed = _mm256_packus_epi16(_mm256_packus_epi32(v[0], v[1]), _mm256_packus_epi32(v[2], v[3]));
+    _mm256_storeu_si256((__m256i *)(qr + j), _mm256_permutevar8x32_epi32(packed, order));
+  }
+  for (; j < k; j++) {
+    __m128 v = _mm_round_ss(_mm_setzero_ps(), _mm_mul_ss(_mm_set_ss(row[j]), _mm_set_ss(inv_m)),
+                            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    float f = _mm_cvtss_f32(v);
+    f = f < -127.0f ? -127.0f : f > 127.0f ? 127.0f : f;
+    qr[j] = (uint8_t)((int)f + 128);
+  }
+}
+
+/* One row of ScaleRows: (float(y) * row scale) * column scale. */
+static void scale_row(const int32_t *yr, float s, const float *col, float *orow, int64_t n) {
+  const __m256 s8 = _mm256_set1_ps(s);
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8)
+    _mm256_storeu_ps(orow + j, _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_loadu_si256((const __m256i *)(yr + j))), s8),
+                                             _mm256_loadu_ps(col + j)));
+  for (; j < n; j++) orow[j] = ((float)yr[j] * s) * col[j];
+}
+
+/* The rows of one RowQuantize or ScaleRows call, in blocks of ROW_BLOCK spread over ONNX Runtime's threads when
+   there are enough of them (a prompt chunk, a tree); a row's numbers do not depend on which thread ran it. */
+enum { ROW_BLOCK = 8, PARALLEL_VALUES = 16384 };  /* below 16k values a thread's hand-off costs more than it saves */
+typedef struct {
+  const void *in;
+  void *out;
+  float *scale;  /* the rows' scales: RowQuantize writes them, ScaleRows reads them */
+  const float *col, *signs;  /* ScaleRows' column scales; RowQuantize's signs (or NULL) */
+  int64_t rows, k;  /* the length of a row RowQuantize quantizes, of a row ScaleRows writes */
+  int block, failed;
+} RowWork;
+
+static void quantize_block(void *data, size_t index) {
+  RowWork *w = (RowWork *)data;
+  int64_t r0 = (int64_t)index * ROW_BLOCK, r1 = r0 + ROW_BLOCK < w->rows ? r0 + ROW_BLOCK : w->rows;
+  float *turned = NULL;
+  if (w->signs && w->k && !(turned = malloc(sizeof(float) * (size_t)w->k))) {
+    __atomic_store_n(&w->failed, 1, __ATOMIC_RELAXED);  /* other threads may be writing it too */
+    return;
+  }
+  for (int64_t r = r0; r < r1; r++)
+    quantize_row((const float *)w->in + r * w->k, (uint8_t *)w->out + r * w->k, w->scale + r, w->k, w->signs,
+                 w->block, turned);
+  free(turned);
+}
+
+static void scale_rows_block(void *data, size_t index) {
+  RowWork *w = (RowWork *)data;
+  int64_t r0 = (int64_t)index * ROW_BLOCK, r1 = r0 + ROW_BLOCK < w->rows ? r0 + ROW_BLOCK : w->rows;
+  for (int64_t r = r0; r < r1; r++)
+    scale_row((const int32_t *)w->in + r * w->k, w->scale[r], w->col, (float *)w->out + r * w->k, w->k);
+}
+
+/* Runs fn over w's row blocks: on the calling thread for a few rows, else through ONNX Runtime's threads. */
+static OrtStatus *over_rows(OrtKernelContext *ctx, void (*fn)(void *, size_t), RowWork *w, const char *op) {
+  size_t blocks = (size_t)((w->rows + ROW_BLOCK - 1) / ROW_BLOCK);
+  OrtStatus *st = NULL;
+  if (blocks > 1 && w->rows * w->k >= PARALLEL_VALUES)
+    st = CALL(KernelContext_ParallelFor, OrtStatus *(*)(OrtKernelContext *, void (*)(void *, size_t), size_t, size_t, void *))(
+        ctx, fn, blocks, 0, w);
+  else
+    for (size_t i = 0; i < blocks; i++) fn(w, i);
+  if (!st && w->failed) {
+    char message[80];
+    snprintf(message, sizeof message, "%s: out of memory", op);
+    st = error(message);
+  }
+  return st;
+}
+
 static OrtStatus *quantize_compute(void *kernel, OrtKernelContext *ctx) {
   (void)kernel;
   int64_t dims[MAX_RANK];
@@ -918,63 +1029,8 @@ static OrtStatus *quantize_compute(void *kernel, OrtKernelContext *ctx) {
   memcpy(sdims, dims, sizeof(int64_t) * nd);
   sdims[nd - 1] = 1;
   if ((st = any_output(ctx, 0, dims, nd, &q)) || (st = any_output(ctx, 1, sdims, nd, &sc))) return st;
-  const float *x = (const float *)in;
-  uint8_t *out = (uint8_t *)q;
-  float *scale = (float *)sc, *turned = NULL;
-  const float norm = signs ? 1.0f / sqrtf((float)block) : 1.0f;  /* H / sqrt(B): taken into the scale */
-  if (signs && rows && k && !(turned = malloc(sizeof(float) * (size_t)k))) return error("RowQuantize: out of memory");
-  for (int64_t r = 0; r < rows; r++) {
-    const float *row = x + r * k;
-    uint8_t *qr = out + r * k;
-    if (signs) {
-      turn_row(row, turned, signs, k, block);
-      row = turned;
-    }
-    const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff)), big = _mm256_set1_ps(FLT_MAX);
-    __m256 m8 = _mm256_setzero_ps(), bad8 = _mm256_setzero_ps();
-    int64_t j = 0;
-    for (; j + 8 <= k; j += 8) {
-      __m256 a = _mm256_and_ps(_mm256_loadu_ps(row + j), abs_mask);
-      bad8 = _mm256_or_ps(bad8, _mm256_cmp_ps(a, big, _CMP_NLE_UQ));  /* NaN or infinity: not <= FLT_MAX */
-      m8 = _mm256_max_ps(m8, a);
-    }
-    float m = hmax8(m8);
-    int bad = _mm256_movemask_ps(bad8) != 0;
-    for (; j < k; j++) {
-      float a = fabsf(row[j]);
-      if (!(a <= FLT_MAX)) bad = 1;
-      m = a > m ? a : m;
-    }
-    float inv_m = 127.0f / m;
-    if (bad || !(inv_m <= FLT_MAX)) {  /* zeros, or so small that 127 / max overflows: a row of zeros */
-      scale[r] = bad ? NAN : 1.0f;
-      memset(qr, 128, (size_t)k);
-      continue;
-    }
-    scale[r] = m / 127.0f * norm;
-    const __m256 inv = _mm256_set1_ps(inv_m), lo = _mm256_set1_ps(-127.0f), hi = _mm256_set1_ps(127.0f);
-    const __m256i offset = _mm256_set1_epi32(128), order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
-    j = 0;
-    for (; j + 32 <= k; j += 32) {  /* four vectors of 8 -> 32 bytes, packed in order */
-      __m256i v[4];
-      for (int t = 0; t < 4; t++) {
-        __m256 f = _mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(row + j + 8 * t), inv),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-        v[t] = _mm256_add_epi32(_mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(f, lo), hi)), offset);
-      }
-      __m256i packed = _mm256_packus_epi16(_mm256_packus_epi32(v[0], v[1]), _mm256_packus_epi32(v[2], v[3]));
-      _mm256_storeu_si256((__m256i *)(qr + j), _mm256_permutevar8x32_epi32(packed, order));
-    }
-    for (; j < k; j++) {
-      __m128 v = _mm_round_ss(_mm_setzero_ps(), _mm_mul_ss(_mm_set_ss(row[j]), _mm_set_ss(inv_m)),
-                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-      float f = _mm_cvtss_f32(v);
-      f = f < -127.0f ? -127.0f : f > 127.0f ? 127.0f : f;
-      qr[j] = (uint8_t)((int)f + 128);
-    }
-  }
-  free(turned);
-  return NULL;
+  RowWork w = {in, q, (float *)sc, NULL, signs, rows, k, block, 0};
+  return over_rows(ctx, quantize_block, &w, "RowQuantize");
 }
 
 static OrtStatus *scale_rows_compute(void *kernel, OrtKernelContext *ctx) {
@@ -993,20 +1049,8 @@ static OrtStatus *scale_rows_compute(void *kernel, OrtKernelContext *ctx) {
   for (size_t i = 0; ok && i + 1 < yn; i++) ok = sd[i] == yd[i];
   if (!ok) return error("ScaleRows: row_scale must be y's shape with a last size of 1, column_scale y's last size");
   if ((st = any_output(ctx, 0, yd, yn, &o))) return st;
-  const int32_t *yi = (const int32_t *)y;
-  const float *row_scale = (const float *)rs, *col = (const float *)cs;
-  float *out = (float *)o;
-  for (int64_t r = 0; r < rows; r++) {
-    const __m256 s = _mm256_set1_ps(row_scale[r]);
-    const int32_t *yr = yi + r * n;
-    float *orow = out + r * n;
-    int64_t j = 0;
-    for (; j + 8 <= n; j += 8)
-      _mm256_storeu_ps(orow + j, _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_loadu_si256((const __m256i *)(yr + j))), s),
-                                               _mm256_loadu_ps(col + j)));
-    for (; j < n; j++) orow[j] = ((float)yr[j] * row_scale[r]) * col[j];
-  }
-  return NULL;
+  RowWork w = {y, o, (float *)rs, (const float *)cs, NULL, rows, n, 1, 0};
+  return over_rows(ctx, scale_rows_block, &w, "ScaleRows");
 }
 
 static OrtStatus *create_plain(const OrtCustomOp *op, OrtApiTable table, const OrtKernelInfo *info, void **kernel) {
