@@ -28,14 +28,17 @@ from onnx import helper, numpy_helper
 
 from medusa_export.runtime import kernels
 
-from .rotation import hadamard, is_rotation
+from .rotation import InputRotation, hadamard, is_rotation
 
 ZERO_POINT = 128  # the quantized activations' offset: uint8 q = int8 value + 128
 
 
-def quantize_rows(model, keep: Callable[[str], bool]) -> int:
+def quantize_rows(model, keep: Callable[[str], bool], turn: Callable[[str], bool] = lambda _name: False,
+                  turn_block: int = 32) -> int:
     """Rewrite every MatMul of ``model`` whose weight is a constant 2-D float initializer (and not ``keep(name)``,
     nor an input rotation's, which is folded into the RowQuantize it feeds or left fp32); the number rewritten.
+    A MatMul whose input the graph does not turn but ``turn(name)`` names gets the rotation here: its weight turned
+    by `rotation.InputRotation` (blocks of up to ``turn_block``) and its RowQuantize given the signs.
     Initializers no node reads any more are dropped."""
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
@@ -48,6 +51,11 @@ def quantize_rows(model, keep: Callable[[str], bool]) -> int:
             nodes.append(node)
             continue
         w = numpy_helper.to_array(weight).astype(np.float32)
+        turned = node.input[0] not in turns and turn(node.name)
+        if turned:
+            rotation = InputRotation(turn_block)
+            signs = _hadamard_signs(rotation.matrix(rotation.block_of(w.shape[0])))
+            w = rotation.weight(w)
         peak = np.abs(w).max(axis=0)
         scale = np.where(peak > 0, peak / 127.0, 1.0).astype(np.float32)
         w8 = np.clip(np.rint(w / scale), -127, 127).astype(np.int8)
@@ -60,6 +68,8 @@ def quantize_rows(model, keep: Callable[[str], bool]) -> int:
             x, signs, chain = turns[node.input[0]]
             source = [x, _signs_initializer(graph, signs, signs_names)]
             fused.update(chain)
+        elif turned:
+            source.append(_signs_initializer(graph, signs, signs_names))
         nodes += [helper.make_node(kernels.QUANTIZE_OP, source, [q, s], f"{name}/row_quantize",
                                    domain=kernels.DOMAIN),
                   helper.make_node("MatMulInteger", [q, f"{name}/weight_int8", zero], [y], f"{name}/matmul_integer"),

@@ -82,6 +82,9 @@ def main() -> None:
                     help="rows: MatMulInteger on activations quantized per row (`exporter/quantize_rows.py`; give an "
                          "int8 artifact built with --int8-matmul rows)")
     ap.add_argument("--blocks-for", default="", help="with --matmul rows: MatMul name parts quantized as blocks instead")
+    ap.add_argument("--turn", default="", help="with --matmul rows: MatMul name parts whose input RowQuantize turns "
+                                               "(blocks of up to --turn-block; e.g. //lm_head/)")
+    ap.add_argument("--turn-block", type=int, default=32)
     args = ap.parse_args()
     logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
@@ -104,7 +107,9 @@ def main() -> None:
                 and (is_rotation(n.name) or any(k in n.name for k in args.keep.split(",") if k))]
         if args.matmul == "rows":
             blocks = [b for b in args.blocks_for.split(",") if b]
-            quantize_rows(graph, keep=lambda name: name in keep or any(b in name for b in blocks))
+            turn = [t for t in args.turn.split(",") if t]
+            quantize_rows(graph, keep=lambda name: name in keep or any(b in name for b in blocks),
+                          turn=lambda name: any(t in name for t in turn), turn_block=args.turn_block)
         recipe = RECIPES["int8"]
         block = args.block_size or recipe["block_size"]
         q = MatMulNBitsQuantizer(graph, bits=recipe["bits"], block_size=block,
@@ -123,7 +128,8 @@ def main() -> None:
         r = quality(reference, candidate, prompts)
         if args.keep_dir:
             shutil.copytree(work, args.keep_dir)
-        print(json.dumps({"matmul": args.matmul, "blocks_for": args.blocks_for, "extra": args.extra, "main_alpha": args.main_alpha, "keep_fp32": args.keep, "alpha": args.alpha, "block_size": block,
+        print(json.dumps({"matmul": args.matmul, "blocks_for": args.blocks_for, "turn": args.turn,
+                          "turn_block": args.turn_block, "extra": args.extra, "main_alpha": args.main_alpha, "keep_fp32": args.keep, "alpha": args.alpha, "block_size": block,
                           "rotation": args.rotation, "prompts": args.prompts,
                           "first": args.first, "count": len(prompts), "positions": r.positions,
                           "top1": r.top1_agreement, "perplexity_change": r.perplexity_change,

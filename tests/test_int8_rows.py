@@ -23,18 +23,23 @@ from medusa_export.runtime.errors import InputError  # noqa: E402
 
 ort = pytest.importorskip("onnxruntime")
 
-def _rows_matmul_session(k: int, n: int, seed: int = 0):
-    """x [1, S, k] @ W [k, n] as `quantize_rows` writes it; W's fp32 values returned too."""
+def _rows_matmul_model(k: int, n: int, seed: int = 0):
+    """x [1, S, k] @ W [k, n] in fp32, the MatMul named "proj"; W returned too."""
     from onnx import numpy_helper
-
-    from medusa_export.exporter.quantize_rows import quantize_rows
 
     w = np.random.default_rng(seed).standard_normal((k, n), dtype=np.float32)
     f = TensorProto.FLOAT
     graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], "proj")], "mm",
                               [helper.make_tensor_value_info("x", f, [1, "S", k])],
                               [helper.make_tensor_value_info("y", f, [1, "S", n])], [numpy_helper.from_array(w, "w")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), w
+
+
+def _rows_matmul_session(k: int, n: int, seed: int = 0):
+    """x [1, S, k] @ W [k, n] as `quantize_rows` writes it; W's fp32 values returned too."""
+    from medusa_export.exporter.quantize_rows import quantize_rows
+
+    model, w = _rows_matmul_model(k, n, seed)
     assert quantize_rows(model, keep=lambda _name: False) == 1
     assert [n.op_type for n in model.graph.node] == [kernels.QUANTIZE_OP, "MatMulInteger", kernels.SCALE_OP]
     assert "w" not in {i.name for i in model.graph.initializer}  # the fp32 weight is gone
@@ -142,6 +147,28 @@ def test_a_rotated_input_is_turned_inside_row_quantize(rows, row, k, block, seed
     assert np.abs(many[0] - exact).max() <= 0.03 * np.abs(exact).max()
 
 
+def test_quantize_rows_turns_the_inputs_it_is_asked_to():
+    """``turn``: a MatMul whose input the graph does not turn gets the rotation from `quantize_rows` itself (its
+    weight turned, the signs to RowQuantize): the product stays x @ W, and closer to it than unturned when one input
+    channel dwarfs the others; a row among many equals the row alone."""
+    from medusa_export.exporter.quantize_rows import quantize_rows
+
+    k, n = 192, 40
+    session_of = {}
+    for turned in (False, True):
+        model, w = _rows_matmul_model(k, n)
+        quantize_rows(model, keep=lambda _name: False, turn=lambda name: turned and name == "proj", turn_block=64)
+        assert [len(node.input) for node in model.graph.node if node.op_type == kernels.QUANTIZE_OP] == [1 + turned]
+        session_of[turned] = _kernel_session(model)
+    x = np.random.default_rng(5).standard_normal((1, 30, k), dtype=np.float32)
+    x[0, :, 7] *= 200  # an outlier channel: one scale per row leaves the others few steps
+    exact = x[0].astype(np.float64) @ w
+    errors = {t: np.abs(s.run(None, {"x": x})[0][0] - exact).mean() for t, s in session_of.items()}
+    assert errors[True] < 0.5 * errors[False]
+    many = session_of[True].run(None, {"x": x})[0]
+    np.testing.assert_array_equal(many[0, 3], session_of[True].run(None, {"x": x[:, 3:4].copy()})[0][0, 0])
+
+
 @pytest.mark.parametrize("block", [2, 16, 64])
 def test_row_quantize_turns_each_block_by_the_signed_hadamard_matrix(block):
     """q and the scale of a turned row dequantize to x @ diag(signs) H / sqrt(B) within half a step."""
@@ -204,7 +231,7 @@ def test_row_quantized_artifacts_record_and_hold_integer_matmuls(rows_runtimes):
         ops = [n.op_type for n in onnx.load(str(rt.generator.backend.directory / graph.file),
                                             load_external_data=False).graph.node]
         assert ops.count("MatMulInteger") == ops.count(kernels.QUANTIZE_OP) == ops.count(kernels.SCALE_OP) >= 4 * 2
-        assert ops.count("MatMulNBits") == 1  # the base lm_head, as blocks (`quantize.ROWS_BLOCKS_FOR`)
+        assert "MatMulNBits" not in ops and q.lm_head_rotation == 64  # the base lm_head per row too, its input turned
 
 
 def test_row_quantized_tree_nodes_are_bit_identical_to_one_token_steps(rows_runtimes):
