@@ -80,11 +80,14 @@ def quantize_graph(path: Path, recipe_name: str, source_grid: bool = False) -> d
     before = _weight_matmuls(model.graph)
     fp32_kept = lambda name: is_rotation(name) or any(part in name for part in recipe.get("keep_fp32", ()))  # noqa: E731
     rows = recipe["method"] == "MatMulInteger"
+    lm_head_rotation = 0
     if rows:  # per row, every weight MatMul
-        from .quantize_rows import quantize_rows
+        from .quantize_rows import quantize_rows, turned_blocks
 
-        quantize_rows(model, keep=fp32_kept, turn=lambda name: any(part in name for part in ROWS_TURNED),
-                      turn_block=RECIPES["int8_rows"]["lm_head_rotation"])
+        is_lm_head = lambda name: any(part in name for part in ROWS_TURNED)  # noqa: E731
+        quantize_rows(model, keep=fp32_kept, turn=is_lm_head, turn_block=RECIPES["int8_rows"]["lm_head_rotation"])
+        blocks_turned = set(turned_blocks(model.graph, is_lm_head))
+        lm_head_rotation = blocks_turned.pop() if len(blocks_turned) == 1 else 0  # what was applied, not what was asked
     blocks = RECIPES["int8"] if rows else recipe
     kept_exact, bits = 0, blocks["bits"]
     if source_grid:  # the 4-bit blocks, and a Q8_0 weight beside them (the built-in model's tied lm_head), as they are
@@ -105,6 +108,8 @@ def quantize_graph(path: Path, recipe_name: str, source_grid: bool = False) -> d
               "tool": f"onnxruntime {onnxruntime.__version__}", "matmuls_quantized": before - left,
               "matmuls_left_fp": left, "embedding": "GatherBlockQuantized on the lm_head's weights" if embedding else "fp32",
               "source_grid": kept_exact}
+    if rows:
+        record["lm_head_rotation"] = lm_head_rotation
     if source_grid:  # the source's grid is kept: neither smoothed nor rotated (either would move the weights off it)
         asymmetric = any(is_offset(n.name) for n in quantized.graph.node)  # Q4_1 blocks keep their offsets
         record.update(smooth_alpha=0.0, rotation=0, other_bits=bits, symmetric=not asymmetric)

@@ -38,7 +38,8 @@ def quantize_rows(model, keep: Callable[[str], bool], turn: Callable[[str], bool
     """Rewrite every MatMul of ``model`` whose weight is a constant 2-D float initializer (and not ``keep(name)``,
     nor an input rotation's, which is folded into the RowQuantize it feeds or left fp32); the number rewritten.
     A MatMul whose input the graph does not turn but ``turn(name)`` names gets the rotation here: its weight turned
-    by `rotation.InputRotation` (blocks of up to ``turn_block``) and its RowQuantize given the signs.
+    by `rotation.InputRotation` (blocks of up to ``turn_block``; none for an odd input width) and its RowQuantize
+    given the signs (`turned_blocks` reads back what was turned).
     Initializers no node reads any more are dropped."""
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
@@ -51,9 +52,10 @@ def quantize_rows(model, keep: Callable[[str], bool], turn: Callable[[str], bool
             nodes.append(node)
             continue
         w = numpy_helper.to_array(weight).astype(np.float32)
-        turned = node.input[0] not in turns and turn(node.name)
+        rotation = InputRotation(turn_block)
+        # an odd width has no block to turn (as in `fused_backbone`)
+        turned = node.input[0] not in turns and turn(node.name) and rotation.block_of(w.shape[0]) > 1
         if turned:
-            rotation = InputRotation(turn_block)
             signs = _hadamard_signs(rotation.matrix(rotation.block_of(w.shape[0])))
             w = rotation.weight(w)
         peak = np.abs(w).max(axis=0)
@@ -132,3 +134,12 @@ def _signs_initializer(graph, signs: np.ndarray, added: dict[bytes, str]) -> str
         added[key] = f"rows_int8/rotation_signs{len(signs)}_{hashlib.sha256(key).hexdigest()[:8]}"
         graph.initializer.append(numpy_helper.from_array(signs, added[key]))
     return added[key]
+
+
+def turned_blocks(graph, names: Callable[[str], bool]) -> list[int]:
+    """The rotation block of each RowQuantize whose node name ``names`` selects: its signs' length, 0 where it gets
+    none (what a manifest records of the rotation `quantize_rows` applied)."""
+    inits = {i.name: i for i in graph.initializer}
+    return [int(inits[n.input[1]].dims[0]) if len(n.input) > 1 and n.input[1] in inits else 0
+            for n in graph.node if n.op_type == kernels.QUANTIZE_OP and names(n.name)]
+

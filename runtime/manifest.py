@@ -155,6 +155,9 @@ class Manifest:
         elif not (data["drafts"]["answers_tokens"] or data["drafts"]["answers_weight"]):
             for name in ("answers_tokens", "answers_weight"):
                 data["drafts"].pop(name)
+        for graph in data["graphs"].values():
+            if graph.get("quantization") and not graph["quantization"].get("lm_head_rotation"):
+                graph["quantization"].pop("lm_head_rotation", None)
         return data
 
     @classmethod

@@ -77,8 +77,11 @@ def test_a_row_quantized_matmul_over_many_rows_computes_each_row_by_itself(turne
         session, _ = _rows_matmul_session(256, 256)
     x = np.random.default_rng(3).standard_normal((1, 90, 256), dtype=np.float32)  # 23,040 values each way
     x[0, 50] = 0.0
+    x[0, 51, 9] = np.nan
+    x[0, 52] *= 1e-39  # so small that 127 / max overflows, turned or not: taken as zeros
     many = session.run(None, {"x": x})[0]
-    for r in (0, 7, 8, 45, 50, 89):
+    assert (many[0, 50] == 0).all() and np.isnan(many[0, 51]).all() and (many[0, 52] == 0).all()
+    for r in (0, 7, 8, 45, 50, 51, 52, 89):
         np.testing.assert_array_equal(many[0, r], session.run(None, {"x": x[:, r:r + 1].copy()})[0][0, 0])
 
 
@@ -147,19 +150,23 @@ def test_a_rotated_input_is_turned_inside_row_quantize(rows, row, k, block, seed
     assert np.abs(many[0] - exact).max() <= 0.03 * np.abs(exact).max()
 
 
-def test_quantize_rows_turns_the_inputs_it_is_asked_to():
+@pytest.mark.parametrize("k, block", [(192, 64), (96, 32), (45, 0)])  # 45: an odd width, nothing to turn
+def test_quantize_rows_turns_the_inputs_it_is_asked_to(k, block):
     """``turn``: a MatMul whose input the graph does not turn gets the rotation from `quantize_rows` itself (its
-    weight turned, the signs to RowQuantize): the product stays x @ W, and closer to it than unturned when one input
-    channel dwarfs the others; a row among many equals the row alone."""
-    from medusa_export.exporter.quantize_rows import quantize_rows
+    weight turned, the signs to RowQuantize, blocks of the largest power of two up to ``turn_block`` dividing the
+    width): the product stays x @ W, and closer to it than unturned when one input channel dwarfs the others; a row
+    among many equals the row alone."""
+    from medusa_export.exporter.quantize_rows import quantize_rows, turned_blocks
 
-    k, n = 192, 40
+    n = 40
     session_of = {}
     for turned in (False, True):
         model, w = _rows_matmul_model(k, n)
         quantize_rows(model, keep=lambda _name: False, turn=lambda name: turned and name == "proj", turn_block=64)
-        assert [len(node.input) for node in model.graph.node if node.op_type == kernels.QUANTIZE_OP] == [1 + turned]
+        assert turned_blocks(model.graph, lambda _name: True) == [block if turned else 0]
         session_of[turned] = _kernel_session(model)
+    if not block:
+        return
     x = np.random.default_rng(5).standard_normal((1, 30, k), dtype=np.float32)
     x[0, :, 7] *= 200  # an outlier channel: one scale per row leaves the others few steps
     exact = x[0].astype(np.float64) @ w
@@ -222,6 +229,8 @@ def rows_runtimes(tiny_dirs, tmp_path_factory):
 
 
 def test_row_quantized_artifacts_record_and_hold_integer_matmuls(rows_runtimes):
+    import dataclasses
+
     import onnx
 
     rt = rows_runtimes["int8"]
@@ -232,6 +241,20 @@ def test_row_quantized_artifacts_record_and_hold_integer_matmuls(rows_runtimes):
                                             load_external_data=False).graph.node]
         assert ops.count("MatMulInteger") == ops.count(kernels.QUANTIZE_OP) == ops.count(kernels.SCALE_OP) >= 4 * 2
         assert "MatMulNBits" not in ops and q.lm_head_rotation == 64  # the base lm_head per row too, its input turned
+        model = onnx.load(str(rt.generator.backend.directory / graph.file), load_external_data=False)
+        inits = {i.name: i for i in model.graph.initializer}
+        tail = {n.name: [tuple(inits[i].dims) if i in inits else i for i in n.input[1:]] for n in model.graph.node
+                if n.op_type == kernels.QUANTIZE_OP and n.name.startswith("tail")}
+        assert tail.pop("tail//lm_head/MatMul/row_quantize") == [(64,)]  # the signs: blocks of 64
+        assert all(extra == [] for extra in tail.values())  # the heads' inputs are not turned
+        assert bool(tail) == (kind == "medusa")  # the heads: their blocks and projection
+    data = rt.manifest.to_json()
+    assert all(g["quantization"]["lm_head_rotation"] == 64 for g in data["graphs"].values())
+    unturned = dataclasses.replace(rt.manifest.graphs["vanilla"].quantization, lm_head_rotation=0)
+    graphs = {**rt.manifest.graphs,
+              "vanilla": dataclasses.replace(rt.manifest.graphs["vanilla"], quantization=unturned)}
+    data = rt.manifest.replace(graphs=graphs).to_json()
+    assert "lm_head_rotation" not in data["graphs"]["vanilla"]["quantization"]  # older releases read it
 
 
 def test_row_quantized_tree_nodes_are_bit_identical_to_one_token_steps(rows_runtimes):
