@@ -88,7 +88,7 @@ def quantize_graph(path: Path, recipe_name: str, source_grid: bool = False) -> d
         quantize_rows(model, keep=fp32_kept, turn=is_lm_head, turn_block=RECIPES["int8_rows"]["lm_head_rotation"])
         blocks_turned = set(turned_blocks(model.graph, is_lm_head))
         lm_head_rotation = blocks_turned.pop() if len(blocks_turned) == 1 else 0  # what was applied, not what was asked
-    blocks = RECIPES["int8"] if rows else recipe
+    blocks = RECIPES["int8"] if rows else recipe  # rows: whatever quantize_rows left (no MatMul of a built graph)
     kept_exact, bits = 0, blocks["bits"]
     if source_grid:  # the 4-bit blocks, and a Q8_0 weight beside them (the built-in model's tied lm_head), as they are
         kept_exact = (exact_4bit_matmuls(model, recipe["accuracy_level"], skip=fp32_kept)

@@ -46,17 +46,17 @@ def quantize_rows(model, keep: Callable[[str], bool], turn: Callable[[str], bool
     zero = "rows_int8/zero_point"
     nodes, count, fused, signs_names = [], 0, set(), {}
     turns = _rotation_chains(graph, inits)
+    rotation = InputRotation(turn_block)
     for node in graph.node:
         weight = inits.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
         if weight is None or keep(node.name) or is_rotation(node.name) or len(weight.dims) != 2:
             nodes.append(node)
             continue
         w = numpy_helper.to_array(weight).astype(np.float32)
-        rotation = InputRotation(turn_block)
-        # an odd width has no block to turn (as in `fused_backbone`)
-        turned = node.input[0] not in turns and turn(node.name) and rotation.block_of(w.shape[0]) > 1
+        block = rotation.block_of(w.shape[0])
+        turned = node.input[0] not in turns and turn(node.name) and block > 1  # an odd width has no block to turn
         if turned:
-            signs = _hadamard_signs(rotation.matrix(rotation.block_of(w.shape[0])))
+            signs = _hadamard_signs(rotation.matrix(block))
             w = rotation.weight(w)
         peak = np.abs(w).max(axis=0)
         scale = np.where(peak > 0, peak / 127.0, 1.0).astype(np.float32)

@@ -492,6 +492,13 @@ static void write_rows(const Step *s) {
 }
 
 /* ---- work items: RowAttention's step or LanesAttention's steps over the session's threads ---------------------- */
+/* fn(data, 0 .. n - 1) over the session's intra-op threads (the calling thread among them); ONNX Runtime picks the
+   batches. */
+static OrtStatus *parallel_for(OrtKernelContext *ctx, void (*fn)(void *, size_t), size_t n, void *data) {
+  return CALL(KernelContext_ParallelFor, OrtStatus *(*)(OrtKernelContext *, void (*)(void *, size_t), size_t, size_t,
+                                                        void *))(ctx, fn, n, 0, data);
+}
+
 enum { BLOCK_ROWS = 32 };
 
 typedef struct {
@@ -579,8 +586,7 @@ static OrtStatus *attend_steps(OrtKernelContext *ctx, Step *steps, int count, co
   }
   Work work = {steps, items, 0};
   if (!st && n_items)
-    st = CALL(KernelContext_ParallelFor, OrtStatus *(*)(OrtKernelContext *, void (*)(void *, size_t), size_t, size_t, void *))(
-        ctx, run_item, (size_t)n_items, 0, &work);
+    st = parallel_for(ctx, run_item, (size_t)n_items, &work);
   if (!st && work.failed) st = error(message);
   for (int b = 0; b < count && !st; b++)
     if (chunks_split(&steps[b], count)) merge_heads(&steps[b], 0, steps[b].heads);
@@ -1001,8 +1007,7 @@ static OrtStatus *over_rows(OrtKernelContext *ctx, void (*fn)(void *, size_t), R
   size_t blocks = (size_t)((w->rows + ROW_BLOCK - 1) / ROW_BLOCK);
   OrtStatus *st = NULL;
   if (blocks > 1 && w->rows * w->k >= PARALLEL_VALUES)
-    st = CALL(KernelContext_ParallelFor, OrtStatus *(*)(OrtKernelContext *, void (*)(void *, size_t), size_t, size_t, void *))(
-        ctx, fn, blocks, 0, w);
+    st = parallel_for(ctx, fn, blocks, w);
   else
     for (size_t i = 0; i < blocks; i++) fn(w, i);
   if (!st && w->failed) {
