@@ -28,18 +28,24 @@ from onnx import helper, numpy_helper
 
 from medusa_export.runtime import kernels
 
+from .gptq import Rounding, turned_hessian
 from .rotation import InputRotation, hadamard, is_rotation
 
 ZERO_POINT = 128  # the quantized activations' offset: uint8 q = int8 value + 128
 
 
 def quantize_rows(model, keep: Callable[[str], bool], turn: Callable[[str], bool] = lambda _name: False,
-                  turn_block: int = 32) -> int:
+                  turn_block: int = 32, residual: Callable[[str], bool] = lambda _name: False,
+                  rounding: Rounding | None = None) -> int:
     """Rewrite every MatMul of ``model`` whose weight is a constant 2-D float initializer (and not ``keep(name)``,
     nor an input rotation's, which is folded into the RowQuantize it feeds or left fp32); the number rewritten.
     A MatMul whose input the graph does not turn but ``turn(name)`` names gets the rotation here: its weight turned
     by `rotation.InputRotation` (blocks of up to ``turn_block``; none for an odd input width) and its RowQuantize
     given the signs (`turned_blocks` reads back what was turned).
+    A MatMul that ``residual(name)`` names quantizes its input in two passes (``passes = 2``: the row, then what the
+    first pass left of it, both through one MatMulInteger; `residual_matmuls` reads them back).
+    ``rounding`` (`gptq.Rounding`): the weights of the MatMuls it has an input Hessian for are rounded by GPTQ
+    against it (turned as the input is), the others to nearest.
     Initializers no node reads any more are dropped."""
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
@@ -60,7 +66,16 @@ def quantize_rows(model, keep: Callable[[str], bool], turn: Callable[[str], bool
             w = rotation.weight(w)
         peak = np.abs(w).max(axis=0)
         scale = np.where(peak > 0, peak / 127.0, 1.0).astype(np.float32)
-        w8 = np.clip(np.rint(w / scale), -127, 127).astype(np.int8)
+        hessian = rounding.hessian(node.name) if rounding else None
+        if hessian is not None:  # in the basis the MatMul sees: turned by the graph's rotation or by RowQuantize
+            if node.input[0] in turns:
+                b = len(turns[node.input[0]][1])
+                hessian = turned_hessian(hessian, turns[node.input[0]][1][:, None] * hadamard(b))
+            elif turned:
+                hessian = turned_hessian(hessian, rotation.matrix(block))
+            w8 = rounding(w, hessian, scale)
+        else:
+            w8 = np.clip(np.rint(w / scale), -127, 127).astype(np.int8)
         name = node.name or node.output[0]
         q, s, y = f"{name}/rows_q", f"{name}/rows_scale", f"{name}/rows_int32"
         graph.initializer.extend([numpy_helper.from_array(w8, f"{name}/weight_int8"),
@@ -72,11 +87,12 @@ def quantize_rows(model, keep: Callable[[str], bool], turn: Callable[[str], bool
             fused.update(chain)
         elif turned:
             source.append(_signs_initializer(graph, signs, signs_names))
+        passes = {"passes": 2} if residual(node.name) else {}
         nodes += [helper.make_node(kernels.QUANTIZE_OP, source, [q, s], f"{name}/row_quantize",
-                                   domain=kernels.DOMAIN),
+                                   domain=kernels.DOMAIN, **passes),
                   helper.make_node("MatMulInteger", [q, f"{name}/weight_int8", zero], [y], f"{name}/matmul_integer"),
                   helper.make_node(kernels.SCALE_OP, [y, s, f"{name}/column_scale"], list(node.output),
-                                   f"{name}/scale_rows", domain=kernels.DOMAIN)]
+                                   f"{name}/scale_rows", domain=kernels.DOMAIN, **passes)]
         count += 1
     if count:
         graph.initializer.append(numpy_helper.from_array(np.array(ZERO_POINT, np.uint8), zero))
@@ -143,3 +159,9 @@ def turned_blocks(graph, names: Callable[[str], bool]) -> list[int]:
     return [int(inits[n.input[1]].dims[0]) if len(n.input) > 1 and n.input[1] in inits else 0
             for n in graph.node if n.op_type == kernels.QUANTIZE_OP and names(n.name)]
 
+
+
+def residual_matmuls(graph) -> list[str]:
+    """The names of the RowQuantize nodes that quantize in two passes (what a manifest records)."""
+    return [n.name for n in graph.node if n.op_type == kernels.QUANTIZE_OP
+            and any(a.name == "passes" and a.i == 2 for a in n.attribute)]

@@ -24,6 +24,7 @@ import torch
 
 from medusa_export.exporter.fused_graph import export_fused_graph
 from medusa_export.exporter.model_loading import load_base_model
+from medusa_export.exporter.gptq import Rounding, input_hessians
 from medusa_export.exporter.onnx_cleanup import fold_constants
 from medusa_export.exporter.quantize import CALIBRATION, RECIPES
 from medusa_export.exporter.quantize_rows import quantize_rows
@@ -69,7 +70,7 @@ def main() -> None:
     ap.add_argument("--keep", default="", help="comma-separated MatMul name parts kept in fp32 (e.g. lm_head)")
     ap.add_argument("--alpha", type=float, default=0.5, help="strength of the --extra smoothing")
     ap.add_argument("--main-alpha", type=float, default=RECIPES["int8"]["smooth_alpha"],
-                    help="strength of the recipe's own smoothing (q/k/v and gate/up inputs)")
+                    help="strength of the recipe's own smoothing (q/k/v and gate/up inputs; 0: none)")
     ap.add_argument("--block-size", type=int, default=None, help="weight (and activation) block (default: the recipe's)")
     ap.add_argument("--rotation", type=int, default=RECIPES["int8"]["rotation"],
                     help="largest block of the input rotation (exporter/rotation.py; 0: none; default: the recipe's)")
@@ -85,6 +86,10 @@ def main() -> None:
     ap.add_argument("--turn", default="", help="with --matmul rows: MatMul name parts whose input RowQuantize turns "
                                                "(blocks of up to --turn-block; e.g. //lm_head/)")
     ap.add_argument("--turn-block", type=int, default=32)
+    ap.add_argument("--gptq", action="store_true", help="with --matmul rows: the decoder's and lm_head's int8 weights "
+                                                         "rounded by GPTQ on the calibration prompts (`exporter/gptq.py`)")
+    ap.add_argument("--residual", default="", help="with --matmul rows: MatMul name parts whose input is quantized in "
+                                                   "two passes (the row and what the first pass left; e.g. /down_proj/)")
     args = ap.parse_args()
     logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
@@ -93,8 +98,10 @@ def main() -> None:
     loaded = load_base_model(None)
     model, tok = loaded.model.eval(), loaded.tokenizer
     calibration = [tok.encode_prompt(t) for t in read_prompts(None, limit=CALIBRATION.stop)[CALIBRATION]]
-    smooth_activations(model, calibration, args.main_alpha)
+    if args.main_alpha > 0:  # 0: no smoothing
+        smooth_activations(model, calibration, args.main_alpha)
     smooth_more(model, calibration, [x for x in args.extra.split(",") if x], args.alpha)
+    rounding = Rounding(input_hessians(model, calibration)) if args.gptq else None
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp) / "variant"
         shutil.copytree(args.int8_artifact, work)
@@ -108,8 +115,10 @@ def main() -> None:
         if args.matmul == "rows":
             blocks = [b for b in args.blocks_for.split(",") if b]
             turn = [t for t in args.turn.split(",") if t]
+            residual = [r for r in args.residual.split(",") if r]
             quantize_rows(graph, keep=lambda name: name in keep or any(b in name for b in blocks),
-                          turn=lambda name: any(t in name for t in turn), turn_block=args.turn_block)
+                          turn=lambda name: any(t in name for t in turn), turn_block=args.turn_block,
+                          residual=lambda name: any(r in name for r in residual), rounding=rounding)
         recipe = RECIPES["int8"]
         block = args.block_size or recipe["block_size"]
         q = MatMulNBitsQuantizer(graph, bits=recipe["bits"], block_size=block,
@@ -129,7 +138,7 @@ def main() -> None:
         if args.keep_dir:
             shutil.copytree(work, args.keep_dir)
         print(json.dumps({"matmul": args.matmul, "blocks_for": args.blocks_for, "turn": args.turn,
-                          "turn_block": args.turn_block, "extra": args.extra, "main_alpha": args.main_alpha, "keep_fp32": args.keep, "alpha": args.alpha, "block_size": block,
+                          "turn_block": args.turn_block, "residual": args.residual, "gptq": args.gptq, "extra": args.extra, "main_alpha": args.main_alpha, "keep_fp32": args.keep, "alpha": args.alpha, "block_size": block,
                           "rotation": args.rotation, "prompts": args.prompts,
                           "first": args.first, "count": len(prompts), "positions": r.positions,
                           "top1": r.top1_agreement, "perplexity_change": r.perplexity_change,

@@ -212,6 +212,66 @@ def test_row_quantize_turns_each_block_by_the_signed_hadamard_matrix(block):
     np.testing.assert_array_equal(scale, peak / np.float32(127) * (np.float32(1) / np.sqrt(np.float32(block))))
 
 
+@pytest.mark.parametrize("turned", [False, True])
+def test_two_passes_quantize_what_the_first_left_and_keep_each_row_by_itself(turned):
+    """``residual``: RowQuantize and ScaleRows with passes = 2 (the row, then what its first quantization left, both
+    through one MatMulInteger); the product is much closer to x @ W than one pass (about as close as the int8
+    weights allow), rows of zeros, NaNs and subnormals come out as with one pass, and a row among many, spread over
+    the threads, equals the row alone."""
+    from medusa_export.exporter.quantize_rows import quantize_rows, residual_matmuls
+
+    x = np.random.default_rng(7).standard_normal((1, 90, 256), dtype=np.float32)
+    x[0, :, 7] *= 60  # an outlier channel: one pass leaves the others few steps
+    x[0, 50] = 0.0
+    x[0, 51, 9] = np.nan
+    x[0, 52] *= 1e-39
+    fine = np.array([r not in (50, 51, 52) for r in range(90)])
+    out = {}
+    for passes in (1, 2):
+        model, w = _rotated_matmul_model(256, 64, 32) if turned else _rows_matmul_model(256, 64)
+        quantize_rows(model, keep=lambda _name: False, residual=lambda name: passes == 2 and name == "proj")
+        assert residual_matmuls(model.graph) == (["proj/row_quantize"] if passes == 2 else [])
+        assert [len(n.attribute) for n in model.graph.node] == [passes - 1, 0, passes - 1]
+        session = _kernel_session(model)
+        out[passes] = many = session.run(None, {"x": x})[0]
+        assert many.shape == (1, 90, 64)
+        assert (many[0, 50] == 0).all() and np.isnan(many[0, 51]).all() and (many[0, 52] == 0).all()
+        for r in (0, 8, 49, 50, 51, 52, 89):
+            np.testing.assert_array_equal(many[0, r], session.run(None, {"x": x[:, r:r + 1].copy()})[0][0, 0])
+    exact = x[0].astype(np.float64) @ w
+    errors = {p: np.abs(out[p][0][fine] - exact[fine]).mean() for p in (1, 2)}
+    assert errors[2] < (0.8 if turned else 0.4) * errors[1]
+    if not turned:  # what is left is the weights' rounding: about the error of fp32 activations times int8 weights
+        step = np.abs(w).max(axis=0) / 127
+        weights_alone = np.abs(x[0][fine].astype(np.float64) @ (np.rint(w / step) * step) - exact[fine]).mean()
+        assert errors[2] < 1.3 * weights_alone
+
+
+def test_two_pass_ops_check_their_attribute_and_shapes():
+    """passes other than 1 or 2 is refused when the session is made; ScaleRows with two passes wants [..., 2, N]."""
+    f = TensorProto.FLOAT
+
+    def session(node, inputs, outputs):
+        graph = helper.make_graph([node], "g", inputs, outputs)
+        return _kernel_session(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                                        helper.make_opsetid(kernels.DOMAIN, 1)]))
+
+    with pytest.raises(Exception, match="passes must be 1 or 2"):
+        session(helper.make_node(kernels.QUANTIZE_OP, ["x"], ["q", "s"], domain=kernels.DOMAIN, passes=3),
+                [helper.make_tensor_value_info("x", f, ["S", 8])],
+                [helper.make_tensor_value_info("q", TensorProto.UINT8, None), helper.make_tensor_value_info("s", f, None)])
+    scale = session(helper.make_node(kernels.SCALE_OP, ["y", "s", "c"], ["o"], domain=kernels.DOMAIN, passes=2),
+                    [helper.make_tensor_value_info("y", TensorProto.INT32, None),
+                     helper.make_tensor_value_info("s", f, None), helper.make_tensor_value_info("c", f, [4])],
+                    [helper.make_tensor_value_info("o", f, None)])
+    c = np.ones(4, np.float32)
+    o = scale.run(None, {"y": np.arange(16, dtype=np.int32).reshape(2, 2, 4), "s": np.full((2, 2, 1), 0.5, np.float32),
+                         "c": c})[0]
+    np.testing.assert_array_equal(o, 0.5 * (np.arange(16).reshape(2, 2, 4)[:, 0] + np.arange(16).reshape(2, 2, 4)[:, 1]))
+    with pytest.raises(Exception, match=r"with passes = 2, y must be \[\.\.\., 2, N\]"):
+        scale.run(None, {"y": np.zeros((3, 4), np.int32), "s": np.ones((3, 1), np.float32), "c": c})
+
+
 def test_build_options_check_int8_matmul_rows():
     for bad in (dict(dtype="int8", int8_matmul="rows"), dict(dtype="fp32", attention="kernel", int8_matmul="rows")):
         with pytest.raises(InputError, match="--int8-matmul rows needs --dtype int8 and --attention kernel"):
@@ -248,6 +308,10 @@ def test_row_quantized_artifacts_record_and_hold_integer_matmuls(rows_runtimes):
         assert tail.pop("tail//lm_head/MatMul/row_quantize") == [(64,)]  # the signs: blocks of 64
         assert all(extra == [] for extra in tail.values())  # the heads' inputs are not turned
         assert bool(tail) == (kind == "medusa")  # the heads: their blocks and projection
+    weights = {kind: {i.name: i.raw_data for i in onnx.load(str(rt.generator.backend.directory / g.file)).graph.initializer
+                      if i.name.endswith("weight_int8") and not i.name.startswith("tail//heads")}
+               for kind, g in rt.manifest.graphs.items()}
+    assert weights["vanilla"] == weights["medusa"] == weights["lanes"]  # every graph the same int8 weights
     data = rt.manifest.to_json()
     assert all(g["quantization"]["lm_head_rotation"] == 64 for g in data["graphs"].values())
     unturned = dataclasses.replace(rt.manifest.graphs["vanilla"].quantization, lm_head_rotation=0)

@@ -395,6 +395,7 @@ static void attend(const float *const *q, int rows, const void *K, const void *V
 typedef struct {
   int64_t heads, kv_heads, skip_last_row;
   int half;  /* the caches are fp16 (RowAttention16, LanesAttention16) */
+  int64_t passes;  /* RowQuantize / ScaleRows: 1, or 2 for a row and what its first quantization left */
 } Kernel;
 
 typedef struct {  /* one sequence's step: shapes and pointers, shared by the threads */
@@ -834,7 +835,12 @@ static OrtStatus *lanes_compute(void *kernel, OrtKernelContext *ctx) {
    ScaleRows: y int32 [..., N] (MatMulInteger of q with zero point 128 against int8 weights), the rows' scales and
    the weights' column scales col float [N] -> float [..., N] = (float(y) * row scale) * column scale. The integer
    product is exact, so a row's result depends on nothing but the row: batched, tree and one-token steps agree to
-   the bit. */
+   the bit.
+   With the attribute passes = 2 (both ops), RowQuantize also quantizes what the first pass left of each row (the
+   row minus its dequantized first pass, in the turned basis, under its own scale): q [..., 2, K], scale [..., 2, 1],
+   so one MatMulInteger multiplies both passes; ScaleRows then takes y [..., 2, N] and row_scale [..., 2, 1] and
+   writes (float(y0) * s0 + float(y1) * s1) * column scale, [..., N]. About 15 bits of the row instead of 8, for a
+   second row through the integer product (whose cost grows slowly with rows). */
 /* An input of rank 1 .. MAX_RANK: its data, shape and rank. */
 static OrtStatus *any_input(OrtKernelContext *ctx, size_t index, int type, int64_t *dims, size_t *ndims, void **data,
                             const char *what) {
@@ -908,13 +914,9 @@ static OrtStatus *quantize_signs(OrtKernelContext *ctx, int64_t k, const float *
   return NULL;
 }
 
-/* One row of RowQuantize: turned first when ``signs`` is given (into ``turned``, k floats). */
-static void quantize_row(const float *row, uint8_t *qr, float *scale, int64_t k, const float *signs, int block,
-                         float *turned) {
-  if (signs) {
-    turn_row(row, turned, signs, k, block);
-    row = turned;
-  }
+/* One quantization of a row of k values: q (uint8, offset 128) and *scale = max|row| / 127, returning 1; a row of
+   zeros or of subnormals only: scale 1, q 128; a row holding a NaN or an infinity: scale NaN, q 128; both return 0. */
+static int quantize_pass(const float *row, uint8_t *qr, int64_t k, float *scale) {
   const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff)), big = _mm256_set1_ps(FLT_MAX);
   __m256 m8 = _mm256_setzero_ps(), bad8 = _mm256_setzero_ps();
   int64_t j = 0;
@@ -932,11 +934,10 @@ static void quantize_row(const float *row, uint8_t *qr, float *scale, int64_t k,
   }
   float inv_m = 127.0f / m;
   if (bad || !(inv_m <= FLT_MAX)) {  /* zeros, or so small that 127 / max overflows: a row of zeros */
-    *scale = bad ? NAN : 1.0f;
     memset(qr, 128, (size_t)k);
-    return;
+    *scale = bad ? NAN : 1.0f;
+    return 0;
   }
-  *scale = m / 127.0f * (signs ? 1.0f / sqrtf((float)block) : 1.0f);  /* H / sqrt(B): taken into the scale */
   const __m256 inv = _mm256_set1_ps(inv_m), lo = _mm256_set1_ps(-127.0f), hi = _mm256_set1_ps(127.0f);
   const __m256i offset = _mm256_set1_epi32(128), order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
   j = 0;
@@ -957,6 +958,44 @@ static void quantize_row(const float *row, uint8_t *qr, float *scale, int64_t k,
     f = f < -127.0f ? -127.0f : f > 127.0f ? 127.0f : f;
     qr[j] = (uint8_t)((int)f + 128);
   }
+  *scale = m / 127.0f;
+  return 1;
+}
+
+/* What a pass of scale s left of row: row - (q - 128) * s, into out (which may be row). */
+static void residual_row(const float *row, const uint8_t *qr, float s, float *out, int64_t k) {
+  const __m256 s8 = _mm256_set1_ps(s), off = _mm256_set1_ps(128.0f);
+  int64_t j = 0;
+  for (; j + 8 <= k; j += 8) {
+    __m256 q = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(qr + j))));
+    _mm256_storeu_ps(out + j, _mm256_sub_ps(_mm256_loadu_ps(row + j), _mm256_mul_ps(_mm256_sub_ps(q, off), s8)));
+  }
+  for (; j < k; j++) out[j] = row[j] - ((float)qr[j] - 128.0f) * s;
+}
+
+/* One row of RowQuantize: turned first when ``signs`` is given (into ``work``, k floats); with two passes the
+   residual goes to qr + k and scale[1] (``work`` holds it). */
+static void quantize_row(const float *row, uint8_t *qr, float *scale, int64_t k, const float *signs, int block,
+                         int passes, float *work) {
+  if (signs) {
+    turn_row(row, work, signs, k, block);
+    row = work;
+  }
+  const float norm = signs ? 1.0f / sqrtf((float)block) : 1.0f;  /* H / sqrt(B): taken into the scale */
+  float s;
+  if (!quantize_pass(row, qr, k, &s)) {  /* zeros (scale 1) or a NaN / infinity (NaN): the second pass the same */
+    scale[0] = s;
+    if (passes > 1) {
+      memset(qr + k, 128, (size_t)k);
+      scale[1] = s;
+    }
+    return;
+  }
+  scale[0] = s * norm;
+  if (passes < 2) return;
+  residual_row(row, qr, s, work, k);
+  float r;
+  scale[1] = quantize_pass(work, qr + k, k, &r) ? r * norm : r;
 }
 
 /* One row of ScaleRows: (float(y) * row scale) * column scale. */
@@ -969,6 +1008,19 @@ static void scale_row(const int32_t *yr, float s, const float *col, float *orow,
   for (; j < n; j++) orow[j] = ((float)yr[j] * s) * col[j];
 }
 
+/* One row of ScaleRows with two passes: (float(y0) * s0 + float(y1) * s1) * column scale. */
+static void scale_row2(const int32_t *y0, const int32_t *y1, const float *s, const float *col, float *orow,
+                       int64_t n) {
+  const __m256 a8 = _mm256_set1_ps(s[0]), b8 = _mm256_set1_ps(s[1]);
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    __m256 a = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_loadu_si256((const __m256i *)(y0 + j))), a8);
+    __m256 b = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_loadu_si256((const __m256i *)(y1 + j))), b8);
+    _mm256_storeu_ps(orow + j, _mm256_mul_ps(_mm256_add_ps(a, b), _mm256_loadu_ps(col + j)));
+  }
+  for (; j < n; j++) orow[j] = ((float)y0[j] * s[0] + (float)y1[j] * s[1]) * col[j];
+}
+
 /* The rows of one RowQuantize or ScaleRows call, in blocks of ROW_BLOCK spread over ONNX Runtime's threads when
    there are enough of them (a prompt chunk, a tree); a row's numbers do not depend on which thread ran it. */
 enum { ROW_BLOCK = 8, PARALLEL_VALUES = 16384 };  /* below 16k values a thread's hand-off costs more than it saves */
@@ -978,28 +1030,34 @@ typedef struct {
   float *scale;  /* the rows' scales: RowQuantize writes them, ScaleRows reads them */
   const float *col, *signs;  /* ScaleRows' column scales; RowQuantize's signs (or NULL) */
   int64_t rows, k;  /* the length of a row RowQuantize quantizes, of a row ScaleRows writes */
-  int block, failed;
+  int block, passes, failed;
 } RowWork;
 
 static void quantize_block(void *data, size_t index) {
   RowWork *w = (RowWork *)data;
   int64_t r0 = (int64_t)index * ROW_BLOCK, r1 = r0 + ROW_BLOCK < w->rows ? r0 + ROW_BLOCK : w->rows;
-  float *turned = NULL;
-  if (w->signs && w->k && !(turned = malloc(sizeof(float) * (size_t)w->k))) {
+  float *work = NULL;
+  if ((w->signs || w->passes > 1) && w->k && !(work = malloc(sizeof(float) * (size_t)w->k))) {
     __atomic_store_n(&w->failed, 1, __ATOMIC_RELAXED);  /* other threads may be writing it too */
     return;
   }
   for (int64_t r = r0; r < r1; r++)
-    quantize_row((const float *)w->in + r * w->k, (uint8_t *)w->out + r * w->k, w->scale + r, w->k, w->signs,
-                 w->block, turned);
-  free(turned);
+    quantize_row((const float *)w->in + r * w->k, (uint8_t *)w->out + r * w->passes * w->k, w->scale + r * w->passes,
+                 w->k, w->signs, w->block, w->passes, work);
+  free(work);
 }
 
 static void scale_rows_block(void *data, size_t index) {
   RowWork *w = (RowWork *)data;
   int64_t r0 = (int64_t)index * ROW_BLOCK, r1 = r0 + ROW_BLOCK < w->rows ? r0 + ROW_BLOCK : w->rows;
-  for (int64_t r = r0; r < r1; r++)
-    scale_row((const int32_t *)w->in + r * w->k, w->scale[r], w->col, (float *)w->out + r * w->k, w->k);
+  const int32_t *y = (const int32_t *)w->in;
+  for (int64_t r = r0; r < r1; r++) {
+    float *orow = (float *)w->out + r * w->k;
+    if (w->passes > 1)
+      scale_row2(y + 2 * r * w->k, y + (2 * r + 1) * w->k, w->scale + 2 * r, w->col, orow, w->k);
+    else
+      scale_row(y + r * w->k, w->scale[r], w->col, orow, w->k);
+  }
 }
 
 /* Runs fn over w's row blocks: on the calling thread for a few rows, else through ONNX Runtime's threads. */
@@ -1019,7 +1077,7 @@ static OrtStatus *over_rows(OrtKernelContext *ctx, void (*fn)(void *, size_t), R
 }
 
 static OrtStatus *quantize_compute(void *kernel, OrtKernelContext *ctx) {
-  (void)kernel;
+  const int passes = (int)((Kernel *)kernel)->passes;
   int64_t dims[MAX_RANK];
   size_t nd = 0;
   void *in, *q, *sc;
@@ -1030,16 +1088,23 @@ static OrtStatus *quantize_compute(void *kernel, OrtKernelContext *ctx) {
   const float *signs = NULL;
   int block = 1;
   if ((st = quantize_signs(ctx, k, &signs, &block))) return st;
-  int64_t sdims[MAX_RANK];
-  memcpy(sdims, dims, sizeof(int64_t) * nd);
-  sdims[nd - 1] = 1;
-  if ((st = any_output(ctx, 0, dims, nd, &q)) || (st = any_output(ctx, 1, sdims, nd, &sc))) return st;
-  RowWork w = {in, q, (float *)sc, NULL, signs, rows, k, block, 0};
+  if (passes > 1 && nd == MAX_RANK) return error("RowQuantize: with passes = 2, x may have at most 7 dimensions");
+  int64_t qdims[MAX_RANK], sdims[MAX_RANK];
+  memcpy(qdims, dims, sizeof(int64_t) * nd);
+  size_t qn = nd;
+  if (passes > 1) {  /* [..., K] -> [..., 2, K] */
+    qdims[nd - 1] = 2;
+    qdims[qn++] = k;
+  }
+  memcpy(sdims, qdims, sizeof(int64_t) * qn);
+  sdims[qn - 1] = 1;
+  if ((st = any_output(ctx, 0, qdims, qn, &q)) || (st = any_output(ctx, 1, sdims, qn, &sc))) return st;
+  RowWork w = {in, q, (float *)sc, NULL, signs, rows, k, block, passes, 0};
   return over_rows(ctx, quantize_block, &w, "RowQuantize");
 }
 
 static OrtStatus *scale_rows_compute(void *kernel, OrtKernelContext *ctx) {
-  (void)kernel;
+  const int passes = (int)((Kernel *)kernel)->passes;
   int64_t yd[MAX_RANK], sd[MAX_RANK], cd[MAX_RANK];
   size_t yn = 0, sn = 0, cn = 0;
   void *y, *rs, *cs, *o;
@@ -1050,18 +1115,23 @@ static OrtStatus *scale_rows_compute(void *kernel, OrtKernelContext *ctx) {
     return st;
   int64_t n = yd[yn - 1], rows = 1;
   for (size_t i = 0; i + 1 < yn; i++) rows *= yd[i];
-  int ok = sn == yn && sd[sn - 1] == 1 && cn == 1 && cd[0] == n;
+  int ok = sn == yn && sd[sn - 1] == 1 && cn == 1 && cd[0] == n && (passes < 2 || (yn >= 2 && yd[yn - 2] == 2));
   for (size_t i = 0; ok && i + 1 < yn; i++) ok = sd[i] == yd[i];
-  if (!ok) return error("ScaleRows: row_scale must be y's shape with a last size of 1, column_scale y's last size");
-  if ((st = any_output(ctx, 0, yd, yn, &o))) return st;
-  RowWork w = {y, o, (float *)rs, (const float *)cs, NULL, rows, n, 1, 0};
+  if (!ok)
+    return error(passes < 2 ? "ScaleRows: row_scale must be y's shape with a last size of 1, column_scale y's last size"
+                            : "ScaleRows: with passes = 2, y must be [..., 2, N], row_scale [..., 2, 1], "
+                              "column_scale [N]");
+  int64_t od[MAX_RANK];
+  memcpy(od, yd, sizeof(int64_t) * yn);
+  size_t on = yn;
+  if (passes > 1) {  /* [..., 2, N] -> [..., N] */
+    od[yn - 2] = n;
+    on--;
+    rows /= 2;
+  }
+  if ((st = any_output(ctx, 0, od, on, &o))) return st;
+  RowWork w = {y, o, (float *)rs, (const float *)cs, NULL, rows, n, 1, passes, 0};
   return over_rows(ctx, scale_rows_block, &w, "ScaleRows");
-}
-
-static OrtStatus *create_plain(const OrtCustomOp *op, OrtApiTable table, const OrtKernelInfo *info, void **kernel) {
-  (void)op; (void)table; (void)info;
-  *kernel = calloc(1, sizeof(Kernel));
-  return *kernel ? NULL : error("out of memory");
 }
 
 static OrtStatus *create_as(const OrtKernelInfo *info, void **kernel, int half) {
@@ -1159,6 +1229,25 @@ static OrtCustomOp lanes_attention = LANES_OP(lanes_name, output_type, create);
 static const char *lanes_name16(const OrtCustomOp *op) { (void)op; return "LanesAttention16"; }
 static OrtCustomOp lanes_attention16 = LANES_OP(lanes_name16, output_type16, create16);
 
+/* RowQuantize / ScaleRows: the optional attribute passes, 1 (default) or 2. */
+static OrtStatus *create_rows(const OrtCustomOp *op, OrtApiTable table, const OrtKernelInfo *info, void **kernel) {
+  (void)op; (void)table;
+  Kernel *k = calloc(1, sizeof(Kernel));
+  if (!k) return error("out of memory");
+  OrtStatus *st = CALL(KernelInfoGetAttribute_int64, OrtStatus *(*)(const OrtKernelInfo *, const char *, int64_t *))(
+      info, "passes", &k->passes);
+  if (st) {  /* absent: one pass */
+    CALL(ReleaseStatus, void (*)(OrtStatus *))(st);
+    k->passes = 1;
+  }
+  if (k->passes < 1 || k->passes > 2) {
+    free(k);
+    return error("RowQuantize / ScaleRows: the attribute passes must be 1 or 2");
+  }
+  *kernel = k;
+  return NULL;
+}
+
 static const char *quantize_name(const OrtCustomOp *op) { (void)op; return "RowQuantize"; }
 static int quantize_output_type(const OrtCustomOp *op, size_t i) { (void)op; return i == 0 ? ELEM_UINT8 : ELEM_FLOAT; }
 static int float_type(const OrtCustomOp *op, size_t i) { (void)op; (void)i; return ELEM_FLOAT; }
@@ -1170,9 +1259,9 @@ static int scale_rows_input_type(const OrtCustomOp *op, size_t i) { (void)op; re
 
 static int second_optional(const OrtCustomOp *op, size_t i) { (void)op; return i == 1; /* INPUT_OUTPUT_OPTIONAL */ }
 static OrtCustomOp row_quantize = FIXED_OP(quantize_name, float_type, two_count, quantize_output_type, two_count,
-                                           create_plain, quantize_compute, second_optional);
+                                           create_rows, quantize_compute, second_optional);
 static OrtCustomOp scale_rows = FIXED_OP(scale_rows_name, scale_rows_input_type, three_count, float_type, one_count,
-                                         create_plain, scale_rows_compute, required);
+                                         create_rows, scale_rows_compute, required);
 
 __attribute__((visibility("default"))) OrtStatus *RegisterCustomOps(OrtSessionOptions *options, const OrtApiBase *base) {
   OrtApiTable table = base->GetApi(API_VERSION);

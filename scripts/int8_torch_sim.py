@@ -1,0 +1,151 @@
+"""Where int8 rows loses agreement, simulated in PyTorch: the smoothed base model with its weights quantized per
+output column (to nearest, by GPTQ, or in blocks of 32) and / or every linear's input quantized to int8 per row,
+turned per block as the int8 rows graph turns it (32; the lm_head 64); teacher-forced top-1 agreement with the fp32
+model's greedy answers and the perplexity change. No ONNX: it separates the weights' share of the loss from the
+activations' (docs/quantization.md, "Weights rounded by GPTQ").
+
+    python scripts/int8_torch_sim.py --prompts train_prompts.jsonl --first 40 --count 60 \
+        --variants fp32 fp32+act8 nearest nearest+act8 gptq gptq+act8 blocks32
+
+One JSON line per variant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+import torch
+
+from medusa_export.exporter.gptq import input_hessians, round_columns, turned_hessian
+from medusa_export.exporter.model_loading import load_base_model
+from medusa_export.exporter.quantize import CALIBRATION, RECIPES
+from medusa_export.exporter.rotation import InputRotation
+from medusa_export.exporter.smoothing import smooth_activations
+from medusa_export.runtime.prompts import read_prompts
+
+GRAPH_NAMES = {"self_attn.q_proj": "qkv", "self_attn.k_proj": "qkv", "self_attn.v_proj": "qkv",
+               "self_attn.o_proj": "o", "mlp.gate_proj": "gate_up", "mlp.up_proj": "gate_up", "mlp.down_proj": "down"}
+
+
+def graph_name(module_name: str) -> str:
+    """The exported graph's MatMul name for a linear (`gptq.input_hessians` keys)."""
+    if module_name == "lm_head":
+        return "tail//lm_head/MatMul"
+    _, _, layer, rest = module_name.split(".", 3)  # model.layers.<i>.<rest>
+    return f"L{layer}/{GRAPH_NAMES[rest]}"
+
+
+def rotation_of(name: str, k: int) -> np.ndarray:
+    """The block-diagonal rotation the int8 rows graph applies to this linear's input."""
+    r = InputRotation(RECIPES["int8_rows"]["lm_head_rotation"] if name == "lm_head" else RECIPES["int8_rows"]["rotation"])
+    block = r.block_of(k)
+    return np.kron(np.eye(k // block), r.matrix(block))
+
+
+def quantized_weight(w: np.ndarray, how: str, rotation: np.ndarray, hessian: np.ndarray | None) -> np.ndarray:
+    """``w`` [K, N] quantized in the turned basis and turned back (what the graph's product computes)."""
+    turned = rotation.T @ w
+    k = turned.shape[0]
+    if how == "blocks32":
+        blocks = turned.reshape(k // 32, 32, -1)
+        step = np.abs(blocks).max(axis=1, keepdims=True) / 127
+        step = np.where(step > 0, step, 1.0)
+        q = (np.clip(np.rint(blocks / step), -127, 127) * step).reshape(k, -1)
+    else:
+        step = np.abs(turned).max(axis=0) / 127
+        step = np.where(step > 0, step, 1.0)
+        if how == "gptq":
+            q = round_columns(turned, turned_hessian(hessian, _block(rotation)), step) * step
+        else:
+            q = np.clip(np.rint(turned / step), -127, 127) * step
+    return rotation @ q
+
+
+def _block(rotation: np.ndarray) -> np.ndarray:
+    """The repeated block of a block-diagonal rotation."""
+    b = int(np.flatnonzero(rotation[0])[-1]) + 1
+    return rotation[:b, :b]
+
+
+def activation_hooks(model, linears: dict) -> list:
+    """Every linear's input quantized per row to int8 after the graph's turn, and turned back."""
+    handles = []
+    for name, module in linears.items():
+        r = torch.from_numpy(rotation_of(name, module.in_features)).float()
+
+        def pre(_module, args, r=r):
+            t = args[0] @ r
+            step = t.abs().amax(-1, keepdim=True) / 127
+            step = torch.where(step > 0, step, torch.ones_like(step))
+            return (torch.round(t / step).clamp(-127, 127) * step @ r.T,)
+
+        handles.append(module.register_forward_pre_hook(pre))
+    return handles
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--prompts", required=True)
+    ap.add_argument("--first", type=int, default=40)
+    ap.add_argument("--count", type=int, default=60)
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--variants", nargs="+", default=["fp32", "fp32+act8", "nearest", "nearest+act8", "gptq",
+                                                      "gptq+act8", "blocks32"])
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    loaded = load_base_model(None)
+    model, tok = loaded.model.eval(), loaded.tokenizer
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())  # untied: the embedding stays fp32
+    calibration = [tok.encode_prompt(t) for t in read_prompts(None, limit=CALIBRATION.stop)[CALIBRATION]]
+    smooth_activations(model, calibration, RECIPES["int8_rows"]["smooth_alpha"])
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    original = {n: m.weight.detach().clone() for n, m in linears.items()}
+    hessians = input_hessians(model, calibration) if any(v.startswith("gptq") for v in args.variants) else {}
+    answers = []
+    with torch.no_grad():
+        for prompt in read_prompts(args.prompts, limit=args.first + args.count)[args.first:]:
+            ids = tok.encode_prompt(prompt)
+            out = model.generate(torch.tensor([ids]), max_new_tokens=args.max_new_tokens, do_sample=False)
+            answers.append((len(ids), out[0].tolist()))
+
+    def agreement() -> tuple[float, float, int]:
+        agree = total = 0
+        nll = 0.0
+        with torch.no_grad():
+            for n, ids in answers:
+                logits = model(torch.tensor([ids])).logits[0, n - 1:len(ids) - 1].double()
+                target = torch.tensor(ids[n:])
+                agree += int((logits.argmax(-1) == target).sum())
+                nll -= float(torch.log_softmax(logits, -1)[torch.arange(len(target)), target].sum())
+                total += len(target)
+        return agree / total, float(np.exp(nll / total)), total
+
+    base_ppl = None
+    for variant in args.variants:
+        t0 = time.perf_counter()
+        how, _, act = variant.partition("+")
+        if how != "fp32":
+            for name, module in linears.items():
+                w = original[name].double().numpy().T
+                r = rotation_of(name, w.shape[0])
+                q = quantized_weight(w, how, r, hessians.get(graph_name(name)))
+                module.weight.data = torch.from_numpy(q.T.astype(np.float32).copy())
+        handles = activation_hooks(model, linears) if act == "act8" else []
+        top1, ppl, positions = agreement()
+        for h in handles:
+            h.remove()
+        for name, module in linears.items():
+            module.weight.data = original[name].clone()
+        base_ppl = ppl if variant == "fp32" else base_ppl
+        print(json.dumps({"variant": variant, "prompts": args.prompts, "first": args.first, "count": len(answers),
+                          "positions": positions, "top1": round(top1, 4),
+                          "perplexity_change": round(ppl / base_ppl - 1, 4) if base_ppl else None,
+                          "seconds": round(time.perf_counter() - t0, 1)}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
