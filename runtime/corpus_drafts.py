@@ -18,6 +18,8 @@ token took, in 255ths), and ``meta`` (int64: bits, max_ngram).
 
 from __future__ import annotations
 
+import bisect
+
 from pathlib import Path
 
 import numpy as np
@@ -35,8 +37,7 @@ CACHE_ENTRIES = 1 << 14  # suffixes `CorpusTable.lookup` remembers before it sta
 def rate_kind(ngram: int, share: float) -> int:
     """The acceptance-rate class of a corpus draft (`speculation.AcceptanceRates`): after the context drafts'
     classes (their n-gram lengths), one per n-gram length and share class."""
-    return DEFAULT_MAX_NGRAM + 1 + (ngram - 1) * (len(SHARE_CLASSES) + 1) + int(np.searchsorted(SHARE_CLASSES, share,
-                                                                                                  side="right"))
+    return DEFAULT_MAX_NGRAM + 1 + (ngram - 1) * (len(SHARE_CLASSES) + 1) + bisect.bisect_right(SHARE_CLASSES, share)
 
 
 NUM_KINDS = rate_kind(MAX_NGRAM, 1.0) + 1  # context classes and corpus classes together

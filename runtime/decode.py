@@ -199,7 +199,7 @@ def plan(cursor: Cursor, tree: Tree | None, spec: Speculation, room: int, max_pa
         upto.append(upto[-1] + x)
     options = [(1.0 + upto[n], n + 1, n, False) for n in range(len(q) + 1)]  # (tokens, rows, drafts, heads)
     if heads is not None:
-        p_node = spec.node_rates(tree).tolist()
+        p_node = spec.node_rates(tree)
         heads_tokens = sum(p_node)
         walked = heads.shared(draft.tokens) if draft else []
         paths = heads.num_paths + (0 if walked and heads.is_leaf(walked[-1]) else 1)  # once the draft leaves the tree
@@ -210,7 +210,7 @@ def plan(cursor: Cursor, tree: Tree | None, spec: Speculation, room: int, max_pa
             gain = sum(max(q[j] - p_node[walked[j]], 0.0) for j in range(k)) + upto[n] - upto[k]
             options.append((heads_tokens + gain, tree.num_nodes + n - k, n, True))
     most = max(rows for _, rows, _, _ in options)
-    t = spec.alone_table(tree is not None, most).tolist()
+    t = spec.alone_table(tree is not None, most)
     best = options[-1] if whole_tree and heads is not None else max(options, key=lambda o: o[0] / t[o[1]])
     if heads is not None and cursor.context is not None:
         weigh_both_graphs(spec, options, best, t)
@@ -228,7 +228,7 @@ def weigh_both_graphs(spec: Speculation, options: list[tuple], best: tuple, t: l
     graph's cost is measured: borrowed from the Medusa graph, it would make the heads win by construction."""
     if not spec.alone_cost[False].measured:
         return
-    t_vanilla = spec.alone_table(False, len(t) - 1).tolist()
+    t_vanilla = spec.alone_table(False, len(t) - 1)
     alone = max((o for o in options if not o[3]), key=lambda o: o[0] / t_vanilla[o[1]])
     spec.record_paired(best[0], t[best[1]], alone[0], t_vanilla[alone[1]])
 
@@ -307,7 +307,7 @@ def record_sources(p: StepTree, accepted: list[int], new: list[int], spec: Specu
     stats.accepted_context += kinds.count(CONTEXT)
     stats.context_rows += source.count(CONTEXT)
     if HEADS in source:
-        spec.record_heads(np.asarray([i for i in accepted if source[i] == HEADS], np.int64))
+        spec.record_heads([i for i in accepted if source[i] == HEADS])
     if p.draft:
         spec.rates.record(p.kind, p.drafted, agreeing(p.draft, new))
 

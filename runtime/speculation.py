@@ -53,12 +53,22 @@ class AcceptanceRates:
         for n, firsts in PRIOR_CORPUS_FIRST.items():
             for share, first in zip((0.0, *SHARE_CLASSES), firsts):
                 prior[rate_kind(n, share)] = [first, *[PRIOR_CORPUS_DEEPER] * (max_draft - 1)]
-        self.accepted = prior * PRIOR_WEIGHT
-        self.proposed = np.full_like(prior, PRIOR_WEIGHT)
-        # The conditional rates as lists, read every step in Python: numpy calls on a few elements cost ~10x their
-        # warm time right after a step has streamed the weights through the CPU's caches.
-        self.conditional = (self.accepted / self.proposed).tolist()
+        # Counts and conditional rates as lists, read and updated every step in Python: numpy calls on a few elements
+        # cost ~10x their warm time right after a step has streamed the weights through the CPU's caches.
+        self._accepted = (prior * PRIOR_WEIGHT).tolist()
+        self._proposed = np.full_like(prior, PRIOR_WEIGHT).tolist()
+        self.conditional = (prior * PRIOR_WEIGHT / PRIOR_WEIGHT).tolist()
         self.lock = threading.Lock()
+
+    @property
+    def accepted(self) -> np.ndarray:
+        """[kinds, depth] accepted drafts, the prior's included (a copy)."""
+        return np.array(self._accepted)
+
+    @property
+    def proposed(self) -> np.ndarray:
+        """[kinds, depth] verified drafts, the prior's included (a copy)."""
+        return np.array(self._proposed)
 
     def cumulative(self, kind: int, n: int) -> list[float]:
         """[n] probability that drafts 0..j of a draft of this kind are all accepted."""
@@ -71,11 +81,12 @@ class AcceptanceRates:
     def record(self, kind: int, proposed: int, accepted: int) -> None:
         """A step verified ``proposed`` drafts of a chain; its first ``accepted`` were right (each was tried only
         if its parent was accepted)."""
-        tried = min(accepted + 1, proposed, self.proposed.shape[1])
         with self.lock:
-            self.proposed[kind, :tried] += 1
-            self.accepted[kind, :min(accepted, tried)] += 1
-            self.conditional[kind] = (self.accepted[kind] / self.proposed[kind]).tolist()
+            acc, prop, rates = self._accepted[kind], self._proposed[kind], self.conditional[kind]
+            for j in range(min(accepted + 1, proposed, len(prop))):
+                prop[j] += 1
+                acc[j] += j < accepted
+                rates[j] = acc[j] / prop[j]
 
 
 class StepCost:
@@ -84,8 +95,9 @@ class StepCost:
     line: on the measured CPU 5 rows cost 1.23x one row but 8 rows 1.71x (another matmul kernel takes over)."""
 
     def __init__(self, max_rows: int = 256) -> None:
-        self.seconds = np.zeros(max_rows + 1)
-        self.count = np.zeros(max_rows + 1)
+        self.seconds = [0.0] * (max_rows + 1)  # lists, as `AcceptanceRates`' counts: updated and read every step
+        self.count = [0] * (max_rows + 1)
+        self.measured = False  # any row count measured
         self.lock = threading.Lock()
 
     def record(self, rows: int, seconds: float) -> None:
@@ -93,16 +105,12 @@ class StepCost:
             with self.lock:  # a mean of the first ten, then an exponential one (a busier machine is followed)
                 self.count[rows] += 1
                 self.seconds[rows] += (seconds - self.seconds[rows]) / min(self.count[rows], 10)
+                self.measured = True
 
-    @property
-    def measured(self) -> bool:
-        return bool(self.count[1:].any())
-
-    def table(self, upto: int) -> np.ndarray:
-        """[upto + 1] estimated seconds of a step of r rows (index 0 unused). Computed on lists (see
-        `AcceptanceRates.conditional`)."""
+    def table(self, upto: int) -> list[float]:
+        """[upto + 1] estimated seconds of a step of r rows (index 0 unused)."""
         upto = min(upto, len(self.seconds) - 1)
-        seconds, count = self.seconds[:upto + 1].tolist(), self.count[:upto + 1].tolist()
+        seconds, count = self.seconds, self.count
         known = [r for r in range(1, upto + 1) if count[r]]
         base_r, base_t = (known[0], seconds[known[0]]) if known else (1, 0.03)
         t, slowest = [0.0], 0.0
@@ -115,7 +123,7 @@ class StepCost:
                     base_t / (1 + PRIOR_ROW_SHARE * (base_r - r))
             slowest = max(slowest, estimate)  # never less than a smaller count's
             t.append(slowest)
-        return np.array(t)
+        return t
 
     def worth(self, chains: list[np.ndarray], expected: float, rows: int, limit: int) -> list[int]:
         """How many rows of each chain (``chains[i][j]``: probability that its drafts 0..j are all accepted) to add
@@ -126,7 +134,7 @@ class StepCost:
             return [0] * len(chains)
         t = self.table(rows + len(order))
         gains = expected + np.cumsum([-neg_q for neg_q, _, _ in order])
-        rates = np.concatenate(([expected / t[rows]], gains / t[rows + 1:rows + 1 + len(order)]))
+        rates = np.concatenate(([expected / t[rows]], gains / np.asarray(t[rows + 1:rows + 1 + len(order)])))
         best = int(np.argmax(rates))  # how many of ``order`` to take; parents sort before their children
         take = [0] * len(chains)
         for _, j, i in order[:best]:
@@ -143,7 +151,7 @@ class Speculation:
         self.requests = 0
         self.batched_cost = StepCost()
         self.lock = threading.Lock()
-        self.node_hits: np.ndarray | None = None  # per node of the heads' tree: times accepted
+        self.node_hits: list[float] | None = None  # per node of the heads' tree: times accepted
         self.heads_steps = 0.0  # steps that verified the heads' tree
         self.corpus: CorpusTable | None = None  # the artifact's corpus-draft table, if it has one
         # The same steps weighed on both graphs (`record_paired`), decayed: expected tokens and seconds of each
@@ -178,7 +186,7 @@ class Speculation:
             pays = medusa_tokens * vanilla_s >= vanilla_tokens * medusa_s
         else:
             n = tree.num_nodes
-            pays = self.node_rates(tree).sum() / self.alone_table(True, n)[n] >= 1 / self.alone_table(False, 1)[1]
+            pays = sum(self.node_rates(tree)) / self.alone_table(True, n)[n] >= 1 / self.alone_table(False, 1)[1]
         # Until both graphs are measured every other request tries the other one: a few requests, not eight, decide.
         explore = self.requests % (EXPLORE_EVERY if measured else 2) == 0
         return tree if pays != explore else None
@@ -192,7 +200,7 @@ class Speculation:
                 p[k] = p[k] * PAIRED_DECAY + value
             p[4] += 1
 
-    def alone_table(self, medusa: bool, upto: int) -> np.ndarray:
+    def alone_table(self, medusa: bool, upto: int) -> list[float]:
         """[upto + 1] estimated seconds of a one-sequence step by rows on the Medusa (or vanilla) graph. A graph not
         measured yet borrows the other's measurements rather than the 30 ms prior: on a machine where a step takes
         10 ms the prior would keep the heads untried until exploration measured them (the Medusa graph's step costs
@@ -200,20 +208,26 @@ class Speculation:
         own, other = self.alone_cost[medusa], self.alone_cost[not medusa]
         return (own if own.measured or not other.measured else other).table(upto)
 
-    def node_rates(self, tree) -> np.ndarray:
-        """[N] how often each node of the heads' tree was accepted (root: 1)."""
+    def node_rates(self, tree) -> list[float]:
+        """[N] how often each node of the heads' tree was accepted (root: 1). Lists, as `AcceptanceRates`'."""
         if self.node_hits is None or len(self.node_hits) != tree.num_nodes:
-            self.node_hits = PRIOR_HEADS_NODE ** tree.depth * PRIOR_WEIGHT  # a prior of PRIOR_WEIGHT steps
+            self.node_hits = (PRIOR_HEADS_NODE ** tree.depth * PRIOR_WEIGHT).tolist()  # a prior of PRIOR_WEIGHT steps
             self.heads_steps = PRIOR_WEIGHT
-        rates = self.node_hits / self.heads_steps
+        steps = self.heads_steps
+        rates = [hits / steps for hits in self.node_hits]
         rates[0] = 1.0
         return rates
 
-    def record_heads(self, accepted_nodes: np.ndarray) -> None:
-        """A step verified the heads' tree (its nodes keep their indices when drafts are merged in)."""
+    def record_heads(self, accepted_nodes) -> None:
+        """A step verified the heads' tree (its nodes keep their indices when drafts are merged in); ``accepted_nodes``:
+        the accepted ones among them, distinct."""
         if self.node_hits is not None:
             with self.lock:
+                hits = self.node_hits
                 decay = 1.0 if self.heads_steps < 100 else 0.99  # follow what the heads do on recent text
-                self.node_hits *= decay
+                if decay != 1.0:
+                    hits[:] = [h * decay for h in hits]
                 self.heads_steps = self.heads_steps * decay + 1
-                self.node_hits[accepted_nodes[accepted_nodes < len(self.node_hits)]] += 1
+                for i in (accepted_nodes.tolist() if isinstance(accepted_nodes, np.ndarray) else accepted_nodes):
+                    if i < len(hits):
+                        hits[i] += 1

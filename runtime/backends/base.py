@@ -79,10 +79,13 @@ class StepOutput:
         ``medusa_token_ids`` means a vanilla run."""
         values = {field: np.asarray(outputs[name], dtype) if name in outputs else None
                   for name, field, dtype in _REDUCED_FIELDS}
-        missing = [f.name for f in fields(cls) if f.name != "medusa_ids" and values[f.name] is None]
+        missing = [name for name in _REQUIRED_FIELDS if values[name] is None]
         if missing:
             raise ValueError(f"step outputs lack {missing}: the graph does not follow the I/O table")
         return cls(**values)
+
+
+_REQUIRED_FIELDS = tuple(f.name for f in fields(StepOutput) if f.name != "medusa_ids")  # every graph's outputs
 
 
 class Session(ABC):

@@ -29,7 +29,7 @@ from ..tree_paths import PathBatch
 from .base import Backend, KVCache, MaskBuffer, ModelDims, Session, StepOutput
 from .ort_errors import reason, run_bound
 from .ort_lanes import OrtLanes
-from .ort_outputs import first_outputs, selects_rows
+from .ort_outputs import first_outputs, selects_rows, unbind_outputs
 from .slot_cache import SlotCache
 
 
@@ -278,8 +278,7 @@ class OrtSession(Session):
             present = self.kv.stage(t)
             self._bind_kv(b, self.kv.past(), present)
         reduced = self.reduced[kind]
-        for name in reduced:  # small ([T, S], [T, T], ...): let ORT allocate them (shapes change with T)
-            b.bind_output(name, "cpu")
+        unbind_outputs(b, reduced)  # small ([T, S], [T, T], ...): let ORT allocate them (shapes change with T)
         run_bound(self.graphs[kind], b, f"{kind} graph")
         return StepOutput.from_named({name: v[0] for name, v in zip(reduced, first_outputs(b, len(reduced)))})
 

@@ -21,7 +21,7 @@ from .. import io_table
 from .base import ModelDims, Session
 from .lanes import Lane, LaneOutput
 from .ort_errors import run_bound
-from .ort_outputs import first_outputs, selects_rows
+from .ort_outputs import first_outputs, selects_rows, unbind_outputs
 from .slot_cache import SlotCache
 
 _REDUCED = [t.name for t in io_table.lanes_reduced_outputs()]
@@ -104,8 +104,7 @@ class OrtLanes:
                                                             for i in range(self.lanes)]).astype(np.int64))
         selected, temps = self._selection(wanted, temps, offsets[-1])
         b.bind_cpu_input("row_temperature", np.asarray(temps, np.float32)[None])
-        for name in _REDUCED:  # unallocated again: their shapes change with the rows
-            b.bind_output(name, "cpu")
+        unbind_outputs(b, _REDUCED)  # unallocated again: their shapes change with the rows
         run_bound(self.session, b, "lanes graph")
         ids, probs, entropy = (v[0] for v in first_outputs(b, len(_REDUCED)))
         where = {row: i for i, row in enumerate(selected)}  # output row of each step row computed

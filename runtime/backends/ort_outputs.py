@@ -18,6 +18,30 @@ def first_outputs(binding, n: int) -> list[np.ndarray]:
     return [values[i].numpy() for i in range(n)]
 
 
+_CPU = None  # the CPU device for the native binding, made once
+
+
+def unbind_outputs(binding, names) -> None:
+    """Bind ``names`` to the CPU, unallocated, so that ONNX Runtime allocates them at their next run's shapes (they
+    change with the rows). Through the binding's native object where this ONNX Runtime exposes it: the Python
+    wrapper makes a new device object per call (~20 µs each, five outputs a step, right after a step when the
+    caches hold the weights)."""
+    global _CPU
+    native = getattr(binding, "_iobinding", None)
+    if native is None:
+        for name in names:
+            binding.bind_output(name, "cpu")
+        return
+    if _CPU is None:
+        from onnxruntime.capi.onnxruntime_inference_collection import OrtDevice
+
+        _CPU = OrtDevice.make("cpu", 0)._get_c_device()
+    bound = getattr(binding, "_bound_outputs", {})  # what the wrapper records of a bound output (ORT >= 1.2x)
+    for name in names:
+        native.bind_output(name, _CPU)
+        bound[name] = None
+
+
 def selects_rows(session) -> bool:
     """Whether a graph runs lm_head and the reductions on the rows asked only (`io_table.row_selection_input`;
     graphs built before it compute every row)."""
