@@ -52,6 +52,7 @@ def quantize_rows(model, keep: Callable[[str], bool], turn: Callable[[str], bool
     zero = "rows_int8/zero_point"
     nodes, count, fused, signs_names = [], 0, set(), {}
     turns = _rotation_chains(graph, inits)
+    producers = {o: n for n in graph.node for o in n.output}
     rotation = InputRotation(turn_block)
     for node in graph.node:
         weight = inits.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
@@ -67,6 +68,8 @@ def quantize_rows(model, keep: Callable[[str], bool], turn: Callable[[str], bool
         peak = np.abs(w).max(axis=0)
         scale = np.where(peak > 0, peak / 127.0, 1.0).astype(np.float32)
         hessian = rounding.hessian(node.name) if rounding else None
+        if hessian is not None and node.input[0] not in turns and _turned_by_graph(node.input[0], producers):
+            hessian = None  # a rotation not folded here: its basis unknown to GPTQ, so rounded to nearest
         if hessian is not None:  # in the basis the MatMul sees: turned by the graph's rotation or by RowQuantize
             if node.input[0] in turns:
                 b = len(turns[node.input[0]][1])
@@ -131,6 +134,12 @@ def _rotation_chains(graph, inits: dict) -> dict:
         chains[out_reshape.output[0]] = (in_reshape.input[0], signs, {in_reshape.output[0], turn.output[0],
                                                                     out_reshape.output[0]})
     return chains
+
+
+def _turned_by_graph(tensor: str, producers: dict) -> bool:
+    """Whether ``tensor`` is an input rotation's output (`fused_backbone`: a Reshape named */rotation_out)."""
+    node = producers.get(tensor)
+    return node is not None and node.op_type == "Reshape" and node.name.endswith("/rotation_out")
 
 
 def _hadamard_signs(matrix: np.ndarray) -> np.ndarray | None:

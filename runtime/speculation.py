@@ -82,11 +82,12 @@ class AcceptanceRates:
         """A step verified ``proposed`` drafts of a chain; its first ``accepted`` were right (each was tried only
         if its parent was accepted)."""
         with self.lock:
-            acc, prop, rates = self._accepted[kind], self._proposed[kind], self.conditional[kind]
+            acc, prop, rates = self._accepted[kind], self._proposed[kind], list(self.conditional[kind])
             for j in range(min(accepted + 1, proposed, len(prop))):
                 prop[j] += 1
                 acc[j] += j < accepted
                 rates[j] = acc[j] / prop[j]
+            self.conditional[kind] = rates  # whole: a reader without the lock sees the old row or the new one
 
 
 class StepCost:
@@ -103,8 +104,9 @@ class StepCost:
     def record(self, rows: int, seconds: float) -> None:
         if 1 <= rows < len(self.seconds):
             with self.lock:  # a mean of the first ten, then an exponential one (a busier machine is followed)
-                self.count[rows] += 1
-                self.seconds[rows] += (seconds - self.seconds[rows]) / min(self.count[rows], 10)
+                n = self.count[rows] + 1
+                self.seconds[rows] += (seconds - self.seconds[rows]) / min(n, 10)
+                self.count[rows] = n  # after the seconds: `table` reads without the lock, and a count must have them
                 self.measured = True
 
     def table(self, upto: int) -> list[float]:

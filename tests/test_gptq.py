@@ -116,3 +116,22 @@ def test_input_hessians_cover_every_decoder_matmul_and_the_lm_head(tiny_dirs):
     np.testing.assert_allclose(h["tail//lm_head/MatMul"], expected, rtol=1e-6, atol=1e-8)
     with pytest.raises(ValueError, match="calibration"):
         input_hessians(model, [])
+
+
+def test_a_rotation_left_in_the_graph_gets_weights_rounded_to_nearest():
+    """An input rotation that `quantize_rows` cannot fold (its output read twice) turns the input in the graph; the
+    Hessian GPTQ was given is of the unturned input, so that MatMul's weights are rounded to nearest instead."""
+    import test_int8_rows as rows_tests
+    from onnx import helper, numpy_helper
+
+    from medusa_export.exporter.quantize_rows import quantize_rows
+
+    model, _ = rows_tests._rotated_matmul_model(64, 16, 32)
+    model.graph.node.append(helper.make_node("Identity", ["t"], ["t_again"], "second_reader"))
+    model.graph.output.append(helper.make_tensor_value_info("t_again", 1, None))
+    turned = numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == "w"))
+    x = _correlated_inputs(500, 64, 3)
+    quantize_rows(model, keep=lambda _name: False, rounding=Rounding({"proj": x.T @ x}))
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    np.testing.assert_array_equal(inits["proj/weight_int8"], _nearest(turned, inits["proj/column_scale"]))
+    assert any(n.name.endswith("/rotation") and n.op_type == "MatMul" for n in model.graph.node)  # left in the graph

@@ -840,7 +840,8 @@ static OrtStatus *lanes_compute(void *kernel, OrtKernelContext *ctx) {
    row minus its dequantized first pass, in the turned basis, under its own scale): q [..., 2, K], scale [..., 2, 1],
    so one MatMulInteger multiplies both passes; ScaleRows then takes y [..., 2, N] and row_scale [..., 2, 1] and
    writes (float(y0) * s0 + float(y1) * s1) * column scale, [..., N]. About 15 bits of the row instead of 8, for a
-   second row through the integer product (whose cost grows slowly with rows). */
+   second row through the integer product (whose cost grows slowly with rows). A row whose largest value is within
+   about 1 % of FLT_MAX dequantizes to infinity in the first pass and comes out NaN with two passes. */
 /* An input of rank 1 .. MAX_RANK: its data, shape and rank. */
 static OrtStatus *any_input(OrtKernelContext *ctx, size_t index, int type, int64_t *dims, size_t *ndims, void **data,
                             const char *what) {
