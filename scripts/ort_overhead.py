@@ -4,11 +4,15 @@ for a bare IOBinding loop that feeds the same graph the same shared KV buffers a
 Measured directly (wall time minus time inside the engine), so the engine's own run-to-run noise cancels out.
 
     python scripts/ort_overhead.py artifacts/smollm2 [--tokens 128] [--repeats 5] [--threads 2] [--json out.json]
-        [--speculate --prompts question.jsonl --limit 16]
+        [--speculate --prompts question.jsonl --limit 16] [--batched 8]
 
 ``--speculate``: a third row, greedy speculative decoding as `generate` runs it (heads and drafts as the runtime
 chooses) on each prompt of ``--prompts``, not capped by ``ignore_eos``; its host time covers planning the drafts,
 acceptance and the statistics too. The bare loop has no counterpart there.
+
+``--batched N``: two more rows, the prompts of ``--prompts`` through the batched engine (`generate_many`, N in
+flight), plain and speculating; their host time is the engine's Python around each lanes step (scheduling, drafts,
+acceptance, bindings, streaming text), per generated token, over all sequences.
 """
 
 from __future__ import annotations
@@ -65,6 +69,17 @@ def speculating(gen, prompts: list[list[int]], tokens: int, clock: EngineClock) 
     return tuple(float(np.mean(v)) for v in zip(*runs))
 
 
+def batched(rt, prompts: list[list[int]], tokens: int, clock: EngineClock, in_flight: int,
+            speculate: bool) -> tuple[float, float]:
+    """(host, engine) seconds per generated token of ``prompts`` through the batched engine, ``in_flight`` at once."""
+    clock.reset()
+    t0 = time.perf_counter()
+    outs = rt.generate_many(prompts, max_num_seqs=in_flight, max_new_tokens=tokens, medusa=speculate)
+    wall = time.perf_counter() - t0
+    n = sum(o.new_tokens for o in outs)
+    return (wall - clock.seconds) / n, clock.seconds / n
+
+
 def bare_loop(backend, prompt_ids: list[int], tokens: int, clock: EngineClock) -> tuple[float, float]:
     """The same for a bare loop: bind the token, its position and mask, run, read the top id."""
     clock.reset()
@@ -103,6 +118,7 @@ def main() -> None:
     ap.add_argument("--speculate", action="store_true", help="also greedy speculative decoding on --prompts")
     ap.add_argument("--prompts", default=None, help="JSONL prompts for --speculate (default: the packaged set)")
     ap.add_argument("--limit", type=int, default=16)
+    ap.add_argument("--batched", type=int, default=0, help="also the batched engine, this many in flight, on --prompts")
     args = ap.parse_args()
     clock = EngineClock()
     rt = MedusaRuntime.load(args.artifact, backend="ort", threads=args.threads)
@@ -110,18 +126,25 @@ def main() -> None:
     prompt_ids = gen.tokenizer.encode_prompt(PROMPT)
     through_runtime(gen, prompt_ids, 16, clock), bare_loop(gen.backend, prompt_ids, 16, clock)  # warm-up
     runs = {"runtime": [], "bare": []}
-    chats = [gen.tokenizer.encode_prompt(p) for p in read_prompts(args.prompts, limit=args.limit)] if args.speculate \
-        else []
-    if chats:
+    chats = [gen.tokenizer.encode_prompt(p) for p in read_prompts(args.prompts, limit=args.limit)] \
+        if args.speculate or args.batched else []
+    if args.speculate:
         runs["speculating"] = []
         speculating(gen, chats[:2], 16, clock)  # warm-up: both graphs, drafts
+    if args.batched:
+        runs["batched"], runs["batched_speculating"] = [], []
+        batched(rt, chats[:args.batched], 16, clock, args.batched, True)  # warm-up: the lanes graph
     for _ in range(args.repeats):
         runs["runtime"].append(through_runtime(gen, prompt_ids, args.tokens, clock))
         runs["bare"].append(bare_loop(gen.backend, prompt_ids, args.tokens, clock))
-        if chats:
+        if args.speculate:
             runs["speculating"].append(speculating(gen, chats, args.tokens, clock))
+        if args.batched:
+            runs["batched"].append(batched(rt, chats, args.tokens, clock, args.batched, False))
+            runs["batched_speculating"].append(batched(rt, chats, args.tokens, clock, args.batched, True))
     report = {"artifact": args.artifact, "tokens": args.tokens, "repeats": args.repeats, "threads": args.threads,
-              "prompts": args.prompts if chats else None, "limit": args.limit if chats else None}
+              "prompts": args.prompts if chats else None, "limit": args.limit if chats else None,
+              "in_flight": args.batched or None}
     for name, values in runs.items():
         host, engine = (float(np.median(v)) * 1e3 for v in zip(*values))
         report[name] = {"host_ms_per_token_p50": round(host, 3), "engine_ms_per_token_p50": round(engine, 3),
