@@ -1,6 +1,6 @@
-"""One lm_head-sized int8 product, two ways, by rows: ``MatMulNBits`` (8-bit blocks of 32, accuracy level 4, the
-int8 recipe's) against the per-row form of `exporter/quantize_rows.py` (RowQuantize, MatMulInteger, ScaleRows;
-the input turned per block of 64, as the int8 rows recipe's lm_head). Random weights of the default model's shape;
+"""One lm_head-sized product by rows: fp32 (ONNX Runtime's MatMul) and int8 two ways, ``MatMulNBits`` (8-bit blocks
+of 32, accuracy level 4, the int8 recipe's) and the per-row form of `exporter/quantize_rows.py` (RowQuantize,
+MatMulInteger, ScaleRows; the input turned per block of 64, as the int8 rows recipe's lm_head). Random weights of the default model's shape;
 64 MB are touched before every call so the weights come from memory, as in a decoding step.
 
     python scripts/lm_head_micro.py [--rows 1 8 16] [--calls 25] [--threads 2] [--json lm_head_micro.json]
@@ -50,7 +50,7 @@ def main() -> None:
     opts.intra_op_num_threads = args.threads
     kernels.register(opts, "kernel")
     sessions = {kind: ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-                for kind, m in (("blocks", blocks.model.model), ("rows_turned", rows_model))}
+                for kind, m in (("fp32", _model(w)), ("blocks", blocks.model.model), ("rows_turned", rows_model))}
     junk = np.ones(64 * 1024 * 1024 // 4, np.float32)
     out = []
     for rows in args.rows:
