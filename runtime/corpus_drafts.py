@@ -113,7 +113,7 @@ class CorpusTable:
         for n in range(len(suffix), 0, -1):
             keys = self.keys[n - 1]
             key = np.uint64(pack(suffix[-n:], self.bits))
-            i = int(np.searchsorted(keys, key))
+            i = int(keys.searchsorted(key))  # the method: numpy's function wrapper costs as much again
             if i < len(keys) and keys[i] == key:
                 return int(self.nexts[n - 1][i]), n, float(self.shares[n - 1][i]) / 255
         return None

@@ -189,3 +189,21 @@ def test_kernel_lanes_graphs_of_both_forms_pass_the_io_check():
     check_graph_io(session(True), path, dims, medusa=False, lanes=3, attention="gqa")
     with pytest.raises(ArtifactError, match="lacks the input 'lane_gather'"):
         check_graph_io(session(False), path, dims, medusa=False, lanes=3, attention="gqa")
+
+
+@pytest.mark.parametrize("past, rows", [(0, 1), (1, 1), (300, 1), (7, 3), (0, 4)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_padded_bias_is_the_causal_mask_with_the_extra_row(past, rows, dtype):
+    """Each row sees the keys up to its own; the extra row (a copy of the last) sees those and its own key; one
+    token (the shortcut every decoding lane takes) the same as the general construction."""
+    from medusa_export.runtime.backends.ort_lanes import padded_bias
+
+    total = past + rows + 1
+    expected = np.full((rows + 1, total), -np.inf, dtype)
+    for r in range(rows):
+        expected[r, :past + r + 1] = 0
+    expected[rows, :past + rows] = 0
+    expected[rows, total - 1] = 0
+    bias = padded_bias(past, rows, dtype)
+    assert bias.dtype == dtype and bias.shape == (1, 1, rows + 1, total)
+    np.testing.assert_array_equal(bias[0, 0], expected)

@@ -31,6 +31,10 @@ def padded_bias(past: int, rows: int, dtype=np.float32) -> np.ndarray:
     """The additive mask the one-sequence graph gives GroupQueryAttention for ``rows`` causal rows after ``past``:
     the rows, then the extra row (a copy of the last row that also sees itself), over ``past + rows + 1`` keys."""
     total = past + rows + 1
+    if rows == 1:  # a decoding lane's one token, every step: the row sees all but the extra row's key, which sees all
+        bias = np.zeros((1, 1, 2, total), dtype)
+        bias[0, 0, 0, total - 1] = -np.inf
+        return bias
     keys = np.arange(total)
     limit = np.append(past + np.arange(rows), past + rows - 1)  # the last key each row sees
     bias = np.where(keys[None, :] <= limit[:, None], 0.0, -np.inf).astype(dtype)
@@ -61,6 +65,7 @@ class OrtLanes:
         self.present = [io_table.lane_kv_names(n, b, "present") for b in range(lanes)]
         self.scratch = [SlotCache(dims, 2) for _ in range(lanes)]  # what an empty lane's attention writes
         self.bound: list[tuple | None] = [None] * lanes
+        self.empty_bias = np.zeros((1, 1, 1, 1), self.elem)  # an empty lane's (never written: bound as it is)
         self.lock = threading.Lock()
         for name in _REDUCED:  # first: get_outputs() follows the order of first binding
             self.binding.bind_output(name, "cpu")
@@ -91,8 +96,7 @@ class OrtLanes:
             sizes.append(rows + 1)
             offsets.append(offsets[-1] + rows)
             b.bind_cpu_input(f"position_ids.{i}", padded_positions(past, rows))
-            b.bind_cpu_input(f"attention_bias.{i}", padded_bias(past, rows, self.elem) if lane else
-                             np.zeros((1, 1, 1, 1), self.elem))
+            b.bind_cpu_input(f"attention_bias.{i}", padded_bias(past, rows, self.elem) if lane else self.empty_bias)
             self._bind_kv(i, kv)
         tokens = np.concatenate([lane.tokens for lane in lanes if lane]).astype(np.int64)
         b.bind_cpu_input("input_ids", tokens[None])
