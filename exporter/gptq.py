@@ -8,7 +8,7 @@ Rounding each weight to the nearest step leaves every error where it falls. GPTQ
 calibration inputs correlate (``H = X^T X``): the product ``x @ W8 * scale`` stays closer to ``x @ W`` on inputs
 like them. The format does not change (int8 per output column, `quantize_rows`), nor the cost of a step.
 
-Measured on the default model (docs/quantization.md, "Weights rounded by GPTQ"): with fp32 activations (PyTorch),
+Measured on the default model (docs/quantization.md, "Where int8 rows loses agreement"): with fp32 activations (PyTorch),
 per-column int8 weights agree 97.4 % (to nearest) and 98.4 % (GPTQ) in teacher-forced top-1 with fp32 on held-out
 prompts; in the int8 rows graph, whose activations are int8 per row, GPTQ moved it within noise (97.2 -> 97.2 %,
 97.1 -> 97.1 % on two prompt sets) and the perplexity change up (+0.13 -> +0.56 %), so the recipe rounds to nearest

@@ -60,23 +60,23 @@ def quantize_rows(model, keep: Callable[[str], bool], turn: Callable[[str], bool
             nodes.append(node)
             continue
         w = numpy_helper.to_array(weight).astype(np.float32)
+        chain = turns.get(node.input[0])  # the graph's rotation of this input, folded into the RowQuantize
         block = rotation.block_of(w.shape[0])
-        turned = node.input[0] not in turns and turn(node.name) and block > 1  # an odd width has no block to turn
+        turned = chain is None and turn(node.name) and block > 1  # an odd width has no block to turn
+        basis = None  # the block matrix the input is turned by, if it is
         if turned:
-            signs = _hadamard_signs(rotation.matrix(block))
+            basis = rotation.matrix(block)
+            signs = _hadamard_signs(basis)
             w = rotation.weight(w)
+        elif chain is not None:
+            basis = chain[1][:, None] * hadamard(len(chain[1]))
         peak = np.abs(w).max(axis=0)
         scale = np.where(peak > 0, peak / 127.0, 1.0).astype(np.float32)
         hessian = rounding.hessian(node.name) if rounding else None
-        if hessian is not None and node.input[0] not in turns and _turned_by_graph(node.input[0], producers):
+        if hessian is not None and chain is None and _turned_by_graph(node.input[0], producers):
             hessian = None  # a rotation not folded here: its basis unknown to GPTQ, so rounded to nearest
-        if hessian is not None:  # in the basis the MatMul sees: turned by the graph's rotation or by RowQuantize
-            if node.input[0] in turns:
-                b = len(turns[node.input[0]][1])
-                hessian = turned_hessian(hessian, turns[node.input[0]][1][:, None] * hadamard(b))
-            elif turned:
-                hessian = turned_hessian(hessian, rotation.matrix(block))
-            w8 = rounding(w, hessian, scale)
+        if hessian is not None:  # in the basis the MatMul sees
+            w8 = rounding(w, hessian if basis is None else turned_hessian(hessian, basis), scale)
         else:
             w8 = np.clip(np.rint(w / scale), -127, 127).astype(np.int8)
         name = node.name or node.output[0]
@@ -84,10 +84,10 @@ def quantize_rows(model, keep: Callable[[str], bool], turn: Callable[[str], bool
         graph.initializer.extend([numpy_helper.from_array(w8, f"{name}/weight_int8"),
                                   numpy_helper.from_array(scale, f"{name}/column_scale")])
         source = [node.input[0]]
-        if node.input[0] in turns:  # the rotation's input and signs, its three nodes dropped
-            x, signs, chain = turns[node.input[0]]
+        if chain is not None:  # the rotation's input and signs, its three nodes dropped
+            x, signs, chain_outputs = chain
             source = [x, _signs_initializer(graph, signs, signs_names)]
-            fused.update(chain)
+            fused.update(chain_outputs)
         elif turned:
             source.append(_signs_initializer(graph, signs, signs_names))
         passes = {"passes": 2} if residual(node.name) else {}
@@ -169,8 +169,7 @@ def turned_blocks(graph, names: Callable[[str], bool]) -> list[int]:
             for n in graph.node if n.op_type == kernels.QUANTIZE_OP and names(n.name)]
 
 
-
 def residual_matmuls(graph) -> list[str]:
-    """The names of the RowQuantize nodes that quantize in two passes (what a manifest records)."""
+    """The names of the RowQuantize nodes that quantize in two passes (`quantize_rows`' ``residual``)."""
     return [n.name for n in graph.node if n.op_type == kernels.QUANTIZE_OP
             and any(a.name == "passes" and a.i == 2 for a in n.attribute)]

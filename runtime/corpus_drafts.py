@@ -19,7 +19,6 @@ token took, in 255ths), and ``meta`` (int64: bits, max_ngram).
 from __future__ import annotations
 
 import bisect
-
 from pathlib import Path
 
 import numpy as np

@@ -55,9 +55,9 @@ class AcceptanceRates:
                 prior[rate_kind(n, share)] = [first, *[PRIOR_CORPUS_DEEPER] * (max_draft - 1)]
         # Counts and conditional rates as lists, read and updated every step in Python: numpy calls on a few elements
         # cost ~10x their warm time right after a step has streamed the weights through the CPU's caches.
-        self._accepted = (prior * PRIOR_WEIGHT).tolist()
-        self._proposed = np.full_like(prior, PRIOR_WEIGHT).tolist()
-        self.conditional = (prior * PRIOR_WEIGHT / PRIOR_WEIGHT).tolist()
+        accepted, proposed = prior * PRIOR_WEIGHT, np.full_like(prior, PRIOR_WEIGHT)
+        self._accepted, self._proposed = accepted.tolist(), proposed.tolist()
+        self.conditional = (accepted / proposed).tolist()
         self.lock = threading.Lock()
 
     @property

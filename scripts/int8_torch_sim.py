@@ -38,15 +38,19 @@ def graph_name(module_name: str) -> str:
     return f"L{layer}/{GRAPH_NAMES[rest]}"
 
 
-def rotation_of(name: str, k: int) -> np.ndarray:
-    """The block-diagonal rotation the int8 rows graph applies to this linear's input."""
+def rotation_block(name: str, k: int) -> np.ndarray:
+    """The [B, B] matrix the int8 rows graph turns each block of this linear's input by."""
     r = InputRotation(RECIPES["int8_rows"]["lm_head_rotation"] if name == "lm_head" else RECIPES["int8_rows"]["rotation"])
-    block = r.block_of(k)
-    return np.kron(np.eye(k // block), r.matrix(block))
+    return r.matrix(r.block_of(k))
 
 
-def quantized_weight(w: np.ndarray, how: str, rotation: np.ndarray, hessian: np.ndarray | None) -> np.ndarray:
-    """``w`` [K, N] quantized in the turned basis and turned back (what the graph's product computes)."""
+def block_diagonal(block: np.ndarray, k: int) -> np.ndarray:
+    return np.kron(np.eye(k // block.shape[0]), block)
+
+
+def quantized_weight(w: np.ndarray, how: str, block: np.ndarray, hessian: np.ndarray | None) -> np.ndarray:
+    """``w`` [K, N] quantized in the basis turned per ``block`` and turned back (what the graph's product computes)."""
+    rotation = block_diagonal(block, w.shape[0])
     turned = rotation.T @ w
     k = turned.shape[0]
     if how == "blocks32":
@@ -58,23 +62,18 @@ def quantized_weight(w: np.ndarray, how: str, rotation: np.ndarray, hessian: np.
         step = np.abs(turned).max(axis=0) / 127
         step = np.where(step > 0, step, 1.0)
         if how == "gptq":
-            q = round_columns(turned, turned_hessian(hessian, _block(rotation)), step) * step
+            q = round_columns(turned, turned_hessian(hessian, block), step) * step
         else:
             q = np.clip(np.rint(turned / step), -127, 127) * step
     return rotation @ q
-
-
-def _block(rotation: np.ndarray) -> np.ndarray:
-    """The repeated block of a block-diagonal rotation."""
-    b = int(np.flatnonzero(rotation[0])[-1]) + 1
-    return rotation[:b, :b]
 
 
 def activation_hooks(model, linears: dict) -> list:
     """Every linear's input quantized per row to int8 after the graph's turn, and turned back."""
     handles = []
     for name, module in linears.items():
-        r = torch.from_numpy(rotation_of(name, module.in_features)).float()
+        k = module.in_features
+        r = torch.from_numpy(block_diagonal(rotation_block(name, k), k)).float()
 
         def pre(_module, args, r=r):
             t = args[0] @ r
@@ -131,7 +130,7 @@ def main() -> None:
         if how != "fp32":
             for name, module in linears.items():
                 w = original[name].double().numpy().T
-                r = rotation_of(name, w.shape[0])
+                r = rotation_block(name, w.shape[0])
                 q = quantized_weight(w, how, r, hessians.get(graph_name(name)))
                 module.weight.data = torch.from_numpy(q.T.astype(np.float32).copy())
         handles = activation_hooks(model, linears) if act == "act8" else []
