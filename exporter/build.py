@@ -180,6 +180,7 @@ def _export_graph(loaded, kind: str, heads, tree: Tree, options: BuildOptions, w
             export_step_graph(step, path, dtype=dt)
     with step_log(f"fold constants in the {kind} graph (Polygraphy)"):
         cleanup = CleanupRecord(**fold_constants(path))
+    _screen(path, options, step_log)
     quantization = None
     if options.quantized:
         with step_log(f"quantize the {kind} graph's weights ({options.dtype})"):
@@ -195,6 +196,20 @@ def _export_graph(loaded, kind: str, heads, tree: Tree, options: BuildOptions, w
                          outputs=tensors(io_table.outputs(n, heads is not None, layout, paths)), paths=paths,
                          cleanup=cleanup, quantization=quantization)
     return record, validation
+
+
+def _screen(path: Path, options: BuildOptions, step_log) -> None:
+    """``--lm-head screened``: the graph's base lm_head and reduction rewritten (`screened_lm_head`)."""
+    if options.lm_head != "screened":
+        return
+    import onnx
+
+    from .screened_lm_head import screen_lm_head
+
+    with step_log(f"screen the lm_head of {path.name} (int8 product, exact fp32 candidates)"):
+        model = onnx.load(str(path))
+        screen_lm_head(model, options.sample_topk)
+        onnx.save_model(model, str(path))
 
 
 class _StepLog:
@@ -228,6 +243,7 @@ def _export_lanes(loaded, options: BuildOptions, work: Path, step_log, grid: boo
                            _recipe(options, "rotation", 0), options.attention, options.kv_dtype)
     with step_log("fold constants in the batched graph (Polygraphy)"):
         cleanup = CleanupRecord(**fold_constants(path))
+    _screen(path, options, step_log)
     quantization = None
     if options.quantized:
         with step_log(f"quantize the batched graph's weights ({options.dtype})"):
@@ -306,4 +322,4 @@ def _manifest(loaded, chosen, dims, tree_spec: str, tree: Tree, options: BuildOp
         graph_format=options.graph, kv_layout=kv_layout_of(options.graph), weights=options.dtype,
         graphs=graphs, validation=validation,
         files={p.relative_to(work).as_posix(): file_record(p) for p in files}, drafts=drafts,
-        attention=options.attention)
+        attention=options.attention, lm_head=options.lm_head)

@@ -56,6 +56,10 @@ def build(
     kv_cache_dtype: str = typer.Option(_DEFAULTS.kv_cache_dtype, "--kv-cache-dtype", help="The KV cache's dtype: auto "
                                        "(the graphs' dtype) | fp16 (half the bytes each step reads; keys and values "
                                        "rounded to fp16 as they are written; needs --attention kernel)."),
+    lm_head: str = typer.Option(_DEFAULTS.lm_head, "--lm-head", help="fp32 weights' vocabulary projection: full (the "
+                                "fp32 product) | screened (an int8 product picks the words that could rank in the "
+                                "top, which alone get exact fp32 logits: the same top words and greedy tokens in "
+                                "about a third of the time; needs --attention kernel)."),
 ) -> None:
     """Export model + fused heads to ONNX, validate against PyTorch, write a self-contained artifact.
 
@@ -70,7 +74,8 @@ def build(
         corpus_drafts = "sharegpt" if model is None else "none"
     options = BuildOptions(heads=heads, tree=tree, dtype=dtype, max_seq=max_seq, graph=graph, engine=engine,
                            max_num_seqs=max_num_seqs, corpus_drafts=corpus_drafts, attention=attention,
-                           int8_matmul=int8_matmul, kv_cache_dtype=kv_cache_dtype)
+                           int8_matmul=int8_matmul, kv_cache_dtype=kv_cache_dtype,
+                           lm_head=lm_head)
     check_out_dir(out)
     texts = read_prompts(quality_prompts, limit=10) if options.quantized else None
     extras.require("build", "export")

@@ -7,7 +7,8 @@
    An ONNX Runtime custom-op library: `RegisterCustomOps` adds the domain "medusa_export" with RowAttention (one
    sequence) and LanesAttention (the sequences of a batched step in one call, below), each also over fp16 K/V caches
    (RowAttention16, LanesAttention16: half the bytes a step reads; new rows rounded to the nearest fp16 as they are
-   written, every key and value widened exactly by F16C as it is read, the rest in fp32), and the int8 row ops.
+   written, every key and value widened exactly by F16C as it is read, the rest in fp32), the int8 row ops and
+   ScreenedVocab (`screened_vocab.c`, included below).
    RowAttention inputs: qkv [1, S, (nh + 2 kvh) hd] packed q | k | v; past_key, past_value [1, kvh, cap, hd]; seqlens_k int32 [1]
    (total - 1); total_sequence_length int32 (past + S); cos_cache, sin_cache [positions, hd / 2]; position_ids int64
    [1, S]; attention_bias [1, 1, S, total] (0 or -inf). Outputs: [1, S, nh hd]; present_key, present_value (the past
@@ -1264,6 +1265,16 @@ static OrtCustomOp row_quantize = FIXED_OP(quantize_name, float_type, two_count,
 static OrtCustomOp scale_rows = FIXED_OP(scale_rows_name, scale_rows_input_type, three_count, float_type, one_count,
                                          create_rows, scale_rows_compute, required);
 
+#include "screened_vocab.c"
+static OrtCustomOp screened_vocab = {
+    .version = API_VERSION, .GetName = screen_name, .GetExecutionProviderType = provider,
+    .GetInputType = screen_input_type, .GetInputTypeCount = screen_input_count, .GetOutputType = screen_output_type,
+    .GetOutputTypeCount = screen_output_count, .KernelDestroy = destroy, .GetInputCharacteristic = screen_input_kind,
+    .GetOutputCharacteristic = screen_output_kind, .GetInputMemoryType = cpu_memory, .GetVariadicInputMinArity = one,
+    .GetVariadicInputHomogeneity = one, .GetVariadicOutputMinArity = one, .GetVariadicOutputHomogeneity = one,
+    .CreateKernelV2 = create_screen, .KernelComputeV2 = screen_compute,
+};
+
 __attribute__((visibility("default"))) OrtStatus *RegisterCustomOps(OrtSessionOptions *options, const OrtApiBase *base) {
   OrtApiTable table = base->GetApi(API_VERSION);
   if (!table) {  /* an ONNX Runtime older than 1.16: say so through the oldest table */
@@ -1279,7 +1290,8 @@ __attribute__((visibility("default"))) OrtStatus *RegisterCustomOps(OrtSessionOp
   OrtStatus *(*add)(OrtCustomOpDomain *, const OrtCustomOp *) =
       CALL(CustomOpDomain_Add, OrtStatus *(*)(OrtCustomOpDomain *, const OrtCustomOp *));
   if ((st = add(domain, &row_attention)) || (st = add(domain, &lanes_attention)) || (st = add(domain, &row_attention16)) ||
-      (st = add(domain, &lanes_attention16)) || (st = add(domain, &row_quantize)) || (st = add(domain, &scale_rows)))
+      (st = add(domain, &lanes_attention16)) || (st = add(domain, &row_quantize)) || (st = add(domain, &scale_rows)) ||
+      (st = add(domain, &screened_vocab)))
     return st;
   return CALL(AddCustomOpDomain, OrtStatus *(*)(OrtSessionOptions *, OrtCustomOpDomain *))(options, domain);
 }

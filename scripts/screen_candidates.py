@@ -1,0 +1,72 @@
+"""How many words the screened lm_head (`build --lm-head screened`, docs/graphs.md) computes exactly, on the default
+model's real hidden states: per position of the fp32 model's greedy answers to held-out prompts, the words whose
+error bound from the int8 product lets them rank among the top 1 / 10 / 32, and the largest error of the int8
+product as a share of its bound (below 1: the bound held). The int8 product as the graph computes it: the row in
+two passes (`RowQuantize` passes = 2), the weight per word (`exporter/screened_lm_head.py`).
+
+    python scripts/screen_candidates.py --prompts train_prompts.jsonl --first 40 --count 8 [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+import torch
+
+from medusa_export.exporter.model_loading import load_base_model
+from medusa_export.runtime.machine import machine_info
+from medusa_export.runtime.prompts import read_prompts
+
+
+def two_passes(x: np.ndarray) -> np.ndarray:
+    """Each row as RowQuantize's two passes hold it (float64)."""
+    held = np.zeros_like(x)
+    for _ in range(2):
+        rest = x - held
+        step = np.abs(rest).max(axis=-1, keepdims=True) / 127
+        step[step == 0] = 1
+        held = held + np.rint(rest / step) * step
+    return held
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--prompts", required=True)
+    ap.add_argument("--first", type=int, default=40)
+    ap.add_argument("--count", type=int, default=8)
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    loaded = load_base_model(None)
+    model, tok = loaded.model.eval(), loaded.tokenizer
+    hidden = []
+    with torch.no_grad():
+        for text in read_prompts(args.prompts, limit=args.first + args.count)[args.first:]:
+            ids = torch.tensor([tok.encode_prompt(text)])
+            answer = model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=False)
+            hidden.append(model.model(answer).last_hidden_state[0].double().numpy())
+    x = np.concatenate(hidden)
+    w = model.lm_head.weight.detach().double().numpy()  # [V, H]
+    scale = np.abs(w).max(axis=1, keepdims=True).astype(np.float32).astype(np.float64) / 127
+    w_held = np.clip(np.rint(w / scale), -127, 127) * scale
+    x_held = two_passes(x)
+    exact, approx = x @ w.T, x_held @ w_held.T
+    bound = (np.linalg.norm(x - x_held, axis=1, keepdims=True) * np.linalg.norm(w, axis=1)[None]
+             + np.linalg.norm(x_held, axis=1, keepdims=True) * np.linalg.norm(w - w_held, axis=1)[None])
+    result = {"machine": machine_info(), "args": vars(args), "positions": int(x.shape[0]),
+              "max_error_over_bound": float((np.abs(exact - approx) / bound).max())}
+    for top in (1, 10, 32):
+        floor = np.sort(approx - bound, axis=1)[:, -top]
+        kept = ((approx + bound) >= floor[:, None]).sum(axis=1)
+        result[f"top_{top}"] = {"median": float(np.median(kept)), "p90": float(np.percentile(kept, 90)),
+                                "max": int(kept.max())}
+    print(json.dumps({k: v for k, v in result.items() if k != "machine"}))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

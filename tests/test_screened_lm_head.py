@@ -1,0 +1,212 @@
+"""The screened fp32 lm_head (`build --lm-head screened`, `exporter/screened_lm_head.py`, the kernel's ScreenedVocab):
+the top words in the exact order of fp32 logits and the distribution close to the fp32 softmax, each row computed by
+itself, bad inputs refused; on tiny artifacts, greedy Medusa equal to greedy vanilla, tree nodes bit-identical to
+one-token steps, batched answers equal to answers alone, and greedy answers equal to those of the full lm_head."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import test_attention_kernel  # noqa: F401 (skips this module where the kernel cannot run)
+import test_engine as engine_tests  # noqa: E402
+import test_fused_graph as fused_tests  # noqa: E402
+from conftest import TINY_PROMPTS  # noqa: E402
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+from test_cli import assert_one_line_error, cli  # noqa: E402
+
+from medusa_export.runtime import kernels  # noqa: E402
+from medusa_export.runtime.build_options import BuildOptions  # noqa: E402
+from medusa_export.runtime.errors import InputError  # noqa: E402
+
+ort = pytest.importorskip("onnxruntime")
+TOP = 8
+F = TensorProto.FLOAT
+
+
+def _tail_model(w: np.ndarray, input_probs: bool = True):
+    """The traced tail's base reduction (MatMul, Cast, TopK, LogSoftmax at a temperature ...) over weight w [H, V]."""
+    nodes = [helper.make_node("MatMul", ["hidden", "w"], ["logits"], "lm_head"),
+             helper.make_node("Cast", ["logits"], ["lf"], "cast", to=F),
+             helper.make_node("TopK", ["lf", "k"], ["top_values", "next_token_ids"], "topk"),
+             helper.make_node("Div", ["lf", "temperature"], ["scaled"], "div"),
+             helper.make_node("LogSoftmax", ["scaled"], ["logp"], "log_softmax"),
+             helper.make_node("Exp", ["logp"], ["p"], "exp"),
+             helper.make_node("GatherElements", ["p", "next_token_ids"], ["next_token_probs"], "top_probs", axis=2),
+             helper.make_node("Mul", ["p", "logp"], ["plogp"], "mul"),
+             helper.make_node("ReduceSum", ["plogp", "axis"], ["minus_entropy"], "sum", keepdims=0),
+             helper.make_node("Neg", ["minus_entropy"], ["entropy"], "neg")]
+    outputs = [("next_token_ids", TensorProto.INT64), ("next_token_probs", F), ("entropy", F)]
+    inputs = [helper.make_tensor_value_info("hidden", F, ["B", "R", w.shape[0]]),
+              helper.make_tensor_value_info("temperature", F, [1])]
+    if input_probs:  # p at every input token: [B, R, T]
+        nodes += [helper.make_node("Unsqueeze", ["input_ids", "one"], ["ids3"], "unsqueeze"),
+                  helper.make_node("Shape", ["p"], ["p_shape"], "p_shape", start=1, end=2),
+                  helper.make_node("Shape", ["input_ids"], ["ids_shape"], "ids_shape"),
+                  helper.make_node("Split", ["ids_shape"], ["b", "t"], "split", axis=0, num_outputs=2),
+                  helper.make_node("Concat", ["b", "p_shape", "t"], ["expand_to"], "concat", axis=0),
+                  helper.make_node("Expand", ["ids3", "expand_to"], ["ids_rows"], "expand"),
+                  helper.make_node("GatherElements", ["p", "ids_rows"], ["input_token_probs"], "in_probs", axis=2)]
+        outputs.insert(2, ("input_token_probs", F))
+        inputs.append(helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["B", "T"]))
+    inits = [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.array([TOP], np.int64), "k"),
+             numpy_helper.from_array(np.array([-1], np.int64), "axis"),
+             numpy_helper.from_array(np.array([1], np.int64), "one")]
+    graph = helper.make_graph(nodes, "tail", inputs, [helper.make_tensor_value_info(n, t, None) for n, t in outputs],
+                              inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def _session(model, threads: int = 2):
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    kernels.register(opts, "kernel")
+    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
+def _screened(w: np.ndarray, input_probs: bool = True, threads: int = 2):
+    from medusa_export.exporter.screened_lm_head import screen_lm_head
+
+    model = _tail_model(w, input_probs)
+    screen_lm_head(model, TOP)
+    ops = [n.op_type for n in model.graph.node]
+    assert ops == [kernels.QUANTIZE_OP, "MatMulInteger", kernels.SCALE_OP, kernels.SCREEN_OP]
+    assert "w" not in {i.name for i in model.graph.initializer}  # the fp32 [H, V] product is gone
+    return _session(model, threads)
+
+
+def _weights(h: int, v: int, seed: int, outliers: bool = False) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((h, v)).astype(np.float32) * 0.1
+    if outliers:  # a few large entries per column: a coarse int8 grid for the rest of it
+        w[rng.integers(0, h, v), np.arange(v)] *= 40
+    return w
+
+
+def _feed(rows: np.ndarray, ids: np.ndarray | None = None, temperature: float = 1.0) -> dict:
+    feed = {"hidden": rows, "temperature": np.array([temperature], np.float32)}
+    if ids is not None:
+        feed["input_ids"] = ids
+    return feed
+
+
+@settings(max_examples=12, deadline=None)
+@given(seed=st.integers(0, 2**16), rows=st.integers(1, 6), outliers=st.booleans(),
+       temperature=st.sampled_from([0.5, 1.0, 1.7]))
+def test_the_top_words_are_those_of_exact_fp32_logits(seed, rows, outliers, temperature):
+    h, v = 64, 1000
+    w = _weights(h, v, seed, outliers)
+    rng = np.random.default_rng(seed + 1)
+    x = (rng.standard_normal((2, rows, h)) * rng.uniform(0.5, 8)).astype(np.float32)
+    x[..., rng.integers(0, h)] *= 10  # an outlier feature, as real hidden states have
+    ids = rng.integers(0, v, (2, 5))
+    got = _screened(w).run(None, _feed(x, ids, temperature))
+    exact = x.astype(np.float64) @ w.astype(np.float64)  # [2, R, V]
+    order = np.argsort(-exact, axis=-1, kind="stable")[..., :TOP + 1]
+    gaps = -np.diff(np.take_along_axis(exact, order, -1), axis=-1)  # between rank i and i + 1
+    clear = gaps[..., :TOP] > 1e-5 * np.abs(exact).max()  # ranks not tied within float rounding
+    assert (got[0][clear] == order[..., :TOP][clear]).all()
+    assert clear.mean() > 0.8  # nearly every rank checked, the argmax (rank 0) among them unless tied
+    logp = exact / temperature
+    logp -= logp.max(-1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+    p = np.exp(logp)
+    np.testing.assert_allclose(got[1], np.take_along_axis(p, got[0], -1), atol=2e-3)
+    np.testing.assert_allclose(got[2], np.take_along_axis(p, np.broadcast_to(ids[:, None], (2, rows, 5)), -1), atol=2e-3)
+    np.testing.assert_allclose(got[3], -(p * logp).sum(-1), atol=2e-2)
+
+
+def test_each_row_is_computed_by_itself():
+    h, v = 64, 1000
+    w = _weights(h, v, 3)
+    rows = (np.random.default_rng(4).standard_normal((1, 9, h)) * 3).astype(np.float32)
+    many = _screened(w, input_probs=False, threads=2).run(None, _feed(rows))
+    one = _screened(w, input_probs=False, threads=1)
+    for r in range(rows.shape[1]):
+        alone = one.run(None, _feed(rows[:, r:r + 1]))
+        for a, b in zip(many, alone):
+            assert np.array_equal(a[:, r], b[:, 0])  # bit for bit
+
+
+def test_zero_and_nan_rows_pass_through():
+    w = _weights(32, 200, 5)
+    rows = np.zeros((1, 2, 32), np.float32)
+    rows[0, 1, 3] = np.nan
+    ids, probs, entropy = _screened(w, input_probs=False).run(None, _feed(rows))
+    assert list(ids[0, 0]) == list(range(TOP))  # equal logits: the smaller id first
+    np.testing.assert_allclose(probs[0, 0], 1 / 200, rtol=1e-5)
+    assert abs(entropy[0, 0] - np.log(200)) < 1e-3
+    assert np.isnan(probs[0, 1]).all()
+
+
+def test_the_op_refuses_bad_shapes_and_ids():
+    w = _weights(32, 200, 6)
+    s = _screened(w)
+    rows = np.ones((1, 2, 32), np.float32)
+    with pytest.raises(Exception, match="outside the vocabulary"):
+        s.run(None, _feed(rows, np.array([[3, 200]])))
+    with pytest.raises(Exception, match="input_ids"):
+        s.run(None, _feed(rows, np.array([[3], [4]])))  # two batches of ids, one of rows
+
+
+def test_build_options_check_lm_head():
+    for bad in ({"lm_head": "screened"}, {"lm_head": "screened", "attention": "kernel", "dtype": "int8"}):
+        with pytest.raises(InputError, match="--lm-head screened needs --dtype fp32 and --attention kernel"):
+            BuildOptions(**bad)
+    with pytest.raises(InputError, match="--lm-head 'tiny'"):
+        BuildOptions(lm_head="tiny")
+
+
+def test_the_cli_refuses_a_screened_lm_head_without_the_kernel(tmp_path):
+    out = tmp_path / "art"
+    proc = cli("build", "--out", str(out), "--lm-head", "screened")
+    assert_one_line_error(proc, "--lm-head screened needs --dtype fp32 and --attention kernel")
+    assert not out.exists() or not any(out.iterdir())
+
+
+@pytest.fixture(scope="module")
+def screened_runtimes(tiny_dirs, tmp_path_factory):
+    """fp32 with the attention kernel, the lm_head full and screened (3 lanes, a chat tokenizer)."""
+    full = engine_tests.build_runtimes(tiny_dirs, tmp_path_factory.mktemp("full"), dtypes=("fp32",), attention="kernel")
+    screened = engine_tests.build_runtimes(tiny_dirs, tmp_path_factory.mktemp("screened"), dtypes=("fp32",),
+                                           attention="kernel", lm_head="screened")
+    return {"full": full["fp32"], "fp32": screened["fp32"]}
+
+
+def test_screened_artifacts_record_it_and_hold_no_fp32_vocabulary_product(screened_runtimes):
+    import onnx
+
+    rt = screened_runtimes["fp32"]
+    assert rt.manifest.lm_head == "screened" and screened_runtimes["full"].manifest.lm_head == "full"
+    vocab, hidden = rt.manifest.dims.vocab_size, rt.manifest.model.hidden_size
+    for graph in rt.manifest.graphs.values():
+        model = onnx.load(str(rt.generator.backend.directory / graph.file))
+        assert [n.op_type for n in model.graph.node].count(kernels.SCREEN_OP) == 1
+        products = {i.name for i in model.graph.initializer if tuple(i.dims) == (hidden, vocab) and i.data_type == F}
+        readers = [n.name for n in model.graph.node if set(n.input) & products]
+        assert all("heads" in name for name in readers)  # only the heads' own projection (left as it is) reads one
+
+
+def test_screened_greedy_answers_equal_the_full_lm_heads(screened_runtimes):
+    for prompt in TINY_PROMPTS:
+        assert (fused_tests._tokens(screened_runtimes["fp32"], prompt, False, n=24)
+                == fused_tests._tokens(screened_runtimes["full"], prompt, False, n=24))
+
+
+def test_screened_tree_nodes_are_bit_identical_to_one_token_steps(screened_runtimes):
+    fused_tests.test_tree_step_is_bit_identical_to_plain_one_token_steps(screened_runtimes["fp32"], {}, "fp32")
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(tree=fused_tests.random_trees(fused_tests.NUM_HEADS, max_paths=fused_tests.ARTIFACT_PATHS),
+       which=st.integers(0, len(TINY_PROMPTS) - 1))
+def test_screened_greedy_medusa_equals_greedy_vanilla(screened_runtimes, tree, which):
+    rt, prompt = screened_runtimes["fp32"], TINY_PROMPTS[which]
+    assert fused_tests._tokens(rt, prompt, True, tree=tree, n=16) == fused_tests._tokens(rt, prompt, False, n=16)
+
+
+def test_screened_batched_answers_equal_answers_alone(screened_runtimes):
+    engine_tests.test_every_answer_equals_its_answer_alone(screened_runtimes, "fp32")
+    engine_tests.test_context_drafts_in_batched_steps_change_no_answer(screened_runtimes, "fp32")
