@@ -161,6 +161,8 @@ class Manifest:
         for graph in data["graphs"].values():
             if graph.get("quantization") and not graph["quantization"].get("lm_head_rotation"):
                 graph["quantization"].pop("lm_head_rotation", None)
+        if data.get("lm_head") == "full":
+            data.pop("lm_head")
         return data
 
     @classmethod

@@ -189,6 +189,18 @@ def test_screened_artifacts_record_it_and_hold_no_fp32_vocabulary_product(screen
         assert all("heads" in name for name in readers)  # only the heads' own projection (left as it is) reads one
 
 
+def test_the_manifest_records_the_lm_head_and_checks_it(screened_runtimes):
+    from medusa_export.runtime.errors import ArtifactError
+    from medusa_export.runtime.manifest import Manifest
+
+    screened, full = screened_runtimes["fp32"].manifest, screened_runtimes["full"].manifest
+    assert screened.to_json()["lm_head"] == "screened" and Manifest.from_json(screened.to_json()) == screened
+    assert "lm_head" not in full.to_json()  # left out: releases before the field read the artifact
+    assert Manifest.from_json(full.to_json()).lm_head == "full"
+    with pytest.raises(ArtifactError, match="field lm_head can be 'screened' only with fp32 weights"):
+        Manifest.from_json({**screened.to_json(), "attention": "gqa"})
+
+
 def test_screened_greedy_answers_equal_the_full_lm_heads(screened_runtimes):
     for prompt in TINY_PROMPTS:
         assert (fused_tests._tokens(screened_runtimes["fp32"], prompt, False, n=24)
