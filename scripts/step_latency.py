@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from medusa_export.runtime import kernels
 from medusa_export.runtime.api import MedusaRuntime
 from medusa_export.runtime.backends.ort_outputs import selects_rows
 
@@ -59,6 +60,7 @@ def matmul_share(directory: Path, threads: int, past: int = 256) -> dict:
         opts.enable_profiling = True
         opts.profile_file_prefix = str(Path(tmp) / "prof")
         opts.log_severity_level = 3
+        kernels.register(opts, rt.manifest.attention)  # graphs built with --attention kernel use its ops
         path = directory / rt.manifest.graphs["vanilla"].file
         backend.sessions["vanilla"] = session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         backend.selects_rows["vanilla"] = selects_rows(session)
@@ -72,7 +74,7 @@ def matmul_share(directory: Path, threads: int, past: int = 256) -> dict:
     for ev in trace:
         if ev.get("cat") == "Node" and ev["name"].endswith("_kernel_time") and ev["ts"] >= after_prefill:
             per_op[ev["args"]["op_name"]] += ev["dur"]
-            if ev["name"].startswith("tail/") and "lm_head" not in ev["name"]:  # the vocabulary reduction
+            if ev["name"].startswith("tail/") and "lm_head" not in ev["name"]:  # the traced vocabulary reduction
                 tail += ev["dur"]
     total = sum(per_op.values())
     mm = sum(v for k, v in per_op.items() if k in MATMULS)

@@ -283,9 +283,10 @@ def test_build_options_check_int8_matmul_rows():
 
 @pytest.fixture(scope="module")
 def rows_runtimes(tiny_dirs, tmp_path_factory):
-    """fp32 and int8 with --int8-matmul rows, both with the attention kernel (3 lanes, a chat tokenizer)."""
+    """fp32 and int8 with --int8-matmul rows, both with the attention kernel and the full lm_head (the int8 recipe's
+    own, turned per row; the screened one: tests/test_screened_lm_head.py), 3 lanes, a chat tokenizer."""
     return engine_tests.build_runtimes(tiny_dirs, tmp_path_factory.mktemp("rows"), dtypes=("fp32", "int8"),
-                                       int8={"int8_matmul": "rows"}, attention="kernel")
+                                       int8={"int8_matmul": "rows"}, attention="kernel", lm_head="full")
 
 
 def test_row_quantized_artifacts_record_and_hold_integer_matmuls(rows_runtimes):

@@ -152,9 +152,18 @@ def test_the_op_refuses_bad_shapes_and_ids():
 
 
 def test_build_options_check_lm_head():
-    for bad in ({"lm_head": "screened"}, {"lm_head": "screened", "attention": "kernel", "dtype": "int8"}):
-        with pytest.raises(InputError, match="--lm-head screened needs --dtype fp32 and --attention kernel"):
+    for bad in ({"lm_head": "screened"}, {"lm_head": "screened", "attention": "kernel", "dtype": "int8"},
+                {"lm_head": "screened", "attention": "kernel", "dtype": "int4"}):
+        with pytest.raises(InputError, match="--lm-head screened needs --attention kernel and --dtype fp32"):
             BuildOptions(**bad)
+    BuildOptions(lm_head="screened", attention="kernel", dtype="int8", int8_matmul="rows")
+    auto = {(dtype, attention, matmul): BuildOptions(dtype=dtype, attention=attention, int8_matmul=matmul).lm_head
+            for dtype, attention, matmul in (("fp32", "kernel", "blocks"), ("int8", "kernel", "rows"),
+                                             ("int8", "kernel", "blocks"), ("int4", "kernel", "blocks"),
+                                             ("fp32", "gqa", "blocks"), ("int8", "gqa", "blocks"))}
+    assert auto == {("fp32", "kernel", "blocks"): "screened", ("int8", "kernel", "rows"): "screened",
+                    ("int8", "kernel", "blocks"): "full", ("int4", "kernel", "blocks"): "full",
+                    ("fp32", "gqa", "blocks"): "full", ("int8", "gqa", "blocks"): "full"}  # auto: screened where it can
     with pytest.raises(InputError, match="--lm-head 'tiny'"):
         BuildOptions(lm_head="tiny")
 
@@ -162,28 +171,32 @@ def test_build_options_check_lm_head():
 def test_the_cli_refuses_a_screened_lm_head_without_the_kernel(tmp_path):
     out = tmp_path / "art"
     proc = cli("build", "--out", str(out), "--lm-head", "screened")
-    assert_one_line_error(proc, "--lm-head screened needs --dtype fp32 and --attention kernel")
+    assert_one_line_error(proc, "--lm-head screened needs --attention kernel and --dtype fp32")
     assert not out.exists() or not any(out.iterdir())
 
 
 @pytest.fixture(scope="module")
 def screened_runtimes(tiny_dirs, tmp_path_factory):
-    """fp32 with the attention kernel, the lm_head full and screened (3 lanes, a chat tokenizer)."""
-    full = engine_tests.build_runtimes(tiny_dirs, tmp_path_factory.mktemp("full"), dtypes=("fp32",), attention="kernel")
-    screened = engine_tests.build_runtimes(tiny_dirs, tmp_path_factory.mktemp("screened"), dtypes=("fp32",),
-                                           attention="kernel", lm_head="screened")
-    return {"full": full["fp32"], "fp32": screened["fp32"]}
+    """fp32 with the attention kernel, the lm_head full and screened; int8 rows screened (3 lanes, a chat tokenizer)."""
+    full = engine_tests.build_runtimes(tiny_dirs, tmp_path_factory.mktemp("full"), dtypes=("fp32",), attention="kernel",
+                                       lm_head="full")
+    screened = engine_tests.build_runtimes(tiny_dirs, tmp_path_factory.mktemp("screened"), dtypes=("fp32", "int8"),
+                                           int8={"int8_matmul": "rows"}, attention="kernel", lm_head="screened")
+    return {"full": full["fp32"], **screened}
 
 
 def test_screened_artifacts_record_it_and_hold_no_fp32_vocabulary_product(screened_runtimes):
     import onnx
 
-    rt = screened_runtimes["fp32"]
-    assert rt.manifest.lm_head == "screened" and screened_runtimes["full"].manifest.lm_head == "full"
-    vocab, hidden = rt.manifest.dims.vocab_size, rt.manifest.model.hidden_size
-    for graph in rt.manifest.graphs.values():
+    assert screened_runtimes["full"].manifest.lm_head == "full"
+    for rt, graph in [(rt, g) for rt in (screened_runtimes["fp32"], screened_runtimes["int8"])
+                      for g in rt.manifest.graphs.values()]:
+        assert rt.manifest.lm_head == "screened"
+        vocab, hidden = rt.manifest.dims.vocab_size, rt.manifest.model.hidden_size
         model = onnx.load(str(rt.generator.backend.directory / graph.file))
         assert [n.op_type for n in model.graph.node].count(kernels.SCREEN_OP) == 1
+        if rt.manifest.quantized:  # the screen's product is the only int8 one on the lm_head's input
+            assert graph.quantization.lm_head_rotation == 0
         products = {i.name for i in model.graph.initializer if tuple(i.dims) == (hidden, vocab) and i.data_type == F}
         readers = [n.name for n in model.graph.node if set(n.input) & products]
         assert all("heads" in name for name in readers)  # only the heads' own projection (left as it is) reads one
@@ -197,7 +210,7 @@ def test_the_manifest_records_the_lm_head_and_checks_it(screened_runtimes):
     assert screened.to_json()["lm_head"] == "screened" and Manifest.from_json(screened.to_json()) == screened
     assert "lm_head" not in full.to_json()  # left out: releases before the field read the artifact
     assert Manifest.from_json(full.to_json()).lm_head == "full"
-    with pytest.raises(ArtifactError, match="field lm_head can be 'screened' only with fp32 weights"):
+    with pytest.raises(ArtifactError, match="field lm_head can be 'screened' only with fp32 or int8 weights"):
         Manifest.from_json({**screened.to_json(), "attention": "gqa"})
 
 
@@ -207,18 +220,21 @@ def test_screened_greedy_answers_equal_the_full_lm_heads(screened_runtimes):
                 == fused_tests._tokens(screened_runtimes["full"], prompt, False, n=24))
 
 
-def test_screened_tree_nodes_are_bit_identical_to_one_token_steps(screened_runtimes):
-    fused_tests.test_tree_step_is_bit_identical_to_plain_one_token_steps(screened_runtimes["fp32"], {}, "fp32")
+@pytest.mark.parametrize("dtype", ["fp32", "int8"])
+def test_screened_tree_nodes_are_bit_identical_to_one_token_steps(screened_runtimes, dtype):
+    fused_tests.test_tree_step_is_bit_identical_to_plain_one_token_steps(
+        screened_runtimes["fp32"], {"int8": (screened_runtimes["int8"], None)}, dtype)
 
 
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(tree=fused_tests.random_trees(fused_tests.NUM_HEADS, max_paths=fused_tests.ARTIFACT_PATHS),
-       which=st.integers(0, len(TINY_PROMPTS) - 1))
-def test_screened_greedy_medusa_equals_greedy_vanilla(screened_runtimes, tree, which):
-    rt, prompt = screened_runtimes["fp32"], TINY_PROMPTS[which]
+       which=st.integers(0, len(TINY_PROMPTS) - 1), dtype=st.sampled_from(["fp32", "int8"]))
+def test_screened_greedy_medusa_equals_greedy_vanilla(screened_runtimes, tree, which, dtype):
+    rt, prompt = screened_runtimes[dtype], TINY_PROMPTS[which]
     assert fused_tests._tokens(rt, prompt, True, tree=tree, n=16) == fused_tests._tokens(rt, prompt, False, n=16)
 
 
-def test_screened_batched_answers_equal_answers_alone(screened_runtimes):
-    engine_tests.test_every_answer_equals_its_answer_alone(screened_runtimes, "fp32")
-    engine_tests.test_context_drafts_in_batched_steps_change_no_answer(screened_runtimes, "fp32")
+@pytest.mark.parametrize("dtype", ["fp32", "int8"])
+def test_screened_batched_answers_equal_answers_alone(screened_runtimes, dtype):
+    engine_tests.test_every_answer_equals_its_answer_alone(screened_runtimes, dtype)
+    engine_tests.test_context_drafts_in_batched_steps_change_no_answer(screened_runtimes, dtype)

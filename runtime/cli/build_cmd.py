@@ -56,10 +56,11 @@ def build(
     kv_cache_dtype: str = typer.Option(_DEFAULTS.kv_cache_dtype, "--kv-cache-dtype", help="The KV cache's dtype: auto "
                                        "(the graphs' dtype) | fp16 (half the bytes each step reads; keys and values "
                                        "rounded to fp16 as they are written; needs --attention kernel)."),
-    lm_head: str = typer.Option(_DEFAULTS.lm_head, "--lm-head", help="fp32 weights' vocabulary projection: full (the "
-                                "fp32 product) | screened (an int8 product picks the words that could rank in the "
-                                "top, which alone get exact fp32 logits: the same top words and greedy tokens in "
-                                "about a third of the time; needs --attention kernel)."),
+    lm_head: str = typer.Option("auto", "--lm-head", help="The base lm_head: full (the weights' own product) | screened "
+                                "(an int8 product picks the words that could rank in the top, which alone get exact "
+                                "fp32 logits: fp32's top words and greedy tokens in about a third of the time; fp32 or "
+                                "int8 --int8-matmul rows weights with --attention kernel) | auto (screened where it "
+                                "can be, else full)."),
 ) -> None:
     """Export model + fused heads to ONNX, validate against PyTorch, write a self-contained artifact.
 
