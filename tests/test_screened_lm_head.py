@@ -130,6 +130,28 @@ def test_each_row_is_computed_by_itself():
             assert np.array_equal(a[:, r], b[:, 0])  # bit for bit
 
 
+def test_a_temperature_per_row_is_each_rows_own():
+    """The lanes graph gives one temperature per row: each row's outputs equal the row alone at its temperature."""
+    from medusa_export.exporter.screened_lm_head import screen_lm_head
+
+    w = _weights(48, 300, 8)
+    model = _tail_model(w, input_probs=False)
+    model.graph.input[1].CopyFrom(helper.make_tensor_value_info("temperature", F, ["B", "R"]))
+    screen_lm_head(model, TOP)
+    per_row = _session(model)
+    rows = (np.random.default_rng(9).standard_normal((1, 3, 48)) * 4).astype(np.float32)
+    temperatures = np.array([[0.5, 1.0, 2.0]], np.float32)
+    together = per_row.run(None, {"hidden": rows, "temperature": temperatures})
+    for r in range(3):
+        alone = per_row.run(None, {"hidden": rows[:, r:r + 1], "temperature": temperatures[:, r:r + 1]})
+        for a, b in zip(together, alone):
+            assert np.array_equal(a[:, r], b[:, 0])
+    hotter = per_row.run(None, {"hidden": rows[:, :1], "temperature": temperatures[:, 2:]})
+    assert not np.allclose(together[1][0, 0], hotter[1][0, 0])  # row 0 took its own temperature, not row 2's
+    with pytest.raises(Exception, match="temperature one value or one per row"):
+        per_row.run(None, {"hidden": rows, "temperature": temperatures[:, :2]})
+
+
 def test_zero_and_nan_rows_pass_through():
     w = _weights(32, 200, 5)
     rows = np.zeros((1, 2, 32), np.float32)
