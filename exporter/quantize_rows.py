@@ -99,15 +99,22 @@ def quantize_rows(model, keep: Callable[[str], bool], turn: Callable[[str], bool
         count += 1
     if count:
         graph.initializer.append(numpy_helper.from_array(np.array(ZERO_POINT, np.uint8), zero))
+    set_kernel_nodes(model, [n for n in nodes if n.output[0] not in fused])
+    return count
+
+
+def set_kernel_nodes(model, nodes: list) -> None:
+    """``nodes`` become the graph's, initializers no node reads are dropped, and the kernel library's domain is
+    imported (the rewrites that put its ops in a graph)."""
+    graph = model.graph
     del graph.node[:]
-    graph.node.extend(n for n in nodes if n.output[0] not in fused)
+    graph.node.extend(nodes)
     used = {i for n in graph.node for i in n.input}
     kept = [i for i in graph.initializer if i.name in used]
     del graph.initializer[:]
     graph.initializer.extend(kept)
     if not any(o.domain == kernels.DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(kernels.DOMAIN, 1))
-    return count
 
 
 def _rotation_chains(graph, inits: dict) -> dict:

@@ -26,7 +26,7 @@ from onnx import helper, numpy_helper
 from medusa_export.runtime import kernels
 from medusa_export.runtime.errors import ExportValidationError
 
-from .quantize_rows import ZERO_POINT
+from .quantize_rows import ZERO_POINT, set_kernel_nodes
 
 REDUCED = ("next_token_ids", "next_token_probs", "input_token_probs", "entropy")  # the op's outputs, in order
 PREFIX = "lm_head_screen"
@@ -67,14 +67,7 @@ def screen_lm_head(model, top_k: int) -> dict:
                          [n if n in outputs else "" for n in REDUCED], f"{p}/screen", domain=kernels.DOMAIN,
                          top_k=top_k),
     ]
-    del graph.node[:]
-    graph.node.extend(_live(kept, outputs))
-    used = {i for n in graph.node for i in n.input}
-    live_inits = [i for i in graph.initializer if i.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(live_inits)
-    if not any(o.domain == kernels.DOMAIN for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid(kernels.DOMAIN, 1))
+    set_kernel_nodes(model, _live(kept, outputs))
     return {"vocab": int(w.shape[1]), "hidden": int(w.shape[0]), "mean_bound_norm": float(bounds[1].mean())}
 
 
