@@ -189,7 +189,8 @@ def _export_graph(loaded, kind: str, heads, tree: Tree, options: BuildOptions, w
         # A quantized graph differs from PyTorch by design: its errors are recorded, and its quality is measured
         # on real text (`quality`), not held to the fp32 tolerance.
         validation = validate_graph(step, path, dtype=dt, kv_layout=layout, enforce=not options.quantized, paths=paths,
-                                    attention=options.attention, kv_dtype=options.kv_dtype)
+                                    attention=options.attention, kv_dtype=options.kv_dtype,
+                                    approximate=("medusa_token_ids",) if options.lm_head == "screened" else ())
     n = loaded.model.config.num_hidden_layers
     tensors = lambda ts: [TensorRecord(t.name, t.dtype, list(t.axes)) for t in ts]  # noqa: E731
     record = GraphRecord(file=path.name, inputs=tensors(io_table.inputs(n, layout, paths)),
@@ -199,16 +200,21 @@ def _export_graph(loaded, kind: str, heads, tree: Tree, options: BuildOptions, w
 
 
 def _screen(path: Path, options: BuildOptions, step_log) -> None:
-    """``--lm-head screened``: the graph's base lm_head and reduction rewritten (`screened_lm_head`)."""
+    """``--lm-head screened``: the graph's base lm_head and reduction rewritten (`screened_lm_head`); with fp32
+    weights the heads' matmuls (drafts only) go int8 per row too (`quantize_rows`; an int8 rows recipe quantizes
+    them with the rest)."""
     if options.lm_head != "screened":
         return
     import onnx
 
-    from .screened_lm_head import screen_lm_head
+    from .quantize_rows import quantize_rows
+    from .screened_lm_head import HEADS_SCOPE, screen_lm_head
 
     with step_log(f"screen the lm_head of {path.name} (int8 product, exact fp32 candidates)"):
         model = onnx.load(str(path))
         screen_lm_head(model, options.sample_topk)
+        if not options.quantized:
+            quantize_rows(model, keep=lambda name: HEADS_SCOPE not in name)
         onnx.save_model(model, str(path))
 
 

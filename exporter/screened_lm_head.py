@@ -12,7 +12,8 @@ step, about a sixth of an fp32 one-token step) and then reduces them. Here the b
 ScreenedVocab (`runtime/kernels/screened_vocab.c`) bounds each word's error from the int8 product, computes the exact
 fp32 logit of every word that could rank among the top ``sample_topk``, and returns those words in their exact order:
 greedy decoding takes the exact argmax of fp32 logits. The probabilities and the entropy use the exact logits of
-those words and the int8 product's for the rest. The heads' projection is left as it is.
+those words and the int8 product's for the rest. The build also runs the heads' matmuls (their blocks and projection,
+which only propose drafts) as int8 per row in fp32 artifacts (`quantize_rows`, names under `HEADS_SCOPE`).
 
 ``bounds`` [2, V]: per word ``|w_v|`` and ``|w_v - w^_v|`` (its int8 column's error), computed in float64 and rounded
 up to float32 so the bound never falls short.
@@ -30,6 +31,7 @@ from .quantize_rows import ZERO_POINT, set_kernel_nodes
 
 REDUCED = ("next_token_ids", "next_token_probs", "input_token_probs", "entropy")  # the op's outputs, in order
 PREFIX = "lm_head_screen"
+HEADS_SCOPE = "//heads/"  # the traced tail's Medusa heads (their blocks and projection: "tail//heads/...")
 
 
 def screen_lm_head(model, top_k: int) -> dict:
