@@ -38,7 +38,7 @@ QUANTIZE_OP, SCALE_OP = "RowQuantize", "ScaleRows"  # int8 matmuls on activation
 SCREEN_OP = "ScreenedVocab"  # an fp32 lm_head's top words through an int8 product and exact candidates
 # -ffp-contract=off: no multiply-add the source does not write, so every path computes a row alike
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fPIC", "-shared", "-fvisibility=hidden", "-std=c11"]
-LIBS = ["-lm"]
+LIBS = ["-lm", "-pthread"]  # pthread: ScreenedVocab's per-thread scratch
 NEEDS = ("avx2", "fma", "f16c")
 _lock = threading.Lock()
 _built: dict[str, str] = {}  # by source-and-compiler key: the library's path

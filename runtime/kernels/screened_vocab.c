@@ -172,19 +172,41 @@ static int screen_row(const Screen *s, int64_t r, Word *words, float *logits, fl
   return 1;
 }
 
+/* A thread's scratch for its rows, kept between calls and freed when the thread ends: a row's arrays are a few hundred
+   KB, and pages freshly mapped for them cost more to touch than the rest of the row's work. */
+static pthread_key_t scratch_key;
+static pthread_once_t scratch_once = PTHREAD_ONCE_INIT;
+typedef struct {
+  size_t bytes;
+  _Alignas(32) unsigned char data[];
+} Scratch;
+
+static void scratch_key_create(void) { (void)pthread_key_create(&scratch_key, free); }
+
+static void *scratch_of(size_t bytes) {
+  (void)pthread_once(&scratch_once, scratch_key_create);
+  Scratch *s = pthread_getspecific(scratch_key);
+  if (s && s->bytes >= bytes) return s->data;
+  free(s);
+  s = malloc(sizeof(Scratch) + bytes);
+  if (s) s->bytes = bytes;
+  (void)pthread_setspecific(scratch_key, s);
+  return s ? s->data : NULL;
+}
+
+static inline size_t aligned32(size_t bytes) { return (bytes + 31) & ~(size_t)31; }
+
 static void screen_rows(void *data, size_t index) {
   Screen *s = (Screen *)data;
-  Word *words = malloc(sizeof(Word) * (size_t)s->v);
-  float *logits = malloc(sizeof(float) * (size_t)s->v), *heap = malloc(sizeof(float) * (size_t)s->top_k);
-  float *work = malloc(sizeof(float) * (size_t)s->h);
-  uint8_t *q = malloc((size_t)s->h);
-  if (!words || !logits || !heap || !work || !q || !screen_row(s, (int64_t)index, words, logits, heap, q, work))
+  const size_t v = (size_t)s->v, h = (size_t)s->h, words_bytes = aligned32(sizeof(Word) * v);
+  const size_t logits_bytes = aligned32(sizeof(float) * v), heap_bytes = aligned32(sizeof(float) * (size_t)s->top_k);
+  const size_t work_bytes = aligned32(sizeof(float) * h);
+  unsigned char *base = scratch_of(words_bytes + logits_bytes + heap_bytes + work_bytes + h);
+  if (!base || !screen_row(s, (int64_t)index, (Word *)base, (float *)(base + words_bytes),
+                           (float *)(base + words_bytes + logits_bytes),
+                           base + words_bytes + logits_bytes + heap_bytes + work_bytes,
+                           (float *)(base + words_bytes + logits_bytes + heap_bytes)))
     __atomic_store_n(&s->failed, 1, __ATOMIC_RELAXED);
-  free(words);
-  free(logits);
-  free(heap);
-  free(work);
-  free(q);
 }
 
 static OrtStatus *screen_compute(void *kernel, OrtKernelContext *ctx) {
