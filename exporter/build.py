@@ -207,6 +207,7 @@ def _screen(path: Path, options: BuildOptions, step_log) -> None:
         return
     import onnx
 
+    from .fused_graph import save_graph
     from .quantize_rows import quantize_rows
     from .screened_lm_head import HEADS_SCOPE, screen_lm_head
 
@@ -215,7 +216,8 @@ def _screen(path: Path, options: BuildOptions, step_log) -> None:
         screen_lm_head(model, options.sample_topk)
         if not options.quantized:
             quantize_rows(model, keep=lambda name: HEADS_SCOPE not in name)
-        onnx.save_model(model, str(path))
+        path.with_name(path.name + ".data").unlink(missing_ok=True)  # loaded above; written again if still > 2 GB
+        save_graph(model, path)
 
 
 class _StepLog:

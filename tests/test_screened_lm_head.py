@@ -97,7 +97,7 @@ def _feed(rows: np.ndarray, ids: np.ndarray | None = None, temperature: float = 
 @given(seed=st.integers(0, 2**16), rows=st.integers(1, 6), outliers=st.booleans(),
        temperature=st.sampled_from([0.5, 1.0, 1.7]))
 def test_the_top_words_are_those_of_exact_fp32_logits(seed, rows, outliers, temperature):
-    h, v = 64, 1000
+    h, v = 67, 1003  # neither a multiple of 8 nor 32: the ops' scalar tails too
     w = _weights(h, v, seed, outliers)
     rng = np.random.default_rng(seed + 1)
     x = (rng.standard_normal((2, rows, h)) * rng.uniform(0.5, 8)).astype(np.float32)
@@ -161,7 +161,60 @@ def test_zero_and_nan_rows_pass_through():
     assert list(ids[0, 0]) == list(range(TOP))  # equal logits: the smaller id first
     np.testing.assert_allclose(probs[0, 0], 1 / 200, rtol=1e-5)
     assert abs(entropy[0, 0] - np.log(200)) < 1e-3
-    assert np.isnan(probs[0, 1]).all()
+    assert list(ids[0, 1]) == list(range(TOP)) and np.isnan(probs[0, 1]).all()  # NaN logits: by id, after numbers
+
+
+def test_a_step_without_output_rows_returns_empty_outputs():
+    ids, probs, entropy = _screened(_weights(32, 200, 5), input_probs=False).run(None, _feed(np.zeros((1, 0, 32), np.float32)))
+    assert ids.shape == probs.shape == (1, 0, TOP) and entropy.shape == (1, 0)
+
+
+def test_only_words_within_reach_of_the_top_are_computed_exactly():
+    """A word whose bound puts it out of reach keeps the int8 product's logit: give its fp32 row huge values (which an
+    exact product over every word would rank first) and nothing changes."""
+    from medusa_export.exporter.screened_lm_head import PREFIX, screen_lm_head
+
+    h, v = 64, 500
+    w = _weights(h, v, 11)
+    x = (np.random.default_rng(12).standard_normal((1, 1, h)) * 3).astype(np.float32)
+    lowest = int(np.argmin(x[0, 0] @ w))  # far below the top 8 of a 500-word row
+    model = _tail_model(w, input_probs=False)
+    screen_lm_head(model, TOP)
+    before = _session(model).run(None, _feed(x))
+    rows = next(i for i in model.graph.initializer if i.name == f"{PREFIX}/weight_rows")
+    changed = numpy_helper.to_array(rows).copy()
+    changed[lowest] = 1e4 * np.sign(x[0, 0])
+    rows.CopyFrom(numpy_helper.from_array(changed, rows.name))
+    after = _session(model).run(None, _feed(x))
+    for a, b in zip(before, after):
+        assert np.array_equal(a, b)
+    changed[int(before[0][0, 0, 0])] = 1e4 * np.sign(x[0, 0])  # the top word's own row: it is computed exactly
+    rows.CopyFrom(numpy_helper.from_array(changed, rows.name))
+    assert _session(model).run(None, _feed(x))[1][0, 0, 0] > before[1][0, 0, 0]
+
+
+def test_the_int8_products_are_exact_where_pairs_would_clip_in_16_bits():
+    """Rows of large same-sign values (uint8 255) against columns of 127 (or -127) throughout: on x86 CPUs without
+    VNNI, ONNX Runtime's uint8 x int8 kernel would clip each pair, 2 x 255 x 127, to 16 bits unless the session asks
+    for exact products (`kernels.register`); the bound needs the exact integer sums."""
+    import onnxruntime
+
+    opts = onnxruntime.SessionOptions()
+    kernels.register(opts, "kernel")
+    assert opts.get_session_config_entry(kernels.EXACT_INT8_PRODUCTS[0]) == kernels.EXACT_INT8_PRODUCTS[1]
+    h, v = 64, 64
+    w = np.full((h, v), 0.5, np.float32)
+    w[:, ::2] *= -1  # each column one value, its peak: 127 (or -127) all the way down
+    x = np.ones((1, 2, h), np.float32)
+    x[0, 1] = -1  # a row of 255s (uint8) and one of 1s
+    model = _tail_model(w, input_probs=False)
+    from medusa_export.exporter.screened_lm_head import PREFIX, screen_lm_head
+
+    screen_lm_head(model, TOP)
+    del model.graph.output[:]
+    model.graph.output.extend([helper.make_tensor_value_info(f"{PREFIX}/approx", F, None)])
+    approx = _session(model).run(None, {"hidden": x, "temperature": np.ones(1, np.float32)})[0]
+    np.testing.assert_allclose(approx, x @ w, rtol=1e-5, atol=1e-4)
 
 
 def test_the_op_refuses_bad_shapes_and_ids():

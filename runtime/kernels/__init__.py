@@ -55,10 +55,18 @@ def lanes_op(half: bool) -> str:
     return LANES_OP + KV16_SUFFIX if half else LANES_OP
 
 
+# ONNX Runtime's uint8 x int8 MatMulInteger on x86 CPUs without VNNI (AVX2, AVX-512 before VNNI) adds pairs of
+# products in 16 bits with saturation, so a large row times large weights comes out clipped; with this entry it
+# multiplies as uint8 x uint8 there instead, exactly (slower). CPUs with VNNI or AMX are unaffected either way.
+EXACT_INT8_PRODUCTS = ("session.x64quantprecision", "1")
+
+
 def register(opts, attention: str) -> None:
-    """Make the kernel's op known to sessions opened with ``opts`` when the graphs use it (``attention`` "kernel")."""
+    """Make the kernel's op known to sessions opened with ``opts`` when the graphs use it (``attention`` "kernel"),
+    and their int8 products (the row ops' MatMulInteger) exact on every x86 CPU."""
     if attention == "kernel":
         opts.register_custom_ops_library(library_path())
+        opts.add_session_config_entry(*EXACT_INT8_PRODUCTS)
 
 
 def kernel_dir() -> Path:

@@ -12,8 +12,10 @@
    functions RowQuantize uses. A word whose upper bound lies below the S-th largest lower bound cannot be among the
    top S: only the others (a few hundred of 49,152 on the default model) get their exact logit, a fixed-order dot
    product of x with the word's fp32 row. The top S and their order are therefore those of exact fp32 logits, and
-   greedy decoding takes the exact argmax. The probabilities and the entropy use the exact logits of those words and
-   the int8 product's for the rest (words of small probability: below every candidate's).
+   greedy decoding takes the exact argmax ("exact": this op's fixed-order fp32 dot product, which may differ from
+   another fp32 MatMul's in the last bit, so two words within rounding of each other may rank the other way). The
+   probabilities and the entropy use the exact logits of the kept words and the int8 product's for the rest (words
+   whose upper bound lies below the S-th largest lower bound).
 
    Each row is computed by itself, on one thread, in one fixed order: a row's outputs depend on nothing else in the
    call, as for the other ops of this library.
@@ -24,9 +26,10 @@
    input_probs float [B, R, T] (only with input_ids); entropy float [..., R]. Attribute top_k = S. */
 
 enum { SV_APPROX, SV_X, SV_WEIGHT, SV_BOUNDS, SV_IDS, SV_TEMPERATURE };
-/* Relative allowance for the float rounding of the int8 product's scaling and of an exact dot product (both well
-   under 1e-5 of |x| |w_v| for rows of a few thousand values). */
-static const float SLACK = 1e-4f;
+/* Allowance, relative to |x| |w_v|, for the float rounding of the int8 product's scaling (a few units of 2^-24), of
+   an exact dot product (at most (h / 8 + 3) 2^-24 in its 8-lane order) and of the bound itself: SLACK + h 1e-8, at
+   least twice the worst case for any row length. */
+static const float SLACK = 1e-4f, SLACK_PER_VALUE = 1e-8f;
 
 typedef struct {
   int64_t top_k;
@@ -68,15 +71,19 @@ typedef struct {
   int32_t id;
 } Word;
 
-/* Best first: the larger logit, then the smaller id. */
+/* Best first: the larger logit, then the smaller id; NaN logits last (by id), so that the order is total. */
 static int word_order(const void *a, const void *b) {
   const Word *p = (const Word *)a, *q = (const Word *)b;
-  if (p->logit != q->logit) return p->logit > q->logit ? -1 : 1;
+  const int p_nan = p->logit != p->logit, q_nan = q->logit != q->logit;
+  if (p_nan != q_nan) return p_nan ? 1 : -1;
+  if (!p_nan && p->logit != q->logit) return p->logit > q->logit ? -1 : 1;
   return (p->id > q->id) - (p->id < q->id);
 }
 
-/* Min-heap of the S largest lower bounds seen: heap[0] the smallest of them. */
+/* Min-heap of the S largest lower bounds seen: heap[0] the smallest of them. A NaN lower bound counts as -inf (the
+   word's NaN upper bound keeps it a candidate), so the heap's order always holds. */
 static void heap_push(float *heap, int64_t *n, float value, int64_t cap) {
+  if (value != value) value = -INFINITY;
   if (*n < cap) {
     int64_t i = (*n)++;
     while (i > 0 && heap[(i - 1) / 2] > value) {
@@ -115,8 +122,8 @@ static int screen_row(const Screen *s, int64_t r, Word *words, float *logits, fl
   const float *a = s->approx + r * v, *x = s->x + r * h;
   double xx = 0.0;
   for (int64_t j = 0; j < h; j++) xx += (double)x[j] * x[j];
-  const float xn = (float)sqrt(xx), dx = quantization_error(x, q, work, h);
-  const float alpha = dx + SLACK * xn, beta = xn + dx + SLACK * xn;  /* |x^| <= |x| + |x - x^| */
+  const float xn = (float)sqrt(xx), dx = quantization_error(x, q, work, h), slack = SLACK + SLACK_PER_VALUE * (float)h;
+  const float alpha = dx + slack * xn, beta = xn + dx + slack * xn;  /* |x^| <= |x| + |x - x^| */
   /* The S-th largest lower bound: 8 words at a time, a word to the heap only where it beats the heap's least. */
   const __m256 al8 = _mm256_set1_ps(alpha), be8 = _mm256_set1_ps(beta);
   int64_t filled = 0, w = 0;
@@ -140,6 +147,7 @@ static int screen_row(const Screen *s, int64_t r, Word *words, float *logits, fl
   for (; w < v; w++)
     if (!(a[w] + word_bound(s, w, alpha, beta) < floor_))
       words[n++] = (Word){exact_logit(x, s->weight + w * h, h), (int32_t)w};
+  if (n < top) return 0;  /* cannot happen with finite bounds (the S words in the heap are kept); refused, not read */
   qsort(words, (size_t)n, sizeof(Word), word_order);
   memcpy(logits, a, sizeof(float) * (size_t)v);
   for (int64_t i = 0; i < n; i++) logits[words[i].id] = words[i].logit;
@@ -256,7 +264,7 @@ static OrtStatus *screen_compute(void *kernel, OrtKernelContext *ctx) {
   else if (rows == 1)
     screen_rows(&s, 0);
   if (!st && s.failed)
-    st = error("ScreenedVocab: out of memory, or an input id outside the vocabulary");
+    st = error("ScreenedVocab: out of memory, an input id outside the vocabulary, or non-finite word bounds");
   return st;
 }
 
