@@ -57,16 +57,27 @@ def lanes_op(half: bool) -> str:
 
 # ONNX Runtime's uint8 x int8 MatMulInteger on x86 CPUs without VNNI (AVX2, AVX-512 before VNNI) adds pairs of
 # products in 16 bits with saturation, so a large row times large weights comes out clipped; with this entry it
-# multiplies as uint8 x uint8 there instead, exactly (slower). CPUs with VNNI or AMX are unaffected either way.
+# multiplies as uint8 x uint8 there instead, exactly. It is set only there: ONNX Runtime also rewrites the weights on
+# CPUs with VNNI or AMX, whose uint8 x int8 sums are exact already, and its uint8 x uint8 kernels cost 1.3x (one row),
+# 2.7x (8 rows) and 5.9x (64 rows) theirs on an AMX machine (a 576 x 3,072 product, scripts/exact_int8_micro.py).
 EXACT_INT8_PRODUCTS = ("session.x64quantprecision", "1")
+EXACT_INT8_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")  # x86 CPUs whose uint8 x int8 products never clip
 
 
 def register(opts, attention: str) -> None:
     """Make the kernel's op known to sessions opened with ``opts`` when the graphs use it (``attention`` "kernel"),
-    and their int8 products (the row ops' MatMulInteger) exact on every x86 CPU."""
+    and their int8 products (the row ops' MatMulInteger) exact where the CPU would clip them."""
     if attention == "kernel":
         opts.register_custom_ops_library(library_path())
-        opts.add_session_config_entry(*EXACT_INT8_PRODUCTS)
+        if clipping_int8_products():
+            opts.add_session_config_entry(*EXACT_INT8_PRODUCTS)
+
+
+def clipping_int8_products() -> bool:
+    """Whether ONNX Runtime's uint8 x int8 products clip on this CPU (x86 without VNNI or AMX)."""
+    info = machine_info()
+    x86 = any(f in info["flags"] for f in ("sse2", "avx2"))
+    return x86 and not any(f in info["flags"] for f in EXACT_INT8_FLAGS)
 
 
 def kernel_dir() -> Path:
