@@ -70,15 +70,14 @@ def quantize_rows(model, keep: Callable[[str], bool], turn: Callable[[str], bool
             w = rotation.weight(w)
         elif chain is not None:
             basis = chain[1][:, None] * hadamard(len(chain[1]))
-        peak = np.abs(w).max(axis=0)
-        scale = np.where(peak > 0, peak / 127.0, 1.0).astype(np.float32)
+        scale = column_scale(w)
         hessian = rounding.hessian(node.name) if rounding else None
         if hessian is not None and chain is None and _turned_by_graph(node.input[0], producers):
             hessian = None  # a rotation not folded here: its basis unknown to GPTQ, so rounded to nearest
         if hessian is not None:  # in the basis the MatMul sees
             w8 = rounding(w, hessian if basis is None else turned_hessian(hessian, basis), scale)
         else:
-            w8 = np.clip(np.rint(w / scale), -127, 127).astype(np.int8)
+            w8 = nearest_int8(w, scale)
         name = node.name or node.output[0]
         q, s, y = f"{name}/rows_q", f"{name}/rows_scale", f"{name}/rows_int32"
         graph.initializer.extend([numpy_helper.from_array(w8, f"{name}/weight_int8"),
@@ -101,6 +100,17 @@ def quantize_rows(model, keep: Callable[[str], bool], turn: Callable[[str], bool
         graph.initializer.append(numpy_helper.from_array(np.array(ZERO_POINT, np.uint8), zero))
     set_kernel_nodes(model, [n for n in nodes if n.output[0] not in fused])
     return count
+
+
+def column_scale(w: np.ndarray) -> np.ndarray:
+    """The int8 step of each column of ``w`` [K, N] (max |w[:, n]| / 127; 1 for a zero column), float32."""
+    peak = np.abs(w).max(axis=0)
+    return np.where(peak > 0, peak / 127.0, 1.0).astype(np.float32)
+
+
+def nearest_int8(w: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """``w`` [K, N] rounded to the nearest step of its column's ``scale``, in -127 .. 127."""
+    return np.clip(np.rint(w / scale), -127, 127).astype(np.int8)
 
 
 def set_kernel_nodes(model, nodes: list) -> None:

@@ -27,14 +27,9 @@ from onnx import helper, numpy_helper
 from medusa_export.runtime import kernels
 from medusa_export.runtime.errors import ExportValidationError
 
-from .quantize_rows import ZERO_POINT, set_kernel_nodes
+from .quantize_rows import ZERO_POINT, column_scale, nearest_int8, set_kernel_nodes
 
 REDUCED = ("next_token_ids", "next_token_probs", "input_token_probs", "entropy")  # the op's outputs, in order
-# The screen's weights per word on -127 .. 127. The bound needs the integer product exact: on x86 CPUs without VNNI,
-# ONNX Runtime's uint8 x int8 MatMulInteger clips pairs of products to 16 bits unless the session asks for exact
-# products, which `kernels.register` does for every graph with the kernel's ops (7 bits would avoid the clipping
-# too, but keep 5x more words per row on the default model: `scripts/screen_candidates.py`).
-WEIGHT_LEVELS = 127
 PREFIX = "lm_head_screen"
 HEADS_SCOPE = "//heads/"  # the traced tail's Medusa heads (their blocks and projection: "tail//heads/...")
 
@@ -46,7 +41,12 @@ def screen_lm_head(model, top_k: int) -> dict:
     inits = {i.name: i for i in graph.initializer}
     matmul = _lm_head_matmul(producers, inits)
     w = numpy_helper.to_array(inits[matmul.input[1]]).astype(np.float32)  # [H, V]
-    w8, scale = word_grid(w)
+    # Per word on -127 .. 127, as `quantize_rows`. The bound needs the integer product exact: on x86 CPUs without VNNI,
+    # ONNX Runtime's uint8 x int8 MatMulInteger clips pairs of products to 16 bits unless the session asks for exact
+    # products, which `kernels.register` does on such CPUs (7 bits would avoid the clipping too, but keep 5x more
+    # words per row on the default model).
+    scale = column_scale(w)
+    w8 = nearest_int8(w, scale)
     drift = np.linalg.norm(w.astype(np.float64) - w8.astype(np.float64) * scale, axis=0)
     bounds = np.stack([_rounded_up(np.linalg.norm(w.astype(np.float64), axis=0)), _rounded_up(drift)])
     outputs = {o.name for o in graph.output}
@@ -74,13 +74,6 @@ def screen_lm_head(model, top_k: int) -> dict:
     ]
     set_kernel_nodes(model, _live(kept, outputs))
     return {"vocab": int(w.shape[1]), "hidden": int(w.shape[0]), "mean_bound_norm": float(bounds[1].mean())}
-
-
-def word_grid(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``w`` [H, V] per word (column) on a symmetric grid of ``WEIGHT_LEVELS``: int8 values and float32 scales."""
-    peak = np.abs(w).max(axis=0)
-    scale = np.where(peak > 0, peak / WEIGHT_LEVELS, 1.0).astype(np.float32)
-    return np.clip(np.rint(w / scale), -WEIGHT_LEVELS, WEIGHT_LEVELS).astype(np.int8), scale
 
 
 def _lm_head_matmul(producers: dict, inits: dict):

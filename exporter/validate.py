@@ -80,7 +80,8 @@ def validate_graph(step: StepModel, onnx_path, dtype: str = "float32", threads: 
     tolerance_of = kv_dtype or dtype  # an fp16 cache rounds every key and value: fp16's tolerance
     if enforce:
         _check({k: v for k, v in worst.items() if k not in approximate}, tolerance_of)
-    return {"shapes": [list(s) for s in SHAPES], "max_abs_error": worst, **({"approximate": list(approximate)} if approximate else {}),
+    recorded = {"approximate": list(approximate)} if approximate else {}
+    return {"shapes": [list(s) for s in SHAPES], "max_abs_error": worst, **recorded,
             "tolerance": TOLERANCE[tolerance_of] if enforce else None,
             "max_id_mismatch": MAX_ID_MISMATCH if enforce else None}
 

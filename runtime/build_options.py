@@ -79,10 +79,10 @@ class BuildOptions:
                              "it, or leave --kv-cache-dtype auto")
         if self.lm_head not in LM_HEADS:
             raise InputError(f"--lm-head {self.lm_head!r:.40}: use auto, full or screened")
+        screenable = self.attention == "kernel" and self.recipe in ("fp32", "int8_rows")
         if self.lm_head == "auto":
-            screens = self.attention == "kernel" and self.recipe in ("fp32", "int8_rows")
-            object.__setattr__(self, "lm_head", "screened" if screens else "full")
-        if self.lm_head == "screened" and (self.recipe not in ("fp32", "int8_rows") or self.attention != "kernel"):
+            object.__setattr__(self, "lm_head", "screened" if screenable else "full")
+        if self.lm_head == "screened" and not screenable:
             raise InputError("--lm-head screened needs --attention kernel and --dtype fp32 (or int8 with --int8-matmul "
                              "rows): its screen runs in the kernel library; add them, or leave --lm-head full")
         if self.corpus_drafts not in CORPUS_DRAFTS:

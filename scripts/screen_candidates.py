@@ -2,7 +2,7 @@
 model's real hidden states: per position of the fp32 model's greedy answers to held-out prompts, the words whose
 error bound from the int8 product lets them rank among the top 1 / 10 / 32, and the largest error of the int8
 product as a share of its bound (below 1: the bound held). The int8 product as the graph computes it: the row in
-two passes (`RowQuantize` passes = 2), the weight per word (`exporter/screened_lm_head.word_grid`).
+two passes (`RowQuantize` passes = 2), the weight per word (`exporter/quantize_rows.column_scale`, `nearest_int8`).
 
     python scripts/screen_candidates.py --prompts train_prompts.jsonl --first 40 --count 8 [--json out.json]
 """
@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from medusa_export.exporter.model_loading import load_base_model
-from medusa_export.exporter.screened_lm_head import word_grid
+from medusa_export.exporter.quantize_rows import column_scale, nearest_int8
 from medusa_export.runtime.machine import machine_info
 from medusa_export.runtime.prompts import read_prompts
 
@@ -50,8 +50,8 @@ def main() -> None:
             hidden.append(model.model(answer).last_hidden_state[0].double().numpy())
     x = np.concatenate(hidden)
     w = model.lm_head.weight.detach().double().numpy()  # [V, H]
-    w8, scale = word_grid(w.T.astype(np.float32))
-    w_held = (w8.astype(np.float64) * scale.astype(np.float64)).T
+    scale = column_scale(w.T.astype(np.float32))
+    w_held = (nearest_int8(w.T.astype(np.float32), scale).astype(np.float64) * scale.astype(np.float64)).T
     x_held = two_passes(x)
     exact, approx = x @ w.T, x_held @ w_held.T
     bound = (np.linalg.norm(x - x_held, axis=1, keepdims=True) * np.linalg.norm(w, axis=1)[None]

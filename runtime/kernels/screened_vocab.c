@@ -116,6 +116,63 @@ static inline __m256 bound8(const Screen *s, int64_t w, __m256 alpha, __m256 bet
                        _mm256_mul_ps(beta, _mm256_loadu_ps(s->drift + w)));
 }
 
+/* The S-th largest lower bound of a row's words (``heap``: S floats): 8 words at a time, a word to the heap only
+   where it beats the heap's least. */
+static float lower_floor(const Screen *s, const float *a, float alpha, float beta, float *heap) {
+  const int64_t v = s->v, top = s->top_k;
+  const __m256 al8 = _mm256_set1_ps(alpha), be8 = _mm256_set1_ps(beta);
+  int64_t filled = 0, w = 0;
+  for (; w < v && filled < top; w++) heap_push(heap, &filled, a[w] - word_bound(s, w, alpha, beta), top);
+  for (; w + 8 <= v; w += 8) {
+    __m256 lo = _mm256_sub_ps(_mm256_loadu_ps(a + w), bound8(s, w, al8, be8));
+    int above = _mm256_movemask_ps(_mm256_cmp_ps(lo, _mm256_set1_ps(heap[0]), _CMP_NLE_UQ));  /* or NaN */
+    for (; above; above &= above - 1) {
+      int64_t u = w + __builtin_ctz(above);
+      heap_push(heap, &filled, a[u] - word_bound(s, u, alpha, beta), top);
+    }
+  }
+  for (; w < v; w++) heap_push(heap, &filled, a[w] - word_bound(s, w, alpha, beta), top);
+  return heap[0];
+}
+
+/* The words whose upper bound is not below ``floor_`` (a NaN keeps the word), with their exact logits; their count. */
+static int64_t kept_words(const Screen *s, const float *a, const float *x, float alpha, float beta, float floor_,
+                          Word *words) {
+  const int64_t v = s->v, h = s->h;
+  const __m256 al8 = _mm256_set1_ps(alpha), be8 = _mm256_set1_ps(beta), f8 = _mm256_set1_ps(floor_);
+  int64_t n = 0, w = 0;
+  for (; w + 8 <= v; w += 8) {
+    __m256 hi = _mm256_add_ps(_mm256_loadu_ps(a + w), bound8(s, w, al8, be8));
+    for (int keep = _mm256_movemask_ps(_mm256_cmp_ps(hi, f8, _CMP_NLT_UQ)); keep; keep &= keep - 1) {
+      int64_t u = w + __builtin_ctz(keep);
+      words[n++] = (Word){exact_logit(x, s->weight + u * h, h), (int32_t)u};
+    }
+  }
+  for (; w < v; w++)
+    if (!(a[w] + word_bound(s, w, alpha, beta) < floor_))
+      words[n++] = (Word){exact_logit(x, s->weight + w * h, h), (int32_t)w};
+  return n;
+}
+
+/* Over v logits: the sums of exp(z) and of z exp(z), z = (logit - top_logit) / tau <= 0. */
+static void softmax_sums(const float *logits, int64_t v, float top_logit, float tau, float *total, float *weighted) {
+  const __m256 m8 = _mm256_set1_ps(top_logit), t8 = _mm256_set1_ps(tau);
+  __m256 z8 = _mm256_setzero_ps(), ez8 = _mm256_setzero_ps();
+  int64_t w = 0;
+  for (; w + 8 <= v; w += 8) {
+    __m256 z = _mm256_div_ps(_mm256_sub_ps(_mm256_loadu_ps(logits + w), m8), t8), e = exp8(z);
+    z8 = _mm256_add_ps(z8, e);
+    ez8 = _mm256_add_ps(ez8, _mm256_mul_ps(e, z));
+  }
+  *total = hsum8(z8);
+  *weighted = hsum8(ez8);
+  for (; w < v; w++) {
+    float z = (logits[w] - top_logit) / tau, e = expf(z);
+    *total += e;
+    *weighted += e * z;
+  }
+}
+
 /* One row: candidates, their exact logits, the top S, then the distribution over every word. */
 static int screen_row(const Screen *s, int64_t r, Word *words, float *logits, float *heap, uint8_t *q, float *work) {
   const int64_t v = s->v, h = s->h, top = s->top_k;
@@ -124,47 +181,14 @@ static int screen_row(const Screen *s, int64_t r, Word *words, float *logits, fl
   for (int64_t j = 0; j < h; j++) xx += (double)x[j] * x[j];
   const float xn = (float)sqrt(xx), dx = quantization_error(x, q, work, h), slack = SLACK + SLACK_PER_VALUE * (float)h;
   const float alpha = dx + slack * xn, beta = xn + dx + slack * xn;  /* |x^| <= |x| + |x - x^| */
-  /* The S-th largest lower bound: 8 words at a time, a word to the heap only where it beats the heap's least. */
-  const __m256 al8 = _mm256_set1_ps(alpha), be8 = _mm256_set1_ps(beta);
-  int64_t filled = 0, w = 0;
-  for (; w < v && filled < top; w++) heap_push(heap, &filled, a[w] - word_bound(s, w, alpha, beta), top);
-  for (; w + 8 <= v; w += 8) {
-    __m256 lo = _mm256_sub_ps(_mm256_loadu_ps(a + w), bound8(s, w, al8, be8));
-    int above = _mm256_movemask_ps(_mm256_cmp_ps(lo, _mm256_set1_ps(heap[0]), _CMP_NLE_UQ));  /* or NaN */
-    for (; above; above &= above - 1) heap_push(heap, &filled, a[w + __builtin_ctz(above)] -
-                                                word_bound(s, w + __builtin_ctz(above), alpha, beta), top);
-  }
-  for (; w < v; w++) heap_push(heap, &filled, a[w] - word_bound(s, w, alpha, beta), top);
-  const float floor_ = heap[0];
-  int64_t n = 0;
-  for (w = 0; w + 8 <= v; w += 8) {  /* the candidates: upper bound not below the floor (a NaN keeps the word) */
-    __m256 hi = _mm256_add_ps(_mm256_loadu_ps(a + w), bound8(s, w, al8, be8));
-    for (int keep = _mm256_movemask_ps(_mm256_cmp_ps(hi, _mm256_set1_ps(floor_), _CMP_NLT_UQ)); keep; keep &= keep - 1) {
-      int64_t u = w + __builtin_ctz(keep);
-      words[n++] = (Word){exact_logit(x, s->weight + u * h, h), (int32_t)u};
-    }
-  }
-  for (; w < v; w++)
-    if (!(a[w] + word_bound(s, w, alpha, beta) < floor_))
-      words[n++] = (Word){exact_logit(x, s->weight + w * h, h), (int32_t)w};
+  const int64_t n = kept_words(s, a, x, alpha, beta, lower_floor(s, a, alpha, beta, heap), words);
   if (n < top) return 0;  /* cannot happen with finite bounds (the S words in the heap are kept); refused, not read */
   qsort(words, (size_t)n, sizeof(Word), word_order);
   memcpy(logits, a, sizeof(float) * (size_t)v);
   for (int64_t i = 0; i < n; i++) logits[words[i].id] = words[i].logit;
   const float tau = s->temperature[s->temperatures == 1 ? 0 : r], top_logit = words[0].logit;
-  const __m256 m8 = _mm256_set1_ps(top_logit), t8 = _mm256_set1_ps(tau);
-  __m256 z8 = _mm256_setzero_ps(), ez8 = _mm256_setzero_ps();
-  for (w = 0; w + 8 <= v; w += 8) {  /* sum of exp(z) and of z exp(z), z = (logit - max) / temperature <= 0 */
-    __m256 z = _mm256_div_ps(_mm256_sub_ps(_mm256_loadu_ps(logits + w), m8), t8), e = exp8(z);
-    z8 = _mm256_add_ps(z8, e);
-    ez8 = _mm256_add_ps(ez8, _mm256_mul_ps(e, z));
-  }
-  float total = hsum8(z8), weighted = hsum8(ez8);
-  for (; w < v; w++) {
-    float z = (logits[w] - top_logit) / tau, e = expf(z);
-    total += e;
-    weighted += e * z;
-  }
+  float total, weighted;
+  softmax_sums(logits, v, top_logit, tau, &total, &weighted);
   for (int64_t i = 0; i < top; i++) {
     s->out_ids[r * top + i] = words[i].id;
     s->probs[r * top + i] = expf((words[i].logit - top_logit) / tau) / total;
