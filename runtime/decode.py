@@ -19,7 +19,7 @@ import numpy as np
 
 from .acceptance import accept_greedy, accept_typical, next_token
 from .backends.base import Session
-from .context_drafts import DEFAULT_MAX_DRAFT, ContextIndex, Draft
+from .context_drafts import DEFAULT_MAX_DRAFT, ContextIndex
 from .errors import InputError
 from .speculation import Speculation
 from .step_tree import CONTEXT, HEADS, StepTree
@@ -190,8 +190,7 @@ def plan(cursor: Cursor, tree: Tree | None, spec: Speculation, room: int, max_pa
         tree is not None and cursor.heads is not None and tree.num_nodes <= room) else None
     if whole_tree and heads is not None and cursor.context is None:
         return heads  # sampling, or no drafts to weigh against it
-    drafts = spec.drafts(cursor.context, min(DEFAULT_MAX_DRAFT, room - 1)) if cursor.context is not None else []
-    draft = drafts[0] if drafts else None
+    draft = spec.propose(cursor.context, min(DEFAULT_MAX_DRAFT, room - 1)) if cursor.context is not None else None
     if heads is None and draft is None:
         return root  # nothing to weigh (vanilla decoding, or no draft this step)
     q = spec.rates.cumulative(draft.rate_kind, len(draft.tokens)) if draft else []
@@ -217,32 +216,10 @@ def plan(cursor: Cursor, tree: Tree | None, spec: Speculation, room: int, max_pa
         weigh_both_graphs(spec, options, best, t)
     tokens, rows, n, use_heads = best
     if use_heads:
-        p = heads.with_draft(draft.tokens[:n], draft.rate_kind) if n else heads
-    else:
-        if heads is not None and cursor.shadow is None:
-            cursor.shadow = (heads, [])  # scored against the tokens that follow, so the heads' rates stay measured
-        p = StepTree.chain(cursor.root, draft.tokens[:n], draft.rate_kind) if n else root
-    if len(drafts) < 2 or not spec.runner_up or whole_tree:
-        return p
-    upto = min(room, p.num_nodes + len(drafts[1].tokens))
-    return with_runner_up(p, drafts[1], tokens, spec, spec.alone_table(tree is not None, upto), upto, max_paths)
-
-
-def with_runner_up(p: StepTree, runner: Draft, tokens: float, spec: Speculation, t: list[float], room: int,
-                   max_paths: int | None) -> StepTree:
-    """``p`` (expecting ``tokens`` per step) plus as much of the second source's draft as raises the expected tokens
-    per second: its nodes past those it shares with ``p``, by the rates measured for drafts in that place."""
-    walked = p.shared(runner.tokens)
-    k = len(walked)
-    if k == len(runner.tokens) or (max_paths is not None and p.num_paths >= max_paths):
-        return p
-    q = spec.runner_rates.cumulative(runner.rate_kind, len(runner.tokens))
-    best_m, best_rate, gain = 0, tokens / t[p.num_nodes], 0.0
-    for m in range(1, min(len(runner.tokens) - k, room - p.num_nodes) + 1):
-        gain += q[k + m - 1]
-        if (tokens + gain) / t[p.num_nodes + m] > best_rate:
-            best_m, best_rate = m, (tokens + gain) / t[p.num_nodes + m]
-    return p.with_draft(runner.tokens[:k + best_m], runner.rate_kind, runner=True) if best_m else p
+        return heads.with_draft(draft.tokens[:n], draft.rate_kind) if n else heads
+    if heads is not None and cursor.shadow is None:
+        cursor.shadow = (heads, [])  # scored against the tokens that follow, so the heads' rates stay measured
+    return StepTree.chain(cursor.root, draft.tokens[:n], draft.rate_kind) if n else root
 
 
 def weigh_both_graphs(spec: Speculation, options: list[tuple], best: tuple, t: list[float]) -> None:
@@ -333,8 +310,6 @@ def record_sources(p: StepTree, accepted: list[int], new: list[int], spec: Specu
         spec.record_heads([i for i in accepted if source[i] == HEADS])
     if p.draft:
         spec.rates.record(p.kind, p.drafted, agreeing(p.draft, new))
-    if p.runner:
-        spec.runner_rates.record(p.runner_kind, len(p.runner), agreeing(p.runner, new))
 
 
 def agreeing(draft: list[int], new: list[int]) -> int:

@@ -35,9 +35,6 @@ PRIOR_DEEPER = 0.7
 # [100:160]), by matched n-gram length and share class (below .25, .25-.5, above): ~.12-.15 / .25-.3 / .35-.45.
 PRIOR_CORPUS_FIRST = {n: (0.13, 0.27, 0.4) for n in range(1, MAX_NGRAM + 1)}
 PRIOR_CORPUS_DEEPER = 0.55
-# A runner-up draft (the other source's, where the better-rated one disagrees with it): its first token accepted a
-# third as often as a draft of its class that was picked (a guess, not measured).
-PRIOR_RUNNER_UP = 0.35
 PRIOR_WEIGHT = 10.0  # the priors count as this many observations
 PRIOR_ROW_SHARE = 0.06  # one more row, as a share of a one-row step
 EXPLORE_EVERY = 8  # requests: one in eight runs the heads whatever they are expected to give
@@ -50,13 +47,12 @@ class AcceptanceRates:
     """Conditional acceptance of drafts by kind (`Draft.rate_kind`: a context draft's matched n-gram length, or a
     corpus draft's class) and depth."""
 
-    def __init__(self, max_draft: int = DEFAULT_MAX_DRAFT, prior_scale: float = 1.0) -> None:
+    def __init__(self, max_draft: int = DEFAULT_MAX_DRAFT) -> None:
         prior = np.full((NUM_KINDS, max_draft), PRIOR_DEEPER)
         prior[:, 0] = [PRIOR_FIRST.get(n, PRIOR_FIRST[max(PRIOR_FIRST)]) for n in range(NUM_KINDS)]
         for n, firsts in PRIOR_CORPUS_FIRST.items():
             for share, first in zip((0.0, *SHARE_CLASSES), firsts):
                 prior[rate_kind(n, share)] = [first, *[PRIOR_CORPUS_DEEPER] * (max_draft - 1)]
-        prior[:, 0] *= prior_scale
         # Counts and conditional rates as lists, read and updated every step in Python: numpy calls on a few elements
         # cost ~10x their warm time right after a step has streamed the weights through the CPU's caches.
         accepted, proposed = prior * PRIOR_WEIGHT, np.full_like(prior, PRIOR_WEIGHT)
@@ -153,10 +149,6 @@ class Speculation:
 
     def __init__(self) -> None:
         self.rates = AcceptanceRates()
-        # The other source's draft, verified beside the first where it pays (one-sequence steps): its own rates, as
-        # it is drafted where the better-rated source disagrees with it. False: one draft per step.
-        self.runner_up = True
-        self.runner_rates = AcceptanceRates(prior_scale=PRIOR_RUNNER_UP)
         self.alone_cost = {True: StepCost(), False: StepCost()}  # one-sequence steps, by graph: Medusa, vanilla
         self.requests = 0
         self.batched_cost = StepCost()
@@ -171,20 +163,11 @@ class Speculation:
     def propose(self, context: ContextIndex, max_tokens: int) -> Draft | None:
         """The draft a sequence's step should weigh: the context's (prompt lookup) or the corpus table's, whichever
         expects more accepted tokens by the rates measured so far."""
-        drafts = self.drafts(context, max_tokens)
-        return drafts[0] if drafts else None
-
-    def drafts(self, context: ContextIndex, max_tokens: int) -> list[Draft]:
-        """The context's and the corpus table's drafts, the one expected to give more accepted tokens first; a
-        second one only where it proposes something the first does not (it is not the first's prefix)."""
-        found = [context.propose(max_tokens)]
+        drafts = [context.propose(max_tokens)]
         if self.corpus is not None:
-            found.append(self.corpus.propose(context.tokens, max_tokens))
-        found = sorted((d for d in found if d is not None),
-                       key=lambda d: -sum(self.rates.cumulative(d.rate_kind, len(d.tokens))))
-        if len(found) == 2 and found[0].tokens[:len(found[1].tokens)] == found[1].tokens:
-            found.pop()
-        return found
+            drafts.append(self.corpus.propose(context.tokens, max_tokens))
+        return max((d for d in drafts if d is not None), default=None,
+                   key=lambda d: sum(self.rates.cumulative(d.rate_kind, len(d.tokens))))
 
     def heads_for(self, tree):
         """The heads' tree for a new request when the heads are expected to pay on this machine, else None (the

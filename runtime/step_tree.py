@@ -33,8 +33,6 @@ class StepTree:
     source: np.ndarray  # [N] int8: ROOT, HEADS or CONTEXT
     draft: tuple[int, ...] = ()  # the context draft merged in (some of its tokens may share heads' nodes)
     kind: int = 0  # the draft's acceptance-rate class (`Draft.rate_kind`)
-    runner: tuple[int, ...] = ()  # a second draft, from the other source (`Speculation.drafts`), merged in too
-    runner_kind: int = 0
 
     @property
     def drafted(self) -> int:
@@ -74,15 +72,14 @@ class StepTree:
     def is_leaf(self, node: int) -> bool:
         return node not in self.parent.tolist()
 
-    def with_draft(self, draft: list[int], kind: int = 0, runner: bool = False) -> "StepTree":
+    def with_draft(self, draft: list[int], kind: int = 0) -> "StepTree":
         """This tree plus ``draft`` (of acceptance-rate class ``kind``) as a chain below the root, sharing the
-        nodes it agrees with; ``runner``: recorded as the step's second draft (the first one stays)."""
+        nodes it agrees with."""
         walked = self.shared(draft)
         node, k = (walked[-1] if walked else 0), len(walked)
         extra = len(draft) - k
-        named = {"runner": tuple(draft), "runner_kind": kind} if runner else {"draft": tuple(draft), "kind": kind}
         if extra == 0:
-            return replace(self, **named)
+            return replace(self, draft=tuple(draft), kind=kind)
         n = self.num_nodes
         new = np.arange(n, n + extra)
         parent = np.concatenate([self.parent, np.concatenate(([node], new[:-1]))])
@@ -97,8 +94,8 @@ class StepTree:
         width = max(self.paths_nodes.shape[1], len(chain_))
         rows = [np.pad(p, (0, width - len(p)), constant_values=-1) for p in [*paths, chain_]]
         source = np.concatenate([self.source, np.full(extra, CONTEXT, np.int8)])
-        return replace(self, tokens=np.concatenate([self.tokens, draft[k:]]).astype(np.int64), parent=parent,
-                       depth=depth, mask=mask, paths_nodes=np.stack(rows), source=source, **named)
+        return StepTree(np.concatenate([self.tokens, draft[k:]]).astype(np.int64), parent, depth, mask,
+                        np.stack(rows), source, tuple(draft), kind)
 
 
 @lru_cache(maxsize=64)

@@ -122,10 +122,7 @@ class OrtBackend(Backend):
         self.kv_layout = manifest.kv_layout
         # Per graph: root-to-leaf paths it verifies exactly, one head group each (1: a masked tree step).
         self.paths = {kind: graph.paths for kind, graph in manifest.graphs.items()}
-        # EXPERIMENT: a one-path kernel graph taken to verify any tree as a masked step (wrong: see the revert)
-        per_path = manifest.graph_format == ONNXRUNTIME and dims.num_heads and not (
-            manifest.attention == "kernel" and self.paths["medusa"] == 1)
-        self.max_paths = self.paths["medusa"] if per_path else None
+        self.max_paths = self.paths["medusa"] if manifest.graph_format == ONNXRUNTIME and dims.num_heads else None
         if manifest.graph_format == ONNXRUNTIME:
             check_fused_support(ort.__version__)
         if device != "cpu":
