@@ -136,6 +136,42 @@ def _alone(session, feeds: dict, key: np.ndarray, value: np.ndarray, row: int) -
     return _bound(session, one)[0][0, 0]
 
 
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(parents=st.lists(st.integers(0, 1000), min_size=1, max_size=11), past=st.one_of(st.integers(0, 40),
+       st.integers(256, 300)), half=st.booleans(), seed=st.integers(0, 1000))
+def test_a_masked_tree_row_is_bit_identical_to_plain_decoding_of_its_path(parents, past, half, seed):
+    """A branching tree verified in one masked step (its rows after the past, each seeing its ancestors' keys with
+    masked siblings' between them, at the position of its depth): every row's output and K / V rows are, bit for
+    bit, those of a one-row step over a cache holding its path side by side, as plain decoding has it. (Rows lying
+    within one chunk of 256 keys, as the runtime plans them: `decode.step_paths`.)"""
+    session = _session("kernel", half=half)
+    parent = [-1] + [p % (i + 1) for i, p in enumerate(parents)]  # node i + 1's parent: any earlier node
+    rows = len(parent)
+    depth = [0] * rows
+    for i in range(1, rows):
+        depth[i] = depth[parent[i]] + 1
+    seen = np.eye(rows, dtype=bool)
+    for i in range(1, rows):
+        seen[i] |= seen[parent[i]]
+    feeds = _feeds(np.random.default_rng(seed), rows, past, half=half)
+    feeds["bias"][0, 0, :, past:][~seen] = -np.inf
+    feeds["position_ids"] = (past + np.array(depth, np.int64))[None]
+    out, key, value = _bound(session, feeds)
+    for r in range(rows):
+        path = [i for i in range(rows) if seen[r, i]]  # root .. r, in order
+        k, v = feeds["past_key"].copy(), feeds["past_value"].copy()
+        k[:, :, past:past + len(path) - 1] = key[:, :, [past + i for i in path[:-1]]]
+        v[:, :, past:past + len(path) - 1] = value[:, :, [past + i for i in path[:-1]]]
+        at = past + len(path) - 1
+        one = dict(feeds, qkv=feeds["qkv"][:, r:r + 1].copy(), past_key=k, past_value=v,
+                   seqlens_k=np.array([at], np.int32), total=np.array(at + 1, np.int32),
+                   position_ids=np.array([[at]], np.int64), bias=np.zeros((1, 1, 1, at + 1), np.float32))
+        plain, plain_key, plain_value = _bound(session, one)
+        np.testing.assert_array_equal(out[0, r], plain[0, 0])
+        np.testing.assert_array_equal(key[:, :, past + r], plain_key[:, :, at])
+        np.testing.assert_array_equal(value[:, :, past + r], plain_value[:, :, at])
+
+
 def test_a_present_not_bound_in_place_holds_the_same(sessions):
     feeds = _feeds(np.random.default_rng(3), 4, 30)
     copied = sessions["kernel"].run(None, feeds)
@@ -304,6 +340,55 @@ def test_kernel_artifacts_record_it_and_hold_no_group_query_attention(kernel_run
         if kind == "lanes":  # one call per layer on the rows where they are: nothing gathers or splits them per lane
             assert ops.count(kernels.LANES_OP) == rt.generator.backend.dims.num_layers and kernels.OP not in ops
             assert not [n.name for n in nodes if "lane_rows" in n.name or "lanes_out" in n.name]
+
+
+def test_kernel_graphs_built_per_path_verify_only_the_paths_they_were_built_for(kernel_runtimes):
+    for rt in kernel_runtimes.values():
+        assert rt.generator.backend.max_paths == rt.manifest.graphs["medusa"].paths > 1
+        assert rt.generator.backend.branch_chunk is None
+
+
+@pytest.fixture(scope="module")
+def one_path_runtimes(tiny_dirs, tmp_path_factory):
+    """Kernel artifacts of a chain tree (one path: no per-path attention), fp32 and int8 rows with an fp16 cache."""
+    root = tmp_path_factory.mktemp("one_path")
+    (root / "chain.json").write_text("[[0], [0, 0]]")
+    return engine_tests.build_runtimes(tiny_dirs, root, dtypes=("fp32", "int8"), attention="kernel",
+                                       tree=str(root / "chain.json"),
+                                       int8={"int8_matmul": "rows", "kv_cache_dtype": "fp16"})
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "int8"])
+def test_one_path_kernel_artifacts_verify_branching_trees_exactly(one_path_runtimes, dtype):
+    """Rows summed by the rank of the keys they see: a one-path kernel graph verifies a branching tree as a masked
+    step, every node bit-identical to plain one-token steps and the accepted path's KV rows committed exactly."""
+    rt = one_path_runtimes[dtype]
+    assert rt.generator.backend.max_paths == 1 and rt.generator.backend.branch_chunk == kernels.KEY_CHUNK
+    fused_tests.test_tree_step_is_bit_identical_to_plain_one_token_steps(rt, {dtype: (rt, None)}, dtype)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "int8"])
+def test_greedy_drafts_that_leave_the_heads_chain_change_no_token(one_path_runtimes, dtype, monkeypatch):
+    """Context drafts that branch off the heads' chain (steps of two paths on a one-path graph) give plain greedy
+    decoding's tokens; the steps that did branch are counted, so the test cannot pass without them."""
+    from medusa_export.runtime import decode as decode_module
+    from medusa_export.runtime.decode import GenerationConfig
+
+    rt = one_path_runtimes[dtype]
+    plan, branched = decode_module.plan, []
+
+    def counting(*args, **kwargs):
+        p = plan(*args, **kwargs)
+        branched.append(p.num_paths > 1)
+        return p
+
+    monkeypatch.setattr(decode_module, "plan", counting)
+    for prompt in TINY_PROMPTS:
+        ids = list(prompt) * 4  # repeated: the context proposes drafts
+        medusa = rt.generator.generate(ids, GenerationConfig(max_new_tokens=40, ignore_eos=True)).token_ids
+        vanilla = rt.generator.generate(ids, GenerationConfig(max_new_tokens=40, ignore_eos=True, medusa=False))
+        assert medusa == vanilla.token_ids
+    assert any(branched)
 
 
 def _quantized(runtimes) -> dict:

@@ -240,6 +240,25 @@ def test_a_backend_that_takes_only_the_whole_tree_gets_exactly_the_heads_tree():
     assert whole.num_nodes == tree.num_nodes and whole.tokens.tolist() == [3, 0, 10] and not whole.draft
 
 
+@settings(max_examples=40, deadline=None)
+@given(draft=st.lists(st.integers(0, 12), min_size=1, max_size=8), cheap=st.booleans())
+def test_a_plan_holds_no_more_paths_than_the_graph_verifies_exactly(draft, cheap):
+    """A fused graph of one path (a chain tree; the attention kernel's artifacts too) verifies only chains exactly: a
+    masked branch's keys sit at other indices than in plain decoding, which moves the kernel's summation lanes (an
+    int8 rows artifact decoding branching plans as masked steps answered 10 of 32 MT-Bench prompts differently)."""
+    from medusa_export.runtime.decode import Cursor, plan
+    from medusa_export.runtime.speculation import Speculation
+
+    tree = Tree.from_choices([[0], [0, 0]], topk=4)
+    heads = np.arange(40, dtype=np.int64).reshape(4, 10)  # the heads' chain is 3 -> 0 -> 10
+    context = ContextIndex([3, *draft, 3])  # "3" seen before: the draft that followed it is proposed
+    spec = Speculation()
+    for rows in range(1, 12):  # rows nearly free: every draft token pays
+        spec.alone_cost[True].record(rows, 0.010 * (1 + (0.001 if cheap else 0.05) * rows))
+    p = plan(Cursor(3, heads, np.random.default_rng(0), context), tree, spec, room=100, max_paths=1)
+    assert p.num_paths == 1
+
+
 def test_once_the_same_steps_were_weighed_on_both_graphs_the_faster_one_runs_the_requests():
     """With drafts riding on both graphs, the heads' tree alone says little: the expected tokens per second of the
     same steps on each graph decide, and the other graph still runs every EXPLORE_EVERY-th request, whichever won."""

@@ -238,25 +238,38 @@ static inline __attribute__((always_inline)) void scores_hd(const float *const *
 
 /* One row's softmax numerators over the chunk at key j0, of which it sees ``count`` keys: its scores (rounded up to 8
    with -inf) turned in place into exp(score - the chunk's maximum) (masked keys exactly 0). part: max (NaN when a
-   score is NaN: a NaN in the query, a key or the bias, passed on as the math would), then sum. Whether the row has
-   values to weigh: its maximum is finite. */
+   score is NaN: a NaN in the query, a key or the bias, passed on as the math would), then sum. The sum goes in 8
+   lanes by each key's rank among the keys the row sees (its index when none is masked): a tree node, whose
+   ancestors' keys sit between masked siblings', sums exactly as a one-token step over the same keys side by side
+   does. Whether the row has values to weigh: its maximum is finite. */
 static inline __attribute__((always_inline)) int softmax_chunk(int count, float *scores, float *part) {
-  int n8 = (count + 7) & ~7, j;
+  int n8 = (count + 7) & ~7, full = count & ~7, j;
   for (j = count; j < n8; j++) scores[j] = -INFINITY;
-  __m256 m8 = _mm256_set1_ps(-INFINITY), nan8 = _mm256_setzero_ps();
+  __m256 m8 = _mm256_set1_ps(-INFINITY), nan8 = _mm256_setzero_ps(), hole8 = _mm256_setzero_ps();
   for (j = 0; j < n8; j += 8) {
     __m256 x = _mm256_loadu_ps(scores + j);
     m8 = _mm256_max_ps(m8, x);
     nan8 = _mm256_or_ps(nan8, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+    if (j < full) hole8 = _mm256_or_ps(hole8, _mm256_cmp_ps(x, _mm256_set1_ps(-INFINITY), _CMP_EQ_OQ));
   }
+  int holes = _mm256_movemask_ps(hole8) != 0;
+  for (j = full; j < count && !holes; j++) holes = scores[j] == -INFINITY;
   float m = _mm256_movemask_ps(nan8) ? NAN : hmax8(m8);
   part[0] = m;
   if (!(m > -INFINITY)) return 0;  /* NaN, or sees nothing in this chunk: the merge skips it */
   __m256 mv = _mm256_set1_ps(m), sum8 = _mm256_setzero_ps();
+  if (holes) {  /* the seen keys' scores side by side, summed as a step without the masked keys would sum them */
+    float seen[CHUNK];
+    int c = 0;
+    for (j = 0; j < count; j++)
+      if (scores[j] != -INFINITY) seen[c++] = scores[j];
+    for (j = c; j < ((c + 7) & ~7); j++) seen[j] = -INFINITY;
+    for (j = 0; j < c; j += 8) sum8 = _mm256_add_ps(sum8, exp8(_mm256_sub_ps(_mm256_loadu_ps(seen + j), mv)));
+  }
   for (j = 0; j < n8; j += 8) {
     __m256 p = exp8(_mm256_sub_ps(_mm256_loadu_ps(scores + j), mv));
     _mm256_storeu_ps(scores + j, p);
-    sum8 = _mm256_add_ps(sum8, p);
+    if (!holes) sum8 = _mm256_add_ps(sum8, p);
   }
   part[1] = hsum8(sum8);
   return 1;
