@@ -233,26 +233,16 @@ def weigh_both_graphs(spec: Speculation, options: list[tuple], best: tuple, t: l
     spec.record_paired(best[0], t[best[1]], alone[0], t_vanilla[alone[1]])
 
 
-def step_paths(max_paths: int | None, branch_chunk: int | None, past: int, rows: int) -> int | None:
-    """The root-to-leaf paths a step after ``past`` tokens may verify, holding at most ``rows`` rows: any number where
-    the graph verifies branching trees as masked steps and every row's key sits in the same chunk as in plain
-    decoding (the node at row r, depth d: keys past + r and past + d), else the graph's ``max_paths``."""
-    return None if branch_chunk is not None and past % branch_chunk + rows <= branch_chunk else max_paths
-
-
 def step(session: Session, cursor: Cursor, tree: Tree | None, cfg: GenerationConfig, stats: DecodeStats,
-         spec: Speculation, max_paths: int | None = None, whole_tree: bool = False,
-         branch_chunk: int | None = None) -> list[int] | None:
+         spec: Speculation, max_paths: int | None = None, whole_tree: bool = False) -> list[int] | None:
     """One verification step; the tokens it makes final, or None when the KV buffer is full."""
     room = session.capacity - session.length
     if room < 1:
         stats.finish_reason = "length"
         return None
-    # A plan holds the heads' tree and at most one draft (DEFAULT_MAX_DRAFT rows past the nodes it shares).
-    paths = step_paths(max_paths, branch_chunk, session.length, (tree.num_nodes if tree else 1) + DEFAULT_MAX_DRAFT)
     # Sampling: the heads' whole tree at every step (typical acceptance draws from the rng per verified tree), so a
     # seed gives one answer whatever this process has measured.
-    p = plan(cursor, tree, spec, room, paths, whole_tree or cfg.temperature > 0)
+    p = plan(cursor, tree, spec, room, max_paths, whole_tree or cfg.temperature > 0)
     t0 = time.perf_counter()
     out = session.run(p.tokens, session.length + p.depth, p.mask, tree is not None, _temp(cfg))
     acc_nodes = accept(p, out, cfg)
@@ -329,7 +319,7 @@ def agreeing(draft: list[int], new: list[int]) -> int:
 
 def decode(session: Session, prompt_ids: list[int], tree: Tree | None, cfg: GenerationConfig,
            stats: DecodeStats, spec: Speculation | None = None, max_paths: int | None = None,
-           whole_tree: bool = False, branch_chunk: int | None = None) -> Iterator[list[int]]:
+           whole_tree: bool = False) -> Iterator[list[int]]:
     """One sequence alone: prefill, then steps until the caller stops reading or the KV buffer is full. ``spec``:
     what earlier requests measured (a `Generator` shares one, and chooses ``tree`` with `Speculation.heads_for`),
     else measured from this one only."""
@@ -339,7 +329,7 @@ def decode(session: Session, prompt_ids: list[int], tree: Tree | None, cfg: Gene
     cursor = prefill(session, prompt_ids, tree is not None, cfg, np.random.default_rng(cfg.seed))
     stats.prefill_s = time.perf_counter() - t0
     yield [cursor.root]
-    while (new := step(session, cursor, tree, cfg, stats, spec, max_paths, whole_tree, branch_chunk)) is not None:
+    while (new := step(session, cursor, tree, cfg, stats, spec, max_paths, whole_tree)) is not None:
         yield new
 
 

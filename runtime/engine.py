@@ -197,8 +197,7 @@ class Engine:
             seq.stats.prefill_s += time.perf_counter() - t0
             return take, False
         b = self.gen.backend
-        new = step(seq.session, seq.cursor, tree, seq.cfg, seq.stats, self.gen.spec, b.max_paths, b.whole_tree_steps,
-                   b.branch_chunk)
+        new = step(seq.session, seq.cursor, tree, seq.cfg, seq.stats, self.gen.spec, b.max_paths, b.whole_tree_steps)
         if new is None:
             seq.out.finish = seq.out.finish or "length"
             return 0, False

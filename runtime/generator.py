@@ -148,7 +148,7 @@ class Generator:
         try:
             with self.backend.new_session() as session:
                 for chunk in decode(session, ids, tree, cfg, stats, self.spec, self.backend.max_paths,
-                                    self.backend.whole_tree_steps, self.backend.branch_chunk):
+                                    self.backend.whole_tree_steps):
                     event = out.push(chunk)
                     if event is not None:
                         yield event

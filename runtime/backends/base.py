@@ -137,9 +137,6 @@ class Backend(ABC):
     max_seq: int
     notes: tuple[str, ...] = ()
     max_paths: int | None = None  # root-to-leaf paths of a tree the Medusa graph verifies (None: any)
-    # A one-path graph that also verifies branching trees as masked steps, exactly, when a step's rows lie within one
-    # block of this many key positions (the attention kernel's key chunks; `decode.step_paths`). None: never.
-    branch_chunk: int | None = None
     whole_tree_steps = False  # the Medusa graph's steps take only its whole tree (TensorRT's fixed-shape profile)
     lanes = None  # the batched-step runner (`lanes.LanesRunner`), when the artifact has one: `OrtLanes`, `TrtLanes`
     # Rows of a prompt chunk a request running alone feeds per step when others may join (None: the engine's

@@ -123,8 +123,6 @@ class OrtBackend(Backend):
         # Per graph: root-to-leaf paths it verifies exactly, one head group each (1: a masked tree step).
         self.paths = {kind: graph.paths for kind, graph in manifest.graphs.items()}
         self.max_paths = self.paths["medusa"] if manifest.graph_format == ONNXRUNTIME and dims.num_heads else None
-        if manifest.attention == "kernel" and self.max_paths == 1:  # rows summed by the rank of the keys they see
-            self.branch_chunk = kernels.KEY_CHUNK
         if manifest.graph_format == ONNXRUNTIME:
             check_fused_support(ort.__version__)
         if device != "cpu":

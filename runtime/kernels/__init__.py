@@ -35,7 +35,6 @@ OP = "RowAttention"  # one sequence
 LANES_OP = "LanesAttention"  # the sequences of a batched step, in one call
 KV16_SUFFIX = "16"  # RowAttention16, LanesAttention16: the same ops over fp16 K/V caches
 QUANTIZE_OP, SCALE_OP = "RowQuantize", "ScaleRows"  # int8 matmuls on activations quantized per row
-KEY_CHUNK = 256  # keys per chunk of a row's attention (row_attention.c, CHUNK): masked tree rows are exact within one
 SCREEN_OP = "ScreenedVocab"  # an fp32 lm_head's top words through an int8 product and exact candidates
 # -ffp-contract=off: no multiply-add the source does not write, so every path computes a row alike
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fPIC", "-shared", "-fvisibility=hidden", "-std=c11"]
