@@ -7,9 +7,10 @@ activations' (docs/quantization.md, "Weights rounded by GPTQ").
     python scripts/int8_torch_sim.py --prompts train_prompts.jsonl --first 40 --count 60 \
         --variants fp32 fp32+act8 nearest nearest+act8 gptq gptq+act8 blocks32 nearest+act8+fp32head
 
-A variant is the weights' rounding (fp32, nearest, gptq, blocks32), then ``+act8`` (activations per row) and / or
-``+fp32head`` (the base lm_head left fp32, weights and input: the screened lm_head's exact top words). One JSON line
-per variant.
+A variant is the weights' rounding (fp32, nearest, gptq, blocks32), then ``+act8`` (activations per row),
+``+fp32head`` (the base lm_head left fp32, weights and input: the screened lm_head's exact top words) and / or
+``+keep=3,29`` (those decoder layers' linears left fp32, weights and inputs). ``--sweep-layers`` adds, after the
+variants, each variant with one layer kept at a time: which layers lose the most agreement. One JSON line per variant.
 """
 
 from __future__ import annotations
@@ -38,6 +39,12 @@ def graph_name(module_name: str) -> str:
         return "tail//lm_head/MatMul"
     _, _, layer, rest = module_name.split(".", 3)  # model.layers.<i>.<rest>
     return f"L{layer}/{GRAPH_NAMES[rest]}"
+
+
+def layer_of(module_name: str) -> int | None:
+    """The decoder layer a linear belongs to (``model.layers.<i>.…``); None for the lm_head."""
+    parts = module_name.split(".")
+    return int(parts[2]) if parts[:2] == ["model", "layers"] else None
 
 
 def rotation_block(name: str, k: int) -> np.ndarray:
@@ -94,6 +101,7 @@ def main() -> None:
     ap.add_argument("--count", type=int, default=60)
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--sweep-layers", action="store_true", help="each variant again with one layer kept fp32 at a time")
     ap.add_argument("--variants", nargs="+", default=["fp32", "fp32+act8", "nearest", "nearest+act8", "gptq",
                                                       "gptq+act8", "blocks32"])
     args = ap.parse_args()
@@ -126,17 +134,25 @@ def main() -> None:
         return agree / total, float(np.exp(nll / total)), total
 
     base_ppl = None
-    for variant in args.variants:
+    rounded: dict[tuple[str, str], torch.Tensor] = {}
+    layers = model.config.num_hidden_layers
+    variants = list(args.variants)
+    if args.sweep_layers:
+        variants += [f"{v}+keep={i}" for v in args.variants if v != "fp32" for i in range(layers)]
+    for variant in variants:
         t0 = time.perf_counter()
         how, *options = variant.split("+")
         act = "act8" if "act8" in options else ""
-        quantized = {n: m for n, m in linears.items() if not ("fp32head" in options and n == "lm_head")}
+        kept = {int(i) for o in options if o.startswith("keep=") for i in o[5:].split(",")}
+        quantized = {n: m for n, m in linears.items()
+                     if not ("fp32head" in options and n == "lm_head") and layer_of(n) not in kept}
         if how != "fp32":
             for name, module in quantized.items():
-                w = original[name].double().numpy().T
-                r = rotation_block(name, w.shape[0])
-                q = quantized_weight(w, how, r, hessians.get(graph_name(name)))
-                module.weight.data = torch.from_numpy(q.T.astype(np.float32).copy())
+                if (how, name) not in rounded:  # each weight rounded once per rounding, whatever the variant keeps
+                    w = original[name].double().numpy().T
+                    q = quantized_weight(w, how, rotation_block(name, w.shape[0]), hessians.get(graph_name(name)))
+                    rounded[how, name] = torch.from_numpy(q.T.astype(np.float32).copy())
+                module.weight.data = rounded[how, name].clone()
         handles = activation_hooks(model, quantized) if act == "act8" else []
         top1, ppl, positions = agreement()
         for h in handles:
