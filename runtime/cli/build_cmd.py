@@ -27,7 +27,7 @@ def build(
     tree: Optional[str] = typer.Option(None, help="Tree preset or JSON file (default: the heads' calibrated tree, "
                                        "else cpu_small_10)."),
     dtype: str = typer.Option(_DEFAULTS.dtype, help="Weights: fp32 | fp16 | int8 | int4 (int8/int4: ONNX Runtime "
-                              "only, activations and KV cache stay fp32)."),
+                              "only; activations stay fp32, the KV cache too unless --kv-cache-dtype fp16)."),
     max_seq: int = typer.Option(_DEFAULTS.max_seq, help="KV capacity (prompt + generated tokens)."),
     engine: str = typer.Option(_DEFAULTS.engine, help="onnx | trt | all (trt needs TensorRT and a CUDA GPU)."),
     quality_prompts: Optional[Path] = path_option(None, help="int8/int4: JSONL prompts to measure top-1 agreement "
