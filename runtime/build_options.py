@@ -30,7 +30,7 @@ DEFAULT_TREE = "cpu_small_10"  # when the heads carry no calibrated tree
 class BuildOptions:
     heads: str | None = None  # heads path, "fresh", or None (shipped / embedded / fresh)
     tree: str | None = None  # preset or JSON file; None: the heads' calibrated tree for this dtype, else DEFAULT_TREE
-    dtype: str = "fp32"  # weights (int8/int4: ONNX Runtime only; activations stay fp32, the KV cache as --kv-cache-dtype)
+    dtype: str = "fp32"  # weights (int8/int4: ONNX Runtime only; activations fp32, the KV cache per kv_cache_dtype)
     max_seq: int = 2048  # KV capacity: prompt + generated tokens
     graph: str | None = None  # onnxruntime (fused, ONNX Runtime only) | portable; None: by engine
     engine: str = "onnx"

@@ -6,9 +6,10 @@ for it. The heads are left out (they need the model's states).
     python scripts/draft_union_sim.py artifacts/smollm2 --prompts train_prompts.jsonl --first 160 --count 40 \\
         [--max-new-tokens 128] [--max-draft 8] [--answers answers.json]
 
-Each step starts where the previous one's accepted drafts and the base model's own token left the answer (as
-the runtime's steps do, drafting from one policy, ``--follow``); at every such position each source's draft is
-scored by how many of its tokens the answer takes.
+Each step starts where the previous one's accepted drafts (of the draft the runtime picks) and the base model's own
+token left the answer, as the runtime's steps do; at every such position each source's draft is scored by how many
+of its tokens the answer takes. The picking learns the sources' acceptance rates as the replay goes, as the runtime
+learns them from its steps.
 """
 
 from __future__ import annotations
@@ -18,11 +19,12 @@ import json
 from pathlib import Path
 
 from medusa_export.runtime.api import MedusaRuntime
-from medusa_export.runtime.context_drafts import ContextIndex
+from medusa_export.runtime.context_drafts import ContextIndex, Draft
 from medusa_export.runtime.prompts import read_prompts
+from medusa_export.runtime.speculation import Speculation
 
 
-def taken(draft, answer: list[int]) -> int:
+def taken(draft: Draft | None, answer: list[int]) -> int:
     """How many of the draft's first tokens equal the answer's."""
     n = 0
     for a, b in zip(draft.tokens if draft else [], answer):
@@ -42,21 +44,23 @@ def main() -> None:
     ap.add_argument("--max-draft", type=int, default=8)
     ap.add_argument("--answers", help="a JSON file of [prompt ids, answer ids] pairs: read if it exists, else written")
     args = ap.parse_args()
-    rt = MedusaRuntime.load(args.artifact)
-    spec = rt.generator.spec
     cached = Path(args.answers) if args.answers else None
-    if cached and cached.exists():
-        pairs = json.loads(cached.read_text())
-    else:
-        pairs = []
-        for prompt in read_prompts(args.prompts, limit=args.first + args.count)[args.first:]:
-            ids = rt.generator.tokenizer.encode_prompt(prompt)
-            pairs.append([ids, rt.generate(ids, max_new_tokens=args.max_new_tokens).token_ids])
-        if cached:
-            cached.write_text(json.dumps(pairs))
+    with MedusaRuntime.load(args.artifact) as rt:
+        if cached and cached.exists():
+            pairs = json.loads(cached.read_text())
+        else:
+            pairs = []
+            for prompt in read_prompts(args.prompts, limit=args.first + args.count)[args.first:]:
+                ids = rt.generator.tokenizer.encode_prompt(prompt)
+                pairs.append([ids, rt.generate(ids, max_new_tokens=args.max_new_tokens).token_ids])
+            if cached:
+                cached.write_text(json.dumps(pairs))
+        corpus = rt.generator.spec.corpus
+    spec = Speculation()  # rates from the priors, learned as the replay goes
+    spec.corpus = corpus
     totals = {"steps": 0, "context": 0, "corpus": 0, "picked": 0, "union": 0, "both_drafted": 0, "differ": 0,
               "union_rows": 0, "picked_rows": 0}
-    for prompt, answer in pairs:
+    for prompt, answer in (pair for pair in pairs if pair[1]):
         context = ContextIndex([*prompt, answer[0]])
         i = 1  # the first token comes from the prefill
         while i < len(answer):
@@ -78,12 +82,15 @@ def main() -> None:
                 totals["union_rows"] += len(ctx.tokens) + len(cor.tokens) - shared
             else:
                 totals["union_rows"] += len((ctx or cor).tokens) if (ctx or cor) else 0
+            if picked:
+                spec.rates.record(picked.rate_kind, len(picked.tokens), a_pick)
             step = a_pick + 1  # the replay follows the picked draft, as the runtime would
             context.extend(answer[i:i + step])
             i += step
     steps = totals["steps"]
+    per_step = {f"{k}_per_step": round(v / steps, 3) for k, v in totals.items() if k != "steps"}
     print(json.dumps({"artifact": args.artifact, "prompts": args.prompts, "first": args.first, "answers": len(pairs),
-                      "steps": steps, **{f"{k}_per_step": round(v / steps, 3) for k, v in totals.items() if k != "steps"}}))
+                      "max_draft": args.max_draft, "steps": steps, **per_step}))
 
 
 if __name__ == "__main__":

@@ -152,7 +152,7 @@ def main() -> None:
                     w = original[name].double().numpy().T
                     q = quantized_weight(w, how, rotation_block(name, w.shape[0]), hessians.get(graph_name(name)))
                     rounded[how, name] = torch.from_numpy(q.T.astype(np.float32).copy())
-                module.weight.data = rounded[how, name].clone()
+                module.weight.data = rounded[how, name]  # nothing writes into it: restored by replacing
         handles = activation_hooks(model, quantized) if act == "act8" else []
         top1, ppl, positions = agreement()
         for h in handles:

@@ -136,7 +136,7 @@ def _alone(session, feeds: dict, key: np.ndarray, value: np.ndarray, row: int) -
     return _bound(session, one)[0][0, 0]
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=30, deadline=None)
 @given(parents=st.lists(st.integers(0, 1000), min_size=1, max_size=11), past=st.one_of(st.integers(0, 40),
        st.integers(256, 300)), half=st.booleans(), seed=st.integers(0, 1000))
 def test_a_masked_tree_row_is_bit_identical_to_plain_decoding_of_its_path(parents, past, half, seed):
@@ -342,12 +342,33 @@ def test_kernel_artifacts_record_it_and_hold_no_group_query_attention(kernel_run
             assert not [n.name for n in nodes if "lane_rows" in n.name or "lanes_out" in n.name]
 
 
-def test_kernel_graphs_verify_only_the_paths_they_were_built_for(kernel_runtimes):
-    """Branching trees stay per path on kernel artifacts too: a masked branch is exact only while every node's key
-    lies in the same 256-key chunk as in plain decoding, and steps that branch on a one-path graph did not pay
-    (docs/graphs.md, exact tree verification)."""
-    for rt in kernel_runtimes.values():
-        assert rt.generator.backend.max_paths == rt.manifest.graphs["medusa"].paths > 1
+@pytest.fixture(scope="module")
+def chain_runtime(tiny_dirs, tmp_path_factory):
+    """A kernel artifact of a chain tree: a Medusa graph of one path."""
+    root = tmp_path_factory.mktemp("chain")
+    (root / "chain.json").write_text("[[0], [0, 0]]")
+    return engine_tests.build_runtimes(tiny_dirs, root, dtypes=("fp32",), attention="kernel",
+                                       tree=str(root / "chain.json"))["fp32"]
+
+
+def test_a_one_path_kernel_graph_verifies_one_path_per_step(chain_runtime, monkeypatch):
+    """Drafts may not branch off the heads' chain on a one-path kernel graph: a masked branch is exact only while
+    every node's key stays in its 256-key chunk, and branching steps were measured not to pay (docs/graphs.md,
+    exact tree verification). Every plan of a decoding with drafts has one path; some plans hold drafts."""
+    from medusa_export.runtime import decode as decode_module
+    from medusa_export.runtime.decode import GenerationConfig
+
+    plan, plans = decode_module.plan, []
+
+    def recording(*args, **kwargs):
+        plans.append(plan(*args, **kwargs))
+        return plans[-1]
+
+    monkeypatch.setattr(decode_module, "plan", recording)
+    for prompt in TINY_PROMPTS:
+        chain_runtime.generator.generate(list(prompt) * 4, GenerationConfig(max_new_tokens=30, ignore_eos=True))
+    assert chain_runtime.generator.backend.max_paths == 1
+    assert all(p.num_paths == 1 for p in plans) and any(p.drafted for p in plans)
 
 
 def _quantized(runtimes) -> dict:

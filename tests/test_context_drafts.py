@@ -243,9 +243,8 @@ def test_a_backend_that_takes_only_the_whole_tree_gets_exactly_the_heads_tree():
 @settings(max_examples=40, deadline=None)
 @given(draft=st.lists(st.integers(0, 12), min_size=1, max_size=8), cheap=st.booleans())
 def test_a_plan_holds_no_more_paths_than_the_graph_verifies_exactly(draft, cheap):
-    """A fused graph of one path (a chain tree; the attention kernel's artifacts too) verifies only chains exactly: a
-    masked branch's keys sit at other indices than in plain decoding, which moves the kernel's summation lanes (an
-    int8 rows artifact decoding branching plans as masked steps answered 10 of 32 MT-Bench prompts differently)."""
+    """A fused graph verifies a fixed number of paths exactly (one attention group each): with one, a draft that
+    would branch off the heads' chain is not merged into their tree."""
     from medusa_export.runtime.decode import Cursor, plan
     from medusa_export.runtime.speculation import Speculation
 

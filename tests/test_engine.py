@@ -30,7 +30,8 @@ def engine_root(tmp_path_factory):
 
 def build_runtimes(tiny_dirs, root, dtypes=("fp32", "int8", "int4"), int8: dict | None = None, **options) -> dict:
     """The tiny model with a chat tokenizer, built with a 3-lane batched graph for each of ``dtypes`` (artifacts in
-    ``root / dtype``; ``options``: more `BuildOptions`, ``int8``: more for the int8 build only), loaded."""
+    ``root / dtype``; ``options``: more `BuildOptions`, ``tree`` among them replacing the tests' tree; ``int8``: more
+    for the int8 build only), loaded."""
     import shutil
 
     from medusa_export.exporter.build import build_artifact
@@ -38,11 +39,12 @@ def build_runtimes(tiny_dirs, root, dtypes=("fp32", "int8", "int4"), int8: dict 
 
     shutil.copytree(tiny_dirs[0], root / "model")
     make_chat_tokenizer().save(root / "model")
+    tree = options.pop("tree", None) or artifact_tree_file(tiny_dirs)  # a JSON file of `medusa_choices`
     out = {}
     for dtype in dtypes:
         extra = {**options, **(int8 or {})} if dtype == "int8" else options
         build_artifact(str(root / "model"), root / dtype,
-                       BuildOptions(heads=str(tiny_dirs[1]), tree=artifact_tree_file(tiny_dirs), max_seq=256,
+                       BuildOptions(heads=str(tiny_dirs[1]), tree=tree, max_seq=256,
                                     dtype=dtype, max_num_seqs=LANES, **extra), log=lambda _m: None)
         out[dtype] = MedusaRuntime.load(root / dtype, threads=1)
     return out
