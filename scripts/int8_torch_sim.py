@@ -9,7 +9,10 @@ activations' (docs/quantization.md, "Weights rounded by GPTQ").
 
 A variant is the weights' rounding (fp32, nearest, gptq, blocks32), then ``+act8`` (activations per row),
 ``+fp32head`` (the base lm_head left fp32, weights and input: the screened lm_head's exact top words) and / or
-``+keep=3,29`` (those decoder layers' linears left fp32, weights and inputs). ``--sweep-layers`` adds, after the
+``+keep=3,29`` (those decoder layers' linears left fp32, weights and inputs) and / or ``+kv16`` / ``+kv8`` (every
+key (rotated) and value row rounded to fp16, or to int8 under its own scale per row and head, as it enters the
+cache: what a lower-precision KV cache would hold; ``+kv8c``: the keys per channel instead, each channel's scale the
+largest over the whole sequence, which a cache filled token by token cannot know: a bound on per-channel keys). ``--sweep-layers`` adds, after the
 variants, each variant with one layer kept at a time: which layers lose the most agreement. One JSON line per variant.
 """
 
@@ -94,6 +97,34 @@ def activation_hooks(model, linears: dict) -> list:
     return handles
 
 
+def rounded_cache(kind: str):
+    """A context in which every K / V row entering transformers' DynamicCache is rounded as ``kind`` ("kv16": fp16;
+    "kv8": symmetric int8 per row and head, scale max|x| / 127; "kv8c": the keys per channel over the sequence);
+    "" leaves the cache alone."""
+    import contextlib
+
+    from transformers.cache_utils import DynamicCache
+
+    def rounded(x: torch.Tensor, channels: bool = False) -> torch.Tensor:
+        if kind == "kv16":
+            return x.half().float()
+        step = x.abs().amax(-2 if channels else -1, keepdim=True) / 127
+        step = torch.where(step > 0, step, torch.ones_like(step))
+        return torch.round(x / step).clamp(-127, 127) * step
+
+    @contextlib.contextmanager
+    def patched():
+        update = DynamicCache.update
+        DynamicCache.update = lambda self, k, v, *a, **kw: update(self, rounded(k, kind == "kv8c"), rounded(v),
+                                                                  *a, **kw)
+        try:
+            yield
+        finally:
+            DynamicCache.update = update
+
+    return patched() if kind else contextlib.nullcontext()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--prompts", required=True)
@@ -154,7 +185,8 @@ def main() -> None:
                     rounded[how, name] = torch.from_numpy(q.T.astype(np.float32).copy())
                 module.weight.data = rounded[how, name]  # nothing writes into it: restored by replacing
         handles = activation_hooks(model, quantized) if act == "act8" else []
-        top1, ppl, positions = agreement()
+        with rounded_cache(next((o for o in options if o in ("kv16", "kv8", "kv8c")), "")):
+            top1, ppl, positions = agreement()
         for h in handles:
             h.remove()
         for name, module in linears.items():
