@@ -8,6 +8,8 @@ tests/test_int8_rows.py."""
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -136,6 +138,12 @@ def _alone(session, feeds: dict, key: np.ndarray, value: np.ndarray, row: int) -
     return _bound(session, one)[0][0, 0]
 
 
+@functools.lru_cache(maxsize=2)
+def _kernel_session(half: bool):
+    """One RowAttention session per cache dtype for a hypothesis test's examples (no function-scoped fixtures)."""
+    return _session("kernel", half=half)
+
+
 @settings(max_examples=30, deadline=None)
 @given(parents=st.lists(st.integers(0, 1000), min_size=1, max_size=11), past=st.one_of(st.integers(0, 40),
        st.integers(256, 300)), half=st.booleans(), seed=st.integers(0, 1000))
@@ -144,7 +152,7 @@ def test_a_masked_tree_row_is_bit_identical_to_plain_decoding_of_its_path(parent
     masked siblings' between them, at the position of its depth): every row's output and K / V rows are, bit for
     bit, those of a one-row step over a cache holding its path side by side, as plain decoding has it (the rows
     lying within one chunk of 256 keys)."""
-    session = _session("kernel", half=half)
+    session = _kernel_session(half)
     parent = [-1] + [p % (i + 1) for i, p in enumerate(parents)]  # node i + 1's parent: any earlier node
     rows = len(parent)
     depth = [0] * rows
