@@ -257,19 +257,21 @@ static inline __attribute__((always_inline)) int softmax_chunk(int count, float 
   float m = _mm256_movemask_ps(nan8) ? NAN : hmax8(m8);
   part[0] = m;
   if (!(m > -INFINITY)) return 0;  /* NaN, or sees nothing in this chunk: the merge skips it */
-  __m256 mv = _mm256_set1_ps(m), sum8 = _mm256_setzero_ps();
-  if (holes) {  /* the seen keys' scores side by side, summed as a step without the masked keys would sum them */
-    float seen[CHUNK];
-    int c = 0;
+  int seen[CHUNK], c = 0;  /* with holes: the seen keys, found before the exp turns masked and tiny weights alike to 0 */
+  if (holes)
     for (j = 0; j < count; j++)
-      if (scores[j] != -INFINITY) seen[c++] = scores[j];
-    for (j = c; j < ((c + 7) & ~7); j++) seen[j] = -INFINITY;
-    for (j = 0; j < c; j += 8) sum8 = _mm256_add_ps(sum8, exp8(_mm256_sub_ps(_mm256_loadu_ps(seen + j), mv)));
-  }
+      if (scores[j] != -INFINITY) seen[c++] = j;
+  __m256 mv = _mm256_set1_ps(m), sum8 = _mm256_setzero_ps();
   for (j = 0; j < n8; j += 8) {
     __m256 p = exp8(_mm256_sub_ps(_mm256_loadu_ps(scores + j), mv));
     _mm256_storeu_ps(scores + j, p);
     if (!holes) sum8 = _mm256_add_ps(sum8, p);
+  }
+  if (holes) {  /* the seen keys' weights side by side, summed as a step without the masked keys would sum them */
+    float side[CHUNK];
+    for (j = 0; j < c; j++) side[j] = scores[seen[j]];
+    for (j = c; j < ((c + 7) & ~7); j++) side[j] = 0.0f;  /* a padding key's weight, exp(-inf) */
+    for (j = 0; j < c; j += 8) sum8 = _mm256_add_ps(sum8, _mm256_loadu_ps(side + j));
   }
   part[1] = hsum8(sum8);
   return 1;
