@@ -20,18 +20,14 @@ from pathlib import Path
 
 from medusa_export.runtime.api import MedusaRuntime
 from medusa_export.runtime.context_drafts import ContextIndex, Draft
+from medusa_export.runtime.decode import agreeing
 from medusa_export.runtime.prompts import read_prompts
 from medusa_export.runtime.speculation import Speculation
 
 
 def taken(draft: Draft | None, answer: list[int]) -> int:
-    """How many of the draft's first tokens equal the answer's."""
-    n = 0
-    for a, b in zip(draft.tokens if draft else [], answer):
-        if a != b:
-            break
-        n += 1
-    return n
+    """How many of the draft's first tokens equal the answer's (`decode.agreeing`, as the runtime counts them)."""
+    return agreeing(draft.tokens, answer) if draft else 0
 
 
 def main() -> None:

@@ -12,8 +12,9 @@ A variant is the weights' rounding (fp32, nearest, gptq, blocks32), then ``+act8
 ``+keep=3,29`` (those decoder layers' linears left fp32, weights and inputs) and / or ``+kv16`` / ``+kv8`` (every
 key (rotated) and value row rounded to fp16, or to int8 under its own scale per row and head, as it enters the
 cache: what a lower-precision KV cache would hold; ``+kv8c``: the keys per channel instead, each channel's scale the
-largest over the whole sequence, which a cache filled token by token cannot know: a bound on per-channel keys). ``--sweep-layers`` adds, after the
-variants, each variant with one layer kept at a time: which layers lose the most agreement. One JSON line per variant.
+largest over the whole sequence, which a cache filled token by token cannot know: a bound on per-channel keys).
+``--sweep-layers`` adds, after the variants, each variant with one layer kept at a time: which layers lose the most
+agreement. One JSON line per variant.
 """
 
 from __future__ import annotations
@@ -165,7 +166,7 @@ def main() -> None:
         return agree / total, float(np.exp(nll / total)), total
 
     base_ppl = None
-    rounded: dict[tuple[str, str], torch.Tensor] = {}
+    rounded_weights: dict[tuple[str, str], torch.Tensor] = {}
     layers = model.config.num_hidden_layers
     variants = list(args.variants)
     if args.sweep_layers:
@@ -179,11 +180,11 @@ def main() -> None:
                      if not ("fp32head" in options and n == "lm_head") and layer_of(n) not in kept}
         if how != "fp32":
             for name, module in quantized.items():
-                if (how, name) not in rounded:  # each weight rounded once per rounding, whatever the variant keeps
+                if (how, name) not in rounded_weights:  # rounded once per rounding, whatever a variant keeps
                     w = original[name].double().numpy().T
                     q = quantized_weight(w, how, rotation_block(name, w.shape[0]), hessians.get(graph_name(name)))
-                    rounded[how, name] = torch.from_numpy(q.T.astype(np.float32).copy())
-                module.weight.data = rounded[how, name]  # nothing writes into it: restored by replacing
+                    rounded_weights[how, name] = torch.from_numpy(q.T.astype(np.float32).copy())
+                module.weight.data = rounded_weights[how, name]  # nothing writes into it: restored by replacing
         handles = activation_hooks(model, quantized) if act == "act8" else []
         with rounded_cache(next((o for o in options if o in ("kv16", "kv8", "kv8c")), "")):
             top1, ppl, positions = agreement()
