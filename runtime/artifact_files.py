@@ -12,6 +12,7 @@ import hashlib
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from .errors import ArtifactError
+from .onnx_external import OnnxFormatError, external_locations
 
 MANIFEST = "manifest.json"
 
@@ -96,27 +97,16 @@ def check_file(path: Path, rec, check_hashes: bool) -> None:
         raise ArtifactError(f"artifact file {path} cannot be read ({_why(e)}): rebuild the artifact") from None
 
 
-_LOCATION = b"\x0a\x08location\x12"  # an ONNX external-data entry: key "location" (field 1), then its value (field 2)
-
-
 def external_data_names(graph: Path) -> set[str]:
-    """The files an ONNX graph file names as external data, read from its bytes (the runtime has no ``onnx``
-    package; the graph files are small once their weights live in ``weights.bin``)."""
+    """The files an ONNX graph file names as external data (`onnx_external`: its protobuf walked, so no entry
+    escapes by the order of its fields)."""
     try:
-        data = graph.read_bytes()
+        return external_locations(graph.read_bytes())
     except OSError as e:
         raise ArtifactError(f"artifact file {graph} cannot be read ({_why(e)}): rebuild the artifact") from None
-    names, at = set(), data.find(_LOCATION)
-    while at >= 0:
-        i, length, shift = at + len(_LOCATION), 0, 0
-        while i < len(data) and shift < 35:  # the value's length, a varint
-            length |= (data[i] & 0x7F) << shift
-            shift, i = shift + 7, i + 1
-            if not data[i - 1] & 0x80:
-                break
-        names.add(data[i:i + length].decode("utf-8", "replace"))
-        at = data.find(_LOCATION, i)
-    return names
+    except OnnxFormatError as e:
+        raise ArtifactError(f"artifact file {graph} is not a well-formed ONNX model ({e}): rebuild the "
+                            f"artifact") from None
 
 
 def _why(e: BaseException) -> str:

@@ -107,6 +107,26 @@ def test_a_graph_naming_another_unlisted_file_is_refused(artifact, tmp_path):
         MedusaRuntime.load(art)
 
 
+def test_an_unlisted_file_named_with_the_entry_fields_swapped_is_refused(artifact, tmp_path):
+    """The same edit with each external-data entry written value first, key second (legal protobuf, which ONNX
+    Runtime reads): the graph is parsed, not searched for one byte order."""
+    from medusa_export.runtime.api import MedusaRuntime
+
+    art = _copy(artifact, tmp_path)
+    shutil.copy(art / "weights.bin", art / "weightz.bin")
+    path = art / "vanilla.onnx"
+    entry, swapped = b"\x0a\x08location\x12\x0bweights.bin", b"\x12\x0bweightz.bin\x0a\x08location"
+    data = path.read_bytes()
+    assert entry in data
+    path.write_bytes(data.replace(entry, swapped))  # the same length: no enclosing length changes
+    m = _manifest(art)
+    m["files"]["vanilla.onnx"]["bytes"] = path.stat().st_size
+    _write_manifest(art, m)
+    with pytest.raises(ArtifactError, match="vanilla.onnx reads its weights from 'weightz.bin', which the manifest "
+                                            "does not list"):
+        MedusaRuntime.load(art)
+
+
 def test_an_artifact_replaced_after_load_is_not_read_by_the_lanes_graph(artifact, tmp_path):
     """The lanes graph opens at the first batched step: if the artifact was rebuilt or replaced meanwhile, that step
     refuses (its graph would belong to another build) instead of mixing two artifacts."""

@@ -1,0 +1,93 @@
+"""The external-data files an ONNX model names, read from its protobuf wire format (the runtime has no ``onnx``
+package). Every place a tensor can sit is walked: initializers, sparse initializers, node attributes (tensors and
+subgraphs, to any depth), functions and training graphs. A fixed byte pattern would miss an entry whose ``key`` and
+``value`` fields come in the other order, which protobuf allows and ONNX Runtime reads.
+
+    names = external_locations(data)     # {"weights.bin"}; OnnxFormatError on bytes that are not a model
+"""
+
+from __future__ import annotations
+
+VARINT, FIXED64, LENGTH, FIXED32 = 0, 1, 2, 5
+MAX_DEPTH = 64  # subgraphs nest (If / Loop bodies); a deeper file is refused rather than recursed into
+
+# message -> {field number: the message type of that (length-delimited) field}; fields not listed are skipped
+SCHEMA: dict[str, dict[int, str]] = {
+    "model": {7: "graph", 20: "training", 25: "function"},
+    "training": {1: "graph", 2: "graph"},
+    "function": {7: "node", 11: "attribute"},
+    "graph": {1: "node", 5: "tensor", 15: "sparse"},
+    "node": {5: "attribute"},
+    "attribute": {5: "tensor", 6: "graph", 10: "tensor", 11: "graph", 22: "sparse", 23: "sparse"},
+    "sparse": {1: "tensor", 2: "tensor"},
+    "tensor": {13: "entry"},
+}
+TENSOR_EXTERNAL_DATA, ENTRY_KEY, ENTRY_VALUE = 13, 1, 2
+
+
+class OnnxFormatError(ValueError):
+    """The bytes are not a well-formed ONNX protobuf."""
+
+
+def external_locations(data: bytes | memoryview) -> set[str]:
+    """The ``location`` values of every external-data entry in an ONNX ModelProto's bytes."""
+    names: set[str] = set()
+    _walk(memoryview(data), "model", names, 0)
+    return names
+
+
+def _walk(buf: memoryview, kind: str, names: set[str], depth: int) -> None:
+    if depth > MAX_DEPTH:
+        raise OnnxFormatError(f"messages nested deeper than {MAX_DEPTH}")
+    fields = SCHEMA.get(kind, {})
+    key = value = None
+    for number, wire, payload in _fields(buf):
+        if kind == "entry":  # a StringStringEntryProto: the last key and value win, as protobuf reads them
+            if wire == LENGTH and number == ENTRY_KEY:
+                key = bytes(payload)
+            elif wire == LENGTH and number == ENTRY_VALUE:
+                value = bytes(payload)
+        elif number in fields:
+            if wire != LENGTH:
+                raise OnnxFormatError(f"field {number} of a {kind} is not a message")
+            _walk(payload, fields[number], names, depth + 1)
+    if kind == "entry" and key == b"location":
+        names.add((value or b"").decode("utf-8", "replace"))
+
+
+def _fields(buf: memoryview):
+    """(field number, wire type, payload) for each field of one message; the payload of a length-delimited field
+    is a view of its bytes."""
+    i, end = 0, len(buf)
+    while i < end:
+        tag, i = _varint(buf, i)
+        number, wire = tag >> 3, tag & 7
+        if number == 0:
+            raise OnnxFormatError("a field numbered 0")
+        if wire == VARINT:
+            _, i = _varint(buf, i)
+            yield number, wire, None
+        elif wire in (FIXED64, FIXED32):
+            i += 8 if wire == FIXED64 else 4
+            if i > end:
+                raise OnnxFormatError("a fixed-width field runs past the end")
+        elif wire == LENGTH:
+            length, i = _varint(buf, i)
+            if i + length > end:
+                raise OnnxFormatError("a length-delimited field runs past the end")
+            yield number, wire, buf[i:i + length]
+            i += length
+        else:  # groups (3, 4) are not used by ONNX; 6 and 7 do not exist
+            raise OnnxFormatError(f"wire type {wire}")
+
+
+def _varint(buf: memoryview, i: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if i >= len(buf) or shift > 63:
+            raise OnnxFormatError("a truncated or overlong varint")
+        byte = buf[i]
+        value |= (byte & 0x7F) << shift
+        i, shift = i + 1, shift + 7
+        if not byte & 0x80:
+            return value, i
