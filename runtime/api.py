@@ -61,9 +61,10 @@ class MedusaRuntime:
         directory = Path(directory)
         manifest = Manifest.read(directory, check_hashes=check_hashes)
         tokenizer = ChatTokenizer.from_artifact(directory, manifest)
-        if tokenizer.vocab_size > manifest.dims.vocab_size:
-            raise ArtifactError(f"{directory / 'tokenizer.json'} has {tokenizer.vocab_size} tokens but the model "
-                                f"{manifest.dims.vocab_size}: it belongs to another model, rebuild the artifact")
+        if tokenizer.vocab_size > manifest.dims.vocab_size or tokenizer.largest_id >= manifest.dims.vocab_size:
+            raise ArtifactError(f"{directory / 'tokenizer.json'} has {tokenizer.vocab_size} tokens with ids up to "
+                                f"{tokenizer.largest_id}, but the model's vocabulary is {manifest.dims.vocab_size}: it "
+                                f"belongs to another model, rebuild the artifact")
         chosen_tree = artifact_tree(manifest, tree)
         options = {"model": model} if backend == "torch" else \
             {"first_graph": "vanilla"} if plain and backend == "ort" and "vanilla" in manifest.graphs else {}

@@ -112,13 +112,19 @@ class ChatTokenizer:
     def vocab_size(self) -> int:
         return self.tokenizer.get_vocab_size()
 
+    @property
+    def largest_id(self) -> int:
+        """The largest token id the tokenizer can produce (ids need not be dense: a count says nothing of it)."""
+        vocab = self.tokenizer.get_vocab(with_added_tokens=True)
+        return max(vocab.values(), default=-1)
+
     def encode(self, text: str) -> list[int]:
         """A raw prompt (no template): special tokens in it are parsed as such."""
-        return self.tokenizer.encode(check_text(text), add_special_tokens=False).ids
+        return _ids(self.tokenizer, check_text(text))
 
     def encode_text(self, text: str) -> list[int]:
         """Plain text: anything that looks like a special token is read as characters."""
-        ids = self._text.encode(check_text(text), add_special_tokens=False).ids if text else []
+        ids = _ids(self._text, check_text(text)) if text else []
         if self._special_set.intersection(ids):  # a vocabulary whose merges can spell a control token
             raise InputError("the text encodes to one of the model's control tokens with this tokenizer: remove the "
                              "special-token markup from it")
@@ -161,6 +167,20 @@ class ChatTokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+
+def _ids(tokenizer, text: str) -> list[int]:
+    """``text``'s token ids. The `tokenizers` library panics (a Rust panic, which Python raises as a BaseException
+    that ``except Exception`` misses) where its pre-tokenizer's regular expression gives up on a text, e.g. one
+    with catastrophic backtracking: that becomes an InputError naming the cause."""
+    try:
+        return tokenizer.encode(text, add_special_tokens=False).ids
+    except (KeyboardInterrupt, SystemExit, GeneratorExit):
+        raise
+    except BaseException as e:  # noqa: BLE001 - pyo3's PanicException derives from BaseException
+        reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+        raise InputError(f"the artifact's tokenizer failed on this text ({reason}): shorten or change the text, or "
+                         f"rebuild the artifact with a working tokenizer.json") from None
 
 
 def check_text(text: str) -> str:

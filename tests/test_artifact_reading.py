@@ -180,3 +180,46 @@ def test_a_file_given_as_the_artifact_is_not_a_directory(tmp_path):
 def test_artifact_file_refuses_a_nul_byte_before_touching_the_file_system(tmp_path):
     with pytest.raises(ArtifactError, match="not a path inside the artifact"):
         artifact_file(tmp_path, "x\u0000.onnx")
+
+
+# ------------------------------------------------------------------ what a listed tokenizer.json can hold
+def _edit_tokenizer(art: Path, edit) -> None:
+    data = json.loads((art / "tokenizer.json").read_text())
+    edit(data)
+    (art / "tokenizer.json").write_text(json.dumps(data))
+    _list(art, "tokenizer.json")
+
+
+def test_a_token_id_beyond_the_model_vocabulary_is_refused_at_load(art):
+    """Ids need not be dense: one id past the model's vocabulary, with the token count unchanged, would fail in
+    the graph's Gather mid-request (or, as the end-of-sequence token, never be produced)."""
+    def far_id(data: dict) -> None:
+        vocab = data["model"]["vocab"]
+        vocab["t5"] = 5_000_000
+
+    _edit_tokenizer(art, far_id)
+    with pytest.raises(ArtifactError, match="ids up to 5000000, but the model's vocabulary is"):
+        MedusaRuntime.load(art)
+    assert_one_line_error(_generate(art), "tokenizer.json", "ids up to 5000000", "rebuild the artifact")
+
+
+def test_a_tokenizer_that_panics_on_a_text_is_an_input_error(art):
+    """A pre-tokenizer regex with catastrophic backtracking: the `tokenizers` library gives up with a Rust panic
+    (a BaseException); the runtime turns it into an InputError, the CLI into one line."""
+    def backtracking(data: dict) -> None:
+        data["pre_tokenizer"] = {"type": "Split", "pattern": {"Regex": "(a+)+$"}, "behavior": "Isolated",
+                                 "invert": False}
+
+    _edit_tokenizer(art, backtracking)
+    rt = MedusaRuntime.load(art)
+    text = "a" * 40 + "!"
+    with pytest.raises(InputError, match="the artifact's tokenizer failed on this text"):
+        rt.generate(text, max_new_tokens=2, chat=False)
+    with pytest.raises(InputError, match="tokenizer failed"):
+        rt.generator.tokenizer.encode(text)
+    # The library's own panic note (Rust's, written to the process's stderr) comes before the CLI's error line.
+    result = cli("generate", str(art), "-p", text, "--max-new-tokens", "2", "--no-chat", env={"RUST_BACKTRACE": "0"})
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert result.returncode == 2 and "Traceback" not in result.stderr and len(lines) <= 4, result.stderr
+    assert lines[-1].startswith("error: the artifact's tokenizer failed on this text"), result.stderr
+    assert "shorten or change the text" in lines[-1]
