@@ -16,6 +16,7 @@ after sorting by (depth, path). Candidate tokens come from one flat pool::
 from __future__ import annotations
 
 import json
+import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -61,7 +62,7 @@ def preset_names() -> list[str]:
 def load_choices(spec: str | Path | Sequence[Sequence[int]]) -> tuple[Path_, ...]:
     """Resolve a preset name, a JSON file (a list of paths, or {"medusa_choices": [...]}), or a list."""
     if not isinstance(spec, (str, Path)):
-        return tuple(tuple(int(r) for r in p) for p in spec)
+        return _checked_paths(spec, "the tree given")
     name = str(spec)
     if name == "mc_sim_7b_63":
         return MC_SIM_7B_63
@@ -81,13 +82,21 @@ def load_choices(spec: str | Path | Sequence[Sequence[int]]) -> tuple[Path_, ...
     data = _read_tree_file(path)
     if isinstance(data, dict):
         data = data.get("medusa_choices")
-    if not isinstance(data, list) or not all(isinstance(p, list) and all(isinstance(r, int) and not isinstance(r, bool)
-                                                                         for r in p) for p in data):
-        raise TreeError(f"tree file {path} must hold a list of paths of integers (or {{'medusa_choices': [...]}})")
+    return _checked_paths(data, f"tree file {path}")
+
+
+def _checked_paths(data: object, where: str) -> tuple[Path_, ...]:
+    """``data`` as paths: a list (or tuple) of lists of integers (not booleans, not floats), within the size
+    bounds; a TreeError naming ``where`` otherwise (the path values themselves are checked by `Tree`)."""
+    sequences = (list, tuple, np.ndarray)
+    if not isinstance(data, sequences) or not all(isinstance(p, sequences) for p in data):
+        raise TreeError(f"{where} must hold a list of paths of integers (or {{'medusa_choices': [...]}})")
     if len(data) > MAX_TREE_NODES or any(len(p) > MAX_TREE_DEPTH for p in data):
-        raise TreeError(f"tree file {path} has {len(data)} paths up to {max(map(len, data), default=0)} deep: at most "
+        raise TreeError(f"{where} has {len(data)} paths up to {max(map(len, data), default=0)} deep: at most "
                         f"{MAX_TREE_NODES} paths of depth {MAX_TREE_DEPTH} are accepted; give a smaller tree")
-    return tuple(tuple(p) for p in data)
+    if not all(isinstance(r, numbers.Integral) and not isinstance(r, bool) for p in data for r in p):
+        raise TreeError(f"{where} must hold a list of paths of integers: found a value that is not an integer")
+    return tuple(tuple(int(r) for r in p) for p in data)
 
 
 def _read_tree_file(path: Path):

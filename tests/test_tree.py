@@ -240,6 +240,19 @@ def test_list_spec_is_normalised():
 # ---------------------------------------------------------------------------------------------- presets
 
 
+@pytest.mark.parametrize("spec", [5, b"x", [[0, "a"]], {"a": 1}, [[1.7]], [[0, True]], [0, 1], [[0] * 100_000]])
+def test_a_tree_given_in_code_that_is_not_paths_of_integers_is_a_tree_error(spec):
+    """What the library's ``tree=`` takes besides names and files: no float, boolean or string silently read as a
+    rank, no untyped error, and a bound on the size before the message quotes anything."""
+    with pytest.raises(TreeError) as info:
+        load_choices(spec)
+    assert len(str(info.value)) < 300
+
+
+def test_numpy_integers_are_ranks():
+    assert load_choices([np.array([0, 1], dtype=np.int64), (np.int32(0),)]) == ((0, 1), (0,))
+
+
 def test_mc_sim_7b_63():
     choices = load_choices("mc_sim_7b_63")
     assert choices == MC_SIM_7B_63 and len(choices) == 63 and len(set(choices)) == 63
