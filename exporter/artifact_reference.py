@@ -9,9 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from medusa_export.runtime.artifact_files import artifact_file
+from medusa_export.runtime.errors import ArtifactError
 from medusa_export.runtime.manifest import Manifest
 
-from .heads import load_heads
+from .heads import HEADS_FORMAT, WEIGHTS_FILE, MedusaHeads, heads_config, heads_from_state, read_heads_json, read_tensors
 from .model_loading import LoadedModel, check_same_model, load_base_model, locate_model
 from .torch_backend import TorchBackend
 
@@ -28,12 +29,34 @@ def torch_backend_for_artifact(directory: Path, manifest: Manifest, device: str 
                                max_seq: int | None = None, model: str | None = None) -> TorchBackend:
     loaded = artifact_base_model(manifest, model)
     dims = manifest.dims
-    heads = None
-    if dims.num_heads:
-        heads = load_heads(artifact_file(directory, manifest.heads.directory), loaded.model.config)
+    heads = artifact_heads(directory, manifest, loaded.model.config) if dims.num_heads else None
     if threads:
         import torch
 
         torch.set_num_threads(threads)
     return TorchBackend(loaded.model, heads, max_seq=min(max_seq or manifest.max_seq, manifest.max_seq),
                         head_topk=dims.head_topk, sample_topk=dims.sample_topk, device=device)
+
+
+def artifact_heads(directory: Path, manifest: Manifest, base_config) -> MedusaHeads:
+    """The heads an artifact carries, read only from the two files build writes and the manifest lists (inside
+    the artifact, of their recorded sizes): our format's config.json and safetensors, never a reference layout or
+    a pickle, and nothing else in that folder."""
+    folder = manifest.heads.directory
+    if not isinstance(folder, str) or not folder:
+        raise ArtifactError(f"{directory / 'manifest.json'} records no heads directory: rebuild the artifact")
+    files = {name: f"{folder}/{name}" for name in ("config.json", WEIGHTS_FILE)}
+    for listed in files.values():
+        if listed not in manifest.files:
+            raise ArtifactError(f"{directory / listed} is not listed in the manifest: rebuild the artifact")
+    for entry in artifact_file(directory, folder).iterdir():
+        if f"{folder}/{entry.name}" not in manifest.files:
+            raise ArtifactError(f"{entry} is in the artifact but manifest.json does not list it: remove it, or "
+                                f"rebuild the artifact")
+    cfg_file = artifact_file(directory, files["config.json"])
+    meta = read_heads_json(cfg_file)
+    if meta.get("format") != HEADS_FORMAT:
+        raise ArtifactError(f"{cfg_file} is not medusa-export heads (format {meta.get('format')!r:.40}): rebuild "
+                            f"the artifact")
+    state = read_tensors(artifact_file(directory, files[WEIGHTS_FILE]))
+    return heads_from_state(state, heads_config(meta, cfg_file), base_config, artifact_file(directory, folder))

@@ -24,6 +24,8 @@ from medusa_export.runtime.errors import HeadsError
 HEADS_FORMAT = "medusa-export-heads"
 HEADS_FORMAT_VERSION = 1
 WEIGHTS_FILE = "heads.safetensors"
+# Far beyond any useful heads (Medusa uses 4-5 heads of one block): bounds checked before anything is allocated.
+MAX_HEADS, MAX_LAYERS = 64, 16
 
 
 @dataclass
@@ -40,9 +42,15 @@ class HeadsConfig:
 
     def __post_init__(self) -> None:
         if self.layout not in ("shared", "own"):
-            raise HeadsError(f"heads layout {self.layout!r} is unknown: use 'shared' or 'own'")
-        if self.num_heads < 1 or self.num_layers < 1:
-            raise HeadsError(f"heads need num_heads >= 1 and num_layers >= 1, got {self.num_heads}, {self.num_layers}")
+            raise HeadsError(f"heads layout {self.layout!r:.40} is unknown: use 'shared' or 'own'")
+        for name, lo, hi in (("hidden_size", 1, 1 << 20), ("vocab_size", 1, 1 << 24), ("num_heads", 1, MAX_HEADS),
+                             ("num_layers", 1, MAX_LAYERS), ("draft_vocab_size", 0, self.vocab_size)):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and not isinstance(value, bool) and lo <= value <= hi):
+                raise HeadsError(f"heads {name} must be an integer in {lo}..{hi}, got {value!r:.40}: fix the heads' "
+                                 f"config.json or re-run train-heads")
+        if not isinstance(self.base_model, str):
+            raise HeadsError(f"heads base_model must be a string, got {type(self.base_model).__name__}")
 
 
 class ResBlock(nn.Module):
@@ -149,19 +157,31 @@ def load_heads(path: str | Path, base_config) -> MedusaHeads:
         raise HeadsError(f"heads path {path} does not exist: pass a directory written by train-heads or a Medusa checkpoint")
     directory = path if path.is_dir() else path.parent
     cfg_file = directory / "config.json"
-    meta = _read_json(cfg_file) if cfg_file.exists() else {}
+    meta = read_heads_json(cfg_file) if cfg_file.exists() else {}
     if meta.get("format") == HEADS_FORMAT:
-        state = _read_tensors(directory / WEIGHTS_FILE)
-        cfg = HeadsConfig(**{k: meta[k] for k in ("hidden_size", "vocab_size", "num_heads", "num_layers", "layout")},
-                          base_model=meta.get("base_model", ""), draft_vocab_size=meta.get("draft_vocab_size", 0))
+        cfg = heads_config(meta, cfg_file)
+        state = read_tensors(directory / WEIGHTS_FILE)
     else:
         state, cfg = _read_reference(path, meta, base_config)
     return heads_from_state(state, cfg, base_config, path)
 
 
+def heads_config(meta: dict, cfg_file: Path) -> HeadsConfig:
+    """Our heads' config.json as a HeadsConfig: every field present and typed (HeadsError naming the file)."""
+    keys = ("hidden_size", "vocab_size", "num_heads", "num_layers", "layout")
+    missing = [k for k in keys if k not in meta]
+    if missing:
+        raise HeadsError(f"{cfg_file} lacks the field {missing[0]!r}: re-run train-heads or restore the file")
+    return HeadsConfig(**{k: meta[k] for k in keys}, base_model=meta.get("base_model", ""),
+                       draft_vocab_size=meta.get("draft_vocab_size", 0))
+
+
 def heads_from_state(state: dict[str, torch.Tensor], cfg: HeadsConfig, base_config, path: Path) -> MedusaHeads:
-    """Heads with exactly these tensors (every key and shape checked against ``cfg`` and the base model)."""
+    """Heads with exactly these tensors (every key and shape checked against ``cfg`` and the base model, on the
+    meta device first, so a config that does not describe the tensors allocates nothing)."""
     _check_against_base(cfg, base_config, path)
+    with torch.device("meta"):
+        _check_state(MedusaHeads(cfg).state_dict(), state, path)
     heads = MedusaHeads(cfg)
     _load_strict(heads, state, path)
     return heads
@@ -179,7 +199,7 @@ def _read_reference(path: Path, meta: dict, base_config) -> tuple[dict, HeadsCon
             raise HeadsError(
                 f"no heads weights in {directory}: expected {WEIGHTS_FILE}, medusa_lm_head.safetensors or medusa_lm_head.pt"
             )
-    return reference_state(_read_tensors(weights), meta, base_config, weights)
+    return reference_state(read_tensors(weights), meta, base_config, weights)
 
 
 def reference_state(raw: dict[str, torch.Tensor], meta: dict, base_config, weights: Path) -> tuple[dict, HeadsConfig]:
@@ -207,12 +227,12 @@ def reference_state(raw: dict[str, torch.Tensor], meta: dict, base_config, weigh
             state[f"proj.{h}.{'.'.join(parts[2:])}"] = v
         else:
             state[f"blocks.{h}.{layer}.{'.'.join(parts[2:])}"] = v
-    cfg = HeadsConfig(base_config.hidden_size, base_config.vocab_size, int(n_heads), int(n_layers),
-                      "own" if own else "shared", meta.get("base_model_name_or_path", ""))
+    cfg = HeadsConfig(base_config.hidden_size, base_config.vocab_size, n_heads, n_layers,
+                      "own" if own else "shared", str(meta.get("base_model_name_or_path", "")))
     return state, cfg
 
 
-def _read_tensors(file: Path) -> dict[str, torch.Tensor]:
+def read_tensors(file: Path) -> dict[str, torch.Tensor]:
     if not file.exists():
         raise HeadsError(f"heads weights {file} are missing: re-run train-heads or copy the file")
     try:
@@ -231,11 +251,17 @@ def _read_tensors(file: Path) -> dict[str, torch.Tensor]:
     return obj
 
 
-def _read_json(file: Path) -> dict:
+def read_heads_json(file: Path) -> dict:
     try:
-        return json.loads(file.read_text())
+        value = json.loads(file.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise HeadsError(f"{file} is not valid JSON ({e.msg}, line {e.lineno}): fix or re-save the heads") from None
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        why = getattr(e, "strerror", None) or type(e).__name__
+        raise HeadsError(f"{file} cannot be read as JSON text ({why}): fix or re-save the heads") from None
+    if not isinstance(value, dict):
+        raise HeadsError(f"{file} must hold a JSON object, not {type(value).__name__}: fix or re-save the heads")
+    return value
 
 
 def _check_against_base(cfg: HeadsConfig, base_config, path: Path) -> None:
@@ -251,6 +277,11 @@ def _check_against_base(cfg: HeadsConfig, base_config, path: Path) -> None:
 def _load_strict(heads: MedusaHeads, state: dict[str, torch.Tensor], path: Path) -> None:
     """Every expected key present with its exact shape, and nothing extra (never ``strict=False``)."""
     expected = heads.state_dict()
+    _check_state(expected, state, path)
+    heads.load_state_dict({k: t.to(v.dtype) for k, t in state.items() for v in [expected[k]]}, strict=True)
+
+
+def _check_state(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor], path: Path) -> None:
     missing = sorted(set(expected) - set(state))
     extra = sorted(set(state) - set(expected))
     if missing:
@@ -262,4 +293,3 @@ def _load_strict(heads: MedusaHeads, state: dict[str, torch.Tensor], path: Path)
             raise HeadsError(
                 f"heads tensor {k!r} at {path} has shape {tuple(state[k].shape)}, the base model needs {tuple(v.shape)}"
             )
-    heads.load_state_dict({k: t.to(v.dtype) for k, t in state.items() for v in [expected[k]]}, strict=True)
