@@ -23,8 +23,10 @@ from dataclasses import dataclass, field
 
 from .errors import ArtifactError, InputError
 
-# Private-use code points: they never occur in the template's own text, and trim/strip leave them alone.
-_OPEN, _CLOSE = "\ue000", "\ue001"
+# Noncharacters (Unicode keeps U+FDD0..U+FDEF for a program's internal use, never for text interchange): they never
+# occur in the template's own text, trim/strip leave them alone, and real text (private-use icons included) is free
+# of them.
+_OPEN, _CLOSE = "\ufdd0", "\ufdd1"
 _SENTINEL = re.compile(f"{_OPEN}(\\d+){_CLOSE}")
 
 
@@ -70,7 +72,7 @@ class ChatTemplate:
         after it, without the template's end-of-turn marker or a new generation prompt."""
         contents = [m["content"] for m in messages]
         if any(_OPEN in text or _CLOSE in text for text in contents):
-            raise InputError("a message contains the private-use characters U+E000 or U+E001, which mark message "
+            raise InputError("a message contains the noncharacters U+FDD0 or U+FDD1, which mark message "
                              "text while the chat template renders: remove them")
         marked = [{**m, "content": f"{_OPEN}{i}{_CLOSE}"} for i, m in enumerate(messages)]
         skeleton = _split(self.render(marked, add_generation_prompt=not continue_final))

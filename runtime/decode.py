@@ -29,6 +29,9 @@ from .tree import Tree
 MIN_TEMPERATURE = 1e-5  # lower temperatures decode greedily (as vLLM): sampling there is argmax, and in float32
 # the logits / temperature of a temperature near 1e-38 overflow to NaN probabilities
 MAX_TEMPERATURE = float(np.finfo(np.float32).max)  # the graphs take it as float32: above, it is infinite there
+# Stop strings are searched at every token: bounded, so a request's text costs the decode loop (and, in the batched
+# engine, every sequence sharing its steps) a fixed amount per token.
+MAX_STOP_STRINGS, MAX_STOP_CHARS = 16, 1000
 
 
 @dataclass
@@ -65,6 +68,9 @@ class GenerationConfig:
         stops = (self.stop_strings,) if isinstance(self.stop_strings, str) else self.stop_strings
         if not isinstance(stops, (list, tuple)) or not all(isinstance(x, str) and x for x in stops):
             raise InputError(f"stop_strings must be non-empty strings, got {self.stop_strings!r:.60}")
+        if len(stops) > MAX_STOP_STRINGS or any(len(x) > MAX_STOP_CHARS for x in stops):
+            raise InputError(f"stop_strings: at most {MAX_STOP_STRINGS} strings of at most {MAX_STOP_CHARS} "
+                             f"characters each (each step's check reads them all): shorten them")
         self.stop_strings = tuple(stops)
         for name in ("medusa", "context_drafts", "chat", "ignore_eos"):
             if not isinstance(getattr(self, name), bool):

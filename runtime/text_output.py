@@ -30,6 +30,7 @@ class TextOutput:
         self.tail_len = max((len(s) for s in cfg.stop_strings), default=1) - 1
         self.new: list[int] = []
         self.shown: list[str] = []
+        self.shown_tail = ""  # the last tail_len characters of the shown text, kept as it grows (a walk was cubic)
         self.pending = ""  # decoded text not shown yet (it may begin a stop string)
         self.finish: str | None = None
 
@@ -43,7 +44,7 @@ class TextOutput:
         plain decoding makes them, so a speculative step keeps and counts exactly the tokens plain decoding would)."""
         if self.finish:
             return None
-        kept, tail, cut = [], _tail(self.shown, self.tail_len), False
+        kept, tail, cut = [], self.shown_tail, False
         for tok in chunk:
             if tok in self.eos:
                 self.finish = "stop"
@@ -64,6 +65,8 @@ class TextOutput:
         if not (visible or kept):
             return None
         self.shown.append(visible)
+        if self.tail_len:
+            self.shown_tail = (self.shown_tail + visible)[-self.tail_len:]
         self.pending = self.pending[len(visible):]
         return StreamEvent(visible, kept)
 
@@ -74,16 +77,6 @@ class TextOutput:
             return False
         self.pending, self.finish = self.pending[:cut], "stop"
         return True
-
-
-def _tail(pieces: list[str], n: int) -> str:
-    """The last ``n`` characters of the text shown so far (only the last few pieces are read)."""
-    out = ""
-    for piece in reversed(pieces):
-        if len(out) >= n:
-            break
-        out = piece + out
-    return out[-n:] if n else ""
 
 
 def _find_stop(shown_tail: str, pending: str, stops: tuple[str, ...]) -> int | None:

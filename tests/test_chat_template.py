@@ -106,8 +106,9 @@ def test_lone_surrogates_and_reserved_characters_are_refused():
             tok.encode_chat([{"role": "user", "content": bad}])
         with pytest.raises(InputError, match="surrogate"):
             tok.encode(bad)
-    with pytest.raises(InputError, match="U\\+E000"):
-        tok.encode_chat([{"role": "user", "content": "\ue000"}])
+    with pytest.raises(InputError, match="U\\+FDD0"):
+        tok.encode_chat([{"role": "user", "content": "\ufdd0"}])
+    assert tok.encode_chat([{"role": "user", "content": "\ue000\ue001"}])  # private-use characters are text
 
 
 def test_default_model_tokenizer_keeps_message_text_as_text(default_model):

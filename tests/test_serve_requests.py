@@ -63,6 +63,37 @@ def test_bookkeeping_fields_are_accepted():
     assert job.prompt_ids.count(IM_START) == 2
 
 
+@pytest.mark.parametrize("body, param", [
+    ({"max_tokens": "garbage", "max_completion_tokens": 2}, "max_tokens"),  # was ignored beside the other name
+    ({"max_tokens": -7, "max_completion_tokens": 2}, "max_tokens"),
+    ({"max_tokens": 2, "max_completion_tokens": "x"}, "max_completion_tokens"),  # was reported as max_tokens
+    ({"model": 5}, "model"),  # a type error, not "model not found"
+    ({"model": ["m"]}, "model"),
+    ({"user": 5}, "user"),
+    ({"store": "yes"}, "store"),
+    ({"service_tier": 42}, "service_tier"),
+    ({"metadata": [1]}, "metadata"),
+    ({"stop": "z" * 1001}, "stop"),  # checked at every token: bounded
+])
+def test_each_field_is_checked_under_its_own_name(body, param):
+    error = _refused(parse_completion, {"prompt": "t5", **body})
+    assert error.param == param and param in error.message
+
+
+@pytest.mark.parametrize("part", [{"type": "text", "text": "t5", "image_url": "http://x"}, {"type": "text"},
+                                  {"type": "text", "text": 5}])
+def test_a_text_part_is_exactly_type_and_text(part):
+    assert _refused(parse_chat, {"messages": [{"role": "user", "content": [part]}]}).param == "messages[0].content"
+
+
+def test_long_stop_strings_are_refused_by_the_library_too():
+    GenerationConfig(stop_strings=("z" * 1000,))
+    with pytest.raises(InputError, match="at most 1000 characters"):
+        GenerationConfig(stop_strings=("z" * 1001,))
+    with pytest.raises(InputError, match="at most 16 strings"):
+        GenerationConfig(stop_strings=tuple("abcdefghijklmnopq"))
+
+
 @pytest.mark.parametrize("t", [1e-300, 5e-324, 1e-38, MIN_TEMPERATURE / 2])
 def test_temperatures_too_small_to_sample_decode_greedily(t):
     """Such a temperature reached the graph as float32 0 (NaN probabilities: a 500 that also failed every request

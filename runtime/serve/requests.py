@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from ..decode import GenerationConfig, effective_temperature
+from ..decode import MAX_STOP_CHARS, GenerationConfig, effective_temperature
 from ..errors import InputError
 from ..tokenizer import ChatTokenizer, check_text
 
@@ -71,6 +71,9 @@ _NEUTRAL: dict[str, tuple] = {
     "suffix": (None, ""), "tools": (None, []), "tool_choice": (None, "none"), "parallel_tool_calls": (None, True, False),
     "functions": (None, []), "function_call": (None, "none"), "response_format": (None, {"type": "text"}),
 }
+# OpenAI's bookkeeping fields: accepted without effect, but of the types its API defines.
+_BOOKKEEPING = (("user", str, "a string"), ("store", bool, "true or false"), ("service_tier", str, "a string"),
+                ("metadata", dict, "an object"))
 _SEED_RANGE = (-(2 ** 63), 2 ** 64 - 1)  # what vLLM accepts: signed or unsigned 64-bit
 
 
@@ -130,10 +133,11 @@ def _present(body: dict, own: str, other: str, other_endpoint: str) -> dict:
 def _content(content: Any, i: int) -> str:
     if isinstance(content, str):
         return content
-    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" and
-                                         isinstance(p.get("text", ""), str) for p in content):
-        return "".join(p.get("text", "") for p in content)
-    raise ApiError(400, f"messages[{i}].content must be a string or a list of text parts (no images or audio)",
+    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" and set(p) == {"type", "text"}
+                                         and isinstance(p["text"], str) for p in content):
+        return "".join(p["text"] for p in content)
+    raise ApiError(400, f"messages[{i}].content must be a string or a list of text parts, each exactly "
+                   f"{{\"type\": \"text\", \"text\": ...}} (no images or audio)",
                    param=f"messages[{i}].content")
 
 
@@ -153,7 +157,12 @@ def _job(body: dict, model: ServedModel, ids: list[int], chat: bool) -> Job:
     unknown = sorted(set(body) - _COMMON - {"prompt", "messages"})
     if unknown:
         raise ApiError(400, f"unknown parameter {unknown[0]!r}", param=unknown[0])
+    for key, types, what in _BOOKKEEPING:
+        if key in body and not isinstance(body[key], types):
+            raise ApiError(400, f"{key} must be {what}, got {json.dumps(body[key])[:40]}", param=key)
     name = body.get("model")
+    if name is not None and not isinstance(name, str):
+        raise ApiError(400, f"model must be a string, got {json.dumps(name)[:40]}", param="model")
     if name is not None and name != model.name:
         raise ApiError(404, f"the model {name!r:.80} does not exist: this server serves {model.name!r}", param="model",
                        code="model_not_found", type_="not_found_error")
@@ -172,12 +181,7 @@ def _job(body: dict, model: ServedModel, ids: list[int], chat: bool) -> Job:
         raise ApiError(400, f"the prompt ({len(ids)} tokens) leaves no room in the model's maximum sequence of "
                        f"{model.max_seq} tokens: shorten the prompt", param="messages" if chat else "prompt",
                        code="context_length_exceeded")
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    if max_tokens is None:
-        max_tokens = room
-    elif not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
-        raise ApiError(400, f"max_tokens must be a positive integer, got {json.dumps(max_tokens)[:40]}",
-                       param="max_tokens")
+    max_tokens = _max_tokens(body, room)
     if max_tokens > room:
         raise ApiError(400, f"the prompt ({len(ids)} tokens) plus max_tokens ({max_tokens}) exceeds the model's "
                        f"maximum sequence of {model.max_seq} tokens: shorten the prompt or lower max_tokens",
@@ -213,6 +217,16 @@ def _job(body: dict, model: ServedModel, ids: list[int], chat: bool) -> Job:
     return Job(ids, config, stream, bool((options or {}).get("include_usage")), chat)
 
 
+def _max_tokens(body: dict, room: int) -> int:
+    """``max_completion_tokens`` (OpenAI's current name) before ``max_tokens``, as vLLM reads them; each one given
+    is checked, so a bad value is refused under its own name, never ignored. Neither: the room left."""
+    given = {key: body[key] for key in ("max_completion_tokens", "max_tokens") if key in body}
+    for key, value in given.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ApiError(400, f"{key} must be a positive integer, got {json.dumps(value)[:40]}", param=key)
+    return next(iter(given.values()), room)
+
+
 def _stops(body: dict) -> tuple[str, ...]:
     stop = body.get("stop")
     if stop is None:
@@ -220,4 +234,6 @@ def _stops(body: dict) -> tuple[str, ...]:
     stops = [stop] if isinstance(stop, str) else stop
     if not isinstance(stops, list) or len(stops) > 4 or not all(isinstance(s, str) and s for s in stops):
         raise ApiError(400, "stop must be a non-empty string or a list of up to 4 of them", param="stop")
+    if any(len(s) > MAX_STOP_CHARS for s in stops):
+        raise ApiError(400, f"each stop string may hold at most {MAX_STOP_CHARS} characters", param="stop")
     return tuple(_tokenize(lambda: check_text(s), "stop") for s in stops)
