@@ -24,7 +24,7 @@ from test_cli import assert_one_line_error, cli  # noqa: E402
 
 from medusa_export.runtime import kernels  # noqa: E402
 from medusa_export.runtime.build_options import BuildOptions  # noqa: E402
-from medusa_export.runtime.errors import BackendUnavailableError, InputError  # noqa: E402
+from medusa_export.runtime.errors import InputError  # noqa: E402
 from medusa_export.runtime.typed_json import FieldError  # noqa: E402
 
 if [f for f in kernels.NEEDS if f not in kernels.machine_info()["flags"]]:
@@ -228,45 +228,6 @@ def test_a_malformed_node_is_refused_not_run(outputs, heads):
     with pytest.raises(Exception) as e:
         _session("kernel", outputs, heads).run(None, _feeds(np.random.default_rng(0), 2, 10))
     assert "RowAttention" in str(e.value) or "output" in str(e.value)
-
-
-def test_the_library_is_compiled_once_per_source_and_compiler(tmp_path, monkeypatch):
-    monkeypatch.setenv("MEDUSA_EXPORT_KERNEL_DIR", str(tmp_path))
-    monkeypatch.setattr(kernels, "_built", {})
-    path = kernels.library_path()
-    assert path.startswith(str(tmp_path)) and [p.name for p in tmp_path.iterdir()] == [path.split("/")[-1]]
-    stamp = (tmp_path / path.split("/")[-1]).stat().st_mtime_ns
-    monkeypatch.setattr(kernels, "_built", {})  # a new process: the file is reused, not compiled again
-    assert kernels.library_path() == path and (tmp_path / path.split("/")[-1]).stat().st_mtime_ns == stamp
-
-
-def test_without_a_compiler_a_library_compiled_before_is_used(tmp_path, monkeypatch):
-    monkeypatch.setenv("MEDUSA_EXPORT_KERNEL_DIR", str(tmp_path))
-    monkeypatch.setattr(kernels, "_built", {})
-    path = kernels.library_path()  # compiled here, as an image build step would
-    monkeypatch.setattr(kernels, "_built", {})
-    monkeypatch.setattr(kernels, "_versions", {})
-    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
-    assert kernels.library_path() == path
-    monkeypatch.setattr(kernels, "SOURCE", tmp_path / "edited.c")  # another source: nothing to reuse
-    (tmp_path / "edited.c").write_text("/* edited */\n")
-    with pytest.raises(BackendUnavailableError, match="does not run"):
-        kernels.library_path()
-
-
-def test_no_compiler_or_a_failing_one_is_a_one_line_error(tmp_path, monkeypatch):
-    monkeypatch.setenv("MEDUSA_EXPORT_KERNEL_DIR", str(tmp_path))
-    monkeypatch.setattr(kernels, "_built", {})
-    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
-    with pytest.raises(BackendUnavailableError, match="does not run"):
-        kernels.library_path()
-    fake = tmp_path / "cc"
-    fake.write_text("#!/bin/sh\necho 'fake 1.0'\n[ \"$1\" = --version ] && exit 0\necho 'cc: fatal error' >&2\nexit 1\n")
-    fake.chmod(0o755)
-    monkeypatch.setenv("CC", str(fake))
-    with pytest.raises(BackendUnavailableError, match="compiling the attention kernel .* failed") as e:
-        kernels.library_path()
-    assert "\n" not in str(e.value) and [p.name for p in tmp_path.iterdir()] == ["cc"]  # no half-written library
 
 
 def test_build_options_refuse_the_kernel_where_it_cannot_run():

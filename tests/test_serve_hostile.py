@@ -307,3 +307,42 @@ def test_stream_options_with_a_null_include_usage_is_not_given(server):
     finally:
         conn.close()
     assert r.status == 200 and text.rstrip().endswith("data: [DONE]") and '"usage"' not in text.split("[DONE]")[0]
+
+
+# ------------------------------------------------------------------------------------------- slow clients
+
+
+def _open(base: str, data: bytes) -> socket.socket:
+    host, port = base.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=20)
+    sock.sendall(data)
+    return sock
+
+
+def _read_until_closed(sock: socket.socket) -> bytes:
+    out = b""
+    while chunk := sock.recv(65536):
+        out += chunk
+    return out
+
+
+def test_clients_that_stall_mid_request_are_cut_off(artifact):
+    """A connection that sends nothing, part of its headers, or part of its body is not held open without end: the
+    first two are closed after --header-timeout, the third answered 408 after --request-timeout; the server
+    answers normally meanwhile and after."""
+    with serving(artifact, "--threads", "1", "--api-key", KEY, "--header-timeout", "1", "--request-timeout", "2") \
+            as (base, _):
+        silent = _open(base, b"")
+        partial_headers = _open(base, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n")
+        partial_body = _open(base, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                                   b"Authorization: Bearer " + KEY.encode() + b"\r\nContent-Length: 100\r\n\r\n"
+                                   b'{"prompt"')
+        t0 = time.monotonic()
+        code, body, _ = post(base + "/v1/completions", {"prompt": PROMPT, "max_tokens": 2, "temperature": 0})
+        assert code == 200
+        assert _read_until_closed(silent) == b"" and _read_until_closed(partial_headers) == b""
+        answer = _read_until_closed(partial_body)
+        assert time.monotonic() - t0 < 15
+        assert answer.startswith(b"HTTP/1.1 408") and b"did not arrive within 2 s" in answer, answer[:300]
+        code, body, _ = post(base + "/v1/completions", {"prompt": PROMPT, "max_tokens": 2, "temperature": 0})
+        assert code == 200

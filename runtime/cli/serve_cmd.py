@@ -26,7 +26,10 @@ def serve(
                                           help="Require 'Authorization: Bearer KEY' on /v1 routes."),
     threads: Optional[int] = typer.Option(None, min=1, help="ONNX Runtime threads (default: all cores)."),
     tree: Optional[str] = typer.Option(None, help="Tree to use instead of the artifact's (must fit its graph)."),
-    request_timeout: float = typer.Option(300.0, min=0.1, help="Seconds per request, queueing included."),
+    request_timeout: float = typer.Option(300.0, min=0.1, help="Seconds per request, its body's arrival and "
+                                          "queueing included (a body still arriving then: HTTP 408)."),
+    header_timeout: float = typer.Option(30.0, min=0.1, help="Seconds a connection may take to send a request's "
+                                         "line and headers; then it is closed (slow or stalled clients)."),
     max_body_bytes: int = typer.Option(1 << 20, min=1024, help="Largest request body accepted."),
     served_model_name: Optional[str] = typer.Option(None, help="Model id clients use (default: the artifact's)."),
     no_context_drafts: bool = typer.Option(False, "--no-context-drafts", help="Greedy requests speculate with the "
@@ -47,7 +50,8 @@ def serve(
     if not host.strip():  # an empty address means every interface to the socket layer: never by accident
         raise InputError("--host is empty: give an address (127.0.0.1: this machine only; 0.0.0.0: every interface)")
     settings = ServeSettings(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-                             max_queue=max_queue, timeout_s=request_timeout, api_key=api_key,
+                             max_queue=max_queue, timeout_s=request_timeout, header_timeout_s=header_timeout,
+                             api_key=api_key,
                              max_body_bytes=max_body_bytes, model_name=served_model_name,
                              context_drafts=not no_context_drafts)
     if ray:

@@ -40,6 +40,7 @@ SCREEN_OP = "ScreenedVocab"  # an fp32 lm_head's top words through an int8 produ
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fPIC", "-shared", "-fvisibility=hidden", "-std=c11"]
 LIBS = ["-lm", "-pthread"]  # pthread: ScreenedVocab's per-thread scratch
 NEEDS = ("avx2", "fma", "f16c")
+SHARED_LIBRARY_MAGIC = b"\x7fELF"  # the kernel is built for x86-64 Linux
 _lock = threading.Lock()
 _built: dict[str, str] = {}  # by source-and-compiler key: the library's path
 _versions: dict[str, str] = {}  # by compiler command: its --version output
@@ -68,7 +69,13 @@ def register(opts, attention: str) -> None:
     """Make the kernel's op known to sessions opened with ``opts`` when the graphs use it (``attention`` "kernel"),
     and their int8 products (the row ops' MatMulInteger) exact where the CPU would clip them."""
     if attention == "kernel":
-        opts.register_custom_ops_library(library_path())
+        path = library_path()
+        try:
+            opts.register_custom_ops_library(path)
+        except Exception as e:  # noqa: BLE001 - ONNX Runtime's Fail / RuntimeError: not a loadable library
+            raise BackendUnavailableError(f"ONNX Runtime cannot load the attention kernel {path} "
+                                          f"({' '.join(str(e).split())[:160]}): delete it to have it compiled again, "
+                                          f"or set MEDUSA_EXPORT_KERNEL_DIR to another directory") from None
         if clipping_int8_products():
             opts.add_session_config_entry(*EXACT_INT8_PRODUCTS)
 
@@ -94,7 +101,14 @@ def _compiler() -> list[str]:
     if not cc:
         raise BackendUnavailableError("the attention kernel needs a C compiler and none was found: install gcc (or "
                                       "set CC), or use an artifact built with --attention gqa")
-    return shlex.split(cc)
+    try:
+        words = shlex.split(cc)
+    except ValueError as e:  # an unclosed quote
+        raise BackendUnavailableError(f"CC={cc!r:.80} cannot be read as a command ({e}): set CC to a compiler, "
+                                      f"e.g. gcc") from None
+    if not words:
+        raise BackendUnavailableError("CC is blank: set CC to a compiler, e.g. gcc, or unset it")
+    return words
 
 
 def _compiler_version(cc: list[str]) -> str:
@@ -121,18 +135,31 @@ def library_path() -> str:
         cc = _compiler()
         key = f"{source}-{hashlib.sha256(_compiler_version(cc).encode()).hexdigest()[:8]}"
     except BackendUnavailableError:
-        earlier = sorted(directory.glob(f"row_attention-{source}-*.so"))  # e.g. compiled when an image was built
-        if earlier:
+        earlier = [p for p in sorted(directory.glob(f"row_attention-{source}-*.so")) if _intact(p)]
+        if earlier:  # e.g. compiled when an image was built
             return str(earlier[-1])
         raise
     with _lock:
         if key in _built:
             return _built[key]
         path = directory / f"row_attention-{key}.so"
-        if not path.exists():
+        if not _intact(path):  # absent, or not the file compiled here (truncated, replaced): mapping it may crash
             _compile(cc, directory, path)
         _built[key] = str(path)
         return _built[key]
+
+
+def _digest_path(library: Path) -> Path:
+    return library.with_name(library.name + ".sha256")
+
+
+def _intact(library: Path) -> bool:
+    """Whether ``library`` is the file a compile here wrote: its sha256 beside it, written after it. A truncated
+    or replaced library would crash the process when mapped (SIGBUS), not fail with a message."""
+    try:
+        return _digest_path(library).read_text().strip() == hashlib.sha256(library.read_bytes()).hexdigest()
+    except (OSError, UnicodeDecodeError):
+        return False
 
 
 def _compile(cc: list[str], directory: Path, path: Path) -> None:
@@ -153,7 +180,15 @@ def _compile(cc: list[str], directory: Path, path: Path) -> None:
             first = (done.stderr.strip().splitlines() or ["no message"])[0]
             raise BackendUnavailableError(f"compiling the attention kernel with {name} failed ({first[:200]}): install "
                                           f"gcc >= 9 or use an artifact built with --attention gqa")
+        library = tmp.read_bytes()
+        if not library.startswith(SHARED_LIBRARY_MAGIC):  # a "compiler" that exits 0 without writing one
+            raise BackendUnavailableError(f"{name} exited without writing a shared library: set CC to a C compiler "
+                                          f"such as gcc")
         os.replace(tmp, path)
+        digest = _digest_path(path)
+        digest_tmp = digest.with_name(f".{digest.name}.{os.getpid()}.tmp")
+        digest_tmp.write_text(hashlib.sha256(library).hexdigest() + "\n")
+        os.replace(digest_tmp, digest)
     except OSError as e:
         raise BackendUnavailableError(f"cannot write the attention kernel to {directory} ({e.strerror}): set "
                                       f"MEDUSA_EXPORT_KERNEL_DIR to a writable directory") from None

@@ -43,7 +43,8 @@ class ServeSettings:
     max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS  # rows of one engine step (decode + chunks)
     max_queue: int = 8  # requests that may wait for a place before new ones get 429
     context_drafts: bool = True  # greedy requests also verify continuations found in their context
-    timeout_s: float = 300.0  # per request, queueing included
+    timeout_s: float = 300.0  # per request, its body's arrival and queueing included
+    header_timeout_s: float = 30.0  # a connection's request line and headers must arrive within it (then closed)
     api_key: str | None = None
     max_body_bytes: int = 1 << 20
     model_name: str | None = None  # default: the artifact's model name
@@ -131,7 +132,7 @@ def create_app(runtime, settings: ServeSettings = ServeSettings()) -> FastAPI:
     async def _parsed(request: Request, parse) -> Job:
         """The request's Job. Decoding JSON, the chat template and tokenization take up to seconds for a body near
         the size limit: off the event loop, so that other requests and streams carry on meanwhile."""
-        body = await _read_body(request, settings.max_body_bytes)
+        body = await _read_body(request, settings.max_body_bytes, settings.timeout_s)
         return await run_in_threadpool(lambda: parse(_json(body), model))
 
     async def _complete(http: Request, job: Job):
@@ -260,19 +261,28 @@ def _authorize(request, api_key: str | None) -> None:
                        code="invalid_api_key")
 
 
-async def _read_body(request, limit: int) -> bytes:
+async def _read_body(request, limit: int, timeout_s: float = 300.0) -> bytes:
+    """The body, at most ``limit`` bytes (413), arrived within ``timeout_s`` (408: a client that sends part of it
+    and stalls would otherwise hold its handler without end)."""
     too_large = ApiError(413, f"the request body is larger than {limit} bytes", code="request_too_large")
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise too_large  # refused before reading it
     body = bytearray()
-    try:
+
+    async def read() -> None:
         async for part in request.stream():
-            body += part
+            body.extend(part)
             if len(body) > limit:
                 raise too_large
+
+    try:
+        await asyncio.wait_for(read(), timeout_s)
     except ClientDisconnect:  # nobody reads this answer; it ends the handler quietly
         raise ApiError(400, "the client disconnected before sending the whole request body") from None
+    except asyncio.TimeoutError:
+        raise ApiError(408, f"the request body did not arrive within {timeout_s:g} s", code="request_timeout",
+                       headers={"Connection": "close"}) from None
     return bytes(body)
 
 

@@ -1,0 +1,94 @@
+"""The kernel library's compile cache (`runtime/kernels`): compiled once per source and compiler, reused without a
+compiler, never mapped when damaged, and every way a compiler or a library can fail is a one-line
+BackendUnavailableError."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from medusa_export.runtime import kernels
+from medusa_export.runtime.errors import BackendUnavailableError
+
+if [f for f in kernels.NEEDS if f not in kernels.machine_info()["flags"]]:
+    pytest.skip("the attention kernel needs AVX2, FMA and F16C", allow_module_level=True)
+
+
+def test_the_library_is_compiled_once_per_source_and_compiler(tmp_path, monkeypatch):
+    monkeypatch.setenv("MEDUSA_EXPORT_KERNEL_DIR", str(tmp_path))
+    monkeypatch.setattr(kernels, "_built", {})
+    path = kernels.library_path()
+    name = path.split("/")[-1]
+    assert path.startswith(str(tmp_path)) and sorted(p.name for p in tmp_path.iterdir()) == [name, name + ".sha256"]
+    stamp = (tmp_path / path.split("/")[-1]).stat().st_mtime_ns
+    monkeypatch.setattr(kernels, "_built", {})  # a new process: the file is reused, not compiled again
+    assert kernels.library_path() == path and (tmp_path / path.split("/")[-1]).stat().st_mtime_ns == stamp
+
+
+def test_without_a_compiler_a_library_compiled_before_is_used(tmp_path, monkeypatch):
+    monkeypatch.setenv("MEDUSA_EXPORT_KERNEL_DIR", str(tmp_path))
+    monkeypatch.setattr(kernels, "_built", {})
+    path = kernels.library_path()  # compiled here, as an image build step would
+    monkeypatch.setattr(kernels, "_built", {})
+    monkeypatch.setattr(kernels, "_versions", {})
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    assert kernels.library_path() == path
+    monkeypatch.setattr(kernels, "SOURCE", tmp_path / "edited.c")  # another source: nothing to reuse
+    (tmp_path / "edited.c").write_text("/* edited */\n")
+    with pytest.raises(BackendUnavailableError, match="does not run"):
+        kernels.library_path()
+
+
+def test_no_compiler_or_a_failing_one_is_a_one_line_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("MEDUSA_EXPORT_KERNEL_DIR", str(tmp_path))
+    monkeypatch.setattr(kernels, "_built", {})
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    with pytest.raises(BackendUnavailableError, match="does not run"):
+        kernels.library_path()
+    fake = tmp_path / "cc"
+    fake.write_text("#!/bin/sh\necho 'fake 1.0'\n[ \"$1\" = --version ] && exit 0\necho 'cc: fatal error' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("CC", str(fake))
+    with pytest.raises(BackendUnavailableError, match="compiling the attention kernel .* failed") as e:
+        kernels.library_path()
+    assert "\n" not in str(e.value) and [p.name for p in tmp_path.iterdir()] == ["cc"]  # no half-written library
+
+
+def test_a_damaged_cached_library_is_compiled_again_not_mapped(tmp_path, monkeypatch):
+    """A truncated library in the cache (a copy cut short) would crash the process when mapped (SIGBUS): its
+    recorded sha256 no longer matches, so it is compiled again."""
+    monkeypatch.setenv("MEDUSA_EXPORT_KERNEL_DIR", str(tmp_path))
+    monkeypatch.setattr(kernels, "_built", {})
+    path = Path(kernels.library_path())
+    whole = path.read_bytes()
+    path.write_bytes(whole[: len(whole) // 3])
+    monkeypatch.setattr(kernels, "_built", {})
+    assert kernels.library_path() == str(path) and path.read_bytes() == whole
+    path.write_bytes(whole[:100])  # and without a compiler, a damaged library is not used
+    monkeypatch.setattr(kernels, "_built", {})
+    monkeypatch.setattr(kernels, "_versions", {})
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    with pytest.raises(BackendUnavailableError, match="does not run"):
+        kernels.library_path()
+
+
+@pytest.mark.parametrize("cc, words", [('gcc "', "cannot be read as a command"), ("  ", "CC is blank"),
+                                       ("true", "without writing a shared library")])
+def test_a_cc_that_is_no_compiler_is_a_one_line_error(tmp_path, monkeypatch, cc, words):
+    monkeypatch.setenv("MEDUSA_EXPORT_KERNEL_DIR", str(tmp_path))
+    monkeypatch.setattr(kernels, "_built", {})
+    monkeypatch.setattr(kernels, "_versions", {})
+    monkeypatch.setenv("CC", cc)
+    with pytest.raises(BackendUnavailableError, match=words) as e:
+        kernels.library_path()
+    assert "\n" not in str(e.value) and not list(tmp_path.glob("*.so"))  # nothing cached for the next load
+
+
+def test_a_library_onnx_runtime_cannot_load_is_a_one_line_error(tmp_path, monkeypatch):
+    ort = pytest.importorskip("onnxruntime")
+    bogus = tmp_path / "bogus.so"
+    bogus.write_bytes(b"\x7fELF" + b"\0" * 60)
+    monkeypatch.setattr(kernels, "library_path", lambda: str(bogus))
+    with pytest.raises(BackendUnavailableError, match="ONNX Runtime cannot load the attention kernel"):
+        kernels.register(ort.SessionOptions(), "kernel")
