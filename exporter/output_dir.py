@@ -30,6 +30,16 @@ from medusa_export.runtime.whole_file import write_whole
 
 def check_out_dir(out: Path) -> None:
     """InputError (one line, naming the path) unless ``out`` may be replaced by a new artifact."""
+    try:
+        here = Path.cwd()
+    except OSError:  # the current directory was removed: nothing to protect there
+        here = None
+    if here is not None and Path(os.path.abspath(out)) in (here, *here.parents):
+        raise InputError(f"--out {out} is or holds the current directory, which build would replace whole: give "
+                         f"another directory, or run the command from outside it")
+    if out.name in ("", ".."):  # "ART/heads/..": the work directory made beside it would land inside it
+        raise InputError(f"--out {out} does not name a directory by its own name: give it as "
+                         f"{os.path.normpath(os.path.abspath(out))}")
     if out.is_symlink():
         raise InputError(f"--out {out} is a symbolic link: give a real directory path for the artifact")
     if out.exists() and not out.is_dir():

@@ -73,6 +73,19 @@ def test_build_out_under_a_file_or_unwritable_is_refused_before_loading(tiny_dir
     refused_before_work(cli(*build, "--out", "/proc/medusa-export-test"), "--out", "cannot create files in /proc")
 
 
+def test_build_out_of_dot_or_dot_dot_is_refused_before_loading(tiny_dirs, tmp_path):
+    """`--out .` (the current directory) or `ART/heads/..` used to pass the first check, run the whole export into a
+    work directory made inside the target, and only then fail with a misleading message."""
+    model_dir, heads_dir = tiny_dirs
+    build = ("build", str(model_dir), "--heads", str(heads_dir), "--max-seq", "64")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    refused_before_work(cli(*build, "--out", ".", cwd=empty), "--out .", "current directory")
+    refused_before_work(cli(*build, "--out", str(empty / "sub" / "..")), "--out", "by its own name", str(empty))
+    refused_before_work(cli(*build, "--out", str(tmp_path), cwd=empty), "holds the current directory")
+    assert not list(empty.iterdir()) and sorted(p.name for p in tmp_path.iterdir()) == ["empty"]
+
+
 def test_check_out_file_accepts_a_writable_path_and_leaves_nothing(tmp_path):
     from medusa_export.exporter.output_dir import check_out_file
 
@@ -166,6 +179,8 @@ def test_limit_below_one_is_refused(artifact, tmp_path, limit):
 def test_bench_refuses_a_missing_artifact_or_no_threads_before_its_progress_bar(artifact, tmp_path):
     refused_before_work(cli("bench", str(tmp_path / "none"), "--limit", "1", "--no-hf"), "does not exist")
     refused_before_work(cli("bench", str(artifact), "--limit", "1", "--no-hf", "--threads", "0"), "--threads 0")
+    refused_before_work(cli("bench", str(artifact), "--limit", "1", "--no-hf", "--threads", "5000"),
+                        "--threads 5000", "at most 4096")
 
 
 def test_generate_max_seq_below_one_is_refused(artifact):

@@ -38,11 +38,12 @@ def bench(
     from .. import extras
     from ..bench import plot, run_bench
     from ..prompts import read_prompts
+    from ..backends.ort import MAX_THREADS
     from .checks import at_least, backend_list
 
     names = backend_list(backends)
     at_least("--limit", limit)
-    at_least("--threads", threads, hint=", or leave it out for all cores")
+    at_least("--threads", threads, hint=", or leave it out for all cores", maximum=MAX_THREADS)
     _check_outputs(as_json, plot_file)
     if "torch" in names:
         extras.require("bench --backends torch", "torch")

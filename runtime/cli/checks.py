@@ -29,10 +29,13 @@ def backend_list(text: str, minimum: int = 1) -> list[str]:
     return names
 
 
-def at_least(flag: str, value: int | None, minimum: int = 1, hint: str = "") -> None:
-    """InputError when ``value`` was given and is below ``minimum`` (None: not given, the default applies)."""
+def at_least(flag: str, value: int | None, minimum: int = 1, hint: str = "", maximum: int | None = None) -> None:
+    """InputError when ``value`` was given and is below ``minimum`` or above ``maximum`` (None: not given, the
+    default applies)."""
     if value is not None and value < minimum:
         raise InputError(f"{flag} {value}: use {minimum} or more{hint}")
+    if value is not None and maximum is not None and value > maximum:
+        raise InputError(f"{flag} {value}: use at most {maximum}{hint}")
 
 
 def non_negative(flag: str, value: float | None, hint: str = "") -> None:
