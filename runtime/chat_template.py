@@ -12,8 +12,9 @@ message's text as plain text. A message without such markers tokenizes exactly a
 
 The template is compiled, and tried on one user message, when a `ChatTemplate` is made (when the artifact
 loads): one that fails is an ArtifactError naming where it came from. It runs in Hugging Face's environment
-(sandboxed, ``raise_exception``, ``strftime_now``, ``{% break %}``); its ``raise_exception(msg)``, and any other
-error while it renders a request's messages, is an InputError (serve answers 400).
+(sandboxed, ``raise_exception``, ``strftime_now``, ``{% break %}``), bounded in time and size
+(`runtime.template_limits`: a template is code an artifact carries); its ``raise_exception(msg)``, a limit it
+reaches, and any other error while it renders a request's messages, is an InputError (serve answers 400).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import re
 from dataclasses import dataclass, field
 
 from .errors import ArtifactError, InputError
+from .template_limits import TemplateLimitError, bounded_environment, bounded_render
 
 # Noncharacters (Unicode keeps U+FDD0..U+FDEF for a program's internal use, never for text interchange): they never
 # occur in the template's own text, trim/strip leave them alone, and real text (private-use icons included) is free
@@ -57,10 +59,13 @@ class ChatTemplate:
         """The conversation as the template writes it. The template's own refusal (``raise_exception``) and
         any error while it runs are InputErrors: a chat request the template cannot take, a 400 from serve."""
         try:
-            return self._compiled.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                         bos_token=self.bos_token, eos_token=self.eos_token)
+            return bounded_render(self._compiled, messages=messages, add_generation_prompt=add_generation_prompt,
+                                  bos_token=self.bos_token, eos_token=self.eos_token)
         except InputError:  # raise_exception: the template's own refusal
             raise
+        except TemplateLimitError as e:
+            raise InputError(f"the chat template went past a limit on these messages ({e}): send a shorter "
+                             f"conversation, or fix the model's template") from None
         except Exception as e:  # the template is code: UndefinedError, TypeError, an over-large range, ...
             raise InputError(f"the chat template cannot render these messages ({type(e).__name__}: "
                              f"{_one_line(e)}): send the roles and fields this model's template expects") from None
@@ -105,10 +110,8 @@ def strftime_now(fmt: str) -> str:
 
 def _environment():
     """The environment Hugging Face renders chat templates in: sandboxed, trim / lstrip blocks, loop controls
-    (``{% break %}``), ``raise_exception`` and ``strftime_now``."""
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    (``{% break %}``), ``raise_exception`` and ``strftime_now``; bounded in time and size (`template_limits`)."""
+    env = bounded_environment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
     env.globals.update(raise_exception=raise_exception, strftime_now=strftime_now)
     return env
 

@@ -1,0 +1,65 @@
+"""Chat templates are code an artifact carries: bounded in time, value size and output (`runtime.template_limits`),
+so a template cannot hang a load or a request or allocate gigabytes; message text is never what is checked."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from conftest import CHATML
+
+from medusa_export.runtime.chat_template import ChatTemplate
+from medusa_export.runtime.errors import ArtifactError, InputError
+
+USER = [{"role": "user", "content": "t5 t6"}]
+TAIL = "{{ messages[0]['content'] }}"
+
+
+@pytest.mark.parametrize("body, words", [
+    ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", "ran for more than 2 s"),
+    ("{% for m in messages %}{% for i in range(100000) %}{% for j in range(100000) %}{{ '' }}{% endfor %}"
+     "{% endfor %}{% endfor %}", "ran for more than 2 s"),
+    ("{{ 'x' * 3000000000 }}", "repeats a value"),
+    ("{{ [1] * 3000000000 }}", "repeats a value"),
+    ("{% set ns = namespace(x='ab') %}{% for i in range(40) %}{% set ns.x = ns.x + ns.x %}{% endfor %}{{ ns.x|length }}",
+     "joins values"),
+    ("{{ 10 ** 10 ** 8 }}", "power above 64|number above"),  # (10 ** 10) ** 8: its left side is refused
+    ("{{ 2 ** 100000000 }}", "power above 64"),
+    ("{{ 'x' | center(1000000000) }}", "number above"),
+    ("{{ 'x'.ljust(1000000000) }}", "number above"),
+    ("{{ [1, 2] | batch(1000000000, 0) | list }}", "number above"),
+    ("{{ '%1000000000s' % 'x' }}", "width of a million"),
+    ("{{ '{:>999999999}'.format('x') }}", "width of a million"),
+    ("{{ '%1000000000s' | format('x') }}", "width of a million"),
+    ("{% for i in range(70000) %}{{ 'x' * 1000 }}{% endfor %}", "wrote more than"),
+])
+def test_a_template_past_a_limit_is_refused_when_the_artifact_loads(body, words):
+    t0 = time.monotonic()
+    with pytest.raises(ArtifactError, match=words):
+        ChatTemplate(body + TAIL)
+    assert time.monotonic() - t0 < 15
+
+
+def test_a_limit_reached_by_a_request_is_an_input_error():
+    """A template fine on the load's one message but quadratic in a conversation's length: the request is
+    refused (serve answers 400), the process carries on."""
+    template = ChatTemplate("{% for a in messages %}{% for b in messages %}{% for i in range(100000) %}{% endfor %}"
+                            "{% endfor %}{% endfor %}" + TAIL)
+    with pytest.raises(InputError, match="ran for more than 2 s"):
+        template.render([{"role": "user", "content": "x"}] * 400)
+    assert template.render(USER).endswith("t5 t6")
+
+
+def test_message_text_is_data_not_checked():
+    """Text that looks like a wide format or is long passes through filters and operators untouched."""
+    template = ChatTemplate("{% for m in messages %}{{ m['content'] | trim | upper }}{{ m['content'] + '!' }}"
+                            "{{ m['content'].strip() }}{% endfor %}")
+    text = "%1234567890s {:>99999999} " + "y" * 200_000
+    out = template.render([{"role": "user", "content": text}])
+    assert out == text.upper() + text + "!" + text.strip()
+
+
+def test_a_real_template_renders_as_before():
+    template = ChatTemplate(CHATML)
+    assert "t5 t6" in template.render(USER)
