@@ -140,7 +140,8 @@ def check_same_model(loaded: LoadedModel, identity: dict) -> None:
 
 def check_architecture(config_file: Path) -> dict:
     if not config_file.exists():
-        raise ModelError(f"{config_file} is missing: a model directory needs config.json and safetensors weights")
+        raise ModelError(f"{config_file} is missing: a model directory needs config.json and safetensors weights "
+                         f"(and an artifact directory a manifest.json, which is not there either)")
     cfg = json.loads(config_file.read_text())
     model_type = cfg.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:

@@ -105,6 +105,16 @@ def test_a_manifest_symlinked_out_of_the_artifact_is_refused(art, tmp_path):
         MedusaRuntime.load(art)
 
 
+def test_a_dangling_manifest_link_is_read_as_an_artifact_s_error(art, tmp_path):
+    """generate's backend choice took a dangling manifest.json for no artifact, and OSError's bare message came
+    out with exit 1."""
+    (art / "manifest.json").unlink()
+    (art / "manifest.json").symlink_to(tmp_path / "missing.json")
+    assert_one_line_error(_generate(art), "manifest.json")
+    (art / "manifest.json").unlink()  # no manifest at all: neither an artifact nor a model directory, said so
+    assert_one_line_error(_generate(art), "config.json is missing", "manifest.json")
+
+
 def test_unlisted_external_data_beside_a_graph_is_refused(art):
     (art / "vanilla.onnx.data").write_bytes(b"\0" * 64)
     with pytest.raises(ArtifactError, match="vanilla.onnx.data is in the artifact but manifest.json does not list"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +24,8 @@ class Opened:
 
 
 def is_artifact(path: str | None) -> bool:
-    return path is not None and (Path(path) / "manifest.json").exists()
+    """Whether ``path`` holds a manifest.json, even a broken link (the loader then says what is wrong with it)."""
+    return path is not None and os.path.lexists(Path(path) / "manifest.json")
 
 
 def open_generator(model: str | None, backend: str = "torch", heads: str | None = None, tree: str | None = None,
