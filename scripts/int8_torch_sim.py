@@ -66,8 +66,9 @@ def quantized_weight(w: np.ndarray, how: str, block: np.ndarray, hessian: np.nda
     rotation = block_diagonal(block, w.shape[0])
     turned = rotation.T @ w
     k = turned.shape[0]
-    if how == "blocks32":
-        blocks = turned.reshape(k // 32, 32, -1)
+    if how.startswith("blocks"):
+        size = int(how[len("blocks"):])
+        blocks = turned.reshape(k // size, size, -1)
         step = np.abs(blocks).max(axis=1, keepdims=True) / 127
         step = np.where(step > 0, step, 1.0)
         q = (np.clip(np.rint(blocks / step), -127, 127) * step).reshape(k, -1)
@@ -133,6 +134,7 @@ def main() -> None:
     ap.add_argument("--count", type=int, default=60)
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-smoothing", action="store_true", help="quantize the unsmoothed model (weight-only recipes)")
     ap.add_argument("--sweep-layers", action="store_true", help="each variant again with one layer kept fp32 at a time")
     ap.add_argument("--variants", nargs="+", default=["fp32", "fp32+act8", "nearest", "nearest+act8", "gptq",
                                                       "gptq+act8", "blocks32"])
@@ -142,7 +144,8 @@ def main() -> None:
     model, tok = loaded.model.eval(), loaded.tokenizer
     model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())  # untied: the embedding stays fp32
     calibration = [tok.encode_prompt(t) for t in read_prompts(None, limit=CALIBRATION.stop)[CALIBRATION]]
-    smooth_activations(model, calibration, RECIPES["int8_rows"]["smooth_alpha"])
+    if not args.no_smoothing:
+        smooth_activations(model, calibration, RECIPES["int8_rows"]["smooth_alpha"])
     linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     original = {n: m.weight.detach().clone() for n, m in linears.items()}
     hessians = input_hessians(model, calibration) if any(v.startswith("gptq") for v in args.variants) else {}
@@ -180,11 +183,13 @@ def main() -> None:
                      if not ("fp32head" in options and n == "lm_head") and layer_of(n) not in kept}
         if how != "fp32":
             for name, module in quantized.items():
-                if (how, name) not in rounded_weights:  # rounded once per rounding, whatever a variant keeps
+                turn = "unturned" not in options
+                if (how, turn, name) not in rounded_weights:  # rounded once per rounding, whatever a variant keeps
                     w = original[name].double().numpy().T
-                    q = quantized_weight(w, how, rotation_block(name, w.shape[0]), hessians.get(graph_name(name)))
-                    rounded_weights[how, name] = torch.from_numpy(q.T.astype(np.float32).copy())
-                module.weight.data = rounded_weights[how, name]  # nothing writes into it: restored by replacing
+                    block = rotation_block(name, w.shape[0]) if turn else np.eye(1)
+                    q = quantized_weight(w, how, block, hessians.get(graph_name(name)))
+                    rounded_weights[how, turn, name] = torch.from_numpy(q.T.astype(np.float32).copy())
+                module.weight.data = rounded_weights[how, turn, name]  # nothing writes into it: restored by replacing
         handles = activation_hooks(model, quantized) if act == "act8" else []
         with rounded_cache(next((o for o in options if o in ("kv16", "kv8", "kv8c")), "")):
             top1, ppl, positions = agreement()
@@ -193,7 +198,7 @@ def main() -> None:
         for name, module in linears.items():
             module.weight.data = original[name].clone()
         base_ppl = ppl if variant == "fp32" else base_ppl
-        print(json.dumps({"variant": variant, "prompts": args.prompts, "first": args.first, "count": len(answers),
+        print(json.dumps({"variant": variant, "smoothed": not args.no_smoothing, "prompts": args.prompts, "first": args.first, "count": len(answers),
                           "positions": positions, "top1": round(top1, 4),
                           "perplexity_change": round(ppl / base_ppl - 1, 4) if base_ppl else None,
                           "seconds": round(time.perf_counter() - t0, 1)}), flush=True)
