@@ -7,14 +7,16 @@ activations' (docs/quantization.md, "Weights rounded by GPTQ").
     python scripts/int8_torch_sim.py --prompts train_prompts.jsonl --first 40 --count 60 \
         --variants fp32 fp32+act8 nearest nearest+act8 gptq gptq+act8 blocks32 nearest+act8+fp32head
 
-A variant is the weights' rounding (fp32, nearest, gptq, blocks32), then ``+act8`` (activations per row),
+A variant is the weights' rounding (fp32, nearest, gptq, blocksN: blocks of N along the input), then ``+act8``
+(activations per row), ``+unturned`` (the weights rounded in the input's own basis, not the rotation's),
 ``+fp32head`` (the base lm_head left fp32, weights and input: the screened lm_head's exact top words) and / or
 ``+keep=3,29`` (those decoder layers' linears left fp32, weights and inputs) and / or ``+kv16`` / ``+kv8`` (every
 key (rotated) and value row rounded to fp16, or to int8 under its own scale per row and head, as it enters the
 cache: what a lower-precision KV cache would hold; ``+kv8c``: the keys per channel instead, each channel's scale the
 largest over the whole sequence, which a cache filled token by token cannot know: a bound on per-channel keys).
 ``--sweep-layers`` adds, after the variants, each variant with one layer kept at a time: which layers lose the most
-agreement. One JSON line per variant.
+agreement. ``--no-smoothing`` quantizes the model without the recipe's activation smoothing (weight-only recipes
+have no activations to smooth for). One JSON line per variant.
 """
 
 from __future__ import annotations
