@@ -366,8 +366,10 @@ class EngineThread:
             try:
                 while not self.stopping and self.engine.step():
                     pass
-            except Exception as e:  # noqa: BLE001 - a bug outside the backend calls: end the running requests
-                self.error = e
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except BaseException as e:  # noqa: BLE001 - a bug outside the backend calls (or a native library's
+                self.error = e  # panic, a BaseException): end the running requests, keep the thread for the next
                 self.engine.fail(e)
 
     def stop(self, timeout: float = 30.0) -> None:

@@ -166,7 +166,15 @@ class ChatTokenizer:
         return self._template.render(messages)
 
     def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+        """Text of ``ids``; a `tokenizers` panic (see `_ids`) is an ArtifactError, an Exception, so a decode loop
+        or the batched engine's thread ends the request, not itself."""
+        try:
+            return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+        except _FATAL:
+            raise
+        except BaseException as e:  # noqa: BLE001 - pyo3's PanicException derives from BaseException
+            raise ArtifactError(f"the artifact's tokenizer failed to decode tokens ({_reason(e)}): rebuild the "
+                                f"artifact with a working tokenizer.json") from None
 
 
 def _ids(tokenizer, text: str) -> list[int]:
@@ -175,12 +183,18 @@ def _ids(tokenizer, text: str) -> list[int]:
     with catastrophic backtracking: that becomes an InputError naming the cause."""
     try:
         return tokenizer.encode(text, add_special_tokens=False).ids
-    except (KeyboardInterrupt, SystemExit, GeneratorExit):
+    except _FATAL:
         raise
     except BaseException as e:  # noqa: BLE001 - pyo3's PanicException derives from BaseException
-        reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
-        raise InputError(f"the artifact's tokenizer failed on this text ({reason}): shorten or change the text, or "
-                         f"rebuild the artifact with a working tokenizer.json") from None
+        raise InputError(f"the artifact's tokenizer failed on this text ({_reason(e)}): shorten or change the text, "
+                         f"or rebuild the artifact with a working tokenizer.json") from None
+
+
+_FATAL = (KeyboardInterrupt, SystemExit, GeneratorExit)  # what a caught panic must never swallow
+
+
+def _reason(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
 
 
 def check_text(text: str) -> str:

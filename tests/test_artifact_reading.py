@@ -233,3 +233,55 @@ def test_a_tokenizer_that_panics_on_a_text_is_an_input_error(art):
     assert result.returncode == 2 and "Traceback" not in result.stderr and len(lines) <= 4, result.stderr
     assert lines[-1].startswith("error: the artifact's tokenizer failed on this text"), result.stderr
     assert "shorten or change the text" in lines[-1]
+
+
+def test_a_tokenizer_that_panics_while_decoding_is_an_artifact_error(art):
+    """A decoder whose regular expression gives up (a Rust panic, a BaseException): an ArtifactError, an
+    Exception, so the batched engine's thread ends the request instead of dying with it."""
+    def backtracking_decoder(data: dict) -> None:
+        vocab = data["model"]["vocab"]
+        vocab["a" * 40 + "!"] = vocab.pop("t7")
+        data["decoder"] = {"type": "Replace", "pattern": {"Regex": "(a+)+$"}, "content": ""}
+
+    _edit_tokenizer(art, backtracking_decoder)
+    rt = MedusaRuntime.load(art)
+    with pytest.raises(ArtifactError, match="failed to decode tokens"):
+        rt.generator.tokenizer.decode([7])
+
+
+def test_the_engine_thread_survives_a_step_that_raises_a_base_exception():
+    """What a native library's panic looks like to Python: the running requests end with it, the thread lives
+    on and steps the next request."""
+    import threading
+
+    from medusa_export.runtime.engine import EngineThread
+
+    class Panic(BaseException):
+        pass
+
+    class Engine:
+        def __init__(self):
+            self.failed, self.steps, self.stepped = [], 0, threading.Event()
+
+        def step(self):
+            self.steps += 1
+            self.stepped.set()
+            if self.steps == 1:
+                raise Panic("native")
+            return False
+
+        def fail(self, error):
+            self.failed.append(error)
+
+        def close(self):
+            pass
+
+    engine = Engine()
+    thread = EngineThread(engine)
+    thread.wake.set()
+    assert engine.stepped.wait(10)
+    engine.stepped.clear()
+    thread.wake.set()
+    assert engine.stepped.wait(10) and thread.thread.is_alive()
+    assert len(engine.failed) == 1 and isinstance(engine.failed[0], Panic) and engine.steps == 2
+    thread.stop()
