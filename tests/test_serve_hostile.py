@@ -344,5 +344,23 @@ def test_clients_that_stall_mid_request_are_cut_off(artifact):
         answer = _read_until_closed(partial_body)
         assert time.monotonic() - t0 < 15
         assert answer.startswith(b"HTTP/1.1 408") and b"did not arrive within 2 s" in answer, answer[:300]
+        # Answered before its body was read (a wrong key: 401), then trickling that body: closed all the same.
+        trickle = _open(base, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer wrong\r\n"
+                              b"Content-Length: 1000000000\r\n\r\n{")
+        trickle.settimeout(0.3)
+        received, closed = b"", False
+        for _ in range(40):  # 12 s at most
+            try:
+                trickle.sendall(b" ")
+                chunk = trickle.recv(65536)
+                received += chunk
+                closed = chunk == b""
+            except socket.timeout:
+                continue
+            except OSError:  # reset by the server's close
+                closed = True
+            if closed:
+                break
+        assert received.startswith(b"HTTP/1.1 401") and closed, received[:200]
         code, body, _ = post(base + "/v1/completions", {"prompt": PROMPT, "max_tokens": 2, "temperature": 0})
         assert code == 200

@@ -1,7 +1,8 @@
 """A deadline on a request's headers: uvicorn closes an idle keep-alive connection, but one that opens and sends
 part of a request line or headers (or nothing) is held open without end, one socket per client (a slow-loris
-client). This protocol closes a connection whose next request's headers have not all arrived within
-``header_timeout_s`` of the connection opening or of the previous response ending. The body has its own deadline
+client). This protocol closes a connection that has no request in flight ``header_timeout_s`` after it opened or
+after its previous response ended: one whose next request line and headers have not all arrived, or one answered
+before its body was read (401, 413) that keeps sending that body. The body has its own deadline
 (`app._read_body`: the request's timeout, then a 408).
 
     config = uvicorn.Config(app, http=header_deadline_protocol(30.0), ...)
@@ -14,7 +15,6 @@ import asyncio
 
 def header_deadline_protocol(header_timeout_s: float) -> type:
     """uvicorn's h11 protocol with the header deadline (a class, as uvicorn's ``http`` option takes)."""
-    import h11
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
     class HeaderDeadlineProtocol(H11Protocol):
@@ -42,10 +42,12 @@ def header_deadline_protocol(header_timeout_s: float) -> type:
                 self._header_timer = None
 
         def _on_deadline(self) -> None:
-            """Close the connection if it is still waiting for a request's headers (h11: the client IDLE or its
-            request line / headers unfinished); a request in flight keeps its connection."""
+            """Close the connection unless a request is in flight: one still waiting for a request's headers, or
+            one whose response went out before its body was read (a 401, a 413) while the client trickles the rest
+            of that body in."""
             self._header_timer = None
-            if not self.transport.is_closing() and self.conn.their_state is h11.IDLE:
+            in_flight = self.cycle is not None and not self.cycle.response_complete
+            if not self.transport.is_closing() and not in_flight:
                 self.transport.close()
 
     return HeaderDeadlineProtocol
