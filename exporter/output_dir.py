@@ -34,7 +34,7 @@ def check_out_dir(out: Path) -> None:
         here = Path.cwd()
     except OSError:  # the current directory was removed: nothing to protect there
         here = None
-    if here is not None and Path(os.path.abspath(out)) in (here, *here.parents):
+    if here is not None and out.resolve() in (here, *here.parents):  # cwd() is resolved: compare like with like
         raise InputError(f"--out {out} is or holds the current directory, which build would replace whole: give "
                          f"another directory, or run the command from outside it")
     if out.name in ("", ".."):  # "ART/heads/..": the work directory made beside it would land inside it

@@ -146,7 +146,7 @@ def artifact_tree(manifest: Manifest, spec: str | None) -> Tree | None:
     dims = manifest.dims
     if not dims.num_heads:
         return None
-    choices = load_choices(spec) if spec else manifest.tree.medusa_choices
+    choices = load_choices(spec) if spec is not None else manifest.tree.medusa_choices
     try:
         return Tree.from_choices(choices, topk=dims.head_topk, num_heads=dims.num_heads)
     except TreeError as e:

@@ -135,7 +135,8 @@ class Tree:
     @classmethod
     def from_choices(cls, choices: Iterable[Sequence[int]], topk: int, num_heads: int | None = None) -> "Tree":
         """Validate ``choices`` and build the buffers. Errors name the offending path."""
-        paths = [tuple(int(r) for r in p) for p in choices]
+        paths = list(_checked_paths(list(choices) if not isinstance(choices, (list, tuple)) else choices,
+                                    "the tree given"))
         validate_choices(paths, topk=topk, num_heads=num_heads)
         paths.sort(key=lambda p: (len(p), p))
         index = {p: i + 1 for i, p in enumerate(paths)}

@@ -80,10 +80,16 @@ def test_each_field_is_checked_under_its_own_name(body, param):
     assert error.param == param and param in error.message
 
 
-@pytest.mark.parametrize("part", [{"type": "text", "text": "t5", "image_url": "http://x"}, {"type": "text"},
-                                  {"type": "text", "text": 5}])
-def test_a_text_part_is_exactly_type_and_text(part):
+@pytest.mark.parametrize("part", [{"type": "text"}, {"type": "text", "text": 5}, {"type": "image_url", "text": "t5"}])
+def test_a_text_part_needs_its_text(part):
+    """A part without text was read as empty text."""
     assert _refused(parse_chat, {"messages": [{"role": "user", "content": [part]}]}).param == "messages[0].content"
+
+
+def test_a_text_part_s_other_keys_do_not_change_it():
+    part = {"type": "text", "text": "t5 t6", "cache_control": {"type": "ephemeral"}}
+    assert parse_chat({"messages": [{"role": "user", "content": [part]}]}, MODEL).prompt_ids == \
+        parse_chat({"messages": USER}, MODEL).prompt_ids
 
 
 def test_long_stop_strings_are_refused_by_the_library_too():

@@ -249,6 +249,13 @@ def test_a_tree_given_in_code_that_is_not_paths_of_integers_is_a_tree_error(spec
     assert len(str(info.value)) < 300
 
 
+@pytest.mark.parametrize("choices", [[[0], [0, 1.5]], [[True]], [["0"]]])
+def test_tree_from_choices_refuses_what_is_not_an_integer_too(choices):
+    """The constructor the library and tests call directly: no float, boolean or string read as a rank."""
+    with pytest.raises(TreeError, match="not an integer"):
+        Tree.from_choices(choices, topk=10)
+
+
 def test_numpy_integers_are_ranks():
     assert load_choices([np.array([0, 1], dtype=np.int64), (np.int32(0),)]) == ((0, 1), (0,))
 

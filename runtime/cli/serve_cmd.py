@@ -26,8 +26,9 @@ def serve(
                                           help="Require 'Authorization: Bearer KEY' on /v1 routes."),
     threads: Optional[int] = typer.Option(None, min=1, help="ONNX Runtime threads (default: all cores)."),
     tree: Optional[str] = typer.Option(None, help="Tree to use instead of the artifact's (must fit its graph)."),
-    request_timeout: float = typer.Option(300.0, min=0.1, help="Seconds per request, its body's arrival and "
-                                          "queueing included (a body still arriving then: HTTP 408)."),
+    request_timeout: float = typer.Option(300.0, min=0.1, help="Seconds for a request's body to arrive (then "
+                                          "HTTP 408), and again for the request from its admission, queueing "
+                                          "included (then 504)."),
     header_timeout: float = typer.Option(30.0, min=0.1, help="Seconds a connection may take to send a request's "
                                          "line and headers; then it is closed (slow or stalled clients)."),
     max_body_bytes: int = typer.Option(1 << 20, min=1024, help="Largest request body accepted."),

@@ -186,8 +186,9 @@ def _compile(cc: list[str], directory: Path, path: Path) -> None:
                                           f"such as gcc")
         os.replace(tmp, path)
         digest = _digest_path(path)
-        digest_tmp = digest.with_name(f".{digest.name}.{os.getpid()}.tmp")
-        digest_tmp.write_text(hashlib.sha256(library).hexdigest() + "\n")
+        fd, digest_tmp = tempfile.mkstemp(prefix=f".{digest.name}.", suffix=".tmp", dir=directory)
+        with os.fdopen(fd, "w") as f:  # a unique name: two processes (two containers' PID 1) may compile at once
+            f.write(hashlib.sha256(library).hexdigest() + "\n")
         os.replace(digest_tmp, digest)
     except OSError as e:
         raise BackendUnavailableError(f"cannot write the attention kernel to {directory} ({e.strerror}): set "

@@ -43,7 +43,7 @@ class ServeSettings:
     max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS  # rows of one engine step (decode + chunks)
     max_queue: int = 8  # requests that may wait for a place before new ones get 429
     context_drafts: bool = True  # greedy requests also verify continuations found in their context
-    timeout_s: float = 300.0  # per request, its body's arrival and queueing included
+    timeout_s: float = 300.0  # for the body to arrive (408), then for the request from admission, queueing included
     header_timeout_s: float = 30.0  # a connection's request line and headers must arrive within it (then closed)
     api_key: str | None = None
     max_body_bytes: int = 1 << 20

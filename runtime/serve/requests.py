@@ -133,11 +133,12 @@ def _present(body: dict, own: str, other: str, other_endpoint: str) -> dict:
 def _content(content: Any, i: int) -> str:
     if isinstance(content, str):
         return content
-    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" and set(p) == {"type", "text"}
-                                         and isinstance(p["text"], str) for p in content):
+    # A part's other keys (cache_control, which LiteLLM and LangChain send) do not change its text: ignored, as vLLM.
+    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" and
+                                         isinstance(p.get("text"), str) for p in content):
         return "".join(p["text"] for p in content)
-    raise ApiError(400, f"messages[{i}].content must be a string or a list of text parts, each exactly "
-                   f"{{\"type\": \"text\", \"text\": ...}} (no images or audio)",
+    raise ApiError(400, f"messages[{i}].content must be a string or a list of text parts, each "
+                   f"{{\"type\": \"text\", \"text\": \"...\"}} (no images or audio)",
                    param=f"messages[{i}].content")
 
 
