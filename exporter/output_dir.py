@@ -88,9 +88,11 @@ def check_dir_path(path: Path, flag: str) -> None:
         check_can_create(path, flag)
 
 
-def check_out_file(path: Path, flag: str, make_parents: bool = False) -> None:
+def check_out_file(path: Path, flag: str, make_parents: bool = False, inputs: tuple = ()) -> None:
     """InputError unless a file can be written at ``path``: not a directory, not under a file, its directory
-    existing (or, with ``make_parents``, creatable) and writable. Called before the work whose result it holds."""
+    existing (or, with ``make_parents``, creatable) and writable, and neither one of the command's ``inputs``
+    (files, or directories such as the artifact) nor inside one. Called before the work whose result it holds."""
+    _check_not_an_input(path, flag, inputs)
     if path.is_symlink():  # the report replaces the link's target: check that instead
         try:
             path = path.resolve(strict=False)
@@ -106,6 +108,24 @@ def check_out_file(path: Path, flag: str, make_parents: bool = False) -> None:
     if path.exists() and not os.access(path, os.W_OK):
         raise InputError(f"{flag} {path} is not writable: choose another path")
     check_can_create(path, flag)
+
+
+def _check_not_an_input(path: Path, flag: str, inputs: tuple) -> None:
+    """A report written over what the command reads would destroy it (a manifest, the prompts file)."""
+    try:
+        target = Path(path).resolve()
+    except (OSError, RuntimeError):  # a symlink loop: the checks after this one name it
+        return
+    for given in inputs:
+        if given is None or not str(given).strip():
+            continue
+        try:
+            source = Path(given).resolve()
+        except (OSError, RuntimeError):
+            continue
+        if target == source or source in target.parents:
+            raise InputError(f"{flag} {path} would overwrite {'a file in ' if target != source else ''}{given}, "
+                             f"which this command reads: choose another path")
 
 
 def write_report(path: Path, text: str) -> None:

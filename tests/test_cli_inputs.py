@@ -86,6 +86,23 @@ def test_build_out_of_dot_or_dot_dot_is_refused_before_loading(tiny_dirs, tmp_pa
     assert not list(empty.iterdir()) and sorted(p.name for p in tmp_path.iterdir()) == ["empty"]
 
 
+def test_reports_never_overwrite_what_the_command_reads(artifact, tmp_path, tiny_prompts_file):
+    """calibrate-tree -o ART/manifest.json and verify --json PROMPTS replaced the artifact's manifest or the
+    prompts with their report (exit 0, the artifact destroyed)."""
+    before = (artifact / "manifest.json").read_bytes(), Path(tiny_prompts_file).read_bytes()
+    cases = [("calibrate-tree", str(artifact), "--data", str(tiny_prompts_file), "--limit", "1", "-o",
+              str(artifact / "manifest.json")),
+             ("calibrate-tree", str(artifact), "--data", str(tiny_prompts_file), "--limit", "1", "-o",
+              str(tiny_prompts_file)),
+             ("verify", str(artifact), "--prompts", str(tiny_prompts_file), "--limit", "1", "--json",
+              str(artifact / "weights.bin")),
+             ("bench", str(artifact), "--prompts", str(tiny_prompts_file), "--limit", "1", "--no-hf", "--json",
+              str(tiny_prompts_file))]
+    for args in cases:
+        refused_before_work(cli(*args), "would overwrite", "which this command reads")
+    assert ((artifact / "manifest.json").read_bytes(), Path(tiny_prompts_file).read_bytes()) == before
+
+
 def test_check_out_file_accepts_a_writable_path_and_leaves_nothing(tmp_path):
     from medusa_export.exporter.output_dir import check_out_file
 

@@ -44,7 +44,7 @@ def bench(
     names = backend_list(backends)
     at_least("--limit", limit)
     at_least("--threads", threads, hint=", or leave it out for all cores", maximum=MAX_THREADS)
-    _check_outputs(as_json, plot_file)
+    _check_outputs(as_json, plot_file, inputs=(artifact, prompts))
     if "torch" in names:
         extras.require("bench --backends torch", "torch")
     if hf:
@@ -96,17 +96,18 @@ def _write_json(path: Path, report: dict) -> None:
     write_report(path, json.dumps(report, indent=2) + "\n")
 
 
-def _check_outputs(as_json: Optional[Path], plot_file: Optional[Path]) -> None:
-    """Refuse report paths that cannot be written before the benchmark runs, not after it."""
+def _check_outputs(as_json: Optional[Path], plot_file: Optional[Path], inputs: tuple = ()) -> None:
+    """Refuse report paths that cannot be written (or would overwrite the artifact or the prompts) before the
+    benchmark runs, not after it."""
     from medusa_export.exporter.output_dir import check_out_file
 
     from .. import extras
     from ..errors import BackendUnavailableError
 
     if as_json is not None:
-        check_out_file(as_json, "--json")
+        check_out_file(as_json, "--json", inputs=inputs)
     if plot_file is not None:
-        check_out_file(plot_file, "--plot")
+        check_out_file(plot_file, "--plot", inputs=inputs)
         if not extras.available("matplotlib"):
             raise BackendUnavailableError("bench --plot needs matplotlib, which is not installed: "
                                           "pip install 'medusa-export[bench]'")

@@ -153,7 +153,7 @@ def verify(
     if as_json is not None:
         from medusa_export.exporter.output_dir import check_out_file
 
-        check_out_file(as_json, "--json")
+        check_out_file(as_json, "--json", inputs=(artifact, prompts, model))
     if "torch" in names:
         extras.require("verify against the PyTorch reference (--backends torch,...; or compare ort,trt)", "torch")
     manifest = Manifest.read(artifact, check_hashes=True)
