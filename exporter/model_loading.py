@@ -78,13 +78,14 @@ def load_base_model(source: str | os.PathLike | None = None) -> LoadedModel:
     if path.is_file() and path.suffix == ".gguf":
         directory = _gguf_to_cached_dir(path)
         identity = {"name": _gguf_name(path), "sha256_16": directory.name}
+        check_architecture(directory / "config.json")
     elif path.is_dir():
         directory = path
+        check_architecture(directory / "config.json")  # before the fingerprint reads the files
         identity = {"name": path.name, "sha256_16": _dir_fingerprint(path)}
     else:
         raise ModelError(f"model path {path} is neither a directory nor a .gguf file")
     identity["source"] = "default" if builtin else path.name
-    check_architecture(directory / "config.json")
     loaded = LoadedModel(_from_pretrained(directory), _tokenizer_from_dir(directory), identity, path.resolve())
     if not builtin:
         remember_location(identity["sha256_16"], path.resolve())
@@ -140,9 +141,18 @@ def check_same_model(loaded: LoadedModel, identity: dict) -> None:
 
 def check_architecture(config_file: Path) -> dict:
     if not config_file.exists():
-        raise ModelError(f"{config_file} is missing: a model directory needs config.json and safetensors weights "
-                         f"(and an artifact directory a manifest.json, which is not there either)")
-    cfg = json.loads(config_file.read_text())
+        artifact = (config_file.parent / "manifest.json").exists()
+        raise ModelError(f"{config_file} is missing: a model directory needs config.json and safetensors weights"
+                         + (f" ({config_file.parent} is an artifact: give the model it was built from)" if artifact
+                            else " (and an artifact directory a manifest.json, which is not there either)"))
+    try:
+        cfg = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        why = getattr(e, "strerror", None) or getattr(e, "msg", None) or type(e).__name__
+        raise ModelError(f"{config_file} cannot be read as JSON ({why}): restore the model's config.json") from None
+    if not isinstance(cfg, dict):
+        raise ModelError(f"{config_file} must hold a JSON object, not {type(cfg).__name__}: restore the model's "
+                         f"config.json")
     model_type = cfg.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ModelError(
@@ -162,8 +172,10 @@ def _from_pretrained(directory: Path):
             model = AutoModelForCausalLM.from_pretrained(
                 directory, dtype=torch.float32, local_files_only=True, attn_implementation="sdpa"
             )
-    except (OSError, ValueError) as e:
-        raise ModelError(f"cannot load model from {directory}: {str(e).splitlines()[0][:200]}") from None
+    except Exception as e:  # noqa: BLE001 - OSError, ValueError, safetensors' and huggingface_hub's own errors
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise ModelError(f"cannot load model from {directory} ({type(e).__name__}: {first}): check its config.json "
+                         f"and weights") from None
     return model.eval()
 
 

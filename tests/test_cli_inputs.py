@@ -103,6 +103,22 @@ def test_reports_never_overwrite_what_the_command_reads(artifact, tmp_path, tiny
     assert ((artifact / "manifest.json").read_bytes(), Path(tiny_prompts_file).read_bytes()) == before
 
 
+@pytest.mark.parametrize("damage, words", [
+    (lambda d: (d / "config.json").write_text("{bad"), "cannot be read as JSON"),
+    (lambda d: (d / "config.json").write_text("[1, 2]"), "must hold a JSON object"),
+    (lambda d: (d / "config.json").write_bytes(b"\xff\xfe"), "cannot be read as JSON"),
+    (lambda d: ((d / "config.json").unlink(), (d / "config.json").mkdir()), "cannot be read as JSON"),
+    (lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:100]),
+     "cannot load model from"),
+])
+def test_a_damaged_model_directory_is_a_one_line_error(tiny_dirs, tmp_path, damage, words):
+    model = shutil.copytree(tiny_dirs[0], tmp_path / "model")
+    damage(model)
+    result = cli("build", str(model), "--heads", str(tiny_dirs[1]), "--max-seq", "64", "--out", str(tmp_path / "a"))
+    assert_one_line_error(result, words)
+    assert not (tmp_path / "a").exists()
+
+
 def test_check_out_file_accepts_a_writable_path_and_leaves_nothing(tmp_path):
     from medusa_export.exporter.output_dir import check_out_file
 
