@@ -51,8 +51,9 @@ class MedusaRuntime:
             raise InputError(f"the artifact directory must be a path, not {type(directory).__name__}")
         if max_seq is not None and not (isinstance(max_seq, int) and not isinstance(max_seq, bool) and max_seq >= 1):
             raise InputError(f"max_seq must be an integer >= 1 (None: the artifact's), got {max_seq!r:.40}")
-        if not isinstance(plain, bool):
-            raise InputError(f"plain must be True or False, got {plain!r:.40}")
+        for name, flag in (("plain", plain), ("check_hashes", check_hashes)):
+            if not isinstance(flag, bool):  # "no" is truthy: it would check the hashes it asked not to
+                raise InputError(f"{name} must be True or False, got {flag!r:.40}")
         if not str(directory).strip():
             raise InputError("the artifact directory is empty: give the directory `medusa-export build` wrote")
         for name, value in (("--tree", tree), ("--model", model)):
@@ -100,8 +101,10 @@ class MedusaRuntime:
 
     def generate_many(self, prompts: list[str | list[int]], max_num_seqs: int | None = None,
                       max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS, **options) -> list[GenerationResult]:
-        """Decode every prompt with continuous batching (the artifact's lanes graph); each result is exactly what
-        `generate` gives it alone. Results in prompt order."""
+        """Decode every prompt with continuous batching (the artifact's lanes graph). A greedy result is exactly
+        what `generate` gives it alone, Medusa on or off. A sampled one (temperature > 0) decodes without the heads
+        here (a batched step runs none), so with a seed it is the same whatever shares the batch, and equal to
+        `generate(..., medusa=False)`, not to a speculating `generate`. Results in prompt order."""
         from .batcher import generate_many
 
         return generate_many(self.generator, prompts, max_num_seqs, max_num_batched_tokens, **options)

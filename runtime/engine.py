@@ -23,6 +23,7 @@ is preallocated once (``max_num_seqs`` slots) and reused.
 
 from __future__ import annotations
 
+import numbers
 import threading
 import time
 from dataclasses import dataclass, field
@@ -83,8 +84,10 @@ class Engine:
         """``max_num_seqs``: sequences running at once (default: the lanes of the backend's batched graph, else 1)."""
         for name, value in (("max_num_seqs", max_num_seqs), ("max_num_batched_tokens", max_num_batched_tokens)):
             if not (value is None and name == "max_num_seqs") and not (
-                    isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+                    isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1):
                 raise InputError(f"{name} must be an integer >= 1, got {value!r:.40}")
+        max_num_seqs = None if max_num_seqs is None else int(max_num_seqs)  # a numpy integer too
+        max_num_batched_tokens = int(max_num_batched_tokens)
         # One sequence at a time never takes a batched step: its graph (its memory) is not opened then.
         lanes: LanesRunner | None = None if max_num_seqs == 1 else generator.backend.lanes
         max_num_seqs = max_num_seqs or (lanes.lanes if lanes else 1)

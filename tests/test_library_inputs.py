@@ -62,12 +62,27 @@ def test_generate_refuses_an_unknown_option(rt):
         rt.generate([5, 6], max_tokens=3)
 
 
-@pytest.mark.parametrize("threads", [0, -1, 10 ** 11, 2.5])
+@pytest.mark.parametrize("threads", [0, -1, 10 ** 11, 2.5, True])
 def test_thread_counts_onnx_runtime_cannot_take_are_refused(artifact, threads):
     from medusa_export.runtime.api import MedusaRuntime
 
     with pytest.raises(InputError, match="threads must be an integer"):
         MedusaRuntime.load(artifact, threads=threads)
+
+
+def test_load_flags_are_booleans(artifact):
+    """check_hashes="no" is truthy: it checked the hashes it asked not to."""
+    from medusa_export.runtime.api import MedusaRuntime
+
+    with pytest.raises(InputError, match="check_hashes must be True or False"):
+        MedusaRuntime.load(artifact, check_hashes="no")
+
+
+def test_numpy_integers_size_the_batched_engine(rt):
+    import numpy as np
+
+    assert len(rt.generate_many([[5, 6], [7]], max_num_seqs=np.int64(2), max_num_batched_tokens=np.int32(16),
+                                max_new_tokens=2)) == 2
 
 
 def test_a_closed_runtime_says_so(artifact):

@@ -134,7 +134,8 @@ class OrtBackend(Backend):
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 4  # fatal only: its errors reach the user as our one-line errors instead
-        if threads is not None and not (isinstance(threads, int) and 1 <= threads <= MAX_THREADS):
+        if threads is not None and not (isinstance(threads, int) and not isinstance(threads, bool)
+                                        and 1 <= threads <= MAX_THREADS):
             raise InputError(f"threads must be an integer in 1..{MAX_THREADS}, got {threads!r:.40}")
         if threads:
             opts.intra_op_num_threads = threads
