@@ -22,8 +22,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from jinja2 import TemplateSyntaxError
+
 from .errors import ArtifactError, InputError
 from .template_limits import TemplateLimitError, bounded_environment, bounded_render
+from .template_worker import TemplateRenderFailure, TemplateSyntax, shared_worker
 
 # Noncharacters (Unicode keeps U+FDD0..U+FDEF for a program's internal use, never for text interchange): they never
 # occur in the template's own text, trim/strip leave them alone, and real text (private-use icons included) is free
@@ -38,34 +41,47 @@ class ChatTemplate:
     bos_token: str = ""
     eos_token: str = ""
     origin: str = "the chat template"  # where the source came from (a file, or a file's field), for messages
-    _compiled: object = field(default=None, repr=False, compare=False)
+    _compiled: object = field(default=None, repr=False, compare=False)  # in this process, where no worker runs
+    _worker: object = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         """Compile now, so that a template that cannot work is refused when the artifact loads, not at the
-        first chat request; then render one user message, which every chat template must accept."""
+        first chat request; then render one user message, which every chat template must accept. In the worker
+        process (`template_worker`) when one runs, else here."""
+        self._worker = shared_worker()
         try:
-            self._compiled = _environment().from_string(self.source)
-        except Exception as e:  # TemplateSyntaxError (and TemplateAssertionError: an unknown filter or test)
-            line = f", line {e.lineno}" if getattr(e, "lineno", None) else ""
+            if self._worker is None:
+                self._compiled = environment().from_string(self.source)
+            self.render([{"role": "user", "content": "Hello"}])
+        except (TemplateSyntax, TemplateSyntaxError) as e:  # and TemplateAssertionError: an unknown filter or test
+            line = f", line {e.lineno}" if getattr(e, "lineno", None) else f", line {e.line}" if getattr(
+                e, "line", None) else ""
             raise ArtifactError(f"{self.origin} does not compile as a Jinja template ({_one_line(e)}{line}): "
                                 f"fix the template or remove it, then rebuild the artifact") from None
-        try:
-            self.render([{"role": "user", "content": "Hello"}])
         except InputError as e:
             raise ArtifactError(f"{self.origin} fails on a conversation of one user message ({e}): fix the "
                                 f"template or remove it, then rebuild the artifact") from None
 
     def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """The conversation as the template writes it. The template's own refusal (``raise_exception``) and
-        any error while it runs are InputErrors: a chat request the template cannot take, a 400 from serve."""
+        """The conversation as the template writes it. The template's own refusal (``raise_exception``), a
+        limit it reaches, and any error while it runs are InputErrors: a chat request the template cannot take,
+        a 400 from serve."""
+        return self._render_all([(messages, add_generation_prompt)])[0]
+
+    def _render_all(self, calls: list[tuple[list[dict], bool]]) -> list[str]:
         try:
-            return bounded_render(self._compiled, messages=messages, add_generation_prompt=add_generation_prompt,
-                                  bos_token=self.bos_token, eos_token=self.eos_token)
-        except InputError:  # raise_exception: the template's own refusal
+            if self._worker is not None:
+                return self._worker.render(self.source, self.bos_token, self.eos_token, calls)
+            return [bounded_render(self._compiled, messages=m, add_generation_prompt=g, bos_token=self.bos_token,
+                                   eos_token=self.eos_token) for m, g in calls]
+        except (InputError, TemplateSyntax):  # raise_exception: the template's own refusal
             raise
         except TemplateLimitError as e:
             raise InputError(f"the chat template went past a limit on these messages ({e}): send a shorter "
                              f"conversation, or fix the model's template") from None
+        except TemplateRenderFailure as e:  # what it raised in the worker, named there
+            raise InputError(f"the chat template cannot render these messages ({_one_line(e)}): send the roles "
+                             f"and fields this model's template expects") from None
         except Exception as e:  # the template is code: UndefinedError, TypeError, an over-large range, ...
             raise InputError(f"the chat template cannot render these messages ({type(e).__name__}: "
                              f"{_one_line(e)}): send the roles and fields this model's template expects") from None
@@ -80,8 +96,8 @@ class ChatTemplate:
             raise InputError("a message contains the noncharacters U+FDD0 or U+FDD1, which mark message "
                              "text while the chat template renders: remove them")
         marked = [{**m, "content": f"{_OPEN}{i}{_CLOSE}"} for i, m in enumerate(messages)]
-        skeleton = _split(self.render(marked, add_generation_prompt=not continue_final))
-        real = self.render(messages, add_generation_prompt=not continue_final)
+        rendered, real = self._render_all([(marked, not continue_final), (messages, not continue_final)])
+        skeleton = _split(rendered)
         # A template may transform the text (e.g. `| trim`): use the form that reproduces its own rendering.
         candidates = [[(text if index is None else form(contents[index]), index) for text, index in skeleton]
                       for form in (str, str.strip)]
@@ -108,7 +124,7 @@ def strftime_now(fmt: str) -> str:
     return datetime.now().strftime(fmt)
 
 
-def _environment():
+def environment():
     """The environment Hugging Face renders chat templates in: sandboxed, trim / lstrip blocks, loop controls
     (``{% break %}``), ``raise_exception`` and ``strftime_now``; bounded in time and size (`template_limits`)."""
     env = bounded_environment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])

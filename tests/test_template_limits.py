@@ -1,5 +1,6 @@
-"""Chat templates are code an artifact carries: bounded in time, value size and output (`runtime.template_limits`),
-so a template cannot hang a load or a request or allocate gigabytes; message text is never what is checked."""
+"""Chat templates are code an artifact carries: rendered in a worker process bounded in memory and killed past its
+time (`runtime.template_worker`), with checks on values and output (`runtime.template_limits`), so a template
+cannot hang a load or a request or allocate gigabytes in the host; message text is never what is checked."""
 
 from __future__ import annotations
 
@@ -63,3 +64,31 @@ def test_message_text_is_data_not_checked():
 def test_a_real_template_renders_as_before():
     template = ChatTemplate(CHATML)
     assert "t5 t6" in template.render(USER)
+
+
+@pytest.mark.parametrize("body, words", [
+    # `~` joins and block captures are no binop the environment sees: the worker's address-space limit stops them
+    ("{% set a = 'a' * 16000000 %}{% set b = a ~ a ~ a ~ a %}{% set c = b ~ b ~ b ~ b %}{% set d = c ~ c ~ c ~ c %}"
+     "{{ d | length }}", "more than 1024 MiB|ended its worker"),
+    ("{% set a = 'a' * 16000000 %}{% set b %}{{ a }}{{ a }}{{ a }}{{ a }}{% endset %}{% set c %}{{ b }}{{ b }}{{ b }}"
+     "{{ b }}{% endset %}{% set d %}{{ c }}{{ c }}{{ c }}{{ c }}{% endset %}{{ d | length }}",
+     "more than 1024 MiB|ended its worker"),
+    # a filter doing seconds of work per call, in a short loop: the worker is killed at the deadline
+    ("{% for i in range(200) %}{% set _ = ([i] * 16000000) | unique | list %}{% endfor %}", "ran for more than 2 s"),
+])
+def test_what_the_checks_cannot_see_the_worker_bounds(body, words):
+    t0 = time.monotonic()
+    with pytest.raises(ArtifactError, match=words):
+        ChatTemplate(body + TAIL)
+    assert time.monotonic() - t0 < 30
+    assert ChatTemplate(CHATML).render(USER).count("t5 t6") == 1  # a new worker, or the same one, renders on
+
+
+def test_without_a_worker_the_checks_still_bound_time(monkeypatch):
+    """Where no worker process can start, templates render in this process, under the line tracer's deadline."""
+    import medusa_export.runtime.chat_template as chat_template
+
+    monkeypatch.setattr(chat_template, "shared_worker", lambda: None)
+    with pytest.raises(ArtifactError, match="ran for more than 2 s"):
+        ChatTemplate("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}" + TAIL)
+    assert "t5 t6" in ChatTemplate(CHATML).render(USER)
