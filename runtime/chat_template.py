@@ -12,8 +12,8 @@ message's text as plain text. A message without such markers tokenizes exactly a
 
 The template is compiled, and tried on one user message, when a `ChatTemplate` is made (when the artifact
 loads): one that fails is an ArtifactError naming where it came from. It runs in Hugging Face's environment
-(sandboxed, ``raise_exception``, ``strftime_now``, ``{% break %}``), bounded in time and size
-(`runtime.template_limits`: a template is code an artifact carries); its ``raise_exception(msg)``, a limit it
+(sandboxed, ``raise_exception``, ``strftime_now``, ``{% break %}``), in a worker process bounded in time and
+memory (`runtime.template_worker`, `runtime.template_limits`: a template is code an artifact carries); its ``raise_exception(msg)``, a limit it
 reaches, and any other error while it renders a request's messages, is an InputError (serve answers 400).
 """
 
