@@ -87,18 +87,23 @@ def test_bench_keeps_the_rows_measured_before_a_later_backend_fails(artifact, tm
 
 
 def test_bench_keeps_each_row_as_it_is_measured(artifact, tmp_path):
-    """One backend whose batched rows fail (its lanes graph is damaged, found at the first batched step): the
+    """One backend whose batched rows fail (its lanes graph replaced by a well-formed model of other inputs, found
+    when that graph opens at the first batched step; a truncated file is refused at load, before any row): the
     single-stream rows measured before are in --json, with why it stopped."""
     import hashlib
     import shutil
 
+    from onnx import TensorProto, helper
     from test_cli import cli
 
     art = shutil.copytree(artifact, tmp_path / "art")
     lanes = art / "lanes.onnx"
-    lanes.write_bytes(lanes.read_bytes()[:1000])
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
+    other = helper.make_model(helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "other", [x], [y]))
+    lanes.write_bytes(other.SerializeToString())
     m = json.loads((art / "manifest.json").read_text())
-    m["files"]["lanes.onnx"] = {"bytes": 1000, "sha256": hashlib.sha256(lanes.read_bytes()).hexdigest()}
+    m["files"]["lanes.onnx"] = {"bytes": lanes.stat().st_size, "sha256": hashlib.sha256(lanes.read_bytes()).hexdigest()}
     (art / "manifest.json").write_text(json.dumps(m))
     report = tmp_path / "bench.json"
     proc = cli("bench", str(art), "--no-hf", "--limit", "1", "--max-new-tokens", "3", "--concurrency", "2",

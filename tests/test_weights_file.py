@@ -127,6 +127,22 @@ def test_an_unlisted_file_named_with_the_entry_fields_swapped_is_refused(artifac
         MedusaRuntime.load(art)
 
 
+def test_a_truncated_graph_is_refused_at_load(artifact, tmp_path):
+    """Listed with its new size and hash, so only reading it can tell: its protobuf ends mid-field."""
+    import hashlib
+
+    from medusa_export.runtime.api import MedusaRuntime
+
+    art = _copy(artifact, tmp_path)
+    path = art / "lanes.onnx"
+    path.write_bytes(path.read_bytes()[:1000])
+    m = _manifest(art)
+    m["files"]["lanes.onnx"] = {"bytes": 1000, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    _write_manifest(art, m)
+    with pytest.raises(ArtifactError, match="lanes.onnx is not a well-formed ONNX model"):
+        MedusaRuntime.load(art)
+
+
 def test_an_artifact_replaced_after_load_is_not_read_by_the_lanes_graph(artifact, tmp_path):
     """The lanes graph opens at the first batched step: if the artifact was rebuilt or replaced meanwhile, that step
     refuses (its graph would belong to another build) instead of mixing two artifacts."""
