@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 from jinja2 import TemplateSyntaxError
 
-from .errors import ArtifactError, InputError
+from .errors import ArtifactError, BusyError, InputError
 from .template_limits import TemplateLimitError, bounded_environment, bounded_render
 from .template_worker import TemplateRenderFailure, TemplateSyntax, shared_worker
 
@@ -74,7 +74,7 @@ class ChatTemplate:
                 return self._worker.render(self.source, self.bos_token, self.eos_token, calls)
             return [bounded_render(self._compiled, messages=m, add_generation_prompt=g, bos_token=self.bos_token,
                                    eos_token=self.eos_token) for m, g in calls]
-        except (InputError, TemplateSyntax):  # raise_exception: the template's own refusal
+        except (InputError, TemplateSyntax, BusyError):  # raise_exception: the template's own refusal; no worker free
             raise
         except TemplateLimitError as e:
             raise InputError(f"the chat template went past a limit on these messages ({e}): send a shorter "

@@ -35,6 +35,10 @@ class ExportValidationError(MedusaExportError, RuntimeError):
     """The exported graph disagrees with PyTorch beyond tolerance."""
 
 
+class BusyError(MedusaExportError, RuntimeError):
+    """A shared resource stayed busy past its wait (e.g. every chat template worker): retry (serve answers 503)."""
+
+
 class EngineError(MedusaExportError, RuntimeError):
     """A TensorRT engine or the CUDA runtime failed while running (out of memory, a rejected shape, a device error)."""
 

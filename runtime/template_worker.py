@@ -4,11 +4,14 @@ walked around (string joins with ``~``, block captures, ``replace``), so the wor
 limit (``MEMORY_BYTES`` above what it holds at start: a template that builds gigabytes gets a MemoryError there) and
 is killed when a render takes longer than ``template_limits.MAX_RENDER_S`` (a new one starts at the next render).
 
-    worker = shared_worker()                                   # one per process, started at first use
-    texts = worker.render(source, "<s>", "</s>", [(messages, True), (marked, True)])
+    workers = shared_worker()                                  # this process's pool, started at first use
+    texts = workers.render(source, "<s>", "</s>", [(messages, True), (marked, True)])
+
+Renders run on a pool of ``POOL_SIZE`` workers; one waits at most ``WAIT_S`` for a free worker (BusyError then),
+so a template that spends its 2 s on some requests delays others by at most that, never without bound.
 
 Errors: TemplateSyntax (the source does not compile), InputError (the template's ``raise_exception``),
-TemplateLimitError (time, memory, size), TemplateRenderFailure (anything else it raised). Where no worker can be
+TemplateLimitError (time, memory, size), TemplateRenderFailure (anything else it raised), BusyError. Where no worker can be
 started (no ``sys.executable``, a sandbox that forbids processes) `shared_worker` returns None and templates render
 in the host process with `template_limits`' checks alone.
 """
@@ -18,16 +21,19 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import queue
 import select
 import struct
 import subprocess
 import sys
 import threading
 
-from .errors import InputError
+from .errors import BusyError, InputError
 from .template_limits import MAX_RENDER_S, TemplateLimitError
 
 MEMORY_BYTES = 1 << 30  # address space a render may add to the worker
+POOL_SIZE = 2  # workers per process: a slow render holds one
+WAIT_S = 2 * MAX_RENDER_S  # for a free worker: two slow renders in turn, then BusyError
 START_TIMEOUT_S = 60.0  # a fresh interpreter importing jinja2, on a loaded machine
 _HEADER = struct.Struct(">Q")
 
@@ -91,25 +97,50 @@ class TemplateWorker:
             self._stop()
 
 
-_shared: TemplateWorker | None = None
+class TemplatePool:
+    """``size`` workers (the first started now, the others at first need); a render takes a free one."""
+
+    def __init__(self, size: int = POOL_SIZE) -> None:
+        self.workers = [TemplateWorker() for _ in range(size)]
+        with self.workers[0]._lock:
+            self.workers[0]._started()  # OSError where no process can start: the caller renders in-process
+        self.free: queue.Queue[TemplateWorker] = queue.Queue()
+        for worker in self.workers:
+            self.free.put(worker)
+
+    def render(self, source: str, bos: str, eos: str, calls: list[tuple[list[dict], bool]]) -> list[str]:
+        try:
+            worker = self.free.get(timeout=WAIT_S)
+        except queue.Empty:
+            raise BusyError(f"every chat template worker stayed busy for {WAIT_S:g} s (slow renders of other "
+                            f"requests): retry") from None
+        try:
+            return worker.render(source, bos, eos, calls)
+        finally:
+            self.free.put(worker)
+
+    def close(self) -> None:
+        for worker in self.workers:
+            worker.close()
+
+
+_shared: TemplatePool | None = None
 _unavailable = False
 _shared_lock = threading.Lock()
 
 
-def shared_worker() -> TemplateWorker | None:
-    """This process's worker (started now if need be), or None where none can run."""
+def shared_worker() -> TemplatePool | None:
+    """This process's pool of workers (started now if need be), or None where no worker can run."""
     global _shared, _unavailable
     with _shared_lock:
         if _shared is None and not _unavailable:
-            worker = TemplateWorker()
             try:
-                with worker._lock:
-                    worker._started()
+                pool = TemplatePool()
             except OSError:
                 _unavailable = True
                 return None
-            _shared = worker
-            atexit.register(worker.close)
+            _shared = pool
+            atexit.register(pool.close)
         return _shared
 
 

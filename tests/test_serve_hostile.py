@@ -364,3 +364,41 @@ def test_clients_that_stall_mid_request_are_cut_off(artifact):
         assert received.startswith(b"HTTP/1.1 401") and closed, received[:200]
         code, body, _ = post(base + "/v1/completions", {"prompt": PROMPT, "max_tokens": 2, "temperature": 0})
         assert code == 200
+
+
+# ------------------------------------------------------------------------------------------- slow chat templates
+
+
+def test_slow_template_renders_delay_no_one_for_long(artifact, tmp_path):
+    """A template that runs past its 2 s on some messages: those requests get a 400 (or a 503 when every template
+    worker is held), other chat requests wait at most a few seconds, and completions, which render no template,
+    are answered at once. (Before, one worker behind one lock queued every chat request, and with the threads
+    they held, completions too, for minutes.)"""
+    import hashlib
+    import shutil
+    from concurrent.futures import ThreadPoolExecutor
+
+    from conftest import CHATML
+
+    art = shutil.copytree(artifact, tmp_path / "slow")
+    config = json.loads((art / "tokenizer_config.json").read_text())
+    config["chat_template"] = ("{% if messages[0]['content'] == 'SLOW' %}{% for i in range(100000) %}"
+                               "{% for j in range(100000) %}{% endfor %}{% endfor %}{% endif %}" + CHATML)
+    (art / "tokenizer_config.json").write_text(json.dumps(config))
+    manifest = json.loads((art / "manifest.json").read_text())
+    data = (art / "tokenizer_config.json").read_bytes()
+    manifest["files"]["tokenizer_config.json"] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (art / "manifest.json").write_text(json.dumps(manifest))
+    slow = {"messages": [{"role": "user", "content": "SLOW"}], "max_tokens": 2}
+    with serving(art, "--threads", "1", "--api-key", KEY) as (base, _), ThreadPoolExecutor(12) as pool:
+        hostile = [pool.submit(post, base + "/v1/chat/completions", slow) for _ in range(10)]
+        time.sleep(1)
+        t0 = time.monotonic()
+        code, _, _ = post(base + "/v1/completions", {"prompt": PROMPT, "max_tokens": 2, "temperature": 0})
+        assert code == 200 and time.monotonic() - t0 < 5
+        t0 = time.monotonic()
+        code, body, headers = post(base + "/v1/chat/completions", _chat([{"role": "user", "content": "t5"}], max_tokens=2))
+        assert (code == 200 or code == 503 and headers.get("Retry-After")) and time.monotonic() - t0 < 15, body
+        answers = [f.result(timeout=120) for f in hostile]
+        assert {c for c, _, _ in answers} <= {400, 503}
+        assert any("ran for more than 2 s" in b["error"]["message"] for c, b, _ in answers if c == 400)

@@ -92,3 +92,30 @@ def test_without_a_worker_the_checks_still_bound_time(monkeypatch):
     with pytest.raises(ArtifactError, match="ran for more than 2 s"):
         ChatTemplate("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}" + TAIL)
     assert "t5 t6" in ChatTemplate(CHATML).render(USER)
+
+
+def test_a_render_waits_for_a_free_worker_only_so_long(monkeypatch):
+    """Slow renders hold workers: another render waits at most WAIT_S for one (BusyError: serve's 503), not
+    without end behind them."""
+    import threading
+
+    from medusa_export.runtime import template_worker
+    from medusa_export.runtime.errors import BusyError
+
+    monkeypatch.setattr(template_worker, "WAIT_S", 0.3)
+    pool = template_worker.TemplatePool(size=1)
+    slow = ("{% if messages[0]['content'] == 'SLOW' %}{% for i in range(100000) %}{% for j in range(100000) %}"
+            "{% endfor %}{% endfor %}{% endif %}" + TAIL)
+    try:
+        holder = threading.Thread(target=lambda: pytest.raises(Exception, pool.render, slow, "", "",
+                                                               [([{"role": "user", "content": "SLOW"}], True)]))
+        holder.start()
+        time.sleep(0.5)  # the slow render holds the only worker
+        t0 = time.monotonic()
+        with pytest.raises(BusyError, match="stayed busy"):
+            pool.render(slow, "", "", [(USER, True)])
+        assert time.monotonic() - t0 < 2
+        holder.join(30)
+        assert pool.render(slow, "", "", [(USER, True)]) == ["t5 t6"]  # free again once the slow one ended
+    finally:
+        pool.close()

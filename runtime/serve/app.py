@@ -23,6 +23,7 @@ import uuid
 from dataclasses import dataclass
 from typing import AsyncIterator
 
+import anyio
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
@@ -35,6 +36,9 @@ from ..generator import GenerationResult
 from .metrics import ServerMetrics, accepted_per_position
 from .requests import ApiError, Job, ServedModel, parse_chat, parse_completion
 from .scheduler import Finished, Request as Admitted, Scheduler
+
+
+CHAT_THREADS = 8  # threads parsing chat requests (the rest of anyio's pool stays for completions)
 
 
 @dataclass(frozen=True)
@@ -129,11 +133,26 @@ def create_app(runtime, settings: ServeSettings = ServeSettings()) -> FastAPI:
         _authorize(request, settings.api_key)
         return await _complete(request, await _parsed(request, parse_completion))
 
+    chat_threads: list = []  # its CapacityLimiter, made in the event loop at the first chat request
+
     async def _parsed(request: Request, parse) -> Job:
         """The request's Job. Decoding JSON, the chat template and tokenization take up to seconds for a body near
-        the size limit: off the event loop, so that other requests and streams carry on meanwhile."""
+        the size limit: off the event loop, so that other requests and streams carry on meanwhile. Chat requests
+        (the template's workers: a slow render holds one for up to 2 s) parse on threads of their own, so
+        completions never wait behind them, within the request timeout (then 503)."""
         body = await _read_body(request, settings.max_body_bytes, settings.timeout_s)
-        return await run_in_threadpool(lambda: parse(_json(body), model))
+        call = lambda: parse(_json(body), model)  # noqa: E731
+        if parse is not parse_chat:
+            return await run_in_threadpool(call)
+        if not chat_threads:
+            chat_threads.append(anyio.CapacityLimiter(CHAT_THREADS))
+        try:
+            with anyio.fail_after(settings.timeout_s):
+                return await anyio.to_thread.run_sync(call, limiter=chat_threads[0])
+        except TimeoutError:
+            raise ApiError(503, f"the chat template did not render within {settings.timeout_s:g} s (other requests' "
+                           f"slow renders ahead of it): retry", type_="server_error",
+                           headers={"Retry-After": "1"}) from None
 
     async def _complete(http: Request, job: Job):
         rid = ("chatcmpl-" if job.chat else "cmpl-") + uuid.uuid4().hex

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..decode import MAX_STOP_CHARS, GenerationConfig, effective_temperature
-from ..errors import InputError
+from ..errors import BusyError, InputError
 from ..tokenizer import ChatTokenizer, check_text
 
 
@@ -147,6 +147,8 @@ def _tokenize(encode, param: str) -> list[int]:
         return encode()
     except InputError as e:  # e.g. a lone surrogate: not valid Unicode
         raise ApiError(400, f"{param}: {e}", param=param) from None
+    except BusyError as e:  # every chat template worker held by slow renders
+        raise ApiError(503, str(e), type_="server_error", headers={"Retry-After": "1"}) from None
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -184,9 +186,10 @@ def _job(body: dict, model: ServedModel, ids: list[int], chat: bool) -> Job:
                        code="context_length_exceeded")
     max_tokens = _max_tokens(body, room)
     if max_tokens > room:
-        raise ApiError(400, f"the prompt ({len(ids)} tokens) plus max_tokens ({max_tokens}) exceeds the model's "
-                       f"maximum sequence of {model.max_seq} tokens: shorten the prompt or lower max_tokens",
-                       param="max_tokens", code="context_length_exceeded")
+        key = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
+        raise ApiError(400, f"the prompt ({len(ids)} tokens) plus {key} ({max_tokens}) exceeds the model's "
+                       f"maximum sequence of {model.max_seq} tokens: shorten the prompt or lower {key}",
+                       param=key, code="context_length_exceeded")
     temperature = body.get("temperature")
     if temperature is None:
         temperature = 1.0  # OpenAI's default; 0 is greedy, the lossless mode
