@@ -26,7 +26,7 @@ from jinja2 import TemplateSyntaxError
 
 from .errors import ArtifactError, BusyError, InputError
 from .template_limits import TemplateLimitError, bounded_environment, bounded_render
-from .template_worker import TemplateRenderFailure, TemplateSyntax, shared_worker
+from .template_worker import TemplateRenderFailure, TemplateSyntax, WorkerUnavailable, shared_worker
 
 # Noncharacters (Unicode keeps U+FDD0..U+FDEF for a program's internal use, never for text interchange): they never
 # occur in the template's own text, trim/strip leave them alone, and real text (private-use icons included) is free
@@ -71,10 +71,15 @@ class ChatTemplate:
     def _render_all(self, calls: list[tuple[list[dict], bool]]) -> list[str]:
         try:
             if self._worker is not None:
-                return self._worker.render(self.source, self.bos_token, self.eos_token, calls)
+                try:
+                    return self._worker.render(self.source, self.bos_token, self.eos_token, calls)
+                except WorkerUnavailable:  # none could (re)start now: this render runs here, under the checks
+                    pass
+            if self._compiled is None:
+                self._compiled = environment().from_string(self.source)
             return [bounded_render(self._compiled, messages=m, add_generation_prompt=g, bos_token=self.bos_token,
                                    eos_token=self.eos_token) for m, g in calls]
-        except (InputError, TemplateSyntax, BusyError):  # raise_exception: the template's own refusal; no worker free
+        except (InputError, TemplateSyntax, TemplateSyntaxError, BusyError):  # its own refusal; no worker free
             raise
         except TemplateLimitError as e:
             raise InputError(f"the chat template went past a limit on these messages ({e}): send a shorter "

@@ -374,6 +374,7 @@ class EngineThread:
             except BaseException as e:  # noqa: BLE001 - a bug outside the backend calls (or a native library's
                 self.error = e  # panic, a BaseException): end the running requests, keep the thread for the next
                 self.engine.fail(e)
+                self.wake.set()  # the requests still queued step now, not at the next submit
 
     def stop(self, timeout: float = 30.0) -> None:
         with self.submitting:

@@ -23,7 +23,7 @@ import time
 
 MAX_RENDER_S = 2.0  # a real chat template renders a conversation in milliseconds
 MAX_VALUE = 1 << 24  # characters of a string, items of a list, a number passed to a call (16 M: far above any
-MAX_OUTPUT = 1 << 26  # request body a server takes); characters of the rendered conversation
+MAX_OUTPUT = 1 << 24  # request body a server takes); characters of the rendered conversation
 TEMPLATE_FILE = "<template>"  # the file name Jinja gives code compiled from a string
 _WIDE_FORMAT = re.compile(r"\d{7,}")  # a width or precision of a million or more in a format string
 

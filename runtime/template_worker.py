@@ -1,41 +1,50 @@
-"""Chat templates rendered in a worker process: the operating system bounds what a template can take. A template is
+"""Chat templates rendered in worker processes: the operating system bounds what a template can take. A template is
 code an artifact carries; in the host process, checks on its operators and arguments (`template_limits`) can be
-walked around (string joins with ``~``, block captures, ``replace``), so the worker runs under an address-space
-limit (``MEMORY_BYTES`` above what it holds at start: a template that builds gigabytes gets a MemoryError there) and
-is killed when a render takes longer than ``template_limits.MAX_RENDER_S`` (a new one starts at the next render).
+walked around (string joins with ``~``, block captures, ``replace``), so a worker runs under an address-space limit
+(``MEMORY_BYTES`` above what it holds at start: a template that builds gigabytes gets a MemoryError there) and is
+killed when a call takes longer than ``template_limits.MAX_RENDER_S`` per render (a new one starts for the next
+call). A worker also ends itself past twice that (an alarm: its host may be gone) and at the end of its input, and
+offers itself first to the kernel's out-of-memory killer.
 
     workers = shared_worker()                                  # this process's pool, started at first use
     texts = workers.render(source, "<s>", "</s>", [(messages, True), (marked, True)])
 
 Renders run on a pool of ``POOL_SIZE`` workers; one waits at most ``WAIT_S`` for a free worker (BusyError then),
-so a template that spends its 2 s on some requests delays others by at most that, never without bound.
+so a template that spends its time on some requests delays others by at most that, never without bound.
 
-Errors: TemplateSyntax (the source does not compile), InputError (the template's ``raise_exception``),
-TemplateLimitError (time, memory, size), TemplateRenderFailure (anything else it raised), BusyError. Where no worker can be
-started (no ``sys.executable``, a sandbox that forbids processes) `shared_worker` returns None and templates render
-in the host process with `template_limits`' checks alone.
+Errors: TemplateSyntax (the source does not compile), InputError (the template's ``raise_exception``, or messages
+that are not JSON values), TemplateLimitError (time, memory, size), TemplateRenderFailure (anything else it
+raised), BusyError, WorkerUnavailable (no worker can start: the caller renders in its own process). Where no worker
+can start at all (no ``sys.executable``, a sandbox that forbids processes) `shared_worker` returns None.
 """
 
 from __future__ import annotations
 
 import atexit
+import itertools
 import json
 import os
 import queue
-import select
+import selectors
 import struct
 import subprocess
 import sys
 import threading
+import time
 
 from .errors import BusyError, InputError
-from .template_limits import MAX_RENDER_S, TemplateLimitError
+from .template_limits import MAX_OUTPUT, MAX_RENDER_S, TemplateLimitError
 
 MEMORY_BYTES = 1 << 30  # address space a render may add to the worker
 POOL_SIZE = 2  # workers per process: a slow render holds one
 WAIT_S = 2 * MAX_RENDER_S  # for a free worker: two slow renders in turn, then BusyError
 START_TIMEOUT_S = 60.0  # a fresh interpreter importing jinja2, on a loaded machine
+MAX_FRAME = 8 * MAX_OUTPUT + (1 << 20)  # bytes of one reply: two renders of MAX_OUTPUT characters, UTF-8, escaped
+READY = "medusa-export template worker 1"
 _HEADER = struct.Struct(">Q")
+_PATH_ENV = "MEDUSA_EXPORT_WORKER_PATH"  # the host's sys.path, so the worker imports the same package copy
+_BOOT = (f"import json, os, sys; sys.path[:] = json.loads(os.environ[{_PATH_ENV!r}]); "
+         "from medusa_export.runtime.template_worker import serve; serve()")
 
 
 class TemplateSyntax(Exception):
@@ -50,38 +59,52 @@ class TemplateRenderFailure(Exception):
     """The template raised while rendering (its exception's type and message)."""
 
 
+class WorkerUnavailable(OSError):
+    """No worker process could be started for this render."""
+
+
 class TemplateWorker:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._proc: subprocess.Popen | None = None
+        self._ids = itertools.count(1)
 
     def render(self, source: str, bos: str, eos: str, calls: list[tuple[list[dict], bool]]) -> list[str]:
         """Each ``(messages, add_generation_prompt)`` rendered by ``source``, within the time and memory bounds."""
-        request = {"source": source, "bos": bos, "eos": eos, "calls": [[m, g] for m, g in calls]}
         with self._lock:
+            rid = next(self._ids)
+            data = _encoded({"id": rid, "source": source, "bos": bos, "eos": eos, "calls": [[m, g] for m, g in calls]})
             proc = self._started()
+            budget = MAX_RENDER_S * max(len(calls), 1)
             try:
-                _write(proc.stdin, request)
-                reply = _read(proc.stdout, MAX_RENDER_S)
+                _send(proc.stdin, data)
+                reply = _receive(proc.stdout, budget)
             except TimeoutError:
                 self._stop()
-                raise TemplateLimitError(f"the template ran for more than {MAX_RENDER_S:g} s") from None
-            except (OSError, EOFError, ValueError):  # it died (the kernel's OOM killer, a crash)
+                raise TemplateLimitError(f"the template ran for more than {budget:g} s") from None
+            except (OSError, EOFError, ValueError):  # it died (out of memory, a crash) or wrote no frame of ours
                 self._stop()
                 raise TemplateLimitError("the template's render ended its worker process (out of memory?)") from None
+            except BaseException:  # interrupted mid-call (Ctrl-C, a host MemoryError): its reply may still come,
+                self._stop()  # and would answer the next call; a new worker starts instead
+                raise
+            if reply.get("id") != rid:  # a frame of another call: never hand it on
+                self._stop()
+                raise TemplateLimitError("the template worker answered out of turn; it was restarted")
         return _result(reply)
 
     def _started(self) -> subprocess.Popen:
         if self._proc is None or self._proc.poll() is not None:
-            self._proc = subprocess.Popen([sys.executable, "-c", "from medusa_export.runtime.template_worker import "
-                                           "serve; serve()"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                          stderr=subprocess.DEVNULL)
-            try:
-                if _read(self._proc.stdout, START_TIMEOUT_S) != {"ready": True}:
-                    raise EOFError
-            except (TimeoutError, OSError, EOFError, ValueError):
+            self._stop()
+            env = {**os.environ, _PATH_ENV: json.dumps(sys.path)}
+            try:  # -P: the working directory never shadows a module the worker imports
+                self._proc = subprocess.Popen([sys.executable, "-P", "-c", _BOOT], stdin=subprocess.PIPE,
+                                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
+                if _receive(self._proc.stdout, START_TIMEOUT_S).get("ready") != READY:
+                    raise ValueError("not a worker")
+            except (OSError, ValueError, EOFError, TimeoutError, MemoryError) as e:
                 self._stop()
-                raise OSError("the chat template worker did not start") from None
+                raise WorkerUnavailable(f"the chat template worker did not start ({type(e).__name__})") from None
         return self._proc
 
     def _stop(self) -> None:
@@ -103,7 +126,7 @@ class TemplatePool:
     def __init__(self, size: int = POOL_SIZE) -> None:
         self.workers = [TemplateWorker() for _ in range(size)]
         with self.workers[0]._lock:
-            self.workers[0]._started()  # OSError where no process can start: the caller renders in-process
+            self.workers[0]._started()  # WorkerUnavailable where no process can start
         self.free: queue.Queue[TemplateWorker] = queue.Queue()
         for worker in self.workers:
             self.free.put(worker)
@@ -136,12 +159,21 @@ def shared_worker() -> TemplatePool | None:
         if _shared is None and not _unavailable:
             try:
                 pool = TemplatePool()
-            except OSError:
+            except Exception:  # noqa: BLE001 - WorkerUnavailable, or anything a broken interpreter does
                 _unavailable = True
                 return None
             _shared = pool
             atexit.register(pool.close)
         return _shared
+
+
+def _after_fork_in_child() -> None:
+    """A forked child owns neither the parent's workers nor its locks (one may have been held at the fork)."""
+    global _shared, _unavailable, _shared_lock
+    _shared, _unavailable, _shared_lock = None, False, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _result(reply: dict) -> list[str]:
@@ -156,51 +188,75 @@ def _result(reply: dict) -> list[str]:
     raise TemplateRenderFailure(reply.get("error", "unknown error"))
 
 
-def _write(pipe, value: dict) -> None:
-    data = json.dumps(value).encode()  # ASCII: lone surrogates travel as escapes
+def _encoded(value: dict) -> bytes:
+    """A frame's payload: JSON in UTF-8 (lone surrogates kept as they are: surrogatepass); InputError for values
+    that are not JSON (messages given by a library caller)."""
+    try:
+        return json.dumps(value, ensure_ascii=False).encode("utf-8", "surrogatepass")
+    except (TypeError, ValueError) as e:
+        raise InputError(f"chat messages must be JSON values (strings, numbers, lists, objects): {e}") from None
+
+
+def _decoded(payload: bytes | bytearray) -> dict:
+    return json.loads(bytes(payload).decode("utf-8", "surrogatepass"))
+
+
+def _send(pipe, data: bytes) -> None:
     pipe.write(_HEADER.pack(len(data)) + data)
     pipe.flush()
 
 
-def _read(pipe, timeout_s: float) -> dict:
-    """One frame, waiting at most ``timeout_s`` for all of it (TimeoutError)."""
-    import time
-
+def _receive(pipe, timeout_s: float) -> dict:
+    """One frame, waiting at most ``timeout_s`` for all of it (TimeoutError); ValueError for a length no frame of
+    ours has (another program's output). Read into one buffer: appending to bytes copied it all per chunk."""
     deadline = time.monotonic() + timeout_s
-    fd, data, need = pipe.fileno(), b"", _HEADER.size
-    while len(data) < need:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
-            raise TimeoutError
-        chunk = os.read(fd, max(need - len(data), 1 << 16))
-        if not chunk:
-            raise EOFError
-        data += chunk
-        if need == _HEADER.size and len(data) >= need:
-            need += _HEADER.unpack(data[:_HEADER.size])[0]
-    return json.loads(data[_HEADER.size:need])
+    fd = pipe.fileno()
+    header = _read_exactly(fd, _HEADER.size, deadline)
+    (length,) = _HEADER.unpack(header)
+    if length > MAX_FRAME:
+        raise ValueError(f"a frame of {length} bytes")
+    return _decoded(_read_exactly(fd, length, deadline))
+
+
+def _read_exactly(fd: int, n: int, deadline: float) -> bytearray:
+    buf, view, got = bytearray(n), None, 0
+    view = memoryview(buf)
+    with selectors.DefaultSelector() as sel:  # poll / epoll: descriptors past 1,023 too (select.select refuses them)
+        sel.register(fd, selectors.EVENT_READ)
+        while got < n:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not sel.select(remaining):
+                raise TimeoutError
+            count = os.readv(fd, [view[got:]])
+            if not count:
+                raise EOFError
+            got += count
+    return buf
 
 
 # ------------------------------------------------------------------------------------------------- the worker side
 def serve() -> None:
     """The worker's loop: one request in, one reply out, until its input closes."""
     _limit_memory()
+    _offer_to_the_oom_killer()
     from .chat_template import environment
     from .template_limits import bounded_render
 
     env, compiled = environment(), {}
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
-    _write(stdout, {"ready": True})
+    sys.stdout = sys.stderr  # nothing but frames on the pipe the host reads
+    _send(stdout, json.dumps({"ready": READY}).encode())
     while header := stdin.read(_HEADER.size):
-        request = json.loads(stdin.read(_HEADER.unpack(header)[0]))
+        request = _decoded(stdin.read(_HEADER.unpack(header)[0]))
+        calls = request["calls"]
+        _alarm(2 * MAX_RENDER_S * max(len(calls), 1))  # the host kills it at the budget; this, if the host is gone
         try:
             template = compiled.get(request["source"])
             if template is None:
                 template = env.from_string(request["source"])
                 compiled = {request["source"]: template}  # one template per artifact: keep the last
             reply = {"ok": [bounded_render(template, trace=False, messages=m, add_generation_prompt=g,
-                                           bos_token=request["bos"], eos_token=request["eos"])
-                            for m, g in request["calls"]]}
+                                           bos_token=request["bos"], eos_token=request["eos"]) for m, g in calls]}
         except InputError as e:
             reply = {"refused": str(e)}
         except TemplateLimitError as e:
@@ -210,12 +266,35 @@ def serve() -> None:
         except Exception as e:  # noqa: BLE001 - the template is code: report what it raised
             from jinja2 import TemplateSyntaxError
 
-            if isinstance(e, TemplateSyntaxError) or type(e).__name__ == "TemplateAssertionError":
+            if isinstance(e, TemplateSyntaxError):
                 reply = {"syntax": " ".join(str(getattr(e, "message", None) or e).split())[:300],
                          "line": getattr(e, "lineno", None)}
             else:
                 reply = {"error": f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"}
-        _write(stdout, reply)
+        _alarm(0)
+        reply["id"] = request["id"]
+        _send(stdout, json.dumps(reply, ensure_ascii=False).encode("utf-8", "surrogatepass"))
+
+
+def _alarm(seconds: float) -> None:
+    """SIGALRM's default action ends the process: a render its host no longer waits for cannot spin on."""
+    try:
+        import signal
+
+        signal.setitimer(signal.ITIMER_REAL, seconds)
+    except (ImportError, AttributeError, OSError):
+        pass
+
+
+def _offer_to_the_oom_killer() -> None:
+    """Linux: the out-of-memory killer's first choice, before the host. (No PR_SET_PDEATHSIG: it fires when the
+    spawning *thread* ends, and a server's pool threads come and go; an orphan ends at its alarm or at the EOF of
+    its input instead.)"""
+    try:
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write("1000")
+    except OSError:
+        pass
 
 
 def _limit_memory() -> None:

@@ -401,4 +401,4 @@ def test_slow_template_renders_delay_no_one_for_long(artifact, tmp_path):
         assert (code == 200 or code == 503 and headers.get("Retry-After")) and time.monotonic() - t0 < 15, body
         answers = [f.result(timeout=120) for f in hostile]
         assert {c for c, _, _ in answers} <= {400, 503}
-        assert any("ran for more than 2 s" in b["error"]["message"] for c, b, _ in answers if c == 400)
+        assert any("ran for more than" in b["error"]["message"] for c, b, _ in answers if c == 400)

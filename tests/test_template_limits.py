@@ -33,7 +33,7 @@ TAIL = "{{ messages[0]['content'] }}"
     ("{{ '%1000000000s' % 'x' }}", "width of a million"),
     ("{{ '{:>999999999}'.format('x') }}", "width of a million"),
     ("{{ '%1000000000s' | format('x') }}", "width of a million"),
-    ("{% for i in range(70000) %}{{ 'x' * 1000 }}{% endfor %}", "wrote more than"),
+    ("{% for i in range(20000) %}{{ 'x' * 1000 }}{% endfor %}", "wrote more than|ran for more than"),
 ])
 def test_a_template_past_a_limit_is_refused_when_the_artifact_loads(body, words):
     t0 = time.monotonic()
@@ -69,10 +69,10 @@ def test_a_real_template_renders_as_before():
 @pytest.mark.parametrize("body, words", [
     # `~` joins and block captures are no binop the environment sees: the worker's address-space limit stops them
     ("{% set a = 'a' * 16000000 %}{% set b = a ~ a ~ a ~ a %}{% set c = b ~ b ~ b ~ b %}{% set d = c ~ c ~ c ~ c %}"
-     "{{ d | length }}", "more than 1024 MiB|ended its worker"),
+     "{{ d | length }}", "more than 1024 MiB|ended its worker|ran for more than"),
     ("{% set a = 'a' * 16000000 %}{% set b %}{{ a }}{{ a }}{{ a }}{{ a }}{% endset %}{% set c %}{{ b }}{{ b }}{{ b }}"
      "{{ b }}{% endset %}{% set d %}{{ c }}{{ c }}{{ c }}{{ c }}{% endset %}{{ d | length }}",
-     "more than 1024 MiB|ended its worker"),
+     "more than 1024 MiB|ended its worker|ran for more than"),
     # a filter doing seconds of work per call, in a short loop: the worker is killed at the deadline
     ("{% for i in range(200) %}{% set _ = ([i] * 16000000) | unique | list %}{% endfor %}", "ran for more than 2 s"),
 ])
@@ -119,3 +119,58 @@ def test_a_render_waits_for_a_free_worker_only_so_long(monkeypatch):
         assert pool.render(slow, "", "", [(USER, True)]) == ["t5 t6"]  # free again once the slow one ended
     finally:
         pool.close()
+
+
+def test_an_interrupted_render_never_hands_its_reply_to_the_next(monkeypatch):
+    """A call interrupted while the worker renders (Ctrl-C in a notebook): that worker is replaced, so the next
+    call gets its own reply, not the interrupted one's."""
+    from medusa_export.runtime import template_worker
+
+    pool = template_worker.TemplatePool(size=1)
+    slow = ("{% if messages[0]['content'] == 'SLOW' %}{% for i in range(3000) %}{% for j in range(3000) %}"
+            "{% endfor %}{% endfor %}{% endif %}{{ messages[0]['content'] }}")
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            monkeypatch.setattr(template_worker, "_receive", _interrupting(template_worker._receive))
+            pool.render(slow, "", "", [([{"role": "user", "content": "SLOW"}], True)])
+        monkeypatch.undo()
+        assert pool.render(slow, "", "", [([{"role": "user", "content": "B"}], True)]) == ["B"]
+        assert pool.render(slow, "", "", [([{"role": "user", "content": "C"}], True)]) == ["C"]
+    finally:
+        pool.close()
+
+
+def _interrupting(receive):
+    """`_receive` raising KeyboardInterrupt once the request is on its way (the worker busy with it)."""
+    def interrupted(pipe, timeout_s):
+        time.sleep(0.1)
+        raise KeyboardInterrupt
+
+    return interrupted
+
+
+def test_a_worker_that_cannot_start_leaves_the_render_to_this_process(monkeypatch):
+    """A worker killed, then no interpreter to start another: that render runs here, under the checks, and is
+    not blamed on the template or the client."""
+    from medusa_export.runtime import template_worker
+
+    template = ChatTemplate(CHATML)
+    worker = template._worker
+    if worker is None:
+        pytest.skip("no worker process on this machine")
+    for w in worker.workers:
+        w.close()
+    monkeypatch.setattr(template_worker.sys, "executable", "/nonexistent/python")
+    assert "t5 t6" in template.render(USER)
+
+
+def test_a_program_that_is_no_worker_is_refused_at_start(monkeypatch, tmp_path):
+    """Whatever another program prints (a usage text) is not read as a frame: the start fails, in one error."""
+    from medusa_export.runtime import template_worker
+
+    fake = tmp_path / "python"
+    fake.write_text("#!/bin/sh\necho 'Usage: python [options]'\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(template_worker.sys, "executable", str(fake))
+    with pytest.raises(template_worker.WorkerUnavailable):
+        template_worker.TemplateWorker()._started()

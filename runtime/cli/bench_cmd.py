@@ -44,7 +44,7 @@ def bench(
     names = backend_list(backends)
     at_least("--limit", limit)
     at_least("--threads", threads, hint=", or leave it out for all cores", maximum=MAX_THREADS)
-    _check_outputs(as_json, plot_file, inputs=(artifact, prompts))
+    _check_outputs(as_json, plot_file, inputs=(artifact, prompts, model, tree))
     if "torch" in names:
         extras.require("bench --backends torch", "torch")
     if hf:
@@ -107,7 +107,7 @@ def _check_outputs(as_json: Optional[Path], plot_file: Optional[Path], inputs: t
     if as_json is not None:
         check_out_file(as_json, "--json", inputs=inputs)
     if plot_file is not None:
-        check_out_file(plot_file, "--plot", inputs=inputs)
+        check_out_file(plot_file, "--plot", inputs=(*inputs, as_json))  # not the --json report either
         if not extras.available("matplotlib"):
             raise BackendUnavailableError("bench --plot needs matplotlib, which is not installed: "
                                           "pip install 'medusa-export[bench]'")

@@ -43,7 +43,7 @@ def calibrate_tree(
     from .checks import at_least
 
     at_least("--limit", limit)
-    check_out_file(out, "--out", make_parents=True, inputs=(artifact, data))  # before the measurements, not after
+    check_out_file(out, "--out", make_parents=True, inputs=(artifact, data, model))  # before the measurements
     if backend == "torch":
         extras.require("calibrate-tree --backend torch", "torch")
     elif model is not None:
