@@ -125,7 +125,7 @@ def _check_not_an_input(path: Path, flag: str, inputs: tuple) -> None:
             continue
         if target == source or source in target.parents:
             raise InputError(f"{flag} {path} would overwrite {'a file in ' if target != source else ''}{given}, "
-                             f"which this command reads: choose another path")
+                             f"which this command reads (or writes too): choose another path")
 
 
 def write_report(path: Path, text: str) -> None:

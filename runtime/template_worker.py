@@ -25,7 +25,7 @@ import itertools
 import json
 import os
 import queue
-import selectors
+import select
 import struct
 import subprocess
 import sys
@@ -219,18 +219,18 @@ def _receive(pipe, timeout_s: float) -> dict:
 
 
 def _read_exactly(fd: int, n: int, deadline: float) -> bytearray:
-    buf, view, got = bytearray(n), None, 0
+    buf, got = bytearray(n), 0
     view = memoryview(buf)
-    with selectors.DefaultSelector() as sel:  # poll / epoll: descriptors past 1,023 too (select.select refuses them)
-        sel.register(fd, selectors.EVENT_READ)
-        while got < n:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or not sel.select(remaining):
-                raise TimeoutError
-            count = os.readv(fd, [view[got:]])
-            if not count:
-                raise EOFError
-            got += count
+    poller = select.poll()  # not select.select, which refuses descriptors past 1,023 (a busy server has them)
+    poller.register(fd, select.POLLIN)
+    while got < n:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or not poller.poll(remaining * 1000):
+            raise TimeoutError
+        count = os.readv(fd, [view[got:]])
+        if not count:
+            raise EOFError
+        got += count
     return buf
 
 
