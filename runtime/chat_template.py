@@ -19,6 +19,7 @@ reaches, and any other error while it renders a request's messages, is an InputE
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 
@@ -70,6 +71,8 @@ class ChatTemplate:
 
     def _render_all(self, calls: list[tuple[list[dict], bool]]) -> list[str]:
         try:
+            if self._worker is not None and self._worker.pid != os.getpid():  # forked: the parent's pool is not ours
+                self._worker = shared_worker()
             if self._worker is not None:
                 try:
                     return self._worker.render(self.source, self.bos_token, self.eos_token, calls)
@@ -104,6 +107,9 @@ class ChatTemplate:
         rendered, real = self._render_all([(marked, not continue_final), (messages, not continue_final)])
         skeleton = _split(rendered)
         # A template may transform the text (e.g. `| trim`): use the form that reproduces its own rendering.
+        if any(index is not None and index >= len(contents) for _, index in skeleton):
+            raise InputError("this model's chat template writes the noncharacters U+FDD0 / U+FDD1 itself, which mark "
+                             "message text here: fix the template")
         candidates = [[(text if index is None else form(contents[index]), index) for text, index in skeleton]
                       for form in (str, str.strip)]
         pieces = next((c for c in candidates if "".join(text for text, _ in c) == real), candidates[0])

@@ -161,8 +161,15 @@ class Engine:
                 self._finish(seq, seq.cancelled)
             while self.waiting and self.free and len(self.running) < self.max_num_seqs:
                 seq = self.waiting.pop(0)
-                seq.slot = self.free.pop()
-                seq.session = self.slots[seq.slot] = self._fresh(self.slots[seq.slot])
+                slot = self.free.pop()
+                try:
+                    session = self._fresh(self.slots[slot])
+                except Exception as e:  # noqa: BLE001 - the backend could not reset the slot: this request ends
+                    self.free.append(slot)  # with its error (it was already off the queue), the slot stays
+                    seq.sink(e)
+                    continue
+                seq.slot, seq.session = slot, session
+                self.slots[slot] = session
                 seq.out = TextOutput(self.gen.tokenizer, seq.cfg)
                 seq.admitted_at = time.perf_counter()
                 # A sampled request decodes plainly here: a lanes step runs no heads, so with them its sample would
@@ -363,18 +370,22 @@ class EngineThread:
         return seq
 
     def _loop(self) -> None:
+        failures = 0
         while not self.stopping:
             self.wake.wait()
             self.wake.clear()
             try:
                 while not self.stopping and self.engine.step():
                     pass
+                failures = 0
             except (KeyboardInterrupt, SystemExit):
                 raise
             except BaseException as e:  # noqa: BLE001 - a bug outside the backend calls (or a native library's
                 self.error = e  # panic, a BaseException): end the running requests, keep the thread for the next
                 self.engine.fail(e)
-                self.wake.set()  # the requests still queued step now, not at the next submit
+                failures += 1  # the requests still queued step soon, not at the next submit; a step that keeps
+                time.sleep(min(0.001 * 2 ** failures, 1.0))  # failing is retried ever more slowly, never in a spin
+                self.wake.set()
 
     def stop(self, timeout: float = 30.0) -> None:
         with self.submitting:

@@ -37,14 +37,15 @@ from .template_limits import MAX_OUTPUT, MAX_RENDER_S, TemplateLimitError
 
 MEMORY_BYTES = 1 << 30  # address space a render may add to the worker
 POOL_SIZE = 2  # workers per process: a slow render holds one
-WAIT_S = 2 * MAX_RENDER_S  # for a free worker: two slow renders in turn, then BusyError
+WAIT_S = 2 * MAX_RENDER_S + 1  # for a free worker: one chat call's whole budget (two renders), then BusyError
 START_TIMEOUT_S = 60.0  # a fresh interpreter importing jinja2, on a loaded machine
-MAX_FRAME = 8 * MAX_OUTPUT + (1 << 20)  # bytes of one reply: two renders of MAX_OUTPUT characters, UTF-8, escaped
+MAX_FRAME = 12 * MAX_OUTPUT + (1 << 20)  # one reply: two renders of MAX_OUTPUT characters, each at most 6 bytes
+# as JSON (a control character's \u0001)
 READY = "medusa-export template worker 1"
 _HEADER = struct.Struct(">Q")
 _PATH_ENV = "MEDUSA_EXPORT_WORKER_PATH"  # the host's sys.path, so the worker imports the same package copy
-_BOOT = (f"import json, os, sys; sys.path[:] = json.loads(os.environ[{_PATH_ENV!r}]); "
-         "from medusa_export.runtime.template_worker import serve; serve()")
+_BOOT = (f"import json, os, resource, signal, sys; sys.path[:] = json.loads(os.environ[{_PATH_ENV!r}]); "
+         "from medusa_export.runtime.template_worker import serve; serve()")  # the limits' modules: before the path
 
 
 class TemplateSyntax(Exception):
@@ -96,15 +97,18 @@ class TemplateWorker:
     def _started(self) -> subprocess.Popen:
         if self._proc is None or self._proc.poll() is not None:
             self._stop()
-            env = {**os.environ, _PATH_ENV: json.dumps(sys.path)}
-            try:  # -P: the working directory never shadows a module the worker imports
+            try:  # -P and no working directory on the path: nothing there shadows a module the worker imports
+                env = {**os.environ, _PATH_ENV: json.dumps(_worker_path())}
                 self._proc = subprocess.Popen([sys.executable, "-P", "-c", _BOOT], stdin=subprocess.PIPE,
                                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
                 if _receive(self._proc.stdout, START_TIMEOUT_S).get("ready") != READY:
                     raise ValueError("not a worker")
-            except (OSError, ValueError, EOFError, TimeoutError, MemoryError) as e:
+            except Exception as e:  # noqa: BLE001 - OSError, ValueError, EOFError, TimeoutError, MemoryError, ...
                 self._stop()
                 raise WorkerUnavailable(f"the chat template worker did not start ({type(e).__name__})") from None
+            except BaseException:  # interrupted during the handshake: its ready frame must not answer a call
+                self._stop()
+                raise
         return self._proc
 
     def _stop(self) -> None:
@@ -120,10 +124,18 @@ class TemplateWorker:
             self._stop()
 
 
+def _worker_path() -> list[str]:
+    """The host's import path as text, without the entries that stand for the working directory."""
+    here = os.getcwd()
+    return [os.fspath(p) for p in sys.path if isinstance(p, (str, os.PathLike))
+            and os.fspath(p) not in ("", ".") and os.path.abspath(os.fspath(p)) != here]
+
+
 class TemplatePool:
     """``size`` workers (the first started now, the others at first need); a render takes a free one."""
 
     def __init__(self, size: int = POOL_SIZE) -> None:
+        self.pid = os.getpid()  # a forked child gets a pool of its own (`ChatTemplate` checks)
         self.workers = [TemplateWorker() for _ in range(size)]
         with self.workers[0]._lock:
             self.workers[0]._started()  # WorkerUnavailable where no process can start
@@ -198,7 +210,10 @@ def _encoded(value: dict) -> bytes:
 
 
 def _decoded(payload: bytes | bytearray) -> dict:
-    return json.loads(bytes(payload).decode("utf-8", "surrogatepass"))
+    value = json.loads(payload.decode("utf-8", "surrogatepass"))
+    if not isinstance(value, dict):
+        raise ValueError("a frame that is not a JSON object")
+    return value
 
 
 def _send(pipe, data: bytes) -> None:

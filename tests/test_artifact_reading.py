@@ -286,3 +286,27 @@ def test_the_engine_thread_survives_a_step_that_raises_a_base_exception():
     assert engine.steps == 2 and thread.thread.is_alive()
     assert len(engine.failed) == 1 and isinstance(engine.failed[0], Panic)
     thread.stop()
+
+
+def test_a_slot_the_backend_cannot_reset_fails_its_request_not_the_engine(artifact, monkeypatch):
+    """The backend fails while a request is admitted (its slot's reset): that request ends with the error, the
+    slot stays usable, the next request is answered, and nothing spins."""
+    from medusa_export.runtime.engine import Engine
+
+    reset = Engine._fresh
+    calls = []
+
+    def flaky(self, session):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("device lost")
+        return reset(self, session)
+
+    monkeypatch.setattr(Engine, "_fresh", flaky)
+    with MedusaRuntime.load(artifact) as rt, rt.batcher(max_num_seqs=1) as batcher:
+        first = batcher.submit([5, 6, 7], max_new_tokens=3, chat=False)
+        with pytest.raises(RuntimeError, match="device lost"):
+            first.wait()
+        second = batcher.submit([5, 6, 7], max_new_tokens=3, chat=False)
+        assert second.wait().token_ids == rt.generate([5, 6, 7], max_new_tokens=3, chat=False).token_ids
+    assert len(calls) == 2

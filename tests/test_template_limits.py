@@ -174,3 +174,23 @@ def test_a_program_that_is_no_worker_is_refused_at_start(monkeypatch, tmp_path):
     monkeypatch.setattr(template_worker.sys, "executable", str(fake))
     with pytest.raises(template_worker.WorkerUnavailable):
         template_worker.TemplateWorker()._started()
+
+
+def test_a_path_object_on_sys_path_does_not_stop_the_worker(monkeypatch, tmp_path):
+    """The import system ignores a pathlib.Path in sys.path; the worker's start did not (a TypeError)."""
+    from pathlib import Path
+
+    from medusa_export.runtime import template_worker
+
+    monkeypatch.setattr(template_worker.sys, "path", [Path(tmp_path), *template_worker.sys.path])
+    worker = template_worker.TemplateWorker()
+    try:
+        assert worker.render(CHATML, "", "", [(USER, True)])[0].count("t5 t6") == 1
+    finally:
+        worker.close()
+
+
+def test_a_template_writing_the_sentinels_itself_is_an_input_error():
+    template = ChatTemplate(CHATML + "{{ '\\ufdd0' }}7{{ '\\ufdd1' }}".encode().decode("unicode_escape"))
+    with pytest.raises(InputError, match="writes the noncharacters"):
+        template.pieces(USER)

@@ -139,7 +139,8 @@ def create_app(runtime, settings: ServeSettings = ServeSettings()) -> FastAPI:
         """The request's Job. Decoding JSON, the chat template and tokenization take up to seconds for a body near
         the size limit: off the event loop, so that other requests and streams carry on meanwhile. Chat requests
         (the template's workers: a slow render holds one for up to 2 s) parse on threads of their own, so
-        completions never wait behind them, within the request timeout (then 503)."""
+        completions never wait behind them; one waiting for such a thread past the request timeout gets a 503
+        (a parse already running is bounded by the workers' own limits, not by this deadline)."""
         body = await _read_body(request, settings.max_body_bytes, settings.timeout_s)
         call = lambda: parse(_json(body), model)  # noqa: E731
         if parse is not parse_chat:
