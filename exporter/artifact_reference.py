@@ -12,7 +12,8 @@ from medusa_export.runtime.artifact_files import artifact_file
 from medusa_export.runtime.errors import ArtifactError
 from medusa_export.runtime.manifest import Manifest
 
-from .heads import HEADS_FORMAT, WEIGHTS_FILE, MedusaHeads, heads_config, heads_from_state, read_heads_json, read_tensors
+from .heads import (HEADS_FORMAT, WEIGHTS_FILE, MedusaHeads, heads_config, heads_from_state, read_heads_json,
+                    read_tensors)
 from .model_loading import LoadedModel, check_same_model, load_base_model, locate_model
 from .torch_backend import TorchBackend
 
@@ -45,18 +46,19 @@ def artifact_heads(directory: Path, manifest: Manifest, base_config) -> MedusaHe
     folder = manifest.heads.directory
     if not isinstance(folder, str) or not folder:
         raise ArtifactError(f"{directory / 'manifest.json'} records no heads directory: rebuild the artifact")
-    files = {name: f"{folder}/{name}" for name in ("config.json", WEIGHTS_FILE)}
-    for listed in files.values():
-        if listed not in manifest.files:
-            raise ArtifactError(f"{directory / listed} is not listed in the manifest: rebuild the artifact")
-    for entry in artifact_file(directory, folder).iterdir():
-        if f"{folder}/{entry.name}" not in manifest.files:
-            raise ArtifactError(f"{entry} is in the artifact but manifest.json does not list it: remove it, or "
-                                f"rebuild the artifact")
-    cfg_file = artifact_file(directory, files["config.json"])
+    cfg_file, weights = (_listed(directory, manifest, f"{folder}/{name}") for name in ("config.json", WEIGHTS_FILE))
+    heads_dir = artifact_file(directory, folder)
+    for entry in heads_dir.iterdir():  # anything there the manifest does not list is refused (Manifest.listed_file)
+        manifest.listed_file(directory, f"{folder}/{entry.name}")
     meta = read_heads_json(cfg_file)
     if meta.get("format") != HEADS_FORMAT:
         raise ArtifactError(f"{cfg_file} is not medusa-export heads (format {meta.get('format')!r:.40}): rebuild "
                             f"the artifact")
-    state = read_tensors(artifact_file(directory, files[WEIGHTS_FILE]))
-    return heads_from_state(state, heads_config(meta, cfg_file), base_config, artifact_file(directory, folder))
+    return heads_from_state(read_tensors(weights), heads_config(meta, cfg_file), base_config, heads_dir)
+
+
+def _listed(directory: Path, manifest: Manifest, name: str) -> Path:
+    path = manifest.listed_file(directory, name)
+    if path is None:
+        raise ArtifactError(f"{directory / name} is not listed in the manifest: rebuild the artifact")
+    return path

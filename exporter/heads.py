@@ -181,9 +181,10 @@ def heads_from_state(state: dict[str, torch.Tensor], cfg: HeadsConfig, base_conf
     meta device first, so a config that does not describe the tensors allocates nothing)."""
     _check_against_base(cfg, base_config, path)
     with torch.device("meta"):
-        _check_state(MedusaHeads(cfg).state_dict(), state, path)
+        expected = MedusaHeads(cfg).state_dict()
+    _check_state(expected, state, path)
     heads = MedusaHeads(cfg)
-    _load_strict(heads, state, path)
+    heads.load_state_dict({k: t.to(v.dtype) for k, t in state.items() for v in [expected[k]]}, strict=True)
     return heads
 
 
@@ -274,14 +275,8 @@ def _check_against_base(cfg: HeadsConfig, base_config, path: Path) -> None:
             )
 
 
-def _load_strict(heads: MedusaHeads, state: dict[str, torch.Tensor], path: Path) -> None:
-    """Every expected key present with its exact shape, and nothing extra (never ``strict=False``)."""
-    expected = heads.state_dict()
-    _check_state(expected, state, path)
-    heads.load_state_dict({k: t.to(v.dtype) for k, t in state.items() for v in [expected[k]]}, strict=True)
-
-
 def _check_state(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor], path: Path) -> None:
+    """Every expected key present with its exact shape, and nothing extra (never ``strict=False``)."""
     missing = sorted(set(expected) - set(state))
     extra = sorted(set(state) - set(expected))
     if missing:

@@ -13,8 +13,9 @@ message's text as plain text. A message without such markers tokenizes exactly a
 The template is compiled, and tried on one user message, when a `ChatTemplate` is made (when the artifact
 loads): one that fails is an ArtifactError naming where it came from. It runs in Hugging Face's environment
 (sandboxed, ``raise_exception``, ``strftime_now``, ``{% break %}``), in a worker process bounded in time and
-memory (`runtime.template_worker`, `runtime.template_limits`: a template is code an artifact carries); its ``raise_exception(msg)``, a limit it
-reaches, and any other error while it renders a request's messages, is an InputError (serve answers 400).
+memory (`runtime.template_worker`, `runtime.template_limits`: a template is code an artifact carries); its
+``raise_exception(msg)``, a limit it reaches, and any other error while it renders a request's messages, is an
+InputError (serve answers 400).
 """
 
 from __future__ import annotations
@@ -55,8 +56,7 @@ class ChatTemplate:
                 self._compiled = environment().from_string(self.source)
             self.render([{"role": "user", "content": "Hello"}])
         except (TemplateSyntax, TemplateSyntaxError) as e:  # and TemplateAssertionError: an unknown filter or test
-            line = f", line {e.lineno}" if getattr(e, "lineno", None) else f", line {e.line}" if getattr(
-                e, "line", None) else ""
+            line = f", line {e.lineno}" if e.lineno else ""
             raise ArtifactError(f"{self.origin} does not compile as a Jinja template ({_one_line(e)}{line}): "
                                 f"fix the template or remove it, then rebuild the artifact") from None
         except InputError as e:

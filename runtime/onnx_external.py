@@ -22,7 +22,7 @@ SCHEMA: dict[str, dict[int, str]] = {
     "sparse": {1: "tensor", 2: "tensor"},
     "tensor": {13: "entry"},
 }
-TENSOR_EXTERNAL_DATA, ENTRY_KEY, ENTRY_VALUE = 13, 1, 2
+ENTRY_KEY, ENTRY_VALUE = 1, 2  # a StringStringEntryProto's fields (a TensorProto's external_data: 13)
 
 
 class OnnxFormatError(ValueError):

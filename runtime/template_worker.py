@@ -51,9 +51,9 @@ _BOOT = (f"import json, os, resource, signal, sys; sys.path[:] = json.loads(os.e
 class TemplateSyntax(Exception):
     """The template does not compile (its message and line)."""
 
-    def __init__(self, message: str, line: int | None) -> None:
+    def __init__(self, message: str, lineno: int | None) -> None:
         super().__init__(message)
-        self.line = line
+        self.lineno = lineno  # jinja2.TemplateSyntaxError's name for it
 
 
 class TemplateRenderFailure(Exception):
@@ -93,6 +93,11 @@ class TemplateWorker:
                 self._stop()
                 raise TemplateLimitError("the template worker answered out of turn; it was restarted")
         return _result(reply)
+
+    def start(self) -> None:
+        """Start the process now (WorkerUnavailable where none can), not at the first render."""
+        with self._lock:
+            self._started()
 
     def _started(self) -> subprocess.Popen:
         if self._proc is None or self._proc.poll() is not None:
@@ -137,8 +142,7 @@ class TemplatePool:
     def __init__(self, size: int = POOL_SIZE) -> None:
         self.pid = os.getpid()  # a forked child gets a pool of its own (`ChatTemplate` checks)
         self.workers = [TemplateWorker() for _ in range(size)]
-        with self.workers[0]._lock:
-            self.workers[0]._started()  # WorkerUnavailable where no process can start
+        self.workers[0].start()  # WorkerUnavailable where no process can start
         self.free: queue.Queue[TemplateWorker] = queue.Queue()
         for worker in self.workers:
             self.free.put(worker)

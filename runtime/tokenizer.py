@@ -166,35 +166,32 @@ class ChatTokenizer:
         return self._template.render(messages)
 
     def decode(self, ids: list[int]) -> str:
-        """Text of ``ids``; a `tokenizers` panic (see `_ids`) is an ArtifactError, an Exception, so a decode loop
+        """Text of ``ids``; a `tokenizers` panic (`_unpanicked`) is an ArtifactError, an Exception, so a decode loop
         or the batched engine's thread ends the request, not itself."""
-        try:
-            return self.tokenizer.decode(list(ids), skip_special_tokens=True)
-        except _FATAL:
-            raise
-        except BaseException as e:  # noqa: BLE001 - pyo3's PanicException derives from BaseException
-            raise ArtifactError(f"the artifact's tokenizer failed to decode tokens ({_reason(e)}): rebuild the "
-                                f"artifact with a working tokenizer.json") from None
+        return _unpanicked(lambda: self.tokenizer.decode(list(ids), skip_special_tokens=True),
+                           lambda why: ArtifactError(f"the artifact's tokenizer failed to decode tokens ({why}): "
+                                                     f"rebuild the artifact with a working tokenizer.json"))
 
 
 def _ids(tokenizer, text: str) -> list[int]:
     """``text``'s token ids. The `tokenizers` library panics (a Rust panic, which Python raises as a BaseException
     that ``except Exception`` misses) where its pre-tokenizer's regular expression gives up on a text, e.g. one
     with catastrophic backtracking: that becomes an InputError naming the cause."""
+    return _unpanicked(lambda: tokenizer.encode(text, add_special_tokens=False).ids, lambda why: InputError(
+        f"the artifact's tokenizer failed on this text ({why}): shorten or change the text, or rebuild the artifact "
+        f"with a working tokenizer.json"))
+
+
+def _unpanicked(call: Callable, error: Callable[[str], Exception]):
+    """``call()``, with a `tokenizers` panic (a BaseException) raised as ``error(its first line)`` instead;
+    KeyboardInterrupt, SystemExit and GeneratorExit pass."""
     try:
-        return tokenizer.encode(text, add_special_tokens=False).ids
-    except _FATAL:
+        return call()
+    except (KeyboardInterrupt, SystemExit, GeneratorExit):
         raise
     except BaseException as e:  # noqa: BLE001 - pyo3's PanicException derives from BaseException
-        raise InputError(f"the artifact's tokenizer failed on this text ({_reason(e)}): shorten or change the text, "
-                         f"or rebuild the artifact with a working tokenizer.json") from None
-
-
-_FATAL = (KeyboardInterrupt, SystemExit, GeneratorExit)  # what a caught panic must never swallow
-
-
-def _reason(e: BaseException) -> str:
-    return str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+        why = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+        raise error(why) from None
 
 
 def check_text(text: str) -> str:

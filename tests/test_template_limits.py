@@ -173,7 +173,7 @@ def test_a_program_that_is_no_worker_is_refused_at_start(monkeypatch, tmp_path):
     fake.chmod(0o755)
     monkeypatch.setattr(template_worker.sys, "executable", str(fake))
     with pytest.raises(template_worker.WorkerUnavailable):
-        template_worker.TemplateWorker()._started()
+        template_worker.TemplateWorker().start()
 
 
 def test_a_path_object_on_sys_path_does_not_stop_the_worker(monkeypatch, tmp_path):

@@ -24,6 +24,7 @@ import tempfile
 import threading
 from pathlib import Path
 
+from ..artifact_files import sha256_file
 from ..cache_dir import cache_root
 from ..errors import BackendUnavailableError
 from ..machine import machine_info
@@ -157,7 +158,7 @@ def _intact(library: Path) -> bool:
     """Whether ``library`` is the file a compile here wrote: its sha256 beside it, written after it. A truncated
     or replaced library would crash the process when mapped (SIGBUS), not fail with a message."""
     try:
-        return _digest_path(library).read_text().strip() == hashlib.sha256(library.read_bytes()).hexdigest()
+        return _digest_path(library).read_text().strip() == sha256_file(library)
     except (OSError, UnicodeDecodeError):
         return False
 
