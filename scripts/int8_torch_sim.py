@@ -8,7 +8,7 @@ activations' (docs/quantization.md, "Weights rounded by GPTQ").
         --variants fp32 fp32+act8 nearest nearest+act8 gptq gptq+act8 blocks32 nearest+act8+fp32head
 
 A variant is the weights' rounding (fp32, nearest, gptq, blocksN: blocks of N along the input), then ``+act8``
-(activations per row), ``+unturned`` (the weights rounded in the input's own basis, not the rotation's),
+(activations int8 per row; ``+act16`` int16 per row, ``+act8b32`` int8 per block of 32, ``+actbf16`` bf16), ``+unturned`` (the weights rounded in the input's own basis, not the rotation's),
 ``+fp32head`` (the base lm_head left fp32, weights and input: the screened lm_head's exact top words) and / or
 ``+keep=3,29`` (those decoder layers' linears left fp32, weights and inputs) and / or ``+kv16`` / ``+kv8`` (every
 key (rotated) and value row rounded to fp16, or to int8 under its own scale per row and head, as it enters the
@@ -84,18 +84,30 @@ def quantized_weight(w: np.ndarray, how: str, block: np.ndarray, hessian: np.nda
     return rotation @ q
 
 
-def activation_hooks(model, linears: dict) -> list:
-    """Every linear's input quantized per row to int8 after the graph's turn, and turned back."""
+ACTIVATIONS = {"act8": (127, None), "act16": (32767, None), "act8b32": (127, 32), "actbf16": (None, None)}
+
+
+def rounded_rows(t: torch.Tensor, act: str) -> torch.Tensor:
+    """``t`` as a kernel would see it: symmetric int8 / int16 under one scale per row (``act8`` / ``act16``) or per
+    block of 32 of a row (``act8b32``, llama.cpp's Q8_0 activations), or each element rounded to bf16."""
+    levels, block = ACTIVATIONS[act]
+    if levels is None:
+        return t.bfloat16().float()
+    shaped = t.unflatten(-1, (-1, block)) if block else t
+    step = shaped.abs().amax(-1, keepdim=True) / levels
+    step = torch.where(step > 0, step, torch.ones_like(step))
+    return (torch.round(shaped / step).clamp(-levels, levels) * step).reshape(t.shape)
+
+
+def activation_hooks(model, linears: dict, act: str = "act8", turn: bool = True) -> list:
+    """Every linear's input rounded per row as ``act`` (after the graph's turn, and turned back)."""
     handles = []
     for name, module in linears.items():
         k = module.in_features
-        r = torch.from_numpy(block_diagonal(rotation_block(name, k), k)).float()
+        r = torch.from_numpy(block_diagonal(rotation_block(name, k), k) if turn else np.eye(k)).float()
 
         def pre(_module, args, r=r):
-            t = args[0] @ r
-            step = t.abs().amax(-1, keepdim=True) / 127
-            step = torch.where(step > 0, step, torch.ones_like(step))
-            return (torch.round(t / step).clamp(-127, 127) * step @ r.T,)
+            return (rounded_rows(args[0] @ r, act) @ r.T,)
 
         handles.append(module.register_forward_pre_hook(pre))
     return handles
@@ -179,7 +191,7 @@ def main() -> None:
     for variant in variants:
         t0 = time.perf_counter()
         how, *options = variant.split("+")
-        act = "act8" if "act8" in options else ""
+        act = next((o for o in options if o in ACTIVATIONS), "")
         kept = {int(i) for o in options if o.startswith("keep=") for i in o[5:].split(",")}
         quantized = {n: m for n, m in linears.items()
                      if not ("fp32head" in options and n == "lm_head") and layer_of(n) not in kept}
@@ -192,7 +204,7 @@ def main() -> None:
                     q = quantized_weight(w, how, block, hessians.get(graph_name(name)))
                     rounded_weights[how, turn, name] = torch.from_numpy(q.T.astype(np.float32).copy())
                 module.weight.data = rounded_weights[how, turn, name]  # nothing writes into it: restored by replacing
-        handles = activation_hooks(model, quantized) if act == "act8" else []
+        handles = activation_hooks(model, quantized, act, "unturned" not in options) if act else []
         with rounded_cache(next((o for o in options if o in ("kv16", "kv8", "kv8c")), "")):
             top1, ppl, positions = agreement()
         for h in handles:

@@ -52,14 +52,16 @@ def build(
     int8_matmul: str = typer.Option(_DEFAULTS.int8_matmul, "--int8-matmul", help="int8 weights' matmuls: blocks "
                                     "(ONNX Runtime's MatMulNBits, activations quantized per block of 32) | rows "
                                     "(MatMulInteger on activations quantized per row by the kernel library: a cost "
-                                    "nearly flat in rows on CPUs with VNNI / AMX; needs --attention kernel)."),
+                                    "nearly flat in rows on CPUs with VNNI / AMX; needs --attention kernel) | rows16 "
+                                    "(the kernel library's BlockMatMul16: weights in blocks of 32, each row's "
+                                    "activations as int16; the closest to fp32; needs --attention kernel)."),
     kv_cache_dtype: str = typer.Option(_DEFAULTS.kv_cache_dtype, "--kv-cache-dtype", help="The KV cache's dtype: auto "
                                        "(the graphs' dtype) | fp16 (half the bytes each step reads; keys and values "
                                        "rounded to fp16 as they are written; needs --attention kernel)."),
     lm_head: str = typer.Option("auto", "--lm-head", help="The base lm_head: full (the weights' own product) | screened "
                                 "(an int8 product picks the words that could rank in the top, which alone get exact "
                                 "fp32 logits: fp32's top words and greedy tokens in about a third of the time; fp32 or "
-                                "int8 --int8-matmul rows weights with --attention kernel) | auto (screened where it "
+                                "int8 --int8-matmul rows / rows16 weights with --attention kernel) | auto (screened where it "
                                 "can be, else full)."),
 ) -> None:
     """Export model + fused heads to ONNX, validate against PyTorch, write a self-contained artifact.

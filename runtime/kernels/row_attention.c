@@ -41,7 +41,7 @@ typedef struct {
   const char *(*GetVersionString)(void);
 } OrtApiBase;
 
-enum { ELEM_FLOAT = 1, ELEM_UINT8 = 2, ELEM_INT32 = 6, ELEM_INT64 = 7, ELEM_FLOAT16 = 10 };
+enum { ELEM_FLOAT = 1, ELEM_UINT8 = 2, ELEM_INT8 = 3, ELEM_INT32 = 6, ELEM_INT64 = 7, ELEM_FLOAT16 = 10 };
 enum { ORT_INVALID_ARGUMENT = 2, ORT_FAIL = 1 };
 enum { API_VERSION = 16 };  /* CreateKernelV2 / KernelComputeV2 and KernelContext_ParallelFor (ONNX Runtime >= 1.16) */
 
@@ -914,17 +914,17 @@ static void turn_row(const float *x, float *out, const float *signs, int64_t k, 
 }
 
 /* RowQuantize's optional signs: NULL when the node gives none; else their block, a power of two dividing k. */
-static OrtStatus *quantize_signs(OrtKernelContext *ctx, int64_t k, const float **signs, int *block) {
+static OrtStatus *quantize_signs(OrtKernelContext *ctx, size_t index, int64_t k, const float **signs, int *block) {
   const OrtValue *value = NULL;
   int elem = 0;
   size_t count = 0;
   int64_t dims[MAX_RANK] = {0};
   void *data = NULL;
   *signs = NULL;
-  OrtStatus *st = tensor_of(ctx, 1, &value, &elem, dims, &count);
+  OrtStatus *st = tensor_of(ctx, index, &value, &elem, dims, &count);
   if (st || !value) return st;
   if (elem != ELEM_FLOAT || count != 1 || dims[0] < 2 || dims[0] > 4096 || (dims[0] & (dims[0] - 1)) || k % dims[0])
-    return error("RowQuantize: signs must be a float vector whose length is a power of two, 2 .. 4096, dividing the "
+    return error("RowQuantize / BlockMatMul16: signs must be a float vector whose length is a power of two, 2 .. 4096, dividing the "
                  "rows' length");
   if ((st = data_of(value, &data))) return st;
   *signs = (const float *)data;
@@ -1105,7 +1105,7 @@ static OrtStatus *quantize_compute(void *kernel, OrtKernelContext *ctx) {
   for (size_t i = 0; i + 1 < nd; i++) rows *= dims[i];
   const float *signs = NULL;
   int block = 1;
-  if ((st = quantize_signs(ctx, k, &signs, &block))) return st;
+  if ((st = quantize_signs(ctx, 1, k, &signs, &block))) return st;
   if (passes > 1 && nd == MAX_RANK) return error("RowQuantize: with passes = 2, x may have at most 7 dimensions");
   int64_t qdims[MAX_RANK], sdims[MAX_RANK];
   memcpy(qdims, dims, sizeof(int64_t) * nd);
@@ -1281,6 +1281,18 @@ static OrtCustomOp row_quantize = FIXED_OP(quantize_name, float_type, two_count,
 static OrtCustomOp scale_rows = FIXED_OP(scale_rows_name, scale_rows_input_type, three_count, float_type, one_count,
                                          create_rows, scale_rows_compute, required);
 
+#include "block_matmul.c"
+static const char *block_matmul_name(const OrtCustomOp *op) { (void)op; return "BlockMatMul16"; }
+static int block_matmul_input_type(const OrtCustomOp *op, size_t i) { (void)op; return i == 1 ? ELEM_INT8 : ELEM_FLOAT; }
+static size_t four_count(const OrtCustomOp *op) { (void)op; return 4; }
+static int fourth_optional(const OrtCustomOp *op, size_t i) { (void)op; return i == 3; /* INPUT_OUTPUT_OPTIONAL */ }
+static OrtStatus *create_plain(const OrtCustomOp *op, OrtApiTable table, const OrtKernelInfo *info, void **kernel) {
+  (void)op; (void)table; (void)info;
+  return (*kernel = calloc(1, sizeof(Kernel))) ? NULL : error("out of memory");
+}
+static OrtCustomOp block_matmul = FIXED_OP(block_matmul_name, block_matmul_input_type, four_count, float_type, one_count,
+                                           create_plain, block_matmul_compute, fourth_optional);
+
 #include "screened_vocab.c"
 static OrtCustomOp screened_vocab = {
     .version = API_VERSION, .GetName = screen_name, .GetExecutionProviderType = provider,
@@ -1307,7 +1319,7 @@ __attribute__((visibility("default"))) OrtStatus *RegisterCustomOps(OrtSessionOp
       CALL(CustomOpDomain_Add, OrtStatus *(*)(OrtCustomOpDomain *, const OrtCustomOp *));
   if ((st = add(domain, &row_attention)) || (st = add(domain, &lanes_attention)) || (st = add(domain, &row_attention16)) ||
       (st = add(domain, &lanes_attention16)) || (st = add(domain, &row_quantize)) || (st = add(domain, &scale_rows)) ||
-      (st = add(domain, &screened_vocab)))
+      (st = add(domain, &screened_vocab)) || (st = add(domain, &block_matmul)))
     return st;
   return CALL(AddCustomOpDomain, OrtStatus *(*)(OrtSessionOptions *, OrtCustomOpDomain *))(options, domain);
 }

@@ -1,0 +1,206 @@
+/* BlockMatMul16: int8 weights in blocks of 32 times each row's activations as int16 (included by row_attention.c).
+
+     y [..., N] = BlockMatMul16(x [..., K] float, w [N/16, K/2, 32] int8, scale [N/16, K/32, 16] float[, signs [B]])
+
+   The weights W [K, N] are int8 in blocks of 32 along K, one fp32 scale per block and column (the scale input), and
+   packed 16 columns by 2 inputs to a 32-byte line: w[g, j, 2 c + i] = W8[2 j + i, 16 g + c]. Each row x is quantized
+   by itself to int16, q = round(x * 32767 / max|x|) (after turning it by diag(signs) H per block of B when signs are
+   given, as RowQuantize does). Per block an exact int32 sum of 32 products, turned to fp32 and multiplied-added by
+   the block's scale, blocks in order; the row's scale last. A row's result therefore depends on that row alone, and
+   the AVX-512 VNNI path (VPDPWSSD) and the AVX2 path (VPMADDWD) give the same bits: the integer sums are exact and the
+   float operations are the same ones in the same order. About 15 bits of each row against RowQuantize's 8: measured
+   in PyTorch, the activations' share of int8 rows' lost agreement (docs/quantization.md). */
+
+enum { BM_BLOCK = 32, BM_GROUP = 16, BM_ROWS = 8, BM_ITEM_GROUPS = 4, BM_LEVELS = 32767 };
+
+typedef struct {
+  const int16_t *q;  /* [rows, k] the rows quantized */
+  const float *row_scale;  /* [rows] */
+  const int8_t *w;
+  const float *scale;
+  float *y;  /* [rows, n] */
+  int64_t rows, k, n;
+} BlockWork;
+
+static int bm_vnni512 = -1;  /* the AVX-512 path: the CPU has it and MEDUSA_EXPORT_KERNEL_AVX2 is unset (tests) */
+
+/* One row to int16 under max|row| / 32767: the scale, or 1 for a row of zeros, NaN for a row holding NaN or inf. */
+static float quantize_row16(const float *row, int16_t *q, int64_t k) {
+  float m = 0.0f;
+  int bad = 0;
+  for (int64_t j = 0; j < k; j++) {
+    float a = fabsf(row[j]);
+    bad |= !(a <= FLT_MAX);
+    m = a > m ? a : m;
+  }
+  float inv = (float)BM_LEVELS / m;
+  if (bad || !(inv <= FLT_MAX)) {
+    memset(q, 0, sizeof(int16_t) * (size_t)k);
+    return bad ? NAN : 1.0f;
+  }
+  for (int64_t j = 0; j < k; j++) {
+    float v = nearbyintf(row[j] * inv);  /* the default rounding: to nearest, ties to even */
+    q[j] = (int16_t)(v > BM_LEVELS ? BM_LEVELS : v < -BM_LEVELS ? -BM_LEVELS : v);
+  }
+  return m / (float)BM_LEVELS;
+}
+
+/* Rows [0, mr) of y for the column groups [g0, g1), AVX-512 VNNI: one zmm holds a group's 16 columns. */
+__attribute__((target("avx512f,avx512bw,avx512vnni"))) static inline void bm_tile512(
+    int mr, const BlockWork *w, const int16_t *q, const float *rs, float *y, int64_t g0, int64_t g1) {
+  const int64_t k = w->k, blocks = k / BM_BLOCK;
+  for (int64_t g = g0; g < g1; g++) {
+    __m512 acc[BM_ROWS];
+    for (int m = 0; m < mr; m++) acc[m] = _mm512_setzero_ps();
+    const int8_t *wg = w->w + g * BM_GROUP * k;
+    const float *sg = w->scale + g * BM_GROUP * blocks;
+    for (int64_t b = 0; b < blocks; b++) {
+      __m512i sum[BM_ROWS];
+      for (int m = 0; m < mr; m++) sum[m] = _mm512_setzero_si512();
+      for (int j = 0; j < BM_BLOCK / 2; j++) {
+        __m512i wj = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(wg + (b * BM_BLOCK / 2 + j) * 32)));
+        for (int m = 0; m < mr; m++) {
+          int32_t pair;
+          memcpy(&pair, q + m * k + b * BM_BLOCK + 2 * j, sizeof pair);
+          sum[m] = _mm512_dpwssd_epi32(sum[m], wj, _mm512_set1_epi32(pair));
+        }
+      }
+      __m512 s = _mm512_loadu_ps(sg + b * BM_GROUP);
+      for (int m = 0; m < mr; m++) acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum[m]), s, acc[m]);
+    }
+    for (int m = 0; m < mr; m++)
+      _mm512_storeu_ps(y + m * w->n + g * BM_GROUP, _mm512_mul_ps(acc[m], _mm512_set1_ps(rs[m])));
+  }
+}
+
+/* The same with AVX2: two ymm per group (columns 0-7 and 8-15), VPMADDWD then VPADDD for each pair of inputs. */
+static inline void bm_tile256(int mr, const BlockWork *w, const int16_t *q, const float *rs, float *y, int64_t g0,
+                              int64_t g1) {
+  const int64_t k = w->k, blocks = k / BM_BLOCK;
+  for (int64_t g = g0; g < g1; g++) {
+    __m256 acc[BM_ROWS][2];
+    for (int m = 0; m < mr; m++) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
+    const int8_t *wg = w->w + g * BM_GROUP * k;
+    const float *sg = w->scale + g * BM_GROUP * blocks;
+    for (int64_t b = 0; b < blocks; b++) {
+      __m256i sum[BM_ROWS][2];
+      for (int m = 0; m < mr; m++) sum[m][0] = sum[m][1] = _mm256_setzero_si256();
+      for (int j = 0; j < BM_BLOCK / 2; j++) {
+        const int8_t *line = wg + (b * BM_BLOCK / 2 + j) * 32;
+        __m256i lo = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)line));
+        __m256i hi = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(line + 16)));
+        for (int m = 0; m < mr; m++) {
+          int32_t pair;
+          memcpy(&pair, q + m * k + b * BM_BLOCK + 2 * j, sizeof pair);
+          __m256i x = _mm256_set1_epi32(pair);
+          sum[m][0] = _mm256_add_epi32(sum[m][0], _mm256_madd_epi16(lo, x));
+          sum[m][1] = _mm256_add_epi32(sum[m][1], _mm256_madd_epi16(hi, x));
+        }
+      }
+      __m256 s0 = _mm256_loadu_ps(sg + b * BM_GROUP), s1 = _mm256_loadu_ps(sg + b * BM_GROUP + 8);
+      for (int m = 0; m < mr; m++) {
+        acc[m][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[m][0]), s0, acc[m][0]);
+        acc[m][1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[m][1]), s1, acc[m][1]);
+      }
+    }
+    for (int m = 0; m < mr; m++) {
+      __m256 r = _mm256_set1_ps(rs[m]);
+      _mm256_storeu_ps(y + m * w->n + g * BM_GROUP, _mm256_mul_ps(acc[m][0], r));
+      _mm256_storeu_ps(y + m * w->n + g * BM_GROUP + 8, _mm256_mul_ps(acc[m][1], r));
+    }
+  }
+}
+
+/* Constant row counts, so the accumulators stay in registers. */
+#define BM_DISPATCH(TILE)                                                                                          \
+  switch (mr) {                                                                                                    \
+    case 1: TILE(1, w, q, rs, y, g0, g1); break;                                                                   \
+    case 2: TILE(2, w, q, rs, y, g0, g1); break;                                                                   \
+    case 4: TILE(4, w, q, rs, y, g0, g1); break;                                                                   \
+    case 8: TILE(8, w, q, rs, y, g0, g1); break;                                                                   \
+    default: for (int m = 0; m < mr; m++) TILE(1, w, q + m * w->k, rs + m, y + m * w->n, g0, g1);                  \
+  }
+
+__attribute__((target("avx512f,avx512bw,avx512vnni"))) static void bm_groups512(const BlockWork *w, int64_t g0,
+                                                                                int64_t g1) {
+  for (int64_t m0 = 0; m0 < w->rows; m0 += BM_ROWS) {
+    int mr = (int)(w->rows - m0 < BM_ROWS ? w->rows - m0 : BM_ROWS);
+    const int16_t *q = w->q + m0 * w->k;
+    const float *rs = w->row_scale + m0;
+    float *y = w->y + m0 * w->n;
+    BM_DISPATCH(bm_tile512)
+  }
+}
+
+static void bm_groups256(const BlockWork *w, int64_t g0, int64_t g1) {
+  for (int64_t m0 = 0; m0 < w->rows; m0 += BM_ROWS) {
+    int mr = (int)(w->rows - m0 < BM_ROWS ? w->rows - m0 : BM_ROWS);
+    const int16_t *q = w->q + m0 * w->k;
+    const float *rs = w->row_scale + m0;
+    float *y = w->y + m0 * w->n;
+    BM_DISPATCH(bm_tile256)
+  }
+}
+
+/* Work item ``index``: BM_ITEM_GROUPS column groups for every row. */
+static void bm_item(void *data, size_t index) {
+  const BlockWork *w = (const BlockWork *)data;
+  int64_t groups = w->n / BM_GROUP, g0 = (int64_t)index * BM_ITEM_GROUPS;
+  int64_t g1 = g0 + BM_ITEM_GROUPS < groups ? g0 + BM_ITEM_GROUPS : groups;
+  if (bm_vnni512)
+    bm_groups512(w, g0, g1);
+  else
+    bm_groups256(w, g0, g1);
+}
+
+static OrtStatus *block_matmul_compute(void *kernel, OrtKernelContext *ctx) {
+  (void)kernel;
+  int64_t xd[MAX_RANK], wd[MAX_RANK], sd[MAX_RANK];
+  size_t xn = 0, wn = 0, sn = 0;
+  void *x, *wt, *sc, *out;
+  OrtStatus *st;
+  if ((st = any_input(ctx, 0, ELEM_FLOAT, xd, &xn, &x, "BlockMatMul16: x")) ||
+      (st = any_input(ctx, 1, ELEM_INT8, wd, &wn, &wt, "BlockMatMul16: w")) ||
+      (st = any_input(ctx, 2, ELEM_FLOAT, sd, &sn, &sc, "BlockMatMul16: scale")))
+    return st;
+  int64_t k = xd[xn - 1], groups = wd[0], rows = 1;
+  for (size_t i = 0; i + 1 < xn; i++) rows *= xd[i];
+  if (k % BM_BLOCK || wn != 3 || wd[1] != k / 2 || wd[2] != 32 || sn != 3 || sd[0] != groups ||
+      sd[1] != k / BM_BLOCK || sd[2] != BM_GROUP)
+    return error("BlockMatMul16: x's last size K must be a multiple of 32, w [N/16, K/2, 32] and scale "
+                 "[N/16, K/32, 16]");
+  const float *signs = NULL;
+  int block = 1;
+  if ((st = quantize_signs(ctx, 3, k, &signs, &block))) return st;
+  int64_t yd[MAX_RANK];
+  memcpy(yd, xd, sizeof(int64_t) * xn);
+  yd[xn - 1] = groups * BM_GROUP;
+  if ((st = any_output(ctx, 0, yd, xn, &out))) return st;
+  if (!rows || !groups) return NULL;
+  int16_t *q = malloc(sizeof(int16_t) * (size_t)(rows * k));
+  float *row_scale = malloc(sizeof(float) * (size_t)rows), *work = signs ? malloc(sizeof(float) * (size_t)k) : NULL;
+  if (!q || !row_scale || (signs && !work)) {
+    free(q); free(row_scale); free(work);
+    return error("BlockMatMul16: out of memory");
+  }
+  const float norm = signs ? 1.0f / sqrtf((float)block) : 1.0f;  /* H / sqrt(B): taken into the scale */
+  for (int64_t r = 0; r < rows; r++) {
+    const float *row = (const float *)x + r * k;
+    if (signs) {
+      turn_row(row, work, signs, k, block);
+      row = work;
+    }
+    row_scale[r] = quantize_row16(row, q + r * k, k) * norm;
+  }
+  if (bm_vnni512 < 0)
+    __atomic_store_n(&bm_vnni512, __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw") &&
+                                      !getenv("MEDUSA_EXPORT_KERNEL_AVX2"), __ATOMIC_RELAXED);
+  BlockWork w = {q, row_scale, (const int8_t *)wt, (const float *)sc, (float *)out, rows, k, groups * BM_GROUP};
+  size_t items = (size_t)((groups + BM_ITEM_GROUPS - 1) / BM_ITEM_GROUPS);
+  if (items > 1)
+    st = parallel_for(ctx, bm_item, items, &w);
+  else
+    bm_item(&w, 0);
+  free(q); free(row_scale); free(work);
+  return st;
+}
