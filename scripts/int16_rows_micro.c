@@ -32,17 +32,27 @@ static inline __attribute__((always_inline)) void tile(int mr, const Weight *W, 
     const int8_t *wg = W->w + g * GROUP * k;
     const float *sg = W->scale + g * GROUP * blocks;
     for (int64_t b = 0; b < blocks; b++) {
-      __m512i sum[MAX_ROWS];
-      for (int m = 0; m < mr; m++) sum[m] = _mm512_setzero_si512();
+#ifndef CHAINS  /* independent sums per row below this many rows: -DCHAINS=1 for one */
+#define CHAINS 4
+#endif
+      const int chains = mr >= CHAINS ? 1 : CHAINS / mr;  /* independent sums: one chain per row waits on the latency */
+      __m512i sum[MAX_ROWS][4];
+      for (int m = 0; m < mr; m++)
+        for (int c = 0; c < chains; c++) sum[m][c] = _mm512_setzero_si512();
+#pragma GCC unroll 16
       for (int j = 0; j < BLOCK / 2; j++) {
         __m512i w = _mm512_cvtepi8_epi16(_mm256_load_si256((const __m256i *)(wg + (b * BLOCK / 2 + j) * 2 * GROUP)));
+#pragma GCC unroll 8
         for (int m = 0; m < mr; m++) {
           int32_t pair = *(const int32_t *)(x + m * k + b * BLOCK + 2 * j);
-          sum[m] = _mm512_dpwssd_epi32(sum[m], w, _mm512_set1_epi32(pair));
+          sum[m][j % chains] = _mm512_dpwssd_epi32(sum[m][j % chains], w, _mm512_set1_epi32(pair));
         }
       }
       __m512 s = _mm512_loadu_ps(sg + b * GROUP);
-      for (int m = 0; m < mr; m++) acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum[m]), s, acc[m]);
+      for (int m = 0; m < mr; m++) {
+        for (int c = 1; c < chains; c++) sum[m][0] = _mm512_add_epi32(sum[m][0], sum[m][c]);
+        acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum[m][0]), s, acc[m]);
+      }
     }
     for (int m = 0; m < mr; m++)
       _mm512_storeu_ps(y + m * W->n + g * GROUP, _mm512_mul_ps(acc[m], _mm512_set1_ps(xs[m])));

@@ -138,12 +138,14 @@ def test_the_avx2_and_avx512_paths_give_the_same_bits(tmp_path):
 def test_block_matmul_refuses_bad_shapes():
     from onnx import TensorProto, helper, numpy_helper
 
-    def session(k: int, packed: np.ndarray, scale: np.ndarray):
+    def session(k: int, packed: np.ndarray, scale: np.ndarray, signs: np.ndarray | None = None):
         f = TensorProto.FLOAT
-        node = helper.make_node(kernels.BLOCK_OP, ["x", "w", "s"], ["y"], domain=kernels.DOMAIN)
+        extra = [numpy_helper.from_array(signs, "signs")] if signs is not None else []
+        node = helper.make_node(kernels.BLOCK_OP, ["x", "w", "s"] + [e.name for e in extra], ["y"],
+                                domain=kernels.DOMAIN)
         graph = helper.make_graph([node], "bm", [helper.make_tensor_value_info("x", f, [1, k])],
                                   [helper.make_tensor_value_info("y", f, None)],
-                                  [numpy_helper.from_array(packed, "w"), numpy_helper.from_array(scale, "s")])
+                                  [numpy_helper.from_array(packed, "w"), numpy_helper.from_array(scale, "s"), *extra])
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
                                                         helper.make_opsetid(kernels.DOMAIN, 1)])
         return rows_tests._kernel_session(model)
@@ -154,6 +156,10 @@ def test_block_matmul_refuses_bad_shapes():
                              (64, np.zeros((1, 32, 32), np.int8), np.ones((2, 2, 16), np.float32))):  # groups
         with pytest.raises(Exception, match=message):
             session(k, packed, scale).run(None, {"x": np.ones((1, k), np.float32)})
+    good = (64, np.zeros((1, 32, 32), np.int8), np.ones((1, 2, 16), np.float32))
+    with pytest.raises(Exception, match="BlockMatMul16: signs must be a float vector whose length is a power of two"):
+        session(*good, signs=np.ones(3, np.float32)).run(None, {"x": np.ones((1, 64), np.float32)})
+    assert session(*good).run(None, {"x": np.ones((1, 64), np.float32)})[0].shape == (1, 16)
 
 
 def test_quantize_rows_keeps_per_row_matmuls_whose_shape_does_not_fit_the_blocks():

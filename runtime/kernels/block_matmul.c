@@ -11,7 +11,12 @@
    float operations are the same ones in the same order. About 15 bits of each row against RowQuantize's 8: measured
    in PyTorch, the activations' share of int8 rows' lost agreement (docs/quantization.md). */
 
-enum { BM_BLOCK = 32, BM_GROUP = 16, BM_ROWS = 8, BM_ITEM_GROUPS = 4, BM_LEVELS = 32767 };
+enum { BM_BLOCK = 32, BM_GROUP = 16, BM_ROWS = 8, BM_ITEM_GROUPS = 1, BM_LEVELS = 32767, BM_CHAINS = 4 };
+/* Independent integer sums per row for one or two rows: with one chain a row waits on VPDPWSSD's latency (about 5
+   cycles), which bounds a one-row product of the decoder near 2.8 ms on two cores, about what reading its weights
+   from L3 takes (on this machine the difference did not show above the noise). Exact, so their order does not
+   matter. */
+#define BM_CHAINS_OF(mr) ((mr) >= BM_CHAINS ? 1 : BM_CHAINS / (mr))
 
 typedef struct {
   const int16_t *q;  /* [rows, k] the rows quantized */
@@ -55,18 +60,23 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) static inline void bm_til
     const int8_t *wg = w->w + g * BM_GROUP * k;
     const float *sg = w->scale + g * BM_GROUP * blocks;
     for (int64_t b = 0; b < blocks; b++) {
-      __m512i sum[BM_ROWS];
-      for (int m = 0; m < mr; m++) sum[m] = _mm512_setzero_si512();
+      const int chains = BM_CHAINS_OF(mr);
+      __m512i sum[BM_ROWS][BM_CHAINS];
+      for (int m = 0; m < mr; m++)
+        for (int c = 0; c < chains; c++) sum[m][c] = _mm512_setzero_si512();
       for (int j = 0; j < BM_BLOCK / 2; j++) {
         __m512i wj = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(wg + (b * BM_BLOCK / 2 + j) * 32)));
         for (int m = 0; m < mr; m++) {
           int32_t pair;
           memcpy(&pair, q + m * k + b * BM_BLOCK + 2 * j, sizeof pair);
-          sum[m] = _mm512_dpwssd_epi32(sum[m], wj, _mm512_set1_epi32(pair));
+          sum[m][j % chains] = _mm512_dpwssd_epi32(sum[m][j % chains], wj, _mm512_set1_epi32(pair));
         }
       }
       __m512 s = _mm512_loadu_ps(sg + b * BM_GROUP);
-      for (int m = 0; m < mr; m++) acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum[m]), s, acc[m]);
+      for (int m = 0; m < mr; m++) {
+        for (int c = 1; c < chains; c++) sum[m][0] = _mm512_add_epi32(sum[m][0], sum[m][c]);
+        acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum[m][0]), s, acc[m]);
+      }
     }
     for (int m = 0; m < mr; m++)
       _mm512_storeu_ps(y + m * w->n + g * BM_GROUP, _mm512_mul_ps(acc[m], _mm512_set1_ps(rs[m])));
@@ -83,7 +93,7 @@ static inline void bm_tile256(int mr, const BlockWork *w, const int16_t *q, cons
     const int8_t *wg = w->w + g * BM_GROUP * k;
     const float *sg = w->scale + g * BM_GROUP * blocks;
     for (int64_t b = 0; b < blocks; b++) {
-      __m256i sum[BM_ROWS][2];
+      __m256i sum[BM_ROWS][2];  /* VPMADDWD does not accumulate: its products' chain is VPADDD's, one cycle */
       for (int m = 0; m < mr; m++) sum[m][0] = sum[m][1] = _mm256_setzero_si256();
       for (int j = 0; j < BM_BLOCK / 2; j++) {
         const int8_t *line = wg + (b * BM_BLOCK / 2 + j) * 32;
@@ -171,7 +181,7 @@ static OrtStatus *block_matmul_compute(void *kernel, OrtKernelContext *ctx) {
                  "[N/16, K/32, 16]");
   const float *signs = NULL;
   int block = 1;
-  if ((st = quantize_signs(ctx, 3, k, &signs, &block))) return st;
+  if ((st = quantize_signs(ctx, 3, k, &signs, &block, "BlockMatMul16"))) return st;
   int64_t yd[MAX_RANK];
   memcpy(yd, xd, sizeof(int64_t) * xn);
   yd[xn - 1] = groups * BM_GROUP;

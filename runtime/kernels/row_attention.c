@@ -914,7 +914,8 @@ static void turn_row(const float *x, float *out, const float *signs, int64_t k, 
 }
 
 /* RowQuantize's optional signs: NULL when the node gives none; else their block, a power of two dividing k. */
-static OrtStatus *quantize_signs(OrtKernelContext *ctx, size_t index, int64_t k, const float **signs, int *block) {
+static OrtStatus *quantize_signs(OrtKernelContext *ctx, size_t index, int64_t k, const float **signs, int *block,
+                                 const char *op) {
   const OrtValue *value = NULL;
   int elem = 0;
   size_t count = 0;
@@ -923,9 +924,12 @@ static OrtStatus *quantize_signs(OrtKernelContext *ctx, size_t index, int64_t k,
   *signs = NULL;
   OrtStatus *st = tensor_of(ctx, index, &value, &elem, dims, &count);
   if (st || !value) return st;
-  if (elem != ELEM_FLOAT || count != 1 || dims[0] < 2 || dims[0] > 4096 || (dims[0] & (dims[0] - 1)) || k % dims[0])
-    return error("RowQuantize / BlockMatMul16: signs must be a float vector whose length is a power of two, 2 .. 4096, dividing the "
-                 "rows' length");
+  if (elem != ELEM_FLOAT || count != 1 || dims[0] < 2 || dims[0] > 4096 || (dims[0] & (dims[0] - 1)) || k % dims[0]) {
+    char message[160];
+    snprintf(message, sizeof message, "%s: signs must be a float vector whose length is a power of two, 2 .. 4096, "
+             "dividing the rows' length", op);
+    return error(message);
+  }
   if ((st = data_of(value, &data))) return st;
   *signs = (const float *)data;
   *block = (int)dims[0];
@@ -1105,7 +1109,7 @@ static OrtStatus *quantize_compute(void *kernel, OrtKernelContext *ctx) {
   for (size_t i = 0; i + 1 < nd; i++) rows *= dims[i];
   const float *signs = NULL;
   int block = 1;
-  if ((st = quantize_signs(ctx, 1, k, &signs, &block))) return st;
+  if ((st = quantize_signs(ctx, 1, k, &signs, &block, "RowQuantize"))) return st;
   if (passes > 1 && nd == MAX_RANK) return error("RowQuantize: with passes = 2, x may have at most 7 dimensions");
   int64_t qdims[MAX_RANK], sdims[MAX_RANK];
   memcpy(qdims, dims, sizeof(int64_t) * nd);
