@@ -150,8 +150,9 @@ def test_block_matmul_refuses_bad_shapes():
                                                         helper.make_opsetid(kernels.DOMAIN, 1)])
         return rows_tests._kernel_session(model)
 
-    message = r"BlockMatMul16: x's last size K must be a multiple of 32, w \[N/16, K/2, 32\]"
+    message = r"BlockMatMul16: x's last size K must be a positive multiple of 32, w \[N/16, K/2, 32\]"
     for k, packed, scale in ((48, np.zeros((1, 24, 32), np.int8), np.ones((1, 1, 16), np.float32)),  # K % 32
+                             (0, np.zeros((1, 0, 32), np.int8), np.ones((1, 0, 16), np.float32)),  # K = 0
                              (64, np.zeros((1, 16, 32), np.int8), np.ones((1, 2, 16), np.float32)),  # K/2 != 16
                              (64, np.zeros((1, 32, 32), np.int8), np.ones((2, 2, 16), np.float32))):  # groups
         with pytest.raises(Exception, match=message):

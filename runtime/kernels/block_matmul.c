@@ -175,9 +175,9 @@ static OrtStatus *block_matmul_compute(void *kernel, OrtKernelContext *ctx) {
     return st;
   int64_t k = xd[xn - 1], groups = wd[0], rows = 1;
   for (size_t i = 0; i + 1 < xn; i++) rows *= xd[i];
-  if (k % BM_BLOCK || wn != 3 || wd[1] != k / 2 || wd[2] != 32 || sn != 3 || sd[0] != groups ||
+  if (k < BM_BLOCK || k % BM_BLOCK || wn != 3 || wd[1] != k / 2 || wd[2] != 32 || sn != 3 || sd[0] != groups ||
       sd[1] != k / BM_BLOCK || sd[2] != BM_GROUP)
-    return error("BlockMatMul16: x's last size K must be a multiple of 32, w [N/16, K/2, 32] and scale "
+    return error("BlockMatMul16: x's last size K must be a positive multiple of 32, w [N/16, K/2, 32] and scale "
                  "[N/16, K/32, 16]");
   const float *signs = NULL;
   int block = 1;
