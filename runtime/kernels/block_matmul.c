@@ -131,26 +131,23 @@ static inline void bm_tile256(int mr, const BlockWork *w, const int16_t *q, cons
     default: for (int m = 0; m < mr; m++) TILE(1, w, q + m * w->k, rs + m, y + m * w->n, g0, g1);                  \
   }
 
+/* Every row of w, BM_ROWS at a time, for the column groups [g0, g1). */
+#define BM_ROW_TILES(TILE)                                                                                         \
+  for (int64_t m0 = 0; m0 < w->rows; m0 += BM_ROWS) {                                                              \
+    int mr = (int)(w->rows - m0 < BM_ROWS ? w->rows - m0 : BM_ROWS);                                               \
+    const int16_t *q = w->q + m0 * w->k;                                                                           \
+    const float *rs = w->row_scale + m0;                                                                           \
+    float *y = w->y + m0 * w->n;                                                                                   \
+    BM_DISPATCH(TILE)                                                                                              \
+  }
+
+/* One function per path: the AVX-512 one needs its target for the tile it inlines. */
 __attribute__((target("avx512f,avx512bw,avx512vnni"))) static void bm_groups512(const BlockWork *w, int64_t g0,
                                                                                 int64_t g1) {
-  for (int64_t m0 = 0; m0 < w->rows; m0 += BM_ROWS) {
-    int mr = (int)(w->rows - m0 < BM_ROWS ? w->rows - m0 : BM_ROWS);
-    const int16_t *q = w->q + m0 * w->k;
-    const float *rs = w->row_scale + m0;
-    float *y = w->y + m0 * w->n;
-    BM_DISPATCH(bm_tile512)
-  }
+  BM_ROW_TILES(bm_tile512)
 }
 
-static void bm_groups256(const BlockWork *w, int64_t g0, int64_t g1) {
-  for (int64_t m0 = 0; m0 < w->rows; m0 += BM_ROWS) {
-    int mr = (int)(w->rows - m0 < BM_ROWS ? w->rows - m0 : BM_ROWS);
-    const int16_t *q = w->q + m0 * w->k;
-    const float *rs = w->row_scale + m0;
-    float *y = w->y + m0 * w->n;
-    BM_DISPATCH(bm_tile256)
-  }
-}
+static void bm_groups256(const BlockWork *w, int64_t g0, int64_t g1) { BM_ROW_TILES(bm_tile256) }
 
 /* Work item ``index``: BM_ITEM_GROUPS column groups for every row. */
 static void bm_item(void *data, size_t index) {
