@@ -106,7 +106,7 @@ def build_artifact(model: str | None, out: str | Path, options: BuildOptions = B
             q = manifest.quality
             log(f"  quality: top-1 agreement {q.top1_agreement:.4f} (bar {q.bar}), perplexity "
                 f"{q.perplexity_reference:.3f} -> {q.perplexity:.3f} ({q.perplexity_change:+.2%})"
-                + ("" if q.passes else ": below the bar, prefer a higher-precision --dtype"))
+                + ("" if q.passes else f": below the bar, {below_bar_advice(options)}"))
         replace_dir(work, out)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
@@ -141,6 +141,15 @@ def _corpus_table(tokenizer, vocab_size: int, options: BuildOptions, work: Path,
     return DraftsRecord(file=FILE, source=source, corpus_tokens=int(sum(len(s) for s in streams)),
                         max_ngram=table.max_ngram, min_count=MIN_COUNT, entries=table.entries,
                         answers_tokens=answers_tokens, answers_weight=WEIGHT if answers_tokens else 0)
+
+
+def below_bar_advice(options: BuildOptions) -> str:
+    """What to build instead when a quantized artifact misses the quality bar: int8 other than rows16 can keep its
+    width with each row's activations as int16 (docs/quantization.md); otherwise a wider dtype."""
+    if options.dtype == "int8" and options.int8_matmul != "rows16":
+        return ("--dtype int8 --attention kernel --int8-matmul rows16 keeps more (int16 activations), or prefer a "
+                "higher-precision --dtype")
+    return "prefer a higher-precision --dtype"
 
 
 def _smooth(loaded, alpha: float) -> None:

@@ -169,6 +169,16 @@ def test_quantize_rows_keeps_per_row_matmuls_whose_shape_does_not_fit_the_blocks
     assert [n.op_type for n in model.graph.node] == [kernels.QUANTIZE_OP, "MatMulInteger", kernels.SCALE_OP]
 
 
+def test_an_int8_build_below_the_bar_is_pointed_to_rows16():
+    from medusa_export.exporter.build import below_bar_advice
+
+    for matmul in ("blocks", "rows"):
+        advice = below_bar_advice(BuildOptions(dtype="int8", attention="kernel", int8_matmul=matmul))
+        assert "--int8-matmul rows16" in advice
+    for options in (BuildOptions(dtype="int8", attention="kernel", int8_matmul="rows16"), BuildOptions(dtype="int4")):
+        assert below_bar_advice(options) == "prefer a higher-precision --dtype"
+
+
 def test_build_options_check_int8_matmul_rows16():
     with pytest.raises(InputError, match="--int8-matmul rows16 needs --dtype int8 and --attention kernel"):
         BuildOptions(dtype="int8", int8_matmul="rows16")
