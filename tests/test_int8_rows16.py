@@ -95,6 +95,24 @@ def test_a_turned_input_is_turned_inside_the_block_matmul(block):
     np.testing.assert_array_equal(y[4], session.run(None, {"x": x[:, 4:5].copy()})[0][0, 0])
 
 
+@pytest.mark.parametrize("block", [0, 32])
+def test_a_block_matmul_over_many_rows_computes_each_row_by_itself(block):
+    """Enough rows that their quantization spreads over ONNX Runtime's threads (with and without the rotation):
+    each row equals the row alone and the float64 model of the product."""
+    session, w = _wide_session(256, 64, 4, block)
+    x = np.random.default_rng(8).standard_normal((1, 90, 256), dtype=np.float32)  # 23,040 values
+    x[0, 50] = 0.0
+    x[0, 51, 9] = np.nan
+    many = session.run(None, {"x": x})[0][0]
+    assert (many[50] == 0).all() and np.isnan(many[51]).all() and np.isfinite(np.delete(many, 51, 0)).all()
+    for r in (0, 7, 8, 45, 50, 51, 89):
+        np.testing.assert_array_equal(many[r], session.run(None, {"x": x[:, r:r + 1].copy()})[0][0, 0])
+    if not block:
+        rows = np.delete(np.arange(90), [50, 51])
+        np.testing.assert_allclose(many[rows], _reference(x[0, rows], w), rtol=1e-5,
+                                   atol=1e-4 * np.abs(many[rows]).max())
+
+
 def test_a_block_matmul_takes_zero_rows_and_passes_a_nan_on():
     session, _ = _wide_session(64, 32)
     x = np.ones((1, 4, 64), np.float32)

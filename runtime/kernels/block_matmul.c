@@ -29,11 +29,21 @@ typedef struct {
 
 static int bm_vnni512 = -1;  /* the AVX-512 path: the CPU has it and MEDUSA_EXPORT_KERNEL_AVX2 is unset (tests) */
 
-/* One row to int16 under max|row| / 32767: the scale, or 1 for a row of zeros, NaN for a row holding NaN or inf. */
+/* One row to int16 under max|row| / 32767: the scale, or 1 for a row of zeros, NaN for a row holding NaN or inf.
+   Eight values at a time: VCVTPS2DQ rounds as nearbyintf does (to nearest, ties to even), and |x| * 32767 / max
+   rounds to at most 32767. */
 static float quantize_row16(const float *row, int16_t *q, int64_t k) {
-  float m = 0.0f;
-  int bad = 0;
-  for (int64_t j = 0; j < k; j++) {
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff)), big = _mm256_set1_ps(FLT_MAX);
+  __m256 m8 = _mm256_setzero_ps(), bad8 = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 8 <= k; j += 8) {
+    __m256 a = _mm256_and_ps(_mm256_loadu_ps(row + j), abs_mask);
+    bad8 = _mm256_or_ps(bad8, _mm256_cmp_ps(a, big, _CMP_NLE_UQ));  /* NaN or infinity: not <= FLT_MAX */
+    m8 = _mm256_max_ps(m8, a);
+  }
+  float m = hmax8(m8);
+  int bad = _mm256_movemask_ps(bad8) != 0;
+  for (; j < k; j++) {
     float a = fabsf(row[j]);
     bad |= !(a <= FLT_MAX);
     m = a > m ? a : m;
@@ -43,11 +53,42 @@ static float quantize_row16(const float *row, int16_t *q, int64_t k) {
     memset(q, 0, sizeof(int16_t) * (size_t)k);
     return bad ? NAN : 1.0f;
   }
-  for (int64_t j = 0; j < k; j++) {
-    float v = nearbyintf(row[j] * inv);  /* the default rounding: to nearest, ties to even */
-    q[j] = (int16_t)(v > BM_LEVELS ? BM_LEVELS : v < -BM_LEVELS ? -BM_LEVELS : v);
+  const __m256 inv8 = _mm256_set1_ps(inv);
+  for (j = 0; j + 8 <= k; j += 8) {
+    __m256i v = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(row + j), inv8));
+    __m256i packed = _mm256_permute4x64_epi64(_mm256_packs_epi32(v, v), 0x08);  /* the 8 int16 in the low half */
+    _mm_storeu_si128((__m128i *)(q + j), _mm256_castsi256_si128(packed));
   }
+  for (; j < k; j++) q[j] = (int16_t)nearbyintf(row[j] * inv);
   return m / (float)BM_LEVELS;
+}
+
+/* Rows [r0, r1) of x quantized (each turned first when signs are given): ROW_BLOCK rows a work item. */
+typedef struct {
+  const float *x, *signs;
+  int16_t *q;
+  float *row_scale, norm;
+  int64_t rows, k;
+  int block, failed;
+} QuantizeWork;
+
+static void bm_quantize_rows(void *data, size_t index) {
+  QuantizeWork *w = (QuantizeWork *)data;
+  int64_t r0 = (int64_t)index * ROW_BLOCK, r1 = r0 + ROW_BLOCK < w->rows ? r0 + ROW_BLOCK : w->rows;
+  float *work = w->signs ? malloc(sizeof(float) * (size_t)w->k) : NULL;
+  if (w->signs && !work) {
+    __atomic_store_n(&w->failed, 1, __ATOMIC_RELAXED);
+    return;
+  }
+  for (int64_t r = r0; r < r1; r++) {
+    const float *row = w->x + r * w->k;
+    if (w->signs) {
+      turn_row(row, work, w->signs, w->k, w->block);
+      row = work;
+    }
+    w->row_scale[r] = quantize_row16(row, w->q + r * w->k, w->k) * w->norm;
+  }
+  free(work);
 }
 
 /* Rows [0, mr) of y for the column groups [g0, g1), AVX-512 VNNI: one zmm holds a group's 16 columns. */
@@ -185,19 +226,18 @@ static OrtStatus *block_matmul_compute(void *kernel, OrtKernelContext *ctx) {
   if ((st = any_output(ctx, 0, yd, xn, &out))) return st;
   if (!rows || !groups) return NULL;
   int16_t *q = malloc(sizeof(int16_t) * (size_t)(rows * k));
-  float *row_scale = malloc(sizeof(float) * (size_t)rows), *work = signs ? malloc(sizeof(float) * (size_t)k) : NULL;
-  if (!q || !row_scale || (signs && !work)) {
-    free(q); free(row_scale); free(work);
-    return error("BlockMatMul16: out of memory");
-  }
-  const float norm = signs ? 1.0f / sqrtf((float)block) : 1.0f;  /* H / sqrt(B): taken into the scale */
-  for (int64_t r = 0; r < rows; r++) {
-    const float *row = (const float *)x + r * k;
-    if (signs) {
-      turn_row(row, work, signs, k, block);
-      row = work;
-    }
-    row_scale[r] = quantize_row16(row, q + r * k, k) * norm;
+  float *row_scale = malloc(sizeof(float) * (size_t)rows);
+  /* H / sqrt(B): taken into the scale */
+  QuantizeWork qw = {(const float *)x, signs, q, row_scale, signs ? 1.0f / sqrtf((float)block) : 1.0f, rows, k, block,
+                     0};
+  size_t blocks = (size_t)((rows + ROW_BLOCK - 1) / ROW_BLOCK);
+  if (q && row_scale && blocks > 1 && rows * k >= PARALLEL_VALUES)  /* a prompt chunk, a large tree */
+    st = parallel_for(ctx, bm_quantize_rows, blocks, &qw);
+  else
+    for (size_t i = 0; q && row_scale && i < blocks; i++) bm_quantize_rows(&qw, i);
+  if (st || !q || !row_scale || qw.failed) {
+    free(q); free(row_scale);
+    return st ? st : error("BlockMatMul16: out of memory");
   }
   if (bm_vnni512 < 0)
     __atomic_store_n(&bm_vnni512, __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw") &&
@@ -208,6 +248,6 @@ static OrtStatus *block_matmul_compute(void *kernel, OrtKernelContext *ctx) {
     st = parallel_for(ctx, bm_item, items, &w);
   else
     bm_item(&w, 0);
-  free(q); free(row_scale); free(work);
+  free(q); free(row_scale);
   return st;
 }
