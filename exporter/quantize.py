@@ -49,12 +49,13 @@ RECIPES = {
     "int8_rows": {"method": "MatMulInteger", "bits": 8, "block_size": 0, "symmetric": True, "accuracy_level": 0,
                   "min_rows": 1, "smooth_alpha": 0.5, "rotation": 32, "lm_head_rotation": 64},
     # `quantize_rows(wide=True)`: BlockMatMul16, weights int8 in blocks of 32, each row's input as int16 (accuracy
-    # level 0: the activations are not int8). Neither smoothed nor turned: with 15 bits per row there is little for
+    # level 0: the activations are not int8). Neither smoothed nor turned (the base lm_head, with --lm-head full,
+    # neither): with 15 bits per row there is little for
     # either to gain. In PyTorch (blocks of 32, int16 rows, fp32 lm_head, unsmoothed; scripts/int8_torch_sim.py),
     # top-1 agreement on train_prompts [40:100] / [100:160]: unturned 98.31 / 98.20 %, turned per block of 32
     # 98.06 / 98.49 % (docs/quantization.md).
     "int8_rows16": {"method": "BlockMatMul16", "bits": 8, "block_size": 32, "symmetric": True, "accuracy_level": 0,
-                    "min_rows": 1, "smooth_alpha": 0.0, "rotation": 0, "lm_head_rotation": 64},
+                    "min_rows": 1, "smooth_alpha": 0.0, "rotation": 0, "lm_head_rotation": 0},
 }
 # MatMuls of the int8_rows recipe whose input RowQuantize turns though the graph does not: the base model's lm_head.
 # Its input (the final norm's output) unturned under one scale per row cost the most top-1 agreement; as int8 blocks

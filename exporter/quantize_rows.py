@@ -47,8 +47,9 @@ def quantize_rows(model, keep: Callable[[str], bool], turn: Callable[[str], bool
     first pass left of it, both through one MatMulInteger; `residual_matmuls` reads them back).
     ``rounding`` (`gptq.Rounding`): the weights of the MatMuls it has an input Hessian for are rounded by GPTQ
     against it (turned as the input is), the others to nearest.
-    ``wide``: a MatMul whose K is a multiple of 32 and N of 16 becomes one BlockMatMul16 instead (int8 weights in
-    blocks of 32 along K, each row's input as int16: `block_int8`); the others stay per row as above.
+    ``wide``: a MatMul whose K is a positive multiple of 32 and N of 16 becomes one BlockMatMul16 instead (int8
+    weights in blocks of 32 along K, rounded to nearest, each row's input as int16 in one pass: `block_int8`;
+    ``residual`` and ``rounding`` do not apply to it); the others stay per row as above.
     Initializers no node reads any more are dropped."""
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
@@ -81,7 +82,7 @@ def quantize_rows(model, keep: Callable[[str], bool], turn: Callable[[str], bool
             fused.update(chain_outputs)
         elif turned:
             source.append(_signs_initializer(graph, signs, signs_names))
-        if wide and w.shape[0] % BLOCK == 0 and w.shape[1] % GROUP == 0:
+        if wide and w.shape[0] >= BLOCK and w.shape[0] % BLOCK == 0 and w.shape[1] % GROUP == 0:
             packed, block_scale = block_int8(w)
             graph.initializer.extend([numpy_helper.from_array(packed, f"{name}/weight_blocks_int8"),
                                       numpy_helper.from_array(block_scale, f"{name}/block_scale")])
@@ -205,11 +206,12 @@ def _signs_initializer(graph, signs: np.ndarray, added: dict[bytes, str]) -> str
 
 
 def turned_blocks(graph, names: Callable[[str], bool]) -> list[int]:
-    """The rotation block of each RowQuantize whose node name ``names`` selects: its signs' length, 0 where it gets
-    none (what a manifest records of the rotation `quantize_rows` applied)."""
+    """The rotation block of each RowQuantize or BlockMatMul16 whose node name ``names`` selects: its signs' length,
+    0 where it gets none (what a manifest records of the rotation `quantize_rows` applied)."""
     inits = {i.name: i for i in graph.initializer}
-    return [int(inits[n.input[1]].dims[0]) if len(n.input) > 1 and n.input[1] in inits else 0
-            for n in graph.node if n.op_type == kernels.QUANTIZE_OP and names(n.name)]
+    signs_at = {kernels.QUANTIZE_OP: 1, kernels.BLOCK_OP: 3}
+    return [int(inits[n.input[at]].dims[0]) if len(n.input) > at and n.input[at] in inits else 0
+            for n in graph.node if (at := signs_at.get(n.op_type)) is not None and names(n.name)]
 
 
 def residual_matmuls(graph) -> list[str]:

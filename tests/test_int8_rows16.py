@@ -125,32 +125,44 @@ def test_a_block_matmul_takes_zero_rows_and_passes_a_nan_on():
 
 
 _PATHS_SCRIPT = """
-import sys, numpy as np, onnx, onnxruntime as ort
+import sys, numpy as np, onnxruntime as ort
 from medusa_export.runtime import kernels
 opts = ort.SessionOptions(); opts.intra_op_num_threads = 2; kernels.register(opts, "kernel")
-s = ort.InferenceSession(sys.argv[1], opts, providers=["CPUExecutionProvider"])
 x = np.random.default_rng(2).standard_normal((1, 37, 192), dtype=np.float32) * 5
-sys.stdout.buffer.write(s.run(None, {"x": x})[0].tobytes())
+for path in sys.argv[1:]:
+    s = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+    for rows in (1, 2, 3, 4, 8, 13, 37):
+        sys.stdout.buffer.write(s.run(None, {"x": x[:, :rows]})[0].tobytes())
 """
 
 
 def test_the_avx2_and_avx512_paths_give_the_same_bits(tmp_path):
     """MEDUSA_EXPORT_KERNEL_AVX2 takes the AVX2 path on any CPU; where the CPU has AVX-512 VNNI both paths run, and
-    every bit of every row agrees (on an AVX2-only CPU both runs take the AVX2 path)."""
+    every bit of every row agrees, for steps of 1 to 37 rows (each tile size and chain count), with and without the
+    input rotation. On an AVX2-only CPU both runs take the AVX2 path: the test says so by skipping."""
     import onnx
 
-    model, _ = rows_tests._rotated_matmul_model(192, 80, 64, 3)
-    quantize_rows(model, keep=lambda _name: False, wide=True)
-    path = tmp_path / "wide.onnx"
-    onnx.save(model, str(path))
+    from medusa_export.runtime.machine import machine_info
+
+    paths = []
+    for block in (0, 64):
+        if block:
+            model, _ = rows_tests._rotated_matmul_model(192, 80, block, 3)
+        else:
+            model, _ = rows_tests._rows_matmul_model(192, 80, 3)
+        quantize_rows(model, keep=lambda _name: False, wide=True)
+        paths.append(str(tmp_path / f"wide{block}.onnx"))
+        onnx.save(model, paths[-1])
     outs = []
     for avx2 in (False, True):
         env = {k: v for k, v in os.environ.items() if k != "MEDUSA_EXPORT_KERNEL_AVX2"}
         if avx2:
             env["MEDUSA_EXPORT_KERNEL_AVX2"] = "1"
-        outs.append(subprocess.run([sys.executable, "-c", _PATHS_SCRIPT, str(path)], env=env, check=True,
+        outs.append(subprocess.run([sys.executable, "-c", _PATHS_SCRIPT, *paths], env=env, check=True,
                                    capture_output=True, timeout=120).stdout)
-    assert len(outs[0]) == 37 * 80 * 4 and outs[0] == outs[1]
+    assert len(outs[0]) == 2 * (1 + 2 + 3 + 4 + 8 + 13 + 37) * 80 * 4 and outs[0] == outs[1]
+    if not {"avx512_vnni", "avx512bw"} <= set(machine_info()["flags"]):
+        pytest.skip("this CPU has no AVX-512 VNNI: both runs took the AVX2 path")
 
 
 def test_block_matmul_refuses_bad_shapes():
@@ -175,10 +187,32 @@ def test_block_matmul_refuses_bad_shapes():
                              (64, np.zeros((1, 32, 32), np.int8), np.ones((2, 2, 16), np.float32))):  # groups
         with pytest.raises(Exception, match=message):
             session(k, packed, scale).run(None, {"x": np.ones((1, k), np.float32)})
+    for k, packed, scale in ((64, np.zeros((32, 32), np.int8), np.ones((1, 2, 16), np.float32)),  # w of rank 2
+                             (64, np.zeros((1, 32, 16), np.int8), np.ones((1, 2, 16), np.float32)),  # lines of 16
+                             (64, np.zeros((1, 32, 32), np.int8), np.ones((1, 2, 8), np.float32)),  # scale groups of 8
+                             (64, np.zeros((1, 32, 32), np.int8), np.ones((1, 3, 16), np.float32))):  # 3 blocks
+        with pytest.raises(Exception, match=message):
+            session(k, packed, scale).run(None, {"x": np.ones((1, k), np.float32)})
     good = (64, np.zeros((1, 32, 32), np.int8), np.ones((1, 2, 16), np.float32))
-    with pytest.raises(Exception, match="BlockMatMul16: signs must be a float vector whose length is a power of two"):
-        session(*good, signs=np.ones(3, np.float32)).run(None, {"x": np.ones((1, 64), np.float32)})
+    for signs in (np.ones(3, np.float32), np.ones(1, np.float32), np.ones(128, np.float32), np.ones((2, 2), np.float32)):
+        with pytest.raises(Exception, match="BlockMatMul16: signs must be a float vector whose length is a power of two"):
+            session(*good, signs=signs).run(None, {"x": np.ones((1, 64), np.float32)})
+    no_groups = session(64, np.zeros((0, 32, 32), np.int8), np.ones((0, 2, 16), np.float32))
+    assert no_groups.run(None, {"x": np.ones((1, 64), np.float32)})[0].shape == (1, 0)
     assert session(*good).run(None, {"x": np.ones((1, 64), np.float32)})[0].shape == (1, 16)
+
+
+def test_a_turned_matmul_is_turned_inside_the_block_matmul_and_recorded():
+    """A MatMul that ``turn`` names (as the int8 rows recipe names the base lm_head) gets its signs as the op's fourth
+    input; `turned_blocks` reads them back for the manifest."""
+    from medusa_export.exporter.quantize_rows import turned_blocks
+
+    model, w = rows_tests._rows_matmul_model(128, 48, 7)
+    quantize_rows(model, keep=lambda _name: False, turn=lambda name: name == "proj", turn_block=64, wide=True)
+    assert [n.op_type for n in model.graph.node] == [kernels.BLOCK_OP] and turned_blocks(model.graph, bool) == [64]
+    x = np.random.default_rng(9).standard_normal((1, 5, 128), dtype=np.float32)
+    y = rows_tests._kernel_session(model).run(None, {"x": x})[0][0]
+    assert np.abs(y - x[0] @ w).max() <= 0.02 * np.abs(x[0] @ w).max()
 
 
 def test_quantize_rows_keeps_per_row_matmuls_whose_shape_does_not_fit_the_blocks():

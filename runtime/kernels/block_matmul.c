@@ -27,7 +27,15 @@ typedef struct {
   int64_t rows, k, n;
 } BlockWork;
 
-static int bm_vnni512 = -1;  /* the AVX-512 path: the CPU has it and MEDUSA_EXPORT_KERNEL_AVX2 is unset (tests) */
+static int bm_vnni512;  /* the AVX-512 path: the CPU has it and MEDUSA_EXPORT_KERNEL_AVX2 is unset (tests); set by
+                           `bm_detect` when the library registers (before its sessions compute; a later registration
+                           writes the same value), read atomically */
+
+static void bm_detect(void) {
+  int vnni = __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw") &&
+             !getenv("MEDUSA_EXPORT_KERNEL_AVX2");
+  __atomic_store_n(&bm_vnni512, vnni, __ATOMIC_RELAXED);
+}
 
 /* One row to int16 under max|row| / 32767: the scale, or 1 for a row of zeros, NaN for a row holding NaN or inf.
    Eight values at a time: VCVTPS2DQ rounds as nearbyintf does (to nearest, ties to even), and |x| * 32767 / max
@@ -195,7 +203,7 @@ static void bm_item(void *data, size_t index) {
   const BlockWork *w = (const BlockWork *)data;
   int64_t groups = w->n / BM_GROUP, g0 = (int64_t)index * BM_ITEM_GROUPS;
   int64_t g1 = g0 + BM_ITEM_GROUPS < groups ? g0 + BM_ITEM_GROUPS : groups;
-  if (bm_vnni512)
+  if (__atomic_load_n(&bm_vnni512, __ATOMIC_RELAXED))
     bm_groups512(w, g0, g1);
   else
     bm_groups256(w, g0, g1);
@@ -239,9 +247,6 @@ static OrtStatus *block_matmul_compute(void *kernel, OrtKernelContext *ctx) {
     free(q); free(row_scale);
     return st ? st : error("BlockMatMul16: out of memory");
   }
-  if (bm_vnni512 < 0)
-    __atomic_store_n(&bm_vnni512, __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw") &&
-                                      !getenv("MEDUSA_EXPORT_KERNEL_AVX2"), __ATOMIC_RELAXED);
   BlockWork w = {q, row_scale, (const int8_t *)wt, (const float *)sc, (float *)out, rows, k, groups * BM_GROUP};
   size_t items = (size_t)((groups + BM_ITEM_GROUPS - 1) / BM_ITEM_GROUPS);
   if (items > 1)

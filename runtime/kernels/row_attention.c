@@ -1316,6 +1316,7 @@ __attribute__((visibility("default"))) OrtStatus *RegisterCustomOps(OrtSessionOp
                  : NULL;
   }
   __atomic_store_n(&api, table, __ATOMIC_RELEASE);  /* the same table for every registration in a process */
+  bm_detect();  /* BlockMatMul16's path, the same at every registration */
   OrtCustomOpDomain *domain = NULL;  /* kept for the process' lifetime: sessions refer to it */
   OrtStatus *st = CALL(CreateCustomOpDomain, OrtStatus *(*)(const char *, OrtCustomOpDomain **))("medusa_export", &domain);
   if (st) return st;
