@@ -41,21 +41,9 @@ static void bm_detect(void) {
    Eight values at a time: VCVTPS2DQ rounds as nearbyintf does (to nearest, ties to even), and |x| * 32767 / max
    rounds to at most 32767. */
 static float quantize_row16(const float *row, int16_t *q, int64_t k) {
-  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff)), big = _mm256_set1_ps(FLT_MAX);
-  __m256 m8 = _mm256_setzero_ps(), bad8 = _mm256_setzero_ps();
-  int64_t j = 0;
-  for (; j + 8 <= k; j += 8) {
-    __m256 a = _mm256_and_ps(_mm256_loadu_ps(row + j), abs_mask);
-    bad8 = _mm256_or_ps(bad8, _mm256_cmp_ps(a, big, _CMP_NLE_UQ));  /* NaN or infinity: not <= FLT_MAX */
-    m8 = _mm256_max_ps(m8, a);
-  }
-  float m = hmax8(m8);
-  int bad = _mm256_movemask_ps(bad8) != 0;
-  for (; j < k; j++) {
-    float a = fabsf(row[j]);
-    bad |= !(a <= FLT_MAX);
-    m = a > m ? a : m;
-  }
+  int bad;
+  float m = row_peak(row, k, &bad);
+  int64_t j;
   float inv = (float)BM_LEVELS / m;
   if (bad || !(inv <= FLT_MAX)) {
     memset(q, 0, sizeof(int16_t) * (size_t)k);

@@ -936,9 +936,8 @@ static OrtStatus *quantize_signs(OrtKernelContext *ctx, size_t index, int64_t k,
   return NULL;
 }
 
-/* One quantization of a row of k values: q (uint8, offset 128) and *scale = max|row| / 127, returning 1; a row of
-   zeros or of subnormals only: scale 1, q 128; a row holding a NaN or an infinity: scale NaN, q 128; both return 0. */
-static int quantize_pass(const float *row, uint8_t *qr, int64_t k, float *scale) {
+/* max |row[j]| over k values, and *bad = 1 where one of them is a NaN or an infinity (else 0). */
+static float row_peak(const float *row, int64_t k, int *bad) {
   const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff)), big = _mm256_set1_ps(FLT_MAX);
   __m256 m8 = _mm256_setzero_ps(), bad8 = _mm256_setzero_ps();
   int64_t j = 0;
@@ -948,12 +947,20 @@ static int quantize_pass(const float *row, uint8_t *qr, int64_t k, float *scale)
     m8 = _mm256_max_ps(m8, a);
   }
   float m = hmax8(m8);
-  int bad = _mm256_movemask_ps(bad8) != 0;
+  *bad = _mm256_movemask_ps(bad8) != 0;
   for (; j < k; j++) {
     float a = fabsf(row[j]);
-    if (!(a <= FLT_MAX)) bad = 1;
+    if (!(a <= FLT_MAX)) *bad = 1;
     m = a > m ? a : m;
   }
+  return m;
+}
+
+/* One quantization of a row of k values: q (uint8, offset 128) and *scale = max|row| / 127, returning 1; a row of
+   zeros or of subnormals only: scale 1, q 128; a row holding a NaN or an infinity: scale NaN, q 128; both return 0. */
+static int quantize_pass(const float *row, uint8_t *qr, int64_t k, float *scale) {
+  int bad;
+  float m = row_peak(row, k, &bad);
   float inv_m = 127.0f / m;
   if (bad || !(inv_m <= FLT_MAX)) {  /* zeros, or so small that 127 / max overflows: a row of zeros */
     memset(qr, 128, (size_t)k);
@@ -962,7 +969,7 @@ static int quantize_pass(const float *row, uint8_t *qr, int64_t k, float *scale)
   }
   const __m256 inv = _mm256_set1_ps(inv_m), lo = _mm256_set1_ps(-127.0f), hi = _mm256_set1_ps(127.0f);
   const __m256i offset = _mm256_set1_epi32(128), order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
-  j = 0;
+  int64_t j = 0;
   for (; j + 32 <= k; j += 32) {  /* four vectors of 8 -> 32 bytes, packed in order */
     __m256i v[4];
     for (int t = 0; t < 4; t++) {
