@@ -11,7 +11,7 @@
    float operations are the same ones in the same order. About 15 bits of each row against RowQuantize's 8: measured
    in PyTorch, the activations' share of int8 rows' lost agreement (docs/quantization.md). */
 
-enum { BM_BLOCK = 32, BM_GROUP = 16, BM_ROWS = 8, BM_ITEM_GROUPS = 1, BM_LEVELS = 32767, BM_CHAINS = 4 };
+enum { BM_BLOCK = 32, BM_GROUP = 16, BM_ROWS = 8, BM_LEVELS = 32767, BM_CHAINS = 4 };
 /* Independent integer sums per row for one or two rows: with one chain a row waits on VPDPWSSD's latency (about 5
    cycles), which bounds a one-row product of the decoder near 2.8 ms on two cores, about what reading its weights
    from L3 takes (on this machine the difference did not show above the noise). Exact, so their order does not
@@ -59,30 +59,24 @@ static float quantize_row16(const float *row, int16_t *q, int64_t k) {
   return m / (float)BM_LEVELS;
 }
 
-/* Rows [r0, r1) of x quantized (each turned first when signs are given): ROW_BLOCK rows a work item. */
-typedef struct {
-  const float *x, *signs;
-  int16_t *q;
-  float *row_scale, norm;
-  int64_t rows, k;
-  int block, failed;
-} QuantizeWork;
-
-static void bm_quantize_rows(void *data, size_t index) {
-  QuantizeWork *w = (QuantizeWork *)data;
+/* A work item of `over_rows` for BlockMatMul16: rows of w->in quantized to int16 into w->out (each turned first when
+   signs are given, the 1 / sqrt(B) of H / sqrt(B) taken into the scale, as `quantize_row` does), scales in w->scale. */
+static void bm_quantize_block(void *data, size_t index) {
+  RowWork *w = (RowWork *)data;
   int64_t r0 = (int64_t)index * ROW_BLOCK, r1 = r0 + ROW_BLOCK < w->rows ? r0 + ROW_BLOCK : w->rows;
-  float *work = w->signs ? malloc(sizeof(float) * (size_t)w->k) : NULL;
-  if (w->signs && !work) {
-    __atomic_store_n(&w->failed, 1, __ATOMIC_RELAXED);
+  float *work = NULL;
+  if (w->signs && !(work = malloc(sizeof(float) * (size_t)w->k))) {
+    __atomic_store_n(&w->failed, 1, __ATOMIC_RELAXED);  /* other threads may be writing it too */
     return;
   }
+  const float norm = w->signs ? 1.0f / sqrtf((float)w->block) : 1.0f;
   for (int64_t r = r0; r < r1; r++) {
-    const float *row = w->x + r * w->k;
+    const float *row = (const float *)w->in + r * w->k;
     if (w->signs) {
       turn_row(row, work, w->signs, w->k, w->block);
       row = work;
     }
-    w->row_scale[r] = quantize_row16(row, w->q + r * w->k, w->k) * w->norm;
+    w->scale[r] = quantize_row16(row, (int16_t *)w->out + r * w->k, w->k) * norm;
   }
   free(work);
 }
@@ -186,11 +180,10 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) static void bm_groups512(
 
 static void bm_groups256(const BlockWork *w, int64_t g0, int64_t g1) { BM_ROW_TILES(bm_tile256) }
 
-/* Work item ``index``: BM_ITEM_GROUPS column groups for every row. */
+/* Work item ``index``: column group ``index`` for every row. */
 static void bm_item(void *data, size_t index) {
   const BlockWork *w = (const BlockWork *)data;
-  int64_t groups = w->n / BM_GROUP, g0 = (int64_t)index * BM_ITEM_GROUPS;
-  int64_t g1 = g0 + BM_ITEM_GROUPS < groups ? g0 + BM_ITEM_GROUPS : groups;
+  int64_t g0 = (int64_t)index, g1 = g0 + 1;
   if (__atomic_load_n(&bm_vnni512, __ATOMIC_RELAXED))
     bm_groups512(w, g0, g1);
   else
@@ -223,22 +216,14 @@ static OrtStatus *block_matmul_compute(void *kernel, OrtKernelContext *ctx) {
   if (!rows || !groups) return NULL;
   int16_t *q = malloc(sizeof(int16_t) * (size_t)(rows * k));
   float *row_scale = malloc(sizeof(float) * (size_t)rows);
-  /* H / sqrt(B): taken into the scale */
-  QuantizeWork qw = {(const float *)x, signs, q, row_scale, signs ? 1.0f / sqrtf((float)block) : 1.0f, rows, k, block,
-                     0};
-  size_t blocks = (size_t)((rows + ROW_BLOCK - 1) / ROW_BLOCK);
-  if (q && row_scale && blocks > 1 && rows * k >= PARALLEL_VALUES)  /* a prompt chunk, a large tree */
-    st = parallel_for(ctx, bm_quantize_rows, blocks, &qw);
-  else
-    for (size_t i = 0; q && row_scale && i < blocks; i++) bm_quantize_rows(&qw, i);
-  if (st || !q || !row_scale || qw.failed) {
+  RowWork qw = {x, q, row_scale, NULL, signs, rows, k, block, 1, 0};
+  if (!q || !row_scale || (st = over_rows(ctx, bm_quantize_block, &qw, "BlockMatMul16"))) {
     free(q); free(row_scale);
     return st ? st : error("BlockMatMul16: out of memory");
   }
   BlockWork w = {q, row_scale, (const int8_t *)wt, (const float *)sc, (float *)out, rows, k, groups * BM_GROUP};
-  size_t items = (size_t)((groups + BM_ITEM_GROUPS - 1) / BM_ITEM_GROUPS);
-  if (items > 1)
-    st = parallel_for(ctx, bm_item, items, &w);
+  if (groups > 1)
+    st = parallel_for(ctx, bm_item, (size_t)groups, &w);
   else
     bm_item(&w, 0);
   free(q); free(row_scale);
