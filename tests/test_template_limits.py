@@ -36,10 +36,15 @@ TAIL = "{{ messages[0]['content'] }}"
     ("{% for i in range(20000) %}{{ 'x' * 1000 }}{% endfor %}", "wrote more than|ran for more than"),
 ])
 def test_a_template_past_a_limit_is_refused_when_the_artifact_loads(body, words):
+    _refused_at_load(body, words, within=15)
+
+
+def _refused_at_load(body: str, words: str, within: float) -> None:
+    """Loading a template of ``body`` fails with an ArtifactError matching ``words`` in under ``within`` seconds."""
     t0 = time.monotonic()
     with pytest.raises(ArtifactError, match=words):
         ChatTemplate(body + TAIL)
-    assert time.monotonic() - t0 < 15
+    assert time.monotonic() - t0 < within
 
 
 def test_a_limit_reached_by_a_request_is_an_input_error():
@@ -77,10 +82,7 @@ def test_a_real_template_renders_as_before():
     ("{% for i in range(200) %}{% set _ = ([i] * 16000000) | unique | list %}{% endfor %}", "ran for more than 2 s"),
 ])
 def test_what_the_checks_cannot_see_the_worker_bounds(body, words):
-    t0 = time.monotonic()
-    with pytest.raises(ArtifactError, match=words):
-        ChatTemplate(body + TAIL)
-    assert time.monotonic() - t0 < 30
+    _refused_at_load(body, words, within=30)
     assert ChatTemplate(CHATML).render(USER).count("t5 t6") == 1  # a new worker, or the same one, renders on
 
 
