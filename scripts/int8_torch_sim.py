@@ -10,7 +10,8 @@ activations' (docs/quantization.md, "Weights rounded by GPTQ").
 A variant is the weights' rounding (fp32, nearest, gptq, blocksN: blocks of N along the input), then ``+act8``
 (activations int8 per row; ``+act16`` int16 per row, ``+act8b32`` int8 per block of 32, ``+actbf16`` bf16),
 ``+unturned`` (the weights rounded, and the activations quantized, in the input's own basis, not the rotation's;
-before the int16 variants the activations were turned all the same), ``+fp32head`` (the base lm_head left fp32, weights and input: the screened lm_head's exact top words) and / or
+before the int16 variants the activations were turned all the same), ``+fp32head`` (the base lm_head left fp32,
+weights and input: the screened lm_head's exact top words) and / or
 ``+keep=3,29`` (those decoder layers' linears left fp32, weights and inputs) and / or ``+kv16`` / ``+kv8`` (every
 key (rotated) and value row rounded to fp16, or to int8 under its own scale per row and head, as it enters the
 cache: what a lower-precision KV cache would hold; ``+kv8c``: the keys per channel instead, each channel's scale the

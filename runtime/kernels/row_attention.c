@@ -1294,7 +1294,10 @@ static OrtCustomOp scale_rows = FIXED_OP(scale_rows_name, scale_rows_input_type,
 
 #include "block_matmul.c"
 static const char *block_matmul_name(const OrtCustomOp *op) { (void)op; return "BlockMatMul16"; }
-static int block_matmul_input_type(const OrtCustomOp *op, size_t i) { (void)op; return i == 1 ? ELEM_INT8 : ELEM_FLOAT; }
+static int block_matmul_input_type(const OrtCustomOp *op, size_t i) {
+  (void)op;
+  return i == 1 ? ELEM_INT8 : ELEM_FLOAT;
+}
 static size_t four_count(const OrtCustomOp *op) { (void)op; return 4; }
 static int fourth_optional(const OrtCustomOp *op, size_t i) { (void)op; return i == 3; /* INPUT_OUTPUT_OPTIONAL */ }
 static OrtStatus *create_plain(const OrtCustomOp *op, OrtApiTable table, const OrtKernelInfo *info, void **kernel) {
