@@ -24,7 +24,7 @@ from medusa_export.runtime.manifest import (FORMAT, FORMAT_VERSION, ONNXRUNTIME,
                                              ExporterRecord, GraphRecord, HeadsRecord, Manifest, ModelRecord, QualityRecord,
                                              QuantizationRecord, TensorRecord, TreeRecord, file_record, graph_dtype,
                                              kv_layout_of)
-from medusa_export.runtime.errors import ExportValidationError
+from medusa_export.runtime.errors import ExportValidationError, InputError
 from medusa_export.runtime.tree import Tree, load_choices
 
 from medusa_export.runtime.build_options import DEFAULT_TREE, BuildOptions
@@ -70,11 +70,15 @@ def build_artifact(model: str | None, out: str | Path, options: BuildOptions = B
     tree_obj = Tree.from_choices(load_choices(tree_spec), topk=options.head_topk, num_heads=chosen.heads.config.num_heads)
     if options.graph == ONNXRUNTIME:
         check_supported(loaded.model.config)  # before any export: the portable graph covers the rest
+    # Weights already on a 4-bit grid (a Q4_0 / Q4_1 GGUF) are kept exactly by int4: decided before smoothing, which
+    # would move them off it.
+    grid = options.dtype == "int4" and on_4bit_grid(loaded.model)
+    if options.recipe == "int4_rows16" and not grid:
+        raise InputError("--int4-matmul rows16 keeps the 4-bit blocks a model already has (a Q4_0 / Q4_1 GGUF, as the "
+                         "built-in model), and this model's decoder weights are not such blocks: use --dtype int8 "
+                         "--int8-matmul rows16, or --int4-matmul blocks")
     work = new_work_dir(out)
     try:
-        # Weights already on a 4-bit grid (a Q4_0 / Q4_1 GGUF) are kept exactly by int4: decided before smoothing,
-        # which would move them off it.
-        grid = options.dtype == "int4" and on_4bit_grid(loaded.model)
         if grid:
             log("  int4: the decoder's weights are already a 4-bit grid: kept exactly, not smoothed")
         if (alpha := _recipe(options, "smooth_alpha", 0.0)) and not grid:

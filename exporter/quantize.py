@@ -23,6 +23,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from medusa_export.runtime import kernels
+
 from .quantized_embedding import embed_from_lm_head
 from .rotation import is_rotation
 from .source_grid import exact_4bit_matmuls, exact_8bit_matmuls, is_offset
@@ -56,7 +58,14 @@ RECIPES = {
     # 98.06 / 98.49 % (docs/quantization.md).
     "int8_rows16": {"method": "BlockMatMul16", "bits": 8, "block_size": 32, "symmetric": True, "accuracy_level": 0,
                     "min_rows": 1, "smooth_alpha": 0.0, "rotation": 0, "lm_head_rotation": 0},
+    # `quantize_rows(wide=True, grid4=True)`: the model's own 4-bit blocks (a Q4_0 / Q4_1 GGUF's: `source_grid`) as
+    # BlockMatMul16Q4, each row's input as int16; the other weight MatMuls (the lm_head, the heads) as int8_rows16
+    # (a Q8_0 weight's blocks come out as they are: its step is max |block| / 127 too). Only for a model on such a
+    # grid (`build` checks); neither smoothed nor turned, which would move the weights off it.
+    "int4_rows16": {"method": "BlockMatMul16Q4", "bits": 4, "block_size": 32, "symmetric": False, "accuracy_level": 0,
+                    "min_rows": 1, "smooth_alpha": 0.0, "rotation": 0, "lm_head_rotation": 0},
 }
+ROW_METHODS = ("MatMulInteger", "BlockMatMul16", "BlockMatMul16Q4")  # `quantize_rows`: the kernel library's matmuls
 # MatMuls of the int8_rows recipe whose input RowQuantize turns though the graph does not: the base model's lm_head.
 # Its input (the final norm's output) unturned under one scale per row cost the most top-1 agreement; as int8 blocks
 # (`MatMulNBits`) it cost 2.3x the step time at 8 rows of what it costs per row; turned per block of 64 and per row,
@@ -87,19 +96,21 @@ def quantize_graph(path: Path, recipe_name: str, source_grid: bool = False) -> d
     model = onnx.load(str(path))
     before = _weight_matmuls(model.graph)
     fp32_kept = lambda name: is_rotation(name) or any(part in name for part in recipe.get("keep_fp32", ()))  # noqa: E731
-    rows = recipe["method"] in ("MatMulInteger", "BlockMatMul16")
+    rows = recipe["method"] in ROW_METHODS
     lm_head_rotation = 0
     if rows:  # per row, every weight MatMul
         from .quantize_rows import quantize_rows, turned_blocks
 
         is_lm_head = lambda name: any(part in name for part in ROWS_TURNED)  # noqa: E731
         quantize_rows(model, keep=fp32_kept, turn=is_lm_head, turn_block=RECIPES[recipe_name]["lm_head_rotation"],
-                      wide=recipe["method"] == "BlockMatMul16")
+                      wide=recipe["method"] != "MatMulInteger", grid4=recipe["method"] == "BlockMatMul16Q4")
         blocks_turned = set(turned_blocks(model.graph, is_lm_head))
         lm_head_rotation = blocks_turned.pop() if len(blocks_turned) == 1 else 0  # what was applied, not what was asked
     blocks = RECIPES["int8"] if rows else recipe  # rows: whatever quantize_rows left (no MatMul of a built graph)
     kept_exact, bits = 0, blocks["bits"]
-    if source_grid:  # the 4-bit blocks, and a Q8_0 weight beside them (the built-in model's tied lm_head), as they are
+    if rows:  # what quantize_rows kept of a 4-bit grid
+        kept_exact = sum(n.op_type == kernels.BLOCK4_OP for n in model.graph.node)
+    elif source_grid:  # the 4-bit blocks, and a Q8_0 weight beside them (the built-in model's tied lm_head), as they are
         kept_exact = (exact_4bit_matmuls(model, recipe["accuracy_level"], skip=fp32_kept)
                       + exact_8bit_matmuls(model, recipe["accuracy_level"], skip=fp32_kept))
         bits = GRID_REST_BITS
@@ -113,14 +124,14 @@ def quantize_graph(path: Path, recipe_name: str, source_grid: bool = False) -> d
     # Per-row graphs keep the fp32 embedding (measured with it; docs/quantization.md)
     embedding = not rows and embed_from_lm_head(quantized, bits, blocks["block_size"])
     onnx.save_model(quantized, str(path))
-    record = {"name": "int8" if rows else recipe_name, **RECIPES[recipe_name],
+    record = {"name": f"int{recipe['bits']}" if rows else recipe_name, **RECIPES[recipe_name],
               "tool": f"onnxruntime {onnxruntime.__version__}", "matmuls_quantized": before - left,
               "matmuls_left_fp": left, "embedding": "GatherBlockQuantized on the lm_head's weights" if embedding else "fp32",
               "source_grid": kept_exact}
     if rows:
         record["lm_head_rotation"] = lm_head_rotation
     if source_grid:  # the source's grid is kept: neither smoothed nor rotated (either would move the weights off it)
-        asymmetric = any(is_offset(n.name) for n in quantized.graph.node)  # Q4_1 blocks keep their offsets
+        asymmetric = any(is_offset(n.name) for n in quantized.graph.node) or recipe["method"] == "BlockMatMul16Q4"
         record.update(smooth_alpha=0.0, rotation=0, other_bits=bits, symmetric=not asymmetric)
     return record
 

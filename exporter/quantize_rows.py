@@ -30,6 +30,7 @@ from medusa_export.runtime import kernels
 
 from .gptq import Rounding, turned_hessian
 from .rotation import InputRotation, hadamard, is_rotation
+from .source_grid import ZERO, grid_of
 
 ZERO_POINT = 128  # the quantized activations' offset: uint8 q = int8 value + 128
 BLOCK, GROUP = 32, 16  # BlockMatMul16: the weights' block along K, the columns one packed line holds
@@ -37,7 +38,7 @@ BLOCK, GROUP = 32, 16  # BlockMatMul16: the weights' block along K, the columns 
 
 def quantize_rows(model, keep: Callable[[str], bool], turn: Callable[[str], bool] = lambda _name: False,
                   turn_block: int = 32, residual: Callable[[str], bool] = lambda _name: False,
-                  rounding: Rounding | None = None, wide: bool = False) -> int:
+                  rounding: Rounding | None = None, wide: bool = False, grid4: bool = False) -> int:
     """Rewrite every MatMul of ``model`` whose weight is a constant 2-D float initializer (and not ``keep(name)``,
     nor an input rotation's, which is folded into the RowQuantize it feeds or left fp32); the number rewritten.
     A MatMul whose input the graph does not turn but ``turn(name)`` names gets the rotation here: its weight turned
@@ -50,6 +51,8 @@ def quantize_rows(model, keep: Callable[[str], bool], turn: Callable[[str], bool
     ``wide``: a MatMul whose K is a positive multiple of 32 and N of 16 becomes one BlockMatMul16 instead (int8
     weights in blocks of 32 along K, rounded to nearest, each row's input as int16 in one pass: `block_int8`;
     ``residual`` and ``rounding`` do not apply to it); the others stay per row as above.
+    ``grid4`` (with ``wide``): such a MatMul whose weight already is a 4-bit grid per block of 32 (`source_grid.grid_of`:
+    a Q4_0 / Q4_1 GGUF's blocks) becomes one BlockMatMul16Q4 holding that grid (`block_int4`) instead.
     Initializers no node reads any more are dropped."""
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
@@ -83,12 +86,16 @@ def quantize_rows(model, keep: Callable[[str], bool], turn: Callable[[str], bool
         elif turned:
             source.append(_signs_initializer(graph, signs, signs_names))
         if wide and w.shape[0] >= BLOCK and w.shape[0] % BLOCK == 0 and w.shape[1] % GROUP == 0:
-            packed, block_scale = block_int8(w)
-            graph.initializer.extend([numpy_helper.from_array(packed, f"{name}/weight_blocks_int8"),
-                                      numpy_helper.from_array(block_scale, f"{name}/block_scale")])
-            nodes.append(helper.make_node(kernels.BLOCK_OP, [source[0], f"{name}/weight_blocks_int8",
-                                                             f"{name}/block_scale", *source[1:]],
-                                          list(node.output), f"{name}/block_matmul16", domain=kernels.DOMAIN))
+            grid = grid_of(w) if grid4 and basis is None else None  # a turned weight is off its grid
+            if grid is not None:
+                arrays = dict(zip(("weight_blocks_int4", "block_scale", "block_offset"), block_int4(*grid)))
+                op, extra = kernels.BLOCK4_OP, []
+            else:
+                arrays = dict(zip(("weight_blocks_int8", "block_scale"), block_int8(w)))
+                op, extra = kernels.BLOCK_OP, source[1:]
+            graph.initializer.extend(numpy_helper.from_array(a, f"{name}/{key}") for key, a in arrays.items())
+            nodes.append(helper.make_node(op, [source[0], *(f"{name}/{key}" for key in arrays), *extra],
+                                          list(node.output), f"{name}/{op.lower()}", domain=kernels.DOMAIN))
             count += 1
             continue
         scale = column_scale(w)
@@ -127,6 +134,22 @@ def block_int8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     packed = w8.reshape(k // 2, 2, n // GROUP, GROUP).transpose(2, 0, 3, 1).reshape(n // GROUP, k // 2, 2 * GROUP)
     return np.ascontiguousarray(packed), np.ascontiguousarray(scale.reshape(k // BLOCK, n // GROUP, GROUP)
                                                               .transpose(1, 0, 2))
+
+
+def block_int4(q: np.ndarray, step: np.ndarray, low: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A 4-bit grid (`source_grid.grid_of`: ``q`` [N, K/32, 32] in 0..15, ``step`` and ``low`` [N, K/32], the weight
+    ``step * q + low``) as BlockMatMul16Q4 takes it: the levels packed 16 columns by 2 inputs, pair l of a block in the
+    low nibbles of its line l and pair l + 8 in the high ones ([N/16, K/4, 32]: byte 2 c + i of line 8 b + l is
+    q[16 g + c, b, 2 l + i] | q[16 g + c, b, 16 + 2 l + i] << 4), the steps and the offsets ``low + 8 step`` (the
+    weight is ``step * (q - 8) + offset``; 0 for Q4_0) as [N/16, K/32, 16] float32."""
+    n, blocks, _ = q.shape
+    t = q.astype(np.uint8).reshape(n // GROUP, GROUP, blocks, 2, BLOCK // 4, 2).transpose(0, 2, 3, 4, 1, 5)
+    packed = (t[:, :, 0] | (t[:, :, 1] << 4)).reshape(n // GROUP, blocks * BLOCK // 4, 2 * GROUP)
+
+    def per_group(a: np.ndarray) -> np.ndarray:  # [N, K/32] -> [N/16, K/32, 16]
+        return np.ascontiguousarray(a.astype(np.float32).reshape(n // GROUP, GROUP, blocks).transpose(0, 2, 1))
+
+    return np.ascontiguousarray(packed), per_group(step), per_group(low + ZERO * step)
 
 
 def column_scale(w: np.ndarray) -> np.ndarray:

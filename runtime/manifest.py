@@ -111,8 +111,8 @@ class Manifest:
             raise FieldError("attention", "can be 'kernel' only in a fused (onnxruntime) artifact")
         if self.dims.cache_differs and (self.attention != "kernel" or self.dims.kv_dtype != "float16"):
             raise FieldError("dims.kv_dtype", "can differ from dims.dtype only as 'float16' with attention 'kernel'")
-        if self.lm_head == "screened" and (self.attention != "kernel" or self.weights not in ("fp32", "int8")):
-            raise FieldError("lm_head", "can be 'screened' only with fp32 or int8 weights and attention 'kernel'")
+        if self.lm_head == "screened" and (self.attention != "kernel" or self.weights not in ("fp32", "int8", "int4")):
+            raise FieldError("lm_head", "can be 'screened' only with fp32, int8 or int4 weights and attention 'kernel'")
         if self.engines and self.graph_format != PORTABLE:
             raise FieldError("engines", "TensorRT engines need portable graphs")
         for kind in self.engines:

@@ -28,10 +28,11 @@ def engine_root(tmp_path_factory):
     return tmp_path_factory.mktemp("engine")
 
 
-def build_runtimes(tiny_dirs, root, dtypes=("fp32", "int8", "int4"), int8: dict | None = None, **options) -> dict:
+def build_runtimes(tiny_dirs, root, dtypes=("fp32", "int8", "int4"), int8: dict | None = None,
+                   int4: dict | None = None, **options) -> dict:
     """The tiny model with a chat tokenizer, built with a 3-lane batched graph for each of ``dtypes`` (artifacts in
-    ``root / dtype``; ``options``: more `BuildOptions`, ``tree`` among them replacing the tests' tree; ``int8``: more
-    for the int8 build only), loaded."""
+    ``root / dtype``; ``options``: more `BuildOptions`, ``tree`` among them replacing the tests' tree; ``int8`` /
+    ``int4``: more for that build only), loaded."""
     import shutil
 
     from medusa_export.exporter.build import build_artifact
@@ -42,7 +43,7 @@ def build_runtimes(tiny_dirs, root, dtypes=("fp32", "int8", "int4"), int8: dict 
     tree = options.pop("tree", None) or artifact_tree_file(tiny_dirs)  # a JSON file of `medusa_choices`
     out = {}
     for dtype in dtypes:
-        extra = {**options, **(int8 or {})} if dtype == "int8" else options
+        extra = {**options, **({"int8": int8, "int4": int4}.get(dtype) or {})}
         build_artifact(str(root / "model"), root / dtype,
                        BuildOptions(heads=str(tiny_dirs[1]), tree=tree, max_seq=256,
                                     dtype=dtype, max_num_seqs=LANES, **extra), log=lambda _m: None)

@@ -294,7 +294,7 @@ def test_the_manifest_records_the_lm_head_and_checks_it(screened_runtimes):
     assert screened.to_json()["lm_head"] == "screened" and Manifest.from_json(screened.to_json()) == screened
     assert "lm_head" not in full.to_json()  # left out: releases before the field read the artifact
     assert Manifest.from_json(full.to_json()).lm_head == "full"
-    with pytest.raises(ArtifactError, match="field lm_head can be 'screened' only with fp32 or int8 weights"):
+    with pytest.raises(ArtifactError, match="field lm_head can be 'screened' only with fp32, int8 or int4 weights"):
         Manifest.from_json({**screened.to_json(), "attention": "gqa"})
 
 

@@ -55,13 +55,19 @@ def build(
                                     "nearly flat in rows on CPUs with VNNI / AMX; needs --attention kernel) | rows16 "
                                     "(the kernel library's BlockMatMul16: weights in blocks of 32, each row's "
                                     "activations as int16; the closest to fp32; needs --attention kernel)."),
+    int4_matmul: str = typer.Option(_DEFAULTS.int4_matmul, "--int4-matmul", help="int4 weights' matmuls: blocks "
+                                    "(ONNX Runtime's MatMulNBits plus the blocks' offsets, activations quantized per "
+                                    "block of 32) | rows16 (the kernel library's BlockMatMul16Q4: the model's own 4-bit "
+                                    "blocks, from a Q4_0 / Q4_1 GGUF such as the built-in model's, times each row's "
+                                    "activations as int16; needs --attention kernel)."),
     kv_cache_dtype: str = typer.Option(_DEFAULTS.kv_cache_dtype, "--kv-cache-dtype", help="The KV cache's dtype: auto "
                                        "(the graphs' dtype) | fp16 (half the bytes each step reads; keys and values "
                                        "rounded to fp16 as they are written; needs --attention kernel)."),
     lm_head: str = typer.Option("auto", "--lm-head", help="The base lm_head: full (the weights' own product) | screened "
                                 "(an int8 product picks the words that could rank in the top, which alone get exact "
                                 "fp32 logits: fp32's top words and greedy tokens in about a third of the time; fp32 or "
-                                "int8 --int8-matmul rows / rows16 weights with --attention kernel) | auto (screened where it "
+                                "int8 --int8-matmul rows / rows16 or int4 --int4-matmul rows16 weights with "
+                                "--attention kernel) | auto (screened where it "
                                 "can be, else full)."),
 ) -> None:
     """Export model + fused heads to ONNX, validate against PyTorch, write a self-contained artifact.
@@ -77,7 +83,7 @@ def build(
         corpus_drafts = "sharegpt" if model is None else "none"
     options = BuildOptions(heads=heads, tree=tree, dtype=dtype, max_seq=max_seq, graph=graph, engine=engine,
                            max_num_seqs=max_num_seqs, corpus_drafts=corpus_drafts, attention=attention,
-                           int8_matmul=int8_matmul, kv_cache_dtype=kv_cache_dtype,
+                           int8_matmul=int8_matmul, int4_matmul=int4_matmul, kv_cache_dtype=kv_cache_dtype,
                            lm_head=lm_head)
     check_out_dir(out)
     texts = read_prompts(quality_prompts, limit=10) if options.quantized else None

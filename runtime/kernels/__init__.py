@@ -37,6 +37,7 @@ LANES_OP = "LanesAttention"  # the sequences of a batched step, in one call
 KV16_SUFFIX = "16"  # RowAttention16, LanesAttention16: the same ops over fp16 K/V caches
 QUANTIZE_OP, SCALE_OP = "RowQuantize", "ScaleRows"  # int8 matmuls on activations quantized per row
 BLOCK_OP = "BlockMatMul16"  # int8 weights in blocks of 32 times int16 activations per row (`block_matmul.c`)
+BLOCK4_OP = "BlockMatMul16Q4"  # the same for 4-bit blocks d (q - 8) + offset (a Q4_0 / Q4_1 GGUF's, kept as they are)
 SCREEN_OP = "ScreenedVocab"  # an fp32 lm_head's top words through an int8 product and exact candidates
 # -ffp-contract=off: no multiply-add the source does not write, so every path computes a row alike
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fPIC", "-shared", "-fvisibility=hidden", "-std=c11"]

@@ -9,7 +9,18 @@
    the block's scale, blocks in order; the row's scale last. A row's result therefore depends on that row alone, and
    the AVX-512 VNNI path (VPDPWSSD) and the AVX2 path (VPMADDWD) give the same bits: the integer sums are exact and the
    float operations are the same ones in the same order. About 15 bits of each row against RowQuantize's 8: measured
-   in PyTorch, the activations' share of int8 rows' lost agreement (docs/quantization.md). */
+   in PyTorch, the activations' share of int8 rows' lost agreement (docs/quantization.md).
+
+     y [..., N] = BlockMatMul16Q4(x [..., K] float, w [N/16, K/4, 32] uint8, scale [N/16, K/32, 16] float,
+                                  offset [N/16, K/32, 16] float)
+
+   The same for 4-bit weights W[k, n] = scale * (q - 8) + offset per block of 32 along K and column, q in 0..15:
+   GGUF's Q4_1 blocks d q + m with offset = m + 8 d (0 for Q4_0), kept as the source has them. Line l (0..7) of block
+   b of group g holds pair l in its low nibbles and pair l + 8 in its high ones: byte 2 c + i is
+   q[32 b + 2 l + i, 16 g + c] | q[32 b + 2 (l + 8) + i, 16 g + c] << 4. Per block the exact int32 sum of the row's
+   int16 values times q - 8 (the sum times q, less 8 times the block's sum of the row's values), multiplied-added by
+   the scale, then the block's sum of the row's values multiplied-added by the offset; blocks in order, the row's
+   scale last. Both paths do the same float operations in the same order, as above. */
 
 enum { BM_BLOCK = 32, BM_GROUP = 16, BM_ROWS = 8, BM_LEVELS = 32767, BM_CHAINS = 4 };
 /* Independent integer sums per row for one or two rows: with one chain a row waits on VPDPWSSD's latency (about 5
@@ -21,10 +32,13 @@ enum { BM_BLOCK = 32, BM_GROUP = 16, BM_ROWS = 8, BM_LEVELS = 32767, BM_CHAINS =
 typedef struct {
   const int16_t *q;  /* [rows, k] the rows quantized */
   const float *row_scale;  /* [rows] */
-  const int8_t *w;
+  const int8_t *w;  /* 8 bits: [N/16, K/2, 32] */
   const float *scale;
   float *y;  /* [rows, n] */
   int64_t rows, k, n;
+  const uint8_t *w4;  /* 4 bits (BlockMatMul16Q4, else NULL): [N/16, K/4, 32] */
+  const float *offset;  /* 4 bits: [N/16, K/32, 16] */
+  const int32_t *xsum;  /* 4 bits: [rows, K/32] each block's sum of a row's int16 values */
 } BlockWork;
 
 static int bm_vnni512;  /* the AVX-512 path: the CPU has it and MEDUSA_EXPORT_KERNEL_AVX2 is unset (tests); set by
@@ -81,10 +95,11 @@ static void bm_quantize_block(void *data, size_t index) {
   free(work);
 }
 
-/* Rows [0, mr) of y for the column groups [g0, g1), AVX-512 VNNI: one zmm holds a group's 16 columns. */
+/* Rows [m0, m0 + mr) of y for the column groups [g0, g1), AVX-512 VNNI: one zmm holds a group's 16 columns. */
 __attribute__((target("avx512f,avx512bw,avx512vnni"))) static inline void bm_tile512(
-    int mr, const BlockWork *w, const int16_t *q, const float *rs, float *y, int64_t g0, int64_t g1) {
+    int mr, const BlockWork *w, int64_t m0, int64_t g0, int64_t g1) {
   const int64_t k = w->k, blocks = k / BM_BLOCK;
+  const int16_t *q = w->q + m0 * k;
   for (int64_t g = g0; g < g1; g++) {
     __m512 acc[BM_ROWS];
     for (int m = 0; m < mr; m++) acc[m] = _mm512_setzero_ps();
@@ -110,14 +125,14 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) static inline void bm_til
       }
     }
     for (int m = 0; m < mr; m++)
-      _mm512_storeu_ps(y + m * w->n + g * BM_GROUP, _mm512_mul_ps(acc[m], _mm512_set1_ps(rs[m])));
+      _mm512_storeu_ps(w->y + (m0 + m) * w->n + g * BM_GROUP, _mm512_mul_ps(acc[m], _mm512_set1_ps(w->row_scale[m0 + m])));
   }
 }
 
 /* The same with AVX2: two ymm per group (columns 0-7 and 8-15), VPMADDWD then VPADDD for each pair of inputs. */
-static inline void bm_tile256(int mr, const BlockWork *w, const int16_t *q, const float *rs, float *y, int64_t g0,
-                              int64_t g1) {
+static inline void bm_tile256(int mr, const BlockWork *w, int64_t m0, int64_t g0, int64_t g1) {
   const int64_t k = w->k, blocks = k / BM_BLOCK;
+  const int16_t *q = w->q + m0 * k;
   for (int64_t g = g0; g < g1; g++) {
     __m256 acc[BM_ROWS][2];
     for (int m = 0; m < mr; m++) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
@@ -145,63 +160,196 @@ static inline void bm_tile256(int mr, const BlockWork *w, const int16_t *q, cons
       }
     }
     for (int m = 0; m < mr; m++) {
-      __m256 r = _mm256_set1_ps(rs[m]);
-      _mm256_storeu_ps(y + m * w->n + g * BM_GROUP, _mm256_mul_ps(acc[m][0], r));
-      _mm256_storeu_ps(y + m * w->n + g * BM_GROUP + 8, _mm256_mul_ps(acc[m][1], r));
+      __m256 r = _mm256_set1_ps(w->row_scale[m0 + m]);
+      float *y = w->y + (m0 + m) * w->n + g * BM_GROUP;
+      _mm256_storeu_ps(y, _mm256_mul_ps(acc[m][0], r));
+      _mm256_storeu_ps(y + 8, _mm256_mul_ps(acc[m][1], r));
     }
   }
 }
 
-/* Constant row counts, so the accumulators stay in registers. */
+/* BlockMatMul16Q4's rows [m0, m0 + mr), AVX-512 VNNI: a 32-byte line widened to 32 int16 gives two pairs of inputs,
+   its low nibbles and its high ones. */
+__attribute__((target("avx512f,avx512bw,avx512vnni"))) static inline void bm4_tile512(
+    int mr, const BlockWork *w, int64_t m0, int64_t g0, int64_t g1) {
+  const int64_t k = w->k, blocks = k / BM_BLOCK;
+  const int16_t *q = w->q + m0 * k;
+  const int32_t *xs = w->xsum + m0 * blocks;
+  const __m512i nibble = _mm512_set1_epi16(0x0F);
+  for (int64_t g = g0; g < g1; g++) {
+    __m512 acc[BM_ROWS];
+    for (int m = 0; m < mr; m++) acc[m] = _mm512_setzero_ps();
+    const uint8_t *wg = w->w4 + g * BM_GROUP * k / 2;
+    const float *sg = w->scale + g * BM_GROUP * blocks, *og = w->offset + g * BM_GROUP * blocks;
+    for (int64_t b = 0; b < blocks; b++) {
+      const int chains = BM_CHAINS_OF(mr);
+      __m512i sum[BM_ROWS][BM_CHAINS];
+      for (int m = 0; m < mr; m++)
+        for (int c = 0; c < chains; c++) sum[m][c] = _mm512_setzero_si512();
+      for (int l = 0; l < BM_BLOCK / 4; l++) {
+        __m512i raw = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(wg + (b * BM_BLOCK / 4 + l) * 32)));
+        __m512i low = _mm512_and_si512(raw, nibble), high = _mm512_srli_epi16(raw, 4);
+        for (int m = 0; m < mr; m++) {
+          int32_t pair_low, pair_high;
+          memcpy(&pair_low, q + m * k + b * BM_BLOCK + 2 * l, sizeof pair_low);
+          memcpy(&pair_high, q + m * k + b * BM_BLOCK + 2 * (l + BM_BLOCK / 4), sizeof pair_high);
+          int c0 = (2 * l) % chains, c1 = (2 * l + 1) % chains;
+          sum[m][c0] = _mm512_dpwssd_epi32(sum[m][c0], low, _mm512_set1_epi32(pair_low));
+          sum[m][c1] = _mm512_dpwssd_epi32(sum[m][c1], high, _mm512_set1_epi32(pair_high));
+        }
+      }
+      __m512 s = _mm512_loadu_ps(sg + b * BM_GROUP), o = _mm512_loadu_ps(og + b * BM_GROUP);
+      for (int m = 0; m < mr; m++) {
+        for (int c = 1; c < chains; c++) sum[m][0] = _mm512_add_epi32(sum[m][0], sum[m][c]);
+        int32_t x = xs[m * blocks + b];
+        __m512i centred = _mm512_sub_epi32(sum[m][0], _mm512_set1_epi32(8 * x));
+        acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(centred), s, acc[m]);
+        acc[m] = _mm512_fmadd_ps(_mm512_set1_ps((float)x), o, acc[m]);
+      }
+    }
+    for (int m = 0; m < mr; m++)
+      _mm512_storeu_ps(w->y + (m0 + m) * w->n + g * BM_GROUP, _mm512_mul_ps(acc[m], _mm512_set1_ps(w->row_scale[m0 + m])));
+  }
+}
+
+/* The same with AVX2: each half line (8 columns) widened to 16 int16, low and high nibbles as above. */
+static inline void bm4_tile256(int mr, const BlockWork *w, int64_t m0, int64_t g0, int64_t g1) {
+  const int64_t k = w->k, blocks = k / BM_BLOCK;
+  const int16_t *q = w->q + m0 * k;
+  const int32_t *xs = w->xsum + m0 * blocks;
+  const __m256i nibble = _mm256_set1_epi16(0x0F);
+  for (int64_t g = g0; g < g1; g++) {
+    __m256 acc[BM_ROWS][2];
+    for (int m = 0; m < mr; m++) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
+    const uint8_t *wg = w->w4 + g * BM_GROUP * k / 2;
+    const float *sg = w->scale + g * BM_GROUP * blocks, *og = w->offset + g * BM_GROUP * blocks;
+    for (int64_t b = 0; b < blocks; b++) {
+      __m256i sum[BM_ROWS][2];
+      for (int m = 0; m < mr; m++) sum[m][0] = sum[m][1] = _mm256_setzero_si256();
+      for (int l = 0; l < BM_BLOCK / 4; l++) {
+        const uint8_t *line = wg + (b * BM_BLOCK / 4 + l) * 32;
+        __m256i raw0 = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)line));
+        __m256i raw1 = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(line + 16)));
+        __m256i low0 = _mm256_and_si256(raw0, nibble), high0 = _mm256_srli_epi16(raw0, 4);
+        __m256i low1 = _mm256_and_si256(raw1, nibble), high1 = _mm256_srli_epi16(raw1, 4);
+        for (int m = 0; m < mr; m++) {
+          int32_t pair_low, pair_high;
+          memcpy(&pair_low, q + m * k + b * BM_BLOCK + 2 * l, sizeof pair_low);
+          memcpy(&pair_high, q + m * k + b * BM_BLOCK + 2 * (l + BM_BLOCK / 4), sizeof pair_high);
+          __m256i xl = _mm256_set1_epi32(pair_low), xh = _mm256_set1_epi32(pair_high);
+          sum[m][0] = _mm256_add_epi32(sum[m][0], _mm256_add_epi32(_mm256_madd_epi16(low0, xl),
+                                                                   _mm256_madd_epi16(high0, xh)));
+          sum[m][1] = _mm256_add_epi32(sum[m][1], _mm256_add_epi32(_mm256_madd_epi16(low1, xl),
+                                                                   _mm256_madd_epi16(high1, xh)));
+        }
+      }
+      __m256 s0 = _mm256_loadu_ps(sg + b * BM_GROUP), s1 = _mm256_loadu_ps(sg + b * BM_GROUP + 8);
+      __m256 o0 = _mm256_loadu_ps(og + b * BM_GROUP), o1 = _mm256_loadu_ps(og + b * BM_GROUP + 8);
+      for (int m = 0; m < mr; m++) {
+        int32_t x = xs[m * blocks + b];
+        __m256i eight = _mm256_set1_epi32(8 * x);
+        __m256 xf = _mm256_set1_ps((float)x);
+        acc[m][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(sum[m][0], eight)), s0, acc[m][0]);
+        acc[m][0] = _mm256_fmadd_ps(xf, o0, acc[m][0]);
+        acc[m][1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(sum[m][1], eight)), s1, acc[m][1]);
+        acc[m][1] = _mm256_fmadd_ps(xf, o1, acc[m][1]);
+      }
+    }
+    for (int m = 0; m < mr; m++) {
+      __m256 r = _mm256_set1_ps(w->row_scale[m0 + m]);
+      float *y = w->y + (m0 + m) * w->n + g * BM_GROUP;
+      _mm256_storeu_ps(y, _mm256_mul_ps(acc[m][0], r));
+      _mm256_storeu_ps(y + 8, _mm256_mul_ps(acc[m][1], r));
+    }
+  }
+}
+
+/* Constant row counts, so the accumulators stay in registers; other counts a row at a time. */
 #define BM_DISPATCH(TILE)                                                                                          \
   switch (mr) {                                                                                                    \
-    case 1: TILE(1, w, q, rs, y, g0, g1); break;                                                                   \
-    case 2: TILE(2, w, q, rs, y, g0, g1); break;                                                                   \
-    case 4: TILE(4, w, q, rs, y, g0, g1); break;                                                                   \
-    case 8: TILE(8, w, q, rs, y, g0, g1); break;                                                                   \
-    default: for (int m = 0; m < mr; m++) TILE(1, w, q + m * w->k, rs + m, y + m * w->n, g0, g1);                  \
+    case 1: TILE(1, w, m0, g0, g1); break;                                                                         \
+    case 2: TILE(2, w, m0, g0, g1); break;                                                                         \
+    case 4: TILE(4, w, m0, g0, g1); break;                                                                         \
+    case 8: TILE(8, w, m0, g0, g1); break;                                                                         \
+    default: for (int m = 0; m < mr; m++) TILE(1, w, m0 + m, g0, g1);                                              \
   }
 
 /* Every row of w, BM_ROWS at a time, for the column groups [g0, g1). */
 #define BM_ROW_TILES(TILE)                                                                                         \
   for (int64_t m0 = 0; m0 < w->rows; m0 += BM_ROWS) {                                                              \
     int mr = (int)(w->rows - m0 < BM_ROWS ? w->rows - m0 : BM_ROWS);                                               \
-    const int16_t *q = w->q + m0 * w->k;                                                                           \
-    const float *rs = w->row_scale + m0;                                                                           \
-    float *y = w->y + m0 * w->n;                                                                                   \
     BM_DISPATCH(TILE)                                                                                              \
   }
 
-/* One function per path: the AVX-512 one needs its target for the tile it inlines. */
+/* One function per path and width: the AVX-512 ones need their target for the tile they inline. */
 __attribute__((target("avx512f,avx512bw,avx512vnni"))) static void bm_groups512(const BlockWork *w, int64_t g0,
                                                                                 int64_t g1) {
   BM_ROW_TILES(bm_tile512)
 }
-
 static void bm_groups256(const BlockWork *w, int64_t g0, int64_t g1) { BM_ROW_TILES(bm_tile256) }
+__attribute__((target("avx512f,avx512bw,avx512vnni"))) static void bm4_groups512(const BlockWork *w, int64_t g0,
+                                                                                 int64_t g1) {
+  BM_ROW_TILES(bm4_tile512)
+}
+static void bm4_groups256(const BlockWork *w, int64_t g0, int64_t g1) { BM_ROW_TILES(bm4_tile256) }
 
 /* Work item ``index``: column group ``index`` for every row. */
 static void bm_item(void *data, size_t index) {
   const BlockWork *w = (const BlockWork *)data;
   int64_t g0 = (int64_t)index, g1 = g0 + 1;
-  if (__atomic_load_n(&bm_vnni512, __ATOMIC_RELAXED))
-    bm_groups512(w, g0, g1);
+  int vnni = __atomic_load_n(&bm_vnni512, __ATOMIC_RELAXED);
+  if (w->w4)
+    (vnni ? bm4_groups512 : bm4_groups256)(w, g0, g1);
   else
-    bm_groups256(w, g0, g1);
+    (vnni ? bm_groups512 : bm_groups256)(w, g0, g1);
+}
+
+/* Both ops once their weights are checked: x's rows quantized (turned by ``signs`` when given), for 4-bit weights
+   each block's sum of a row's int16 values, then the column groups over the threads. */
+static OrtStatus *bm_run(OrtKernelContext *ctx, const char *op, const int64_t *xd, size_t xn, const void *x,
+                         int64_t groups, const float *signs, int block, BlockWork w) {
+  int64_t k = xd[xn - 1], rows = 1, yd[MAX_RANK];
+  for (size_t i = 0; i + 1 < xn; i++) rows *= xd[i];
+  memcpy(yd, xd, sizeof(int64_t) * xn);
+  yd[xn - 1] = groups * BM_GROUP;
+  void *out;
+  OrtStatus *st;
+  if ((st = any_output(ctx, 0, yd, xn, &out))) return st;
+  if (!rows || !groups) return NULL;
+  const int64_t blocks = k / BM_BLOCK;
+  int16_t *q = malloc(sizeof(int16_t) * (size_t)(rows * k));
+  float *row_scale = malloc(sizeof(float) * (size_t)rows);
+  int32_t *xsum = w.w4 ? malloc(sizeof(int32_t) * (size_t)(rows * blocks)) : NULL;
+  RowWork qw = {x, q, row_scale, NULL, signs, rows, k, block, 1, 0};
+  if (!q || !row_scale || (w.w4 && !xsum) || (st = over_rows(ctx, bm_quantize_block, &qw, op))) {
+    free(q); free(row_scale); free(xsum);
+    return st ? st : error("BlockMatMul16: out of memory");
+  }
+  for (int64_t i = 0; xsum && i < rows * blocks; i++) {
+    int32_t t = 0;
+    for (int j = 0; j < BM_BLOCK; j++) t += q[i * BM_BLOCK + j];
+    xsum[i] = t;
+  }
+  w.q = q; w.row_scale = row_scale; w.xsum = xsum; w.y = (float *)out; w.rows = rows; w.k = k; w.n = groups * BM_GROUP;
+  if (groups > 1)
+    st = parallel_for(ctx, bm_item, (size_t)groups, &w);
+  else
+    bm_item(&w, 0);
+  free(q); free(row_scale); free(xsum);
+  return st;
 }
 
 static OrtStatus *block_matmul_compute(void *kernel, OrtKernelContext *ctx) {
   (void)kernel;
   int64_t xd[MAX_RANK], wd[MAX_RANK], sd[MAX_RANK];
   size_t xn = 0, wn = 0, sn = 0;
-  void *x, *wt, *sc, *out;
+  void *x, *wt, *sc;
   OrtStatus *st;
   if ((st = any_input(ctx, 0, ELEM_FLOAT, xd, &xn, &x, "BlockMatMul16: x")) ||
       (st = any_input(ctx, 1, ELEM_INT8, wd, &wn, &wt, "BlockMatMul16: w")) ||
       (st = any_input(ctx, 2, ELEM_FLOAT, sd, &sn, &sc, "BlockMatMul16: scale")))
     return st;
-  int64_t k = xd[xn - 1], groups = wd[0], rows = 1;
-  for (size_t i = 0; i + 1 < xn; i++) rows *= xd[i];
+  int64_t k = xd[xn - 1], groups = wd[0];
   if (k < BM_BLOCK || k % BM_BLOCK || wn != 3 || wd[1] != k / 2 || wd[2] != 32 || sn != 3 || sd[0] != groups ||
       sd[1] != k / BM_BLOCK || sd[2] != BM_GROUP)
     return error("BlockMatMul16: x's last size K must be a positive multiple of 32, w [N/16, K/2, 32] and scale "
@@ -209,23 +357,26 @@ static OrtStatus *block_matmul_compute(void *kernel, OrtKernelContext *ctx) {
   const float *signs = NULL;
   int block = 1;
   if ((st = quantize_signs(ctx, 3, k, &signs, &block, "BlockMatMul16"))) return st;
-  int64_t yd[MAX_RANK];
-  memcpy(yd, xd, sizeof(int64_t) * xn);
-  yd[xn - 1] = groups * BM_GROUP;
-  if ((st = any_output(ctx, 0, yd, xn, &out))) return st;
-  if (!rows || !groups) return NULL;
-  int16_t *q = malloc(sizeof(int16_t) * (size_t)(rows * k));
-  float *row_scale = malloc(sizeof(float) * (size_t)rows);
-  RowWork qw = {x, q, row_scale, NULL, signs, rows, k, block, 1, 0};
-  if (!q || !row_scale || (st = over_rows(ctx, bm_quantize_block, &qw, "BlockMatMul16"))) {
-    free(q); free(row_scale);
-    return st ? st : error("BlockMatMul16: out of memory");
-  }
-  BlockWork w = {q, row_scale, (const int8_t *)wt, (const float *)sc, (float *)out, rows, k, groups * BM_GROUP};
-  if (groups > 1)
-    st = parallel_for(ctx, bm_item, (size_t)groups, &w);
-  else
-    bm_item(&w, 0);
-  free(q); free(row_scale);
-  return st;
+  BlockWork w = {.w = (const int8_t *)wt, .scale = (const float *)sc};
+  return bm_run(ctx, "BlockMatMul16", xd, xn, x, groups, signs, block, w);
+}
+
+static OrtStatus *block_matmul4_compute(void *kernel, OrtKernelContext *ctx) {
+  (void)kernel;
+  int64_t xd[MAX_RANK], wd[MAX_RANK], sd[MAX_RANK], od[MAX_RANK];
+  size_t xn = 0, wn = 0, sn = 0, on = 0;
+  void *x, *wt, *sc, *of;
+  OrtStatus *st;
+  if ((st = any_input(ctx, 0, ELEM_FLOAT, xd, &xn, &x, "BlockMatMul16Q4: x")) ||
+      (st = any_input(ctx, 1, ELEM_UINT8, wd, &wn, &wt, "BlockMatMul16Q4: w")) ||
+      (st = any_input(ctx, 2, ELEM_FLOAT, sd, &sn, &sc, "BlockMatMul16Q4: scale")) ||
+      (st = any_input(ctx, 3, ELEM_FLOAT, od, &on, &of, "BlockMatMul16Q4: offset")))
+    return st;
+  int64_t k = xd[xn - 1], groups = wd[0];
+  if (k < BM_BLOCK || k % BM_BLOCK || wn != 3 || wd[1] != k / 4 || wd[2] != 32 || sn != 3 || sd[0] != groups ||
+      sd[1] != k / BM_BLOCK || sd[2] != BM_GROUP || on != 3 || memcmp(od, sd, sizeof(int64_t) * 3))
+    return error("BlockMatMul16Q4: x's last size K must be a positive multiple of 32, w [N/16, K/4, 32], scale and "
+                 "offset [N/16, K/32, 16]");
+  BlockWork w = {.w4 = (const uint8_t *)wt, .scale = (const float *)sc, .offset = (const float *)of};
+  return bm_run(ctx, "BlockMatMul16Q4", xd, xn, x, groups, NULL, 1, w);
 }

@@ -1306,6 +1306,13 @@ static OrtStatus *create_plain(const OrtCustomOp *op, OrtApiTable table, const O
 }
 static OrtCustomOp block_matmul = FIXED_OP(block_matmul_name, block_matmul_input_type, four_count, float_type, one_count,
                                            create_plain, block_matmul_compute, fourth_optional);
+static const char *block_matmul4_name(const OrtCustomOp *op) { (void)op; return "BlockMatMul16Q4"; }
+static int block_matmul4_input_type(const OrtCustomOp *op, size_t i) {
+  (void)op;
+  return i == 1 ? ELEM_UINT8 : ELEM_FLOAT;
+}
+static OrtCustomOp block_matmul4 = FIXED_OP(block_matmul4_name, block_matmul4_input_type, four_count, float_type,
+                                            one_count, create_plain, block_matmul4_compute, required);
 
 #include "screened_vocab.c"
 static OrtCustomOp screened_vocab = {
@@ -1334,7 +1341,8 @@ __attribute__((visibility("default"))) OrtStatus *RegisterCustomOps(OrtSessionOp
       CALL(CustomOpDomain_Add, OrtStatus *(*)(OrtCustomOpDomain *, const OrtCustomOp *));
   if ((st = add(domain, &row_attention)) || (st = add(domain, &lanes_attention)) || (st = add(domain, &row_attention16)) ||
       (st = add(domain, &lanes_attention16)) || (st = add(domain, &row_quantize)) || (st = add(domain, &scale_rows)) ||
-      (st = add(domain, &screened_vocab)) || (st = add(domain, &block_matmul)))
+      (st = add(domain, &screened_vocab)) || (st = add(domain, &block_matmul)) ||
+      (st = add(domain, &block_matmul4)))
     return st;
   return CALL(AddCustomOpDomain, OrtStatus *(*)(OrtSessionOptions *, OrtCustomOpDomain *))(options, domain);
 }
