@@ -264,14 +264,17 @@ static inline void bm4_tile256(int mr, const BlockWork *w, int64_t m0, int64_t g
   }
 }
 
-/* Constant row counts, so the accumulators stay in registers; other counts a row at a time. */
+/* Constant row counts, so the accumulators stay in registers and each line of weights is read once a tile. */
 #define BM_DISPATCH(TILE)                                                                                          \
   switch (mr) {                                                                                                    \
     case 1: TILE(1, w, m0, g0, g1); break;                                                                         \
     case 2: TILE(2, w, m0, g0, g1); break;                                                                         \
+    case 3: TILE(3, w, m0, g0, g1); break;                                                                         \
     case 4: TILE(4, w, m0, g0, g1); break;                                                                         \
-    case 8: TILE(8, w, m0, g0, g1); break;                                                                         \
-    default: for (int m = 0; m < mr; m++) TILE(1, w, m0 + m, g0, g1);                                              \
+    case 5: TILE(5, w, m0, g0, g1); break;                                                                         \
+    case 6: TILE(6, w, m0, g0, g1); break;                                                                         \
+    case 7: TILE(7, w, m0, g0, g1); break;                                                                         \
+    default: TILE(8, w, m0, g0, g1);                                                                               \
   }
 
 /* Every row of w, BM_ROWS at a time, for the column groups [g0, g1). */
