@@ -27,7 +27,7 @@ enum { BM_BLOCK = 32, BM_GROUP = 16, BM_ROWS = 8, BM_LEVELS = 32767, BM_CHAINS =
    cycles), which bounds a one-row product of the decoder near 2.8 ms on two cores, about what reading its weights
    from L3 takes (on this machine the difference did not show above the noise). Exact, so their order does not
    matter. */
-#define BM_CHAINS_OF(mr) ((mr) >= BM_CHAINS ? 1 : BM_CHAINS / (mr))
+#define BM_CHAINS_OF(mr) ((BM_CHAINS + (mr) - 1) / (mr))  /* 4, 2, 2, then 1 a row */
 
 typedef struct {
   const int16_t *q;  /* [rows, k] the rows quantized */
