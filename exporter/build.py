@@ -148,11 +148,15 @@ def _corpus_table(tokenizer, vocab_size: int, options: BuildOptions, work: Path,
 
 
 def below_bar_advice(options: BuildOptions) -> str:
-    """What to build instead when a quantized artifact misses the quality bar: int8 other than rows16 can keep its
-    width with each row's activations as int16 (docs/quantization.md); otherwise a wider dtype."""
+    """What to build instead when a quantized artifact misses the quality bar: int8 and int4 other than rows16 can keep
+    their width with each row's activations as int16 (int4: a model on a 4-bit grid; docs/quantization.md); otherwise
+    a wider dtype."""
     if options.dtype == "int8" and options.int8_matmul != "rows16":
         return ("--dtype int8 --attention kernel --int8-matmul rows16 keeps more (int16 activations), or prefer a "
                 "higher-precision --dtype")
+    if options.dtype == "int4" and options.int4_matmul != "rows16":
+        return ("--dtype int4 --attention kernel --int4-matmul rows16 keeps more where the model's weights are 4-bit "
+                "blocks (a Q4_0 / Q4_1 GGUF), or prefer a higher-precision --dtype")
     return "prefer a higher-precision --dtype"
 
 

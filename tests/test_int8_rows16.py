@@ -221,13 +221,15 @@ def test_quantize_rows_keeps_per_row_matmuls_whose_shape_does_not_fit_the_blocks
     assert [n.op_type for n in model.graph.node] == [kernels.QUANTIZE_OP, "MatMulInteger", kernels.SCALE_OP]
 
 
-def test_an_int8_build_below_the_bar_is_pointed_to_rows16():
+def test_an_int8_or_int4_build_below_the_bar_is_pointed_to_rows16():
     from medusa_export.exporter.build import below_bar_advice
 
     for matmul in ("blocks", "rows"):
         advice = below_bar_advice(BuildOptions(dtype="int8", attention="kernel", int8_matmul=matmul))
         assert "--int8-matmul rows16" in advice
-    for options in (BuildOptions(dtype="int8", attention="kernel", int8_matmul="rows16"), BuildOptions(dtype="int4")):
+    assert "--int4-matmul rows16" in below_bar_advice(BuildOptions(dtype="int4"))
+    for options in (BuildOptions(dtype="int8", attention="kernel", int8_matmul="rows16"),
+                    BuildOptions(dtype="int4", attention="kernel", int4_matmul="rows16")):
         assert below_bar_advice(options) == "prefer a higher-precision --dtype"
 
 
