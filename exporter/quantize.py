@@ -51,7 +51,7 @@ RECIPES = {
     "int8_rows": {"method": "MatMulInteger", "bits": 8, "block_size": 0, "symmetric": True, "accuracy_level": 0,
                   "min_rows": 1, "smooth_alpha": 0.5, "rotation": 32, "lm_head_rotation": 64},
     # `quantize_rows(wide=True)`: BlockMatMul16, weights int8 in blocks of 32, each row's input as int16 (accuracy
-    # level 0: the activations are not int8). Neither smoothed nor turned (the base lm_head, with --lm-head full,
+    # level 0: the activations are not int8); the heads stay int8 per row (MatMulInteger), as in int8_rows. Neither smoothed nor turned (the base lm_head, with --lm-head full,
     # neither): with 15 bits per row there is little for
     # either to gain. In PyTorch (blocks of 32, int16 rows, fp32 lm_head, unsmoothed; scripts/int8_torch_sim.py),
     # top-1 agreement on train_prompts [40:100] / [100:160]: unturned 98.31 / 98.20 %, turned per block of 32
@@ -102,8 +102,11 @@ def quantize_graph(path: Path, recipe_name: str, source_grid: bool = False) -> d
         from .quantize_rows import quantize_rows, turned_blocks
 
         is_lm_head = lambda name: any(part in name for part in ROWS_TURNED)  # noqa: E731
+        from .screened_lm_head import HEADS_SCOPE
+
         quantize_rows(model, keep=fp32_kept, turn=is_lm_head, turn_block=RECIPES[recipe_name]["lm_head_rotation"],
-                      wide=recipe["method"] != "MatMulInteger", grid4=recipe["method"] == "BlockMatMul16Q4")
+                      wide=recipe["method"] != "MatMulInteger", grid4=recipe["method"] == "BlockMatMul16Q4",
+                      per_row=lambda name: HEADS_SCOPE in name)  # the heads: drafts only, a cost flat in rows
         blocks_turned = set(turned_blocks(model.graph, is_lm_head))
         lm_head_rotation = blocks_turned.pop() if len(blocks_turned) == 1 else 0  # what was applied, not what was asked
     blocks = RECIPES["int8"] if rows else recipe  # rows: whatever quantize_rows left (no MatMul of a built graph)

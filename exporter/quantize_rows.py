@@ -38,7 +38,8 @@ BLOCK, GROUP = 32, 16  # BlockMatMul16: the weights' block along K, the columns 
 
 def quantize_rows(model, keep: Callable[[str], bool], turn: Callable[[str], bool] = lambda _name: False,
                   turn_block: int = 32, residual: Callable[[str], bool] = lambda _name: False,
-                  rounding: Rounding | None = None, wide: bool = False, grid4: bool = False) -> int:
+                  rounding: Rounding | None = None, wide: bool = False, grid4: bool = False,
+                  per_row: Callable[[str], bool] = lambda _name: False) -> int:
     """Rewrite every MatMul of ``model`` whose weight is a constant 2-D float initializer (and not ``keep(name)``,
     nor an input rotation's, which is folded into the RowQuantize it feeds or left fp32); the number rewritten.
     A MatMul whose input the graph does not turn but ``turn(name)`` names gets the rotation here: its weight turned
@@ -53,6 +54,8 @@ def quantize_rows(model, keep: Callable[[str], bool], turn: Callable[[str], bool
     ``residual`` and ``rounding`` do not apply to it); the others stay per row as above.
     ``grid4`` (with ``wide``): such a MatMul whose weight already is a 4-bit grid per block of 32 (`source_grid.grid_of`:
     a Q4_0 / Q4_1 GGUF's blocks) becomes one BlockMatMul16Q4 holding that grid (`block_int4`) instead.
+    ``per_row(name)``: MatMuls that stay per row even when ``wide`` (the Medusa heads, which only propose drafts: their
+    rows multiply with a tree's, and MatMulInteger's cost stays nearly flat in rows where BlockMatMul16's grows).
     Initializers no node reads any more are dropped."""
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
@@ -85,7 +88,8 @@ def quantize_rows(model, keep: Callable[[str], bool], turn: Callable[[str], bool
             fused.update(chain_outputs)
         elif turned:
             source.append(_signs_initializer(graph, signs, signs_names))
-        if wide and w.shape[0] >= BLOCK and w.shape[0] % BLOCK == 0 and w.shape[1] % GROUP == 0:
+        blocks_fit = w.shape[0] >= BLOCK and w.shape[0] % BLOCK == 0 and w.shape[1] % GROUP == 0
+        if wide and not per_row(node.name) and blocks_fit:
             grid = grid_of(w) if grid4 and basis is None else None  # a turned weight is off its grid
             if grid is not None:
                 arrays = dict(zip(("weight_blocks_int4", "block_scale", "block_offset"), block_int4(*grid)))

@@ -230,7 +230,7 @@ def test_int4_rows16_artifacts_record_and_hold_the_grid(q4_runtimes):
 
     rt = q4_runtimes["int4"]
     layers = rt.manifest.dims.num_layers
-    for graph in rt.manifest.graphs.values():
+    for kind, graph in rt.manifest.graphs.items():
         q = graph.quantization
         assert q.name == "int4" and q.method == kernels.BLOCK4_OP and q.matmuls_left_fp == 0 and q.smooth_alpha == 0
         assert q.source_grid == 4 * layers and q.other_bits == 8  # q|k|v, o, gate|up, down per layer
@@ -238,6 +238,9 @@ def test_int4_rows16_artifacts_record_and_hold_the_grid(q4_runtimes):
         ops = [n.op_type for n in model.graph.node]
         assert ops.count(kernels.BLOCK4_OP) == 4 * layers and "MatMulNBits" not in ops and "MatMul" not in ops
         assert kernels.SCREEN_OP in ops  # the lm_head: exact top words
+        heads = [n.op_type for n in model.graph.node if "//heads/" in n.name and n.op_type not in ("Concat", "Add")]
+        # the heads (drafts only) int8 per row: MatMulInteger's cost stays flat in the rows of a tree
+        assert ("MatMulInteger" in heads) == (kind == "medusa") and kernels.BLOCK_OP not in heads
     assert rt.manifest.validation["lanes"]["exact"]
 
 
