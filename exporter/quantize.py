@@ -59,9 +59,10 @@ RECIPES = {
     "int8_rows16": {"method": "BlockMatMul16", "bits": 8, "block_size": 32, "symmetric": True, "accuracy_level": 0,
                     "min_rows": 1, "smooth_alpha": 0.0, "rotation": 0, "lm_head_rotation": 0},
     # `quantize_rows(wide=True, grid4=True)`: the model's own 4-bit blocks (a Q4_0 / Q4_1 GGUF's: `source_grid`) as
-    # BlockMatMul16Q4, each row's input as int16; the other weight MatMuls (the lm_head, the heads) as int8_rows16
-    # (a Q8_0 weight's blocks come out as they are: its step is max |block| / 127 too). Only for a model on such a
-    # grid (`build` checks); neither smoothed nor turned, which would move the weights off it.
+    # BlockMatMul16Q4, each row's input as int16; other weight MatMuls (the lm_head with --lm-head full, any off the
+    # grid or of other shapes) as int8_rows16 (a Q8_0 weight's blocks come out as they are: its step is max |block| /
+    # 127 too), the heads int8 per row. Only for a model on such a grid (`build` checks); neither smoothed nor turned,
+    # which would move the weights off it. ``source_grid`` in the record counts the BlockMatMul16Q4 nodes.
     "int4_rows16": {"method": "BlockMatMul16Q4", "bits": 4, "block_size": 32, "symmetric": False, "accuracy_level": 0,
                     "min_rows": 1, "smooth_alpha": 0.0, "rotation": 0, "lm_head_rotation": 0},
 }
@@ -134,9 +135,17 @@ def quantize_graph(path: Path, recipe_name: str, source_grid: bool = False) -> d
     if rows:
         record["lm_head_rotation"] = lm_head_rotation
     if source_grid:  # the source's grid is kept: neither smoothed nor rotated (either would move the weights off it)
-        asymmetric = any(is_offset(n.name) for n in quantized.graph.node) or recipe["method"] == "BlockMatMul16Q4"
+        asymmetric = any(is_offset(n.name) for n in quantized.graph.node) or _any_block_offset(quantized.graph)
         record.update(smooth_alpha=0.0, rotation=0, other_bits=bits, symmetric=not asymmetric)
     return record
+
+
+def _any_block_offset(graph) -> bool:
+    """Whether a BlockMatMul16Q4 of ``graph`` has a non-zero offset (Q4_1 blocks; Q4_0 blocks have none)."""
+    from onnx import numpy_helper
+
+    offsets = {n.input[3] for n in graph.node if n.op_type == kernels.BLOCK4_OP}
+    return any(numpy_helper.to_array(i).any() for i in graph.initializer if i.name in offsets)
 
 
 def _weight_matmuls(graph) -> int:

@@ -20,7 +20,7 @@ ATTENTION = ("gqa", "kernel")  # ONNX Runtime's GroupQueryAttention, or the row-
 INT8_MATMULS = ("blocks", "rows", "rows16")
 INT8_RECIPES = {"rows": "int8_rows", "rows16": "int8_rows16"}  # the kernel library's int8 matmuls
 # int4 matmuls: MatMulNBits (+ the blocks' offsets), or rows16: the kernel's BlockMatMul16Q4, the model's own 4-bit
-# blocks (a Q4_0 / Q4_1 GGUF's) times each row as int16; the other weights (lm_head, heads) as int8 rows16
+# blocks (a Q4_0 / Q4_1 GGUF's) times each row as int16; a full lm_head as int8 rows16, the heads int8 per row
 INT4_MATMULS = ("blocks", "rows16")
 INT4_RECIPES = {"rows16": "int4_rows16"}
 KERNEL_RECIPES = (*INT8_RECIPES.values(), *INT4_RECIPES.values())  # recipes whose matmuls run in the kernel library

@@ -129,6 +129,7 @@ class QuantizationRecord:
     embedding: str = "fp32"  # the token embedding: fp32, or read from the tied lm_head's quantized weights
     rotation: int = 0  # largest block of the decoder matmuls' input rotation (`exporter/rotation.py`; 0: none)
     source_grid: int = 0  # MatMuls whose weights were already a 4- or 8-bit grid (GGUF Q4_1 / Q4_0 / Q8_0), kept exactly
+    # (int4 rows16: its BlockMatMul16Q4 nodes)
     other_bits: int = 0  # with source_grid: the bits of the other weight MatMuls (0: all at ``bits``)
     lm_head_rotation: int = 0  # int8 rows: the base lm_head's input turned per block of this many (0: not turned)
 

@@ -234,6 +234,7 @@ def test_int4_rows16_artifacts_record_and_hold_the_grid(q4_runtimes):
         q = graph.quantization
         assert q.name == "int4" and q.method == kernels.BLOCK4_OP and q.matmuls_left_fp == 0 and q.smooth_alpha == 0
         assert q.source_grid == 4 * layers and q.other_bits == 8  # q|k|v, o, gate|up, down per layer
+        assert not q.symmetric  # Q4_1 blocks: offsets
         model = onnx.load(str(rt.generator.backend.directory / graph.file), load_external_data=False)
         ops = [n.op_type for n in model.graph.node]
         assert ops.count(kernels.BLOCK4_OP) == 4 * layers and "MatMulNBits" not in ops and "MatMul" not in ops

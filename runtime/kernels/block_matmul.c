@@ -23,7 +23,7 @@
    scale last. Both paths do the same float operations in the same order, as above. */
 
 enum { BM_BLOCK = 32, BM_GROUP = 16, BM_ROWS = 8, BM_LEVELS = 32767, BM_CHAINS = 4 };
-/* Independent integer sums per row for one or two rows: with one chain a row waits on VPDPWSSD's latency (about 5
+/* Independent integer sums per row for one to three rows: with one chain a row waits on VPDPWSSD's latency (about 5
    cycles), which bounds a one-row product of the decoder near 2.8 ms on two cores, about what reading its weights
    from L3 takes (on this machine the difference did not show above the noise). Exact, so their order does not
    matter. */
@@ -326,7 +326,7 @@ static OrtStatus *bm_run(OrtKernelContext *ctx, const char *op, const int64_t *x
   RowWork qw = {x, q, row_scale, NULL, signs, rows, k, block, 1, 0};
   if (!q || !row_scale || (w.w4 && !xsum) || (st = over_rows(ctx, bm_quantize_block, &qw, op))) {
     free(q); free(row_scale); free(xsum);
-    return st ? st : error("BlockMatMul16: out of memory");
+    return st ? st : error(w.w4 ? "BlockMatMul16Q4: out of memory" : "BlockMatMul16: out of memory");
   }
   for (int64_t i = 0; xsum && i < rows * blocks; i++) {
     int32_t t = 0;
