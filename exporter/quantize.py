@@ -51,8 +51,8 @@ RECIPES = {
     "int8_rows": {"method": "MatMulInteger", "bits": 8, "block_size": 0, "symmetric": True, "accuracy_level": 0,
                   "min_rows": 1, "smooth_alpha": 0.5, "rotation": 32, "lm_head_rotation": 64},
     # `quantize_rows(wide=True)`: BlockMatMul16, weights int8 in blocks of 32, each row's input as int16 (accuracy
-    # level 0: the activations are not int8); the heads stay int8 per row (MatMulInteger), as in int8_rows. Neither smoothed nor turned (the base lm_head, with --lm-head full,
-    # neither): with 15 bits per row there is little for
+    # level 0: the activations are not int8); the heads stay int8 per row (MatMulInteger), as in int8_rows. Neither
+    # smoothed nor turned (the base lm_head, with --lm-head full, neither): with 15 bits per row there is little for
     # either to gain. In PyTorch (blocks of 32, int16 rows, fp32 lm_head, unsmoothed; scripts/int8_torch_sim.py),
     # top-1 agreement on train_prompts [40:100] / [100:160]: unturned 98.31 / 98.20 %, turned per block of 32
     # 98.06 / 98.49 % (docs/quantization.md).
@@ -66,7 +66,7 @@ RECIPES = {
     "int4_rows16": {"method": "BlockMatMul16Q4", "bits": 4, "block_size": 32, "symmetric": False, "accuracy_level": 0,
                     "min_rows": 1, "smooth_alpha": 0.0, "rotation": 0, "lm_head_rotation": 0},
 }
-ROW_METHODS = ("MatMulInteger", "BlockMatMul16", "BlockMatMul16Q4")  # `quantize_rows`: the kernel library's matmuls
+ROW_METHODS = ("MatMulInteger", kernels.BLOCK_OP, kernels.BLOCK4_OP)  # `quantize_rows`: the kernel library's matmuls
 # MatMuls of the int8_rows recipe whose input RowQuantize turns though the graph does not: the base model's lm_head.
 # Its input (the final norm's output) unturned under one scale per row cost the most top-1 agreement; as int8 blocks
 # (`MatMulNBits`) it cost 2.3x the step time at 8 rows of what it costs per row; turned per block of 64 and per row,
@@ -101,12 +101,11 @@ def quantize_graph(path: Path, recipe_name: str, source_grid: bool = False) -> d
     lm_head_rotation = 0
     if rows:  # per row, every weight MatMul
         from .quantize_rows import quantize_rows, turned_blocks
-
-        is_lm_head = lambda name: any(part in name for part in ROWS_TURNED)  # noqa: E731
         from .screened_lm_head import HEADS_SCOPE
 
+        is_lm_head = lambda name: any(part in name for part in ROWS_TURNED)  # noqa: E731
         quantize_rows(model, keep=fp32_kept, turn=is_lm_head, turn_block=RECIPES[recipe_name]["lm_head_rotation"],
-                      wide=recipe["method"] != "MatMulInteger", grid4=recipe["method"] == "BlockMatMul16Q4",
+                      wide=recipe["method"] != "MatMulInteger", grid4=recipe["method"] == kernels.BLOCK4_OP,
                       per_row=lambda name: HEADS_SCOPE in name)  # the heads: drafts only, a cost flat in rows
         blocks_turned = set(turned_blocks(model.graph, is_lm_head))
         lm_head_rotation = blocks_turned.pop() if len(blocks_turned) == 1 else 0  # what was applied, not what was asked
