@@ -9,7 +9,8 @@ Best of 25 runs after 5, in ms.
     python scripts/block_matmul_micro.py --kind integer --rows 1 8 64
 
 ``--library``: a kernel library file to load instead of the one compiled from this checkout (to set two versions of
-the kernel side by side; ``MEDUSA_EXPORT_KERNEL_AVX2=1`` takes the AVX2 path).
+the kernel side by side; ``MEDUSA_EXPORT_KERNEL_AVX2=1`` takes the AVX2 path, ``MEDUSA_EXPORT_KERNEL_NO_AMX=1`` keeps
+steps of 16 rows or more off the AMX tiles).
 """
 
 from __future__ import annotations

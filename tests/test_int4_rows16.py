@@ -19,6 +19,7 @@ import test_attention_kernel  # noqa: F401 (skips this module where the kernel c
 import test_engine as engine_tests  # noqa: E402
 import test_fused_graph as fused_tests  # noqa: E402
 import test_int8_rows as rows_tests  # noqa: E402
+import test_int8_rows16 as int8_rows16_tests  # noqa: E402
 from conftest import TINY_PROMPTS, artifact_tree_file  # noqa: E402
 from test_cli import assert_one_line_error, cli  # noqa: E402
 from test_source_grid import grid_model_dir, q4_grid  # noqa: E402,F401 (grid_model_dir: a fixture used here)
@@ -115,37 +116,29 @@ def test_a_q4_matmul_over_many_rows_takes_zero_and_nan_rows():
 
 
 _PATHS_SCRIPT = """
+ROWS = (1, 2, 3, 4, 8, 13, 16, 37, 64)
 import sys, numpy as np, onnxruntime as ort
 from medusa_export.runtime import kernels
 opts = ort.SessionOptions(); opts.intra_op_num_threads = 2; kernels.register(opts, "kernel")
-x = np.random.default_rng(2).standard_normal((1, 37, 192), dtype=np.float32) * 5
+x = np.random.default_rng(2).standard_normal((1, 64, 192), dtype=np.float32) * 5
 s = ort.InferenceSession(sys.argv[1], opts, providers=["CPUExecutionProvider"])
-for rows in (1, 2, 3, 4, 8, 13, 37):
+for rows in ROWS:
     sys.stdout.buffer.write(s.run(None, {"x": x[:, :rows]})[0].tobytes())
 """
 
 
-def test_the_avx2_and_avx512_q4_paths_give_the_same_bits(tmp_path):
-    """As for BlockMatMul16: MEDUSA_EXPORT_KERNEL_AVX2 takes the AVX2 path; both paths give every bit alike, for steps
-    of 1 to 37 rows. On an AVX2-only CPU both runs take the AVX2 path: the test says so by skipping."""
+def test_the_amx_avx512_and_avx2_q4_paths_give_the_same_bits(tmp_path):
+    """As for BlockMatMul16: the AMX, AVX-512 VNNI and AVX2 paths give every bit alike, for steps of 1 to 64 rows."""
     import onnx
-
-    from medusa_export.runtime.machine import machine_info
 
     model, _ = _grid_model(192, 80, 3)
     quantize_rows(model, keep=lambda _name: False, wide=True, grid4=True)
     path = str(tmp_path / "q4.onnx")
     onnx.save(model, path)
-    outs = []
-    for avx2 in (False, True):
-        env = {k: v for k, v in os.environ.items() if k != "MEDUSA_EXPORT_KERNEL_AVX2"}
-        if avx2:
-            env["MEDUSA_EXPORT_KERNEL_AVX2"] = "1"
-        outs.append(subprocess.run([sys.executable, "-c", _PATHS_SCRIPT, path], env=env, check=True,
-                                   capture_output=True, timeout=120).stdout)
-    assert len(outs[0]) == (1 + 2 + 3 + 4 + 8 + 13 + 37) * 80 * 4 and outs[0] == outs[1]
-    if not {"avx512_vnni", "avx512bw"} <= set(machine_info()["flags"]):
-        pytest.skip("this CPU has no AVX-512 VNNI: both runs took the AVX2 path")
+    outs = int8_rows16_tests.outputs_by_path(_PATHS_SCRIPT, [path])
+    assert len(outs["amx"]) == (1 + 2 + 3 + 4 + 8 + 13 + 16 + 37 + 64) * 80 * 4
+    assert outs["amx"] == outs["avx512"] == outs["avx2"]
+    int8_rows16_tests.skip_unless_every_path_ran()
 
 
 def test_block_matmul_q4_refuses_bad_shapes():

@@ -125,24 +125,49 @@ def test_a_block_matmul_takes_zero_rows_and_passes_a_nan_on():
 
 
 _PATHS_SCRIPT = """
+ROWS = (1, 2, 3, 4, 8, 13, 16, 37, 64)
 import sys, numpy as np, onnxruntime as ort
 from medusa_export.runtime import kernels
 opts = ort.SessionOptions(); opts.intra_op_num_threads = 2; kernels.register(opts, "kernel")
-x = np.random.default_rng(2).standard_normal((1, 37, 192), dtype=np.float32) * 5
+x = np.random.default_rng(2).standard_normal((1, 64, 192), dtype=np.float32) * 5
 for path in sys.argv[1:]:
     s = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
-    for rows in (1, 2, 3, 4, 8, 13, 37):
+    for rows in ROWS:
         sys.stdout.buffer.write(s.run(None, {"x": x[:, :rows]})[0].tobytes())
 """
 
 
-def test_the_avx2_and_avx512_paths_give_the_same_bits(tmp_path):
-    """MEDUSA_EXPORT_KERNEL_AVX2 takes the AVX2 path on any CPU; where the CPU has AVX-512 VNNI both paths run, and
-    every bit of every row agrees, for steps of 1 to 37 rows (each tile size and chain count), with and without the
-    input rotation. On an AVX2-only CPU both runs take the AVX2 path: the test says so by skipping."""
-    import onnx
+PATH_SWITCHES = {"amx": {}, "avx512": {"MEDUSA_EXPORT_KERNEL_NO_AMX": "1"}, "avx2": {"MEDUSA_EXPORT_KERNEL_AVX2": "1"}}
 
+
+def outputs_by_path(script: str, paths: list[str]) -> dict[str, bytes]:
+    """``script``'s output (the kernel's products as bytes) under each of the kernel's paths, each in a process of its
+    own (the library reads the switches when it registers). Where the CPU lacks a path, its run takes the next one."""
+    outs = {}
+    for name, switch in PATH_SWITCHES.items():
+        env = {k: v for k, v in os.environ.items() if k not in ("MEDUSA_EXPORT_KERNEL_AVX2", "MEDUSA_EXPORT_KERNEL_NO_AMX")}
+        outs[name] = subprocess.run([sys.executable, "-c", script, *paths], env={**env, **switch}, check=True,
+                                    capture_output=True, timeout=120).stdout
+    return outs
+
+
+def skip_unless_every_path_ran() -> None:
     from medusa_export.runtime.machine import machine_info
+
+    flags = set(machine_info()["flags"])
+    if not {"avx512_vnni", "avx512bw"} <= flags:
+        pytest.skip("this CPU has no AVX-512 VNNI: every run took the AVX2 path")
+    if not {"amx_tile", "amx_int8"} <= flags:
+        pytest.skip("this CPU has no AMX: the AMX run took the AVX-512 path")
+
+
+def test_the_amx_avx512_and_avx2_paths_give_the_same_bits(tmp_path):
+    """MEDUSA_EXPORT_KERNEL_AVX2 takes the AVX2 path on any CPU, MEDUSA_EXPORT_KERNEL_NO_AMX the AVX-512 VNNI one
+    where the CPU has it; by default steps of 16 rows and more go to AMX tiles where the CPU and Linux allow them.
+    Every bit of every row agrees across the paths, for steps of 1 to 64 rows (each tile size and chain count, AMX
+    tiles beside VNNI rows), with and without the input rotation. Where the CPU lacks a path the test says so by
+    skipping, after comparing the paths it has."""
+    import onnx
 
     paths = []
     for block in (0, 64):
@@ -153,16 +178,10 @@ def test_the_avx2_and_avx512_paths_give_the_same_bits(tmp_path):
         quantize_rows(model, keep=lambda _name: False, wide=True)
         paths.append(str(tmp_path / f"wide{block}.onnx"))
         onnx.save(model, paths[-1])
-    outs = []
-    for avx2 in (False, True):
-        env = {k: v for k, v in os.environ.items() if k != "MEDUSA_EXPORT_KERNEL_AVX2"}
-        if avx2:
-            env["MEDUSA_EXPORT_KERNEL_AVX2"] = "1"
-        outs.append(subprocess.run([sys.executable, "-c", _PATHS_SCRIPT, *paths], env=env, check=True,
-                                   capture_output=True, timeout=120).stdout)
-    assert len(outs[0]) == 2 * (1 + 2 + 3 + 4 + 8 + 13 + 37) * 80 * 4 and outs[0] == outs[1]
-    if not {"avx512_vnni", "avx512bw"} <= set(machine_info()["flags"]):
-        pytest.skip("this CPU has no AVX-512 VNNI: both runs took the AVX2 path")
+    outs = outputs_by_path(_PATHS_SCRIPT, paths)
+    assert len(outs["amx"]) == 2 * (1 + 2 + 3 + 4 + 8 + 13 + 16 + 37 + 64) * 80 * 4
+    assert outs["amx"] == outs["avx512"] == outs["avx2"]
+    skip_unless_every_path_ran()
 
 
 def test_block_matmul_refuses_bad_shapes():

@@ -39,7 +39,12 @@ typedef struct {
   const uint8_t *w4;  /* 4 bits (BlockMatMul16Q4, else NULL): [N/16, K/4, 32] */
   const float *offset;  /* 4 bits: [N/16, K/32, 16] */
   const int32_t *xsum;  /* 4 bits: [rows, K/32] each block's sum of a row's int16 values */
+  int64_t amx_rows;  /* rows [0, amx_rows) go to the AMX path (`block_amx.c`), the others to the VNNI / AVX2 tiles */
+  const uint8_t *a_tiles;  /* AMX: the rows' values as bytes by row tile and block (`amx_split_rows`) */
+  const float *a_xsum;  /* AMX: xsum as float by row tile and block */
 } BlockWork;
+
+#include "block_amx.c"
 
 static int bm_vnni512;  /* the AVX-512 path: the CPU has it and MEDUSA_EXPORT_KERNEL_AVX2 is unset (tests); set by
                            `bm_detect` when the library registers (before its sessions compute; a later registration
@@ -49,6 +54,7 @@ static void bm_detect(void) {
   int vnni = __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw") &&
              !getenv("MEDUSA_EXPORT_KERNEL_AVX2");
   __atomic_store_n(&bm_vnni512, vnni, __ATOMIC_RELAXED);
+  __atomic_store_n(&bm_amx, vnni && !getenv("MEDUSA_EXPORT_KERNEL_NO_AMX") && amx_permitted(), __ATOMIC_RELAXED);
 }
 
 /* One row to int16 under max|row| / 32767: the scale, or 1 for a row of zeros, NaN for a row holding NaN or inf.
@@ -277,34 +283,43 @@ static inline void bm4_tile256(int mr, const BlockWork *w, int64_t m0, int64_t g
     default: TILE(8, w, m0, g0, g1);                                                                               \
   }
 
-/* Every row of w, BM_ROWS at a time, for the column groups [g0, g1). */
+/* The rows of w from ``first`` on, BM_ROWS at a time, for the column groups [g0, g1). */
 #define BM_ROW_TILES(TILE)                                                                                         \
-  for (int64_t m0 = 0; m0 < w->rows; m0 += BM_ROWS) {                                                              \
+  for (int64_t m0 = first; m0 < w->rows; m0 += BM_ROWS) {                                                          \
     int mr = (int)(w->rows - m0 < BM_ROWS ? w->rows - m0 : BM_ROWS);                                               \
     BM_DISPATCH(TILE)                                                                                              \
   }
 
 /* One function per path and width: the AVX-512 ones need their target for the tile they inline. */
-__attribute__((target("avx512f,avx512bw,avx512vnni"))) static void bm_groups512(const BlockWork *w, int64_t g0,
-                                                                                int64_t g1) {
+__attribute__((target("avx512f,avx512bw,avx512vnni"))) static void bm_groups512(const BlockWork *w, int64_t first,
+                                                                                int64_t g0, int64_t g1) {
   BM_ROW_TILES(bm_tile512)
 }
-static void bm_groups256(const BlockWork *w, int64_t g0, int64_t g1) { BM_ROW_TILES(bm_tile256) }
-__attribute__((target("avx512f,avx512bw,avx512vnni"))) static void bm4_groups512(const BlockWork *w, int64_t g0,
-                                                                                 int64_t g1) {
+static void bm_groups256(const BlockWork *w, int64_t first, int64_t g0, int64_t g1) { BM_ROW_TILES(bm_tile256) }
+__attribute__((target("avx512f,avx512bw,avx512vnni"))) static void bm4_groups512(const BlockWork *w, int64_t first,
+                                                                                 int64_t g0, int64_t g1) {
   BM_ROW_TILES(bm4_tile512)
 }
-static void bm4_groups256(const BlockWork *w, int64_t g0, int64_t g1) { BM_ROW_TILES(bm4_tile256) }
+static void bm4_groups256(const BlockWork *w, int64_t first, int64_t g0, int64_t g1) { BM_ROW_TILES(bm4_tile256) }
 
-/* Work item ``index``: column group ``index`` for every row. */
+/* Work item ``index``: column group ``index`` for every row, the first amx_rows on AMX (all of them on the VNNI
+   tiles, with the same bits, if its scratch cannot be had). */
 static void bm_item(void *data, size_t index) {
   const BlockWork *w = (const BlockWork *)data;
-  int64_t g0 = (int64_t)index, g1 = g0 + 1;
+  int64_t g0 = (int64_t)index, g1 = g0 + 1, first = 0;
   int vnni = __atomic_load_n(&bm_vnni512, __ATOMIC_RELAXED);
+  if (w->amx_rows) {
+    int8_t *unpacked = aligned_alloc(64, (size_t)(w->k / BM_BLOCK) * AMX_B_BYTES);
+    if (unpacked) {
+      amx_rows(w, g0, unpacked);
+      first = w->amx_rows;
+    }
+    free(unpacked);
+  }
   if (w->w4)
-    (vnni ? bm4_groups512 : bm4_groups256)(w, g0, g1);
+    (vnni ? bm4_groups512 : bm4_groups256)(w, first, g0, g1);
   else
-    (vnni ? bm_groups512 : bm_groups256)(w, g0, g1);
+    (vnni ? bm_groups512 : bm_groups256)(w, first, g0, g1);
 }
 
 /* Both ops once their weights are checked: x's rows quantized (turned by ``signs`` when given), for 4-bit weights
@@ -334,11 +349,20 @@ static OrtStatus *bm_run(OrtKernelContext *ctx, const char *op, const int64_t *x
     xsum[i] = t;
   }
   w.q = q; w.row_scale = row_scale; w.xsum = xsum; w.y = (float *)out; w.rows = rows; w.k = k; w.n = groups * BM_GROUP;
+  uint8_t *a_tiles = NULL;
+  float *a_xsum = NULL;
+  w.amx_rows = rows >= AMX_ROWS && __atomic_load_n(&bm_amx, __ATOMIC_RELAXED) ? rows / AMX_ROWS * AMX_ROWS : 0;
+  if (w.amx_rows && (a_tiles = aligned_alloc(64, (size_t)(w.amx_rows * 2 * k))) &&
+      (!xsum || (a_xsum = malloc(sizeof(float) * (size_t)(w.amx_rows * blocks)))))
+    amx_split_rows(q, xsum, w.amx_rows / AMX_ROWS, k, a_tiles, a_xsum);
+  else
+    w.amx_rows = 0;  /* no scratch: the VNNI tiles take every row, with the same bits */
+  w.a_tiles = a_tiles; w.a_xsum = a_xsum;
   if (groups > 1)
     st = parallel_for(ctx, bm_item, (size_t)groups, &w);
   else
     bm_item(&w, 0);
-  free(q); free(row_scale); free(xsum);
+  free(q); free(row_scale); free(xsum); free(a_tiles); free(a_xsum);
   return st;
 }
 
