@@ -1,14 +1,10 @@
 """The model's own 4-bit blocks times each row as int16 (`build --dtype int4 --int4-matmul rows16`, the kernel's
 BlockMatMul16Q4, `exporter/quantize_rows.block_int4`): the packing, the product against a float64 model of it, each
-row computed by itself, the AVX2 and AVX-512 paths bit-identical, bad shapes refused, weights off the grid left to
+row computed by itself, the AMX, AVX-512 and AVX2 paths bit-identical, bad shapes refused, weights off the grid left to
 BlockMatMul16; on a tiny model on a Q4_1 grid, the artifact's record, tree nodes bit-identical to one-token steps,
 greedy Medusa equal to greedy vanilla and batched answers equal to answers alone; a model off the grid refused."""
 
 from __future__ import annotations
-
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -115,30 +111,21 @@ def test_a_q4_matmul_over_many_rows_takes_zero_and_nan_rows():
     assert session.run(None, {"x": np.zeros((1, 0, 256), np.float32)})[0].shape == (1, 0, 64)
 
 
-_PATHS_SCRIPT = """
-ROWS = (1, 2, 3, 4, 8, 13, 16, 37, 64)
-import sys, numpy as np, onnxruntime as ort
-from medusa_export.runtime import kernels
-opts = ort.SessionOptions(); opts.intra_op_num_threads = 2; kernels.register(opts, "kernel")
-x = np.random.default_rng(2).standard_normal((1, 64, 192), dtype=np.float32) * 5
-s = ort.InferenceSession(sys.argv[1], opts, providers=["CPUExecutionProvider"])
-for rows in ROWS:
-    sys.stdout.buffer.write(s.run(None, {"x": x[:, :rows]})[0].tobytes())
-"""
-
-
 def test_the_amx_avx512_and_avx2_q4_paths_give_the_same_bits(tmp_path):
-    """As for BlockMatMul16: the AMX, AVX-512 VNNI and AVX2 paths give every bit alike, for steps of 1 to 64 rows."""
+    """As for BlockMatMul16: the AMX, AVX-512 VNNI and AVX2 paths give every bit alike, for steps of 1 to 64 rows over
+    1, 3 and 6 blocks of inputs, Q4_1 and Q4_0 blocks."""
     import onnx
 
-    model, _ = _grid_model(192, 80, 3)
-    quantize_rows(model, keep=lambda _name: False, wide=True, grid4=True)
-    path = str(tmp_path / "q4.onnx")
-    onnx.save(model, path)
-    outs = int8_rows16_tests.outputs_by_path(_PATHS_SCRIPT, [path])
-    assert len(outs["amx"]) == (1 + 2 + 3 + 4 + 8 + 13 + 16 + 37 + 64) * 80 * 4
+    paths = []
+    for k, symmetric in ((32, False), (96, True), (192, False)):
+        model, _ = _grid_model(k, 80, 3, symmetric)
+        quantize_rows(model, keep=lambda _name: False, wide=True, grid4=True)
+        paths.append(str(tmp_path / f"q4_{k}.onnx"))
+        onnx.save(model, paths[-1])
+    outs = int8_rows16_tests.outputs_by_path(paths)
+    assert len(outs["amx"]) == int8_rows16_tests.PATH_ROWS * 80 * 4 * len(paths)
     assert outs["amx"] == outs["avx512"] == outs["avx2"]
-    int8_rows16_tests.skip_unless_every_path_ran()
+    int8_rows16_tests.skip_unless_every_path_ran(outs["ran"])
 
 
 def test_block_matmul_q4_refuses_bad_shapes():

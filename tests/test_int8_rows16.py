@@ -125,63 +125,63 @@ def test_a_block_matmul_takes_zero_rows_and_passes_a_nan_on():
 
 
 _PATHS_SCRIPT = """
-ROWS = (1, 2, 3, 4, 8, 13, 16, 37, 64)
 import sys, numpy as np, onnxruntime as ort
 from medusa_export.runtime import kernels
 opts = ort.SessionOptions(); opts.intra_op_num_threads = 2; kernels.register(opts, "kernel")
-x = np.random.default_rng(2).standard_normal((1, 64, 192), dtype=np.float32) * 5
 for path in sys.argv[1:]:
     s = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
-    for rows in ROWS:
+    x = np.random.default_rng(2).standard_normal((1, 64, s.get_inputs()[0].shape[-1]), dtype=np.float32) * 5
+    for rows in (1, 2, 3, 4, 8, 13, 16, 37, 64):
         sys.stdout.buffer.write(s.run(None, {"x": x[:, :rows]})[0].tobytes())
+sys.stderr.write(kernels.block_matmul_path())
 """
-
-
+PATH_ROWS = 1 + 2 + 3 + 4 + 8 + 13 + 16 + 37 + 64  # the rows of the script's steps, per model
 PATH_SWITCHES = {"amx": {}, "avx512": {"MEDUSA_EXPORT_KERNEL_NO_AMX": "1"}, "avx2": {"MEDUSA_EXPORT_KERNEL_AVX2": "1"}}
 
 
-def outputs_by_path(script: str, paths: list[str]) -> dict[str, bytes]:
-    """``script``'s output (the kernel's products as bytes) under each of the kernel's paths, each in a process of its
-    own (the library reads the switches when it registers). Where the CPU lacks a path, its run takes the next one."""
-    outs = {}
+def outputs_by_path(paths: list[str]) -> dict[str, bytes]:
+    """The products of the models at ``paths`` (input x [1, S, K]) over steps of 1 to 64 rows, as bytes, under each
+    of the kernel's paths, each in a process of its own (the library reads the switches when it registers). Where the
+    CPU or Linux lacks a path its run takes the next one; the test then skips, after comparing what ran."""
+    outs, ran = {}, {}
     for name, switch in PATH_SWITCHES.items():
         env = {k: v for k, v in os.environ.items() if k not in ("MEDUSA_EXPORT_KERNEL_AVX2", "MEDUSA_EXPORT_KERNEL_NO_AMX")}
-        outs[name] = subprocess.run([sys.executable, "-c", script, *paths], env={**env, **switch}, check=True,
-                                    capture_output=True, timeout=120).stdout
+        done = subprocess.run([sys.executable, "-c", _PATHS_SCRIPT, *paths], env={**env, **switch}, check=True,
+                              capture_output=True, timeout=120)
+        outs[name], ran[name] = done.stdout, done.stderr.decode().strip().splitlines()[-1]
+    assert ran["avx2"] == "avx2" and ran["avx512"] in ("avx512", "avx2") and ran["amx"] in ("amx", ran["avx512"])
+    outs["ran"] = ran
     return outs
 
 
-def skip_unless_every_path_ran() -> None:
-    from medusa_export.runtime.machine import machine_info
-
-    flags = set(machine_info()["flags"])
-    if not {"avx512_vnni", "avx512bw"} <= flags:
+def skip_unless_every_path_ran(ran: dict[str, str]) -> None:
+    if ran["avx512"] != "avx512":
         pytest.skip("this CPU has no AVX-512 VNNI: every run took the AVX2 path")
-    if not {"amx_tile", "amx_int8"} <= flags:
-        pytest.skip("this CPU has no AMX: the AMX run took the AVX-512 path")
+    if ran["amx"] != "amx":
+        pytest.skip("no AMX here (the CPU lacks it or Linux did not grant the tile state): the AMX run took the "
+                    "AVX-512 path")
 
 
 def test_the_amx_avx512_and_avx2_paths_give_the_same_bits(tmp_path):
     """MEDUSA_EXPORT_KERNEL_AVX2 takes the AVX2 path on any CPU, MEDUSA_EXPORT_KERNEL_NO_AMX the AVX-512 VNNI one
     where the CPU has it; by default steps of 16 rows and more go to AMX tiles where the CPU and Linux allow them.
     Every bit of every row agrees across the paths, for steps of 1 to 64 rows (each tile size and chain count, AMX
-    tiles beside VNNI rows), with and without the input rotation. Where the CPU lacks a path the test says so by
-    skipping, after comparing the paths it has."""
+    tiles beside VNNI rows), over 1, 3 and 6 blocks of inputs, with and without the input rotation."""
     import onnx
 
     paths = []
-    for block in (0, 64):
+    for k, block in ((32, 0), (96, 0), (192, 0), (192, 64)):
         if block:
-            model, _ = rows_tests._rotated_matmul_model(192, 80, block, 3)
+            model, _ = rows_tests._rotated_matmul_model(k, 80, block, 3)
         else:
-            model, _ = rows_tests._rows_matmul_model(192, 80, 3)
+            model, _ = rows_tests._rows_matmul_model(k, 80, 3)
         quantize_rows(model, keep=lambda _name: False, wide=True)
-        paths.append(str(tmp_path / f"wide{block}.onnx"))
+        paths.append(str(tmp_path / f"wide{k}_{block}.onnx"))
         onnx.save(model, paths[-1])
-    outs = outputs_by_path(_PATHS_SCRIPT, paths)
-    assert len(outs["amx"]) == 2 * (1 + 2 + 3 + 4 + 8 + 13 + 16 + 37 + 64) * 80 * 4
+    outs = outputs_by_path(paths)
+    assert len(outs["amx"]) == PATH_ROWS * 80 * 4 * len(paths)
     assert outs["amx"] == outs["avx512"] == outs["avx2"]
-    skip_unless_every_path_ran()
+    skip_unless_every_path_ran(outs["ran"])
 
 
 def test_block_matmul_refuses_bad_shapes():

@@ -55,6 +55,29 @@ def test_no_compiler_or_a_failing_one_is_a_one_line_error(tmp_path, monkeypatch)
     assert "\n" not in str(e.value) and [p.name for p in tmp_path.iterdir()] == ["cc"]  # no half-written library
 
 
+def test_a_compiler_that_cannot_build_the_amx_path_builds_the_library_without_it(tmp_path, monkeypatch):
+    """The AMX path needs a recent assembler: when the first compile fails, a second one without it
+    (-DMEDUSA_EXPORT_NO_AMX) gives a library whose block products take the VNNI or AVX2 path."""
+    import shutil
+
+    gcc = shutil.which("gcc") or shutil.which("cc")
+    if not gcc:
+        pytest.skip("no C compiler here")
+    log = tmp_path / "calls"
+    fake = tmp_path / "cc"
+    fake.write_text(f"#!/bin/sh\necho \"$*\" >> {log}\ncase \"$*\" in *MEDUSA_EXPORT_NO_AMX*) ;; --version) ;; "
+                    f"*) echo 'Error: no such instruction: ldtilecfg' >&2; exit 1;; esac\nexec {gcc} \"$@\"\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("CC", str(fake))
+    monkeypatch.setenv("MEDUSA_EXPORT_KERNEL_DIR", str(tmp_path / "kernels"))
+    monkeypatch.setattr(kernels, "_built", {})
+    monkeypatch.setattr(kernels, "_versions", {})
+    kernels.library_path()
+    compiles = [line for line in log.read_text().splitlines() if "--version" not in line]
+    assert len(compiles) == 2 and "MEDUSA_EXPORT_NO_AMX" in compiles[1] and "MEDUSA_EXPORT_NO_AMX" not in compiles[0]
+    assert kernels.block_matmul_path() in ("avx512", "avx2")
+
+
 def test_a_damaged_cached_library_is_compiled_again_not_mapped(tmp_path, monkeypatch):
     """A truncated library in the cache (a copy cut short) would crash the process when mapped (SIGBUS): its
     recorded sha256 no longer matches, so it is compiled again."""

@@ -152,6 +152,14 @@ def library_path() -> str:
         return _built[key]
 
 
+def block_matmul_path() -> str:
+    """The path BlockMatMul16 / BlockMatMul16Q4 take in this process: "amx" (AMX tiles for steps of 16 rows or more,
+    AVX-512 VNNI below), "avx512" or "avx2" (`MEDUSA_EXPORT_KERNEL_NO_AMX`, `MEDUSA_EXPORT_KERNEL_AVX2` steer it)."""
+    import ctypes
+
+    return ("avx2", "avx512", "amx")[ctypes.CDLL(library_path()).medusa_export_block_path()]
+
+
 def _digest_path(library: Path) -> Path:
     return library.with_name(library.name + ".sha256")
 
@@ -179,6 +187,9 @@ def _compile(cc: list[str], directory: Path, path: Path) -> None:
     try:
         done = subprocess.run([*cc, *FLAGS, "-o", str(tmp), str(SOURCE), *LIBS], capture_output=True, text=True,
                               timeout=300)
+        if done.returncode != 0:  # once more without the AMX path, which needs a recent assembler
+            done = subprocess.run([*cc, *FLAGS, "-DMEDUSA_EXPORT_NO_AMX", "-o", str(tmp), str(SOURCE), *LIBS],
+                                  capture_output=True, text=True, timeout=300)
         if done.returncode != 0:
             first = (done.stderr.strip().splitlines() or ["no message"])[0]
             raise BackendUnavailableError(f"compiling the attention kernel with {name} failed ({first[:200]}): install "

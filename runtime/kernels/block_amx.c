@@ -16,8 +16,10 @@
 
 long syscall(long number, ...);  /* unistd.h declares it only outside strict C11 */
 
-/* AMX intrinsics came with gcc 11 and clang 12; older compilers build the library without this path. */
-#if (defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 11)
+/* AMX intrinsics came with gcc 11 and clang 12 (and binutils 2.36 for gcc's); older compilers build the library
+   without this path, as does MEDUSA_EXPORT_NO_AMX (the retry when a first compile fails: `kernels._compile`). */
+#if !defined(MEDUSA_EXPORT_NO_AMX) && \
+    ((defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 11))
 #define BM_AMX_BUILT 1
 #define AMX_TARGET __attribute__((target("amx-tile,amx-int8,avx512f,avx512bw,avx512vnni")))
 #else
@@ -134,7 +136,7 @@ AMX_TARGET static inline __attribute__((always_inline)) void amx_rows_as(const B
         _tile_stored(2, hi, 64);
         _tile_stored(3, lo, 64);
       }
-      amx_finish(hi, lo, acc, four, xs + b * AMX_ROWS, _mm512_loadu_ps(sg + b * BM_GROUP),
+      amx_finish(hi, lo, acc, four, four ? xs + b * AMX_ROWS : NULL, _mm512_loadu_ps(sg + b * BM_GROUP),
                  four ? _mm512_loadu_ps(og + b * BM_GROUP) : _mm512_setzero_ps());
     }
     for (int m = 0; m < AMX_ROWS; m++)

@@ -57,6 +57,13 @@ static void bm_detect(void) {
   __atomic_store_n(&bm_amx, vnni && !getenv("MEDUSA_EXPORT_KERNEL_NO_AMX") && amx_permitted(), __ATOMIC_RELAXED);
 }
 
+/* The path the block products take in this process (detected now if no session registered the library yet): 2 AMX
+   tiles from 16 rows on (VNNI below), 1 AVX-512 VNNI, 0 AVX2. For tests and reports (`kernels.block_matmul_path`). */
+__attribute__((visibility("default"))) int medusa_export_block_path(void) {
+  bm_detect();
+  return __atomic_load_n(&bm_amx, __ATOMIC_RELAXED) ? 2 : __atomic_load_n(&bm_vnni512, __ATOMIC_RELAXED) ? 1 : 0;
+}
+
 /* One row to int16 under max|row| / 32767: the scale, or 1 for a row of zeros, NaN for a row holding NaN or inf.
    Eight values at a time: VCVTPS2DQ rounds as nearbyintf does (to nearest, ties to even), and |x| * 32767 / max
    rounds to at most 32767. */
