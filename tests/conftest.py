@@ -7,10 +7,11 @@ contend and tiny steps get many times slower.
 
 from __future__ import annotations
 
-import json
-
 import importlib.util
+import json
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 from medusa_export.runtime.build_options import BuildOptions  # noqa: E402
@@ -20,6 +21,25 @@ TINY_VOCAB = 320
 # margins (checked in `reference`), so float noise between tree and plain forwards cannot flip a token.
 TINY_PROMPTS = ([5, 6, 7, 8, 9], [1, 2, 3], [100, 200, 300, 17, 17, 17, 42], [250, 11, 250, 11, 250])
 HEAD_SCALE = 0.08  # std of the random resblock weights: diverse guesses that are still right sometimes
+
+
+SCRIPTS = Path(__file__).parents[1] / "scripts"
+
+
+def load_script(name: str):
+    """``scripts/<name>.py`` as a module, registered under its name (dataclasses look their module up; a script may
+    import another script, as compare_peers imports peer_runners)."""
+    if name in sys.modules:
+        return sys.modules[name]
+    sys.path.insert(0, str(SCRIPTS))
+    try:
+        spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+        module = sys.modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(SCRIPTS))
+
 
 
 def _torch():

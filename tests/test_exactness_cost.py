@@ -4,29 +4,23 @@ computes the same function up to the last bits."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 
-from conftest import artifact_tree_file
+from conftest import artifact_tree_file, load_script
 
 from medusa_export.runtime.build_options import BuildOptions
 from medusa_export.runtime.manifest import Manifest
 
 pytest.importorskip("onnxruntime")
-SCRIPT = Path(__file__).parents[1] / "scripts" / "exactness_cost.py"
 
 
 @pytest.fixture(scope="module")
 def cost():
-    spec = importlib.util.spec_from_file_location("exactness_cost", SCRIPT)
-    module = sys.modules["exactness_cost"] = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("exactness_cost")
 
 
 @pytest.fixture(scope="module")

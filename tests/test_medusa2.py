@@ -377,12 +377,9 @@ def test_cli_mode_medusa2_refuses_bad_lora_settings(tmp_path):
 
 def test_runs_table_reports_each_run_from_its_record(run, tmp_path, capsys):
     """scripts/medusa2_runs.py (the sweep table of docs/results.md): one row per run, its figures read from training.json."""
-    import importlib.util
-    from pathlib import Path
+    from conftest import load_script
 
-    spec = importlib.util.spec_from_file_location("medusa2_runs", Path(__file__).parents[1] / "scripts" / "medusa2_runs.py")
-    runs = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(runs)
+    runs = load_script("medusa2_runs")
     runs.main([str(run[0] / "model")])
     table = capsys.readouterr().out.splitlines()
     b = run[1]["eval"]["backbone_vs_original"]

@@ -3,28 +3,20 @@ the step computed (so timing it times the step's products); its two families spl
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 import onnx
 import pytest
 
-from conftest import artifact_tree_file
+from conftest import artifact_tree_file, load_script
 
 from medusa_export.runtime.build_options import BuildOptions
 
 pytest.importorskip("onnxruntime")
-SCRIPT = Path(__file__).parents[1] / "scripts" / "outside_products.py"
 
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("outside_products", SCRIPT)
-    module = sys.modules["outside_products"] = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("outside_products")
 
 
 @pytest.fixture(scope="module")

@@ -3,32 +3,14 @@ loop that keeps N requests in flight, and our rows through the batched engine (s
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
-SCRIPTS = Path(__file__).parents[1] / "scripts"
-
-
-def _load(name: str):
-    """A script as a module (registered: dataclasses look their module up; compare_peers imports peer_runners)."""
-    if name in sys.modules:
-        return sys.modules[name]
-    sys.path.insert(0, str(SCRIPTS))
-    try:
-        spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
-        module = sys.modules[name] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(str(SCRIPTS))
+from conftest import load_script
 
 
 @pytest.fixture(scope="module")
 def runners():
-    return _load("peer_runners")
+    return load_script("peer_runners")
 
 
 def test_delivery_stops_at_eos_and_at_the_budget(runners):
@@ -67,8 +49,8 @@ def test_our_rows_batched_equal_one_at_a_time(artifact):
     summary says so."""
     from medusa_export.runtime.api import MedusaRuntime
 
-    runners = _load("peer_runners")
-    compare = _load("compare_peers")
+    runners = load_script("peer_runners")
+    compare = load_script("compare_peers")
     prompts = [[1, 2, 3, 4], [5, 6], [7, 8, 9, 10, 11, 12], [13], [2, 4, 6, 8]]
     with MedusaRuntime.load(artifact, backend="ort", threads=1) as rt:
         alone = runners.run_ours(rt, prompts, 12, 1, medusa=False)
