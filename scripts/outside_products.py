@@ -62,7 +62,7 @@ def boundary(graph, family: set[str]) -> tuple[list[str], list[str]]:
 def output_infos(graph, names: list[str]) -> list:
     """Value infos for ``names`` as outputs: the graph's own where it declares them, else by their producer."""
     declared = {o.name: o for o in graph.output}
-    kinds = {o: OUTPUT_TYPES.get(n.op_type, ())[i] if i < len(OUTPUT_TYPES.get(n.op_type, ())) else onnx.TensorProto.FLOAT
+    kinds = {o: (OUTPUT_TYPES.get(n.op_type, ()) + (onnx.TensorProto.FLOAT,) * len(n.output))[i]
              for n in graph.node for i, o in enumerate(n.output)}
     return [declared.get(o) or helper.make_tensor_value_info(o, kinds.get(o, onnx.TensorProto.FLOAT), None)
             for o in names]

@@ -145,7 +145,7 @@ def outputs_by_path(paths: list[str]) -> dict[str, bytes]:
     CPU or Linux lacks a path its run takes the next one; the test then skips, after comparing what ran."""
     outs, ran = {}, {}
     for name, switch in PATH_SWITCHES.items():
-        env = {k: v for k, v in os.environ.items() if k not in ("MEDUSA_EXPORT_KERNEL_AVX2", "MEDUSA_EXPORT_KERNEL_NO_AMX")}
+        env = {k: v for k, v in os.environ.items() if k not in {name for s in PATH_SWITCHES.values() for name in s}}
         done = subprocess.run([sys.executable, "-c", _PATHS_SCRIPT, *paths], env={**env, **switch}, check=True,
                               capture_output=True, timeout=120)
         outs[name], ran[name] = done.stdout, done.stderr.decode().strip().splitlines()[-1]

@@ -30,7 +30,8 @@ from ..errors import BackendUnavailableError
 from ..machine import machine_info
 
 SOURCE = Path(__file__).with_name("row_attention.c")
-INCLUDED = [Path(__file__).with_name(n) for n in ("screened_vocab.c", "block_matmul.c", "block_amx.c")]  # compiled in SOURCE (#include)
+# compiled in SOURCE (#include)
+INCLUDED = [Path(__file__).with_name(n) for n in ("screened_vocab.c", "block_matmul.c", "block_amx.c")]
 DOMAIN = "medusa_export"  # the custom ops' domain in the graphs
 OP = "RowAttention"  # one sequence
 LANES_OP = "LanesAttention"  # the sequences of a batched step, in one call

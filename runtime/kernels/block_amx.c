@@ -5,9 +5,10 @@
    x = 256 hi + lo (hi signed, lo in 0..255), so a block's sum is 256 sum(hi w) + sum(lo w), w the int8 weight or the
    4-bit level less 8: two tile products (TDPBSSD, TDPBUSD) per block of 32 inputs, their int32 sums exact. That
    integer is the one the VNNI and AVX2 paths compute (for 4 bits: sum(x q) - 8 sum(x)), and the float work after it
-   is theirs, the same operations in the same order: every path gives the same bits, whichever rows a step holds. The per-block scales keep the tiles from
-   accumulating over the whole of K, so every block's sums leave the tiles; two sets of sum tiles, for even and odd
-   blocks, let the tile unit work on one block while the vector units finish the other.
+   is theirs, the same operations in the same order: every path gives the same bits, whichever rows a step holds.
+   The per-block scales keep the tiles from accumulating over the whole of K, so every block's sums leave the tiles;
+   two sets of sum tiles, for even and odd blocks, let the tile unit work on one block while the vector units finish
+   the other.
 
    Tiles: 0, 1 the even block's sums (hi, lo), 2, 3 the odd block's, 4, 5 the rows' hi and lo bytes, 6 the even
    block's weights, 7 the odd block's. Linux hands out the tile state on request (arch_prctl), once per process. */
@@ -82,8 +83,9 @@ AMX_TARGET static void amx_unpack(const BlockWork *w, int64_t g, int8_t *out) {
 /* One block's sums from tiles HI and LO finished into acc: for each row the exact sum times the scale (the step),
    then for 4 bits (``four``, a constant of each inlined copy) the block's sum of the row's values (``xs``, as float)
    times the offset, as the VNNI path does. */
-AMX_TARGET static inline __attribute__((always_inline)) void amx_finish(const int32_t *hi, const int32_t *lo, __m512 *acc,
-                                                             int four, const float *xs, __m512 s, __m512 o) {
+AMX_TARGET static inline __attribute__((always_inline)) void amx_finish(const int32_t *hi, const int32_t *lo,
+                                                                        __m512 *acc, int four, const float *xs,
+                                                                        __m512 s, __m512 o) {
 #pragma GCC unroll 16
   for (int m = 0; m < AMX_ROWS; m++) {
     __m512i sum = _mm512_add_epi32(_mm512_slli_epi32(_mm512_load_si512((const void *)(hi + 16 * m)), 8),
@@ -109,8 +111,8 @@ AMX_TARGET static inline __attribute__((always_inline)) void amx_finish(const in
 /* Rows [0, amx_rows) of column group g, AMX_ROWS at a time; ``unpacked``: scratch for the group's weights. Block
    b + 1's products are issued before block b's sums are stored (even blocks in tiles 0, 1, odd ones in 2, 3), so the
    stores do not wait on the products' latency. */
-AMX_TARGET static inline __attribute__((always_inline)) void amx_rows_as(const BlockWork *w, int64_t g, int8_t *unpacked,
-                                                              const int four) {
+AMX_TARGET static inline __attribute__((always_inline)) void amx_rows_as(const BlockWork *w, int64_t g,
+                                                                         int8_t *unpacked, const int four) {
   const int64_t k = w->k, blocks = k / BM_BLOCK;
   AmxConfig cfg = {.palette = 1};
   for (int t = 0; t < 4; t++) cfg.rows[t] = AMX_ROWS, cfg.colsb[t] = 64;  /* sums: 16 rows x 16 int32 */
