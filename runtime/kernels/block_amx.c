@@ -118,6 +118,9 @@ AMX_TARGET static inline __attribute__((always_inline)) void amx_rows_as(const B
   for (int t = 0; t < 4; t++) cfg.rows[t] = AMX_ROWS, cfg.colsb[t] = 64;  /* sums: 16 rows x 16 int32 */
   for (int t = 4; t < 6; t++) cfg.rows[t] = AMX_ROWS, cfg.colsb[t] = BM_BLOCK;  /* rows' bytes: 16 x 32 */
   for (int t = 6; t < 8; t++) cfg.rows[t] = BM_BLOCK / 4, cfg.colsb[t] = 64;  /* weights: 8 x 64 */
+  /* gcc's ldtilecfg builtin declares fewer bytes read than the 64 it reads, so nothing else would keep the compiler
+     from dropping the stores above (a configuration of zero rows: #GP) */
+  __asm__ volatile("" : : "r"(&cfg) : "memory");
   _tile_loadconfig(&cfg);
   amx_unpack(w, g, unpacked);
   const float *sg = w->scale + g * BM_GROUP * blocks, *og = four ? w->offset + g * BM_GROUP * blocks : NULL;
