@@ -79,12 +79,10 @@ def family_model(model, family: set[str], inputs: list[str], outputs: list[str],
     return helper.make_model(out, opset_imports=list(model.opset_import), ir_version=model.ir_version)
 
 
-def session(model: bytes, threads: int, attention: str) -> ort.InferenceSession:
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.log_severity_level = 3
-    kernels.register(opts, attention)
-    return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+def session(backend, model) -> ort.InferenceSession:
+    """``model`` (a ModelProto, weights in it) under the options the artifact's own sessions have: their threads,
+    optimization level and kernel library."""
+    return ort.InferenceSession(model.SerializeToString(), backend.opts, providers=backend.providers)
 
 
 def prefilled(backend, past: int, rng):
@@ -95,7 +93,7 @@ def prefilled(backend, past: int, rng):
     return s, rng.integers(0, backend.dims.vocab_size, 1)
 
 
-def capture(backend, model, names: list[str], past: int, threads: int, attention: str) -> dict[str, np.ndarray]:
+def capture(backend, model, names: list[str], past: int) -> dict[str, np.ndarray]:
     """The values of ``names`` in a T = 1 step after ``past`` tokens: the graph run once with them as extra outputs
     (graph inputs and outputs among them: what the step was fed, what it returned)."""
     ends = {o.name for o in model.graph.output} | {i.name for i in model.graph.input}
@@ -104,7 +102,7 @@ def capture(backend, model, names: list[str], past: int, threads: int, attention
     tapped.CopyFrom(model)
     tapped.graph.output.extend(output_infos(model.graph, extra))
     original = backend.sessions.get("vanilla")
-    backend.sessions["vanilla"] = session(tapped.SerializeToString(), threads, attention)
+    backend.sessions["vanilla"] = session(backend, tapped)
     s, token = prefilled(backend, past, np.random.default_rng(0))
     binding = s._binding("vanilla")
     for n in extra:  # bound last: `get_outputs` keeps the order of first binding
@@ -129,14 +127,13 @@ def measure(directory: Path, past: int, blocks: int, steps: int, threads: int) -
     model = onnx.load(str(directory / rt.manifest.graphs["vanilla"].file))  # weights in memory: ONNX Runtime
     bounds = {k: boundary(model.graph, f) for k, f in FAMILIES.items()}     # takes external data only beside it
     backend.graph("vanilla")  # the artifact's own session, opened before `capture` swaps in its copy
-    captured = capture(backend, model, list(dict.fromkeys(n for i, _ in bounds.values() for n in i)), past, threads,
-                       attention)
+    captured = capture(backend, model, list(dict.fromkeys(n for i, _ in bounds.values() for n in i)), past)
     s, token = prefilled(backend, past, np.random.default_rng(0))
     s.run(token, np.array([past]), np.ones((1, 1), bool), False, 1.0)  # binds the step's inputs and outputs
     runs = {"step": lambda g=s.graphs["vanilla"], b=s._binding("vanilla"): g.run_with_iobinding(b)}
     for kind, family in FAMILIES.items():
         inputs, outputs = bounds[kind]
-        g = session(family_model(model, family, inputs, outputs, captured).SerializeToString(), threads, attention)
+        g = session(backend, family_model(model, family, inputs, outputs, captured))
         b = g.io_binding()
         for n in inputs:
             b.bind_cpu_input(n, captured[n])

@@ -55,13 +55,12 @@ def test_families_split_at_the_row_quantization(script, rows_artifact):
 
 def test_each_family_graph_recomputes_the_steps_values(script, rows_artifact):
     rt, model = _loaded(rows_artifact)
-    backend, attention = rt.generator.backend, rt.manifest.attention
+    backend = rt.generator.backend
     backend.graph("vanilla")
     for kind, family in script.FAMILIES.items():
         inputs, outputs = script.boundary(model.graph, family)
-        values = script.capture(backend, model, inputs + outputs, 7, 1, attention)
-        graph = script.session(script.family_model(model, family, inputs, outputs, values).SerializeToString(), 1,
-                               attention)
+        values = script.capture(backend, model, inputs + outputs, 7)
+        graph = script.session(backend, script.family_model(model, family, inputs, outputs, values))
         got = graph.run(outputs, {n: values[n] for n in inputs})
         assert len(outputs) > 3
         for name, value in zip(outputs, got):
