@@ -41,7 +41,6 @@ def load_script(name: str):
         sys.path.remove(str(SCRIPTS))
 
 
-
 def _torch():
     return pytest.importorskip("torch")
 
@@ -254,25 +253,25 @@ def artifact_tree_file(tiny_dirs) -> str:
     return str(tiny_dirs[0].parent / "artifact_tree.json")
 
 
-@pytest.fixture(scope="session")
-def artifact(tiny_dirs, tmp_path_factory):
+def build_tiny(tiny_dirs, out: Path, model_dir: Path | None = None, **options) -> Path:
+    """An artifact of the tiny model (or ``model_dir``, a copy of it), its heads and the tests' tree in ``out``, built
+    quietly with ``options`` (BuildOptions fields)."""
     from medusa_export.exporter.build import build_artifact
 
-    model_dir, heads_dir = tiny_dirs
-    out = tmp_path_factory.mktemp("art") / "tiny"
-    build_artifact(str(model_dir), out, BuildOptions(heads=str(heads_dir), tree=artifact_tree_file(tiny_dirs), max_seq=128), log=lambda _m: None)
+    build_options = BuildOptions(heads=str(tiny_dirs[1]), tree=artifact_tree_file(tiny_dirs), **options)
+    build_artifact(str(model_dir or tiny_dirs[0]), out, build_options, log=lambda _m: None)
     return out
+
+
+@pytest.fixture(scope="session")
+def artifact(tiny_dirs, tmp_path_factory):
+    return build_tiny(tiny_dirs, tmp_path_factory.mktemp("art") / "tiny", max_seq=128)
 
 
 @pytest.fixture(scope="session")
 def portable_artifact(tiny_dirs, tmp_path_factory):
     """The same model, heads and tree as `artifact`, as portable graphs (standard operators, sequence-major KV)."""
-    from medusa_export.exporter.build import build_artifact
-
-    model_dir, heads_dir = tiny_dirs
-    out = tmp_path_factory.mktemp("art") / "tiny-portable"
-    build_artifact(str(model_dir), out, BuildOptions(heads=str(heads_dir), tree=artifact_tree_file(tiny_dirs), max_seq=128, graph="portable"), log=lambda _m: None)
-    return out
+    return build_tiny(tiny_dirs, tmp_path_factory.mktemp("art") / "tiny-portable", max_seq=128, graph="portable")
 
 
 def random_trees(max_depth: int, topk: int = 10, max_nodes: int = 14, max_paths: int | None = None):

@@ -16,7 +16,6 @@ import urllib.request
 from contextlib import contextmanager
 
 import pytest
-from medusa_export.runtime.build_options import BuildOptions  # noqa: E402
 
 KEY = "sk-test-key"
 PROMPT = "t5 t6 t7"
@@ -45,16 +44,12 @@ def free_port() -> int:
 
 def build_chat_artifact(tiny_dirs, root) -> object:
     """The tiny model with the toy ChatML tokenizer and room for long answers (a few seconds of decoding)."""
-    from conftest import artifact_tree_file, make_chat_tokenizer
-
-    from medusa_export.exporter.build import build_artifact
+    from conftest import build_tiny, make_chat_tokenizer
 
     model_dir = root / "model"
     shutil.copytree(tiny_dirs[0], model_dir)
     make_chat_tokenizer().save(model_dir)
-    out = root / "art"
-    build_artifact(str(model_dir), out, BuildOptions(heads=str(tiny_dirs[1]), tree=artifact_tree_file(tiny_dirs), max_seq=2048), log=lambda _m: None)
-    return out
+    return build_tiny(tiny_dirs, root / "art", model_dir, max_seq=2048)
 
 
 def wait_ready(base: str, proc: subprocess.Popen, seconds: float = 60) -> None:

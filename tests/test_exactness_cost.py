@@ -10,9 +10,8 @@ import numpy as np
 import onnx
 import pytest
 
-from conftest import artifact_tree_file, load_script
+from conftest import build_tiny, load_script
 
-from medusa_export.runtime.build_options import BuildOptions
 from medusa_export.runtime.manifest import Manifest
 
 pytest.importorskip("onnxruntime")
@@ -25,13 +24,7 @@ def cost():
 
 @pytest.fixture(scope="module")
 def int8_artifact(tiny_dirs, tmp_path_factory):
-    from medusa_export.exporter.build import build_artifact
-
-    model_dir, heads_dir = tiny_dirs
-    out = tmp_path_factory.mktemp("cost") / "int8"
-    options = BuildOptions(heads=str(heads_dir), tree=artifact_tree_file(tiny_dirs), dtype="int8", max_seq=64)
-    build_artifact(str(model_dir), out, options, log=lambda _m: None)
-    return out
+    return build_tiny(tiny_dirs, tmp_path_factory.mktemp("cost") / "int8", dtype="int8", max_seq=64)
 
 
 def _graph(artifact: Path) -> tuple[Manifest, Path]:

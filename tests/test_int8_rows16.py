@@ -139,19 +139,20 @@ PATH_ROWS = 1 + 2 + 3 + 4 + 8 + 13 + 16 + 37 + 64  # the rows of the script's st
 PATH_SWITCHES = {"amx": {}, "avx512": {"MEDUSA_EXPORT_KERNEL_NO_AMX": "1"}, "avx2": {"MEDUSA_EXPORT_KERNEL_AVX2": "1"}}
 
 
-def outputs_by_path(paths: list[str]) -> dict[str, bytes]:
+def outputs_by_path(paths: list[str]) -> tuple[dict[str, bytes], dict[str, str]]:
     """The products of the models at ``paths`` (input x [1, S, K]) over steps of 1 to 64 rows, as bytes, under each
-    of the kernel's paths, each in a process of its own (the library reads the switches when it registers). Where the
-    CPU or Linux lacks a path its run takes the next one; the test then skips, after comparing what ran."""
+    of the kernel's paths, each in a process of its own (the library reads the switches when it registers); and the
+    path each process reports it took. Where the CPU or Linux lacks a path its run takes the next one; the test then
+    skips, after comparing what ran."""
+    switches = {name for switch in PATH_SWITCHES.values() for name in switch}
+    env = {k: v for k, v in os.environ.items() if k not in switches}
     outs, ran = {}, {}
-    for name, switch in PATH_SWITCHES.items():
-        env = {k: v for k, v in os.environ.items() if k not in {name for s in PATH_SWITCHES.values() for name in s}}
+    for path_name, switch in PATH_SWITCHES.items():
         done = subprocess.run([sys.executable, "-c", _PATHS_SCRIPT, *paths], env={**env, **switch}, check=True,
                               capture_output=True, timeout=120)
-        outs[name], ran[name] = done.stdout, done.stderr.decode().strip().splitlines()[-1]
+        outs[path_name], ran[path_name] = done.stdout, done.stderr.decode().strip().splitlines()[-1]
     assert ran["avx2"] == "avx2" and ran["avx512"] in ("avx512", "avx2") and ran["amx"] in ("amx", ran["avx512"])
-    outs["ran"] = ran
-    return outs
+    return outs, ran
 
 
 def skip_unless_every_path_ran(ran: dict[str, str]) -> None:
@@ -178,10 +179,10 @@ def test_the_amx_avx512_and_avx2_paths_give_the_same_bits(tmp_path):
         quantize_rows(model, keep=lambda _name: False, wide=True)
         paths.append(str(tmp_path / f"wide{k}_{block}.onnx"))
         onnx.save(model, paths[-1])
-    outs = outputs_by_path(paths)
+    outs, ran = outputs_by_path(paths)
     assert len(outs["amx"]) == PATH_ROWS * 80 * 4 * len(paths)
     assert outs["amx"] == outs["avx512"] == outs["avx2"]
-    skip_unless_every_path_ran(outs["ran"])
+    skip_unless_every_path_ran(ran)
 
 
 def test_block_matmul_refuses_bad_shapes():

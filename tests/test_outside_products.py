@@ -7,9 +7,7 @@ import numpy as np
 import onnx
 import pytest
 
-from conftest import artifact_tree_file, load_script
-
-from medusa_export.runtime.build_options import BuildOptions
+from conftest import build_tiny, load_script
 
 pytest.importorskip("onnxruntime")
 
@@ -23,14 +21,8 @@ def script():
 def rows_artifact(tiny_dirs, tmp_path_factory):
     """int8 rows with the attention kernel and the screened lm_head: RowQuantize, MatMulInteger, ScaleRows and
     ScreenedVocab in one graph."""
-    from medusa_export.exporter.build import build_artifact
-
-    model_dir, heads_dir = tiny_dirs
-    out = tmp_path_factory.mktemp("outside") / "int8-rows"
-    options = BuildOptions(heads=str(heads_dir), tree=artifact_tree_file(tiny_dirs), dtype="int8", max_seq=64,
-                           attention="kernel", int8_matmul="rows")
-    build_artifact(str(model_dir), out, options, log=lambda _m: None)
-    return out
+    return build_tiny(tiny_dirs, tmp_path_factory.mktemp("outside") / "int8-rows", dtype="int8", max_seq=64,
+                      attention="kernel", int8_matmul="rows")
 
 
 def _loaded(rows_artifact):
