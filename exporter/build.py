@@ -77,6 +77,10 @@ def build_artifact(model: str | None, out: str | Path, options: BuildOptions = B
         raise InputError("--int4-matmul rows16 keeps the 4-bit blocks a model already has (a Q4_0 / Q4_1 GGUF, as the "
                          "built-in model), and this model's decoder weights are not such blocks: use --dtype int8 "
                          "--int8-matmul rows16, or --int4-matmul blocks")
+    if options.fp32_matmul == "blocks" and not on_4bit_grid(loaded.model):
+        raise InputError("--fp32-matmul blocks reads the 4-bit blocks a model's fp32 weights already are (a Q4_0 / "
+                         "Q4_1 GGUF, as the built-in model), and this model's decoder weights are not such blocks: "
+                         "use --fp32-matmul full")
     work = new_work_dir(out)
     try:
         if grid:
@@ -198,6 +202,7 @@ def _export_graph(loaded, kind: str, heads, tree: Tree, options: BuildOptions, w
     with step_log(f"fold constants in the {kind} graph (Polygraphy)"):
         cleanup = CleanupRecord(**fold_constants(path))
     _screen(path, options, step_log)
+    source_blocks = _source_blocks(path, options, step_log)
     quantization = None
     if options.quantized:
         with step_log(f"quantize the {kind} graph's weights ({options.dtype})"):
@@ -212,7 +217,7 @@ def _export_graph(loaded, kind: str, heads, tree: Tree, options: BuildOptions, w
     tensors = lambda ts: [TensorRecord(t.name, t.dtype, list(t.axes)) for t in ts]  # noqa: E731
     record = GraphRecord(file=path.name, inputs=tensors(io_table.inputs(n, layout, paths)),
                          outputs=tensors(io_table.outputs(n, heads is not None, layout, paths)), paths=paths,
-                         cleanup=cleanup, quantization=quantization)
+                         cleanup=cleanup, quantization=quantization, source_blocks=source_blocks)
     return record, validation
 
 
@@ -256,6 +261,24 @@ class _StepLog:
             self.log(f"  {self.name}: done in {time.perf_counter() - self.t0:.1f} s")
 
 
+def _source_blocks(path: Path, options: BuildOptions, step_log) -> int:
+    """``--fp32-matmul blocks``: every MatMul whose fp32 weights are 4-bit blocks exactly becomes BlockMatMulF32Q4
+    (`source_grid.exact_f32_matmuls`); how many did."""
+    if options.fp32_matmul != "blocks":
+        return 0
+    import onnx
+
+    from .fused_graph import save_graph
+    from .source_grid import exact_f32_matmuls
+
+    with step_log(f"read {path.name}'s weights as the model's 4-bit blocks (fp32 arithmetic)"):
+        model = onnx.load(str(path))
+        rewritten = exact_f32_matmuls(model)
+        path.with_name(path.name + ".data").unlink(missing_ok=True)  # loaded above; written again if still > 2 GB
+        save_graph(model, path)
+    return rewritten
+
+
 def _export_lanes(loaded, options: BuildOptions, work: Path, step_log, grid: bool = False) -> GraphRecord:
     """The batched graph (`lanes_graph`): exported, folded and quantized like the others; validated against the
     one-sequence graphs once the artifact is assembled (`_check_lanes`)."""
@@ -269,6 +292,7 @@ def _export_lanes(loaded, options: BuildOptions, work: Path, step_log, grid: boo
     with step_log("fold constants in the batched graph (Polygraphy)"):
         cleanup = CleanupRecord(**fold_constants(path))
     _screen(path, options, step_log)
+    source_blocks = _source_blocks(path, options, step_log)
     quantization = None
     if options.quantized:
         with step_log(f"quantize the batched graph's weights ({options.dtype})"):
@@ -278,7 +302,7 @@ def _export_lanes(loaded, options: BuildOptions, work: Path, step_log, grid: boo
     inputs = io_table.lanes_inputs(n, options.lanes, gathers=options.attention != "kernel")
     return GraphRecord(file=path.name, inputs=tensors(inputs),
                        outputs=tensors(io_table.lanes_outputs(n, options.lanes)), lanes=options.lanes,
-                       cleanup=cleanup, quantization=quantization)
+                       cleanup=cleanup, quantization=quantization, source_blocks=source_blocks)
 
 
 def _check_lanes(work: Path) -> dict:

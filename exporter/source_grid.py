@@ -25,6 +25,7 @@ import numpy as np
 
 BLOCK = 32  # GGUF's block of Q4_0 / Q4_1 (and MatMulNBits' block here)
 LEVELS = 15  # q in 0..15
+F32_GROUP = 16  # BlockMatMulF32Q4: the columns one packed line holds
 ZERO = 8  # MatMulNBits' zero point for 4 bits when none is given
 OFFSET_SUFFIXES = ("/grid_sums", "/grid_offsets")  # the offset term's two MatMuls: small, exact, left fp32
 
@@ -81,6 +82,60 @@ def grid8_of(w: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     if not np.array_equal((step[..., None] * q).astype(np.float32), blocks.astype(np.float32)):
         return None
     return q.astype(np.int8), step
+
+
+def fma_grid_of(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """``w`` [in, out] as BlockMatMulF32Q4 takes it (`runtime/kernels/block_f32.c`): ``(packed [out / 16, in / 2,
+    16] uint8, step, low [out / 16, in / 32, 16] float16)`` with ``fma(step, q, low) == w`` in float32 bit for bit
+    for every weight (one rounding, as the kernel computes it); None where ``w`` is not such a grid, its steps or lows
+    not fp16 values (GGUF's d and m are) or its width not whole groups of 16. Byte c of line j of group g holds
+    q[2 j, 16 g + c] | q[2 j + 1, 16 g + c] << 4."""
+    grid = grid_of(w)
+    if grid is None or w.shape[1] % F32_GROUP:
+        return None
+    q, step, low = grid  # [out, in / 32, 32], [out, in / 32]
+    step32, low32 = step.astype(np.float32), low.astype(np.float32)
+    if not (np.array_equal(step32.astype(np.float16).astype(np.float32), step32) and
+            np.array_equal(low32.astype(np.float16).astype(np.float32), low32)):
+        return None
+    product = step32.astype(np.float64)[..., None] * q  # exact: 24 bits times 4
+    total = product + low32.astype(np.float64)[..., None]
+    exact = (total - low32.astype(np.float64)[..., None]) == product  # the float64 sum rounded nothing
+    if not (exact & (total.astype(np.float32) == _blocks(w).astype(np.float32))).all():
+        return None
+    out, blocks, _ = q.shape
+    levels = q.reshape(out // F32_GROUP, F32_GROUP, blocks * BLOCK // 2, 2).transpose(0, 2, 1, 3)
+    packed = (levels[..., 0] | (levels[..., 1] << 4)).astype(np.uint8)
+
+    def per_group(a: np.ndarray) -> np.ndarray:  # [out, in / 32] -> [out / 16, in / 32, 16]
+        return np.ascontiguousarray(a.reshape(out // F32_GROUP, F32_GROUP, blocks).transpose(0, 2, 1))
+
+    return np.ascontiguousarray(packed), per_group(step32.astype(np.float16)), per_group(low32.astype(np.float16))
+
+
+def exact_f32_matmuls(model, skip=lambda name: False) -> int:
+    """Rewrite (in place) every MatMul of the onnx ``model`` whose constant weight `fma_grid_of` takes as the kernel
+    library's BlockMatMulF32Q4: the same fp32 weights and fp32 arithmetic, 5 bits of each read per row instead
+    of 32. The number rewritten. ``skip(node_name)``: MatMuls left alone."""
+    from onnx import helper, numpy_helper
+
+    from medusa_export.runtime import kernels
+
+    def convert(w: str, array: np.ndarray):
+        grid = fma_grid_of(array)
+        if grid is None:
+            return None
+        names = (f"{w}_f32q4", f"{w}_f32q4_step", f"{w}_f32q4_low")
+        return [numpy_helper.from_array(a, n) for a, n in zip(grid, names)], names
+
+    def rewrite(node, converted) -> list:
+        return [helper.make_node(kernels.BLOCK_F32_OP, [node.input[0], *converted[1]], list(node.output),
+                                 name=node.name, domain=kernels.DOMAIN)]
+
+    rewritten = _rewrite_weight_matmuls(model, skip, convert, rewrite)
+    if rewritten and not any(o.domain == kernels.DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(kernels.DOMAIN, 1))
+    return rewritten
 
 
 def on_4bit_grid(model) -> bool:

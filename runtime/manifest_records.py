@@ -143,10 +143,12 @@ class GraphRecord:
     lanes: int = 0  # sequences one step of the lanes graph takes (0: a one-sequence graph)
     cleanup: CleanupRecord | None = None
     quantization: QuantizationRecord | None = None
+    source_blocks: int = 0  # fp32 MatMuls read as the model's own 4-bit blocks (BlockMatMulF32Q4: --fp32-matmul blocks)
 
     def __post_init__(self) -> None:
         positive(self, "paths")
         positive(self, "lanes", minimum=0)
+        positive(self, "source_blocks", minimum=0)
 
 
 @dataclass(frozen=True)

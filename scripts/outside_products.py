@@ -37,7 +37,7 @@ from medusa_export.runtime.api import MedusaRuntime
 from medusa_export.runtime.machine import machine_info
 
 MATMULS = {"MatMul", "MatMulNBits", "MatMulInteger", "Gemm", "DynamicQuantizeMatMul", "MatMulIntegerToFloat",
-           kernels.BLOCK_OP, kernels.BLOCK4_OP, kernels.SCREEN_OP}
+           kernels.BLOCK_OP, kernels.BLOCK4_OP, kernels.BLOCK_F32_OP, kernels.SCREEN_OP}
 FAMILIES = {"products": MATMULS | {kernels.QUANTIZE_OP, kernels.SCALE_OP}, "matmuls": MATMULS}
 # Element types of the non-float outputs a family's boundary can cross (the rest are activations: float).
 OUTPUT_TYPES = {kernels.QUANTIZE_OP: (onnx.TensorProto.UINT8, onnx.TensorProto.FLOAT),

@@ -60,6 +60,11 @@ def build(
                                     "block of 32) | rows16 (the kernel library's BlockMatMul16Q4: the model's own 4-bit "
                                     "blocks, from a Q4_0 / Q4_1 GGUF such as the built-in model's, times each row's "
                                     "activations as int16; needs --attention kernel)."),
+    fp32_matmul: str = typer.Option(_DEFAULTS.fp32_matmul, "--fp32-matmul", help="fp32 weights' matmuls: full "
+                                    "(ONNX Runtime's MatMul) | blocks (the kernel library's BlockMatMulF32Q4 where the "
+                                    "model's weights are 4-bit blocks, as the built-in model's Q4_1 GGUF: the same "
+                                    "weights and fp32 arithmetic, about a sixth of the weights' bytes read per step; "
+                                    "needs --attention kernel)."),
     kv_cache_dtype: str = typer.Option(_DEFAULTS.kv_cache_dtype, "--kv-cache-dtype", help="The KV cache's dtype: auto "
                                        "(the graphs' dtype) | fp16 (half the bytes each step reads; keys and values "
                                        "rounded to fp16 as they are written; needs --attention kernel)."),
@@ -83,7 +88,8 @@ def build(
         corpus_drafts = "sharegpt" if model is None else "none"
     options = BuildOptions(heads=heads, tree=tree, dtype=dtype, max_seq=max_seq, graph=graph, engine=engine,
                            max_num_seqs=max_num_seqs, corpus_drafts=corpus_drafts, attention=attention,
-                           int8_matmul=int8_matmul, int4_matmul=int4_matmul, kv_cache_dtype=kv_cache_dtype,
+                           int8_matmul=int8_matmul, int4_matmul=int4_matmul, fp32_matmul=fp32_matmul,
+                           kv_cache_dtype=kv_cache_dtype,
                            lm_head=lm_head)
     check_out_dir(out)
     texts = read_prompts(quality_prompts, limit=10) if options.quantized else None

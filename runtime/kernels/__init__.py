@@ -31,7 +31,7 @@ from ..machine import machine_info
 
 SOURCE = Path(__file__).with_name("row_attention.c")
 # compiled in SOURCE (#include)
-INCLUDED = [Path(__file__).with_name(n) for n in ("screened_vocab.c", "block_matmul.c", "block_amx.c")]
+INCLUDED = [Path(__file__).with_name(n) for n in ("screened_vocab.c", "block_matmul.c", "block_amx.c", "block_f32.c")]
 DOMAIN = "medusa_export"  # the custom ops' domain in the graphs
 OP = "RowAttention"  # one sequence
 LANES_OP = "LanesAttention"  # the sequences of a batched step, in one call
@@ -39,6 +39,7 @@ KV16_SUFFIX = "16"  # RowAttention16, LanesAttention16: the same ops over fp16 K
 QUANTIZE_OP, SCALE_OP = "RowQuantize", "ScaleRows"  # int8 matmuls on activations quantized per row
 BLOCK_OP = "BlockMatMul16"  # int8 weights in blocks of 32 times int16 activations per row (`block_matmul.c`)
 BLOCK4_OP = "BlockMatMul16Q4"  # the same for 4-bit blocks d (q - 8) + offset (a Q4_0 / Q4_1 GGUF's, kept as they are)
+BLOCK_F32_OP = "BlockMatMulF32Q4"  # fp32 rows times 4-bit blocks holding the model's fp32 weights exactly (block_f32.c)
 SCREEN_OP = "ScreenedVocab"  # an fp32 lm_head's top words through an int8 product and exact candidates
 # -ffp-contract=off: no multiply-add the source does not write, so every path computes a row alike
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fPIC", "-shared", "-fvisibility=hidden", "-std=c11"]
@@ -159,6 +160,13 @@ def block_matmul_path() -> str:
     import ctypes
 
     return ("avx2", "avx512", "amx")[ctypes.CDLL(library_path()).medusa_export_block_path()]
+
+
+def block_f32_path() -> str:
+    """The path BlockMatMulF32Q4 takes in this process: "avx512" or "avx2" (`MEDUSA_EXPORT_KERNEL_AVX2`)."""
+    import ctypes
+
+    return ("avx2", "avx512")[ctypes.CDLL(library_path()).medusa_export_block_f32_path()]
 
 
 def _digest_path(library: Path) -> Path:

@@ -1314,6 +1314,15 @@ static int block_matmul4_input_type(const OrtCustomOp *op, size_t i) {
 static OrtCustomOp block_matmul4 = FIXED_OP(block_matmul4_name, block_matmul4_input_type, four_count, float_type,
                                             one_count, create_plain, block_matmul4_compute, required);
 
+#include "block_f32.c"
+static const char *block_f32_name(const OrtCustomOp *op) { (void)op; return "BlockMatMulF32Q4"; }
+static int block_f32_input_type(const OrtCustomOp *op, size_t i) {
+  (void)op;
+  return i == 0 ? ELEM_FLOAT : i == 1 ? ELEM_UINT8 : ELEM_FLOAT16;
+}
+static OrtCustomOp block_f32 = FIXED_OP(block_f32_name, block_f32_input_type, four_count, float_type, one_count,
+                                        create_plain, block_f32_compute, required);
+
 #include "screened_vocab.c"
 static OrtCustomOp screened_vocab = {
     .version = API_VERSION, .GetName = screen_name, .GetExecutionProviderType = provider,
@@ -1334,6 +1343,7 @@ __attribute__((visibility("default"))) OrtStatus *RegisterCustomOps(OrtSessionOp
   }
   __atomic_store_n(&api, table, __ATOMIC_RELEASE);  /* the same table for every registration in a process */
   bm_detect();  /* BlockMatMul16's path, the same at every registration */
+  bf_detect();  /* BlockMatMulF32Q4's */
   OrtCustomOpDomain *domain = NULL;  /* kept for the process' lifetime: sessions refer to it */
   OrtStatus *st = CALL(CreateCustomOpDomain, OrtStatus *(*)(const char *, OrtCustomOpDomain **))("medusa_export", &domain);
   if (st) return st;
@@ -1342,7 +1352,7 @@ __attribute__((visibility("default"))) OrtStatus *RegisterCustomOps(OrtSessionOp
   if ((st = add(domain, &row_attention)) || (st = add(domain, &lanes_attention)) || (st = add(domain, &row_attention16)) ||
       (st = add(domain, &lanes_attention16)) || (st = add(domain, &row_quantize)) || (st = add(domain, &scale_rows)) ||
       (st = add(domain, &screened_vocab)) || (st = add(domain, &block_matmul)) ||
-      (st = add(domain, &block_matmul4)))
+      (st = add(domain, &block_matmul4)) || (st = add(domain, &block_f32)))
     return st;
   return CALL(AddCustomOpDomain, OrtStatus *(*)(OrtSessionOptions *, OrtCustomOpDomain *))(options, domain);
 }
