@@ -16,7 +16,9 @@
    row alone, and the AVX-512 path (16 columns a vector) and the AVX2 path (8) give the same bits: each column's
    lane does the same operations in the same order. */
 
-enum { BF_GROUP = 16, BF_BLOCK = 32, BF_ROWS512 = 4, BF_ROWS256 = 4, BF_GROUPS_PER_ITEM = 2 };
+/* AVX-512 tiles: up to 4 rows by 2 column groups (a one-row step: 4 chains in flight), or from 5 rows on up to 8 rows
+   by one group (each line of weights rebuilt once for 8 rows); 16 accumulators either way. */
+enum { BF_GROUP = 16, BF_BLOCK = 32, BF_ROWS512 = 8, BF_ROWS_PAIR = 4, BF_ROWS256 = 4, BF_GROUPS_PER_ITEM = 2 };
 
 typedef struct {
   const float *x;  /* [rows, k] */
@@ -89,22 +91,30 @@ static inline void bf_tile256(int mr, const F32BlockWork *w, int64_t m0, int64_t
 }
 
 /* Constant row and group counts, so that the accumulators stay in registers. */
-#define BF_ROWS_512(NG)                                                                                             \
-  switch (mr) {                                                                                                     \
-    case 1: bf_tile512(1, NG, w, m0, g0); break;                                                                    \
-    case 2: bf_tile512(2, NG, w, m0, g0); break;                                                                    \
-    case 3: bf_tile512(3, NG, w, m0, g0); break;                                                                    \
-    default: bf_tile512(4, NG, w, m0, g0);                                                                          \
-  }
-
 __attribute__((target("avx512f"))) static void bf_groups512(const F32BlockWork *w, int64_t g0, int ng) {
-  for (int64_t m0 = 0; m0 < w->rows; m0 += BF_ROWS512) {
-    int mr = (int)(w->rows - m0 < BF_ROWS512 ? w->rows - m0 : BF_ROWS512);
-    if (ng == 2) {
-      BF_ROWS_512(2)
+  for (int64_t m0 = 0; m0 < w->rows;) {
+    int64_t left = w->rows - m0;
+    int mr = (int)(left < BF_ROWS512 ? left : BF_ROWS512);
+    if (mr <= BF_ROWS_PAIR && ng == 2) {
+      switch (mr) {
+        case 1: bf_tile512(1, 2, w, m0, g0); break;
+        case 2: bf_tile512(2, 2, w, m0, g0); break;
+        case 3: bf_tile512(3, 2, w, m0, g0); break;
+        default: bf_tile512(4, 2, w, m0, g0);
+      }
     } else {
-      BF_ROWS_512(1)
+      for (int g = 0; g < ng; g++) switch (mr) {
+          case 1: bf_tile512(1, 1, w, m0, g0 + g); break;
+          case 2: bf_tile512(2, 1, w, m0, g0 + g); break;
+          case 3: bf_tile512(3, 1, w, m0, g0 + g); break;
+          case 4: bf_tile512(4, 1, w, m0, g0 + g); break;
+          case 5: bf_tile512(5, 1, w, m0, g0 + g); break;
+          case 6: bf_tile512(6, 1, w, m0, g0 + g); break;
+          case 7: bf_tile512(7, 1, w, m0, g0 + g); break;
+          default: bf_tile512(8, 1, w, m0, g0 + g);
+        }
     }
+    m0 += mr;
   }
 }
 
