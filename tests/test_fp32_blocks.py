@@ -6,10 +6,6 @@ answers equal to answers alone and the fp32 artifact's answers kept; a model off
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -19,6 +15,8 @@ import test_attention_kernel  # noqa: F401 (skips this module where the kernel c
 import test_engine as engine_tests  # noqa: E402
 import test_fused_graph as fused_tests  # noqa: E402
 import test_int8_rows as rows_tests  # noqa: E402
+import test_int8_rows16 as int8_rows16_tests  # noqa: E402
+import test_int4_rows16 as int4_tests  # noqa: E402
 from conftest import TINY_PROMPTS, artifact_tree_file  # noqa: E402
 from test_cli import assert_one_line_error, cli  # noqa: E402
 from test_source_grid import grid_model_dir, q4_grid  # noqa: E402,F401 (grid_model_dir: a fixture used here)
@@ -31,18 +29,8 @@ from medusa_export.runtime.errors import InputError  # noqa: E402
 ort = pytest.importorskip("onnxruntime")
 
 
-def _grid_model(k: int, n: int, seed: int = 0, symmetric: bool = False):
-    """x [1, S, k] @ W [k, n], W on a Q4_1 (or Q4_0) grid with fp16 d and m, as a GGUF's; W returned too."""
-    from onnx import numpy_helper
-
-    model, _ = rows_tests._rows_matmul_model(k, n, seed)
-    w = q4_grid(np.random.default_rng(seed), (k, n), symmetric)
-    model.graph.initializer[0].CopyFrom(numpy_helper.from_array(w, "w"))
-    return model, w
-
-
 def _blocks_session(k: int, n: int, seed: int = 0, symmetric: bool = False):
-    model, w = _grid_model(k, n, seed, symmetric)
+    model, w = int4_tests._grid_model(k, n, seed, symmetric)
     assert exact_f32_matmuls(model) == 1
     assert [node.op_type for node in model.graph.node] == [kernels.BLOCK_F32_OP]
     assert "w" not in {i.name for i in model.graph.initializer}  # the fp32 weight is gone
@@ -123,19 +111,6 @@ def test_many_rows_zero_rows_and_nan_rows():
     assert session.run(None, {"x": np.zeros((1, 0, 256), np.float32)})[0].shape == (1, 0, 64)
 
 
-_PATHS_SCRIPT = """
-import sys, numpy as np, onnxruntime as ort
-from medusa_export.runtime import kernels
-opts = ort.SessionOptions(); opts.intra_op_num_threads = 2; kernels.register(opts, "kernel")
-for path in sys.argv[1:]:
-    s = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
-    x = np.random.default_rng(2).standard_normal((1, 64, s.get_inputs()[0].shape[-1]), dtype=np.float32) * 5
-    for rows in (1, 2, 3, 4, 5, 8, 13, 64):
-        sys.stdout.buffer.write(s.run(None, {"x": x[:, :rows]})[0].tobytes())
-sys.stderr.write(kernels.block_f32_path())
-"""
-
-
 def test_the_avx512_and_avx2_paths_give_the_same_bits(tmp_path):
     """MEDUSA_EXPORT_KERNEL_AVX2 takes the AVX2 path on any CPU: every bit of every row agrees with the AVX-512 path,
     for steps of 1 to 64 rows over 1, 3 and 6 blocks of inputs and an odd number of column groups."""
@@ -143,35 +118,20 @@ def test_the_avx512_and_avx2_paths_give_the_same_bits(tmp_path):
 
     paths = []
     for k, symmetric in ((32, False), (96, True), (192, False)):
-        model, _ = _grid_model(k, 80, 3, symmetric)
+        model, _ = int4_tests._grid_model(k, 80, 3, symmetric)
         exact_f32_matmuls(model)
         paths.append(str(tmp_path / f"f32q4_{k}.onnx"))
         onnx.save(model, paths[-1])
-    env = {k: v for k, v in os.environ.items() if k != "MEDUSA_EXPORT_KERNEL_AVX2"}
-    outs, ran = {}, {}
-    for name, switch in (("avx512", {}), ("avx2", {"MEDUSA_EXPORT_KERNEL_AVX2": "1"})):
-        done = subprocess.run([sys.executable, "-c", _PATHS_SCRIPT, *paths], env={**env, **switch}, check=True,
-                              capture_output=True, timeout=120)
-        outs[name], ran[name] = done.stdout, done.stderr.decode().strip().splitlines()[-1]
-    assert len(outs["avx2"]) == (1 + 2 + 3 + 4 + 5 + 8 + 13 + 64) * 80 * 4 * len(paths)
-    assert ran["avx2"] == "avx2" and outs["avx512"] == outs["avx2"]
+    outs, ran = int8_rows16_tests.outputs_by_path(paths, {"avx512": {}, "avx2": {"MEDUSA_EXPORT_KERNEL_AVX2": "1"}},
+                                                  "block_f32_path")
+    assert len(outs["avx2"]) == int8_rows16_tests.PATH_ROWS * 80 * 4 * len(paths)
+    assert outs["avx512"] == outs["avx2"]
     if ran["avx512"] != "avx512":
         pytest.skip("this CPU has no AVX-512: both runs took the AVX2 path")
 
 
 def test_block_f32_refuses_bad_shapes():
-    from onnx import TensorProto, helper, numpy_helper
-
-    def session(k: int, packed: np.ndarray, step: np.ndarray, low: np.ndarray):
-        f = TensorProto.FLOAT
-        node = helper.make_node(kernels.BLOCK_F32_OP, ["x", "w", "s", "l"], ["y"], domain=kernels.DOMAIN)
-        graph = helper.make_graph([node], "bf", [helper.make_tensor_value_info("x", f, [1, k])],
-                                  [helper.make_tensor_value_info("y", f, None)],
-                                  [numpy_helper.from_array(packed, "w"), numpy_helper.from_array(step, "s"),
-                                   numpy_helper.from_array(low, "l")])
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
-                                                        helper.make_opsetid(kernels.DOMAIN, 1)])
-        return rows_tests._kernel_session(model)
+    session = lambda k, *constants: rows_tests.op_session(kernels.BLOCK_F32_OP, k, *constants)  # noqa: E731
 
     ones = lambda *shape: np.ones(shape, np.float16)  # noqa: E731
     message = r"BlockMatMulF32Q4: x's last size K must be a positive multiple of 32, w \[N/16, K/2, 16\]"

@@ -129,18 +129,7 @@ def test_the_amx_avx512_and_avx2_q4_paths_give_the_same_bits(tmp_path):
 
 
 def test_block_matmul_q4_refuses_bad_shapes():
-    from onnx import TensorProto, helper, numpy_helper
-
-    def session(k: int, packed: np.ndarray, step: np.ndarray, offset: np.ndarray):
-        f = TensorProto.FLOAT
-        node = helper.make_node(kernels.BLOCK4_OP, ["x", "w", "s", "o"], ["y"], domain=kernels.DOMAIN)
-        graph = helper.make_graph([node], "bm4", [helper.make_tensor_value_info("x", f, [1, k])],
-                                  [helper.make_tensor_value_info("y", f, None)],
-                                  [numpy_helper.from_array(packed, "w"), numpy_helper.from_array(step, "s"),
-                                   numpy_helper.from_array(offset, "o")])
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
-                                                        helper.make_opsetid(kernels.DOMAIN, 1)])
-        return rows_tests._kernel_session(model)
+    session = lambda k, *constants: rows_tests.op_session(kernels.BLOCK4_OP, k, *constants)  # noqa: E731
 
     ones = lambda *shape: np.ones(shape, np.float32)  # noqa: E731
     message = r"BlockMatMul16Q4: x's last size K must be a positive multiple of 32, w \[N/16, K/4, 32\]"

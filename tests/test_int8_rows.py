@@ -126,6 +126,20 @@ def _kernel_session(model):
     return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
 
+def op_session(op: str, k: int, *constants: np.ndarray):
+    """A session of one node of the kernel library's ``op``: x [1, k] then ``constants`` as its inputs, y out."""
+    from onnx import numpy_helper
+
+    names = [f"c{i}" for i in range(len(constants))]
+    f = TensorProto.FLOAT
+    graph = helper.make_graph([helper.make_node(op, ["x", *names], ["y"], domain=kernels.DOMAIN)], op,
+                              [helper.make_tensor_value_info("x", f, [1, k])],
+                              [helper.make_tensor_value_info("y", f, None)],
+                              [numpy_helper.from_array(a, n) for a, n in zip(constants, names)])
+    return _kernel_session(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                                   helper.make_opsetid(kernels.DOMAIN, 1)]))
+
+
 @settings(max_examples=10, deadline=None)
 @given(rows=st.integers(2, 12), row=st.integers(0, 11), k=st.sampled_from([64, 96, 192]), block=st.sampled_from([8, 32, 64]),
        seed=st.integers(0, 999))
