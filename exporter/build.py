@@ -39,7 +39,7 @@ from .output_dir import check_out_dir, new_work_dir, replace_dir
 from .provenance import content_sha256
 from .quantize import CALIBRATION, RECIPES, quantize_graph
 from .shared_weights import share_weights
-from .source_grid import on_4bit_grid
+from .source_grid import fma_grid_of, on_4bit_grid
 from .step_model import StepModel
 from .torch_backend import TorchBackend, model_dims
 from .validate import validate_graph
@@ -77,10 +77,10 @@ def build_artifact(model: str | None, out: str | Path, options: BuildOptions = B
         raise InputError("--int4-matmul rows16 keeps the 4-bit blocks a model already has (a Q4_0 / Q4_1 GGUF, as the "
                          "built-in model), and this model's decoder weights are not such blocks: use --dtype int8 "
                          "--int8-matmul rows16, or --int4-matmul blocks")
-    if options.fp32_matmul == "blocks" and not on_4bit_grid(loaded.model):
+    if options.fp32_matmul == "blocks" and not on_4bit_grid(loaded.model, fit=fma_grid_of):
         raise InputError("--fp32-matmul blocks reads the 4-bit blocks a model's fp32 weights already are (a Q4_0 / "
-                         "Q4_1 GGUF, as the built-in model), and this model's decoder weights are not such blocks: "
-                         "use --fp32-matmul full")
+                         "Q4_1 GGUF with fp16 steps, as the built-in model), and this model's decoder weights are not "
+                         "such blocks: use --fp32-matmul full")
     work = new_work_dir(out)
     try:
         if grid:

@@ -86,8 +86,8 @@ def grid8_of(w: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
 
 def fma_grid_of(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     """``w`` [in, out] as BlockMatMulF32Q4 takes it (`runtime/kernels/block_f32.c`): ``(packed [out / 16, in / 2,
-    16] uint8, step, low [out / 16, in / 32, 16] float16)`` with ``fma(step, q, low) == w`` in float32 bit for bit
-    for every weight (one rounding, as the kernel computes it); None where ``w`` is not such a grid, its steps or lows
+    16] uint8, step, low [out / 16, in / 32, 16] float16)`` with ``fma(step, q, low) == w`` in float32 for every
+    weight (one rounding, as the kernel computes it; the same value, a -0 of a Q4_0 block rebuilt as +0); None where ``w`` is not such a grid, its steps or lows
     not fp16 values (GGUF's d and m are) or its width not whole groups of 16. Byte c of line j of group g holds
     q[2 j, 16 g + c] | q[2 j + 1, 16 g + c] << 4."""
     grid = grid_of(w)
@@ -138,12 +138,13 @@ def exact_f32_matmuls(model, skip=lambda name: False) -> int:
     return rewritten
 
 
-def on_4bit_grid(model) -> bool:
+def on_4bit_grid(model, fit=grid_of) -> bool:
     """Whether every Linear weight of ``model``'s decoder layers (a transformers causal LM) is a 4-bit grid per
-    block of 32 inputs: the source was 4-bit, and `exact_4bit_matmuls` can keep it exactly."""
+    block of 32 inputs: the source was 4-bit, and `exact_4bit_matmuls` can keep it exactly. ``fit``: the test of one
+    weight [in, out] (`fma_grid_of`: a grid that BlockMatMulF32Q4 can rebuild, for ``--fp32-matmul blocks``)."""
     weights = [m.weight for layer in model.model.layers for m in layer.modules()
                if type(m).__name__ == "Linear"]
-    return bool(weights) and all(grid_of(w.detach().float().numpy().T) is not None for w in weights)
+    return bool(weights) and all(fit(w.detach().float().numpy().T) is not None for w in weights)
 
 
 def exact_8bit_matmuls(model, accuracy_level: int, skip=lambda name: False) -> int:

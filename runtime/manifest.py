@@ -100,6 +100,9 @@ class Manifest:
         for kind, graph in self.graphs.items():
             if graph.paths > 1 and (kind != "medusa" or self.graph_format != ONNXRUNTIME):
                 raise FieldError(f"graphs.{kind}.paths", "can exceed 1 only for the fused medusa graph")
+            if graph.source_blocks and (self.weights != "fp32" or self.attention != "kernel"):
+                raise FieldError(f"graphs.{kind}.source_blocks", "can be non-zero only with fp32 weights and attention "
+                                 "'kernel' (BlockMatMulF32Q4 runs in the kernel library)")
             if (graph.quantization is not None) != (self.weights in QUANTIZED_WEIGHTS):
                 raise FieldError(f"graphs.{kind}.quantization", f"must be {'set' if self.quantized else 'null'} "
                                  f"for {self.weights} weights")
@@ -161,6 +164,8 @@ class Manifest:
         for graph in data["graphs"].values():
             if graph.get("quantization") and not graph["quantization"].get("lm_head_rotation"):
                 graph["quantization"].pop("lm_head_rotation", None)
+            if not graph.get("source_blocks"):
+                graph.pop("source_blocks", None)
         if data.get("lm_head") == "full":
             data.pop("lm_head")
         return data

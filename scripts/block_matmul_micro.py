@@ -1,12 +1,14 @@
 """The default model's decoder matmuls alone (30 layers of q|k|v, o, gate|up, down: 120 products, 106 M weights), as
 one ONNX graph per kind, by rows: the kernel library's BlockMatMul16 (`--int8-matmul rows16`: fp32 rows in, int16
-per row inside), its BlockMatMul16Q4 (`--int4-matmul rows16`: 4-bit Q4_1 blocks) or ONNX Runtime's MatMulInteger
-(uint8 rows, int8 weights per column: the product inside `--int8-matmul rows`, without RowQuantize and ScaleRows).
+per row inside), its BlockMatMul16Q4 (`--int4-matmul rows16`: 4-bit Q4_1 blocks), its BlockMatMulF32Q4
+(`--fp32-matmul blocks`: fp32 rows times Q4_1 blocks rebuilt in fp32), ONNX Runtime's MatMulInteger (uint8 rows, int8
+weights per column: the product inside `--int8-matmul rows`, without RowQuantize and ScaleRows) or its fp32 MatMul.
 Best of 25 runs after 5, in ms.
 
     python scripts/block_matmul_micro.py --kind block --rows 1 8 64 [--threads 2] [--library PATH]
     python scripts/block_matmul_micro.py --kind block4 --rows 1 8 64
     python scripts/block_matmul_micro.py --kind integer --rows 1 8 64
+    python scripts/block_matmul_micro.py --kind f32q4 --rows 1 8 64      # and --kind matmul (fp32 weights)
 
 ``--library``: a kernel library file to load instead of the one compiled from this checkout (to set two versions of
 the kernel side by side; ``MEDUSA_EXPORT_KERNEL_AVX2=1`` takes the AVX2 path, ``MEDUSA_EXPORT_KERNEL_NO_AMX=1`` keeps
@@ -51,6 +53,15 @@ def graph(kind: str):
             inits += [numpy_helper.from_array(a, f"{name}{i}") for name, a in zip("wso", arrays)]
             nodes.append(helper.make_node(kernels.BLOCK4_OP, [f"x{k}", f"w{i}", f"s{i}", f"o{i}"], [f"y{i}"],
                                           domain=kernels.DOMAIN))
+        elif kind == "f32q4":  # two random levels a byte, fp16 steps and lows per block of 32 and column
+            step, low = (rng.uniform(-0.01, 0.01, (n // 16, k // 32, 16)).astype(np.float16) for _ in range(2))
+            arrays = (rng.integers(0, 256, (n // 16, k // 2, 16), dtype=np.uint8), step, low)
+            inits += [numpy_helper.from_array(a, f"{name}{i}") for name, a in zip("wsl", arrays)]
+            nodes.append(helper.make_node(kernels.BLOCK_F32_OP, [f"x{k}", f"w{i}", f"s{i}", f"l{i}"], [f"y{i}"],
+                                          domain=kernels.DOMAIN))
+        elif kind == "matmul":
+            inits.append(numpy_helper.from_array(rng.standard_normal((k, n), dtype=np.float32), f"w{i}"))
+            nodes.append(helper.make_node("MatMul", [f"x{k}", f"w{i}"], [f"y{i}"]))
         else:
             inits.append(numpy_helper.from_array(rng.integers(-127, 128, (k, n), dtype=np.int8), f"w{i}"))
             nodes.append(helper.make_node("MatMulInteger", [f"x{k}", f"w{i}", "zero_point"], [f"y{i}"]))
@@ -63,7 +74,7 @@ def graph(kind: str):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--kind", choices=("block", "block4", "integer"), required=True)
+    ap.add_argument("--kind", choices=("block", "block4", "f32q4", "integer", "matmul"), required=True)
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 8, 64])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--library", default=None)

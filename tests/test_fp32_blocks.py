@@ -24,7 +24,8 @@ from test_source_grid import grid_model_dir, q4_grid  # noqa: E402,F401 (grid_mo
 from medusa_export.exporter.source_grid import exact_f32_matmuls, fma_grid_of, grid_of  # noqa: E402
 from medusa_export.runtime import kernels  # noqa: E402
 from medusa_export.runtime.build_options import BuildOptions  # noqa: E402
-from medusa_export.runtime.errors import InputError  # noqa: E402
+from medusa_export.runtime.errors import ArtifactError, InputError  # noqa: E402
+from medusa_export.runtime.manifest import Manifest  # noqa: E402
 
 ort = pytest.importorskip("onnxruntime")
 
@@ -87,8 +88,8 @@ def test_one_hot_rows_give_the_weights_bit_for_bit(k, n):
 @given(rows=st.integers(1, 19), k=st.sampled_from([32, 96, 192]), n=st.sampled_from([16, 48, 80]),
        seed=st.integers(0, 999), symmetric=st.booleans())
 def test_a_row_is_computed_by_itself_and_as_defined(rows, k, n, seed, symmetric):
-    """Every row of a step equals the row alone, bit for bit (tiles of 1 to 4 rows, one or two column groups), and
-    the product is the two fma chains, bit for bit, close to the float64 product."""
+    """Every row of a step equals the row alone, bit for bit (tiles of 1 to 4 rows by two column groups, 5 to 8 rows
+    by one, an odd group alone), and the product is the two fma chains, bit for bit, close to the float64 product."""
     session, w = _blocks_session(k, n, seed, symmetric)
     x = np.random.default_rng(seed + 1).standard_normal((1, rows, k), dtype=np.float32) * 3
     many = session.run(None, {"x": x})[0][0]
@@ -202,7 +203,12 @@ def test_fp32_blocks_artifacts_record_and_read_the_blocks(blocks_runtimes):
         assert ops.count(kernels.BLOCK_F32_OP) == 4 * layers and kernels.SCREEN_OP in ops
         assert not any(n.op_type == "MatMul" and "/layers." in n.name for n in model.graph.node)
     assert rt.manifest.validation["lanes"]["exact"]
-    assert all(g.source_blocks == 0 for g in blocks_runtimes["full"].manifest.graphs.values())
+    full = blocks_runtimes["full"].manifest
+    assert all(g.source_blocks == 0 for g in full.graphs.values())
+    assert all("source_blocks" not in g for g in full.to_json()["graphs"].values())  # left out: older releases read it
+    assert Manifest.from_json(rt.manifest.to_json()) == rt.manifest
+    with pytest.raises(ArtifactError, match="field graphs.medusa.source_blocks can be non-zero only with fp32 weights"):
+        Manifest.from_json({**rt.manifest.to_json(), "attention": "gqa"})
 
 
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -131,11 +131,11 @@ opts = ort.SessionOptions(); opts.intra_op_num_threads = 2; kernels.register(opt
 for path in sys.argv[2:]:
     s = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
     x = np.random.default_rng(2).standard_normal((1, 64, s.get_inputs()[0].shape[-1]), dtype=np.float32) * 5
-    for rows in (1, 2, 3, 4, 8, 13, 16, 37, 64):
+    for rows in (1, 2, 3, 4, 6, 7, 8, 13, 16, 37, 64):
         sys.stdout.buffer.write(s.run(None, {"x": x[:, :rows]})[0].tobytes())
 sys.stderr.write(getattr(kernels, sys.argv[1])())
 """
-PATH_ROWS = 1 + 2 + 3 + 4 + 8 + 13 + 16 + 37 + 64  # the rows of the script's steps, per model
+PATH_ROWS = 1 + 2 + 3 + 4 + 6 + 7 + 8 + 13 + 16 + 37 + 64  # the rows of the script's steps, per model
 PATH_SWITCHES = {"amx": {}, "avx512": {"MEDUSA_EXPORT_KERNEL_NO_AMX": "1"}, "avx2": {"MEDUSA_EXPORT_KERNEL_AVX2": "1"}}
 
 

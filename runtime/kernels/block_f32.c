@@ -6,7 +6,7 @@
    W[k, n] = fma(step, q, low) in fp32 with the step and low of the block of 32 along K and column that k, n lie in
    (fp16 values, as GGUF stores a block's d and m: exact in fp32), q in 0..15; byte c of line j of group g holds
    q[2 j, 16 g + c] in its low nibble and q[2 j + 1, 16 g + c] in its high one. The exporter writes the op only
-   where that fma gives the model's fp32 weights bit for bit (a Q4_0 / Q4_1 GGUF's blocks, dequantized), so a step
+   where that fma gives the model's fp32 weights' values (a Q4_0 / Q4_1 GGUF's blocks, dequantized), so a step
    reads 5 bits of a weight instead of 32 and computes fp32's product:
 
      y[r, n] = even + odd,  even = fma chain over the even k ascending of x[r, k] W[k, n] (from 0), odd the same over
