@@ -39,9 +39,10 @@ def _blocks_session(k: int, n: int, seed: int = 0, symmetric: bool = False):
 
 
 def _fma(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
-    """float32 fma: the product of two float32 values is exact in float64, and so is the sum with a float32 value
-    near it; the tests' values keep to that."""
-    return (a.astype(np.float64) * b + c).astype(np.float32)
+    """float32 fma, emulated: the product of two float32 values is exact in x86's 64-bit-mantissa long double, and the
+    sum with a float32 value rounds there only when their exponents lie more than 16 apart, where a second rounding
+    to float32 could differ from one only on an exact tie (about 2^-40 of such sums)."""
+    return (a.astype(np.longdouble) * b + c).astype(np.float32)
 
 
 def _reference(x: np.ndarray, w: np.ndarray) -> np.ndarray:
