@@ -201,8 +201,7 @@ def _export_graph(loaded, kind: str, heads, tree: Tree, options: BuildOptions, w
             export_step_graph(step, path, dtype=dt)
     with step_log(f"fold constants in the {kind} graph (Polygraphy)"):
         cleanup = CleanupRecord(**fold_constants(path))
-    _screen(path, options, step_log)
-    source_blocks = _source_blocks(path, options, step_log)
+    source_blocks = _kernel_rewrites(path, options, step_log)
     quantization = None
     if options.quantized:
         with step_log(f"quantize the {kind} graph's weights ({options.dtype})"):
@@ -221,25 +220,37 @@ def _export_graph(loaded, kind: str, heads, tree: Tree, options: BuildOptions, w
     return record, validation
 
 
-def _screen(path: Path, options: BuildOptions, step_log) -> None:
-    """``--lm-head screened``: the graph's base lm_head and reduction rewritten (`screened_lm_head`); with fp32
-    weights the heads' matmuls (drafts only) go int8 per row too (`quantize_rows`; an int8 rows recipe quantizes
-    them with the rest)."""
-    if options.lm_head != "screened":
-        return
+def _kernel_rewrites(path: Path, options: BuildOptions, step_log) -> int:
+    """The kernel library's rewrites of the graph at ``path``, on one load and one save of it. ``--lm-head
+    screened``: the base lm_head and reduction rewritten (`screened_lm_head`); with fp32 weights the heads' matmuls
+    (drafts only) go int8 per row too (`quantize_rows`; an int8 rows recipe quantizes them with the rest).
+    ``--fp32-matmul blocks``: every MatMul whose fp32 weights are 4-bit blocks exactly becomes BlockMatMulF32Q4
+    (`source_grid.exact_f32_matmuls`). How many MatMuls the latter rewrote."""
+    screened, blocks = options.lm_head == "screened", options.fp32_matmul == "blocks"
+    if not (screened or blocks):
+        return 0
     import onnx
 
     from .fused_graph import save_graph
-    from .quantize_rows import quantize_rows
-    from .screened_lm_head import HEADS_SCOPE, screen_lm_head
 
-    with step_log(f"screen the lm_head of {path.name} (int8 product, exact fp32 candidates)"):
-        model = onnx.load(str(path))
-        screen_lm_head(model, options.sample_topk)
-        if not options.quantized:
-            quantize_rows(model, keep=lambda name: HEADS_SCOPE not in name)
-        path.with_name(path.name + ".data").unlink(missing_ok=True)  # loaded above; written again if still > 2 GB
-        save_graph(model, path)
+    model = onnx.load(str(path))
+    if screened:
+        from .quantize_rows import quantize_rows
+        from .screened_lm_head import HEADS_SCOPE, screen_lm_head
+
+        with step_log(f"screen the lm_head of {path.name} (int8 product, exact fp32 candidates)"):
+            screen_lm_head(model, options.sample_topk)
+            if not options.quantized:
+                quantize_rows(model, keep=lambda name: HEADS_SCOPE not in name)
+    rewritten = 0
+    if blocks:
+        from .source_grid import exact_f32_matmuls
+
+        with step_log(f"read {path.name}'s weights as the model's 4-bit blocks (fp32 arithmetic)"):
+            rewritten = exact_f32_matmuls(model)
+    path.with_name(path.name + ".data").unlink(missing_ok=True)  # loaded above; written again if still > 2 GB
+    save_graph(model, path)
+    return rewritten
 
 
 class _StepLog:
@@ -261,24 +272,6 @@ class _StepLog:
             self.log(f"  {self.name}: done in {time.perf_counter() - self.t0:.1f} s")
 
 
-def _source_blocks(path: Path, options: BuildOptions, step_log) -> int:
-    """``--fp32-matmul blocks``: every MatMul whose fp32 weights are 4-bit blocks exactly becomes BlockMatMulF32Q4
-    (`source_grid.exact_f32_matmuls`); how many did."""
-    if options.fp32_matmul != "blocks":
-        return 0
-    import onnx
-
-    from .fused_graph import save_graph
-    from .source_grid import exact_f32_matmuls
-
-    with step_log(f"read {path.name}'s weights as the model's 4-bit blocks (fp32 arithmetic)"):
-        model = onnx.load(str(path))
-        rewritten = exact_f32_matmuls(model)
-        path.with_name(path.name + ".data").unlink(missing_ok=True)  # loaded above; written again if still > 2 GB
-        save_graph(model, path)
-    return rewritten
-
-
 def _export_lanes(loaded, options: BuildOptions, work: Path, step_log, grid: bool = False) -> GraphRecord:
     """The batched graph (`lanes_graph`): exported, folded and quantized like the others; validated against the
     one-sequence graphs once the artifact is assembled (`_check_lanes`)."""
@@ -291,8 +284,7 @@ def _export_lanes(loaded, options: BuildOptions, work: Path, step_log, grid: boo
                            _recipe(options, "rotation", 0), options.attention, options.kv_dtype)
     with step_log("fold constants in the batched graph (Polygraphy)"):
         cleanup = CleanupRecord(**fold_constants(path))
-    _screen(path, options, step_log)
-    source_blocks = _source_blocks(path, options, step_log)
+    source_blocks = _kernel_rewrites(path, options, step_log)
     quantization = None
     if options.quantized:
         with step_log(f"quantize the batched graph's weights ({options.dtype})"):

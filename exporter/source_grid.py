@@ -87,9 +87,9 @@ def grid8_of(w: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
 def fma_grid_of(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     """``w`` [in, out] as BlockMatMulF32Q4 takes it (`runtime/kernels/block_f32.c`): ``(packed [out / 16, in / 2,
     16] uint8, step, low [out / 16, in / 32, 16] float16)`` with ``fma(step, q, low) == w`` in float32 for every
-    weight (one rounding, as the kernel computes it; the same value, a -0 of a Q4_0 block rebuilt as +0); None where ``w`` is not such a grid, its steps or lows
-    not fp16 values (GGUF's d and m are) or its width not whole groups of 16. Byte c of line j of group g holds
-    q[2 j, 16 g + c] | q[2 j + 1, 16 g + c] << 4."""
+    weight (one rounding, as the kernel computes it; the same value, a -0 of a Q4_0 block rebuilt as +0); None where
+    ``w`` is not such a grid, its steps or lows not fp16 values (GGUF's d and m are) or its width not whole groups
+    of 16. Byte c of line j of group g holds q[2 j, 16 g + c] | q[2 j + 1, 16 g + c] << 4."""
     grid = grid_of(w)
     if grid is None or w.shape[1] % F32_GROUP:
         return None
@@ -98,10 +98,10 @@ def fma_grid_of(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | No
     if not (np.array_equal(step32.astype(np.float16).astype(np.float32), step32) and
             np.array_equal(low32.astype(np.float16).astype(np.float32), low32)):
         return None
-    product = step32.astype(np.float64)[..., None] * q  # exact: 24 bits times 4
-    total = product + low32.astype(np.float64)[..., None]
-    exact = (total - low32.astype(np.float64)[..., None]) == product  # the float64 sum rounded nothing
-    if not (exact & (total.astype(np.float32) == _blocks(w).astype(np.float32))).all():
+    # fp16 step and low: step * q + low needs well under float64's 53 bits, so rounding the float64 sum once to
+    # float32 is what the kernel's fma gives
+    total = step32.astype(np.float64)[..., None] * q + low32.astype(np.float64)[..., None]
+    if not (total.astype(np.float32) == _blocks(w).astype(np.float32)).all():
         return None
     out, blocks, _ = q.shape
     levels = q.reshape(out // F32_GROUP, F32_GROUP, blocks * BLOCK // 2, 2).transpose(0, 2, 1, 3)

@@ -154,19 +154,22 @@ def library_path() -> str:
         return _built[key]
 
 
+def _path_report(symbol: str) -> int:
+    """What the library's exported function ``symbol`` (a kernel path's report) returns in this process."""
+    import ctypes
+
+    return getattr(ctypes.CDLL(library_path()), symbol)()
+
+
 def block_matmul_path() -> str:
     """The path BlockMatMul16 / BlockMatMul16Q4 take in this process: "amx" (AMX tiles for steps of 16 rows or more,
     AVX-512 VNNI below), "avx512" or "avx2" (`MEDUSA_EXPORT_KERNEL_NO_AMX`, `MEDUSA_EXPORT_KERNEL_AVX2` steer it)."""
-    import ctypes
-
-    return ("avx2", "avx512", "amx")[ctypes.CDLL(library_path()).medusa_export_block_path()]
+    return ("avx2", "avx512", "amx")[_path_report("medusa_export_block_path")]
 
 
 def block_f32_path() -> str:
     """The path BlockMatMulF32Q4 takes in this process: "avx512" or "avx2" (`MEDUSA_EXPORT_KERNEL_AVX2`)."""
-    import ctypes
-
-    return ("avx2", "avx512")[ctypes.CDLL(library_path()).medusa_export_block_f32_path()]
+    return ("avx2", "avx512")[_path_report("medusa_export_block_f32_path")]
 
 
 def _digest_path(library: Path) -> Path:

@@ -25,7 +25,7 @@ typedef struct {
   const uint8_t *w;  /* [N/16, K/2, 16] */
   const uint16_t *step, *low;  /* [N/16, K/32, 16] fp16 */
   float *y;  /* [rows, n] */
-  int64_t rows, k, n, groups;
+  int64_t rows, k, n;  /* n: 16 columns a group */
 } F32BlockWork;
 
 /* Rows [m0, m0 + mr) times the column groups [g0, g0 + ng) with AVX-512. */
@@ -143,7 +143,8 @@ static void bf_detect(void) {
 static void bf_item(void *data, size_t index) {
   const F32BlockWork *w = (const F32BlockWork *)data;
   int64_t g0 = (int64_t)index * BF_GROUPS_PER_ITEM;
-  int ng = (int)(w->groups - g0 < BF_GROUPS_PER_ITEM ? w->groups - g0 : BF_GROUPS_PER_ITEM);
+  int64_t groups = w->n / BF_GROUP;
+  int ng = (int)(groups - g0 < BF_GROUPS_PER_ITEM ? groups - g0 : BF_GROUPS_PER_ITEM);
   (__atomic_load_n(&bf_avx512, __ATOMIC_RELAXED) ? bf_groups512 : bf_groups256)(w, g0, ng);
 }
 
@@ -169,7 +170,7 @@ static OrtStatus *block_f32_compute(void *kernel, OrtKernelContext *ctx) {
   if ((st = any_output(ctx, 0, yd, xn, &out))) return st;
   if (!rows || !groups) return NULL;
   F32BlockWork w = {(const float *)x, (const uint8_t *)wt, (const uint16_t *)sc, (const uint16_t *)lo, (float *)out,
-                    rows, k, groups * BF_GROUP, groups};
+                    rows, k, groups * BF_GROUP};
   size_t items = (size_t)((groups + BF_GROUPS_PER_ITEM - 1) / BF_GROUPS_PER_ITEM);
   if (items > 1) return parallel_for(ctx, bf_item, items, &w);
   bf_item(&w, 0);
