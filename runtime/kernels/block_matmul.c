@@ -109,7 +109,7 @@ static void bm_quantize_block(void *data, size_t index) {
 }
 
 /* Rows [m0, m0 + mr) of y for the column groups [g0, g1), AVX-512 VNNI: one zmm holds a group's 16 columns. */
-__attribute__((target("avx512f,avx512bw,avx512vnni"))) static inline void bm_tile512(
+__attribute__((target("avx512f,avx512bw,avx512vnni"), always_inline)) static inline void bm_tile512(
     int mr, const BlockWork *w, int64_t m0, int64_t g0, int64_t g1) {
   const int64_t k = w->k, blocks = k / BM_BLOCK;
   const int16_t *q = w->q + m0 * k;
@@ -123,7 +123,8 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) static inline void bm_til
       __m512i sum[BM_ROWS][BM_CHAINS];
       for (int m = 0; m < mr; m++)
         for (int c = 0; c < chains; c++) sum[m][c] = _mm512_setzero_si512();
-      for (int j = 0; j < BM_BLOCK / 2; j++) {
+#pragma GCC unroll 16
+      for (int j = 0; j < BM_BLOCK / 2; j++) {  /* unrolled: each chain index a constant, the sums in registers */
         __m512i wj = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(wg + (b * BM_BLOCK / 2 + j) * 32)));
         for (int m = 0; m < mr; m++) {
           int32_t pair;
@@ -143,7 +144,7 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) static inline void bm_til
 }
 
 /* The same with AVX2: two ymm per group (columns 0-7 and 8-15), VPMADDWD then VPADDD for each pair of inputs. */
-static inline void bm_tile256(int mr, const BlockWork *w, int64_t m0, int64_t g0, int64_t g1) {
+__attribute__((always_inline)) static inline void bm_tile256(int mr, const BlockWork *w, int64_t m0, int64_t g0, int64_t g1) {
   const int64_t k = w->k, blocks = k / BM_BLOCK;
   const int16_t *q = w->q + m0 * k;
   for (int64_t g = g0; g < g1; g++) {
@@ -183,7 +184,7 @@ static inline void bm_tile256(int mr, const BlockWork *w, int64_t m0, int64_t g0
 
 /* BlockMatMul16Q4's rows [m0, m0 + mr), AVX-512 VNNI: a 32-byte line widened to 32 int16 gives two pairs of inputs,
    its low nibbles and its high ones. */
-__attribute__((target("avx512f,avx512bw,avx512vnni"))) static inline void bm4_tile512(
+__attribute__((target("avx512f,avx512bw,avx512vnni"), always_inline)) static inline void bm4_tile512(
     int mr, const BlockWork *w, int64_t m0, int64_t g0, int64_t g1) {
   const int64_t k = w->k, blocks = k / BM_BLOCK;
   const int16_t *q = w->q + m0 * k;
@@ -199,7 +200,8 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) static inline void bm4_ti
       __m512i sum[BM_ROWS][BM_CHAINS];
       for (int m = 0; m < mr; m++)
         for (int c = 0; c < chains; c++) sum[m][c] = _mm512_setzero_si512();
-      for (int l = 0; l < BM_BLOCK / 4; l++) {
+#pragma GCC unroll 8
+      for (int l = 0; l < BM_BLOCK / 4; l++) {  /* unrolled, as above */
         __m512i raw = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(wg + (b * BM_BLOCK / 4 + l) * 32)));
         __m512i low = _mm512_and_si512(raw, nibble), high = _mm512_srli_epi16(raw, 4);
         for (int m = 0; m < mr; m++) {
@@ -226,7 +228,7 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) static inline void bm4_ti
 }
 
 /* The same with AVX2: each half line (8 columns) widened to 16 int16, low and high nibbles as above. */
-static inline void bm4_tile256(int mr, const BlockWork *w, int64_t m0, int64_t g0, int64_t g1) {
+__attribute__((always_inline)) static inline void bm4_tile256(int mr, const BlockWork *w, int64_t m0, int64_t g0, int64_t g1) {
   const int64_t k = w->k, blocks = k / BM_BLOCK;
   const int16_t *q = w->q + m0 * k;
   const int32_t *xs = w->xsum + m0 * blocks;
@@ -277,7 +279,9 @@ static inline void bm4_tile256(int mr, const BlockWork *w, int64_t m0, int64_t g
   }
 }
 
-/* Constant row counts, so the accumulators stay in registers and each line of weights is read once a tile. */
+/* Constant row counts, so the accumulators stay in registers and each line of weights is read once a tile: the
+   tiles are always inlined, since gcc otherwise keeps an out-of-line copy for some counts with ``mr`` a variable (the
+   one-row 4-bit tile took about 1.4x its time so, the 8-bit AVX-512 tile every count). */
 #define BM_DISPATCH(TILE)                                                                                          \
   switch (mr) {                                                                                                    \
     case 1: TILE(1, w, m0, g0, g1); break;                                                                         \
