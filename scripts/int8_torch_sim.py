@@ -15,7 +15,8 @@ weights and input: the screened lm_head's exact top words) and / or
 ``+keep=3,29`` (those decoder layers' linears left fp32, weights and inputs) and / or ``+kv16`` / ``+kv8`` (every
 key (rotated) and value row rounded to fp16, or to int8 under its own scale per row and head, as it enters the
 cache: what a lower-precision KV cache would hold; ``+kv8c``: the keys per channel instead, each channel's scale the
-largest over the whole sequence, which a cache filled token by token cannot know: a bound on per-channel keys).
+largest over the whole sequence, which a cache filled token by token cannot know: a bound on per-channel keys;
+``+kv8h``: per row and head after an orthonormal Hadamard turn of the head's channels).
 ``--sweep-layers`` adds, after the variants, each variant with one layer kept at a time: which layers lose the most
 agreement. ``--no-smoothing`` quantizes the model without the recipe's activation smoothing (weight-only recipes
 have no activations to smooth for). One JSON line per variant.
@@ -115,26 +116,49 @@ def activation_hooks(model, linears: dict, act: str = "act8", turn: bool = True)
     return handles
 
 
+def hadamard(n: int) -> torch.Tensor:
+    """The orthonormal Sylvester Hadamard matrix of order n (a power of two)."""
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h / np.sqrt(n)
+
+
 def rounded_cache(kind: str):
     """A context in which every K / V row entering transformers' DynamicCache is rounded as ``kind`` ("kv16": fp16;
-    "kv8": symmetric int8 per row and head, scale max|x| / 127; "kv8c": the keys per channel over the sequence);
-    "" leaves the cache alone."""
+    "kv8": symmetric int8 per row and head, scale max|x| / 127; "kv8c": the keys per channel over the sequence;
+    "kv8h": per row and head after a Hadamard turn; "k8h" / "v8h": only the keys / values so, the other fp16;
+    a trailing "gN": one scale per N channels of a row); "" leaves the cache alone."""
     import contextlib
 
     from transformers.cache_utils import DynamicCache
 
-    def rounded(x: torch.Tensor, channels: bool = False) -> torch.Tensor:
-        if kind == "kv16":
-            return x.half().float()
+    group = int(kind.split("g")[1]) if "g" in kind else 0
+    which = kind.split("g")[0]
+
+    def int8(x: torch.Tensor, channels: bool = False) -> torch.Tensor:
+        shape = x.shape
+        if group:
+            x = x.reshape(*shape[:-1], shape[-1] // group, group)
         step = x.abs().amax(-2 if channels else -1, keepdim=True) / 127
         step = torch.where(step > 0, step, torch.ones_like(step))
-        return torch.round(x / step).clamp(-127, 127) * step
+        return (torch.round(x / step).clamp(-127, 127) * step).reshape(shape)
+
+    def turned_int8(x: torch.Tensor) -> torch.Tensor:
+        turn = hadamard(x.shape[-1]).to(x.dtype)
+        return int8(x @ turn) @ turn.T
+
+    def rounded(x: torch.Tensor, part: str) -> torch.Tensor:
+        if which == "kv16" or (which in ("k8h", "v8h") and not which.startswith(part)):
+            return x.half().float()
+        if which == "kv8c":
+            return int8(x, channels=part == "k")
+        return turned_int8(x) if which.endswith("h") else int8(x)
 
     @contextlib.contextmanager
     def patched():
         update = DynamicCache.update
-        DynamicCache.update = lambda self, k, v, *a, **kw: update(self, rounded(k, kind == "kv8c"), rounded(v),
-                                                                  *a, **kw)
+        DynamicCache.update = lambda self, k, v, *a, **kw: update(self, rounded(k, "k"), rounded(v, "v"), *a, **kw)
         try:
             yield
         finally:
@@ -207,7 +231,7 @@ def main() -> None:
                     rounded_weights[how, turn, name] = torch.from_numpy(q.T.astype(np.float32).copy())
                 module.weight.data = rounded_weights[how, turn, name]  # nothing writes into it: restored by replacing
         handles = activation_hooks(model, quantized, act, "unturned" not in options) if act else []
-        with rounded_cache(next((o for o in options if o in ("kv16", "kv8", "kv8c")), "")):
+        with rounded_cache(next((o for o in options if o.startswith(("kv", "k8", "v8"))), "")):
             top1, ppl, positions = agreement()
         for h in handles:
             h.remove()
