@@ -8,7 +8,9 @@ accepted draft tokens per step by source and draft rows per step, and checks eve
         [--threads 2] [--no-heads] [--other-table OTHER/corpus_drafts.npz] [--json out.json]
 
 ``--other-table``: one more row, speculation with another build's table for the same model (e.g. one built without
-the model's own answers), so that two tables are compared on the same graphs in one run.
+the model's own answers), so that two tables are compared on the same graphs in one run. ``--one-row-unmeasured``: one
+more row, speculation with the table whose one-row step is never run just to measure it (`speculation.ONE_ROW_MIN`:
+the planner before it). ``--library``: a kernel library file to load instead of the one compiled from this checkout.
 
 Each row has its own speculation state (acceptance rates, step costs, the two graphs' weighed steps), as a process
 running only that configuration would: with one shared state the rows' drafts were chosen by their mixed acceptance
@@ -24,6 +26,7 @@ import json
 
 import numpy as np
 
+from medusa_export.runtime import kernels
 from medusa_export.runtime.api import MedusaRuntime
 from medusa_export.runtime.corpus_drafts import CorpusTable
 from medusa_export.runtime.machine import machine_info
@@ -31,6 +34,7 @@ from medusa_export.runtime.prompts import read_prompts
 from medusa_export.runtime.speculation import Speculation
 
 MODES = ("vanilla", "speculation, no table", "speculation + table", "drafts + table, no heads")
+UNMEASURED = "speculation + table, one row unmeasured"
 
 
 def main() -> None:
@@ -42,8 +46,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-heads", action="store_true", help="drafts only: the heads' tree is never verified")
     ap.add_argument("--other-table", default=None, help="another table for this model: one more row")
+    ap.add_argument("--one-row-unmeasured", action="store_true", help="one more row: the one-row step never measured")
+    ap.add_argument("--library", default=None, help="a kernel library to load instead of this checkout's")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    if args.library:
+        kernels.library_path = lambda: args.library
     rt = MedusaRuntime.load(args.artifact, threads=args.threads)
     gen = rt.generator
     table = gen.spec.corpus
@@ -56,12 +64,18 @@ def main() -> None:
     if args.other_table:
         modes = (*modes, "speculation + other table")
         tables[modes[-1]] = CorpusTable.load(args.other_table, rt.manifest.dims.vocab_size)
+    if args.one_row_unmeasured:
+        modes = (*modes, UNMEASURED)
+        tables[UNMEASURED] = table
     prompts = read_prompts(args.prompts, limit=args.limit)
     totals = {m: {"tokens": 0, "seconds": 0.0, "steps": 0, "accepted_heads": 0, "accepted_context": 0,
                   "context_rows": 0, "identical": 0} for m in modes}
     rt.generate(prompts[0], max_new_tokens=8)  # opens and runs both graphs once before anything is timed
     rt.generate(prompts[0], max_new_tokens=8, medusa=False)
     states = {mode: Speculation() for mode in modes}
+    if UNMEASURED in states:
+        for cost in states[UNMEASURED].alone_cost.values():
+            cost.one_row_due = lambda: False
     for i, prompt in enumerate(prompts):
         answers = {}
         for mode in np.roll(modes, -i):
@@ -87,12 +101,12 @@ def main() -> None:
     base = rows["vanilla"]["tokens_per_s"]
     for mode, row in rows.items():
         row["speed_up"] = round(row["tokens_per_s"] / base, 3)
-        print(f"{mode:26s} {row['tokens_per_s']:7.2f} tok/s  {row['speed_up']:.2f}x  {row['tokens_per_step']:.2f} tok/step  "
+        print(f"{mode:40s} {row['tokens_per_s']:7.2f} tok/s  {row['speed_up']:.2f}x  {row['tokens_per_step']:.2f} tok/step  "
               f"accepted heads {row['accepted_heads']:.2f} / drafts {row['accepted_context']:.2f}  draft rows "
               f"{row['context_rows']:.2f}  identical {row['identical']}")
     report = {"artifact": args.artifact, "prompts": args.prompts, "limit": args.limit,
               "max_new_tokens": args.max_new_tokens, "threads": args.threads, "heads": not args.no_heads,
-              "other_table": args.other_table,
+              "other_table": args.other_table, "library": args.library,
               "machine": machine_info(), "rows": rows}
     if args.json:
         with open(args.json, "w") as f:
