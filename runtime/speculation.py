@@ -42,7 +42,7 @@ PRIOR_ROW_SHARE = 0.06  # one more row, as a share of a one-row step
 # (its cost less the prior share), which can be far above its own, and would then never run. So it runs when it has
 # fewer than ONE_ROW_MIN measurements, and again once ONE_ROW_EVERY steps have passed without one (the machine's
 # speed moves). Measured on int4 rows16: one row 3.8 ms, two 5.2 ms (+37 %, not the prior's 6 %); without this a
-# fresh process verified drafts at every step and ran 0.75-0.85x its vanilla speed.
+# fresh process verified drafts at nearly every step and ran 0.7-0.85x its vanilla speed.
 ONE_ROW_MIN = 3
 ONE_ROW_EVERY = 64
 EXPLORE_EVERY = 8  # requests: one in eight runs the heads whatever they are expected to give
@@ -118,10 +118,9 @@ class StepCost:
                 self.seconds[rows] += (seconds - self.seconds[rows]) / min(n, 10)
                 self.count[rows] = n  # after the seconds: `table` reads without the lock, and a count must have them
                 self.measured = True
-        with self.lock:
-            self.records += 1
-            if rows == 1:
-                self.last_one_row = self.records
+                self.records += 1
+                if rows == 1:
+                    self.last_one_row = self.records
 
     def one_row_due(self) -> bool:
         """Whether the next step should run one row to measure it (``ONE_ROW_MIN``, ``ONE_ROW_EVERY``)."""
