@@ -281,7 +281,7 @@ class Engine:
         spec = self.gen.spec
         found = {seq: spec.propose(seq.cursor.context, DEFAULT_MAX_DRAFT) for seq in decoding if seq.cursor.context}
         found = {seq: d for seq, d in found.items() if d is not None}
-        if not found:
+        if not found or spec.batched_cost.plain_due(rows):  # a step without drafts, to measure it (`PLAIN_MIN`)
             return {}
         room = {seq: min(len(d.tokens), seq.session.capacity - seq.session.length - 1) for seq, d in found.items()}
         chains = [spec.rates.cumulative(d.rate_kind, room[seq]) for seq, d in found.items()]

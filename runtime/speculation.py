@@ -37,14 +37,15 @@ PRIOR_CORPUS_FIRST = {n: (0.13, 0.27, 0.4) for n in range(1, MAX_NGRAM + 1)}
 PRIOR_CORPUS_DEEPER = 0.55
 PRIOR_WEIGHT = 10.0  # the priors count as this many observations
 PRIOR_ROW_SHARE = 0.06  # one more row, as a share of a one-row step
-# A one-row step is the only count that measuring others never reaches: a count above the largest measured is
-# estimated cheap, gets chosen and so measured, but the one-row step is estimated from the smallest measured count
-# (its cost less the prior share), which can be far above its own, and would then never run. So it runs when it has
-# fewer than ONE_ROW_MIN measurements, and again once ONE_ROW_EVERY steps have passed without one (the machine's
-# speed moves). Measured on int4 rows16: one row 3.8 ms, two 5.2 ms (+37 %, not the prior's 6 %); without this a
-# fresh process verified drafts at nearly every step and ran 0.7-0.85x its vanilla speed.
-ONE_ROW_MIN = 3
-ONE_ROW_EVERY = 64
+# A step without drafts (the root alone; in a lanes step, its sequences' roots and prompt chunks) is the one row count
+# that measuring others never reaches: a count above the largest measured is estimated cheap, gets chosen and so
+# measured, but a count below the smallest measured is estimated from it (less the prior share), which can be far
+# dearer than it is, and then never runs once drafts are verified from the first steps on. So a step runs without
+# drafts while its count has fewer than PLAIN_MIN measurements, and again once PLAIN_EVERY steps have passed
+# without one (the machine's speed moves). Measured on int4 rows16: one row 3.8 ms, two 5.2 ms (+37 %, not the
+# prior's 6 %); without this a fresh process verified drafts at nearly every step and ran 0.7-0.85x its vanilla speed.
+PLAIN_MIN = 3
+PLAIN_EVERY = 64
 EXPLORE_EVERY = 8  # requests: one in eight runs the heads whatever they are expected to give
 PRIOR_HEADS_NODE = 0.3  # a heads' node at depth d: accepted 0.3 ** d of the time (the shipped heads' first: ~0.3)
 PAIRED_DECAY = 0.995  # per step: the two graphs' expected rates follow the last few hundred Medusa-graph steps
@@ -108,7 +109,7 @@ class StepCost:
         self.count = [0] * (max_rows + 1)
         self.measured = False  # any row count measured
         self.records = 0  # steps recorded
-        self.last_one_row = 0  # ``records`` at the last one-row step
+        self.last = [0] * (max_rows + 1)  # ``records`` at the last step of each row count
         self.lock = threading.Lock()
 
     def record(self, rows: int, seconds: float) -> None:
@@ -119,12 +120,14 @@ class StepCost:
                 self.count[rows] = n  # after the seconds: `table` reads without the lock, and a count must have them
                 self.measured = True
                 self.records += 1
-                if rows == 1:
-                    self.last_one_row = self.records
+                self.last[rows] = self.records
 
-    def one_row_due(self) -> bool:
-        """Whether the next step should run one row to measure it (``ONE_ROW_MIN``, ``ONE_ROW_EVERY``)."""
-        return self.count[1] < ONE_ROW_MIN or self.records - self.last_one_row >= ONE_ROW_EVERY
+    def plain_due(self, rows: int = 1) -> bool:
+        """Whether the next step should run without drafts, ``rows`` rows, to measure that count (``PLAIN_MIN``,
+        ``PLAIN_EVERY``)."""
+        if not 1 <= rows < len(self.count):
+            return False
+        return self.count[rows] < PLAIN_MIN or self.records - self.last[rows] >= PLAIN_EVERY
 
     def table(self, upto: int) -> list[float]:
         """[upto + 1] estimated seconds of a step of r rows (index 0 unused)."""

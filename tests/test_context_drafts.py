@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from conftest import TINY_PROMPTS, run_decode
 
 from medusa_export.runtime.context_drafts import ContextIndex
-from medusa_export.runtime.speculation import ONE_ROW_EVERY, ONE_ROW_MIN, AcceptanceRates, StepCost
+from medusa_export.runtime.speculation import PLAIN_EVERY, PLAIN_MIN, AcceptanceRates, StepCost
 from medusa_export.runtime.step_tree import CONTEXT, HEADS, ROOT, StepTree
 from medusa_export.runtime.tree import Tree, load_choices
 
@@ -144,7 +144,7 @@ def test_unmeasured_row_counts_are_estimated_from_the_nearest_measured_ones():
 
 def test_a_one_row_step_runs_until_measured_and_again_now_and_then():
     """Measuring larger steps never reaches the one-row step (estimated from the smallest measured count, which can
-    be far dearer): it runs while measured fewer than ONE_ROW_MIN times, and again after ONE_ROW_EVERY steps without
+    be far dearer): it runs while measured fewer than PLAIN_MIN times, and again after PLAIN_EVERY steps without
     one; then the measured costs decide. Backends that take only the whole tree are left alone."""
     from medusa_export.runtime.decode import Cursor, plan
     from medusa_export.runtime.speculation import Speculation
@@ -156,36 +156,36 @@ def test_a_one_row_step_runs_until_measured_and_again_now_and_then():
         spec.alone_cost[False].record(rows, 0.010 * (1 + 0.01 * rows))  # drafts look nearly free
     step = lambda: plan(Cursor(3, None, np.random.default_rng(0), context), None, spec, room=100, max_paths=None)
     runs = []
-    for _ in range(ONE_ROW_MIN + 1):
+    for _ in range(PLAIN_MIN + 1):
         p = step()
         runs.append(p.num_nodes)
         spec.alone_cost[False].record(p.num_nodes, 0.010 if p.num_nodes == 1 else 0.0101)
-    assert runs[:ONE_ROW_MIN] == [1] * ONE_ROW_MIN and runs[-1] > 1  # measured as dear as the drafts: they pay
+    assert runs[:PLAIN_MIN] == [1] * PLAIN_MIN and runs[-1] > 1  # measured as dear as the drafts: they pay
     since = 1  # steps since the last one-row step: the drafted one above
-    while not spec.alone_cost[False].one_row_due():
+    while not spec.alone_cost[False].plain_due():
         assert step().num_nodes > 1
         spec.alone_cost[False].record(3, 0.0101)
         since += 1
-    assert since == ONE_ROW_EVERY and step().num_nodes == 1  # measured again, then drafts again
+    assert since == PLAIN_EVERY and step().num_nodes == 1  # measured again, then drafts again
     spec.alone_cost[False].record(1, 0.010)
     assert step().num_nodes > 1
     for _ in range(10):
         spec.alone_cost[False].record(1, 0.001)  # one-row steps measured far cheaper: the root alone pays
-    assert step().num_nodes == 1 and not spec.alone_cost[False].one_row_due()
+    assert step().num_nodes == 1 and not spec.alone_cost[False].plain_due()
 
 
 def test_one_row_due_counts_steps_of_any_size():
     cost = StepCost()
-    assert cost.one_row_due()
-    for _ in range(ONE_ROW_MIN):
+    assert cost.plain_due()
+    for _ in range(PLAIN_MIN):
         cost.record(1, 0.01)
-    assert not cost.one_row_due()
-    for i in range(ONE_ROW_EVERY):
-        assert not cost.one_row_due(), i
+    assert not cost.plain_due()
+    for i in range(PLAIN_EVERY):
+        assert not cost.plain_due(), i
         cost.record(2 + i % 3, 0.012)
-    assert cost.one_row_due()
+    assert cost.plain_due()
     cost.record(1, 0.01)
-    assert not cost.one_row_due()
+    assert not cost.plain_due()
 
 
 def test_acceptance_rates_learn_by_depth():
@@ -298,7 +298,7 @@ def test_a_plan_holds_no_more_paths_than_the_graph_verifies_exactly(draft, cheap
     heads = np.arange(40, dtype=np.int64).reshape(4, 10)  # the heads' chain is 3 -> 0 -> 10
     context = ContextIndex([3, *draft, 3])  # "3" seen before: the draft that followed it is proposed
     spec = Speculation()
-    for _ in range(ONE_ROW_MIN):
+    for _ in range(PLAIN_MIN):
         for rows in range(1, 12):  # rows nearly free: every draft token pays
             spec.alone_cost[True].record(rows, 0.010 * (1 + (0.001 if cheap else 0.05) * rows))
     p = plan(Cursor(3, heads, np.random.default_rng(0), context), tree, spec, room=100, max_paths=1)
@@ -347,7 +347,7 @@ def test_a_step_on_the_medusa_graph_is_weighed_on_both_graphs():
     heads = np.arange(40, dtype=np.int64).reshape(4, 10)
     seen = [1, 2, 3, 9, 1, 2, 3]  # "1 2 3" seen before: a draft [9, 1, 2, 3]
     spec = Speculation()
-    for _ in range(ONE_ROW_MIN):  # the one-row step measured: no step runs alone to measure it
+    for _ in range(PLAIN_MIN):  # the one-row step measured: no step runs alone to measure it
         for rows, seconds in ((1, 0.012), (3, 0.013), (5, 0.014)):
             spec.alone_cost[True].record(rows, seconds)
 
