@@ -220,7 +220,7 @@ def plan(cursor: Cursor, tree: Tree | None, spec: Speculation, room: int, max_pa
     best = options[-1] if whole_tree and heads is not None else max(options, key=lambda o: o[0] / t[o[1]])
     if heads is not None and cursor.context is not None:
         weigh_both_graphs(spec, options, best, t)
-    if best[1] > 1 and not whole_tree and spec.alone_cost[tree is not None].plain_due():
+    if best[1] > 1 and (tree is None or not whole_tree) and spec.alone_cost[tree is not None].plain_due():
         best = options[0]  # the root alone, to measure what a one-row step costs (`speculation.PLAIN_MIN`)
     tokens, rows, n, use_heads = best
     if use_heads:

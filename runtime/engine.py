@@ -277,7 +277,8 @@ class Engine:
             return None
 
     def _drafts(self, decoding: list[Sequence], rows: int, budget: int) -> dict:
-        """The context drafts worth verifying in this lanes step, by sequence (`speculation.StepCost.worth`)."""
+        """The context drafts worth verifying in this lanes step, by sequence (`speculation.StepCost.worth`); ``rows``:
+        the step's rows without drafts (its sequences' roots and prompt chunks)."""
         spec = self.gen.spec
         found = {seq: spec.propose(seq.cursor.context, DEFAULT_MAX_DRAFT) for seq in decoding if seq.cursor.context}
         found = {seq: d for seq, d in found.items() if d is not None}

@@ -43,7 +43,7 @@ PRIOR_ROW_SHARE = 0.06  # one more row, as a share of a one-row step
 # dearer than it is, and then never runs once drafts are verified from the first steps on. So a step runs without
 # drafts while its count has fewer than PLAIN_MIN measurements, and again once PLAIN_EVERY steps have passed
 # without one (the machine's speed moves). Measured on int4 rows16: one row 3.8 ms, two 5.2 ms (+37 %, not the
-# prior's 6 %); without this a fresh process verified drafts at nearly every step and ran 0.7-0.85x its vanilla speed.
+# prior's 6 %); without this a fresh process verified drafts at nearly every step and ran 0.71-0.84x its vanilla speed.
 PLAIN_MIN = 3
 PLAIN_EVERY = 64
 EXPLORE_EVERY = 8  # requests: one in eight runs the heads whatever they are expected to give
@@ -124,7 +124,8 @@ class StepCost:
 
     def plain_due(self, rows: int = 1) -> bool:
         """Whether the next step should run without drafts, ``rows`` rows, to measure that count (``PLAIN_MIN``,
-        ``PLAIN_EVERY``)."""
+        ``PLAIN_EVERY``). Staleness counts steps of any size: a count that comes back less often than once in
+        ``PLAIN_EVERY`` steps (a lanes step's odd prompt chunk) runs without drafts each time."""
         if not 1 <= rows < len(self.count):
             return False
         return self.count[rows] < PLAIN_MIN or self.records - self.last[rows] >= PLAIN_EVERY
@@ -151,7 +152,8 @@ class StepCost:
         """How many rows of each chain (``chains[i][j]``: probability that its drafts 0..j are all accepted) to add
         to a step of ``rows`` rows that already expects ``expected`` tokens, at most ``limit`` more: the most probable
         drafts first, as many as maximise expected tokens per second."""
-        order = sorted((-q, j, i) for i, c in enumerate(chains) for j, q in enumerate(c))[:max(limit, 0)]
+        room = len(self.seconds) - 1 - rows  # the table's largest count bounds a step (a larger one takes no drafts)
+        order = sorted((-q, j, i) for i, c in enumerate(chains) for j, q in enumerate(c))[:max(min(limit, room), 0)]
         if not order:
             return [0] * len(chains)
         t = self.table(rows + len(order))

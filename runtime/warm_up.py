@@ -14,12 +14,24 @@ import time
 from .decode import GenerationConfig
 from .engine import Engine
 from .generator import Generator
-from .speculation import Speculation
+from .speculation import Speculation, StepCost
+
+
+class _NoPlainSteps(StepCost):
+    """Step costs that never ask for a step without drafts: the warm-up's steps are to run the graphs' shapes."""
+
+    def plain_due(self, rows: int = 1) -> bool:
+        return False
 
 
 class _WarmUpSpeculation(Speculation):
     """The warm-up's measurements, kept apart from the backend's, and the heads' tree for every request that asks
     for it (the real one gives it only where the heads are expected to pay)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.alone_cost = {True: _NoPlainSteps(), False: _NoPlainSteps()}
+        self.batched_cost = _NoPlainSteps()
 
     def heads_for(self, tree):
         return tree

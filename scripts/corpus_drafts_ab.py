@@ -9,7 +9,7 @@ accepted draft tokens per step by source and draft rows per step, and checks eve
 
 ``--other-table``: one more row, speculation with another build's table for the same model (e.g. one built without
 the model's own answers), so that two tables are compared on the same graphs in one run. ``--one-row-unmeasured``: one
-more row, speculation with the table whose one-row step is never run just to measure it (`speculation.ONE_ROW_MIN`:
+more row, speculation with the table whose one-row step is never run just to measure it (`speculation.PLAIN_MIN`:
 the planner before it). ``--library``: a kernel library file to load instead of the one compiled from this checkout.
 
 Each row has its own speculation state (acceptance rates, step costs, the two graphs' weighed steps), as a process
@@ -75,7 +75,7 @@ def main() -> None:
     states = {mode: Speculation() for mode in modes}
     if UNMEASURED in states:
         for cost in states[UNMEASURED].alone_cost.values():
-            cost.one_row_due = lambda: False
+            cost.plain_due = lambda rows=1: False
     for i, prompt in enumerate(prompts):
         answers = {}
         for mode in np.roll(modes, -i):

@@ -135,6 +135,8 @@ def rounded_cache(kind: str):
 
     group = int(kind.split("g")[1]) if "g" in kind else 0
     which = kind.split("g")[0]
+    if kind and (which not in ("kv16", "kv8", "kv8c", "kv8h", "k8h", "v8h") or (group and which in ("kv16", "kv8c"))):
+        raise SystemExit(f"unknown cache rounding {kind!r}: kv16, kv8, kv8c, kv8h, k8h or v8h (gN: kv8, kv8h, k8h, v8h)")
 
     def int8(x: torch.Tensor, channels: bool = False) -> torch.Tensor:
         shape = x.shape
@@ -145,7 +147,7 @@ def rounded_cache(kind: str):
         return (torch.round(x / step).clamp(-127, 127) * step).reshape(shape)
 
     def turned_int8(x: torch.Tensor) -> torch.Tensor:
-        turn = hadamard(x.shape[-1]).to(x.dtype)
+        turn = hadamard(x.shape[-1]).to(x.dtype).to(x.device)
         return int8(x @ turn) @ turn.T
 
     def rounded(x: torch.Tensor, part: str) -> torch.Tensor:

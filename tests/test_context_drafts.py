@@ -145,7 +145,7 @@ def test_unmeasured_row_counts_are_estimated_from_the_nearest_measured_ones():
 def test_a_one_row_step_runs_until_measured_and_again_now_and_then():
     """Measuring larger steps never reaches the one-row step (estimated from the smallest measured count, which can
     be far dearer): it runs while measured fewer than PLAIN_MIN times, and again after PLAIN_EVERY steps without
-    one; then the measured costs decide. Backends that take only the whole tree are left alone."""
+    one; then the measured costs decide. A backend that takes only the whole tree keeps it on the Medusa graph."""
     from medusa_export.runtime.decode import Cursor, plan
     from medusa_export.runtime.speculation import Speculation
 
@@ -172,9 +172,17 @@ def test_a_one_row_step_runs_until_measured_and_again_now_and_then():
     for _ in range(10):
         spec.alone_cost[False].record(1, 0.001)  # one-row steps measured far cheaper: the root alone pays
     assert step().num_nodes == 1 and not spec.alone_cost[False].plain_due()
+    tree = Tree.from_choices([[0], [0, 0]], topk=4)
+    fresh = Speculation()  # nothing measured: a one-row step is due on either graph...
+    whole = plan(Cursor(3, np.arange(40, dtype=np.int64).reshape(4, 10), np.random.default_rng(0), context), tree, fresh,
+                 room=100, max_paths=None, whole_tree=True)
+    assert fresh.alone_cost[True].plain_due() and whole.num_nodes == tree.num_nodes  # ...but the whole tree is kept
+    on_vanilla = plan(Cursor(3, None, np.random.default_rng(0), context), None, fresh, room=100, max_paths=None,
+                      whole_tree=True)
+    assert on_vanilla.num_nodes == 1  # a whole-tree backend's vanilla graph measures its one-row step like any
 
 
-def test_one_row_due_counts_steps_of_any_size():
+def test_plain_due_counts_steps_of_any_size():
     cost = StepCost()
     assert cost.plain_due()
     for _ in range(PLAIN_MIN):
@@ -186,6 +194,16 @@ def test_one_row_due_counts_steps_of_any_size():
     assert cost.plain_due()
     cost.record(1, 0.01)
     assert not cost.plain_due()
+
+
+def test_a_step_beyond_the_cost_table_takes_no_drafts():
+    """A lanes step of more rows than the table holds (a large --max-num-batched-tokens) verifies no drafts, and one
+    just below it at most what fits."""
+    cost = StepCost(max_rows=16)
+    likely = [np.array([0.9, 0.9, 0.9])]
+    assert cost.worth(likely, expected=1.0, rows=20, limit=8) == [0]
+    assert cost.worth(likely, expected=1.0, rows=16, limit=8) == [0]
+    assert cost.worth(likely, expected=1.0, rows=14, limit=8) == [2]
 
 
 def test_acceptance_rates_learn_by_depth():
@@ -276,7 +294,7 @@ def test_a_backend_that_takes_only_the_whole_tree_gets_exactly_the_heads_tree():
     heads = np.arange(40, dtype=np.int64).reshape(4, 10)  # [K, R] the heads' top-R guesses
     context = ContextIndex([1, 2, 3, 9, 1, 2, 3])  # "1 2 3" seen before: a draft [9, 1, 2, 3] is proposed
     spec = Speculation()
-    for _ in range(3):
+    for _ in range(PLAIN_MIN):
         spec.alone_cost[True].record(1, 0.010)  # root-only steps look far cheaper than the tree...
         spec.alone_cost[True].record(3, 0.050)
     free = plan(Cursor(3, heads, np.random.default_rng(0), context), tree, spec, room=100, max_paths=None)

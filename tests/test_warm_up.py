@@ -41,6 +41,7 @@ def test_warm_up_runs_every_kind_of_step_before_requests_arrive(artifact, monkey
         assert set(backend.sessions) == {"medusa", "vanilla"} and engine.idle and steps == []
         (spec,) = warmed  # a batched step, and one-sequence steps on both graphs (the Medusa one with its tree)
         assert spec.batched_cost.measured and spec.alone_cost[True].measured and spec.alone_cost[False].measured
+        assert any(spec.alone_cost[True].count[2:])  # the tree's shape ran, not only the root alone
         assert rt.generator.spec is before and not before.batched_cost.measured and before.requests == 0
         assert sorted(engine.free) == list(range(engine.max_num_seqs))
         finals = {}
