@@ -108,13 +108,18 @@ def test_some_steps_accept_several_tokens_with_random_heads(tiny):
 
 def oracle_run(tiny, k, layout, spec, prompt, rank=0, wrong=False, n=N_NEW):
     from medusa_export.runtime.decode import DecodeStats, decode
+    from medusa_export.runtime.speculation import PLAIN_MIN, Speculation
 
     tree = Tree.from_choices(load_choices(spec), topk=10, num_heads=k)
     full = list(prompt) + tiny.reference(prompt, n + k + 2)
     session = OracleSession(tiny.backend(k, layout).new_session(), full, rank, wrong)
     stats = DecodeStats()
+    measured = Speculation()
+    for _ in range(PLAIN_MIN):  # as in a process that has run a while: no step runs the root alone to measure it
+        measured.alone_cost[True].record(1, 0.010)
     out = []
-    for chunk in decode(session, list(prompt), tree, GenerationConfig(context_drafts=False), stats):  # heads only
+    for chunk in decode(session, list(prompt), tree, GenerationConfig(context_drafts=False), stats,  # heads only
+                        spec=measured):
         out += chunk
         if len(out) >= n:
             break
