@@ -280,9 +280,11 @@ class Engine:
         """The context drafts worth verifying in this lanes step, by sequence (`speculation.StepCost.worth`); ``rows``:
         the step's rows without drafts (its sequences' roots and prompt chunks)."""
         spec = self.gen.spec
+        if spec.batched_cost.plain_due(rows):  # a step without drafts, to measure it (`PLAIN_MIN`)
+            return {}
         found = {seq: spec.propose(seq.cursor.context, DEFAULT_MAX_DRAFT) for seq in decoding if seq.cursor.context}
         found = {seq: d for seq, d in found.items() if d is not None}
-        if not found or spec.batched_cost.plain_due(rows):  # a step without drafts, to measure it (`PLAIN_MIN`)
+        if not found:
             return {}
         room = {seq: min(len(d.tokens), seq.session.capacity - seq.session.length - 1) for seq, d in found.items()}
         chains = [spec.rates.cumulative(d.rate_kind, room[seq]) for seq, d in found.items()]

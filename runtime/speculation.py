@@ -104,10 +104,10 @@ class StepCost:
     measured one below (a row adds ``PRIOR_ROW_SHARE`` of it), never less than a smaller count's. A table, not a
     line: on the measured CPU 5 rows cost 1.23x one row but 8 rows 1.71x (another matmul kernel takes over)."""
 
-    def __init__(self, max_rows: int = 256) -> None:
+    def __init__(self, max_rows: int = 256, plain_steps: bool = True) -> None:
         self.seconds = [0.0] * (max_rows + 1)  # lists, as `AcceptanceRates`' counts: updated and read every step
         self.count = [0] * (max_rows + 1)
-        self.measured = False  # any row count measured
+        self.plain_steps = plain_steps  # False: never asks for a step without drafts (`plain_due`)
         self.records = 0  # steps recorded
         self.last = [0] * (max_rows + 1)  # ``records`` at the last step of each row count
         self.lock = threading.Lock()
@@ -118,15 +118,19 @@ class StepCost:
                 n = self.count[rows] + 1
                 self.seconds[rows] += (seconds - self.seconds[rows]) / min(n, 10)
                 self.count[rows] = n  # after the seconds: `table` reads without the lock, and a count must have them
-                self.measured = True
                 self.records += 1
                 self.last[rows] = self.records
+
+    @property
+    def measured(self) -> bool:
+        """Whether any row count has been measured."""
+        return self.records > 0
 
     def plain_due(self, rows: int = 1) -> bool:
         """Whether the next step should run without drafts, ``rows`` rows, to measure that count (``PLAIN_MIN``,
         ``PLAIN_EVERY``). Staleness counts steps of any size: a count that comes back less often than once in
         ``PLAIN_EVERY`` steps (a lanes step's odd prompt chunk) runs without drafts each time."""
-        if not 1 <= rows < len(self.count):
+        if not self.plain_steps or not 1 <= rows < len(self.count):
             return False
         return self.count[rows] < PLAIN_MIN or self.records - self.last[rows] >= PLAIN_EVERY
 

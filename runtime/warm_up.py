@@ -17,21 +17,14 @@ from .generator import Generator
 from .speculation import Speculation, StepCost
 
 
-class _NoPlainSteps(StepCost):
-    """Step costs that never ask for a step without drafts: the warm-up's steps are to run the graphs' shapes."""
-
-    def plain_due(self, rows: int = 1) -> bool:
-        return False
-
-
 class _WarmUpSpeculation(Speculation):
     """The warm-up's measurements, kept apart from the backend's, and the heads' tree for every request that asks
     for it (the real one gives it only where the heads are expected to pay)."""
 
     def __init__(self) -> None:
-        super().__init__()
-        self.alone_cost = {True: _NoPlainSteps(), False: _NoPlainSteps()}
-        self.batched_cost = _NoPlainSteps()
+        super().__init__()  # step costs that never ask for a step without drafts: the steps run the graphs' shapes
+        self.alone_cost = {True: StepCost(plain_steps=False), False: StepCost(plain_steps=False)}
+        self.batched_cost = StepCost(plain_steps=False)
 
     def heads_for(self, tree):
         return tree

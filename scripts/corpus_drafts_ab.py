@@ -31,7 +31,7 @@ from medusa_export.runtime.api import MedusaRuntime
 from medusa_export.runtime.corpus_drafts import CorpusTable
 from medusa_export.runtime.machine import machine_info
 from medusa_export.runtime.prompts import read_prompts
-from medusa_export.runtime.speculation import Speculation
+from medusa_export.runtime.speculation import Speculation, StepCost
 
 MODES = ("vanilla", "speculation, no table", "speculation + table", "drafts + table, no heads")
 UNMEASURED = "speculation + table, one row unmeasured"
@@ -74,8 +74,7 @@ def main() -> None:
     rt.generate(prompts[0], max_new_tokens=8, medusa=False)
     states = {mode: Speculation() for mode in modes}
     if UNMEASURED in states:
-        for cost in states[UNMEASURED].alone_cost.values():
-            cost.plain_due = lambda rows=1: False
+        states[UNMEASURED].alone_cost = {True: StepCost(plain_steps=False), False: StepCost(plain_steps=False)}
     for i, prompt in enumerate(prompts):
         answers = {}
         for mode in np.roll(modes, -i):

@@ -140,6 +140,13 @@ def op_session(op: str, k: int, *constants: np.ndarray):
                                                                    helper.make_opsetid(kernels.DOMAIN, 1)]))
 
 
+def assert_refused(op: str, message: str, cases) -> None:
+    """Each case (k, *constants): a one-node session of ``op`` refuses x [1, k] with ``message``."""
+    for k, *constants in cases:
+        with pytest.raises(Exception, match=message):
+            op_session(op, k, *constants).run(None, {"x": np.ones((1, k), np.float32)})
+
+
 @settings(max_examples=10, deadline=None)
 @given(rows=st.integers(2, 12), row=st.integers(0, 11), k=st.sampled_from([64, 96, 192]), block=st.sampled_from([8, 32, 64]),
        seed=st.integers(0, 999))

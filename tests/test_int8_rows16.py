@@ -192,18 +192,15 @@ def test_block_matmul_refuses_bad_shapes():
         return rows_tests.op_session(kernels.BLOCK_OP, k, packed, scale, *([] if signs is None else [signs]))
 
     message = r"BlockMatMul16: x's last size K must be a positive multiple of 32, w \[N/16, K/2, 32\]"
-    for k, packed, scale in ((48, np.zeros((1, 24, 32), np.int8), np.ones((1, 1, 16), np.float32)),  # K % 32
-                             (0, np.zeros((1, 0, 32), np.int8), np.ones((1, 0, 16), np.float32)),  # K = 0
-                             (64, np.zeros((1, 16, 32), np.int8), np.ones((1, 2, 16), np.float32)),  # K/2 != 16
-                             (64, np.zeros((1, 32, 32), np.int8), np.ones((2, 2, 16), np.float32))):  # groups
-        with pytest.raises(Exception, match=message):
-            session(k, packed, scale).run(None, {"x": np.ones((1, k), np.float32)})
-    for k, packed, scale in ((64, np.zeros((32, 32), np.int8), np.ones((1, 2, 16), np.float32)),  # w of rank 2
-                             (64, np.zeros((1, 32, 16), np.int8), np.ones((1, 2, 16), np.float32)),  # lines of 16
-                             (64, np.zeros((1, 32, 32), np.int8), np.ones((1, 2, 8), np.float32)),  # scale groups of 8
-                             (64, np.zeros((1, 32, 32), np.int8), np.ones((1, 3, 16), np.float32))):  # 3 blocks
-        with pytest.raises(Exception, match=message):
-            session(k, packed, scale).run(None, {"x": np.ones((1, k), np.float32)})
+    rows_tests.assert_refused(kernels.BLOCK_OP, message, (
+        (48, np.zeros((1, 24, 32), np.int8), np.ones((1, 1, 16), np.float32)),  # K % 32
+        (0, np.zeros((1, 0, 32), np.int8), np.ones((1, 0, 16), np.float32)),  # K = 0
+        (64, np.zeros((1, 16, 32), np.int8), np.ones((1, 2, 16), np.float32)),  # K/2 != 16
+        (64, np.zeros((1, 32, 32), np.int8), np.ones((2, 2, 16), np.float32)),  # groups
+        (64, np.zeros((32, 32), np.int8), np.ones((1, 2, 16), np.float32)),  # w of rank 2
+        (64, np.zeros((1, 32, 16), np.int8), np.ones((1, 2, 16), np.float32)),  # lines of 16
+        (64, np.zeros((1, 32, 32), np.int8), np.ones((1, 2, 8), np.float32)),  # scale groups of 8
+        (64, np.zeros((1, 32, 32), np.int8), np.ones((1, 3, 16), np.float32))))  # 3 blocks
     good = (64, np.zeros((1, 32, 32), np.int8), np.ones((1, 2, 16), np.float32))
     for signs in (np.ones(3, np.float32), np.ones(1, np.float32), np.ones(128, np.float32), np.ones((2, 2), np.float32)):
         with pytest.raises(Exception, match="BlockMatMul16: signs must be a float vector whose length is a power of two"):
