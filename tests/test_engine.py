@@ -380,32 +380,3 @@ def test_the_newcomer_gets_its_first_token_before_the_long_prompt(runtimes):
         pass
     assert firsts == [1, 0]
     assert [finals[i].token_ids for i in range(2)] == _alone(rt, [PROMPTS[4], PROMPTS[2]], configs)
-
-
-
-def test_a_lanes_step_verifies_no_drafts_while_its_count_without_them_is_unmeasured():
-    """As a one-sequence step measures the root alone, a lanes step runs without drafts while its row count without
-    them (its sequences' roots and prompt chunks) has fewer than PLAIN_MIN measurements, or has gone PLAIN_EVERY
-    steps without one; otherwise the measured costs decide."""
-    from types import SimpleNamespace
-
-    from medusa_export.runtime.context_drafts import ContextIndex
-    from medusa_export.runtime.speculation import PLAIN_EVERY, PLAIN_MIN, Speculation
-
-    class Decoding:  # what `_drafts` reads of a sequence (hashable, as sequences are)
-        cursor = SimpleNamespace(context=ContextIndex([1, 2, 3, 9, 1, 2, 3]))  # "1 2 3" seen: a draft is proposed
-        session = SimpleNamespace(capacity=100, length=10)
-
-    spec = Speculation()
-    engine = SimpleNamespace(gen=SimpleNamespace(spec=spec))
-    decoding = [Decoding(), Decoding()]
-    for rows in range(3, 12):
-        spec.batched_cost.record(rows, 0.010 * (1 + 0.001 * rows))  # further rows nearly free: drafts pay
-    assert Engine._drafts(engine, decoding, 2, budget=8) == {}  # two rows without drafts: never measured
-    for _ in range(PLAIN_MIN):
-        spec.batched_cost.record(2, 0.010)
-    drafts = Engine._drafts(engine, decoding, 2, budget=8)
-    assert len(drafts) == 2 and all(len(d.tokens) > 0 for d in drafts.values())
-    for _ in range(PLAIN_EVERY):
-        spec.batched_cost.record(5, 0.0101)
-    assert Engine._drafts(engine, decoding, 2, budget=8) == {}  # stale: measured again
