@@ -327,14 +327,15 @@ def tiny_prompts_file(tmp_path_factory):
 
 
 class ClockFreeCost(StepCost):
-    """Step seconds fixed in advance (30 ms for one row, 5 % more per further row), not measured: how many drafts a
-    step verifies follows measured step costs, which on a busy or slower machine make every draft look too dear and
-    would turn a count of steps into a measure of the machine rather than of the drafts."""
+    """Step seconds fixed in advance (30 ms for one row, ``row_share`` of that more per further row; 0: rows are
+    free, so every candidate pays), not measured: how many drafts a step verifies follows measured step costs, which
+    on a busy or slower machine make every draft look too dear and would turn a count of steps into a measure of the
+    machine rather than of the drafts."""
 
-    def __init__(self) -> None:
+    def __init__(self, row_share: float = 0.05) -> None:
         super().__init__(plain_steps=False)  # nothing to measure: the one-row step's cost is given too
         for rows in range(1, len(self.seconds)):
-            super().record(rows, 0.030 * (1 + 0.05 * (rows - 1)))
+            super().record(rows, 0.030 * (1 + row_share * (rows - 1)))
 
     def record(self, rows: int, seconds: float) -> None:
         """Steps' measured seconds are left out."""

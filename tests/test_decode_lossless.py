@@ -15,6 +15,7 @@ from medusa_export.runtime.errors import InputError
 from medusa_export.runtime.step_tree import StepTree
 from medusa_export.runtime.generator import Generator
 from medusa_export.runtime.tree import Tree, load_choices
+from conftest import ClockFreeCost
 from oracle import OracleSession
 
 pytest.importorskip("torch")
@@ -71,9 +72,10 @@ def test_greedy_medusa_is_lossless_random_trees(tiny, case):
 def test_greedy_medusa_is_lossless_presets_via_generator(tiny, make_tokenizer, spec, k, layout):
     tree = Tree.from_choices(load_choices(spec), topk=10, num_heads=k)
     gen = Generator(tiny.backend(k, layout), make_tokenizer(), tree)
-    # Every request runs the heads' tree: this test is about exact tree steps; whether they pay on the machine is
-    # Speculation's decision (tests/test_context_drafts.py), and random heads mostly do not.
+    # Every request and step runs the heads' tree: this test is about exact tree steps; whether they pay on the
+    # machine is Speculation's decision (tests/test_step_costs.py), and random heads mostly do not.
     gen.spec.heads_for = lambda tree: tree
+    gen.spec.alone_cost = {True: ClockFreeCost(row_share=0.0), False: ClockFreeCost(row_share=0.0)}
     accepted_more = False
     for prompt in TINY_PROMPTS[:3]:
         res = gen.generate(list(prompt), GenerationConfig(max_new_tokens=N_NEW))
