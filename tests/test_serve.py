@@ -241,6 +241,48 @@ def test_graceful_shutdown_finishes_in_flight_and_refuses_new(long_artifact):
         assert proc.wait(timeout=60) == 0  # a clean drain exits 0, as process managers expect
 
 
+def test_shutdown_past_its_deadline_ends_requests_with_503_and_exits_1(long_artifact):
+    """SIGTERM with --shutdown-timeout 0: the running stream ends with an error event and [DONE], the queued request
+    gets an OpenAI-style 503 with Retry-After, and serve exits 1 saying why. uvicorn's own deadline cancelled the
+    handlers instead: a bare text 500, a stream cut without [DONE], and exit 0."""
+    import threading
+
+    with serving(long_artifact, "--threads", "1", "--max-num-seqs", "1", "--max-queue", "2",
+                 "--shutdown-timeout", "0") as (base, proc):
+        host, port = base.removeprefix("http://").split(":")
+        stream = http.client.HTTPConnection(host, int(port), timeout=60)
+        body = {"prompt": PROMPT, "max_tokens": LONG, "temperature": 0, "ignore_eos": True}
+        stream.request("POST", "/v1/completions", json.dumps({**body, "stream": True}),
+                       {"Content-Type": "application/json"})
+        resp = stream.getresponse()
+        assert resp.status == 200 and resp.read1(64)
+        queued: dict = {}
+        waiter = threading.Thread(target=lambda: queued.update(zip(("status", "body", "headers"),
+                                                                   _post(base + "/v1/completions", body, key=None))))
+        waiter.start()
+        _until(lambda: _metric(base, "num_requests_waiting") == 1)
+        proc.terminate()
+        rest = resp.read().decode()
+        waiter.join(60)
+        assert proc.wait(timeout=60) == 1
+        assert "requests were still running" in proc.stdout.read()
+    events = [line.removeprefix("data: ") for line in rest.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]" and "shut down" in json.loads(events[-2])["error"]["message"]
+    assert queued["status"] == 503 and queued["body"]["error"]["type"] == "server_error"
+    assert "shut down" in queued["body"]["error"]["message"] and queued["headers"].get("Retry-After") == "1"
+
+
+def test_health_and_ready_answer_head_requests(server):
+    """Load balancers' health checks often send HEAD: it got 405."""
+    host, port = server.removeprefix("http://").split(":")
+    for path in ("/health", "/ready"):
+        conn = http.client.HTTPConnection(host, int(port), timeout=30)
+        conn.request("HEAD", path)
+        r = conn.getresponse()
+        assert r.status == 200 and r.read() == b""
+        conn.close()
+
+
 @pytest.mark.slow
 def test_ray_serve_two_replicas_answer_and_stream(long_artifact, runtime):
     """The same app on Ray Serve: two replicas on a local 2-CPU Ray both answer; streaming works through the proxy."""

@@ -124,6 +124,52 @@ def test_bodies_python_cannot_decode_are_400s(raw):
     assert e.value.status == 400 and "not valid JSON" in e.value.message
 
 
+def _deep(depth: int) -> list:
+    value: list = []
+    for _ in range(depth):  # built without recursion: deeper than json.dumps can go again
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize("key", ["max_tokens", "max_completion_tokens", "temperature", "model", "user", "n"])
+def test_a_value_too_deep_or_long_to_show_is_still_a_short_400(key):
+    """A `max_tokens` nested just within the JSON parser's limit parsed, then its error message re-serialised it:
+    RecursionError, a 500. A 4,300-digit max_tokens was echoed whole in its 400."""
+    error = _refused(parse_completion, {"prompt": "t5", key: _deep(100_000)})
+    assert error.param == key and len(error.message) < 200
+    huge = 10 ** 4000
+    for body in ({"max_tokens": huge}, {"temperature": huge}, {"seed": huge}, {"n": huge}):
+        error = _refused(parse_completion, {"prompt": "t5", **body})
+        assert len(error.message) < 300, error.message
+
+
+def test_an_unknown_parameter_s_name_is_shown_short():
+    error = _refused(parse_completion, {"prompt": "t5", "x" * 100_000: 1})
+    assert len(error.message) < 200
+
+
+def test_parameters_are_checked_before_the_chat_template_renders(monkeypatch):
+    """A request with a wrong model or parameter cost a full render (seconds for a large body) before its 400."""
+    def render(*_a, **_k):
+        raise AssertionError("rendered")
+
+    monkeypatch.setattr(MODEL.tokenizer, "encode_chat", render)
+    for body, status in (({"model": "other"}, 404), ({"n": 2}, 400), ({"max_tokens": 0}, 400),
+                         ({"stop": ["z"] * 5}, 400), ({"bogus": 1}, 400)):
+        with pytest.raises(ApiError) as e:
+            parse_chat({"messages": USER, **body}, MODEL)
+        assert e.value.status == status
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-32", "utf-8-sig"])
+def test_bodies_not_in_utf8_are_400s(encoding):
+    """json.loads detects UTF-16 and UTF-32 bytes by itself; JSON on the wire is UTF-8 (RFC 8259)."""
+    with pytest.raises(ApiError) as e:
+        _json('{"prompt": "t5"}'.encode(encoding))
+    assert e.value.status == 400
+    assert _json('{"prompt": "t5 \u00e9"}'.encode()) == {"prompt": "t5 é"}
+
+
 def test_a_client_gone_mid_body_ends_the_request_quietly():
     from starlette.requests import ClientDisconnect
 

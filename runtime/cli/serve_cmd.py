@@ -32,6 +32,9 @@ def serve(
     header_timeout: float = typer.Option(30.0, min=0.1, help="Seconds a connection may take to send a request's "
                                          "line and headers; then it is closed (slow or stalled clients)."),
     max_body_bytes: int = typer.Option(1 << 20, min=1024, help="Largest request body accepted."),
+    shutdown_timeout: float = typer.Option(30.0, min=0.0, help="Seconds in-flight requests get to finish after "
+                                           "SIGTERM / SIGINT; then they end with HTTP 503 (an error event when "
+                                           "streamed) and serve exits 1."),
     served_model_name: Optional[str] = typer.Option(None, help="Model id clients use (default: the artifact's)."),
     no_context_drafts: bool = typer.Option(False, "--no-context-drafts", help="Greedy requests speculate with the "
                                            "heads' tree only (by default they also verify continuations found in "
@@ -64,7 +67,7 @@ def serve(
     from ..serve.server import run_server
 
     clean = run_server(artifact, host=host, port=port, backend=backend, settings=settings, threads=threads, tree=tree,
-                       log=lambda m: typer.echo(m, err=True))
+                       shutdown_deadline_s=shutdown_timeout, log=lambda m: typer.echo(m, err=True))
     if not clean:
         typer.echo("error: requests were still running when the shutdown deadline passed", err=True)
         raise typer.Exit(1)

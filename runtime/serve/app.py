@@ -73,8 +73,10 @@ def create_app(runtime, settings: ServeSettings = ServeSettings()) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(_app):
         yield
-        # uvicorn has let in-flight requests finish (its graceful timeout); `serve` exits 0 only on a clean drain.
+        # `serve` drains before uvicorn stops (`server.DrainingServer`), and this returns that drain's outcome; a
+        # host without it (a test client, Ray Serve) drains here. `serve` exits 0 only on a clean drain.
         app.state.drained_cleanly = await sched.drain(deadline_s=5.0)
+        sched.stop()
 
     app = FastAPI(title="medusa-export", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.router.redirect_slashes = False  # /v1/completions/ is an unknown route (404 body), not an empty 307
@@ -91,11 +93,11 @@ def create_app(runtime, settings: ServeSettings = ServeSettings()) -> FastAPI:
         err = ApiError(e.status_code, what, type_="not_found_error" if e.status_code == 404 else "invalid_request_error")
         return JSONResponse(err.body(), status_code=e.status_code, headers=e.headers)
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])  # HEAD: load balancers' health checks
     async def health():
         return {"status": "ok"}
 
-    @app.get("/ready")
+    @app.api_route("/ready", methods=["GET", "HEAD"])
     async def ready():
         if not sched.accepting:
             raise ApiError(503, "shutting down", type_="server_error")
@@ -203,6 +205,9 @@ def _result_or_error(done: Finished | None, timeout_s: float) -> GenerationResul
     if done is not None and done.error is not None:
         raise ApiError(500, f"decoding failed: {type(done.error).__name__}: {str(done.error)[:200]}",
                        type_="server_error")
+    if done is not None and done.reason == "shutdown":
+        raise ApiError(503, "the server shut down before the request finished: retry on another replica",
+                       type_="server_error", headers={"Retry-After": "1"})
     if done is None or done.result is None or done.reason == "timeout":
         raise ApiError(504, f"the request did not finish within {timeout_s:g} s", type_="server_error")
     return done.result
@@ -307,8 +312,8 @@ async def _read_body(request, limit: int, timeout_s: float = 300.0) -> bytes:
 
 
 def _json(body: bytes):
-    try:
-        return json.loads(body)
+    try:  # UTF-8 only (RFC 8259): json.loads would also take UTF-16 and UTF-32 bytes
+        return json.loads(body.decode("utf-8"))
     except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError, and integers beyond Python's 4,300 digits
         raise ApiError(400, f"the request body is not valid JSON ({str(e)[:120]})") from None
     except RecursionError:

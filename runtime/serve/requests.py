@@ -9,6 +9,7 @@ the answer: ``user``, ``store``, ``metadata``, ``service_tier`` (bookkeeping of 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -95,9 +96,10 @@ def parse_chat(body: Any, model: ServedModel) -> Job:
                            f"content): leave it out", param=f"messages[{i}].{extra[0]}")
         rendered.append({"role": "system" if m["role"] == "developer" else m["role"],
                          "content": _content(m.get("content"), i)})
+    options = _options(body, model)  # before the template renders: a wrong parameter costs no render
     continue_final = rendered[-1]["role"] == "assistant"
     ids = _tokenize(lambda: model.tokenizer.encode_chat(rendered, continue_final=continue_final), "messages")
-    return _job(body, model, ids, chat=True)
+    return _job(options, model, ids, chat=True)
 
 
 def parse_completion(body: Any, model: ServedModel) -> Job:
@@ -106,14 +108,14 @@ def parse_completion(body: Any, model: ServedModel) -> Job:
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]  # a batch of one prompt (one token id alone stays a list of ids)
-    if isinstance(prompt, str) and prompt:
-        ids = _tokenize(lambda: model.tokenizer.encode(prompt), "prompt")
-    elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        ids = list(prompt)
-    else:
+    text = isinstance(prompt, str) and prompt
+    if not text and not (isinstance(prompt, list) and prompt and
+                         all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)):
         raise ApiError(400, "'prompt' must be a non-empty string, a list with one string, or a list of token ids "
                        "(one prompt per request)", param="prompt")
-    return _job(body, model, ids, chat=False)
+    options = _options(body, model)
+    ids = _tokenize(lambda: model.tokenizer.encode(prompt), "prompt") if text else list(prompt)
+    return _job(options, model, ids, chat=False)
 
 
 def _object(body: Any) -> dict:
@@ -156,46 +158,40 @@ def _same(a: Any, b: Any) -> bool:
     return isinstance(a, bool) == isinstance(b, bool) and a == b
 
 
-def _job(body: dict, model: ServedModel, ids: list[int], chat: bool) -> Job:
+@dataclass(frozen=True)
+class _Options:
+    """What a request asks for besides its prompt, checked before the prompt is rendered and tokenized."""
+
+    max_tokens: tuple[str, int] | None  # (the parameter's name, its value) when given
+    config: GenerationConfig  # max_new_tokens still 1: set once the prompt's length is known
+    stream: bool
+    include_usage: bool
+
+
+def _options(body: dict, model: ServedModel) -> _Options:
     unknown = sorted(set(body) - _COMMON - {"prompt", "messages"})
     if unknown:
-        raise ApiError(400, f"unknown parameter {unknown[0]!r}", param=unknown[0])
+        raise ApiError(400, f"unknown parameter {unknown[0]!r:.80}", param=unknown[0])
     for key, types, what in _BOOKKEEPING:
         if key in body and not isinstance(body[key], types):
-            raise ApiError(400, f"{key} must be {what}, got {json.dumps(body[key])[:40]}", param=key)
+            raise ApiError(400, f"{key} must be {what}, got {_shown(body[key])}", param=key)
     name = body.get("model")
     if name is not None and not isinstance(name, str):
-        raise ApiError(400, f"model must be a string, got {json.dumps(name)[:40]}", param="model")
+        raise ApiError(400, f"model must be a string, got {_shown(name)}", param="model")
     if name is not None and name != model.name:
         raise ApiError(404, f"the model {name!r:.80} does not exist: this server serves {model.name!r}", param="model",
                        code="model_not_found", type_="not_found_error")
     for key, neutral in _NEUTRAL.items():
         if key in body and not any(_same(body[key], v) for v in neutral):
             allowed = " or ".join(json.dumps(v) for v in neutral)
-            raise ApiError(400, f"{key}={json.dumps(body[key])[:60]} is not supported by this server "
+            raise ApiError(400, f"{key}={_shown(body[key], 60)} is not supported by this server "
                            f"(leave it out or send {allowed})", param=key)
-    if not ids:
-        raise ApiError(400, "the prompt is empty after tokenization", param="prompt")
-    vocab = model.tokenizer.vocab_size
-    if any(t < 0 or t >= vocab for t in ids):
-        raise ApiError(400, f"prompt token ids must be in 0..{vocab - 1}", param="prompt")
-    room = model.max_seq - len(ids)
-    if room < 1:
-        raise ApiError(400, f"the prompt ({len(ids)} tokens) leaves no room in the model's maximum sequence of "
-                       f"{model.max_seq} tokens: shorten the prompt", param="messages" if chat else "prompt",
-                       code="context_length_exceeded")
-    max_tokens = _max_tokens(body, room)
-    if max_tokens > room:
-        key = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
-        raise ApiError(400, f"the prompt ({len(ids)} tokens) plus {key} ({max_tokens}) exceeds the model's "
-                       f"maximum sequence of {model.max_seq} tokens: shorten the prompt or lower {key}",
-                       param=key, code="context_length_exceeded")
+    max_tokens = _max_tokens(body)
     temperature = body.get("temperature")
     if temperature is None:
         temperature = 1.0  # OpenAI's default; 0 is greedy, the lossless mode
     if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not 0 <= temperature <= 2:
-        raise ApiError(400, f"temperature must be a number in [0, 2], got {json.dumps(temperature)[:40]}",
-                       param="temperature")
+        raise ApiError(400, f"temperature must be a number in [0, 2], got {_shown(temperature)}", param="temperature")
     temperature = effective_temperature(temperature)  # the server decides speculation on what decoding will use
     medusa, ignore_eos = body.get("medusa", True), body.get("ignore_eos", False)
     for key, value in (("medusa", medusa), ("ignore_eos", ignore_eos)):
@@ -214,21 +210,53 @@ def _job(body: dict, model: ServedModel, ids: list[int], chat: bool) -> Job:
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)
                              or not _SEED_RANGE[0] <= seed <= _SEED_RANGE[1]):
         raise ApiError(400, f"seed must be an integer in [{_SEED_RANGE[0]}, {_SEED_RANGE[1]}]", param="seed")
-    config = GenerationConfig(max_new_tokens=max_tokens, temperature=temperature, stop_strings=_stops(body),
+    config = GenerationConfig(max_new_tokens=1, temperature=temperature, stop_strings=_stops(body),
                               medusa=medusa and (model.medusa or model.context_drafts and temperature == 0),
                               context_drafts=model.context_drafts, seed=None if seed is None else seed % 2 ** 64,
                               chat=False, ignore_eos=ignore_eos)
-    return Job(ids, config, stream, bool((options or {}).get("include_usage")), chat)
+    return _Options(max_tokens, config, stream, bool((options or {}).get("include_usage")))
 
 
-def _max_tokens(body: dict, room: int) -> int:
+def _job(options: _Options, model: ServedModel, ids: list[int], chat: bool) -> Job:
+    """The request's job once its prompt is token ids: the prompt and the answer's length checked against the
+    model's."""
+    if not ids:
+        raise ApiError(400, "the prompt is empty after tokenization", param="prompt")
+    vocab = model.tokenizer.vocab_size
+    if any(t < 0 or t >= vocab for t in ids):
+        raise ApiError(400, f"prompt token ids must be in 0..{vocab - 1}", param="prompt")
+    room = model.max_seq - len(ids)
+    if room < 1:
+        raise ApiError(400, f"the prompt ({len(ids)} tokens) leaves no room in the model's maximum sequence of "
+                       f"{model.max_seq} tokens: shorten the prompt", param="messages" if chat else "prompt",
+                       code="context_length_exceeded")
+    key, max_tokens = options.max_tokens or ("max_tokens", room)
+    if max_tokens > room:
+        raise ApiError(400, f"the prompt ({len(ids)} tokens) plus {key} ({_shown(max_tokens)}) exceeds the model's "
+                       f"maximum sequence of {model.max_seq} tokens: shorten the prompt or lower {key}",
+                       param=key, code="context_length_exceeded")
+    config = dataclasses.replace(options.config, max_new_tokens=max_tokens)
+    return Job(ids, config, options.stream, options.include_usage, chat)
+
+
+def _max_tokens(body: dict) -> tuple[str, int] | None:
     """``max_completion_tokens`` (OpenAI's current name) before ``max_tokens``, as vLLM reads them; each one given
-    is checked, so a bad value is refused under its own name, never ignored. Neither: the room left."""
+    is checked, so a bad value is refused under its own name, never ignored. Neither: None (the room left)."""
     given = {key: body[key] for key in ("max_completion_tokens", "max_tokens") if key in body}
     for key, value in given.items():
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ApiError(400, f"{key} must be a positive integer, got {json.dumps(value)[:40]}", param=key)
-    return next(iter(given.values()), room)
+            raise ApiError(400, f"{key} must be a positive integer, got {_shown(value)}", param=key)
+    return next(iter(given.items()), None)
+
+
+def _shown(value: Any, limit: int = 40) -> str:
+    """A client's JSON value in a message, at most ``limit`` characters: never the whole of a huge number, and
+    never an error of its own (a value nested near the parser's limit is too deep to serialise again)."""
+    try:
+        text = json.dumps(value)
+    except (RecursionError, ValueError):  # too deep; an integer beyond Python's 4,300 digits
+        return "a JSON " + {list: "array", dict: "object", int: "number"}.get(type(value), type(value).__name__)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _stops(body: dict) -> tuple[str, ...]:

@@ -11,7 +11,7 @@ Admission counts every request from `submit` until the engine has handed back it
 most ``max_num_seqs`` run and ``max_queue`` wait, however many arrive in the same instant, and each is counted out
 exactly once, whether it finished, failed, was cancelled or timed out. The engine (not the consumer) reports each
 request's end, so a request whose client vanished is still recorded, with ``finished_reason`` "abort" (or
-"timeout"). `drain` stops admission and waits for what is admitted.
+"timeout", or "shutdown"). `drain` stops admission, waits for what is admitted, and past its deadline cancels it.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import asyncio
 import threading
 import time
 from dataclasses import dataclass
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 from ..engine import Engine, EngineThread, Sequence, StepRecord
 from ..generator import GenerationResult, Generator
@@ -29,11 +29,16 @@ from .metrics import RequestRecord, ServerMetrics
 from .requests import ApiError, Job
 
 
+# After the shutdown deadline, how long the requests then cancelled get to end: the engine's next step (a prompt chunk
+# at most) hands them back, and their handlers answer 503 or send an error event.
+SHUTDOWN_CANCEL_S = 10.0
+
+
 @dataclass
 class Finished:
-    result: GenerationResult | None  # the whole result (also when cut short: finish_reason "abort" / "timeout")
+    result: GenerationResult | None  # the whole result (also when cut short: finish_reason "abort", "timeout", ...)
     error: Exception | None = None  # the backend failed
-    reason: str | None = None  # "timeout" | "abort" when it was stopped from outside
+    reason: str | None = None  # "timeout" | "abort" | "shutdown" when it was stopped from outside
 
 
 class Request:
@@ -73,6 +78,8 @@ class Scheduler:
         self.lock = threading.Lock()
         self.admitted = 0
         self.accepting = True
+        self.live: set[Request] = set()  # admitted and not yet finished: what a shutdown past its deadline cancels
+        self.drained: bool | None = None  # the drain's outcome, once it ran
 
     @property
     def running(self) -> int:
@@ -91,8 +98,9 @@ class Scheduler:
                                                 type_="server_error", headers={"Retry-After": "1"}))
             elif self.admitted >= self.max_num_seqs + self.max_queue:
                 refused = ("queue_full", ApiError(
-                    429, f"the server is busy ({self.running} running, {self.waiting} waiting, queue limit "
-                    f"{self.max_queue}): retry later", type_="rate_limit_error", headers={"Retry-After": "1"}))
+                    429, f"the server is busy ({self.admitted} requests admitted: {self.max_num_seqs} decode together "
+                    f"and {self.max_queue} may wait): retry later", type_="rate_limit_error",
+                    headers={"Retry-After": "1"}))
             else:
                 refused = None
                 self.admitted += 1
@@ -101,12 +109,16 @@ class Scheduler:
             raise refused[1]
         request = Request(self, job, asyncio.get_running_loop())
         request.timer = request.loop.call_later(self.timeout_s, request.cancel, "timeout")
+        with self.lock:
+            self.live.add(request)
         try:  # the engine thread may report on it before `submit` returns: everything it reads is set already
             request.sequence = self.thread.submit(job.prompt_ids, job.config, lambda item: self._sink(request, item))
             if request.stop_reason:
                 self.engine.cancel(request.sequence, request.stop_reason)
         except Exception:
             request.timer.cancel()
+            with self.lock:
+                self.live.discard(request)
             self._count_out()
             raise
         self._gauges()
@@ -132,6 +144,8 @@ class Scheduler:
         else:
             rec.finish_reason = "error"
         self.metrics.finished(rec)
+        with self.lock:
+            self.live.discard(request)
         self._count_out()
         finished = Finished(result, error, request.stop_reason)
         request.loop.call_soon_threadsafe(request.queue.put_nowait, finished)
@@ -152,16 +166,36 @@ class Scheduler:
         self.metrics.waiting.labels(**lab).set(max(self.waiting, 0))
 
     # ---- shutdown -------------------------------------------------------------------------------------
-    async def drain(self, deadline_s: float) -> bool:
-        """Refuse new requests; wait up to ``deadline_s`` for the admitted ones. True when all of them ended."""
+    async def drain(self, deadline_s: float, abandon: Callable[[], bool] = lambda: False) -> bool:
+        """Refuse new requests (503) and wait up to ``deadline_s`` for the admitted ones; past it, cancel what is
+        still running or queued (each ends with finish reason "shutdown": a 503, or an error event in its stream)
+        and wait up to SHUTDOWN_CANCEL_S for the engine to hand them back. True when all of them ended by
+        themselves. Runs once; a later call returns the first one's outcome. ``abandon``: stop waiting at once
+        (a second Ctrl+C)."""
+        if self.drained is not None:
+            return self.drained
         with self.lock:
             self.accepting = False
-        end = time.perf_counter() + deadline_s
-        while self.admitted and time.perf_counter() < end:
-            await asyncio.sleep(0.05)
+        await self._wait_admitted(deadline_s, abandon)
         clean = not self.admitted
-        self.thread.stop()
+        if not clean:
+            with self.lock:
+                pending = list(self.live)
+            for request in pending:
+                request.cancel("shutdown")
+            self.thread.wake.set()  # queued requests leave at the engine's next step
+            await self._wait_admitted(SHUTDOWN_CANCEL_S, abandon)
+        self.drained = clean
         return clean
+
+    async def _wait_admitted(self, seconds: float, abandon: Callable[[], bool]) -> None:
+        end = time.perf_counter() + seconds
+        while self.admitted and time.perf_counter() < end and not abandon():
+            await asyncio.sleep(0.05)
+
+    def stop(self) -> None:
+        """The engine thread ends (after `drain`: what is still running is cancelled)."""
+        self.thread.stop()
 
 
 def _admitted_at(request: Request) -> float | None:

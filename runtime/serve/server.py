@@ -15,6 +15,8 @@ from ..warm_up import warm_up
 from .app import ServeSettings, create_app
 from .http_deadlines import header_deadline_protocol
 
+RESPONSES_S = 5.0  # after the drain: for the handlers to send their last bytes (then uvicorn cancels them)
+
 
 def run_server(artifact: str, host: str = "127.0.0.1", port: int = 8000, backend: str = "ort",
                settings: ServeSettings = ServeSettings(), threads: int | None = None, tree: str | None = None,
@@ -46,17 +48,36 @@ def run_server(artifact: str, host: str = "127.0.0.1", port: int = 8000, backend
         f"queue {settings.max_queue}; KV cache reserved for {engine.max_num_seqs} sequences of "
         f"{runtime.generator.backend.max_seq} tokens: {engine.kv_bytes / 2**20:.0f} MiB"
         f"{', resident as rows fill' if backend == 'ort' else ''})")
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=shutdown_deadline_s,
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=RESPONSES_S,
                             http=header_deadline_protocol(settings.header_timeout_s))
     # uvicorn drains on SIGTERM, then raises the signal again under the handler it found: with this one in place
     # the process ends by returning, so a clean drain exits 0 (what process managers expect), not 143.
     previous = signal.signal(signal.SIGTERM, lambda *_: None)
     try:
-        uvicorn.Server(config).run(sockets=[sock])
+        draining_server(uvicorn.Server, config, app.state.scheduler, shutdown_deadline_s).run(sockets=[sock])
     finally:
         signal.signal(signal.SIGTERM, previous)
         runtime.close()
     return app.state.drained_cleanly is not False
+
+
+def draining_server(server_class, config, scheduler, deadline_s: float):
+    """A uvicorn server that, when told to stop, closes its listening sockets, then drains the scheduler
+    (`Scheduler.drain`: requests on open connections get 503, admitted ones have ``deadline_s`` to finish, then end
+    with a 503 or an error event), and only then lets uvicorn close the connections, waiting RESPONSES_S for the
+    handlers' last bytes. uvicorn's own deadline would cancel the handlers instead: their clients got a bare 500 or a
+    cut stream, and the drain that followed found nothing running."""
+
+    class DrainingServer(server_class):
+        async def shutdown(self, sockets=None) -> None:
+            for server in self.servers:
+                server.close()  # no new connections; uvicorn's shutdown closes them again (a no-op)
+            for sock in sockets or []:
+                sock.close()
+            await scheduler.drain(deadline_s, abandon=lambda: self.force_exit)
+            await super().shutdown(sockets)
+
+    return DrainingServer(config)
 
 
 def server_url(sock: socket.socket) -> str:
