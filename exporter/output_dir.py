@@ -23,8 +23,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from medusa_export.runtime.bounded_read import read_bounded
 from medusa_export.runtime.errors import InputError
 from medusa_export.runtime.manifest import MANIFEST, listed_files
+from medusa_export.runtime.typed_json import MAX_JSON_BYTES
 from medusa_export.runtime.whole_file import write_whole
 
 
@@ -51,7 +53,10 @@ def check_out_dir(out: Path) -> None:
     if listed is None:
         raise InputError(f"--out {out} exists and is not a medusa-export artifact (no {MANIFEST} of ours): "
                          f"refusing to replace it; choose a new or empty directory")
-    foreign = sorted(p for p in out.rglob("*") if not p.is_dir() and p.relative_to(out).as_posix() not in listed)
+    # Directories holding listed files are the artifact's; anything else is not (an empty folder, a link to one)
+    folders = {parent.as_posix() for name in listed for parent in Path(name).parents}
+    foreign = sorted(p for p in out.rglob("*") if p.relative_to(out).as_posix() not in listed and
+                     (p.is_symlink() or not p.is_dir() or p.relative_to(out).as_posix() not in folders))
     if foreign:
         raise InputError(f"--out {out} is an artifact but also holds {foreign[0].relative_to(out)} (not one of its "
                          f"files): move it out, or choose another --out")
@@ -171,8 +176,8 @@ def _is_medusa2_dir(out: Path) -> bool:
 
 def _read_json(path: Path) -> dict | None:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError):
+        data = json.loads(read_bounded(path, MAX_JSON_BYTES).decode("utf-8"))
+    except (OSError, ValueError, RecursionError):  # a FIFO or /dev/zero there is no file of ours either
         return None
     return data if isinstance(data, dict) else None
 

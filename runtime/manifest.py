@@ -40,7 +40,8 @@ from .manifest_records import (LIMITS, CleanupRecord, DraftsRecord, ExporterReco
                                FileRecord, GraphRecord, HeadsRecord, ModelRecord, QualityRecord, QuantizationRecord,
                                TensorRecord, TreeRecord, positive, short_int)
 from .plan_records import BuilderFlags, EngineRecord, ProfileRecord  # noqa: F401 - part of the spec
-from .typed_json import FieldError, parse, read_json, to_json
+from .bounded_read import read_bounded
+from .typed_json import MAX_JSON_BYTES, FieldError, parse, read_json, to_json
 
 FORMAT = "medusa-export-artifact"
 FORMAT_VERSION = 3  # 3: the typed spec (every field checked; graph_format, kv_layout and weights required)
@@ -118,9 +119,12 @@ class Manifest:
             raise FieldError("lm_head", "can be 'screened' only with fp32, int8 or int4 weights and attention 'kernel'")
         if self.engines and self.graph_format != PORTABLE:
             raise FieldError("engines", "TensorRT engines need portable graphs")
-        for kind in self.engines:
+        for kind, engine in self.engines.items():
             if kind not in self.graphs:
                 raise FieldError(f"engines.{kind}", "names no graph of this artifact")
+            for key in ("file", "onnx"):  # a plan not listed would be deserialized unchecked by size or sha256
+                if getattr(engine, key) not in self.files:
+                    raise FieldError(f"engines.{kind}.{key}", "must be one of the files the manifest lists")
         if self.drafts is not None and self.drafts.file not in self.files:
             raise FieldError("drafts.file", "must be one of the files the manifest lists")
 
@@ -240,8 +244,8 @@ def listed_files(directory: str | Path) -> set[str] | None:
     """The files an artifact directory's manifest lists (with ``manifest.json``) — of any format version, so that
     `build --out` can replace an artifact an older medusa-export wrote; None when there is no manifest of ours."""
     try:
-        data = json.loads((Path(directory) / MANIFEST).read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError):
+        data = json.loads(read_bounded(Path(directory) / MANIFEST, MAX_JSON_BYTES).decode("utf-8"))
+    except (OSError, ValueError, RecursionError):  # a FIFO or /dev/zero there is not a manifest of ours either
         return None
     if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("files", {}), dict):
         return None

@@ -52,7 +52,10 @@ def _walk(buf: memoryview, kind: str, names: set[str], depth: int) -> None:
                 raise OnnxFormatError(f"field {number} of a {kind} is not a message")
             _walk(payload, fields[number], names, depth + 1)
     if kind == "entry" and key == b"location":
-        names.add((value or b"").decode("utf-8", "replace"))
+        try:  # strictly: a name decoded with replacements is not the file ONNX Runtime opens (its bytes are)
+            names.add((value or b"").decode("utf-8"))
+        except UnicodeDecodeError:
+            raise OnnxFormatError("an external-data location that is not UTF-8") from None
 
 
 def _fields(buf: memoryview):

@@ -20,9 +20,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
+from .bounded_read import read_bounded
 from .chat_template import ChatTemplate
 from .errors import ArtifactError, InputError
-from .typed_json import read_json
+from .typed_json import MAX_JSON_BYTES, read_json
+
+MAX_SPECIAL_CHARS = 256  # a special token's text: markers such as <|im_start|> (every text is searched for them)
 
 if TYPE_CHECKING:
     from .manifest import Manifest
@@ -79,6 +82,10 @@ class ChatTokenizer:
             tokenizer = Tokenizer.from_file(str(tj))
         except Exception as e:  # tokenizers raises plain Exceptions for unreadable files
             raise ArtifactError(f"{tj} is corrupt ({str(e)[:120]}): rebuild the artifact") from None
+        longest = max((len(t.content) for t in tokenizer.get_added_tokens_decoder().values() if t.special), default=0)
+        if longest > MAX_SPECIAL_CHARS:  # every text is searched for them: a huge one made loading take minutes
+            raise ArtifactError(f"{tj} has a special token of {longest} characters (at most {MAX_SPECIAL_CHARS}): "
+                                f"rebuild the artifact from a model whose special tokens are markers")
         cfg_path = locate("tokenizer_config.json")
         cfg = _json_object(cfg_path)
         template, origin = _optional_str(cfg, "chat_template", cfg_path), f"{cfg_path} field chat_template"
@@ -208,7 +215,7 @@ def check_text(text: str) -> str:
 
 def _read_text(path: Path) -> str:
     try:
-        return path.read_text(encoding="utf-8")
+        return read_bounded(path, MAX_JSON_BYTES).decode("utf-8")
     except (OSError, UnicodeDecodeError) as e:
         why = getattr(e, "strerror", None) or str(e)[:80]
         raise ArtifactError(f"{path} cannot be read as UTF-8 text ({why}): rebuild the artifact") from None

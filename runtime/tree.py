@@ -23,6 +23,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from .bounded_read import read_bounded
 from .errors import TreeError
 
 Path_ = tuple[int, ...]
@@ -48,6 +49,7 @@ CPU_SMALL_10: tuple[Path_, ...] = (
 # tree's [N, N] buffers and its chain preset stays instant: a bound checked before anything is built.
 MAX_TREE_NODES = 1024
 MAX_TREE_DEPTH = 64
+MAX_TREE_FILE_BYTES = 1 << 20  # 1,024 paths of 64 ranks take well under this
 
 
 def chain(n: int) -> tuple[Path_, ...]:
@@ -77,8 +79,11 @@ def load_choices(spec: str | Path | Sequence[Sequence[int]]) -> tuple[Path_, ...
             raise TreeError(f"bad chain preset {name!r}: N must be in 1..{MAX_TREE_DEPTH} (and at most the heads)")
         return chain(n)
     path = Path(name)
-    if not path.exists():
-        raise TreeError(f"unknown tree {name!r}: give a preset ({', '.join(preset_names())}) or a JSON file path")
+    if not path.exists() and not path.is_symlink():
+        if path.suffix == ".json" or "/" in name:
+            raise TreeError(f"tree file {name!r:.200} does not exist: give a tree JSON file or a preset "
+                            f"({', '.join(preset_names())})")
+        raise TreeError(f"unknown tree {name!r:.200}: give a preset ({', '.join(preset_names())}) or a JSON file path")
     data = _read_tree_file(path)
     if isinstance(data, dict):
         data = data.get("medusa_choices")
@@ -102,13 +107,14 @@ def _checked_paths(data: object, where: str) -> tuple[Path_, ...]:
 def _read_tree_file(path: Path):
     """The JSON in ``path``, or a TreeError naming what is wrong with the file."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(read_bounded(path, MAX_TREE_FILE_BYTES).decode("utf-8"))
     except json.JSONDecodeError as e:
         raise TreeError(f"tree file {path} is not valid JSON ({e.msg} at line {e.lineno}): fix or regenerate it") from None
     except (UnicodeDecodeError, ValueError, RecursionError):  # binary, integers beyond 4,300 digits, deep nesting
         raise TreeError(f"tree file {path} is not a JSON list of paths: give a tree JSON file or a preset") from None
-    except OSError as e:  # a directory, unreadable
-        raise TreeError(f"cannot read tree file {path} ({e.strerror or e}): give a tree JSON file or a preset") from None
+    except OSError as e:  # a directory, a FIFO or device, too large, unreadable
+        raise TreeError(f"cannot read tree file {str(path)!r:.200} ({e.strerror or e}): give a tree JSON file or a "
+                        f"preset") from None
 
 
 @dataclass(frozen=True)

@@ -18,9 +18,11 @@ import types
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
+from .bounded_read import read_bounded
 from .errors import ArtifactError
 
 REBUILD = "rebuild the artifact with `medusa-export build`"
+MAX_JSON_BYTES = 16 << 20  # an artifact's JSON files (the default model's manifest: 0.3 MB with its validation record)
 
 
 class FieldError(ValueError):
@@ -101,11 +103,12 @@ def _parse_dataclass(cls: type, value: Any, path: str) -> Any:
 
 
 def read_json(path: Path, fix: str = REBUILD) -> Any:
-    """The JSON value in ``path``. Every way an artifact's file can fail to be JSON (unreadable, not UTF-8, a
-    syntax error, an integer past int()'s 4,300 digits, nesting deeper than the recursion limit) is an
-    ArtifactError naming the file and ``fix``: json.loads alone raises ValueError or RecursionError for some."""
+    """The JSON value in ``path``. Every way an artifact's file can fail to be JSON (unreadable, not a regular
+    file, over MAX_JSON_BYTES, not UTF-8, a syntax error, an integer past int()'s 4,300 digits, nesting deeper than
+    the recursion limit) is an ArtifactError naming the file and ``fix``: json.loads alone raises ValueError or
+    RecursionError for some."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_bounded(path, MAX_JSON_BYTES).decode("utf-8")
     except UnicodeDecodeError as e:
         raise ArtifactError(f"{path} is not UTF-8 text (byte {e.start}): {fix}") from None
     except OSError as e:

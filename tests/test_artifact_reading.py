@@ -149,14 +149,16 @@ def test_a_file_name_too_long_for_the_file_system_is_refused(art):
 
 
 def test_an_os_error_reading_the_manifest_is_an_artifact_error(art, monkeypatch):
-    real = Path.read_text
+    from medusa_export.runtime import typed_json
 
-    def failing(self, *a, **k):
-        if self.name == "manifest.json":
+    real = typed_json.read_bounded
+
+    def failing(path, limit):
+        if Path(path).name == "manifest.json":
             raise OSError(errno.EIO, "Input/output error")
-        return real(self, *a, **k)
+        return real(path, limit)
 
-    monkeypatch.setattr(Path, "read_text", failing)
+    monkeypatch.setattr(typed_json, "read_bounded", failing)
     with pytest.raises(ArtifactError, match=r"manifest.json cannot be read \(Input/output error\)"):
         Manifest.read(art)
 

@@ -60,6 +60,25 @@ def test_build_refuses_a_file_and_an_artifact_holding_foreign_files(artifact, tm
     check_out_dir(tmp_path / "new")  # a new path is fine
     (tmp_path / "empty").mkdir()
     check_out_dir(tmp_path / "empty")  # so is an empty directory
+    (art / "my_results.json").unlink()
+    check_out_dir(art)
+    # An empty folder and a link to a folder were not counted as foreign, and replacing the artifact deleted them
+    (art / "emptysub").mkdir()
+    with pytest.raises(InputError, match="emptysub"):
+        check_out_dir(art)
+    (art / "emptysub").rmdir()
+    (art / "mylink").symlink_to(tmp_path / "empty")
+    with pytest.raises(InputError, match="mylink"):
+        check_out_dir(art)
+    (art / "mylink").unlink()
+    os.mkfifo(art / "manifest.json.fifo")
+    with pytest.raises(InputError, match="manifest.json.fifo"):
+        check_out_dir(art)
+    (art / "manifest.json.fifo").unlink()
+    (art / "manifest.json").unlink()
+    os.mkfifo(art / "manifest.json")  # read, it waited for a writer forever
+    with pytest.raises(InputError, match="not a medusa-export artifact"):
+        check_out_dir(art)
 
 
 def test_build_replaces_an_earlier_artifact(tiny_dirs, artifact, tmp_path):

@@ -178,3 +178,18 @@ def test_serve_answers_a_template_refusal_with_400():
     with pytest.raises(ApiError) as e:
         parse_chat({"messages": [{"role": "user", "content": "t5"}, {"role": "user", "content": "t6"}]}, model)
     assert e.value.status == 400 and "Conversation roles must alternate" in e.value.message
+
+
+def test_a_huge_special_token_is_refused_when_the_tokenizer_loads(tmp_path):
+    """Every text is searched for the special tokens: an 8 MB one made loading take 12 s and 1.2 GB."""
+    from tokenizers import AddedToken
+
+    from medusa_export.runtime.tokenizer import MAX_SPECIAL_CHARS
+
+    tok = make_chat_tokenizer()
+    tok.save(tmp_path)
+    assert ChatTokenizer.from_directory(tmp_path).special_ids == tok.special_ids
+    tok.tokenizer.add_special_tokens([AddedToken("x" * (MAX_SPECIAL_CHARS + 1), special=True)])
+    tok.tokenizer.save(str(tmp_path / "tokenizer.json"))
+    with pytest.raises(ArtifactError, match=f"special token of {MAX_SPECIAL_CHARS + 1} characters"):
+        ChatTokenizer.from_directory(tmp_path)

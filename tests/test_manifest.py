@@ -15,6 +15,7 @@ from test_cli import assert_one_line_error
 
 from medusa_export.runtime.errors import ArtifactError
 from medusa_export.runtime.manifest import FORMAT_VERSION, Manifest
+from medusa_export.runtime.typed_json import to_json
 
 
 @pytest.mark.parametrize("which", ["artifact", "portable_artifact"])
@@ -30,6 +31,21 @@ def test_sample_manifest_round_trips_and_checks_across_fields():
     bad = m.to_json() | {"kv_layout": "head-major-shared"}  # portable graphs are sequence-major
     with pytest.raises(ArtifactError, match="field kv_layout must be 'sequence-major' for portable graphs"):
         Manifest.from_json(bad)
+
+
+def test_an_engine_plan_must_be_a_listed_file():
+    """A plan the manifest did not list was deserialized with no size or sha256 check (`verify` skipped it)."""
+    from manifest_samples import sample_engine_record
+    from medusa_export.runtime.manifest import FileRecord
+
+    listed = {name: FileRecord("0" * 64, 1) for name in ("medusa.onnx", "medusa.plan")}
+    m = sample_manifest(num_heads=2, files=listed)
+    data = m.to_json() | {"engines": {"medusa": to_json(sample_engine_record())}}
+    assert Manifest.from_json(data).engines["medusa"].file == "medusa.plan"
+    for key, name in (("file", "unlisted.plan"), ("onnx", "other.onnx")):
+        engines = {"medusa": to_json(sample_engine_record(**{key: name}))}
+        with pytest.raises(ArtifactError, match=f"field engines.medusa.{key} must be one of the files"):
+            Manifest.from_json(m.to_json() | {"engines": engines})
 
 
 def _edit_manifest(data: dict, path: str | tuple, value) -> dict:

@@ -61,6 +61,15 @@ def test_an_entry_with_its_value_first_and_a_repeated_key():
     assert external_locations(data.replace(entry, b"\x12\x03xyz\x0a\x08location\x12\x04a.bi")) == {"a.bi"}
 
 
+def test_a_location_that_is_not_utf8_is_a_format_error():
+    """Decoded with replacements, b"w\xffights.bin" was checked as "w\ufffdights.bin" (a listed, hashed file)
+    while ONNX Runtime opened the unlisted file of the raw bytes."""
+    model = helper.make_model(helper.make_graph([], "g", [], [], initializer=[_external("w", "weights.bin")]))
+    data = model.SerializeToString()
+    with pytest.raises(OnnxFormatError, match="not UTF-8"):
+        external_locations(data.replace(b"weights.bin", b"w\xffights.bin"))
+
+
 def test_a_model_without_external_data_names_none():
     model = helper.make_model(helper.make_graph([], "g", [], [], initializer=[
         numpy_helper.from_array(np.ones(3, np.float32), "w")]))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -10,7 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from medusa_export.runtime.errors import TreeError
-from medusa_export.runtime.tree import CPU_SMALL_10, MC_SIM_7B_63, Tree, chain, load_choices, preset_names
+from medusa_export.runtime.tree import (CPU_SMALL_10, MAX_TREE_FILE_BYTES, MC_SIM_7B_63, Tree, chain, load_choices,
+                                        preset_names)
 
 
 def rows(a: np.ndarray) -> set[tuple[int, ...]]:
@@ -197,6 +199,20 @@ def test_tree_files_that_are_not_trees_are_tree_errors(tmp_path, content, needle
 def test_a_directory_as_tree_file_is_a_tree_error(tmp_path):
     with pytest.raises(TreeError, match="cannot read tree file"):
         load_choices(tmp_path)
+
+
+def test_tree_files_that_are_not_regular_small_files_are_refused_before_reading(tmp_path):
+    """--tree /dev/zero read until the machine's memory was gone, and a FIFO waited for a writer forever."""
+    fifo = tmp_path / "tree.fifo"
+    os.mkfifo(fifo)
+    big = tmp_path / "big.json"
+    big.write_bytes(b" " * (MAX_TREE_FILE_BYTES + 1))
+    for path, why in ((fifo, "not a regular file"), ("/dev/zero", "not a regular file"),
+                      (big, f"larger than {MAX_TREE_FILE_BYTES} bytes")):
+        with pytest.raises(TreeError, match=why):
+            load_choices(str(path))
+    with pytest.raises(TreeError, match="does not exist"):
+        load_choices(str(tmp_path / "missing.json"))
 
 
 def test_bad_json_file_names_it(tmp_path):
