@@ -20,12 +20,13 @@ import torch
 from torch import nn
 
 from medusa_export.runtime.errors import HeadsError
+# Far beyond any useful heads (Medusa uses 4-5 heads of one block): bounds checked before anything is allocated,
+# and by train-heads before any work
+from medusa_export.runtime.training_options import MAX_HEAD_LAYERS as MAX_LAYERS, MAX_HEADS
 
 HEADS_FORMAT = "medusa-export-heads"
 HEADS_FORMAT_VERSION = 1
 WEIGHTS_FILE = "heads.safetensors"
-# Far beyond any useful heads (Medusa uses 4-5 heads of one block): bounds checked before anything is allocated.
-MAX_HEADS, MAX_LAYERS = 64, 16
 
 
 @dataclass

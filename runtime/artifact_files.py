@@ -25,6 +25,9 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+MAX_NAME_CHARS = 255  # a manifest's file names: a build writes short ones
+
+
 def artifact_file(directory: str | Path, name: object) -> Path:
     """``directory / name`` for a file the manifest names; ArtifactError unless ``name`` is a relative path
     that stays inside the artifact (no absolute path, no ``..``, no NUL byte, no symlink leading out or in a
@@ -34,8 +37,12 @@ def artifact_file(directory: str | Path, name: object) -> Path:
     parts = PurePosixPath(text.replace("\\", "/")).parts
     if (not text or "\0" in text or PurePosixPath(text).is_absolute() or PureWindowsPath(text).is_absolute()
             or PureWindowsPath(text).drive or ".." in parts):
-        raise ArtifactError(f"{directory / MANIFEST} names the file {name!r}, which is not a path inside the "
+        raise ArtifactError(f"{directory / MANIFEST} names the file {name!r:.120}, which is not a path inside the "
                             f"artifact: refusing to read it; rebuild the artifact with `medusa-export build`")
+    if not text.isprintable() or len(text) > MAX_NAME_CHARS:  # names go into messages: one line, short, no escapes
+        raise ArtifactError(f"{directory / MANIFEST} names the file {name!r:.120}, which is not a file name a build "
+                            f"writes (control characters, or over {MAX_NAME_CHARS} characters): rebuild the artifact "
+                            f"with `medusa-export build`")
     path = directory / text
     try:
         inside = path.resolve().is_relative_to(directory.resolve())

@@ -192,8 +192,9 @@ class Manifest:
                 f"(`medusa-export build`){other}")
         try:
             return parse(cls, data)
-        except FieldError as e:
-            raise ArtifactError(f"{source}: field {e.path or '(top level)'} {e.problem}: rebuild the artifact with "
+        except FieldError as e:  # a path holds the manifest's own keys: shown on one line, short
+            where = e.path if e.path.isprintable() and len(e.path) <= 200 else repr(e.path)[:200]
+            raise ArtifactError(f"{source}: field {where or '(top level)'} {e.problem}: rebuild the artifact with "
                                 f"`medusa-export build`") from None
 
     @classmethod

@@ -46,6 +46,9 @@ def check_jsonl_file(path: Path, what: str) -> None:
     """A one-line `InputError` unless ``path`` is a readable file (a directory is named as one, not as missing)."""
     if path.is_dir():
         raise InputError(f"{what} {path} is a directory: pass a .jsonl file with one {{\"prompt\": ...}} per line")
+    if path.exists() and not path.is_file():  # a FIFO or a device: reading it could wait or never end
+        raise InputError(f"{what} {path} is not a regular file: pass a .jsonl file with one {{\"prompt\": ...}} "
+                         f"per line")
     if not path.is_file():
         raise InputError(f"{what} {path} does not exist: pass a .jsonl file with one {{\"prompt\": ...}} per line")
 
@@ -56,7 +59,7 @@ def jsonl_rows(path: Path) -> Iterator[tuple[int, object]]:
     Lines end at "\\n" (or "\\r\\n") only: JSON strings may hold U+2028, U+0085 and the like raw (what
     ``json.dumps(ensure_ascii=False)`` writes), which ``str.splitlines`` would take for line ends."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # -sig: a byte order mark (Windows editors write one) is skipped
     except UnicodeDecodeError as e:
         raise InputError(f"{path} is not UTF-8 text ({e.reason}): pass a JSON Lines file") from None
     except OSError as e:

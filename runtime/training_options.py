@@ -19,6 +19,12 @@ from typing import Any
 from .errors import InputError
 
 DEFAULT_LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+MAX_HEADS, MAX_HEAD_LAYERS = 64, 16  # what a heads directory may hold (exporter/heads.py reads it back)
+# Upper bounds checked before any model loads: beyond them a run failed after hours of distillation, or inside
+# torch or numpy (a seed outside their range, a tensor of terabytes)
+UPPER_BOUNDS = {"num_heads": MAX_HEADS, "num_layers": MAX_HEAD_LAYERS, "seed": 2 ** 63 - 1, "max_new_tokens": 1 << 15,
+                "threads": 4096, "gen_batch_size": 4096, "batch_size": 1 << 20, "draft_vocab": 1 << 24,
+                "epochs": 10_000, "extra_sampled_passes": 1000}
 
 
 @dataclass(frozen=True)
@@ -58,7 +64,11 @@ class Medusa1Options:
                   "max_train_positions")
         _at_least(self, 2, "max_new_tokens", "draft_vocab")
         _at_least(self, 0, "temperature", "sample_temperature", "extra_sampled_passes", "weight_decay",
-                  "checkpoint_every_s")
+                  "checkpoint_every_s", "seed")
+        for name, high in UPPER_BOUNDS.items():
+            value = getattr(self, name)
+            if value is not None and value > high:
+                raise InputError(f"{_flag(name)} {str(value)[:24]} must be <= {high}")
         _positive(self, "lr")
         if not 0 <= self.heldout_fraction < 1:
             raise InputError(f"--heldout-fraction {self.heldout_fraction} must be in [0, 1)")

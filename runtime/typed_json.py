@@ -114,13 +114,24 @@ def read_json(path: Path, fix: str = REBUILD) -> Any:
     except OSError as e:
         raise ArtifactError(f"{path} cannot be read ({e.strerror or type(e).__name__}): {fix}") from None
     try:
-        return json.loads(text)
+        return json.loads(text, object_pairs_hook=_unique_keys)
     except json.JSONDecodeError as e:
         raise ArtifactError(f"{path} is not valid JSON ({e.msg}, line {e.lineno}): {fix}") from None
     except RecursionError:
         raise ArtifactError(f"{path} is not usable JSON (nested too deeply): {fix}") from None
     except ValueError as e:  # e.g. an integer with more digits than int() converts
         raise ArtifactError(f"{path} is not usable JSON ({str(e).split(';')[0][:100]}): {fix}") from None
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
+    """An object whose keys are all different: json.loads keeps the last of a repeated key silently, so a reader
+    of the file (a person, another tool) could see another value than the loader uses."""
+    data = dict(pairs)
+    if len(data) != len(pairs):
+        seen: set[str] = set()
+        twice = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise ValueError(f"the key {twice!r:.60} appears twice in one object")
+    return data
 
 
 def to_json(obj: Any) -> Any:

@@ -286,6 +286,9 @@ def test_empty_values_are_refused_not_read_as_the_default(artifact):
                         "--served-model-name is empty")
     refused_before_work(cli("generate", str(artifact), "--prompt"), "requires an argument",
                         "medusa-export generate --help")
+    refused_before_work(cli("bench", str(artifact), "--no-hf", "--model", "x"), "--model is the base model")
+    for blank in ("", "   "):  # ran on an empty user message
+        refused_before_work(cli("generate", str(artifact), "--prompt", blank), "--prompt is empty")
 
 
 @pytest.mark.parametrize("args, flag", [
@@ -317,3 +320,46 @@ def test_a_file_name_beyond_the_systems_limit_is_one_line(artifact, args):
 def test_help_still_prints_and_exits_0():
     proc = cli("generate", "--help")
     assert proc.returncode == 0 and "--max-new-tokens" in proc.stdout
+
+
+@pytest.mark.parametrize("error, words", [
+    (OSError(28, "No space left on device"), "No space left on device"),  # onnx.save_model on a full disk
+    (OSError(12, "Cannot allocate memory"), "Cannot allocate memory"),
+    (MemoryError(), "out of memory"),
+])
+def test_a_machine_out_of_disk_or_memory_is_one_line_not_a_traceback(error, words, capsys):
+    """A full disk while a library wrote through its own file object (no file name in the error), or a memory
+    limit, ended in a traceback."""
+    import click
+    import typer
+
+    from medusa_export.runtime.cli.app import cli_errors
+
+    def command():
+        raise error
+
+    with pytest.raises((typer.Exit, click.exceptions.Exit)) as e:
+        cli_errors(command)()
+    assert e.value.exit_code == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and words in err
+
+
+def test_a_kv_cache_beyond_a_memory_limit_is_a_typed_error(monkeypatch):
+    import mmap
+
+    from medusa_export.runtime.backends import slot_cache
+    from medusa_export.runtime.errors import BackendUnavailableError
+
+    def refuse(*_a, **_k):
+        raise OSError(12, "Cannot allocate memory")
+
+    monkeypatch.setattr(mmap, "mmap", refuse)
+    with pytest.raises(BackendUnavailableError, match="cannot reserve 4 MiB for a KV cache"):
+        slot_cache.small_page_zeros((1024, 1024), "float32")
+
+
+def test_calibrate_tree_names_its_threads_flag(artifact, tmp_path):
+    """It said "threads must be an integer in 1..4096" without the flag, after the prompts were read."""
+    refused_before_work(cli("calibrate-tree", str(artifact), "--threads", "0", "--out", str(tmp_path / "t.json")),
+                        "--threads 0")

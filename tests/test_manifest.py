@@ -98,6 +98,11 @@ BROKEN = [
     ("manifest.json", ("graphs.medusa.paths", 10**6), ["field graphs.medusa.paths must be at most 512"]),
     ("manifest.json", ("graphs.lanes.lanes", 5000), ["field graphs.lanes.lanes must be at most 1024"]),
     ("manifest.json", ("dims.num_kv_heads", 10**9), ["field dims.num_kv_heads must be at most 1024"]),
+    # file names that would make a message of several lines (or colour a terminal); a repeated key
+    ("manifest.json", (("files", "evil\n\x1b[31mFAKE: all good.bin"), {"sha256": "0" * 64, "bytes": 1}),
+     ["not a file name a build writes"]),
+    ("manifest.json", (("files", "x" * 300), {"sha256": "0" * 64, "bytes": 1}), ["over 255 characters"]),
+    ("generation_config.json", b'{"eos_token_id": [1], "eos_token_id": [2]}', ["the key 'eos_token_id' appears twice"]),
     # an end-of-sequence token the tokenizer does not know
     ("tokenizer_config.json", {"eos_token": "nonexistent-token"},
      ["tokenizer_config.json: field eos_token 'nonexistent-token' is not a token of tokenizer.json"]),

@@ -62,3 +62,20 @@ def test_a_directory_is_named_as_a_directory(tmp_path):
     with pytest.raises(InputError, match="is a directory") as e:
         read_prompts(tmp_path)
     assert "does not exist" not in str(e.value)
+
+
+def test_a_fifo_or_device_is_named_as_not_a_regular_file(tmp_path):
+    """Both were said not to exist."""
+    import os
+
+    os.mkfifo(tmp_path / "p.fifo")
+    for path in (tmp_path / "p.fifo", "/dev/zero"):
+        with pytest.raises(InputError, match="is not a regular file"):
+            read_prompts(path)
+
+
+def test_a_byte_order_mark_is_skipped(tmp_path):
+    """Windows editors write one; it was refused as a line that is not JSON."""
+    f = tmp_path / "p.jsonl"
+    f.write_bytes('{"prompt": "x"}\n{"prompt": "y"}\n'.encode("utf-8-sig"))
+    assert read_prompts(f) == ["x", "y"]

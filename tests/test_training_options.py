@@ -25,6 +25,15 @@ from medusa_export.runtime.training_options import Medusa1Options, Medusa2Option
     ("epochs", 0, "--epochs 0 must be >= 1"),
     ("lr", 0.0, "--lr 0.0 must be > 0"),
     ("extra_sampled_passes", -1, "--extra-sampled-passes -1 must be >= 0"),
+    # checked up front: each failed after the model loaded (numpy's or torch's seed), inside torch (terabytes of
+    # cache), or after the self-distillation (heads' config)
+    ("seed", -1, "--seed -1 must be >= 0"),
+    ("seed", 10 ** 20, "--seed 100000000000000000000 must be <= 9223372036854775807"),
+    ("max_new_tokens", 10 ** 9, "--max-new-tokens 1000000000 must be <= 32768"),
+    ("threads", 100_000, "--threads 100000 must be <= 4096"),
+    ("num_heads", 1000, "--num-heads 1000 must be <= 64"),
+    ("num_layers", 1000, "--num-layers 1000 must be <= 16"),
+    ("gen_batch_size", 10 ** 9, "--gen-batch-size 1000000000 must be <= 4096"),
 ])
 def test_bad_options_are_refused_on_construction(field, value, message):
     with pytest.raises(InputError) as e:

@@ -17,6 +17,7 @@ import mmap
 
 import numpy as np
 
+from ..errors import BackendUnavailableError
 from .base import ModelDims
 
 
@@ -115,7 +116,12 @@ def small_page_zeros(shape: tuple[int, ...], dtype) -> np.ndarray:
     # Private (as malloc's memory: not shared with a forked child); fd -1 makes it anonymous: zero-filled,
     # unmapped when the array is freed. Windows' mmap takes no flags (and has no transparent huge pages).
     private = {"flags": mmap.MAP_PRIVATE} if hasattr(mmap, "MAP_PRIVATE") else {}
-    memory = mmap.mmap(-1, nbytes, **private)
+    try:
+        memory = mmap.mmap(-1, nbytes, **private)
+    except OSError as e:  # ENOMEM: a memory limit (ulimit -v, a container's) below the KV cache's capacity
+        raise BackendUnavailableError(f"cannot reserve {nbytes / 2**20:.0f} MiB for a KV cache "
+                                      f"({e.strerror or e}): raise the memory limit, or use an artifact built with "
+                                      f"a smaller --max-seq (or serve fewer --max-num-seqs)") from None
     if hasattr(mmap, "MADV_NOHUGEPAGE"):  # Linux
         try:
             memory.madvise(mmap.MADV_NOHUGEPAGE)

@@ -36,6 +36,11 @@ def _on_sigterm(signum: int, frame: object) -> None:
     raise Terminated()
 
 
+# OS errors with no file named that mean the machine ran out of a resource (a full disk while a library writes
+# through its own file object, a memory limit), rather than a bug
+RESOURCE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.ENOMEM, errno.EFBIG)
+
+
 def cli_errors(fn: Callable) -> Callable:
     """Turn library errors into one line on stderr and exit code 2 (no traceback); Ctrl-C exits 130, SIGTERM 143."""
 
@@ -52,8 +57,15 @@ def cli_errors(fn: Callable) -> Callable:
         except KeyboardInterrupt:
             typer.echo("interrupted", err=True)
             raise typer.Exit(130) from None
+        except MemoryError:
+            typer.echo("error: out of memory: raise the memory limit, or ask for less (a smaller --max-seq, fewer "
+                       "sequences, a smaller batch)", err=True)
+            raise typer.Exit(1) from None
         except OSError as e:
             if e.filename is None:
+                if e.errno in RESOURCE_ERRNOS:  # the machine ran out of something, not a bug: one line
+                    typer.echo(f"error: {e.strerror or e}: free some (disk space, memory) and run it again", err=True)
+                    raise typer.Exit(1) from None
                 raise
             # A path the user gave that the system cannot even look up (every existence check raises these), or a
             # file the system refused to read or write: one line naming it, not a traceback.

@@ -39,6 +39,7 @@ def bench(
     from ..bench import plot, run_bench
     from ..prompts import read_prompts
     from ..backends.ort import MAX_THREADS
+    from ..errors import InputError
     from .checks import at_least, backend_list
 
     names = backend_list(backends)
@@ -54,6 +55,9 @@ def bench(
         if not hf:
             typer.echo("note: skipping the transformers baseline: torch/transformers are not installed "
                        "(pip install 'medusa-export[torch]')", err=True)
+    if model is not None and "torch" not in names and not hf:  # it was ignored without a word
+        raise InputError("--model is the base model of --backends torch and the transformers baseline (--hf); "
+                         "neither runs here: leave --model out, or add them")
     texts = read_prompts(prompts, limit=limit)
     _check_artifact(artifact, names, concurrency)
 

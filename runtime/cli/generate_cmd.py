@@ -43,6 +43,8 @@ def generate(
     if model is not None and not model.strip():  # an empty MODEL would run the built-in model
         raise InputError("MODEL is empty: give an artifact, model directory or .gguf, or leave it out for the "
                          "built-in model")
+    if not prompt.strip():  # as prompt files and --no-chat refuse it: a blank prompt is a mistake, before any load
+        raise InputError("--prompt is empty: give the text to answer")
     chosen = backend if backend != "auto" else ("ort" if is_artifact(model) else "torch")
     opened = open_generator(model, chosen, heads=heads, tree=tree, max_seq=max_seq, device=device, plain=no_medusa)
     cfg = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, stop_strings=tuple(stop),
