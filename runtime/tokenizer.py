@@ -56,6 +56,17 @@ class ChatTokenizer:
         if self.chat_template:
             self._template = ChatTemplate(self.chat_template, self.bos_token or "", self.eos_token or "",
                                           origin=self.template_origin)
+            self._check_template()
+
+    def _check_template(self) -> None:
+        """One user message through the template and the tokenizer, as every chat request goes: a template whose
+        own text cannot be tokenized (a lone surrogate, say) is refused when the artifact loads,
+        not blamed on each request's text."""
+        try:
+            self.encode_chat([{"role": "user", "content": "Hello"}])
+        except InputError as e:
+            raise ArtifactError(f"{self.template_origin}: one user message under the chat template cannot be "
+                                f"tokenized ({e}): fix the template or remove it, then rebuild the artifact") from None
 
     @classmethod
     def from_directory(cls, directory: str | Path) -> "ChatTokenizer":

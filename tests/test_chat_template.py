@@ -138,6 +138,8 @@ def _with_template(template: str) -> ChatTokenizer:
     ("{{ messages | no_such_filter }}", "No filter named 'no_such_filter'"),
     ("{{ raise_exception('no') }}", "art/chat_template.jinja fails on a conversation of one user message"),
     ("{{ foo.bar.baz }}", "fails on a conversation of one user message (the chat template cannot render"),
+    # text the tokenizer refuses: every request was told its own text held it
+    ("{{ '\\ud800' }}{{ messages[0].content }}", "one user message under the chat template cannot be tokenized"),
 ])
 def test_a_template_that_cannot_work_is_refused_when_made(template, words):
     with pytest.raises(ArtifactError) as e:
