@@ -16,7 +16,7 @@ def read_bounded(path: str | Path, limit: int) -> bytes:
     """The whole of ``path``, a regular file of at most ``limit`` bytes. OSError otherwise: ``strerror`` "not a
     regular file" (a directory, FIFO, device), or "larger than N bytes"; or the system's own error."""
     # O_NONBLOCK: opening a FIFO for reading would wait for a writer; a regular file ignores the flag
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))  # (Windows: no FIFOs)
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):

@@ -206,7 +206,7 @@ class Manifest:
         path = artifact_file(directory, MANIFEST)
         if not is_file(path):
             raise ArtifactError(f"{directory} has no {MANIFEST}: not a complete artifact, rebuild it with `medusa-export build`")
-        manifest = cls.from_json(read_json(path), str(path))
+        manifest = cls.from_json(read_json(path, unique_keys=True), str(path))
         for name in manifest.named_files():  # all of them before any file is opened
             artifact_file(directory, name)
         for name, rec in manifest.files.items():

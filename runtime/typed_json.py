@@ -102,11 +102,12 @@ def _parse_dataclass(cls: type, value: Any, path: str) -> Any:
         raise FieldError(path, str(e)) from None
 
 
-def read_json(path: Path, fix: str = REBUILD) -> Any:
+def read_json(path: Path, fix: str = REBUILD, unique_keys: bool = False) -> Any:
     """The JSON value in ``path``. Every way an artifact's file can fail to be JSON (unreadable, not a regular
     file, over MAX_JSON_BYTES, not UTF-8, a syntax error, an integer past int()'s 4,300 digits, nesting deeper than
     the recursion limit) is an ArtifactError naming the file and ``fix``: json.loads alone raises ValueError or
-    RecursionError for some."""
+    RecursionError for some. ``unique_keys``: a key repeated within one object is refused too (json.loads keeps
+    the last; transformers' files are read as it reads them, our own manifest strictly)."""
     try:
         text = read_bounded(path, MAX_JSON_BYTES).decode("utf-8")
     except UnicodeDecodeError as e:
@@ -114,7 +115,7 @@ def read_json(path: Path, fix: str = REBUILD) -> Any:
     except OSError as e:
         raise ArtifactError(f"{path} cannot be read ({e.strerror or type(e).__name__}): {fix}") from None
     try:
-        return json.loads(text, object_pairs_hook=_unique_keys)
+        return json.loads(text, object_pairs_hook=_unique_keys if unique_keys else None)
     except json.JSONDecodeError as e:
         raise ArtifactError(f"{path} is not valid JSON ({e.msg}, line {e.lineno}): {fix}") from None
     except RecursionError:

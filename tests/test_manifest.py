@@ -102,7 +102,6 @@ BROKEN = [
     ("manifest.json", (("files", "evil\n\x1b[31mFAKE: all good.bin"), {"sha256": "0" * 64, "bytes": 1}),
      ["not a file name a build writes"]),
     ("manifest.json", (("files", "x" * 300), {"sha256": "0" * 64, "bytes": 1}), ["over 255 characters"]),
-    ("generation_config.json", b'{"eos_token_id": [1], "eos_token_id": [2]}', ["the key 'eos_token_id' appears twice"]),
     # an end-of-sequence token the tokenizer does not know
     ("tokenizer_config.json", {"eos_token": "nonexistent-token"},
      ["tokenizer_config.json: field eos_token 'nonexistent-token' is not a token of tokenizer.json"]),
@@ -158,6 +157,16 @@ def test_serve_refuses_malformed_artifacts_in_one_line(artifact, tmp_path, name,
     proc = subprocess.run([sys.executable, "-c", code, "serve", str(art), "--port", "0"], capture_output=True,
                           text=True, timeout=120)
     assert_one_line_error(proc, *words)
+
+
+def test_a_key_repeated_in_the_manifest_is_refused(artifact, tmp_path):
+    """json.loads keeps the last of a repeated key: a reader of the file could see another max_seq than the loader."""
+    art = tmp_path / "art"
+    shutil.copytree(artifact, art)
+    text = (art / "manifest.json").read_text()
+    (art / "manifest.json").write_text(text.replace("{", '{"max_seq": 999999, ', 1))
+    with pytest.raises(ArtifactError, match="the key 'max_seq' appears twice in one object"):
+        Manifest.read(art)
 
 
 def test_a_manifest_from_another_release_names_the_release_that_wrote_it():

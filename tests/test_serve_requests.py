@@ -161,13 +161,15 @@ def test_parameters_are_checked_before_the_chat_template_renders(monkeypatch):
         assert e.value.status == status
 
 
-@pytest.mark.parametrize("encoding", ["utf-16", "utf-32", "utf-8-sig"])
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-32"])
 def test_bodies_not_in_utf8_are_400s(encoding):
-    """json.loads detects UTF-16 and UTF-32 bytes by itself; JSON on the wire is UTF-8 (RFC 8259)."""
+    """json.loads detects UTF-16 and UTF-32 bytes by itself; JSON on the wire is UTF-8 (RFC 8259), whose byte
+    order mark may be skipped (as vLLM does)."""
     with pytest.raises(ApiError) as e:
         _json('{"prompt": "t5"}'.encode(encoding))
     assert e.value.status == 400
     assert _json('{"prompt": "t5 \u00e9"}'.encode()) == {"prompt": "t5 é"}
+    assert _json('{"prompt": "t5"}'.encode("utf-8-sig")) == {"prompt": "t5"}
 
 
 def test_a_client_gone_mid_body_ends_the_request_quietly():
@@ -190,3 +192,22 @@ def test_api_keys_clients_cannot_send_exactly_are_refused_at_start(key):
     with pytest.raises(InputError, match="--api-key must be"):
         ServeSettings(api_key=key)
     assert ServeSettings(api_key="sk-abc_123").api_key == "sk-abc_123"
+
+
+def test_an_answer_that_ended_by_itself_is_answered_even_when_a_stop_came_meanwhile():
+    """The shutdown (or the timeout) cancelled a request the engine was just handing back finished: a complete
+    answer became a 503."""
+    from medusa_export.runtime.serve.app import _result_or_error
+    from medusa_export.runtime.serve.scheduler import Finished
+
+    class Result:
+        def __init__(self, finish_reason):
+            self.finish_reason = finish_reason
+
+    for natural in ("stop", "length"):
+        done = Finished(Result(natural), None, "shutdown")
+        assert _result_or_error(done, 1.0) is done.result
+    for reason, status in (("shutdown", 503), ("timeout", 504)):
+        with pytest.raises(ApiError) as e:
+            _result_or_error(Finished(Result(reason), None, reason), 1.0)
+        assert e.value.status == status

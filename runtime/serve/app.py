@@ -39,6 +39,7 @@ from .scheduler import Finished, Request as Admitted, Scheduler
 
 
 CHAT_THREADS = 8  # threads parsing chat requests (the rest of anyio's pool stays for completions)
+NATURAL_FINISHES = ("stop", "length")  # an answer that ended by itself, not stopped from outside
 
 
 @dataclass(frozen=True)
@@ -202,6 +203,8 @@ async def _cancel_on_disconnect(http: Request, admitted: Admitted) -> None:
 
 
 def _result_or_error(done: Finished | None, timeout_s: float) -> GenerationResult:
+    if done is not None and done.result is not None and done.result.finish_reason in NATURAL_FINISHES:
+        return done.result  # it ended by itself, even if a timeout or the shutdown asked it to stop meanwhile
     if done is not None and done.error is not None:
         raise ApiError(500, f"decoding failed: {type(done.error).__name__}: {str(done.error)[:200]}",
                        type_="server_error")
@@ -312,8 +315,8 @@ async def _read_body(request, limit: int, timeout_s: float = 300.0) -> bytes:
 
 
 def _json(body: bytes):
-    try:  # UTF-8 only (RFC 8259): json.loads would also take UTF-16 and UTF-32 bytes
-        return json.loads(body.decode("utf-8"))
+    try:  # UTF-8 only (RFC 8259; a byte order mark is skipped): json.loads would also take UTF-16 and UTF-32
+        return json.loads(body.decode("utf-8-sig"))
     except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError, and integers beyond Python's 4,300 digits
         raise ApiError(400, f"the request body is not valid JSON ({str(e)[:120]})") from None
     except RecursionError:

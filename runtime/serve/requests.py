@@ -171,7 +171,7 @@ class _Options:
 def _options(body: dict, model: ServedModel) -> _Options:
     unknown = sorted(set(body) - _COMMON - {"prompt", "messages"})
     if unknown:
-        raise ApiError(400, f"unknown parameter {unknown[0]!r:.80}", param=unknown[0])
+        raise ApiError(400, f"unknown parameter {unknown[0]!r:.80}", param=unknown[0][:80])
     for key, types, what in _BOOKKEEPING:
         if key in body and not isinstance(body[key], types):
             raise ApiError(400, f"{key} must be {what}, got {_shown(body[key])}", param=key)

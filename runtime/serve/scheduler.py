@@ -29,8 +29,9 @@ from .metrics import RequestRecord, ServerMetrics
 from .requests import ApiError, Job
 
 
-# After the shutdown deadline, how long the requests then cancelled get to end: the engine's next step (a prompt chunk
-# at most) hands them back, and their handlers answer 503 or send an error event.
+# After the shutdown deadline, how long the requests then cancelled get to end: the engine hands them back after its
+# current step (a prompt chunk with a lanes graph; a whole prompt without one), and their handlers answer 503 or send
+# an error event. A shutdown therefore takes up to --shutdown-timeout + this + `server.RESPONSES_S`.
 SHUTDOWN_CANCEL_S = 10.0
 
 
@@ -144,9 +145,10 @@ class Scheduler:
         else:
             rec.finish_reason = "error"
         self.metrics.finished(rec)
-        with self.lock:
+        with self.lock:  # one section: a drain never sees it admitted but no longer live
             self.live.discard(request)
-        self._count_out()
+            self.admitted -= 1
+        self._gauges()
         finished = Finished(result, error, request.stop_reason)
         request.loop.call_soon_threadsafe(request.queue.put_nowait, finished)
         request.loop.call_soon_threadsafe(request.timer.cancel)

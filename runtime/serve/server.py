@@ -53,12 +53,14 @@ def run_server(artifact: str, host: str = "127.0.0.1", port: int = 8000, backend
     # uvicorn drains on SIGTERM, then raises the signal again under the handler it found: with this one in place
     # the process ends by returning, so a clean drain exits 0 (what process managers expect), not 143.
     previous = signal.signal(signal.SIGTERM, lambda *_: None)
+    scheduler = app.state.scheduler
     try:
-        draining_server(uvicorn.Server, config, app.state.scheduler, shutdown_deadline_s).run(sockets=[sock])
+        draining_server(uvicorn.Server, config, scheduler, shutdown_deadline_s).run(sockets=[sock])
     finally:
         signal.signal(signal.SIGTERM, previous)
+        scheduler.stop()  # a forced exit (a second Ctrl+C) skips the lifespan's: never close the backend under a step
         runtime.close()
-    return app.state.drained_cleanly is not False
+    return scheduler.drained is not False
 
 
 def draining_server(server_class, config, scheduler, deadline_s: float):
