@@ -3,8 +3,9 @@
     report = run_bench(artifact_dir, ["ort"], prompts, max_new_tokens=128)
     report = run_bench(artifact_dir, ["ort"], prompts, baseline=hf_generate_bench)   # + the transformers row
 
-Per row: tokens/s over the whole set (new tokens / wall time, prefill included), mean accepted tokens per
-step, step latency p50/p90, median prefill, and whether every output equals vanilla on that backend.
+Per row: tokens/s over the whole set (new tokens / the mode's own generation time, prefill included), mean
+accepted tokens per step, step latency p50/p90, median prefill, and whether every output equals vanilla on that
+backend. The single-stream modes take turns prompt by prompt unless ``interleave=False`` (`single_stream_runs`).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -50,7 +51,7 @@ def run_bench(artifact: str | Path, backends: list[str], prompts: list[str], max
               baseline: Callable | None = None, tree: str | None = None, threads: int | None = None,
               progress: Callable[[str], None] | None = None,
               measured: Callable[[dict], None] | None = None, model: str | None = None, concurrency: int = 1,
-              context_drafts: bool = True) -> dict:
+              context_drafts: bool = True, interleave: bool = True) -> dict:
     """Rows per backend: vanilla, the heads alone ("medusa"), heads and context drafts ("medusa+context"; "context"
     without heads) (``concurrency`` > 1: also vanilla and the last with that many requests decoded
     together by the batched engine, all prompts submitted at once), then the ``baseline`` row (the CLI passes the transformers one:
@@ -72,7 +73,8 @@ def run_bench(artifact: str | Path, backends: list[str], prompts: list[str], max
     def report() -> dict:
         manifest = run["manifest"]
         return {"model": manifest.model.name if manifest else None, "machine": machine_info(), "prompts": len(prompts),
-                "max_new_tokens": max_new_tokens, "tree": _tree_record(manifest, tree, run["tree"]),
+                "max_new_tokens": max_new_tokens, "interleaved": interleave,
+                "tree": _tree_record(manifest, tree, run["tree"]),
                 "results": results, "notes": run["notes"]}
 
     def add(row: dict) -> None:  # each row is saved as soon as it is measured
@@ -89,7 +91,7 @@ def run_bench(artifact: str | Path, backends: list[str], prompts: list[str], max
                     run["notes"].append(f"{name}: the artifact has no batched steps (no lanes graph or TensorRT batch "
                                         f"profile), so its x{concurrency} rows take their requests in turn")
                 backend_rows(rt, name, prompts, max_new_tokens, concurrency, context_drafts, vanilla_tokens,
-                             bar.update, add)
+                             bar.update, add, interleave)
         if baseline is not None:
             row, hf_tokens = baseline(run["manifest"], prompts, max_new_tokens, on_prompt=lambda: bar.update(1),
                                       model=model)
@@ -108,28 +110,22 @@ def run_bench(artifact: str | Path, backends: list[str], prompts: list[str], max
 
 def backend_rows(rt, name: str, prompts: list[str], max_new_tokens: int, concurrency: int, context_drafts: bool,
                  vanilla_tokens: dict[str, list[list[int]]], tick: Callable[[], None],
-                 add: Callable[[dict], None]) -> None:
+                 add: Callable[[dict], None], interleave: bool = True) -> None:
     """One backend's rows, each handed to ``add`` once measured: every single-stream mode (`bench_modes`), then
     with ``concurrency`` > 1 the batched vanilla and default rows. Records the backend's vanilla tokens in
-    ``vanilla_tokens``."""
+    ``vanilla_tokens``. ``interleave``: the single-stream modes take turns prompt by prompt (`single_stream_runs`)."""
     modes = bench_modes(rt.generator.tree is not None, context_drafts)
     for _, options in modes:  # warm-up (allocator, thread pool)
         rt.generate(prompts[0], max_new_tokens=8, **options)
-    for mode, options in modes:
-        cfg = GenerationConfig(max_new_tokens=max_new_tokens, **options)
-        runs, t0 = [], time.perf_counter()
-        for p in prompts:
-            runs.append(rt.generator.generate(p, cfg))
-            tick()
-        wall = time.perf_counter() - t0
+    for mode, runs, seconds in single_stream_runs(rt, modes, prompts, max_new_tokens, interleave, tick):
         if mode == "vanilla":
-            vanilla_tokens[name], single = [r.token_ids for r in runs], wall
+            vanilla_tokens[name], single = [r.token_ids for r in runs], seconds
         identical = all(r.token_ids == v for r, v in zip(runs, vanilla_tokens[name]))
-        row = summarize(name, mode, runs, wall, identical)
+        row = summarize(name, mode, runs, seconds, identical)
         if mode == "vanilla":
             single_rate = row["tokens_per_s"]
         else:  # same backend, same artifact, same prompts
-            row["speedup_vs_vanilla"] = round(single / wall, 3)
+            row["speedup_vs_vanilla"] = round(single / seconds, 3)
         add(row)
     if concurrency > 1:
         warm_up_backend(rt.generator)  # batched steps too: the lanes graph opens (~1.7 s for the default model)
@@ -138,6 +134,35 @@ def backend_rows(rt, name: str, prompts: list[str], max_new_tokens: int, concurr
                                  concurrency, vanilla_tokens[name], mode, on_done=tick)
             row["speedup_vs_single_stream_vanilla"] = round(row["tokens_per_s"] / single_rate, 3)
             add(row)
+
+
+def single_stream_runs(rt, modes: list[tuple[str, dict]], prompts: list[str], max_new_tokens: int, interleave: bool,
+                       tick: Callable[[], None]) -> Iterator[tuple[str, list[GenerationResult], float]]:
+    """(mode, its results in prompt order, its seconds) for each mode, vanilla first. Interleaved, every prompt runs
+    in every mode before the next prompt, the modes in turn first (prompt i starts with mode i mod the number of
+    modes), so a machine whose speed drifts over minutes (a shared VM's neighbours) slows all modes alike; the rows
+    come once all prompts ran. Sequential, each mode runs every prompt in turn, a row as soon as its mode ends."""
+    cfgs = {mode: GenerationConfig(max_new_tokens=max_new_tokens, **options) for mode, options in modes}
+    runs: dict[str, list] = {mode: [None] * len(prompts) for mode in cfgs}
+    seconds = dict.fromkeys(cfgs, 0.0)
+
+    def one(mode: str, i: int) -> None:
+        t0 = time.perf_counter()
+        runs[mode][i] = rt.generator.generate(prompts[i], cfgs[mode])
+        seconds[mode] += time.perf_counter() - t0
+        tick()
+
+    names = list(cfgs)
+    if interleave:
+        for i in range(len(prompts)):
+            for mode in names[i % len(names):] + names[:i % len(names)]:
+                one(mode, i)
+        yield from ((mode, runs[mode], seconds[mode]) for mode in names)
+        return
+    for mode in names:
+        for i in range(len(prompts)):
+            one(mode, i)
+        yield mode, runs[mode], seconds[mode]
 
 
 def check_room(artifact: str | Path, prompts: list[str], max_new_tokens: int) -> None:

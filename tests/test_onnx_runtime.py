@@ -222,6 +222,35 @@ def test_bench_report_shape(artifact):
     assert report["tree"]["medusa_choices"] == ARTIFACT_TREE  # the artifact's tree
 
 
+@pytest.mark.parametrize("interleave", [True, False])
+def test_bench_modes_take_turns_prompt_by_prompt_unless_sequential(artifact, monkeypatch, interleave):
+    """Run one mode over every prompt, then the next, and a machine whose speed drifts over minutes biased the
+    ratios (1.50x and 1.11x in two runs of one artifact); interleaved, each prompt runs in every mode, the modes in
+    turn first."""
+    from medusa_export.runtime.bench import run_bench
+    from medusa_export.runtime.generator import Generator
+
+    calls, real = [], Generator.generate
+
+    def generate(self, prompt, cfg=None):
+        calls.append((prompt, (cfg.medusa, cfg.context_drafts)))
+        return real(self, prompt, cfg)
+
+    monkeypatch.setattr(Generator, "generate", generate)
+    prompts = ["t5 t6 t7", "t1 t2", "t3 t4"]
+    report = run_bench(artifact, ["ort"], prompts, max_new_tokens=6, interleave=interleave)
+    measured = calls[-9:]  # after the warm-up's short runs
+    vanilla, heads, both = (False, True), (True, False), (True, True)  # (medusa, context_drafts)
+    if interleave:
+        assert measured == [(prompts[0], m) for m in (vanilla, heads, both)] + \
+            [(prompts[1], m) for m in (heads, both, vanilla)] + [(prompts[2], m) for m in (both, vanilla, heads)]
+    else:
+        assert measured == [(p, m) for m in (vanilla, heads, both) for p in prompts]
+    rows = report["results"]
+    assert [r["mode"] for r in rows] == ["vanilla", "medusa", "medusa+context"] and report["interleaved"] is interleave
+    assert all(r["identical_to_vanilla"] for r in rows) and all(r["new_tokens"] == rows[0]["new_tokens"] for r in rows)
+
+
 def test_bench_reports_the_tree_it_ran_with(artifact):
     from medusa_export.runtime.bench import run_bench
 

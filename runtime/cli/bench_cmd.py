@@ -31,6 +31,9 @@ def bench(
                                       "when torch and transformers are installed)."),
     model: Optional[str] = typer.Option(None, help="The artifact's base model (directory or .gguf) for the torch "
                                         "backend and the baseline, when this machine has not loaded it before."),
+    interleave: bool = typer.Option(True, "--interleave/--sequential", help="Single-stream modes take turns prompt "
+                                    "by prompt, so a machine whose speed drifts slows them alike (--sequential: each "
+                                    "mode over all prompts, then the next)."),
     as_json: Optional[Path] = path_option(None, "--json", help="Write the report here."),
     plot_file: Optional[Path] = path_option(None, "--plot", help="Write a PNG bar chart of tokens/s here."),
 ) -> None:
@@ -79,7 +82,7 @@ def bench(
         from medusa_export.exporter.hf_baseline import hf_generate_bench as baseline
     report = run_bench(artifact, names, texts, max_new_tokens=max_new_tokens, baseline=baseline, tree=tree,
                        threads=threads, progress=typer.echo, measured=save, model=model, concurrency=concurrency,
-                       context_drafts=context_drafts)
+                       context_drafts=context_drafts, interleave=interleave)
     typer.echo(f"{'backend':<13}{'mode':<19}{'tok/s':>8}{'accepted':>10}{'step p50':>10}{'step p90':>10}"
                f"{'prefill':>9}{'speed-up':>10}  identical")
     for r in report["results"]:  # speed-up: Medusa over vanilla; batched rows over the single-stream vanilla row
