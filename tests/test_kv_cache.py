@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from medusa_export.runtime.backends.base import KVCache, MaskBuffer, ModelDims
 from medusa_export.runtime.decode import DecodeStats, GenerationConfig, decode
+from medusa_export.runtime.speculation import Speculation
 from medusa_export.runtime.tree import Tree, load_choices
 from oracle import OracleSession
 
@@ -124,9 +125,16 @@ def hf_kv(model, ids: list[int]):
 
 
 def run_chunks(session, prompt, tree, min_tokens):
+    """Greedy decoding with step costs pinned, rows free (`ClockFreeCost`): every step verifies the heads' tree,
+    whatever this machine's timings (a fresh process measures its one-row step first; with measured costs a short
+    run on a busy machine verified too few trees for the oracle's long acceptances)."""
+    from conftest import ClockFreeCost
+
     stats = DecodeStats()
+    spec = Speculation()
+    spec.alone_cost = {True: ClockFreeCost(row_share=0.0), False: ClockFreeCost(row_share=0.0)}
     out = []
-    for chunk in decode(session, prompt, tree, GenerationConfig(medusa=tree is not None), stats):
+    for chunk in decode(session, prompt, tree, GenerationConfig(medusa=tree is not None), stats, spec):
         out += chunk
         if len(out) >= min_tokens:
             break
