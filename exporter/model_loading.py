@@ -25,6 +25,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from medusa_export.exporter.output_dir import HEADS_FORMAT
 from medusa_export.runtime.cache_dir import cache_root
 from medusa_export.runtime.errors import ModelError
 from medusa_export.runtime.tokenizer import ChatTokenizer
@@ -153,6 +154,9 @@ def check_architecture(config_file: Path) -> dict:
     if not isinstance(cfg, dict):
         raise ModelError(f"{config_file} must hold a JSON object, not {type(cfg).__name__}: restore the model's "
                          f"config.json")
+    if cfg.get("format") == HEADS_FORMAT:  # said "model type None is not supported"
+        raise ModelError(f"{config_file.parent} holds Medusa heads, not a model: give the base model as MODEL and "
+                         f"this directory as --heads")
     model_type = cfg.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ModelError(

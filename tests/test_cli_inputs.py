@@ -363,3 +363,12 @@ def test_calibrate_tree_names_its_threads_flag(artifact, tmp_path):
     """It said "threads must be an integer in 1..4096" without the flag, after the prompts were read."""
     refused_before_work(cli("calibrate-tree", str(artifact), "--threads", "0", "--out", str(tmp_path / "t.json")),
                         "--threads 0")
+
+
+def test_a_heads_directory_given_as_the_model_is_named_as_heads(tmp_path):
+    """It said "model type None is not supported"."""
+    heads = tmp_path / "heads"
+    heads.mkdir()
+    (heads / "config.json").write_text(json.dumps({"format": "medusa-export-heads", "format_version": 1}))
+    proc = cli("generate", str(heads), "--prompt", "x", "--max-new-tokens", "2")
+    assert_one_line_error(proc, "holds Medusa heads, not a model", "--heads")
