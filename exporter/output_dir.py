@@ -16,17 +16,15 @@ A directory that holds anything but an artifact's own files (those its manifest 
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
-from medusa_export.runtime.bounded_read import read_bounded
 from medusa_export.runtime.errors import InputError
 from medusa_export.runtime.manifest import MANIFEST, listed_files
-from medusa_export.runtime.typed_json import MAX_JSON_BYTES
+from medusa_export.runtime.typed_json import json_object_or_none
 from medusa_export.runtime.whole_file import write_whole
 
 
@@ -162,7 +160,7 @@ def check_train_out_dir(out: Path, mode: str) -> None:
 
 def _is_heads_dir(out: Path) -> bool:
     """train-heads' heads (config.json of our heads format), or an interrupted run: its checkpoint and nothing else."""
-    config = _read_json(out / "config.json")
+    config = json_object_or_none(out / "config.json")
     if config is not None:
         return config.get("format") == HEADS_FORMAT
     return not (out / "config.json").exists() and {p.name for p in out.iterdir()} <= CHECKPOINT_FILES
@@ -170,16 +168,8 @@ def _is_heads_dir(out: Path) -> bool:
 
 def _is_medusa2_dir(out: Path) -> bool:
     """A model directory train-heads --mode medusa2 wrote: Medusa heads in config.json, mode in training.json."""
-    config, record = _read_json(out / "config.json"), _read_json(out / "training.json")
+    config, record = json_object_or_none(out / "config.json"), json_object_or_none(out / "training.json")
     return bool(config and record and "medusa_num_heads" in config and record.get("mode") == "medusa2")
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        data = json.loads(read_bounded(path, MAX_JSON_BYTES).decode("utf-8"))
-    except (OSError, ValueError, RecursionError):  # a FIFO or /dev/zero there is no file of ours either
-        return None
-    return data if isinstance(data, dict) else None
 
 
 def new_work_dir(out: Path) -> Path:

@@ -40,8 +40,7 @@ from .manifest_records import (LIMITS, CleanupRecord, DraftsRecord, ExporterReco
                                FileRecord, GraphRecord, HeadsRecord, ModelRecord, QualityRecord, QuantizationRecord,
                                TensorRecord, TreeRecord, positive, short_int)
 from .plan_records import BuilderFlags, EngineRecord, ProfileRecord  # noqa: F401 - part of the spec
-from .bounded_read import read_bounded
-from .typed_json import MAX_JSON_BYTES, FieldError, parse, read_json, to_json
+from .typed_json import FieldError, json_object_or_none, parse, read_json, to_json
 
 FORMAT = "medusa-export-artifact"
 FORMAT_VERSION = 3  # 3: the typed spec (every field checked; graph_format, kv_layout and weights required)
@@ -244,11 +243,8 @@ class Manifest:
 def listed_files(directory: str | Path) -> set[str] | None:
     """The files an artifact directory's manifest lists (with ``manifest.json``) — of any format version, so that
     `build --out` can replace an artifact an older medusa-export wrote; None when there is no manifest of ours."""
-    try:
-        data = json.loads(read_bounded(Path(directory) / MANIFEST, MAX_JSON_BYTES).decode("utf-8"))
-    except (OSError, ValueError, RecursionError):  # a FIFO or /dev/zero there is not a manifest of ours either
-        return None
-    if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("files", {}), dict):
+    data = json_object_or_none(Path(directory) / MANIFEST)
+    if data is None or data.get("format") != FORMAT or not isinstance(data.get("files", {}), dict):
         return None
     return {str(name) for name in data.get("files", {})} | {MANIFEST}
 

@@ -124,6 +124,16 @@ def read_json(path: Path, fix: str = REBUILD, unique_keys: bool = False) -> Any:
         raise ArtifactError(f"{path} is not usable JSON ({str(e).split(';')[0][:100]}): {fix}") from None
 
 
+def json_object_or_none(path: Path) -> dict | None:
+    """The JSON object in ``path``, or None when there is none to read: absent, not a regular file, over
+    MAX_JSON_BYTES, not JSON, not an object (whether a directory holds a file of ours, not a reason to refuse it)."""
+    try:
+        data = json.loads(read_bounded(path, MAX_JSON_BYTES).decode("utf-8"))
+    except (OSError, ValueError, RecursionError):  # a FIFO or /dev/zero there is no file of ours either
+        return None
+    return data if isinstance(data, dict) else None
+
+
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
     """An object whose keys are all different: json.loads keeps the last of a repeated key silently, so a reader
     of the file (a person, another tool) could see another value than the loader uses."""

@@ -74,14 +74,14 @@ def create_app(runtime, settings: ServeSettings = ServeSettings()) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(_app):
         yield
-        # `serve` drains before uvicorn stops (`server.DrainingServer`), and this returns that drain's outcome; a
-        # host without it (a test client, Ray Serve) drains here. `serve` exits 0 only on a clean drain.
-        app.state.drained_cleanly = await sched.drain(deadline_s=5.0)
+        # `serve` drains before uvicorn stops (`server.draining_server`), which makes this a no-op; a host without
+        # it (a test client, Ray Serve) drains here. The outcome is `sched.drained`.
+        await sched.drain(deadline_s=5.0)
         sched.stop()
 
     app = FastAPI(title="medusa-export", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.router.redirect_slashes = False  # /v1/completions/ is an unknown route (404 body), not an empty 307
-    app.state.scheduler, app.state.metrics, app.state.drained_cleanly = sched, metrics, None
+    app.state.scheduler, app.state.metrics = sched, metrics
 
     @app.exception_handler(ApiError)
     async def _api_error(_request: Request, e: ApiError):

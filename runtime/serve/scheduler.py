@@ -118,9 +118,7 @@ class Scheduler:
                 self.engine.cancel(request.sequence, request.stop_reason)
         except Exception:
             request.timer.cancel()
-            with self.lock:
-                self.live.discard(request)
-            self._count_out()
+            self._count_out(request)
             raise
         self._gauges()
         return request
@@ -145,10 +143,7 @@ class Scheduler:
         else:
             rec.finish_reason = "error"
         self.metrics.finished(rec)
-        with self.lock:  # one section: a drain never sees it admitted but no longer live
-            self.live.discard(request)
-            self.admitted -= 1
-        self._gauges()
+        self._count_out(request)
         finished = Finished(result, error, request.stop_reason)
         request.loop.call_soon_threadsafe(request.queue.put_nowait, finished)
         request.loop.call_soon_threadsafe(request.timer.cancel)
@@ -157,8 +152,9 @@ class Scheduler:
         self.metrics.step(step.sequences, step.speculative)
         self._gauges()
 
-    def _count_out(self) -> None:
-        with self.lock:
+    def _count_out(self, request: Request) -> None:
+        with self.lock:  # one section: a drain never sees a request admitted but no longer live
+            self.live.discard(request)
             self.admitted -= 1
         self._gauges()
 

@@ -55,7 +55,7 @@ def run_server(artifact: str, host: str = "127.0.0.1", port: int = 8000, backend
     previous = signal.signal(signal.SIGTERM, lambda *_: None)
     scheduler = app.state.scheduler
     try:
-        draining_server(uvicorn.Server, config, scheduler, shutdown_deadline_s).run(sockets=[sock])
+        draining_server(config, scheduler, shutdown_deadline_s).run(sockets=[sock])
     finally:
         signal.signal(signal.SIGTERM, previous)
         scheduler.stop()  # a forced exit (a second Ctrl+C) skips the lifespan's: never close the backend under a step
@@ -63,14 +63,15 @@ def run_server(artifact: str, host: str = "127.0.0.1", port: int = 8000, backend
     return scheduler.drained is not False
 
 
-def draining_server(server_class, config, scheduler, deadline_s: float):
+def draining_server(config, scheduler, deadline_s: float):
     """A uvicorn server that, when told to stop, closes its listening sockets, then drains the scheduler
     (`Scheduler.drain`: requests on open connections get 503, admitted ones have ``deadline_s`` to finish, then end
     with a 503 or an error event), and only then lets uvicorn close the connections, waiting RESPONSES_S for the
     handlers' last bytes. uvicorn's own deadline would cancel the handlers instead: their clients got a bare 500 or a
     cut stream, and the drain that followed found nothing running."""
+    import uvicorn
 
-    class DrainingServer(server_class):
+    class DrainingServer(uvicorn.Server):
         async def shutdown(self, sockets=None) -> None:
             for server in self.servers:
                 server.close()  # no new connections; uvicorn's shutdown closes them again (a no-op)
