@@ -182,3 +182,12 @@ class QualityRecord:
     perplexity_change: float
     bar: float
     passes: bool
+
+    def __post_init__(self) -> None:
+        positive(self, "prompts", "positions", "max_new_tokens")
+        for name in ("top1_agreement", "bar"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise FieldError(name, f"must be a share between 0 and 1, not {getattr(self, name)}")
+        for name in ("perplexity_reference", "perplexity"):
+            if getattr(self, name) <= 0.0:
+                raise FieldError(name, f"must be above 0, not {getattr(self, name)}")

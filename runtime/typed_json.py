@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
@@ -23,6 +24,9 @@ from .errors import ArtifactError
 
 REBUILD = "rebuild the artifact with `medusa-export build`"
 MAX_JSON_BYTES = 16 << 20  # an artifact's JSON files (the default model's manifest: 0.3 MB with its validation record)
+
+
+_MAX_FLOAT_INT = 10**300  # integers given for a float field: float() overflows past about 1.8e308
 
 
 class FieldError(ValueError):
@@ -72,6 +76,11 @@ def parse(tp: Any, value: Any, path: str = "") -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise FieldError(path, f"must be a number, not {_kind(value)}")
+        if isinstance(value, int):
+            if abs(value) > _MAX_FLOAT_INT:  # float() of a longer integer overflows
+                raise FieldError(path, f"must be a finite number, not an integer of {len(str(abs(value)))} digits")
+        elif not math.isfinite(value):  # json.loads reads NaN and Infinity, which no record of ours holds
+            raise FieldError(path, f"must be a finite number, not {value}")
         return float(value)
     if tp in (int, str, bool):
         if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):

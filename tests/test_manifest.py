@@ -4,6 +4,7 @@ tokenizer file or config is refused by the commands with exit 2 and one line nam
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -46,6 +47,29 @@ def test_an_engine_plan_must_be_a_listed_file():
         engines = {"medusa": to_json(sample_engine_record(**{key: name}))}
         with pytest.raises(ArtifactError, match=f"field engines.medusa.{key} must be one of the files"):
             Manifest.from_json(m.to_json() | {"engines": engines})
+
+
+_QUALITY = {"prompts": 4, "positions": 200, "max_new_tokens": 64, "top1_agreement": 0.98, "perplexity_reference": 3.1,
+            "perplexity": 3.2, "perplexity_change": 0.03, "bar": 0.98, "passes": True}
+
+
+@pytest.mark.parametrize("field, value, words", [
+    ("top1_agreement", float("nan"), "field quality.top1_agreement must be a finite number, not nan"),
+    ("perplexity", float("inf"), "field quality.perplexity must be a finite number, not inf"),
+    ("perplexity_change", -float("inf"), "field quality.perplexity_change must be a finite number, not -inf"),
+    ("perplexity", 10**400, "field quality.perplexity must be a finite number, not an integer of 401 digits"),
+    ("top1_agreement", 1.5, "field quality.top1_agreement must be a share between 0 and 1, not 1.5"),
+    ("perplexity_reference", 0.0, "field quality.perplexity_reference must be above 0"),
+    ("positions", 0, "field quality.positions must be at least 1"),
+])
+def test_quality_records_hold_finite_numbers_in_range(field, value, words):
+    """json.loads reads NaN and Infinity: a quality record holding them said nothing true (and compared false
+    with every bar), so the manifest is refused naming the field."""
+    data = sample_manifest().to_json() | {"quality": _QUALITY}
+    assert Manifest.from_json(data).quality.top1_agreement == 0.98
+    text = json.dumps(data | {"quality": _QUALITY | {field: value}})  # NaN / Infinity as json.dumps writes them
+    with pytest.raises(ArtifactError, match=re.escape(words)):
+        Manifest.from_json(json.loads(text))
 
 
 def _edit_manifest(data: dict, path: str | tuple, value) -> dict:
