@@ -25,7 +25,6 @@ from pathlib import Path
 from medusa_export.runtime.errors import InputError
 from medusa_export.runtime.manifest import MANIFEST, listed_files
 from medusa_export.runtime.typed_json import json_object_or_none
-from medusa_export.runtime.whole_file import write_whole
 
 
 def check_out_dir(out: Path) -> None:
@@ -126,20 +125,21 @@ def _check_not_an_input(path: Path, flag: str, inputs: tuple) -> None:
             source = Path(given).resolve()
         except (OSError, RuntimeError):
             continue
-        if target == source or source in target.parents:
+        if target == source or source in target.parents or _same_file(target, source):  # a hard link too
             raise InputError(f"{flag} {path} would overwrite {'a file in ' if target != source else ''}{given}, "
                              f"which this command reads (or writes too): choose another path")
-
-
-def write_report(path: Path, text: str) -> None:
-    """Replace the file at ``path`` whole (a reader, or a run stopped mid-write, never sees half a report); through
-    a symbolic link, its target is replaced, not the link."""
-    write_whole(path.resolve() if path.is_symlink() else path, lambda f: f.write(text.encode()))
 
 
 # What train-heads writes (exporter/heads.py HEADS_FORMAT, exporter/training/checkpoint.py FILE; no torch here).
 HEADS_FORMAT = "medusa-export-heads"
 CHECKPOINT_FILES = {"checkpoint.pt", "checkpoint.tmp"}
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.is_file() and b.is_file() and os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def check_train_out_dir(out: Path, mode: str) -> None:

@@ -17,9 +17,12 @@ holds what the user should be told (e.g. a TensorRT engine tuned on another GPU)
 from __future__ import annotations
 
 import os
+import re
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 from .corpus_drafts import FILE as CORPUS_FILE
 from .corpus_drafts import CorpusTable
@@ -49,18 +52,26 @@ class MedusaRuntime:
         for the default model)."""
         if not isinstance(directory, (str, os.PathLike)):
             raise InputError(f"the artifact directory must be a path, not {type(directory).__name__}")
+        threads, max_seq = _plain_int(threads), _plain_int(max_seq)
         if max_seq is not None and not (isinstance(max_seq, int) and not isinstance(max_seq, bool) and max_seq >= 1):
             raise InputError(f"max_seq must be an integer >= 1 (None: the artifact's), got {max_seq!r:.40}")
+        check_device(device)
+        if model is not None and backend != "torch":  # silently unused, it would look like it chose the model
+            raise InputError(f"model is used by the torch backend only (the {backend!r} backend runs the artifact's "
+                             f"own graphs): leave it out")
         for name, flag in (("plain", plain), ("check_hashes", check_hashes)):
             if not isinstance(flag, bool):  # "no" is truthy: it would check the hashes it asked not to
                 raise InputError(f"{name} must be True or False, got {flag!r:.40}")
         if not str(directory).strip():
             raise InputError("the artifact directory is empty: give the directory `medusa-export build` wrote")
-        for name, value in (("--tree", tree), ("--model", model)):
+        for name, value in (("tree", tree), ("model", model)):
             if value is not None and not str(value).strip():  # an empty value must not stand for "the default"
-                raise InputError(f"{name} is empty: give a value, or leave it out for the default")
+                raise InputError(f"{name} (--{name}) is empty: give a value, or leave it out for the default")
         directory = Path(directory)
         manifest = Manifest.read(directory, check_hashes=check_hashes)
+        if max_seq is not None and max_seq > manifest.max_seq:  # its KV buffers and graphs hold no more
+            raise InputError(f"max_seq {max_seq} is past the artifact's {manifest.max_seq}: leave it out for the "
+                             f"artifact's, or rebuild with `medusa-export build --max-seq {max_seq}`")
         tokenizer = ChatTokenizer.from_artifact(directory, manifest)
         if tokenizer.vocab_size > manifest.dims.vocab_size or tokenizer.largest_id >= manifest.dims.vocab_size:
             raise ArtifactError(f"{directory / 'tokenizer.json'} has {tokenizer.vocab_size} tokens with ids up to "
@@ -127,10 +138,26 @@ class MedusaRuntime:
         return self.stream(self.chat_ids(messages), **options)
 
     def chat_ids(self, messages: list[dict]) -> list[int]:
-        if not messages or not all(isinstance(m, dict) and isinstance(m.get("content"), str) and
-                                   m.get("role") in ("system", "user", "assistant") for m in messages):
-            raise InputError("messages must be a non-empty list of {\"role\": system|user|assistant, \"content\": str}")
+        _check_messages(messages)
         return self.generator.tokenizer.encode_chat(messages, continue_final=messages[-1]["role"] == "assistant")
+
+
+def _check_messages(messages) -> None:
+    """InputError naming the first message that is not ``{"role": system|user|assistant, "content": str}``."""
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise InputError(f"messages must be a non-empty list of {{\"role\": ..., \"content\": ...}} objects, got "
+                         f"{'an empty list' if isinstance(messages, (list, tuple)) else type(messages).__name__}")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise InputError(f"messages[{i}] must be an object with role and content, got {type(m).__name__}")
+        if m.get("role") not in ("system", "user", "assistant"):
+            raise InputError(f"messages[{i}] has the role {m.get('role')!r:.40}: the roles are system, user and "
+                             f"assistant (tool calls are not supported)")
+        content = m.get("content")
+        if isinstance(content, list):
+            raise InputError(f"messages[{i}] content is a list of parts: give the text as one string")
+        if not isinstance(content, str):
+            raise InputError(f"messages[{i}] content must be a string, got {type(content).__name__}")
 
 
 def _corpus_table(directory: Path, manifest: Manifest) -> CorpusTable:
@@ -154,6 +181,20 @@ def artifact_tree(manifest: Manifest, spec: str | None) -> Tree | None:
         return Tree.from_choices(choices, topk=dims.head_topk, num_heads=dims.num_heads)
     except TreeError as e:
         raise TreeError(f"{e} (the exported graph has {dims.num_heads} heads with top-{dims.head_topk} each)") from None
+
+
+def check_device(device) -> None:
+    """InputError unless ``device`` names a device some backend runs on (the backend then says whether it does)."""
+    if not isinstance(device, str) or not _DEVICE.fullmatch(device):
+        raise InputError(f"unknown device {device!r:.40}: choose cpu, cuda or cuda:N")
+
+
+_DEVICE = re.compile(r"cpu|cuda(:[0-9]{1,4})?")
+
+
+def _plain_int(value):
+    """A numpy integer as the int it holds (as max_new_tokens and seed take them); anything else unchanged."""
+    return int(value) if isinstance(value, np.integer) else value
 
 
 def open_backend(directory: Path, manifest: Manifest, backend: str, **options):

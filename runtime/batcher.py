@@ -100,7 +100,10 @@ def generate_many(generator: Generator, prompts: list[str | list[int]], max_num_
 
     try:
         for i, prompt in enumerate(prompts):
-            engine.add(prompt, cfg, lambda item, i=i: sink(i, item))
+            try:
+                engine.add(prompt, cfg, lambda item, i=i: sink(i, item))
+            except InputError as e:  # which of the prompts it is
+                raise InputError(f"prompts[{i}]: {e}") from None
         while engine.step():
             pass
     finally:

@@ -23,6 +23,7 @@ from .generator import GenerationResult
 from .machine import machine_info
 from .typed_json import to_json
 from .warm_up import warm_up_backend
+from .whole_file import write_report
 
 
 def summarize(backend: str, mode: str, results: list[GenerationResult], wall_s: float,
@@ -84,7 +85,8 @@ def run_bench(artifact: str | Path, backends: list[str], prompts: list[str], max
 
     try:
         for name in backends:
-            with MedusaRuntime.load(artifact, backend=name, tree=tree, threads=threads, model=model) as rt:
+            with MedusaRuntime.load(artifact, backend=name, tree=tree, threads=threads,
+                                    model=model if name == "torch" else None) as rt:
                 run["manifest"], run["tree"] = rt.manifest, rt.generator.tree
                 run["notes"] += [n for n in rt.notes if n not in run["notes"]]
                 if concurrency > 1 and not (rt.manifest.engine_lanes if name == "trt" else rt.manifest.lanes):
@@ -226,6 +228,11 @@ def _tree_record(manifest, spec: str | None, tree) -> dict | None:
 
 
 def plot(report: dict, path: str | Path) -> None:
+    """A PNG bar chart of the rows' tokens/s at exactly ``path`` (matplotlib would add ``.png`` to a name without
+    a suffix, or pick the format from it), written whole and swapped in: a run stopped mid-write, or a full disk,
+    leaves the previous file as it was."""
+    import io
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -243,8 +250,10 @@ def plot(report: dict, path: str | Path) -> None:
     ax.set_ylabel("tokens / s")
     ax.set_title(f"{report['model']}: {report['prompts']} prompts, {report['max_new_tokens']} new tokens")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=120)
     plt.close(fig)
+    write_report(Path(path), png.getvalue())
 
 
 def _accepted(row: dict) -> str:

@@ -50,28 +50,25 @@ class GenerationConfig:
     def __post_init__(self) -> None:
         """Every option checked once, here, for the library, the CLI and the server alike (a bad value surfaced
         as a numpy or ONNX Runtime error deep in decoding)."""
-        t = self.temperature
-        if not _is_number(t) or not 0 <= t <= MAX_TEMPERATURE:
-            raise InputError(f"temperature must be a number in [0, {MAX_TEMPERATURE:.3g}] (0 = greedy), got {t!r:.40}")
+        # Compared as Python floats: against a numpy float16 the bound itself would turn to float16 (infinity).
+        t = float(self.temperature) if _is_number(self.temperature) else None
+        if t is None or not 0 <= t <= MAX_TEMPERATURE:
+            raise InputError(f"temperature must be a number in [0, {MAX_TEMPERATURE:.3g}] (0 = greedy), "
+                             f"got {self.temperature!r:.40}")
         self.temperature = effective_temperature(t)
         for name, rule, ok in (("typical_epsilon", "in [0, 1]", lambda v: 0 <= v <= 1),
-                               ("typical_alpha", "finite and >= 0", lambda v: 0 <= v < float("inf"))):
+                               ("typical_alpha", f"in [0, {MAX_TEMPERATURE:.3g}]", lambda v: 0 <= v <= MAX_TEMPERATURE)):
             v = getattr(self, name)
-            if not _is_number(v) or not ok(v):
+            if not _is_number(v) or not ok(float(v)):  # float32 in the acceptance: past its range, infinite
                 raise InputError(f"{name} must be a number {rule}, got {v!r:.40}")
+            setattr(self, name, float(v))
         if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r:.40}")
         if self.seed is not None:
             if not _is_int(self.seed) or not -2 ** 63 <= self.seed < 2 ** 64:
                 raise InputError(f"seed must be an integer in [-2**63, 2**64), got {self.seed!r:.40}")
             self.seed = int(self.seed) % 2 ** 64  # a negative seed names the same generator as its unsigned form
-        stops = (self.stop_strings,) if isinstance(self.stop_strings, str) else self.stop_strings
-        if not isinstance(stops, (list, tuple)) or not all(isinstance(x, str) and x for x in stops):
-            raise InputError(f"stop_strings must be non-empty strings, got {self.stop_strings!r:.60}")
-        if len(stops) > MAX_STOP_STRINGS or any(len(x) > MAX_STOP_CHARS for x in stops):
-            raise InputError(f"stop_strings: at most {MAX_STOP_STRINGS} strings of at most {MAX_STOP_CHARS} "
-                             f"characters each (each step's check reads them all): shorten them")
-        self.stop_strings = tuple(stops)
+        self.stop_strings = _stop_strings(self.stop_strings)
         for name in ("medusa", "context_drafts", "chat", "ignore_eos"):
             if not isinstance(getattr(self, name), bool):
                 raise InputError(f"{name} must be True or False, got {getattr(self, name)!r:.40}")
@@ -84,6 +81,25 @@ class GenerationConfig:
         if unknown:
             raise InputError(f"unknown option {unknown[0]!r}: the options are {', '.join(sorted(known))}")
         return cls(**options)
+
+
+def _stop_strings(value) -> tuple[str, ...]:
+    """The stop strings as a tuple, or an InputError worded for the library, the CLI (--stop) and the server alike."""
+    stops = (value,) if isinstance(value, str) else value
+    if not isinstance(stops, (list, tuple)) or not all(isinstance(x, str) for x in stops):
+        raise InputError(f"stop strings must be text, got {value!r:.60}")
+    if not all(stops):
+        raise InputError("a stop string is empty (it would end every answer at once): give non-empty stop strings")
+    if len(stops) > MAX_STOP_STRINGS or any(len(x) > MAX_STOP_CHARS for x in stops):
+        raise InputError(f"at most {MAX_STOP_STRINGS} stop strings of at most {MAX_STOP_CHARS} characters each "
+                         f"(each step's check reads them all): shorten them")
+    for x in stops:
+        try:
+            x.encode("utf-8")
+        except UnicodeEncodeError as e:  # no text the model writes can hold it: the string could never match
+            raise InputError(f"a stop string holds a lone surrogate ({x[e.start]!a}), which is not valid Unicode: "
+                             f"give UTF-8 text") from None
+    return tuple(stops)
 
 
 def effective_temperature(t: float) -> float:

@@ -92,11 +92,12 @@ class Engine:
         lanes: LanesRunner | None = None if max_num_seqs == 1 else generator.backend.lanes
         max_num_seqs = max_num_seqs or (lanes.lanes if lanes else 1)
         if lanes is not None and max_num_seqs > lanes.lanes:
-            raise InputError(f"--max-num-seqs {max_num_seqs} exceeds the artifact's batched steps ({lanes.lanes} lanes): "
+            raise InputError(f"max_num_seqs {max_num_seqs} (--max-num-seqs) exceeds the artifact's batched steps "
+                             f"({lanes.lanes} lanes): "
                              f"lower it, or rebuild with `medusa-export build --max-num-seqs {max_num_seqs}`")
         if max_num_batched_tokens < max_num_seqs:
-            raise InputError(f"--max-num-batched-tokens {max_num_batched_tokens} must be at least --max-num-seqs "
-                             f"{max_num_seqs} (one row per running sequence)")
+            raise InputError(f"max_num_batched_tokens {max_num_batched_tokens} (--max-num-batched-tokens) must be at "
+                             f"least max_num_seqs {max_num_seqs} (one row per running sequence)")
         self.gen, self.lanes = generator, lanes
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
         self.on_step = on_step

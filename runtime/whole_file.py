@@ -3,6 +3,7 @@ mid-write) sees the old file or the new one, never half of one.
 
     write_whole(path, lambda f: f.write(data))           # bytes
     write_whole(path, lambda f: np.savez(f, **arrays))   # anything that writes to a binary file
+    write_report(path, text)                             # a command's --json / --plot output
 """
 
 from __future__ import annotations
@@ -20,3 +21,11 @@ def write_whole(path: Path, write: Callable[[BinaryIO], object]) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_report(path: Path, data: str | bytes) -> None:
+    """Replace the file at ``path`` whole with ``data`` (text as UTF-8); through a symbolic link, its target is
+    replaced, not the link."""
+    payload = data.encode() if isinstance(data, str) else data
+    path = Path(path)
+    write_whole(path.resolve() if path.is_symlink() else path, lambda f: f.write(payload))

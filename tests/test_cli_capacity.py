@@ -216,3 +216,28 @@ def test_bench_says_when_its_concurrent_rows_are_not_batched(portable_artifact):
     report = run_bench(portable_artifact, ["ort"], ["t5 t6 t7", "t1 t2"], max_new_tokens=3, concurrency=2)
     assert any("no batched steps" in n and "x2 rows take their requests in turn" in n for n in report["notes"])
     assert any(r["mode"].endswith(" x2") for r in report["results"])
+
+
+def test_the_plot_is_a_png_at_exactly_its_path_written_whole(tmp_path, monkeypatch):
+    """matplotlib added .png to a name without a suffix (a path no check had seen: it overwrote a --json report named
+    r.png) and wrote in place (Ctrl-C mid-write left an empty file where the last chart was)."""
+    pytest.importorskip("matplotlib")
+    import matplotlib.figure
+
+    from medusa_export.runtime.bench import plot
+
+    report = {"model": "m", "prompts": 1, "max_new_tokens": 2,
+              "results": [{"backend": "ort", "mode": "vanilla", "tokens_per_s": 10.0, "mean_accepted": 1.0}]}
+    plot(report, tmp_path / "chart")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["chart"]
+    assert (tmp_path / "chart").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    def interrupted(self, fname, **kwargs):
+        fname.write(b"\x89PNG half")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", interrupted)
+    (tmp_path / "old.png").write_bytes(b"the previous chart")
+    with pytest.raises(KeyboardInterrupt):
+        plot(report, tmp_path / "old.png")
+    assert (tmp_path / "old.png").read_bytes() == b"the previous chart"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["chart", "old.png"]

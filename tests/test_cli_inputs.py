@@ -30,6 +30,14 @@ def test_report_paths_are_checked_before_the_work(artifact, tmp_path):
     refused_before_work(cli(*bench, "--json", str(missing)), "--json", "does not exist")
     refused_before_work(cli(*bench, "--json", str(tmp_path)), "--json", "is a directory")
     refused_before_work(cli(*bench, "--plot", str(tmp_path / "missing" / "x.png")), "--plot", "does not exist")
+    refused_before_work(cli(*bench, "--plot", str(tmp_path / "x.svg")), "--plot", "give a path ending in .png")
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "Hi"}\n')
+    (tmp_path / "link.png").hardlink_to(prompts)  # the same file under another name: writing it would destroy it
+    refused_before_work(cli(*bench, "--prompts", str(prompts), "--plot", str(tmp_path / "link.png")), "--plot",
+                        "would overwrite")
+    for name in ("link.png", "p.jsonl"):
+        (tmp_path / name).unlink()
     verify = ("verify", a, "--backends", "ort,torch", "--limit", "1", "--max-new-tokens", "2")
     refused_before_work(cli(*verify, "--json", str(missing)), "--json", "does not exist")
     afile = tmp_path / "afile"
@@ -280,7 +288,7 @@ def test_usage_errors_are_one_line_naming_the_help(args, words):
 def test_empty_values_are_refused_not_read_as_the_default(artifact):
     """An empty MODEL ran the built-in model and an empty --tree the artifact's own: both refused."""
     refused_before_work(cli("generate", "", "--prompt", "x"), "MODEL is empty")
-    refused_before_work(cli("generate", str(artifact), "--tree", "", "--prompt", "x"), "--tree is empty")
+    refused_before_work(cli("generate", str(artifact), "--tree", "", "--prompt", "x"), "tree (--tree) is empty")
     refused_before_work(cli("serve", "", timeout=120), "artifact directory is empty", "medusa-export build")
     refused_before_work(cli("serve", str(artifact), "--served-model-name", " ", timeout=120),
                         "--served-model-name is empty")

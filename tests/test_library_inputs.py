@@ -37,7 +37,7 @@ def test_numpy_token_ids_are_token_ids(rt):
 
 @pytest.mark.parametrize("options, needle", [
     ({"seed": "x"}, "seed"), ({"seed": 2 ** 64}, "seed"), ({"max_new_tokens": "5"}, "max_new_tokens"),
-    ({"max_new_tokens": 0}, "max_new_tokens"), ({"medusa": 1}, "medusa"), ({"stop_strings": [""]}, "stop_strings"),
+    ({"max_new_tokens": 0}, "max_new_tokens"), ({"medusa": 1}, "medusa"), ({"stop_strings": [""]}, "stop string"),
     ({"temperature": float("nan")}, "temperature"), ({"max_tokens": 3}, "unknown option 'max_tokens'"),
 ])
 def test_bad_options_are_input_errors(options, needle):
@@ -193,3 +193,53 @@ def test_a_plain_runtime_opens_the_vanilla_graph_at_load(rt, artifact):
     assert list(rt.generator.backend.sessions)[0] == "medusa"
     with pytest.raises(InputError, match="plain must be True or False"):
         MedusaRuntime.load(artifact, plain="yes")
+
+
+@pytest.mark.parametrize("options, needle", [
+    ({"temperature": np.float16("inf")}, "temperature"),  # compared in float16, the bound overflowed to inf too
+    ({"temperature": 0.5, "typical_alpha": 1e300}, "typical_alpha"),  # infinite in the float32 acceptance
+    ({"stop_strings": ["\udcff"]}, "lone surrogate"),  # refused in prompts, and it could never match
+    ({"stop_strings": [""]}, "a stop string is empty"),
+])
+def test_numbers_and_stop_strings_past_what_decoding_takes_are_refused(options, needle):
+    with pytest.raises(InputError, match=needle):
+        GenerationConfig(**options)
+
+
+def test_numpy_numbers_are_plain_numbers_when_loading(artifact):
+    from medusa_export.runtime.api import MedusaRuntime
+
+    with MedusaRuntime.load(artifact, threads=np.int64(1), max_seq=np.int64(64)) as runtime:
+        assert runtime.generator.backend.max_seq == 64
+    assert GenerationConfig(temperature=np.float16(0.5)).temperature == 0.5
+
+
+@pytest.mark.parametrize("options, needle", [
+    ({"device": "gpu"}, "unknown device 'gpu': choose cpu, cuda or cuda:N"),
+    ({"device": ""}, "unknown device ''"),
+    ({"device": None}, "unknown device None"),
+    ({"model": "/x"}, "model is used by the torch backend only"),  # it was ignored silently
+    ({"max_seq": 10 ** 6}, "max_seq 1000000 is past the artifact's"),  # it was cut to the artifact's silently
+])
+def test_load_options_that_cannot_apply_are_refused(artifact, options, needle):
+    from medusa_export.runtime.api import MedusaRuntime
+
+    with pytest.raises(InputError, match=needle):
+        MedusaRuntime.load(artifact, **options)
+
+
+def test_errors_name_the_prompt_or_message_at_fault(rt):
+    with pytest.raises(InputError, match=r"prompts\[1\]: the prompt is empty"):
+        rt.generate_many(["hi", "", "there"], max_new_tokens=2, chat=False)
+    with pytest.raises(InputError, match=r"messages\[1\] has the role 'tool'"):
+        rt.chat_ids([{"role": "user", "content": "hi"}, {"role": "tool", "content": "x"}])
+    with pytest.raises(InputError, match=r"messages\[0\] content is a list of parts"):
+        rt.chat_ids([{"role": "user", "content": [{"type": "text", "text": "hi"}]}])
+
+
+def test_a_prompt_past_a_capacity_chosen_at_load_names_that_capacity(artifact):
+    from medusa_export.runtime.api import MedusaRuntime
+
+    with MedusaRuntime.load(artifact, threads=1, max_seq=16) as runtime:
+        with pytest.raises(InputError, match="open it with a larger max_seq"):
+            runtime.generate(list(range(5, 25)), max_new_tokens=2)

@@ -98,7 +98,7 @@ def bench(
 
 
 def _write_json(path: Path, report: dict) -> None:
-    from medusa_export.exporter.output_dir import write_report
+    from ..whole_file import write_report
 
     write_report(path, json.dumps(report, indent=2) + "\n")
 
@@ -109,11 +109,13 @@ def _check_outputs(as_json: Optional[Path], plot_file: Optional[Path], inputs: t
     from medusa_export.exporter.output_dir import check_out_file
 
     from .. import extras
-    from ..errors import BackendUnavailableError
+    from ..errors import BackendUnavailableError, InputError
 
     if as_json is not None:
         check_out_file(as_json, "--json", inputs=inputs)
     if plot_file is not None:
+        if plot_file.suffix.lower() not in ("", ".png"):  # refused before the run rather than written as a PNG
+            raise InputError(f"--plot {plot_file}: the chart is a PNG image: give a path ending in .png")
         check_out_file(plot_file, "--plot", inputs=(*inputs, as_json))  # not the --json report either
         if not extras.available("matplotlib"):
             raise BackendUnavailableError("bench --plot needs matplotlib, which is not installed: "

@@ -173,7 +173,7 @@ def verify(
     manifest = Manifest.read(artifact, check_hashes=True)
     texts = read_prompts(prompts, limit=limit)
     check_room(artifact, texts, max_new_tokens)  # before the PyTorch model loads
-    runtimes = [MedusaRuntime.load(artifact, backend=n, model=model) for n in names]
+    runtimes = [MedusaRuntime.load(artifact, backend=n, model=model if n == "torch" else None) for n in names]
     for note in dict.fromkeys(n for rt in runtimes for n in rt.notes):
         typer.echo(f"note: {note}", err=True)
     tol = tolerance if tolerance is not None else (1e-3 if manifest.dims.dtype == "float32" else 2e-2)
@@ -191,7 +191,7 @@ def verify(
         for rt in runtimes:
             rt.close()
     if as_json:
-        from medusa_export.exporter.output_dir import write_report
+        from ..whole_file import write_report
 
         write_report(as_json, json.dumps(report, indent=2) + "\n")
     ok = True

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import extras
+from ..api import check_device
 from ..errors import InputError
 from ..generator import Generator
 from ..tree import Tree, load_choices
@@ -34,6 +35,7 @@ def open_generator(model: str | None, backend: str = "torch", heads: str | None 
     """``plain``: decoding without the heads (`MedusaRuntime.load`'s option of that name)."""
     if backend not in BACKENDS:
         raise InputError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    check_device(device)
     if is_artifact(model):
         return _open_artifact(Path(model), backend, heads, tree, max_seq, device, threads, plain)
     if backend != "torch":

@@ -59,7 +59,7 @@ def calibrate_tree(
                          f"--heads ...`)")
     result = calibrate(rt.generator.backend, rt.generator.tokenizer, texts, max_new_tokens=max_new_tokens,
                        node_budget=node_budget, progress=typer.echo)
-    from medusa_export.exporter.output_dir import write_report
+    from ..whole_file import write_report
 
     out.parent.mkdir(parents=True, exist_ok=True)
     write_report(out, json.dumps(result, indent=2) + "\n")
