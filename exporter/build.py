@@ -11,6 +11,7 @@ complete, so a failed or interrupted build leaves the earlier artifact as it was
 
 from __future__ import annotations
 
+import os
 import platform
 import shutil
 import time
@@ -24,7 +25,8 @@ from medusa_export.runtime.manifest import (FORMAT, FORMAT_VERSION, ONNXRUNTIME,
                                              ExporterRecord, GraphRecord, HeadsRecord, Manifest, ModelRecord, QualityRecord,
                                              QuantizationRecord, TensorRecord, TreeRecord, file_record, graph_dtype,
                                              kv_layout_of)
-from medusa_export.runtime.errors import ExportValidationError, InputError
+from medusa_export.runtime.errors import ExportValidationError, HeadsError, InputError
+from medusa_export.runtime.manifest import UNFINISHED
 from medusa_export.runtime.tree import Tree, load_choices
 
 from medusa_export.runtime.build_options import DEFAULT_TREE, BuildOptions
@@ -50,6 +52,11 @@ def build_artifact(model: str | None, out: str | Path, options: BuildOptions = B
     """``model``: a HF directory, a .gguf, or None for the built-in model. ``quality_prompts``: for int8/int4,
     prompts on which the quantized graph's teacher-forced top-1 agreement and perplexity change against the fp32
     model are measured and stored in the manifest (``manifest.quality``)."""
+    if not isinstance(options, BuildOptions):
+        raise InputError(f"options must be a BuildOptions, not {type(options).__name__}")
+    for name, value in (("out", out), ("model", model)):
+        if not (isinstance(value, (str, os.PathLike)) or (value is None and name == "model")):
+            raise InputError(f"{name} must be a path{' or None' if name == 'model' else ''}, not {type(value).__name__}")
     out = Path(out)
     check_out_dir(out)  # before the long export
     if options.attention == "kernel":
@@ -66,6 +73,12 @@ def build_artifact(model: str | None, out: str | Path, options: BuildOptions = B
     with step_log("load model and heads"):
         loaded = load_base_model(model)
         chosen = resolve_heads(options.heads, loaded)
+    if options.quantized and quality_prompts:
+        _check_quality_fits(loaded.tokenizer, quality_prompts, options.max_seq)
+    if chosen.heads.draft_ids is not None and chosen.heads.config.draft_vocab_size < options.head_topk:
+        raise HeadsError(f"the heads score a draft vocabulary of {chosen.heads.config.draft_vocab_size} tokens, fewer "
+                         f"than --head-topk {options.head_topk}: use --head-topk {chosen.heads.config.draft_vocab_size} "
+                         f"or less, or heads with a larger draft vocabulary")
     tree_spec = options.tree or _default_tree(chosen.path, options.dtype)
     tree_obj = Tree.from_choices(load_choices(tree_spec), topk=options.head_topk, num_heads=chosen.heads.config.num_heads)
     if options.graph == ONNXRUNTIME:
@@ -316,6 +329,17 @@ def _check_lanes(work: Path) -> dict:
     return report
 
 
+def _check_quality_fits(tokenizer, prompts: list[str], max_seq: int) -> None:
+    """InputError before the export when a quality prompt and its answer cannot fit ``max_seq`` (it failed after
+    the whole export, advising a flag build does not have)."""
+    from medusa_export.runtime.quality import QUALITY_NEW_TOKENS
+
+    need = max(len(tokenizer.encode_prompt(p)) for p in prompts) + QUALITY_NEW_TOKENS + 1
+    if need > max_seq:
+        raise InputError(f"--max-seq {max_seq} cannot hold the quality check of a quantized build (its longest prompt "
+                         f"and answer take {need} tokens): use --max-seq {need} or more")
+
+
 def _quality(loaded, work: Path, prompts: list[str], max_seq: int) -> QualityRecord:
     """Teacher-forced agreement of the quantized graph with the fp32 PyTorch model on its own greedy answers."""
     from medusa_export.runtime.api import MedusaRuntime
@@ -343,7 +367,7 @@ def _manifest(loaded, chosen, dims, tree_spec: str, tree: Tree, options: BuildOp
     import transformers
 
     cfg = loaded.model.config
-    files = sorted(p for p in work.rglob("*") if p.is_file())
+    files = sorted(p for p in work.rglob("*") if p.is_file() and not p.name.startswith(UNFINISHED))
     heads = chosen.heads.config
     return Manifest(
         format=FORMAT, format_version=FORMAT_VERSION, package_version=__version__,

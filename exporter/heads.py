@@ -13,16 +13,20 @@ Checkpoints are safetensors + ``config.json``; the reference formats (``medusa_l
 from __future__ import annotations
 
 import json
+import pickle
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from medusa_export.runtime.bounded_read import read_bounded
 from medusa_export.runtime.errors import HeadsError
 # Far beyond any useful heads (Medusa uses 4-5 heads of one block): bounds checked before anything is allocated,
 # and by train-heads before any work
 from medusa_export.runtime.training_options import MAX_HEAD_LAYERS as MAX_LAYERS, MAX_HEADS
+from medusa_export.runtime.typed_json import MAX_JSON_BYTES
 
 HEADS_FORMAT = "medusa-export-heads"
 HEADS_FORMAT_VERSION = 1
@@ -184,6 +188,7 @@ def heads_from_state(state: dict[str, torch.Tensor], cfg: HeadsConfig, base_conf
     with torch.device("meta"):
         expected = MedusaHeads(cfg).state_dict()
     _check_state(expected, state, path)
+    _check_values(state, cfg.vocab_size, path)
     heads = MedusaHeads(cfg)
     heads.load_state_dict({k: t.to(v.dtype) for k, t in state.items() for v in [expected[k]]}, strict=True)
     return heads
@@ -243,9 +248,18 @@ def read_tensors(file: Path) -> dict[str, torch.Tensor]:
 
             return load_file(str(file))
         # weights_only=True: plain tensors only, never arbitrary pickled objects.
-        obj = torch.load(file, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            obj = torch.load(file, map_location="cpu", weights_only=True)
     except HeadsError:
         raise
+    except pickle.UnpicklingError as e:
+        if "global" not in str(e):  # torch words a corrupt file and a disallowed object alike, but for this
+            raise HeadsError(f"cannot read heads weights {file}: not a PyTorch checkpoint of tensors (corrupt or of "
+                             f"another kind): re-save the heads") from None
+        # torch's own message goes on to suggest weights_only=False: never
+        raise HeadsError(f"{file} holds pickled objects other than tensors, which are not loaded (they could run "
+                         f"code): convert the checkpoint to safetensors") from None
     except Exception as e:  # corrupt file, pickle with code in it, ...
         raise HeadsError(f"cannot read heads weights {file}: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -254,8 +268,8 @@ def read_tensors(file: Path) -> dict[str, torch.Tensor]:
 
 
 def read_heads_json(file: Path) -> dict:
-    try:
-        value = json.loads(file.read_text(encoding="utf-8"))
+    try:  # bounded, and a regular file only: a FIFO would block, /dev/zero fill the memory
+        value = json.loads(read_bounded(file, MAX_JSON_BYTES).decode("utf-8"))
     except json.JSONDecodeError as e:
         raise HeadsError(f"{file} is not valid JSON ({e.msg}, line {e.lineno}): fix or re-save the heads") from None
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
@@ -274,6 +288,33 @@ def _check_against_base(cfg: HeadsConfig, base_config, path: Path) -> None:
                 f"heads at {path} were made for {name}={mine} but the base model has {name}={theirs}: "
                 f"use heads trained for this model (medusa-export train-heads)"
             )
+
+
+def _check_values(state: dict[str, torch.Tensor], vocab_size: int, path: Path) -> None:
+    """Weights that are numbers, and draft ids that are tokens: NaN heads exported "fine" and then failed the
+    validation as a wrong export; negative draft ids built heads that could never propose a real token."""
+    for k, t in state.items():
+        if k == "draft_ids":
+            check_draft_ids(t.tolist(), vocab_size, f"{path} ({k})")
+        elif t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise HeadsError(f"heads tensor {k!r} at {path} holds NaN or infinite values: train the heads again or "
+                             f"restore the file")
+
+
+def check_draft_ids(ids, vocab_size: int, where: str) -> list[int]:
+    """``ids`` if they are a draft vocabulary of the model: distinct token ids below ``vocab_size``."""
+    if not isinstance(ids, list) or not ids or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise HeadsError(f"{where}: the draft vocabulary must be a non-empty list of token ids: train the heads again "
+                         f"or remove it")
+    bad = next((i for i in ids if not 0 <= i < vocab_size), None)
+    if bad is not None:
+        shown = bad if abs(bad) < 10 ** 12 else f"an integer of {len(str(abs(bad)))} digits"
+        raise HeadsError(f"{where}: draft token id {shown} is outside the model's vocabulary (0..{vocab_size - 1}): "
+                         f"these heads belong to another model; train them for this one")
+    if len(set(ids)) != len(ids):
+        twice = next(i for i in ids if ids.count(i) > 1)
+        raise HeadsError(f"{where}: draft token id {twice} appears twice: train the heads again or remove it")
+    return ids
 
 
 def _check_state(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor], path: Path) -> None:

@@ -17,7 +17,8 @@ from pathlib import Path
 
 from medusa_export.runtime.errors import HeadsError
 
-from .heads import MedusaHeads, heads_from_state, load_heads, new_heads, reference_state, restrict_vocab
+from .heads import (MedusaHeads, check_draft_ids, heads_from_state, load_heads, new_heads, read_heads_json,
+                    reference_state, restrict_vocab)
 from .model_loading import DEFAULT_MODEL_NAME, LoadedModel
 
 # Trained heads committed with the package (issue: shipped heads for the default model).
@@ -89,7 +90,8 @@ def _with_draft_vocab(chosen: ChosenHeads, enabled: bool) -> ChosenHeads:
     vocab_file = (path if path.is_dir() else path.parent) / "draft_vocab.json" if path else None
     if not enabled or vocab_file is None or not vocab_file.exists() or chosen.heads.draft_ids is not None:
         return chosen
-    ids = json.loads(vocab_file.read_text())["ids"]
+    data = read_heads_json(vocab_file)
+    ids = check_draft_ids(data.get("ids"), chosen.heads.config.vocab_size, str(vocab_file))
     chosen.heads = restrict_vocab(chosen.heads, ids)
     chosen.description += f" (draft vocabulary of {len(ids)} tokens)"
     return chosen

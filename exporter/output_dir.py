@@ -16,6 +16,7 @@ A directory that holds anything but an artifact's own files (those its manifest 
 
 from __future__ import annotations
 
+import glob
 import os
 import shutil
 import tempfile
@@ -23,7 +24,7 @@ import time
 from pathlib import Path
 
 from medusa_export.runtime.errors import InputError
-from medusa_export.runtime.manifest import MANIFEST, listed_files
+from medusa_export.runtime.manifest import MANIFEST, UNFINISHED, listed_files
 from medusa_export.runtime.typed_json import json_object_or_none
 
 
@@ -173,25 +174,41 @@ def _is_medusa2_dir(out: Path) -> bool:
 
 
 def new_work_dir(out: Path) -> Path:
-    """An empty directory beside ``out`` (same file system, so the final rename is atomic)."""
+    """A directory beside ``out`` (same file system, so the final rename is atomic) marked unfinished until
+    `replace_dir` swaps it in. Work directories of earlier builds of ``out`` whose process is gone are removed."""
     out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out.parent.glob(glob.escape(out.name) + ".partial-*"):
+        pids = [m.name.removeprefix(UNFINISHED) for m in stale.glob(UNFINISHED + "*")]
+        if pids and not any(p.isdigit() and _alive(int(p)) for p in pids):
+            shutil.rmtree(stale, ignore_errors=True)
     work = Path(tempfile.mkdtemp(prefix=out.name + ".partial-", dir=out.parent))
     work.chmod(0o755)
+    (work / f"{UNFINISHED}{os.getpid()}").touch()
     return work
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):  # another user's process (alive), or no pid at all
+        return True
+    return True
 
 
 def replace_dir(work: Path, out: Path) -> None:
     """Swap the finished ``work`` into ``out``. An earlier artifact is renamed aside first and removed only
     after the swap; if the swap fails it is put back."""
     check_out_dir(out)  # again: something may have appeared there during the export
-    old = None
-    if out.exists():
-        old = out.with_name(f"{out.name}.old-{int(time.time() * 1000)}")
-        out.rename(old)
-    try:
+    (work / f"{UNFINISHED}{os.getpid()}").unlink(missing_ok=True)
+    old = out.with_name(f"{out.name}.old-{int(time.time() * 1000)}") if out.exists() else None
+    try:  # a signal between the two renames puts the earlier artifact back too
+        if old is not None:
+            out.rename(old)
         work.rename(out)
     except BaseException:
-        if old is not None:
+        if old is not None and old.exists() and not out.exists():
             old.rename(out)
         raise
     if old is not None:

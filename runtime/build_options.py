@@ -7,7 +7,9 @@ before it imports anything heavy).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import numbers
+import os
+from dataclasses import dataclass, fields
 
 from .errors import InputError
 from .manifest import GRAPH_FORMATS, LIMITS, ONNXRUNTIME, PORTABLE, QUANTIZED_WEIGHTS, WEIGHTS
@@ -61,6 +63,7 @@ class BuildOptions:
     # and the model's own answers beside its heads (exporter/own_answers.py)
 
     def __post_init__(self) -> None:
+        self._check_types()
         if self.engine not in ENGINES:
             raise InputError(f"--engine {self.engine!r}: use onnx, trt or all")
         if self.graph is None:
@@ -123,6 +126,28 @@ class BuildOptions:
         for flag, value in (("head-topk", self.head_topk), ("sample-topk", self.sample_topk)):
             if not 1 <= value <= 64:
                 raise InputError(f"--{flag} {value}: use 1..64")
+
+    def _check_types(self) -> None:
+        """InputError naming the option whose value is of the wrong kind (a library caller's float max_seq built an
+        artifact that no loader reads; a str failed with a TypeError); paths as str, numpy integers as int."""
+        for name in ("heads", "tree"):
+            value = getattr(self, name)
+            if isinstance(value, os.PathLike):
+                object.__setattr__(self, name, os.fspath(value))
+            elif value is not None and not isinstance(value, str):
+                raise InputError(f"{name} must be a path or None, not {type(value).__name__}")
+            elif isinstance(value, str) and not value.strip():  # "" read as the current directory, or the default
+                raise InputError(f"{name} (--{name}) is empty: give a path, or leave it out for the default")
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.type == "int":
+                if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+                    object.__setattr__(self, f.name, int(value))
+                else:
+                    raise InputError(f"{f.name} (--{f.name.replace('_', '-')}) must be an integer, not "
+                                     f"{type(value).__name__}")
+            elif f.type == "str" and not isinstance(value, str):
+                raise InputError(f"{f.name} (--{f.name.replace('_', '-')}) must be a string, not {type(value).__name__}")
 
     @property
     def quantized(self) -> bool:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -46,6 +47,9 @@ FORMAT = "medusa-export-artifact"
 FORMAT_VERSION = 3  # 3: the typed spec (every field checked; graph_format, kv_layout and weights required)
 # Read by fixed name (runtime/tokenizer.py), so only when the manifest lists them; one present but not listed is refused.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja")
+# `build` assembles an artifact in a work directory holding this marker (+ its pid) until it swaps it into place:
+# killed before that (SIGKILL, a power cut), the directory has a manifest but not every check, and must not load.
+UNFINISHED = ".unfinished-build-"
 PORTABLE, ONNXRUNTIME = "portable", "onnxruntime"  # graph formats: standard ops (ORT + TensorRT) / fused (ORT only)
 GRAPH_FORMATS = (ONNXRUNTIME, PORTABLE)
 WEIGHTS = ("fp32", "fp16", "int8", "int4")  # `build --dtype`
@@ -202,6 +206,7 @@ class Manifest:
         listed file present with its recorded size (and its sha256 when ``check_hashes``), no tokenizer-side file
         present that it does not list."""
         directory = artifact_dir(directory)
+        check_finished(directory)
         path = artifact_file(directory, MANIFEST)
         if not is_file(path):
             raise ArtifactError(f"{directory} has no {MANIFEST}: not a complete artifact, rebuild it with `medusa-export build`")
@@ -238,6 +243,15 @@ class Manifest:
         tmp.write_text(json.dumps(self.to_json(), indent=2) + "\n")
         tmp.replace(out)
         return out
+
+
+def check_finished(directory: Path) -> None:
+    """ArtifactError when ``directory`` is a build's work directory that another process left unfinished (this
+    process's own build loads it to check its graphs)."""
+    for marker in directory.glob(UNFINISHED + "*"):
+        if marker.name != f"{UNFINISHED}{os.getpid()}":
+            raise ArtifactError(f"{directory} is an unfinished build (its `medusa-export build` stopped before the "
+                                f"end): build again, and remove this directory")
 
 
 def listed_files(directory: str | Path) -> set[str] | None:

@@ -22,10 +22,12 @@ from .errors import InputError
 from .generator import Generator
 from .manifest import QualityRecord
 
+QUALITY_NEW_TOKENS = 64  # the reference's answer per prompt, teacher-forced through both graphs
 TOP1_BAR = 0.98  # teacher-forced top-1 agreement a quantized artifact needs with its fp32 reference
 
 
-def quality(reference: Generator, candidate: Generator, prompts: list[str], max_new_tokens: int = 64) -> QualityRecord:
+def quality(reference: Generator, candidate: Generator, prompts: list[str],
+            max_new_tokens: int = QUALITY_NEW_TOKENS) -> QualityRecord:
     agree = total = 0
     nll = {"reference": 0.0, "candidate": 0.0}
     for prompt in prompts:

@@ -1,0 +1,221 @@
+"""What `build` is given: a model directory, heads and options that cannot make a working artifact are refused in
+one line before the export (found by attacking it: missing weights were filled with random ones and the build
+succeeded; a tokenizer past the vocabulary built an artifact that never loads; draft vocabularies, NaN weights and
+FIFOs failed with tracebacks or hung), and an artifact a killed build left unfinished does not load."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from conftest import TINY_VOCAB  # noqa: E402
+
+from medusa_export.exporter.heads_source import resolve_heads  # noqa: E402
+from medusa_export.exporter.model_loading import load_base_model  # noqa: E402
+from medusa_export.runtime.build_options import BuildOptions  # noqa: E402
+from medusa_export.runtime.errors import ArtifactError, HeadsError, InputError, ModelError  # noqa: E402
+
+
+def _model_copy(tiny_dirs, tmp_path, name="model"):
+    return shutil.copytree(tiny_dirs[0], tmp_path / name)
+
+
+def _edit_config(model_dir, **changes):
+    config = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps(config | changes))
+
+
+def _edit_weights(model_dir, edit):
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(model_dir / "model.safetensors"))
+    edit(state)
+    save_file(state, str(model_dir / "model.safetensors"), metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("changes, words", [
+    ({"num_hidden_layers": 3}, "says num_hidden_layers 3, but the weights hold 2 layers"),
+    ({"num_hidden_layers": 0}, "num_hidden_layers must be an integer in 1..1024, not 0"),
+    ({"num_hidden_layers": 10 ** 8}, "num_hidden_layers must be an integer in 1..1024"),  # allocated before failing
+    ({"vocab_size": 2 * 10 ** 9}, "vocab_size must be an integer in 1..4194304"),
+    ({"attention_bias": True}, "lack"),  # biases the weights do not hold: they were initialised randomly
+    ({"rope_parameters": {"rope_theta": 10000.0, "rope_type": "dynamic", "factor": 2.0}},
+     "dynamic RoPE scaling is not supported"),  # failed the export's check as "the export is wrong; report it"
+    ({"rope_parameters": {"rope_theta": 0, "rope_type": "default"}}, "rope_theta must be a positive number"),
+])
+def test_a_config_that_does_not_describe_the_weights_is_refused(tiny_dirs, tmp_path, changes, words):
+    model_dir = _model_copy(tiny_dirs, tmp_path)
+    _edit_config(model_dir, **changes)
+    with pytest.raises(ModelError, match=words):
+        load_base_model(model_dir)
+
+
+@pytest.mark.parametrize("edit, words", [
+    (lambda s: s.pop("model.norm.weight"), "lack 1 tensor.*'model.norm.weight'"),
+    (lambda s: s.__setitem__("model.norm.weight", torch.ones(3)), "'model.norm.weight' of shape \\(3,\\)"),
+    (lambda s: s["model.layers.1.mlp.up_proj.weight"].view(-1).__setitem__(5, float("nan")),
+     "'model.layers.1.mlp.up_proj.weight' holds NaN or infinite values"),
+])
+def test_weights_missing_misshapen_or_not_numbers_are_refused(tiny_dirs, tmp_path, edit, words):
+    model_dir = _model_copy(tiny_dirs, tmp_path)
+    _edit_weights(model_dir, edit)
+    with pytest.raises(ModelError, match=words):
+        load_base_model(model_dir)
+
+
+def test_a_tokenizer_past_the_models_vocabulary_is_refused_when_the_model_loads(tiny_dirs, tmp_path):
+    from tokenizers import Tokenizer
+
+    model_dir = _model_copy(tiny_dirs, tmp_path)
+    tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    tok.add_tokens(["beyond-the-vocabulary"])  # id TINY_VOCAB
+    tok.save(str(model_dir / "tokenizer.json"))
+    with pytest.raises(ModelError, match=f"token ids up to {TINY_VOCAB}, but the model's vocabulary is {TINY_VOCAB}"):
+        load_base_model(model_dir)
+
+
+def test_a_broken_tokenizer_file_is_named_as_the_models_not_an_artifacts(tiny_dirs, tmp_path):
+    model_dir = _model_copy(tiny_dirs, tmp_path)
+    (model_dir / "tokenizer.json").write_text("not a tokenizer")
+    with pytest.raises(ModelError) as e:
+        load_base_model(model_dir)
+    assert "fix or restore the model's tokenizer files" in str(e.value) and "artifact" not in str(e.value)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs here")
+@pytest.mark.parametrize("name", ["config.json", "tokenizer.json", "notes.json"])
+def test_a_fifo_among_the_models_files_is_refused_not_waited_on(tiny_dirs, tmp_path, name):
+    model_dir = _model_copy(tiny_dirs, tmp_path)
+    (model_dir / name).unlink(missing_ok=True)
+    os.mkfifo(model_dir / name)
+    with pytest.raises(ModelError, match="not a regular file|cannot be read"):
+        load_base_model(model_dir)
+
+
+@pytest.mark.parametrize("ids, words", [
+    (list(range(-15, 0)), "draft token id -15 is outside the model's vocabulary"),
+    ([3, 4, TINY_VOCAB + 1], f"draft token id {TINY_VOCAB + 1} is outside"),
+    ([3, 4, 4, 5], "draft token id 4 appears twice"),
+    ([], "must be a non-empty list of token ids"),
+    (["a"], "must be a non-empty list of token ids"),
+    ([10 ** 30], "an integer of 31 digits"),
+])
+def test_a_draft_vocabulary_that_is_not_the_models_tokens_is_refused(tiny_dirs, tmp_path, ids, words):
+    heads_dir = shutil.copytree(tiny_dirs[1], tmp_path / "heads")
+    (heads_dir / "draft_vocab.json").write_text(json.dumps({"ids": ids}))
+    loaded = load_base_model(tiny_dirs[0])
+    with pytest.raises(HeadsError, match=words):
+        resolve_heads(str(heads_dir), loaded)
+
+
+def test_draft_vocab_json_that_is_not_an_object_is_refused(tiny_dirs, tmp_path):
+    heads_dir = shutil.copytree(tiny_dirs[1], tmp_path / "heads")
+    (heads_dir / "draft_vocab.json").write_text("[1, 2, 3]")
+    with pytest.raises(HeadsError, match="must hold a JSON object"):
+        resolve_heads(str(heads_dir), load_base_model(tiny_dirs[0]))
+
+
+class NotATensor:
+    pass
+
+
+def test_a_pickled_heads_checkpoint_is_refused_without_advice_to_unpickle_it(tiny_dirs, tmp_path):
+    heads_dir = tmp_path / "heads"
+    heads_dir.mkdir()
+    torch.save({"0.0.linear.weight": NotATensor()}, heads_dir / "medusa_lm_head.pt")
+    with pytest.raises(HeadsError) as e:
+        resolve_heads(str(heads_dir), load_base_model(tiny_dirs[0]))
+    assert "pickled objects other than tensors" in str(e.value) and "weights_only" not in str(e.value)
+
+
+def test_heads_weights_that_are_not_numbers_are_refused(tiny_dirs, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    heads_dir = shutil.copytree(tiny_dirs[1], tmp_path / "heads")
+    state = load_file(str(heads_dir / "heads.safetensors"))
+    key = sorted(k for k in state if state[k].is_floating_point())[0]
+    state[key].view(-1)[0] = float("inf")
+    save_file(state, str(heads_dir / "heads.safetensors"))
+    with pytest.raises(HeadsError, match=f"heads tensor '{key}' .* holds NaN or infinite values"):
+        resolve_heads(str(heads_dir), load_base_model(tiny_dirs[0]))
+
+
+@pytest.mark.parametrize("options, words", [
+    ({"max_seq": 64.5}, "max_seq \\(--max-seq\\) must be an integer, not float"),  # built, then never loaded
+    ({"head_topk": "10"}, "head_topk \\(--head-topk\\) must be an integer, not str"),
+    ({"dtype": None}, "dtype \\(--dtype\\) must be a string"),
+    ({"heads": 5}, "heads must be a path or None"),
+    ({"heads": ""}, "heads \\(--heads\\) is empty"),  # read as the current directory
+    ({"tree": " "}, "tree \\(--tree\\) is empty"),  # silently the default tree
+])
+def test_build_options_of_the_wrong_kind_are_input_errors(options, words):
+    with pytest.raises(InputError, match=words):
+        BuildOptions(**options)
+
+
+def test_build_options_take_paths_and_numpy_integers(tmp_path):
+    import numpy as np
+
+    options = BuildOptions(tree=tmp_path / "tree.json", max_seq=np.int64(64))
+    assert options.tree == str(tmp_path / "tree.json") and type(options.max_seq) is int
+
+
+def test_a_quantized_build_whose_quality_check_cannot_fit_is_refused_before_the_export(tiny_dirs, tmp_path):
+    from medusa_export.exporter.build import build_artifact
+
+    options = BuildOptions(heads=str(tiny_dirs[1]), tree="chain-1", dtype="int8", max_seq=16)
+    with pytest.raises(InputError, match="--max-seq 16 cannot hold the quality check"):
+        build_artifact(str(tiny_dirs[0]), tmp_path / "out", options, quality_prompts=["t5 t6 t7"],
+                       log=lambda _m: None)
+    assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------------------- unfinished builds
+def test_an_unfinished_build_does_not_load_and_the_next_build_removes_it(artifact, tmp_path):
+    """SIGKILL cannot be caught: a build killed after writing its manifest left OUT.partial-* that loaded."""
+    from medusa_export.exporter.output_dir import new_work_dir
+    from medusa_export.runtime.api import MedusaRuntime
+    from medusa_export.runtime.manifest import UNFINISHED
+
+    dead = shutil.copytree(artifact, tmp_path / "art.partial-x1")
+    pid = os.getpid() + 1
+    while True:  # a pid no process has
+        try:
+            os.kill(pid, 0)
+            pid += 1
+        except ProcessLookupError:
+            break
+        except PermissionError:
+            pid += 1
+    (dead / f"{UNFINISHED}{pid}").touch()
+    with pytest.raises(ArtifactError, match="is an unfinished build"):
+        MedusaRuntime.load(dead)
+    work = new_work_dir(tmp_path / "art")
+    assert not dead.exists() and (work / f"{UNFINISHED}{os.getpid()}").exists()
+
+
+def test_a_signal_between_the_renames_puts_the_earlier_artifact_back(artifact, tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from medusa_export.exporter import output_dir
+
+    out = shutil.copytree(artifact, tmp_path / "art")
+    work = output_dir.new_work_dir(out)
+    rename = Path.rename
+
+    def interrupted_after_the_first(self, target):
+        result = rename(self, target)
+        if self == out:
+            raise KeyboardInterrupt
+        return result
+
+    monkeypatch.setattr(Path, "rename", interrupted_after_the_first)
+    with pytest.raises(KeyboardInterrupt):
+        output_dir.replace_dir(work, out)
+    assert (out / "manifest.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["art", work.name]
