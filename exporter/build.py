@@ -38,7 +38,7 @@ from .model_loading import load_base_model
 from .onnx_cleanup import fold_constants
 from .onnx_export import OPSET, export_step_graph
 from .output_dir import check_out_dir, new_work_dir, replace_dir
-from .provenance import content_sha256
+from .provenance import content_sha256, record_name
 from .quantize import CALIBRATION, RECIPES, quantize_graph
 from .shared_weights import share_weights
 from .source_grid import fma_grid_of, on_4bit_grid
@@ -374,15 +374,15 @@ def _manifest(loaded, chosen, dims, tree_spec: str, tree: Tree, options: BuildOp
         exporter=ExporterRecord(torch.__version__, transformers.__version__, onnx.__version__, OPSET,
                                 platform.python_version()),
         # Names and sha256 only: the manifest travels with the artifact, machine paths would not mean anything.
-        model=ModelRecord(name=loaded.identity["name"], source=loaded.identity["source"],
+        model=ModelRecord(name=record_name(loaded.identity["name"]), source=record_name(loaded.identity["source"]),
                           sha256_16=loaded.identity["sha256_16"],
                           sha256=content_sha256(loaded.path) if loaded.path else None, model_type=cfg.model_type,
                           hidden_size=cfg.hidden_size, num_layers=cfg.num_hidden_layers, vocab_size=cfg.vocab_size),
         heads=HeadsRecord(num_heads=heads.num_heads, num_layers=heads.num_layers, layout=heads.layout,
-                          trained=chosen.trained, source=chosen.source_name,
+                          trained=chosen.trained, source=record_name(chosen.source_name),
                           sha256=content_sha256(chosen.path) if chosen.path else None, directory="heads"),
         dims=dims, max_seq=options.max_seq,
-        tree=TreeRecord(name=Path(tree_spec).stem if tree_spec.endswith(".json") else tree_spec,
+        tree=TreeRecord(name=record_name(Path(tree_spec).stem if tree_spec.endswith(".json") else tree_spec),
                         medusa_choices=tree.to_json(), num_nodes=tree.num_nodes),
         graph_format=options.graph, kv_layout=kv_layout_of(options.graph), weights=options.dtype,
         graphs=graphs, validation=validation,

@@ -4,6 +4,7 @@ of the machine that wrote them, since the records travel with the artifacts and 
     portable_path("/home/me/repo/data/p.jsonl")   # "data/p.jsonl" when run from /home/me/repo, else "p.jsonl"
     content_sha256(Path("heads/mine"))            # sha256 over the weights and config files
     portable_command(sys.argv)                    # the command line with absolute paths made portable
+    record_name("evil\x1b[31mname")              # "evil?[31mname": a name a record can show on one line
 """
 
 from __future__ import annotations
@@ -15,6 +16,14 @@ from pathlib import Path
 from medusa_export.runtime.artifact_files import sha256_file
 
 _CONTENT_PATTERNS = ("config.json", "*.safetensors", "*.gguf", "*.pt", "*.bin")
+
+
+def record_name(name: str | None, limit: int = 255) -> str | None:
+    """``name`` (a directory's or file's name) with characters that are not printable (newlines, terminal escapes)
+    as "?", at most ``limit`` characters: records are shown in messages, `/v1/models` and `bench` reports."""
+    if name is None:
+        return None
+    return "".join(c if c.isprintable() else "?" for c in name)[:limit]
 
 
 def portable_path(path: str | os.PathLike, base: str | os.PathLike | None = None) -> str:

@@ -219,3 +219,13 @@ def test_a_signal_between_the_renames_puts_the_earlier_artifact_back(artifact, t
         output_dir.replace_dir(work, out)
     assert (out / "manifest.json").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["art", work.name]
+
+
+def test_names_recorded_from_paths_are_one_printable_line():
+    """A model directory named with a newline and terminal escapes put them into the manifest, and from there into
+    messages, reports and the server's model list."""
+    from medusa_export.exporter.provenance import record_name
+
+    assert record_name("evil\n\x1b[31mname") == "evil??[31mname"
+    assert record_name("SmolLM2-135M-Instruct") == "SmolLM2-135M-Instruct" and record_name(None) is None
+    assert len(record_name("x" * 1000)) == 255
