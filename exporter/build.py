@@ -37,7 +37,7 @@ from .heads_source import resolve_heads
 from .model_loading import load_base_model
 from .onnx_cleanup import fold_constants
 from .onnx_export import OPSET, export_step_graph
-from .output_dir import check_out_dir, new_work_dir, replace_dir
+from .output_dir import check_out_dir, missing_parents, new_work_dir, remove_empty, replace_dir
 from .provenance import content_sha256, record_name
 from .quantize import CALIBRATION, RECIPES, quantize_graph
 from .shared_weights import share_weights
@@ -94,6 +94,7 @@ def build_artifact(model: str | None, out: str | Path, options: BuildOptions = B
         raise InputError("--fp32-matmul blocks reads the 4-bit blocks a model's fp32 weights already are (a Q4_0 / "
                          "Q4_1 GGUF with fp16 steps, as the built-in model), and this model's decoder weights are not "
                          "such blocks: use --fp32-matmul full")
+    made = missing_parents(out)
     work = new_work_dir(out)
     try:
         if grid:
@@ -131,6 +132,7 @@ def build_artifact(model: str | None, out: str | Path, options: BuildOptions = B
         replace_dir(work, out)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
+        remove_empty(made)
         raise
     log(f"artifact ready: {out} ({time.perf_counter() - t_start:.0f} s)")
     return manifest

@@ -187,6 +187,22 @@ def new_work_dir(out: Path) -> Path:
     return work
 
 
+def missing_parents(out: Path) -> list[Path]:
+    """The directories above ``out`` that do not exist yet, outermost first (what `new_work_dir` will create)."""
+    missing = [p for p in Path(out).absolute().parents if not p.exists()]
+    return missing[::-1]
+
+
+def remove_empty(directories: list[Path]) -> None:
+    """Remove ``directories`` (outermost first, as `missing_parents` lists them), innermost first, while empty: a
+    failed build leaves no folders it made."""
+    for d in reversed(directories):
+        try:
+            d.rmdir()
+        except OSError:  # not empty (something else was put there meanwhile), or already gone
+            return
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

@@ -165,6 +165,19 @@ def test_build_options_take_paths_and_numpy_integers(tmp_path):
     assert options.tree == str(tmp_path / "tree.json") and type(options.max_seq) is int
 
 
+def test_a_failed_build_leaves_no_folders_it_made(tiny_dirs, tmp_path, monkeypatch):
+    from medusa_export.exporter import build as build_mod
+
+    def failing(*_a, **_k):
+        raise ModelError("stopped for the test")
+
+    monkeypatch.setattr(build_mod, "validate_graph", failing)
+    options = BuildOptions(heads=str(tiny_dirs[1]), tree="chain-1", max_seq=64, max_num_seqs=1)
+    with pytest.raises(ModelError, match="stopped for the test"):
+        build_mod.build_artifact(str(tiny_dirs[0]), tmp_path / "a" / "b" / "art", options, log=lambda _m: None)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_quantized_build_whose_quality_check_cannot_fit_is_refused_before_the_export(tiny_dirs, tmp_path):
     from medusa_export.exporter.build import build_artifact
 
