@@ -71,6 +71,14 @@ def test_build_refuses_a_file_and_an_artifact_holding_foreign_files(artifact, tm
     with pytest.raises(InputError, match="mylink"):
         check_out_dir(art)
     (art / "mylink").unlink()
+    # A listed file that is a link: its target is someone's file (the docs promise links are refused)
+    (tmp_path / "tokenizer.json").write_bytes((art / "tokenizer.json").read_bytes())
+    (art / "tokenizer.json").unlink()
+    (art / "tokenizer.json").symlink_to(tmp_path / "tokenizer.json")
+    with pytest.raises(InputError, match="holds tokenizer.json"):
+        check_out_dir(art)
+    (art / "tokenizer.json").unlink()
+    (art / "tokenizer.json").write_bytes((tmp_path / "tokenizer.json").read_bytes())
     os.mkfifo(art / "manifest.json.fifo")
     with pytest.raises(InputError, match="manifest.json.fifo"):
         check_out_dir(art)
