@@ -37,7 +37,7 @@ from .heads_source import resolve_heads
 from .model_loading import load_base_model
 from .onnx_cleanup import fold_constants
 from .onnx_export import OPSET, export_step_graph
-from .output_dir import check_out_dir, missing_parents, new_work_dir, remove_empty, replace_dir
+from .output_dir import check_out_dir, missing_parents, new_work_dir, release_work_dir, remove_empty, replace_dir
 from .provenance import content_sha256, record_name
 from .quantize import CALIBRATION, RECIPES, quantize_graph
 from .shared_weights import share_weights
@@ -134,6 +134,8 @@ def build_artifact(model: str | None, out: str | Path, options: BuildOptions = B
         shutil.rmtree(work, ignore_errors=True)
         remove_empty(made)
         raise
+    finally:
+        release_work_dir(work)
     log(f"artifact ready: {out} ({time.perf_counter() - t_start:.0f} s)")
     return manifest
 

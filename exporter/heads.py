@@ -12,6 +12,7 @@ Checkpoints are safetensors + ``config.json``; the reference formats (``medusa_l
 
 from __future__ import annotations
 
+import collections
 import json
 import pickle
 import warnings
@@ -261,7 +262,8 @@ def read_tensors(file: Path) -> dict[str, torch.Tensor]:
         raise HeadsError(f"{file} holds pickled objects other than tensors, which are not loaded (they could run "
                          f"code): convert the checkpoint to safetensors") from None
     except Exception as e:  # corrupt file, pickle with code in it, ...
-        raise HeadsError(f"cannot read heads weights {file}: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise HeadsError(f"cannot read heads weights {file}: {type(e).__name__}: {first}") from None
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise HeadsError(f"{file} is not a state dict of tensors")
     return obj
@@ -312,7 +314,7 @@ def check_draft_ids(ids, vocab_size: int, where: str) -> list[int]:
         raise HeadsError(f"{where}: draft token id {shown} is outside the model's vocabulary (0..{vocab_size - 1}): "
                          f"these heads belong to another model; train them for this one")
     if len(set(ids)) != len(ids):
-        twice = next(i for i in ids if ids.count(i) > 1)
+        twice = next(i for i, n in collections.Counter(ids).items() if n > 1)
         raise HeadsError(f"{where}: draft token id {twice} appears twice: train the heads again or remove it")
     return ids
 

@@ -31,7 +31,7 @@ from medusa_export.runtime.cache_dir import cache_root
 from medusa_export.runtime.bounded_read import read_bounded
 from medusa_export.runtime.errors import ArtifactError, ModelError
 from medusa_export.runtime.tokenizer import ChatTokenizer
-from medusa_export.runtime.typed_json import MAX_JSON_BYTES
+from medusa_export.runtime.typed_json import MAX_JSON_BYTES, json_object_or_none
 from medusa_export.runtime.whole_file import write_whole
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -199,16 +199,26 @@ def check_layers_match_weights(directory: Path, cfg: dict) -> None:
     """ModelError when config.json describes another number of decoder layers than the safetensors hold: transformers
     fills layers without weights with random ones (and a config of 100M layers allocates them first)."""
     layers: set[int] = set()
-    files = sorted(directory.glob("*.safetensors"))
+    files = _weight_files(directory)
     for file in files:
         layers |= {int(m.group(1)) for key in _safetensors_keys(file) if (m := _LAYER_KEY.search(key))}
     want = cfg.get("num_hidden_layers")
-    if files and layers and isinstance(want, int) and want != max(layers) + 1:
+    # More layers than the weights hold is refused; fewer load (the first layers: a quick test of a big model)
+    if files and layers and isinstance(want, int) and want > max(layers) + 1:
         raise ModelError(f"{directory / 'config.json'} says num_hidden_layers {want}, but the weights hold "
                          f"{max(layers) + 1} layers: restore the config.json that belongs to these weights")
 
 
 _LAYER_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def _weight_files(directory: Path) -> list[Path]:
+    """The safetensors files transformers loads: the index's shards, else model.safetensors."""
+    index = json_object_or_none(directory / "model.safetensors.index.json")
+    shards = index.get("weight_map") if index else None
+    if isinstance(shards, dict):
+        return sorted({directory / name for name in shards.values() if isinstance(name, str) and "/" not in name})
+    return [directory / "model.safetensors"] if (directory / "model.safetensors").is_file() else []
 
 
 def _safetensors_keys(file: Path) -> list[str]:
@@ -228,8 +238,8 @@ def _check_regular_files(directory: Path) -> None:
     blocked the build for ever, a device filled the memory, a directory failed with "Is a directory"."""
     for path in sorted(directory.iterdir()):
         if path.suffix in _READ_SUFFIXES and not path.is_file():
-            raise ModelError(f"{path} is not a regular file (a directory, FIFO or device), where the model's files "
-                             f"are read: remove or restore it")
+            raise ModelError(f"{path} is not a regular file (a directory, FIFO, device or broken link), where the "
+                             f"model's files are read: remove or restore it")
 
 
 _READ_SUFFIXES = {".json", ".safetensors", ".bin", ".jinja", ".model", ".txt", ".gguf"}
@@ -337,7 +347,10 @@ def _file_fingerprint(path: Path) -> str:
 
 def _dir_fingerprint(path: Path) -> str:
     h = hashlib.sha256()
-    for f in sorted(path.glob("*.json")) + sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")):
+    weights = sorted(path.glob("*.safetensors"))
+    # .bin weights only where they are what transformers loads (no safetensors; training_args.bin is no weights)
+    weights = weights or sorted(f for f in path.glob("*.bin") if f.name != "training_args.bin")
+    for f in sorted(path.glob("*.json")) + weights:
         h.update(f.name.encode())
         h.update(_file_fingerprint(f).encode())
     return h.hexdigest()[:16]
@@ -360,7 +373,8 @@ def _gguf_to_cached_dir(gguf: Path) -> Path:
         missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
         fix = f"install {' and '.join(missing)} (`pip install {' '.join(missing)}`)" if missing else \
             "check that it is a complete GGUF model file"
-        raise ModelError(f"cannot read GGUF {gguf}: {type(e).__name__}: {str(e).splitlines()[0][:200]}: {fix}") from None
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise ModelError(f"cannot read GGUF {gguf}: {type(e).__name__}: {first}: {fix}") from None
     model_type = getattr(model.config, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ModelError(f"model type {model_type!r} is not supported: supported types are {', '.join(SUPPORTED_MODEL_TYPES)}")

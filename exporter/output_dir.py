@@ -23,8 +23,13 @@ import tempfile
 import time
 from pathlib import Path
 
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks, so no abandoned work directory is ever removed
+    fcntl = None
+
 from medusa_export.runtime.errors import InputError
-from medusa_export.runtime.manifest import MANIFEST, UNFINISHED, listed_files
+from medusa_export.runtime.manifest import MANIFEST, UNFINISHED, building, listed_files
 from medusa_export.runtime.typed_json import json_object_or_none
 
 
@@ -54,6 +59,7 @@ def check_out_dir(out: Path) -> None:
     # Directories holding listed files are the artifact's; anything else is not (an empty folder, a link to one)
     folders = {parent.as_posix() for name in listed for parent in Path(name).parents}
     # A link is never the artifact's (build writes none), even under a listed name: it points at someone's file
+    listed = listed | {UNFINISHED}  # a build killed between its swap and removing its mark: still ours
     foreign = sorted(p for p in out.rglob("*") if p.is_symlink() or (p.relative_to(out).as_posix() not in listed and
                      (not p.is_dir() or p.relative_to(out).as_posix() not in folders)))
     if foreign:
@@ -127,7 +133,7 @@ def _check_not_an_input(path: Path, flag: str, inputs: tuple) -> None:
             source = Path(given).resolve()
         except (OSError, RuntimeError):
             continue
-        if target == source or source in target.parents or _same_file(target, source):  # a hard link too
+        if target == source or source in target.parents:
             raise InputError(f"{flag} {path} would overwrite {'a file in ' if target != source else ''}{given}, "
                              f"which this command reads (or writes too): choose another path")
 
@@ -135,13 +141,6 @@ def _check_not_an_input(path: Path, flag: str, inputs: tuple) -> None:
 # What train-heads writes (exporter/heads.py HEADS_FORMAT, exporter/training/checkpoint.py FILE; no torch here).
 HEADS_FORMAT = "medusa-export-heads"
 CHECKPOINT_FILES = {"checkpoint.pt", "checkpoint.tmp"}
-
-
-def _same_file(a: Path, b: Path) -> bool:
-    try:
-        return a.is_file() and b.is_file() and os.path.samefile(a, b)
-    except OSError:
-        return False
 
 
 def check_train_out_dir(out: Path, mode: str) -> None:
@@ -175,17 +174,47 @@ def _is_medusa2_dir(out: Path) -> bool:
 
 
 def new_work_dir(out: Path) -> Path:
-    """A directory beside ``out`` (same file system, so the final rename is atomic) marked unfinished until
-    `replace_dir` swaps it in. Work directories of earlier builds of ``out`` whose process is gone are removed."""
+    """A directory beside ``out`` (same file system, so the final rename is atomic) marked unfinished, the mark
+    locked by this process until `release_work_dir`. Work directories of earlier builds of ``out`` whose mark no
+    process holds (killed builds) are removed."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    for stale in out.parent.glob(glob.escape(out.name) + ".partial-*"):
-        pids = [m.name.removeprefix(UNFINISHED) for m in stale.glob(UNFINISHED + "*")]
-        if pids and not any(p.isdigit() and _alive(int(p)) for p in pids):
-            shutil.rmtree(stale, ignore_errors=True)
+    _remove_abandoned(out)
     work = Path(tempfile.mkdtemp(prefix=out.name + ".partial-", dir=out.parent))
     work.chmod(0o755)
-    (work / f"{UNFINISHED}{os.getpid()}").touch()
+    fd = os.open(work / UNFINISHED, os.O_CREAT | os.O_RDWR, 0o644)
+    if fcntl is not None:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # a lock dies with its process: how a later build knows this one is gone
+    _LOCKS[str(work)] = fd
+    building(work, True)
     return work
+
+
+def release_work_dir(work: Path) -> None:
+    """This process no longer builds ``work`` (swapped into place, or removed after a failure)."""
+    fd = _LOCKS.pop(str(work), None)
+    if fd is not None:
+        os.close(fd)
+    building(work, False)
+
+
+def _remove_abandoned(out: Path) -> None:
+    if fcntl is None:  # no way to tell a killed build from a running one: leave them
+        return
+    for stale in out.parent.glob(glob.escape(out.name) + ".partial-*"):
+        try:
+            fd = os.open(stale / UNFINISHED, os.O_RDWR | os.O_NOFOLLOW)
+        except OSError:  # not one of our work directories, or not ours to remove
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # held: that build is running
+            continue
+        finally:
+            os.close(fd)
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+_LOCKS: dict[str, int] = {}  # work directory -> the open, locked descriptor of its mark
 
 
 def missing_parents(out: Path) -> list[Path]:
@@ -204,21 +233,10 @@ def remove_empty(directories: list[Path]) -> None:
             return
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError):  # another user's process (alive), or no pid at all
-        return True
-    return True
-
-
 def replace_dir(work: Path, out: Path) -> None:
     """Swap the finished ``work`` into ``out``. An earlier artifact is renamed aside first and removed only
     after the swap; if the swap fails it is put back."""
     check_out_dir(out)  # again: something may have appeared there during the export
-    (work / f"{UNFINISHED}{os.getpid()}").unlink(missing_ok=True)
     old = out.with_name(f"{out.name}.old-{int(time.time() * 1000)}") if out.exists() else None
     try:  # a signal between the two renames puts the earlier artifact back too
         if old is not None:
@@ -228,5 +246,6 @@ def replace_dir(work: Path, out: Path) -> None:
         if old is not None and old.exists() and not out.exists():
             old.rename(out)
         raise
+    (out / UNFINISHED).unlink()  # only now: killed before this, ``out`` is refused, never loaded unchecked
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)

@@ -186,10 +186,10 @@ def artifact_tree(manifest: Manifest, spec: str | None) -> Tree | None:
 def check_device(device) -> None:
     """InputError unless ``device`` names a device some backend runs on (the backend then says whether it does)."""
     if not isinstance(device, str) or not _DEVICE.fullmatch(device):
-        raise InputError(f"unknown device {device!r:.40}: choose cpu, cuda or cuda:N")
+        raise InputError(f"unknown device {device!r:.40}: choose cpu, cuda or cuda:N (mps, xpu: the torch backend)")
 
 
-_DEVICE = re.compile(r"cpu|cuda(:[0-9]{1,4})?")
+_DEVICE = re.compile(r"cpu|(cuda|xpu)(:[0-9]{1,4})?|mps")  # those PyTorch names (the torch backend takes them)
 
 
 def _plain_int(value):

@@ -51,7 +51,7 @@ class GenerationConfig:
         """Every option checked once, here, for the library, the CLI and the server alike (a bad value surfaced
         as a numpy or ONNX Runtime error deep in decoding)."""
         # Compared as Python floats: against a numpy float16 the bound itself would turn to float16 (infinity).
-        t = float(self.temperature) if _is_number(self.temperature) else None
+        t = _as_float(self.temperature)
         if t is None or not 0 <= t <= MAX_TEMPERATURE:
             raise InputError(f"temperature must be a number in [0, {MAX_TEMPERATURE:.3g}] (0 = greedy), "
                              f"got {self.temperature!r:.40}")
@@ -59,9 +59,9 @@ class GenerationConfig:
         for name, rule, ok in (("typical_epsilon", "in [0, 1]", lambda v: 0 <= v <= 1),
                                ("typical_alpha", f"in [0, {MAX_TEMPERATURE:.3g}]", lambda v: 0 <= v <= MAX_TEMPERATURE)):
             v = getattr(self, name)
-            if not _is_number(v) or not ok(float(v)):  # float32 in the acceptance: past its range, infinite
+            if (f := _as_float(v)) is None or not ok(f):  # float32 in the acceptance: past its range, infinite
                 raise InputError(f"{name} must be a number {rule}, got {v!r:.40}")
-            setattr(self, name, float(v))
+            setattr(self, name, f)
         if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r:.40}")
         if self.seed is not None:
@@ -109,6 +109,17 @@ def effective_temperature(t: float) -> float:
 
 def _is_int(x) -> bool:
     return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+def _as_float(x) -> float | None:
+    """``x`` as a Python float (compared so, a numpy float16's bound cannot overflow), or None when it is no number
+    or no float can hold it (an integer of 400 digits)."""
+    if not _is_number(x):
+        return None
+    try:
+        return float(x)
+    except OverflowError:
+        return None
 
 
 def _is_number(x) -> bool:

@@ -121,8 +121,9 @@ class Generator:
             raise InputError("the prompt is empty: give at least one token")
         if len(ids) + 1 > self.backend.max_seq:
             built = getattr(getattr(self.backend, "manifest", None), "max_seq", None)  # None: a model, no artifact
-            fix = "use a larger --max-seq" if built is None else "rebuild with a larger --max-seq" \
-                if self.backend.max_seq >= built else f"open it with a larger max_seq (--max-seq), up to the artifact's {built}"
+            fix = ("raise max_seq (--max-seq), up to an artifact's own" if built is None else
+                   "rebuild with a larger --max-seq" if self.backend.max_seq >= built else
+                   f"open it with a larger max_seq (--max-seq), up to the artifact's {built}")
             raise InputError(f"the prompt has {len(ids)} tokens but the maximum sequence is {self.backend.max_seq}: "
                              f"shorten the prompt or {fix}")
         return ids

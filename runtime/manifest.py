@@ -47,9 +47,11 @@ FORMAT = "medusa-export-artifact"
 FORMAT_VERSION = 3  # 3: the typed spec (every field checked; graph_format, kv_layout and weights required)
 # Read by fixed name (runtime/tokenizer.py), so only when the manifest lists them; one present but not listed is refused.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja")
-# `build` assembles an artifact in a work directory holding this marker (+ its pid) until it swaps it into place:
-# killed before that (SIGKILL, a power cut), the directory has a manifest but not every check, and must not load.
-UNFINISHED = ".unfinished-build-"
+# `build` assembles an artifact in a work directory holding this marker (locked by the building process) until it
+# swaps it into place: killed before that (SIGKILL, a power cut), the directory has a manifest but not every check,
+# and must not load.
+UNFINISHED = ".unfinished-build"
+_BUILDING: set[str] = set()  # work directories this process is building (it loads them to check its graphs)
 PORTABLE, ONNXRUNTIME = "portable", "onnxruntime"  # graph formats: standard ops (ORT + TensorRT) / fused (ORT only)
 GRAPH_FORMATS = (ONNXRUNTIME, PORTABLE)
 WEIGHTS = ("fp32", "fp16", "int8", "int4")  # `build --dtype`
@@ -246,12 +248,18 @@ class Manifest:
 
 
 def check_finished(directory: Path) -> None:
-    """ArtifactError when ``directory`` is a build's work directory that another process left unfinished (this
-    process's own build loads it to check its graphs)."""
-    for marker in directory.glob(UNFINISHED + "*"):
-        if marker.name != f"{UNFINISHED}{os.getpid()}":
-            raise ArtifactError(f"{directory} is an unfinished build (its `medusa-export build` stopped before the "
-                                f"end): build again, and remove this directory")
+    """ArtifactError when ``directory`` is a build's work directory, unless this process is building it (and loads
+    it to check its graphs)."""
+    if os.path.lexists(directory / UNFINISHED) and str(directory.resolve()) not in _BUILDING:
+        raise ArtifactError(f"{directory} is an unfinished build (in progress in another process, or stopped before "
+                            f"the end): use the artifact a finished build writes; remove this directory if no build "
+                            f"runs")
+
+
+def building(directory: Path, now: bool) -> None:
+    """Note that this process is (``now``) or is no longer building the work directory ``directory``."""
+    key = str(Path(directory).resolve())
+    _BUILDING.add(key) if now else _BUILDING.discard(key)
 
 
 def listed_files(directory: str | Path) -> set[str] | None:

@@ -31,13 +31,6 @@ def test_report_paths_are_checked_before_the_work(artifact, tmp_path):
     refused_before_work(cli(*bench, "--json", str(tmp_path)), "--json", "is a directory")
     refused_before_work(cli(*bench, "--plot", str(tmp_path / "missing" / "x.png")), "--plot", "does not exist")
     refused_before_work(cli(*bench, "--plot", str(tmp_path / "x.svg")), "--plot", "give a path ending in .png")
-    prompts = tmp_path / "p.jsonl"
-    prompts.write_text('{"prompt": "Hi"}\n')
-    (tmp_path / "link.png").hardlink_to(prompts)  # the same file under another name: writing it would destroy it
-    refused_before_work(cli(*bench, "--prompts", str(prompts), "--plot", str(tmp_path / "link.png")), "--plot",
-                        "would overwrite")
-    for name in ("link.png", "p.jsonl"):
-        (tmp_path / name).unlink()
     verify = ("verify", a, "--backends", "ort,torch", "--limit", "1", "--max-new-tokens", "2")
     refused_before_work(cli(*verify, "--json", str(missing)), "--json", "does not exist")
     afile = tmp_path / "afile"

@@ -200,6 +200,8 @@ def test_a_plain_runtime_opens_the_vanilla_graph_at_load(rt, artifact):
     ({"temperature": 0.5, "typical_alpha": 1e300}, "typical_alpha"),  # infinite in the float32 acceptance
     ({"stop_strings": ["\udcff"]}, "lone surrogate"),  # refused in prompts, and it could never match
     ({"stop_strings": [""]}, "a stop string is empty"),
+    ({"temperature": 10 ** 400}, "temperature"),  # float() of it overflows: an OverflowError before
+    ({"temperature": 0.5, "typical_alpha": 10 ** 400}, "typical_alpha"),
 ])
 def test_numbers_and_stop_strings_past_what_decoding_takes_are_refused(options, needle):
     with pytest.raises(InputError, match=needle):
