@@ -96,7 +96,7 @@ def test_long_stop_strings_are_refused_by_the_library_too():
     GenerationConfig(stop_strings=("z" * 1000,))
     with pytest.raises(InputError, match="at most 1000 characters"):
         GenerationConfig(stop_strings=("z" * 1001,))
-    with pytest.raises(InputError, match="at most 16 strings"):
+    with pytest.raises(InputError, match="at most 16 stop strings"):
         GenerationConfig(stop_strings=tuple("abcdefghijklmnopq"))
 
 
