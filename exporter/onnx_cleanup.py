@@ -17,6 +17,16 @@ from pathlib import Path
 from medusa_export.runtime import kernels
 
 
+def _quiet_onnxruntime() -> None:
+    """Errors only from the sessions folding opens with ONNX Runtime's default logger (its optimizer's notes on
+    nodes it leaves, a screenful per graph, are not for users); the project's own sessions set their level."""
+    try:
+        import onnxruntime
+    except ImportError:
+        return
+    onnxruntime.set_default_logger_severity(3)
+
+
 def fold_constants(path: Path) -> dict:
     import onnx
     import polygraphy
@@ -28,6 +38,7 @@ def fold_constants(path: Path) -> dict:
     # ONNX Runtime's symbolic shape inference does not know the attention kernel's op; where it fails it saves its
     # partial model into the current directory, so graphs with the op use ONNX's shape inference only.
     ort_shapes = all(o.domain != kernels.DOMAIN for o in model.opset_import)
+    _quiet_onnxruntime()
     with G_LOGGER.verbosity(G_LOGGER.ERROR):  # Polygraphy reports every pass on stdout otherwise
         folded = polygraphy_fold(model, error_ok=True, allow_onnxruntime_shape_inference=ort_shapes)
     after = len(folded.graph.node)

@@ -207,3 +207,13 @@ def test_build_command_makes_an_artifact_generate_runs(tiny_dirs, tmp_path):
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     assert result["medusa"] is True and result["new_tokens"] == 5
+
+
+def test_a_portable_build_prints_no_onnx_runtime_notes(tiny_dirs, tmp_path):
+    """Folding constants opened ONNX Runtime sessions at its default log level: 28 lines of optimizer notes
+    ("UnsqueezeElimination cannot remove node ...") on a successful build of the tiny model."""
+    model_dir, heads_dir = tiny_dirs
+    proc = cli("build", str(model_dir), "--heads", str(heads_dir), "--tree", "chain-2", "--max-seq", "64",
+               "--graph", "portable", "--max-num-seqs", "1", "--out", str(tmp_path / "art"))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == "" and "[W]" not in proc.stdout, proc.stderr[:500]
