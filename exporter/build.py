@@ -75,6 +75,10 @@ def build_artifact(model: str | None, out: str | Path, options: BuildOptions = B
         chosen = resolve_heads(options.heads, loaded)
     if options.quantized and quality_prompts:
         _check_quality_fits(loaded.tokenizer, quality_prompts, options.max_seq)
+    trained = getattr(loaded.model.config, "max_position_embeddings", None)
+    if isinstance(trained, int) and options.max_seq > trained:  # allowed (RoPE extends), but worth knowing
+        log(f"  note: --max-seq {options.max_seq} is past the model's max_position_embeddings {trained}: it was "
+            f"never trained on positions beyond")
     if chosen.heads.draft_ids is not None and chosen.heads.config.draft_vocab_size < options.head_topk:
         raise HeadsError(f"the heads score a draft vocabulary of {chosen.heads.config.draft_vocab_size} tokens, fewer "
                          f"than --head-topk {options.head_topk}: use --head-topk {chosen.heads.config.draft_vocab_size} "

@@ -258,3 +258,17 @@ def test_names_recorded_from_paths_are_one_printable_line():
     assert record_name("evil\n\x1b[31mname") == "evil??[31mname"
     assert record_name("SmolLM2-135M-Instruct") == "SmolLM2-135M-Instruct" and record_name(None) is None
     assert len(record_name("x" * 1000)) == 255
+
+
+def test_a_capacity_past_the_models_trained_positions_is_noted(tiny_dirs, tmp_path, monkeypatch):
+    from medusa_export.exporter import build as build_mod
+
+    def stop(*_a, **_k):
+        raise KeyboardInterrupt  # the note comes before the export: no need to wait for it
+
+    monkeypatch.setattr(build_mod, "_export_graph", stop)
+    lines: list[str] = []
+    with pytest.raises(KeyboardInterrupt):
+        build_mod.build_artifact(str(tiny_dirs[0]), tmp_path / "art", BuildOptions(heads=str(tiny_dirs[1]),
+                                 tree="chain-1", max_seq=1024), log=lines.append)
+    assert any("past the model's max_position_embeddings 512" in line for line in lines), lines
