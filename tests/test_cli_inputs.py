@@ -285,6 +285,10 @@ def test_empty_values_are_refused_not_read_as_the_default(artifact):
     refused_before_work(cli("serve", "", timeout=120), "artifact directory is empty", "medusa-export build")
     refused_before_work(cli("serve", str(artifact), "--served-model-name", " ", timeout=120),
                         "--served-model-name is empty")
+    # click reads an empty variable as unset: the server started without authentication
+    refused_before_work(cli("serve", str(artifact), "--port", "0", timeout=120, env={"MEDUSA_EXPORT_API_KEY": ""}),
+                        "--api-key must be a non-empty key")
+    refused_before_work(cli("serve", str(artifact), "--threads", "99999", timeout=120), "--threads", "at most 4096")
     refused_before_work(cli("generate", str(artifact), "--prompt"), "requires an argument",
                         "medusa-export generate --help")
     refused_before_work(cli("bench", str(artifact), "--no-hf", "--model", "x"), "--model is the base model")

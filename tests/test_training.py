@@ -296,3 +296,15 @@ def test_no_cuda_is_one_line_before_any_output(loaded, prompts_file, tmp_path):
     with pytest.raises(InputError, match="--device cuda: this PyTorch sees no CUDA device"):
         train_mod.train_heads(loaded, prompts_file, tmp_path / "h", Medusa1Options(device="cuda", progress=False))
     assert not (tmp_path / "h").exists()
+
+
+def test_what_a_run_cannot_learn_or_measure_is_said(loaded, prompts_file, tmp_path, capsys):
+    """A head whose targets all lie past the answers' ends printed a loss of 0.0 (read as perfect); a run without
+    held-out prompts, or with a draft vocabulary past the model's, said nothing."""
+    opts = replace(OPTS, cache_dir=tmp_path / "c", epochs=1, heldout_fraction=0.0, max_new_tokens=4,
+                   draft_vocab=TINY_VOCAB + 100)
+    train_mod.train_heads(loaded, prompts_file, tmp_path / "h", opts)
+    err = capsys.readouterr().err
+    assert "warning: head 4 has no training positions" in err and "head 3 has no" not in err
+    assert "warning: no held-out positions" in err
+    assert f"--draft-vocab {TINY_VOCAB + 100} is past the model's vocabulary: {TINY_VOCAB} tokens" in err

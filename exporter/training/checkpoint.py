@@ -55,6 +55,8 @@ def load(out: Path, fp: str, log=lambda _msg: None) -> dict | None:
             raise ValueError("not a train-heads checkpoint")
     except Exception as e:  # a torn write, another program's file, a pickle with code in it
         first = (str(e).splitlines() or [type(e).__name__])[0][:120]
+        if "weights only load failed" in first.lower():  # torch's text goes on to advise unpickling it: never
+            first = "not a train-heads checkpoint"
         raise CheckpointError(f"checkpoint {p} cannot be read ({first}): delete it, or start afresh with "
                               f"--no-resume") from None
     if state["fingerprint"] != fp:

@@ -73,6 +73,18 @@ class HeadsLoss(nn.Module):
         return (w * per_head_t).sum(), per_head_t.detach()
 
 
+def _warn_about_data(rank: int, train_ex, held_ex) -> None:
+    """Say what the run cannot measure or learn: a head whose every target lies past the answers' ends reports a
+    loss of 0 (no positions, not a perfect head), and without held-out positions eval.json holds no accuracies."""
+    positions = (np.asarray(train_ex.targets) != IGNORE).sum(axis=0)
+    for k in np.flatnonzero(positions == 0):
+        _log(rank, f"warning: head {k + 1} has no training positions (every answer is shorter than {k + 2} tokens): "
+                   f"its loss reads 0; raise --max-new-tokens or train fewer --num-heads")
+    if len(held_ex) == 0:
+        _log(rank, "warning: no held-out positions (too few prompts, or --heldout-fraction 0): eval.json holds no "
+                   "accuracies and heldout_prompts.jsonl no prompts; calibrate-tree needs other --data")
+
+
 def lr_lambda(total_steps: int, warmup_steps: int):
     """Linear warm-up to 1, then cosine decay to 0."""
     def f(step: int) -> float:
@@ -109,6 +121,10 @@ def train_heads(model_source: Any, data_file: str | Path, out_dir: str | Path,
         p.requires_grad_(False)
     out = Path(out_dir)
     datas = distill_passes(model, loaded, prompt_set, o, rank, world)
+    stats = getattr(datas[0], "stats", None) or {} if datas else {}
+    if skipped := stats.get("skipped_long_prompts"):
+        _log(rank, f"note: {skipped} prompt(s) over {stats['config']['max_prompt_tokens']} tokens under the chat "
+                   f"template left out (training.json: skipped_long_prompts)")
     train_ex, held_ex = _split(datas, o)
     held_prompts = np.unique(held_ex.prompt_index)
     if len(train_ex) == 0:
@@ -116,6 +132,9 @@ def train_heads(model_source: Any, data_file: str | Path, out_dir: str | Path,
     config = model.config
     lm_weight = model.get_output_embeddings().weight.detach()
     vocab = DraftVocab.from_targets(train_ex.targets, o.draft_vocab, config.vocab_size) if o.draft_vocab else None
+    if o.draft_vocab and o.draft_vocab > config.vocab_size:
+        _log(rank, f"note: --draft-vocab {o.draft_vocab} is past the model's vocabulary: {config.vocab_size} tokens, "
+                   f"every one of them")
     train_targets = vocab.remap(train_ex.targets, config.vocab_size) if vocab else train_ex.targets
     amp = _pick_amp(o.amp, device)
 
@@ -147,6 +166,7 @@ def train_heads(model_source: Any, data_file: str | Path, out_dir: str | Path,
     baseline = evaluate_heads(heads, lm_weight, held_ex, device=device) if rank == 0 and state is None else None
     _log(rank, f"{len(train_ex)} training positions, {len(held_ex)} held-out; {total} steps of {o.batch_size}; "
                f"projection: {'draft vocab ' + str(len(vocab.ids)) + f' (coverage {vocab.coverage:.3f})' if vocab else 'full vocab'}, {amp}")
+    _warn_about_data(rank, train_ex, held_ex)
     t_train = time.perf_counter()
     trained_positions = 0
     last_ckpt = time.perf_counter()

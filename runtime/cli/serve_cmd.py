@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import typer
@@ -43,11 +44,17 @@ def serve(
     replicas: int = typer.Option(1, min=1, help="Ray Serve replicas (with --ray)."),
 ) -> None:
     """Serve an artifact over the OpenAI API (chat/completions, completions, models) with Prometheus metrics."""
+    from ..backends.ort import MAX_THREADS
     from ..errors import InputError
+    from .checks import at_least
     from ..serve.app import ServeSettings
 
     if backend not in ("ort", "trt"):
         raise InputError(f"unknown backend {backend!r}: choose ort or trt")
+    at_least("--threads", threads, hint=", or leave it out for all cores", maximum=MAX_THREADS)
+    if api_key is None and "MEDUSA_EXPORT_API_KEY" in os.environ:
+        # click reads an empty variable as unset: the server would start without authentication, silently
+        api_key = os.environ["MEDUSA_EXPORT_API_KEY"]
     if served_model_name is not None and not served_model_name.strip():  # was silently the artifact's name
         raise InputError("--served-model-name is empty: give the model id clients send, or leave it out for the "
                          "artifact's")

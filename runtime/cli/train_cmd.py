@@ -72,8 +72,9 @@ def calibrate_tree(
                f"predicted {c['tokens_per_s']:.1f} tokens/s vs {c['vanilla_tokens_per_s']:.1f} vanilla "
                f"({c['predicted_speedup']:.2f}x, steps only) -> {out}")
     if c["predicted_speedup"] <= 1.0:
-        typer.echo("warning: on this backend these heads do not pay for the tree; serve with --no-medusa, "
-                   "or train heads on more data", err=True)
+        typer.echo("warning: on this backend these heads do not pay for the tree: `generate`, `serve` and the library "
+                   "then decode on the vanilla graph (greedy requests with context drafts); train heads on more "
+                   "data to change that", err=True)
 
 
 def _check_fits(artifact: Path, texts: list[str], data: Optional[Path], node_budget: int) -> None:
