@@ -308,3 +308,14 @@ def test_what_a_run_cannot_learn_or_measure_is_said(loaded, prompts_file, tmp_pa
     assert "warning: head 4 has no training positions" in err and "head 3 has no" not in err
     assert "warning: no held-out positions" in err
     assert f"--draft-vocab {TINY_VOCAB + 100} is past the model's vocabulary: {TINY_VOCAB} tokens" in err
+
+
+def test_prompts_longer_than_the_models_context_leaves_room_for_are_left_out(loaded, tmp_path, capsys):
+    """The cap was a fixed 1,024 tokens: on a model of 512 positions a 600-token prompt was distilled past them."""
+    prompts = tmp_path / "p.jsonl"
+    long_prompt = " ".join(f"t{5 + i % 300}" for i in range(500))  # 500 words, over 512 - 24 with the template
+    prompts.write_text("\n".join(json.dumps({"prompt": p}) for p in ["t5 t6 t7", "t8 t9", "t10 t11 t12", long_prompt]))
+    report = train_mod.train_heads(loaded, prompts, tmp_path / "h", replace(OPTS, cache_dir=tmp_path / "c", epochs=1))
+    assert report["distillation"][0]["skipped_long_prompts"] == 1
+    assert report["distillation"][0]["config"]["max_prompt_tokens"] == 512 - OPTS.max_new_tokens
+    assert "note: 1 prompt(s) over 488 tokens" in capsys.readouterr().err

@@ -254,6 +254,10 @@ def distill_passes(model, loaded, prompt_set, o: Medusa1Options, rank: int, worl
     ``o.extra_sampled_passes`` sampled ones, for training only."""
     gen_cfg = DistillConfig(max_new_tokens=o.max_new_tokens, batch_size=o.gen_batch_size, temperature=o.temperature,
                             seed=o.seed, engine=o.distill_engine)
+    context = getattr(model.config, "max_position_embeddings", None)
+    if isinstance(context, int) and context - o.max_new_tokens < gen_cfg.max_prompt_tokens:
+        # prompt and answer within the positions the model was trained on (a smaller model than the default's)
+        gen_cfg = replace(gen_cfg, max_prompt_tokens=max(1, context - o.max_new_tokens))
     passes = [gen_cfg] + [replace(gen_cfg, temperature=o.sample_temperature, seed=o.seed + p)
                           for p in range(1, o.extra_sampled_passes + 1)]
     datas, cache = [], cache_dir(o)
