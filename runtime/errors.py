@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 
+def first_line(e: BaseException, limit: int = 200) -> str:
+    """The first line of another library's exception text, at most ``limit`` characters (its type's name when the
+    text is blank): what a one-line message quotes of it."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:limit]
+
+
 class MedusaExportError(Exception):
     """Base class: the CLI prints these as one line and exits with code 2."""
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from medusa_export.runtime.errors import CheckpointError
+from medusa_export.runtime.errors import CheckpointError, first_line
 
 FILE = "checkpoint.pt"
 _SKIP = ("resume", "progress", "threads", "checkpoint_every_s", "out_dir", "cache_dir")
@@ -54,7 +54,7 @@ def load(out: Path, fp: str, log=lambda _msg: None) -> dict | None:
         if not isinstance(state, dict) or not {"fingerprint", "heads", "optimizer", "scheduler"} <= set(state):
             raise ValueError("not a train-heads checkpoint")
     except Exception as e:  # a torn write, another program's file, a pickle with code in it
-        first = (str(e).splitlines() or [type(e).__name__])[0][:120]
+        first = first_line(e, 120)
         if "weights only load failed" in first.lower():  # torch's text goes on to advise unpickling it: never
             first = "not a train-heads checkpoint"
         raise CheckpointError(f"checkpoint {p} cannot be read ({first}): delete it, or start afresh with "

@@ -121,7 +121,7 @@ def train_heads(model_source: Any, data_file: str | Path, out_dir: str | Path,
         p.requires_grad_(False)
     out = Path(out_dir)
     datas = distill_passes(model, loaded, prompt_set, o, rank, world)
-    stats = getattr(datas[0], "stats", None) or {} if datas else {}
+    stats = datas[0].stats  # pass 0's prompts: every pass draws the same ones
     if skipped := stats.get("skipped_long_prompts"):
         _log(rank, f"note: {skipped} prompt(s) over {stats['config']['max_prompt_tokens']} tokens under the chat "
                    f"template left out (training.json: skipped_long_prompts)")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
-from ..errors import BackendUnavailableError
+from ..errors import BackendUnavailableError, first_line
 from .cuda_buffers import import_cudart, load_cuda
 
 MIN_TENSORRT_MAJOR = 10
@@ -54,8 +54,7 @@ def _tensorrt():
     except ImportError:
         return None, TENSORRT_HINT
     except Exception as e:  # e.g. the pip meta-package without its libraries, or a CUDA library mismatch
-        first = (str(e).splitlines() or [type(e).__name__])[0][:160]
-        return None, (f"TensorRT is installed but cannot be loaded ({first}): "
+        return None, (f"TensorRT is installed but cannot be loaded ({first_line(e, 160)}): "
                       "reinstall with pip install --force-reinstall tensorrt")
     version = getattr(trt, "__version__", "0")
     if tensorrt_major(version) < MIN_TENSORRT_MAJOR:

@@ -46,8 +46,8 @@ def serve(
     """Serve an artifact over the OpenAI API (chat/completions, completions, models) with Prometheus metrics."""
     from ..backends.ort import MAX_THREADS
     from ..errors import InputError
-    from .checks import at_least
     from ..serve.app import ServeSettings
+    from .checks import at_least
 
     if backend not in ("ort", "trt"):
         raise InputError(f"unknown backend {backend!r}: choose ort or trt")

@@ -1,0 +1,149 @@
+"""Whether a model directory is what its config.json says, checked before and after transformers loads it: a
+supported architecture with sizes within far bounds and rotary settings a graph can follow, no more layers than the
+weights hold, every described tensor present with its shape and finite, and files the loaders read that are regular
+files. transformers itself fills a missing or mis-shaped tensor with random values and reports it in many lines.
+
+    cfg = check_architecture(directory / "config.json")     # ModelError naming the file and the fix
+    check_layers_match_weights(directory, cfg)               # from the safetensors headers, before loading
+    check_loaded(model, loading_info, directory)             # after from_pretrained(output_loading_info=True)
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from medusa_export.exporter.output_dir import HEADS_FORMAT
+from medusa_export.runtime.bounded_read import read_bounded
+from medusa_export.runtime.errors import ModelError
+from medusa_export.runtime.manifest import DIMS_LIMITS
+from medusa_export.runtime.typed_json import MAX_JSON_BYTES, json_object_or_none
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+# config.json's sizes, far above any model this exports: the manifest's bounds where it records the size (an artifact
+# past one would not load), far ones for the rest
+SIZE_LIMITS = {"num_hidden_layers": DIMS_LIMITS["num_layers"], "vocab_size": DIMS_LIMITS["vocab_size"],
+               "hidden_size": 1 << 16, "intermediate_size": 1 << 20, "num_attention_heads": 1024,
+               "num_key_value_heads": DIMS_LIMITS["num_kv_heads"], "head_dim": DIMS_LIMITS["head_dim"]}
+
+
+def check_architecture(config_file: Path) -> dict:
+    """config.json as a dict, or a ModelError: a supported architecture, sizes within `SIZE_LIMITS`, rotary settings
+    the graphs follow."""
+    if not config_file.exists():
+        artifact = (config_file.parent / "manifest.json").exists()
+        raise ModelError(f"{config_file} is missing: a model directory needs config.json and safetensors weights"
+                         + (f" ({config_file.parent} is an artifact: give the model it was built from)" if artifact
+                            else " (and an artifact directory a manifest.json, which is not there either)"))
+    try:  # bounded, a regular file only: a FIFO would block the build, /dev/zero fill the memory
+        cfg = json.loads(read_bounded(config_file, MAX_JSON_BYTES).decode("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        why = getattr(e, "strerror", None) or getattr(e, "msg", None) or type(e).__name__
+        raise ModelError(f"{config_file} cannot be read as JSON ({why}): restore the model's config.json") from None
+    if not isinstance(cfg, dict):
+        raise ModelError(f"{config_file} must hold a JSON object, not {type(cfg).__name__}: restore the model's "
+                         f"config.json")
+    if cfg.get("format") == HEADS_FORMAT:  # said "model type None is not supported"
+        raise ModelError(f"{config_file.parent} holds Medusa heads, not a model: give the base model as MODEL and "
+                         f"this directory as --heads")
+    model_type = cfg.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ModelError(
+            f"model type {model_type!r} is not supported: supported types are {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    _check_rope(cfg, config_file)
+    for name, most in SIZE_LIMITS.items():  # before transformers allocates what they describe
+        value = cfg.get(name)
+        if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= most):
+            shown = f"an integer of {len(str(value))} digits" if isinstance(value, int) and abs(value) > 10**12 \
+                else repr(value)[:40]
+            raise ModelError(f"{config_file}: {name} must be an integer in 1..{most}, not {shown}: restore the "
+                             f"model's config.json")
+    return cfg
+
+
+def _check_rope(cfg: dict, config_file: Path) -> None:
+    """Rotary settings a graph with fixed position tables can follow (the export's check blamed the exporter)."""
+    params = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}  # transformers 5 / earlier releases
+    params = params if isinstance(params, dict) else {}
+    theta = cfg.get("rope_theta", params.get("rope_theta", 10000.0))
+    if not isinstance(theta, (int, float)) or isinstance(theta, bool) or not 0 < theta < float("inf"):
+        raise ModelError(f"{config_file}: rope_theta must be a positive number, not {theta!r:.40}: restore the "
+                         f"model's config.json")
+    kind = params.get("rope_type", params.get("type"))
+    if kind == "dynamic":
+        raise ModelError(f"{config_file}: dynamic RoPE scaling is not supported: its frequencies change with the "
+                         f"sequence's length, which the graphs' fixed position tables cannot follow")
+
+
+def check_layers_match_weights(directory: Path, cfg: dict) -> None:
+    """ModelError when config.json describes another number of decoder layers than the safetensors hold: transformers
+    fills layers without weights with random ones (and a config of 100M layers allocates them first)."""
+    layers: set[int] = set()
+    files = _weight_files(directory)
+    for file in files:
+        layers |= {int(m.group(1)) for key in _safetensors_keys(file) if (m := _LAYER_KEY.search(key))}
+    want = cfg.get("num_hidden_layers")
+    # More layers than the weights hold is refused; fewer load (the first layers: a quick test of a big model)
+    if files and layers and isinstance(want, int) and want > max(layers) + 1:
+        raise ModelError(f"{directory / 'config.json'} says num_hidden_layers {want}, but the weights hold "
+                         f"{max(layers) + 1} layers: restore the config.json that belongs to these weights")
+
+
+_LAYER_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def _weight_files(directory: Path) -> list[Path]:
+    """The safetensors files transformers loads: the index's shards, else model.safetensors."""
+    index = json_object_or_none(directory / "model.safetensors.index.json")
+    shards = index.get("weight_map") if index else None
+    if isinstance(shards, dict):
+        return sorted({directory / name for name in shards.values() if isinstance(name, str) and "/" not in name})
+    return [directory / "model.safetensors"] if (directory / "model.safetensors").is_file() else []
+
+
+def _safetensors_keys(file: Path) -> list[str]:
+    """The tensor names in a safetensors file's header, read without the tensors (unreadable: none; the loader
+    then says what is wrong with the file)."""
+    try:
+        with file.open("rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(size)) if 0 < size <= MAX_JSON_BYTES * 8 else {}
+    except (OSError, ValueError, RecursionError):
+        return []
+    return [k for k in header if k != "__metadata__"] if isinstance(header, dict) else []
+
+
+def check_regular_files(directory: Path) -> None:
+    """ModelError for a file the loaders read (weights, JSON, tokenizer files) that is not a regular file: a FIFO
+    blocked the build for ever, a device filled the memory, a directory failed with "Is a directory"."""
+    for path in sorted(directory.iterdir()):
+        if path.suffix in _READ_SUFFIXES and not path.is_file():
+            raise ModelError(f"{path} is not a regular file (a directory, FIFO, device or broken link), where the "
+                             f"model's files are read: remove or restore it")
+
+
+_READ_SUFFIXES = {".json", ".safetensors", ".bin", ".jinja", ".model", ".txt", ".gguf"}
+
+
+def check_loaded(model, info: dict, directory: Path) -> None:
+    """ModelError for weights the model lacks, of another shape, or not numbers: transformers initialises missing
+    and mis-shaped ones randomly (with a report of many lines), and NaN weights failed only at the export's check,
+    blamed on the exporter."""
+    tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
+    missing = sorted(set(info.get("missing_keys", ())) - tied)
+    if missing:
+        raise ModelError(f"the weights in {directory} lack {len(missing)} tensor(s) config.json describes (such as "
+                         f"{missing[0]!r}): config.json does not describe these weights; restore the model's files")
+    mismatched = sorted(info.get("mismatched_keys", ()))
+    if mismatched:
+        key, have, want = mismatched[0][:3]
+        raise ModelError(f"the weights in {directory} hold {key!r} of shape {tuple(have)}, but config.json needs "
+                         f"{tuple(want)}: config.json does not describe these weights; restore the model's files")
+    import torch
+
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ModelError(f"the model's weight {name!r} holds NaN or infinite values: restore the weights "
+                             f"({directory})")
