@@ -46,7 +46,12 @@ PRIOR_ROW_SHARE = 0.06  # one more row, as a share of a one-row step
 # prior's 6 %); without this a fresh process verified drafts at nearly every step and ran 0.71-0.84x its vanilla speed.
 PLAIN_MIN = 3
 PLAIN_EVERY = 64
-EXPLORE_EVERY = 8  # requests: one in eight runs the heads whatever they are expected to give
+# Requests: once the paired steps decide, one in EXPLORE_EVERY runs the other graph; each exploration that leaves the
+# choice as it was doubles the interval, up to MAX_EXPLORE_EVERY, and a changed choice starts again from EXPLORE_EVERY.
+# Exploring a graph that loses costs its difference on that request: on the default artifact (the heads' graph about
+# 3 % fewer expected tokens per second, a request on it 11 % dearer a step) one in eight cost 1.1 % of tok/s.
+EXPLORE_EVERY = 8
+MAX_EXPLORE_EVERY = 64
 PRIOR_HEADS_NODE = 0.3  # a heads' node at depth d: accepted 0.3 ** d of the time (the shipped heads' first: ~0.3)
 PAIRED_DECAY = 0.995  # per step: the two graphs' expected rates follow the last few hundred Medusa-graph steps
 MIN_PAIRED_STEPS = 64  # Medusa-graph steps weighed both ways before they decide which graph runs a request
@@ -177,6 +182,9 @@ class Speculation:
         self.rates = AcceptanceRates()
         self.alone_cost = {True: StepCost(), False: StepCost()}  # one-sequence steps, by graph: Medusa, vanilla
         self.requests = 0
+        self.choice: bool | None = None  # the graph the paired steps chose last (True: the heads'), None before
+        self.explore_every = EXPLORE_EVERY  # requests between explorations of the other graph, once chosen
+        self.next_explore = 0  # the request count at which the next exploration runs
         self.batched_cost = StepCost()
         self.lock = threading.Lock()
         self.node_hits: list[float] | None = None  # per node of the heads' tree: times accepted
@@ -197,11 +205,12 @@ class Speculation:
 
     def heads_for(self, tree):
         """The heads' tree for a new request when the heads are expected to pay on this machine, else None (the
-        vanilla graph, with drafts only); every ``EXPLORE_EVERY``-th request (every other one until both graphs are
-        measured) the other choice, so that both graphs stay measured. Once ``MIN_PAIRED_STEPS`` Medusa-graph steps
-        were weighed both ways and the vanilla graph's step cost is measured, the expected tokens per second of the
-        same steps on each graph decide (drafts ride on both, and the Medusa graph computes its heads on every row);
-        before that, the heads' tree alone against a plain step. The same steps, not each graph's own requests:
+        vanilla graph, with drafts only); now and then the other choice, so that both graphs stay measured: every
+        other request until both are, then the ``EXPLORE_EVERY``-th, the interval doubling (up to
+        ``MAX_EXPLORE_EVERY``) while explorations leave the choice as it was. Once ``MIN_PAIRED_STEPS`` Medusa-graph
+        steps were weighed both ways and the vanilla graph's step cost is measured, the expected tokens per second of
+        the same steps on each graph decide (drafts ride on both, and the Medusa graph computes its heads on every
+        row); before that, the heads' tree alone against a plain step. The same steps, not each graph's own requests:
         one answer draws several times as many tokens per step as another, which would swamp the difference.
         Decided per request: switching graphs between steps costs more than it saves (docs/speculation.md)."""
         if tree is None:
@@ -209,15 +218,26 @@ class Speculation:
         with self.lock:  # a whole record, not one half-updated by a step on another thread
             self.requests += 1
             medusa_tokens, medusa_s, vanilla_tokens, vanilla_s, steps = self.paired
-        measured = steps >= MIN_PAIRED_STEPS and self.alone_cost[False].measured
-        if measured:  # tokens per second on each graph, compared without dividing
-            pays = medusa_tokens * vanilla_s >= vanilla_tokens * medusa_s
-        else:
-            n = tree.num_nodes
-            pays = sum(self.node_rates(tree)) / self.alone_table(True, n)[n] >= 1 / self.alone_table(False, 1)[1]
-        # Until both graphs are measured every other request tries the other one: a few requests, not eight, decide.
-        explore = self.requests % (EXPLORE_EVERY if measured else 2) == 0
+            measured = steps >= MIN_PAIRED_STEPS and self.alone_cost[False].measured
+            if measured:  # tokens per second on each graph, compared without dividing
+                pays = medusa_tokens * vanilla_s >= vanilla_tokens * medusa_s
+                explore = self._explore(pays)
+            else:
+                n = tree.num_nodes
+                pays = sum(self.node_rates(tree)) / self.alone_table(True, n)[n] >= 1 / self.alone_table(False, 1)[1]
+                explore = self.requests % 2 == 0  # until both graphs are measured: a few requests, not eight, decide
         return tree if pays != explore else None
+
+    def _explore(self, pays: bool) -> bool:
+        """Whether this request (``self.requests``) runs the graph the paired steps did not choose (under the lock)."""
+        if pays != self.choice:  # a new or changed choice: watch it closely again
+            self.choice, self.explore_every = pays, EXPLORE_EVERY
+            self.next_explore = self.requests + EXPLORE_EVERY - 1
+        if self.requests < self.next_explore:
+            return False
+        self.explore_every = min(2 * self.explore_every, MAX_EXPLORE_EVERY)
+        self.next_explore = self.requests + self.explore_every
+        return True
 
     def record_paired(self, medusa_tokens: float, medusa_s: float, vanilla_tokens: float, vanilla_s: float) -> None:
         """A greedy step on the Medusa graph, weighed both ways: its plan's expected tokens and seconds there, and

@@ -232,6 +232,29 @@ def test_once_the_same_steps_were_weighed_on_both_graphs_the_faster_one_runs_the
     assert decisions() == (EXPLORE_EVERY - 1, 1)
 
 
+def test_explorations_of_the_losing_graph_thin_out_while_the_choice_holds_and_resume_when_it_changes():
+    """Each exploration that leaves the choice as it was doubles the interval to the next (8, 16, 32, 64, then every
+    64th request); a changed choice explores again after EXPLORE_EVERY requests."""
+    from medusa_export.runtime.speculation import EXPLORE_EVERY, MAX_EXPLORE_EVERY, MIN_PAIRED_STEPS, Speculation
+
+    tree = Tree.from_choices([[0], [0, 0]], topk=4)
+    spec = Speculation()
+    spec.alone_cost[True].record(3, 0.0044)
+    spec.alone_cost[False].record(1, 0.004)
+    for _ in range(MIN_PAIRED_STEPS):
+        spec.record_paired(1.2, 0.0044, 1.2, 0.0040)  # the vanilla graph wins the same steps
+
+    def explorations(requests: int, winner) -> list[int]:
+        """The requests (1-based) among the next ``requests`` that did not get ``winner``."""
+        return [i for i in range(1, requests + 1) if spec.heads_for(tree) is not winner]
+
+    gaps = [EXPLORE_EVERY, 2 * EXPLORE_EVERY, 4 * EXPLORE_EVERY, MAX_EXPLORE_EVERY, MAX_EXPLORE_EVERY]
+    assert explorations(sum(gaps), None) == np.cumsum(gaps).tolist()
+    for _ in range(8 * MIN_PAIRED_STEPS):
+        spec.record_paired(2.0, 0.0044, 1.2, 0.0040)  # the heads now pay: the Medusa graph wins
+    assert explorations(3 * EXPLORE_EVERY, tree) == [EXPLORE_EVERY, 3 * EXPLORE_EVERY]
+
+
 def test_a_step_on_the_medusa_graph_is_weighed_on_both_graphs():
     """`plan` on the Medusa graph records its own plan by that graph's step costs and the best plan without the
     heads by the vanilla graph's, whole-tree backends included; nothing while the vanilla graph's cost is only
