@@ -1,0 +1,211 @@
+"""Replay the runtime's own decode loop (`decode.decode`, `decode.plan`, `Speculation`) on the model's greedy answers,
+drafts only (no heads), with a session that answers each row from the known answer, and score ways of choosing the
+draft: tokens per step, and speed-up over plain decoding by a step-cost table measured on the artifact.
+
+    python scripts/plan_replay.py artifacts/smollm2 --prompts train_prompts.jsonl --first 100 --count 60 \\
+        [--answers answers.json] [--costs-ms 22.7,24.4,25.6,...] [--json out.json]
+
+The answers (greedy, the vanilla graph, chat template, 128 new tokens) are decoded once and kept in ``--answers``.
+The step-cost table (ms by rows, 1..9) is measured on the artifact's vanilla graph at past 256 unless given. No step
+runs during the replay, so every choice is scored on the same tokens and the same costs:
+
+- ``runtime``: what the runtime does (the context's or the corpus table's draft, whichever expects more);
+- ``context`` / ``corpus``: one source alone;
+- ``oracle``: the source whose draft the answer takes further (a bound on choosing between the two);
+- ``per-token``: each corpus draft token's acceptance class from its own lookup (n-gram length, share), not the
+  first token's;
+- ``agree``: a class of its own when the two sources agree on the first token;
+- ``context-ngram-5``: prompt lookup matching up to 5 tokens instead of 3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from medusa_export.runtime import decode, speculation
+from medusa_export.runtime.api import MedusaRuntime
+from medusa_export.runtime.backends.base import StepOutput
+from medusa_export.runtime.context_drafts import ContextIndex, Draft
+from medusa_export.runtime.corpus_drafts import CorpusTable, rate_kind
+from medusa_export.runtime.decode import GenerationConfig
+
+sys.path.insert(0, str(Path(__file__).parent))
+from step_latency import time_step  # noqa: E402
+
+EXTRA_KINDS = 4  # classes past the runtime's, for the variants that add some
+MAX_ROWS = 9  # the most rows a drafts-only step verifies (the root and 8 drafts)
+
+
+class ReplaySession:
+    """A session whose every row's argmax is the answer's next token where the row's path matches the answer so far
+    (-1, which matches no token, elsewhere): what greedy verification of that row would give."""
+
+    def __init__(self, sequence: list[int]) -> None:
+        self.sequence, self.capacity, self.length, self.rows = sequence, 1 << 20, 0, []
+
+    def run(self, tokens, positions, mask, medusa, temperature, out_rows=None) -> StepOutput:
+        tokens = np.asarray(tokens)
+        nxt = np.full((len(tokens), 1), -1, np.int64)
+        for r in range(len(tokens)):
+            path = tokens[np.flatnonzero(mask[r])].tolist()
+            end = self.length + len(path)
+            if end < len(self.sequence) and self.sequence[self.length:end] == path:
+                nxt[r, 0] = self.sequence[end]
+        nxt = nxt if out_rows is None else nxt[np.asarray(out_rows)]
+        self.rows.append(len(tokens))
+        zeros = np.zeros((len(nxt), 1), np.float32)
+        return StepOutput(nxt, zeros, np.zeros((len(nxt), len(tokens)), np.float32), zeros[:, 0], None)
+
+    def keep(self, rows) -> None:
+        self.length += len(rows)
+
+
+class TokenRates(speculation.AcceptanceRates):
+    """The runtime's rates, also for a draft whose kind is a tuple: token j scored in the class of its own lookup, at
+    depth j (the ``per-token`` variant)."""
+
+    def cumulative(self, kind, n: int) -> list[float]:
+        if not isinstance(kind, tuple):
+            return super().cumulative(kind, n)
+        out, p = [], 1.0
+        for j in range(min(n, len(kind))):
+            p *= self.conditional[kind[j]][j]
+            out.append(p)
+        return out
+
+    def record(self, kind, proposed: int, accepted: int) -> None:
+        if not isinstance(kind, tuple):
+            return super().record(kind, proposed, accepted)
+        for j in range(min(accepted + 1, proposed, len(kind))):
+            acc, prop = self._accepted[kind[j]], self._proposed[kind[j]]
+            prop[j] += 1
+            acc[j] += j < accepted
+            row = list(self.conditional[kind[j]])
+            row[j] = acc[j] / prop[j]
+            self.conditional[kind[j]] = row
+
+
+class ReplaySpeculation(speculation.Speculation):
+    """The runtime's speculation state with a fixed step-cost table and a draft chooser given by the variant."""
+
+    def __init__(self, costs_s: list[float], corpus: CorpusTable, variant: str) -> None:
+        super().__init__()
+        self.corpus, self.variant, self.truth = corpus, variant, []
+        self.rates = TokenRates()
+        self.rates.conditional += [[0.5] * len(self.rates.conditional[0]) for _ in range(EXTRA_KINDS)]
+        self.rates._accepted += [[5.0] * len(row) for row in self.rates.conditional[-EXTRA_KINDS:]]
+        self.rates._proposed += [[10.0] * len(row) for row in self.rates.conditional[-EXTRA_KINDS:]]
+        cost = self.alone_cost[False]
+        for rows, s in enumerate(costs_s, 1):
+            cost.seconds[rows], cost.count[rows] = s, speculation.PLAIN_MIN
+        cost.records = 1
+        cost.record = lambda rows, seconds: None  # the table stays as given
+
+    def propose(self, context: ContextIndex, max_tokens: int) -> Draft | None:
+        toks, v = context.tokens, self.variant
+        first = context.propose(max_tokens) if v != "corpus" else None
+        if v == "context-ngram-5":
+            first = ContextIndex(toks, max_ngram=5).propose(max_tokens)
+            if first is not None and first.ngram > 3:
+                first = Draft(first.tokens, first.ngram, len(self.rates.conditional) - EXTRA_KINDS + first.ngram - 4)
+        second = None if v == "context" else per_token(self.corpus, toks, max_tokens) if v == "per-token" else \
+            self.corpus.propose(toks, max_tokens)
+        drafts = [d for d in (first, second) if d is not None]
+        if not drafts:
+            return None
+        if v == "oracle":
+            future = self.truth[len(toks):len(toks) + max_tokens]
+            return max(drafts, key=lambda d: decode.agreeing(d.tokens, future))
+        best = max(drafts, key=lambda d: sum(self.rates.cumulative(d.rate_kind, len(d.tokens))))
+        if v == "agree" and first is not None and second is not None and first.tokens[0] == second.tokens[0]:
+            return Draft(best.tokens, best.ngram, len(self.rates.conditional) - EXTRA_KINDS)
+        return best
+
+
+def per_token(table: CorpusTable, tokens: list[int], max_tokens: int) -> Draft | None:
+    """The table's draft with each token's class from its own lookup (a tuple of kinds)."""
+    suffix, out, kinds, longest = list(tokens[-table.max_ngram:]), [], [], None
+    for _ in range(max_tokens):
+        found = table.lookup(suffix, longest)
+        if found is None:
+            break
+        out.append(found[0])
+        kinds.append(rate_kind(found[1], found[2]))
+        suffix, longest = (suffix + [found[0]])[-table.max_ngram:], found[1] + 1
+    return Draft(out, 0, tuple(kinds)) if out else None
+
+
+def replay(answers: list[dict], spec: ReplaySpeculation, costs_s: list[float]) -> dict:
+    """Tokens per step and the speed-up over one token a step, by the cost table, over every answer."""
+    tokens = seconds = steps = 0
+    for a in answers:
+        spec.truth = a["prompt_ids"] + a["ids"]
+        session = ReplaySession(spec.truth)
+        made = 0
+        for new in decode.decode(session, a["prompt_ids"], None, GenerationConfig(), decode.DecodeStats(), spec):
+            made += len(new)
+            if made >= len(a["ids"]):
+                break
+        rows = session.rows[1:]  # after the prefill
+        tokens += len(a["ids"]) - 1
+        seconds += sum(costs_s[min(r, len(costs_s)) - 1] for r in rows)
+        steps += len(rows)
+    return {"tokens": tokens, "steps": steps, "tokens_per_step": round(tokens / steps, 3),
+            "speedup": round(tokens * costs_s[0] / seconds, 3)}
+
+
+def greedy_answers(rt: MedusaRuntime, prompts: list[str], max_new_tokens: int) -> list[dict]:
+    out = []
+    for p in prompts:
+        ids = rt.generator.prompt_ids(p, GenerationConfig(medusa=False))
+        r = rt.generate(ids, max_new_tokens=max_new_tokens, medusa=False)
+        out.append({"prompt_ids": ids, "ids": list(map(int, r.token_ids))})
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("artifact", type=Path)
+    ap.add_argument("--prompts", type=Path, required=True)
+    ap.add_argument("--first", type=int, default=0)
+    ap.add_argument("--count", type=int, default=60)
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--answers", type=Path, help="greedy answers, read if the file exists, else decoded and written")
+    ap.add_argument("--costs-ms", help="step ms by rows 1..9, comma-separated; measured on the artifact if absent")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    rt = MedusaRuntime.load(args.artifact, backend="ort", threads=args.threads)
+    if args.answers and args.answers.exists():
+        answers = json.loads(args.answers.read_text())
+    else:
+        rows = [json.loads(line) for line in args.prompts.read_text().splitlines() if line.strip()]
+        answers = greedy_answers(rt, [r["prompt"] for r in rows[args.first:args.first + args.count]],
+                                 args.max_new_tokens)
+        if args.answers:
+            args.answers.write_text(json.dumps(answers))
+    if args.costs_ms:
+        costs = [float(x) / 1e3 for x in args.costs_ms.split(",")]
+    else:
+        costs = [time_step(rt.generator.backend, t, 256, False, 15) / 1e3 for t in range(1, MAX_ROWS + 1)]
+    corpus = rt.generator.spec.corpus
+    if corpus is None:
+        raise SystemExit(f"{args.artifact} has no corpus-draft table (corpus_drafts.npz): build it with one")
+    rt.close()
+    report = {"artifact": str(args.artifact), "prompts": f"{args.prompts.name}[{args.first}:{args.first + args.count}]",
+              "costs_ms": [round(c * 1e3, 2) for c in costs], "variants": {}}
+    for variant in ("runtime", "context", "corpus", "oracle", "per-token", "agree", "context-ngram-5"):
+        corpus._cache.clear()
+        report["variants"][variant] = row = replay(answers, ReplaySpeculation(costs, corpus, variant), costs)
+        print(f"{variant:16s} {row}", flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
