@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import collections
 import json
-import pickle
-import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -28,6 +26,8 @@ from medusa_export.runtime.errors import HeadsError, first_line
 # and by train-heads before any work
 from medusa_export.runtime.training_options import MAX_HEAD_LAYERS as MAX_LAYERS, MAX_HEADS
 from medusa_export.runtime.typed_json import MAX_JSON_BYTES
+
+from .tensor_pickles import PickledObjects, UnreadableTensors, load_tensors
 
 HEADS_FORMAT = "medusa-export-heads"
 HEADS_FORMAT_VERSION = 1
@@ -243,26 +243,21 @@ def reference_state(raw: dict[str, torch.Tensor], meta: dict, base_config, weigh
 def read_tensors(file: Path) -> dict[str, torch.Tensor]:
     if not file.exists():
         raise HeadsError(f"heads weights {file} are missing: re-run train-heads or copy the file")
-    try:
-        if file.suffix == ".safetensors":
-            from safetensors.torch import load_file
+    if file.suffix == ".safetensors":
+        from safetensors.torch import load_file
 
+        try:
             return load_file(str(file))
-        # weights_only=True: plain tensors only, never arbitrary pickled objects.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            obj = torch.load(file, map_location="cpu", weights_only=True)
-    except HeadsError:
-        raise
-    except pickle.UnpicklingError as e:
-        if "global" not in str(e):  # torch words a corrupt file and a disallowed object alike, but for this
-            raise HeadsError(f"cannot read heads weights {file}: not a PyTorch checkpoint of tensors (corrupt or of "
-                             f"another kind): re-save the heads") from None
-        # torch's own message goes on to suggest weights_only=False: never
+        except Exception as e:  # a truncated or foreign file
+            raise HeadsError(f"cannot read heads weights {file}: {type(e).__name__}: {first_line(e)}") from None
+    try:  # plain tensors only, never arbitrary pickled objects
+        obj = load_tensors(file)
+    except PickledObjects:
         raise HeadsError(f"{file} holds pickled objects other than tensors, which are not loaded (they could run "
                          f"code): convert the checkpoint to safetensors") from None
-    except Exception as e:  # corrupt file, pickle with code in it, ...
-        raise HeadsError(f"cannot read heads weights {file}: {type(e).__name__}: {first_line(e)}") from None
+    except UnreadableTensors:
+        raise HeadsError(f"cannot read heads weights {file}: not a PyTorch checkpoint of tensors (corrupt or of "
+                         f"another kind): re-save the heads") from None
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise HeadsError(f"{file} is not a state dict of tensors")
     return obj

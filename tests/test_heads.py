@@ -274,8 +274,17 @@ def test_pickle_with_code_is_refused(tmp_path):
     write_reference_config(tmp_path, 1, 1)
     with pytest.raises(HeadsError) as e:
         load_heads(tmp_path, BASE)
-    assert "medusa_lm_head.pt" in one_line(e)
+    assert "medusa_lm_head.pt" in one_line(e) and "objects other than tensors" in one_line(e)
+    assert "weights_only" not in one_line(e)  # torch's own text advises unpickling it
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("data", [b"\x80\x04 torn write", b"PK\x03\x04 not really a zip", b""])
+def test_a_corrupt_pt_file_is_named_as_such(tmp_path, data):
+    (tmp_path / "medusa_lm_head.pt").write_bytes(data)
+    write_reference_config(tmp_path, 1, 1)
+    with pytest.raises(HeadsError, match=r"medusa_lm_head\.pt: not a PyTorch checkpoint of tensors .*re-save"):
+        load_heads(tmp_path, BASE)
 
 
 def test_pickle_with_plain_non_tensor_value(tmp_path):

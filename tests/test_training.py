@@ -221,6 +221,16 @@ def test_rerun_reuses_data_and_resumes_after_interruption(trained, loaded, promp
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
 
 
+class Evil:
+    """Unpickling this would create a marker file: loading a checkpoint must refuse it."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
 def test_corrupt_checkpoint_is_an_error_not_a_silent_restart(trained, loaded, prompts_file, tmp_path, capsys):
     from medusa_export.runtime.errors import CheckpointError
 
@@ -234,6 +244,12 @@ def test_corrupt_checkpoint_is_an_error_not_a_silent_restart(trained, loaded, pr
     assert not (out / "config.json").exists()
     report = train_mod.train_heads(loaded, prompts_file, out, replace(opts, resume=False))
     assert report["resumed_from_epoch"] is None and (out / "config.json").exists()
+    # A checkpoint holding an object other than tensors is refused, never unpickled
+    marker = tmp_path / "pwned"
+    torch.save({"fingerprint": Evil(marker), "heads": {}, "optimizer": {}, "scheduler": {}}, out / "checkpoint.pt")
+    with pytest.raises(CheckpointError, match=r"cannot be read \(it holds objects other than tensors\)"):
+        train_mod.train_heads(loaded, prompts_file, out, opts)
+    assert not marker.exists()
     # A readable checkpoint of another run (other arguments) is skipped, and the log says so.
     torch.save({"fingerprint": "other", "heads": {}, "optimizer": {}, "scheduler": {}}, out / "checkpoint.pt")
     train_mod.train_heads(loaded, prompts_file, out, opts)

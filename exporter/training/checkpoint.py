@@ -14,7 +14,9 @@ from pathlib import Path
 
 import torch
 
-from medusa_export.runtime.errors import CheckpointError, first_line
+from medusa_export.runtime.errors import CheckpointError
+
+from ..tensor_pickles import PickledObjects, UnreadableTensors, load_tensors
 
 FILE = "checkpoint.pt"
 _SKIP = ("resume", "progress", "threads", "checkpoint_every_s", "out_dir", "cache_dir")
@@ -50,14 +52,14 @@ def load(out: Path, fp: str, log=lambda _msg: None) -> dict | None:
     if not p.exists():
         return None
     try:
-        state = torch.load(p, map_location="cpu", weights_only=True)
+        state = load_tensors(p)
         if not isinstance(state, dict) or not {"fingerprint", "heads", "optimizer", "scheduler"} <= set(state):
-            raise ValueError("not a train-heads checkpoint")
-    except Exception as e:  # a torn write, another program's file, a pickle with code in it
-        first = first_line(e, 120)
-        if "weights only load failed" in first.lower():  # torch's text goes on to advise unpickling it: never
-            first = "not a train-heads checkpoint"
-        raise CheckpointError(f"checkpoint {p} cannot be read ({first}): delete it, or start afresh with "
+            raise UnreadableTensors("not a train-heads checkpoint")
+    except PickledObjects:  # never unpickled: another program's file, or one with code in it
+        raise CheckpointError(f"checkpoint {p} cannot be read (it holds objects other than tensors): delete it, or "
+                              f"start afresh with --no-resume") from None
+    except UnreadableTensors as e:  # a torn write, another program's file
+        raise CheckpointError(f"checkpoint {p} cannot be read ({e}): delete it, or start afresh with "
                               f"--no-resume") from None
     if state["fingerprint"] != fp:
         log(f"ignoring {p}: it belongs to a run with other arguments or data (starting afresh)")
