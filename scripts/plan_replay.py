@@ -15,7 +15,10 @@ runs during the replay, so every choice is scored on the same tokens and the sam
 - ``per-token``: each corpus draft token's acceptance class from its own lookup (n-gram length, share), not the
   first token's;
 - ``agree``: a class of its own when the two sources agree on the first token;
-- ``context-ngram-5``: prompt lookup matching up to 5 tokens instead of 3.
+- ``context-ngram-5``: prompt lookup matching up to 5 tokens instead of 3;
+- ``pair``: when both sources draft, rates per pair of their classes (and whether their first tokens agree), both
+  drafts scored against the answer at every such step (the runtime would score the one not verified once the tokens
+  after it are known, as it does the heads' guesses), the single-kind rates as a prior of 10 observations.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +43,8 @@ from step_latency import time_step  # noqa: E402
 
 EXTRA_KINDS = 4  # classes past the runtime's, for the variants that add some
 MAX_ROWS = 9  # the most rows a drafts-only step verifies (the root and 8 drafts)
+MAX_DRAFT = MAX_ROWS - 1
+PAIR_PRIOR = 10.0  # the ``pair`` variant: the single-kind rates count as this many observations
 
 
 class ReplaySession:
@@ -96,6 +102,7 @@ class ReplaySpeculation(speculation.Speculation):
     def __init__(self, costs_s: list[float], corpus: CorpusTable, variant: str) -> None:
         super().__init__()
         self.corpus, self.variant, self.truth = corpus, variant, []
+        self.pair_counts = defaultdict(lambda: ([0.0] * MAX_DRAFT, [0.0] * MAX_DRAFT))  # accepted, tried by depth
         self.rates = TokenRates()
         self.rates.conditional += [[0.5] * len(self.rates.conditional[0]) for _ in range(EXTRA_KINDS)]
         self.rates._accepted += [[5.0] * len(row) for row in self.rates.conditional[-EXTRA_KINDS:]]
@@ -118,6 +125,8 @@ class ReplaySpeculation(speculation.Speculation):
         drafts = [d for d in (first, second) if d is not None]
         if not drafts:
             return None
+        if v == "pair" and first is not None and second is not None:
+            return self._pair_choice(first, second, self.truth[len(toks):len(toks) + max_tokens])
         if v == "oracle":
             future = self.truth[len(toks):len(toks) + max_tokens]
             return max(drafts, key=lambda d: decode.agreeing(d.tokens, future))
@@ -125,6 +134,24 @@ class ReplaySpeculation(speculation.Speculation):
         if v == "agree" and first is not None and second is not None and first.tokens[0] == second.tokens[0]:
             return Draft(best.tokens, best.ngram, len(self.rates.conditional) - EXTRA_KINDS)
         return best
+
+
+    def _pair_choice(self, context: Draft, corpus: Draft, future: list[int]) -> Draft:
+        """The draft expecting more accepted tokens by the rates of this pair of classes; both then scored."""
+        pair = (context.rate_kind, corpus.rate_kind, context.tokens[0] == corpus.tokens[0])
+        expected = []
+        for source, draft in enumerate((context, corpus)):
+            key, prior, p, total = (*pair, source), self.rates.conditional[draft.rate_kind], 1.0, 0.0
+            counts = self.pair_counts[key]
+            for j in range(len(draft.tokens)):
+                p *= (counts[0][j] + PAIR_PRIOR * prior[j]) / (counts[1][j] + PAIR_PRIOR)
+                total += p
+            expected.append(total)
+            right = decode.agreeing(draft.tokens, future)
+            for j in range(min(right + 1, len(draft.tokens))):
+                counts[1][j] += 1
+                counts[0][j] += j < right
+        return context if expected[0] >= expected[1] else corpus
 
 
 def per_token(table: CorpusTable, tokens: list[int], max_tokens: int) -> Draft | None:
@@ -199,7 +226,7 @@ def main() -> None:
     rt.close()
     report = {"artifact": str(args.artifact), "prompts": f"{args.prompts.name}[{args.first}:{args.first + args.count}]",
               "costs_ms": [round(c * 1e3, 2) for c in costs], "variants": {}}
-    for variant in ("runtime", "context", "corpus", "oracle", "per-token", "agree", "context-ngram-5"):
+    for variant in ("runtime", "context", "corpus", "oracle", "per-token", "agree", "context-ngram-5", "pair"):
         corpus._cache.clear()
         report["variants"][variant] = row = replay(answers, ReplaySpeculation(costs, corpus, variant), costs)
         print(f"{variant:16s} {row}", flush=True)

@@ -41,7 +41,7 @@ def _decoded(replay, corpus, variant: str) -> tuple[list[int], list[int]]:
 
 
 @pytest.mark.parametrize("variant", ["runtime", "context", "corpus", "oracle", "per-token", "agree",
-                                     "context-ngram-5"])
+                                     "context-ngram-5", "pair"])
 def test_every_variant_replays_exactly_the_answer(replay, corpus, variant):
     made, rows = _decoded(replay, corpus, variant)
     assert made == ANSWER
