@@ -8,11 +8,13 @@ ties between equally long paths go to the higher summed log-probability.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 
 from .backends.base import StepOutput
+from .errors import EngineError
 from .tree import Tree
 
 
@@ -63,8 +65,20 @@ def accept_typical(tree: Tree, tokens: np.ndarray, out: StepOutput, epsilon: flo
 
 
 def next_token(out: StepOutput, row: int, temperature: float, rng: np.random.Generator) -> int:
-    """Greedy: the base argmax. Sampling: from the base model's top-S at `temperature`, renormalised."""
+    """Greedy: the base argmax. Sampling: from the base model's top-S at `temperature`, renormalised. An EngineError
+    when the graph's probabilities are not numbers: weights damaged in a way loading does not see (it checks sizes,
+    `verify` the contents) make NaN, and greedy decoding would go on with token 0."""
     if temperature <= 0:
+        if not math.isfinite(float(out.next_probs[row, 0])):  # Python, not numpy: see `accept_greedy`
+            raise _not_finite()
         return int(out.next_ids[row, 0])
     p = out.next_probs[row].astype(np.float64)
-    return int(out.next_ids[row, rng.choice(len(p), p=p / p.sum())])
+    total = p.sum()
+    if not np.isfinite(total) or total <= 0:
+        raise _not_finite()
+    return int(out.next_ids[row, rng.choice(len(p), p=p / total)])
+
+
+def _not_finite() -> EngineError:
+    return EngineError("the model's probabilities are not finite numbers (NaN or infinity): its weights may be "
+                       "damaged; check the artifact with `medusa-export verify`, or rebuild it")

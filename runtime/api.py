@@ -164,7 +164,7 @@ def _corpus_table(directory: Path, manifest: Manifest) -> CorpusTable:
     """The artifact's corpus-draft table, which must be the one its manifest describes."""
     record = manifest.drafts
     path = manifest.listed_file(directory, record.file)
-    table = CorpusTable.load(path, manifest.dims.vocab_size)
+    table = CorpusTable.load(path, manifest.dims.vocab_size, record.entries)
     if (table.max_ngram, table.entries) != (record.max_ngram, record.entries):
         raise ArtifactError(f"{path} holds {table.entries} entries of up to {table.max_ngram}-grams but the manifest "
                             f"records {record.entries} of up to {record.max_ngram}-grams: rebuild the artifact")

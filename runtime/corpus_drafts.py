@@ -65,11 +65,12 @@ class CorpusTable:
         return sum(len(k) for k in self.keys)
 
     @classmethod
-    def load(cls, path: str | Path, vocab_size: int) -> "CorpusTable":
-        """ArtifactError (one line, naming the fix) for a file that is not such a table for this vocabulary."""
+    def load(cls, path: str | Path, vocab_size: int, entries: int | None = None) -> "CorpusTable":
+        """ArtifactError (one line, naming the fix) for a file that is not such a table for this vocabulary (of at
+        most ``entries`` entries, when given: checked before its arrays are read)."""
         path = Path(path)
         try:
-            z = read_arrays(path, _member_dtype)
+            z = read_arrays(path, _member_dtype, None if entries is None else max(entries, 2))  # meta: 2 items
             meta = z["meta"]
             bits, max_ngram = int(meta[0]), int(meta[1])
             if bits != bits_for(vocab_size) or not 1 <= max_ngram <= min(MAX_NGRAM, 64 // bits):

@@ -19,13 +19,15 @@ import numpy as np
 MAX_UNPACKED = 4 << 30  # bytes one array may take
 
 
-def read_arrays(path: str | Path, dtypes: dict[str, object] | Callable[[str], object]) -> dict[str, np.ndarray]:
+def read_arrays(path: str | Path, dtypes: dict[str, object] | Callable[[str], object],
+                max_items: int | None = None) -> dict[str, np.ndarray]:
     """The arrays of ``path`` by name. ``dtypes``: name -> accepted dtype or tuple of dtypes (or a function giving
-    that, None for a name that may not appear)."""
+    that, None for a name that may not appear). ``max_items``: the most items any member may declare, checked
+    before anything is read (a sparse file is as large as it claims, yet costs nothing on disk)."""
     accepted = dtypes.get if isinstance(dtypes, dict) else dtypes
     path = Path(path)
     try:
-        _check_members(path, accepted)
+        _check_members(path, accepted, max_items)
         with np.load(path, allow_pickle=False) as z:
             return {name: z[name] for name in z.files}
     except ValueError:
@@ -34,7 +36,7 @@ def read_arrays(path: str | Path, dtypes: dict[str, object] | Callable[[str], ob
         raise ValueError(f"{type(e).__name__}: {e}") from None
 
 
-def _check_members(path: Path, accepted: Callable[[str], object]) -> None:
+def _check_members(path: Path, accepted: Callable[[str], object], max_items: int | None) -> None:
     size = path.stat().st_size
     with zipfile.ZipFile(path) as z:
         members = z.infolist()
@@ -54,3 +56,5 @@ def _check_members(path: Path, accepted: Callable[[str], object]) -> None:
                                    np.lib.format.read_array_header_2_0(f))
                 if len(shape) != 1 or dtype not in kinds or shape[0] * dtype.itemsize > m.file_size:
                     raise ValueError(f"{m.filename} is not a 1-D {'/'.join(k.name for k in kinds)} array of its size")
+                if max_items is not None and shape[0] > max_items:
+                    raise ValueError(f"{m.filename} holds {shape[0]} items, more than the {max_items} expected")

@@ -26,6 +26,10 @@ from .errors import ArtifactError, InputError
 from .typed_json import MAX_JSON_BYTES, read_json
 
 MAX_SPECIAL_CHARS = 256  # a special token's text: markers such as <|im_start|> (every text is searched for them)
+# Characters a chat template may write of its own around a conversation's messages: real templates write markers
+# and at most a default system prompt (a few KB). The render itself is bounded (`template_limits`), but its output
+# is tokenized here, in the caller's process: 16 M characters of template text cost 15 s and 2 GB per request.
+MAX_TEMPLATE_CHARS = 1 << 20
 
 if TYPE_CHECKING:
     from .manifest import Manifest
@@ -46,7 +50,10 @@ class ChatTokenizer:
     def __post_init__(self) -> None:
         from tokenizers import Tokenizer
 
-        self._text = Tokenizer.from_str(self.tokenizer.to_str())  # its own copy: the flag is per object
+        # Its own copy: the flag is per object
+        self._text = _unpanicked(lambda: Tokenizer.from_str(self.tokenizer.to_str()),
+                                 lambda why: ArtifactError(f"the tokenizer cannot be copied ({why}): rebuild the "
+                                                           f"artifact with a working tokenizer.json"))
         self._text.encode_special_tokens = True
         special = {t.content: i for i, t in self.tokenizer.get_added_tokens_decoder().items() if t.special}
         self._special_ids = special
@@ -89,10 +96,14 @@ class ChatTokenizer:
         tj = locate("tokenizer.json")
         if tj is None:
             raise ArtifactError(f"{directory / 'tokenizer.json'} is missing: rebuild the artifact (medusa-export build)")
-        try:
-            tokenizer = Tokenizer.from_file(str(tj))
-        except Exception as e:  # tokenizers raises plain Exceptions for unreadable files
-            raise ArtifactError(f"{tj} is corrupt ({str(e)[:120]}): rebuild the artifact") from None
+        # tokenizers raises plain Exceptions for unreadable files and panics on some well-formed ones (a normalizer's
+        # broken charsmap)
+        tokenizer = _unpanicked(lambda: Tokenizer.from_file(str(tj)),
+                                lambda why: ArtifactError(f"{tj} is corrupt ({why}): rebuild the artifact"))
+        # Prompts are encoded exactly: a tokenizer.json's padding or truncation (a model's setting for batched
+        # training, or a changed file) would pad every prompt or cut it to a few tokens
+        tokenizer.no_padding()
+        tokenizer.no_truncation()
         longest = max((len(t.content) for t in tokenizer.get_added_tokens_decoder().values() if t.special), default=0)
         if longest > MAX_SPECIAL_CHARS:  # every text is searched for them: a huge one made loading take minutes
             raise ArtifactError(f"{tj} has a special token of {longest} characters (at most {MAX_SPECIAL_CHARS}): "
@@ -165,7 +176,12 @@ class ChatTokenizer:
             return self.encode_text("\n".join(m["content"] for m in messages))
         ids: list[int] = []
         text = ""  # plain text gathered since the last special token the template wrote
-        for piece, from_template in self._template.pieces(messages, continue_final):
+        pieces = self._template.pieces(messages, continue_final)
+        own = sum(len(piece) for piece, from_template in pieces if from_template)
+        if own > MAX_TEMPLATE_CHARS:
+            raise InputError(f"the chat template writes {own} characters of its own around these messages (at most "
+                             f"{MAX_TEMPLATE_CHARS}): fix the model's template")
+        for piece, from_template in pieces:
             if not from_template or self._specials is None:
                 text += piece
                 continue

@@ -217,6 +217,22 @@ def _strings(obj):
         yield obj
 
 
+@pytest.mark.parametrize("temperature", [0.0, 0.7])
+def test_weights_damaged_into_nans_end_the_request_with_an_engine_error(artifact, tmp_path, temperature):
+    """Loading checks sizes, not contents (`verify` does): weights overwritten with NaN bytes of the same size made
+    sampling fail inside numpy with a traceback, and greedy decoding answer token 0 at every step."""
+    from medusa_export.runtime.errors import EngineError
+
+    art = _copy(artifact, tmp_path)
+    weights = art / "weights.bin"
+    weights.write_bytes(b"\xff" * weights.stat().st_size)  # every float32 a NaN
+    with MedusaRuntime.load(art) as rt:
+        with pytest.raises(EngineError, match="probabilities are not finite .*medusa-export verify"):
+            rt.generate([1, 2, 3], max_new_tokens=4, temperature=temperature, seed=1)
+    proc = cli("generate", str(art), "--prompt", "hello", "--max-new-tokens", "4", "--temperature", str(temperature))
+    assert_one_line_error(proc, "probabilities are not finite")
+
+
 def test_manifest_holds_no_machine_paths(artifact, tiny_dirs):
     m = json.loads((artifact / "manifest.json").read_text())
     leaked = [s for s in _strings(m) if os.path.isabs(s) or str(tiny_dirs[0].parent) in s]

@@ -6,6 +6,8 @@ marker fragments. Benign text tokenizes exactly as rendering then tokenizing wou
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -195,3 +197,45 @@ def test_a_huge_special_token_is_refused_when_the_tokenizer_loads(tmp_path):
     tok.tokenizer.save(str(tmp_path / "tokenizer.json"))
     with pytest.raises(ArtifactError, match=f"special token of {MAX_SPECIAL_CHARS + 1} characters"):
         ChatTokenizer.from_directory(tmp_path)
+
+
+def test_a_tokenizer_file_the_library_panics_on_is_an_artifact_error(tmp_path):
+    """A well-formed tokenizer.json whose normalizer cannot be built makes `tokenizers` panic (a BaseException that
+    `except Exception` misses): loading names the file in one line instead."""
+    tok = make_chat_tokenizer()
+    tok.save(tmp_path)
+    data = json.loads((tmp_path / "tokenizer.json").read_text())
+    data["normalizer"] = {"type": "Precompiled", "precompiled_charsmap": "AAAA"}
+    (tmp_path / "tokenizer.json").write_text(json.dumps(data))
+    with pytest.raises(ArtifactError, match=r"tokenizer\.json is corrupt \(.*\): rebuild the artifact"):
+        ChatTokenizer.from_directory(tmp_path)
+
+
+@pytest.mark.parametrize("setting, value", [
+    ("truncation", {"direction": "Right", "max_length": 3, "strategy": "LongestFirst", "stride": 0}),
+    ("padding", {"strategy": {"Fixed": 48}, "direction": "Right", "pad_to_multiple_of": None, "pad_id": 5,
+                 "pad_token": "t5", "pad_type_id": 0})])
+def test_a_tokenizer_files_padding_or_truncation_never_changes_a_prompt(tmp_path, setting, value):
+    tok = make_chat_tokenizer()
+    tok.save(tmp_path)
+    text = " ".join(f"t{i}" for i in range(10, 30))
+    data = json.loads((tmp_path / "tokenizer.json").read_text())
+    data[setting] = value
+    (tmp_path / "tokenizer.json").write_text(json.dumps(data))
+    loaded = ChatTokenizer.from_directory(tmp_path)
+    assert loaded.encode(text) == tok.encode(text) == list(range(10, 30))
+    assert loaded.encode_prompt(text) == tok.encode_prompt(text)
+
+
+def test_a_template_that_writes_megabytes_of_its_own_is_refused_before_they_are_tokenized():
+    """The render is bounded in its worker, but its output is tokenized in the caller's process: a template writing
+    16 M characters cost 15 s and 2 GB at load and again on every chat request."""
+    from medusa_export.runtime.tokenizer import MAX_TEMPLATE_CHARS
+
+    tok = make_chat_tokenizer()
+    wordy = ChatTokenizer(tok.tokenizer, chat_template="{{ 't7 ' * 1000 }}" + CHATML, eos_token_ids=(IM_END,),
+                          bos_token="<|im_start|>", eos_token="<|im_end|>")
+    assert wordy.encode_prompt("t5")[:1000] == [7] * 1000  # a template's own text is fine up to the bound
+    with pytest.raises(ArtifactError, match=rf"writes \d+ characters of its own .*at most {MAX_TEMPLATE_CHARS}"):
+        ChatTokenizer(tok.tokenizer, chat_template=f"{{{{ 't7 ' * {MAX_TEMPLATE_CHARS // 3 + 1} }}}}" + CHATML,
+                      eos_token_ids=(IM_END,), bos_token="<|im_start|>", eos_token="<|im_end|>")

@@ -272,6 +272,19 @@ def test_a_table_other_than_the_one_the_manifest_records_is_refused(artifact, tm
         MedusaRuntime.load(art)
 
 
+def test_a_table_declaring_more_entries_than_the_manifest_records_is_refused_before_it_is_read(artifact, tmp_path):
+    """A table file can be as large as it claims yet cost nothing on disk (a sparse file): the manifest's entry count
+    bounds what each array's header may declare, checked before any array is read."""
+    from medusa_export.runtime import MedusaRuntime
+
+    art = _with_table(artifact, tmp_path, count_table([np.arange(30) % 5], vocab_size=TINY_VOCAB, min_count=1))
+    m = Manifest.read(art)
+    m.replace(drafts=replace(m.drafts, entries=2)).write(art)  # fewer than any n-gram length's array holds
+    with pytest.raises(ArtifactError, match=r"_\d\.npy holds \d+ items, more than the 2 expected"):
+        MedusaRuntime.load(art)
+    assert CorpusTable.load(art / FILE, TINY_VOCAB, m.drafts.entries).entries == m.drafts.entries
+
+
 def test_an_unknown_corpus_source_is_refused_before_any_work():
     from medusa_export.runtime.build_options import BuildOptions
 

@@ -177,6 +177,32 @@ def test_bad_input_is_a_400_never_a_500(server, path, raw, status, param):
     assert code == status and body["error"]["param"] == param and body["error"]["message"], body
 
 
+@pytest.mark.parametrize("content_type, status", [
+    ("text/plain;charset=UTF-8", 415), ("application/x-www-form-urlencoded", 415), ("multipart/form-data", 415),
+    ("application/json; charset=utf-8", 200), ("application/vnd.api+json", 200), (None, 200)])
+def test_only_a_body_declared_json_or_undeclared_is_read(server, content_type, status):
+    """A browser sends a cross-origin POST of text/plain or a form without asking first: read as JSON, any web page
+    could make a server on localhost without an API key generate."""
+    host, port = server.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    headers = {"Authorization": f"Bearer {KEY}", **({"Content-Type": content_type} if content_type else {})}
+    conn.request("POST", "/v1/completions", json.dumps({"prompt": PROMPT, "max_tokens": 2}), headers)
+    resp = conn.getresponse()
+    body = json.loads(resp.read())
+    conn.close()
+    assert resp.status == status, body
+    if status == 415:
+        assert body["error"]["code"] == "unsupported_media_type" and "application/json" in body["error"]["message"]
+
+
+def test_an_unknown_message_field_is_named_short():
+    from medusa_export.runtime.serve.requests import ApiError, parse_chat
+
+    with pytest.raises(ApiError) as e:
+        parse_chat({"messages": [{"role": "user", "content": "t5", "k" * 500_000: 1}]}, None)
+    assert e.value.status == 400 and len(e.value.message) < 300 and len(e.value.param) < 100
+
+
 @pytest.mark.parametrize("extra", [{"seed": -1}, {"logprobs": False}, {"tools": []}, {"tool_choice": "none"},
                                    {"top_p": 1}, {"response_format": {"type": "text"}}, {"seed": 2 ** 63}])
 def test_off_values_and_any_64_bit_seed_are_accepted(server, extra):

@@ -144,6 +144,7 @@ def create_app(runtime, settings: ServeSettings = ServeSettings()) -> FastAPI:
         (the template's workers: a slow render holds one for up to 2 s) parse on threads of their own, so
         completions never wait behind them; one waiting for such a thread past the request timeout gets a 503
         (a parse already running is bounded by the workers' own limits, not by this deadline)."""
+        _check_json_type(request.headers.get("content-type"))
         body = await _read_body(request, settings.max_body_bytes, settings.timeout_s)
         call = lambda: parse(_json(body), model)  # noqa: E731
         if parse is not parse_chat:
@@ -287,6 +288,18 @@ def _authorize(request, api_key: str | None) -> None:
     if not hmac.compare_digest(token.encode(), api_key.encode()):
         raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer KEY'", type_="authentication_error",
                        code="invalid_api_key")
+
+
+def _check_json_type(content_type: str | None) -> None:
+    """A 415 unless the body is declared JSON (``application/json`` or a ``+json`` type) or not declared at all. A
+    browser sends a cross-origin POST of ``text/plain`` or a form without asking first: were those read as JSON,
+    any web page its user opened could make a server on localhost without an API key generate."""
+    if content_type is None:
+        return
+    media = content_type.split(";", 1)[0].strip().lower()
+    if media != "application/json" and not (media.startswith("application/") and media.endswith("+json")):
+        raise ApiError(415, f"the request body must be JSON, sent as Content-Type: application/json (got "
+                       f"{media[:80]!r})", code="unsupported_media_type")
 
 
 async def _read_body(request, limit: int, timeout_s: float = 300.0) -> bytes:
