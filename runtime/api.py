@@ -72,11 +72,7 @@ class MedusaRuntime:
         if max_seq is not None and max_seq > manifest.max_seq:  # its KV buffers and graphs hold no more
             raise InputError(f"max_seq {max_seq} is past the artifact's {manifest.max_seq}: leave it out for the "
                              f"artifact's, or rebuild with `medusa-export build --max-seq {max_seq}`")
-        tokenizer = ChatTokenizer.from_artifact(directory, manifest)
-        if tokenizer.vocab_size > manifest.dims.vocab_size or tokenizer.largest_id >= manifest.dims.vocab_size:
-            raise ArtifactError(f"{directory / 'tokenizer.json'} has {tokenizer.vocab_size} tokens with ids up to "
-                                f"{tokenizer.largest_id}, but the model's vocabulary is {manifest.dims.vocab_size}: it "
-                                f"belongs to another model, rebuild the artifact")
+        tokenizer = ChatTokenizer.from_artifact(directory, manifest)  # its ids checked against the vocabulary
         chosen_tree = artifact_tree(manifest, tree)
         options = {"model": model} if backend == "torch" else \
             {"first_graph": "vanilla"} if plain and backend == "ort" and "vanilla" in manifest.graphs else {}

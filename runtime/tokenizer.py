@@ -86,11 +86,14 @@ class ChatTokenizer:
         """From an artifact: only the files its manifest lists (inside it, size-checked like the graphs); a
         tokenizer-side file there that the manifest does not list is an ArtifactError (`Manifest.listed_file`)."""
         directory = Path(directory)
-        return cls._from_files(lambda name: manifest.listed_file(directory, name), directory)
+        return cls._from_files(lambda name: manifest.listed_file(directory, name), directory, manifest.dims.vocab_size)
 
     @classmethod
-    def _from_files(cls, locate: Callable[[str], Path | None], directory: Path) -> "ChatTokenizer":
-        """``locate(name)``: the path to read for one of `TOKENIZER_FILES`, or None when there is none."""
+    def _from_files(cls, locate: Callable[[str], Path | None], directory: Path,
+                    vocab_size: int | None = None) -> "ChatTokenizer":
+        """``locate(name)``: the path to read for one of `TOKENIZER_FILES`, or None when there is none.
+        ``vocab_size``: the model's; a tokenizer with more tokens, or an id at or past it, is refused before its
+        special tokens are compiled into a pattern (tens of thousands of them took 18 s)."""
         from tokenizers import Tokenizer
 
         tj = locate("tokenizer.json")
@@ -104,6 +107,12 @@ class ChatTokenizer:
         # training, or a changed file) would pad every prompt or cut it to a few tokens
         tokenizer.no_padding()
         tokenizer.no_truncation()
+        if vocab_size is not None:
+            largest = max(tokenizer.get_vocab(with_added_tokens=True).values(), default=-1)
+            if tokenizer.get_vocab_size() > vocab_size or largest >= vocab_size:
+                raise ArtifactError(f"{tj} has {tokenizer.get_vocab_size()} tokens with ids up to {largest}, but the "
+                                    f"model's vocabulary is {vocab_size}: it belongs to another model, rebuild the "
+                                    f"artifact")
         longest = max((len(t.content) for t in tokenizer.get_added_tokens_decoder().values() if t.special), default=0)
         if longest > MAX_SPECIAL_CHARS:  # every text is searched for them: a huge one made loading take minutes
             raise ArtifactError(f"{tj} has a special token of {longest} characters (at most {MAX_SPECIAL_CHARS}): "

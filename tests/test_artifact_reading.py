@@ -217,6 +217,22 @@ def test_a_token_id_beyond_the_model_vocabulary_is_refused_at_load(art):
     assert_one_line_error(_generate(art), "tokenizer.json", "ids up to 5000000", "rebuild the artifact")
 
 
+def test_tokens_past_the_vocabulary_are_refused_before_the_special_tokens_are_compiled(art, monkeypatch):
+    """Tens of thousands of added special tokens past the model's vocabulary took 18 s compiling their pattern (and
+    rendering the template) before the vocabulary check refused them: it now comes first."""
+    from medusa_export.runtime.tokenizer import ChatTokenizer
+
+    def many_specials(data: dict) -> None:
+        first = max(data["model"]["vocab"].values()) + 1
+        data["added_tokens"] += [{"id": first + i, "content": f"<x{i}>", "single_word": False, "lstrip": False,
+                                  "rstrip": False, "normalized": False, "special": True} for i in range(2000)]
+
+    _edit_tokenizer(art, many_specials)
+    monkeypatch.setattr(ChatTokenizer, "__post_init__", lambda self: pytest.fail("built before the check"))
+    with pytest.raises(ArtifactError, match="but the model's vocabulary is .*belongs to another model"):
+        MedusaRuntime.load(art)
+
+
 def test_a_tokenizer_that_panics_on_a_text_is_an_input_error(art):
     """A pre-tokenizer regex with catastrophic backtracking: the `tokenizers` library gives up with a Rust panic
     (a BaseException); the runtime turns it into an InputError, the CLI into one line."""
