@@ -186,7 +186,9 @@ class ChatTokenizer:
         ids: list[int] = []
         text = ""  # plain text gathered since the last special token the template wrote
         pieces = self._template.pieces(messages, continue_final)
+        # Its own text, and what it writes beyond the messages' text (a message repeated counts as the template's)
         own = sum(len(piece) for piece, from_template in pieces if from_template)
+        own = max(own, sum(len(piece) for piece, _ in pieces) - sum(len(m["content"]) for m in messages))
         if own > MAX_TEMPLATE_CHARS:
             raise InputError(f"the chat template writes {own} characters of its own around these messages (at most "
                              f"{MAX_TEMPLATE_CHARS}): fix the model's template")

@@ -239,3 +239,15 @@ def test_a_template_that_writes_megabytes_of_its_own_is_refused_before_they_are_
     with pytest.raises(ArtifactError, match=rf"writes \d+ characters of its own .*at most {MAX_TEMPLATE_CHARS}"):
         ChatTokenizer(tok.tokenizer, chat_template=f"{{{{ 't7 ' * {MAX_TEMPLATE_CHARS // 3 + 1} }}}}" + CHATML,
                       eos_token_ids=(IM_END,), bos_token="<|im_start|>", eos_token="<|im_end|>")
+
+
+def test_a_template_repeating_a_message_counts_the_repeats_as_its_own_text():
+    from medusa_export.runtime.tokenizer import MAX_TEMPLATE_CHARS
+
+    tok = make_chat_tokenizer()
+    echo = "{{ messages[0]['content'] * 100 }}" + CHATML
+    repeating = ChatTokenizer(tok.tokenizer, chat_template=echo, eos_token_ids=(IM_END,), bos_token="<|im_start|>",
+                              eos_token="<|im_end|>")
+    assert repeating.encode_prompt("t5 ")[:100] == [5] * 100
+    with pytest.raises(InputError, match=rf"writes \d+ characters of its own .*at most {MAX_TEMPLATE_CHARS}"):
+        repeating.encode_prompt("t5 " * (MAX_TEMPLATE_CHARS // 300 + 1))

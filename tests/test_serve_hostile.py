@@ -195,6 +195,25 @@ def test_only_a_body_declared_json_or_undeclared_is_read(server, content_type, s
         assert body["error"]["code"] == "unsupported_media_type" and "application/json" in body["error"]["message"]
 
 
+@pytest.mark.parametrize("extra, status", [
+    ({"Sec-Fetch-Site": "cross-site"}, 403), ({"Origin": "https://attacker.example"}, 403), ({"Origin": "null"}, 403),
+    ({"Sec-Fetch-Site": "none"}, 200), ({"Sec-Fetch-Site": "same-origin"}, 200), ({"Origin": "SERVER"}, 200)])
+def test_a_post_from_a_web_page_of_another_origin_is_refused(server, extra, status):
+    """A page may post a body without a Content-Type and without asking first (fetch in no-cors mode, sendBeacon):
+    such a request carries the browser's Origin or Sec-Fetch-Site, which programs do not send."""
+    host, port = server.removeprefix("http://").split(":")
+    extra = {k: (server if v == "SERVER" else v) for k, v in extra.items()}
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    conn.request("POST", "/v1/completions", json.dumps({"prompt": PROMPT, "max_tokens": 2}),
+                 {"Authorization": f"Bearer {KEY}", **extra})  # no Content-Type, as such a page sends it
+    resp = conn.getresponse()
+    body = json.loads(resp.read())
+    conn.close()
+    assert resp.status == status, body
+    if status == 403:
+        assert body["error"]["code"] == "cross_origin"
+
+
 def test_an_unknown_message_field_is_named_short():
     from medusa_export.runtime.serve.requests import ApiError, parse_chat
 

@@ -19,6 +19,7 @@ import json
 import os
 import socket
 import time
+import urllib.parse
 import uuid
 from dataclasses import dataclass
 from typing import AsyncIterator
@@ -144,6 +145,7 @@ def create_app(runtime, settings: ServeSettings = ServeSettings()) -> FastAPI:
         (the template's workers: a slow render holds one for up to 2 s) parse on threads of their own, so
         completions never wait behind them; one waiting for such a thread past the request timeout gets a 503
         (a parse already running is bounded by the workers' own limits, not by this deadline)."""
+        _check_not_cross_origin(request.headers)
         _check_json_type(request.headers.get("content-type"))
         body = await _read_body(request, settings.max_body_bytes, settings.timeout_s)
         call = lambda: parse(_json(body), model)  # noqa: E731
@@ -288,6 +290,19 @@ def _authorize(request, api_key: str | None) -> None:
     if not hmac.compare_digest(token.encode(), api_key.encode()):
         raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer KEY'", type_="authentication_error",
                        code="invalid_api_key")
+
+
+def _check_not_cross_origin(headers) -> None:
+    """A 403 for a POST a browser sent from another site's page (``Sec-Fetch-Site: cross-site``) or from another
+    origin than this server's (``Origin`` naming another host than ``Host``). A page may send a body without a
+    ``Content-Type`` and without asking first (``fetch`` in no-cors mode, ``sendBeacon``); programs (curl, SDKs) send
+    neither header, and a page served from elsewhere could not read the answers anyway, for this server sends no
+    CORS headers."""
+    origin = headers.get("origin")
+    if headers.get("sec-fetch-site") == "cross-site" or (
+            origin is not None and urllib.parse.urlsplit(origin).netloc.lower() != headers.get("host", "").lower()):
+        raise ApiError(403, "requests sent by a web page of another origin are refused: call the API from a program "
+                       "(no Origin header), or serve the page from this server's origin", code="cross_origin")
 
 
 def _check_json_type(content_type: str | None) -> None:

@@ -92,7 +92,7 @@ def parse_chat(body: Any, model: ServedModel) -> Job:
                            param=f"messages[{i}].role")
         extra = sorted(k for k, v in m.items() if k not in _MESSAGE_KEYS and v is not None)
         if extra:
-            raise ApiError(400, f"messages[{i}].{extra[0]!r:.80} is not supported (this server renders only role "
+            raise ApiError(400, f"messages[{i}].{extra[0][:80]} is not supported (this server renders only role "
                            f"and content): leave it out", param=f"messages[{i}].{extra[0][:80]}")
         rendered.append({"role": "system" if m["role"] == "developer" else m["role"],
                          "content": _content(m.get("content"), i)})
