@@ -8,6 +8,8 @@ Other backends are checked against this one.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -54,11 +56,49 @@ class TorchBackend(Backend):
         return TorchSession(self, capacity or self.max_seq)
 
 
+def _check_fits(nbytes: int, device: torch.device, capacity: int) -> None:
+    """BackendUnavailableError when a KV cache of ``nbytes`` cannot fit the memory free on ``device``: torch zeroes
+    every byte at once, and past the machine's memory the kernel's out-of-memory killer ends the process."""
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        free = _available_ram()
+    if free is not None and nbytes > free:
+        raise BackendUnavailableError(f"a KV cache of {capacity} tokens takes {nbytes / 2**20:.0f} MiB but "
+                                      f"{free / 2**20:.0f} MiB are free on {device}: lower --max-seq (max_seq)")
+
+
+def _available_ram() -> int | None:
+    """Bytes of memory available to new allocations (Linux's MemAvailable), None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _zeros(shape, dtype, device):
+    """A zeroed KV buffer; BackendUnavailableError (one line) when the memory is not there: torch raises a
+    RuntimeError (CPU) or OutOfMemoryError (CUDA) with pages of text."""
+    try:
+        return torch.zeros(shape, dtype=dtype, device=device)
+    except RuntimeError as e:  # torch.OutOfMemoryError is one too
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        raise BackendUnavailableError(f"cannot reserve {nbytes / 2**20:.0f} MiB for a layer's KV buffer on {device} "
+                                      f"({str(e).splitlines()[0][:100]}): lower --max-seq (max_seq)") from None
+
+
 class TorchSession(Session):
     def __init__(self, backend: TorchBackend, capacity: int) -> None:
         self.backend = backend
         dev, dt = backend.device, getattr(torch, backend.dims.dtype)
-        self.kv = KVCache(backend.dims, capacity, alloc=lambda s: torch.zeros(s, dtype=dt, device=dev))
+        d = backend.dims
+        _check_fits(2 * d.num_layers * capacity * d.num_kv_heads * d.head_dim * torch.empty((), dtype=dt).element_size(),
+                    dev, capacity)
+        self.kv = KVCache(backend.dims, capacity, alloc=lambda s: _zeros(s, dt, dev))
         self.capacity = capacity
         self.masks = MaskBuffer()
 

@@ -7,6 +7,17 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from .errors import InputError
+
 
 def cache_root() -> Path:
-    return Path(os.environ.get("MEDUSA_EXPORT_CACHE", Path.home() / ".cache" / "medusa-export"))
+    """``$MEDUSA_EXPORT_CACHE`` (empty: unset, not the current directory), else ``~/.cache/medusa-export``; an
+    InputError naming the variable when it names something other than a directory."""
+    value = os.environ.get("MEDUSA_EXPORT_CACHE", "")
+    if not value.strip():
+        return Path.home() / ".cache" / "medusa-export"
+    path = Path(value)
+    if path.exists() and not path.is_dir():
+        raise InputError(f"MEDUSA_EXPORT_CACHE={value[:120]!r} is not a directory: point it at one (it is made if "
+                         f"missing), or unset it for ~/.cache/medusa-export")
+    return path

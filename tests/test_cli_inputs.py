@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -213,8 +214,9 @@ def test_limit_below_one_is_refused(artifact, tmp_path, limit):
 def test_bench_refuses_a_missing_artifact_or_no_threads_before_its_progress_bar(artifact, tmp_path):
     refused_before_work(cli("bench", str(tmp_path / "none"), "--limit", "1", "--no-hf"), "does not exist")
     refused_before_work(cli("bench", str(artifact), "--limit", "1", "--no-hf", "--threads", "0"), "--threads 0")
+    per_cpu = f"at most {4 * len(os.sched_getaffinity(0))} (4 per CPU"
     refused_before_work(cli("bench", str(artifact), "--limit", "1", "--no-hf", "--threads", "5000"),
-                        "--threads 5000", "at most 4096")
+                        "--threads 5000", per_cpu)
 
 
 def test_generate_max_seq_below_one_is_refused(artifact):
@@ -288,7 +290,7 @@ def test_empty_values_are_refused_not_read_as_the_default(artifact):
     # click reads an empty variable as unset: the server started without authentication
     refused_before_work(cli("serve", str(artifact), "--port", "0", timeout=120, env={"MEDUSA_EXPORT_API_KEY": ""}),
                         "--api-key must be a non-empty key")
-    refused_before_work(cli("serve", str(artifact), "--threads", "99999", timeout=120), "--threads", "at most 4096")
+    refused_before_work(cli("serve", str(artifact), "--threads", "99999", timeout=120), "--threads", "4 per CPU")
     refused_before_work(cli("generate", str(artifact), "--prompt"), "requires an argument",
                         "medusa-export generate --help")
     refused_before_work(cli("bench", str(artifact), "--no-hf", "--model", "x"), "--model is the base model")
@@ -368,6 +370,8 @@ def test_calibrate_tree_names_its_threads_flag(artifact, tmp_path):
     """It said "threads must be an integer in 1..4096" without the flag, after the prompts were read."""
     refused_before_work(cli("calibrate-tree", str(artifact), "--threads", "0", "--out", str(tmp_path / "t.json")),
                         "--threads 0")
+    refused_before_work(cli("calibrate-tree", str(artifact), "--threads", "4096", "--out", str(tmp_path / "t.json")),
+                        "--threads 4096", "4 per CPU")  # ran for minutes on 2 cores
 
 
 def test_a_heads_directory_given_as_the_model_is_named_as_heads(tmp_path):
@@ -377,3 +381,38 @@ def test_a_heads_directory_given_as_the_model_is_named_as_heads(tmp_path):
     (heads / "config.json").write_text(json.dumps({"format": "medusa-export-heads", "format_version": 1}))
     proc = cli("generate", str(heads), "--prompt", "x", "--max-new-tokens", "2")
     assert_one_line_error(proc, "holds Medusa heads, not a model", "--heads")
+
+
+def test_generate_max_seq_past_any_artifacts_is_refused_before_work(artifact):
+    refused_before_work(cli("generate", str(artifact), "--prompt", "t1", "--max-seq", "1000000000"),
+                        "--max-seq 1000000000", "at most 1048576")
+
+
+def test_a_torch_kv_cache_larger_than_the_free_memory_is_refused_before_it_is_zeroed(tiny, monkeypatch):
+    """torch zeroes a KV buffer at once: past the machine's memory the out-of-memory killer ended the process."""
+    from medusa_export.exporter import torch_backend
+    from medusa_export.runtime.errors import BackendUnavailableError
+
+    backend = tiny.backend(max_seq=64)
+    with backend.new_session():  # fits
+        pass
+    monkeypatch.setattr(torch_backend, "_available_ram", lambda: 1000)
+    with pytest.raises(BackendUnavailableError, match=r"a KV cache of 64 tokens takes \d+ MiB but 0 MiB are free "
+                                                      r"on cpu: lower --max-seq"):
+        backend.new_session()
+
+
+def test_an_empty_or_misplaced_cache_variable(tmp_path, monkeypatch):
+    """Empty, it wrote 517 MB of the built-in model into the current directory; naming a file, the error named
+    neither the variable nor a fix."""
+    from medusa_export.runtime.cache_dir import cache_root
+    from medusa_export.runtime.errors import InputError
+
+    monkeypatch.setenv("MEDUSA_EXPORT_CACHE", "")
+    assert cache_root() == Path.home() / ".cache" / "medusa-export"
+    (tmp_path / "afile").write_text("x")
+    monkeypatch.setenv("MEDUSA_EXPORT_CACHE", str(tmp_path / "afile"))
+    with pytest.raises(InputError, match="MEDUSA_EXPORT_CACHE=.*afile' is not a directory"):
+        cache_root()
+    monkeypatch.setenv("MEDUSA_EXPORT_CACHE", str(tmp_path / "new"))
+    assert cache_root() == tmp_path / "new"

@@ -27,12 +27,12 @@ def setup_distributed(device: str = "auto") -> tuple[int, int, torch.device, boo
     ``device``: auto | cpu | cuda (the options checked the name)."""
     if device == "cuda" and not torch.cuda.is_available():
         raise InputError("--device cuda: this PyTorch sees no CUDA device (install a CUDA build of torch, or use --device cpu)")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = _env_number("WORLD_SIZE", 1, int)
     if world <= 1:
         return 0, 1, torch.device("cuda" if device != "cpu" and torch.cuda.is_available() else "cpu"), False
     import torch.distributed as dist
 
-    local = int(os.environ.get("LOCAL_RANK", "0"))
+    local = _env_number("LOCAL_RANK", 0, int)
     if device != "cpu" and torch.cuda.is_available():
         torch.cuda.set_device(local)
         dev = torch.device("cuda", local)
@@ -40,9 +40,31 @@ def setup_distributed(device: str = "auto") -> tuple[int, int, torch.device, boo
         dev = torch.device("cpu")
     owned = not dist.is_initialized()
     if owned:
-        timeout = timedelta(seconds=float(os.environ.get("MEDUSA_DIST_TIMEOUT_S", 7200)))
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=timeout)
+        seconds = _env_number("MEDUSA_DIST_TIMEOUT_S", 7200.0, float)
+        if not 0 < seconds <= MAX_TIMEOUT_S:
+            raise InputError(f"MEDUSA_DIST_TIMEOUT_S={seconds:g}: give seconds in (0, {MAX_TIMEOUT_S}], or unset it "
+                             f"for 7200")
+        try:
+            dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=timedelta(seconds=seconds))
+        except ValueError as e:  # torch's launcher variables missing or odd (RANK, MASTER_ADDR, MASTER_PORT)
+            raise InputError(f"the distributed run cannot start ({str(e).splitlines()[0][:160]}): launch it with "
+                             f"torchrun or accelerate, which set RANK, MASTER_ADDR and MASTER_PORT") from None
     return dist.get_rank(), dist.get_world_size(), dev, owned
+
+
+MAX_TIMEOUT_S = 7 * 86400.0  # a week: timedelta and the backends take no more sensibly
+
+
+def _env_number(name: str, default, kind):
+    """Environment variable ``name`` as ``kind`` (int or float), ``default`` when unset; an InputError naming it."""
+    text = os.environ.get(name)
+    if text is None:
+        return default
+    try:
+        return kind(text)
+    except ValueError:
+        raise InputError(f"{name}={text[:40]!r} is not {'an integer' if kind is int else 'a number'}: set it as the "
+                         f"launcher does (torchrun, accelerate), or unset it") from None
 
 
 def end_distributed(world: int, owned: bool) -> None:

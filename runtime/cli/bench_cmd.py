@@ -41,13 +41,12 @@ def bench(
     from .. import extras
     from ..bench import plot, run_bench
     from ..prompts import read_prompts
-    from ..backends.ort import MAX_THREADS
     from ..errors import InputError
-    from .checks import at_least, backend_list
+    from .checks import at_least, backend_list, check_threads
 
     names = backend_list(backends)
     at_least("--limit", limit)
-    at_least("--threads", threads, hint=", or leave it out for all cores", maximum=MAX_THREADS)
+    check_threads(threads)
     _check_outputs(as_json, plot_file, inputs=(artifact, prompts, model, tree))
     if "torch" in names:
         extras.require("bench --backends torch", "torch")

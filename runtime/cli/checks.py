@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -63,3 +64,19 @@ def path_option(default: Any, *names: str, help: str) -> Any:
 def path_argument(help: str) -> Any:
     """The required ARTIFACT argument, read by `path_value`."""
     return typer.Argument(..., parser=path_value, metavar="ARTIFACT", help=help)
+
+
+THREADS_PER_CPU = 4  # more intra-op threads than this per CPU only contend: 4,096 on 2 cores ran for minutes
+
+
+def check_threads(threads: int | None) -> None:
+    """InputError when ``--threads`` was given and is below 1 or above THREADS_PER_CPU x the CPUs this process may
+    run on."""
+    at_least("--threads", threads, hint=", or leave it out for all cores")
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        cpus = os.cpu_count() or 1
+    if threads is not None and threads > THREADS_PER_CPU * cpus:
+        raise InputError(f"--threads {threads}: use at most {THREADS_PER_CPU * cpus} ({THREADS_PER_CPU} per CPU; this "
+                         f"process may use {cpus}), or leave it out for all cores")

@@ -36,10 +36,12 @@ def generate(
     """Generate text for one prompt and report tokens/s and accepted tokens per step."""
     from ..decode import GenerationConfig, uses_context
     from ..errors import InputError
+    from ..manifest_records import LIMITS
     from .checks import at_least
     from .loading import is_artifact, open_generator
 
-    at_least("--max-seq", max_seq, hint=", or leave it out for the artifact's own (2048 for a model)")
+    at_least("--max-seq", max_seq, hint=", or leave it out for the artifact's own (2048 for a model)",
+             maximum=LIMITS["max_seq"])
     if model is not None and not model.strip():  # an empty MODEL would run the built-in model
         raise InputError("MODEL is empty: give an artifact, model directory or .gguf, or leave it out for the "
                          "built-in model")

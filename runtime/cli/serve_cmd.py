@@ -44,14 +44,13 @@ def serve(
     replicas: int = typer.Option(1, min=1, help="Ray Serve replicas (with --ray)."),
 ) -> None:
     """Serve an artifact over the OpenAI API (chat/completions, completions, models) with Prometheus metrics."""
-    from ..backends.ort import MAX_THREADS
     from ..errors import InputError
     from ..serve.app import ServeSettings
-    from .checks import at_least
+    from .checks import at_least, check_threads
 
     if backend not in ("ort", "trt"):
         raise InputError(f"unknown backend {backend!r}: choose ort or trt")
-    at_least("--threads", threads, hint=", or leave it out for all cores", maximum=MAX_THREADS)
+    check_threads(threads)
     if api_key is None and "MEDUSA_EXPORT_API_KEY" in os.environ:
         # click reads an empty variable as unset: the server would start without authentication, silently
         api_key = os.environ["MEDUSA_EXPORT_API_KEY"]

@@ -39,12 +39,11 @@ def calibrate_tree(
     from .. import extras
     from ..api import MedusaRuntime
     from ..calibration import calibrate
-    from ..backends.ort import MAX_THREADS
     from ..prompts import read_prompts
-    from .checks import at_least
+    from .checks import at_least, check_threads
 
     at_least("--limit", limit)
-    at_least("--threads", threads, hint=", or leave it out for all cores", maximum=MAX_THREADS)
+    check_threads(threads)
     check_out_file(out, "--out", make_parents=True, inputs=(artifact, data, model))  # before the measurements
     if backend == "torch":
         extras.require("calibrate-tree --backend torch", "torch")
