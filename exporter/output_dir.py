@@ -115,9 +115,26 @@ def check_out_file(path: Path, flag: str, make_parents: bool = False, inputs: tu
     if not make_parents and not path.parent.is_dir():
         what = "is a file" if path.parent.exists() else "does not exist"
         raise InputError(f"{flag} {path}: the directory {path.parent} {what}: create it first or choose another path")
+    if make_parents:
+        _check_parents_can_be_made(path, flag)
     if path.exists() and not os.access(path, os.W_OK):
         raise InputError(f"{flag} {path} is not writable: choose another path")
     check_can_create(path, flag)
+
+
+def _check_parents_can_be_made(path: Path, flag: str) -> None:
+    """The nearest entry above ``path`` that is there, as the system walks the path (no ``..`` folded away as text),
+    must be a directory: a file there (``afile/../x``) or a symbolic link to nothing failed only when the report
+    was written, after the work."""
+    for above in path.parents:
+        if not os.path.lexists(above):
+            continue  # made with its parents (a component under a file is not there either: its parent tells)
+        if os.path.islink(above) and not os.path.exists(above):
+            raise InputError(f"{flag} {path}: {above} is a symbolic link to nothing: make its target or choose "
+                             f"another path")
+        if not os.path.isdir(above):
+            raise InputError(f"{flag} {path}: {above} is a file, not a directory: choose another path")
+        return
 
 
 def _check_not_an_input(path: Path, flag: str, inputs: tuple) -> None:

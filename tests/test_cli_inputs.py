@@ -416,3 +416,21 @@ def test_an_empty_or_misplaced_cache_variable(tmp_path, monkeypatch):
         cache_root()
     monkeypatch.setenv("MEDUSA_EXPORT_CACHE", str(tmp_path / "new"))
     assert cache_root() == tmp_path / "new"
+
+
+def test_calibrate_tree_out_under_a_file_or_a_dangling_link_is_refused_before_the_measurements(artifact, tmp_path):
+    """Both passed the early check (a path folded as text, a link's target not looked at) and failed only when the
+    tree was written, after the whole calibration."""
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "dangling").symlink_to(tmp_path / "missing" / "dir")
+    for out, words in ((tmp_path / "afile" / ".." / "t.json", "afile is a file, not a directory"),
+                       (tmp_path / "dangling" / "t.json", "dangling is a symbolic link to nothing")):
+        refused_before_work(cli("calibrate-tree", str(artifact), "--limit", "1", "--out", str(out)), words)
+    assert not (tmp_path / "missing").exists()
+
+
+def test_calibrate_tree_writes_through_a_link_to_a_directory_not_made_yet(tmp_path):
+    from medusa_export.exporter.output_dir import check_out_file
+
+    (tmp_path / "tree.json").symlink_to(tmp_path / "later" / "sub" / "tree.json")
+    check_out_file(tmp_path / "tree.json", "--out", make_parents=True)  # train_cmd makes the target's parents

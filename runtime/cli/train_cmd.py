@@ -60,7 +60,7 @@ def calibrate_tree(
                        node_budget=node_budget, progress=typer.echo)
     from ..whole_file import write_report
 
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out.resolve().parent.mkdir(parents=True, exist_ok=True)  # a link's target's: the report replaces it
     write_report(out, json.dumps(result, indent=2) + "\n")
     c = result["calibration"]
     acc = c["head_accuracy"]["marginal"]
