@@ -145,3 +145,7 @@ def test_verify_checks_an_fp16_cache_as_an_approximation(fp16_cache_runtimes, tm
                "--max-new-tokens", "8")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "ort (fp32, float16 KV cache) vs torch: greedy Medusa == greedy vanilla on ort 2/2" in proc.stdout
+    assert "--tolerance" not in proc.stderr
+    proc = cli("verify", str(directory), "--model", str(directory.parent / "model"), "--prompts", str(prompts),
+               "--max-new-tokens", "8", "--tolerance", "0")  # not this check's bar: said, not silently ignored
+    assert proc.returncode == 0 and "note: --tolerance is not used for a fp32, float16 KV cache artifact" in proc.stderr

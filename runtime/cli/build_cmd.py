@@ -180,6 +180,9 @@ def verify(
     # Quantized weights and an fp16 KV cache approximate the reference by design: checked as approximations.
     quantized = manifest.quantized or manifest.dims.cache_differs
     kind = manifest.weights + (f", {manifest.dims.cache_dtype} KV cache" if manifest.dims.cache_differs else "")
+    if quantized and tolerance is not None:  # its bar is top-1 agreement, not a probability error
+        typer.echo(f"note: --tolerance is not used for a {kind} artifact: it is checked by top-1 agreement with the "
+                   f"reference and perplexity", err=True)
     try:
         if quantized:
             report = _verify_quantized(names, runtimes, texts, max_new_tokens)
