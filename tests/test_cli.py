@@ -139,6 +139,8 @@ def test_calibrate_tree_writes_a_tree_that_build_and_generate_accept(artifact, t
     cal = json.loads(out.read_text())["calibration"]
     assert 1 <= cal["num_nodes"] <= 6 and cal["prompts"] == 2
     assert f"{cal['vanilla_tokens_per_s']:.1f} vanilla" in proc.stdout  # baseline: the vanilla graph's step
+    assert "timing steps of" in proc.stderr and "timing steps of" not in proc.stdout  # progress: a closed stdout
+    # (`| head -c 1`) ended the calibration at its first line and lost the tree
     assert abs(cal["predicted_speedup"] - cal["tokens_per_s"] / cal["vanilla_tokens_per_s"]) < 1e-9
     assert ("do not pay" in proc.stderr) == (cal["predicted_speedup"] <= 1.0)
     proc = cli("generate", str(artifact), "--prompt", "t5 t6", "--tree", str(out), "--max-new-tokens", "6", "--json")

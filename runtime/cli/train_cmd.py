@@ -57,7 +57,7 @@ def calibrate_tree(
         raise InputError(f"{artifact} has no Medusa heads to calibrate: build it with heads (`medusa-export build "
                          f"--heads ...`)")
     result = calibrate(rt.generator.backend, rt.generator.tokenizer, texts, max_new_tokens=max_new_tokens,
-                       node_budget=node_budget, progress=typer.echo)
+                       node_budget=node_budget, progress=lambda m: typer.echo(m, err=True))  # stdout: results
     from ..whole_file import write_report
 
     out.resolve().parent.mkdir(parents=True, exist_ok=True)  # a link's target's: the report replaces it
