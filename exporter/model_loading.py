@@ -102,8 +102,8 @@ def _locations_file() -> Path:
 
 def remember_location(fingerprint: str, path: Path) -> None:
     """Note where the model with this fingerprint lives on this machine (best effort: only a convenience)."""
-    f = _locations_file()
     try:
+        f = _locations_file()  # a misplaced MEDUSA_EXPORT_CACHE (an InputError, a ValueError): nothing noted
         known = json.loads(f.read_text()) if f.exists() else {}
         if known.get(fingerprint) == str(path):
             return
@@ -124,8 +124,8 @@ def locate_model(identity: dict, override: str | os.PathLike | None = None) -> s
     source = str(identity.get("source", ""))
     if source in ("default", DEFAULT_MODEL_NAME):
         return None
-    f = _locations_file()
     try:
+        f = _locations_file()  # a misplaced MEDUSA_EXPORT_CACHE (an InputError, a ValueError): nothing noted
         known = json.loads(f.read_text()) if f.exists() else {}
     except (OSError, ValueError):
         known = {}

@@ -9,6 +9,7 @@ Other backends are checked against this one.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -59,8 +60,9 @@ class TorchBackend(Backend):
 def _check_fits(nbytes: int, device: torch.device, capacity: int) -> None:
     """BackendUnavailableError when a KV cache of ``nbytes`` cannot fit the memory free on ``device``: torch zeroes
     every byte at once, and past the machine's memory the kernel's out-of-memory killer ends the process."""
-    if device.type == "cuda":
-        free = torch.cuda.mem_get_info(device)[0]
+    if device.type == "cuda":  # free on the device, plus what torch freed but keeps cached for reuse
+        free = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - \
+            torch.cuda.memory_allocated(device)
     else:
         free = _available_ram()
     if free is not None and nbytes > free:
@@ -69,15 +71,21 @@ def _check_fits(nbytes: int, device: torch.device, capacity: int) -> None:
 
 
 def _available_ram() -> int | None:
-    """Bytes of memory available to new allocations (Linux's MemAvailable), None where unknown."""
+    """Bytes of memory available to new allocations: Linux's MemAvailable, or less under a container's memory limit
+    (cgroup v2 ``memory.max`` less ``memory.current``); None where unknown."""
+    found = []
     try:
         with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+            found += [int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")]
     except (OSError, ValueError, IndexError):
         pass
-    return None
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            found.append(int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text()))
+    except (OSError, ValueError):
+        pass
+    return min(found) if found else None
 
 
 def _zeros(shape, dtype, device):

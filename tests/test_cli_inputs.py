@@ -434,3 +434,22 @@ def test_calibrate_tree_writes_through_a_link_to_a_directory_not_made_yet(tmp_pa
 
     (tmp_path / "tree.json").symlink_to(tmp_path / "later" / "sub" / "tree.json")
     check_out_file(tmp_path / "tree.json", "--out", make_parents=True)  # train_cmd makes the target's parents
+
+
+def test_a_misplaced_cache_variable_is_named_before_any_command_starts(tmp_path):
+    """It was read only after the model had loaded (or the distillation had run)."""
+    (tmp_path / "afile").write_text("x")
+    proc = cli("generate", "--prompt", "hi", "--max-new-tokens", "2", env={"MEDUSA_EXPORT_CACHE": str(tmp_path / "afile")})
+    assert_one_line_error(proc, "MEDUSA_EXPORT_CACHE=", "is not a directory")
+
+
+def test_calibrate_tree_writes_through_a_missing_directory_and_back(artifact, tmp_path):
+    """``missing/../t.json``: the directory is made, then walked back out of, as the system walks the path (folding
+    it as text first made nothing, and the write failed after the measurements)."""
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "t5 t6 t7"}\n')
+    out = tmp_path / "missing" / ".." / "t.json"
+    proc = cli("calibrate-tree", str(artifact), "--data", str(prompts), "--out", str(out), "--max-new-tokens", "4",
+               "--node-budget", "3")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "t.json").read_text())["calibration"]["prompts"] == 1

@@ -15,6 +15,7 @@ from typing import Callable
 
 import typer
 
+from ..cache_dir import cache_root
 from ..errors import MedusaExportError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
@@ -99,6 +100,11 @@ def main() -> None:
     errors = _click_errors()
     _register()
     signal.signal(signal.SIGTERM, _on_sigterm)  # `serve` puts its own in place while it drains (serve/server.py)
+    try:  # read late (after a model loads, after a distillation): a misplaced one is named before any work
+        cache_root()
+    except MedusaExportError as e:
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(2)
     try:
         code = app(standalone_mode=False)
     except errors.NoArgsIsHelpError as e:  # a bare command: its help, as click would show it

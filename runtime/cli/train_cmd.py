@@ -60,7 +60,7 @@ def calibrate_tree(
                        node_budget=node_budget, progress=lambda m: typer.echo(m, err=True))  # stdout: results
     from ..whole_file import write_report
 
-    out.resolve().parent.mkdir(parents=True, exist_ok=True)  # a link's target's: the report replaces it
+    (out.resolve() if out.is_symlink() else out).parent.mkdir(parents=True, exist_ok=True)  # as write_report
     write_report(out, json.dumps(result, indent=2) + "\n")
     c = result["calibration"]
     acc = c["head_accuracy"]["marginal"]
