@@ -16,7 +16,7 @@ import torch
 
 from medusa_export.runtime import io_table
 from medusa_export.runtime.backends.base import Backend, KVCache, MaskBuffer, ModelDims, Session, StepOutput
-from medusa_export.runtime.errors import BackendUnavailableError
+from medusa_export.runtime.errors import BackendUnavailableError, first_line
 
 from .heads import MedusaHeads
 from .step_model import StepModel
@@ -94,9 +94,9 @@ def _zeros(shape, dtype, device):
     try:
         return torch.zeros(shape, dtype=dtype, device=device)
     except RuntimeError as e:  # torch.OutOfMemoryError is one too
-        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        nbytes = math.prod(shape) * dtype.itemsize
         raise BackendUnavailableError(f"cannot reserve {nbytes / 2**20:.0f} MiB for a layer's KV buffer on {device} "
-                                      f"({str(e).splitlines()[0][:100]}): lower --max-seq (max_seq)") from None
+                                      f"({first_line(e, 100)}): lower --max-seq (max_seq)") from None
 
 
 class TorchSession(Session):
@@ -104,9 +104,8 @@ class TorchSession(Session):
         self.backend = backend
         dev, dt = backend.device, getattr(torch, backend.dims.dtype)
         d = backend.dims
-        _check_fits(2 * d.num_layers * capacity * d.num_kv_heads * d.head_dim * torch.empty((), dtype=dt).element_size(),
-                    dev, capacity)
-        self.kv = KVCache(backend.dims, capacity, alloc=lambda s: _zeros(s, dt, dev))
+        _check_fits(2 * d.num_layers * capacity * d.num_kv_heads * d.head_dim * dt.itemsize, dev, capacity)
+        self.kv = KVCache(d, capacity, alloc=lambda s: _zeros(s, dt, dev))
         self.capacity = capacity
         self.masks = MaskBuffer()
 

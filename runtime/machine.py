@@ -14,6 +14,14 @@ FLAGS = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx51
          "amx_tile", "amx_int8", "amx_bf16")
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (``taskset``, a container's cpuset), not all of the machine's."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
+
+
 def machine_info() -> dict:
     cpu, flags = platform.processor() or platform.machine(), set()
     cpuinfo = Path("/proc/cpuinfo")

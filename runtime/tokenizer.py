@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Callable
 
 from .bounded_read import read_bounded
 from .chat_template import ChatTemplate
-from .errors import ArtifactError, InputError
+from .errors import ArtifactError, InputError, first_line
 from .typed_json import MAX_JSON_BYTES, read_json
 
 MAX_SPECIAL_CHARS = 256  # a special token's text: markers such as <|im_start|> (every text is searched for them)
@@ -108,7 +108,7 @@ class ChatTokenizer:
         tokenizer.no_padding()
         tokenizer.no_truncation()
         if vocab_size is not None:
-            largest = max(tokenizer.get_vocab(with_added_tokens=True).values(), default=-1)
+            largest = _largest_id(tokenizer)
             if tokenizer.get_vocab_size() > vocab_size or largest >= vocab_size:
                 raise ArtifactError(f"{tj} has {tokenizer.get_vocab_size()} tokens with ids up to {largest}, but the "
                                     f"model's vocabulary is {vocab_size}: it belongs to another model, rebuild the "
@@ -153,8 +153,7 @@ class ChatTokenizer:
     @property
     def largest_id(self) -> int:
         """The largest token id the tokenizer can produce (ids need not be dense: a count says nothing of it)."""
-        vocab = self.tokenizer.get_vocab(with_added_tokens=True)
-        return max(vocab.values(), default=-1)
+        return _largest_id(self.tokenizer)
 
     def encode(self, text: str) -> list[int]:
         """A raw prompt (no template): special tokens in it are parsed as such."""
@@ -227,6 +226,11 @@ def _ids(tokenizer, text: str) -> list[int]:
         f"with a working tokenizer.json"))
 
 
+def _largest_id(tokenizer) -> int:
+    """The largest id of a `tokenizers.Tokenizer`'s vocabulary, added tokens included (-1 when empty)."""
+    return max(tokenizer.get_vocab(with_added_tokens=True).values(), default=-1)
+
+
 def _unpanicked(call: Callable, error: Callable[[str], Exception]):
     """``call()``, with a `tokenizers` panic (a BaseException) raised as ``error(its first line)`` instead;
     KeyboardInterrupt, SystemExit and GeneratorExit pass."""
@@ -235,8 +239,7 @@ def _unpanicked(call: Callable, error: Callable[[str], Exception]):
     except (KeyboardInterrupt, SystemExit, GeneratorExit):
         raise
     except BaseException as e:  # noqa: BLE001 - pyo3's PanicException derives from BaseException
-        why = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
-        raise error(why) from None
+        raise error(first_line(e, 120)) from None
 
 
 def check_text(text: str) -> str:

@@ -19,7 +19,7 @@ from datetime import timedelta
 
 import torch
 
-from medusa_export.runtime.errors import InputError, TrainingError
+from medusa_export.runtime.errors import InputError, TrainingError, first_line
 
 
 def setup_distributed(device: str = "auto") -> tuple[int, int, torch.device, bool]:
@@ -47,7 +47,7 @@ def setup_distributed(device: str = "auto") -> tuple[int, int, torch.device, boo
         try:
             dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=timedelta(seconds=seconds))
         except ValueError as e:  # torch's launcher variables missing or odd (RANK, MASTER_ADDR, MASTER_PORT)
-            raise InputError(f"the distributed run cannot start ({str(e).splitlines()[0][:160]}): launch it with "
+            raise InputError(f"the distributed run cannot start ({first_line(e, 160)}): launch it with "
                              f"torchrun or accelerate, which set RANK, MASTER_ADDR and MASTER_PORT") from None
     return dist.get_rank(), dist.get_world_size(), dev, owned
 

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -73,10 +72,9 @@ def check_threads(threads: int | None) -> None:
     """InputError when ``--threads`` was given and is below 1 or above THREADS_PER_CPU x the CPUs this process may
     run on."""
     at_least("--threads", threads, hint=", or leave it out for all cores")
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # not Linux
-        cpus = os.cpu_count() or 1
+    from ..machine import usable_cpus
+
+    cpus = usable_cpus()
     if threads is not None and threads > THREADS_PER_CPU * cpus:
         raise InputError(f"--threads {threads}: use at most {THREADS_PER_CPU * cpus} ({THREADS_PER_CPU} per CPU; this "
                          f"process may use {cpus}), or leave it out for all cores")

@@ -5,12 +5,12 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
 
 from .. import extras
 from ..errors import InputError
+from ..machine import usable_cpus
 from ..warm_up import warm_up
 from .app import ServeSettings, create_app
 from .http_deadlines import header_deadline_protocol
@@ -29,7 +29,7 @@ def run_server(artifact: str, host: str = "127.0.0.1", port: int = 8000, backend
 
     sock = listening_socket(host, port)  # before the model loads: a busy port fails at once, in one line
     try:
-        runtime = MedusaRuntime.load(artifact, backend=backend, tree=tree, threads=threads or _usable_cpus())
+        runtime = MedusaRuntime.load(artifact, backend=backend, tree=tree, threads=threads or usable_cpus())
     except BaseException:
         sock.close()
         raise
@@ -61,14 +61,6 @@ def run_server(artifact: str, host: str = "127.0.0.1", port: int = 8000, backend
         scheduler.stop()  # a forced exit (a second Ctrl+C) skips the lifespan's: never close the backend under a step
         runtime.close()
     return scheduler.drained is not False
-
-
-def _usable_cpus() -> int:
-    """The CPUs this process may run on (``taskset``, a container's cpuset), not all of the machine's."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # not Linux
-        return os.cpu_count() or 1
 
 
 def draining_server(config, scheduler, deadline_s: float):
