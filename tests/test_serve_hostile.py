@@ -214,6 +214,36 @@ def test_a_post_from_a_web_page_of_another_origin_is_refused(server, extra, stat
         assert body["error"]["code"] == "cross_origin"
 
 
+@pytest.mark.parametrize("method, path", [("POST", "/v1/completions"), ("GET", "/v1/models"), ("GET", "/metrics")])
+def test_a_host_name_rebound_to_this_machine_is_refused(server, method, path):
+    """A page that points its own DNS name at 127.0.0.1 is same-origin to the server (no Origin check helps): a
+    server bound to a loopback address answers loopback names only (docs/serving.md, Security)."""
+    host, port = server.removeprefix("http://").split(":")
+    for name, status in ((f"attacker.example:{port}", 400), (f"localhost:{port}", 200), (f"127.0.0.1:{port}", 200)):
+        conn = http.client.HTTPConnection(host, int(port), timeout=60)
+        body = json.dumps({"prompt": PROMPT, "max_tokens": 2}) if method == "POST" else None
+        conn.request(method, path, body, {"Host": name, "Authorization": f"Bearer {KEY}",
+                                          "Content-Type": "application/json"})
+        resp = conn.getresponse()
+        data = resp.read()
+        conn.close()
+        assert resp.status == status, (name, data)
+        if status == 400:
+            assert json.loads(data)["error"]["code"] == "invalid_host"
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    conn.request("GET", "/health", headers={"Host": "attacker.example"})  # probes stay open: they reveal nothing
+    assert conn.getresponse().status == 200
+    conn.close()
+
+
+def test_allowed_hosts_that_are_not_names_are_one_line_before_the_model_loads(artifact):
+    from test_cli import assert_one_line_error, cli
+
+    proc = cli("serve", str(artifact), "--allowed-hosts", "http://api.example.com", timeout=120)
+    assert_one_line_error(proc, "--allowed-hosts: 'http://api.example.com' is not a host name")
+    assert "serving" not in proc.stdout + proc.stderr
+
+
 def test_an_unknown_message_field_is_named_short():
     from medusa_export.runtime.serve.requests import ApiError, parse_chat
 

@@ -25,6 +25,10 @@ def serve(
     max_queue: int = typer.Option(8, min=0, help="Requests that may wait for a place; more get HTTP 429."),
     api_key: Optional[str] = typer.Option(None, envvar="MEDUSA_EXPORT_API_KEY",
                                           help="Require 'Authorization: Bearer KEY' on /v1 routes."),
+    allowed_hosts: Optional[str] = typer.Option(None, help="Host names the server answers besides loopback ones, "
+                                                "comma-separated (.example.com: every name under it; *: any). "
+                                                "Default: loopback names only when --host is a loopback address, "
+                                                "any name otherwise (guards against DNS rebinding)."),
     threads: Optional[int] = typer.Option(None, min=1, help="ONNX Runtime threads (default: all cores)."),
     tree: Optional[str] = typer.Option(None, help="Tree to use instead of the artifact's (must fit its graph)."),
     request_timeout: float = typer.Option(300.0, min=0.1, help="Seconds for a request's body to arrive (then "
@@ -46,6 +50,7 @@ def serve(
     """Serve an artifact over the OpenAI API (chat/completions, completions, models) with Prometheus metrics."""
     from ..errors import InputError
     from ..serve.app import ServeSettings
+    from ..serve.host_check import parse_allowed_hosts
     from .checks import at_least, check_threads
 
     if backend not in ("ort", "trt"):
@@ -61,9 +66,9 @@ def serve(
         raise InputError("--host is empty: give an address (127.0.0.1: this machine only; 0.0.0.0: every interface)")
     settings = ServeSettings(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                              max_queue=max_queue, timeout_s=request_timeout, header_timeout_s=header_timeout,
-                             api_key=api_key,
-                             max_body_bytes=max_body_bytes, model_name=served_model_name,
-                             context_drafts=not no_context_drafts)
+                             api_key=api_key, max_body_bytes=max_body_bytes, model_name=served_model_name,
+                             context_drafts=not no_context_drafts,
+                             allowed_hosts=None if allowed_hosts is None else parse_allowed_hosts(allowed_hosts))
     if ray:
         from ..serve.ray_app import run_ray
 

@@ -34,6 +34,7 @@ from starlette.requests import ClientDisconnect
 from ..engine import DEFAULT_MAX_NUM_BATCHED_TOKENS
 from ..errors import InputError
 from ..generator import GenerationResult
+from .host_check import HostCheck
 from .metrics import ServerMetrics, accepted_per_position
 from .requests import ApiError, Job, ServedModel, parse_chat, parse_completion
 from .scheduler import Finished, Request as Admitted, Scheduler
@@ -54,6 +55,9 @@ class ServeSettings:
     api_key: str | None = None
     max_body_bytes: int = 1 << 20
     model_name: str | None = None  # default: the artifact's model name
+    # Host names answered besides loopback ones (`host_check`: DNS rebinding); None: decided by the address bound
+    # (`run_server`: any name unless it binds a loopback address), loopback names only where that is unknown.
+    allowed_hosts: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         key = self.api_key
@@ -61,6 +65,10 @@ class ServeSettings:
             # HTTP header values are ASCII; clients encode others differently (UTF-8 or latin-1), so they would fail
             raise InputError("--api-key must be a non-empty key of printable ASCII characters without surrounding "
                              "spaces: choose another key")
+        hosts = self.allowed_hosts
+        if hosts is not None and (not isinstance(hosts, tuple) or not all(isinstance(h, str) for h in hosts)):
+            raise InputError("ServeSettings.allowed_hosts must be a tuple of host names: parse a comma-separated "
+                             "list with host_check.parse_allowed_hosts")
 
 
 def create_app(runtime, settings: ServeSettings = ServeSettings()) -> FastAPI:
@@ -83,6 +91,7 @@ def create_app(runtime, settings: ServeSettings = ServeSettings()) -> FastAPI:
     app = FastAPI(title="medusa-export", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.router.redirect_slashes = False  # /v1/completions/ is an unknown route (404 body), not an empty 307
     app.state.scheduler, app.state.metrics = sched, metrics
+    app.add_middleware(HostCheck, allowed=settings.allowed_hosts or ())
 
     @app.exception_handler(ApiError)
     async def _api_error(_request: Request, e: ApiError):

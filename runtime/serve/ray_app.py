@@ -18,6 +18,8 @@ import json
 import os
 
 from .app import ServeSettings, create_app
+from .host_check import parse_allowed_hosts
+from .server import with_bound_hosts
 
 
 def deployment(artifact: str, backend: str = "ort", settings: ServeSettings = ServeSettings(), replicas: int = 1,
@@ -48,10 +50,14 @@ def deployment(artifact: str, backend: str = "ort", settings: ServeSettings = Se
 
 def app_builder(args: dict):
     """`serve run medusa_export.runtime.serve.ray_app:app_builder artifact=DIR [replicas=N] [max_num_seqs=N]
-    [max_queue=N] [threads=N] [api_key=KEY] [autoscaling=JSON]`."""
+    [max_queue=N] [threads=N] [api_key=KEY] [allowed_hosts=NAMES] [autoscaling=JSON]`. Without ``allowed_hosts``
+    (comma-separated, ``*`` for any) the replicas answer loopback host names only: the proxy's address is not known
+    here."""
     seqs = int(args["max_num_seqs"]) if "max_num_seqs" in args else None
+    hosts = args.get("allowed_hosts")
     settings = ServeSettings(max_num_seqs=seqs, max_queue=int(args.get("max_queue", 8)),
-                             api_key=args.get("api_key"), timeout_s=float(args.get("timeout_s", 300)))
+                             api_key=args.get("api_key"), timeout_s=float(args.get("timeout_s", 300)),
+                             allowed_hosts=parse_allowed_hosts(hosts) if hosts is not None else None)
     autoscaling = args.get("autoscaling")
     return deployment(args["artifact"], args.get("backend", "ort"), settings, int(args.get("replicas", 1)),
                       int(args["threads"]) if "threads" in args else None, args.get("tree"),
@@ -71,4 +77,5 @@ def run_ray(artifact: str, host: str = "127.0.0.1", port: int = 8000, backend: s
     ray.init(address=os.environ.get("RAY_ADDRESS"), ignore_reinit_error=True)
     serve.start(http_options={"host": host, "port": port})
     log(f"Ray Serve: {replicas} replica(s) of {artifact} on http://{host}:{port} (Ctrl-C stops)")
+    settings = with_bound_hosts(settings, host)
     serve.run(deployment(artifact, backend, settings, replicas, threads, tree), blocking=True)

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 import socket
 
@@ -13,6 +14,7 @@ from ..errors import InputError
 from ..machine import usable_cpus
 from ..warm_up import warm_up
 from .app import ServeSettings, create_app
+from .host_check import allowed_hosts_for, hosts_answered
 from .http_deadlines import header_deadline_protocol
 
 RESPONSES_S = 5.0  # after the drain: for the handlers to send their last bytes (then uvicorn cancels them)
@@ -27,6 +29,7 @@ def run_server(artifact: str, host: str = "127.0.0.1", port: int = 8000, backend
 
     from ..api import MedusaRuntime
 
+    settings = with_bound_hosts(settings, host)
     sock = listening_socket(host, port)  # before the model loads: a busy port fails at once, in one line
     try:
         runtime = MedusaRuntime.load(artifact, backend=backend, tree=tree, threads=threads or usable_cpus())
@@ -47,7 +50,7 @@ def run_server(artifact: str, host: str = "127.0.0.1", port: int = 8000, backend
         f"({backend}; {engine.max_num_seqs} sequences per step, {engine.max_num_batched_tokens} tokens per step, "
         f"queue {settings.max_queue}; KV cache reserved for {engine.max_num_seqs} sequences of "
         f"{runtime.generator.backend.max_seq} tokens: {engine.kv_bytes / 2**20:.0f} MiB"
-        f"{', resident as rows fill' if backend == 'ort' else ''})")
+        f"{', resident as rows fill' if backend == 'ort' else ''}; {hosts_answered(settings.allowed_hosts)})")
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=RESPONSES_S,
                             http=header_deadline_protocol(settings.header_timeout_s))
     # uvicorn drains on SIGTERM, then raises the signal again under the handler it found: with this one in place
@@ -61,6 +64,13 @@ def run_server(artifact: str, host: str = "127.0.0.1", port: int = 8000, backend
         scheduler.stop()  # a forced exit (a second Ctrl+C) skips the lifespan's: never close the backend under a step
         runtime.close()
     return scheduler.drained is not False
+
+
+def with_bound_hosts(settings: ServeSettings, bind_host: str) -> ServeSettings:
+    """``settings`` with the host names answered decided by the address bound, unless they were given."""
+    if settings.allowed_hosts is not None:
+        return settings
+    return dataclasses.replace(settings, allowed_hosts=allowed_hosts_for(bind_host))
 
 
 def draining_server(config, scheduler, deadline_s: float):

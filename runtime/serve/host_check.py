@@ -1,0 +1,110 @@
+"""Which ``Host`` headers the server answers: a guard against DNS rebinding.
+
+    allowed = allowed_hosts_for("127.0.0.1")             # () : loopback names only
+    allowed = parse_allowed_hosts("api.example.com,.internal")
+    app.add_middleware(HostCheck, allowed=allowed)
+
+A web page can point its own DNS name at 127.0.0.1 once it has loaded; its scripts then reach a server on this
+machine as if it were their own origin, and read the answers. A browser always sends the name it used in ``Host``,
+so a server that answers only the names it is known by (here: loopback names, plus those it was given) refuses such
+requests. ``/health`` and ``/ready`` stay open: load balancers probe them by address, and they reveal nothing.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+
+from starlette.responses import JSONResponse
+
+from ..errors import InputError
+from .requests import ApiError
+
+ANY = "*"
+OPEN_PATHS = frozenset({"/health", "/ready"})
+_NAME = re.compile(r"\.?[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?(\.[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?)*")
+
+
+def host_name(header: str) -> str:
+    """The name part of a ``Host`` header (``name``, ``name:port``, ``[v6]:port``), lower case, no trailing dot."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        name = header[1:header.find("]")] if "]" in header else header[1:]
+    else:
+        name, colon, port = header.rpartition(":")
+        name = name if colon and port.isdigit() and ":" not in name else header
+    return name.rstrip(".")
+
+
+def is_loopback(name: str) -> bool:
+    """``localhost``, a name under ``.localhost`` (RFC 6761: always this machine), or a loopback address."""
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        address = ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)
+    return address.is_loopback or bool(mapped and mapped.is_loopback)
+
+
+def host_allowed(header: str | None, allowed: tuple[str, ...]) -> bool:
+    """Whether a request with this ``Host`` header is answered. None (an HTTP/1.0 request without one) is: browsers
+    always send it. ``allowed`` entries: a name, ``.name`` for the name and every name under it, or ``*``."""
+    if header is None or ANY in allowed:
+        return True
+    name = host_name(header)
+    if is_loopback(name):
+        return True
+    return any(name == entry or (entry.startswith(".") and (name == entry[1:] or name.endswith(entry)))
+               for entry in allowed)
+
+
+def allowed_hosts_for(bind_host: str) -> tuple[str, ...]:
+    """The default for a server bound to ``bind_host``: loopback names only when it binds a loopback address; any
+    name otherwise (it serves other machines, under names it cannot know)."""
+    return () if is_loopback(host_name(bind_host)) else (ANY,)
+
+
+def hosts_answered(allowed: tuple[str, ...] | None) -> str:
+    """For the start-up line: which ``Host`` names the server answers."""
+    if allowed and ANY in allowed:
+        return "any Host name"
+    return "Host names: loopback" + "".join(f", {a}" for a in allowed or ())
+
+
+def parse_allowed_hosts(text: str) -> tuple[str, ...]:
+    """``--allowed-hosts``: names separated by commas; InputError (one line) for an entry that is not a host name,
+    ``.name`` or ``*``."""
+    entries = tuple(part.strip().lower().rstrip(".") for part in text.split(","))
+    for entry in entries:
+        if entry != ANY and not _NAME.fullmatch(entry) and not _is_address(entry):
+            raise InputError(f"--allowed-hosts: {entry[:80]!r} is not a host name: give names separated by commas "
+                             f"(api.example.com, .example.com for every name under it, 10.0.0.5, or * for any)")
+    return tuple(entry.strip("[]") for entry in entries)  # an IPv6 address as `host_name` reads it
+
+
+def _is_address(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text.strip("[]"))
+    except ValueError:
+        return False
+    return True
+
+
+class HostCheck:
+    """ASGI middleware: a 400 for an HTTP request whose ``Host`` the server does not answer (``host_allowed``)."""
+
+    def __init__(self, app, allowed: tuple[str, ...]) -> None:
+        self.app, self.allowed = app, tuple(a.strip("[]") for a in allowed)
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["path"] not in OPEN_PATHS:
+            host = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"host"), None)
+            if not host_allowed(host, self.allowed):
+                err = ApiError(400, f"this server does not answer to the host name {host_name(host)[:80]!r}: call it "
+                               f"as localhost or 127.0.0.1, or start it with --allowed-hosts naming it",
+                               code="invalid_host")
+                await JSONResponse(err.body(), status_code=400)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
