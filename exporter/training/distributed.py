@@ -44,6 +44,7 @@ def setup_distributed(device: str = "auto") -> tuple[int, int, torch.device, boo
         if not 0 < seconds <= MAX_TIMEOUT_S:
             raise InputError(f"MEDUSA_DIST_TIMEOUT_S={seconds:g}: give seconds in (0, {MAX_TIMEOUT_S}], or unset it "
                              f"for 7200")
+        _check_launcher_numbers()
         try:
             dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=timedelta(seconds=seconds))
         except ValueError as e:  # torch's launcher variables missing or odd (RANK, MASTER_ADDR, MASTER_PORT)
@@ -65,6 +66,15 @@ def _env_number(name: str, default, kind):
     except ValueError:
         raise InputError(f"{name}={text[:40]!r} is not {'an integer' if kind is int else 'a number'}: set it as the "
                          f"launcher does (torchrun, accelerate), or unset it") from None
+
+
+def _check_launcher_numbers() -> None:
+    """torch's own RANK / MASTER_PORT, when set, as numbers it can use: its errors name neither variable."""
+    rank = _env_number("RANK", 0, int)
+    port = _env_number("MASTER_PORT", 29500, int)
+    if rank < 0 or not 0 < port < 65536:
+        raise InputError(f"RANK={rank} / MASTER_PORT={port}: a rank is 0 or more and a port 1-65535; set them as "
+                         f"the launcher does (torchrun, accelerate), or unset them")
 
 
 def end_distributed(world: int, owned: bool) -> None:
