@@ -65,6 +65,21 @@ def test_generate_json_on_artifact(artifact):
     assert van["token_ids"] == out["token_ids"] and van["medusa"] is False
 
 
+def test_generate_into_a_closed_pipe_ends_quietly_as_sigpipe_would(artifact):
+    """`generate ... | head -c 1`: once the reader has gone, exit 141 (what the shell reports for a program SIGPIPE
+    stopped) with nothing on stderr; it was a silent 1, the code of a failure."""
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before the first byte: the first write fails, deterministically
+    code = "import sys; from medusa_export.runtime.cli.app import main; sys.argv[0] = 'medusa-export'; main()"
+    try:
+        proc = subprocess.run([sys.executable, "-c", code, "generate", str(artifact), "--prompt", "t5 t6 t7",
+                               "--no-chat", "--max-new-tokens", "9"], stdout=write, stderr=subprocess.PIPE, text=True,
+                              timeout=600)
+    finally:
+        os.close(write)
+    assert proc.returncode == 141 and proc.stderr == "", (proc.returncode, proc.stderr)
+
+
 def test_generate_bad_tree_and_backend(artifact):
     assert_one_line_error(cli("generate", str(artifact), "--prompt", "t1", "--tree", "chain-7"), "3 heads")
     assert_one_line_error(cli("generate", str(artifact), "--prompt", "t1", "--tree", "nosuchtree"), "unknown tree")

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import errno
 import functools
+import os
 import signal
 import sys
-from typing import Callable
+from typing import Callable, NoReturn
 
 import typer
 
@@ -63,6 +64,8 @@ def cli_errors(fn: Callable) -> Callable:
                        "sequences, a smaller batch)", err=True)
             raise typer.Exit(1) from None
         except OSError as e:
+            if e.errno == errno.EPIPE and e.filename is None:
+                _reader_gone()
             if e.filename is None:
                 if e.errno in RESOURCE_ERRNOS:  # the machine ran out of something, not a bug: one line
                     typer.echo(f"error: {e.strerror or e}: free some (disk space, memory) and run it again", err=True)
@@ -76,6 +79,16 @@ def cli_errors(fn: Callable) -> Callable:
             raise typer.Exit(2 if bad_name else 1) from None
 
     return wrapper
+
+
+def _reader_gone() -> NoReturn:
+    """Standard output's reader closed it (``generate ... | head``): end quietly, with the status a program that
+    SIGPIPE stops has (141), and nothing left for Python's own flush at exit to fail on."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):  # no stdout file descriptor to replace
+        pass
+    raise typer.Exit(128 + signal.SIGPIPE)
 
 
 def _register() -> None:
