@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -68,12 +69,14 @@ def wait_ready(base: str, proc: subprocess.Popen, seconds: float = 60) -> None:
 
 
 @contextmanager
-def serving(artifact, *options: str):
-    """``medusa-export serve ARTIFACT OPTIONS`` on a free port; yields (base URL, process); stops it after."""
+def serving(artifact, *options: str, sigint_ignored: bool = False):
+    """``medusa-export serve ARTIFACT OPTIONS`` on a free port; yields (base URL, process); stops it after.
+    ``sigint_ignored``: started as a script's background job is (SIGINT ignored)."""
     port = free_port()
     cmd = [sys.executable, "-m", "medusa_export.runtime.cli", "serve", str(artifact), "--port", str(port), *options]
+    ignore = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if sigint_ignored else None
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ,
-                            "HF_HUB_OFFLINE": "1"}, text=True)
+                            "HF_HUB_OFFLINE": "1"}, text=True, preexec_fn=ignore)
     base = f"http://127.0.0.1:{port}"
     try:
         wait_ready(base, proc)

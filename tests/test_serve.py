@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import signal
 import socket
 import time
 
@@ -239,6 +240,14 @@ def test_graceful_shutdown_finishes_in_flight_and_refuses_new(long_artifact):
         rest = resp.read().decode()
         assert rest.rstrip().endswith("data: [DONE]") and '"finish_reason": "length"' in rest
         assert proc.wait(timeout=60) == 0  # a clean drain exits 0, as process managers expect
+
+
+def test_sigint_drains_and_exits_130_also_in_a_scripts_background_job(long_artifact):
+    """A script's `serve ... &` starts with SIGINT ignored; `kill -INT` still stops it, and it must exit 130 as Ctrl-C
+    in a terminal does (it exited 0, the code of a clean SIGTERM drain)."""
+    with serving(long_artifact, "--threads", "1", sigint_ignored=True) as (_, proc):
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 130, proc.stdout.read()
 
 
 def test_shutdown_past_its_deadline_ends_requests_with_503_and_exits_1(long_artifact):

@@ -56,11 +56,15 @@ def run_server(artifact: str, host: str = "127.0.0.1", port: int = 8000, backend
     # uvicorn drains on SIGTERM, then raises the signal again under the handler it found: with this one in place
     # the process ends by returning, so a clean drain exits 0 (what process managers expect), not 143.
     previous = signal.signal(signal.SIGTERM, lambda *_: None)
+    # A script's background job starts with SIGINT ignored; uvicorn still drains on it, then raises it again under
+    # that, and the process exited 0. Python's own handler makes it a KeyboardInterrupt: 130, as in a terminal.
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     scheduler = app.state.scheduler
     try:
         draining_server(config, scheduler, shutdown_deadline_s).run(sockets=[sock])
     finally:
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
         scheduler.stop()  # a forced exit (a second Ctrl+C) skips the lifespan's: never close the backend under a step
         runtime.close()
     return scheduler.drained is not False
