@@ -135,14 +135,7 @@ def test_the_avx512_and_avx2_paths_give_the_same_bits(tmp_path):
 def test_block_f32_refuses_bad_shapes():
     ones = lambda *shape: np.ones(shape, np.float16)  # noqa: E731
     message = r"BlockMatMulF32Q4: x's last size K must be a positive multiple of 32, w \[N/16, K/2, 16\]"
-    rows_tests.assert_refused(kernels.BLOCK_F32_OP, message, (
-        (48, np.zeros((1, 24, 16), np.uint8), ones(1, 1, 16), ones(1, 1, 16)),  # K % 32
-        (0, np.zeros((1, 0, 16), np.uint8), ones(1, 0, 16), ones(1, 0, 16)),  # K = 0
-        (64, np.zeros((1, 16, 16), np.uint8), ones(1, 2, 16), ones(1, 2, 16)),  # K/2 lines
-        (64, np.zeros((1, 32, 32), np.uint8), ones(1, 2, 16), ones(1, 2, 16)),  # 16 bytes
-        (64, np.zeros((1, 32, 16), np.uint8), ones(2, 2, 16), ones(2, 2, 16)),  # groups
-        (64, np.zeros((1, 32, 16), np.uint8), ones(1, 2, 16), ones(1, 3, 16)),  # lows
-        (64, np.zeros((1, 32, 16), np.uint8), ones(1, 2, 16), ones(2, 16))))  # rank 2
+    rows_tests.assert_refused(kernels.BLOCK_F32_OP, message, rows_tests.bad_block_shapes(2, 16, np.float16))
     good = rows_tests.op_session(kernels.BLOCK_F32_OP, 64, np.full((1, 32, 16), 0x21, np.uint8), ones(1, 2, 16),
                                  ones(1, 2, 16))  # W = 2 even, 3 odd
     np.testing.assert_array_equal(good.run(None, {"x": np.ones((1, 64), np.float32)})[0], np.full((1, 16), 160.0))

@@ -131,14 +131,7 @@ def test_the_amx_avx512_and_avx2_q4_paths_give_the_same_bits(tmp_path):
 def test_block_matmul_q4_refuses_bad_shapes():
     ones = lambda *shape: np.ones(shape, np.float32)  # noqa: E731
     message = r"BlockMatMul16Q4: x's last size K must be a positive multiple of 32, w \[N/16, K/4, 32\]"
-    rows_tests.assert_refused(kernels.BLOCK4_OP, message, (
-        (48, np.zeros((1, 12, 32), np.uint8), ones(1, 1, 16), ones(1, 1, 16)),  # K % 32
-        (0, np.zeros((1, 0, 32), np.uint8), ones(1, 0, 16), ones(1, 0, 16)),  # K = 0
-        (64, np.zeros((1, 32, 32), np.uint8), ones(1, 2, 16), ones(1, 2, 16)),  # K/2 lines
-        (64, np.zeros((1, 16, 16), np.uint8), ones(1, 2, 16), ones(1, 2, 16)),  # 16 bytes
-        (64, np.zeros((1, 16, 32), np.uint8), ones(2, 2, 16), ones(2, 2, 16)),  # groups
-        (64, np.zeros((1, 16, 32), np.uint8), ones(1, 2, 16), ones(1, 3, 16)),  # offsets
-        (64, np.zeros((1, 16, 32), np.uint8), ones(1, 2, 16), ones(2, 16))))  # rank 2
+    rows_tests.assert_refused(kernels.BLOCK4_OP, message, rows_tests.bad_block_shapes(4, 32, np.float32))
     good = rows_tests.op_session(kernels.BLOCK4_OP, 64, np.full((1, 16, 32), 0x88, np.uint8), ones(1, 2, 16),
                                  ones(1, 2, 16))  # q = 8: offsets only
     np.testing.assert_array_equal(good.run(None, {"x": np.ones((1, 64), np.float32)})[0], np.full((1, 16), 64.0))

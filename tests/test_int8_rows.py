@@ -147,6 +147,20 @@ def assert_refused(op: str, message: str, cases) -> None:
             op_session(op, k, *constants).run(None, {"x": np.ones((1, k), np.float32)})
 
 
+def bad_block_shapes(per_line: int, width: int, dtype) -> list[tuple]:
+    """The 4-bit block ops' bad constants (k, w, scales, lows): w [N/16, K/per_line, width] and [groups, K/32, 16]
+    scales and lows of ``dtype``, each case wrong in one way (K, lines, bytes a line, groups, lows, rank)."""
+    ones = lambda *shape: np.ones(shape, dtype)  # noqa: E731
+    w = np.zeros((1, 64 // per_line, width), np.uint8)
+    return [(48, np.zeros((1, 48 // per_line, width), np.uint8), ones(1, 1, 16), ones(1, 1, 16)),  # K % 32
+            (0, np.zeros((1, 0, width), np.uint8), ones(1, 0, 16), ones(1, 0, 16)),  # K = 0
+            (64, np.zeros((1, 32 // per_line, width), np.uint8), ones(1, 2, 16), ones(1, 2, 16)),  # lines
+            (64, np.zeros((1, 64 // per_line, 48 - width), np.uint8), ones(1, 2, 16), ones(1, 2, 16)),  # bytes
+            (64, w, ones(2, 2, 16), ones(2, 2, 16)),  # groups
+            (64, w, ones(1, 2, 16), ones(1, 3, 16)),  # lows / offsets
+            (64, w, ones(1, 2, 16), ones(2, 16))]  # rank 2
+
+
 @settings(max_examples=10, deadline=None)
 @given(rows=st.integers(2, 12), row=st.integers(0, 11), k=st.sampled_from([64, 96, 192]), block=st.sampled_from([8, 32, 64]),
        seed=st.integers(0, 999))
