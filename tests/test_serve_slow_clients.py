@@ -44,8 +44,8 @@ def test_clients_that_stall_mid_request_are_cut_off(artifact):
     with serving(artifact, "--threads", "1", "--api-key", KEY, "--header-timeout", "1", "--request-timeout", "2") \
             as (base, _):
         silent = _open(base, b"")
-        partial_headers = _open(base, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n")
-        partial_body = _open(base, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        partial_headers = _open(base, b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\n")
+        partial_body = _open(base, b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
                                    b"Authorization: Bearer " + KEY.encode() + b"\r\nContent-Length: 100\r\n\r\n"
                                    b'{"prompt"')
         t0 = time.monotonic()
@@ -56,7 +56,7 @@ def test_clients_that_stall_mid_request_are_cut_off(artifact):
         assert time.monotonic() - t0 < 15
         assert answer.startswith(b"HTTP/1.1 408") and b"did not arrive within 2 s" in answer, answer[:300]
         # Answered before its body was read (a wrong key: 401), then trickling that body: closed all the same.
-        trickle = _open(base, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer wrong\r\n"
+        trickle = _open(base, b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer wrong\r\n"
                               b"Content-Length: 1000000000\r\n\r\n{")
         trickle.settimeout(0.3)
         received, closed = b"", False
