@@ -197,6 +197,7 @@ def test_only_a_body_declared_json_or_undeclared_is_read(server, content_type, s
 
 @pytest.mark.parametrize("extra, status", [
     ({"Sec-Fetch-Site": "cross-site"}, 403), ({"Origin": "https://attacker.example"}, 403), ({"Origin": "null"}, 403),
+    ({"Origin": "http://["}, 403), ({"Origin": "http://a]"}, 403),  # not URLs: were 500s
     ({"Sec-Fetch-Site": "none"}, 200), ({"Sec-Fetch-Site": "same-origin"}, 200), ({"Origin": "SERVER"}, 200)])
 def test_a_post_from_a_web_page_of_another_origin_is_refused(server, extra, status):
     """A page may post a body without a Content-Type and without asking first (fetch in no-cors mode, sendBeacon):

@@ -309,9 +309,18 @@ def _check_not_cross_origin(headers) -> None:
     CORS headers."""
     origin = headers.get("origin")
     if headers.get("sec-fetch-site") == "cross-site" or (
-            origin is not None and urllib.parse.urlsplit(origin).netloc.lower() != headers.get("host", "").lower()):
+            origin is not None and _origin_host(origin) != headers.get("host", "").lower()):
         raise ApiError(403, "requests sent by a web page of another origin are refused: call the API from a program "
                        "(no Origin header), or serve the page from this server's origin", code="cross_origin")
+
+
+def _origin_host(origin: str) -> str | None:
+    """The host (and port) an ``Origin`` names; None for one that is not a URL (``http://[``), which no origin
+    matches."""
+    try:
+        return urllib.parse.urlsplit(origin).netloc.lower()
+    except ValueError:
+        return None
 
 
 def _check_json_type(content_type: str | None) -> None:

@@ -29,7 +29,10 @@ def host_name(header: str) -> str:
     """The name part of a ``Host`` header (``name``, ``name:port``, ``[v6]:port``), lower case, no trailing dot."""
     header = header.strip().lower()
     if header.startswith("["):
-        name = header[1:header.find("]")] if "]" in header else header[1:]
+        name, bracket, rest = header[1:].partition("]")
+        port = rest.removeprefix(":")
+        # anything but a port after the address ("[::1]evil.example") is no address: the whole header is the name
+        name = name if bracket and (not rest or (rest.startswith(":") and port.isdigit())) else header
     else:
         name, colon, port = header.rpartition(":")
         name = name if colon and port.isdigit() and ":" not in name else header
