@@ -114,3 +114,41 @@ def test_slow_template_renders_delay_no_one_for_long(artifact, tmp_path):
         answers = [f.result(timeout=120) for f in hostile]
         assert {c for c, _, _ in answers} <= {400, 503}
         assert any("ran for more than" in b["error"]["message"] for c, b, _ in answers if c == 400)
+
+
+def test_a_client_that_stops_reading_is_cut_off(artifact):
+    """Pipelined requests whose answers the client never reads fill the server's send buffer; uvicorn would wait
+    for it to drain without end. After --header-timeout of no progress the connection is dropped (fewer answers
+    than requests arrive), and the server answers others meanwhile."""
+    with serving(artifact, "--threads", "1", "--header-timeout", "1") as (base, _):
+        host, port = base.removeprefix("http://").split(":")
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect((host, int(port)))
+        sock.setblocking(False)
+        request, sent = b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n", 0
+        try:
+            for _ in range(20000):  # bounded: until the server stops reading (its answers have filled the buffers)
+                sock.send(request)
+                sent += 1
+        except (BlockingIOError, ConnectionError):
+            pass
+        assert post(base + "/v1/completions", {"prompt": PROMPT, "max_tokens": 2, "temperature": 0}, key=None)[0] == 200
+        time.sleep(4)  # the deadline passes with nothing read
+        sock.settimeout(5)
+        received, ended, deadline = b"", False, time.monotonic() + 30
+        try:
+            while time.monotonic() < deadline:  # what was in flight, then the reset or the end (bounded)
+                chunk = sock.recv(1 << 16)
+                if not chunk:
+                    ended = True
+                    break
+                received += chunk
+        except ConnectionError:
+            ended = True
+        except socket.timeout:
+            pass
+        finally:
+            sock.close()
+        answers = received.count(b"HTTP/1.1 200")
+        assert ended and 0 < answers < sent, (ended, answers, sent)

@@ -35,7 +35,8 @@ def serve(
                                           "HTTP 408), and again for the request from its admission, queueing "
                                           "included (then 504)."),
     header_timeout: float = typer.Option(30.0, min=0.1, help="Seconds a connection may take to send a request's "
-                                         "line and headers; then it is closed (slow or stalled clients)."),
+                                         "line and headers, or stall reading its answer; then it is closed (slow "
+                                         "or stalled clients)."),
     max_body_bytes: int = typer.Option(1 << 20, min=1024, help="Largest request body accepted."),
     shutdown_timeout: float = typer.Option(30.0, min=0.0, help="Seconds in-flight requests get to finish after "
                                            "SIGTERM / SIGINT; then they end with HTTP 503 (an error event when "

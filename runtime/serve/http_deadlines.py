@@ -3,7 +3,9 @@ part of a request line or headers (or nothing) is held open without end, one soc
 client). This protocol closes a connection that has no request in flight ``header_timeout_s`` after it opened or
 after its previous response ended: one whose next request line and headers have not all arrived, or one answered
 before its body was read (401, 413) that keeps sending that body. The body has its own deadline
-(`app._read_body`: the request's timeout, then a 408).
+(`app._read_body`: the request's timeout, then a 408). A client that stops reading what it is sent (a stream, or
+pipelined requests whose answers pile up) is cut off the same ``header_timeout_s`` after the server's send buffer
+filled: uvicorn would wait for it to drain without end, holding the socket and megabytes of buffers.
 
     config = uvicorn.Config(app, http=header_deadline_protocol(30.0), ...)
 """
@@ -19,6 +21,7 @@ def header_deadline_protocol(header_timeout_s: float) -> type:
 
     class HeaderDeadlineProtocol(H11Protocol):
         _header_timer: asyncio.TimerHandle | None = None
+        _write_timer: asyncio.TimerHandle | None = None
 
         def connection_made(self, transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
@@ -30,7 +33,29 @@ def header_deadline_protocol(header_timeout_s: float) -> type:
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._disarm()
+            self._stop_write_timer()
             super().connection_lost(exc)
+
+        def pause_writing(self) -> None:  # the transport's buffer is full: the client reads slower than we write
+            super().pause_writing()
+            self._stop_write_timer()
+            self._write_timer = self.loop.call_later(header_timeout_s, self._on_write_stall)
+
+        def resume_writing(self) -> None:
+            self._stop_write_timer()
+            super().resume_writing()
+
+        def _stop_write_timer(self) -> None:
+            if self._write_timer is not None:
+                self._write_timer.cancel()
+                self._write_timer = None
+
+        def _on_write_stall(self) -> None:
+            """Nothing was read for the whole deadline: drop the connection and what it has not read (``close``,
+            the header deadline's included, would wait to send it). Its request sees a disconnect and stops
+            decoding."""
+            self._write_timer = None
+            self.transport.abort()
 
         def _arm(self) -> None:
             self._disarm()
