@@ -27,7 +27,6 @@ from typing import AsyncIterator
 import anyio
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
@@ -40,7 +39,12 @@ from .requests import ApiError, Job, ServedModel, parse_chat, parse_completion
 from .scheduler import Finished, Request as Admitted, Scheduler
 
 
-CHAT_THREADS = 8  # threads parsing chat requests (the rest of anyio's pool stays for completions)
+# Requests parse on threads of their own, in four lanes: chat or completion, small or large body. Chat requests wait
+# on the template's workers, so completions never wait behind them; a flood of bodies near the size limit (a 1 MB
+# prompt tokenizes for a second or more, into ~150 MB) takes two threads, the cores' worth, and never delays the
+# small requests behind it nor holds more memory than two such parses.
+SMALL_BODY_BYTES = 64 << 10
+PARSE_THREADS = {False: 8, True: 2}  # by whether the body is large
 NATURAL_FINISHES = ("stop", "length")  # an answer that ended by itself, not stopped from outside
 
 
@@ -146,29 +150,27 @@ def create_app(runtime, settings: ServeSettings = ServeSettings()) -> FastAPI:
         _authorize(request, settings.api_key)
         return await _complete(request, await _parsed(request, parse_completion))
 
-    chat_threads: list = []  # its CapacityLimiter, made in the event loop at the first chat request
+    parse_lanes: dict = {}  # (chat, large body) -> its CapacityLimiter, made in the event loop at first use
 
     async def _parsed(request: Request, parse) -> Job:
         """The request's Job. Decoding JSON, the chat template and tokenization take up to seconds for a body near
-        the size limit: off the event loop, so that other requests and streams carry on meanwhile. Chat requests
-        (the template's workers: a slow render holds one for up to 2 s) parse on threads of their own, so
-        completions never wait behind them; one waiting for such a thread past the request timeout gets a 503
-        (a parse already running is bounded by the workers' own limits, not by this deadline)."""
+        the size limit: off the event loop, on its lane's threads (`PARSE_THREADS`), so that other requests and
+        streams carry on meanwhile. One waiting for its lane past the request timeout gets a 503 (a parse already
+        running is bounded by the template workers' own limits and the body's size, not by this deadline)."""
         _check_not_cross_origin(request.headers)
         _check_json_type(request.headers.get("content-type"))
         body = await _read_body(request, settings.max_body_bytes, settings.timeout_s)
         call = lambda: parse(_json(body), model)  # noqa: E731
-        if parse is not parse_chat:
-            return await run_in_threadpool(call)
-        if not chat_threads:
-            chat_threads.append(anyio.CapacityLimiter(CHAT_THREADS))
+        chat, large = parse is parse_chat, len(body) > SMALL_BODY_BYTES
+        lane = parse_lanes.get((chat, large)) or parse_lanes.setdefault((chat, large),
+                                                                         anyio.CapacityLimiter(PARSE_THREADS[large]))
         try:
             with anyio.fail_after(settings.timeout_s):
-                return await anyio.to_thread.run_sync(call, limiter=chat_threads[0])
+                return await anyio.to_thread.run_sync(call, limiter=lane)
         except TimeoutError:
-            raise ApiError(503, f"the chat template did not render within {settings.timeout_s:g} s (other requests' "
-                           f"slow renders ahead of it): retry", type_="server_error",
-                           headers={"Retry-After": "1"}) from None
+            what = "the chat template did not render" if chat else "the prompt was not tokenized"
+            raise ApiError(503, f"{what} within {settings.timeout_s:g} s (other requests' parses ahead of it): "
+                           f"retry", type_="server_error", headers={"Retry-After": "1"}) from None
 
     async def _complete(http: Request, job: Job):
         rid = ("chatcmpl-" if job.chat else "cmpl-") + uuid.uuid4().hex
