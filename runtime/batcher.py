@@ -14,6 +14,7 @@ next step; closing the batcher cancels what is left.
 from __future__ import annotations
 
 import queue
+import threading
 from typing import Callable
 
 from .decode import GenerationConfig
@@ -24,7 +25,8 @@ from .text_output import StreamEvent
 
 
 class BatchedStream:
-    """One submitted request: iterate for its StreamEvents; ``result`` once it ended (`wait` blocks for it)."""
+    """One submitted request: iterate for its StreamEvents (from one thread: each event goes to one consumer);
+    ``wait`` blocks for its ``result``, from any number of threads, while one iterates or none does."""
 
     def __init__(self) -> None:
         self.items: queue.Queue = queue.Queue()
@@ -32,26 +34,33 @@ class BatchedStream:
         self.error: Exception | None = None  # kept: every later wait() or iteration raises it again
         self.sequence: Sequence | None = None
         self.engine: Engine | None = None
+        self._ended = threading.Event()
 
     def _sink(self, item) -> None:
+        """From the engine's thread: an event, then the result or the error that ends the request."""
+        if isinstance(item, Exception):
+            self.error = item
+        elif isinstance(item, GenerationResult):
+            self.result = item
         self.items.put(item)
+        if self.error is not None or self.result is not None:
+            self._ended.set()
 
     def __iter__(self):
-        while self.result is None:
-            if self.error is not None:
-                raise self.error
+        while True:
             item = self.items.get()
-            if isinstance(item, Exception):
-                self.error = item
-                raise item
-            if isinstance(item, GenerationResult):
-                self.result = item
+            if isinstance(item, (Exception, GenerationResult)):
+                self.items.put(item)  # the end stays in the queue: another consumer, or the next iteration, sees it
+                if isinstance(item, Exception):
+                    raise item
                 return
             yield item
 
     def wait(self) -> GenerationResult:
-        for _ in self:
-            pass
+        """The result (its error raised, on every call); takes no events from an iterating thread."""
+        self._ended.wait()
+        if self.error is not None:
+            raise self.error
         return self.result
 
     def cancel(self) -> None:
