@@ -37,13 +37,28 @@ def model_dims(config, heads: MedusaHeads | None, head_topk: int, sample_topk: i
     )
 
 
+def check_torch_device(device: str) -> None:
+    """BackendUnavailableError (one line) unless this PyTorch can run on ``device`` (cpu, cuda[:N], mps, xpu[:N]):
+    torch's own errors for a device it was built without are an AssertionError or a RuntimeError, raised late."""
+    kind, _, index = device.partition(":")
+    if kind == "cpu":
+        return
+    module = {"cuda": torch.cuda, "xpu": getattr(torch, "xpu", None), "mps": getattr(torch.backends, "mps", None)}[kind]
+    count = (module.device_count() if kind != "mps" else 1) if module is not None and module.is_available() else 0
+    if count == 0:
+        raise BackendUnavailableError(f"--device {device}: this PyTorch sees no {kind} device (a build of torch "
+                                      f"for it, and its driver, are needed): use --device cpu")
+    if index and int(index) >= count:
+        raise BackendUnavailableError(f"--device {device}: this PyTorch sees {count} {kind} device(s), numbered from "
+                                      f"0: give one of them")
+
+
 class TorchBackend(Backend):
     name = "torch"
 
     def __init__(self, model, heads: MedusaHeads | None, *, max_seq: int = 2048, head_topk: int = 10,
                  sample_topk: int = 32, device: str = "cpu") -> None:
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise BackendUnavailableError("--device cuda asked for, but PyTorch sees no CUDA device: use --device cpu")
+        check_torch_device(device)
         self.device = torch.device(device)
         model = model.to(self.device).eval()
         if heads is not None:

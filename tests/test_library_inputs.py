@@ -245,3 +245,34 @@ def test_a_prompt_past_a_capacity_chosen_at_load_names_that_capacity(artifact):
     with MedusaRuntime.load(artifact, threads=1, max_seq=16) as runtime:
         with pytest.raises(InputError, match="open it with a larger max_seq"):
             runtime.generate(list(range(5, 25)), max_new_tokens=2)
+
+
+@pytest.mark.parametrize("device", ["mps", "xpu", "xpu:0"])
+def test_a_torch_device_this_torch_was_built_without_is_one_line(device):
+    """torch itself raised an AssertionError (xpu) or a RuntimeError (mps) once the model moved there."""
+    torch = pytest.importorskip("torch")
+    from medusa_export.exporter.torch_backend import check_torch_device
+    from medusa_export.runtime.errors import BackendUnavailableError
+
+    kind = device.partition(":")[0]
+    module = getattr(torch, "xpu", None) if kind == "xpu" else getattr(torch.backends, "mps", None)
+    if module is not None and module.is_available():
+        pytest.skip(f"this torch runs on {kind}")
+    with pytest.raises(BackendUnavailableError, match=f"--device {device}: this PyTorch sees no {kind} device"):
+        check_torch_device(device)
+
+
+def test_a_cuda_index_past_the_devices_is_one_line(monkeypatch):
+    torch = pytest.importorskip("torch")
+    from medusa_export.exporter.torch_backend import check_torch_device
+    from medusa_export.runtime.errors import BackendUnavailableError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    check_torch_device("cuda:1")
+    check_torch_device("cpu")
+    with pytest.raises(BackendUnavailableError, match="sees 2 cuda device\\(s\\), numbered from 0"):
+        check_torch_device("cuda:2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(BackendUnavailableError, match="--device cuda: this PyTorch sees no cuda device"):
+        check_torch_device("cuda")
