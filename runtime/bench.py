@@ -48,6 +48,9 @@ def summarize(backend: str, mode: str, results: list[GenerationResult], wall_s: 
     }
 
 
+RUNNING = "the run had not finished when these rows were written"  # `incomplete` of the reports saved per row
+
+
 def run_bench(artifact: str | Path, backends: list[str], prompts: list[str], max_new_tokens: int = 128,
               baseline: Callable | None = None, tree: str | None = None, threads: int | None = None,
               progress: Callable[[str], None] | None = None,
@@ -56,9 +59,10 @@ def run_bench(artifact: str | Path, backends: list[str], prompts: list[str], max
     """Rows per backend: vanilla, the heads alone ("medusa"), heads and context drafts ("medusa+context"; "context"
     without heads) (``concurrency`` > 1: also vanilla and the last with that many requests decoded
     together by the batched engine, all prompts submitted at once), then the ``baseline`` row (the CLI passes the transformers one:
-    ``exporter.hf_baseline.hf_generate_bench``). ``measured(report)`` is called after every row, and with the rows
-    so far (``incomplete`` says why) when a backend or the baseline fails or the run is stopped, so what was measured
-    is saved whatever happens next. ``model``: the artifact's base model (torch
+    ``exporter.hf_baseline.hf_generate_bench``). ``measured(report)`` is called after every row (``incomplete``:
+    `RUNNING`), and with the rows so far (``incomplete`` says why) when a backend or the baseline fails or the run is
+    stopped, so what was measured is saved whatever happens next, and a report saved before the end says so even when
+    nothing could be written after it (a full disk, a killed process). ``model``: the artifact's base model (torch
     backend and baseline) when this machine does not know it."""
     from tqdm import tqdm
 
@@ -78,10 +82,10 @@ def run_bench(artifact: str | Path, backends: list[str], prompts: list[str], max
                 "tree": _tree_record(manifest, tree, run["tree"]),
                 "results": results, "notes": run["notes"]}
 
-    def add(row: dict) -> None:  # each row is saved as soon as it is measured
+    def add(row: dict) -> None:  # each row is saved as soon as it is measured, marked unfinished until the end
         results.append(row)
         if measured is not None:
-            measured(report())
+            measured({**report(), "incomplete": RUNNING})
 
     try:
         for name in backends:

@@ -14,11 +14,16 @@ from typing import BinaryIO, Callable
 
 
 def write_whole(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """An OSError while writing (a full disk) names ``path``: the file object's own errors name no file."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
             write(f)
         os.replace(tmp, path)
+    except OSError as e:
+        if e.filename is not None:
+            raise
+        raise OSError(e.errno, e.strerror or str(e), str(path)) from e
     finally:
         tmp.unlink(missing_ok=True)
 

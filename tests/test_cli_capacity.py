@@ -114,6 +114,36 @@ def test_bench_keeps_each_row_as_it_is_measured(artifact, tmp_path):
     assert "lanes.onnx" in saved["incomplete"] and list(tmp_path.glob(".bench.json.tmp-*")) == []
 
 
+def test_a_report_saved_before_the_end_says_the_run_had_not_finished(artifact):
+    """Each row's save is marked until the run ends: a full disk or a killed process at the next write leaves a file
+    that says so, not one that reads as a finished report."""
+    from medusa_export.runtime.bench import RUNNING, run_bench
+
+    saves = []
+    final = run_bench(artifact, ["ort"], ["t1 t2"], max_new_tokens=3,
+                      measured=lambda r: saves.append((len(r["results"]), r.get("incomplete"))))
+    assert saves == [(1, RUNNING), (2, RUNNING), (3, RUNNING)]
+    assert "incomplete" not in final and len(final["results"]) == 3
+
+
+def test_a_failed_whole_write_names_its_file_and_leaves_nothing(tmp_path):
+    import errno
+
+    from medusa_export.runtime.whole_file import write_whole
+
+    target = tmp_path / "report.json"
+    target.write_text("old")
+
+    def full_disk(f):
+        f.write(b"{")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left on device") as caught:
+        write_whole(target, full_disk)
+    assert caught.value.filename == str(target) and caught.value.errno == errno.ENOSPC
+    assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["report.json"]
+
+
 def test_plot_draws_rows_without_steps(tmp_path):
     """With --max-new-tokens 1 every answer ends at the prefill's token: no steps, mean_accepted None."""
     pytest.importorskip("matplotlib")

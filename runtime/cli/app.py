@@ -74,7 +74,8 @@ def cli_errors(fn: Callable) -> Callable:
             # A path the user gave that the system cannot even look up (every existence check raises these), or a
             # file the system refused to read or write: one line naming it, not a traceback.
             bad_name = e.errno in (errno.ENAMETOOLONG, errno.ELOOP)
-            hint = ": give a shorter path" if e.errno == errno.ENAMETOOLONG else ""
+            hint = (": give a shorter path" if e.errno == errno.ENAMETOOLONG else
+                    ": free some (disk space, memory) and run it again" if e.errno in RESOURCE_ERRNOS else "")
             typer.echo(f"error: {e.strerror or e}: {str(e.filename)[:120]}{hint}", err=True)
             raise typer.Exit(2 if bad_name else 1) from None
 

@@ -39,7 +39,7 @@ def bench(
 ) -> None:
     """Benchmark decoding speed: tokens/s, accepted length, step latency, identical outputs."""
     from .. import extras
-    from ..bench import plot, run_bench
+    from ..bench import RUNNING, plot, run_bench
     from ..prompts import read_prompts
     from ..errors import InputError
     from .checks import at_least, backend_list, check_threads
@@ -72,7 +72,7 @@ def bench(
                 typer.echo(f"note: {note}", err=True)
         if as_json:
             _write_json(as_json, report)
-            if report.get("incomplete"):
+            if report.get("incomplete") not in (None, RUNNING):
                 typer.echo(f"note: the {len(report['results'])} rows measured before it stopped are in {as_json}",
                            err=True)
 
