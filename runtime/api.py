@@ -154,6 +154,10 @@ def _check_messages(messages) -> None:
             raise InputError(f"messages[{i}] content is a list of parts: give the text as one string")
         if not isinstance(content, str):
             raise InputError(f"messages[{i}] content must be a string, got {type(content).__name__}")
+        extra = sorted(str(k) for k in m if k not in ("role", "content"))
+        if extra:  # as the server: the template renders role and content only
+            raise InputError(f"messages[{i}] has the field {extra[0][:80]!r}: only role and content are rendered; "
+                             f"put names or other context in the content")
 
 
 def _corpus_table(directory: Path, manifest: Manifest) -> CorpusTable:

@@ -180,6 +180,9 @@ class ChatTokenizer:
         for the model to continue). Only the template's own markers become special tokens."""
         for m in messages:
             check_text(m["content"])
+        # Only role and content reach the template: it would write any other field (a name, tool calls) as its own
+        # text, where markup spelling a control token would become one.
+        messages = [{"role": m["role"], "content": m["content"]} for m in messages]
         if self._template is None:
             return self.encode_text("\n".join(m["content"] for m in messages))
         ids: list[int] = []
