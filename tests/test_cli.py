@@ -80,6 +80,15 @@ def test_generate_into_a_closed_pipe_ends_quietly_as_sigpipe_would(artifact):
     assert proc.returncode == 141 and proc.stderr == "", (proc.returncode, proc.stderr)
 
 
+def test_a_path_with_control_characters_stays_on_one_error_line(tmp_path):
+    """A newline in a path (or any control character: a terminal escape) is escaped in the error, so an argument
+    cannot forge lines of its own on stderr."""
+    bad = str(tmp_path / "nope\nerror: FAKE LINE\x1b[31m")
+    for command in ("bench", "verify"):
+        proc = cli(command, bad, "--no-hf") if command == "bench" else cli(command, bad)
+        assert_one_line_error(proc, "nope\\nerror: FAKE LINE\\x1b[31m")
+
+
 def test_generate_bad_tree_and_backend(artifact):
     assert_one_line_error(cli("generate", str(artifact), "--prompt", "t1", "--tree", "chain-7"), "3 heads")
     assert_one_line_error(cli("generate", str(artifact), "--prompt", "t1", "--tree", "nosuchtree"), "unknown tree")

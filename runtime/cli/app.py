@@ -43,6 +43,12 @@ def _on_sigterm(signum: int, frame: object) -> None:
 RESOURCE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.ENOMEM, errno.EFBIG)
 
 
+def error_line(message: str) -> None:
+    """``error: MESSAGE`` on stderr, on one line whatever the message holds: a path or a value with a newline or
+    another control character in it (an argument, a file name) is escaped, and cannot forge lines of its own."""
+    typer.echo("error: " + "".join(c if c.isprintable() or c == "\t" else repr(c)[1:-1] for c in message), err=True)
+
+
 def cli_errors(fn: Callable) -> Callable:
     """Turn library errors into one line on stderr and exit code 2 (no traceback); Ctrl-C exits 130, SIGTERM 143."""
 
@@ -51,7 +57,7 @@ def cli_errors(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except MedusaExportError as e:
-            typer.echo(f"error: {e}", err=True)
+            error_line(f"{e}")
             raise typer.Exit(2) from None
         except Terminated:
             typer.echo("terminated", err=True)
@@ -68,7 +74,7 @@ def cli_errors(fn: Callable) -> Callable:
                 _reader_gone()
             if e.filename is None:
                 if e.errno in RESOURCE_ERRNOS:  # the machine ran out of something, not a bug: one line
-                    typer.echo(f"error: {e.strerror or e}: free some (disk space, memory) and run it again", err=True)
+                    error_line(f"{e.strerror or e}: free some (disk space, memory) and run it again")
                     raise typer.Exit(1) from None
                 raise
             # A path the user gave that the system cannot even look up (every existence check raises these), or a
@@ -76,7 +82,7 @@ def cli_errors(fn: Callable) -> Callable:
             bad_name = e.errno in (errno.ENAMETOOLONG, errno.ELOOP)
             hint = (": give a shorter path" if e.errno == errno.ENAMETOOLONG else
                     ": free some (disk space, memory) and run it again" if e.errno in RESOURCE_ERRNOS else "")
-            typer.echo(f"error: {e.strerror or e}: {str(e.filename)[:120]}{hint}", err=True)
+            error_line(f"{e.strerror or e}: {str(e.filename)[:120]}{hint}")
             raise typer.Exit(2 if bad_name else 1) from None
 
     return wrapper
@@ -117,7 +123,7 @@ def main() -> None:
     try:  # read late (after a model loads, after a distillation): a misplaced one is named before any work
         cache_root()
     except MedusaExportError as e:
-        typer.echo(f"error: {e}", err=True)
+        error_line(f"{e}")
         sys.exit(2)
     try:
         code = app(standalone_mode=False)
@@ -127,14 +133,14 @@ def main() -> None:
     except errors.UsageError as e:  # an unknown option, a value out of range, a missing argument
         named = sys.argv[1] if len(sys.argv) > 1 and sys.argv[1] in app_commands() else None
         command = e.ctx.command_path if e.ctx else "medusa-export" + (f" {named}" if named else "")
-        typer.echo(f"error: {e.format_message()} (see `{command} --help`)", err=True)
+        error_line(f"{e.format_message()} (see `{command} --help`)")
         sys.exit(2)
     except errors.ClickException as e:
-        typer.echo(f"error: {e.format_message()}", err=True)
+        error_line(f"{e.format_message()}")
         sys.exit(e.exit_code)
     except typer.Abort as e:
         if isinstance(e.__cause__, EOFError):  # click turns any EOFError into an Abort: a truncated file, not Ctrl-D
-            typer.echo(f"error: a file ended early ({str(e.__cause__)[:120] or 'EOFError'})", err=True)
+            error_line(f"a file ended early ({str(e.__cause__)[:120] or 'EOFError'})")
             sys.exit(1)
         typer.echo("interrupted", err=True)
         sys.exit(130)
