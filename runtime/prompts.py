@@ -53,28 +53,51 @@ def check_jsonl_file(path: Path, what: str) -> None:
         raise InputError(f"{what} {path} does not exist: pass a .jsonl file with one {{\"prompt\": ...}} per line")
 
 
+MAX_LINE_BYTES = 64 << 20  # one line of a JSON Lines file: far past any prompt, short of filling the memory
+
+
 def jsonl_rows(path: Path) -> Iterator[tuple[int, object]]:
-    """(line number, decoded JSON) of every non-blank line; an `InputError` names the first line that is not JSON.
+    """(line number, decoded JSON) of every non-blank line, read as they are asked for (a caller that stops early,
+    ``--limit 1``, reads no further); an `InputError` names the first line that is not JSON, not UTF-8, or longer
+    than `MAX_LINE_BYTES`.
 
     Lines end at "\\n" (or "\\r\\n") only: JSON strings may hold U+2028, U+0085 and the like raw (what
     ``json.dumps(ensure_ascii=False)`` writes), which ``str.splitlines`` would take for line ends."""
     try:
-        text = path.read_text(encoding="utf-8-sig")  # -sig: a byte order mark (Windows editors write one) is skipped
-    except UnicodeDecodeError as e:
-        raise InputError(f"{path} is not UTF-8 text ({e.reason}): pass a JSON Lines file") from None
+        with open(path, "rb") as f:
+            for lineno, raw in enumerate(_lines(f, path), start=1):
+                if lineno == 1:
+                    raw = raw.removeprefix(b"\xef\xbb\xbf")  # a byte order mark (Windows editors write one)
+                try:
+                    line = raw.decode("utf-8").removesuffix("\r")
+                except UnicodeDecodeError as e:
+                    raise InputError(f"{path} line {lineno} is not UTF-8 text ({e.reason}): pass a JSON Lines file "
+                                     f"in UTF-8") from None
+                if line.strip():
+                    yield lineno, _json_line(line, path, lineno)
     except OSError as e:
         raise InputError(f"cannot read {path}: {e.strerror}: pass a readable JSON Lines file") from None
-    for lineno, line in enumerate(text.split("\n"), start=1):
-        line = line.removesuffix("\r")
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except (ValueError, RecursionError) as e:  # ValueError: JSONDecodeError, or an integer of > 4,300 digits
-            why = e.msg if isinstance(e, json.JSONDecodeError) else \
-                "nested too deeply" if isinstance(e, RecursionError) else "an integer with too many digits"
-            raise InputError(f"{path} line {lineno}: not valid JSON ({why}): fix that line") from None
-        yield lineno, row
+
+
+def _lines(f, path: Path) -> Iterator[bytes]:
+    """The lines of a binary file without their "\\n", each at most `MAX_LINE_BYTES` (an InputError beyond)."""
+    while True:
+        line = f.readline(MAX_LINE_BYTES + 1)
+        if not line:
+            return
+        if len(line) > MAX_LINE_BYTES:
+            raise InputError(f"{path} has a line longer than {MAX_LINE_BYTES:,} bytes: give one JSON object of a "
+                             f"prompt per line")
+        yield line.removesuffix(b"\n")
+
+
+def _json_line(line: str, path: Path, lineno: int) -> object:
+    try:
+        return json.loads(line)
+    except (ValueError, RecursionError) as e:  # ValueError: JSONDecodeError, or an integer of > 4,300 digits
+        why = e.msg if isinstance(e, json.JSONDecodeError) else \
+            "nested too deeply" if isinstance(e, RecursionError) else "an integer with too many digits"
+        raise InputError(f"{path} line {lineno}: not valid JSON ({why}): fix that line") from None
 
 
 def prompt_of(row: object) -> object:

@@ -32,3 +32,20 @@ def test_an_integer_too_long_to_parse_is_a_bad_line_not_a_crash(tmp_path):
     path.write_text('{"prompt": "fine"}\n{"prompt": "t1", "x": ' + "1" * 5000 + "}\n")
     with pytest.raises(InputError, match=re.escape(f"{path} line 2: not valid JSON (an integer with too many digits)")):
         read_prompts(path)
+
+
+def test_a_limit_reads_no_further_than_its_prompts(tmp_path, monkeypatch):
+    """Lines are read as they are needed: with --limit 1 a file whose later part is huge, or not text, costs the
+    first line. A line past MAX_LINE_BYTES is refused by itself, never read whole (a 6 GB file of no newline was
+    read into memory, then reported as the machine being out of it)."""
+    from medusa_export.runtime import prompts
+
+    monkeypatch.setattr(prompts, "MAX_LINE_BYTES", 1024)
+    path = tmp_path / "p.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"prompt": "first"}\r\n' + b"\xff" * 5000 + b"\n")
+    assert read_prompts(path, limit=1) == ["first"]
+    with pytest.raises(InputError, match=re.escape(str(path)) + " has a line longer than 1,024 bytes"):
+        read_prompts(path)
+    path.write_bytes(b'{"prompt": "first"}\n\xff\xfe\n')
+    with pytest.raises(InputError, match=re.escape(str(path)) + " line 2 is not UTF-8 text"):
+        read_prompts(path)
