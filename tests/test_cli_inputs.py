@@ -64,6 +64,14 @@ def test_train_heads_refuses_an_out_it_did_not_write(tiny_dirs, tmp_path, train_
     assert not (tmp_path / "h").exists()
 
 
+def test_train_heads_refuses_an_empty_data_or_model(tiny_dirs, tmp_path):
+    """An empty --data read the current directory (as a directory of prompts); an empty MODEL is no model."""
+    out = str(tmp_path / "h")
+    refused_before_work(cli("train-heads", str(tiny_dirs[0]), "--data", "", "--out", out), "--data is empty")
+    refused_before_work(cli("train-heads", "", "--data", "sharegpt", "--out", out), "the MODEL argument is empty")
+    assert not (tmp_path / "h").exists()
+
+
 def test_train_heads_out_may_be_its_own_earlier_output(tiny_dirs, tmp_path):
     """A heads directory (rerun: replaced), an interrupted run's checkpoint (rerun: resumed), a Medusa-2 model
     directory for --mode medusa2; never the same with another program's files instead."""

@@ -181,6 +181,11 @@ def train_heads(
     from .. import extras
 
     _check_train_paths(out, mode, cache_dir)
+    if not data.strip():  # Path("") is the current directory
+        raise InputError("--data is empty: give 'sharegpt' or a JSONL file of training prompts")
+    if model is not None and not model.strip():
+        raise InputError("the MODEL argument is empty: give an HF model directory or a .gguf file, or leave it out "
+                         "for the built-in SmolLM2")
     extras.require("train-heads", "train")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     record = _train(model, data, out, medusa1, medusa2)
