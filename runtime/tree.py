@@ -93,8 +93,10 @@ def load_choices(spec: str | Path | Sequence[Sequence[int]]) -> tuple[Path_, ...
 def _checked_paths(data: object, where: str) -> tuple[Path_, ...]:
     """``data`` as paths: a list (or tuple) of lists of integers (not booleans, not floats), within the size
     bounds; a TreeError naming ``where`` otherwise (the path values themselves are checked by `Tree`)."""
-    sequences = (list, tuple, np.ndarray)
-    if not isinstance(data, sequences) or not all(isinstance(p, sequences) for p in data):
+    def sequence(x) -> bool:  # a 0-d array is a number, not a sequence: len() and iteration fail on it
+        return isinstance(x, (list, tuple)) or isinstance(x, np.ndarray) and x.ndim >= 1
+
+    if not sequence(data) or not all(sequence(p) for p in data):
         raise TreeError(f"{where} must hold a list of paths of integers (or {{'medusa_choices': [...]}})")
     if len(data) > MAX_TREE_NODES or any(len(p) > MAX_TREE_DEPTH for p in data):
         raise TreeError(f"{where} has {len(data)} paths up to {max(map(len, data), default=0)} deep: at most "

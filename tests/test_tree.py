@@ -196,6 +196,18 @@ def test_tree_files_that_are_not_trees_are_tree_errors(tmp_path, content, needle
     assert str(f) in str(e.value)
 
 
+@pytest.mark.parametrize("given", [np.array(0), [np.array(0)], [[0], np.array(1)], 7, [7], "".join])
+def test_a_given_tree_that_is_no_list_of_paths_is_a_tree_error(given):
+    """A 0-d array raised TypeError from len() or iteration."""
+    with pytest.raises(TreeError, match="the tree given must hold a list of paths of integers"):
+        load_choices(given)
+
+
+def test_arrays_of_paths_are_trees():
+    assert load_choices(np.array([[0], [1]])) == ((0,), (1,))
+    assert load_choices([np.array([0]), np.array([0, 1])]) == ((0,), (0, 1))
+
+
 def test_a_directory_as_tree_file_is_a_tree_error(tmp_path):
     with pytest.raises(TreeError, match="cannot read tree file"):
         load_choices(tmp_path)
