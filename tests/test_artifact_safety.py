@@ -42,6 +42,17 @@ def test_build_refuses_a_directory_that_is_not_an_artifact_before_any_work(tmp_p
     assert sorted(p.name for p in tmp_path.iterdir()) == ["work"]  # no .partial-* left beside it
 
 
+def test_build_refuses_an_out_inside_an_artifact(artifact, tmp_path):
+    """It became a foreign folder of that artifact, which `build --out` could then never replace."""
+    from medusa_export.exporter.output_dir import check_out_dir
+
+    art = _copy(artifact, tmp_path)
+    for inside in (art / "sub", art / "heads" / "deeper" / "x"):
+        with pytest.raises(InputError, match=f"lies inside the artifact {art}"):
+            check_out_dir(inside)
+    check_out_dir(tmp_path / "beside")
+
+
 def test_build_refuses_a_file_and_an_artifact_holding_foreign_files(artifact, tmp_path):
     from medusa_export.exporter.output_dir import check_out_dir
 
