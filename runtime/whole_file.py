@@ -28,9 +28,36 @@ def write_whole(path: Path, write: Callable[[BinaryIO], object]) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def write_report(path: Path, data: str | bytes) -> None:
+def write_report(path: Path, data: str | bytes, make_parents: bool = False) -> None:
     """Replace the file at ``path`` whole with ``data`` (text as UTF-8); through a symbolic link, its target is
-    replaced, not the link."""
+    replaced, not the link. ``make_parents``: the missing directories above it are made first, and removed again
+    when the write fails (a full disk), so that a failed command leaves nothing behind."""
     payload = data.encode() if isinstance(data, str) else data
     path = Path(path)
-    write_whole(path.resolve() if path.is_symlink() else path, lambda f: f.write(payload))
+    target = path.resolve() if path.is_symlink() else path
+    made = _make_parents(target.parent) if make_parents else []
+    try:
+        write_whole(target, lambda f: f.write(payload))
+    except BaseException:
+        for directory in reversed(made):  # deepest first; one that something else filled meanwhile stays
+            try:
+                os.rmdir(directory)
+            except OSError:
+                pass
+        raise
+
+
+def _make_parents(directory: Path) -> list[Path]:
+    """Make ``directory`` and the missing ones above it, as the system walks the path; those it made, top first."""
+    missing = []
+    while not directory.exists() and directory != directory.parent:
+        missing.append(directory)
+        directory = directory.parent
+    made = []
+    for d in reversed(missing):
+        try:
+            d.mkdir()
+        except FileExistsError:  # "missing/.." exists once "missing" does
+            continue
+        made.append(d)
+    return made

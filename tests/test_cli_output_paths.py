@@ -133,3 +133,22 @@ def test_calibrate_tree_writes_through_a_missing_directory_and_back(artifact, tm
                "--node-budget", "3")
     assert proc.returncode == 0, proc.stderr
     assert json.loads((tmp_path / "t.json").read_text())["calibration"]["prompts"] == 1
+
+
+def test_a_report_whose_write_fails_leaves_no_directory_it_made(tmp_path, monkeypatch):
+    """calibrate-tree --out deep/er/tree.json on a full disk left deep/er/ behind."""
+    import errno
+
+    from medusa_export.runtime import whole_file
+
+    whole_file.write_report(tmp_path / "missing" / ".." / "a" / "b" / "t.json", "{}", make_parents=True)
+    assert (tmp_path / "a" / "b" / "t.json").read_text() == "{}" and (tmp_path / "missing").is_dir()
+
+    def full(path, write):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(whole_file, "write_whole", full)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    with pytest.raises(OSError, match="No space left"):
+        whole_file.write_report(tmp_path / "a" / "deep" / "er" / "t.json", "{}", make_parents=True)
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # a/ was there: it stays

@@ -60,8 +60,7 @@ def calibrate_tree(
                        node_budget=node_budget, progress=lambda m: typer.echo(m, err=True))  # stdout: results
     from ..whole_file import write_report
 
-    (out.resolve() if out.is_symlink() else out).parent.mkdir(parents=True, exist_ok=True)  # as write_report
-    write_report(out, json.dumps(result, indent=2) + "\n")
+    write_report(out, json.dumps(result, indent=2) + "\n", make_parents=True)
     c = result["calibration"]
     acc = c["head_accuracy"]["marginal"]
     typer.echo("head  top-1  top-5")
