@@ -54,6 +54,22 @@ def test_the_default_follows_the_address_bound(bind, allowed):
     assert allowed_hosts_for(bind) == allowed
 
 
+def test_a_bind_name_counts_by_the_addresses_it_resolves_to(monkeypatch):
+    """`--host $(hostname)` binds 127.0.1.1 on Debian: loopback, though the name is not one."""
+    import socket
+
+    table = {"myhost": ["127.0.1.1"], "dual": ["127.0.0.1", "10.0.0.1"], "v6": ["::1"]}
+
+    def getaddrinfo(name, port):
+        if name not in table:
+            raise socket.gaierror("no such name")
+        return [(socket.AF_INET, socket.SOCK_STREAM, 0, "", (a, 0)) for a in table[name]]
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    assert allowed_hosts_for("myhost") == () and allowed_hosts_for("v6") == ()
+    assert allowed_hosts_for("dual") == ("*",) and allowed_hosts_for("unknown.example") == ("*",)
+
+
 def test_the_start_line_says_which_names_are_answered():
     assert hosts_answered(()) == "Host names: loopback"
     assert hosts_answered(("api.example.com",)) == "Host names: loopback, api.example.com"
@@ -111,4 +127,9 @@ def test_settings_take_a_tuple_of_names_only():
 
     with pytest.raises(InputError, match="allowed_hosts must be a tuple"):
         ServeSettings(allowed_hosts="api.example.com")
-    assert ServeSettings(allowed_hosts=("api.example.com",)).allowed_hosts == ("api.example.com",)
+    assert ServeSettings(allowed_hosts=("API.example.com.", "[fe80::1]")).allowed_hosts == ("api.example.com",
+                                                                                          "fe80::1")
+    assert ServeSettings(allowed_hosts=()).allowed_hosts == ()
+    for bad in ("*.example.com", "example.com:8000"):
+        with pytest.raises(InputError, match="is not a host name"):
+            ServeSettings(allowed_hosts=(bad,))

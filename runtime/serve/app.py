@@ -33,7 +33,7 @@ from starlette.requests import ClientDisconnect
 from ..engine import DEFAULT_MAX_NUM_BATCHED_TOKENS
 from ..errors import InputError
 from ..generator import GenerationResult
-from .host_check import HostCheck
+from .host_check import HostCheck, parse_allowed_hosts
 from .metrics import ServerMetrics, accepted_per_position
 from .requests import ApiError, Job, ServedModel, parse_chat, parse_completion
 from .scheduler import Finished, Request as Admitted, Scheduler
@@ -73,6 +73,8 @@ class ServeSettings:
         if hosts is not None and (not isinstance(hosts, tuple) or not all(isinstance(h, str) for h in hosts)):
             raise InputError("ServeSettings.allowed_hosts must be a tuple of host names: parse a comma-separated "
                              "list with host_check.parse_allowed_hosts")
+        if hosts:  # checked and written as the Host check compares them (lower case, no brackets or final dot)
+            object.__setattr__(self, "allowed_hosts", parse_allowed_hosts(",".join(hosts)))
 
 
 def create_app(runtime, settings: ServeSettings = ServeSettings()) -> FastAPI:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import socket
 
 from starlette.responses import JSONResponse
 
@@ -64,9 +65,14 @@ def host_allowed(header: str | None, allowed: tuple[str, ...]) -> bool:
 
 
 def allowed_hosts_for(bind_host: str) -> tuple[str, ...]:
-    """The default for a server bound to ``bind_host``: loopback names only when it binds a loopback address; any
-    name otherwise (it serves other machines, under names it cannot know)."""
-    return () if is_loopback(host_name(bind_host)) else (ANY,)
+    """The default for a server bound to ``bind_host`` (an address, or a name: every address it resolves to counts):
+    loopback names only when it binds loopback addresses only; any name otherwise (it serves other machines, under
+    names it cannot know)."""
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(host_name(bind_host), None)}
+    except (OSError, UnicodeError):  # a name that does not resolve binds nothing; judged as written
+        addresses = {host_name(bind_host)}
+    return () if all(is_loopback(host_name(a)) for a in addresses) else (ANY,)
 
 
 def hosts_answered(allowed: tuple[str, ...] | None) -> str:

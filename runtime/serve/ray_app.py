@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 from .app import ServeSettings, create_app
-from .host_check import parse_allowed_hosts
+from .host_check import hosts_answered, parse_allowed_hosts
 from .server import with_bound_hosts
 
 
@@ -37,6 +38,9 @@ def deployment(artifact: str, backend: str = "ort", settings: ServeSettings = Se
         runtime = MedusaRuntime.load(artifact, backend=backend, tree=tree, threads=threads)
         app = create_app(runtime, settings)
         warm_up(app.state.scheduler.engine)  # as `serve`: before the replica takes requests
+        # into the replica's log: a 400 invalid_host for every call through an ingress has its reason in sight
+        print(f"medusa-export replica of {artifact}: answers {hosts_answered(settings.allowed_hosts or ())}",
+              file=sys.stderr, flush=True)
         return app
 
     scaling = {"autoscaling_config": autoscaling} if autoscaling else {"num_replicas": replicas}

@@ -29,8 +29,8 @@ def run_server(artifact: str, host: str = "127.0.0.1", port: int = 8000, backend
 
     from ..api import MedusaRuntime
 
-    settings = with_bound_hosts(settings, host)
     sock = listening_socket(host, port)  # before the model loads: a busy port fails at once, in one line
+    settings = with_bound_hosts(settings, sock.getsockname()[0])  # the address bound, not the name given
     try:
         runtime = MedusaRuntime.load(artifact, backend=backend, tree=tree, threads=threads or usable_cpus())
     except BaseException:
@@ -71,7 +71,8 @@ def run_server(artifact: str, host: str = "127.0.0.1", port: int = 8000, backend
 
 
 def with_bound_hosts(settings: ServeSettings, bind_host: str) -> ServeSettings:
-    """``settings`` with the host names answered decided by the address bound, unless they were given."""
+    """``settings`` with the host names answered decided by the address bound (`allowed_hosts_for`), unless they
+    were given."""
     if settings.allowed_hosts is not None:
         return settings
     return dataclasses.replace(settings, allowed_hosts=allowed_hosts_for(bind_host))
