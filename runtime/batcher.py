@@ -38,7 +38,7 @@ class BatchedStream:
 
     def _sink(self, item) -> None:
         """From the engine's thread: an event, then the result or the error that ends the request."""
-        if isinstance(item, Exception):
+        if isinstance(item, BaseException):  # the engine hands over Exceptions; anything else ends it all the same
             self.error = item
         elif isinstance(item, GenerationResult):
             self.result = item
@@ -49,9 +49,9 @@ class BatchedStream:
     def __iter__(self):
         while True:
             item = self.items.get()
-            if isinstance(item, (Exception, GenerationResult)):
+            if isinstance(item, (BaseException, GenerationResult)):
                 self.items.put(item)  # the end stays in the queue: another consumer, or the next iteration, sees it
-                if isinstance(item, Exception):
+                if isinstance(item, BaseException):
                     raise item
                 return
             yield item

@@ -36,7 +36,7 @@ from .backends.lanes import Lane, LanesRunner
 from .context_drafts import DEFAULT_MAX_DRAFT, Draft
 from .decode import (Cursor, DecodeStats, GenerationConfig, accept, feed, finish_step, prefill, start_cursor,
                      step)
-from .errors import InputError
+from .errors import EngineError, InputError, first_line
 from .generator import GenerationResult, Generator, result_of
 from .step_tree import StepTree
 from .text_output import StreamEvent, TextOutput
@@ -165,9 +165,11 @@ class Engine:
                 slot = self.free.pop()
                 try:
                     session = self._fresh(self.slots[slot])
-                except Exception as e:  # noqa: BLE001 - the backend could not reset the slot: this request ends
-                    self.free.append(slot)  # with its error (it was already off the queue), the slot stays
-                    seq.sink(e)
+                except (KeyboardInterrupt, SystemExit):
+                    raise
+                except BaseException as e:  # noqa: BLE001 - the backend could not reset the slot (or panicked):
+                    self.free.append(slot)  # this request ends with its error (it was already off the queue)
+                    seq.sink(as_exception(e))
                     continue
                 seq.slot, seq.session = slot, session
                 self.slots[slot] = session
@@ -309,7 +311,12 @@ class Engine:
         """Hand back the slots of sequences that ended or were cancelled; send their results."""
         for seq in [s for s in self.running if s.out.finish or s.cancelled]:
             self._release(seq)
-            self._finish(seq, seq.out.finish if seq.out.finish and not seq.cancelled else seq.cancelled)
+            try:
+                self._finish(seq, seq.out.finish if seq.out.finish and not seq.cancelled else seq.cancelled)
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except BaseException as e:  # noqa: BLE001 - it left `running`, so `fail` would not reach it:
+                seq.sink(as_exception(e))  # it ends with the error here
 
     def _release(self, seq: Sequence) -> None:
         self.running.remove(seq)
@@ -340,6 +347,15 @@ class Engine:
         for session in self.slots:
             session.close()
         self.slots, self.free = [], []
+
+
+def as_exception(error: BaseException) -> Exception:
+    """What a request ends with: ``error``, or an EngineError for a BaseException that is not an Exception (a native
+    library's panic), which a consumer's ``except Exception`` would miss and a sink would take for an event."""
+    if isinstance(error, Exception):
+        return error
+    return EngineError(f"a step failed inside a native library ({first_line(error, 160) or type(error).__name__}): "
+                       f"retry the request; if it recurs, check the artifact with `medusa-export verify`")
 
 
 def fair_shares(remaining: list[int], budget: int) -> list[int]:
@@ -386,7 +402,7 @@ class EngineThread:
                 raise
             except BaseException as e:  # noqa: BLE001 - a bug outside the backend calls (or a native library's
                 self.error = e  # panic, a BaseException): end the running requests, keep the thread for the next
-                self.engine.fail(e)
+                self.engine.fail(as_exception(e))
                 failures += 1  # the requests still queued step soon, not at the next submit; a step that keeps
                 time.sleep(min(0.001 * 2 ** failures, 1.0))  # failing is retried ever more slowly, never in a spin
                 self.wake.set()

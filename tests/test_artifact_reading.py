@@ -17,7 +17,7 @@ pytest.importorskip("onnxruntime")
 from test_cli import assert_one_line_error, cli  # noqa: E402
 
 from medusa_export.runtime.api import MedusaRuntime  # noqa: E402
-from medusa_export.runtime.errors import ArtifactError, InputError  # noqa: E402
+from medusa_export.runtime.errors import ArtifactError, EngineError, InputError  # noqa: E402
 from medusa_export.runtime.artifact_files import artifact_file  # noqa: E402
 from medusa_export.runtime.manifest import Manifest, file_record  # noqa: E402
 
@@ -303,8 +303,42 @@ def test_the_engine_thread_survives_a_step_that_raises_a_base_exception():
     while engine.steps < 2 and time.monotonic() < deadline:
         time.sleep(0.01)
     assert engine.steps == 2 and thread.thread.is_alive()
-    assert len(engine.failed) == 1 and isinstance(engine.failed[0], Panic)
+    # handed over as an EngineError: a consumer's `except Exception` misses a panic, and a sink took it for an event
+    assert len(engine.failed) == 1 and isinstance(engine.failed[0], EngineError)
+    assert "a step failed inside a native library (native)" in str(engine.failed[0])
     thread.stop()
+
+
+def test_a_request_whose_result_cannot_be_made_ends_with_the_error(artifact, monkeypatch):
+    """It had left the running list when its result failed to build (or a slot's reset panicked), so no one ever
+    handed it an end: its wait() blocked for ever. Both end with an error now, and the batcher carries on."""
+    from medusa_export.runtime import engine as engine_module
+
+    made = engine_module.result_of
+    calls = []
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise ValueError("result broke")
+        return made(*args, **kwargs)
+
+    class Panic(BaseException):
+        pass
+
+    def panicking_reset(self, session):
+        raise Panic("reset")
+
+    monkeypatch.setattr(engine_module, "result_of", flaky)
+    with MedusaRuntime.load(artifact) as rt, rt.batcher(max_num_seqs=1) as batcher:
+        first = batcher.submit([5, 6, 7], max_new_tokens=3, chat=False)
+        with pytest.raises(ValueError, match="result broke"):
+            first.wait()
+        assert batcher.submit([5, 6, 7], max_new_tokens=3, chat=False).wait().new_tokens >= 1
+        monkeypatch.setattr(engine_module.Engine, "_fresh", panicking_reset)
+        third = batcher.submit([5, 6, 7], max_new_tokens=3, chat=False)
+        with pytest.raises(EngineError, match="a step failed inside a native library"):
+            third.wait()
 
 
 def test_a_slot_the_backend_cannot_reset_fails_its_request_not_the_engine(artifact, monkeypatch):
