@@ -152,3 +152,32 @@ def test_a_client_that_stops_reading_is_cut_off(artifact):
             sock.close()
         answers = received.count(b"HTTP/1.1 200")
         assert ended and 0 < answers < sent, (ended, answers, sent)
+
+
+def test_a_slow_reader_that_keeps_reading_keeps_its_connection(artifact):
+    """The write deadline cuts a client off only for a whole --header-timeout with nothing read: one reading slower
+    than the server writes, but reading, keeps its connection past several deadlines."""
+    with serving(artifact, "--threads", "1", "--header-timeout", "1") as (base, _):
+        host, port = base.removeprefix("http://").split(":")
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect((host, int(port)))
+        sock.setblocking(False)
+        request = b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n"
+        try:
+            for _ in range(20000):  # bounded: until the server stops reading (its answers fill the buffers)
+                sock.send(request)
+        except (BlockingIOError, ConnectionError):
+            pass
+        sock.setblocking(True)
+        sock.settimeout(5)
+        received, t0 = 0, time.monotonic()
+        try:
+            while time.monotonic() - t0 < 4:  # four deadlines, reading a little every 50 ms
+                chunk = sock.recv(1024)
+                assert chunk, "the server closed a connection that was being read"
+                received += len(chunk)
+                time.sleep(0.05)
+        finally:
+            sock.close()
+        assert received > 0

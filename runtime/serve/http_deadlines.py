@@ -4,8 +4,9 @@ client). This protocol closes a connection that has no request in flight ``heade
 after its previous response ended: one whose next request line and headers have not all arrived, or one answered
 before its body was read (401, 413) that keeps sending that body. The body has its own deadline
 (`app._read_body`: the request's timeout, then a 408). A client that stops reading what it is sent (a stream, or
-pipelined requests whose answers pile up) is cut off the same ``header_timeout_s`` after the server's send buffer
-filled: uvicorn would wait for it to drain without end, holding the socket and megabytes of buffers.
+pipelined requests whose answers pile up) is cut off once a whole ``header_timeout_s`` passed with the server's send
+buffer full and none of it read: uvicorn would wait for it to drain without end, holding the socket and megabytes
+of buffers. A slow reader that keeps reading keeps its connection.
 
     config = uvicorn.Config(app, http=header_deadline_protocol(30.0), ...)
 """
@@ -13,6 +14,19 @@ filled: uvicorn would wait for it to drain without end, holding the socket and m
 from __future__ import annotations
 
 import asyncio
+import struct
+
+
+def kernel_send_queue(sock) -> int:
+    """Bytes in a socket's kernel send queue, not yet acknowledged by the peer (Linux's SIOCOUTQ); 0 where the
+    system cannot say."""
+    try:
+        import fcntl
+        import termios
+
+        return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+    except (ImportError, AttributeError, OSError, ValueError):
+        return 0
 
 
 def header_deadline_protocol(header_timeout_s: float) -> type:
@@ -22,6 +36,7 @@ def header_deadline_protocol(header_timeout_s: float) -> type:
     class HeaderDeadlineProtocol(H11Protocol):
         _header_timer: asyncio.TimerHandle | None = None
         _write_timer: asyncio.TimerHandle | None = None
+        _unsent = 0  # bytes waiting in the transport when the write deadline was last set
 
         def connection_made(self, transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
@@ -38,8 +53,18 @@ def header_deadline_protocol(header_timeout_s: float) -> type:
 
         def pause_writing(self) -> None:  # the transport's buffer is full: the client reads slower than we write
             super().pause_writing()
+            self._watch_writes()
+
+        def _watch_writes(self) -> None:
             self._stop_write_timer()
+            self._unsent = self._unsent_bytes()
             self._write_timer = self.loop.call_later(header_timeout_s, self._on_write_stall)
+
+        def _unsent_bytes(self) -> int:
+            """Bytes written and not yet taken by the client: the transport's buffer and the kernel's send queue.
+            The kernel's counts too: it can hold megabytes, and it tells the transport it has room only once
+            about half of that has gone, so a slow reader can take a while to move the transport's count."""
+            return self.transport.get_write_buffer_size() + kernel_send_queue(self.transport.get_extra_info("socket"))
 
         def resume_writing(self) -> None:
             self._stop_write_timer()
@@ -51,11 +76,14 @@ def header_deadline_protocol(header_timeout_s: float) -> type:
                 self._write_timer = None
 
         def _on_write_stall(self) -> None:
-            """Nothing was read for the whole deadline: drop the connection and what it has not read (``close``,
-            the header deadline's included, would wait to send it). Its request sees a disconnect and stops
-            decoding."""
+            """The deadline passed with the buffer still full. A client that read some of it meanwhile (a slow
+            link) gets another period; one that read nothing is dropped with what it has not read (``close``, the
+            header deadline's included, would wait to send it), and its request sees a disconnect and stops."""
             self._write_timer = None
-            self.transport.abort()
+            if self._unsent_bytes() < self._unsent:
+                self._watch_writes()
+            else:
+                self.transport.abort()
 
         def _arm(self) -> None:
             self._disarm()
