@@ -82,6 +82,10 @@ def bench(
     report = run_bench(artifact, names, texts, max_new_tokens=max_new_tokens, baseline=baseline, tree=tree,
                        threads=threads, progress=typer.echo, measured=save, model=model, concurrency=concurrency,
                        context_drafts=context_drafts, interleave=interleave)
+    if as_json:  # the files first: a reader of the table that goes away (`| head`) must not leave them unwritten
+        _write_json(as_json, report)
+    if plot_file:
+        plot(report, plot_file)
     typer.echo(f"{'backend':<13}{'mode':<19}{'tok/s':>8}{'accepted':>10}{'step p50':>10}{'step p90':>10}"
                f"{'prefill':>9}{'speed-up':>10}  identical")
     for r in report["results"]:  # speed-up: Medusa over vanilla; batched rows over the single-stream vanilla row
@@ -90,10 +94,6 @@ def bench(
         typer.echo(f"{r['backend']:<13}{r['mode']:<19}{fmt(r['tokens_per_s'], '8.2f')}{fmt(r['mean_accepted'], '10.2f')}"
                    f"{fmt(r['step_ms_p50'], '10.1f')}{fmt(r['step_ms_p90'], '10.1f')}{fmt(r['prefill_ms'], '9.1f')}"
                    f"{fmt(up, '9.2f')}{'x' if up else ' '}  {r['identical_to_vanilla']}")
-    if as_json:
-        _write_json(as_json, report)
-    if plot_file:
-        plot(report, plot_file)
 
 
 def _write_json(path: Path, report: dict) -> None:
