@@ -39,11 +39,7 @@ def write_report(path: Path, data: str | bytes, make_parents: bool = False) -> N
     try:
         write_whole(target, lambda f: f.write(payload))
     except BaseException:
-        for directory in reversed(made):  # deepest first; one that something else filled meanwhile stays
-            try:
-                os.rmdir(directory)
-            except OSError:
-                pass
+        _remove_empty(made)
         raise
 
 
@@ -53,11 +49,24 @@ def _make_parents(directory: Path) -> list[Path]:
     while not directory.exists() and directory != directory.parent:
         missing.append(directory)
         directory = directory.parent
-    made = []
-    for d in reversed(missing):
-        try:
-            d.mkdir()
-        except FileExistsError:  # "missing/.." exists once "missing" does
-            continue
-        made.append(d)
+    made: list[Path] = []
+    try:
+        for d in reversed(missing):
+            try:
+                d.mkdir()
+            except FileExistsError:  # "missing/.." exists once "missing" does
+                continue
+            made.append(d)
+    except BaseException:  # a deeper one failed (a full disk): none of them stays
+        _remove_empty(made)
+        raise
     return made
+
+
+def _remove_empty(directories: list[Path]) -> None:
+    """Remove ``directories`` (listed top first) where they are still empty, deepest first."""
+    for directory in reversed(directories):
+        try:
+            os.rmdir(directory)
+        except OSError:  # something else filled it meanwhile: it stays
+            pass

@@ -152,3 +152,16 @@ def test_a_report_whose_write_fails_leaves_no_directory_it_made(tmp_path, monkey
     with pytest.raises(OSError, match="No space left"):
         whole_file.write_report(tmp_path / "a" / "deep" / "er" / "t.json", "{}", make_parents=True)
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # a/ was there: it stays
+    monkeypatch.undo()
+    real_mkdir, calls = Path.mkdir, []
+
+    def mkdir_fails_deeper(self, *args, **kwargs):
+        calls.append(self)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device", str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", mkdir_fails_deeper)
+    with pytest.raises(OSError, match="No space left"):
+        whole_file.write_report(tmp_path / "x" / "y" / "t.json", "{}", make_parents=True)
+    assert not (tmp_path / "x").exists()
