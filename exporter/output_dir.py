@@ -49,7 +49,12 @@ def check_out_dir(out: Path) -> None:
         raise InputError(f"--out {out} is a symbolic link: give a real directory path for the artifact")
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out} is an existing file, not an artifact directory: choose another --out")
-    for above in Path(os.path.abspath(out)).parents:  # an artifact inside another one makes it foreign files there
+    try:
+        real = out.resolve().parents
+    except (OSError, RuntimeError):  # a loop of links: the checks below name what is wrong
+        real = ()
+    # an artifact inside another one (by its path as written, or through links) is a foreign folder of that one
+    for above in dict.fromkeys([*Path(os.path.abspath(out)).parents, *real]):
         if (above / MANIFEST).is_file() and listed_files(above) is not None:
             raise InputError(f"--out {out} lies inside the artifact {above}, which could then never be rebuilt in "
                              f"place: choose a path outside it")

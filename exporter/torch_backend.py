@@ -40,10 +40,13 @@ def model_dims(config, heads: MedusaHeads | None, head_topk: int, sample_topk: i
 def check_torch_device(device: str) -> None:
     """BackendUnavailableError (one line) unless this PyTorch can run on ``device`` (cpu, cuda[:N], mps, xpu[:N]):
     torch's own errors for a device it was built without are an AssertionError or a RuntimeError, raised late."""
-    kind, _, index = device.partition(":")
-    if kind == "cpu":
+    kind, colon, index = device.partition(":")
+    if kind == "cpu" and not colon:
         return
-    module = {"cuda": torch.cuda, "xpu": getattr(torch, "xpu", None), "mps": getattr(torch.backends, "mps", None)}[kind]
+    modules = {"cuda": torch.cuda, "xpu": getattr(torch, "xpu", None), "mps": getattr(torch.backends, "mps", None)}
+    if kind not in modules or (colon and (kind == "mps" or not index.isdigit())):
+        raise BackendUnavailableError(f"unknown device {device!r:.40}: choose cpu, cuda or cuda:N, mps, xpu or xpu:N")
+    module = modules[kind]
     count = (module.device_count() if kind != "mps" else 1) if module is not None and module.is_available() else 0
     if count == 0:
         raise BackendUnavailableError(f"--device {device}: this PyTorch sees no {kind} device (a build of torch "

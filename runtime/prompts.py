@@ -65,7 +65,7 @@ def jsonl_rows(path: Path) -> Iterator[tuple[int, object]]:
     ``json.dumps(ensure_ascii=False)`` writes), which ``str.splitlines`` would take for line ends."""
     try:
         with open(path, "rb") as f:
-            for lineno, raw in enumerate(_lines(f, path), start=1):
+            for lineno, raw in _lines(f, path):
                 if lineno == 1:
                     raw = raw.removeprefix(b"\xef\xbb\xbf")  # a byte order mark (Windows editors write one)
                 try:
@@ -79,16 +79,20 @@ def jsonl_rows(path: Path) -> Iterator[tuple[int, object]]:
         raise InputError(f"cannot read {path}: {e.strerror}: pass a readable JSON Lines file") from None
 
 
-def _lines(f, path: Path) -> Iterator[bytes]:
-    """The lines of a binary file without their "\\n", each at most `MAX_LINE_BYTES` (an InputError beyond)."""
+def _lines(f, path: Path) -> Iterator[tuple[int, bytes]]:
+    """(line number, line without its "\\n") of a binary file, each at most `MAX_LINE_BYTES` (an InputError
+    beyond)."""
+    lineno = 0
     while True:
-        line = f.readline(MAX_LINE_BYTES + 1)
+        line = f.readline(MAX_LINE_BYTES + 2)  # the longest line allowed, its "\\n", and one byte to tell
         if not line:
             return
+        lineno += 1
+        line = line.removesuffix(b"\n")
         if len(line) > MAX_LINE_BYTES:
-            raise InputError(f"{path} has a line longer than {MAX_LINE_BYTES:,} bytes: give one JSON object of a "
-                             f"prompt per line")
-        yield line.removesuffix(b"\n")
+            raise InputError(f"{path} line {lineno} is longer than {MAX_LINE_BYTES:,} bytes: give one JSON object "
+                             f"of a prompt per line")
+        yield lineno, line
 
 
 def _json_line(line: str, path: Path, lineno: int) -> object:

@@ -51,6 +51,9 @@ def test_build_refuses_an_out_inside_an_artifact(artifact, tmp_path):
         with pytest.raises(InputError, match=f"lies inside the artifact {art}"):
             check_out_dir(inside)
     check_out_dir(tmp_path / "beside")
+    (tmp_path / "to_art").symlink_to(art)
+    with pytest.raises(InputError, match="lies inside the artifact"):
+        check_out_dir(tmp_path / "to_art" / "sub")  # through a link
 
 
 def test_build_refuses_a_file_and_an_artifact_holding_foreign_files(artifact, tmp_path):

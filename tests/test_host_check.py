@@ -12,7 +12,8 @@ from medusa_export.runtime.serve.host_check import (HostCheck, allowed_hosts_for
 
 @pytest.mark.parametrize("header, name", [
     ("localhost:8000", "localhost"), ("LocalHost.", "localhost"), ("[::1]:8000", "::1"), ("[::1]", "::1"),
-    ("127.0.0.1", "127.0.0.1"), ("api.example.com:443", "api.example.com"), ("::1", "::1")])
+    ("127.0.0.1", "127.0.0.1"), ("api.example.com:443", "api.example.com"), ("::1", "::1"),
+    ("localhost:", "localhost"), ("[::1]:", "::1")])
 def test_the_name_is_read_without_port_brackets_case_or_trailing_dot(header, name):
     assert host_name(header) == name
 

@@ -291,6 +291,9 @@ def test_a_cuda_index_past_the_devices_is_one_line(monkeypatch):
     check_torch_device("cpu")
     with pytest.raises(BackendUnavailableError, match="sees 2 cuda device\\(s\\), numbered from 0"):
         check_torch_device("cuda:2")
+    for bad in ("cuda:x", "tpu", "mps:0", "cpu:0"):
+        with pytest.raises(BackendUnavailableError, match="unknown device"):
+            check_torch_device(bad)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(BackendUnavailableError, match="--device cuda: this PyTorch sees no cuda device"):
         check_torch_device("cuda")

@@ -44,8 +44,13 @@ def test_a_limit_reads_no_further_than_its_prompts(tmp_path, monkeypatch):
     path = tmp_path / "p.jsonl"
     path.write_bytes(b'\xef\xbb\xbf{"prompt": "first"}\r\n' + b"\xff" * 5000 + b"\n")
     assert read_prompts(path, limit=1) == ["first"]
-    with pytest.raises(InputError, match=re.escape(str(path)) + " has a line longer than 1,024 bytes"):
+    with pytest.raises(InputError, match=re.escape(str(path)) + " line 2 is longer than 1,024 bytes"):
         read_prompts(path)
+    exact = json.dumps({"prompt": "x" * 1000}).encode()
+    exact += b" " * (1024 - len(exact))  # a line of exactly the limit, with or without its newline
+    for data in (exact + b"\n", exact):
+        path.write_bytes(data)
+        assert read_prompts(path) == ["x" * 1000]
     path.write_bytes(b'{"prompt": "first"}\n\xff\xfe\n')
     with pytest.raises(InputError, match=re.escape(str(path)) + " line 2 is not UTF-8 text"):
         read_prompts(path)

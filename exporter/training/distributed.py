@@ -72,9 +72,11 @@ def _check_launcher_numbers() -> None:
     """torch's own RANK / MASTER_PORT, when set, as numbers it can use: its errors name neither variable."""
     rank = _env_number("RANK", 0, int)
     port = _env_number("MASTER_PORT", 29500, int)
-    if rank < 0 or not 0 < port < 65536:
-        raise InputError(f"RANK={rank} / MASTER_PORT={port}: a rank is 0 or more and a port 1-65535; set them as "
-                         f"the launcher does (torchrun, accelerate), or unset them")
+    for name, value, ok, what in (("RANK", rank, rank >= 0, "0 or more"), ("MASTER_PORT", port, 0 < port < 65536,
+                                                                            "a port, 1-65535")):
+        if not ok:
+            raise InputError(f"{name}={value}: it must be {what}; set it as the launcher does (torchrun, "
+                             f"accelerate), or unset it")
 
 
 def end_distributed(world: int, owned: bool) -> None:

@@ -33,11 +33,16 @@ def host_name(header: str) -> str:
         name, bracket, rest = header[1:].partition("]")
         port = rest.removeprefix(":")
         # anything but a port after the address ("[::1]evil.example") is no address: the whole header is the name
-        name = name if bracket and (not rest or (rest.startswith(":") and port.isdigit())) else header
+        name = name if bracket and (not rest or (rest.startswith(":") and _port(port))) else header
     else:
         name, colon, port = header.rpartition(":")
-        name = name if colon and port.isdigit() and ":" not in name else header
+        name = name if colon and _port(port) and ":" not in name else header
     return name.rstrip(".")
+
+
+def _port(text: str) -> bool:
+    """A Host header's port: digits, or empty (RFC 3986 allows "localhost:")."""
+    return text.isdigit() or not text
 
 
 def is_loopback(name: str) -> bool:
