@@ -159,3 +159,8 @@ class TorchSession(Session):
 
     def keep(self, rows) -> None:
         self.kv.keep(rows)
+
+    def reset(self) -> None:
+        """A new sequence in the same buffers: the batched engine reuses a slot's session instead of allocating
+        a second cache beside the old one (rows past the length are never read: the mask stops at it)."""
+        self.kv.reset()
