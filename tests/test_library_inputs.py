@@ -297,3 +297,16 @@ def test_a_cuda_index_past_the_devices_is_one_line(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(BackendUnavailableError, match="--device cuda: this PyTorch sees no cuda device"):
         check_torch_device("cuda")
+
+
+def test_a_stream_running_when_its_runtime_closes_ends_at_its_next_step(artifact):
+    """close() frees the graphs at once (docs/usage.md): a stream that held them kept decoding to its end."""
+    from medusa_export.runtime.api import MedusaRuntime
+
+    rt = MedusaRuntime.load(artifact, threads=1)
+    stream = iter(rt.stream([5, 6, 7], max_new_tokens=40, ignore_eos=True, chat=False))
+    next(stream)
+    rt.close()
+    with pytest.raises(InputError, match="this runtime was closed while the request ran"):
+        for _ in stream:
+            pass

@@ -249,6 +249,10 @@ class OrtSession(Session):
     def run(self, input_ids, position_ids, tree_mask, medusa, temperature, out_rows=None) -> StepOutput:
         if self.kv is None:
             raise ValueError("this session is closed")
+        if self.backend._closed:  # a stream still running when its runtime closed: it ends here, and frees the graphs
+            self.close()
+            raise InputError("this runtime was closed while the request ran: load the artifact again "
+                             "(MedusaRuntime.load)")
         kind = "medusa" if medusa else "vanilla"
         b = self._binding(kind)
         t = len(input_ids)
