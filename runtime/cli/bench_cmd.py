@@ -129,6 +129,10 @@ def _check_artifact(artifact: Path, names: list[str], concurrency: int) -> None:
     from ..manifest import Manifest
 
     manifest = Manifest.read(artifact)
+    if "trt" in names:  # found only after every ONNX Runtime row had run
+        from ..backends.trt_compat import require_portable
+
+        require_portable(manifest, artifact)
     for name, lanes, what in (("ort", manifest.lanes, f"lanes graph ({manifest.lanes} lanes)"),
                               ("trt", manifest.engine_lanes, f"TensorRT batch profile ({manifest.engine_lanes} sequences)")):
         if concurrency > 1 and name in names and lanes and concurrency > lanes:
