@@ -116,23 +116,30 @@ def test_slow_template_renders_delay_no_one_for_long(artifact, tmp_path):
         assert any("ran for more than" in b["error"]["message"] for c, b, _ in answers if c == 400)
 
 
+def _flooded(base: str) -> tuple[socket.socket, int]:
+    """A connection with a small receive buffer that has sent pipelined requests until the server stopped reading
+    them (their answers fill the buffers), and how many it sent; non-blocking."""
+    host, port = base.removeprefix("http://").split(":")
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect((host, int(port)))
+    sock.setblocking(False)
+    request, sent = b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n", 0
+    try:
+        for _ in range(20000):  # bounded
+            sock.send(request)
+            sent += 1
+    except (BlockingIOError, ConnectionError):
+        pass
+    return sock, sent
+
+
 def test_a_client_that_stops_reading_is_cut_off(artifact):
     """Pipelined requests whose answers the client never reads fill the server's send buffer; uvicorn would wait
     for it to drain without end. After --header-timeout of no progress the connection is dropped (fewer answers
     than requests arrive), and the server answers others meanwhile."""
     with serving(artifact, "--threads", "1", "--header-timeout", "1") as (base, _):
-        host, port = base.removeprefix("http://").split(":")
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sock.connect((host, int(port)))
-        sock.setblocking(False)
-        request, sent = b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n", 0
-        try:
-            for _ in range(20000):  # bounded: until the server stops reading (its answers have filled the buffers)
-                sock.send(request)
-                sent += 1
-        except (BlockingIOError, ConnectionError):
-            pass
+        sock, sent = _flooded(base)
         assert post(base + "/v1/completions", {"prompt": PROMPT, "max_tokens": 2, "temperature": 0}, key=None)[0] == 200
         time.sleep(4)  # the deadline passes with nothing read
         sock.settimeout(5)
@@ -158,17 +165,7 @@ def test_a_slow_reader_that_keeps_reading_keeps_its_connection(artifact):
     """The write deadline cuts a client off only for a whole --header-timeout with nothing read: one reading slower
     than the server writes, but reading, keeps its connection past several deadlines."""
     with serving(artifact, "--threads", "1", "--header-timeout", "1") as (base, _):
-        host, port = base.removeprefix("http://").split(":")
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sock.connect((host, int(port)))
-        sock.setblocking(False)
-        request = b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n"
-        try:
-            for _ in range(20000):  # bounded: until the server stops reading (its answers fill the buffers)
-                sock.send(request)
-        except (BlockingIOError, ConnectionError):
-            pass
+        sock, _sent = _flooded(base)
         sock.setblocking(True)
         sock.settimeout(5)
         received, t0 = 0, time.monotonic()
