@@ -26,7 +26,8 @@ def test_loopback_names_and_a_missing_header_are_always_answered(header):
 
 @pytest.mark.parametrize("header", ["attacker.example", "attacker.example:8000", "0.0.0.0:8000", "10.0.0.5",
                                     "localhost.attacker.example", "[fe80::1]:80", "", "[::1]attacker.example",
-                                    "[::1]:80x", "[::1"])
+                                    "[::1]:80x", "[::1", "[::1%evil.example]", "localhost..", ".localhost",
+                                    "localhost\xa0"])
 def test_other_names_are_refused_unless_given(header):
     assert not host_allowed(header, ())
     assert host_allowed(header, ("*",))

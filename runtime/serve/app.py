@@ -312,7 +312,7 @@ def _check_not_cross_origin(headers) -> None:
     neither header, and a page served from elsewhere could not read the answers anyway, for this server sends no
     CORS headers."""
     origin = headers.get("origin")
-    if headers.get("sec-fetch-site") == "cross-site" or (
+    if headers.get("sec-fetch-site", "").lower() == "cross-site" or (
             origin is not None and _origin_host(origin) != headers.get("host", "").lower()):
         raise ApiError(403, "requests sent by a web page of another origin are refused: call the API from a program "
                        "(no Origin header), or serve the page from this server's origin", code="cross_origin")

@@ -28,7 +28,7 @@ _NAME = re.compile(r"\.?[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?(\.[a-z0-9_]([a-z0-9_-]*
 
 def host_name(header: str) -> str:
     """The name part of a ``Host`` header (``name``, ``name:port``, ``[v6]:port``), lower case, no trailing dot."""
-    header = header.strip().lower()
+    header = header.strip(" \t").lower()
     if header.startswith("["):
         name, bracket, rest = header[1:].partition("]")
         port = rest.removeprefix(":")
@@ -37,7 +37,7 @@ def host_name(header: str) -> str:
     else:
         name, colon, port = header.rpartition(":")
         name = name if colon and _port(port) and ":" not in name else header
-    return name.rstrip(".")
+    return name.removesuffix(".")  # one final dot: "localhost." is the same name; "localhost.." is none
 
 
 def _port(text: str) -> bool:
@@ -47,8 +47,10 @@ def _port(text: str) -> bool:
 
 def is_loopback(name: str) -> bool:
     """``localhost``, a name under ``.localhost`` (RFC 6761: always this machine), or a loopback address."""
-    if name == "localhost" or name.endswith(".localhost"):
+    if name == "localhost" or (name.endswith(".localhost") and name != ".localhost"):
         return True
+    if "%" in name:  # an IPv6 zone ("::1%lo"): Python takes any text there; no browser sends one
+        return False
     try:
         address = ipaddress.ip_address(name)
     except ValueError:

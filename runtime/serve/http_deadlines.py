@@ -14,6 +14,7 @@ of buffers. A slow reader that keeps reading keeps its connection.
 from __future__ import annotations
 
 import asyncio
+import socket
 import struct
 
 
@@ -82,8 +83,13 @@ def header_deadline_protocol(header_timeout_s: float) -> type:
             self._write_timer = None
             if self._unsent_bytes() < self._unsent:
                 self._watch_writes()
-            else:
-                self.transport.abort()
+                return
+            sock = self.transport.get_extra_info("socket")
+            try:  # a reset, not a close: the kernel would hold the unsent megabytes for minutes, retrying
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            except (AttributeError, OSError):
+                pass
+            self.transport.abort()
 
         def _arm(self) -> None:
             self._disarm()
