@@ -47,6 +47,14 @@ def check_architecture(config_file: Path) -> dict:
     if cfg.get("format") == HEADS_FORMAT:  # said "model type None is not supported"
         raise ModelError(f"{config_file.parent} holds Medusa heads, not a model: give the base model as MODEL and "
                          f"this directory as --heads")
+    check_config(cfg, config_file)
+    return cfg
+
+
+def check_config(cfg: dict, config_file: Path) -> None:
+    """ModelError unless ``cfg`` (a config.json's content, or a GGUF's settings as transformers reads them, named by
+    ``config_file``) describes a supported architecture of sizes within `SIZE_LIMITS`, before anything is
+    allocated."""
     model_type = cfg.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ModelError(
@@ -60,7 +68,34 @@ def check_architecture(config_file: Path) -> dict:
                 else repr(value)[:40]
             raise ModelError(f"{config_file}: {name} must be an integer in 1..{most}, not {shown}: restore the "
                              f"model's config.json")
-    return cfg
+    eps = cfg.get("rms_norm_eps", 1e-6)
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not 0 < eps < 1:  # ONNX Runtime's norm failed
+        raise ModelError(f"{config_file}: rms_norm_eps must be a number in (0, 1), not {eps!r:.40}: restore the "
+                         f"model's config.json")
+
+
+def fp32_bytes(cfg: dict) -> int:
+    """About what the model's weights take in fp32, from the sizes its settings give (transformers' defaults for the
+    ones they leave out)."""
+    hidden, layers = cfg.get("hidden_size", 4096), cfg.get("num_hidden_layers", 32)
+    heads = cfg.get("num_attention_heads", 32)
+    head_dim = cfg.get("head_dim") or hidden // max(heads, 1)
+    kv = cfg.get("num_key_value_heads") or heads
+    attention = hidden * head_dim * (2 * heads + 2 * kv)  # q and o, k and v
+    mlp = 3 * hidden * cfg.get("intermediate_size", 11008)
+    embeddings = cfg.get("vocab_size", 32000) * hidden * (1 if cfg.get("tie_word_embeddings") else 2)
+    return 4 * (layers * (attention + mlp) + embeddings)
+
+
+def check_fits_memory(cfg: dict, where: Path) -> None:
+    """ModelError before loading a model whose fp32 weights alone exceed the memory free here: the kernel's
+    out-of-memory killer ended the process instead (a GGUF naming only its architecture got a 6.7 B default)."""
+    from medusa_export.runtime.machine import available_ram
+
+    need, free = fp32_bytes(cfg), available_ram()
+    if free is not None and need > free:
+        raise ModelError(f"{where}: the model's weights take about {need / 2**30:.1f} GiB in fp32, more than the "
+                         f"{free / 2**30:.1f} GiB free here: use a smaller model, or a machine with more memory")
 
 
 def _check_rope(cfg: dict, config_file: Path) -> None:
@@ -127,20 +162,20 @@ def check_regular_files(directory: Path) -> None:
 _READ_SUFFIXES = {".json", ".safetensors", ".bin", ".jinja", ".model", ".txt", ".gguf"}
 
 
-def check_loaded(model, info: dict, directory: Path) -> None:
+def check_loaded(model, info: dict, directory: Path, settings: str = "config.json") -> None:
     """ModelError for weights the model lacks, of another shape, or not numbers: transformers initialises missing
     and mis-shaped ones randomly (with a report of many lines), and NaN weights failed only at the export's check,
-    blamed on the exporter."""
+    blamed on the exporter. ``settings``: what describes the weights (config.json, or a GGUF's own settings)."""
     tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
     missing = sorted(set(info.get("missing_keys", ())) - tied)
     if missing:
-        raise ModelError(f"the weights in {directory} lack {len(missing)} tensor(s) config.json describes (such as "
-                         f"{missing[0]!r}): config.json does not describe these weights; restore the model's files")
+        raise ModelError(f"the weights in {directory} lack {len(missing)} tensor(s) {settings} describes (such as "
+                         f"{missing[0]!r}): {settings} does not describe these weights; restore the model's files")
     mismatched = sorted(info.get("mismatched_keys", ()))
     if mismatched:
         key, have, want = mismatched[0][:3]
-        raise ModelError(f"the weights in {directory} hold {key!r} of shape {tuple(have)}, but config.json needs "
-                         f"{tuple(want)}: config.json does not describe these weights; restore the model's files")
+        raise ModelError(f"the weights in {directory} hold {key!r} of shape {tuple(have)}, but {settings} needs "
+                         f"{tuple(want)}: {settings} does not describe these weights; restore the model's files")
     import torch
 
     for name, tensor in model.state_dict().items():

@@ -26,8 +26,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from medusa_export.exporter.model_checks import (SUPPORTED_MODEL_TYPES, check_architecture, check_layers_match_weights,
-                                                 check_loaded, check_regular_files)
+from medusa_export.exporter.model_checks import (check_architecture, check_config, check_fits_memory,
+                                                 check_layers_match_weights, check_loaded, check_regular_files)
 from medusa_export.runtime.cache_dir import cache_root
 from medusa_export.runtime.errors import ArtifactError, ModelError, first_line
 from medusa_export.runtime.tokenizer import ChatTokenizer
@@ -147,14 +147,11 @@ def _from_pretrained(directory: Path, cfg: dict):
     """The model in ``directory``, whose config.json ``cfg`` (`check_architecture`) holds, checked once loaded."""
     import torch
     from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()
     check_layers_match_weights(directory, cfg)
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # its loading report is many lines; check_loaded says what matters in one
+    check_fits_memory(cfg, directory / "config.json")
     try:
-        with _medusa_heads_expected(directory, cfg):
+        with _quiet_transformers(), _medusa_heads_expected(directory, cfg):
             model, info = AutoModelForCausalLM.from_pretrained(
                 directory, dtype=torch.float32, local_files_only=True, attn_implementation="sdpa",
                 ignore_mismatched_sizes=True, output_loading_info=True)
@@ -162,10 +159,23 @@ def _from_pretrained(directory: Path, cfg: dict):
         first = first_line(e)
         raise ModelError(f"cannot load model from {directory} ({type(e).__name__}: {first}): check its config.json "
                          f"and weights") from None
-    finally:
-        hf_logging.set_verbosity(verbosity)
     check_loaded(model, info, directory)
     return model.eval()
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """transformers' loading report and progress bars off: they run to many lines, and `check_loaded` says what
+    matters in one."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
 
 
 @contextlib.contextmanager
@@ -237,20 +247,28 @@ def _gguf_to_cached_dir(gguf: Path) -> Path:
         return out
     import torch
     from safetensors.torch import save_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        # The settings first, checked before a model of the sizes they give is allocated (a GGUF naming only its
+        # architecture got transformers' default config: 6.7 B parameters)
+        with _quiet_transformers():
+            config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            check_config(config.to_dict(), gguf)
+            check_fits_memory(config.to_dict(), gguf)
+            model, info = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
+                                                               output_loading_info=True)
+            tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except ModelError:
+        raise
     except Exception as e:
         missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
         fix = f"install {' and '.join(missing)} (`pip install {' '.join(missing)}`)" if missing else \
             "check that it is a complete GGUF model file"
         first = first_line(e)
         raise ModelError(f"cannot read GGUF {gguf}: {type(e).__name__}: {first}: {fix}") from None
-    model_type = getattr(model.config, "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ModelError(f"model type {model_type!r} is not supported: supported types are {', '.join(SUPPORTED_MODEL_TYPES)}")
+    # transformers fills tensors the file lacks with random values: nothing of that kind is ever cached
+    check_loaded(model, info, gguf, settings="its GGUF header")
     tmp = out.with_name(out.name + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
     # save_pretrained refuses GGUF-loaded models; the state dict (tied weights handled) and config suffice.

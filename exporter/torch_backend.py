@@ -9,7 +9,6 @@ Other backends are checked against this one.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -17,6 +16,7 @@ import torch
 from medusa_export.runtime import io_table
 from medusa_export.runtime.backends.base import Backend, KVCache, MaskBuffer, ModelDims, Session, StepOutput
 from medusa_export.runtime.errors import BackendUnavailableError, first_line
+from medusa_export.runtime.machine import available_ram
 
 from .heads import MedusaHeads
 from .step_model import StepModel
@@ -82,28 +82,10 @@ def _check_fits(nbytes: int, device: torch.device, capacity: int) -> None:
         free = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - \
             torch.cuda.memory_allocated(device)
     else:
-        free = _available_ram()
+        free = available_ram()
     if free is not None and nbytes > free:
         raise BackendUnavailableError(f"a KV cache of {capacity} tokens takes {nbytes / 2**20:.0f} MiB but "
                                       f"{free / 2**20:.0f} MiB are free on {device}: lower --max-seq (max_seq)")
-
-
-def _available_ram() -> int | None:
-    """Bytes of memory available to new allocations: Linux's MemAvailable, or less under a container's memory limit
-    (cgroup v2 ``memory.max`` less ``memory.current``); None where unknown."""
-    found = []
-    try:
-        with open("/proc/meminfo") as f:
-            found += [int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")]
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
-        if limit != "max":
-            found.append(int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text()))
-    except (OSError, ValueError):
-        pass
-    return min(found) if found else None
 
 
 def _zeros(shape, dtype, device):

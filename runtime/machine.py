@@ -41,3 +41,21 @@ def machine_info() -> dict:
     except ImportError:
         pass
     return info
+
+
+def available_ram() -> int | None:
+    """Bytes of memory available to new allocations: Linux's MemAvailable, or less under a container's memory limit
+    (cgroup v2 ``memory.max`` less ``memory.current``); None where unknown."""
+    found = []
+    try:
+        with open("/proc/meminfo") as f:
+            found += [int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")]
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            found.append(int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text()))
+    except (OSError, ValueError):
+        pass
+    return min(found) if found else None

@@ -48,6 +48,9 @@ def _edit_weights(model_dir, edit):
     ({"rope_parameters": {"rope_theta": 10000.0, "rope_type": "dynamic", "factor": 2.0}},
      "dynamic RoPE scaling is not supported"),  # failed the export's check as "the export is wrong; report it"
     ({"rope_parameters": {"rope_theta": 0, "rope_type": "default"}}, "rope_theta must be a positive number"),
+    ({"rms_norm_eps": -1.0}, "rms_norm_eps must be a number in \\(0, 1\\), not -1.0"),  # ONNX Runtime's traceback
+    ({"rms_norm_eps": float("nan")}, "rms_norm_eps must be a number in \\(0, 1\\), not nan"),
+    ({"hidden_size": 60000, "intermediate_size": 900000}, "weights take about .* GiB in fp32, more than the"),
 ])
 def test_a_config_that_does_not_describe_the_weights_is_refused(tiny_dirs, tmp_path, changes, words):
     model_dir = _model_copy(tiny_dirs, tmp_path)
@@ -70,6 +73,51 @@ def test_weights_missing_misshapen_or_not_numbers_are_refused(tiny_dirs, tmp_pat
     _edit_weights(model_dir, edit)
     with pytest.raises(ModelError, match=words):
         load_base_model(model_dir)
+
+
+def _gguf(path, tensors: dict, **settings) -> None:
+    """A small Llama GGUF with the toy tokenizer's words and ``tensors``."""
+    gguf = pytest.importorskip("gguf")
+    import numpy as np
+
+    w = gguf.GGUFWriter(str(path), "llama")
+    for name, value in {"context_length": 128, "embedding_length": 64, "block_count": 2,
+                        "feed_forward_length": 128, "head_count": 4, "head_count_kv": 2,
+                        "layer_norm_rms_eps": 1e-5, "rope_freq_base": 10000.0, **settings}.items():
+        getattr(w, f"add_{name}")(value)
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list([f"t{i}".encode() for i in range(TINY_VOCAB)])
+    w.add_token_types([1] * TINY_VOCAB)
+    w.add_token_merges([])
+    w.add_token_scores([0.0] * TINY_VOCAB)
+    w.add_bos_token_id(0)
+    w.add_eos_token_id(TINY_VOCAB - 1)
+    for name, value in tensors.items():
+        w.add_tensor(name, value)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_a_gguf_is_checked_before_it_is_converted_and_nothing_unfit_is_cached(tmp_path, monkeypatch):
+    """A GGUF lacking its layers' tensors was converted with random weights in their place and cached as complete,
+    so a later build would have used them; one naming only its architecture got transformers' default config (6.7 B
+    parameters) and the out-of-memory killer."""
+    import numpy as np
+
+    monkeypatch.setenv("MEDUSA_EXPORT_CACHE", str(tmp_path / "cache"))
+    partial = tmp_path / "partial.gguf"
+    _gguf(partial, {"token_embd.weight": np.zeros((TINY_VOCAB, 64), np.float32),
+                    "output_norm.weight": np.ones(64, np.float32)})
+    with pytest.raises(ModelError, match="partial.gguf lack .* tensor.*its GGUF header describes"):
+        load_base_model(partial)
+    huge = tmp_path / "huge.gguf"
+    _gguf(huge, {}, embedding_length=32768, feed_forward_length=131072, block_count=64, head_count=256,
+          head_count_kv=2)
+    with pytest.raises(ModelError, match="huge.gguf: the model's weights take about .* GiB in fp32"):
+        load_base_model(huge)
+    assert not list((tmp_path / "cache").rglob("complete"))
 
 
 def test_a_tokenizer_past_the_models_vocabulary_is_refused_when_the_model_loads(tiny_dirs, tmp_path):

@@ -311,7 +311,7 @@ def test_a_torch_kv_cache_larger_than_the_free_memory_is_refused_before_it_is_ze
     backend = tiny.backend(max_seq=64)
     with backend.new_session():  # fits
         pass
-    monkeypatch.setattr(torch_backend, "_available_ram", lambda: 1000)
+    monkeypatch.setattr(torch_backend, "available_ram", lambda: 1000)
     with pytest.raises(BackendUnavailableError, match=r"a KV cache of 64 tokens takes \d+ MiB but 0 MiB are free "
                                                       r"on cpu: lower --max-seq"):
         backend.new_session()
