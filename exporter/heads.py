@@ -210,15 +210,24 @@ def _read_reference(path: Path, meta: dict, base_config) -> tuple[dict, HeadsCon
     return reference_state(read_tensors(weights), meta, base_config, weights)
 
 
+def _index(part: str) -> bool:
+    """A head or layer number in a key: ASCII digits only (``str.isdigit`` takes "²", which ``int`` refuses)."""
+    return part.isascii() and part.isdecimal() and len(part) <= 6
+
+
 def reference_state(raw: dict[str, torch.Tensor], meta: dict, base_config, weights: Path) -> tuple[dict, HeadsConfig]:
     """Our state dict and config from reference-layout tensors (``medusa_head.`` prefix optional) and the
     Medusa settings of ``meta`` (``medusa_num_heads``, ``medusa_num_layers``; inferred from the keys if absent)."""
     raw = {k.removeprefix("medusa_head.").removeprefix("medusa."): v for k, v in raw.items()}
+    for k in raw:  # every key first: sizes inferred from keys below read their first two parts as numbers
+        parts = k.split(".")
+        if len(parts) < 3 or not _index(parts[0]) or not _index(parts[1]):
+            raise HeadsError(f"unexpected key {k[:120]!r} in {weights}: not a Medusa heads checkpoint")
     n_heads = meta.get("medusa_num_heads")
     n_layers = meta.get("medusa_num_layers")
     if n_heads is None or n_layers is None:
         # Infer from the keys when config.json lacks the fields.
-        heads_seen = {int(k.split(".")[0]) for k in raw if k.split(".")[0].isdigit()}
+        heads_seen = {int(k.split(".")[0]) for k in raw}
         layers_seen = {int(k.split(".")[1]) for k in raw if ".linear." in k}
         if not heads_seen or not layers_seen:
             raise HeadsError(f"{weights} has no keys like '0.0.linear.weight': not a Medusa heads checkpoint")
@@ -228,8 +237,6 @@ def reference_state(raw: dict[str, torch.Tensor], meta: dict, base_config, weigh
     state = {}
     for k, v in raw.items():
         parts = k.split(".")
-        if len(parts) < 3 or not parts[0].isdigit() or not parts[1].isdigit():
-            raise HeadsError(f"unexpected key {k!r} in {weights}: not a Medusa heads checkpoint")
         h, layer = int(parts[0]), int(parts[1])
         if layer == n_layers and own:
             state[f"proj.{h}.{'.'.join(parts[2:])}"] = v

@@ -15,7 +15,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from medusa_export.runtime.errors import HeadsError
+from medusa_export.runtime.errors import HeadsError, first_line
 
 from .heads import (MedusaHeads, check_draft_ids, heads_from_state, load_heads, new_heads, read_heads_json,
                     reference_state, restrict_vocab)
@@ -74,10 +74,14 @@ def load_embedded_heads(model_dir: Path, base_config) -> MedusaHeads | None:
 
     raw = {}
     for file in sorted(model_dir.glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as f:
-            for key in f.keys():
-                if key.startswith(EMBEDDED_PREFIX):
-                    raw[key] = f.get_tensor(key)
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                for key in f.keys():
+                    if key.startswith(EMBEDDED_PREFIX):
+                        raw[key] = f.get_tensor(key)
+        except Exception as e:  # noqa: BLE001 - safetensors' own error for a header or data it cannot read
+            raise HeadsError(f"{file} is not a readable safetensors file ({first_line(e, 120)}): restore it, or move "
+                             f"it out of the model directory") from None
     if not raw:
         raise HeadsError(f"{model_dir / 'config.json'} sets medusa_num_heads but no {EMBEDDED_PREFIX}* tensors are in "
                          f"its safetensors: save the heads with the model, or pass --heads")

@@ -227,6 +227,17 @@ def test_extra_head_in_reference_checkpoint(tmp_path):
         load_heads(tmp_path, BASE)
 
 
+@pytest.mark.parametrize("bad", ["0.x.linear.weight", "\u00b2.0.linear.weight", "x.y", "0"])
+def test_a_reference_key_that_is_no_head_and_layer_number_is_refused(tmp_path, bad):
+    """Sizes inferred from the keys read int() of their first parts: "x" and "²" (which isdigit() takes) raised a
+    bare ValueError."""
+    state = reference_state(random_heads("shared", k=2))
+    state[bad] = torch.zeros(H)
+    save_file(state, str(tmp_path / "medusa_lm_head.safetensors"))
+    with pytest.raises(HeadsError, match="unexpected key .* not a Medusa heads checkpoint"):
+        load_heads(tmp_path, BASE)
+
+
 def test_wrong_shape(tmp_path):
     out = save_heads(random_heads("shared"), tmp_path)
     edit_weights(out, lambda s: s.__setitem__("blocks.2.0.linear.weight", torch.zeros(H, H + 1)))
@@ -317,3 +328,14 @@ def test_not_a_medusa_checkpoint(tmp_path):
     save_file({"model.embed_tokens.weight": torch.zeros(4, 4)}, str(tmp_path / "medusa_lm_head.safetensors"))
     with pytest.raises(HeadsError, match="not a Medusa heads checkpoint"):
         load_heads(tmp_path, BASE)
+
+
+def test_an_unreadable_safetensors_beside_a_medusa2_model_is_named(tmp_path):
+    """transformers ignores a stray file; reading the embedded heads raised safetensors' own error."""
+    from medusa_export.exporter.heads_source import load_embedded_heads
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "medusa_num_heads": 2,
+                                                      "medusa_num_layers": 1}))
+    (tmp_path / "junk.safetensors").write_bytes(b"\xff" * 64)
+    with pytest.raises(HeadsError, match="junk.safetensors is not a readable safetensors file"):
+        load_embedded_heads(tmp_path, BASE)
