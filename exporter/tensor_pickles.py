@@ -34,7 +34,7 @@ def load_tensors(path: Path):
             warnings.simplefilter("ignore")
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        if "global" in str(e):  # torch names the disallowed global: an object other than tensors
+        if "global" in str(e).lower():  # torch names the disallowed GLOBAL: an object other than tensors
             raise PickledObjects() from None
         raise UnreadableTensors("corrupt, or not a PyTorch file") from None
     except Exception as e:  # a truncated zip, another kind of file, ...

@@ -185,6 +185,31 @@ def test_a_pickled_heads_checkpoint_is_refused_without_advice_to_unpickle_it(tin
     assert "pickled objects other than tensors" in str(e.value) and "weights_only" not in str(e.value)
 
 
+class CallsOut:
+    def __reduce__(self):  # what a hostile pickle does: call something when unpickled
+        return (os.system, ("echo unpickled > /dev/null",))
+
+
+def test_a_hostile_pickle_is_named_as_one_for_heads_and_model_without_advice_to_unpickle_it(tiny_dirs, tmp_path):
+    """A pickle that would call a function when unpickled (torch names the GLOBAL it refused, in capitals) was
+    called corrupt for heads, and for a model's pytorch_model.bin torch's advice to pass weights_only=False was
+    quoted."""
+    heads_dir = tmp_path / "heads"
+    heads_dir.mkdir()
+    torch.save({"0.0.linear.weight": CallsOut()}, heads_dir / "medusa_lm_head.pt")
+    with pytest.raises(HeadsError, match="pickled objects other than tensors"):
+        resolve_heads(str(heads_dir), load_base_model(tiny_dirs[0]))
+    model_dir = _model_copy(tiny_dirs, tmp_path)
+    from safetensors.torch import load_file
+
+    state = load_file(str(model_dir / "model.safetensors"))
+    (model_dir / "model.safetensors").unlink()
+    torch.save({**state, "extra": CallsOut()}, model_dir / "pytorch_model.bin")
+    with pytest.raises(ModelError) as e:
+        load_base_model(model_dir)
+    assert "never unpickled" in str(e.value) and "weights_only" not in str(e.value)
+
+
 def test_heads_weights_that_are_not_numbers_are_refused(tiny_dirs, tmp_path):
     from safetensors.torch import load_file, save_file
 
