@@ -106,6 +106,15 @@ def _check_rope(cfg: dict, config_file: Path) -> None:
     if not isinstance(theta, (int, float)) or isinstance(theta, bool) or not 0 < theta < float("inf"):
         raise ModelError(f"{config_file}: rope_theta must be a positive number, not {theta!r:.40}: restore the "
                          f"model's config.json")
+    factor = params.get("factor")
+    if factor is not None and (not isinstance(factor, (int, float)) or isinstance(factor, bool)
+                               or not 0 < factor < float("inf")):
+        raise ModelError(f"{config_file}: the RoPE scaling factor must be a positive number, not {factor!r:.40}: "
+                         f"restore the model's config.json")
+    positions = cfg.get("max_position_embeddings")
+    if positions is not None and (not isinstance(positions, int) or isinstance(positions, bool) or positions < 1):
+        raise ModelError(f"{config_file}: max_position_embeddings must be a positive integer, not "
+                         f"{positions!r:.40}: restore the model's config.json")
     kind = params.get("rope_type", params.get("type"))
     if kind == "dynamic":
         raise ModelError(f"{config_file}: dynamic RoPE scaling is not supported: its frequencies change with the "

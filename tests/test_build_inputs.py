@@ -48,6 +48,9 @@ def _edit_weights(model_dir, edit):
     ({"rope_parameters": {"rope_theta": 10000.0, "rope_type": "dynamic", "factor": 2.0}},
      "dynamic RoPE scaling is not supported"),  # failed the export's check as "the export is wrong; report it"
     ({"rope_parameters": {"rope_theta": 0, "rope_type": "default"}}, "rope_theta must be a positive number"),
+    ({"rope_parameters": {"rope_theta": 10000.0, "rope_type": "linear", "factor": -2.0}},
+     "RoPE scaling factor must be a positive number, not -2.0"),  # built silently
+    ({"max_position_embeddings": -1}, "max_position_embeddings must be a positive integer, not -1"),
     ({"rms_norm_eps": -1.0}, "rms_norm_eps must be a number in \\(0, 1\\), not -1.0"),  # ONNX Runtime's traceback
     ({"rms_norm_eps": float("nan")}, "rms_norm_eps must be a number in \\(0, 1\\), not nan"),
     ({"hidden_size": 60000, "intermediate_size": 900000}, "weights take about .* GiB in fp32, more than the"),
