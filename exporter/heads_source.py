@@ -79,6 +79,8 @@ def load_embedded_heads(model_dir: Path, base_config) -> MedusaHeads | None:
                 for key in f.keys():
                     if key.startswith(EMBEDDED_PREFIX):
                         raw[key] = f.get_tensor(key)
+        except MemoryError:
+            raise
         except Exception as e:  # noqa: BLE001 - safetensors' own error for a header or data it cannot read
             raise HeadsError(f"{file} is not a readable safetensors file ({first_line(e, 120)}): restore it, or move "
                              f"it out of the model directory") from None

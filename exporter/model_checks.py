@@ -92,10 +92,11 @@ def check_fits_memory(cfg: dict, where: Path) -> None:
     out-of-memory killer ended the process instead (a GGUF naming only its architecture got a 6.7 B default)."""
     from medusa_export.runtime.machine import available_ram
 
-    need, free = fp32_bytes(cfg), available_ram()
+    need, free = fp32_bytes(cfg), available_ram(swap=True)  # slow with swap, but it loads
     if free is not None and need > free:
         raise ModelError(f"{where}: the model's weights take about {need / 2**30:.1f} GiB in fp32, more than the "
-                         f"{free / 2**30:.1f} GiB free here: use a smaller model, or a machine with more memory")
+                         f"{free / 2**30:.1f} GiB free here (memory and swap): use a smaller model, or a machine "
+                         f"with more memory")
 
 
 def _check_rope(cfg: dict, config_file: Path) -> None:

@@ -156,7 +156,8 @@ def _from_pretrained(directory: Path, cfg: dict):
                 directory, dtype=torch.float32, local_files_only=True, attn_implementation="sdpa",
                 ignore_mismatched_sizes=True, output_loading_info=True)
     except Exception as e:  # noqa: BLE001 - OSError, ValueError, safetensors' and huggingface_hub's own errors
-        if "Weights only load failed" in str(e):  # torch's refusal, whose advice (weights_only=False) is never ours
+        if "global" in str(e).lower() and "Weights only load failed" in str(e):  # an object torch refused by name;
+            # its advice (weights_only=False) is never ours
             raise ModelError(f"cannot load model from {directory}: its PyTorch pickle of weights holds objects the "
                              f"safe loader refuses (they are never unpickled: they could run code): convert the "
                              f"weights to safetensors") from None

@@ -311,12 +311,7 @@ class Engine:
         """Hand back the slots of sequences that ended or were cancelled; send their results."""
         for seq in [s for s in self.running if s.out.finish or s.cancelled]:
             self._release(seq)
-            try:
-                self._finish(seq, seq.out.finish if seq.out.finish and not seq.cancelled else seq.cancelled)
-            except (KeyboardInterrupt, SystemExit):
-                raise
-            except BaseException as e:  # noqa: BLE001 - it left `running`, so `fail` would not reach it:
-                seq.sink(as_exception(e))  # it ends with the error here
+            self._finish(seq, seq.out.finish if seq.out.finish and not seq.cancelled else seq.cancelled)
 
     def _release(self, seq: Sequence) -> None:
         self.running.remove(seq)
@@ -324,9 +319,18 @@ class Engine:
         seq.session, seq.slot = None, -1
 
     def _finish(self, seq: Sequence, finish: str) -> None:
-        out = seq.out or TextOutput(self.gen.tokenizer, seq.cfg)
-        tree = seq.tree
-        seq.sink(result_of(out, seq.stats, finish, self.gen.backend.name, tree, len(seq.prompt), seq.t0))
+        """Hand ``seq``, which has left the queue or the running list, its result, or the error building it raised:
+        `fail` would not reach it any more, and without an end its caller waits for ever. A sink's own error
+        propagates, after one end item."""
+        try:
+            out = seq.out or TextOutput(self.gen.tokenizer, seq.cfg)
+            result = result_of(out, seq.stats, finish, self.gen.backend.name, seq.tree, len(seq.prompt), seq.t0)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as e:  # noqa: BLE001
+            seq.sink(as_exception(e))
+            return
+        seq.sink(result)
 
     def fail(self, error: Exception) -> None:
         """A step failed: every running sequence ends with ``error`` (their caches may be half-written); queued

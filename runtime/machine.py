@@ -43,19 +43,33 @@ def machine_info() -> dict:
     return info
 
 
-def available_ram() -> int | None:
-    """Bytes of memory available to new allocations: Linux's MemAvailable, or less under a container's memory limit
-    (cgroup v2 ``memory.max`` less ``memory.current``); None where unknown."""
+def available_ram(swap: bool = False) -> int | None:
+    """Bytes of memory available to new allocations: Linux's MemAvailable (plus SwapFree with ``swap``), or less
+    under a container's memory limit (cgroup v2 ``memory.max`` less what it holds besides reclaimable file pages:
+    ``memory.current`` counts the page cache of every file read); None where unknown."""
     found = []
-    try:
-        with open("/proc/meminfo") as f:
-            found += [int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")]
-    except (OSError, ValueError, IndexError):
-        pass
+    meminfo = _fields(Path("/proc/meminfo"), ":")
+    if "MemAvailable" in meminfo:
+        found.append((meminfo["MemAvailable"] + (meminfo.get("SwapFree", 0) if swap else 0)) * 1024)
     try:
         limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
         if limit != "max":
-            found.append(int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text()))
+            used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+            used -= _fields(Path("/sys/fs/cgroup/memory.stat"), "").get("inactive_file", 0)
+            found.append(int(limit) - used)
     except (OSError, ValueError):
         pass
     return min(found) if found else None
+
+
+def _fields(path: Path, suffix: str) -> dict[str, int]:
+    """``name[suffix] value ...`` lines of a kernel table as {name: value}; {} when unreadable."""
+    out = {}
+    try:
+        for line in path.read_text().splitlines():
+            parts = line.split()
+            if len(parts) >= 2 and parts[1].isdigit():
+                out[parts[0].removesuffix(suffix)] = int(parts[1])
+    except OSError:
+        pass
+    return out

@@ -211,6 +211,13 @@ def test_a_hostile_pickle_is_named_as_one_for_heads_and_model_without_advice_to_
     with pytest.raises(ModelError) as e:
         load_base_model(model_dir)
     assert "never unpickled" in str(e.value) and "weights_only" not in str(e.value)
+    import pickle
+
+    with open(model_dir / "pytorch_model.bin", "wb") as f:  # a plain pickle torch's safe loader cannot read: no
+        pickle.dump({"x": 1}, f, protocol=4)  # hostile object in it, so not called one
+    with pytest.raises(ModelError, match="cannot load model") as e:
+        load_base_model(model_dir)
+    assert "never unpickled" not in str(e.value)
 
 
 def test_heads_weights_that_are_not_numbers_are_refused(tiny_dirs, tmp_path):

@@ -82,10 +82,16 @@ def bench(
     report = run_bench(artifact, names, texts, max_new_tokens=max_new_tokens, baseline=baseline, tree=tree,
                        threads=threads, progress=typer.echo, measured=save, model=model, concurrency=concurrency,
                        context_drafts=context_drafts, interleave=interleave)
-    if as_json:  # the files first: a reader of the table that goes away (`| head`) must not leave them unwritten
+    if as_json:  # first: a reader of the table that goes away (`| head`) must not leave the report unwritten
         _write_json(as_json, report)
-    if plot_file:
-        plot(report, plot_file)
+    try:
+        if plot_file:
+            plot(report, plot_file)
+    finally:  # a plot that cannot be drawn still leaves the table on the screen
+        _print_table(report)
+
+
+def _print_table(report: dict) -> None:
     typer.echo(f"{'backend':<13}{'mode':<19}{'tok/s':>8}{'accepted':>10}{'step p50':>10}{'step p90':>10}"
                f"{'prefill':>9}{'speed-up':>10}  identical")
     for r in report["results"]:  # speed-up: Medusa over vanilla; batched rows over the single-stream vanilla row
