@@ -28,6 +28,7 @@ from medusa_export.runtime.manifest import (FORMAT, FORMAT_VERSION, ONNXRUNTIME,
 from medusa_export.runtime.errors import ExportValidationError, HeadsError, InputError
 from medusa_export.runtime.manifest import UNFINISHED
 from medusa_export.runtime.tree import Tree, load_choices
+from medusa_export.runtime.whole_file import missing_parents, remove_empty
 
 from medusa_export.runtime.build_options import DEFAULT_TREE, BuildOptions
 from .fused_backbone import check_supported
@@ -37,7 +38,7 @@ from .heads_source import resolve_heads
 from .model_loading import load_base_model
 from .onnx_cleanup import fold_constants
 from .onnx_export import OPSET, export_step_graph
-from .output_dir import check_out_dir, missing_parents, new_work_dir, release_work_dir, remove_empty, replace_dir
+from .output_dir import check_out_dir, new_work_dir, release_work_dir, replace_dir
 from .provenance import content_sha256, record_name
 from .quantize import CALIBRATION, RECIPES, quantize_graph
 from .shared_weights import share_weights

@@ -243,22 +243,6 @@ def _remove_abandoned(out: Path) -> None:
 _LOCKS: dict[str, int] = {}  # work directory -> the open, locked descriptor of its mark
 
 
-def missing_parents(out: Path) -> list[Path]:
-    """The directories above ``out`` that do not exist yet, outermost first (what `new_work_dir` will create)."""
-    missing = [p for p in Path(out).absolute().parents if not p.exists()]
-    return missing[::-1]
-
-
-def remove_empty(directories: list[Path]) -> None:
-    """Remove ``directories`` (outermost first, as `missing_parents` lists them), innermost first, while empty: a
-    failed build leaves no folders it made."""
-    for d in reversed(directories):
-        try:
-            d.rmdir()
-        except OSError:  # not empty (something else was put there meanwhile), or already gone
-            return
-
-
 def replace_dir(work: Path, out: Path) -> None:
     """Swap the finished ``work`` into ``out``. An earlier artifact is renamed aside first and removed only
     after the swap; if the swap fails it is put back."""

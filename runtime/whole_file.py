@@ -35,38 +35,42 @@ def write_report(path: Path, data: str | bytes, make_parents: bool = False) -> N
     payload = data.encode() if isinstance(data, str) else data
     path = Path(path)
     target = path.resolve() if path.is_symlink() else path
-    made = _make_parents(target.parent) if make_parents else []
+    made = _make(missing_parents(target)) if make_parents else []
     try:
         write_whole(target, lambda f: f.write(payload))
     except BaseException:
-        _remove_empty(made)
+        remove_empty(made)
         raise
 
 
-def _make_parents(directory: Path) -> list[Path]:
-    """Make ``directory`` and the missing ones above it, as the system walks the path; those it made, top first."""
-    missing = []
-    while not directory.exists() and directory != directory.parent:
-        missing.append(directory)
-        directory = directory.parent
+def missing_parents(path: Path) -> list[Path]:
+    """The directories above ``path`` that do not exist yet, outermost first."""
+    missing = [p for p in Path(path).absolute().parents if not p.exists()]
+    return missing[::-1]
+
+
+def remove_empty(directories: list[Path]) -> None:
+    """Remove ``directories`` (outermost first, as `missing_parents` lists them), innermost first, while empty: a
+    failed command leaves no folders it made."""
+    for d in reversed(directories):
+        try:
+            d.rmdir()
+        except OSError:  # not empty (something else was put there meanwhile), or already gone
+            return
+
+
+def _make(directories: list[Path]) -> list[Path]:
+    """Make ``directories`` (outermost first), as the system walks each path; those it made. When one fails (a full
+    disk), those made before it are removed again."""
     made: list[Path] = []
     try:
-        for d in reversed(missing):
+        for d in directories:
             try:
                 d.mkdir()
             except FileExistsError:  # "missing/.." exists once "missing" does
                 continue
             made.append(d)
-    except BaseException:  # a deeper one failed (a full disk): none of them stays
-        _remove_empty(made)
+    except BaseException:
+        remove_empty(made)
         raise
     return made
-
-
-def _remove_empty(directories: list[Path]) -> None:
-    """Remove ``directories`` (listed top first) where they are still empty, deepest first."""
-    for directory in reversed(directories):
-        try:
-            os.rmdir(directory)
-        except OSError:  # something else filled it meanwhile: it stays
-            pass
