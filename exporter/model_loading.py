@@ -258,9 +258,9 @@ def _gguf_to_cached_dir(gguf: Path) -> Path:
         # The settings first, checked before a model of the sizes they give is allocated (a GGUF naming only its
         # architecture got transformers' default config: 6.7 B parameters)
         with _quiet_transformers():
-            config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
-            check_config(config.to_dict(), gguf)
-            check_fits_memory(config.to_dict(), gguf)
+            settings = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name).to_dict()
+            check_config(settings, gguf)
+            check_fits_memory(settings, gguf)
             model, info = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
                                                                output_loading_info=True)
             tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)

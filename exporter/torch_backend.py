@@ -47,7 +47,8 @@ def check_torch_device(device: str) -> None:
     if kind not in modules or (colon and (kind == "mps" or not index.isdigit())):
         raise BackendUnavailableError(f"unknown device {device!r:.40}: choose cpu, cuda or cuda:N, mps, xpu or xpu:N")
     module = modules[kind]
-    count = (module.device_count() if kind != "mps" else 1) if module is not None and module.is_available() else 0
+    available = module is not None and module.is_available()
+    count = 0 if not available else 1 if kind == "mps" else module.device_count()
     if count == 0:
         raise BackendUnavailableError(f"--device {device}: this PyTorch sees no {kind} device (a build of torch "
                                       f"for it, and its driver, are needed): use --device cpu")

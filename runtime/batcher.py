@@ -18,7 +18,8 @@ import threading
 from typing import Callable
 
 from .decode import GenerationConfig
-from .engine import DEFAULT_MAX_NUM_BATCHED_TOKENS, Engine, EngineThread, Sequence
+from .engine import DEFAULT_MAX_NUM_BATCHED_TOKENS, Engine, Sequence
+from .engine_thread import EngineThread
 from .errors import InputError
 from .generator import GenerationResult, Generator
 from .text_output import StreamEvent

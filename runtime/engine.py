@@ -2,7 +2,7 @@
 
     engine = Engine(generator, max_num_seqs=8, max_num_batched_tokens=64)   # batches on generator.backend.lanes
     seq = engine.add(prompt_ids, GenerationConfig(max_new_tokens=64), sink=print)   # StreamEvent..., then a result
-    while engine.step():          # one step of every running sequence (or run it on a thread: `EngineThread`)
+    while engine.step():          # one step of every running sequence (or on a thread: `engine_thread.EngineThread`)
         pass
 
 Sequences join and leave at every step. A step is one of two kinds:
@@ -36,7 +36,7 @@ from .backends.lanes import Lane, LanesRunner
 from .context_drafts import DEFAULT_MAX_DRAFT, Draft
 from .decode import (Cursor, DecodeStats, GenerationConfig, accept, feed, finish_step, prefill, start_cursor,
                      step)
-from .errors import EngineError, InputError, first_line
+from .errors import InputError, as_exception
 from .generator import GenerationResult, Generator, result_of
 from .step_tree import StepTree
 from .text_output import StreamEvent, TextOutput
@@ -353,15 +353,6 @@ class Engine:
         self.slots, self.free = [], []
 
 
-def as_exception(error: BaseException) -> Exception:
-    """What a request ends with: ``error``, or an EngineError for a BaseException that is not an Exception (a native
-    library's panic), which a consumer's ``except Exception`` would miss and a sink would take for an event."""
-    if isinstance(error, Exception):
-        return error
-    return EngineError(f"a step failed inside a native library ({first_line(error, 160) or type(error).__name__}): "
-                       f"retry the request; if it recurs, check the artifact with `medusa-export verify`")
-
-
 def fair_shares(remaining: list[int], budget: int) -> list[int]:
     """Rows of a step's budget for each prompt still going in: equal shares, a prompt needing less than its share
     taking only what it needs and leaving the rest to the others (max-min fair). A short prompt arriving during a
@@ -371,49 +362,3 @@ def fair_shares(remaining: list[int], budget: int) -> list[int]:
         shares[i] = min(remaining[i], max(budget, 0) // (len(remaining) - k))
         budget -= shares[i]
     return shares
-
-
-class EngineThread:
-    """An engine stepping on its own thread while there is work; `submit` wakes it (services, the server)."""
-
-    def __init__(self, engine: Engine, name: str = "medusa-engine") -> None:
-        self.engine = engine
-        self.wake = threading.Event()
-        self.stopping = False
-        self.submitting = threading.Lock()
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._loop, name=name, daemon=True)
-        self.thread.start()
-
-    def submit(self, prompt: str | list[int], cfg: GenerationConfig, sink: Callable) -> Sequence:
-        with self.submitting:  # a request added after stop() would wait for a thread that is gone
-            if self.stopping:
-                raise InputError("this batcher is closed: open a new one (MedusaRuntime.batcher())")
-            seq = self.engine.add(prompt, cfg, sink)
-        self.wake.set()
-        return seq
-
-    def _loop(self) -> None:
-        failures = 0
-        while not self.stopping:
-            self.wake.wait()
-            self.wake.clear()
-            try:
-                while not self.stopping and self.engine.step():
-                    pass
-                failures = 0
-            except (KeyboardInterrupt, SystemExit):
-                raise
-            except BaseException as e:  # noqa: BLE001 - a bug outside the backend calls (or a native library's
-                self.error = e  # panic, a BaseException): end the running requests, keep the thread for the next
-                self.engine.fail(as_exception(e))
-                failures += 1  # the requests still queued step soon, not at the next submit; a step that keeps
-                time.sleep(min(0.001 * 2 ** failures, 1.0))  # failing is retried ever more slowly, never in a spin
-                self.wake.set()
-
-    def stop(self, timeout: float = 30.0) -> None:
-        with self.submitting:
-            self.stopping = True
-        self.wake.set()
-        self.thread.join(timeout)
-        self.engine.close()

@@ -55,3 +55,12 @@ class CheckpointError(MedusaExportError, RuntimeError):
 
 class TrainingError(MedusaExportError, RuntimeError):
     """A training run went wrong in a way its inputs did not cause (e.g. distributed ranks out of step)."""
+
+
+def as_exception(error: BaseException) -> Exception:
+    """What a request ends with: ``error``, or an EngineError for a BaseException that is not an Exception (a native
+    library's panic), which a consumer's ``except Exception`` would miss and a sink would take for an event."""
+    if isinstance(error, Exception):
+        return error
+    return EngineError(f"a step failed inside a native library ({first_line(error, 160) or type(error).__name__}): "
+                       f"retry the request; if it recurs, check the artifact with `medusa-export verify`")

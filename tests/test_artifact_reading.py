@@ -274,7 +274,7 @@ def test_the_engine_thread_survives_a_step_that_raises_a_base_exception():
     on and steps the requests still queued without waiting for another submit."""
     import threading
 
-    from medusa_export.runtime.engine import EngineThread
+    from medusa_export.runtime.engine_thread import EngineThread
 
     class Panic(BaseException):
         pass

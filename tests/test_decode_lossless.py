@@ -57,27 +57,6 @@ def test_vanilla_decode_matches_plain_hf_greedy(tiny):
         assert tiny.run(with_heads, prompt, None, N_NEW)[0] == ref  # medusa=False on a Medusa backend
 
 
-def test_a_reset_torch_session_serves_a_new_sequence_as_a_fresh_one(tiny):
-    """The batched engine reuses a slot's session for the next request (`Session.reset`); the PyTorch session could
-    not, so it allocated a second cache beside the first while the old one was still held."""
-    backend = tiny.backend(2, "own")
-    first, second = TINY_PROMPTS[0], TINY_PROMPTS[1]
-    session = backend.new_session()
-
-    def run(s, prompt):
-        return s.run(np.asarray(prompt), np.arange(len(prompt)), np.tri(len(prompt), dtype=bool), True, 0.0)
-
-    out = run(session, first)
-    session.keep(np.arange(len(first)))
-    session.reset()
-    assert session.length == 0
-    again, fresh = run(session, second), run(backend.new_session(), second)
-    np.testing.assert_array_equal(again.next_ids, fresh.next_ids)
-    np.testing.assert_array_equal(again.next_probs, fresh.next_probs)
-    np.testing.assert_array_equal(again.medusa_ids, fresh.medusa_ids)
-    assert out.next_ids.shape[0] == len(first)
-
-
 @given(case=lossless_cases())
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 def test_greedy_medusa_is_lossless_random_trees(tiny, case):

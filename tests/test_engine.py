@@ -311,55 +311,6 @@ def test_library_batching_gives_the_answers_alone(runtimes):
     assert all(got[i] == (alone[i], alone[i]) for i in range(len(PROMPTS)))
 
 
-def test_a_request_waited_on_from_several_threads_answers_every_one(runtimes):
-    """Any number of threads may wait() on one request while another iterates its events: each waiter gets the
-    result, the iterator every event. (Two waiters used to share one queue: the result reached one, and the other
-    waited for ever.)"""
-    import threading
-
-    rt = runtimes["fp32"]
-    alone = rt.generate(PROMPTS[1], max_new_tokens=10, ignore_eos=True).token_ids
-    with rt.batcher() as batcher:
-        stream = batcher.submit(PROMPTS[1], max_new_tokens=10, ignore_eos=True)
-        results, events = [], []
-        waiters = [threading.Thread(target=lambda: results.append(stream.wait().token_ids)) for _ in range(3)]
-        reader = threading.Thread(target=lambda: events.extend(t for e in stream for t in e.token_ids))
-        for t in [*waiters, reader]:
-            t.start()
-        for t in [*waiters, reader]:
-            t.join(timeout=120)
-        assert results == [alone] * 3 and events == alone
-        assert list(stream) == [] and stream.wait().token_ids == alone  # the end is seen again, at once
-
-
-def test_a_failed_request_raises_on_every_wait_from_every_thread():
-    import threading
-
-    from medusa_export.runtime.batcher import BatchedStream
-    from medusa_export.runtime.errors import EngineError
-
-    stream = BatchedStream()
-    raised = []
-
-    def waiter():
-        try:
-            stream.wait()
-        except EngineError as e:
-            raised.append(str(e))
-
-    threads = [threading.Thread(target=waiter) for _ in range(3)]
-    for t in threads:
-        t.start()
-    stream._sink(EngineError("the step failed"))
-    for t in threads:
-        t.join(timeout=30)
-    assert raised == ["the step failed"] * 3
-    with pytest.raises(EngineError):
-        list(stream)
-    with pytest.raises(EngineError):
-        list(stream)  # and again
-
-
 def test_a_long_prompt_alone_goes_in_chunks_and_a_newcomer_joins_within_one(runtimes):
     """Alone, a 47-token prompt is fed in chunks of the budget (8 rows), so a request arriving meanwhile is decoding
     before that prefill ends, instead of waiting for all of it; both answers are their answers alone."""

@@ -71,12 +71,16 @@ def _env_number(name: str, default, kind):
 def _check_launcher_numbers() -> None:
     """torch's own RANK / MASTER_PORT, when set, as numbers it can use: its errors name neither variable."""
     rank = _env_number("RANK", 0, int)
+    if rank < 0:
+        raise _launcher_error("RANK", rank, "0 or more")
     port = _env_number("MASTER_PORT", 29500, int)
-    for name, value, ok, what in (("RANK", rank, rank >= 0, "0 or more"), ("MASTER_PORT", port, 0 < port < 65536,
-                                                                            "a port, 1-65535")):
-        if not ok:
-            raise InputError(f"{name}={value}: it must be {what}; set it as the launcher does (torchrun, "
-                             f"accelerate), or unset it")
+    if not 0 < port < 65536:
+        raise _launcher_error("MASTER_PORT", port, "a port, 1-65535")
+
+
+def _launcher_error(name: str, value: int, what: str) -> InputError:
+    return InputError(f"{name}={value}: it must be {what}; set it as the launcher does (torchrun, accelerate), or "
+                      f"unset it")
 
 
 def end_distributed(world: int, owned: bool) -> None:

@@ -164,11 +164,11 @@ def create_app(runtime, settings: ServeSettings = ServeSettings()) -> FastAPI:
         body = await _read_body(request, settings.max_body_bytes, settings.timeout_s)
         call = lambda: parse(_json(body), model)  # noqa: E731
         chat, large = parse is parse_chat, len(body) > SMALL_BODY_BYTES
-        lane = parse_lanes.get((chat, large)) or parse_lanes.setdefault((chat, large),
-                                                                         anyio.CapacityLimiter(PARSE_THREADS[large]))
+        if (chat, large) not in parse_lanes:
+            parse_lanes[chat, large] = anyio.CapacityLimiter(PARSE_THREADS[large])
         try:
             with anyio.fail_after(settings.timeout_s):
-                return await anyio.to_thread.run_sync(call, limiter=lane)
+                return await anyio.to_thread.run_sync(call, limiter=parse_lanes[chat, large])
         except TimeoutError:
             what = "the chat template did not render" if chat else "the prompt was not tokenized"
             raise ApiError(503, f"{what} within {settings.timeout_s:g} s (other requests' parses ahead of it): "

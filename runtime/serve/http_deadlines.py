@@ -37,7 +37,7 @@ def header_deadline_protocol(header_timeout_s: float) -> type:
     class HeaderDeadlineProtocol(H11Protocol):
         _header_timer: asyncio.TimerHandle | None = None
         _write_timer: asyncio.TimerHandle | None = None
-        _unsent = 0  # bytes waiting in the transport when the write deadline was last set
+        _unsent = 0  # `_unsent_bytes` when the write deadline was last set
 
         def connection_made(self, transport) -> None:  # type: ignore[override]
             super().connection_made(transport)

@@ -22,7 +22,8 @@ import time
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable
 
-from ..engine import Engine, EngineThread, Sequence, StepRecord
+from ..engine import Engine, Sequence, StepRecord
+from ..engine_thread import EngineThread
 from ..generator import GenerationResult, Generator
 from ..text_output import StreamEvent
 from .metrics import RequestRecord, ServerMetrics

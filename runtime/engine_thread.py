@@ -1,0 +1,62 @@
+"""An engine stepping on a thread of its own while there is work (the library's batcher, the server).
+
+    thread = EngineThread(Engine(generator, max_num_seqs=8))
+    seq = thread.submit(prompt_ids, GenerationConfig(max_new_tokens=64), sink)    # wakes it
+    thread.stop()                                                                  # cancels what is left
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Callable
+
+from .decode import GenerationConfig
+from .engine import Engine, Sequence
+from .errors import InputError, as_exception
+
+
+class EngineThread:
+    """An engine stepping on its own thread while there is work; `submit` wakes it (services, the server)."""
+
+    def __init__(self, engine: Engine, name: str = "medusa-engine") -> None:
+        self.engine = engine
+        self.wake = threading.Event()
+        self.stopping = False
+        self.submitting = threading.Lock()
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self.thread.start()
+
+    def submit(self, prompt: str | list[int], cfg: GenerationConfig, sink: Callable) -> Sequence:
+        with self.submitting:  # a request added after stop() would wait for a thread that is gone
+            if self.stopping:
+                raise InputError("this batcher is closed: open a new one (MedusaRuntime.batcher())")
+            seq = self.engine.add(prompt, cfg, sink)
+        self.wake.set()
+        return seq
+
+    def _loop(self) -> None:
+        failures = 0
+        while not self.stopping:
+            self.wake.wait()
+            self.wake.clear()
+            try:
+                while not self.stopping and self.engine.step():
+                    pass
+                failures = 0
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except BaseException as e:  # noqa: BLE001 - a bug outside the backend calls (or a native library's
+                self.error = e  # panic, a BaseException): end the running requests, keep the thread for the next
+                self.engine.fail(as_exception(e))
+                failures += 1  # the requests still queued step soon, not at the next submit; a step that keeps
+                time.sleep(min(0.001 * 2 ** failures, 1.0))  # failing is retried ever more slowly, never in a spin
+                self.wake.set()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        with self.submitting:
+            self.stopping = True
+        self.wake.set()
+        self.thread.join(timeout)
+        self.engine.close()
