@@ -114,7 +114,8 @@ class MedusaRuntime:
         `generate(..., medusa=False)`, not to a speculating `generate`. Results in prompt order."""
         from .batcher import generate_many
 
-        return generate_many(self.generator, prompts, max_num_seqs, max_num_batched_tokens, **options)
+        return generate_many(self.generator, prompts, max_num_seqs, max_num_batched_tokens,
+                             GenerationConfig.from_options(**options))
 
     def batcher(self, max_num_seqs: int | None = None, max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS):
         """A `Batcher`: submit requests from any thread, each decoded in the shared batch (`runtime.batcher`)."""

@@ -92,14 +92,15 @@ class Batcher:
 
 
 def generate_many(generator: Generator, prompts: list[str | list[int]], max_num_seqs: int | None = None,
-                  max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS, on_step: Callable | None = None,
-                  on_result: Callable[[], None] = lambda: None, **options) -> list[GenerationResult]:
+                  max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS, cfg: GenerationConfig | None = None,
+                  *, on_step: Callable | None = None,
+                  on_result: Callable[[], None] = lambda: None) -> list[GenerationResult]:
     """Every prompt decoded by one batched engine on this thread; the results in prompt order. ``on_step`` gets
     each step's `StepRecord`, ``on_result`` is called as each request ends (progress)."""
     if isinstance(prompts, (str, bytes)) or not isinstance(prompts, (list, tuple)):
         raise InputError(f"prompts must be a list of prompts (texts or lists of token ids), not "
                          f"{type(prompts).__name__}: for one prompt use generate()")
-    cfg = GenerationConfig.from_options(**options)
+    cfg = cfg or GenerationConfig()
     engine = Engine(generator, max_num_seqs, max_num_batched_tokens, on_step=on_step)
     results: list = [None] * len(prompts)
 

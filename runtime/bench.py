@@ -11,7 +11,6 @@ backend. The single-stream modes take turns prompt by prompt unless ``interleave
 from __future__ import annotations
 
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -211,7 +210,7 @@ def concurrent_row(rt, backend: str, prompts: list[str], cfg: GenerationConfig, 
     steps: list = []
     t0 = time.perf_counter()
     results = generate_many(rt.generator, prompts, concurrency, max(DEFAULT_MAX_NUM_BATCHED_TOKENS, concurrency),
-                            on_step=steps.append, on_result=on_done, **asdict(cfg))
+                            cfg, on_step=steps.append, on_result=on_done)
     wall = time.perf_counter() - t0
     row = summarize(backend, f"{mode} x{concurrency}", results, wall,
                     all(r.token_ids == v for r, v in zip(results, reference)))

@@ -21,6 +21,7 @@ import numpy as np
 
 from .backends.base import Backend
 from .errors import InputError
+from .generator import checked_token_ids
 from .prompts import jsonl_rows, read_prompts
 from .tokenizer import ChatTokenizer
 from .tree_search import search_tree
@@ -189,7 +190,9 @@ def prompt_names(path: str | Path | None) -> Callable[[int], str]:
 
 
 def _prompt_ids(tokenizer: ChatTokenizer | None, prompts: str | Path | Sequence[str | Sequence[int]], chat: bool,
-                name: Callable[[int], str]) -> list[list[int]]:
+                name: Callable[[int], str], vocab: int) -> list[list[int]]:
+    if not isinstance(prompts, (str, Path, list, tuple)):
+        raise InputError(f"prompts must be a JSONL path or a list of prompts, got {type(prompts).__name__}")
     items = read_prompts(prompts) if isinstance(prompts, (str, Path)) else list(prompts)
     out = []
     for i, p in enumerate(items):
@@ -197,13 +200,19 @@ def _prompt_ids(tokenizer: ChatTokenizer | None, prompts: str | Path | Sequence[
             if tokenizer is None:
                 raise InputError("text prompts need a tokenizer: pass one, or give prompts as token-id lists")
             out.append(tokenizer.encode_prompt(p, chat=chat))
-        else:
-            out.append([int(t) for t in p])
+        else:  # in the vocabulary: -1 wrapped around to the last token in the graph, and 1.7 was read as 1
+            out.append(checked_token_ids(p, vocab, name(i)))
         if not out[-1]:
             raise InputError(f"{name(i)} is empty after tokenization")
     if not out:
         raise InputError("no calibration prompts given")
     return out
+
+
+def _whole(what: str, value, minimum: int, why: str = "") -> None:
+    """InputError unless ``value`` is an integer (not a bool) of at least ``minimum``."""
+    if not (isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= minimum):
+        raise InputError(f"{what} must be an integer >= {minimum}{why}, got {value!r:.40}")
 
 
 def calibrate(backend: Backend, tokenizer: ChatTokenizer | None, prompts: str | Path | Sequence[str | Sequence[int]],
@@ -219,16 +228,21 @@ def calibrate(backend: Backend, tokenizer: ChatTokenizer | None, prompts: str | 
     ``node_budget + 1`` when they stop short, so the search never extrapolates.
     """
     say = progress or (lambda _msg: None)
-    if max_new_tokens < 2:
-        raise InputError(f"max_new_tokens must be >= 2 to score any head, got {max_new_tokens}")
-    if node_budget < 1:
-        raise InputError(f"node budget must be >= 1, got {node_budget}")
+    _whole("max_new_tokens", max_new_tokens, 2, " to score any head")
+    _whole("node budget", node_budget, 1)
+    _whole("past", past, 1)
+    _whole("repeats", repeats, 1)
+    _whole("warmup", warmup, 0)
+    if not isinstance(sizes, (list, tuple, range)) or not sizes:
+        raise InputError(f"sizes must be a non-empty list of step sizes in tokens, got {sizes!r:.60}")
+    for size in sizes:
+        _whole("a step size", size, 1)
     mode = accuracy  # checked here, before the slow steps
     if mode not in ("conditional", "marginal"):
         raise InputError(f"accuracy mode {mode!r} is unknown: use 'conditional' or 'marginal'")
     check_node_budget(node_budget, backend.max_seq)
     name = prompt_names(prompts if isinstance(prompts, (str, Path)) else None)
-    ids = _prompt_ids(tokenizer, prompts, chat, name)
+    ids = _prompt_ids(tokenizer, prompts, chat, name, backend.dims.vocab_size)
     check_prompt_lengths(ids, backend.max_seq, name)
     eos = tuple(getattr(tokenizer, "eos_token_ids", ()) or ())
     say(f"decoding {len(ids)} prompts (up to {max_new_tokens} tokens each) to score the heads")

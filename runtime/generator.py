@@ -10,6 +10,7 @@ Each call has its own session (KV buffers), so one `Generator` serves several th
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Iterator
@@ -54,27 +55,44 @@ class GenerationResult:
 
 
 class Stream:
-    """Iterator of `StreamEvent`; ``.result`` holds the `GenerationResult` once exhausted or closed."""
+    """Iterator of `StreamEvent`; ``.result`` holds the `GenerationResult` once exhausted or closed. One thread
+    reads it; ``close`` may come from any thread."""
 
-    def __init__(self, events: Iterator[StreamEvent], outcome: list) -> None:
+    def __init__(self, events: Iterator[StreamEvent], outcome: list, stop: threading.Event) -> None:
         # The events' generator writes the result into ``outcome``, not into this object: a reference from the
         # generator back to its stream would make a cycle, and a stream dropped unfinished (the caller broke out of
         # its loop) would hold its session and KV buffers until the cyclic garbage collector ran (measured: the
         # next request's prefill 2-3x slower meanwhile).
         self._events = events
         self._outcome = outcome
+        self._stop = stop  # read by the events' generator after each step
+        self._reading = threading.Lock()  # held while a thread runs the generator
 
     @property
     def result(self) -> GenerationResult | None:
         return self._outcome[0]
 
-    def __iter__(self) -> Iterator[StreamEvent]:
-        return self._events
+    def __iter__(self) -> "Stream":
+        return self
+
+    def __next__(self) -> StreamEvent:
+        if not self._reading.acquire(blocking=False):
+            raise InputError("this stream is already being read by another thread: read a stream from one thread")
+        try:
+            return next(self._events)
+        finally:
+            self._reading.release()
 
     def close(self) -> None:
-        """Stop now: the session is released and ``result`` says "abort" unless it had finished (None when no
-        event was read: nothing ran)."""
-        self._events.close()
+        """Stop: the session is released and ``result`` says "abort" unless it had finished (None when no event
+        was read: nothing ran). Called while another thread reads the stream, the stream ends after the step that
+        thread is waiting for, and ``result`` is set when it does."""
+        self._stop.set()
+        if self._reading.acquire(blocking=False):  # else the reading thread sees the flag and ends the generator
+            try:
+                self._events.close()
+            finally:
+                self._reading.release()
 
 
 class Generator:
@@ -108,12 +126,14 @@ class Generator:
         cfg = cfg or GenerationConfig()
         ids = self.prompt_ids(prompt, cfg)
         outcome: list = [None]
-        return Stream(self._events(ids, cfg, outcome), outcome)
+        stop = threading.Event()
+        return Stream(self._events(ids, cfg, outcome, stop), outcome, stop)
 
     def prompt_ids(self, prompt: str | list[int], cfg: GenerationConfig) -> list[int]:
         """The prompt's token ids (text under the chat template when ``cfg.chat``), or InputError when the request
         cannot run: Medusa without heads, an empty prompt, no room for one new token."""
-        ids = self.tokenizer.encode_prompt(prompt, chat=cfg.chat) if isinstance(prompt, str) else self._token_ids(prompt)
+        ids = (self.tokenizer.encode_prompt(prompt, chat=cfg.chat) if isinstance(prompt, str) else
+               checked_token_ids(prompt, self.backend.dims.vocab_size))
         if cfg.medusa and self.tree is None and not uses_context(cfg):
             raise InputError("this speculative decoding needs Medusa heads and none are loaded (without heads only "
                              "greedy requests speculate, from context drafts): use temperature 0, or --no-medusa")
@@ -128,19 +148,8 @@ class Generator:
                              f"shorten the prompt or {fix}")
         return ids
 
-    def _token_ids(self, prompt) -> list[int]:
-        """A prompt given as token ids, each checked against the vocabulary (an id outside it failed inside ONNX
-        Runtime, and -1 wrapped around to the last token)."""
-        vocab = self.backend.dims.vocab_size
-        if not isinstance(prompt, (list, tuple, np.ndarray)) or getattr(prompt, "ndim", 1) != 1:
-            # bytes, sets, dicts and iterators are not token ids in order
-            raise InputError(f"the prompt must be text or a list of token ids, got {type(prompt).__name__}")
-        ids = list(prompt)
-        if not all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) and 0 <= t < vocab for t in ids):
-            raise InputError(f"prompt token ids must be integers in 0..{vocab - 1}")
-        return [int(t) for t in ids]
-
-    def _events(self, ids: list[int], cfg: GenerationConfig, outcome: list) -> Iterator[StreamEvent]:
+    def _events(self, ids: list[int], cfg: GenerationConfig, outcome: list,
+                stop: threading.Event) -> Iterator[StreamEvent]:
         stats = DecodeStats()
         # None: plain, or context drafts only. A sample depends on the trees verified: the artifact's, not one
         # chosen by measured costs, so that a seed gives one answer.
@@ -154,12 +163,24 @@ class Generator:
                     event = out.push(chunk)
                     if event is not None:
                         yield event
-                    if out.finish:
+                    if out.finish or stop.is_set():  # stop: closed from another thread; the result says "abort"
                         break
                 else:
                     out.finish = stats.finish_reason or "length"
         finally:  # also when the consumer stops early (closes the stream): the result says "abort"
             outcome[0] = result_of(out, stats, out.finish or "abort", self.backend.name, tree, len(ids), t0)
+
+def checked_token_ids(prompt, vocab: int, what: str = "the prompt") -> list[int]:
+    """A prompt given as token ids, each checked against the vocabulary (an id outside it failed inside ONNX
+    Runtime, and -1 wrapped around to the last token)."""
+    if not isinstance(prompt, (list, tuple, np.ndarray)) or getattr(prompt, "ndim", 1) != 1:
+        # bytes, sets, dicts and iterators are not token ids in order
+        raise InputError(f"{what} must be text or a list of token ids, got {type(prompt).__name__}")
+    ids = list(prompt)
+    if not all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) and 0 <= t < vocab for t in ids):
+        raise InputError(f"{what}: token ids must be integers in 0..{vocab - 1}")
+    return [int(t) for t in ids]
+
 
 def result_of(out: TextOutput, stats: DecodeStats, finish: str, backend: str, tree: Tree | None, prompt_tokens: int,
               t0: float) -> GenerationResult:

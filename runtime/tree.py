@@ -71,10 +71,10 @@ def load_choices(spec: str | Path | Sequence[Sequence[int]]) -> tuple[Path_, ...
     if name == "cpu_small_10":
         return CPU_SMALL_10
     if name.startswith("chain-"):
-        try:
-            n = int(name.split("-", 1)[1])
-        except ValueError:
-            raise TreeError(f"bad chain preset {name!r}: use chain-N with N a positive integer, e.g. chain-4") from None
+        digits = name.split("-", 1)[1]
+        if not (digits.isascii() and digits.isdigit()):  # int() also reads " 2", "+2", "٣" and "1_0"
+            raise TreeError(f"bad chain preset {name!r}: use chain-N with N a positive integer, e.g. chain-4")
+        n = int(digits)
         if not 1 <= n <= MAX_TREE_DEPTH:
             raise TreeError(f"bad chain preset {name!r}: N must be in 1..{MAX_TREE_DEPTH} (and at most the heads)")
         return chain(n)
@@ -109,7 +109,7 @@ def _checked_paths(data: object, where: str) -> tuple[Path_, ...]:
 def _read_tree_file(path: Path):
     """The JSON in ``path``, or a TreeError naming what is wrong with the file."""
     try:
-        return json.loads(read_bounded(path, MAX_TREE_FILE_BYTES).decode("utf-8"))
+        return json.loads(read_bounded(path, MAX_TREE_FILE_BYTES).decode("utf-8-sig"))  # a byte order mark, as prompt files
     except json.JSONDecodeError as e:
         raise TreeError(f"tree file {path} is not valid JSON ({e.msg} at line {e.lineno}): fix or regenerate it") from None
     except (UnicodeDecodeError, ValueError, RecursionError):  # binary, integers beyond 4,300 digits, deep nesting

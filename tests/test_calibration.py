@@ -4,6 +4,7 @@ random Llama with the PyTorch backend."""
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -221,3 +222,27 @@ def test_calibrate_checks_budget_and_prompt_lengths_before_decoding(backend, mon
     f.write_text('{"prompt": "short"}\n\n{"prompt": "' + "x" * 300 + '"}\n')
     with pytest.raises(InputError, match=rf"{f} line 3: the calibration prompt has 300 tokens"):
         calibrate(backend, Tok(), f, node_budget=4)
+
+
+@pytest.mark.parametrize("prompts, options, words", [
+    ([[-1, 5]], {}, "calibration prompt 1: token ids must be integers in 0.."),  # wrapped to the last token
+    ([[1.7, 5.2]], {}, "token ids must be integers"),  # was read as [1, 5]
+    ([b"hello"], {}, "must be text or a list of token ids, got bytes"),  # was read as ids 104, 101, ...
+    ([None], {}, "got NoneType"),
+    (5, {}, "prompts must be a JSONL path or a list"),
+    (PROMPTS, {"max_new_tokens": None}, "max_new_tokens must be an integer >= 2"),
+    (PROMPTS, {"node_budget": 2.5}, "node budget must be an integer >= 1"),
+    (PROMPTS, {"past": 0}, "past must be an integer >= 1"),
+    (PROMPTS, {"repeats": 0}, "repeats must be an integer >= 1"),
+    (PROMPTS, {"warmup": -1}, "warmup must be an integer >= 0"),
+    (PROMPTS, {"sizes": ("x",)}, "a step size must be an integer >= 1"),
+    (PROMPTS, {"sizes": ()}, "sizes must be a non-empty list"),
+])
+def test_calibrate_refuses_bad_inputs_by_name_before_any_work(backend, monkeypatch, prompts, options, words):
+    """Library callers get a typed error naming the input, never a TypeError from deep inside or a calibration
+    over the wrong tokens."""
+    import medusa_export.runtime.calibration as calibration
+
+    monkeypatch.setattr(calibration, "head_predictions", lambda *a, **k: pytest.fail("decoded before the checks"))
+    with pytest.raises(InputError, match=re.escape(words)):
+        calibrate(backend, None, prompts, **{"max_new_tokens": 4, "node_budget": 2, **options})

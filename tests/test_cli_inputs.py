@@ -202,6 +202,8 @@ def test_empty_values_are_refused_not_read_as_the_default(artifact):
     refused_before_work(cli("serve", "", timeout=120), "artifact directory is empty", "medusa-export build")
     refused_before_work(cli("serve", str(artifact), "--served-model-name", " ", timeout=120),
                         "--served-model-name is empty")
+    refused_before_work(cli("serve", str(artifact), "--served-model-name", "x\nserving y", timeout=120),
+                        "--served-model-name must be 1 to 256 printable characters")
     # click reads an empty variable as unset: the server started without authentication
     refused_before_work(cli("serve", str(artifact), "--port", "0", timeout=120, env={"MEDUSA_EXPORT_API_KEY": ""}),
                         "--api-key must be a non-empty key")

@@ -40,3 +40,57 @@ def test_sigterm_during_build_removes_the_partial_directory(tiny_dirs, tmp_path)
             proc.wait(timeout=60)
     assert proc.stderr.read().strip().splitlines()[-1] == "terminated"
     assert sorted(os.listdir(tmp_path)) == []  # neither art nor art.partial-*
+
+
+def test_ctrl_c_before_a_command_runs_says_interrupted(monkeypatch, capsys):
+    """A Ctrl-C while the commands' modules import (before click's own handling) exits 130 in one line."""
+    import pytest
+
+    from medusa_export.runtime.cli import app
+
+    def interrupted() -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(app, "_register", interrupted)
+    with pytest.raises(SystemExit) as exit_:
+        app.main()
+    assert exit_.value.code == 130
+    assert capsys.readouterr().err == "interrupted\n"
+
+
+def test_ctrl_c_while_onnxruntime_starts_is_an_interrupt_not_a_missing_package(monkeypatch):
+    """onnxruntime's native start-up turns a Ctrl-C into ImportError('initialization failed'): that is the user's
+    interrupt, not "onnxruntime is not installed"; any other failing import is named as such."""
+    import builtins
+
+    import pytest
+
+    from medusa_export.runtime.backends import ort
+    from medusa_export.runtime.errors import BackendUnavailableError
+
+    real_import = builtins.__import__
+
+    def failing_import(failure):
+        def imp(name, *args, **kwargs):
+            if name == "onnxruntime":
+                raise failure()
+            return real_import(name, *args, **kwargs)
+        return imp
+
+    def interrupted_start():
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise ImportError("initialization failed")  # __context__: the KeyboardInterrupt
+
+    monkeypatch.delitem(sys.modules, "onnxruntime", raising=False)
+    monkeypatch.setattr(builtins, "__import__", failing_import(interrupted_start))
+    with pytest.raises(KeyboardInterrupt):
+        ort._import_ort()
+    monkeypatch.setattr(builtins, "__import__", failing_import(lambda: ImportError("libonnxruntime.so: bad ELF")))
+    with pytest.raises(BackendUnavailableError, match=r"installed but cannot be imported \(libonnxruntime.so: bad ELF\)"):
+        ort._import_ort()
+    monkeypatch.setattr(builtins, "__import__",
+                        failing_import(lambda: ModuleNotFoundError("No module named 'onnxruntime'", name="onnxruntime")))
+    with pytest.raises(BackendUnavailableError, match="^onnxruntime is not installed"):
+        ort._import_ort()

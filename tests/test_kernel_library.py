@@ -115,3 +115,11 @@ def test_a_library_onnx_runtime_cannot_load_is_a_one_line_error(tmp_path, monkey
     monkeypatch.setattr(kernels, "library_path", lambda: str(bogus))
     with pytest.raises(BackendUnavailableError, match="ONNX Runtime cannot load the attention kernel"):
         kernels.register(ort.SessionOptions(), "kernel")
+
+
+@pytest.mark.parametrize("blank", ["", "  "])
+def test_a_blank_kernel_dir_means_the_cache(monkeypatch, tmp_path, blank):
+    """A blank MEDUSA_EXPORT_KERNEL_DIR is unset (as MEDUSA_EXPORT_CACHE), not a directory named by spaces."""
+    monkeypatch.setenv("MEDUSA_EXPORT_KERNEL_DIR", blank)
+    monkeypatch.setenv("MEDUSA_EXPORT_CACHE", str(tmp_path))
+    assert kernels.kernel_dir() == tmp_path / "kernels"

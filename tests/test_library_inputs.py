@@ -52,9 +52,11 @@ def test_a_negative_seed_is_its_unsigned_form(rt):
     assert a.token_ids == b.token_ids
 
 
-def test_generate_many_refuses_an_unknown_option(rt):
-    with pytest.raises(InputError, match="unknown option 'max_tokens'"):
-        rt.generate_many([[5, 6]], max_tokens=3)
+@pytest.mark.parametrize("name", ["max_tokens", "on_result", "on_step", "generator"])
+def test_generate_many_refuses_an_unknown_option(rt, name):
+    """The batcher's own hooks are not request options: they are refused by name like any unknown one."""
+    with pytest.raises(InputError, match=f"unknown option '{name}'"):
+        rt.generate_many([[5, 6]], max_new_tokens=3, **{name: None})
 
 
 def test_generate_refuses_an_unknown_option(rt):

@@ -28,3 +28,47 @@ def test_a_stream_left_early_releases_its_session_at_once(artifact):
     stream.close()
     assert stream.result.finish_reason == "abort" and stream.result.token_ids == first.token_ids
 
+
+
+def test_close_from_another_thread_ends_the_stream_being_read(artifact):
+    """close() while another thread reads the stream: the reader's loop ends with "abort" after the step it waits
+    for, never with Python's "generator already executing"."""
+    import threading
+
+    rt = MedusaRuntime.load(artifact, backend="ort", threads=1)
+    stream = rt.stream(list(TINY_PROMPTS[0]), max_new_tokens=40, medusa=False, ignore_eos=True)
+    first_read, events = threading.Event(), []
+
+    def read() -> None:
+        for event in stream:
+            events.append(event)
+            first_read.set()
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    assert first_read.wait(60)
+    stream.close()
+    reader.join(60)
+    assert not reader.is_alive()
+    assert stream.result.finish_reason == "abort" and stream.result.new_tokens < 40
+
+
+def test_a_stream_closed_mid_read_stops_at_the_next_step_and_one_reader_at_a_time(artifact):
+    """The in-between state made deterministic: while a reader holds the stream, a second reader gets a typed
+    error and close() only flags it; the reader's next step then ends the stream."""
+    import pytest
+
+    from medusa_export.runtime.errors import InputError
+
+    rt = MedusaRuntime.load(artifact, backend="ort", threads=1)
+    stream = rt.stream(list(TINY_PROMPTS[0]), max_new_tokens=40, medusa=False, ignore_eos=True)
+    first = next(stream)
+    with stream._reading:  # as if another thread were inside next()
+        with pytest.raises(InputError, match="another thread"):
+            next(stream)
+        stream.close()
+        assert stream.result is None  # not ended yet: the reader ends it
+    rest = list(stream)
+    assert len(rest) <= 1
+    assert stream.result.finish_reason == "abort"
+    assert stream.result.token_ids == first.token_ids + [t for e in rest for t in e.token_ids]

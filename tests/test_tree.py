@@ -173,7 +173,8 @@ def test_unknown_preset_names_it():
     assert "no_such_tree" in str(e.value) and "mc_sim_7b_63" in str(e.value)
 
 
-@pytest.mark.parametrize("name", ["chain-x", "chain-0", "chain--2", "chain-", "chain-65", "chain-200000"])
+@pytest.mark.parametrize("name", ["chain-x", "chain-0", "chain--2", "chain-", "chain-65", "chain-200000",
+                                  "chain- 2", "chain-+2", "chain-\u0663", "chain-1_0"])
 def test_bad_chain_preset(name):
     """chain-200000 built 2e10 tuples before any depth check ran (a hang): the bound comes first."""
     with pytest.raises(TreeError, match="chain"):
@@ -242,6 +243,13 @@ def test_wrong_json_structure(tmp_path, content):
     with pytest.raises(TreeError) as e:
         load_choices(f)
     assert str(f) in str(e.value)
+
+
+def test_a_tree_file_with_a_byte_order_mark_is_read(tmp_path):
+    """Editors on Windows write one; prompt files accept it too."""
+    f = tmp_path / "tree.json"
+    f.write_bytes(b"\xef\xbb\xbf" + b"[[0], [0, 0]]")
+    assert load_choices(f) == ((0,), (0, 0))
 
 
 def test_json_file_list_and_dict_forms(tmp_path):

@@ -43,8 +43,14 @@ def _manifest_bytes(directory) -> bytes | None:
 def _import_ort():
     try:
         import onnxruntime as ort
-    except ImportError:
-        raise BackendUnavailableError("onnxruntime is not installed: pip install 'medusa-export[ort]'") from None
+    except ImportError as e:
+        if isinstance(e.__context__, KeyboardInterrupt):  # its native start-up turns a Ctrl-C into ImportError
+            raise KeyboardInterrupt from None
+        if isinstance(e, ModuleNotFoundError) and e.name == "onnxruntime":
+            raise BackendUnavailableError("onnxruntime is not installed: pip install 'medusa-export[ort]'") from None
+        why = " ".join(str(e).split())[:160]
+        raise BackendUnavailableError(f"onnxruntime is installed but cannot be imported ({why}): reinstall it, "
+                                      f"pip install --force-reinstall onnxruntime") from None
     return ort
 
 

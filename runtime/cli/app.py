@@ -117,6 +117,14 @@ def _click_errors():
 
 
 def main() -> None:
+    try:
+        _main()
+    except KeyboardInterrupt:  # Ctrl-C before a command runs (while the commands' modules import)
+        sys.stderr.write("interrupted\n")
+        sys.exit(130)
+
+
+def _main() -> None:
     errors = _click_errors()
     _register()
     signal.signal(signal.SIGTERM, _on_sigterm)  # `serve` puts its own in place while it drains (serve/server.py)

@@ -93,11 +93,10 @@ def clipping_int8_products() -> bool:
 
 
 def kernel_dir() -> Path:
-    """``$MEDUSA_EXPORT_KERNEL_DIR``, else ``kernels`` in the project's cache (``$MEDUSA_EXPORT_CACHE``, default
-    ``~/.cache/medusa-export``, as for the built-in model)."""
-    if os.environ.get("MEDUSA_EXPORT_KERNEL_DIR"):
-        return Path(os.environ["MEDUSA_EXPORT_KERNEL_DIR"])
-    return cache_root() / "kernels"
+    """``$MEDUSA_EXPORT_KERNEL_DIR`` (blank: unset, not a directory named by spaces), else ``kernels`` in the
+    project's cache (``$MEDUSA_EXPORT_CACHE``, default ``~/.cache/medusa-export``, as for the built-in model)."""
+    value = os.environ.get("MEDUSA_EXPORT_KERNEL_DIR", "")
+    return Path(value) if value.strip() else cache_root() / "kernels"
 
 
 def _compiler() -> list[str]:

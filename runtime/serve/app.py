@@ -69,6 +69,11 @@ class ServeSettings:
             # HTTP header values are ASCII; clients encode others differently (UTF-8 or latin-1), so they would fail
             raise InputError("--api-key must be a non-empty key of printable ASCII characters without surrounding "
                              "spaces: choose another key")
+        name = self.model_name
+        if name is not None and not (isinstance(name, str) and name.isprintable() and 0 < len(name) <= 256):
+            # it is logged and sent in every answer: a newline would forge log lines
+            raise InputError("--served-model-name must be 1 to 256 printable characters (no newlines or other control "
+                             "characters): give the model id clients send")
         hosts = self.allowed_hosts
         if hosts is not None and (not isinstance(hosts, tuple) or not all(isinstance(h, str) for h in hosts)):
             raise InputError("ServeSettings.allowed_hosts must be a tuple of host names: parse a comma-separated "
@@ -100,15 +105,15 @@ def create_app(runtime, settings: ServeSettings = ServeSettings()) -> FastAPI:
     app.add_middleware(HostCheck, allowed=settings.allowed_hosts or ())
 
     @app.exception_handler(ApiError)
-    async def _api_error(_request: Request, e: ApiError):
-        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+    async def _api_error(request: Request, e: ApiError):
+        return JSONResponse(e.body(), status_code=e.status, headers=_closing_if_unread(request, e.headers))
 
     @app.exception_handler(HTTPException)
     async def _http_error(request: Request, e: HTTPException):  # unknown routes (404), wrong methods (405)
         what = {404: f"no route {request.url.path!r:.100}: see /v1/models, /v1/chat/completions, /v1/completions",
                 405: f"{request.method} is not allowed on {request.url.path!r:.100}"}.get(e.status_code, str(e.detail))
         err = ApiError(e.status_code, what, type_="not_found_error" if e.status_code == 404 else "invalid_request_error")
-        return JSONResponse(err.body(), status_code=e.status_code, headers=e.headers)
+        return JSONResponse(err.body(), status_code=e.status_code, headers=_closing_if_unread(request, e.headers))
 
     @app.api_route("/health", methods=["GET", "HEAD"])  # HEAD: load balancers' health checks
     async def health():
@@ -120,7 +125,7 @@ def create_app(runtime, settings: ServeSettings = ServeSettings()) -> FastAPI:
             raise ApiError(503, "shutting down", type_="server_error")
         return {"status": "ready", "model": name}
 
-    @app.get("/metrics")
+    @app.api_route("/metrics", methods=["GET", "HEAD"])  # HEAD wherever GET (RFC 9110): monitoring probes
     async def prometheus():
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)
@@ -129,12 +134,12 @@ def create_app(runtime, settings: ServeSettings = ServeSettings()) -> FastAPI:
         return {"id": name, "object": "model", "created": int(time.time()), "owned_by": "medusa-export",
                 "max_model_len": model.max_seq}
 
-    @app.get("/v1/models")
+    @app.api_route("/v1/models", methods=["GET", "HEAD"])
     async def models(request: Request):
         _authorize(request, settings.api_key)
         return {"object": "list", "data": [model_card()]}
 
-    @app.get("/v1/models/{model_id:path}")
+    @app.api_route("/v1/models/{model_id:path}", methods=["GET", "HEAD"])
     async def model_info(request: Request, model_id: str):
         _authorize(request, settings.api_key)
         if model_id != name:
@@ -361,7 +366,18 @@ async def _read_body(request, limit: int, timeout_s: float = 300.0) -> bytes:
     except asyncio.TimeoutError:
         raise ApiError(408, f"the request body did not arrive within {timeout_s:g} s", code="request_timeout",
                        headers={"Connection": "close"}) from None
+    request.state.body_read = True
     return bytes(body)
+
+
+def _closing_if_unread(request: Request, headers: dict[str, str] | None) -> dict[str, str] | None:
+    """``Connection: close`` on an answer sent before the request's body was read (a 401, 404, 413, 415): a client
+    that asked ``Expect: 100-continue`` may then skip the body, and the connection's next bytes would be read as it
+    (RFC 9110 10.1.1: say whether the connection stays)."""
+    declared = request.headers.get("content-length", "0") not in ("", "0") or "transfer-encoding" in request.headers
+    if not declared or getattr(request.state, "body_read", False):
+        return headers
+    return {**(headers or {}), "Connection": "close"}
 
 
 def _json(body: bytes):

@@ -121,6 +121,7 @@ class HostCheck:
                 err = ApiError(400, f"this server does not answer to the host name {host_name(host)[:80]!r}: call it "
                                f"as localhost or 127.0.0.1, or start it with --allowed-hosts naming it",
                                code="invalid_host")
-                await JSONResponse(err.body(), status_code=400)(scope, receive, send)
+                # closed after: the body of a request refused unread must not be read as the next request
+                await JSONResponse(err.body(), status_code=400, headers={"Connection": "close"})(scope, receive, send)
                 return
         await self.app(scope, receive, send)
