@@ -149,7 +149,10 @@ def _open_stream(server: str) -> http.client.HTTPConnection:
     body = json.dumps({"prompt": PROMPT, "max_tokens": LONG, "temperature": 0, "stream": True, "medusa": False,
                        "ignore_eos": True})
     conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"})
-    assert conn.getresponse().status == 200
+    resp = conn.getresponse()
+    assert resp.status == 200
+    # events as they are sent: no cache, no proxy buffering (nginx reads X-Accel-Buffering)
+    assert resp.getheader("Cache-Control") == "no-cache" and resp.getheader("X-Accel-Buffering") == "no"
     return conn
 
 

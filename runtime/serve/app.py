@@ -48,6 +48,11 @@ PARSE_THREADS = {False: 8, True: 2}  # by whether the body is large
 NATURAL_FINISHES = ("stop", "length")  # an answer that ended by itself, not stopped from outside
 
 
+# A stream's events must reach the client as they are sent: no cache may keep them, and a proxy (nginx) must not
+# buffer them into one late block
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
 @dataclass(frozen=True)
 class ServeSettings:
     max_num_seqs: int | None = None  # requests decoded together (default: the artifact's lanes, else 1)
@@ -184,7 +189,7 @@ def create_app(runtime, settings: ServeSettings = ServeSettings()) -> FastAPI:
         admitted = sched.submit(job)  # 429 / 503 here, before any response starts
         if job.stream:
             return _StreamOf(admitted, _sse(rid, job, name, admitted), media_type="text/event-stream",
-                             headers=served_by)
+                             headers={**served_by, **SSE_HEADERS})
         watcher = asyncio.create_task(_cancel_on_disconnect(http, admitted))
         texts, done = [], None
         try:
