@@ -248,8 +248,19 @@ def test_build_options_of_the_wrong_kind_are_input_errors(options, words):
 def test_build_options_take_paths_and_numpy_integers(tmp_path):
     import numpy as np
 
+    (tmp_path / "tree.json").write_text("[[0]]")
     options = BuildOptions(tree=tmp_path / "tree.json", max_seq=np.int64(64))
     assert options.tree == str(tmp_path / "tree.json") and type(options.max_seq) is int
+
+
+@pytest.mark.parametrize("tree, words", [("bogus", "unknown tree 'bogus'"), ("chain-0", "bad chain preset"),
+                                         ("missing.json", "tree file 'missing.json' does not exist")])
+def test_a_bad_tree_is_named_before_the_model_loads(tree, words):
+    """--tree was read only after the model loaded (seconds for the built-in one, minutes for a large one)."""
+    from medusa_export.runtime.errors import TreeError
+
+    with pytest.raises(TreeError, match=words):
+        BuildOptions(tree=tree)
 
 
 def test_a_failed_build_leaves_no_folders_it_made(tiny_dirs, tmp_path, monkeypatch):
