@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 from medusa_export.runtime import io_table
+from medusa_export.runtime.artifact_files import artifact_file, check_external_data
 from medusa_export.runtime.errors import MedusaExportError
 from medusa_export.runtime.backends.trt_compat import require_portable
 from medusa_export.runtime.backends.base import ModelDims
@@ -140,7 +141,8 @@ def build_engine(directory: Path, manifest: Manifest, kind: str, options: BuildO
     status = availability.require()
     dims = manifest.dims
     graph = manifest.graphs[kind]
-    onnx_path = directory / graph.file
+    onnx_path = artifact_file(directory, graph.file)
+    check_external_data(directory, graph.file, manifest.files)  # the parser opens the files the graph names
     profiles = engine_profiles(manifest, kind, options.max_prompt, options.opt_prompt, options.opt_past,
                                options.max_num_seqs, options.batch_tokens)
     plan = precision.choose(dims.dtype, trt.__version__, options.strongly_typed, options.allow_tf32)

@@ -16,7 +16,9 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-WEIGHTS_FILE = "weights.bin"
+from medusa_export.runtime.artifact_files import SHARED_WEIGHTS_FILE
+
+WEIGHTS_FILE = SHARED_WEIGHTS_FILE  # the loader opens no other name (artifact_files.check_external_data)
 ALIGN = 4096
 MIN_BYTES = 1024  # smaller initializers (shapes, scalars, norms of tiny models) stay in the graph file
 

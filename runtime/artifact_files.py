@@ -116,6 +116,25 @@ def external_data_names(graph: Path) -> set[str]:
                             f"artifact") from None
 
 
+SHARED_WEIGHTS_FILE = "weights.bin"  # exporter/shared_weights.py: the one file of weights a build's graphs share
+
+
+def check_external_data(directory: Path, graph_file: str, files: dict) -> None:
+    """ArtifactError unless every file graph ``graph_file`` reads its weights from is one a build writes
+    (weights.bin, GRAPH.data), listed in the manifest's ``files`` and of its recorded size. ONNX Runtime reads
+    some names as orders: before 1.32 it took "*/_ORT_MEM_ADDR_/*" as "the offset is a memory address"
+    (measured: a segfault on 1.22)."""
+    path = artifact_file(directory, graph_file)
+    for name in sorted(external_data_names(path)):
+        if name not in (SHARED_WEIGHTS_FILE, graph_file + ".data"):
+            raise ArtifactError(f"{path} reads its weights from {name!r:.80}, not a file a build writes "
+                                f"({SHARED_WEIGHTS_FILE} or {graph_file}.data): rebuild the artifact")
+        if name not in files:
+            raise ArtifactError(f"{path} reads its weights from {name!r}, which the manifest does not list: "
+                                f"rebuild the artifact")
+        check_file(artifact_file(directory, name), files[name], check_hashes=False)
+
+
 def _why(e: BaseException) -> str:
     """An OS error's reason without the path it repeats."""
     return getattr(e, "strerror", None) or str(e)[:80] or type(e).__name__

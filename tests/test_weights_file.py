@@ -4,6 +4,7 @@ while running are one-line typed errors."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import threading
 
@@ -102,8 +103,36 @@ def test_a_graph_naming_another_unlisted_file_is_refused(artifact, tmp_path):
     m = _manifest(art)
     m["files"]["vanilla.onnx"]["bytes"] = path.stat().st_size
     _write_manifest(art, m)
-    with pytest.raises(ArtifactError, match="vanilla.onnx reads its weights from 'extra.bin', which the manifest "
-                                            "does not list"):  # every graph's files are checked at load
+    with pytest.raises(ArtifactError, match="vanilla.onnx reads its weights from 'extra.bin', not a file a build "
+                                            "writes"):  # every graph's files are checked at load
+        MedusaRuntime.load(art)
+
+
+@pytest.mark.parametrize("location", ["*/_ORT_MEM_ADDR_/*", "extra.bin"])
+def test_a_graph_reading_a_name_no_build_writes_is_refused_even_when_listed(artifact, tmp_path, location):
+    """ONNX Runtime before 1.32 read the location "*/_ORT_MEM_ADDR_/*" as "the offset is a memory address" (a
+    segfault on 1.22, an arbitrary read with a real address): only weights.bin and GRAPH.data are opened, even when
+    the manifest lists the file."""
+    import hashlib
+
+    from medusa_export.runtime.api import MedusaRuntime
+
+    art = _copy(artifact, tmp_path)
+    (art / location).parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(art / "weights.bin", art / location)
+    path = art / "vanilla.onnx"
+    model = onnx.load(str(path), load_external_data=False)
+    for t in model.graph.initializer:
+        for entry in t.external_data:
+            if entry.key == "location":
+                entry.value = location
+    onnx.save_model(model, str(path))
+    m = _manifest(art)
+    m["files"]["vanilla.onnx"] = {"bytes": path.stat().st_size, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    m["files"][location] = dict(m["files"]["weights.bin"])
+    _write_manifest(art, m)
+    with pytest.raises(ArtifactError, match=f"vanilla.onnx reads its weights from '{re.escape(location)}', not a file "
+                                            f"a build writes"):
         MedusaRuntime.load(art)
 
 
@@ -122,8 +151,8 @@ def test_an_unlisted_file_named_with_the_entry_fields_swapped_is_refused(artifac
     m = _manifest(art)
     m["files"]["vanilla.onnx"]["bytes"] = path.stat().st_size
     _write_manifest(art, m)
-    with pytest.raises(ArtifactError, match="vanilla.onnx reads its weights from 'weightz.bin', which the manifest "
-                                            "does not list"):
+    with pytest.raises(ArtifactError, match="vanilla.onnx reads its weights from 'weightz.bin', not a file a build "
+                                            "writes"):
         MedusaRuntime.load(art)
 
 
@@ -231,3 +260,51 @@ def test_verify_opens_the_lanes_graph(artifact, tmp_path):
     _write_manifest(art, m)
     proc = cli("verify", str(art), "--backends", "ort,torch", "--limit", "1", "--max-new-tokens", "2")
     assert_one_line_error(proc, "lanes.onnx", "rebuild the artifact")
+
+
+def test_the_tensorrt_builder_checks_the_files_a_graph_reads_before_parsing(artifact, tmp_path, monkeypatch):
+    """build-engines hands a graph to TensorRT's parser, which opens the files it names: the same check first."""
+    import types
+
+    from medusa_export.engines import builder
+    from medusa_export.engines.builder import BuildOptions
+    from medusa_export.runtime.backends import trt_availability
+    from medusa_export.runtime.manifest import Manifest
+
+    art = _copy(artifact, tmp_path)
+    path = art / "vanilla.onnx"
+    model = onnx.load(str(path), load_external_data=False)
+    for t in model.graph.initializer:
+        for entry in t.external_data:
+            if entry.key == "location":
+                entry.value = "../outside.bin"
+    onnx.save_model(model, str(path))
+    m = _manifest(art)
+    m["files"]["vanilla.onnx"]["bytes"] = path.stat().st_size
+    _write_manifest(art, m)
+    monkeypatch.setattr(trt_availability, "import_tensorrt", lambda: types.SimpleNamespace(__version__="10.0"))
+    monkeypatch.setattr(trt_availability, "require", lambda: types.SimpleNamespace(device=None))
+    with pytest.raises(ArtifactError, match="reads its weights from '../outside.bin', not a file a build writes"):
+        builder.build_engine(art, Manifest.read(art), "vanilla", BuildOptions(), log=lambda _m: None)
+
+
+@pytest.mark.parametrize("field, grow", [("max_seq", 64), ("vocab_size", 16)])
+def test_verify_catches_a_manifest_whose_limits_the_graphs_do_not_take(artifact, tmp_path, field, grow):
+    """The manifest holds the files' hashes and is not hashed itself: an edited max_seq or vocab_size loads, and
+    verify (which the runtime's error names) must find it by running the graphs at those limits."""
+    from test_cli import cli
+
+    art = _copy(artifact, tmp_path)
+    m = _manifest(art)
+    ok = cli("verify", str(art), "--backends", "ort,torch", "--limit", "1", "--max-new-tokens", "2")
+    assert ok.returncode == 0 and "at the manifest's limits" in ok.stdout and "-> OK" in ok.stdout.splitlines()[-1]
+    if field == "max_seq":
+        m["max_seq"] += grow
+    else:
+        m["dims"]["vocab_size"] += grow
+        m["model"]["vocab_size"] += grow
+    _write_manifest(art, m)
+    proc = cli("verify", str(art), "--backends", "ort,torch", "--limit", "1", "--max-new-tokens", "2")
+    last = proc.stdout.strip().splitlines()[-1]
+    assert proc.returncode == 1 and last.startswith("ort at the manifest's limits") and last.endswith("MISMATCH"), (
+        proc.stdout, proc.stderr)

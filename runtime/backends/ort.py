@@ -23,7 +23,7 @@ import numpy as np
 
 from .. import io_table, kernels
 from ..errors import ArtifactError, BackendUnavailableError, InputError
-from ..artifact_files import MANIFEST, artifact_file, check_file, external_data_names
+from ..artifact_files import MANIFEST, artifact_file, check_external_data, check_file
 from ..manifest import ONNXRUNTIME, Manifest
 from ..tree_paths import PathBatch
 from .base import Backend, KVCache, MaskBuffer, ModelDims, Session, StepOutput
@@ -186,11 +186,7 @@ class OrtBackend(Backend):
             raise ArtifactError(f"{directory} changed on disk after it was loaded (rebuilt or replaced): load it again")
         # Build keeps weights past 2 GB in `<file>.data` and lists it; one there but not listed is refused.
         self.manifest.listed_file(directory, graph.file + ".data")
-        for name in sorted(external_data_names(path)):  # the files ONNX Runtime would read: listed, checked ones only
-            if name not in self.manifest.files:
-                raise ArtifactError(f"{path} reads its weights from {name!r}, which the manifest does not list: "
-                                    f"rebuild the artifact")
-            check_file(artifact_file(directory, name), self.manifest.files[name], check_hashes=False)
+        check_external_data(directory, graph.file, self.manifest.files)
         check_file(path, self.manifest.files[graph.file], check_hashes=False)
         return path
 

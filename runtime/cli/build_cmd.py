@@ -190,6 +190,7 @@ def verify(
             report = compare_backends({n: rt.generator for n, rt in zip(names, runtimes)}, texts,
                                       max_new_tokens=max_new_tokens, prob_tolerance=tol)
         report["lanes"] = _verify_lanes(names, runtimes, texts)
+        report["limits"] = _verify_limits(names, runtimes)
     finally:
         for rt in runtimes:
             rt.close()
@@ -216,8 +217,38 @@ def verify(
         typer.echo(f"{n} batched steps (lanes graph) vs one-sequence steps: {lanes['sequences']} prompts together, "
                    f"{'identical -> OK' if lanes['exact'] else 'DIFFERENT -> MISMATCH'} (max probability difference "
                    f"{lanes['max_abs_difference']:.1e})")
+    for n, limits in report["limits"].items():
+        ok &= limits["ok"]
+        typer.echo(f"{n} at the manifest's limits (the last of {limits['vocab_size']} token ids, a step at position "
+                   f"{limits['max_seq'] - 1})" + (" -> OK" if limits["ok"] else f": {limits['error']} -> MISMATCH"))
     if not ok:
         raise typer.Exit(1)
+
+
+def _verify_limits(names: list[str], runtimes: list) -> dict:
+    """Per artifact backend: the graphs take the manifest's last token id and a step at its last position. The
+    manifest is not hashed (it holds the hashes), so an edited ``vocab_size`` or ``max_seq`` passes loading and
+    fails only the request that reaches it."""
+    from ..decode import GenerationConfig
+    from ..errors import MedusaExportError
+
+    out = {}
+    for name, rt in zip(names, runtimes):
+        if name == "torch":  # the model itself: no graph built to the manifest's sizes
+            continue
+        gen = rt.generator
+        vocab, max_seq = gen.backend.dims.vocab_size, gen.backend.max_seq
+        row = {"vocab_size": vocab, "max_seq": max_seq, "ok": True}
+        try:
+            for medusa in (False, True):
+                gen.generate([vocab - 1], GenerationConfig(max_new_tokens=2, medusa=medusa, context_drafts=False))
+            last = gen.generate([0] * (max_seq - 1), GenerationConfig(max_new_tokens=2, medusa=False, ignore_eos=True))
+            row["ok"] = last.new_tokens == 2
+            row["error"] = None if row["ok"] else f"{last.new_tokens} tokens at the end of the context instead of 2"
+        except MedusaExportError as e:
+            row.update(ok=False, error=f"{type(e).__name__}: {str(e)[:200]}")
+        out[name] = row
+    return out
 
 
 def _verify_lanes(names: list[str], runtimes: list, texts: list[str]) -> dict:
