@@ -63,6 +63,8 @@ def test_build_out_under_a_file_or_unwritable_is_refused_before_loading(tiny_dir
     build = ("build", str(model_dir), "--heads", str(heads_dir), "--max-seq", "64")
     refused_before_work(cli(*build, "--out", str(afile / "sub")), "--out", "is a file")
     refused_before_work(cli(*build, "--out", "/proc/medusa-export-test"), "--out", "cannot create files in /proc")
+    refused_before_work(cli(*build, "--out", str(tmp_path / "a\nb")), "--out", "control character")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
 
 
 def test_build_out_of_dot_or_dot_dot_is_refused_before_loading(tiny_dirs, tmp_path):
