@@ -28,6 +28,24 @@ def _write_manifest(art, m: dict) -> None:
     (art / "manifest.json").write_text(json.dumps(m))
 
 
+def _read_weights_from(art, location: str, graph: str = "vanilla.onnx") -> dict:
+    """Point every external-data entry of ``graph`` at ``location`` and record the graph's new size and hash;
+    returns the manifest (written)."""
+    import hashlib
+
+    path = art / graph
+    model = onnx.load(str(path), load_external_data=False)
+    for t in model.graph.initializer:
+        for entry in t.external_data:
+            if entry.key == "location":
+                entry.value = location
+    onnx.save_model(model, str(path))
+    m = _manifest(art)
+    m["files"][graph] = {"bytes": path.stat().st_size, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    _write_manifest(art, m)
+    return m
+
+
 @pytest.mark.parametrize("which", ["artifact", "portable_artifact"])
 def test_the_graphs_share_one_weights_file(which, request):
     """Every initializer of 1 KiB or more lives in weights.bin, each distinct content once (the graphs' shared
@@ -93,16 +111,7 @@ def test_a_graph_naming_another_unlisted_file_is_refused(artifact, tmp_path):
 
     art = _copy(artifact, tmp_path)
     shutil.copy(art / "weights.bin", art / "extra.bin")
-    path = art / "vanilla.onnx"
-    model = onnx.load(str(path), load_external_data=False)
-    for t in model.graph.initializer:
-        for entry in t.external_data:
-            if entry.key == "location":
-                entry.value = "extra.bin"
-    onnx.save_model(model, str(path))
-    m = _manifest(art)
-    m["files"]["vanilla.onnx"]["bytes"] = path.stat().st_size
-    _write_manifest(art, m)
+    _read_weights_from(art, "extra.bin")
     with pytest.raises(ArtifactError, match="vanilla.onnx reads its weights from 'extra.bin', not a file a build "
                                             "writes"):  # every graph's files are checked at load
         MedusaRuntime.load(art)
@@ -113,22 +122,12 @@ def test_a_graph_reading_a_name_no_build_writes_is_refused_even_when_listed(arti
     """ONNX Runtime before 1.32 read the location "*/_ORT_MEM_ADDR_/*" as "the offset is a memory address" (a
     segfault on 1.22, an arbitrary read with a real address): only weights.bin and GRAPH.data are opened, even when
     the manifest lists the file."""
-    import hashlib
-
     from medusa_export.runtime.api import MedusaRuntime
 
     art = _copy(artifact, tmp_path)
     (art / location).parent.mkdir(parents=True, exist_ok=True)
     shutil.copy(art / "weights.bin", art / location)
-    path = art / "vanilla.onnx"
-    model = onnx.load(str(path), load_external_data=False)
-    for t in model.graph.initializer:
-        for entry in t.external_data:
-            if entry.key == "location":
-                entry.value = location
-    onnx.save_model(model, str(path))
-    m = _manifest(art)
-    m["files"]["vanilla.onnx"] = {"bytes": path.stat().st_size, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    m = _read_weights_from(art, location)
     m["files"][location] = dict(m["files"]["weights.bin"])
     _write_manifest(art, m)
     with pytest.raises(ArtifactError, match=f"vanilla.onnx reads its weights from '{re.escape(location)}', not a file "
@@ -272,16 +271,7 @@ def test_the_tensorrt_builder_checks_the_files_a_graph_reads_before_parsing(arti
     from medusa_export.runtime.manifest import Manifest
 
     art = _copy(artifact, tmp_path)
-    path = art / "vanilla.onnx"
-    model = onnx.load(str(path), load_external_data=False)
-    for t in model.graph.initializer:
-        for entry in t.external_data:
-            if entry.key == "location":
-                entry.value = "../outside.bin"
-    onnx.save_model(model, str(path))
-    m = _manifest(art)
-    m["files"]["vanilla.onnx"]["bytes"] = path.stat().st_size
-    _write_manifest(art, m)
+    _read_weights_from(art, "../outside.bin")
     monkeypatch.setattr(trt_availability, "import_tensorrt", lambda: types.SimpleNamespace(__version__="10.0"))
     monkeypatch.setattr(trt_availability, "require", lambda: types.SimpleNamespace(device=None))
     with pytest.raises(ArtifactError, match="reads its weights from '../outside.bin', not a file a build writes"):
