@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Callable
 from .bounded_read import read_bounded
 from .chat_template import ChatTemplate
 from .errors import ArtifactError, InputError, first_line
+from .tokenizer_limits import check_growth
 from .typed_json import MAX_JSON_BYTES, read_json
 
 MAX_SPECIAL_CHARS = 256  # a special token's text: markers such as <|im_start|> (every text is searched for them)
@@ -103,6 +104,9 @@ class ChatTokenizer:
         # broken charsmap)
         tokenizer = _unpanicked(lambda: Tokenizer.from_file(str(tj)),
                                 lambda why: ArtifactError(f"{tj} is corrupt ({why}): rebuild the artifact"))
+        # Before anything encodes or decodes with it: a normalizer or decoder that multiplies text (Replace steps in
+        # a row, each lengthening it) would take every request, or the loading itself, out of memory
+        check_growth(tokenizer, tj)
         # Prompts are encoded exactly: a tokenizer.json's padding or truncation (a model's setting for batched
         # training, or a changed file) would pad every prompt or cut it to a few tokens
         tokenizer.no_padding()
