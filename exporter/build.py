@@ -35,6 +35,7 @@ from .fused_backbone import check_supported
 from .fused_graph import export_fused_graph
 from .heads import save_heads
 from .heads_source import resolve_heads
+from .model_checks import check_sliding_window
 from .model_loading import load_base_model
 from .onnx_cleanup import fold_constants
 from .onnx_export import OPSET, export_step_graph
@@ -86,8 +87,9 @@ def build_artifact(model: str | None, out: str | Path, options: BuildOptions = B
                          f"or less, or heads with a larger draft vocabulary")
     tree_spec = options.tree or _default_tree(chosen.path, options.dtype)
     tree_obj = Tree.from_choices(load_choices(tree_spec), topk=options.head_topk, num_heads=chosen.heads.config.num_heads)
+    check_sliding_window(loaded.model.config, options.max_seq)  # no graph implements one: before any export
     if options.graph == ONNXRUNTIME:
-        check_supported(loaded.model.config)  # before any export: the portable graph covers the rest
+        check_supported(loaded.model.config, options.max_seq)  # before any export: the portable graph covers the rest
     # Weights already on a 4-bit grid (a Q4_0 / Q4_1 GGUF) are kept exactly by int4: decided before smoothing, which
     # would move them off it.
     grid = options.dtype == "int4" and on_4bit_grid(loaded.model)

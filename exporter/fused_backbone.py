@@ -40,6 +40,7 @@ from onnx import TensorProto, helper, numpy_helper
 from medusa_export.runtime import io_table, kernels
 from medusa_export.runtime.errors import ModelError
 
+from .model_checks import check_sliding_window
 from .rotation import SUFFIX, InputRotation
 
 MS = "com.microsoft"
@@ -62,8 +63,12 @@ class _Graph:
         return outs
 
 
-def check_supported(config) -> None:
-    """ModelError unless the fused builder covers this architecture exactly (else use the portable graph)."""
+def check_supported(config, max_seq: int | None = None) -> None:
+    """ModelError unless the fused builder covers this architecture exactly (else use the portable graph), and, with
+    ``max_seq`` (the positions the graph holds), no sliding window takes effect within them (no graph implements
+    one: `check_sliding_window`; `Decoder` checks it with its own ``max_positions``)."""
+    if max_seq is not None:
+        check_sliding_window(config, max_seq)
     problems = []
     if config.model_type not in ("llama", "mistral", "qwen2"):
         problems.append(f"model type {config.model_type!r}")
@@ -71,8 +76,6 @@ def check_supported(config) -> None:
         problems.append(f"activation {config.hidden_act!r}")
     if getattr(config, "mlp_bias", False):
         problems.append("MLP biases")
-    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True) and config.model_type == "mistral":
-        problems.append("sliding-window attention")
     if problems:
         raise ModelError(f"the fused ONNX Runtime graph does not cover {', '.join(problems)}: "
                          f"build with --graph portable")
@@ -102,7 +105,7 @@ class Decoder:
         its weight the other way (`rotation`; for quantized graphs). ``attention`` "kernel": the project's
         RowAttention op (`runtime/kernels`) instead of GroupQueryAttention, same inputs and outputs.
         ``kv_dtype`` "float16" (kernel only): the K / V caches in fp16 (RowAttention16, LanesAttention16)."""
-        check_supported(cfg)
+        check_supported(cfg, max_positions)
         if kv_dtype not in (None, dtype) and (attention != "kernel" or kv_dtype != "float16"):
             raise ValueError(f"a {kv_dtype} KV cache in a {dtype} graph needs the attention kernel and float16")
         self.attention = attention

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import json
+import stat
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -248,8 +249,9 @@ def reference_state(raw: dict[str, torch.Tensor], meta: dict, base_config, weigh
 
 
 def read_tensors(file: Path) -> dict[str, torch.Tensor]:
-    if not file.exists():
-        raise HeadsError(f"heads weights {file} are missing: re-run train-heads or copy the file")
+    """The tensors of a heads weights file (safetensors, or a PyTorch checkpoint of plain tensors): HeadsError for
+    anything else."""
+    _check_weights_file(file)
     if file.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -268,6 +270,21 @@ def read_tensors(file: Path) -> dict[str, torch.Tensor]:
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise HeadsError(f"{file} is not a state dict of tensors")
     return obj
+
+
+def _check_weights_file(file: Path) -> None:
+    """HeadsError unless ``file`` is a regular file (a symlink to one too, as for the heads' config.json), found
+    without opening it: the readers open by name, and opening a FIFO waited for a writer for ever."""
+    try:
+        mode = file.stat().st_mode
+    except FileNotFoundError:  # a broken symlink too
+        raise HeadsError(f"heads weights {file} are missing: re-run train-heads or copy the file") from None
+    except OSError as e:  # a symlink loop, no permission
+        raise HeadsError(f"cannot read heads weights {file} ({e.strerror or type(e).__name__}): restore the file or "
+                         f"re-run train-heads") from None
+    if not stat.S_ISREG(mode):
+        raise HeadsError(f"heads weights {file} are not a regular file (a directory, FIFO or device): restore the "
+                         f"file or re-run train-heads")
 
 
 def read_heads_json(file: Path) -> dict:
@@ -299,7 +316,10 @@ def _check_values(state: dict[str, torch.Tensor], vocab_size: int, path: Path) -
     for k, t in state.items():
         if k == "draft_ids":
             check_draft_ids(t.tolist(), vocab_size, f"{path} ({k})")
-        elif t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        elif not t.is_floating_point():  # bool or int8 weights were cast to float silently
+            raise HeadsError(f"heads tensor {k!r} at {path} holds {str(t.dtype).removeprefix('torch.')} values, not "
+                             f"floating-point weights: train the heads again or restore the file")
+        elif not bool(torch.isfinite(t).all()):
             raise HeadsError(f"heads tensor {k!r} at {path} holds NaN or infinite values: train the heads again or "
                              f"restore the file")
 

@@ -4,15 +4,17 @@ weights hold, every described tensor present with its shape and finite, and file
 files. transformers itself fills a missing or mis-shaped tensor with random values and reports it in many lines.
 
     cfg = check_architecture(directory / "config.json")     # ModelError naming the file and the fix
+    check_regular_files(directory)                           # the files read, an index's shards too, before loading
     check_layers_match_weights(directory, cfg)               # from the safetensors headers, before loading
     check_loaded(model, loading_info, directory)             # after from_pretrained(output_loading_info=True)
+    check_sliding_window(model.config, max_seq)              # once the build's context is known
 """
 
 from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from medusa_export.exporter.output_dir import HEADS_FORMAT
 from medusa_export.runtime.bounded_read import read_bounded
@@ -68,10 +70,64 @@ def check_config(cfg: dict, config_file: Path) -> None:
                 else repr(value)[:40]
             raise ModelError(f"{config_file}: {name} must be an integer in 1..{most}, not {shown}: restore the "
                              f"model's config.json")
+    _check_head_split(cfg, config_file)
+    window = sliding_window(cfg)
+    if window is not None and not (isinstance(window, int) and not isinstance(window, bool) and window >= 1):
+        raise ModelError(f"{config_file}: sliding_window must be a positive integer or null, not {window!r:.40}: "
+                         f"restore the model's config.json")
     eps = cfg.get("rms_norm_eps", 1e-6)
     if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not 0 < eps < 1:  # ONNX Runtime's norm failed
         raise ModelError(f"{config_file}: rms_norm_eps must be a number in (0, 1), not {eps!r:.40}: restore the "
                          f"model's config.json")
+
+
+def _check_head_split(cfg: dict, config_file: Path) -> None:
+    """ModelError unless the attention heads share the KV heads evenly and, without an explicit ``head_dim``, split
+    ``hidden_size`` evenly (transformers loads both, and the export failed with a RuntimeError traceback)."""
+    heads, kv, hidden = (cfg.get(k) for k in ("num_attention_heads", "num_key_value_heads", "hidden_size"))
+    if isinstance(heads, int) and isinstance(kv, int) and heads % kv:
+        raise ModelError(f"{config_file}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}, "
+                         f"so the heads cannot share the KV heads evenly: restore the model's config.json")
+    if cfg.get("head_dim") is None and isinstance(heads, int) and isinstance(hidden, int) and hidden % heads:
+        raise ModelError(f"{config_file}: hidden_size {hidden} is not a multiple of num_attention_heads {heads} (and "
+                         f"no head_dim is given): restore the model's config.json")
+
+
+def sliding_window(cfg) -> object:
+    """The attention window some layer of the model applies, as transformers reads ``cfg`` (config.json's dict or a
+    loaded config), or None where every layer attends to the whole context. Qwen-style configs apply their window
+    only with ``use_sliding_window`` and then to the layers from ``max_window_layers`` on (``layer_types`` says
+    which, once loaded); Mistral to every layer; other types wherever ``layer_types`` does not rule it out
+    (transformers' cache keeps a window's rows for them too). Not checked to be a number here (`check_config`)."""
+    get = cfg.get if isinstance(cfg, dict) else (lambda name: getattr(cfg, name, None))
+    qwen_style = get("model_type") in ("qwen2", "qwen3")  # the others' classes ignore use_sliding_window
+    window = get("sliding_window")
+    if window is None or (qwen_style and not get("use_sliding_window")):
+        return None
+    layer_types = get("layer_types")
+    if get("model_type") != "mistral" and isinstance(layer_types, list):
+        return window if "sliding_attention" in layer_types else None
+    if qwen_style:  # config.json without layer_types: transformers derives them from max_window_layers
+        first, layers = get("max_window_layers"), get("num_hidden_layers")
+        first, layers = (first if isinstance(first, int) else 28), (layers if isinstance(layers, int) else 32)
+        return window if first < layers else None
+    return window
+
+
+def check_sliding_window(cfg, max_seq: int) -> None:
+    """ModelError when a sliding window would take effect within ``max_seq`` positions: the graphs attend to the whole
+    context (the fused one silently, the portable one and the PyTorch reference through transformers' cache, which
+    keeps only ``window - 1`` rows: a step reaching the window returned too few), so only a window longer than
+    every sequence the build holds gives the model's own results."""
+    window = sliding_window(cfg)
+    if isinstance(window, int) and window <= max_seq:
+        fix = f"build with --max-seq {window - 1} or less, where the window never takes effect" \
+            if window > MIN_MAX_SEQ else f"a window under {MIN_MAX_SEQ + 1} tokens cannot be exported"
+        raise ModelError(f"the model attends within a sliding window of {window} tokens, which the graphs do not "
+                         f"implement (they attend to the whole context): {fix}")
+
+
+MIN_MAX_SEQ = 16  # the smallest --max-seq a build takes (BuildOptions)
 
 
 def fp32_bytes(cfg: dict) -> int:
@@ -116,10 +172,18 @@ def _check_rope(cfg: dict, config_file: Path) -> None:
     if positions is not None and (not isinstance(positions, int) or isinstance(positions, bool) or positions < 1):
         raise ModelError(f"{config_file}: max_position_embeddings must be a positive integer, not "
                          f"{positions!r:.40}: restore the model's config.json")
-    kind = params.get("rope_type", params.get("type"))
-    if kind == "dynamic":
-        raise ModelError(f"{config_file}: dynamic RoPE scaling is not supported: its frequencies change with the "
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind in ("dynamic", "longrope"):  # both switch at the trained length: a graph built past it differed
+        raise ModelError(f"{config_file}: {kind} RoPE scaling is not supported: its frequencies change with the "
                          f"sequence's length, which the graphs' fixed position tables cannot follow")
+    if kind not in ROPE_TYPES:  # transformers failed with a KeyError naming only the type
+        raise ModelError(f"{config_file}: RoPE type {kind!r:.40} is not supported: supported types are "
+                         f"{', '.join(ROPE_TYPES)}")
+
+
+# RoPE types whose frequencies are fixed, so the graphs' position tables (from the model's own rotary module) hold
+# them exactly; each builds and passes the export's check against PyTorch
+ROPE_TYPES = ("default", "linear", "yarn", "llama3", "proportional")
 
 
 def check_layers_match_weights(directory: Path, cfg: dict) -> None:
@@ -140,18 +204,45 @@ _LAYER_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
 def _weight_files(directory: Path) -> list[Path]:
-    """The safetensors files transformers loads: the index's shards, else model.safetensors."""
-    index = json_object_or_none(directory / "model.safetensors.index.json")
-    shards = index.get("weight_map") if index else None
-    if isinstance(shards, dict):
-        return sorted({directory / name for name in shards.values() if isinstance(name, str) and "/" not in name})
+    """The safetensors files transformers loads: the index's shards (in subfolders too), else model.safetensors."""
+    shards = index_shards(directory, SAFETENSORS_INDEX)
+    if shards is not None:
+        return shards
     return [directory / "model.safetensors"] if (directory / "model.safetensors").is_file() else []
 
 
+SAFETENSORS_INDEX, BIN_INDEX = "model.safetensors.index.json", "pytorch_model.bin.index.json"
+
+
+def index_shards(directory: Path, index: str) -> list[Path] | None:
+    """The shard files the weight index ``index`` in ``directory`` lists (None without a readable index): ModelError
+    for a name that is not a relative path inside the directory (transformers joins it to the directory, so
+    "/etc/x" or "../x" read a file elsewhere). A symlink is followed, as the model's own files are (a Hugging Face
+    cache links them into its blobs folder)."""
+    content = json_object_or_none(directory / index)
+    names = content.get("weight_map") if content else None
+    if not isinstance(names, dict):
+        return None
+    return sorted({_shard_path(directory, index, name) for name in names.values()})
+
+
+def _shard_path(directory: Path, index: str, name: object) -> Path:
+    """``directory / name`` for a shard ``index`` names, or ModelError unless ``name`` stays inside ``directory``."""
+    text = name if isinstance(name, str) else ""
+    parts = PurePosixPath(text.replace("\\", "/")).parts
+    if (not text or not text.isprintable() or PurePosixPath(text).is_absolute()  # printable: no NUL either
+            or PureWindowsPath(text).is_absolute() or PureWindowsPath(text).drive or ".." in parts):
+        raise ModelError(f"{directory / index} names the shard {name!r:.120}, which is not a path inside "
+                         f"{directory}: refusing to read it; restore the model's index file")
+    return directory / text
+
+
 def _safetensors_keys(file: Path) -> list[str]:
-    """The tensor names in a safetensors file's header, read without the tensors (unreadable: none; the loader
-    then says what is wrong with the file)."""
+    """The tensor names in a safetensors file's header, read without the tensors (unreadable or not a regular file:
+    none; the loader then says what is wrong with the file)."""
     try:
+        if not file.is_file():  # a FIFO would block the open
+            return []
         with file.open("rb") as f:
             size = int.from_bytes(f.read(8), "little")
             header = json.loads(f.read(size)) if 0 < size <= MAX_JSON_BYTES * 8 else {}
@@ -161,12 +252,27 @@ def _safetensors_keys(file: Path) -> list[str]:
 
 
 def check_regular_files(directory: Path) -> None:
-    """ModelError for a file the loaders read (weights, JSON, tokenizer files) that is not a regular file: a FIFO
-    blocked the build for ever, a device filled the memory, a directory failed with "Is a directory"."""
+    """ModelError for a file the loaders read (weights, JSON, tokenizer files, the shards a weight index lists, in
+    subfolders too) that is not a regular file: a FIFO blocked the build for ever, a device filled the memory, a
+    directory failed with "Is a directory"."""
     for path in sorted(directory.iterdir()):
         if path.suffix in _READ_SUFFIXES and not path.is_file():
             raise ModelError(f"{path} is not a regular file (a directory, FIFO, device or broken link), where the "
                              f"model's files are read: remove or restore it")
+    for index in (SAFETENSORS_INDEX, BIN_INDEX):
+        for shard in index_shards(directory, index) or ():
+            if not _is_regular(shard):  # stat only: opening a FIFO would wait for a writer
+                raise ModelError(f"{shard}, a shard {index} lists, is missing or not a regular file (a directory, "
+                                 f"FIFO, device or broken link): restore the model's weights")
+
+
+def _is_regular(path: Path) -> bool:
+    """Whether ``path`` is a regular file (through symlinks); False where the system cannot say (a name too long,
+    no permission), which ``is_file`` raises as OSError."""
+    try:
+        return path.is_file()
+    except OSError:
+        return False
 
 
 _READ_SUFFIXES = {".json", ".safetensors", ".bin", ".jinja", ".model", ".txt", ".gguf"}

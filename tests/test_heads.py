@@ -339,3 +339,46 @@ def test_an_unreadable_safetensors_beside_a_medusa2_model_is_named(tmp_path):
     (tmp_path / "junk.safetensors").write_bytes(b"\xff" * 64)
     with pytest.raises(HeadsError, match="junk.safetensors is not a readable safetensors file"):
         load_embedded_heads(tmp_path, BASE)
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "mkfifo"), reason="no FIFOs here")
+@pytest.mark.parametrize("name", [WEIGHTS_FILE, "medusa_lm_head.safetensors", "medusa_lm_head.pt"])
+def test_heads_weights_that_are_not_a_regular_file_are_refused_not_waited_on(tmp_path, name):
+    """The heads' config.json was read bounded, but their weights were opened by name: a FIFO blocked the load (and
+    the build) for ever, ignoring SIGTERM."""
+    import os
+
+    if name == WEIGHTS_FILE:
+        save_heads(random_heads("shared"), tmp_path)
+        (tmp_path / name).unlink()
+    else:
+        write_reference_config(tmp_path, 3, 1)
+    os.mkfifo(tmp_path / name)
+    with pytest.raises(HeadsError, match=f"{name} are not a regular file"):
+        load_heads(tmp_path, BASE)
+    (tmp_path / name).unlink()
+    (tmp_path / name).mkdir()
+    with pytest.raises(HeadsError, match=f"{name} are not a regular file"):
+        load_heads(tmp_path, BASE)
+
+
+def test_heads_weights_through_a_symlink_load_and_a_broken_one_is_missing(tmp_path, lm_head):
+    """Symlinks are followed, as for the heads' config.json: only what they lead to must be a regular file."""
+    heads = random_heads("own", lm_head=lm_head)
+    out = save_heads(heads, tmp_path / "h")
+    (out / WEIGHTS_FILE).rename(tmp_path / "elsewhere.safetensors")
+    (out / WEIGHTS_FILE).symlink_to(tmp_path / "elsewhere.safetensors")
+    assert torch.equal(logits(load_heads(out, BASE), lm_head), logits(heads, lm_head))
+    (tmp_path / "elsewhere.safetensors").unlink()
+    with pytest.raises(HeadsError, match="missing"):
+        load_heads(out, BASE)
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.bool, torch.int64])
+def test_heads_weights_that_are_not_floating_point_are_refused(tmp_path, dtype):
+    """bool and int8 tensors were cast to float silently: heads of zeros and ones built and exported."""
+    out = save_heads(random_heads("shared"), tmp_path)
+    edit_weights(out, lambda s: s.__setitem__("blocks.1.0.linear.bias", s["blocks.1.0.linear.bias"].to(dtype)))
+    with pytest.raises(HeadsError) as e:
+        load_heads(out, BASE)
+    assert "'blocks.1.0.linear.bias'" in one_line(e) and str(dtype).removeprefix("torch.") in str(e.value)
