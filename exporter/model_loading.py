@@ -26,8 +26,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from medusa_export.exporter.model_checks import (check_architecture, check_config, check_fits_memory,
-                                                 check_layers_match_weights, check_loaded, check_regular_files)
+from medusa_export.exporter.model_checks import (BIN_INDEX, SAFETENSORS_INDEX, check_architecture, check_config,
+                                                 check_fits_memory, check_layers_match_weights, check_loaded,
+                                                 check_regular_files, index_shards)
 from medusa_export.runtime.cache_dir import cache_root
 from medusa_export.runtime.errors import ArtifactError, ModelError, first_line
 from medusa_export.runtime.tokenizer import ChatTokenizer
@@ -235,11 +236,13 @@ def _file_fingerprint(path: Path) -> str:
 
 def _dir_fingerprint(path: Path) -> str:
     h = hashlib.sha256()
-    weights = sorted(path.glob("*.safetensors"))
+    # with the shards an index lists in subfolders (a top-level file's name is its relative path: ids unchanged)
+    weights = sorted({*path.glob("*.safetensors"), *(index_shards(path, SAFETENSORS_INDEX) or ())})
     # .bin weights only where they are what transformers loads (no safetensors; training_args.bin is no weights)
-    weights = weights or sorted(f for f in path.glob("*.bin") if f.name != "training_args.bin")
+    weights = weights or sorted({*(f for f in path.glob("*.bin") if f.name != "training_args.bin"),
+                                 *(index_shards(path, BIN_INDEX) or ())})
     for f in sorted(path.glob("*.json")) + weights:
-        h.update(f.name.encode())
+        h.update(f.relative_to(path).as_posix().encode())
         h.update(_file_fingerprint(f).encode())
     return h.hexdigest()[:16]
 

@@ -85,3 +85,16 @@ def test_a_shard_through_a_symlink_is_followed_as_the_models_own_files_are(tiny_
     blob.unlink()
     with pytest.raises(ModelError, match="is missing or not a regular file"):
         load_base_model(model_dir)
+
+
+def test_the_models_identity_follows_the_shards_in_a_subfolder(tiny_dirs, tmp_path):
+    """The manifest's model sha256_16 covers a subfolder shard: other weights there are another model."""
+    from medusa_export.exporter.model_loading import _dir_fingerprint
+
+    model_dir = _sharded_copy(tiny_dirs, tmp_path)
+    before = _dir_fingerprint(model_dir)
+    shard = model_dir / "sub" / "model.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 1  # one weight's last byte
+    shard.write_bytes(bytes(data))
+    assert _dir_fingerprint(model_dir) != before
