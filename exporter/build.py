@@ -89,7 +89,7 @@ def build_artifact(model: str | None, out: str | Path, options: BuildOptions = B
     tree_obj = Tree.from_choices(load_choices(tree_spec), topk=options.head_topk, num_heads=chosen.heads.config.num_heads)
     check_sliding_window(loaded.model.config, options.max_seq)  # no graph implements one: before any export
     if options.graph == ONNXRUNTIME:
-        check_supported(loaded.model.config, options.max_seq)  # before any export: the portable graph covers the rest
+        check_supported(loaded.model.config)  # before any export: the portable graph covers the rest
     # Weights already on a 4-bit grid (a Q4_0 / Q4_1 GGUF) are kept exactly by int4: decided before smoothing, which
     # would move them off it.
     grid = options.dtype == "int4" and on_4bit_grid(loaded.model)

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path, PurePosixPath, PureWindowsPath
+from pathlib import Path
 
 from medusa_export.exporter.output_dir import HEADS_FORMAT
+from medusa_export.runtime.artifact_files import relative_inside
 from medusa_export.runtime.bounded_read import read_bounded
 from medusa_export.runtime.errors import ModelError
 from medusa_export.runtime.manifest import DIMS_LIMITS
@@ -175,10 +176,11 @@ def _check_rope(cfg: dict, config_file: Path) -> None:
     kind = params.get("rope_type", params.get("type", "default"))
     if kind in ("dynamic", "longrope"):  # both switch at the trained length: a graph built past it differed
         raise ModelError(f"{config_file}: {kind} RoPE scaling is not supported: its frequencies change with the "
-                         f"sequence's length, which the graphs' fixed position tables cannot follow")
+                         f"sequence's length, which the graphs' fixed position tables cannot follow; use a model "
+                         f"with RoPE scaling of type {', '.join(ROPE_TYPES)}")
     if kind not in ROPE_TYPES:  # transformers failed with a KeyError naming only the type
-        raise ModelError(f"{config_file}: RoPE type {kind!r:.40} is not supported: supported types are "
-                         f"{', '.join(ROPE_TYPES)}")
+        raise ModelError(f"{config_file}: RoPE type {kind!r:.40} is not supported: use a model with RoPE scaling of "
+                         f"type {', '.join(ROPE_TYPES)}")
 
 
 # RoPE types whose frequencies are fixed, so the graphs' position tables (from the model's own rotary module) hold
@@ -229,9 +231,7 @@ def index_shards(directory: Path, index: str) -> list[Path] | None:
 def _shard_path(directory: Path, index: str, name: object) -> Path:
     """``directory / name`` for a shard ``index`` names, or ModelError unless ``name`` stays inside ``directory``."""
     text = name if isinstance(name, str) else ""
-    parts = PurePosixPath(text.replace("\\", "/")).parts
-    if (not text or not text.isprintable() or PurePosixPath(text).is_absolute()  # printable: no NUL either
-            or PureWindowsPath(text).is_absolute() or PureWindowsPath(text).drive or ".." in parts):
+    if not (relative_inside(text) and text.isprintable()):
         raise ModelError(f"{directory / index} names the shard {name!r:.120}, which is not a path inside "
                          f"{directory}: refusing to read it; restore the model's index file")
     return directory / text

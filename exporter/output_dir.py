@@ -43,8 +43,8 @@ def check_out_dir(out: Path) -> None:
         raise InputError(f"--out {out} is or holds the current directory, which build would replace whole: give "
                          f"another directory, or run the command from outside it")
     if not str(out).isprintable():  # the artifact's name goes into every later line that names it
-        raise InputError(f"--out {str(out)!r:.120} holds a newline or another control character: give a plain "
-                         f"directory name")
+        raise InputError(f"--out {str(out)!r:.120} holds a character that does not print (a newline, a control "
+                         f"character): give a plain directory name")
     if out.name in ("", ".."):  # "ART/heads/..": the work directory made beside it would land inside it
         raise InputError(f"--out {out} does not name a directory by its own name: give it as "
                          f"{os.path.normpath(os.path.abspath(out))}")

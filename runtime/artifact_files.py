@@ -28,15 +28,22 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
 MAX_NAME_CHARS = 255  # a manifest's file names: a build writes short ones
 
 
+def relative_inside(text: str) -> bool:
+    """Whether ``text`` names a path below a directory when joined to it: not empty, no NUL, not absolute (POSIX or
+    Windows, a drive included), no ``..`` part. Symlinks are the caller's to resolve."""
+    if not text or "\0" in text:
+        return False
+    absolute = PurePosixPath(text).is_absolute() or PureWindowsPath(text).is_absolute() or PureWindowsPath(text).drive
+    return not absolute and ".." not in PurePosixPath(text.replace("\\", "/")).parts
+
+
 def artifact_file(directory: str | Path, name: object) -> Path:
     """``directory / name`` for a file the manifest names; ArtifactError unless ``name`` is a relative path
     that stays inside the artifact (no absolute path, no ``..``, no NUL byte, no symlink leading out or in a
     loop)."""
     directory = Path(directory)
     text = name if isinstance(name, str) else ""
-    parts = PurePosixPath(text.replace("\\", "/")).parts
-    if (not text or "\0" in text or PurePosixPath(text).is_absolute() or PureWindowsPath(text).is_absolute()
-            or PureWindowsPath(text).drive or ".." in parts):
+    if not relative_inside(text):
         raise ArtifactError(f"{directory / MANIFEST} names the file {name!r:.120}, which is not a path inside the "
                             f"artifact: refusing to read it; rebuild the artifact with `medusa-export build`")
     if not text.isprintable() or len(text) > MAX_NAME_CHARS:  # names go into messages: one line, short, no escapes

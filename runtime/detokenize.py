@@ -3,7 +3,7 @@
     detok = IncrementalDetokenizer(tokenizer.decode)
     for ids in accepted_chunks:
         print(detok.push(ids), end="")     # only text that can no longer change
-    print(detok.flush())                    # whatever was held back, less an unfinished character at the end
+    print(detok.flush(cut=True))            # what was held back (cut: less an unfinished character at the end)
 
 Decoding the whole output again at every step costs O(n) per step, O(n^2) per answer. Here only a short
 window is decoded: the tokens since the last emitted text plus a few before them, because a token's text
@@ -39,11 +39,11 @@ class IncrementalDetokenizer:
         self.prefix = max(self.prefix, self.read - CONTEXT_TOKENS)
         return text[len(shown):]
 
-    def flush(self) -> str:
-        """The held-back text at the end of a generation, less an unfinished character at its end: an answer cut
-        by its token budget inside a character ends before that character (as vLLM's and TGI's streams do), rather
-        than in a U+FFFD the model never wrote."""
+    def flush(self, cut: bool = False) -> str:
+        """The held-back text at the end of a generation; with ``cut`` (the token budget ended it), less an
+        unfinished character at its end: such an answer ends before that character (as vLLM's and TGI's streams
+        do), rather than in a U+FFFD the model never wrote."""
         shown = self.decode(self.ids[self.prefix:self.read])
         text = self.decode(self.ids[self.prefix:])
         self.read = len(self.ids)
-        return text[len(shown):].rstrip("\ufffd")
+        return text[len(shown):].rstrip("\ufffd") if cut else text[len(shown):]

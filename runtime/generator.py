@@ -77,16 +77,21 @@ class Stream:
 
     def __next__(self) -> StreamEvent:
         if not self._reading.acquire(blocking=False):
-            raise InputError("this stream is already being read by another thread: read a stream from one thread")
+            if not self._stop.is_set():
+                raise InputError("this stream is already being read by another thread: read a stream from one thread")
+            self._reading.acquire()  # close() from another thread is ending it: the next() after that stops
         try:
-            return next(self._events)
+            event = next(self._events)
+            if self._stop.is_set():  # closed while this step ran: end now, so that ``result`` is set with it
+                self._events.close()
+            return event
         finally:
             self._reading.release()
 
     def close(self) -> None:
         """Stop: the session is released and ``result`` says "abort" unless it had finished (None when no event
-        was read: nothing ran). Called while another thread reads the stream, the stream ends after the step that
-        thread is waiting for, and ``result`` is set when it does."""
+        was read: nothing ran). Called while another thread reads the stream, the stream ends with the step that
+        thread is waiting for: ``result`` is set as that step's event is returned, and the next read stops."""
         self._stop.set()
         if self._reading.acquire(blocking=False):  # else the reading thread sees the flag and ends the generator
             try:
@@ -169,6 +174,7 @@ class Generator:
                     out.finish = stats.finish_reason or "length"
         finally:  # also when the consumer stops early (closes the stream): the result says "abort"
             outcome[0] = result_of(out, stats, out.finish or "abort", self.backend.name, tree, len(ids), t0)
+
 
 def checked_token_ids(prompt, vocab: int, what: str = "the prompt") -> list[int]:
     """A prompt given as token ids, each checked against the vocabulary (an id outside it failed inside ONNX

@@ -59,7 +59,7 @@ class TextOutput:
                 break
         self.new += kept
         if self.finish and not cut:
-            self.pending += self.detok.flush()
+            self.pending += self.detok.flush(cut=self.finish == "length")
             self._cut_at_stop(tail)  # a stop string completed by the held-back end of the text
         visible = self.pending if self.finish else _safe_prefix(self.pending, self.cfg.stop_strings)
         if not (visible or kept):

@@ -72,3 +72,43 @@ def test_a_stream_closed_mid_read_stops_at_the_next_step_and_one_reader_at_a_tim
     assert len(rest) <= 1
     assert stream.result.finish_reason == "abort"
     assert stream.result.token_ids == first.token_ids + [t for e in rest for t in e.token_ids]
+
+
+def test_a_close_during_the_readers_step_ends_the_stream_with_that_step(artifact, monkeypatch):
+    """close() lands while the reader is inside next() (its step running): close() returns at once, the reader
+    gets that step's event with ``result`` already set ("abort", every token it was given), and its next read
+    stops; nothing is left waiting for another read."""
+    import threading
+
+    import medusa_export.runtime.generator as generator
+
+    real_decode = generator.decode
+    inside, closed = threading.Event(), threading.Event()
+
+    def decode_held_at_the_second_step(*args, **kwargs):
+        for i, chunk in enumerate(real_decode(*args, **kwargs)):
+            if i == 1:
+                inside.set()
+                assert closed.wait(60)
+            yield chunk
+
+    monkeypatch.setattr(generator, "decode", decode_held_at_the_second_step)
+    rt = MedusaRuntime.load(artifact, backend="ort", threads=1)
+    stream = rt.stream(list(TINY_PROMPTS[0]), max_new_tokens=40, medusa=False, ignore_eos=True)
+    events, results_seen = [], []
+
+    def read() -> None:
+        for event in stream:
+            events.append(event)
+            results_seen.append(stream.result)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    assert inside.wait(60)
+    stream.close()
+    assert stream.result is None  # the reader's step is still running
+    closed.set()
+    reader.join(60)
+    assert not reader.is_alive() and len(events) == 2
+    assert results_seen[-1] is stream.result and stream.result.finish_reason == "abort"
+    assert stream.result.token_ids == [t for e in events for t in e.token_ids]

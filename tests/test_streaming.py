@@ -33,7 +33,7 @@ def _stream(decode, ids, chunks):
         out.append(detok.push(ids[i:i + n]))
         i += n
     out.append(detok.push(ids[i:]))
-    return out, detok.flush()
+    return out, detok.flush(cut=True)
 
 
 @settings(max_examples=150, deadline=None)
@@ -56,6 +56,15 @@ def test_an_answer_cut_inside_a_character_ends_before_it(byte_bpe):
     cut = next(n for n in range(len(ids), 0, -1) if decode(ids[:n]).endswith("\ufffd"))
     deltas, tail = _stream(decode, ids[:cut], [1] * cut)
     assert "".join(deltas) + tail == "Emoji: "
+
+
+def test_only_an_answer_cut_by_its_budget_drops_an_unfinished_end(byte_bpe):
+    """Ended otherwise (an end-of-sequence token), the text is the whole decode, U+FFFD included."""
+    ids = byte_bpe.encode("Emoji: 🚀").ids
+    decode = lambda x: byte_bpe.decode(list(x))  # noqa: E731
+    cut = next(n for n in range(len(ids), 0, -1) if decode(ids[:n]).endswith("\ufffd"))
+    detok = IncrementalDetokenizer(decode)
+    assert detok.push(ids[:cut]) + detok.flush() == decode(ids[:cut])
 
 
 def test_real_text_streams_exactly(byte_bpe):

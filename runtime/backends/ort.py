@@ -49,8 +49,9 @@ def _import_ort():
         if isinstance(e, ModuleNotFoundError) and e.name == "onnxruntime":
             raise BackendUnavailableError("onnxruntime is not installed: pip install 'medusa-export[ort]'") from None
         why = " ".join(str(e).split())[:160]
-        raise BackendUnavailableError(f"onnxruntime is installed but cannot be imported ({why}): reinstall it, "
-                                      f"pip install --force-reinstall onnxruntime") from None
+        raise BackendUnavailableError(f"onnxruntime is installed but cannot be imported ({why}): reinstall the "
+                                      f"ONNX Runtime package this environment uses (onnxruntime, or "
+                                      f"onnxruntime-gpu)") from None
     return ort
 
 

@@ -77,8 +77,8 @@ class ServeSettings:
         name = self.model_name
         if name is not None and not (isinstance(name, str) and name.isprintable() and 0 < len(name) <= 256):
             # it is logged and sent in every answer: a newline would forge log lines
-            raise InputError("--served-model-name must be 1 to 256 printable characters (no newlines or other control "
-                             "characters): give the model id clients send")
+            raise InputError("--served-model-name must be 1 to 256 printable characters (no newline, control or other "
+                             "non-printing character): give the model id clients send")
         hosts = self.allowed_hosts
         if hosts is not None and (not isinstance(hosts, tuple) or not all(isinstance(h, str) for h in hosts)):
             raise InputError("ServeSettings.allowed_hosts must be a tuple of host names: parse a comma-separated "
