@@ -54,7 +54,13 @@ def artifact_heads(directory: Path, manifest: Manifest, base_config) -> MedusaHe
     if meta.get("format") != HEADS_FORMAT:
         raise ArtifactError(f"{cfg_file} is not medusa-export heads (format {meta.get('format')!r:.40}): rebuild "
                             f"the artifact")
-    return heads_from_state(read_tensors(weights), heads_config(meta, cfg_file), base_config, heads_dir)
+    cfg = heads_config(meta, cfg_file)
+    built = (manifest.dims.num_heads, manifest.heads.num_layers, manifest.heads.layout)
+    if (cfg.num_heads, cfg.num_layers, cfg.layout) != built:  # else a tree that fits the graphs "does not fit"
+        raise ArtifactError(f"{cfg_file} describes {cfg.num_heads} heads of {cfg.num_layers} layers ({cfg.layout}), "
+                            f"but the manifest's graphs were built with {built[0]} of {built[1]} ({built[2]}): the "
+                            f"heads were replaced; rebuild the artifact")
+    return heads_from_state(read_tensors(weights), cfg, base_config, heads_dir)
 
 
 def _listed(directory: Path, manifest: Manifest, name: str) -> Path:

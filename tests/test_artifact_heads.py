@@ -78,7 +78,6 @@ def test_a_reference_format_config_is_refused(art, tiny_dirs):
     (lambda c: c.update(num_heads=True), "num_heads must be an integer"),
     (lambda c: c.update(layout=["own"]), "layout"),
     (lambda c: c.update(draft_vocab_size=-1), "draft_vocab_size must be an integer"),
-    (lambda c: c.update(num_layers=2), "lack tensor"),  # a config that does not describe the tensors
 ])
 def test_a_malformed_heads_config_is_a_heads_error(art, tiny_dirs, edit, words):
     path = art / "heads" / "config.json"
@@ -95,4 +94,17 @@ def test_a_heads_config_that_is_not_a_json_object_is_a_heads_error(art, tiny_dir
     (art / "heads" / "config.json").write_bytes(content)
     _relist(art, "heads/config.json")
     with pytest.raises(HeadsError, match="config.json"):
+        _load(art, tiny_dirs)
+
+
+@pytest.mark.parametrize("field, value", [("num_heads", 2), ("num_layers", 2), ("layout", "own")])
+def test_heads_that_differ_from_the_graphs_are_named_as_replaced(art, tiny_dirs, field, value):
+    """Heads whose config (and tensors) describe other heads than the graphs were built with: named as such, not
+    as "the tree does not fit the backend's heads" or missing tensors."""
+    path = art / "heads" / "config.json"
+    config = json.loads(path.read_text())
+    assert config[field] != value
+    path.write_text(json.dumps({**config, field: value}))
+    _relist(art, "heads/config.json")
+    with pytest.raises(ArtifactError, match="but the manifest's graphs were built with .*the heads were replaced"):
         _load(art, tiny_dirs)
