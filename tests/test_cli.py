@@ -80,6 +80,16 @@ def test_generate_into_a_closed_pipe_ends_quietly_as_sigpipe_would(artifact):
     assert proc.returncode == 141 and proc.stderr == "", (proc.returncode, proc.stderr)
 
 
+def test_generate_with_its_standard_output_closed_says_so(artifact):
+    """Started with stdout closed (`>&-`), Python has no sys.stdout and every write was dropped: the answer went
+    nowhere and the exit code was 0."""
+    code = "import sys; from medusa_export.runtime.cli.app import main; sys.argv[0] = 'medusa-export'; main()"
+    proc = subprocess.run(["bash", "-c", 'exec "$@" >&-', "bash", sys.executable, "-c", code, "generate", str(artifact),
+                           "--prompt", "t5 t6 t7", "--no-chat", "--max-new-tokens", "3"], capture_output=False,
+                          stderr=subprocess.PIPE, text=True, timeout=600)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: standard output is closed"), proc.stderr
+
+
 def test_a_path_with_control_characters_stays_on_one_error_line(tmp_path):
     """A newline in a path (or any control character: a terminal escape) is escaped in the error, so an argument
     cannot forge lines of its own on stderr."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from typing import Optional
 
 import typer
@@ -47,6 +48,9 @@ def generate(
                          "built-in model")
     if not prompt.strip():  # as prompt files and --no-chat refuse it: a blank prompt is a mistake, before any load
         raise InputError("--prompt is empty: give the text to answer")
+    if sys.stdout is None:  # started with its standard output closed (`>&-`): the answer would go nowhere, exit 0
+        raise InputError("standard output is closed, where the answer is written: send it to a file, a pipe or "
+                         "/dev/null")
     chosen = backend if backend != "auto" else ("ort" if is_artifact(model) else "torch")
     opened = open_generator(model, chosen, heads=heads, tree=tree, max_seq=max_seq, device=device, plain=no_medusa)
     cfg = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, stop_strings=tuple(stop),
