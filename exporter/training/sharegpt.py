@@ -100,7 +100,8 @@ def read_conversations(path: str | Path) -> tuple[list[Conversation], ReadReport
             convs.append(conv)
     report.recovered = len(convs)
     if not convs:
-        raise InputError(f"{path} holds no ShareGPT conversations ({report.skipped} records of another shape): "
+        cut = f"; the file ends mid-record after {report.unread_bytes} unread bytes" if report.truncated else ""
+        raise InputError(f"{path} holds no ShareGPT conversations ({report.skipped} records of another shape{cut}): "
                          "expected {\"conversations\": [{\"from\": \"human\", \"value\": ...}]} records")
     return convs, report
 
