@@ -83,7 +83,8 @@ def distill(model, tokenizer, prompts: list[str], cache_dir: str | Path, cfg: Di
     keep = [i for i, ids in enumerate(encoded) if 0 < len(ids) <= cfg.max_prompt_tokens]
     if not keep:
         raise InputError(f"none of the {len(prompts)} prompts has 1 to {cfg.max_prompt_tokens} tokens under the chat "
-                         "template: pass shorter prompts")
+                         f"template: pass shorter prompts, or a smaller --max-new-tokens (prompt and answer share the "
+                         f"model's positions)")
     _make_root(root)
     # Similar lengths side by side: little padding in prefill and short attention spans per step. The order is
     # deterministic, so shard b always holds the same prompts.
