@@ -195,6 +195,12 @@ def test_usage_errors_are_one_line_naming_the_help(args, words):
     refused_before_work(cli(*args), *words)
 
 
+def test_bench_names_a_bad_tree_before_the_artifact_loads(artifact):
+    """The progress bar started (and the artifact loaded) before an unknown --tree was refused."""
+    refused_before_work(cli("bench", str(artifact), "--tree", "nonsense", "--limit", "1", "--no-hf"),
+                        "unknown tree 'nonsense'")
+
+
 def test_empty_values_are_refused_not_read_as_the_default(artifact):
     """An empty MODEL ran the built-in model and an empty --tree the artifact's own: both refused."""
     refused_before_work(cli("generate", "", "--prompt", "x"), "MODEL is empty")

@@ -48,6 +48,10 @@ def bench(
     at_least("--limit", limit)
     check_threads(threads)
     _check_outputs(as_json, plot_file, inputs=(artifact, prompts, model, tree))
+    if tree is not None:  # a bad preset or file is named before the artifact loads and the progress bar starts
+        from ..tree import load_choices
+
+        load_choices(tree)
     if "torch" in names:
         extras.require("bench --backends torch", "torch")
     if hf:
