@@ -23,6 +23,7 @@ from torch import nn
 
 from medusa_export.runtime.bounded_read import read_bounded
 from medusa_export.runtime.errors import HeadsError, first_line
+from medusa_export.runtime.whole_file import readable_as_made
 # Far beyond any useful heads (Medusa uses 4-5 heads of one block): bounds checked before anything is allocated,
 # and by train-heads before any work
 from medusa_export.runtime.training_options import MAX_HEAD_LAYERS as MAX_LAYERS, MAX_HEADS
@@ -151,6 +152,7 @@ def save_heads(heads: MedusaHeads, out_dir: str | Path, extra: dict | None = Non
     state = {k: v.detach().contiguous().cpu() for k, v in heads.state_dict().items()}
     tmp = out / (WEIGHTS_FILE + ".tmp")
     save_file(state, str(tmp))
+    readable_as_made(tmp)
     tmp.replace(out / WEIGHTS_FILE)
     meta = {"format": HEADS_FORMAT, "format_version": HEADS_FORMAT_VERSION, **asdict(heads.config), **(extra or {})}
     (out / "config.json").write_text(json.dumps(meta, indent=2) + "\n")

@@ -30,6 +30,7 @@ from medusa_export.exporter.model_checks import (BIN_INDEX, SAFETENSORS_INDEX, c
                                                  check_fits_memory, check_layers_match_weights, check_loaded,
                                                  check_regular_files, index_shards)
 from medusa_export.runtime.cache_dir import cache_root
+from medusa_export.runtime.whole_file import readable_as_made
 from medusa_export.runtime.errors import ArtifactError, ModelError, first_line
 from medusa_export.runtime.tokenizer import ChatTokenizer
 from medusa_export.runtime.whole_file import write_whole
@@ -281,6 +282,7 @@ def _gguf_to_cached_dir(gguf: Path) -> Path:
     tmp.mkdir(parents=True, exist_ok=True)
     # save_pretrained refuses GGUF-loaded models; the state dict (tied weights handled) and config suffice.
     save_model(model, str(tmp / "model.safetensors"))
+    readable_as_made(tmp / "model.safetensors")  # a machine's cache may be shared by its users
     # A plain fp32 directory now: drop the GGUF quantization record (other tools would refuse the weights) and
     # name the architecture (the GGUF loader leaves it empty).
     if hasattr(model.config, "quantization_config"):

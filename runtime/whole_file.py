@@ -74,3 +74,24 @@ def _make(directories: list[Path]) -> list[Path]:
         remove_empty(made)
         raise
     return made
+
+
+def readable_as_made(path: Path) -> None:
+    """Give ``path`` the mode a file made with ``open`` has (0666 less the umask). Libraries that write through a
+    private temporary file (safetensors' ``save_file``) leave 0600: another user serving or checking the artifact
+    could not read it."""
+    os.chmod(path, 0o666 & ~_umask())
+
+
+def _umask() -> int:
+    """This process's umask, read without changing it where Linux tells it (setting and resetting it races with
+    threads that create files meanwhile)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask

@@ -107,6 +107,18 @@ def test_bad_config():
 # ---------------------------------------------------------------------------------------------- round trip
 
 
+def test_saved_heads_are_readable_as_the_config_beside_them(tmp_path):
+    """safetensors writes 0600: an artifact built by one user was unreadable to another serving or verifying it."""
+    import os
+
+    old = os.umask(0o022)
+    try:
+        out = save_heads(random_heads("own"), tmp_path / "heads")
+    finally:
+        os.umask(old)
+    assert (out / WEIGHTS_FILE).stat().st_mode & 0o777 == (out / "config.json").stat().st_mode & 0o777 == 0o644
+
+
 @pytest.mark.parametrize("layout, layers", [("shared", 1), ("own", 1), ("shared", 2), ("own", 3)])
 def test_save_load_round_trip(tmp_path, lm_head, layout, layers):
     heads = random_heads(layout, k=3, layers=layers, lm_head=lm_head)
