@@ -12,6 +12,7 @@ model or the heads (LoRA targets that exist, one ``--head-lrs`` rate per head) i
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ MAX_HEADS, MAX_HEAD_LAYERS = 64, 16  # what a heads directory may hold (exporter
 UPPER_BOUNDS = {"num_heads": MAX_HEADS, "num_layers": MAX_HEAD_LAYERS, "seed": 2 ** 63 - 1, "max_new_tokens": 1 << 15,
                 "threads": 4096, "gen_batch_size": 4096, "batch_size": 1 << 20, "draft_vocab": 1 << 24,
                 "epochs": 10_000, "extra_sampled_passes": 1000}
+MAX_LR = 10.0  # a rate beyond this overflows AdamW's update (1e38: inf weights, then a traceback inside torch)
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,7 @@ class Medusa1Options:
     distill_engine: str = "auto"  # auto | static (preallocated KV cache, continuous batching) | hf
 
     def __post_init__(self) -> None:
+        _check_types(self)
         _at_least(self, 1, "num_heads", "num_layers", "epochs", "batch_size", "gen_batch_size", "threads",
                   "max_train_positions")
         _at_least(self, 2, "max_new_tokens", "draft_vocab")
@@ -70,6 +73,7 @@ class Medusa1Options:
             if value is not None and value > high:
                 raise InputError(f"{_flag(name)} {str(value)[:24]} must be <= {high}")
         _positive(self, "lr")
+        _at_most(self, MAX_LR, "lr")
         if not 0 <= self.heldout_fraction < 1:
             raise InputError(f"--heldout-fraction {self.heldout_fraction} must be in [0, 1)")
         if not 0 <= self.warmup_fraction <= 1:
@@ -98,6 +102,7 @@ class Medusa2Options:
     max_heldout_sequences: int | None = None  # the same for the held-out evaluation (its cost: 3 forwards each)
 
     def __post_init__(self) -> None:
+        _check_types(self)
         _at_least(self, 1, "joint_epochs", "seq_batch_size", "max_batch_tokens", "max_train_sequences",
                   "max_heldout_sequences")
         if self.lora_rank < 0:
@@ -105,6 +110,7 @@ class Medusa2Options:
         if self.lora_rank > 0:
             _positive(self, "lora_alpha")
         _positive(self, "backbone_lr", "heads_weight")
+        _at_most(self, MAX_LR, "backbone_lr")
         _at_least(self, 0, "lm_weight")
         if not all(t.strip() and t.strip() == t for t in self.lora_targets.split(",")):
             raise InputError(f"--lora-targets {self.lora_targets!r}: give layer names, comma-separated, no spaces "
@@ -124,6 +130,33 @@ class Medusa2Options:
         """From a training.json's ``options`` (which also records the warm-up's epochs and heads' rate)."""
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in options.items() if k in names})
+
+
+# What each annotation admits. Checked first: a string or a bool reached a comparison (TypeError) or torch
+# (AttributeError), and a float epoch count ran range() into a TypeError after distillation.
+_KINDS = {"int": ("a whole number", lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool)),
+          "float": ("a number", lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool)),
+          "bool": ("true or false", lambda v: isinstance(v, bool)),
+          "str": ("text", lambda v: isinstance(v, str)),
+          "Path": ("a path", lambda v: isinstance(v, Path)),
+          "None": ("unset", lambda v: v is None)}
+
+
+def _check_types(opts: Any) -> None:
+    """Every field of the annotated kind: InputError naming its flag otherwise."""
+    for f in fields(opts):
+        kinds = [k.strip() for k in str(f.type).split("|")]
+        value = getattr(opts, f.name)
+        if not any(_KINDS[k][1](value) for k in kinds):
+            wanted = " or ".join(_KINDS[k][0] for k in kinds if k != "None")
+            raise InputError(f"{_flag(f.name)} {str(value)[:24]!r}: give {wanted}")
+
+
+def _at_most(opts: Any, high: float, *names: str) -> None:
+    for name in names:
+        value = getattr(opts, name)
+        if value is not None and value > high:
+            raise InputError(f"{_flag(name)} {str(value)[:24]} must be <= {high:g}")
 
 
 def _flag(name: str) -> str:
@@ -172,6 +205,7 @@ def _rates(text: str | None) -> list[float] | None:
         rates = [float(x) for x in text.split(",")]
     except ValueError:
         rates = []
-    if not rates or not all(math.isfinite(r) and r > 0 for r in rates):
-        raise InputError(f"--head-lrs {text!r}: give positive rates, finite and comma-separated (one per head)")
+    if not rates or not all(math.isfinite(r) and 0 < r <= MAX_LR for r in rates):
+        raise InputError(f"--head-lrs {text!r}: give positive rates, finite and up to {MAX_LR:g}, comma-separated "
+                         "(one per head)")
     return rates

@@ -1,7 +1,9 @@
 """Resumable training state in ``out_dir/checkpoint.pt``: heads, optimizer, scheduler, position in the run.
 
-Saved atomically; loaded only when its fingerprint (the run's arguments and data) matches, so a changed
-command starts afresh (and says so) instead of mixing runs. A checkpoint that cannot be read is an error
+Saved atomically; loaded only when its fingerprint (the run's arguments, data and base model) matches, so a
+changed command starts afresh (and says so) instead of mixing runs. A matching checkpoint whose contents do not
+fit the run (a position past its steps, heads or optimizer state of other shapes, NaN weights) is a
+CheckpointError too (``restore``), never a traceback or heads trained from garbage. A checkpoint that cannot be read is an error
 naming the file and ``--no-resume``, never a silent restart. Read back with ``weights_only=True``: plain
 tensors and numbers, never arbitrary pickled objects. Removed once the run has written its final heads.
 """
@@ -10,6 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -62,10 +66,100 @@ def load(out: Path, fp: str, log=lambda _msg: None) -> dict | None:
         raise CheckpointError(f"checkpoint {p} cannot be read ({e}): delete it, or start afresh with "
                               f"--no-resume") from None
     if state["fingerprint"] != fp:
-        log(f"ignoring {p}: it belongs to a run with other arguments or data (starting afresh)")
+        log(f"ignoring {p}: it belongs to a run with other arguments, data or base model (starting afresh)")
         return None
     return state
 
 
 def remove(out: Path) -> None:
     path(out).unlink(missing_ok=True)
+
+
+def damaged(out: Path, why: str) -> CheckpointError:
+    """The one-line error for a checkpoint of this run whose contents are unusable."""
+    return CheckpointError(f"checkpoint {path(out)} is damaged ({why}): delete it to start afresh, or rerun with "
+                           f"--no-resume")
+
+
+def restore(out: Path, state: dict, heads, opt, sched, steps: Sequence[int]) -> tuple[int, int, dict]:
+    """Load ``state`` into ``heads``, ``opt`` and ``sched``; return (epoch, step_in_epoch, history dict).
+    ``steps``: the run's steps per epoch, which bound the saved position. CheckpointError (``damaged``) for
+    contents that do not fit: torch would raise deep inside a step, or silently train from them."""
+    epoch, step = _position(out, state, steps)
+    history = _history(out, state.get("history"))
+    _load_heads(out, heads, state["heads"])
+    _load_optimizer(out, opt, state["optimizer"])
+    _load_scheduler(out, sched, state["scheduler"], len(opt.param_groups))
+    return epoch, step, history
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _position(out: Path, state: dict, steps: Sequence[int]) -> tuple[int, int]:
+    epoch, step = state.get("epoch"), state.get("step_in_epoch")
+    if not (_is_int(epoch) and 0 <= epoch <= len(steps)):
+        raise damaged(out, f"epoch {str(epoch)[:24]!r} is not a whole number from 0 to the run's {len(steps)}")
+    last = steps[epoch] if epoch < len(steps) else 0  # a finished run's position is (epochs, 0)
+    if not (_is_int(step) and 0 <= step <= last):
+        raise damaged(out, f"step {str(step)[:24]!r} is not a whole number from 0 to {last}")
+    return epoch, step
+
+
+def _history(out: Path, text) -> dict:
+    try:
+        history = json.loads(text) if isinstance(text, str) else None
+    except ValueError:
+        history = None
+    if not isinstance(history, dict):
+        raise damaged(out, "its history is not a JSON object")
+    return history
+
+
+def _load_heads(out: Path, heads, saved) -> None:
+    if not isinstance(saved, dict) or not all(hasattr(v, "dtype") for v in saved.values()):
+        raise damaged(out, "its heads are not a table of tensors")
+    if any(v.is_floating_point() and not bool(v.isfinite().all()) for v in saved.values()):
+        raise damaged(out, "its heads hold NaN or infinite weights")
+    try:
+        heads.load_state_dict(saved)  # strict: missing or unexpected keys, other shapes
+    except (RuntimeError, KeyError, TypeError, ValueError) as e:
+        raise damaged(out, "its heads do not fit this run: " + _first_line(e)) from None
+
+
+def _load_optimizer(out: Path, opt, saved) -> None:
+    try:
+        opt.load_state_dict(saved)
+    except (RuntimeError, KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
+        raise damaged(out, "its optimizer state does not fit this run: " + _first_line(e)) from None
+    # load_state_dict checks the parameter counts only: a moment of another shape fails inside the next step
+    for group in opt.param_groups:
+        if not finite_number(group.get("lr")):
+            raise damaged(out, "its optimizer's learning rate is not a finite number")
+        for p in group["params"]:
+            for name, value in opt.state.get(p, {}).items():
+                if not hasattr(value, "shape") or (value.dim() > 0 and value.shape != p.shape):
+                    raise damaged(out, f"its optimizer's {name} does not have the heads' shapes")
+
+
+def _load_scheduler(out: Path, sched, saved, groups: int) -> None:
+    ok = (isinstance(saved, dict) and _is_int(saved.get("last_epoch")) and saved["last_epoch"] >= 0
+          and all(isinstance(saved.get(k), list) and len(saved[k]) == groups and all(map(finite_number, saved[k]))
+                  for k in ("base_lrs", "_last_lr")))
+    if not ok:
+        raise damaged(out, "its scheduler state does not fit this run")
+    try:
+        sched.load_state_dict(saved)
+    except (RuntimeError, KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
+        raise damaged(out, "its scheduler state does not fit this run: " + _first_line(e)) from None
+
+
+def finite_number(x) -> bool:
+    """A real number (not a bool), neither NaN nor infinite."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:160] if text else type(e).__name__

@@ -16,6 +16,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from medusa_export.runtime.decode import MIN_TEMPERATURE
+
 from .static_decoder import StaticDecoder
 
 PREFILL_TOKENS = 8192  # padded prompt tokens per prefill call: bounds the [b, heads, t, t] attention buffer
@@ -54,7 +56,7 @@ def answer_all(decoder: StaticDecoder, lm_head: torch.Tensor, prompts: list[list
             used, free = free[:len(group)], free[len(group):]
             for s, i in zip(used, group):
                 owner[s] = i
-                if temperature > 0:
+                if temperature >= MIN_TEMPERATURE:
                     gens[s] = torch.Generator(device="cpu").manual_seed(seeds[i] if seeds else i)
             yield from record(used, decoder.prefill([prompts[i] for i in group], used))
         active = [s for s in range(slots) if owner[s] >= 0]
@@ -78,7 +80,7 @@ def _prefill_group(queue: deque, prompts: list[list[int]], room: int) -> list[in
 
 
 def _choose(logits: torch.Tensor, temperature: float, gens: list[torch.Generator | None]) -> torch.Tensor:
-    if temperature <= 0:
+    if temperature < MIN_TEMPERATURE:  # argmax, as generation decodes: logits / 1e-300 are inf, softmax NaN
         return logits.argmax(-1)
     probs = torch.softmax(logits.cpu() / temperature, dim=-1)
     picks = [torch.multinomial(probs[r], 1, generator=g) for r, g in enumerate(gens)]

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import sys
 import time
 from dataclasses import asdict, replace
@@ -36,6 +37,7 @@ from medusa_export.exporter.own_answers import FILE as ANSWERS
 from medusa_export.exporter.own_answers import answers_without, save_answers
 from medusa_export.exporter.output_dir import check_train_out_dir
 from medusa_export.exporter.provenance import portable_command, portable_path
+from medusa_export.runtime.decode import effective_temperature
 from medusa_export.runtime.errors import InputError
 
 from . import checkpoint as ckpt
@@ -48,6 +50,8 @@ from .prompt_source import load_prompt_set
 
 HEAD_DECAY = 0.8  # Medusa-1 weight of head k's loss: 0.8^k
 _PATH_ARGS = ("data_file", "out_dir", "cache_dir", "exclude_eval")
+DRAFT_VOCAB = "draft_vocab.json"
+STAGE = ".train-heads.staging"  # the new files, in OUT until all are written (one filesystem: renames)
 
 
 class HeadsLoss(nn.Module):
@@ -151,16 +155,12 @@ def train_heads(model_source: Any, data_file: str | Path, out_dir: str | Path,
     steps_per_epoch = math.ceil(len(train_ex) / (o.batch_size * world))
     total = steps_per_epoch * o.epochs
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total, max(1, int(total * o.warmup_fraction))))
-    fingerprint = ckpt.fingerprint({**{k: v for k, v in args.items() if k not in ("device", "threads", "progress")},
-                                    "data_sha256": data_sha, "positions": len(train_ex), "world": world})
+    fingerprint = ckpt.fingerprint(resume_key(args, data_sha, len(train_ex), world, loaded.identity))
     state = ckpt.load(out, fingerprint, log=lambda m: _log(rank, m)) if o.resume else None
     start_epoch, start_step, history, initial = 0, 0, [], None
     if state is not None:
-        heads.load_state_dict(state["heads"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        start_epoch, start_step = state["epoch"], state["step_in_epoch"]
-        history, initial = (json.loads(state["history"])[k] for k in ("history", "initial"))
+        start_epoch, start_step, saved = ckpt.restore(out, state, heads, opt, sched, [steps_per_epoch] * o.epochs)
+        history, initial = _saved_history(out, saved)
         _log(rank, f"resuming at epoch {start_epoch + 1}, step {start_step} from {ckpt.path(out)}")
 
     baseline = evaluate_heads(heads, lm_weight, held_ex, device=device) if rank == 0 and state is None else None
@@ -232,33 +232,59 @@ def train_heads(model_source: Any, data_file: str | Path, out_dir: str | Path,
         "wall_time_s": round(time.perf_counter() - t_start, 1), "torch_threads": torch.get_num_threads(),
     }
     heads.to("cpu")
-    save_heads(heads, out, extra={"trained_on": prompt_set.name, "heldout_top1": final["top1"]})
-    (out / "eval.json").write_text(json.dumps(final, indent=2) + "\n")
-    if vocab is not None:  # the subset trained on: `heads.restrict_vocab(heads, ids)` can reuse it at decode time
-        vocab.save(out / "draft_vocab.json")
+    d = datas[0]
+    # Greedy answers are what `build` counts into its corpus-draft table; sampled ones are not what greedy
+    # verification accepts, so an earlier run's must not stay beside these heads (None: removed)
+    answers = answers_without(d.tokens, d.seq_lens, d.prompt_index, held_prompts) \
+        if effective_temperature(o.temperature) == 0 else None
     # Prompts the heads never saw: what `calibrate-tree` should measure them on (training prompts overstate them).
-    (out / "heldout_prompts.jsonl").write_text("".join(json.dumps({"prompt": prompts[i]}) + "\n" for i in held_prompts))
-    if o.temperature == 0:  # the model's own greedy answers: `build` counts them into its corpus-draft table
-        d = datas[0]
-        save_answers(out / ANSWERS, answers_without(d.tokens, d.seq_lens, d.prompt_index, held_prompts))
-    else:  # sampled answers are not what greedy verification accepts; an earlier run's must not stay beside these heads
-        (out / ANSWERS).unlink(missing_ok=True)
-    (out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+    texts = {"eval.json": json.dumps(final, indent=2) + "\n",
+             "heldout_prompts.jsonl": "".join(json.dumps({"prompt": prompts[i]}) + "\n" for i in held_prompts),
+             "training.json": json.dumps(record, indent=2) + "\n"}
+    write_outputs(out, heads, {"trained_on": prompt_set.name, "heldout_top1": final["top1"]}, texts, vocab, answers)
     ckpt.remove(out)
     end_distributed(world, owned)  # not when a caller (Medusa-2's warm-up) set the group up: it goes on with it
     return record
 
 
+def write_outputs(out: Path, heads: MedusaHeads, heads_extra: dict, texts: dict[str, str], vocab: DraftVocab | None,
+                  answers) -> None:
+    """The run's files, whole or not at all: written into ``out/STAGE`` first, then renamed over the earlier
+    run's (config.json, which marks a heads directory, last). A failure while writing leaves the old set and no
+    stage; ``vocab`` or ``answers`` None removes an earlier run's file (it would restrict or mislead these heads)."""
+    stage = out / STAGE
+    shutil.rmtree(stage, ignore_errors=True)
+    try:
+        save_heads(heads, stage, extra=heads_extra)
+        for name, text in texts.items():
+            (stage / name).write_text(text)
+        if vocab is not None:  # the subset trained on: `heads.restrict_vocab(heads, ids)` can reuse it at decode time
+            vocab.save(stage / DRAFT_VOCAB)
+        if answers is not None:
+            save_answers(stage / ANSWERS, answers)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    for name in (DRAFT_VOCAB, ANSWERS):
+        if not (stage / name).exists():
+            (out / name).unlink(missing_ok=True)
+    for p in sorted(stage.iterdir(), key=lambda p: p.name == "config.json"):
+        p.replace(out / p.name)
+    stage.rmdir()
+
+
 def distill_passes(model, loaded, prompt_set, o: Medusa1Options, rank: int, world: int) -> list:
     """The self-distilled answers: pass 0 (greedy by default; the held-out set comes from it), then
     ``o.extra_sampled_passes`` sampled ones, for training only."""
-    gen_cfg = DistillConfig(max_new_tokens=o.max_new_tokens, batch_size=o.gen_batch_size, temperature=o.temperature,
+    # Below MIN_TEMPERATURE sampling is argmax (as in generation); dividing by 1e-300 made the probabilities NaN
+    gen_cfg = DistillConfig(max_new_tokens=o.max_new_tokens, batch_size=o.gen_batch_size,
+                            temperature=effective_temperature(o.temperature),
                             seed=o.seed, engine=o.distill_engine)
     context = getattr(model.config, "max_position_embeddings", None)
     if isinstance(context, int) and context - o.max_new_tokens < gen_cfg.max_prompt_tokens:
         # prompt and answer within the positions the model was trained on (a smaller model than the default's)
         gen_cfg = replace(gen_cfg, max_prompt_tokens=max(1, context - o.max_new_tokens))
-    passes = [gen_cfg] + [replace(gen_cfg, temperature=o.sample_temperature, seed=o.seed + p)
+    passes = [gen_cfg] + [replace(gen_cfg, temperature=effective_temperature(o.sample_temperature), seed=o.seed + p)
                           for p in range(1, o.extra_sampled_passes + 1)]
     datas, cache = [], cache_dir(o)
     for i, cfg in enumerate(passes):
@@ -283,6 +309,25 @@ def _split(datas: list, o: Medusa1Options):
         keep = np.random.default_rng(o.seed).permutation(len(train_ex))[:o.max_train_positions]
         train_ex = train_ex.subset(np.sort(keep))
     return train_ex, held_ex
+
+
+def resume_key(args: dict, data_sha: str, positions: int, world: int, identity: dict) -> dict:
+    """What a checkpoint must match to be continued: the options that change the result, the prompts trained on
+    (their hash covers --data and --exclude-eval, so the paths as typed are left out: ``./p.jsonl`` is
+    ``p.jsonl``) and the base model's fingerprint (heads half trained on another model must not continue)."""
+    kept = {k: v for k, v in args.items() if k not in ("device", "threads", "progress", "data_file", "exclude_eval")}
+    model = identity.get("sha256_16") or model_identity(identity)
+    return {**kept, "data_sha256": data_sha, "positions": positions, "world": world, "model": model}
+
+
+def _saved_history(out: Path, saved: dict) -> tuple[list, list | None]:
+    """The per-epoch records and first losses of a checkpoint (``ckpt.restore`` checked it is a JSON object)."""
+    history, initial = saved.get("history"), saved.get("initial")
+    if not (isinstance(history, list) and all(isinstance(h, dict) for h in history)):
+        raise ckpt.damaged(out, "its history is not a list of epoch records")
+    if initial is not None and not (isinstance(initial, list) and all(ckpt.finite_number(x) for x in initial)):
+        raise ckpt.damaged(out, "its initial losses are not a list of numbers")
+    return history, initial
 
 
 def run_arguments(data_file: str | Path, out_dir: str | Path, o: Medusa1Options) -> dict:
