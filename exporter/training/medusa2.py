@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import shutil
 import sys
 import time
@@ -34,7 +35,8 @@ import torch
 from torch import nn
 
 from medusa_export.exporter.heads import MedusaHeads, load_heads
-from medusa_export.exporter.output_dir import check_train_out_dir
+from medusa_export.exporter.output_dir import TRAIN_WORK_MARK, check_train_out_dir, train_out_lock, train_work_dir
+from medusa_export.runtime.whole_file import readable_as_made
 from medusa_export.runtime.errors import HeadsError, InputError
 
 from . import checkpoint as ckpt
@@ -61,9 +63,22 @@ def train_medusa2(model_source: Any, data_file: str | Path, out_dir: str | Path,
     (trainable backbone weights, heads, optimizer; every ``checkpoint_every_s``), so a rerun of the same
     command continues where an interrupted one stopped (``resume=False`` starts afresh).
     Under ``torchrun`` each rank trains on its share of every epoch's batches, gradients are averaged, and
-    rank 0 evaluates and writes (the others return ``{}``)."""
+    rank 0 evaluates and writes (the others return ``{}``).
+    Refused (InputError) before any work: an input (the model, the prompts, ``exclude_eval``, ``init_heads``) that
+    is OUT or lies in OUT or OUT.partial, a cache directory there or in the model, an OUT.partial train-heads did
+    not make, and a second run on the same OUT while this one holds its lock (`train_out_lock`)."""
+    source = model_source if isinstance(model_source, (str, os.PathLike)) else None
+    inputs = {"MODEL": source, "--data": None if str(data_file) == "sharegpt" else data_file,
+              "--exclude-eval": medusa1.exclude_eval, "--init-heads": opts.init_heads}
+    # before the warm-up: it replaces OUT whole when done
+    check_train_out_dir(Path(out_dir), "medusa2", inputs, medusa1.cache_dir)
+    with train_out_lock(Path(out_dir)):  # the CLI holds it already (re-entrant); library callers take it here
+        return _train_medusa2(model_source, data_file, out_dir, medusa1, opts)
+
+
+def _train_medusa2(model_source: Any, data_file: str | Path, out_dir: str | Path, medusa1: Medusa1Options,
+                   opts: Medusa2Options) -> dict:
     m1 = medusa1
-    check_train_out_dir(Path(out_dir), "medusa2")  # before the warm-up: it replaces OUT whole when done
     if not opts.init_heads:
         opts.head_rates(m1.num_heads)  # refused before the warm-up, not after it
     lora = _peft() if opts.lora_rank > 0 else None
@@ -78,10 +93,11 @@ def train_medusa2(model_source: Any, data_file: str | Path, out_dir: str | Path,
         _check_lora_targets(model, opts.lora_targets)
     out = Path(out_dir)
     work = out.with_name(out.name + ".partial")
-    if not m1.resume and rank == 0:
-        shutil.rmtree(work, ignore_errors=True)
+    if rank == 0:  # ours (marked) or made here; anything else there is refused, never removed or taken over
+        train_work_dir(out, fresh=not m1.resume)
     barrier(world)
     work.mkdir(parents=True, exist_ok=True)
+    prompt_set = load_prompt_set(data_file, exclude=m1.exclude_eval, later_turns=m1.later_turns)
     if opts.init_heads:
         heads_dir = Path(opts.init_heads)
         heads = load_heads(heads_dir, model.config)
@@ -90,11 +106,10 @@ def train_medusa2(model_source: Any, data_file: str | Path, out_dir: str | Path,
         warmup = {"init_heads": heads_dir.name}
     else:
         heads_dir = work / "warmup-heads"
-        warmup = _warm_up(loaded, data_file, heads_dir, m1, rank, world, log)
+        warmup = _warm_up(loaded, data_file, prompt_set.sha256, heads_dir, m1, rank, world, log)
         heads = load_heads(heads_dir, model.config)
     heads = heads.to(dev)
 
-    prompt_set = load_prompt_set(data_file, exclude=m1.exclude_eval, later_turns=m1.later_turns)
     # Pass 0's answers only: the extra sampled passes are the warm-up's. A warm-up of this process has just made
     # them (afresh under --no-resume): reuse them rather than generate them twice.
     fresh_warmup = not opts.init_heads
@@ -199,18 +214,39 @@ def train_medusa2(model_source: Any, data_file: str | Path, out_dir: str | Path,
     (work / "heldout_prompts.jsonl").write_text("".join(json.dumps({"prompt": prompt_set.prompts[i]}) + "\n"
                                                         for i in held_prompts))
     ckpt.remove(work)
-    if out.exists():
-        shutil.rmtree(out)
-    work.replace(out)
+    (work / TRAIN_WORK_MARK).unlink(missing_ok=True)
+    _swap_in(work, out)
     end_distributed(world, owned)
     return record
 
 
-def _warm_up(loaded, data_file, heads_dir: Path, m1: Medusa1Options, rank: int, world: int, log) -> dict:
+def _swap_in(work: Path, out: Path) -> None:
+    """``work`` becomes ``out``; an earlier Medusa-2 model there is renamed aside first, removed only after the swap
+    and put back if it fails (never a moment with neither)."""
+    old = out.with_name(f"{out.name}.old-{int(time.time() * 1000)}") if out.exists() else None
+    try:
+        if old is not None:
+            out.rename(old)
+        work.replace(out)
+    except BaseException:
+        if old is not None and old.exists() and not out.exists():
+            old.rename(out)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# Medusa1Options that change where or how fast the warm-up runs, never the heads it writes: not in its reuse key.
+_NOT_IN_WARMUP_KEY = {"device", "threads", "progress", "checkpoint_every_s", "resume", "cache_dir"}
+
+
+def _warm_up(loaded, data_file, data_sha256: str, heads_dir: Path, m1: Medusa1Options, rank: int, world: int,
+             log) -> dict:
     """Medusa-1 on the frozen backbone into ``heads_dir`` (distributed like any Medusa-1 run; rank 0 writes),
-    skipped when a finished warm-up of the same settings is already there (a resumed run)."""
+    skipped when a finished warm-up of the same model, prompts and settings is already there (a resumed run)."""
     marker = heads_dir / "medusa2_warmup.json"
-    settings = ckpt.fingerprint({"data": str(data_file), **{k: v for k, v in asdict(m1).items() if k != "device"}})
+    settings = ckpt.fingerprint({"model": loaded.identity, "data_sha256": data_sha256,
+                                 **{k: v for k, v in asdict(m1).items() if k not in _NOT_IN_WARMUP_KEY}})
     done = json.loads(marker.read_text()) if marker.exists() else {}
     if done.get("settings") == settings:
         log(f"reusing the finished heads warm-up in {heads_dir}")
@@ -293,6 +329,7 @@ def _write_model_dir(work: Path, model, heads: MedusaHeads, loaded, record: dict
     from safetensors.torch import save_file
 
     save_file(model_weights(model, _heads_tensors(heads)), str(work / "model.safetensors"), metadata={"format": "pt"})
+    readable_as_made(work / "model.safetensors")
     cfg = model.config.to_dict()
     cfg.pop("quantization_config", None)
     cfg.update(medusa_num_heads=heads.config.num_heads, medusa_num_layers=heads.config.num_layers,

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from medusa_export.runtime.errors import InputError
+from medusa_export.runtime.whole_file import readable_as_made
 
 DELTA_FILE = "medusa2_delta.safetensors"
 _LORA = "lora::"  # prefix of the adapter tensors (peft's parameter names follow it)
@@ -31,6 +32,7 @@ def save_delta(work: Path, adapters: dict[str, torch.Tensor], heads_state: dict[
     tensors = {_LORA + k: v.detach().cpu().contiguous() for k, v in adapters.items()}
     tensors.update({k: v.detach().cpu().contiguous() for k, v in heads_state.items()})
     save_file(tensors, str(work / DELTA_FILE), metadata={"format": "pt"})
+    readable_as_made(work / DELTA_FILE)
 
 
 def model_weights(model, heads_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -68,5 +70,6 @@ def restore_weights(model_dir: str | Path, base: Any = None) -> Path:
     out = model_dir / "model.safetensors"
     tmp = out.with_suffix(".tmp")
     save_file(model_weights(merged, heads_state), str(tmp), metadata={"format": "pt"})
+    readable_as_made(tmp)
     tmp.replace(out)
     return out

@@ -179,15 +179,19 @@ def train_heads(
         max_train_sequences=max_train_sequences, max_heldout_sequences=max_heldout_sequences))
     from .. import extras
 
-    _check_train_paths(out, mode, cache_dir)
     if not data.strip():  # Path("") is the current directory
         raise InputError("--data is empty: give 'sharegpt' or a JSONL file of training prompts")
     if model is not None and not model.strip():
         raise InputError("the MODEL argument is empty: give an HF model directory or a .gguf file, or leave it out "
                          "for the built-in SmolLM2")
+    _check_train_paths(out, mode, cache_dir, {"MODEL": model, "--data": None if data == "sharegpt" else data,
+                                              "--exclude-eval": exclude_eval, "--init-heads": init_heads})
     extras.require("train-heads", "train")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    record = _train(model, data, out, medusa1, medusa2)
+    from medusa_export.exporter.output_dir import train_out_lock
+
+    with train_out_lock(out):  # a second train-heads on the same --out is refused, not mixed into this one
+        record = _train(model, data, out, medusa1, medusa2)
     if not record:  # a torchrun rank other than 0: rank 0 wrote, and reports
         return
     if medusa2 is not None:
@@ -198,12 +202,13 @@ def train_heads(
         typer.echo(f"heads written to {out} ({record.get('training_positions', '?')} training positions)")
 
 
-def _check_train_paths(out: Path, mode: str, cache_dir: Optional[Path]) -> None:
+def _check_train_paths(out: Path, mode: str, cache_dir: Optional[Path], inputs: dict[str, Any]) -> None:
     """Refuse, before the distillation, an --out that is not train-heads' own (another directory's files would be
-    overwritten: the base model's config.json) and a --cache-dir that cannot be a directory."""
+    overwritten: the base model's config.json), one that would overwrite or delete an input (``inputs``: flag ->
+    path), and a --cache-dir that cannot be a directory or lies in --out or the model directory."""
     from medusa_export.exporter.output_dir import check_dir_path, check_train_out_dir
 
-    check_train_out_dir(out, mode)
+    check_train_out_dir(out, mode, inputs, cache_dir)
     if cache_dir is not None:
         check_dir_path(cache_dir, "--cache-dir")
 
