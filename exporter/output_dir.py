@@ -419,8 +419,17 @@ def replace_dir(work: Path, out: Path) -> None:
     """Swap the finished ``work`` into ``out``. An earlier artifact is renamed aside first and removed only
     after the swap; if the swap fails it is put back."""
     check_out_dir(out)  # again: something may have appeared there during the export
+    old = swap_in(work, out)
+    (out / UNFINISHED).unlink()  # only now: killed before this, ``out`` is refused, never loaded unchecked
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def swap_in(work: Path, out: Path) -> Path | None:
+    """``work`` renamed to ``out``, an earlier ``out`` renamed aside first and put back if the swap fails (never a
+    moment with neither); returns the earlier one's new name, for the caller to remove when it is done."""
     old = out.with_name(f"{out.name}.old-{int(time.time() * 1000)}") if out.exists() else None
-    try:  # a signal between the two renames puts the earlier artifact back too
+    try:  # a signal between the two renames puts the earlier one back too
         if old is not None:
             out.rename(old)
         work.rename(out)
@@ -428,6 +437,4 @@ def replace_dir(work: Path, out: Path) -> None:
         if old is not None and old.exists() and not out.exists():
             old.rename(out)
         raise
-    (out / UNFINISHED).unlink()  # only now: killed before this, ``out`` is refused, never loaded unchecked
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    return old

@@ -35,7 +35,8 @@ import torch
 from torch import nn
 
 from medusa_export.exporter.heads import MedusaHeads, load_heads
-from medusa_export.exporter.output_dir import TRAIN_WORK_MARK, check_train_out_dir, train_out_lock, train_work_dir
+from medusa_export.exporter.output_dir import (TRAIN_WORK_MARK, check_train_out_dir, swap_in, train_out_lock,
+                                              train_work_dir)
 from medusa_export.runtime.whole_file import readable_as_made
 from medusa_export.runtime.errors import HeadsError, InputError
 
@@ -215,25 +216,11 @@ def _train_medusa2(model_source: Any, data_file: str | Path, out_dir: str | Path
                                                         for i in held_prompts))
     ckpt.remove(work)
     (work / TRAIN_WORK_MARK).unlink(missing_ok=True)
-    _swap_in(work, out)
-    end_distributed(world, owned)
-    return record
-
-
-def _swap_in(work: Path, out: Path) -> None:
-    """``work`` becomes ``out``; an earlier Medusa-2 model there is renamed aside first, removed only after the swap
-    and put back if it fails (never a moment with neither)."""
-    old = out.with_name(f"{out.name}.old-{int(time.time() * 1000)}") if out.exists() else None
-    try:
-        if old is not None:
-            out.rename(old)
-        work.replace(out)
-    except BaseException:
-        if old is not None and old.exists() and not out.exists():
-            old.rename(out)
-        raise
+    old = swap_in(work, out)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+    end_distributed(world, owned)
+    return record
 
 
 # Medusa1Options that change where or how fast the warm-up runs, never the heads it writes: not in its reuse key.
