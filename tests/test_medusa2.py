@@ -388,3 +388,42 @@ def test_runs_table_reports_each_run_from_its_record(run, tmp_path, capsys):
     (tmp_path / "training.json").write_text(json.dumps({"mode": "medusa1"}))
     with pytest.raises(SystemExit, match="not a Medusa-2 training record"):
         runs.main([str(tmp_path)])
+
+
+@pytest.mark.parametrize("damage, words", [
+    (lambda s: s["backbone"].popitem(), "backbone weights are not this run's trainable ones"),
+    (lambda s: next(iter(s["backbone"].values())).fill_(float("nan")), "non-finite values"),
+    (lambda s: s.update(epoch=99), "epoch '99' is not a whole number"),
+    (lambda s: s.update(history='{"history": 5}'), "history is not the joint phase's"),
+])
+def test_a_damaged_joint_checkpoint_is_one_line(make_tokenizer, prompts_file, tmp_path, monkeypatch, run, damage,
+                                                words):
+    """A joint-phase checkpoint of this run whose contents do not fit: a CheckpointError naming it (it was a
+    KeyError, a RuntimeError deep in a step, or NaN weights trained on silently)."""
+    from medusa_export.runtime.errors import CheckpointError
+
+    opts = replace(OPTS, joint_epochs=2, max_train_sequences=6, max_heldout_sequences=2)
+    common = replace(COMMON, cache_dir=run[0] / "cache")
+
+    class Killed(Exception):
+        pass
+
+    real, calls = m2.joint_loss, []
+
+    def dies_on_second_step(*a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise Killed
+        return real(*a, **kw)
+
+    monkeypatch.setattr(m2, "joint_loss", dies_on_second_step)
+    with pytest.raises(Killed):
+        train_medusa2(_loaded(make_tokenizer), prompts_file, tmp_path / "cut", replace(common, checkpoint_every_s=0),
+                      opts)
+    monkeypatch.setattr(m2, "joint_loss", real)
+    path = tmp_path / "cut.partial" / "checkpoint.pt"
+    state = torch.load(path, weights_only=True)
+    damage(state)
+    torch.save(state, path)
+    with pytest.raises(CheckpointError, match=words):
+        train_medusa2(_loaded(make_tokenizer), prompts_file, tmp_path / "cut", common, opts)

@@ -140,7 +140,7 @@ def _load_optimizer(out: Path, opt, saved) -> None:
         for p in group["params"]:
             for name, value in opt.state.get(p, {}).items():
                 if not hasattr(value, "shape") or (value.dim() > 0 and value.shape != p.shape):
-                    raise damaged(out, f"its optimizer's {name} does not have the heads' shapes")
+                    raise damaged(out, f"its optimizer's {name} does not have the parameters' shapes")
 
 
 def _load_scheduler(out: Path, sched, saved, groups: int) -> None:

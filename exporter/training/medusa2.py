@@ -28,7 +28,7 @@ import sys
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -146,13 +146,12 @@ def _train_medusa2(model_source: Any, data_file: str | Path, out_dir: str | Path
                                     "heldout_fraction": m1.heldout_fraction, "draft_vocab": m1.draft_vocab,
                                     "model": loaded.identity, "warmup": warmup, "world": world})
     state = ckpt.load(work, fingerprint, log=log) if m1.resume else None
-    if state is not None:
-        heads.load_state_dict(state["heads"])
-        _load_trainable(student, state["backbone"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        saved = json.loads(state["history"])
-        before, history, start = saved["before"], saved["history"], (state["epoch"], state["step_in_epoch"])
+    if state is not None:  # every part checked: contents that do not fit are a CheckpointError, never a traceback
+        epoch, step, saved = ckpt.restore(work, state, heads, opt, sched, [len(e) for e in epochs])
+        _load_trainable(student, state.get("backbone"), lambda why: ckpt.damaged(work, why))
+        if not isinstance(saved.get("history"), list) or "before" not in saved:
+            raise ckpt.damaged(work, "its history is not the joint phase's")
+        before, history, start = saved["before"], saved["history"], (epoch, step)
         log(f"resuming the joint phase at epoch {start[0] + 1}, step {start[1]} from {ckpt.path(work)}")
     else:  # rank 0 alone evaluates (the others wait at the next collective)
         before = evaluate_joint(model, teacher, lora, student, heads, lm_weight, held_seqs, dev, adapters=False) \
@@ -275,11 +274,18 @@ def _trainable_state(model) -> dict:
     return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def _load_trainable(model, state: dict) -> None:
-    params = dict(model.named_parameters())
+def _load_trainable(model, state, damaged: Callable[[str], Exception]) -> None:
+    """Saved trainable backbone weights (a checkpoint's, a LoRA delta's) into ``model``: the same names and shapes
+    as its trainable parameters, finite; ``damaged(why)`` is raised otherwise."""
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if not isinstance(state, dict) or set(state) != set(trainable):
+        raise damaged("its backbone weights are not this run's trainable ones")
+    for name, value in state.items():
+        if getattr(value, "shape", None) != trainable[name].shape or not bool(torch.isfinite(value).all()):
+            raise damaged(f"its backbone weight {name[:80]} has another shape or non-finite values")
     with torch.no_grad():
         for name, value in state.items():
-            params[name].copy_(value)
+            trainable[name].copy_(value)
 
 
 def _loss_curve(history: list[dict], points: int = 20) -> list[dict]:

@@ -64,7 +64,9 @@ def restore_weights(model_dir: str | Path, base: Any = None) -> Path:
     check_same_model(loaded, record["base_model"])
     tensors = load_file(str(delta))
     student = _trainable_backbone(loaded.model.eval(), opts, _peft())  # as loaded for training (fp32)
-    _load_trainable(student, {k.removeprefix(_LORA): v for k, v in tensors.items() if k.startswith(_LORA)})
+    _load_trainable(student, {k.removeprefix(_LORA): v for k, v in tensors.items() if k.startswith(_LORA)},
+                    lambda why: InputError(f"{delta} does not fit the options in training.json ({why}): restore the "
+                                           f"directory the run wrote"))
     merged = student.merge_and_unload()
     heads_state = {k: v for k, v in tensors.items() if not k.startswith(_LORA)}
     out = model_dir / "model.safetensors"
