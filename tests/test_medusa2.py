@@ -128,6 +128,26 @@ def test_weights_restore_from_the_delta_alone(run, make_tokenizer, tmp_path):
         restore_weights(back, _loaded(make_tokenizer))
 
 
+def _stop_joint_phase_at(step: int, monkeypatch, make_tokenizer, prompts_file, out, common, opts) -> None:
+    """Run train_medusa2 into ``out`` with a checkpoint after every step, and stop it as its joint phase's
+    ``step``-th step starts (as a kill would; the checkpoint stays in OUT.partial)."""
+    class Killed(Exception):
+        pass
+
+    real, calls = m2.joint_loss, []
+
+    def dies(*a, **kw):
+        calls.append(1)
+        if len(calls) == step:
+            raise Killed
+        return real(*a, **kw)
+
+    monkeypatch.setattr(m2, "joint_loss", dies)
+    with pytest.raises(Killed):
+        train_medusa2(_loaded(make_tokenizer), prompts_file, out, replace(common, checkpoint_every_s=0), opts)
+    monkeypatch.setattr(m2, "joint_loss", real)
+
+
 def test_interrupted_joint_phase_resumes_to_the_same_model(make_tokenizer, prompts_file, tmp_path, monkeypatch, run):
     """Stop the joint phase mid-epoch (checkpoint on disk), rerun the same command: the warm-up is not repeated
     and the model written equals an uninterrupted run's. Also: the heads' draft vocabulary goes with the model
@@ -142,23 +162,8 @@ def test_interrupted_joint_phase_resumes_to_the_same_model(make_tokenizer, promp
     whole = train_medusa2(_loaded(make_tokenizer), prompts_file, tmp_path / "whole", common, opts)
     assert whole["train_sequences"] == 6 and whole["eval"]["heldout_sequences"] == 2
 
-    class Killed(Exception):
-        pass
-
-    real, calls = m2.joint_loss, []
-
-    def dies_on_third_step(*a, **kw):
-        calls.append(1)
-        if len(calls) == 3:
-            raise Killed
-        return real(*a, **kw)
-
-    monkeypatch.setattr(m2, "joint_loss", dies_on_third_step)
-    with pytest.raises(Killed):
-        train_medusa2(_loaded(make_tokenizer), prompts_file, tmp_path / "cut", replace(common, checkpoint_every_s=0),
-                      opts)
+    _stop_joint_phase_at(3, monkeypatch, make_tokenizer, prompts_file, tmp_path / "cut", common, opts)
     assert (tmp_path / "cut.partial" / "checkpoint.pt").exists() and not (tmp_path / "cut").exists()
-    monkeypatch.setattr(m2, "joint_loss", real)
     warmups = []
     monkeypatch.setattr(m2, "train_heads", lambda *a, **kw: warmups.append(1))
     again = train_medusa2(_loaded(make_tokenizer), prompts_file, tmp_path / "cut", common, opts)
@@ -405,22 +410,7 @@ def test_a_damaged_joint_checkpoint_is_one_line(make_tokenizer, prompts_file, tm
     opts = replace(OPTS, joint_epochs=2, max_train_sequences=6, max_heldout_sequences=2)
     common = replace(COMMON, cache_dir=run[0] / "cache")
 
-    class Killed(Exception):
-        pass
-
-    real, calls = m2.joint_loss, []
-
-    def dies_on_second_step(*a, **kw):
-        calls.append(1)
-        if len(calls) == 2:
-            raise Killed
-        return real(*a, **kw)
-
-    monkeypatch.setattr(m2, "joint_loss", dies_on_second_step)
-    with pytest.raises(Killed):
-        train_medusa2(_loaded(make_tokenizer), prompts_file, tmp_path / "cut", replace(common, checkpoint_every_s=0),
-                      opts)
-    monkeypatch.setattr(m2, "joint_loss", real)
+    _stop_joint_phase_at(2, monkeypatch, make_tokenizer, prompts_file, tmp_path / "cut", common, opts)
     path = tmp_path / "cut.partial" / "checkpoint.pt"
     state = torch.load(path, weights_only=True)
     damage(state)
