@@ -16,7 +16,7 @@ import json
 import re
 from pathlib import Path
 
-from medusa_export.exporter.output_dir import HEADS_FORMAT
+from medusa_export.exporter.train_out_dir import HEADS_FORMAT
 from medusa_export.runtime.artifact_files import relative_inside
 from medusa_export.runtime.bounded_read import read_bounded
 from medusa_export.runtime.errors import ModelError

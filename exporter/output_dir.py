@@ -1,5 +1,5 @@
 """Where commands write, checked before any long work: `build` replaces only a new directory, an empty one, or an
-earlier medusa-export artifact; `train-heads` only a new or empty directory or its own earlier output; report
+earlier medusa-export artifact; `train-heads` only a new or empty directory or its own earlier output (`train_out_dir`); report
 files (``--json``, ``--plot``, ``calibrate-tree --out``) go into a directory that exists and takes new files.
 
     check_out_dir(Path("artifacts/smollm2"))        # before any export work: InputError otherwise
@@ -8,7 +8,6 @@ files (``--json``, ``--plot``, ``calibrate-tree --out``) go into a directory tha
     replace_dir(work, out)                           # the swap; the old artifact is removed only after it
 
     check_out_file(Path("bench.json"), "--json")      # not a directory, its directory exists and is writable
-    check_train_out_dir(Path("heads/mine"), "medusa1")
 
 A directory that holds anything but an artifact's own files (those its manifest lists) is never touched:
 ``build --out ~/work`` must not delete ``~/work``. No torch here, so the CLI checks before the long export.
@@ -21,21 +20,15 @@ import os
 import shutil
 import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 try:
     import fcntl
 except ImportError:  # Windows: no advisory locks, so no abandoned work directory is ever removed
     fcntl = None
-try:
-    import msvcrt  # Windows: train-heads' lock on --out (a byte range lock, released with its process too)
-except ImportError:
-    msvcrt = None
 
 from medusa_export.runtime.errors import InputError
 from medusa_export.runtime.manifest import MANIFEST, UNFINISHED, building, listed_files
-from medusa_export.runtime.typed_json import json_object_or_none
 
 
 def check_out_dir(out: Path) -> None:
@@ -154,221 +147,29 @@ def _check_parents_can_be_made(path: Path, flag: str) -> None:
         return
 
 
-def _check_not_an_input(path: Path, flag: str, inputs: tuple) -> None:
-    """A report written over what the command reads would destroy it (a manifest, the prompts file)."""
-    try:
-        target = Path(path).resolve()
-    except (OSError, RuntimeError):  # a symlink loop: the checks after this one name it
-        return
-    for given in inputs:
-        if given is None or not str(given).strip():
-            continue
-        try:
-            source = Path(given).resolve()
-        except (OSError, RuntimeError):
-            continue
-        if target == source or source in target.parents:
-            raise InputError(f"{flag} {path} would overwrite {'a file in ' if target != source else ''}{given}, "
-                             f"which this command reads (or writes too): choose another path")
-
-
-# What train-heads writes (exporter/heads.py HEADS_FORMAT, exporter/training/checkpoint.py FILE; no torch here).
-HEADS_FORMAT = "medusa-export-heads"
-CHECKPOINT_FILES = {"checkpoint.pt", "checkpoint.tmp"}
-# The lock a running train-heads holds in --out (`train_out_lock`); left behind only by a killed run, and then ours.
-TRAIN_LOCK = ".train-heads.lock"
-TRAIN_STAGE = ".train-heads.staging"  # Medusa-1's new files until all are written (exporter/training/train.py)
-# The mark of Medusa-2's work directory OUT.partial (`train_work_dir`): only a directory holding it is reused.
-TRAIN_WORK_MARK = ".train-heads-work"
-# Everything Medusa-1 writes into --out (exporter/training/train.py, heads.py, own_answers.py, examples.py):
-# an input under one of these names there would be overwritten. Medusa-2 replaces --out (and OUT.partial) whole.
-MEDUSA1_WRITES = {"config.json", "heads.safetensors", "heads.safetensors.tmp", "eval.json", "draft_vocab.json",
-                  "heldout_prompts.jsonl", "answers.npz", "training.json", *CHECKPOINT_FILES, TRAIN_LOCK}
-
-
-def check_train_out_dir(out: Path, mode: str, inputs: dict | None = None, cache_dir: Path | None = None) -> None:
-    """InputError unless `train-heads --mode MODE --out OUT` may write ``out``: a new or empty directory, or this
-    mode's own earlier output (medusa1: a heads directory, or an interrupted run's checkpoint alone, which it
-    resumes; medusa2: a Medusa-2 model directory, which it replaces whole, and OUT.partial absent or its own).
-    ``inputs`` ({"MODEL": path, "--data": path, ...}, None values skipped): none may be what the run overwrites or
-    deletes; ``cache_dir`` may not be, or lie inside, ``out`` or the model directory."""
-    check_dir_path(out, "--out")
-    _check_train_inputs(out, mode, inputs or {})
-    if cache_dir is not None and str(cache_dir).strip():
-        _check_cache_dir(out, mode, Path(cache_dir), (inputs or {}).get("MODEL"))
-    if mode == "medusa2":  # it writes OUT.partial beside OUT, then swaps it in
-        check_can_create(out, "--out")
-        _check_work_dir(out)
-    if not out.exists() or not any(p.name != TRAIN_LOCK for p in out.iterdir()):
-        return
-    own = _is_heads_dir(out) if mode == "medusa1" else _is_medusa2_dir(out)
-    if not own:
-        kind = "heads directory" if mode == "medusa1" else "Medusa-2 model directory"
-        raise InputError(f"--out {out} is not empty and not a {kind} written by train-heads: refusing to overwrite "
-                         f"it; choose a new or empty directory")
-
-
-def _resolved(path) -> Path | None:
+def resolved(path) -> Path | None:
+    """``path`` with its links followed, or None where that fails (a loop of links: whoever opens it names it)."""
     try:
         return Path(path).resolve()
     except (OSError, RuntimeError):  # a loop of links: whoever opens it names the problem
         return None
 
 
-def _within(path: Path, top: Path) -> bool:
+def within(path: Path, top: Path) -> bool:
+    """Whether resolved ``path`` is ``top`` or lies inside it."""
     return path == top or top in path.parents
 
 
-def _check_train_inputs(out: Path, mode: str, inputs: dict) -> None:
-    """Medusa-1 writes its files into OUT: an input that is one of them (or under one) would be overwritten
-    (``--data OUT/heldout_prompts.jsonl``); Medusa-2 replaces OUT and removes OUT.partial whole: any input inside
-    either would be deleted. OUT itself is never an input (MODEL == OUT)."""
-    target = _resolved(out)
-    if target is None:
+def _check_not_an_input(path: Path, flag: str, inputs: tuple) -> None:
+    """A report written over what the command reads would destroy it (a manifest, the prompts file)."""
+    target = resolved(path)
+    if target is None:  # a symlink loop: the checks after this one name it
         return
-    if mode == "medusa2":
-        doomed = [target, _resolved(out.with_name(out.name + ".partial")) or target]
-    else:
-        doomed = [r for r in (_resolved(out / name) for name in sorted(MEDUSA1_WRITES)) if r is not None]
-    for flag, given in inputs.items():
-        if given is None or not str(given).strip():
-            continue
-        source = _resolved(given)
-        if source is None:
-            continue
-        if source == target:
-            raise InputError(f"--out {out} is {flag} {given}, which train-heads reads: it would be overwritten; "
-                             f"choose another --out")
-        hit = next((d for d in doomed if _within(source, d)), None)
-        if hit is not None:
-            what = "replaces" if mode == "medusa2" else "overwrites"
-            raise InputError(f"--out {out}: {flag} {given} lies where train-heads --mode {mode} {what} ({hit}): move "
-                             f"it out of there, or choose another --out")
-
-
-def _check_cache_dir(out: Path, mode: str, cache_dir: Path, model) -> None:
-    """The self-distilled shards go into neither the output (replaced, or its files mixed with them) nor the model
-    directory (an input, never written)."""
-    cache = _resolved(cache_dir)
-    if cache is None:
-        return
-    places = [("--out", out, _resolved(out))]
-    if mode == "medusa2":
-        partial = out.with_name(out.name + ".partial")
-        places.append(("--out's work directory", partial, _resolved(partial)))
-    if model is not None and str(model).strip():
-        places.append(("MODEL", model, _resolved(model)))
-    for flag, given, where in places:
-        if where is not None and _within(cache, where):
-            raise InputError(f"--cache-dir {cache_dir} is or lies inside {flag} {given}: give a cache directory "
-                             f"outside it")
-
-
-def _check_work_dir(out: Path) -> None:
-    """OUT.partial is reused (resumed) or removed (--no-resume) only when train-heads made it (its mark is there)."""
-    work = out.with_name(out.name + ".partial")
-    if not os.path.lexists(work):
-        return
-    if work.is_symlink() or not work.is_dir() or not (work / TRAIN_WORK_MARK).is_file():
-        raise InputError(f"{work} is in the way of --out {out}: train-heads --mode medusa2 works in that directory, "
-                         f"and this one is not its own: remove or rename it, or choose another --out")
-
-
-def train_work_dir(out: Path, fresh: bool) -> Path:
-    """Medusa-2's work directory OUT.partial, marked as ours: made here, or our earlier one (kept to resume, or
-    removed and made anew when ``fresh``). Anything else at that name is refused (InputError), never taken."""
-    _check_work_dir(out)
-    work = out.with_name(out.name + ".partial")
-    if fresh and work.exists():
-        shutil.rmtree(work)
-    work.mkdir(parents=True, exist_ok=True)
-    (work / TRAIN_WORK_MARK).touch()
-    return work
-
-
-def _is_heads_dir(out: Path) -> bool:
-    """train-heads' heads (config.json of our heads format), or an interrupted run: its checkpoint and nothing else."""
-    config = json_object_or_none(out / "config.json")
-    if config is not None:
-        return config.get("format") == HEADS_FORMAT
-    return not (out / "config.json").exists() and {p.name for p in out.iterdir()} <= CHECKPOINT_FILES | {TRAIN_LOCK,
-                                                                                                      TRAIN_STAGE}
-
-
-def _is_medusa2_dir(out: Path) -> bool:
-    """A model directory train-heads --mode medusa2 wrote: Medusa heads in config.json, mode in training.json."""
-    config, record = json_object_or_none(out / "config.json"), json_object_or_none(out / "training.json")
-    return bool(config and record and "medusa_num_heads" in config and record.get("mode") == "medusa2")
-
-
-_TRAIN_LOCKS: dict[str, int] = {}  # --out (absolute) -> the open, locked descriptor of its lock file
-
-
-def _rank_zero() -> bool:
-    """Under torchrun every rank runs the command: rank 0 alone writes --out, so it alone holds the lock."""
-    try:
-        return int(os.environ.get("WORLD_SIZE") or 1) <= 1 or int(os.environ.get("RANK") or 0) == 0
-    except ValueError:  # the trainer refuses such numbers in one line
-        return True
-
-
-def _try_lock(fd: int) -> bool:
-    try:
-        if fcntl is not None:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        elif msvcrt is not None:
-            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
-    except OSError:
-        return False
-    return True
-
-
-@contextmanager
-def train_out_lock(out: Path):
-    """Hold an advisory lock on ``out`` (its file TRAIN_LOCK, ``out`` made if missing) while train-heads writes it:
-    a second run on the same --out is refused in one line. Re-entrant in a process; the lock file is removed at the
-    end, and so is ``out`` when this made it and nothing else was written there."""
-    out = Path(out)
-    key = os.path.abspath(out)
-    if key in _TRAIN_LOCKS or not _rank_zero():
-        yield
-        return
-    made = not os.path.lexists(out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / TRAIN_LOCK
-    for _ in range(5):  # the file a finishing run removes after we opened it: open the new one
-        fd = os.open(path, os.O_CREAT | os.O_RDWR | getattr(os, "O_NOFOLLOW", 0), 0o644)
-        if not _try_lock(fd):
-            os.close(fd)
-            raise InputError(f"another train-heads is writing {out}: wait for it or choose another --out")
-        if _same_file(fd, path):
-            break
-        os.close(fd)
-    else:
-        raise InputError(f"another train-heads is writing {out}: wait for it or choose another --out")
-    _TRAIN_LOCKS[key] = fd
-    try:
-        yield
-    finally:
-        del _TRAIN_LOCKS[key]
-        if _same_file(fd, path):  # not when Medusa-2 replaced ``out`` (and the file with it)
-            try:
-                path.unlink()
-            except OSError:  # Windows: an open file stays; it is recognised as ours
-                pass
-        os.close(fd)
-        if made:
-            try:
-                out.rmdir()  # only if empty: a run that failed before writing leaves no directory it made
-            except OSError:
-                pass
-
-
-def _same_file(fd: int, path: Path) -> bool:
-    try:
-        return os.path.samestat(os.fstat(fd), os.stat(path, follow_symlinks=False))
-    except OSError:
-        return False
+    for given in inputs:
+        source = resolved(given) if given is not None and str(given).strip() else None
+        if source is not None and within(target, source):
+            raise InputError(f"{flag} {path} would overwrite {'a file in ' if target != source else ''}{given}, "
+                             f"which this command reads (or writes too): choose another path")
 
 
 def new_work_dir(out: Path) -> Path:

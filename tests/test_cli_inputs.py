@@ -75,7 +75,7 @@ def test_train_heads_refuses_an_empty_data_or_model(tiny_dirs, tmp_path):
 def test_train_heads_out_may_be_its_own_earlier_output(tiny_dirs, tmp_path):
     """A heads directory (rerun: replaced), an interrupted run's checkpoint (rerun: resumed), a Medusa-2 model
     directory for --mode medusa2; never the same with another program's files instead."""
-    from medusa_export.exporter.output_dir import check_train_out_dir
+    from medusa_export.exporter.train_out_dir import check_train_out_dir
 
     check_train_out_dir(tiny_dirs[1], "medusa1")  # save_heads' output, as train-heads writes it
     interrupted = tmp_path / "interrupted"
@@ -99,7 +99,7 @@ def test_train_heads_out_may_be_its_own_earlier_output(tiny_dirs, tmp_path):
 def test_train_out_check_knows_what_train_heads_writes():
     """output_dir names these without importing torch; they must stay the trainer's."""
     from medusa_export.exporter import heads
-    from medusa_export.exporter.output_dir import CHECKPOINT_FILES, HEADS_FORMAT
+    from medusa_export.exporter.train_out_dir import CHECKPOINT_FILES, HEADS_FORMAT
     from medusa_export.exporter.training import checkpoint
 
     assert HEADS_FORMAT == heads.HEADS_FORMAT

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from medusa_export.exporter.output_dir import (TRAIN_LOCK, TRAIN_WORK_MARK, check_train_out_dir, train_out_lock,
+from medusa_export.exporter.train_out_dir import (TRAIN_LOCK, TRAIN_WORK_MARK, check_train_out_dir, train_out_lock,
                                                train_work_dir)
 from medusa_export.runtime.errors import InputError
 
@@ -109,7 +109,7 @@ def test_library_medusa2_refuses_its_model_as_out(tmp_path):
 def test_library_medusa1_refuses_its_data_where_it_writes_and_takes_the_lock(tiny_dirs, tmp_path):
     """train_heads() called from Python makes the CLI's checks: its data file is one it would overwrite."""
     pytest.importorskip("torch")
-    from medusa_export.exporter.output_dir import TRAIN_LOCK
+    from medusa_export.exporter.train_out_dir import TRAIN_LOCK
     from medusa_export.exporter.training.train import train_heads
 
     out = tmp_path / "h"
@@ -173,7 +173,7 @@ def test_a_medusa2_run_leaves_neither_mark_nor_lock_nor_partial(make_tokenizer, 
 
 def test_a_second_run_on_the_same_out_is_refused(invoke, tmp_path):
     out = tmp_path / "conc"
-    code = ("import sys; from pathlib import Path; from medusa_export.exporter.output_dir import train_out_lock\n"
+    code = ("import sys; from pathlib import Path; from medusa_export.exporter.train_out_dir import train_out_lock\n"
             "with train_out_lock(Path(sys.argv[1])):\n    print('held', flush=True); sys.stdin.read()")
     holder = subprocess.Popen([sys.executable, "-c", code, str(out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                               text=True)

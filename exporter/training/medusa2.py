@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import shutil
 import sys
 import time
@@ -35,8 +34,9 @@ import torch
 from torch import nn
 
 from medusa_export.exporter.heads import MedusaHeads, load_heads
-from medusa_export.exporter.output_dir import (TRAIN_WORK_MARK, check_train_out_dir, swap_in, train_out_lock,
-                                              train_work_dir)
+from medusa_export.exporter.output_dir import swap_in
+from medusa_export.exporter.train_out_dir import (TRAIN_WORK_MARK, check_train_out_dir, partial_dir, train_inputs,
+                                                  train_out_lock, train_work_dir)
 from medusa_export.runtime.whole_file import readable_as_made
 from medusa_export.runtime.errors import HeadsError, InputError
 
@@ -68,9 +68,7 @@ def train_medusa2(model_source: Any, data_file: str | Path, out_dir: str | Path,
     Refused (InputError) before any work: an input (the model, the prompts, ``exclude_eval``, ``init_heads``) that
     is OUT or lies in OUT or OUT.partial, a cache directory there or in the model, an OUT.partial train-heads did
     not make, and a second run on the same OUT while this one holds its lock (`train_out_lock`)."""
-    source = model_source if isinstance(model_source, (str, os.PathLike)) else None
-    inputs = {"MODEL": source, "--data": None if str(data_file) == "sharegpt" else data_file,
-              "--exclude-eval": medusa1.exclude_eval, "--init-heads": opts.init_heads}
+    inputs = train_inputs(model_source, data_file, medusa1.exclude_eval, opts.init_heads)
     # before the warm-up: it replaces OUT whole when done
     check_train_out_dir(Path(out_dir), "medusa2", inputs, medusa1.cache_dir)
     with train_out_lock(Path(out_dir)):  # the CLI holds it already (re-entrant); library callers take it here
@@ -93,7 +91,7 @@ def _train_medusa2(model_source: Any, data_file: str | Path, out_dir: str | Path
     if lora is not None:
         _check_lora_targets(model, opts.lora_targets)
     out = Path(out_dir)
-    work = out.with_name(out.name + ".partial")
+    work = partial_dir(out)
     if rank == 0:  # ours (marked) or made here; anything else there is refused, never removed or taken over
         train_work_dir(out, fresh=not m1.resume)
     barrier(world)

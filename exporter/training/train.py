@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import sys
 import time
@@ -36,7 +35,7 @@ from torch import nn
 from medusa_export.exporter.heads import MedusaHeads, new_heads, save_heads
 from medusa_export.exporter.own_answers import FILE as ANSWERS
 from medusa_export.exporter.own_answers import answers_without, save_answers
-from medusa_export.exporter.output_dir import TRAIN_STAGE, check_train_out_dir, train_out_lock
+from medusa_export.exporter.train_out_dir import TRAIN_STAGE, check_train_out_dir, train_inputs, train_out_lock
 from medusa_export.exporter.provenance import portable_command, portable_path
 from medusa_export.runtime.decode import effective_temperature
 from medusa_export.runtime.errors import InputError
@@ -112,11 +111,8 @@ def train_heads(model_source: Any, data_file: str | Path, out_dir: str | Path,
     pass 0's answers; ``options.extra_sampled_passes`` add training answers only.
     """
     o = options
-    source = model_source if isinstance(model_source, (str, os.PathLike)) else None
-    inputs = {"MODEL": source, "--data": None if str(data_file) == "sharegpt" else data_file,
-              "--exclude-eval": o.exclude_eval}
     # before distillation: never over another directory's files, nor over an input
-    check_train_out_dir(Path(out_dir), "medusa1", inputs, o.cache_dir)
+    check_train_out_dir(Path(out_dir), "medusa1", train_inputs(model_source, data_file, o.exclude_eval), o.cache_dir)
     with train_out_lock(Path(out_dir)):  # the CLI holds it already (re-entrant); library callers take it here
         return _train_heads(model_source, data_file, out_dir, o)
 

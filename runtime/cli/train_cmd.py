@@ -184,11 +184,12 @@ def train_heads(
     if model is not None and not model.strip():
         raise InputError("the MODEL argument is empty: give an HF model directory or a .gguf file, or leave it out "
                          "for the built-in SmolLM2")
-    _check_train_paths(out, mode, cache_dir, {"MODEL": model, "--data": None if data == "sharegpt" else data,
-                                              "--exclude-eval": exclude_eval, "--init-heads": init_heads})
+    from medusa_export.exporter.train_out_dir import train_inputs
+
+    _check_train_paths(out, mode, cache_dir, train_inputs(model, data, exclude_eval, init_heads))
     extras.require("train-heads", "train")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from medusa_export.exporter.output_dir import train_out_lock
+    from medusa_export.exporter.train_out_dir import train_out_lock
 
     with train_out_lock(out):  # a second train-heads on the same --out is refused, not mixed into this one
         record = _train(model, data, out, medusa1, medusa2)
@@ -206,7 +207,8 @@ def _check_train_paths(out: Path, mode: str, cache_dir: Optional[Path], inputs: 
     """Refuse, before the distillation, an --out that is not train-heads' own (another directory's files would be
     overwritten: the base model's config.json), one that would overwrite or delete an input (``inputs``: flag ->
     path), and a --cache-dir that cannot be a directory or lies in --out or the model directory."""
-    from medusa_export.exporter.output_dir import check_dir_path, check_train_out_dir
+    from medusa_export.exporter.output_dir import check_dir_path
+    from medusa_export.exporter.train_out_dir import check_train_out_dir
 
     check_train_out_dir(out, mode, inputs, cache_dir)
     if cache_dir is not None:
