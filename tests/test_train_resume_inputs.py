@@ -197,7 +197,9 @@ def test_a_rerun_failing_while_writing_leaves_the_old_set(interrupted, loaded, t
     def disk_full(*_a, **_kw):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(train_mod, "save_answers", disk_full)  # after the heads, eval.json, ... are written
+    from medusa_export.exporter.training import heads_outputs
+
+    monkeypatch.setattr(heads_outputs, "save_answers", disk_full)  # after the heads, eval.json, ... are written
     with pytest.raises(OSError):
         train_mod.train_heads(loaded, tiny_prompts_file, out, replace(opts, epochs=1, seed=1))
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.name != "checkpoint.pt"} == before

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import sys
 import time
 from dataclasses import asdict, replace
@@ -32,10 +31,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from medusa_export.exporter.heads import MedusaHeads, new_heads, save_heads
-from medusa_export.exporter.own_answers import FILE as ANSWERS
-from medusa_export.exporter.own_answers import answers_without, save_answers
-from medusa_export.exporter.train_out_dir import TRAIN_STAGE, check_train_out_dir, train_inputs, train_out_lock
+from medusa_export.exporter.heads import MedusaHeads, new_heads
+from medusa_export.exporter.own_answers import answers_without
+from medusa_export.exporter.train_out_dir import check_train_out_dir, train_inputs, train_out_lock
 from medusa_export.exporter.provenance import portable_command, portable_path
 from medusa_export.runtime.decode import effective_temperature
 from medusa_export.runtime.errors import InputError
@@ -45,13 +43,12 @@ from .data import DistillConfig, discard_cache, distill, model_identity
 from .distributed import barrier, end_distributed, setup_distributed
 from .evaluate import evaluate_heads, format_table
 from .examples import IGNORE, DraftVocab, build_examples, concat, split_by_prompt
+from .heads_outputs import write_outputs
 from medusa_export.runtime.training_options import Medusa1Options
 from .prompt_source import load_prompt_set
 
 HEAD_DECAY = 0.8  # Medusa-1 weight of head k's loss: 0.8^k
 _PATH_ARGS = ("data_file", "out_dir", "cache_dir", "exclude_eval")
-DRAFT_VOCAB = "draft_vocab.json"
-STAGE = TRAIN_STAGE  # the new files, in OUT until all are written (one filesystem: renames)
 
 
 class HeadsLoss(nn.Module):
@@ -251,32 +248,6 @@ def _train_heads(model_source: Any, data_file: str | Path, out_dir: str | Path, 
     ckpt.remove(out)
     end_distributed(world, owned)  # not when a caller (Medusa-2's warm-up) set the group up: it goes on with it
     return record
-
-
-def write_outputs(out: Path, heads: MedusaHeads, heads_extra: dict, texts: dict[str, str], vocab: DraftVocab | None,
-                  answers) -> None:
-    """The run's files, whole or not at all: written into ``out/STAGE`` first, then renamed over the earlier
-    run's (config.json, which marks a heads directory, last). A failure while writing leaves the old set and no
-    stage; ``vocab`` or ``answers`` None removes an earlier run's file (it would restrict or mislead these heads)."""
-    stage = out / STAGE
-    shutil.rmtree(stage, ignore_errors=True)
-    try:
-        save_heads(heads, stage, extra=heads_extra)
-        for name, text in texts.items():
-            (stage / name).write_text(text)
-        if vocab is not None:  # the subset trained on: `heads.restrict_vocab(heads, ids)` can reuse it at decode time
-            vocab.save(stage / DRAFT_VOCAB)
-        if answers is not None:
-            save_answers(stage / ANSWERS, answers)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
-    for name in (DRAFT_VOCAB, ANSWERS):
-        if not (stage / name).exists():
-            (out / name).unlink(missing_ok=True)
-    for p in sorted(stage.iterdir(), key=lambda p: p.name == "config.json"):
-        p.replace(out / p.name)
-    stage.rmdir()
 
 
 def distill_passes(model, loaded, prompt_set, o: Medusa1Options, rank: int, world: int) -> list:
