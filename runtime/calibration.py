@@ -20,6 +20,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 import numpy as np
 
 from .backends.base import Backend
+from .decode import is_int
 from .errors import InputError
 from .generator import checked_token_ids
 from .prompts import jsonl_rows, read_prompts
@@ -211,7 +212,7 @@ def _prompt_ids(tokenizer: ChatTokenizer | None, prompts: str | Path | Sequence[
 
 def _whole(what: str, value, minimum: int, why: str = "") -> None:
     """InputError unless ``value`` is an integer (not a bool) of at least ``minimum``."""
-    if not (isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= minimum):
+    if not (is_int(value) and value >= minimum):
         raise InputError(f"{what} must be an integer >= {minimum}{why}, got {value!r:.40}")
 
 

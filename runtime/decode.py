@@ -62,10 +62,10 @@ class GenerationConfig:
             if (f := _as_float(v)) is None or not ok(f):  # float32 in the acceptance: past its range, infinite
                 raise InputError(f"{name} must be a number {rule}, got {v!r:.40}")
             setattr(self, name, f)
-        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
+        if not is_int(self.max_new_tokens) or self.max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r:.40}")
         if self.seed is not None:
-            if not _is_int(self.seed) or not -2 ** 63 <= self.seed < 2 ** 64:
+            if not is_int(self.seed) or not -2 ** 63 <= self.seed < 2 ** 64:
                 raise InputError(f"seed must be an integer in [-2**63, 2**64), got {self.seed!r:.40}")
             self.seed = int(self.seed) % 2 ** 64  # a negative seed names the same generator as its unsigned form
         self.stop_strings = _stop_strings(self.stop_strings)
@@ -107,7 +107,8 @@ def effective_temperature(t: float) -> float:
     return float(t) if t >= MIN_TEMPERATURE else 0.0
 
 
-def _is_int(x) -> bool:
+def is_int(x) -> bool:
+    """An integer, a numpy one included, but not a bool (True is an int to Python, never a count or an id)."""
     return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
 
 

@@ -18,7 +18,7 @@ from typing import Iterator
 import numpy as np
 
 from .backends.base import Backend
-from .decode import DecodeStats, GenerationConfig, decode, uses_context
+from .decode import DecodeStats, GenerationConfig, decode, is_int, uses_context
 from .errors import InputError, TreeError
 from .speculation import Speculation
 from .text_output import StreamEvent, TextOutput
@@ -183,7 +183,7 @@ def checked_token_ids(prompt, vocab: int, what: str = "the prompt") -> list[int]
         # bytes, sets, dicts and iterators are not token ids in order
         raise InputError(f"{what} must be text or a list of token ids, got {type(prompt).__name__}")
     ids = list(prompt)
-    if not all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) and 0 <= t < vocab for t in ids):
+    if not all(is_int(t) and 0 <= t < vocab for t in ids):
         raise InputError(f"{what}: token ids must be integers in 0..{vocab - 1}")
     return [int(t) for t in ids]
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from medusa_export.runtime.decode import is_int
 from medusa_export.runtime.errors import CheckpointError
 
 from ..tensor_pickles import PickledObjects, UnreadableTensors, load_tensors
@@ -93,16 +94,12 @@ def restore(out: Path, state: dict, heads, opt, sched, steps: Sequence[int]) -> 
     return epoch, step, history
 
 
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
 def _position(out: Path, state: dict, steps: Sequence[int]) -> tuple[int, int]:
     epoch, step = state.get("epoch"), state.get("step_in_epoch")
-    if not (_is_int(epoch) and 0 <= epoch <= len(steps)):
+    if not (is_int(epoch) and 0 <= epoch <= len(steps)):
         raise damaged(out, f"epoch {str(epoch)[:24]!r} is not a whole number from 0 to the run's {len(steps)}")
     last = steps[epoch] if epoch < len(steps) else 0  # a finished run's position is (epochs, 0)
-    if not (_is_int(step) and 0 <= step <= last):
+    if not (is_int(step) and 0 <= step <= last):
         raise damaged(out, f"step {str(step)[:24]!r} is not a whole number from 0 to {last}")
     return epoch, step
 
@@ -144,7 +141,7 @@ def _load_optimizer(out: Path, opt, saved) -> None:
 
 
 def _load_scheduler(out: Path, sched, saved, groups: int) -> None:
-    ok = (isinstance(saved, dict) and _is_int(saved.get("last_epoch")) and saved["last_epoch"] >= 0
+    ok = (isinstance(saved, dict) and is_int(saved.get("last_epoch")) and saved["last_epoch"] >= 0
           and all(isinstance(saved.get(k), list) and len(saved[k]) == groups and all(map(finite_number, saved[k]))
                   for k in ("base_lrs", "_last_lr")))
     if not ok:
