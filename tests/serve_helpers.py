@@ -128,3 +128,10 @@ def wait_idle(base: str, seconds: float = 30) -> None:
             return
         time.sleep(0.05)
     pytest.fail("the server did not become idle")
+
+
+def assert_still_serving(base: str) -> None:
+    """Once idle, the server at ``base`` answers a normal request (after a test that attacked it)."""
+    wait_idle(base)
+    code, body, _ = post(base + "/v1/completions", {"prompt": PROMPT, "max_tokens": 3, "temperature": 0})
+    assert code == 200 and body["usage"]["completion_tokens"] >= 1
