@@ -5,6 +5,7 @@ defects (docs routes, help text, exit code, assistant prefill). After each, the 
 
 from __future__ import annotations
 
+import gzip
 import http.client
 import json
 import os
@@ -191,6 +192,27 @@ def test_only_a_body_declared_json_or_undeclared_is_read(server, content_type, s
     assert resp.status == status, body
     if status == 415:
         assert body["error"]["code"] == "unsupported_media_type" and "application/json" in body["error"]["message"]
+
+
+@pytest.mark.parametrize("encoding, status", [("gzip", 415), ("br", 415), ("gzip, identity", 415),
+                                              ("identity", 200), ("", 200)])
+def test_a_body_declared_compressed_is_refused_not_misread(server, encoding, status):
+    """The server does not decompress: a gzip body was read as JSON (a 400 about a 0x8b byte), and a plain body
+    mislabelled ``br`` was answered as if plain. Both now get a 415 naming the encoding, before the body is read
+    (so the connection closes)."""
+    host, port = server.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    raw = json.dumps({"prompt": PROMPT, "max_tokens": 2}).encode()
+    body = gzip.compress(raw) if encoding.startswith("gzip") else raw
+    conn.request("POST", "/v1/completions", body, {"Authorization": f"Bearer {KEY}", "Content-Encoding": encoding,
+                                                   "Content-Type": "application/json"})
+    resp = conn.getresponse()
+    answer = json.loads(resp.read())
+    conn.close()
+    assert resp.status == status, answer
+    if status == 415:
+        assert answer["error"]["code"] == "unsupported_content_encoding" and encoding in answer["error"]["message"]
+        assert resp.getheader("connection") == "close"
 
 
 @pytest.mark.parametrize("extra, status", [

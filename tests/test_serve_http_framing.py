@@ -1,6 +1,6 @@
 """HTTP framing on a real uvicorn on 127.0.0.1 (`medusa-export serve`): an answer sent before a request's body was
 read closes the connection (a client that sent `Expect: 100-continue` may skip the body), one sent after keeps it,
-and HEAD is answered wherever GET is."""
+HEAD is answered wherever GET is, and an ``Upgrade`` header is ignored without a word in the log."""
 
 from __future__ import annotations
 
@@ -18,8 +18,12 @@ from serve_helpers import KEY, assert_still_serving, build_chat_artifact, servin
 
 
 @pytest.fixture(scope="module")
-def server(tiny_dirs, tmp_path_factory):
-    artifact = build_chat_artifact(tiny_dirs, tmp_path_factory.mktemp("framing"))
+def artifact(tiny_dirs, tmp_path_factory):
+    return build_chat_artifact(tiny_dirs, tmp_path_factory.mktemp("framing"))
+
+
+@pytest.fixture(scope="module")
+def server(artifact):
     with serving(artifact, "--threads", "1", "--api-key", KEY) as (base, _):
         yield base
 
@@ -87,3 +91,19 @@ def test_head_is_answered_wherever_get_is(server, path):
     resp = conn.getresponse()
     assert resp.status == 200 and resp.read() == b""
     conn.close()
+
+
+def test_upgrade_requests_are_answered_as_http_and_leave_the_log_quiet(artifact):
+    """uvicorn logged two warnings for every request with ``Connection: Upgrade`` (h2c, websocket), one advising to
+    install a WebSocket library: any client could fill the log of a server that is otherwise quiet per request."""
+    with serving(artifact, "--threads", "1") as (base, proc):
+        host, port = base.removeprefix("http://").split(":")
+        for upgrade in (b"h2c", b"websocket"):
+            request = (b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1:" + port.encode() + b"\r\nConnection: Upgrade, close"
+                       b"\r\nUpgrade: " + upgrade + b"\r\nSec-WebSocket-Version: 13\r\n"
+                       b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
+            data = _raw_exchange(base, request)
+            assert data.startswith(b"HTTP/1.1 200 ") and b'"object":"list"' in data, data[:200]
+        proc.terminate()
+        log = proc.communicate(timeout=30)[0]
+    assert "upgrade" not in log.lower() and "WebSocket" not in log, log

@@ -6,6 +6,7 @@ integers too long for Python's int(), a client gone mid-body."""
 from __future__ import annotations
 
 import asyncio
+import json
 
 import pytest
 
@@ -15,7 +16,7 @@ from conftest import IM_START, make_chat_tokenizer  # noqa: E402
 
 from medusa_export.runtime.decode import MIN_TEMPERATURE, GenerationConfig  # noqa: E402
 from medusa_export.runtime.errors import InputError  # noqa: E402
-from medusa_export.runtime.serve.app import ServeSettings, _json, _read_body  # noqa: E402
+from medusa_export.runtime.serve.app import ServeSettings, _data, _json, _read_body  # noqa: E402
 from medusa_export.runtime.serve.requests import ApiError, ServedModel, parse_chat, parse_completion  # noqa: E402
 
 MODEL = ServedModel("m", make_chat_tokenizer(), max_seq=64, medusa=True)
@@ -211,3 +212,16 @@ def test_an_answer_that_ended_by_itself_is_answered_even_when_a_stop_came_meanwh
         with pytest.raises(ApiError) as e:
             _result_or_error(Finished(Result(reason), None, reason), 1.0)
         assert e.value.status == status
+
+
+@pytest.mark.parametrize("char", ["\u2028", "\u2029", "\x85", "\x0b", "\x0c", "\x1c", "\r", "\n"])
+def test_a_stream_event_stays_one_line_for_every_client(char):
+    """Text a model wrote with U+2028 (asked to by its prompt) went out raw in an event: a client that splits
+    decoded text with str.splitlines (`requests.iter_lines(decode_unicode=True)`) cut its data line in two and
+    could not parse its JSON. Escaped, the event is one line however it is split, and its text is unchanged."""
+    text = f"a{char}b\u00e9\U0001f600"
+    event = _data({"choices": [{"text": text}]})
+    lines = [line for line in event.splitlines() if line]
+    assert len(lines) == 1 and lines[0].startswith("data: ") and event.endswith("\n\n")
+    assert json.loads(lines[0][len("data: "):])["choices"][0]["text"] == text
+    assert "\u00e9" in event  # other characters stay UTF-8, as before

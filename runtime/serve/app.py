@@ -171,6 +171,7 @@ def create_app(runtime, settings: ServeSettings = ServeSettings()) -> FastAPI:
         running is bounded by the template workers' own limits and the body's size, not by this deadline)."""
         _check_not_cross_origin(request.headers)
         _check_json_type(request.headers.get("content-type"))
+        _check_identity_encoding(request.headers.get("content-encoding"))
         body = await _read_body(request, settings.max_body_bytes, settings.timeout_s)
         call = lambda: parse(_json(body), model)  # noqa: E731
         chat, large = parse is parse_chat, len(body) > SMALL_BODY_BYTES
@@ -274,8 +275,15 @@ async def _sse(rid: str, job: Job, name: str, admitted: Admitted) -> AsyncIterat
     yield "data: [DONE]\n\n"
 
 
+# Characters JSON leaves unescaped that many clients take for line breaks (Python's str.splitlines, which
+# `requests.iter_lines(decode_unicode=True)` uses): raw in an event, they cut its data line in two and its JSON
+# no longer parses. A model writes them when its prompt asks it to.
+_LINE_BREAKS = str.maketrans({"\u0085": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 def _data(obj: dict) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+    """One server-sent event: the JSON on one line, whatever line breaks a client recognises."""
+    return f"data: {json.dumps(obj, ensure_ascii=False).translate(_LINE_BREAKS)}\n\n"
 
 
 def _response(rid: str, job: Job, name: str, text: str, result: GenerationResult) -> dict:
@@ -347,6 +355,15 @@ def _check_json_type(content_type: str | None) -> None:
     if media != "application/json" and not (media.startswith("application/") and media.endswith("+json")):
         raise ApiError(415, f"the request body must be JSON, sent as Content-Type: application/json (got "
                        f"{media[:80]!r})", code="unsupported_media_type")
+
+
+def _check_identity_encoding(encoding: str | None) -> None:
+    """A 415 for a body declared compressed (``Content-Encoding: gzip``): this server does not decompress, so it
+    would read the compressed bytes as JSON (a misleading 400), or read a body mislabelled ``br`` as plain."""
+    if encoding is None or encoding.strip().lower() in ("", "identity"):
+        return
+    raise ApiError(415, f"Content-Encoding {encoding[:40]!r} is not supported: send the JSON body uncompressed",
+                   code="unsupported_content_encoding")
 
 
 async def _read_body(request, limit: int, timeout_s: float = 300.0) -> bytes:

@@ -39,6 +39,11 @@ def header_deadline_protocol(header_timeout_s: float) -> type:
         _write_timer: asyncio.TimerHandle | None = None
         _unsent = 0  # `_unsent_bytes` when the write deadline was last set
 
+        def _unsupported_upgrade_warning(self) -> None:
+            """Nothing: an ``Upgrade`` header (h2c, websocket) is ignored and the request answered as HTTP/1.1, as
+            RFC 9110 allows. uvicorn logged two warnings for each such request (one advising to install a WebSocket
+            library), so any client could fill the server's log, which is otherwise quiet per request."""
+
         def connection_made(self, transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
             self._arm()

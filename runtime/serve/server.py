@@ -51,8 +51,9 @@ def run_server(artifact: str, host: str = "127.0.0.1", port: int = 8000, backend
         f"queue {settings.max_queue}; KV cache reserved for {engine.max_num_seqs} sequences of "
         f"{runtime.generator.backend.max_seq} tokens: {engine.kv_bytes / 2**20:.0f} MiB"
         f"{', resident as rows fill' if backend == 'ort' else ''}; {hosts_answered(settings.allowed_hosts)})")
+    # ws="none": the API has no WebSocket route, so an upgrade is answered as HTTP whatever libraries are installed
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=RESPONSES_S,
-                            http=header_deadline_protocol(settings.header_timeout_s))
+                            http=header_deadline_protocol(settings.header_timeout_s), ws="none")
     # uvicorn drains on SIGTERM, then raises the signal again under the handler it found: with this one in place
     # the process ends by returning, so a clean drain exits 0 (what process managers expect), not 143.
     previous = signal.signal(signal.SIGTERM, lambda *_: None)
