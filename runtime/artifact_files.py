@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
+from .bounded_read import read_bounded
 from .errors import ArtifactError
 from .onnx_external import OnnxFormatError, external_locations
 
@@ -111,11 +112,16 @@ def check_file(path: Path, rec, check_hashes: bool) -> None:
         raise ArtifactError(f"artifact file {path} cannot be read ({_why(e)}): rebuild the artifact") from None
 
 
+# An ONNX graph file is one protobuf message, which cannot pass 2 GiB (weights past that are external data): a
+# larger file is not a graph, and reading it whole to look (a sparse file costs no disk) took all its size in memory.
+MAX_GRAPH_BYTES = (2 << 30) - 1
+
+
 def external_data_names(graph: Path) -> set[str]:
     """The files an ONNX graph file names as external data (`onnx_external`: its protobuf walked, so no entry
     escapes by the order of its fields)."""
     try:
-        return external_locations(graph.read_bytes())
+        return external_locations(read_bounded(graph, MAX_GRAPH_BYTES))
     except OSError as e:
         raise ArtifactError(f"artifact file {graph} cannot be read ({_why(e)}): rebuild the artifact") from None
     except OnnxFormatError as e:

@@ -27,14 +27,16 @@ from dataclasses import dataclass, field
 from jinja2 import TemplateSyntaxError
 
 from .errors import ArtifactError, BusyError, InputError
-from .template_limits import TemplateLimitError, bounded_environment, bounded_render
+from .template_limits import MAX_SOURCE, TemplateLimitError, bounded_environment, bounded_render
 from .template_worker import TemplateRenderFailure, TemplateSyntax, WorkerUnavailable, shared_worker
 
 # Noncharacters (Unicode keeps U+FDD0..U+FDEF for a program's internal use, never for text interchange): they never
 # occur in the template's own text, trim/strip leave them alone, and real text (private-use icons included) is free
 # of them.
 _OPEN, _CLOSE = "\ufdd0", "\ufdd1"
-_SENTINEL = re.compile(f"{_OPEN}(\\d+){_CLOSE}")
+# ASCII digits, at most 9: \d also takes other scripts' digits, and int() of a template's 5,000 digits raised a bare
+# ValueError (a traceback at load, or a 500 for the request whose messages made the template write them).
+_SENTINEL = re.compile(f"{_OPEN}([0-9]{{1,9}}){_CLOSE}")
 
 
 @dataclass
@@ -50,6 +52,9 @@ class ChatTemplate:
         """Compile now, so that a template that cannot work is refused when the artifact loads, not at the
         first chat request; then render one user message, which every chat template must accept. In the worker
         process (`template_worker`) when one runs, else here."""
+        if len(self.source) > MAX_SOURCE:
+            raise ArtifactError(f"{self.origin} is a chat template of {len(self.source)} characters (at most "
+                                f"{MAX_SOURCE}): fix the template or remove it, then rebuild the artifact")
         self._worker = shared_worker()
         try:
             if self._worker is None:
@@ -107,9 +112,9 @@ class ChatTemplate:
         rendered, real = self._render_all([(marked, not continue_final), (messages, not continue_final)])
         skeleton = _split(rendered)
         # A template may transform the text (e.g. `| trim`): use the form that reproduces its own rendering.
-        if any(index is not None and index >= len(contents) for _, index in skeleton):
-            raise InputError("this model's chat template writes the noncharacters U+FDD0 / U+FDD1 itself, which mark "
-                             "message text here: fix the template")
+        if _writes_marks(skeleton, len(contents)):
+            raise InputError("this model's chat template writes the noncharacters U+FDD0 / U+FDD1 itself, or cuts a "
+                             "message's text apart (a slice), where they mark message text here: fix the template")
         candidates = [[(text if index is None else form(contents[index]), index) for text, index in skeleton]
                       for form in (str, str.strip)]
         pieces = next((c for c in candidates if "".join(text for text, _ in c) == real), candidates[0])
@@ -147,6 +152,13 @@ def _one_line(e: object) -> str:
     """An exception's (or a template's) message on one line, cut short: it may be long or multi-line."""
     text = " ".join(str(getattr(e, "message", None) or e).split())
     return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _writes_marks(skeleton: list[tuple[str, int | None]], messages: int) -> bool:
+    """Whether the template wrote the noncharacters that mark message text itself (a mark of no message, or one in
+    its own text) or cut a mark apart (``content[1:]``): its own text would then carry them to the model."""
+    return any(index is None and (_OPEN in text or _CLOSE in text) or index is not None and index >= messages
+               for text, index in skeleton)
 
 
 def _split(rendered: str) -> list[tuple[str, int | None]]:

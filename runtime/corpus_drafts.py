@@ -70,7 +70,9 @@ class CorpusTable:
         most ``entries`` entries, when given: checked before its arrays are read)."""
         path = Path(path)
         try:
-            z = read_arrays(path, _member_dtype, None if entries is None else max(entries, 2))  # meta: 2 items
+            # meta: 2 items; keys, next and share: an item per entry each
+            z = read_arrays(path, _member_dtype, None if entries is None else max(entries, 2),
+                            None if entries is None else 3 * entries + 2)
             meta = z["meta"]
             bits, max_ngram = int(meta[0]), int(meta[1])
             if bits != bits_for(vocab_size) or not 1 <= max_ngram <= min(MAX_NGRAM, 64 // bits):

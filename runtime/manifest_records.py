@@ -18,7 +18,8 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 # Upper bounds far above any real model or build (`build` allows up to 64 lanes, 64 head / sample ranks): a
 # manifest past one would make the runtime allocate terabytes or fail deep inside numpy.
-LIMITS = {"max_seq": 1 << 20, "paths": 512, "lanes": 1024, "num_nodes": 4096}
+# entries: a corpus-draft table's n-grams (the default model's: 3.7 M, 48 MB); its arrays take 13 bytes an entry.
+LIMITS = {"max_seq": 1 << 20, "paths": 512, "lanes": 1024, "num_nodes": 4096, "entries": 1 << 28}
 
 
 def positive(obj: Any, *names: str, minimum: int = 1) -> None:
@@ -29,6 +30,21 @@ def positive(obj: Any, *names: str, minimum: int = 1) -> None:
             raise FieldError(name, f"must be at least {minimum}, not {value}")
         if name in LIMITS and value > LIMITS[name]:
             raise FieldError(name, f"must be at most {LIMITS[name]}, not {short_int(value)}")
+
+
+MAX_NAME_CHARS = 255  # names a build records (`exporter/provenance.record_name`: a file's or directory's name)
+
+
+def short_names(obj: Any, *names: str) -> None:
+    """FieldError naming the first of these text fields (None allowed) that is not a name a build records: over
+    MAX_NAME_CHARS characters or not printable. They reach logs, messages and every answer the server sends (the model
+    name is in each streamed chunk): a manifest's 16 MB name went out again with every token."""
+    for name in names:
+        value = getattr(obj, name)
+        if value is not None and len(value) > MAX_NAME_CHARS:
+            raise FieldError(name, f"must be a name of at most {MAX_NAME_CHARS} characters, not {len(value)}")
+        if value is not None and not value.isprintable():
+            raise FieldError(name, "must be a printable name (it holds a newline or another control character)")
 
 
 def short_int(value: int) -> str:
@@ -72,6 +88,9 @@ class ModelRecord:
     num_layers: int
     vocab_size: int
 
+    def __post_init__(self) -> None:
+        short_names(self, "name", "source", "sha256_16", "model_type")
+
 
 @dataclass(frozen=True)
 class HeadsRecord:
@@ -83,6 +102,9 @@ class HeadsRecord:
     sha256: str | None
     directory: str | None  # the heads' files inside the artifact (for the PyTorch reference)
 
+    def __post_init__(self) -> None:
+        short_names(self, "source")
+
 
 @dataclass(frozen=True)
 class TreeRecord:
@@ -91,6 +113,7 @@ class TreeRecord:
     num_nodes: int  # with the root
 
     def __post_init__(self) -> None:
+        short_names(self, "name")
         positive(self, "num_nodes")
         if self.num_nodes != len(self.medusa_choices) + 1:
             raise FieldError("num_nodes", f"must be len(medusa_choices) + 1 = {len(self.medusa_choices) + 1}, "

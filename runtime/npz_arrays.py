@@ -20,14 +20,15 @@ MAX_UNPACKED = 4 << 30  # bytes one array may take
 
 
 def read_arrays(path: str | Path, dtypes: dict[str, object] | Callable[[str], object],
-                max_items: int | None = None) -> dict[str, np.ndarray]:
+                max_items: int | None = None, max_total: int | None = None) -> dict[str, np.ndarray]:
     """The arrays of ``path`` by name. ``dtypes``: name -> accepted dtype or tuple of dtypes (or a function giving
-    that, None for a name that may not appear). ``max_items``: the most items any member may declare, checked
-    before anything is read (a sparse file is as large as it claims, yet costs nothing on disk)."""
+    that, None for a name that may not appear). ``max_items``: the most items any member may declare, ``max_total``
+    all members together, checked before anything is read (a sparse file is as large as it claims, yet costs
+    nothing on disk)."""
     accepted = dtypes.get if isinstance(dtypes, dict) else dtypes
     path = Path(path)
     try:
-        _check_members(path, accepted, max_items)
+        _check_members(path, accepted, max_items, max_total)
         with np.load(path, allow_pickle=False) as z:
             return {name: z[name] for name in z.files}
     except ValueError:
@@ -36,8 +37,9 @@ def read_arrays(path: str | Path, dtypes: dict[str, object] | Callable[[str], ob
         raise ValueError(f"{type(e).__name__}: {e}") from None
 
 
-def _check_members(path: Path, accepted: Callable[[str], object], max_items: int | None) -> None:
-    size = path.stat().st_size
+def _check_members(path: Path, accepted: Callable[[str], object], max_items: int | None,
+                   max_total: int | None) -> None:
+    size, total = path.stat().st_size, 0
     with zipfile.ZipFile(path) as z:
         members = z.infolist()
         if sum(m.file_size for m in members) > size:  # the directory's sizes are not the bytes the file holds
@@ -58,3 +60,6 @@ def _check_members(path: Path, accepted: Callable[[str], object], max_items: int
                     raise ValueError(f"{m.filename} is not a 1-D {'/'.join(k.name for k in kinds)} array of its size")
                 if max_items is not None and shape[0] > max_items:
                     raise ValueError(f"{m.filename} holds {shape[0]} items, more than the {max_items} expected")
+                total += shape[0]
+                if max_total is not None and total > max_total:
+                    raise ValueError(f"its members hold more than the {max_total} items expected in all")

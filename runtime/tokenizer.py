@@ -26,6 +26,9 @@ from .errors import ArtifactError, InputError, first_line
 from .tokenizer_limits import check_growth
 from .typed_json import MAX_JSON_BYTES, read_json
 
+# tokenizer.json: the library reads it whole, so a file its manifest records as huge (a sparse one costs no disk)
+# took that much memory. Real ones: 2 MB (SmolLM2) to 33 MB (Gemma 3's 262k tokens).
+MAX_TOKENIZER_BYTES = 128 << 20
 MAX_SPECIAL_CHARS = 256  # a special token's text: markers such as <|im_start|> (every text is searched for them)
 # Characters a chat template may write of its own around a conversation's messages: real templates write markers
 # and at most a default system prompt (a few KB). The render itself is bounded (`template_limits`), but its output
@@ -100,10 +103,11 @@ class ChatTokenizer:
         tj = locate("tokenizer.json")
         if tj is None:
             raise ArtifactError(f"{directory / 'tokenizer.json'} is missing: rebuild the artifact (medusa-export build)")
-        # tokenizers raises plain Exceptions for unreadable files and panics on some well-formed ones (a normalizer's
-        # broken charsmap)
-        tokenizer = _unpanicked(lambda: Tokenizer.from_file(str(tj)),
+        text = _read_tokenizer_json(tj)
+        # tokenizers panics on some well-formed files (a normalizer's broken charsmap)
+        tokenizer = _unpanicked(lambda: Tokenizer.from_str(text),
                                 lambda why: ArtifactError(f"{tj} is corrupt ({why}): rebuild the artifact"))
+        del text
         # Before anything encodes or decodes with it: a normalizer or decoder that multiplies text (Replace steps in
         # a row, each lengthening it) would take every request, or the loading itself, out of memory
         check_growth(tokenizer, tj)
@@ -269,6 +273,16 @@ def _read_text(path: Path) -> str:
         raise ArtifactError(f"{path} cannot be read as UTF-8 text ({why}): rebuild the artifact") from None
 
 
+def _read_tokenizer_json(path: Path) -> str:
+    """The text of a tokenizer.json, read once (what is checked is what is parsed) and at most MAX_TOKENIZER_BYTES."""
+    try:
+        return read_bounded(path, MAX_TOKENIZER_BYTES).decode("utf-8")
+    except OSError as e:
+        raise ArtifactError(f"{path} cannot be read ({e.strerror or type(e).__name__}): rebuild the artifact") from None
+    except UnicodeDecodeError as e:
+        raise ArtifactError(f"{path} is not UTF-8 text (byte {e.start}): rebuild the artifact") from None
+
+
 def _json_object(path: Path | None) -> dict:
     """A JSON object file, ``{}`` when there is none (``path`` None); ArtifactError naming the file otherwise."""
     if path is None:
@@ -294,6 +308,9 @@ def _token_text(cfg: dict, key: str, path: Path) -> str | None:
         key = f"{key}.content"
     if value is not None and not isinstance(value, str):
         raise ArtifactError(f"{path}: field {key} must be a string, not {type(value).__name__}: rebuild the artifact")
+    if value is not None and len(value) > MAX_SPECIAL_CHARS:  # sent to the template worker with every render
+        raise ArtifactError(f"{path}: field {key} has {len(value)} characters (at most {MAX_SPECIAL_CHARS}): a "
+                            f"special token is a marker; rebuild the artifact")
     return value
 
 

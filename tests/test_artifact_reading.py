@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import json
+import re
 import shutil
 import time
 from pathlib import Path
@@ -363,3 +364,27 @@ def test_a_slot_the_backend_cannot_reset_fails_its_request_not_the_engine(artifa
         second = batcher.submit([5, 6, 7], max_new_tokens=3, chat=False)
         assert second.wait().token_ids == rt.generate([5, 6, 7], max_new_tokens=3, chat=False).token_ids
     assert len(calls) == 2
+
+
+# ------------------------------------------------- files their manifest records as huge (sparse: they cost no disk)
+def _sparse(art: Path, name: str, size: int) -> None:
+    """``name`` replaced by a sparse file of ``size`` bytes that the manifest lists with that size."""
+    path = art / name
+    path.unlink()
+    with open(path, "wb") as f:
+        f.truncate(size)
+    data = _manifest(art)
+    data["files"][name]["bytes"] = size
+    _write_manifest(art, data)
+
+
+@pytest.mark.parametrize("name, size, words", [
+    ("tokenizer.json", (128 << 20) + 1, "tokenizer.json cannot be read (larger than 134217728 bytes)"),
+    ("vanilla.onnx", 2 << 30, "vanilla.onnx cannot be read (larger than 2147483647 bytes)"),
+])
+def test_a_file_recorded_as_huge_is_refused_before_it_is_read_whole(art, name, size, words):
+    """Both were read whole into memory (the tokenizer library reads its file at once; the graph was read to list
+    its external data): a manifest recording a huge sparse file took that much memory."""
+    _sparse(art, name, size)
+    with pytest.raises(ArtifactError, match=re.escape(words)):
+        MedusaRuntime.load(art, plain=True)

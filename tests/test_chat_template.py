@@ -251,3 +251,32 @@ def test_a_template_repeating_a_message_counts_the_repeats_as_its_own_text():
     assert repeating.encode_prompt("t5 ")[:100] == [5] * 100
     with pytest.raises(InputError, match=rf"writes \d+ characters of its own .*at most {MAX_TEMPLATE_CHARS}"):
         repeating.encode_prompt("t5 " * (MAX_TEMPLATE_CHARS // 300 + 1))
+
+
+# ------------------------------------------------ templates that write or cut the marks of message text (an attack)
+@pytest.mark.parametrize("template", [
+    "\ufdd0" + "9" * 5000 + "\ufdd1",  # int() of those digits raised a bare ValueError at load
+    "\ufdd0\u0660\ufdd1{% for m in messages %}{{ m['content'] }}{% endfor %}",  # Arabic-Indic zero: read as message 0
+    "{% for m in messages %}{{ m['content'][1:] }}{% endfor %}",  # a cut mark reached the model as template text
+])
+def test_a_template_that_writes_or_cuts_the_marks_of_message_text_is_refused(template):
+    tok = make_chat_tokenizer()
+    with pytest.raises(ArtifactError, match="U\\+FDD0 / U\\+FDD1 itself, or cuts a message's text apart"):
+        ChatTokenizer(tok.tokenizer, chat_template=template, eos_token_ids=(IM_END,))
+
+
+def test_a_template_that_writes_the_marks_for_some_messages_only_is_an_input_error():
+    tok = make_chat_tokenizer()
+    template = "{% if messages | length > 1 %}\ufdd0" + "9" * 5000 + "\ufdd1{% endif %}{{ messages[0]['content'] }}"
+    tok = ChatTokenizer(tok.tokenizer, chat_template=template, eos_token_ids=(IM_END,))
+    with pytest.raises(InputError, match="U\\+FDD0 / U\\+FDD1 itself"):
+        tok.encode_chat([{"role": "user", "content": "t5"}, {"role": "assistant", "content": "t6"}])
+
+
+def test_a_huge_template_source_is_refused_before_it_compiles():
+    from medusa_export.runtime.template_limits import MAX_SOURCE
+
+    tok = make_chat_tokenizer()
+    with pytest.raises(ArtifactError, match=f"of {MAX_SOURCE + 1} characters \\(at most {MAX_SOURCE}\\)"):
+        template = CHATML + " " * (MAX_SOURCE + 1 - len(CHATML))
+        ChatTokenizer(tok.tokenizer, chat_template=template, eos_token_ids=(IM_END,))

@@ -347,3 +347,15 @@ def test_the_answers_fields_are_written_only_when_answers_counted(artifact, tmp_
     assert m.to_json()["drafts"]["answers_weight"] == 1000 and Manifest.from_json(m.to_json()).drafts == m.drafts
     with pytest.raises(FieldError, match="answers_tokens"):
         replace(m.drafts, answers_tokens=-1)
+
+
+def test_a_table_s_arrays_together_may_declare_no_more_than_its_entries(tmp_path):
+    """Each array within the record's entries was not enough: twelve of them could each declare that many (a sparse
+    file costs no disk), so loading allocated twelve times what the record allows."""
+    from medusa_export.runtime.npz_arrays import read_arrays
+
+    path = tmp_path / "t.npz"
+    np.savez(path, a=np.zeros(3, np.int64), b=np.zeros(3, np.int64))
+    assert len(read_arrays(path, {"a": np.int64, "b": np.int64}, max_items=3, max_total=6)) == 2
+    with pytest.raises(ValueError, match="more than the 5 items expected in all"):
+        read_arrays(path, {"a": np.int64, "b": np.int64}, max_items=3, max_total=5)

@@ -183,6 +183,51 @@ def test_serve_refuses_malformed_artifacts_in_one_line(artifact, tmp_path, name,
     assert_one_line_error(proc, *words)
 
 
+# From a later attack: text an artifact carries that went out with every streamed chunk (the model name), to the
+# template worker with every render (the bos token, the template's source), or that raised a bare ValueError (a
+# template writing the marks of message text itself, with more digits than int() reads).
+MORE_BROKEN = [
+    ("manifest.json", ("model.name", "x" * 300), ["field model.name must be a name of at most 255 characters"]),
+    ("manifest.json", ("model.name", "tiny\nFAKE: all good"), ["field model.name must be a printable name"]),
+    ("manifest.json", ("tree.name", "\x1b[31mred"), ["field tree.name must be a printable name"]),
+    ("tokenizer_config.json", {"bos_token": "x" * 300}, ["field bos_token has 300 characters (at most 256)"]),
+    ("tokenizer_config.json", {"chat_template": "{#" + "x" * (1 << 17) + "#}"},
+     ["field chat_template is a chat template of 131076 characters (at most 131072)"]),
+    ("tokenizer_config.json", {"chat_template": "\ufdd0" + "9" * 5000 + "\ufdd1"},
+     ["writes the noncharacters U+FDD0 / U+FDD1 itself", "fix the template"]),
+]
+
+
+@pytest.mark.parametrize("name, how, words", MORE_BROKEN, ids=[f"{n}-{i}" for i, (n, _, _) in enumerate(MORE_BROKEN)])
+def test_artifact_text_past_its_bounds_is_a_one_line_error(artifact, tmp_path, name, how, words):
+    test_malformed_artifact_files_are_one_line_errors(artifact, tmp_path, name, how, words)
+
+
+def test_engine_profiles_are_checked_with_the_manifest():
+    """A profile the TensorRT backend could not use was a bare ValueError once its engine was deserialized."""
+    from medusa_export.runtime.manifest import ProfileRecord
+    from manifest_samples import sample_engine_record
+
+    for seq, past, total, batch, words in [((0, 1, 1), (0, 8, 31), (0, 9, 32), (1, 1, 1), "seq and batch must start"),
+                                           ((1, 1, 1), (0, 40, 31), (1, 41, 32), (1, 1, 1), "past must be min <= opt"),
+                                           ((1, 1, 1), (0, 8, 31), (1, 9, 33), (1, 1, 1), "total must be past + seq")]:
+        data = to_json(sample_engine_record(profiles=[ProfileRecord("decode", (1, 1, 1), (0, 8, 31), (1, 9, 32))]))
+        data["profiles"][0].update(seq=list(seq), past=list(past), total=list(total), batch=list(batch))
+        manifest = sample_manifest().to_json() | {"engines": {"vanilla": data | {"onnx": "vanilla.onnx"}}}
+        with pytest.raises(ArtifactError, match=re.escape(f"field engines.vanilla.profiles[0].{words}")):
+            Manifest.from_json(manifest)
+    batch_only = ProfileRecord("batch", (1, 1, 4), (0, 8, 27), (1, 9, 31), (1, 4, 4))
+    with pytest.raises(ValueError, match="must hold a one-sequence profile"):
+        sample_engine_record(profiles=[batch_only])
+
+
+def test_a_corpus_table_record_has_a_bounded_size():
+    from medusa_export.runtime.manifest import DraftsRecord
+
+    with pytest.raises(ValueError, match="entries must be at most 268435456"):
+        DraftsRecord(file="corpus_drafts.npz", source="x", corpus_tokens=1, max_ngram=4, min_count=3, entries=1 << 40)
+
+
 def test_a_key_repeated_in_the_manifest_is_refused(artifact, tmp_path):
     """json.loads keeps the last of a repeated key: a reader of the file could see another max_seq than the loader."""
     art = tmp_path / "art"
