@@ -39,7 +39,9 @@ from .tree import Tree, load_choices
 class MedusaRuntime:
     manifest: Manifest
     generator: Generator
-    _batchers: weakref.WeakSet = field(default_factory=weakref.WeakSet, repr=False)
+    # The engine threads of the batchers it opened: a batcher dropped with requests still running is gone from
+    # here only once its thread has stopped, so closing the runtime still stops it before the backend goes.
+    _engine_threads: weakref.WeakSet = field(default_factory=weakref.WeakSet, repr=False)
 
     @classmethod
     def load(cls, directory: str | Path, backend: str = "ort", tree: str | None = None, device: str = "cpu",
@@ -90,8 +92,8 @@ class MedusaRuntime:
 
     def close(self) -> None:
         """Stop the batchers this runtime opened (their requests end as cancelled), then free the backend."""
-        for batcher in list(self._batchers):
-            batcher.close()
+        for thread in list(self._engine_threads):
+            thread.stop()
         self.generator.backend.close()
 
     def __enter__(self) -> "MedusaRuntime":
@@ -122,7 +124,7 @@ class MedusaRuntime:
         from .batcher import Batcher
 
         batcher = Batcher(self.generator, max_num_seqs, max_num_batched_tokens)
-        self._batchers.add(batcher)  # closed with the runtime: its thread must not outlive the backend
+        self._engine_threads.add(batcher.thread)  # stopped with the runtime: it must not outlive the backend
         return batcher
 
     def chat(self, messages: list[dict], **options) -> GenerationResult:

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import queue
 import threading
+import weakref
 from typing import Callable
 
-from .decode import GenerationConfig
+from .decode import GenerationConfig, checked_config
 from .engine import DEFAULT_MAX_NUM_BATCHED_TOKENS, Engine, Sequence
 from .engine_thread import EngineThread
 from .errors import InputError
@@ -72,13 +73,19 @@ class Batcher:
     def __init__(self, generator: Generator, max_num_seqs: int | None = None, max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS) -> None:
         self.generator = generator
         self.thread = EngineThread(Engine(generator, max_num_seqs, max_num_batched_tokens))
+        # Dropped without close(): the thread finishes what was submitted, then stops and frees the KV slots (it
+        # would otherwise wait for work for ever, holding them, out of reach of `MedusaRuntime.close`).
+        weakref.finalize(self, self.thread.retire)
 
     def submit(self, prompt: str | list[int], **options) -> BatchedStream:
         """Queue a request (InputError when it could never run, or when this batcher is closed)."""
         cfg = GenerationConfig.from_options(**options)
         stream = BatchedStream()
         stream.engine = self.thread.engine
-        stream.sequence = self.thread.submit(prompt, cfg, stream._sink)
+        # The engine holds the handle weakly: a handle nobody holds any more (its caller went away) cancels its
+        # request, which then gives its slot to the others instead of decoding to its end for no one.
+        stream.sequence = self.thread.submit(prompt, cfg, _weak_sink(stream))
+        weakref.finalize(stream, stream.engine.cancel, stream.sequence)
         return stream
 
     def close(self) -> None:
@@ -91,6 +98,17 @@ class Batcher:
         self.close()
 
 
+def _weak_sink(stream: BatchedStream) -> Callable:
+    """``stream``'s sink, holding it weakly (items for a handle that is gone are dropped)."""
+    method = weakref.WeakMethod(stream._sink)
+
+    def sink(item) -> None:
+        if (bound := method()) is not None:
+            bound(item)
+
+    return sink
+
+
 def generate_many(generator: Generator, prompts: list[str | list[int]], max_num_seqs: int | None = None,
                   max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS, cfg: GenerationConfig | None = None,
                   *, on_step: Callable | None = None,
@@ -100,7 +118,7 @@ def generate_many(generator: Generator, prompts: list[str | list[int]], max_num_
     if isinstance(prompts, (str, bytes)) or not isinstance(prompts, (list, tuple)):
         raise InputError(f"prompts must be a list of prompts (texts or lists of token ids), not "
                          f"{type(prompts).__name__}: for one prompt use generate()")
-    cfg = cfg or GenerationConfig()
+    cfg = checked_config(cfg)
     engine = Engine(generator, max_num_seqs, max_num_batched_tokens, on_step=on_step)
     results: list = [None] * len(prompts)
 

@@ -12,7 +12,7 @@ token (so every step yields at least one token). Stopping (EOS, stop strings, ma
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Iterator
 
 import numpy as np
@@ -64,6 +64,7 @@ class GenerationConfig:
             setattr(self, name, f)
         if not is_int(self.max_new_tokens) or self.max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r:.40}")
+        self.max_new_tokens = int(self.max_new_tokens)  # a numpy integer as a plain one (JSON, comparisons)
         if self.seed is not None:
             if not is_int(self.seed) or not -2 ** 63 <= self.seed < 2 ** 64:
                 raise InputError(f"seed must be an integer in [-2**63, 2**64), got {self.seed!r:.40}")
@@ -81,6 +82,17 @@ class GenerationConfig:
         if unknown:
             raise InputError(f"unknown option {unknown[0]!r}: the options are {', '.join(sorted(known))}")
         return cls(**options)
+
+
+def checked_config(cfg) -> GenerationConfig:
+    """``cfg`` checked again, as a copy (a caller may have changed a field since it was made: a ``stop_strings`` set to
+    one string would stop at any of its characters), or the defaults for None."""
+    if cfg is None:
+        return GenerationConfig()
+    if not isinstance(cfg, GenerationConfig):
+        raise InputError(f"the options must be a GenerationConfig, got {type(cfg).__name__:.40}: pass "
+                         f"GenerationConfig(...), or keyword options to MedusaRuntime.generate")
+    return replace(cfg)
 
 
 def _stop_strings(value) -> tuple[str, ...]:

@@ -212,7 +212,7 @@ class Engine:
         b = self.gen.backend
         new = step(seq.session, seq.cursor, tree, seq.cfg, seq.stats, self.gen.spec, b.max_paths, b.whole_tree_steps)
         if new is None:
-            seq.out.finish = seq.out.finish or "length"
+            self._end(seq, "length")
             return 0, False
         self._emit(seq, new)
         return seq.stats.last_rows, seq.stats.last_rows > 1
@@ -230,7 +230,7 @@ class Engine:
         for seq in live:
             if seq.cursor is not None:
                 if seq.session.length + 1 > seq.session.capacity:  # as alone: the next token needs one row
-                    seq.out.finish = seq.out.finish or "length"
+                    self._isolated(seq, lambda s: self._end(s, "length"))
                     continue
                 decoding.append(seq)
                 tokens = [seq.cursor.root]
@@ -307,11 +307,18 @@ class Engine:
         if event is not None:
             seq.sink(event)
 
+    def _end(self, seq: Sequence, reason: str) -> None:
+        """``seq`` ends for a reason outside its tokens (its KV slot is full): the text held back is sent."""
+        event = seq.out.end(reason)
+        if event is not None:
+            seq.sink(event)
+
     def _retire(self) -> None:
         """Hand back the slots of sequences that ended or were cancelled; send their results."""
         for seq in [s for s in self.running if s.out.finish or s.cancelled]:
             self._release(seq)
-            self._finish(seq, seq.out.finish if seq.out.finish and not seq.cancelled else seq.cancelled)
+            # A cancel that came after the answer ended (its last event already sent) leaves its finish as it is.
+            self._finish(seq, seq.out.finish or seq.cancelled)
 
     def _release(self, seq: Sequence) -> None:
         self.running.remove(seq)

@@ -23,6 +23,7 @@ class EngineThread:
         self.engine = engine
         self.wake = threading.Event()
         self.stopping = False
+        self.retiring = False  # stop once idle: the owner is gone, nothing more can be submitted
         self.submitting = threading.Lock()
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._loop, name=name, daemon=True)
@@ -53,6 +54,20 @@ class EngineThread:
                 failures += 1  # the requests still queued step soon, not at the next submit; a step that keeps
                 time.sleep(min(0.001 * 2 ** failures, 1.0))  # failing is retried ever more slowly, never in a spin
                 self.wake.set()
+            if self.retiring and self.engine.idle and self._claim_stop():
+                self.engine.close()  # its KV slots are freed now, not when the process ends
+
+    def retire(self) -> None:
+        """Stop once the requests already submitted have ended (their handles still get every event and result):
+        what a `Batcher` dropped without `close` asks, so that its thread and KV slots do not outlive it."""
+        self.retiring = True
+        self.wake.set()
+
+    def _claim_stop(self) -> bool:
+        """Whether this call is the one that stopped the thread (``stop`` or the loop itself, once)."""
+        with self.submitting:
+            mine, self.stopping = not self.stopping, True
+        return mine
 
     def stop(self, timeout: float = 30.0) -> None:
         with self.submitting:

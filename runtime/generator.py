@@ -18,7 +18,7 @@ from typing import Iterator
 import numpy as np
 
 from .backends.base import Backend
-from .decode import DecodeStats, GenerationConfig, decode, is_int, uses_context
+from .decode import DecodeStats, GenerationConfig, checked_config, decode, is_int, uses_context
 from .errors import InputError, TreeError
 from .speculation import Speculation
 from .text_output import StreamEvent, TextOutput
@@ -128,7 +128,7 @@ class Generator:
         return stream.result
 
     def stream(self, prompt: str | list[int], cfg: GenerationConfig | None = None) -> Stream:
-        cfg = cfg or GenerationConfig()
+        cfg = checked_config(cfg)
         ids = self.prompt_ids(prompt, cfg)
         outcome: list = [None]
         stop = threading.Event()
@@ -170,8 +170,10 @@ class Generator:
                         yield event
                     if out.finish or stop.is_set():  # stop: closed from another thread; the result says "abort"
                         break
-                else:
-                    out.finish = stats.finish_reason or "length"
+                else:  # the KV buffer is full: the text held back so far is the answer's end
+                    event = out.end(stats.finish_reason or "length")
+                    if event is not None:
+                        yield event
         finally:  # also when the consumer stops early (closes the stream): the result says "abort"
             outcome[0] = result_of(out, stats, out.finish or "abort", self.backend.name, tree, len(ids), t0)
 

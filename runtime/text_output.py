@@ -58,7 +58,20 @@ class TextOutput:
                 self.finish = "length"
                 break
         self.new += kept
-        if self.finish and not cut:
+        return self._show(kept, tail, flush=bool(self.finish) and not cut)
+
+    def end(self, reason: str) -> StreamEvent | None:
+        """End the answer for a reason outside its tokens (the KV capacity is full: "length"); the event with the
+        text held back so far (a possible stop string's beginning, an unfinished character), as the token budget's
+        end shows it. None when it had ended already or nothing was held back."""
+        if self.finish:
+            return None
+        self.finish = reason
+        return self._show([], self.shown_tail, flush=True)
+
+    def _show(self, kept: list[int], tail: str, flush: bool) -> StreamEvent | None:
+        """The event for ``kept`` and the text that may be shown now (all of it once the answer has ended)."""
+        if flush:
             self.pending += self.detok.flush(cut=self.finish == "length")
             self._cut_at_stop(tail)  # a stop string completed by the held-back end of the text
         visible = self.pending if self.finish else _safe_prefix(self.pending, self.cfg.stop_strings)
