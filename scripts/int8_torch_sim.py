@@ -16,7 +16,8 @@ weights and input: the screened lm_head's exact top words) and / or
 key (rotated) and value row rounded to fp16, or to int8 under its own scale per row and head, as it enters the
 cache: what a lower-precision KV cache would hold; ``+kv8c``: the keys per channel instead, each channel's scale the
 largest over the whole sequence, which a cache filled token by token cannot know: a bound on per-channel keys;
-``+kv8h``: per row and head after an orthonormal Hadamard turn of the head's channels).
+``+kv8h``: per row and head after an orthonormal Hadamard turn of the head's channels; the general form, int4 and
+asymmetric groups included, is in ``rounded_cache``).
 ``--sweep-layers`` adds, after the variants, each variant with one layer kept at a time: which layers lose the most
 agreement. ``--no-smoothing`` quantizes the model without the recipe's activation smoothing (weight-only recipes
 have no activations to smooth for). One JSON line per variant.
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
 
 import numpy as np
@@ -124,38 +126,51 @@ def hadamard(n: int) -> torch.Tensor:
     return h / np.sqrt(n)
 
 
+CACHE_KIND = re.compile(r"(kv|k|v)(16|8|4)(c|h)?(a)?(?:g(\d+))?")
+
+
 def rounded_cache(kind: str):
-    """A context in which every K / V row entering transformers' DynamicCache is rounded as ``kind`` ("kv16": fp16;
-    "kv8": symmetric int8 per row and head, scale max|x| / 127; "kv8c": the keys per channel over the sequence;
-    "kv8h": per row and head after a Hadamard turn; "k8h" / "v8h": only the keys / values so, the other fp16;
-    a trailing "gN": one scale per N channels of a row); "" leaves the cache alone."""
+    """A context in which every K / V row entering transformers' DynamicCache is rounded as ``kind``: which part
+    ("kv" both; "k" / "v" only the keys / values, the other fp16), the bits (16: fp16; 8 or 4: integers under one
+    scale per row and head, symmetric, scale max|x| / (2^(bits-1) - 1)), then optionally "c" (the keys per channel
+    over the sequence), "h" (per row after a Hadamard turn of the head's channels), "a" (asymmetric: a scale and a
+    zero point per group, 2^bits levels from the group's min to its max) and "gN" (one scale per N channels of a
+    row); "" leaves the cache alone. Examples: kv16, kv8, kv8c, kv8h, k8h, v8h, kv8hg16, kv4hag16."""
     import contextlib
 
     from transformers.cache_utils import DynamicCache
 
-    group = int(kind.split("g")[1]) if "g" in kind else 0
-    which = kind.split("g")[0]
-    if kind and (which not in ("kv16", "kv8", "kv8c", "kv8h", "k8h", "v8h") or (group and which in ("kv16", "kv8c"))):
-        raise SystemExit(f"unknown cache rounding {kind!r}: kv16, kv8, kv8c, kv8h, k8h or v8h (gN: kv8, kv8h, k8h, v8h)")
+    if not kind:
+        return contextlib.nullcontext()
+    m = CACHE_KIND.fullmatch(kind)
+    if not m or (m[2] == "16" and (m[3] or m[4] or m[5])) or (m[3] == "c" and m[5]):
+        raise SystemExit(f"unknown cache rounding {kind!r}: (kv|k|v)(16|8|4)[c|h][a][gN], e.g. kv16, kv8h, kv4hag16")
+    which, bits, how, asym, group = m[1], int(m[2]), m[3] or "", bool(m[4]), int(m[5] or 0)
 
-    def int8(x: torch.Tensor, channels: bool = False) -> torch.Tensor:
+    def rounded_int(x: torch.Tensor, channels: bool = False) -> torch.Tensor:
         shape = x.shape
         if group:
             x = x.reshape(*shape[:-1], shape[-1] // group, group)
-        step = x.abs().amax(-2 if channels else -1, keepdim=True) / 127
+        axis = -2 if channels else -1
+        if asym:
+            low, high = x.amin(axis, keepdim=True), x.amax(axis, keepdim=True)
+            step = (high - low) / (2 ** bits - 1)
+            step = torch.where(step > 0, step, torch.ones_like(step))
+            return (torch.round((x - low) / step) * step + low).reshape(shape)
+        top = 2 ** (bits - 1) - 1
+        step = x.abs().amax(axis, keepdim=True) / top
         step = torch.where(step > 0, step, torch.ones_like(step))
-        return (torch.round(x / step).clamp(-127, 127) * step).reshape(shape)
-
-    def turned_int8(x: torch.Tensor) -> torch.Tensor:
-        turn = hadamard(x.shape[-1]).to(x.dtype).to(x.device)
-        return int8(x @ turn) @ turn.T
+        return (torch.round(x / step).clamp(-top, top) * step).reshape(shape)
 
     def rounded(x: torch.Tensor, part: str) -> torch.Tensor:
-        if which == "kv16" or (which in ("k8h", "v8h") and not which.startswith(part)):
+        if bits == 16 or part not in which:
             return x.half().float()
-        if which == "kv8c":
-            return int8(x, channels=part == "k")
-        return turned_int8(x) if which.endswith("h") else int8(x)
+        if how == "c":
+            return rounded_int(x, channels=part == "k")
+        if how == "h":
+            turn = hadamard(x.shape[-1]).to(x.dtype).to(x.device)
+            return rounded_int(x @ turn) @ turn.T
+        return rounded_int(x)
 
     @contextlib.contextmanager
     def patched():
@@ -166,7 +181,7 @@ def rounded_cache(kind: str):
         finally:
             DynamicCache.update = update
 
-    return patched() if kind else contextlib.nullcontext()
+    return patched()
 
 
 def main() -> None:
@@ -233,7 +248,7 @@ def main() -> None:
                     rounded_weights[how, turn, name] = torch.from_numpy(q.T.astype(np.float32).copy())
                 module.weight.data = rounded_weights[how, turn, name]  # nothing writes into it: restored by replacing
         handles = activation_hooks(model, quantized, act, "unturned" not in options) if act else []
-        with rounded_cache(next((o for o in options if o.startswith(("kv", "k8", "v8"))), "")):
+        with rounded_cache(next((o for o in options if CACHE_KIND.fullmatch(o)), "")):
             top1, ppl, positions = agreement()
         for h in handles:
             h.remove()
