@@ -127,7 +127,7 @@ class ChatTokenizer:
                                 f"rebuild the artifact from a model whose special tokens are markers")
         cfg_path = locate("tokenizer_config.json")
         cfg = _json_object(cfg_path)
-        template, origin = _optional_str(cfg, "chat_template", cfg_path), f"{cfg_path} field chat_template"
+        template, origin = _chat_template(cfg, cfg_path), f"{cfg_path} field chat_template"
         jinja = locate("chat_template.jinja")
         if jinja is not None:
             template, origin = _read_text(jinja), str(jinja)
@@ -293,11 +293,24 @@ def _json_object(path: Path | None) -> dict:
     return value
 
 
-def _optional_str(cfg: dict, key: str, path: Path) -> str | None:
-    value = cfg.get(key)
-    if value is not None and not isinstance(value, str):
-        raise ArtifactError(f"{path}: field {key} must be a string, not {type(value).__name__}: rebuild the artifact")
-    return value
+def _chat_template(cfg: dict, path: Path) -> str | None:
+    """tokenizer_config.json's chat template: a string, or (Command-R, Hermes) a list of named templates
+    ``[{"name": "default", "template": ...}, {"name": "tool_use", ...}]``, of which the one named "default" (the one
+    transformers renders when no name is given). ArtifactError for any other form."""
+    value = cfg.get("chat_template")
+    if value is None or isinstance(value, str):
+        return value
+    named = value if isinstance(value, list) else []
+    if not named or not all(isinstance(t, dict) and isinstance(t.get("name"), str) and isinstance(t.get("template"), str)
+                            for t in named):
+        raise ArtifactError(f"{path}: field chat_template must be a string or a list of {{\"name\", \"template\"}} "
+                            f"objects, not {type(value).__name__}: fix the model's tokenizer_config.json")
+    default = [t["template"] for t in named if t["name"] == "default"]
+    if len(default) != 1:
+        names = ", ".join(repr(t["name"][:40]) for t in named[:8])
+        raise ArtifactError(f"{path}: field chat_template holds named templates ({names}) but not one named "
+                            f"'default': name the one to use 'default' or write it to chat_template.jinja")
+    return default[0]
 
 
 def _token_text(cfg: dict, key: str, path: Path) -> str | None:

@@ -7,6 +7,7 @@ marker fragments. Benign text tokenizes exactly as rendering then tokenizing wou
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from hypothesis import given, settings
@@ -280,3 +281,36 @@ def test_a_huge_template_source_is_refused_before_it_compiles():
     with pytest.raises(ArtifactError, match=f"of {MAX_SOURCE + 1} characters \\(at most {MAX_SOURCE}\\)"):
         template = CHATML + " " * (MAX_SOURCE + 1 - len(CHATML))
         ChatTokenizer(tok.tokenizer, chat_template=template, eos_token_ids=(IM_END,))
+
+
+def _saved_with_template(tmp_path, value) -> None:
+    """A saved tokenizer whose tokenizer_config.json's chat_template is ``value``."""
+    make_chat_tokenizer().save(tmp_path)
+    cfg = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg | {"chat_template": value}))
+
+
+def test_a_list_of_named_templates_uses_the_one_named_default(tmp_path):
+    """Command-R and Hermes ship ``[{"name": "default", ...}, {"name": "tool_use", ...}]``: build refused them as
+    "must be a string ... rebuild the artifact"; transformers renders "default" when no name is given, and so does
+    this loader."""
+    named = [{"name": "tool_use", "template": "{{ 'tools' }}"}, {"name": "default", "template": CHATML}]
+    _saved_with_template(tmp_path, named)
+    loaded = ChatTokenizer.from_directory(tmp_path)
+    assert loaded.chat_template == CHATML
+    assert loaded.encode_chat([{"role": "user", "content": "t7"}]) == make_chat_tokenizer().encode_chat(
+        [{"role": "user", "content": "t7"}])
+
+
+@pytest.mark.parametrize("value, message", [
+    ([{"name": "tool_use", "template": CHATML}], "holds named templates ('tool_use') but not one named 'default'"),
+    ([{"name": "default", "template": CHATML}] * 2, "but not one named 'default'"),
+    (["{{ 'x' }}"], "must be a string or a list of {\"name\", \"template\"} objects, not list"),
+    ([], "must be a string or a list"),
+    ({"default": CHATML}, "not dict"),
+])
+def test_other_forms_of_chat_template_are_one_line_errors(tmp_path, value, message):
+    _saved_with_template(tmp_path, value)
+    with pytest.raises(ArtifactError, match=re.escape(message)) as e:
+        ChatTokenizer.from_directory(tmp_path)
+    assert "\n" not in str(e.value)

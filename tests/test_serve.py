@@ -76,6 +76,33 @@ def test_greedy_chat_streamed_equals_plain_equals_runtime_and_vanilla(client, ru
     assert off.model_extra["metrics"]["speculative_decoding"]["medusa"] is False
 
 
+def _events(base: str, body: dict) -> list[dict]:
+    """The JSON events of a streamed request, read raw (the openai client shows an absent field as None too)."""
+    host, port = base.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    conn.request("POST", "/v1/completions", json.dumps(body),
+                 {"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"})
+    resp = conn.getresponse()
+    assert resp.status == 200
+    lines = [line[len("data: "):] for line in resp.read().decode().split("\n\n") if line.startswith("data: ")]
+    conn.close()
+    assert lines[-1] == "[DONE]"
+    return [json.loads(line) for line in lines[:-1]]
+
+
+@pytest.mark.parametrize("include", [True, False])
+def test_with_include_usage_every_chunk_carries_usage(server, include):
+    """OpenAI's stream with include_usage: "usage" null on every chunk, then a last chunk with it and no choices;
+    without it, no chunk has the field."""
+    events = _events(server, {"prompt": PROMPT, "max_tokens": 5, "temperature": 0, "stream": True,
+                              "stream_options": {"include_usage": include}, "ignore_eos": True})
+    if include:
+        assert all("usage" in e and e["usage"] is None for e in events[:-1])
+        assert events[-1]["usage"]["completion_tokens"] == 5 and events[-1]["choices"] == []
+    else:
+        assert not any("usage" in e for e in events) and events[-1]["choices"][0]["finish_reason"] == "length"
+
+
 def test_stop_and_completions(client, runtime):
     tok = runtime.generator.tokenizer
     msgs = [{"role": "user", "content": PROMPT}]

@@ -253,7 +253,9 @@ async def _sse(rid: str, job: Job, name: str, admitted: Admitted) -> AsyncIterat
             choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
         else:
             choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
-        return _data({"id": rid, "object": kind, "created": created, "model": name, "choices": [choice]})
+        # With include_usage every chunk carries "usage", null until the last one's (as OpenAI's stream does)
+        usage = {"usage": None} if job.include_usage else {}
+        return _data({"id": rid, "object": kind, "created": created, "model": name, "choices": [choice]} | usage)
 
     if job.chat:
         yield chunk("", None, role=True)
