@@ -301,8 +301,8 @@ def _chat_template(cfg: dict, path: Path) -> str | None:
     if value is None or isinstance(value, str):
         return value
     named = value if isinstance(value, list) else []
-    if not named or not all(isinstance(t, dict) and isinstance(t.get("name"), str) and isinstance(t.get("template"), str)
-                            for t in named):
+    if not named or not all(isinstance(t, dict) and isinstance(t.get("name"), str)
+                            and isinstance(t.get("template"), str) for t in named):
         raise ArtifactError(f"{path}: field chat_template must be a string or a list of {{\"name\", \"template\"}} "
                             f"objects, not {type(value).__name__}: fix the model's tokenizer_config.json")
     default = [t["template"] for t in named if t["name"] == "default"]
