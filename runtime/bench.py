@@ -33,7 +33,7 @@ def summarize(backend: str, mode: str, results: list[GenerationResult], wall_s: 
     return {
         "backend": backend,
         "mode": mode,
-        "tokens_per_s": round(sum(r.new_tokens for r in results) / wall_s, 3),
+        "tokens_per_s": round(sum(r.new_tokens for r in results) / wall_s, 3) if wall_s > 0 else None,
         "mean_accepted": round(step_tokens / n_steps, 4) if n_steps else None,
         "step_ms_p50": round(float(np.percentile(steps, 50)), 3) if steps else None,
         "step_ms_p90": round(float(np.percentile(steps, 90)), 3) if steps else None,
@@ -101,7 +101,7 @@ def run_bench(artifact: str | Path, backends: list[str], prompts: list[str], max
             row, hf_tokens = baseline(run["manifest"], prompts, max_new_tokens, on_prompt=lambda: bar.update(1),
                                       model=model)
             ref = vanilla_tokens.get("torch") or next(iter(vanilla_tokens.values()), None)
-            row["identical_to_vanilla"] = ref is not None and hf_tokens == ref
+            row["identical_to_vanilla"] = None if ref is None else hf_tokens == ref  # None: nothing to compare
             add(row)
     except BaseException as e:  # a backend failed, or the run was stopped: the rows measured so far are kept
         if results and measured is not None:
@@ -124,21 +124,29 @@ def backend_rows(rt, name: str, prompts: list[str], max_new_tokens: int, concurr
         rt.generate(prompts[0], max_new_tokens=8, **options)
     for mode, runs, seconds in single_stream_runs(rt, modes, prompts, max_new_tokens, interleave, tick):
         if mode == "vanilla":
-            vanilla_tokens[name], single = [r.token_ids for r in runs], seconds
+            vanilla_tokens[name] = [r.token_ids for r in runs]
         identical = all(r.token_ids == v for r, v in zip(runs, vanilla_tokens[name]))
         row = summarize(name, mode, runs, seconds, identical)
         if mode == "vanilla":
             single_rate = row["tokens_per_s"]
         else:  # same backend, same artifact, same prompts
-            row["speedup_vs_vanilla"] = round(single / seconds, 3)
+            row["speedup_vs_vanilla"] = speedup(row["tokens_per_s"], single_rate)
         add(row)
     if concurrency > 1:
         warm_up_backend(rt.generator)  # batched steps too: the lanes graph opens (~1.7 s for the default model)
         for mode, options in (modes[0], modes[-1]):
             row = concurrent_row(rt, name, prompts, GenerationConfig(max_new_tokens=max_new_tokens, **options),
                                  concurrency, vanilla_tokens[name], mode, on_done=tick)
-            row["speedup_vs_single_stream_vanilla"] = round(row["tokens_per_s"] / single_rate, 3)
+            row["speedup_vs_single_stream_vanilla"] = speedup(row["tokens_per_s"], single_rate)
             add(row)
+
+
+def speedup(rate: float | None, vanilla_rate: float | None) -> float | None:
+    """``rate`` over ``vanilla_rate`` (tokens per second: a row whose answers differ from vanilla's made other
+    tokens, so its time alone is no measure); None when either made no tokens, which is no speed-up at all."""
+    if not rate or not vanilla_rate:
+        return None
+    return round(rate / vanilla_rate, 3)
 
 
 def single_stream_runs(rt, modes: list[tuple[str, dict]], prompts: list[str], max_new_tokens: int, interleave: bool,
@@ -243,12 +251,13 @@ def plot(report: dict, path: str | Path) -> None:
 
     rows = report["results"]
     labels = [f"{r['backend']}\n{r['mode']}" for r in rows]
-    values = [r["tokens_per_s"] for r in rows]
+    values = [r["tokens_per_s"] or 0.0 for r in rows]  # None: not measured (no time), drawn as no bar
     colors = ["#4C72B0" if r["mode"] == "vanilla" else "#DD8452" for r in rows]
     fig, ax = plt.subplots(figsize=(1.6 * len(rows) + 2, 4))
     bars = ax.bar(labels, values, color=colors)
     for b, r in zip(bars, rows):
-        note = f"{r['tokens_per_s']:.1f}" + (f"\n{_accepted(r)} acc" if r["mode"] != "vanilla" else "")
+        rate = "-" if r["tokens_per_s"] is None else f"{r['tokens_per_s']:.1f}"
+        note = rate + (f"\n{_accepted(r)} acc" if r["mode"] != "vanilla" else "")
         ax.annotate(note, (b.get_x() + b.get_width() / 2, b.get_height()), ha="center", va="bottom", fontsize=8)
     ax.set_ylabel("tokens / s")
     ax.set_title(f"{report['model']}: {report['prompts']} prompts, {report['max_new_tokens']} new tokens")

@@ -5,15 +5,19 @@
 The first backend is the reference. For each prompt and mode (vanilla, Medusa) the greedy generations
 must match token for token; then the reference's generated sequence is fed to every backend in one
 teacher-forced forward, and the base model's top-1 agreement and the max abs error of its top-S
-probabilities are reported per backend.
+probabilities are reported per backend. The Medusa mode runs the heads' graph on every prompt (`heads_graph`);
+without heads it is not run, and its counts are None rather than a match of nothing.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import numpy as np
 
 from .decode import GenerationConfig
-from .errors import InputError
+from .errors import InputError, MedusaExportError
 from .generator import Generator
 
 
@@ -27,7 +31,7 @@ def compare_backends(generators: dict[str, Generator], prompts: list[str], max_n
         row = {"prompt": prompt[:60]}
         for medusa in (False, True) if ref.tree is not None else (False,):
             cfg = GenerationConfig(max_new_tokens=max_new_tokens, medusa=medusa)
-            outs = {n: g.generate(prompt, cfg).token_ids for n, g in generators.items()}
+            outs = {n: generate_on_graph(g, prompt, cfg) for n, g in generators.items()}
             mode = "medusa" if medusa else "vanilla"
             row[f"{mode}_identical"] = {n: outs[n] == outs[ref_name] for n in names[1:]}
             row[f"{mode}_first_divergence"] = {n: _first_diff(outs[n], outs[ref_name]) for n in names[1:]}
@@ -41,22 +45,56 @@ def compare_backends(generators: dict[str, Generator], prompts: list[str], max_n
             row[f"{n}_top1_agreement"] = float(np.mean(a.next_ids[:, 0] == b.next_ids[:, 0]))
             same = a.next_ids[:, 0] == b.next_ids[:, 0]
             # Where the top-1 differs the probabilities are of different tokens; with no agreeing position at all
-            # the error is unbounded (and the top-1 agreement of 0 says why).
+            # the error is unbounded: None (JSON has no infinity), and the top-1 agreement of 0 says why.
             row[f"{n}_max_prob_error"] = (float(np.abs(a.next_probs[same, 0] - b.next_probs[same, 0]).max())
-                                          if same.any() else float("inf"))
+                                          if same.any() else None)
         rows.append(row)
     summary = {"reference": ref_name, "prompts": len(prompts), "max_new_tokens": max_new_tokens,
                "prob_tolerance": prob_tolerance}
     for n in names[1:]:
-        summary[n] = {
-            "vanilla_identical": sum(r["vanilla_identical"][n] for r in rows),
-            "medusa_identical": sum(r.get("medusa_identical", {}).get(n, True) for r in rows),
-            "top1_agreement": float(np.mean([r[f"{n}_top1_agreement"] for r in rows])),
-            "max_prob_error": float(max(r[f"{n}_max_prob_error"] for r in rows)),
-        }
-        summary[n]["ok"] = (summary[n]["vanilla_identical"] == len(rows) and summary[n]["medusa_identical"] == len(rows)
-                            and summary[n]["max_prob_error"] <= prob_tolerance)
+        summary[n] = backend_summary(rows, n, prob_tolerance, medusa=ref.tree is not None)
     return {"summary": summary, "rows": rows}
+
+
+def backend_summary(rows: list[dict], name: str, prob_tolerance: float, medusa: bool) -> dict:
+    """One backend's counts over ``rows``: ``medusa_identical`` None when the Medusa mode did not run (no heads),
+    ``max_prob_error`` None when some prompt had no position whose top-1 agreed (unbounded); either way not ok
+    unless what was compared matched."""
+    errors = [r[f"{name}_max_prob_error"] for r in rows]
+    worst = None if any(e is None for e in errors) else float(max(errors))
+    s = {"vanilla_identical": sum(r["vanilla_identical"][name] for r in rows),
+         "medusa_identical": sum(r["medusa_identical"][name] for r in rows) if medusa else None,
+         "top1_agreement": float(np.mean([r[f"{name}_top1_agreement"] for r in rows])),
+         "max_prob_error": worst}
+    s["ok"] = (s["vanilla_identical"] == len(rows) and s["medusa_identical"] in (None, len(rows))
+               and worst is not None and worst <= prob_tolerance)
+    return s
+
+
+@contextmanager
+def heads_graph(gen: Generator) -> Iterator[None]:
+    """Greedy Medusa requests of ``gen`` run the heads' tree (the Medusa graph) while inside. Left to
+    `Speculation.heads_for`, every other request (and all of them where the heads do not pay) runs the vanilla
+    graph, and a check of "Medusa" would compare the vanilla graph with itself."""
+    spec = gen.spec
+    spec.heads_for = lambda tree: tree  # an instance attribute: the class's method is back once deleted
+    try:
+        yield
+    finally:
+        del spec.heads_for
+
+
+def generate_on_graph(gen: Generator, prompt: str, cfg: GenerationConfig) -> list[int]:
+    """``gen``'s greedy tokens for ``prompt``; with ``cfg.medusa`` on the heads' graph (`heads_graph`).
+    An error when a Medusa request still ran without the heads' tree."""
+    if not cfg.medusa or gen.tree is None:
+        return gen.generate(prompt, cfg).token_ids
+    with heads_graph(gen):
+        result = gen.generate(prompt, cfg)
+    if not result.medusa:  # the decoding chose the graph some other way: the check would not test the heads
+        raise MedusaExportError(f"the {gen.backend.name} backend decoded a Medusa request without its heads' tree: "
+                                f"the Medusa graph was not checked")
+    return result.token_ids
 
 
 def teacher_forced(gen: Generator, ids: list[int]):

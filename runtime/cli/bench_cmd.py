@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
@@ -49,9 +48,7 @@ def bench(
     check_threads(threads)
     _check_outputs(as_json, plot_file, inputs=(artifact, prompts, model, tree))
     if tree is not None:  # a bad preset or file is named before the artifact loads and the progress bar starts
-        from ..tree import load_choices
-
-        load_choices(tree)
+        _check_tree(tree)
     if "torch" in names:
         extras.require("bench --backends torch", "torch")
     if hf:
@@ -95,6 +92,20 @@ def bench(
         _print_table(report)
 
 
+def _check_tree(tree: str) -> None:
+    """``--tree``: a preset or a readable tree file with at least one path. An empty value read as ".", and a tree
+    without paths ran the Medusa rows without any heads' tree, which the table reported as Medusa's speed-up."""
+    from ..errors import InputError
+    from ..tree import load_choices
+
+    if not tree.strip():
+        raise InputError("--tree is empty: give a preset (e.g. chain-2) or a tree JSON file, or leave --tree out "
+                         "for the artifact's tree")
+    if not load_choices(tree):
+        raise InputError(f"--tree {tree}: the tree has no paths, so the Medusa rows would run without the heads: "
+                         f"give a tree with at least one path, e.g. [[0]], or leave --tree out")
+
+
 def _print_table(report: dict) -> None:
     typer.echo(f"{'backend':<13}{'mode':<19}{'tok/s':>8}{'accepted':>10}{'step p50':>10}{'step p90':>10}"
                f"{'prefill':>9}{'speed-up':>10}  identical")
@@ -107,9 +118,10 @@ def _print_table(report: dict) -> None:
 
 
 def _write_json(path: Path, report: dict) -> None:
+    from ..report_json import report_text
     from ..whole_file import write_report
 
-    write_report(path, json.dumps(report, indent=2) + "\n")
+    write_report(path, report_text(report))
 
 
 def _check_outputs(as_json: Optional[Path], plot_file: Optional[Path], inputs: tuple = ()) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Optional
@@ -58,14 +57,12 @@ def calibrate_tree(
                          f"--heads ...`)")
     result = calibrate(rt.generator.backend, rt.generator.tokenizer, texts, max_new_tokens=max_new_tokens,
                        node_budget=node_budget, progress=lambda m: typer.echo(m, err=True))  # stdout: results
+    from ..report_json import report_text
     from ..whole_file import write_report
 
-    write_report(out, json.dumps(result, indent=2) + "\n", make_parents=True)
+    write_report(out, report_text(result), make_parents=True)
     c = result["calibration"]
-    acc = c["head_accuracy"]["marginal"]
-    typer.echo("head  top-1  top-5")
-    for d, row in enumerate(acc):
-        typer.echo(f"{d:>4}  {row[0]:.3f}  {sum(row[:5]):.3f}")
+    _print_accuracy(c["head_accuracy"], max_new_tokens)
     typer.echo(f"chosen tree: {c['num_nodes']} nodes, expected {c['expected_accepted'] + 1:.2f} tokens/step, "
                f"predicted {c['tokens_per_s']:.1f} tokens/s vs {c['vanilla_tokens_per_s']:.1f} vanilla "
                f"({c['predicted_speedup']:.2f}x, steps only) -> {out}")
@@ -73,6 +70,23 @@ def calibrate_tree(
         typer.echo("warning: on this backend these heads do not pay for the tree: `generate`, `serve` and the library "
                    "then decode on the vanilla graph (greedy requests with context drafts); train heads on more "
                    "data to change that", err=True)
+
+
+def _print_accuracy(accuracy: dict, max_new_tokens: int) -> None:
+    """Each head's marginal top-1 and top-5 hit rate; "-" for a head scored on no position (its 0 in the table is
+    no measurement), with a warning naming the fix."""
+    typer.echo("head  top-1  top-5")
+    unscored = []
+    for d, (row, n) in enumerate(zip(accuracy["marginal"], accuracy["positions"])):
+        if not n:
+            unscored.append(d)
+            typer.echo(f"{d:>4}  {'-':>5}  {'-':>5}")
+            continue
+        typer.echo(f"{d:>4}  {row[0]:.3f}  {sum(row[:5]):.3f}")
+    if unscored:
+        typer.echo(f"warning: head{'s' * (len(unscored) > 1)} {', '.join(map(str, unscored))} scored no position "
+                   f"(no answer ran long enough to test them): the search counted them never right; raise "
+                   f"--max-new-tokens (now {max_new_tokens}) or --limit", err=True)
 
 
 def _check_fits(artifact: Path, texts: list[str], data: Optional[Path], node_budget: int) -> None:

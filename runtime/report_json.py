@@ -1,0 +1,30 @@
+"""The text of a command's JSON report (`bench --json`, `verify --json`, `calibrate-tree --out`): strict JSON.
+
+    write_report(path, report_text(report))
+
+Python's ``json.dumps`` writes NaN and infinity as the bare words ``NaN`` and ``Infinity``, which no strict JSON
+reader (``jq``, JavaScript's ``JSON.parse``, most other languages) accepts: a figure that is not a finite number
+was not measured, and is written as null.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+
+def finite_or_none(value: Any) -> Any:
+    """``value`` with every float that is NaN or infinite, in any dict, list or tuple within it, made None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_none(v) for v in value]
+    return value
+
+
+def report_text(report: Any) -> str:
+    """``report`` as indented strict JSON with a final newline (non-finite floats as null)."""
+    return json.dumps(finite_or_none(report), indent=2, allow_nan=False) + "\n"
