@@ -11,6 +11,7 @@ complete, so a failed or interrupted build leaves the earlier artifact as it was
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import platform
 import shutil
@@ -81,6 +82,7 @@ def build_artifact(model: str | None, out: str | Path, options: BuildOptions = B
     if isinstance(trained, int) and options.max_seq > trained:  # allowed (RoPE extends), but worth knowing
         log(f"  note: --max-seq {options.max_seq} is past the model's max_position_embeddings {trained}: it was "
             f"never trained on positions beyond")
+    options = _fit_topk(options, loaded.model.config.vocab_size, log)
     if chosen.heads.draft_ids is not None and chosen.heads.config.draft_vocab_size < options.head_topk:
         raise HeadsError(f"the heads score a draft vocabulary of {chosen.heads.config.draft_vocab_size} tokens, fewer "
                          f"than --head-topk {options.head_topk}: use --head-topk {chosen.heads.config.draft_vocab_size} "
@@ -89,7 +91,8 @@ def build_artifact(model: str | None, out: str | Path, options: BuildOptions = B
     tree_obj = Tree.from_choices(load_choices(tree_spec), topk=options.head_topk, num_heads=chosen.heads.config.num_heads)
     check_sliding_window(loaded.model.config, options.max_seq)  # no graph implements one: before any export
     if options.graph == ONNXRUNTIME:
-        check_supported(loaded.model.config)  # before any export: the portable graph covers the rest
+        # before any export: the portable graph covers the rest
+        check_supported(loaded.model.config, attention=options.attention)
     # Weights already on a 4-bit grid (a Q4_0 / Q4_1 GGUF) are kept exactly by int4: decided before smoothing, which
     # would move them off it.
     grid = options.dtype == "int4" and on_4bit_grid(loaded.model)
@@ -235,7 +238,8 @@ def _export_graph(loaded, kind: str, heads, tree: Tree, options: BuildOptions, w
         # on real text (`quality`), not held to the fp32 tolerance.
         validation = validate_graph(step, path, dtype=dt, kv_layout=layout, enforce=not options.quantized, paths=paths,
                                     attention=options.attention, kv_dtype=options.kv_dtype,
-                                    approximate=("medusa_token_ids",) if options.lm_head == "screened" else ())
+                                    approximate=("medusa_token_ids",) if options.lm_head == "screened" else (),
+                                    max_positions=options.max_seq)
     n = loaded.model.config.num_hidden_layers
     tensors = lambda ts: [TensorRecord(t.name, t.dtype, list(t.axes)) for t in ts]  # noqa: E731
     record = GraphRecord(file=path.name, inputs=tensors(io_table.inputs(n, layout, paths)),
@@ -321,6 +325,9 @@ def _export_lanes(loaded, options: BuildOptions, work: Path, step_log, grid: boo
                        cleanup=cleanup, quantization=quantization, source_blocks=source_blocks)
 
 
+LANES_STEPS = 3  # tokens the lanes check decodes after each prompt
+
+
 def _check_lanes(work: Path) -> dict:
     """ExportValidationError unless a batched step gives every sequence exactly its one-sequence numbers."""
     from medusa_export.runtime.api import MedusaRuntime
@@ -330,14 +337,29 @@ def _check_lanes(work: Path) -> dict:
         backend = rt.generator.backend
         vocab = backend.dims.vocab_size
         rng = np.random.default_rng(0)
-        prompts = [rng.integers(0, vocab, n).tolist() for n in (5, 17, 1, 40)][: backend.lanes.lanes]
-        report = lanes_exactness(backend, prompts)
+        # each prompt and its decoded steps within --max-seq (a 40-token prompt overflowed a --max-seq 32 build)
+        longest = backend.max_seq - LANES_STEPS
+        prompts = [rng.integers(0, vocab, min(n, longest)).tolist() for n in (5, 17, 1, 40)][: backend.lanes.lanes]
+        report = lanes_exactness(backend, prompts, steps=LANES_STEPS)
     if not report["exact"]:
         raise ExportValidationError(
             f"the batched graph's rows differ from one-sequence steps on this machine (max difference "
             f"{report['max_abs_difference']:.3g}): the answers would depend on the batch; rebuild with --max-num-seqs 1 "
             f"and report the CPU and ONNX Runtime version")
     return report
+
+
+def _fit_topk(options: BuildOptions, vocab_size: int, log: Callable[[str], None]) -> BuildOptions:
+    """``options`` with --sample-topk and --head-topk cut to the model's vocabulary, where they exceed it: the graphs
+    then rank every word (the trace failed with torch's "selected index k out of range" for a vocabulary under the
+    default sample top-k of 32, which the CLI does not let a user change)."""
+    cut = {name: vocab_size for name in ("sample_topk", "head_topk") if getattr(options, name) > vocab_size}
+    if not cut:
+        return options
+    log(f"  note: the model's vocabulary has {vocab_size} tokens, fewer than "
+        + " and ".join(f"{name.replace('_', '-')} {getattr(options, name)}" for name in cut)
+        + f": the graphs rank all {vocab_size}")
+    return dataclasses.replace(options, **cut)
 
 
 def _check_quality_fits(tokenizer, prompts: list[str], max_seq: int) -> None:

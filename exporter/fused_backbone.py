@@ -63,22 +63,54 @@ class _Graph:
         return outs
 
 
-def check_supported(config, max_seq: int | None = None) -> None:
+SILU_NAMES = ("silu", "swish")  # transformers' ACT2FN maps both to SiLU, which the graph writes as x * sigmoid(x)
+PORTABLE_DTYPES = " (fp32 or fp16 weights: int8 and int4 need the fused graph)"
+
+
+def check_supported(config, max_seq: int | None = None, attention: str | None = None) -> None:
     """ModelError unless the fused builder covers this architecture exactly (else use the portable graph), and, with
     ``max_seq`` (the positions the graph holds), no sliding window takes effect within them (no graph implements
-    one: `check_sliding_window`; `Decoder` checks it with its own ``max_positions``)."""
+    one: `check_sliding_window`; `Decoder` checks it with its own ``max_positions``). With ``attention``, the
+    attention op takes the model's head size (`check_head_dim`)."""
     if max_seq is not None:
         check_sliding_window(config, max_seq)
+    if attention is not None:
+        check_head_dim(head_dim_of(config), attention)
     problems = []
     if config.model_type not in ("llama", "mistral", "qwen2"):
         problems.append(f"model type {config.model_type!r}")
-    if getattr(config, "hidden_act", "silu") != "silu":
+    if getattr(config, "hidden_act", "silu") not in SILU_NAMES:
         problems.append(f"activation {config.hidden_act!r}")
     if getattr(config, "mlp_bias", False):
         problems.append("MLP biases")
     if problems:
         raise ModelError(f"the fused ONNX Runtime graph does not cover {', '.join(problems)}: "
-                         f"build with --graph portable")
+                         f"build with --graph portable{PORTABLE_DTYPES}")
+
+
+# The head sizes each fused attention op takes: (multiple of, largest). ONNX Runtime's CPU GroupQueryAttention
+# refuses a head size that is not a multiple of 16 at run time; the kernel's RowAttention takes multiples of 8 up to
+# 256 (runtime/kernels/row_attention.c). Without this check the build failed in validation with a traceback.
+HEAD_DIMS = {"gqa": (16, None), "kernel": (8, 256)}
+
+
+def head_dim_of(config) -> int:
+    """The attention head size transformers uses: ``head_dim`` when the config sets it, else hidden / heads."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def check_head_dim(head_dim: int, attention: str) -> None:
+    """ModelError naming a fix when the fused graph's attention op (``attention``: gqa | kernel) cannot take heads of
+    ``head_dim`` values."""
+    multiple, largest = HEAD_DIMS[attention]
+    if head_dim % multiple == 0 and (largest is None or head_dim <= largest):
+        return
+    others = [f"--attention {a}" for a, (m, top) in HEAD_DIMS.items()
+              if a != attention and head_dim % m == 0 and (top is None or head_dim <= top)]
+    takes = f"multiples of {multiple}" + (f" up to {largest}" if largest else "")
+    op = "ONNX Runtime's GroupQueryAttention" if attention == "gqa" else "the attention kernel"
+    raise ModelError(f"the model's head size {head_dim} is not one {op} (--attention {attention}) takes ({takes}): "
+                     f"build with {' or '.join([*others, '--graph portable' + PORTABLE_DTYPES])}")
 
 
 def _rotary_cache(decoder, max_positions: int, head_dim: int) -> tuple[np.ndarray, np.ndarray]:
@@ -105,7 +137,7 @@ class Decoder:
         its weight the other way (`rotation`; for quantized graphs). ``attention`` "kernel": the project's
         RowAttention op (`runtime/kernels`) instead of GroupQueryAttention, same inputs and outputs.
         ``kv_dtype`` "float16" (kernel only): the K / V caches in fp16 (RowAttention16, LanesAttention16)."""
-        check_supported(cfg, max_positions)
+        check_supported(cfg, max_positions, attention)
         if kv_dtype not in (None, dtype) and (attention != "kernel" or kv_dtype != "float16"):
             raise ValueError(f"a {kv_dtype} KV cache in a {dtype} graph needs the attention kernel and float16")
         self.attention = attention
@@ -117,7 +149,7 @@ class Decoder:
         self.cfg, self.dtype = cfg, dtype
         self.n, self.nh = cfg.num_hidden_layers, cfg.num_attention_heads
         self.kvh = getattr(cfg, "num_key_value_heads", None) or self.nh
-        self.hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.nh
+        self.hd = head_dim_of(cfg)
         self.eps = float(cfg.rms_norm_eps)
         self.sd = {"model." + k: v.detach().float().numpy() for k, v in decoder.state_dict().items()}
         self.g = g = _Graph(self.np_dtype)

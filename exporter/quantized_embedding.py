@@ -25,6 +25,8 @@ def embed_from_lm_head(model, bits: int, block_size: int) -> dict | None:
         return None
     table = numpy_helper.to_array(inits[gather.input[0]])
     vocab, hidden = table.shape
+    if hidden % block_size:  # GatherBlockQuantized returns whole blocks: rows padded past the hidden size
+        return None
     head = next((n for n in graph.node if n.op_type == "MatMulNBits" and len(n.input) == 3 and
                  _attrs(n).get("N") == vocab and _attrs(n).get("K") == hidden and _attrs(n).get("bits") == bits and
                  _attrs(n).get("block_size") == block_size), None)

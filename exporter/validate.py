@@ -29,11 +29,13 @@ MAX_ID_MISMATCH = 0.02
 
 def validate_graph(step: StepModel, onnx_path, dtype: str = "float32", threads: int | None = None,
                    kv_layout: str = io_table.SEQUENCE_MAJOR, enforce: bool = True, paths: int = 1,
-                   attention: str = "gqa", kv_dtype: str | None = None, approximate: tuple[str, ...] = ()) -> dict:
+                   attention: str = "gqa", kv_dtype: str | None = None, approximate: tuple[str, ...] = (),
+                   max_positions: int | None = None) -> dict:
     """Max errors per output at every shape; ExportValidationError beyond tolerance when ``enforce``, except for the
     outputs ``approximate`` names (computed another way by design, e.g. int8 heads: recorded, not held to it).
     ``paths`` > 1: a fused graph that verifies trees per path (its tree step has at most that many).
-    ``kv_dtype`` "float16": the graph's caches are fp16 (fed rounded; the tolerance is fp16's)."""
+    ``kv_dtype`` "float16": the graph's caches are fp16 (fed rounded; the tolerance is fp16's).
+    ``max_positions``: the positions the graph holds (its --max-seq); the shapes' pasts are cut to fit them."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -53,7 +55,8 @@ def validate_graph(step: StepModel, onnx_path, dtype: str = "float32", threads: 
     worst: dict[str, float] = {}
     gen = torch.Generator().manual_seed(0)
     head_major = kv_layout == io_table.HEAD_MAJOR_SHARED
-    for t, past, tree in SHAPES:
+    shapes = fitted_shapes(max_positions)
+    for t, past, tree in shapes:
         torch.manual_seed(int(torch.randint(0, 1 << 30, (1,), generator=gen)))
         inputs = _single(dummy_inputs(ref_step, t=t, past=max(past, 2)), past)
         if kv_torch != torch_dtype:  # the past as the graph's cache holds it: only the step's own rounding differs
@@ -81,9 +84,17 @@ def validate_graph(step: StepModel, onnx_path, dtype: str = "float32", threads: 
     if enforce:
         _check({k: v for k, v in worst.items() if k not in approximate}, tolerance_of)
     recorded = {"approximate": list(approximate)} if approximate else {}
-    return {"shapes": [list(s) for s in SHAPES], "max_abs_error": worst, **recorded,
+    return {"shapes": [list(s) for s in shapes], "max_abs_error": worst, **recorded,
             "tolerance": TOLERANCE[tolerance_of] if enforce else None,
             "max_id_mismatch": MAX_ID_MISMATCH if enforce else None}
+
+
+def fitted_shapes(max_positions: int | None) -> tuple[tuple[int, int, bool], ...]:
+    """`SHAPES` with each past cut so that past + T fits ``max_positions``: a fused graph's rotary table holds only
+    those positions (ONNX Runtime refused the tree step of a --max-seq under 32 build with a traceback)."""
+    if max_positions is None:
+        return SHAPES
+    return tuple((t, max(0, min(past, max_positions - t)), tree) for t, past, tree in SHAPES)
 
 
 def _with_tree(inputs: tuple, past: int, gen: torch.Generator, paths: int) -> tuple:

@@ -73,6 +73,11 @@ def build(
                                 "int8 --int8-matmul rows / rows16 or int4 --int4-matmul rows16 weights with "
                                 "--attention kernel) | auto (screened where it "
                                 "can be, else full)."),
+    head_topk: int = typer.Option(_DEFAULTS.head_topk, "--head-topk", help="Ranks per head the Medusa graph "
+                                  "returns, 1..64: a tree's nodes may use ranks below it; heads with a draft "
+                                  "vocabulary need at least this many words."),
+    sample_topk: int = typer.Option(_DEFAULTS.sample_topk, "--sample-topk", help="Base-model ranks the graphs return "
+                                    "for sampling and typical acceptance, 1..64."),
 ) -> None:
     """Export model + fused heads to ONNX, validate against PyTorch, write a self-contained artifact.
 
@@ -88,8 +93,8 @@ def build(
     options = BuildOptions(heads=heads, tree=tree, dtype=dtype, max_seq=max_seq, graph=graph, engine=engine,
                            max_num_seqs=max_num_seqs, corpus_drafts=corpus_drafts, attention=attention,
                            int8_matmul=int8_matmul, int4_matmul=int4_matmul, fp32_matmul=fp32_matmul,
-                           kv_cache_dtype=kv_cache_dtype,
-                           lm_head=lm_head)
+                           kv_cache_dtype=kv_cache_dtype, lm_head=lm_head, head_topk=head_topk,
+                           sample_topk=sample_topk)
     check_out_dir(out)
     texts = read_prompts(quality_prompts, limit=10) if options.quantized else None
     extras.require("build", "export")
@@ -266,6 +271,9 @@ def _verify_limits(names: list[str], runtimes: list) -> dict:
 LIMITS_CHUNK = 256  # rows of one run in verify's probe of the last position
 
 
+LANES_STEPS = 3  # tokens verify's lanes check decodes after each prompt
+
+
 def _verify_lanes(names: list[str], runtimes: list, texts: list[str]) -> dict:
     """Per ONNX Runtime backend with a lanes graph: the prompts prefilled together, then decoded together for three
     steps, against one-sequence steps, bit for bit (`lanes_check`): what batched serving's answers rest on. This
@@ -276,8 +284,11 @@ def _verify_lanes(names: list[str], runtimes: list, texts: list[str]) -> dict:
     for name, rt in zip(names, runtimes):
         backend = rt.generator.backend
         if name == "ort" and backend.lanes is not None:
-            prompts = [rt.generator.tokenizer.encode_prompt(t)[:48] for t in texts]
-            out[name] = lanes_exactness(backend, prompts[: backend.lanes.lanes])
+            # each prompt and the steps decoded after it within max_seq (a prompt that fit the check of room for
+            # --max-new-tokens 1 overflowed the cache here)
+            longest = min(48, backend.max_seq - LANES_STEPS)
+            prompts = [rt.generator.tokenizer.encode_prompt(t)[:longest] for t in texts]
+            out[name] = lanes_exactness(backend, prompts[: backend.lanes.lanes], steps=LANES_STEPS)
     return out
 
 
