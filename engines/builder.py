@@ -113,15 +113,23 @@ def _build_plan(trt, onnx_path: Path, plan: precision.PrecisionPlan, profiles: l
         config.builder_optimization_level = int(options.optimization_level)
     for p in profiles:
         prof = builder.create_optimization_profile()
-        for name, (lo, opt, hi) in p.shapes(dims.num_layers, dims.num_kv_heads, dims.head_dim).items():
-            prof.set_shape(name, lo, opt, hi)
+        try:
+            for name, (lo, opt, hi) in p.shapes(dims.num_layers, dims.num_kv_heads, dims.head_dim).items():
+                prof.set_shape(name, lo, opt, hi)  # the binding raises RuntimeError on inconsistent shapes
+        except RuntimeError as e:
+            raise EngineBuildError(f"TensorRT rejected the {p.name} profile (T {p.seq}, past {p.past}): {e}") from None
         if config.add_optimization_profile(prof) < 0:
             raise EngineBuildError(f"TensorRT rejected the {p.name} profile (T {p.seq}, past {p.past}): {logger.last_error()}")
 
     cached = cache_path.read_bytes() if cache_path.exists() else b""
-    cache = config.create_timing_cache(cached)
-    if not config.set_timing_cache(cache, False):  # ignore_mismatch=False: a foreign cache is refused...
-        cache = config.create_timing_cache(b"")  # ...then start a fresh one
+    try:
+        cache = config.create_timing_cache(cached)  # None (or an error) for a corrupt or foreign blob
+    except Exception:  # noqa: BLE001 - the cache only saves time
+        cache = None
+    # ignore_mismatch=False: a cache from another device is refused; then (or when unreadable) start a fresh one.
+    # set_timing_cache takes an ITimingCache, never None.
+    if cache is None or not config.set_timing_cache(cache, False):
+        cache = config.create_timing_cache(b"")
         config.set_timing_cache(cache, False)
 
     serialized = builder.build_serialized_network(network, config)

@@ -21,6 +21,7 @@ class FakeCuda:
         self.live: dict[int, int] = {}
         self.streams = 0
         self.calls = {"d2d_2d": 0, "h2d": 0, "d2h": 0}
+        self.pending: dict = {}  # stream -> D2H copies the host sees only after synchronize(stream)
 
     def malloc(self, n):
         ptr = cuda_buffers.round_up(self.next)
@@ -40,7 +41,8 @@ class FakeCuda:
         pass
 
     def synchronize(self, stream):
-        pass
+        for host, data in self.pending.pop(stream, []):
+            host[:] = data
 
     def set_device(self, index):
         assert index == 0
@@ -58,10 +60,15 @@ class FakeCuda:
         self.mem[dst:dst + src.nbytes] = np.ascontiguousarray(src).view(np.uint8).reshape(-1)
 
     def d2h(self, dst, src, stream):
+        # cudaMemcpyAsync: the device bytes are taken in stream order, but the host may read them only after
+        # synchronizing the stream; until then the host array holds garbage.
         self.calls["d2h"] += 1
         assert dst.flags.c_contiguous
         self._check(src, dst.nbytes)
-        dst.reshape(-1).view(np.uint8)[:] = self.mem[src:src + dst.nbytes]
+        host = dst.reshape(-1).view(np.uint8)
+        data = self.mem[src:src + dst.nbytes].copy()
+        host[:] = 0xFF
+        self.pending.setdefault(stream, []).append((host, data))
 
     def memset(self, dst, value, n, stream):
         self._check(dst, n)
@@ -99,11 +106,14 @@ _ORT_TO_DT = {"tensor(int64)": "INT64", "tensor(float)": "FLOAT", "tensor(bool)"
 _DT_TO_NP = {"INT64": np.int64, "FLOAT": np.float32, "BOOL": np.bool_, "HALF": np.float16}
 
 
+STRONGLY_TYPED = 1  # NetworkDefinitionCreationFlag.STRONGLY_TYPED in TensorRT 10 (0 in 11, where it is ignored)
+
+
 def fake_tensorrt(cuda: FakeCuda, version: str = "10.3.0", align: int = 256, record: dict | None = None,
                   refuse_strongly_typed: bool = False):
     record = record if record is not None else {}
     trt = types.SimpleNamespace(__version__=version)
-    trt.NetworkDefinitionCreationFlag = types.SimpleNamespace(STRONGLY_TYPED=5)
+    trt.NetworkDefinitionCreationFlag = types.SimpleNamespace(STRONGLY_TYPED=STRONGLY_TYPED)
     trt.MemoryPoolType = types.SimpleNamespace(WORKSPACE="WORKSPACE")
     trt.BuilderFlag = types.SimpleNamespace(FP16="FP16", BF16="BF16", TF32="TF32")
     trt.TensorIOMode = types.SimpleNamespace(INPUT="INPUT", OUTPUT="OUTPUT")
@@ -145,7 +155,11 @@ def fake_tensorrt(cuda: FakeCuda, version: str = "10.3.0", align: int = 256, rec
             self.shapes = {}
 
         def set_shape(self, name, lo, opt, hi):
-            self.shapes[name] = (tuple(lo), tuple(opt), tuple(hi))
+            # The real binding raises RuntimeError (it returns nothing) when min/opt/max are inconsistent.
+            lo, opt, hi = tuple(lo), tuple(opt), tuple(hi)
+            if not (len(lo) == len(opt) == len(hi)) or not all(a <= b <= c for a, b, c in zip(lo, opt, hi)):
+                raise RuntimeError("Shape provided for opt is inconsistent with other shapes.")
+            self.shapes[name] = (lo, opt, hi)
 
     class TimingCache:
         def __init__(self, data):
@@ -173,9 +187,14 @@ def fake_tensorrt(cuda: FakeCuda, version: str = "10.3.0", align: int = 256, rec
             return len(self.profiles) - 1
 
         def create_timing_cache(self, data):
+            data = bytes(data)
+            if data and not data.startswith(b"timing:"):
+                return None  # a corrupt or foreign blob: no ITimingCache (set_timing_cache would refuse None)
             return TimingCache(data)
 
         def set_timing_cache(self, cache, ignore_mismatch):
+            if not isinstance(cache, TimingCache):
+                raise TypeError("set_timing_cache(): incompatible function arguments")
             self.cache = cache
             return True
 
@@ -196,7 +215,7 @@ def fake_tensorrt(cuda: FakeCuda, version: str = "10.3.0", align: int = 256, rec
             return OptProfile()
 
         def build_serialized_network(self, network, config):
-            if refuse_strongly_typed and network.flags & (1 << 5):
+            if refuse_strongly_typed and network.flags & (1 << STRONGLY_TYPED):
                 record.setdefault("refused", []).append(network.onnx)
                 return None
             for p in config.profiles:
@@ -206,7 +225,7 @@ def fake_tensorrt(cuda: FakeCuda, version: str = "10.3.0", align: int = 256, rec
                     assert p.shapes["position_ids"][k] == (b, t) and b_kv == b
                     assert p.shapes["attention_mask"][k] == (b, 1, t, past + t)
             record.setdefault("builds", []).append(
-                {"strongly_typed": bool(network.flags & (1 << 5)), "flags": sorted(config.flags),
+                {"strongly_typed": bool(network.flags & (1 << STRONGLY_TYPED)), "flags": sorted(config.flags),
                  "pools": dict(config.pools), "cache_in": config.cache.data if config.cache else None})
             plan = {"onnx": network.onnx, "profiles": [{k: [list(s) for s in v] for k, v in p.shapes.items()}
                                                        for p in config.profiles]}
@@ -248,7 +267,9 @@ def fake_tensorrt(cuda: FakeCuda, version: str = "10.3.0", align: int = 256, rec
             self.engine, self.profile, self.shapes, self.addr = engine, 0, {}, {}
 
         def set_optimization_profile_async(self, index, stream):
-            assert 0 <= index < len(self.engine.profiles)
+            # The real binding raises RuntimeError on failure; it never returns False.
+            if record.get("fail") == "profile" or not 0 <= index < len(self.engine.profiles):
+                raise RuntimeError("Error in set optimization profile async.")
             self.profile, self.shapes = index, {}
             record.setdefault("switches", []).append(index)
             return True

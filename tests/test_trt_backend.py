@@ -3,7 +3,8 @@
 This machine has no GPU and no TensorRT, so most tests run the real code against two stand-ins:
 
 * ``FakeCuda``: device memory is one numpy byte array, pointers are offsets into it; 2-D copies and
-  overlapping copies are checked like CUDA would (an overlapping memcpy fails the test);
+  overlapping copies are checked like CUDA would (an overlapping memcpy fails the test), and a device-to-host
+  copy reaches the host array only when its stream is synchronized;
 * ``fake_tensorrt()``: the slice of the TensorRT 10/11 Python API that `engines/builder.py` and
   `runtime/backends/trt.py` use. Its builder records what it was asked for and checks that every profile's
   min/opt/max shape sets are consistent (``total = past + T``); its engine runs the artifact's ONNX graph
@@ -169,6 +170,19 @@ def test_builder_records_engines_in_manifest(fakes, tiny, tmp_path):
     assert builds[0]["cache_in"] == b"" and builds[1]["cache_in"].startswith(b"timing:")
     cache_files = list((tmp_path / "cache" / "tensorrt").glob("timing-10.3.0-sm_90.cache"))
     assert len(cache_files) == 1
+
+
+def test_an_unreadable_timing_cache_is_replaced(fakes, tiny, tmp_path):
+    """create_timing_cache gives no cache for a corrupt blob: the build starts a fresh one and overwrites the file."""
+    from medusa_export.engines.cli_entry import build_engines_for_artifact
+
+    art = _copy(tiny, tmp_path / "art")
+    cache = tmp_path / "cache" / "tensorrt" / "timing-10.3.0-sm_90.cache"
+    cache.parent.mkdir(parents=True)
+    cache.write_bytes(b"not a timing cache")
+    build_engines_for_artifact(art, required=True, log=lambda s: None)
+    assert fakes.record["builds"][0]["cache_in"] == b""
+    assert cache.read_bytes().startswith(b"timing:")
 
 
 def test_trt_backend_matches_ort_staged_rows(fakes, tiny, tmp_path):

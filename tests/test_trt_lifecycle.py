@@ -28,7 +28,8 @@ def _cli_in_process(*args):
 
 
 @pytest.mark.parametrize("fail, message", [("execute", "TensorRT execution failed"),
-                                           ("context", "could not create an execution context")])
+                                           ("context", "could not create an execution context"),
+                                           ("profile", "could not switch the")])
 def test_engine_failures_are_typed_and_one_line_in_the_cli(fakes, tiny, tmp_path, fail, message):
     from medusa_export.engines.cli_entry import build_engines_for_artifact
     from medusa_export.runtime.api import MedusaRuntime

@@ -109,11 +109,9 @@ class Cuda:
 
     @staticmethod
     def handle(stream) -> int:
-        """The integer ``cudaStream_t`` that TensorRT's ``execute_async_v3`` takes."""
-        try:
-            return int(stream)
-        except TypeError:
-            return int(stream.getPtr())
+        """The integer ``cudaStream_t`` that TensorRT's ``execute_async_v3`` takes: ``int(stream)`` is the handle.
+        (Not ``stream.getPtr()``: that is the address of the object's storage holding the handle.)"""
+        return int(stream)
 
     # copies (all on ``stream``) -----------------------------------------------------------------------
     def h2d(self, dst: int, src: np.ndarray, stream) -> None:

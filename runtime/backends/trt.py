@@ -329,7 +329,12 @@ class TrtSession(Session):
         t = z - a
         past = self._length + a
         if c.profile != profile:
-            if not ctx.set_optimization_profile_async(profile, self.handle):
+            # The Python binding raises RuntimeError on failure (it does not return False).
+            try:
+                switched = ctx.set_optimization_profile_async(profile, self.handle)
+            except RuntimeError:
+                switched = False
+            if not switched:
                 raise EngineError(f"TensorRT could not switch the {e.kind} context to profile {profile}: "
                                   f"{compat.rebuild_hint(self.backend.directory)}")
             c.profile = profile
