@@ -67,15 +67,15 @@ SILU_NAMES = ("silu", "swish")  # transformers' ACT2FN maps both to SiLU, which 
 PORTABLE_DTYPES = " (fp32 or fp16 weights: int8 and int4 need the fused graph)"
 
 
-def check_supported(config, max_seq: int | None = None, attention: str | None = None) -> None:
+def check_supported(config, max_seq: int | None = None, attention: str | None = None, dtype: str = "fp32") -> None:
     """ModelError unless the fused builder covers this architecture exactly (else use the portable graph), and, with
     ``max_seq`` (the positions the graph holds), no sliding window takes effect within them (no graph implements
     one: `check_sliding_window`; `Decoder` checks it with its own ``max_positions``). With ``attention``, the
-    attention op takes the model's head size (`check_head_dim`)."""
+    attention op takes the model's head size (`check_head_dim`; ``dtype``: the build's, for the fixes it names)."""
     if max_seq is not None:
         check_sliding_window(config, max_seq)
     if attention is not None:
-        check_head_dim(head_dim_of(config), attention)
+        check_head_dim(head_dim_of(config), attention, kernel_allowed=dtype != "fp16")
     problems = []
     if config.model_type not in ("llama", "mistral", "qwen2"):
         problems.append(f"model type {config.model_type!r}")
@@ -99,14 +99,16 @@ def head_dim_of(config) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
-def check_head_dim(head_dim: int, attention: str) -> None:
+def check_head_dim(head_dim: int, attention: str, kernel_allowed: bool = True) -> None:
     """ModelError naming a fix when the fused graph's attention op (``attention``: gqa | kernel) cannot take heads of
-    ``head_dim`` values."""
+    ``head_dim`` values; ``kernel_allowed`` False (fp16 weights, which the kernel does not take) leaves the kernel out
+    of the fixes."""
     multiple, largest = HEAD_DIMS[attention]
     if head_dim % multiple == 0 and (largest is None or head_dim <= largest):
         return
     others = [f"--attention {a}" for a, (m, top) in HEAD_DIMS.items()
-              if a != attention and head_dim % m == 0 and (top is None or head_dim <= top)]
+              if a != attention and (kernel_allowed or a != "kernel") and head_dim % m == 0
+              and (top is None or head_dim <= top)]
     takes = f"multiples of {multiple}" + (f" up to {largest}" if largest else "")
     op = "ONNX Runtime's GroupQueryAttention" if attention == "gqa" else "the attention kernel"
     raise ModelError(f"the model's head size {head_dim} is not one {op} (--attention {attention}) takes ({takes}): "

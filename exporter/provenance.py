@@ -14,16 +14,16 @@ import os
 from pathlib import Path
 
 from medusa_export.runtime.artifact_files import sha256_file
+from medusa_export.runtime.manifest_records import MAX_NAME_CHARS, display_name
 
 _CONTENT_PATTERNS = ("config.json", "*.safetensors", "*.gguf", "*.pt", "*.bin")
 
 
-def record_name(name: str | None, limit: int = 255) -> str | None:
+def record_name(name: str | None, limit: int = MAX_NAME_CHARS) -> str | None:
     """``name`` (a directory's or file's name) with characters that are not printable (newlines, terminal escapes)
-    as "?", at most ``limit`` characters: records are shown in messages, `/v1/models` and `bench` reports."""
-    if name is None:
-        return None
-    return "".join(c if c.isprintable() else "?" for c in name)[:limit]
+    as "?", at most ``limit`` characters: records are shown in messages, `/v1/models` and `bench` reports. The same
+    rule the manifest's reader applies (`display_name`)."""
+    return display_name(name, limit)
 
 
 def portable_path(path: str | os.PathLike, base: str | os.PathLike | None = None) -> str:

@@ -5,19 +5,16 @@
 The first backend is the reference. For each prompt and mode (vanilla, Medusa) the greedy generations
 must match token for token; then the reference's generated sequence is fed to every backend in one
 teacher-forced forward, and the base model's top-1 agreement and the max abs error of its top-S
-probabilities are reported per backend. The Medusa mode runs the heads' graph on every prompt (`heads_graph`);
+probabilities are reported per backend. The Medusa mode runs the heads' graph on every prompt (`generate_on_graph`);
 without heads it is not run, and its counts are None rather than a match of nothing.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import numpy as np
 
 from .decode import GenerationConfig
-from .errors import InputError, MedusaExportError
+from .errors import InputError
 from .generator import Generator
 
 
@@ -71,30 +68,11 @@ def backend_summary(rows: list[dict], name: str, prob_tolerance: float, medusa: 
     return s
 
 
-@contextmanager
-def heads_graph(gen: Generator) -> Iterator[None]:
-    """Greedy Medusa requests of ``gen`` run the heads' tree (the Medusa graph) while inside. Left to
-    `Speculation.heads_for`, every other request (and all of them where the heads do not pay) runs the vanilla
-    graph, and a check of "Medusa" would compare the vanilla graph with itself."""
-    spec = gen.spec
-    spec.heads_for = lambda tree: tree  # an instance attribute: the class's method is back once deleted
-    try:
-        yield
-    finally:
-        del spec.heads_for
-
-
 def generate_on_graph(gen: Generator, prompt: str, cfg: GenerationConfig) -> list[int]:
-    """``gen``'s greedy tokens for ``prompt``; with ``cfg.medusa`` on the heads' graph (`heads_graph`).
-    An error when a Medusa request still ran without the heads' tree."""
-    if not cfg.medusa or gen.tree is None:
-        return gen.generate(prompt, cfg).token_ids
-    with heads_graph(gen):
-        result = gen.generate(prompt, cfg)
-    if not result.medusa:  # the decoding chose the graph some other way: the check would not test the heads
-        raise MedusaExportError(f"the {gen.backend.name} backend decoded a Medusa request without its heads' tree: "
-                                f"the Medusa graph was not checked")
-    return result.token_ids
+    """``gen``'s greedy tokens for ``prompt``; with ``cfg.medusa``, on the heads' graph at every step. Left to
+    `Speculation.heads_for`, every other request (and all of them where the heads do not pay) runs the vanilla graph,
+    and a check of "Medusa" would compare the vanilla graph with itself."""
+    return gen.generate(prompt, cfg, heads=True if cfg.medusa else None).token_ids
 
 
 def teacher_forced(gen: Generator, ids: list[int]):

@@ -64,7 +64,8 @@ class EngineThread:
         self.wake.set()
 
     def _claim_stop(self) -> bool:
-        """Whether this call is the one that stopped the thread (``stop`` or the loop itself, once)."""
+        """Whether this call set ``stopping`` (the loop retiring itself), not `stop` before it. `stop` sets it too,
+        then closes the engine again after the join: closing twice is harmless."""
         with self.submitting:
             mine, self.stopping = not self.stopping, True
         return mine

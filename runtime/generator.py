@@ -121,18 +121,24 @@ class Generator:
         self.tree = tree
         self.spec = Speculation()  # acceptance and step cost measured on this backend, shared by its requests
 
-    def generate(self, prompt: str | list[int], cfg: GenerationConfig | None = None) -> GenerationResult:
-        stream = self.stream(prompt, cfg)
+    def generate(self, prompt: str | list[int], cfg: GenerationConfig | None = None, *,
+                 heads: bool | None = None) -> GenerationResult:
+        stream = self.stream(prompt, cfg, heads=heads)
         for _ in stream:
             pass
         return stream.result
 
-    def stream(self, prompt: str | list[int], cfg: GenerationConfig | None = None) -> Stream:
+    def stream(self, prompt: str | list[int], cfg: GenerationConfig | None = None, *,
+               heads: bool | None = None) -> Stream:
+        """``heads``: True verifies the heads' tree on every step of a greedy Medusa request (what a check of the
+        Medusa graph needs, e.g. `verify`); None leaves it to what this backend measured (`Speculation.heads_for`)."""
         cfg = checked_config(cfg)
+        if heads is not None and heads is not True:  # 1 == True: an int is not the flag
+            raise InputError(f"heads must be True or None, not {heads!r:.40}")
         ids = self.prompt_ids(prompt, cfg)
         outcome: list = [None]
         stop = threading.Event()
-        return Stream(self._events(ids, cfg, outcome, stop), outcome, stop)
+        return Stream(self._events(ids, cfg, outcome, stop, heads), outcome, stop)
 
     def prompt_ids(self, prompt: str | list[int], cfg: GenerationConfig) -> list[int]:
         """The prompt's token ids (text under the chat template when ``cfg.chat``), or InputError when the request
@@ -153,12 +159,13 @@ class Generator:
                              f"shorten the prompt or {fix}")
         return ids
 
-    def _events(self, ids: list[int], cfg: GenerationConfig, outcome: list,
-                stop: threading.Event) -> Iterator[StreamEvent]:
+    def _events(self, ids: list[int], cfg: GenerationConfig, outcome: list, stop: threading.Event,
+                heads: bool | None = None) -> Iterator[StreamEvent]:
         stats = DecodeStats()
         # None: plain, or context drafts only. A sample depends on the trees verified: the artifact's, not one
         # chosen by measured costs, so that a seed gives one answer.
-        tree = None if not cfg.medusa else self.tree if cfg.temperature > 0 else self.spec.heads_for(self.tree)
+        tree = (None if not cfg.medusa else self.tree if cfg.temperature > 0 or heads else
+                self.spec.heads_for(self.tree))
         out = TextOutput(self.tokenizer, cfg)
         t0 = time.perf_counter()
         try:

@@ -14,8 +14,11 @@ from .backends.lanes import Lane
 
 def lanes_exactness(backend, prompts: list[list[int]], steps: int = 3) -> dict:
     """Prefill every prompt and decode ``steps`` greedy tokens, alone (the vanilla graph, one sequence at a time)
-    and together (the lanes graph: the prompts in one step, then one row each per step); compare every row."""
+    and together (the lanes graph: the prompts in one step, then one row each per step); compare every row. Each
+    prompt is cut to leave its ``steps`` within the backend's max_seq (a 40-token prompt overflowed a --max-seq 32
+    build), and at most as many prompts as the graph has lanes are taken."""
     lanes = backend.lanes
+    prompts = [list(p)[:backend.max_seq - steps] for p in prompts][:lanes.lanes]
     alone = [_alone(backend, p, steps) for p in prompts]
     sessions = [backend.new_session() for _ in prompts]
     together: list[list[np.ndarray]] = [[] for _ in prompts]

@@ -32,19 +32,24 @@ def positive(obj: Any, *names: str, minimum: int = 1) -> None:
             raise FieldError(name, f"must be at most {LIMITS[name]}, not {short_int(value)}")
 
 
-MAX_NAME_CHARS = 255  # names a build records (`exporter/provenance.record_name`: a file's or directory's name)
+MAX_NAME_CHARS = 255  # a name a record holds: a file's or directory's name
+
+
+def display_name(name: str | None, limit: int = MAX_NAME_CHARS) -> str | None:
+    """``name`` with every character that is not printable (newlines, terminal escapes, zero-width joiners) as "?",
+    cut to ``limit`` characters: what `build` records and what a manifest's names are read as. They reach logs,
+    messages and every answer the server sends (the model name is in each streamed chunk): a 16 MB name went out
+    again with every token, and a newline in one could forge a log line."""
+    if name is None:
+        return None
+    return "".join(c if c.isprintable() else "?" for c in name[:limit])
 
 
 def short_names(obj: Any, *names: str) -> None:
-    """FieldError naming the first of these text fields (None allowed) that is not a name a build records: over
-    MAX_NAME_CHARS characters or not printable. They reach logs, messages and every answer the server sends (the model
-    name is in each streamed chunk): a manifest's 16 MB name went out again with every token."""
+    """These text fields of a frozen record as `display_name` makes them (artifacts built before builds cleaned their
+    names still load: what changes is only how the names are shown)."""
     for name in names:
-        value = getattr(obj, name)
-        if value is not None and len(value) > MAX_NAME_CHARS:
-            raise FieldError(name, f"must be a name of at most {MAX_NAME_CHARS} characters, not {len(value)}")
-        if value is not None and not value.isprintable():
-            raise FieldError(name, "must be a printable name (it holds a newline or another control character)")
+        object.__setattr__(obj, name, display_name(getattr(obj, name)))
 
 
 def short_int(value: int) -> str:

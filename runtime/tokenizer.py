@@ -303,12 +303,13 @@ def _chat_template(cfg: dict, path: Path) -> str | None:
     named = value if isinstance(value, list) else []
     if not named or not all(isinstance(t, dict) and isinstance(t.get("name"), str)
                             and isinstance(t.get("template"), str) for t in named):
+        what = "a list of other items" if isinstance(value, list) and named else type(value).__name__
         raise ArtifactError(f"{path}: field chat_template must be a string or a list of {{\"name\", \"template\"}} "
-                            f"objects, not {type(value).__name__}: fix the model's tokenizer_config.json")
+                            f"objects, not {what}: fix the model's tokenizer_config.json")
     default = [t["template"] for t in named if t["name"] == "default"]
     if len(default) != 1:
         names = ", ".join(repr(t["name"][:40]) for t in named[:8])
-        raise ArtifactError(f"{path}: field chat_template holds named templates ({names}) but not one named "
+        raise ArtifactError(f"{path}: field chat_template holds named templates ({names}) but not exactly one named "
                             f"'default': name the one to use 'default' or write it to chat_template.jinja")
     return default[0]
 

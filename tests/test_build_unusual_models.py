@@ -69,6 +69,15 @@ def test_a_head_size_the_attention_op_does_not_take_is_refused_naming_a_fix(atte
         check_head_dim(ok, attention)
 
 
+def test_fp16_weights_are_not_pointed_at_the_kernel_they_cannot_use():
+    """--dtype fp16 with a head size GroupQueryAttention refuses: the kernel takes no fp16 weights, so naming it as
+    the fix sent the user round in a circle."""
+    from medusa_export.exporter.fused_backbone import check_head_dim
+
+    with pytest.raises(ModelError, match="build with --graph portable"):
+        check_head_dim(24, "gqa", kernel_allowed=False)
+
+
 def test_a_model_whose_head_size_gqa_cannot_take_is_refused_before_the_export(tiny_dirs, tmp_path):
     _, model_dir, heads_dir = _save_model(tiny_dirs, tmp_path, head_dim=8)
     with pytest.raises(ModelError, match="head size 8 .*: build with --attention kernel or --graph portable"):

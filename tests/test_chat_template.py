@@ -303,10 +303,10 @@ def test_a_list_of_named_templates_uses_the_one_named_default(tmp_path):
 
 
 @pytest.mark.parametrize("value, message", [
-    ([{"name": "tool_use", "template": CHATML}], "holds named templates ('tool_use') but not one named 'default'"),
-    ([{"name": "default", "template": CHATML}] * 2, "but not one named 'default'"),
-    (["{{ 'x' }}"], "must be a string or a list of {\"name\", \"template\"} objects, not list"),
-    ([], "must be a string or a list"),
+    ([{"name": "tool_use", "template": CHATML}], "holds named templates ('tool_use') but not exactly one named 'default'"),
+    ([{"name": "default", "template": CHATML}] * 2, "but not exactly one named 'default'"),
+    (["{{ 'x' }}"], "must be a string or a list of {\"name\", \"template\"} objects, not a list of other items"),
+    ([], "must be a string or a list of {\"name\", \"template\"} objects, not list"),
     ({"default": CHATML}, "not dict"),
 ])
 def test_other_forms_of_chat_template_are_one_line_errors(tmp_path, value, message):

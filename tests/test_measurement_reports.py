@@ -30,14 +30,17 @@ def test_verify_runs_the_heads_graph_on_every_medusa_prompt(artifact, monkeypatc
     the vanilla graph: verify counted those as "medusa identical" (2 of 4 prompts on a tampered artifact)."""
     from medusa_export.runtime import MedusaRuntime
     from medusa_export.runtime.compare import compare_backends
+    from medusa_export.runtime.decode import GenerationConfig
+    from medusa_export.runtime.errors import InputError
     from medusa_export.runtime.generator import Generator
     from medusa_export.runtime.speculation import Speculation
 
     monkeypatch.setattr(Speculation, "heads_for", lambda self, tree: None)  # the heads "never pay" here
+    cfg_of = lambda n: GenerationConfig(max_new_tokens=n)  # noqa: E731
     graphs, real = [], Generator.generate
 
-    def generate(self, prompt, cfg=None):
-        result = real(self, prompt, cfg)
+    def generate(self, prompt, cfg=None, **options):
+        result = real(self, prompt, cfg, **options)
         if cfg is not None and cfg.medusa:
             graphs.append(result.medusa)
         return result
@@ -46,8 +49,10 @@ def test_verify_runs_the_heads_graph_on_every_medusa_prompt(artifact, monkeypatc
     with MedusaRuntime.load(artifact) as a, MedusaRuntime.load(artifact) as b:
         report = compare_backends({"ort": a.generator, "again": b.generator}, ["t5 t6 t7", "t1 t2", "t3"],
                                   max_new_tokens=6)
-        assert "heads_for" not in vars(a.generator.spec)  # the library's choice is back
-    assert graphs == [True] * 6, graphs
+        assert graphs == [True] * 6, graphs
+        assert a.generator.generate("t5 t6 t7", cfg_of(6)).medusa is False  # other requests: the library's choice
+        with pytest.raises(InputError, match="heads must be True or None"):
+            a.generator.generate("t5", cfg_of(2), heads=1)
     assert report["summary"]["again"]["medusa_identical"] == 3 and report["summary"]["again"]["ok"]
 
 
