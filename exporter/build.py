@@ -23,7 +23,7 @@ from typing import Callable
 
 from medusa_export.runtime import __version__, io_table
 from medusa_export.runtime.manifest import (FORMAT, FORMAT_VERSION, ONNXRUNTIME, CleanupRecord, DraftsRecord,
-                                             ExporterRecord, GraphRecord, HeadsRecord, Manifest, ModelRecord, QualityRecord,
+                                             ExporterRecord, GraphRecord, HeadsRecord, Manifest, ModelRecord,
                                              QuantizationRecord, TensorRecord, TreeRecord, file_record, graph_dtype,
                                              kv_layout_of)
 from medusa_export.runtime.errors import ExportValidationError, HeadsError, InputError
@@ -34,6 +34,7 @@ from medusa_export.runtime.whole_file import missing_parents, remove_empty
 from medusa_export.runtime.build_options import DEFAULT_TREE, BuildOptions
 from .fused_backbone import check_supported
 from .fused_graph import export_fused_graph
+from .build_quality import below_bar_advice, check_quality_fits, quantized_quality
 from .heads import save_heads
 from .heads_source import resolve_heads
 from .model_checks import check_sliding_window
@@ -46,7 +47,7 @@ from .quantize import CALIBRATION, RECIPES, quantize_graph
 from .shared_weights import share_weights
 from .source_grid import fma_grid_of, on_4bit_grid
 from .step_model import StepModel
-from .torch_backend import TorchBackend, model_dims
+from .torch_backend import model_dims
 from .validate import validate_graph
 
 
@@ -77,7 +78,7 @@ def build_artifact(model: str | None, out: str | Path, options: BuildOptions = B
         loaded = load_base_model(model)
         chosen = resolve_heads(options.heads, loaded)
     if options.quantized and quality_prompts:
-        _check_quality_fits(loaded.tokenizer, quality_prompts, options.max_seq)
+        check_quality_fits(loaded.tokenizer, quality_prompts, options.max_seq)
     trained = getattr(loaded.model.config, "max_position_embeddings", None)
     if isinstance(trained, int) and options.max_seq > trained:  # allowed (RoPE extends), but worth knowing
         log(f"  note: --max-seq {options.max_seq} is past the model's max_position_embeddings {trained}: it was "
@@ -133,7 +134,7 @@ def build_artifact(model: str | None, out: str | Path, options: BuildOptions = B
             manifest.write(work)
         if options.quantized and quality_prompts:
             with step_log(f"measure {options.dtype} quality against fp32 ({len(quality_prompts)} prompts)"):
-                manifest = manifest.replace(quality=_quality(loaded, work, quality_prompts, options.max_seq))
+                manifest = manifest.replace(quality=quantized_quality(loaded, work, quality_prompts, options.max_seq))
             manifest.write(work)
             q = manifest.quality
             log(f"  quality: top-1 agreement {q.top1_agreement:.4f} (bar {q.bar}), perplexity "
@@ -176,19 +177,6 @@ def _corpus_table(tokenizer, vocab_size: int, options: BuildOptions, work: Path,
     return DraftsRecord(file=FILE, source=source, corpus_tokens=int(sum(len(s) for s in streams)),
                         max_ngram=table.max_ngram, min_count=MIN_COUNT, entries=table.entries,
                         answers_tokens=answers_tokens, answers_weight=WEIGHT if answers_tokens else 0)
-
-
-def below_bar_advice(options: BuildOptions) -> str:
-    """What to build instead when a quantized artifact misses the quality bar: int8 and int4 other than rows16 can keep
-    their width with each row's activations as int16 (int4: a model on a 4-bit grid; docs/quantization.md); otherwise
-    a wider dtype."""
-    if options.dtype == "int8" and options.int8_matmul != "rows16":
-        return ("--dtype int8 --attention kernel --int8-matmul rows16 keeps more (int16 activations), or prefer a "
-                "higher-precision --dtype")
-    if options.dtype == "int4" and options.int4_matmul != "rows16":
-        return ("--dtype int4 --attention kernel --int4-matmul rows16 keeps more where the model's weights are 4-bit "
-                "blocks (a Q4_0 / Q4_1 GGUF), or prefer a higher-precision --dtype")
-    return "prefer a higher-precision --dtype"
 
 
 def _smooth(loaded, alpha: float) -> None:
@@ -354,28 +342,6 @@ def _fit_topk(options: BuildOptions, vocab_size: int, log: Callable[[str], None]
         + " and ".join(f"{name.replace('_', '-')} {getattr(options, name)}" for name in cut)
         + f": the graphs rank all {vocab_size}")
     return dataclasses.replace(options, **cut)
-
-
-def _check_quality_fits(tokenizer, prompts: list[str], max_seq: int) -> None:
-    """InputError before the export when a quality prompt and its answer cannot fit ``max_seq`` (it failed after
-    the whole export, advising a flag build does not have)."""
-    from medusa_export.runtime.quality import QUALITY_NEW_TOKENS
-
-    need = max(len(tokenizer.encode_prompt(p)) for p in prompts) + QUALITY_NEW_TOKENS + 1
-    if need > max_seq:
-        raise InputError(f"--max-seq {max_seq} cannot hold the quality check of a quantized build (its longest prompt "
-                         f"and answer take {need} tokens): use --max-seq {need} or more")
-
-
-def _quality(loaded, work: Path, prompts: list[str], max_seq: int) -> QualityRecord:
-    """Teacher-forced agreement of the quantized graph with the fp32 PyTorch model on its own greedy answers."""
-    from medusa_export.runtime.api import MedusaRuntime
-    from medusa_export.runtime.generator import Generator
-    from medusa_export.runtime.quality import quality
-
-    reference = Generator(TorchBackend(loaded.model, None, max_seq=max_seq), loaded.tokenizer, None)
-    with MedusaRuntime.load(work, backend="ort") as rt:
-        return quality(reference, rt.generator, prompts)
 
 
 def _default_tree(heads_path: str | None, dtype: str = "fp32") -> str:

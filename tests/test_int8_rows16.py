@@ -230,7 +230,7 @@ def test_quantize_rows_keeps_per_row_matmuls_whose_shape_does_not_fit_the_blocks
 
 
 def test_an_int8_or_int4_build_below_the_bar_is_pointed_to_rows16():
-    from medusa_export.exporter.build import below_bar_advice
+    from medusa_export.exporter.build_quality import below_bar_advice
 
     for matmul in ("blocks", "rows"):
         advice = below_bar_advice(BuildOptions(dtype="int8", attention="kernel", int8_matmul=matmul))
