@@ -32,7 +32,7 @@ from .errors import ArtifactError, InputError, TreeError
 from .generator import GenerationResult, Generator, Stream
 from .manifest import Manifest
 from .tokenizer import ChatTokenizer
-from .tree import Tree, load_choices
+from .tree import Tree, given_choices
 
 
 @dataclass
@@ -179,7 +179,7 @@ def artifact_tree(manifest: Manifest, spec: str | None) -> Tree | None:
     dims = manifest.dims
     if not dims.num_heads:
         return None
-    choices = load_choices(spec) if spec is not None else manifest.tree.medusa_choices
+    choices = given_choices(spec) if spec is not None else manifest.tree.medusa_choices
     try:
         return Tree.from_choices(choices, topk=dims.head_topk, num_heads=dims.num_heads)
     except TreeError as e:

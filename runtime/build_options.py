@@ -65,9 +65,9 @@ class BuildOptions:
     def __post_init__(self) -> None:
         self._check_types()
         if self.tree is not None:  # a bad preset or tree file is named before the model loads (seconds to minutes)
-            from .tree import load_choices
+            from .tree import given_choices
 
-            load_choices(self.tree)
+            given_choices(self.tree)
         if self.engine not in ENGINES:
             raise InputError(f"--engine {self.engine!r}: use onnx, trt or all")
         if self.graph is None:

@@ -90,6 +90,18 @@ def load_choices(spec: str | Path | Sequence[Sequence[int]]) -> tuple[Path_, ...
     return _checked_paths(data, f"tree file {path}")
 
 
+def given_choices(spec: str | Path | Sequence[Sequence[int]]) -> tuple[Path_, ...]:
+    """A tree a user gave (``--tree``, ``tree=``), as `load_choices` reads it, with at least one path: a tree of the
+    root alone ran "Medusa" without a single guess of the heads, and reports called that Medusa's speed-up. (An
+    artifact built without heads records such a tree itself; that one is not given.)"""
+    choices = load_choices(spec)
+    if not choices:
+        shown = spec if isinstance(spec, (str, Path)) else "given"
+        raise TreeError(f"the tree {shown!s:.200} has no paths: give at least one (e.g. chain-1 or [[0]]), or decode "
+                        f"without speculation (--no-medusa)")
+    return choices
+
+
 def _checked_paths(data: object, where: str) -> tuple[Path_, ...]:
     """``data`` as paths: a list (or tuple) of lists of integers (not booleans, not floats), within the size
     bounds; a TreeError naming ``where`` otherwise (the path values themselves are checked by `Tree`)."""

@@ -132,3 +132,22 @@ def test_calibrate_tree_shows_unscored_heads_as_unknown(capsys):
     out, err = capsys.readouterr()
     assert out.splitlines() == ["head  top-1  top-5", "   0  0.500  0.750", "   1      -      -"]
     assert "head 1 scored no position" in err and "--max-new-tokens (now 2)" in err
+
+
+def test_a_tree_without_paths_is_refused_wherever_a_user_gives_one(artifact, tmp_path):
+    """`MedusaRuntime.load(tree=...)` (and so serve / generate --tree) and build took a tree of the root alone:
+    "Medusa" then ran without a single guess of the heads."""
+    from medusa_export.runtime import MedusaRuntime
+    from medusa_export.runtime.build_options import BuildOptions
+    from medusa_export.runtime.errors import TreeError
+    from medusa_export.runtime.tree import given_choices
+
+    empty = tmp_path / "empty.json"
+    empty.write_text('{"medusa_choices": []}')
+    for call in (lambda: MedusaRuntime.load(artifact, tree=str(empty)), lambda: BuildOptions(tree=str(empty)),
+                 lambda: given_choices([])):
+        with pytest.raises(TreeError, match="has no paths: give at least one"):
+            call()
+    assert given_choices("chain-1") == ((0,),)
+    proc = cli("generate", str(artifact), "--prompt", "t5", "--max-new-tokens", "2", "--tree", str(empty))
+    refused_before_work(proc, "has no paths")

@@ -96,14 +96,12 @@ def _check_tree(tree: str) -> None:
     """``--tree``: a preset or a readable tree file with at least one path. An empty value read as ".", and a tree
     without paths ran the Medusa rows without any heads' tree, which the table reported as Medusa's speed-up."""
     from ..errors import InputError
-    from ..tree import load_choices
+    from ..tree import given_choices
 
     if not tree.strip():
         raise InputError("--tree is empty: give a preset (e.g. chain-2) or a tree JSON file, or leave --tree out "
                          "for the artifact's tree")
-    if not load_choices(tree):
-        raise InputError(f"--tree {tree}: the tree has no paths, so the Medusa rows would run without the heads: "
-                         f"give a tree with at least one path, e.g. [[0]], or leave --tree out")
+    given_choices(tree)
 
 
 def _print_table(report: dict) -> None:
