@@ -281,8 +281,10 @@ def fake_tensorrt(cuda: FakeCuda, version: str = "10.3.0", align: int = 256, rec
                 self.shapes[name] = tuple(shape)
             return ok
 
-        def set_tensor_address(self, name, ptr):
+        def set_tensor_address(self, name, ptr):  # the binding returns False, it does not raise
             assert ptr % align == 0, f"{name} address {ptr} is not {align}-byte aligned"
+            if record.get("fail") == "address" or name not in self.engine.names:
+                return False
             self.addr[name] = ptr
             return True
 

@@ -29,7 +29,8 @@ def _cli_in_process(*args):
 
 @pytest.mark.parametrize("fail, message", [("execute", "TensorRT execution failed"),
                                            ("context", "could not create an execution context"),
-                                           ("profile", "could not switch the")])
+                                           ("profile", "could not switch the"),
+                                           ("address", "TensorRT refused the device address of")])
 def test_engine_failures_are_typed_and_one_line_in_the_cli(fakes, tiny, tmp_path, fail, message):
     from medusa_export.engines.cli_entry import build_engines_for_artifact
     from medusa_export.runtime.api import MedusaRuntime

@@ -349,18 +349,18 @@ class TrtSession(Session):
             if name != "temperature" and not ctx.set_input_shape(name, arr.shape):
                 raise EngineError(f"TensorRT rejected shape {arr.shape} for {name} (profile {profile}): "
                                   f"{compat.rebuild_hint(self.backend.directory)}")
-            ctx.set_tensor_address(name, c.ptr[name])
+            compat.bind_address(ctx, name, c.ptr[name])
         kv_shape = (1, past, d.num_kv_heads, d.head_dim)
         for j, name in enumerate(self.past_names):
             if not ctx.set_input_shape(name, kv_shape):
                 raise EngineError(f"TensorRT rejected shape {kv_shape} for {name} (profile {profile}): "
                                   f"{compat.rebuild_hint(self.backend.directory)}")
-            ctx.set_tensor_address(name, self.kv + j * self.pitch)
+            compat.bind_address(ctx, name, self.kv + j * self.pitch)
         for j, name in enumerate(self.present_names):
             dst = self.kv + j * self.pitch + past * self.row if self.in_place else self.stage + j * self.stage_pitch
-            ctx.set_tensor_address(name, dst)
+            compat.bind_address(ctx, name, dst)
         for x in e.reduced:
-            ctx.set_tensor_address(x.name, c.ptr[x.name])
+            compat.bind_address(ctx, x.name, c.ptr[x.name])
         if not ctx.execute_async_v3(self.handle):
             raise EngineError(f"TensorRT execution failed ({e.kind} engine, T={t}, past={past}, profile {profile}): "
                               f"see the TensorRT log above; check the GPU with nvidia-smi")

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..errors import ArtifactError
+from ..errors import ArtifactError, EngineError
 from ..manifest import PORTABLE, EngineRecord, Manifest
 
 
@@ -36,6 +36,15 @@ def rebuild_hint(directory: str | None = None) -> str:
     d = str(directory) if directory else "DIR"
     return (f"rebuild with `medusa-export build --out {d} --engine trt` "
             f"(or only the engines: `medusa-export build-engines {d}`)")
+
+
+def bind_address(ctx, name: str, address: int) -> None:
+    """``ctx.set_tensor_address(name, address)``, which returns False (rather than raising) for a name the engine
+    does not have or an address it cannot take (TensorRT wants 256-byte alignment): an EngineError then, not a step
+    run on a tensor left where an earlier step put it."""
+    if not ctx.set_tensor_address(name, address):
+        raise EngineError(f"TensorRT refused the device address of {name}: the engine does not match the artifact's "
+                          f"tensors; {rebuild_hint()}")
 
 
 def require_portable(manifest: Manifest, directory) -> None:

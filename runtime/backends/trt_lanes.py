@@ -30,7 +30,7 @@ import numpy as np
 
 from .. import io_table
 from ..errors import EngineError
-from . import cuda_buffers
+from . import cuda_buffers, trt_compat as compat
 from .lanes import Lane, LaneOutput
 
 _OUTPUTS = ("next_token_ids", "next_token_probs", "entropy")  # what a lane's output holds
@@ -147,15 +147,15 @@ class TrtLanes:
             cuda.h2d(dev.ptr[name], arr, stream)
             if name != "temperature":  # static [1]
                 self._shape(name, arr.shape)
-            ctx.set_tensor_address(name, dev.ptr[name])
+            compat.bind_address(ctx, name, dev.ptr[name])
         kv_shape = (n, p, *self._kv_dims())
         for j, name in enumerate(self.past_names):
             self._shape(name, kv_shape)
-            ctx.set_tensor_address(name, past_base + j * past_pitch)
+            compat.bind_address(ctx, name, past_base + j * past_pitch)
         for j, name in enumerate(self.present_names):
-            ctx.set_tensor_address(name, dev.stage.base + j * stage_pitch)
+            compat.bind_address(ctx, name, dev.stage.base + j * stage_pitch)
         for x in e.reduced:
-            ctx.set_tensor_address(x.name, dev.ptr[x.name])
+            compat.bind_address(ctx, x.name, dev.ptr[x.name])
         if not ctx.execute_async_v3(cuda.handle(stream)):
             cuda.synchronize(stream)  # the gathers already queued finish before the caller frees anything
             raise EngineError(f"TensorRT execution failed (vanilla engine, batched step of {n} x {t} rows after up to "
