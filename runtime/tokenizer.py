@@ -103,7 +103,7 @@ class ChatTokenizer:
         tj = locate("tokenizer.json")
         if tj is None:
             raise ArtifactError(f"{directory / 'tokenizer.json'} is missing: rebuild the artifact (medusa-export build)")
-        text = _read_tokenizer_json(tj)
+        text = _read_text(tj, MAX_TOKENIZER_BYTES)
         # tokenizers panics on some well-formed files (a normalizer's broken charsmap)
         tokenizer = _unpanicked(lambda: Tokenizer.from_str(text),
                                 lambda why: ArtifactError(f"{tj} is corrupt ({why}): rebuild the artifact"))
@@ -265,18 +265,10 @@ def check_text(text: str) -> str:
     return text
 
 
-def _read_text(path: Path) -> str:
+def _read_text(path: Path, limit: int = MAX_JSON_BYTES) -> str:
+    """The UTF-8 text of ``path``, read once (what is checked is what is parsed), at most ``limit`` bytes."""
     try:
-        return read_bounded(path, MAX_JSON_BYTES).decode("utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        why = getattr(e, "strerror", None) or str(e)[:80]
-        raise ArtifactError(f"{path} cannot be read as UTF-8 text ({why}): rebuild the artifact") from None
-
-
-def _read_tokenizer_json(path: Path) -> str:
-    """The text of a tokenizer.json, read once (what is checked is what is parsed) and at most MAX_TOKENIZER_BYTES."""
-    try:
-        return read_bounded(path, MAX_TOKENIZER_BYTES).decode("utf-8")
+        return read_bounded(path, limit).decode("utf-8")
     except OSError as e:
         raise ArtifactError(f"{path} cannot be read ({e.strerror or type(e).__name__}): rebuild the artifact") from None
     except UnicodeDecodeError as e:

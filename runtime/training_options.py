@@ -69,9 +69,7 @@ class Medusa1Options:
         _at_least(self, 0, "temperature", "sample_temperature", "extra_sampled_passes", "weight_decay",
                   "checkpoint_every_s", "seed")
         for name, high in UPPER_BOUNDS.items():
-            value = getattr(self, name)
-            if value is not None and value > high:
-                raise InputError(f"{_flag(name)} {str(value)[:24]} must be <= {high}")
+            _at_most(self, high, name)
         _positive(self, "lr")
         _at_most(self, MAX_LR, "lr")
         if not 0 <= self.heldout_fraction < 1:
@@ -152,11 +150,12 @@ def _check_types(opts: Any) -> None:
             raise InputError(f"{_flag(f.name)} {str(value)[:24]!r}: give {wanted}")
 
 
-def _at_most(opts: Any, high: float, *names: str) -> None:
+def _at_most(opts: Any, high: int | float, *names: str) -> None:
+    bound = f"{high:g}" if isinstance(high, float) else str(high)  # an integer bound in full: 1048576, not 1.04858e+06
     for name in names:
         value = getattr(opts, name)
         if value is not None and value > high:
-            raise InputError(f"{_flag(name)} {str(value)[:24]} must be <= {high:g}")
+            raise InputError(f"{_flag(name)} {str(value)[:24]} must be <= {bound}")
 
 
 def _flag(name: str) -> str:

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from medusa_export.runtime.decode import is_int
-from medusa_export.runtime.errors import CheckpointError
+from medusa_export.runtime.errors import CheckpointError, first_line
 
 from ..tensor_pickles import PickledObjects, UnreadableTensors, load_tensors
 
@@ -122,14 +122,14 @@ def _load_heads(out: Path, heads, saved) -> None:
     try:
         heads.load_state_dict(saved)  # strict: missing or unexpected keys, other shapes
     except (RuntimeError, KeyError, TypeError, ValueError) as e:
-        raise damaged(out, "its heads do not fit this run: " + _first_line(e)) from None
+        raise damaged(out, "its heads do not fit this run: " + first_line(e, 160)) from None
 
 
 def _load_optimizer(out: Path, opt, saved) -> None:
     try:
         opt.load_state_dict(saved)
     except (RuntimeError, KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
-        raise damaged(out, "its optimizer state does not fit this run: " + _first_line(e)) from None
+        raise damaged(out, "its optimizer state does not fit this run: " + first_line(e, 160)) from None
     # load_state_dict checks the parameter counts only: a moment of another shape fails inside the next step
     for group in opt.param_groups:
         if not finite_number(group.get("lr")):
@@ -149,14 +149,9 @@ def _load_scheduler(out: Path, sched, saved, groups: int) -> None:
     try:
         sched.load_state_dict(saved)
     except (RuntimeError, KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
-        raise damaged(out, "its scheduler state does not fit this run: " + _first_line(e)) from None
+        raise damaged(out, "its scheduler state does not fit this run: " + first_line(e, 160)) from None
 
 
 def finite_number(x) -> bool:
     """A real number (not a bool), neither NaN nor infinite."""
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0][:160] if text else type(e).__name__
