@@ -16,7 +16,8 @@ from conftest import IM_START, make_chat_tokenizer  # noqa: E402
 
 from medusa_export.runtime.decode import MIN_TEMPERATURE, GenerationConfig  # noqa: E402
 from medusa_export.runtime.errors import InputError  # noqa: E402
-from medusa_export.runtime.serve.app import ServeSettings, _data, _json, _read_body  # noqa: E402
+from medusa_export.runtime.serve.app import ServeSettings, _data  # noqa: E402
+from medusa_export.runtime.serve.http_checks import json_body, read_body  # noqa: E402
 from medusa_export.runtime.serve.requests import ApiError, ServedModel, parse_chat, parse_completion  # noqa: E402
 
 MODEL = ServedModel("m", make_chat_tokenizer(), max_seq=64, medusa=True)
@@ -121,7 +122,7 @@ def test_the_library_refuses_temperatures_that_are_not_finite_non_negative_numbe
                                  b'{"prompt": "t5", "seed": -' + b"9" * 4400 + b"}", b"\xff\xfe{", b'{"prompt": '])
 def test_bodies_python_cannot_decode_are_400s(raw):
     with pytest.raises(ApiError) as e:
-        _json(raw)
+        json_body(raw)
     assert e.value.status == 400 and "not valid JSON" in e.value.message
 
 
@@ -167,10 +168,10 @@ def test_bodies_not_in_utf8_are_400s(encoding):
     """json.loads detects UTF-16 and UTF-32 bytes by itself; JSON on the wire is UTF-8 (RFC 8259), whose byte
     order mark may be skipped (as vLLM does)."""
     with pytest.raises(ApiError) as e:
-        _json('{"prompt": "t5"}'.encode(encoding))
+        json_body('{"prompt": "t5"}'.encode(encoding))
     assert e.value.status == 400
-    assert _json('{"prompt": "t5 \u00e9"}'.encode()) == {"prompt": "t5 é"}
-    assert _json('{"prompt": "t5"}'.encode("utf-8-sig")) == {"prompt": "t5"}
+    assert json_body('{"prompt": "t5 \u00e9"}'.encode()) == {"prompt": "t5 é"}
+    assert json_body('{"prompt": "t5"}'.encode("utf-8-sig")) == {"prompt": "t5"}
 
 
 def test_a_client_gone_mid_body_ends_the_request_quietly():
@@ -184,7 +185,7 @@ def test_a_client_gone_mid_body_ends_the_request_quietly():
             raise ClientDisconnect()
 
     with pytest.raises(ApiError) as e:
-        asyncio.run(_read_body(Gone(), 1 << 20))
+        asyncio.run(read_body(Gone(), 1 << 20))
     assert e.value.status == 400 and "disconnected" in e.value.message
 
 

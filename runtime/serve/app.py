@@ -14,12 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import json
 import os
 import socket
 import time
-import urllib.parse
 import uuid
 from dataclasses import dataclass
 from typing import AsyncIterator
@@ -28,13 +26,14 @@ import anyio
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
-from starlette.requests import ClientDisconnect
 
 from ..engine import DEFAULT_MAX_NUM_BATCHED_TOKENS
 from ..errors import InputError
 from ..generator import GenerationResult
 from .host_check import HostCheck, parse_allowed_hosts
 from .metrics import ServerMetrics, accepted_per_position
+from .http_checks import (authorize, check_identity_encoding, check_json_type, check_not_cross_origin,
+                          closing_if_unread, json_body, read_body)
 from .requests import ApiError, Job, ServedModel, parse_chat, parse_completion
 from .scheduler import Finished, Request as Admitted, Scheduler
 
@@ -111,14 +110,14 @@ def create_app(runtime, settings: ServeSettings = ServeSettings()) -> FastAPI:
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, e: ApiError):
-        return JSONResponse(e.body(), status_code=e.status, headers=_closing_if_unread(request, e.headers))
+        return JSONResponse(e.body(), status_code=e.status, headers=closing_if_unread(request, e.headers))
 
     @app.exception_handler(HTTPException)
     async def _http_error(request: Request, e: HTTPException):  # unknown routes (404), wrong methods (405)
         what = {404: f"no route {request.url.path!r:.100}: see /v1/models, /v1/chat/completions, /v1/completions",
                 405: f"{request.method} is not allowed on {request.url.path!r:.100}"}.get(e.status_code, str(e.detail))
         err = ApiError(e.status_code, what, type_="not_found_error" if e.status_code == 404 else "invalid_request_error")
-        return JSONResponse(err.body(), status_code=e.status_code, headers=_closing_if_unread(request, e.headers))
+        return JSONResponse(err.body(), status_code=e.status_code, headers=closing_if_unread(request, e.headers))
 
     @app.api_route("/health", methods=["GET", "HEAD"])  # HEAD: load balancers' health checks
     async def health():
@@ -141,12 +140,12 @@ def create_app(runtime, settings: ServeSettings = ServeSettings()) -> FastAPI:
 
     @app.api_route("/v1/models", methods=["GET", "HEAD"])
     async def models(request: Request):
-        _authorize(request, settings.api_key)
+        authorize(request, settings.api_key)
         return {"object": "list", "data": [model_card()]}
 
     @app.api_route("/v1/models/{model_id:path}", methods=["GET", "HEAD"])
     async def model_info(request: Request, model_id: str):
-        _authorize(request, settings.api_key)
+        authorize(request, settings.api_key)
         if model_id != name:
             raise ApiError(404, f"the model {model_id!r:.80} does not exist: this server serves {name!r}",
                            param="model", code="model_not_found", type_="not_found_error")
@@ -154,12 +153,12 @@ def create_app(runtime, settings: ServeSettings = ServeSettings()) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
-        _authorize(request, settings.api_key)
+        authorize(request, settings.api_key)
         return await _complete(request, await _parsed(request, parse_chat))
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        _authorize(request, settings.api_key)
+        authorize(request, settings.api_key)
         return await _complete(request, await _parsed(request, parse_completion))
 
     parse_lanes: dict = {}  # (chat, large body) -> its CapacityLimiter, made in the event loop at first use
@@ -169,11 +168,11 @@ def create_app(runtime, settings: ServeSettings = ServeSettings()) -> FastAPI:
         the size limit: off the event loop, on its lane's threads (`PARSE_THREADS`), so that other requests and
         streams carry on meanwhile. One waiting for its lane past the request timeout gets a 503 (a parse already
         running is bounded by the template workers' own limits and the body's size, not by this deadline)."""
-        _check_not_cross_origin(request.headers)
-        _check_json_type(request.headers.get("content-type"))
-        _check_identity_encoding(request.headers.get("content-encoding"))
-        body = await _read_body(request, settings.max_body_bytes, settings.timeout_s)
-        call = lambda: parse(_json(body), model)  # noqa: E731
+        check_not_cross_origin(request.headers)
+        check_json_type(request.headers.get("content-type"))
+        check_identity_encoding(request.headers.get("content-encoding"))
+        body = await read_body(request, settings.max_body_bytes, settings.timeout_s)
+        call = lambda: parse(json_body(body), model)  # noqa: E731
         chat, large = parse is parse_chat, len(body) > SMALL_BODY_BYTES
         if (chat, large) not in parse_lanes:
             parse_lanes[chat, large] = anyio.CapacityLimiter(PARSE_THREADS[large])
@@ -313,101 +312,3 @@ def _spec(result: GenerationResult) -> dict:
         "accepted_tokens": sum(result.step_accepted),  # 0 per step without Medusa
         "accepted_tokens_per_position": accepted_per_position(result.step_accepted, result.draft_depth),
     }}
-
-
-def _authorize(request, api_key: str | None) -> None:
-    if api_key is None:
-        return
-    header = request.headers.get("authorization", "")
-    token = header[7:] if header.lower().startswith("bearer ") else ""
-    if not hmac.compare_digest(token.encode(), api_key.encode()):
-        raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer KEY'", type_="authentication_error",
-                       code="invalid_api_key")
-
-
-def _check_not_cross_origin(headers) -> None:
-    """A 403 for a POST a browser sent from another site's page (``Sec-Fetch-Site: cross-site``) or from another
-    origin than this server's (``Origin`` naming another host than ``Host``). A page may send a body without a
-    ``Content-Type`` and without asking first (``fetch`` in no-cors mode, ``sendBeacon``); programs (curl, SDKs) send
-    neither header, and a page served from elsewhere could not read the answers anyway, for this server sends no
-    CORS headers."""
-    origin = headers.get("origin")
-    if headers.get("sec-fetch-site", "").lower() == "cross-site" or (
-            origin is not None and _origin_host(origin) != headers.get("host", "").lower()):
-        raise ApiError(403, "requests sent by a web page of another origin are refused: call the API from a program "
-                       "(no Origin header), or serve the page from this server's origin", code="cross_origin")
-
-
-def _origin_host(origin: str) -> str | None:
-    """The host (and port) an ``Origin`` names; None for one that is not a URL (``http://[``), which no origin
-    matches."""
-    try:
-        return urllib.parse.urlsplit(origin).netloc.lower()
-    except ValueError:
-        return None
-
-
-def _check_json_type(content_type: str | None) -> None:
-    """A 415 unless the body is declared JSON (``application/json`` or a ``+json`` type) or not declared at all. A
-    browser sends a cross-origin POST of ``text/plain`` or a form without asking first: were those read as JSON,
-    any web page its user opened could make a server on localhost without an API key generate."""
-    if content_type is None:
-        return
-    media = content_type.split(";", 1)[0].strip().lower()
-    if media != "application/json" and not (media.startswith("application/") and media.endswith("+json")):
-        raise ApiError(415, f"the request body must be JSON, sent as Content-Type: application/json (got "
-                       f"{media[:80]!r})", code="unsupported_media_type")
-
-
-def _check_identity_encoding(encoding: str | None) -> None:
-    """A 415 for a body declared compressed (``Content-Encoding: gzip``): this server does not decompress, so it
-    would read the compressed bytes as JSON (a misleading 400), or read a body mislabelled ``br`` as plain."""
-    if encoding is None or encoding.strip().lower() in ("", "identity"):
-        return
-    raise ApiError(415, f"Content-Encoding {encoding[:40]!r} is not supported: send the JSON body uncompressed",
-                   code="unsupported_content_encoding")
-
-
-async def _read_body(request, limit: int, timeout_s: float = 300.0) -> bytes:
-    """The body, at most ``limit`` bytes (413), arrived within ``timeout_s`` (408: a client that sends part of it
-    and stalls would otherwise hold its handler without end)."""
-    too_large = ApiError(413, f"the request body is larger than {limit} bytes", code="request_too_large")
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise too_large  # refused before reading it
-    body = bytearray()
-
-    async def read() -> None:
-        async for part in request.stream():
-            body.extend(part)
-            if len(body) > limit:
-                raise too_large
-
-    try:
-        await asyncio.wait_for(read(), timeout_s)
-    except ClientDisconnect:  # nobody reads this answer; it ends the handler quietly
-        raise ApiError(400, "the client disconnected before sending the whole request body") from None
-    except asyncio.TimeoutError:
-        raise ApiError(408, f"the request body did not arrive within {timeout_s:g} s", code="request_timeout",
-                       headers={"Connection": "close"}) from None
-    request.state.body_read = True
-    return bytes(body)
-
-
-def _closing_if_unread(request: Request, headers: dict[str, str] | None) -> dict[str, str] | None:
-    """``Connection: close`` on an answer sent before the request's body was read (a 401, 404, 413, 415): a client
-    that asked ``Expect: 100-continue`` may then skip the body, and the connection's next bytes would be read as it
-    (RFC 9110 10.1.1: say whether the connection stays)."""
-    declared = request.headers.get("content-length", "0") not in ("", "0") or "transfer-encoding" in request.headers
-    if not declared or getattr(request.state, "body_read", False):
-        return headers
-    return {**(headers or {}), "Connection": "close"}
-
-
-def _json(body: bytes):
-    try:  # UTF-8 only (RFC 8259; a byte order mark is skipped): json.loads would also take UTF-16 and UTF-32
-        return json.loads(body.decode("utf-8-sig"))
-    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError, and integers beyond Python's 4,300 digits
-        raise ApiError(400, f"the request body is not valid JSON ({str(e)[:120]})") from None
-    except RecursionError:
-        raise ApiError(400, "the request body nests JSON too deeply: send a flat OpenAI request") from None

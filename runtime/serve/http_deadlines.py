@@ -3,7 +3,7 @@ part of a request line or headers (or nothing) is held open without end, one soc
 client). This protocol closes a connection that has no request in flight ``header_timeout_s`` after it opened or
 after its previous response ended: one whose next request line and headers have not all arrived, or one answered
 before its body was read (401, 413) that keeps sending that body. The body has its own deadline
-(`app._read_body`: the request's timeout, then a 408). A client that stops reading what it is sent (a stream, or
+(`http_checks.read_body`: the request's timeout, then a 408). A client that stops reading what it is sent (a stream, or
 pipelined requests whose answers pile up) is cut off once a whole ``header_timeout_s`` passed with the server's send
 buffer full and none of it read: uvicorn would wait for it to drain without end, holding the socket and megabytes
 of buffers. A slow reader that keeps reading keeps its connection.
