@@ -1,6 +1,6 @@
 """The text of a command's JSON report (`bench --json`, `verify --json`, `calibrate-tree --out`): strict JSON.
 
-    write_report(path, report_text(report))
+    write_json_report(path, report)   # strict JSON, written whole (`whole_file.write_report`)
 
 Python's ``json.dumps`` writes NaN and infinity as the bare words ``NaN`` and ``Infinity``, which no strict JSON
 reader (``jq``, JavaScript's ``JSON.parse``, most other languages) accepts: a figure that is not a finite number
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 from typing import Any
 
 
@@ -28,3 +29,11 @@ def finite_or_none(value: Any) -> Any:
 def report_text(report: Any) -> str:
     """``report`` as indented strict JSON with a final newline (non-finite floats as null)."""
     return json.dumps(finite_or_none(report), indent=2, allow_nan=False) + "\n"
+
+
+def write_json_report(path: Path, report: Any, make_parents: bool = False) -> None:
+    """``report`` written whole to ``path`` as strict JSON (`whole_file.write_report`: nothing half-written, and with
+    ``make_parents`` no directory left behind when the write fails)."""
+    from .whole_file import write_report
+
+    write_report(path, report_text(report), make_parents=make_parents)

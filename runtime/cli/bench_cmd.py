@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from .app import app, cli_errors
+from ..report_json import write_json_report
 from .checks import path_argument, path_option
 
 
@@ -72,7 +73,7 @@ def bench(
                 shown.add(note)
                 typer.echo(f"note: {note}", err=True)
         if as_json:
-            _write_json(as_json, report)
+            write_json_report(as_json, report)
             if report.get("incomplete") not in (None, RUNNING):
                 typer.echo(f"note: the {len(report['results'])} rows measured before it stopped are in {as_json}",
                            err=True)
@@ -84,7 +85,7 @@ def bench(
                        threads=threads, progress=typer.echo, measured=save, model=model, concurrency=concurrency,
                        context_drafts=context_drafts, interleave=interleave)
     if as_json:  # first: a reader of the table that goes away (`| head`) must not leave the report unwritten
-        _write_json(as_json, report)
+        write_json_report(as_json, report)
     try:
         if plot_file:
             plot(report, plot_file)
@@ -113,13 +114,6 @@ def _print_table(report: dict) -> None:
         typer.echo(f"{r['backend']:<13}{r['mode']:<19}{fmt(r['tokens_per_s'], '8.2f')}{fmt(r['mean_accepted'], '10.2f')}"
                    f"{fmt(r['step_ms_p50'], '10.1f')}{fmt(r['step_ms_p90'], '10.1f')}{fmt(r['prefill_ms'], '9.1f')}"
                    f"{fmt(up, '9.2f')}{'x' if up else ' '}  {r['identical_to_vanilla']}")
-
-
-def _write_json(path: Path, report: dict) -> None:
-    from ..report_json import report_text
-    from ..whole_file import write_report
-
-    write_report(path, report_text(report))
 
 
 def _check_outputs(as_json: Optional[Path], plot_file: Optional[Path], inputs: tuple = ()) -> None:

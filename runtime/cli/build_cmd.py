@@ -199,10 +199,9 @@ def verify(
         for rt in runtimes:
             rt.close()
     if as_json:
-        from ..report_json import report_text
-        from ..whole_file import write_report
+        from ..report_json import write_json_report
 
-        write_report(as_json, report_text(report))
+        write_json_report(as_json, report)
     ok = True
     for n, s in report["summary"].items():
         if not isinstance(s, dict):

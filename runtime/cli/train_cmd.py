@@ -57,10 +57,9 @@ def calibrate_tree(
                          f"--heads ...`)")
     result = calibrate(rt.generator.backend, rt.generator.tokenizer, texts, max_new_tokens=max_new_tokens,
                        node_budget=node_budget, progress=lambda m: typer.echo(m, err=True))  # stdout: results
-    from ..report_json import report_text
-    from ..whole_file import write_report
+    from ..report_json import write_json_report
 
-    write_report(out, report_text(result), make_parents=True)
+    write_json_report(out, result, make_parents=True)
     c = result["calibration"]
     _print_accuracy(c["head_accuracy"], max_new_tokens)
     typer.echo(f"chosen tree: {c['num_nodes']} nodes, expected {c['expected_accepted'] + 1:.2f} tokens/step, "
