@@ -123,6 +123,12 @@ def _rotary_cache(decoder, max_positions: int, head_dim: int) -> tuple[np.ndarra
         pos = torch.arange(max_positions)[None]
         cos, sin = decoder.rotary_emb(torch.zeros(1, 1, head_dim, dtype=torch.float32), pos)
     cos, sin = cos[0].float().numpy(), sin[0].float().numpy()
+    if cos.shape[-1] != head_dim:  # partial rotary frequencies: a shape error at the next line
+        raise ModelError(f"the model's rotary embedding covers {cos.shape[-1]} of the {head_dim} values of a head "
+                         f"(partial rotary), which its attention cannot apply: use partial_rotary_factor 1.0")
+    if not (np.isfinite(cos).all() and np.isfinite(sin).all()):  # was refused as "not the rotate-half kind"
+        raise ModelError("the model's rotary embedding gives NaN or infinite values (its rope_theta or RoPE scaling "
+                         "overflows float32): restore the model's config.json")
     half = head_dim // 2
     if not (np.allclose(cos[:, :half], cos[:, half:]) and np.allclose(sin[:, :half], sin[:, half:])):
         raise ModelError("the model's rotary embedding is not the rotate-half kind: build with --graph portable")

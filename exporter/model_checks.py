@@ -156,23 +156,44 @@ def check_fits_memory(cfg: dict, where: Path) -> None:
                          f"with more memory")
 
 
+def rope_settings(cfg: dict) -> list[dict]:
+    """The RoPE parameter dicts transformers reads from config.json's ``cfg`` (one, or one per layer type where they
+    are nested): a non-empty ``rope_scaling`` (the older name) wins over ``rope_parameters``, as transformers 5 merges
+    them (reading ``rope_parameters`` first let a dynamic ``rope_scaling`` past the checks)."""
+    scaling, params = cfg.get("rope_scaling"), cfg.get("rope_parameters")
+    chosen = scaling if isinstance(scaling, dict) and scaling else params
+    chosen = chosen if isinstance(chosen, dict) else {}
+    nested = [v for v in chosen.values() if isinstance(v, dict)]
+    dicts = nested if nested and all(isinstance(v, dict) or v is None for v in chosen.values()) else [chosen]
+    return dicts
+
+
 def _check_rope(cfg: dict, config_file: Path) -> None:
     """Rotary settings a graph with fixed position tables can follow (the export's check blamed the exporter)."""
-    params = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}  # transformers 5 / earlier releases
-    params = params if isinstance(params, dict) else {}
-    theta = cfg.get("rope_theta", params.get("rope_theta", 10000.0))
-    if not isinstance(theta, (int, float)) or isinstance(theta, bool) or not 0 < theta < float("inf"):
-        raise ModelError(f"{config_file}: rope_theta must be a positive number, not {theta!r:.40}: restore the "
-                         f"model's config.json")
-    factor = params.get("factor")
-    if factor is not None and (not isinstance(factor, (int, float)) or isinstance(factor, bool)
-                               or not 0 < factor < float("inf")):
-        raise ModelError(f"{config_file}: the RoPE scaling factor must be a positive number, not {factor!r:.40}: "
-                         f"restore the model's config.json")
     positions = cfg.get("max_position_embeddings")
     if positions is not None and (not isinstance(positions, int) or isinstance(positions, bool) or positions < 1):
         raise ModelError(f"{config_file}: max_position_embeddings must be a positive integer, not "
                          f"{positions!r:.40}: restore the model's config.json")
+    for params in rope_settings(cfg):  # the dict's own rope_theta wins over the top-level one, as in transformers
+        theta = params.get("rope_theta", cfg.get("rope_theta", 10000.0))
+        _check_rope_params(params, theta, cfg.get("partial_rotary_factor"), config_file)
+
+
+def _is_positive(value: object) -> bool:
+    """Whether ``value`` is a finite positive number (not a bool)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < float("inf")
+
+
+def _check_rope_params(params: dict, theta: object, partial: object, config_file: Path) -> None:
+    """ModelError unless one RoPE parameter dict (``theta`` its base, ``partial`` config.json's top-level
+    ``partial_rotary_factor``) gives fixed frequencies that rotate whole heads."""
+    if not _is_positive(theta):
+        raise ModelError(f"{config_file}: rope_theta must be a positive number, not {theta!r:.40}: restore the "
+                         f"model's config.json")
+    factor = params.get("factor")
+    if factor is not None and not _is_positive(factor):
+        raise ModelError(f"{config_file}: the RoPE scaling factor must be a positive number, not {factor!r:.40}: "
+                         f"restore the model's config.json")
     kind = params.get("rope_type", params.get("type", "default"))
     if kind in ("dynamic", "longrope"):  # both switch at the trained length: a graph built past it differed
         raise ModelError(f"{config_file}: {kind} RoPE scaling is not supported: its frequencies change with the "
@@ -181,6 +202,18 @@ def _check_rope(cfg: dict, config_file: Path) -> None:
     if kind not in ROPE_TYPES:  # transformers failed with a KeyError naming only the type
         raise ModelError(f"{config_file}: RoPE type {kind!r:.40} is not supported: use a model with RoPE scaling of "
                          f"type {', '.join(ROPE_TYPES)}")
+    partial = params.get("partial_rotary_factor", partial)
+    if kind in PARTIAL_ROPE_TYPES or partial is None or partial == 1:
+        return
+    raise ModelError(f"{config_file}: partial_rotary_factor {partial!r:.40} with {kind} RoPE is not supported: "
+                     f"transformers computes this type's frequencies for part of each head but rotates the whole "
+                     f"head, so the model does not run (in PyTorch either); use RoPE type default or proportional, "
+                     f"or partial_rotary_factor 1.0")
+
+
+# RoPE types whose frequencies cover the whole head whatever partial_rotary_factor says: "default" (the Llama family
+# ignores the factor) and "proportional" (zero frequencies past the rotated part)
+PARTIAL_ROPE_TYPES = ("default", "proportional")
 
 
 # RoPE types whose frequencies are fixed, so the graphs' position tables (from the model's own rotary module) hold

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from medusa_export.runtime import io_table, kernels
-from medusa_export.runtime.errors import ExportValidationError
+from medusa_export.runtime.errors import ExportValidationError, ModelError
 from medusa_export.runtime.tree_paths import PathBatch
 
 from .onnx_export import dummy_inputs
@@ -77,16 +77,29 @@ def validate_graph(step: StepModel, onnx_path, dtype: str = "float32", threads: 
         for name, g, r in zip(names_out, got, ref):
             if head_major and name.startswith("present."):  # the whole cache: compare its T new rows
                 g = _node_rows(g, past, batch) if batch else g[:, :, past:past + t].transpose(0, 2, 1, 3)
-            # Ids: the top-1 of each position (and head) must agree; lower ranks of near-equal logits may swap.
-            err = float(np.mean(g[..., 0] != r[..., 0])) if r.dtype == np.int64 else float(np.abs(g.astype(np.float64) - r).max())
-            worst[name] = max(worst.get(name, 0.0), err)
+            worst[name] = max(worst.get(name, 0.0), output_error(name, g, r))
     tolerance_of = kv_dtype or dtype  # an fp16 cache rounds every key and value: fp16's tolerance
+    _check_finite(worst, dtype)  # quantized graphs too: their errors are recorded, never NaN or infinity
     if enforce:
         _check({k: v for k, v in worst.items() if k not in approximate}, tolerance_of)
     recorded = {"approximate": list(approximate)} if approximate else {}
     return {"shapes": [list(s) for s in shapes], "max_abs_error": worst, **recorded,
             "tolerance": TOLERANCE[tolerance_of] if enforce else None,
             "max_id_mismatch": MAX_ID_MISMATCH if enforce else None}
+
+
+def output_error(name: str, got: np.ndarray, ref: np.ndarray) -> float:
+    """How far the graph's output ``got`` is from PyTorch's ``ref``. Ids: the fraction of positions (and heads) whose
+    top-1 differs (lower ranks of near-equal logits may swap). Floats: the max absolute difference, infinite where
+    the graph gives NaN or infinity and PyTorch does not (a NaN difference counted as none, so such graphs passed).
+    ModelError where PyTorch's own output is not finite: the model, not the export, is broken."""
+    if ref.dtype == np.int64:
+        return float(np.mean(got[..., 0] != ref[..., 0])) if ref.size else 0.0
+    if not np.isfinite(ref).all():
+        raise ModelError(f"the model's own output {name!r} (PyTorch) holds NaN or infinite values on random inputs: "
+                         f"its weights or config.json settings (rope_theta, RoPE scaling) overflow; restore the model")
+    diff = np.abs(got.astype(np.float64) - ref)
+    return float(np.where(np.isnan(diff), np.inf, diff).max()) if diff.size else 0.0
 
 
 def fitted_shapes(max_positions: int | None) -> tuple[tuple[int, int, bool], ...]:
@@ -154,4 +167,15 @@ def _check(worst: dict[str, float], dtype: str) -> None:
             raise ExportValidationError(
                 f"exported graph output {name!r} differs from PyTorch by {err:.3g} (limit {limit:g}, {dtype}): "
                 "the export is wrong; report it with the model type and versions"
+            )
+
+
+def _check_finite(worst: dict[str, float], dtype: str) -> None:
+    """ExportValidationError where the graph gave NaN or infinity and PyTorch numbers (`output_error`), whatever the
+    tolerance: no graph of any dtype may (a report of such errors would not be JSON)."""
+    for name, err in worst.items():
+        if not np.isfinite(err):
+            raise ExportValidationError(
+                f"exported graph output {name!r} holds NaN or infinite values where PyTorch gives numbers ({dtype}): "
+                f"the graph's arithmetic overflows; build with --dtype fp32, or report it with the model type"
             )

@@ -161,3 +161,137 @@ def test_build_takes_the_graphs_ranks_from_the_command_line(tiny_dirs, tmp_path)
     assert proc.returncode == 0, proc.stderr
     dims = Manifest.read(out).dims
     assert (dims.head_topk, dims.sample_topk) == (3, 5)
+
+
+# ---- RoPE settings as transformers 5 merges them ----
+
+def _rope_config(**settings) -> dict:
+    """A llama config.json's content (as transformers 5 saves it: with ``rope_parameters``) with ``settings``."""
+    return {"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4, "max_position_embeddings": 16,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}, **settings}
+
+
+@pytest.mark.parametrize("settings, refused", [
+    # an older rope_scaling beside the saved rope_parameters: transformers applies rope_scaling (it was not checked)
+    (dict(rope_scaling={"type": "dynamic", "factor": 2.0}), "dynamic RoPE scaling is not supported"),
+    (dict(rope_scaling={"rope_type": "longrope", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8}),
+     "longrope RoPE scaling is not supported"),
+    # the dict's own rope_theta wins over the top-level one in transformers
+    (dict(rope_theta=10000.0, rope_parameters={"rope_type": "default", "rope_theta": -1.0}),
+     "rope_theta must be a positive number, not -1.0"),
+    # parameters per layer type, each checked
+    (dict(model_type="qwen2", rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e4},
+                                               "sliding_attention": {"rope_type": "dynamic", "factor": 2.0}}),
+     "dynamic RoPE scaling is not supported"),
+    # partial rotary with a scaled type: transformers' Llama family fails its own forward
+    (dict(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4, "partial_rotary_factor": 0.5}),
+     "partial_rotary_factor 0.5 with linear RoPE is not supported"),
+    (dict(partial_rotary_factor=0.5, rope_parameters={"rope_type": "yarn", "factor": 2.0}),
+     "partial_rotary_factor 0.5 with yarn RoPE is not supported"),
+])
+def test_rope_settings_are_checked_where_transformers_reads_them(tmp_path, settings, refused):
+    from medusa_export.exporter.model_checks import check_config
+
+    with pytest.raises(ModelError, match=refused):
+        check_config(_rope_config(**settings), tmp_path / "config.json")
+
+
+@pytest.mark.parametrize("settings", [
+    dict(rope_scaling={"type": "linear", "factor": 2.0}),
+    dict(rope_parameters={"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}),
+    dict(rope_parameters={"rope_type": "proportional", "rope_theta": 1e4, "partial_rotary_factor": 0.5}),
+    dict(rope_theta=-1.0),  # overridden by rope_parameters' own rope_theta
+])
+def test_rope_settings_transformers_runs_are_accepted(tmp_path, settings):
+    from medusa_export.exporter.model_checks import check_config
+
+    check_config(_rope_config(**settings), tmp_path / "config.json")
+
+
+def test_a_dynamic_rope_scaling_beside_rope_parameters_is_refused_before_the_export(tiny_dirs, tmp_path):
+    """It built as far as the validation, which blamed the exporter ("the export is wrong")."""
+    _, model_dir, heads_dir = _save_model(tiny_dirs, tmp_path, max_position_embeddings=16)
+    config = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps({**config, "rope_scaling": {"type": "dynamic", "factor": 2.0}}))
+    with pytest.raises(ModelError, match="config.json: dynamic RoPE scaling is not supported"):
+        _build(model_dir, heads_dir, tmp_path / "out", max_seq=64)
+    assert not (tmp_path / "out").exists()
+
+
+def test_partial_rotary_with_a_scaled_rope_is_refused_in_one_line(tiny_dirs, tmp_path):
+    """It failed in the fused export with numpy's "operands could not be broadcast" traceback."""
+    _, model_dir, heads_dir = _save_model(tiny_dirs, tmp_path, rope_parameters={
+        "rope_type": "linear", "factor": 2.0, "rope_theta": 1e4, "partial_rotary_factor": 0.5})
+    with pytest.raises(ModelError, match="partial_rotary_factor 0.5 with linear RoPE is not supported.*"
+                                         "partial_rotary_factor 1.0$"):
+        _build(model_dir, heads_dir, tmp_path / "out", max_seq=32)
+
+
+def test_a_rotary_embedding_narrower_than_the_head_is_refused():
+    from types import SimpleNamespace
+
+    from medusa_export.exporter.fused_backbone import _rotary_cache
+
+    narrow = SimpleNamespace(rotary_emb=lambda x, pos: (torch.ones(1, pos.shape[1], 8), torch.zeros(1, pos.shape[1], 8)))
+    with pytest.raises(ModelError, match="covers 8 of the 16 values of a head"):
+        _rotary_cache(narrow, 4, 16)
+
+
+@pytest.mark.parametrize("graph, refused", [
+    ("onnxruntime", "rotary embedding gives NaN or infinite values"),  # was "not the rotate-half kind: use portable"
+    ("portable", "the model's own output 'next_token_probs' \\(PyTorch\\) holds NaN"),  # was "the export is wrong"
+])
+def test_a_rope_theta_that_overflows_float32_is_blamed_on_the_model(tiny_dirs, tmp_path, graph, refused):
+    _, model_dir, heads_dir = _save_model(tiny_dirs, tmp_path, rope_parameters={"rope_type": "default",
+                                                                                 "rope_theta": 1e-300})
+    with pytest.raises(ModelError, match=refused):
+        _build(model_dir, heads_dir, tmp_path / "out", max_seq=32, graph=graph)
+
+
+def test_a_graph_output_of_nan_fails_the_validation():
+    """A NaN difference counted as none (``max(0.0, nan)`` is 0.0): a graph giving NaN where PyTorch gives numbers
+    passed its check against PyTorch."""
+    import numpy as np
+
+    from medusa_export.exporter.validate import output_error
+
+    ref = np.array([[0.25, 0.75]], np.float32)
+    assert output_error("p", np.array([[np.nan, 0.75]], np.float32), ref) == float("inf")
+    assert output_error("p", np.array([[np.inf, 0.75]], np.float32), ref) == float("inf")
+    assert output_error("p", np.array([[0.25, 0.5]], np.float32), ref) == 0.25
+    with pytest.raises(ModelError, match="own output 'p'"):
+        output_error("p", ref, np.array([[np.nan, 0.75]], np.float32))
+
+
+def test_a_quantized_graph_giving_nan_is_refused_though_its_errors_are_only_recorded():
+    """A quantized graph's errors are recorded, not held to a tolerance: an infinite one would have been written into
+    the manifest as a JSON Infinity."""
+    from medusa_export.exporter.validate import _check_finite
+    from medusa_export.runtime.errors import ExportValidationError
+
+    _check_finite({"next_token_probs": 0.3, "entropy": 2.0}, "int8")
+    with pytest.raises(ExportValidationError, match="'entropy' holds NaN or infinite values .*\(int8\)"):
+        _check_finite({"next_token_probs": 0.3, "entropy": float("inf")}, "int8")
+
+
+@pytest.mark.parametrize("rope", [
+    {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e4},
+    {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4, "original_max_position_embeddings": 8},
+    {"rope_type": "llama3", "factor": 8.0, "rope_theta": 5e5, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 8},
+    {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5},
+])
+def test_scaled_rope_models_past_their_trained_length_decode_as_pytorch(tiny_dirs, tmp_path, rope):
+    """max_position_embeddings under --max-seq, with each RoPE type the graphs follow: greedy decoding with and
+    without Medusa equals PyTorch's, past the trained length."""
+    model, model_dir, heads_dir = _save_model(tiny_dirs, tmp_path, max_position_embeddings=16, rope_parameters=rope)
+    _build(model_dir, heads_dir, tmp_path / "out", max_seq=64, max_num_seqs=1)
+    from medusa_export.runtime.api import MedusaRuntime
+    from medusa_export.runtime.decode import GenerationConfig
+
+    prompt = list(range(1, 15))
+    want = _greedy(model, prompt, 8)
+    with MedusaRuntime.load(tmp_path / "out", backend="ort") as rt:
+        for medusa in (False, True):
+            config = GenerationConfig(max_new_tokens=8, medusa=medusa, ignore_eos=True)
+            assert list(rt.generator.generate(prompt, config).token_ids) == want
