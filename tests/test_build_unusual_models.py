@@ -270,7 +270,7 @@ def test_a_quantized_graph_giving_nan_is_refused_though_its_errors_are_only_reco
     from medusa_export.runtime.errors import ExportValidationError
 
     _check_finite({"next_token_probs": 0.3, "entropy": 2.0}, "int8")
-    with pytest.raises(ExportValidationError, match="'entropy' holds NaN or infinite values .*\(int8\)"):
+    with pytest.raises(ExportValidationError, match=r"'entropy' holds NaN or infinite values .*\(int8\)"):
         _check_finite({"next_token_probs": 0.3, "entropy": float("inf")}, "int8")
 
 
