@@ -32,6 +32,7 @@ from ..errors import InputError
 from ..generator import GenerationResult
 from .host_check import HostCheck, parse_allowed_hosts
 from .metrics import ServerMetrics, accepted_per_position
+from .http_deadlines import half_closed
 from .http_checks import (authorize, check_identity_encoding, check_json_type, check_not_cross_origin,
                           closing_if_unread, json_body, read_body)
 from .requests import ApiError, Job, ServedModel, parse_chat, parse_completion
@@ -186,6 +187,8 @@ def create_app(runtime, settings: ServeSettings = ServeSettings()) -> FastAPI:
 
     async def _complete(http: Request, job: Job):
         rid = ("chatcmpl-" if job.chat else "cmpl-") + uuid.uuid4().hex
+        if not job.stream:
+            _refuse_half_closed(http, None)  # before admission: decoding could not tell a closed client apart
         admitted = sched.submit(job)  # 429 / 503 here, before any response starts
         if job.stream:
             return _StreamOf(admitted, _sse(rid, job, name, admitted), media_type="text/event-stream",
@@ -201,6 +204,7 @@ def create_app(runtime, settings: ServeSettings = ServeSettings()) -> FastAPI:
         finally:
             watcher.cancel()
             admitted.cancel()  # no-op once it finished
+        _refuse_half_closed(http, done)
         result = _result_or_error(done, settings.timeout_s)
         return JSONResponse(_response(rid, job, name, "".join(texts), result), headers=served_by)
 
@@ -222,10 +226,23 @@ class _StreamOf(StreamingResponse):
 
 
 async def _cancel_on_disconnect(http: Request, admitted: Admitted) -> None:
-    """The body has been read, so the next ASGI message is the client's disconnect."""
-    while (await http.receive())["type"] != "http.disconnect":
+    """The body has been read, so the next ASGI message is the client's disconnect, or a wake-up for its
+    half-close (`http_deadlines.half_closed`), which stops it as well."""
+    while not half_closed(http.scope) and (await http.receive())["type"] != "http.disconnect":
         pass
     admitted.cancel()
+
+
+def _refuse_half_closed(http: Request, done: Finished | None) -> None:
+    """A 400 for a non-streamed HTTP/1.0 request whose client shut its sending side before the answer: TCP cannot
+    tell that from a client gone, whose decoding must stop at once, before something is written to it, and an
+    HTTP/1.0 client may be sent nothing but its answer (`http_deadlines`: HTTP/1.1 ones are probed); an answer
+    that finished anyway is sent."""
+    natural = done is not None and done.result is not None and done.result.finish_reason in NATURAL_FINISHES
+    if half_closed(http.scope) and not natural:
+        raise ApiError(400, "the client shut its sending side (half-close) before the answer: decoding stopped, as "
+                       "for a client gone; keep the connection open until the answer arrives, or use HTTP/1.1",
+                       code="client_half_closed")
 
 
 def _result_or_error(done: Finished | None, timeout_s: float) -> GenerationResult:

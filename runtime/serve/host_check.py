@@ -15,6 +15,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import socket
+import urllib.parse
 
 from starlette.responses import JSONResponse
 
@@ -108,20 +109,76 @@ def _is_address(text: str) -> bool:
     return True
 
 
+def origin_form(target: bytes) -> tuple[bytes, str | None]:
+    """A request target's path and the authority it names: ``/v1/models`` -> (itself, None); the absolute form
+    ``http://127.0.0.1:8000/v1/models`` (what a client sends through a proxy; RFC 9112 3.2.2: servers must accept it)
+    -> (b"/v1/models", "127.0.0.1:8000"). ValueError (one line) for any other target (``*``, ``ftp://...``, a user
+    name in the authority)."""
+    if target.startswith(b"/"):
+        return target, None
+    match = _ABSOLUTE.fullmatch(target)  # scheme, user name (refused: RFC 9110 4.2.4), authority, path
+    if match is None or match.group(1) or not match.group(2) or match.group(3)[:1] not in (b"", b"/"):
+        raise ValueError(f"the request target {target[:80].decode('latin-1')!r} is neither a path (/v1/models) nor "
+                         f"an absolute http URL (http://host:port/v1/models)")
+    return match.group(3) or b"/", match.group(2).decode("latin-1")
+
+
+_ABSOLUTE = re.compile(rb"(?i)https?://([^/?#@]*@)?([^/?#]*)(.*)", re.DOTALL)
+
+
+def same_authority(a: str, b: str) -> bool:
+    """Whether two ``Host``-style authorities name the same host and port (case, a final dot and an empty port
+    aside); a port given on one side only is the default port, which this comparison cannot know: a mismatch."""
+    return (host_name(a), _port_of(a)) == (host_name(b), _port_of(b))
+
+
+def _port_of(header: str) -> str:
+    rest = header.strip(" \t").rpartition("]")[2] if header.strip(" \t").startswith("[") else header.strip(" \t")
+    name, colon, port = rest.rpartition(":")
+    return port if colon and port.isdigit() and ":" not in name else ""
+
+
 class HostCheck:
-    """ASGI middleware: a 400 for an HTTP request whose ``Host`` the server does not answer (``host_allowed``)."""
+    """ASGI middleware: a 400 for an HTTP request whose ``Host`` the server does not answer (``host_allowed``). A
+    request target in absolute form is read as its path, and the authority it names must pass the same check and
+    agree with ``Host``: else the app would route by one name and this guard judge another."""
 
     def __init__(self, app, allowed: tuple[str, ...]) -> None:
         self.app, self.allowed = app, tuple(a.strip("[]") for a in allowed)
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "http" and scope["path"] not in OPEN_PATHS:
-            host = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"host"), None)
-            if not host_allowed(host, self.allowed):
-                err = ApiError(400, f"this server does not answer to the host name {host_name(host)[:80]!r}: call it "
-                               f"as localhost or 127.0.0.1, or start it with --allowed-hosts naming it",
-                               code="invalid_host")
+        if scope["type"] == "http":
+            refusal = self._refusal(scope)
+            if refusal is not None:
                 # closed after: the body of a request refused unread must not be read as the next request
-                await JSONResponse(err.body(), status_code=400, headers={"Connection": "close"})(scope, receive, send)
+                await JSONResponse(refusal.body(), status_code=400, headers={"Connection": "close"})(scope, receive,
+                                                                                                      send)
                 return
         await self.app(scope, receive, send)
+
+    def _refusal(self, scope) -> ApiError | None:
+        """Why this request is refused, or None; an absolute-form target is rewritten to its path first."""
+        host = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"host"), None)
+        try:
+            path, authority = origin_form(scope.get("raw_path") or scope["path"].encode("utf-8"))
+        except ValueError as e:
+            return ApiError(400, str(e), code="invalid_request_target")
+        if authority is not None:
+            if host is not None and not same_authority(host, authority):
+                return ApiError(400, f"the request target names {authority[:80]!r} but the Host header "
+                                f"{host[:80]!r}: send the same host in both", code="invalid_host")
+            _to_origin_form(scope, path, authority, host)
+            host = authority
+        if scope["path"] in OPEN_PATHS or host_allowed(host, self.allowed):
+            return None
+        return ApiError(400, f"this server does not answer to the host name {host_name(host)[:80]!r}: call it as "
+                        f"localhost or 127.0.0.1, or start it with --allowed-hosts naming it", code="invalid_host")
+
+
+def _to_origin_form(scope, path: bytes, authority: str, host: str | None) -> None:
+    """The scope of an absolute-form request as if its target had been the path (and ``Host`` the authority, for an
+    HTTP/1.0 request without one): the routes, and the Origin check, then read it as any other."""
+    scope["raw_path"] = path
+    scope["path"] = scope.get("root_path", "") + urllib.parse.unquote(path.decode("latin-1"))
+    if host is None:
+        scope["headers"] = [*scope["headers"], (b"host", authority.encode("latin-1"))]

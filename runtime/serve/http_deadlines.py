@@ -14,8 +14,31 @@ of buffers. A slow reader that keeps reading keeps its connection.
 from __future__ import annotations
 
 import asyncio
+import http
+import json
 import socket
 import struct
+import sys
+
+from .requests import ApiError
+
+
+HALF_CLOSED = "medusa_export.half_closed"  # scope key: an HTTP/1.0 client half-closed after its request
+PEER_POLL_S = 0.1  # how often a half-closed connection is checked for the client's reset
+LINGER_S = 2.0  # after a malformed request's 400: how long the rest of it is read and dropped before the close
+
+
+def half_closed(scope) -> bool:
+    """Whether this request's client shut its sending side after the request (`eof_received`)."""
+    return bool(scope.get(HALF_CLOSED))
+
+
+def _reason(status: int) -> bytes:
+    """The standard reason phrase of an HTTP status ("Bad Request"), empty for a code without one."""
+    try:
+        return http.HTTPStatus(status).phrase.encode()
+    except ValueError:
+        return b""
 
 
 def kernel_send_queue(sock) -> int:
@@ -32,17 +55,90 @@ def kernel_send_queue(sock) -> int:
 
 def header_deadline_protocol(header_timeout_s: float) -> type:
     """uvicorn's h11 protocol with the header deadline (a class, as uvicorn's ``http`` option takes)."""
+    import h11
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
     class HeaderDeadlineProtocol(H11Protocol):
         _header_timer: asyncio.TimerHandle | None = None
         _write_timer: asyncio.TimerHandle | None = None
         _unsent = 0  # `_unsent_bytes` when the write deadline was last set
+        _refused = False  # answered as malformed: what else arrives is dropped until the close
 
         def _unsupported_upgrade_warning(self) -> None:
             """Nothing: an ``Upgrade`` header (h2c, websocket) is ignored and the request answered as HTTP/1.1, as
             RFC 9110 allows. uvicorn logged two warnings for each such request (one advising to install a WebSocket
             library), so any client could fill the server's log, which is otherwise quiet per request."""
+
+        def send_400_response(self, msg: str) -> None:
+            """An OpenAI-style error for a request h11 could not parse (uvicorn sent a plain-text 400 without the
+            cause): 431 for headers past h11's size limit, else a 400 saying what was malformed. uvicorn calls it
+            from the ``except`` clause that caught h11's error, which is where the cause is read."""
+            error = sys.exc_info()[1]
+            status = getattr(error, "error_status_hint", 400)
+            cause = str(error).splitlines()[0][:120] if error is not None and str(error) else msg
+            what = ("the request headers are too large: send fewer or shorter headers" if status == 431 else
+                    f"the request is not valid HTTP/1.1 ({cause})")
+            body = json.dumps(ApiError(status, what, code="invalid_http_request").body()).encode()
+            headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body)),
+                       (b"connection", b"close")]
+            reason = _reason(status)
+            for event in (h11.Response(status_code=status, headers=headers, reason=reason), h11.Data(data=body),
+                          h11.EndOfMessage()):
+                self.transport.write(self.conn.send(event))
+            self._linger()
+
+        def _linger(self) -> None:
+            """Close after the answer, reading and dropping what the client still sends for up to LINGER_S: closed
+            with its unread bytes (the rest of 100 kB of headers), the socket sends a reset, and the client loses
+            the answer it was sent."""
+            self._refused = True
+            if self.transport.can_write_eof():
+                self.transport.write_eof()
+            self.flow.resume_reading()
+            self.loop.call_later(LINGER_S, self.transport.close)
+
+        def data_received(self, data: bytes) -> None:
+            if not self._refused:  # else: the rest of a request refused as malformed, dropped
+                super().data_received(data)
+
+        def eof_received(self) -> bool | None:
+            """The client shut its sending side (``shutdown(SHUT_WR)``, ``nc -N``) or closed: TCP cannot tell
+            which until something is written to it (a closed one answers with a reset). uvicorn closed the
+            connection either way, so a client that half-closed after a whole request got no answer. With such a
+            request in flight the connection now stays open for the answer (then closes) and is watched for that
+            reset (`_watch_peer`); an HTTP/1.1 request not yet answered is sent a ``100 Continue`` to draw it out
+            (clients must skip a 1xx they did not ask for, RFC 9110 15.2). An HTTP/1.0 one cannot be, so its
+            scope is marked `half_closed` and a request waiting for its whole answer stops (`app`). Without a
+            request in flight (or with one cut mid-body) it closes, as before."""
+            cycle = self.cycle
+            if self._refused or cycle is None or cycle.more_body or cycle.response_complete:
+                return None  # asyncio closes the transport
+            cycle.keep_alive = False
+            if self.conn.our_state is h11.SEND_RESPONSE:
+                if self.conn.their_http_version == b"1.1":
+                    cycle.waiting_for_100_continue = False  # sent here; uvicorn would send it again
+                    self.transport.write(self.conn.send(h11.InformationalResponse(status_code=100, headers=[],
+                                                                                  reason=b"Continue")))
+                else:
+                    cycle.scope[HALF_CLOSED] = True
+                    cycle.message_event.set()  # wakes a handler waiting in `receive` for a disconnect
+            self._watch_peer()
+            return True
+
+        def _watch_peer(self) -> None:
+            """Every PEER_POLL_S while the answer goes out to a half-closed connection: a reset from the client
+            (it had closed) drops the connection, and its request sees a disconnect and stops."""
+            if self.transport.is_closing() or self.cycle is None or self.cycle.response_complete:
+                return
+            sock = self.transport.get_extra_info("socket")
+            try:
+                reset = sock is not None and sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) != 0
+            except OSError:
+                reset = True
+            if reset:
+                self.transport.abort()
+                return
+            self.loop.call_later(PEER_POLL_S, self._watch_peer)
 
         def connection_made(self, transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
