@@ -24,8 +24,12 @@ from pathlib import Path
 
 try:
     import fcntl
-except ImportError:  # Windows: no advisory locks, so no abandoned work directory is ever removed
+except ImportError:  # Windows
     fcntl = None
+try:
+    import msvcrt  # Windows: a byte range lock, released with its process too
+except ImportError:
+    msvcrt = None
 
 from medusa_export.runtime.errors import InputError
 from medusa_export.runtime.manifest import MANIFEST, UNFINISHED, building, listed_files
@@ -33,21 +37,7 @@ from medusa_export.runtime.manifest import MANIFEST, UNFINISHED, building, liste
 
 def check_out_dir(out: Path) -> None:
     """InputError (one line, naming the path) unless ``out`` may be replaced by a new artifact."""
-    try:
-        here = Path.cwd()
-    except OSError:  # the current directory was removed: nothing to protect there
-        here = None
-    if here is not None and out.resolve() in (here, *here.parents):  # cwd() is resolved: compare like with like
-        raise InputError(f"--out {out} is or holds the current directory, which build would replace whole: give "
-                         f"another directory, or run the command from outside it")
-    if not str(out).isprintable():  # the artifact's name goes into every later line that names it
-        raise InputError(f"--out {str(out)!r:.120} holds a character that does not print (a newline, a control "
-                         f"character): give a plain directory name")
-    if out.name in ("", ".."):  # "ART/heads/..": the work directory made beside it would land inside it
-        raise InputError(f"--out {out} does not name a directory by its own name: give it as "
-                         f"{os.path.normpath(os.path.abspath(out))}")
-    if out.is_symlink():
-        raise InputError(f"--out {out} is a symbolic link: give a real directory path for the artifact")
+    check_replaceable(out, "build")
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out} is an existing file, not an artifact directory: choose another --out")
     try:
@@ -75,6 +65,27 @@ def check_out_dir(out: Path) -> None:
     if foreign:
         raise InputError(f"--out {out} is an artifact but also holds {foreign[0].relative_to(out)} (not one of its "
                          f"files): move it out, or choose another --out")
+
+
+def check_replaceable(out: Path, command: str) -> None:
+    """InputError unless ``--out`` can be replaced whole by a directory made beside it and renamed into place
+    (`build`, `train-heads --mode medusa2`): not the current directory or one above it, a name that prints, and a
+    name of its own (not "." or "..")."""
+    try:
+        here = Path.cwd()
+    except OSError:  # the current directory was removed: nothing to protect there
+        here = None
+    if here is not None and out.resolve() in (here, *here.parents):  # cwd() is resolved: compare like with like
+        raise InputError(f"--out {out} is or holds the current directory, which {command} would replace whole: give "
+                         f"another directory, or run the command from outside it")
+    if not str(out).isprintable():  # the output's name goes into every later line that names it
+        raise InputError(f"--out {str(out)!r:.120} holds a character that does not print (a newline, a control "
+                         f"character): give a plain directory name")
+    if out.name in ("", ".."):  # "ART/heads/..": the work directory made beside it would land inside it
+        raise InputError(f"--out {out} does not name a directory by its own name: give it as "
+                         f"{os.path.normpath(os.path.abspath(out))}")
+    if out.is_symlink():  # the swap would replace the link, never the directory it points at
+        raise InputError(f"--out {out} is a symbolic link: give a real directory path")
 
 
 def check_can_create(path: Path, flag: str) -> None:
@@ -181,8 +192,7 @@ def new_work_dir(out: Path) -> Path:
     work = Path(tempfile.mkdtemp(prefix=out.name + ".partial-", dir=out.parent))
     work.chmod(0o755)
     fd = os.open(work / UNFINISHED, os.O_CREAT | os.O_RDWR, 0o644)
-    if fcntl is not None:
-        fcntl.flock(fd, fcntl.LOCK_EX)  # a lock dies with its process: how a later build knows this one is gone
+    try_lock(fd)  # a new file, so it is ours; a lock dies with its process: how a later build knows this one is gone
     _LOCKS[str(work)] = fd
     building(work, True)
     return work
@@ -196,8 +206,23 @@ def release_work_dir(work: Path) -> None:
     building(work, False)
 
 
+def try_lock(fd: int) -> bool:
+    """Take an exclusive advisory lock on the open file ``fd`` without waiting: False when another process holds it.
+    The lock is released when its process ends, however it ends. Shared by `build`'s work directories and
+    train-heads' lock on --out (`train_out_dir.train_out_lock`). No locking on this system: True."""
+    try:
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        elif msvcrt is not None:
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+    except OSError:
+        return False
+    return True
+
+
 def _remove_abandoned(out: Path) -> None:
-    if fcntl is None:  # no way to tell a killed build from a running one: leave them
+    """Remove the work directories of earlier builds of ``out`` whose mark no process holds (killed builds)."""
+    if fcntl is None:  # no flock (Windows): a running build's open mark could not be told apart; leave them
         return
     for stale in out.parent.glob(glob.escape(out.name) + ".partial-*"):
         try:
@@ -205,12 +230,11 @@ def _remove_abandoned(out: Path) -> None:
         except OSError:  # not one of our work directories, or not ours to remove
             continue
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:  # held: that build is running
-            continue
+            free = try_lock(fd)  # held: that build is running
         finally:
             os.close(fd)
-        shutil.rmtree(stale, ignore_errors=True)
+        if free:
+            shutil.rmtree(stale, ignore_errors=True)
 
 
 _LOCKS: dict[str, int] = {}  # work directory -> the open, locked descriptor of its mark

@@ -3,37 +3,33 @@ output; no input (the model, the prompts) lies where the run writes or deletes; 
 OUT.partial is its own; one run at a time holds --out. No torch here, so the CLI checks before the long work.
 
     check_train_out_dir(Path("heads/mine"), "medusa1", train_inputs(model, data, exclude_eval))
-    with train_out_lock(Path("heads/mine")):         # a second run on the same --out: InputError
-        ... train, write ...
+    with train_out_lock(Path("heads/mine")):         # a second run on the same --out: InputError; a killed run's
+        ... train, write ...                         # marked stage is moved in first (`finish_stage`)
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
-try:
-    import fcntl
-except ImportError:  # Windows
-    fcntl = None
-try:
-    import msvcrt  # Windows: train-heads' lock on --out (a byte range lock, released with its process too)
-except ImportError:
-    msvcrt = None
-
 from medusa_export.runtime.errors import InputError
 from medusa_export.runtime.typed_json import json_object_or_none
 
-from .output_dir import check_can_create, check_dir_path, resolved, within
+from .output_dir import check_can_create, check_dir_path, check_replaceable, resolved, try_lock, within
 
 # What train-heads writes (exporter/heads.py HEADS_FORMAT, exporter/training/checkpoint.py FILE; no torch here).
 HEADS_FORMAT = "medusa-export-heads"
 CHECKPOINT_FILES = {"checkpoint.pt", "checkpoint.tmp"}
 # The lock a running train-heads holds in --out (`train_out_lock`); left behind only by a killed run, and then ours.
 TRAIN_LOCK = ".train-heads.lock"
-TRAIN_STAGE = ".train-heads.staging"  # Medusa-1's new files until all are written (exporter/training/train.py)
+# Medusa-1's new files, in OUT until all are written (exporter/training/heads_outputs.py), then marked done and moved
+# in; a run killed while moving them leaves the mark, and the next run on OUT finishes the move (`finish_stage`)
+TRAIN_STAGE = ".train-heads.staging"
+STAGE_DONE = ".done"  # in TRAIN_STAGE: every new file is there; its JSON lists the earlier files to remove
+HEADS_MARK = "config.json"  # what makes OUT a heads directory: removed first and moved in last
 # The mark of Medusa-2's work directory OUT.partial (`train_work_dir`): only a directory holding it is reused.
 TRAIN_WORK_MARK = ".train-heads-work"
 # Everything Medusa-1 writes into --out (exporter/training/train.py, heads.py, own_answers.py, examples.py):
@@ -48,6 +44,11 @@ def check_train_out_dir(out: Path, mode: str, inputs: dict | None = None, cache_
     resumes; medusa2: a Medusa-2 model directory, which it replaces whole, and OUT.partial absent or its own).
     ``inputs`` ({"MODEL": path, "--data": path, ...}, None values skipped): none may be what the run overwrites or
     deletes; ``cache_dir`` may not be, or lie inside, ``out`` or the model directory."""
+    if mode == "medusa2":  # replaced whole by OUT.partial: "." would be the current directory, ".." no sibling's
+        check_replaceable(out, "train-heads --mode medusa2")
+    elif not str(out).isprintable():  # as build's: the name goes into training.json and every line naming it
+        raise InputError(f"--out {str(out)!r:.120} holds a character that does not print (a newline, a control "
+                         f"character): give a plain directory name")
     check_dir_path(out, "--out")
     _check_train_inputs(out, mode, inputs or {})
     if cache_dir is not None and str(cache_dir).strip():
@@ -132,7 +133,10 @@ def train_work_dir(out: Path, fresh: bool) -> Path:
 
 
 def _is_heads_dir(out: Path) -> bool:
-    """train-heads' heads (config.json of our heads format), or an interrupted run: its checkpoint and nothing else."""
+    """train-heads' heads (config.json of our heads format), an interrupted run (its checkpoint and nothing else),
+    or a run killed while it moved its finished files in (its stage marked done: the next run finishes the move)."""
+    if not (out / TRAIN_STAGE).is_symlink() and (out / TRAIN_STAGE / STAGE_DONE).is_file():
+        return True
     config = json_object_or_none(out / "config.json")
     if config is not None:
         return config.get("format") == HEADS_FORMAT
@@ -157,17 +161,6 @@ def _rank_zero() -> bool:
         return True
 
 
-def _try_lock(fd: int) -> bool:
-    try:
-        if fcntl is not None:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        elif msvcrt is not None:
-            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
-    except OSError:
-        return False
-    return True
-
-
 @contextmanager
 def train_out_lock(out: Path):
     """Hold an advisory lock on ``out`` (its file TRAIN_LOCK, ``out`` made if missing) while train-heads writes it:
@@ -183,7 +176,7 @@ def train_out_lock(out: Path):
     path = out / TRAIN_LOCK
     for _ in range(5):  # the file a finishing run removes after we opened it: open the new one
         fd = os.open(path, os.O_CREAT | os.O_RDWR | getattr(os, "O_NOFOLLOW", 0), 0o644)
-        if not _try_lock(fd):
+        if not try_lock(fd):
             os.close(fd)
             raise InputError(f"another train-heads is writing {out}: wait for it or choose another --out")
         if _same_file(fd, path):
@@ -193,6 +186,7 @@ def train_out_lock(out: Path):
         raise InputError(f"another train-heads is writing {out}: wait for it or choose another --out")
     _TRAIN_LOCKS[key] = fd
     try:
+        finish_stage(out)  # a run killed while it moved its files in: finish that (all new) or drop it (all old)
         yield
     finally:
         del _TRAIN_LOCKS[key]
@@ -214,6 +208,75 @@ def _same_file(fd: int, path: Path) -> bool:
         return os.path.samestat(os.fstat(fd), os.stat(path, follow_symlinks=False))
     except OSError:
         return False
+
+
+def commit_stage(out: Path, remove: list[str]) -> None:
+    """Mark OUT/TRAIN_STAGE complete (its files flushed to disk first), then move its files into ``out`` and remove
+    ``remove`` there (`finish_stage`). From the mark on, a run killed at any point leaves the mark, and the next
+    run on ``out`` finishes the move: the outcome is the earlier set or the new one, never a mix."""
+    stage = out / TRAIN_STAGE
+    try:
+        for p in stage.iterdir():
+            _flush(p)
+        tmp = stage / (STAGE_DONE + ".tmp")
+        tmp.write_text(json.dumps(sorted(remove)) + "\n")
+        _flush(tmp)
+        tmp.replace(stage / STAGE_DONE)
+    except BaseException:  # not marked: the earlier set stays, and so must nothing of this one
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    _flush(stage)
+    finish_stage(out)
+
+
+def finish_stage(out: Path) -> None:
+    """Complete or drop a Medusa-1 stage in ``out``: marked done, its files are moved in (the heads mark,
+    config.json, taken away first and put back last, so that no reader loads the old and new files mixed) and the
+    listed earlier files removed; not marked, the stage is a run that died while writing it: removed, the earlier
+    files untouched. Safe to repeat after a kill at any point."""
+    stage = out / TRAIN_STAGE
+    if not stage.is_dir() or stage.is_symlink():
+        return
+    done = stage / STAGE_DONE
+    if not done.is_file():
+        shutil.rmtree(stage, ignore_errors=True)
+        return
+    if (stage / HEADS_MARK).exists():  # not moved in yet: the earlier one goes first
+        (out / HEADS_MARK).unlink(missing_ok=True)
+    for p in sorted(stage.iterdir()):
+        if p.name not in (HEADS_MARK, STAGE_DONE, STAGE_DONE + ".tmp"):
+            p.replace(out / p.name)
+    for name in _listed_names(done):  # none of them is in the new set: removing one twice is harmless
+        (out / name).unlink(missing_ok=True)
+    if (stage / HEADS_MARK).exists():
+        (stage / HEADS_MARK).replace(out / HEADS_MARK)
+    done.unlink()
+    shutil.rmtree(stage, ignore_errors=True)
+
+
+def _listed_names(done: Path) -> list[str]:
+    """The earlier files a done mark lists for removal: plain names only (nothing outside OUT), none of ours."""
+    try:
+        names = json.loads(done.read_text())
+    except (OSError, ValueError):
+        return []
+    if not isinstance(names, list):
+        return []
+    return [n for n in names if isinstance(n, str) and n in MEDUSA1_WRITES and n != HEADS_MARK]
+
+
+def _flush(path: Path) -> None:
+    """Write ``path`` (a file, or a directory's entries) through to disk, where the system allows it."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # Windows: no fsync of a directory or a file opened to read
+        pass
+    finally:
+        os.close(fd)
 
 
 def partial_dir(out: Path) -> Path:

@@ -101,6 +101,8 @@ class Medusa2Options:
 
     def __post_init__(self) -> None:
         _check_types(self)
+        if self.init_heads is not None and not self.init_heads.strip():  # read as unset: a warm-up ran instead
+            raise InputError("--init-heads is empty: give a heads directory, or leave it out for a Medusa-1 warm-up")
         _at_least(self, 1, "joint_epochs", "seq_batch_size", "max_batch_tokens", "max_train_sequences",
                   "max_heldout_sequences")
         if self.lora_rank < 0:

@@ -339,6 +339,17 @@ def test_an_empty_or_misplaced_cache_variable(tmp_path, monkeypatch):
         cache_root()
     monkeypatch.setenv("MEDUSA_EXPORT_CACHE", str(tmp_path / "new"))
     assert cache_root() == tmp_path / "new"
+    monkeypatch.setenv("MEDUSA_EXPORT_CACHE", str(tmp_path / "new" / "deeper"))
+    assert cache_root() == tmp_path / "new" / "deeper"  # made when first written
+
+
+def test_a_cache_variable_under_a_file_is_named_before_any_command_starts(tmp_path):
+    """`MEDUSA_EXPORT_CACHE=/etc/hosts/c medusa-export generate -p hi` dequantized the built-in model, then failed
+    with "Not a directory: /etc/hosts/c/models/....tmp", naming neither the variable nor a fix."""
+    (tmp_path / "afile").write_text("x")
+    proc = cli("generate", "--prompt", "hi", "--max-new-tokens", "2",
+               env={"MEDUSA_EXPORT_CACHE": str(tmp_path / "afile" / "cache" / "x")})
+    assert_one_line_error(proc, "MEDUSA_EXPORT_CACHE=", "lies under", "afile, a file", "unset it")
 
 
 def test_a_misplaced_cache_variable_is_named_before_any_command_starts(tmp_path):
@@ -348,3 +359,24 @@ def test_a_misplaced_cache_variable_is_named_before_any_command_starts(tmp_path)
     assert_one_line_error(proc, "MEDUSA_EXPORT_CACHE=", "is not a directory")
 
 
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+def test_quality_prompts_without_quantized_weights_are_refused(tiny_dirs, tmp_path, dtype):
+    """`build MODEL --out o --quality-prompts p.jsonl` (fp32) ignored the file without a word: no quality was
+    measured, and the user believed it had been."""
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "t5 t6"}\n')
+    proc = cli("build", str(tiny_dirs[0]), "--out", str(tmp_path / "o"), "--dtype", dtype,
+               "--quality-prompts", str(prompts))
+    assert_one_line_error(proc, "--quality-prompts", f"--dtype {dtype}", "int8 or int4")
+    assert not (tmp_path / "o").exists()
+
+
+def test_calibrate_tree_names_an_unknown_backend_first(tmp_path):
+    """`calibrate-tree ART --backend foo --model m` said --model is for --backend torch and that "--backend foo
+    runs the artifact's own graphs"; without --model it read the prompts and the tokenizer before refusing."""
+    proc = cli("calibrate-tree", str(tmp_path / "art"), "--out", str(tmp_path / "r" / "tree.json"),
+               "--backend", "foo", "--model", "m")
+    assert_one_line_error(proc, "--backend 'foo'", "torch, ort, trt")
+    assert not (tmp_path / "r").exists()

@@ -54,3 +54,31 @@ def test_a_limit_reads_no_further_than_its_prompts(tmp_path, monkeypatch):
     path.write_bytes(b'{"prompt": "first"}\n\xff\xfe\n')
     with pytest.raises(InputError, match=re.escape(str(path)) + " line 2 is not UTF-8 text"):
         read_prompts(path)
+
+
+def test_a_sharegpt_file_with_a_byte_order_mark_is_read(tmp_path):
+    """A prompts JSONL with a BOM was read; the same BOM on a ShareGPT .json was "not ShareGPT-shaped"."""
+    from medusa_export.exporter.training.prompt_source import load_prompt_set
+
+    record = {"conversations": [{"from": "human", "value": "Describe the water cycle in a few short sentences."},
+                                {"from": "gpt", "value": "Water evaporates, condenses and falls."}]}
+    data = tmp_path / "mine.json"
+    data.write_bytes(b"\xef\xbb\xbf" + json.dumps([record]).encode())
+    assert load_prompt_set(data).prompts == [record["conversations"][0]["value"]]
+
+
+@pytest.mark.parametrize("kind, words", [("dir", "is a directory"), ("fifo", "is not a regular file"),
+                                         ("missing", "does not exist")])
+def test_a_sharegpt_path_that_is_no_file_is_named_for_what_it_is(tmp_path, kind, words):
+    """`--data some.json` naming a directory said "does not exist"."""
+    import os
+
+    from medusa_export.exporter.training.prompt_source import load_prompt_set
+
+    data = tmp_path / "conv.json"
+    if kind == "dir":
+        data.mkdir()
+    elif kind == "fifo":
+        os.mkfifo(data)
+    with pytest.raises(InputError, match=rf"^data file .*conv\.json {words}: pass 'sharegpt'"):
+        load_prompt_set(data)

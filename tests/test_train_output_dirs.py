@@ -169,6 +169,34 @@ def test_a_medusa2_run_leaves_neither_mark_nor_lock_nor_partial(make_tokenizer, 
         assert [p.name for p in tmp_path.iterdir() if p.name.startswith("m.old")] == []
 
 
+def test_a_medusa2_run_stopped_just_before_its_swap_is_resumed_not_refused(make_tokenizer, tiny_prompts_file,
+                                                                          tmp_path, torch_single_thread, monkeypatch):
+    """Its work directory's mark was removed before the swap: Ctrl-C there left a finished OUT.partial that the
+    next run refused as "not its own" (remove it by hand, and the run with it)."""
+    pytest.importorskip("peft")
+    from conftest import loaded_tiny
+
+    from medusa_export.exporter.training import medusa2
+    from medusa_export.runtime.training_options import Medusa1Options, Medusa2Options
+
+    m1 = Medusa1Options(num_heads=2, max_new_tokens=8, gen_batch_size=8, heldout_fraction=0.25, progress=False,
+                        epochs=1, cache_dir=tmp_path / "cache")
+    out = tmp_path / "m"
+
+    def interrupted(*_a):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(medusa2, "swap_in", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        medusa2.train_medusa2(loaded_tiny(make_tokenizer), tiny_prompts_file, out, m1, Medusa2Options(joint_epochs=1))
+    monkeypatch.undo()
+    assert (tmp_path / "m.partial" / TRAIN_WORK_MARK).is_file()
+    check_train_out_dir(out, "medusa2")  # its own: taken up again
+    medusa2.train_medusa2(loaded_tiny(make_tokenizer), tiny_prompts_file, out, m1, Medusa2Options(joint_epochs=1))
+    assert (out / "config.json").is_file() and not (out / TRAIN_WORK_MARK).exists()
+    assert not (tmp_path / "m.partial").exists()
+
+
 # ------------------------------------------------------------------------------------------- 3: one run per --out
 
 def test_a_second_run_on_the_same_out_is_refused(invoke, tmp_path):
@@ -258,3 +286,171 @@ def test_warm_up_is_reused_for_the_same_model_only_whatever_the_threads(tmp_path
     warm(Loaded("b"), m1, data_sha="d2")
     warm(Loaded("b"), replace(m1, epochs=2), data_sha="d2")
     assert trained == ["a", "b", "b", "b"]
+
+
+# ------------------------------------------------------------------- 6: Medusa-1's files moved in as one set
+
+def _heads_set(out: Path, tag: str, vocab: bool) -> dict[str, str]:
+    """What a Medusa-1 run writes (contents tagged by run), as name -> text."""
+    files = {"config.json": json.dumps({"format": "medusa-export-heads", "run": tag}),
+             "heads.safetensors": f"heads {tag}", "eval.json": f"eval {tag}", "training.json": f"record {tag}",
+             "heldout_prompts.jsonl": f"held {tag}"}
+    if vocab:
+        files["draft_vocab.json"] = f"vocab {tag}"
+    return files
+
+
+def _stage_new_run(out: Path) -> dict[str, str]:
+    """An earlier run's set in ``out`` and a new one (without a draft vocabulary) written to its stage."""
+    from medusa_export.exporter.train_out_dir import TRAIN_STAGE
+
+    out.mkdir()
+    for name, text in _heads_set(out, "old", vocab=True).items():
+        (out / name).write_text(text)
+    (out / TRAIN_STAGE).mkdir()
+    new = _heads_set(out, "new", vocab=False)
+    for name, text in new.items():
+        (out / TRAIN_STAGE / name).write_text(text)
+    return new
+
+
+def _contents(out: Path) -> dict[str, str]:
+    return {p.name: p.read_text() if p.is_file() else "<dir>" for p in out.iterdir() if p.name != TRAIN_LOCK}
+
+
+@pytest.mark.parametrize("moves_before_kill", [0, 1, 3, 4])  # 4: all but config.json
+def test_a_run_killed_while_moving_its_files_in_is_finished_by_the_next(tmp_path, monkeypatch, moves_before_kill):
+    from medusa_export.exporter import train_out_dir
+
+    out = tmp_path / "heads"
+    new = _stage_new_run(out)
+    real_replace, moved = Path.replace, []
+
+    def killed_after_some(self, target):
+        if self.parent.name == train_out_dir.TRAIN_STAGE and Path(target).parent == out:
+            if len(moved) == moves_before_kill:
+                raise KeyboardInterrupt  # Ctrl-C (or a kill) between two renames
+            moved.append(self.name)
+        return real_replace(self, target)
+
+    monkeypatch.setattr(Path, "replace", killed_after_some)
+    with pytest.raises(KeyboardInterrupt):
+        train_out_dir.commit_stage(out, ["draft_vocab.json"])
+    monkeypatch.undo()
+    assert not (out / "config.json").exists()  # half moved: not a heads directory anyone would load
+    check_train_out_dir(out, "medusa1")  # but train-heads' own: the next run takes it
+    with train_out_lock(out):  # the next run on --out finishes the move before anything else
+        assert _contents(out) == new
+    assert _contents(out) == new
+
+
+def test_a_run_killed_before_its_stage_is_complete_leaves_the_old_set(tmp_path):
+    from medusa_export.exporter.train_out_dir import TRAIN_STAGE
+
+    out = tmp_path / "heads"
+    _stage_new_run(out)
+    old = {n: t for n, t in _contents(out).items() if n != TRAIN_STAGE}
+    assert old["config.json"] == json.dumps({"format": "medusa-export-heads", "run": "old"})
+    check_train_out_dir(out, "medusa1")
+    with train_out_lock(out):
+        assert _contents(out) == old  # no done mark: the stage is dropped, the earlier files untouched
+
+
+def test_a_complete_commit_leaves_only_the_new_set(tmp_path):
+    from medusa_export.exporter.train_out_dir import commit_stage
+
+    out = tmp_path / "heads"
+    new = _stage_new_run(out)
+    commit_stage(out, ["draft_vocab.json"])
+    assert _contents(out) == new
+
+
+def test_more_threads_than_the_cpus_take_are_refused_before_training(invoke, tmp_path, monkeypatch):
+    """`train-heads --threads 4096` on a 2-core machine passed (the generic bound is 4,096) and distilled for hours
+    at a crawl; generate, bench and serve refuse more than 4 per CPU."""
+    from medusa_export.runtime import machine
+
+    monkeypatch.setattr(machine, "usable_cpus", lambda: 2)
+    _refused(*invoke("--data", tmp_path / "p.jsonl", "--out", tmp_path / "o", "--threads", "4096"),
+             "--threads 4096", "at most 8")
+    assert not (tmp_path / "o").exists()
+
+
+def test_medusa2_out_that_is_the_current_directory_or_has_no_name_is_refused(invoke, tmp_path, monkeypatch):
+    """`train-heads --mode medusa2 --out .` (in an empty directory) ended in a ValueError traceback from
+    OUT.partial's name; had it run, the swap would have replaced the current directory whole."""
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    (tmp_path / "p.jsonl").write_text('{"prompt": "hello"}\n')
+    _refused(*invoke("--data", tmp_path / "p.jsonl", "--mode", "medusa2", "--out", "."), "--out .",
+             "current directory")
+    (tmp_path / "other" / "sub").mkdir(parents=True)
+    with pytest.raises(InputError, match=r"^--out .*sub/\.\. does not name a directory by its own name: give it as "
+                                         r".*other$"):
+        check_train_out_dir(Path("..") / "other" / "sub" / "..", "medusa2")  # OUT.partial would land in sub
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["here", "other", "p.jsonl"]
+
+
+@pytest.mark.parametrize("mode", ["medusa1", "medusa2"])
+def test_an_out_name_that_does_not_print_is_refused(invoke, tmp_path, mode):
+    """build refused a newline in --out; train-heads wrote it into training.json and every line naming it."""
+    _refused(*invoke("--data", tmp_path / "p.jsonl", "--mode", mode, "--out", tmp_path / "a\nb"),
+             "does not print")
+    assert not (tmp_path / "a\nb").exists()
+
+
+def test_the_shared_lock_is_held_by_a_live_process_and_freed_when_it_dies(tmp_path):
+    """One helper (`output_dir.try_lock`) now decides for build's work directories and train-heads' --out lock."""
+    import os
+
+    from medusa_export.exporter import output_dir, train_out_dir
+
+    mark = tmp_path / "mark"
+    mark.touch()
+    holder = subprocess.Popen([sys.executable, "-c", "import os, sys, time\n"
+                               "from medusa_export.exporter.output_dir import try_lock\n"
+                               f"fd = os.open({str(mark)!r}, os.O_RDWR)\n"
+                               "assert try_lock(fd)\nprint('held', flush=True)\ntime.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        fd = os.open(mark, os.O_RDWR)
+        try:
+            assert not output_dir.try_lock(fd) and not train_out_dir.try_lock(fd)
+            holder.kill()
+            holder.wait()
+            assert output_dir.try_lock(fd)  # a killed holder's lock is gone
+        finally:
+            os.close(fd)
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait()
+
+
+def test_medusa2_out_that_is_a_symbolic_link_is_refused(invoke, tmp_path):
+    """The swap renamed the link aside and put a directory in its place: the directory it pointed at never got the
+    model, and OUT.old-* (the link, which rmtree does not remove) stayed behind."""
+    target = _medusa2_dir(tmp_path / "real")
+    (tmp_path / "link").symlink_to(target)
+    _refused(*invoke("--data", tmp_path / "p.jsonl", "--mode", "medusa2", "--out", tmp_path / "link"),
+             "is a symbolic link")
+    assert (tmp_path / "link").is_symlink() and sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"]
+
+
+def test_a_commit_that_fails_before_its_mark_leaves_the_old_set_and_no_stage(tmp_path, monkeypatch):
+    from medusa_export.exporter import train_out_dir
+
+    out = tmp_path / "heads"
+    _stage_new_run(out)
+    old = {n: t for n, t in _contents(out).items() if n != train_out_dir.TRAIN_STAGE}
+
+    def disk_full(*_a, **_kw):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", disk_full)  # the done mark cannot be written
+    with pytest.raises(OSError):
+        train_out_dir.commit_stage(out, [])
+    monkeypatch.undo()
+    assert _contents(out) == old

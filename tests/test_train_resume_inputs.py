@@ -207,3 +207,38 @@ def test_a_rerun_failing_while_writing_leaves_the_old_set(interrupted, loaded, t
     report = train_mod.train_heads(loaded, tiny_prompts_file, out, replace(opts, epochs=1, seed=1))
     assert report["seed"] == 1 and json.loads((out / "training.json").read_text())["seed"] == 1
     assert sorted(p.name for p in out.iterdir()) == sorted(set(before) - {"draft_vocab.json"})
+
+
+def test_a_rerun_killed_while_moving_its_files_in_ends_all_new(interrupted, loaded, tiny_prompts_file, tmp_path,
+                                                               monkeypatch):
+    """The new files were renamed over the old ones one by one: Ctrl-C between two renames left new heads beside
+    the old config.json, eval.json or draft vocabulary, which loaded as one (mismatched) set."""
+    from pathlib import Path
+
+    from medusa_export.exporter.train_out_dir import TRAIN_STAGE, train_out_lock
+
+    _, _, opts = interrupted
+    out = tmp_path / "h"
+    train_mod.train_heads(loaded, tiny_prompts_file, out, replace(opts, epochs=1, draft_vocab=64))
+    real_replace, moved = Path.replace, []
+
+    def killed_midway(self, target):
+        if self.parent.name == TRAIN_STAGE and Path(target).parent == out:
+            if len(moved) == 2:
+                raise KeyboardInterrupt
+            moved.append(self.name)
+        return real_replace(self, target)
+
+    monkeypatch.setattr(Path, "replace", killed_midway)
+    with pytest.raises(KeyboardInterrupt):
+        train_mod.train_heads(loaded, tiny_prompts_file, out, replace(opts, epochs=1, seed=1))
+    monkeypatch.undo()
+    assert not (out / "config.json").exists()  # never the old config.json over new heads
+    with train_out_lock(out):  # what the next train-heads on this --out does first
+        pass
+    assert json.loads((out / "training.json").read_text())["seed"] == 1
+    assert not (out / "draft_vocab.json").exists() and not (out / TRAIN_STAGE).exists()
+    assert json.loads((out / "config.json").read_text())["format"] == "medusa-export-heads"
+    from medusa_export.exporter.heads import load_heads
+
+    load_heads(out, loaded.model.config)

@@ -130,3 +130,32 @@ def test_library_training_refuses_to_write_over_another_directory(tmp_path, mode
     with pytest.raises(InputError, match="not empty"):
         train("never-loaded", "never-read.jsonl", model_dir)
     assert (model_dir / "config.json").read_text() == '{"model_type": "llama"}'
+
+
+@pytest.mark.parametrize("env, needle", [
+    ({"WORLD_SIZE": "2", "RANK": "2"}, r"^RANK=2: it must be 0 or more and below WORLD_SIZE=2"),
+    ({"WORLD_SIZE": "2", "RANK": "7"}, r"^RANK=7: it must be 0 or more and below WORLD_SIZE=2"),
+    ({"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "-1"}, r"^LOCAL_RANK=-1: it must be 0 or more"),
+])
+def test_a_rank_outside_the_world_is_refused_not_waited_on(monkeypatch, env, needle):
+    """`WORLD_SIZE=2 RANK=2 medusa-export train-heads ...` (a rank typed by hand) waited in torch's rendezvous for
+    the group's timeout, 2 hours by default, before failing."""
+    pytest.importorskip("torch")
+    from medusa_export.exporter.training.distributed import setup_distributed
+
+    for name in ("WORLD_SIZE", "LOCAL_RANK", "RANK", "MASTER_ADDR", "MASTER_PORT", "MEDUSA_DIST_TIMEOUT_S"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29531")
+    monkeypatch.setenv("MEDUSA_DIST_TIMEOUT_S", "5")  # were the check missing: a 5 s wait, not 2 h
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(InputError, match=needle):
+        setup_distributed("cpu")
+
+
+@pytest.mark.parametrize("value", ["", "  "])
+def test_an_empty_init_heads_is_refused_not_read_as_unset(value):
+    """`train-heads --mode medusa2 --init-heads ""` ran the Medusa-1 warm-up instead, without a word."""
+    with pytest.raises(InputError, match=r"^--init-heads is empty: give a heads directory"):
+        Medusa2Options(init_heads=value)

@@ -33,6 +33,8 @@ def setup_distributed(device: str = "auto") -> tuple[int, int, torch.device, boo
     import torch.distributed as dist
 
     local = _env_number("LOCAL_RANK", 0, int)
+    if local < 0:
+        raise _launcher_error("LOCAL_RANK", local, "0 or more")
     if device != "cpu" and torch.cuda.is_available():
         torch.cuda.set_device(local)
         dev = torch.device("cuda", local)
@@ -44,7 +46,7 @@ def setup_distributed(device: str = "auto") -> tuple[int, int, torch.device, boo
         if not 0 < seconds <= MAX_TIMEOUT_S:
             raise InputError(f"MEDUSA_DIST_TIMEOUT_S={seconds:g}: give seconds in (0, {MAX_TIMEOUT_S}], or unset it "
                              f"for 7200")
-        _check_launcher_numbers()
+        _check_launcher_numbers(world)
         try:
             dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=timedelta(seconds=seconds))
         except ValueError as e:  # torch's launcher variables missing or odd (RANK, MASTER_ADDR, MASTER_PORT)
@@ -68,11 +70,12 @@ def _env_number(name: str, default, kind):
                          f"launcher does (torchrun, accelerate), or unset it") from None
 
 
-def _check_launcher_numbers() -> None:
-    """torch's own RANK / MASTER_PORT, when set, as numbers it can use: its errors name neither variable."""
+def _check_launcher_numbers(world: int) -> None:
+    """torch's own RANK / MASTER_PORT, when set, as numbers it can use: its errors name neither variable, and a
+    RANK at or past WORLD_SIZE waited for the group's timeout (2 h by default) before failing."""
     rank = _env_number("RANK", 0, int)
-    if rank < 0:
-        raise _launcher_error("RANK", rank, "0 or more")
+    if not 0 <= rank < world:
+        raise _launcher_error("RANK", rank, f"0 or more and below WORLD_SIZE={world}")
     port = _env_number("MASTER_PORT", 29500, int)
     if not 0 < port < 65536:
         raise _launcher_error("MASTER_PORT", port, "a port, 1-65535")

@@ -12,7 +12,7 @@ from pathlib import Path
 from medusa_export.exporter.heads import MedusaHeads, save_heads
 from medusa_export.exporter.own_answers import FILE as ANSWERS
 from medusa_export.exporter.own_answers import save_answers
-from medusa_export.exporter.train_out_dir import TRAIN_STAGE
+from medusa_export.exporter.train_out_dir import TRAIN_STAGE, commit_stage
 
 from .examples import DraftVocab
 
@@ -22,9 +22,10 @@ STAGE = TRAIN_STAGE  # the new files, in OUT until all are written (one filesyst
 
 def write_outputs(out: Path, heads: MedusaHeads, heads_extra: dict, texts: dict[str, str], vocab: DraftVocab | None,
                   answers) -> None:
-    """The run's files, whole or not at all: written into ``out/STAGE`` first, then renamed over the earlier
-    run's (config.json, which marks a heads directory, last). A failure while writing leaves the old set and no
-    stage; ``vocab`` or ``answers`` None removes an earlier run's file (it would restrict or mislead these heads)."""
+    """The run's files, whole or not at all: written into ``out/STAGE`` first, marked done, then moved over the
+    earlier run's (`commit_stage`: a run killed while moving them is finished by the next one on ``out``). A
+    failure while writing leaves the old set and no stage; ``vocab`` or ``answers`` None removes an earlier run's
+    file (it would restrict or mislead these heads)."""
     stage = out / STAGE
     shutil.rmtree(stage, ignore_errors=True)
     try:
@@ -38,9 +39,4 @@ def write_outputs(out: Path, heads: MedusaHeads, heads_extra: dict, texts: dict[
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
-    for name in (DRAFT_VOCAB, ANSWERS):
-        if not (stage / name).exists():
-            (out / name).unlink(missing_ok=True)
-    for p in sorted(stage.iterdir(), key=lambda p: p.name == "config.json"):
-        p.replace(out / p.name)
-    stage.rmdir()
+    commit_stage(out, [name for name in (DRAFT_VOCAB, ANSWERS) if not (stage / name).exists()])

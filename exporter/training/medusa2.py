@@ -212,8 +212,9 @@ def _train_medusa2(model_source: Any, data_file: str | Path, out_dir: str | Path
     (work / "heldout_prompts.jsonl").write_text("".join(json.dumps({"prompt": prompt_set.prompts[i]}) + "\n"
                                                         for i in held_prompts))
     ckpt.remove(work)
-    (work / TRAIN_WORK_MARK).unlink(missing_ok=True)
     old = swap_in(work, out)
+    # only now: a run stopped before the swap leaves OUT.partial marked as its own (resumed, not refused as foreign)
+    (out / TRAIN_WORK_MARK).unlink(missing_ok=True)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     end_distributed(world, owned)

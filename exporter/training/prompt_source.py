@@ -45,8 +45,7 @@ def load_prompt_set(data: str | Path, filters: PromptFilter | None = None, exclu
     bundled = str(data) == SHAREGPT
     if bundled or str(data).endswith(".json"):  # the package's file, or a ShareGPT-format export of one's own
         path = sharegpt.sharegpt_file() if bundled else Path(data)
-        if not path.is_file():
-            raise InputError(f"data file {path} does not exist: pass 'sharegpt', a ShareGPT .json or a prompts .jsonl")
+        _check_data_file(path)
         convs, report = sharegpt.read_conversations(path)
         rows = sharegpt.human_prompts(convs, later_turns=later_turns)
         raw = [text for _, text in rows]
@@ -70,6 +69,14 @@ def load_prompt_set(data: str | Path, filters: PromptFilter | None = None, exclu
     provenance = {**source, "filters": asdict(filters), "excluded_eval_set": fingerprints.name,
                   "excluded_eval_questions": len(fingerprints.questions), "counts": counts}
     return PromptSet(SHAREGPT if bundled else path.name, [raw[i] for i in keep], provenance)
+
+
+def _check_data_file(path: Path) -> None:
+    """A one-line InputError unless ``path`` is a regular file (a directory or a FIFO was named as missing)."""
+    if path.is_file():
+        return
+    what = ("is a directory" if path.is_dir() else "is not a regular file" if path.exists() else "does not exist")
+    raise InputError(f"data file {path} {what}: pass 'sharegpt', a ShareGPT .json or a prompts .jsonl")
 
 
 def _removed(counts: dict) -> str:

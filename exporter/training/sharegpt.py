@@ -72,6 +72,7 @@ def read_conversations(path: str | Path) -> tuple[list[Conversation], ReadReport
         text = path.read_text(encoding="utf-8", errors="replace")
     except OSError as e:
         raise InputError(f"cannot read {path}: {e.strerror}") from None
+    text = text.removeprefix("\ufeff")  # a byte order mark (Windows editors write one): read as not JSON before
     start = _SEPARATORS.match(text).end()
     if start >= len(text) or text[start] != "[":
         raise InputError(f"{path} is not ShareGPT-shaped: expected a JSON array of "

@@ -95,6 +95,11 @@ def build(
                            int8_matmul=int8_matmul, int4_matmul=int4_matmul, fp32_matmul=fp32_matmul,
                            kv_cache_dtype=kv_cache_dtype, lm_head=lm_head, head_topk=head_topk,
                            sample_topk=sample_topk)
+    if quality_prompts is not None and not options.quantized:  # it was ignored without a word
+        from ..errors import InputError
+
+        raise InputError(f"--quality-prompts measures int8/int4 weights against fp32; --dtype {options.dtype} "
+                         f"weights are not quantized: leave --quality-prompts out, or add --dtype int8 or int4")
     check_out_dir(out)
     texts = read_prompts(quality_prompts, limit=10) if options.quantized else None
     extras.require("build", "export")

@@ -41,6 +41,10 @@ def calibrate_tree(
     from ..prompts import read_prompts
     from .checks import at_least, check_threads
 
+    from .loading import BACKENDS
+
+    if backend not in BACKENDS:  # with --model it was told it "runs the artifact's own graphs"
+        raise InputError(f"--backend {backend!r}: choose one of {', '.join(BACKENDS)}")
     at_least("--limit", limit)
     check_threads(threads)
     check_out_file(out, "--out", make_parents=True, inputs=(artifact, data, model))  # before the measurements
@@ -191,7 +195,9 @@ def train_heads(
         heads_weight=heads_weight, seq_batch_size=seq_batch_size, max_batch_tokens=max_batch_tokens,
         max_train_sequences=max_train_sequences, max_heldout_sequences=max_heldout_sequences))
     from .. import extras
+    from .checks import check_threads
 
+    check_threads(threads)  # as generate, bench and serve: 4,096 threads on 2 cores ran the distillation for hours
     if not data.strip():  # Path("") is the current directory
         raise InputError("--data is empty: give 'sharegpt' or a JSONL file of training prompts")
     if model is not None and not model.strip():
