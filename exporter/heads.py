@@ -166,6 +166,7 @@ def load_heads(path: str | Path, base_config) -> MedusaHeads:
         raise HeadsError(f"heads path {path} does not exist: pass a directory written by train-heads or a Medusa checkpoint")
     directory = path if path.is_dir() else path.parent
     cfg_file = directory / "config.json"
+    _check_not_mid_move(directory, cfg_file)
     meta = read_heads_json(cfg_file) if cfg_file.exists() else {}
     if meta.get("format") == HEADS_FORMAT:
         cfg = heads_config(meta, cfg_file)
@@ -173,6 +174,16 @@ def load_heads(path: str | Path, base_config) -> MedusaHeads:
     else:
         state, cfg = _read_reference(path, meta, base_config)
     return heads_from_state(state, cfg, base_config, path)
+
+
+def _check_not_mid_move(directory: Path, cfg_file: Path) -> None:
+    """HeadsError for heads whose train-heads run was stopped while it moved its finished files in: config.json goes
+    last, so none is there yet and the rest would read as a reference checkpoint of mixed files."""
+    from .train_out_dir import STAGE_DONE, TRAIN_STAGE
+
+    if not cfg_file.exists() and (directory / TRAIN_STAGE / STAGE_DONE).is_file():
+        raise HeadsError(f"heads {directory} are half moved into place by a train-heads run that was stopped: run "
+                         f"train-heads again with the same --out to finish it")
 
 
 def heads_config(meta: dict, cfg_file: Path) -> HeadsConfig:

@@ -338,6 +338,11 @@ def test_a_run_killed_while_moving_its_files_in_is_finished_by_the_next(tmp_path
         train_out_dir.commit_stage(out, ["draft_vocab.json"])
     monkeypatch.undo()
     assert not (out / "config.json").exists()  # half moved: not a heads directory anyone would load
+    from medusa_export.exporter.heads import load_heads
+    from medusa_export.runtime.errors import HeadsError
+
+    with pytest.raises(HeadsError, match="half moved into place .* run train-heads again with the same --out"):
+        load_heads(out, None)
     check_train_out_dir(out, "medusa1")  # but train-heads' own: the next run takes it
     with train_out_lock(out):  # the next run on --out finishes the move before anything else
         assert _contents(out) == new
