@@ -47,6 +47,7 @@ def summarize(backend: str, mode: str, results: list[GenerationResult], wall_s: 
     }
 
 
+WARM_UP_TOKENS = 8  # new tokens of each mode's warm-up run (at most the run's own max_new_tokens)
 RUNNING = "the run had not finished when these rows were written"  # `incomplete` of the reports saved per row
 
 
@@ -77,7 +78,7 @@ def run_bench(artifact: str | Path, backends: list[str], prompts: list[str], max
     def report() -> dict:
         manifest = run["manifest"]
         return {"model": manifest.model.name if manifest else None, "machine": machine_info(), "prompts": len(prompts),
-                "max_new_tokens": max_new_tokens, "interleaved": interleave,
+                "max_new_tokens": max_new_tokens, "interleaved": interleave, "threads": threads,
                 "tree": _tree_record(manifest, tree, run["tree"]),
                 "results": results, "notes": run["notes"]}
 
@@ -120,8 +121,8 @@ def backend_rows(rt, name: str, prompts: list[str], max_new_tokens: int, concurr
     with ``concurrency`` > 1 the batched vanilla and default rows. Records the backend's vanilla tokens in
     ``vanilla_tokens``. ``interleave``: the single-stream modes take turns prompt by prompt (`single_stream_runs`)."""
     modes = bench_modes(rt.generator.tree is not None, context_drafts)
-    for _, options in modes:  # warm-up (allocator, thread pool)
-        rt.generate(prompts[0], max_new_tokens=8, **options)
+    for _, options in modes:  # warm-up (allocator, thread pool); within the room `check_room` found
+        rt.generate(prompts[0], max_new_tokens=min(WARM_UP_TOKENS, max_new_tokens), **options)
     for mode, runs, seconds in single_stream_runs(rt, modes, prompts, max_new_tokens, interleave, tick):
         if mode == "vanilla":
             vanilla_tokens[name] = [r.token_ids for r in runs]
@@ -179,12 +180,16 @@ def single_stream_runs(rt, modes: list[tuple[str, dict]], prompts: list[str], ma
 
 
 def check_room(artifact: str | Path, prompts: list[str], max_new_tokens: int) -> None:
-    """InputError unless every prompt (under the chat template, as the rows encode it) plus ``max_new_tokens`` fits
-    the artifact's max_seq. Checked before any row: an answer cut at the KV capacity ends early and differently
-    alone and batched, so its tokens/s and "identical" would measure the capacity, not the decoding."""
+    """InputError unless there is a prompt and every prompt (under the chat template, as the rows encode it) plus
+    ``max_new_tokens`` fits the artifact's max_seq. Checked before any row: an answer cut at the KV capacity ends
+    early and differently alone and batched, so its tokens/s and "identical" would measure the capacity, not the
+    decoding; with no prompt the warm-up failed with an IndexError and verify with a ValueError."""
     from .manifest import Manifest
     from .tokenizer import ChatTokenizer
 
+    if not prompts:
+        raise InputError("there are no prompts to run: give a prompts file with at least one prompt (one JSON "
+                         "object per line), or leave out --prompts for the packaged set")
     manifest = Manifest.read(artifact)
     tokenizer = ChatTokenizer.from_artifact(Path(artifact), manifest)
     lengths = [len(tokenizer.encode_prompt(p, chat=True)) for p in prompts]

@@ -80,7 +80,9 @@ def measure_head_accuracy(stream: Iterable[tuple[np.ndarray, Sequence[int]]]) ->
                 cond_n[d] += 1
                 reachable = bool(hit.any())
     if hits is None or n[0] == 0:
-        raise InputError("no calibration positions: give prompts that leave room for at least 2 new tokens")
+        raise InputError("no calibration positions: no answer ran past its first new token (each ended at once, "
+                         "at an end of sequence or the max_seq): give other prompts, leaving room for at least 2 new "
+                         "tokens")
     marginal = hits / np.maximum(n, 1)[:, None]
     conditional = np.where(cond_n[:, None] > 0, cond_hits / np.maximum(cond_n, 1)[:, None], marginal)
     return HeadAccuracy(conditional, marginal, n, cond_n)
@@ -96,23 +98,30 @@ def head_predictions(backend: Backend, prompts: Iterable[Sequence[int]], max_new
     eos = {int(e) for e in eos_ids}
     for i, prompt in enumerate(prompts):
         ids = [int(t) for t in prompt]
-        session = backend.new_session()
-        if not ids or len(ids) + 1 >= session.capacity:
-            raise InputError(f"calibration prompt {i + 1} has {len(ids)} tokens: need 1..{session.capacity - 2} "
-                             f"to fit the backend's max_seq {session.capacity}")
-        n = len(ids)
-        out = session.run(np.asarray(ids, np.int64), np.arange(n), np.tri(n, dtype=bool), True, 1.0)
-        session.keep(np.arange(n))
-        tokens, heads = [int(out.next_ids[-1, 0])], [out.medusa_ids[-1]]
-        one = np.ones((1, 1), bool)
-        while len(tokens) < max_new_tokens and tokens[-1] not in eos and session.length + 1 <= session.capacity:
-            out = session.run(np.array([tokens[-1]]), np.array([session.length]), one, True, 1.0)
-            session.keep(np.arange(1))
-            tokens.append(int(out.next_ids[0, 0]))
-            heads.append(out.medusa_ids[0])
+        with backend.new_session() as session:
+            if not ids or len(ids) + 1 >= session.capacity:
+                raise InputError(f"calibration prompt {i + 1} has {len(ids)} tokens: need 1..{session.capacity - 2} "
+                                 f"to fit the backend's max_seq {session.capacity}")
+            tokens, heads = _greedy_with_heads(session, ids, max_new_tokens, eos)
         # heads[j] sits where tokens[j] is predicted, so head d's truth is tokens[j + 1 + d].
         for j in range(len(tokens) - 1):
             yield heads[j], np.asarray(tokens[j + 1 : j + 1 + k], np.int64)
+
+
+def _greedy_with_heads(session, ids: list[int], max_new_tokens: int, eos: set[int]) -> tuple[list[int], list]:
+    """Up to ``max_new_tokens`` greedy tokens after ``ids`` (ending at an end of sequence or the session's capacity)
+    and the heads' top-R ids at the position that predicted each."""
+    n = len(ids)
+    out = session.run(np.asarray(ids, np.int64), np.arange(n), np.tri(n, dtype=bool), True, 1.0)
+    session.keep(np.arange(n))
+    tokens, heads = [int(out.next_ids[-1, 0])], [np.array(out.medusa_ids[-1])]  # copies: buffers are reused
+    one = np.ones((1, 1), bool)
+    while len(tokens) < max_new_tokens and tokens[-1] not in eos and session.length + 1 <= session.capacity:
+        out = session.run(np.array([tokens[-1]]), np.array([session.length]), one, True, 1.0)
+        session.keep(np.arange(1))
+        tokens.append(int(out.next_ids[0, 0]))
+        heads.append(np.array(out.medusa_ids[0]))
+    return tokens, heads
 
 
 def measure_latency(backend: Backend, sizes: Sequence[int] = DEFAULT_SIZES, past: int = 200,
@@ -136,13 +145,19 @@ def measure_steps(backend: Backend, cases: Sequence[tuple[int, bool]], past: int
     if not cases or cases[0][0] < 1 or repeats < 1:
         raise InputError(f"latency needs sizes >= 1 and repeats >= 1, got {cases}, repeats={repeats}")
     largest = max(t for t, _ in cases)
-    session = backend.new_session()
-    past = min(past, session.capacity - largest)
+    with backend.new_session() as session:
+        return _timed_steps(session, backend.dims.vocab_size, cases, min(past, session.capacity - largest), repeats,
+                            warmup, seed)
+
+
+def _timed_steps(session, vocab: int, cases: list[tuple[int, bool]], past: int, repeats: int, warmup: int,
+                 seed: int) -> dict[tuple[int, bool], float]:
+    """`measure_steps` on one open ``session``: ``past`` random tokens kept, then every case timed."""
+    largest = max(t for t, _ in cases)
     if past < 1:
         raise InputError(f"step size {largest} does not fit the backend's max_seq {session.capacity}: "
                          "measure smaller sizes or build with a larger max_seq")
     rng = np.random.default_rng(seed)
-    vocab = backend.dims.vocab_size
     session.run(rng.integers(0, vocab, past), np.arange(past), np.tri(past, dtype=bool), False, 1.0)
     session.keep(np.arange(past))
     inputs = {t: (rng.integers(0, vocab, t), past + np.arange(t), np.tri(t, dtype=bool)) for t, _ in cases}

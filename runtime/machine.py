@@ -1,7 +1,7 @@
 """What a measurement ran on, recorded beside every benchmark figure (CPU model and the flags that change which
 kernels run, cores, ONNX Runtime version): machines in one fleet differ (AVX2 only, or AVX-512 with VNNI/BF16).
 
-    machine_info()   # {"cpu": "AMD EPYC ...", "flags": ["avx2", "fma"], "cores": 2, "onnxruntime": "1.2x"}
+    machine_info()   # {"cpu": "AMD EPYC ...", "flags": ["sse2", "avx2", "fma"], "cores": 2, "cpu_count": 64, ...}
 """
 
 from __future__ import annotations
@@ -10,8 +10,9 @@ import os
 import platform
 from pathlib import Path
 
-FLAGS = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni", "avx512_bf16",
-         "amx_tile", "amx_int8", "amx_bf16")
+# sse2: every x86-64 CPU has it; `kernels.clipping_int8_products` tells x86 by it (avx2 alone missed x86 without it)
+FLAGS = ("sse2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni",
+         "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
 
 
 def usable_cpus() -> int:
@@ -23,6 +24,8 @@ def usable_cpus() -> int:
 
 
 def machine_info() -> dict:
+    """CPU model, the `FLAGS` it has, ``cores``: the CPUs this process may run on (`usable_cpus`: what a benchmark's
+    threads had), ``cpu_count``: the machine's, Python's and ONNX Runtime's versions."""
     cpu, flags = platform.processor() or platform.machine(), set()
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.exists():
@@ -32,8 +35,8 @@ def machine_info() -> dict:
             elif line.startswith("flags"):
                 flags = set(line.split(":", 1)[1].split())
                 break
-    info = {"cpu": cpu, "flags": [f for f in FLAGS if f in flags], "cores": os.cpu_count(),
-            "python": platform.python_version()}
+    info = {"cpu": cpu, "flags": [f for f in FLAGS if f in flags], "cores": usable_cpus(),
+            "cpu_count": os.cpu_count(), "python": platform.python_version()}
     try:
         import onnxruntime
 
@@ -56,7 +59,7 @@ def available_ram(swap: bool = False) -> int | None:
         if limit != "max":
             used = int(Path("/sys/fs/cgroup/memory.current").read_text())
             used -= _fields(Path("/sys/fs/cgroup/memory.stat"), "").get("inactive_file", 0)
-            found.append(int(limit) - used)
+            found.append(max(int(limit) - used, 0))  # over its limit (it is reclaiming): nothing free
     except (OSError, ValueError):
         pass
     return min(found) if found else None

@@ -28,14 +28,19 @@ TOP1_BAR = 0.98  # teacher-forced top-1 agreement a quantized artifact needs wit
 
 def quality(reference: Generator, candidate: Generator, prompts: list[str],
             max_new_tokens: int = QUALITY_NEW_TOKENS) -> QualityRecord:
+    """``candidate`` against ``reference`` on the reference's greedy answers to ``prompts`` (see the module)."""
+    if not prompts:
+        raise InputError("there are no quality prompts: give at least one prompt to measure the quality on")
     agree = total = 0
     nll = {"reference": 0.0, "candidate": 0.0}
+    room = min(reference.backend.max_seq, candidate.backend.max_seq)
     for prompt in prompts:
         prompt_ids = reference.tokenizer.encode_prompt(prompt)
         answer = reference.generate(prompt_ids, GenerationConfig(max_new_tokens=max_new_tokens, medusa=False)).token_ids
-        if not answer:
+        # An answer that ran to the KV capacity ends with one token more than fits: its last token has no position.
+        ids = (prompt_ids + answer)[:room]
+        if len(ids) <= len(prompt_ids):
             continue
-        ids = prompt_ids + answer
         rows = np.arange(len(prompt_ids) - 1, len(ids) - 1)  # positions that predict the answer's tokens
         outs = {"reference": teacher_forced(reference, ids), "candidate": teacher_forced(candidate, ids)}
         agree += int(np.sum(outs["reference"].next_ids[rows, 0] == outs["candidate"].next_ids[rows, 0]))
@@ -46,8 +51,13 @@ def quality(reference: Generator, candidate: Generator, prompts: list[str],
     if not total:
         raise InputError(f"the reference answered none of the {len(prompts)} quality prompts with a token: pass "
                          f"other prompts")
+    return _record(len(prompts), total, agree, nll, max_new_tokens)
+
+
+def _record(prompts: int, total: int, agree: int, nll: dict[str, float], max_new_tokens: int) -> QualityRecord:
+    """The QualityRecord of ``agree`` of ``total`` answer positions and each graph's summed negative log-likelihood."""
     ppl = {k: math.exp(v / total) for k, v in nll.items()}
-    return QualityRecord(prompts=len(prompts), positions=total, max_new_tokens=max_new_tokens,
+    return QualityRecord(prompts=prompts, positions=total, max_new_tokens=max_new_tokens,
                          top1_agreement=round(agree / total, 4), perplexity_reference=round(ppl["reference"], 4),
                          perplexity=round(ppl["candidate"], 4),
                          perplexity_change=round(ppl["candidate"] / ppl["reference"] - 1, 4), bar=TOP1_BAR,

@@ -16,11 +16,16 @@ from typing import Any
 
 
 def finite_or_none(value: Any) -> Any:
-    """``value`` with every float that is NaN or infinite, in any dict, list or tuple within it, made None."""
+    """``value`` with every float that is NaN or infinite, in any dict, list or tuple within it, made None; numpy
+    scalars and arrays as the Python numbers and lists they hold (``json`` refused a float32 or an int64)."""
+    import numpy as np
+
+    if isinstance(value, (np.generic, np.ndarray)):
+        value = value.tolist()
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, dict):
-        return {k: finite_or_none(v) for k, v in value.items()}
+        return {k.item() if isinstance(k, np.generic) else k: finite_or_none(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [finite_or_none(v) for v in value]
     return value

@@ -134,6 +134,10 @@ def best_first_order(acc: Sequence[Sequence[float]] | np.ndarray, max_nodes: int
     then the lexicographically smaller path, so the order is deterministic.
     """
     a = check_accuracy(acc)
+    if max_depth is not None and max_depth < 1:  # 0 still gave the first head's nodes
+        raise InputError(f"max_depth must be at least 1 (a tree of the first head alone), got {max_depth}")
+    if max_paths is not None and max_paths < 1:  # 0 still gave a chain of one path
+        raise InputError(f"max_paths must be at least 1 (a chain), got {max_paths}")
     depth_cap = a.shape[0] if max_depth is None else min(max_depth, a.shape[0])
     ranks = a.shape[1]
     heap: list[tuple[float, int, Path_]] = [(-a[0, r], 1, (r,)) for r in range(ranks)]

@@ -246,3 +246,35 @@ def test_calibrate_refuses_bad_inputs_by_name_before_any_work(backend, monkeypat
     monkeypatch.setattr(calibration, "head_predictions", lambda *a, **k: pytest.fail("decoded before the checks"))
     with pytest.raises(InputError, match=re.escape(words)):
         calibrate(backend, None, prompts, **{"max_new_tokens": 4, "node_budget": 2, **options})
+
+
+def test_calibrate_says_why_when_every_answer_ends_at_its_first_token(backend):
+    """Every greedy answer ended at once (its first token an end of sequence): the error asked for "room for at
+    least 2 new tokens", which the prompts had."""
+    from types import SimpleNamespace
+
+    eos_everywhere = SimpleNamespace(eos_token_ids=tuple(range(backend.dims.vocab_size)))
+    assert list(head_predictions(backend, PROMPTS, max_new_tokens=8, eos_ids=eos_everywhere.eos_token_ids)) == []
+    with pytest.raises(InputError, match="no answer ran past its first new token"):
+        calibrate(backend, eos_everywhere, PROMPTS, max_new_tokens=8, node_budget=4, sizes=[1], repeats=1)
+
+
+def test_calibration_closes_the_sessions_it_opens(backend):
+    """Each prompt's decoding and the latency table opened a session (KV buffers) and never closed it."""
+    opened = []
+
+    class Counting:  # the backend, with every session it opens kept
+        def __getattr__(self, name):
+            return getattr(backend, name)
+
+        def new_session(self, capacity=None):
+            session = backend.new_session() if capacity is None else backend.new_session(capacity)
+            closes = []
+            real_close = session.close
+            session.close = lambda: closes.append(1) or real_close()
+            opened.append(closes)
+            return session
+
+    pairs = list(head_predictions(Counting(), PROMPTS[:2], max_new_tokens=3))
+    measure_steps(Counting(), [(1, True), (2, False)], past=4, repeats=1, warmup=0)
+    assert len(pairs) == 4 and len(opened) == 3 and all(opened), opened

@@ -163,3 +163,14 @@ def test_max_paths_bounds_every_tree_on_the_curve(max_paths):
     assert len(Tree.from_choices(res.choices, topk=REALISTIC.shape[1]).paths_nodes) <= max_paths
     free = search_tree(REALISTIC, lambda t: 0.01 + 0.0001 * t, node_budget=40)
     assert len(Tree.from_choices(free.choices, topk=REALISTIC.shape[1]).paths_nodes) > max_paths
+
+
+@pytest.mark.parametrize("option", [{"max_depth": 0}, {"max_depth": -1}, {"max_paths": 0}])
+def test_a_bound_that_allows_no_tree_is_refused(option):
+    """max_depth 0 still gave the first head's nodes, and max_paths 0 a chain: a tree the bound forbids."""
+    with pytest.raises(InputError, match="must be at least 1"):
+        best_first_order(REALISTIC, 8, **option)
+    with pytest.raises(InputError, match="must be at least 1"):
+        search_tree(REALISTIC, lambda t: 0.01, node_budget=8, **option)
+    first_head = best_first_order(REALISTIC, 8, max_depth=1)
+    assert [p for p, _ in first_head] == [(r,) for r in range(REALISTIC.shape[1])]  # its ranks, best first

@@ -219,7 +219,9 @@ def verify(
                        f"(bar {q['bar']}), perplexity {q['perplexity_change']:+.2%} -> {'OK' if s['ok'] else 'MISMATCH'}")
             continue
         typer.echo(f"{n} vs {names[0]}: vanilla identical {s['vanilla_identical']}/{len(texts)}, "
-                   f"{_medusa_count(s['medusa_identical'], len(texts))}, top-1 agreement {s['top1_agreement']:.4f}, "
+                   f"{_medusa_count(s['medusa_identical'], len(texts))}"
+                   + _lossless_count(s.get("medusa_equals_vanilla"), len(texts))
+                   + f", top-1 agreement {s['top1_agreement']:.4f}, "
                    f"max prob error {_prob_error(s['max_prob_error'])} (tolerance {tol:g}) -> "
                    f"{'OK' if s['ok'] else 'MISMATCH'}")
     for n, lanes in report["lanes"].items():
@@ -238,6 +240,11 @@ def verify(
 def _medusa_count(identical: int | None, prompts: int) -> str:
     """The Medusa comparison's count, or that it did not run (an artifact without heads)."""
     return "medusa not compared (no heads)" if identical is None else f"medusa identical {identical}/{prompts}"
+
+
+def _lossless_count(equal: int | None, prompts: int) -> str:
+    """``, medusa == vanilla k/N``: each backend's Medusa answers against its own vanilla ones (none without heads)."""
+    return "" if equal is None else f", medusa == vanilla {equal}/{prompts}"
 
 
 def _prob_error(error: float | None) -> str:
