@@ -23,6 +23,7 @@ is preallocated once (``max_num_seqs`` slots) and reused.
 
 from __future__ import annotations
 
+import copy
 import numbers
 import threading
 import time
@@ -34,8 +35,8 @@ import numpy as np
 from .backends.base import Session
 from .backends.lanes import Lane, LanesRunner
 from .context_drafts import DEFAULT_MAX_DRAFT, Draft
-from .decode import (Cursor, DecodeStats, GenerationConfig, accept, feed, finish_step, prefill, start_cursor,
-                     step)
+from .decode import (Cursor, DecodeStats, GenerationConfig, accept, checked_config, feed, finish_step, prefill,
+                     start_cursor, step)
 from .errors import InputError, as_exception
 from .generator import GenerationResult, Generator, result_of
 from .step_tree import StepTree
@@ -108,15 +109,21 @@ class Engine:
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
         self.lock = threading.Lock()  # waiting / cancellation may change from other threads
+        self.closed = False  # set by `close`: `add` refuses from then on
 
     # ---- requests -------------------------------------------------------------------------------------
     def add(self, prompt: str | list[int], cfg: GenerationConfig, sink: Callable) -> Sequence:
         """Queue a request (text, encoded as `Generator.prompt_ids` does, or token ids); InputError when it could
         never run (what `prompt_ids` refuses). As with `generate`, a request whose answer reaches the end of the KV
         capacity ends there with finish reason "length" (the server refuses such requests before they queue)."""
+        # Its own copy: the caller may change or reuse its object while the request runs. (Checked when it was made;
+        # not again here, where tests set a value past validation to make one request's step fail.)
+        cfg = copy.copy(cfg) if isinstance(cfg, GenerationConfig) else checked_config(cfg)
         prompt = self.gen.prompt_ids(prompt, cfg)
         seq = Sequence(prompt, cfg, sink)
         with self.lock:
+            if self.closed:  # it would wait for ever: nothing steps a closed engine
+                raise InputError("this engine is closed: its requests were cancelled; open a new one")
             self.waiting.append(seq)
         return seq
 
@@ -154,32 +161,40 @@ class Engine:
         return True
 
     def _admit(self) -> None:
+        """Queued requests into free slots. Sinks run after the queue's lock is released: one may queue a request
+        (a follow-up to the answer it was handed), and `add` takes that lock."""
         with self.lock:
             # Cancelled requests leave the queue at once, free slots or not (their place in the server's queue
             # is released when their result is handed back).
-            for seq in [s for s in self.waiting if s.cancelled]:
-                self.waiting.remove(seq)
-                self._finish(seq, seq.cancelled)
-            while self.waiting and self.free and len(self.running) < self.max_num_seqs:
-                seq = self.waiting.pop(0)
-                slot = self.free.pop()
-                try:
-                    session = self._fresh(self.slots[slot])
-                except (KeyboardInterrupt, SystemExit):
-                    raise
-                except BaseException as e:  # noqa: BLE001 - the backend could not reset the slot (or panicked):
-                    self.free.append(slot)  # this request ends with its error (it was already off the queue)
-                    seq.sink(as_exception(e))
-                    continue
-                seq.slot, seq.session = slot, session
-                self.slots[slot] = session
-                seq.out = TextOutput(self.gen.tokenizer, seq.cfg)
-                seq.admitted_at = time.perf_counter()
-                # A sampled request decodes plainly here: a lanes step runs no heads, so with them its sample would
-                # depend on whether it ran alone; a seed then gives one answer whatever shares the batch.
-                greedy = seq.cfg.temperature == 0
-                seq.tree = self.gen.spec.heads_for(self.gen.tree) if seq.cfg.medusa and greedy else None
-                self.running.append(seq)
+            cancelled = [s for s in self.waiting if s.cancelled]
+            self.waiting = [s for s in self.waiting if not s.cancelled]
+            admitted = []
+            while self.waiting and self.free and len(self.running) + len(admitted) < self.max_num_seqs:
+                admitted.append((self.waiting.pop(0), self.free.pop()))
+        for seq in cancelled:
+            self._finish(seq, seq.cancelled)
+        for seq, slot in admitted:
+            self._start(seq, slot)
+
+    def _start(self, seq: Sequence, slot: int) -> None:
+        """``seq`` takes the KV slot ``slot`` (emptied for it) and runs from the next step."""
+        try:
+            session = self._fresh(self.slots[slot])
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as e:  # noqa: BLE001 - the backend could not reset the slot (or panicked):
+            self.free.append(slot)  # this request ends with its error (it was already off the queue)
+            seq.sink(as_exception(e))
+            return
+        seq.slot, seq.session = slot, session
+        self.slots[slot] = session
+        seq.out = TextOutput(self.gen.tokenizer, seq.cfg)
+        seq.admitted_at = time.perf_counter()
+        # A sampled request decodes plainly here: a lanes step runs no heads, so with them its sample would
+        # depend on whether it ran alone; a seed then gives one answer whatever shares the batch.
+        greedy = seq.cfg.temperature == 0
+        seq.tree = self.gen.spec.heads_for(self.gen.tree) if seq.cfg.medusa and greedy else None
+        self.running.append(seq)
 
     def _fresh(self, session: Session) -> Session:
         """``session`` emptied for a new sequence (a new one on backends that cannot reuse theirs)."""
@@ -349,11 +364,12 @@ class Engine:
     def close(self) -> None:
         """Cancel everything still queued or running (each gets its result) and free the KV slots."""
         with self.lock:
+            self.closed = True
             for seq in self.waiting + self.running:
                 seq.cancelled = seq.cancelled or "abort"
-            for seq in self.waiting:
-                self._finish(seq, seq.cancelled)
-            self.waiting = []
+            waiting, self.waiting = self.waiting, []
+        for seq in waiting:  # outside the lock, as in `_admit`
+            self._finish(seq, seq.cancelled)
         self._retire()
         for session in self.slots:
             session.close()

@@ -26,7 +26,9 @@ class TextOutput:
     def __init__(self, tokenizer, cfg: GenerationConfig) -> None:
         self.cfg = cfg
         self.eos = set() if cfg.ignore_eos else set(tokenizer.eos_token_ids)
-        self.detok = IncrementalDetokenizer(tokenizer.decode)
+        # Special tokens (which the decode skips) stay out of its window: under ignore_eos a run of end-of-sequence
+        # tokens would otherwise grow it, and each token's decode with it, without bound.
+        self.detok = IncrementalDetokenizer(tokenizer.decode, getattr(tokenizer, "special_ids", frozenset()))
         self.tail_len = max((len(s) for s in cfg.stop_strings), default=1) - 1
         self.new: list[int] = []
         self.shown: list[str] = []

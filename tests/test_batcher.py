@@ -54,3 +54,95 @@ def test_a_failed_request_raises_on_every_wait_from_every_thread():
         list(stream)
     with pytest.raises(EngineError):
         list(stream)  # and again
+
+
+def _drain(engine, seconds: float = 120) -> bool:
+    """Step ``engine`` on a thread until idle; False when it is still stepping after ``seconds`` (a deadlock)."""
+    done = threading.Event()
+
+    def run():
+        while engine.step():
+            pass
+        done.set()
+
+    threading.Thread(target=run, daemon=True).start()
+    return done.wait(seconds)
+
+
+@pytest.fixture(scope="module")
+def rt(artifact):
+    from medusa_export.runtime.api import MedusaRuntime
+
+    with MedusaRuntime.load(artifact, threads=1) as runtime:
+        yield runtime
+
+
+def test_a_sink_may_queue_a_follow_up_when_it_is_handed_a_cancelled_requests_end(rt):
+    """A request cancelled while queued got its result from inside the engine's queue lock: a sink queueing a
+    follow-up request there (engine.add takes that lock) hung the engine for ever."""
+    from medusa_export.runtime.decode import GenerationConfig
+    from medusa_export.runtime.engine import Engine
+    from medusa_export.runtime.generator import GenerationResult
+
+    engine = Engine(rt.generator, max_num_seqs=1)
+    ends = []
+
+    def sink(item):
+        if isinstance(item, GenerationResult):
+            ends.append(item.finish_reason)
+            if len(ends) < 3:
+                engine.add(PROMPT, GenerationConfig(max_new_tokens=2), sink)
+
+    engine.add(PROMPT, GenerationConfig(max_new_tokens=2), sink)
+    engine.cancel(engine.add(PROMPT, GenerationConfig(max_new_tokens=2), sink))
+    try:
+        assert _drain(engine), "the engine deadlocked"
+    finally:
+        engine.close()
+    assert sorted(ends) == ["abort", "length", "length", "length"]
+
+
+def test_closing_an_engine_hands_queued_requests_their_end_outside_its_lock(rt):
+    from medusa_export.runtime.decode import GenerationConfig
+    from medusa_export.runtime.engine import Engine
+    from medusa_export.runtime.errors import InputError
+    from medusa_export.runtime.generator import GenerationResult
+
+    engine = Engine(rt.generator, max_num_seqs=1)
+    refused = []
+
+    def sink(item):
+        if isinstance(item, GenerationResult):
+            try:
+                engine.add(PROMPT, GenerationConfig(max_new_tokens=2), sink)
+            except InputError as e:  # a closed engine would never run it
+                refused.append(str(e))
+
+    engine.add(PROMPT, GenerationConfig(max_new_tokens=2), sink)
+    closer = threading.Thread(target=engine.close, daemon=True)
+    closer.start()
+    closer.join(60)
+    assert not closer.is_alive(), "close deadlocked"
+    assert len(refused) == 1 and "closed" in refused[0]
+
+
+def test_the_engine_keeps_its_own_copy_of_a_requests_options(rt):
+    """engine.add kept the caller's GenerationConfig: a field changed afterwards (the object reused for the next
+    request) changed the running request."""
+    from medusa_export.runtime.decode import GenerationConfig
+    from medusa_export.runtime.engine import Engine
+    from medusa_export.runtime.errors import InputError
+    from medusa_export.runtime.generator import GenerationResult
+
+    engine = Engine(rt.generator, max_num_seqs=1)
+    ends = []
+    cfg = GenerationConfig(max_new_tokens=3, ignore_eos=True)
+    try:
+        engine.add(PROMPT, cfg, lambda x: ends.append(x) if isinstance(x, GenerationResult) else None)
+        cfg.max_new_tokens = 40  # the caller reuses its object for the next request
+        assert _drain(engine)
+        with pytest.raises(InputError, match="GenerationConfig"):
+            engine.add(PROMPT, {"max_new_tokens": 3}, print)
+    finally:
+        engine.close()
+    assert [r.new_tokens for r in ends] == [3]

@@ -116,3 +116,85 @@ def test_a_stop_string_ends_the_answer_at_the_token_that_completes_it(make_token
     events = [e for c in chunks if (e := out.push(c)) is not None]
     assert out.finish == "stop" and out.new == [5, 6, 7] and out.text == "t5 t6 "
     assert [t for e in events for t in e.token_ids] == [5, 6, 7]
+
+
+class _Counting:
+    """A tokenizer for `TextOutput` whose decode records the length of every window it is asked for."""
+
+    def __init__(self, tok, eos: int) -> None:
+        self.tok, self.eos_token_ids, self.special_ids, self.windows = tok, (eos,), frozenset({eos}), []
+
+    def decode(self, ids) -> str:
+        self.windows.append(len(ids))
+        return self.tok.decode(list(ids), skip_special_tokens=True)
+
+
+def _byte_token(tok, b: int) -> int:
+    """The id of the byte-level token for the single byte ``b``."""
+    from tokenizers import pre_tokenizers
+
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [x for x in range(256) if x not in printable]
+    ch = chr(b) if b in printable else chr(256 + others.index(b))
+    assert ch in pre_tokenizers.ByteLevel.alphabet()
+    return tok.token_to_id(ch)
+
+
+def test_a_run_of_skipped_end_tokens_keeps_the_decode_window_short(byte_bpe):
+    """Under ignore_eos, end-of-sequence tokens (special: the decode skips them) stayed in the window, which grew by
+    one token per token: 1000 of them made each step decode 1000 tokens (quadratic). The text is unchanged."""
+    from medusa_export.runtime.decode import GenerationConfig
+    from medusa_export.runtime.text_output import TextOutput
+
+    eos = byte_bpe.token_to_id("<eos>")
+    tok = _Counting(byte_bpe, eos)
+    ids = byte_bpe.encode("Grüße").ids + [eos] * 1000 + byte_bpe.encode(" 🚀 done").ids
+    out = TextOutput(tok, GenerationConfig(ignore_eos=True, max_new_tokens=len(ids)))
+    streamed = "".join(e.text for t in ids if (e := out.push([t])) is not None)
+    assert out.finish == "length" and out.new == ids
+    assert streamed == out.text == byte_bpe.decode(ids, skip_special_tokens=True) == "Grüße 🚀 done"
+    assert max(tok.windows) <= CONTEXT_TOKENS + 4
+
+
+def test_bytes_that_never_form_a_character_stream_in_a_bounded_window(byte_bpe):
+    """A run of stray continuation bytes (each decodes to U+FFFD, so each step's text looked unfinished) was held
+    back whole: nothing streamed, and the window grew without bound. Now a held run is cut where its text splits
+    cleanly; the streamed text is still exactly the full decode."""
+    from medusa_export.runtime.detokenize import MAX_HELD
+
+    stray, lead = _byte_token(byte_bpe, 0x80), _byte_token(byte_bpe, 0xE2)
+    ids = [stray] * 300 + [lead] * 100 + byte_bpe.encode("€ and Grüße").ids + [stray] * 3
+    windows = []
+
+    def decode(x):
+        windows.append(len(x))
+        return byte_bpe.decode(list(x))
+
+    deltas, tail = _stream(decode, ids, [1] * len(ids))
+    assert max(windows) <= MAX_HELD + 8
+    assert "".join(deltas) + tail == byte_bpe.decode(ids).rstrip("\ufffd")
+    assert next(i for i, d in enumerate(deltas) if d) <= MAX_HELD + 1  # text flows before the run ends
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_byte_garbage_streams_exactly_in_a_bounded_window(byte_bpe, data):
+    from medusa_export.runtime.detokenize import MAX_HELD
+
+    pool = [_byte_token(byte_bpe, b) for b in (0x80, 0x82, 0xAC, 0xE2, 0xF0, 0x9F)] + byte_bpe.encode("a €").ids
+    ids = data.draw(st.lists(st.sampled_from(pool), min_size=1, max_size=300), label="ids")
+    chunks = data.draw(st.lists(st.integers(1, 4), max_size=100), label="chunks")
+    windows = []
+
+    def decode(x):
+        windows.append(len(x))
+        return byte_bpe.decode(list(x))
+
+    detok = IncrementalDetokenizer(decode)
+    text, i = "", 0
+    for n in [*chunks, len(ids)]:
+        text += detok.push(ids[i:i + n])
+        i += n
+    text += detok.flush()
+    assert max(windows) <= MAX_HELD + 8 + 4
+    assert text == byte_bpe.decode(ids)
