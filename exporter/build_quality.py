@@ -36,7 +36,7 @@ def check_quality_fits(tokenizer, prompts: list[str], max_seq: int) -> None:
     the whole export, advising a flag build does not have)."""
     from medusa_export.runtime.quality import QUALITY_NEW_TOKENS
 
-    need = max(len(tokenizer.encode_prompt(p)) for p in prompts) + QUALITY_NEW_TOKENS + 1
+    need = max(_prompt_length(tokenizer, p, i) for i, p in enumerate(_prompt_list(prompts))) + QUALITY_NEW_TOKENS + 1
     if need > max_seq:
         raise InputError(f"--max-seq {max_seq} cannot hold the quality check of a quantized build (its longest prompt "
                          f"and answer take {need} tokens): use --max-seq {need} or more")
@@ -51,3 +51,26 @@ def quantized_quality(loaded, work: Path, prompts: list[str], max_seq: int) -> Q
     reference = Generator(TorchBackend(loaded.model, None, max_seq=max_seq), loaded.tokenizer, None)
     with MedusaRuntime.load(work, backend="ort") as rt:
         return quality(reference, rt.generator, prompts)
+
+
+def _prompt_list(prompts) -> list[str]:
+    """``prompts`` as a list of texts; InputError for one string (read character by character, each a prompt) or
+    anything but texts."""
+    texts = list(prompts) if isinstance(prompts, (list, tuple)) else None
+    if texts is None or not all(isinstance(p, str) for p in texts):
+        kind = (type(prompts).__name__ if texts is None else
+                f"a list holding {type(next(p for p in texts if not isinstance(p, str))).__name__}")
+        raise InputError(f"quality_prompts must be a list of prompt texts, not {kind}: pass a list of strings")
+    return texts
+
+
+def _prompt_length(tokenizer, prompt: str, index: int) -> int:
+    """Tokens of quality prompt ``index``; an InputError that names it where the tokenizer refuses it or it has no
+    tokens (the quality check refused such a prompt only after the whole export)."""
+    try:
+        ids = tokenizer.encode_prompt(prompt)
+    except InputError as e:
+        raise InputError(f"quality prompt {index + 1} ({prompt[:40]!r}): {e}") from None
+    if not ids:  # refused by the quality check itself, after the whole export
+        raise InputError(f"quality prompt {index + 1} ({prompt[:40]!r}) has no tokens: remove it, or give it text")
+    return len(ids)

@@ -57,8 +57,17 @@ def activation_maxima(model, calibration_ids: list[list[int]]) -> dict[tuple[int
 
 def smoothing_scales(a: torch.Tensor, w: torch.Tensor, alpha: float) -> torch.Tensor:
     """Per channel ``a ** alpha / w ** (1 - alpha)`` from its largest |activation| ``a`` and largest |weight| ``w``,
-    within [1 / LIMIT, LIMIT]."""
-    return (a.clamp(min=1e-5) ** alpha / w.clamp(min=1e-5) ** (1 - alpha)).clamp(1 / LIMIT, LIMIT)
+    within [1 / LIMIT, LIMIT]; 1 (the channel left as it is) where either is NaN, which clamping passes on and which
+    would have made every weight reading the channel NaN."""
+    s = (a.clamp(min=1e-5) ** alpha / w.clamp(min=1e-5) ** (1 - alpha)).clamp(1 / LIMIT, LIMIT)
+    return torch.where(torch.isnan(s), torch.ones_like(s), s)
+
+
+def _finite_after(s: torch.Tensor, norm_weight: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``s`` with 1 on the channels where dividing the norm's weight or multiplying the weights reading it [out, in]
+    by ``s`` would leave float32's range (weights near 3e38): smoothing must not turn a finite model infinite."""
+    ok = torch.isfinite(norm_weight.float() / s) & torch.isfinite(weights.float() * s).all(0)
+    return torch.where(ok, s, torch.ones_like(s))
 
 
 @torch.no_grad()
@@ -70,8 +79,9 @@ def smooth_activations(model, calibration_ids: list[list[int]], alpha: float) ->
     scales = {}
     for i, layer in enumerate(model.model.layers):
         for name, norm, linears in _groups(layer):
-            s = smoothing_scales(maxima[(i, name)], torch.cat([lin.weight for lin in linears]).abs().amax(0).float(),
-                                 alpha)
+            weights = torch.cat([lin.weight for lin in linears])
+            s = _finite_after(smoothing_scales(maxima[(i, name)], weights.abs().amax(0).float(), alpha), norm.weight,
+                              weights)
             norm.weight.div_(s.to(norm.weight.dtype))
             for lin in linears:
                 lin.weight.mul_(s.to(lin.weight.dtype))  # [out, in]: scales the input channels

@@ -79,7 +79,7 @@ def validate_graph(step: StepModel, onnx_path, dtype: str = "float32", threads: 
                 g = _node_rows(g, past, batch) if batch else g[:, :, past:past + t].transpose(0, 2, 1, 3)
             worst[name] = max(worst.get(name, 0.0), output_error(name, g, r))
     tolerance_of = kv_dtype or dtype  # an fp16 cache rounds every key and value: fp16's tolerance
-    _check_finite(worst, dtype)  # quantized graphs too: their errors are recorded, never NaN or infinity
+    _check_finite(worst, dtype, kv_dtype)  # quantized graphs too: their errors are recorded, never NaN or infinity
     if enforce:
         _check({k: v for k, v in worst.items() if k not in approximate}, tolerance_of)
     recorded = {"approximate": list(approximate)} if approximate else {}
@@ -170,12 +170,16 @@ def _check(worst: dict[str, float], dtype: str) -> None:
             )
 
 
-def _check_finite(worst: dict[str, float], dtype: str) -> None:
+def _check_finite(worst: dict[str, float], dtype: str, kv_dtype: str | None = None) -> None:
     """ExportValidationError where the graph gave NaN or infinity and PyTorch numbers (`output_error`), whatever the
-    tolerance: no graph of any dtype may (a report of such errors would not be JSON)."""
+    tolerance: no graph of any dtype may (a report of such errors would not be JSON). The advice names what can
+    overflow: an fp16 KV cache (keys or values past 65,504), fp16 weights, or neither."""
     for name, err in worst.items():
         if not np.isfinite(err):
+            fix = ("its fp16 KV cache overflows: build with --kv-cache-dtype auto" if kv_dtype in ("float16", "fp16") else
+                   "build with --dtype fp32" if dtype in ("float16", "fp16") else
+                   "report it with the model type and versions")
             raise ExportValidationError(
                 f"exported graph output {name!r} holds NaN or infinite values where PyTorch gives numbers ({dtype}): "
-                f"the graph's arithmetic overflows; build with --dtype fp32, or report it with the model type"
+                f"{fix}"
             )

@@ -87,6 +87,7 @@ class BuildOptions:
                              f"ONNX Runtime operators")
         if self.attention not in ATTENTION:
             raise InputError(f"--attention {self.attention!r:.40}: use gqa or kernel")
+        self._check_kernel_reachable()
         if self.attention == "kernel" and (self.graph != ONNXRUNTIME or self.dtype == "fp16"):
             raise InputError(f"--attention kernel needs --graph {ONNXRUNTIME} and fp32 activations (--dtype fp32, int8 "
                              f"or int4): use --attention gqa")
@@ -152,6 +153,34 @@ class BuildOptions:
                                      f"{type(value).__name__}")
             elif f.type == "str" and not isinstance(value, str):
                 raise InputError(f"{f.name} (--{f.name.replace('_', '-')}) must be a string, not {type(value).__name__}")
+
+    def _kernel_flags(self) -> list[tuple[str, str, str]]:
+        """The flags asked for whose ops run in the kernel library (each needs --attention kernel): each with the value
+        that leaves it out and the --dtype values it takes."""
+        fp32_acts = "--dtype fp32, int8 or int4"
+        asked = [(f"--int8-matmul {self.int8_matmul}", "--int8-matmul blocks", "--dtype int8")
+                 if self.int8_matmul in INT8_RECIPES else None,
+                 (f"--int4-matmul {self.int4_matmul}", "--int4-matmul blocks", "--dtype int4")
+                 if self.int4_matmul in INT4_RECIPES else None,
+                 ("--fp32-matmul blocks", "--fp32-matmul full", "--dtype fp32") if self.fp32_matmul == "blocks" else None,
+                 ("--kv-cache-dtype fp16", "--kv-cache-dtype auto", fp32_acts) if self.kv_cache_dtype == "fp16" else None,
+                 ("--lm-head screened", "--lm-head full", fp32_acts) if self.lm_head == "screened" else None]
+        return [a for a in asked if a is not None]
+
+    def _check_kernel_reachable(self) -> None:
+        """InputError where a kernel-library flag is asked for but --attention kernel cannot be had (a portable graph,
+        fp16 weights): each flag's own error said "add --attention kernel", which was then refused in turn."""
+        asked = self._kernel_flags()
+        if not asked:
+            return
+        flag, default, dtypes = asked[0]
+        if self.graph != ONNXRUNTIME:
+            raise InputError(f"{flag} runs in the kernel library (--attention kernel), which only the --graph "
+                             f"{ONNXRUNTIME} graphs (--engine onnx) hold: build with --engine onnx --graph "
+                             f"{ONNXRUNTIME}, or leave {flag} out ({default})")
+        if self.dtype == "fp16":
+            raise InputError(f"{flag} runs in the kernel library (--attention kernel), which takes fp32 activations, "
+                             f"not --dtype fp16: use {dtypes}, or leave {flag} out ({default})")
 
     @property
     def quantized(self) -> bool:

@@ -272,6 +272,10 @@ def test_a_quantized_graph_giving_nan_is_refused_though_its_errors_are_only_reco
     _check_finite({"next_token_probs": 0.3, "entropy": 2.0}, "int8")
     with pytest.raises(ExportValidationError, match=r"'entropy' holds NaN or infinite values .*\(int8\)"):
         _check_finite({"next_token_probs": 0.3, "entropy": float("inf")}, "int8")
+    with pytest.raises(ExportValidationError, match="fp16 KV cache overflows: build with --kv-cache-dtype auto"):
+        _check_finite({"present.0.key": float("inf")}, "float32", "float16")  # not "build with --dtype fp32"
+    with pytest.raises(ExportValidationError, match="build with --dtype fp32$"):
+        _check_finite({"next_token_probs": float("inf")}, "float16")
 
 
 @pytest.mark.parametrize("rope", [
