@@ -92,9 +92,9 @@ class MedusaRuntime:
 
     def close(self) -> None:
         """Stop the batchers this runtime opened (their requests end as cancelled), then free the backend."""
-        for thread in list(self._engine_threads):
-            thread.stop()
-        self.generator.backend.close()
+        stopped = [thread.stop() for thread in list(self._engine_threads)]
+        if all(stopped):  # else a step is still running on the backend: freeing it under that step would crash
+            self.generator.backend.close()
 
     def __enter__(self) -> "MedusaRuntime":
         return self

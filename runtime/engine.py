@@ -131,6 +131,16 @@ class Engine:
         """Stop ``seq`` at the next step (from any thread); its slot is freed then, the others carry on."""
         seq.cancelled = seq.cancelled or reason
 
+    def withdraw(self, seq: Sequence) -> bool:
+        """Hand ``seq`` back now, cancelled, if it is still queued (from any thread; after `cancel`): the next step,
+        which drops it otherwise, may be a whole prompt's prefill away. False when it had left the queue."""
+        with self.lock:  # the lock `_admit` takes requests off the queue under: one of the two hands it back
+            if not any(s is seq for s in self.waiting):
+                return False
+            self.waiting = [s for s in self.waiting if s is not seq]
+        self._finish(seq, seq.cancelled or "abort")
+        return True
+
     @property
     def idle(self) -> bool:
         return not (self.running or self.waiting)
@@ -188,12 +198,19 @@ class Engine:
             return
         seq.slot, seq.session = slot, session
         self.slots[slot] = session
-        seq.out = TextOutput(self.gen.tokenizer, seq.cfg)
+        try:
+            seq.out = TextOutput(self.gen.tokenizer, seq.cfg)
+            # A sampled request decodes plainly here: a lanes step runs no heads, so with them its sample would
+            # depend on whether it ran alone; a seed then gives one answer whatever shares the batch.
+            greedy = seq.cfg.temperature == 0
+            seq.tree = self.gen.spec.heads_for(self.gen.tree) if seq.cfg.medusa and greedy else None
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as e:  # noqa: BLE001 - its slot back, its error to it: else it waited for ever
+            self.free.append(slot)
+            seq.sink(as_exception(e))
+            return
         seq.admitted_at = time.perf_counter()
-        # A sampled request decodes plainly here: a lanes step runs no heads, so with them its sample would
-        # depend on whether it ran alone; a seed then gives one answer whatever shares the batch.
-        greedy = seq.cfg.temperature == 0
-        seq.tree = self.gen.spec.heads_for(self.gen.tree) if seq.cfg.medusa and greedy else None
         self.running.append(seq)
 
     def _fresh(self, session: Session) -> Session:

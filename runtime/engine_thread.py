@@ -24,6 +24,8 @@ class EngineThread:
         self.wake = threading.Event()
         self.stopping = False
         self.retiring = False  # stop once idle: the owner is gone, nothing more can be submitted
+        self.left = False  # the loop has ended
+        self.orphaned = False  # `stop` returned while a step still ran: the thread closes the engine after it
         self.submitting = threading.Lock()
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._loop, name=name, daemon=True)
@@ -38,6 +40,15 @@ class EngineThread:
         return seq
 
     def _loop(self) -> None:
+        try:
+            self._steps()
+        finally:
+            with self.submitting:
+                self.left = True
+            if self.orphaned:  # `stop` gave up waiting for the step that just ended: the engine is closed here
+                self.engine.close()
+
+    def _steps(self) -> None:
         failures = 0
         while not self.stopping:
             self.wake.wait()
@@ -70,9 +81,16 @@ class EngineThread:
             mine, self.stopping = not self.stopping, True
         return mine
 
-    def stop(self, timeout: float = 30.0) -> None:
+    def stop(self, timeout: float = 30.0) -> bool:
+        """Stop after the current step and close the engine (cancelling what is left); False when that step
+        outlasted ``timeout``: the thread then closes the engine once the step ends. Closing it under a running
+        step would free the sessions the backend is computing with (a native crash at shutdown)."""
         with self.submitting:
             self.stopping = True
         self.wake.set()
         self.thread.join(timeout)
-        self.engine.close()
+        with self.submitting:  # exactly one of the two closes it after the step: here, or the thread as it leaves
+            self.orphaned = not self.left
+        if not self.orphaned:
+            self.engine.close()
+        return not self.orphaned

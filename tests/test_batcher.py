@@ -146,3 +146,50 @@ def test_the_engine_keeps_its_own_copy_of_a_requests_options(rt):
     finally:
         engine.close()
     assert [r.new_tokens for r in ends] == [3]
+
+
+def test_a_request_failing_as_it_starts_gets_its_error_and_frees_its_slot(rt, monkeypatch):
+    """An error after the slot was reset (choosing the graph, the text output) lost the slot and never reached the
+    request: its caller waited for ever and every later request queued behind a slot that was gone."""
+    from medusa_export.runtime.decode import GenerationConfig
+    from medusa_export.runtime.engine import Engine
+    from medusa_export.runtime.generator import GenerationResult
+
+    engine = Engine(rt.generator, max_num_seqs=1)
+    got = []
+    with monkeypatch.context() as m:
+        m.setattr(type(rt.generator.spec), "heads_for", lambda self, tree: 1 / 0)
+        engine.add(PROMPT, GenerationConfig(max_new_tokens=2, medusa=True), got.append)
+        engine.step()
+    assert len(got) == 1 and isinstance(got[0], ZeroDivisionError)
+    engine.add(PROMPT, GenerationConfig(max_new_tokens=2), got.append)  # the one slot is free again
+    try:
+        assert _drain(engine)
+    finally:
+        engine.close()
+    assert isinstance(got[-1], GenerationResult) and got[-1].finish_reason == "length"
+
+
+def test_a_queued_request_withdrawn_gets_its_end_at_once(rt):
+    from medusa_export.runtime.decode import GenerationConfig
+    from medusa_export.runtime.engine import Engine
+    from medusa_export.runtime.generator import GenerationResult
+
+    engine = Engine(rt.generator, max_num_seqs=1)
+    ends = []
+
+    def sink(item):  # ends only (results, errors), not the stream's events
+        if isinstance(item, (GenerationResult, Exception)):
+            ends.append(item.finish_reason if isinstance(item, GenerationResult) else item)
+    try:
+        queued = engine.add(PROMPT, GenerationConfig(max_new_tokens=2), sink)
+        engine.cancel(queued, "timeout")
+        assert engine.withdraw(queued) and ends == ["timeout"]  # before any step
+        assert not engine.withdraw(queued)  # handed back once
+        running = engine.add(PROMPT, GenerationConfig(max_new_tokens=2), sink)
+        engine.step()
+        assert not engine.withdraw(running)  # admitted: it leaves at a step, with its slot
+        assert _drain(engine)
+    finally:
+        engine.close()
+    assert ends == ["timeout", "length"]

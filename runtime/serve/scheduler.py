@@ -32,8 +32,11 @@ from .requests import ApiError, Job
 
 # After the shutdown deadline, how long the requests then cancelled get to end: the engine hands them back after its
 # current step (a prompt chunk with a lanes graph; a whole prompt without one), and their handlers answer 503 or send
-# an error event. A shutdown therefore takes up to --shutdown-timeout + this + `server.RESPONSES_S`.
+# an error event. A shutdown therefore takes up to --shutdown-timeout + this + `server.RESPONSES_S` + STOP_S.
 SHUTDOWN_CANCEL_S = 10.0
+# Then, for the engine's current step to end before the engine is closed. Only a step stuck past the drain takes
+# that long: the process then exits without it (the thread is a daemon) instead of waiting more.
+STOP_S = 5.0
 
 
 @dataclass
@@ -57,10 +60,12 @@ class Request:
         self.timer: asyncio.TimerHandle | None = None
 
     def cancel(self, reason: str = "abort") -> None:
+        """Stop it: one still queued ends now, one running at the engine's next step."""
         if self.stop_reason is None:
             self.stop_reason = reason
             if self.sequence is not None:  # else `submit` passes it on once the engine has the request
                 self.scheduler.engine.cancel(self.sequence, reason)
+                self.scheduler.withdraw(self)
 
     async def events(self) -> AsyncIterator[StreamEvent | Finished]:
         while True:
@@ -124,6 +129,14 @@ class Scheduler:
         self._gauges()
         return request
 
+    def withdraw(self, request: Request) -> None:
+        """Hand back ``request``, cancelled, if it is still in the engine's queue. The engine would drop it at its
+        next step, which may be a whole long prompt's prefill away: meanwhile its client waited for its 504 past
+        --request-timeout, a vanished client's place kept new requests at 429, and a shutdown's queued requests
+        outlived SHUTDOWN_CANCEL_S. It holds no KV slot, so nothing on the engine thread needs it."""
+        if request.sequence is not None:
+            self.engine.withdraw(request.sequence)
+
     # ---- on the engine thread ---------------------------------------------------------------------------
     def _sink(self, request: Request, item) -> None:
         rec, now = request.record, time.perf_counter()
@@ -131,7 +144,8 @@ class Scheduler:
             if rec.ttft_s is None:
                 rec.queue_s = (_admitted_at(request) or now) - request.arrived
             request.last_token = _note_tokens(rec, request.arrived, request.last_token, len(item.token_ids))
-            request.loop.call_soon_threadsafe(request.queue.put_nowait, item)
+            if not _deliver(request, request.queue.put_nowait, item) and request.sequence is not None:
+                self.engine.cancel(request.sequence, "abort")  # no one is left to read it: stop decoding it
             return
         error = item if isinstance(item, Exception) else None
         result = item if isinstance(item, GenerationResult) else None
@@ -145,9 +159,8 @@ class Scheduler:
             rec.finish_reason = "error"
         self.metrics.finished(rec)
         self._count_out(request)
-        finished = Finished(result, error, request.stop_reason)
-        request.loop.call_soon_threadsafe(request.queue.put_nowait, finished)
-        request.loop.call_soon_threadsafe(request.timer.cancel)
+        if _deliver(request, request.queue.put_nowait, Finished(result, error, request.stop_reason)):
+            _deliver(request, request.timer.cancel)
 
     def _on_step(self, step: StepRecord) -> None:
         self.metrics.step(step.sequences, step.speculative)
@@ -182,7 +195,7 @@ class Scheduler:
                 pending = list(self.live)
             for request in pending:
                 request.cancel("shutdown")
-            self.thread.wake.set()  # queued requests leave at the engine's next step
+            self.thread.wake.set()  # running ones leave at its next step (queued ones left in `cancel`)
             await self._wait_admitted(SHUTDOWN_CANCEL_S, abandon)
         self.drained = clean
         return clean
@@ -192,9 +205,21 @@ class Scheduler:
         while self.admitted and time.perf_counter() < end and not abandon():
             await asyncio.sleep(0.05)
 
-    def stop(self) -> None:
-        """The engine thread ends (after `drain`: what is still running is cancelled)."""
-        self.thread.stop()
+    def stop(self, timeout_s: float = STOP_S) -> bool:
+        """The engine thread ends (after `drain`: what is still running is cancelled); False when its current step
+        outlasted ``timeout_s`` (the backend is still computing: it must not be closed under it)."""
+        return self.thread.stop(timeout_s)
+
+
+def _deliver(request: Request, call: Callable, *args) -> bool:
+    """``call(*args)`` soon on the request's event loop, from the engine thread; False when that loop has closed
+    (a forced shutdown ended it with the request still admitted): raising there would fail the engine's step for
+    every other request, or `Scheduler.stop` for the caller."""
+    try:
+        request.loop.call_soon_threadsafe(call, *args)
+        return True
+    except RuntimeError:  # 'Event loop is closed': its handler is gone, nothing awaits this
+        return False
 
 
 def _admitted_at(request: Request) -> float | None:

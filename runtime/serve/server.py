@@ -66,8 +66,11 @@ def run_server(artifact: str, host: str = "127.0.0.1", port: int = 8000, backend
     finally:
         signal.signal(signal.SIGTERM, previous)
         signal.signal(signal.SIGINT, previous_int)
-        scheduler.stop()  # a forced exit (a second Ctrl+C) skips the lifespan's: never close the backend under a step
-        runtime.close()
+        # A forced exit (a second Ctrl+C) skips the lifespan's stop. After the drain the engine is between steps,
+        # unless one is stuck: the process then exits without waiting for it, and without closing the backend
+        # under it (a native crash).
+        if scheduler.stop():
+            runtime.close()
     return scheduler.drained is not False
 
 
@@ -95,6 +98,11 @@ def draining_server(config, scheduler, deadline_s: float):
                 sock.close()
             await scheduler.drain(deadline_s, abandon=lambda: self.force_exit)
             await super().shutdown(sockets)
+            if self.force_exit:
+                # uvicorn skips the app's shutdown on a second Ctrl+C: its lifespan task was then cancelled as the
+                # loop closed, and Starlette printed that as an error with a traceback. It stops the engine now,
+                # after at most the step under way (`Scheduler.stop`).
+                await self.lifespan.shutdown()
 
     return DrainingServer(config)
 
