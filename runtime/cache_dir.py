@@ -11,13 +11,15 @@ from .errors import InputError
 
 
 def cache_root() -> Path:
-    """``$MEDUSA_EXPORT_CACHE`` (empty: unset, not the current directory), else ``~/.cache/medusa-export``; an
+    """``$MEDUSA_EXPORT_CACHE`` (empty: unset, not the current directory; made absolute), else ``~/.cache/medusa-export``; an
     InputError naming the variable when it names something other than a directory, or a path that cannot become
     one (under a file: it failed only when first written, after a model had loaded)."""
     value = os.environ.get("MEDUSA_EXPORT_CACHE", "")
     if not value.strip():
         return Path.home() / ".cache" / "medusa-export"
-    path = Path(value)
+    # absolute, ``~`` expanded: a Dockerfile's ENV takes "~/x" literally, and a relative path moved with the process's
+    # working directory
+    path = Path(os.path.abspath(os.path.expanduser(value)))
     if path.exists() and not path.is_dir():
         raise InputError(f"MEDUSA_EXPORT_CACHE={value[:120]!r} is not a directory: point it at one (it is made if "
                          f"missing), or unset it for ~/.cache/medusa-export")

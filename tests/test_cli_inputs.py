@@ -341,6 +341,12 @@ def test_an_empty_or_misplaced_cache_variable(tmp_path, monkeypatch):
     assert cache_root() == tmp_path / "new"
     monkeypatch.setenv("MEDUSA_EXPORT_CACHE", str(tmp_path / "new" / "deeper"))
     assert cache_root() == tmp_path / "new" / "deeper"  # made when first written
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("MEDUSA_EXPORT_CACHE", "~/c")  # a Dockerfile's ENV keeps the ~: not a folder named "~"
+    assert cache_root() == tmp_path / "c"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MEDUSA_EXPORT_CACHE", "rel")  # relative: fixed where it was read, not moving with the cwd
+    assert cache_root() == tmp_path / "rel" and cache_root().is_absolute()
 
 
 def test_a_cache_variable_under_a_file_is_named_before_any_command_starts(tmp_path):

@@ -7,31 +7,38 @@ use and cached.
 Artifacts built with ``--attention kernel`` run their attention in it (docs/graphs.md, "The attention kernel").
 It needs a CPU with AVX2, FMA and F16C, and a C compiler (``$CC``, else ``cc`` or ``gcc``) the first time; without them
 loading such an artifact fails in one line. The library goes to ``$MEDUSA_EXPORT_KERNEL_DIR``, else
-``$MEDUSA_EXPORT_CACHE/kernels`` (``~/.cache/medusa-export/kernels``), named by a hash of the source and flags and one of
-the compiler, so an edited source or another compiler builds a new file and never reuses a stale one. A machine
-without a compiler uses a library compiled from the same source into that directory before (say, while a container
-image was built); the library is never taken from an artifact, which would make loading one run its code.
+``$MEDUSA_EXPORT_CACHE/kernels`` (``~/.cache/medusa-export/kernels``), named by a hash of the sources and flags and
+one of the compiler (its command and version), so an edited source or another compiler builds a new file and never
+reuses a stale one. It is built for any x86-64 CPU with AVX2 (the AVX-512 and AMX paths are chosen when it loads),
+whatever ``$CC`` adds (``-march=native``, ``-ffast-math``), so a cache shared with another machine never holds code
+this CPU lacks. A machine without a compiler uses a library compiled from the same source into that directory before
+(say, while a container image was built); the library is never taken from an artifact, which would make loading one
+run its code.
 """
 
 from __future__ import annotations
 
+import errno
+import glob
 import hashlib
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 from ..artifact_files import sha256_file
 from ..cache_dir import cache_root
-from ..errors import BackendUnavailableError
+from ..errors import BackendUnavailableError, first_line
 from ..machine import machine_info
 
 SOURCE = Path(__file__).with_name("row_attention.c")
-# compiled in SOURCE (#include)
-INCLUDED = [Path(__file__).with_name(n) for n in ("screened_vocab.c", "block_matmul.c", "block_amx.c", "block_f32.c")]
+# compiled in SOURCE (#include): every other C file here, so a new one is in the cache key without a list to keep
+INCLUDED = sorted(p for p in Path(__file__).parent.iterdir() if p.suffix in (".c", ".h") and p.name != SOURCE.name)
 DOMAIN = "medusa_export"  # the custom ops' domain in the graphs
 OP = "RowAttention"  # one sequence
 LANES_OP = "LanesAttention"  # the sequences of a batched step, in one call
@@ -41,11 +48,18 @@ BLOCK_OP = "BlockMatMul16"  # int8 weights in blocks of 32 times int16 activatio
 BLOCK4_OP = "BlockMatMul16Q4"  # the same for 4-bit blocks d (q - 8) + offset (a Q4_0 / Q4_1 GGUF's, kept as they are)
 BLOCK_F32_OP = "BlockMatMulF32Q4"  # fp32 rows times 4-bit blocks holding the model's fp32 weights exactly (block_f32.c)
 SCREEN_OP = "ScreenedVocab"  # an fp32 lm_head's top words through an int8 product and exact candidates
-# -ffp-contract=off: no multiply-add the source does not write, so every path computes a row alike
-FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fPIC", "-shared", "-fvisibility=hidden", "-std=c11"]
+# -ffp-contract=off: no multiply-add the source does not write, so every path computes a row alike.
+# PORTABLE comes after $CC's words and undoes what they may add (-march=native: AVX-512 in the AVX2 code, a SIGILL on
+# an AVX2 machine sharing the cache; -ffast-math: sums reordered), so every compiler command writes the same code.
+PORTABLE = ["-march=x86-64", "-mtune=generic", "-mno-avx512f", "-fno-fast-math"]
+FLAGS = ["-O3", *PORTABLE, "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fPIC", "-shared", "-fvisibility=hidden",
+         "-std=c11"]
 LIBS = ["-lm", "-pthread"]  # pthread: ScreenedVocab's per-thread scratch
 NEEDS = ("avx2", "fma", "f16c")
 SHARED_LIBRARY_MAGIC = b"\x7fELF"  # the kernel is built for x86-64 Linux
+VERSION_TIMEOUT_S, COMPILE_TIMEOUT_S = 60, 300  # a compiler that hangs is stopped (its whole process group)
+STALE_TMP_S = 3600  # a temporary file this old was left by a compile that was killed: removed by the next compile
+SHOWN = 120  # characters of a path a message shows
 _lock = threading.Lock()
 _built: dict[str, str] = {}  # by source-and-compiler key: the library's path
 _versions: dict[str, str] = {}  # by compiler command: its --version output
@@ -78,9 +92,10 @@ def register(opts, attention: str) -> None:
         try:
             opts.register_custom_ops_library(path)
         except Exception as e:  # noqa: BLE001 - ONNX Runtime's Fail / RuntimeError: not a loadable library
-            raise BackendUnavailableError(f"ONNX Runtime cannot load the attention kernel {path} "
-                                          f"({' '.join(str(e).split())[:160]}): delete it to have it compiled again, "
-                                          f"or set MEDUSA_EXPORT_KERNEL_DIR to another directory") from None
+            why = " ".join(str(e).replace(path, "it").split())[-160:]  # the end holds the loader's reason
+            raise BackendUnavailableError(f"ONNX Runtime cannot load the attention kernel {_shown(path)} ({why}): "
+                                          f"delete it to have it compiled again, or set MEDUSA_EXPORT_KERNEL_DIR to "
+                                          f"another directory") from None
         if clipping_int8_products():
             opts.add_session_config_entry(*EXACT_INT8_PRODUCTS)
 
@@ -94,9 +109,35 @@ def clipping_int8_products() -> bool:
 
 def kernel_dir() -> Path:
     """``$MEDUSA_EXPORT_KERNEL_DIR`` (blank: unset, not a directory named by spaces), else ``kernels`` in the
-    project's cache (``$MEDUSA_EXPORT_CACHE``, default ``~/.cache/medusa-export``, as for the built-in model)."""
+    project's cache (``$MEDUSA_EXPORT_CACHE``, default ``~/.cache/medusa-export``, as for the built-in model); made
+    absolute (``~`` expanded): a bare name such as ``row_attention-….so`` in ``.`` would send the loader searching
+    the system's library directories, and a relative one would break when the process changes directory."""
     value = os.environ.get("MEDUSA_EXPORT_KERNEL_DIR", "")
-    return Path(value) if value.strip() else cache_root() / "kernels"
+    return Path(os.path.abspath(os.path.expanduser(value if value.strip() else cache_root() / "kernels")))
+
+
+def _shown(path: Path | str) -> str:
+    """``path`` for a one-line message: at most SHOWN characters (its end, which names the file)."""
+    text = str(path)
+    return text if len(text) <= SHOWN else "…" + text[-SHOWN:]
+
+
+def _run(command: list[str], timeout: float) -> subprocess.CompletedProcess:
+    """``command`` with its output captured and no input; past ``timeout`` (TimeoutExpired) or on Ctrl-C its whole
+    process group is killed: in a session of its own the terminal's Ctrl-C misses it, and a driver's cc1 would go
+    on."""
+    with subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True, errors="replace", start_new_session=True) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except BaseException:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except OSError:  # gone already
+                pass
+            proc.wait()
+            raise
+    return subprocess.CompletedProcess(command, proc.returncode, out, err)
 
 
 def _compiler() -> list[str]:
@@ -119,10 +160,31 @@ def _compiler_version(cc: list[str]) -> str:
     key = " ".join(cc)
     if key not in _versions:  # once per process and compiler
         try:
-            _versions[key] = subprocess.run([*cc, "--version"], capture_output=True, text=True, timeout=60).stdout
+            done = _run([*cc, "--version"], VERSION_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            raise BackendUnavailableError(f"the C compiler {key[:80]!r} did not answer --version in "
+                                          f"{VERSION_TIMEOUT_S} s: install gcc or set CC to a C compiler") from None
         except (OSError, subprocess.SubprocessError) as e:
-            raise BackendUnavailableError(f"the C compiler {key!r} does not run ({e}): install gcc or set CC") from None
+            raise BackendUnavailableError(f"the C compiler {key[:80]!r} does not run ({first_line(e, 160)}): install "
+                                          f"gcc or set CC") from None
+        _versions[key] = done.stdout + done.stderr  # some compilers answer on stderr
     return _versions[key]
+
+
+def _compiler_key(cc: list[str]) -> str:
+    """Eight hex digits naming the compiler: its version text and the whole command (``$CC``'s words may change the
+    code, e.g. a -D that PORTABLE cannot undo)."""
+    return hashlib.sha256((_compiler_version(cc) + "\0" + " ".join(cc)).encode()).hexdigest()[:8]
+
+
+def _compiled_before(directory: Path, source: str) -> Path | None:
+    """An intact library compiled from this source into ``directory`` by any compiler (None: none, or the directory
+    cannot be listed)."""
+    try:
+        earlier = [p for p in sorted(directory.glob(f"row_attention-{source}-*.so")) if _intact(p)]
+    except OSError:  # a name too long, a directory that cannot be read
+        return None
+    return earlier[-1] if earlier else None
 
 
 def library_path() -> str:
@@ -137,11 +199,11 @@ def library_path() -> str:
     directory = kernel_dir()
     try:
         cc = _compiler()
-        key = f"{source}-{hashlib.sha256(_compiler_version(cc).encode()).hexdigest()[:8]}"
+        key = f"{source}-{_compiler_key(cc)}"
     except BackendUnavailableError:
-        earlier = [p for p in sorted(directory.glob(f"row_attention-{source}-*.so")) if _intact(p)]
-        if earlier:  # e.g. compiled when an image was built
-            return str(earlier[-1])
+        earlier = _compiled_before(directory, source)
+        if earlier is not None:  # e.g. compiled when an image was built
+            return str(earlier)
         raise
     with _lock:
         if key in _built:
@@ -186,40 +248,74 @@ def _intact(library: Path) -> bool:
 
 def _compile(cc: list[str], directory: Path, path: Path) -> None:
     """Into a unique temporary name beside ``path``, then renamed: another process sees no file or a whole one."""
-    name = " ".join(cc)
+    tmp = _temporary(directory, f".{path.name}.")
     try:
-        directory.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-        os.close(fd)
-    except OSError as e:
-        raise BackendUnavailableError(f"cannot write to the kernel directory {directory} ({e.strerror}): set "
-                                      f"MEDUSA_EXPORT_KERNEL_DIR to a writable directory") from None
-    tmp = Path(tmp_name)
-    try:
-        done = subprocess.run([*cc, *FLAGS, "-o", str(tmp), str(SOURCE), *LIBS], capture_output=True, text=True,
-                              timeout=300)
-        if done.returncode != 0:  # once more without the AMX path, which needs a recent assembler
-            done = subprocess.run([*cc, *FLAGS, "-DMEDUSA_EXPORT_NO_AMX", "-o", str(tmp), str(SOURCE), *LIBS],
-                                  capture_output=True, text=True, timeout=300)
-        if done.returncode != 0:
-            first = (done.stderr.strip().splitlines() or ["no message"])[0]
-            raise BackendUnavailableError(f"compiling the attention kernel with {name} failed ({first[:200]}): install "
-                                          f"gcc >= 9 or use an artifact built with --attention gqa")
-        library = tmp.read_bytes()
-        if not library.startswith(SHARED_LIBRARY_MAGIC):  # a "compiler" that exits 0 without writing one
-            raise BackendUnavailableError(f"{name} exited without writing a shared library: set CC to a C compiler "
-                                          f"such as gcc")
+        library = _build(cc, tmp)
         os.replace(tmp, path)
         digest = _digest_path(path)
-        fd, digest_tmp = tempfile.mkstemp(prefix=f".{digest.name}.", suffix=".tmp", dir=directory)
-        with os.fdopen(fd, "w") as f:  # a unique name: two processes (two containers' PID 1) may compile at once
-            f.write(hashlib.sha256(library).hexdigest() + "\n")
-        os.replace(digest_tmp, digest)
+        digest_tmp = _temporary(directory, f".{digest.name}.")  # unique: two processes may compile at once
+        try:
+            digest_tmp.write_text(hashlib.sha256(library).hexdigest() + "\n")
+            os.replace(digest_tmp, digest)
+        finally:
+            digest_tmp.unlink(missing_ok=True)
     except OSError as e:
-        raise BackendUnavailableError(f"cannot write the attention kernel to {directory} ({e.strerror}): set "
+        raise BackendUnavailableError(f"cannot write the attention kernel to {_shown(directory)} "
+                                      f"({e.strerror or first_line(e, 80)}): free space there or set "
                                       f"MEDUSA_EXPORT_KERNEL_DIR to a writable directory") from None
-    except subprocess.TimeoutExpired:
-        raise BackendUnavailableError(f"compiling the attention kernel with {name} took over 300 s: check the "
-                                      f"compiler") from None
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _temporary(directory: Path, prefix: str) -> Path:
+    """A new empty file in ``directory`` (made if missing) named ``prefix``…``.tmp``, after removing those a killed
+    compile left there over STALE_TMP_S ago; a BackendUnavailableError when the directory cannot be written."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        for old in directory.glob(f"{glob.escape(prefix)}*.tmp"):
+            try:
+                if time.time() - old.stat().st_mtime > STALE_TMP_S:
+                    old.unlink()
+            except OSError:  # another process removed it first
+                pass
+        fd, name = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=directory)
+        os.close(fd)
+    except OSError as e:
+        file = e.errno in (errno.EEXIST, errno.ENOTDIR)  # a file where a directory should be
+        what = "is not a directory" if file else f"cannot be written ({e.strerror or first_line(e, 80)})"
+        raise BackendUnavailableError(f"the kernel directory {_shown(directory)} {what}: set "
+                                      f"MEDUSA_EXPORT_KERNEL_DIR to a writable directory") from None
+    return Path(name)
+
+
+def _build(cc: list[str], out: Path) -> bytes:
+    """Compile the library into ``out`` and return its bytes: once more without the AMX path (which needs a recent
+    assembler) if the first compile fails; a BackendUnavailableError naming the compiler's first error."""
+    name = " ".join(cc)[:80]
+    try:
+        for extra in ([], ["-DMEDUSA_EXPORT_NO_AMX"]):
+            done = _run([*cc, *FLAGS, *extra, "-o", str(out), str(SOURCE), *LIBS], COMPILE_TIMEOUT_S)
+            if done.returncode == 0:
+                break
+    except subprocess.TimeoutExpired:
+        raise BackendUnavailableError(f"compiling the attention kernel with {name} took over {COMPILE_TIMEOUT_S} s: "
+                                      f"check the compiler, or set CC to another") from None
+    except OSError as e:  # the compiler went away since it answered --version
+        raise BackendUnavailableError(f"the C compiler {name!r} does not run ({first_line(e, 160)}): install gcc or "
+                                      f"set CC") from None
+    if done.returncode != 0:
+        raise BackendUnavailableError(f"compiling the attention kernel with {name} failed "
+                                      f"({_first_error(done.stderr)}): install gcc >= 9 or use an artifact built "
+                                      f"with --attention gqa")
+    library = out.read_bytes()
+    if not library.startswith(SHARED_LIBRARY_MAGIC):  # a "compiler" that exits 0 without writing one
+        raise BackendUnavailableError(f"{name} exited without writing a shared library: set CC to a C compiler "
+                                      f"such as gcc")
+    return library
+
+
+def _first_error(stderr: str) -> str:
+    """The compiler's first line naming an error (its first line when none does), at most 200 characters."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if "error" in line.lower()]
+    return ((errors or lines or ["no message"])[0])[:200]

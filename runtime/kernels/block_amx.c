@@ -30,7 +30,7 @@ long syscall(long number, ...);  /* unistd.h declares it only outside strict C11
 /* Rows of a tile; one block's weights for a group; one block of a row tile's hi then lo bytes. */
 enum { AMX_ROWS = 16, AMX_B_BYTES = BM_BLOCK * BM_GROUP, AMX_A_BYTES = 2 * AMX_ROWS * BM_BLOCK };
 
-static int bm_amx;  /* the AMX path: the CPU and the kernel allow it and MEDUSA_EXPORT_KERNEL_NO_AMX is unset (tests);
+static int bm_amx;  /* the AMX path: the CPU and the kernel allow it and MEDUSA_EXPORT_KERNEL_NO_AMX is off (tests);
                        set by `bm_detect` like bm_vnni512 */
 
 /* Whether this CPU has AMX int8 and Linux gave this process the tile state. */

@@ -132,10 +132,11 @@ static void bf_groups256(const F32BlockWork *w, int64_t g0, int ng) {
       }
 }
 
-static int bf_avx512;  /* the AVX-512 path: the CPU has AVX-512F and MEDUSA_EXPORT_KERNEL_AVX2 is unset (tests) */
+static int bf_avx512;  /* the AVX-512 path: the CPU has AVX-512F and MEDUSA_EXPORT_KERNEL_AVX2 is off (tests) */
 
 static void bf_detect(void) {
-  __atomic_store_n(&bf_avx512, __builtin_cpu_supports("avx512f") && !getenv("MEDUSA_EXPORT_KERNEL_AVX2"),
+  __builtin_cpu_init();
+  __atomic_store_n(&bf_avx512, __builtin_cpu_supports("avx512f") && !env_on("MEDUSA_EXPORT_KERNEL_AVX2"),
                    __ATOMIC_RELAXED);
 }
 

@@ -46,15 +46,25 @@ typedef struct {
 
 #include "block_amx.c"
 
-static int bm_vnni512;  /* the AVX-512 path: the CPU has it and MEDUSA_EXPORT_KERNEL_AVX2 is unset (tests); set by
+static int bm_vnni512;  /* the AVX-512 path: the CPU has it and MEDUSA_EXPORT_KERNEL_AVX2 is off (tests); set by
                            `bm_detect` when the library registers (before its sessions compute; a later registration
                            writes the same value), read atomically */
 
+/* Whether the switch ``name`` is on: set to something other than blank or "0" (MEDUSA_EXPORT_KERNEL_AVX2=0 keeps the
+   AVX-512 path, as a blank value does, rather than leaving it). */
+static int env_on(const char *name) {
+  const char *v = getenv(name);
+  if (!v) return 0;
+  while (*v == ' ' || *v == '\t') v++;
+  return *v && strcmp(v, "0") != 0;
+}
+
 static void bm_detect(void) {
+  __builtin_cpu_init();  /* harmless when libgcc's constructor ran already */
   int vnni = __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw") &&
-             !getenv("MEDUSA_EXPORT_KERNEL_AVX2");
+             !env_on("MEDUSA_EXPORT_KERNEL_AVX2");
   __atomic_store_n(&bm_vnni512, vnni, __ATOMIC_RELAXED);
-  __atomic_store_n(&bm_amx, vnni && !getenv("MEDUSA_EXPORT_KERNEL_NO_AMX") && amx_permitted(), __ATOMIC_RELAXED);
+  __atomic_store_n(&bm_amx, vnni && !env_on("MEDUSA_EXPORT_KERNEL_NO_AMX") && amx_permitted(), __ATOMIC_RELAXED);
 }
 
 /* The path the block products take in this process (detected now if no session registered the library yet): 2 AMX
