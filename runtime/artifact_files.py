@@ -1,9 +1,11 @@
 """Where an artifact's files are and whether they are intact: paths the manifest names, kept inside the artifact
-(no absolute path, ``..``, NUL byte, or symlink leading out or in a loop), and each listed file's size and sha256.
-Every failure is an ArtifactError naming the file (`runtime.manifest` reads the manifest through these).
+(no absolute path, ``..``, NUL byte, or symlink leading out or in a loop; one plain form per name), each listed
+file's size and sha256, and what a graph was built for (read from its tables' shapes, not its weights). Every
+failure is an ArtifactError naming the file (`runtime.manifest` reads the manifest through these).
 
     path = artifact_file(directory, "vanilla.onnx")     # or ArtifactError
     check_file(path, record, check_hashes=True)         # record: a FileRecord (sha256, bytes)
+    check_graph_tables(path, max_seq=2048, vocab_size=49152, fused=True)   # positions and tokens it holds
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from .bounded_read import read_bounded
 from .errors import ArtifactError
-from .onnx_external import OnnxFormatError, external_locations
+from .onnx_external import OnnxFormatError, external_locations, initializer_dims
 
 MANIFEST = "manifest.json"
 
@@ -38,6 +40,12 @@ def relative_inside(text: str) -> bool:
     return not absolute and ".." not in PurePosixPath(text.replace("\\", "/")).parts
 
 
+def plain_name(text: str) -> bool:
+    """Whether ``text`` is a path in the one form a build writes: parts joined by single "/", no "." part, no
+    trailing "/", no backslash (a separator on Windows)."""
+    return "\\" not in text and text == PurePosixPath(text).as_posix() and "." not in text.split("/")
+
+
 def artifact_file(directory: str | Path, name: object) -> Path:
     """``directory / name`` for a file the manifest names; ArtifactError unless ``name`` is a relative path
     that stays inside the artifact (no absolute path, no ``..``, no NUL byte, no symlink leading out or in a
@@ -47,10 +55,12 @@ def artifact_file(directory: str | Path, name: object) -> Path:
     if not relative_inside(text):
         raise ArtifactError(f"{directory / MANIFEST} names the file {name!r:.120}, which is not a path inside the "
                             f"artifact: refusing to read it; rebuild the artifact with `medusa-export build`")
-    if not text.isprintable() or len(text) > MAX_NAME_CHARS:  # names go into messages: one line, short, no escapes
+    # Names go into messages (one line, short, no escapes), and are keys: "./a" or "a//b" would be a second name for
+    # the file "a" or "a/b" that the checks keyed by name do not see
+    if not text.isprintable() or len(text) > MAX_NAME_CHARS or not plain_name(text):
         raise ArtifactError(f"{directory / MANIFEST} names the file {name!r:.120}, which is not a file name a build "
-                            f"writes (control characters, or over {MAX_NAME_CHARS} characters): rebuild the artifact "
-                            f"with `medusa-export build`")
+                            f"writes (control characters, a path not in its plain form, or over {MAX_NAME_CHARS} "
+                            f"characters): rebuild the artifact with `medusa-export build`")
     path = directory / text
     try:
         inside = path.resolve().is_relative_to(directory.resolve())
@@ -122,6 +132,47 @@ def external_data_names(graph: Path) -> set[str]:
     escapes by the order of its fields)."""
     try:
         return external_locations(read_bounded(graph, MAX_GRAPH_BYTES))
+    except OSError as e:
+        raise ArtifactError(f"artifact file {graph} cannot be read ({_why(e)}): rebuild the artifact") from None
+    except OnnxFormatError as e:
+        raise ArtifactError(f"artifact file {graph} is not a well-formed ONNX model ({e}): rebuild the "
+                            f"artifact") from None
+
+
+ROTARY_TABLES = ("cos_cache", "sin_cache")  # a fused graph's rotary tables: a row per position, and one more
+# The token embedding: a fused graph's (absent where it reads the lm_head's quantized weights), a portable graph's
+EMBEDDINGS = ("embed_tokens", "backbone.embed_tokens.weight")
+
+
+def check_graph_tables(graph: Path, max_seq: int, vocab_size: int, fused: bool) -> None:
+    """ArtifactError unless graph ``graph`` was built for ``vocab_size`` tokens (its token embedding's rows, where
+    it has one) and, when ``fused``, for ``max_seq`` positions (its rotary tables hold at least max_seq + 1 rows:
+    GroupQueryAttention wants one past the last position; a portable graph computes its rotations). Read from the
+    initializers' headers, no weights: a manifest that claimed more failed only when decoding reached the position
+    or was fed the token."""
+    dims = graph_initializer_dims(graph, {*ROTARY_TABLES, *EMBEDDINGS})
+    for name in ROTARY_TABLES if fused else ():
+        shapes = dims.get(name, [])
+        if not shapes or any(len(s) != 2 for s in shapes):
+            raise ArtifactError(f"artifact file {graph} has no 2-D rotary table {name!r}: it is not a fused graph "
+                                f"medusa-export builds, rebuild the artifact")
+        positions = min(s[0] for s in shapes) - 1
+        if positions < max_seq:
+            raise ArtifactError(f"artifact file {graph} was built for {max(positions, 0)} positions but the manifest "
+                                f"records max_seq {max_seq}: rebuild the artifact (`medusa-export build --max-seq "
+                                f"{max_seq}`)")
+    rows = {s[0] if len(s) == 2 else -1 for name in EMBEDDINGS for s in dims.get(name, [])}
+    if rows - {vocab_size}:
+        raise ArtifactError(f"artifact file {graph} embeds {min(rows - {vocab_size})} tokens but the manifest records "
+                            f"a vocabulary of {vocab_size}: rebuild the artifact")
+
+
+def graph_initializer_dims(graph: Path, names: set[str]) -> dict[str, list[tuple[int, ...]]]:
+    """`onnx_external.initializer_dims` of an ONNX graph file. Read whole, as `external_data_names` reads it (a
+    build's graphs keep their weights in weights.bin: a few hundred KB); not memory-mapped, where a file cut short
+    while it is read kills the process (SIGBUS) instead of raising."""
+    try:
+        return initializer_dims(read_bounded(graph, MAX_GRAPH_BYTES), names)
     except OSError as e:
         raise ArtifactError(f"artifact file {graph} cannot be read ({_why(e)}): rebuild the artifact") from None
     except OnnxFormatError as e:

@@ -34,8 +34,8 @@ from typing import Any, Literal
 
 from . import __version__, io_table
 from .backends.base import ModelDims
-from .artifact_files import (MANIFEST, artifact_dir, artifact_file, check_file, is_file, present,
-                             sha256_file)
+from .artifact_files import (MANIFEST, artifact_dir, artifact_file, check_file, check_graph_tables, is_file,
+                             present, sha256_file)
 from .errors import ArtifactError
 from .manifest_records import (LIMITS, CleanupRecord, DraftsRecord, ExporterRecord,  # noqa: F401 - part of the spec
                                FileRecord, GraphRecord, HeadsRecord, ModelRecord, QualityRecord, QuantizationRecord,
@@ -112,6 +112,8 @@ class Manifest:
             if (graph.quantization is not None) != (self.weights in QUANTIZED_WEIGHTS):
                 raise FieldError(f"graphs.{kind}.quantization", f"must be {'set' if self.quantized else 'null'} "
                                  f"for {self.weights} weights")
+        if self.dims.num_heads and not self.tree.medusa_choices:  # "Medusa" would decode without a guess of theirs
+            raise FieldError("tree.medusa_choices", "must hold at least one path: the artifact has heads")
         if self.heads.num_heads != self.dims.num_heads:
             raise FieldError("heads.num_heads", f"must equal dims.num_heads ({self.dims.num_heads})")
         if (self.model.num_layers, self.model.vocab_size) != (self.dims.num_layers, self.dims.vocab_size):
@@ -205,8 +207,8 @@ class Manifest:
     @classmethod
     def read(cls, directory: str | Path, check_hashes: bool = False) -> "Manifest":
         """Read and check the manifest: format, version, every field, every named path inside the artifact, every
-        listed file present with its recorded size (and its sha256 when ``check_hashes``), no tokenizer-side file
-        present that it does not list."""
+        listed file present with its recorded size (and its sha256 when ``check_hashes``), graphs built for its
+        vocabulary (and fused ones for its max_seq), no tokenizer-side file present that it does not list."""
         directory = artifact_dir(directory)
         check_finished(directory)
         path = artifact_file(directory, MANIFEST)
@@ -221,6 +223,9 @@ class Manifest:
             if graph.file not in manifest.files:
                 raise ArtifactError(f"{path}: field graphs.{kind}.file names {graph.file!r}, which files does not "
                                     f"list: rebuild the artifact")
+            # the positions and tokens it was built for, from its own tables
+            check_graph_tables(directory / graph.file, manifest.max_seq, manifest.dims.vocab_size,
+                               fused=manifest.graph_format == ONNXRUNTIME)
         for name in TOKENIZER_FILES:
             manifest.listed_file(directory, name)
         return manifest

@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from .tree import MAX_TREE_NODES
 from .typed_json import FieldError
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -19,7 +20,8 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 # Upper bounds far above any real model or build (`build` allows up to 64 lanes, 64 head / sample ranks): a
 # manifest past one would make the runtime allocate terabytes or fail deep inside numpy.
 # entries: a corpus-draft table's n-grams (the default model's: 3.7 M, 48 MB); its arrays take 13 bytes an entry.
-LIMITS = {"max_seq": 1 << 20, "paths": 512, "lanes": 1024, "num_nodes": 4096, "entries": 1 << 28}
+# num_nodes: a tree's nodes with the root, as many as `tree.Tree` takes (a larger one failed later, as "the tree given").
+LIMITS = {"max_seq": 1 << 20, "paths": 512, "lanes": 1024, "num_nodes": MAX_TREE_NODES + 1, "entries": 1 << 28}
 
 
 def positive(obj: Any, *names: str, minimum: int = 1) -> None:

@@ -4,6 +4,7 @@ subgraphs, to any depth), functions and training graphs. A fixed byte pattern wo
 ``value`` fields come in the other order, which protobuf allows and ONNX Runtime reads.
 
     names = external_locations(data)     # {"weights.bin"}; OnnxFormatError on bytes that are not a model
+    dims = initializer_dims(data, {"cos_cache"})   # {"cos_cache": [(2049, 32)]}: shapes only, no tensor data read
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ SCHEMA: dict[str, dict[int, str]] = {
     "tensor": {13: "entry"},
 }
 ENTRY_KEY, ENTRY_VALUE = 1, 2  # a StringStringEntryProto's fields (a TensorProto's external_data: 13)
+MODEL_GRAPH, GRAPH_INITIALIZER, TENSOR_DIMS, TENSOR_NAME = 7, 5, 1, 8  # ModelProto.graph, ..., TensorProto.name
 
 
 class OnnxFormatError(ValueError):
@@ -34,6 +36,42 @@ def external_locations(data: bytes | memoryview) -> set[str]:
     names: set[str] = set()
     _walk(memoryview(data), "model", names, 0)
     return names
+
+
+def initializer_dims(data: bytes | memoryview, names: set[str]) -> dict[str, list[tuple[int, ...]]]:
+    """The shapes of the main graph's initializers named in ``names``: one per initializer of that name (a file may
+    repeat one), in file order. Only the tensors' headers are parsed; their data (inline or external) is skipped."""
+    found: dict[str, list[tuple[int, ...]]] = {}
+    for number, wire, graph in _fields(memoryview(data)):
+        if number != MODEL_GRAPH or wire != LENGTH:  # several graph fields are merged, as protobuf reads them
+            continue
+        for n, w, tensor in _fields(graph):
+            if n == GRAPH_INITIALIZER and w == LENGTH:
+                name, dims = _tensor_header(tensor)
+                if name in names:
+                    found.setdefault(name, []).append(dims)
+    return found
+
+
+def _tensor_header(buf: memoryview) -> tuple[str | None, tuple[int, ...]]:
+    """A TensorProto's name and dims (dims packed or not; the last name wins, as protobuf reads it)."""
+    name, dims = None, []
+    for number, wire, payload in _fields(buf):
+        if number == TENSOR_DIMS and wire == VARINT:
+            dims.append(_signed(payload))
+        elif number == TENSOR_DIMS and wire == LENGTH:
+            i = 0
+            while i < len(payload):
+                value, i = _varint(payload, i)
+                dims.append(_signed(value))
+        elif number == TENSOR_NAME and wire == LENGTH:
+            name = bytes(payload).decode("utf-8", "replace")
+    return name, tuple(dims)
+
+
+def _signed(value: int) -> int:
+    """An int64 read from its varint (a negative one takes ten bytes, as two's complement)."""
+    return value - (1 << 64) if value >= 1 << 63 else value
 
 
 def _walk(buf: memoryview, kind: str, names: set[str], depth: int) -> None:
@@ -60,7 +98,7 @@ def _walk(buf: memoryview, kind: str, names: set[str], depth: int) -> None:
 
 def _fields(buf: memoryview):
     """(field number, wire type, payload) for each field of one message; the payload of a length-delimited field
-    is a view of its bytes."""
+    is a view of its bytes, of a varint its value; fixed-width fields are skipped."""
     i, end = 0, len(buf)
     while i < end:
         tag, i = _varint(buf, i)
@@ -68,8 +106,8 @@ def _fields(buf: memoryview):
         if number == 0:
             raise OnnxFormatError("a field numbered 0")
         if wire == VARINT:
-            _, i = _varint(buf, i)
-            yield number, wire, None
+            value, i = _varint(buf, i)
+            yield number, wire, value
         elif wire in (FIXED64, FIXED32):
             i += 8 if wire == FIXED64 else 4
             if i > end:

@@ -75,6 +75,10 @@ def bounded_render(template, trace: bool = True, **variables) -> str:
         return trace_lines
 
     def trace_calls(frame, event, arg):  # only the template's own frames get the line tracer
+        # Every call is timed too: a filter written in Python (wordwrap of a long text) ran for 16 s in the host's
+        # code, untraced line by line, before the template's next line found the time up
+        if time.monotonic() > deadline:
+            raise TemplateLimitError(f"the template ran for more than {MAX_RENDER_S:g} s")
         return trace_lines if frame.f_code.co_filename == TEMPLATE_FILE else None
 
     previous = sys.gettrace()

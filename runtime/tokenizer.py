@@ -29,6 +29,7 @@ from .typed_json import MAX_JSON_BYTES, read_json
 # tokenizer.json: the library reads it whole, so a file its manifest records as huge (a sparse one costs no disk)
 # took that much memory. Real ones: 2 MB (SmolLM2) to 33 MB (Gemma 3's 262k tokens).
 MAX_TOKENIZER_BYTES = 128 << 20
+MAX_TOKEN_CHARS = 4096  # any token's text: each generated token is decoded (the default model's longest: 81)
 MAX_SPECIAL_CHARS = 256  # a special token's text: markers such as <|im_start|> (every text is searched for them)
 # Characters a chat template may write of its own around a conversation's messages: real templates write markers
 # and at most a default system prompt (a few KB). The render itself is bounded (`template_limits`), but its output
@@ -71,10 +72,16 @@ class ChatTokenizer:
 
     def _check_template(self) -> None:
         """One user message through the template and the tokenizer, as every chat request goes: a template whose
-        own text cannot be tokenized (a lone surrogate, say) is refused when the artifact loads,
-        not blamed on each request's text."""
+        own text cannot be tokenized (a lone surrogate, say), or that renders no message text (Jinja writes an
+        undefined field, ``message.text``, as nothing: the model saw only markers), is refused when the artifact
+        loads, not blamed on each request's text."""
+        message = [{"role": "user", "content": "Hello"}]
         try:
-            self.encode_chat([{"role": "user", "content": "Hello"}])
+            if not any(text.strip() and not own for text, own in self._template.pieces(message)):
+                raise ArtifactError(f"{self.template_origin} does not write the text of a user message (it reads a "
+                                    f"field other than role and content, or drops the message): fix the template or "
+                                    f"remove it, then rebuild the artifact")
+            self.encode_chat(message)
         except InputError as e:
             raise ArtifactError(f"{self.template_origin}: one user message under the chat template cannot be "
                                 f"tokenized ({e}): fix the template or remove it, then rebuild the artifact") from None
@@ -115,6 +122,8 @@ class ChatTokenizer:
         # training, or a changed file) would pad every prompt or cut it to a few tokens
         tokenizer.no_padding()
         tokenizer.no_truncation()
+        _no_dropout(tokenizer)
+        _check_token_lengths(tokenizer, tj)
         if vocab_size is not None:
             largest = _largest_id(tokenizer)
             if tokenizer.get_vocab_size() > vocab_size or largest >= vocab_size:
@@ -129,8 +138,11 @@ class ChatTokenizer:
         cfg = _json_object(cfg_path)
         template, origin = _chat_template(cfg, cfg_path), f"{cfg_path} field chat_template"
         jinja = locate("chat_template.jinja")
-        if jinja is not None:
+        if jinja is not None:  # it replaces tokenizer_config.json's template: an empty one is not "no template"
             template, origin = _read_text(jinja), str(jinja)
+            if not template.strip():
+                raise ArtifactError(f"{jinja} is empty: write the chat template into it, or remove it and its entry "
+                                    f"in the manifest's files (tokenizer_config.json's template is used then)")
         eos = _token_text(cfg, "eos_token", cfg_path)
         bos = _token_text(cfg, "bos_token", cfg_path)
         eos_ids = [_token_id(tokenizer, eos, cfg_path)] if eos else []
@@ -235,6 +247,25 @@ def _ids(tokenizer, text: str) -> list[int]:
     return _unpanicked(lambda: tokenizer.encode(text, add_special_tokens=False).ids, lambda why: InputError(
         f"the artifact's tokenizer failed on this text ({why}): shorten or change the text, or rebuild the artifact "
         f"with a working tokenizer.json"))
+
+
+def _no_dropout(tokenizer) -> None:
+    """Turn off a BPE model's dropout (a training setting some tokenizer.json files keep): with it every encoding
+    skips merges at random, so one prompt became different token ids on each request, and seeded or greedy answers
+    were not reproducible."""
+    model = tokenizer.model
+    if getattr(model, "dropout", None):
+        model.dropout = None
+
+
+def _check_token_lengths(tokenizer, path: Path) -> None:
+    """ArtifactError when a token of the vocabulary (added tokens included) is longer than MAX_TOKEN_CHARS: the
+    graph chooses which tokens come out, and each one is decoded into text, so a token of 100 M characters made
+    every generated token cost that much memory (real vocabularies' longest: about a hundred)."""
+    longest = max(map(len, tokenizer.get_vocab(with_added_tokens=True)), default=0)
+    if longest > MAX_TOKEN_CHARS:
+        raise ArtifactError(f"{path} has a token of {longest} characters (at most {MAX_TOKEN_CHARS}): it is not a "
+                            f"model's tokenizer, rebuild the artifact")
 
 
 def _largest_id(tokenizer) -> int:

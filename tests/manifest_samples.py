@@ -43,14 +43,14 @@ def sample_engine_record(**changes) -> EngineRecord:
 
 
 def write_fake_artifact(directory: Path, manifest: Manifest | None = None) -> Path:
-    """A directory the manifest check accepts: tokenizer.json, a placeholder file per graph, the manifest."""
+    """A directory the manifest check accepts: tokenizer.json, an empty model per (portable) graph, the manifest."""
     from tokenizers import Tokenizer, models
 
     manifest = manifest or sample_manifest()
     directory.mkdir(parents=True, exist_ok=True)
     Tokenizer(models.WordLevel({"<unk>": 0, "a": 1}, unk_token="<unk>")).save(str(directory / "tokenizer.json"))
-    for graph in manifest.graphs.values():
-        (directory / graph.file).write_bytes(b"not a graph")
+    for graph in manifest.graphs.values():  # an empty ONNX model (no fields): reading the manifest parses its graphs
+        (directory / graph.file).write_bytes(b"")
     files = {name: file_record(directory / name) for name in ["tokenizer.json", *(g.file for g in manifest.graphs.values())]}
     manifest.replace(files=files).write(directory)
     return directory

@@ -388,3 +388,48 @@ def test_a_file_recorded_as_huge_is_refused_before_it_is_read_whole(art, name, s
     _sparse(art, name, size)
     with pytest.raises(ArtifactError, match=re.escape(words)):
         MedusaRuntime.load(art, plain=True)
+
+
+def test_a_token_longer_than_any_model_s_is_refused_at_load(art):
+    """The graph chooses which tokens come out and each is decoded into text: a vocabulary token of millions of
+    characters made every generated token cost that much memory."""
+    from medusa_export.runtime.tokenizer import MAX_TOKEN_CHARS
+
+    def long_token(data: dict) -> None:
+        vocab = data["model"]["vocab"]
+        vocab["y" * (MAX_TOKEN_CHARS + 1)] = vocab.pop("t7")
+
+    _edit_tokenizer(art, long_token)
+    with pytest.raises(ArtifactError, match=f"has a token of {MAX_TOKEN_CHARS + 1} characters"):
+        MedusaRuntime.load(art)
+    assert_one_line_error(_generate(art), "tokenizer.json", f"at most {MAX_TOKEN_CHARS}", "rebuild the artifact")
+
+
+def test_a_bpe_tokenizer_s_dropout_is_turned_off(tmp_path):
+    """A BPE model saved with dropout (a training setting) skipped merges at random on every encoding: one prompt
+    became other token ids on each request."""
+    from tokenizers import Tokenizer, models
+
+    from medusa_export.runtime.tokenizer import ChatTokenizer
+
+    letters = "abcdefgh"
+    vocab = {c: i for i, c in enumerate(letters)}
+    merges = [(a, b) for a, b in zip(letters, letters[1:])][::2]  # ab, cd, ef, gh
+    vocab |= {a + b: len(letters) + i for i, (a, b) in enumerate(merges)}
+    Tokenizer(models.BPE(vocab, merges, dropout=0.5)).save(str(tmp_path / "tokenizer.json"))
+    assert json.loads((tmp_path / "tokenizer.json").read_text())["model"]["dropout"] == 0.5
+    tok = ChatTokenizer.from_directory(tmp_path)
+    text = "abcdefgh" * 40
+    assert {tuple(tok.encode(text)) for _ in range(20)} == {tuple([8, 9, 10, 11] * 40)}
+    assert {tuple(tok.encode_text(text)) for _ in range(20)} == {tuple([8, 9, 10, 11] * 40)}
+
+
+@pytest.mark.parametrize("content", ["", " \n\t"])
+def test_an_empty_listed_chat_template_file_is_refused(art, content):
+    """A listed chat_template.jinja replaces tokenizer_config.json's template: an empty one silently dropped the chat
+    format (prompts went to the model as plain text)."""
+    (art / "chat_template.jinja").write_text(content)
+    _list(art, "chat_template.jinja")
+    with pytest.raises(ArtifactError, match="chat_template.jinja is empty: write the chat template into it"):
+        MedusaRuntime.load(art)
+    assert_one_line_error(_generate(art), "chat_template.jinja is empty")

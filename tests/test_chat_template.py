@@ -164,7 +164,8 @@ def test_any_other_render_error_is_an_input_error():
     with pytest.raises(InputError, match="cannot render these messages \\(UndefinedError: 'dict object' has no "
                                          "attribute 'tool_calls'\\)"):
         tok.encode_chat([{"role": "user", "content": "t5"}, {"role": "assistant", "content": "t6"}])
-    big = _with_template("{% if messages | length > 1 %}{% for i in range(10 ** 9) %}x{% endfor %}{% endif %}")
+    big = _with_template("{% if messages | length > 1 %}{% for i in range(10 ** 9) %}x{% endfor %}{% endif %}"
+                         "{{ messages[0]['content'] }}")
     with pytest.raises(InputError, match="number above"):  # the size limits (before them, the sandbox's on range())
         big.render_chat([{"role": "user", "content": "t5"}, {"role": "user", "content": "t6"}])
 
@@ -314,3 +315,24 @@ def test_other_forms_of_chat_template_are_one_line_errors(tmp_path, value, messa
     with pytest.raises(ArtifactError, match=re.escape(message)) as e:
         ChatTokenizer.from_directory(tmp_path)
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("template", [
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m.text }}<|im_end|>\n{% endfor %}",  # undefined: ""
+    "{% for m in messages %}<|im_start|>{{ m.content.format.__globals__ }}<|im_end|>{% endfor %}",  # sandboxed: ""
+    "<|im_start|>assistant\n",  # no message at all
+    "   \n",
+])
+def test_a_template_that_renders_no_message_text_is_refused_at_load(template):
+    """Jinja writes an undefined field as nothing: such a template gave the model only markers for every
+    conversation (the CLI's next error, if any, was "the prompt is empty")."""
+    tok = make_chat_tokenizer()
+    with pytest.raises(ArtifactError, match="does not write the text of a user message"):
+        ChatTokenizer(tok.tokenizer, chat_template=template, eos_token_ids=(IM_END,))
+
+
+def test_a_template_that_transforms_the_message_text_still_loads():
+    tok = make_chat_tokenizer()
+    template = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] | trim }}<|im_end|>\n{% endfor %}"
+    loaded = ChatTokenizer(tok.tokenizer, chat_template=template, eos_token_ids=(IM_END,))
+    assert loaded.encode_chat([{"role": "user", "content": " t5 "}]).count(IM_END) == 1

@@ -9,7 +9,7 @@ import pytest
 onnx = pytest.importorskip("onnx")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
-from medusa_export.runtime.onnx_external import OnnxFormatError, external_locations  # noqa: E402
+from medusa_export.runtime.onnx_external import OnnxFormatError, external_locations, initializer_dims  # noqa: E402
 
 
 def _external(name: str, location: str) -> TensorProto:
@@ -97,3 +97,41 @@ def test_nesting_is_bounded():
         graph = field(1, field(5, field(6, graph)))
     with pytest.raises(OnnxFormatError, match="nested deeper"):
         external_locations(field(7, graph))
+
+
+# ------------------------------------------------------------------ initializer shapes, read without their data
+def test_initializer_dims_are_read_as_onnx_reads_them_without_the_data():
+    """The shapes of named initializers (inline or external data alike); other initializers and nodes' tensors are
+    not reported."""
+    inline = numpy_helper.from_array(np.zeros((5, 3), np.float32), "cos_cache")
+    model = helper.make_model(helper.make_graph(
+        [helper.make_node("Constant", [], ["embed_tokens"], value=numpy_helper.from_array(np.ones(2), "x"))], "g", [],
+        [], initializer=[inline, _external("sin_cache", "weights.bin"), _external("other", "weights.bin")]))
+    found = initializer_dims(model.SerializeToString(), {"cos_cache", "sin_cache", "embed_tokens"})
+    assert found == {"cos_cache": [(5, 3)], "sin_cache": [(4,)]}
+
+
+def test_initializer_dims_unpacked_negative_repeated_and_merged_graphs():
+    """Dims written one field each (protobuf readers accept both forms), a negative dim (a ten-byte varint), a name
+    repeated, and two graph fields (protobuf merges them: both graphs' initializers count)."""
+    first = helper.make_graph([], "g", [], [], initializer=[numpy_helper.from_array(np.zeros((7, 2)), "cos_cache")])
+    second = helper.make_graph([], "h", [], [], initializer=[numpy_helper.from_array(np.zeros((3, 2)), "cos_cache")])
+    data = helper.make_model(first).SerializeToString() + b"\x3a" + bytes([second.ByteSize()]) + \
+        second.SerializeToString()
+    assert onnx.load_from_string(data).graph.initializer[1].dims == [3, 2]
+    assert initializer_dims(data, {"cos_cache"}) == {"cos_cache": [(7, 2), (3, 2)]}
+    tensor = TensorProto(name="t")
+    tensor.dims.extend([-1, 4])
+    packed = tensor.SerializeToString()
+    unpacked = b"\x08" + b"\xff" * 9 + b"\x01" + b"\x08\x04" + b"\x42\x01t"
+    assert TensorProto.FromString(unpacked).dims == [-1, 4]
+    for body in (packed, unpacked):
+        graph = b"\x2a" + bytes([len(body)]) + body
+        assert initializer_dims(b"\x3a" + bytes([len(graph)]) + graph, {"t"}) == {"t": [(-1, 4)]}
+
+
+@pytest.mark.parametrize("data", [b"\x3a\x04\x2a\x02\x0a\x05", b"\x3a\x03\x2a\x01\x08", b"\x3a\x02\x2a\x05"])
+def test_initializer_dims_of_malformed_bytes_are_a_format_error(data):
+    """Packed dims that run past their field, a dim without its value, a tensor past the graph."""
+    with pytest.raises(OnnxFormatError):
+        initializer_dims(data, {"t"})

@@ -196,3 +196,17 @@ def test_a_template_writing_the_sentinels_itself_is_an_input_error():
     template = ChatTemplate(CHATML + "{{ '\\ufdd0' }}7{{ '\\ufdd1' }}".encode().decode("unicode_escape"))
     with pytest.raises(InputError, match="writes the noncharacters"):
         template.pieces(USER)
+
+
+@pytest.mark.parametrize("body", ["{{ ('x' * 1000000) | wordwrap(1) | length }}",
+                                  "{{ lipsum(n=20000, html=False, min=100, max=101) | length }}"])
+def test_a_slow_filter_is_stopped_in_time_in_the_host_process(body):
+    """Where no worker runs, a render runs here under the trace: a filter written in Python (wordwrap, lipsum) ran
+    for 16 s in untraced host code before the template's next line found its time up. Its calls are timed too."""
+    from medusa_export.runtime.chat_template import environment
+    from medusa_export.runtime.template_limits import MAX_RENDER_S, TemplateLimitError, bounded_render
+
+    t0 = time.monotonic()
+    with pytest.raises(TemplateLimitError, match="ran for more than"):
+        bounded_render(environment().from_string(body), messages=USER)
+    assert time.monotonic() - t0 < MAX_RENDER_S + 1.5

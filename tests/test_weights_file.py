@@ -279,9 +279,10 @@ def test_the_tensorrt_builder_checks_the_files_a_graph_reads_before_parsing(arti
 
 
 @pytest.mark.parametrize("field, grow", [("max_seq", 64), ("vocab_size", 16)])
-def test_verify_catches_a_manifest_whose_limits_the_graphs_do_not_take(artifact, tmp_path, field, grow):
-    """The manifest holds the files' hashes and is not hashed itself: an edited max_seq or vocab_size loads, and
-    verify (which the runtime's error names) must find it by running the graphs at those limits."""
+def test_a_manifest_whose_limits_the_graphs_do_not_take_is_refused_at_load(artifact, tmp_path, field, grow):
+    """The manifest holds the files' hashes and is not hashed itself: an edited max_seq or vocab_size loaded, and
+    only verify's run of the graphs at those limits found it. Loading now reads the fused graphs' tables (rotary
+    rows, embedding rows) and refuses it in one line, before any step."""
     from test_cli import cli
 
     art = _copy(artifact, tmp_path)
@@ -294,7 +295,13 @@ def test_verify_catches_a_manifest_whose_limits_the_graphs_do_not_take(artifact,
         m["dims"]["vocab_size"] += grow
         m["model"]["vocab_size"] += grow
     _write_manifest(art, m)
-    proc = cli("verify", str(art), "--backends", "ort,torch", "--limit", "1", "--max-new-tokens", "2")
-    last = proc.stdout.strip().splitlines()[-1]
-    assert proc.returncode == 1 and last.startswith("ort at the manifest's limits") and last.endswith("MISMATCH"), (
-        proc.stdout, proc.stderr)
+    want = (f"was built for {m['max_seq'] - grow} positions but the manifest records max_seq {m['max_seq']}"
+            if field == "max_seq" else
+            f"embeds {m['dims']['vocab_size'] - grow} tokens but the manifest records a vocabulary of "
+            f"{m['dims']['vocab_size']}")
+    for command in (("verify", str(art), "--backends", "ort,torch", "--limit", "1", "--max-new-tokens", "2"),
+                    ("generate", str(art), "--prompt", "hi", "--max-new-tokens", "2")):
+        proc = cli(*command)
+        assert proc.returncode == 2 and want in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, (
+            proc.stdout, proc.stderr)
+
