@@ -250,10 +250,12 @@ def test_corrupt_checkpoint_is_an_error_not_a_silent_restart(trained, loaded, pr
     with pytest.raises(CheckpointError, match=r"cannot be read \(it holds objects other than tensors\)"):
         train_mod.train_heads(loaded, prompts_file, out, opts)
     assert not marker.exists()
-    # A readable checkpoint of another run (other arguments) is skipped, and the log says so.
+    # A readable checkpoint of another run (other arguments) is refused, not silently replaced by a fresh run
     torch.save({"fingerprint": "other", "heads": {}, "optimizer": {}, "scheduler": {}}, out / "checkpoint.pt")
-    train_mod.train_heads(loaded, prompts_file, out, opts)
-    assert "belongs to a run with other arguments" in capsys.readouterr().err
+    with pytest.raises(CheckpointError, match=r"is of a run with other settings \(other arguments, data or base "
+                                              r"model\): .*--no-resume"):
+        train_mod.train_heads(loaded, prompts_file, out, opts)
+    assert train_mod.train_heads(loaded, prompts_file, out, replace(opts, resume=False))["resumed_from_epoch"] is None
 
 
 def test_training_record_holds_no_machine_paths(trained):

@@ -304,3 +304,87 @@ def test_no_prompt_left_after_filtering_is_one_line_with_the_counts(tmp_path):
     short.write_text(json.dumps([{"conversations": [{"from": "human", "value": "hi"}]}]))
     with pytest.raises(InputError, match=r"short\.json: no prompts left after filtering \(input 1, too_short 1\)"):
         load_prompt_set(short)
+
+
+# --------------------------------------------------------------------------------------------- cut points, roles
+
+
+def _record_ends(text: str, n: int) -> list[int]:
+    """Where each of the first ``n`` records of a JSON array text ends."""
+    decoder, ends, i = json.JSONDecoder(), [], 1
+    for _ in range(n):
+        i = len(text) - len(text[i:].lstrip(" \n,"))
+        _, i = decoder.raw_decode(text, i)
+        ends.append(i)
+    return ends
+
+
+def test_a_file_cut_at_any_character_keeps_the_whole_records_and_says_it_was_cut(tmp_path):
+    records = [{"id": f"c{i}", "conversations": [{"from": "human", "value": f"Q{i} \"x\" ] \u00e9 {{tru"},
+                                                 {"from": "gpt", "value": 1.5 if i == 1 else "A"}],
+                "extra": [True, None, -1.2e3, "\\u12"]} for i in range(3)]
+    full = json.dumps(records, indent=1)
+    ends, path = _record_ends(full, len(records)), tmp_path / "cut.json"
+    for cut in range(1, len(full)):  # every cut point: inside strings, numbers, literals, escapes, between records
+        path.write_text(full[:cut])
+        whole = sum(1 for e in ends if e <= cut)
+        want = [r["id"] for r in records[:whole] if r["id"] != "c1"]  # c1's answer is not a string: skipped
+        if not want:
+            with pytest.raises(InputError, match="holds no ShareGPT conversations"):
+                sharegpt.read_conversations(path)
+            continue
+        convs, report = sharegpt.read_conversations(path)
+        assert [c.id for c in convs] == want, cut
+        assert report.truncated and not report.malformed and report.skipped == (whole > 1), (cut, report)
+
+
+def test_a_broken_record_inside_a_whole_file_is_malformed_not_truncated(tmp_path):
+    path = tmp_path / "broken.json"
+    body = [json.dumps(_conv(0)), '{"id": "c1", "conversations": [{"from": "human" "value": "x"}]}', json.dumps(_conv(2))]
+    path.write_text("[" + ",\n".join(body) + "]\n")
+    convs, report = sharegpt.read_conversations(path)
+    assert [c.id for c in convs] == ["c0"] and report.malformed and not report.truncated
+    assert report.unread_bytes == len(path.read_text()) - len(body[0]) - 3
+
+
+def test_an_array_without_its_closing_bracket_is_truncated(tmp_path):
+    path = tmp_path / "open.json"
+    path.write_text("[" + json.dumps(_conv(0)) + ",\n")
+    convs, report = sharegpt.read_conversations(path)
+    assert len(convs) == 1 and report.truncated and report.unread_bytes == 0
+
+
+def test_bom_and_crlf_files_read_like_plain_ones(tmp_path):
+    path = tmp_path / "win.json"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps([_conv(0), _conv(1)], indent=2).replace("\n", "\r\n").encode())
+    convs, report = sharegpt.read_conversations(path)
+    assert [c.id for c in convs] == ["c0", "c1"] and not report.truncated and not report.malformed
+
+
+def test_every_conversation_read_is_accounted_for_in_the_record(tmp_path):
+    """Conversations that open with the model, a system prompt, another role, or hold no turns give no prompt:
+    the provenance says how many of each, so reader.recovered == prompts + conversations_without_prompt."""
+    convs = [_conv(0), _conv(1, first="gpt"), _conv(2, first="system"), _conv(3, first="user"),
+             _conv(4, first="bing"), {"id": "e", "conversations": []}, _conv(5), _conv(5)]
+    path = tmp_path / "roles.json"
+    path.write_text(json.dumps(convs))
+    ps = load_prompt_set(path)
+    without = ps.provenance["conversations_without_prompt"]
+    assert without == {"no_turns": 1, "opens_with_bing": 1, "opens_with_gpt": 1, "opens_with_system": 1,
+                       "opens_with_user": 1}
+    counts = ps.provenance["counts"]
+    assert ps.provenance["reader"]["recovered"] == counts["input"] + sum(without.values())
+    assert counts["exact_duplicate"] == 1 and len(ps.prompts) == 2
+
+
+@pytest.mark.parametrize("variant", [
+    lambda q: q.upper(), lambda q: "  " + q.replace(" ", "\n\t ") + "\r\n", lambda q: q.replace(" ", "\u00a0"),
+    lambda q: q.replace("a", "\uff41"), lambda q: q.replace("e", "e\u200b"), lambda q: q.replace("ing", "in\u00adg"),
+    lambda q: "\ufeff" + q.replace("o", "o\u200d"), lambda q: "Please help me with this: " + q + " Thanks!"])
+def test_invisible_characters_and_spacing_do_not_hide_an_evaluation_question(tmp_path, variant):
+    q = "Compose an engaging travel blog post about a recent trip to Hawaii, highlighting cultural experiences " \
+        "and must-see attractions."  # MT-Bench 81, excluded by the shipped fingerprints
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps({"prompt": variant(q)}) + "\n" + json.dumps({"prompt": "Tell me about gardens."}) + "\n")
+    ps = load_prompt_set(path)
+    assert ps.prompts == ["Tell me about gardens."] and ps.provenance["counts"]["eval_overlap"] == 1

@@ -1,7 +1,8 @@
 """Resumable training state in ``out_dir/checkpoint.pt``: heads, optimizer, scheduler, position in the run.
 
-Saved atomically; loaded only when its fingerprint (the run's arguments, data and base model) matches, so a
-changed command starts afresh (and says so) instead of mixing runs. A matching checkpoint whose contents do not
+Saved atomically, with the settings it was made under; loaded only when its fingerprint (the run's arguments,
+data and base model) matches. A checkpoint of this OUT made under other settings is a one-line CheckpointError
+naming the options that differ (``load``): neither mixed into this run nor silently replaced by a fresh one. A matching checkpoint whose contents do not
 fit the run (a position past its steps, heads or optimizer state of other shapes, NaN weights) is a
 CheckpointError too (``restore``), never a traceback or heads trained from garbage. A checkpoint that cannot be read is an error
 naming the file and ``--no-resume``, never a silent restart. Read back with ``weights_only=True``: plain
@@ -31,18 +32,53 @@ def path(out: Path) -> Path:
     return Path(out) / FILE
 
 
+# What a key's entry is called in an error (the rest: ``--`` and the name with dashes)
+_NAMES = {"data_sha256": "the prompts (--data, --exclude-eval, --later-turns)", "model": "the base model",
+          "positions": "the number of training positions", "answers": "the distilled answers",
+          "world": "the number of processes", "train_sequences": "the number of training sequences",
+          "warmup": "the warm-up heads (--init-heads)", "heads_lr": "--lr", "warmup_epochs": "--epochs"}
+
+
+def _kept(args: dict) -> dict:
+    return {k: v for k, v in args.items() if k not in _SKIP}
+
+
 def fingerprint(args: dict) -> str:
     """What must match for a checkpoint to continue (not the knobs that do not change the result)."""
-    kept = {k: v for k, v in args.items() if k not in _SKIP}
-    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps(_kept(args), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def key_text(args: dict) -> str:
+    """The settings a checkpoint is saved with (JSON), so that a mismatch can name what changed."""
+    return json.dumps(_kept(args), sort_keys=True, default=str)
+
+
+def changed(saved: str, args: dict) -> list[str]:
+    """``--lr 0.01 (now 0.02)`` for every setting of ``args`` that differs from the ``saved`` ``key_text``."""
+    try:
+        old = json.loads(saved)
+    except ValueError:
+        old = None
+    if not isinstance(old, dict):
+        return []
+    new = json.loads(key_text(args))
+    return [f"{_NAMES.get(k, '--' + k.replace('_', '-'))} {_show(old.get(k))} (now {_show(new.get(k))})"
+            for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+
+
+def _show(value) -> str:
+    text = json.dumps(value, sort_keys=True, default=str)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def save(out: Path, fp: str, heads, opt, sched, epoch: int, step_in_epoch: int, history: dict,
-         extra: dict | None = None) -> None:
-    """``extra``: further tensors to keep (Medusa-2 adds its trainable backbone weights)."""
+         extra: dict | None = None, key: dict | None = None) -> None:
+    """``extra``: further tensors to keep (Medusa-2 adds its trainable backbone weights); ``key``: the settings
+    ``fp`` was made from (``fingerprint(key)``), kept so that a rerun with other ones is told which."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    state = {"fingerprint": fp, "epoch": epoch, "step_in_epoch": step_in_epoch, "history": json.dumps(history),
+    state = {"fingerprint": fp, "key": key_text(key) if key is not None else "", "epoch": epoch,
+             "step_in_epoch": step_in_epoch, "history": json.dumps(history),
              "heads": heads.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
              **(extra or {})}
     tmp = path(out).with_suffix(".tmp")
@@ -50,9 +86,9 @@ def save(out: Path, fp: str, heads, opt, sched, epoch: int, step_in_epoch: int, 
     tmp.replace(path(out))
 
 
-def load(out: Path, fp: str, log=lambda _msg: None) -> dict | None:
-    """The saved state of this run, or None (no checkpoint, or one from another run: logged). CheckpointError
-    when the file cannot be read."""
+def load(out: Path, fp: str, key: dict | None = None) -> dict | None:
+    """The saved state of this run, or None (no checkpoint). CheckpointError when the file cannot be read, or
+    when it is another run's (other settings, data or base model: ``refused``)."""
     p = path(out)
     if not p.exists():
         return None
@@ -67,9 +103,17 @@ def load(out: Path, fp: str, log=lambda _msg: None) -> dict | None:
         raise CheckpointError(f"checkpoint {p} cannot be read ({e}): delete it, or start afresh with "
                               f"--no-resume") from None
     if state["fingerprint"] != fp:
-        log(f"ignoring {p}: it belongs to a run with other arguments, data or base model (starting afresh)")
-        return None
+        raise refused(p, changed(state.get("key") if isinstance(state.get("key"), str) else "", key or {}))
     return state
+
+
+def refused(p: Path, differences: list[str]) -> CheckpointError:
+    """The one-line error for a checkpoint of a run under other settings: never continued (the heads would mix two
+    runs), never silently replaced (hours of training lost to a typo)."""
+    what = "; ".join(differences[:4]) + ("; ..." if len(differences) > 4 else "") if differences else \
+        "other arguments, data or base model"
+    return CheckpointError(f"checkpoint {p} is of a run with other settings ({what}): rerun with its settings to "
+                           f"continue it, or delete it (or pass --no-resume) to start afresh")
 
 
 def remove(out: Path) -> None:

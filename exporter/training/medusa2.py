@@ -139,11 +139,12 @@ def _train_medusa2(model_source: Any, data_file: str | Path, out_dir: str | Path
                          rank, world) for e in range(opts.joint_epochs)]
     steps = sum(map(len, epochs))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(steps, max(1, steps // 20)))
-    fingerprint = ckpt.fingerprint({**_options_record(m1, opts), "data_sha256": prompt_set.sha256, "seed": m1.seed,
-                                    "train_sequences": len(train_seqs), "max_new_tokens": m1.max_new_tokens,
-                                    "heldout_fraction": m1.heldout_fraction, "draft_vocab": m1.draft_vocab,
-                                    "model": loaded.identity, "warmup": warmup, "world": world})
-    state = ckpt.load(work, fingerprint, log=log) if m1.resume else None
+    key = {**_options_record(m1, opts), "data_sha256": prompt_set.sha256, "seed": m1.seed,
+           "train_sequences": len(train_seqs), "max_new_tokens": m1.max_new_tokens,
+           "heldout_fraction": m1.heldout_fraction, "draft_vocab": m1.draft_vocab,
+           "model": loaded.identity, "warmup": warmup, "world": world}
+    fingerprint = ckpt.fingerprint(key)
+    state = ckpt.load(work, fingerprint, key) if m1.resume else None
     if state is not None:  # every part checked: contents that do not fit are a CheckpointError, never a traceback
         epoch, step, saved = ckpt.restore(work, state, heads, opt, sched, [len(e) for e in epochs])
         _load_trainable(student, state.get("backbone"), lambda why: ckpt.damaged(work, why))
@@ -160,7 +161,7 @@ def _train_medusa2(model_source: Any, data_file: str | Path, out_dir: str | Path
 
     def save_checkpoint(epoch: int, step: int) -> None:
         ckpt.save(work, fingerprint, heads, opt, sched, epoch, step, {"before": before, "history": history},
-                  extra={"backbone": _trainable_state(student)})
+                  extra={"backbone": _trainable_state(student)}, key=key)
 
     done_steps = sum(map(len, epochs[:start[0]])) + start[1]
     bar = _bar(m1.progress and rank == 0, "joint training", total=steps, initial=done_steps)

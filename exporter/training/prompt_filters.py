@@ -59,8 +59,15 @@ class PromptFilter:
     eval_containment: float = 0.8  # share of one text's 3-grams found in the other
 
 
+# Invisible format characters (Unicode category Cf: soft hyphen, zero-width space and joiners, direction marks,
+# BOM): NFKC keeps them, and inside a word they split it, so "wr\u200bite" would not match "write".
+_INVISIBLE = re.compile("[\u00ad\u061c\u180e\u200b-\u200f\u202a-\u202e\u2060-\u2064\u2066-\u206f\ufeff"
+                        "\ufff9-\ufffb]")
+
+
 def normalise(text: str) -> str:
-    return " ".join(_WORD.findall(unicodedata.normalize("NFKC", text).lower()))
+    """Lower-cased NFKC words without invisible characters, one space apart: what copies are compared on."""
+    return " ".join(_WORD.findall(_INVISIBLE.sub("", unicodedata.normalize("NFKC", text)).lower()))
 
 
 def shingles(text: str) -> set[int]:

@@ -50,7 +50,8 @@ def load_prompt_set(data: str | Path, filters: PromptFilter | None = None, exclu
         rows = sharegpt.human_prompts(convs, later_turns=later_turns)
         raw = [text for _, text in rows]
         source = {"source": SHAREGPT if bundled else "sharegpt-format", "file": path.name,
-                  "reader": report.as_dict(), "later_turns": later_turns}
+                  "reader": report.as_dict(), "conversations_without_prompt": sharegpt.without_prompt(convs),
+                  "later_turns": later_turns}
         if bundled:
             source.update(package=sharegpt.PACKAGE, version=sharegpt.package_version())
         filters = filters or PromptFilter()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import itertools
 import json
 import re
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -34,8 +35,9 @@ class Conversation:
 class ReadReport:
     recovered: int = 0  # complete, conversation-shaped records
     skipped: int = 0  # complete records that are not conversations (no list of {from, value} turns)
-    truncated: bool = False  # the file ended inside a record
-    unread_bytes: int = 0  # characters after the last complete record
+    truncated: bool = False  # the file ends before its array does (inside a record, or with no closing "]")
+    malformed: bool = False  # the read stopped at a record that is not JSON, in a file that goes on past it
+    unread_bytes: int = 0  # characters after the last complete record (0 when the file just lacks its "]")
     skipped_examples: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict:
@@ -82,11 +84,14 @@ def read_conversations(path: str | Path) -> tuple[list[Conversation], ReadReport
     for number in itertools.count(1):
         i = _SEPARATORS.match(text, i).end()
         if i >= len(text) or text[i] == "]":
+            report.truncated = i >= len(text)  # every record whole, but the array never closed
             break
         try:
             record, i = decoder.raw_decode(text, i)
-        except json.JSONDecodeError:
-            report.truncated, report.unread_bytes = True, len(text) - i
+        except json.JSONDecodeError as e:
+            report.unread_bytes = len(text) - i
+            report.truncated = _ran_out(e, text)
+            report.malformed = not report.truncated
             break
         except RecursionError:  # the record's end cannot be found, so neither can the next record's start
             raise InputError(f"{path} record {number} (character {i}) is nested too deeply to read: remove or fix "
@@ -101,10 +106,17 @@ def read_conversations(path: str | Path) -> tuple[list[Conversation], ReadReport
             convs.append(conv)
     report.recovered = len(convs)
     if not convs:
-        cut = f"; the file ends mid-record after {report.unread_bytes} unread bytes" if report.truncated else ""
+        cut = (f"; the file ends mid-record after {report.unread_bytes} unread bytes" if report.truncated else
+               f"; record {number} is not JSON ({report.unread_bytes} bytes unread)" if report.malformed else "")
         raise InputError(f"{path} holds no ShareGPT conversations ({report.skipped} records of another shape{cut}): "
                          "expected {\"conversations\": [{\"from\": \"human\", \"value\": ...}]} records")
     return convs, report
+
+
+def _ran_out(e: json.JSONDecodeError, text: str) -> bool:
+    """Whether decoding failed because the text ended (a cut file), not at a broken record with more after it:
+    an unclosed string runs to the end; any other error of a cut file lies within a literal's length of it."""
+    return e.msg.startswith("Unterminated string") or len(text.rstrip()) - e.pos <= 8
 
 
 def _conversation(record: object) -> Conversation | None:
@@ -135,6 +147,19 @@ def _check_human_text(conv: Conversation, path: Path, number: int) -> None:
             named = f" (id {conv.id!r})" if conv.id else ""
             raise InputError(f"{path} record {number}{named}: a human turn holds {text[e.start]!a}, a lone "
                              "surrogate, not text: fix or remove that record") from None
+
+
+def without_prompt(convs: list[Conversation]) -> dict[str, int]:
+    """Why conversations give no prompt (``human_prompts`` skips them): ``{"no_turns": 126, "opens_with_gpt":
+    6358, ...}``, so that the record accounts for every conversation read."""
+    reasons = Counter("no_turns" if not c.turns else f"opens_with_{_role_name(c.turns[0][0])}"
+                      for c in convs if not c.turns or c.turns[0][0] != "human")
+    return dict(sorted(reasons.items()))
+
+
+def _role_name(role: str) -> str:
+    """A role as a short key (roles are the file's own strings: any length, any characters)."""
+    return "".join(ch if ch.isalnum() else "_" for ch in role[:20]) or "empty_role"
 
 
 def human_prompts(convs: list[Conversation], later_turns: bool = False) -> list[tuple[str, str]]:

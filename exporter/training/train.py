@@ -19,6 +19,7 @@ CPU), each rank trains on its slice of every epoch's permutation, and rank 0 alo
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import sys
@@ -158,12 +159,13 @@ def _train_heads(model_source: Any, data_file: str | Path, out_dir: str | Path, 
     steps_per_epoch = math.ceil(len(train_ex) / (o.batch_size * world))
     total = steps_per_epoch * o.epochs
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total, max(1, int(total * o.warmup_fraction))))
-    fingerprint = ckpt.fingerprint(resume_key(args, data_sha, len(train_ex), world, loaded.identity))
-    state = ckpt.load(out, fingerprint, log=lambda m: _log(rank, m)) if o.resume else None
-    start_epoch, start_step, history, initial = 0, 0, [], None
+    key = resume_key(args, data_sha, train_ex, world, loaded.identity)
+    fingerprint = ckpt.fingerprint(key)
+    state = ckpt.load(out, fingerprint, key) if o.resume else None
+    start_epoch, start_step, history, initial, running = 0, 0, [], None, None
     if state is not None:
         start_epoch, start_step, saved = ckpt.restore(out, state, heads, opt, sched, [steps_per_epoch] * o.epochs)
-        history, initial = _saved_history(out, saved)
+        history, initial, running = _saved_history(out, saved)
         _log(rank, f"resuming at epoch {start_epoch + 1}, step {start_step} from {ckpt.path(out)}")
 
     baseline = evaluate_heads(heads, lm_weight, held_ex, device=device) if rank == 0 and state is None else None
@@ -177,7 +179,7 @@ def _train_heads(model_source: Any, data_file: str | Path, out_dir: str | Path, 
         perm = np.random.default_rng(o.seed * 1000 + epoch).permutation(len(train_ex))
         mine = perm[rank::world]
         bar = _bar(o.progress and rank == 0, f"epoch {epoch + 1}/{o.epochs}", total=steps_per_epoch, initial=start_step)
-        running = None
+        running = running if start_step else None  # a resumed epoch goes on with its saved running loss
         for step in range(start_step, steps_per_epoch):
             idx = np.arange(step * o.batch_size, (step + 1) * o.batch_size)
             # One rank's slice can end a step early: wrap around so every DDP rank runs every step.
@@ -197,7 +199,8 @@ def _train_heads(model_source: Any, data_file: str | Path, out_dir: str | Path, 
                 bar.update(1)
                 bar.set_postfix(loss=f"{float(loss.detach()):.3f}", lr=f"{sched.get_last_lr()[0]:.1e}", refresh=False)
             if rank == 0 and time.perf_counter() - last_ckpt > o.checkpoint_every_s:
-                ckpt.save(out, fingerprint, heads, opt, sched, epoch, step + 1, {"history": history, "initial": initial})
+                ckpt.save(out, fingerprint, heads, opt, sched, epoch, step + 1,
+                          {"history": history, "initial": initial, "running": _floats(running)}, key=key)
                 last_ckpt = time.perf_counter()
         if bar is not None:
             bar.close()
@@ -208,7 +211,8 @@ def _train_heads(model_source: Any, data_file: str | Path, out_dir: str | Path, 
                             if running is not None else None, "heldout": acc,
                             "elapsed_s": round(time.perf_counter() - t_start, 1)})
             _log(rank, f"epoch {epoch + 1}: train loss per head {history[-1]['train_loss_per_head']}\n{format_table(acc)}")
-            ckpt.save(out, fingerprint, heads, opt, sched, epoch + 1, 0, {"history": history, "initial": initial})
+            ckpt.save(out, fingerprint, heads, opt, sched, epoch + 1, 0, {"history": history, "initial": initial},
+                      key=key)
             last_ckpt = time.perf_counter()
     train_s = time.perf_counter() - t_train
     barrier(world)
@@ -288,23 +292,38 @@ def _split(datas: list, o: Medusa1Options):
     return train_ex, held_ex
 
 
-def resume_key(args: dict, data_sha: str, positions: int, world: int, identity: dict) -> dict:
+# Options that change how fast or where a run goes, never the heads it writes (the answers come from the cache,
+# which is keyed without them too): a resume may change them.
+_NOT_IN_RESUME_KEY = ("device", "threads", "progress", "data_file", "exclude_eval", "gen_batch_size", "distill_engine")
+
+
+def resume_key(args: dict, data_sha: str, train_ex, world: int, identity: dict) -> dict:
     """What a checkpoint must match to be continued: the options that change the result, the prompts trained on
     (their hash covers --data and --exclude-eval, so the paths as typed are left out: ``./p.jsonl`` is
-    ``p.jsonl``) and the base model's fingerprint (heads half trained on another model must not continue)."""
-    kept = {k: v for k, v in args.items() if k not in ("device", "threads", "progress", "data_file", "exclude_eval")}
+    ``p.jsonl``), the answers distilled from them (a cache made again can hold others), and the base model's
+    fingerprint (heads half trained on another model must not continue)."""
+    kept = {k: v for k, v in args.items() if k not in _NOT_IN_RESUME_KEY}
     model = identity.get("sha256_16") or model_identity(identity)
-    return {**kept, "data_sha256": data_sha, "positions": positions, "world": world, "model": model}
+    answers = hashlib.sha256(np.ascontiguousarray(train_ex.targets).tobytes()).hexdigest()[:16]
+    return {**kept, "data_sha256": data_sha, "positions": len(train_ex), "answers": answers, "world": world,
+            "model": model}
 
 
-def _saved_history(out: Path, saved: dict) -> tuple[list, list | None]:
-    """The per-epoch records and first losses of a checkpoint (``ckpt.restore`` checked it is a JSON object)."""
-    history, initial = saved.get("history"), saved.get("initial")
+def _saved_history(out: Path, saved: dict) -> tuple[list, list | None, torch.Tensor | None]:
+    """The per-epoch records, first losses and running loss of a checkpoint (``ckpt.restore`` checked it is a
+    JSON object)."""
+    history, initial, running = saved.get("history"), saved.get("initial"), saved.get("running")
     if not (isinstance(history, list) and all(isinstance(h, dict) for h in history)):
         raise ckpt.damaged(out, "its history is not a list of epoch records")
-    if initial is not None and not (isinstance(initial, list) and all(ckpt.finite_number(x) for x in initial)):
-        raise ckpt.damaged(out, "its initial losses are not a list of numbers")
-    return history, initial
+    for name, value in (("initial", initial), ("running", running)):
+        if value is not None and not (isinstance(value, list) and all(ckpt.finite_number(x) for x in value)):
+            raise ckpt.damaged(out, f"its {name} losses are not a list of numbers")
+    return history, initial, torch.tensor(running, dtype=torch.float32) if running is not None else None
+
+
+def _floats(t: torch.Tensor | None) -> list[float] | None:
+    """A loss tensor as exact JSON numbers (float32 -> float -> JSON -> float32 is lossless)."""
+    return None if t is None else [float(x) for x in t.tolist()]
 
 
 def run_arguments(data_file: str | Path, out_dir: str | Path, o: Medusa1Options) -> dict:

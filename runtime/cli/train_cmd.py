@@ -145,7 +145,7 @@ def train_heads(
     warmup_fraction: float = typer.Option(M1.warmup_fraction, help="Share of the steps warming the rate up."),
     threads: Optional[int] = typer.Option(M1.threads, help="torch intra-op threads."),
     cache_dir: Optional[Path] = path_option(M1.cache_dir, help="Where self-distilled shards are cached (resumable)."),
-    resume: bool = typer.Option(M1.resume, help="Resume from cached shards and checkpoints."),
+    resume: bool = typer.Option(M1.resume, help="Resume from cached shards and checkpoints (a checkpoint of other settings is refused, naming them)."),
     checkpoint_every_s: float = typer.Option(M1.checkpoint_every_s, help="Seconds between checkpoints."),
     progress: bool = typer.Option(M1.progress, help="Progress bars on stderr."),
     # Medusa-2 only: None = not given (refused with --mode medusa1), else Medusa2Options' default.
