@@ -20,11 +20,13 @@ InputError (serve answers 400).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from dataclasses import dataclass, field
 
-from jinja2 import TemplateSyntaxError
+from jinja2 import TemplateSyntaxError, nodes
+from jinja2.ext import Extension
 
 from .errors import ArtifactError, BusyError, InputError
 from .template_limits import MAX_SOURCE, TemplateLimitError, bounded_environment, bounded_render
@@ -37,6 +39,10 @@ _OPEN, _CLOSE = "\ufdd0", "\ufdd1"
 # ASCII digits, at most 9: \d also takes other scripts' digits, and int() of a template's 5,000 digits raised a bare
 # ValueError (a traceback at load, or a 500 for the request whose messages made the template write them).
 _SENTINEL = re.compile(f"{_OPEN}([0-9]{{1,9}}){_CLOSE}")
+# What transformers passes a template beside the messages when a chat has no tools or documents: None, not undefined
+# (Mistral's ``{% if tools is not none %}`` wrote an empty [AVAILABLE_TOOLS] block for an undefined one).
+NO_TOOLS = {"tools": None, "documents": None}
+MAX_ALIGN_STATES = 4096  # partial placements kept while finding each message's text in a rendering (`_aligned`)
 
 
 @dataclass
@@ -86,7 +92,7 @@ class ChatTemplate:
             if self._compiled is None:
                 self._compiled = environment().from_string(self.source)
             return [bounded_render(self._compiled, messages=m, add_generation_prompt=g, bos_token=self.bos_token,
-                                   eos_token=self.eos_token) for m, g in calls]
+                                   eos_token=self.eos_token, **NO_TOOLS) for m, g in calls]
         except (InputError, TemplateSyntax, TemplateSyntaxError, BusyError):  # its own refusal; no worker free
             raise
         except TemplateLimitError as e:
@@ -108,16 +114,18 @@ class ChatTemplate:
         if any(_OPEN in text or _CLOSE in text for text in contents):
             raise InputError("a message contains the noncharacters U+FDD0 or U+FDD1, which mark message "
                              "text while the chat template renders: remove them")
-        marked = [{**m, "content": f"{_OPEN}{i}{_CLOSE}"} for i, m in enumerate(messages)]
+        # An empty text is marked by nothing (it writes nothing either): a template's `{% if m.content %}` takes the
+        # same branch for both renders. The turn to continue keeps its mark, which tells where the text ends.
+        keep = len(messages) - 1 if continue_final else -1
+        marked = [{**m, "content": f"{_OPEN}{i}{_CLOSE}" if m["content"] or i == keep else ""}
+                  for i, m in enumerate(messages)]
         rendered, real = self._render_all([(marked, not continue_final), (messages, not continue_final)])
         skeleton = _split(rendered)
-        # A template may transform the text (e.g. `| trim`): use the form that reproduces its own rendering.
         if _writes_marks(skeleton, len(contents)):
             raise InputError("this model's chat template writes the noncharacters U+FDD0 / U+FDD1 itself, or cuts a "
                              "message's text apart (a slice), where they mark message text here: fix the template")
-        candidates = [[(text if index is None else form(contents[index]), index) for text, index in skeleton]
-                      for form in (str, str.strip)]
-        pieces = next((c for c in candidates if "".join(text for text, _ in c) == real), candidates[0])
+        texts = iter(_aligned(skeleton, contents, real))
+        pieces = [(text if index is None else next(texts), index) for text, index in skeleton]
         if continue_final:
             last = [k for k, (_, index) in enumerate(pieces) if index == len(messages) - 1]
             if not last:
@@ -140,10 +148,35 @@ def strftime_now(fmt: str) -> str:
     return datetime.now().strftime(fmt)
 
 
+def tojson(value: object, ensure_ascii: bool = False, indent: int | str | None = None,
+           separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
+    """Hugging Face's ``tojson`` (tool schemas, tool calls): plain JSON in the given key order. Jinja's own escapes
+    ``<``, ``>``, ``&`` and ``'`` for HTML, sorts keys and writes non-ASCII text as ``\\u`` escapes, so a template
+    writing JSON gave the model other text than transformers does."""
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+class _Generation(Extension):
+    """``{% generation %}...{% endgeneration %}``: transformers' tag marking the assistant's text (for its
+    assistant-token masks). It writes its body as it is; without it such a template did not compile."""
+
+    tags = {"generation"}
+
+    def parse(self, parser):
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+    def _body(self, caller) -> str:
+        return caller()
+
+
 def environment():
     """The environment Hugging Face renders chat templates in: sandboxed, trim / lstrip blocks, loop controls
-    (``{% break %}``), ``raise_exception`` and ``strftime_now``; bounded in time and size (`template_limits`)."""
-    env = bounded_environment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    (``{% break %}``), ``{% generation %}``, ``raise_exception``, ``strftime_now`` and its ``tojson``; bounded in
+    time and size (`template_limits`)."""
+    env = bounded_environment(filters={"tojson": tojson}, trim_blocks=True, lstrip_blocks=True,
+                              extensions=["jinja2.ext.loopcontrols", _Generation])
     env.globals.update(raise_exception=raise_exception, strftime_now=strftime_now)
     return env
 
@@ -159,6 +192,92 @@ def _writes_marks(skeleton: list[tuple[str, int | None]], messages: int) -> bool
     its own text) or cut a mark apart (``content[1:]``): its own text would then carry them to the model."""
     return any(index is None and (_OPEN in text or _CLOSE in text) or index is not None and index >= messages
                for text, index in skeleton)
+
+
+def _aligned(skeleton: list[tuple[str, int | None]], contents: list[str], real: str) -> list[str]:
+    """The text each message piece of ``skeleton`` stands for in ``real`` (the conversation rendered with its own
+    text), in order. A template may write each message its own way (Mistral trims only the assistant's: ``| trim``,
+    ``| tojson``); the forms of `_FORMS` are tried per message. Where none fits (``content.split('</think>')[-1]``),
+    the one placement of the template's own text in ``real`` gives each message its text; with none or several,
+    each message's text as it is (the template's own text then still comes out whole and alone)."""
+    templates = [text for text, index in skeleton if index is None]
+    indices = [index for _, index in skeleton if index is not None]
+    found = _fixed_forms(templates, [[form(contents[i]) for form in _FORMS] for i in indices], real)
+    if found is None:
+        spans = _one_placement(templates, real)
+        found = [real[a:b] for a, b in spans] if spans is not None else None
+    return found if found is not None else [contents[i] for i in indices]
+
+
+def _json_body(text: str) -> str:
+    """``text`` as Hugging Face's ``tojson`` writes it, without the quotes (those are the template's text)."""
+    return json.dumps(text, ensure_ascii=False)[1:-1]
+
+
+_FORMS = (str, str.strip, str.rstrip, str.lstrip, _json_body)
+
+
+def _fixed_forms(templates: list[str], options: list[list[str]], real: str) -> list[str] | None:
+    """``real`` as templates[0], one of options[0], templates[1], ..., templates[-1]: the chosen options (the
+    earliest-listed where several fit), or None. Each step keeps every position reached (at most MAX_ALIGN_STATES)."""
+    if not real.startswith(templates[0]):
+        return None
+    states: dict[int, tuple | None] = {len(templates[0]): None}  # position -> (text chosen, previous choice)
+    for k, texts in enumerate(options):
+        after, reached = templates[k + 1], {}
+        for pos, chosen in states.items():
+            for text in dict.fromkeys(texts):
+                end = pos + len(text)
+                if real.startswith(text, pos) and real.startswith(after, end):
+                    reached.setdefault(end + len(after), (text, chosen))
+        states = dict(list(reached.items())[:MAX_ALIGN_STATES])
+    if len(real) not in states:
+        return None
+    out, chosen = [], states[len(real)]
+    while chosen is not None:
+        out.append(chosen[0])
+        chosen = chosen[1]
+    return out[::-1]
+
+
+def _one_placement(templates: list[str], real: str) -> list[tuple[int, int]] | None:
+    """The spans of ``real`` between its template texts when they fit it in exactly one way (templates[0] at the
+    start, templates[-1] at the end, each other one somewhere after the one before), or None."""
+    if len(templates) < 2 or not real.startswith(templates[0]) or not real.endswith(templates[-1]):
+        return None
+    if any(not t for t in templates[1:-1]) or len(templates[0]) + len(templates[-1]) > len(real):
+        return None  # two texts of messages side by side: where one ends is anyone's guess
+    ways = [{len(templates[0]): 1}]  # per step: end of the template text -> ways to get there (counted up to 2)
+    for k, after in enumerate(templates[1:], start=1):
+        starts = [len(real) - len(after)] if k == len(templates) - 1 else _occurrences(real, after, min(ways[-1]))
+        reached, total, prior = {}, 0, sorted(ways[-1].items())
+        j = 0
+        for q in starts:
+            while j < len(prior) and prior[j][0] <= q:
+                total, j = min(2, total + prior[j][1]), j + 1
+            if total:
+                reached[q + len(after)] = total
+        if not reached or len(reached) > MAX_ALIGN_STATES:
+            return None
+        ways.append(reached)
+    if ways[-1].get(len(real)) != 1:
+        return None
+    spans, end = [], len(real)
+    for k in range(len(templates) - 1, 0, -1):  # back: the one earlier end at or before this text's start
+        start = end - len(templates[k])
+        prev = max(p for p in ways[k - 1] if p <= start)
+        spans.append((prev, start))
+        end = prev
+    return spans[::-1]
+
+
+def _occurrences(text: str, part: str, start: int) -> list[int]:
+    """Where ``part`` begins in ``text`` at or after ``start`` (at most MAX_ALIGN_STATES + 1 of them)."""
+    out, at = [], text.find(part, start)
+    while at >= 0 and len(out) <= MAX_ALIGN_STATES:
+        out.append(at)
+        at = text.find(part, at + 1)
+    return out
 
 
 def _split(rendered: str) -> list[tuple[str, int | None]]:

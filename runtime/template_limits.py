@@ -35,9 +35,10 @@ class TemplateLimitError(Exception):
     """A chat template went past one of this module's limits."""
 
 
-def bounded_environment(**options):
+def bounded_environment(filters: dict | None = None, **options):
     """Hugging Face's sandboxed environment (``ImmutableSandboxedEnvironment`` with ``options``), with every
-    operator, call and filter that can build a large value checked first."""
+    operator, call and filter that can build a large value checked first; ``filters`` add to (or replace) Jinja's
+    own, checked the same way."""
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     class BoundedEnvironment(ImmutableSandboxedEnvironment):
@@ -58,7 +59,7 @@ def bounded_environment(**options):
             return super().wrap_str_format(value)
 
     env = BoundedEnvironment(**options)
-    env.filters = {name: _checked(name, f) for name, f in env.filters.items()}
+    env.filters = {name: _checked(name, f) for name, f in {**env.filters, **(filters or {})}.items()}
     return env
 
 

@@ -258,7 +258,7 @@ def serve() -> None:
     """The worker's loop: one request in, one reply out, until its input closes."""
     _limit_memory()
     _offer_to_the_oom_killer()
-    from .chat_template import environment
+    from .chat_template import NO_TOOLS, environment
     from .template_limits import bounded_render
 
     env, compiled = environment(), {}
@@ -275,7 +275,8 @@ def serve() -> None:
                 template = env.from_string(request["source"])
                 compiled = {request["source"]: template}  # one template per artifact: keep the last
             reply = {"ok": [bounded_render(template, trace=False, messages=m, add_generation_prompt=g,
-                                           bos_token=request["bos"], eos_token=request["eos"]) for m, g in calls]}
+                                           bos_token=request["bos"], eos_token=request["eos"], **NO_TOOLS)
+                               for m, g in calls]}
         except InputError as e:
             reply = {"refused": str(e)}
         except TemplateLimitError as e:

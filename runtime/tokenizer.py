@@ -176,13 +176,20 @@ class ChatTokenizer:
         return _largest_id(self.tokenizer)
 
     def encode(self, text: str) -> list[int]:
-        """A raw prompt (no template): special tokens in it are parsed as such."""
-        return _ids(self.tokenizer, check_text(text))
+        """A raw prompt (no template): special tokens in it are parsed as such, and the tokenizer's own (its
+        post-processor's: Llama's ``<s>``) are added, as ``transformers``' ``tokenizer(text)`` does."""
+        return _ids(self.tokenizer, check_text(text), add_special_tokens=True)
 
-    def encode_text(self, text: str) -> list[int]:
-        """Plain text: anything that looks like a special token is read as characters."""
-        ids = _ids(self._text, check_text(text)) if text else []
-        if self._special_set.intersection(ids):  # a vocabulary whose merges can spell a control token
+    def encode_text(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """Plain text: anything that looks like a special token is read as characters. ``add_special_tokens``: a
+        whole prompt, with the special tokens the tokenizer adds around one (its post-processor's: Llama's ``<s>``),
+        as ``transformers``' ``tokenizer(text)`` gives them; chat templates write their own."""
+        if not text and not add_special_tokens:
+            return []
+        encoding = _encoding(self._text, check_text(text), add_special_tokens)
+        ids = encoding.ids
+        if self._special_set.intersection(i for i, added in zip(ids, encoding.special_tokens_mask) if not added):
+            # a vocabulary whose merges can spell a control token
             raise InputError("the text encodes to one of the model's control tokens with this tokenizer: remove the "
                              "special-token markup from it")
         return ids
@@ -191,9 +198,9 @@ class ChatTokenizer:
         """Token ids for a user prompt: one user message under the chat template when the model has one and
         ``chat``, else the prompt as plain text."""
         if chat and self._template is not None:
-            messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-            return self.encode_chat(messages)
-        return self.encode_text(prompt)
+            messages = [{"role": "system", "content": system}] if system is not None else []
+            return self.encode_chat(messages + [{"role": "user", "content": prompt}])
+        return self.encode_text(prompt, add_special_tokens=True)
 
     def encode_chat(self, messages: list[dict], continue_final: bool = False) -> list[int]:
         """A conversation under the chat template (``continue_final``: the last, assistant, message is left open
@@ -204,7 +211,7 @@ class ChatTokenizer:
         # text, where markup spelling a control token would become one.
         messages = [{"role": m["role"], "content": m["content"]} for m in messages]
         if self._template is None:
-            return self.encode_text("\n".join(m["content"] for m in messages))
+            return self.encode_text("\n".join(m["content"] for m in messages), add_special_tokens=True)
         ids: list[int] = []
         text = ""  # plain text gathered since the last special token the template wrote
         pieces = self._template.pieces(messages, continue_final)
@@ -240,11 +247,17 @@ class ChatTokenizer:
                                                      f"rebuild the artifact with a working tokenizer.json"))
 
 
-def _ids(tokenizer, text: str) -> list[int]:
-    """``text``'s token ids. The `tokenizers` library panics (a Rust panic, which Python raises as a BaseException
-    that ``except Exception`` misses) where its pre-tokenizer's regular expression gives up on a text, e.g. one
-    with catastrophic backtracking: that becomes an InputError naming the cause."""
-    return _unpanicked(lambda: tokenizer.encode(text, add_special_tokens=False).ids, lambda why: InputError(
+def _ids(tokenizer, text: str, add_special_tokens: bool = False) -> list[int]:
+    """``text``'s token ids (`_encoding`)."""
+    return _encoding(tokenizer, text, add_special_tokens).ids
+
+
+def _encoding(tokenizer, text: str, add_special_tokens: bool = False):
+    """``text``'s `tokenizers.Encoding` (``add_special_tokens``: with the post-processor's tokens around it). The
+    `tokenizers` library panics (a Rust panic, which Python raises as a BaseException that ``except Exception``
+    misses) where its pre-tokenizer's regular expression gives up on a text, e.g. one with catastrophic
+    backtracking: that becomes an InputError naming the cause."""
+    return _unpanicked(lambda: tokenizer.encode(text, add_special_tokens=add_special_tokens), lambda why: InputError(
         f"the artifact's tokenizer failed on this text ({why}): shorten or change the text, or rebuild the artifact "
         f"with a working tokenizer.json"))
 
