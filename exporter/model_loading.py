@@ -29,8 +29,9 @@ from pathlib import Path
 from medusa_export.exporter.model_checks import (BIN_INDEX, SAFETENSORS_INDEX, check_architecture, check_config,
                                                  check_fits_memory, check_layers_match_weights, check_loaded,
                                                  check_regular_files, index_shards)
+from medusa_export.exporter.gguf_cache import (entry_lock, entry_ok, normalize_byte_level_tokenizer,  # noqa: F401
+                                                publish, write_entry)
 from medusa_export.runtime.cache_dir import cache_root
-from medusa_export.runtime.whole_file import readable_as_made
 from medusa_export.runtime.errors import ArtifactError, ModelError, first_line
 from medusa_export.runtime.tokenizer import ChatTokenizer
 from medusa_export.runtime.whole_file import write_whole
@@ -222,7 +223,11 @@ def _tokenizer_from_dir(directory: Path, vocab_size: int) -> ChatTokenizer:
 
 
 def _gguf_name(path: Path) -> str:
-    return DEFAULT_MODEL_NAME if path == default_gguf_path() else path.stem
+    """The built-in model's name for its own file, else the file's stem (also where the built-in is not installed)."""
+    try:
+        return DEFAULT_MODEL_NAME if path == default_gguf_path() else path.stem
+    except ModelError:
+        return path.stem
 
 
 def _file_fingerprint(path: Path) -> str:
@@ -249,13 +254,23 @@ def _dir_fingerprint(path: Path) -> str:
 
 
 def _gguf_to_cached_dir(gguf: Path) -> Path:
-    """Dequantise once with transformers and keep the result as a plain HF directory."""
+    """Dequantise once with transformers and keep the result as a plain HF directory. An entry another process is
+    writing is waited for (a lock beside it); one that is incomplete, truncated or altered since it was written (its
+    weights' size and CRC-32 are recorded) is made again, never loaded."""
     out = cache_root() / "models" / _file_fingerprint(gguf)
-    if (out / "complete").exists():
-        normalize_byte_level_tokenizer(out / "tokenizer.json")  # a directory an older conversion left
-        return out
+    if not entry_ok(out):
+        with entry_lock(out):
+            if not entry_ok(out):  # not written meanwhile by the process that held the lock
+                model, tok = _dequantize(gguf)
+                publish(write_entry(model, tok, out), out)
+    normalize_byte_level_tokenizer(out / "tokenizer.json")  # a directory an older conversion left
+    return out
+
+
+def _dequantize(gguf: Path):
+    """(fp32 model, tokenizer) from the GGUF file, checked: transformers fills tensors the file lacks with random
+    values, and nothing of that kind is ever cached."""
     import torch
-    from safetensors.torch import save_model
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     try:
@@ -274,59 +289,6 @@ def _gguf_to_cached_dir(gguf: Path) -> Path:
         missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
         fix = f"install {' and '.join(missing)} (`pip install {' '.join(missing)}`)" if missing else \
             "check that it is a complete GGUF model file"
-        first = first_line(e)
-        raise ModelError(f"cannot read GGUF {gguf}: {type(e).__name__}: {first}: {fix}") from None
-    # transformers fills tensors the file lacks with random values: nothing of that kind is ever cached
+        raise ModelError(f"cannot read GGUF {gguf}: {type(e).__name__}: {first_line(e)}: {fix}") from None
     check_loaded(model, info, gguf, settings="its GGUF header")
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
-    # save_pretrained refuses GGUF-loaded models; the state dict (tied weights handled) and config suffice.
-    save_model(model, str(tmp / "model.safetensors"))
-    readable_as_made(tmp / "model.safetensors")  # a machine's cache may be shared by its users
-    # A plain fp32 directory now: drop the GGUF quantization record (other tools would refuse the weights) and
-    # name the architecture (the GGUF loader leaves it empty).
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.config.architectures = model.config.architectures or [type(model).__name__]
-    model.config.to_json_file(tmp / "config.json")
-    tok.save_pretrained(tmp)
-    normalize_byte_level_tokenizer(tmp / "tokenizer.json")
-    (tmp / "complete").write_text("ok\n")
-    if out.exists():
-        import shutil
-
-        shutil.rmtree(out)
-    tmp.rename(out)
-    return out
-
-
-def normalize_byte_level_tokenizer(path: Path) -> bool:
-    """Make a byte-level BPE tokenizer converted from GGUF what the model's own tokenizer.json is: no unknown token,
-    no byte fallback, the plain byte-level decoder. True if the file changed.
-
-    Some transformers releases (5.17) convert a GGUF ``gpt2`` tokenizer with ``unk_token`` set to the end-of-text
-    token and a SentencePiece-style decoder: a character outside the vocabulary (a control character such as
-    U+0013) then encodes to end-of-text, and a literal U+2581 decodes to a space, while later releases drop the
-    character and keep the text. Normalising gives the same ids and text whichever release made the directory.
-    """
-    try:
-        spec = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False  # the tokenizer's own loading says what is wrong with the file
-    model, decoder = spec.get("model") or {}, spec.get("decoder") or {}
-    if model.get("type") != "BPE" or "ByteLevel" not in json.dumps(spec.get("pre_tokenizer")):
-        return False
-    # A decoder sequence around a byte-level step: keep that step alone.
-    byte_level = next((d for d in decoder.get("decoders", []) if d.get("type") == "ByteLevel"), None) \
-        if decoder.get("type") == "Sequence" else None
-    if model.get("unk_token") is None and not model.get("byte_fallback") and not model.get("fuse_unk") \
-            and byte_level is None:
-        return False
-    model.update(unk_token=None, byte_fallback=False, fuse_unk=False)
-    if byte_level is not None:
-        spec["decoder"] = byte_level
-    try:  # whole, through a per-process name: two processes loading at once write apart
-        write_whole(path, lambda f: f.write(json.dumps(spec, ensure_ascii=False).encode("utf-8")))
-    except OSError:  # a read-only cache: load it as it is
-        return False
-    return True
+    return model, tok

@@ -88,7 +88,8 @@ def test_default_model_vanilla_matches_hf_greedy(default_model, vanilla, default
     _, prompts, _ = default_setup
     ids = list(prompts[0])
     with torch.inference_mode():
-        out = default_model.model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False,
+        x = torch.tensor([ids])  # an explicit mask: without it generate masks every prompt token equal to pad_token_id
+        out = default_model.model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=8, do_sample=False,
                                            eos_token_id=None, pad_token_id=0)
     assert out[0, len(ids):].tolist() == vanilla[0][:8]
 

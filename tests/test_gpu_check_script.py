@@ -70,3 +70,60 @@ def test_the_pytorch_check_runs_by_default_where_pytorch_sees_cuda(tmp_path):
     summary = json.loads((tmp_path / "r" / "summary.json").read_text())
     assert done.returncode == 1 and summary["tensorrt"] is False and summary["ok"] is False
     assert summary["torch_cuda"] != 0 and not calls.exists()
+
+
+TORCH_CHECK = REPO / "scripts" / "torch_cuda_check.py"
+
+
+def test_torch_cuda_check_without_cuda_is_exit_2_with_one_line():
+    pytest.importorskip("torch")
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    done = subprocess.run([sys.executable, str(TORCH_CHECK), "--limit", "1"], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 2 and done.stdout == ""
+    assert len(done.stderr.strip().splitlines()) == 1 and "no CUDA device" in done.stderr
+
+
+def test_torch_cuda_check_verifies_the_whole_tree_on_every_step(tmp_path, monkeypatch, capsys, tiny_dirs,
+                                                                tiny_prompts_file):
+    """Left to the runtime, a greedy Medusa request may run the vanilla graph, or the root alone at each step: the
+    check compared vanilla with vanilla and timed no tree (measured: cpu_small_10 accepted 1.0 tokens per step)."""
+    import importlib.util
+
+    import medusa_export.exporter.model_loading as ml
+    from medusa_export.exporter.torch_backend import TorchSession
+
+    model_dir, heads_dir = tiny_dirs
+    loaded = ml.load_base_model(model_dir)
+    monkeypatch.setattr(ml, "load_base_model", lambda source=None: loaded)
+    rows: list[int] = []
+    run = TorchSession.run
+    monkeypatch.setattr(TorchSession, "run", lambda self, ids, *a, **k: rows.append(len(ids)) or run(self, ids, *a, **k))
+    spec = importlib.util.spec_from_file_location("torch_cuda_check", TORCH_CHECK)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    monkeypatch.setattr(sys, "argv", ["x", "--device", "cpu", "--heads", str(heads_dir), "--trees", "chain-2",
+                                      "--prompts", str(tiny_prompts_file), "--limit", "3", "--max-new-tokens", "12"])
+    assert script.main() == 0
+    report = json.loads(capsys.readouterr().out)
+    tree = report["trees"]["chain-2"]
+    assert tree["identical_to_vanilla"] == "3/3" and tree["divergence_top2_gap"] == [None] * 3
+    medusa_rows = rows[-(tree["steps"] + 3):]  # the last prompts' steps and prefills
+    assert sorted(set(medusa_rows))[:1] == [3] and 1 not in medusa_rows  # whole tree (3 nodes) every step
+
+
+def test_top2_gap_is_the_base_models_margin(tiny):
+    import importlib.util
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location("torch_cuda_check", TORCH_CHECK)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    ids = [3, 9, 27]
+    with torch.inference_mode():
+        top = torch.topk(tiny.model(torch.tensor([ids])).logits[0, -1], 2).values
+    assert abs(script._top2_gap(tiny.backend(), ids) - float(top[0] - top[1])) < 1e-4
