@@ -28,7 +28,7 @@ from medusa_export.runtime.manifest import (FORMAT, FORMAT_VERSION, ONNXRUNTIME,
                                              kv_layout_of)
 from medusa_export.runtime.errors import ExportValidationError, HeadsError, InputError
 from medusa_export.runtime.manifest import UNFINISHED
-from medusa_export.runtime.tree import Tree, given_choices
+from medusa_export.runtime.tree import Tree, fitted_default
 from medusa_export.runtime.whole_file import missing_parents, remove_empty
 
 from medusa_export.runtime.build_options import DEFAULT_TREE, BuildOptions
@@ -89,7 +89,9 @@ def build_artifact(model: str | None, out: str | Path, options: BuildOptions = B
                          f"than --head-topk {options.head_topk}: use --head-topk {chosen.heads.config.draft_vocab_size} "
                          f"or less, or heads with a larger draft vocabulary")
     tree_spec = options.tree or _default_tree(chosen.path, options.dtype)
-    tree_obj = Tree.from_choices(given_choices(tree_spec), topk=options.head_topk, num_heads=chosen.heads.config.num_heads)
+    num_heads = chosen.heads.config.num_heads
+    tree_obj = Tree.from_choices(fitted_default(tree_spec, DEFAULT_TREE, num_heads), topk=options.head_topk,
+                                 num_heads=num_heads)
     check_sliding_window(loaded.model.config, options.max_seq)  # no graph implements one: before any export
     if options.graph == ONNXRUNTIME:
         # before any export: the portable graph covers the rest

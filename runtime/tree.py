@@ -102,6 +102,17 @@ def given_choices(spec: str | Path | Sequence[Sequence[int]]) -> tuple[Path_, ..
     return choices
 
 
+def fitted_default(spec: str | Path | Sequence[Sequence[int]], default: str, num_heads: int) -> tuple[Path_, ...]:
+    """`given_choices` of ``spec``; where it is the built-in ``default`` (no tree given, none shipped with the
+    heads), its paths that ``num_heads`` heads can follow: heads of fewer than its depth were refused for a tree the
+    user never chose."""
+    choices = given_choices(spec)
+    if isinstance(spec, str) and spec == default:
+        fitted = tuple(p for p in choices if len(p) <= num_heads)
+        return fitted or choices  # no heads at all: the tree's own error says so
+    return choices
+
+
 def _checked_paths(data: object, where: str) -> tuple[Path_, ...]:
     """``data`` as paths: a list (or tuple) of lists of integers (not booleans, not floats), within the size
     bounds; a TreeError naming ``where`` otherwise (the path values themselves are checked by `Tree`)."""

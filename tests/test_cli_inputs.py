@@ -386,3 +386,20 @@ def test_calibrate_tree_names_an_unknown_backend_first(tmp_path):
                "--backend", "foo", "--model", "m")
     assert_one_line_error(proc, "--backend 'foo'", "torch, ort, trt")
     assert not (tmp_path / "r").exists()
+
+
+def test_heads_fewer_than_the_default_trees_depth_decode_on_its_paths_they_can_follow(tiny_dirs, tiny_model, tmp_path):
+    """Two heads and no --tree: the built-in default tree (three deep) was refused ("has depth 3 but there are only
+    2 Medusa heads"), a tree the user never chose. Its paths the heads can follow are used; a tree given is not cut."""
+    from conftest import make_heads
+
+    from medusa_export.exporter.heads import save_heads
+
+    heads = save_heads(make_heads(tiny_model, 2, seed=3), tmp_path / "heads2")
+    common = ("generate", str(tiny_dirs[0]), "--heads", str(heads), "--prompt", "t1 t2 t3", "--max-new-tokens", "6")
+    plain = cli(*common, "--no-medusa")
+    proc = cli(*common)
+    assert proc.returncode == 0 and plain.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[0] == plain.stdout.splitlines()[0]  # the same text
+    given = cli(*common, "--tree", "chain-3")
+    assert given.returncode == 2 and "2 Medusa heads" in given.stderr, given.stderr

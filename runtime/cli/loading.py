@@ -10,7 +10,7 @@ from .. import extras
 from ..api import check_device
 from ..errors import InputError
 from ..generator import Generator
-from ..tree import Tree, given_choices
+from ..tree import Tree, fitted_default
 
 BACKENDS = ("torch", "ort", "trt")
 DEFAULT_TREE = "cpu_small_10"
@@ -54,7 +54,8 @@ def _open_torch(model, heads, tree, max_seq, device) -> Opened:
     chosen = resolve_heads(heads, loaded)
     backend = TorchBackend(loaded.model, chosen.heads, max_seq=max_seq, device=device)
     spec = tree or _shipped_tree(chosen.path) or DEFAULT_TREE
-    t = Tree.from_choices(given_choices(spec), topk=backend.dims.head_topk, num_heads=backend.dims.num_heads)
+    t = Tree.from_choices(fitted_default(spec, DEFAULT_TREE, backend.dims.num_heads), topk=backend.dims.head_topk,
+                          num_heads=backend.dims.num_heads)
     notice = "" if chosen.trained else f"note: {chosen.description}"
     return Opened(Generator(backend, loaded.tokenizer, t), notice, loaded.identity["name"])
 
