@@ -203,7 +203,9 @@ class Engine:
             # A sampled request decodes plainly here: a lanes step runs no heads, so with them its sample would
             # depend on whether it ran alone; a seed then gives one answer whatever shares the batch.
             greedy = seq.cfg.temperature == 0
-            seq.tree = self.gen.spec.heads_for(self.gen.tree) if seq.cfg.medusa and greedy else None
+            spec = self.gen.spec
+            seq.tree = (None if not (seq.cfg.medusa and greedy) else spec.heads_for(self.gen.tree)
+                        if seq.cfg.context_drafts else spec.heads_without_drafts(self.gen.tree))
         except (KeyboardInterrupt, SystemExit):
             raise
         except BaseException as e:  # noqa: BLE001 - its slot back, its error to it: else it waited for ever

@@ -228,6 +228,17 @@ class Speculation:
                 explore = self.requests % 2 == 0  # until both graphs are measured: a few requests, not eight, decide
         return tree if pays != explore else None
 
+    def heads_without_drafts(self, tree):
+        """The heads' tree for a greedy request that takes no drafts (context drafts off) when it is expected to beat
+        plain steps on this machine, else None. Not counted as a request of `heads_for`, whose comparison is of the
+        heads next to drafts: such a request has none, and got plain decoding where the heads beside drafts lost."""
+        if tree is None:
+            return None
+        n = tree.num_nodes
+        with self.lock:
+            pays = sum(self.node_rates(tree)) / self.alone_table(True, n)[n] >= 1 / self.alone_table(False, 1)[1]
+        return tree if pays else None
+
     def _explore(self, pays: bool) -> bool:
         """Whether this request (``self.requests``) runs the graph the paired steps did not choose (under the lock)."""
         if pays != self.choice:  # a new or changed choice: watch it closely again

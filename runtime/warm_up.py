@@ -29,6 +29,9 @@ class _WarmUpSpeculation(Speculation):
     def heads_for(self, tree):
         return tree
 
+    def heads_without_drafts(self, tree):
+        return tree
+
 
 def warm_up(engine: Engine) -> float:
     """Batched steps, and a sequence alone with and without the heads, once each on ``engine``; seconds taken. What

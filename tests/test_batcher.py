@@ -193,3 +193,27 @@ def test_a_queued_request_withdrawn_gets_its_end_at_once(rt):
     finally:
         engine.close()
     assert ends == ["timeout", "length"]
+
+
+def test_a_request_without_drafts_runs_the_heads_where_they_beat_plain_steps(rt, monkeypatch):
+    """Where the heads lose next to drafts (`heads_for` gives the vanilla graph), a greedy request with context drafts
+    off got plain decoding: bench's heads-alone row read 1.00 tokens a step. Alone and in the engine it runs the
+    heads' tree where that beats a plain step, and is not counted among the requests that learn the choice."""
+    from medusa_export.runtime.decode import GenerationConfig
+    from medusa_export.runtime.engine import Engine
+    from medusa_export.runtime.generator import GenerationResult
+
+    spec = rt.generator.spec
+    monkeypatch.setattr(type(spec), "heads_for", lambda self, tree: None)  # the heads lose beside drafts
+    monkeypatch.setattr(type(spec), "heads_without_drafts", lambda self, tree: tree)  # and beat plain steps alone
+    cfg = GenerationConfig(max_new_tokens=4, context_drafts=False)
+    assert rt.generator.generate(PROMPT, cfg).medusa
+    assert not rt.generator.generate(PROMPT, GenerationConfig(max_new_tokens=4)).medusa  # with drafts: vanilla
+    engine = Engine(rt.generator, max_num_seqs=1)
+    got = []
+    engine.add(PROMPT, cfg, lambda item: got.append(item) if isinstance(item, GenerationResult) else None)
+    try:
+        assert _drain(engine)
+    finally:
+        engine.close()
+    assert got[0].medusa

@@ -293,3 +293,19 @@ def test_a_step_on_the_medusa_graph_is_weighed_on_both_graphs():
     plan(cursor(with_heads=False), tree, spec, room=100, max_paths=None)  # no heads' guesses this step
     plan(cursor(), None, spec, room=100, max_paths=None)  # the vanilla graph
     assert spec.paired[4] == 2
+
+
+def test_a_request_without_drafts_is_not_a_request_of_the_graph_choice():
+    """A request with context drafts off asks whether the heads beat plain steps; it is not counted among the
+    requests that learn and explore the choice of the heads next to drafts (bench's heads-alone rows took every
+    third place there)."""
+    from medusa_export.runtime.speculation import Speculation
+
+    tree = Tree.from_choices([[0], [0, 0]], topk=4)
+    spec = Speculation()
+    assert spec.heads_without_drafts(tree) is tree  # the prior: the heads pay
+    assert spec.requests == 0
+    for _ in range(PLAIN_MIN):
+        spec.alone_cost[False].record(1, 0.010)
+        spec.alone_cost[True].record(3, 0.030)  # a tree step three times dearer than a plain one
+    assert spec.heads_without_drafts(tree) is None and spec.requests == 0
