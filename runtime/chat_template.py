@@ -43,6 +43,7 @@ _SENTINEL = re.compile(f"{_OPEN}([0-9]{{1,9}}){_CLOSE}")
 # (Mistral's ``{% if tools is not none %}`` wrote an empty [AVAILABLE_TOOLS] block for an undefined one).
 NO_TOOLS = {"tools": None, "documents": None}
 MAX_ALIGN_STATES = 4096  # partial placements kept while finding each message's text in a rendering (`_aligned`)
+MAX_ALIGN_WORK = 1 << 18  # placements `_one_placement` looks at in all (else a request's CPU grew as messages x states)
 
 
 @dataclass
@@ -247,9 +248,19 @@ def _one_placement(templates: list[str], real: str) -> list[tuple[int, int]] | N
         return None
     if any(not t for t in templates[1:-1]) or len(templates[0]) + len(templates[-1]) > len(real):
         return None  # two texts of messages side by side: where one ends is anyone's guess
-    ways = [{len(templates[0]): 1}]  # per step: end of the template text -> ways to get there (counted up to 2)
+    latest = [len(real) - len(templates[-1])]  # each text's latest start that leaves room for the ones after it
+    for t in reversed(templates[1:-1]):
+        latest.append(real.rfind(t, 0, latest[-1]))
+        if latest[-1] < 0:
+            return None
+    latest = [0, *latest[::-1]]
+    ways, work = [{len(templates[0]): 1}], 0  # per step: end of the template text -> ways there (counted up to 2)
     for k, after in enumerate(templates[1:], start=1):
-        starts = [len(real) - len(after)] if k == len(templates) - 1 else _occurrences(real, after, min(ways[-1]))
+        starts = ([len(real) - len(after)] if k == len(templates) - 1 else
+                  _occurrences(real, after, min(ways[-1]), latest[k] + len(after)))
+        work += len(starts) + len(ways[-1])
+        if work > MAX_ALIGN_WORK:
+            return None
         reached, total, prior = {}, 0, sorted(ways[-1].items())
         j = 0
         for q in starts:
@@ -271,12 +282,12 @@ def _one_placement(templates: list[str], real: str) -> list[tuple[int, int]] | N
     return spans[::-1]
 
 
-def _occurrences(text: str, part: str, start: int) -> list[int]:
-    """Where ``part`` begins in ``text`` at or after ``start`` (at most MAX_ALIGN_STATES + 1 of them)."""
-    out, at = [], text.find(part, start)
+def _occurrences(text: str, part: str, start: int, end: int) -> list[int]:
+    """Where ``part`` lies in ``text[start:end]`` (at most MAX_ALIGN_STATES + 1 of them)."""
+    out, at = [], text.find(part, start, end)
     while at >= 0 and len(out) <= MAX_ALIGN_STATES:
         out.append(at)
-        at = text.find(part, at + 1)
+        at = text.find(part, at + 1, end)
     return out
 
 

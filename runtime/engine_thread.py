@@ -90,7 +90,9 @@ class EngineThread:
         self.wake.set()
         self.thread.join(timeout)
         with self.submitting:  # exactly one of the two closes it after the step: here, or the thread as it leaves
-            self.orphaned = not self.left
+            # once handed to the thread it stays there: a second `stop` (the lifespan's, then `run_server`'s) that
+            # found the step ended would close it again beside the thread, and the backend under that close
+            self.orphaned = self.orphaned or not self.left
         if not self.orphaned:
             self.engine.close()
         return not self.orphaned

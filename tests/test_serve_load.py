@@ -233,6 +233,25 @@ def test_stopping_an_engine_thread_never_closes_the_engine_under_a_step():
     assert not thread.thread.is_alive() and engine.closed and not engine.closed_during_step
 
 
+def test_a_second_stop_after_one_that_timed_out_leaves_the_close_to_the_thread():
+    """`stop` timed out (the lifespan's), the step ended, `stop` again (`run_server`'s): the thread closed the
+    engine as it left, so the second call must not close it again beside it (and report it closed, so that the
+    backend is closed under the thread's close): one close, and False."""
+    from medusa_export.runtime.engine_thread import EngineThread
+
+    engine = _StuckEngine()
+    closes = []
+    close = engine.close
+    engine.close = lambda: (closes.append(1), close())  # type: ignore[method-assign]
+    thread = EngineThread(engine)  # type: ignore[arg-type]
+    thread.wake.set()
+    assert engine.stepping.wait(10)
+    assert thread.stop(timeout=0.2) is False
+    engine.release.set()
+    thread.thread.join(10)
+    assert thread.stop(timeout=1) is False and len(closes) == 1
+
+
 def test_a_second_ctrl_c_with_requests_running_and_queued_exits_130_without_a_traceback(tiny_dirs, tmp_path):
     """Ctrl-C twice (a forced exit) while one request decodes and others wait: serve exits 130 within seconds, with no
     traceback ('Event loop is closed' from handing the queued requests back after the loop had gone)."""
