@@ -76,20 +76,37 @@ def publish(tmp: Path, out: Path) -> None:
 def entry_lock(out: Path):
     """Held while this process makes ``out``: a second process dequantising the same file waits for it, then finds
     the entry made. Without locks (a read-only cache, no fcntl) it goes on unlocked: temporary folders still keep
-    writers apart."""
+    writers apart. Yields whether the lock is held: then no other process is writing ``out``, and the temporary
+    folders of killed writers (a whole fp32 model each) are removed."""
     try:
         import fcntl
 
         out.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(out.with_name(out.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o666)
     except (ImportError, OSError):
-        yield
+        yield False
         return
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            locked = True
+        except OSError:  # a file system without locks (some NFS, FUSE): unlocked, as above
+            locked = False
+        if locked:
+            _remove_temporaries(out)
+        yield locked
     finally:
         os.close(fd)  # releases the lock
+
+
+def _remove_temporaries(out: Path) -> None:
+    """The temporary folders `write_entry` left beside ``out`` (their writers were killed: the caller holds the lock
+    every writer takes)."""
+    import glob
+    import shutil
+
+    for tmp in out.parent.glob(glob.escape(out.name) + ".tmp-*"):
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def entry_ok(out: Path) -> bool:

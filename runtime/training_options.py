@@ -150,6 +150,11 @@ def _check_types(opts: Any) -> None:
         if not any(_KINDS[k][1](value) for k in kinds):
             wanted = " or ".join(_KINDS[k][0] for k in kinds if k != "None")
             raise InputError(f"{_flag(f.name)} {str(value)[:24]!r}: give {wanted}")
+        # one spelling per value (the checkpoint's resume key is their JSON: 0 and 0.0, or numpy's 3 and 3, differed)
+        plain = float if "float" in kinds else int if "int" in kinds else None
+        if plain is not None and isinstance(value, numbers.Real) and not isinstance(value, bool) \
+                and type(value) is not plain:
+            object.__setattr__(opts, f.name, plain(value))
 
 
 def _at_most(opts: Any, high: int | float, *names: str) -> None:

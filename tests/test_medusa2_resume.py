@@ -91,3 +91,27 @@ def test_a_damaged_joint_checkpoint_is_one_line(make_tokenizer, prompts_file, tm
     torch.save(state, path)
     with pytest.raises(CheckpointError, match=words):
         train_medusa2(_loaded(make_tokenizer), prompts_file, tmp_path / "cut", common, opts)
+
+
+def test_init_heads_spelled_another_way_keeps_the_resume_key(make_tokenizer, prompts_file, tmp_path, monkeypatch, run):
+    """--init-heads heads/start or heads/start/ (or ./...): one directory, one checkpoint key (the path as typed
+    was in it, so a resume under another spelling was refused as a run of other settings)."""
+    from conftest import make_heads
+    from medusa_export.exporter.heads import save_heads
+
+    class Stop(Exception):
+        pass
+
+    loaded = _loaded(make_tokenizer)
+    save_heads(make_heads(loaded.model, 3, seed=5), tmp_path / "start")
+    keys = []
+
+    real = m2.ckpt.fingerprint
+    monkeypatch.setattr(m2.ckpt, "fingerprint", lambda key: (keys.append(real(key)), (_ for _ in ()).throw(Stop()))[1])
+    monkeypatch.chdir(tmp_path)
+    common = replace(COMMON, cache_dir=run[0] / "cache")
+    for spelling in ("start", "./start/", str(tmp_path / "start")):
+        with pytest.raises(Stop):
+            train_medusa2(_loaded(make_tokenizer), prompts_file, tmp_path / "m", common,  # LoRA: a fresh model
+                          replace(OPTS, init_heads=spelling, max_train_sequences=6, max_heldout_sequences=2))
+    assert len(keys) == 3 and len(set(keys)) == 1

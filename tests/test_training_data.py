@@ -347,6 +347,16 @@ def test_a_broken_record_inside_a_whole_file_is_malformed_not_truncated(tmp_path
     assert report.unread_bytes == len(path.read_text()) - len(body[0]) - 3
 
 
+@pytest.mark.parametrize("last", ['{"id": "c1", "conversations": [],}', '{"id": "c1", "conversations": [}',
+                                  '{"id": "c1", "conversations": ]}'])
+def test_a_broken_last_record_of_a_whole_file_is_malformed_not_truncated(tmp_path, last):
+    """The error lies a few characters before the file's end, but a "}" or "]" follows it: not a cut file."""
+    path = tmp_path / "broken_last.json"
+    path.write_text("[" + json.dumps(_conv(0)) + ",\n" + last + "]\n")
+    convs, report = sharegpt.read_conversations(path)
+    assert [c.id for c in convs] == ["c0"] and report.malformed and not report.truncated
+
+
 def test_an_array_without_its_closing_bracket_is_truncated(tmp_path):
     path = tmp_path / "open.json"
     path.write_text("[" + json.dumps(_conv(0)) + ",\n")

@@ -159,3 +159,17 @@ def test_an_empty_init_heads_is_refused_not_read_as_unset(value):
     """`train-heads --mode medusa2 --init-heads ""` ran the Medusa-1 warm-up instead, without a word."""
     with pytest.raises(InputError, match=r"^--init-heads is empty: give a heads directory"):
         Medusa2Options(init_heads=value)
+
+
+def test_numbers_are_one_spelling_in_the_resume_key():
+    """A library run given 0 (or numpy numbers) resumed by the CLI's 0.0: the same checkpoint key (json wrote "0"
+    and "0.0", so the checkpoint was refused as one of other settings)."""
+    np = pytest.importorskip("numpy")
+    pytest.importorskip("torch")
+    from medusa_export.exporter.training import checkpoint as ckpt
+    from medusa_export.exporter.training.train import run_arguments
+
+    a = Medusa1Options(temperature=0, warmup_fraction=0, weight_decay=0, lr=np.float32(0.5), epochs=np.int64(2))
+    b = Medusa1Options(temperature=0.0, warmup_fraction=0.0, weight_decay=0.0, lr=0.5, epochs=2)
+    assert ckpt.fingerprint(run_arguments("p.jsonl", "o", a)) == ckpt.fingerprint(run_arguments("p.jsonl", "o", b))
+    assert type(a.temperature) is float and type(a.epochs) is int

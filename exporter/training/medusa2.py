@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import shutil
 import sys
 import time
@@ -139,7 +140,9 @@ def _train_medusa2(model_source: Any, data_file: str | Path, out_dir: str | Path
                          rank, world) for e in range(opts.joint_epochs)]
     steps = sum(map(len, epochs))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(steps, max(1, steps // 20)))
-    key = {**_options_record(m1, opts), "data_sha256": prompt_set.sha256, "seed": m1.seed,
+    # --init-heads as the directory it names: "heads/x/" or "./heads/x" resumes a run given "heads/x"
+    key = {**_options_record(m1, opts), "init_heads": os.path.realpath(opts.init_heads) if opts.init_heads else None,
+           "data_sha256": prompt_set.sha256, "seed": m1.seed,
            "train_sequences": len(train_seqs), "max_new_tokens": m1.max_new_tokens,
            "heldout_fraction": m1.heldout_fraction, "draft_vocab": m1.draft_vocab,
            "model": loaded.identity, "warmup": warmup, "world": world}

@@ -115,8 +115,10 @@ def read_conversations(path: str | Path) -> tuple[list[Conversation], ReadReport
 
 def _ran_out(e: json.JSONDecodeError, text: str) -> bool:
     """Whether decoding failed because the text ended (a cut file), not at a broken record with more after it:
-    an unclosed string runs to the end; any other error of a cut file lies within a literal's length of it."""
-    return e.msg.startswith("Unterminated string") or len(text.rstrip()) - e.pos <= 8
+    an unclosed string runs to the end; any other error of a cut file lies within a literal's length of it, with
+    nothing after it but part of that literal (a "}" or "]" there is a broken record the file goes on past)."""
+    rest = text[e.pos:].strip()
+    return e.msg.startswith("Unterminated string") or (len(rest) <= 8 and not any(c in rest for c in '[]{},:"'))
 
 
 def _conversation(record: object) -> Conversation | None:

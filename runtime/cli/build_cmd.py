@@ -224,6 +224,11 @@ def verify(
                    + f", top-1 agreement {s['top1_agreement']:.4f}, "
                    f"max prob error {_prob_error(s['max_prob_error'])} (tolerance {tol:g}) -> "
                    f"{'OK' if s['ok'] else 'MISMATCH'}")
+    own = report["summary"].get("reference_medusa_equals_vanilla")
+    if own is not None:  # the reference's own greedy Medusa answers against its vanilla ones
+        ok &= own == len(texts)
+        typer.echo(f"{names[0]}: greedy Medusa == greedy vanilla {own}/{len(texts)} -> "
+                   f"{'OK' if own == len(texts) else 'MISMATCH'}")
     for n, lanes in report["lanes"].items():
         ok &= lanes["exact"]
         typer.echo(f"{n} batched steps (lanes graph) vs one-sequence steps: {lanes['sequences']} prompts together, "
@@ -254,8 +259,8 @@ def _prob_error(error: float | None) -> str:
 
 def _verify_limits(names: list[str], runtimes: list) -> dict:
     """Per artifact backend: the graphs take the manifest's last token id and a step at its last position. The
-    manifest is not hashed (it holds the hashes), so an edited ``vocab_size`` or ``max_seq`` passes loading and
-    fails only the request that reaches it."""
+    manifest is not hashed (it holds the hashes): loading refuses what a graph's tables contradict, and this runs the
+    rest (a portable graph's positions, an engine's profiles) at those limits."""
     from ..decode import GenerationConfig, feed
     from ..errors import MedusaExportError
 
