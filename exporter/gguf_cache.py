@@ -65,8 +65,12 @@ def publish(tmp: Path, out: Path) -> None:
                 shutil.rmtree(tmp, ignore_errors=True)
                 return
             aside = out.with_name(f"{out.name}.old-{os.getpid()}-{os.urandom(3).hex()}")
-            with contextlib.suppress(FileNotFoundError):
+            try:
                 os.rename(out, aside)
+            except FileNotFoundError:  # gone meanwhile: the next rename may take its place
+                pass
+            except OSError:  # not ours to move (another user's entry in a shared cache): the error below
+                break
             shutil.rmtree(aside, ignore_errors=True)
     shutil.rmtree(tmp, ignore_errors=True)
     raise ModelError(f"cannot replace the damaged cache entry {out}: delete it and run again")

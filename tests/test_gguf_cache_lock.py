@@ -39,3 +39,27 @@ def test_a_killed_writers_temporary_folder_is_removed_under_the_lock_only(tmp_pa
     with entry_lock(out) as locked:
         assert not locked
     assert left.exists()
+
+
+def test_a_damaged_entry_that_cannot_be_moved_aside_is_a_one_line_error(tmp_path, monkeypatch):
+    """Another user's damaged entry in a shared cache: moving it aside raised PermissionError as a traceback."""
+    import os
+
+    from medusa_export.exporter.gguf_cache import publish
+    from medusa_export.runtime.errors import ModelError
+
+    out, tmp = tmp_path / "abc", tmp_path / "abc.tmp-1-aa"
+    (out / "x").parent.mkdir()
+    (out / "x").write_text("damaged")
+    tmp.mkdir()
+    real = os.rename
+
+    def rename(src, dst):
+        if str(src) == str(out):
+            raise PermissionError(13, "Permission denied")
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "rename", rename)
+    with pytest.raises(ModelError, match="cannot replace the damaged cache entry .*abc: delete it and run again"):
+        publish(tmp, out)
+    assert not tmp.exists() and (out / "x").exists()

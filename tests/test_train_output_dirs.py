@@ -459,3 +459,20 @@ def test_a_commit_that_fails_before_its_mark_leaves_the_old_set_and_no_stage(tmp
         train_out_dir.commit_stage(out, [])
     monkeypatch.undo()
     assert _contents(out) == old
+
+
+def test_a_stage_that_is_a_symbolic_link_is_replaced_not_written_through(tiny_model, tmp_path):
+    """OUT/.train-heads.staging as a link: rmtree refused it silently, the new files went where it pointed, and
+    nothing was moved in."""
+    from conftest import make_heads
+
+    from medusa_export.exporter.train_out_dir import TRAIN_STAGE
+    from medusa_export.exporter.training.heads_outputs import write_outputs
+
+    out, elsewhere = tmp_path / "heads", tmp_path / "elsewhere"
+    out.mkdir()
+    elsewhere.mkdir()
+    (out / TRAIN_STAGE).symlink_to(elsewhere)
+    write_outputs(out, make_heads(tiny_model, 2), {}, {"training.json": "{}"}, None, None)
+    assert list(elsewhere.iterdir()) == [] and (out / "config.json").is_file() and (out / "training.json").is_file()
+    assert not (out / TRAIN_STAGE).exists()

@@ -27,6 +27,8 @@ def write_outputs(out: Path, heads: MedusaHeads, heads_extra: dict, texts: dict[
     failure while writing leaves the old set and no stage; ``vocab`` or ``answers`` None removes an earlier run's
     file (it would restrict or mislead these heads)."""
     stage = out / STAGE
+    if stage.is_symlink():  # rmtree refuses a link (silently here), and the files would go where it points
+        stage.unlink()
     shutil.rmtree(stage, ignore_errors=True)
     try:
         save_heads(heads, stage, extra=heads_extra)
