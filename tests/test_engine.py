@@ -355,7 +355,7 @@ def test_a_request_failing_in_its_own_share_of_a_step_ends_alone(runtimes):
 def test_a_short_prompt_arriving_during_a_long_prefill_goes_in_at_once():
     """Prompts share a step's budget fairly: a 2-token prompt arriving while a 47-token one goes in 8 rows at a time
     took no row until the long one was in (its first token came after the whole long prefill)."""
-    from medusa_export.runtime.engine import fair_shares
+    from medusa_export.runtime.prefill_shares import fair_shares
 
     assert fair_shares([40, 2], 8) == [6, 2] and fair_shares([40, 40], 8) == [4, 4]
     assert fair_shares([1, 1, 1], 3) == [1, 1, 1] and fair_shares([5, 3, 9], 4) == [1, 1, 2]

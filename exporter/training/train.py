@@ -19,12 +19,11 @@ CPU), each rank trains on its slice of every epoch's permutation, and rank 0 alo
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +34,7 @@ from torch import nn
 from medusa_export.exporter.heads import MedusaHeads, new_heads
 from medusa_export.exporter.own_answers import answers_without
 from medusa_export.exporter.train_out_dir import check_train_out_dir, train_inputs, train_out_lock
-from medusa_export.exporter.provenance import portable_command, portable_path
+from medusa_export.exporter.provenance import portable_path
 from medusa_export.runtime.decode import effective_temperature
 from medusa_export.runtime.errors import InputError
 
@@ -47,9 +46,9 @@ from .examples import IGNORE, DraftVocab, build_examples, concat, split_by_promp
 from .heads_outputs import write_outputs
 from medusa_export.runtime.training_options import Medusa1Options
 from .prompt_source import load_prompt_set
+from .run_args import command_line, recorded_args, resume_key, run_arguments  # noqa: F401 - run_arguments: API
 
 HEAD_DECAY = 0.8  # Medusa-1 weight of head k's loss: 0.8^k
-_PATH_ARGS = ("data_file", "out_dir", "cache_dir", "exclude_eval")
 
 
 class HeadsLoss(nn.Module):
@@ -222,7 +221,7 @@ def _train_heads(model_source: Any, data_file: str | Path, out_dir: str | Path, 
     final = history[-1]["heldout"] if history else evaluate_heads(heads, lm_weight, held_ex, device=device)
     _log(rank, "held-out accuracy (full vocabulary):\n" + format_table(final))
     record = {
-        "command": _command_line(), "args": recorded_args(args), "data_file": prompt_set.name, "data_sha256": data_sha,
+        "command": command_line(), "args": recorded_args(args), "data_file": prompt_set.name, "data_sha256": data_sha,
         "data": {**prompt_set.provenance, "prompts": len(prompts)},
         "base_model": loaded.identity, "seed": o.seed, "training_positions": int(len(train_ex)),
         "heldout_positions": int(len(held_ex)), "heldout_prompts": int(len(np.unique(held_ex.prompt_index))),
@@ -292,23 +291,6 @@ def _split(datas: list, o: Medusa1Options):
     return train_ex, held_ex
 
 
-# Options that change how fast or where a run goes, never the heads it writes (the answers come from the cache,
-# which is keyed without them too): a resume may change them.
-_NOT_IN_RESUME_KEY = ("device", "threads", "progress", "data_file", "exclude_eval", "gen_batch_size", "distill_engine")
-
-
-def resume_key(args: dict, data_sha: str, train_ex, world: int, identity: dict) -> dict:
-    """What a checkpoint must match to be continued: the options that change the result, the prompts trained on
-    (their hash covers --data and --exclude-eval, so the paths as typed are left out: ``./p.jsonl`` is
-    ``p.jsonl``), the answers distilled from them (a cache made again can hold others), and the base model's
-    fingerprint (heads half trained on another model must not continue)."""
-    kept = {k: v for k, v in args.items() if k not in _NOT_IN_RESUME_KEY}
-    model = identity.get("sha256_16") or model_identity(identity)
-    answers = hashlib.sha256(np.ascontiguousarray(train_ex.targets).tobytes()).hexdigest()[:16]
-    return {**kept, "data_sha256": data_sha, "positions": len(train_ex), "answers": answers, "world": world,
-            "model": model}
-
-
 def _saved_history(out: Path, saved: dict) -> tuple[list, list | None, torch.Tensor | None]:
     """The per-epoch records, first losses and running loss of a checkpoint (``ckpt.restore`` checked it is a
     JSON object)."""
@@ -324,17 +306,6 @@ def _saved_history(out: Path, saved: dict) -> tuple[list, list | None, torch.Ten
 def _floats(t: torch.Tensor | None) -> list[float] | None:
     """A loss tensor as exact JSON numbers (float32 -> float -> JSON -> float32 is lossless)."""
     return None if t is None else [float(x) for x in t.tolist()]
-
-
-def run_arguments(data_file: str | Path, out_dir: str | Path, o: Medusa1Options) -> dict:
-    """The run's arguments as plain values (paths as typed): what the checkpoint fingerprint covers."""
-    args = {"data_file": data_file, "out_dir": out_dir, **asdict(o)}
-    return {k: str(v) if isinstance(v, Path) else v for k, v in args.items()}
-
-
-def recorded_args(args: dict) -> dict:
-    """What training.json records: no absolute paths of this machine (the record ships with the heads)."""
-    return {k: portable_path(v) if k in _PATH_ARGS and v is not None else v for k, v in args.items()}
 
 
 def _pick_amp(amp: str, device: torch.device) -> str:
@@ -370,15 +341,6 @@ def distill_on_ranks(model, rank: int, world: int, progress=None, resume: bool =
         distill(model, **run, worker=(rank, world), collect=False)
         barrier(world)
     return distill(model, **run, progress=progress)
-
-
-def _command_line() -> str:
-    """The command as typed; ``python -m medusa_export.runtime.cli`` (also what torchrun runs) for the module's
-    path, which would name this machine's install."""
-    argv = list(sys.argv)
-    if argv and Path(argv[0]).parts[-2:] == ("cli", "__main__.py"):
-        argv[0] = "python -m medusa_export.runtime.cli"
-    return portable_command(argv)
 
 
 def cache_dir(o: Medusa1Options) -> Path:
