@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import http
 import json
+import logging
 import socket
 import struct
 import sys
@@ -26,6 +27,19 @@ from .requests import ApiError
 HALF_CLOSED = "medusa_export.half_closed"  # scope key: an HTTP/1.0 client half-closed after its request
 PEER_POLL_S = 0.1  # how often a half-closed connection is checked for the client's reset
 LINGER_S = 2.0  # after a malformed request's 400: how long the rest of it is read and dropped before the close
+INVALID_REQUEST = "Invalid HTTP request received."  # what uvicorn logs for each request h11 cannot parse
+
+
+class QuietInvalidRequests(logging.Filter):
+    """Drops uvicorn's warning for a malformed request: any client could write one line per connection, as many as
+    it opens, into a log that is otherwise quiet per request; the line says nothing the client's 400 does not (the
+    cause is in that answer, `send_400_response`)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.msg != INVALID_REQUEST
+
+
+QUIET_INVALID_REQUESTS = QuietInvalidRequests()
 
 
 def half_closed(scope) -> bool:
@@ -141,6 +155,7 @@ def header_deadline_protocol(header_timeout_s: float) -> type:
             self.loop.call_later(PEER_POLL_S, self._watch_peer)
 
         def connection_made(self, transport) -> None:  # type: ignore[override]
+            self.logger.addFilter(QUIET_INVALID_REQUESTS)  # once: the same filter is not added twice
             super().connection_made(transport)
             self._arm()
 

@@ -25,8 +25,6 @@ def run_server(artifact: str, host: str = "127.0.0.1", port: int = 8000, backend
                shutdown_deadline_s: float = 30.0, log=print) -> bool:
     """Serve until SIGINT/SIGTERM; True when every admitted request had ended when it stopped (a clean drain)."""
     extras.require("serve", "serve")
-    import uvicorn
-
     from ..api import MedusaRuntime
 
     sock = listening_socket(host, port)  # before the model loads: a busy port fails at once, in one line
@@ -51,9 +49,7 @@ def run_server(artifact: str, host: str = "127.0.0.1", port: int = 8000, backend
         f"queue {settings.max_queue}; KV cache reserved for {engine.max_num_seqs} sequences of "
         f"{runtime.generator.backend.max_seq} tokens: {engine.kv_bytes / 2**20:.0f} MiB"
         f"{', resident as rows fill' if backend == 'ort' else ''}; {hosts_answered(settings.allowed_hosts)})")
-    # ws="none": the API has no WebSocket route, so an upgrade is answered as HTTP whatever libraries are installed
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=RESPONSES_S,
-                            http=header_deadline_protocol(settings.header_timeout_s), ws="none")
+    config = uvicorn_config(app, host, port, settings.header_timeout_s)
     # uvicorn drains on SIGTERM, then raises the signal again under the handler it found: with this one in place
     # the process ends by returning, so a clean drain exits 0 (what process managers expect), not 143.
     previous = signal.signal(signal.SIGTERM, lambda *_: None)
@@ -72,6 +68,18 @@ def run_server(artifact: str, host: str = "127.0.0.1", port: int = 8000, backend
         if scheduler.stop():
             runtime.close()
     return scheduler.drained is not False
+
+
+def uvicorn_config(app, host: str, port: int, header_timeout_s: float):
+    """uvicorn's settings for ``app``: warnings only, and no access log. uvicorn's access log writes each request's
+    path percent-decoded (``/%0d%0aINFO: ...`` as a line of its own, ``%1b`` as a terminal escape): it stays off
+    whatever uvicorn's default level, so request text never reaches the server's log. ws="none": the API has no
+    WebSocket route, so an upgrade is answered as HTTP whatever libraries are installed."""
+    import uvicorn
+
+    return uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
+                          timeout_graceful_shutdown=RESPONSES_S, http=header_deadline_protocol(header_timeout_s),
+                          ws="none")
 
 
 def with_bound_hosts(settings: ServeSettings, bind_host: str) -> ServeSettings:
