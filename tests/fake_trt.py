@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import json
 import types
 from pathlib import Path
@@ -107,30 +108,64 @@ _DT_TO_NP = {"INT64": np.int64, "FLOAT": np.float32, "BOOL": np.bool_, "HALF": n
 
 
 STRONGLY_TYPED = 1  # NetworkDefinitionCreationFlag.STRONGLY_TYPED in TensorRT 10 (0 in 11, where it is ignored)
+# BuilderFlag values that enable reduced precision: TensorRT 10 refuses them on a strongly typed network, TensorRT 11
+# removed them (the Python enum has no such members).
+_WEAK_TYPING_FLAGS = ("FP16", "BF16", "INT8", "FP8", "INT4", "FP4")
+
+
+class Severity(enum.IntEnum):  # trt.ILogger.Severity (an arithmetic pybind11 enum: int() gives these values)
+    INTERNAL_ERROR = 0
+    ERROR = 1
+    WARNING = 2
+    INFO = 3
+    VERBOSE = 4
 
 
 def fake_tensorrt(cuda: FakeCuda, version: str = "10.3.0", align: int = 256, record: dict | None = None,
                   refuse_strongly_typed: bool = False):
+    """The slice of the TensorRT Python API the builder and the backend use, as TensorRT 10 or (``version`` "11...")
+    TensorRT 11 expose it (tensorrt/python/src/infer/pyCore.cpp): on 11 ``STRONGLY_TYPED`` is 0 and ignored (every
+    network is strongly typed) and ``BuilderFlag`` has no FP16 / BF16 / INT8 / FP8 members."""
     record = record if record is not None else {}
+    major = int(version.split(".")[0])
     trt = types.SimpleNamespace(__version__=version)
-    trt.NetworkDefinitionCreationFlag = types.SimpleNamespace(STRONGLY_TYPED=STRONGLY_TYPED)
+    strongly_typed_bit = 0 if major >= 11 else STRONGLY_TYPED
+    if major >= 11:
+        trt.NetworkDefinitionCreationFlag = types.SimpleNamespace(STRONGLY_TYPED=0, PREFER_JIT_PYTHON_PLUGINS=1,
+                                                                  PREFER_AOT_PYTHON_PLUGINS=2)
+        trt.BuilderFlag = types.SimpleNamespace(TF32="TF32")
+    else:
+        trt.NetworkDefinitionCreationFlag = types.SimpleNamespace(EXPLICIT_BATCH=0, STRONGLY_TYPED=STRONGLY_TYPED)
+        trt.BuilderFlag = types.SimpleNamespace(TF32="TF32", **{f: f for f in _WEAK_TYPING_FLAGS})
     trt.MemoryPoolType = types.SimpleNamespace(WORKSPACE="WORKSPACE")
-    trt.BuilderFlag = types.SimpleNamespace(FP16="FP16", BF16="BF16", TF32="TF32")
-    trt.TensorIOMode = types.SimpleNamespace(INPUT="INPUT", OUTPUT="OUTPUT")
+    trt.TensorIOMode = types.SimpleNamespace(NONE="NONE", INPUT="INPUT", OUTPUT="OUTPUT")
 
     class ILogger:
+        Severity = Severity
+
         def __init__(self):
             pass
 
     class Logger(ILogger):
-        WARNING = 2
+        WARNING = Severity.WARNING
 
         def __init__(self, level=None):
             pass
 
+        def log(self, severity, msg):
+            pass
+
+    def _error(logger, msg):
+        """TensorRT reports a failure through the logger (then returns False / None)."""
+        record.setdefault("errors", []).append(msg)
+        logger.log(Severity.ERROR, msg)
+
     class Network:
         def __init__(self, flags):
+            assert isinstance(flags, int) and flags >= 0, "create_network takes a bit mask of creation flags"
             self.flags, self.inputs = flags, []
+            # TensorRT 11: strongly typed whatever the flags say
+            self.strongly_typed = major >= 11 or bool(flags & (1 << strongly_typed_bit))
 
         @property
         def num_inputs(self):
@@ -202,9 +237,6 @@ def fake_tensorrt(cuda: FakeCuda, version: str = "10.3.0", align: int = 256, rec
             return self.cache
 
     class Builder:
-        def __init__(self, logger):
-            pass
-
         def create_network(self, flags):
             return Network(flags)
 
@@ -214,10 +246,23 @@ def fake_tensorrt(cuda: FakeCuda, version: str = "10.3.0", align: int = 256, rec
         def create_optimization_profile(self):
             return OptProfile()
 
+        def __init__(self, logger):
+            self.logger = logger
+
         def build_serialized_network(self, network, config):
-            if refuse_strongly_typed and network.flags & (1 << STRONGLY_TYPED):
-                record.setdefault("refused", []).append(network.onnx)
+            if network.strongly_typed and set(config.flags) & set(_WEAK_TYPING_FLAGS):
+                _error(self.logger, "BuilderFlag FP16/BF16/INT8/FP8 cannot be set for a strongly typed network.")
                 return None
+            if refuse_strongly_typed and network.strongly_typed and major < 11:
+                record.setdefault("refused", []).append(network.onnx)
+                _error(self.logger, "strongly typed build refused (fake)")
+                return None
+            dynamic = {n for n in network.inputs if n != "temperature"}  # temperature is the graph's one static input
+            for i, p in enumerate(config.profiles):
+                if set(p.shapes) != dynamic:  # TensorRT: every dynamic input needs shapes, and only inputs have any
+                    _error(self.logger, f"optimization profile {i} has shapes for {sorted(set(p.shapes) - dynamic)} "
+                                        f"and lacks {sorted(dynamic - set(p.shapes))}")
+                    return None
             for p in config.profiles:
                 for k in range(3):  # min, opt, max: each a consistent set of shapes
                     b, t = p.shapes["input_ids"][k]
@@ -225,7 +270,7 @@ def fake_tensorrt(cuda: FakeCuda, version: str = "10.3.0", align: int = 256, rec
                     assert p.shapes["position_ids"][k] == (b, t) and b_kv == b
                     assert p.shapes["attention_mask"][k] == (b, 1, t, past + t)
             record.setdefault("builds", []).append(
-                {"strongly_typed": bool(network.flags & (1 << STRONGLY_TYPED)), "flags": sorted(config.flags),
+                {"strongly_typed": network.strongly_typed, "flags": sorted(config.flags),
                  "pools": dict(config.pools), "cache_in": config.cache.data if config.cache else None})
             plan = {"onnx": network.onnx, "profiles": [{k: [list(s) for s in v] for k, v in p.shapes.items()}
                                                        for p in config.profiles]}
@@ -236,7 +281,8 @@ def fake_tensorrt(cuda: FakeCuda, version: str = "10.3.0", align: int = 256, rec
             self.session = ort.InferenceSession(plan["onnx"], providers=["CPUExecutionProvider"])
             self.inputs = {x.name: _ORT_TO_DT[x.type] for x in self.session.get_inputs()}
             self.outputs = {x.name: _ORT_TO_DT[x.type] for x in self.session.get_outputs()}
-            self.names = list(self.inputs) + list(self.outputs)
+            self.extra = {name: "FLOAT" for name in record.get("extra_outputs", ())}  # outputs the graph lacks
+            self.names = list(self.inputs) + list(self.outputs) + list(self.extra)
             self.profiles = plan["profiles"]
 
         @property
@@ -251,10 +297,17 @@ def fake_tensorrt(cuda: FakeCuda, version: str = "10.3.0", align: int = 256, rec
             return self.names[i]
 
         def get_tensor_mode(self, name):
-            return "INPUT" if name in self.inputs else "OUTPUT"
+            if name in self.inputs:
+                return "INPUT"
+            return "OUTPUT" if name in self.outputs or name in self.extra else "NONE"  # NONE: not an I/O tensor
 
         def get_tensor_dtype(self, name):
-            return _DT(self.inputs.get(name) or self.outputs[name])
+            return _DT(self.inputs.get(name) or self.outputs.get(name) or self.extra[name])
+
+        def is_shape_inference_io(self, name):
+            # A shape tensor lives in host memory (set_tensor_address takes a host pointer): the graph's inputs are
+            # all execution tensors unless a test says otherwise.
+            return name in record.get("shape_io", ())
 
         def create_execution_context(self):
             if record.get("fail") == "context":  # what TensorRT does when the GPU is out of memory
@@ -265,16 +318,22 @@ def fake_tensorrt(cuda: FakeCuda, version: str = "10.3.0", align: int = 256, rec
     class Context:
         def __init__(self, engine):
             self.engine, self.profile, self.shapes, self.addr = engine, 0, {}, {}
+            self.profile_stream = None  # the stream of the last profile switch (its copies run there)
 
         def set_optimization_profile_async(self, index, stream):
             # The real binding raises RuntimeError on failure; it never returns False.
+            assert isinstance(stream, int), "stream_handle is the integer cudaStream_t"
             if record.get("fail") == "profile" or not 0 <= index < len(self.engine.profiles):
                 raise RuntimeError("Error in set optimization profile async.")
-            self.profile, self.shapes = index, {}
+            # Switching the profile invalidates the dynamic input shapes: set_input_shape must follow.
+            self.profile, self.shapes, self.profile_stream = index, {}, stream
             record.setdefault("switches", []).append(index)
             return True
 
         def set_input_shape(self, name, shape):
+            # Returns False (it does not raise) for a name that is not an input, or a shape outside the profile.
+            if name not in self.engine.inputs or name not in self.engine.profiles[self.profile]:
+                return False
             lo, _, hi = self.engine.profiles[self.profile][name]
             ok = len(shape) == len(lo) and all(a <= s <= b for a, s, b in zip(lo, shape, hi))
             if ok:
@@ -289,9 +348,16 @@ def fake_tensorrt(cuda: FakeCuda, version: str = "10.3.0", align: int = 256, rec
             return True
 
         def execute_async_v3(self, stream):
+            assert isinstance(stream, int), "stream_handle is the integer cudaStream_t"
+            # The profile's copies were queued on the stream of set_optimization_profile_async: enqueuing on another
+            # stream without synchronizing them is undefined behaviour.
+            assert self.profile_stream in (None, stream), "profile switched on another stream than the enqueue's"
             if record.get("fail") == "execute":
                 return False
             e = self.engine
+            unbound = [n for n in e.names if not self.addr.get(n)]
+            # enqueueV3 needs a non-null address for every input and output (else it logs an error, returns False).
+            assert not unbound, f"execute_async_v3 with tensors that have no address: {unbound[:4]}"
             feeds = {}
             for name, dt in e.inputs.items():
                 shape = self.shapes.get(name, (1,) if name == "temperature" else None)

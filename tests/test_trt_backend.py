@@ -352,3 +352,67 @@ def test_real_tensorrt_aligned_rows_in_place(tiny_aligned, tmp_path):
     assert gen.backend.new_session().in_place
     for prompt in PROMPTS:
         assert gen.generate(prompt, _cfg(True, 10)).token_ids == ref.generate(prompt, _cfg(True, 10)).token_ids
+
+
+# ------------------------------------------------------------- the fakes keep the real API's rules
+def test_tensorrt_11_builds_strongly_typed_without_weak_flags(fakes, tiny, tmp_path, monkeypatch):
+    """TensorRT 11: STRONGLY_TYPED is 0 (deprecated, ignored) and BuilderFlag has no FP16 / BF16 members."""
+    from medusa_export.engines.cli_entry import build_engines_for_artifact
+
+    trt11 = fake_tensorrt(fakes.cuda, version="11.1.0")
+    assert not hasattr(trt11.BuilderFlag, "FP16") and int(trt11.NetworkDefinitionCreationFlag.STRONGLY_TYPED) == 0
+    monkeypatch.setattr(availability, "_tensorrt", lambda: (trt11, ""))
+    availability.check.cache_clear()
+    manifest = build_engines_for_artifact(_copy(tiny, tmp_path / "art"), required=True, log=lambda s: None,
+                                          strongly_typed=False)  # --weakly-typed means nothing on 11
+    assert {r.precision for r in manifest.engines.values()} == {"fp32 strongly typed -TF32"}
+    assert all(b["strongly_typed"] and b["flags"] == [] for b in trt11.record["builds"])
+
+
+def test_fake_builder_refuses_weak_flags_on_a_strongly_typed_network_and_logs_why(fakes):
+    trt = fakes.trt
+    errors = []
+
+    class Logger(trt.ILogger):
+        def log(self, severity, msg):
+            if int(severity) <= 1:
+                errors.append(msg)
+
+    builder = trt.Builder(Logger())
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    config = builder.create_builder_config()
+    config.set_flag(trt.BuilderFlag.FP16)
+    assert builder.build_serialized_network(network, config) is None
+    assert errors and "strongly typed" in errors[0]
+
+
+def test_build_failure_carries_tensorrt_first_error(fakes, tiny, tmp_path, monkeypatch):
+    """The builder's ILogger keeps TensorRT's errors: a failed build's message names the first one."""
+    from medusa_export.engines import builder
+    from medusa_export.engines.cli_entry import build_engines_for_artifact
+
+    def drop_a_profile_input(profile, *args):
+        shapes = dict(original(profile, *args))
+        shapes.pop("position_ids")
+        return shapes
+
+    original = builder.Profile.shapes
+    monkeypatch.setattr(builder.Profile, "shapes", drop_a_profile_input)
+    with pytest.raises(builder.EngineBuildError, match=r"could not build an engine .*lacks \['position_ids'\]"):
+        build_engines_for_artifact(_copy(tiny, tmp_path / "art"), required=True, log=lambda s: None)
+
+
+@pytest.mark.parametrize("setting, message", [(("extra_outputs", ["logits"]), r"has tensors the artifact's graph does "
+                                                                              r"not \(\['logits'\]\)"),
+                                              (("shape_io", ["position_ids"]), r"takes \['position_ids'\] as shape "
+                                                                               r"tensors")])
+def test_engines_the_backend_cannot_bind_are_refused_at_load(fakes, tiny, tmp_path, setting, message):
+    from medusa_export.engines.cli_entry import build_engines_for_artifact
+    from medusa_export.runtime.api import MedusaRuntime
+    from medusa_export.runtime.errors import ArtifactError
+
+    art = _copy(tiny, tmp_path / "art")
+    build_engines_for_artifact(art, required=True, log=lambda s: None)
+    fakes.record[setting[0]] = setting[1]
+    with pytest.raises(ArtifactError, match=message):
+        MedusaRuntime.load(art, backend="trt")

@@ -161,6 +161,20 @@ class TrtBackend(Backend):
         for x in want_in:
             if engine.get_tensor_mode(x) != trt.TensorIOMode.INPUT:
                 raise ArtifactError(f"engine {path.name}: {x} is not an input: {compat.rebuild_hint(self.directory)}")
+        for x in want_out:
+            if engine.get_tensor_mode(x) != trt.TensorIOMode.OUTPUT:
+                raise ArtifactError(f"engine {path.name}: {x} is not an output: {compat.rebuild_hint(self.directory)}")
+        # execute_async_v3 returns False unless every I/O tensor has an address: one this backend does not bind
+        # would fail every step.
+        extra = sorted(names - set(want_in) - set(want_out))
+        if extra:
+            raise ArtifactError(f"engine {path.name} has tensors the artifact's graph does not ({extra[:4]}): "
+                                f"{compat.rebuild_hint(self.directory)}")
+        # A shape tensor input is read from host memory; the backend binds every input to device memory.
+        shape_io = [x for x in want_in if engine.is_shape_inference_io(x)]
+        if shape_io:
+            raise ArtifactError(f"engine {path.name} takes {shape_io[:4]} as shape tensors (host memory), not as the "
+                                f"device tensors this backend binds: {compat.rebuild_hint(self.directory)}")
         kv_dtype = _np_dtype(engine.get_tensor_dtype("past_key_values.0.key"))
         if kv_dtype != io_table.model_dtype_of(self.dims.dtype):
             raise ArtifactError(f"engine {path.name} has {kv_dtype.name} KV but the manifest says {self.dims.dtype}: "
@@ -362,6 +376,7 @@ class TrtSession(Session):
         for x in e.reduced:
             compat.bind_address(ctx, x.name, c.ptr[x.name])
         if not ctx.execute_async_v3(self.handle):
+            cuda.synchronize(stream)  # the copies already queued finish before the caller frees or reuses anything
             raise EngineError(f"TensorRT execution failed ({e.kind} engine, T={t}, past={past}, profile {profile}): "
                               f"see the TensorRT log above; check the GPU with nvidia-smi")
         if not self.in_place:  # staged rows -> [past, past+t) of every layer, one 2-D copy
