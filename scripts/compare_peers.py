@@ -45,6 +45,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from peer_runners import Run, run_ctranslate2, run_genai, run_llama_cpp, run_openvino, run_ours  # noqa: E402
+from script_io import positive, run_main, write_json as write_json_file  # noqa: E402
 
 from medusa_export.runtime.api import MedusaRuntime  # noqa: E402
 from medusa_export.runtime.machine import machine_info  # noqa: E402
@@ -55,6 +56,7 @@ from medusa_export.runtime.warm_up import warm_up_backend  # noqa: E402
 def summarize(name: str, concurrency: int, runs: list[Run], reference: list[list[int]] | None) -> dict:
     tokens = sum(len(r.ids) for r in runs)
     wall = max(r.done for r in runs) - min(r.submitted for r in runs)
+    wall = max(wall, 1e-9)  # a row of empty answers can end within the clock's resolution
     ttft = [r.arrivals[0] - r.submitted for r in runs if r.arrivals]
     gaps = np.concatenate([np.diff(r.arrivals) for r in runs] + [np.zeros(0)])
     decode = [(len(r.ids) - 1) / (r.done - r.arrivals[0]) for r in runs if len(r.ids) > 1 and r.done > r.arrivals[0]]
@@ -108,10 +110,11 @@ def peer_jobs(args, prompts: list[list[int]], eos: set[int], pad_id: int,
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--prompts", type=Path, required=True)
-    ap.add_argument("--limit", type=int, default=16)
-    ap.add_argument("--max-new-tokens", type=int, default=128)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--concurrency", type=int, nargs="+", default=[1], help="requests in flight; several: one row each")
+    ap.add_argument("--limit", type=positive, default=16)
+    ap.add_argument("--max-new-tokens", type=positive, default=128)
+    ap.add_argument("--threads", type=positive, default=2)
+    ap.add_argument("--concurrency", type=positive, nargs="+", default=[1],
+                    help="requests in flight; several: one row each")
     ap.add_argument("--ours", type=Path, nargs="+", required=True, help="artifacts; the first (fp32) is the reference")
     ap.add_argument("--openvino", type=Path, nargs="*", default=[], help="OpenVINO IR directories (optimum-cli)")
     ap.add_argument("--openvino-defaults", action="store_true", help="also OpenVINO's default precisions")
@@ -121,8 +124,11 @@ def main() -> None:
     ap.add_argument("--json", type=Path)
     ap.add_argument("--plot", type=Path, help="PNG bar chart of tokens/s per row")
     args = ap.parse_args()
-    if min(args.concurrency) < 1:
-        ap.error("--concurrency takes numbers >= 1")
+    # Ascending: the reference (the first artifact's vanilla answers) comes from the N = 1 row when there is one.
+    args.concurrency = sorted(set(args.concurrency))
+    for p in [*args.ours, *args.openvino, *args.genai, *args.ct2, *args.gguf]:
+        if not p.exists():
+            ap.error(f"{p} does not exist")
     rows, reference, skipped = [], None, []
 
     def add(name: str, c: int, runs: list[Run]) -> None:
@@ -153,7 +159,8 @@ def main() -> None:
         try:
             runs = job()
         except ImportError as e:
-            skipped.append(f"{name}: {tool} not installed ({e.name})")
+            skipped.append(f"{name}: {tool} not installed ({e.name}): pip install {PEER_PACKAGES[tool]}")
+            print("skipped:", skipped[-1], flush=True)
             continue
         except Exception as e:  # noqa: BLE001 - one tool failing (a wrong directory, a changed API) loses its row only
             skipped.append(f"{name}: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
@@ -176,10 +183,14 @@ def main() -> None:
         plot(rows, args.plot, f"{len(prompts)} prompts, {args.max_new_tokens} new tokens, {args.threads} threads")
 
 
+PEER_PACKAGES = {"openvino-genai": "openvino-genai", "onnxruntime-genai": "onnxruntime-genai",
+                 "ctranslate2": "ctranslate2", "llama.cpp": "llama-cpp-python"}
+
+
 def write_json(path: Path, prompts: int, args, rows: list[dict], skipped: list[str]) -> None:
-    path.write_text(json.dumps({"prompts": prompts, "max_new_tokens": args.max_new_tokens, "threads": args.threads,
+    write_json_file(path, {"prompts": prompts, "max_new_tokens": args.max_new_tokens, "threads": args.threads,
                                 "concurrency": args.concurrency, "machine": machine_info(), "rows": rows,
-                                "skipped": skipped}, indent=2) + "\n")
+                                "skipped": skipped})
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
@@ -205,4 +216,4 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

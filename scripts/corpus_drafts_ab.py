@@ -22,7 +22,8 @@ ARTIFACT must carry a corpus-draft table (`build --corpus-drafts sharegpt`; the 
 from __future__ import annotations
 
 import argparse
-import json
+import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -33,6 +34,9 @@ from medusa_export.runtime.machine import machine_info
 from medusa_export.runtime.prompts import read_prompts
 from medusa_export.runtime.speculation import Speculation, StepCost
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from script_io import positive, run_main, write_json  # noqa: E402
+
 MODES = ("vanilla", "speculation, no table", "speculation + table", "drafts + table, no heads")
 UNMEASURED = "speculation + table, one row unmeasured"
 
@@ -41,9 +45,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("artifact")
     ap.add_argument("--prompts", default=None)
-    ap.add_argument("--limit", type=int, default=16)
-    ap.add_argument("--max-new-tokens", type=int, default=128)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--limit", type=positive, default=16)
+    ap.add_argument("--max-new-tokens", type=positive, default=128)
+    ap.add_argument("--threads", type=positive, default=2)
     ap.add_argument("--no-heads", action="store_true", help="drafts only: the heads' tree is never verified")
     ap.add_argument("--other-table", default=None, help="another table for this model: one more row")
     ap.add_argument("--one-row-unmeasured", action="store_true", help="one more row: the one-row step never measured")
@@ -84,7 +88,7 @@ def main() -> None:
             r = rt.generate(prompt, max_new_tokens=args.max_new_tokens, medusa=mode != "vanilla")
             t = totals[mode]
             t["tokens"] += r.new_tokens
-            t["seconds"] += r.new_tokens / r.tokens_per_s
+            t["seconds"] += r.new_tokens / r.tokens_per_s if r.new_tokens else 0.0
             t["steps"] += r.steps
             for key in ("accepted_heads", "accepted_context", "context_rows"):
                 t[key] += getattr(r, key)
@@ -94,13 +98,13 @@ def main() -> None:
     rows = {}
     for mode, t in totals.items():
         steps = max(t["steps"], 1)
-        rows[mode] = {"tokens_per_s": round(t["tokens"] / t["seconds"], 2), "tokens_per_step": round(t["tokens"] / steps, 3),
+        rows[mode] = {"tokens_per_s": round(t["tokens"] / t["seconds"], 2) if t["seconds"] else 0.0, "tokens_per_step": round(t["tokens"] / steps, 3),
                       **{k: round(t[k] / steps, 3) for k in ("accepted_heads", "accepted_context", "context_rows")},
                       "identical": f"{t['identical']}/{len(prompts)}"}
     base = rows["vanilla"]["tokens_per_s"]
     for mode, row in rows.items():
-        row["speed_up"] = round(row["tokens_per_s"] / base, 3)
-        print(f"{mode:40s} {row['tokens_per_s']:7.2f} tok/s  {row['speed_up']:.2f}x  {row['tokens_per_step']:.2f} tok/step  "
+        row["speed_up"] = round(row["tokens_per_s"] / base, 3) if base else None
+        print(f"{mode:40s} {row['tokens_per_s']:7.2f} tok/s  {row['speed_up'] or 0:.2f}x  {row['tokens_per_step']:.2f} tok/step  "
               f"accepted heads {row['accepted_heads']:.2f} / drafts {row['accepted_context']:.2f}  draft rows "
               f"{row['context_rows']:.2f}  identical {row['identical']}")
     report = {"artifact": args.artifact, "prompts": args.prompts, "limit": args.limit,
@@ -108,9 +112,8 @@ def main() -> None:
               "other_table": args.other_table, "library": args.library,
               "machine": machine_info(), "rows": rows}
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
+        write_json(args.json, report)
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -19,6 +19,7 @@
 # Exit code: 0 when every step that ran passed, 1 when a check failed (see summary.json), 2 when neither TensorRT
 # nor a CUDA device for PyTorch is there.
 set -uo pipefail
+export HF_HUB_OFFLINE=1   # every model comes from the local cache: never the network
 
 results=${1:-results/gpu-$(date +%Y%m%d-%H%M%S)}
 art=${ARTIFACT:-artifacts/gpu}

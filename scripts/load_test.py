@@ -29,6 +29,9 @@ import numpy as np
 from medusa_export.runtime.machine import machine_info
 from medusa_export.runtime.prompts import read_prompts
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from script_io import positive, run_main, write_json  # noqa: E402
+
 
 def start_server(artifact: str, max_num_seqs: int, max_queue: int) -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
@@ -39,6 +42,8 @@ def start_server(artifact: str, max_num_seqs: int, max_queue: int) -> tuple[subp
     proc = subprocess.Popen(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     base = f"http://127.0.0.1:{port}"
     for _ in range(1200):  # bounded: 120 s
+        if proc.poll() is not None:  # it exited (a bad artifact): its own error is on stderr above
+            raise SystemExit(f"error: the server for {artifact} exited with code {proc.returncode}")
         try:
             with urllib.request.urlopen(base + "/ready", timeout=2) as r:
                 if r.status == 200:
@@ -102,13 +107,15 @@ async def level(base: str, prompts: list[str], concurrency: int, n: int, max_tok
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("artifact")
-    ap.add_argument("--max-num-seqs", type=int, nargs="+", default=[1, 8])
-    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8])
-    ap.add_argument("--requests", type=int, default=16)
-    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--max-num-seqs", type=positive, nargs="+", default=[1, 8])
+    ap.add_argument("--concurrency", type=positive, nargs="+", default=[1, 2, 4, 8])
+    ap.add_argument("--requests", type=positive, default=16)
+    ap.add_argument("--max-tokens", type=positive, default=64)
     ap.add_argument("--prompts", type=Path, default=None, help="JSONL prompts (default: the packaged set)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
+    if not Path(args.artifact, "manifest.json").is_file():
+        ap.error(f"{args.artifact} is not an artifact directory (no manifest.json): build one with medusa-export build")
     prompts = read_prompts(args.prompts)
     report = {"artifact": args.artifact, "machine": machine_info(), "max_tokens": args.max_tokens, "rows": []}
     for seqs in args.max_num_seqs:
@@ -124,8 +131,8 @@ def main() -> None:
             proc.terminate()
             proc.wait(timeout=60)
     if args.json:
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        write_json(args.json, report)
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

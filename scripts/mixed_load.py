@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -23,6 +24,10 @@ from medusa_export.runtime.engine import Engine
 from medusa_export.runtime.generator import GenerationResult
 from medusa_export.runtime.machine import machine_info
 from medusa_export.runtime.prompts import read_prompts
+from medusa_export.runtime.warm_up import warm_up_backend
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from script_io import positive, run_main, write_json  # noqa: E402
 
 
 def run(rt, prompts: list[list[int]], long_prompt: list[int], budget: int, streams: int) -> dict:
@@ -67,17 +72,22 @@ def run(rt, prompts: list[list[int]], long_prompt: list[int], budget: int, strea
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("artifact")
-    ap.add_argument("--prompt-tokens", type=int, default=1200)
-    ap.add_argument("--budgets", type=int, nargs="+", default=[64, 256, 4096])
-    ap.add_argument("--streams", type=int, default=7)
-    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--prompt-tokens", type=positive, default=1200)
+    ap.add_argument("--budgets", type=positive, nargs="+", default=[64, 256, 4096])
+    ap.add_argument("--streams", type=positive, default=7)
+    ap.add_argument("--threads", type=positive, default=None)
     ap.add_argument("--prompts", type=Path, default=None, help="JSONL prompts (default: the packaged set)")
     ap.add_argument("--json", type=Path)
     a = ap.parse_args()
     rt = MedusaRuntime.load(a.artifact, threads=a.threads)
     tok = rt.generator.tokenizer
     texts = read_prompts(a.prompts)
+    if len(texts) < a.streams:
+        ap.error(f"--streams {a.streams}: the prompts file has only {len(texts)} prompts")
     prompts = [tok.encode_prompt(t) for t in texts[: a.streams]]
+    # Warm-up: every graph opens and runs once before the first budget's row, not inside it.
+    rt.generate(prompts[0], max_new_tokens=8, medusa=False)
+    warm_up_backend(rt.generator)
     long_text = " ".join(texts)
     long_prompt = tok.encode_prompt(long_text)[: a.prompt_tokens]
     rows = []
@@ -86,8 +96,8 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
     if a.json:
-        a.json.write_text(json.dumps({"artifact": a.artifact, "machine": machine_info(), "rows": rows}, indent=2) + "\n")
+        write_json(a.json, {"artifact": a.artifact, "machine": machine_info(), "rows": rows})
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -35,6 +36,9 @@ from onnx import helper
 from medusa_export.runtime import kernels
 from medusa_export.runtime.api import MedusaRuntime
 from medusa_export.runtime.machine import machine_info
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from script_io import positive, run_main, write_json  # noqa: E402
 
 MATMULS = {"MatMul", "MatMulNBits", "MatMulInteger", "Gemm", "DynamicQuantizeMatMul", "MatMulIntegerToFloat",
            kernels.BLOCK_OP, kernels.BLOCK4_OP, kernels.BLOCK_F32_OP, kernels.SCREEN_OP}
@@ -160,10 +164,10 @@ def measure(directory: Path, past: int, blocks: int, steps: int, threads: int) -
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("artifacts", nargs="+", type=Path)
-    ap.add_argument("--past", type=int, default=256)
-    ap.add_argument("--blocks", type=int, default=10)
-    ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--past", type=positive, default=256)
+    ap.add_argument("--blocks", type=positive, default=10)
+    ap.add_argument("--steps", type=positive, default=30)
+    ap.add_argument("--threads", type=positive, default=2)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     rows = {}
@@ -171,8 +175,8 @@ def main() -> None:
         rows[str(d)] = measure(d, args.past, args.blocks, args.steps, args.threads)
         print(d, json.dumps(rows[str(d)]))
     if args.json:
-        args.json.write_text(json.dumps({"machine": machine_info(), "rows": rows}, indent=1) + "\n")
+        write_json(args.json, {"machine": machine_info(), "rows": rows}, indent=1)
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

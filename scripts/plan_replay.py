@@ -37,8 +37,10 @@ from medusa_export.runtime.backends.base import StepOutput
 from medusa_export.runtime.context_drafts import ContextIndex, Draft
 from medusa_export.runtime.corpus_drafts import CorpusTable, rate_kind
 from medusa_export.runtime.decode import GenerationConfig
+from medusa_export.runtime.prompts import read_prompts
 
 sys.path.insert(0, str(Path(__file__).parent))
+from script_io import non_negative, positive, run_main, write_json  # noqa: E402
 from step_latency import time_step  # noqa: E402
 
 EXTRA_KINDS = 4  # classes past the runtime's, for the variants that add some
@@ -182,8 +184,8 @@ def replay(answers: list[dict], spec: ReplaySpeculation, costs_s: list[float]) -
         tokens += len(a["ids"]) - 1
         seconds += sum(costs_s[min(r, len(costs_s)) - 1] for r in rows)
         steps += len(rows)
-    return {"tokens": tokens, "steps": steps, "tokens_per_step": round(tokens / steps, 3),
-            "speedup": round(tokens * costs_s[0] / seconds, 3)}
+    return {"tokens": tokens, "steps": steps, "tokens_per_step": round(tokens / steps, 3) if steps else None,
+            "speedup": round(tokens * costs_s[0] / seconds, 3) if seconds else None}
 
 
 def greedy_answers(rt: MedusaRuntime, prompts: list[str], max_new_tokens: int) -> list[dict]:
@@ -199,30 +201,39 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("artifact", type=Path)
     ap.add_argument("--prompts", type=Path, required=True)
-    ap.add_argument("--first", type=int, default=0)
-    ap.add_argument("--count", type=int, default=60)
-    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--first", type=non_negative, default=0)
+    ap.add_argument("--count", type=positive, default=60)
+    ap.add_argument("--max-new-tokens", type=positive, default=128)
     ap.add_argument("--answers", type=Path, help="greedy answers, read if the file exists, else decoded and written")
     ap.add_argument("--costs-ms", help="step ms by rows 1..9, comma-separated; measured on the artifact if absent")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=positive, default=2)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
+    costs = None
+    if args.costs_ms:
+        try:
+            costs = [float(x) / 1e3 for x in args.costs_ms.split(",")]
+        except ValueError:
+            ap.error(f"--costs-ms {args.costs_ms!r}: comma-separated numbers of ms")
+        if len(costs) != MAX_ROWS or not all(0 < c < float("inf") for c in costs):
+            ap.error(f"--costs-ms: {MAX_ROWS} positive numbers (step ms by rows 1..{MAX_ROWS}), got {args.costs_ms!r}")
+    prompts = None
+    if not (args.answers and args.answers.exists()):  # read before the model loads: a bad file fails at once
+        prompts = read_prompts(args.prompts, limit=args.first + args.count)[args.first:]
+        if not prompts:
+            ap.error(f"--first {args.first} is past the last prompt of {args.prompts}")
     rt = MedusaRuntime.load(args.artifact, backend="ort", threads=args.threads)
-    if args.answers and args.answers.exists():
+    corpus = rt.generator.spec.corpus
+    if corpus is None:  # checked before the answers are decoded, not after
+        raise SystemExit(f"{args.artifact} has no corpus-draft table (corpus_drafts.npz): build it with one")
+    if prompts is None:
         answers = json.loads(args.answers.read_text())
     else:
-        rows = [json.loads(line) for line in args.prompts.read_text().splitlines() if line.strip()]
-        answers = greedy_answers(rt, [r["prompt"] for r in rows[args.first:args.first + args.count]],
-                                 args.max_new_tokens)
+        answers = greedy_answers(rt, prompts, args.max_new_tokens)
         if args.answers:
-            args.answers.write_text(json.dumps(answers))
-    if args.costs_ms:
-        costs = [float(x) / 1e3 for x in args.costs_ms.split(",")]
-    else:
+            write_json(args.answers, answers, indent=None)  # whole or not at all: a later run reads it back
+    if costs is None:
         costs = [time_step(rt.generator.backend, t, 256, False, 15) / 1e3 for t in range(1, MAX_ROWS + 1)]
-    corpus = rt.generator.spec.corpus
-    if corpus is None:
-        raise SystemExit(f"{args.artifact} has no corpus-draft table (corpus_drafts.npz): build it with one")
     rt.close()
     report = {"artifact": str(args.artifact), "prompts": f"{args.prompts.name}[{args.first}:{args.first + args.count}]",
               "costs_ms": [round(c * 1e3, 2) for c in costs], "variants": {}}
@@ -231,8 +242,8 @@ def main() -> None:
         report["variants"][variant] = row = replay(answers, ReplaySpeculation(costs, corpus, variant), costs)
         print(f"{variant:16s} {row}", flush=True)
     if args.json:
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        write_json(args.json, report)
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

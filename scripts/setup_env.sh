@@ -4,6 +4,7 @@
 # torch is pinned: torch==2.13.0 resolves to the CPU wheel on this kind of machine, while a plain or newer
 # torch would pull several GB of CUDA packages.
 set -euo pipefail
+export HF_HUB_OFFLINE=1
 venv=${1:?usage: setup_env.sh VENV_DIR}
 here=$(cd "$(dirname "$0")/.." && pwd)
 python3 -m venv "$venv"

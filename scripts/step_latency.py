@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from collections import defaultdict
@@ -22,6 +23,9 @@ import numpy as np
 from medusa_export.runtime import kernels
 from medusa_export.runtime.api import MedusaRuntime
 from medusa_export.runtime.backends.ort_outputs import selects_rows
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from script_io import positive, run_main, write_json  # noqa: E402
 
 MATMULS = ("MatMul", "MatMulNBits", "MatMulInteger", "Gemm", "DynamicQuantizeMatMul", "MatMulIntegerToFloat")
 
@@ -88,8 +92,8 @@ def matmul_share(directory: Path, threads: int, past: int = 256) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("artifacts", nargs="+", type=Path)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--runs", type=int, default=30)
+    ap.add_argument("--threads", type=positive, default=2)
+    ap.add_argument("--runs", type=positive, default=30)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     report = {}
@@ -106,8 +110,8 @@ def main() -> None:
         report[str(d)] = row
         print(d, json.dumps(row))
     if args.json:
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        write_json(args.json, report)
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)
