@@ -12,26 +12,25 @@ from pathlib import Path
 from typing import Callable
 
 
-def positive(text: str) -> int:
-    """argparse type: an integer >= 1."""
+def _whole(text: str, low: int, why: str) -> int:
+    """``text`` as an integer of at least ``low``; argparse's error (``why`` saying what it must be) otherwise."""
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value}: must be at least 1")
+    if value < low:
+        raise argparse.ArgumentTypeError(f"{value}: {why}")
     return value
+
+
+def positive(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    return _whole(text, 1, "must be at least 1")
 
 
 def non_negative(text: str) -> int:
     """argparse type: an integer >= 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value}: must not be negative")
-    return value
+    return _whole(text, 0, "must not be negative")
 
 
 def finite(value):
