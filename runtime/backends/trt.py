@@ -152,29 +152,9 @@ class TrtBackend(Backend):
             raise ArtifactError(f"TensorRT cannot deserialize {path} (corrupt, or built by another TensorRT): "
                                 f"{compat.rebuild_hint(self.directory)}")
         trt, n = self.trt, self.dims.num_layers
-        names = {engine.get_tensor_name(i) for i in range(engine.num_io_tensors)}
         medusa = kind == "medusa"
-        want_in, want_out = io_table.input_names(n), io_table.output_names(n, medusa)
-        lacking = [x for x in want_in + want_out if x not in names]
-        if lacking:
-            raise ArtifactError(f"engine {path.name} lacks tensors {lacking[:4]}: {compat.rebuild_hint(self.directory)}")
-        for x in want_in:
-            if engine.get_tensor_mode(x) != trt.TensorIOMode.INPUT:
-                raise ArtifactError(f"engine {path.name}: {x} is not an input: {compat.rebuild_hint(self.directory)}")
-        for x in want_out:
-            if engine.get_tensor_mode(x) != trt.TensorIOMode.OUTPUT:
-                raise ArtifactError(f"engine {path.name}: {x} is not an output: {compat.rebuild_hint(self.directory)}")
-        # execute_async_v3 returns False unless every I/O tensor has an address: one this backend does not bind
-        # would fail every step.
-        extra = sorted(names - set(want_in) - set(want_out))
-        if extra:
-            raise ArtifactError(f"engine {path.name} has tensors the artifact's graph does not ({extra[:4]}): "
-                                f"{compat.rebuild_hint(self.directory)}")
-        # A shape tensor input is read from host memory; the backend binds every input to device memory.
-        shape_io = [x for x in want_in if engine.is_shape_inference_io(x)]
-        if shape_io:
-            raise ArtifactError(f"engine {path.name} takes {shape_io[:4]} as shape tensors (host memory), not as the "
-                                f"device tensors this backend binds: {compat.rebuild_hint(self.directory)}")
+        compat.check_engine_io(trt, engine, path.name, io_table.input_names(n), io_table.output_names(n, medusa),
+                               compat.rebuild_hint(self.directory))
         kv_dtype = _np_dtype(engine.get_tensor_dtype("past_key_values.0.key"))
         if kv_dtype != io_table.model_dtype_of(self.dims.dtype):
             raise ArtifactError(f"engine {path.name} has {kv_dtype.name} KV but the manifest says {self.dims.dtype}: "
@@ -343,12 +323,7 @@ class TrtSession(Session):
         t = z - a
         past = self._length + a
         if c.profile != profile:
-            # The Python binding raises RuntimeError on failure (it does not return False).
-            try:
-                switched = ctx.set_optimization_profile_async(profile, self.handle)
-            except RuntimeError:
-                switched = False
-            if not switched:
+            if not compat.switch_profile(ctx, profile, self.handle):
                 raise EngineError(f"TensorRT could not switch the {e.kind} context to profile {profile}: "
                                   f"{compat.rebuild_hint(self.backend.directory)}")
             c.profile = profile

@@ -47,6 +47,37 @@ def bind_address(ctx, name: str, address: int) -> None:
                           f"tensors; {rebuild_hint()}")
 
 
+def switch_profile(ctx, profile: int, stream_handle: int) -> bool:
+    """``ctx.set_optimization_profile_async``: whether the context now runs ``profile``. The Python binding raises
+    RuntimeError on failure (it does not return False)."""
+    try:
+        return bool(ctx.set_optimization_profile_async(profile, stream_handle))
+    except RuntimeError:
+        return False
+
+
+def check_engine_io(trt, engine, name: str, want_in: list[str], want_out: list[str], hint: str) -> None:
+    """ArtifactError unless engine ``engine`` (file ``name``) has exactly the tensors ``want_in`` as inputs and
+    ``want_out`` as outputs, none of them a shape tensor: execute_async_v3 fails unless every I/O tensor has an
+    address, and a shape tensor is read from host memory where the backend binds device memory."""
+    names = {engine.get_tensor_name(i) for i in range(engine.num_io_tensors)}
+    lacking = [x for x in want_in + want_out if x not in names]
+    if lacking:
+        raise ArtifactError(f"engine {name} lacks tensors {lacking[:4]}: {hint}")
+    for wanted, mode, what in ((want_in, trt.TensorIOMode.INPUT, "an input"),
+                               (want_out, trt.TensorIOMode.OUTPUT, "an output")):
+        for x in wanted:
+            if engine.get_tensor_mode(x) != mode:
+                raise ArtifactError(f"engine {name}: {x} is not {what}: {hint}")
+    extra = sorted(names - set(want_in) - set(want_out))
+    if extra:
+        raise ArtifactError(f"engine {name} has tensors the artifact's graph does not ({extra[:4]}): {hint}")
+    shape_io = [x for x in want_in if engine.is_shape_inference_io(x)]
+    if shape_io:
+        raise ArtifactError(f"engine {name} takes {shape_io[:4]} as shape tensors (host memory), not as the device "
+                            f"tensors this backend binds: {hint}")
+
+
 def require_portable(manifest: Manifest, directory) -> None:
     """ArtifactError unless the artifact holds portable graphs: TensorRT cannot parse the fused ONNX Runtime ones."""
     if manifest.graph_format != PORTABLE:

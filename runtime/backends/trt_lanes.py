@@ -192,11 +192,7 @@ class TrtLanes:
                               "out of memory; free it, or use a smaller --max-seq or --max-num-seqs")
         stream, arenas = cuda.stream_create(), []
         try:
-            try:  # the Python binding raises RuntimeError on failure (it does not return False)
-                switched = ctx.set_optimization_profile_async(self.profile, cuda.handle(stream))
-            except RuntimeError:
-                switched = False
-            if not switched:
+            if not compat.switch_profile(ctx, self.profile, cuda.handle(stream)):
                 raise EngineError(f"TensorRT could not switch a context to the batch profile ({self.profile}): "
                                   f"rebuild the engines")
             largest = {io_table.BATCH: self.lanes, io_table.SEQ: self.max_rows,
