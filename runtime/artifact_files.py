@@ -130,13 +130,7 @@ MAX_GRAPH_BYTES = (2 << 30) - 1
 def external_data_names(graph: Path) -> set[str]:
     """The files an ONNX graph file names as external data (`onnx_external`: its protobuf walked, so no entry
     escapes by the order of its fields)."""
-    try:
-        return external_locations(read_bounded(graph, MAX_GRAPH_BYTES))
-    except OSError as e:
-        raise ArtifactError(f"artifact file {graph} cannot be read ({_why(e)}): rebuild the artifact") from None
-    except OnnxFormatError as e:
-        raise ArtifactError(f"artifact file {graph} is not a well-formed ONNX model ({e}): rebuild the "
-                            f"artifact") from None
+    return _parsed_graph(graph, external_locations)
 
 
 ROTARY_TABLES = ("cos_cache", "sin_cache")  # a fused graph's rotary tables: a row per position, and one more
@@ -171,8 +165,14 @@ def graph_initializer_dims(graph: Path, names: set[str]) -> dict[str, list[tuple
     """`onnx_external.initializer_dims` of an ONNX graph file. Read whole, as `external_data_names` reads it (a
     build's graphs keep their weights in weights.bin: a few hundred KB); not memory-mapped, where a file cut short
     while it is read kills the process (SIGBUS) instead of raising."""
+    return _parsed_graph(graph, lambda data: initializer_dims(data, names))
+
+
+def _parsed_graph(graph: Path, parse):
+    """``parse`` of an ONNX graph file's bytes (at most MAX_GRAPH_BYTES); ArtifactError (one line) where the file
+    cannot be read or is not a well-formed model."""
     try:
-        return initializer_dims(read_bounded(graph, MAX_GRAPH_BYTES), names)
+        return parse(read_bounded(graph, MAX_GRAPH_BYTES))
     except OSError as e:
         raise ArtifactError(f"artifact file {graph} cannot be read ({_why(e)}): rebuild the artifact") from None
     except OnnxFormatError as e:

@@ -191,28 +191,19 @@ class Engine:
         """``seq`` takes the KV slot ``slot`` (emptied for it) and runs from the next step."""
         try:
             session = self._fresh(self.slots[slot])
-        except (KeyboardInterrupt, SystemExit):
-            raise
-        except BaseException as e:  # noqa: BLE001 - the backend could not reset the slot (or panicked):
-            self.free.append(slot)  # this request ends with its error (it was already off the queue)
-            seq.sink(as_exception(e))
-            return
-        seq.slot, seq.session = slot, session
-        self.slots[slot] = session
-        try:
+            self.slots[slot] = session
             seq.out = TextOutput(self.gen.tokenizer, seq.cfg)
             # A sampled request decodes plainly here: a lanes step runs no heads, so with them its sample would
             # depend on whether it ran alone; a seed then gives one answer whatever shares the batch.
-            greedy = seq.cfg.temperature == 0
-            spec = self.gen.spec
-            seq.tree = (None if not (seq.cfg.medusa and greedy) else spec.heads_for(self.gen.tree)
-                        if seq.cfg.context_drafts else spec.heads_without_drafts(self.gen.tree))
+            greedy = seq.cfg.medusa and seq.cfg.temperature == 0
+            seq.tree = self.gen.spec.greedy_tree(self.gen.tree, seq.cfg.context_drafts) if greedy else None
         except (KeyboardInterrupt, SystemExit):
             raise
-        except BaseException as e:  # noqa: BLE001 - its slot back, its error to it: else it waited for ever
-            self.free.append(slot)
+        except BaseException as e:  # noqa: BLE001 - the backend could not reset the slot (or panicked), or the
+            self.free.append(slot)  # request could not start: its slot back, its error to it (it left the queue)
             seq.sink(as_exception(e))
             return
+        seq.slot, seq.session = slot, session
         seq.admitted_at = time.perf_counter()
         self.running.append(seq)
 

@@ -165,7 +165,7 @@ class Generator:
         # None: plain, or context drafts only. A sample depends on the trees verified: the artifact's, not one
         # chosen by measured costs, so that a seed gives one answer.
         tree = (None if not cfg.medusa else self.tree if cfg.temperature > 0 or heads else
-                self.spec.heads_for(self.tree) if cfg.context_drafts else self.spec.heads_without_drafts(self.tree))
+                self.spec.greedy_tree(self.tree, cfg.context_drafts))
         out = TextOutput(self.tokenizer, cfg)
         t0 = time.perf_counter()
         try:

@@ -223,8 +223,7 @@ class Speculation:
                 pays = medusa_tokens * vanilla_s >= vanilla_tokens * medusa_s
                 explore = self._explore(pays)
             else:
-                n = tree.num_nodes
-                pays = sum(self.node_rates(tree)) / self.alone_table(True, n)[n] >= 1 / self.alone_table(False, 1)[1]
+                pays = self._tree_beats_plain(tree)
                 explore = self.requests % 2 == 0  # until both graphs are measured: a few requests, not eight, decide
         return tree if pays != explore else None
 
@@ -234,10 +233,19 @@ class Speculation:
         heads next to drafts: such a request has none, and got plain decoding where the heads beside drafts lost."""
         if tree is None:
             return None
-        n = tree.num_nodes
         with self.lock:
-            pays = sum(self.node_rates(tree)) / self.alone_table(True, n)[n] >= 1 / self.alone_table(False, 1)[1]
+            pays = self._tree_beats_plain(tree)
         return tree if pays else None
+
+    def greedy_tree(self, tree, context_drafts: bool):
+        """The tree a greedy request runs: `heads_for` with context drafts, `heads_without_drafts` without."""
+        return self.heads_for(tree) if context_drafts else self.heads_without_drafts(tree)
+
+    def _tree_beats_plain(self, tree) -> bool:
+        """Whether the heads' tree is expected to give more tokens per second on the Medusa graph than a one-row step
+        on the vanilla graph (by the measured node rates and step costs; under the lock)."""
+        n = tree.num_nodes
+        return sum(self.node_rates(tree)) / self.alone_table(True, n)[n] >= 1 / self.alone_table(False, 1)[1]
 
     def _explore(self, pays: bool) -> bool:
         """Whether this request (``self.requests``) runs the graph the paired steps did not choose (under the lock)."""

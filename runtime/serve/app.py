@@ -238,15 +238,19 @@ def _refuse_half_closed(http: Request, done: Finished | None) -> None:
     tell that from a client gone, whose decoding must stop at once, before something is written to it, and an
     HTTP/1.0 client may be sent nothing but its answer (`http_deadlines`: HTTP/1.1 ones are probed); an answer
     that finished anyway is sent."""
-    natural = done is not None and done.result is not None and done.result.finish_reason in NATURAL_FINISHES
-    if half_closed(http.scope) and not natural:
+    if half_closed(http.scope) and not _ended_by_itself(done):
         raise ApiError(400, "the client shut its sending side (half-close) before the answer: decoding stopped, as "
                        "for a client gone; keep the connection open until the answer arrives, or use HTTP/1.1",
                        code="client_half_closed")
 
 
+def _ended_by_itself(done: Finished | None) -> bool:
+    """Whether the answer finished by itself (stop, length), whatever asked it to stop meanwhile."""
+    return done is not None and done.result is not None and done.result.finish_reason in NATURAL_FINISHES
+
+
 def _result_or_error(done: Finished | None, timeout_s: float) -> GenerationResult:
-    if done is not None and done.result is not None and done.result.finish_reason in NATURAL_FINISHES:
+    if _ended_by_itself(done):
         return done.result  # it ended by itself, even if a timeout or the shutdown asked it to stop meanwhile
     if done is not None and done.error is not None:
         raise ApiError(500, f"decoding failed: {type(done.error).__name__}: {str(done.error)[:200]}",
