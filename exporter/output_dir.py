@@ -100,10 +100,13 @@ def check_can_create(path: Path, flag: str) -> None:
     _probe(above, flag, path)
 
 
+PROBE_PREFIX = ".medusa-export-probe-"  # the empty directory `_probe` makes and removes at once
+
+
 def _probe(directory: Path, flag: str, path: Path) -> None:
     """InputError unless an entry can be made in ``directory`` (made and removed again: nothing is left)."""
     try:
-        os.rmdir(tempfile.mkdtemp(prefix=".medusa-export-probe-", dir=directory))
+        os.rmdir(tempfile.mkdtemp(prefix=PROBE_PREFIX, dir=directory))
     except OSError as e:
         raise InputError(f"{flag} {path}: cannot create files in {directory} ({e.strerror}): choose a writable "
                          f"directory") from None

@@ -18,7 +18,7 @@ from pathlib import Path
 from medusa_export.runtime.errors import InputError
 from medusa_export.runtime.typed_json import json_object_or_none
 
-from .output_dir import check_can_create, check_dir_path, check_replaceable, resolved, try_lock, within
+from .output_dir import PROBE_PREFIX, check_can_create, check_dir_path, check_replaceable, resolved, try_lock, within
 
 # What train-heads writes (exporter/heads.py HEADS_FORMAT, exporter/training/checkpoint.py FILE; no torch here).
 HEADS_FORMAT = "medusa-export-heads"
@@ -56,7 +56,9 @@ def check_train_out_dir(out: Path, mode: str, inputs: dict | None = None, cache_
     if mode == "medusa2":  # it writes OUT.partial beside OUT, then swaps it in
         check_can_create(out, "--out")
         _check_work_dir(out)
-    if not out.exists() or not any(p.name != TRAIN_LOCK for p in out.iterdir()):
+    # Our lock, and another rank's writability probe of this same check (torchrun: every rank checks at once)
+    if not out.exists() or not any(p.name != TRAIN_LOCK and not p.name.startswith(PROBE_PREFIX)
+                                   for p in out.iterdir()):
         return
     own = _is_heads_dir(out) if mode == "medusa1" else _is_medusa2_dir(out)
     if not own:

@@ -360,3 +360,19 @@ def test_medusa2_out_that_is_a_symbolic_link_is_refused(invoke, tmp_path):
     _refused(*invoke("--data", tmp_path / "p.jsonl", "--mode", "medusa2", "--out", tmp_path / "link"),
              "is a symbolic link")
     assert (tmp_path / "link").is_symlink() and sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"]
+
+
+def test_another_ranks_writability_probe_in_out_is_not_content(tmp_path):
+    """torchrun starts every rank's checks at once: one rank's probe (an empty directory made and removed in --out)
+    read as content to another, which refused --out as "not empty" (a failure seen once in test_medusa2's run)."""
+    from medusa_export.exporter.output_dir import PROBE_PREFIX
+
+    out = tmp_path / "m2"
+    out.mkdir()
+    (out / TRAIN_LOCK).write_text("")
+    (out / f"{PROBE_PREFIX}abc").mkdir()
+    check_train_out_dir(out, "medusa2")
+    check_train_out_dir(out, "medusa1")
+    (out / "other").write_text("x")
+    with pytest.raises(InputError, match="is not empty"):
+        check_train_out_dir(out, "medusa2")
