@@ -339,3 +339,21 @@ class ClockFreeCost(StepCost):
 
     def record(self, rows: int, seconds: float) -> None:
         """Steps' measured seconds are left out."""
+
+
+def seed_kernel_library(directory: Path) -> Path:
+    """Copy the kernel library this session compiled (in the default kernel directory, once per source and compiler)
+    into ``directory``, with its digest, as a compile there would leave it; its path there. For tests of what
+    happens once a library exists: each compile takes ~9 s of a 2-core machine."""
+    import shutil
+
+    from medusa_export.runtime import kernels
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("MEDUSA_EXPORT_KERNEL_DIR", raising=False)
+        mp.setattr(kernels, "_built", {})
+        compiled = Path(kernels.library_path())
+    directory.mkdir(parents=True, exist_ok=True)
+    for name in (compiled.name, compiled.name + ".sha256"):
+        shutil.copyfile(compiled.parent / name, directory / name)
+    return directory / compiled.name

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import pytest
 
 from medusa_export.runtime import kernels
 from medusa_export.runtime.errors import BackendUnavailableError
+from conftest import seed_kernel_library
 
 if [f for f in kernels.NEEDS if f not in kernels.machine_info()["flags"]]:
     pytest.skip("the attention kernel needs AVX2, FMA and F16C", allow_module_level=True)
@@ -44,10 +46,10 @@ def _fake_cc(path: Path, body: str) -> str:
 def test_cc_flags_for_this_cpu_build_the_same_portable_library_under_another_name(fresh, monkeypatch):
     """CC="gcc -march=native -ffast-math" put AVX-512 into the AVX2 code under the file name plain gcc uses: a cache
     shared with an AVX2 machine then crashed it (SIGILL). The library is now the same bytes, named apart."""
-    monkeypatch.setenv("CC", GCC)
-    plain = Path(kernels.library_path())
+    plain = seed_kernel_library(fresh)  # the compiler the environment names (or the one found on PATH)
+    assert kernels.library_path() == str(plain)
     monkeypatch.setattr(kernels, "_built", {})
-    monkeypatch.setenv("CC", f"{GCC} -march=native -ffast-math")
+    monkeypatch.setenv("CC", f"{shlex.join(kernels._compiler())} -march=native -ffast-math")
     native = Path(kernels.library_path())
     assert native != plain and native.read_bytes() == plain.read_bytes()
 
@@ -73,6 +75,7 @@ def test_a_relative_or_home_kernel_dir_is_made_absolute(monkeypatch, tmp_path):
 @needs_gcc
 def test_a_library_in_the_current_directory_loads(fresh, monkeypatch, tmp_path):
     ort = pytest.importorskip("onnxruntime")
+    seed_kernel_library(tmp_path)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MEDUSA_EXPORT_KERNEL_DIR", ".")
     kernels.register(ort.SessionOptions(), "kernel")
@@ -170,7 +173,7 @@ def test_the_avx2_switch_is_on_only_for_a_value_other_than_blank_or_zero(fresh, 
     """MEDUSA_EXPORT_KERNEL_AVX2=0 took the AVX2 path (C's getenv saw a value)."""
     if "avx512f" not in kernels.machine_info()["flags"]:
         pytest.skip("the AVX2 path is the only one on this CPU")
-    kernels.library_path()  # compiled here, read by the child
+    seed_kernel_library(fresh)  # compiled before, read by the child
     code = "from medusa_export.runtime import kernels; print(kernels.block_f32_path())"
     env = {**os.environ, "MEDUSA_EXPORT_KERNEL_DIR": str(fresh), "MEDUSA_EXPORT_KERNEL_AVX2": value}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)

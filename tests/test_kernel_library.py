@@ -10,6 +10,7 @@ import pytest
 
 from medusa_export.runtime import kernels
 from medusa_export.runtime.errors import BackendUnavailableError
+from conftest import seed_kernel_library
 
 if [f for f in kernels.NEEDS if f not in kernels.machine_info()["flags"]]:
     pytest.skip("the attention kernel needs AVX2, FMA and F16C", allow_module_level=True)
@@ -29,7 +30,8 @@ def test_the_library_is_compiled_once_per_source_and_compiler(tmp_path, monkeypa
 def test_without_a_compiler_a_library_compiled_before_is_used(tmp_path, monkeypatch):
     monkeypatch.setenv("MEDUSA_EXPORT_KERNEL_DIR", str(tmp_path))
     monkeypatch.setattr(kernels, "_built", {})
-    path = kernels.library_path()  # compiled here, as an image build step would
+    path = str(seed_kernel_library(tmp_path))  # compiled before, as an image build step would
+    assert kernels.library_path() == path
     monkeypatch.setattr(kernels, "_built", {})
     monkeypatch.setattr(kernels, "_versions", {})
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
@@ -83,7 +85,8 @@ def test_a_damaged_cached_library_is_compiled_again_not_mapped(tmp_path, monkeyp
     recorded sha256 no longer matches, so it is compiled again."""
     monkeypatch.setenv("MEDUSA_EXPORT_KERNEL_DIR", str(tmp_path))
     monkeypatch.setattr(kernels, "_built", {})
-    path = Path(kernels.library_path())
+    path = seed_kernel_library(tmp_path)
+    assert kernels.library_path() == str(path)
     whole = path.read_bytes()
     path.write_bytes(whole[: len(whole) // 3])
     monkeypatch.setattr(kernels, "_built", {})
