@@ -9,7 +9,9 @@ Decoding the whole output again at every step costs O(n) per step, O(n^2) per an
 window is decoded: the tokens since the last emitted text plus a few before them, because a token's text
 can depend on its left neighbours (a leading space, a multi-byte character split over byte tokens). The
 window's text minus the text of its already-emitted part is the delta (the scheme vLLM and TGI use). A
-delta ending in U+FFFD (an incomplete UTF-8 character) is held back until the next token completes it.
+delta ending in U+FFFD (an incomplete UTF-8 character) is held back until the next token completes it. The
+window starts where a character does: a byte-fallback decoder (Llama 2's, Mistral's) turns a run of byte tokens
+that begins inside a character into U+FFFDs whole, the characters after it included.
 
 The window stays bounded: tokens the decode skips (``skipped``: special tokens, e.g. end-of-sequence under
 ``ignore_eos``) never enter it, and a run held back for more than MAX_HELD tokens (bytes that never form a
@@ -33,6 +35,12 @@ class IncrementalDetokenizer:
         self.ids: list[int] = []  # the tokens since the window's start could move, the skipped ones left out
         self.prefix = 0  # window start: context tokens whose text was emitted already
         self.read = 0  # tokens up to here have their text emitted
+        # Where the window may start: token indices (in ``ids``) at which a character begins, the places text was
+        # emitted up to (CONTEXT_TOKENS back may be inside a character of byte tokens).
+        self.starts: list[int] = [0]
+        # The complete characters of the text held back before an unfinished one at its end: final, though not
+        # emitted yet, so a stop string they complete is found at the token that completes it (`TextOutput`).
+        self.held = ""
 
     def push(self, ids: Sequence[int]) -> str:
         """Append tokens; return the new text that is final."""
@@ -43,14 +51,21 @@ class IncrementalDetokenizer:
         text = self.decode(self.ids[self.prefix:])
         if len(text) <= len(shown) or text.endswith("\ufffd"):
             # nothing visible yet, or the last character is unfinished: wait for more tokens
-            return self._cut(shown, text) if len(self.ids) - self.read > MAX_HELD else ""
+            delta = self._cut(shown, text) if len(self.ids) - self.read > MAX_HELD else ""
+            self.held = text[len(shown) + len(delta):].rstrip("\ufffd")
+            return delta
         return self._emit(len(self.ids), text[len(shown):])
 
     def _emit(self, read: int, delta: str) -> str:
         """The text of the tokens up to ``read`` is out: the window moves on (its start keeps its context)."""
-        self.read = read
-        self.prefix = max(self.prefix, self.read - CONTEXT_TOKENS)
+        # The new start: the character start furthest back within CONTEXT_TOKENS, else the nearest one before them
+        # (``starts`` holds the window's own start, so there is one)
+        near = [b for b in self.starts if read - CONTEXT_TOKENS <= b]
+        self.prefix = min(near) if near else self.starts[-1]
+        self.read, self.held = read, ""
+        self.starts.append(read)
         del self.ids[:self.prefix]  # tokens before the window are never decoded again
+        self.starts = [b - self.prefix for b in self.starts if b >= self.prefix]
         self.read -= self.prefix
         self.prefix = 0
         return delta
@@ -66,6 +81,7 @@ class IncrementalDetokenizer:
                 delta = head[len(shown):]
                 del self.ids[:cut]  # no left context: the split showed the rest decodes alike without it
                 self.prefix = self.read = 0
+                self.starts = [0]
                 return delta
         return ""
 
@@ -75,5 +91,5 @@ class IncrementalDetokenizer:
         do), rather than in a U+FFFD the model never wrote."""
         shown = self.decode(self.ids[self.prefix:self.read])
         text = self.decode(self.ids[self.prefix:])
-        self.read = len(self.ids)
+        self.read, self.held = len(self.ids), ""
         return text[len(shown):].rstrip("\ufffd") if cut else text[len(shown):]

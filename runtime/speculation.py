@@ -140,14 +140,15 @@ class StepCost:
         return self.count[rows] < PLAIN_MIN or self.records - self.last[rows] >= PLAIN_EVERY
 
     def table(self, upto: int) -> list[float]:
-        """[upto + 1] estimated seconds of a step of r rows (index 0 unused)."""
-        upto = min(upto, len(self.seconds) - 1)
+        """[upto + 1] estimated seconds of a step of r rows (index 0 unused). Counts past ``max_rows`` are never
+        measured, only estimated: a heads' tree may have more nodes (up to 1,025) and its steps are weighed too."""
         seconds, count = self.seconds, self.count
-        known = [r for r in range(1, upto + 1) if count[r]]
+        measured = min(upto, len(count) - 1)
+        known = [r for r in range(1, measured + 1) if count[r]]
         base_r, base_t = (known[0], seconds[known[0]]) if known else (1, 0.03)
         t, slowest = [0.0], 0.0
         for r in range(1, upto + 1):
-            if count[r]:
+            if r <= measured and count[r]:
                 base_r, base_t = r, seconds[r]
                 estimate = base_t
             else:  # from the nearest measured count below (or the first measured, above, scaled down)

@@ -86,11 +86,16 @@ class TextOutput:
         return StreamEvent(visible, kept)
 
     def _cut_at_stop(self, tail: str) -> bool:
-        """Cut the pending text at the earliest complete stop string, if any (the answer then ends: "stop")."""
-        cut = _find_stop(tail, self.pending, self.cfg.stop_strings) if self.cfg.stop_strings else None
+        """Cut the pending text at the earliest complete stop string, if any (the answer then ends: "stop"). Searched
+        with the complete characters the detokenizer holds back too: a token whose text is "!" and the first bytes
+        of an emoji completes the stop string "!" itself, not the token that finishes the emoji."""
+        if not self.cfg.stop_strings:
+            return False
+        text = self.pending + self.detok.held
+        cut = _find_stop(tail, text, self.cfg.stop_strings)
         if cut is None:
             return False
-        self.pending, self.finish = self.pending[:cut], "stop"
+        self.pending, self.finish = text[:cut], "stop"
         return True
 
 
