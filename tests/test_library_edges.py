@@ -1,4 +1,6 @@
-"""The library at its edges: stop strings completed before an unfinished character, byte-fallback text streamed whole, trees of more nodes than the step-cost table measures, context drafts up to the KV capacity. Each test failed before its fix."""
+"""The library at its edges: stop strings completed before an unfinished character, byte-fallback text streamed
+whole, trees of more nodes than the step-cost table measures, context drafts up to the KV capacity. Each test
+failed before its fix."""
 
 from __future__ import annotations
 
