@@ -175,9 +175,13 @@ def _corpus_table(directory: Path, manifest: Manifest) -> CorpusTable:
 
 
 def artifact_tree(manifest: Manifest, spec: str | None) -> Tree | None:
-    """The artifact's own tree, or another one that fits its graph (depth <= heads, rank < graph top-k)."""
+    """The artifact's own tree, or another one that fits its graph (depth <= heads, rank < graph top-k). An artifact
+    without heads verifies no tree: one given is refused rather than ignored."""
     dims = manifest.dims
     if not dims.num_heads:
+        if spec is not None:
+            raise TreeError(f"tree {spec!r:.200}: the artifact has no Medusa heads, so no tree is verified: leave the "
+                            f"tree out, or build the artifact with heads (`medusa-export build --heads ...`)")
         return None
     choices = given_choices(spec) if spec is not None else manifest.tree.medusa_choices
     try:

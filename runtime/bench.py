@@ -106,8 +106,8 @@ def run_bench(artifact: str | Path, backends: list[str], prompts: list[str], max
             add(row)
     except BaseException as e:  # a backend failed, or the run was stopped: the rows measured so far are kept
         if results and measured is not None:
-            why = str(e) or type(e).__name__
-            measured({**report(), "incomplete": f"stopped after {len(results)} rows: {type(e).__name__}: {why}"[:400]})
+            why = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__  # Ctrl-C has no message of its own
+            measured({**report(), "incomplete": f"stopped after {len(results)} rows: {why}"[:400]})
         raise
     finally:
         bar.close()
@@ -129,7 +129,9 @@ def backend_rows(rt, name: str, prompts: list[str], max_new_tokens: int, concurr
         identical = all(r.token_ids == v for r, v in zip(runs, vanilla_tokens[name]))
         row = summarize(name, mode, runs, seconds, identical)
         if mode == "vanilla":
-            single_rate = row["tokens_per_s"]
+            # No answer took a step (each ended at the prefill's token: --max-new-tokens 1, or an end of sequence):
+            # nothing was decoded, and a ratio of prefill times is no speed-up of Medusa's.
+            single_rate = row["tokens_per_s"] if row["mean_accepted"] is not None else None
         else:  # same backend, same artifact, same prompts
             row["speedup_vs_vanilla"] = speedup(row["tokens_per_s"], single_rate)
         add(row)

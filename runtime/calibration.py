@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ from .errors import InputError
 from .generator import checked_token_ids
 from .prompts import jsonl_rows, read_prompts
 from .tokenizer import ChatTokenizer
+from .tree import MAX_TREE_NODES
 from .tree_search import search_tree
 
 DEFAULT_SIZES: tuple[int, ...] = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
@@ -178,7 +180,11 @@ def _timed_steps(session, vocab: int, cases: list[tuple[int, bool]], past: int, 
 
 def check_node_budget(node_budget: int, max_seq: int) -> None:
     """The latency table times a step of ``node_budget + 1`` tokens after at least one token of past: a budget
-    beyond that would be refused only after every prompt was decoded."""
+    beyond that would be refused only after every prompt was decoded. Nor more than `MAX_TREE_NODES`: a chosen tree
+    past it could not be built, or loaded from the written file (found only after the measurements)."""
+    if node_budget > MAX_TREE_NODES:
+        raise InputError(f"--node-budget {node_budget} is past the largest tree the runtime takes ({MAX_TREE_NODES} "
+                         f"nodes): use --node-budget {MAX_TREE_NODES} or less")
     if node_budget + 2 > max_seq:
         raise InputError(f"--node-budget {node_budget} does not fit the artifact's max_seq {max_seq} (a step of "
                          f"{node_budget + 1} tokens after one of past): use --node-budget {max_seq - 2} or less, or "
@@ -198,11 +204,16 @@ def check_prompt_lengths(ids: Sequence[Sequence[int]], max_seq: int, name: Calla
 
 def prompt_names(path: str | Path | None) -> Callable[[int], str]:
     """Where prompt ``i`` of a prompts file (read in file order, one per non-blank line) sits: "FILE line N"
-    (1-based); without a file, "calibration prompt N"."""
+    (1-based); without a file, "calibration prompt N". The file is read only when a name is asked for (an error),
+    and only up to that prompt's line: `--limit 1` reads one line, whatever (broken, huge) follows it."""
     if path is None:
         return lambda i: f"calibration prompt {i + 1}"
-    lines = [lineno for lineno, _ in jsonl_rows(Path(path))]
-    return lambda i: f"{path} line {lines[i]}" if i < len(lines) else f"{path} prompt {i + 1}"
+
+    def name(i: int) -> str:
+        lines = [lineno for lineno, _ in itertools.islice(jsonl_rows(Path(path)), i + 1)]
+        return f"{path} line {lines[i]}" if i < len(lines) else f"{path} prompt {i + 1}"
+
+    return name
 
 
 def _prompt_ids(tokenizer: ChatTokenizer | None, prompts: str | Path | Sequence[str | Sequence[int]], chat: bool,

@@ -31,6 +31,11 @@ def compare_backends(generators: dict[str, Generator], prompts: list[str], max_n
         raise InputError(f"comparing backends needs at least two, got {list(generators)}: name a reference and "
                          f"another (e.g. --backends torch,ort)")
     names = list(generators)
+    seen: dict[int, str] = {}
+    for n, g in generators.items():  # one backend under two names matches itself, whatever it computes
+        first = seen.setdefault(id(g.backend), n)
+        if first != n:
+            raise InputError(f"{n!r} is the same backend as {first!r}: compare different backends (load each one)")
     ref_name = names[0]
     ref = generators[ref_name]
     rows = [_compare_prompt(generators, prompt, max_new_tokens) for prompt in prompts]

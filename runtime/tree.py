@@ -70,7 +70,9 @@ def load_choices(spec: str | Path | Sequence[Sequence[int]]) -> tuple[Path_, ...
         return MC_SIM_7B_63
     if name == "cpu_small_10":
         return CPU_SMALL_10
-    if name.startswith("chain-"):
+    path = Path(name)
+    # chain-big.json (in the current directory) names a tree file, not a bad preset: no chain-N ends in .json
+    if name.startswith("chain-") and path.suffix != ".json":
         digits = name.split("-", 1)[1]
         if not (digits.isascii() and digits.isdigit()):  # int() also reads " 2", "+2", "٣" and "1_0"
             raise TreeError(f"bad chain preset {name!r}: use chain-N with N a positive integer, e.g. chain-4")
@@ -78,7 +80,6 @@ def load_choices(spec: str | Path | Sequence[Sequence[int]]) -> tuple[Path_, ...
         if not 1 <= n <= MAX_TREE_DEPTH:
             raise TreeError(f"bad chain preset {name!r}: N must be in 1..{MAX_TREE_DEPTH} (and at most the heads)")
         return chain(n)
-    path = Path(name)
     if not path.exists() and not path.is_symlink():
         if path.suffix == ".json" or "/" in name:
             raise TreeError(f"tree file {name!r:.200} does not exist: give a tree JSON file or a preset "

@@ -27,7 +27,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from .errors import InputError
-from .tree import Tree
+from .tree import MAX_TREE_NODES, Tree
 
 Path_ = tuple[int, ...]
 LatencyFn = Callable[[int], float]
@@ -169,6 +169,9 @@ def search_tree(acc: Sequence[Sequence[float]] | np.ndarray, latency: LatencyFn 
     a = check_accuracy(acc)
     if node_budget < 1 or min_nodes < 1 or min_nodes > node_budget:
         raise InputError(f"node budget must be >= 1 (and >= min_nodes={min_nodes}), got {node_budget}")
+    if node_budget > MAX_TREE_NODES:  # a chosen tree past it failed in `Tree` ("the tree given"), after the search
+        raise InputError(f"node budget {node_budget} is past the largest tree the runtime takes ({MAX_TREE_NODES} "
+                         f"nodes): use {MAX_TREE_NODES} or less")
     lat = latency if callable(latency) else LatencyModel(latency)
     order = best_first_order(a, node_budget, max_depth, max_paths)
     if len(order) < min_nodes:

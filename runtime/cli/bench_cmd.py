@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 
 from .app import app, cli_errors
 from ..report_json import write_json_report
-from .checks import path_argument, path_option
+from .checks import file_path_option, path_argument, path_option
+
+if TYPE_CHECKING:
+    from ..manifest import Manifest
 
 
 @app.command()
@@ -34,20 +37,20 @@ def bench(
     interleave: bool = typer.Option(True, "--interleave/--sequential", help="Single-stream modes take turns prompt "
                                     "by prompt, so a machine whose speed drifts slows them alike (--sequential: each "
                                     "mode over all prompts, then the next)."),
-    as_json: Optional[Path] = path_option(None, "--json", help="Write the report here."),
-    plot_file: Optional[Path] = path_option(None, "--plot", help="Write a PNG bar chart of tokens/s here."),
+    as_json: Optional[Path] = file_path_option(None, "--json", help="Write the report here."),
+    plot_file: Optional[Path] = file_path_option(None, "--plot", help="Write a PNG bar chart of tokens/s here."),
 ) -> None:
     """Benchmark decoding speed: tokens/s, accepted length, step latency, identical outputs."""
     from .. import extras
     from ..bench import RUNNING, plot, run_bench
     from ..prompts import read_prompts
     from ..errors import InputError
-    from .checks import at_least, backend_list, check_threads
+    from .checks import at_least, backend_list, check_threads, prompts_read
 
     names = backend_list(backends)
     at_least("--limit", limit)
     check_threads(threads)
-    _check_outputs(as_json, plot_file, inputs=(artifact, prompts, model, tree))
+    _check_outputs(as_json, plot_file, inputs=(artifact, prompts_read(prompts), model, tree))
     if tree is not None:  # a bad preset or file is named before the artifact loads and the progress bar starts
         _check_tree(tree)
     if "torch" in names:
@@ -63,7 +66,7 @@ def bench(
         raise InputError("--model is the base model of --backends torch and the transformers baseline (--hf); "
                          "neither runs here: leave --model out, or add them")
     texts = read_prompts(prompts, limit=limit)
-    _check_artifact(artifact, names, concurrency)
+    _check_artifact(artifact, names, concurrency, tree)
 
     shown: set[str] = set()
 
@@ -135,14 +138,18 @@ def _check_outputs(as_json: Optional[Path], plot_file: Optional[Path], inputs: t
                                           "pip install 'medusa-export[bench]'")
 
 
-def _check_artifact(artifact: Path, names: list[str], concurrency: int) -> None:
+def _check_artifact(artifact: Path, names: list[str], concurrency: int, tree: Optional[str] = None) -> None:
     """The artifact's manifest, read before the benchmark starts its progress bar. ONNX Runtime batches on the
     artifact's lanes graph, TensorRT in the vanilla engine's batch profile: more requests than they take cannot run
-    together, which the batched rows would only find out after the single-stream rows."""
+    together, which the batched rows would only find out after the single-stream rows. So with ``--tree``: a tree
+    that does not fit the graph was refused when a backend loaded, after the progress bar had started (and with
+    `--backends torch,ort` after every torch row)."""
     from ..errors import InputError
     from ..manifest import Manifest
 
     manifest = Manifest.read(artifact)
+    if tree is not None:
+        _check_tree_fits(manifest, tree, names)
     if "trt" in names:  # found only after every ONNX Runtime row had run
         from ..backends.trt_compat import require_portable
 
@@ -152,3 +159,22 @@ def _check_artifact(artifact: Path, names: list[str], concurrency: int) -> None:
         if concurrency > 1 and name in names and lanes and concurrency > lanes:
             raise InputError(f"--concurrency {concurrency} exceeds the artifact's {what}: use at most {lanes}, or "
                              f"rebuild the artifact with more (`medusa-export build --max-num-seqs N`, N up to 64)")
+
+
+def _check_tree_fits(manifest: "Manifest", tree: str, names: list[str]) -> None:
+    """``--tree`` against the artifact's graph, as loading checks it: depth within the heads, ranks below the top-k,
+    no duplicate or orphan path (`api.artifact_tree`), and on ONNX Runtime's fused graph no more root-to-leaf paths
+    than it verifies (what `Generator` refuses); an artifact without heads takes none."""
+    from ..api import artifact_tree
+    from ..errors import TreeError
+    from ..manifest import ONNXRUNTIME
+
+    chosen = artifact_tree(manifest, tree)
+    graph = manifest.graphs.get("medusa")
+    if chosen is None or graph is None or "ort" not in names or manifest.graph_format != ONNXRUNTIME:
+        return
+    most = graph.paths
+    if len(chosen.paths_nodes) > most:
+        raise TreeError(f"the tree has {len(chosen.paths_nodes)} root-to-leaf paths but this artifact's graph "
+                        f"verifies at most {most}: use a tree with fewer branches, or rebuild the artifact with this "
+                        f"--tree")

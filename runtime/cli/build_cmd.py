@@ -11,7 +11,7 @@ from ..build_options import BuildOptions
 
 from ..manifest import ONNXRUNTIME
 from .app import app, cli_errors
-from .checks import path_argument, path_option
+from .checks import file_path_option, path_argument, path_option
 
 _DEFAULTS = BuildOptions()
 
@@ -157,7 +157,7 @@ def verify(
     limit: int = typer.Option(5, help="Number of prompts."),
     max_new_tokens: int = typer.Option(48),
     tolerance: Optional[float] = typer.Option(None, help="Max probability error (default 1e-3 fp32, 2e-2 fp16)."),
-    as_json: Optional[Path] = path_option(None, "--json", help="Write the full report here."),
+    as_json: Optional[Path] = file_path_option(None, "--json", help="Write the full report here."),
 ) -> None:
     """Compare backends on real prompts: identical greedy tokens, top-1 agreement, probability error.
     Checks every artifact file's sha256 first (loading checks only sizes)."""
@@ -167,7 +167,7 @@ def verify(
     from ..manifest import Manifest
     from ..prompts import read_prompts
     from ..bench import check_room
-    from .checks import at_least, backend_list, non_negative
+    from .checks import at_least, backend_list, non_negative, prompts_read
 
     names = backend_list(backends, minimum=2)
     at_least("--limit", limit)
@@ -176,7 +176,7 @@ def verify(
     if as_json is not None:
         from medusa_export.exporter.output_dir import check_out_file
 
-        check_out_file(as_json, "--json", inputs=(artifact, prompts, model))
+        check_out_file(as_json, "--json", inputs=(artifact, prompts_read(prompts), model))
     if "torch" in names:
         extras.require("verify against the PyTorch reference (--backends torch,...; or compare ort,trt)", "torch")
     manifest = Manifest.read(artifact, check_hashes=True)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,20 @@ def path_option(default: Any, *names: str, help: str) -> Any:
     return typer.Option(default, *names, parser=path_value, help=help)
 
 
+def file_path_value(value) -> Path:
+    """`path_value` for a file the command writes (a report): a trailing slash names a directory, and ``Path`` drops
+    it, so ``--json reports/`` wrote a file called "reports"."""
+    if isinstance(value, str) and value.rstrip().endswith(("/", os.sep)):
+        raise typer.BadParameter(f"{value!r:.200} ends in a slash, naming a directory: give the path of a file "
+                                 f"(e.g. {value.rstrip().rstrip('/' + os.sep)}/report.json)")
+    return path_value(value)
+
+
+def file_path_option(default: Any, *names: str, help: str) -> Any:
+    """A typer option that holds the path of a file the command writes, read by `file_path_value`."""
+    return typer.Option(default, *names, parser=file_path_value, help=help)
+
+
 def path_argument(help: str) -> Any:
     """The required ARTIFACT argument, read by `path_value`."""
     return typer.Argument(..., parser=path_value, metavar="ARTIFACT", help=help)
@@ -78,3 +93,11 @@ def check_threads(threads: int | None) -> None:
     if threads is not None and threads > THREADS_PER_CPU * cpus:
         raise InputError(f"--threads {threads}: use at most {THREADS_PER_CPU * cpus} ({THREADS_PER_CPU} per CPU; this "
                          f"process may use {cpus}), or leave it out for all cores")
+
+
+def prompts_read(given: Path | None) -> Path:
+    """The prompts file a command reads: the one given, else the packaged set. A report path is checked against it
+    (`check_out_file`'s inputs): without --prompts, a report written over the packaged set replaced it."""
+    from ..prompts import PACKAGED_PROMPTS
+
+    return given if given is not None else PACKAGED_PROMPTS

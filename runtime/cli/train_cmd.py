@@ -14,7 +14,7 @@ from ..training_options import Medusa2Options as M2
 
 from ..errors import InputError
 from .app import app, cli_errors
-from .checks import path_argument, path_option
+from .checks import file_path_option, path_argument, path_option
 
 
 @app.command("calibrate-tree")
@@ -23,7 +23,7 @@ def calibrate_tree(
     artifact: Path = path_argument(help="Artifact directory (its heads and graph are measured)."),
     data: Optional[Path] = path_option(None, "--data", help="JSONL calibration prompts the heads never trained on "
                                        "(e.g. the heads' heldout_prompts.jsonl; default: the packaged prompt set)."),
-    out: Path = path_option(..., "--out", "-o", help="Where to write tree.json."),
+    out: Path = file_path_option(..., "--out", "-o", help="Where to write tree.json."),
     backend: str = typer.Option("ort", help="Backend whose step latency is measured: ort | trt | torch."),
     limit: int = typer.Option(48, help="Number of calibration prompts."),
     max_new_tokens: int = typer.Option(96, min=2),
@@ -39,7 +39,7 @@ def calibrate_tree(
     from ..api import MedusaRuntime
     from ..calibration import calibrate
     from ..prompts import read_prompts
-    from .checks import at_least, check_threads
+    from .checks import at_least, check_threads, prompts_read
 
     from .loading import BACKENDS
 
@@ -47,7 +47,7 @@ def calibrate_tree(
         raise InputError(f"--backend {backend!r}: choose one of {', '.join(BACKENDS)}")
     at_least("--limit", limit)
     check_threads(threads)
-    check_out_file(out, "--out", make_parents=True, inputs=(artifact, data, model))  # before the measurements
+    check_out_file(out, "--out", make_parents=True, inputs=(artifact, prompts_read(data), model))  # before the work
     if backend == "torch":
         extras.require("calibrate-tree --backend torch", "torch")
     elif model is not None:
