@@ -17,7 +17,7 @@ from conftest import TINY_PROMPTS, TINY_VOCAB, run_decode
 
 from medusa_export.exporter.corpus_table import count_table, encode_texts
 from medusa_export.runtime.context_drafts import ContextIndex, Draft
-from medusa_export.runtime.corpus_drafts import FILE, CorpusTable, rate_kind
+from medusa_export.runtime.corpus_drafts import FILE, CorpusTable, bits_for, rate_kind
 from medusa_export.runtime.errors import ArtifactError, InputError
 from medusa_export.runtime.manifest import DraftsRecord, FieldError, Manifest, file_record
 from medusa_export.runtime.speculation import Speculation
@@ -41,13 +41,15 @@ def _brute_force(streams: list[list[int]], n: int, min_count: int, weights: list
 
 
 @given(streams=st.lists(st.lists(st.integers(0, 5), max_size=30), max_size=6), min_count=st.integers(1, 3),
-       data=st.data())
-@settings(max_examples=60, deadline=None)
-def test_the_table_keeps_each_phrases_most_frequent_next_token(streams, min_count, data):
+       vocab=st.sampled_from([6, 1 << 16]), data=st.data())
+@settings(max_examples=80, deadline=None)
+def test_the_table_keeps_each_phrases_most_frequent_next_token(streams, min_count, vocab, data):
+    """A vocabulary of 2**16 takes 16 bits a token: a 4-gram and its next token no longer fit one 64-bit word."""
     weights = data.draw(st.none() | st.lists(st.integers(1, 4), min_size=len(streams), max_size=len(streams)))
-    table = count_table([np.asarray(s, np.int64) for s in streams], vocab_size=6, min_count=min_count,
+    table = count_table([np.asarray(s, np.int64) for s in streams], vocab_size=vocab, min_count=min_count,
                         weights=weights)
     assert table.max_ngram == 4
+    bits = bits_for(vocab)
     for n in range(1, 5):
         expected = _brute_force(streams, n, min_count, weights)
         keys = table.keys[n - 1]
@@ -55,7 +57,7 @@ def test_the_table_keeps_each_phrases_most_frequent_next_token(streams, min_coun
         for gram, (token, share) in expected.items():
             found = table.lookup(list(gram))
             assert found is not None and found[1] == n
-            i = int(np.searchsorted(keys, np.uint64(sum(t << (3 * (n - 1 - j)) for j, t in enumerate(gram)))))
+            i = int(np.searchsorted(keys, np.uint64(sum(t << (bits * (n - 1 - j)) for j, t in enumerate(gram)))))
             assert (int(table.nexts[n - 1][i]), int(table.shares[n - 1][i])) == (token, share)
 
 
