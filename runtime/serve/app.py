@@ -277,19 +277,26 @@ async def _sse(rid: str, job: Job, name: str, admitted: Admitted) -> AsyncIterat
         usage = {"usage": None} if job.include_usage else {}
         return _data({"id": rid, "object": kind, "created": created, "model": name, "choices": [choice]} | usage)
 
-    if job.chat:
-        yield chunk("", None, role=True)
+    # The role chunk goes with the first event from the engine, as vLLM's does, not at once: load generators (vLLM's
+    # `bench serve`) take the first chunk with choices for the first token, so one sent while the request was still
+    # queued or prefilling made their time to first token near zero.
+    role_sent = not job.chat
     async for item in admitted.events():
         if not isinstance(item, Finished):
+            if not role_sent:
+                role_sent = True
+                yield chunk("", None, role=True)
             if item.text:
                 yield chunk(item.text, None)
             continue
         try:
             result = _result_or_error(item, 0)
-        except ApiError as e:
+        except ApiError as e:  # an error event alone when no token came, as vLLM's
             yield _data(ApiError(e.status, "the request timed out" if e.status == 504 else e.message,
                                  type_="server_error").body())
             break
+        if not role_sent:  # an answer that ended before its first token's event (an end of sequence at once)
+            yield chunk("", None, role=True)
         yield chunk(None if job.chat else "", result.finish_reason)
         if job.include_usage:
             yield _data({"id": rid, "object": kind, "created": created, "model": name, "choices": [],

@@ -63,7 +63,8 @@ class Job:
 _COMMON = {"model", "max_tokens", "max_completion_tokens", "temperature", "stop", "seed", "stream", "stream_options",
            "medusa", "ignore_eos", "user", "n", "top_p", "presence_penalty", "frequency_penalty", "logprobs",
            "top_logprobs", "logit_bias", "response_format", "tools", "tool_choice", "parallel_tool_calls",
-           "functions", "function_call", "best_of", "echo", "suffix", "service_tier", "store", "metadata"}
+           "functions", "function_call", "best_of", "echo", "suffix", "service_tier", "store", "metadata",
+           "repetition_penalty"}  # vLLM's; its `bench serve` sends repetition_penalty: 1.0 with every completion
 _MESSAGE_KEYS = {"role", "content"}  # a message's other fields (name, tool_calls, ...) are not rendered: refused
 # Parameter -> the values that mean "not used" (the API's defaults and "off" values); anything else is a 400.
 _NEUTRAL: dict[str, tuple] = {
@@ -71,10 +72,12 @@ _NEUTRAL: dict[str, tuple] = {
     "logprobs": (None, False), "top_logprobs": (None, 0), "logit_bias": (None, {}), "echo": (None, False),
     "suffix": (None, ""), "tools": (None, []), "tool_choice": (None, "none"), "parallel_tool_calls": (None, True, False),
     "functions": (None, []), "function_call": (None, "none"), "response_format": (None, {"type": "text"}),
+    "repetition_penalty": (1,),
 }
 # OpenAI's bookkeeping fields: accepted without effect, but of the types its API defines.
 _BOOKKEEPING = (("user", str, "a string"), ("store", bool, "true or false"), ("service_tier", str, "a string"),
                 ("metadata", dict, "an object"))
+_STREAM_OPTIONS = {"include_usage", "include_obfuscation"}
 _SEED_RANGE = (-(2 ** 63), 2 ** 64 - 1)  # what vLLM accepts: signed or unsigned 64-bit
 
 
@@ -203,9 +206,12 @@ def _options(body: dict, model: ServedModel) -> _Options:
     options = body.get("stream_options")
     if options is not None and not stream:
         raise ApiError(400, "stream_options is only allowed with stream: true", param="stream_options")
-    if options is not None and not (isinstance(options, dict) and set(options) <= {"include_usage"}
-                                    and isinstance(options.get("include_usage", False), (bool, type(None)))):
-        raise ApiError(400, "stream_options must be an object with the boolean include_usage", param="stream_options")
+    # include_obfuscation (OpenAI's: random padding in an extra field of each chunk, which clients skip) is accepted
+    # without effect: this server pads nothing, and OpenAI's docs tell clients to send false to save bandwidth.
+    if options is not None and not (isinstance(options, dict) and set(options) <= _STREAM_OPTIONS
+                                    and all(isinstance(v, (bool, type(None))) for v in options.values())):
+        raise ApiError(400, "stream_options must be an object with the booleans include_usage and "
+                       "include_obfuscation", param="stream_options")
     seed = body.get("seed")
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)
                              or not _SEED_RANGE[0] <= seed <= _SEED_RANGE[1]):
