@@ -216,7 +216,7 @@ def test_unknown_routes_and_models_get_openai_404s(server, client):
     for path in ("/v1/nothing", "/docs", "/redoc", "/openapi.json"):
         code, raw = get(server + path)
         err = json.loads(raw)["error"]
-        assert code == 404 and err["type"] == "not_found_error" and err["message"], path
+        assert code == 404 and err["type"] == "invalid_request_error" and err["message"], path
     name = client.models.list().data[0].id
     assert client.models.retrieve(name).id == name
     with pytest.raises(openai.NotFoundError) as e:

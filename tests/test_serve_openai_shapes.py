@@ -288,10 +288,11 @@ def test_vllm_bench_serve_payload_is_answered(server):
 
 
 def test_every_error_status_has_an_openai_body(server):
-    assert _error(post(server + "/v1/chat/completions", {"messages": MESSAGES}, key="wrong"))["code"] == \
-        "invalid_api_key"
+    """With OpenAI's types: a wrong key (401), an unknown model or route (404) are invalid_request_error there too."""
+    err = _error(post(server + "/v1/chat/completions", {"messages": MESSAGES}, key="wrong"))
+    assert (err["type"], err["code"]) == ("invalid_request_error", "invalid_api_key")
     err = _error(post(server + "/v1/chat/completions", {"model": "nope", "messages": MESSAGES}))
-    assert (err["param"], err["code"]) == ("model", "model_not_found")
+    assert (err["type"], err["param"], err["code"]) == ("invalid_request_error", "model", "model_not_found")
     assert _error(post(server + "/v1/chat/completions", b"x" * 100001))["code"] == "request_too_large"
     for path, status in (("/v1/nowhere", 404), ("/v1/chat/completions", 405)):
         code, raw = get(server + path, {"Authorization": f"Bearer {KEY}"})

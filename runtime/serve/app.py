@@ -117,7 +117,7 @@ def create_app(runtime, settings: ServeSettings = ServeSettings()) -> FastAPI:
     async def _http_error(request: Request, e: HTTPException):  # unknown routes (404), wrong methods (405)
         what = {404: f"no route {request.url.path!r:.100}: see /v1/models, /v1/chat/completions, /v1/completions",
                 405: f"{request.method} is not allowed on {request.url.path!r:.100}"}.get(e.status_code, str(e.detail))
-        err = ApiError(e.status_code, what, type_="not_found_error" if e.status_code == 404 else "invalid_request_error")
+        err = ApiError(e.status_code, what)  # OpenAI's type for an unknown route too: invalid_request_error
         return JSONResponse(err.body(), status_code=e.status_code, headers=closing_if_unread(request, e.headers))
 
     @app.api_route("/health", methods=["GET", "HEAD"])  # HEAD: load balancers' health checks
@@ -149,7 +149,7 @@ def create_app(runtime, settings: ServeSettings = ServeSettings()) -> FastAPI:
         authorize(request, settings.api_key)
         if model_id != name:
             raise ApiError(404, f"the model {model_id!r:.80} does not exist: this server serves {name!r}",
-                           param="model", code="model_not_found", type_="not_found_error")
+                           param="model", code="model_not_found")
         return model_card()
 
     @app.post("/v1/chat/completions")

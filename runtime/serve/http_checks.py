@@ -26,8 +26,8 @@ def authorize(request, api_key: str | None) -> None:
     header = request.headers.get("authorization", "")
     token = header[7:] if header.lower().startswith("bearer ") else ""
     if not hmac.compare_digest(token.encode(), api_key.encode()):
-        raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer KEY'", type_="authentication_error",
-                       code="invalid_api_key")
+        # OpenAI's 401: type invalid_request_error, code invalid_api_key
+        raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer KEY'", code="invalid_api_key")
 
 
 def check_not_cross_origin(headers) -> None:

@@ -183,7 +183,7 @@ def _options(body: dict, model: ServedModel) -> _Options:
         raise ApiError(400, f"model must be a string, got {_shown(name)}", param="model")
     if name is not None and name != model.name:
         raise ApiError(404, f"the model {name!r:.80} does not exist: this server serves {model.name!r}", param="model",
-                       code="model_not_found", type_="not_found_error")
+                       code="model_not_found")
     for key, neutral in _NEUTRAL.items():
         if key in body and not any(_same(body[key], v) for v in neutral):
             allowed = " or ".join(json.dumps(v) for v in neutral)
