@@ -85,12 +85,21 @@ def _make_logger(trt, log: Callable[[str], None], verbose: bool = False):
     return _Logger()
 
 
+def network_flags(trt, strongly_typed: bool) -> int:
+    """``create_network``'s bit mask. TensorRT 10: the STRONGLY_TYPED bit (value 1) for a strongly typed network.
+    TensorRT 11: 0, since every network is strongly typed and NetworkDefinitionCreationFlag.STRONGLY_TYPED is
+    deprecated and ignored (NvInfer.h of 11.x; the 10.x-to-11.x migration guide): not naming it keeps the build
+    working when the member goes."""
+    if not strongly_typed or precision.major_version(trt.__version__) >= 11:
+        return 0
+    return 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+
+
 def _build_plan(trt, onnx_path: Path, plan: precision.PrecisionPlan, profiles: list[Profile], dims: ModelDims,
                 options: BuildOptions, cache_path: Path, log: Callable[[str], None]):
     logger = _make_logger(trt, log)
     builder = trt.Builder(logger)
-    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if plan.strongly_typed else 0
-    network = builder.create_network(flags)
+    network = builder.create_network(network_flags(trt, plan.strongly_typed))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]

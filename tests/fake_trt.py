@@ -14,7 +14,17 @@ from medusa_export.runtime.backends import cuda_buffers
 
 # ----------------------------------------------------------------------------------------------- fakes
 class FakeCuda:
-    """Device memory = one byte array; pointer = offset (never 0)."""
+    """Device memory = one byte array; pointer = offset (never 0).
+
+    Work on a stream runs when the stream is synchronized, in the order it was queued (the calls check their
+    arguments at once). That is the latest a GPU may run it, so the fake catches what real CUDA allows to go wrong:
+
+    * a device-to-host copy reaches the host array only at synchronize (until then it holds garbage);
+    * a host-to-device copy reads its host array only then too: the CUDA runtime's "API synchronization behavior"
+      page says a cudaMemcpyAsync between pageable host memory and device memory only *might* be synchronous, so the
+      host source must stay alive and unchanged until the stream is synchronized;
+    * work on one stream sees another stream's results only after that stream was synchronized.
+    """
 
     def __init__(self, nbytes: int = 1 << 24) -> None:
         self.mem = np.zeros(nbytes, np.uint8)
@@ -22,7 +32,7 @@ class FakeCuda:
         self.live: dict[int, int] = {}
         self.streams = 0
         self.calls = {"d2d_2d": 0, "h2d": 0, "d2h": 0}
-        self.pending: dict = {}  # stream -> D2H copies the host sees only after synchronize(stream)
+        self.queue: dict = {}  # stream -> device work not run yet (callables, in stream order)
 
     def malloc(self, n):
         ptr = cuda_buffers.round_up(self.next)
@@ -32,6 +42,8 @@ class FakeCuda:
         return ptr
 
     def free(self, ptr):
+        for stream in list(self.queue):  # cudaFree waits for the device's queued work (implicit synchronization)
+            self.synchronize(stream)
         assert self.live.pop(ptr, None) is not None, "double free"
 
     def stream_create(self):
@@ -39,11 +51,15 @@ class FakeCuda:
         return self.streams
 
     def stream_destroy(self, stream):
-        pass
+        assert not self.queue.get(stream), "stream destroyed with work still queued (synchronize it first)"
+
+    def enqueue(self, stream, work):
+        assert isinstance(stream, int) and stream > 0, "device work goes on one of the streams made here"
+        self.queue.setdefault(stream, []).append(work)
 
     def synchronize(self, stream):
-        for host, data in self.pending.pop(stream, []):
-            host[:] = data
+        for work in self.queue.pop(stream, []):
+            work()
 
     def set_device(self, index):
         assert index == 0
@@ -58,22 +74,28 @@ class FakeCuda:
     def h2d(self, dst, src, stream):
         self.calls["h2d"] += 1
         self._check(dst, src.nbytes)
-        self.mem[dst:dst + src.nbytes] = np.ascontiguousarray(src).view(np.uint8).reshape(-1)
+
+        def copy():  # reads the host array now, not when h2d was called
+            self.mem[dst:dst + src.nbytes] = np.ascontiguousarray(src).view(np.uint8).reshape(-1)
+        self.enqueue(stream, copy)
 
     def d2h(self, dst, src, stream):
-        # cudaMemcpyAsync: the device bytes are taken in stream order, but the host may read them only after
-        # synchronizing the stream; until then the host array holds garbage.
         self.calls["d2h"] += 1
         assert dst.flags.c_contiguous
         self._check(src, dst.nbytes)
         host = dst.reshape(-1).view(np.uint8)
-        data = self.mem[src:src + dst.nbytes].copy()
-        host[:] = 0xFF
-        self.pending.setdefault(stream, []).append((host, data))
+        host[:] = 0xFF  # garbage until the stream is synchronized
+
+        def copy():
+            host[:] = self.mem[src:src + dst.nbytes]
+        self.enqueue(stream, copy)
 
     def memset(self, dst, value, n, stream):
         self._check(dst, n)
-        self.mem[dst:dst + n] = value
+
+        def fill():
+            self.mem[dst:dst + n] = value
+        self.enqueue(stream, fill)
 
     def d2d_2d(self, dst, dpitch, src, spitch, width, height, stream):
         self.calls["d2d_2d"] += 1
@@ -83,7 +105,12 @@ class FakeCuda:
             assert s + width <= d or d + width <= s, "overlapping device copy"
             self._check(s, width)
             self._check(d, width)
-            self.mem[d:d + width] = self.mem[s:s + width]
+
+        def copy():
+            for r in range(height):
+                s, d = src + r * spitch, dst + r * dpitch
+                self.mem[d:d + width] = self.mem[s:s + width]
+        self.enqueue(stream, copy)
 
     def read(self, ptr, dtype, shape):
         n = int(np.prod(shape)) * np.dtype(dtype).itemsize
@@ -122,7 +149,7 @@ class Severity(enum.IntEnum):  # trt.ILogger.Severity (an arithmetic pybind11 en
 
 
 def fake_tensorrt(cuda: FakeCuda, version: str = "10.3.0", align: int = 256, record: dict | None = None,
-                  refuse_strongly_typed: bool = False):
+                  refuse_strongly_typed: bool = False, without_deprecated: bool = False, device: str = "sm_90"):
     """The slice of the TensorRT Python API the builder and the backend use, as TensorRT 10 or (``version`` "11...")
     TensorRT 11 expose it (tensorrt/python/src/infer/pyCore.cpp): on 11 ``STRONGLY_TYPED`` is 0 and ignored (every
     network is strongly typed) and ``BuilderFlag`` has no FP16 / BF16 / INT8 / FP8 members."""
@@ -131,8 +158,10 @@ def fake_tensorrt(cuda: FakeCuda, version: str = "10.3.0", align: int = 256, rec
     trt = types.SimpleNamespace(__version__=version)
     strongly_typed_bit = 0 if major >= 11 else STRONGLY_TYPED
     if major >= 11:
-        trt.NetworkDefinitionCreationFlag = types.SimpleNamespace(STRONGLY_TYPED=0, PREFER_JIT_PYTHON_PLUGINS=1,
-                                                                  PREFER_AOT_PYTHON_PLUGINS=2)
+        # ``without_deprecated``: a later TensorRT that dropped the deprecated STRONGLY_TYPED member
+        trt.NetworkDefinitionCreationFlag = types.SimpleNamespace(
+            PREFER_JIT_PYTHON_PLUGINS=1, PREFER_AOT_PYTHON_PLUGINS=2,
+            **({} if without_deprecated else {"STRONGLY_TYPED": 0}))
         trt.BuilderFlag = types.SimpleNamespace(TF32="TF32")
     else:
         trt.NetworkDefinitionCreationFlag = types.SimpleNamespace(EXPLICIT_BATCH=0, STRONGLY_TYPED=STRONGLY_TYPED)
@@ -174,12 +203,55 @@ def fake_tensorrt(cuda: FakeCuda, version: str = "10.3.0", align: int = 256, rec
         def get_input(self, i):
             return types.SimpleNamespace(name=self.inputs[i])
 
+    class ParserError:
+        """nvonnxparser::IParserError as the binding shows it: str() is one line naming the node, then the code and
+        the description (python/src/parsers/pyOnnx.cpp)."""
+
+        def __init__(self, index, node_name, op, code, desc):
+            self.index, self.name, self.op, self._code, self._desc = index, node_name, op, code, desc
+
+        def desc(self):
+            return self._desc
+
+        def node(self):
+            return self.index
+
+        def __str__(self):
+            return (f"In node {self.index} with name: {self.name} and operator: {self.op} (fake parser): "
+                    f"{self._code}: {self._desc}")
+
     class OnnxParser:
         def __init__(self, network, logger):
-            self.network = network
-            self.num_errors = 0
+            self.network, self.logger = network, logger
+            self.errors = []
+
+        @property
+        def num_errors(self):
+            return len(self.errors)
+
+        def get_error(self, i):
+            return self.errors[i]
 
         def parse_from_file(self, path):
+            """False, with errors, for a node outside the standard ONNX domain: TensorRT imports only standard ops
+            (and plugins registered under the op's name, which this project has none of): ONNX Runtime's contrib ops
+            and the medusa_export kernels cannot reach it."""
+            import onnx
+
+            model = onnx.load(path, load_external_data=False)
+            ops = set()
+            for i, node in enumerate(model.graph.node):  # the step graphs have no subgraphs (If / Loop bodies)
+                subgraph = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+                assert not any(a.type in subgraph for a in node.attribute)
+                ops.add((node.domain or "", node.op_type))
+                if node.domain not in ("", "ai.onnx"):
+                    self.errors.append(ParserError(i, node.name, node.op_type, "UNSUPPORTED_NODE",
+                                                   f"no importer for {node.domain}::{node.op_type}, and no plugin "
+                                                   f"registered under that name"))
+            record.setdefault("onnx_ops", set()).update(ops)
+            if self.errors:
+                _error(self.logger, str(self.errors[0]))
+                return False
             s = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
             self.network.inputs = [x.name for x in s.get_inputs()]
             self.network.onnx = str(Path(path).resolve())
@@ -197,11 +269,14 @@ def fake_tensorrt(cuda: FakeCuda, version: str = "10.3.0", align: int = 256, rec
             self.shapes[name] = (lo, opt, hi)
 
     class TimingCache:
+        """A blob ``timing:<device>:<entries>``: its header names the GPU it was measured on."""
+
         def __init__(self, data):
-            self.data = data
+            self.data = data  # the blob it was made from (b"": a fresh cache)
+            self.device = data.split(b":")[1].decode() if data else device
 
         def serialize(self):
-            return b"timing:" + bytes(self.data)
+            return b"timing:" + self.device.encode() + b":entries"
 
     class Config:
         def __init__(self):
@@ -230,6 +305,10 @@ def fake_tensorrt(cuda: FakeCuda, version: str = "10.3.0", align: int = 256, rec
         def set_timing_cache(self, cache, ignore_mismatch):
             if not isinstance(cache, TimingCache):
                 raise TypeError("set_timing_cache(): incompatible function arguments")
+            # NvInfer.h: a cache whose CUDA device properties differ from this GPU's is a failure (false) unless
+            # ignoreMismatch.
+            if cache.device != device and not ignore_mismatch:
+                return False
             self.cache = cache
             return True
 
@@ -270,7 +349,8 @@ def fake_tensorrt(cuda: FakeCuda, version: str = "10.3.0", align: int = 256, rec
                     assert p.shapes["position_ids"][k] == (b, t) and b_kv == b
                     assert p.shapes["attention_mask"][k] == (b, 1, t, past + t)
             record.setdefault("builds", []).append(
-                {"strongly_typed": network.strongly_typed, "flags": sorted(config.flags),
+                {"strongly_typed": network.strongly_typed, "network_flags": network.flags,
+                 "flags": sorted(config.flags),
                  "pools": dict(config.pools), "cache_in": config.cache.data if config.cache else None})
             plan = {"onnx": network.onnx, "profiles": [{k: [list(s) for s in v] for k, v in p.shapes.items()}
                                                        for p in config.profiles]}
@@ -358,17 +438,22 @@ def fake_tensorrt(cuda: FakeCuda, version: str = "10.3.0", align: int = 256, rec
             unbound = [n for n in e.names if not self.addr.get(n)]
             # enqueueV3 needs a non-null address for every input and output (else it logs an error, returns False).
             assert not unbound, f"execute_async_v3 with tensors that have no address: {unbound[:4]}"
-            feeds = {}
-            for name, dt in e.inputs.items():
+            shapes = {}
+            for name in e.inputs:
                 shape = self.shapes.get(name, (1,) if name == "temperature" else None)
                 assert shape is not None, f"no shape set for {name}"
-                feeds[name] = cuda.read(self.addr[name], _DT_TO_NP[dt], shape)
-            (b, t), past = feeds["input_ids"].shape, feeds["past_key_values.0.key"].shape[1]
-            assert feeds["attention_mask"].shape == (b, 1, t, past + t)
+                shapes[name] = shape
+            (b, t), past = shapes["input_ids"], shapes["past_key_values.0.key"][1]
+            assert shapes["attention_mask"] == (b, 1, t, past + t)
             record.setdefault("shapes", []).append((b, t, past))
-            outs = e.session.run(list(e.outputs), feeds)
-            for name, value in zip(e.outputs, outs):
-                cuda.write(self.addr[name], value.astype(_DT_TO_NP[e.outputs[name]]))
+            addr = dict(self.addr)  # the addresses and shapes of this enqueue; later set_* calls are for the next one
+
+            def run():  # on the stream, after the work queued before it (the input copies)
+                feeds = {name: cuda.read(addr[name], _DT_TO_NP[dt], shapes[name]) for name, dt in e.inputs.items()}
+                outs = e.session.run(list(e.outputs), feeds)
+                for name, value in zip(e.outputs, outs):
+                    cuda.write(addr[name], value.astype(_DT_TO_NP[e.outputs[name]]))
+            cuda.enqueue(stream, run)
             record["executions"] = record.get("executions", 0) + 1
             return True
 

@@ -210,15 +210,18 @@ def test_generate_backend_trt_exits_2_with_one_line(tmp_path):
 
 
 # ------------------------------------------------------------------------------------ the CUDA wrapper
-def _fake_cudart(fail: str | None = None):
+def _fake_cudart(fail: str | None = None, error: tuple[int, str] = (2, "cudaErrorMemoryAllocation")):
+    """cuda-python's conventions (checked against cuda-bindings 13.5 on a machine without a GPU): every call returns
+    a tuple, ``cudaError_t`` first; on failure the results after it are None; cudaGetErrorName returns
+    ``(cudaSuccess, bytes)``."""
     ok = types.SimpleNamespace(value=0)
-    bad = types.SimpleNamespace(value=2)
+    bad = types.SimpleNamespace(value=error[0])
     calls = []
 
     def call(name, *result):
         def f(*args):
             calls.append((name, args))
-            return (bad,) if name == fail else (ok, *result)
+            return (bad, *[None] * len(result)) if name == fail else (ok, *result)
         return f
 
     rt = types.SimpleNamespace(
@@ -226,8 +229,8 @@ def _fake_cudart(fail: str | None = None):
         cudaMalloc=call("cudaMalloc", 4096), cudaFree=call("cudaFree"),
         cudaMemcpyAsync=call("cudaMemcpyAsync"), cudaMemcpy2DAsync=call("cudaMemcpy2DAsync"),
         cudaGetDeviceProperties=call("cudaGetDeviceProperties", types.SimpleNamespace(name=b"NVIDIA H100\0\0", major=9, minor=0)),
-        cudaRuntimeGetVersion=call("cudaRuntimeGetVersion", 12040),
-        cudaGetErrorName=lambda err: (ok, b"cudaErrorMemoryAllocation"))
+        cudaRuntimeGetVersion=call("cudaRuntimeGetVersion", 12040), cudaGetDeviceCount=call("cudaGetDeviceCount", 1),
+        cudaGetErrorName=lambda err: (ok, error[1].encode()))
     return rt, calls
 
 
@@ -253,3 +256,28 @@ def test_cuda_wrapper_unpacks_results_and_reports_errors():
     from medusa_export.runtime.errors import EngineError, MedusaExportError
 
     assert isinstance(err.value, EngineError) and isinstance(err.value, MedusaExportError)
+
+
+def test_cuda_errors_say_what_to_do_about_that_error():
+    """Out of memory asks for a smaller --max-seq; a missing or old driver (what cuda-bindings returns on a machine
+    without a GPU: cudaErrorInsufficientDriver) asks for the driver, not for memory."""
+    oom = Cuda(_fake_cudart(fail="cudaMalloc")[0])
+    with pytest.raises(CudaError, match=r"cudaErrorMemoryAllocation \(the GPU is out of memory: .*--max-seq\)"):
+        oom.malloc(100)
+    no_driver = Cuda(_fake_cudart(fail="cudaMalloc", error=(35, "cudaErrorInsufficientDriver"))[0])
+    with pytest.raises(CudaError, match=r"cudaErrorInsufficientDriver \(the NVIDIA driver is missing") as err:
+        no_driver.malloc(100)
+    assert "out of memory" not in str(err.value)
+
+
+def test_no_driver_reason_is_one_hint(monkeypatch):
+    """What cuda-bindings answers on a machine without a GPU driver: the reason names the error and its one fix."""
+    from medusa_export.runtime.backends import cuda_buffers
+
+    rt = _fake_cudart(fail="cudaGetDeviceCount", error=(35, "cudaErrorInsufficientDriver"))[0]
+    monkeypatch.setattr(cuda_buffers, "import_cudart", lambda: rt)
+    monkeypatch.setattr(availability, "import_cudart", lambda: rt)
+    monkeypatch.setattr(availability, "load_cuda", lambda: Cuda(rt))
+    device, runtime, reason = availability.cuda_device(0)
+    assert device is None and reason == ("no CUDA device found: cudaGetDeviceCount failed: cudaErrorInsufficientDriver "
+                                         "(the NVIDIA driver is missing or older than this CUDA runtime: update it)")

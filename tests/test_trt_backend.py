@@ -185,6 +185,21 @@ def test_an_unreadable_timing_cache_is_replaced(fakes, tiny, tmp_path):
     assert cache.read_bytes().startswith(b"timing:")
 
 
+def test_a_timing_cache_from_another_gpu_is_refused_and_replaced(fakes, tiny, tmp_path):
+    """set_timing_cache(cache, ignore_mismatch=False) returns False for another GPU's cache (NvInfer.h): the build
+    uses a fresh cache rather than another device's timings, and saves its own."""
+    from medusa_export.engines.cli_entry import build_engines_for_artifact
+
+    cache = tmp_path / "cache" / "tensorrt" / "timing-10.3.0-sm_90.cache"
+    cache.parent.mkdir(parents=True)
+    cache.write_bytes(b"timing:sm_80:entries")
+    build_engines_for_artifact(_copy(tiny, tmp_path / "art"), required=True, log=lambda s: None)
+    assert fakes.record["builds"][0]["cache_in"] == b""
+    assert cache.read_bytes() == b"timing:sm_90:entries"
+    build_engines_for_artifact(_copy(tiny, tmp_path / "again"), required=True, log=lambda s: None)
+    assert fakes.record["builds"][-1]["cache_in"] == b"timing:sm_90:entries"  # this GPU's own cache is reused
+
+
 def test_trt_backend_matches_ort_staged_rows(fakes, tiny, tmp_path):
     _check_against_ort(fakes, _copy(tiny, tmp_path / "art"), expect_in_place=False)
 
@@ -366,7 +381,18 @@ def test_tensorrt_11_builds_strongly_typed_without_weak_flags(fakes, tiny, tmp_p
     manifest = build_engines_for_artifact(_copy(tiny, tmp_path / "art"), required=True, log=lambda s: None,
                                           strongly_typed=False)  # --weakly-typed means nothing on 11
     assert {r.precision for r in manifest.engines.values()} == {"fp32 strongly typed -TF32"}
-    assert all(b["strongly_typed"] and b["flags"] == [] for b in trt11.record["builds"])
+    assert all(b["strongly_typed"] and b["flags"] == [] and b["network_flags"] == 0 for b in trt11.record["builds"])
+
+
+@pytest.mark.parametrize("version, without_deprecated, bits", [("10.3.0", False, 2), ("11.1.0", False, 0),
+                                                                ("11.1.0", True, 0)])
+def test_network_flags_name_strongly_typed_only_on_tensorrt_10(fakes, version, without_deprecated, bits):
+    """TensorRT 10: STRONGLY_TYPED is bit 1. TensorRT 11: every network is strongly typed and the member is deprecated
+    (NvInfer.h: "deprecated and ignored"), so the builder passes 0 and keeps working once the member is removed."""
+    from medusa_export.engines.builder import network_flags
+
+    trt = fake_tensorrt(fakes.cuda, version=version, without_deprecated=without_deprecated)
+    assert network_flags(trt, True) == bits and network_flags(trt, False) == 0
 
 
 def test_fake_builder_refuses_weak_flags_on_a_strongly_typed_network_and_logs_why(fakes):
@@ -416,3 +442,31 @@ def test_engines_the_backend_cannot_bind_are_refused_at_load(fakes, tiny, tmp_pa
     fakes.record[setting[0]] = setting[1]
     with pytest.raises(ArtifactError, match=message):
         MedusaRuntime.load(art, backend="trt")
+
+
+def test_portable_graphs_reach_tensorrt_with_standard_onnx_ops_only(fakes, tiny, tmp_path):
+    """TensorRT's ONNX parser imports standard-domain ops (and plugins by op name): the portable graphs must not carry
+    the medusa_export kernels or ONNX Runtime's com.microsoft ops. A graph that does fails to parse, with the
+    parser's first error in the message."""
+    import onnx
+
+    from medusa_export.engines.builder import EngineBuildError
+    from medusa_export.engines.cli_entry import build_engines_for_artifact
+    from medusa_export.runtime.kernels import DOMAIN
+    from medusa_export.runtime.manifest import file_record
+
+    build_engines_for_artifact(_copy(tiny, tmp_path / "ok"), required=True, log=lambda s: None)
+    assert fakes.record["onnx_ops"] and {d for d, _ in fakes.record["onnx_ops"]} == {""}
+
+    art = _copy(tiny, tmp_path / "custom")
+    model = onnx.load(art / "medusa.onnx", load_external_data=False)
+    node = next(n for n in model.graph.node if n.op_type == "Softmax")
+    node.domain = DOMAIN
+    onnx.save(model, art / "medusa.onnx")
+    raw = json.loads((art / "manifest.json").read_text())
+    rec = file_record(art / "medusa.onnx")
+    raw["files"]["medusa.onnx"] = {"sha256": rec.sha256, "bytes": rec.bytes}
+    (art / "manifest.json").write_text(json.dumps(raw))
+    expected = rf"cannot parse medusa.onnx: In node \d+ .*UNSUPPORTED_NODE: .*{DOMAIN}::Softmax"
+    with pytest.raises(EngineBuildError, match=expected):
+        build_engines_for_artifact(art, required=True, log=lambda s: None)

@@ -40,6 +40,20 @@ def import_cudart():
         raise BackendUnavailableError(CUDA_PYTHON_HINT) from None
 
 
+# What to do about a failed CUDA runtime call, by its cudaError_t name (cuda-python returns the error first; on
+# failure the results after it are None). Anything else: look at the GPU.
+_HINTS = {
+    "cudaErrorMemoryAllocation": "the GPU is out of memory: free it or use a smaller --max-seq",
+    "cudaErrorInsufficientDriver": "the NVIDIA driver is missing or older than this CUDA runtime: update it",
+    "cudaErrorNoDevice": "no NVIDIA GPU is visible: check nvidia-smi and CUDA_VISIBLE_DEVICES",
+    "cudaErrorInvalidDevice": "no such GPU: check nvidia-smi and CUDA_VISIBLE_DEVICES",
+}
+
+
+def error_hint(name: str) -> str:
+    return _HINTS.get(name, "check the GPU with nvidia-smi")
+
+
 class CudaError(EngineError):
     """A CUDA runtime call failed; the CLI shows it as one line (exit 2)."""
 
@@ -61,8 +75,7 @@ class Cuda:
                 name = name.decode() if isinstance(name, bytes) else str(name)
             except Exception:  # pragma: no cover - best effort
                 name = str(err)
-            raise CudaError(f"{what} failed: {name} (check the GPU with nvidia-smi; out of memory: free it or "
-                            f"use a smaller --max-seq)")
+            raise CudaError(f"{what} failed: {name} ({error_hint(name)})")
         if not rest:
             return None
         return rest[0] if len(rest) == 1 else rest

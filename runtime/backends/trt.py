@@ -304,12 +304,16 @@ class TrtSession(Session):
         pos = np.asarray(position_ids)
         self.temperature[0] = temperature
         blocks = []
+        held: list = []  # the host sources of this step's copies (see `_enqueue`)
         b.use_device()
         with b.lock:
             c = b._context(self.res, kind)
-            for a, z, p in runs:
-                blocks.append(self._enqueue(e, c, ids[a:z], pos[a:z], tree_mask, a, z, p, out, len(runs) > 1))
-            self.cuda.synchronize(self.stream)
+            try:
+                for a, z, p in runs:
+                    blocks.append(self._enqueue(e, c, ids[a:z], pos[a:z], tree_mask, a, z, p, out, held))
+            finally:  # also when a step fails half-way: nothing queued may outlive `held` or the buffers
+                self.cuda.synchronize(self.stream)
+        del held
         for a, z, block in blocks:
             if block is not None:  # chunked prefill: only each chunk's own block of input_token_probs exists
                 out["input_token_probs"][a:z, a:z] = block
@@ -317,7 +321,7 @@ class TrtSession(Session):
         return StepOutput.from_named(out)
 
     def _enqueue(self, e: _EngineInfo, c: _Context, ids, pos, tree_mask, a: int, z: int, profile: int,
-                 out: dict, chunked: bool):
+                 out: dict, held: list):
         cuda, ctx, stream = self.cuda, c.ctx, self.stream
         d = self.backend.dims
         t = z - a
@@ -329,10 +333,15 @@ class TrtSession(Session):
             c.profile = profile
         # A chunk of a causal prefill sees every earlier chunk: they are part of its past.
         mask = self.masks.build(past, tree_mask[a:z, a:z])
+        # cudaMemcpyAsync from pageable host memory "might be synchronous" (CUDA runtime API, "API synchronization
+        # behavior"), no more: the copy may read its source when the stream gets to it. So every host source stays
+        # alive and unchanged until the caller synchronizes the stream (`held`), and the mask, built in a buffer the
+        # next chunk reuses, is copied.
         host = {"input_ids": np.ascontiguousarray(ids, e.dtypes["input_ids"]).reshape(1, t),
                 "position_ids": np.ascontiguousarray(pos, e.dtypes["position_ids"]).reshape(1, t),
-                "attention_mask": np.ascontiguousarray(mask, e.dtypes["attention_mask"]),
+                "attention_mask": np.array(mask, e.dtypes["attention_mask"], order="C"),
                 "temperature": self.temperature.astype(e.dtypes["temperature"], copy=False)}
+        held.append(host)
         for name, arr in host.items():
             cuda.h2d(c.ptr[name], arr, stream)
             if name != "temperature" and not ctx.set_input_shape(name, arr.shape):
@@ -359,7 +368,7 @@ class TrtSession(Session):
                         self.layers, stream)
         block = None
         for name in (x.name for x in e.reduced):
-            if name == "input_token_probs" and chunked:
+            if name == "input_token_probs" and z - a < len(out[name]):  # one chunk of a causal prefill
                 block = np.empty((t, t), e.dtypes[name])
                 cuda.d2h(block, c.ptr[name], stream)
             else:

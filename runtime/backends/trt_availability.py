@@ -14,7 +14,7 @@ import functools
 from dataclasses import dataclass
 
 from ..errors import BackendUnavailableError, first_line
-from .cuda_buffers import import_cudart, load_cuda
+from .cuda_buffers import CudaError, import_cudart, load_cuda
 
 MIN_TENSORRT_MAJOR = 10
 TENSORRT_HINT = "TensorRT is not installed: pip install tensorrt (needs a CUDA GPU)"
@@ -83,6 +83,8 @@ def cuda_device(index: int = 0) -> tuple[Device | None, str | None, str]:
     try:
         count = cuda.device_count()
     except Exception as e:
+        if isinstance(e, CudaError):  # its message already says what to do about that error
+            return None, None, f"no CUDA device found: {e}"
         return None, None, f"no CUDA device found: {e} (no NVIDIA GPU or driver visible; check CUDA_VISIBLE_DEVICES)"
     if count == 0:
         return None, None, "no CUDA device found: the driver reports 0 GPUs (check CUDA_VISIBLE_DEVICES)"

@@ -134,13 +134,24 @@ class TrtLanes:
             mask[i, 0, :, :past] = True
             mask[i, 0, :, p:] = np.tri(t, dtype=bool)  # padded rows too: their outputs and KV rows are dropped
         past_pitch = cuda_buffers.round_up(n * p * self.row)
-        stage_pitch = cuda_buffers.round_up(n * t * self.row)
         for i, (lane, past) in enumerate(zip(lanes, pasts)):  # each lane's prefix into the batch past, all layers
             if past:
                 s = lane.session
                 cuda.d2d_2d(past_base + i * p * self.row, past_pitch, s.kv, s.pitch, past * self.row,
                             self.layers, stream)
+        try:
+            return self._enqueue(dev, lanes, tokens, pasts, n, t, p, past_base, ids, pos, mask, temperature)
+        except BaseException:
+            cuda.synchronize(stream)  # the copies already queued read host arrays and buffers the caller may drop
+            raise
+
+    def _enqueue(self, dev: _Device, lanes, tokens, pasts, n, t, p, past_base, ids, pos, mask, temperature):
+        b, e, cuda, stream = self.backend, self.engine, self.backend.cuda, dev.stream
+        past_pitch = cuda_buffers.round_up(n * p * self.row)
+        stage_pitch = cuda_buffers.round_up(n * t * self.row)
         ctx = dev.ctx
+        # Host sources stay referenced here until the synchronize below (cudaMemcpyAsync from pageable memory may
+        # read them late).
         host = {"input_ids": ids, "position_ids": pos, "attention_mask": mask.astype(e.dtypes["attention_mask"]),
                 "temperature": np.full(1, temperature, e.dtypes["temperature"])}
         for name, arr in host.items():
