@@ -76,6 +76,7 @@ def check_config(cfg: dict, config_file: Path) -> None:
     if window is not None and not (isinstance(window, int) and not isinstance(window, bool) and window >= 1):
         raise ModelError(f"{config_file}: sliding_window must be a positive integer or null, not {window!r:.40}: "
                          f"restore the model's config.json")
+    _check_sliding_layers(cfg, config_file)
     eps = cfg.get("rms_norm_eps", 1e-6)
     if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not 0 < eps < 1:  # ONNX Runtime's norm failed
         raise ModelError(f"{config_file}: rms_norm_eps must be a number in (0, 1), not {eps!r:.40}: restore the "
@@ -115,11 +116,27 @@ def sliding_window(cfg) -> object:
     return window
 
 
+def _check_sliding_layers(cfg: dict, config_file: Path) -> None:
+    """ModelError for a Qwen-style config whose ``layer_types`` name sliding layers without a window in use
+    (``use_sliding_window`` false, which drops ``sliding_window``, or no ``sliding_window``): transformers cannot run
+    it (the layers' mask and cache want a window), and the graphs, which take their mask as an input, built it as
+    full attention."""
+    layer_types = cfg.get("layer_types")
+    if cfg.get("model_type") not in ("qwen2", "qwen3") or not isinstance(layer_types, list) \
+            or "sliding_attention" not in layer_types:
+        return
+    if cfg.get("use_sliding_window") and cfg.get("sliding_window") is not None:
+        return
+    why = "sliding_window is null" if cfg.get("use_sliding_window") else "use_sliding_window is false"
+    raise ModelError(f"{config_file}: layer_types names sliding_attention layers, but {why}, so transformers cannot "
+                     f"run the model (its sliding layers need a window): restore the model's config.json")
+
+
 def check_sliding_window(cfg, max_seq: int) -> None:
-    """ModelError when a sliding window would take effect within ``max_seq`` positions: the graphs attend to the whole
-    context (the fused one silently, the portable one and the PyTorch reference through transformers' cache, which
-    keeps only ``window - 1`` rows: a step reaching the window returned too few), so only a window longer than
-    every sequence the build holds gives the model's own results."""
+    """ModelError when a sliding window would take effect within ``max_seq`` positions: the graphs and the PyTorch
+    reference (`StepModel`, whose cache layers are all full ones) attend to the whole context, so only a window longer
+    than every sequence the build holds gives the model's own results (transformers' sliding-window cache, which
+    keeps only ``window - 1`` rows, made a step reaching the window return too few)."""
     window = sliding_window(cfg)
     if isinstance(window, int) and window <= max_seq:
         fix = f"build with --max-seq {window - 1} or less, where the window never takes effect" \

@@ -34,10 +34,13 @@ class StepModel(nn.Module):
         from transformers import DynamicCache
 
         n = self.num_layers
-        # Sequence-major KV in, head-major for transformers' cache.
+        # Sequence-major KV in, head-major for transformers' cache. Every layer a full one (no config): no graph
+        # implements a sliding window, and one that takes effect within the graph's positions is refused before any
+        # export (`check_sliding_window`), so each layer attends to the whole context. A config's sliding layers keep
+        # only their window's rows, a slice the trace records: the portable graph of a model with any window (one of
+        # 4096 past a --max-seq of 2048, as Mistral-7B-v0.1's) failed its validation with an ONNX Runtime traceback.
         cache = DynamicCache(
             ddp_cache_data=[(past[2 * i].transpose(1, 2), past[2 * i + 1].transpose(1, 2)) for i in range(n)],
-            config=self.config,
         )
         past_len = past[0].shape[1]
         hidden = self.backbone(
