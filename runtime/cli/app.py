@@ -23,8 +23,27 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Export Medusa-accelerated LLMs to ONNX / TensorRT and run them.")
 
 
+def _version() -> str:
+    """The installed package's version (pyproject.toml's), else the library's own."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("medusa-export")
+    except metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        from .. import __version__
+
+        return __version__
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"medusa-export {_version()}")
+        raise typer.Exit(0)
+
+
 @app.callback()
-def _root() -> None:
+def _root(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                       help="Print the version and exit.")) -> None:
     """Export Medusa-accelerated LLMs to ONNX / TensorRT and run them."""
 
 
@@ -55,6 +74,7 @@ def cli_errors(fn: Callable) -> Callable:
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
+            cache_root()  # read late (after a model loads, after a distillation): a misplaced one is named before work
             return fn(*args, **kwargs)
         except MedusaExportError as e:
             error_line(f"{e}")
@@ -128,11 +148,8 @@ def _main() -> None:
     errors = _click_errors()
     _register()
     signal.signal(signal.SIGTERM, _on_sigterm)  # `serve` puts its own in place while it drains (serve/server.py)
-    try:  # read late (after a model loads, after a distillation): a misplaced one is named before any work
-        cache_root()
-    except MedusaExportError as e:
-        error_line(f"{e}")
-        sys.exit(2)
+    # MEDUSA_EXPORT_CACHE is checked as each command starts (`cli_errors`), so that `--help` and `--version` work
+    # whatever it holds
     try:
         code = app(standalone_mode=False)
     except errors.NoArgsIsHelpError as e:  # a bare command: its help, as click would show it

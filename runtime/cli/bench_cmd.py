@@ -23,7 +23,7 @@ def bench(
     prompts: Optional[Path] = path_option(None, help="JSONL prompts (default: the packaged prompt set; for the "
                                           "MT-Bench figures pass FastChat's question.jsonl)."),
     limit: Optional[int] = typer.Option(None, help="Use only the first N prompts."),
-    max_new_tokens: int = typer.Option(128, min=1),
+    max_new_tokens: int = typer.Option(128, min=1, help="New tokens per answer, in every mode."),
     tree: Optional[str] = typer.Option(None, help="Tree to use instead of the artifact's (must fit the graph)."),
     threads: Optional[int] = typer.Option(None, help="Intra-op threads (default: all cores)."),
     concurrency: int = typer.Option(1, min=1, help="Also decode every prompt with this many requests batched together "

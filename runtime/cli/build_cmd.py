@@ -155,7 +155,7 @@ def verify(
                                         "reference, when this machine has not loaded it before."),
     prompts: Optional[Path] = path_option(None, help="JSONL prompts (default: the packaged prompt set)."),
     limit: int = typer.Option(5, help="Number of prompts."),
-    max_new_tokens: int = typer.Option(48),
+    max_new_tokens: int = typer.Option(48, help="New tokens per answer compared."),
     tolerance: Optional[float] = typer.Option(None, help="Max probability error (default 1e-3 fp32, 2e-2 fp16)."),
     as_json: Optional[Path] = file_path_option(None, "--json", help="Write the full report here."),
 ) -> None:

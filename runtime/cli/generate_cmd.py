@@ -14,14 +14,15 @@ from .app import app, cli_errors
 @app.command()
 @cli_errors
 def generate(
-    model: Optional[str] = typer.Argument(None, help="Artifact directory, HF model directory or .gguf file "
-                                          "(default: the built-in SmolLM2-135M-Instruct)."),
+    model: Optional[str] = typer.Argument(None, metavar="MODEL", help="Artifact directory, HF model directory or "
+                                          ".gguf file (default: the built-in SmolLM2-135M-Instruct)."),
     prompt: str = typer.Option(..., "--prompt", "-p", help="User prompt (the chat template is applied)."),
     heads: Optional[str] = typer.Option(None, help="Medusa heads directory/file (torch backend); "
                                         "'fresh' for untrained heads."),
     tree: Optional[str] = typer.Option(None, help="Tree preset (mc_sim_7b_63, cpu_small_10, chain-N) or JSON file."),
     backend: str = typer.Option("auto", help="torch | ort | trt (auto: ort for an artifact, else torch)."),
-    max_new_tokens: int = typer.Option(128, min=1),
+    max_new_tokens: int = typer.Option(128, min=1, help="Most tokens to generate (fewer at an end-of-sequence "
+                                        "token, a --stop string or the KV capacity)."),
     temperature: float = typer.Option(0.0, min=0.0, help="0 = greedy (lossless); > 0 = typical acceptance."),
     stop: list[str] = typer.Option([], help="Stop string (repeatable)."),
     no_medusa: bool = typer.Option(False, "--no-medusa", help="Plain decoding, one token per step."),

