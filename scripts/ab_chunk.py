@@ -25,8 +25,10 @@ from kv_pages import fill  # noqa: E402
 
 from medusa_export.runtime import kernels  # noqa: E402
 from medusa_export.runtime.api import MedusaRuntime  # noqa: E402
+from medusa_export.runtime.artifact_files import artifact_dir  # noqa: E402
 from medusa_export.runtime.backends.lanes import Lane  # noqa: E402
 from medusa_export.runtime.machine import machine_info  # noqa: E402
+from script_io import run_main, writable, write_json  # noqa: E402
 
 CASES = [(0, 7), (0, 8), (16, 7), (64, 7), (128, 0)]  # (prompt rows, decoding sequences)
 REPEATS, SKIPPED = 6, 2
@@ -38,8 +40,11 @@ def main() -> None:
     ap.add_argument("--old-source", required=True)
     ap.add_argument("--blocks", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--json", default=None)
+    ap.add_argument("--json", type=writable, default=None)
     args = ap.parse_args()
+    if not Path(args.old_source).is_file():  # before the compiler fails on it with a traceback
+        raise FileNotFoundError(f"--old-source {args.old_source} does not exist: give the kernel source to compare")
+    artifact_dir(args.artifact)
     current = kernels.library_path()
     with tempfile.TemporaryDirectory() as tmp:
         old = str(Path(tmp) / "old_kernel.so")
@@ -71,10 +76,9 @@ def main() -> None:
                for name, t in times.items()}
     print(json.dumps(medians))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"machine": machine_info(), "args": vars(args), "cases": "(prompt rows, decoding sequences)",
-                       "median_ms": medians}, f, indent=1)
+        write_json(args.json, {"machine": machine_info(), "args": vars(args), "cases": "(prompt rows, decoding sequences)",
+                               "median_ms": medians}, indent=1)
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -18,6 +18,7 @@ import time
 import numpy as np
 
 from medusa_export.runtime.api import MedusaRuntime
+from script_io import run_main  # noqa: E402
 
 WARMUP = 5
 
@@ -59,4 +60,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -20,6 +20,7 @@ import numpy as np
 
 from medusa_export.exporter.own_answers import FILE, answers_without, save_answers
 from medusa_export.exporter.training.prompt_source import load_prompt_set
+from script_io import run_main, write_json  # noqa: E402
 
 
 def main() -> None:
@@ -53,9 +54,9 @@ def main() -> None:
     record = {"cache_key": index["key"], "data_sha256": index["data_sha256"], "model": index["model"],
               "config": index["config"], "shards": f"{count} of {index['shards']}", "answers": len(answers),
               "tokens": int(sum(len(a) for a in answers)), "heldout_prompts_left_out": int(len(held_index))}
-    (args.heads / "answers.json").write_text(json.dumps(record, indent=2) + "\n")
+    write_json(args.heads / "answers.json", record)
     print(json.dumps(record))
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -12,8 +12,8 @@ import json
 from pathlib import Path
 
 from medusa_export.runtime.api import MedusaRuntime
-from medusa_export.runtime.prompts import read_prompts
 from medusa_export.runtime.quality import quality
+from script_io import finite, non_negative, positive, prompt_rows, run_main, with_machine, writable  # noqa: E402
 
 
 def main() -> None:
@@ -21,12 +21,12 @@ def main() -> None:
     ap.add_argument("reference", type=Path)
     ap.add_argument("candidate", type=Path)
     ap.add_argument("--prompts", type=Path, default=None, help="JSONL prompts (default: the packaged set)")
-    ap.add_argument("--first", type=int, default=0)
-    ap.add_argument("--count", type=int, default=10)
+    ap.add_argument("--first", type=non_negative, default=0)
+    ap.add_argument("--count", type=positive, default=10)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--json-lines", type=Path, default=None, help="append the result here")
+    ap.add_argument("--json-lines", type=writable, default=None, help="append the result here")
     args = ap.parse_args()
-    prompts = read_prompts(args.prompts, limit=args.first + args.count)[args.first:]
+    prompts = prompt_rows(args.prompts, args.first, args.count)
     r = quality(MedusaRuntime.load(args.reference, threads=args.threads).generator,
                 MedusaRuntime.load(args.candidate, threads=args.threads).generator, prompts)
     row = {"reference": str(args.reference), "candidate": str(args.candidate),
@@ -35,8 +35,8 @@ def main() -> None:
     print(json.dumps(row))
     if args.json_lines:
         with args.json_lines.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(json.dumps(finite(with_machine(row)), allow_nan=False) + "\n")
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

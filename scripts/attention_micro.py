@@ -17,6 +17,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper
 
 from medusa_export.runtime.machine import machine_info
+from script_io import run_main, with_machine, writable, write_json  # noqa: E402
 
 HEADS, KV_HEADS, HEAD_DIM, CAPACITY = 9, 3, 64, 2048
 
@@ -83,7 +84,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--json", default=None)
+    ap.add_argument("--json", type=writable, default=None)
     args = ap.parse_args()
     configs = [(past, kv_dtype, elem, new_rows) for past in (300, 1000)
                for kv_dtype, elem in (("fp32", TensorProto.FLOAT), ("fp16", TensorProto.FLOAT16)) for new_rows in (1, 2)]
@@ -100,9 +101,8 @@ def main() -> None:
     report = {"threads": args.threads, "repeats": args.repeats, "rows": rows, "onnxruntime": ort.__version__,
               "machine": machine_info()}
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
+        write_json(args.json, with_machine(report), indent=1)
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

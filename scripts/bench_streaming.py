@@ -11,7 +11,6 @@ per token. Flat means the cost does not grow with the answer's length.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import numpy as np
 from medusa_export.runtime.detokenize import IncrementalDetokenizer
 from medusa_export.runtime.manifest import Manifest
 from medusa_export.runtime.tokenizer import ChatTokenizer
+from script_io import run_main, with_machine, writable, write_json  # noqa: E402
 
 TEXT = ("Speculative decoding drafts several tokens and verifies them in one forward pass. Medusa adds small heads "
         "to the last hidden state; each guesses a token further ahead. Les modèles multilingues écrivent aussi "
@@ -31,7 +31,7 @@ def main() -> None:
     ap.add_argument("artifact", type=Path)
     ap.add_argument("--tokens", type=int, default=2000)
     ap.add_argument("--bucket", type=int, default=250)
-    ap.add_argument("--json", type=Path)
+    ap.add_argument("--json", type=writable)
     args = ap.parse_args()
     tok = ChatTokenizer.from_artifact(args.artifact, Manifest.read(args.artifact))
     base = tok.encode(TEXT)
@@ -72,8 +72,8 @@ def main() -> None:
     print(f"incremental: last bucket / first bucket = {report['incremental_last_over_first']} "
           f"(full decode: {report['us_per_token']['full_decode'][-1] / report['us_per_token']['full_decode'][0]:.1f})")
     if args.json:
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        write_json(args.json, with_machine(report), indent=2)
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

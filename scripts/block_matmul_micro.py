@@ -28,6 +28,7 @@ from onnx import TensorProto, helper, numpy_helper
 from medusa_export.exporter.quantize_rows import block_int4, block_int8
 from medusa_export.runtime import kernels
 from medusa_export.runtime.machine import machine_info
+from script_io import run_main  # noqa: E402
 
 SHAPES = [(576, 960), (576, 576), (576, 3072), (1536, 576)] * 30
 RUNS, WARMUP = 30, 5
@@ -105,4 +106,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -13,11 +13,11 @@ how much.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from medusa_export.runtime.api import MedusaRuntime
 from medusa_export.runtime.prompts import read_prompts
+from script_io import positive, run_main, with_machine, writable, write_json  # noqa: E402
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -41,11 +41,11 @@ def main() -> None:
     p.add_argument("first", type=Path)
     p.add_argument("second", type=Path)
     p.add_argument("--prompts", type=Path, required=True)
-    p.add_argument("--limit", type=int, default=5)
+    p.add_argument("--limit", type=positive, default=5)
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--json", type=Path, default=None)
-    p.add_argument("--markdown", type=Path, default=None)
+    p.add_argument("--json", type=writable, default=None)
+    p.add_argument("--markdown", type=writable, default=None)
     a = p.parse_args()
     prompts = read_prompts(a.prompts)[:a.limit]
     answers = []
@@ -70,11 +70,11 @@ def main() -> None:
     mean_rep = [round(sum(r["repeated_4grams"][i] for r in rows) / max(1, len(rows)), 3) for i in (0, 1)]
     print(f"repeated word 4-grams, mean: {a.first.name} {mean_rep[0]}, {a.second.name} {mean_rep[1]}")
     if a.json:
-        a.json.write_text(json.dumps({"first": a.first.name, "second": a.second.name, "max_new_tokens": a.max_new_tokens,
-                                      "mean_repeated_4grams": mean_rep, "rows": rows}, indent=2) + "\n")
+        write_json(a.json, with_machine({"first": a.first.name, "second": a.second.name, "max_new_tokens": a.max_new_tokens,
+                                         "mean_repeated_4grams": mean_rep, "rows": rows}), indent=2)
     if a.markdown:
         a.markdown.write_text("\n".join(md) + "\n")
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

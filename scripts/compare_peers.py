@@ -45,7 +45,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from peer_runners import Run, run_ctranslate2, run_genai, run_llama_cpp, run_openvino, run_ours  # noqa: E402
-from script_io import positive, run_main, write_json as write_json_file  # noqa: E402
+from script_io import positive, run_main, writable, write_json as write_json_file  # noqa: E402
 
 from medusa_export.runtime.api import MedusaRuntime  # noqa: E402
 from medusa_export.runtime.machine import machine_info  # noqa: E402
@@ -121,8 +121,8 @@ def main() -> None:
     ap.add_argument("--genai", type=Path, nargs="*", default=[], help="onnxruntime-genai model directories")
     ap.add_argument("--ct2", type=Path, nargs="*", default=[], help="CTranslate2 model directories")
     ap.add_argument("--gguf", type=Path, nargs="*", default=[], help="GGUF files for llama.cpp")
-    ap.add_argument("--json", type=Path)
-    ap.add_argument("--plot", type=Path, help="PNG bar chart of tokens/s per row")
+    ap.add_argument("--json", type=writable)
+    ap.add_argument("--plot", type=writable, help="PNG bar chart of tokens/s per row")
     args = ap.parse_args()
     # Ascending: the reference (the first artifact's vanilla answers) comes from the N = 1 row when there is one.
     args.concurrency = sorted(set(args.concurrency))

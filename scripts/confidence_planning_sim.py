@@ -30,7 +30,7 @@ from medusa_export.runtime.api import MedusaRuntime
 from medusa_export.runtime.context_drafts import ContextIndex
 from medusa_export.runtime.decode import GenerationConfig, prefill
 from medusa_export.runtime.machine import machine_info
-from medusa_export.runtime.prompts import read_prompts
+from script_io import prompt_rows, run_main, span, with_machine, writable, write_json  # noqa: E402
 
 CONFIDENCE_EDGES = [0.0, 0.5, 0.8, 0.95, 1.01]  # buckets of the root's probability
 ROW_COSTS = (0.06, 0.15, 0.25, 0.37)  # a further row's share of a one-row step (fp32 MatMul ... int4 rows16)
@@ -131,12 +131,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("artifact")
     ap.add_argument("--prompts", type=Path, required=True)
-    ap.add_argument("--range", default="200:280", help="lo:hi rows of the prompt file (never MT-Bench: this tunes)")
+    ap.add_argument("--range", type=span, default="200:280",
+                    help="lo:hi rows of the prompt file (never MT-Bench: this tunes)")
     ap.add_argument("--max-new-tokens", type=int, default=128)
-    ap.add_argument("--json", type=Path)
+    ap.add_argument("--json", type=writable)
     args = ap.parse_args()
-    lo, hi = (int(x) for x in args.range.split(":"))
-    prompts = read_prompts(args.prompts)[lo:hi]
+    lo, hi = args.range
+    prompts = prompt_rows(args.prompts, lo, hi - lo)
     t0 = time.perf_counter()
     answers = decode_answers(args.artifact, prompts, args.max_new_tokens)
     half = len(answers) // 2
@@ -157,13 +158,13 @@ def main() -> None:
         policies.append({"row_cost": c, "planner": planner, "by_root_confidence": by_confidence, "head_oracle": oracle,
                          "gain_by_confidence": round(by_confidence["tokens_per_unit"] / planner["tokens_per_unit"], 4),
                          "gain_head_oracle": round(oracle["tokens_per_unit"] / planner["tokens_per_unit"], 4)})
-    report = {"artifact": args.artifact, "prompts": str(args.prompts), "range": args.range,
+    report = {"artifact": args.artifact, "prompts": str(args.prompts), "range": f"{lo}:{hi}",
               "positions": {"tune": len(tune), "test": len(test)}, "calibration": calibration, "policies": policies,
               "seconds": round(time.perf_counter() - t0, 1), "machine": machine_info()}
     print(json.dumps({k: report[k] for k in ("positions", "calibration", "policies")}, indent=1))
     if args.json:
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        write_json(args.json, with_machine(report), indent=2)
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -35,7 +35,7 @@ from medusa_export.runtime.prompts import read_prompts
 from medusa_export.runtime.speculation import Speculation, StepCost
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from script_io import positive, run_main, write_json  # noqa: E402
+from script_io import positive, run_main, writable, write_json  # noqa: E402
 
 MODES = ("vanilla", "speculation, no table", "speculation + table", "drafts + table, no heads")
 UNMEASURED = "speculation + table, one row unmeasured"
@@ -52,7 +52,7 @@ def main() -> None:
     ap.add_argument("--other-table", default=None, help="another table for this model: one more row")
     ap.add_argument("--one-row-unmeasured", action="store_true", help="one more row: the one-row step never measured")
     ap.add_argument("--library", default=None, help="a kernel library to load instead of this checkout's")
-    ap.add_argument("--json", default=None)
+    ap.add_argument("--json", type=writable, default=None)
     args = ap.parse_args()
     if args.library:
         kernels.library_path = lambda: args.library

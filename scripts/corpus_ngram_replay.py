@@ -22,6 +22,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 
 from medusa_export.runtime import corpus_drafts, speculation  # noqa: E402
+from script_io import run_main, with_machine, writable, write_json  # noqa: E402
 
 COSTS_MS = (26.6, 28.0, 28.8, 29.8, 30.8, 31.0, 35.3, 37.8, 38.2)
 HEADS = Path(__file__).resolve().parents[1] / "exporter" / "shipped_heads" / "smollm2-135m-instruct" / "answers.npz"
@@ -72,7 +73,7 @@ def main() -> None:
     ap.add_argument("artifact", type=Path)
     ap.add_argument("--answers", type=Path, nargs="+", required=True, help="plan_replay.py --answers files")
     ap.add_argument("--max-ngram", type=int, nargs="+", default=[4, 5, 6])
-    ap.add_argument("--json", type=Path)
+    ap.add_argument("--json", type=writable)
     args = ap.parse_args()
     base = corpus_drafts.CorpusTable.load(args.artifact / corpus_drafts.FILE, 49152)
     answers = {p.name: json.loads(p.read_text()) for p in args.answers}
@@ -105,8 +106,8 @@ def main() -> None:
                 report["rows"].append({"max_ngram": top, "answers": name, "variant": variant, **row})
                 print(top, name, variant, row, flush=True)
     if args.json:
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        write_json(args.json, with_machine(report), indent=2)
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -15,7 +15,6 @@ import json
 import os
 import time
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -24,6 +23,7 @@ from medusa_export.exporter.model_loading import load_base_model
 from medusa_export.exporter.training import data as data_mod
 from medusa_export.exporter.training.prompt_source import load_prompt_set
 from medusa_export.exporter.training.static_decoder import StaticDecoder
+from script_io import run_main, with_machine, writable, write_json  # noqa: E402
 
 
 def _timed(cls, name: str, spent: Counter):
@@ -47,7 +47,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--json", type=writable, default=None)
     a = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(a.threads)
@@ -78,9 +78,9 @@ def main() -> None:
             rows.append(row)
             print(json.dumps(row), flush=True)
     if a.json:
-        a.json.write_text(json.dumps({"threads": a.threads, "max_new_tokens": a.max_new_tokens, "rows": rows},
-                                     indent=2) + "\n")
+        write_json(a.json, with_machine({"threads": a.threads, "max_new_tokens": a.max_new_tokens,
+                                         "rows": rows}), indent=2)
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

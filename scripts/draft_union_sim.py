@@ -21,8 +21,8 @@ from pathlib import Path
 from medusa_export.runtime.api import MedusaRuntime
 from medusa_export.runtime.context_drafts import ContextIndex, Draft
 from medusa_export.runtime.decode import agreeing
-from medusa_export.runtime.prompts import read_prompts
 from medusa_export.runtime.speculation import Speculation
+from script_io import non_negative, positive, prompt_rows, run_main, write_json  # noqa: E402
 
 
 def taken(draft: Draft | None, answer: list[int]) -> int:
@@ -34,8 +34,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("artifact")
     ap.add_argument("--prompts", required=True)
-    ap.add_argument("--first", type=int, default=160)
-    ap.add_argument("--count", type=int, default=40)
+    ap.add_argument("--first", type=non_negative, default=160)
+    ap.add_argument("--count", type=positive, default=40)
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--max-draft", type=int, default=8)
     ap.add_argument("--answers", help="a JSON file of [prompt ids, answer ids] pairs: read if it exists, else written")
@@ -46,11 +46,11 @@ def main() -> None:
             pairs = json.loads(cached.read_text())
         else:
             pairs = []
-            for prompt in read_prompts(args.prompts, limit=args.first + args.count)[args.first:]:
+            for prompt in prompt_rows(args.prompts, args.first, args.count):
                 ids = rt.generator.tokenizer.encode_prompt(prompt)
                 pairs.append([ids, rt.generate(ids, max_new_tokens=args.max_new_tokens).token_ids])
             if cached:
-                cached.write_text(json.dumps(pairs))
+                write_json(cached, pairs, indent=None)  # whole: a later run reads it back
         corpus = rt.generator.spec.corpus
     spec = Speculation()  # rates from the priors, learned as the replay goes
     spec.corpus = corpus
@@ -90,4 +90,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

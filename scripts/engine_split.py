@@ -22,6 +22,7 @@ from peer_runners import run_ours  # noqa: E402
 from medusa_export.runtime.api import MedusaRuntime  # noqa: E402
 from medusa_export.runtime.machine import machine_info  # noqa: E402
 from medusa_export.runtime.prompts import read_prompts  # noqa: E402
+from script_io import positive, run_main, writable, write_json  # noqa: E402
 
 
 def split(rt, prompts: list[list[int]], concurrency: int, max_new: int, medusa: bool) -> dict:
@@ -54,11 +55,11 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("artifacts", nargs="+")
     ap.add_argument("--prompts", required=True)
-    ap.add_argument("--limit", type=int, default=16)
+    ap.add_argument("--limit", type=positive, default=16)
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--json", default=None)
+    ap.add_argument("--json", type=writable, default=None)
     args = ap.parse_args()
     texts, rows = read_prompts(args.prompts)[: args.limit], []
     for artifact in args.artifacts:
@@ -70,9 +71,8 @@ def main() -> None:
             print(json.dumps(row))
             rows.append(row)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"machine": machine_info(), "args": vars(args), "rows": rows}, f, indent=1)
+        write_json(args.json, {"machine": machine_info(), "args": vars(args), "rows": rows}, indent=1)
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

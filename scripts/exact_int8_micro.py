@@ -22,6 +22,7 @@ from onnx import helper, numpy_helper
 from medusa_export.exporter.quantize_rows import quantize_rows
 from medusa_export.runtime import kernels
 from medusa_export.runtime.machine import machine_info
+from script_io import run_main, with_machine, writable, write_json  # noqa: E402
 
 HIDDEN, WIDTH = 576, 3072
 
@@ -31,7 +32,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 8, 64])
     ap.add_argument("--calls", type=int, default=200)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--json", default=None)
+    ap.add_argument("--json", type=writable, default=None)
     args = ap.parse_args()
     w = np.random.default_rng(0).standard_normal((HIDDEN, WIDTH), dtype=np.float32) * 0.05
     graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], "mm")], "mm",
@@ -72,9 +73,8 @@ def main() -> None:
               "weights_rewritten_to_uint8": {"default": uint8_weights[False], "exact": uint8_weights[True]}, "rows": out}
     print(json.dumps({k: v for k, v in result.items() if k not in ("machine", "rows")}))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+        write_json(args.json, with_machine(result), indent=1)
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -20,7 +20,6 @@ in memory with its weights (protobuf's 2 GB limit: models up to about 500 M para
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -29,6 +28,7 @@ import onnx
 
 from medusa_export.runtime.machine import machine_info
 from medusa_export.runtime.manifest import Manifest
+from script_io import run_main, with_machine, writable, write_json  # noqa: E402
 
 ROTATION_IN, ROTATION_OUT = "/rotation_in", "/rotation_out"
 WARMUP = 5  # steps of each run not counted: they warm the caches
@@ -182,14 +182,14 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=120)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--json", type=Path)
+    ap.add_argument("--json", type=writable)
     args = ap.parse_args()
     report = {"machine": machine_info(), "steps": args.steps, "repeats": args.repeats, "threads": args.threads,
               "artifacts": {str(a): measure(a, args.past, args.steps, args.repeats, args.threads)
                             for a in args.artifacts}}
     if args.json:
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        write_json(args.json, with_machine(report), indent=2)
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

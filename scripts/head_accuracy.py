@@ -20,16 +20,17 @@ import numpy as np
 from medusa_export.runtime.api import MedusaRuntime
 from medusa_export.runtime.calibration import head_predictions, measure_head_accuracy
 from medusa_export.runtime.prompts import read_prompts
+from script_io import positive, run_main, with_machine, writable, write_json  # noqa: E402
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("artifact", type=Path)
     p.add_argument("--prompts", type=Path, required=True)
-    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--limit", type=positive, default=None)
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--json", type=writable, default=None)
     a = p.parse_args()
     with MedusaRuntime.load(a.artifact, threads=a.threads) as rt:
         tok, backend = rt.generator.tokenizer, rt.generator.backend
@@ -46,8 +47,8 @@ def main() -> None:
               "chain_expected_accepted": round(1 + chain, 4), "decode_s": round(seconds, 1)}
     print(json.dumps(report))
     if a.json:
-        a.json.write_text(json.dumps(report, indent=2) + "\n")
+        write_json(a.json, with_machine(report), indent=2)
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

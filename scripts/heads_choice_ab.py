@@ -19,10 +19,9 @@ from pathlib import Path
 
 from medusa_export.runtime.api import MedusaRuntime
 from medusa_export.runtime.decode import GenerationConfig
-from medusa_export.runtime.prompts import read_prompts
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from script_io import non_negative, positive, run_main, write_json  # noqa: E402
+from script_io import non_negative, positive, prompt_rows, run_main, with_machine, writable, write_json  # noqa: E402
 
 MODES = ("vanilla", "choice", "drafts_only")
 
@@ -35,11 +34,11 @@ def main() -> None:
     ap.add_argument("--count", type=positive, default=48)
     ap.add_argument("--max-new-tokens", type=positive, default=128)
     ap.add_argument("--threads", type=positive, default=2)
-    ap.add_argument("--json")
+    ap.add_argument("--json", type=writable)
     args = ap.parse_args()
     rt = MedusaRuntime.load(args.artifact, threads=args.threads)
     gen = rt.generator
-    prompts = read_prompts(args.prompts, limit=args.first + args.count)[args.first:]
+    prompts = prompt_rows(args.prompts, args.first, args.count)
     if not prompts:
         ap.error(f"--first {args.first} is past the last prompt of {args.prompts}")
     choose = gen.spec.heads_for
@@ -68,7 +67,7 @@ def main() -> None:
                             "vs_vanilla": round(tokens[m] / seconds[m] / vanilla, 3) if vanilla else None} for m in MODES}}
     print(json.dumps(report, indent=2))
     if args.json:
-        write_json(args.json, report)
+        write_json(args.json, with_machine(report))
 
 
 if __name__ == "__main__":

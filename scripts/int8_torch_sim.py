@@ -39,6 +39,7 @@ from medusa_export.exporter.quantize import CALIBRATION, RECIPES
 from medusa_export.exporter.rotation import InputRotation
 from medusa_export.exporter.smoothing import smooth_activations
 from medusa_export.runtime.prompts import read_prompts
+from script_io import non_negative, positive, prompt_rows, run_main  # noqa: E402
 
 GRAPH_NAMES = {"self_attn.q_proj": "qkv", "self_attn.k_proj": "qkv", "self_attn.v_proj": "qkv",
                "self_attn.o_proj": "o", "mlp.gate_proj": "gate_up", "mlp.up_proj": "gate_up", "mlp.down_proj": "down"}
@@ -187,8 +188,8 @@ def rounded_cache(kind: str):
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--prompts", required=True)
-    ap.add_argument("--first", type=int, default=40)
-    ap.add_argument("--count", type=int, default=60)
+    ap.add_argument("--first", type=non_negative, default=40)
+    ap.add_argument("--count", type=positive, default=60)
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-smoothing", action="store_true", help="quantize the unsmoothed model (weight-only recipes)")
@@ -208,7 +209,7 @@ def main() -> None:
     hessians = input_hessians(model, calibration) if any(v.startswith("gptq") for v in args.variants) else {}
     answers = []
     with torch.no_grad():
-        for prompt in read_prompts(args.prompts, limit=args.first + args.count)[args.first:]:
+        for prompt in prompt_rows(args.prompts, args.first, args.count):
             ids = tok.encode_prompt(prompt)
             out = model.generate(torch.tensor([ids]), max_new_tokens=args.max_new_tokens, do_sample=False)
             answers.append((len(ids), out[0].tolist()))
@@ -262,4 +263,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

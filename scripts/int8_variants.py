@@ -34,6 +34,7 @@ from medusa_export.exporter.step_model import StepModel
 from medusa_export.runtime.api import MedusaRuntime
 from medusa_export.runtime.prompts import read_prompts
 from medusa_export.runtime.quality import quality
+from script_io import run_main  # noqa: E402
 
 
 def layer_input_maxima(model, calibration: list[list[int]], attr: str) -> list[torch.Tensor]:
@@ -146,4 +147,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 
 import numpy as np
@@ -21,6 +20,7 @@ from onnx import TensorProto, helper
 
 from medusa_export.runtime import kernels
 from medusa_export.runtime.machine import machine_info
+from script_io import run_main, with_machine, writable, write_json  # noqa: E402
 
 HEADS, KV_HEADS, HD, LAYERS = 9, 3, 64, 30
 WIDTH = (HEADS + 2 * KV_HEADS) * HD
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--caches", type=int, default=LAYERS, help="caches used in turn, one per call")
-    ap.add_argument("--json", default=None)
+    ap.add_argument("--json", type=writable, default=None)
     args = ap.parse_args(argv)
     rows = []
     for lanes in args.lanes:
@@ -104,10 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     out = {"machine": machine_info(), "threads": args.threads, "repeats": args.repeats, "caches": args.caches,
            "rows": rows}
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
+        write_json(args.json, with_machine(out), indent=1)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

@@ -23,6 +23,7 @@ import time
 import numpy as np
 
 from medusa_export.runtime.backends.lanes import Lane
+from script_io import run_main, writable, write_json  # noqa: E402
 
 KINDS = ("numpy_zeros", "small_pages")
 
@@ -114,7 +115,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--past", type=int, default=300)
-    ap.add_argument("--json", default=None)
+    ap.add_argument("--json", type=writable, default=None)
     ap.add_argument("--child", choices=KINDS + ("steady",), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -122,8 +123,10 @@ def main() -> None:
             measure(args.artifact, args.child, args.threads)
         print(json.dumps(result))
         return
+    from medusa_export.runtime.artifact_files import artifact_dir
     from medusa_export.runtime.machine import machine_info
 
+    artifact_dir(args.artifact)  # a missing artifact: one line here, not a child's traceback
     rows = []
     for _ in range(args.runs):
         for kind in KINDS:
@@ -136,10 +139,9 @@ def main() -> None:
     steady_ms = json.loads(done.stdout.strip().splitlines()[-1])
     print(json.dumps({"steady_8_lane_step_ms_p50": steady_ms, "past": args.past}), flush=True)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"artifact": args.artifact, "threads": args.threads, "rows": rows, "past": args.past,
-                       "steady_8_lane_step_ms_p50": steady_ms, "machine": machine_info()}, f, indent=1)
+        write_json(args.json, {"artifact": args.artifact, "threads": args.threads, "rows": rows, "past": args.past,
+                               "steady_8_lane_step_ms_p50": steady_ms, "machine": machine_info()}, indent=1)
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

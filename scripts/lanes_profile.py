@@ -28,6 +28,7 @@ from kv_pages import fill  # noqa: E402
 from medusa_export.runtime.api import MedusaRuntime  # noqa: E402
 from medusa_export.runtime.backends.lanes import Lane  # noqa: E402
 from medusa_export.runtime.machine import machine_info  # noqa: E402
+from script_io import run_main, writable, write_json  # noqa: E402
 
 COUNTED = 30
 
@@ -70,7 +71,7 @@ def main() -> None:
     ap.add_argument("--sequences", type=int, default=8)
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--json", default=None)
+    ap.add_argument("--json", type=writable, default=None)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         rows = [profile(a, args.past, args.sequences, args.steps, args.threads, os.path.join(tmp, "lanes"))
@@ -80,10 +81,9 @@ def main() -> None:
                         for op, v in list(row["operators"].items())[:4])
         print(f"{row['artifact']} ({row['attention']}): step {row['median_step_ms']} ms; {top}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"machine": machine_info(), "past": args.past, "sequences": args.sequences, "rows": rows}, f,
-                      indent=1)
+        write_json(args.json, {"machine": machine_info(), "past": args.past, "sequences": args.sequences,
+                               "rows": rows}, indent=1)
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

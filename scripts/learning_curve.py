@@ -16,6 +16,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from script_io import run_main, with_machine, writable, write_json  # noqa: E402
 
 RECIPE = ["--data", "sharegpt", "--max-new-tokens", "192", "--gen-batch-size", "128", "--num-heads", "4",
           "--num-layers", "1", "--seed", "0", "--heldout-fraction", "0.04", "--lr", "3e-3", "--batch-size", "256",
@@ -29,7 +30,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--cache-dir", default="work-cache/distill")
     p.add_argument("--out", type=Path, default=Path("work-cache/learning-curve"))
-    p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--json", type=writable, default=None)
     a, extra = p.parse_known_args()
     extra = [x for x in extra if x != "--"]
     rows = []
@@ -46,8 +47,8 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
     if a.json:
-        a.json.write_text(json.dumps({"recipe": RECIPE, "rows": rows}, indent=2) + "\n")
+        write_json(a.json, with_machine({"recipe": RECIPE, "rows": rows}), indent=2)
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

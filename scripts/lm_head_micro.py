@@ -20,6 +20,7 @@ from onnx import helper, numpy_helper
 from medusa_export.exporter.quantize_rows import quantize_rows
 from medusa_export.runtime import kernels
 from medusa_export.runtime.machine import machine_info
+from script_io import run_main, writable, write_json  # noqa: E402
 
 HIDDEN, VOCAB = 576, 49152
 
@@ -36,7 +37,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 8, 16])
     ap.add_argument("--calls", type=int, default=25)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--json", default=None)
+    ap.add_argument("--json", type=writable, default=None)
     args = ap.parse_args()
     logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
@@ -67,9 +68,8 @@ def main() -> None:
         print(json.dumps(row))
         out.append(row)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"machine": machine_info(), "args": vars(args), "rows": out}, f, indent=1)
+        write_json(args.json, {"machine": machine_info(), "args": vars(args), "rows": out}, indent=1)
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import shutil
 from pathlib import Path
+from script_io import run_main  # noqa: E402
 
 TYPES = {"F16": "LLAMA_FTYPE_MOSTLY_F16", "Q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "Q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0"}
 
@@ -48,4 +49,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

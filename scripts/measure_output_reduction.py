@@ -24,6 +24,7 @@ from medusa_export.exporter.hf_compat import cache_kwargs
 from medusa_export.exporter.model_loading import load_base_model
 from medusa_export.exporter.onnx_export import dummy_inputs
 from medusa_export.exporter.step_model import StepModel
+from script_io import run_main  # noqa: E402
 
 
 class FullLogits(torch.nn.Module):
@@ -97,4 +98,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

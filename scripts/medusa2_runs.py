@@ -15,6 +15,8 @@ import json
 import sys
 from pathlib import Path
 
+from script_io import run_main  # noqa: E402
+
 
 def load_record(path: Path) -> dict:
     file = path / "training.json" if path.is_dir() else path
@@ -53,4 +55,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -29,6 +29,7 @@ from medusa_export.runtime.backends.ort_outputs import first_outputs
 from medusa_export.runtime.decode import GenerationConfig
 from medusa_export.runtime.machine import machine_info
 from medusa_export.runtime.prompts import read_prompts
+from script_io import positive, run_main, writable, write_json  # noqa: E402
 
 PROMPT = "Compose an engaging travel blog post about a recent trip to Hawaii."
 
@@ -114,10 +115,10 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--json", default=None)
+    ap.add_argument("--json", type=writable, default=None)
     ap.add_argument("--speculate", action="store_true", help="also greedy speculative decoding on --prompts")
     ap.add_argument("--prompts", default=None, help="JSONL prompts for --speculate (default: the packaged set)")
-    ap.add_argument("--limit", type=int, default=16)
+    ap.add_argument("--limit", type=positive, default=16)
     ap.add_argument("--batched", type=int, default=0, help="also the batched engine, this many in flight, on --prompts")
     args = ap.parse_args()
     clock = EngineClock()
@@ -149,12 +150,11 @@ def main() -> None:
         host, engine = (float(np.median(v)) * 1e3 for v in zip(*values))
         report[name] = {"host_ms_per_token_p50": round(host, 3), "engine_ms_per_token_p50": round(engine, 3),
                         "host_share": round(host / (host + engine), 4)}
+    report["machine"] = machine_info()  # before printing: report_default.sh keeps what is printed as the result
     print(json.dumps(report))
-    report["machine"] = machine_info()
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
+        write_json(args.json, report, indent=1)
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

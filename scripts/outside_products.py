@@ -38,7 +38,7 @@ from medusa_export.runtime.api import MedusaRuntime
 from medusa_export.runtime.machine import machine_info
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from script_io import positive, run_main, write_json  # noqa: E402
+from script_io import positive, run_main, writable, write_json  # noqa: E402
 
 MATMULS = {"MatMul", "MatMulNBits", "MatMulInteger", "Gemm", "DynamicQuantizeMatMul", "MatMulIntegerToFloat",
            kernels.BLOCK_OP, kernels.BLOCK4_OP, kernels.BLOCK_F32_OP, kernels.SCREEN_OP}
@@ -168,7 +168,7 @@ def main() -> None:
     ap.add_argument("--blocks", type=positive, default=10)
     ap.add_argument("--steps", type=positive, default=30)
     ap.add_argument("--threads", type=positive, default=2)
-    ap.add_argument("--json", type=Path)
+    ap.add_argument("--json", type=writable)
     args = ap.parse_args()
     rows = {}
     for d in args.artifacts:

@@ -18,6 +18,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from script_io import run_main, with_machine, writable, write_json  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 PROMPT = [1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365, 3511, 314, 11, 1]  # any token ids of the vocabulary
@@ -80,15 +81,15 @@ def main() -> None:
     ap.add_argument("--openvino", nargs="*", default=[])
     ap.add_argument("--gguf", nargs="*", default=[])
     ap.add_argument("--peers-python", default=sys.executable, help="the Python that has the peers installed")
-    ap.add_argument("--json", default=None)
+    ap.add_argument("--json", type=writable, default=None)
     args = ap.parse_args()
     rows = [measure("ours", p, sys.executable) for p in args.ours]
     rows += [measure(kind, p, args.peers_python) for kind in ("genai", "openvino", "gguf") for p in getattr(args, kind)]
     for row in rows:
         print(json.dumps(row))
     if args.json:
-        Path(args.json).write_text(json.dumps({"tokens": TOKENS, "threads": 2, "rows": rows}, indent=1) + "\n")
+        write_json(args.json, with_machine({"tokens": TOKENS, "threads": 2, "rows": rows}), indent=1)
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

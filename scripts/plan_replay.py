@@ -37,10 +37,9 @@ from medusa_export.runtime.backends.base import StepOutput
 from medusa_export.runtime.context_drafts import ContextIndex, Draft
 from medusa_export.runtime.corpus_drafts import CorpusTable, rate_kind
 from medusa_export.runtime.decode import GenerationConfig
-from medusa_export.runtime.prompts import read_prompts
 
 sys.path.insert(0, str(Path(__file__).parent))
-from script_io import non_negative, positive, run_main, write_json  # noqa: E402
+from script_io import non_negative, positive, prompt_rows, run_main, with_machine, writable, write_json  # noqa: E402
 from step_latency import time_step  # noqa: E402
 
 EXTRA_KINDS = 4  # classes past the runtime's, for the variants that add some
@@ -207,7 +206,7 @@ def main() -> None:
     ap.add_argument("--answers", type=Path, help="greedy answers, read if the file exists, else decoded and written")
     ap.add_argument("--costs-ms", help="step ms by rows 1..9, comma-separated; measured on the artifact if absent")
     ap.add_argument("--threads", type=positive, default=2)
-    ap.add_argument("--json", type=Path)
+    ap.add_argument("--json", type=writable)
     args = ap.parse_args()
     costs = None
     if args.costs_ms:
@@ -219,7 +218,7 @@ def main() -> None:
             ap.error(f"--costs-ms: {MAX_ROWS} positive numbers (step ms by rows 1..{MAX_ROWS}), got {args.costs_ms!r}")
     prompts = None
     if not (args.answers and args.answers.exists()):  # read before the model loads: a bad file fails at once
-        prompts = read_prompts(args.prompts, limit=args.first + args.count)[args.first:]
+        prompts = prompt_rows(args.prompts, args.first, args.count)
         if not prompts:
             ap.error(f"--first {args.first} is past the last prompt of {args.prompts}")
     rt = MedusaRuntime.load(args.artifact, backend="ort", threads=args.threads)
@@ -242,7 +241,7 @@ def main() -> None:
         report["variants"][variant] = row = replay(answers, ReplaySpeculation(costs, corpus, variant), costs)
         print(f"{variant:16s} {row}", flush=True)
     if args.json:
-        write_json(args.json, report)
+        write_json(args.json, with_machine(report))
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from script_io import run_main  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -35,4 +36,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

@@ -18,7 +18,7 @@ import torch
 from medusa_export.exporter.model_loading import load_base_model
 from medusa_export.exporter.quantize_rows import column_scale, nearest_int8
 from medusa_export.runtime.machine import machine_info
-from medusa_export.runtime.prompts import read_prompts
+from script_io import non_negative, positive, prompt_rows, run_main, with_machine, writable, write_json  # noqa: E402
 
 
 def two_passes(x: np.ndarray) -> np.ndarray:
@@ -35,16 +35,16 @@ def two_passes(x: np.ndarray) -> np.ndarray:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--prompts", required=True)
-    ap.add_argument("--first", type=int, default=40)
-    ap.add_argument("--count", type=int, default=8)
+    ap.add_argument("--first", type=non_negative, default=40)
+    ap.add_argument("--count", type=positive, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=64)
-    ap.add_argument("--json", default=None)
+    ap.add_argument("--json", type=writable, default=None)
     args = ap.parse_args()
     loaded = load_base_model(None)
     model, tok = loaded.model.eval(), loaded.tokenizer
     hidden = []
     with torch.no_grad():
-        for text in read_prompts(args.prompts, limit=args.first + args.count)[args.first:]:
+        for text in prompt_rows(args.prompts, args.first, args.count):
             ids = torch.tensor([tok.encode_prompt(text)])
             answer = model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=False)
             hidden.append(model.model(answer).last_hidden_state[0].double().numpy())
@@ -65,9 +65,8 @@ def main() -> None:
                                 "max": int(kept.max())}
     print(json.dumps({k: v for k, v in result.items() if k != "machine"}))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+        write_json(args.json, with_machine(result), indent=1)
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -8,7 +8,7 @@ import math
 import os
 import sys
 import tempfile
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Callable
 
 
@@ -33,8 +33,55 @@ def non_negative(text: str) -> int:
     return _whole(text, 0, "must not be negative")
 
 
+def span(text: str) -> tuple[int, int]:
+    """argparse type: rows ``lo:hi`` of a file, 0 <= lo < hi."""
+    try:
+        lo, hi = (int(x) for x in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a range lo:hi of whole numbers (e.g. 200:280)") from None
+    if not 0 <= lo < hi:
+        raise argparse.ArgumentTypeError(f"{text}: needs 0 <= lo < hi")
+    return lo, hi
+
+
+def prompt_rows(path, first: int, count: int) -> list[str]:
+    """Prompts ``first`` to ``first + count`` of the prompts file ``path``; an `InputError` (one line) where the file
+    has none there, rather than a run over no prompts."""
+    from medusa_export.runtime.errors import InputError
+    from medusa_export.runtime.prompts import read_prompts
+
+    prompts = read_prompts(path, limit=first + count)[first:]
+    if not prompts:
+        raise InputError(f"prompts file {path} has no prompt from row {first} on: give a smaller --first")
+    return prompts
+
+
+def writable(text: str) -> Path:
+    """argparse type: a file path a report can be written to (its folder exists and is writable; not a folder
+    itself), checked before any measurement runs rather than found out when the report is written."""
+    path = Path(text)
+    folder = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a directory, not a file to write")
+    if not folder.is_dir():
+        raise argparse.ArgumentTypeError(f"cannot write {text}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise argparse.ArgumentTypeError(f"cannot write {text}: permission denied")
+    return path
+
+
+def with_machine(report: dict) -> dict:
+    """``report`` with the machine it was measured on (CPU model, the cores this process may use, the CPU flags),
+    which every result the project records carries, unless it already has one."""
+    from medusa_export.runtime.machine import machine_info
+
+    return report if "machine" in report else {**report, "machine": machine_info()}
+
+
 def finite(value):
-    """``value`` with every NaN or infinity replaced by None (strict JSON has neither)."""
+    """``value`` with every NaN or infinity replaced by None (strict JSON has neither), a path as its text."""
+    if isinstance(value, PurePath):
+        return str(value)
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
@@ -58,12 +105,17 @@ def write_json(path: str | Path, obj, indent: int | None = 2) -> None:
         raise
 
 
-def run_main(main: Callable[[], None]) -> None:
-    """``main()``, with the project's input errors (a missing artifact, a bad prompts file) as one line and exit 2."""
-    from medusa_export.runtime.errors import MedusaExportError
-
+def run_main(main: Callable[[], int | None]) -> None:
+    """``main()``, with the project's input errors (a missing artifact, a bad prompts file, a report path that
+    cannot be written) as one line and exit 2; ``main``'s own exit status, where it returns one."""
     try:
-        main()
-    except (MedusaExportError, FileNotFoundError, NotADirectoryError, IsADirectoryError) as e:
+        from medusa_export.runtime.errors import MedusaExportError
+    except ImportError:  # a script that checks for the package itself (torch_cuda_check) says what is missing
+        MedusaExportError = FileNotFoundError  # noqa: N806
+    try:
+        status = main()
+    except (MedusaExportError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    if status:
+        sys.exit(status)

@@ -25,7 +25,7 @@ from medusa_export.runtime.api import MedusaRuntime
 from medusa_export.runtime.backends.ort_outputs import selects_rows
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from script_io import positive, run_main, write_json  # noqa: E402
+from script_io import positive, run_main, with_machine, writable, write_json  # noqa: E402
 
 MATMULS = ("MatMul", "MatMulNBits", "MatMulInteger", "Gemm", "DynamicQuantizeMatMul", "MatMulIntegerToFloat")
 
@@ -94,7 +94,7 @@ def main() -> None:
     ap.add_argument("artifacts", nargs="+", type=Path)
     ap.add_argument("--threads", type=positive, default=2)
     ap.add_argument("--runs", type=positive, default=30)
-    ap.add_argument("--json", type=Path)
+    ap.add_argument("--json", type=writable)
     args = ap.parse_args()
     report = {}
     for d in args.artifacts:
@@ -110,7 +110,7 @@ def main() -> None:
         report[str(d)] = row
         print(d, json.dumps(row))
     if args.json:
-        write_json(args.json, report)
+        write_json(args.json, with_machine(report))
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from script_io import positive, run_main, with_machine, write_json  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 NEEDED = {  # import name -> pip name
@@ -65,7 +66,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--prompts", type=Path, default=None, help="JSONL with a \"prompt\" field per line "
                     "(default: the packaged prompt set; MT-Bench: FastChat's question.jsonl)")
-    ap.add_argument("--limit", type=int, default=8, help="number of prompts")
+    ap.add_argument("--limit", type=positive, default=8, help="number of prompts")
     ap.add_argument("--device", default="cuda", help="cuda | cuda:N | cpu")
     ap.add_argument("--max-new-tokens", type=int, default=96)
     ap.add_argument("--max-seq", type=int, default=2048)
@@ -180,11 +181,11 @@ def main() -> int:
         })
         report["trees"][name] = s
     report["ok"] = ok
-    text = json.dumps(report, indent=2)
-    print(text)
+    report = with_machine(report)  # the CPU and its flags, as every result records
+    print(json.dumps(report, indent=2))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+        write_json(args.out, report)
     return 0 if ok else 1
 
 
@@ -223,4 +224,4 @@ def _first_diff(a: list[int], b: list[int]) -> int | None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)
