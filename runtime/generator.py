@@ -100,6 +100,17 @@ class Stream:
                 self._reading.release()
 
 
+def check_tree_paths(tree: Tree | None, max_paths: int | None) -> None:
+    """TreeError when ``tree`` has more root-to-leaf paths than a fused graph verifies (``max_paths``; None: any)."""
+    paths = len(tree.paths_nodes) if tree is not None else 0
+    if max_paths is not None and paths > max_paths:
+        # A fused graph verifies each root-to-leaf path in its own head group (exact): it has a fixed number.
+        raise TreeError(
+            f"the tree has {paths} root-to-leaf paths but this artifact's graph verifies at most "
+            f"{max_paths}: use a tree with fewer branches, or rebuild the artifact with this --tree"
+        )
+
+
 class Generator:
     def __init__(self, backend: Backend, tokenizer: ChatTokenizer, tree: Tree | None) -> None:
         dims = backend.dims
@@ -109,13 +120,7 @@ class Generator:
                 f"tree of depth {tree.max_depth} with top-{tree.topk} ranks does not fit the backend's "
                 f"{dims.num_heads} heads with top-{dims.head_topk} each: use a smaller tree"
             )
-        paths = len(tree.paths_nodes) if tree is not None else 0
-        if backend.max_paths is not None and paths > backend.max_paths:
-            # A fused graph verifies each root-to-leaf path in its own head group (exact): it has a fixed number.
-            raise TreeError(
-                f"the tree has {paths} root-to-leaf paths but this artifact's graph verifies at most "
-                f"{backend.max_paths}: use a tree with fewer branches, or rebuild the artifact with this --tree"
-            )
+        check_tree_paths(tree, backend.max_paths)
         self.backend = backend
         self.tokenizer = tokenizer
         self.tree = tree

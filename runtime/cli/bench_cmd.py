@@ -166,15 +166,10 @@ def _check_tree_fits(manifest: "Manifest", tree: str, names: list[str]) -> None:
     no duplicate or orphan path (`api.artifact_tree`), and on ONNX Runtime's fused graph no more root-to-leaf paths
     than it verifies (what `Generator` refuses); an artifact without heads takes none."""
     from ..api import artifact_tree
-    from ..errors import TreeError
+    from ..generator import check_tree_paths
     from ..manifest import ONNXRUNTIME
 
     chosen = artifact_tree(manifest, tree)
     graph = manifest.graphs.get("medusa")
-    if chosen is None or graph is None or "ort" not in names or manifest.graph_format != ONNXRUNTIME:
-        return
-    most = graph.paths
-    if len(chosen.paths_nodes) > most:
-        raise TreeError(f"the tree has {len(chosen.paths_nodes)} root-to-leaf paths but this artifact's graph "
-                        f"verifies at most {most}: use a tree with fewer branches, or rebuild the artifact with this "
-                        f"--tree")
+    if graph is not None and "ort" in names and manifest.graph_format == ONNXRUNTIME:
+        check_tree_paths(chosen, graph.paths)
