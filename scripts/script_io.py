@@ -57,16 +57,17 @@ def prompt_rows(path, first: int, count: int) -> list[str]:
 
 
 def writable(text: str) -> Path:
-    """argparse type: a file path a report can be written to (its folder exists and is writable; not a folder
-    itself), checked before any measurement runs rather than found out when the report is written."""
+    """argparse type: a file path a report can be written to, by the CLI's own check of report paths
+    (`check_out_file`: not a folder, its folder there and writable), before any measurement runs rather than found out
+    when the report is written."""
+    from medusa_export.exporter.output_dir import check_out_file
+    from medusa_export.runtime.errors import InputError
+
     path = Path(text)
-    folder = path.parent if str(path.parent) else Path(".")
-    if path.is_dir():
-        raise argparse.ArgumentTypeError(f"{text} is a directory, not a file to write")
-    if not folder.is_dir():
-        raise argparse.ArgumentTypeError(f"cannot write {text}: folder {folder} does not exist")
-    if not os.access(folder, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
-        raise argparse.ArgumentTypeError(f"cannot write {text}: permission denied")
+    try:
+        check_out_file(path, "report")
+    except InputError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
     return path
 
 
