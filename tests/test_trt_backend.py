@@ -36,7 +36,8 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("onnx")
 
-from fake_trt import FakeCuda, fake_tensorrt  # noqa: E402
+from fake_cuda import FakeCuda  # noqa: E402
+from fake_trt import fake_tensorrt  # noqa: E402
 from medusa_export.runtime.build_options import BuildOptions  # noqa: E402
 from manifest_samples import assert_round_trips  # noqa: E402
 
