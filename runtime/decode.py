@@ -38,6 +38,8 @@ MAX_STOP_STRINGS, MAX_STOP_CHARS = 16, 1000
 class GenerationConfig:
     max_new_tokens: int = 128
     temperature: float = 0.0  # 0 = greedy (lossless); > 0 = typical acceptance + sampling
+    top_p: float = 1.0  # sampling: the smallest set of best tokens whose probability reaches it (1 = no cut)
+    top_k: int = 0  # sampling: the k best tokens only (0 = every rank the graph returns, its sample_topk)
     typical_epsilon: float = 0.09
     typical_alpha: float = 0.3
     stop_strings: tuple[str, ...] = ()
@@ -62,6 +64,12 @@ class GenerationConfig:
             if (f := _as_float(v)) is None or not ok(f):  # float32 in the acceptance: past its range, infinite
                 raise InputError(f"{name} must be a number {rule}, got {v!r:.40}")
             setattr(self, name, f)
+        if (f := _as_float(self.top_p)) is None or not 0 < f <= 1:
+            raise InputError(f"top_p must be a number in (0, 1] (1 = no cut), got {self.top_p!r:.40}")
+        self.top_p = f
+        if not is_int(self.top_k) or self.top_k < 0:
+            raise InputError(f"top_k must be an integer >= 0 (0 = no cut), got {self.top_k!r:.40}")
+        self.top_k = int(self.top_k)
         if not is_int(self.max_new_tokens) or self.max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r:.40}")
         self.max_new_tokens = int(self.max_new_tokens)  # a numpy integer as a plain one (JSON, comparisons)
@@ -218,7 +226,7 @@ def feed(session: Session, tokens: list[int], medusa: bool, cfg: GenerationConfi
 
 def start_cursor(prompt_ids: list[int], out, row: int, cfg: GenerationConfig, rng: np.random.Generator) -> Cursor:
     """The cursor after a prompt whose last row is ``row`` of ``out``."""
-    root = next_token(out, row, cfg.temperature, rng)
+    root = next_token(out, row, cfg.temperature, rng, cfg.top_p, cfg.top_k)
     heads = out.medusa_ids[row] if getattr(out, "medusa_ids", None) is not None else None
     return Cursor(root, heads, rng, ContextIndex([*prompt_ids, root]) if uses_context(cfg) else None)
 
@@ -307,7 +315,7 @@ def accept(p: StepTree, out, cfg: GenerationConfig) -> np.ndarray:
         return np.zeros(1, np.int64)
     if cfg.temperature <= 0:
         return accept_greedy(p, p.tokens, out).nodes
-    return accept_typical(p, p.tokens, out, cfg.typical_epsilon, cfg.typical_alpha).nodes
+    return accept_typical(p, p.tokens, out, cfg.typical_epsilon, cfg.typical_alpha, cfg.top_p, cfg.top_k).nodes
 
 
 def finish_step(cursor: Cursor, p: StepTree, acc_nodes: np.ndarray, out, cfg: GenerationConfig, stats: DecodeStats,
@@ -315,7 +323,7 @@ def finish_step(cursor: Cursor, p: StepTree, acc_nodes: np.ndarray, out, cfg: Ge
     """After a verification (one-sequence or batched step) whose accepted rows are committed: the next root, the
     tokens made final, and what the step teaches about the drafts and the heads."""
     last = int(acc_nodes[-1])
-    cursor.root = next_token(out, last, cfg.temperature, cursor.rng)
+    cursor.root = next_token(out, last, cfg.temperature, cursor.rng, cfg.top_p, cfg.top_k)
     medusa_ids = getattr(out, "medusa_ids", None)  # a lanes step runs no heads
     cursor.heads = medusa_ids[last] if medusa_ids is not None else None
     accepted = acc_nodes.tolist()

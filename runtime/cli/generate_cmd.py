@@ -24,6 +24,10 @@ def generate(
     max_new_tokens: int = typer.Option(128, min=1, help="Most tokens to generate (fewer at an end-of-sequence "
                                         "token, a --stop string or the KV capacity)."),
     temperature: float = typer.Option(0.0, min=0.0, help="0 = greedy (lossless); > 0 = typical acceptance."),
+    top_p: float = typer.Option(1.0, "--top-p", help="Sampling: only the fewest best tokens whose probability "
+                                "reaches it, in (0, 1] (1 = no cut)."),
+    top_k: int = typer.Option(0, "--top-k", help="Sampling: only the k best tokens (0 = every rank the artifact "
+                              "returns, 32 by default)."),
     stop: list[str] = typer.Option([], help="Stop string (repeatable)."),
     no_medusa: bool = typer.Option(False, "--no-medusa", help="Plain decoding, one token per step."),
     no_context_drafts: bool = typer.Option(False, "--no-context-drafts", help="Speculate with the heads' tree only "
@@ -52,10 +56,11 @@ def generate(
     if sys.stdout is None:  # started with its standard output closed (`>&-`): the answer would go nowhere, exit 0
         raise InputError("standard output is closed, where the answer is written: send it to a file, a pipe or "
                          "/dev/null")
+    cfg = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, stop_strings=tuple(stop),
+                           medusa=not no_medusa, seed=seed, chat=not no_chat, context_drafts=not no_context_drafts,
+                           top_p=top_p, top_k=top_k)  # checked before the model loads
     chosen = backend if backend != "auto" else ("ort" if is_artifact(model) else "torch")
     opened = open_generator(model, chosen, heads=heads, tree=tree, max_seq=max_seq, device=device, plain=no_medusa)
-    cfg = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, stop_strings=tuple(stop),
-                           medusa=not no_medusa, seed=seed, chat=not no_chat, context_drafts=not no_context_drafts)
     if opened.notice and not no_medusa:
         typer.echo(opened.notice, err=True)
     for note in opened.notes:
