@@ -37,7 +37,7 @@ from .fused_graph import export_fused_graph
 from .build_quality import below_bar_advice, check_quality_fits, quantized_quality
 from .heads import save_heads
 from .heads_source import resolve_heads
-from .model_checks import check_sliding_window
+from .model_checks import check_length_effects
 from .model_loading import load_base_model
 from .onnx_cleanup import fold_constants
 from .onnx_export import OPSET, export_step_graph
@@ -92,7 +92,7 @@ def build_artifact(model: str | None, out: str | Path, options: BuildOptions = B
     num_heads = chosen.heads.config.num_heads
     tree_obj = Tree.from_choices(fitted_default(tree_spec, DEFAULT_TREE, num_heads), topk=options.head_topk,
                                  num_heads=num_heads)
-    check_sliding_window(loaded.model.config, options.max_seq)  # no graph implements one: before any export
+    check_length_effects(loaded.model.config, options.max_seq)  # no graph implements one: before any export
     if options.graph == ONNXRUNTIME:
         # before any export: the portable graph covers the rest
         check_supported(loaded.model.config, attention=options.attention, dtype=options.dtype)

@@ -40,7 +40,7 @@ from onnx import TensorProto, helper, numpy_helper
 from medusa_export.runtime import io_table, kernels
 from medusa_export.runtime.errors import ModelError
 
-from .model_checks import check_sliding_window
+from .model_checks import check_length_effects
 from .rotation import SUFFIX, InputRotation
 
 MS = "com.microsoft"
@@ -70,10 +70,10 @@ PORTABLE_DTYPES = " (fp32 or fp16 weights: int8 and int4 need the fused graph)"
 def check_supported(config, max_seq: int | None = None, attention: str | None = None, dtype: str = "fp32") -> None:
     """ModelError unless the fused builder covers this architecture exactly (else use the portable graph), and, with
     ``max_seq`` (the positions the graph holds), no sliding window takes effect within them (no graph implements
-    one: `check_sliding_window`; `Decoder` checks it with its own ``max_positions``). With ``attention``, the
+    one: `check_length_effects`; `Decoder` checks it with its own ``max_positions``). With ``attention``, the
     attention op takes the model's head size (`check_head_dim`; ``dtype``: the build's, for the fixes it names)."""
     if max_seq is not None:
-        check_sliding_window(config, max_seq)
+        check_length_effects(config, max_seq)
     if attention is not None:
         check_head_dim(head_dim_of(config), attention, kernel_allowed=dtype != "fp16")
     problems = []

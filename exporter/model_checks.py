@@ -7,7 +7,7 @@ files. transformers itself fills a missing or mis-shaped tensor with random valu
     check_regular_files(directory)                           # the files read, an index's shards too, before loading
     check_layers_match_weights(directory, cfg)               # from the safetensors headers, before loading
     check_loaded(model, loading_info, directory)             # after from_pretrained(output_loading_info=True)
-    check_sliding_window(model.config, max_seq)              # once the build's context is known
+    check_length_effects(model.config, max_seq)              # once the build's context is known
 """
 
 from __future__ import annotations
@@ -132,11 +132,14 @@ def _check_sliding_layers(cfg: dict, config_file: Path) -> None:
                      f"run the model (its sliding layers need a window): restore the model's config.json")
 
 
-def check_sliding_window(cfg, max_seq: int) -> None:
-    """ModelError when a sliding window would take effect within ``max_seq`` positions: the graphs and the PyTorch
+def check_length_effects(cfg, max_seq: int) -> None:
+    """ModelError when something the model does from a length on would take effect within ``max_seq`` positions.
+    A sliding window: the graphs and the PyTorch
     reference (`StepModel`, whose cache layers are all full ones) attend to the whole context, so only a window longer
     than every sequence the build holds gives the model's own results (transformers' sliding-window cache, which
-    keeps only ``window - 1`` rows, made a step reaching the window return too few)."""
+    keeps only ``window - 1`` rows, made a step reaching the window return too few). Dynamic RoPE scaling
+    (`check_dynamic_rope`). Every build and backend calls this."""
+    check_dynamic_rope(cfg, max_seq)
     window = sliding_window(cfg)
     if isinstance(window, int) and window <= max_seq:
         fix = f"build with --max-seq {window - 1} or less, where the window never takes effect" \
@@ -146,6 +149,30 @@ def check_sliding_window(cfg, max_seq: int) -> None:
 
 
 MIN_MAX_SEQ = 16  # the smallest --max-seq a build takes (BuildOptions)
+
+
+def check_dynamic_rope(cfg, max_seq: int) -> None:
+    """ModelError when dynamic (NTK) RoPE scaling would take effect within the positions a ``max_seq`` build holds.
+    transformers keeps the default frequencies while the positions stay within ``max_position_embeddings``
+    (``dynamic_rope_update`` recomputes them from the length past it), so such a build is default RoPE exactly, which
+    the graphs' fixed position tables hold. The fused graph's table has one row past ``max_seq`` (`fused_backbone`),
+    which must stay within too: computed past it, the whole table was scaled. ``cfg``: a dict or loaded config."""
+    get = cfg.get if isinstance(cfg, dict) else (lambda name: getattr(cfg, name, None))
+    settings = rope_settings(cfg if isinstance(cfg, dict) else {"rope_parameters": get("rope_parameters")})
+    positions = get("max_position_embeddings")
+    if not any(rope_kind(p) == "dynamic" for p in settings) or (isinstance(positions, int) and max_seq < positions):
+        return
+    most = positions - 1 if isinstance(positions, int) else 0
+    fix = f"build with --max-seq {most} or less, not {max_seq}" if most >= MIN_MAX_SEQ \
+        else f"a model of under {MIN_MAX_SEQ + 1} positions cannot be exported with it"
+    raise ModelError(f"config.json: dynamic RoPE scaling is not supported past the model's max_position_embeddings "
+                     f"{positions}, where its frequencies start changing with the sequence's length (the graphs' "
+                     f"position tables, one row past --max-seq, are fixed): {fix}")
+
+
+def rope_kind(params: dict) -> object:
+    """A RoPE parameter dict's type, under either of the names transformers reads."""
+    return params.get("rope_type", params.get("type", "default"))
 
 
 def fp32_bytes(cfg: dict) -> int:
@@ -211,14 +238,14 @@ def _check_rope_params(params: dict, theta: object, partial: object, config_file
     if factor is not None and not _is_positive(factor):
         raise ModelError(f"{config_file}: the RoPE scaling factor must be a positive number, not {factor!r:.40}: "
                          f"restore the model's config.json")
-    kind = params.get("rope_type", params.get("type", "default"))
-    if kind in ("dynamic", "longrope"):  # both switch at the trained length: a graph built past it differed
+    kind = rope_kind(params)
+    if kind == "longrope":  # switches at the trained length: a graph built past it differed
         raise ModelError(f"{config_file}: {kind} RoPE scaling is not supported: its frequencies change with the "
                          f"sequence's length, which the graphs' fixed position tables cannot follow; use a model "
-                         f"with RoPE scaling of type {', '.join(ROPE_TYPES)}")
-    if kind not in ROPE_TYPES:  # transformers failed with a KeyError naming only the type
+                         f"with RoPE scaling of type {', '.join(ROPE_TYPES)} (or dynamic)")
+    if kind not in (*ROPE_TYPES, "dynamic"):  # transformers failed with a KeyError naming only the type
         raise ModelError(f"{config_file}: RoPE type {kind!r:.40} is not supported: use a model with RoPE scaling of "
-                         f"type {', '.join(ROPE_TYPES)}")
+                         f"type {', '.join(ROPE_TYPES)} or dynamic")
     partial = params.get("partial_rotary_factor", partial)
     if kind in PARTIAL_ROPE_TYPES or partial is None or partial == 1:
         return

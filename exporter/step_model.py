@@ -36,7 +36,7 @@ class StepModel(nn.Module):
         n = self.num_layers
         # Sequence-major KV in, head-major for transformers' cache. Every layer a full one (no config): no graph
         # implements a sliding window, and one that takes effect within the graph's positions is refused before any
-        # export (`check_sliding_window`), so each layer attends to the whole context. A config's sliding layers keep
+        # export (`check_length_effects`), so each layer attends to the whole context. A config's sliding layers keep
         # only their window's rows, a slice the trace records: the portable graph of a model with any window (one of
         # 4096 past a --max-seq of 2048, as Mistral-7B-v0.1's) failed its validation with an ONNX Runtime traceback.
         cache = DynamicCache(

@@ -19,7 +19,7 @@ from medusa_export.runtime.errors import BackendUnavailableError, first_line
 from medusa_export.runtime.machine import available_ram
 
 from .heads import MedusaHeads
-from .model_checks import check_sliding_window
+from .model_checks import check_length_effects
 from .step_model import StepModel
 
 def model_dims(config, heads: MedusaHeads | None, head_topk: int, sample_topk: int, dtype: str = "float32",
@@ -65,7 +65,7 @@ class TorchBackend(Backend):
                  sample_topk: int = 32, device: str = "cpu") -> None:
         check_torch_device(device)
         # The steps attend to the whole context (`StepModel`): a sliding window taking effect within max_seq is refused
-        check_sliding_window(model.config, max_seq)
+        check_length_effects(model.config, max_seq)
         self.device = torch.device(device)
         model = model.to(self.device).eval()
         if heads is not None:

@@ -45,8 +45,6 @@ def _edit_weights(model_dir, edit):
     ({"num_hidden_layers": 10 ** 8}, "num_hidden_layers must be an integer in 1..1024"),  # allocated before failing
     ({"vocab_size": 2 * 10 ** 9}, "vocab_size must be an integer in 1..4194304"),
     ({"attention_bias": True}, "lack"),  # biases the weights do not hold: they were initialised randomly
-    ({"rope_parameters": {"rope_theta": 10000.0, "rope_type": "dynamic", "factor": 2.0}},
-     "dynamic RoPE scaling is not supported"),  # failed the export's check as "the export is wrong; report it"
     ({"rope_parameters": {"rope_theta": 0, "rope_type": "default"}}, "rope_theta must be a positive number"),
     ({"rope_parameters": {"rope_theta": 10000.0, "rope_type": "linear", "factor": -2.0}},
      "RoPE scaling factor must be a positive number, not -2.0"),  # built silently

@@ -173,7 +173,8 @@ def _rope_config(**settings) -> dict:
 
 @pytest.mark.parametrize("settings, refused", [
     # an older rope_scaling beside the saved rope_parameters: transformers applies rope_scaling (it was not checked)
-    (dict(rope_scaling={"type": "dynamic", "factor": 2.0}), "dynamic RoPE scaling is not supported"),
+    (dict(rope_scaling={"type": "longrope", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8}),
+     "longrope RoPE scaling is not supported"),
     (dict(rope_scaling={"rope_type": "longrope", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8}),
      "longrope RoPE scaling is not supported"),
     # the dict's own rope_theta wins over the top-level one in transformers
@@ -181,8 +182,8 @@ def _rope_config(**settings) -> dict:
      "rope_theta must be a positive number, not -1.0"),
     # parameters per layer type, each checked
     (dict(model_type="qwen2", rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e4},
-                                               "sliding_attention": {"rope_type": "dynamic", "factor": 2.0}}),
-     "dynamic RoPE scaling is not supported"),
+                                               "sliding_attention": {"rope_type": "spiral", "factor": 2.0}}),
+     "RoPE type 'spiral' is not supported"),
     # partial rotary with a scaled type: transformers' Llama family fails its own forward
     (dict(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4, "partial_rotary_factor": 0.5}),
      "partial_rotary_factor 0.5 with linear RoPE is not supported"),
@@ -198,6 +199,7 @@ def test_rope_settings_are_checked_where_transformers_reads_them(tmp_path, setti
 
 @pytest.mark.parametrize("settings", [
     dict(rope_scaling={"type": "linear", "factor": 2.0}),
+    dict(rope_scaling={"type": "dynamic", "factor": 2.0}),  # refused past max_position_embeddings once --max-seq is known
     dict(rope_parameters={"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}),
     dict(rope_parameters={"rope_type": "proportional", "rope_theta": 1e4, "partial_rotary_factor": 0.5}),
     dict(rope_theta=-1.0),  # overridden by rope_parameters' own rope_theta

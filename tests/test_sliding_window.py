@@ -47,17 +47,17 @@ def test_a_sliding_window_within_the_built_context_is_refused_and_one_beyond_it_
     window - 1 rows), and the fused graph attended past the window silently; Mistral's was refused for the fused
     graph only, and with the advice to use the portable graph, which ignores it too."""
     from medusa_export.exporter.fused_backbone import check_supported
-    from medusa_export.exporter.model_checks import check_sliding_window
+    from medusa_export.exporter.model_checks import check_length_effects
 
     for kind, settings in (("qwen2", {"use_sliding_window": True, "max_window_layers": 0}), ("mistral", {})):
         config = _config(kind, sliding_window=64, **settings)
-        for check in (check_sliding_window, check_supported):
+        for check in (check_length_effects, check_supported):
             with pytest.raises(ModelError, match="sliding window of 64 tokens, .*: build with --max-seq 63 or less"):
                 check(config, 64)
             check(config, 63)
         check_supported(config)  # no context given: `Decoder` checks its own
     with pytest.raises(ModelError, match="window of 4 tokens.*: a window under 17 tokens cannot be exported"):
-        check_sliding_window(_config("mistral", sliding_window=4), 16)
+        check_length_effects(_config("mistral", sliding_window=4), 16)
 
 
 def test_a_build_of_a_model_with_a_sliding_window_in_use_is_refused_before_the_export(tiny_dirs, tmp_path):
