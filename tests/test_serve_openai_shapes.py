@@ -240,7 +240,8 @@ def _error(code_body) -> dict:
     ("/v1/chat/completions", {"logit_bias": {"5": 10}}, "logit_bias"),
     ("/v1/chat/completions", {"presence_penalty": 0.5}, "presence_penalty"),
     ("/v1/chat/completions", {"frequency_penalty": -1}, "frequency_penalty"),
-    ("/v1/chat/completions", {"top_p": 0.9}, "top_p"),
+    ("/v1/chat/completions", {"top_p": 1.5}, "top_p"),
+    ("/v1/completions", {"top_k": -2}, "top_k"),
     ("/v1/chat/completions", {"max_tokens": 0}, "max_tokens"),
     ("/v1/chat/completions", {"max_completion_tokens": 0}, "max_completion_tokens"),
     ("/v1/chat/completions", {"repetition_penalty": 1.2}, "repetition_penalty"),
@@ -276,6 +277,19 @@ def test_neutral_values_are_answers(server, path, extra):
     base = {"messages": MESSAGES} if "chat" in path else {"prompt": PROMPT}
     code, body, _ = post(server + path, {"model": NAME, "max_tokens": 2, **base, **extra})
     assert code == 200 and body["usage"]["completion_tokens"] >= 1, body
+
+
+def test_sampling_cut_to_the_best_token_answers_the_greedy_tokens(client):
+    """top_p (OpenAI's) and top_k (vLLM's, through extra_body) cut what a sampled request draws from: cut to one
+    token, a request at temperature 1.5 gets the greedy answer, whatever its seed; a wide cut still samples."""
+    def text(**kw):
+        return client.completions.create(model=NAME, prompt=PROMPT, max_tokens=12, **kw).choices[0].text
+
+    greedy = text(temperature=0)
+    for seed in (1, 2):
+        assert text(temperature=1.5, seed=seed, top_p=0) == greedy
+        assert text(temperature=1.5, seed=seed, extra_body={"top_k": 1}) == greedy
+    assert len({text(temperature=1.5, seed=s, top_p=0.99) for s in (1, 2, 3)}) > 1
 
 
 def test_vllm_bench_serve_payload_is_answered(server):

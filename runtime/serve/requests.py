@@ -61,14 +61,14 @@ class Job:
 
 # Accepted and honoured, or accepted when they ask for what the runtime does anyway.
 _COMMON = {"model", "max_tokens", "max_completion_tokens", "temperature", "stop", "seed", "stream", "stream_options",
-           "medusa", "ignore_eos", "user", "n", "top_p", "presence_penalty", "frequency_penalty", "logprobs",
+           "medusa", "ignore_eos", "user", "n", "top_p", "top_k", "presence_penalty", "frequency_penalty", "logprobs",
            "top_logprobs", "logit_bias", "response_format", "tools", "tool_choice", "parallel_tool_calls",
            "functions", "function_call", "best_of", "echo", "suffix", "service_tier", "store", "metadata",
            "repetition_penalty"}  # vLLM's; its `bench serve` sends repetition_penalty: 1.0 with every completion
 _MESSAGE_KEYS = {"role", "content"}  # a message's other fields (name, tool_calls, ...) are not rendered: refused
 # Parameter -> the values that mean "not used" (the API's defaults and "off" values); anything else is a 400.
 _NEUTRAL: dict[str, tuple] = {
-    "n": (1,), "best_of": (1,), "top_p": (1,), "presence_penalty": (0,), "frequency_penalty": (0,),
+    "n": (1,), "best_of": (1,), "presence_penalty": (0,), "frequency_penalty": (0,),
     "logprobs": (None, False), "top_logprobs": (None, 0), "logit_bias": (None, {}), "echo": (None, False),
     "suffix": (None, ""), "tools": (None, []), "tool_choice": (None, "none"), "parallel_tool_calls": (None, True, False),
     "functions": (None, []), "function_call": (None, "none"), "response_format": (None, {"type": "text"}),
@@ -79,6 +79,7 @@ _BOOKKEEPING = (("user", str, "a string"), ("store", bool, "true or false"), ("s
                 ("metadata", dict, "an object"))
 _STREAM_OPTIONS = {"include_usage", "include_obfuscation"}
 _SEED_RANGE = (-(2 ** 63), 2 ** 64 - 1)  # what vLLM accepts: signed or unsigned 64-bit
+MIN_TOP_P = 1e-9  # top_p 0, which OpenAI's range allows: the best token alone
 
 
 def parse_chat(body: Any, model: ServedModel) -> Job:
@@ -216,11 +217,24 @@ def _options(body: dict, model: ServedModel) -> _Options:
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)
                              or not _SEED_RANGE[0] <= seed <= _SEED_RANGE[1]):
         raise ApiError(400, f"seed must be an integer in [{_SEED_RANGE[0]}, {_SEED_RANGE[1]}]", param="seed")
+    top_p, top_k = _cuts(body)
     config = GenerationConfig(max_new_tokens=1, temperature=temperature, stop_strings=_stops(body),
+                              top_p=top_p, top_k=top_k,
                               medusa=medusa and (model.medusa or model.context_drafts and temperature == 0),
                               context_drafts=model.context_drafts, seed=None if seed is None else seed % 2 ** 64,
                               chat=False, ignore_eos=ignore_eos)
     return _Options(max_tokens, config, stream, bool((options or {}).get("include_usage")))
+
+
+def _cuts(body: dict) -> tuple[float, int]:
+    """``top_p`` in [0, 1] (OpenAI's range; 0 keeps the best token alone) and vLLM's ``top_k`` (-1 or 0: no cut) as
+    `GenerationConfig` takes them. They cut what sampling draws from; greedy requests ignore them."""
+    top_p, top_k = body.get("top_p", 1), body.get("top_k", 0)
+    if not isinstance(top_p, (int, float)) or isinstance(top_p, bool) or not 0 <= top_p <= 1:
+        raise ApiError(400, f"top_p must be a number in [0, 1], got {_shown(top_p)}", param="top_p")
+    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < -1:
+        raise ApiError(400, f"top_k must be an integer >= -1 (-1 or 0: no cut), got {_shown(top_k)}", param="top_k")
+    return max(float(top_p), MIN_TOP_P), max(top_k, 0)
 
 
 def _job(options: _Options, model: ServedModel, ids: list[int], chat: bool) -> Job:
