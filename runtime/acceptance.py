@@ -73,11 +73,17 @@ def accept_typical(tree: Tree, tokens: np.ndarray, out: StepOutput, epsilon: flo
 def kept_ranks(probs: np.ndarray, top_p: float, top_k: int) -> np.ndarray:
     """Per row of ``probs`` (``[rows, S]``, best first, each row's share of the whole vocabulary): how many of the best
     ranks sampling keeps, at least one. top_k 0 keeps all S; top_p keeps the fewest whose sum reaches it (every S where
-    the S together hold less: the graph returns no more)."""
+    the S together hold less: the graph returns no more). vLLM's order: after a top_k within the S ranks, top_p is
+    measured on the k kept ranks renormalised (its softmax of the logits top-k left); a top_k past S leaves the
+    vocabulary's shares, the k ranks' sum being unknown."""
     k = min(top_k, probs.shape[-1]) if top_k else probs.shape[-1]
     if top_p >= 1:
         return np.full(len(probs), k)
     reach = np.cumsum(probs[:, :k], axis=-1, dtype=np.float64)
+    if top_k and top_k <= probs.shape[-1]:
+        total = reach[:, -1:]
+        with np.errstate(invalid="ignore", divide="ignore"):  # NaN / zero rows: nothing reaches top_p, one rank kept
+            reach = np.where(total > 0, reach / total, np.nan)
     return np.minimum((reach < top_p).sum(axis=-1) + 1, k)
 
 

@@ -38,8 +38,6 @@ MAX_STOP_STRINGS, MAX_STOP_CHARS = 16, 1000
 class GenerationConfig:
     max_new_tokens: int = 128
     temperature: float = 0.0  # 0 = greedy (lossless); > 0 = typical acceptance + sampling
-    top_p: float = 1.0  # sampling: the smallest set of best tokens whose probability reaches it (1 = no cut)
-    top_k: int = 0  # sampling: the k best tokens only (0 = every rank the graph returns, its sample_topk)
     typical_epsilon: float = 0.09
     typical_alpha: float = 0.3
     stop_strings: tuple[str, ...] = ()
@@ -48,6 +46,9 @@ class GenerationConfig:
     seed: int | None = None
     chat: bool = True  # apply the chat template when the model has one
     ignore_eos: bool = False  # decode past end-of-sequence tokens up to max_new_tokens (benchmarks, as vLLM's)
+    # Last, so that fields given by position keep the meaning they had before the cuts came
+    top_p: float = 1.0  # sampling: the smallest set of best tokens whose probability reaches it (1 = no cut)
+    top_k: int = 0  # sampling: the k best tokens only (0 = every rank the graph returns, its sample_topk)
 
     def __post_init__(self) -> None:
         """Every option checked once, here, for the library, the CLI and the server alike (a bad value surfaced

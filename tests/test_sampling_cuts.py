@@ -108,3 +108,53 @@ def test_generate_takes_the_cuts_and_refuses_a_bad_one_before_loading(artifact, 
     assert json.loads(cut.stdout)["token_ids"] == json.loads(greedy.stdout)["token_ids"]
     assert_one_line_error(cli("generate", str(tmp_path / "missing"), "--prompt", "x", "--top-p", "0"), "top_p", "(0, 1]")
     assert_one_line_error(cli("generate", str(tmp_path / "missing"), "--prompt", "x", "--top-k", "-2"), "top_k")
+
+
+# vLLM's order (vllm/v1/sample/ops/topk_topp_sampler.py `apply_top_k_top_p`, as HF's TopK then TopP warpers):
+# temperature, top-k, then top-p measured on what top-k left, renormalised.
+def vllm_kept(logits: np.ndarray, k: int, p: float) -> int:
+    """vLLM's apply_top_k_top_p on one row of full-vocabulary logits: how many tokens stay."""
+    srt = np.sort(logits)  # ascending, as vLLM
+    if k:
+        thr = srt[len(srt) - k]
+        srt = np.where(srt < thr, -np.inf, srt)
+    probs = np.exp(srt - srt.max())
+    probs /= probs.sum()
+    cum = np.cumsum(probs)
+    mask = cum <= 1 - p
+    mask[-1] = False
+    return int((~mask & np.isfinite(srt)).sum())
+
+
+def test_top_p_after_top_k_is_measured_on_the_renormalised_top_k():
+    probs = np.array([[0.4, 0.2, 0.1, 0.05]])  # whole-vocabulary shares of the best four ranks
+    # vLLM: top-k 3 leaves [0.4, 0.2, 0.1] -> renormalised [0.571, 0.286, 0.143]; 0.571 < 0.7 <= 0.857: 2 kept
+    assert kept_ranks(probs, 0.7, 3).tolist() == [2]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_kept_ranks_match_vllm_when_the_graph_returns_the_whole_vocabulary(seed):
+    """S = V (nothing beyond the artifact's ranks): every (k, p) must keep exactly what vLLM keeps."""
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(0, 2, 64)
+    order = np.argsort(-logits)
+    probs = np.exp(logits - logits.max())
+    probs = (probs / probs.sum())[order][None]
+    for k in (1, 2, 3, 5, 10, 0):
+        for p in (0.1, 0.3, 0.5, 0.7, 0.9, 0.95):
+            assert int(kept_ranks(probs, p, k)[0]) == vllm_kept(logits, k, p), (k, p)
+
+
+def test_draws_never_reach_a_rank_vllm_cuts():
+    out = StepOutput(np.array([[7, 8, 9, 10]]), np.array([[0.4, 0.2, 0.1, 0.05]], np.float32),
+                     np.zeros((1, 1), np.float32), np.zeros(1, np.float32), None)
+    rng = np.random.default_rng(0)
+    drawn = {next_token(out, 0, 1.0, rng, top_p=0.7, top_k=3) for _ in range(400)}
+    assert drawn == {7, 8}
+
+
+def test_positional_fields_keep_their_meaning():
+    cfg = GenerationConfig(64, 0.7, 0.05)  # max_new_tokens, temperature, typical_epsilon (their order before the cuts came)
+    assert (cfg.typical_epsilon, cfg.top_p) == (0.05, 1.0)
+    cfg = GenerationConfig(64, 0.7, 0.05, 0.3)
+    assert (cfg.typical_epsilon, cfg.typical_alpha, cfg.top_p, cfg.top_k) == (0.05, 0.3, 1.0, 0)

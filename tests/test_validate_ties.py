@@ -101,3 +101,42 @@ def test_reference_scores_index_draft_heads_by_token_id(tiny):
     assert np.isneginf(np.delete(scores, draft.numpy(), axis=-1)).all()
     np.testing.assert_allclose(reference_scores(step, hidden, "next_token_ids"),
                                tiny.model.lm_head(hidden).detach().numpy())
+
+
+# A window of fp16's 5e-2 (a tolerance for probabilities) took most of a model's top-1 margins: heads perturbed by
+# 30 % of their weights' mean, whose top-1 then differed at 13 % of positions by 0.03-0.10 logits, passed as ties.
+def _export_perturbed(tmp_path, scale: float):
+    """The tiny model with heads, exported in fp16 with the heads' weights moved by ``scale`` of their mean size."""
+    import copy
+
+    import torch
+
+    from medusa_export.exporter.onnx_export import export_step_graph
+    from medusa_export.exporter.step_model import StepModel
+
+    model = make_tiny_model(0)
+    heads = make_heads(model, 3, seed=7)
+    wrong = copy.deepcopy(heads)
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for p in wrong.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * scale * p.abs().mean())
+    export_step_graph(StepModel(model, wrong, 10, 8), tmp_path / "m.onnx", dtype="float16")
+    return StepModel(model, heads, 10, 8), tmp_path / "m.onnx"
+
+
+def test_fp16_graph_of_wrong_heads_fails_validation(tiny, tmp_path):
+    from medusa_export.exporter.validate import validate_graph
+
+    step, path = _export_perturbed(tmp_path, 0.3)
+    with pytest.raises(ExportValidationError, match="medusa_token_ids"):
+        validate_graph(step, path, dtype="float16")
+
+
+@pytest.mark.parametrize("scale", [0.0, 0.01])
+def test_honest_or_rounding_level_differences_still_pass(tiny, tmp_path, scale):
+    """0.01: two head positions differ, by 0.0058 and 0.0026 logits (3 and 1 fp16 ulps): near-ties."""
+    from medusa_export.exporter.validate import validate_graph
+
+    step, path = _export_perturbed(tmp_path, scale)
+    validate_graph(step, path, dtype="float16")
