@@ -93,19 +93,19 @@ class BuildOptions:
                              f"or int4): use --attention gqa")
         if self.int8_matmul not in INT8_MATMULS:
             raise InputError(f"--int8-matmul {self.int8_matmul!r:.40}: use blocks, rows or rows16")
-        if self.int8_matmul in INT8_RECIPES and (self.dtype != "int8" or self.attention != "kernel"):
+        if self.int8_matmul in INT8_RECIPES and (missing := self._missing("int8")):
             raise InputError(f"--int8-matmul {self.int8_matmul} needs --dtype int8 and --attention kernel (its per-row "
-                             f"quantization runs in the kernel library): add them, or leave --int8-matmul blocks")
+                             f"quantization runs in the kernel library): add {missing}, or leave --int8-matmul blocks")
         if self.int4_matmul not in INT4_MATMULS:
             raise InputError(f"--int4-matmul {self.int4_matmul!r:.40}: use blocks or rows16")
-        if self.int4_matmul in INT4_RECIPES and (self.dtype != "int4" or self.attention != "kernel"):
+        if self.int4_matmul in INT4_RECIPES and (missing := self._missing("int4")):
             raise InputError(f"--int4-matmul {self.int4_matmul} needs --dtype int4 and --attention kernel (its per-row "
-                             f"quantization runs in the kernel library): add them, or leave --int4-matmul blocks")
+                             f"quantization runs in the kernel library): add {missing}, or leave --int4-matmul blocks")
         if self.fp32_matmul not in FP32_MATMULS:
             raise InputError(f"--fp32-matmul {self.fp32_matmul!r:.40}: use full or blocks")
-        if self.fp32_matmul == "blocks" and (self.dtype != "fp32" or self.attention != "kernel"):
-            raise InputError("--fp32-matmul blocks needs --dtype fp32 and --attention kernel (its product runs in the "
-                             "kernel library): add them, or leave --fp32-matmul full")
+        if self.fp32_matmul == "blocks" and (missing := self._missing("fp32")):
+            raise InputError(f"--fp32-matmul blocks needs --dtype fp32 and --attention kernel (its product runs in the "
+                             f"kernel library): add {missing}, or leave --fp32-matmul full")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise InputError(f"--kv-cache-dtype {self.kv_cache_dtype!r:.40}: use auto or fp16")
         if self.kv_cache_dtype == "fp16" and self.attention != "kernel":
@@ -166,6 +166,11 @@ class BuildOptions:
                  ("--kv-cache-dtype fp16", "--kv-cache-dtype auto", fp32_acts) if self.kv_cache_dtype == "fp16" else None,
                  ("--lm-head screened", "--lm-head full", fp32_acts) if self.lm_head == "screened" else None]
         return [a for a in asked if a is not None]
+
+    def _missing(self, dtype: str) -> str:
+        """The flags of ``--dtype DTYPE --attention kernel`` this build lacks, as a fix names them ("" when none)."""
+        return " and ".join(flag for flag, ok in ((f"--dtype {dtype}", self.dtype == dtype),
+                                                  ("--attention kernel", self.attention == "kernel")) if not ok)
 
     def _check_kernel_reachable(self) -> None:
         """InputError where a kernel-library flag is asked for but --attention kernel cannot be had (a portable graph,

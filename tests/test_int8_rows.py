@@ -308,9 +308,12 @@ def test_two_pass_ops_check_their_attribute_and_shapes():
 
 
 def test_build_options_check_int8_matmul_rows():
-    for bad in (dict(dtype="int8", int8_matmul="rows"), dict(dtype="fp32", attention="kernel", int8_matmul="rows")):
-        with pytest.raises(InputError, match="--int8-matmul rows needs --dtype int8 and --attention kernel"):
+    for bad, fix in ((dict(dtype="int8", int8_matmul="rows"), "add --attention kernel, or"),  # only what is missing
+                     (dict(dtype="fp32", attention="kernel", int8_matmul="rows"), "add --dtype int8, or"),
+                     (dict(int8_matmul="rows"), "add --dtype int8 and --attention kernel, or")):
+        with pytest.raises(InputError, match="--int8-matmul rows needs --dtype int8 and --attention kernel") as e:
             BuildOptions(**bad)
+        assert fix in str(e.value)
     with pytest.raises(InputError, match="--int8-matmul 'nibbles'"):
         BuildOptions(int8_matmul="nibbles")
     assert BuildOptions(dtype="int8", attention="kernel", int8_matmul="rows").recipe == "int8_rows"
