@@ -235,6 +235,7 @@ def test_metrics_reconcile_with_per_request_statistics(client, server):
         drafts += spec["draft_tokens"]
         steps += spec["steps"] if spec["draft_tokens"] else 0  # requests that verified drafts
         assert sum(spec["accepted_tokens_per_position"]) == spec["accepted_tokens"]
+        assert spec["accepted_from_heads"] + spec["accepted_from_drafts"] == spec["accepted_tokens"]
     after = {n: _metric(server, n) for n in before}
     assert after["generation_tokens_total"] - before["generation_tokens_total"] == usage
     assert after["spec_decode_num_accepted_tokens_total"] - before["spec_decode_num_accepted_tokens_total"] == accepted

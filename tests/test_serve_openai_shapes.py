@@ -361,3 +361,6 @@ def test_models_with_a_slash_in_the_id(server, client):
         assert code == 200 and json.loads(raw)["id"] == NAME
     code, raw = get(f"{server}/v1/models/org/other", {"Authorization": f"Bearer {KEY}"})
     assert code == 404 and json.loads(raw)["error"]["code"] == "model_not_found"
+    code, raw = get(f"{server}/v1/models/", {"Authorization": f"Bearer {KEY}"})  # said: the model '' does not exist
+    assert code == 404 and json.loads(raw)["error"]["code"] != "model_not_found"
+    assert "no route '/v1/models/'" in json.loads(raw)["error"]["message"]

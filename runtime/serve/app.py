@@ -115,7 +115,7 @@ def create_app(runtime, settings: ServeSettings = ServeSettings()) -> FastAPI:
 
     @app.exception_handler(HTTPException)
     async def _http_error(request: Request, e: HTTPException):  # unknown routes (404), wrong methods (405)
-        what = {404: f"no route {request.url.path!r:.100}: see /v1/models, /v1/chat/completions, /v1/completions",
+        what = {404: _no_route(request.url.path),
                 405: f"{request.method} is not allowed on {request.url.path!r:.100}"}.get(e.status_code, str(e.detail))
         err = ApiError(e.status_code, what)  # OpenAI's type for an unknown route too: invalid_request_error
         return JSONResponse(err.body(), status_code=e.status_code, headers=closing_if_unread(request, e.headers))
@@ -147,6 +147,8 @@ def create_app(runtime, settings: ServeSettings = ServeSettings()) -> FastAPI:
     @app.api_route("/v1/models/{model_id:path}", methods=["GET", "HEAD"])
     async def model_info(request: Request, model_id: str):
         authorize(request, settings.api_key)
+        if not model_id:  # "/v1/models/": a trailing slash is an unknown route, as elsewhere, not a model named ""
+            raise ApiError(404, _no_route(request.url.path))
         if model_id != name:
             raise ApiError(404, f"the model {model_id!r:.80} does not exist: this server serves {name!r}",
                            param="model", code="model_not_found")
@@ -325,6 +327,10 @@ def _response(rid: str, job: Job, name: str, text: str, result: GenerationResult
             "model": name, "choices": [choice], "usage": _usage(job, result), "metrics": _spec(result)}
 
 
+def _no_route(path: str) -> str:
+    return f"no route {path!r:.100}: see /v1/models, /v1/chat/completions, /v1/completions"
+
+
 def _usage(job: Job, result: GenerationResult) -> dict:
     prompt = len(job.prompt_ids)
     return {"prompt_tokens": prompt, "completion_tokens": result.new_tokens, "total_tokens": prompt + result.new_tokens}
@@ -338,5 +344,7 @@ def _spec(result: GenerationResult) -> dict:
         "mean_accepted_tokens_per_step": result.mean_accepted,
         "draft_tokens": len(result.step_accepted) * result.draft_depth,
         "accepted_tokens": sum(result.step_accepted),  # 0 per step without Medusa
+        "accepted_from_heads": result.accepted_heads,  # by source: "medusa" is false where only drafts were verified
+        "accepted_from_drafts": result.accepted_context,  # context and corpus drafts
         "accepted_tokens_per_position": accepted_per_position(result.step_accepted, result.draft_depth),
     }}

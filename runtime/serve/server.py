@@ -45,7 +45,7 @@ def run_server(artifact: str, host: str = "127.0.0.1", port: int = 8000, backend
         runtime.close()
         raise
     log(f"serving {settings.model_name or runtime.manifest.model.name} from {artifact} on {server_url(sock)} "
-        f"({backend}; {engine.max_num_seqs} sequences per step, {engine.max_num_batched_tokens} tokens per step, "
+        f"({backend}; {engine.max_num_seqs} sequence{'s' * (engine.max_num_seqs != 1)} per step, {engine.max_num_batched_tokens} tokens per step, "
         f"queue {settings.max_queue}; KV cache reserved for {engine.max_num_seqs} sequences of "
         f"{runtime.generator.backend.max_seq} tokens: {engine.kv_bytes / 2**20:.0f} MiB"
         f"{', resident as rows fill' if backend == 'ort' else ''}; {hosts_answered(settings.allowed_hosts)})")
