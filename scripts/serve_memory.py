@@ -5,7 +5,7 @@ mid-answer, some bad requests), and records the server's VmRSS after each round,
 
     python scripts/serve_memory.py ARTIFACT [--rounds 8] [--requests 40] [--concurrency 10] [--threads 2]
                                    [--env MALLOC_ARENA_MAX=2] [--probe] [--trim] [--trace 0]
-                                   [--ort enable_mem_pattern=0] [--out-dir DIR] [--json out.json]
+                                   [--ort enable_mem_pattern=1] [--out-dir DIR] [--json out.json]
 
 ``--env`` sets variables in the server's environment (glibc's ``MALLOC_ARENA_MAX``, ``MALLOC_TRIM_THRESHOLD_``).
 ``--probe`` runs the server's CLI in a wrapper with a control thread (on a FIFO) that reports after each round what
@@ -305,7 +305,7 @@ def main() -> None:
     ap.add_argument("--probe", action="store_true", help="report Python objects and malloc's state after each round")
     ap.add_argument("--trim", action="store_true", help="with --probe: malloc_trim(0) after each round")
     ap.add_argument("--ort", default="", help="with --probe: ONNX Runtime session options for every graph, "
-                    "e.g. enable_cpu_mem_arena=0,enable_mem_pattern=0")
+                    "e.g. enable_cpu_mem_arena=0,enable_mem_pattern=1 (the backend opens graphs with it 0)")
     ap.add_argument("--trace", type=non_negative, default=0, help="with --probe: tracemalloc frames (0: off)")
     ap.add_argument("--out-dir", type=Path, default=None, help="with --probe: where snapshots go (default: a temp dir)")
     ap.add_argument("--json", type=writable, default=None)

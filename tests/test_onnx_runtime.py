@@ -306,6 +306,16 @@ def test_ort_sessions_and_runtime_close(artifact):
         rt.generator.backend.new_session()
 
 
+def test_graphs_keep_no_memory_pattern_per_shape(artifact):
+    """ONNX Runtime plans and keeps a memory pattern for each distinct set of input shapes, and a step's shapes change
+    with its past: a server's patterns grew with every length it met (docs/serving.md, "Memory under load")."""
+    with MedusaRuntime.load(artifact, backend="ort", threads=1) as rt:
+        rt.generate_many([[5, 6, 7], [8, 9]], max_new_tokens=3)  # the lanes graph opens too
+        backend = rt.generator.backend
+        sessions = [backend.graph(kind) for kind in ("medusa", "vanilla")] + [backend.lanes.session]
+        assert all(not s.get_session_options().enable_mem_pattern for s in sessions)
+
+
 class _Shifted:
     """A backend whose base model always ranks another token first: its top-1 never agrees with the original."""
 
