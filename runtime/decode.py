@@ -157,6 +157,7 @@ class DecodeStats:
     finish_reason: str | None = None  # "length" when the KV buffer is full
     accepted_heads: int = 0  # accepted draft tokens that the heads proposed (shared nodes count here)
     accepted_context: int = 0  # ... that only the context drafts proposed
+    heads_steps: int = 0  # steps whose plan verified nodes of the heads' tree
     context_rows: int = 0  # context draft rows verified
     last_rows: int = 0  # rows of the last verification step
     draft_depth: int = 0  # the deepest draft position any step verified (heads' tree or context drafts)
@@ -364,6 +365,7 @@ def record_sources(p: StepTree, accepted: list[int], new: list[int], spec: Specu
     stats.accepted_context += kinds.count(CONTEXT)
     stats.context_rows += source.count(CONTEXT)
     if HEADS in source:
+        stats.heads_steps += 1
         spec.record_heads([i for i in accepted if source[i] == HEADS])
     if p.draft:
         spec.rates.record(p.kind, p.drafted, agreeing(p.draft, new))

@@ -46,6 +46,7 @@ class GenerationResult:
     accepted_heads: int = 0  # accepted draft tokens the heads proposed
     accepted_context: int = 0  # accepted draft tokens only the context drafts proposed
     context_rows: int = 0  # context draft rows verified
+    heads_steps: int = 0  # steps that verified the heads' tree (0: `medusa` was chosen, never used)
 
     def to_json(self) -> dict:
         keys = ("text", "token_ids", "new_tokens", "steps", "step_tokens", "mean_accepted", "tokens_per_s",
@@ -224,4 +225,5 @@ def result_of(out: TextOutput, stats: DecodeStats, finish: str, backend: str, tr
         accepted_heads=stats.accepted_heads,
         accepted_context=stats.accepted_context,
         context_rows=stats.context_rows,
+        heads_steps=stats.heads_steps,
     )

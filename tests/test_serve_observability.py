@@ -14,7 +14,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 prometheus_client = pytest.importorskip("prometheus_client")
 
-from serve_helpers import KEY, PROMPT, build_chat_artifact, free_port, get, post, serving  # noqa: E402
+from serve_helpers import KEY, PROMPT, build_chat_artifact, free_port, get, load_runtime, post, serving  # noqa: E402
 
 EVIL = "x\r\nINFO:     forged 200 OK\n\x1b[2J\x1b]8;;http://evil.example\x1b\\link\x1b]8;;\x1b\\\x00\u2028\u0085end"
 MARKERS = ("forged", "evil.example", "\x1b", "\x00", "\u2028")  # what none of the server's own text holds
@@ -156,3 +156,46 @@ def test_uvicorns_access_log_is_off_and_malformed_requests_are_not_logged():
     other = logging.LogRecord("uvicorn.error", logging.WARNING, __file__, 1, "Exception in ASGI application", None,
                               None)
     assert not QUIET_INVALID_REQUESTS.filter(record) and QUIET_INVALID_REQUESTS.filter(other)
+
+
+def test_the_medusa_metric_says_whether_the_heads_tree_was_verified(artifact, monkeypatch):
+    """It said whether a request was *assigned* the heads' tree at admission: greedy requests whose every step ran
+    batched on the lanes graph (which runs no heads) read "medusa": true with no step verifying the tree."""
+    import medusa_export.runtime.decode as decode_mod
+    from medusa_export.runtime.decode import GenerationConfig
+    from medusa_export.runtime.engine import Engine
+    from medusa_export.runtime.generator import GenerationResult
+    from medusa_export.runtime.serve.app import _spec
+    from medusa_export.runtime.step_tree import HEADS
+
+    verified: dict[int, int] = {}  # id(stats) -> steps whose plan held heads' nodes
+    original = decode_mod.record_sources
+
+    def counting(p, accepted, new, spec, stats):
+        verified[id(stats)] = verified.get(id(stats), 0) + int(HEADS in p.source.tolist())
+        return original(p, accepted, new, spec, stats)
+
+    monkeypatch.setattr(decode_mod, "record_sources", counting)
+    rt = load_runtime(artifact)
+    try:
+        engine = Engine(rt.generator, max_num_seqs=3, max_num_batched_tokens=64)
+        finals, seqs = {}, []
+        for i in range(3):  # admitted together, same length and budget: every step of each is a batched lanes step
+            seqs.append(engine.add([5, 6, 7, 8], GenerationConfig(max_new_tokens=12, ignore_eos=True),
+                                   lambda x, i=i: finals.__setitem__(i, x) if isinstance(x, GenerationResult) else None))
+        for _ in range(200):  # bounded
+            if not engine.step():
+                break
+        assert len(finals) == 3 and any(finals[i].medusa for i in range(3))  # some were assigned the tree
+        for i in range(3):
+            said = _spec(finals[i])["speculative_decoding"]["medusa"]
+            assert said == (verified.get(id(seqs[i].stats), 0) > 0), (i, said, verified)
+    finally:
+        rt.close()
+
+
+def test_the_start_line_says_one_sequence_in_the_singular(artifact):
+    with serving(artifact, "--max-num-seqs", "1", "--threads", "1") as (_base, proc):
+        pass
+    line = next(ln for ln in proc.stdout.read().splitlines() if ln.startswith("serving "))
+    assert "1 sequence per step" in line and "1 sequences" not in line, line

@@ -339,7 +339,7 @@ def _usage(job: Job, result: GenerationResult) -> dict:
 def _spec(result: GenerationResult) -> dict:
     """Per-request acceptance: what users of speculative decoding ask for first."""
     return {"speculative_decoding": {
-        "medusa": result.medusa,
+        "medusa": result.heads_steps > 0,  # the heads' tree verified, not merely chosen at admission (docs)
         "steps": result.steps,
         "mean_accepted_tokens_per_step": result.mean_accepted,
         "draft_tokens": len(result.step_accepted) * result.draft_depth,
