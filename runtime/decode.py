@@ -47,7 +47,7 @@ class GenerationConfig:
     chat: bool = True  # apply the chat template when the model has one
     ignore_eos: bool = False  # decode past end-of-sequence tokens up to max_new_tokens (benchmarks, as vLLM's)
     # Last, so that fields given by position keep the meaning they had before the cuts came
-    top_p: float = 1.0  # sampling: the smallest set of best tokens whose probability reaches it (1 = no cut)
+    top_p: float = 1.0  # sampling: the fewest best tokens whose probability reaches it (1 = no cut, 0 = the best)
     top_k: int = 0  # sampling: the k best tokens only (0 = every rank the graph returns, its sample_topk)
 
     def __post_init__(self) -> None:
@@ -65,8 +65,8 @@ class GenerationConfig:
             if (f := _as_float(v)) is None or not ok(f):  # float32 in the acceptance: past its range, infinite
                 raise InputError(f"{name} must be a number {rule}, got {v!r:.40}")
             setattr(self, name, f)
-        if (f := _as_float(self.top_p)) is None or not 0 < f <= 1:
-            raise InputError(f"top_p must be a number in (0, 1] (1 = no cut), got {self.top_p!r:.40}")
+        if (f := _as_float(self.top_p)) is None or not 0 <= f <= 1:  # OpenAI's range: 0 keeps the best token alone
+            raise InputError(f"top_p must be a number in [0, 1] (1 = no cut), got {self.top_p!r:.40}")
         self.top_p = f
         if not is_int(self.top_k) or self.top_k < 0:
             raise InputError(f"top_k must be an integer >= 0 (0 = no cut), got {self.top_k!r:.40}")

@@ -27,7 +27,7 @@ def test_kept_ranks_cut_by_count_and_by_mass():
     assert kept_ranks(probs, 0.8, 0).tolist() == [2, 4]
     assert kept_ranks(probs, 0.81, 0).tolist() == [3, 4]
     assert kept_ranks(probs, 0.81, 2).tolist() == [2, 2]
-    assert kept_ranks(probs, 1e-9, 0).tolist() == [1, 1]
+    assert kept_ranks(probs, 1e-9, 0).tolist() == kept_ranks(probs, 0.0, 0).tolist() == [1, 1]
 
 
 def _out(ids: np.ndarray, probs: np.ndarray, input_probs: np.ndarray | None = None) -> StepOutput:
@@ -61,14 +61,14 @@ def test_typical_acceptance_refuses_a_token_outside_its_parents_cut():
     assert accept_typical(tree, tokens, out, 0.09, 0.3, top_p=0.8, top_k=0).nodes.tolist() == [0, 1, 2]
 
 
-@pytest.mark.parametrize("field, value", [("top_p", 0), ("top_p", 1.5), ("top_p", -0.1), ("top_p", "0.9"),
+@pytest.mark.parametrize("field, value", [("top_p", 1.5), ("top_p", -0.1), ("top_p", "0.9"),
                                           ("top_p", float("nan")), ("top_k", -1), ("top_k", 2.0), ("top_k", True)])
 def test_bad_cuts_are_refused_by_name(field, value):
     with pytest.raises(InputError, match=field):
         GenerationConfig(**{field: value})
 
 
-@pytest.mark.parametrize("cut", [{"top_k": 1}, {"top_p": 1e-9}])
+@pytest.mark.parametrize("cut", [{"top_k": 1}, {"top_p": 1e-9}, {"top_p": 0}])
 @pytest.mark.parametrize("medusa", [True, False])
 def test_a_cut_to_one_token_samples_the_greedy_answer(tiny, make_tokenizer, cut, medusa):
     """Sampling at temperature 0.9 with typical acceptance over the heads' tree, but only the best token kept: every
@@ -106,7 +106,7 @@ def test_generate_takes_the_cuts_and_refuses_a_bad_one_before_loading(artifact, 
               "0.8", "--top-k", "1", "--seed", "3")
     assert greedy.returncode == cut.returncode == 0, (greedy.stderr, cut.stderr)
     assert json.loads(cut.stdout)["token_ids"] == json.loads(greedy.stdout)["token_ids"]
-    assert_one_line_error(cli("generate", str(tmp_path / "missing"), "--prompt", "x", "--top-p", "0"), "top_p", "(0, 1]")
+    assert_one_line_error(cli("generate", str(tmp_path / "missing"), "--prompt", "x", "--top-p", "1.5"), "top_p", "[0, 1]")
     assert_one_line_error(cli("generate", str(tmp_path / "missing"), "--prompt", "x", "--top-k", "-2"), "top_k")
 
 

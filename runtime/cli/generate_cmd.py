@@ -25,7 +25,7 @@ def generate(
                                         "token, a --stop string or the KV capacity)."),
     temperature: float = typer.Option(0.0, min=0.0, help="0 = greedy (lossless); > 0 = typical acceptance."),
     top_p: float = typer.Option(1.0, "--top-p", help="Sampling: only the fewest best tokens whose probability "
-                                "reaches it, in (0, 1] (1 = no cut)."),
+                                "reaches it, in [0, 1] (1 = no cut, 0 = the best alone)."),
     top_k: int = typer.Option(0, "--top-k", help="Sampling: only the k best tokens (0 = every rank the artifact "
                               "returns, 32 by default)."),
     stop: list[str] = typer.Option([], help="Stop string (repeatable)."),

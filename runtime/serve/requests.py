@@ -79,7 +79,6 @@ _BOOKKEEPING = (("user", str, "a string"), ("store", bool, "true or false"), ("s
                 ("metadata", dict, "an object"))
 _STREAM_OPTIONS = {"include_usage", "include_obfuscation"}
 _SEED_RANGE = (-(2 ** 63), 2 ** 64 - 1)  # what vLLM accepts: signed or unsigned 64-bit
-MIN_TOP_P = 1e-9  # top_p 0, which OpenAI's range allows: the best token alone
 
 
 def parse_chat(body: Any, model: ServedModel) -> Job:
@@ -234,7 +233,7 @@ def _cuts(body: dict) -> tuple[float, int]:
         raise ApiError(400, f"top_p must be a number in [0, 1], got {_shown(top_p)}", param="top_p")
     if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < -1:
         raise ApiError(400, f"top_k must be an integer >= -1 (-1 or 0: no cut), got {_shown(top_k)}", param="top_k")
-    return max(float(top_p), MIN_TOP_P), max(top_k, 0)
+    return float(top_p), max(top_k, 0)
 
 
 def _job(options: _Options, model: ServedModel, ids: list[int], chat: bool) -> Job:
