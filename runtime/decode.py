@@ -60,14 +60,12 @@ class GenerationConfig:
                              f"got {self.temperature!r:.40}")
         self.temperature = effective_temperature(t)
         for name, rule, ok in (("typical_epsilon", "in [0, 1]", lambda v: 0 <= v <= 1),
-                               ("typical_alpha", f"in [0, {MAX_TEMPERATURE:.3g}]", lambda v: 0 <= v <= MAX_TEMPERATURE)):
+                               ("typical_alpha", f"in [0, {MAX_TEMPERATURE:.3g}]", lambda v: 0 <= v <= MAX_TEMPERATURE),
+                               ("top_p", "in [0, 1] (1 = no cut)", lambda v: 0 <= v <= 1)):  # OpenAI's: 0 = the best
             v = getattr(self, name)
             if (f := _as_float(v)) is None or not ok(f):  # float32 in the acceptance: past its range, infinite
                 raise InputError(f"{name} must be a number {rule}, got {v!r:.40}")
             setattr(self, name, f)
-        if (f := _as_float(self.top_p)) is None or not 0 <= f <= 1:  # OpenAI's range: 0 keeps the best token alone
-            raise InputError(f"top_p must be a number in [0, 1] (1 = no cut), got {self.top_p!r:.40}")
-        self.top_p = f
         if not is_int(self.top_k) or self.top_k < 0:
             raise InputError(f"top_k must be an integer >= 0 (0 = no cut), got {self.top_k!r:.40}")
         self.top_k = int(self.top_k)
