@@ -16,12 +16,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -30,28 +27,14 @@ from medusa_export.runtime.machine import machine_info
 from medusa_export.runtime.prompts import read_prompts
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from script_io import positive, run_main, write_json  # noqa: E402
+from script_io import free_port, positive, run_main, start_served, write_json  # noqa: E402
 
 
 def start_server(artifact: str, max_num_seqs: int, max_queue: int) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     cmd = [sys.executable, "-m", "medusa_export.runtime.cli", "serve", artifact, "--port", str(port),
            "--max-num-seqs", str(max_num_seqs), "--max-queue", str(max_queue)]
-    proc = subprocess.Popen(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    base = f"http://127.0.0.1:{port}"
-    for _ in range(1200):  # bounded: 120 s
-        if proc.poll() is not None:  # it exited (a bad artifact): its own error is on stderr above
-            raise SystemExit(f"error: the server for {artifact} exited with code {proc.returncode}")
-        try:
-            with urllib.request.urlopen(base + "/ready", timeout=2) as r:
-                if r.status == 200:
-                    return proc, base
-        except OSError:
-            time.sleep(0.1)
-    proc.kill()
-    raise SystemExit(f"server for {artifact} did not become ready")
+    return start_served(cmd, port, artifact), f"http://127.0.0.1:{port}"
 
 
 async def one(client, model: str, prompt: str, max_tokens: int, medusa: bool) -> dict:

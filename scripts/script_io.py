@@ -6,8 +6,12 @@ import argparse
 import json
 import math
 import os
+import socket
+import subprocess
 import sys
 import tempfile
+import time
+import urllib.request
 from pathlib import Path, PurePath
 from typing import Callable
 
@@ -120,3 +124,27 @@ def run_main(main: Callable[[], int | None]) -> None:
         sys.exit(2)
     if status:
         sys.exit(status)
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now, for a server a script starts."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_served(cmd: list[str], port: int, what: str, env: dict | None = None) -> subprocess.Popen:
+    """``cmd`` (a `medusa-export serve` listening on ``port``) started and answering /ready, within 120 s (bounded);
+    where it exits first or never gets ready, one line and exit (its own error is on stderr above)."""
+    proc = subprocess.Popen(cmd, env=env if env is not None else {**os.environ, "HF_HUB_OFFLINE": "1"})
+    for _ in range(1200):  # bounded: 120 s
+        if proc.poll() is not None:
+            raise SystemExit(f"error: the server for {what} exited with code {proc.returncode}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=2) as r:
+                if r.status == 200:
+                    return proc
+        except OSError:
+            time.sleep(0.1)
+    proc.kill()
+    raise SystemExit(f"error: the server for {what} did not become ready within 120 s")

@@ -26,7 +26,6 @@ import asyncio
 import json
 import os
 import random
-import socket
 import subprocess
 import sys
 import tempfile
@@ -35,7 +34,8 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from script_io import non_negative, positive, run_main, with_machine, writable, write_json  # noqa: E402
+from script_io import (free_port, non_negative, positive, run_main, start_served, with_machine,  # noqa: E402
+                       writable, write_json)
 
 MAX_TOKENS = (8, 24, 48, 96)
 PROMPT_REPEATS = (1, 1, 2, 6, 20)  # a prompt repeated: 7 to ~1,200 tokens, so the graphs see varied shapes
@@ -111,12 +111,6 @@ main()
 '''
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_server(args, port: int, probe_dir: Path | None) -> subprocess.Popen:
     """The server, by the project's command (or the probing wrapper around the same CLI), ready to answer."""
     cli = ["serve", args.artifact, "--host", "127.0.0.1", "--port", str(port), "--max-num-seqs",
@@ -129,18 +123,7 @@ def start_server(args, port: int, probe_dir: Path | None) -> subprocess.Popen:
         cmd = [sys.executable, "-c", _HOOK, *cli]
     else:
         cmd = [sys.executable, "-m", "medusa_export.runtime.cli", *cli]
-    proc = subprocess.Popen(cmd, env=env)
-    for _ in range(1200):  # bounded: 120 s
-        if proc.poll() is not None:
-            raise SystemExit(f"error: the server exited with code {proc.returncode}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=2) as r:
-                if r.status == 200:
-                    return proc
-        except OSError:
-            time.sleep(0.1)
-    proc.kill()
-    raise SystemExit("error: the server did not become ready within 120 s")
+    return start_served(cmd, port, args.artifact, env)
 
 
 def rss(pid: int) -> dict:
