@@ -64,7 +64,8 @@ class TorchBackend(Backend):
     def __init__(self, model, heads: MedusaHeads | None, *, max_seq: int = 2048, head_topk: int = 10,
                  sample_topk: int = 32, device: str = "cpu") -> None:
         check_torch_device(device)
-        # The steps attend to the whole context (`StepModel`): a sliding window taking effect within max_seq is refused
+        # The steps attend to the whole context with fixed rotary frequencies (`StepModel`): a sliding window or dynamic
+        # RoPE taking effect within max_seq is refused
         check_length_effects(model.config, max_seq)
         self.device = torch.device(device)
         model = model.to(self.device).eval()

@@ -4,8 +4,9 @@
 
 Float outputs: max absolute error per output against a tolerance per dtype. Id outputs (top-k indices)
 can legitimately differ where two logits are within rounding of each other, so their top-1 is compared, as
-the fraction of positions (and heads) where it differs. A differing top-1 whose PyTorch score is within the dtype's
-tolerance of PyTorch's own top-1 is a tie (`id_ties` in the report; capped at MAX_ID_TIES), not an error.
+the fraction of positions (and heads) where it differs. A differing top-1 whose PyTorch score is within a few of the
+dtype's roundings of PyTorch's own top-1 (TIE_TOLERANCE) is a tie (`id_ties` in the report; capped at MAX_ID_TIES),
+not an error.
 """
 
 from __future__ import annotations
