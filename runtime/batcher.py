@@ -18,7 +18,7 @@ import threading
 import weakref
 from typing import Callable
 
-from .decode import GenerationConfig, checked_config
+from .generation_config import GenerationConfig, checked_config
 from .engine import DEFAULT_MAX_NUM_BATCHED_TOKENS, Engine, Sequence
 from .engine_thread import EngineThread
 from .errors import InputError

@@ -21,7 +21,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 import numpy as np
 
 from .backends.base import Backend
-from .decode import is_int
+from .generation_config import is_int
 from .errors import InputError
 from .generator import checked_token_ids
 from .prompts import jsonl_rows, read_prompts

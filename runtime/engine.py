@@ -35,9 +35,9 @@ import numpy as np
 from .backends.base import Session
 from .backends.lanes import Lane, LanesRunner
 from .context_drafts import DEFAULT_MAX_DRAFT, Draft
-from .decode import (Cursor, DecodeStats, GenerationConfig, accept, checked_config, feed, finish_step, prefill,
-                     start_cursor, step)
+from .decode import Cursor, DecodeStats, accept, feed, finish_step, prefill, start_cursor, step
 from .errors import InputError, as_exception
+from .generation_config import GenerationConfig, checked_config
 from .generator import GenerationResult, Generator, result_of
 from .prefill_shares import fair_shares
 from .step_tree import StepTree
@@ -231,7 +231,7 @@ class Engine:
             else:
                 rng = np.random.default_rng(seq.cfg.seed)
                 seq.cursor = prefill(seq.session, seq.prompt, tree is not None, seq.cfg, rng, start=seq.fed)
-                self._emit(seq, [seq.cursor.root])
+                self._emit(seq, seq.cursor.first)
             seq.fed += take
             seq.stats.prefill_s += time.perf_counter() - t0
             return take, False
@@ -291,7 +291,7 @@ class Engine:
             if seq.fed == len(seq.prompt):
                 rng = np.random.default_rng(seq.cfg.seed)
                 seq.cursor = start_cursor(seq.prompt, out, -1, seq.cfg, rng)
-                self._emit(seq, [seq.cursor.root])
+                self._emit(seq, seq.cursor.first)
         else:
             self._advance(seq, out, draft, seconds)
 

@@ -18,8 +18,10 @@ from typing import Iterator
 import numpy as np
 
 from .backends.base import Backend
-from .decode import DecodeStats, GenerationConfig, checked_config, decode, is_int, uses_context
+from .decode import DecodeStats, decode, uses_context
+from .generation_config import GenerationConfig, checked_config, is_int
 from .errors import InputError, TreeError
+from .logprobs import TokenLogprob
 from .speculation import Speculation
 from .text_output import StreamEvent, TextOutput
 from .tokenizer import ChatTokenizer
@@ -47,12 +49,18 @@ class GenerationResult:
     accepted_context: int = 0  # accepted draft tokens only the context drafts proposed
     context_rows: int = 0  # context draft rows verified
     heads_steps: int = 0  # steps that verified the heads' tree (0: `medusa` was chosen, never used)
+    logprobs: list[TokenLogprob] | None = None  # one per token of token_ids when the request asked for them
 
     def to_json(self) -> dict:
         keys = ("text", "token_ids", "new_tokens", "steps", "step_tokens", "mean_accepted", "tokens_per_s",
                 "finish_reason", "backend", "medusa", "prompt_tokens", "prefill_ms")
         d = asdict(self)
-        return {k: d[k] for k in keys}
+        out = {k: d[k] for k in keys}
+        if self.logprobs is not None:  # asked for: each token's, with its best alternatives
+            out["logprobs"] = [{"token_id": e.token_id, "logprob": e.logprob,
+                                "top_logprobs": [{"token_id": i, "logprob": lp} for i, lp in e.top]}
+                               for e in self.logprobs]
+        return out
 
 
 class Stream:
@@ -156,6 +164,9 @@ class Generator:
                              "greedy requests speculate, from context drafts): use temperature 0, or --no-medusa")
         if not ids:
             raise InputError("the prompt is empty: give at least one token")
+        if cfg.logprobs is not None and cfg.logprobs > self.backend.dims.sample_topk:
+            raise InputError(f"logprobs asks for {cfg.logprobs} alternatives per token but the graph returns its best "
+                             f"{self.backend.dims.sample_topk}: ask for at most that many")
         if len(ids) + 1 > self.backend.max_seq:
             built = getattr(getattr(self.backend, "manifest", None), "max_seq", None)  # None: a model, no artifact
             fix = ("raise max_seq (--max-seq), up to an artifact's own" if built is None else
@@ -226,4 +237,5 @@ def result_of(out: TextOutput, stats: DecodeStats, finish: str, backend: str, tr
         accepted_context=stats.accepted_context,
         context_rows=stats.context_rows,
         heads_steps=stats.heads_steps,
+        logprobs=None if out.logprobs is None else list(out.logprobs),
     )

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .decode import GenerationConfig
+from .generation_config import GenerationConfig
+from .logprobs import TokenLogprob
 from .detokenize import IncrementalDetokenizer
 
 
@@ -20,6 +21,7 @@ from .detokenize import IncrementalDetokenizer
 class StreamEvent:
     text: str  # new text since the previous event
     token_ids: list[int]  # tokens accepted in this step
+    logprobs: list[TokenLogprob] | None = None  # one per token of token_ids, when the request asked for them
 
 
 class TextOutput:
@@ -31,6 +33,7 @@ class TextOutput:
         self.detok = IncrementalDetokenizer(tokenizer.decode, getattr(tokenizer, "special_ids", frozenset()))
         self.tail_len = max((len(s) for s in cfg.stop_strings), default=1) - 1
         self.new: list[int] = []
+        self.logprobs: list[TokenLogprob] | None = None if cfg.logprobs is None else []  # one per token of ``new``
         self.shown: list[str] = []
         self.shown_tail = ""  # the last tail_len characters of the shown text, kept as it grows (a walk was cubic)
         self.pending = ""  # decoded text not shown yet (it may begin a stop string)
@@ -60,6 +63,9 @@ class TextOutput:
                 self.finish = "length"
                 break
         self.new += kept
+        entries = getattr(chunk, "logprobs", None)  # `FinalTokens` when the request asked for them
+        if self.logprobs is not None and entries is not None:
+            self.logprobs += entries[:len(kept)]
         return self._show(kept, tail, flush=bool(self.finish) and not cut)
 
     def end(self, reason: str) -> StreamEvent | None:
@@ -83,7 +89,7 @@ class TextOutput:
         if self.tail_len:
             self.shown_tail = (self.shown_tail + visible)[-self.tail_len:]
         self.pending = self.pending[len(visible):]
-        return StreamEvent(visible, kept)
+        return StreamEvent(visible, kept, None if self.logprobs is None else self.logprobs[len(self.new) - len(kept):])
 
     def _cut_at_stop(self, tail: str) -> bool:
         """Cut the pending text at the earliest complete stop string, if any (the answer then ends: "stop"). Searched

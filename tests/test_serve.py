@@ -130,7 +130,7 @@ def test_stop_and_completions(client, runtime):
     ({"model": "gpt-4", "messages": [{"role": "user", "content": PROMPT}]}, 404, "model"),
     ({"messages": [{"role": "user", "content": PROMPT}], "n": 2}, 400, "n"),
     ({"messages": [{"role": "user", "content": PROMPT}], "max_tokens": -3}, 400, "max_tokens"),
-    ({"messages": [{"role": "user", "content": PROMPT}], "logprobs": True}, 400, "logprobs"),
+    ({"messages": [{"role": "user", "content": PROMPT}], "logprobs": 2}, 400, "logprobs"),  # chat's is true/false
     ({"messages": [{"role": "user", "content": " ".join(["t9"] * 2100)}], "max_tokens": 4}, 400, "messages"),
     ({"messages": [{"role": "user", "content": PROMPT}], "max_tokens": 2047}, 400, "max_tokens"),
     ({"messages": []}, 400, "messages"),

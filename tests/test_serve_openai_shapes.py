@@ -232,8 +232,9 @@ def _error(code_body) -> dict:
 
 @pytest.mark.parametrize("path, extra, param", [
     ("/v1/chat/completions", {"n": 2}, "n"),
-    ("/v1/chat/completions", {"logprobs": True}, "logprobs"),
-    ("/v1/chat/completions", {"top_logprobs": 2}, "top_logprobs"),
+    ("/v1/chat/completions", {"logprobs": 1}, "logprobs"),  # chat's is true or false; the count is top_logprobs
+    ("/v1/chat/completions", {"top_logprobs": 2}, "top_logprobs"),  # without logprobs: true
+    ("/v1/chat/completions", {"logprobs": True, "top_logprobs": 21}, "top_logprobs"),  # OpenAI's limit is 20
     ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
     ("/v1/chat/completions", {"tool_choice": "auto"}, "tool_choice"),
     ("/v1/chat/completions", {"response_format": {"type": "json_object"}}, "response_format"),
@@ -245,7 +246,9 @@ def _error(code_body) -> dict:
     ("/v1/chat/completions", {"max_tokens": 0}, "max_tokens"),
     ("/v1/chat/completions", {"max_completion_tokens": 0}, "max_completion_tokens"),
     ("/v1/chat/completions", {"repetition_penalty": 1.2}, "repetition_penalty"),
-    ("/v1/completions", {"logprobs": 0}, "logprobs"),  # 0: the sampled tokens' logprobs, still asked for
+    ("/v1/completions", {"logprobs": True}, "logprobs"),  # the completions endpoint's is a count
+    ("/v1/completions", {"logprobs": 21}, "logprobs"),
+    ("/v1/completions", {"top_logprobs": 2}, "top_logprobs"),  # chat's parameter
     ("/v1/completions", {"best_of": 2}, "best_of"),
     ("/v1/completions", {"echo": True}, "echo"),
     ("/v1/completions", {"suffix": "x"}, "suffix"),

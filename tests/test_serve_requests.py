@@ -14,7 +14,7 @@ pytest.importorskip("fastapi")
 
 from conftest import IM_START, make_chat_tokenizer  # noqa: E402
 
-from medusa_export.runtime.decode import MIN_TEMPERATURE, GenerationConfig  # noqa: E402
+from medusa_export.runtime.generation_config import MIN_TEMPERATURE, GenerationConfig  # noqa: E402
 from medusa_export.runtime.errors import InputError  # noqa: E402
 from medusa_export.runtime.serve.app import ServeSettings, _data  # noqa: E402
 from medusa_export.runtime.serve.http_checks import json_body, read_body  # noqa: E402

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from medusa_export.runtime.decode import is_int
+from medusa_export.runtime.generation_config import is_int
 from medusa_export.runtime.errors import CheckpointError, first_line
 
 from ..tensor_pickles import PickledObjects, UnreadableTensors, load_tensors

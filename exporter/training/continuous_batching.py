@@ -16,7 +16,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from medusa_export.runtime.decode import MIN_TEMPERATURE
+from medusa_export.runtime.generation_config import MIN_TEMPERATURE
 
 from .static_decoder import StaticDecoder
 

@@ -35,7 +35,7 @@ from medusa_export.exporter.heads import MedusaHeads, new_heads
 from medusa_export.exporter.own_answers import answers_without
 from medusa_export.exporter.train_out_dir import check_train_out_dir, train_inputs, train_out_lock
 from medusa_export.exporter.provenance import portable_path
-from medusa_export.runtime.decode import effective_temperature
+from medusa_export.runtime.generation_config import effective_temperature
 from medusa_export.runtime.errors import InputError
 
 from . import checkpoint as ckpt

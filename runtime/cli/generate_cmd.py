@@ -38,6 +38,8 @@ def generate(
     device: str = typer.Option("cpu", help="cpu | cuda (the torch backend; trt always runs on the GPU)."),
     max_seq: Optional[int] = typer.Option(None, help="KV capacity in tokens (default: the artifact's, or 2048)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of streaming text."),
+    logprobs: Optional[int] = typer.Option(None, "--logprobs", help="With --json: each token's log-probability and "
+                                           "this many best alternatives (0-20)."),
 ) -> None:
     """Generate text for one prompt and report tokens/s and accepted tokens per step."""
     from ..decode import GenerationConfig, uses_context
@@ -56,9 +58,11 @@ def generate(
     if sys.stdout is None:  # started with its standard output closed (`>&-`): the answer would go nowhere, exit 0
         raise InputError("standard output is closed, where the answer is written: send it to a file, a pipe or "
                          "/dev/null")
+    if logprobs is not None and not as_json:  # the text stream has no place for them
+        raise InputError("--logprobs adds them to the --json output: add --json")
     cfg = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, stop_strings=tuple(stop),
                            medusa=not no_medusa, seed=seed, chat=not no_chat, context_drafts=not no_context_drafts,
-                           top_p=top_p, top_k=top_k)  # checked before the model loads
+                           top_p=top_p, top_k=top_k, logprobs=logprobs)  # checked before the model loads
     chosen = backend if backend != "auto" else ("ort" if is_artifact(model) else "torch")
     opened = open_generator(model, chosen, heads=heads, tree=tree, max_seq=max_seq, device=device, plain=no_medusa)
     if opened.notice and not no_medusa:

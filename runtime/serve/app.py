@@ -30,11 +30,13 @@ from starlette.exceptions import HTTPException
 from ..engine import DEFAULT_MAX_NUM_BATCHED_TOKENS
 from ..errors import InputError
 from ..generator import GenerationResult
+from ..logprobs import MAX_TOP_LOGPROBS
 from .host_check import HostCheck, parse_allowed_hosts
 from .metrics import ServerMetrics, accepted_per_position
 from .http_deadlines import half_closed
 from .http_checks import (authorize, check_identity_encoding, check_json_type, check_not_cross_origin,
                           closing_if_unread, json_body, read_body)
+from .logprobs_json import AnswerLogprobs, TokenPieces
 from .requests import ApiError, Job, ServedModel, parse_chat, parse_completion
 from .scheduler import Finished, Request as Admitted, Scheduler
 
@@ -91,7 +93,8 @@ def create_app(runtime, settings: ServeSettings = ServeSettings()) -> FastAPI:
     generator = runtime.generator
     name = settings.model_name or runtime.manifest.model.name
     model = ServedModel(name, generator.tokenizer, generator.backend.max_seq, generator.tree is not None,
-                        settings.context_drafts)
+                        settings.context_drafts, min(MAX_TOP_LOGPROBS, generator.backend.dims.sample_topk))
+    pieces = TokenPieces(generator.tokenizer)  # tokens' text and bytes for logprobs
     metrics = ServerMetrics(name)
     sched = Scheduler(generator, settings.max_num_seqs, settings.max_num_batched_tokens, settings.max_queue, settings.timeout_s, metrics)
     served_by = {"X-Served-By": f"{socket.gethostname()}:{os.getpid()}"}  # which replica answered (Ray Serve)
@@ -193,7 +196,7 @@ def create_app(runtime, settings: ServeSettings = ServeSettings()) -> FastAPI:
             _refuse_half_closed(http, None)  # before admission: decoding could not tell a closed client apart
         admitted = sched.submit(job)  # 429 / 503 here, before any response starts
         if job.stream:
-            return _StreamOf(admitted, _sse(rid, job, name, admitted), media_type="text/event-stream",
+            return _StreamOf(admitted, _sse(rid, job, name, admitted, pieces), media_type="text/event-stream",
                              headers={**served_by, **SSE_HEADERS})
         watcher = asyncio.create_task(_cancel_on_disconnect(http, admitted))
         texts, done = [], None
@@ -208,7 +211,7 @@ def create_app(runtime, settings: ServeSettings = ServeSettings()) -> FastAPI:
             admitted.cancel()  # no-op once it finished
         _refuse_half_closed(http, done)
         result = _result_or_error(done, settings.timeout_s)
-        return JSONResponse(_response(rid, job, name, "".join(texts), result), headers=served_by)
+        return JSONResponse(_response(rid, job, name, "".join(texts), result, pieces), headers=served_by)
 
     return app
 
@@ -265,16 +268,22 @@ def _result_or_error(done: Finished | None, timeout_s: float) -> GenerationResul
     return done.result
 
 
-async def _sse(rid: str, job: Job, name: str, admitted: Admitted) -> AsyncIterator[str]:
+async def _sse(rid: str, job: Job, name: str, admitted: Admitted,
+               pieces: TokenPieces | None = None) -> AsyncIterator[str]:  # pieces: for logprobs
     created = int(time.time())
     kind = "chat.completion.chunk" if job.chat else "text_completion"
+    answer = AnswerLogprobs(pieces, job.chat) if job.config.logprobs is not None else None
+    pending = []  # logprobs of tokens whose text is held back: they go with the next chunk that has text, or the last
 
     def chunk(text: str | None, finish: str | None, role: bool = False) -> str:
+        logprobs = answer.render(pending) if answer and pending and not role else None
+        if logprobs is not None:
+            pending.clear()
         if job.chat:
             delta = ({"role": "assistant"} if role else {}) | ({"content": text} if text is not None else {})
-            choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+            choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": logprobs}
         else:
-            choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
+            choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": logprobs}
         # With include_usage every chunk carries "usage", null until the last one's (as OpenAI's stream does)
         usage = {"usage": None} if job.include_usage else {}
         return _data({"id": rid, "object": kind, "created": created, "model": name, "choices": [choice]} | usage)
@@ -288,6 +297,7 @@ async def _sse(rid: str, job: Job, name: str, admitted: Admitted) -> AsyncIterat
             if not role_sent:
                 role_sent = True
                 yield chunk("", None, role=True)
+            pending.extend(item.logprobs or [])
             if item.text:
                 yield chunk(item.text, None)
             continue
@@ -317,12 +327,13 @@ def _data(obj: dict) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False).translate(_LINE_BREAKS)}\n\n"
 
 
-def _response(rid: str, job: Job, name: str, text: str, result: GenerationResult) -> dict:
+def _response(rid: str, job: Job, name: str, text: str, result: GenerationResult, pieces: TokenPieces) -> dict:
+    logprobs = None if result.logprobs is None else AnswerLogprobs(pieces, job.chat).render(result.logprobs)
     if job.chat:
         choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": result.finish_reason,
-                  "logprobs": None}
+                  "logprobs": logprobs}
     else:
-        choice = {"index": 0, "text": text, "finish_reason": result.finish_reason, "logprobs": None}
+        choice = {"index": 0, "text": text, "finish_reason": result.finish_reason, "logprobs": logprobs}
     return {"id": rid, "object": "chat.completion" if job.chat else "text_completion", "created": int(time.time()),
             "model": name, "choices": [choice], "usage": _usage(job, result), "metrics": _spec(result)}
 

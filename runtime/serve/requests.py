@@ -14,8 +14,9 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from ..decode import MAX_STOP_CHARS, GenerationConfig, effective_temperature
+from ..generation_config import MAX_STOP_CHARS, GenerationConfig, effective_temperature
 from ..errors import BusyError, InputError
+from ..logprobs import MAX_TOP_LOGPROBS
 from ..tokenizer import ChatTokenizer, check_text
 
 
@@ -48,6 +49,7 @@ class ServedModel:
     max_seq: int  # prompt + new tokens must fit
     medusa: bool  # the artifact has heads
     context_drafts: bool = True  # greedy requests speculate from their context too (also without heads)
+    max_logprobs: int = MAX_TOP_LOGPROBS  # alternatives per token a request may ask for (the graph's top-S, at most 20)
 
 
 @dataclass
@@ -69,7 +71,7 @@ _MESSAGE_KEYS = {"role", "content"}  # a message's other fields (name, tool_call
 # Parameter -> the values that mean "not used" (the API's defaults and "off" values); anything else is a 400.
 _NEUTRAL: dict[str, tuple] = {
     "n": (1,), "best_of": (1,), "presence_penalty": (0,), "frequency_penalty": (0,),
-    "logprobs": (None, False), "top_logprobs": (None, 0), "logit_bias": (None, {}), "echo": (None, False),
+    "logit_bias": (None, {}), "echo": (None, False),
     "suffix": (None, ""), "tools": (None, []), "tool_choice": (None, "none"), "parallel_tool_calls": (None, True, False),
     "functions": (None, []), "function_call": (None, "none"), "response_format": (None, {"type": "text"}),
     "repetition_penalty": (1,),
@@ -99,7 +101,8 @@ def parse_chat(body: Any, model: ServedModel) -> Job:
                            f"and content): leave it out", param=f"messages[{i}].{extra[0][:80]}")
         rendered.append({"role": "system" if m["role"] == "developer" else m["role"],
                          "content": _content(m.get("content"), i)})
-    options = _options(body, model)  # before the template renders: a wrong parameter costs no render
+    # Before the template renders: a wrong parameter costs no render
+    options = _options(body, model, _chat_logprobs(body, model))
     continue_final = rendered[-1]["role"] == "assistant"
     ids = _tokenize(lambda: model.tokenizer.encode_chat(rendered, continue_final=continue_final), "messages")
     return _job(options, model, ids, chat=True)
@@ -116,7 +119,7 @@ def parse_completion(body: Any, model: ServedModel) -> Job:
                          all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)):
         raise ApiError(400, "'prompt' must be a non-empty string, a list with one string, or a list of token ids "
                        "(one prompt per request)", param="prompt")
-    options = _options(body, model)
+    options = _options(body, model, _completion_logprobs(body, model))
     ids = _tokenize(lambda: model.tokenizer.encode(prompt), "prompt") if text else list(prompt)
     return _job(options, model, ids, chat=False)
 
@@ -171,7 +174,8 @@ class _Options:
     include_usage: bool
 
 
-def _options(body: dict, model: ServedModel) -> _Options:
+def _options(body: dict, model: ServedModel, logprobs: int | None) -> _Options:
+    """``logprobs``: the alternatives per token the endpoint's own parameters asked for (None: no logprobs)."""
     unknown = sorted(set(body) - _COMMON - {"prompt", "messages"})
     if unknown:
         raise ApiError(400, f"unknown parameter {unknown[0]!r:.80}", param=unknown[0][:80])
@@ -218,7 +222,7 @@ def _options(body: dict, model: ServedModel) -> _Options:
         raise ApiError(400, f"seed must be an integer in [{_SEED_RANGE[0]}, {_SEED_RANGE[1]}]", param="seed")
     top_p, top_k = _cuts(body)
     config = GenerationConfig(max_new_tokens=1, temperature=temperature, stop_strings=_stops(body),
-                              top_p=top_p, top_k=top_k,
+                              top_p=top_p, top_k=top_k, logprobs=logprobs,
                               medusa=medusa and (model.medusa or model.context_drafts and temperature == 0),
                               context_drafts=model.context_drafts, seed=None if seed is None else seed % 2 ** 64,
                               chat=False, ignore_eos=ignore_eos)
@@ -234,6 +238,36 @@ def _cuts(body: dict) -> tuple[float, int]:
     if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < -1:
         raise ApiError(400, f"top_k must be an integer >= -1 (-1 or 0: no cut), got {_shown(top_k)}", param="top_k")
     return float(top_p), max(top_k, 0)
+
+
+def _chat_logprobs(body: dict, model: ServedModel) -> int | None:
+    """Chat's ``logprobs`` (true or false) and ``top_logprobs`` (alternatives per token, with logprobs: true)."""
+    on, top = body.get("logprobs", False), body.get("top_logprobs", 0)
+    if not isinstance(on, bool):
+        raise ApiError(400, f"logprobs must be true or false on /v1/chat/completions (top_logprobs says how many "
+                       f"alternatives), got {_shown(on)}", param="logprobs")
+    _check_count(top, "top_logprobs", model)
+    if top and not on:
+        raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+    return top if on else None
+
+
+def _completion_logprobs(body: dict, model: ServedModel) -> int | None:
+    """The completions endpoint's ``logprobs``: how many alternatives per token (0: the chosen token's alone)."""
+    count, top = body.get("logprobs", False), body.get("top_logprobs", 0)
+    if not _same(top, 0):
+        raise ApiError(400, "top_logprobs belongs to /v1/chat/completions: on /v1/completions send logprobs: N "
+                       "(alternatives per token)", param="top_logprobs")
+    if count is False:  # off, as null
+        return None
+    _check_count(count, "logprobs", model)
+    return count
+
+
+def _check_count(value: Any, key: str, model: ServedModel) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= model.max_logprobs:
+        raise ApiError(400, f"{key} must be an integer in [0, {model.max_logprobs}] (alternatives per token), got "
+                       f"{_shown(value)}", param=key)
 
 
 def _job(options: _Options, model: ServedModel, ids: list[int], chat: bool) -> Job:

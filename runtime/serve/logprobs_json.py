@@ -1,0 +1,81 @@
+"""`TokenLogprob` entries as OpenAI's ``logprobs`` objects: chat's ``{"content": [...]}`` and the completions
+endpoint's ``{"tokens", "token_logprobs", "top_logprobs", "text_offset"}``.
+
+    pieces = TokenPieces(tokenizer)                   # each token's text and bytes, cached (one per server)
+    answer = AnswerLogprobs(pieces, chat=True)        # one per answer
+    choice["logprobs"] = answer.render(event.logprobs)
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+
+from ..logprobs import TokenLogprob
+from ..tokenizer import ChatTokenizer
+
+
+def _byte_of_char() -> dict[str, int]:
+    """Byte-level BPE's alphabet (GPT-2's): printable Latin-1 bytes stand for themselves, the other bytes, in order,
+    for the characters from U+0100 on. Reversed, it turns a token's piece into the bytes it writes."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {chr(b): b for b in printable} | {chr(256 + n): b for n, b in enumerate(others)}
+
+
+_BYTE_OF_CHAR = _byte_of_char()
+
+
+class TokenPieces:
+    """A token's text (special tokens as written, part of a character as U+FFFD) and the UTF-8 bytes it adds to the
+    answer (for byte-level tokenizers, exact also where a token holds part of a character)."""
+
+    def __init__(self, tokenizer: ChatTokenizer) -> None:
+        self._tok = tokenizer.tokenizer
+        decoder = json.loads(self._tok.to_str()).get("decoder") or {}
+        kinds = [d.get("type") for d in decoder.get("decoders", [decoder])]
+        self._byte_level = "ByteLevel" in kinds
+        self.text = lru_cache(maxsize=65536)(self._text)
+        self.bytes = lru_cache(maxsize=65536)(self._bytes)
+
+    def _text(self, token_id: int) -> str:
+        return self._tok.decode([token_id], skip_special_tokens=False)
+
+    def _bytes(self, token_id: int) -> list[int]:
+        text = self.text(token_id)
+        piece = self._tok.id_to_token(token_id) if self._byte_level and "\ufffd" in text else None
+        if piece and all(c in _BYTE_OF_CHAR for c in piece):
+            return [_BYTE_OF_CHAR[c] for c in piece]
+        return list(text.encode("utf-8"))
+
+
+class AnswerLogprobs:
+    """One answer's ``logprobs`` objects in its endpoint's shape, rendered token by token as they come (a stream's
+    chunks each carry their tokens'; the completions endpoint's ``text_offset`` runs on over the whole answer)."""
+
+    def __init__(self, pieces: TokenPieces, chat: bool) -> None:
+        self.pieces, self.chat = pieces, chat
+        self.offset = 0  # characters of the tokens rendered so far
+
+    def render(self, entries: list[TokenLogprob]) -> dict:
+        return self._chat(entries) if self.chat else self._completion(entries)
+
+    def _chat(self, entries: list[TokenLogprob]) -> dict:
+        """Per token its text, log-probability, bytes and the best alternatives."""
+        def one(token_id: int, logprob: float) -> dict:
+            return {"token": self.pieces.text(token_id), "logprob": logprob, "bytes": self.pieces.bytes(token_id)}
+
+        return {"content": [one(e.token_id, e.logprob) | {"top_logprobs": [one(i, lp) for i, lp in e.top]}
+                            for e in entries], "refusal": None}
+
+    def _completion(self, entries: list[TokenLogprob]) -> dict:
+        out: dict = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for e in entries:
+            text = self.pieces.text(e.token_id)
+            out["tokens"].append(text)
+            out["token_logprobs"].append(e.logprob)
+            # As OpenAI's: the best alternatives and the chosen token itself (so logprobs 0 still names it)
+            out["top_logprobs"].append({self.pieces.text(i): lp for i, lp in e.top} | {text: e.logprob})
+            out["text_offset"].append(self.offset)
+            self.offset += len(text)
+        return out

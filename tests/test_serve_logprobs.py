@@ -1,0 +1,153 @@
+"""OpenAI's ``logprobs`` through `medusa-export serve`: chat's ``logprobs`` / ``top_logprobs`` and the completions
+endpoint's ``logprobs: N``, parsed by the `openai` client, equal to the library's values, the same streamed as
+whole and whatever shares the batch."""
+
+from __future__ import annotations
+
+import json
+import threading
+import urllib.request
+from dataclasses import dataclass
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+openai = pytest.importorskip("openai")
+
+from serve_helpers import KEY, PROMPT, build_chat_artifact, load_runtime, openai_client, serving  # noqa: E402
+
+MESSAGES = [{"role": "user", "content": PROMPT}]
+
+
+@dataclass
+class Served:
+    base: str  # the server's URL
+    client: object  # an openai client of it
+    runtime: object  # the same artifact in-process, for the values a request must equal
+
+
+@pytest.fixture(scope="module")
+def served(tiny_dirs, tmp_path_factory):
+    artifact = build_chat_artifact(tiny_dirs, tmp_path_factory.mktemp("logprobs"))
+    rt = load_runtime(artifact)
+    try:
+        with serving(artifact, "--max-num-seqs", "4", "--threads", "1", "--api-key", KEY) as (base, _):
+            yield Served(base, openai_client(base), rt)
+    finally:
+        rt.close()
+
+
+def _stream(base: str, path: str, body: dict) -> list[dict]:
+    """The JSON chunks of a streamed request."""
+    req = urllib.request.Request(base + path, json.dumps({**body, "stream": True}).encode(),
+                                 {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        blocks = r.read().decode().split("\n\n")
+    return [json.loads(b[len("data: "):]) for b in blocks if b.startswith("data: {")]
+
+
+def _name(client) -> str:
+    """The served model's name (the artifact's)."""
+    return client.models.list().data[0].id
+
+
+def test_chat_logprobs_are_the_librarys_and_parse(served):
+    client, runtime = served.client, served.runtime
+    ids = runtime.generator.tokenizer.encode_chat(MESSAGES)
+    want = runtime.generate(ids, max_new_tokens=8, logprobs=3, medusa=False, ignore_eos=True)
+    r = client.chat.completions.create(model=_name(client), messages=MESSAGES, max_tokens=8, temperature=0,
+                                       logprobs=True, top_logprobs=3, extra_body={"ignore_eos": True})
+    (choice,) = r.choices
+    assert not choice.logprobs.model_extra and choice.logprobs.refusal is None
+    content = choice.logprobs.content
+    assert len(content) == r.usage.completion_tokens == len(want.token_ids)
+    tok = runtime.generator.tokenizer.tokenizer
+    for got, e in zip(content, want.logprobs):
+        assert got.token == tok.decode([e.token_id]) and bytes(got.bytes) == got.token.encode()
+        assert got.logprob == pytest.approx(e.logprob, abs=1e-5)  # the server decoded with Medusa, batched
+        assert [t.token for t in got.top_logprobs] == [tok.decode([i]) for i, _ in e.top]
+        assert got.top_logprobs[0].logprob == got.logprob  # greedy: the chosen token is the best
+    plain = client.chat.completions.create(model=_name(client), messages=MESSAGES, max_tokens=2, temperature=0)
+    assert plain.choices[0].logprobs is None  # not asked for
+    zero = client.chat.completions.create(model=_name(client), messages=MESSAGES, max_tokens=2, temperature=0,
+                                          logprobs=True)
+    assert [c.top_logprobs for c in zero.choices[0].logprobs.content] == [[], []]
+
+
+def test_completion_logprobs_shape_and_offsets(served):
+    client, runtime = served.client, served.runtime
+    want = runtime.generate(runtime.generator.tokenizer.encode(PROMPT), max_new_tokens=6, logprobs=2,
+                            medusa=False, ignore_eos=True)
+    r = client.completions.create(model=_name(client), prompt=PROMPT, max_tokens=6, temperature=0, logprobs=2,
+                                  extra_body={"ignore_eos": True})
+    lp = r.choices[0].logprobs
+    assert lp.token_logprobs == pytest.approx([e.logprob for e in want.logprobs], abs=1e-5)
+    assert len(lp.tokens) == len(lp.top_logprobs) == len(lp.text_offset) == 6
+    for token, value, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+        assert top[token] == value and len(top) <= 3  # the two best, and the chosen token (among them: greedy)
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(6)]
+    none = client.completions.create(model=_name(client), prompt=PROMPT, max_tokens=2, temperature=0, logprobs=0)
+    assert all(list(top) == [token] for token, top in zip(none.choices[0].logprobs.tokens,
+                                                           none.choices[0].logprobs.top_logprobs))
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+def test_a_stream_carries_the_same_logprobs_as_the_whole_answer(served, path):
+    client = served.client
+    chat = "chat" in path
+    body = ({"messages": MESSAGES, "logprobs": True, "top_logprobs": 2} if chat else
+            {"prompt": PROMPT, "logprobs": 2}) | {"max_tokens": 10, "temperature": 0, "ignore_eos": True}
+    whole = (client.chat.completions.create if chat else client.completions.create)(
+        model=_name(client), **{k: v for k, v in body.items() if k != "ignore_eos"}, extra_body={"ignore_eos": True})
+    chunks = _stream(served.base, path, {"model": _name(client), **body})
+    parts = [c["choices"][0]["logprobs"] for c in chunks if c["choices"] and c["choices"][0]["logprobs"]]
+    if chat:
+        assert [x for p in parts for x in p["content"]] == whole.to_dict()["choices"][0]["logprobs"]["content"]
+    else:
+        merged = {k: [x for p in parts for x in p[k]] for k in ("tokens", "token_logprobs", "top_logprobs",
+                                                                  "text_offset")}
+        assert merged == whole.to_dict()["choices"][0]["logprobs"]
+
+
+def test_batched_requests_get_the_values_they_get_alone(served):
+    client = served.client
+    """Four greedy requests at once (one batch) with logprobs: each equals the same request sent alone."""
+    prompts = [PROMPT, "t40 t41", "t9 t9 t9 t9", "t100 t3"]
+
+    def ask(prompt: str) -> dict:
+        r = client.completions.create(model=_name(client), prompt=prompt, max_tokens=12, temperature=0,
+                                      logprobs=1, extra_body={"ignore_eos": True})
+        return r.to_dict()["choices"][0]["logprobs"]
+
+    alone = [ask(p) for p in prompts]
+    together: list = [None] * 4
+    threads = [threading.Thread(target=lambda i=i: together.__setitem__(i, ask(prompts[i]))) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    for a, b in zip(alone, together):
+        assert b["tokens"] == a["tokens"]
+        assert b["token_logprobs"] == pytest.approx(a["token_logprobs"], abs=1e-5)
+
+
+def test_a_byte_level_tokens_bytes_are_exact_where_it_holds_part_of_a_character():
+    """A byte-level BPE token may hold part of a character: its text shows U+FFFD, its bytes are the real ones, so a
+    client joins the bytes of an answer's tokens into its text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from medusa_export.runtime.serve.logprobs_json import TokenPieces
+    from medusa_export.runtime.tokenizer import ChatTokenizer
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(["hello world", "caf\u00e9 au lait"], trainers.BpeTrainer(
+        vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=["<|im_end|>"]))
+    pieces = TokenPieces(ChatTokenizer(tok))
+    text = "caf\u00e9 \U0001f600 hello"
+    ids = tok.encode(text).ids
+    assert any("\ufffd" in pieces.text(i) for i in ids)  # the emoji's four bytes are split over tokens
+    assert bytes(b for i in ids for b in pieces.bytes(i)).decode() == text
+    assert pieces.text(tok.token_to_id("<|im_end|>")) == "<|im_end|>"  # special tokens as written
