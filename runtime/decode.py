@@ -21,7 +21,7 @@ from .acceptance import accept_greedy, accept_typical, next_token
 from .backends.base import Session
 from .context_drafts import DEFAULT_MAX_DRAFT, ContextIndex
 from .generation_config import GenerationConfig
-from .logprobs import FinalTokens, final_tokens
+from .logprobs import FinalTokens, TokenLogprob, final_tokens, step_logprobs
 from .speculation import Speculation
 from .step_tree import CONTEXT, HEADS, StepTree
 from .tree import Tree
@@ -40,6 +40,7 @@ class DecodeStats:
     context_rows: int = 0  # context draft rows verified
     last_rows: int = 0  # rows of the last verification step
     draft_depth: int = 0  # the deepest draft position any step verified (heads' tree or context drafts)
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # the prompt's tokens but its first, when scored
 
     @property
     def steps(self) -> int:
@@ -90,19 +91,26 @@ def uses_context(cfg: GenerationConfig) -> bool:
 
 
 def prefill(session: Session, prompt_ids: list[int], medusa: bool, cfg: GenerationConfig,
-            rng: np.random.Generator, start: int = 0) -> Cursor:
+            rng: np.random.Generator, start: int = 0, stats: DecodeStats | None = None) -> Cursor:
     """Feed the prompt from ``start`` (the session holds the tokens before it) in one causal run; the first new
     token."""
-    return start_cursor(prompt_ids, feed(session, prompt_ids[start:], medusa, cfg), -1, cfg, rng)
+    return start_cursor(prompt_ids, feed(session, prompt_ids[start:], medusa, cfg, stats=stats), -1, cfg, rng)
 
 
-def feed(session: Session, tokens: list[int], medusa: bool, cfg: GenerationConfig):
+def feed(session: Session, tokens: list[int], medusa: bool, cfg: GenerationConfig, after: int | None = None,
+         stats: DecodeStats | None = None):
     """Prompt tokens after the session's, in one causal run, kept; the outputs of their last row (a prefill reads
-    only those; a prompt chunk before the last, none)."""
-    n, past = len(tokens), session.length
-    out = session.run(np.asarray(tokens, np.int64), past + np.arange(n), np.tri(n, dtype=bool), medusa, _temp(cfg),
-                      out_rows=np.array([n - 1]))
-    session.keep(np.arange(n))
+    only those; a prompt chunk before the last, none). Scoring the prompt (``cfg.prompt_logprobs``, with ``stats``):
+    every row's outputs, and ``after``, the prompt token after these (None at the prompt's end), as one extra row that
+    is not kept, so the run holds the log-probability of each token but its first (`stats.prompt_logprobs`)."""
+    scored = cfg.prompt_logprobs is not None and stats is not None
+    run = [*tokens, after] if scored and after is not None else list(tokens)
+    n, past = len(run), session.length
+    out = session.run(np.asarray(run, np.int64), past + np.arange(n), np.tri(n, dtype=bool), medusa, _temp(cfg),
+                      out_rows=None if scored else np.array([n - 1]))
+    session.keep(np.arange(len(tokens)))
+    if scored:  # token j of the run was read by row j - 1
+        stats.prompt_logprobs += step_logprobs(out, list(range(n)), run[1:], cfg.prompt_logprobs)
     return out
 
 
@@ -266,7 +274,7 @@ def decode(session: Session, prompt_ids: list[int], tree: Tree | None, cfg: Gene
     tree = tree if cfg.medusa else None
     spec = spec or Speculation()
     t0 = time.perf_counter()
-    cursor = prefill(session, prompt_ids, tree is not None, cfg, np.random.default_rng(cfg.seed))
+    cursor = prefill(session, prompt_ids, tree is not None, cfg, np.random.default_rng(cfg.seed), stats=stats)
     stats.prefill_s = time.perf_counter() - t0
     yield cursor.first
     while (new := step(session, cursor, tree, cfg, stats, spec, max_paths, whole_tree)) is not None:

@@ -155,7 +155,11 @@ class Engine:
             return bool(self.waiting)
         t0 = time.perf_counter()
         live = list(self.running)
-        if len(live) == 1 or self.lanes is None:
+        # A prompt to score goes on the one-sequence graphs, whose rows also give each input token's probability
+        scoring = next((s for s in live if s.cursor is None and s.cfg.prompt_logprobs is not None), None)
+        if scoring is not None:
+            rows, spec = self._isolated(scoring, self._alone) or (0, False)
+        elif len(live) == 1 or self.lanes is None:
             rows, spec = 0, False
             for seq in live:  # without a lanes graph, one sequence after the other
                 r, s = self._isolated(seq, self._alone) or (0, False)
@@ -227,10 +231,12 @@ class Engine:
             if self.lanes is not None:
                 take = min(take, self.gen.backend.alone_prefill_chunk or self.max_num_batched_tokens)
             if seq.fed + take < len(seq.prompt):
-                feed(seq.session, seq.prompt[seq.fed:seq.fed + take], tree is not None, seq.cfg)
+                feed(seq.session, seq.prompt[seq.fed:seq.fed + take], tree is not None, seq.cfg,
+                     after=seq.prompt[seq.fed + take], stats=seq.stats)
             else:
                 rng = np.random.default_rng(seq.cfg.seed)
-                seq.cursor = prefill(seq.session, seq.prompt, tree is not None, seq.cfg, rng, start=seq.fed)
+                seq.cursor = prefill(seq.session, seq.prompt, tree is not None, seq.cfg, rng, start=seq.fed,
+                                     stats=seq.stats)
                 self._emit(seq, seq.cursor.first)
             seq.fed += take
             seq.stats.prefill_s += time.perf_counter() - t0

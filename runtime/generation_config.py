@@ -36,6 +36,7 @@ class GenerationConfig:
     top_p: float = 1.0  # sampling: the fewest best tokens whose probability reaches it (1 = no cut, 0 = the best)
     top_k: int = 0  # sampling: the k best tokens only (0 = every rank the graph returns, its sample_topk)
     logprobs: int | None = None  # per token its log-probability and this many best alternatives (None: none)
+    prompt_logprobs: int | None = None  # the same for the prompt's tokens (its first has none: nothing precedes it)
 
     def __post_init__(self) -> None:
         """Every option checked once, here, for the library, the CLI and the server alike (a bad value surfaced
@@ -56,10 +57,12 @@ class GenerationConfig:
         if not is_int(self.top_k) or self.top_k < 0:
             raise InputError(f"top_k must be an integer >= 0 (0 = no cut), got {self.top_k!r:.40}")
         self.top_k = int(self.top_k)
-        if self.logprobs is not None and (not is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_TOP_LOGPROBS):
-            raise InputError(f"logprobs must be None or an integer in [0, {MAX_TOP_LOGPROBS}] (the alternatives per "
-                             f"token), got {self.logprobs!r:.40}")
-        self.logprobs = None if self.logprobs is None else int(self.logprobs)
+        for name in ("logprobs", "prompt_logprobs"):
+            v = getattr(self, name)
+            if v is not None and (not is_int(v) or not 0 <= v <= MAX_TOP_LOGPROBS):
+                raise InputError(f"{name} must be None or an integer in [0, {MAX_TOP_LOGPROBS}] (the alternatives per "
+                                 f"token), got {v!r:.40}")
+            setattr(self, name, None if v is None else int(v))
         if not is_int(self.max_new_tokens) or self.max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r:.40}")
         self.max_new_tokens = int(self.max_new_tokens)  # a numpy integer as a plain one (JSON, comparisons)

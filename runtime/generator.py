@@ -50,6 +50,7 @@ class GenerationResult:
     context_rows: int = 0  # context draft rows verified
     heads_steps: int = 0  # steps that verified the heads' tree (0: `medusa` was chosen, never used)
     logprobs: list[TokenLogprob] | None = None  # one per token of token_ids when the request asked for them
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # one per prompt token (None for its first) when asked
 
     def to_json(self) -> dict:
         keys = ("text", "token_ids", "new_tokens", "steps", "step_tokens", "mean_accepted", "tokens_per_s",
@@ -164,9 +165,13 @@ class Generator:
                              "greedy requests speculate, from context drafts): use temperature 0, or --no-medusa")
         if not ids:
             raise InputError("the prompt is empty: give at least one token")
-        if cfg.logprobs is not None and cfg.logprobs > self.backend.dims.sample_topk:
-            raise InputError(f"logprobs asks for {cfg.logprobs} alternatives per token but the graph returns its best "
-                             f"{self.backend.dims.sample_topk}: ask for at most that many")
+        if cfg.prompt_logprobs is not None and not self.backend.scores_prompts:
+            raise InputError(f"prompt_logprobs is not available on the {self.backend.name} backend (a long prompt runs "
+                             f"in pieces there, whose borders lose the probabilities): use the ort or torch backend")
+        for name in ("logprobs", "prompt_logprobs"):
+            if (getattr(cfg, name) or 0) > self.backend.dims.sample_topk:
+                raise InputError(f"{name} asks for {getattr(cfg, name)} alternatives per token but the graph returns "
+                                 f"its best {self.backend.dims.sample_topk}: ask for at most that many")
         if len(ids) + 1 > self.backend.max_seq:
             built = getattr(getattr(self.backend, "manifest", None), "max_seq", None)  # None: a model, no artifact
             fix = ("raise max_seq (--max-seq), up to an artifact's own" if built is None else
@@ -238,4 +243,5 @@ def result_of(out: TextOutput, stats: DecodeStats, finish: str, backend: str, tr
         context_rows=stats.context_rows,
         heads_steps=stats.heads_steps,
         logprobs=None if out.logprobs is None else list(out.logprobs),
+        prompt_logprobs=None if out.cfg.prompt_logprobs is None else [None, *stats.prompt_logprobs],
     )

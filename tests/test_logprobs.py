@@ -148,3 +148,54 @@ def test_generate_prints_them_in_its_json_and_refuses_them_without(artifact, tmp
     assert_one_line_error(cli("generate", str(artifact), "--prompt", "x", "--logprobs", "2"), "--logprobs", "--json")
     assert_one_line_error(cli("generate", str(tmp_path / "missing"), "--prompt", "x", "--json", "--logprobs", "21"),
                           "logprobs", "20")
+
+
+def _check_prompt(ref: np.ndarray, prompt: list[int], entries, top: int) -> None:
+    """``entries`` (one per prompt token, None for the first) against log_softmax rows of the tokens before each."""
+    assert entries[0] is None and len(entries) == len(prompt)
+    for j in range(1, len(prompt)):
+        e, row = entries[j], ref[j - 1]
+        assert e.token_id == prompt[j] and e.logprob == pytest.approx(row[prompt[j]], abs=2e-4)
+        assert len(e.top) == top and all(lp == pytest.approx(row[i], abs=2e-4) for i, lp in e.top)
+
+
+def _prompt_reference(model, prompt: list[int]) -> np.ndarray:
+    import torch
+
+    with torch.inference_mode():
+        return torch.log_softmax(model(torch.tensor([prompt])).logits[0].double(), -1).numpy()
+
+
+def test_prompt_logprobs_are_the_models_own(tiny, make_tokenizer):
+    gen = Generator(tiny.backend(None), make_tokenizer(), None)
+    prompt = [5, 6, 7, 8, 9, 100, 200, 300, 17, 17, 17, 42]
+    result = gen.generate(prompt, GenerationConfig(max_new_tokens=3, medusa=False, prompt_logprobs=2))
+    _check_prompt(_prompt_reference(tiny.model, prompt), prompt, result.prompt_logprobs, 2)
+    assert result.logprobs is None  # asked for the prompt's only
+    backend = tiny.backend(None)
+    backend.scores_prompts = False  # a backend that cannot (TensorRT) refuses rather than guesses
+    with pytest.raises(InputError, match="prompt_logprobs is not available"):
+        Generator(backend, make_tokenizer(), None).generate(prompt, GenerationConfig(prompt_logprobs=0))
+
+
+def test_a_prompt_scored_in_chunks_beside_other_requests_gets_the_values_of_one_run(artifact, tiny_model):
+    """The batched engine feeds a scored prompt in chunks on the one-sequence graph, each with the next chunk's first
+    token as an extra row it does not keep: the values are those of the prompt in one run, and of transformers."""
+    from medusa_export.runtime.api import MedusaRuntime
+
+    rt = MedusaRuntime.load(artifact)
+    try:
+        text = " ".join(f"t{(7 * i) % 300 + 1}" for i in range(40))
+        ids = rt.generator.tokenizer.encode(text)
+        whole = rt.generate(text, max_new_tokens=6, prompt_logprobs=1, logprobs=1, ignore_eos=True)
+        many = rt.generate_many([text, "t3 t4", text], max_new_tokens=6, prompt_logprobs=1, logprobs=1,
+                                ignore_eos=True, max_num_batched_tokens=8)
+        _check_prompt(_prompt_reference(tiny_model, ids), ids, whole.prompt_logprobs, 1)
+        for r in (many[0], many[2]):
+            assert r.token_ids == whole.token_ids
+            assert [e and e.logprob for e in r.prompt_logprobs] == pytest.approx(
+                [e and e.logprob for e in whole.prompt_logprobs], abs=1e-5)
+        plain = rt.generate_many([text], max_new_tokens=6, ignore_eos=True, max_num_batched_tokens=8)[0]
+        assert plain.token_ids == whole.token_ids and plain.prompt_logprobs is None
+    finally:
+        rt.close()

@@ -151,3 +151,23 @@ def test_a_byte_level_tokens_bytes_are_exact_where_it_holds_part_of_a_character(
     assert any("\ufffd" in pieces.text(i) for i in ids)  # the emoji's four bytes are split over tokens
     assert bytes(b for i in ids for b in pieces.bytes(i)).decode() == text
     assert pieces.text(tok.token_to_id("<|im_end|>")) == "<|im_end|>"  # special tokens as written
+
+
+def test_echo_with_logprobs_scores_the_prompt_as_lm_eval_asks(served):
+    """lm-evaluation-harness's loglikelihood request (`local-completions`): token ids, max_tokens 1, logprobs 1, echo.
+    The prompt's tokens come first, the first with null, each with the library's values; then the answer's."""
+    client, runtime = served.client, served.runtime
+    ids = runtime.generator.tokenizer.encode("t5 t6 t7 t8 t9 t10 t11")
+    want = runtime.generate(ids, max_new_tokens=1, prompt_logprobs=1, logprobs=1, medusa=False)
+    r = client.completions.create(model=_name(client), prompt=[ids], max_tokens=1, temperature=0, logprobs=1,
+                                  echo=True, seed=1234)
+    choice = r.choices[0]
+    assert choice.text == runtime.generator.tokenizer.decode(ids) + want.text
+    lp = choice.logprobs
+    assert len(lp.tokens) == len(ids) + 1 and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert lp.token_logprobs[1:] == pytest.approx([e.logprob for e in want.prompt_logprobs[1:] + want.logprobs],
+                                                  abs=1e-5)
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
+    assert r.usage.prompt_tokens == len(ids) and r.usage.completion_tokens == 1
+    text = client.completions.create(model=_name(client), prompt="t5 t6", max_tokens=2, temperature=0, echo=True)
+    assert text.choices[0].text.startswith("t5 t6") and text.choices[0].logprobs is None

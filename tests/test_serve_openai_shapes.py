@@ -250,7 +250,8 @@ def _error(code_body) -> dict:
     ("/v1/completions", {"logprobs": 21}, "logprobs"),
     ("/v1/completions", {"top_logprobs": 2}, "top_logprobs"),  # chat's parameter
     ("/v1/completions", {"best_of": 2}, "best_of"),
-    ("/v1/completions", {"echo": True}, "echo"),
+    ("/v1/completions", {"echo": True, "stream": True}, "echo"),  # echo is answered whole only
+    ("/v1/chat/completions", {"echo": True}, "echo"),  # the completions endpoint's
     ("/v1/completions", {"suffix": "x"}, "suffix"),
     ("/v1/completions", {"n": 3}, "n"),
     ("/v1/completions", {"stop": [""]}, "stop"),

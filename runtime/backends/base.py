@@ -142,6 +142,9 @@ class Backend(ABC):
     # Rows of a prompt chunk a request running alone feeds per step when others may join (None: the engine's
     # --max-num-batched-tokens). On a GPU a chunk costs about as much as one token, so its prefill profile's size.
     alone_prefill_chunk: int | None = None
+    # Whether a run's input_token_probs holds every pair of its rows (prompt_logprobs reads row j - 1's probability of
+    # token j): TensorRT splits a long run over its profiles and fills only each piece's own block.
+    scores_prompts = True
 
     @property
     def has_medusa(self) -> bool:

@@ -136,6 +136,7 @@ class TrtBackend(Backend):
         self.runtime = trt.Runtime(self.logger)
         self.engines = {k: self._load(k, records[k]) for k in needed}
         self.alone_prefill_chunk = self.engines["vanilla"].max_t  # the prefill profile's largest T (max_prompt)
+        self.scores_prompts = False  # `Backend.scores_prompts`
         batch = self.engines["vanilla"].batch_profile
         self.lanes = TrtLanes(self, self.engines["vanilla"], batch) if batch is not None else None
         self.lock = threading.Lock()  # one step on the GPU at a time: contexts of one engine share its profiles

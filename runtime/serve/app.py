@@ -329,6 +329,10 @@ def _data(obj: dict) -> str:
 
 def _response(rid: str, job: Job, name: str, text: str, result: GenerationResult, pieces: TokenPieces) -> dict:
     logprobs = None if result.logprobs is None else AnswerLogprobs(pieces, job.chat).render(result.logprobs)
+    if job.echo is not None:  # the prompt before the answer, in the text and the log-probabilities
+        text = job.echo + text
+        if result.prompt_logprobs is not None:
+            logprobs = AnswerLogprobs(pieces, False).render_echo(job.prompt_ids, result.prompt_logprobs, result.logprobs)
     if job.chat:
         choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": result.finish_reason,
                   "logprobs": logprobs}

@@ -60,6 +60,15 @@ class AnswerLogprobs:
     def render(self, entries: list[TokenLogprob]) -> dict:
         return self._chat(entries) if self.chat else self._completion(entries)
 
+    def render_echo(self, ids: list[int], prompt: list[TokenLogprob | None], answer: list[TokenLogprob]) -> dict:
+        """The completions endpoint's object with ``echo``: the prompt's tokens, whose first has no log-probability
+        (null), then the answer's."""
+        first = self.pieces.text(ids[0])
+        self.offset = len(first)
+        rest = self._completion([*prompt[1:], *answer])
+        return {"tokens": [first, *rest["tokens"]], "token_logprobs": [None, *rest["token_logprobs"]],
+                "top_logprobs": [None, *rest["top_logprobs"]], "text_offset": [0, *rest["text_offset"]]}
+
     def _chat(self, entries: list[TokenLogprob]) -> dict:
         """Per token its text, log-probability, bytes and the best alternatives."""
         def one(token_id: int, logprob: float) -> dict:

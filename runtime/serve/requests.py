@@ -59,6 +59,7 @@ class Job:
     stream: bool
     include_usage: bool
     chat: bool  # chat.completion(s) objects, else text_completion
+    echo: str | None = None  # the completions endpoint's echo: the prompt's text, put before the answer's
 
 
 # Accepted and honoured, or accepted when they ask for what the runtime does anyway.
@@ -71,7 +72,7 @@ _MESSAGE_KEYS = {"role", "content"}  # a message's other fields (name, tool_call
 # Parameter -> the values that mean "not used" (the API's defaults and "off" values); anything else is a 400.
 _NEUTRAL: dict[str, tuple] = {
     "n": (1,), "best_of": (1,), "presence_penalty": (0,), "frequency_penalty": (0,),
-    "logit_bias": (None, {}), "echo": (None, False),
+    "logit_bias": (None, {}),
     "suffix": (None, ""), "tools": (None, []), "tool_choice": (None, "none"), "parallel_tool_calls": (None, True, False),
     "functions": (None, []), "function_call": (None, "none"), "response_format": (None, {"type": "text"}),
     "repetition_penalty": (1,),
@@ -101,6 +102,9 @@ def parse_chat(body: Any, model: ServedModel) -> Job:
                            f"and content): leave it out", param=f"messages[{i}].{extra[0][:80]}")
         rendered.append({"role": "system" if m["role"] == "developer" else m["role"],
                          "content": _content(m.get("content"), i)})
+    if not _same(body.get("echo", False), False):
+        raise ApiError(400, "echo belongs to /v1/completions (the prompt before the answer): leave it out",
+                       param="echo")
     # Before the template renders: a wrong parameter costs no render
     options = _options(body, model, _chat_logprobs(body, model))
     continue_final = rendered[-1]["role"] == "assistant"
@@ -121,7 +125,11 @@ def parse_completion(body: Any, model: ServedModel) -> Job:
                        "(one prompt per request)", param="prompt")
     options = _options(body, model, _completion_logprobs(body, model))
     ids = _tokenize(lambda: model.tokenizer.encode(prompt), "prompt") if text else list(prompt)
-    return _job(options, model, ids, chat=False)
+    job = _job(options, model, ids, chat=False)
+    if _echo(body, options):  # the prompt's text and, with logprobs, its tokens' (checked against the vocabulary)
+        job.echo = prompt if text else model.tokenizer.decode(ids)
+        job.config = dataclasses.replace(job.config, prompt_logprobs=job.config.logprobs)
+    return job
 
 
 def _object(body: Any) -> dict:
@@ -262,6 +270,16 @@ def _completion_logprobs(body: dict, model: ServedModel) -> int | None:
         return None
     _check_count(count, "logprobs", model)
     return count
+
+
+def _echo(body: dict, options: _Options) -> bool:
+    """The completions endpoint's ``echo`` (true or false; not streamed)."""
+    echo = body.get("echo", False)
+    if not isinstance(echo, bool):
+        raise ApiError(400, f"echo must be true or false, got {_shown(echo)}", param="echo")
+    if echo and options.stream:
+        raise ApiError(400, "echo is not streamed by this server: send it without stream", param="echo")
+    return echo
 
 
 def _check_count(value: Any, key: str, model: ServedModel) -> None:
