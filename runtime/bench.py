@@ -227,7 +227,8 @@ def concurrent_row(rt, backend: str, prompts: list[str], cfg: GenerationConfig, 
     results = generate_many(rt.generator, prompts, concurrency, max(DEFAULT_MAX_NUM_BATCHED_TOKENS, concurrency),
                             cfg, on_step=steps.append, on_result=on_done)
     wall = time.perf_counter() - t0
-    row = summarize(backend, f"{mode} x{concurrency}", results, wall,
+    # Labelled by the sequences that could run together: with fewer prompts than lanes, no step held more
+    row = summarize(backend, f"{mode} x{min(concurrency, len(prompts))}", results, wall,
                     all(r.token_ids == v for r, v in zip(results, reference)))
     batch = [s.sequences for s in steps]
     row.update(concurrency=concurrency, steps=len(steps), mean_batch=round(float(np.mean(batch)), 3) if batch else None,

@@ -251,6 +251,15 @@ def test_bench_says_when_its_concurrent_rows_are_not_batched(portable_artifact):
     assert any(r["mode"].endswith(" x2") for r in report["results"])
 
 
+def test_a_concurrent_row_is_labelled_by_the_requests_that_could_run_together(artifact):
+    """Two prompts on four lanes never make a batch of four: the row says x2 and keeps the lanes asked for."""
+    from medusa_export.runtime.bench import run_bench
+
+    report = run_bench(artifact, ["ort"], ["t5 t6 t7", "t1 t2"], max_new_tokens=3, concurrency=4)
+    rows = [r for r in report["results"] if r.get("concurrency")]
+    assert rows and all(r["mode"].endswith(" x2") and r["concurrency"] == 4 and r["mean_batch"] <= 2 for r in rows)
+
+
 def test_the_plot_is_a_png_at_exactly_its_path_written_whole(tmp_path, monkeypatch):
     """matplotlib added .png to a name without a suffix (a path no check had seen: it overwrote a --json report named
     r.png) and wrote in place (Ctrl-C mid-write left an empty file where the last chart was)."""
