@@ -60,8 +60,8 @@ class GenerationConfig:
         for name in ("logprobs", "prompt_logprobs"):
             v = getattr(self, name)
             if v is not None and (not is_int(v) or not 0 <= v <= MAX_TOP_LOGPROBS):
-                raise InputError(f"{name} must be None or an integer in [0, {MAX_TOP_LOGPROBS}] (the alternatives per "
-                                 f"token), got {v!r:.40}")
+                raise InputError(f"{name} must be an integer in [0, {MAX_TOP_LOGPROBS}] (the alternatives per token; "
+                                 f"None: off), got {v!r:.40}")
             setattr(self, name, None if v is None else int(v))
         if not is_int(self.max_new_tokens) or self.max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r:.40}")

@@ -64,7 +64,10 @@ class TextOutput:
                 break
         self.new += kept
         entries = getattr(chunk, "logprobs", None)  # `FinalTokens` when the request asked for them
-        if self.logprobs is not None and entries is not None:
+        if self.logprobs is not None:
+            if entries is None or len(entries) < len(kept):  # else every later event's entries shift silently
+                raise ValueError(f"logprobs were asked for but this step's {len(chunk)} tokens came without "
+                                 f"theirs: pass the `FinalTokens` the decode step returned")
             self.logprobs += entries[:len(kept)]
         return self._show(kept, tail, flush=bool(self.finish) and not cut)
 

@@ -199,3 +199,22 @@ def test_a_prompt_scored_in_chunks_beside_other_requests_gets_the_values_of_one_
         assert plain.token_ids == whole.token_ids and plain.prompt_logprobs is None
     finally:
         rt.close()
+
+
+def test_a_step_without_its_entries_is_an_error_not_a_shifted_answer():
+    """Tokens handed over without their log-probabilities would shift every later event's entries: refused."""
+    from medusa_export.runtime.logprobs import FinalTokens
+    from medusa_export.runtime.text_output import TextOutput
+
+    class Words:
+        eos_token_ids = ()
+
+        def decode(self, ids):
+            return " ".join(f"t{i}" for i in ids)
+
+    out = TextOutput(Words(), GenerationConfig(logprobs=0, ignore_eos=True))
+    first = FinalTokens([5, 6])
+    first.logprobs = step_logprobs(_out([[5, 1], [6, 1]], [[0.5, 0.1], [0.5, 0.1]], np.zeros((2, 2))), [0, 1], [5, 6], 0)
+    assert len(out.push(first).logprobs) == 2
+    with pytest.raises(ValueError, match="without"):
+        out.push([7])

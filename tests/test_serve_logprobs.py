@@ -171,3 +171,28 @@ def test_echo_with_logprobs_scores_the_prompt_as_lm_eval_asks(served):
     assert r.usage.prompt_tokens == len(ids) and r.usage.completion_tokens == 1
     text = client.completions.create(model=_name(client), prompt="t5 t6", max_tokens=2, temperature=0, echo=True)
     assert text.choices[0].text.startswith("t5 t6") and text.choices[0].logprobs is None
+
+
+def test_a_sentencepiece_tokens_text_keeps_its_space_and_a_byte_piece_its_byte():
+    """Llama 2-style tokenizers (Metaspace, byte fallback): decoding one token alone drops its leading space and
+    turns a byte piece into U+FFFD; read from the piece, the tokens join into the answer's text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    from medusa_export.runtime.logprobs import TokenLogprob
+    from medusa_export.runtime.serve.logprobs_json import AnswerLogprobs, TokenPieces
+    from medusa_export.runtime.tokenizer import ChatTokenizer
+
+    vocab = {"<unk>": 0, "\u2581Hello": 1, "\u2581world": 2, "<0xF0>": 3, "<0x9F>": 4, "<0x8C>": 5, "<0xB1>": 6}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", byte_fallback=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    pieces = TokenPieces(ChatTokenizer(tok))
+    ids = [1, 2, 3, 4, 5, 6]
+    assert [pieces.text(i) for i in ids[:2]] == [" Hello", " world"]
+    assert bytes(b for i in ids for b in pieces.bytes(i)).decode() == " " + tok.decode(ids)  # the answer's first
+    # space is the one the decoder strips at the start of a text
+    # Byte pieces share the text U+FFFD: an entry keeps the best of them (the chosen token's own value where it is one)
+    lp = AnswerLogprobs(pieces, chat=False).render([TokenLogprob(1, -0.1, ((1, -0.1), (3, -0.5), (4, -1.5))),
+                                                    TokenLogprob(4, -1.5, ((3, -0.5), (4, -1.5)))])
+    assert lp["top_logprobs"] == [{" Hello": -0.1, "\ufffd": -0.5}, {"\ufffd": -1.5}]

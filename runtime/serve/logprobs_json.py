@@ -9,6 +9,7 @@ endpoint's ``{"tokens", "token_logprobs", "top_logprobs", "text_offset"}``.
 from __future__ import annotations
 
 import json
+import re
 from functools import lru_cache
 
 from ..logprobs import TokenLogprob
@@ -24,6 +25,7 @@ def _byte_of_char() -> dict[str, int]:
 
 
 _BYTE_OF_CHAR = _byte_of_char()
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece's byte fallback
 
 
 class TokenPieces:
@@ -32,16 +34,37 @@ class TokenPieces:
 
     def __init__(self, tokenizer: ChatTokenizer) -> None:
         self._tok = tokenizer.tokenizer
+        self._special = tokenizer.special_ids  # read as written
         decoder = json.loads(self._tok.to_str()).get("decoder") or {}
-        kinds = [d.get("type") for d in decoder.get("decoders", [decoder])]
+        parts = decoder.get("decoders", [decoder])
+        kinds = [d.get("type") for d in parts]
         self._byte_level = "ByteLevel" in kinds
+        # SentencePiece's (Llama 2, Mistral): "▁" for a space, which decoding one token alone strips, and byte pieces
+        # (<0xF0>) for what the vocabulary lacks: read from the piece, so tokens join into the answer's text
+        self._metaspace = "Metaspace" in kinds or any(
+            d.get("type") == "Replace" and (d.get("pattern") or {}).get("String") == "\u2581" for d in parts)
         self.text = lru_cache(maxsize=65536)(self._text)
         self.bytes = lru_cache(maxsize=65536)(self._bytes)
 
     def _text(self, token_id: int) -> str:
+        if (sp := self._sentencepiece(token_id)) is not None:
+            return sp[0]
         return self._tok.decode([token_id], skip_special_tokens=False)
 
+    def _sentencepiece(self, token_id: int) -> tuple[str, list[int]] | None:
+        """A SentencePiece token's (text, bytes) from its piece; None for other tokenizers and special tokens."""
+        piece = self._tok.id_to_token(token_id) if self._metaspace else None
+        if piece is None or token_id in self._special:
+            return None
+        if (m := _BYTE_PIECE.fullmatch(piece)) is not None:
+            b = int(m.group(1), 16)
+            return (chr(b) if b < 0x80 else "\ufffd"), [b]
+        text = piece.replace("\u2581", " ")
+        return text, list(text.encode("utf-8"))
+
     def _bytes(self, token_id: int) -> list[int]:
+        if (sp := self._sentencepiece(token_id)) is not None:
+            return sp[1]
         text = self.text(token_id)
         piece = self._tok.id_to_token(token_id) if self._byte_level and "\ufffd" in text else None
         if piece and all(c in _BYTE_OF_CHAR for c in piece):
@@ -83,8 +106,14 @@ class AnswerLogprobs:
             text = self.pieces.text(e.token_id)
             out["tokens"].append(text)
             out["token_logprobs"].append(e.logprob)
-            # As OpenAI's: the best alternatives and the chosen token itself (so logprobs 0 still names it)
-            out["top_logprobs"].append({self.pieces.text(i): lp for i, lp in e.top} | {text: e.logprob})
+            # As OpenAI's: the best alternatives and the chosen token itself (so logprobs 0 still names it). Tokens
+            # of one text (parts of characters, all "\ufffd") share a key: it holds the best of them, or the chosen
+            # token's own value (top_logprobs[i][tokens[i]] == token_logprobs[i])
+            top: dict[str, float] = {}
+            for i, lp in e.top:
+                top.setdefault(self.pieces.text(i), lp)
+            top[text] = e.logprob
+            out["top_logprobs"].append(top)
             out["text_offset"].append(self.offset)
             self.offset += len(text)
         return out
