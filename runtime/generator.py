@@ -51,6 +51,7 @@ class GenerationResult:
     heads_steps: int = 0  # steps that verified the heads' tree (0: `medusa` was chosen, never used)
     logprobs: list[TokenLogprob] | None = None  # one per token of token_ids when the request asked for them
     prompt_logprobs: list[TokenLogprob | None] | None = None  # one per prompt token (None for its first) when asked
+    eos_logprob: TokenLogprob | None = None  # with logprobs: the entry of the end-of-sequence token that ended it
 
     def to_json(self) -> dict:
         keys = ("text", "token_ids", "new_tokens", "steps", "step_tokens", "mean_accepted", "tokens_per_s",
@@ -244,4 +245,5 @@ def result_of(out: TextOutput, stats: DecodeStats, finish: str, backend: str, tr
         heads_steps=stats.heads_steps,
         logprobs=None if out.logprobs is None else list(out.logprobs),
         prompt_logprobs=None if out.cfg.prompt_logprobs is None else [None, *stats.prompt_logprobs],
+        eos_logprob=out.eos_logprob,
     )

@@ -34,6 +34,7 @@ class TextOutput:
         self.tail_len = max((len(s) for s in cfg.stop_strings), default=1) - 1
         self.new: list[int] = []
         self.logprobs: list[TokenLogprob] | None = None if cfg.logprobs is None else []  # one per token of ``new``
+        self.eos_logprob: TokenLogprob | None = None  # the end-of-sequence token's that ended it, when asked for
         self.shown: list[str] = []
         self.shown_tail = ""  # the last tail_len characters of the shown text, kept as it grows (a walk was cubic)
         self.pending = ""  # decoded text not shown yet (it may begin a stop string)
@@ -49,10 +50,10 @@ class TextOutput:
         plain decoding makes them, so a speculative step keeps and counts exactly the tokens plain decoding would)."""
         if self.finish:
             return None
-        kept, tail, cut = [], self.shown_tail, False
+        kept, tail, cut, eos = [], self.shown_tail, False, False
         for tok in chunk:
             if tok in self.eos:
-                self.finish = "stop"
+                self.finish, eos = "stop", True
                 break
             kept.append(tok)
             self.pending += self.detok.push([tok])
@@ -65,10 +66,12 @@ class TextOutput:
         self.new += kept
         entries = getattr(chunk, "logprobs", None)  # `FinalTokens` when the request asked for them
         if self.logprobs is not None:
-            if entries is None or len(entries) < len(kept):  # else every later event's entries shift silently
+            if entries is None or len(entries) < len(kept) + int(eos):  # else every later event's entries shift silently
                 raise ValueError(f"logprobs were asked for but this step's {len(chunk)} tokens came without "
                                  f"theirs: pass the `FinalTokens` the decode step returned")
             self.logprobs += entries[:len(kept)]
+            if eos:  # not a token of the answer, but the completions endpoint shows it (as OpenAI's did)
+                self.eos_logprob = entries[len(kept)]
         return self._show(kept, tail, flush=bool(self.finish) and not cut)
 
     def end(self, reason: str) -> StreamEvent | None:

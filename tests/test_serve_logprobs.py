@@ -22,6 +22,7 @@ MESSAGES = [{"role": "user", "content": PROMPT}]
 
 @dataclass
 class Served:
+    artifact: object  # its directory
     base: str  # the server's URL
     client: object  # an openai client of it
     runtime: object  # the same artifact in-process, for the values a request must equal
@@ -33,7 +34,7 @@ def served(tiny_dirs, tmp_path_factory):
     rt = load_runtime(artifact)
     try:
         with serving(artifact, "--max-num-seqs", "4", "--threads", "1", "--api-key", KEY) as (base, _):
-            yield Served(base, openai_client(base), rt)
+            yield Served(artifact, base, openai_client(base), rt)
     finally:
         rt.close()
 
@@ -196,3 +197,37 @@ def test_a_sentencepiece_tokens_text_keeps_its_space_and_a_byte_piece_its_byte()
     lp = AnswerLogprobs(pieces, chat=False).render([TokenLogprob(1, -0.1, ((1, -0.1), (3, -0.5), (4, -1.5))),
                                                     TokenLogprob(4, -1.5, ((3, -0.5), (4, -1.5)))])
     assert lp["top_logprobs"] == [{" Hello": -0.1, "\ufffd": -0.5}, {"\ufffd": -1.5}]
+
+
+def test_an_answer_that_ends_on_its_end_of_sequence_token_lists_that_tokens_entry(served):
+    """An echoed prompt whose next token is the end of sequence: lm-evaluation-harness reads the entry after the prompt
+    (max_tokens 1), which the completions endpoint gives as OpenAI's did, though the token is no part of the text.
+    In-process, with the greedy token after the prompt made the tokenizer's end of sequence."""
+    from fastapi.testclient import TestClient
+
+    from medusa_export.runtime.serve.app import create_app
+
+    rt = load_runtime(served.artifact)
+    ids = [5, 6, 7]
+    stop = rt.generate(ids, max_new_tokens=1, medusa=False).token_ids[0]
+    chat_ids = rt.generator.tokenizer.encode_chat(MESSAGES)
+    rt.generator.tokenizer.eos_token_ids = (stop, rt.generate(chat_ids, max_new_tokens=1, medusa=False).token_ids[0])
+    try:
+        want = rt.generate(ids, max_new_tokens=1, logprobs=1, prompt_logprobs=1, medusa=False)
+        assert want.new_tokens == 0 and want.logprobs == [] and want.eos_logprob.token_id == stop
+        with TestClient(create_app(rt), base_url="http://127.0.0.1") as http:
+            body = {"prompt": [ids], "max_tokens": 1, "temperature": 0, "logprobs": 1}
+            r = http.post("/v1/completions", json=body | {"echo": True}).json()
+            lp = r["choices"][0]["logprobs"]
+            assert r["usage"]["completion_tokens"] == 0 and len(lp["token_logprobs"]) == len(ids) + 1
+            assert lp["token_logprobs"][-1] == pytest.approx(want.eos_logprob.logprob, abs=1e-5)
+            assert lp["tokens"][-1] == f"t{stop}"
+            chunks = [json.loads(line[len("data: "):]) for line in http.post(
+                "/v1/completions", json=body | {"stream": True}).text.splitlines() if line.startswith("data: {")]
+            assert [t for c in chunks for t in (c["choices"][0]["logprobs"] or {}).get("tokens", [])] == [f"t{stop}"]
+            chat = http.post("/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 1, "temperature": 0,
+                                                           "logprobs": True}).json()
+            assert chat["choices"][0]["logprobs"]["content"] == [] and chat["usage"]["completion_tokens"] == 0  # chat
+            # lists the tokens of its content only, as OpenAI's chat does
+    finally:
+        rt.close()

@@ -309,6 +309,8 @@ async def _sse(rid: str, job: Job, name: str, admitted: Admitted,
             break
         if not role_sent:  # an answer that ended before its first token's event (an end of sequence at once)
             yield chunk("", None, role=True)
+        if answer is not None and result.eos_logprob is not None and not job.chat:  # as `_answer_entries`
+            pending.append(result.eos_logprob)
         yield chunk(None if job.chat else "", result.finish_reason)
         if job.include_usage:
             yield _data({"id": rid, "object": kind, "created": created, "model": name, "choices": [],
@@ -328,11 +330,12 @@ def _data(obj: dict) -> str:
 
 
 def _response(rid: str, job: Job, name: str, text: str, result: GenerationResult, pieces: TokenPieces) -> dict:
-    logprobs = None if result.logprobs is None else AnswerLogprobs(pieces, job.chat).render(result.logprobs)
+    logprobs = None if result.logprobs is None else AnswerLogprobs(pieces, job.chat).render(_answer_entries(job, result))
     if job.echo is not None:  # the prompt before the answer, in the text and the log-probabilities
         text = job.echo + text
         if result.prompt_logprobs is not None:
-            logprobs = AnswerLogprobs(pieces, False).render_echo(job.prompt_ids, result.prompt_logprobs, result.logprobs)
+            logprobs = AnswerLogprobs(pieces, False).render_echo(job.prompt_ids, result.prompt_logprobs,
+                                                                  _answer_entries(job, result))
     if job.chat:
         choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": result.finish_reason,
                   "logprobs": logprobs}
@@ -340,6 +343,14 @@ def _response(rid: str, job: Job, name: str, text: str, result: GenerationResult
         choice = {"index": 0, "text": text, "finish_reason": result.finish_reason, "logprobs": logprobs}
     return {"id": rid, "object": "chat.completion" if job.chat else "text_completion", "created": int(time.time()),
             "model": name, "choices": [choice], "usage": _usage(job, result), "metrics": _spec(result)}
+
+
+def _answer_entries(job: Job, result: GenerationResult) -> list:
+    """The answer's log-probability entries; on the completions endpoint also the end-of-sequence token's that ended it,
+    as OpenAI's legacy completions list it: lm-evaluation-harness reads the entry after an echoed prompt, and with
+    max_tokens 1 that is the end-of-sequence token where the model would stop there."""
+    eos = [result.eos_logprob] if result.eos_logprob is not None and not job.chat else []
+    return [*result.logprobs, *eos]
 
 
 def _no_route(path: str) -> str:
