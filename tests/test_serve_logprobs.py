@@ -231,3 +231,21 @@ def test_an_answer_that_ends_on_its_end_of_sequence_token_lists_that_tokens_entr
             # lists the tokens of its content only, as OpenAI's chat does
     finally:
         rt.close()
+
+
+def test_echo_with_no_tokens_to_make_scores_the_prompt_alone(served):
+    """max_tokens 0 with echo (vLLM's echo without generation, OpenAI's scoring call): the prompt's text and values,
+    no answer; without echo, 0 is refused under its name."""
+    client = served.client
+    ids = served.runtime.generator.tokenizer.encode("t5 t6 t7 t8")
+    one = client.completions.create(model=_name(client), prompt=[ids], max_tokens=1, temperature=0, logprobs=2,
+                                    echo=True)
+    zero = client.completions.create(model=_name(client), prompt=[ids], max_tokens=0, temperature=0, logprobs=2,
+                                     echo=True)
+    assert zero.choices[0].text == served.runtime.generator.tokenizer.decode(ids)
+    assert zero.usage.completion_tokens == 0 and zero.choices[0].finish_reason == "length"
+    assert zero.choices[0].logprobs.tokens == one.choices[0].logprobs.tokens[:len(ids)]
+    assert zero.choices[0].logprobs.token_logprobs == one.choices[0].logprobs.token_logprobs[:len(ids)]
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=_name(client), prompt=[ids], max_tokens=0)
+    assert e.value.param == "max_tokens"

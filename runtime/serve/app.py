@@ -332,15 +332,16 @@ def _data(obj: dict) -> str:
 def _response(rid: str, job: Job, name: str, text: str, result: GenerationResult, pieces: TokenPieces) -> dict:
     logprobs = None if result.logprobs is None else AnswerLogprobs(pieces, job.chat).render(_answer_entries(job, result))
     if job.echo is not None:  # the prompt before the answer, in the text and the log-probabilities
-        text = job.echo + text
+        text = job.echo + text if job.answer else job.echo
         if result.prompt_logprobs is not None:
             logprobs = AnswerLogprobs(pieces, False).render_echo(job.prompt_ids, result.prompt_logprobs,
-                                                                  _answer_entries(job, result))
+                                                                  _answer_entries(job, result) if job.answer else [])
+    finish = result.finish_reason if job.answer else "length"  # max_tokens 0: the budget ended it
     if job.chat:
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": result.finish_reason,
+        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
                   "logprobs": logprobs}
     else:
-        choice = {"index": 0, "text": text, "finish_reason": result.finish_reason, "logprobs": logprobs}
+        choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": logprobs}
     return {"id": rid, "object": "chat.completion" if job.chat else "text_completion", "created": int(time.time()),
             "model": name, "choices": [choice], "usage": _usage(job, result), "metrics": _spec(result)}
 
@@ -358,8 +359,8 @@ def _no_route(path: str) -> str:
 
 
 def _usage(job: Job, result: GenerationResult) -> dict:
-    prompt = len(job.prompt_ids)
-    return {"prompt_tokens": prompt, "completion_tokens": result.new_tokens, "total_tokens": prompt + result.new_tokens}
+    prompt, answer = len(job.prompt_ids), result.new_tokens if job.answer else 0
+    return {"prompt_tokens": prompt, "completion_tokens": answer, "total_tokens": prompt + answer}
 
 
 def _spec(result: GenerationResult) -> dict:

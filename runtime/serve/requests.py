@@ -60,6 +60,7 @@ class Job:
     include_usage: bool
     chat: bool  # chat.completion(s) objects, else text_completion
     echo: str | None = None  # the completions endpoint's echo: the prompt's text, put before the answer's
+    answer: bool = True  # False: echo with max_tokens 0, the prompt alone (vLLM's echo without generation)
 
 
 # Accepted and honoured, or accepted when they ask for what the runtime does anyway.
@@ -306,17 +307,20 @@ def _job(options: _Options, model: ServedModel, ids: list[int], chat: bool) -> J
         raise ApiError(400, f"the prompt ({len(ids)} tokens) plus {key} ({_shown(max_tokens)}) exceeds the model's "
                        f"maximum sequence of {model.max_seq} tokens: shorten the prompt or lower {key}",
                        param=key, code="context_length_exceeded")
-    config = dataclasses.replace(options.config, max_new_tokens=max_tokens)
-    return Job(ids, config, options.stream, options.include_usage, chat)
+    # Decoding makes at least the prompt's next token: with echo and 0, it is made and not shown
+    config = dataclasses.replace(options.config, max_new_tokens=max(max_tokens, 1))
+    return Job(ids, config, options.stream, options.include_usage, chat, answer=max_tokens > 0)
 
 
 def _max_tokens(body: dict) -> tuple[str, int] | None:
     """``max_completion_tokens`` (OpenAI's current name) before ``max_tokens``, as vLLM reads them; each one given
     is checked, so a bad value is refused under its own name, never ignored. Neither: None (the room left)."""
     given = {key: body[key] for key in ("max_completion_tokens", "max_tokens") if key in body}
+    least = 0 if body.get("echo") is True else 1  # echo with 0: the prompt scored, no answer (as vLLM and OpenAI)
     for key, value in given.items():
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ApiError(400, f"{key} must be a positive integer, got {_shown(value)}", param=key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            raise ApiError(400, f"{key} must be a positive integer (0 only with echo), got {_shown(value)}",
+                           param=key)
     return next(iter(given.items()), None)
 
 
