@@ -27,7 +27,6 @@ import copy
 import numbers
 import threading
 import time
-from dataclasses import dataclass, field
 from typing import Callable, TypeVar
 
 import numpy as np
@@ -35,14 +34,14 @@ import numpy as np
 from .backends.base import Session
 from .backends.lanes import Lane, LanesRunner
 from .context_drafts import DEFAULT_MAX_DRAFT, Draft
-from .decode import Cursor, DecodeStats, accept, feed, finish_step, prefill, start_cursor, step
+from .decode import accept, feed, finish_step, prefill, start_cursor, step
+from .engine_sequence import Sequence, StepRecord
 from .errors import InputError, as_exception
 from .generation_config import GenerationConfig, checked_config
-from .generator import GenerationResult, Generator, result_of
+from .generator import Generator, result_of
 from .prefill_shares import fair_shares
 from .step_tree import StepTree
-from .text_output import StreamEvent, TextOutput
-from .tree import Tree
+from .text_output import TextOutput
 
 T = TypeVar("T")
 
@@ -50,33 +49,6 @@ T = TypeVar("T")
 # on the measured 2-core machine, 256 rows 1.3 s): a small chunk bounds how long the running streams wait for their
 # next token, while a long prompt's total prefill time hardly changes (docs/results.md, "Mixed load").
 DEFAULT_MAX_NUM_BATCHED_TOKENS = 64
-
-
-@dataclass(eq=False)  # compared and hashed by identity (a request)
-class Sequence:
-    prompt: list[int]
-    cfg: GenerationConfig
-    sink: Callable[[StreamEvent | GenerationResult | Exception], None]  # events, then the result or the error
-    session: Session | None = None  # while it holds a KV slot
-    slot: int = -1  # which: also its lane in batched steps (a lane keeps its KV bindings)
-    out: TextOutput | None = None
-    stats: DecodeStats = field(default_factory=DecodeStats)
-    cursor: Cursor | None = None  # set once the whole prompt is in the cache
-    fed: int = 0  # prompt tokens in the KV cache
-    cancelled: str | None = None  # "abort" | "timeout" | ...: stop at the next step
-    t0: float = field(default_factory=time.perf_counter)
-    admitted_at: float | None = None  # when it took a KV slot
-    tree: Tree | None = None  # the heads' tree its one-sequence steps use (`Speculation.heads_for`)
-
-
-@dataclass
-class StepRecord:
-    """What one engine step did (metrics: batch size per step, how often speculation ran)."""
-
-    sequences: int
-    rows: int
-    speculative: bool
-    seconds: float
 
 
 class Engine:
@@ -111,6 +83,7 @@ class Engine:
         self.running: list[Sequence] = []
         self.lock = threading.Lock()  # waiting / cancellation may change from other threads
         self.closed = False  # set by `close`: `add` refuses from then on
+        self.scored_last = False  # the last step scored a prompt chunk (`_scoring_turn`)
 
     # ---- requests -------------------------------------------------------------------------------------
     def add(self, prompt: str | list[int], cfg: GenerationConfig, sink: Callable) -> Sequence:
@@ -154,26 +127,35 @@ class Engine:
         if not self.running:
             return bool(self.waiting)
         t0 = time.perf_counter()
-        live = list(self.running)
-        # A prompt to score goes on the one-sequence graphs, whose rows also give each input token's probability
-        scoring = next((s for s in live if s.cursor is None and s.cfg.prompt_logprobs is not None), None)
-        if scoring is not None:
-            rows, spec = self._isolated(scoring, self._alone) or (0, False)
-        elif len(live) == 1 or self.lanes is None:
+        if (scoring := self._scoring_turn()) is not None:
+            group = [scoring]
+        else:  # a prompt being scored takes no lane: a lanes step's rows lack the input tokens' probabilities
+            group = [s for s in self.running if not s.scoring_prompt] if self.lanes is not None else list(self.running)
+        if len(group) == 1 or self.lanes is None:
             rows, spec = 0, False
-            for seq in live:  # without a lanes graph, one sequence after the other
+            for seq in group:  # without a lanes graph, one sequence after the other
                 r, s = self._isolated(seq, self._alone) or (0, False)
                 rows, spec = rows + r, spec or s
         else:
             try:
-                rows, spec = self._batched(live)
+                rows, spec = self._batched(group)
             except Exception as e:  # noqa: BLE001 - the backend failed: these requests end with it, the engine stays up
                 self.fail(e)
                 return True
         self._retire()
         if self.on_step is not None:
-            self.on_step(StepRecord(len(live), rows, spec, time.perf_counter() - t0))
+            self.on_step(StepRecord(len(group), rows, spec, time.perf_counter() - t0))
         return True
+
+    def _scoring_turn(self) -> Sequence | None:
+        """The sequence whose prompt chunk this step scores alone on the one-sequence graphs (`prompt_logprobs`), or
+        None: every other step while other sequences run, so that they wait at most one chunk for their next token."""
+        scoring = next((s for s in self.running if s.scoring_prompt), None)
+        if scoring is None or self.scored_last and any(not s.scoring_prompt for s in self.running):
+            self.scored_last = False
+            return None
+        self.scored_last = True
+        return scoring
 
     def _admit(self) -> None:
         """Queued requests into free slots. Sinks run after the queue's lock is released: one may queue a request

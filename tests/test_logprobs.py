@@ -218,3 +218,30 @@ def test_a_step_without_its_entries_is_an_error_not_a_shifted_answer():
     assert len(out.push(first).logprobs) == 2
     with pytest.raises(ValueError, match="without"):
         out.push([7])
+
+
+def test_a_prompt_being_scored_lets_running_sequences_step_between_its_chunks(artifact):
+    """A scored prompt runs its chunks alone (the lanes graph lacks the input tokens' probabilities), every other step
+    while another sequence decodes: that one waits at most one chunk for each next token."""
+    from medusa_export.runtime.api import MedusaRuntime
+    from medusa_export.runtime.engine import Engine
+
+    rt = MedusaRuntime.load(artifact)
+    try:
+        engine = Engine(rt.generator, max_num_seqs=2, max_num_batched_tokens=8)
+        events: list = []
+        decoding = engine.add([5, 6, 7], GenerationConfig(max_new_tokens=40, ignore_eos=True), events.append)
+        while decoding.cursor is None:
+            engine.step()
+        scored = engine.add(list(range(1, 81)), GenerationConfig(max_new_tokens=2, prompt_logprobs=0), lambda _e: None)
+        waited, longest = 0, 0
+        for _ in range(200):  # bounded
+            before = len(events)
+            engine.step()
+            if decoding.out.finish:
+                break
+            waited = waited + 1 if len(events) == before else 0
+            longest = max(longest, waited)
+        assert scored.fed == 80 and longest <= 1  # the prompt went in, ten chunks, while the other kept decoding
+    finally:
+        rt.close()
