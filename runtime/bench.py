@@ -94,8 +94,9 @@ def run_bench(artifact: str | Path, backends: list[str], prompts: list[str], max
                 run["manifest"], run["tree"] = rt.manifest, rt.generator.tree
                 run["notes"] += [n for n in rt.notes if n not in run["notes"]]
                 if concurrency > 1 and not (rt.manifest.engine_lanes if name == "trt" else rt.manifest.lanes):
+                    rows = f"x{min(concurrency, len(prompts))}"  # as `concurrent_row` labels them
                     run["notes"].append(f"{name}: the artifact has no batched steps (no lanes graph or TensorRT batch "
-                                        f"profile), so its x{concurrency} rows take their requests in turn")
+                                        f"profile), so its {rows} rows take their requests in turn")
                 backend_rows(rt, name, prompts, max_new_tokens, concurrency, context_drafts, vanilla_tokens,
                              bar.update, add, interleave)
         if baseline is not None:

@@ -55,7 +55,8 @@ def test_bench_at_max_seq_runs_every_row_alike(artifact, tmp_path):
                "--max-new-tokens", str(room), "--json", str(report))
     assert proc.returncode == 0, proc.stderr
     rows = json.loads(report.read_text())["results"]
-    assert {r["mode"] for r in rows} >= {"vanilla", "vanilla x2", "medusa+context x2"}
+    # one prompt on two lanes: its batched rows are labelled by the one sequence that ran
+    assert {r["mode"] for r in rows} >= {"vanilla", "vanilla x1", "medusa+context x1"}
     assert all(r["identical_to_vanilla"] for r in rows), rows
 
 

@@ -112,8 +112,8 @@ def test_a_stream_carries_the_same_logprobs_as_the_whole_answer(served, path):
 
 
 def test_batched_requests_get_the_values_they_get_alone(served):
-    client = served.client
     """Four greedy requests at once (one batch) with logprobs: each equals the same request sent alone."""
+    client = served.client
     prompts = [PROMPT, "t40 t41", "t9 t9 t9 t9", "t100 t3"]
 
     def ask(prompt: str) -> dict:
@@ -249,3 +249,22 @@ def test_echo_with_no_tokens_to_make_scores_the_prompt_alone(served):
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model=_name(client), prompt=[ids], max_tokens=0)
     assert e.value.param == "max_tokens"
+
+
+def test_echo_with_logprobs_is_a_400_where_the_backend_cannot_score_prompts(served):
+    """TensorRT (`Backend.scores_prompts` False): the engine refused the request when it was queued, an InputError
+    that reached the client as a 500; the server refuses it first, naming echo. Echo alone still answers."""
+    from fastapi.testclient import TestClient
+
+    from medusa_export.runtime.serve.app import create_app
+
+    rt = load_runtime(served.artifact)
+    rt.generator.backend.scores_prompts = False  # as TrtBackend sets it
+    try:
+        with TestClient(create_app(rt), base_url="http://127.0.0.1") as http:
+            body = {"prompt": "t1 t2 t3", "max_tokens": 1, "echo": True}
+            r = http.post("/v1/completions", json=body | {"logprobs": 1})
+            assert r.status_code == 400 and r.json()["error"]["param"] == "echo"
+            assert http.post("/v1/completions", json=body).status_code == 200
+    finally:
+        rt.close()

@@ -93,7 +93,8 @@ def create_app(runtime, settings: ServeSettings = ServeSettings()) -> FastAPI:
     generator = runtime.generator
     name = settings.model_name or runtime.manifest.model.name
     model = ServedModel(name, generator.tokenizer, generator.backend.max_seq, generator.tree is not None,
-                        settings.context_drafts, min(MAX_TOP_LOGPROBS, generator.backend.dims.sample_topk))
+                        settings.context_drafts, min(MAX_TOP_LOGPROBS, generator.backend.dims.sample_topk),
+                        generator.backend.scores_prompts)
     pieces = TokenPieces(generator.tokenizer)  # tokens' text and bytes for logprobs
     metrics = ServerMetrics(name)
     sched = Scheduler(generator, settings.max_num_seqs, settings.max_num_batched_tokens, settings.max_queue, settings.timeout_s, metrics)

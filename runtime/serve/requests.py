@@ -50,6 +50,7 @@ class ServedModel:
     medusa: bool  # the artifact has heads
     context_drafts: bool = True  # greedy requests speculate from their context too (also without heads)
     max_logprobs: int = MAX_TOP_LOGPROBS  # alternatives per token a request may ask for (the graph's top-S, at most 20)
+    scores_prompts: bool = True  # echo with logprobs can score the prompt (`Backend.scores_prompts`: not TensorRT)
 
 
 @dataclass
@@ -127,7 +128,7 @@ def parse_completion(body: Any, model: ServedModel) -> Job:
     options = _options(body, model, _completion_logprobs(body, model))
     ids = _tokenize(lambda: model.tokenizer.encode(prompt), "prompt") if text else list(prompt)
     job = _job(options, model, ids, chat=False)
-    if _echo(body, options):  # the prompt's text and, with logprobs, its tokens' (checked against the vocabulary)
+    if _echo(body, options, model):  # the prompt's text and, with logprobs, its tokens' (ids checked in _job)
         job.echo = prompt if text else model.tokenizer.decode(ids)
         job.config = dataclasses.replace(job.config, prompt_logprobs=job.config.logprobs)
     return job
@@ -273,13 +274,18 @@ def _completion_logprobs(body: dict, model: ServedModel) -> int | None:
     return count
 
 
-def _echo(body: dict, options: _Options) -> bool:
+def _echo(body: dict, options: _Options, model: ServedModel) -> bool:
     """The completions endpoint's ``echo`` (true or false; not streamed)."""
     echo = body.get("echo", False)
     if not isinstance(echo, bool):
         raise ApiError(400, f"echo must be true or false, got {_shown(echo)}", param="echo")
     if echo and options.stream:
         raise ApiError(400, "echo is not streamed by this server: send it without stream", param="echo")
+    # Refused here: the engine's own refusal (an InputError when the request is queued) would be a 500
+    if echo and options.config.logprobs is not None and not model.scores_prompts:
+        raise ApiError(400, "echo with logprobs scores the prompt, which this backend cannot (TensorRT runs a long "
+                       "prompt in pieces, whose borders lose the probabilities): send echo without logprobs, or "
+                       "serve the artifact with --backend ort", param="echo")
     return echo
 
 
