@@ -22,7 +22,7 @@ def __getattr__(name: str):
 
         return MedusaRuntime
     if name == "GenerationConfig":
-        from .decode import GenerationConfig
+        from .generation_config import GenerationConfig
 
         return GenerationConfig
     if name == "GenerationResult":

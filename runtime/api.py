@@ -26,7 +26,7 @@ import numpy as np
 
 from .corpus_drafts import FILE as CORPUS_FILE
 from .corpus_drafts import CorpusTable
-from .decode import GenerationConfig
+from .generation_config import GenerationConfig
 from .engine import DEFAULT_MAX_NUM_BATCHED_TOKENS
 from .errors import ArtifactError, InputError, TreeError
 from .generator import GenerationResult, Generator, Stream

@@ -16,7 +16,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from .decode import GenerationConfig
+from .generation_config import GenerationConfig
 from .errors import InputError
 from .generator import GenerationResult
 from .machine import machine_info

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .decode import GenerationConfig
+from .generation_config import GenerationConfig
 from .errors import InputError
 from .generator import Generator
 

@@ -20,7 +20,7 @@ import numpy as np
 from .acceptance import accept_greedy, accept_typical, next_token
 from .backends.base import Session
 from .context_drafts import DEFAULT_MAX_DRAFT, ContextIndex
-from .generation_config import GenerationConfig
+from .generation_config import GenerationConfig  # scripts and tests also import it from here
 from .logprobs import FinalTokens, TokenLogprob, final_tokens, step_logprobs
 from .speculation import Speculation
 from .step_tree import CONTEXT, HEADS, StepTree

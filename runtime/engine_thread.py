@@ -11,7 +11,7 @@ import threading
 import time
 from typing import Callable
 
-from .decode import GenerationConfig
+from .generation_config import GenerationConfig
 from .engine import Engine, Sequence
 from .errors import InputError, as_exception
 

@@ -17,7 +17,7 @@ import math
 import numpy as np
 
 from .compare import teacher_forced
-from .decode import GenerationConfig
+from .generation_config import GenerationConfig
 from .errors import InputError
 from .generator import Generator
 from .manifest import QualityRecord

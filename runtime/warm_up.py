@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 
-from .decode import GenerationConfig
+from .generation_config import GenerationConfig
 from .engine import Engine
 from .generator import Generator
 from .speculation import Speculation, StepCost

@@ -261,7 +261,8 @@ def _verify_limits(names: list[str], runtimes: list) -> dict:
     """Per artifact backend: the graphs take the manifest's last token id and a step at its last position. The
     manifest is not hashed (it holds the hashes): loading refuses what a graph's tables contradict, and this runs the
     rest (a portable graph's positions, an engine's profiles) at those limits."""
-    from ..decode import GenerationConfig, feed
+    from ..decode import feed
+    from ..generation_config import GenerationConfig
     from ..errors import MedusaExportError
 
     cfg, out = GenerationConfig(medusa=False), {}
@@ -306,7 +307,7 @@ def _verify_quantized(names: list[str], runtimes: list, texts: list[str], max_ne
     """A quantized artifact (or one with an fp16 KV cache) is not token-identical to the fp32 reference by design:
     what must hold is greedy Medusa == greedy vanilla on its own backend, and top-1 agreement with the reference."""
     from ..compare import generate_on_graph
-    from ..decode import GenerationConfig
+    from ..generation_config import GenerationConfig
     from ..quality import quality
     from ..typed_json import to_json
 

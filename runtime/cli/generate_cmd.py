@@ -42,7 +42,8 @@ def generate(
                                            "this many best alternatives (0-20)."),
 ) -> None:
     """Generate text for one prompt and report tokens/s and accepted tokens per step."""
-    from ..decode import GenerationConfig, uses_context
+    from ..decode import uses_context
+    from ..generation_config import GenerationConfig
     from ..errors import InputError
     from ..manifest_records import LIMITS
     from .checks import at_least
