@@ -23,7 +23,7 @@ import sys
 import urllib.request
 from pathlib import Path
 
-from script_io import free_port, positive, start_served
+from script_io import free_port, positive, start_served, with_machine, write_json
 
 CAPITALS = {"France": "Paris", "Germany": "Berlin", "Italy": "Rome", "Spain": "Madrid", "Japan": "Tokyo",
             "China": "Beijing", "Russia": "Moscow", "Egypt": "Cairo", "Canada": "Ottawa", "Australia": "Canberra",
@@ -201,11 +201,9 @@ def main() -> None:
         server.wait(30)
     reference = lm_eval("hf", f"pretrained={args.hf_model or hf_model(args.out, args.artifact)},dtype=float32", tasks,
                         args.out / "hf", env)
-    from medusa_export.runtime.machine import machine_info
-
-    summary = {"artifact": str(args.artifact), "served": scores(served), "hf": scores(reference),
-               **compare(served, reference), "machine": machine_info()}
-    (args.out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    summary = with_machine({"artifact": str(args.artifact), "served": scores(served), "hf": scores(reference),
+                            **compare(served, reference)})
+    write_json(args.out / "summary.json", summary, indent=1)
     print(json.dumps(summary))
 
 
