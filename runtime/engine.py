@@ -165,9 +165,19 @@ class Engine:
             # is released when their result is handed back).
             cancelled = [s for s in self.waiting if s.cancelled]
             self.waiting = [s for s in self.waiting if not s.cancelled]
-            admitted = []
+            admitted, passed = [], []
+            # One prompt is scored at a time (`_scoring_turn`): a second one would hold a KV slot and wait there,
+            # idle, while requests behind it cannot start. It stays queued (in its place) until the slot can serve it.
+            scoring = any(s.scoring_prompt for s in self.running)
             while self.waiting and self.free and len(self.running) + len(admitted) < self.max_num_seqs:
-                admitted.append((self.waiting.pop(0), self.free.pop()))
+                seq = self.waiting.pop(0)
+                if seq.cfg.prompt_logprobs is not None:
+                    if scoring:
+                        passed.append(seq)
+                        continue
+                    scoring = True
+                admitted.append((seq, self.free.pop()))
+            self.waiting[:0] = passed
         for seq in cancelled:
             self._finish(seq, seq.cancelled)
         for seq, slot in admitted:

@@ -239,10 +239,11 @@ class ChatTokenizer:
             raise InputError("this model has no chat template")
         return self._template.render(messages)
 
-    def decode(self, ids: list[int]) -> str:
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         """Text of ``ids``; a `tokenizers` panic (`_unpanicked`) is an ArtifactError, an Exception, so a decode loop
-        or the batched engine's thread ends the request, not itself."""
-        return _unpanicked(lambda: self.tokenizer.decode(list(ids), skip_special_tokens=True),
+        or the batched engine's thread ends the request, not itself. ``skip_special_tokens=False``: special tokens
+        as written (an echoed prompt of token ids, as its text prompt would read)."""
+        return _unpanicked(lambda: self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens),
                            lambda why: ArtifactError(f"the artifact's tokenizer failed to decode tokens ({why}): "
                                                      f"rebuild the artifact with a working tokenizer.json"))
 

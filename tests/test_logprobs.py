@@ -245,3 +245,25 @@ def test_a_prompt_being_scored_lets_running_sequences_step_between_its_chunks(ar
         assert scored.fed == 80 and longest <= 1  # the prompt went in, ten chunks, while the other kept decoding
     finally:
         rt.close()
+
+
+def test_a_second_prompt_to_score_waits_in_the_queue_not_in_a_slot(artifact):
+    """One prompt is scored at a time; a second admitted meanwhile would hold a KV slot idle while a request behind
+    it could not start. It keeps its place at the head of the queue, and the request behind it starts."""
+    from medusa_export.runtime.api import MedusaRuntime
+    from medusa_export.runtime.engine import Engine
+
+    rt = MedusaRuntime.load(artifact)
+    try:
+        engine = Engine(rt.generator, max_num_seqs=2, max_num_batched_tokens=8)
+        scored = [engine.add(list(range(1, 41)), GenerationConfig(max_new_tokens=2, prompt_logprobs=0), lambda _e: None)
+                  for _ in range(2)]
+        chat = engine.add([5, 6, 7], GenerationConfig(max_new_tokens=4), lambda _e: None)
+        engine.step()
+        assert engine.running == [scored[0], chat] and engine.waiting == [scored[1]]
+        for _ in range(100):  # bounded
+            if not engine.step():
+                break
+        assert all(s.out.finish for s in (*scored, chat))  # the second was scored once the first's prompt was in
+    finally:
+        rt.close()

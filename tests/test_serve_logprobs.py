@@ -268,3 +268,14 @@ def test_echo_with_logprobs_is_a_400_where_the_backend_cannot_score_prompts(serv
             assert http.post("/v1/completions", json=body).status_code == 200
     finally:
         rt.close()
+
+
+def test_an_echoed_prompt_of_token_ids_keeps_its_special_tokens(served):
+    """Echoed as the same prompt sent as text reads: special tokens as written, as the logprobs' tokens name them."""
+    client = served.client
+    text = "<|im_start|>user\nt5 t6<|im_end|>"
+    ids = served.runtime.generator.tokenizer.encode(text)
+    by_ids = client.completions.create(model=_name(client), prompt=[ids], max_tokens=0, echo=True, logprobs=0)
+    by_text = client.completions.create(model=_name(client), prompt=text, max_tokens=0, echo=True, logprobs=0)
+    assert "<|im_start|>" in by_ids.choices[0].text and by_ids.choices[0].logprobs.tokens[0] == "<|im_start|>"
+    assert by_ids.choices[0].logprobs.tokens == by_text.choices[0].logprobs.tokens

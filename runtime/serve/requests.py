@@ -129,7 +129,8 @@ def parse_completion(body: Any, model: ServedModel) -> Job:
     ids = _tokenize(lambda: model.tokenizer.encode(prompt), "prompt") if text else list(prompt)
     job = _job(options, model, ids, chat=False)
     if _echo(body, options, model):  # the prompt's text and, with logprobs, its tokens' (ids checked in _job)
-        job.echo = prompt if text else model.tokenizer.decode(ids)
+        # Special tokens as written: the same prompt sent as text echoes them, and the logprobs' tokens name them
+        job.echo = prompt if text else model.tokenizer.decode(ids, skip_special_tokens=False)
         job.config = dataclasses.replace(job.config, prompt_logprobs=job.config.logprobs)
     return job
 
