@@ -8,12 +8,12 @@ endpoint's ``{"tokens", "token_logprobs", "top_logprobs", "text_offset"}``.
 
 from __future__ import annotations
 
-import json
 import re
 from functools import lru_cache
 
 from ..logprobs import TokenLogprob
 from ..tokenizer import ChatTokenizer
+from ..tokenizer_limits import component_tree
 
 
 def _byte_of_char() -> dict[str, int]:
@@ -35,7 +35,10 @@ class TokenPieces:
     def __init__(self, tokenizer: ChatTokenizer) -> None:
         self._tok = tokenizer.tokenizer
         self._special = tokenizer.special_ids  # read as written
-        decoder = json.loads(self._tok.to_str()).get("decoder") or {}
+        try:
+            decoder = component_tree(self._tok, "decoder") or {}
+        except ValueError:  # loading refuses such a tokenizer; one built in Python: each token's decoded text
+            decoder = {}
         parts = decoder.get("decoders", [decoder])
         kinds = [d.get("type") for d in parts]
         self._byte_level = "ByteLevel" in kinds
