@@ -171,7 +171,7 @@ class Engine:
             scoring = any(s.scoring_prompt for s in self.running)
             while self.waiting and self.free and len(self.running) + len(admitted) < self.max_num_seqs:
                 seq = self.waiting.pop(0)
-                if seq.cfg.prompt_logprobs is not None:
+                if seq.scoring_prompt:
                     if scoring:
                         passed.append(seq)
                         continue

@@ -310,8 +310,7 @@ async def _sse(rid: str, job: Job, name: str, admitted: Admitted,
             break
         if not role_sent:  # an answer that ended before its first token's event (an end of sequence at once)
             yield chunk("", None, role=True)
-        if answer is not None and result.eos_logprob is not None and not job.chat:  # as `_answer_entries`
-            pending.append(result.eos_logprob)
+        pending += _eos_entry(job, result)
         yield chunk(None if job.chat else "", result.finish_reason)
         if job.include_usage:
             yield _data({"id": rid, "object": kind, "created": created, "model": name, "choices": [],
@@ -331,12 +330,15 @@ def _data(obj: dict) -> str:
 
 
 def _response(rid: str, job: Job, name: str, text: str, result: GenerationResult, pieces: TokenPieces) -> dict:
-    logprobs = None if result.logprobs is None else AnswerLogprobs(pieces, job.chat).render(_answer_entries(job, result))
-    if job.echo is not None:  # the prompt before the answer, in the text and the log-probabilities
+    if job.echo is not None:  # the prompt before the answer, in the text and (with logprobs) the log-probabilities
         text = job.echo + text if job.answer else job.echo
-        if result.prompt_logprobs is not None:
-            logprobs = AnswerLogprobs(pieces, False).render_echo(job.prompt_ids, result.prompt_logprobs,
-                                                                  _answer_entries(job, result) if job.answer else [])
+    entries = [*result.logprobs, *_eos_entry(job, result)] if result.logprobs is not None and job.answer else []
+    if result.logprobs is None:
+        logprobs = None
+    elif job.echo is not None:  # echo with logprobs scored the prompt (`parse_completion`)
+        logprobs = AnswerLogprobs(pieces, False).render_echo(job.prompt_ids, result.prompt_logprobs, entries)
+    else:
+        logprobs = AnswerLogprobs(pieces, job.chat).render(entries)
     finish = result.finish_reason if job.answer else "length"  # max_tokens 0: the budget ended it
     if job.chat:
         choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
@@ -347,12 +349,11 @@ def _response(rid: str, job: Job, name: str, text: str, result: GenerationResult
             "model": name, "choices": [choice], "usage": _usage(job, result), "metrics": _spec(result)}
 
 
-def _answer_entries(job: Job, result: GenerationResult) -> list:
-    """The answer's log-probability entries; on the completions endpoint also the end-of-sequence token's that ended it,
-    as OpenAI's legacy completions list it: lm-evaluation-harness reads the entry after an echoed prompt, and with
-    max_tokens 1 that is the end-of-sequence token where the model would stop there."""
-    eos = [result.eos_logprob] if result.eos_logprob is not None and not job.chat else []
-    return [*result.logprobs, *eos]
+def _eos_entry(job: Job, result: GenerationResult) -> list:
+    """On the completions endpoint, the entry of the end-of-sequence token that ended the answer (set only with
+    logprobs), listed after the answer's as OpenAI's legacy completions list it: lm-evaluation-harness reads the entry
+    after an echoed prompt, which with max_tokens 1 is that token where the model would stop there. Chat: none."""
+    return [result.eos_logprob] if result.eos_logprob is not None and not job.chat else []
 
 
 def _no_route(path: str) -> str:

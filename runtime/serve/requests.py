@@ -126,9 +126,10 @@ def parse_completion(body: Any, model: ServedModel) -> Job:
         raise ApiError(400, "'prompt' must be a non-empty string, a list with one string, or a list of token ids "
                        "(one prompt per request)", param="prompt")
     options = _options(body, model, _completion_logprobs(body, model))
+    echo = _echo(body, options, model)  # checked before the prompt is tokenized, as every other parameter
     ids = _tokenize(lambda: model.tokenizer.encode(prompt), "prompt") if text else list(prompt)
     job = _job(options, model, ids, chat=False)
-    if _echo(body, options, model):  # the prompt's text and, with logprobs, its tokens' (ids checked in _job)
+    if echo:  # the prompt's text and, with logprobs, its tokens' (ids checked in _job)
         # Special tokens as written: the same prompt sent as text echoes them, and the logprobs' tokens name them
         job.echo = prompt if text else model.tokenizer.decode(ids, skip_special_tokens=False)
         job.config = dataclasses.replace(job.config, prompt_logprobs=job.config.logprobs)
