@@ -253,6 +253,13 @@ def _dir_fingerprint(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
+def hf_directory(source: str | os.PathLike | None = None) -> Path:
+    """The model as a plain Hugging Face directory, for tools that load one (transformers, lm-evaluation-harness):
+    a GGUF's dequantized cache entry (the built-in model's by default), or the directory given."""
+    path = resolve_source(source)
+    return _gguf_to_cached_dir(path) if path.is_file() and path.suffix == ".gguf" else path
+
+
 def _gguf_to_cached_dir(gguf: Path) -> Path:
     """Dequantise once with transformers and keep the result as a plain HF directory. An entry another process is
     writing is waited for (a lock beside it); one that is incomplete, truncated or altered since it was written (its

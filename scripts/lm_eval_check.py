@@ -7,8 +7,8 @@ next to lm-eval's own transformers model on the same weights, item by item.
 Writes two small tasks of its own (the model hub, where lm-eval's own tasks live, may be out of reach): 140
 four-choice questions (largest number, sums, capitals, opposites; multiple_choice) and 20 short texts
 (loglikelihood_rolling). Runs lm-eval's `local-completions` model on the served artifact and its `hf` model on the
-built-in model's weights (or --hf-model), then compares each item's log-likelihoods and chosen answers. Prints one
-JSON summary line and writes it to OUT/summary.json.
+built-in model's weights (its dequantized cache entry, or --hf-model), then compares each item's log-likelihoods and
+chosen answers. Prints one JSON summary line and writes it to OUT/summary.json.
 """
 
 from __future__ import annotations
@@ -117,19 +117,6 @@ def write_tasks(out: Path) -> Path:
     return tasks
 
 
-def hf_model(out: Path, artifact: Path) -> Path:
-    """The built-in model's weights as a transformers directory, with the artifact's tokenizer."""
-    import shutil
-
-    from medusa_export.exporter.model_loading import load_base_model
-
-    target = out / "hf-model"
-    load_base_model(None).model.save_pretrained(target)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(artifact / name, target / name)
-    return target
-
-
 def lm_eval(model: str, model_args: str, tasks: Path, out: Path, env: dict) -> Path:
     cmd = [sys.executable, "-m", "lm_eval", "run", "--model", model, "--model_args", model_args, "--tasks",
            "simple_mc,simple_rolling", "--include_path", str(tasks), "--log_samples", "--output_path", str(out)]
@@ -180,7 +167,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True, help="Directory for the tasks, runs and summary.")
     ap.add_argument("--lm-eval-path", help="Where lm_eval is installed, if not in this environment (pip --target).")
     ap.add_argument("--hf-model", type=Path, help="A transformers directory of the artifact's base model (default: the "
-                    "built-in model's weights, saved under OUT).")
+                    "built-in model's, as its dequantized cache entry).")
     ap.add_argument("--threads", type=positive, default=2)
     args = ap.parse_args()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -199,8 +186,9 @@ def main() -> None:
     finally:
         server.terminate()
         server.wait(30)
-    reference = lm_eval("hf", f"pretrained={args.hf_model or hf_model(args.out, args.artifact)},dtype=float32", tasks,
-                        args.out / "hf", env)
+    from medusa_export.exporter.model_loading import hf_directory
+
+    reference = lm_eval("hf", f"pretrained={args.hf_model or hf_directory()},dtype=float32", tasks, args.out / "hf", env)
     summary = with_machine({"artifact": str(args.artifact), "served": scores(served), "hf": scores(reference),
                             **compare(served, reference)})
     write_json(args.out / "summary.json", summary, indent=1)

@@ -53,3 +53,4 @@ def test_the_comparison_counts_answers_and_the_largest_difference(tmp_path):
     b = run("b", [[-1, -2, -3, -4], [-0.6, -1, -6, -8]], [-10.5])  # item 1: choice 0 best, per character still 1
     assert check.compare(a, b) == {"items": 2, "same_answer": 1, "same_answer_norm": 2,
                                    "max_abs_loglik_diff_mc": 4.4, "max_abs_loglik_diff_rolling": 0.5}
+

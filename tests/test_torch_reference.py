@@ -147,6 +147,17 @@ def _flip(path):
     path.write_bytes(bytes(data))
 
 
+def test_the_plain_directory_of_a_gguf_is_its_cache_entry(fake_gguf, tmp_path):
+    """What lm-eval's `hf` model loads (`scripts/lm_eval_check.py`): a GGUF's dequantized entry, made once; a
+    directory as it is."""
+    from medusa_export.exporter.model_loading import hf_directory
+
+    gguf, calls = fake_gguf
+    directory = hf_directory(gguf)
+    assert directory == _entry(gguf) and (directory / "config.json").is_file() and len(calls) == 1
+    assert hf_directory(tmp_path) == tmp_path
+
+
 @pytest.mark.parametrize("damage", [
     _truncate, _flip,
     lambda p: p.unlink(),
