@@ -128,7 +128,7 @@ def test_stop_and_completions(client, runtime):
 @pytest.mark.parametrize("body, status, param", [
     (b"{not json", 400, None),
     ({"model": "gpt-4", "messages": [{"role": "user", "content": PROMPT}]}, 404, "model"),
-    ({"messages": [{"role": "user", "content": PROMPT}], "n": 2}, 400, "n"),
+    ({"messages": [{"role": "user", "content": PROMPT}], "n": 0}, 400, "n"),
     ({"messages": [{"role": "user", "content": PROMPT}], "max_tokens": -3}, 400, "max_tokens"),
     ({"messages": [{"role": "user", "content": PROMPT}], "logprobs": 2}, 400, "logprobs"),  # chat's is true/false
     ({"messages": [{"role": "user", "content": " ".join(["t9"] * 2100)}], "max_tokens": 4}, 400, "messages"),

@@ -73,7 +73,7 @@ def _mix() -> list[tuple[str, dict, bool]]:
                                   "ignore_eos": True}, True),
         ("/v1/completions", {"prompt": PROMPT, "max_tokens": 400, "stream": True, "ignore_eos": True}, True),
         ("/v1/completions", {"prompt": PROMPT, "max_tokens": 3, "medusa": False, "temperature": 0}, False),
-        ("/v1/completions", {"prompt": PROMPT, "n": 2}, False),  # 400 before admission
+        ("/v1/completions", {"prompt": PROMPT, "n": 0}, False),  # 400 before admission
         ("/v1/chat/completions", {"messages": chat, "temperature": 5}, False),  # 400
     ]
 
@@ -105,14 +105,15 @@ def test_finished_requests_leave_nothing_behind(runtime, monkeypatch):
     sched = app.state.scheduler
     engine = sched.engine
     submitted: list[weakref.ref] = []
-    submit = Scheduler.submit
+    submit_all = Scheduler.submit_all
 
-    def tracked(self, job):
-        request = submit(self, job)
-        submitted.extend((weakref.ref(request), weakref.ref(request.sequence), weakref.ref(job)))
-        return request
+    def tracked(self, jobs):
+        requests = submit_all(self, jobs)
+        for request, job in zip(requests, jobs):
+            submitted.extend((weakref.ref(request), weakref.ref(request.sequence), weakref.ref(job)))
+        return requests
 
-    monkeypatch.setattr(Scheduler, "submit", tracked)
+    monkeypatch.setattr(Scheduler, "submit_all", tracked)
     baseline = _sizes(sched)
 
     async def scenario() -> tuple[list[int], list, tuple]:

@@ -165,7 +165,7 @@ def test_the_medusa_metric_says_whether_the_heads_tree_was_verified(artifact, mo
     from medusa_export.runtime.decode import GenerationConfig
     from medusa_export.runtime.engine import Engine
     from medusa_export.runtime.generator import GenerationResult
-    from medusa_export.runtime.serve.app import _spec
+    from medusa_export.runtime.serve.responses import speculation_metrics
     from medusa_export.runtime.step_tree import HEADS
 
     verified: dict[int, int] = {}  # id(stats) -> steps whose plan held heads' nodes
@@ -188,7 +188,7 @@ def test_the_medusa_metric_says_whether_the_heads_tree_was_verified(artifact, mo
                 break
         assert len(finals) == 3 and any(finals[i].medusa for i in range(3))  # some were assigned the tree
         for i in range(3):
-            said = _spec(finals[i])["speculative_decoding"]["medusa"]
+            said = speculation_metrics([finals[i]])["speculative_decoding"]["medusa"]
             assert said == (verified.get(id(seqs[i].stats), 0) > 0), (i, said, verified)
     finally:
         rt.close()

@@ -193,7 +193,7 @@ def test_the_role_chunk_is_not_sent_before_the_request_decodes():
     import asyncio
 
     from medusa_export.runtime.decode import GenerationConfig
-    from medusa_export.runtime.serve.app import _sse
+    from medusa_export.runtime.serve.responses import sse_events
     from medusa_export.runtime.serve.requests import Job
     from medusa_export.runtime.text_output import StreamEvent
 
@@ -207,7 +207,7 @@ def test_the_role_chunk_is_not_sent_before_the_request_decodes():
 
     async def run() -> tuple[bool, str]:
         admitted = Queued()
-        stream = _sse("chatcmpl-1", Job([1, 2], GenerationConfig(), True, False, True), NAME, admitted)
+        stream = sse_events("chatcmpl-1", Job([1, 2], GenerationConfig(), True, False, True), NAME, [admitted])
         first = asyncio.ensure_future(stream.__anext__())
         await asyncio.sleep(0.2)  # queued: nothing may be sent yet
         early = first.done()
@@ -231,7 +231,7 @@ def _error(code_body) -> dict:
 
 
 @pytest.mark.parametrize("path, extra, param", [
-    ("/v1/chat/completions", {"n": 2}, "n"),
+    ("/v1/chat/completions", {"n": 129}, "n"),  # OpenAI's bound
     ("/v1/chat/completions", {"logprobs": 1}, "logprobs"),  # chat's is true or false; the count is top_logprobs
     ("/v1/chat/completions", {"top_logprobs": 2}, "top_logprobs"),  # without logprobs: true
     ("/v1/chat/completions", {"logprobs": True, "top_logprobs": 21}, "top_logprobs"),  # OpenAI's limit is 20
@@ -253,7 +253,7 @@ def _error(code_body) -> dict:
     ("/v1/completions", {"echo": True, "stream": True}, "echo"),  # echo is answered whole only
     ("/v1/chat/completions", {"echo": True}, "echo"),  # the completions endpoint's
     ("/v1/completions", {"suffix": "x"}, "suffix"),
-    ("/v1/completions", {"n": 3}, "n"),
+    ("/v1/completions", {"n": 0}, "n"),
     ("/v1/completions", {"stop": [""]}, "stop"),
     ("/v1/completions", {"stream_options": {"include_usage": True}}, "stream_options"),  # without stream
 ])
@@ -320,7 +320,7 @@ def test_every_error_status_has_an_openai_body(server):
 
 def test_errors_raised_after_parsing_have_openai_bodies():
     """504 (timeout), 503 (shutdown), 500 (a failed step): the same four keys, whatever ended the request."""
-    from medusa_export.runtime.serve.app import _result_or_error
+    from medusa_export.runtime.serve.responses import result_or_error
     from medusa_export.runtime.serve.scheduler import Finished
 
     from medusa_export.runtime.serve.requests import ApiError
@@ -328,7 +328,7 @@ def test_errors_raised_after_parsing_have_openai_bodies():
     for done, status in ((None, 504), (Finished(None, None, "shutdown"), 503),
                          (Finished(None, RuntimeError("x"), None), 500)):
         with pytest.raises(ApiError) as e:
-            _result_or_error(done, 1.0)
+            result_or_error(done, 1.0)
         assert e.value.status == status and set(e.value.body()["error"]) == ERROR_KEYS
         assert e.value.body()["error"]["type"] == "server_error"
 

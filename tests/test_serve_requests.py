@@ -16,7 +16,8 @@ from conftest import IM_START, make_chat_tokenizer  # noqa: E402
 
 from medusa_export.runtime.generation_config import MIN_TEMPERATURE, GenerationConfig  # noqa: E402
 from medusa_export.runtime.errors import InputError  # noqa: E402
-from medusa_export.runtime.serve.app import ServeSettings, _data  # noqa: E402
+from medusa_export.runtime.serve.app import ServeSettings  # noqa: E402
+from medusa_export.runtime.serve.responses import sse_data  # noqa: E402
 from medusa_export.runtime.serve.http_checks import json_body, read_body  # noqa: E402
 from medusa_export.runtime.serve.requests import ApiError, ServedModel, parse_chat, parse_completion  # noqa: E402
 
@@ -168,7 +169,7 @@ def test_parameters_are_checked_before_the_chat_template_renders(monkeypatch):
         raise AssertionError("rendered")
 
     monkeypatch.setattr(MODEL.tokenizer, "encode_chat", render)
-    for body, status in (({"model": "other"}, 404), ({"n": 2}, 400), ({"max_tokens": 0}, 400),
+    for body, status in (({"model": "other"}, 404), ({"n": 0}, 400), ({"max_tokens": 0}, 400),
                          ({"stop": ["z"] * 5}, 400), ({"bogus": 1}, 400)):
         with pytest.raises(ApiError) as e:
             parse_chat({"messages": USER, **body}, MODEL)
@@ -211,7 +212,7 @@ def test_api_keys_clients_cannot_send_exactly_are_refused_at_start(key):
 def test_an_answer_that_ended_by_itself_is_answered_even_when_a_stop_came_meanwhile():
     """The shutdown (or the timeout) cancelled a request the engine was just handing back finished: a complete
     answer became a 503."""
-    from medusa_export.runtime.serve.app import _result_or_error
+    from medusa_export.runtime.serve.responses import result_or_error
     from medusa_export.runtime.serve.scheduler import Finished
 
     class Result:
@@ -220,10 +221,10 @@ def test_an_answer_that_ended_by_itself_is_answered_even_when_a_stop_came_meanwh
 
     for natural in ("stop", "length"):
         done = Finished(Result(natural), None, "shutdown")
-        assert _result_or_error(done, 1.0) is done.result
+        assert result_or_error(done, 1.0) is done.result
     for reason, status in (("shutdown", 503), ("timeout", 504)):
         with pytest.raises(ApiError) as e:
-            _result_or_error(Finished(Result(reason), None, reason), 1.0)
+            result_or_error(Finished(Result(reason), None, reason), 1.0)
         assert e.value.status == status
 
 
@@ -233,7 +234,7 @@ def test_a_stream_event_stays_one_line_for_every_client(char):
     decoded text with str.splitlines (`requests.iter_lines(decode_unicode=True)`) cut its data line in two and
     could not parse its JSON. Escaped, the event is one line however it is split, and its text is unchanged."""
     text = f"a{char}b\u00e9\U0001f600"
-    event = _data({"choices": [{"text": text}]})
+    event = sse_data({"choices": [{"text": text}]})
     lines = [line for line in event.splitlines() if line]
     assert len(lines) == 1 and lines[0].startswith("data: ") and event.endswith("\n\n")
     assert json.loads(lines[0][len("data: "):])["choices"][0]["text"] == text

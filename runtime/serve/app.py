@@ -14,13 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import socket
 import time
 import uuid
 from dataclasses import dataclass
-from typing import AsyncIterator
 
 import anyio
 from fastapi import FastAPI, Request
@@ -29,15 +27,15 @@ from starlette.exceptions import HTTPException
 
 from ..engine import DEFAULT_MAX_NUM_BATCHED_TOKENS
 from ..errors import InputError
-from ..generator import GenerationResult
 from ..logprobs import MAX_TOP_LOGPROBS
 from .host_check import HostCheck, parse_allowed_hosts
-from .metrics import ServerMetrics, accepted_per_position
+from .metrics import ServerMetrics
 from .http_deadlines import half_closed
 from .http_checks import (authorize, check_identity_encoding, check_json_type, check_not_cross_origin,
                           closing_if_unread, json_body, read_body)
-from .logprobs_json import AnswerLogprobs, TokenPieces
+from .logprobs_json import TokenPieces
 from .requests import ApiError, Job, ServedModel, parse_chat, parse_completion
+from .responses import choice_jobs, ended_by_itself, gather, response_body, result_or_error, sse_events
 from .scheduler import Finished, Request as Admitted, Scheduler
 
 
@@ -47,7 +45,6 @@ from .scheduler import Finished, Request as Admitted, Scheduler
 # small requests behind it nor holds more memory than two such parses.
 SMALL_BODY_BYTES = 64 << 10
 PARSE_THREADS = {False: 8, True: 2}  # by whether the body is large
-NATURAL_FINISHES = ("stop", "length")  # an answer that ended by itself, not stopped from outside
 
 
 # A stream's events must reach the client as they are sent: no cache may keep them, and a proxy (nginx) must not
@@ -194,33 +191,29 @@ def create_app(runtime, settings: ServeSettings = ServeSettings()) -> FastAPI:
     async def _complete(http: Request, job: Job):
         rid = ("chatcmpl-" if job.chat else "cmpl-") + uuid.uuid4().hex
         if not job.stream:
-            _refuse_half_closed(http, None)  # before admission: decoding could not tell a closed client apart
-        admitted = sched.submit(job)  # 429 / 503 here, before any response starts
+            _refuse_half_closed(http, [])  # before admission: decoding could not tell a closed client apart
+        admitted = sched.submit_all(choice_jobs(job))  # 400 / 429 / 503 here, before any response starts
         if job.stream:
-            return _StreamOf(admitted, _sse(rid, job, name, admitted, pieces), media_type="text/event-stream",
+            return _StreamOf(admitted, sse_events(rid, job, name, admitted, pieces), media_type="text/event-stream",
                              headers={**served_by, **SSE_HEADERS})
         watcher = asyncio.create_task(_cancel_on_disconnect(http, admitted))
-        texts, done = [], None
         try:
-            async for item in admitted.events():
-                if isinstance(item, Finished):
-                    done = item
-                else:
-                    texts.append(item.text)
+            answers = await gather(admitted)
         finally:
             watcher.cancel()
-            admitted.cancel()  # no-op once it finished
-        _refuse_half_closed(http, done)
-        result = _result_or_error(done, settings.timeout_s)
-        return JSONResponse(_response(rid, job, name, "".join(texts), result, pieces), headers=served_by)
+            for request in admitted:
+                request.cancel()  # no-op once it finished
+        _refuse_half_closed(http, [done for _, done in answers])
+        results = [(text, result_or_error(done, settings.timeout_s)) for text, done in answers]
+        return JSONResponse(response_body(rid, job, name, results, pieces), headers=served_by)
 
     return app
 
 
 class _StreamOf(StreamingResponse):
-    """A streamed answer that cancels its request however the response ends (disconnect included)."""
+    """A streamed answer that cancels its requests however the response ends (disconnect included)."""
 
-    def __init__(self, admitted: Admitted, content, **kw) -> None:
+    def __init__(self, admitted: list[Admitted], content, **kw) -> None:
         super().__init__(content, **kw)
         self.admitted = admitted
 
@@ -228,152 +221,29 @@ class _StreamOf(StreamingResponse):
         try:
             await super().__call__(scope, receive, send)
         finally:
-            self.admitted.cancel()
+            for request in self.admitted:
+                request.cancel()
 
 
-async def _cancel_on_disconnect(http: Request, admitted: Admitted) -> None:
+async def _cancel_on_disconnect(http: Request, admitted: list[Admitted]) -> None:
     """The body has been read, so the next ASGI message is the client's disconnect, or a wake-up for its
     half-close (`http_deadlines.half_closed`), which stops it as well."""
     while not half_closed(http.scope) and (await http.receive())["type"] != "http.disconnect":
         pass
-    admitted.cancel()
+    for request in admitted:
+        request.cancel()
 
 
-def _refuse_half_closed(http: Request, done: Finished | None) -> None:
+def _refuse_half_closed(http: Request, ends: list[Finished | None]) -> None:
     """A 400 for a non-streamed HTTP/1.0 request whose client shut its sending side before the answer: TCP cannot
     tell that from a client gone, whose decoding must stop at once, before something is written to it, and an
     HTTP/1.0 client may be sent nothing but its answer (`http_deadlines`: HTTP/1.1 ones are probed); an answer
-    that finished anyway is sent."""
-    if half_closed(http.scope) and not _ended_by_itself(done):
+    whose choices all finished anyway is sent."""
+    if half_closed(http.scope) and not (ends and all(ended_by_itself(done) for done in ends)):
         raise ApiError(400, "the client shut its sending side (half-close) before the answer: decoding stopped, as "
                        "for a client gone; keep the connection open until the answer arrives, or use HTTP/1.1",
                        code="client_half_closed")
 
 
-def _ended_by_itself(done: Finished | None) -> bool:
-    """Whether the answer finished by itself (stop, length), whatever asked it to stop meanwhile."""
-    return done is not None and done.result is not None and done.result.finish_reason in NATURAL_FINISHES
-
-
-def _result_or_error(done: Finished | None, timeout_s: float) -> GenerationResult:
-    if _ended_by_itself(done):
-        return done.result  # it ended by itself, even if a timeout or the shutdown asked it to stop meanwhile
-    if done is not None and done.error is not None:
-        raise ApiError(500, f"decoding failed: {type(done.error).__name__}: {str(done.error)[:200]}",
-                       type_="server_error")
-    if done is not None and done.reason == "shutdown":
-        raise ApiError(503, "the server shut down before the request finished: retry on another replica",
-                       type_="server_error", headers={"Retry-After": "1"})
-    if done is None or done.result is None or done.reason == "timeout":
-        raise ApiError(504, f"the request did not finish within {timeout_s:g} s", type_="server_error")
-    return done.result
-
-
-async def _sse(rid: str, job: Job, name: str, admitted: Admitted,
-               pieces: TokenPieces | None = None) -> AsyncIterator[str]:  # pieces: for logprobs
-    created = int(time.time())
-    kind = "chat.completion.chunk" if job.chat else "text_completion"
-    answer = AnswerLogprobs(pieces, job.chat) if job.config.logprobs is not None else None
-    pending = []  # logprobs of tokens whose text is held back: they go with the next chunk that has text, or the last
-
-    def chunk(text: str | None, finish: str | None, role: bool = False) -> str:
-        logprobs = answer.render(pending) if answer and pending and not role else None
-        if logprobs is not None:
-            pending.clear()
-        if job.chat:
-            delta = ({"role": "assistant"} if role else {}) | ({"content": text} if text is not None else {})
-            choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": logprobs}
-        else:
-            choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": logprobs}
-        # With include_usage every chunk carries "usage", null until the last one's (as OpenAI's stream does)
-        usage = {"usage": None} if job.include_usage else {}
-        return _data({"id": rid, "object": kind, "created": created, "model": name, "choices": [choice]} | usage)
-
-    # The role chunk goes with the first event from the engine, as vLLM's does, not at once: load generators (vLLM's
-    # `bench serve`) take the first chunk with choices for the first token, so one sent while the request was still
-    # queued or prefilling made their time to first token near zero.
-    role_sent = not job.chat
-    async for item in admitted.events():
-        if not isinstance(item, Finished):
-            if not role_sent:
-                role_sent = True
-                yield chunk("", None, role=True)
-            pending.extend(item.logprobs or [])
-            if item.text:
-                yield chunk(item.text, None)
-            continue
-        try:
-            result = _result_or_error(item, 0)
-        except ApiError as e:  # an error event alone when no token came, as vLLM's
-            yield _data(ApiError(e.status, "the request timed out" if e.status == 504 else e.message,
-                                 type_="server_error").body())
-            break
-        if not role_sent:  # an answer that ended before its first token's event (an end of sequence at once)
-            yield chunk("", None, role=True)
-        pending += _eos_entry(job, result)
-        yield chunk(None if job.chat else "", result.finish_reason)
-        if job.include_usage:
-            yield _data({"id": rid, "object": kind, "created": created, "model": name, "choices": [],
-                         "usage": _usage(job, result), "metrics": _spec(result)})
-    yield "data: [DONE]\n\n"
-
-
-# Characters JSON leaves unescaped that many clients take for line breaks (Python's str.splitlines, which
-# `requests.iter_lines(decode_unicode=True)` uses): raw in an event, they cut its data line in two and its JSON
-# no longer parses. A model writes them when its prompt asks it to.
-_LINE_BREAKS = str.maketrans({"\u0085": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
-
-
-def _data(obj: dict) -> str:
-    """One server-sent event: the JSON on one line, whatever line breaks a client recognises."""
-    return f"data: {json.dumps(obj, ensure_ascii=False).translate(_LINE_BREAKS)}\n\n"
-
-
-def _response(rid: str, job: Job, name: str, text: str, result: GenerationResult, pieces: TokenPieces) -> dict:
-    if job.echo is not None:  # the prompt before the answer, in the text and (with logprobs) the log-probabilities
-        text = job.echo + text if job.answer else job.echo
-    entries = [*result.logprobs, *_eos_entry(job, result)] if result.logprobs is not None and job.answer else []
-    if result.logprobs is None:
-        logprobs = None
-    elif job.echo is not None:  # echo with logprobs scored the prompt (`parse_completion`)
-        logprobs = AnswerLogprobs(pieces, False).render_echo(job.prompt_ids, result.prompt_logprobs, entries)
-    else:
-        logprobs = AnswerLogprobs(pieces, job.chat).render(entries)
-    finish = result.finish_reason if job.answer else "length"  # max_tokens 0: the budget ended it
-    if job.chat:
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
-                  "logprobs": logprobs}
-    else:
-        choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": logprobs}
-    return {"id": rid, "object": "chat.completion" if job.chat else "text_completion", "created": int(time.time()),
-            "model": name, "choices": [choice], "usage": _usage(job, result), "metrics": _spec(result)}
-
-
-def _eos_entry(job: Job, result: GenerationResult) -> list:
-    """On the completions endpoint, the entry of the end-of-sequence token that ended the answer (set only with
-    logprobs), listed after the answer's as OpenAI's legacy completions list it: lm-evaluation-harness reads the entry
-    after an echoed prompt, which with max_tokens 1 is that token where the model would stop there. Chat: none."""
-    return [result.eos_logprob] if result.eos_logprob is not None and not job.chat else []
-
-
 def _no_route(path: str) -> str:
     return f"no route {path!r:.100}: see /v1/models, /v1/chat/completions, /v1/completions"
-
-
-def _usage(job: Job, result: GenerationResult) -> dict:
-    prompt, answer = len(job.prompt_ids), result.new_tokens if job.answer else 0
-    return {"prompt_tokens": prompt, "completion_tokens": answer, "total_tokens": prompt + answer}
-
-
-def _spec(result: GenerationResult) -> dict:
-    """Per-request acceptance: what users of speculative decoding ask for first."""
-    return {"speculative_decoding": {
-        "medusa": result.heads_steps > 0,  # the heads' tree verified, not merely chosen at admission (docs)
-        "steps": result.steps,
-        "mean_accepted_tokens_per_step": result.mean_accepted,
-        "draft_tokens": len(result.step_accepted) * result.draft_depth,
-        "accepted_tokens": sum(result.step_accepted),  # 0 per step without Medusa
-        "accepted_from_heads": result.accepted_heads,  # by source: "medusa" is false where only drafts were verified
-        "accepted_from_drafts": result.accepted_context,  # context and corpus drafts
-        "accepted_tokens_per_position": accepted_per_position(result.step_accepted, result.draft_depth),
-    }}

@@ -62,6 +62,7 @@ class Job:
     chat: bool  # chat.completion(s) objects, else text_completion
     echo: str | None = None  # the completions endpoint's echo: the prompt's text, put before the answer's
     answer: bool = True  # False: echo with max_tokens 0, the prompt alone (vLLM's echo without generation)
+    n: int = 1  # choices: sequences decoded from this prompt (`responses.choice_jobs`)
 
 
 # Accepted and honoured, or accepted when they ask for what the runtime does anyway.
@@ -73,7 +74,7 @@ _COMMON = {"model", "max_tokens", "max_completion_tokens", "temperature", "stop"
 _MESSAGE_KEYS = {"role", "content"}  # a message's other fields (name, tool_calls, ...) are not rendered: refused
 # Parameter -> the values that mean "not used" (the API's defaults and "off" values); anything else is a 400.
 _NEUTRAL: dict[str, tuple] = {
-    "n": (1,), "best_of": (1,), "presence_penalty": (0,), "frequency_penalty": (0,),
+    "best_of": (1,), "presence_penalty": (0,), "frequency_penalty": (0,),
     "logit_bias": (None, {}),
     "suffix": (None, ""), "tools": (None, []), "tool_choice": (None, "none"), "parallel_tool_calls": (None, True, False),
     "functions": (None, []), "function_call": (None, "none"), "response_format": (None, {"type": "text"}),
@@ -84,6 +85,7 @@ _BOOKKEEPING = (("user", str, "a string"), ("store", bool, "true or false"), ("s
                 ("metadata", dict, "an object"))
 _STREAM_OPTIONS = {"include_usage", "include_obfuscation"}
 _SEED_RANGE = (-(2 ** 63), 2 ** 64 - 1)  # what vLLM accepts: signed or unsigned 64-bit
+MAX_CHOICES = 128  # OpenAI's bound on n; the server's own (--max-num-seqs plus --max-queue) is checked at admission
 
 
 def parse_chat(body: Any, model: ServedModel) -> Job:
@@ -184,6 +186,7 @@ class _Options:
     config: GenerationConfig  # max_new_tokens still 1: set once the prompt's length is known
     stream: bool
     include_usage: bool
+    n: int = 1
 
 
 def _options(body: dict, model: ServedModel, logprobs: int | None) -> _Options:
@@ -238,7 +241,16 @@ def _options(body: dict, model: ServedModel, logprobs: int | None) -> _Options:
                               medusa=medusa and (model.medusa or model.context_drafts and temperature == 0),
                               context_drafts=model.context_drafts, seed=None if seed is None else seed % 2 ** 64,
                               chat=False, ignore_eos=ignore_eos)
-    return _Options(max_tokens, config, stream, bool((options or {}).get("include_usage")))
+    return _Options(max_tokens, config, stream, bool((options or {}).get("include_usage")), _choices(body))
+
+
+def _choices(body: dict) -> int:
+    """``n``: how many answers to the prompt, each decoded as a sequence of its own."""
+    n = body.get("n", 1)
+    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_CHOICES:
+        raise ApiError(400, f"n must be an integer in [1, {MAX_CHOICES}] (answers to the prompt), got {_shown(n)}",
+                       param="n")
+    return n
 
 
 def _cuts(body: dict) -> tuple[float, int]:
@@ -317,7 +329,7 @@ def _job(options: _Options, model: ServedModel, ids: list[int], chat: bool) -> J
                        param=key, code="context_length_exceeded")
     # Decoding makes at least the prompt's next token: with echo and 0, it is made and not shown
     config = dataclasses.replace(options.config, max_new_tokens=max(max_tokens, 1))
-    return Job(ids, config, options.stream, options.include_usage, chat, answer=max_tokens > 0)
+    return Job(ids, config, options.stream, options.include_usage, chat, answer=max_tokens > 0, n=options.n)
 
 
 def _max_tokens(body: dict) -> tuple[str, int] | None:

@@ -99,35 +99,57 @@ class Scheduler:
     def submit(self, job: Job) -> Request:
         """Admit ``job`` or raise ApiError at once: 503 while shutting down, 429 when ``max_num_seqs + max_queue``
         requests are already admitted."""
+        return self.submit_all([job])[0]
+
+    def submit_all(self, jobs: list[Job]) -> list[Request]:
+        """Admit every job or none (a request's choices), or raise ApiError at once: 400 for more jobs than the
+        server ever admits together, 503 while shutting down, 429 when they do not fit beside those admitted."""
+        room = self.max_num_seqs + self.max_queue
+        if len(jobs) > room:
+            raise ApiError(400, f"n={len(jobs)} is more choices than this server admits at once ({room}: "
+                           f"--max-num-seqs {self.max_num_seqs} plus --max-queue {self.max_queue}): ask for fewer",
+                           param="n")
         with self.lock:
             if not self.accepting:
                 refused = ("shutdown", ApiError(503, "the server is shutting down: retry on another replica",
                                                 type_="server_error", headers={"Retry-After": "1"}))
-            elif self.admitted >= self.max_num_seqs + self.max_queue:
+            elif self.admitted + len(jobs) > room:
                 refused = ("queue_full", ApiError(
                     429, f"the server is busy ({self.admitted} requests admitted: {self.max_num_seqs} decode together "
                     f"and {self.max_queue} may wait): retry later", type_="rate_limit_error",
                     headers={"Retry-After": "1"}))
             else:
                 refused = None
-                self.admitted += 1
+                self.admitted += len(jobs)
         if refused:
             self.metrics.rejected.labels(**self.metrics.labels, reason=refused[0]).inc()
             raise refused[1]
-        request = Request(self, job, asyncio.get_running_loop())
+        requests = [Request(self, job, asyncio.get_running_loop()) for job in jobs]
+        for i, request in enumerate(requests):
+            try:
+                self._start(request)
+            except Exception:
+                for later in requests[i + 1:]:  # admitted above, never started: handed back
+                    self._count_out(later)
+                for earlier in requests[:i]:
+                    earlier.cancel()
+                raise
+        self._gauges()
+        return requests
+
+    def _start(self, request: Request) -> None:
         request.timer = request.loop.call_later(self.timeout_s, request.cancel, "timeout")
         with self.lock:
             self.live.add(request)
         try:  # the engine thread may report on it before `submit` returns: everything it reads is set already
-            request.sequence = self.thread.submit(job.prompt_ids, job.config, lambda item: self._sink(request, item))
+            request.sequence = self.thread.submit(request.job.prompt_ids, request.job.config,
+                                                  lambda item: self._sink(request, item))
             if request.stop_reason:
                 self.engine.cancel(request.sequence, request.stop_reason)
         except Exception:
             request.timer.cancel()
             self._count_out(request)
             raise
-        self._gauges()
-        return request
 
     def withdraw(self, request: Request) -> None:
         """Hand back ``request``, cancelled, if it is still in the engine's queue. The engine would drop it at its

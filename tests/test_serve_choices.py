@@ -1,0 +1,161 @@
+"""``n`` choices per request against `medusa-export serve` on 127.0.0.1: each choice a sequence of its own in the
+batched engine, gathered into one answer or merged into one stream under its ``index``; greedy choices equal the
+answer alone, a seeded request's choice i equals the same request with ``seed + i``, usage counts the prompt once.
+Reference: OpenAI's ``n`` (chat and legacy completions) and vLLM's ``SamplingParams.n``."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+pytest.importorskip("prometheus_client")
+pytest.importorskip("openai")
+
+from serve_helpers import (KEY, PROMPT, build_chat_artifact, load_runtime, metric, openai_client, post,  # noqa: E402
+                           serving, wait_idle)
+
+MESSAGES = [{"role": "user", "content": PROMPT}]
+ROOM = 3  # --max-num-seqs 2 plus --max-queue 1: the most choices a request may ask for here
+
+
+@pytest.fixture(scope="module")
+def artifact(tiny_dirs, tmp_path_factory):
+    return build_chat_artifact(tiny_dirs, tmp_path_factory.mktemp("choices"))
+
+
+@pytest.fixture(scope="module")
+def server(artifact):
+    with serving(artifact, "--max-num-seqs", "2", "--max-queue", "1", "--threads", "1", "--api-key", KEY) as (base, _):
+        yield base
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai_client(server)
+
+
+@pytest.fixture(scope="module")
+def runtime(artifact):
+    return load_runtime(artifact)
+
+
+def _stream(base: str, path: str, body: dict) -> list:
+    """A streamed request's events: JSON objects, then "[DONE]"."""
+    import http.client
+    import urllib.parse
+
+    url = urllib.parse.urlsplit(base)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
+    conn.request("POST", path, json.dumps({"stream": True, **body}),
+                 {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    r = conn.getresponse()
+    assert r.status == 200, r.read()
+    raw = r.read().decode()
+    conn.close()
+    blocks = [b[len("data: "):] for b in raw.split("\n\n") if b.strip()]
+    return [b if b == "[DONE]" else json.loads(b) for b in blocks]
+
+
+def test_greedy_choices_each_equal_the_answer_alone(client, runtime):
+    """n greedy choices are n sequences decoding the same tokens (vLLM's behaviour), batched or not."""
+    ids = runtime.generator.tokenizer.encode_chat(MESSAGES)
+    want = runtime.generate(ids, max_new_tokens=8, medusa=False)
+    r = client.chat.completions.create(model=runtime.manifest.model.name, messages=MESSAGES, max_tokens=8,
+                                       temperature=0, n=ROOM)
+    assert [c.index for c in r.choices] == list(range(ROOM))
+    assert all(c.message.content == want.text and c.finish_reason == want.finish_reason for c in r.choices)
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(ids), ROOM * want.new_tokens)
+    spec = r.model_extra["metrics"]["speculative_decoding"]
+    assert spec["steps"] >= ROOM * 1 and spec["accepted_tokens"] + spec["steps"] >= ROOM * (want.new_tokens - 1)
+
+
+def test_a_seeded_request_s_choice_i_is_the_request_with_seed_plus_i(client, runtime):
+    """Sampled choices differ from one another, and each is reproducible: choice i draws from seed + i."""
+    name = runtime.manifest.model.name
+    ask = dict(model=name, prompt=PROMPT, max_tokens=12, temperature=1.5, extra_body={"ignore_eos": True})
+    together = client.completions.create(n=ROOM, seed=40, **ask)
+    alone = [client.completions.create(seed=40 + i, **ask).choices[0].text for i in range(ROOM)]
+    assert [c.text for c in together.choices] == alone
+    assert len(set(alone)) > 1, "three sampled answers of 12 tokens at temperature 1.5 were all the same"
+    assert together.usage.completion_tokens == ROOM * 12 and together.usage.prompt_tokens == \
+        len(runtime.generator.tokenizer.encode(PROMPT))
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/v1/chat/completions", {"messages": MESSAGES}),
+    ("/v1/completions", {"prompt": PROMPT, "logprobs": 2}),
+])
+def test_a_stream_of_choices_carries_each_under_its_index(server, client, path, body):
+    """Each choice streams its own chunks (a role chunk first on chat, one finish), interleaved with the others';
+    put together by index they are the non-streamed answer's choices."""
+    ask = {"max_tokens": 10, "temperature": 0.8, "seed": 3, "n": 2, "ignore_eos": True, **body}
+    events = _stream(server, path, {**ask, "stream_options": {"include_usage": True}})
+    assert events[-1] == "[DONE]"
+    *chunks, last = events[:-1]
+    assert last["choices"] == [] and last["usage"]["completion_tokens"] == 20
+    chat = path.endswith("chat/completions")
+    texts, finishes, tokens = {0: "", 1: ""}, {0: [], 1: []}, {0: [], 1: []}
+    for c in chunks:
+        (choice,) = c["choices"]
+        i = choice["index"]
+        texts[i] += (choice["delta"].get("content") or "") if chat else choice["text"]
+        if choice["finish_reason"] is not None:
+            finishes[i].append(choice["finish_reason"])
+        if not chat and choice["logprobs"]:
+            tokens[i] += choice["logprobs"]["tokens"]
+    assert finishes == {0: ["length"], 1: ["length"]}
+    if chat:
+        firsts = {i: next(c["choices"][0]["delta"] for c in chunks if c["choices"][0]["index"] == i) for i in (0, 1)}
+        assert firsts == {0: {"role": "assistant", "content": ""}, 1: {"role": "assistant", "content": ""}}
+    whole = post(server + path, {**ask})
+    assert whole[0] == 200
+    assert [texts[0], texts[1]] == [(c["message"]["content"] if chat else c["text"]) for c in whole[1]["choices"]]
+    if not chat:
+        assert [tokens[0], tokens[1]] == [c["logprobs"]["tokens"] for c in whole[1]["choices"]]
+        assert all(len(t) == 10 for t in tokens.values())
+
+
+def test_echo_and_logprobs_with_choices(server, runtime):
+    """Each choice echoes the prompt and scores it, then its own answer."""
+    n_prompt = len(runtime.generator.tokenizer.encode(PROMPT))
+    code, body, _ = post(server + "/v1/completions", {"prompt": PROMPT, "max_tokens": 3, "n": 2, "echo": True,
+                                                      "logprobs": 1, "temperature": 0, "ignore_eos": True})
+    assert code == 200 and len(body["choices"]) == 2
+    for choice in body["choices"]:
+        assert choice["text"].startswith(PROMPT)
+        assert len(choice["logprobs"]["tokens"]) == n_prompt + 3 and choice["logprobs"]["token_logprobs"][0] is None
+    assert body["choices"][0]["logprobs"] == body["choices"][1]["logprobs"]  # greedy: the same tokens and values
+
+
+@pytest.mark.parametrize("n, says", [(ROOM + 1, "--max-num-seqs"), (0, "[1, 128]"), (129, "[1, 128]"),
+                                     (True, "[1, 128]"), (2.0, "[1, 128]")])
+def test_choices_beyond_what_is_admitted_are_400s(server, n, says):
+    code, body, _ = post(server + "/v1/chat/completions", {"messages": MESSAGES, "n": n, "max_tokens": 2})
+    assert code == 400 and body["error"]["param"] == "n" and says in body["error"]["message"]
+
+
+def test_choices_are_admitted_all_or_none(server):
+    """With one place left, a request for two choices gets a 429 and leaves nothing behind: none of its choices
+    runs or waits."""
+    wait_idle(server)
+    long = {"prompt": PROMPT, "max_tokens": 2000, "temperature": 0, "ignore_eos": True, "medusa": False}
+    threads = [threading.Thread(target=post, args=(server + "/v1/completions", long)) for _ in range(2)]
+    for t in threads:
+        t.start()
+    try:
+        deadline = time.monotonic() + 30
+        while metric(server, "num_requests_running") < 2 and time.monotonic() < deadline:  # bounded
+            time.sleep(0.01)
+        code, body, headers = post(server + "/v1/completions", {"prompt": PROMPT, "max_tokens": 2, "n": 2})
+        assert code == 429 and headers.get("Retry-After") and body["error"]["type"] == "rate_limit_error"
+        assert metric(server, "num_requests_waiting") == 0
+        code, body, _ = post(server + "/v1/completions", {"prompt": PROMPT, "max_tokens": 2, "n": 1})
+        assert code == 200  # the one place left was not taken by the refused request
+    finally:
+        for t in threads:
+            t.join(timeout=120)
