@@ -20,7 +20,7 @@ from serve_helpers import (KEY, PROMPT, build_chat_artifact, load_runtime, metri
                            serving, wait_idle)
 
 MESSAGES = [{"role": "user", "content": PROMPT}]
-ROOM = 3  # --max-num-seqs 2 plus --max-queue 1: the most choices a request may ask for here
+ROOM = 4  # --max-num-seqs 2 plus --max-queue 2: the most choices a request may ask for here
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +30,7 @@ def artifact(tiny_dirs, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(artifact):
-    with serving(artifact, "--max-num-seqs", "2", "--max-queue", "1", "--threads", "1", "--api-key", KEY) as (base, _):
+    with serving(artifact, "--max-num-seqs", "2", "--max-queue", "2", "--threads", "1", "--api-key", KEY) as (base, _):
         yield base
 
 
@@ -140,7 +140,7 @@ def test_choices_beyond_what_is_admitted_are_400s(server, n, says):
 
 
 def test_choices_are_admitted_all_or_none(server):
-    """With one place left, a request for two choices gets a 429 and leaves nothing behind: none of its choices
+    """With two places left, a request for three choices gets a 429 and leaves nothing behind: none of its choices
     runs or waits."""
     wait_idle(server)
     long = {"prompt": PROMPT, "max_tokens": 2000, "temperature": 0, "ignore_eos": True, "medusa": False}
@@ -151,11 +151,55 @@ def test_choices_are_admitted_all_or_none(server):
         deadline = time.monotonic() + 30
         while metric(server, "num_requests_running") < 2 and time.monotonic() < deadline:  # bounded
             time.sleep(0.01)
-        code, body, headers = post(server + "/v1/completions", {"prompt": PROMPT, "max_tokens": 2, "n": 2})
+        code, body, headers = post(server + "/v1/completions", {"prompt": PROMPT, "max_tokens": 2, "n": 3})
         assert code == 429 and headers.get("Retry-After") and body["error"]["type"] == "rate_limit_error"
         assert metric(server, "num_requests_waiting") == 0
-        code, body, _ = post(server + "/v1/completions", {"prompt": PROMPT, "max_tokens": 2, "n": 1})
-        assert code == 200  # the one place left was not taken by the refused request
+        code, body, _ = post(server + "/v1/completions", {"prompt": PROMPT, "max_tokens": 2, "n": 2})
+        assert code == 200  # the two places left were not taken by the refused request
     finally:
         for t in threads:
             t.join(timeout=120)
+
+
+# ------------------------------------------------------------------------------------------------ prompt batches
+
+OTHER = "t9 t8"
+
+
+def test_a_batch_of_prompts_answers_each_prompt_n_times_in_order(server, runtime):
+    """OpenAI's and vLLM's completions take a list of prompts: choices come prompt by prompt, n each, each the answer
+    to its prompt alone; usage counts each prompt once."""
+    tok = runtime.generator.tokenizer
+    want = [runtime.generate(tok.encode(p), max_new_tokens=5, medusa=False, ignore_eos=True).text
+            for p in (PROMPT, OTHER)]
+    for prompt in ([PROMPT, OTHER], [tok.encode(PROMPT), tok.encode(OTHER)]):
+        code, body, _ = post(server + "/v1/completions", {"prompt": prompt, "n": 2, "max_tokens": 5,
+                                                          "temperature": 0, "ignore_eos": True, "echo": True})
+        assert code == 200
+        assert [c["index"] for c in body["choices"]] == [0, 1, 2, 3]
+        texts = [c["text"] for c in body["choices"]]
+        assert texts == [PROMPT + want[0]] * 2 + [OTHER + want[1]] * 2
+        assert body["usage"]["prompt_tokens"] == len(tok.encode(PROMPT)) + len(tok.encode(OTHER))
+        assert body["usage"]["completion_tokens"] == 4 * 5
+
+
+def test_a_streamed_batch_numbers_its_choices_prompt_by_prompt(server):
+    events = _stream(server, "/v1/completions", {"prompt": [PROMPT, OTHER, PROMPT], "max_tokens": 3,
+                                                 "temperature": 0, "ignore_eos": True})
+    texts: dict[int, str] = {}
+    for c in events[:-1]:
+        (choice,) = c["choices"]
+        texts[choice["index"]] = texts.get(choice["index"], "") + choice["text"]
+    assert sorted(texts) == [0, 1, 2] and texts[0] == texts[2] and texts[0] != texts[1]
+
+
+@pytest.mark.parametrize("prompt, param", [
+    ([PROMPT, ""], "prompt[1]"),  # empty
+    ([PROMPT, [[5]]], "prompt[1]"),  # a batch inside a batch
+    ([[5, 6], [5, 10 ** 6]], "prompt[1]"),  # a token id outside the vocabulary
+    ([PROMPT, 5], "prompt[1]"),
+    ([PROMPT] * 65, "prompt"),  # 65 prompts times n=2: past 128 answers
+])
+def test_a_bad_prompt_in_a_batch_is_a_400_naming_it(server, prompt, param):
+    code, body, _ = post(server + "/v1/completions", {"prompt": prompt, "n": 2, "max_tokens": 2})
+    assert code == 400 and body["error"]["param"] == param, body

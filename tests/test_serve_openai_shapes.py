@@ -207,7 +207,7 @@ def test_the_role_chunk_is_not_sent_before_the_request_decodes():
 
     async def run() -> tuple[bool, str]:
         admitted = Queued()
-        stream = sse_events("chatcmpl-1", Job([1, 2], GenerationConfig(), True, False, True), NAME, [admitted])
+        stream = sse_events("chatcmpl-1", [Job([1, 2], GenerationConfig(), True, False, True)], NAME, [admitted])
         first = asyncio.ensure_future(stream.__anext__())
         await asyncio.sleep(0.2)  # queued: nothing may be sent yet
         early = first.done()

@@ -53,7 +53,7 @@ async def _post(app, path: str, body: bytes) -> tuple[int, dict]:
 
 
 def test_a_flood_of_large_bodies_never_delays_a_small_request(runtime, monkeypatch):
-    parse = app_module.parse_completion
+    parse = app_module.parse_completions
     running, most = [0], [0]
     lock = threading.Lock()
 
@@ -67,7 +67,7 @@ def test_a_flood_of_large_bodies_never_delays_a_small_request(runtime, monkeypat
                 running[0] -= 1
         return parse(body, model)
 
-    monkeypatch.setattr(app_module, "parse_completion", slow_for_large)
+    monkeypatch.setattr(app_module, "parse_completions", slow_for_large)
     app = app_module.create_app(runtime, app_module.ServeSettings(timeout_s=4.0))
     large = json.dumps({"prompt": "t5 " * (app_module.SMALL_BODY_BYTES // 3 + 100), "max_tokens": 1}).encode()
     small = json.dumps({"prompt": PROMPT, "max_tokens": 2, "temperature": 0}).encode()

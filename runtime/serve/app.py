@@ -34,7 +34,7 @@ from .http_deadlines import half_closed
 from .http_checks import (authorize, check_identity_encoding, check_json_type, check_not_cross_origin,
                           closing_if_unread, json_body, read_body)
 from .logprobs_json import TokenPieces
-from .requests import ApiError, Job, ServedModel, parse_chat, parse_completion
+from .requests import ApiError, Job, ServedModel, parse_chat, parse_completions
 from .responses import choice_jobs, ended_by_itself, gather, response_body, result_or_error, sse_events
 from .scheduler import Finished, Request as Admitted, Scheduler
 
@@ -158,16 +158,16 @@ def create_app(runtime, settings: ServeSettings = ServeSettings()) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
         authorize(request, settings.api_key)
-        return await _complete(request, await _parsed(request, parse_chat))
+        return await _complete(request, [await _parsed(request, parse_chat)])
 
     @app.post("/v1/completions")
     async def completions(request: Request):
         authorize(request, settings.api_key)
-        return await _complete(request, await _parsed(request, parse_completion))
+        return await _complete(request, await _parsed(request, parse_completions))
 
     parse_lanes: dict = {}  # (chat, large body) -> its CapacityLimiter, made in the event loop at first use
 
-    async def _parsed(request: Request, parse) -> Job:
+    async def _parsed(request: Request, parse) -> Job | list[Job]:
         """The request's Job. Decoding JSON, the chat template and tokenization take up to seconds for a body near
         the size limit: off the event loop, on its lane's threads (`PARSE_THREADS`), so that other requests and
         streams carry on meanwhile. One waiting for its lane past the request timeout gets a 503 (a parse already
@@ -188,13 +188,15 @@ def create_app(runtime, settings: ServeSettings = ServeSettings()) -> FastAPI:
             raise ApiError(503, f"{what} within {settings.timeout_s:g} s (other requests' parses ahead of it): "
                            f"retry", type_="server_error", headers={"Retry-After": "1"}) from None
 
-    async def _complete(http: Request, job: Job):
-        rid = ("chatcmpl-" if job.chat else "cmpl-") + uuid.uuid4().hex
-        if not job.stream:
+    async def _complete(http: Request, jobs: list[Job]):
+        """``jobs``: the request's prompts (several in a completions batch), each with its ``n`` choices."""
+        rid = ("chatcmpl-" if jobs[0].chat else "cmpl-") + uuid.uuid4().hex
+        if not jobs[0].stream:
             _refuse_half_closed(http, [])  # before admission: decoding could not tell a closed client apart
-        admitted = sched.submit_all(choice_jobs(job))  # 400 / 429 / 503 here, before any response starts
-        if job.stream:
-            return _StreamOf(admitted, sse_events(rid, job, name, admitted, pieces), media_type="text/event-stream",
+        # 400 / 429 / 503 here, before any response starts
+        admitted = sched.submit_all([choice for job in jobs for choice in choice_jobs(job)])
+        if jobs[0].stream:
+            return _StreamOf(admitted, sse_events(rid, jobs, name, admitted, pieces), media_type="text/event-stream",
                              headers={**served_by, **SSE_HEADERS})
         watcher = asyncio.create_task(_cancel_on_disconnect(http, admitted))
         try:
@@ -205,7 +207,7 @@ def create_app(runtime, settings: ServeSettings = ServeSettings()) -> FastAPI:
                 request.cancel()  # no-op once it finished
         _refuse_half_closed(http, [done for _, done in answers])
         results = [(text, result_or_error(done, settings.timeout_s)) for text, done in answers]
-        return JSONResponse(response_body(rid, job, name, results, pieces), headers=served_by)
+        return JSONResponse(response_body(rid, jobs, name, admitted, results, pieces), headers=served_by)
 
     return app
 

@@ -3,8 +3,8 @@ OpenAI-style error response. Parameters the runtime cannot honour are refused, n
 ``null`` means "not given" for every optional parameter (as OpenAI's API reads it). Accepted and without effect on
 the answer: ``user``, ``store``, ``metadata``, ``service_tier`` (bookkeeping of OpenAI's own service).
 
-    job = parse_chat(body, ctx)         # POST /v1/chat/completions
-    job = parse_completion(body, ctx)   # POST /v1/completions
+    job = parse_chat(body, ctx)           # POST /v1/chat/completions
+    jobs = parse_completions(body, ctx)   # POST /v1/completions: one job per prompt of the request
 """
 
 from __future__ import annotations
@@ -116,6 +116,31 @@ def parse_chat(body: Any, model: ServedModel) -> Job:
     return _job(options, model, ids, chat=True)
 
 
+def parse_completions(body: Any, model: ServedModel) -> list[Job]:
+    """The completions endpoint's prompts: one, or a batch (a list of strings, or of lists of token ids), one job
+    each, as OpenAI's and vLLM's; the request's choices are each prompt's ``n`` in turn."""
+    prompt = body.get("prompt") if isinstance(body, dict) else None
+    if not (isinstance(prompt, list) and len(prompt) > 1 and any(isinstance(p, (str, list)) for p in prompt)):
+        return [parse_completion(body, model)]  # one prompt (a list of token ids, a list with one prompt)
+    for i, one in enumerate(prompt):  # a batch's prompts are strings or lists of ids, not a batch again
+        if not (isinstance(one, str) or isinstance(one, list) and all(_is_int(t) for t in one)):
+            raise ApiError(400, f"prompt[{i}] must be a string or a list of token ids (a batch holds prompts, not "
+                           f"batches)", param=f"prompt[{i}]")
+    choices = len(prompt) * _choices(body)
+    if choices > MAX_CHOICES:
+        raise ApiError(400, f"{len(prompt)} prompts times n make {choices} answers: at most {MAX_CHOICES} a request",
+                       param="prompt")
+    jobs = []
+    for i, one in enumerate(prompt):
+        try:
+            jobs.append(parse_completion({**body, "prompt": one}, model))
+        except ApiError as e:
+            if e.param != "prompt":
+                raise
+            raise ApiError(e.status, f"prompt[{i}]: {e.message}", param=f"prompt[{i}]", code=e.code) from None
+    return jobs
+
+
 def parse_completion(body: Any, model: ServedModel) -> Job:
     """A raw prompt: special tokens written in it are parsed as such (it is the caller's whole input)."""
     body = _present(_object(body), "prompt", other="messages", other_endpoint="/v1/chat/completions")
@@ -123,10 +148,9 @@ def parse_completion(body: Any, model: ServedModel) -> Job:
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]  # a batch of one prompt (one token id alone stays a list of ids)
     text = isinstance(prompt, str) and prompt
-    if not text and not (isinstance(prompt, list) and prompt and
-                         all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)):
-        raise ApiError(400, "'prompt' must be a non-empty string, a list with one string, or a list of token ids "
-                       "(one prompt per request)", param="prompt")
+    if not text and not (isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt)):
+        raise ApiError(400, "'prompt' must be a non-empty string or list of token ids, or a list of such prompts",
+                       param="prompt")
     options = _options(body, model, _completion_logprobs(body, model))
     echo = _echo(body, options, model)  # checked before the prompt is tokenized, as every other parameter
     ids = _tokenize(lambda: model.tokenizer.encode(prompt), "prompt") if text else list(prompt)
@@ -136,6 +160,10 @@ def parse_completion(body: Any, model: ServedModel) -> Job:
         job.echo = prompt if text else model.tokenizer.decode(ids, skip_special_tokens=False)
         job.config = dataclasses.replace(job.config, prompt_logprobs=job.config.logprobs)
     return job
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _object(body: Any) -> dict:

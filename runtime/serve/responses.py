@@ -1,9 +1,10 @@
 """OpenAI response bodies and server-sent events from a request's finished or running sequences.
 
-A request asks for ``n`` choices of one prompt; each is a sequence of its own in the batched engine (`choice_jobs`).
-A whole answer gathers them into one body (`gather`, `response_body`); a stream merges their events, each chunk under
-its choice's ``index`` (`sse_events`). ``usage`` counts the prompt once and every choice's tokens; the speculative
-metrics add up every choice's steps.
+A request asks for ``n`` choices of each of its prompts (one, or a completions batch); each choice is a sequence of
+its own in the batched engine (`choice_jobs`), and the choices are numbered prompt by prompt. A whole answer gathers
+them into one body (`gather`, `response_body`); a stream merges their events, each chunk under its choice's ``index``
+(`sse_events`). ``usage`` counts each prompt once and every choice's tokens; the speculative metrics add up every
+choice's steps.
 """
 
 from __future__ import annotations
@@ -106,9 +107,11 @@ def sse_data(obj: dict) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False).translate(_LINE_BREAKS)}\n\n"
 
 
-async def sse_events(rid: str, job: Job, name: str, admitted: list[Admitted],
+async def sse_events(rid: str, jobs: list[Job], name: str, admitted: list[Admitted],
                      pieces: TokenPieces | None = None) -> AsyncIterator[str]:  # pieces: for logprobs
-    created = int(time.time())
+    """``jobs``: the request's prompts; ``admitted``: their choices in order. The request's parameters (chat or not,
+    logprobs, usage) are its prompts' alike."""
+    job, created = jobs[0], int(time.time())
     kind = "chat.completion.chunk" if job.chat else "text_completion"
     answers = [AnswerLogprobs(pieces, job.chat) if job.config.logprobs is not None else None for _ in admitted]
     # Per choice: logprobs of tokens whose text is held back (they go with its next chunk that has text, or its last)
@@ -157,17 +160,19 @@ async def sse_events(rid: str, job: Job, name: str, admitted: list[Admitted],
     else:
         if job.include_usage:
             yield sse_data({"id": rid, "object": kind, "created": created, "model": name, "choices": [],
-                            "usage": usage(job, results), "metrics": speculation_metrics(results)})
+                            "usage": usage(jobs, results), "metrics": speculation_metrics(results)})
     yield "data: [DONE]\n\n"
 
 
-def response_body(rid: str, job: Job, name: str, answers: list[tuple[str, GenerationResult]],
-                  pieces: TokenPieces) -> dict:
-    """The whole answer: one choice per (text, result), in order."""
-    choices = [_choice(i, job, text, result, pieces) for i, (text, result) in enumerate(answers)]
+def response_body(rid: str, jobs: list[Job], name: str, admitted: list[Admitted],
+                  answers: list[tuple[str, GenerationResult]], pieces: TokenPieces) -> dict:
+    """The whole answer: one choice per admitted request and its (text, result), in order."""
+    choices = [_choice(i, request.job, text, result, pieces)
+               for i, (request, (text, result)) in enumerate(zip(admitted, answers))]
     results = [result for _, result in answers]
-    return {"id": rid, "object": "chat.completion" if job.chat else "text_completion", "created": int(time.time()),
-            "model": name, "choices": choices, "usage": usage(job, results), "metrics": speculation_metrics(results)}
+    return {"id": rid, "object": "chat.completion" if jobs[0].chat else "text_completion",
+            "created": int(time.time()), "model": name, "choices": choices, "usage": usage(jobs, results),
+            "metrics": speculation_metrics(results)}
 
 
 def _choice(index: int, job: Job, text: str, result: GenerationResult, pieces: TokenPieces) -> dict:
@@ -194,10 +199,10 @@ def eos_entry(job: Job, result: GenerationResult) -> list:
     return [result.eos_logprob] if result.eos_logprob is not None and not job.chat else []
 
 
-def usage(job: Job, results: list[GenerationResult]) -> dict:
-    """The prompt once, every choice's answer."""
-    prompt = len(job.prompt_ids)
-    answer = sum(result.new_tokens for result in results) if job.answer else 0
+def usage(jobs: list[Job], results: list[GenerationResult]) -> dict:
+    """Each prompt once, every choice's answer."""
+    prompt = sum(len(job.prompt_ids) for job in jobs)
+    answer = sum(result.new_tokens for result in results) if jobs[0].answer else 0
     return {"prompt_tokens": prompt, "completion_tokens": answer, "total_tokens": prompt + answer}
 
 
