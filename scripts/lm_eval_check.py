@@ -3,6 +3,7 @@ next to lm-eval's own transformers model on the same weights, item by item.
 
     pip install --target /tmp/lmeval-pkgs lm_eval==0.4.13 tenacity    # an optional extra, kept out of the venv
     python scripts/lm_eval_check.py artifacts/smollm2 --out /tmp/lmeval-check --lm-eval-path /tmp/lmeval-pkgs
+    python scripts/lm_eval_check.py artifacts/smollm2 --out /tmp/lmeval-batch --lm-eval-path /tmp/lmeval-pkgs --batch-size 8
 
 Writes two small tasks of its own (the model hub, where lm-eval's own tasks live, may be out of reach): 140
 four-choice questions (largest number, sums, capitals, opposites; multiple_choice) and 20 short texts
@@ -169,6 +170,8 @@ def main() -> None:
     ap.add_argument("--hf-model", type=Path, help="A transformers directory of the artifact's base model (default: the "
                     "built-in model's, as its dequantized cache entry).")
     ap.add_argument("--threads", type=positive, default=2)
+    ap.add_argument("--batch-size", type=positive, default=1, help="Prompts per request lm-eval sends the server "
+                    "(a completions batch).")
     args = ap.parse_args()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     if args.lm_eval_path:
@@ -181,7 +184,8 @@ def main() -> None:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=30) as r:
             name = json.load(r)["data"][0]["id"]  # the served model's name
         served = lm_eval("local-completions", f"model={name},base_url=http://127.0.0.1:{port}/v1/completions,"
-                         f"tokenizer={args.artifact},num_concurrent=1,max_retries=1,tokenized_requests=True",
+                         f"tokenizer={args.artifact},num_concurrent=1,max_retries=1,tokenized_requests=True,"
+                         f"batch_size={args.batch_size}",
                          tasks, args.out / "served", env)
     finally:
         server.terminate()
@@ -189,7 +193,7 @@ def main() -> None:
     from medusa_export.exporter.model_loading import hf_directory
 
     reference = lm_eval("hf", f"pretrained={args.hf_model or hf_directory()},dtype=float32", tasks, args.out / "hf", env)
-    summary = with_machine({"artifact": str(args.artifact), "served": scores(served), "hf": scores(reference),
+    summary = with_machine({"artifact": str(args.artifact), "batch_size": args.batch_size, "served": scores(served), "hf": scores(reference),
                             **compare(served, reference)})
     write_json(args.out / "summary.json", summary, indent=1)
     print(json.dumps(summary))

@@ -335,7 +335,7 @@ def test_ray_serve_two_replicas_answer_and_stream(long_artifact, runtime):
     ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(deployment(str(long_artifact), settings=ServeSettings(workers=1, max_queue=2), replicas=2, threads=1),
+        serve.run(deployment(str(long_artifact), settings=ServeSettings(max_num_seqs=1, max_queue=2), replicas=2, threads=1),
                   name="medusa", route_prefix="/")
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=120)
         want = runtime.generate(runtime.generator.tokenizer.encode(PROMPT), max_new_tokens=16, medusa=False).text

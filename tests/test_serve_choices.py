@@ -153,6 +153,7 @@ def test_choices_are_admitted_all_or_none(server):
             time.sleep(0.01)
         code, body, headers = post(server + "/v1/completions", {"prompt": PROMPT, "max_tokens": 2, "n": 3})
         assert code == 429 and headers.get("Retry-After") and body["error"]["type"] == "rate_limit_error"
+        assert "need 3 places, 2 are free" in body["error"]["message"]
         assert metric(server, "num_requests_waiting") == 0
         code, body, _ = post(server + "/v1/completions", {"prompt": PROMPT, "max_tokens": 2, "n": 2})
         assert code == 200  # the two places left were not taken by the refused request
@@ -199,6 +200,7 @@ def test_a_streamed_batch_numbers_its_choices_prompt_by_prompt(server):
     ([[5, 6], [5, 10 ** 6]], "prompt[1]"),  # a token id outside the vocabulary
     ([PROMPT, 5], "prompt[1]"),
     ([PROMPT] * 65, "prompt"),  # 65 prompts times n=2: past 128 answers
+    ([PROMPT] * 3, "prompt"),  # 3 prompts times n=2: past the 4 answers this server admits at once
 ])
 def test_a_bad_prompt_in_a_batch_is_a_400_naming_it(server, prompt, param):
     code, body, _ = post(server + "/v1/completions", {"prompt": prompt, "n": 2, "max_tokens": 2})

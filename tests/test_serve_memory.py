@@ -107,8 +107,8 @@ def test_finished_requests_leave_nothing_behind(runtime, monkeypatch):
     submitted: list[weakref.ref] = []
     submit_all = Scheduler.submit_all
 
-    def tracked(self, jobs):
-        requests = submit_all(self, jobs)
+    def tracked(self, jobs, **kw):
+        requests = submit_all(self, jobs, **kw)
         for request, job in zip(requests, jobs):
             submitted.extend((weakref.ref(request), weakref.ref(request.sequence), weakref.ref(job)))
         return requests

@@ -354,6 +354,32 @@ def test_a_full_queue_is_a_429_with_an_openai_body(server):
 # ------------------------------------------------------------------------------------------------ models
 
 
+def test_every_response_names_the_replica_that_answered(server):
+    """X-Served-By was on answers alone: behind a proxy, a 429 or 401 did not say which replica refused it."""
+    import urllib.error
+    import urllib.request
+
+    def served_by(method: str, path: str, body: dict | None = None, key: str | None = KEY, host: str | None = None):
+        headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {}),
+                   **({"Host": host} if host else {})}
+        req = urllib.request.Request(server + path, None if body is None else json.dumps(body).encode(), headers,
+                                     method=method)
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                return r.status, r.headers.get_all("X-Served-By")
+        except urllib.error.HTTPError as e:
+            return e.code, e.headers.get_all("X-Served-By")
+
+    answers = [served_by("POST", "/v1/completions", {"prompt": PROMPT, "max_tokens": 1}),
+               served_by("POST", "/v1/completions", {"prompt": PROMPT, "max_tokens": 1}, key=None),
+               served_by("POST", "/v1/completions", {"prompt": PROMPT, "n": 0}),
+               served_by("GET", "/v1/nowhere"), served_by("HEAD", "/v1/models"), served_by("GET", "/health"),
+               served_by("GET", "/v1/models", host="elsewhere.example")]
+    assert [status for status, _ in answers] == [200, 401, 400, 404, 200, 200, 400]
+    names = {tuple(named or ()) for _, named in answers}
+    assert len(names) == 1 and len(next(iter(names))) == 1, names  # one header, the same replica
+
+
 def test_models_with_a_slash_in_the_id(server, client):
     page = client.models.list()
     assert page.object == "list" and [m.id for m in page.data] == [NAME]

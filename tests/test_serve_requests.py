@@ -131,12 +131,15 @@ def test_the_library_refuses_temperatures_that_are_not_finite_non_negative_numbe
         GenerationConfig(temperature=t)
 
 
-@pytest.mark.parametrize("raw", [b'{"prompt": "t5", "max_tokens": ' + b"1" * 5000 + b"}",  # beyond int()'s limit
-                                 b'{"prompt": "t5", "seed": -' + b"9" * 4400 + b"}", b"\xff\xfe{", b'{"prompt": '])
-def test_bodies_python_cannot_decode_are_400s(raw):
+@pytest.mark.parametrize("raw, says", [
+    (b'{"prompt": "t5", "max_tokens": ' + b"1" * 5000 + b"}", "more than 4,300 digits"),  # beyond int()'s limit
+    (b'{"prompt": "t5", "seed": -' + b"9" * 4400 + b"}", "more than 4,300 digits"),
+    (b"\xff\xfe{", "not valid UTF-8"), (b'{"prompt": ', "not valid JSON")])
+def test_bodies_python_cannot_decode_are_400s(raw, says):
+    """Each a 400 saying what is wrong; the integer's was Python's message cut mid-word, advising a Python call."""
     with pytest.raises(ApiError) as e:
         json_body(raw)
-    assert e.value.status == 400 and "not valid JSON" in e.value.message
+    assert e.value.status == 400 and says in e.value.message and "sys." not in e.value.message
 
 
 def _deep(depth: int) -> list:

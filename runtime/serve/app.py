@@ -95,7 +95,6 @@ def create_app(runtime, settings: ServeSettings = ServeSettings()) -> FastAPI:
     pieces = TokenPieces(generator.tokenizer)  # tokens' text and bytes for logprobs
     metrics = ServerMetrics(name)
     sched = Scheduler(generator, settings.max_num_seqs, settings.max_num_batched_tokens, settings.max_queue, settings.timeout_s, metrics)
-    served_by = {"X-Served-By": f"{socket.gethostname()}:{os.getpid()}"}  # which replica answered (Ray Serve)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app):
@@ -109,6 +108,7 @@ def create_app(runtime, settings: ServeSettings = ServeSettings()) -> FastAPI:
     app.router.redirect_slashes = False  # /v1/completions/ is an unknown route (404 body), not an empty 307
     app.state.scheduler, app.state.metrics = sched, metrics
     app.add_middleware(HostCheck, allowed=settings.allowed_hosts or ())
+    app.add_middleware(ServedBy)  # outermost: the Host check's refusals name their replica too
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, e: ApiError):
@@ -194,10 +194,11 @@ def create_app(runtime, settings: ServeSettings = ServeSettings()) -> FastAPI:
         if not jobs[0].stream:
             _refuse_half_closed(http, [])  # before admission: decoding could not tell a closed client apart
         # 400 / 429 / 503 here, before any response starts
-        admitted = sched.submit_all([choice for job in jobs for choice in choice_jobs(job)])
+        admitted = sched.submit_all([choice for job in jobs for choice in choice_jobs(job)],
+                                    param="prompt" if len(jobs) > 1 else "n")
         if jobs[0].stream:
             return _StreamOf(admitted, sse_events(rid, jobs, name, admitted, pieces), media_type="text/event-stream",
-                             headers={**served_by, **SSE_HEADERS})
+                             headers=SSE_HEADERS)
         watcher = asyncio.create_task(_cancel_on_disconnect(http, admitted))
         try:
             answers = await gather(admitted)
@@ -207,9 +208,28 @@ def create_app(runtime, settings: ServeSettings = ServeSettings()) -> FastAPI:
                 request.cancel()  # no-op once it finished
         _refuse_half_closed(http, [done for _, done in answers])
         results = [(text, result_or_error(done, settings.timeout_s)) for text, done in answers]
-        return JSONResponse(response_body(rid, jobs, name, admitted, results, pieces), headers=served_by)
+        return JSONResponse(response_body(rid, jobs, name, admitted, results, pieces))
 
     return app
+
+
+class ServedBy:
+    """ASGI middleware naming the host and process that answered (``X-Served-By``) on every response, errors
+    included: behind Ray Serve's proxy or a load balancer, which replica refused a request with a 429."""
+
+    def __init__(self, app) -> None:
+        self.app, self.value = app, f"{socket.gethostname()}:{os.getpid()}".encode("latin-1", "replace")
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def named(message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), (b"x-served-by", self.value)]}
+            await send(message)
+
+        await self.app(scope, receive, named)
 
 
 class _StreamOf(StreamingResponse):

@@ -112,7 +112,12 @@ def closing_if_unread(request: Request, headers: dict[str, str] | None) -> dict[
 def json_body(body: bytes):
     try:  # UTF-8 only (RFC 8259; a byte order mark is skipped): json.loads would also take UTF-16 and UTF-32
         return json.loads(body.decode("utf-8-sig"))
-    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError, and integers beyond Python's 4,300 digits
+    except json.JSONDecodeError as e:
         raise ApiError(400, f"the request body is not valid JSON ({str(e)[:120]})") from None
+    except UnicodeDecodeError as e:
+        raise ApiError(400, f"the request body is not valid UTF-8 ({str(e)[:120]}): send JSON in UTF-8") from None
+    except ValueError:  # an integer beyond Python's 4,300 digits (its message advises a Python call)
+        raise ApiError(400, "the request body holds an integer of more than 4,300 digits: send a number the "
+                       "parameter takes") from None
     except RecursionError:
         raise ApiError(400, "the request body nests JSON too deeply: send a flat OpenAI request") from None

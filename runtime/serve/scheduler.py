@@ -101,14 +101,15 @@ class Scheduler:
         requests are already admitted."""
         return self.submit_all([job])[0]
 
-    def submit_all(self, jobs: list[Job]) -> list[Request]:
-        """Admit every job or none (a request's choices), or raise ApiError at once: 400 for more jobs than the
-        server ever admits together, 503 while shutting down, 429 when they do not fit beside those admitted."""
+    def submit_all(self, jobs: list[Job], param: str = "n") -> list[Request]:
+        """Admit every job or none (a request's answers: its prompts times n), or raise ApiError at once: 400 (naming
+        ``param``) for more jobs than the server ever admits together, 503 while shutting down, 429 when they do not
+        fit beside those admitted."""
         room = self.max_num_seqs + self.max_queue
         if len(jobs) > room:
-            raise ApiError(400, f"n={len(jobs)} is more choices than this server admits at once ({room}: "
-                           f"--max-num-seqs {self.max_num_seqs} plus --max-queue {self.max_queue}): ask for fewer",
-                           param="n")
+            raise ApiError(400, f"the request asks for {len(jobs)} answers (its prompts times n), more than this server "
+                           f"admits at once ({room}: --max-num-seqs {self.max_num_seqs} plus --max-queue "
+                           f"{self.max_queue}): ask for fewer", param=param)
         with self.lock:
             if not self.accepting:
                 refused = ("shutdown", ApiError(503, "the server is shutting down: retry on another replica",
@@ -116,7 +117,8 @@ class Scheduler:
             elif self.admitted + len(jobs) > room:
                 refused = ("queue_full", ApiError(
                     429, f"the server is busy ({self.admitted} requests admitted: {self.max_num_seqs} decode together "
-                    f"and {self.max_queue} may wait): retry later", type_="rate_limit_error",
+                    f"and {self.max_queue} may wait{_places(len(jobs), room - self.admitted)}): retry later",
+                    type_="rate_limit_error",
                     headers={"Retry-After": "1"}))
             else:
                 refused = None
@@ -231,6 +233,11 @@ class Scheduler:
         """The engine thread ends (after `drain`: what is still running is cancelled); False when its current step
         outlasted ``timeout_s`` (the backend is still computing: it must not be closed under it)."""
         return self.thread.stop(timeout_s)
+
+
+def _places(needed: int, free: int) -> str:
+    """What a request of several answers lacks: ``free`` places may be more than none."""
+    return f"; this request's {needed} answers need {needed} places, {free} are free" if needed > 1 else ""
 
 
 def _deliver(request: Request, call: Callable, *args) -> bool:
