@@ -118,6 +118,9 @@ def check_file(path: Path, rec, check_hashes: bool) -> None:
         if check_hashes and sha256_file(path) != rec.sha256:
             raise ArtifactError(f"artifact file {path} does not match its sha256 in the manifest: it is corrupt, "
                                 f"rebuild the artifact")
+        # Opened once here: a file only a native library reads (weights.bin, read by ONNX Runtime as a graph's
+        # external data) failed there as "cannot load medusa.onnx (SystemError : 13)", naming the wrong file
+        path.open("rb").close()
     except OSError as e:
         raise ArtifactError(f"artifact file {path} cannot be read ({_why(e)}): rebuild the artifact") from None
 

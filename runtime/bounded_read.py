@@ -23,8 +23,10 @@ def read_bounded(path: str | Path, limit: int) -> bytes:
             raise OSError(errno.EINVAL, "not a regular file", str(path))
         if info.st_size > limit:
             raise OSError(errno.EFBIG, f"larger than {limit} bytes", str(path))
+        # The whole file in one read where the system allows (one bytes object, which join returns as it is): read
+        # in 1 MB chunks and joined, a file took twice its size in memory (a 1.5 GB graph file: 3.1 GB)
         chunks, size = [], 0
-        while chunk := os.read(fd, min(1 << 20, limit + 1 - size)):  # a file growing while read is cut at the limit
+        while chunk := os.read(fd, min(max(info.st_size + 1 - size, 1 << 20), limit + 1 - size)):  # cut at the limit
             chunks.append(chunk)
             size += len(chunk)
             if size > limit:

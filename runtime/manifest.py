@@ -114,6 +114,10 @@ class Manifest:
                                  f"for {self.weights} weights")
         if self.dims.num_heads and not self.tree.medusa_choices:  # "Medusa" would decode without a guess of theirs
             raise FieldError("tree.medusa_choices", "must hold at least one path: the artifact has heads")
+        for i, path in enumerate(self.tree.medusa_choices):  # named here, not later as "the tree" with its numbers
+            if not 1 <= len(path) <= self.dims.num_heads or any(not 0 <= r < self.dims.head_topk for r in path):
+                raise FieldError(f"tree.medusa_choices[{i}]", f"must be a path of 1 to dims.num_heads "
+                                 f"({self.dims.num_heads}) ranks, each in 0..{self.dims.head_topk - 1}")
         if self.heads.num_heads != self.dims.num_heads:
             raise FieldError("heads.num_heads", f"must equal dims.num_heads ({self.dims.num_heads})")
         if (self.model.num_layers, self.model.vocab_size) != (self.dims.num_layers, self.dims.vocab_size):

@@ -14,10 +14,11 @@ from medusa_export.runtime.manifest import (FORMAT, FORMAT_VERSION, BuilderFlags
 
 
 def sample_manifest(num_heads: int = 0, graph_format: str = "portable", weights: str = "fp32", max_seq: int = 32,
-                    num_layers: int = 1, tree: list[list[int]] | None = None, files: dict | None = None) -> Manifest:
-    tree = tree if tree is not None else ([[i] for i in range(num_heads)] if num_heads else [])
+                    num_layers: int = 1, tree: list[list[int]] | None = None, files: dict | None = None,
+                    head_topk: int = 1) -> Manifest:
+    tree = tree if tree is not None else [[0] * (d + 1) for d in range(num_heads)]  # a chain: ranks within top-1
     dims = ModelDims(num_layers=num_layers, num_kv_heads=1, head_dim=8, vocab_size=2, num_heads=num_heads,
-                     head_topk=1, sample_topk=1, dtype="float16" if weights == "fp16" else "float32")
+                     head_topk=head_topk, sample_topk=1, dtype="float16" if weights == "fp16" else "float32")
     kinds = ["vanilla"] + (["medusa"] if num_heads else [])
     quant = None
     if weights in ("int8", "int4"):

@@ -336,3 +336,40 @@ def test_an_empty_listed_chat_template_file_is_refused(art, content):
     with pytest.raises(ArtifactError, match="chat_template.jinja is empty: write the chat template into it"):
         MedusaRuntime.load(art)
     assert_one_line_error(_generate(art), "chat_template.jinja is empty")
+
+
+# ------------------------------------------------------------------------------ a listed file that cannot be opened
+def test_an_unreadable_weights_file_is_named_not_the_graph_that_reads_it(art, monkeypatch):
+    """weights.bin is read by ONNX Runtime itself (external data): unreadable, it failed as "ONNX Runtime cannot
+    load .../medusa.onnx (SystemError : 13)". The loader opens each listed file, so the error names weights.bin."""
+    real = Path.open
+
+    def refusing(self, *args, **kwargs):
+        if self.name == "weights.bin":
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", refusing)
+    with pytest.raises(ArtifactError, match=r"weights.bin cannot be read \(Permission denied\)"):
+        MedusaRuntime.load(art)
+
+
+
+def test_a_bounded_read_holds_a_file_once(tmp_path):
+    """Read in 1 MB chunks and joined, a file took twice its size in memory (a 1.5 GB graph file: 3.1 GB)."""
+    import tracemalloc
+
+    from medusa_export.runtime.bounded_read import read_bounded
+
+    path = tmp_path / "big.bin"
+    size = 64 << 20
+    with open(path, "wb") as f:
+        f.truncate(size)  # sparse: no disk
+    tracemalloc.start()
+    try:
+        data = read_bounded(path, 1 << 30)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(data) == size
+    assert peak < 1.5 * size, f"peak {peak >> 20} MiB reading a {size >> 20} MiB file"

@@ -21,8 +21,8 @@ from medusa_export.runtime.errors import ArtifactError, BackendUnavailableError
 from manifest_samples import sample_engine_record, sample_manifest, write_fake_artifact  # noqa: E402
 
 SKIP_REASON = availability.skip_reason()
-MANIFEST = sample_manifest(num_heads=4, weights="fp16", max_seq=2048, num_layers=3,
-                           tree=[[0], [1], [2], [0, 0], [0, 1], [1, 0], [0, 0, 0], [0, 0, 1], [0, 1, 0], [0, 0, 0, 0]])
+MANIFEST = sample_manifest(num_heads=4, weights="fp16", max_seq=2048, num_layers=3, head_topk=2,
+                           tree=[[0], [1], [1, 1], [0, 0], [0, 1], [1, 0], [0, 0, 0], [0, 0, 1], [0, 1, 0], [0, 0, 0, 0]])
 
 
 @pytest.fixture

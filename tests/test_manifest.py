@@ -258,3 +258,23 @@ def test_a_manifest_from_another_release_names_the_release_that_wrote_it():
     assert str(e.value) == ("art/manifest.json is artifact format version 4, written by medusa-export 0.9.1; this "
                             "medusa-export 0.2.0 reads version 3: rebuild the artifact with this version "
                             "(`medusa-export build`), or load it with medusa-export 0.9.1")
+
+
+@pytest.mark.parametrize("rank", [10 ** 4000, 2 ** 63, -1], ids=["4001-digits", "2**63", "-1"])
+def test_a_tree_rank_outside_the_graph_s_heads_names_the_field(artifact, rank):
+    """It was refused only when the tree was built, as "tree path [...] uses rank ..." with the number in full (up
+    to 8.6 KB on one line), naming neither the file nor the field."""
+    data = json.loads((artifact / "manifest.json").read_text())
+    data["tree"]["medusa_choices"][0] = [rank]
+    with pytest.raises(ArtifactError) as e:
+        Manifest.from_json(data)
+    message = str(e.value)
+    assert "field tree.medusa_choices[0]" in message and "rebuild the artifact" in message
+    assert len(message.splitlines()) == 1 and len(message) < 300
+
+
+def test_a_tree_path_deeper_than_the_heads_names_the_field(artifact):
+    data = json.loads((artifact / "manifest.json").read_text())
+    data["tree"]["medusa_choices"][0] = [0] * (data["dims"]["num_heads"] + 1)
+    with pytest.raises(ArtifactError, match=r"field tree\.medusa_choices\[0\] must be a path"):
+        Manifest.from_json(data)
