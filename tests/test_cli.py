@@ -190,6 +190,14 @@ def test_calibrate_tree_rejects_a_bad_prompts_file(artifact, tmp_path):
     assert not out.exists()
 
 
+def test_calibrate_tree_says_model_goes_with_the_torch_backend_before_checking_the_output(artifact, tmp_path):
+    """--model beside --backend ort was reported as the output path overwriting a file of --model's directory."""
+    out = tmp_path / "cal" / "tree.json"
+    assert_one_line_error(cli("calibrate-tree", str(artifact), "--model", str(tmp_path), "--out", str(out)),
+                          "--model is the base model of --backend torch", "leave --model out")
+    assert not out.parent.exists()
+
+
 def test_train_heads_options_reach_the_trainer(tmp_path, monkeypatch):
     pytest.importorskip("torch")
     from typer.testing import CliRunner

@@ -22,7 +22,7 @@ def bench(
     backends: str = typer.Option("ort", help="Comma-separated: torch, ort, trt."),
     prompts: Optional[Path] = path_option(None, help="JSONL prompts (default: the packaged prompt set; for the "
                                           "MT-Bench figures pass FastChat's question.jsonl)."),
-    limit: Optional[int] = typer.Option(None, help="Use only the first N prompts."),
+    limit: Optional[int] = typer.Option(None, help="Use only the first N prompts (default: all)."),
     max_new_tokens: int = typer.Option(128, min=1, help="New tokens per answer, in every mode."),
     tree: Optional[str] = typer.Option(None, help="Tree to use instead of the artifact's (must fit the graph)."),
     threads: Optional[int] = typer.Option(None, help="Intra-op threads (default: all cores)."),

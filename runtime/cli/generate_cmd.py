@@ -35,7 +35,8 @@ def generate(
                                            "context)."),
     no_chat: bool = typer.Option(False, "--no-chat", help="Do not apply the chat template."),
     seed: Optional[int] = typer.Option(None, help="Seed for sampling."),
-    device: str = typer.Option("cpu", help="cpu | cuda (the torch backend; trt always runs on the GPU)."),
+    device: str = typer.Option("cpu", help="cpu | cuda[:N] | mps | xpu[:N] (the torch backend; trt always runs on "
+                               "the GPU)."),
     max_seq: Optional[int] = typer.Option(None, help="KV capacity in tokens (default: the artifact's, or 2048)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of streaming text."),
     logprobs: Optional[int] = typer.Option(None, "--logprobs", help="With --json: each token's log-probability and "

@@ -28,7 +28,7 @@ def calibrate_tree(
     limit: int = typer.Option(48, help="Number of calibration prompts."),
     max_new_tokens: int = typer.Option(96, min=2, help="New tokens decoded per calibration prompt."),
     node_budget: int = typer.Option(63, min=1, help="Largest tree considered (nodes without the root)."),
-    threads: Optional[int] = typer.Option(None, help="Intra-op threads, as you will serve with."),
+    threads: Optional[int] = typer.Option(None, help="Intra-op threads, as you will serve with (default: all cores)."),
     model: Optional[str] = typer.Option(None, help="With --backend torch: the artifact's base model (directory or "
                                         ".gguf), when this machine has not loaded it before."),
 ) -> None:
@@ -47,12 +47,12 @@ def calibrate_tree(
         raise InputError(f"--backend {backend!r}: choose one of {', '.join(BACKENDS)}")
     at_least("--limit", limit)
     check_threads(threads)
-    check_out_file(out, "--out", make_parents=True, inputs=(artifact, prompts_read(data), model))  # before the work
     if backend == "torch":
         extras.require("calibrate-tree --backend torch", "torch")
-    elif model is not None:
+    elif model is not None:  # before the output path, which --model would otherwise be read as an input beside
         raise InputError(f"--model is the base model of --backend torch; --backend {backend} runs the artifact's "
                          f"own graphs: leave --model out")
+    check_out_file(out, "--out", make_parents=True, inputs=(artifact, prompts_read(data), model))  # before the work
     texts = read_prompts(data, limit=limit)
     _check_fits(artifact, texts, data, node_budget)
     rt = MedusaRuntime.load(artifact, backend=backend, threads=threads, model=model)
@@ -146,7 +146,7 @@ def train_heads(
     max_train_positions: Optional[int] = typer.Option(M1.max_train_positions, help="Cap on training positions."),
     weight_decay: float = typer.Option(M1.weight_decay, help="AdamW weight decay of the heads."),
     warmup_fraction: float = typer.Option(M1.warmup_fraction, help="Share of the steps warming the rate up."),
-    threads: Optional[int] = typer.Option(M1.threads, help="torch intra-op threads."),
+    threads: Optional[int] = typer.Option(M1.threads, help="torch intra-op threads (default: torch's choice)."),
     cache_dir: Optional[Path] = path_option(M1.cache_dir, help="Where self-distilled shards are cached (resumable)."),
     resume: bool = typer.Option(M1.resume, help="Resume from cached shards and checkpoints (a checkpoint of other settings is refused, naming them)."),
     checkpoint_every_s: float = typer.Option(M1.checkpoint_every_s, help="Seconds between checkpoints."),
