@@ -37,9 +37,23 @@ class FieldError(ValueError):
         self.path, self.problem = path, problem
 
 
+def _check_finite(value: Any, path: str) -> None:
+    """FieldError for a NaN or infinite float anywhere in ``value`` (walked without recursion: any depth)."""
+    stack = [(value, path)]
+    while stack:
+        item, where = stack.pop()
+        if isinstance(item, float) and not math.isfinite(item):
+            raise FieldError(where, f"must be a finite number, not {item}")
+        if isinstance(item, dict):
+            stack += [(v, _join(where, str(k))) for k, v in item.items()]
+        elif isinstance(item, list):
+            stack += [(v, f"{where}[{i}]") for i, v in enumerate(item)]
+
+
 def parse(tp: Any, value: Any, path: str = "") -> Any:
     origin, args = get_origin(tp), get_args(tp)
-    if tp is Any:
+    if tp is Any:  # a free-form report: any JSON, but no NaN or Infinity either (the document's promise)
+        _check_finite(value, path)
         return value
     if dataclasses.is_dataclass(tp):
         return _parse_dataclass(tp, value, path)

@@ -278,3 +278,12 @@ def test_a_tree_path_deeper_than_the_heads_names_the_field(artifact):
     data["tree"]["medusa_choices"][0] = [0] * (data["dims"]["num_heads"] + 1)
     with pytest.raises(ArtifactError, match=r"field tree\.medusa_choices\[0\] must be a path"):
         Manifest.from_json(data)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), [1.0, {"deep": float("-inf")}]])
+def test_a_report_field_holds_no_nan_or_infinity_either(artifact, value):
+    """`validation` is free-form (errors measured at build), yet the document promises finite numbers: NaN loaded."""
+    data = json.loads((artifact / "manifest.json").read_text())
+    data["validation"]["medusa"]["max_abs_error"] = value
+    with pytest.raises(ArtifactError, match=r"field validation\.medusa\.max_abs_error.* must be a finite number"):
+        Manifest.from_json(data)
