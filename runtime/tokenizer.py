@@ -57,8 +57,9 @@ class ChatTokenizer:
 
         # Its own copy: the flag is per object
         self._text = _unpanicked(lambda: Tokenizer.from_str(self.tokenizer.to_str()),
-                                 lambda why: ArtifactError(f"the tokenizer cannot be copied ({why}): rebuild the "
-                                                           f"artifact with a working tokenizer.json"))
+                                 lambda why: ArtifactError(f"tokenizer.json does not load again as written out "
+                                                           f"({why}): rebuild the artifact with a working "
+                                                           f"tokenizer.json"))
         self._text.encode_special_tokens = True
         special = {t.content: i for i, t in self.tokenizer.get_added_tokens_decoder().items() if t.special}
         self._special_ids = special

@@ -113,6 +113,8 @@ def test_bench_keeps_each_row_as_it_is_measured(artifact, tmp_path):
     proc = cli("bench", str(art), "--no-hf", "--limit", "1", "--max-new-tokens", "3", "--concurrency", "2",
                "--json", str(report))
     assert proc.returncode == 2 and "lanes.onnx" in proc.stderr, proc.stderr
+    # the rows measured before it stopped are on the screen too, not only in the report
+    assert [line.split()[1] for line in proc.stdout.splitlines()[-3:]] == ["vanilla", "medusa", "medusa+context"]
     saved = json.loads(report.read_text())
     assert [r["mode"] for r in saved["results"]] == ["vanilla", "medusa", "medusa+context"]
     assert "lanes.onnx" in saved["incomplete"] and list(tmp_path.glob(".bench.json.tmp-*")) == []

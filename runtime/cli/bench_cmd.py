@@ -77,7 +77,9 @@ def bench(
                 typer.echo(f"note: {note}", err=True)
         if as_json:
             write_json_report(as_json, report)
-            if report.get("incomplete") not in (None, RUNNING):
+        if report.get("incomplete") not in (None, RUNNING) and report["results"]:  # stopped: what it measured
+            _print_table(report)
+            if as_json:
                 typer.echo(f"note: the {len(report['results'])} rows measured before it stopped are in {as_json}",
                            err=True)
 
