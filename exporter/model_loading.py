@@ -90,7 +90,9 @@ def load_base_model(source: str | os.PathLike | None = None) -> LoadedModel:
         check_regular_files(directory)
         identity = {"name": path.name, "sha256_16": _dir_fingerprint(path)}
     else:
-        raise ModelError(f"model path {path} is neither a directory nor a .gguf file")
+        raise ModelError(f"model path {path} is neither a directory nor a .gguf file: give a Hugging Face model "
+                         f"directory (config.json and weights) or a .gguf file, or leave MODEL out for the built-in "
+                         f"model")
     identity["source"] = "default" if builtin else path.name
     model = _from_pretrained(directory, cfg)
     loaded = LoadedModel(model, _tokenizer_from_dir(directory, model.config.vocab_size), identity, path.resolve())

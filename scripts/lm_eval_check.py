@@ -118,11 +118,12 @@ def write_tasks(out: Path) -> Path:
     return tasks
 
 
-def lm_eval(model: str, model_args: str, tasks: Path, out: Path, env: dict) -> Path:
+def lm_eval(model: str, model_args: str, tasks: Path, out: Path, env: dict, batch_size: int = 1) -> Path:
     cmd = [sys.executable, "-m", "lm_eval", "run", "--model", model, "--model_args", model_args, "--tasks",
-           "simple_mc,simple_rolling", "--include_path", str(tasks), "--log_samples", "--output_path", str(out)]
+           "simple_mc,simple_rolling", "--include_path", str(tasks), "--log_samples", "--output_path", str(out),
+           "--batch_size", str(batch_size)]
     if model == "hf":
-        cmd += ["--device", "cpu", "--batch_size", "1"]
+        cmd += ["--device", "cpu"]
     subprocess.run(cmd, env=env, check=True, timeout=3600)
     return out
 
@@ -184,9 +185,8 @@ def main() -> None:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=30) as r:
             name = json.load(r)["data"][0]["id"]  # the served model's name
         served = lm_eval("local-completions", f"model={name},base_url=http://127.0.0.1:{port}/v1/completions,"
-                         f"tokenizer={args.artifact},num_concurrent=1,max_retries=1,tokenized_requests=True,"
-                         f"batch_size={args.batch_size}",
-                         tasks, args.out / "served", env)
+                         f"tokenizer={args.artifact},num_concurrent=1,max_retries=1,tokenized_requests=True",
+                         tasks, args.out / "served", env, args.batch_size)
     finally:
         server.terminate()
         server.wait(30)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -310,3 +311,17 @@ def test_heads_fewer_than_the_default_trees_depth_decode_on_its_paths_they_can_f
     assert proc.stdout.splitlines()[0] == plain.stdout.splitlines()[0]  # the same text
     given = cli(*common, "--tree", "chain-3")
     assert given.returncode == 2 and "2 Medusa heads" in given.stderr, given.stderr
+
+
+@pytest.mark.parametrize("text, says", [
+    ("ort,", "has an empty name between its commas"),  # a name is there: the empty one is the problem
+    ("ort,,trt", "has an empty name between its commas"),
+    (",", "give at least 1 comma-separated backend name"),
+    ("ort,ort", "names ort twice"),
+    ("ort,tpu", "unknown backend 'tpu'"),
+])
+def test_a_backends_list_is_refused_saying_what_is_wrong_with_it(text, says):
+    from medusa_export.runtime.cli.checks import backend_list
+
+    with pytest.raises(InputError, match=re.escape(says)):
+        backend_list(text)

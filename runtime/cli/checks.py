@@ -17,8 +17,11 @@ from .loading import BACKENDS
 def backend_list(text: str, minimum: int = 1) -> list[str]:
     """``--backends a,b``: known names, none empty, none twice (a duplicate would compare or time nothing new)."""
     names = [b.strip() for b in text.split(",")]
+    example = "torch,ort" if minimum > 1 else "ort"
+    if any(not n for n in names) and any(names):  # "ort," or "ort,,trt": a name is there, one is empty
+        raise InputError(f"--backends {text!r} has an empty name between its commas: write the names alone, e.g. "
+                         f"{example}")
     if any(not n for n in names) or len(names) < minimum:
-        example = "torch,ort" if minimum > 1 else "ort"
         raise InputError(f"--backends {text!r}: give at least {minimum} comma-separated backend name"
                          f"{'s' * (minimum > 1)} from {', '.join(BACKENDS)}, e.g. {example}")
     unknown = [n for n in names if n not in BACKENDS]
