@@ -91,8 +91,6 @@ def test_torch_cuda_check_verifies_the_whole_tree_on_every_step(tmp_path, monkey
                                                                 tiny_prompts_file):
     """Left to the runtime, a greedy Medusa request may run the vanilla graph, or the root alone at each step: the
     check compared vanilla with vanilla and timed no tree (measured: cpu_small_10 accepted 1.0 tokens per step)."""
-    import importlib.util
-
     import medusa_export.exporter.model_loading as ml
     from medusa_export.exporter.torch_backend import TorchSession
 
@@ -102,9 +100,7 @@ def test_torch_cuda_check_verifies_the_whole_tree_on_every_step(tmp_path, monkey
     rows: list[int] = []
     run = TorchSession.run
     monkeypatch.setattr(TorchSession, "run", lambda self, ids, *a, **k: rows.append(len(ids)) or run(self, ids, *a, **k))
-    spec = importlib.util.spec_from_file_location("torch_cuda_check", TORCH_CHECK)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = _fresh_script(monkeypatch)
     monkeypatch.setattr(sys, "argv", ["x", "--device", "cpu", "--heads", str(heads_dir), "--trees", "chain-2",
                                       "--prompts", str(tiny_prompts_file), "--limit", "3", "--max-new-tokens", "12"])
     assert script.main() == 0
@@ -115,14 +111,22 @@ def test_torch_cuda_check_verifies_the_whole_tree_on_every_step(tmp_path, monkey
     assert sorted(set(medusa_rows))[:1] == [3] and 1 not in medusa_rows  # whole tree (3 nodes) every step
 
 
-def test_top2_gap_is_the_base_models_margin(tiny):
+def _fresh_script(monkeypatch):
+    """torch_cuda_check executed anew (it reads what the test patched), with scripts/ on the path for its own
+    imports (script_io): it passed only where an earlier test had loaded script_io, so alone it failed."""
     import importlib.util
 
-    import torch
-
+    monkeypatch.syspath_prepend(str(TORCH_CHECK.parent))
     spec = importlib.util.spec_from_file_location("torch_cuda_check", TORCH_CHECK)
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
+    return script
+
+
+def test_top2_gap_is_the_base_models_margin(tiny, monkeypatch):
+    import torch
+
+    script = _fresh_script(monkeypatch)
     ids = [3, 9, 27]
     with torch.inference_mode():
         top = torch.topk(tiny.model(torch.tensor([ids])).logits[0, -1], 2).values
