@@ -111,6 +111,17 @@ def post(url: str, body: bytes | dict, key: str | None = KEY) -> tuple[int, dict
         return e.code, json.loads(e.read()), e.headers
 
 
+def stream_chunks(base: str, path: str, body: dict) -> list[dict]:
+    """The JSON chunks of a streamed request, read raw (a field left out stays left out); the stream must end with
+    ``[DONE]``."""
+    req = urllib.request.Request(base + path, json.dumps({**body, "stream": True}).encode(),
+                                 {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        blocks = [b for b in r.read().decode().split("\n\n") if b.strip()]
+    assert blocks and blocks[-1] == "data: [DONE]", blocks[-1:]
+    return [json.loads(b[len("data: "):]) for b in blocks[:-1]]
+
+
 def metric(base: str, name: str, labels: str = "") -> float:
     text = get(base + "/metrics")[1].decode()
     total = 0.0

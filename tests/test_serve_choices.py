@@ -5,7 +5,6 @@ Reference: OpenAI's ``n`` (chat and legacy completions) and vLLM's ``SamplingPar
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 
@@ -17,7 +16,7 @@ pytest.importorskip("prometheus_client")
 pytest.importorskip("openai")
 
 from serve_helpers import (KEY, PROMPT, build_chat_artifact, load_runtime, metric, openai_client, post,  # noqa: E402
-                           serving, wait_idle)
+                           serving, stream_chunks, wait_idle)
 
 MESSAGES = [{"role": "user", "content": PROMPT}]
 ROOM = 4  # --max-num-seqs 2 plus --max-queue 2: the most choices a request may ask for here
@@ -42,23 +41,6 @@ def client(server):
 @pytest.fixture(scope="module")
 def runtime(artifact):
     return load_runtime(artifact)
-
-
-def _stream(base: str, path: str, body: dict) -> list:
-    """A streamed request's events: JSON objects, then "[DONE]"."""
-    import http.client
-    import urllib.parse
-
-    url = urllib.parse.urlsplit(base)
-    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
-    conn.request("POST", path, json.dumps({"stream": True, **body}),
-                 {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
-    r = conn.getresponse()
-    assert r.status == 200, r.read()
-    raw = r.read().decode()
-    conn.close()
-    blocks = [b[len("data: "):] for b in raw.split("\n\n") if b.strip()]
-    return [b if b == "[DONE]" else json.loads(b) for b in blocks]
 
 
 def test_greedy_choices_each_equal_the_answer_alone(client, runtime):
@@ -94,9 +76,7 @@ def test_a_stream_of_choices_carries_each_under_its_index(server, client, path, 
     """Each choice streams its own chunks (a role chunk first on chat, one finish), interleaved with the others';
     put together by index they are the non-streamed answer's choices."""
     ask = {"max_tokens": 10, "temperature": 0.8, "seed": 3, "n": 2, "ignore_eos": True, **body}
-    events = _stream(server, path, {**ask, "stream_options": {"include_usage": True}})
-    assert events[-1] == "[DONE]"
-    *chunks, last = events[:-1]
+    *chunks, last = stream_chunks(server, path, {**ask, "stream_options": {"include_usage": True}})
     assert last["choices"] == [] and last["usage"]["completion_tokens"] == 20
     chat = path.endswith("chat/completions")
     texts, finishes, tokens = {0: "", 1: ""}, {0: [], 1: []}, {0: [], 1: []}
@@ -185,10 +165,10 @@ def test_a_batch_of_prompts_answers_each_prompt_n_times_in_order(server, runtime
 
 
 def test_a_streamed_batch_numbers_its_choices_prompt_by_prompt(server):
-    events = _stream(server, "/v1/completions", {"prompt": [PROMPT, OTHER, PROMPT], "max_tokens": 3,
-                                                 "temperature": 0, "ignore_eos": True})
+    chunks = stream_chunks(server, "/v1/completions", {"prompt": [PROMPT, OTHER, PROMPT], "max_tokens": 3,
+                                                       "temperature": 0, "ignore_eos": True})
     texts: dict[int, str] = {}
-    for c in events[:-1]:
+    for c in chunks:
         (choice,) = c["choices"]
         texts[choice["index"]] = texts.get(choice["index"], "") + choice["text"]
     assert sorted(texts) == [0, 1, 2] and texts[0] == texts[2] and texts[0] != texts[1]

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import threading
-import urllib.request
 from dataclasses import dataclass
 
 import pytest
@@ -15,7 +14,8 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 openai = pytest.importorskip("openai")
 
-from serve_helpers import KEY, PROMPT, build_chat_artifact, load_runtime, openai_client, serving  # noqa: E402
+from serve_helpers import (KEY, PROMPT, build_chat_artifact, load_runtime, openai_client, serving,  # noqa: E402
+                           stream_chunks)
 
 MESSAGES = [{"role": "user", "content": PROMPT}]
 
@@ -37,15 +37,6 @@ def served(tiny_dirs, tmp_path_factory):
             yield Served(artifact, base, openai_client(base), rt)
     finally:
         rt.close()
-
-
-def _stream(base: str, path: str, body: dict) -> list[dict]:
-    """The JSON chunks of a streamed request."""
-    req = urllib.request.Request(base + path, json.dumps({**body, "stream": True}).encode(),
-                                 {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=60) as r:
-        blocks = r.read().decode().split("\n\n")
-    return [json.loads(b[len("data: "):]) for b in blocks if b.startswith("data: {")]
 
 
 def _name(client) -> str:
@@ -101,7 +92,7 @@ def test_a_stream_carries_the_same_logprobs_as_the_whole_answer(served, path):
             {"prompt": PROMPT, "logprobs": 2}) | {"max_tokens": 10, "temperature": 0, "ignore_eos": True}
     whole = (client.chat.completions.create if chat else client.completions.create)(
         model=_name(client), **{k: v for k, v in body.items() if k != "ignore_eos"}, extra_body={"ignore_eos": True})
-    chunks = _stream(served.base, path, {"model": _name(client), **body})
+    chunks = stream_chunks(served.base, path, {"model": _name(client), **body})
     parts = [c["choices"][0]["logprobs"] for c in chunks if c["choices"] and c["choices"][0]["logprobs"]]
     if chat:
         assert [x for p in parts for x in p["content"]] == whole.to_dict()["choices"][0]["logprobs"]["content"]

@@ -36,7 +36,7 @@ from .http_checks import (authorize, check_identity_encoding, check_json_type, c
 from .logprobs_json import TokenPieces
 from .requests import ApiError, Job, ServedModel, parse_chat, parse_completions
 from .responses import choice_jobs, ended_by_itself, gather, response_body, result_or_error, sse_events
-from .scheduler import Finished, Request as Admitted, Scheduler
+from .scheduler import Finished, Request as Admitted, Scheduler, cancel_all
 
 
 # Requests parse on threads of their own, in four lanes: chat or completion, small or large body. Chat requests wait
@@ -204,8 +204,7 @@ def create_app(runtime, settings: ServeSettings = ServeSettings()) -> FastAPI:
             answers = await gather(admitted)
         finally:
             watcher.cancel()
-            for request in admitted:
-                request.cancel()  # no-op once it finished
+            cancel_all(admitted)
         _refuse_half_closed(http, [done for _, done in answers])
         results = [(text, result_or_error(done, settings.timeout_s)) for text, done in answers]
         return JSONResponse(response_body(rid, jobs, name, admitted, results, pieces))
@@ -243,8 +242,7 @@ class _StreamOf(StreamingResponse):
         try:
             await super().__call__(scope, receive, send)
         finally:
-            for request in self.admitted:
-                request.cancel()
+            cancel_all(self.admitted)
 
 
 async def _cancel_on_disconnect(http: Request, admitted: list[Admitted]) -> None:
@@ -252,8 +250,7 @@ async def _cancel_on_disconnect(http: Request, admitted: list[Admitted]) -> None
     half-close (`http_deadlines.half_closed`), which stops it as well."""
     while not half_closed(http.scope) and (await http.receive())["type"] != "http.disconnect":
         pass
-    for request in admitted:
-        request.cancel()
+    cancel_all(admitted)
 
 
 def _refuse_half_closed(http: Request, ends: list[Finished | None]) -> None:

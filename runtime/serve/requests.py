@@ -14,7 +14,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from ..generation_config import MAX_STOP_CHARS, GenerationConfig, effective_temperature
+from ..generation_config import MAX_STOP_CHARS, GenerationConfig, effective_temperature, is_int
 from ..errors import BusyError, InputError
 from ..logprobs import MAX_TOP_LOGPROBS
 from ..tokenizer import ChatTokenizer, check_text
@@ -123,7 +123,7 @@ def parse_completions(body: Any, model: ServedModel) -> list[Job]:
     if not (isinstance(prompt, list) and len(prompt) > 1 and any(isinstance(p, (str, list)) for p in prompt)):
         return [parse_completion(body, model)]  # one prompt (a list of token ids, a list with one prompt)
     for i, one in enumerate(prompt):  # a batch's prompts are strings or lists of ids, not a batch again
-        if not (isinstance(one, str) or isinstance(one, list) and all(_is_int(t) for t in one)):
+        if not (isinstance(one, str) or isinstance(one, list) and all(is_int(t) for t in one)):
             raise ApiError(400, f"prompt[{i}] must be a string or a list of token ids (a batch holds prompts, not "
                            f"batches)", param=f"prompt[{i}]")
     choices = len(prompt) * _choices(body)
@@ -148,7 +148,7 @@ def parse_completion(body: Any, model: ServedModel) -> Job:
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]  # a batch of one prompt (one token id alone stays a list of ids)
     text = isinstance(prompt, str) and prompt
-    if not text and not (isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt)):
+    if not text and not (isinstance(prompt, list) and prompt and all(is_int(t) for t in prompt)):
         raise ApiError(400, "'prompt' must be a non-empty string or list of token ids, or a list of such prompts",
                        param="prompt")
     options = _options(body, model, _completion_logprobs(body, model))
@@ -160,10 +160,6 @@ def parse_completion(body: Any, model: ServedModel) -> Job:
         job.echo = prompt if text else model.tokenizer.decode(ids, skip_special_tokens=False)
         job.config = dataclasses.replace(job.config, prompt_logprobs=job.config.logprobs)
     return job
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _object(body: Any) -> dict:
@@ -260,7 +256,7 @@ def _options(body: dict, model: ServedModel, logprobs: int | None) -> _Options:
         raise ApiError(400, "stream_options must be an object with the booleans include_usage and "
                        "include_obfuscation", param="stream_options")
     seed = body.get("seed")
-    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)
+    if seed is not None and (not is_int(seed)
                              or not _SEED_RANGE[0] <= seed <= _SEED_RANGE[1]):
         raise ApiError(400, f"seed must be an integer in [{_SEED_RANGE[0]}, {_SEED_RANGE[1]}]", param="seed")
     top_p, top_k = _cuts(body)
@@ -275,7 +271,7 @@ def _options(body: dict, model: ServedModel, logprobs: int | None) -> _Options:
 def _choices(body: dict) -> int:
     """``n``: how many answers to the prompt, each decoded as a sequence of its own."""
     n = body.get("n", 1)
-    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_CHOICES:
+    if not is_int(n) or not 1 <= n <= MAX_CHOICES:
         raise ApiError(400, f"n must be an integer in [1, {MAX_CHOICES}] (answers to the prompt), got {_shown(n)}",
                        param="n")
     return n
@@ -287,7 +283,7 @@ def _cuts(body: dict) -> tuple[float, int]:
     top_p, top_k = body.get("top_p", 1), body.get("top_k", 0)
     if not isinstance(top_p, (int, float)) or isinstance(top_p, bool) or not 0 <= top_p <= 1:
         raise ApiError(400, f"top_p must be a number in [0, 1], got {_shown(top_p)}", param="top_p")
-    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < -1:
+    if not is_int(top_k) or top_k < -1:
         raise ApiError(400, f"top_k must be an integer >= -1 (-1 or 0: no cut), got {_shown(top_k)}", param="top_k")
     return float(top_p), max(top_k, 0)
 
@@ -332,7 +328,7 @@ def _echo(body: dict, options: _Options, model: ServedModel) -> bool:
 
 
 def _check_count(value: Any, key: str, model: ServedModel) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= model.max_logprobs:
+    if not is_int(value) or not 0 <= value <= model.max_logprobs:
         raise ApiError(400, f"{key} must be an integer in [0, {model.max_logprobs}] (alternatives per token), got "
                        f"{_shown(value)}", param=key)
 
@@ -366,7 +362,7 @@ def _max_tokens(body: dict) -> tuple[str, int] | None:
     given = {key: body[key] for key in ("max_completion_tokens", "max_tokens") if key in body}
     least = 0 if body.get("echo") is True else 1  # echo with 0: the prompt scored, no answer (as vLLM and OpenAI)
     for key, value in given.items():
-        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+        if not is_int(value) or value < least:
             raise ApiError(400, f"{key} must be a positive integer (0 only with echo), got {_shown(value)}",
                            param=key)
     return next(iter(given.items()), None)

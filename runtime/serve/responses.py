@@ -20,7 +20,7 @@ from ..text_output import StreamEvent
 from .logprobs_json import AnswerLogprobs, TokenPieces
 from .metrics import accepted_per_position
 from .requests import ApiError, Job
-from .scheduler import Finished, Request as Admitted
+from .scheduler import Finished, Request as Admitted, cancel_all
 
 NATURAL_FINISHES = ("stop", "length")  # an answer that ended by itself, not stopped from outside
 
@@ -65,8 +65,7 @@ async def gather(admitted: list[Admitted]) -> list[tuple[str, Finished | None]]:
             else:
                 texts.append(item.text)
         if not ended_by_itself(done):
-            for other in admitted:
-                other.cancel(done.reason if done is not None and done.reason else "abort")
+            cancel_all(admitted, done.reason if done is not None and done.reason else "abort")
         return "".join(texts), done
 
     return list(await asyncio.gather(*(one(r) for r in admitted)))
@@ -74,10 +73,6 @@ async def gather(admitted: list[Admitted]) -> list[tuple[str, Finished | None]]:
 
 async def merged(admitted: list[Admitted]) -> AsyncIterator[tuple[int, StreamEvent | Finished]]:
     """The choices' events as they come, each with its choice's index, until every choice has finished."""
-    if len(admitted) == 1:  # no tasks for the common case
-        async for item in admitted[0].events():
-            yield 0, item
-        return
     queue: asyncio.Queue = asyncio.Queue()
 
     async def pump(index: int, request: Admitted) -> None:
@@ -214,8 +209,8 @@ def speculation_metrics(results: list[GenerationResult]) -> dict:
     return {"speculative_decoding": {
         "medusa": any(r.heads_steps > 0 for r in results),  # the heads' tree verified, not merely chosen (docs)
         "steps": steps,
-        "mean_accepted_tokens_per_step": (round(sum(r.step_tokens for r in results) / steps, 4)
-                                          if len(results) > 1 and steps else results[0].mean_accepted),
+        # as `GenerationResult.mean_accepted` computes it for one answer (`DecodeStats.mean_accepted`, rounded)
+        "mean_accepted_tokens_per_step": round(sum(r.step_tokens for r in results) / steps, 4) if steps else 0.0,
         "draft_tokens": sum(len(r.step_accepted) * r.draft_depth for r in results),
         "accepted_tokens": sum(accepted),  # 0 per step without Medusa
         "accepted_from_heads": sum(r.accepted_heads for r in results),  # by source: "medusa" is false where only

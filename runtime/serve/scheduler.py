@@ -133,8 +133,7 @@ class Scheduler:
             except Exception:
                 for later in requests[i + 1:]:  # admitted above, never started: handed back
                     self._count_out(later)
-                for earlier in requests[:i]:
-                    earlier.cancel()
+                cancel_all(requests[:i])
                 raise
         self._gauges()
         return requests
@@ -233,6 +232,12 @@ class Scheduler:
         """The engine thread ends (after `drain`: what is still running is cancelled); False when its current step
         outlasted ``timeout_s`` (the backend is still computing: it must not be closed under it)."""
         return self.thread.stop(timeout_s)
+
+
+def cancel_all(requests: list[Request], reason: str = "abort") -> None:
+    """Stop every one of a request's choices (`Request.cancel`: a no-op for one that finished)."""
+    for request in requests:
+        request.cancel(reason)
 
 
 def _places(needed: int, free: int) -> str:
