@@ -7,4 +7,11 @@ export HF_HUB_OFFLINE=1
 venv=${VENV:-.venv-test}
 bash scripts/setup_env.sh "$venv"
 . "$venv/bin/activate"
-python -m pytest -q -p no:cacheprovider "$@"
+# One worker per core, at most 4 (each worker builds its own session fixtures and may hold the real model);
+# --dist loadfile keeps a file's tests, and its module fixtures, on one worker. PYTEST_WORKERS=0 runs serially.
+workers=${PYTEST_WORKERS:-$(python -c 'import os; print(min(4, len(os.sched_getaffinity(0))))')}
+if [ "$workers" -gt 1 ]; then
+    python -m pytest -q -p no:cacheprovider -n "$workers" --dist loadfile "$@"
+else
+    python -m pytest -q -p no:cacheprovider "$@"
+fi
