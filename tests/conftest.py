@@ -42,6 +42,17 @@ def load_script(name: str):
         sys.path.remove(str(SCRIPTS))
 
 
+def pytest_collection_modifyitems(items: list) -> None:
+    """Modules marked slow as a whole (the real model's end-to-end artifact, minutes of build and tests) run first:
+    under ``scripts/test.sh``'s parallel workers (``--dist loadfile --no-loadscope-reorder``) the longest file then
+    starts at once instead of running alone at the end while the other workers wait."""
+    def whole_module_slow(item) -> bool:
+        marks = getattr(getattr(item, "module", None), "pytestmark", [])
+        return any(mark.name == "slow" for mark in (marks if isinstance(marks, list) else [marks]))
+
+    items.sort(key=lambda item: not whole_module_slow(item))  # stable: the order within each group is kept
+
+
 def _torch():
     return pytest.importorskip("torch")
 
