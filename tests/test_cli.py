@@ -65,6 +65,19 @@ def test_generate_json_on_artifact(artifact):
     assert van["token_ids"] == out["token_ids"] and van["medusa"] is False
 
 
+def test_generate_summary_counts_in_the_singular_and_plural(artifact):
+    import re
+
+    for n in (1, 5):
+        proc = cli("generate", str(artifact), "--prompt", "t5 t6 t7", "--no-chat", "--max-new-tokens", str(n))
+        assert proc.returncode == 0, proc.stderr
+        summary = re.search(r"\] (\d+) (tokens?) in (\d+) (steps?),", proc.stderr)
+        assert summary, proc.stderr
+        tokens, token_word, steps, step_word = summary.groups()
+        assert token_word == ("token" if tokens == "1" else "tokens") and step_word == ("step" if steps == "1" else "steps")
+        assert int(tokens) == n or "finish: stop" in proc.stderr
+
+
 def test_generate_into_a_closed_pipe_ends_quietly_as_sigpipe_would(artifact):
     """`generate ... | head -c 1`: once the reader has gone, exit 141 (what the shell reports for a program SIGPIPE
     stopped) with nothing on stderr; it was a silent 1, the code of a failure."""

@@ -86,6 +86,12 @@ def generate(
     typer.echo("")
     sources = "" if no_medusa else \
         f" (accepted drafts: {r.accepted_heads} from the heads, {r.accepted_context} from context or corpus drafts)"
-    typer.echo(f"[{mode} · {r.backend}] {r.new_tokens} tokens in {r.steps} steps, {r.mean_accepted:.2f} tokens/step"
+    typer.echo(f"[{mode} · {r.backend}] {_counted(r.new_tokens, 'token')} in {_counted(r.steps, 'step')}, "
+               f"{r.mean_accepted:.2f} tokens/step"
                f"{sources}, {r.tokens_per_s:.1f} tokens/s, prefill {r.prefill_ms:.0f} ms, finish: {r.finish_reason}",
                err=True)
+
+
+def _counted(n: int, noun: str) -> str:
+    """``1 step``, ``2 steps``."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
