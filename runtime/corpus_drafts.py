@@ -25,9 +25,9 @@ import numpy as np
 
 from .context_drafts import DEFAULT_MAX_NGRAM, Draft
 from .errors import ArtifactError
+from .manifest_records import DRAFTS_FILE as FILE
 from .npz_arrays import read_arrays
 
-FILE = "corpus_drafts.npz"
 SHARE_CLASSES = (0.25, 0.5)  # a first draft's share below .25, below .5, or above: how often it was right measured
 MAX_NGRAM = 4
 CACHE_ENTRIES = 1 << 14  # suffixes `CorpusTable.lookup` remembers before it starts again

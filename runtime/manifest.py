@@ -37,9 +37,9 @@ from .backends.base import ModelDims
 from .artifact_files import (MANIFEST, artifact_dir, artifact_file, check_file, check_graph_tables, is_file,
                              present, sha256_file)
 from .errors import ArtifactError
-from .manifest_records import (LIMITS, CleanupRecord, DraftsRecord, ExporterRecord,  # noqa: F401 - part of the spec
-                               FileRecord, GraphRecord, HeadsRecord, ModelRecord, QualityRecord, QuantizationRecord,
-                               TensorRecord, TreeRecord, positive, short_int)
+from .manifest_records import (DRAFTS_FILE, LIMITS, CleanupRecord, DraftsRecord,  # noqa: F401 - part of the spec
+                               ExporterRecord, FileRecord, GraphRecord, HeadsRecord, ModelRecord, QualityRecord,
+                               QuantizationRecord, TensorRecord, TreeRecord, positive, short_int)
 from .plan_records import BuilderFlags, EngineRecord, ProfileRecord  # noqa: F401 - part of the spec
 from .typed_json import FieldError, json_object_or_none, parse, read_json, to_json
 
@@ -138,6 +138,8 @@ class Manifest:
                     raise FieldError(f"engines.{kind}.{key}", "must be one of the files the manifest lists")
         if self.drafts is not None and self.drafts.file not in self.files:
             raise FieldError("drafts.file", "must be one of the files the manifest lists")
+        if self.drafts is None and DRAFTS_FILE in self.files:  # else the table would go unused without a word
+            raise FieldError("drafts", f"is missing while the manifest lists {DRAFTS_FILE}: rebuild the artifact")
 
     @property
     def quantized(self) -> bool:

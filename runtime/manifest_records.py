@@ -181,6 +181,9 @@ class GraphRecord:
         positive(self, "source_blocks", minimum=0)
 
 
+DRAFTS_FILE = "corpus_drafts.npz"  # the corpus-draft table's name in an artifact (`corpus_drafts.py`)
+
+
 @dataclass(frozen=True)
 class DraftsRecord:
     """The corpus-draft table (`corpus_drafts.py`) and what it was built from."""

@@ -269,6 +269,8 @@ def test_a_table_other_than_the_one_the_manifest_records_is_refused(artifact, tm
     m.replace(drafts=replace(m.drafts, entries=m.drafts.entries + 1)).write(art)
     with pytest.raises(ArtifactError, match="the manifest records"):
         MedusaRuntime.load(art)
+    with pytest.raises(FieldError, match=f"drafts is missing while the manifest lists {FILE}"):
+        m.replace(drafts=None)  # a listed table with no record would go unused
     m.replace(drafts=None, files={k: v for k, v in m.files.items() if k != FILE}).write(art)
     with pytest.raises(ArtifactError, match="does not list it"):  # a table the manifest does not know of
         MedusaRuntime.load(art)
