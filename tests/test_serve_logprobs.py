@@ -143,6 +143,17 @@ def test_a_byte_level_tokens_bytes_are_exact_where_it_holds_part_of_a_character(
     assert any("\ufffd" in pieces.text(i) for i in ids)  # the emoji's four bytes are split over tokens
     assert bytes(b for i in ids for b in pieces.bytes(i)).decode() == text
     assert pieces.text(tok.token_to_id("<|im_end|>")) == "<|im_end|>"  # special tokens as written
+    # text_offset: positions in the answer's text, a split character counted once (it drifted by the U+FFFDs before)
+    from medusa_export.runtime.logprobs import TokenLogprob
+    from medusa_export.runtime.serve.logprobs_json import AnswerLogprobs
+
+    answer = AnswerLogprobs(pieces, chat=False)
+    first = answer.render([TokenLogprob(i, -1.0, ()) for i in ids[:3]])  # rendered in two parts, as a stream's chunks
+    rest = answer.render([TokenLogprob(i, -1.0, ()) for i in ids[3:]])
+    offsets, tokens = first["text_offset"] + rest["text_offset"], first["tokens"] + rest["tokens"]
+    assert offsets == sorted(offsets) and answer.offset == len(text)
+    whole = [(at, t) for at, t in zip(offsets, tokens) if "\ufffd" not in t]
+    assert whole and all(text[at:at + len(t)] == t for at, t in whole), list(zip(offsets, tokens))
 
 
 def test_echo_with_logprobs_scores_the_prompt_as_lm_eval_asks(served):

@@ -8,6 +8,7 @@ endpoint's ``{"tokens", "token_logprobs", "top_logprobs", "text_offset"}``.
 
 from __future__ import annotations
 
+import codecs
 import re
 from functools import lru_cache
 
@@ -81,7 +82,16 @@ class AnswerLogprobs:
 
     def __init__(self, pieces: TokenPieces, chat: bool) -> None:
         self.pieces, self.chat = pieces, chat
-        self.offset = 0  # characters of the tokens rendered so far
+        self.offset = 0  # characters of the text the tokens rendered so far write
+        # A character split over tokens counts once, where its last byte arrives (each of its tokens' texts shows
+        # U+FFFD): the offsets are positions in the answer's text, as a client slices it
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def _advance(self, token_id: int) -> int:
+        """``token_id``'s ``text_offset``; the offset moves past the characters its bytes complete."""
+        at = self.offset
+        self.offset += len(self._utf8.decode(bytes(self.pieces.bytes(token_id))))
+        return at
 
     def render(self, entries: list[TokenLogprob]) -> dict:
         return self._chat(entries) if self.chat else self._completion(entries)
@@ -90,7 +100,7 @@ class AnswerLogprobs:
         """The completions endpoint's object with ``echo``: the prompt's tokens, whose first has no log-probability
         (null), then the answer's."""
         first = self.pieces.text(ids[0])
-        self.offset = len(first)
+        self._advance(ids[0])
         rest = self._completion([*prompt[1:], *answer])
         return {"tokens": [first, *rest["tokens"]], "token_logprobs": [None, *rest["token_logprobs"]],
                 "top_logprobs": [None, *rest["top_logprobs"]], "text_offset": [0, *rest["text_offset"]]}
@@ -117,6 +127,5 @@ class AnswerLogprobs:
                 top.setdefault(self.pieces.text(i), lp)
             top[text] = e.logprob
             out["top_logprobs"].append(top)
-            out["text_offset"].append(self.offset)
-            self.offset += len(text)
+            out["text_offset"].append(self._advance(e.token_id))
         return out
