@@ -55,6 +55,11 @@ def _reason(status: int) -> bytes:
         return b""
 
 
+def _header_block_bytes(request) -> int:
+    """About the bytes of an h11 request's line and headers as sent (each header's ": " and CRLF counted)."""
+    return len(request.method) + len(request.target) + 12 + sum(len(k) + len(v) + 4 for k, v in request.headers)
+
+
 def kernel_send_queue(sock) -> int:
     """Bytes in a socket's kernel send queue, not yet acknowledged by the peer (Linux's SIOCOUTQ); 0 where the
     system cannot say."""
@@ -72,11 +77,25 @@ def header_deadline_protocol(header_timeout_s: float) -> type:
     import h11
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
+    class HeaderLimitedConnection(h11.Connection):
+        """h11 refuses a header block past its limit only while the block is incomplete: one that arrived whole in
+        one read of the socket was parsed, whatever its size. This refuses it too (431, `send_400_response`)."""
+
+        def next_event(self):
+            event = super().next_event()
+            if isinstance(event, h11.Request) and _header_block_bytes(event) > self._max_incomplete_event_size:
+                raise h11.RemoteProtocolError("request headers too large", error_status_hint=431)
+            return event
+
     class HeaderDeadlineProtocol(H11Protocol):
         _header_timer: asyncio.TimerHandle | None = None
         _write_timer: asyncio.TimerHandle | None = None
         _unsent = 0  # `_unsent_bytes` when the write deadline was last set
         _refused = False  # answered as malformed: what else arrives is dropped until the close
+
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self.conn = HeaderLimitedConnection(h11.SERVER, self.conn._max_incomplete_event_size)
 
         def _unsupported_upgrade_warning(self) -> None:
             """Nothing: an ``Upgrade`` header (h2c, websocket) is ignored and the request answered as HTTP/1.1, as
