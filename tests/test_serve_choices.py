@@ -5,6 +5,8 @@ Reference: OpenAI's ``n`` (chat and legacy completions) and vLLM's ``SamplingPar
 
 from __future__ import annotations
 
+import json
+import socket
 import threading
 import time
 
@@ -185,3 +187,48 @@ def test_a_streamed_batch_numbers_its_choices_prompt_by_prompt(server):
 def test_a_bad_prompt_in_a_batch_is_a_400_naming_it(server, prompt, param):
     code, body, _ = post(server + "/v1/completions", {"prompt": prompt, "n": 2, "max_tokens": 2})
     assert code == 400 and body["error"]["param"] == param, body
+
+
+def test_a_batch_with_n_null_answers_each_prompt_once(server):
+    """A JSON null is "not given" for every parameter: a batch read ``n`` before its nulls were dropped (a 400)."""
+    code, body, _ = post(server + "/v1/completions", {"prompt": [PROMPT, PROMPT], "n": None, "max_tokens": 2})
+    assert code == 200 and [c["index"] for c in body["choices"]] == [0, 1], body
+
+
+def _open_stream(base: str, body: dict) -> socket.socket:
+    """A streamed completion on a raw socket, returned once the response's head has arrived."""
+    host, port = base.removeprefix("http://").split(":")
+    raw = json.dumps(body).encode()
+    s = socket.create_connection((host, int(port)), timeout=10)
+    s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer " + KEY.encode()
+              + b"\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(raw) + raw)
+    head, deadline = b"", time.monotonic() + 10
+    while b"\r\n\r\n" not in head and time.monotonic() < deadline:
+        head += s.recv(4096)
+    assert head.startswith(b"HTTP/1.1 200 "), head[:200]
+    return s
+
+
+def _wait_for(condition, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return condition()
+
+
+def test_a_queued_stream_whose_client_closed_frees_its_places_at_once(server):
+    """A queued stream writes nothing after its head, so its client's close (a FIN, as after a client-side timeout)
+    went unnoticed until its first token: its choices held their places meanwhile, and other requests got 429."""
+    long = {"prompt": PROMPT, "n": 2, "max_tokens": 1500, "ignore_eos": True, "medusa": False, "stream": True}
+    running = _open_stream(server, long)  # both slots
+    try:
+        queued = _open_stream(server, long)  # both places of the queue
+        assert _wait_for(lambda: metric(server, "num_requests_waiting") == 2, 10)
+        queued.close()
+        # well before the running request's 1,500 tokens end
+        assert _wait_for(lambda: metric(server, "num_requests_waiting") == 0, 1.0)
+        assert metric(server, "num_requests_running") == 2
+        assert post(server + "/v1/completions", {"prompt": PROMPT, "max_tokens": 2})[0] == 200
+    finally:
+        running.close()
+    wait_idle(server)

@@ -79,7 +79,16 @@ def header_deadline_protocol(header_timeout_s: float) -> type:
 
     class HeaderLimitedConnection(h11.Connection):
         """h11 refuses a header block past its limit only while the block is incomplete: one that arrived whole in
-        one read of the socket was parsed, whatever its size. This refuses it too (431, `send_400_response`)."""
+        one read of the socket was parsed, whatever its size. This refuses it too (431, `send_400_response`), and
+        notes whether the response under way is server-sent events."""
+
+        event_stream = False  # the response under way is server-sent events (`eof_received`)
+
+        def send(self, event):
+            if isinstance(event, h11.Response):
+                self.event_stream = any(k == b"content-type" and v.lower().startswith(b"text/event-stream")
+                                        for k, v in event.headers)
+            return super().send(event)
 
         def next_event(self):
             event = super().next_event()
@@ -155,6 +164,10 @@ def header_deadline_protocol(header_timeout_s: float) -> type:
                 else:
                     cycle.scope[HALF_CLOSED] = True
                     cycle.message_event.set()  # wakes a handler waiting in `receive` for a disconnect
+            elif self.conn.our_state is h11.SEND_BODY and self.conn.event_stream:
+                # A stream whose request still waits in the queue (or prefills) writes nothing: an SSE comment, which
+                # clients skip, draws out a closed client's reset, so its queued choices leave at once
+                self.transport.write(self.conn.send(h11.Data(data=b":\n\n")))
             self._watch_peer()
             return True
 

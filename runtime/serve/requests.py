@@ -270,7 +270,8 @@ def _options(body: dict, model: ServedModel, logprobs: int | None) -> _Options:
 
 def _choices(body: dict) -> int:
     """``n``: how many answers to the prompt, each decoded as a sequence of its own."""
-    n = body.get("n", 1)
+    n = body.get("n")
+    n = 1 if n is None else n  # null: not given (a batch's body is read before its nulls are dropped)
     if not is_int(n) or not 1 <= n <= MAX_CHOICES:
         raise ApiError(400, f"n must be an integer in [1, {MAX_CHOICES}] (answers to the prompt), got {_shown(n)}",
                        param="n")
