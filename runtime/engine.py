@@ -327,15 +327,11 @@ class Engine:
 
     # ---- results --------------------------------------------------------------------------------------
     def _emit(self, seq: Sequence, tokens: list[int]) -> None:
-        event = seq.out.push(tokens)
-        if event is not None:
-            seq.sink(event)
+        seq.send(seq.out.push(tokens))
 
     def _end(self, seq: Sequence, reason: str) -> None:
         """``seq`` ends for a reason outside its tokens (its KV slot is full): the text held back is sent."""
-        event = seq.out.end(reason)
-        if event is not None:
-            seq.sink(event)
+        seq.send(seq.out.end(reason))
 
     def _retire(self) -> None:
         """Hand back the slots of sequences that ended or were cancelled; send their results."""

@@ -32,6 +32,17 @@ class Sequence:
     t0: float = field(default_factory=time.perf_counter)
     admitted_at: float | None = None  # when it took a KV slot
     tree: Tree | None = None  # the heads' tree its one-sequence steps use (`Speculation.heads_for`)
+    sent_event: bool = False  # its first event has gone to the sink
+
+    def send(self, event: StreamEvent | None) -> None:
+        """``event`` (if any) to the sink; the first carries the prompt's log-probabilities where they were asked for
+        (the prompt is all in by then)."""
+        if event is None:
+            return
+        if not self.sent_event and self.cfg.prompt_logprobs is not None:
+            event.prompt_logprobs = [None, *self.stats.prompt_logprobs]
+        self.sent_event = True
+        self.sink(event)
 
     @property
     def scoring_prompt(self) -> bool:

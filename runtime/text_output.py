@@ -22,6 +22,9 @@ class StreamEvent:
     text: str  # new text since the previous event
     token_ids: list[int]  # tokens accepted in this step
     logprobs: list[TokenLogprob] | None = None  # one per token of token_ids, when the request asked for them
+    # On a request's first event, when it scored its prompt: one per prompt token, None for the first (the batched
+    # engine's; a stream that echoes the prompt sends them before the answer)
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 class TextOutput:

@@ -232,3 +232,45 @@ def test_a_queued_stream_whose_client_closed_frees_its_places_at_once(server):
     finally:
         running.close()
     wait_idle(server)
+
+
+def _assembled(chunks: list[dict]) -> dict[int, dict]:
+    """A completions stream's choices put together: text, logprobs' lists and finish_reason per index."""
+    out: dict[int, dict] = {}
+    for chunk in chunks:
+        for c in chunk["choices"]:
+            got = out.setdefault(c["index"], {"text": "", "finish_reason": None, "logprobs": None})
+            got["text"] += c["text"]
+            got["finish_reason"] = c["finish_reason"] or got["finish_reason"]
+            if c["logprobs"] is not None:
+                lp = got["logprobs"] = got["logprobs"] or {k: [] for k in c["logprobs"]}
+                for k, v in c["logprobs"].items():
+                    lp[k] += v
+    return out
+
+
+@pytest.mark.parametrize("extra", [
+    {"max_tokens": 4},
+    {"max_tokens": 3, "logprobs": 2},
+    {"max_tokens": 0},  # the prompt alone
+    {"max_tokens": 0, "logprobs": 1},
+    {"max_tokens": 3, "logprobs": 1, "n": 2, "prompt": [PROMPT, OTHER], "stream_options": {"include_usage": True}},
+    {"max_tokens": 6, "stop": ["t"], "logprobs": 0},
+])
+def test_a_streamed_echo_puts_together_into_the_whole_answer(server, extra):
+    """Each choice's first chunk is the prompt (with logprobs, its tokens' scores, the first null), then the answer's
+    chunks: together, the whole answer's text, logprobs and finish_reason (streamed echo was a 400)."""
+    body = {"prompt": PROMPT, "echo": True, "temperature": 0, "ignore_eos": True, **extra}
+    code, whole, _ = post(server + "/v1/completions", {k: v for k, v in body.items() if k != "stream_options"})
+    assert code == 200, whole
+    chunks = stream_chunks(server, "/v1/completions", body)
+    streamed = _assembled(chunks)
+    assert sorted(streamed) == [c["index"] for c in whole["choices"]]
+    for c in whole["choices"]:
+        got = streamed[c["index"]]
+        assert (got["text"], got["finish_reason"]) == (c["text"], c["finish_reason"])
+        assert got["logprobs"] == c["logprobs"]
+        firsts = [x["choices"][0] for x in chunks if x["choices"] and x["choices"][0]["index"] == c["index"]]
+        assert firsts[0]["text"] == (OTHER if c["index"] >= 2 else PROMPT)  # the prompt comes first, whole
+    if "stream_options" in body:
+        assert chunks[-1]["usage"] == whole["usage"]

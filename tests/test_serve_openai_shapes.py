@@ -197,9 +197,11 @@ def test_the_role_chunk_is_not_sent_before_the_request_decodes():
     from medusa_export.runtime.serve.requests import Job
     from medusa_export.runtime.text_output import StreamEvent
 
+    job = Job([1, 2], GenerationConfig(), True, False, True)
+
     class Queued:  # a request whose first token comes only once `first` is set
         def __init__(self) -> None:
-            self.first = asyncio.Event()
+            self.first, self.job = asyncio.Event(), job
 
         async def events(self):
             await self.first.wait()
@@ -207,7 +209,7 @@ def test_the_role_chunk_is_not_sent_before_the_request_decodes():
 
     async def run() -> tuple[bool, str]:
         admitted = Queued()
-        stream = sse_events("chatcmpl-1", [Job([1, 2], GenerationConfig(), True, False, True)], NAME, [admitted])
+        stream = sse_events("chatcmpl-1", [job], NAME, [admitted])
         first = asyncio.ensure_future(stream.__anext__())
         await asyncio.sleep(0.2)  # queued: nothing may be sent yet
         early = first.done()
@@ -250,7 +252,6 @@ def _error(code_body) -> dict:
     ("/v1/completions", {"logprobs": 21}, "logprobs"),
     ("/v1/completions", {"top_logprobs": 2}, "top_logprobs"),  # chat's parameter
     ("/v1/completions", {"best_of": 2}, "best_of"),
-    ("/v1/completions", {"echo": True, "stream": True}, "echo"),  # echo is answered whole only
     ("/v1/chat/completions", {"echo": True}, "echo"),  # the completions endpoint's
     ("/v1/completions", {"suffix": "x"}, "suffix"),
     ("/v1/completions", {"n": 0}, "n"),

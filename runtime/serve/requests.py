@@ -314,12 +314,10 @@ def _completion_logprobs(body: dict, model: ServedModel) -> int | None:
 
 
 def _echo(body: dict, options: _Options, model: ServedModel) -> bool:
-    """The completions endpoint's ``echo`` (true or false; not streamed)."""
+    """The completions endpoint's ``echo`` (true or false)."""
     echo = body.get("echo", False)
     if not isinstance(echo, bool):
         raise ApiError(400, f"echo must be true or false, got {_shown(echo)}", param="echo")
-    if echo and options.stream:
-        raise ApiError(400, "echo is not streamed by this server: send it without stream", param="echo")
     # Refused here: the engine's own refusal (an InputError when the request is queued) would be a 500
     if echo and options.config.logprobs is not None and not model.scores_prompts:
         raise ApiError(400, "echo with logprobs scores the prompt, which this backend cannot (TensorRT runs a long "

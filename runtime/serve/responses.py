@@ -112,6 +112,7 @@ async def sse_events(rid: str, jobs: list[Job], name: str, admitted: list[Admitt
     # Per choice: logprobs of tokens whose text is held back (they go with its next chunk that has text, or its last)
     pending: list[list] = [[] for _ in admitted]
     role_sent = [not job.chat] * len(admitted)
+    echo_due = [request.job.echo is not None for request in admitted]  # the prompt goes first (as vLLM's stream)
     results: list[GenerationResult] = []
 
     def chunk(index: int, text: str | None, finish: str | None, role: bool = False) -> str:
@@ -124,6 +125,16 @@ async def sse_events(rid: str, jobs: list[Job], name: str, admitted: list[Admitt
             choice = {"index": index, "delta": delta, "finish_reason": finish, "logprobs": logprobs}
         else:
             choice = {"index": index, "text": text or "", "finish_reason": finish, "logprobs": logprobs}
+        return event(choice)
+
+    def echo(index: int, prompt_logprobs: list | None) -> str:
+        """A choice's echoed prompt: its text and, with logprobs, its tokens' (the first with none)."""
+        echo_due[index] = False
+        choice_job, answer = admitted[index].job, answers[index]
+        scores = answer.render_echo(choice_job.prompt_ids, prompt_logprobs, []) if answer and prompt_logprobs else None
+        return event({"index": index, "text": choice_job.echo, "finish_reason": None, "logprobs": scores})
+
+    def event(choice: dict) -> str:
         # With include_usage every chunk carries "usage", null until the last one's (as OpenAI's stream does)
         usage = {"usage": None} if job.include_usage else {}
         return sse_data({"id": rid, "object": kind, "created": created, "model": name, "choices": [choice]} | usage)
@@ -136,6 +147,10 @@ async def sse_events(rid: str, jobs: list[Job], name: str, admitted: list[Admitt
             if not role_sent[index]:
                 role_sent[index] = True
                 yield chunk(index, "", None, role=True)
+            if echo_due[index]:
+                yield echo(index, item.prompt_logprobs)
+            if not job.answer:  # echo with max_tokens 0: the prompt alone
+                continue
             pending[index].extend(item.logprobs or [])
             if item.text:
                 yield chunk(index, item.text, None)
@@ -149,9 +164,11 @@ async def sse_events(rid: str, jobs: list[Job], name: str, admitted: list[Admitt
         if not role_sent[index]:  # an answer that ended before its first token's event (an end of sequence at once)
             role_sent[index] = True
             yield chunk(index, "", None, role=True)
-        pending[index] += eos_entry(job, result)
+        if echo_due[index]:
+            yield echo(index, result.prompt_logprobs)
+        pending[index] += eos_entry(job, result) if job.answer else []
         results.append(result)
-        yield chunk(index, None if job.chat else "", result.finish_reason)
+        yield chunk(index, None if job.chat else "", result.finish_reason if job.answer else "length")
     else:
         if job.include_usage:
             yield sse_data({"id": rid, "object": kind, "created": created, "model": name, "choices": [],
