@@ -219,14 +219,14 @@ def _wait_for(condition, seconds: float) -> bool:
 def test_a_queued_stream_whose_client_closed_frees_its_places_at_once(server):
     """A queued stream writes nothing after its head, so its client's close (a FIN, as after a client-side timeout)
     went unnoticed until its first token: its choices held their places meanwhile, and other requests got 429."""
-    long = {"prompt": PROMPT, "n": 2, "max_tokens": 1500, "ignore_eos": True, "medusa": False, "stream": True}
+    long = {"prompt": PROMPT, "n": 2, "max_tokens": 2000, "ignore_eos": True, "medusa": False, "stream": True}
     running = _open_stream(server, long)  # both slots
     try:
         queued = _open_stream(server, long)  # both places of the queue
         assert _wait_for(lambda: metric(server, "num_requests_waiting") == 2, 10)
         queued.close()
-        # well before the running request's 1,500 tokens end
-        assert _wait_for(lambda: metric(server, "num_requests_waiting") == 0, 1.0)
+        # well before the running request's 2,000 tokens end (3 s or more)
+        assert _wait_for(lambda: metric(server, "num_requests_waiting") == 0, 1.5)
         assert metric(server, "num_requests_running") == 2
         assert post(server + "/v1/completions", {"prompt": PROMPT, "max_tokens": 2})[0] == 200
     finally:
