@@ -15,7 +15,7 @@ import torch
 
 from medusa_export.runtime import io_table
 from medusa_export.runtime.backends.base import Backend, KVCache, MaskBuffer, ModelDims, Session, StepOutput
-from medusa_export.runtime.errors import BackendUnavailableError, first_line
+from medusa_export.runtime.errors import BackendUnavailableError, InputError, first_line
 from medusa_export.runtime.machine import available_ram
 
 from .heads import MedusaHeads
@@ -76,8 +76,16 @@ class TorchBackend(Backend):
         self.dims = model_dims(model.config, heads, head_topk, sample_topk)
         self.max_seq = max_seq
 
+    _closed = False  # set by `close`: a closed runtime refuses requests on every backend alike
+
     def new_session(self, capacity: int | None = None) -> Session:
+        if self._closed:
+            raise InputError("this runtime is closed: load the artifact again (MedusaRuntime.load)")
         return TorchSession(self, capacity or self.max_seq)
+
+    def close(self) -> None:
+        """Refuse new requests from now on (the model itself is freed by torch once nothing holds it)."""
+        self._closed = True
 
 
 def _check_fits(nbytes: int, device: torch.device, capacity: int) -> None:

@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from medusa_export.runtime.errors import InputError
+from medusa_export.runtime.manifest import FORMAT as ARTIFACT_FORMAT
 from medusa_export.runtime.typed_json import json_object_or_none
 
 from .output_dir import PROBE_PREFIX, check_can_create, check_dir_path, check_replaceable, resolved, try_lock, within
@@ -50,6 +51,7 @@ def check_train_out_dir(out: Path, mode: str, inputs: dict | None = None, cache_
         raise InputError(f"--out {str(out)!r:.120} holds a character that does not print (a newline, a control "
                          f"character): give a plain directory name")
     check_dir_path(out, "--out")
+    _check_not_in_artifact(out)
     _check_train_inputs(out, mode, inputs or {})
     if cache_dir is not None and str(cache_dir).strip():
         _check_cache_dir(out, mode, Path(cache_dir), (inputs or {}).get("MODEL"))
@@ -65,6 +67,17 @@ def check_train_out_dir(out: Path, mode: str, inputs: dict | None = None, cache_
         kind = "heads directory" if mode == "medusa1" else "Medusa-2 model directory"
         raise InputError(f"--out {out} is not empty and not a {kind} written by train-heads: refusing to overwrite "
                          f"it; choose a new or empty directory")
+
+
+def _check_not_in_artifact(out: Path) -> None:
+    """An artifact's files are listed with their sizes and hashes in its manifest: heads written into its heads/
+    folder (which looks like a heads directory of ours) left an artifact that no longer loads."""
+    target = resolved(out)
+    for above in ([target, *target.parents] if target is not None else []):
+        manifest = json_object_or_none(above / "manifest.json") if (above / "manifest.json").is_file() else None
+        if manifest is not None and manifest.get("format") == ARTIFACT_FORMAT:
+            raise InputError(f"--out {out} lies inside the artifact {above}, whose files its manifest lists: "
+                             f"choose a directory outside it (then `medusa-export build --heads DIR`)")
 
 
 def _check_train_inputs(out: Path, mode: str, inputs: dict) -> None:

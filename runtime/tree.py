@@ -64,6 +64,8 @@ def preset_names() -> list[str]:
 def load_choices(spec: str | Path | Sequence[Sequence[int]]) -> tuple[Path_, ...]:
     """Resolve a preset name, a JSON file (a list of paths, or {"medusa_choices": [...]}), or a list."""
     if not isinstance(spec, (str, Path)):
+        if isinstance(spec, dict):  # as a tree file may hold it (and as the error below suggests)
+            spec = spec.get("medusa_choices")
         return _checked_paths(spec, "the tree given")
     name = str(spec)
     if name == "mc_sim_7b_63":

@@ -325,3 +325,28 @@ def test_a_backends_list_is_refused_saying_what_is_wrong_with_it(text, says):
 
     with pytest.raises(InputError, match=re.escape(says)):
         backend_list(text)
+
+
+@pytest.mark.parametrize("blank", ["", "  "])
+def test_generate_refuses_blank_heads(tiny_dirs, blank):
+    """As a path "" is ".": heads were read from the current directory (run from a heads folder, silently)."""
+    model_dir, heads_dir = tiny_dirs
+    refused_before_work(cli("generate", str(model_dir), "-p", "t1", "--max-new-tokens", "2", "--heads", blank,
+                            cwd=heads_dir), "--heads is empty")
+
+
+def test_verify_refuses_a_model_without_the_torch_reference(artifact, tiny_dirs):
+    """--model is the PyTorch reference's base model: with backends that do not run it, it was silently unused."""
+    refused_before_work(cli("verify", str(artifact), "--backends", "ort,trt", "--model", str(tiny_dirs[0]),
+                            "--limit", "1"), "--model", "torch")
+
+
+def test_bench_names_a_missing_tensorrt_before_any_row(portable_artifact, tmp_path):
+    """It said so only after every ONNX Runtime row had run (minutes on the real model)."""
+    from medusa_export.runtime.backends.trt_availability import check
+
+    if check().ok:
+        pytest.skip("TensorRT is usable here")
+    refused_before_work(cli("bench", str(portable_artifact), "--no-hf", "--backends", "ort,trt", "--max-new-tokens",
+                            "2", "--limit", "1", "--json", str(tmp_path / "b.json")), "TensorRT")
+    assert not (tmp_path / "b.json").exists()

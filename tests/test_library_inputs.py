@@ -87,13 +87,25 @@ def test_numpy_integers_size_the_batched_engine(rt):
                                 max_new_tokens=2)) == 2
 
 
-def test_a_closed_runtime_says_so(artifact):
+@pytest.mark.parametrize("backend", ["ort", "torch"])
+def test_a_closed_runtime_says_so(artifact, backend):
+    """On every backend alike (PyTorch's close did nothing: a closed runtime kept answering)."""
     from medusa_export.runtime.api import MedusaRuntime
 
-    runtime = MedusaRuntime.load(artifact, threads=1)
+    if backend == "torch":
+        pytest.importorskip("torch")
+    runtime = MedusaRuntime.load(artifact, threads=1, backend=backend)
     runtime.close()
     with pytest.raises(InputError, match="closed"):
         runtime.generate([5, 6], max_new_tokens=2)
+
+
+def test_a_tree_given_as_the_dict_a_tree_file_holds_loads(artifact):
+    """The error for a malformed tree names ``{"medusa_choices": [...]}``, which only tree files took."""
+    from medusa_export.runtime.api import MedusaRuntime
+
+    with MedusaRuntime.load(artifact, tree={"medusa_choices": [[0], [1]]}) as rt:
+        assert len(rt.generator.tree.paths_nodes) == 2
 
 
 # ------------------------------------------------------------------------------------------- batching misuse

@@ -376,3 +376,32 @@ def test_another_ranks_writability_probe_in_out_is_not_content(tmp_path):
     (out / "other").write_text("x")
     with pytest.raises(InputError, match="is not empty"):
         check_train_out_dir(out, "medusa2")
+
+
+@pytest.mark.parametrize("mode", ["medusa1", "medusa2"])
+def test_an_out_inside_an_artifact_is_refused(invoke, artifact, tiny_dirs, tmp_path, mode):
+    """An artifact's heads/ folder looks like a heads directory of ours: heads written there replaced files its
+    manifest lists with their sizes and hashes, and the artifact no longer loaded."""
+    art = shutil.copytree(artifact, tmp_path / "art")
+    before = (art / "heads" / "config.json").read_bytes()
+    for out in (art / "heads", art / "new"):
+        _refused(*invoke(tiny_dirs[0], "--data", tmp_path / "p.jsonl", "--mode", mode, "--out", out),
+                 "--out", "inside the artifact")
+    assert (art / "heads" / "config.json").read_bytes() == before and not (art / "new").exists()
+
+
+@pytest.mark.parametrize("bad", ["data", "exclude_eval", "init_heads"])
+def test_medusa2_refusing_an_input_leaves_no_work_directory(tiny_dirs, tmp_path, bad):
+    """A bad --data, --exclude-eval or --init-heads was refused after OUT.partial was made, marked as a run's own:
+    a command that never started left it behind."""
+    from test_cli import assert_one_line_error, cli
+
+    good, broken = tmp_path / "p.jsonl", tmp_path / "bad.jsonl"
+    good.write_text('{"prompt": "t1 t2"}\n')
+    broken.write_text('{"prompt": "t1"}\n{oops\n')
+    args = ["train-heads", str(tiny_dirs[0]), "--mode", "medusa2", "--out", str(tmp_path / "m"), "--data",
+            str(broken if bad == "data" else good)]
+    args += {"data": [], "exclude_eval": ["--exclude-eval", str(broken)],
+             "init_heads": ["--init-heads", str(tmp_path)]}[bad]  # a directory without heads weights
+    assert_one_line_error(cli(*args))
+    assert not (tmp_path / "m").exists() and not (tmp_path / "m.partial").exists()

@@ -66,6 +66,22 @@ def test_sessions_and_backend_close_free_device_memory(fakes, tiny, tmp_path):
     assert fakes.cuda.live == {}  # every device allocation freed
 
 
+def test_a_closed_runtime_refuses_requests_and_allocates_nothing(fakes, tiny, tmp_path):
+    """As on ONNX Runtime, a typed "closed": a request made a session, which allocated device memory, then failed
+    untyped (``max() arg is an empty sequence``)."""
+    from medusa_export.engines.cli_entry import build_engines_for_artifact
+    from medusa_export.runtime.api import MedusaRuntime
+    from medusa_export.runtime.errors import InputError
+
+    art = _copy(tiny, tmp_path / "art")
+    build_engines_for_artifact(art, required=True, log=lambda s: None)
+    rt = MedusaRuntime.load(art, backend="trt")
+    rt.close()
+    with pytest.raises(InputError, match="closed"):
+        rt.generate([5, 6, 7], max_new_tokens=3, medusa=False)
+    assert fakes.cuda.live == {}
+
+
 def test_engine_tuned_on_another_gpu_is_a_note_the_user_sees(fakes, tiny, tmp_path, monkeypatch):
     from medusa_export.engines.cli_entry import build_engines_for_artifact
     from medusa_export.runtime.api import MedusaRuntime

@@ -93,10 +93,8 @@ def _train_medusa2(model_source: Any, data_file: str | Path, out_dir: str | Path
         _check_lora_targets(model, opts.lora_targets)
     out = Path(out_dir)
     work = partial_dir(out)
-    if rank == 0:  # ours (marked) or made here; anything else there is refused, never removed or taken over
-        train_work_dir(out, fresh=not m1.resume)
-    barrier(world)
-    work.mkdir(parents=True, exist_ok=True)
+    # The inputs first: a bad --data, --exclude-eval or --init-heads is refused before OUT.partial exists (it was
+    # left behind, marked as a run's own, by a command that never started)
     prompt_set = load_prompt_set(data_file, exclude=m1.exclude_eval, later_turns=m1.later_turns)
     if opts.init_heads:
         heads_dir = Path(opts.init_heads)
@@ -104,7 +102,11 @@ def _train_medusa2(model_source: Any, data_file: str | Path, out_dir: str | Path
         _check_heads_model(heads, loaded.identity, opts.init_heads)
         opts.head_rates(heads.config.num_heads)  # --head-lrs must fit these heads before any training
         warmup = {"init_heads": heads_dir.name}
-    else:
+    if rank == 0:  # ours (marked) or made here; anything else there is refused, never removed or taken over
+        train_work_dir(out, fresh=not m1.resume)
+    barrier(world)
+    work.mkdir(parents=True, exist_ok=True)
+    if not opts.init_heads:
         heads_dir = work / "warmup-heads"
         warmup = _warm_up(loaded, data_file, prompt_set.sha256, heads_dir, m1, rank, world, log)
         heads = load_heads(heads_dir, model.config)

@@ -173,6 +173,8 @@ class TrtBackend(Backend):
 
     # sessions -----------------------------------------------------------------------------------------
     def new_session(self, capacity: int | None = None) -> Session:
+        if self._closed:  # its engines are gone: a session would allocate device memory, then fail untyped
+            raise InputError("this runtime is closed: load the artifact again (MedusaRuntime.load)")
         return TrtSession(self, min(capacity or self.max_seq, self.max_seq))
 
     def use_device(self) -> None:
@@ -282,6 +284,10 @@ class TrtSession(Session):
             raise ValueError("this session is closed")
         kind = "medusa" if medusa else "vanilla"
         b = self.backend
+        if b._closed:  # a stream still running when its runtime closed (as on ONNX Runtime): it ends here
+            self.close()
+            raise InputError("this runtime was closed while the request ran: load the artifact again "
+                             "(MedusaRuntime.load)")
         if kind not in b.engines:
             raise ValueError("this backend has no Medusa heads: run with medusa=False")
         e = b.engines[kind]

@@ -153,9 +153,11 @@ def _check_artifact(artifact: Path, names: list[str], concurrency: int, tree: Op
     if tree is not None:
         _check_tree_fits(manifest, tree, names)
     if "trt" in names:  # found only after every ONNX Runtime row had run
+        from ..backends.trt_availability import require as require_tensorrt
         from ..backends.trt_compat import require_portable
 
         require_portable(manifest, artifact)
+        require_tensorrt()  # TensorRT, cuda-python and a GPU: else the error came after every earlier row ran
     for name, lanes, what in (("ort", manifest.lanes, f"lanes graph ({manifest.lanes} lanes)"),
                               ("trt", manifest.engine_lanes, f"TensorRT batch profile ({manifest.engine_lanes} sequences)")):
         if concurrency > 1 and name in names and lanes and concurrency > lanes:

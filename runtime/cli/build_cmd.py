@@ -167,9 +167,13 @@ def verify(
     from ..manifest import Manifest
     from ..prompts import read_prompts
     from ..bench import check_room
+    from ..errors import InputError
     from .checks import at_least, backend_list, non_negative, prompts_read
 
     names = backend_list(backends, minimum=2)
+    if model is not None and "torch" not in names:  # silently unused, it would look like it chose the reference
+        raise InputError(f"--model is the base model of the PyTorch reference (--backends torch,...); --backends "
+                         f"{backends} does not run it: leave --model out, or add torch to --backends")
     at_least("--limit", limit)
     at_least("--max-new-tokens", max_new_tokens)
     non_negative("--tolerance", tolerance, hint=" (e.g. 1e-3), or leave it out for the dtype's default")

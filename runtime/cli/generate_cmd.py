@@ -55,6 +55,9 @@ def generate(
     if model is not None and not model.strip():  # an empty MODEL would run the built-in model
         raise InputError("MODEL is empty: give an artifact, model directory or .gguf, or leave it out for the "
                          "built-in model")
+    if heads is not None and not heads.strip():  # as a path "" is ".": heads were read from the current directory
+        raise InputError("--heads is empty: give a heads directory or file, 'fresh' for untrained heads, or leave it "
+                         "out for the model's own")
     if not prompt.strip():  # as prompt files and --no-chat refuse it: a blank prompt is a mistake, before any load
         raise InputError("--prompt is empty: give the text to answer")
     if sys.stdout is None:  # started with its standard output closed (`>&-`): the answer would go nowhere, exit 0
