@@ -154,6 +154,11 @@ def test_absolute_form_targets_are_answered_and_guarded(server):
     # so this one was answered (200)
     (b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n" + b"X-Pad: 0123456789\r\n" * 1_000
      + b"\r\n", 431, "headers"),
+    # Counted as sent: 20 kB of a header's surrounding whitespace (h11 strips it), and a block one byte past 16 KiB
+    (b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nX-Pad: a" + b" " * 20_000 + b"\r\n\r\n", 431,
+     "headers"),
+    (b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nX-Pad: " + b"a" * (16_385 - 69) + b"\r\n\r\n",
+     431, "headers"),
 ])
 def test_requests_h11_cannot_parse_get_an_openai_error_that_arrives(server, request_bytes, status, words):
     """uvicorn answered them with a plain-text "Invalid HTTP request received." (no cause), and for 400 kB of

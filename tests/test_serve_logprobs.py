@@ -281,3 +281,36 @@ def test_an_echoed_prompt_of_token_ids_keeps_its_special_tokens(served):
     by_text = client.completions.create(model=_name(client), prompt=text, max_tokens=0, echo=True, logprobs=0)
     assert "<|im_start|>" in by_ids.choices[0].text and by_ids.choices[0].logprobs.tokens[0] == "<|im_start|>"
     assert by_ids.choices[0].logprobs.tokens == by_text.choices[0].logprobs.tokens
+
+
+def test_text_offset_indexes_the_text_past_cut_characters_and_skipped_special_tokens():
+    """An echoed prompt of token ids may end inside a character, or cut one short (lm-eval's windows of ids): its text
+    shows U+FFFD there, and the answer's text starts afresh; an answer's special tokens are no part of its text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from medusa_export.runtime.logprobs import TokenLogprob
+    from medusa_export.runtime.serve.logprobs_json import AnswerLogprobs, TokenPieces
+    from medusa_export.runtime.tokenizer import ChatTokenizer
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(["hello world"], trainers.BpeTrainer(
+        vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=["<|im_end|>"]))
+    pieces = TokenPieces(ChatTokenizer(tok))
+    emoji = tok.encode("\U0001f600").ids  # its four bytes, one token each
+    hello, special = tok.encode(" hello").ids, tok.token_to_id("<|im_end|>")
+
+    def check(prompt, answer, text):
+        scored = [None] + [TokenLogprob(i, -1.0, ()) for i in prompt[1:]]
+        lp = AnswerLogprobs(pieces, chat=False).render_echo(prompt, scored, [TokenLogprob(i, -1.0, ()) for i in answer])
+        for at, t in zip(lp["text_offset"], lp["tokens"]):
+            if "\ufffd" not in t and not (t == "<|im_end|>" and len(answer)):
+                assert text[at:at + len(t)] == t, (lp, text)
+
+    a = tok.token_to_id("a")
+    ids = [a, *emoji[:2], *hello]  # a character cut short inside the prompt
+    check(ids, [], tok.decode(ids))
+    ids = [a, *emoji[:2]]  # the prompt ends inside a character; the answer's text is decoded apart
+    check(ids, hello, tok.decode(ids) + tok.decode(hello))
+    check([a], [special, *hello], "a" + tok.decode(hello))  # a special token the answer's text skips

@@ -55,11 +55,6 @@ def _reason(status: int) -> bytes:
         return b""
 
 
-def _header_block_bytes(request) -> int:
-    """About the bytes of an h11 request's line and headers as sent (each header's ": " and CRLF counted)."""
-    return len(request.method) + len(request.target) + 12 + sum(len(k) + len(v) + 4 for k, v in request.headers)
-
-
 def kernel_send_queue(sock) -> int:
     """Bytes in a socket's kernel send queue, not yet acknowledged by the peer (Linux's SIOCOUTQ); 0 where the
     system cannot say."""
@@ -91,8 +86,11 @@ def header_deadline_protocol(header_timeout_s: float) -> type:
             return super().send(event)
 
         def next_event(self):
+            buffered = len(self._receive_buffer)
             event = super().next_event()
-            if isinstance(event, h11.Request) and _header_block_bytes(event) > self._max_incomplete_event_size:
+            # The bytes the request's line and headers took as sent (blank line, whitespace and bare LFs included)
+            taken = buffered - len(self._receive_buffer)
+            if isinstance(event, h11.Request) and taken > self._max_incomplete_event_size:
                 raise h11.RemoteProtocolError("request headers too large", error_status_hint=431)
             return event
 

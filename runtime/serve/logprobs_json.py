@@ -35,7 +35,7 @@ class TokenPieces:
 
     def __init__(self, tokenizer: ChatTokenizer) -> None:
         self._tok = tokenizer.tokenizer
-        self._special = tokenizer.special_ids  # read as written
+        self._special = self.special = tokenizer.special_ids  # read as written (an answer's text skips them)
         try:
             decoder = component_tree(self._tok, "decoder") or {}
         except ValueError:  # loading refuses such a tokenizer; one built in Python: each token's decoded text
@@ -87,11 +87,24 @@ class AnswerLogprobs:
         # U+FFFD): the offsets are positions in the answer's text, as a client slices it
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
-    def _advance(self, token_id: int) -> int:
-        """``token_id``'s ``text_offset``; the offset moves past the characters its bytes complete."""
+    def _advance(self, token_id: int, written: bool = True) -> int:
+        """``token_id``'s ``text_offset``; the offset moves past the characters its bytes complete. ``written``
+        False: a special token of the answer, which the answer's text leaves out (its decode skips them)."""
+        if not written:
+            return self.offset
+        data = bytes(self.pieces.bytes(token_id))
+        if data and not 0x80 <= data[0] <= 0xBF and self._utf8.getstate()[0]:
+            # Bytes held for an earlier token's character that this token cuts short: the text shows them as U+FFFD
+            # before this token's characters
+            self.offset += len(self._utf8.decode(b"", final=True))
         at = self.offset
-        self.offset += len(self._utf8.decode(bytes(self.pieces.bytes(token_id))))
+        self.offset += len(self._utf8.decode(data))
         return at
+
+    def _end_prompt(self) -> None:
+        """The echoed prompt's text is decoded apart from the answer's: a character it leaves unfinished is U+FFFD
+        there, and the answer's bytes start afresh."""
+        self.offset += len(self._utf8.decode(b"", final=True))
 
     def render(self, entries: list[TokenLogprob]) -> dict:
         return self._chat(entries) if self.chat else self._completion(entries)
@@ -101,7 +114,10 @@ class AnswerLogprobs:
         (null), then the answer's."""
         first = self.pieces.text(ids[0])
         self._advance(ids[0])
-        rest = self._completion([*prompt[1:], *answer])
+        scored = self._completion(prompt[1:], written=True)
+        self._end_prompt()
+        said = self._completion(answer)
+        rest = {k: v + said[k] for k, v in scored.items()}
         return {"tokens": [first, *rest["tokens"]], "token_logprobs": [None, *rest["token_logprobs"]],
                 "top_logprobs": [None, *rest["top_logprobs"]], "text_offset": [0, *rest["text_offset"]]}
 
@@ -113,7 +129,8 @@ class AnswerLogprobs:
         return {"content": [one(e.token_id, e.logprob) | {"top_logprobs": [one(i, lp) for i, lp in e.top]}
                             for e in entries], "refusal": None}
 
-    def _completion(self, entries: list[TokenLogprob]) -> dict:
+    def _completion(self, entries: list[TokenLogprob], written: bool = False) -> dict:
+        """``written``: the echoed prompt's tokens, special ones as written (else the answer's, which skips them)."""
         out: dict = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
         for e in entries:
             text = self.pieces.text(e.token_id)
@@ -127,5 +144,5 @@ class AnswerLogprobs:
                 top.setdefault(self.pieces.text(i), lp)
             top[text] = e.logprob
             out["top_logprobs"].append(top)
-            out["text_offset"].append(self._advance(e.token_id))
+            out["text_offset"].append(self._advance(e.token_id, written or e.token_id not in self.pieces.special))
         return out
