@@ -53,14 +53,19 @@ def build_chat_artifact(tiny_dirs, root) -> object:
     return build_tiny(tiny_dirs, root / "art", model_dir, max_seq=2048)
 
 
-def wait_ready(base: str, proc: subprocess.Popen, seconds: float = 60) -> None:
+def wait_ready(base: str, proc: subprocess.Popen, seconds: float = 60, port_taken_ok: bool = False) -> bool:
+    """True once ``/ready`` answers 200. ``port_taken_ok``: False (instead of a failure) when serve exited because its
+    port was taken between `free_port` and its bind (another test process picked the same free port)."""
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:  # bounded
         if proc.poll() is not None:
-            pytest.fail(f"serve exited with {proc.returncode}: {proc.stdout.read() if proc.stdout else ''}")
+            out = proc.stdout.read() if proc.stdout else ""
+            if port_taken_ok and "cannot listen on" in out:
+                return False
+            pytest.fail(f"serve exited with {proc.returncode}: {out}")
         try:
             if get(base + "/ready")[0] == 200:
-                return
+                return True
         except OSError:
             pass
         time.sleep(0.1)
@@ -72,14 +77,17 @@ def wait_ready(base: str, proc: subprocess.Popen, seconds: float = 60) -> None:
 def serving(artifact, *options: str, sigint_ignored: bool = False):
     """``medusa-export serve ARTIFACT OPTIONS`` on a free port; yields (base URL, process); stops it after.
     ``sigint_ignored``: started as a script's background job is (SIGINT ignored)."""
-    port = free_port()
-    cmd = [sys.executable, "-m", "medusa_export.runtime.cli", "serve", str(artifact), "--port", str(port), *options]
     ignore = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if sigint_ignored else None
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ,
-                            "HF_HUB_OFFLINE": "1"}, text=True, preexec_fn=ignore)
-    base = f"http://127.0.0.1:{port}"
+    # The port is free when picked, not when serve binds it: a parallel test worker may take it meanwhile
+    for attempt in range(3):
+        port = free_port()
+        cmd = [sys.executable, "-m", "medusa_export.runtime.cli", "serve", str(artifact), "--port", str(port), *options]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ,
+                                "HF_HUB_OFFLINE": "1"}, text=True, preexec_fn=ignore)
+        base = f"http://127.0.0.1:{port}"
+        if wait_ready(base, proc, port_taken_ok=attempt < 2):
+            break
     try:
-        wait_ready(base, proc)
         yield base, proc
     finally:
         if proc.poll() is None:
