@@ -79,7 +79,7 @@ def publish(tmp: Path, out: Path) -> None:
 @contextlib.contextmanager
 def entry_lock(out: Path):
     """Held while this process makes ``out``: a second process dequantising the same file waits for it, then finds
-    the entry made. Without locks (a read-only cache, no fcntl) it goes on unlocked: temporary folders still keep
+    the entry made (also held while `model_loading.remember_location` rewrites its record of model locations). Without locks (a read-only cache, no fcntl) it goes on unlocked: temporary folders still keep
     writers apart. Yields whether the lock is held: then no other process is writing ``out``, and the temporary
     folders of killed writers (a whole fp32 model each) are removed."""
     try:

@@ -111,35 +111,13 @@ def remember_location(fingerprint: str, path: Path) -> None:
         f = _locations_file()  # a misplaced MEDUSA_EXPORT_CACHE (an InputError, a ValueError): nothing noted
         if f.exists() and json.loads(f.read_text()).get(fingerprint) == str(path):
             return  # noted already: no lock, no write
-        f.parent.mkdir(parents=True, exist_ok=True)
-        with _locations_lock(f):  # read, change, replace as one: two processes loading models at once (parallel
+        with entry_lock(f):  # read, change, replace as one: two processes loading models at once (parallel
             known = json.loads(f.read_text()) if f.exists() else {}  # test workers, two builds) kept one entry
             known = {k: v for k, v in known.items() if Path(v).exists()}  # forget models that are gone
             known[fingerprint] = str(path)
             write_whole(f, lambda out: out.write((json.dumps(known, indent=1) + "\n").encode()))
     except (OSError, ValueError):
         pass
-
-
-@contextlib.contextmanager
-def _locations_lock(f: Path):
-    """An exclusive lock on ``f``'s ``.lock`` file beside it, held while ``f`` is rewritten; none where the system
-    has no locks (best effort, as the record itself)."""
-    try:
-        import fcntl
-
-        fd = os.open(f.with_name(f.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o666)
-    except (ImportError, OSError):
-        yield
-        return
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        except OSError:  # a file system without locks
-            pass
-        yield
-    finally:
-        os.close(fd)  # releases the lock
 
 
 def locate_model(identity: dict, override: str | os.PathLike | None = None) -> str | None:
