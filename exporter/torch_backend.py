@@ -14,8 +14,9 @@ import numpy as np
 import torch
 
 from medusa_export.runtime import io_table
-from medusa_export.runtime.backends.base import Backend, KVCache, MaskBuffer, ModelDims, Session, StepOutput
-from medusa_export.runtime.errors import BackendUnavailableError, InputError, first_line
+from medusa_export.runtime.backends.base import (Backend, KVCache, MaskBuffer, ModelDims, Session, StepOutput,
+                                                 runtime_closed)
+from medusa_export.runtime.errors import BackendUnavailableError, first_line
 from medusa_export.runtime.machine import available_ram
 
 from .heads import MedusaHeads
@@ -80,7 +81,7 @@ class TorchBackend(Backend):
 
     def new_session(self, capacity: int | None = None) -> Session:
         if self._closed:
-            raise InputError("this runtime is closed: load the artifact again (MedusaRuntime.load)")
+            raise runtime_closed()
         return TorchSession(self, capacity or self.max_seq)
 
     def close(self) -> None:

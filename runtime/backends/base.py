@@ -15,6 +15,7 @@ from typing import Mapping
 import numpy as np
 
 from .. import io_table
+from ..errors import InputError
 from ..typed_json import FieldError
 
 
@@ -239,3 +240,9 @@ class KVCache:
                 b[:, self.length:self.length + n] = b[:, src]
         self.length += n
         self.staged = 0
+
+
+def runtime_closed(while_running: bool = False) -> InputError:
+    """What every backend raises for a request on a closed runtime (``while_running``: one that its close cut short)."""
+    what = "was closed while the request ran" if while_running else "is closed"
+    return InputError(f"this runtime {what}: load the artifact again (MedusaRuntime.load)")

@@ -26,7 +26,7 @@ from ..errors import ArtifactError, BackendUnavailableError, InputError
 from ..artifact_files import MANIFEST, artifact_file, check_external_data, check_file
 from ..manifest import ONNXRUNTIME, Manifest
 from ..tree_paths import PathBatch
-from .base import Backend, KVCache, MaskBuffer, ModelDims, Session, StepOutput
+from .base import Backend, KVCache, MaskBuffer, ModelDims, Session, StepOutput, runtime_closed
 from .ort_errors import reason, run_bound
 from .ort_lanes import OrtLanes
 from .ort_outputs import first_outputs, selects_rows, unbind_outputs
@@ -199,7 +199,7 @@ class OrtBackend(Backend):
         """The session of one-sequence graph ``kind`` ("medusa" | "vanilla"), opened at its first use."""
         with self._lock:
             if self._closed:
-                raise InputError("this runtime is closed: load the artifact again (MedusaRuntime.load)")
+                raise runtime_closed()
             if kind not in self.sessions:
                 session = self._open(kind)
                 self.selects_rows[kind] = selects_rows(session)
@@ -216,7 +216,7 @@ class OrtBackend(Backend):
 
     def new_session(self, capacity: int | None = None) -> Session:
         if self._closed:
-            raise InputError("this runtime is closed: load the artifact again (MedusaRuntime.load)")
+            raise runtime_closed()
         return OrtSession(self, min(capacity or self.max_seq, self.max_seq))
 
     def close(self) -> None:
@@ -258,8 +258,7 @@ class OrtSession(Session):
             raise ValueError("this session is closed")
         if self.backend._closed:  # a stream still running when its runtime closed: it ends here, and frees the graphs
             self.close()
-            raise InputError("this runtime was closed while the request ran: load the artifact again "
-                             "(MedusaRuntime.load)")
+            raise runtime_closed(while_running=True)
         kind = "medusa" if medusa else "vanilla"
         b = self._binding(kind)
         t = len(input_ids)

@@ -36,7 +36,7 @@ from ..artifact_files import artifact_file
 from ..manifest import EngineRecord, Manifest
 from . import cuda_buffers, trt_availability as availability, trt_compat as compat
 from .trt_profiles import Profile, no_profile, step_runs
-from .base import Backend, MaskBuffer, Session, StepOutput
+from .base import Backend, MaskBuffer, Session, StepOutput, runtime_closed
 from .trt_lanes import TrtLanes
 
 # TensorRT's tensor types as numpy reads them (engines may emit int32 ids where the graph has int64).
@@ -174,7 +174,7 @@ class TrtBackend(Backend):
     # sessions -----------------------------------------------------------------------------------------
     def new_session(self, capacity: int | None = None) -> Session:
         if self._closed:  # its engines are gone: a session would allocate device memory, then fail untyped
-            raise InputError("this runtime is closed: load the artifact again (MedusaRuntime.load)")
+            raise runtime_closed()
         return TrtSession(self, min(capacity or self.max_seq, self.max_seq))
 
     def use_device(self) -> None:
@@ -286,8 +286,7 @@ class TrtSession(Session):
         b = self.backend
         if b._closed:  # a stream still running when its runtime closed (as on ONNX Runtime): it ends here
             self.close()
-            raise InputError("this runtime was closed while the request ran: load the artifact again "
-                             "(MedusaRuntime.load)")
+            raise runtime_closed(while_running=True)
         if kind not in b.engines:
             raise ValueError("this backend has no Medusa heads: run with medusa=False")
         e = b.engines[kind]
