@@ -35,7 +35,7 @@ class TokenPieces:
 
     def __init__(self, tokenizer: ChatTokenizer) -> None:
         self._tok = tokenizer.tokenizer
-        self._special = self.special = tokenizer.special_ids  # read as written (an answer's text skips them)
+        self.special = tokenizer.special_ids  # read as written (an answer's text skips them)
         try:
             decoder = component_tree(self._tok, "decoder") or {}
         except ValueError:  # loading refuses such a tokenizer; one built in Python: each token's decoded text
@@ -58,7 +58,7 @@ class TokenPieces:
     def _sentencepiece(self, token_id: int) -> tuple[str, list[int]] | None:
         """A SentencePiece token's (text, bytes) from its piece; None for other tokenizers and special tokens."""
         piece = self._tok.id_to_token(token_id) if self._metaspace else None
-        if piece is None or token_id in self._special:
+        if piece is None or token_id in self.special:
             return None
         if (m := _BYTE_PIECE.fullmatch(piece)) is not None:
             b = int(m.group(1), 16)
