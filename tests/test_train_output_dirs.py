@@ -1,6 +1,7 @@
-"""Where `train-heads` writes: never over its inputs (MODEL, --data, --init-heads), never into a work directory
-OUT.partial it did not make, one run at a time per --out, the distillation cache outside --out and the model,
-and Medusa-2's warm-up reused only for the same model and result-changing settings."""
+"""Where `train-heads` writes: never over its inputs (MODEL, --data, --init-heads) nor inside a built artifact, never
+into a work directory OUT.partial it did not make, one run at a time per --out (the lock itself:
+test_train_out_lock.py), the distillation cache outside --out and the model, and Medusa-2's warm-up reused only for
+the same model and result-changing settings."""
 
 from __future__ import annotations
 
@@ -13,8 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from medusa_export.exporter.train_out_dir import (TRAIN_LOCK, TRAIN_WORK_MARK, check_train_out_dir, train_out_lock,
-                                               train_work_dir)
+from medusa_export.exporter.train_out_dir import TRAIN_LOCK, TRAIN_WORK_MARK, check_train_out_dir, train_work_dir
 from medusa_export.runtime.errors import InputError
 
 
@@ -221,23 +221,6 @@ def test_a_second_run_on_the_same_out_is_refused(invoke, tmp_path):
     assert not out.exists()
 
 
-def test_the_lock_keeps_an_existing_out_and_a_killed_runs_lock_file_is_ours(tiny_dirs, tmp_path):
-    out = tmp_path / "heads"
-    shutil.copytree(tiny_dirs[1], out)
-    with train_out_lock(out):
-        with train_out_lock(out):  # re-entrant: the CLI's and train_medusa2's
-            pass
-        assert (out / TRAIN_LOCK).exists()
-    assert not (out / TRAIN_LOCK).exists() and (out / "config.json").exists()
-    killed = tmp_path / "killed"
-    killed.mkdir()
-    (killed / TRAIN_LOCK).touch()
-    (killed / "checkpoint.pt").write_bytes(b"state")
-    check_train_out_dir(killed, "medusa1")
-    (killed / "checkpoint.pt").unlink()
-    check_train_out_dir(killed, "medusa2")  # as good as empty
-
-
 # --------------------------------------------------------------------------------- 5: the cache in OUT or MODEL
 
 @pytest.mark.parametrize("mode", ["medusa1", "medusa2"])
@@ -321,35 +304,6 @@ def test_an_out_name_that_does_not_print_is_refused(invoke, tmp_path, mode):
     _refused(*invoke("--data", tmp_path / "p.jsonl", "--mode", mode, "--out", tmp_path / "a\nb"),
              "does not print")
     assert not (tmp_path / "a\nb").exists()
-
-
-def test_the_shared_lock_is_held_by_a_live_process_and_freed_when_it_dies(tmp_path):
-    """One helper (`output_dir.try_lock`) now decides for build's work directories and train-heads' --out lock."""
-    import os
-
-    from medusa_export.exporter import output_dir, train_out_dir
-
-    mark = tmp_path / "mark"
-    mark.touch()
-    holder = subprocess.Popen([sys.executable, "-c", "import os, sys, time\n"
-                               "from medusa_export.exporter.output_dir import try_lock\n"
-                               f"fd = os.open({str(mark)!r}, os.O_RDWR)\n"
-                               "assert try_lock(fd)\nprint('held', flush=True)\ntime.sleep(60)"],
-                              stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
-        fd = os.open(mark, os.O_RDWR)
-        try:
-            assert not output_dir.try_lock(fd) and not train_out_dir.try_lock(fd)
-            holder.kill()
-            holder.wait()
-            assert output_dir.try_lock(fd)  # a killed holder's lock is gone
-        finally:
-            os.close(fd)
-    finally:
-        if holder.poll() is None:
-            holder.kill()
-            holder.wait()
 
 
 def test_medusa2_out_that_is_a_symbolic_link_is_refused(invoke, tmp_path):
