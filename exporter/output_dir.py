@@ -40,15 +40,10 @@ def check_out_dir(out: Path) -> None:
     check_replaceable(out, "build")
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out} is an existing file, not an artifact directory: choose another --out")
-    try:
-        real = out.resolve().parents
-    except (OSError, RuntimeError):  # a loop of links: the checks below name what is wrong
-        real = ()
-    # an artifact inside another one (by its path as written, or through links) is a foreign folder of that one
-    for above in dict.fromkeys([*Path(os.path.abspath(out)).parents, *real]):
-        if (above / MANIFEST).is_file() and listed_files(above) is not None:
-            raise InputError(f"--out {out} lies inside the artifact {above}, which could then never be rebuilt in "
-                             f"place: choose a path outside it")
+    # an artifact inside another one is a foreign folder of that one
+    if (above := artifact_holding(out)) is not None:
+        raise InputError(f"--out {out} lies inside the artifact {above}, which could then never be rebuilt in "
+                         f"place: choose a path outside it")
     check_can_create(out, "--out")  # the work directory is made beside ``out``
     if not out.exists() or not any(out.iterdir()):
         return
@@ -65,6 +60,18 @@ def check_out_dir(out: Path) -> None:
     if foreign:
         raise InputError(f"--out {out} is an artifact but also holds {foreign[0].relative_to(out)} (not one of its "
                          f"files): move it out, or choose another --out")
+
+
+def artifact_holding(path: Path, itself: bool = False) -> Path | None:
+    """The artifact directory ``path`` lies inside (by its path as written, or through links), or None; with
+    ``itself``, ``path`` may be that directory."""
+    written = Path(os.path.abspath(path))
+    real = resolved(path)  # None for a loop of links: the caller's other checks name what is wrong
+    candidates = [*([written] if itself else []), *written.parents]
+    if real is not None:
+        candidates += [*([real] if itself else []), *real.parents]
+    return next((d for d in dict.fromkeys(candidates) if (d / MANIFEST).is_file() and listed_files(d) is not None),
+                None)
 
 
 def check_replaceable(out: Path, command: str) -> None:

@@ -16,10 +16,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from medusa_export.runtime.errors import InputError
-from medusa_export.runtime.manifest import FORMAT as ARTIFACT_FORMAT
 from medusa_export.runtime.typed_json import json_object_or_none
 
-from .output_dir import PROBE_PREFIX, check_can_create, check_dir_path, check_replaceable, resolved, try_lock, within
+from .output_dir import (PROBE_PREFIX, artifact_holding, check_can_create, check_dir_path, check_replaceable, resolved,
+                         try_lock, within)
 
 # What train-heads writes (exporter/heads.py HEADS_FORMAT, exporter/training/checkpoint.py FILE; no torch here).
 HEADS_FORMAT = "medusa-export-heads"
@@ -72,12 +72,9 @@ def check_train_out_dir(out: Path, mode: str, inputs: dict | None = None, cache_
 def _check_not_in_artifact(out: Path) -> None:
     """An artifact's files are listed with their sizes and hashes in its manifest: heads written into its heads/
     folder (which looks like a heads directory of ours) left an artifact that no longer loads."""
-    target = resolved(out)
-    for above in ([target, *target.parents] if target is not None else []):
-        manifest = json_object_or_none(above / "manifest.json") if (above / "manifest.json").is_file() else None
-        if manifest is not None and manifest.get("format") == ARTIFACT_FORMAT:
-            raise InputError(f"--out {out} lies inside the artifact {above}, whose files its manifest lists: "
-                             f"choose a directory outside it (then `medusa-export build --heads DIR`)")
+    if (above := artifact_holding(out, itself=True)) is not None:
+        raise InputError(f"--out {out} lies inside the artifact {above}, whose files its manifest lists: "
+                         f"choose a directory outside it (then `medusa-export build --heads DIR`)")
 
 
 def _check_train_inputs(out: Path, mode: str, inputs: dict) -> None:
