@@ -352,6 +352,15 @@ class ClockFreeCost(StepCost):
         """Steps' measured seconds are left out."""
 
 
+@pytest.fixture
+def clock_free_steps(monkeypatch):
+    """Every `Speculation` made during the test prices its steps with `ClockFreeCost`, rows free: tests that count
+    accepted drafts then count the drafts, not how busy the machine (or the other test worker) is."""
+    from medusa_export.runtime import speculation
+
+    monkeypatch.setattr(speculation, "StepCost", lambda plain_steps=True: ClockFreeCost(row_share=0.0))
+
+
 def seed_kernel_library(directory: Path) -> Path:
     """Copy the kernel library this session compiled (in the default kernel directory, once per source and compiler)
     into ``directory``, with its digest, as a compile there would leave it; its path there. For tests of what

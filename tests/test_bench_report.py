@@ -7,16 +7,14 @@ import pytest
 
 pytest.importorskip("onnxruntime")
 
-from conftest import ARTIFACT_TREE, ClockFreeCost  # noqa: E402
+from conftest import ARTIFACT_TREE  # noqa: E402
 
 
-def test_bench_report_shape(artifact, monkeypatch):
-    from medusa_export.runtime import speculation
+def test_bench_report_shape(artifact, clock_free_steps):
+    # Step costs pinned, rows free: under a parallel test worker, measured costs once made every draft of these
+    # 6-token answers look too dear
     from medusa_export.runtime.bench import run_bench
 
-    # Step costs pinned, rows free: whether drafts are verified follows the drafts, not how busy the machine is (under
-    # a parallel test worker, measured costs once made every draft of these 6-token answers look too dear)
-    monkeypatch.setattr(speculation, "StepCost", lambda plain_steps=True: ClockFreeCost(row_share=0.0))
     report = run_bench(artifact, ["ort"], ["t5 t6 t7", "t1 t2"], max_new_tokens=6)
     rows = report["results"]
     assert [(r["backend"], r["mode"]) for r in rows] == [("ort", "vanilla"), ("ort", "medusa"),

@@ -188,7 +188,7 @@ def _own_answers_table(tiny, backend, vocab: int = TINY_VOCAB) -> CorpusTable:
 
 
 @pytest.mark.parametrize("spec_name", [None, "chain-2", "mc_sim_7b_63"])
-def test_greedy_with_corpus_drafts_equals_plain_greedy(tiny, spec_name):
+def test_greedy_with_corpus_drafts_equals_plain_greedy(tiny, spec_name, clock_free_steps):
     from medusa_export.runtime.decode import DecodeStats, GenerationConfig, decode
     from medusa_export.runtime.tree import Tree, load_choices
 
@@ -228,7 +228,7 @@ def _with_table(artifact, tmp_path, table: CorpusTable):
     return out
 
 
-def test_an_artifact_with_a_table_drafts_from_it_alone_and_batched(artifact, tmp_path):
+def test_an_artifact_with_a_table_drafts_from_it_alone_and_batched(artifact, tmp_path, clock_free_steps):
     from medusa_export.runtime import MedusaRuntime
 
     with MedusaRuntime.load(artifact, plain=True) as rt:

@@ -67,7 +67,7 @@ def _check_against(ref: np.ndarray, result, top: int) -> None:
 
 
 @pytest.mark.parametrize("medusa", [False, True])
-def test_greedy_logprobs_are_the_models_own(tiny, make_tokenizer, medusa):
+def test_greedy_logprobs_are_the_models_own(tiny, make_tokenizer, medusa, clock_free_steps):
     """Greedy, with or without the heads' tree (4 heads, 10 nodes) and context drafts: each token's value and its
     best alternatives are transformers' log_softmax at that position; speculation changes none of them."""
     tree = Tree.from_choices(load_choices("cpu_small_10"), topk=10, num_heads=4)

@@ -335,21 +335,29 @@ def test_errors_raised_after_parsing_have_openai_bodies():
 
 
 def test_a_full_queue_is_a_429_with_an_openai_body(server):
-    wait_idle(server)
+    """One request running and one waiting fill the queue: the next is a 429. The tiny model answers its 128-token
+    context in a fraction of a second, so the queue can drain between reading the metric and sending; then the request
+    is answered (200) and the pair is sent again, at most five times."""
     body = {"prompt": PROMPT, "max_tokens": 2000, "temperature": 0, "ignore_eos": True, "medusa": False}
-    threads = [threading.Thread(target=post, args=(server + "/v1/completions", body)) for _ in range(2)]
-    for t in threads:
-        t.start()
-    try:
-        deadline = time.monotonic() + 30
-        while metric(server, "num_requests_waiting") < 1 and time.monotonic() < deadline:  # bounded
-            time.sleep(0.01)
-        out = post(server + "/v1/completions", {"prompt": PROMPT, "max_tokens": 2})
-        assert out[0] == 429 and out[2].get("Retry-After")
-        assert _error(out)["type"] == "rate_limit_error"
-    finally:
+    statuses = []
+    for _ in range(5):  # bounded
+        wait_idle(server)
+        threads = [threading.Thread(target=post, args=(server + "/v1/completions", body)) for _ in range(2)]
         for t in threads:
-            t.join(timeout=120)
+            t.start()
+        try:
+            deadline = time.monotonic() + 30
+            while metric(server, "num_requests_waiting") < 1 and time.monotonic() < deadline:  # bounded
+                time.sleep(0.005)
+            out = post(server + "/v1/completions", {"prompt": PROMPT, "max_tokens": 2})
+        finally:
+            for t in threads:
+                t.join(timeout=120)
+        statuses.append(out[0])
+        if out[0] == 429:
+            assert out[2].get("Retry-After") and _error(out)["type"] == "rate_limit_error"
+            break
+    assert statuses[-1] == 429 and set(statuses[:-1]) <= {200}, statuses
 
 
 # ------------------------------------------------------------------------------------------------ models
