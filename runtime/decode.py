@@ -41,6 +41,7 @@ class DecodeStats:
     last_rows: int = 0  # rows of the last verification step
     draft_depth: int = 0  # the deepest draft position any step verified (heads' tree or context drafts)
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # the prompt's tokens but its first, when scored
+    cached_tokens: int = 0  # prompt tokens whose KV rows an earlier request left (`prefix_reuse.py`): not prefilled
 
     @property
     def steps(self) -> int:

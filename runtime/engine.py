@@ -40,6 +40,7 @@ from .errors import InputError, as_exception
 from .generation_config import GenerationConfig, checked_config
 from .generator import Generator, result_of
 from .prefill_shares import fair_shares
+from .prefix_reuse import SlotPrefixes
 from .step_tree import StepTree
 from .text_output import TextOutput
 
@@ -54,8 +55,10 @@ DEFAULT_MAX_NUM_BATCHED_TOKENS = 64
 class Engine:
     def __init__(self, generator: Generator, max_num_seqs: int | None = None,
                  max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS,
-                 on_step: Callable[[StepRecord], None] | None = None) -> None:
-        """``max_num_seqs``: sequences running at once (default: the lanes of the backend's batched graph, else 1)."""
+                 on_step: Callable[[StepRecord], None] | None = None, reuse_prefixes: bool = True) -> None:
+        """``max_num_seqs``: sequences running at once (default: the lanes of the backend's batched graph, else 1).
+        ``reuse_prefixes``: a request starts from the KV rows a finished one left for their shared prefix
+        (`prefix_reuse.py`), on backends where that is exact."""
         for name, value in (("max_num_seqs", max_num_seqs), ("max_num_batched_tokens", max_num_batched_tokens)):
             if not (value is None and name == "max_num_seqs") and not (
                     isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1):
@@ -77,7 +80,8 @@ class Engine:
         self.on_step = on_step
         backend = generator.backend
         self.slots = [backend.new_session() for _ in range(max_num_seqs)]  # preallocated KV, reused
-        self.free = list(range(max_num_seqs))[::-1]  # slot indices; pop() gives the lowest
+        self.free = list(range(max_num_seqs))  # slot indices
+        self.prefixes = SlotPrefixes(max_num_seqs, reuse_prefixes and backend.reuses_rows)
         self.kv_bytes = sum(s.kv_bytes for s in self.slots)
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
@@ -176,18 +180,20 @@ class Engine:
                         passed.append(seq)
                         continue
                     scoring = True
-                admitted.append((seq, self.free.pop()))
+                admitted.append((seq, *self.prefixes.take(self.free, seq.prompt, not seq.scoring_prompt)))
             self.waiting[:0] = passed
         for seq in cancelled:
             self._finish(seq, seq.cancelled)
-        for seq, slot in admitted:
-            self._start(seq, slot)
+        for seq, slot, cached in admitted:
+            self._start(seq, slot, cached)
 
-    def _start(self, seq: Sequence, slot: int) -> None:
-        """``seq`` takes the KV slot ``slot`` (emptied for it) and runs from the next step."""
+    def _start(self, seq: Sequence, slot: int, cached: int = 0) -> None:
+        """``seq`` takes the KV slot ``slot`` (emptied for it but the rows of its prompt's first ``cached`` tokens)
+        and runs from the next step."""
         try:
-            session = self._fresh(self.slots[slot])
+            session = self._fresh(self.slots[slot], cached)
             self.slots[slot] = session
+            seq.fed = seq.stats.cached_tokens = session.length
             seq.out = TextOutput(self.gen.tokenizer, seq.cfg)
             # A sampled request decodes plainly here: a lanes step runs no heads, so with them its sample would
             # depend on whether it ran alone; a seed then gives one answer whatever shares the batch.
@@ -197,16 +203,18 @@ class Engine:
             raise
         except BaseException as e:  # noqa: BLE001 - the backend could not reset the slot (or panicked), or the
             self.free.append(slot)  # request could not start: its slot back, its error to it (it left the queue)
+            self.prefixes.release(slot, None)
             seq.sink(as_exception(e))
             return
         seq.slot, seq.session = slot, session
         seq.admitted_at = time.perf_counter()
         self.running.append(seq)
 
-    def _fresh(self, session: Session) -> Session:
-        """``session`` emptied for a new sequence (a new one on backends that cannot reuse theirs)."""
+    def _fresh(self, session: Session, keep: int = 0) -> Session:
+        """``session`` emptied for a new sequence but its first ``keep`` rows (a new one on backends that cannot
+        reuse theirs)."""
         try:
-            session.reset()
+            session.rewind(keep) if keep else session.reset()
             return session
         except NotImplementedError:
             session.close()
@@ -299,7 +307,7 @@ class Engine:
         try:
             return work(seq)
         except Exception as e:  # noqa: BLE001
-            self._release(seq)
+            self._release(seq, intact=False)
             seq.sink(e)
             return None
 
@@ -327,6 +335,7 @@ class Engine:
 
     # ---- results --------------------------------------------------------------------------------------
     def _emit(self, seq: Sequence, tokens: list[int]) -> None:
+        seq.made += tokens
         seq.send(seq.out.push(tokens))
 
     def _end(self, seq: Sequence, reason: str) -> None:
@@ -340,9 +349,11 @@ class Engine:
             # A cancel that came after the answer ended (its last event already sent) leaves its finish as it is.
             self._finish(seq, seq.out.finish or seq.cancelled)
 
-    def _release(self, seq: Sequence) -> None:
+    def _release(self, seq: Sequence, intact: bool = True) -> None:
+        """``seq`` leaves its slot; ``intact``: its KV rows are whole (no step of it failed), so kept for reuse."""
         self.running.remove(seq)
         self.free.append(seq.slot)
+        self.prefixes.release(seq.slot, seq.cached_tokens() if intact else None)
         seq.session, seq.slot = None, -1
 
     def _finish(self, seq: Sequence, finish: str) -> None:
@@ -363,7 +374,7 @@ class Engine:
         """A step failed: every running sequence ends with ``error`` (their caches may be half-written); queued
         ones carry on."""
         for seq in list(self.running):
-            self._release(seq)
+            self._release(seq, intact=False)
             seq.sink(error)
 
     def close(self) -> None:

@@ -33,6 +33,12 @@ class Sequence:
     admitted_at: float | None = None  # when it took a KV slot
     tree: Tree | None = None  # the heads' tree its one-sequence steps use (`Speculation.heads_for`)
     sent_event: bool = False  # its first event has gone to the sink
+    made: list[int] = field(default_factory=list)  # every token its steps made final, kept or not by its output
+
+    def cached_tokens(self) -> list[int]:
+        """The tokens whose rows its KV cache holds: the prompt and what its steps made, but the last (the next root,
+        never fed)."""
+        return (self.prompt + self.made)[:self.session.length]
 
     def send(self, event: StreamEvent | None) -> None:
         """``event`` (if any) to the sink; the first carries the prompt's log-probabilities where they were asked for

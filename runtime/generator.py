@@ -52,6 +52,7 @@ class GenerationResult:
     logprobs: list[TokenLogprob] | None = None  # one per token of token_ids when the request asked for them
     prompt_logprobs: list[TokenLogprob | None] | None = None  # one per prompt token (None for its first) when asked
     eos_logprob: TokenLogprob | None = None  # with logprobs: the entry of the end-of-sequence token that ended it
+    cached_tokens: int = 0  # prompt tokens it did not prefill: an earlier request's KV rows held them (`prefix_reuse.py`)
 
     def to_json(self) -> dict:
         keys = ("text", "token_ids", "new_tokens", "steps", "step_tokens", "mean_accepted", "tokens_per_s",
@@ -246,4 +247,5 @@ def result_of(out: TextOutput, stats: DecodeStats, finish: str, backend: str, tr
         logprobs=None if out.logprobs is None else list(out.logprobs),
         prompt_logprobs=None if out.cfg.prompt_logprobs is None else [None, *stats.prompt_logprobs],
         eos_logprob=out.eos_logprob,
+        cached_tokens=stats.cached_tokens,
     )

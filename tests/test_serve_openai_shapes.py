@@ -143,7 +143,8 @@ def test_chat_stream_chunks(server, client, include_usage):
     if include_usage:
         assert all(c["usage"] is None for c in answer)
         usage = chunks[-1]
-        assert usage["choices"] == [] and set(usage["usage"]) == {"prompt_tokens", "completion_tokens", "total_tokens"}
+        assert usage["choices"] == [] and set(usage["usage"]) == {"prompt_tokens", "completion_tokens", "total_tokens",
+                                                                      "prompt_tokens_details"}
         assert usage["usage"]["completion_tokens"] >= len(texts)
     else:
         assert all("usage" not in c for c in chunks)

@@ -110,6 +110,11 @@ class Session(ABC):
         """Forget the committed rows, keeping the buffers, so that the session serves a new sequence."""
         raise NotImplementedError(f"{type(self).__name__} cannot be reused for another sequence")
 
+    def rewind(self, length: int) -> None:
+        """Keep only the first ``length`` committed rows, so that a new sequence sharing those tokens continues from
+        them (`Backend.reuses_rows`)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot keep part of its rows")
+
     def __enter__(self) -> "Session":
         return self
 
@@ -146,6 +151,10 @@ class Backend(ABC):
     # Whether a run's input_token_probs holds every pair of its rows (prompt_logprobs reads row j - 1's probability of
     # token j): TensorRT splits a long run over its profiles and fills only each piece's own block.
     scores_prompts = True
+    # Whether a committed KV row is a function of its tokens alone, bit for bit, however they went in (prompt chunks of
+    # any size, one-token, tree or lanes steps): then a sequence may start from another's rows for the tokens they share
+    # (`prefix_reuse.py`) and its answer is the one a fresh prefill gives. Declared by backends whose tests show it.
+    reuses_rows = False
 
     @property
     def has_medusa(self) -> bool:
@@ -227,6 +236,10 @@ class KVCache:
 
     def reset(self) -> None:
         self.length = self.staged = 0
+
+    def rewind(self, length: int) -> None:
+        """Only the first ``length`` committed rows stay."""
+        self.length, self.staged = min(self.length, length), 0
 
     def keep(self, rows: np.ndarray) -> None:
         rows = np.asarray(rows, np.int64)

@@ -130,6 +130,9 @@ class OrtBackend(Backend):
         # Per graph: root-to-leaf paths it verifies exactly, one head group each (1: a masked tree step).
         self.paths = {kind: graph.paths for kind, graph in manifest.graphs.items()}
         self.max_paths = self.paths["medusa"] if manifest.graph_format == ONNXRUNTIME and dims.num_heads else None
+        # Fused graphs compute each row as a one-token step does (tree nodes per path, lanes, prompt chunks); a
+        # portable graph's masked tree step does not, in the last bits.
+        self.reuses_rows = manifest.graph_format == ONNXRUNTIME
         if manifest.graph_format == ONNXRUNTIME:
             check_fused_support(ort.__version__)
         if device != "cpu":
@@ -331,6 +334,12 @@ class OrtSession(Session):
         if self.kv is None:
             raise ValueError("this session is closed")
         self.kv.reset()
+        self.batch = None
+
+    def rewind(self, length: int) -> None:
+        if self.kv is None:
+            raise ValueError("this session is closed")
+        self.kv.rewind(length)
         self.batch = None
 
     def close(self) -> None:

@@ -41,6 +41,11 @@ class SlotCache:
         self.synced = [0] * self.slots
         self.used = 1
 
+    def rewind(self, length: int) -> None:
+        """Only the first ``length`` committed rows stay (the other slots' copies of them stay in step)."""
+        self.length, self.staged, self.used = min(self.length, length), 0, 1
+        self.synced = [min(s, self.length) for s in self.synced]
+
     @property
     def nbytes(self) -> int:
         return int(self.store.nbytes)

@@ -46,6 +46,9 @@ def serve(
     no_context_drafts: bool = typer.Option(False, "--no-context-drafts", help="Greedy requests speculate with the "
                                            "heads' tree only (by default they also verify continuations found in "
                                            "their context)."),
+    no_prefix_caching: bool = typer.Option(False, "--no-prefix-caching", help="Prefill every prompt whole (by "
+                                           "default a request starts from the KV rows a finished request left for "
+                                           "the prompt tokens they share: a chat's earlier turns, a system prompt)."),
     ray: bool = typer.Option(False, "--ray", help="Run as a Ray Serve deployment (pip install 'medusa-export[ray]')."),
     replicas: int = typer.Option(1, min=1, help="Ray Serve replicas (with --ray)."),
 ) -> None:
@@ -69,7 +72,7 @@ def serve(
     settings = ServeSettings(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                              max_queue=max_queue, timeout_s=request_timeout, header_timeout_s=header_timeout,
                              api_key=api_key, max_body_bytes=max_body_bytes, model_name=served_model_name,
-                             context_drafts=not no_context_drafts,
+                             context_drafts=not no_context_drafts, prefix_caching=not no_prefix_caching,
                              allowed_hosts=None if allowed_hosts is None else parse_allowed_hosts(allowed_hosts))
     if ray:
         from ..serve.ray_app import run_ray

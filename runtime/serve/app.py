@@ -58,6 +58,7 @@ class ServeSettings:
     max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS  # rows of one engine step (decode + chunks)
     max_queue: int = 8  # requests that may wait for a place before new ones get 429
     context_drafts: bool = True  # greedy requests also verify continuations found in their context
+    prefix_caching: bool = True  # requests start from finished requests' KV rows for a shared prefix (`prefix_reuse`)
     timeout_s: float = 300.0  # for the body to arrive (408), then for the request from admission, queueing included
     header_timeout_s: float = 30.0  # a connection's request line and headers must arrive within it (then closed)
     api_key: str | None = None
@@ -94,7 +95,8 @@ def create_app(runtime, settings: ServeSettings = ServeSettings()) -> FastAPI:
                         generator.backend.scores_prompts)
     pieces = TokenPieces(generator.tokenizer)  # tokens' text and bytes for logprobs
     metrics = ServerMetrics(name)
-    sched = Scheduler(generator, settings.max_num_seqs, settings.max_num_batched_tokens, settings.max_queue, settings.timeout_s, metrics)
+    sched = Scheduler(generator, settings.max_num_seqs, settings.max_num_batched_tokens, settings.max_queue,
+                      settings.timeout_s, metrics, settings.prefix_caching)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app):

@@ -27,6 +27,7 @@ class RequestRecord:
     step_accepted: list[int] = field(default_factory=list)  # draft tokens accepted per Medusa step
     draft_depth: int = 0  # draft positions each step proposed
     finish_reason: str = "stop"
+    cached_tokens: int = 0  # prompt tokens an earlier request's KV rows held (`prefix_reuse.py`)
 
 
 def accepted_per_position(step_accepted: list[int], depth: int) -> list[int]:
@@ -60,6 +61,10 @@ class ServerMetrics:
                                     "draft position.", lab + ["position"], registry=r)
         self.generation = Counter(P + "generation_tokens", "Generated tokens.", lab, registry=r)
         self.prompt = Counter(P + "prompt_tokens", "Prompt tokens.", lab, registry=r)
+        self.prefix_queries = Counter(P + "prefix_cache_queries", "Prompt tokens looked up in the KV slots' rows "
+                                      "(every finished request's prompt).", lab, registry=r)
+        self.prefix_hits = Counter(P + "prefix_cache_hits", "Prompt tokens whose KV rows an earlier request left, "
+                                   "so not prefilled.", lab, registry=r)
         self.success = Counter(P + "request_success", "Finished requests by finish reason.",
                                lab + ["finished_reason"], registry=r)
         self.rejected = Counter(P + "request_rejected", "Requests refused before decoding (queue full, "
@@ -84,6 +89,8 @@ class ServerMetrics:
     def finished(self, rec: RequestRecord) -> None:
         lab = self.labels
         self.prompt.labels(**lab).inc(rec.prompt_tokens)
+        self.prefix_queries.labels(**lab).inc(rec.prompt_tokens)
+        self.prefix_hits.labels(**lab).inc(rec.cached_tokens)
         self.generation.labels(**lab).inc(rec.generation_tokens)
         self.queue.labels(**lab).observe(rec.queue_s)
         self.e2e.labels(**lab).observe(rec.e2e_s)

@@ -114,6 +114,7 @@ async def sse_events(rid: str, jobs: list[Job], name: str, admitted: list[Admitt
     role_sent = [not job.chat] * len(admitted)
     echo_due = [request.job.echo is not None for request in admitted]  # the prompt goes first (as vLLM's stream)
     results: list[GenerationResult] = []
+    owners: list[Job] = []  # each result's prompt
 
     def chunk(index: int, text: str | None, finish: str | None, role: bool = False) -> str:
         answer, held = answers[index], pending[index]
@@ -168,11 +169,12 @@ async def sse_events(rid: str, jobs: list[Job], name: str, admitted: list[Admitt
             yield echo(index, result.prompt_logprobs)
         pending[index] += eos_entry(job, result) if job.answer else []
         results.append(result)
+        owners.append(admitted[index].job)
         yield chunk(index, None if job.chat else "", result.finish_reason if job.answer else "length")
     else:
         if job.include_usage:
             yield sse_data({"id": rid, "object": kind, "created": created, "model": name, "choices": [],
-                            "usage": usage(jobs, results), "metrics": speculation_metrics(results)})
+                            "usage": usage(jobs, results, owners), "metrics": speculation_metrics(results)})
     yield "data: [DONE]\n\n"
 
 
@@ -183,7 +185,8 @@ def response_body(rid: str, jobs: list[Job], name: str, admitted: list[Admitted]
                for i, (request, (text, result)) in enumerate(zip(admitted, answers))]
     results = [result for _, result in answers]
     return {"id": rid, "object": "chat.completion" if jobs[0].chat else "text_completion",
-            "created": int(time.time()), "model": name, "choices": choices, "usage": usage(jobs, results),
+            "created": int(time.time()), "model": name, "choices": choices,
+            "usage": usage(jobs, results, [request.job for request in admitted]),
             "metrics": speculation_metrics(results)}
 
 
@@ -211,11 +214,15 @@ def eos_entry(job: Job, result: GenerationResult) -> list:
     return [result.eos_logprob] if result.eos_logprob is not None and not job.chat else []
 
 
-def usage(jobs: list[Job], results: list[GenerationResult]) -> dict:
-    """Each prompt once, every choice's answer."""
+def usage(jobs: list[Job], results: list[GenerationResult], owners: list[Job]) -> dict:
+    """Each prompt once, every choice's answer (``owners``: each result's prompt)."""
     prompt = sum(len(job.prompt_ids) for job in jobs)
     answer = sum(result.new_tokens for result in results) if jobs[0].answer else 0
-    return {"prompt_tokens": prompt, "completion_tokens": answer, "total_tokens": prompt + answer}
+    # OpenAI's field (and vLLM's): prompt tokens whose KV rows an earlier request left, so not computed again. A
+    # prompt counts once, as in prompt_tokens: the most any of its choices found.
+    cached = sum(max((r.cached_tokens for r, o in zip(results, owners) if o is job), default=0) for job in jobs)
+    return {"prompt_tokens": prompt, "completion_tokens": answer, "total_tokens": prompt + answer,
+            "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 def speculation_metrics(results: list[GenerationResult]) -> dict:

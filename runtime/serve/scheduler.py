@@ -77,9 +77,10 @@ class Request:
 
 class Scheduler:
     def __init__(self, generator: Generator, max_num_seqs: int | None, max_num_batched_tokens: int, max_queue: int,
-                 timeout_s: float, metrics: ServerMetrics) -> None:
+                 timeout_s: float, metrics: ServerMetrics, prefix_caching: bool = True) -> None:
         self.max_queue, self.timeout_s, self.metrics = max_queue, timeout_s, metrics
-        self.engine = Engine(generator, max_num_seqs, max_num_batched_tokens, on_step=self._on_step)
+        self.engine = Engine(generator, max_num_seqs, max_num_batched_tokens, on_step=self._on_step,
+                             reuse_prefixes=prefix_caching)
         self.max_num_seqs = self.engine.max_num_seqs
         self.thread = EngineThread(self.engine)
         self.lock = threading.Lock()
@@ -178,6 +179,7 @@ class Scheduler:
         if result is not None:
             rec.step_accepted, rec.draft_depth, rec.finish_reason = (result.step_accepted, result.draft_depth,
                                                                      result.finish_reason)
+            rec.cached_tokens = result.cached_tokens
         else:
             rec.finish_reason = "error"
         self.metrics.finished(rec)

@@ -1,0 +1,124 @@
+"""Prefix reuse on two-turn chats (a benchmark, not a test): MT-Bench's second turns repeat the first turn and its
+answer. Each conversation runs on an engine with prefix reuse and on one without, in alternating order; per turn: the
+prompt tokens, those reused, the prefill time, the time to the first token and the whole turn's, and whether the
+answers are identical.
+
+    python scripts/prefix_reuse_bench.py ARTIFACT --prompts mt_bench.jsonl [--limit 20] [--max-new-tokens 128]
+                                         [--threads 2] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from medusa_export.runtime.api import MedusaRuntime
+from medusa_export.runtime.decode import GenerationConfig
+from medusa_export.runtime.engine import Engine
+from medusa_export.runtime.errors import InputError
+from medusa_export.runtime.generator import GenerationResult
+from medusa_export.runtime.machine import machine_info
+from medusa_export.runtime.prompts import jsonl_rows
+from medusa_export.runtime.warm_up import warm_up_backend
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from script_io import positive, run_main, write_json  # noqa: E402
+
+
+def conversations(path: Path, limit: int) -> list[list[str]]:
+    """The first ``limit`` rows with at least two turns: their first two turns."""
+    found = []
+    for lineno, row in jsonl_rows(path):
+        turns = row.get("turns") if isinstance(row, dict) else None
+        if isinstance(turns, list) and len(turns) >= 2 and all(isinstance(t, str) and t.strip() for t in turns[:2]):
+            found.append(turns[:2])
+        if len(found) == limit:
+            break
+    if not found:
+        raise InputError(f"{path}: no row has two non-empty \"turns\": give MT-Bench's question file")
+    return found
+
+
+def one_turn(engine: Engine, prompt: list[int], cfg: GenerationConfig) -> tuple[GenerationResult, float, float]:
+    """(result, seconds to its first event, seconds in all) of one request run alone on ``engine``."""
+    first, final = [], []
+
+    def sink(item):
+        if isinstance(item, GenerationResult):
+            final.append(item)
+        elif isinstance(item, Exception):
+            raise item
+        elif not first:
+            first.append(time.perf_counter())
+
+    t0 = time.perf_counter()
+    engine.add(prompt, cfg, sink)
+    for _ in range(100_000):  # bounded
+        if not engine.step():
+            break
+    done = time.perf_counter()
+    return final[0], (first[0] if first else done) - t0, done - t0
+
+
+def conversation(rt, engine: Engine, turns: list[str], cfg: GenerationConfig) -> list[dict]:
+    messages, rows = [], []
+    for text in turns:
+        messages.append({"role": "user", "content": text})
+        prompt = rt.chat_ids(messages)
+        result, ttft, total = one_turn(engine, prompt, cfg)
+        messages.append({"role": "assistant", "content": result.text})
+        rows.append({"prompt_tokens": len(prompt), "cached_tokens": result.cached_tokens,
+                     "prefill_ms": result.prefill_ms, "ttft_ms": round(ttft * 1e3, 2),
+                     "turn_ms": round(total * 1e3, 2), "tokens": result.token_ids})
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("artifact")
+    ap.add_argument("--prompts", type=Path, required=True, help="MT-Bench-style JSONL rows with \"turns\"")
+    ap.add_argument("--limit", type=positive, default=20, help="conversations (default 20)")
+    ap.add_argument("--max-new-tokens", type=positive, default=128)
+    ap.add_argument("--threads", type=positive, default=None)
+    ap.add_argument("--json", type=Path)
+    a = ap.parse_args()
+    convs = conversations(a.prompts, a.limit)
+    rt = MedusaRuntime.load(a.artifact, threads=a.threads)
+    cfg = GenerationConfig(max_new_tokens=a.max_new_tokens)  # greedy, the heads and drafts: the defaults
+    warm_up_backend(rt.generator)
+    engines = {mode: Engine(rt.generator, max_num_seqs=1, reuse_prefixes=mode) for mode in (False, True)}
+    rows = []
+    for i, turns in enumerate(convs):
+        order = (False, True) if i % 2 == 0 else (True, False)  # alternating: neither mode always runs first
+        got = {mode: conversation(rt, engines[mode], turns, cfg) for mode in order}
+        row = {"conversation": i, "identical": all(x["tokens"] == y["tokens"] for x, y in zip(got[False], got[True]))}
+        for mode, name in ((False, "fresh"), (True, "reused")):
+            row[name] = [{k: v for k, v in turn.items() if k != "tokens"} for turn in got[mode]]
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    summary = {}
+    for turn in (0, 1):
+        for name in ("fresh", "reused"):
+            pick = lambda key: [r[name][turn][key] for r in rows]  # noqa: E731
+            summary[f"turn{turn + 1}_{name}"] = {
+                "prompt_tokens_mean": round(float(np.mean(pick("prompt_tokens"))), 1),
+                "cached_tokens_mean": round(float(np.mean(pick("cached_tokens"))), 1),
+                "prefill_ms_median": round(float(np.median(pick("prefill_ms"))), 1),
+                "ttft_ms_median": round(float(np.median(pick("ttft_ms"))), 1),
+                "turn_ms_total": round(float(np.sum(pick("turn_ms"))), 1)}
+    summary["identical"] = f"{sum(r['identical'] for r in rows)}/{len(rows)}"
+    print(json.dumps(summary, indent=1))
+    for engine in engines.values():
+        engine.close()
+    if a.json:
+        write_json(a.json, {"artifact": a.artifact, "machine": machine_info(), "max_new_tokens": a.max_new_tokens,
+                            "summary": summary, "rows": rows})
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,222 @@
+"""Prefix reuse (`runtime/prefix_reuse.py`): a request that starts from the KV rows a finished request left in its
+slot gets the answer a fresh prefill gives, bit for bit (tokens and log-probabilities): greedy with the heads' tree and
+context drafts, plain, sampled, alone and batched, on fp32 and int8 graphs; what it skipped is counted in its result,
+in the server's usage and in its metrics; a backend whose rows depend on how they went in never reuses them."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from conftest import TINY_VOCAB, build_tiny
+
+from medusa_export.runtime.backends.base import KVCache, ModelDims
+from medusa_export.runtime.backends.slot_cache import SlotCache
+from medusa_export.runtime.decode import GenerationConfig
+from medusa_export.runtime.generator import GenerationResult
+from medusa_export.runtime.prefix_reuse import SlotPrefixes, shared_prefix
+
+pytest.importorskip("onnxruntime")
+
+
+# ------------------------------------------------------------------------------------------- which slot, how many rows
+
+
+def test_the_longest_shared_prefix_wins_and_the_prompts_last_token_is_fed_again():
+    p = SlotPrefixes(3, enabled=True)
+    p.release(0, [1, 2, 3, 4])
+    p.release(1, [1, 2, 9])
+    p.release(2, [])
+    free = [0, 1, 2]
+    assert p.take(free, [1, 2, 3, 4, 5]) == (0, 4) and free == [1, 2]
+    p.release(0, [1, 2, 3, 4])
+    free = [0, 1, 2]
+    assert p.take(free, [1, 2, 3, 4]) == (0, 3)  # the whole prompt held: its last row gives the first answer token
+    p.release(0, [1, 2, 3, 4])
+    assert p.take([0, 1, 2], [7]) == (1, 0)  # a one-token prompt reuses nothing: the slot unused longest
+    assert shared_prefix([1, 2], [1, 2, 3]) == 2 and shared_prefix([], [1]) == 0 and shared_prefix([5], [6]) == 0
+
+
+def test_without_a_shared_prefix_the_slot_unused_longest_is_overwritten():
+    p = SlotPrefixes(3, enabled=True)
+    for slot, tokens in ((2, [5, 5]), (0, [6, 6]), (1, [7, 7])):
+        p.release(slot, tokens)
+    free = [0, 1, 2]
+    assert p.take(free, [9, 9, 9]) == (2, 0)  # freed first
+    assert p.take(free, [7, 7, 1]) == (1, 2)  # slot 0's [6, 6] stays for a later request
+    assert p.tokens[0] == [6, 6] and p.tokens[1] == p.tokens[2] == []  # taken slots hold nothing reusable
+
+
+def test_reuse_is_off_when_disabled_for_a_scored_prompt_and_after_a_failed_step():
+    p = SlotPrefixes(2, enabled=False)
+    p.release(0, [1, 2, 3])
+    assert p.take([0, 1], [1, 2, 3, 4])[1] == 0
+    p = SlotPrefixes(2, enabled=True)
+    p.release(0, [1, 2, 3])
+    assert p.take([0, 1], [1, 2, 3, 4], allowed=False)[1] == 0  # prompt_logprobs: every prompt row is computed
+    p.release(0, None)  # a failed step may have half-written its rows
+    assert p.take([0, 1], [1, 2, 3, 4])[1] == 0
+
+
+def test_caches_rewind_to_a_prefix():
+    dims = ModelDims(num_layers=2, num_kv_heads=1, head_dim=4, vocab_size=16, num_heads=0, head_topk=1,
+                     sample_topk=1, dtype="float32")
+    kv = KVCache(dims, 8)
+    kv.stage(5)
+    kv.keep(np.arange(5))
+    kv.rewind(3)
+    assert kv.length == 3 and kv.staged == 0
+    kv.rewind(6)  # never past what is committed
+    assert kv.length == 3
+    slots = SlotCache(dims, 8, slots=2)
+    slots.prepare(5, 2)
+    slots.keep(np.arange(5))
+    slots.prepare(1, 2)  # slot 1 is synced to the 5 committed rows
+    slots.keep(np.arange(1))
+    slots.rewind(2)
+    assert slots.length == 2 and slots.synced == [0, 2] and slots.used == 1
+
+
+# ------------------------------------------------------------------------------------------- answers through the engine
+
+
+@pytest.fixture(scope="module", params=["fp32", "int8-rows-kernel"])
+def rt(request, artifact, tiny_dirs, tmp_path_factory):
+    from medusa_export.runtime.api import MedusaRuntime
+
+    art = artifact if request.param == "fp32" else build_tiny(
+        tiny_dirs, tmp_path_factory.mktemp("reuse") / "int8", dtype="int8", max_seq=128, attention="kernel",
+        int8_matmul="rows")
+    with MedusaRuntime.load(art, threads=1) as runtime:
+        assert runtime.generator.backend.reuses_rows
+        yield runtime
+
+
+def _through(engine, requests: list[tuple[list[int], GenerationConfig]]) -> list[GenerationResult]:
+    """Requests added together, run until the engine is idle (bounded): their results, in order."""
+    results: dict[int, GenerationResult] = {}
+    for i, (prompt, cfg) in enumerate(requests):
+        engine.add(prompt, cfg, lambda item, i=i: results.__setitem__(i, item) if isinstance(
+            item, (GenerationResult, Exception)) else None)
+    for _ in range(5000):  # bounded
+        if not engine.step():
+            break
+    assert all(isinstance(results.get(i), GenerationResult) for i in range(len(requests))), results
+    return [results[i] for i in range(len(requests))]
+
+
+def _same(got: GenerationResult, fresh: GenerationResult) -> None:
+    assert got.token_ids == fresh.token_ids and got.text == fresh.text and got.finish_reason == fresh.finish_reason
+    assert [(e.token_id, e.logprob, e.top) for e in got.logprobs] == \
+        [(e.token_id, e.logprob, e.top) for e in fresh.logprobs]  # bit for bit, alternatives included
+
+
+def _fresh(rt, prompt: list[int], cfg: GenerationConfig) -> GenerationResult:
+    """The answer of a fresh session (`generate`, no engine): the engine samples without the heads."""
+    return rt.generator.generate(prompt, cfg if cfg.temperature == 0 else replace(cfg, medusa=False))
+
+
+CONFIGS = {
+    "greedy-medusa": GenerationConfig(max_new_tokens=24, ignore_eos=True, logprobs=2),
+    "greedy-plain": GenerationConfig(max_new_tokens=24, ignore_eos=True, logprobs=2, medusa=False),
+    "sampled": GenerationConfig(max_new_tokens=24, ignore_eos=True, logprobs=2, temperature=0.9, seed=7),
+}
+
+
+@pytest.mark.parametrize("kind", list(CONFIGS))
+def test_a_follow_up_turn_reuses_the_conversation_and_answers_as_fresh(rt, kind, clock_free_steps):
+    """Turn 2 repeats turn 1's prompt and answer: it prefills only what follows them, and its answer (and turn 3's,
+    which reuses turn 2's slot) is the one a fresh runtime's `generate` gives."""
+    from medusa_export.runtime.engine import Engine
+
+    cfg = CONFIGS[kind]
+    engine = Engine(rt.generator, max_num_seqs=2, max_num_batched_tokens=16)
+    try:
+        prompt = [3, 8, 5, 9, 12, 4, 7, 3, 8, 5]
+        for turn in range(3):
+            (got,) = _through(engine, [(prompt, cfg)])
+            _same(got, _fresh(rt, prompt, cfg))
+            if turn == 0:
+                assert got.cached_tokens == 0
+            else:
+                assert got.cached_tokens >= held - 1, (turn, got.cached_tokens, held)
+            held = len(prompt) + len(got.token_ids)
+            prompt = prompt + got.token_ids + [turn + 20, 6, 11]
+    finally:
+        engine.close()
+
+
+def test_requests_sharing_a_system_prompt_in_one_batch_answer_as_fresh(rt, clock_free_steps):
+    """A finished request leaves a shared prefix; of three requests then arriving together, one takes its slot and
+    skips that prefix, the others start empty; every answer, greedy or sampled, with or without the heads, is its own
+    fresh one."""
+    from medusa_export.runtime.engine import Engine
+
+    system = [2, 30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40]
+    engine = Engine(rt.generator, max_num_seqs=3, max_num_batched_tokens=8)
+    try:
+        _through(engine, [(system + [50, 51], CONFIGS["greedy-plain"])])
+        requests = [(system + [41, 42], CONFIGS["greedy-medusa"]), (system + [43], CONFIGS["sampled"]),
+                    (system + [44, 45, 46], replace(CONFIGS["greedy-medusa"], context_drafts=False))]
+        results = _through(engine, requests)
+        for (prompt, cfg), got in zip(requests, results):
+            _same(got, _fresh(rt, prompt, cfg))
+        assert sorted(r.cached_tokens for r in results) == [0, 0, len(system)]
+    finally:
+        engine.close()
+
+
+def test_a_scored_prompt_and_a_disabled_engine_prefill_everything(rt):
+    from medusa_export.runtime.engine import Engine
+
+    prompt = [4, 5, 6, 7, 8, 9]
+    for reuse, cfg, cached in ((True, GenerationConfig(max_new_tokens=4, prompt_logprobs=1), 0),
+                               (False, GenerationConfig(max_new_tokens=4), 0),
+                               (True, GenerationConfig(max_new_tokens=4), len(prompt) - 1)):
+        engine = Engine(rt.generator, max_num_seqs=1, reuse_prefixes=reuse)
+        try:
+            first, again = _through(engine, [(prompt, cfg)]), _through(engine, [(prompt, cfg)])
+            assert again[0].cached_tokens == cached and again[0].token_ids == first[0].token_ids
+            assert again[0].prompt_logprobs == first[0].prompt_logprobs
+        finally:
+            engine.close()
+
+
+def test_a_portable_graph_never_reuses_rows(portable_artifact):
+    """Its masked tree steps compute rows in other last bits than one-token steps: reuse would not be exact."""
+    from medusa_export.runtime.api import MedusaRuntime
+    from medusa_export.runtime.engine import Engine
+
+    with MedusaRuntime.load(portable_artifact, threads=1) as runtime:
+        assert not runtime.generator.backend.reuses_rows
+        engine = Engine(runtime.generator, max_num_seqs=1)
+        try:
+            prompt = [4, 5, 6, 7, 8, 9]
+            _through(engine, [(prompt, GenerationConfig(max_new_tokens=4))])
+            assert _through(engine, [(prompt, GenerationConfig(max_new_tokens=4))])[0].cached_tokens == 0
+        finally:
+            engine.close()
+
+
+# ------------------------------------------------------------------------------------------- the server
+
+
+def test_the_server_reports_cached_tokens_and_can_turn_reuse_off(artifact):
+    from serve_helpers import KEY, metric, post, serving, wait_idle
+
+    turn1 = {"prompt": "t3 t8 t5 t9 t12 t4", "max_tokens": 8, "temperature": 0, "ignore_eos": True}
+    for options, reused in (((), True), (("--no-prefix-caching",), False)):
+        with serving(artifact, "--api-key", KEY, "--max-num-seqs", "1", *options) as (base, proc):
+            first = post(base + "/v1/completions", turn1)[1]
+            turn2 = {**turn1, "prompt": f"{turn1['prompt']} {first['choices'][0]['text'].strip()} t20 t21"}
+            second = post(base + "/v1/completions", turn2)[1]
+            cached = second["usage"]["prompt_tokens_details"]["cached_tokens"]
+            assert first["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+            assert (cached >= first["usage"]["prompt_tokens"]) == reused and (cached == 0) == (not reused)
+            wait_idle(base)
+            assert metric(base, "prefix_cache_hits_total") == cached
+            assert metric(base, "prefix_cache_queries_total") == \
+                first["usage"]["prompt_tokens"] + second["usage"]["prompt_tokens"]
+        assert f"prefix caching {'on' if reused else 'off'}" in proc.stdout.read()
