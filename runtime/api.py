@@ -119,11 +119,15 @@ class MedusaRuntime:
         return generate_many(self.generator, prompts, max_num_seqs, max_num_batched_tokens,
                              GenerationConfig.from_options(**options))
 
-    def batcher(self, max_num_seqs: int | None = None, max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS):
-        """A `Batcher`: submit requests from any thread, each decoded in the shared batch (`runtime.batcher`)."""
+    def batcher(self, max_num_seqs: int | None = None, max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS,
+                reuse_prefixes: bool = True):
+        """A `Batcher`: submit requests from any thread, each decoded in the shared batch (`runtime.batcher`); a request
+        starts from the KV rows a finished one left for their shared prefix unless ``reuse_prefixes`` is False."""
         from .batcher import Batcher
 
-        batcher = Batcher(self.generator, max_num_seqs, max_num_batched_tokens)
+        if not isinstance(reuse_prefixes, bool):  # "no" is truthy
+            raise InputError(f"reuse_prefixes must be True or False, got {reuse_prefixes!r:.40}")
+        batcher = Batcher(self.generator, max_num_seqs, max_num_batched_tokens, reuse_prefixes)
         self._engine_threads.add(batcher.thread)  # stopped with the runtime: it must not outlive the backend
         return batcher
 

@@ -70,9 +70,13 @@ class BatchedStream:
 
 
 class Batcher:
-    def __init__(self, generator: Generator, max_num_seqs: int | None = None, max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS) -> None:
+    def __init__(self, generator: Generator, max_num_seqs: int | None = None,
+                 max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS, reuse_prefixes: bool = True) -> None:
+        """``reuse_prefixes``: a request starts from the KV rows a finished one left for their shared prefix
+        (`prefix_reuse.py`; exact, on the backends where it is on)."""
         self.generator = generator
-        self.thread = EngineThread(Engine(generator, max_num_seqs, max_num_batched_tokens))
+        self.thread = EngineThread(Engine(generator, max_num_seqs, max_num_batched_tokens,
+                                          reuse_prefixes=reuse_prefixes))
         # Dropped without close(): the thread finishes what was submitted, then stops and frees the KV slots (it
         # would otherwise wait for work for ever, holding them, out of reach of `MedusaRuntime.close`).
         weakref.finalize(self, self.thread.retire)

@@ -220,3 +220,18 @@ def test_the_server_reports_cached_tokens_and_can_turn_reuse_off(artifact):
             assert metric(base, "prefix_cache_queries_total") == \
                 first["usage"]["prompt_tokens"] + second["usage"]["prompt_tokens"]
         assert f"prefix caching {'on' if reused else 'off'}" in proc.stdout.read()
+
+
+def test_a_batcher_reuses_prefixes_unless_asked_not_to(rt):
+    from medusa_export.runtime.errors import InputError
+
+    prompt = [4, 5, 6, 7, 8, 9, 10]
+    for reuse in (True, False):
+        with rt.batcher(max_num_seqs=1, reuse_prefixes=reuse) as batcher:
+            first = batcher.submit(prompt, max_new_tokens=6)
+            list(first)
+            again = batcher.submit(prompt + first.result.token_ids + [3], max_new_tokens=6)
+            list(again)
+            assert (again.result.cached_tokens >= len(prompt)) == reuse and (again.result.cached_tokens == 0) != reuse
+    with pytest.raises(InputError, match="reuse_prefixes must be True or False"):
+        rt.batcher(reuse_prefixes="no")
