@@ -309,6 +309,7 @@ def test_heads_fewer_than_the_default_trees_depth_decode_on_its_paths_they_can_f
     proc = cli(*common)
     assert proc.returncode == 0 and plain.returncode == 0, proc.stderr
     assert proc.stdout.splitlines()[0] == plain.stdout.splitlines()[0]  # the same text
+    assert "note: --heads is not used with --no-medusa" in plain.stderr and "not used" not in proc.stderr
     given = cli(*common, "--tree", "chain-3")
     assert given.returncode == 2 and "2 Medusa heads" in given.stderr, given.stderr
 

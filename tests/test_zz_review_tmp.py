@@ -34,7 +34,7 @@ def rt(request, tiny_dirs, tmp_path_factory):
                          **VARIANTS[request.param])
     except Exception as e:  # noqa: BLE001
         pytest.skip(f"build {request.param}: {type(e).__name__}: {str(e)[:300]}")
-    with MedusaRuntime.load(art, threads=1) as runtime:
+    with MedusaRuntime.load(art, threads=int(os.environ.get("REVIEW_THREADS", "1"))) as runtime:
         print("VARIANT", request.param, "reuses_rows", runtime.generator.backend.reuses_rows)
         yield runtime
 

@@ -74,6 +74,10 @@ def generate(
         typer.echo(opened.notice, err=True)
     for note in opened.notes:
         typer.echo(f"note: {note}", err=True)
+    unused = [name for name, value in (("--tree", tree), ("--heads", heads)) if no_medusa and value is not None]
+    if unused:  # kept for A/B runs that toggle --no-medusa alone; said, so that no one reads them as used
+        typer.echo(f"note: {' and '.join(unused)} {'is' if len(unused) == 1 else 'are'} not used with --no-medusa "
+                   f"(plain decoding)", err=True)
     try:
         stream = opened.generator.stream(prompt, cfg)
         for event in stream:
