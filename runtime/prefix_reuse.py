@@ -45,12 +45,13 @@ class SlotPrefixes:
         """Remove from ``free`` the slot a request with ``prompt`` takes; with it, how many of the prompt's tokens its
         rows already hold. The longest shared prefix wins (at most all but the prompt's last token: its row gives the
         first answer token); without one, the slot unused longest. ``allowed``: False for a request that needs every
-        prompt row computed (`prompt_logprobs` scores each)."""
+        prompt row computed (`prompt_logprobs` scores each). Among slots sharing as much, the one unused longest: the
+        others (a chat whose turn just ended, beyond a system prompt they all share) stay for their next request."""
         best, rows = min(free, key=lambda s: self.freed[s]), 0
         if self.enabled and allowed:
             for slot in free:
                 n = min(shared_prefix(self.tokens[slot], prompt), len(prompt) - 1)
-                if n > rows or n == rows and n > 0 and self.freed[slot] > self.freed[best]:
+                if n > rows or n == rows and n > 0 and self.freed[slot] < self.freed[best]:
                     best, rows = slot, n
         free.remove(best)
         self.tokens[best] = []  # the request takes it over: its rows change from now on

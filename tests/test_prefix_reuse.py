@@ -49,6 +49,15 @@ def test_without_a_shared_prefix_the_slot_unused_longest_is_overwritten():
     assert p.tokens[0] == [6, 6] and p.tokens[1] == p.tokens[2] == []  # taken slots hold nothing reusable
 
 
+def test_among_slots_sharing_as_much_the_one_unused_longest_is_taken():
+    """A new chat shares only the system prompt with every slot: it overwrites the oldest conversation, not the one
+    whose turn just ended (its next turn is the likeliest request to come)."""
+    p = SlotPrefixes(3, enabled=True)
+    for slot, tokens in ((1, [1, 2, 3, 10, 11]), (0, [1, 2, 3, 20, 21]), (2, [1, 2, 3, 30, 31])):
+        p.release(slot, tokens)
+    assert p.take([0, 1, 2], [1, 2, 3, 40]) == (1, 3)
+
+
 def test_reuse_is_off_when_disabled_for_a_scored_prompt_and_after_a_failed_step():
     p = SlotPrefixes(2, enabled=False)
     p.release(0, [1, 2, 3])
@@ -184,12 +193,17 @@ def test_a_scored_prompt_and_a_disabled_engine_prefill_everything(rt):
             engine.close()
 
 
-def test_a_portable_graph_never_reuses_rows(portable_artifact):
-    """Its masked tree steps compute rows in other last bits than one-token steps: reuse would not be exact."""
+@pytest.mark.parametrize("kind", ["portable", "no lanes graph"])
+def test_artifacts_whose_rows_are_not_shown_exact_never_reuse_them(kind, portable_artifact, tiny_dirs,
+                                                                    tmp_path_factory):
+    """A portable graph's masked tree steps compute rows in other last bits than one-token steps; without a lanes
+    graph, build never checked that a prompt's rows equal one-row steps' (`_check_lanes`)."""
     from medusa_export.runtime.api import MedusaRuntime
     from medusa_export.runtime.engine import Engine
 
-    with MedusaRuntime.load(portable_artifact, threads=1) as runtime:
+    art = portable_artifact if kind == "portable" else build_tiny(
+        tiny_dirs, tmp_path_factory.mktemp("reuse") / "one", max_seq=64, max_num_seqs=1)
+    with MedusaRuntime.load(art, threads=1) as runtime:
         assert not runtime.generator.backend.reuses_rows
         engine = Engine(runtime.generator, max_num_seqs=1)
         try:
@@ -235,3 +249,17 @@ def test_a_batcher_reuses_prefixes_unless_asked_not_to(rt):
             assert (again.result.cached_tokens >= len(prompt)) == reuse and (again.result.cached_tokens == 0) != reuse
     with pytest.raises(InputError, match="reuse_prefixes must be True or False"):
         rt.batcher(reuse_prefixes="no")
+
+
+def test_usage_counts_each_prompts_cached_tokens_once_whatever_order_its_choices_end_in():
+    """Two prompts, the first with two choices (copies of its job): the most any of a prompt's choices reused."""
+    from medusa_export.runtime.serve.requests import Job
+    from medusa_export.runtime.serve.responses import usage
+
+    jobs = [Job([1, 2, 3, 4, 5, 6], GenerationConfig(max_new_tokens=4), stream=False, include_usage=False, chat=False,
+                n=2), Job([1, 2, 3, 9, 9], GenerationConfig(max_new_tokens=4), stream=False, include_usage=False,
+                          chat=False)]
+    results = [GenerationResult(text="", token_ids=[7], new_tokens=1, steps=0, mean_accepted=0.0, tokens_per_s=0.0,
+                                finish_reason="length", backend="ort", medusa=False, cached_tokens=c) for c in (3, 5, 0)]
+    got = usage(jobs, results, [2, 0, 1])  # the second prompt's choice ended first
+    assert got["prompt_tokens_details"] == {"cached_tokens": 3 + 5} and got["prompt_tokens"] == 11

@@ -131,8 +131,11 @@ class OrtBackend(Backend):
         self.paths = {kind: graph.paths for kind, graph in manifest.graphs.items()}
         self.max_paths = self.paths["medusa"] if manifest.graph_format == ONNXRUNTIME and dims.num_heads else None
         # Fused graphs compute each row as a one-token step does (tree nodes per path, lanes, prompt chunks); a
-        # portable graph's masked tree step does not, in the last bits.
-        self.reuses_rows = manifest.graph_format == ONNXRUNTIME
+        # portable graph's masked tree step does not, in the last bits. That rests on ONNX Runtime computing every row
+        # independently of how many go in together, which build checks only where it builds a lanes graph
+        # (`exporter/build._check_lanes`, prompt-sized runs beside one-row steps; a --max-num-seqs 1 build is what its
+        # failure advises): without one, a prompt's rows never had to equal step rows, so they are not reused.
+        self.reuses_rows = manifest.graph_format == ONNXRUNTIME and "lanes" in manifest.graphs
         if manifest.graph_format == ONNXRUNTIME:
             check_fused_support(ort.__version__)
         if device != "cpu":

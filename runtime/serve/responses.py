@@ -114,7 +114,7 @@ async def sse_events(rid: str, jobs: list[Job], name: str, admitted: list[Admitt
     role_sent = [not job.chat] * len(admitted)
     echo_due = [request.job.echo is not None for request in admitted]  # the prompt goes first (as vLLM's stream)
     results: list[GenerationResult] = []
-    owners: list[Job] = []  # each result's prompt
+    owners: list[int] = []  # each result's choice (its index in ``admitted``)
 
     def chunk(index: int, text: str | None, finish: str | None, role: bool = False) -> str:
         answer, held = answers[index], pending[index]
@@ -169,7 +169,7 @@ async def sse_events(rid: str, jobs: list[Job], name: str, admitted: list[Admitt
             yield echo(index, result.prompt_logprobs)
         pending[index] += eos_entry(job, result) if job.answer else []
         results.append(result)
-        owners.append(admitted[index].job)
+        owners.append(index)
         yield chunk(index, None if job.chat else "", result.finish_reason if job.answer else "length")
     else:
         if job.include_usage:
@@ -186,7 +186,7 @@ def response_body(rid: str, jobs: list[Job], name: str, admitted: list[Admitted]
     results = [result for _, result in answers]
     return {"id": rid, "object": "chat.completion" if jobs[0].chat else "text_completion",
             "created": int(time.time()), "model": name, "choices": choices,
-            "usage": usage(jobs, results, [request.job for request in admitted]),
+            "usage": usage(jobs, results, list(range(len(admitted)))),
             "metrics": speculation_metrics(results)}
 
 
@@ -214,13 +214,18 @@ def eos_entry(job: Job, result: GenerationResult) -> list:
     return [result.eos_logprob] if result.eos_logprob is not None and not job.chat else []
 
 
-def usage(jobs: list[Job], results: list[GenerationResult], owners: list[Job]) -> dict:
-    """Each prompt once, every choice's answer (``owners``: each result's prompt)."""
+def usage(jobs: list[Job], results: list[GenerationResult], choices: list[int]) -> dict:
+    """Each prompt once, every choice's answer (``choices``: each result's index among the request's choices, which
+    are each prompt's ``n`` in turn, as `choice_jobs` makes them: copies of the prompt's job when n > 1)."""
     prompt = sum(len(job.prompt_ids) for job in jobs)
     answer = sum(result.new_tokens for result in results) if jobs[0].answer else 0
     # OpenAI's field (and vLLM's): prompt tokens whose KV rows an earlier request left, so not computed again. A
     # prompt counts once, as in prompt_tokens: the most any of its choices found.
-    cached = sum(max((r.cached_tokens for r, o in zip(results, owners) if o is job), default=0) for job in jobs)
+    prompt_of = [p for p, job in enumerate(jobs) for _ in range(job.n)]
+    most = [0] * len(jobs)
+    for result, choice in zip(results, choices):
+        most[prompt_of[choice]] = max(most[prompt_of[choice]], result.cached_tokens)
+    cached = sum(most)
     return {"prompt_tokens": prompt, "completion_tokens": answer, "total_tokens": prompt + answer,
             "prompt_tokens_details": {"cached_tokens": cached}}
 
