@@ -180,18 +180,24 @@ class Engine:
                         passed.append(seq)
                         continue
                     scoring = True
-                admitted.append((seq, *self.prefixes.take(self.free, seq.prompt, not seq.scoring_prompt)))
+                place = self.prefixes.place(self.free, seq, self.running + [a[0] for a in admitted])
+                if place is None:  # a running sequence's prompt going in will hold its prefix: it waits for those rows
+                    passed.append(seq)
+                    continue
+                admitted.append((seq, *place))
             self.waiting[:0] = passed
         for seq in cancelled:
             self._finish(seq, seq.cancelled)
-        for seq, slot, cached in admitted:
-            self._start(seq, slot, cached)
+        for seq, slot, cached, donor in admitted:
+            self._start(seq, slot, cached, donor)
 
-    def _start(self, seq: Sequence, slot: int, cached: int = 0) -> None:
-        """``seq`` takes the KV slot ``slot`` (emptied for it but the rows of its prompt's first ``cached`` tokens)
-        and runs from the next step."""
+    def _start(self, seq: Sequence, slot: int, cached: int = 0, donor: Sequence | None = None) -> None:
+        """``seq`` takes the KV slot ``slot`` (emptied for it but the rows of its prompt's first ``cached`` tokens,
+        or given ``donor``'s rows of them) and runs from the next step."""
         try:
-            session = self._fresh(self.slots[slot], cached)
+            session = self._fresh(self.slots[slot], 0 if donor else cached)
+            if donor is not None:
+                session.copy_rows(donor.session, cached)
             self.slots[slot] = session
             seq.fed = seq.stats.cached_tokens = session.length
             seq.out = TextOutput(self.gen.tokenizer, seq.cfg)

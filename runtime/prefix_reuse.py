@@ -4,17 +4,25 @@
     slot, rows = prefixes.take(free_slots, prompt_ids, allowed=True)   # rows: prompt tokens already in that slot
     ...
     prefixes.release(slot, tokens_in_its_cache)                          # None: its rows are not to be trusted
+    donor, shared, ready = running_donor(prompt_ids, engine.running)      # or copy a running sequence's rows
 
 A finished sequence's slot still holds the KV rows of its prompt and answer. A chat's next turn repeats them (the
 conversation so far), and requests of one service share a system prompt: taking the slot whose rows share the
 longest prefix with the new prompt skips that much prefill (about 1.3 ms a token for the default model on two
-cores). Exact on backends whose KV rows depend on their tokens alone (`Backend.reuses_rows`): the answer is the one
-a fresh prefill gives, bit for bit (tests/test_prefix_reuse.py).
+cores). A running sequence's rows serve too: a request copies them, or waits in the queue while that sequence's prompt
+is still going in (a request's ``n`` choices, requests under one system prompt arriving together). Exact on backends
+whose KV rows depend on their tokens alone (`Backend.reuses_rows`): the answer is the one a fresh prefill gives, bit
+for bit (tests/test_prefix_reuse.py).
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
+
+if TYPE_CHECKING:
+    from .engine_sequence import Sequence
 
 
 def shared_prefix(a: list[int], b: list[int]) -> int:
@@ -42,8 +50,14 @@ class SlotPrefixes:
         self.tokens[slot] = list(tokens) if tokens is not None and self.enabled else []
 
     def take(self, free: list[int], prompt: list[int], allowed: bool = True) -> tuple[int, int]:
-        """Remove from ``free`` the slot a request with ``prompt`` takes; with it, how many of the prompt's tokens its
-        rows already hold. The longest shared prefix wins (at most all but the prompt's last token: its row gives the
+        """`choose` and `claim` in one."""
+        slot, rows = self.choose(free, prompt, allowed)
+        self.claim(free, slot)
+        return slot, rows
+
+    def choose(self, free: list[int], prompt: list[int], allowed: bool = True) -> tuple[int, int]:
+        """The slot of ``free`` a request with ``prompt`` would take, and how many of the prompt's tokens its rows
+        already hold. The longest shared prefix wins (at most all but the prompt's last token: its row gives the
         first answer token); without one, the slot unused longest. ``allowed``: False for a request that needs every
         prompt row computed (`prompt_logprobs` scores each). Among slots sharing as much, the one unused longest: the
         others (a chat whose turn just ended, beyond a system prompt they all share) stay for their next request."""
@@ -53,6 +67,46 @@ class SlotPrefixes:
                 n = min(shared_prefix(self.tokens[slot], prompt), len(prompt) - 1)
                 if n > rows or n == rows and n > 0 and self.freed[slot] < self.freed[best]:
                     best, rows = slot, n
-        free.remove(best)
-        self.tokens[best] = []  # the request takes it over: its rows change from now on
         return best, rows
+
+    def claim(self, free: list[int], slot: int) -> None:
+        """``slot`` leaves ``free`` for a request: its rows change from now on."""
+        free.remove(slot)
+        self.tokens[slot] = []
+
+    def place(self, free: list[int], seq: Sequence, running: list[Sequence]) -> tuple[int, int, Sequence | None] | None:
+        """Where ``seq`` starts, its slot claimed: (slot, prompt tokens whose rows it starts with, the running
+        sequence to copy them from or None: the slot holds them). None: it should wait, as a running sequence's prompt
+        going in will hold more of its prefix than any free slot does."""
+        allowed = not seq.scoring_prompt
+        slot, rows = self.choose(free, seq.prompt, allowed)
+        donor, shared, ready = running_donor(seq.prompt, running) if self.enabled and allowed else (None, 0, False)
+        if donor is not None and shared > rows:
+            if not ready:
+                return None
+            slot, rows = min(free, key=lambda s: self.freed[s]), shared  # its rows are copied: any slot will do
+        else:
+            donor = None
+        self.claim(free, slot)
+        return slot, rows, donor
+
+
+# Fewest shared tokens worth taking from a running sequence: copying is cheap, but waiting for its prefill costs the
+# new request at least a step, and every chat shares the template's opening (23 tokens for the default model).
+MIN_SHARED_RUNNING = 32
+
+
+def running_donor(prompt: list[int], running: list[Sequence]) -> tuple[Sequence | None, int, bool]:
+    """The running (or just admitted) sequence whose rows share the longest prefix with ``prompt``, at least
+    `MIN_SHARED_RUNNING` tokens and at most all but the prompt's last; how many; whether they are in its cache now
+    (else its prompt is still going in and will hold them: worth waiting for, as a request's ``n`` choices and a burst
+    of requests under one system prompt do)."""
+    best, most, ready = None, 0, False
+    for seq in running:
+        shared = min(shared_prefix(seq.prompt + seq.made, prompt), len(prompt) - 1)
+        held = seq.session.length if seq.session is not None else 0
+        now = min(shared, held)
+        later = min(shared, len(seq.prompt)) if seq.cursor is None else now  # a prompt going in: all of it
+        if max(now, later) > most:
+            best, most, ready = seq, max(now, later), now >= later
+    return (best, most, ready) if most >= MIN_SHARED_RUNNING else (None, 0, False)

@@ -177,6 +177,62 @@ def test_requests_sharing_a_system_prompt_in_one_batch_answer_as_fresh(rt, clock
         engine.close()
 
 
+def test_choices_of_one_prompt_and_a_burst_under_one_system_prompt_prefill_it_once(rt, clock_free_steps):
+    """Requests arriving together whose prompts share at least `MIN_SHARED_RUNNING` tokens: the first prefills them,
+    the others wait in the queue until its rows hold them, copy them, and prefill the rest; every answer is its fresh
+    one. A request that shares less with the running ones starts at once."""
+    from medusa_export.runtime.engine import Engine
+    from medusa_export.runtime.prefix_reuse import MIN_SHARED_RUNNING
+
+    system = [(7 * i) % (TINY_VOCAB - 2) + 1 for i in range(MIN_SHARED_RUNNING + 8)]
+    engine = Engine(rt.generator, max_num_seqs=4, max_num_batched_tokens=16)
+    try:
+        same = system + [41, 42]
+        requests = [(same, CONFIGS["greedy-medusa"]), (same, CONFIGS["sampled"]), (same, CONFIGS["greedy-plain"]),
+                    (system[:MIN_SHARED_RUNNING - 2] + [43, 44, 45], CONFIGS["greedy-plain"])]
+        results = _through(engine, requests)
+        for (prompt, cfg), got in zip(requests, results):
+            _same(got, _fresh(rt, prompt, cfg))
+        assert [r.cached_tokens for r in results] == [0, len(same) - 1, len(same) - 1, 0]
+        burst = [(system + [50 + i], CONFIGS["greedy-plain"]) for i in range(3)]
+        results = _through(engine, burst)
+        for (prompt, cfg), got in zip(burst, results):
+            _same(got, _fresh(rt, prompt, cfg))
+        # the first takes the slot a finished request left with the system prompt; the others copy from it
+        assert [r.cached_tokens for r in results] == [len(system)] * 3
+    finally:
+        engine.close()
+
+
+def test_a_request_copies_a_decoding_sequences_rows_and_outlives_it(rt, clock_free_steps):
+    """The request arrives while another decodes with the prefix it shares: it copies those rows at once (no wait),
+    and the other's cancellation mid-way does not touch them."""
+    from medusa_export.runtime.engine import Engine
+    from medusa_export.runtime.prefix_reuse import MIN_SHARED_RUNNING
+
+    prompt = [(5 * i) % (TINY_VOCAB - 2) + 1 for i in range(MIN_SHARED_RUNNING + 4)]
+    cfg = CONFIGS["greedy-medusa"]
+    engine = Engine(rt.generator, max_num_seqs=2, max_num_batched_tokens=64)
+    results = {}
+    try:
+        first = engine.add(prompt, replace(cfg, max_new_tokens=60), lambda item: results.__setitem__(0, item))
+        for _ in range(3):
+            engine.step()
+        assert first.cursor is not None  # decoding
+        follow = prompt + [9, 10]
+        engine.add(follow, cfg, lambda item: results.__setitem__(1, item) if isinstance(
+            item, (GenerationResult, Exception)) else None)
+        engine.step()
+        engine.cancel(first)
+        for _ in range(500):  # bounded
+            if not engine.step():
+                break
+        _same(results[1], _fresh(rt, follow, cfg))
+        assert results[1].cached_tokens == len(prompt)
+    finally:
+        engine.close()
+
+
 def test_a_scored_prompt_and_a_disabled_engine_prefill_everything(rt):
     from medusa_export.runtime.engine import Engine
 
@@ -263,3 +319,18 @@ def test_usage_counts_each_prompts_cached_tokens_once_whatever_order_its_choices
                                 finish_reason="length", backend="ort", medusa=False, cached_tokens=c) for c in (3, 5, 0)]
     got = usage(jobs, results, [2, 0, 1])  # the second prompt's choice ended first
     assert got["prompt_tokens_details"] == {"cached_tokens": 3 + 5} and got["prompt_tokens"] == 11
+
+
+def test_the_servers_n_choices_prefill_their_prompt_once(artifact):
+    """n = 3 greedy choices: one prefills the prompt, the other two copy its rows (usage counts the prompt once, with
+    the most a choice reused), and all three give the same answer."""
+    from serve_helpers import KEY, post, serving
+
+    from medusa_export.runtime.prefix_reuse import MIN_SHARED_RUNNING
+
+    prompt = " ".join(f"t{(3 * i) % 40 + 1}" for i in range(MIN_SHARED_RUNNING + 6))
+    with serving(artifact, "--api-key", KEY) as (base, _):
+        status, body, _ = post(base + "/v1/completions", {"prompt": prompt, "max_tokens": 6, "temperature": 0, "n": 3})
+    assert status == 200, body
+    assert body["usage"]["prompt_tokens_details"]["cached_tokens"] == body["usage"]["prompt_tokens"] - 1
+    assert len({c["text"] for c in body["choices"]}) == 1

@@ -115,6 +115,10 @@ class Session(ABC):
         them (`Backend.reuses_rows`)."""
         raise NotImplementedError(f"{type(self).__name__} cannot keep part of its rows")
 
+    def copy_rows(self, other: "Session", length: int) -> None:
+        """Hold exactly ``other``'s first ``length`` committed rows (a running sequence's shared prefix)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot take another session's rows")
+
     def __enter__(self) -> "Session":
         return self
 
@@ -240,6 +244,13 @@ class KVCache:
     def rewind(self, length: int) -> None:
         """Only the first ``length`` committed rows stay."""
         self.length, self.staged = min(self.length, length), 0
+
+    def copy_rows(self, other: "KVCache", length: int) -> None:
+        """Exactly ``other``'s first ``length`` committed rows."""
+        length = min(length, other.length)
+        for mine, theirs in zip(self.buffers(), other.buffers()):
+            mine[:, :length] = theirs[:, :length]
+        self.length, self.staged = length, 0
 
     def keep(self, rows: np.ndarray) -> None:
         rows = np.asarray(rows, np.int64)

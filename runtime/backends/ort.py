@@ -345,5 +345,11 @@ class OrtSession(Session):
         self.kv.rewind(length)
         self.batch = None
 
+    def copy_rows(self, other: Session, length: int) -> None:
+        if self.kv is None or getattr(other, "kv", None) is None:
+            raise ValueError("this session or the one to copy from is closed")
+        self.kv.copy_rows(other.kv, length)
+        self.batch = None
+
     def close(self) -> None:
         self.bindings, self.graphs, self.kv = {}, {}, None

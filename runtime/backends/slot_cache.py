@@ -46,6 +46,13 @@ class SlotCache:
         self.length, self.staged, self.used = min(self.length, length), 0, 1
         self.synced = [min(s, self.length) for s in self.synced]
 
+    def copy_rows(self, other: "SlotCache", length: int) -> None:
+        """Exactly ``other``'s first ``length`` committed rows (its slot 0's), in slot 0; the other slots sync later."""
+        length = min(length, other.length)
+        self.store[:, 0, :, :length] = other.store[:, 0, :, :length]
+        self.length, self.staged, self.used = length, 0, 1
+        self.synced = [0] * self.slots
+
     @property
     def nbytes(self) -> int:
         return int(self.store.nbytes)
