@@ -7,8 +7,11 @@ Bursts (``--burst K``): K requests arrive together under one long system prompt 
 engine of K sequences: one prefills the system prompt, the others copy its rows. Per burst: the time to each
 request's first token and to the last answer.
 
+Users (``--users K``): K two-turn chats at once on an engine of K sequences, each second turn sent as its first
+answer ends. Per group: each turn's time to its first token, and to the last answer.
+
     python scripts/prefix_reuse_bench.py ARTIFACT --prompts mt_bench.jsonl [--limit 20] [--max-new-tokens 128]
-                                         [--burst 4] [--threads 2] [--json out.json]
+                                         [--burst 4] [--users 4] [--no-chats] [--threads 2] [--json out.json]
 """
 
 from __future__ import annotations
@@ -145,6 +148,64 @@ def bursts(rt, convs: list[list[str]], k: int, cfg: GenerationConfig) -> dict:
             "summary": summary, "rows": rows}
 
 
+def users(rt, convs: list[list[str]], cfg: GenerationConfig, reuse: bool) -> dict:
+    """Each conversation a user: all start together on an engine of as many sequences, and each sends its second
+    turn as soon as its first answer ends (added from the engine's sink, as a server's next request would come)."""
+    engine = Engine(rt.generator, max_num_seqs=len(convs), reuse_prefixes=reuse)
+    sent: dict[tuple, float] = {}
+    first: dict[tuple, float] = {}
+    final: dict[tuple, GenerationResult] = {}
+
+    def ask(u: int, turn: int, messages: list[dict]) -> None:
+        key = (u, turn)
+        sent[key] = time.perf_counter()
+        engine.add(rt.chat_ids(messages), cfg, lambda item: take(u, turn, messages, item))
+
+    def take(u: int, turn: int, messages: list[dict], item) -> None:
+        if isinstance(item, Exception):
+            raise item
+        if not isinstance(item, GenerationResult):
+            first.setdefault((u, turn), time.perf_counter())
+            return
+        final[(u, turn)] = item
+        if turn == 0:
+            ask(u, 1, messages + [{"role": "assistant", "content": item.text},
+                                  {"role": "user", "content": convs[u][1]}])
+
+    t0 = time.perf_counter()
+    for u, turns in enumerate(convs):
+        ask(u, 0, [{"role": "user", "content": turns[0]}])
+    for _ in range(1_000_000):  # bounded
+        if not engine.step():
+            break
+    done = time.perf_counter()
+    engine.close()
+    ttft = {key: round((first.get(key, done) - sent[key]) * 1e3, 1) for key in sent}
+    return {"all_ms": round((done - t0) * 1e3, 1),
+            "ttft_ms": [[ttft[(u, t)] for t in (0, 1)] for u in range(len(convs))],
+            "cached_tokens": [[final[(u, t)].cached_tokens for t in (0, 1)] for u in range(len(convs))],
+            "tokens": [[final[(u, t)].token_ids for t in (0, 1)] for u in range(len(convs))]}
+
+
+def user_groups(rt, convs: list[list[str]], k: int, cfg: GenerationConfig) -> dict:
+    rows = []
+    for g in range(len(convs) // k):
+        order = (False, True) if g % 2 == 0 else (True, False)
+        got = {mode: users(rt, convs[g * k:(g + 1) * k], cfg, mode) for mode in order}
+        row = {"group": g, "identical": got[False].pop("tokens") == got[True].pop("tokens"),
+               "fresh": got[False], "reused": got[True]}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    summary = {f"{name}_turn{t + 1}": {
+        "ttft_ms_median": round(float(np.median([x[t] for r in rows for x in r[name]["ttft_ms"]])), 1),
+        "cached_tokens_mean": round(float(np.mean([x[t] for r in rows for x in r[name]["cached_tokens"]])), 1)}
+        for name in ("fresh", "reused") for t in (0, 1)}
+    summary.update({f"{name}_all_ms_total": round(float(np.sum([r[name]["all_ms"] for r in rows])), 1)
+                    for name in ("fresh", "reused")})
+    summary["identical"] = f"{sum(r['identical'] for r in rows)}/{len(rows)}"
+    return {"k": k, "summary": summary, "rows": rows}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("artifact")
@@ -153,12 +214,15 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=positive, default=128)
     ap.add_argument("--burst", type=positive, default=None, help="also bursts of this many requests under one system "
                     "prompt (at most the artifact's lanes)")
-    ap.add_argument("--no-chats", action="store_true", help="bursts only")
+    ap.add_argument("--users", type=positive, default=None, help="also groups of this many two-turn chats at once, "
+                    "each user's second turn sent when its first answer ends")
+    ap.add_argument("--no-chats", action="store_true", help="no chats one at a time: bursts and users only")
     ap.add_argument("--threads", type=positive, default=None)
     ap.add_argument("--json", type=Path)
     a = ap.parse_args()
-    if a.burst and a.burst > a.limit:
-        ap.error(f"--burst {a.burst} needs at least as many prompts: raise --limit to {a.burst} or more")
+    for name, k in (("--burst", a.burst), ("--users", a.users)):
+        if k and k > a.limit:
+            ap.error(f"{name} {k} needs at least as many prompts: raise --limit to {k} or more")
     convs = conversations(a.prompts, a.limit)
     rt = MedusaRuntime.load(a.artifact, threads=a.threads)
     cfg = GenerationConfig(max_new_tokens=a.max_new_tokens)  # greedy, the heads and drafts: the defaults
@@ -190,9 +254,12 @@ def main() -> None:
     burst_report = bursts(rt, convs, a.burst, cfg) if a.burst else None
     if burst_report:
         print(json.dumps(burst_report["summary"], indent=1))
+    users_report = user_groups(rt, convs, a.users, cfg) if a.users else None
+    if users_report:
+        print(json.dumps(users_report["summary"], indent=1))
     if a.json:
         write_json(a.json, {"artifact": a.artifact, "machine": machine_info(), "max_new_tokens": a.max_new_tokens,
-                            "summary": summary, "rows": rows, "bursts": burst_report})
+                            "summary": summary, "rows": rows, "bursts": burst_report, "users": users_report})
 
 
 if __name__ == "__main__":
