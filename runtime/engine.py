@@ -173,7 +173,8 @@ class Engine:
             # One prompt is scored at a time (`_scoring_turn`): a second one would hold a KV slot and wait there,
             # idle, while requests behind it cannot start. It stays queued (in its place) until the slot can serve it.
             scoring = any(s.scoring_prompt for s in self.running)
-            while self.waiting and self.free and len(self.running) + len(admitted) < self.max_num_seqs:
+            kept = 0  # free slots kept for requests waiting for rows (else taken from behind: a whole answer's wait)
+            while self.waiting and len(self.free) > kept and len(self.running + admitted) + kept < self.max_num_seqs:
                 seq = self.waiting.pop(0)
                 if seq.scoring_prompt:
                     if scoring:
@@ -182,7 +183,7 @@ class Engine:
                     scoring = True
                 place = self.prefixes.place(self.free, seq, self.running + [a[0] for a in admitted])
                 if place is None:  # a running sequence's prompt going in will hold its prefix: it waits for those rows
-                    passed.append(seq)
+                    passed, kept = passed + [seq], kept + 1
                     continue
                 admitted.append((seq, *place))
             self.waiting[:0] = passed
@@ -217,8 +218,7 @@ class Engine:
         self.running.append(seq)
 
     def _fresh(self, session: Session, keep: int = 0) -> Session:
-        """``session`` emptied for a new sequence but its first ``keep`` rows (a new one on backends that cannot
-        reuse theirs)."""
+        """``session`` emptied but its first ``keep`` rows (a new one on backends that cannot reuse theirs)."""
         try:
             session.rewind(keep) if keep else session.reset()
             return session
@@ -334,7 +334,7 @@ class Engine:
 
     def _advance(self, seq: Sequence, out, draft: Draft | None, seconds: float) -> None:
         """A decoding sequence's lanes step: its root and drafts, a chain verified as a one-sequence step is."""
-        p = StepTree.chain(seq.cursor.root, draft.tokens, draft.rate_kind) if draft else StepTree.chain(seq.cursor.root, [])
+        p = StepTree.chain(seq.cursor.root, *((draft.tokens, draft.rate_kind) if draft else ([],)))
         acc_nodes = accept(p, out, seq.cfg)  # only greedy sequences have drafts
         self.lanes.keep(seq.session, acc_nodes)
         self._emit(seq, finish_step(seq.cursor, p, acc_nodes, out, seq.cfg, seq.stats, self.gen.spec, seconds))
@@ -356,7 +356,7 @@ class Engine:
             self._finish(seq, seq.out.finish or seq.cancelled)
 
     def _release(self, seq: Sequence, intact: bool = True) -> None:
-        """``seq`` leaves its slot; ``intact``: its KV rows are whole (no step of it failed), so kept for reuse."""
+        """``seq`` leaves its slot; ``intact``: its rows are whole (no step of it failed), kept for reuse."""
         self.running.remove(seq)
         self.free.append(seq.slot)
         self.prefixes.release(seq.slot, seq.cached_tokens() if intact else None)

@@ -100,13 +100,19 @@ def running_donor(prompt: list[int], running: list[Sequence]) -> tuple[Sequence 
     """The running (or just admitted) sequence whose rows share the longest prefix with ``prompt``, at least
     `MIN_SHARED_RUNNING` tokens and at most all but the prompt's last; how many; whether they are in its cache now
     (else its prompt is still going in and will hold them: worth waiting for, as a request's ``n`` choices and a burst
-    of requests under one system prompt do)."""
-    best, most, ready = None, 0, False
+    of requests under one system prompt do). Waiting only pays for more rows than some running sequence holds now:
+    on a tie the one holding them now serves (not one still prefilling, or scoring its prompt alone every other
+    step)."""
+    now_seq, now_most, later_seq, later_most = None, 0, None, 0
     for seq in running:
         shared = min(shared_prefix(seq.prompt + seq.made, prompt), len(prompt) - 1)
         held = seq.session.length if seq.session is not None else 0
         now = min(shared, held)
         later = min(shared, len(seq.prompt)) if seq.cursor is None else now  # a prompt going in: all of it
-        if max(now, later) > most:
-            best, most, ready = seq, max(now, later), now >= later
-    return (best, most, ready) if most >= MIN_SHARED_RUNNING else (None, 0, False)
+        if now > now_most:
+            now_seq, now_most = seq, now
+        if later > later_most:
+            later_seq, later_most = seq, later
+    if later_most > now_most and later_most >= MIN_SHARED_RUNNING:
+        return later_seq, later_most, False
+    return (now_seq, now_most, True) if now_most >= MIN_SHARED_RUNNING else (None, 0, False)

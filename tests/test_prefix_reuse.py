@@ -233,6 +233,68 @@ def test_a_request_copies_a_decoding_sequences_rows_and_outlives_it(rt, clock_fr
         engine.close()
 
 
+def _admitted_after(engine, seq, limit: int = 2000) -> int | None:
+    """Steps until ``seq`` takes a slot (bounded); None if it never does."""
+    for n in range(limit):
+        if seq.admitted_at is not None:
+            return n
+        if not engine.step():
+            return None
+    return None
+
+
+def _drain(engine) -> None:
+    for _ in range(5000):  # bounded
+        if not engine.step():
+            return
+
+
+def test_a_request_waiting_for_rows_keeps_its_place_before_later_requests(rt, clock_free_steps):
+    """A waits for the rows of D's prompt going in; B, queued after A, must not take the last slot meanwhile (A would
+    then wait for a whole answer to end): A starts within a few chunks, reusing them, and B waits."""
+    from medusa_export.runtime.engine import Engine
+
+    plain = replace(CONFIGS["greedy-plain"], logprobs=None)
+    long_prompt = [(7 * i) % (TINY_VOCAB - 2) + 1 for i in range(60)]
+    engine = Engine(rt.generator, max_num_seqs=2, max_num_batched_tokens=8)
+    results = {}
+    sink = lambda key: lambda item: results.__setitem__(key, item) if isinstance(  # noqa: E731
+        item, (GenerationResult, Exception)) else None
+    try:
+        engine.add(long_prompt, replace(plain, max_new_tokens=60), sink("d"))
+        engine.step()  # D took a slot and its first chunk went in
+        a = engine.add(long_prompt[:50] + [3, 4], plain, sink("a"))
+        b = engine.add([9, 8, 7, 6, 5], replace(plain, max_new_tokens=60), sink("b"))
+        steps = _admitted_after(engine, a)
+        assert steps is not None and steps <= 8 and b.admitted_at is None, steps
+        _drain(engine)
+        assert results["a"].cached_tokens == 50
+        assert results["a"].token_ids == _fresh(rt, long_prompt[:50] + [3, 4], plain).token_ids
+    finally:
+        engine.close()
+
+
+def test_a_request_takes_rows_held_now_rather_than_wait_for_a_prompt_going_in(rt, clock_free_steps):
+    """Two running sequences share the prefix: one still scoring its prompt (alone, every other step), the other
+    holding the rows already. The request copies the held rows at once."""
+    from medusa_export.runtime.engine import Engine
+
+    plain = replace(CONFIGS["greedy-plain"], logprobs=None)
+    shared = [(5 * i) % (TINY_VOCAB - 2) + 1 for i in range(40)]
+    engine = Engine(rt.generator, max_num_seqs=3, max_num_batched_tokens=8)
+    try:
+        _through(engine, [(shared + [30], replace(plain, max_new_tokens=2))])  # leaves the prefix in a free slot
+        engine.add(shared + list(range(50, 90)), replace(plain, max_new_tokens=30, prompt_logprobs=1), lambda _: None)
+        holder = engine.add(shared + [31], replace(plain, max_new_tokens=60), lambda _: None)
+        engine.step()
+        assert holder.stats.cached_tokens == len(shared)  # from the free slot
+        a = engine.add(shared + [32, 33], plain, lambda _: None)
+        assert _admitted_after(engine, a) == 1 and a.stats.cached_tokens == len(shared)
+        _drain(engine)
+    finally:
+        engine.close()
+
+
 def test_a_scored_prompt_and_a_disabled_engine_prefill_everything(rt):
     from medusa_export.runtime.engine import Engine
 
@@ -308,7 +370,8 @@ def test_a_batcher_reuses_prefixes_unless_asked_not_to(rt):
 
 
 def test_usage_counts_each_prompts_cached_tokens_once_whatever_order_its_choices_end_in():
-    """Two prompts, the first with two choices (copies of its job): the most any of a prompt's choices reused."""
+    """Two prompts, the first with two choices (copies of its job): the fewest any of a prompt's choices reused (the
+    others copy the rows of the one that prefilled it, which this request computed)."""
     from medusa_export.runtime.serve.requests import Job
     from medusa_export.runtime.serve.responses import usage
 
@@ -318,19 +381,24 @@ def test_usage_counts_each_prompts_cached_tokens_once_whatever_order_its_choices
     results = [GenerationResult(text="", token_ids=[7], new_tokens=1, steps=0, mean_accepted=0.0, tokens_per_s=0.0,
                                 finish_reason="length", backend="ort", medusa=False, cached_tokens=c) for c in (3, 5, 0)]
     got = usage(jobs, results, [2, 0, 1])  # the second prompt's choice ended first
-    assert got["prompt_tokens_details"] == {"cached_tokens": 3 + 5} and got["prompt_tokens"] == 11
+    assert got["prompt_tokens_details"] == {"cached_tokens": 3 + 0} and got["prompt_tokens"] == 11
+    assert usage(jobs, results, [0, 1, 2])["prompt_tokens_details"] == {"cached_tokens": 3 + 0}
+    assert usage(jobs, results[:2], [0, 2])["prompt_tokens_details"] == {"cached_tokens": 3 + 5}
 
 
 def test_the_servers_n_choices_prefill_their_prompt_once(artifact):
-    """n = 3 greedy choices: one prefills the prompt, the other two copy its rows (usage counts the prompt once, with
-    the most a choice reused), and all three give the same answer."""
-    from serve_helpers import KEY, post, serving
+    """n = 3 greedy choices of a new prompt: one prefills it, the other two copy its rows (the metrics count their
+    hits; usage counts none: no earlier request left them), and all three give the same answer."""
+    from serve_helpers import KEY, metric, post, serving, wait_idle
 
     from medusa_export.runtime.prefix_reuse import MIN_SHARED_RUNNING
 
     prompt = " ".join(f"t{(3 * i) % 40 + 1}" for i in range(MIN_SHARED_RUNNING + 6))
     with serving(artifact, "--api-key", KEY) as (base, _):
         status, body, _ = post(base + "/v1/completions", {"prompt": prompt, "max_tokens": 6, "temperature": 0, "n": 3})
-    assert status == 200, body
-    assert body["usage"]["prompt_tokens_details"]["cached_tokens"] == body["usage"]["prompt_tokens"] - 1
+        assert status == 200, body
+        wait_idle(base)
+        hits = metric(base, "prefix_cache_hits_total")
+    assert body["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    assert hits == 2 * (body["usage"]["prompt_tokens"] - 1)
     assert len({c["text"] for c in body["choices"]}) == 1

@@ -220,12 +220,14 @@ def usage(jobs: list[Job], results: list[GenerationResult], choices: list[int]) 
     prompt = sum(len(job.prompt_ids) for job in jobs)
     answer = sum(result.new_tokens for result in results) if jobs[0].answer else 0
     # OpenAI's field (and vLLM's): prompt tokens whose KV rows an earlier request left, so not computed again. A
-    # prompt counts once, as in prompt_tokens: the most any of its choices found.
+    # prompt counts once, as in prompt_tokens: what the choice that prefilled it found, the fewest of its choices
+    # (the others copy its rows once they hold the prompt: `prefix_reuse.running_donor`; those are this request's).
     prompt_of = [p for p, job in enumerate(jobs) for _ in range(job.n)]
-    most = [0] * len(jobs)
+    least: list[int | None] = [None] * len(jobs)
     for result, choice in zip(results, choices):
-        most[prompt_of[choice]] = max(most[prompt_of[choice]], result.cached_tokens)
-    cached = sum(most)
+        p = prompt_of[choice]
+        least[p] = result.cached_tokens if least[p] is None else min(least[p], result.cached_tokens)
+    cached = sum(c or 0 for c in least)
     return {"prompt_tokens": prompt, "completion_tokens": answer, "total_tokens": prompt + answer,
             "prompt_tokens_details": {"cached_tokens": cached}}
 
