@@ -70,7 +70,7 @@ def test_a_request_whose_result_cannot_be_made_ends_with_the_error(artifact, mon
     class Panic(BaseException):
         pass
 
-    def panicking_reset(self, session):
+    def panicking_reset(self, session, keep=0):
         raise Panic("reset")
 
     monkeypatch.setattr(engine_module, "result_of", flaky)
@@ -93,11 +93,11 @@ def test_a_slot_the_backend_cannot_reset_fails_its_request_not_the_engine(artifa
     reset = Engine._fresh
     calls = []
 
-    def flaky(self, session):
+    def flaky(self, session, keep=0):
         calls.append(1)
         if len(calls) == 1:
             raise RuntimeError("device lost")
-        return reset(self, session)
+        return reset(self, session, keep)
 
     monkeypatch.setattr(Engine, "_fresh", flaky)
     with MedusaRuntime.load(artifact) as rt, rt.batcher(max_num_seqs=1) as batcher:
