@@ -18,7 +18,8 @@ Sequences join and leave at every step. A step is one of two kinds:
 
 Both kinds compute every row exactly as a one-sequence step does, so a sequence's tokens do not depend on what
 ran beside it, when it joined, or whether its steps were trees (tests/test_engine.py). Every sequence's KV cache
-is preallocated once (``max_num_seqs`` slots) and reused.
+is preallocated once (``max_num_seqs`` slots) and reused; a new request starts from the rows a slot, or a running
+sequence, holds for its prompt's prefix (`prefix_reuse.py`).
 """
 
 from __future__ import annotations
