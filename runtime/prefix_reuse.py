@@ -60,8 +60,10 @@ class SlotPrefixes:
         already hold. The longest shared prefix wins (at most all but the prompt's last token: its row gives the
         first answer token); without one, the slot unused longest. ``allowed``: False for a request that needs every
         prompt row computed (`prompt_logprobs` scores each). Among slots sharing as much, the one unused longest: the
-        others (a chat whose turn just ended, beyond a system prompt they all share) stay for their next request."""
-        best, rows = min(free, key=lambda s: self.freed[s]), 0
+        others (a chat whose turn just ended, beyond a system prompt they all share) stay for their next request.
+        Requests one at a time thus go round the slots, each of whose memory pages fill as they are used."""
+        # Off: the lowest free slot, so that requests one at a time keep to the first slots' memory pages
+        best, rows = (min(free, key=lambda s: self.freed[s]) if self.enabled else min(free)), 0
         if self.enabled and allowed:
             for slot in free:
                 n = min(shared_prefix(self.tokens[slot], prompt), len(prompt) - 1)

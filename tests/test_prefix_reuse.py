@@ -61,7 +61,7 @@ def test_among_slots_sharing_as_much_the_one_unused_longest_is_taken():
 def test_reuse_is_off_when_disabled_for_a_scored_prompt_and_after_a_failed_step():
     p = SlotPrefixes(2, enabled=False)
     p.release(0, [1, 2, 3])
-    assert p.take([0, 1], [1, 2, 3, 4])[1] == 0
+    assert p.take([1, 0], [1, 2, 3, 4]) == (0, 0)  # off: the lowest slot, used or not (memory pages stay few)
     p = SlotPrefixes(2, enabled=True)
     p.release(0, [1, 2, 3])
     assert p.take([0, 1], [1, 2, 3, 4], allowed=False)[1] == 0  # prompt_logprobs: every prompt row is computed
