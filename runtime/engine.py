@@ -175,7 +175,8 @@ class Engine:
             # idle, while requests behind it cannot start. It stays queued (in its place) until the slot can serve it.
             scoring = any(s.scoring_prompt for s in self.running)
             kept = 0  # free slots kept for requests waiting for rows (else taken from behind: a whole answer's wait)
-            while self.waiting and len(self.free) > kept and len(self.running + admitted) + kept < self.max_num_seqs:
+            while (self.waiting and len(self.free) > kept
+                   and len(self.running) + len(admitted) + kept < self.max_num_seqs):
                 seq = self.waiting.pop(0)
                 if seq.scoring_prompt:
                     if scoring:
@@ -194,8 +195,7 @@ class Engine:
             self._start(seq, slot, cached, donor)
 
     def _start(self, seq: Sequence, slot: int, cached: int = 0, donor: Sequence | None = None) -> None:
-        """``seq`` takes the KV slot ``slot`` (emptied for it but the rows of its prompt's first ``cached`` tokens,
-        or given ``donor``'s rows of them) and runs from the next step."""
+        """``seq`` takes KV slot ``slot``, with the rows of its prompt's first ``cached`` tokens (or ``donor``'s)."""
         try:
             session = self._fresh(self.slots[slot], 0 if donor else cached)
             if donor is not None:
@@ -360,7 +360,7 @@ class Engine:
         """``seq`` leaves its slot; ``intact``: its rows are whole (no step of it failed), kept for reuse."""
         self.running.remove(seq)
         self.free.append(seq.slot)
-        self.prefixes.release(seq.slot, seq.cached_tokens() if intact else None)
+        self.prefixes.release(seq.slot, seq.tokens_in_cache() if intact else None)
         seq.session, seq.slot = None, -1
 
     def _finish(self, seq: Sequence, finish: str) -> None:

@@ -35,7 +35,7 @@ class Sequence:
     sent_event: bool = False  # its first event has gone to the sink
     made: list[int] = field(default_factory=list)  # every token its steps made final, kept or not by its output
 
-    def cached_tokens(self) -> list[int]:
+    def tokens_in_cache(self) -> list[int]:
         """The tokens whose rows its KV cache holds: the prompt and what its steps made, but the last (the next root,
         never fed)."""
         return (self.prompt + self.made)[:self.session.length]

@@ -63,13 +63,16 @@ class SlotPrefixes:
         others (a chat whose turn just ended, beyond a system prompt they all share) stay for their next request.
         Requests one at a time thus go round the slots, each of whose memory pages fill as they are used."""
         # Off: the lowest free slot, so that requests one at a time keep to the first slots' memory pages
-        best, rows = (min(free, key=lambda s: self.freed[s]) if self.enabled else min(free)), 0
+        best, rows = (self._unused_longest(free) if self.enabled else min(free)), 0
         if self.enabled and allowed:
             for slot in free:
                 n = min(shared_prefix(self.tokens[slot], prompt), len(prompt) - 1)
                 if n > rows or n == rows and n > 0 and self.freed[slot] < self.freed[best]:
                     best, rows = slot, n
         return best, rows
+
+    def _unused_longest(self, free: list[int]) -> int:
+        return min(free, key=lambda s: self.freed[s])
 
     def claim(self, free: list[int], slot: int) -> None:
         """``slot`` leaves ``free`` for a request: its rows change from now on."""
@@ -86,7 +89,7 @@ class SlotPrefixes:
         if donor is not None and shared > rows:
             if not ready:
                 return None
-            slot, rows = min(free, key=lambda s: self.freed[s]), shared  # its rows are copied: any slot will do
+            slot, rows = self._unused_longest(free), shared  # its rows are copied: any slot will do
         else:
             donor = None
         self.claim(free, slot)

@@ -334,22 +334,21 @@ class OrtSession(Session):
             self.batch = None
 
     def reset(self) -> None:
-        if self.kv is None:
-            raise ValueError("this session is closed")
-        self.kv.reset()
+        self._live_kv().reset()
         self.batch = None
 
     def rewind(self, length: int) -> None:
-        if self.kv is None:
-            raise ValueError("this session is closed")
-        self.kv.rewind(length)
+        self._live_kv().rewind(length)
         self.batch = None
 
     def copy_rows(self, other: Session, length: int) -> None:
-        if self.kv is None or getattr(other, "kv", None) is None:
-            raise ValueError("this session or the one to copy from is closed")
-        self.kv.copy_rows(other.kv, length)
+        self._live_kv().copy_rows(other._live_kv(), length)
         self.batch = None
+
+    def _live_kv(self) -> KVCache | SlotCache:
+        if self.kv is None:
+            raise ValueError("this session is closed")
+        return self.kv
 
     def close(self) -> None:
         self.bindings, self.graphs, self.kv = {}, {}, None

@@ -223,11 +223,8 @@ def usage(jobs: list[Job], results: list[GenerationResult], choices: list[int]) 
     # prompt counts once, as in prompt_tokens: what the choice that prefilled it found, the fewest of its choices
     # (the others copy its rows once they hold the prompt: `prefix_reuse.running_donor`; those are this request's).
     prompt_of = [p for p, job in enumerate(jobs) for _ in range(job.n)]
-    least: list[int | None] = [None] * len(jobs)
-    for result, choice in zip(results, choices):
-        p = prompt_of[choice]
-        least[p] = result.cached_tokens if least[p] is None else min(least[p], result.cached_tokens)
-    cached = sum(c or 0 for c in least)
+    cached = sum(min((r.cached_tokens for r, c in zip(results, choices) if prompt_of[c] == p), default=0)
+                 for p in range(len(jobs)))
     return {"prompt_tokens": prompt, "completion_tokens": answer, "total_tokens": prompt + answer,
             "prompt_tokens_details": {"cached_tokens": cached}}
 

@@ -47,7 +47,8 @@ def run_server(artifact: str, host: str = "127.0.0.1", port: int = 8000, backend
     seqs = f"{engine.max_num_seqs} sequence{'s' * (engine.max_num_seqs != 1)}"
     log(f"serving {settings.model_name or runtime.manifest.model.name} from {artifact} on {server_url(sock)} "
         f"({backend}; {seqs} per step, {engine.max_num_batched_tokens} tokens per step, "
-        f"queue {settings.max_queue}; prefix caching {'on' if engine.prefixes.enabled else 'off'}; KV cache reserved for {seqs} of "
+        f"queue {settings.max_queue}; prefix caching {'on' if engine.prefixes.enabled else 'off'}; "
+        f"KV cache reserved for {seqs} of "
         f"{runtime.generator.backend.max_seq} tokens: {engine.kv_bytes / 2**20:.0f} MiB"
         f"{', resident as rows fill' if backend == 'ort' else ''}; {hosts_answered(settings.allowed_hosts)})")
     config = uvicorn_config(app, host, port, settings.header_timeout_s)
