@@ -21,6 +21,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -51,25 +52,43 @@ def conversations(path: Path, limit: int) -> list[list[str]]:
     return found
 
 
-def one_turn(engine: Engine, prompt: list[int], cfg: GenerationConfig) -> tuple[GenerationResult, float, float]:
-    """(result, seconds to its first event, seconds in all) of one request run alone on ``engine``."""
-    first, final = [], []
+class Recorder:
+    """What an engine's sinks hand over, by request key: when its first event came, and its result (a request's
+    error is raised)."""
 
-    def sink(item):
-        if isinstance(item, GenerationResult):
-            final.append(item)
-        elif isinstance(item, Exception):
-            raise item
-        elif not first:
-            first.append(time.perf_counter())
+    def __init__(self) -> None:
+        self.first: dict = {}
+        self.final: dict = {}
 
-    t0 = time.perf_counter()
-    engine.add(prompt, cfg, sink)
-    for _ in range(100_000):  # bounded
+    def sink(self, key, then: Callable[[GenerationResult], None] | None = None) -> Callable:
+        """The sink of request ``key``; ``then``: called with its result (a follow-up request, from the sink)."""
+        def take(item) -> None:
+            if isinstance(item, Exception):
+                raise item
+            if not isinstance(item, GenerationResult):
+                self.first.setdefault(key, time.perf_counter())
+                return
+            self.final[key] = item
+            if then is not None:
+                then(item)
+        return take
+
+
+def run_until_idle(engine: Engine) -> float:
+    """Step ``engine`` until nothing runs or waits (bounded); the time then."""
+    for _ in range(1_000_000):  # bounded
         if not engine.step():
             break
-    done = time.perf_counter()
-    return final[0], (first[0] if first else done) - t0, done - t0
+    return time.perf_counter()
+
+
+def one_turn(engine: Engine, prompt: list[int], cfg: GenerationConfig) -> tuple[GenerationResult, float, float]:
+    """(result, seconds to its first event, seconds in all) of one request run alone on ``engine``."""
+    rec = Recorder()
+    t0 = time.perf_counter()
+    engine.add(prompt, cfg, rec.sink(0))
+    done = run_until_idle(engine)
+    return rec.final[0], rec.first.get(0, done) - t0, done - t0
 
 
 def conversation(rt, engine: Engine, turns: list[str], cfg: GenerationConfig) -> list[dict]:
@@ -101,27 +120,14 @@ SYSTEM = ("You are the support assistant of a company that sells garden tools on
 def burst(rt, questions: list[str], cfg: GenerationConfig, reuse: bool) -> dict:
     """The questions arriving together under `SYSTEM` on an engine of as many sequences."""
     engine = Engine(rt.generator, max_num_seqs=len(questions), reuse_prefixes=reuse)
-    first: dict[int, float] = {}
-    final: dict[int, GenerationResult] = {}
-
-    def sink(i):
-        def take(item):
-            if isinstance(item, GenerationResult):
-                final[i] = item
-            elif isinstance(item, Exception):
-                raise item
-            else:
-                first.setdefault(i, time.perf_counter())
-        return take
-
+    rec = Recorder()
     t0 = time.perf_counter()
     for i, q in enumerate(questions):
-        engine.add(rt.chat_ids([{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}]), cfg, sink(i))
-    for _ in range(100_000):  # bounded
-        if not engine.step():
-            break
-    done = time.perf_counter()
+        engine.add(rt.chat_ids([{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}]), cfg,
+                   rec.sink(i))
+    done = run_until_idle(engine)
     engine.close()
+    first, final = rec.first, rec.final
     return {"ttft_ms": [round((first.get(i, done) - t0) * 1e3, 1) for i in range(len(questions))],
             "all_ms": round((done - t0) * 1e3, 1), "cached_tokens": [final[i].cached_tokens for i in sorted(final)],
             "tokens": [final[i].token_ids for i in sorted(final)]}
@@ -153,32 +159,19 @@ def users(rt, convs: list[list[str]], cfg: GenerationConfig, reuse: bool) -> dic
     turn as soon as its first answer ends (added from the engine's sink, as a server's next request would come)."""
     engine = Engine(rt.generator, max_num_seqs=len(convs), reuse_prefixes=reuse)
     sent: dict[tuple, float] = {}
-    first: dict[tuple, float] = {}
-    final: dict[tuple, GenerationResult] = {}
+    rec = Recorder()
+    first, final = rec.first, rec.final
 
     def ask(u: int, turn: int, messages: list[dict]) -> None:
-        key = (u, turn)
-        sent[key] = time.perf_counter()
-        engine.add(rt.chat_ids(messages), cfg, lambda item: take(u, turn, messages, item))
-
-    def take(u: int, turn: int, messages: list[dict], item) -> None:
-        if isinstance(item, Exception):
-            raise item
-        if not isinstance(item, GenerationResult):
-            first.setdefault((u, turn), time.perf_counter())
-            return
-        final[(u, turn)] = item
-        if turn == 0:
-            ask(u, 1, messages + [{"role": "assistant", "content": item.text},
-                                  {"role": "user", "content": convs[u][1]}])
+        sent[(u, turn)] = time.perf_counter()
+        then = (lambda result: ask(u, 1, messages + [{"role": "assistant", "content": result.text},
+                                                     {"role": "user", "content": convs[u][1]}])) if turn == 0 else None
+        engine.add(rt.chat_ids(messages), cfg, rec.sink((u, turn), then))
 
     t0 = time.perf_counter()
     for u, turns in enumerate(convs):
         ask(u, 0, [{"role": "user", "content": turns[0]}])
-    for _ in range(1_000_000):  # bounded
-        if not engine.step():
-            break
-    done = time.perf_counter()
+    done = run_until_idle(engine)
     engine.close()
     ttft = {key: round((first.get(key, done) - sent[key]) * 1e3, 1) for key in sent}
     return {"all_ms": round((done - t0) * 1e3, 1),
