@@ -369,23 +369,6 @@ def test_a_batcher_reuses_prefixes_unless_asked_not_to(rt):
         rt.batcher(reuse_prefixes="no")
 
 
-def test_usage_counts_each_prompts_cached_tokens_once_whatever_order_its_choices_end_in():
-    """Two prompts, the first with two choices (copies of its job): the fewest any of a prompt's choices reused (the
-    others copy the rows of the one that prefilled it, which this request computed)."""
-    from medusa_export.runtime.serve.requests import Job
-    from medusa_export.runtime.serve.responses import usage
-
-    jobs = [Job([1, 2, 3, 4, 5, 6], GenerationConfig(max_new_tokens=4), stream=False, include_usage=False, chat=False,
-                n=2), Job([1, 2, 3, 9, 9], GenerationConfig(max_new_tokens=4), stream=False, include_usage=False,
-                          chat=False)]
-    results = [GenerationResult(text="", token_ids=[7], new_tokens=1, steps=0, mean_accepted=0.0, tokens_per_s=0.0,
-                                finish_reason="length", backend="ort", medusa=False, cached_tokens=c) for c in (3, 5, 0)]
-    got = usage(jobs, results, [2, 0, 1])  # the second prompt's choice ended first
-    assert got["prompt_tokens_details"] == {"cached_tokens": 3 + 0} and got["prompt_tokens"] == 11
-    assert usage(jobs, results, [0, 1, 2])["prompt_tokens_details"] == {"cached_tokens": 3 + 0}
-    assert usage(jobs, results[:2], [0, 2])["prompt_tokens_details"] == {"cached_tokens": 3 + 5}
-
-
 def test_the_servers_n_choices_prefill_their_prompt_once(artifact):
     """n = 3 greedy choices of a new prompt: one prefills it, the other two copy its rows (the metrics count their
     hits; usage counts none: no earlier request left them), and all three give the same answer."""

@@ -188,42 +188,6 @@ def test_stream_options_include_obfuscation_is_accepted(server, client):
         assert code == 400 and body["error"]["param"] == "stream_options"
 
 
-def test_the_role_chunk_is_not_sent_before_the_request_decodes():
-    """vLLM sends a chat stream's role chunk with the first token; load generators (`vllm bench serve`) take the
-    first chunk with choices for the first token. It was sent at once, while the request was still queued."""
-    import asyncio
-
-    from medusa_export.runtime.decode import GenerationConfig
-    from medusa_export.runtime.serve.responses import sse_events
-    from medusa_export.runtime.serve.requests import Job
-    from medusa_export.runtime.text_output import StreamEvent
-
-    job = Job([1, 2], GenerationConfig(), True, False, True)
-
-    class Queued:  # a request whose first token comes only once `first` is set
-        def __init__(self) -> None:
-            self.first, self.job = asyncio.Event(), job
-
-        async def events(self):
-            await self.first.wait()
-            yield StreamEvent("Hi", [7])
-
-    async def run() -> tuple[bool, str]:
-        admitted = Queued()
-        stream = sse_events("chatcmpl-1", [job], NAME, [admitted])
-        first = asyncio.ensure_future(stream.__anext__())
-        await asyncio.sleep(0.2)  # queued: nothing may be sent yet
-        early = first.done()
-        admitted.first.set()
-        text = await asyncio.wait_for(first, 10)
-        await stream.aclose()
-        return early, text
-
-    early, text = asyncio.run(run())
-    assert not early, "the role chunk was sent before the request's first token"
-    assert '"role": "assistant"' in text
-
-
 # ------------------------------------------------------------------------------------------------ errors
 
 
@@ -318,21 +282,6 @@ def test_every_error_status_has_an_openai_body(server):
         code, raw = get(server + path, {"Authorization": f"Bearer {KEY}"})
         assert code == status
         _error((code, json.loads(raw), None))
-
-
-def test_errors_raised_after_parsing_have_openai_bodies():
-    """504 (timeout), 503 (shutdown), 500 (a failed step): the same four keys, whatever ended the request."""
-    from medusa_export.runtime.serve.responses import result_or_error
-    from medusa_export.runtime.serve.scheduler import Finished
-
-    from medusa_export.runtime.serve.requests import ApiError
-
-    for done, status in ((None, 504), (Finished(None, None, "shutdown"), 503),
-                         (Finished(None, RuntimeError("x"), None), 500)):
-        with pytest.raises(ApiError) as e:
-            result_or_error(done, 1.0)
-        assert e.value.status == status and set(e.value.body()["error"]) == ERROR_KEYS
-        assert e.value.body()["error"]["type"] == "server_error"
 
 
 def test_a_full_queue_is_a_429_with_an_openai_body(server):
