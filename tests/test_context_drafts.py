@@ -124,7 +124,7 @@ REPEATING = [(7, 8, 9, 10, 7, 8, 9, 10, 7, 8), (3, 4, 3, 4, 3, 4, 3), tuple(TINY
 
 @pytest.mark.parametrize("spec", [None, "chain-2", "cpu_small_10", "mc_sim_7b_63"])
 @pytest.mark.parametrize("layout", ["shared", "own"])
-def test_greedy_with_context_drafts_equals_plain_greedy(tiny, spec, layout):
+def test_greedy_with_context_drafts_equals_plain_greedy(tiny, spec, layout, clock_free_steps):
     """With and without heads, on trees of one path or many: the same tokens as plain greedy decoding, while
     context drafts are accepted (the prompts repeat, and so does the tiny model)."""
     backend = tiny.backend(4, layout)
