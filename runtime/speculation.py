@@ -46,6 +46,12 @@ PRIOR_ROW_SHARE = 0.06  # one more row, as a share of a one-row step
 # prior's 6 %); without this a fresh process verified drafts at nearly every step and ran 0.71-0.84x its vanilla speed.
 PLAIN_MIN = 3
 PLAIN_EVERY = 64
+# A count of more rows that no step has run for STALE_AFTER steps is priced as unmeasured (from the nearest fresh
+# count below) and its mean starts again when it next runs. Else one slow step (a cold cache, a busy neighbour) could
+# price that count, and every larger one (never cheaper than a smaller), out of all later plans for good: never
+# chosen, never measured again. CI saw it: the first 2-row step of a chain-1 tree took 45 ms next to 3 ms plain steps,
+# and the heads were never verified again. A count dear in truth costs one step each STALE_AFTER to find out again.
+STALE_AFTER = 4 * PLAIN_EVERY
 # Requests: once the paired steps decide, one in EXPLORE_EVERY runs the other graph; each exploration that leaves the
 # choice as it was doubles the interval, up to MAX_EXPLORE_EVERY, and a changed choice starts again from EXPLORE_EVERY.
 # Exploring a graph that loses costs its difference on that request: on the default artifact (the heads' graph about
@@ -120,7 +126,7 @@ class StepCost:
     def record(self, rows: int, seconds: float) -> None:
         if 1 <= rows < len(self.seconds):
             with self.lock:  # a mean of the first ten, then an exponential one (a busier machine is followed)
-                n = self.count[rows] + 1
+                n = 1 if self.stale(rows) else self.count[rows] + 1
                 self.seconds[rows] += (seconds - self.seconds[rows]) / min(n, 10)
                 self.count[rows] = n  # after the seconds: `table` reads without the lock, and a count must have them
                 self.records += 1
@@ -130,6 +136,10 @@ class StepCost:
     def measured(self) -> bool:
         """Whether any row count has been measured."""
         return self.records > 0
+
+    def stale(self, rows: int) -> bool:
+        """Whether count ``rows`` (of more than one row) was measured, but not in the last ``STALE_AFTER`` steps."""
+        return rows > 1 and self.count[rows] > 0 and self.records - self.last[rows] >= STALE_AFTER
 
     def plain_due(self, rows: int = 1) -> bool:
         """Whether the next step should run without drafts, ``rows`` rows, to measure that count (``PLAIN_MIN``,
@@ -142,16 +152,18 @@ class StepCost:
     def table(self, upto: int) -> list[float]:
         """[upto + 1] estimated seconds of a step of r rows (index 0 unused). Counts past ``max_rows`` are never
         measured, only estimated: a heads' tree may have more nodes (up to 1,025) and its steps are weighed too."""
-        seconds, count = self.seconds, self.count
-        measured = min(upto, len(count) - 1)
-        known = [r for r in range(1, measured + 1) if count[r]]
+        seconds = self.seconds
+        measured = min(upto, len(self.count) - 1)
+        count, last, cutoff = self.count, self.last, self.records - STALE_AFTER  # `stale`, inlined: every step
+        fresh = [r <= measured and count[r] > 0 and (r == 1 or last[r] > cutoff) for r in range(upto + 1)]
+        known = [r for r in range(1, measured + 1) if fresh[r]]
         base_r, base_t = (known[0], seconds[known[0]]) if known else (1, 0.03)
         t, slowest = [0.0], 0.0
         for r in range(1, upto + 1):
-            if r <= measured and count[r]:
+            if fresh[r]:
                 base_r, base_t = r, seconds[r]
                 estimate = base_t
-            else:  # from the nearest measured count below (or the first measured, above, scaled down)
+            else:  # from the nearest fresh count below (or the first fresh one, above, scaled down)
                 estimate = base_t * (1 + PRIOR_ROW_SHARE * (r - base_r)) if r > base_r else \
                     base_t / (1 + PRIOR_ROW_SHARE * (base_r - r))
             slowest = max(slowest, estimate)  # never less than a smaller count's

@@ -94,6 +94,35 @@ def test_plain_due_counts_steps_of_any_size():
     assert not cost.plain_due()
 
 
+def test_a_count_priced_out_by_one_slow_step_is_measured_again():
+    """One slow step at the heads' tree's count (a cold cache, a busy neighbour) priced the tree out of every later
+    plan, so it never ran to be measured again: CI saw a chain-1 tree verified once in a whole run. Once no step has
+    run that count for STALE_AFTER steps it is priced from the fresh counts below, runs, and its mean starts again;
+    a count dear in truth is measured dear again and left alone for another STALE_AFTER steps."""
+    from medusa_export.runtime.decode import Cursor, plan
+    from medusa_export.runtime.speculation import STALE_AFTER, Speculation
+
+    tree = Tree.from_choices([[0]], topk=4)  # the root and one head's guess: 2 rows
+    heads = np.arange(40, dtype=np.int64).reshape(4, 10)
+    spec = Speculation()
+    cost = spec.alone_cost[True]
+    step = lambda: plan(Cursor(3, heads, np.random.default_rng(0)), tree, spec, room=100, max_paths=None).num_nodes
+    for _ in range(PLAIN_MIN):
+        cost.record(1, 0.003)
+    cost.record(2, 0.045)  # the slow one
+    for i in range(STALE_AFTER):
+        assert step() == 1, i  # 1.3 expected tokens in 45 ms lose to 1 in 3 ms
+        cost.record(1, 0.003)
+    assert cost.stale(2) and step() == 2  # priced from the one-row step now: the tree pays
+    cost.record(2, 0.0032)
+    assert cost.table(2)[2] == pytest.approx(0.0032) and step() == 2  # the slow step is forgotten, not averaged
+    cost.record(2, 0.0032)
+    for _ in range(STALE_AFTER):
+        cost.record(1, 0.003)
+    cost.record(2, 0.045)  # stale again, and measured dear in truth this time: priced out again
+    assert cost.table(2)[2] == pytest.approx(0.045) and step() == 1
+
+
 def test_a_step_beyond_the_cost_table_takes_no_drafts():
     """A lanes step of more rows than the table holds (a large --max-num-batched-tokens) verifies no drafts, and one
     just below it at most what fits."""
