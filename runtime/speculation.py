@@ -115,12 +115,16 @@ class StepCost:
     measured one below (a row adds ``PRIOR_ROW_SHARE`` of it), never less than a smaller count's. A table, not a
     line: on the measured CPU 5 rows cost 1.23x one row but 8 rows 1.71x (another matmul kernel takes over)."""
 
-    def __init__(self, max_rows: int = 256, plain_steps: bool = True) -> None:
+    def __init__(self, max_rows: int = 256, plain_steps: bool = True, clock: list[int] | None = None) -> None:
         self.seconds = [0.0] * (max_rows + 1)  # lists, as `AcceptanceRates`' counts: updated and read every step
         self.count = [0] * (max_rows + 1)
         self.plain_steps = plain_steps  # False: never asks for a step without drafts (`plain_due`)
         self.records = 0  # steps recorded
-        self.last = [0] * (max_rows + 1)  # ``records`` at the last step of each row count
+        # Steps that age this table's counts: its own, and those of any table sharing the clock. The two graphs'
+        # tables share one, so that requests on the vanilla graph age the Medusa graph's tree counts too: a tree
+        # priced out by one slow step would else keep every request off that graph and never be measured again.
+        self.clock = [0] if clock is None else clock
+        self.last = [0] * (max_rows + 1)  # ``clock`` at the last step of each row count
         self.lock = threading.Lock()
 
     def record(self, rows: int, seconds: float) -> None:
@@ -130,7 +134,8 @@ class StepCost:
                 self.seconds[rows] += (seconds - self.seconds[rows]) / min(n, 10)
                 self.count[rows] = n  # after the seconds: `table` reads without the lock, and a count must have them
                 self.records += 1
-                self.last[rows] = self.records
+                self.clock[0] += 1  # a lost update between two tables' threads only delays an ageing by a step
+                self.last[rows] = self.clock[0]
 
     @property
     def measured(self) -> bool:
@@ -139,22 +144,23 @@ class StepCost:
 
     def stale(self, rows: int) -> bool:
         """Whether count ``rows`` (of more than one row) was measured, but not in the last ``STALE_AFTER`` steps."""
-        return rows > 1 and self.count[rows] > 0 and self.records - self.last[rows] >= STALE_AFTER
+        return rows > 1 and self.count[rows] > 0 and self.clock[0] - self.last[rows] >= STALE_AFTER
 
     def plain_due(self, rows: int = 1) -> bool:
         """Whether the next step should run without drafts, ``rows`` rows, to measure that count (``PLAIN_MIN``,
-        ``PLAIN_EVERY``). Staleness counts steps of any size: a count that comes back less often than once in
-        ``PLAIN_EVERY`` steps (a lanes step's odd prompt chunk) runs without drafts each time."""
+        ``PLAIN_EVERY``). Staleness counts steps of any size, and those of tables sharing the clock: a count that
+        comes back less often than once in ``PLAIN_EVERY`` steps (a lanes step's odd prompt chunk) runs without drafts
+        each time."""
         if not self.plain_steps or not 1 <= rows < len(self.count):
             return False
-        return self.count[rows] < PLAIN_MIN or self.records - self.last[rows] >= PLAIN_EVERY
+        return self.count[rows] < PLAIN_MIN or self.clock[0] - self.last[rows] >= PLAIN_EVERY
 
     def table(self, upto: int) -> list[float]:
         """[upto + 1] estimated seconds of a step of r rows (index 0 unused). Counts past ``max_rows`` are never
         measured, only estimated: a heads' tree may have more nodes (up to 1,025) and its steps are weighed too."""
         seconds = self.seconds
         measured = min(upto, len(self.count) - 1)
-        count, last, cutoff = self.count, self.last, self.records - STALE_AFTER  # `stale`, inlined: every step
+        count, last, cutoff = self.count, self.last, self.clock[0] - STALE_AFTER  # `stale`, inlined: every step
         fresh = [r <= measured and count[r] > 0 and (r == 1 or last[r] > cutoff) for r in range(upto + 1)]
         known = [r for r in range(1, measured + 1) if fresh[r]]
         base_r, base_t = (known[0], seconds[known[0]]) if known else (1, 0.03)
@@ -193,7 +199,8 @@ class Speculation:
 
     def __init__(self) -> None:
         self.rates = AcceptanceRates()
-        self.alone_cost = {True: StepCost(), False: StepCost()}  # one-sequence steps, by graph: Medusa, vanilla
+        clock = [0]  # one-sequence steps on either graph: both tables age together (`StepCost.clock`)
+        self.alone_cost = {True: StepCost(clock=clock), False: StepCost(clock=clock)}  # by graph: Medusa, vanilla
         self.requests = 0
         self.choice: bool | None = None  # the graph the paired steps chose last (True: the heads'), None before
         self.explore_every = EXPLORE_EVERY  # requests between explorations of the other graph, once chosen

@@ -358,7 +358,7 @@ def clock_free_steps(monkeypatch):
     accepted drafts then count the drafts, not how busy the machine (or the other test worker) is."""
     from medusa_export.runtime import speculation
 
-    monkeypatch.setattr(speculation, "StepCost", lambda plain_steps=True: ClockFreeCost(row_share=0.0))
+    monkeypatch.setattr(speculation, "StepCost", lambda plain_steps=True, clock=None: ClockFreeCost(row_share=0.0))
 
 
 def seed_kernel_library(directory: Path) -> Path:

@@ -123,6 +123,24 @@ def test_a_count_priced_out_by_one_slow_step_is_measured_again():
     assert cost.table(2)[2] == pytest.approx(0.045) and step() == 1
 
 
+def test_steps_on_the_vanilla_graph_age_the_medusa_graphs_counts():
+    """A request without drafts takes the heads only where their tree beats a plain step; once one slow tree step
+    priced it out, every such request ran on the vanilla graph and the Medusa graph's table, unchanged, kept it out
+    for good. The two graphs' tables share one clock: after STALE_AFTER vanilla steps the tree is tried again."""
+    from medusa_export.runtime.speculation import STALE_AFTER, Speculation
+
+    tree = Tree.from_choices([[0]], topk=4)
+    spec = Speculation()
+    for medusa in (True, False):
+        for _ in range(PLAIN_MIN):
+            spec.alone_cost[medusa].record(1, 0.003)
+    spec.alone_cost[True].record(2, 0.045)
+    for _ in range(STALE_AFTER):
+        assert spec.heads_without_drafts(tree) is None
+        spec.alone_cost[False].record(1, 0.003)  # the request's steps, on the vanilla graph
+    assert spec.heads_without_drafts(tree) is tree
+
+
 def test_a_step_beyond_the_cost_table_takes_no_drafts():
     """A lanes step of more rows than the table holds (a large --max-num-batched-tokens) verifies no drafts, and one
     just below it at most what fits."""
