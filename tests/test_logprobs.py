@@ -100,7 +100,7 @@ def test_more_alternatives_than_the_graph_returns_are_refused(tiny, make_tokeniz
         gen.generate([5, 6], GenerationConfig(max_new_tokens=3, medusa=False, logprobs=5))
 
 
-def test_an_artifact_gives_the_same_values_with_speculation_batched_and_streamed(artifact, tiny_model):
+def test_an_artifact_gives_the_same_values_with_speculation_batched_and_streamed(artifact, tiny_model, clock_free_steps):
     """ONNX Runtime: Medusa and vanilla, alone and in a batch, give the same tokens and values; a stream's events
     carry the entries of their own tokens; a stop string keeps the entry of the token that completed it."""
     from medusa_export.runtime.api import MedusaRuntime
