@@ -19,7 +19,7 @@ import numpy as np
 
 from .acceptance import accept_greedy, accept_typical, next_token
 from .backends.base import Session
-from .context_drafts import DEFAULT_MAX_DRAFT, ContextIndex
+from .context_drafts import DEFAULT_MAX_DRAFT, ContextIndex, Draft
 from .generation_config import GenerationConfig  # scripts and tests also import it from here
 from .logprobs import FinalTokens, TokenLogprob, final_tokens, step_logprobs
 from .speculation import Speculation
@@ -77,14 +77,29 @@ class Cursor:
     rng: np.random.Generator
     context: ContextIndex | None = None  # the sequence so far, root included (greedy speculation only)
     shadow: tuple[StepTree, list[int]] | None = None  # heads' guesses not verified, and the tokens that came after
+    draft_shadow: tuple[Draft, list[int]] | None = None  # the same for a draft weighed and left out
     first: FinalTokens | None = None  # the token the prompt's last row chose (with its logprobs when asked for)
 
     def advance(self, new: list[int], spec: Speculation) -> None:
-        """``new`` (ending with the new root) became final: the lookup index grows, unverified heads' guesses are
-        scored."""
+        """``new`` (ending with the new root) became final: the lookup index grows, unverified heads' guesses and
+        drafts are scored."""
         if self.context is not None:
             self.context.extend(new)
         score_shadow(self, new, spec)
+        score_draft_shadow(self, new, spec)
+
+    def watch_draft(self, draft: Draft) -> None:
+        """``draft`` was weighed for this step and left out: score its first tokens against those that come (one
+        draft at a time; its first two, so that a score comes every other step: the first decide whether any pay)."""
+        if self.draft_shadow is None:
+            self.draft_shadow = (Draft(draft.tokens[:2], draft.ngram, draft.kind), [])
+
+    def take_draft(self, draft: Draft, n: int) -> Draft | None:
+        """``draft``'s first ``n`` tokens, for this step to verify; with none taken, None, and the draft watched."""
+        if not n:
+            self.watch_draft(draft)
+            return None
+        return Draft(draft.tokens[:n], draft.ngram, draft.kind)
 
 
 def uses_context(cfg: GenerationConfig) -> bool:
@@ -163,6 +178,8 @@ def plan(cursor: Cursor, tree: Tree | None, spec: Speculation, room: int, max_pa
     if best[1] > 1 and (tree is None or not whole_tree) and spec.alone_cost[tree is not None].plain_due():
         best = options[0]  # the root alone, to measure what a one-row step costs (`speculation.PLAIN_MIN`)
     tokens, rows, n, use_heads = best
+    if draft is not None and not n:
+        cursor.watch_draft(draft)
     if use_heads:
         return heads.with_draft(draft.tokens[:n], draft.rate_kind) if n else heads
     if heads is not None and cursor.shadow is None:
@@ -241,6 +258,20 @@ def score_shadow(cursor: Cursor, new: list[int], spec: Speculation) -> None:
         matched[i] = matched[heads.parent[i]] and heads.tokens[i] == after[heads.depth[i] - 1]
     spec.record_heads(np.flatnonzero(matched[1:]) + 1)
     cursor.shadow = None
+
+
+def score_draft_shadow(cursor: Cursor, new: list[int], spec: Speculation) -> None:
+    """Once the tokens after a draft left out of its step decide it (its first wrong token, or all of it): its
+    acceptance counts as if verified. Else a kind priced out by bad luck, or by text that changed, stayed out for
+    good: no step verified it, so nothing measured it again."""
+    if cursor.draft_shadow is None:
+        return
+    draft, after = cursor.draft_shadow
+    after += new
+    agreed = agreeing(draft.tokens, after)
+    if agreed < len(after) or agreed == len(draft.tokens):
+        spec.rates.record(draft.rate_kind, len(draft.tokens), agreed)
+        cursor.draft_shadow = None
 
 
 def record_sources(p: StepTree, accepted: list[int], new: list[int], spec: Speculation, stats: DecodeStats) -> None:

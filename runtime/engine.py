@@ -302,8 +302,7 @@ class Engine:
             seq.fed += len(lane.tokens)
             seq.stats.prefill_s += seconds
             if seq.fed == len(seq.prompt):
-                rng = np.random.default_rng(seq.cfg.seed)
-                seq.cursor = start_cursor(seq.prompt, out, -1, seq.cfg, rng)
+                seq.cursor = start_cursor(seq.prompt, out, -1, seq.cfg, np.random.default_rng(seq.cfg.seed))
                 self._emit(seq, seq.cursor.first)
         else:
             self._advance(seq, out, draft, seconds)
@@ -331,7 +330,8 @@ class Engine:
         room = {seq: min(len(d.tokens), seq.session.capacity - seq.session.length - 1) for seq, d in found.items()}
         chains = [spec.rates.cumulative(d.rate_kind, room[seq]) for seq, d in found.items()]
         take = spec.batched_cost.worth(chains, len(decoding), rows, budget)
-        return {seq: Draft(d.tokens[:n], d.ngram, d.kind) for (seq, d), n in zip(found.items(), take) if n}
+        cut = {seq: seq.cursor.take_draft(d, n) for (seq, d), n in zip(found.items(), take)}  # none taken: watched
+        return {seq: d for seq, d in cut.items() if d is not None}
 
     def _advance(self, seq: Sequence, out, draft: Draft | None, seconds: float) -> None:
         """A decoding sequence's lanes step: its root and drafts, a chain verified as a one-sequence step is."""
