@@ -117,7 +117,8 @@ class StepCost:
 
     def __init__(self, max_rows: int = 256, plain_steps: bool = True, clock: list[int] | None = None) -> None:
         self.seconds = [0.0] * (max_rows + 1)  # lists, as `AcceptanceRates`' counts: updated and read every step
-        self.count = [0] * (max_rows + 1)
+        self.count = [0] * (max_rows + 1)  # measurements of each count
+        self.samples = [0] * (max_rows + 1)  # ... in its running mean (since it last went stale)
         self.plain_steps = plain_steps  # False: never asks for a step without drafts (`plain_due`)
         self.records = 0  # steps recorded
         # Steps that age this table's counts: its own, and those of any table sharing the clock. The two graphs'
@@ -130,9 +131,12 @@ class StepCost:
     def record(self, rows: int, seconds: float) -> None:
         if 1 <= rows < len(self.seconds):
             with self.lock:  # a mean of the first ten, then an exponential one (a busier machine is followed)
-                n = 1 if self.stale(rows) else self.count[rows] + 1
+                if self.stale(rows):  # the mean starts again, from at most its price now: the step that comes
+                    seconds = min(seconds, self.table(rows)[rows])  # back to a count may be a cold one again
+                    self.samples[rows] = 0
+                n = self.samples[rows] = self.samples[rows] + 1
                 self.seconds[rows] += (seconds - self.seconds[rows]) / min(n, 10)
-                self.count[rows] = n  # after the seconds: `table` reads without the lock, and a count must have them
+                self.count[rows] += 1  # after the seconds: `table` reads without the lock, and a count must have them
                 self.records += 1
                 self.clock[0] += 1  # a lost update between two tables' threads only delays an ageing by a step
                 self.last[rows] = self.clock[0]
@@ -163,6 +167,9 @@ class StepCost:
         count, last, cutoff = self.count, self.last, self.clock[0] - STALE_AFTER  # `stale`, inlined: every step
         fresh = [r <= measured and count[r] > 0 and (r == 1 or last[r] > cutoff) for r in range(upto + 1)]
         known = [r for r in range(1, measured + 1) if fresh[r]]
+        if not known:  # all stale (a whole-tree backend measures one count): what was measured beats the prior
+            fresh = [r <= measured and count[r] > 0 for r in range(upto + 1)]
+            known = [r for r in range(1, measured + 1) if fresh[r]]
         base_r, base_t = (known[0], seconds[known[0]]) if known else (1, 0.03)
         t, slowest = [0.0], 0.0
         for r in range(1, upto + 1):
@@ -172,6 +179,8 @@ class StepCost:
             else:  # from the nearest fresh count below (or the first fresh one, above, scaled down)
                 estimate = base_t * (1 + PRIOR_ROW_SHARE * (r - base_r)) if r > base_r else \
                     base_t / (1 + PRIOR_ROW_SHARE * (base_r - r))
+                if r <= measured and count[r]:  # stale: never dearer than measured (a price too low is run, so
+                    estimate = min(estimate, seconds[r])  # corrected; one too high would never be)
             slowest = max(slowest, estimate)  # never less than a smaller count's
             t.append(slowest)
         return t

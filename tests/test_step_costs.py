@@ -97,8 +97,9 @@ def test_plain_due_counts_steps_of_any_size():
 def test_a_count_priced_out_by_one_slow_step_is_measured_again():
     """One slow step at the heads' tree's count (a cold cache, a busy neighbour) priced the tree out of every later
     plan, so it never ran to be measured again: CI saw a chain-1 tree verified once in a whole run. Once no step has
-    run that count for STALE_AFTER steps it is priced from the fresh counts below, runs, and its mean starts again;
-    a count dear in truth is measured dear again and left alone for another STALE_AFTER steps."""
+    run that count for STALE_AFTER steps it is priced from the fresh counts below (never above its own mean), runs,
+    and its mean starts again from at most that price, in case the step that came back was a cold one too; a count
+    dear in truth is measured dear twice more and left alone for another STALE_AFTER steps."""
     from medusa_export.runtime.decode import Cursor, plan
     from medusa_export.runtime.speculation import STALE_AFTER, Speculation
 
@@ -113,14 +114,16 @@ def test_a_count_priced_out_by_one_slow_step_is_measured_again():
     for i in range(STALE_AFTER):
         assert step() == 1, i  # 1.3 expected tokens in 45 ms lose to 1 in 3 ms
         cost.record(1, 0.003)
-    assert cost.stale(2) and step() == 2  # priced from the one-row step now: the tree pays
+    assert cost.stale(2) and cost.table(2)[2] == pytest.approx(0.003 * 1.06) and step() == 2  # the tree pays
+    cost.record(2, 0.045)  # cold again: the mean starts from the price, not from this step
+    assert cost.table(2)[2] == pytest.approx(0.003 * 1.06) and step() == 2
     cost.record(2, 0.0032)
-    assert cost.table(2)[2] == pytest.approx(0.0032) and step() == 2  # the slow step is forgotten, not averaged
-    cost.record(2, 0.0032)
+    assert cost.table(2)[2] == pytest.approx((0.00318 + 0.0032) / 2) and step() == 2  # the 45 ms are forgotten
     for _ in range(STALE_AFTER):
         cost.record(1, 0.003)
-    cost.record(2, 0.045)  # stale again, and measured dear in truth this time: priced out again
-    assert cost.table(2)[2] == pytest.approx(0.045) and step() == 1
+    for _ in range(3):  # stale again, and dear in truth this time: after a second dear step it is priced out again
+        cost.record(2, 0.045)
+    assert cost.table(2)[2] > 0.02 and step() == 1
 
 
 def test_steps_on_the_vanilla_graph_age_the_medusa_graphs_counts():
@@ -139,6 +142,16 @@ def test_steps_on_the_vanilla_graph_age_the_medusa_graphs_counts():
         assert spec.heads_without_drafts(tree) is None
         spec.alone_cost[False].record(1, 0.003)  # the request's steps, on the vanilla graph
     assert spec.heads_without_drafts(tree) is tree
+    # A whole-tree backend's Medusa graph measures its tree's count alone: gone stale with nothing fresher to price
+    # it from, it keeps what was measured, not the 30 ms prior that would keep the heads out for good.
+    whole = Speculation()
+    for _ in range(PLAIN_MIN):
+        whole.alone_cost[True].record(2, 0.0045)
+        whole.alone_cost[False].record(1, 0.004)
+    for _ in range(STALE_AFTER):
+        whole.alone_cost[False].record(1, 0.004)
+    assert whole.alone_cost[True].stale(2) and whole.alone_table(True, 2)[2] == pytest.approx(0.0045)
+    assert whole.heads_without_drafts(tree) is tree
 
 
 def test_a_step_beyond_the_cost_table_takes_no_drafts():
