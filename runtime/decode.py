@@ -77,7 +77,7 @@ class Cursor:
     rng: np.random.Generator
     context: ContextIndex | None = None  # the sequence so far, root included (greedy speculation only)
     shadow: tuple[StepTree, list[int]] | None = None  # heads' guesses not verified, and the tokens that came after
-    draft_shadow: tuple[Draft, list[int]] | None = None  # the same for a draft weighed and left out
+    draft_shadows: list[tuple[Draft, int, list[int]]] = field(default_factory=list)  # drafts' unverified tokens
     first: FinalTokens | None = None  # the token the prompt's last row chose (with its logprobs when asked for)
 
     def advance(self, new: list[int], spec: Speculation) -> None:
@@ -86,20 +86,29 @@ class Cursor:
         if self.context is not None:
             self.context.extend(new)
         score_shadow(self, new, spec)
-        score_draft_shadow(self, new, spec)
+        score_draft_shadows(self, new, spec)
 
-    def watch_draft(self, draft: Draft) -> None:
-        """``draft`` was weighed for this step and left out: score its first tokens against those that come (one
-        draft at a time; its first two, so that a score comes every other step: the first decide whether any pay)."""
-        if self.draft_shadow is None:
-            self.draft_shadow = (Draft(draft.tokens[:2], draft.ngram, draft.kind), [])
+    def propose(self, spec: Speculation, max_tokens: int) -> Draft | None:
+        """The draft this step weighs (`Speculation.propose`); the other source's is watched."""
+        best, other = spec.propose_both(self.context, max_tokens)
+        if other is not None:
+            self.watch_draft(other)
+        return best
 
     def take_draft(self, draft: Draft, n: int) -> Draft | None:
-        """``draft``'s first ``n`` tokens, for this step to verify; with none taken, None, and the draft watched."""
-        if not n:
-            self.watch_draft(draft)
-            return None
-        return Draft(draft.tokens[:n], draft.ngram, draft.kind)
+        """``draft``'s first ``n`` tokens, for this step to verify (None for none); the rest is watched."""
+        self.watch_draft(draft, n)
+        return Draft(draft.tokens[:n], draft.ngram, draft.kind) if n else None
+
+    def watch_draft(self, draft: Draft, start: int = 0) -> None:
+        """This step verifies ``draft``'s first ``start`` tokens (or none of another source's): the next two are
+        scored against the tokens that come, so that a kind, or a depth, left out where rows are dear stays measured
+        (a step then verifies it again once it pays). Two, so a score comes within a step or two."""
+        if start < len(draft.tokens) and len(self.draft_shadows) < MAX_DRAFT_SHADOWS:
+            self.draft_shadows.append((Draft(draft.tokens[:start + 2], draft.ngram, draft.kind), start, []))
+
+
+MAX_DRAFT_SHADOWS = 4  # drafts watched at once by a sequence (each is decided within a step or two)
 
 
 def uses_context(cfg: GenerationConfig) -> bool:
@@ -151,7 +160,7 @@ def plan(cursor: Cursor, tree: Tree | None, spec: Speculation, room: int, max_pa
         tree is not None and cursor.heads is not None and tree.num_nodes <= room) else None
     if whole_tree and heads is not None and cursor.context is None:
         return heads  # sampling, or no drafts to weigh against it
-    draft = spec.propose(cursor.context, min(DEFAULT_MAX_DRAFT, room - 1)) if cursor.context is not None else None
+    draft = cursor.propose(spec, min(DEFAULT_MAX_DRAFT, room - 1)) if cursor.context is not None else None
     if heads is None and draft is None:
         return root  # nothing to weigh (vanilla decoding, or no draft this step)
     q = spec.rates.cumulative(draft.rate_kind, len(draft.tokens)) if draft else []
@@ -178,8 +187,8 @@ def plan(cursor: Cursor, tree: Tree | None, spec: Speculation, room: int, max_pa
     if best[1] > 1 and (tree is None or not whole_tree) and spec.alone_cost[tree is not None].plain_due():
         best = options[0]  # the root alone, to measure what a one-row step costs (`speculation.PLAIN_MIN`)
     tokens, rows, n, use_heads = best
-    if draft is not None and not n:
-        cursor.watch_draft(draft)
+    if draft is not None:
+        cursor.watch_draft(draft, n)
     if use_heads:
         return heads.with_draft(draft.tokens[:n], draft.rate_kind) if n else heads
     if heads is not None and cursor.shadow is None:
@@ -260,18 +269,20 @@ def score_shadow(cursor: Cursor, new: list[int], spec: Speculation) -> None:
     cursor.shadow = None
 
 
-def score_draft_shadow(cursor: Cursor, new: list[int], spec: Speculation) -> None:
-    """Once the tokens after a draft left out of its step decide it (its first wrong token, or all of it): its
-    acceptance counts as if verified. Else a kind priced out by bad luck, or by text that changed, stayed out for
-    good: no step verified it, so nothing measured it again."""
-    if cursor.draft_shadow is None:
-        return
-    draft, after = cursor.draft_shadow
-    after += new
-    agreed = agreeing(draft.tokens, after)
-    if agreed < len(after) or agreed == len(draft.tokens):
-        spec.rates.record(draft.rate_kind, len(draft.tokens), agreed)
-        cursor.draft_shadow = None
+def score_draft_shadows(cursor: Cursor, new: list[int], spec: Speculation) -> None:
+    """Each watched draft that the tokens since decide (its first wrong token, or all of it): its unverified tokens
+    count as if verified, if the step verified all before them. Else a kind or a depth priced out by bad luck, or by
+    text that changed, stayed out for good: no step verified it, so nothing measured it again."""
+    pending = []
+    for draft, start, after in cursor.draft_shadows:
+        after += new
+        agreed = agreeing(draft.tokens, after)
+        if agreed < len(after) or agreed == len(draft.tokens):
+            if agreed >= start:
+                spec.rates.record(draft.rate_kind, len(draft.tokens), agreed, start)
+        else:
+            pending.append((draft, start, after))
+    cursor.draft_shadows = pending
 
 
 def record_sources(p: StepTree, accepted: list[int], new: list[int], spec: Speculation, stats: DecodeStats) -> None:

@@ -323,14 +323,14 @@ class Engine:
         spec = self.gen.spec
         if spec.batched_cost.plain_due(rows):  # a step without drafts, to measure it (`PLAIN_MIN`)
             return {}
-        found = {seq: spec.propose(seq.cursor.context, DEFAULT_MAX_DRAFT) for seq in decoding if seq.cursor.context}
+        found = {seq: seq.cursor.propose(spec, DEFAULT_MAX_DRAFT) for seq in decoding if seq.cursor.context}
         found = {seq: d for seq, d in found.items() if d is not None}
         if not found:
             return {}
         room = {seq: min(len(d.tokens), seq.session.capacity - seq.session.length - 1) for seq, d in found.items()}
         chains = [spec.rates.cumulative(d.rate_kind, room[seq]) for seq, d in found.items()]
         take = spec.batched_cost.worth(chains, len(decoding), rows, budget)
-        cut = {seq: seq.cursor.take_draft(d, n) for (seq, d), n in zip(found.items(), take)}  # none taken: watched
+        cut = {seq: seq.cursor.take_draft(d, n) for (seq, d), n in zip(found.items(), take)}  # the rest: watched
         return {seq: d for seq, d in cut.items() if d is not None}
 
     def _advance(self, seq: Sequence, out, draft: Draft | None, seconds: float) -> None:

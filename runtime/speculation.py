@@ -36,6 +36,7 @@ PRIOR_DEEPER = 0.7
 PRIOR_CORPUS_FIRST = {n: (0.13, 0.27, 0.4) for n in range(1, MAX_NGRAM + 1)}
 PRIOR_CORPUS_DEEPER = 0.55
 PRIOR_WEIGHT = 10.0  # the priors count as this many observations
+RATE_WINDOW = 400.0  # a rate follows about its kind's last this many drafts at that depth (the text moves)
 PRIOR_ROW_SHARE = 0.06  # one more row, as a share of a one-row step
 # A step without drafts (the root alone; in a lanes step, its sequences' roots and prompt chunks) is the one row count
 # that measuring others never reaches: a count above the largest measured is estimated cheap, gets chosen and so
@@ -98,14 +99,17 @@ class AcceptanceRates:
             out.append(p)
         return out
 
-    def record(self, kind: int, proposed: int, accepted: int) -> None:
+    def record(self, kind: int, proposed: int, accepted: int, start: int = 0) -> None:
         """A step verified ``proposed`` drafts of a chain; its first ``accepted`` were right (each was tried only
-        if its parent was accepted)."""
+        if its parent was accepted). ``start``: depths before it are counted elsewhere (a draft's tail, scored after
+        the step verified its head: `decode.score_draft_shadows`)."""
         with self.lock:
             acc, prop, rates = self._accepted[kind], self._proposed[kind], list(self.conditional[kind])
-            for j in range(min(accepted + 1, proposed, len(prop))):
+            for j in range(start, min(accepted + 1, proposed, len(prop))):
                 prop[j] += 1
                 acc[j] += j < accepted
+                if prop[j] > RATE_WINDOW:  # older drafts weigh less and less
+                    acc[j], prop[j] = acc[j] * RATE_WINDOW / prop[j], RATE_WINDOW
                 rates[j] = acc[j] / prop[j]
             self.conditional[kind] = rates  # whole: a reader without the lock sees the old row or the new one
 
@@ -226,11 +230,17 @@ class Speculation:
     def propose(self, context: ContextIndex, max_tokens: int) -> Draft | None:
         """The draft a sequence's step should weigh: the context's (prompt lookup) or the corpus table's, whichever
         expects more accepted tokens by the rates measured so far."""
+        return self.propose_both(context, max_tokens)[0]
+
+    def propose_both(self, context: ContextIndex, max_tokens: int) -> tuple[Draft | None, Draft | None]:
+        """`propose`'s draft, and the other source's, if any: a step scores it without verifying it, so that a kind
+        that keeps losing here stays measured."""
         drafts = [context.propose(max_tokens)]
         if self.corpus is not None:
             drafts.append(self.corpus.propose(context.tokens, max_tokens))
-        return max((d for d in drafts if d is not None), default=None,
-                   key=lambda d: sum(self.rates.cumulative(d.rate_kind, len(d.tokens))))
+        ranked = sorted((d for d in drafts if d is not None), reverse=True,  # stable: a tie keeps the context's
+                        key=lambda d: sum(self.rates.cumulative(d.rate_kind, len(d.tokens)))) + [None, None]
+        return ranked[0], ranked[1]
 
     def heads_for(self, tree):
         """The heads' tree for a new request when the heads are expected to pay on this machine, else None (the

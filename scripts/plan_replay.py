@@ -85,10 +85,10 @@ class TokenRates(speculation.AcceptanceRates):
             out.append(p)
         return out
 
-    def record(self, kind, proposed: int, accepted: int) -> None:
+    def record(self, kind, proposed: int, accepted: int, start: int = 0) -> None:
         if not isinstance(kind, tuple):
-            return super().record(kind, proposed, accepted)
-        for j in range(min(accepted + 1, proposed, len(kind))):
+            return super().record(kind, proposed, accepted, start)
+        for j in range(start, min(accepted + 1, proposed, len(kind))):
             acc, prop = self._accepted[kind[j]], self._proposed[kind[j]]
             prop[j] += 1
             acc[j] += j < accepted
@@ -113,6 +113,9 @@ class ReplaySpeculation(speculation.Speculation):
             cost.seconds[rows], cost.count[rows] = s, speculation.PLAIN_MIN
         cost.records = 1
         cost.record = lambda rows, seconds: None  # the table stays as given
+
+    def propose_both(self, context: ContextIndex, max_tokens: int) -> tuple[Draft | None, None]:
+        return self.propose(context, max_tokens), None  # the variant's choice; no other source's draft is watched
 
     def propose(self, context: ContextIndex, max_tokens: int) -> Draft | None:
         toks, v = context.tokens, self.variant

@@ -94,66 +94,6 @@ def test_plain_due_counts_steps_of_any_size():
     assert not cost.plain_due()
 
 
-def test_a_count_priced_out_by_one_slow_step_is_measured_again():
-    """One slow step at the heads' tree's count (a cold cache, a busy neighbour) priced the tree out of every later
-    plan, so it never ran to be measured again: CI saw a chain-1 tree verified once in a whole run. Once no step has
-    run that count for STALE_AFTER steps it is priced from the fresh counts below (never above its own mean), runs,
-    and its mean starts again from at most that price, in case the step that came back was a cold one too; a count
-    dear in truth is measured dear twice more and left alone for another STALE_AFTER steps."""
-    from medusa_export.runtime.decode import Cursor, plan
-    from medusa_export.runtime.speculation import STALE_AFTER, Speculation
-
-    tree = Tree.from_choices([[0]], topk=4)  # the root and one head's guess: 2 rows
-    heads = np.arange(40, dtype=np.int64).reshape(4, 10)
-    spec = Speculation()
-    cost = spec.alone_cost[True]
-    step = lambda: plan(Cursor(3, heads, np.random.default_rng(0)), tree, spec, room=100, max_paths=None).num_nodes
-    for _ in range(PLAIN_MIN):
-        cost.record(1, 0.003)
-    cost.record(2, 0.045)  # the slow one
-    for i in range(STALE_AFTER):
-        assert step() == 1, i  # 1.3 expected tokens in 45 ms lose to 1 in 3 ms
-        cost.record(1, 0.003)
-    assert cost.stale(2) and cost.table(2)[2] == pytest.approx(0.003 * 1.06) and step() == 2  # the tree pays
-    cost.record(2, 0.045)  # cold again: the mean starts from the price, not from this step
-    assert cost.table(2)[2] == pytest.approx(0.003 * 1.06) and step() == 2
-    cost.record(2, 0.0032)
-    assert cost.table(2)[2] == pytest.approx((0.00318 + 0.0032) / 2) and step() == 2  # the 45 ms are forgotten
-    for _ in range(STALE_AFTER):
-        cost.record(1, 0.003)
-    for _ in range(3):  # stale again, and dear in truth this time: after a second dear step it is priced out again
-        cost.record(2, 0.045)
-    assert cost.table(2)[2] > 0.02 and step() == 1
-
-
-def test_steps_on_the_vanilla_graph_age_the_medusa_graphs_counts():
-    """A request without drafts takes the heads only where their tree beats a plain step; once one slow tree step
-    priced it out, every such request ran on the vanilla graph and the Medusa graph's table, unchanged, kept it out
-    for good. The two graphs' tables share one clock: after STALE_AFTER vanilla steps the tree is tried again."""
-    from medusa_export.runtime.speculation import STALE_AFTER, Speculation
-
-    tree = Tree.from_choices([[0]], topk=4)
-    spec = Speculation()
-    for medusa in (True, False):
-        for _ in range(PLAIN_MIN):
-            spec.alone_cost[medusa].record(1, 0.003)
-    spec.alone_cost[True].record(2, 0.045)
-    for _ in range(STALE_AFTER):
-        assert spec.heads_without_drafts(tree) is None
-        spec.alone_cost[False].record(1, 0.003)  # the request's steps, on the vanilla graph
-    assert spec.heads_without_drafts(tree) is tree
-    # A whole-tree backend's Medusa graph measures its tree's count alone: gone stale with nothing fresher to price
-    # it from, it keeps what was measured, not the 30 ms prior that would keep the heads out for good.
-    whole = Speculation()
-    for _ in range(PLAIN_MIN):
-        whole.alone_cost[True].record(2, 0.0045)
-        whole.alone_cost[False].record(1, 0.004)
-    for _ in range(STALE_AFTER):
-        whole.alone_cost[False].record(1, 0.004)
-    assert whole.alone_cost[True].stale(2) and whole.alone_table(True, 2)[2] == pytest.approx(0.0045)
-    assert whole.heads_without_drafts(tree) is tree
-
-
 def test_a_step_beyond_the_cost_table_takes_no_drafts():
     """A lanes step of more rows than the table holds (a large --max-num-batched-tokens) verifies no drafts, and one
     just below it at most what fits."""
@@ -192,36 +132,6 @@ def test_a_lanes_step_verifies_no_drafts_while_its_count_without_them_is_unmeasu
     for _ in range(PLAIN_EVERY):
         spec.batched_cost.record(5, 0.0101)
     assert Engine._drafts(engine, decoding, 2, budget=8) == {}  # stale: measured again
-
-
-def test_a_draft_left_out_is_scored_against_what_follows_so_its_kind_can_come_back():
-    """Drafts of a kind measured as seldom right are left out of every step where a row costs much; unverified,
-    their rate would never move again, though the text turned repetitive. Left-out drafts are scored against the
-    tokens that follow, as the heads' unverified guesses are: the rate climbs and the drafts are verified again."""
-    from medusa_export.runtime.decode import Cursor, plan
-    from medusa_export.runtime.speculation import Speculation
-
-    text = [1, 2, 3, 4, 5, 6, 7, 8] * 12  # from the second round on, every context draft is right
-    spec = Speculation()
-    for kind in range(len(spec.rates.conditional)):
-        for _ in range(20):
-            spec.rates.record(kind, 1, 0)  # earlier text: every first draft wrong
-    cost = spec.alone_cost[False]
-    for rows in range(1, 10):
-        for _ in range(PLAIN_MIN):
-            cost.record(rows, 0.010 * (1 + 0.4 * (rows - 1)))  # a row costs 40 % of a step: only likely drafts pay
-    cursor = Cursor(text[8], None, np.random.default_rng(0), ContextIndex(text[:9]))
-    plans = []
-    for k in range(9, len(text) - 8):
-        p = plan(cursor, None, spec, room=100, max_paths=None)
-        plans.append(p.num_nodes)
-        if p.num_nodes > 1:
-            break
-        cost.record(1, 0.010)
-        cursor.advance([text[k]], spec)
-        cursor.root = text[k]
-    assert plans[0] == 1 and plans[-1] > 1, plans  # left out at first, verified again once scored right
-    assert len(plans) < 60, len(plans)
 
 
 def test_acceptance_rates_learn_by_depth():
