@@ -47,11 +47,12 @@ PRIOR_ROW_SHARE = 0.06  # one more row, as a share of a one-row step
 # prior's 6 %); without this a fresh process verified drafts at nearly every step and ran 0.71-0.84x its vanilla speed.
 PLAIN_MIN = 3
 PLAIN_EVERY = 64
-# A count of more rows that no step has run for STALE_AFTER steps is priced as unmeasured (from the nearest fresh
-# count below) and its mean starts again when it next runs. Else one slow step (a cold cache, a busy neighbour) could
-# price that count, and every larger one (never cheaper than a smaller), out of all later plans for good: never
-# chosen, never measured again. CI saw it: the first 2-row step of a chain-1 tree took 45 ms next to 3 ms plain steps,
-# and the heads were never verified again. A count dear in truth costs one step each STALE_AFTER to find out again.
+# A count of more rows that no step has run for STALE_AFTER steps is priced from the nearest fresh count below (never
+# above its own mean) and its mean starts again, from at most that price, when it next runs. Else one slow step (a
+# cold cache, a busy neighbour) could price that count, and every larger one (never cheaper than a smaller), out of
+# all later plans for good: never chosen, never measured again (a first 2-row step of a chain-1 tree measured at
+# 45 ms next to 3 ms plain steps kept the heads unverified for a whole run). A count dear in truth costs two steps
+# each STALE_AFTER to find out again.
 STALE_AFTER = 4 * PLAIN_EVERY
 # Requests: once the paired steps decide, one in EXPLORE_EVERY runs the other graph; each exploration that leaves the
 # choice as it was doubles the interval, up to MAX_EXPLORE_EVERY, and a changed choice starts again from EXPLORE_EVERY.
@@ -169,11 +170,10 @@ class StepCost:
         seconds = self.seconds
         measured = min(upto, len(self.count) - 1)
         count, last, cutoff = self.count, self.last, self.clock[0] - STALE_AFTER  # `stale`, inlined: every step
+        if not any(count[r] and (r == 1 or last[r] > cutoff) for r in range(1, measured + 1)):
+            cutoff = -1  # all stale (a whole-tree backend measures one count): what was measured beats the prior
         fresh = [r <= measured and count[r] > 0 and (r == 1 or last[r] > cutoff) for r in range(upto + 1)]
         known = [r for r in range(1, measured + 1) if fresh[r]]
-        if not known:  # all stale (a whole-tree backend measures one count): what was measured beats the prior
-            fresh = [r <= measured and count[r] > 0 for r in range(upto + 1)]
-            known = [r for r in range(1, measured + 1) if fresh[r]]
         base_r, base_t = (known[0], seconds[known[0]]) if known else (1, 0.03)
         t, slowest = [0.0], 0.0
         for r in range(1, upto + 1):
