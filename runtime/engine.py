@@ -321,15 +321,15 @@ class Engine:
         """The context drafts worth verifying in this lanes step, by sequence (`speculation.StepCost.worth`); ``rows``:
         the step's rows without drafts (its sequences' roots and prompt chunks)."""
         spec = self.gen.spec
-        if spec.batched_cost.plain_due(rows):  # a step without drafts, to measure it (`PLAIN_MIN`)
-            return {}
         found = {seq: seq.cursor.propose(spec, DEFAULT_MAX_DRAFT) for seq in decoding if seq.cursor.context}
         found = {seq: d for seq, d in found.items() if d is not None}
         if not found:
             return {}
-        room = {seq: min(len(d.tokens), seq.session.capacity - seq.session.length - 1) for seq, d in found.items()}
-        chains = [spec.rates.cumulative(d.rate_kind, room[seq]) for seq, d in found.items()]
-        take = spec.batched_cost.worth(chains, len(decoding), rows, budget)
+        take = [0] * len(found)  # a step without drafts, to measure it (`PLAIN_MIN`): they are only watched
+        if not spec.batched_cost.plain_due(rows):
+            room = {seq: min(len(d.tokens), seq.session.capacity - seq.session.length - 1) for seq, d in found.items()}
+            chains = [spec.rates.cumulative(d.rate_kind, room[seq]) for seq, d in found.items()]
+            take = spec.batched_cost.worth(chains, len(decoding), rows, budget)
         cut = {seq: seq.cursor.take_draft(d, n) for (seq, d), n in zip(found.items(), take)}  # the rest: watched
         return {seq: d for seq, d in cut.items() if d is not None}
 

@@ -107,7 +107,7 @@ def test_a_step_beyond_the_cost_table_takes_no_drafts():
 def test_a_lanes_step_verifies_no_drafts_while_its_count_without_them_is_unmeasured():
     """As a one-sequence step measures the root alone, a lanes step runs without drafts while its row count without
     them (its sequences' roots and prompt chunks) has fewer than PLAIN_MIN measurements, or has gone PLAIN_EVERY
-    steps without one; otherwise the measured costs decide."""
+    steps without one (its drafts are then only scored against what follows); otherwise the measured costs decide."""
     from types import SimpleNamespace
 
     from medusa_export.runtime.decode import Cursor
@@ -125,6 +125,9 @@ def test_a_lanes_step_verifies_no_drafts_while_its_count_without_them_is_unmeasu
     for rows in range(3, 12):
         spec.batched_cost.record(rows, 0.010 * (1 + 0.001 * rows))  # further rows nearly free: drafts pay
     assert Engine._drafts(engine, decoding, 2, budget=8) == {}  # two rows without drafts: never measured
+    assert all(seq.cursor.draft_shadows for seq in decoding)  # the drafts left out are watched, not dropped
+    for seq in decoding:
+        seq.cursor.draft_shadows.clear()
     for _ in range(PLAIN_MIN):
         spec.batched_cost.record(2, 0.010)
     drafts = Engine._drafts(engine, decoding, 2, budget=8)
