@@ -118,6 +118,11 @@ class Manifest:
             if not 1 <= len(path) <= self.dims.num_heads or any(not 0 <= r < self.dims.head_topk for r in path):
                 raise FieldError(f"tree.medusa_choices[{i}]", f"must be a path of 1 to dims.num_heads "
                                  f"({self.dims.num_heads}) ranks, each in 0..{self.dims.head_topk - 1}")
+        paths = {tuple(p) for p in self.tree.medusa_choices}
+        orphan = next((p for p in sorted(paths) if len(p) > 1 and p[:-1] not in paths), None)
+        if len(paths) < len(self.tree.medusa_choices) or orphan:
+            raise FieldError("tree.medusa_choices", f"holds {list(orphan)} without its parent {list(orphan[:-1])}"
+                             if orphan else "repeats a path")
         if self.heads.num_heads != self.dims.num_heads:
             raise FieldError("heads.num_heads", f"must equal dims.num_heads ({self.dims.num_heads})")
         if (self.model.num_layers, self.model.vocab_size) != (self.dims.num_layers, self.dims.vocab_size):
@@ -139,7 +144,7 @@ class Manifest:
         if self.drafts is not None and self.drafts.file not in self.files:
             raise FieldError("drafts.file", "must be one of the files the manifest lists")
         if self.drafts is None and DRAFTS_FILE in self.files:  # else the table would go unused without a word
-            raise FieldError("drafts", f"is missing while the manifest lists {DRAFTS_FILE}: rebuild the artifact")
+            raise FieldError("drafts", f"is missing while the manifest lists {DRAFTS_FILE}")
 
     @property
     def quantized(self) -> bool:

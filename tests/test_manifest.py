@@ -287,3 +287,14 @@ def test_a_report_field_holds_no_nan_or_infinity_either(artifact, value):
     data["validation"]["medusa"]["max_abs_error"] = value
     with pytest.raises(ArtifactError, match=r"field validation\.medusa\.max_abs_error.* must be a finite number"):
         Manifest.from_json(data)
+
+
+@pytest.mark.parametrize("choices, problem", [([[0], [0]], "repeats a path"),
+                                              ([[0], [1, 0]], r"holds \[1, 0\] without its parent \[1\]")])
+def test_a_tree_that_is_not_one_names_the_manifest_field(artifact, choices, problem):
+    """A repeated path, or one whose parent is missing, was refused only when the tree was built: as a TreeError
+    whose fix said to edit the tree, naming neither the manifest nor a rebuild."""
+    data = json.loads((artifact / "manifest.json").read_text())
+    data["tree"] |= {"medusa_choices": choices, "num_nodes": len(choices) + 1}
+    with pytest.raises(ArtifactError, match=rf"field tree\.medusa_choices {problem}: rebuild the artifact"):
+        Manifest.from_json(data)
