@@ -72,7 +72,7 @@ class Engine:
         if lanes is not None and max_num_seqs > lanes.lanes:
             raise InputError(f"max_num_seqs {max_num_seqs} (--max-num-seqs) exceeds the artifact's batched steps "
                              f"({lanes.lanes} lanes): "
-                             f"lower it, or rebuild with `medusa-export build --max-num-seqs {max_num_seqs}`")
+                             f"use at most {lanes.lanes}, or rebuild with more (`medusa-export build --max-num-seqs N`)")
         if max_num_batched_tokens < max_num_seqs:
             raise InputError(f"max_num_batched_tokens {max_num_batched_tokens} (--max-num-batched-tokens) must be at "
                              f"least max_num_seqs {max_num_seqs} (one row per running sequence)")

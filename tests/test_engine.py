@@ -271,7 +271,8 @@ def test_requests_that_cannot_fit_are_refused_before_they_take_a_slot(runtimes):
     with pytest.raises(InputError, match="maximum sequence is 256"):
         engine.add(list(range(1, 257)), GenerationConfig(max_new_tokens=1), lambda x: None)
     assert engine.idle and len(engine.free) == 2
-    with pytest.raises(InputError, match=r"max_num_seqs 4 \(--max-num-seqs\) exceeds the artifact's batched steps"):
+    with pytest.raises(InputError, match=r"max_num_seqs 4 \(--max-num-seqs\) exceeds the "
+                       r"artifact's batched steps \((\d+) lanes\): use at most \1, or rebuild"):
         Engine(rt.generator, max_num_seqs=4)
     for bad in ({"max_num_seqs": 0}, {"max_num_seqs": -1}, {"max_num_seqs": "2"}, {"max_num_batched_tokens": None}):
         with pytest.raises(InputError, match="must be an integer >= 1"):  # -1 made no slots: step() spun forever
