@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import socket
 import time
 import uuid
 from dataclasses import dataclass
@@ -30,7 +28,7 @@ from ..errors import InputError
 from ..logprobs import MAX_TOP_LOGPROBS
 from .host_check import HostCheck, parse_allowed_hosts
 from .metrics import ServerMetrics
-from .http_deadlines import half_closed
+from .http_deadlines import half_closed, served_by
 from .http_checks import (authorize, check_identity_encoding, check_json_type, check_not_cross_origin,
                           closing_if_unread, json_body, read_body)
 from .logprobs_json import TokenPieces
@@ -219,7 +217,7 @@ class ServedBy:
     included: behind Ray Serve's proxy or a load balancer, which replica refused a request with a 429."""
 
     def __init__(self, app) -> None:
-        self.app, self.value = app, f"{socket.gethostname()}:{os.getpid()}".encode("latin-1", "replace")
+        self.app, self.value = app, served_by()
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":

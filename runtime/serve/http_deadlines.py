@@ -17,6 +17,7 @@ import asyncio
 import http
 import json
 import logging
+import os
 import socket
 import struct
 import sys
@@ -47,6 +48,11 @@ def half_closed(scope) -> bool:
     return bool(scope.get(HALF_CLOSED))
 
 
+def served_by() -> bytes:
+    """The ``X-Served-By`` value, host and process, that every response carries (malformed requests' answers too)."""
+    return f"{socket.gethostname()}:{os.getpid()}".encode("latin-1", "replace")
+
+
 def _reason(status: int) -> bytes:
     """The standard reason phrase of an HTTP status ("Bad Request"), empty for a code without one."""
     try:
@@ -65,6 +71,15 @@ def kernel_send_queue(sock) -> int:
         return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
     except (ImportError, AttributeError, OSError, ValueError):
         return 0
+
+
+def _ambiguous_framing(request) -> bool:
+    """A body framed both by Transfer-Encoding and Content-Length, or by Transfer-Encoding on HTTP/1.0: h11 reads
+    it as chunked and keeps the connection, where a proxy in front may have read it by its length, so what the
+    proxy took for a body's tail would be served as a request of its own (request smuggling; RFC 9112, 6.1 says
+    such a request must end its connection). Refused as malformed, which closes it."""
+    names = {name for name, _ in request.headers}
+    return b"transfer-encoding" in names and (b"content-length" in names or request.http_version == b"1.0")
 
 
 def header_deadline_protocol(header_timeout_s: float) -> type:
@@ -92,6 +107,8 @@ def header_deadline_protocol(header_timeout_s: float) -> type:
             taken = buffered - len(self._receive_buffer)
             if isinstance(event, h11.Request) and taken > self._max_incomplete_event_size:
                 raise h11.RemoteProtocolError("request headers too large", error_status_hint=431)
+            if isinstance(event, h11.Request) and _ambiguous_framing(event):
+                raise h11.RemoteProtocolError("Transfer-Encoding with Content-Length, or on HTTP/1.0")
             return event
 
     class HeaderDeadlineProtocol(H11Protocol):
@@ -120,7 +137,7 @@ def header_deadline_protocol(header_timeout_s: float) -> type:
                     f"the request is not valid HTTP/1.1 ({cause})")
             body = json.dumps(ApiError(status, what, code="invalid_http_request").body()).encode()
             headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body)),
-                       (b"connection", b"close")]
+                       (b"connection", b"close"), (b"x-served-by", served_by())]
             reason = _reason(status)
             for event in (h11.Response(status_code=status, headers=headers, reason=reason), h11.Data(data=body),
                           h11.EndOfMessage()):
