@@ -75,24 +75,33 @@ def resolve_source(source: str | os.PathLike | None) -> Path:
     return path
 
 
+def checked_source(source: str | os.PathLike | None) -> Path:
+    """The model ``source`` names, with what `load_base_model` refuses before reading weights checked: a command
+    names a bad --model before its long work starts."""
+    path = resolve_source(source)
+    if path.is_dir():
+        check_architecture(path / "config.json")
+    elif not (path.is_file() and path.suffix == ".gguf"):
+        raise ModelError(f"model path {path} is neither a directory nor a .gguf file: give a Hugging Face model "
+                         f"directory (config.json and weights) or a .gguf file, or leave MODEL out for the built-in "
+                         f"model")
+    return path
+
+
 def load_base_model(source: str | os.PathLike | None = None) -> LoadedModel:
     """Load model + tokenizer in fp32 eval mode, checking the architecture first."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    path = resolve_source(source)
+    path = checked_source(source)
     builtin = source is None or str(source) in DEFAULT_ALIASES
-    if path.is_file() and path.suffix == ".gguf":
+    if path.is_file():  # a .gguf file
         directory = _gguf_to_cached_dir(path)
         identity = {"name": _gguf_name(path), "sha256_16": directory.name}
         cfg = check_architecture(directory / "config.json")
-    elif path.is_dir():
+    else:
         directory = path
         cfg = check_architecture(directory / "config.json")  # before the fingerprint reads the files
         check_regular_files(directory)
         identity = {"name": path.name, "sha256_16": _dir_fingerprint(path)}
-    else:
-        raise ModelError(f"model path {path} is neither a directory nor a .gguf file: give a Hugging Face model "
-                         f"directory (config.json and weights) or a .gguf file, or leave MODEL out for the built-in "
-                         f"model")
     identity["source"] = "default" if builtin else path.name
     model = _from_pretrained(directory, cfg)
     loaded = LoadedModel(model, _tokenizer_from_dir(directory, model.config.vocab_size), identity, path.resolve())

@@ -218,6 +218,10 @@ def test_empty_values_are_refused_not_read_as_the_default(artifact):
     refused_before_work(cli("generate", str(artifact), "--prompt"), "requires an argument",
                         "medusa-export generate --help")
     refused_before_work(cli("bench", str(artifact), "--no-hf", "--model", "x"), "--model is the base model")
+    for model, words in (("no-such-model", "not found"), (str(artifact / "heads"), "holds Medusa heads")):
+        # named only after the ort rows had run and printed their table
+        refused_before_work(cli("bench", str(artifact), "--backends", "ort,torch", "--no-hf", "--limit", "1",
+                                "--max-new-tokens", "2", "--model", model), "model", words)
     for blank in ("", "   "):  # ran on an empty user message
         refused_before_work(cli("generate", str(artifact), "--prompt", blank), "--prompt is empty")
 

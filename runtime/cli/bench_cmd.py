@@ -65,6 +65,10 @@ def bench(
     if model is not None and "torch" not in names and not hf:  # it was ignored without a word
         raise InputError("--model is the base model of --backends torch and the transformers baseline (--hf); "
                          "neither runs here: leave --model out, or add them")
+    if model is not None:  # else a bad one was named after the rows before its own had run
+        from medusa_export.exporter.model_loading import checked_source
+
+        checked_source(model)
     texts = read_prompts(prompts, limit=limit)
     _check_artifact(artifact, names, concurrency, tree)
 
