@@ -15,7 +15,7 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from .bounded_read import read_bounded
 from .errors import ArtifactError
-from .onnx_external import OnnxFormatError, external_locations, initializer_dims
+from .onnx_external import OnnxFormatError, external_locations, initializer_dims, io_names
 
 MANIFEST = "manifest.json"
 
@@ -139,6 +139,11 @@ def external_data_names(graph: Path) -> set[str]:
 ROTARY_TABLES = ("cos_cache", "sin_cache")  # a fused graph's rotary tables: a row per position, and one more
 # The token embedding: a fused graph's (absent where it reads the lm_head's quantized weights), a portable graph's
 EMBEDDINGS = ("embed_tokens", "backbone.embed_tokens.weight")
+
+
+def graph_io_names(graph: Path) -> tuple[list[str], list[str]]:
+    """`onnx_external.io_names` of an ONNX graph file: its input and output names, no session opened."""
+    return _parsed_graph(graph, io_names)
 
 
 def check_graph_tables(graph: Path, max_seq: int, vocab_size: int, fused: bool) -> None:

@@ -5,6 +5,7 @@ subgraphs, to any depth), functions and training graphs. A fixed byte pattern wo
 
     names = external_locations(data)     # {"weights.bin"}; OnnxFormatError on bytes that are not a model
     dims = initializer_dims(data, {"cos_cache"})   # {"cos_cache": [(2049, 32)]}: shapes only, no tensor data read
+    inputs, outputs = io_names(data)               # the graph's input and output names, as ONNX Runtime lists them
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ SCHEMA: dict[str, dict[int, str]] = {
 }
 ENTRY_KEY, ENTRY_VALUE = 1, 2  # a StringStringEntryProto's fields (a TensorProto's external_data: 13)
 MODEL_GRAPH, GRAPH_INITIALIZER, TENSOR_DIMS, TENSOR_NAME = 7, 5, 1, 8  # ModelProto.graph, ..., TensorProto.name
+GRAPH_INPUT, GRAPH_OUTPUT, VALUE_INFO_NAME = 11, 12, 1  # GraphProto.input / output, ValueInfoProto.name
 
 
 class OnnxFormatError(ValueError):
@@ -51,6 +53,23 @@ def initializer_dims(data: bytes | memoryview, names: set[str]) -> dict[str, lis
                 if name in names:
                     found.setdefault(name, []).append(dims)
     return found
+
+
+def io_names(data: bytes | memoryview) -> tuple[list[str], list[str]]:
+    """The main graph's input and output names, in file order, as ONNX Runtime lists them: an input that is also an
+    initializer (an overridable constant of an older IR) is not one. Only names are parsed."""
+    inputs, outputs, constants = [], [], set()
+    for number, wire, graph in _fields(memoryview(data)):
+        if number != MODEL_GRAPH or wire != LENGTH:
+            continue
+        for n, w, field in _fields(graph):
+            if w == LENGTH and n in (GRAPH_INPUT, GRAPH_OUTPUT):
+                name = next((bytes(p).decode("utf-8", "replace") for k, kw, p in _fields(field)
+                             if k == VALUE_INFO_NAME and kw == LENGTH), "")
+                (inputs if n == GRAPH_INPUT else outputs).append(name)
+            elif w == LENGTH and n == GRAPH_INITIALIZER:
+                constants.add(_tensor_header(field)[0])
+    return [name for name in inputs if name not in constants], outputs
 
 
 def _tensor_header(buf: memoryview) -> tuple[str | None, tuple[int, ...]]:

@@ -179,3 +179,16 @@ def test_a_tree_of_the_root_alone_in_an_artifact_with_heads_is_refused(art):
     _edit_manifest(art, rootless)
     with pytest.raises(ArtifactError, match="field tree.medusa_choices must hold at least one path"):
         MedusaRuntime.load(art)
+
+
+@pytest.mark.parametrize("edit, words", [
+    (lambda g: g.__setitem__("lanes", g["lanes"] + 1), "lacks the input"),  # a graph built for other lanes
+    (lambda g: g.__setitem__("file", "medusa.onnx"), "has an unexpected input"),  # another graph
+])
+def test_a_lanes_graph_that_is_not_the_manifests_is_refused_at_load(art, edit, words):
+    """The lanes graph opens at the first batched step: `generate` ran, and `bench --concurrency 2` failed after its
+    single-stream rows. Its I/O names are read from the file at load."""
+    _edit_manifest(art, lambda m: edit(m["graphs"]["lanes"]))
+    with pytest.raises(ArtifactError, match=f"{words} .*rebuild the artifact"):
+        MedusaRuntime.load(art)
+    assert_one_line_error(_generate(art), words)

@@ -23,7 +23,7 @@ import numpy as np
 
 from .. import io_table, kernels
 from ..errors import ArtifactError, BackendUnavailableError, InputError
-from ..artifact_files import MANIFEST, artifact_file, check_external_data, check_file
+from ..artifact_files import MANIFEST, artifact_file, check_external_data, check_file, graph_io_names
 from ..manifest import ONNXRUNTIME, Manifest
 from ..tree_paths import PathBatch
 from .base import Backend, KVCache, MaskBuffer, ModelDims, Session, StepOutput, runtime_closed
@@ -80,25 +80,13 @@ def _ort_type(dtype: np.dtype) -> str:
 def check_graph_io(session, path: Path, dims: ModelDims, medusa: bool, layout: str = io_table.SEQUENCE_MAJOR,
                    paths: int = 1, lanes: int = 0, attention: str = "gqa") -> None:
     """ArtifactError naming the first tensor whose name, type or fixed size differs from the I/O table."""
-    n = dims.num_layers
-    gathers = attention != "kernel"
-    tables = ((io_table.lanes_inputs(n, lanes, gathers), io_table.lanes_outputs(n, lanes)) if lanes else
-              (io_table.inputs(n, layout, paths), io_table.outputs(n, medusa, layout, paths)))
-    optional = [io_table.row_selection_input()]  # newer fused graphs; older ones lack it
-    if lanes and not gathers:  # kernel lanes graphs built before LanesAttention gather rows per lane
-        optional += [t for t in io_table.lanes_inputs(n, lanes) if t.name in ("lane_gather", "row_gather")]
-    for role, table, actual in (("input", tables[0], session.get_inputs()), ("output", tables[1], session.get_outputs())):
-        found = {a.name: a for a in actual}
-        if role == "input":
-            table = table + [t for t in optional if t.name in found]
-        extra = sorted(set(found) - {t.name for t in table})
-        if extra:
-            raise ArtifactError(f"{path.name} has an unexpected {role} {extra[0]!r}: it was not built by this "
-                                f"medusa-export, rebuild the artifact")
+    actual = {"input": session.get_inputs(), "output": session.get_outputs()}
+    tables = _io_tables(dims.num_layers, medusa, layout, paths, lanes, attention, {a.name for a in actual["input"]})
+    for role, table in tables.items():
+        found = {a.name: a for a in actual[role]}
+        _check_io_names(path, role, table, found)
         for t in table:
-            a = found.get(t.name)
-            if a is None:
-                raise ArtifactError(f"{path.name} lacks the {role} {t.name!r}: rebuild the artifact")
+            a = found[t.name]
             want = _ort_type(t.dtype_in(dims))
             if a.type != want:
                 raise ArtifactError(f"{path.name}: {role} {t.name!r} is {a.type}, the I/O table says {want}: "
@@ -108,6 +96,39 @@ def check_graph_io(session, path: Path, dims: ModelDims, medusa: bool, layout: s
                 raise ArtifactError(f"{path.name}: {role} {t.name!r} has shape {list(a.shape)}, the I/O table and "
                                     f"manifest say {list(t.axes)} = {[fixed.get(i, ax) for i, ax in enumerate(t.axes)]}: "
                                     f"rebuild the artifact")
+
+
+def check_graph_io_names(path: Path, dims: ModelDims, medusa: bool, layout: str = io_table.SEQUENCE_MAJOR,
+                         paths: int = 1, lanes: int = 0, attention: str = "gqa") -> None:
+    """`check_graph_io`'s names, read from the graph file without a session: a graph opened only at its first use
+    (the lanes graph: a server's first batched step, `bench --concurrency` after its single-stream rows) is refused
+    at load if it is another graph, or built for other lanes."""
+    inputs, outputs = graph_io_names(path)
+    tables = _io_tables(dims.num_layers, medusa, layout, paths, lanes, attention, set(inputs))
+    for role, names in (("input", inputs), ("output", outputs)):
+        _check_io_names(path, role, tables[role], set(names))
+
+
+def _io_tables(n: int, medusa: bool, layout: str, paths: int, lanes: int, attention: str, inputs: set[str]) -> dict:
+    """The I/O table's inputs and outputs of a graph, with the optional inputs among ``inputs`` (the graph's)."""
+    gathers = attention != "kernel"
+    tables = ((io_table.lanes_inputs(n, lanes, gathers), io_table.lanes_outputs(n, lanes)) if lanes else
+              (io_table.inputs(n, layout, paths), io_table.outputs(n, medusa, layout, paths)))
+    optional = [io_table.row_selection_input()]  # newer fused graphs; older ones lack it
+    if lanes and not gathers:  # kernel lanes graphs built before LanesAttention gather rows per lane
+        optional += [t for t in io_table.lanes_inputs(n, lanes) if t.name in ("lane_gather", "row_gather")]
+    return {"input": tables[0] + [t for t in optional if t.name in inputs], "output": tables[1]}
+
+
+def _check_io_names(path: Path, role: str, table: list, found) -> None:
+    """ArtifactError for a name of ``found`` (a graph's inputs or outputs) not in ``table``, or one missing."""
+    extra = sorted(set(found) - {t.name for t in table})
+    if extra:
+        raise ArtifactError(f"{path.name} has an unexpected {role} {extra[0]!r}: it was not built by this "
+                            f"medusa-export, rebuild the artifact")
+    missing = next((t.name for t in table if t.name not in found), None)
+    if missing is not None:
+        raise ArtifactError(f"{path.name} lacks the {role} {missing!r}: rebuild the artifact")
 
 
 def _min_rows(manifest: Manifest) -> int:
@@ -172,9 +193,11 @@ class OrtBackend(Backend):
             raise InputError(f"first_graph {first!r}: choose one of this artifact's one-sequence graphs "
                              f"({', '.join(k for k in ('medusa', 'vanilla') if k in manifest.graphs)})")
         self.graph(first)  # its files checked as it opens
-        for kind in manifest.graphs:  # the others' files now, their sessions at their first use
+        for kind in manifest.graphs:  # the others' files and I/O names now, their sessions at their first use
             if kind != first:
-                self._check_files(kind)
+                check_graph_io_names(self._check_files(kind), dims, medusa=kind == "medusa", layout=self.kv_layout,
+                                     paths=self.paths[kind], lanes=manifest.graphs[kind].lanes,
+                                     attention=manifest.attention)
 
     def _open(self, kind: str):
         """An ONNX Runtime session of the manifest's graph ``kind``, its inputs and outputs checked."""
