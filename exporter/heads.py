@@ -358,11 +358,17 @@ def _check_state(expected: dict[str, torch.Tensor], state: dict[str, torch.Tenso
     missing = sorted(set(expected) - set(state))
     extra = sorted(set(state) - set(expected))
     if missing:
-        raise HeadsError(f"heads at {path} lack tensor {missing[0]!r} (expected shape {tuple(expected[missing[0]].shape)})")
+        raise HeadsError(f"heads at {path} lack tensor {missing[0]!r} (expected shape "
+                         f"{tuple(expected[missing[0]].shape)}){NOT_THESE_HEADS}")
     if extra:
-        raise HeadsError(f"heads at {path} have unexpected tensor {extra[0]!r}: the config does not describe these weights")
+        raise HeadsError(f"heads at {path} have unexpected tensor {extra[0]!r}: the config does not describe these "
+                         f"weights{NOT_THESE_HEADS}")
     for k, v in expected.items():
         if tuple(state[k].shape) != tuple(v.shape):
-            raise HeadsError(
-                f"heads tensor {k!r} at {path} has shape {tuple(state[k].shape)}, the base model needs {tuple(v.shape)}"
-            )
+            raise HeadsError(f"heads tensor {k!r} at {path} has shape {tuple(state[k].shape)}, the base model needs "
+                             f"{tuple(v.shape)}{NOT_THESE_HEADS}")
+
+
+# The fix for weights their config does not describe (damaged, edited, or another model's heads)
+NOT_THESE_HEADS = (": train heads for this model (`medusa-export train-heads`), or rebuild the artifact they came "
+                   "with")

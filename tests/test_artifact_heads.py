@@ -108,3 +108,21 @@ def test_heads_that_differ_from_the_graphs_are_named_as_replaced(art, tiny_dirs,
     _relist(art, "heads/config.json")
     with pytest.raises(ArtifactError, match="but the manifest's graphs were built with .*the heads were replaced"):
         _load(art, tiny_dirs)
+
+
+@pytest.mark.parametrize("change, words", [
+    (lambda state, k: state.update({k: torch.cat([state[k], state[k]])}), "has shape"),
+    (lambda state, k: state.pop(k), "lack tensor"),
+    (lambda state, k: state.update({k + ".extra": state[k].clone()}), "unexpected tensor"),
+])
+def test_heads_tensors_that_do_not_fit_their_config_name_a_fix(art, tiny_dirs, change, words):
+    """The three errors named the problem only, with no way out."""
+    from safetensors.torch import load_file, save_file
+
+    path = art / "heads" / "heads.safetensors"
+    state = load_file(path)
+    change(state, sorted(state)[0])
+    save_file(state, path)
+    _relist(art, "heads/heads.safetensors")
+    with pytest.raises(HeadsError, match=f"{words} .*: train heads for this model .*or rebuild the artifact"):
+        _load(art, tiny_dirs)
