@@ -114,9 +114,16 @@ def prompt_of(row: object) -> object:
     return turns[0] if isinstance(turns, list) and turns else None
 
 
+MAX_PROMPT_CHARS = 1 << 23  # one prompt of a file: far past any artifact's context, well within what a chat
+# template may render (`template_limits.MAX_OUTPUT`, 16 M), which a longer one met first, naming neither file nor line
+
+
 def check_text(prompt: str, path: Path, lineno: int) -> None:
-    """JSON escapes can spell a lone surrogate ("\\udcff"), which is no text: the tokenizer would fail later
-    without naming the file or the line."""
+    """A prompt of at most MAX_PROMPT_CHARS characters, and text: JSON escapes can spell a lone surrogate
+    ("\\udcff"), which the tokenizer would fail on later without naming the file or the line."""
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise InputError(f"{path} line {lineno}: the prompt is {len(prompt):,} characters, past the "
+                         f"{MAX_PROMPT_CHARS:,} a prompt may hold: shorten it")
     try:
         prompt.encode("utf-8")
     except UnicodeEncodeError as e:

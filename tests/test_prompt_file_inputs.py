@@ -27,6 +27,19 @@ def test_a_prompt_that_is_no_text_names_the_file_and_the_line(tmp_path):
         read_prompts(path)
 
 
+def test_a_prompt_past_the_limit_names_the_file_and_the_line(tmp_path, monkeypatch):
+    """A 20 MB prompt was refused by the chat template's limits, as "send a shorter conversation, or fix the model's
+    template", naming neither the file nor the line."""
+    from medusa_export.runtime import prompts, template_limits
+
+    assert prompts.MAX_PROMPT_CHARS * 2 <= template_limits.MAX_OUTPUT  # a template may add to it and still render
+    monkeypatch.setattr(prompts, "MAX_PROMPT_CHARS", 100)
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps({"prompt": "a" * 100}) + "\n" + json.dumps({"prompt": "a" * 101}) + "\n")
+    with pytest.raises(InputError, match=re.escape(f"{path} line 2: the prompt is 101 characters, past the 100")):
+        read_prompts(path)
+
+
 def test_an_integer_too_long_to_parse_is_a_bad_line_not_a_crash(tmp_path):
     path = tmp_path / "p.jsonl"
     path.write_text('{"prompt": "fine"}\n{"prompt": "t1", "x": ' + "1" * 5000 + "}\n")
