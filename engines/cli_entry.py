@@ -14,6 +14,7 @@ from typing import Callable
 from medusa_export.runtime.errors import BackendUnavailableError
 
 from medusa_export.runtime.backends import trt_availability as availability
+from medusa_export.runtime.backends.trt_compat import require_portable
 from medusa_export.runtime.manifest import Manifest
 
 
@@ -27,13 +28,19 @@ def build_engines_for_artifact(directory: str | Path, required: bool, log: Calla
                                **options) -> Manifest | None:
     """Build the TensorRT engines of the artifact in ``directory``; returns the updated manifest, or None when
     skipped. ``options`` are `BuildOptions` fields (workspace_gib, max_prompt, allow_tf32, ...)."""
+    from .builder import BuildOptions, build_engines
+    from .profiles import engine_profiles
+
+    build_options = BuildOptions(**options)  # the artifact and the options first: they are wrong on any machine
+    manifest = Manifest.read(directory)
+    require_portable(manifest, Path(directory))
+    for kind in manifest.graphs:
+        engine_profiles(manifest, kind, build_options.max_prompt)
     status = availability.check()
     if not status.ok:
         if required:
             raise BackendUnavailableError(status.reason)
         log(f"skipping TensorRT engines: {status.reason}")
         return None
-    from .builder import BuildOptions, build_engines
-
     log(f"TensorRT {status.tensorrt_version} on {status.device.name} ({status.device.sm}, CUDA runtime {status.cuda_runtime})")
-    return build_engines(directory, BuildOptions(**options), log=log)
+    return build_engines(directory, build_options, log=log)

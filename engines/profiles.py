@@ -17,6 +17,7 @@ The `Profile` type and the run-time choice of a profile live with the TensorRT b
 
 from __future__ import annotations
 
+from medusa_export.runtime.errors import InputError
 from medusa_export.runtime.backends.trt_profiles import Profile
 from medusa_export.runtime.manifest import Manifest
 
@@ -33,7 +34,8 @@ def engine_profiles(manifest: Manifest, kind: str, max_prompt: int | None = None
     max_seq = manifest.max_seq
     max_prompt = max(1, max_seq // 2) if max_prompt is None else int(max_prompt)
     if not 1 <= max_prompt <= max_seq:
-        raise ValueError(f"max_prompt {max_prompt} must be between 1 and max_seq {max_seq}")
+        raise InputError(f"--max-prompt {max_prompt}: give 1..{max_seq} (the artifact's max_seq), or leave it out "
+                         f"for {max(1, max_seq // 2)}")
     opt_t = min(max_prompt, opt_prompt or DEFAULT_OPT_PROMPT)
     prefill = Profile("prefill", (1, opt_t, max_prompt), (0, 0, max_seq - max_prompt))
     if kind == "medusa":

@@ -17,7 +17,7 @@ from medusa_export.engines.cli_entry import build_engines_for_artifact, prefligh
 from medusa_export.engines.profiles import engine_profiles
 from medusa_export.runtime.backends.trt_profiles import Profile, plan_chunks, select
 from medusa_export.runtime.backends.cuda_buffers import Cuda, CudaError, DeviceArena
-from medusa_export.runtime.errors import ArtifactError, BackendUnavailableError
+from medusa_export.runtime.errors import ArtifactError, BackendUnavailableError, InputError
 from manifest_samples import sample_engine_record, sample_manifest, write_fake_artifact  # noqa: E402
 
 SKIP_REASON = availability.skip_reason()
@@ -66,7 +66,7 @@ def test_prefill_and_step_profile_ranges():
     assert (prefill.seq, prefill.past) == ((1, 64, 2048), (0, 0, 0))
     small = engine_profiles(MANIFEST.replace(max_seq=64), "medusa")
     assert small[0].seq == (1, 32, 32) and small[1].past == (0, 53, 53)
-    with pytest.raises(ValueError, match="max_prompt"):
+    with pytest.raises(InputError, match="--max-prompt 4096: give 1..2048"):
         engine_profiles(MANIFEST, "medusa", max_prompt=4096)
     with pytest.raises(ValueError, match="min <= opt <= max"):
         Profile("bad", (1, 5, 3), (0, 0, 0))
@@ -167,13 +167,13 @@ def test_device_sm_name():
 # ------------------------------------------------------------------------------ build --engine trt | all
 def test_engine_all_skips_with_one_line(no_tensorrt, tmp_path):
     lines = []
-    assert build_engines_for_artifact(tmp_path, required=False, log=lines.append) is None
+    assert build_engines_for_artifact(_fake_artifact(tmp_path / "art"), required=False, log=lines.append) is None
     assert lines == ["skipping TensorRT engines: TensorRT is not installed: pip install tensorrt (needs a CUDA GPU)"]
 
 
 def test_engine_trt_raises(no_tensorrt, tmp_path):
     with pytest.raises(BackendUnavailableError, match="^TensorRT is not installed"):
-        build_engines_for_artifact(tmp_path, required=True, log=print)
+        build_engines_for_artifact(_fake_artifact(tmp_path / "art"), required=True, log=print)
     with pytest.raises(BackendUnavailableError):
         preflight("trt")
     preflight("all")
@@ -186,9 +186,31 @@ def test_build_engines_command_exits_2(no_tensorrt, tmp_path):
     from medusa_export.runtime.cli.app import _register, app
 
     _register()
-    r = CliRunner().invoke(app, ["build-engines", str(tmp_path)])
+    r = CliRunner().invoke(app, ["build-engines", str(_fake_artifact(tmp_path / "art"))])
     assert r.exit_code == 2
     assert r.output.strip().splitlines()[-1] == "error: TensorRT is not installed: pip install tensorrt (needs a CUDA GPU)"
+
+
+@pytest.mark.parametrize("args, words", [
+    ([], "has no manifest.json"),
+    (["--workspace-gib", "-1"], "--workspace-gib -1.0: give a size in GiB above 0"),
+    (["--optimization-level", "9"], "--optimization-level 9: give an integer in 0..5"),
+    (["--max-prompt", "0"], "--max-prompt 0: give an integer >= 1"),
+    (["--opt-past", "-3"], "--opt-past -3: give an integer >= 1"),
+    (["--max-prompt", "99999"], "--max-prompt 99999: give 1.."),
+])
+def test_build_engines_names_a_bad_artifact_or_option_before_looking_for_tensorrt(no_tensorrt, tmp_path, args, words):
+    """Every one was answered "TensorRT is not installed" here; on a GPU machine, a max_prompt past max_seq was a
+    ValueError's traceback, and a negative workspace went to TensorRT as given."""
+    from typer.testing import CliRunner
+
+    from medusa_export.runtime.cli.app import _register, app
+
+    _register()
+    art = tmp_path / "empty" if not args else _fake_artifact(tmp_path / "art")
+    art.mkdir(exist_ok=True)
+    r = CliRunner().invoke(app, ["build-engines", str(art), *args])
+    assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1 and words in r.output, r.output
 
 
 def _fake_artifact(directory):
