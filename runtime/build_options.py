@@ -11,6 +11,7 @@ import numbers
 import os
 from dataclasses import dataclass, fields
 
+from .backends.lanes import MAX_BUILD_LANES
 from .errors import InputError
 from .manifest import GRAPH_FORMATS, LIMITS, ONNXRUNTIME, PORTABLE, QUANTIZED_WEIGHTS, WEIGHTS
 
@@ -126,8 +127,8 @@ class BuildOptions:
             raise InputError(f"--max-seq {self.max_seq} is too small: use at least 16")
         if self.max_seq > LIMITS["max_seq"]:  # an artifact loading would refuse
             raise InputError(f"--max-seq {self.max_seq} is too large: use at most {LIMITS['max_seq']}")
-        if not 1 <= self.max_num_seqs <= 64:
-            raise InputError(f"--max-num-seqs {self.max_num_seqs}: use 1..64 (1 builds no batched graph)")
+        if not 1 <= self.max_num_seqs <= MAX_BUILD_LANES:
+            raise InputError(f"--max-num-seqs {self.max_num_seqs}: use 1..{MAX_BUILD_LANES} (1 builds no batched graph)")
         for flag, value in (("head-topk", self.head_topk), ("sample-topk", self.sample_topk)):
             if not 1 <= value <= 64:
                 raise InputError(f"--{flag} {value}: use 1..64")

@@ -19,6 +19,7 @@ import numpy as np
 
 from .base import Session
 
+MAX_BUILD_LANES = 64  # the most lanes `build --max-num-seqs` makes (a loaded artifact may hold up to LIMITS' 1,024)
 
 @dataclass
 class Lane:

@@ -7,6 +7,7 @@ from typing import Optional
 
 import typer
 
+from ..backends.lanes import MAX_BUILD_LANES
 from ..build_options import BuildOptions
 
 from ..manifest import ONNXRUNTIME
@@ -134,8 +135,8 @@ def build_engines(
     weakly_typed: bool = typer.Option(False, "--weakly-typed", help="TensorRT 10: weak typing + BuilderFlag.FP16/BF16."),
     optimization_level: Optional[int] = typer.Option(None, help="Builder optimization level 0-5."),
     timing_cache: Optional[Path] = path_option(None, help="Timing cache file (reused across builds)."),
-    max_num_seqs: int = typer.Option(_DEFAULTS.max_num_seqs, min=1, max=64, help="Sequences one batched step takes "
-                                     "(the vanilla engine's batch profile; 1: none)."),
+    max_num_seqs: int = typer.Option(_DEFAULTS.max_num_seqs, min=1, max=MAX_BUILD_LANES, help="Sequences one "
+                                     "batched step takes (the vanilla engine's batch profile; 1: none)."),
 ) -> None:
     """(Re)build only the TensorRT engines of an artifact and record them in its manifest."""
     from medusa_export.engines.cli_entry import build_engines_for_artifact

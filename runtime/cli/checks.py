@@ -100,7 +100,11 @@ def check_threads(threads: int | None) -> None:
 
 def prompts_read(given: Path | None) -> Path:
     """The prompts file a command reads: the one given, else the packaged set. A report path is checked against it
-    (`check_out_file`'s inputs): without --prompts, a report written over the packaged set replaced it."""
-    from ..prompts import PACKAGED_PROMPTS
+    (`check_out_file`'s inputs): without --prompts, a report written over the packaged set replaced it. A given
+    path that is no file is named as such first: a directory was reported as a report path inside it overwriting
+    a file this command reads."""
+    from ..prompts import PACKAGED_PROMPTS, check_jsonl_file
 
+    if given is not None:
+        check_jsonl_file(given, "prompts file")
     return given if given is not None else PACKAGED_PROMPTS
