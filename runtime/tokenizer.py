@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Callable
 from .bounded_read import read_bounded
 from .chat_template import ChatTemplate
 from .errors import ArtifactError, InputError, first_line
-from .tokenizer_limits import check_growth
+from .tokenizer_limits import check_growth, check_vocabulary, largest_id
 from .typed_json import MAX_JSON_BYTES, read_json
 
 # tokenizer.json: the library reads it whole, so a file its manifest records as huge (a sparse one costs no disk)
@@ -126,11 +126,7 @@ class ChatTokenizer:
         _no_dropout(tokenizer)
         _check_token_lengths(tokenizer, tj)
         if vocab_size is not None:
-            largest = _largest_id(tokenizer)
-            if tokenizer.get_vocab_size() > vocab_size or largest >= vocab_size:
-                raise ArtifactError(f"{tj} has {tokenizer.get_vocab_size()} tokens with ids up to {largest}, but the "
-                                    f"model's vocabulary is {vocab_size}: it belongs to another model, rebuild the "
-                                    f"artifact")
+            check_vocabulary(tokenizer, tj, vocab_size)
         longest = max((len(t.content) for t in tokenizer.get_added_tokens_decoder().values() if t.special), default=0)
         if longest > MAX_SPECIAL_CHARS:  # every text is searched for them: a huge one made loading take minutes
             raise ArtifactError(f"{tj} has a special token of {longest} characters (at most {MAX_SPECIAL_CHARS}): "
@@ -174,7 +170,7 @@ class ChatTokenizer:
     @property
     def largest_id(self) -> int:
         """The largest token id the tokenizer can produce (ids need not be dense: a count says nothing of it)."""
-        return _largest_id(self.tokenizer)
+        return largest_id(self.tokenizer)
 
     def encode(self, text: str) -> list[int]:
         """A raw prompt (no template): special tokens in it are parsed as such, and the tokenizer's own (its
@@ -284,11 +280,6 @@ def _check_token_lengths(tokenizer, path: Path) -> None:
     if longest > MAX_TOKEN_CHARS:
         raise ArtifactError(f"{path} has a token of {longest} characters (at most {MAX_TOKEN_CHARS}): it is not a "
                             f"model's tokenizer, rebuild the artifact")
-
-
-def _largest_id(tokenizer) -> int:
-    """The largest id of a `tokenizers.Tokenizer`'s vocabulary, added tokens included (-1 when empty)."""
-    return max(tokenizer.get_vocab(with_added_tokens=True).values(), default=-1)
 
 
 def _unpanicked(call: Callable, error: Callable[[str], Exception]):

@@ -55,6 +55,25 @@ class _Unbounded(Exception):
     """A component whose growth cannot be bounded here (its text says why)."""
 
 
+def check_vocabulary(tokenizer, origin: object, vocab_size: int) -> None:
+    """ArtifactError unless the tokenizer's ids fit the model's ``vocab_size`` and cover nearly all of it: a model
+    pads its vocabulary past its tokenizer by a few hundred ids (Qwen2 271, DeepSeek-Coder 234), and a token id the
+    tokenizer lacks would decode to nothing, silently."""
+    size, largest = tokenizer.get_vocab_size(), largest_id(tokenizer)
+    missing = vocab_size - size
+    if size > vocab_size or largest >= vocab_size or missing > max(MAX_PADDED_IDS, vocab_size // 100):
+        raise ArtifactError(f"{origin} has {size} tokens with ids up to {largest}, but the model's vocabulary is "
+                            f"{vocab_size}: it belongs to another model, rebuild the artifact")
+
+
+MAX_PADDED_IDS = 1024  # ids a model may have past its tokenizer's (or 1 % of its vocabulary, if more)
+
+
+def largest_id(tokenizer) -> int:
+    """The largest id of a `tokenizers.Tokenizer`'s vocabulary, added tokens included (-1 when empty)."""
+    return max(tokenizer.get_vocab(with_added_tokens=True).values(), default=-1)
+
+
 def check_growth(tokenizer, origin: object) -> None:
     """An ArtifactError naming ``origin`` (the file) and the component when ``tokenizer`` (a `tokenizers.Tokenizer`)
     can make a text more than MAX_GROWTH times longer when it encodes or when it decodes, or when a component's
