@@ -34,6 +34,7 @@ from medusa_export.exporter.gguf_cache import (entry_lock, entry_ok, normalize_b
 from medusa_export.runtime.cache_dir import cache_root
 from medusa_export.runtime.errors import ArtifactError, ModelError, first_line
 from medusa_export.runtime.tokenizer import ChatTokenizer
+from medusa_export.runtime.tokenizer_limits import check_vocabulary
 from medusa_export.runtime.whole_file import write_whole
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -224,12 +225,10 @@ def _tokenizer_from_dir(directory: Path, vocab_size: int) -> ChatTokenizer:
         raise ModelError(f"{directory} has no tokenizer.json: save the tokenizer with the model (fast tokenizer)")
     try:
         tokenizer = ChatTokenizer.from_directory(directory)
+        check_vocabulary(tokenizer.tokenizer, directory / "tokenizer.json", vocab_size)  # as loading an artifact does
     except ArtifactError as e:
         raise ModelError(re.sub(r"rebuild the artifact.*$", "fix or restore the model's tokenizer files", str(e),
                                 flags=re.S)) from None
-    if tokenizer.largest_id >= vocab_size:
-        raise ModelError(f"{directory / 'tokenizer.json'} has token ids up to {tokenizer.largest_id}, but the model's "
-                         f"vocabulary is {vocab_size}: the tokenizer belongs to another model; restore this model's")
     return tokenizer
 
 

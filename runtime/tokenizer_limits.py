@@ -56,17 +56,17 @@ class _Unbounded(Exception):
 
 
 def check_vocabulary(tokenizer, origin: object, vocab_size: int) -> None:
-    """ArtifactError unless the tokenizer's ids fit the model's ``vocab_size`` and cover nearly all of it: a model
-    pads its vocabulary past its tokenizer by a few hundred ids (Qwen2 271, DeepSeek-Coder 234), and a token id the
-    tokenizer lacks would decode to nothing, silently."""
+    """ArtifactError unless the tokenizer's ids fit the model's ``vocab_size`` and cover most of it: a model pads
+    its vocabulary past its tokenizer (Qwen2 by 271 ids, DeepSeek-LLM by 2,385, up to a multiple of 4,096), and a
+    token id the tokenizer lacks would decode to nothing, silently."""
     size, largest = tokenizer.get_vocab_size(), largest_id(tokenizer)
     missing = vocab_size - size
-    if size > vocab_size or largest >= vocab_size or missing > max(MAX_PADDED_IDS, vocab_size // 100):
+    if size > vocab_size or largest >= vocab_size or missing > max(MAX_PADDED_IDS, vocab_size // 20):
         raise ArtifactError(f"{origin} has {size} tokens with ids up to {largest}, but the model's vocabulary is "
                             f"{vocab_size}: it belongs to another model, rebuild the artifact")
 
 
-MAX_PADDED_IDS = 1024  # ids a model may have past its tokenizer's (or 1 % of its vocabulary, if more)
+MAX_PADDED_IDS = 4096  # ids a model may have past its tokenizer's (or 5 % of its vocabulary, if more)
 
 
 def largest_id(tokenizer) -> int:

@@ -377,7 +377,7 @@ def test_a_bounded_read_holds_a_file_once(tmp_path):
 
 def test_a_tokenizer_that_lacks_most_of_the_models_ids_is_refused():
     """A tokenizer.json cut to its first 1,000 tokens loaded against a 49,152-token model, and every id it lacks
-    decoded to nothing, silently. A model may pad its vocabulary past its tokenizer's by up to 1,024 ids (or 1 %)."""
+    decoded to nothing, silently. A model may pad its vocabulary past its tokenizer's by up to 4,096 ids (or 5 %)."""
     from types import SimpleNamespace
 
     from medusa_export.runtime.tokenizer_limits import MAX_PADDED_IDS, check_vocabulary
@@ -387,6 +387,7 @@ def test_a_tokenizer_that_lacks_most_of_the_models_ids_is_refused():
         return SimpleNamespace(get_vocab_size=lambda: n, get_vocab=lambda with_added_tokens: vocab)
 
     check_vocabulary(tokenizer(151_665), "tokenizer.json", 151_936)  # Qwen2's padding
+    check_vocabulary(tokenizer(100_015), "tokenizer.json", 102_400)  # DeepSeek-LLM's
     check_vocabulary(tokenizer(1_000), "tokenizer.json", 1_000 + MAX_PADDED_IDS)
     for n, vocab in ((1_000, 49_152), (1_000, 1_001 + MAX_PADDED_IDS), (64, 63)):
         with pytest.raises(ArtifactError, match=f"has {n} tokens .* the model's vocabulary is {vocab}: it belongs"):

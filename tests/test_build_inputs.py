@@ -135,7 +135,8 @@ def test_a_tokenizer_past_the_models_vocabulary_is_refused_when_the_model_loads(
     tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
     tok.add_tokens(["beyond-the-vocabulary"])  # id TINY_VOCAB
     tok.save(str(model_dir / "tokenizer.json"))
-    with pytest.raises(ModelError, match=f"token ids up to {TINY_VOCAB}, but the model's vocabulary is {TINY_VOCAB}"):
+    with pytest.raises(ModelError, match=f"tokens with ids up to {TINY_VOCAB}, but the model's vocabulary is "
+                       f"{TINY_VOCAB}: it belongs to another model, fix or restore the model's tokenizer files"):
         load_base_model(model_dir)
 
 
