@@ -12,6 +12,7 @@ precision, the profiles and the build time; ``manifest.files`` gets the plan's s
 
 from __future__ import annotations
 
+import numbers
 import os
 import time
 from dataclasses import dataclass
@@ -56,17 +57,18 @@ class BuildOptions:
             value = getattr(self, name)
             if value is not None and not (_is_int(value) and value >= 1):
                 raise InputError(f"--{name.replace('_', '-')} {value!r:.40}: give an integer >= 1")
+            setattr(self, name, None if value is None else int(value))  # a numpy integer too
         level = self.optimization_level
         if level is not None and not (_is_int(level) and 0 <= level <= 5):
             raise InputError(f"--optimization-level {level!r:.40}: give an integer in 0..5 (TensorRT's default is 3)")
         gib = self.workspace_gib
-        if gib is not None and not (isinstance(gib, (int, float)) and not isinstance(gib, bool) and 0 < gib < 1 << 20):
+        if gib is not None and not (isinstance(gib, numbers.Real) and not isinstance(gib, bool) and 0 < gib < 1 << 20):
             raise InputError(f"--workspace-gib {gib!r:.40}: give a size in GiB above 0, or leave it out for the GPU's "
                              f"memory")
 
 
 def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def cache_root() -> Path:

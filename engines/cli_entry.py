@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from medusa_export.runtime.errors import BackendUnavailableError
+from medusa_export.runtime.errors import BackendUnavailableError, MedusaExportError
 
 from medusa_export.runtime.backends import trt_availability as availability
 from medusa_export.runtime.backends.trt_compat import require_portable
@@ -34,13 +34,16 @@ def build_engines_for_artifact(directory: str | Path, required: bool, log: Calla
     build_options = BuildOptions(**options)  # the artifact and the options first: they are wrong on any machine
     manifest = Manifest.read(directory)
     require_portable(manifest, Path(directory))
-    for kind in manifest.graphs:
-        engine_profiles(manifest, kind, build_options.max_prompt)
-    status = availability.check()
-    if not status.ok:
-        if required:
+    try:
+        for kind in manifest.graphs:
+            engine_profiles(manifest, kind, build_options.max_prompt)
+        status = availability.check()
+        if not status.ok:
             raise BackendUnavailableError(status.reason)
-        log(f"skipping TensorRT engines: {status.reason}")
+    except MedusaExportError as e:  # with --engine all the ONNX artifact stands without engines
+        if required:
+            raise
+        log(f"skipping TensorRT engines: {e}")
         return None
     log(f"TensorRT {status.tensorrt_version} on {status.device.name} ({status.device.sm}, CUDA runtime {status.cuda_runtime})")
     return build_engines(directory, build_options, log=log)

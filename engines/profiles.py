@@ -17,7 +17,7 @@ The `Profile` type and the run-time choice of a profile live with the TensorRT b
 
 from __future__ import annotations
 
-from medusa_export.runtime.errors import InputError
+from medusa_export.runtime.errors import ArtifactError, InputError
 from medusa_export.runtime.backends.trt_profiles import Profile
 from medusa_export.runtime.manifest import Manifest
 
@@ -45,7 +45,8 @@ def engine_profiles(manifest: Manifest, kind: str, max_prompt: int | None = None
     else:
         raise ValueError(f"unknown graph kind {kind!r}: medusa or vanilla")
     if t >= max_seq:
-        raise ValueError(f"a {name} step of {t} tokens does not fit max_seq {max_seq}")
+        raise ArtifactError(f"a {name} step of {t} tokens does not fit the artifact's max_seq {max_seq}: rebuild it "
+                            f"with a larger --max-seq or a smaller --tree")
     room = max_seq - t
     opt = min(room, opt_past or DEFAULT_OPT_PAST)
     step = Profile(name, (t, t, t), (0, opt, room))

@@ -33,7 +33,7 @@ from typing import Callable, TypeVar
 import numpy as np
 
 from .backends.base import Session
-from .backends.lanes import MAX_BUILD_LANES, Lane, LanesRunner
+from .backends.lanes import Lane, LanesRunner, more_lanes_fix
 from .context_drafts import DEFAULT_MAX_DRAFT, Draft
 from .decode import accept, feed, finish_step, prefill, start_cursor, step
 from .engine_sequence import Sequence, StepRecord
@@ -71,8 +71,7 @@ class Engine:
         max_num_seqs = max_num_seqs or (lanes.lanes if lanes else 1)
         if lanes is not None and max_num_seqs > lanes.lanes:
             raise InputError(f"max_num_seqs {max_num_seqs} (--max-num-seqs) exceeds the artifact's batched steps "
-                             f"({lanes.lanes} lanes): use at most {lanes.lanes}, or rebuild with more "
-                             f"(`medusa-export build --max-num-seqs {min(max_num_seqs, MAX_BUILD_LANES)}`)")
+                             f"({lanes.lanes} lanes): {more_lanes_fix(lanes.lanes, max_num_seqs)}")
         if max_num_batched_tokens < max_num_seqs:
             raise InputError(f"max_num_batched_tokens {max_num_batched_tokens} (--max-num-batched-tokens) must be at "
                              f"least max_num_seqs {max_num_seqs} (one row per running sequence)")

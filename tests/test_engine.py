@@ -381,3 +381,13 @@ def test_the_newcomer_gets_its_first_token_before_the_long_prompt(runtimes):
         pass
     assert firsts == [1, 0]
     assert [finals[i].token_ids for i in range(2)] == _alone(rt, [PROMPTS[4], PROMPTS[2]], configs)
+
+
+def test_the_fix_for_too_many_sequences_names_a_rebuild_only_where_it_adds_lanes():
+    """`build` makes at most 64 lanes: asking 1,000 of an 8-lane artifact was told to rebuild with 1,000 (refused),
+    and an artifact of 64 or more lanes was told to rebuild with as many or fewer."""
+    from medusa_export.runtime.backends.lanes import MAX_BUILD_LANES, more_lanes_fix
+
+    assert more_lanes_fix(8, 9) == "use at most 8, or rebuild with more (`medusa-export build --max-num-seqs 9`)"
+    assert more_lanes_fix(8, 1000).endswith(f"--max-num-seqs {MAX_BUILD_LANES}`)")
+    assert more_lanes_fix(MAX_BUILD_LANES, 100) == "use at most 64" and more_lanes_fix(1024, 2000) == "use at most 1024"

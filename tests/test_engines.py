@@ -171,6 +171,30 @@ def test_engine_all_skips_with_one_line(no_tensorrt, tmp_path):
     assert lines == ["skipping TensorRT engines: TensorRT is not installed: pip install tensorrt (needs a CUDA GPU)"]
 
 
+def test_engine_all_skips_an_artifact_whose_tree_does_not_fit_its_context(tmp_path):
+    """A tree as long as max_seq has no step profile: `build --engine all` (engines optional) ended in a ValueError's
+    traceback after the ONNX artifact was written; `build-engines` names it and the rebuild."""
+    tree = [list(map(int, f"{i:0{d}b}")) for d in (1, 2, 3) for i in range(2 ** d)] + [[0, 0, 0, 0], [0, 0, 0, 1]]
+    assert len(tree) == 16  # and the root: 17 rows
+    art = write_fake_artifact(tmp_path / "art", sample_manifest(num_heads=4, head_topk=2, tree=tree, max_seq=16))
+    lines = []
+    assert build_engines_for_artifact(art, required=False, log=lines.append) is None
+    assert lines == ["skipping TensorRT engines: a tree step of 17 tokens does not fit the artifact's max_seq 16: "
+                     "rebuild it with a larger --max-seq or a smaller --tree"]
+    with pytest.raises(ArtifactError, match="does not fit the artifact's max_seq 16"):
+        build_engines_for_artifact(art, required=True, log=print)
+
+
+def test_engine_options_take_numpy_numbers():
+    from medusa_export.engines.builder import BuildOptions
+
+    options = BuildOptions(max_prompt=np.int64(64), workspace_gib=np.float32(2.5), optimization_level=np.int32(3))
+    assert type(options.max_prompt) is int and options.max_prompt == 64 and options.workspace_gib == 2.5
+    for bad in ({"workspace_gib": float("nan")}, {"max_num_seqs": True}, {"opt_past": 1.5}):
+        with pytest.raises(InputError):
+            BuildOptions(**bad)
+
+
 def test_engine_trt_raises(no_tensorrt, tmp_path):
     with pytest.raises(BackendUnavailableError, match="^TensorRT is not installed"):
         build_engines_for_artifact(_fake_artifact(tmp_path / "art"), required=True, log=print)

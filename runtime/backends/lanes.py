@@ -21,6 +21,13 @@ from .base import Session
 
 MAX_BUILD_LANES = 64  # the most lanes `build --max-num-seqs` makes (a loaded artifact may hold up to LIMITS' 1,024)
 
+
+def more_lanes_fix(lanes: int, wanted: int) -> str:
+    """The fix for asking ``wanted`` sequences of an artifact with ``lanes``: fewer, or a rebuild where one adds
+    lanes (never past what `build` makes)."""
+    rebuild = f", or rebuild with more (`medusa-export build --max-num-seqs {min(wanted, MAX_BUILD_LANES)}`)"
+    return f"use at most {lanes}" + (rebuild if lanes < MAX_BUILD_LANES else "")
+
 @dataclass
 class Lane:
     session: Session  # the sequence's session; its committed rows are the past

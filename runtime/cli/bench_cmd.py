@@ -150,7 +150,7 @@ def _check_artifact(artifact: Path, names: list[str], concurrency: int, tree: Op
     together, which the batched rows would only find out after the single-stream rows. So with ``--tree``: a tree
     that does not fit the graph was refused when a backend loaded, after the progress bar had started (and with
     `--backends torch,ort` after every torch row)."""
-    from ..backends.lanes import MAX_BUILD_LANES
+    from ..backends.lanes import more_lanes_fix
     from ..errors import InputError
     from ..manifest import Manifest
 
@@ -166,9 +166,8 @@ def _check_artifact(artifact: Path, names: list[str], concurrency: int, tree: Op
     for name, lanes, what in (("ort", manifest.lanes, f"lanes graph ({manifest.lanes} lanes)"),
                               ("trt", manifest.engine_lanes, f"TensorRT batch profile ({manifest.engine_lanes} sequences)")):
         if concurrency > 1 and name in names and lanes and concurrency > lanes:
-            raise InputError(f"--concurrency {concurrency} exceeds the artifact's {what}: use at most {lanes}, or "
-                             f"rebuild the artifact with more (`medusa-export build --max-num-seqs N`, N up to "
-                             f"{MAX_BUILD_LANES})")
+            raise InputError(f"--concurrency {concurrency} exceeds the artifact's {what}: "
+                             f"{more_lanes_fix(lanes, concurrency)}")
 
 
 def _check_tree_fits(manifest: "Manifest", tree: str, names: list[str]) -> None:
