@@ -26,7 +26,7 @@ import numpy as np
 
 from .corpus_drafts import FILE as CORPUS_FILE
 from .corpus_drafts import CorpusTable
-from .generation_config import GenerationConfig
+from .generation_config import GenerationConfig, request_config
 from .engine import DEFAULT_MAX_NUM_BATCHED_TOKENS
 from .errors import ArtifactError, InputError, TreeError
 from .generator import GenerationResult, Generator, Stream
@@ -102,22 +102,26 @@ class MedusaRuntime:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def generate(self, prompt: str | list[int], **options) -> GenerationResult:
-        return self.generator.generate(prompt, GenerationConfig.from_options(**options))
+    def generate(self, prompt: str | list[int], config: GenerationConfig | None = None, **options) -> GenerationResult:
+        """``prompt`` decoded with a `GenerationConfig` or keyword options (its fields), not both."""
+        return self.generator.generate(prompt, request_config(config, options))
 
-    def stream(self, prompt: str | list[int], **options) -> Stream:
-        return self.generator.stream(prompt, GenerationConfig.from_options(**options))
+    def stream(self, prompt: str | list[int], config: GenerationConfig | None = None, **options) -> Stream:
+        return self.generator.stream(prompt, request_config(config, options))
 
     def generate_many(self, prompts: list[str | list[int]], max_num_seqs: int | None = None,
-                      max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS, **options) -> list[GenerationResult]:
+                      max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS, *,
+                      config: GenerationConfig | None = None, **options) -> list[GenerationResult]:
         """Decode every prompt with continuous batching (the artifact's lanes graph). A greedy result is exactly
         what `generate` gives it alone, Medusa on or off. A sampled one (temperature > 0) decodes without the heads
         here (a batched step runs none), so with a seed it is the same whatever shares the batch, and equal to
         `generate(..., medusa=False)`, not to a speculating `generate`. Results in prompt order."""
         from .batcher import generate_many
 
-        return generate_many(self.generator, prompts, max_num_seqs, max_num_batched_tokens,
-                             GenerationConfig.from_options(**options))
+        if isinstance(max_num_seqs, GenerationConfig):  # read as a batch size, it was named as a bad one
+            raise InputError("generate_many's second argument is max_num_seqs: pass the options as config=... or "
+                             "as keywords")
+        return generate_many(self.generator, prompts, max_num_seqs, max_num_batched_tokens, request_config(config, options))
 
     def batcher(self, max_num_seqs: int | None = None, max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS,
                 reuse_prefixes: bool = True):
@@ -131,14 +135,14 @@ class MedusaRuntime:
         self._engine_threads.add(batcher.thread)  # stopped with the runtime: it must not outlive the backend
         return batcher
 
-    def chat(self, messages: list[dict], **options) -> GenerationResult:
+    def chat(self, messages: list[dict], config: GenerationConfig | None = None, **options) -> GenerationResult:
         """A conversation (``[{"role": ..., "content": ...}, ...]``) under the model's chat template. Message
         text is data: only the template's own markers become control tokens. A final assistant message is
         continued."""
-        return self.generate(self.chat_ids(messages), **options)
+        return self.generate(self.chat_ids(messages), config, **options)
 
-    def stream_chat(self, messages: list[dict], **options) -> Stream:
-        return self.stream(self.chat_ids(messages), **options)
+    def stream_chat(self, messages: list[dict], config: GenerationConfig | None = None, **options) -> Stream:
+        return self.stream(self.chat_ids(messages), config, **options)
 
     def chat_ids(self, messages: list[dict]) -> list[int]:
         _check_messages(messages)

@@ -18,7 +18,7 @@ import threading
 import weakref
 from typing import Callable
 
-from .generation_config import GenerationConfig, checked_config
+from .generation_config import GenerationConfig, checked_config, request_config
 from .engine import DEFAULT_MAX_NUM_BATCHED_TOKENS, Engine, Sequence
 from .engine_thread import EngineThread
 from .errors import InputError
@@ -81,9 +81,10 @@ class Batcher:
         # would otherwise wait for work for ever, holding them, out of reach of `MedusaRuntime.close`).
         weakref.finalize(self, self.thread.retire)
 
-    def submit(self, prompt: str | list[int], **options) -> BatchedStream:
-        """Queue a request (InputError when it could never run, or when this batcher is closed)."""
-        cfg = GenerationConfig.from_options(**options)
+    def submit(self, prompt: str | list[int], config: GenerationConfig | None = None, **options) -> BatchedStream:
+        """Queue a request (InputError when it could never run, or when this batcher is closed); its options as a
+        `GenerationConfig` or as keywords."""
+        cfg = request_config(config, options)
         stream = BatchedStream()
         stream.engine = self.thread.engine
         # The engine holds the handle weakly: a handle nobody holds any more (its caller went away) cancels its

@@ -96,6 +96,17 @@ def checked_config(cfg) -> GenerationConfig:
     return replace(cfg)
 
 
+def request_config(config: GenerationConfig | None, options: dict) -> GenerationConfig:
+    """A library request's options: ``config`` (checked, as a copy) or the keyword ``options``; InputError for both."""
+    if config is None:
+        return GenerationConfig.from_options(**options)
+    if options:
+        first = sorted(options)[0]
+        raise InputError(f"give the options as a GenerationConfig or as keywords, not both (config and {first}=...): "
+                         f"set {first} in the GenerationConfig")
+    return checked_config(config)
+
+
 def _stop_strings(value) -> tuple[str, ...]:
     """The stop strings as a tuple, or an InputError worded for the library, the CLI (--stop) and the server alike."""
     stops = (value,) if isinstance(value, str) else value

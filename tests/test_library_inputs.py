@@ -324,3 +324,21 @@ def test_a_stream_running_when_its_runtime_closes_ends_at_its_next_step(artifact
     with pytest.raises(InputError, match="this runtime was closed while the request ran"):
         for _ in stream:
             pass
+
+
+def test_a_generation_config_is_taken_in_place_of_keyword_options(rt):
+    """The package exports GenerationConfig, yet `generate(prompt, cfg)` was a TypeError and `generate_many(prompts,
+    cfg)` an InputError about max_num_seqs."""
+    cfg = GenerationConfig(max_new_tokens=3, medusa=False)
+    want = rt.generate("t1 t2", max_new_tokens=3, medusa=False).token_ids
+    assert rt.generate("t1 t2", cfg).token_ids == want and len(want) == 3
+    assert [r.token_ids for r in rt.generate_many(["t1 t2"], config=cfg)] == [want]
+    assert [e for e in rt.stream("t1 t2", config=cfg)] and rt.chat([{"role": "user", "content": "t1"}], cfg).new_tokens
+    with rt.batcher(max_num_seqs=1) as batcher:
+        assert batcher.submit("t1 t2", cfg).wait().token_ids == want
+    with pytest.raises(InputError, match="not both .*set max_new_tokens in the GenerationConfig"):
+        rt.generate("t1", cfg, max_new_tokens=2)
+    with pytest.raises(InputError, match="second argument is max_num_seqs: pass the options as config="):
+        rt.generate_many(["t1"], cfg)
+    with pytest.raises(InputError, match="must be a GenerationConfig, got dict"):
+        rt.generate("t1", {"max_new_tokens": 2})
