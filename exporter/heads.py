@@ -168,6 +168,9 @@ def load_heads(path: str | Path, base_config) -> MedusaHeads:
     cfg_file = directory / "config.json"
     _check_not_mid_move(directory, cfg_file)
     meta = read_heads_json(cfg_file) if cfg_file.exists() else {}
+    if not cfg_file.exists() and (directory / WEIGHTS_FILE).exists():  # ours, without the config giving its shapes
+        raise HeadsError(f"{directory} holds {WEIGHTS_FILE} but no config.json, which train-heads writes beside it: "
+                         f"restore config.json, or train the heads again")
     if meta.get("format") == HEADS_FORMAT:
         cfg = heads_config(meta, cfg_file)
         state = read_tensors(directory / WEIGHTS_FILE)

@@ -132,7 +132,11 @@ def check_dir_path(path: Path, flag: str) -> None:
 def check_out_file(path: Path, flag: str, make_parents: bool = False, inputs: tuple = ()) -> None:
     """InputError unless a file can be written at ``path``: not a directory, not under a file, its directory
     existing (or, with ``make_parents``, creatable) and writable, and neither one of the command's ``inputs``
-    (files, or directories such as the artifact) nor inside one. Called before the work whose result it holds."""
+    (files, or directories such as the artifact) nor inside one, its name all printing characters (it is named in
+    the command's last line). Called before the work whose result it holds."""
+    if not str(path).isprintable():
+        raise InputError(f"{flag} {str(path)!r:.120} holds a character that does not print (a newline, a control "
+                         f"character): give a plain file name")
     _check_not_an_input(path, flag, inputs)
     if path.is_symlink():  # the report replaces the link's target: check that instead
         try:
