@@ -296,6 +296,22 @@ def partial_dir(out: Path) -> Path:
     return out.with_name(out.name + ".partial")
 
 
+def check_train_arguments(model, data, out_dir, options: dict) -> None:
+    """InputError for a library caller's argument of the wrong type (`train_heads`, `train_medusa2`), before any
+    work: they failed inside as an AttributeError or a TypeError. ``options``: name -> (value, the class it needs)."""
+    for name, value in (("data_file", data), ("out_dir", out_dir)):
+        if not isinstance(value, (str, os.PathLike)) or not str(value).strip():
+            raise InputError(f"{name} must be a non-empty path, got {value!r:.60}")
+    loaded = all(hasattr(model, a) for a in ("model", "tokenizer", "identity"))
+    if not (model is None or isinstance(model, (str, os.PathLike)) or loaded):
+        raise InputError(f"model_source must be a model directory or .gguf file, None for the built-in model, or a "
+                         f"loaded model (load_base_model), got {type(model).__name__:.40}")
+    for name, (value, kind) in options.items():
+        if not isinstance(value, kind):
+            raise InputError(f"{name} must be a {kind.__name__}, got {type(value).__name__:.40}: pass "
+                             f"{kind.__name__}(...)")
+
+
 def train_inputs(model, data, exclude_eval, init_heads=None) -> dict:
     """The paths a train-heads run reads, by the flag that names them (`check_train_out_dir`'s ``inputs``): MODEL
     when it is a path (not a loaded model or the built-in one), --data unless it is the packaged "sharegpt"."""

@@ -173,3 +173,24 @@ def test_numbers_are_one_spelling_in_the_resume_key():
     b = Medusa1Options(temperature=0.0, warmup_fraction=0.0, weight_decay=0.0, lr=0.5, epochs=2)
     assert ckpt.fingerprint(run_arguments("p.jsonl", "o", a)) == ckpt.fingerprint(run_arguments("p.jsonl", "o", b))
     assert type(a.temperature) is float and type(a.epochs) is int
+
+
+def test_the_library_trainers_name_an_argument_of_the_wrong_type(tmp_path):
+    """train_heads / train_medusa2 with a dict for the options, None for a path or a number for the model failed
+    inside, as an AttributeError or a TypeError; nothing is written."""
+    from medusa_export.exporter.training.medusa2 import train_medusa2
+
+    data = tmp_path / "p.jsonl"
+    data.write_text('{"prompt": "hi"}\n')
+    out = tmp_path / "out"
+    for call, words in [
+        (lambda: train_mod.train_heads(None, data, out, {"epochs": 1}), "options must be a Medusa1Options, got dict"),
+        (lambda: train_mod.train_heads(None, data, None), "out_dir must be a non-empty path, got None"),
+        (lambda: train_mod.train_heads(None, "", out), "data_file must be a non-empty path"),
+        (lambda: train_mod.train_heads(5, data, out), "model_source must be a model directory .*got int"),
+        (lambda: train_medusa2(None, data, out, Medusa1Options(), None), "opts must be a Medusa2Options, got NoneType"),
+        (lambda: train_medusa2(None, data, out, {}, Medusa2Options()), "medusa1 must be a Medusa1Options, got dict"),
+    ]:
+        with pytest.raises(InputError, match=words):
+            call()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.jsonl"]

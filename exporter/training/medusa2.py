@@ -36,8 +36,8 @@ from torch import nn
 
 from medusa_export.exporter.heads import MedusaHeads, load_heads
 from medusa_export.exporter.output_dir import swap_in
-from medusa_export.exporter.train_out_dir import (TRAIN_WORK_MARK, check_train_out_dir, partial_dir, train_inputs,
-                                                  train_out_lock, train_work_dir)
+from medusa_export.exporter.train_out_dir import (TRAIN_WORK_MARK, check_train_arguments, check_train_out_dir,
+                                                  partial_dir, train_inputs, train_out_lock, train_work_dir)
 from medusa_export.runtime.whole_file import readable_as_made
 from medusa_export.runtime.errors import HeadsError, InputError
 
@@ -69,6 +69,8 @@ def train_medusa2(model_source: Any, data_file: str | Path, out_dir: str | Path,
     Refused (InputError) before any work: an input (the model, the prompts, ``exclude_eval``, ``init_heads``) that
     is OUT or lies in OUT or OUT.partial, a cache directory there or in the model, an OUT.partial train-heads did
     not make, and a second run on the same OUT while this one holds its lock (`train_out_lock`)."""
+    check_train_arguments(model_source, data_file, out_dir,
+                          {"medusa1": (medusa1, Medusa1Options), "opts": (opts, Medusa2Options)})
     inputs = train_inputs(model_source, data_file, medusa1.exclude_eval, opts.init_heads)
     # before the warm-up: it replaces OUT whole when done
     check_train_out_dir(Path(out_dir), "medusa2", inputs, medusa1.cache_dir)

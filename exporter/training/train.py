@@ -33,7 +33,8 @@ from torch import nn
 
 from medusa_export.exporter.heads import MedusaHeads, new_heads
 from medusa_export.exporter.own_answers import answers_without
-from medusa_export.exporter.train_out_dir import check_train_out_dir, train_inputs, train_out_lock
+from medusa_export.exporter.train_out_dir import (check_train_arguments, check_train_out_dir, train_inputs,
+                                                  train_out_lock)
 from medusa_export.exporter.provenance import portable_path
 from medusa_export.runtime.generation_config import effective_temperature
 from medusa_export.runtime.errors import InputError
@@ -107,6 +108,7 @@ def train_heads(model_source: Any, data_file: str | Path, out_dir: str | Path,
     (``options.exclude_eval``; default the shipped MT-Bench fingerprints). Held-out accuracy is always measured on
     pass 0's answers; ``options.extra_sampled_passes`` add training answers only.
     """
+    check_train_arguments(model_source, data_file, out_dir, {"options": (options, Medusa1Options)})
     o = options
     # before distillation: never over another directory's files, nor over an input
     check_train_out_dir(Path(out_dir), "medusa1", train_inputs(model_source, data_file, o.exclude_eval), o.cache_dir)
