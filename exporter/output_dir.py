@@ -137,6 +137,9 @@ def check_out_file(path: Path, flag: str, make_parents: bool = False, inputs: tu
     if not str(path).isprintable():
         raise InputError(f"{flag} {str(path)!r:.120} holds a character that does not print (a newline, a control "
                          f"character): give a plain file name")
+    if str(path) == "-":  # read as standard output elsewhere: a file named "-" would appear in the current directory
+        raise InputError(f"{flag} -: the report is written to a file, not to standard output (which shows the "
+                         f"command's summary): give a file path")
     _check_not_an_input(path, flag, inputs)
     if path.is_symlink():  # the report replaces the link's target: check that instead
         try:

@@ -31,6 +31,7 @@ def test_report_paths_are_checked_before_the_work(artifact, tmp_path):
     refused_before_work(cli(*calibrate, "--out", str(afile / "tree.json")), "--out", "is a file")
     for flag, command in (("--out", calibrate), ("--json", bench)):  # written, and named over two lines
         refused_before_work(cli(*command, flag, str(tmp_path / "a\nb.json")), flag, "does not print")
+        refused_before_work(cli(*command, flag, "-"), flag, "not to standard output")  # a file named "-" was made
     # a prompts folder holding the report path was named as the report overwriting a file this command reads
     refused_before_work(cli(*bench, "--prompts", str(tmp_path), "--json", str(tmp_path / "r.json")),
                         "prompts file", "is a directory")
