@@ -327,11 +327,9 @@ def test_missing_paths_and_files(tmp_path):
     (out / WEIGHTS_FILE).unlink()
     with pytest.raises(HeadsError, match="missing"):
         load_heads(out, BASE)
-    # the weights without their config were "no heads weights ...: expected heads.safetensors, ..."
-    out = save_heads(random_heads("shared"), tmp_path / "h2")
-    (out / "config.json").unlink()
+    (save_heads(random_heads("shared"), tmp_path / "h2") / "config.json").unlink()  # was "no heads weights ..."
     with pytest.raises(HeadsError, match=f"holds {WEIGHTS_FILE} but no config.json.*restore config.json"):
-        load_heads(out, BASE)
+        load_heads(tmp_path / "h2", BASE)
 
 
 def test_bad_config_json(tmp_path):
