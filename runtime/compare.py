@@ -65,15 +65,19 @@ def _compare_prompt(generators: dict[str, Generator], prompt: str, max_new_token
         row["medusa_equals_vanilla"] = {n: answers["medusa"][n] == answers["vanilla"][n] for n in names}
     # The reference's vanilla answer (not its Medusa one, which the last mode left behind), under the chat template
     # the answers were generated with.
-    ids = ref.tokenizer.encode_prompt(prompt, chat=GenerationConfig().chat) + answers["vanilla"][ref_name]
+    prompt_ids = ref.tokenizer.encode_prompt(prompt, chat=GenerationConfig().chat)
     # An answer that ran to the KV capacity ends with one token more than fits: its last token has no position.
-    ids = ids[: min(g.backend.max_seq for g in generators.values())]
+    ids = (prompt_ids + answers["vanilla"][ref_name])[: min(g.backend.max_seq for g in generators.values())]
     row["teacher_forced_tokens"] = len(ids)
+    # The positions that chose the answer's tokens (the last prompt row's at least), as `quality` scores them: a
+    # long prompt's rows would outweigh the answer's in the top-1 agreement
+    answer_rows = np.arange(len(prompt_ids) - 1, max(len(ids) - 1, len(prompt_ids)))
+    row["answer_positions"] = len(answer_rows)
     forced = {n: teacher_forced(g, ids) for n, g in generators.items()}
     for n in names[1:]:
         a, b = forced[ref_name], forced[n]
         same = a.next_ids[:, 0] == b.next_ids[:, 0]
-        row[f"{n}_top1_agreement"] = float(np.mean(same))
+        row[f"{n}_top1_agreement"] = float(np.mean(same[answer_rows]))
         # Where the top-1 differs the probabilities are of different tokens; with no agreeing position at all
         # the error is unbounded: None (JSON has no infinity), and the top-1 agreement of 0 says why.
         row[f"{n}_max_prob_error"] = (float(np.abs(a.next_probs[same, 0] - b.next_probs[same, 0]).max())
@@ -90,9 +94,9 @@ def backend_summary(rows: list[dict], name: str, prob_tolerance: float, medusa: 
     s = {"vanilla_identical": sum(r["vanilla_identical"][name] for r in rows),
          "medusa_identical": sum(r["medusa_identical"][name] for r in rows) if medusa else None,
          "medusa_equals_vanilla": sum(r["medusa_equals_vanilla"][name] for r in rows) if medusa else None,
-         # over every position compared, as `quality` counts it: a short prompt is not worth a long one
+         # over every answer position compared, as `quality` counts it: a short answer is not worth a long one
          "top1_agreement": float(np.average([r[f"{name}_top1_agreement"] for r in rows],
-                                            weights=[r["teacher_forced_tokens"] for r in rows])),
+                                            weights=[r["answer_positions"] for r in rows])),
          "max_prob_error": worst}
     s["ok"] = (s["vanilla_identical"] == len(rows) and s["medusa_identical"] in (None, len(rows))
                and s["medusa_equals_vanilla"] in (None, len(rows)) and worst is not None and worst <= prob_tolerance)

@@ -346,6 +346,16 @@ def test_verify_refuses_a_model_without_the_torch_reference(artifact, tiny_dirs)
                             "--limit", "1"), "--model", "torch")
 
 
+def test_verify_checks_a_quantized_artifact_against_the_torch_reference_only(tmp_path):
+    """With ort first, the PyTorch fp32 model was labelled int8 and measured against ort, and ort's own greedy Medusa
+    answers were never compared with its vanilla ones."""
+    from manifest_samples import sample_manifest, write_fake_artifact
+
+    art = write_fake_artifact(tmp_path / "art", sample_manifest(weights="int8"))
+    refused_before_work(cli("verify", str(art), "--backends", "ort,torch", "--limit", "1"),
+                        "an int8 artifact is checked against the PyTorch fp32 reference", "--backends torch,ort")
+
+
 def test_bench_names_a_missing_tensorrt_before_any_row(portable_artifact, tmp_path):
     """It said so only after every ONNX Runtime row had run (minutes on the real model)."""
     from medusa_export.runtime.backends.trt_availability import check

@@ -128,24 +128,26 @@ def test_verify_passes_when_every_answer_agrees_and_skips_medusa_without_heads(m
     assert s["ort"]["medusa_equals_vanilla"] is None and "reference_medusa_equals_vanilla" not in s and s["ort"]["ok"]
 
 
-def test_verify_top1_agreement_counts_every_position_alike(monkeypatch):
-    """The mean of per-prompt agreements weighed a 4-position prompt as much as a 12-position one (0.5 here, where
-    12 of 16 positions agree); `quality` counts positions."""
+@pytest.mark.parametrize("differ, want", [(slice(0, 8), 1.0), (slice(8, 9), 7 / 8)])
+def test_verify_top1_agreement_counts_every_answer_position_alike(monkeypatch, differ, want):
+    """As `quality` counts it: each position that chose an answer token, whatever its prompt. The mean of per-prompt
+    agreements weighed a 1-token answer as much as a 7-token one, and the prompt's positions counted too (a long
+    prompt outweighed its answer). Here the long prompt's positions differ where ``differ`` says."""
     from medusa_export.runtime import compare
 
     ref, other = _gen(), _gen()
     ref.tokenizer = SimpleNamespace(encode_prompt=lambda prompt, chat=True: [1] * (1 if prompt == "short" else 9))
-    monkeypatch.setattr(compare, "generate_on_graph", lambda g, prompt, cfg: [4, 5, 6])
+    monkeypatch.setattr(compare, "generate_on_graph", lambda g, prompt, cfg: [4] * (7 if prompt == "short" else 1))
 
     def forced(g, ids):
         out = _Forced(len(ids))
-        if g is other and len(ids) == 4:  # the short prompt: no position agrees
-            out.next_ids += 1
+        if g is other and len(ids) == 10:  # the long prompt: 9 prompt tokens, 1 answer token (chosen at row 8)
+            out.next_ids[differ] += 1
         return out
 
     monkeypatch.setattr(compare, "teacher_forced", forced)
-    s = compare.compare_backends({"torch": ref, "ort": other}, ["short", "long"], max_new_tokens=3)["summary"]
-    assert s["ort"]["top1_agreement"] == pytest.approx(12 / 16)
+    s = compare.compare_backends({"torch": ref, "ort": other}, ["short", "long"], max_new_tokens=7)["summary"]
+    assert s["ort"]["top1_agreement"] == pytest.approx(want)
 
 
 @pytest.mark.parametrize("prompts, names, words", [([], ("torch", "ort"), "no prompts to compare"),

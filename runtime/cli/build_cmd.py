@@ -185,6 +185,11 @@ def verify(
     if "torch" in names:
         extras.require("verify against the PyTorch reference (--backends torch,...; or compare ort,trt)", "torch")
     manifest = Manifest.read(artifact, check_hashes=True)
+    if (manifest.quantized or manifest.dims.cache_differs) and names[0] != "torch":  # the fp32 model is the bar
+        raise InputError(f"--backends {backends}: an {manifest.weights} artifact"
+                         f"{' with an fp16 KV cache' if manifest.dims.cache_differs else ''} is checked against the "
+                         f"PyTorch fp32 reference, which comes first: --backends torch,"
+                         f"{','.join(n for n in names if n != 'torch') or 'ort'}")
     texts = read_prompts(prompts, limit=limit)
     check_room(artifact, texts, max_new_tokens)  # before the PyTorch model loads
     runtimes = [MedusaRuntime.load(artifact, backend=n, model=model if n == "torch" else None) for n in names]
