@@ -72,8 +72,8 @@ class MedusaRuntime:
         directory = Path(directory)
         manifest = Manifest.read(directory, check_hashes=check_hashes)
         if max_seq is not None and max_seq > manifest.max_seq:  # its KV buffers and graphs hold no more
-            raise InputError(f"max_seq {max_seq} is past the artifact's {manifest.max_seq}: leave it out for the "
-                             f"artifact's, or rebuild with `medusa-export build --max-seq {max_seq}`")
+            raise InputError(f"max_seq {max_seq} (--max-seq) is past the artifact's {manifest.max_seq}: leave it out "
+                             f"for the artifact's, or rebuild with `medusa-export build --max-seq {max_seq}`")
         tokenizer = ChatTokenizer.from_artifact(directory, manifest)  # its ids checked against the vocabulary
         chosen_tree = artifact_tree(manifest, tree)
         options = {"model": model} if backend == "torch" else \
@@ -121,7 +121,8 @@ class MedusaRuntime:
         if isinstance(max_num_seqs, GenerationConfig):  # read as a batch size, it was named as a bad one
             raise InputError("generate_many's second argument is max_num_seqs: pass the options as config=... or "
                              "as keywords")
-        return generate_many(self.generator, prompts, max_num_seqs, max_num_batched_tokens, request_config(config, options))
+        cfg = request_config(config, options)
+        return generate_many(self.generator, prompts, max_num_seqs, max_num_batched_tokens, cfg)
 
     def batcher(self, max_num_seqs: int | None = None, max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS,
                 reuse_prefixes: bool = True):

@@ -106,8 +106,11 @@ def test_generate_takes_the_cuts_and_refuses_a_bad_one_before_loading(artifact, 
               "0.8", "--top-k", "1", "--seed", "3")
     assert greedy.returncode == cut.returncode == 0, (greedy.stderr, cut.stderr)
     assert json.loads(cut.stdout)["token_ids"] == json.loads(greedy.stdout)["token_ids"]
-    assert_one_line_error(cli("generate", str(tmp_path / "missing"), "--prompt", "x", "--top-p", "1.5"), "top_p", "[0, 1]")
-    assert_one_line_error(cli("generate", str(tmp_path / "missing"), "--prompt", "x", "--top-k", "-2"), "top_k")
+    # usage errors naming the flag and the command's --help (they named the library's field)
+    assert_one_line_error(cli("generate", str(tmp_path / "missing"), "--prompt", "x", "--top-p", "1.5"), "'--top-p'",
+                          "less than or equal to 1", "generate --help")
+    assert_one_line_error(cli("generate", str(tmp_path / "missing"), "--prompt", "x", "--top-k", "-2"), "'--top-k'",
+                          "generate --help")
 
 
 # vLLM's order (vllm/v1/sample/ops/topk_topp_sampler.py `apply_top_k_top_p`, as HF's TopK then TopP warpers):

@@ -24,9 +24,9 @@ def generate(
     max_new_tokens: int = typer.Option(128, min=1, help="Most tokens to generate (fewer at an end-of-sequence "
                                         "token, a --stop string or the KV capacity)."),
     temperature: float = typer.Option(0.0, min=0.0, help="0 = greedy (lossless); > 0 = typical acceptance."),
-    top_p: float = typer.Option(1.0, "--top-p", help="Sampling: only the fewest best tokens whose probability "
-                                "reaches it, in [0, 1] (1 = no cut, 0 = the best alone)."),
-    top_k: int = typer.Option(0, "--top-k", help="Sampling: only the k best tokens (0 = every rank the artifact "
+    top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="Sampling: only the fewest best tokens "
+                                "whose probability reaches it, in [0, 1] (1 = no cut, 0 = the best alone)."),
+    top_k: int = typer.Option(0, "--top-k", min=0, help="Sampling: only the k best tokens (0 = every rank the artifact "
                               "returns, 32 by default)."),
     stop: list[str] = typer.Option([], help="Stop string (repeatable)."),
     no_medusa: bool = typer.Option(False, "--no-medusa", help="Plain decoding, one token per step."),
@@ -39,8 +39,8 @@ def generate(
                                "the GPU)."),
     max_seq: Optional[int] = typer.Option(None, help="KV capacity in tokens (default: the artifact's, or 2048)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of streaming text."),
-    logprobs: Optional[int] = typer.Option(None, "--logprobs", help="With --json: each token's log-probability and "
-                                           "this many best alternatives (0-20)."),
+    logprobs: Optional[int] = typer.Option(None, "--logprobs", min=0, max=20, help="With --json: each token's "
+                                           "log-probability and this many best alternatives (0-20)."),
 ) -> None:
     """Generate text for one prompt and report tokens/s and accepted tokens per step."""
     from ..decode import uses_context
