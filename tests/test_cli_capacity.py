@@ -157,6 +157,34 @@ def test_plot_draws_rows_without_steps(tmp_path):
     assert (tmp_path / "b.png").stat().st_size > 1000
 
 
+def test_the_plot_draws_batched_vanilla_rows_as_vanilla(tmp_path, monkeypatch):
+    """"vanilla x2" was drawn in the speculating rows' colour, with an accepted-tokens note."""
+    pytest.importorskip("matplotlib")
+    from matplotlib.axes import Axes
+
+    from medusa_export.runtime.bench import plot
+
+    drawn: dict = {"notes": []}
+    bar, annotate = Axes.bar, Axes.annotate
+
+    def bars(self, x, height, color, **kwargs):
+        drawn["colors"] = color
+        return bar(self, x, height, color=color, **kwargs)
+
+    def notes(self, text, *args, **kwargs):
+        drawn["notes"].append(text)
+        return annotate(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(Axes, "bar", bars)
+    monkeypatch.setattr(Axes, "annotate", notes)
+    row = {"backend": "ort", "tokens_per_s": 12.5, "mean_accepted": 1.5}
+    modes = ["vanilla", "medusa", "vanilla x2", "medusa+context x2"]
+    plot({"model": "m", "prompts": 2, "max_new_tokens": 8, "results": [{**row, "mode": m} for m in modes]},
+         tmp_path / "b.png")
+    assert drawn["colors"][0] == drawn["colors"][2] != drawn["colors"][1] == drawn["colors"][3]
+    assert ["acc" in note for note in drawn["notes"]] == [False, True, False, True]
+
+
 def test_bench_plot_with_one_new_token(artifact, tmp_path):
     pytest.importorskip("matplotlib")
     proc = cli("bench", str(artifact), "--limit", "1", "--no-hf", "--max-new-tokens", "1", "--plot",
