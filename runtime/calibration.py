@@ -285,7 +285,7 @@ def calibrate(backend: Backend, tokenizer: ChatTokenizer | None, prompts: str | 
     # A fused graph verifies at most the paths of the tree it was built for, each with its own attention pass,
     # and its measured step times include them: search only trees it can run at those times.
     result = search_tree(acc.table(mode), table, node_budget=node_budget, max_paths=backend.max_paths)
-    say(f"chose {result.num_nodes} nodes: {result.expected_accepted:.2f} expected accepted, "
+    say(f"chose {result.candidates} candidates: {result.expected_accepted:.2f} expected accepted, "
         f"{result.tokens_per_s:.1f} tokens/s predicted ({vanilla_tokens_per_s:.1f} vanilla)")
     search = result.to_json()
     choices = search.pop("medusa_choices")

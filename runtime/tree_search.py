@@ -85,7 +85,8 @@ class TreeSearchResult:
     baseline_tokens_per_s: float  # one token per step of T=1 (no candidates)
 
     @property
-    def num_nodes(self) -> int:
+    def candidates(self) -> int:
+        """The tree's nodes besides the root (what ``node_budget`` bounds)."""
         return len(self.choices)
 
     @property
@@ -95,7 +96,8 @@ class TreeSearchResult:
     def to_json(self) -> dict:
         return {
             "medusa_choices": [list(p) for p in self.choices],
-            "num_nodes": self.num_nodes,
+            "num_nodes": self.candidates + 1,  # with the root, as the manifest and bench count a tree
+            "candidates": self.candidates,
             "expected_accepted": self.expected_accepted,
             "latency_s": self.latency_s,
             "tokens_per_s": self.tokens_per_s,

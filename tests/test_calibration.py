@@ -157,7 +157,7 @@ def test_calibrate_end_to_end(backend, tmp_path):
     assert all(s > 0 for s in cal["latency"]["median_s"])
     assert [p["nodes"] for p in cal["curve"]] == list(range(1, 11))
     assert cal["tokens_per_s"] == max(p["tokens_per_s"] for p in cal["curve"])
-    assert cal["num_nodes"] == len(choices)
+    assert cal["candidates"] == len(choices) and cal["num_nodes"] == len(choices) + 1  # as the manifest counts
     assert cal["vanilla_tokens_per_s"] == pytest.approx(1 / cal["latency"]["vanilla_median_s"])
     assert cal["predicted_speedup"] == pytest.approx(cal["tokens_per_s"] / cal["vanilla_tokens_per_s"])
     # Round trip through tree.json.

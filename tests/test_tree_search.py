@@ -77,9 +77,9 @@ def test_chosen_tree_maximises_tokens_per_s(trees_2x3, seed, sort, latency):
     brute = max((1 + expected_accepted(t, acc)) / latency(len(t) + 1) for t in trees_2x3)
     assert res.tokens_per_s == pytest.approx(brute, rel=1e-12)
     assert res.tokens_per_s == max(p.tokens_per_s for p in res.curve)
-    assert (1 + expected_accepted(res.choices, acc)) / latency(res.num_nodes + 1) == pytest.approx(res.tokens_per_s)
+    assert (1 + expected_accepted(res.choices, acc)) / latency(res.candidates + 1) == pytest.approx(res.tokens_per_s)
     tree = Tree.from_choices(res.choices, topk=3, num_heads=2)
-    assert tree.num_nodes - 1 == res.num_nodes <= 6
+    assert tree.num_nodes - 1 == res.candidates <= 6
 
 
 REALISTIC = np.array([
@@ -95,8 +95,8 @@ def test_flat_then_steep_latency_picks_bigger_tree_than_linear():
     lin = linear(0.005)
     big = search_tree(REALISTIC, flat, node_budget=40)
     small = search_tree(REALISTIC, lin, node_budget=40)
-    assert big.num_nodes > small.num_nodes
-    assert big.num_nodes + 1 <= 17  # past the knee every node costs more than it earns
+    assert big.candidates > small.candidates
+    assert big.candidates + 1 <= 17  # past the knee every node costs more than it earns
     assert big.max_depth <= 4 and small.max_depth <= 4
     for r in (big, small):
         Tree.from_choices(r.choices, topk=4, num_heads=4)
@@ -116,7 +116,7 @@ def test_order_is_best_first_and_prefix_closed():
 
 def test_budget_depth_and_small_pools():
     res = search_tree(REALISTIC, linear(0.001, 0.01), node_budget=10, max_depth=2)
-    assert res.num_nodes <= 10 and res.max_depth <= 2
+    assert res.candidates <= 10 and res.max_depth <= 2
     # Fewer nodes exist than the budget: 1 head x 2 ranks.
     res = search_tree([[0.5, 0.2]], lambda t: 1.0, node_budget=63)
     assert [p.nodes for p in res.curve] == [1, 2] and res.choices == ((0,), (1,))
@@ -132,7 +132,7 @@ def test_latency_model_interpolates_and_extrapolates():
     noisy = LatencyModel({1: 1.0, 2: 0.8, 4: 2.0})
     assert noisy(2) == 1.0  # running max: a bigger step never looks faster
     res = search_tree(REALISTIC, {1: 0.01, 16: 0.011, 64: 0.05}, node_budget=63)
-    assert 1 <= res.num_nodes <= 63
+    assert 1 <= res.candidates <= 63
     assert res.to_json()["medusa_choices"] == [list(p) for p in res.choices]
 
 

@@ -66,9 +66,9 @@ def calibrate_tree(
     write_json_report(out, result, make_parents=True)
     c = result["calibration"]
     _print_accuracy(c["head_accuracy"], max_new_tokens)
-    typer.echo(f"chosen tree: {c['num_nodes']} nodes, expected {c['expected_accepted'] + 1:.2f} tokens/step, "
-               f"predicted {c['tokens_per_s']:.1f} tokens/s vs {c['vanilla_tokens_per_s']:.1f} vanilla "
-               f"({c['predicted_speedup']:.2f}x, steps only) -> {out}")
+    typer.echo(f"chosen tree: {c['candidates']} candidates and the root ({c['num_nodes']} nodes), expected "
+               f"{c['expected_accepted'] + 1:.2f} tokens/step, predicted {c['tokens_per_s']:.1f} tokens/s vs "
+               f"{c['vanilla_tokens_per_s']:.1f} vanilla ({c['predicted_speedup']:.2f}x, steps only) -> {out}")
     if c["predicted_speedup"] <= 1.0:
         typer.echo("warning: on this backend these heads do not pay for the tree: `generate`, `serve` and the library "
                    "then decode on the vanilla graph (greedy requests with context drafts); train heads on more "
