@@ -242,6 +242,10 @@ def test_metrics_reconcile_with_per_request_statistics(client, server):
     assert after["spec_decode_num_drafts_total"] - before["spec_decode_num_drafts_total"] == steps
     assert after["spec_decode_num_draft_tokens_total"] - before["spec_decode_num_draft_tokens_total"] == drafts
     assert after["e2e_request_latency_seconds_count"] - before["e2e_request_latency_seconds_count"] == 3
+    # the prompt alone (echo, max_tokens 0) decodes one token it never returns: it was counted as generated
+    r = client.completions.create(model=_model(client), prompt="t5 t6", max_tokens=0, echo=True, n=2)
+    assert r.usage.completion_tokens == 0
+    assert _metric(server, "generation_tokens_total") == after["generation_tokens_total"]
     text = _get(server + "/metrics")[1].decode()
     for name in ("time_to_first_token_seconds", "inter_token_latency_seconds", "request_queue_time_seconds",
                  "num_requests_waiting", "spec_decode_num_accepted_tokens_per_pos", "tokens_per_step"):

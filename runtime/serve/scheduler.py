@@ -167,7 +167,9 @@ class Scheduler:
         if isinstance(item, StreamEvent):
             if rec.ttft_s is None:
                 rec.queue_s = (_admitted_at(request) or now) - request.arrived
-            request.last_token = _note_tokens(rec, request.arrived, request.last_token, len(item.token_ids))
+            # echo with max_tokens 0 decodes one token the answer never holds: not generated, no first token
+            generated = len(item.token_ids) if request.job.answer else 0
+            request.last_token = _note_tokens(rec, request.arrived, request.last_token, generated)
             if not _deliver(request, request.queue.put_nowait, item) and request.sequence is not None:
                 self.engine.cancel(request.sequence, "abort")  # no one is left to read it: stop decoding it
             return
