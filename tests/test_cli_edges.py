@@ -50,7 +50,7 @@ def test_a_node_budget_past_the_largest_tree_is_refused_before_any_work():
     with pytest.raises(InputError, match=f"--node-budget {MAX_TREE_NODES + 1} is past the largest tree"):
         check_node_budget(MAX_TREE_NODES + 1, 1 << 20)
     acc = np.full((4, 10), 0.99)  # heads always right, steps free: the largest tree wins
-    assert search_tree(acc, lambda t: 1.0, node_budget=MAX_TREE_NODES).num_nodes == MAX_TREE_NODES
+    assert search_tree(acc, lambda t: 1.0, node_budget=MAX_TREE_NODES).candidates == MAX_TREE_NODES
     with pytest.raises(InputError, match="node budget 2000 is past the largest tree"):
         search_tree(acc, lambda t: 1.0, node_budget=2000)
 

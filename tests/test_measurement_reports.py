@@ -70,8 +70,8 @@ def test_verify_reports_what_it_did_not_compare_as_none(artifact, monkeypatch):
     from medusa_export.runtime import MedusaRuntime, compare
     from medusa_export.runtime.report_json import report_text
 
-    calls = iter([[1, 2, 3], [4, 5, 6]])
-    monkeypatch.setattr(compare, "teacher_forced", lambda gen, ids: _Forced(next(calls)))
+    calls = iter([1, 4])  # every position's top-1: the two backends never agree
+    monkeypatch.setattr(compare, "teacher_forced", lambda gen, ids: _Forced([next(calls)] * len(ids)))
     with MedusaRuntime.load(artifact) as a, MedusaRuntime.load(artifact) as b:
         a.generator.tree = b.generator.tree = None
         report = compare.compare_backends({"ort": a.generator, "again": b.generator}, ["t5 t6 t7"], max_new_tokens=3)
