@@ -22,6 +22,7 @@ from typing import Callable
 from medusa_export.runtime import io_table
 from medusa_export.runtime.artifact_files import artifact_file, check_external_data
 from medusa_export.runtime.errors import InputError, MedusaExportError
+from medusa_export.runtime.generation_config import is_int
 from medusa_export.runtime.backends.trt_compat import require_portable
 from medusa_export.runtime.backends.base import ModelDims
 from medusa_export.runtime.manifest import BuilderFlags, EngineRecord, Manifest, file_record
@@ -55,20 +56,16 @@ class BuildOptions:
         the option, before TensorRT is looked for."""
         for name in ("max_prompt", "opt_prompt", "opt_past", "max_num_seqs", "batch_tokens"):
             value = getattr(self, name)
-            if value is not None and not (_is_int(value) and value >= 1):
+            if value is not None and not (is_int(value) and value >= 1):
                 raise InputError(f"--{name.replace('_', '-')} {value!r:.40}: give an integer >= 1")
             setattr(self, name, None if value is None else int(value))  # a numpy integer too
         level = self.optimization_level
-        if level is not None and not (_is_int(level) and 0 <= level <= 5):
+        if level is not None and not (is_int(level) and 0 <= level <= 5):
             raise InputError(f"--optimization-level {level!r:.40}: give an integer in 0..5 (TensorRT's default is 3)")
         gib = self.workspace_gib
         if gib is not None and not (isinstance(gib, numbers.Real) and not isinstance(gib, bool) and 0 < gib < 1 << 20):
             raise InputError(f"--workspace-gib {gib!r:.40}: give a size in GiB above 0, or leave it out for the GPU's "
                              f"memory")
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def cache_root() -> Path:

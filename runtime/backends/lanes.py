@@ -28,6 +28,7 @@ def more_lanes_fix(lanes: int, wanted: int) -> str:
     rebuild = f", or rebuild with more (`medusa-export build --max-num-seqs {min(wanted, MAX_BUILD_LANES)}`)"
     return f"use at most {lanes}" + (rebuild if lanes < MAX_BUILD_LANES else "")
 
+
 @dataclass
 class Lane:
     session: Session  # the sequence's session; its committed rows are the past

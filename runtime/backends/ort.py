@@ -195,21 +195,23 @@ class OrtBackend(Backend):
         self.graph(first)  # its files checked as it opens
         for kind in manifest.graphs:  # the others' files and I/O names now, their sessions at their first use
             if kind != first:
-                check_graph_io_names(self._check_files(kind), dims, medusa=kind == "medusa", layout=self.kv_layout,
-                                     paths=self.paths[kind], lanes=manifest.graphs[kind].lanes,
-                                     attention=manifest.attention)
+                check_graph_io_names(self._check_files(kind), dims, **self._io_spec(kind))
 
     def _open(self, kind: str):
         """An ONNX Runtime session of the manifest's graph ``kind``, its inputs and outputs checked."""
-        ort, graph = _import_ort(), self.manifest.graphs[kind]
+        ort = _import_ort()
         path = self._check_files(kind)
         try:
             session = ort.InferenceSession(str(path), self.opts, providers=self.providers)
         except Exception as e:  # onnxruntime raises its own exception types for bad files
             raise ArtifactError(f"ONNX Runtime cannot load {path} ({reason(e)}): rebuild the artifact") from None
-        check_graph_io(session, path, self.dims, medusa=kind == "medusa", layout=self.kv_layout, paths=self.paths[kind],
-                       lanes=graph.lanes, attention=self.manifest.attention)
+        check_graph_io(session, path, self.dims, **self._io_spec(kind))
         return session
+
+    def _io_spec(self, kind: str) -> dict:
+        """What graph ``kind``'s I/O table depends on (`check_graph_io`, `check_graph_io_names`)."""
+        return {"medusa": kind == "medusa", "layout": self.kv_layout, "paths": self.paths[kind],
+                "lanes": self.manifest.graphs[kind].lanes, "attention": self.manifest.attention}
 
     def _check_files(self, kind: str) -> Path:
         """Graph ``kind``'s file and every file it reads weights from: listed in the manifest, of their recorded
