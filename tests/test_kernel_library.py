@@ -4,6 +4,8 @@ BackendUnavailableError."""
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -126,3 +128,53 @@ def test_a_blank_kernel_dir_means_the_cache(monkeypatch, tmp_path, blank):
     monkeypatch.setenv("MEDUSA_EXPORT_KERNEL_DIR", blank)
     monkeypatch.setenv("MEDUSA_EXPORT_CACHE", str(tmp_path))
     assert kernels.kernel_dir() == tmp_path / "kernels"
+
+
+def _copying_cc(tmp_path: Path, library: Path) -> str:
+    """A "compiler" of another version that writes ``library``'s bytes to its -o file (no 9 s compile)."""
+    fake = tmp_path / "other-cc"
+    fake.write_text(f"#!/bin/sh\n[ \"$1\" = --version ] && echo 'other-cc 9.9' && exit 0\n"
+                    f"while [ \"$1\" != -o ]; do shift; done\ncat {library} > \"$2\"\n")
+    fake.chmod(0o755)
+    return str(fake)
+
+
+@pytest.mark.parametrize("umask, library_mode, digest_mode", [(0o022, 0o755, 0o644), (0o077, 0o700, 0o600)])
+def test_a_compiled_library_is_readable_by_other_users_as_the_umask_allows(tmp_path, monkeypatch, umask,
+                                                                           library_mode, digest_mode):
+    """mkstemp's 0600 kept a library compiled by root (a container image's build) from the service's own user,
+    which then could neither check nor map it."""
+    seeded = seed_kernel_library(tmp_path / "seed")
+    monkeypatch.setenv("MEDUSA_EXPORT_KERNEL_DIR", str(tmp_path / "kernels"))
+    monkeypatch.setattr(kernels, "_built", {})
+    monkeypatch.setattr(kernels, "_versions", {})
+    monkeypatch.setenv("CC", _copying_cc(tmp_path, seeded))
+    before = os.umask(umask)
+    try:
+        path = Path(kernels.library_path())
+    finally:
+        os.umask(before)
+    assert path.parent == tmp_path / "kernels" and path.read_bytes() == seeded.read_bytes()
+    assert stat.S_IMODE(path.stat().st_mode) == library_mode
+    assert stat.S_IMODE(kernels._digest_path(path).stat().st_mode) == digest_mode
+
+
+def test_a_directory_this_user_cannot_write_serves_a_library_compiled_there_before(tmp_path, monkeypatch):
+    """An image's cache, compiled by root with its gcc, read by a user whose compiler differs (another key) and who
+    cannot write there: the library from the same source is used, as without a compiler; with none, the error."""
+    seeded = seed_kernel_library(tmp_path / "kernels")
+    monkeypatch.setenv("MEDUSA_EXPORT_KERNEL_DIR", str(tmp_path / "kernels"))
+    monkeypatch.setattr(kernels, "_built", {})
+    monkeypatch.setattr(kernels, "_versions", {})
+    monkeypatch.setenv("CC", _copying_cc(tmp_path, seeded))
+
+    def read_only(directory, prefix):  # what _temporary raises for a directory this user cannot write
+        raise BackendUnavailableError(f"the kernel directory {directory} cannot be written (Permission denied)")
+
+    monkeypatch.setattr(kernels, "_temporary", read_only)
+    assert kernels.library_path() == str(seeded)
+    assert sorted(p.name for p in seeded.parent.iterdir()) == [seeded.name, seeded.name + ".sha256"]
+    monkeypatch.setattr(kernels, "_built", {})
+    seeded.unlink()
+    with pytest.raises(BackendUnavailableError, match="cannot be written"):
+        kernels.library_path()

@@ -11,9 +11,9 @@ loading such an artifact fails in one line. The library goes to ``$MEDUSA_EXPORT
 one of the compiler (its command and version), so an edited source or another compiler builds a new file and never
 reuses a stale one. It is built for any x86-64 CPU with AVX2 (the AVX-512 and AMX paths are chosen when it loads),
 whatever ``$CC`` adds (``-march=native``, ``-ffast-math``), so a cache shared with another machine never holds code
-this CPU lacks. A machine without a compiler uses a library compiled from the same source into that directory before
-(say, while a container image was built); the library is never taken from an artifact, which would make loading one
-run its code.
+this CPU lacks. A machine without a compiler, or a user who cannot write the directory, uses a library compiled from
+the same source into that directory before (say, by root while a container image was built: the files are readable by
+all, as the umask allows); the library is never taken from an artifact, which would make loading one run its code.
 """
 
 from __future__ import annotations
@@ -189,7 +189,8 @@ def _compiled_before(directory: Path, source: str) -> Path | None:
 
 def library_path() -> str:
     """The compiled library's path, building it first if this source and compiler have none yet. Without a
-    compiler, a library compiled from this source before into the same directory (by any compiler) is used."""
+    compiler, or where the directory cannot be written or the compile fails, a library compiled from this source
+    before into the same directory (by any compiler) is used."""
     missing = [f for f in NEEDS if f not in machine_info()["flags"]]
     if missing:
         raise BackendUnavailableError(f"the attention kernel needs a CPU with {' and '.join(NEEDS)} ({', '.join(missing)} "
@@ -210,7 +211,14 @@ def library_path() -> str:
             return _built[key]
         path = directory / f"row_attention-{key}.so"
         if not _intact(path):  # absent, or not the file compiled here (truncated, replaced): mapping it may crash
-            _compile(cc, directory, path)
+            try:
+                _compile(cc, directory, path)
+            except BackendUnavailableError:
+                # a directory this user cannot write (an image's cache, compiled by another user or compiler)
+                earlier = _compiled_before(directory, source)
+                if earlier is None:
+                    raise
+                path = earlier
         _built[key] = str(path)
         return _built[key]
 
@@ -251,11 +259,15 @@ def _compile(cc: list[str], directory: Path, path: Path) -> None:
     tmp = _temporary(directory, f".{path.name}.")
     try:
         library = _build(cc, tmp)
+        # mkstemp's 0600 would keep the library from every other user: a cache filled while a container image
+        # is built, by root, is read at run time by the service's own user. The umask decides, as for any new file.
+        tmp.chmod(0o755 & ~_umask())
         os.replace(tmp, path)
         digest = _digest_path(path)
         digest_tmp = _temporary(directory, f".{digest.name}.")  # unique: two processes may compile at once
         try:
             digest_tmp.write_text(hashlib.sha256(library).hexdigest() + "\n")
+            digest_tmp.chmod(0o644 & ~_umask())
             os.replace(digest_tmp, digest)
         finally:
             digest_tmp.unlink(missing_ok=True)
@@ -265,6 +277,17 @@ def _compile(cc: list[str], directory: Path, path: Path) -> None:
                                       f"MEDUSA_EXPORT_KERNEL_DIR to a writable directory") from None
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _umask() -> int:
+    """This process's umask, read without setting it (os.umask would change it for every thread meanwhile)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0o022  # kernels before 4.7 do not report it: the common default
 
 
 def _temporary(directory: Path, prefix: str) -> Path:
