@@ -6,6 +6,7 @@ a Prometheus label value or a response header, or cut a server-sent event short.
 from __future__ import annotations
 
 import json
+import re
 import socket
 
 import pytest
@@ -199,3 +200,34 @@ def test_the_start_line_says_one_sequence_in_the_singular(artifact):
         pass
     line = next(ln for ln in proc.stdout.read().splitlines() if ln.startswith("serving "))
     assert "1 sequence per step" in line and "1 sequences" not in line, line
+
+
+REQUEST_LINE = re.compile(r"request (?P<id>(chat)?cmpl-[0-9a-f]{32}) choice=(?P<choice>\d+) finish=(?P<finish>[a-z]+) "
+                          r"prompt_tokens=(?P<prompt>\d+) cached_tokens=\d+ completion_tokens=(?P<completion>\d+) "
+                          r"queue_s=\d+\.\d{3} ttft_s=(\d+\.\d{3}|-) e2e_s=\d+\.\d{3} spec_steps=\d+ "
+                          r"accepted_drafts=\d+")
+
+
+def test_log_requests_writes_a_line_per_answer_with_its_id_counts_and_no_text(artifact):
+    """`serve --log-requests`: each answer's line names the id the client got, its choice index and the usage it
+    was sent; request text (made to forge lines) appears nowhere."""
+    with serving(artifact, "--threads", "1", "--log-requests") as (base, _proc):
+        chat = post(base + "/v1/chat/completions", {"messages": [{"role": "user", "content": EVIL}], "max_tokens": 3,
+                                                    "temperature": 0})[1]
+        batch = post(base + "/v1/completions", {"prompt": [PROMPT, EVIL], "n": 2, "max_tokens": 2, "temperature": 0.5,
+                                                "seed": 3, "user": EVIL})[1]
+        refused = post(base + "/v1/completions", {"prompt": EVIL, "max_tokens": EVIL})[0]
+    log = _proc.stdout.read()
+    lines = [ln for ln in log.splitlines() if ln.startswith("request ")]
+    assert refused == 400 and not [m for m in MARKERS if m in log], log[-2000:]
+    parsed = [REQUEST_LINE.fullmatch(ln) for ln in lines]
+    assert all(parsed) and len(parsed) == 5, lines  # the refused request decoded nothing, so it has no line
+    by_id: dict[str, list] = {}
+    for m in parsed:
+        by_id.setdefault(m["id"], []).append(m)
+    (one,) = by_id[chat["id"]]
+    assert (one["choice"], one["finish"]) == ("0", chat["choices"][0]["finish_reason"])
+    assert (int(one["prompt"]), int(one["completion"])) == (chat["usage"]["prompt_tokens"],
+                                                            chat["usage"]["completion_tokens"])
+    assert sorted(int(m["choice"]) for m in by_id[batch["id"]]) == [c["index"] for c in batch["choices"]] == [0, 1, 2, 3]
+    assert sum(int(m["completion"]) for m in by_id[batch["id"]]) == batch["usage"]["completion_tokens"]

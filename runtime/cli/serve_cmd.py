@@ -49,6 +49,9 @@ def serve(
     no_prefix_caching: bool = typer.Option(False, "--no-prefix-caching", help="Prefill every prompt whole (by "
                                            "default a request starts from the KV rows a finished request left for "
                                            "the prompt tokens they share: a chat's earlier turns, a system prompt)."),
+    log_requests: bool = typer.Option(False, "--log-requests", help="A line per finished answer on stderr: its id, "
+                                      "finish reason, token counts, queue time, time to first token, duration and "
+                                      "accepted drafts (never its text)."),
     ray: bool = typer.Option(False, "--ray", help="Run as a Ray Serve deployment (pip install 'medusa-export[ray]')."),
     replicas: int = typer.Option(1, min=1, help="Ray Serve replicas (with --ray)."),
 ) -> None:
@@ -73,7 +76,12 @@ def serve(
                              max_queue=max_queue, timeout_s=request_timeout, header_timeout_s=header_timeout,
                              api_key=api_key, max_body_bytes=max_body_bytes, model_name=served_model_name,
                              context_drafts=not no_context_drafts, prefix_caching=not no_prefix_caching,
-                             allowed_hosts=None if allowed_hosts is None else parse_allowed_hosts(allowed_hosts))
+                             allowed_hosts=None if allowed_hosts is None else parse_allowed_hosts(allowed_hosts),
+                             log_requests=log_requests)
+    if log_requests:
+        from ..serve.request_log import print_to_stderr
+
+        print_to_stderr()
     if ray:
         from ..serve.ray_app import run_ray
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 import uuid
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from ..errors import InputError
 from ..logprobs import MAX_TOP_LOGPROBS
 from .host_check import HostCheck, parse_allowed_hosts
 from .metrics import ServerMetrics
+from .request_log import log_finished
 from .http_deadlines import half_closed, served_by
 from .http_checks import (authorize, check_identity_encoding, check_json_type, check_not_cross_origin,
                           closing_if_unread, json_body, read_body)
@@ -65,6 +67,7 @@ class ServeSettings:
     # Host names answered besides loopback ones (`host_check`: DNS rebinding); None: decided by the address bound
     # (`run_server`: any name unless it binds a loopback address), loopback names only where that is unknown.
     allowed_hosts: tuple[str, ...] | None = None
+    log_requests: bool = False  # a line per finished answer on the `medusa_export.requests` logger (`request_log`)
 
     def __post_init__(self) -> None:
         key = self.api_key
@@ -94,7 +97,8 @@ def create_app(runtime, settings: ServeSettings = ServeSettings()) -> FastAPI:
     pieces = TokenPieces(generator.tokenizer)  # tokens' text and bytes for logprobs
     metrics = ServerMetrics(name)
     sched = Scheduler(generator, settings.max_num_seqs, settings.max_num_batched_tokens, settings.max_queue,
-                      settings.timeout_s, metrics, settings.prefix_caching)
+                      settings.timeout_s, metrics, settings.prefix_caching,
+                      on_finished=log_finished if settings.log_requests else None)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app):
@@ -194,7 +198,8 @@ def create_app(runtime, settings: ServeSettings = ServeSettings()) -> FastAPI:
         if not jobs[0].stream:
             _refuse_half_closed(http, [])  # before admission: decoding could not tell a closed client apart
         # 400 / 429 / 503 here, before any response starts
-        admitted = sched.submit_all([choice for job in jobs for choice in choice_jobs(job)],
+        choices = [choice for job in jobs for choice in choice_jobs(job)]  # in the order of the answer's indexes
+        admitted = sched.submit_all([dataclasses.replace(c, request_id=rid, choice=i) for i, c in enumerate(choices)],
                                     param="prompt" if len(jobs) > 1 else "n")
         if jobs[0].stream:
             return _StreamOf(admitted, sse_events(rid, jobs, name, admitted, pieces), media_type="text/event-stream",

@@ -19,6 +19,7 @@ import os
 import sys
 
 from .app import ServeSettings, create_app
+from .request_log import print_to_stderr
 from .host_check import hosts_answered, parse_allowed_hosts
 from .server import with_bound_hosts
 
@@ -36,6 +37,8 @@ def deployment(artifact: str, backend: str = "ort", settings: ServeSettings = Se
         from ..warm_up import warm_up
 
         runtime = MedusaRuntime.load(artifact, backend=backend, tree=tree, threads=threads)
+        if settings.log_requests:  # into the replica's log, as its start line
+            print_to_stderr()
         app = create_app(runtime, settings)
         warm_up(app.state.scheduler.engine)  # as `serve`: before the replica takes requests
         # into the replica's log: a 400 invalid_host for every call through an ingress has its reason in sight

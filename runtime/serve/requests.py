@@ -63,6 +63,8 @@ class Job:
     echo: str | None = None  # the completions endpoint's echo: the prompt's text, put before the answer's
     answer: bool = True  # False: echo with max_tokens 0, the prompt alone (vLLM's echo without generation)
     n: int = 1  # choices: sequences decoded from this prompt (`responses.choice_jobs`)
+    request_id: str = ""  # the answer's id, set when admitted; with ``choice``, what the request log names
+    choice: int = 0  # this job's choice index in the answer (a completions batch: prompt i, choice j -> i * n + j)
 
 
 # Accepted and honoured, or accepted when they ask for what the runtime does anyway.

@@ -77,8 +77,10 @@ class Request:
 
 class Scheduler:
     def __init__(self, generator: Generator, max_num_seqs: int | None, max_num_batched_tokens: int, max_queue: int,
-                 timeout_s: float, metrics: ServerMetrics, prefix_caching: bool = True) -> None:
+                 timeout_s: float, metrics: ServerMetrics, prefix_caching: bool = True,
+                 on_finished: Callable[[str, int, RequestRecord], None] | None = None) -> None:
         self.max_queue, self.timeout_s, self.metrics = max_queue, timeout_s, metrics
+        self.on_finished = on_finished  # (request id, choice, record) of each answer that ends: the request log
         self.engine = Engine(generator, max_num_seqs, max_num_batched_tokens, on_step=self._on_step,
                              reuse_prefixes=prefix_caching)
         self.max_num_seqs = self.engine.max_num_seqs
@@ -185,6 +187,8 @@ class Scheduler:
         else:
             rec.finish_reason = "error"
         self.metrics.finished(rec)
+        if self.on_finished is not None:
+            self.on_finished(request.job.request_id, request.job.choice, rec)
         self._count_out(request)
         if _deliver(request, request.queue.put_nowait, Finished(result, error, request.stop_reason)):
             _deliver(request, request.timer.cancel)
