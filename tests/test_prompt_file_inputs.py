@@ -1,9 +1,14 @@
-"""read_prompts: a limit is the exact number of prompts, and a prompt that is no text names its file and line."""
+"""read_prompts: a limit is the exact number of prompts, and a prompt that is no text names its file and line;
+`generate --prompt -` reads the prompt from standard input."""
 
 from __future__ import annotations
 
+import io
 import json
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -95,3 +100,46 @@ def test_a_sharegpt_path_that_is_no_file_is_named_for_what_it_is(tmp_path, kind,
         os.mkfifo(data)
     with pytest.raises(InputError, match=rf"^data file .*conv\.json {words}: pass 'sharegpt'"):
         load_prompt_set(data)
+
+
+def _generate_stdin(artifact, data: bytes | None, *args: str) -> subprocess.CompletedProcess:
+    """`generate ARTIFACT --prompt - ARGS` with ``data`` on standard input (None: standard input closed)."""
+    code = "import sys; from medusa_export.runtime.cli.app import main; sys.argv[0] = 'medusa-export'; main()"
+    return subprocess.run([sys.executable, "-c", code, "generate", str(artifact), "--prompt", "-", *args],
+                          input=data, stdin=subprocess.DEVNULL if data is None else None, capture_output=True,
+                          timeout=300, preexec_fn=None if data is not None else lambda: os.close(0))
+
+
+def test_prompt_dash_reads_standard_input_as_the_prompt(artifact):
+    """`--prompt -` answers what `--prompt TEXT` answers, with the line break `echo` adds and a byte order mark
+    dropped."""
+    flags = ("--no-chat", "--max-new-tokens", "6", "--json")
+    given = subprocess.run([sys.executable, "-c", "import sys; from medusa_export.runtime.cli.app import main; "
+                            "sys.argv[0] = 'medusa-export'; main()", "generate", str(artifact), "--prompt", "t5 t6 t7",
+                            *flags], capture_output=True, timeout=300)
+    assert given.returncode == 0, given.stderr
+    for data in (b"t5 t6 t7\n", b"\xef\xbb\xbft5 t6 t7\r\n", b"t5 t6 t7"):
+        piped = _generate_stdin(artifact, data, *flags)
+        assert piped.returncode == 0, piped.stderr
+        assert json.loads(piped.stdout)["token_ids"] == json.loads(given.stdout)["token_ids"], data
+
+
+@pytest.mark.parametrize("data, words", [(b"\xff\xfe bad", "not UTF-8 text (byte 0 is 0xff)"),
+                                         (b"\n", "--prompt is empty"), (None, "standard input, which is closed")])
+def test_prompt_dash_refuses_what_is_no_prompt_in_one_line(artifact, data, words):
+    proc = _generate_stdin(artifact, data)
+    lines = [ln for ln in proc.stderr.decode().splitlines() if ln.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and words in lines[0], proc.stderr
+
+
+def test_prompt_dash_refuses_a_prompt_past_the_limit(monkeypatch):
+    from medusa_export.runtime import prompts
+    from medusa_export.runtime.cli.generate_cmd import stdin_prompt
+
+    monkeypatch.setattr(prompts, "MAX_PROMPT_CHARS", 10)
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(("é" * 10 + "\n").encode())))
+    assert stdin_prompt() == "é" * 10  # ten characters of two bytes each, and the final line break dropped
+    for data in (("é" * 11).encode(), b"a" * 46):  # 46 bytes: past what 10 characters, a BOM and CRLF can take
+        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data)))
+        with pytest.raises(InputError, match="over 10 characters"):
+            stdin_prompt()

@@ -16,7 +16,8 @@ from .app import app, cli_errors
 def generate(
     model: Optional[str] = typer.Argument(None, metavar="MODEL", help="Artifact directory, HF model directory or "
                                           ".gguf file (default: the built-in SmolLM2-135M-Instruct)."),
-    prompt: str = typer.Option(..., "--prompt", "-p", help="User prompt (the chat template is applied)."),
+    prompt: str = typer.Option(..., "--prompt", "-p", help="User prompt (the chat template is applied); - reads it "
+                               "from standard input."),
     heads: Optional[str] = typer.Option(None, help="Medusa heads directory/file (torch backend); "
                                         "'fresh' for untrained heads."),
     tree: Optional[str] = typer.Option(None, help="Tree preset (mc_sim_7b_63, cpu_small_10, chain-N) or JSON file."),
@@ -58,6 +59,8 @@ def generate(
     if heads is not None and not heads.strip():  # as a path "" is ".": heads were read from the current directory
         raise InputError("--heads is empty: give a heads directory or file, 'fresh' for untrained heads, or leave it "
                          "out for the model's own")
+    if prompt == STDIN:
+        prompt = stdin_prompt()
     if not prompt.strip():  # as prompt files and --no-chat refuse it: a blank prompt is a mistake, before any load
         raise InputError("--prompt is empty: give the text to answer")
     if sys.stdout is None:  # started with its standard output closed (`>&-`): the answer would go nowhere, exit 0
@@ -102,3 +105,33 @@ def generate(
 def _counted(n: int, noun: str) -> str:
     """``1 step``, ``2 steps``."""
     return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+STDIN = "-"  # --prompt -: the prompt is standard input (a pipe, a file redirected, or typed up to Ctrl-D)
+
+
+def stdin_prompt() -> str:
+    """Standard input to its end as UTF-8 text (a byte order mark and one final line break dropped: what `echo`
+    and editors add), at most MAX_PROMPT_CHARS characters; an InputError naming what is wrong."""
+    from ..errors import InputError
+    from ..prompts import MAX_PROMPT_CHARS
+
+    if sys.stdin is None:  # started with standard input closed (`<&-`)
+        raise InputError("--prompt - reads standard input, which is closed: pipe the prompt in or give it as text")
+    if sys.stdin.isatty():
+        typer.echo("reading the prompt from standard input (end it with Ctrl-D)", err=True)
+    too_long = InputError(f"--prompt -: standard input holds over {MAX_PROMPT_CHARS:,} characters, past what a "
+                          f"prompt may hold: shorten it")
+    most = 4 * MAX_PROMPT_CHARS + 5  # UTF-8: at most 4 bytes a character, then a byte order mark and "\r\n"
+    data = sys.stdin.buffer.read(most + 1)
+    if len(data) > most:  # not decoded: it may end inside a character
+        raise too_long
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise InputError(f"--prompt -: standard input is not UTF-8 text (byte {e.start:,} is {data[e.start]:#04x}): "
+                         f"convert it to UTF-8") from None
+    text = text[:-2] if text.endswith("\r\n") else text[:-1] if text.endswith("\n") else text
+    if len(text) > MAX_PROMPT_CHARS:
+        raise too_long
+    return text
