@@ -76,11 +76,11 @@ def _make(directories: list[Path]) -> list[Path]:
     return made
 
 
-def readable_as_made(path: Path) -> None:
-    """Give ``path`` the mode a file made with ``open`` has (0666 less the umask). Libraries that write through a
-    private temporary file (safetensors' ``save_file``) leave 0600: another user serving or checking the artifact
-    could not read it."""
-    os.chmod(path, 0o666 & ~_umask())
+def readable_as_made(path: Path, executable: bool = False) -> None:
+    """Give ``path`` the mode a file made with ``open`` has (0666 less the umask; 0777 for an ``executable`` one, as
+    a linker makes it). Libraries that write through a private temporary file (safetensors' ``save_file``, mkstemp)
+    leave 0600: another user serving or checking the artifact could not read it."""
+    os.chmod(path, (0o777 if executable else 0o666) & ~_umask())
 
 
 def _umask() -> int:

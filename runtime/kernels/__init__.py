@@ -35,6 +35,7 @@ from ..artifact_files import sha256_file
 from ..cache_dir import cache_root
 from ..errors import BackendUnavailableError, first_line
 from ..machine import machine_info
+from ..whole_file import readable_as_made
 
 SOURCE = Path(__file__).with_name("row_attention.c")
 # compiled in SOURCE (#include): every other C file here, so a new one is in the cache key without a list to keep
@@ -261,13 +262,13 @@ def _compile(cc: list[str], directory: Path, path: Path) -> None:
         library = _build(cc, tmp)
         # mkstemp's 0600 would keep the library from every other user: a cache filled while a container image
         # is built, by root, is read at run time by the service's own user. The umask decides, as for any new file.
-        tmp.chmod(0o755 & ~_umask())
+        readable_as_made(tmp, executable=True)
         os.replace(tmp, path)
         digest = _digest_path(path)
         digest_tmp = _temporary(directory, f".{digest.name}.")  # unique: two processes may compile at once
         try:
             digest_tmp.write_text(hashlib.sha256(library).hexdigest() + "\n")
-            digest_tmp.chmod(0o644 & ~_umask())
+            readable_as_made(digest_tmp)
             os.replace(digest_tmp, digest)
         finally:
             digest_tmp.unlink(missing_ok=True)
@@ -277,17 +278,6 @@ def _compile(cc: list[str], directory: Path, path: Path) -> None:
                                       f"MEDUSA_EXPORT_KERNEL_DIR to a writable directory") from None
     finally:
         tmp.unlink(missing_ok=True)
-
-
-def _umask() -> int:
-    """This process's umask, read without setting it (os.umask would change it for every thread meanwhile)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0o022  # kernels before 4.7 do not report it: the common default
 
 
 def _temporary(directory: Path, prefix: str) -> Path:
