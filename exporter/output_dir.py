@@ -32,6 +32,7 @@ except ImportError:
     msvcrt = None
 
 from medusa_export.runtime.errors import InputError
+from medusa_export.runtime.links import follow_links
 from medusa_export.runtime.manifest import MANIFEST, UNFINISHED, building, listed_files
 
 
@@ -143,8 +144,8 @@ def check_out_file(path: Path, flag: str, make_parents: bool = False, inputs: tu
     _check_not_an_input(path, flag, inputs)
     if path.is_symlink():  # the report replaces the link's target: check that instead
         try:
-            path = path.resolve(strict=False)
-        except (RuntimeError, OSError):
+            path = follow_links(path)
+        except OSError:
             raise InputError(f"{flag} {path} is a loop of symbolic links: give the path of a file") from None
     if path.is_dir():
         raise InputError(f"{flag} {path} is a directory: give the path of a file to write")
@@ -178,8 +179,8 @@ def _check_parents_can_be_made(path: Path, flag: str) -> None:
 def resolved(path) -> Path | None:
     """``path`` with its links followed, or None where that fails (a loop of links: whoever opens it names it)."""
     try:
-        return Path(path).resolve()
-    except (OSError, RuntimeError):  # a loop of links: whoever opens it names the problem
+        return follow_links(path)
+    except OSError:  # a loop of links: whoever opens it names the problem
         return None
 
 

@@ -15,6 +15,7 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from .bounded_read import read_bounded
 from .errors import ArtifactError
+from .links import follow_links
 from .onnx_external import OnnxFormatError, external_locations, initializer_dims, io_names
 
 MANIFEST = "manifest.json"
@@ -63,8 +64,8 @@ def artifact_file(directory: str | Path, name: object) -> Path:
                             f"characters): rebuild the artifact with `medusa-export build`")
     path = directory / text
     try:
-        inside = path.resolve().is_relative_to(directory.resolve())
-    except (OSError, RuntimeError) as e:  # RuntimeError: a symlink loop (Python < 3.13)
+        inside = follow_links(path).is_relative_to(follow_links(directory))
+    except OSError as e:  # a loop of links (ELOOP), a component that is a file, no permission
         raise ArtifactError(f"artifact file {path} cannot be resolved ({_why(e)}): rebuild the artifact with "
                             f"`medusa-export build`") from None
     if not inside:

@@ -12,6 +12,8 @@ import os
 from pathlib import Path
 from typing import BinaryIO, Callable
 
+from .links import follow_links
+
 
 def write_whole(path: Path, write: Callable[[BinaryIO], object]) -> None:
     """An OSError while writing (a full disk) names ``path``: the file object's own errors name no file."""
@@ -34,7 +36,7 @@ def write_report(path: Path, data: str | bytes, make_parents: bool = False) -> N
     when the write fails (a full disk), so that a failed command leaves nothing behind."""
     payload = data.encode() if isinstance(data, str) else data
     path = Path(path)
-    target = path.resolve() if path.is_symlink() else path
+    target = follow_links(path) if path.is_symlink() else path  # a loop of links: OSError, nothing replaced
     made = _make(missing_parents(target)) if make_parents else []
     try:
         write_whole(target, lambda f: f.write(payload))

@@ -175,3 +175,23 @@ def test_a_report_whose_write_fails_leaves_no_directory_it_made(tmp_path, monkey
     with pytest.raises(OSError, match="No space left"):
         whole_file.write_report(tmp_path / "x" / "y" / "t.json", "{}", make_parents=True)
     assert not (tmp_path / "x").exists()
+
+
+def test_links_are_followed_alike_on_every_python(tmp_path):
+    """Python 3.13's Path.resolve() returns a loop of links as a path instead of failing: follow_links fails for
+    it there as before (an artifact file and a report path through a loop are refused, not read or replaced)."""
+    import errno
+
+    from medusa_export.runtime.links import follow_links
+
+    (tmp_path / "a").symlink_to("b")
+    (tmp_path / "b").symlink_to("a")
+    with pytest.raises(OSError) as e:
+        follow_links(tmp_path / "a")
+    assert e.value.errno == errno.ELOOP
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "link").symlink_to("file")
+    (tmp_path / "dangling").symlink_to("nowhere/x")
+    assert follow_links(tmp_path / "link") == tmp_path.resolve() / "file"
+    assert follow_links(tmp_path / "dangling") == tmp_path.resolve() / "nowhere" / "x"
+    assert follow_links(tmp_path / "absent" / "y") == tmp_path.resolve() / "absent" / "y"
