@@ -99,3 +99,33 @@ def test_a_misplaced_cache_variable_is_named_before_any_command_starts(tmp_path)
     (tmp_path / "afile").write_text("x")
     proc = cli("generate", "--prompt", "hi", "--max-new-tokens", "2", env={"MEDUSA_EXPORT_CACHE": str(tmp_path / "afile")})
     assert_one_line_error(proc, "MEDUSA_EXPORT_CACHE=", "is not a directory")
+
+
+@pytest.mark.parametrize("encoding, shown", [("latin-1", b"caf\xe9 ?"), ("ascii", b"caf? ?"), ("utf-8", None)])
+def test_an_answer_the_terminals_encoding_cannot_hold_is_shown_not_a_traceback(monkeypatch, encoding, shown):
+    """`generate` printing a Japanese answer to a latin-1 terminal (or PYTHONIOENCODING=ascii) ended with a
+    UnicodeEncodeError traceback, exit 1. Such characters now show as '?'; a UTF-8 output is left as it is."""
+    import io
+    import sys
+
+    from medusa_export.runtime.cli.app import _tolerant_stdout
+
+    buffer = io.BytesIO()
+    monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(buffer, encoding=encoding))
+    _tolerant_stdout()
+    sys.stdout.write("café バ")
+    sys.stdout.flush()
+    assert buffer.getvalue() == (shown or "café バ".encode())
+    assert sys.stdout.errors == ("strict" if shown is None else "replace")
+
+
+def test_the_command_makes_its_output_tolerant_before_any_command_runs():
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom medusa_export.runtime.cli.app import main\nsys.argv = ['medusa-export', '--version']\n"
+            "try:\n    main()\nexcept SystemExit:\n    pass\nsys.stderr.write(sys.stdout.errors)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONIOENCODING": "ascii"})
+    assert proc.stderr.strip().endswith("replace"), proc.stderr

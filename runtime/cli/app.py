@@ -7,6 +7,7 @@ option, a value out of its range, a missing argument) become one line on stderr 
 
 from __future__ import annotations
 
+import codecs
 import errno
 import functools
 import os
@@ -137,11 +138,21 @@ def _click_errors():
 
 
 def main() -> None:
+    _tolerant_stdout()
     try:
         _main()
     except KeyboardInterrupt:  # Ctrl-C before a command runs (while the commands' modules import)
         sys.stderr.write("interrupted\n")
         sys.exit(130)
+
+
+def _tolerant_stdout() -> None:
+    """An answer in any script may meet a standard output whose encoding cannot hold it (a latin-1 locale,
+    PYTHONIOENCODING=ascii): such characters show as '?' there instead of ending the command with a traceback.
+    Standard error already escapes them (Python's default there)."""
+    out = sys.stdout
+    if out is not None and hasattr(out, "reconfigure") and codecs.lookup(out.encoding or "ascii").name != "utf-8":
+        out.reconfigure(errors="replace")
 
 
 def _main() -> None:
