@@ -13,12 +13,15 @@ from pathlib import Path
 
 
 def follow_links(path: str | Path) -> Path:
-    """``path`` made absolute with its links followed, as ``Path.resolve()`` does (missing parts kept as written);
-    OSError with errno ELOOP for a loop of links, on Python 3.13 as before it."""
+    """``path`` made absolute with its links followed, as ``Path.resolve()`` does (what cannot be followed, a missing
+    file or a component that is a file, kept as written); OSError with errno ELOOP for a loop of links, on Python
+    3.13 as before it."""
     path = Path(path)
     try:
         return path.resolve(strict=True)
-    except FileNotFoundError:  # a missing file or a link to nothing: resolved as far as it exists
-        return path.resolve()
-    except RuntimeError as e:  # Python < 3.13: "Symlink loop from ..."
+    except RuntimeError:  # Python < 3.13: "Symlink loop from ..."
         raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), str(path)) from None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise
+        return path.resolve()  # not there, under a file, not searchable: as far as it goes, for the caller to name

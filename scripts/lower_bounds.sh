@@ -21,9 +21,12 @@ for spec in project["dependencies"] + project["optional-dependencies"]["ort"]:
 EOF
 )
 echo "pins: $(echo $pins)"
-python -m pip wheel -q --no-deps --no-build-isolation -w "$work" "$here" >"$work/wheel.log" 2>&1 || { cat "$work/wheel.log"; exit 1; }
-rm -rf "$here/build"
-python3 -m venv "$venv"
+# built from a copy of the package's files, so that the checkout gets no build/ folder
+mkdir "$work/src"
+cp -r "$here/pyproject.toml" "$here/README.md" "$here/runtime" "$here/exporter" "$here/engines" "$work/src/"
+python -m pip wheel -q --no-deps --no-build-isolation -w "$work" "$work/src" >"$work/wheel.log" 2>&1 ||
+    { cat "$work/wheel.log"; exit 1; }
+python3 -m venv --clear "$venv"  # afresh: pip would keep an earlier run's wheel of the same version
 "$venv/bin/python" -m pip install -q "$(ls "$work"/medusa_export-*.whl)[serve]" $pins
 prompt="Give me three tips for writing clear technical documentation."
 ids() { "$1" generate "$artifact" --prompt "$prompt" --max-new-tokens 48 --json | python -c \
@@ -33,7 +36,7 @@ now=$(cd "$work" && ids medusa-export)
 [ "$low" = "$now" ] || { echo "different tokens at the lower bounds: $low vs $now" >&2; exit 1; }
 echo "generate: the same 48 tokens at the lower bounds and here"
 (cd "$work" && "$venv/bin/medusa-export" bench "$artifact" --no-hf --limit 2 --max-new-tokens 16 --concurrency 2 \
-    --json "$work/bench.json" >/dev/null 2>&1)
+    --json "$work/bench.json" >"$work/bench.log" 2>&1) || { cat "$work/bench.log"; exit 1; }
 python - "$work/bench.json" <<'EOF'
 import json, sys
 rows = json.load(open(sys.argv[1]))["results"]

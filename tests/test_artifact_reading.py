@@ -392,4 +392,3 @@ def test_a_tokenizer_that_lacks_most_of_the_models_ids_is_refused():
     for n, vocab in ((1_000, 49_152), (1_000, 1_001 + MAX_PADDED_IDS), (64, 63)):
         with pytest.raises(ArtifactError, match=f"has {n} tokens .* the model's vocabulary is {vocab}: it belongs"):
             check_vocabulary(tokenizer(n), "tokenizer.json", vocab)
-

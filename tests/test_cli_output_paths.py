@@ -195,3 +195,16 @@ def test_links_are_followed_alike_on_every_python(tmp_path):
     assert follow_links(tmp_path / "link") == tmp_path.resolve() / "file"
     assert follow_links(tmp_path / "dangling") == tmp_path.resolve() / "nowhere" / "x"
     assert follow_links(tmp_path / "absent" / "y") == tmp_path.resolve() / "absent" / "y"
+
+
+def test_a_link_under_a_file_is_named_so_not_as_a_loop(tmp_path):
+    """follow_links failed for every error strict resolution meets, so a report path through a link into a file's
+    "directory" was called a loop of symbolic links."""
+    from medusa_export.exporter.output_dir import check_out_file
+    from medusa_export.runtime.errors import InputError
+
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "link.json").symlink_to(tmp_path / "afile" / "x")
+    with pytest.raises(InputError, match="afile is a file") as e:
+        check_out_file(tmp_path / "link.json", "--json")
+    assert "loop" not in str(e.value)

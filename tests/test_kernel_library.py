@@ -161,7 +161,8 @@ def test_a_compiled_library_is_readable_by_other_users_as_the_umask_allows(tmp_p
 
 def test_a_directory_this_user_cannot_write_serves_a_library_compiled_there_before(tmp_path, monkeypatch):
     """An image's cache, compiled by root with its gcc, read by a user whose compiler differs (another key) and who
-    cannot write there: the library from the same source is used, as without a compiler; with none, the error."""
+    cannot write there: the library from the same source is used, as without a compiler; with none, the error. A
+    compile that fails in a writable directory is an error even beside such a library (a broken $CC is said)."""
     seeded = seed_kernel_library(tmp_path / "kernels")
     monkeypatch.setenv("MEDUSA_EXPORT_KERNEL_DIR", str(tmp_path / "kernels"))
     monkeypatch.setattr(kernels, "_built", {})
@@ -169,11 +170,23 @@ def test_a_directory_this_user_cannot_write_serves_a_library_compiled_there_befo
     monkeypatch.setenv("CC", _copying_cc(tmp_path, seeded))
 
     def read_only(directory, prefix):  # what _temporary raises for a directory this user cannot write
-        raise BackendUnavailableError(f"the kernel directory {directory} cannot be written (Permission denied)")
+        raise kernels.KernelDirUnwritable(f"the kernel directory {directory} cannot be written (Permission denied)")
 
     monkeypatch.setattr(kernels, "_temporary", read_only)
     assert kernels.library_path() == str(seeded)
     assert sorted(p.name for p in seeded.parent.iterdir()) == [seeded.name, seeded.name + ".sha256"]
+    monkeypatch.setattr(kernels, "_built", {})
+    monkeypatch.undo()  # a writable directory whose compile fails: the failure is said, not hidden behind the library
+    monkeypatch.setenv("MEDUSA_EXPORT_KERNEL_DIR", str(tmp_path / "kernels"))
+    monkeypatch.setattr(kernels, "_built", {})
+    monkeypatch.setattr(kernels, "_versions", {})
+    failing = tmp_path / "failing-cc"
+    failing.write_text("#!/bin/sh\n[ \"$1\" = --version ] && echo 'failing-cc 1.0' && exit 0\necho 'error: no' >&2\nexit 1\n")
+    failing.chmod(0o755)
+    monkeypatch.setenv("CC", str(failing))
+    with pytest.raises(BackendUnavailableError, match="compiling the attention kernel .* failed"):
+        kernels.library_path()
+    monkeypatch.setattr(kernels, "_temporary", read_only)  # unwritable and nothing compiled there: the error
     monkeypatch.setattr(kernels, "_built", {})
     seeded.unlink()
     with pytest.raises(BackendUnavailableError, match="cannot be written"):

@@ -33,7 +33,8 @@ def _source_files() -> set[str]:
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> zipfile.ZipFile:
-    pytest.importorskip("setuptools", reason="building the wheel needs setuptools (the set-up installs it)")
+    pytest.importorskip("setuptools", minversion="77", reason="building the wheel needs setuptools >= 77 (the set-up "
+                        "installs it)")
     src = tmp_path_factory.mktemp("src")
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, src / name)

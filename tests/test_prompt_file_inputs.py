@@ -132,6 +132,16 @@ def test_prompt_dash_refuses_what_is_no_prompt_in_one_line(artifact, data, words
     assert proc.returncode == 2 and len(lines) == 1 and words in lines[0], proc.stderr
 
 
+def test_prompt_dash_names_a_standard_input_it_cannot_read(artifact, tmp_path):
+    """`0>file` (standard input opened for writing only) was an OSError traceback, exit 1."""
+    code = "import sys; from medusa_export.runtime.cli.app import main; sys.argv[0] = 'medusa-export'; main()"
+    with open(tmp_path / "written", "w") as write_only:
+        proc = subprocess.run([sys.executable, "-c", code, "generate", str(artifact), "--prompt", "-"],
+                              stdin=write_only, capture_output=True, timeout=300)
+    lines = [ln for ln in proc.stderr.decode().splitlines() if ln.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and "cannot read standard input" in lines[0], proc.stderr
+
+
 def test_prompt_dash_refuses_a_prompt_past_the_limit(monkeypatch):
     from medusa_export.runtime import prompts
     from medusa_export.runtime.cli.generate_cmd import stdin_prompt

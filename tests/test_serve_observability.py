@@ -230,4 +230,6 @@ def test_log_requests_writes_a_line_per_answer_with_its_id_counts_and_no_text(ar
     assert (int(one["prompt"]), int(one["completion"])) == (chat["usage"]["prompt_tokens"],
                                                             chat["usage"]["completion_tokens"])
     assert sorted(int(m["choice"]) for m in by_id[batch["id"]]) == [c["index"] for c in batch["choices"]] == [0, 1, 2, 3]
+    prompt_of = {int(m["choice"]): int(m["prompt"]) for m in by_id[batch["id"]]}  # choices 0-1: PROMPT, 2-3: EVIL
+    assert prompt_of[0] == prompt_of[1] != prompt_of[2] == prompt_of[3], prompt_of
     assert sum(int(m["completion"]) for m in by_id[batch["id"]]) == batch["usage"]["completion_tokens"]

@@ -147,11 +147,12 @@ def main() -> None:
 
 
 def _tolerant_stdout() -> None:
-    """An answer in any script may meet a standard output whose encoding cannot hold it (a latin-1 locale,
-    PYTHONIOENCODING=ascii): such characters show as '?' there instead of ending the command with a traceback.
-    Standard error already escapes them (Python's default there)."""
+    """An answer in any script may meet a standard output whose encoding cannot hold it (a latin-1 locale): such
+    characters show as '?' there instead of ending the command with a traceback. An error handler the user chose
+    (PYTHONIOENCODING=latin-1:backslashreplace) is kept; standard error escapes them already (Python's default)."""
     out = sys.stdout
-    if out is not None and hasattr(out, "reconfigure") and codecs.lookup(out.encoding or "ascii").name != "utf-8":
+    if (out is not None and hasattr(out, "reconfigure") and out.errors == "strict"
+            and codecs.lookup(out.encoding or "ascii").name != "utf-8"):
         out.reconfigure(errors="replace")
 
 

@@ -123,7 +123,14 @@ def stdin_prompt() -> str:
     too_long = InputError(f"--prompt -: standard input holds over {MAX_PROMPT_CHARS:,} characters, past what a "
                           f"prompt may hold: shorten it")
     most = 4 * MAX_PROMPT_CHARS + 5  # UTF-8: at most 4 bytes a character, then a byte order mark and "\r\n"
-    data = sys.stdin.buffer.read(most + 1)
+    try:
+        data = sys.stdin.buffer.read(most + 1)
+    except OSError as e:  # opened for writing only (`0>file`), a terminal gone
+        raise InputError(f"--prompt - cannot read standard input ({e.strerror or e}): pipe the prompt in or give it "
+                         f"as text") from None
+    if data is None:  # a non-blocking descriptor with nothing yet
+        raise InputError("--prompt - found standard input non-blocking with nothing to read: pipe the prompt in or "
+                         "give it as text")
     if len(data) > most:  # not decoded: it may end inside a character
         raise too_long
     try:

@@ -85,6 +85,10 @@ EXACT_INT8_PRODUCTS = ("session.x64quantprecision", "1")
 EXACT_INT8_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")  # x86 CPUs whose uint8 x int8 products never clip
 
 
+class KernelDirUnwritable(BackendUnavailableError):
+    """The kernel directory cannot take a new library (not writable, not a directory, full)."""
+
+
 def register(opts, attention: str) -> None:
     """Make the kernel's op known to sessions opened with ``opts`` when the graphs use it (``attention`` "kernel"),
     and their int8 products (the row ops' MatMulInteger) exact where the CPU would clip them."""
@@ -190,8 +194,8 @@ def _compiled_before(directory: Path, source: str) -> Path | None:
 
 def library_path() -> str:
     """The compiled library's path, building it first if this source and compiler have none yet. Without a
-    compiler, or where the directory cannot be written or the compile fails, a library compiled from this source
-    before into the same directory (by any compiler) is used."""
+    compiler, or where the directory cannot be written, a library compiled from this source before into the same
+    directory (by any compiler) is used."""
     missing = [f for f in NEEDS if f not in machine_info()["flags"]]
     if missing:
         raise BackendUnavailableError(f"the attention kernel needs a CPU with {' and '.join(NEEDS)} ({', '.join(missing)} "
@@ -214,8 +218,8 @@ def library_path() -> str:
         if not _intact(path):  # absent, or not the file compiled here (truncated, replaced): mapping it may crash
             try:
                 _compile(cc, directory, path)
-            except BackendUnavailableError:
-                # a directory this user cannot write (an image's cache, compiled by another user or compiler)
+            except KernelDirUnwritable:
+                # an image's cache, compiled by another user or compiler (a compile that fails is said, not hidden)
                 earlier = _compiled_before(directory, source)
                 if earlier is None:
                     raise
@@ -273,7 +277,7 @@ def _compile(cc: list[str], directory: Path, path: Path) -> None:
         finally:
             digest_tmp.unlink(missing_ok=True)
     except OSError as e:
-        raise BackendUnavailableError(f"cannot write the attention kernel to {_shown(directory)} "
+        raise KernelDirUnwritable(f"cannot write the attention kernel to {_shown(directory)} "
                                       f"({e.strerror or first_line(e, 80)}): free space there or set "
                                       f"MEDUSA_EXPORT_KERNEL_DIR to a writable directory") from None
     finally:
@@ -296,8 +300,8 @@ def _temporary(directory: Path, prefix: str) -> Path:
     except OSError as e:
         file = e.errno in (errno.EEXIST, errno.ENOTDIR)  # a file where a directory should be
         what = "is not a directory" if file else f"cannot be written ({e.strerror or first_line(e, 80)})"
-        raise BackendUnavailableError(f"the kernel directory {_shown(directory)} {what}: set "
-                                      f"MEDUSA_EXPORT_KERNEL_DIR to a writable directory") from None
+        raise KernelDirUnwritable(f"the kernel directory {_shown(directory)} {what}: set "
+                                  f"MEDUSA_EXPORT_KERNEL_DIR to a writable directory") from None
     return Path(name)
 
 

@@ -187,11 +187,14 @@ class Scheduler:
         else:
             rec.finish_reason = "error"
         self.metrics.finished(rec)
-        if self.on_finished is not None:
-            self.on_finished(request.job.request_id, request.job.choice, rec)
         self._count_out(request)
         if _deliver(request, request.queue.put_nowait, Finished(result, error, request.stop_reason)):
             _deliver(request, request.timer.cancel)
+        if self.on_finished is not None:  # after the answer is on its way and the place freed
+            try:
+                self.on_finished(request.job.request_id, request.job.choice, rec)
+            except Exception:  # noqa: BLE001 - a host's logging filter that fails must not fail the engine's step
+                pass
 
     def _on_step(self, step: StepRecord) -> None:
         self.metrics.step(step.sequences, step.speculative)
