@@ -13,7 +13,6 @@ precision, the profiles and the build time; ``manifest.files`` gets the plan's s
 from __future__ import annotations
 
 import numbers
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Callable
 
 from medusa_export.runtime import io_table
 from medusa_export.runtime.artifact_files import artifact_file, check_external_data
+from medusa_export.runtime.cache_dir import cache_root
 from medusa_export.runtime.errors import InputError, MedusaExportError
 from medusa_export.runtime.generation_config import is_int
 from medusa_export.runtime.backends.trt_compat import require_portable
@@ -66,10 +66,6 @@ class BuildOptions:
         if gib is not None and not (isinstance(gib, numbers.Real) and not isinstance(gib, bool) and 0 < gib < 1 << 20):
             raise InputError(f"--workspace-gib {gib!r:.40}: give a size in GiB above 0, or leave it out for the GPU's "
                              f"memory")
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("MEDUSA_EXPORT_CACHE", Path.home() / ".cache" / "medusa-export"))
 
 
 def default_timing_cache(tensorrt_version: str, device: availability.Device) -> Path:

@@ -278,8 +278,8 @@ def _compile(cc: list[str], directory: Path, path: Path) -> None:
             digest_tmp.unlink(missing_ok=True)
     except OSError as e:
         raise KernelDirUnwritable(f"cannot write the attention kernel to {_shown(directory)} "
-                                      f"({e.strerror or first_line(e, 80)}): free space there or set "
-                                      f"MEDUSA_EXPORT_KERNEL_DIR to a writable directory") from None
+                                  f"({e.strerror or first_line(e, 80)}): free space there or set "
+                                  f"MEDUSA_EXPORT_KERNEL_DIR to a writable directory") from None
     finally:
         tmp.unlink(missing_ok=True)
 
