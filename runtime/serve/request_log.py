@@ -11,6 +11,7 @@ line cannot carry a prompt's content or forge another line. The logger is ``medu
 from __future__ import annotations
 
 import logging
+import sys
 
 from .metrics import RequestRecord
 
@@ -32,8 +33,6 @@ def log_finished(request_id: str, choice: int, rec: RequestRecord) -> None:
 
 def print_to_stderr() -> None:
     """Send the request lines to stderr, as `serve --log-requests` does (once per process)."""
-    import sys
-
     if not any(getattr(h, "medusa_export_requests", False) for h in LOGGER.handlers):
         handler = logging.StreamHandler(sys.stderr)
         handler.medusa_export_requests = True
